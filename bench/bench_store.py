@@ -1,0 +1,113 @@
+"""Group-commit append rate of `Store.append` against raw LMDB puts of the same bytes.
+
+    .venv/bin/python bench/bench_store.py [--runs 5] [--dir /var/tmp]
+
+Both sides run in this one process, in fresh directories of the same filesystem, with the same
+durability: `sync=True, metasync=True`, one write transaction (one commit, one fsync pair) per
+batch. The store side is configured like the seed config (`expireSeconds: 60`, QoS 1), so every
+message also gets its expiry-index and DUP-index entries. Each (side, batch size) is measured
+`--runs` times, alternating sides, and the median rate is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import lmdb
+
+from flashlexd.store import Incoming, Store
+
+BATCH_SIZES = (1, 10, 100, 1000)
+PAYLOAD_BYTES = 200
+TOPIC = "ingress/ecd13b11-mything"
+CAP_BYTES = 256 * 1024 * 1024  # the config default (capMegabytes: 256)
+# Messages per measured run: enough commits to smooth out fsync jitter, few enough to stay quick.
+MESSAGES = {1: 300, 10: 2000, 100: 10000, 1000: 30000}
+_ID = struct.Struct(">Q")
+
+
+def payloads(count: int) -> List[bytes]:
+    """Distinct ~200-byte payloads (a counter plus filler), like small JSON telemetry."""
+    return [(b'{"seq": %10d, "data": "' % i).ljust(PAYLOAD_BYTES - 2, b"x") + b'"}'
+            for i in range(count)]
+
+
+def run_store(directory: Path, batch: int, data: List[bytes]) -> float:
+    store = Store(directory, CAP_BYTES, "reject", expire_seconds=60.0)
+    batches = [[Incoming(TOPIC, p, qos=1, mid=(i + j) & 0xFFFF) for j, p in enumerate(data[i:i + batch])]
+               for i in range(0, len(data), batch)]
+    try:
+        start = time.perf_counter()
+        for messages in batches:
+            store.append(messages)
+        return len(data) / (time.perf_counter() - start)
+    finally:
+        store.close()
+
+
+def run_raw(directory: Path, batch: int, data: List[bytes]) -> float:
+    env = lmdb.open(str(directory), map_size=CAP_BYTES + Store.headroom(CAP_BYTES), max_dbs=8,
+                    sync=True, metasync=True, readahead=False, meminit=False)
+    db = env.open_db(b"inbox")
+    batches = [data[i:i + batch] for i in range(0, len(data), batch)]
+    try:
+        next_id = 0
+        start = time.perf_counter()
+        for chunk in batches:
+            with env.begin(write=True) as txn:
+                for payload in chunk:
+                    next_id += 1
+                    txn.put(_ID.pack(next_id), payload, db=db, append=True)
+        return len(data) / (time.perf_counter() - start)
+    finally:
+        env.close()
+
+
+def measure(base: Path, runs: int) -> Dict[int, Tuple[float, float]]:
+    sides: Dict[str, Callable[[Path, int, List[bytes]], float]] = {"store": run_store, "raw": run_raw}
+    results: Dict[int, Tuple[float, float]] = {}
+    for batch in BATCH_SIZES:
+        data = payloads(MESSAGES[batch])
+        rates: Dict[str, List[float]] = {"store": [], "raw": []}
+        for run in range(runs):
+            order = ("store", "raw") if run % 2 == 0 else ("raw", "store")
+            for side in order:
+                directory = Path(tempfile.mkdtemp(prefix=f"{side}-{batch}-", dir=base))
+                try:
+                    rates[side].append(sides[side](directory, batch, data))
+                finally:
+                    shutil.rmtree(directory)
+        results[batch] = (statistics.median(rates["store"]), statistics.median(rates["raw"]))
+    return results
+
+
+def main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per side and batch size (median)")
+    parser.add_argument("--dir", default=None, help="parent directory for the LMDB files")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="flashlexd-bench-", dir=args.dir) as base:
+        results = measure(Path(base), args.runs)
+        print(f"lmdb {lmdb.__version__} (LMDB {'.'.join(map(str, lmdb.version()))}), "
+              f"{PAYLOAD_BYTES}-byte payloads, sync=True, one transaction per batch, "
+              f"median of {args.runs} runs, in {os.path.dirname(base) or base}\n")
+    print("| batch | store msgs/s | raw lmdb msgs/s | store/raw |")
+    print("|------:|-------------:|----------------:|----------:|")
+    for batch, (store, raw) in results.items():
+        print(f"| {batch} | {store:,.0f} | {raw:,.0f} | {store / raw:.2f} |")
+    store_100, raw_100 = results[100]
+    ratio = store_100 / raw_100
+    print(f"\nbatch 100: store/raw = {ratio:.2f} (target >= 0.70): {'ok' if ratio >= 0.7 else 'MISSED'}")
+    return 0 if ratio >= 0.7 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

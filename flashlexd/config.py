@@ -1,0 +1,381 @@
+"""The FlashLex YAML config, read unchanged, as frozen typed objects.
+
+The file format is the FlashLex SDK 1.4 one (`flashlex.app`, `flashlex.thing`, `flashlex.dist`).
+Every problem is a `ConfigError` whose message names the key path, so `flashlexd` can print one
+line and exit 2 instead of dying later on a bad value (the old SDK divided by
+`drainingFrequency` and spin-looped on `expireSeconds <= 0`).
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+DEFAULT_DATA_DIR = "/var/lib/flashlexd"
+DEFAULT_SOCKET = "/run/flashlexd/flashlexd.sock"
+FULL_POLICIES = ("reject", "dropOldest")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Keys that only meant something to the FlashLex SDK 1.4 (cloud API, callback style, its JSON
+# store file). They are accepted so old config files load, and otherwise ignored.
+LEGACY_KEYS = {
+    "flashlex.app.api", "flashlex.app.callback", "flashlex.app.thread", "flashlex.app.message",
+    "flashlex.app.db.subscriptionData", "flashlex.dist", "flashlex.thing.id",
+    "flashlex.thing.keys.publicKey",
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, worded as one line that starts with the key path."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    root_ca: Path
+    cert: Path
+    private_key: Path
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base_seconds: float
+    max_seconds: float
+    stable_seconds: float
+
+
+@dataclass(frozen=True)
+class Mqtt:
+    port: int
+    use_websocket: bool
+    ingress_topic: str
+    pubsub_topic: Optional[str]
+    egress_topic: str
+    subscriptions: Tuple[str, ...]
+    keepalive: int
+    client_id: str
+    egress_client_id: str
+    backoff: Backoff
+    offline_publish_queueing: int
+    draining_frequency: float
+    connect_timeout: float
+    operation_timeout: float
+    max_inflight: int
+
+    def ingress_topics(self) -> Tuple[str, ...]:
+        """Every topic filter the ingress worker subscribes to, without repeats, in order."""
+        topics = [self.ingress_topic, self.pubsub_topic, *self.subscriptions]
+        return tuple(dict.fromkeys(t for t in topics if t))
+
+
+@dataclass(frozen=True)
+class Thing:
+    name: str
+    endpoint: str
+    keys: Keys
+    mqtt: Mqtt
+
+
+@dataclass(frozen=True)
+class Store:
+    data_dir: Path
+    cap_bytes: int
+    when_full: str
+    expire_seconds: Optional[float]
+    sweep_seconds: float
+    max_payload_bytes: int
+
+
+@dataclass(frozen=True)
+class Api:
+    socket_path: str
+    socket_group: Optional[str]
+    allow_uids: Tuple[int, ...]
+    max_connections: int
+    idle_timeout: float
+
+
+@dataclass(frozen=True)
+class Supervision:
+    heartbeat_seconds: float
+    heartbeat_timeout: float
+    stop_timeout: float
+    backoff_max_seconds: float
+    crash_loop_restarts: int
+    crash_loop_window: float
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    thing: Thing
+    store: Store
+    api: Api
+    supervision: Supervision
+    log_level: str
+    warnings: Tuple[str, ...] = field(default=(), compare=False)
+    text: str = field(default="", compare=False, repr=False)
+
+
+class _Section:
+    """Typed access to one mapping of the YAML, remembering its key path and the keys used."""
+
+    def __init__(self, data: Any, path: str, warnings: List[str]):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(data)}")
+        self.data, self.path, self.warnings = data, path, warnings
+        self.used: set = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def _raw(self, key: str, required: bool) -> Any:
+        self.used.add(key)
+        value = self.data.get(key)
+        if value is None and required:
+            raise ConfigError(f"{self._key(key)}: missing required key")
+        return value
+
+    def section(self, key: str, required: bool = False) -> "_Section":
+        return _Section(self._raw(key, required), self._key(key), self.warnings)
+
+    def text(self, key: str, default: Optional[str] = None, required: bool = False) -> Optional[str]:
+        value = self._raw(key, required and default is None)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{self._key(key)}: expected a non-empty string, got {_show(value)}")
+        return value.strip()
+
+    def integer(self, key: str, default: Optional[int] = None, minimum: Optional[int] = None,
+                required: bool = False) -> int:
+        value = self._raw(key, required and default is None)
+        if value is None:
+            return default  # type: ignore[return-value]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self._key(key)}: expected an integer, got {_show(value)}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value}")
+        return value
+
+    def seconds(self, key: str, default: Optional[float] = None) -> Optional[float]:
+        """A positive duration: zero or negative intervals made the old SDK spin or crash."""
+        value = self._raw(key, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self._key(key)}: expected a number of seconds, got {_show(value)}")
+        if value <= 0:
+            raise ConfigError(f"{self._key(key)}: must be greater than 0, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._raw(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected true or false, got {_show(value)}")
+        return value
+
+    def choice(self, key: str, choices: Tuple[str, ...], default: str) -> str:
+        value = self.text(key, default)
+        if value not in choices:
+            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {_show(value)}")
+        return value  # type: ignore[return-value]
+
+    def text_list(self, key: str) -> Tuple[str, ...]:
+        value = self._raw(key, False)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of strings, got {_show(value)}")
+        return tuple(v.strip() for v in value)
+
+    def warn_unknown(self) -> None:
+        for key in self.data:
+            if key not in self.used and self._key(str(key)) not in LEGACY_KEYS:
+                self.warnings.append(f"{self._key(str(key))}: unknown key, ignored")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load(path: str, data_dir: Optional[str] = None, keys_dir: Optional[str] = None,
+         socket_path: Optional[str] = None, log_level: Optional[str] = None) -> Config:
+    """Read and validate the config file; command-line overrides win over the file."""
+    config_path = Path(path)
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    return loads(text, config_path, data_dir=data_dir, keys_dir=keys_dir,
+                 socket_path=socket_path, log_level=log_level)
+
+
+def loads(text: str, config_path: Path, data_dir: Optional[str] = None,
+          keys_dir: Optional[str] = None, socket_path: Optional[str] = None,
+          log_level: Optional[str] = None) -> Config:
+    """Validate config text read earlier: workers get the text the supervisor validated, so a
+    file edited without a reload never reaches a restarted worker."""
+    path = str(config_path)
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse(document, config_path, text, data_dir=data_dir, keys_dir=keys_dir,
+                 socket_path=socket_path, log_level=log_level)
+
+
+def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[str] = None,
+          keys_dir: Optional[str] = None, socket_path: Optional[str] = None,
+          log_level: Optional[str] = None) -> Config:
+    warnings: List[str] = []
+    if not isinstance(document, dict) or "flashlex" not in document:
+        raise ConfigError("flashlex: missing required key (is this a FlashLex config file?)")
+    unknown_roots = [str(k) for k in document if k != "flashlex"]
+    if unknown_roots:
+        raise ConfigError(f"{unknown_roots[0]}: unknown top-level section (expected only 'flashlex')")
+    root = _Section(document["flashlex"], "flashlex", warnings)
+    for key in root.data:
+        if key not in ("app", "thing", "dist"):
+            raise ConfigError(f"flashlex.{key}: unknown section (expected app, thing, dist)")
+    app = root.section("app")
+    thing_section = root.section("thing", required=True)
+    root.section("dist")  # build metadata of the old SDK: accepted, not used
+
+    keys_base = Path(keys_dir) if keys_dir else config_path.resolve().parent
+    thing = _thing(thing_section, keys_base, warnings)
+    store = _store(app.section("db"), data_dir)
+    api = _api(app.section("socket"), socket_path)
+    supervision = _supervision(app.section("supervisor"))
+    level = log_level or app.choice("logLevel", LOG_LEVELS, "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {_show(level)}")
+    app.warn_unknown()
+    return Config(path=config_path, text=text, thing=thing, store=store, api=api, supervision=supervision,
+                  log_level=level,
+                  warnings=tuple(warnings))
+
+
+def _thing(section: _Section, keys_base: Path, warnings: List[str]) -> Thing:
+    name = section.text("name", required=True)
+    endpoint = section.text("endpoint", required=True)
+    keys = _keys(section.section("keys", required=True), keys_base, warnings)
+    mqtt = _mqtt(section.section("mqtt", required=True), name)  # type: ignore[arg-type]
+    section.warn_unknown()
+    return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
+
+
+def _keys(section: _Section, base: Path, warnings: List[str]) -> Keys:
+    def key_file(key: str) -> Path:
+        name = section.text(key, required=True)
+        path = (base / name).resolve()  # type: ignore[operator]
+        if not os.access(path, os.R_OK) or not path.is_file():
+            reason = "missing" if not path.exists() else "not readable"
+            raise ConfigError(f"{section.path}.{key}: key file {path} is {reason}"
+                              " (key names are relative to --keys-dir)")
+        return path
+
+    keys = Keys(root_ca=key_file("rootCA"), cert=key_file("cert"), private_key=key_file("privateKey"))
+    if stat.S_IMODE(keys.private_key.stat().st_mode) & 0o077:
+        warnings.append(f"{section.path}.privateKey: {keys.private_key} is readable by other users;"
+                        f" run: chmod 600 {keys.private_key}")
+    section.text("publicKey")  # not needed for mutual TLS; accepted
+    section.warn_unknown()
+    return keys
+
+
+def _mqtt(section: _Section, thing_name: str) -> Mqtt:
+    port = section.integer("port", 8883, minimum=1)
+    if port > 65535:
+        raise ConfigError(f"{section.path}.port: must be <= 65535, got {port}")
+    backoff_section = section.section("autoReconnectBackoffTime")
+    backoff = Backoff(
+        base_seconds=backoff_section.seconds("baseReconnectQuietTimeSecond", 1.0),
+        max_seconds=backoff_section.seconds("maxReconnectQuietTimeSecond", 32.0),
+        stable_seconds=backoff_section.seconds("stableConnectionTimeSecond", 20.0),
+    )  # type: ignore[arg-type]
+    if backoff.max_seconds < backoff.base_seconds:
+        raise ConfigError(f"{backoff_section.path}.maxReconnectQuietTimeSecond: must be >= "
+                          f"baseReconnectQuietTimeSecond ({backoff.base_seconds:g})")
+    backoff_section.warn_unknown()
+    client_id = section.text("clientId", thing_name)
+    mqtt = Mqtt(
+        port=port,
+        use_websocket=section.boolean("useWebsocket", False),
+        ingress_topic=section.section("ingress", required=True).text("topic", required=True),
+        pubsub_topic=section.section("pubsub").text("topic"),
+        egress_topic=section.section("egress", required=True).text("topic", required=True),
+        subscriptions=section.text_list("subscriptions"),
+        keepalive=section.integer("keepalive", 30, minimum=5),
+        client_id=client_id,
+        egress_client_id=section.text("egressClientId", f"{client_id}-egress"),
+        backoff=backoff,
+        offline_publish_queueing=section.integer("offlinePublishQueueing", -1, minimum=-1),
+        draining_frequency=section.seconds("drainingFrequency", 2.0),
+        connect_timeout=section.seconds("connectDisconnectTimeout", 10.0),
+        operation_timeout=section.seconds("mqttOperationTimeout", 5.0),
+        max_inflight=section.integer("maxInflight", 100, minimum=1),
+    )  # type: ignore[arg-type]
+    if mqtt.egress_client_id == mqtt.client_id:
+        raise ConfigError(f"{section.path}.egressClientId: must differ from the ingress client id"
+                          f" {mqtt.client_id!r} (a broker drops one of two connections with one id)")
+    section.warn_unknown()
+    return mqtt
+
+
+def _store(section: _Section, data_dir: Optional[str]) -> Store:
+    cap_mb = section.integer("capMegabytes", 256, minimum=1)
+    store = Store(
+        data_dir=Path(data_dir or section.text("dataPath", DEFAULT_DATA_DIR)),  # type: ignore[arg-type]
+        cap_bytes=cap_mb * 1024 * 1024,
+        when_full=section.choice("whenFull", FULL_POLICIES, "reject"),
+        expire_seconds=section.seconds("expireSeconds"),
+        sweep_seconds=section.seconds("sweepSeconds", 5.0),  # type: ignore[arg-type]
+        max_payload_bytes=section.integer("maxPayloadBytes", 262144, minimum=1),
+    )
+    section.text("subscriptionData")  # the old SDK's JSON store file; replaced by LMDB
+    section.warn_unknown()
+    return store
+
+
+def _api(section: _Section, socket_path: Optional[str]) -> Api:
+    uids = section.data.get("allowUids") or []
+    section.used.add("allowUids")
+    if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
+        raise ConfigError(f"{section.path}.allowUids: expected a list of numeric uids, got {_show(uids)}")
+    api = Api(
+        socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET") or section.text("path", DEFAULT_SOCKET),
+        socket_group=section.text("group"),
+        allow_uids=tuple(uids),
+        max_connections=section.integer("maxConnections", 1024, minimum=1),
+        idle_timeout=section.seconds("idleTimeoutSeconds", 300.0),  # type: ignore[arg-type]
+    )  # type: ignore[arg-type]
+    section.warn_unknown()
+    return api
+
+
+def _supervision(section: _Section) -> Supervision:
+    supervision = Supervision(
+        heartbeat_seconds=section.seconds("heartbeatSeconds", 1.0),
+        heartbeat_timeout=section.seconds("heartbeatTimeoutSeconds", 10.0),
+        stop_timeout=section.seconds("stopTimeoutSeconds", 10.0),
+        backoff_max_seconds=section.seconds("restartBackoffMaxSeconds", 30.0),
+        crash_loop_restarts=section.integer("crashLoopRestarts", 5, minimum=1),
+        crash_loop_window=section.seconds("crashLoopWindowSeconds", 60.0),
+    )  # type: ignore[arg-type]
+    if supervision.heartbeat_timeout <= 2 * supervision.heartbeat_seconds:
+        raise ConfigError(f"{section.path}.heartbeatTimeoutSeconds: must be more than twice "
+                          f"heartbeatSeconds ({supervision.heartbeat_seconds:g})")
+    section.warn_unknown()
+    return supervision

@@ -1,0 +1,419 @@
+"""The durable LMDB store shared by every flashlexd process.
+
+One environment, five named databases:
+  inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
+  expiry  expires_at_ms(8) + id(8) -> b""; the sweep walks it from the front
+  outbox  id(8) -> msgpack entry; FIFO towards the cloud
+  recent  mid(2) -> digest(8) + id(8); recognises a broker redelivery (DUP) of a stored message
+  meta    name -> value: schema version, id counters, totals
+
+Every process opens its own `Store` after fork: an LMDB environment must never cross a fork
+(py-lmdb's rule; an inherited handle closed in a child also drops the parent's reader slots).
+The store remembers the pid that opened it and refuses to be used from another one.
+
+Size: the memory map is `cap + headroom`. Appends refuse (or, under `dropOldest`, make room)
+once the used pages reach the cap, so the headroom is always there for deletes, which in LMDB
+also need fresh pages (copy-on-write). LMDB grows the file on demand up to the map, so growth
+up to the cap needs nothing from us. Durability: `sync=True`, one fsync per write transaction,
+which is why callers batch (group commit).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import lmdb
+import msgpack
+from paho.mqtt.client import topic_matches_sub
+
+SCHEMA_VERSION = 1
+_ID = struct.Struct(">Q")
+_MID = struct.Struct(">H")
+_RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
+POLICIES = ("reject", "dropOldest")
+
+
+class StoreError(Exception):
+    """A store problem that the caller reports in one line."""
+
+
+class StoreFull(StoreError):
+    """The store reached its cap and the policy says refuse."""
+
+
+class StoreForkError(StoreError):
+    """The store was used in a process other than the one that opened it."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message as received from the broker, before it has an id."""
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    mid: int = 0
+    dup: bool = False
+
+
+@dataclass(frozen=True)
+class Message:
+    """A stored inbox message; the fields the FlashLex SDK kept, plus its expiry."""
+    id: int
+    timestamp: float
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    expires_at: Optional[float]
+
+    @property
+    def pk(self) -> str:
+        return str(self.id)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "pk": self.pk, "timestamp": self.timestamp, "topic": self.topic,
+                "payload": self.payload, "qos": self.qos, "retain": self.retain, "mid": self.mid,
+                "expires_at": self.expires_at}
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    id: int
+    created: float
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "created": self.created, "topic": self.topic,
+                "payload": self.payload, "qos": self.qos, "retain": self.retain}
+
+
+def _key(record_id: int) -> bytes:
+    return _ID.pack(record_id)
+
+
+def _digest(topic: str, payload: bytes) -> bytes:
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=8).digest()
+
+
+def _expiry_key(expires_at: float, record_id: int) -> bytes:
+    return _ID.pack(int(expires_at * 1000)) + _ID.pack(record_id)
+
+
+class Store:
+    """One process's handle on the store. Not thread-safe: one per process, used by one thread."""
+
+    def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
+                 expire_seconds: Optional[float] = None):
+        if when_full not in POLICIES:
+            raise ValueError(f"when_full must be one of {POLICIES}")
+        self.path = Path(data_dir)
+        self.cap_bytes = cap_bytes
+        self.when_full = when_full
+        self.expire_seconds = expire_seconds
+        self._pid = os.getpid()
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
+                                  max_dbs=8, sync=True, metasync=True, readahead=False,
+                                  meminit=False, mode=0o600)
+        except (OSError, lmdb.Error) as exc:
+            raise StoreError(f"cannot open store in {self.path}: {exc}") from None
+        self._env.reader_check()  # slots left by processes killed with SIGKILL
+        with self._env.begin(write=True) as txn:
+            self._inbox = self._env.open_db(b"inbox", txn=txn)
+            self._expiry = self._env.open_db(b"expiry", txn=txn)
+            self._outbox = self._env.open_db(b"outbox", txn=txn)
+            self._recent = self._env.open_db(b"recent", txn=txn)
+            self._meta = self._env.open_db(b"meta", txn=txn)
+            schema = self._counter(txn, b"schema")
+            if schema > SCHEMA_VERSION:
+                raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
+                                 f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
+            if schema == 0:
+                self._set_counter(txn, b"schema", SCHEMA_VERSION)
+
+    @staticmethod
+    def headroom(cap_bytes: int) -> int:
+        """Map space beyond the cap, kept so deletes and acks still work in a full store."""
+        return max(8 * 1024 * 1024, cap_bytes // 8)
+
+    @classmethod
+    def from_config(cls, store_config) -> "Store":
+        return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
+                   store_config.expire_seconds)
+
+    def close(self) -> None:
+        if os.getpid() == self._pid:
+            self._env.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:
+            raise StoreForkError("store used across fork(): open a new Store in each process")
+
+    def _write(self, work: Callable[[lmdb.Transaction], object]):
+        """Run `work` in one durable write transaction, with one-line errors."""
+        self._check_pid()
+        for _ in range(2):
+            try:
+                with self._env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)  # another process grew the map; adopt its size
+            except lmdb.MapFullError:
+                raise StoreFull(f"store in {self.path} is full (cap {self.cap_bytes} bytes)") from None
+            except lmdb.DiskError as exc:
+                raise StoreError(f"store in {self.path}: disk error: {exc}") from None
+            except lmdb.Error as exc:
+                if "No space left" in str(exc):
+                    raise StoreError(f"store in {self.path}: no space left on device") from None
+                raise StoreError(f"store in {self.path}: {exc}") from None
+        raise StoreError(f"store in {self.path}: map resized repeatedly")
+
+    def _read(self):
+        self._check_pid()
+        try:
+            return self._env.begin(write=False)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)
+            return self._env.begin(write=False)
+
+    def _counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        raw = txn.get(name, db=self._meta)
+        return _ID.unpack(raw)[0] if raw else 0
+
+    def _set_counter(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
+        txn.put(name, _ID.pack(value), db=self._meta)
+
+    def _add_counter(self, txn: lmdb.Transaction, name: bytes, delta: int) -> None:
+        if delta:
+            self._set_counter(txn, name, self._counter(txn, name) + delta)
+
+    def _used_bytes(self, txn: lmdb.Transaction) -> int:
+        pages = 0
+        for db in (self._inbox, self._expiry, self._outbox, self._recent, self._meta):
+            stat = txn.stat(db)
+            pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+        return pages * self._env.stat()["psize"]
+
+    def _make_room(self, txn: lmdb.Transaction, needed: int, what: str) -> None:
+        """Apply the cap policy before adding `needed` bytes."""
+        excess = self._used_bytes(txn) + needed - self.cap_bytes
+        if excess <= 0:
+            return
+        if self.when_full == "reject" or what == "outbox":
+            raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap,"
+                            f" policy {self.when_full}): {what} append refused")
+        dropped = 0
+        cursor = txn.cursor(db=self._inbox)
+        while excess > 0 and cursor.first():
+            excess -= len(cursor.value()) + _RECORD_OVERHEAD
+            self._unindex(txn, cursor.key(), cursor.value())
+            cursor.delete()
+            dropped += 1
+        if excess > 0:
+            raise StoreFull(f"store in {self.path} is full: the batch alone exceeds the cap")
+        self._add_counter(txn, b"dropped_full", dropped)
+
+    def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
+        expires_at = msgpack.unpackb(raw)[6]
+        if expires_at is not None:
+            txn.delete(_expiry_key(expires_at, _ID.unpack(key)[0]), db=self._expiry)
+
+    # -- inbox --------------------------------------------------------------------------------
+
+    def append(self, messages: Sequence[Incoming], now: Optional[float] = None) -> List[Optional[int]]:
+        """Store a batch in ONE transaction (group commit). Returns each message's id, or None
+        for a redelivery (DUP) of a message already stored. All or nothing."""
+        now = time.time() if now is None else now
+        expires_at = now + self.expire_seconds if self.expire_seconds else None
+        digests = [_digest(m.topic, m.payload) if m.qos else b"" for m in messages]
+        needed = sum(len(m.payload) + len(m.topic) + _RECORD_OVERHEAD for m in messages)
+
+        def work(txn: lmdb.Transaction) -> List[Optional[int]]:
+            self._make_room(txn, needed, "inbox")
+            next_id = self._counter(txn, b"inbox_last_id")
+            ids: List[Optional[int]] = []
+            for message, digest in zip(messages, digests):
+                mid_key = _MID.pack(message.mid & 0xFFFF)
+                if message.dup and message.qos:
+                    seen = txn.get(mid_key, db=self._recent)
+                    if seen is not None and seen[:8] == digest:
+                        ids.append(None)
+                        continue
+                next_id += 1
+                key = _key(next_id)
+                record = [now, message.topic, message.payload, message.qos, message.retain,
+                          message.mid, expires_at]
+                txn.put(key, msgpack.packb(record, use_bin_type=True), db=self._inbox, append=True)
+                if expires_at is not None:
+                    txn.put(_expiry_key(expires_at, next_id), b"", db=self._expiry)
+                if message.qos:
+                    txn.put(mid_key, digest + key, db=self._recent)
+                ids.append(next_id)
+            stored = sum(1 for i in ids if i is not None)
+            self._set_counter(txn, b"inbox_last_id", next_id)
+            self._add_counter(txn, b"received", stored)
+            self._add_counter(txn, b"duplicates", len(ids) - stored)
+            return ids
+
+        return self._write(work)  # type: ignore[return-value]
+
+    def messages(self, limit: int = 100, topic: Optional[str] = None,
+                 after: Optional[int] = None) -> List[Message]:
+        """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id."""
+        found: List[Message] = []
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._inbox)
+            positioned = cursor.set_range(_key(after + 1)) if after is not None else cursor.first()
+            if not positioned:
+                return found
+            for key, raw in cursor:
+                message = _decode_message(key, raw)
+                if topic is None or topic_matches_sub(topic, message.topic):
+                    found.append(message)
+                    if len(found) >= limit:
+                        break
+        return found
+
+    def ack(self, ids: Iterable[int]) -> int:
+        """Remove messages by id. Idempotent: an id already gone is not an error."""
+        keys = sorted({_key(int(i)) for i in ids})
+
+        def work(txn: lmdb.Transaction) -> int:
+            removed = 0
+            for key in keys:
+                raw = txn.pop(key, db=self._inbox)
+                if raw is not None:
+                    self._unindex(txn, key, raw)
+                    removed += 1
+            self._add_counter(txn, b"acked", removed)
+            return removed
+
+        return self._write(work) if keys else 0  # type: ignore[return-value]
+
+    def purge(self) -> int:
+        """Remove every inbox message (the API asks for confirmation first)."""
+        def work(txn: lmdb.Transaction) -> int:
+            count = txn.stat(self._inbox)["entries"]
+            txn.drop(self._inbox, delete=False)
+            txn.drop(self._expiry, delete=False)
+            self._add_counter(txn, b"purged", count)
+            return count
+
+        return self._write(work)  # type: ignore[return-value]
+
+    def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
+        """Remove up to `batch` messages whose expiry is at or before `now` (bounded txn)."""
+        cutoff = _ID.pack(int((time.time() if now is None else now) * 1000) + 1)
+
+        def work(txn: lmdb.Transaction) -> int:
+            cursor = txn.cursor(db=self._expiry)
+            removed = 0
+            while removed < batch and cursor.first() and cursor.key() < cutoff:
+                txn.delete(cursor.key()[8:], db=self._inbox)
+                cursor.delete()
+                removed += 1
+            self._add_counter(txn, b"expired", removed)
+            return removed
+
+        return self._write(work)  # type: ignore[return-value]
+
+    # -- outbox -------------------------------------------------------------------------------
+
+    def outbox_append(self, entries: Sequence[Tuple[str, bytes, int, bool]],
+                      max_entries: int = -1, now: Optional[float] = None) -> List[int]:
+        """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
+        unlimited. Refused (never dropped) when full: these are the application's data."""
+        now = time.time() if now is None else now
+        needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
+
+        def work(txn: lmdb.Transaction) -> List[int]:
+            if max_entries >= 0 and txn.stat(self._outbox)["entries"] + len(entries) > max_entries:
+                raise StoreFull(f"outbox is full ({max_entries} entries, offlinePublishQueueing)")
+            self._make_room(txn, needed, "outbox")
+            last = self._counter(txn, b"outbox_last_id")
+            ids = []
+            for topic, payload, qos, retain in entries:
+                last += 1
+                txn.put(_key(last), msgpack.packb([now, topic, payload, qos, retain], use_bin_type=True),
+                        db=self._outbox, append=True)
+                ids.append(last)
+            self._set_counter(txn, b"outbox_last_id", last)
+            self._add_counter(txn, b"queued", len(ids))
+            return ids
+
+        return self._write(work)  # type: ignore[return-value]
+
+    def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
+        found: List[OutboxEntry] = []
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._outbox)
+            positioned = cursor.set_range(_key(after + 1)) if after is not None else cursor.first()
+            if not positioned:
+                return found
+            for key, raw in cursor:
+                created, topic, payload, qos, retain = msgpack.unpackb(raw)
+                found.append(OutboxEntry(_ID.unpack(key)[0], created, topic, payload, qos, retain))
+                if len(found) >= limit:
+                    break
+        return found
+
+    def outbox_remove(self, ids: Iterable[int]) -> int:
+        keys = sorted({_key(int(i)) for i in ids})
+
+        def work(txn: lmdb.Transaction) -> int:
+            removed = sum(1 for key in keys if txn.delete(key, db=self._outbox))
+            self._add_counter(txn, b"sent", removed)
+            return removed
+
+        return self._write(work) if keys else 0  # type: ignore[return-value]
+
+    # -- figures ------------------------------------------------------------------------------
+
+    def stats(self) -> Dict[str, object]:
+        """Counts, oldest ages, totals and size used against the cap."""
+        with self._read() as txn:
+            first_inbox = txn.cursor(db=self._inbox)
+            oldest = _decode_message(first_inbox.key(), first_inbox.value()).timestamp \
+                if first_inbox.first() else None
+            first_outbox = txn.cursor(db=self._outbox)
+            oldest_out = msgpack.unpackb(first_outbox.value())[0] if first_outbox.first() else None
+            figures: Dict[str, object] = {
+                "inbox_count": txn.stat(self._inbox)["entries"],
+                "inbox_oldest": oldest,
+                "inbox_last_id": self._counter(txn, b"inbox_last_id"),
+                "outbox_count": txn.stat(self._outbox)["entries"],
+                "outbox_oldest": oldest_out,
+                "used_bytes": self._used_bytes(txn),
+                "cap_bytes": self.cap_bytes,
+                "when_full": self.when_full,
+            }
+            for name in ("received", "duplicates", "acked", "expired", "dropped_full", "purged",
+                         "queued", "sent"):
+                figures[name] = self._counter(txn, name.encode())
+        return figures
+
+    def inbox_count(self) -> int:
+        with self._read() as txn:
+            return txn.stat(self._inbox)["entries"]
+
+    def outbox_count(self) -> int:
+        with self._read() as txn:
+            return txn.stat(self._outbox)["entries"]
+
+
+def _decode_message(key: bytes, raw: bytes) -> Message:
+    timestamp, topic, payload, qos, retain, mid, expires_at = msgpack.unpackb(raw)
+    return Message(_ID.unpack(key)[0], timestamp, topic, payload, qos, retain, mid, expires_at)

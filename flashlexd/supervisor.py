@@ -1,0 +1,302 @@
+"""The supervisor: one single-threaded loop that keeps three workers alive and serves the API.
+
+Shaped like gunicorn's arbiter: signal handlers only record the signal and wake the loop
+(through `signal.set_wakeup_fd`); the loop then reaps children with `waitpid(-1, WNOHANG)`,
+kills workers whose heartbeats stopped, starts the ones whose backoff is over, feeds the
+systemd watchdog while all of that is healthy, and serves the local API in between.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from flashlexd import __version__
+from flashlexd import config as config_module
+from flashlexd.config import Config
+from flashlexd.notify import Notifier, child_environment
+from flashlexd.restart import CrashLoop, RestartPolicy
+from flashlexd.store import Store
+from flashlexd.workerproc import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+WORKER_NAMES = ("ingress", "egress", "expiry")
+EXIT_CRASH_LOOP = 1
+MAX_SLEEP = 1.0  # seconds; the loop looks at its deadlines at least this often
+STATUS_EVERY = 1.0
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line settings that win over the config file, kept for reloads and workers."""
+    config_path: str
+    data_dir: Optional[str] = None
+    keys_dir: Optional[str] = None
+    socket_path: Optional[str] = None
+    log_level: Optional[str] = None
+
+    def load(self) -> Config:
+        return config_module.load(self.config_path, data_dir=self.data_dir, keys_dir=self.keys_dir,
+                                  socket_path=self.socket_path, log_level=self.log_level)
+
+    def worker_argv(self, name: str) -> List[str]:
+        argv = [sys.executable, "-m", "flashlexd.workers", name, "--config", self.config_path]
+        for flag, value in (("--data-dir", self.data_dir), ("--keys-dir", self.keys_dir),
+                            ("--log-level", self.log_level)):
+            if value:
+                argv += [flag, value]
+        return argv
+
+
+def worker_settings(config: Config, name: str) -> tuple:
+    """The parts of the config a worker depends on: a reload restarts it when they change."""
+    shared = (config.store, config.supervision, config.log_level)
+    return shared if name == "expiry" else shared + (config.thing,)
+
+
+class Supervisor:
+    def __init__(self, config: Config, overrides: Overrides):
+        self.config = config
+        self.overrides = overrides
+        self.notifier = Notifier()
+        self.selector = selectors.DefaultSelector()
+        self.started = time.monotonic()
+        self.signals: List[int] = []
+        self.shutting_down = False
+        self.exit_code = 0
+        self.announced_ready = False
+        self.next_status = 0.0
+        self.store: Optional[Store] = None
+        self.api = None
+        self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
+
+    def _policy(self) -> RestartPolicy:
+        s = self.config.supervision
+        return RestartPolicy(s.backoff_max_seconds, s.crash_loop_restarts, s.crash_loop_window)
+
+    # -- start and stop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.store = Store.from_config(self.config.store)
+        self.api = self._start_api()
+        now = time.monotonic()
+        for worker in self.workers.values():
+            self._spawn(worker, now)
+        try:
+            while not (self.shutting_down and not any(w.alive for w in self.workers.values())):
+                self._loop_once()
+        finally:
+            self._close()
+        return self.exit_code
+
+    def _start_api(self):
+        from flashlexd.ipc.service import ApiService  # the API pulls in the server only here
+        return ApiService(self)
+
+    def _close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+        if self.store is not None:
+            self.store.close()
+
+    def _install_signals(self) -> None:
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        self.selector.register(wake_read, selectors.EVENT_READ, self._drain_wakeups)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def _drain_wakeups(self, fd: int, mask: int) -> None:
+        try:
+            while os.read(fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def begin_shutdown(self, reason: str, exit_code: int = 0) -> None:
+        if self.shutting_down:
+            return
+        log.info("stopping: %s", reason)
+        self.notifier.stopping()
+        self.shutting_down = True
+        self.exit_code = exit_code
+        now = time.monotonic()
+        for worker in self.workers.values():
+            worker.stop(now, self.config.supervision.stop_timeout)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _loop_once(self) -> None:
+        for key, mask in self.selector.select(self._sleep_time()):
+            key.data(key.fileobj, mask)
+        while self.signals:
+            self._handle_signal(self.signals.pop(0))
+        now = time.monotonic()
+        self._reap(now)
+        self._kill_overdue(now)
+        if not self.shutting_down:
+            self._start_due(now)
+            self._announce(now)
+        self.api.tick(now)
+
+    def _sleep_time(self) -> float:
+        now = time.monotonic()
+        deadlines = [now + MAX_SLEEP, self.next_status]
+        for worker in self.workers.values():
+            if worker.state == "backoff":
+                deadlines.append(worker.next_start)
+            if worker.kill_at is not None:
+                deadlines.append(worker.kill_at)
+        ping = self.notifier.watchdog(now, self._healthy(now))
+        if ping is not None:
+            deadlines.append(now + ping)
+        return max(0.0, min(deadlines) - now)
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.begin_shutdown(f"received {signal.Signals(signum).name}")
+        elif signum == signal.SIGHUP and not self.shutting_down:
+            self.reload()
+
+    def _reap(self, now: float) -> None:
+        by_pid = {w.pid: w for w in self.workers.values() if w.alive}
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = by_pid.get(pid)
+            if worker is None:
+                continue  # a child we no longer track (nothing else forks here)
+            self._drop_link(worker)
+            try:
+                worker.exited(status, now, self.shutting_down)
+            except CrashLoop as exc:
+                log.error("%s is crash-looping (%s): giving up so systemd restarts the service",
+                          worker.name, exc)
+                self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
+
+    def _kill_overdue(self, now: float) -> None:
+        timeout = self.config.supervision.heartbeat_timeout
+        for worker in self.workers.values():
+            if worker.kill_at is not None and now >= worker.kill_at:
+                log.warning("%s did not stop in time: killing pid %s", worker.name, worker.pid)
+                worker.signal(signal.SIGKILL)
+                worker.kill_at = None
+            elif worker.alive and worker.state != "stopping" and worker.heartbeat_age(now) > timeout:
+                log.error("%s hung (no heartbeat for %.1fs): killing pid %s",
+                          worker.name, worker.heartbeat_age(now), worker.pid)
+                worker.signal(signal.SIGKILL)
+                worker.last_heartbeat = now  # one kill per timeout; reaping follows
+
+    def _start_due(self, now: float) -> None:
+        for worker in self.workers.values():
+            if worker.state == "backoff" and now >= worker.next_start:
+                self._spawn(worker, now)
+
+    def _spawn(self, worker: WorkerProcess, now: float) -> None:
+        worker.spawn(self.overrides.worker_argv(worker.name), child_environment(),
+                     self.config.text, now)
+        self.selector.register(worker.channel, selectors.EVENT_READ,
+                               lambda _sock, _mask, w=worker: self._on_link(w))
+
+    def _on_link(self, worker: WorkerProcess) -> None:
+        messages = worker.channel.receive() if worker.channel else None
+        if messages is None:
+            self._drop_link(worker)
+            return  # the process is dying; reaping handles the rest
+        now = time.monotonic()
+        for message in messages:
+            worker.on_message(message, now)
+            if message.get("t") == "committed":
+                self.api.inbox_changed()
+
+    def _drop_link(self, worker: WorkerProcess) -> None:
+        if worker.channel is not None:
+            self.selector.unregister(worker.channel)
+            worker.channel.close()
+            worker.channel = None
+
+    def wake_egress(self) -> None:
+        self.workers["egress"].send("outbox")
+
+    # -- health, READY and STATUS ---------------------------------------------------------------
+
+    def _healthy(self, now: float) -> bool:
+        """Feed the watchdog only while every worker is alive and beating, or being restarted."""
+        if self.shutting_down and self.exit_code:
+            return False
+        timeout = self.config.supervision.heartbeat_timeout
+        return all(w.state == "backoff" or (w.alive and w.heartbeat_age(now) <= timeout)
+                   for w in self.workers.values())
+
+    def _announce(self, now: float) -> None:
+        if not self.announced_ready and all(w.state == "ready" for w in self.workers.values()):
+            self.announced_ready = True
+            self.notifier.ready()
+            log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
+        if now >= self.next_status:
+            self.next_status = now + STATUS_EVERY
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        stats = self.store.stats()
+        links = []
+        for name in ("ingress", "egress"):
+            links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
+        up = sum(1 for w in self.workers.values() if w.state == "ready")
+        return (f"{', '.join(links)}; inbox {stats['inbox_count']}; outbox {stats['outbox_count']};"
+                f" workers {up}/{len(self.workers)}")
+
+    def status(self) -> Dict[str, Any]:
+        """The supervisor's part of the API's `status`."""
+        now = time.monotonic()
+        workers = [w.status(now) for w in self.workers.values()]
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 1),
+            "ready": self.announced_ready,
+            "workers": workers,
+            "mqtt": {name: dict(self.workers[name].mqtt, **self.workers[name].counters)
+                     for name in ("ingress", "egress")},
+        }
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-validate; on a bad config keep the running one; restart changed workers."""
+        self.notifier.reloading()
+        try:
+            new = self.overrides.load()
+        except config_module.ConfigError as exc:
+            log.error("reload refused, still running the previous config: %s", exc)
+            self.notifier.ready()
+            return
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker_settings(new, worker.name) != worker_settings(self.config, worker.name):
+                log.info("%s: settings changed, restarting it", worker.name)
+                worker.stop(now, new.supervision.stop_timeout, restart=True)
+        if new.api != self.config.api:
+            log.warning("API socket settings changed: they take effect at the next restart")
+        if new.store != self.config.store:
+            self.store.close()
+            self.store = Store.from_config(new.store)
+        self.config = new
+        log.info("config reloaded from %s", new.path)
+        self.notifier.ready()

@@ -1,0 +1,1 @@
+"""The worker processes: ingress, egress and expiry."""

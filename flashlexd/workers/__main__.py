@@ -1,0 +1,66 @@
+"""Entry point of a worker after the supervisor's fork + exec.
+
+`python -m flashlexd.workers NAME --config FILE [--data-dir D] [--keys-dir K] [--log-level L]`
+with the supervisor link on fd 3. Not meant to be run by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import select
+import sys
+from pathlib import Path
+
+from setproctitle import setproctitle
+
+from flashlexd import config as config_module
+from flashlexd import logs
+from flashlexd.channel import Channel
+from flashlexd.store import StoreError
+from flashlexd.workers.base import EXIT_BOOT_ERROR
+
+CONFIG_WAIT = 10.0  # seconds
+WORKERS = {
+    "ingress": "flashlexd.workers.ingress:IngressWorker",
+    "egress": "flashlexd.workers.egress:EgressWorker",
+    "expiry": "flashlexd.workers.expiry:ExpiryWorker",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="flashlexd-worker")
+    parser.add_argument("name", choices=sorted(WORKERS))
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--keys-dir")
+    parser.add_argument("--log-level")
+    args = parser.parse_args(argv)
+    setproctitle(f"flashlexd: {args.name}")
+    logs.setup(args.log_level or "info", f"flashlexd[{args.name}]")
+    log = logging.getLogger(f"flashlexd.{args.name}")
+    channel = Channel.inherited()
+    try:
+        config = config_module.loads(_config_text(channel), Path(args.config),
+                                     data_dir=args.data_dir, keys_dir=args.keys_dir,
+                                     log_level=args.log_level)
+        logging.getLogger().setLevel(config.log_level.upper())
+        module_name, class_name = WORKERS[args.name].split(":")
+        worker_class = getattr(importlib.import_module(module_name), class_name)
+        return worker_class(config, channel).run()
+    except (config_module.ConfigError, StoreError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_BOOT_ERROR
+
+
+def _config_text(channel: Channel) -> str:
+    """The config text the supervisor validated: its first message on the link."""
+    readable, _, _ = select.select([channel], [], [], CONFIG_WAIT)
+    for message in (channel.receive() or []) if readable else []:
+        if message.get("t") == "config" and isinstance(message.get("text"), str):
+            return message["text"]
+    raise config_module.ConfigError("no config received from the supervisor")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""What every worker process shares: its life after exec, its loop, its heartbeat.
+
+A worker is started by the supervisor with fork + exec (`python -m flashlexd.workers NAME ...`),
+so it begins with a clean interpreter: no inherited LMDB environment, no paho threads, no
+sd_notify socket. Its end of the supervisor link is fd 3.
+
+The loop is single-threaded: it waits on the link, a signal wake-up pipe and whatever the worker
+asks for (`wait_fds`), then lets the worker run (`on_ready`, `tick`). The heartbeat is sent from
+this loop, so a heartbeat proves the worker's real work is making progress.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+from flashlexd.channel import Channel
+from flashlexd.config import Config
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # could not start (store, config): the supervisor backs off
+
+
+class Worker:
+    """Base class: subclasses override `setup`, `wait_fds`, `on_ready`, `tick`, `shutdown`."""
+
+    name = "worker"
+
+    def __init__(self, config: Config, channel: Channel):
+        self.config = config
+        self.channel = channel
+        self.stopping = False
+        self.counters: Dict[str, Any] = {}
+        self._next_heartbeat = 0.0
+
+    # -- for subclasses ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Open the store, build clients. Runs after exec, before the first heartbeat."""
+
+    def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
+        """Objects with fileno() to watch for reading and for writing."""
+        return (), ()
+
+    def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
+        """Some of the watched objects are ready."""
+
+    def tick(self, now: float) -> float:
+        """Periodic work; returns the seconds until the worker next wants to run."""
+        return self.config.supervision.heartbeat_seconds
+
+    def on_command(self, message: Dict[str, Any]) -> None:
+        """A message from the supervisor other than `stop`."""
+
+    def shutdown(self) -> None:
+        """Finish the current batch (commit or leave unacknowledged, never half) and let go."""
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def report(self, kind: str, **fields: Any) -> None:
+        self.channel.send(kind, **fields)
+
+    def run(self) -> int:
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_write)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the supervisor's business
+        self.report("state", state="starting")
+        self.setup()
+        self.report("state", state="ready")
+        timeout = 0.0
+        while not self.stopping:
+            reads, writes = self.wait_fds()
+            ready_r, ready_w, _ = select.select([self.channel, wake_read, *reads], list(writes), [],
+                                                max(0.0, timeout))
+            if wake_read in ready_r:
+                _drain(wake_read)
+            if self.channel in ready_r:
+                self._handle_link()
+            if self.stopping:
+                break
+            self.on_ready([r for r in ready_r if r in reads], ready_w)
+            now = time.monotonic()
+            timeout = min(self.tick(now), self._heartbeat(now))
+        self.report("state", state="stopping")
+        self.shutdown()
+        return EXIT_OK
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _handle_link(self) -> None:
+        messages = self.channel.receive()
+        if messages is None:
+            log.warning("supervisor went away; stopping")
+            self.stopping = True
+            return
+        for message in messages:
+            if message.get("t") == "stop":
+                self.stopping = True
+            else:
+                self.on_command(message)
+
+    def _heartbeat(self, now: float) -> float:
+        interval = self.config.supervision.heartbeat_seconds
+        if now >= self._next_heartbeat:
+            self.report("hb", counters=self.counters)
+            self._next_heartbeat = now + interval
+        return self._next_heartbeat - now
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
