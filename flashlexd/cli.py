@@ -39,6 +39,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flashlexd.ipc.server import ServerError
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("flashlexd").warning("%s", warning)
     try:
         return Supervisor(config, overrides).run()
-    except (StoreError, OSError) as exc:
+    except (StoreError, ServerError) as exc:
         return _fail(f"cannot start: {exc}", EXIT_START)
 
 

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional
 from flashlexd import __version__
 from flashlexd import config as config_module
 from flashlexd.config import Config
+from flashlexd.ipc.methods import Methods
+from flashlexd.ipc.server import RpcServer
 from flashlexd.notify import Notifier, child_environment
 from flashlexd.restart import CrashLoop, RestartPolicy
 from flashlexd.store import Store
@@ -73,7 +75,8 @@ class Supervisor:
         self.announced_ready = False
         self.next_status = 0.0
         self.store: Optional[Store] = None
-        self.api = None
+        self.api: Optional[RpcServer] = None
+        self.methods: Optional[Methods] = None
         self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
 
     def _policy(self) -> RestartPolicy:
@@ -96,9 +99,14 @@ class Supervisor:
             self._close()
         return self.exit_code
 
-    def _start_api(self):
-        from flashlexd.ipc.service import ApiService  # the API pulls in the server only here
-        return ApiService(self)
+    def _start_api(self) -> RpcServer:
+        mqtt = self.config.thing.mqtt
+        self.methods = methods = Methods(self.store, self.status, self.wake_egress, mqtt.egress_topic,
+                          mqtt.offline_publish_queueing,
+                          lambda: bool(self.workers["egress"].mqtt.get("connected")),
+                          self.config.store.max_payload_bytes)
+        return RpcServer.from_config(self.config.api, methods, self.selector,
+                                     self.config.store.max_payload_bytes)
 
     def _close(self) -> None:
         if self.api is not None:
@@ -138,7 +146,10 @@ class Supervisor:
 
     def _loop_once(self) -> None:
         for key, mask in self.selector.select(self._sleep_time()):
-            key.data(key.fileobj, mask)
+            if self.api.owns(key):
+                self.api.dispatch(key, mask)
+            else:
+                key.data(key.fileobj, mask)
         while self.signals:
             self._handle_signal(self.signals.pop(0))
         now = time.monotonic()
@@ -151,7 +162,7 @@ class Supervisor:
 
     def _sleep_time(self) -> float:
         now = time.monotonic()
-        deadlines = [now + MAX_SLEEP, self.next_status]
+        deadlines = [now + MAX_SLEEP, self.next_status, self.api.next_deadline()]
         for worker in self.workers.values():
             if worker.state == "backoff":
                 deadlines.append(worker.next_start)
@@ -221,7 +232,7 @@ class Supervisor:
         for message in messages:
             worker.on_message(message, now)
             if message.get("t") == "committed":
-                self.api.inbox_changed()
+                self.api.notify_inbox()
 
     def _drop_link(self, worker: WorkerProcess) -> None:
         if worker.channel is not None:
@@ -296,7 +307,7 @@ class Supervisor:
             log.warning("API socket settings changed: they take effect at the next restart")
         if new.store != self.config.store:
             self.store.close()
-            self.store = Store.from_config(new.store)
+            self.store = self.methods.store = Store.from_config(new.store)
         self.config = new
         log.info("config reloaded from %s", new.path)
         self.notifier.ready()

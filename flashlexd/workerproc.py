@@ -17,7 +17,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from flashlexd.channel import CHANNEL_FD, Channel
-from flashlexd.restart import RestartPolicy
+from flashlexd.restart import CrashLoop, RestartPolicy
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,13 @@ class WorkerProcess:
             delay = 0.0
             log.info("%s stopped for restart (%s)", self.name, how)
         else:
-            log.warning("%s died (%s) after %.1fs", self.name, how, now - self.started_at)
-            delay = self.policy.next_delay(now, self.started_at)
+            ran = now - self.started_at
+            try:
+                delay = self.policy.next_delay(now, self.started_at)
+            except CrashLoop:
+                log.error("%s died (%s) after %.1fs", self.name, how, ran)
+                raise
+            log.warning("%s died (%s) after %.1fs; restarting in %.1fs", self.name, how, ran, delay)
         self.restarts += 1
         self.next_start = now + delay
         self._change("backoff")

@@ -1,0 +1,147 @@
+"""Run the real daemon (`python -m flashlexd run`) in tests, and listen to what it tells systemd."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import yaml
+
+from tests.broker import write_config
+from tests.systemd import wait_for
+
+
+class NotifyListener:
+    """A fake NOTIFY_SOCKET: a Unix datagram socket that records what arrives, with times."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: List[Tuple[float, str]] = []
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (socket.timeout, BlockingIOError):
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def lines(self) -> List[Tuple[float, str]]:
+        """Every field received so far, one (time, 'KEY=value') per field."""
+        self._pump()
+        return [(t, field) for t, text in self.messages for field in text.splitlines()]
+
+    def wait_for(self, field: str, timeout: float = 10, after: float = 0.0) -> float:
+        """Wait until `field` (e.g. 'READY=1') arrives after time `after`; returns its time."""
+        def seen() -> Optional[float]:
+            return next((t for t, f in self.lines() if f == field and t >= after), None)
+        return wait_for(seen, timeout, f"{field} on NOTIFY_SOCKET")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """The daemon as a child process in its own session, always stopped by PID."""
+
+    def __init__(self, config: Path, workdir: Path, env: Optional[Dict[str, str]] = None,
+                 args: Tuple[str, ...] = ()):
+        self.config = config
+        self.socket_path = workdir / "flashlexd.sock"
+        self.log_path = workdir / "daemon.log"
+        self.env = dict(os.environ, **(env or {}))
+        self.args = args
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Daemon":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flashlexd", "run", "--config", str(self.config),
+             "--socket", str(self.socket_path), *self.args],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> Dict[str, int]:
+        """Worker name -> pid, read from the process titles of the supervisor's children."""
+        found: Dict[str, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.pid and title.startswith("flashlexd: "):
+                found[title.split()[1]] = int(entry.name)
+        return found
+
+    def zombies(self) -> List[int]:
+        zombies = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if fields[0] == "Z" and int(fields[1]) == self.pid:
+                    zombies.append(int(entry.name))
+        return zombies
+
+    def wait_workers(self, timeout: float = 15) -> Dict[str, int]:
+        return wait_for(lambda: (lambda c: c if len(c) == 3 else None)(self.children()),
+                        timeout, "three workers")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Teardown: SIGTERM, then SIGKILL the whole session if it lingers."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def daemon_config(broker, tmp_path) -> Path:
+    """A FlashLex config for the test broker with supervision tuned for tests: heartbeats every
+    0.2 s, a hung worker noticed after 3 s."""
+    path = write_config(tmp_path / "etc", broker)
+    document = yaml.safe_load(path.read_text())
+    document["flashlex"]["app"]["supervisor"] = {
+        "heartbeatSeconds": 0.2, "heartbeatTimeoutSeconds": 3, "stopTimeoutSeconds": 5,
+        "restartBackoffMaxSeconds": 2, "crashLoopRestarts": 4, "crashLoopWindowSeconds": 30}
+    document["flashlex"]["thing"]["mqtt"]["keepalive"] = 30
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path

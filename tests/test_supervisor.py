@@ -1,0 +1,142 @@
+"""The supervisor with real forked workers, real signals and a fake NOTIFY_SOCKET."""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, NotifyListener, daemon_config  # noqa: F401 (fixture)
+from tests.systemd import wait_for
+
+WATCHDOG_USEC = 600_000  # pings expected every 0.3 s
+
+
+@pytest.fixture
+def notify(tmp_path):
+    listener = NotifyListener(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def daemon(daemon_config, tmp_path, notify):
+    """The daemon under a fake systemd: NOTIFY_SOCKET and WATCHDOG_USEC set."""
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
+                                                   "WATCHDOG_USEC": str(WATCHDOG_USEC)}).start()
+    yield running
+    running.stop()
+
+
+def test_ready_is_sent_after_the_workers_are_up(daemon, notify):
+    notify.wait_for("READY=1", timeout=15)
+    assert set(daemon.children()) == {"ingress", "egress", "expiry"}
+    lines = daemon.output().splitlines()
+    announced = next(i for i, line in enumerate(lines) if "ready: 3 workers up" in line)
+    for name in ("ingress", "egress", "expiry"):
+        reported = next(i for i, line in enumerate(lines) if line.endswith(f"{name} ready"))
+        assert reported < announced
+
+
+def test_watchdog_pings_at_half_the_interval(daemon, notify):
+    ready_at = notify.wait_for("READY=1", timeout=15)
+    wait_for(lambda: len([t for t, f in notify.lines() if f == "WATCHDOG=1" and t > ready_at]) >= 8,
+             10, "eight watchdog pings")
+    pings = [t for t, f in notify.lines() if f == "WATCHDOG=1" and t > ready_at]
+    gaps = sorted(b - a for a, b in zip(pings, pings[1:]))
+    median = gaps[len(gaps) // 2]
+    assert 0.2 <= median <= 0.45, gaps  # WatchdogSec/2 = 0.3 s
+    assert max(gaps) < WATCHDOG_USEC / 1e6, gaps  # never late enough for systemd to fire
+
+
+def test_sigterm_sends_stopping_and_exits_zero(daemon, notify):
+    notify.wait_for("READY=1", timeout=15)
+    workers = daemon.children()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=20) == 0
+    notify.wait_for("STOPPING=1", timeout=1)
+    for pid in workers.values():
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+@pytest.mark.parametrize("victim", ["ingress", "egress", "expiry"])
+def test_killed_worker_is_replaced_within_a_second(daemon, notify, victim):
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    killed_at = time.monotonic()
+    daemon_pid_kill(before[victim])
+    after = wait_for(lambda: (lambda c: c if victim in c and c[victim] != before[victim] else None)(
+        daemon.children()), 5, f"a new {victim}")
+    assert time.monotonic() - killed_at < 1.0
+    assert {k: v for k, v in after.items() if k != victim} == \
+        {k: v for k, v in before.items() if k != victim}
+    assert daemon.zombies() == []
+
+
+def daemon_pid_kill(pid: int) -> None:
+    import os
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_hung_worker_is_killed_and_replaced(daemon, notify):
+    import os
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    stopped_at = time.monotonic()
+    os.kill(before["expiry"], signal.SIGSTOP)
+    wait_for(lambda: daemon.children().get("expiry") not in (None, before["expiry"]), 15,
+             "the hung expiry worker to be replaced")
+    waited = time.monotonic() - stopped_at
+    assert 2.5 <= waited <= 8, waited  # heartbeatTimeoutSeconds is 3 in the test config
+    assert "expiry hung" in daemon.output()
+    assert daemon.zombies() == []
+
+
+def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    good = daemon_config.read_text()
+    daemon_config.write_text(good.replace("port: ", "port: abc #"))
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("READY=1", after=hup_at, timeout=10)
+    assert any(f.startswith("RELOADING=1") for t, f in notify.lines() if t >= hup_at)
+    assert any(f.startswith("MONOTONIC_USEC=") for t, f in notify.lines() if t >= hup_at)
+    assert "reload refused" in daemon.output()
+    assert daemon.children() == before
+
+
+def test_reload_restarts_only_workers_whose_settings_changed(daemon, notify, daemon_config):
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    text = daemon_config.read_text()
+    daemon_config.write_text(text.replace("keepalive: 30", "keepalive: 45"))
+    daemon.signal(signal.SIGHUP)
+    after = wait_for(lambda: (lambda c: c if len(c) == 3 and c["ingress"] != before["ingress"]
+                              and c["egress"] != before["egress"] else None)(daemon.children()),
+                     15, "ingress and egress to restart")
+    assert after["expiry"] == before["expiry"]
+
+
+def test_worker_crashing_at_start_backs_off_then_the_daemon_gives_up(daemon_config, tmp_path, notify):
+    """A sitecustomize makes every expiry worker die at start; the rest is the real daemon."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'flashlexd.workers' in sys.orig_argv and 'expiry' in sys.orig_argv:\n"
+        "    os._exit(70)\n")
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
+                                                   "PYTHONPATH": str(hook)}).start()
+    try:
+        code = running.wait_exit(timeout=60)
+    finally:
+        running.stop()
+    assert code == 1
+    output = running.output()
+    assert "crash-looping" in output
+    delays = [float(line.rsplit("restarting in ", 1)[1].rstrip("s"))
+              for line in output.splitlines() if "expiry died" in line and "restarting in" in line]
+    assert len(delays) >= 4 and delays == sorted(delays) and delays[-1] > delays[0], delays
+    assert "READY=1" not in [f for _, f in notify.lines()]
