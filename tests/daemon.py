@@ -63,6 +63,7 @@ class Daemon:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Daemon":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flashlexd", "run", "--config", str(self.config),
