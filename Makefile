@@ -14,7 +14,7 @@ $(STAMP): setup.cfg setup.py
 
 system-deps:
 	@missing=""; \
-	for tool in mosquitto:mosquitto mosquitto_pub:mosquitto-clients openssl:openssl; do \
+	for tool in mosquitto:mosquitto mosquitto_pub:mosquitto-clients openssl:openssl rsyslogd:rsyslog logrotate:logrotate; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -1,4 +1,5 @@
-"""The `flashlexd` command: `run` (the daemon, in the foreground, as systemd wants it)."""
+"""The `flashlexd` command: `run` (the daemon, in the foreground, as systemd wants it),
+`check` (the old bootstrap: is this thing ready?) and `service` (systemd/rsyslog/logrotate files)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from flashlexd import __version__, logs
+from flashlexd import __version__, logs, service
 from flashlexd.config import ConfigError, LOG_LEVELS
 
 EXIT_CONFIG = 2
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", help="API socket path (default: $FLASHLEXD_SOCKET, config,"
                                       " /run/flashlexd/flashlexd.sock)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: flashlex.app.logLevel or info")
+    service.add_parser(commands)
     return parser
 
 
@@ -61,4 +63,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "service":
+        return service.run(args)
     raise AssertionError(args.command)

@@ -1,15 +1,97 @@
-"""Render the systemd unit in packaging/systemd for one install (the old `{{dir}}` template)."""
+"""`flashlexd service`: the systemd unit, rsyslog rule and logrotate file for one install.
+
+What the FlashLex guide had users copy and edit by hand (the `{{dir}}` template), rendered from
+the files in packaging/ and, with `--install`, put in place. The rendered text is the only thing
+written to stdout, so `flashlexd service ... > unit` works; notes go to stderr.
+"""
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Dict, Optional
 
-UNIT_TEMPLATE = Path(__file__).resolve().parent.parent / "packaging" / "systemd" / "flashlexd.service"
+REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
+INSTALLED_PACKAGING = Path(sys.prefix) / "share" / "flashlexd"
+FILES = {  # kind -> (file under packaging/ in the repo, name when installed, target on the system)
+    "unit": ("systemd/flashlexd.service", "flashlexd.service", "etc/systemd/system/flashlexd.service"),
+    "rsyslog": ("rsyslog/flashlexd.conf", "flashlexd.conf", "etc/rsyslog.d/flashlexd.conf"),
+    "logrotate": ("logrotate/flashlexd", "flashlexd", "etc/logrotate.d/flashlexd"),
+}
+
+
+def template(kind: str) -> str:
+    """A packaging file's text: from the source tree, or from the installed share directory."""
+    in_repo, installed, _ = FILES[kind]
+    for path in (REPO_PACKAGING / in_repo, INSTALLED_PACKAGING / installed):
+        if path.is_file():
+            return path.read_text()
+    raise FileNotFoundError(f"packaging file {in_repo} not found (is flashlexd installed?)")
 
 
 def render_unit(venv: str, config: str, user: str = "root", group: str = "") -> str:
     """The unit text with the venv, config path and service user filled in."""
-    text = UNIT_TEMPLATE.read_text()
-    values = {"venv": venv.rstrip("/"), "config": config, "user": user, "group": group or user}
+    values: Dict[str, str] = {"venv": venv.rstrip("/"), "config": config, "user": user,
+                              "group": group or user}
+    text = template("unit")
     for name, value in values.items():
         text = text.replace("{{" + name + "}}", value)
     return text
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "service", help="render or install the systemd unit (and rsyslog/logrotate files)",
+        description="Render packaging/systemd/flashlexd.service for this install to stdout (or"
+                    " --output), or --install it. --rsyslog / --logrotate do the same for the log files.")
+    parser.add_argument("--dir", required=True, help="install directory (holds venv/ and keys/)")
+    parser.add_argument("--venv", help="virtualenv with flashlexd (default: DIR/venv)")
+    parser.add_argument("--config", help="config file (default: DIR/keys/config.yml)")
+    parser.add_argument("--user", default=os.environ.get("SUDO_USER") or "root",
+                        help="user the service runs as (default: $SUDO_USER, else root)")
+    parser.add_argument("--group", default="", help="group of the service and socket (default: the user)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--rsyslog", action="store_true", help="the rsyslog rule instead of the unit")
+    what.add_argument("--logrotate", action="store_true", help="the logrotate file instead of the unit")
+    parser.add_argument("--output", "-o", help="write to this file instead of stdout")
+    parser.add_argument("--install", action="store_true",
+                        help="write it to its place under /etc and reload systemd")
+    parser.add_argument("--root", default="/", help=argparse.SUPPRESS)  # tests install into a tree
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = Path(args.dir).resolve()
+    kind = "rsyslog" if args.rsyslog else "logrotate" if args.logrotate else "unit"
+    if kind == "unit":
+        text = render_unit(str(Path(args.venv).resolve()) if args.venv else str(directory / "venv"),
+                           str(Path(args.config).resolve()) if args.config
+                           else str(directory / "keys" / "config.yml"), args.user, args.group)
+    else:
+        text = template(kind)
+    target: Optional[Path] = Path(args.output) if args.output else None
+    if args.install:
+        target = Path(args.root) / FILES[kind][2]
+    if target is None:
+        sys.stdout.write(text)
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    target.chmod(0o644)
+    print(f"wrote {target}", file=sys.stderr)
+    if args.install:
+        _after_install(kind, Path(args.root) == Path("/"))
+    return 0
+
+
+def _after_install(kind: str, live: bool) -> None:
+    if kind == "unit" and live:
+        reload = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+        if reload.returncode != 0:
+            print(f"systemctl daemon-reload failed: {reload.stderr.strip() or reload.returncode}",
+                  file=sys.stderr)
+    next_step = {"unit": "systemctl enable --now flashlexd",
+                 "rsyslog": "systemctl restart rsyslog",
+                 "logrotate": "logrotate -d /etc/logrotate.d/flashlexd  # to check it"}[kind]
+    print(f"next: {next_step}", file=sys.stderr)
