@@ -7,6 +7,7 @@ line and exit 2 instead of dying later on a bad value (the old SDK divided by
 """
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ class _Section:
         value = self._raw(key, False)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{self._key(key)}: expected a number of seconds, got {_show(value)}")
         if value <= 0:
             raise ConfigError(f"{self._key(key)}: must be greater than 0, got {value}")
@@ -215,6 +216,8 @@ def load(path: str, data_dir: Optional[str] = None, keys_dir: Optional[str] = No
         text = config_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
     return loads(text, config_path, data_dir=data_dir, keys_dir=keys_dir,
                  socket_path=socket_path, log_level=log_level)
 
@@ -254,11 +257,13 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     root.section("dist")  # build metadata of the old SDK: accepted, not used
 
     keys_base = Path(keys_dir) if keys_dir else config_path.resolve().parent
-    thing = _thing(thing_section, keys_base, warnings)
+    thing = _thing(thing_section, keys_base, warnings, "--keys-dir" if keys_dir else
+                   "the config file's directory (or use --keys-dir)")
     store = _store(app.section("db"), data_dir)
     api = _api(app.section("socket"), socket_path)
     supervision = _supervision(app.section("supervisor"))
-    level = log_level or app.choice("logLevel", LOG_LEVELS, "info")
+    file_level = app.choice("logLevel", LOG_LEVELS, "info")  # checked even when overridden
+    level = log_level or file_level
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {_show(level)}")
     app.warn_unknown()
@@ -267,23 +272,24 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
                   warnings=tuple(warnings))
 
 
-def _thing(section: _Section, keys_base: Path, warnings: List[str]) -> Thing:
+def _thing(section: _Section, keys_base: Path, warnings: List[str], keys_base_name: str) -> Thing:
     name = section.text("name", required=True)
     endpoint = section.text("endpoint", required=True)
-    keys = _keys(section.section("keys", required=True), keys_base, warnings)
+    keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings)
     mqtt = _mqtt(section.section("mqtt", required=True), name)  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 
 
-def _keys(section: _Section, base: Path, warnings: List[str]) -> Keys:
+def _keys(section: _Section, base: Path, base_name: str, warnings: List[str]) -> Keys:
     def key_file(key: str) -> Path:
         name = section.text(key, required=True)
         path = (base / name).resolve()  # type: ignore[operator]
         if not os.access(path, os.R_OK) or not path.is_file():
-            reason = "missing" if not path.exists() else "not readable"
+            reason = ("missing" if not path.exists() else "not a file" if not path.is_file()
+                      else "not readable")
             raise ConfigError(f"{section.path}.{key}: key file {path} is {reason}"
-                              " (key names are relative to --keys-dir)")
+                              f" (key names are relative to {base_name})")
         return path
 
     keys = Keys(root_ca=key_file("rootCA"), cert=key_file("cert"), private_key=key_file("privateKey"))
@@ -336,8 +342,9 @@ def _mqtt(section: _Section, thing_name: str) -> Mqtt:
 
 def _store(section: _Section, data_dir: Optional[str]) -> Store:
     cap_mb = section.integer("capMegabytes", 256, minimum=1)
+    file_data_dir = section.text("dataPath", DEFAULT_DATA_DIR)  # checked even when overridden
     store = Store(
-        data_dir=Path(data_dir or section.text("dataPath", DEFAULT_DATA_DIR)),  # type: ignore[arg-type]
+        data_dir=Path(data_dir or file_data_dir),  # type: ignore[arg-type]
         cap_bytes=cap_mb * 1024 * 1024,
         when_full=section.choice("whenFull", FULL_POLICIES, "reject"),
         expire_seconds=section.seconds("expireSeconds"),
@@ -354,8 +361,9 @@ def _api(section: _Section, socket_path: Optional[str]) -> Api:
     section.used.add("allowUids")
     if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
         raise ConfigError(f"{section.path}.allowUids: expected a list of numeric uids, got {_show(uids)}")
+    file_socket_path = section.text("path", DEFAULT_SOCKET)  # checked even when overridden
     api = Api(
-        socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET") or section.text("path", DEFAULT_SOCKET),
+        socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET") or file_socket_path,
         socket_group=section.text("group"),
         allow_uids=tuple(uids),
         max_connections=section.integer("maxConnections", 1024, minimum=1),

@@ -1,0 +1,300 @@
+"""A blocking connection to flashlexd's local API (stdlib + msgpack only)."""
+from __future__ import annotations
+
+import grp
+import json
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+
+import msgpack
+
+from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, PermissionDenied,
+                                     ProtocolError, RpcError, RpcTimeout)
+from flashlexd.client.message import Message, OutboxEntry
+from flashlexd.client.wire import (DEFAULT_SOCKET, HEADER, MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME,
+                                   PROTOCOL_VERSION, SOCKET_ENV, encode_frame)
+
+IdLike = Union[int, str, Message]
+
+
+def socket_path(path: Optional[str] = None) -> str:
+    """The socket to use: `path`, else $FLASHLEXD_SOCKET, else the packaged default."""
+    return os.fspath(path) if path else (os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
+
+
+def _group_hint(path: str) -> str:
+    try:
+        group = grp.getgrgid(os.stat(path).st_gid).gr_name
+        return f"add this user to group {group!r} (then log in again), or run as root"
+    except (OSError, KeyError):
+        return "check the permissions of the socket and its directory"
+
+
+class Client:
+    """One connection to flashlexd. Use as a context manager, or call `close()`.
+
+    Thread-safety: calls are serialised by a lock, so the Client may be shared, but a long
+    `wait` then holds up the other threads' calls; give each thread its own Client (one
+    connection per thread) when they should not wait on each other. A connection the daemon
+    closed while idle is remade transparently on the next call."""
+
+    def __init__(self, path: Optional[str] = None, timeout: float = 10.0):
+        self.path = socket_path(path)
+        self.timeout = timeout
+        self._sock: Optional[socket.socket] = None
+        self._poller = select.poll()
+        self._buf = bytearray()
+        self._next_id = 0
+        self._lock = threading.Lock()
+        with self._lock:
+            self._connect()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        deadline, pause = time.monotonic() + self.timeout, 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+                break
+            except BlockingIOError as exc:  # the listen backlog is full: retry until the deadline
+                sock.close()
+                if time.monotonic() + pause > deadline:
+                    raise self._connect_error(exc) from None
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
+            except BaseException as exc:
+                sock.close()
+                raise self._connect_error(exc) from None
+        self._sock, self._buf = sock, bytearray()
+        self._poller = select.poll()  # poll, not select: the fd may be above FD_SETSIZE
+        self._poller.register(sock, select.POLLIN)
+
+    def _connect_error(self, exc: BaseException) -> BaseException:
+        path = self.path
+        if isinstance(exc, FileNotFoundError):
+            return DaemonNotRunning(f"flashlexd is not running: no socket at {path} "
+                                    f"(set ${SOCKET_ENV} or --socket if it listens elsewhere)", path)
+        if isinstance(exc, ConnectionRefusedError):
+            return DaemonNotRunning(f"flashlexd is not running: nothing listens on {path}", path)
+        if isinstance(exc, PermissionError):
+            return PermissionDenied(f"permission denied on {path}: {_group_hint(path)}")
+        if isinstance(exc, (socket.timeout, BlockingIOError)):
+            return DaemonNotRunning(f"flashlexd does not accept connections on {path} (overloaded?)", path)
+        if isinstance(exc, OSError):
+            return DaemonNotRunning(f"cannot connect to flashlexd on {path}: {exc.strerror or exc}", path)
+        return exc
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._buf = None, bytearray()
+
+    def _ready(self) -> socket.socket:
+        """A connected socket; remade if the daemon closed the idle one (or said why it did)."""
+        if self._sock is not None and self._poller.poll(0):
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            self._buf += data
+            notice = self._parse_frame() if data else None
+            self._drop()
+            if isinstance(notice, dict) and isinstance(notice.get("error"), dict):
+                raise _rpc_error(notice["error"], "")
+        if self._sock is None:
+            self._connect()
+        return self._sock  # type: ignore[return-value]
+
+    def _parse_frame(self) -> Any:
+        """The next whole frame in the buffer, or None."""
+        if len(self._buf) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buf)
+        if length > MAX_RESPONSE_FRAME:
+            self._drop()
+            raise ProtocolError(f"{self.path} sent a {length}-byte frame: is it a flashlexd socket?")
+        end = HEADER.size + length
+        if len(self._buf) < end:
+            return None
+        body = bytes(self._buf[HEADER.size:end])
+        del self._buf[:end]
+        try:
+            return msgpack.unpackb(body, raw=False)
+        except Exception as exc:
+            self._drop()
+            raise ProtocolError(f"undecodable response from {self.path}: {type(exc).__name__}") from None
+
+    def _missing(self) -> int:
+        if len(self._buf) < HEADER.size:
+            return HEADER.size - len(self._buf)
+        return HEADER.size + HEADER.unpack_from(self._buf)[0] - len(self._buf)
+
+    def _receive(self, sock: socket.socket, deadline: float) -> Any:
+        while True:
+            frame = self._parse_frame()
+            if frame is not None:
+                return frame
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout()
+            sock.settimeout(remaining)
+            chunk = sock.recv(max(65536, min(self._missing(), 4 << 20)))
+            if not chunk:
+                raise ConnectionLost(f"flashlexd closed the connection on {self.path}", self.path)
+            self._buf += chunk
+
+    def call(self, method: str, _timeout: Optional[float] = None, **params: Any) -> Any:
+        """Send one request and return its raw result (what `--json` prints)."""
+        timeout = self.timeout if _timeout is None else _timeout
+        with self._lock:
+            sock = self._ready()
+            self._next_id += 1
+            request_id = self._next_id
+            frame = encode_frame({"v": PROTOCOL_VERSION, "id": request_id, "method": method,
+                                  "params": params})
+            try:
+                sock.settimeout(timeout)
+                try:
+                    sock.sendall(frame)
+                except (BrokenPipeError, ConnectionResetError):
+                    self._explain_close(sock)
+                    raise ConnectionLost(f"flashlexd closed the connection on {self.path}", self.path)
+                response = self._receive(sock, time.monotonic() + timeout)
+            except socket.timeout:
+                self._drop()
+                raise RpcTimeout(f"flashlexd did not answer {method} within {timeout:g}s") from None
+            except ConnectionLost:
+                self._drop()
+                raise
+            except OSError as exc:
+                self._drop()
+                raise ConnectionLost(f"connection to flashlexd lost: {exc.strerror or exc}",
+                                     self.path) from None
+            except BaseException:  # e.g. KeyboardInterrupt mid-read: the stream is out of step
+                self._drop()
+                raise
+            if not isinstance(response, dict) or "id" not in response:
+                self._drop()
+                raise ProtocolError(f"malformed response from {self.path}")
+            error = response.get("error")
+            if response["id"] != request_id:
+                self._drop()  # a connection-level error (id None) or a stream out of step
+                if isinstance(error, dict):
+                    raise _rpc_error(error, method)
+                raise ProtocolError(f"response id {response['id']!r} does not match request {request_id}")
+        if error is not None:
+            raise _rpc_error(error if isinstance(error, dict) else {"message": error}, method)
+        return response.get("result")
+
+    def _explain_close(self, sock: socket.socket) -> None:
+        """After a failed send: raise the daemon's parting error frame if it sent one."""
+        frame = None
+        try:
+            sock.settimeout(0.5)
+            while frame is None:
+                frame = self._parse_frame()
+                if frame is None:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    self._buf += chunk
+        except OSError:
+            pass
+        if isinstance(frame, dict) and isinstance(frame.get("error"), dict):
+            self._drop()
+            raise _rpc_error(frame["error"], "")
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def status(self) -> Dict[str, Any]:
+        return self.call("status")
+
+    def messages(self, limit: int = 100, topic: Optional[str] = None,
+                 after: Optional[IdLike] = None) -> List[Message]:
+        """Unacknowledged messages, oldest first; `topic` is an MQTT filter, `after` an id."""
+        params = _query(limit, topic, after)
+        return [Message.from_wire(m) for m in self.call("messages", **params)]
+
+    def wait(self, timeout: float = 30.0, limit: int = 100, topic: Optional[str] = None,
+             after: Optional[IdLike] = None) -> List[Message]:
+        """Messages as soon as there are any (oldest first); [] after `timeout` seconds."""
+        params = _query(limit, topic, after)
+        result = self.call("wait", _timeout=timeout + self.timeout, timeout=timeout, **params)
+        return [Message.from_wire(m) for m in result]
+
+    def ack(self, ids: Iterable[IdLike]) -> int:
+        """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went."""
+        wire = [_wire_id(i) for i in ids]
+        return sum(self.call("ack", ids=wire[start:start + MAX_IDS_PER_ACK])
+                   for start in range(0, len(wire), MAX_IDS_PER_ACK))
+
+    def publish(self, payload: Any, topic: Optional[str] = None, qos: int = 1,
+                retain: bool = False) -> int:
+        """Queue a message for the cloud (the egress topic unless `topic`); durable once this
+        returns. bytes and str go as they are, anything else as JSON. Returns the outbox id."""
+        if isinstance(payload, (bytearray, memoryview)):
+            payload = bytes(payload)
+        elif not isinstance(payload, (bytes, str)):
+            payload = json.dumps(payload, separators=(",", ":")).encode()
+        params: Dict[str, Any] = {"payload": payload, "qos": qos, "retain": retain}
+        if topic is not None:
+            params["topic"] = topic
+        return self.call("publish", **params)["id"]
+
+    def outbox(self, limit: int = 10) -> Dict[str, Any]:
+        """{"count", "oldest_age", "limit", "entries": [OutboxEntry, oldest first]}."""
+        result = self.call("outbox", limit=limit)
+        result["entries"] = [OutboxEntry.from_wire(e) for e in result.get("entries", [])]
+        return result
+
+    def purge(self, confirm: bool = False) -> int:
+        """Remove every inbox message; refused unless confirm=True. Returns how many."""
+        return self.call("purge", confirm=confirm)
+
+    def stream(self, timeout_per_wait: float = 30.0, limit: int = 100, topic: Optional[str] = None,
+               after: Optional[IdLike] = None) -> Iterator[Message]:
+        """Every message as it arrives, forever (oldest unacknowledged first). Uses `wait` with
+        the last id seen, so it yields each message once even if it is never acknowledged."""
+        last = None if after is None else int(_wire_id(after))
+        while True:
+            for message in self.wait(timeout_per_wait, limit, topic, last):
+                last = message.id
+                yield message
+
+
+def _wire_id(value: IdLike) -> Union[int, str]:
+    if isinstance(value, Message):
+        return value.id
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"a message id must be an int, a pk string or a Message, not {type(value).__name__}")
+
+
+def _query(limit: int, topic: Optional[str], after: Optional[IdLike]) -> Dict[str, Any]:
+    params: Dict[str, Any] = {"limit": limit}
+    if topic is not None:
+        params["topic"] = topic
+    if after is not None:
+        params["after"] = _wire_id(after)
+    return params
+
+
+def _rpc_error(error: Dict[str, Any], method: str) -> RpcError:
+    return RpcError(str(error.get("code", "error")), str(error.get("message", "")), method)

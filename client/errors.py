@@ -1,0 +1,39 @@
+"""Typed errors of the client: catch `FlashlexError` for all of them."""
+from __future__ import annotations
+
+
+class FlashlexError(Exception):
+    """Base class of every error `flashlexd.client` raises."""
+
+
+class DaemonNotRunning(FlashlexError):
+    """Nothing answers on the socket (flashlexd stopped, or another socket path)."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
+class ConnectionLost(DaemonNotRunning):
+    """The daemon closed the connection in the middle of a call (it stopped or restarted).
+    The next call reconnects; whether the interrupted call took effect is unknown."""
+
+
+class PermissionDenied(FlashlexError):
+    """The socket exists but this user may not open it (see the socket's group)."""
+
+
+class ProtocolError(FlashlexError):
+    """The peer sent something that is not a valid response (not a flashlexd socket?)."""
+
+
+class RpcTimeout(FlashlexError):
+    """The daemon did not answer in time; the connection is dropped and remade on next use."""
+
+
+class RpcError(FlashlexError):
+    """The daemon refused a call; `code` is a stable string such as 'bad_params'."""
+
+    def __init__(self, code: str, message: str, method: str = ""):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.method = code, message, method

@@ -1,0 +1,253 @@
+"""The local API's methods, on top of the store and the supervisor's view of the workers.
+
+Every param is checked here (type, range, unknown names) so a bad call gets `bad_params` and a
+message naming the param, never a traceback in the daemon. Responses are bounded: a call
+returns at most `MAX_LIMIT` records and stops adding records once the response reaches the
+frame budget (always at least one record, so a large message is still deliverable).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from flashlexd.client.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, REQUEST_OVERHEAD, Code
+from flashlexd.ipc.protocol import Pending, RpcFailure
+from flashlexd.store import Store, StoreError, StoreFull
+
+_RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
+_MISSING = object()
+
+
+class _Params:
+    """Typed reads of one call's params; anything left unread is an unknown param."""
+
+    def __init__(self, method: str, params: Dict[str, Any]):
+        self.method, self.params, self.read = method, params, set()
+
+    def bad(self, name: str, expected: str, value: Any = _MISSING) -> RpcFailure:
+        got = "" if value is _MISSING else f", got {type(value).__name__} {_show(value)}"
+        return RpcFailure(Code.BAD_PARAMS, f"{self.method}: param '{name}' must be {expected}{got}")
+
+    def get(self, name: str) -> Any:
+        self.read.add(name)
+        return self.params.get(name)
+
+    def integer(self, name: str, default: Optional[int], low: int, high: int) -> Optional[int]:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.bad(name, f"an integer from {low} to {high}", value)
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise self.bad(name, f"a number of seconds from {low:g} to {high:g}", value)
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.bad(name, "true or false", value)
+        return value
+
+    def record_id(self, name: str, value: Any) -> int:
+        """A message id: an int or its pk string (the decimal id)."""
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 64:
+            raise self.bad(name, "a message id (integer or pk string)", value)
+        return value
+
+    def topic(self, name: str, wildcards: bool) -> Optional[str]:
+        value = self.get(name)
+        if value is None:
+            return None
+        kind = "an MQTT topic filter" if wildcards else "an MQTT topic without wildcards"
+        if not isinstance(value, str) or not _valid_topic(value, wildcards):
+            raise self.bad(name, kind, value)
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(str(k) for k in self.params if k not in self.read)
+        if unknown:
+            known = ", ".join(sorted(self.read)) or "none"
+            raise RpcFailure(Code.BAD_PARAMS,
+                             f"{self.method}: unknown param '{unknown[0]}' (accepted: {known})")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _valid_topic(topic: str, wildcards: bool) -> bool:
+    if not topic or "\0" in topic or len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return False
+    levels = topic.split("/")
+    for index, level in enumerate(levels):
+        if ("#" in level or "+" in level) and not wildcards:
+            return False
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def _age(timestamp: Optional[float], now: float) -> Optional[float]:
+    return None if timestamp is None else max(0.0, now - timestamp)
+
+
+class Methods:
+    """The API methods; `handle(name, params)` is what `RpcServer` calls."""
+
+    NAMES = ("status", "messages", "ack", "wait", "publish", "outbox", "purge")
+
+    def __init__(self, store: Store, status_provider: Callable[[], Dict[str, Any]],
+                 on_outbox_added: Callable[[], None], egress_topic: str,
+                 offline_publish_queueing: int, egress_connected: Callable[[], bool],
+                 max_payload_bytes: int, response_budget: Optional[int] = None):
+        self.store = store
+        self.status_provider = status_provider
+        self.on_outbox_added = on_outbox_added
+        self.egress_topic = egress_topic
+        self.offline_publish_queueing = offline_publish_queueing
+        self.egress_connected = egress_connected
+        self.max_payload_bytes = max_payload_bytes
+        self.response_budget = response_budget or REQUEST_OVERHEAD + max_payload_bytes
+        self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
+
+    def handle(self, method: str, params: Dict[str, Any]) -> Any:
+        target = self._table.get(method)
+        if target is None:
+            raise RpcFailure(Code.UNKNOWN_METHOD, f"unknown method {_show(method)} "
+                             f"(this daemon has: {', '.join(self.NAMES)})")
+        reader = _Params(method, params)
+        try:
+            return target(reader)
+        except StoreFull as exc:
+            code = Code.OUTBOX_FULL if method == "publish" else Code.STORE_ERROR
+            raise RpcFailure(code, str(exc)) from None
+        except StoreError as exc:
+            raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _bounded(self, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The leading records that fit the response budget (at least one)."""
+        used = 0
+        for index, record in enumerate(records):
+            used += len(record["payload"]) + len(record["topic"]) + _RECORD_ENVELOPE
+            if used > self.response_budget and index > 0:
+                return records[:index]
+        return records
+
+    def _fetch(self, limit: int, topic: Optional[str], after: Optional[int]) -> List[Dict[str, Any]]:
+        return self._bounded([m.to_dict() for m in self.store.messages(limit, topic, after)])
+
+    def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
+        limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
+        topic = p.topic("topic", wildcards=True)
+        after = p.get("after")
+        after = None if after is None else p.record_id("after", after)
+        return limit, topic, after
+
+    # -- methods ------------------------------------------------------------------------------
+
+    def _status(self, p: _Params) -> Dict[str, Any]:
+        p.done()
+        now = time.time()
+        supervisor = dict(self.status_provider())
+        figures = self.store.stats()
+        counters = {name: figures[name] for name in ("received", "duplicates", "acked", "expired",
+                                                     "dropped_full", "purged", "queued", "sent")}
+        counters.update(supervisor.get("counters") or {})
+        supervisor.update({
+            "version": supervisor.get("version"),
+            "uptime": supervisor.get("uptime"),
+            "workers": supervisor.get("workers") or [],
+            "mqtt": supervisor.get("mqtt") or {},
+            "inbox": {"count": figures["inbox_count"], "oldest": figures["inbox_oldest"],
+                      "oldest_age": _age(figures["inbox_oldest"], now),  # type: ignore[arg-type]
+                      "last_id": figures["inbox_last_id"]},
+            "outbox": {"count": figures["outbox_count"], "oldest": figures["outbox_oldest"],
+                       "oldest_age": _age(figures["outbox_oldest"], now),  # type: ignore[arg-type]
+                       "limit": self.offline_publish_queueing},
+            "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
+                      "when_full": figures["when_full"], "path": str(self.store.path)},
+            "counters": counters,
+        })
+        return supervisor
+
+    def _messages(self, p: _Params) -> List[Dict[str, Any]]:
+        limit, topic, after = self._query(p, 100)
+        p.done()
+        return self._fetch(limit, topic, after)
+
+    def _ack(self, p: _Params) -> int:
+        ids = p.get("ids")
+        if not isinstance(ids, list) or len(ids) > MAX_IDS_PER_ACK:
+            raise p.bad("ids", f"a list of at most {MAX_IDS_PER_ACK} message ids", ids)
+        numbers = [p.record_id("ids", value) for value in ids]
+        p.done()
+        return self.store.ack(numbers)
+
+    def _wait(self, p: _Params) -> Any:
+        timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
+        limit, topic, after = self._query(p, 100)
+        p.done()
+        found = self._fetch(limit, topic, after)
+        if found or timeout == 0:
+            return found
+
+        def poll() -> Optional[List[Dict[str, Any]]]:  # run by the server on notify_inbox()
+            try:
+                return self._fetch(limit, topic, after) or None
+            except StoreError as exc:
+                raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+        return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
+
+    def _publish(self, p: _Params) -> Dict[str, int]:
+        payload = p.get("payload")
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        if not isinstance(payload, bytes):
+            raise p.bad("payload", "bytes or a string", payload)
+        topic = p.topic("topic", wildcards=False) or self.egress_topic
+        qos = p.integer("qos", 1, 0, 1)
+        retain = p.boolean("retain", False)
+        p.done()
+        if len(payload) > self.max_payload_bytes:
+            raise RpcFailure(Code.PAYLOAD_TOO_LARGE, f"payload of {len(payload)} bytes exceeds "
+                             f"maxPayloadBytes ({self.max_payload_bytes})")
+        cap = self.offline_publish_queueing
+        if cap == 0 and not self.egress_connected():
+            raise RpcFailure(Code.EGRESS_OFFLINE, "egress is not connected and offlinePublishQueueing"
+                             " is 0: publish refused (nothing was queued)")
+        (outbox_id,) = self.store.outbox_append([(topic, payload, qos, retain)],
+                                                max_entries=cap if cap > 0 else -1)
+        self.on_outbox_added()
+        return {"id": outbox_id}
+
+    def _outbox(self, p: _Params) -> Dict[str, Any]:
+        limit = p.integer("limit", 10, 0, MAX_LIMIT)
+        p.done()
+        figures = self.store.stats()
+        entries = [e.to_dict() for e in self.store.outbox_peek(limit)] if limit else []
+        return {"count": figures["outbox_count"], "limit": self.offline_publish_queueing,
+                "oldest_age": _age(figures["outbox_oldest"], time.time()),  # type: ignore[arg-type]
+                "entries": self._bounded(entries)}
+
+    def _purge(self, p: _Params) -> int:
+        confirm = p.get("confirm")
+        p.done()
+        if confirm is not True:
+            raise RpcFailure(Code.CONFIRM_REQUIRED, "purge removes every inbox message: "
+                             "call it with confirm=true")
+        return self.store.purge()

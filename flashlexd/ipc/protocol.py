@@ -1,0 +1,112 @@
+"""Daemon side of the wire protocol: limits, request parsing, response encoding.
+
+The frame format and constants live in `flashlexd.client.wire` (one source of truth shared
+with the light client package); this module adds what only the daemon needs: turning an
+untrusted frame body into a `Request` or a precise error, and the `Pending` marker a method
+returns to park a long-poll.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import msgpack
+
+from flashlexd.client.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD,
+                                   Code, encode_frame, request_unpack_options, version_mismatch)
+
+__all__ = ["Code", "HEADER", "Limits", "Pending", "PROTOCOL_VERSION", "Request", "RpcFailure",
+           "encode_error", "encode_result", "parse_request"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one client can make the daemon hold or do."""
+    max_frame: int = DEFAULT_MAX_FRAME       # largest request body accepted
+    max_connections: int = 1024
+    idle_timeout: float = 300.0              # seconds without traffic before a connection closes
+    max_write_buffer: int = 8 * 1024 * 1024  # unsent response bytes before a reader is dropped
+    write_timeout: float = 30.0              # seconds a reader may take nothing while owed data
+    pipeline_high_water: int = 256 * 1024    # stop handling a connection's requests above this
+
+    def __post_init__(self) -> None:
+        if self.max_frame < 1024 or self.max_connections < 1 or self.idle_timeout <= 0 \
+                or self.write_timeout <= 0 or self.max_write_buffer < self.max_frame:
+            raise ValueError(f"invalid IPC limits: {self}")
+
+    @classmethod
+    def for_payload(cls, max_payload_bytes: int, **overrides: Any) -> "Limits":
+        """Limits whose frame size fits the largest publishable payload plus the envelope."""
+        max_frame = REQUEST_OVERHEAD + max_payload_bytes
+        overrides.setdefault("max_write_buffer", max(8 * 1024 * 1024, 2 * max_frame))
+        return cls(max_frame=max_frame, **overrides)
+
+
+class RpcFailure(Exception):
+    """A request that gets an error response; `request_id` is None when it is unknown."""
+
+    def __init__(self, code: str, message: str, request_id: Any = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+@dataclass
+class Pending:
+    """Returned by a method to park the request (long-poll) instead of answering now.
+
+    The server calls `poll()` whenever the inbox may have changed (`notify_inbox`): a result
+    that is not None completes the request. At `deadline` (time.monotonic) the request is
+    answered with `timeout_result`. Nothing polls the store on a timer."""
+    deadline: float
+    poll: Callable[[], Optional[Any]]
+    timeout_result: Any = None
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    method: str
+    params: Dict[str, Any]
+
+
+@functools.lru_cache(maxsize=8)
+def _unpack_options(max_frame: int) -> Dict[str, int]:
+    return request_unpack_options(max_frame)
+
+
+def parse_request(body: bytes, max_frame: int) -> Request:
+    """A request from an untrusted frame body, or RpcFailure naming what is wrong."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, **_unpack_options(max_frame))
+    except msgpack.StackError:
+        raise RpcFailure(Code.BAD_REQUEST, "request nested too deeply") from None
+    except Exception as exc:  # untrusted bytes: FormatError, ExtraData, ValueError, UnicodeError...
+        raise RpcFailure(Code.BAD_REQUEST, f"not a msgpack request: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise RpcFailure(Code.BAD_REQUEST, f"a request is a map, got {type(obj).__name__}")
+    request_id = obj.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, int):
+        raise RpcFailure(Code.BAD_REQUEST, "request 'id' must be an integer")
+    version = obj.get("v")
+    if version is None:
+        raise RpcFailure(Code.BAD_REQUEST, "request has no protocol version 'v'", request_id)
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise RpcFailure(Code.UNSUPPORTED_VERSION, version_mismatch(version), request_id)
+    method = obj.get("method")
+    if not isinstance(method, str):
+        raise RpcFailure(Code.BAD_REQUEST, "request 'method' must be a string", request_id)
+    params = obj.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise RpcFailure(Code.BAD_REQUEST, "request 'params' must be a map", request_id)
+    return Request(request_id, method, params)
+
+
+def encode_result(request_id: Any, result: Any) -> bytes:
+    return encode_frame({"id": request_id, "result": result})
+
+
+def encode_error(request_id: Any, code: str, message: str) -> bytes:
+    return encode_frame({"id": request_id, "error": {"code": code, "message": message}})

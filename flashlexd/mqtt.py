@@ -1,0 +1,329 @@
+"""The MQTT side of a worker: the paho-mqtt 2.x client built from the FlashLex config, and a
+`Connection` that keeps it connected from the worker's own select loop.
+
+No paho thread and no `loop_forever`: the worker's loop waits on `Connection.wait_fds()`,
+calls `on_ready()` and `service()`, so every callback runs on the worker's main thread and a
+heartbeat proves the MQTT work is progressing. paho's loop would also pace reconnects by
+sleeping; here `ReconnectBackoff` (pure, fake-clock testable) only says when the next CONNECT
+is due and the loop does other work meanwhile.
+
+Sessions are MQTT 3.1.1 with `clean_session=False` and a fixed client id: the broker keeps our
+subscriptions and unacknowledged messages across disconnects and worker restarts.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import select
+import socket
+import ssl
+import time
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from flashlexd.config import Backoff, Config, ConfigError, Keys, Thing
+
+log = logging.getLogger(__name__)
+
+MIN_CONNECT_INTERVAL = 1.0  # AWS IoT throttles CONNECTs per client id to one a second
+JITTER = 0.25               # up to +25% on each quiet time, so a fleet does not reconnect in step
+ALPN_PORT = 443             # AWS IoT serves MQTT with client certs on 443 only with this ALPN
+ALPN_PROTOCOL = "x-amzn-mqtt-ca"
+WEBSOCKET_PATH = "/mqtt"
+MAX_PACKETS_PER_PASS = 1024
+# An alert the broker sends when it does not accept our client certificate.
+_REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",
+                        "ACCESS_DENIED", "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_EXPIRED",
+                        "CERTIFICATE_REVOKED")
+_HOST_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH (64 is the IP address twin)
+_ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
+
+
+class ReconnectBackoff:
+    """When the next CONNECT may go out.
+
+    Quiet times start at `base_seconds` and double after each failed attempt or short-lived
+    connection, up to `max_seconds`; a connection that stayed up `stable_seconds` resets them.
+    Each wait gets up to JITTER more, and two CONNECTs are never less than MIN_CONNECT_INTERVAL
+    apart. The first attempt is immediate.
+    """
+
+    def __init__(self, policy: Backoff, clock: Callable[[], float] = time.monotonic,
+                 rand: Callable[[], float] = random.random):
+        self.policy, self.clock, self.rand = policy, clock, rand
+        self.quiet = policy.base_seconds
+        self.due_at = clock()
+        self.last_attempt: Optional[float] = None
+        self.connected_at: Optional[float] = None
+
+    def wait(self) -> float:
+        """Seconds until a CONNECT may be attempted (0: now)."""
+        return max(0.0, self.due_at - self.clock())
+
+    def attempted(self) -> None:
+        now = self.clock()
+        self.last_attempt = now
+        self.due_at = now + MIN_CONNECT_INTERVAL  # until told how it went
+
+    def connected(self) -> None:
+        self.connected_at = self.clock()
+
+    def lost(self) -> None:
+        """The attempt failed or the connection dropped: schedule the next attempt."""
+        now = self.clock()
+        if self.connected_at is not None and now - self.connected_at >= self.policy.stable_seconds:
+            self.quiet = self.policy.base_seconds
+        self.connected_at = None
+        wait = self.quiet * (1 + JITTER * self.rand())
+        earliest = (now if self.last_attempt is None else self.last_attempt) + MIN_CONNECT_INTERVAL
+        self.due_at = max(now + wait, earliest)
+        self.quiet = min(self.quiet * 2, self.policy.max_seconds)
+
+
+def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
+    """Mutual TLS: trust only `rootCA`, verify the broker's certificate and host name, present
+    the thing's certificate."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(keys.root_ca))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"flashlex.thing.keys.rootCA: cannot load {keys.root_ca}: {exc.reason}") from None
+    try:
+        context.load_cert_chain(str(keys.cert), str(keys.private_key))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"flashlex.thing.keys: cannot load certificate {keys.cert} with key"
+                          f" {keys.private_key}: {exc.reason or 'not a PEM certificate/key'}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        context.set_alpn_protocols([ALPN_PROTOCOL])
+    return context
+
+
+def build_client(thing: Thing, client_id: str, connect_timeout: float) -> paho.Client:
+    """A paho client for `thing`, not yet connected; `Connection` drives it.
+    `connect_timeout` bounds the blocking TCP connect and TLS handshake."""
+    mqtt = thing.mqtt
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                         protocol=paho.MQTTv311,
+                         transport="websockets" if mqtt.use_websocket else "tcp",
+                         reconnect_on_failure=False)  # no silent MQTT 3.1 downgrade-and-retry
+    client.tls_set_context(tls_context(thing.keys, alpn=mqtt.port == ALPN_PORT and not mqtt.use_websocket))
+    if mqtt.use_websocket:
+        client.ws_set_options(path=WEBSOCKET_PATH)
+    client.max_inflight_messages_set(mqtt.max_inflight)
+    client.max_queued_messages_set(0)
+    client.connect_timeout = connect_timeout
+    client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive)  # records where; no I/O
+    return client
+
+
+def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
+    """One line saying why a connection failed, naming the file or setting to look at."""
+    where = f"{thing.endpoint}:{thing.mqtt.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in (_HOST_MISMATCH, _HOST_MISMATCH + 2):
+            return f"TLS: the broker's certificate is not valid for host {thing.endpoint} ({exc.verify_message})"
+        return (f"TLS: the broker's certificate at {where} is not trusted by rootCA"
+                f" {thing.keys.root_ca} ({exc.verify_message})")
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if "ALERT" in reason and reason.endswith(_REFUSED_CERT_ALERTS):
+            alert = reason.split("ALERT_", 1)[-1].replace("_", " ").lower()
+            return f"TLS: the broker at {where} refused the client certificate {thing.keys.cert} ({alert})"
+        return f"TLS error with {where}: {reason}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {thing.endpoint}: {exc.strerror}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where} (broker down or wrong port?)"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"connecting to {where} timed out after {timeout:g}s"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"cannot connect to {where}: {exc}"
+
+
+class _LastError(logging.Handler):
+    """Keeps the exception paho logged last (paho reports socket errors only to its logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.exc: Optional[BaseException] = None
+        self.message: Optional[str] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        self.exc = next((a for a in args if isinstance(a, BaseException)), None)
+        self.message = record.getMessage()
+
+    def take(self) -> Tuple[Optional[BaseException], Optional[str]]:
+        taken = self.exc, self.message
+        self.exc = self.message = None
+        return taken
+
+
+class Connection:
+    """One MQTT connection kept up from a worker's loop.
+
+    `on_change(connected, error)` is called when the connection comes up (error None) and on
+    each failed attempt or drop (with a one-line reason). connectDisconnectTimeout bounds an
+    attempt: the blocking TCP+TLS part (capped at half the heartbeat timeout, so a black-holed
+    endpoint never stalls the heartbeat into a kill) and then the wait for CONNACK.
+    """
+
+    def __init__(self, config: Config, client_id: str,
+                 on_change: Callable[[bool, Optional[str]], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self.thing = config.thing
+        self.client_id = client_id
+        self.on_change = on_change
+        self.clock = clock
+        self.timeout = config.thing.mqtt.connect_timeout
+        self.client = build_client(config.thing, client_id,
+                                   min(self.timeout, config.supervision.heartbeat_timeout / 2))
+        self.backoff = ReconnectBackoff(config.thing.mqtt.backoff, clock)
+        self.connected = False
+        self.closing = False
+        self._connack_due: Optional[float] = None
+        self._errors = _LastError()
+        paho_log = logging.getLogger(f"flashlexd.paho.{client_id}")
+        paho_log.propagate = False  # its socket errors come out as our one-line reasons
+        paho_log.setLevel(logging.WARNING)
+        paho_log.handlers[:] = [self._errors]
+        self.client.enable_logger(paho_log)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+
+    # -- the worker loop's hooks ------------------------------------------------------------------
+
+    def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
+        sock = self.client.socket()
+        if sock is None:
+            return (), ()
+        return (sock,), ((sock,) if self.client.want_write() else ())
+
+    def on_ready(self, readable: Sequence[Any], writable: Sequence[Any],
+                 max_packets: int = MAX_PACKETS_PER_PASS) -> None:
+        """Write what is queued, then read up to `max_packets` packets that are already here."""
+        sock = self.client.socket()
+        if sock is not None and sock in writable:
+            self.client.loop_write()
+        if sock is not None and sock in readable:
+            for _ in range(max(1, max_packets)):
+                if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+                sock = self.client.socket()
+                if sock is None or not _has_data(sock):
+                    break
+
+    def service(self) -> float:
+        """Connect when due, give up on a silent broker, keep alive. Returns the seconds until
+        this wants to run again."""
+        if self.closing:
+            return 1.0
+        if not self.connected and self._connack_due is None:
+            # down, or a timed-out attempt whose socket the next reconnect() closes
+            if self.backoff.wait() > 0:
+                return self.backoff.wait()
+            self._attempt()
+            return 0.0 if self._connack_due is not None else self.backoff.wait()
+        if not self.connected and self._connack_due is not None and self.clock() >= self._connack_due:
+            self._connack_due = None
+            self._failed(f"no CONNACK from {self.thing.endpoint}:{self.thing.mqtt.port}"
+                         f" within {self.timeout:g}s")
+            return self.backoff.wait()
+        self.client.loop_misc()
+        sock = self.client.socket()
+        if sock is not None and _buffered(sock):
+            return 0.0  # TLS already decrypted more than select() can see
+        wait = 1.0  # keepalive and CONNACK checks run at least once a second
+        if self._connack_due is not None and not self.connected:
+            wait = min(wait, max(0.0, self._connack_due - self.clock()))
+        return wait
+
+    def flush(self, timeout: float) -> None:
+        """Block until queued packets are written (or `timeout`); for shutdown only."""
+        deadline = self.clock() + timeout
+        while self.client.socket() is not None and self.client.want_write():
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return
+            select.select([], [self.client.socket()], [], remaining)
+            self.client.loop_write()
+
+    def close(self, timeout: float) -> None:
+        """Flush what is queued (acks, publishes), send DISCONNECT, and stop reconnecting."""
+        self.closing = True
+        if self.connected:
+            self.flush(timeout)
+            self.client.disconnect()
+            self.flush(timeout)
+
+    # -- paho callbacks and attempts --------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        self.backoff.attempted()
+        self._errors.take()
+        self._connack_due = self.clock() + self.timeout  # set first: CONNECT may already fail inside
+        try:
+            self.client.reconnect()  # TCP connect, TLS handshake, CONNECT written
+        except (OSError, ssl.CertificateError, ValueError) as exc:
+            self._connack_due = None
+            self._failed(describe_error(exc, self.thing, self.client.connect_timeout))
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        self._connack_due = None
+        if reason.is_failure:
+            # paho closes the socket after this callback and calls _on_disconnect
+            self._failed(f"broker {self.thing.endpoint}:{self.thing.mqtt.port} refused the"
+                         f" connection of client id {self.client_id!r}: {reason}")
+            return
+        self.connected = True
+        self.backoff.connected()
+        log.info("connected to %s:%d as %r (session present: %s)", self.thing.endpoint,
+                 self.thing.mqtt.port, self.client_id, bool(flags.session_present))
+        self.on_change(True, None)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        if not self.connected:
+            if self._connack_due is not None:  # dropped between our CONNECT and its CONNACK
+                self._connack_due = None
+                self._failed(self._drop_reason(reason, before_connack=True))
+            return
+        self.connected = False
+        if self.closing:
+            self.on_change(False, None)
+            return
+        self._failed(self._drop_reason(reason, before_connack=False))
+
+    def _drop_reason(self, reason: Any, before_connack: bool) -> str:
+        where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
+        exc, message = self._errors.take()
+        if before_connack and (exc is None or isinstance(exc, _ABRUPT_CLOSE)):
+            # With TLS 1.3 the broker checks our certificate after our side of the handshake
+            # is done, so its refusal often shows up only as a closed connection.
+            return (f"TLS: the broker at {where} closed the connection before CONNACK: it refused"
+                    f" the client certificate {self.thing.keys.cert} or does not allow client id"
+                    f" {self.client_id!r}")
+        if exc is not None:
+            return describe_error(exc, self.thing, self.timeout)
+        if reason == "Keep alive timeout":  # paho: no PINGRESP in time
+            return f"connection to {where} lost: no answer within keepalive ({self.thing.mqtt.keepalive}s)"
+        return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
+
+    def _failed(self, error: str) -> None:
+        self.connected = False
+        self.backoff.lost()
+        log.error("%s; retrying in %.1fs", error, self.backoff.wait())
+        self.on_change(False, error)
+
+
+def _buffered(sock: Any) -> bool:
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending() > 0)
+
+
+def _has_data(sock: Any) -> bool:
+    return _buffered(sock) or bool(select.select([sock], [], [], 0)[0])

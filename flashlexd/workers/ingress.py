@@ -1,0 +1,155 @@
+"""The ingress worker: broker -> inbox, acknowledging a message only once it is on disk.
+
+paho runs with manual acks. Each PUBLISH joins a pending batch; the batch is committed with ONE
+`Store.append` (one fsync: group commit) at the end of each loop pass, that is as soon as the
+socket has nothing more to read or BATCH_MAX messages are waiting, and only after the commit
+returns are the PUBACKs sent, in arrival order (MQTT 3.1.1, 4.6). There is no "wait a few ms
+for more" timer: the broker stops sending once its in-flight window (20 in mosquitto, 100 in
+AWS IoT) is unacknowledged, so waiting would only stall it; messages that arrive during a commit
+simply make the next batch bigger.
+
+A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
+(DUP set, same packet id) and the store recognises the redelivery of one it already committed.
+PUBACKs are sent only on the connection a message arrived on: after a reconnect, the broker
+redelivers whatever we had not acknowledged.
+
+A full store (policy `reject`) is back-pressure, not loss: what does not fit stays
+unacknowledged, so the broker keeps it, and the commit is retried every RETRY_SECONDS.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from flashlexd.mqtt import Connection
+from flashlexd.store import Incoming, Store, StoreError, StoreFull
+from flashlexd.workers.base import Worker
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 256
+RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class _Pending:
+    incoming: Optional[Incoming]  # None: dropped (oversize), waiting only for its ack
+    mid: int
+    qos: int
+    generation: int  # which connection it arrived on
+
+
+class IngressWorker(Worker):
+    name = "ingress"
+
+    def setup(self) -> None:
+        self.store = Store.from_config(self.config.store)
+        self.topics = self.config.thing.mqtt.ingress_topics()
+        self.connection = Connection(self.config, self.config.thing.mqtt.client_id, self._on_change)
+        self.client = self.connection.client
+        self.client.manual_ack_set(True)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.batch: List[_Pending] = []
+        self.generation = 0
+        self.retry_at: Optional[float] = None
+        self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
+                             store_full=False, connected=False, batches=0)
+
+    # -- loop hooks -------------------------------------------------------------------------------
+
+    def wait_fds(self):
+        return self.connection.wait_fds()
+
+    def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
+        self.connection.on_ready(readable, writable, max_packets=BATCH_MAX - len(self.batch))
+
+    def tick(self, now: float) -> float:
+        wait = self.connection.service()
+        if self.batch:
+            if self.retry_at is None or now >= self.retry_at:
+                self._commit(now)
+            if self.retry_at is not None:
+                wait = min(wait, max(0.0, self.retry_at - now))
+        return wait
+
+    def shutdown(self) -> None:
+        if self.batch:
+            self._commit(time.monotonic())  # when the store refuses, the broker keeps them
+        self.connection.close(min(self.config.thing.mqtt.connect_timeout,
+                                  self.config.supervision.stop_timeout / 2))
+        self.store.close()
+
+    # -- MQTT -------------------------------------------------------------------------------------
+
+    def _on_change(self, connected: bool, error: Optional[str]) -> None:
+        self.counters["connected"] = connected
+        if connected:
+            self.generation += 1
+            self.client.subscribe([(topic, 1) for topic in self.topics])
+        self.report("mqtt", connected=connected, error=error)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
+                      properties: Any) -> None:
+        refused = [t for t, code in zip(self.topics, reason_codes) if code.is_failure]
+        if refused:
+            error = f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)"
+            log.error("%s", error)
+            self.report("mqtt", connected=True, error=error)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        self.counters["received"] += 1
+        payload = message.payload
+        incoming: Optional[Incoming] = None
+        if len(payload) > self.config.store.max_payload_bytes:
+            self.counters["dropped_oversize"] += 1
+            log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)", len(payload),
+                        message.topic, self.config.store.max_payload_bytes)
+        else:
+            incoming = Incoming(message.topic, payload, message.qos, bool(message.retain),
+                                message.mid, bool(message.dup))
+        self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
+
+    # -- commit -----------------------------------------------------------------------------------
+
+    def _commit(self, now: float) -> None:
+        """Commit the batch, or its longest prefix that fits, then ack what was committed."""
+        count = len(self.batch)
+        while True:
+            messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
+            try:
+                ids = self.store.append(messages) if messages else []
+                break
+            except StoreFull as exc:
+                if count == 1:
+                    self._refused(exc, now)
+                    return
+                count //= 2  # a batch bigger than the free space must not block what fits
+            except StoreError as exc:
+                self._refused(exc, now)
+                return
+        if self.retry_at is not None:
+            log.info("store accepts messages again; resuming")
+        self.retry_at = None
+        self.counters["store_full"] = False
+        new = [i for i in ids if i is not None]
+        self.counters["stored"] += len(new)
+        self.counters["duplicates"] += len(ids) - len(new)
+        self.counters["batches"] += 1
+        committed, self.batch = self.batch[:count], self.batch[count:]
+        for pending in committed:
+            if pending.qos and pending.generation == self.generation and self.connection.connected:
+                self.client.ack(pending.mid, pending.qos)
+        if new:
+            self.report("committed", last_id=new[-1], count=len(new))
+
+    def _refused(self, exc: StoreError, now: float) -> None:
+        """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
+        if self.retry_at is None:
+            what = "store full" if isinstance(exc, StoreFull) else "store error"
+            log.error("%s: %s; not acknowledging %d messages, retrying every %gs", what, exc,
+                      len(self.batch), RETRY_SECONDS)
+        self.counters["store_full"] = isinstance(exc, StoreFull)
+        self.retry_at = now + RETRY_SECONDS

@@ -1,0 +1,39 @@
+"""Shared fixtures. Real processes only, each stopped by PID at teardown."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+
+from tests.broker import Broker, Certs, make_certs
+from tests.worker_process import WorkerProcess
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A throw-away CA, server and thing certificates, and a stranger from another CA."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
+    """A fresh mutual-TLS mosquitto per test (it starts in a few ms, and tests kill it)."""
+    running = Broker(certs, tmp_path / "broker").start()
+    yield running
+    running.kill()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[str, Path], WorkerProcess]]:
+    """Start a worker process: `start_worker("ingress", config_path)`; all killed at teardown."""
+    started: List[WorkerProcess] = []
+
+    def start(name: str, config: Path) -> WorkerProcess:
+        worker = WorkerProcess(name, config, tmp_path / f"{name}.log").start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()

@@ -1,0 +1,343 @@
+"""flashlexd.client against a real server and store: every method, errors, compat SDK."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import flashlexd.client.connection as connection_module
+from flashlexd.client import (Client, DaemonNotRunning, Message, OutboxEntry, ProtocolError, RpcError,
+                              connect)
+from flashlexd.client.compat import FlashlexSDK
+from flashlexd.client.wire import MAX_IDS_PER_ACK, Code
+
+try:
+    from test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
+except ImportError:  # tests run as a package
+    from tests.test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
+
+
+@pytest.fixture
+def fx(harness):
+    with connect(harness.path) as client:
+        yield client
+
+
+# -- round trips ----------------------------------------------------------------------------------
+
+def test_status(harness, fx):
+    harness.ingest(("t/1", b"a"), ("t/2", b"b"))
+    status = fx.status()
+    assert status["version"] == "0.1.0" and status["uptime"] == 12.5
+    assert [w["name"] for w in status["workers"]] == ["ingress", "egress", "expiry"]
+    assert status["mqtt"]["egress"]["connected"] is True
+    assert status["inbox"]["count"] == 2 and status["inbox"]["oldest_age"] >= 0
+    assert status["outbox"] == {"count": 0, "oldest": None, "oldest_age": None, "limit": -1}
+    assert status["store"]["cap_bytes"] == 64 << 20 and status["store"]["used_bytes"] > 0
+    assert status["counters"]["received"] == 2 and status["counters"]["restarts"] == 0
+
+
+def test_messages_oldest_first_with_filter_after_and_limit(harness, fx):
+    ids = harness.ingest(("a/x", b'{"n": 1}'), ("b/y", b"plain"), ("a/z", b"\xff\x00"))
+    messages = fx.messages()
+    assert [m.id for m in messages] == ids
+    first = messages[0]
+    assert isinstance(first, Message) and first.pk == str(ids[0]) and first.json() == {"n": 1}
+    assert first.qos == 1 and first.retain is False and first.expires_at is None
+    assert messages[2].payload == b"\xff\x00"
+    assert [m.topic for m in fx.messages(topic="a/+")] == ["a/x", "a/z"]
+    assert [m.id for m in fx.messages(after=ids[0])] == ids[1:]
+    assert [m.id for m in fx.messages(after=str(ids[1]))] == ids[2:]
+    assert len(fx.messages(limit=1)) == 1
+
+
+def test_large_results_are_split_by_size_and_paged(harness, fx):
+    payload = os.urandom(MAX_PAYLOAD)
+    harness.ingest(*[("big", payload)] * 10)
+    first = fx.messages(limit=10)
+    assert 1 <= len(first) < 10 and all(m.payload == payload for m in first)
+    rest = fx.messages(limit=10, after=first[-1])
+    assert len(first) + len(rest) + len(fx.messages(limit=10, after=rest[-1])) == 10
+
+
+def test_ack_by_id_pk_and_message_is_idempotent(harness, fx):
+    ids = harness.ingest(("t", b"1"), ("t", b"2"), ("t", b"3"))
+    messages = fx.messages()
+    assert fx.ack([ids[0], str(ids[1]), messages[2]]) == 3
+    assert fx.ack(ids) == 0
+    assert fx.messages() == []
+
+
+def test_ack_splits_long_lists(harness, fx):
+    ids = harness.ingest(*[("t", b"x")] * (MAX_IDS_PER_ACK + 5))
+    assert fx.ack(ids) == MAX_IDS_PER_ACK + 5
+
+
+def test_wait_answers_at_once_when_messages_exist(harness, fx):
+    harness.ingest(("t", b"ready"))
+    assert [m.payload for m in fx.wait(timeout=30)] == [b"ready"]
+
+
+def test_stream_yields_each_message_once(harness, fx):
+    harness.ingest(("t", b"1"))
+    stream = fx.stream(timeout_per_wait=5)
+    assert next(stream).payload == b"1"
+    harness.ingest(("t", b"2"), ("t", b"3"))
+    assert [next(stream).payload, next(stream).payload] == [b"2", b"3"]
+    stream.close()
+
+
+def test_publish_json_bytes_and_text(harness, fx):
+    first = fx.publish({"temp": 21.5})
+    second = fx.publish(b"\x00raw", topic="other/topic", qos=0, retain=True)
+    third = fx.publish("text")
+    assert second == first + 1 and third == first + 2
+    outbox = fx.outbox(limit=10)
+    assert outbox["count"] == 3 and outbox["oldest_age"] >= 0
+    entries = outbox["entries"]
+    assert all(isinstance(e, OutboxEntry) for e in entries)
+    assert (entries[0].topic, json.loads(entries[0].payload)) == (EGRESS_TOPIC, {"temp": 21.5})
+    assert (entries[1].topic, entries[1].payload, entries[1].qos, entries[1].retain) == \
+        ("other/topic", b"\x00raw", 0, True)
+    assert entries[2].payload == b"text"
+    assert harness.outbox_wakeups == 3
+
+
+def test_publish_refused_while_offline_when_queueing_is_off(tmp_path):
+    h = Harness(tmp_path, queueing=0).start()
+    try:
+        with connect(h.path) as client:
+            client.publish(b"online is fine")
+            h.egress_online = False
+            with pytest.raises(RpcError) as info:
+                client.publish(b"offline")
+            assert info.value.code == Code.EGRESS_OFFLINE
+            assert client.outbox()["count"] == 1
+    finally:
+        h.stop()
+
+
+def test_publish_refused_when_outbox_is_full(tmp_path):
+    h = Harness(tmp_path, queueing=2).start()
+    try:
+        with connect(h.path) as client:
+            client.publish(b"1")
+            client.publish(b"2")
+            with pytest.raises(RpcError) as info:
+                client.publish(b"3")
+            assert info.value.code == Code.OUTBOX_FULL and "outbox is full" in info.value.message
+    finally:
+        h.stop()
+
+
+def test_publish_payload_limit(fx):
+    fx.publish(b"x" * MAX_PAYLOAD)
+    with pytest.raises(RpcError) as info:
+        fx.publish(b"x" * (MAX_PAYLOAD + 1))
+    assert info.value.code == Code.PAYLOAD_TOO_LARGE
+
+
+def test_purge_needs_confirmation(harness, fx):
+    harness.ingest(("t", b"1"), ("t", b"2"))
+    with pytest.raises(RpcError) as info:
+        fx.purge()
+    assert info.value.code == Code.CONFIRM_REQUIRED
+    assert fx.purge(confirm=True) == 2 and fx.messages() == []
+
+
+@pytest.mark.parametrize("method, params, name", [
+    ("messages", {"limit": "10"}, "limit"),
+    ("messages", {"limit": 0}, "limit"),
+    ("messages", {"limit": 10_000}, "limit"),
+    ("messages", {"topic": "a/#/b"}, "topic"),
+    ("messages", {"after": -1}, "after"),
+    ("messages", {"after": "12x"}, "after"),
+    ("ack", {}, "ids"),
+    ("ack", {"ids": "1"}, "ids"),
+    ("ack", {"ids": [1, None]}, "ids"),
+    ("ack", {"ids": [True]}, "ids"),
+    ("wait", {"timeout": -1}, "timeout"),
+    ("wait", {"timeout": "5"}, "timeout"),
+    ("wait", {"timeout": 10 ** 6}, "timeout"),
+    ("publish", {}, "payload"),
+    ("publish", {"payload": 5}, "payload"),
+    ("publish", {"payload": b"x", "topic": "a/+"}, "topic"),
+    ("publish", {"payload": b"x", "topic": ""}, "topic"),
+    ("publish", {"payload": b"x", "qos": 2}, "qos"),
+    ("publish", {"payload": b"x", "retain": 1}, "retain"),
+    ("outbox", {"limit": -1}, "limit"),
+    ("status", {"verbose": True}, "verbose"),
+    ("purge", {"confirm": True, "force": 1}, "force"),
+])
+def test_bad_params_name_the_param(fx, method, params, name):
+    with pytest.raises(RpcError) as info:
+        fx.call(method, **params)
+    assert info.value.code == Code.BAD_PARAMS
+    assert f"'{name}'" in info.value.message and info.value.message.startswith(method)
+
+
+def test_unknown_method(fx):
+    with pytest.raises(RpcError) as info:
+        fx.call("frobnicate")
+    assert info.value.code == Code.UNKNOWN_METHOD and "status" in info.value.message
+
+
+# -- connection errors ----------------------------------------------------------------------------
+
+def test_daemon_not_running_names_the_path(tmp_path):
+    missing = str(tmp_path / "nope.sock")
+    with pytest.raises(DaemonNotRunning, match=f"no socket at {missing}"):
+        connect(missing)
+    stale = str(tmp_path / "stale.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(stale)
+    dead.close()
+    with pytest.raises(DaemonNotRunning, match=f"nothing listens on {stale}"):
+        connect(stale)
+
+
+def test_socket_from_the_environment(harness, monkeypatch):
+    monkeypatch.setenv("FLASHLEXD_SOCKET", harness.path)
+    with connect() as client:
+        assert client.path == harness.path and client.status()
+
+
+def test_newer_client_gets_a_clear_version_error(fx, monkeypatch):
+    monkeypatch.setattr(connection_module, "PROTOCOL_VERSION", 2)
+    with pytest.raises(RpcError) as info:
+        fx.status()
+    assert info.value.code == Code.UNSUPPORTED_VERSION
+    assert "client speaks protocol 2, daemon speaks 1: upgrade" in info.value.message
+
+
+def test_not_a_flashlexd_socket_is_a_protocol_error(tmp_path):
+    path = str(tmp_path / "http.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def answer() -> None:
+        peer, _ = listener.accept()
+        peer.recv(65536)
+        peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        peer.close()
+    threading.Thread(target=answer, daemon=True).start()
+    with Client(path) as client, pytest.raises(ProtocolError, match="is it a flashlexd socket"):
+        client.status()
+    listener.close()
+
+
+def test_restarted_daemon_is_reconnected(tmp_path):
+    h = Harness(tmp_path).start()
+    client = connect(h.path)
+    client.status()
+    h.stop()
+    with pytest.raises(DaemonNotRunning):
+        client.status()
+    h2 = Harness(tmp_path / "again", path=h.path).start()
+    try:
+        assert client.status()["version"] == "0.1.0"
+    finally:
+        client.close()
+        h2.stop()
+
+
+def test_one_client_shared_by_threads(harness, fx):
+    errors = []
+
+    def worker() -> None:
+        try:
+            for _ in range(50):
+                assert fx.status()["version"] == "0.1.0"
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+
+
+def test_import_is_light():
+    code = ("import sys, flashlexd.client, flashlexd.client.ctl, flashlexd.client.compat;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('paho', 'lmdb', 'yaml')"
+            " or m in ('flashlexd.store', 'flashlexd.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- FlashLex SDK compatibility -------------------------------------------------------------------
+
+def test_compat_get_and_remove(harness):
+    harness.ingest(("pubsub/a", b'{"sequence": 1}'), ("pubsub/b", b"not json"), ("pubsub/c", b"\xff"))
+    sdk = FlashlexSDK("/etc/flashlex/missing-config.yml", socket_path=harness.path)
+    messages = sdk.getSubscribedMessages()
+    assert [m["message"]["topic"] for m in messages] == ["pubsub/a", "pubsub/b", "pubsub/c"]
+    first = messages[0]
+    assert set(first) == {"pk", "timestamp", "datetime", "message"}
+    assert first["message"]["payload"] == {"sequence": 1}
+    assert first["message"]["qos"] == first["message"]["pos"] == 1
+    assert len(first["datetime"]) == 19 and first["datetime"][10] == " "
+    assert messages[1]["message"]["payload"] == "not json"
+    assert messages[2]["message"]["payload"] == b"\xff"
+    assert [m["message"]["topic"] for m in sdk.getSubscribedMessages(count=2, reverse=True)] == \
+        ["pubsub/c", "pubsub/b"]
+    assert len(sdk.getSubscribedMessages(count=1)) == 1
+    assert sdk.removeMessageFromStore(first) == 1
+    with pytest.raises(KeyError):
+        sdk.removeMessageFromStore({"message": {}})
+    assert len(sdk.getSubscribedMessages()) == 2
+    sdk.close()
+
+
+def test_compat_collect_message(tmp_path):
+    h = Harness(tmp_path, queueing=0).start()
+    try:
+        sdk = FlashlexSDK({"flashlex": {"app": {"socket": {"path": h.path}}}})
+        assert sdk.collectMessage({"reading": 3}) == 200
+        with connect(h.path) as client:
+            assert json.loads(client.outbox()["entries"][0].payload) == {"reading": 3}
+        h.egress_online = False
+        assert sdk.collectMessage({"reading": 4}) == 500
+        assert sdk.last_error.code == Code.EGRESS_OFFLINE
+        sdk.close()
+    finally:
+        h.stop()
+
+
+def test_compat_reads_the_socket_from_a_config_file(harness, tmp_path, monkeypatch):
+    monkeypatch.delenv("FLASHLEXD_SOCKET", raising=False)
+    config = tmp_path / "config.yml"
+    config.write_text(f"flashlex:\n  app:\n    socket:\n      path: {harness.path}\n")
+    sdk = FlashlexSDK(str(config))
+    assert sdk.getSubscribedMessages() == [] and sdk.client.path == harness.path
+    sdk.close()
+
+
+def test_message_record():
+    message = Message.from_wire({"id": 5, "pk": "5", "topic": "t", "payload": b"[1]", "timestamp": 1.5,
+                                 "qos": 0, "retain": True, "mid": 9, "expires_at": 99.0})
+    assert (message.pk, message.json(), message.text(), message.mid) == ("5", [1], "[1]", 9)
+    with pytest.raises(Exception):
+        message.id = 6  # frozen
+
+
+def test_refusals_reach_the_caller_as_rpc_errors(tmp_path):
+    from flashlexd.ipc import Limits
+    h = Harness(tmp_path, limits=Limits(max_connections=1)).start()
+    try:
+        with connect(h.path) as first:
+            first.status()
+            with connect(h.path) as second, pytest.raises(RpcError) as info:
+                second.status()
+            assert info.value.code == Code.BUSY
+            with pytest.raises(RpcError) as info:  # bigger than any frame the daemon reads
+                first.publish(b"z" * (4 * 1024 * 1024))
+            assert info.value.code == Code.FRAME_TOO_LARGE
+            assert first.status()["version"] == "0.1.0"  # reconnected
+    finally:
+        h.stop()

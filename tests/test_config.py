@@ -1,0 +1,351 @@
+"""The FlashLex config: the SDK 1.4 seed file loads unchanged; every bad config is one line
+that starts with the key path; the `flashlexd` command turns that line into exit status 2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import pytest
+import yaml
+
+from flashlexd.config import DEFAULT_DATA_DIR, ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_SEED = ROOT.parent / "shared" / "seed-config.yml"
+
+# The seed config byte for byte (trailing blanks included), for checkouts without ../shared;
+# test_embedded_seed_is_the_shared_seed keeps the two identical.
+EMBEDDED_SEED = (
+    "# The FlashLex SDK 1.4 device configuration, exactly as its documentation shows it.\n"
+    "# flashlexd must load this file unchanged (key files are resolved against --keys-dir / -k).\n"
+    "flashlex:\n"
+    "  app:\n"
+    "    api:\n"
+    "      endpoint: https://api.flashlex.com \n"
+    "      env: dev\n"
+    "    callback: persistent\n"
+    "    thread: subscribe\n"
+    "    message: This is a really basic message.\n"
+    "    db:\n"
+    "      subscriptionData: subscription.json\n"
+    "      expireSeconds: 60 #messages older than an minute     \n"
+    "  dist:\n"
+    "    commitSha: 75ac348aa2ddc249717516d57ff1f03051179625\n"
+    "  thing:\n"
+    "    id: 349c5942-77d6-4f36-880b-1762a3b07f06\n"
+    "    name: ecd13b11-mything\n"
+    "    endpoint: a1khvirpxw0646-ats.iot.us-east-1.amazonaws.com\n"
+    "    keys:\n"
+    "      rootCA: root-ca-cert.pem\n"
+    "      cert: ecd13b11-mything-certificate.pem\n"
+    "      privateKey: ecd13b11-mything-keypair-private.pem\n"
+    "      publicKey: ecd13b11-mything-keypair-public.pem\n"
+    "    mqtt:\n"
+    "      pubsub:\n"
+    "        topic: pubsub/ecd13b11-mything\n"
+    "      ingress:\n"
+    "        topic: ingress/ecd13b11-mything\n"
+    "      egress:\n"
+    "        topic: flashlex/collect \n"
+    "      useWebsocket: false\n"
+    "      port: 8883\n"
+    "      autoReconnectBackoffTime:\n"
+    "        baseReconnectQuietTimeSecond: 1\n"
+    "        maxReconnectQuietTimeSecond: 30 \n"
+    "        stableConnectionTimeSecond: 10\n"
+    "      offlinePublishQueueing: -1\n"
+    "      drainingFrequency: 2\n"
+    "      connectDisconnectTimeout: 60\n"
+    "      mqttOperationTimeout: 120\n"
+).encode()
+
+KEY_FILES = {
+    "rootCA": "root-ca-cert.pem",
+    "cert": "ecd13b11-mything-certificate.pem",
+    "privateKey": "ecd13b11-mything-keypair-private.pem",
+    "publicKey": "ecd13b11-mything-keypair-public.pem",
+}
+
+
+def seed_bytes() -> bytes:
+    return SHARED_SEED.read_bytes() if SHARED_SEED.exists() else EMBEDDED_SEED
+
+
+def make_keys(directory: Path) -> Path:
+    """Dummy key files with the seed's names; the private key is 0600, as it should be."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in KEY_FILES.values():
+        (directory / name).write_text("-----BEGIN DUMMY-----\n")
+    (directory / KEY_FILES["privateKey"]).chmod(0o600)
+    return directory
+
+
+@pytest.fixture
+def keys_dir(tmp_path: Path) -> Path:
+    return make_keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def seed_file(tmp_path: Path) -> Path:
+    """The seed config copied as-is into a directory of its own (no key files next to it)."""
+    path = tmp_path / "etc" / "flashlexd.yml"
+    path.parent.mkdir()
+    path.write_bytes(seed_bytes())
+    return path
+
+
+def edited_config(directory: Path, edit: Callable[[Dict[str, Any]], None]) -> Path:
+    """The seed with one edit, written next to its key files (so no keys_dir is needed)."""
+    document = yaml.safe_load(seed_bytes())
+    edit(document)
+    make_keys(directory)
+    path = directory / "flashlexd.yml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def setting(dotted: str, value: Any) -> Callable[[Dict[str, Any]], None]:
+    def edit(document: Dict[str, Any]) -> None:
+        *parents, last = dotted.split(".")
+        node = document
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return edit
+
+
+def removing(dotted: str) -> Callable[[Dict[str, Any]], None]:
+    def edit(document: Dict[str, Any]) -> None:
+        *parents, last = dotted.split(".")
+        node = document
+        for key in parents:
+            node = node[key]
+        del node[last]
+    return edit
+
+
+def config_error(path: Path, **overrides: Optional[str]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), **overrides)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+# -- the seed file ------------------------------------------------------------------------------
+
+def test_embedded_seed_is_the_shared_seed():
+    if not SHARED_SEED.exists():
+        pytest.skip(f"{SHARED_SEED} is not in this checkout")
+    assert SHARED_SEED.read_bytes() == EMBEDDED_SEED
+
+
+def test_seed_config_loads_unchanged_with_typed_values(seed_file: Path, keys_dir: Path):
+    before = seed_file.read_bytes()
+    config = load(str(seed_file), keys_dir=str(keys_dir))
+    assert seed_file.read_bytes() == before == seed_bytes()
+
+    thing = config.thing
+    assert (thing.name, thing.endpoint) == ("ecd13b11-mything",
+                                            "a1khvirpxw0646-ats.iot.us-east-1.amazonaws.com")
+    mqtt = thing.mqtt
+    assert mqtt.port == 8883 and isinstance(mqtt.port, int)
+    assert mqtt.use_websocket is False
+    assert mqtt.ingress_topic == "ingress/ecd13b11-mything"
+    assert mqtt.pubsub_topic == "pubsub/ecd13b11-mything"
+    assert mqtt.egress_topic == "flashlex/collect"  # the seed's trailing blank is not part of it
+    assert mqtt.ingress_topics() == ("ingress/ecd13b11-mything", "pubsub/ecd13b11-mything")
+    assert (mqtt.backoff.base_seconds, mqtt.backoff.max_seconds, mqtt.backoff.stable_seconds) \
+        == (1.0, 30.0, 10.0)
+    assert mqtt.draining_frequency == 2.0
+    assert mqtt.offline_publish_queueing == -1
+    assert (mqtt.connect_timeout, mqtt.operation_timeout) == (60.0, 120.0)
+    assert mqtt.client_id == "ecd13b11-mything"
+    assert mqtt.egress_client_id == "ecd13b11-mything-egress"
+
+    assert config.store.expire_seconds == 60.0
+    assert config.store.data_dir == Path(DEFAULT_DATA_DIR) == Path("/var/lib/flashlexd")
+    assert thing.keys.root_ca == (keys_dir / "root-ca-cert.pem").resolve()
+    assert thing.keys.cert == (keys_dir / "ecd13b11-mything-certificate.pem").resolve()
+    assert thing.keys.private_key == (keys_dir / "ecd13b11-mything-keypair-private.pem").resolve()
+    assert config.warnings == ()  # the SDK's own keys are accepted silently
+
+
+def test_data_dir_flag_overrides_the_default(seed_file: Path, keys_dir: Path, tmp_path: Path):
+    config = load(str(seed_file), keys_dir=str(keys_dir), data_dir=str(tmp_path / "data"))
+    assert config.store.data_dir == tmp_path / "data"
+
+
+def test_data_path_key_sets_the_data_dir(tmp_path: Path):
+    path = edited_config(tmp_path / "etc", setting("flashlex.app.db.dataPath", "/srv/flashlexd"))
+    assert load(str(path)).store.data_dir == Path("/srv/flashlexd")
+
+
+def test_data_dir_flag_wins_over_data_path_key_without_a_warning(tmp_path: Path):
+    path = edited_config(tmp_path / "etc", setting("flashlex.app.db.dataPath", "/srv/flashlexd"))
+    config = load(str(path), data_dir=str(tmp_path / "data"))
+    assert config.store.data_dir == tmp_path / "data"
+    assert config.warnings == ()
+
+
+def test_log_level_flag_wins_over_log_level_key_without_a_warning(tmp_path: Path):
+    path = edited_config(tmp_path / "etc", setting("flashlex.app.logLevel", "debug"))
+    assert load(str(path)).log_level == "debug"
+    config = load(str(path), log_level="error")
+    assert (config.log_level, config.warnings) == ("error", ())
+
+
+def test_keys_resolve_against_the_config_files_directory_without_keys_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    conf = make_keys(tmp_path / "conf")
+    (conf / "flashlexd.yml").write_bytes(seed_bytes())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative to the file, not to the working directory
+    config = load("../conf/flashlexd.yml")
+    assert config.thing.keys.root_ca == (conf / "root-ca-cert.pem").resolve()
+    assert config.thing.keys.private_key == (conf / KEY_FILES["privateKey"]).resolve()
+
+
+def test_keys_dir_replaces_the_config_files_directory(seed_file: Path, keys_dir: Path):
+    message = config_error(seed_file)  # no keys next to the config file
+    assert message.startswith("flashlex.thing.keys.rootCA: key file ")
+    assert str(seed_file.parent.resolve() / "root-ca-cert.pem") in message
+    assert load(str(seed_file), keys_dir=str(keys_dir)).thing.keys.root_ca.parent == keys_dir.resolve()
+
+
+# -- bad configs: one line, starting with the key path ------------------------------------------
+
+BAD_CONFIGS = [
+    ("unknown-top-level", lambda d: d.update(extra={"a": 1}),
+     "extra: unknown top-level section (expected only 'flashlex')"),
+    ("unknown-flashlex-section", setting("flashlex.cloud", {"a": 1}),
+     "flashlex.cloud: unknown section (expected app, thing, dist)"),
+    ("port-not-an-integer", setting("flashlex.thing.mqtt.port", "abc"),
+     "flashlex.thing.mqtt.port: expected an integer, got 'abc'"),
+    ("port-out-of-range", setting("flashlex.thing.mqtt.port", 70000),
+     "flashlex.thing.mqtt.port: must be <= 65535, got 70000"),
+    ("websocket-not-a-boolean", setting("flashlex.thing.mqtt.useWebsocket", "yes please"),
+     "flashlex.thing.mqtt.useWebsocket: expected true or false, got 'yes please'"),
+    ("mqtt-not-a-mapping", setting("flashlex.thing.mqtt", 5),
+     "flashlex.thing.mqtt: expected a mapping, got 5"),
+    ("missing-thing-name", removing("flashlex.thing.name"),
+     "flashlex.thing.name: missing required key"),
+    ("missing-ingress-topic", removing("flashlex.thing.mqtt.ingress.topic"),
+     "flashlex.thing.mqtt.ingress.topic: missing required key"),
+    ("missing-keys-section", removing("flashlex.thing.keys"),
+     "flashlex.thing.keys: missing required key"),
+    ("missing-cert-name", removing("flashlex.thing.keys.cert"),
+     "flashlex.thing.keys.cert: missing required key"),
+    ("missing-thing", removing("flashlex.thing"),
+     "flashlex.thing: missing required key"),
+    ("draining-frequency-zero", setting("flashlex.thing.mqtt.drainingFrequency", 0),
+     "flashlex.thing.mqtt.drainingFrequency: must be greater than 0, got 0"),
+    ("draining-frequency-negative", setting("flashlex.thing.mqtt.drainingFrequency", -2),
+     "flashlex.thing.mqtt.drainingFrequency: must be greater than 0, got -2"),
+    ("draining-frequency-nan", setting("flashlex.thing.mqtt.drainingFrequency", float("nan")),
+     "flashlex.thing.mqtt.drainingFrequency: expected a number of seconds, got nan"),
+    ("expire-seconds-zero", setting("flashlex.app.db.expireSeconds", 0),
+     "flashlex.app.db.expireSeconds: must be greater than 0, got 0"),
+    ("expire-seconds-negative", setting("flashlex.app.db.expireSeconds", -60),
+     "flashlex.app.db.expireSeconds: must be greater than 0, got -60"),
+    ("expire-seconds-infinite", setting("flashlex.app.db.expireSeconds", float("inf")),
+     "flashlex.app.db.expireSeconds: expected a number of seconds, got inf"),
+    ("backoff-base-zero",
+     setting("flashlex.thing.mqtt.autoReconnectBackoffTime.baseReconnectQuietTimeSecond", 0),
+     "flashlex.thing.mqtt.autoReconnectBackoffTime.baseReconnectQuietTimeSecond:"
+     " must be greater than 0, got 0"),
+    ("backoff-max-negative",
+     setting("flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond", -1),
+     "flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond:"
+     " must be greater than 0, got -1"),
+    ("backoff-stable-zero",
+     setting("flashlex.thing.mqtt.autoReconnectBackoffTime.stableConnectionTimeSecond", 0),
+     "flashlex.thing.mqtt.autoReconnectBackoffTime.stableConnectionTimeSecond:"
+     " must be greater than 0, got 0"),
+    ("backoff-max-below-base",
+     setting("flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond", 0.5),
+     "flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond:"
+     " must be >= baseReconnectQuietTimeSecond (1)"),
+    ("same-client-ids", setting("flashlex.thing.mqtt.egressClientId", "ecd13b11-mything"),
+     "flashlex.thing.mqtt.egressClientId: must differ from the ingress client id"
+     " 'ecd13b11-mything' (a broker drops one of two connections with one id)"),
+]
+
+
+@pytest.mark.parametrize("edit, expected", [case[1:] for case in BAD_CONFIGS],
+                         ids=[case[0] for case in BAD_CONFIGS])
+def test_bad_config_is_one_line_naming_the_key_path(tmp_path: Path, edit, expected: str):
+    assert config_error(edited_config(tmp_path / "etc", edit)) == expected
+
+
+def test_missing_key_file_names_the_key_and_the_file(tmp_path: Path):
+    path = edited_config(tmp_path / "etc", lambda d: None)
+    (tmp_path / "etc" / "root-ca-cert.pem").unlink()
+    message = config_error(path)
+    assert message.startswith("flashlex.thing.keys.rootCA: key file ")
+    assert f"{(tmp_path / 'etc' / 'root-ca-cert.pem').resolve()} is missing" in message
+
+
+def test_missing_key_file_under_keys_dir_points_at_keys_dir(seed_file: Path, keys_dir: Path):
+    (keys_dir / KEY_FILES["privateKey"]).unlink()
+    message = config_error(seed_file, keys_dir=str(keys_dir))
+    assert message.startswith("flashlex.thing.keys.privateKey: key file ")
+    assert "is missing" in message and "--keys-dir" in message
+
+
+def test_private_key_readable_by_others_is_a_warning(seed_file: Path, keys_dir: Path):
+    private = keys_dir / KEY_FILES["privateKey"]
+    private.chmod(0o644)
+    config = load(str(seed_file), keys_dir=str(keys_dir))
+    assert len(config.warnings) == 1
+    warning = config.warnings[0]
+    assert warning.startswith("flashlex.thing.keys.privateKey: ")
+    assert "readable by other users" in warning and f"chmod 600 {private.resolve()}" in warning
+
+
+def test_unknown_key_inside_a_section_is_a_warning_not_an_error(tmp_path: Path):
+    path = edited_config(tmp_path / "etc", setting("flashlex.thing.mqtt.colour", "blue"))
+    assert load(str(path)).warnings == ("flashlex.thing.mqtt.colour: unknown key, ignored",)
+
+
+def test_invalid_yaml_is_one_line_with_the_file_and_line(tmp_path: Path):
+    path = tmp_path / "broken.yml"
+    path.write_text("flashlex:\n  thing: [unclosed\n")
+    message = config_error(path)
+    assert message.startswith(f"{path}: not valid YAML (line ")
+
+
+def test_binary_file_is_one_line_not_a_traceback(tmp_path: Path):
+    path = tmp_path / "binary.yml"
+    path.write_bytes(b"flashlex:\n  \xff\xfe\x00 garbage\n")
+    assert config_error(path).startswith(f"{path}: not a text file")
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path):
+    assert config_error(tmp_path / "nope.yml") == \
+        f"{tmp_path / 'nope.yml'}: cannot read config file: No such file or directory"
+
+
+def test_a_config_that_is_not_flashlex_is_refused(tmp_path: Path):
+    path = tmp_path / "other.yml"
+    path.write_text("server:\n  port: 80\n")
+    assert config_error(path).startswith("flashlex: missing required key")
+
+
+# -- the command --------------------------------------------------------------------------------
+
+def test_flashlexd_run_with_a_bad_config_exits_2_with_one_line(tmp_path: Path):
+    bad_file = edited_config(tmp_path / "etc", setting("flashlex.thing.mqtt.port", "abc"))
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "FLASHLEXD_"))}
+    result = subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(bad_file)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "flashlex.thing.mqtt.port: expected an integer, got 'abc'" in lines[0]

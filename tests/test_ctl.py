@@ -1,0 +1,156 @@
+"""flashlexctl against a real server: output, --json, exit codes, tail."""
+import base64
+import io
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from flashlexd.client import ctl
+
+try:
+    from test_ipc_server import harness, until  # noqa: F401
+except ImportError:  # tests run as a package
+    from tests.test_ipc_server import harness, until  # noqa: F401
+
+CTL = [sys.executable, "-m", "flashlexd.client.ctl"]
+
+
+def run(harness, capsys, *argv):
+    code = ctl.main(["--socket", harness.path, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_healthy(harness, capsys):
+    harness.ingest(("t", b"1"), ("t", b"2"))
+    code, out, err = run(harness, capsys, "status")
+    assert code == 0 and err == ""
+    assert out.startswith("flashlexd 0.1.0, up 12s, healthy")
+    assert "WORKER   PID  STATE    RESTARTS  HEARTBEAT" in out
+    assert "ingress  100  running         0  0.2s ago" in out
+    assert "inbox     2 messages, oldest" in out and "ago" in out
+    assert "of 64.0 MiB" in out and "mqtt egress   connected" in out
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda h: h.mqtt["egress"].update(connected=False), "egress MQTT is not connected"),
+    (lambda h: h.workers[2].update(state="backoff"), "worker expiry is backoff"),
+])
+def test_status_degraded_exits_1(harness, capsys, change, reason):
+    change(harness)
+    code, out, _ = run(harness, capsys, "status")
+    assert code == 1 and f"degraded: {reason}" in out.splitlines()[0]
+
+
+def test_status_json_is_the_api_answer(harness, capsys):
+    code, out, _ = run(harness, capsys, "--json", "status")
+    status = json.loads(out)
+    assert code == 0 and status["inbox"]["count"] == 0 and status["workers"][0]["name"] == "ingress"
+
+
+def test_not_running_is_one_line_and_exit_2(tmp_path):
+    missing = str(tmp_path / "gone.sock")
+    for argv in (["status"], ["messages"], ["tail"]):
+        done = subprocess.run(CTL + ["--socket", missing, *argv], capture_output=True, text=True)
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1 and missing in done.stderr and "Traceback" not in done.stderr
+
+
+def test_messages_table_and_json(harness, capsys):
+    harness.ingest(("sensors/a", b'{"t": 1}'), ("sensors/b", b"\xff\xfe"))
+    code, out, _ = run(harness, capsys, "messages")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["PK", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"]
+    assert "sensors/a" in lines[1] and '{"t": 1}' in lines[1] and "ago" in lines[1]
+    assert "<2 bytes binary>" in lines[2]
+    code, out, _ = run(harness, capsys, "--json", "messages", "--topic", "sensors/+")
+    records = json.loads(out)
+    assert records[0]["payload"] == '{"t": 1}'
+    assert base64.b64decode(records[1]["payload"]["$base64"]) == b"\xff\xfe"
+
+
+def test_messages_empty(harness, capsys):
+    assert run(harness, capsys, "messages")[1] == "no messages\n"
+
+
+def test_ack(harness, capsys):
+    ids = harness.ingest(("t", b"1"))
+    code, out, _ = run(harness, capsys, "ack", str(ids[0]), "999")
+    assert code == 0 and out == "acknowledged 1 of 2 (1 already gone)\n"
+
+
+def test_publish_argument_and_stdin(harness, capsys, monkeypatch):
+    code, out, _ = run(harness, capsys, "publish", '{"on": true}')
+    assert code == 0 and out == "queued as outbox entry 1 (12 bytes)\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xffbinary")))
+    code, out, _ = run(harness, capsys, "--json", "publish", "--topic", "x/y", "--qos", "0", "-")
+    assert json.loads(out) == {"id": 2}
+    code, out, _ = run(harness, capsys, "outbox")
+    lines = out.splitlines()
+    assert lines[0].startswith("2 queued, oldest") and lines[1].split()[0] == "ID"
+    assert "x/y" in lines[3] and "<7 bytes binary>" in lines[3]
+
+
+def test_purge_needs_yes(harness, capsys):
+    harness.ingest(("t", b"1"), ("t", b"2"))
+    code, _, err = run(harness, capsys, "purge")
+    assert code == 2 and "--yes" in err
+    assert run(harness, capsys, "purge", "--yes")[:2] == (0, "purged 2 messages\n")
+
+
+def test_refused_call_exits_1_with_the_reason(harness, capsys):
+    code, out, err = run(harness, capsys, "messages", "--limit", "5000")
+    assert code == 1 and out == "" and err.startswith("flashlexctl: bad_params: messages: param 'limit'")
+
+
+def test_version_and_help():
+    done = subprocess.run(CTL + ["--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "flashlexctl 0.1.0 (protocol 1)"
+    done = subprocess.run(CTL + ["--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "$base64" in done.stdout and "tail" in done.stdout
+
+
+def _read_line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no output from flashlexctl tail"
+    return proc.stdout.readline()
+
+
+@pytest.mark.parametrize("extra", [[], ["--json", "tail", "--all", "--ack"]])
+def test_tail_follows_until_ctrl_c(harness, extra):
+    harness.ingest(("old", b"backlog"))
+    argv = extra or ["tail"]
+    proc = subprocess.Popen(CTL + ["--socket", harness.path, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        if extra:  # --all: the backlog first; --ack removes it once printed
+            assert json.loads(_read_line(proc))["payload"] == "backlog"
+        until(lambda: harness.call(lambda: harness.server.parked_count) == 1, timeout=10, what="tail waiting")
+        harness.ingest(("live/1", b"fresh"))
+        line = _read_line(proc)
+        assert ("live/1" in line and "fresh" in line) if not extra else json.loads(line)["topic"] == "live/1"
+        if extra:
+            until(lambda: harness.call(harness.store.inbox_count) == 0, what="tail --ack")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_formatting_helpers():
+    assert ctl.duration(3.25) == "3.2s" and ctl.duration(3725) == "1h 2m" and ctl.duration(90061) == "1d 1h"
+    assert ctl.ago(65) == "1m 5s ago" and ctl.ago(None) == "-"
+    assert ctl.human_bytes(1536) == "1.5 KiB" and ctl.human_bytes(10) == "10 B"
+    assert ctl.preview(b"a\nb") == "a\\nb" and ctl.preview(b"x" * 100, 10) == "xxxxxxx..."
+    assert ctl.table(("A", "LONG"), [(1, "x"), (22, "y")], right=(0,)).splitlines() == \
+        [" A  LONG", " 1  x", "22  y"]
+    assert ctl.jsonable({"p": b"ok", "q": [b"\xff"]}) == {"p": "ok", "q": [{"$base64": "/w=="}]}

@@ -1,0 +1,117 @@
+"""The egress worker as a real process: the outbox drains to an independent subscriber
+(mosquitto_sub, persistent session), every entry at least once and in order, and an entry
+leaves the outbox only after the broker acknowledged it."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import List
+
+from flashlexd.store import Store
+from tests.broker import (EGRESS_TOPIC, Broker, Proxy, Subscriber, open_store, wait_for,
+                          write_config)
+
+
+def fill_outbox(store: Store, count: int, start: int = 0) -> List[bytes]:
+    payloads = [f"{i:06d}".encode() for i in range(start, start + count)]
+    for at in range(0, count, 1000):
+        store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in payloads[at:at + 1000]])
+    return payloads
+
+
+def assert_delivered_in_order(subscriber: Subscriber, sent: List[bytes], max_duplicates: int) -> None:
+    wait_for(lambda: set(subscriber.lines()) >= set(sent), 30, "every entry at the subscriber")
+    received = subscriber.lines()
+    assert list(dict.fromkeys(received)) == sent  # at least once; first copies in order
+    assert len(received) - len(sent) <= max_duplicates
+
+
+def test_outbox_drains_through_a_broker_restart(broker: Broker, tmp_path: Path, start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    store = open_store(config)
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    sent = fill_outbox(store, 10_000)
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() <= 7_000, 30, "the drain under way")
+    broker.restart()  # clean stop: the broker keeps the subscriber's session and queue
+    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox empty")
+    assert_delivered_in_order(subscriber, sent, max_duplicates=500)
+    worker.wait(lambda w: w.counters.get("outbox_backlog") == 0 and w.counters.get("inflight") == 0
+                and sum(1 for m in w.reports("mqtt") if m["connected"]) == 2, 10, "idle, reconnected")
+    assert worker.stop() == 0
+    subscriber.stop()
+
+
+def test_outbox_drains_through_worker_kills(broker: Broker, tmp_path: Path, start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    store = open_store(config)
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    sent = fill_outbox(store, 10_000)
+    worker = start_worker("egress", config)
+    for threshold in (8_000, 5_000, 2_000):
+        wait_for(lambda: store.outbox_count() <= threshold, 30, f"{threshold} entries left")
+        worker.kill()  # SIGKILL: acknowledged-but-not-deleted entries go out again
+        worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox empty")
+    assert_delivered_in_order(subscriber, sent, max_duplicates=3 * 2 * 100)
+    assert worker.stop() == 0
+    subscriber.stop()
+
+
+def test_nothing_leaves_the_outbox_without_its_puback(broker: Broker, tmp_path: Path,
+                                                      start_worker) -> None:
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"maxInflight": 50})
+    store = open_store(config)
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    proxy.swallow("down")  # PUBACKs from now on never reach the worker
+    sent = fill_outbox(store, 500)
+    worker.send("outbox")
+    worker.wait(lambda w: w.counters.get("inflight") == 50, 10, "a full window in flight")
+    wait_for(lambda: len(subscriber.lines()) >= 50, 10, "the broker got them")
+    assert store.outbox_count() == 500 and worker.counters["sent"] == 0
+    proxy.cut()  # reconnect: paho resends the unacknowledged window, then the rest follows
+    wait_for(lambda: store.outbox_count() == 0, 30, "the outbox empty")
+    assert_delivered_in_order(subscriber, sent, max_duplicates=50)
+    assert worker.stop() == 0
+    subscriber.stop()
+    proxy.close()
+
+
+def test_a_wake_up_sends_at_once_and_draining_frequency_is_the_fallback(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    for name, frequency, wake in (("woken", 60, True), ("polled", 0.3, False)):
+        config = write_config(tmp_path / name, broker, mqtt={"drainingFrequency": frequency})
+        store = open_store(config)
+        worker = start_worker("egress", config)
+        worker.wait(lambda w: w.mqtt.get("connected") and "outbox_backlog" in w.counters, 10, "idle")
+        store.outbox_append([(EGRESS_TOPIC, name.encode(), 1, False)])
+        if wake:
+            worker.send("outbox")
+        wait_for(lambda: store.outbox_count() == 0, 5, f"{name} entry sent")
+        assert worker.stop() == 0
+    wait_for(lambda: subscriber.lines() == [b"woken", b"polled"], 10, "both at the subscriber")
+    subscriber.stop()
+
+
+def test_entries_keep_their_topic_qos_and_retain(broker: Broker, tmp_path: Path, start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    store = open_store(config)
+    subscriber = Subscriber(broker, "flashlex/#", tmp_path / "received", fmt="%t %q %r %p").start()
+    store.outbox_append([("flashlex/a", b"one", 1, False), ("flashlex/b", b"two", 0, False),
+                         ("flashlex/+", b"a wildcard topic cannot be published", 1, False),
+                         ("flashlex/c", b"kept", 1, True), ("flashlex/a", b"\x00binary\xff", 1, False)])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 10, "the outbox empty")
+    wait_for(lambda: len(subscriber.lines()) == 4, 10, "four messages")
+    assert subscriber.lines() == [b"flashlex/a 1 0 one", b"flashlex/b 0 0 two", b"flashlex/c 1 0 kept",
+                                  b"flashlex/a 1 0 \x00binary\xff"]
+    worker.wait(lambda w: w.counters.get("invalid") == 1 and w.counters.get("sent") == 5, 10, "counted")
+    retained = subprocess.run(["mosquitto_sub", *broker.client_args(), "-t", "flashlex/c", "-C", "1",
+                               "-F", "%r %p", "-W", "5"], capture_output=True, timeout=10)
+    assert retained.stdout == b"1 kept\n"
+    assert "cannot be published to 'flashlex/+'" in worker.log_text()
+    subscriber.stop()

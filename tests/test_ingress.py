@@ -1,0 +1,151 @@
+"""The ingress worker as a real process against a real broker, fed by an independent publisher
+(mosquitto_pub): what the broker delivers ends up in the inbox exactly once and in order, and
+is acknowledged only once it is there, whatever gets killed."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+from flashlexd.store import Store
+from tests.broker import (INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
+                          publish_lines, wait_for, write_config, write_lines)
+
+
+def payloads(store: Store) -> List[bytes]:
+    return [m.payload for m in store.messages(limit=1_000_000)]
+
+
+def start_subscribed(start_worker, config: Path, broker: Broker):
+    """Start the ingress worker and wait until the broker has its subscription."""
+    before = broker.subscriptions(THING, INGRESS_TOPIC)
+    worker = start_worker("ingress", config)
+    wait_for(lambda: broker.subscriptions(THING, INGRESS_TOPIC) > before, 15, "ingress subscribed")
+    return worker
+
+
+def test_flood_arrives_exactly_once_in_order_while_the_worker_is_killed(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    lines = write_lines(tmp_path / "flood", 10_000, width=200)
+    publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "flood")
+    for threshold in (1_000, 4_000, 7_000):
+        wait_for(lambda: store.inbox_count() >= threshold, 30, f"{threshold} messages stored")
+        worker.kill()  # SIGKILL, at whatever point of a batch it is
+        worker = start_worker("ingress", config)
+    assert publisher.wait(30) == 0, publisher.stderr.read()
+    wait_for(lambda: store.inbox_count() >= len(lines), 30, "the whole flood stored")
+    assert worker.stop() == 0  # anything still redelivered would be committed by now
+    assert payloads(store) == lines
+
+
+def test_redelivery_of_a_committed_message_whose_ack_was_lost_is_not_stored_again(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port)
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    proxy.swallow("up")  # from now on our PUBACKs never reach the broker
+    lines = write_lines(tmp_path / "lines", 200, width=50)
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "lines").wait(30) == 0
+    wait_for(lambda: store.inbox_count() >= 10, 15, "a window of messages committed")
+    proxy.cut()  # the broker never got those acks: it redelivers them (DUP) after the reconnect
+    wait_for(lambda: store.inbox_count() >= len(lines), 20, "everything stored")
+    worker.wait(lambda w: w.counters.get("duplicates", 0) >= 10, 10, "the redeliveries recognised")
+    assert worker.stop() == 0
+    assert payloads(store) == lines
+    proxy.close()
+
+
+def test_broker_crash_mid_flood_loses_nothing_it_kept(broker: Broker, tmp_path: Path,
+                                                      start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    store = open_store(config)
+    start_subscribed(start_worker, config, broker).stop()  # offline: the broker queues for us
+    queued = write_lines(tmp_path / "queued", 1_000, width=200)
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "queued").wait(30) == 0
+    broker.save()  # the session, its subscription and its queue are on the broker's disk
+
+    worker = start_worker("ingress", config)
+    flood = write_lines(tmp_path / "flood", 5_000, width=200, start=1_000)
+    publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "flood")
+    wait_for(lambda: store.inbox_count() >= 2_000, 30, "the flood under way")
+    broker.kill()
+    publisher.wait(10)
+    broker.start()
+    worker.wait(lambda w: sum(1 for m in w.reports("mqtt") if m["connected"]) >= 2, 20, "reconnected")
+    after = write_lines(tmp_path / "after", 2_000, width=200, start=6_000)
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "after").wait(30) == 0
+    wait_for(lambda: set(after) <= set(payloads(store)), 30, "everything published after the restart")
+    assert worker.stop() == 0
+
+    stored = payloads(store)
+    assert set(queued) <= set(stored)  # the broker restored them from its save: redelivered
+    assert [p for p in stored if p >= after[0]] == after  # exactly once, in order
+    assert set(stored) <= set(queued + flood + after)
+
+
+def test_payloads_are_stored_as_is(broker: Broker, tmp_path: Path, start_worker) -> None:
+    config = write_config(tmp_path / "config", broker, mqtt={"subscriptions": ["extra/#"]})
+    store = open_store(config)
+    start_subscribed(start_worker, config, broker)
+    sent = [(INGRESS_TOPIC, bytes(range(256))), (INGRESS_TOPIC, b""), (INGRESS_TOPIC, b"not json {"),
+            (INGRESS_TOPIC, "ünïcødé ✓".encode()), (INGRESS_TOPIC, b"\x00\r\n\x00"),
+            (PUBSUB_TOPIC, b'{"json": true}'), ("extra/a/b", b"\xff\xfe")]
+    for topic, payload in sent:
+        publish(broker, topic, payload)
+    wait_for(lambda: store.inbox_count() >= len(sent), 15, "every payload stored")
+    messages = store.messages(limit=100)
+    assert [(m.topic, m.payload) for m in messages] == sent
+    assert all(m.qos == 1 and not m.retain for m in messages)
+
+
+def test_oversize_is_dropped_counted_and_acknowledged(broker: Broker, tmp_path: Path,
+                                                      start_worker) -> None:
+    config = write_config(tmp_path / "config", broker, db={"maxPayloadBytes": 1000})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    publish(broker, INGRESS_TOPIC, b"x" * 1001)
+    publish(broker, INGRESS_TOPIC, b"fits")
+    worker.wait(lambda w: w.counters.get("stored") == 1 and w.counters.get("dropped_oversize") == 1,
+                15, "one stored, one dropped")
+    assert payloads(store) == [b"fits"]
+    assert "dropped a 1001-byte message" in worker.log_text()
+    assert worker.stop() == 0
+
+    worker = start_subscribed(start_worker, config, broker)
+    publish(broker, INGRESS_TOPIC, b"marker")
+    worker.wait(lambda w: w.counters.get("stored") == 1, 15, "the marker stored")
+    assert worker.counters["received"] == 1  # the oversize one was acked: no redelivery
+    assert payloads(store) == [b"fits", b"marker"]
+
+
+def test_full_store_stops_acking_and_resumes_when_space_frees(broker: Broker, tmp_path: Path,
+                                                              start_worker) -> None:
+    config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    lines = write_lines(tmp_path / "big", 40, width=60_000)  # 2.4 MB for a 1 MB store
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "big").wait(30) == 0
+    worker.wait(lambda w: w.counters.get("store_full"), 20, "store_full reported")
+    held = store.inbox_count()
+    assert 0 < held < len(lines)
+    beats = len(worker.reports("hb"))
+    worker.wait(lambda w: len(w.reports("hb")) >= beats + 8, 10, "retries while full")  # > 1.5 s
+    assert store.inbox_count() == held and worker.counters["store_full"]
+
+    got: List[bytes] = []
+
+    def make_room() -> bool:
+        messages = store.messages(limit=100)
+        got.extend(m.payload for m in messages)
+        store.ack([m.id for m in messages])
+        return len(got) >= len(lines)
+
+    # Nothing was acked and dropped: as space frees, the same worker stores everything.
+    wait_for(make_room, 30, "all messages through the full store")
+    assert got == lines
+    worker.wait(lambda w: w.counters.get("stored") == len(lines) and not w.counters["store_full"],
+                10, "store_full cleared")
+    assert "store full" in worker.log_text() and "resuming" in worker.log_text()

@@ -1,0 +1,439 @@
+"""RpcServer over real Unix sockets, hosted on a real selector loop (ServerLoop) with a real Store.
+
+`Harness` and `until` are imported by the other API test modules.
+"""
+import grp
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import msgpack
+import pytest
+
+from flashlexd.client import Client, RpcError, connect
+from flashlexd.client.wire import HEADER, PROTOCOL_VERSION, Code, encode_frame
+from flashlexd.ipc import Limits, Pending, RpcServer, ServerError, ServerLoop
+from flashlexd.ipc.methods import Methods
+from flashlexd.store import Incoming, Store
+
+MAX_PAYLOAD = 256 * 1024
+EGRESS_TOPIC = "things/dev1/egress"
+
+
+def until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll `condition` until truthy or the deadline passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+class Harness:
+    """A real Store + Methods + RpcServer on a ServerLoop; plays the supervisor's part."""
+
+    def __init__(self, root: Path, limits: Optional[Limits] = None, queueing: int = -1,
+                 path: Optional[str] = None, **server_options: Any):
+        self.store = Store(root / "data", cap_bytes=64 << 20)
+        self.egress_online = True
+        self.outbox_wakeups = 0
+        self.workers: List[Dict[str, Any]] = [
+            {"name": n, "pid": 100 + i, "state": "running", "restarts": 0, "heartbeat_age": 0.2}
+            for i, n in enumerate(("ingress", "egress", "expiry"))]
+        self.mqtt = {"ingress": {"connected": True}, "egress": {"connected": True}}
+        self.methods = Methods(self.store, self.supervisor_status, self.outbox_added, EGRESS_TOPIC,
+                               queueing, lambda: self.egress_online, MAX_PAYLOAD)
+        self.path = path or str(root / "run" / "flashlexd.sock")
+        self.limits = limits or Limits.for_payload(MAX_PAYLOAD)
+        self.loop = ServerLoop(lambda selector: RpcServer(self.path, self.methods, self.limits,
+                                                          selector, **server_options))
+
+    def supervisor_status(self) -> Dict[str, Any]:
+        return {"version": "0.1.0", "uptime": 12.5, "workers": self.workers, "mqtt": self.mqtt,
+                "counters": {"restarts": 0}}
+
+    def outbox_added(self) -> None:
+        self.outbox_wakeups += 1
+
+    @property
+    def server(self) -> RpcServer:
+        return self.loop.server  # type: ignore[return-value]
+
+    def start(self) -> "Harness":
+        self.loop.start()
+        return self
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.store.close()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in the loop thread, as the supervisor runs its own work."""
+        return self.loop.call(fn)
+
+    def ingest(self, *messages: Any, notify: bool = True) -> List[int]:
+        """Commit messages as ingress would, then tell the server (as the supervisor does)."""
+        batch = [m if isinstance(m, Incoming) else Incoming(m[0], m[1]) for m in messages]
+
+        def work() -> List[int]:
+            ids = self.store.append(batch)
+            if notify:
+                self.server.notify_inbox()
+            return ids
+        return self.call(work)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    h = Harness(tmp_path).start()
+    yield h
+    h.stop()
+
+
+def raw_connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)  # blocking: waits for room in the listen backlog
+    sock.settimeout(5)
+    return sock
+
+
+def _exactly(sock: socket.socket, count: int) -> bytes:
+    buf = b""
+    while len(buf) < count:
+        chunk = sock.recv(count - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {count} bytes")
+        buf += chunk
+    return buf
+
+
+def read_frame(sock: socket.socket) -> Any:
+    """One response frame, read exactly (the rest stays in the socket)."""
+    (length,) = HEADER.unpack(_exactly(sock, HEADER.size))
+    return msgpack.unpackb(_exactly(sock, length), raw=False)
+
+
+def req(method: str, rid: int = 1, **params: Any) -> bytes:
+    return encode_frame({"v": PROTOCOL_VERSION, "id": rid, "method": method, "params": params})
+
+
+# -- socket file ----------------------------------------------------------------------------------
+
+def test_socket_is_created_0660_in_a_new_0755_directory(harness):
+    assert oct(os.stat(harness.path).st_mode & 0o777) == oct(0o660)
+    assert oct(os.stat(os.path.dirname(harness.path)).st_mode & 0o777) == oct(0o755)
+
+
+def test_socket_group_is_applied(tmp_path):
+    group = next(g for g in grp.getgrall() if g.gr_gid != os.getegid())
+    h = Harness(tmp_path, group=group.gr_name).start()
+    try:
+        assert os.stat(h.path).st_gid == group.gr_gid
+    finally:
+        h.stop()
+
+
+def test_unknown_group_is_a_clear_error(tmp_path):
+    with pytest.raises(ServerError, match="socket group 'no-such-group-x' does not exist"):
+        RpcServer(str(tmp_path / "s.sock"), None, group="no-such-group-x")  # type: ignore[arg-type]
+
+
+def test_stale_socket_file_is_replaced(tmp_path):
+    path = str(tmp_path / "stale.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # the file stays, nobody listens: a daemon killed with SIGKILL
+    h = Harness(tmp_path, path=path).start()
+    try:
+        with connect(path) as fx:
+            assert fx.status()["version"] == "0.1.0"
+    finally:
+        h.stop()
+
+
+def test_second_daemon_refuses_to_start(harness):
+    with pytest.raises(ServerError, match=f"another flashlexd is running on {harness.path}"):
+        RpcServer(harness.path, harness.methods)
+    with connect(harness.path) as fx:  # and the first one is untouched
+        assert fx.status()["inbox"]["count"] == 0
+
+
+def test_a_regular_file_is_never_deleted(tmp_path):
+    path = tmp_path / "not-a-socket"
+    path.write_text("precious")
+    with pytest.raises(ServerError, match="exists and is not a socket"):
+        RpcServer(str(path), None)  # type: ignore[arg-type]
+    assert path.read_text() == "precious"
+
+
+def test_socket_file_is_removed_on_close_unless_replaced(tmp_path):
+    h = Harness(tmp_path).start()
+    h.stop()
+    assert not os.path.exists(h.path)
+    h2 = Harness(tmp_path / "b").start()
+    os.unlink(h2.path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(h2.path)  # another daemon took the path over
+    h2.stop()
+    assert os.path.exists(h2.path)
+    other.close()
+
+
+# -- peer credentials -----------------------------------------------------------------------------
+
+def _as_nobody(path: str) -> str:
+    """Fork a child that becomes uid/gid 65534 and calls status; returns what it saw."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        outcome = "?"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with Client(path, timeout=5) as fx:
+                fx.status()
+            outcome = "ok"
+        except RpcError as exc:
+            outcome = exc.code
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(write_end, outcome.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+@pytest.fixture
+def world_dir():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another uid")
+    path = tempfile.mkdtemp(prefix="flashlexd-uid-")
+    os.chmod(path, 0o755)  # nobody must reach the socket: the uid check is what is tested
+    yield Path(path)
+    for child in Path(path).rglob("*"):
+        if child.is_file() or child.is_socket():
+            child.unlink()
+    for child in sorted(Path(path).rglob("*"), reverse=True):
+        child.rmdir()
+    os.rmdir(path)
+
+
+@pytest.mark.parametrize("allowed, expected", [((), Code.FORBIDDEN), ((65534,), "ok")])
+def test_uid_outside_the_allow_list_is_refused(world_dir, allowed, expected):
+    h = Harness(world_dir, path=str(world_dir / "api.sock"), mode=0o666, allow_uids=allowed).start()
+    try:
+        assert _as_nobody(h.path) == expected
+        with connect(h.path) as fx:  # root always may
+            assert fx.status()["version"] == "0.1.0"
+        assert h.call(lambda: h.server.counters["refused"]) == (1 if expected != "ok" else 0)
+    finally:
+        h.stop()
+
+
+# -- long poll ------------------------------------------------------------------------------------
+
+def test_wait_returns_within_50ms_of_notify(harness):
+    with connect(harness.path) as fx:
+        outcome: Dict[str, Any] = {}
+
+        def waiter() -> None:
+            outcome["messages"] = fx.wait(timeout=10)
+            outcome["at"] = time.monotonic()
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        until(lambda: harness.call(lambda: harness.server.parked_count) == 1, what="a parked wait")
+
+        def commit_and_notify() -> float:
+            harness.store.append([Incoming("t/1", b"hello")])
+            notified = time.monotonic()
+            harness.server.notify_inbox()
+            return notified
+        notified = harness.call(commit_and_notify)
+        thread.join(5)
+        assert [m.payload for m in outcome["messages"]] == [b"hello"]
+        assert outcome["at"] - notified < 0.05
+
+
+def test_wait_without_notify_times_out_empty(harness):
+    with connect(harness.path) as fx:
+        harness.ingest(("t/1", b"x"), notify=False)
+        start = time.monotonic()
+        last = fx.messages()[-1].id
+        assert fx.wait(timeout=0.3, after=last) == []
+        assert 0.25 <= time.monotonic() - start < 2.0
+
+
+def test_notify_with_no_match_keeps_waiting(harness):
+    with connect(harness.path) as fx:
+        result: Dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: result.setdefault("m", fx.wait(timeout=10, topic="a/#")))
+        thread.start()
+        until(lambda: harness.call(lambda: harness.server.parked_count) == 1)
+        harness.ingest(("b/1", b"other topic"))
+        assert harness.call(lambda: harness.server.parked_count) == 1
+        harness.ingest(("a/1", b"mine"))
+        thread.join(5)
+        assert [m.topic for m in result["m"]] == ["a/1"]
+
+
+def test_closing_a_waiting_connection_unparks_it(harness):
+    sock = raw_connect(harness.path)
+    sock.sendall(req("wait", timeout=60))
+    until(lambda: harness.call(lambda: harness.server.parked_count) == 1)
+    sock.close()
+    until(lambda: harness.call(lambda: harness.server.parked_count) == 0, what="unpark on close")
+
+
+def test_requests_after_a_wait_are_answered_in_order(harness):
+    sock = raw_connect(harness.path)
+    sock.sendall(req("wait", 1, timeout=10) + req("status", 2))
+    until(lambda: harness.call(lambda: harness.server.parked_count) == 1)
+    harness.ingest(("t", b"1"))
+    assert read_frame(sock)["id"] == 1
+    assert read_frame(sock)["id"] == 2
+    sock.close()
+
+
+def test_a_failing_pending_poll_answers_with_an_error(tmp_path):
+    class Failing:
+        def handle(self, method, params):
+            return Pending(time.monotonic() + 30, poll=lambda: 1 / 0)
+    loop = ServerLoop(lambda sel: RpcServer(str(tmp_path / "f.sock"), Failing(), selector=sel)).start()
+    try:
+        sock = raw_connect(str(tmp_path / "f.sock"))
+        sock.sendall(req("anything"))
+        until(lambda: loop.call(lambda: loop.server.parked_count) == 1)
+        loop.call(lambda: loop.server.notify_inbox())
+        assert read_frame(sock)["error"]["code"] == Code.INTERNAL
+    finally:
+        loop.stop()
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+def test_a_method_crash_is_an_internal_error_not_a_dead_server(tmp_path):
+    class Crashing:
+        def handle(self, method, params):
+            if method == "crash":
+                raise KeyError("boom")
+    loop = ServerLoop(lambda sel: RpcServer(str(tmp_path / "c.sock"), Crashing(), selector=sel)).start()
+    try:
+        sock = raw_connect(str(tmp_path / "c.sock"))
+        sock.sendall(req("crash", 1) + req("fine", 2))
+        error = read_frame(sock)["error"]
+        assert error == {"code": "internal", "message": "internal error: KeyError: 'boom'"}
+        assert read_frame(sock) == {"id": 2, "result": None}
+    finally:
+        loop.stop()
+
+
+def test_huge_length_prefix_closes_without_allocating(harness):
+    sock = raw_connect(harness.path)
+    sock.sendall(HEADER.pack(0xFFFFFFFF) + b"x" * 100)
+    error = read_frame(sock)
+    assert error["id"] is None and error["error"]["code"] == Code.FRAME_TOO_LARGE
+    assert sock.recv(10) == b""
+    with connect(harness.path) as fx:
+        assert fx.status()
+
+
+def test_more_connections_than_the_limit_get_busy(tmp_path):
+    h = Harness(tmp_path, limits=Limits(max_connections=2)).start()
+    try:
+        a, b = raw_connect(h.path), raw_connect(h.path)
+        until(lambda: h.call(lambda: h.server.connection_count) == 2)
+        c = raw_connect(h.path)
+        assert read_frame(c)["error"]["code"] == Code.BUSY
+        a.sendall(req("status"))
+        assert "result" in read_frame(a)
+        b.close()
+        until(lambda: h.call(lambda: h.server.connection_count) == 1)
+        with Client(h.path) as fx:
+            assert fx.status()
+    finally:
+        h.stop()
+
+
+def test_idle_connections_are_closed_and_the_client_reconnects(tmp_path):
+    h = Harness(tmp_path, limits=Limits(idle_timeout=0.2)).start()
+    try:
+        with Client(h.path) as fx:
+            fx.status()
+            until(lambda: h.call(lambda: h.server.connection_count) == 0, what="idle close")
+            assert fx.status()["version"] == "0.1.0"  # transparently reconnected
+    finally:
+        h.stop()
+
+
+def test_a_reader_that_stops_reading_is_dropped(tmp_path):
+    h = Harness(tmp_path, limits=Limits(write_timeout=0.3, pipeline_high_water=64 * 1024)).start()
+    try:
+        h.ingest(*[("big", b"x" * 100_000) for _ in range(30)])
+        sock = raw_connect(h.path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"".join(req("messages", i, limit=30) for i in range(5)))
+        until(lambda: h.call(lambda: h.server.counters["dropped_slow"]) == 1, what="slow reader dropped")
+        assert h.call(lambda: h.server.connection_count) == 0
+        with connect(h.path) as fx:
+            assert len(fx.messages(limit=1)) == 1
+    finally:
+        h.stop()
+
+
+def test_write_buffer_is_bounded(tmp_path):
+    h = Harness(tmp_path, limits=Limits(max_write_buffer=2 * 1024 * 1024, pipeline_high_water=4 * 1024 * 1024,
+                                        write_timeout=60)).start()
+    try:
+        h.ingest(*[("big", b"y" * 200_000) for _ in range(8)])
+        sock = raw_connect(h.path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"".join(req("messages", i, limit=8) for i in range(4)))
+        until(lambda: h.call(lambda: h.server.counters["dropped_slow"]) == 1, what="write buffer cap")
+    finally:
+        h.stop()
+
+
+def test_pipelined_requests_are_answered_in_order(harness):
+    sock = raw_connect(harness.path)
+    sock.sendall(b"".join(req("status", i) for i in range(1, 51)))
+    assert [read_frame(sock)["id"] for _ in range(50)] == list(range(1, 51))
+
+
+def test_idle_connections_do_not_slow_others(tmp_path):
+    h = Harness(tmp_path).start()
+    idle: List[socket.socket] = []
+    try:
+        with connect(h.path) as fx:
+            def median_status() -> float:
+                samples = []
+                for _ in range(60):
+                    start = time.perf_counter()
+                    fx.status()
+                    samples.append(time.perf_counter() - start)
+                return statistics.median(samples)
+            baseline = median_status()
+            for i in range(200):
+                sock = raw_connect(h.path)
+                if i % 2:
+                    sock.sendall(HEADER.pack(500) + b"\x81")  # a request that never completes
+                idle.append(sock)
+            until(lambda: h.call(lambda: h.server.connection_count) == 201, what="200 idle connections")
+            loaded = median_status()
+        assert loaded < max(3 * baseline, baseline + 0.002), (baseline, loaded)
+    finally:
+        for sock in idle:
+            sock.close()
+        h.stop()

@@ -1,0 +1,631 @@
+"""The LMDB store, on real files: group commit, peeking, idempotent acks, DUP redeliveries,
+expiry, the outbox, the cap policies, the schema and fork guards, and durability with several
+processes writing at once or being killed with SIGKILL in the middle of a transaction."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import random
+import select
+import signal
+import struct
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import lmdb
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from flashlexd.store import (SCHEMA_VERSION, Incoming, Store, StoreError, StoreForkError,
+                             StoreFull)
+
+CAP = 64 * 1024 * 1024
+TOPIC = "things/ecd13b11-mything/in"
+
+
+@pytest.fixture
+def open_store(tmp_path: Path) -> Iterator[Callable[..., Store]]:
+    """`open_store(cap=..., when_full=..., expire_seconds=...)`; all closed at teardown."""
+    opened: List[Store] = []
+
+    def open_(cap: int = CAP, when_full: str = "reject",
+              expire_seconds: Optional[float] = None) -> Store:
+        store = Store(tmp_path / "store", cap, when_full, expire_seconds)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[..., Store]) -> Store:
+    return open_store()
+
+
+def message(payload: str, topic: str = TOPIC, **fields) -> Incoming:
+    return Incoming(topic, payload.encode(), **fields)
+
+
+def batch(prefix: str, count: int, size: int = 0) -> List[Incoming]:
+    return [Incoming(TOPIC, f"{prefix}{i}".encode().ljust(size, b".")) for i in range(count)]
+
+
+def inbox(store: Store, **query) -> List[Tuple[int, bytes]]:
+    return [(m.id, m.payload) for m in store.messages(limit=10 ** 6, **query)]
+
+
+def ids(store: Store) -> List[int]:
+    return [m.id for m in store.messages(limit=10 ** 6)]
+
+
+def expiry_entries(store: Store) -> int:
+    """White box: entries left in the expiry index (it must not outlive the messages)."""
+    with store._env.begin() as txn:
+        return txn.stat(store._expiry)["entries"]
+
+
+# -- append and peek ----------------------------------------------------------------------------
+
+def test_group_commit_append_returns_increasing_ids_in_order(store: Store):
+    assert store.append(batch("a", 3)) == [1, 2, 3]
+    assert store.append(batch("b", 2)) == [4, 5]
+    assert store.append([]) == []
+    assert inbox(store) == [(1, b"a0"), (2, b"a1"), (3, b"a2"), (4, b"b0"), (5, b"b1")]
+    figures = store.stats()
+    assert (figures["inbox_count"], figures["inbox_last_id"], figures["received"]) == (5, 5, 5)
+
+
+def test_a_stored_message_keeps_its_fields(store: Store):
+    [record_id] = store.append([Incoming("t/1", b"\x00\xffbin", qos=1, retain=True, mid=42)],
+                               now=1234.5)
+    [stored] = store.messages()
+    assert (stored.id, stored.pk, stored.timestamp, stored.topic, stored.payload) == \
+        (record_id, str(record_id), 1234.5, "t/1", b"\x00\xffbin")
+    assert (stored.qos, stored.retain, stored.mid, stored.expires_at) == (1, True, 42, None)
+
+
+def test_ids_are_never_reused_after_acks(store: Store):
+    store.append(batch("a", 3))
+    store.ack([1, 2, 3])
+    assert store.append(batch("b", 1)) == [4]
+
+
+def test_peek_with_limit_returns_the_oldest_first(store: Store):
+    store.append(batch("m", 10))
+    assert [(m.id, m.payload) for m in store.messages(limit=3)] == [(1, b"m0"), (2, b"m1"),
+                                                                     (3, b"m2")]
+    assert store.messages(limit=0) == []
+
+
+def test_peek_topic_filter_uses_mqtt_wildcards(store: Store):
+    topics = ["sensors/a/temp", "sensors/b/temp", "sensors/a/hum", "alerts/x", "sensors/a/temp/raw"]
+    store.append([message(t, topic=t) for t in topics])
+
+    def matching(pattern: str) -> List[str]:
+        return [m.topic for m in store.messages(topic=pattern)]
+
+    assert matching("sensors/+/temp") == ["sensors/a/temp", "sensors/b/temp"]
+    assert matching("sensors/#") == ["sensors/a/temp", "sensors/b/temp", "sensors/a/hum",
+                                     "sensors/a/temp/raw"]
+    assert matching("sensors/a/+") == ["sensors/a/temp", "sensors/a/hum"]
+    assert matching("alerts/x") == ["alerts/x"]
+    assert matching("#") == topics
+    assert matching("nothing/here") == []
+    assert [m.topic for m in store.messages(limit=1, topic="sensors/+/temp", after=1)] == \
+        ["sensors/b/temp"]
+
+
+def test_peek_after_is_an_exclusive_id(store: Store):
+    store.append(batch("m", 6))
+    assert [m.id for m in store.messages(after=3)] == [4, 5, 6]
+    assert [m.id for m in store.messages(after=3, limit=2)] == [4, 5]
+    assert store.messages(after=6) == []
+    assert [m.id for m in store.messages(after=0)] == [1, 2, 3, 4, 5, 6]
+    assert store.messages(after=2 ** 64 - 1) == []
+    store.ack([4])
+    assert [m.id for m in store.messages(after=3)] == [5, 6]  # a gap is skipped
+
+
+# -- ack ----------------------------------------------------------------------------------------
+
+def test_ack_is_idempotent(store: Store):
+    store.append(batch("m", 5))
+    assert store.ack([1, 2]) == 2
+    assert store.ack([1, 2]) == 0
+    assert store.ack([2, 3, 3, 999]) == 1  # counts what was actually removed
+    assert store.ack([]) == 0
+    assert ids(store) == [4, 5]
+    assert store.stats()["acked"] == 3
+
+
+def test_ack_of_ids_that_cannot_exist_removes_nothing(store: Store):
+    store.append(batch("m", 2))
+    assert store.ack([0, -1, 2 ** 64]) == 0
+    assert ids(store) == [1, 2]
+
+
+# -- DUP redeliveries ---------------------------------------------------------------------------
+
+def test_dup_redelivery_of_a_stored_message_is_not_stored_twice(store: Store):
+    assert store.append([message("on", qos=1, mid=7)]) == [1]
+    assert store.append([message("on", qos=1, mid=7, dup=True)]) == [None]
+    assert inbox(store) == [(1, b"on")]
+    assert store.stats()["duplicates"] == 1
+
+
+def test_dup_redelivery_is_recognised_after_the_original_was_acked(store: Store):
+    """Stored, acked by a fast client, then redelivered because our PUBACK never arrived."""
+    store.append([message("on", qos=1, mid=7)])
+    store.ack([1])
+    assert store.append([message("on", qos=1, mid=7, dup=True)]) == [None]
+    assert store.inbox_count() == 0
+
+
+@pytest.mark.parametrize("redelivery", [
+    message("off", qos=1, mid=7, dup=True),                          # other payload
+    message("on", topic="things/other/in", qos=1, mid=7, dup=True),  # other topic
+    message("on", qos=1, mid=8, dup=True),                           # other mid
+], ids=["payload", "topic", "mid"])
+def test_dup_with_different_content_is_stored(store: Store, redelivery: Incoming):
+    store.append([message("on", qos=1, mid=7)])
+    assert store.append([redelivery]) == [2]
+    assert store.inbox_count() == 2
+
+
+def test_dup_is_checked_against_the_latest_message_with_that_mid(store: Store):
+    store.append([message("a", qos=1, mid=5), message("b", qos=1, mid=5)])  # mid reused
+    assert store.append([message("a", qos=1, mid=5, dup=True)]) == [3]
+    assert store.append([message("a", qos=1, mid=5, dup=True)]) == [None]
+
+
+def test_dup_of_a_message_earlier_in_the_same_batch_is_not_stored_twice(store: Store):
+    result = store.append([message("x", qos=1, mid=3), message("x", qos=1, mid=3, dup=True),
+                           message("y", qos=1, mid=4, dup=True)])
+    assert result == [1, None, 2]
+    assert inbox(store) == [(1, b"x"), (2, b"y")]
+
+
+def test_qos0_messages_are_never_taken_for_redeliveries(store: Store):
+    store.append([message("x", qos=0, mid=0)])
+    assert store.append([message("x", qos=0, mid=0, dup=True)]) == [2]
+
+
+# -- expiry -------------------------------------------------------------------------------------
+
+def test_expire_removes_exactly_the_expired_messages(open_store: Callable[..., Store]):
+    store = open_store(expire_seconds=60)
+    first = store.append(batch("a", 3), now=1000.0)   # expire at 1060
+    second = store.append(batch("b", 2), now=1010.0)  # 1070
+    third = store.append(batch("c", 2), now=1020.0)   # 1080
+    assert store.expire(now=1059.999) == 0
+    assert store.expire(now=1060.0) == 3
+    assert ids(store) == second + third
+    assert store.expire(now=1075.0) == 2
+    assert ids(store) == third
+    assert [m.expires_at for m in store.messages()] == [1080.0, 1080.0]
+    assert store.stats()["expired"] == 5
+
+
+def test_expire_works_in_bounded_batches_oldest_first(open_store: Callable[..., Store]):
+    store = open_store(expire_seconds=60)
+    for now, count in ((1000.0, 10), (1001.0, 10), (1002.0, 5)):
+        store.append(batch(f"t{now:.0f}-", count), now=now)
+    removed = []
+    for _ in range(6):
+        removed.append(store.expire(now=2000.0, batch=7))
+        if removed[-1] == 7:
+            assert ids(store)[0] == sum(removed) + 1  # the oldest went first
+    assert removed == [7, 7, 7, 4, 0, 0]
+    assert store.inbox_count() == 0 and expiry_entries(store) == 0
+
+
+def test_expire_skips_acked_messages_and_counts_only_what_it_removed(
+        open_store: Callable[..., Store]):
+    store = open_store(expire_seconds=60)
+    store.append(batch("m", 10), now=1000.0)
+    assert store.ack([1, 5, 10]) == 3  # both ends of the batch and a hole in the middle
+    assert store.expire(now=2000.0, batch=3) == 3
+    assert ids(store) == [6, 7, 8, 9]
+    assert store.expire(now=2000.0) == 4
+    assert store.stats()["expired"] == 7
+
+
+def test_messages_without_an_expiry_never_expire(store: Store):
+    store.append(batch("m", 3), now=1000.0)
+    assert store.expire(now=10.0 ** 12) == 0
+    assert store.inbox_count() == 3
+
+
+def test_acking_every_message_leaves_no_expiry_work_behind(open_store: Callable[..., Store]):
+    store = open_store(expire_seconds=60)
+    appended = [i for n in range(5) for i in store.append(batch(f"b{n}-", 6), now=1000.0 + n)]
+    order = appended[:]
+    random.Random(7).shuffle(order)
+    for chunk in range(0, len(order), 4):
+        store.ack(order[chunk:chunk + 4])
+    assert expiry_entries(store) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_expiry_matches_a_model_through_appends_acks_and_sweeps(data: st.DataObject):
+    """Any mix of batches (clock steps included), acks and bounded sweeps removes exactly the
+    messages whose expiry has passed, the earliest expiry first, and counts them right."""
+    times = st.sampled_from([1000.0, 1000.25, 1001.0, 1003.5, 999.0])
+    live: Dict[int, int] = {}  # id -> expiry in ms, the model
+    with tempfile.TemporaryDirectory() as directory:
+        store = Store(Path(directory), CAP, expire_seconds=2.5)
+        try:
+            for _ in range(data.draw(st.integers(1, 12), label="steps")):
+                action = data.draw(st.sampled_from(["append", "ack", "expire"]))
+                if action == "append":
+                    now = data.draw(times, label="now")
+                    for record_id in store.append(batch("m", data.draw(st.integers(0, 4))), now=now):
+                        live[record_id] = int((now + 2.5) * 1000)
+                elif action == "ack":
+                    known = sorted(live) + [max(live, default=0) + 1]
+                    chosen = data.draw(st.lists(st.sampled_from(known), max_size=4), label="ack")
+                    assert store.ack(chosen) == len(set(chosen) & set(live))
+                    for record_id in chosen:
+                        live.pop(record_id, None)
+                else:
+                    now = data.draw(st.sampled_from([1001.0, 1002.5, 1003.0, 1004.0, 1010.0]))
+                    limit = data.draw(st.integers(1, 5), label="batch")
+                    due = sorted((ms, i) for i, ms in live.items() if ms <= int(now * 1000))
+                    assert store.expire(now=now, batch=limit) == len(due[:limit])
+                    for _, record_id in due[:limit]:
+                        del live[record_id]
+                assert ids(store) == sorted(live)
+            assert store.expire(now=10.0 ** 6, batch=10 ** 6) == len(live)
+            assert store.inbox_count() == 0 and expiry_entries(store) == 0
+        finally:
+            store.close()
+
+
+# -- the outbox ---------------------------------------------------------------------------------
+
+def test_outbox_is_fifo(store: Store):
+    entries = [("flashlex/collect", f"e{i}".encode(), 1, False) for i in range(3)]
+    assert store.outbox_append(entries, now=50.0) == [1, 2, 3]
+    assert [e.payload for e in store.outbox_peek()] == [b"e0", b"e1", b"e2"]
+    assert [e.id for e in store.outbox_peek(limit=2)] == [1, 2]
+    assert [e.id for e in store.outbox_peek(after=1)] == [2, 3]
+    assert store.outbox_peek(limit=0) == []
+    assert store.outbox_remove([1]) == 1
+    assert store.outbox_remove([1]) == 0
+    assert store.outbox_append([("flashlex/collect", b"e3", 0, True)]) == [4]
+    assert [e.id for e in store.outbox_peek()] == [2, 3, 4]
+    first = store.outbox_peek(limit=1)[0]
+    assert (first.created, first.topic, first.qos, first.retain) == (50.0, "flashlex/collect", 1, False)
+    figures = store.stats()
+    assert (figures["outbox_count"], figures["queued"], figures["sent"]) == (3, 4, 1)
+
+
+def test_outbox_refuses_entries_beyond_max_entries(store: Store):
+    entry = ("flashlex/collect", b"x", 1, False)
+    assert store.outbox_append([entry, entry], max_entries=3) == [1, 2]
+    with pytest.raises(StoreFull, match="outbox is full"):
+        store.outbox_append([entry, entry], max_entries=3)
+    assert store.outbox_count() == 2  # nothing of the refused batch
+    assert store.outbox_append([entry], max_entries=3) == [3]
+    with pytest.raises(StoreFull):
+        store.outbox_append([entry], max_entries=3)
+    store.outbox_remove([1])
+    assert store.outbox_append([entry], max_entries=3) == [4]
+    assert len(store.outbox_append([entry] * 10, max_entries=-1)) == 10  # -1: unlimited
+
+
+# -- the cap ------------------------------------------------------------------------------------
+
+SMALL_CAP = 512 * 1024
+
+
+def fill(store: Store, size: int = 1000, per_batch: int = 20) -> int:
+    """Append until the store refuses; returns how many batches went in."""
+    for count in range(10_000):
+        try:
+            store.append(batch(f"fill{count}-", per_batch, size))
+        except StoreFull:
+            return count
+    raise AssertionError("the store never filled up")
+
+
+def test_reject_policy_refuses_the_whole_batch_and_stores_nothing_of_it(
+        open_store: Callable[..., Store]):
+    store = open_store(cap=SMALL_CAP, when_full="reject")
+    assert fill(store) > 0
+    before, last_id = inbox(store), store.stats()["inbox_last_id"]
+    with pytest.raises(StoreFull, match="policy reject"):
+        store.append(batch("late", 20, 1000))
+    assert inbox(store) == before
+    assert store.stats()["inbox_last_id"] == last_id
+
+
+def test_acks_work_in_a_full_store_and_make_room_again(open_store: Callable[..., Store]):
+    store = open_store(cap=SMALL_CAP, when_full="reject")
+    fill(store)
+    stored = ids(store)
+    assert store.ack(stored[: len(stored) // 2]) == len(stored) // 2
+    new_ids = store.append(batch("after-ack", 20, 1000))
+    assert new_ids[0] > stored[-1] and len(new_ids) == 20
+
+
+def test_drop_oldest_policy_keeps_the_newest(open_store: Callable[..., Store]):
+    store = open_store(cap=SMALL_CAP, when_full="dropOldest", expire_seconds=60)
+    total = 0
+    for n in range(60):  # about 1.2 MB into a 512 KiB store
+        total += len(store.append(batch(f"b{n}-", 20, 1000), now=1000.0))
+    kept = ids(store)
+    assert 0 < len(kept) < total
+    assert kept == list(range(total - len(kept) + 1, total + 1))  # a suffix: the newest
+    figures = store.stats()
+    assert figures["dropped_full"] == total - len(kept)
+    assert figures["used_bytes"] <= SMALL_CAP * 1.1
+    assert store.expire(now=5000.0, batch=10 ** 6) == len(kept)  # the expiry index kept up
+    assert expiry_entries(store) == 0
+
+
+def test_outbox_is_refused_not_dropped_when_the_store_is_full(open_store: Callable[..., Store]):
+    store = open_store(cap=SMALL_CAP, when_full="dropOldest")
+    entry = ("flashlex/collect", b"o" * 1000, 1, False)
+    with pytest.raises(StoreFull, match="outbox append refused"):
+        for _ in range(10_000):
+            store.outbox_append([entry] * 20)
+    assert store.stats()["dropped_full"] == 0
+
+
+# -- schema and fork guards ---------------------------------------------------------------------
+
+def test_a_store_with_a_newer_schema_is_refused(tmp_path: Path):
+    path = tmp_path / "store"
+    Store(path, CAP).close()
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", struct.pack(">Q", SCHEMA_VERSION + 1), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(StoreError) as caught:
+        Store(path, CAP)
+    message = str(caught.value)
+    assert f"has schema {SCHEMA_VERSION + 1}" in message and "upgrade flashlexd" in message
+    assert str(path) in message and "\n" not in message
+
+
+STORE_CALLS: List[Callable[[Store], object]] = [
+    lambda s: s.inbox_count(),
+    lambda s: s.messages(),
+    lambda s: s.stats(),
+    lambda s: s.append([message("from the child")]),
+    lambda s: s.ack([1]),
+    lambda s: s.expire(now=10.0 ** 9),
+    lambda s: s.outbox_append([("t", b"x", 1, False)]),
+    lambda s: s.outbox_peek(),
+]
+
+
+def test_a_store_used_across_fork_raises_in_the_child(store: Store):
+    store.append([message("before fork")])
+    pid = os.fork()
+    if pid == 0:  # the child: exit status = number of calls that did not refuse
+        status = 100
+        try:
+            status = 0
+            for call in STORE_CALLS:
+                try:
+                    call(store)
+                    status += 1
+                except StoreForkError:
+                    pass
+        finally:
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    assert inbox(store) == [(1, b"before fork")]  # the parent's handle is untouched
+    assert store.append([message("after fork")]) == [2]
+
+
+# -- several processes --------------------------------------------------------------------------
+
+WRITERS, PER_WRITER, KEPT_MODULO = 3, 150, 7
+DEADLINE_SECONDS = 30.0
+
+
+def _writer(path: Path, writer: int, results) -> None:
+    """Appends PER_WRITER messages in random batches; reports (id, payload) of each."""
+    store = Store(path, CAP)  # opened after fork, in this process
+    rng, written, sequence = random.Random(writer), [], 0
+    while sequence < PER_WRITER:
+        count = min(rng.randint(1, 10), PER_WRITER - sequence)
+        payloads = [f"w{writer}-{sequence + i}".encode() for i in range(count)]
+        got = store.append([Incoming(f"w/{writer}", p, qos=1, mid=(sequence + i) & 0xFFFF)
+                            for i, p in enumerate(payloads)])
+        written += list(zip(got, payloads))
+        sequence += count
+    store.close()
+    results.put(("writer", writer, written))
+
+
+def _acker(path: Path, acker: int, writers_done, results) -> None:
+    """Acks what it sees (except ids divisible by KEPT_MODULO) until the writers are done and
+    nothing is left: acker 0 one id per call (each return value says if *it* removed it),
+    the others whole peeks per call. Reports what it asked for and what came back."""
+    store = Store(path, CAP)
+    singles: List[Tuple[int, bytes, int]] = []  # (id, payload seen, removed by this call)
+    batches: List[Tuple[List[Tuple[int, bytes]], int]] = []
+    rng, deadline = random.Random(100 + acker), time.monotonic() + DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        finished = writers_done.is_set()  # read before peeking: then an empty peek is final
+        seen = [(m.id, m.payload) for m in store.messages(limit=1000) if m.id % KEPT_MODULO]
+        if not seen:
+            if finished:
+                break
+            writers_done.wait(0.002)  # poll; the event only ends the wait early
+            continue
+        if acker == 0:
+            for record_id, payload in rng.sample(seen, min(len(seen), 5)):
+                singles.append((record_id, payload, store.ack([record_id])))
+        else:
+            chunk = seen[:rng.randint(1, 20)]
+            batches.append((chunk, store.ack([i for i, _ in chunk])))
+    store.close()
+    results.put(("acker", acker, singles, batches))
+
+
+def _collect(results, count: int, processes: list, deadline: float) -> List[tuple]:
+    """`count` reports, polling with a deadline; a child that died fails the test at once."""
+    reports: List[tuple] = []
+    while len(reports) < count:
+        try:
+            reports.append(results.get(timeout=0.05))
+        except queue.Empty:
+            failed = [(p.pid, p.exitcode) for p in processes if p.exitcode not in (None, 0)]
+            assert not failed, f"children failed (pid, exit code): {failed}"
+            assert time.monotonic() < deadline, "children did not report in time"
+    return reports
+
+
+def test_concurrent_writers_and_ackers_lose_nothing_and_duplicate_nothing(tmp_path: Path):
+    path = tmp_path / "store"
+    Store(path, CAP).close()  # created here, closed before any fork
+    context = multiprocessing.get_context("fork")
+    results, writers_done = context.Queue(), context.Event()
+    processes = [context.Process(target=_writer, args=(path, w, results)) for w in range(WRITERS)]
+    processes += [context.Process(target=_acker, args=(path, a, writers_done, results))
+                  for a in range(2)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    try:
+        written = _collect(results, WRITERS, processes, deadline)
+        writers_done.set()
+        acked = _collect(results, 2, processes, deadline)
+        for process in processes:
+            process.join(max(0.1, deadline - time.monotonic()))
+            assert process.exitcode == 0, f"pid {process.pid} exit {process.exitcode}"
+    finally:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+                process.join()
+
+    appended: Dict[int, bytes] = {}
+    for _, _, pairs in written:
+        for record_id, payload in pairs:
+            assert record_id not in appended, f"id {record_id} given to two appends"
+            appended[record_id] = payload
+    assert len(appended) == WRITERS * PER_WRITER
+    assert len(set(appended.values())) == WRITERS * PER_WRITER
+
+    store = Store(path, CAP)
+    try:
+        remaining = dict(inbox(store))
+        figures = store.stats()
+    finally:
+        store.close()
+    removed_ids = set(appended) - set(remaining)
+    assert set(remaining) <= set(appended)
+    assert all(remaining[i] == appended[i] for i in remaining)        # nothing changed
+    assert set(remaining) == {i for i in appended if i % KEPT_MODULO == 0}
+
+    total_removed, removed_by_singles = 0, Counter()
+    for _, _, singles, batches in acked:
+        for record_id, payload, removed in singles:
+            assert payload == appended[record_id]
+            removed_by_singles[record_id] += removed
+            total_removed += removed
+        for chunk, removed in batches:
+            assert all(payload == appended[i] for i, payload in chunk)
+            total_removed += removed
+    assert total_removed == len(removed_ids)  # every removal counted once, none twice
+    assert all(count <= 1 and i in removed_ids for i, count in removed_by_singles.items())
+    assert figures["acked"] == len(removed_ids)
+    assert (figures["received"], figures["inbox_last_id"]) == (len(appended), len(appended))
+
+
+# -- SIGKILL in the middle of writes ------------------------------------------------------------
+
+REPORT = struct.Struct(">QQ")  # first id, first sequence number of a committed batch
+KILL_BATCH, KILL_PAYLOAD = 200, 1000
+
+
+def kill_payload(round_: int, sequence: int) -> bytes:
+    return f"r{round_}-s{sequence}".encode().ljust(KILL_PAYLOAD, b".")
+
+
+def _append_until_killed(path: Path, round_: int, report_fd: int) -> None:
+    store = Store(path, 4 * CAP)
+    sequence = 0
+    while True:
+        got = store.append([Incoming("k/t", kill_payload(round_, sequence + i))
+                            for i in range(KILL_BATCH)])
+        assert got == list(range(got[0], got[0] + KILL_BATCH))
+        os.write(report_fd, REPORT.pack(got[0], sequence))  # only after append returned
+        sequence += KILL_BATCH
+
+
+def _read_reports(fd: int, pending: bytearray, until: float, want: int = 0) -> List[Tuple[int, int]]:
+    """Reports read before `until` (or as soon as `want` of them arrived); b"" is the end."""
+    reports: List[Tuple[int, int]] = []
+    while (not want or len(reports) < want) and time.monotonic() < until:
+        ready, _, _ = select.select([fd], [], [], max(0.0, until - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        while len(pending) >= REPORT.size:
+            reports.append(REPORT.unpack(bytes(pending[:REPORT.size])))
+            del pending[:REPORT.size]
+    return reports
+
+
+def test_sigkill_during_writes_keeps_every_committed_message(tmp_path: Path):
+    path = tmp_path / "store"
+    Store(path, 4 * CAP).close()
+    seed = random.randrange(2 ** 32)
+    rng = random.Random(seed)
+    committed: Dict[int, bytes] = {}
+    for round_ in range(10):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_fd)
+                _append_until_killed(path, round_, write_fd)
+            finally:
+                os._exit(3)
+        os.close(write_fd)
+        pending = bytearray()
+        try:
+            wanted = rng.randint(1, 4)
+            reports = _read_reports(read_fd, pending, time.monotonic() + 10.0, want=wanted)
+            assert len(reports) == wanted, f"seed {seed}: child stalled"
+            # a random extra moment, so the kill lands anywhere in the next transaction
+            reports += _read_reports(read_fd, pending, time.monotonic() + rng.uniform(0, 0.004))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        reports += _read_reports(read_fd, pending, time.monotonic() + 1.0)  # written before death
+        os.close(read_fd)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+            f"seed {seed}: the child ended by itself (status {status})"
+        for first_id, sequence in reports:
+            for i in range(KILL_BATCH):
+                committed[first_id + i] = kill_payload(round_, sequence + i)
+
+        store = Store(path, 4 * CAP)  # must open; clears the dead child's reader slot
+        try:
+            stored = dict(inbox(store))
+            missing = [i for i, payload in committed.items() if stored.get(i) != payload]
+            assert not missing, f"seed {seed}, round {round_}: lost {len(missing)} committed"
+            assert store.stats()["inbox_last_id"] >= max(committed)
+            [new_id] = store.append([message("the writer lock is free")])
+            assert store.ack([new_id]) == 1
+        finally:
+            store.close()

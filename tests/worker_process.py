@@ -1,0 +1,116 @@
+"""One flashlexd worker (`python -m flashlexd.workers NAME`) as a real child process, with the
+test holding the supervisor's end of its link: it hands the worker its config text (the first
+link message, as the supervisor does), reads what the worker reports (`hb`, `state`, `mqtt`,
+`committed`) and can wake, stop or SIGKILL it by PID."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from flashlexd.channel import CHANNEL_FD, Channel
+from tests.broker import wait_for
+
+
+class WorkerProcess:
+    def __init__(self, name: str, config: Path, log_path: Path):
+        self.name, self.config, self.log_path = name, config, log_path
+        self.process: Optional[subprocess.Popen] = None
+        self.channel: Optional[Channel] = None
+        self.messages: List[Dict[str, Any]] = []   # everything received, across restarts
+        self.counters: Dict[str, Any] = {}          # from the latest heartbeat
+        self.mqtt: Dict[str, Any] = {}              # the latest `mqtt` report
+
+    def start(self) -> "WorkerProcess":
+        channel, child_end = Channel.pair()
+        fd = child_end.fileno()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "flashlexd.workers", self.name, "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, pass_fds=(fd, CHANNEL_FD),
+                preexec_fn=lambda: os.dup2(fd, CHANNEL_FD))
+        child_end.close()
+        channel.send("config", text=self.config.read_text())  # as the supervisor does
+        self.channel, self.counters, self.mqtt = channel, {}, {}
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def pump(self, timeout: float = 0.0) -> None:
+        """Read whatever the worker has sent (waiting up to `timeout` for the first message)."""
+        if self.channel is None:
+            return
+        ready, _, _ = select.select([self.channel], [], [], timeout)
+        received = self.channel.receive() if ready else []
+        if received is None:
+            self.channel.close()
+            self.channel = None
+            return
+        for message in received:
+            self.messages.append(message)
+            if message.get("t") == "hb":
+                self.counters = message["counters"]
+            elif message.get("t") == "mqtt":
+                self.mqtt = message
+
+    def wait(self, predicate: Callable[["WorkerProcess"], Any], timeout: float, what: str) -> Any:
+        """Poll the link until `predicate(self)` is truthy; fail if the worker dies first."""
+        def check() -> Any:
+            self.pump(0.02)
+            value = predicate(self)
+            if not value and not self.alive():
+                raise AssertionError(f"{self.name} exited ({self.process.returncode}) while waiting"
+                                     f" for {what}; log:\n{self.log_text()[-3000:]}")
+            return value
+        return wait_for(check, timeout, f"{self.name}: {what}", interval=0)
+
+    def wait_connected(self, timeout: float = 15) -> None:
+        self.wait(lambda w: w.mqtt.get("connected"), timeout, "mqtt connected")
+
+    def reports(self, kind: str) -> List[Dict[str, Any]]:
+        return [m for m in self.messages if m.get("t") == kind]
+
+    def send(self, kind: str, **fields: Any) -> None:
+        assert self.channel is not None
+        self.channel.send(kind, **fields)
+
+    def kill(self) -> None:
+        """SIGKILL at whatever instant the worker is in."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(10)  # type: ignore[union-attr]
+        self._drop_link()
+
+    def stop(self, timeout: float = 15) -> int:
+        """Graceful stop through the link, as the supervisor does; returns the exit code."""
+        if self.alive():
+            self.send("stop")
+            try:
+                self.process.wait(timeout)  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"{self.name} did not stop within {timeout}s")
+        self.pump()
+        self._drop_link()
+        assert self.process is not None
+        return self.process.returncode
+
+    def _drop_link(self) -> None:
+        if self.channel is not None:
+            self.pump()
+            if self.channel is not None:
+                self.channel.close()
+                self.channel = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
