@@ -28,7 +28,7 @@ test: deps
 	$(BIN)/python -m pytest -q
 
 demo: deps
-	@echo "make demo: coming with the demo issue; 'make test' works today."
+	bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
