@@ -22,8 +22,9 @@ once the used pages reach the cap, so the headroom is always there for deletes, 
 also need fresh pages (copy-on-write). LMDB grows the file on demand up to the map, so growth
 up to the cap needs nothing from us. Durability: `sync=True`, one fsync per write transaction,
 which is why callers batch (group commit). An append does its per-message work (packing,
-digests) before taking the write lock and writes each database with one `putmulti` call, so a
-batch of 100 costs little more than 100 raw puts (bench/bench_store.py).
+digests) before taking the write lock and writes each database with one `putmulti` call; at
+100 messages a batch it runs at about 0.7x the rate of raw LMDB puts of the bare payloads
+(bench/bench_store.py), the rest being the DUP and expiry indexes and the record fields.
 """
 from __future__ import annotations
 
@@ -275,24 +276,35 @@ class Store:
 
     # -- inbox --------------------------------------------------------------------------------
 
-    def append(self, messages: Sequence[Incoming], now: Optional[float] = None) -> List[Optional[int]]:
+    def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
+               settled: Sequence[Incoming] = ()) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
-        for a redelivery (DUP) of a message already stored. All or nothing."""
+        for a redelivery (DUP) of a message already stored. All or nothing.
+
+        `settled` are messages whose PUBACK has been sent since the last append: their `recent`
+        entries are dropped in the same transaction, so a later, different message that reuses
+        the packet id with the same content (brokers reuse ids; AWS IoT the lowest free one) and
+        arrives as a DUP after a lost first transmission is stored, not taken for a duplicate."""
         now = time.time() if now is None else now
         expires_at = now + self.expire_seconds if self.expire_seconds else None
         records, marks = self._prepare(messages, now, expires_at)
+        settled_marks = [mark for mark in self._prepare(settled, now, None)[1] if mark]
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
         redelivered = any(m.dup for m in messages)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._make_room(txn, needed, "inbox")
+            for mid, digest in settled_marks:
+                if txn.get(mid, db=self._recent) == digest:
+                    txn.delete(mid, db=self._recent)
             first_id = self._counter(txn, b"inbox_last_id") + 1
             if redelivered:
                 chosen = self._not_redelivered(txn, messages, marks)
                 new_records = [records[i] for i in chosen]
                 recent = [marks[i] for i in chosen if marks[i]]
             else:
-                chosen, new_records, recent = range(len(messages)), records, [m for m in marks if m]
+                chosen, new_records = range(len(messages)), records
+                recent = [mark for mark in marks if mark]
             last_id = first_id + len(new_records) - 1
             if new_records:
                 keys = list(map(_ID.pack, range(first_id, last_id + 1)))
@@ -332,7 +344,8 @@ class Store:
                 continue
             prefix = prefixes.get(m.topic)
             if prefix is None:
-                prefix = prefixes[m.topic] = hashlib.blake2b(m.topic.encode() + b"\0", digest_size=8)
+                prefix = hashlib.blake2b(m.topic.encode() + b"\0", digest_size=8)
+                prefixes[m.topic] = prefix
             state = prefix.copy()
             state.update(m.payload)
             marks.append((pack_mid(m.mid & 0xFFFF), state.digest()))

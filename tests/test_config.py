@@ -214,7 +214,8 @@ def test_keys_dir_replaces_the_config_files_directory(seed_file: Path, keys_dir:
     message = config_error(seed_file)  # no keys next to the config file
     assert message.startswith("flashlex.thing.keys.rootCA: key file ")
     assert str(seed_file.parent.resolve() / "root-ca-cert.pem") in message
-    assert load(str(seed_file), keys_dir=str(keys_dir)).thing.keys.root_ca.parent == keys_dir.resolve()
+    config = load(str(seed_file), keys_dir=str(keys_dir))
+    assert config.thing.keys.root_ca.parent == keys_dir.resolve()
 
 
 # -- bad configs: one line, starting with the key path ------------------------------------------

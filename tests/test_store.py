@@ -266,7 +266,8 @@ def test_expiry_matches_a_model_through_appends_acks_and_sweeps(data: st.DataObj
                 action = data.draw(st.sampled_from(["append", "ack", "expire"]))
                 if action == "append":
                     now = data.draw(times, label="now")
-                    for record_id in store.append(batch("m", data.draw(st.integers(0, 4))), now=now):
+                    count = data.draw(st.integers(0, 4), label="count")
+                    for record_id in store.append(batch("m", count), now=now):
                         live[record_id] = int((now + 2.5) * 1000)
                 elif action == "ack":
                     known = sorted(live) + [max(live, default=0) + 1]
@@ -302,7 +303,8 @@ def test_outbox_is_fifo(store: Store):
     assert store.outbox_append([("flashlex/collect", b"e3", 0, True)]) == [4]
     assert [e.id for e in store.outbox_peek()] == [2, 3, 4]
     first = store.outbox_peek(limit=1)[0]
-    assert (first.created, first.topic, first.qos, first.retain) == (50.0, "flashlex/collect", 1, False)
+    assert (first.created, first.topic, first.qos, first.retain) == \
+        (50.0, "flashlex/collect", 1, False)
     figures = store.stats()
     assert (figures["outbox_count"], figures["queued"], figures["sent"]) == (3, 4, 1)
 
@@ -568,7 +570,8 @@ def _append_until_killed(path: Path, round_: int, report_fd: int) -> None:
         sequence += KILL_BATCH
 
 
-def _read_reports(fd: int, pending: bytearray, until: float, want: int = 0) -> List[Tuple[int, int]]:
+def _read_reports(fd: int, pending: bytearray, until: float,
+                  want: int = 0) -> List[Tuple[int, int]]:
     """Reports read before `until` (or as soon as `want` of them arrived); b"" is the end."""
     reports: List[Tuple[int, int]] = []
     while (not want or len(reports) < want) and time.monotonic() < until:
@@ -629,3 +632,14 @@ def test_sigkill_during_writes_keeps_every_committed_message(tmp_path: Path):
             assert store.ack([new_id]) == 1
         finally:
             store.close()
+
+
+def test_a_settled_message_no_longer_masks_a_later_dup_with_the_same_mid_and_content(tmp_path):
+    """Packet ids are reused: once a message's PUBACK went out, a new message with its id and
+    content that arrives only as a DUP (first transmission lost) must be stored."""
+    store = Store(tmp_path / "data", cap_bytes=64 << 20)
+    first = Incoming("t", b"ping", qos=1, mid=1)
+    assert store.append([first]) == [1]
+    assert store.append([Incoming("t", b"other", qos=1, mid=2)], settled=[first]) == [2]
+    assert store.append([Incoming("t", b"ping", qos=1, mid=1, dup=True)]) == [3]
+    store.close()
