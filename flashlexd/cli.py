@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from flashlexd import __version__, logs, service
+from flashlexd import __version__, check, logs, service
 from flashlexd.config import ConfigError, LOG_LEVELS
 
 EXIT_CONFIG = 2
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", help="API socket path (default: $FLASHLEXD_SOCKET, config,"
                                       " /run/flashlexd/flashlexd.sock)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: flashlex.app.logLevel or info")
+    check.add_parser(commands)
     service.add_parser(commands)
     return parser
 
@@ -63,6 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "check":
+        return check.run(args)
     if args.command == "service":
         return service.run(args)
     raise AssertionError(args.command)

@@ -88,7 +88,8 @@ def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(keys.root_ca))
     except ssl.SSLError as exc:
-        raise ConfigError(f"flashlex.thing.keys.rootCA: cannot load {keys.root_ca}: {exc.reason}") from None
+        raise ConfigError(f"flashlex.thing.keys.rootCA: cannot load {keys.root_ca}:"
+                          f" {exc.reason or 'not a PEM certificate'}") from None
     try:
         context.load_cert_chain(str(keys.cert), str(keys.private_key))
     except ssl.SSLError as exc:
@@ -123,7 +124,8 @@ def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
     where = f"{thing.endpoint}:{thing.mqtt.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         if exc.verify_code in (_HOST_MISMATCH, _HOST_MISMATCH + 2):
-            return f"TLS: the broker's certificate is not valid for host {thing.endpoint} ({exc.verify_message})"
+            return (f"TLS: the broker's certificate is not valid for host {thing.endpoint}"
+                    f" ({exc.verify_message})")
         return (f"TLS: the broker's certificate at {where} is not trusted by rootCA"
                 f" {thing.keys.root_ca} ({exc.verify_message})")
     if isinstance(exc, ssl.SSLError):
@@ -143,18 +145,20 @@ def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
     return f"cannot connect to {where}: {exc}"
 
 
-class _LastError(logging.Handler):
-    """Keeps the exception paho logged last (paho reports socket errors only to its logger)."""
+class _LastError(logging.Logger):
+    """The logger handed to paho: paho reports socket errors only to its logger, so this keeps
+    the last warning or error (and its exception) for the one-line reason, and drops the rest
+    cheaply (paho logs at debug level twice per packet)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__("flashlexd.paho")
         self.exc: Optional[BaseException] = None
         self.message: Optional[str] = None
 
-    def emit(self, record: logging.LogRecord) -> None:
-        args = record.args if isinstance(record.args, tuple) else ()
-        self.exc = next((a for a in args if isinstance(a, BaseException)), None)
-        self.message = record.getMessage()
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if level >= logging.WARNING:
+            self.exc = next((a for a in args if isinstance(a, BaseException)), None)
+            self.message = str(msg) % args if args else str(msg)
 
     def take(self) -> Tuple[Optional[BaseException], Optional[str]]:
         taken = self.exc, self.message
@@ -166,13 +170,17 @@ class Connection:
     """One MQTT connection kept up from a worker's loop.
 
     `on_change(connected, error)` is called when the connection comes up (error None) and on
-    each failed attempt or drop (with a one-line reason). connectDisconnectTimeout bounds an
-    attempt: the blocking TCP+TLS part (capped at half the heartbeat timeout, so a black-holed
-    endpoint never stalls the heartbeat into a kill) and then the wait for CONNACK.
+    each failed attempt or drop (with a one-line reason); `on_message(message)` for each
+    PUBLISH received, `on_publish(mid)` for each of ours the broker acknowledged.
+    connectDisconnectTimeout bounds an attempt: the blocking TCP+TLS part (capped at half the
+    heartbeat timeout, so a black-holed endpoint never stalls the heartbeat into a kill) and
+    then the wait for CONNACK.
     """
 
     def __init__(self, config: Config, client_id: str,
                  on_change: Callable[[bool, Optional[str]], None],
+                 on_message: Optional[Callable[[paho.MQTTMessage], None]] = None,
+                 on_publish: Optional[Callable[[int], None]] = None,
                  clock: Callable[[], float] = time.monotonic):
         self.thing = config.thing
         self.client_id = client_id
@@ -184,15 +192,22 @@ class Connection:
         self.backoff = ReconnectBackoff(config.thing.mqtt.backoff, clock)
         self.connected = False
         self.closing = False
+        self.handled = 0  # PUBLISH and PUBACK packets passed on: how on_ready sees progress
         self._connack_due: Optional[float] = None
         self._errors = _LastError()
-        paho_log = logging.getLogger(f"flashlexd.paho.{client_id}")
-        paho_log.propagate = False  # its socket errors come out as our one-line reasons
-        paho_log.setLevel(logging.WARNING)
-        paho_log.handlers[:] = [self._errors]
-        self.client.enable_logger(paho_log)
+        self.client.enable_logger(self._errors)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        if on_message is not None:
+            def message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+                self.handled += 1
+                on_message(msg)
+            self.client.on_message = message
+        if on_publish is not None:
+            def published(client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+                self.handled += 1
+                on_publish(mid)
+            self.client.on_publish = published
 
     # -- the worker loop's hooks ------------------------------------------------------------------
 
@@ -204,16 +219,21 @@ class Connection:
 
     def on_ready(self, readable: Sequence[Any], writable: Sequence[Any],
                  max_packets: int = MAX_PACKETS_PER_PASS) -> None:
-        """Write what is queued, then read up to `max_packets` packets that are already here."""
+        """Write what is queued, then read up to `max_packets` packets that are already here.
+
+        Reads go on while they yield messages, with no select() per packet (paho's own loop
+        does one): a read that finds nothing (or only a PINGRESP, SUBACK...) ends the pass and
+        the worker's select() says when there is more."""
         sock = self.client.socket()
         if sock is not None and sock in writable:
             self.client.loop_write()
         if sock is not None and sock in readable:
             for _ in range(max(1, max_packets)):
+                before = self.handled
                 if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
                 sock = self.client.socket()
-                if sock is None or not _has_data(sock):
+                if sock is None or (self.handled == before and not _buffered(sock)):
                     break
 
     def service(self) -> float:
@@ -324,6 +344,3 @@ def _buffered(sock: Any) -> bool:
     pending = getattr(sock, "pending", None)
     return bool(pending and pending() > 0)
 
-
-def _has_data(sock: Any) -> bool:
-    return _buffered(sock) or bool(select.select([sock], [], [], 0)[0])

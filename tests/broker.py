@@ -91,7 +91,8 @@ class _Authority:
                 .not_valid_before(now - datetime.timedelta(hours=1))
                 .not_valid_after(now + datetime.timedelta(days=2)))
 
-    def issue(self, directory: Path, stem: str, common_name: str, server_names: Sequence[str] = ()) -> Identity:
+    def issue(self, directory: Path, stem: str, common_name: str,
+              server_names: Sequence[str] = ()) -> Identity:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -99,10 +100,11 @@ class _Authority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True) \
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if server_names:
-            builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n) for n in server_names]),
-                                            critical=False)
+            names = x509.SubjectAlternativeName([_general_name(n) for n in server_names])
+            builder = builder.add_extension(names, critical=False)
         identity = Identity(directory / f"{stem}.pem", directory / f"{stem}.key")
-        identity.cert.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        cert = builder.sign(self.key, hashes.SHA256())
+        identity.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(identity.key, key)
         return identity
 
@@ -145,16 +147,16 @@ class Broker:
     optional plain listener (for benchmarks), persistence in `workdir`, unlimited queues."""
 
     def __init__(self, certs: Certs, workdir: Path, *, server: Optional[Identity] = None,
-                 plain: bool = False, max_inflight: Optional[int] = None):
+                 plain: bool = False):
         self.certs = certs
         self.workdir = workdir
         self.server = server or certs.server
         self.port = free_port()
         self.plain_port = free_port() if plain else None
-        self.max_inflight = max_inflight
         self.conf = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self.process: Optional[subprocess.Popen] = None
+        self.peers: List[subprocess.Popen] = []  # clients started against it, killed by close()
         (workdir / "state").mkdir(parents=True, exist_ok=True)
 
     def _write_conf(self) -> None:
@@ -168,8 +170,6 @@ class Broker:
             "log_type subscribe",
             "connection_messages true",
         ]
-        if self.max_inflight is not None:
-            lines.append(f"max_inflight_messages {self.max_inflight}")
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto becomes `mosquitto` and cannot read 0600 keys
         lines += [
@@ -213,6 +213,15 @@ class Broker:
         """A crash: whatever was not saved is gone."""
         self._signal_and_wait(signal.SIGKILL)
 
+    def close(self) -> None:
+        """The end of a test: the broker and every peer still running (a mosquitto_pub -l
+        retries forever when its broker is gone)."""
+        for peer in self.peers:
+            if peer.poll() is None:
+                peer.kill()
+                peer.wait(10)
+        self.kill()
+
     def restart(self, kill: bool = False) -> None:
         (self.kill if kill else self.stop)()
         self.start()
@@ -236,8 +245,12 @@ class Broker:
         except FileNotFoundError:
             return ""
 
-    def client_args(self, identity: Optional[Identity] = None) -> List[str]:
-        """Connection arguments for mosquitto_pub/mosquitto_sub over mutual TLS."""
+    def client_args(self, identity: Optional[Identity] = None, plain: bool = False) -> List[str]:
+        """Connection arguments for mosquitto_pub/mosquitto_sub: mutual TLS, or the plain
+        listener (`plain`, when started with one)."""
+        if plain:
+            assert self.plain_port, "broker started without a plain listener"
+            return ["-h", HOST, "-p", str(self.plain_port)]
         identity = identity or self.certs.thing
         return ["-h", HOST, "-p", str(self.port), "--cafile", str(self.certs.ca),
                 "--cert", str(identity.cert), "--key", str(identity.key)]
@@ -258,7 +271,6 @@ class Proxy:
         self.listener.listen()
         self.port = self.listener.getsockname()[1]
         self.swallowing = {"up": False, "down": False}
-        self.connections = 0
         self._peer: Dict[socket.socket, socket.socket] = {}
         self._up: set = set()  # sockets whose bytes travel client -> broker
         self._cut = threading.Event()
@@ -304,7 +316,6 @@ class Proxy:
             return
         self._peer[client], self._peer[upstream] = upstream, client
         self._up.add(client)
-        self.connections += 1
 
     def _relay(self, sock: socket.socket) -> None:
         try:
@@ -325,12 +336,15 @@ class Proxy:
 # -- independent peers ------------------------------------------------------------------------
 
 def publish_lines(broker: Broker, topic: str, lines_file: Path, client_id: str = "test-pub",
-                  max_inflight: int = 100) -> subprocess.Popen:
-    """Start mosquitto_pub publishing each line of `lines_file` at QoS 1; returns the process."""
+                  max_inflight: int = 100, plain: bool = False) -> subprocess.Popen:
+    """Start mosquitto_pub publishing each line of `lines_file` at QoS 1; returns the process.
+    It exits when all are acknowledged; if the broker dies, it waits for it to come back."""
+    argv = ["mosquitto_pub", *broker.client_args(plain=plain), "-i", client_id, "-q", "1",
+            "-M", str(max_inflight), "-t", topic, "-l"]
     with open(lines_file, "rb") as stdin:
-        return subprocess.Popen(["mosquitto_pub", *broker.client_args(), "-i", client_id, "-q", "1",
-                                 "-M", str(max_inflight), "-t", topic, "-l"],
-                                stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    broker.peers.append(process)
+    return process
 
 
 def publish(broker: Broker, topic: str, payload: bytes, qos: int = 1) -> None:
@@ -364,6 +378,7 @@ class Subscriber:
                 ["mosquitto_sub", *self.broker.client_args(), "-c", "-i", self.client_id, "-q", "1",
                  "-t", self.topic, "-F", self.fmt],
                 stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.broker.peers.append(self.process)
         wait_for(lambda: self.broker.subscriptions(self.client_id, self.topic) > before, 10,
                  f"{self.client_id} subscribed to {self.topic}")
         return self

@@ -21,7 +21,7 @@ def broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
     """A fresh mutual-TLS mosquitto per test (it starts in a few ms, and tests kill it)."""
     running = Broker(certs, tmp_path / "broker").start()
     yield running
-    running.kill()
+    running.close()
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ def test_broker_crash_mid_flood_loses_nothing_it_kept(broker: Broker, tmp_path: 
     publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "flood")
     wait_for(lambda: store.inbox_count() >= 2_000, 30, "the flood under way")
     broker.kill()
-    publisher.wait(10)
+    publisher.kill()  # it would go on after the restart; what it had not sent is not our concern
     broker.start()
     worker.wait(lambda w: sum(1 for m in w.reports("mqtt") if m["connected"]) >= 2, 20, "reconnected")
     after = write_lines(tmp_path / "after", 2_000, width=200, start=6_000)

@@ -16,6 +16,12 @@ from flashlexd.channel import CHANNEL_FD, Channel
 from tests.broker import wait_for
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class WorkerProcess:
     def __init__(self, name: str, config: Path, log_path: Path):
         self.name, self.config, self.log_path = name, config, log_path

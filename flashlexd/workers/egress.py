@@ -1,8 +1,10 @@
 """The egress worker: outbox -> broker, deleting an entry only after the broker acknowledged it.
 
 Entries go out oldest first, each at its own topic and QoS, with up to `maxInflight` published
-and not yet acknowledged. A PUBACK moves the entry's id to a done list; the done list of a loop
-pass is deleted in one store transaction. So the outbox only ever loses entries the broker has.
+and not yet acknowledged. A PUBACK moves the entry's id to a done list, deleted in one store
+transaction (one fsync) once it holds a window's worth, nothing is in flight any more, or its
+oldest id waited DELETE_DELAY: at most one delete per loop pass, usually far fewer. So the
+outbox only ever loses entries the broker has; a kill before the delete just sends them again.
 
 After a disconnect, paho keeps the unacknowledged QoS 1/2 messages in memory and, on the
 reconnect (persistent session), resends them first with DUP set and their old packet ids, so
@@ -19,7 +21,8 @@ outbox without being woken (in the FlashLex SDK it paced the whole drain loop).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -29,6 +32,8 @@ from flashlexd.workers.base import Worker
 
 log = logging.getLogger(__name__)
 
+DELETE_DELAY = 0.02  # seconds an acknowledged entry may wait for the next delete transaction
+
 
 class EgressWorker(Worker):
     name = "egress"
@@ -36,12 +41,13 @@ class EgressWorker(Worker):
     def setup(self) -> None:
         mqtt = self.config.thing.mqtt
         self.store = Store.from_config(self.config.store)
-        self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change)
+        self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
+                                     on_publish=self._on_publish)
         self.client = self.connection.client
-        self.client.on_publish = self._on_publish
         self.window = mqtt.max_inflight
         self.inflight: Dict[int, int] = {}  # packet id -> outbox id
         self.done: List[int] = []           # acknowledged, to delete
+        self.done_since = 0.0               # when the oldest of them was acknowledged
         self.cursor = 0                     # the newest outbox id handed to paho
         self.more = True                    # the outbox may hold entries past the cursor
         self.next_check = 0.0
@@ -50,7 +56,7 @@ class EgressWorker(Worker):
 
     # -- loop hooks -------------------------------------------------------------------------------
 
-    def wait_fds(self):
+    def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
         return self.connection.wait_fds()
 
     def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
@@ -62,7 +68,11 @@ class EgressWorker(Worker):
 
     def tick(self, now: float) -> float:
         wait = self.connection.service()
-        self._delete_done()
+        if self.done and (len(self.done) >= self.window or not self.inflight
+                          or now - self.done_since >= DELETE_DELAY):
+            self._delete_done()
+        elif self.done:
+            wait = min(wait, self.done_since + DELETE_DELAY - now)
         if now >= self.next_check:
             self.next_check = now + self.config.thing.mqtt.draining_frequency
             self.more = True
@@ -82,14 +92,19 @@ class EgressWorker(Worker):
 
     # -- MQTT -------------------------------------------------------------------------------------
 
-    def _on_change(self, connected: bool, error: Any) -> None:
+    def _on_change(self, connected: bool, error: Optional[str]) -> None:
         self.counters["connected"] = connected
         self.report("mqtt", connected=connected, error=error)
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+    def _on_publish(self, mid: int) -> None:
         entry = self.inflight.pop(mid, None)
         if entry is not None:
-            self.done.append(entry)
+            self._done(entry)
+
+    def _done(self, entry: int) -> None:
+        if not self.done:
+            self.done_since = time.monotonic()
+        self.done.append(entry)
 
     # -- the outbox -------------------------------------------------------------------------------
 
@@ -106,14 +121,14 @@ class EgressWorker(Worker):
                 log.error("outbox entry %d cannot be published to %r (%s); deleted", entry.id,
                           entry.topic, exc)
                 self.counters["invalid"] += 1
-                self.done.append(entry.id)
+                self._done(entry.id)
                 self.cursor = entry.id
                 continue
             if entry.qos == 0:
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     self.more = True  # not sent: retried after the reconnect
                     return
-                self.done.append(entry.id)
+                self._done(entry.id)
             else:
                 self.inflight[info.mid] = entry.id  # paho resends it itself if the link drops
             self.cursor = entry.id

@@ -2,11 +2,11 @@
 
 paho runs with manual acks. Each PUBLISH joins a pending batch; the batch is committed with ONE
 `Store.append` (one fsync: group commit) at the end of each loop pass, that is as soon as the
-socket has nothing more to read or BATCH_MAX messages are waiting, and only after the commit
-returns are the PUBACKs sent, in arrival order (MQTT 3.1.1, 4.6). There is no "wait a few ms
-for more" timer: the broker stops sending once its in-flight window (20 in mosquitto, 100 in
-AWS IoT) is unacknowledged, so waiting would only stall it; messages that arrive during a commit
-simply make the next batch bigger.
+socket has nothing more to read or BATCH_MAX messages (BATCH_BYTES of payload) are waiting, and
+only after the commit returns are the PUBACKs sent, in arrival order (MQTT 3.1.1, 4.6). There
+is no "wait a few ms for more" timer: a broker stops sending once its window of unacknowledged
+messages is full, so waiting would only stall it; messages that arrive during a commit simply
+make the next batch bigger (the batch size adapts to the fsync time).
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
 (DUP set, same packet id) and the store recognises the redelivery of one it already committed.
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.mqtt import Connection
 from flashlexd.store import Incoming, Store, StoreError, StoreFull
@@ -29,12 +28,12 @@ from flashlexd.workers.base import Worker
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 256
+BATCH_MAX = 1024              # messages per commit, at most
+BATCH_BYTES = 8 * 1024 * 1024  # payload bytes per commit, at most (payloads go up to 256 KB)
 RETRY_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
-class _Pending:
+class _Pending(NamedTuple):
     incoming: Optional[Incoming]  # None: dropped (oversize), waiting only for its ack
     mid: int
     qos: int
@@ -47,12 +46,13 @@ class IngressWorker(Worker):
     def setup(self) -> None:
         self.store = Store.from_config(self.config.store)
         self.topics = self.config.thing.mqtt.ingress_topics()
-        self.connection = Connection(self.config, self.config.thing.mqtt.client_id, self._on_change)
+        self.connection = Connection(self.config, self.config.thing.mqtt.client_id, self._on_change,
+                                     on_message=self._on_message)
         self.client = self.connection.client
         self.client.manual_ack_set(True)
-        self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.batch: List[_Pending] = []
+        self.batch_bytes = 0
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
@@ -60,11 +60,13 @@ class IngressWorker(Worker):
 
     # -- loop hooks -------------------------------------------------------------------------------
 
-    def wait_fds(self):
+    def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
         return self.connection.wait_fds()
 
     def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
-        self.connection.on_ready(readable, writable, max_packets=BATCH_MAX - len(self.batch))
+        full = len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES
+        # a full batch still reads one packet a pass, so a PINGRESP is never left unread
+        self.connection.on_ready(readable, writable, max_packets=1 if full else BATCH_MAX - len(self.batch))
 
     def tick(self, now: float) -> float:
         wait = self.connection.service()
@@ -99,7 +101,7 @@ class IngressWorker(Worker):
             log.error("%s", error)
             self.report("mqtt", connected=True, error=error)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+    def _on_message(self, message: Any) -> None:
         self.counters["received"] += 1
         payload = message.payload
         incoming: Optional[Incoming] = None
@@ -111,6 +113,7 @@ class IngressWorker(Worker):
             incoming = Incoming(message.topic, payload, message.qos, bool(message.retain),
                                 message.mid, bool(message.dup))
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
+        self.batch_bytes += len(payload) if incoming else 0
 
     # -- commit -----------------------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class IngressWorker(Worker):
         self.counters["duplicates"] += len(ids) - len(new)
         self.counters["batches"] += 1
         committed, self.batch = self.batch[:count], self.batch[count:]
+        self.batch_bytes = sum(len(p.incoming.payload) for p in self.batch if p.incoming)
         for pending in committed:
             if pending.qos and pending.generation == self.generation and self.connection.connected:
                 self.client.ack(pending.mid, pending.qos)

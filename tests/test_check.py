@@ -1,0 +1,251 @@
+"""`flashlexd check`, run as the real command against the real mutual-TLS broker: every step
+passing, and each way a device can be not ready failing at its own step with its reason."""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from flashlexd.check import PROBE_KEY, certificate_validity, probe_topic
+from tests.broker import INGRESS_TOPIC, THING, Broker, Certs, Identity, free_port, open_store, write_config
+
+STEPS = ["config", "keys", "broker", "mqtt", "probe", "store"]
+LINE = re.compile(r"^(ok|FAIL|skip) +(\w+): (.*)$")
+
+
+def run_check(config: Path, *extra: str, timeout: str = "5") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flashlexd", "check", "--config", str(config),
+                           "--timeout", timeout, *extra], capture_output=True, text=True, timeout=60)
+
+
+def parse(result: subprocess.CompletedProcess) -> Tuple[Dict[str, Tuple[str, str]], str]:
+    """{step: (status, detail)} from the lines, in order, and the verdict line."""
+    lines = result.stdout.splitlines()
+    steps = {}
+    for line in lines[:-1]:
+        match = LINE.match(line)
+        assert match, f"not a step line: {line!r}\n{result.stdout}{result.stderr}"
+        steps[match.group(2)] = (match.group(1), match.group(3))
+    assert list(steps) == STEPS, result.stdout
+    return steps, lines[-1]
+
+
+def statuses(steps: Dict[str, Tuple[str, str]]) -> List[str]:
+    return [steps[name][0] for name in STEPS]
+
+
+def assert_no_key_material(result: subprocess.CompletedProcess, *keys: Path) -> None:
+    output = result.stdout + result.stderr
+    assert "PRIVATE KEY" not in output
+    for key in keys:
+        body = "".join(key.read_text().splitlines()[1:-1])
+        assert body[:40] not in output.replace("\n", "")
+
+
+# -- everything in place ------------------------------------------------------------------------
+
+def test_every_step_passes_against_the_real_broker(broker: Broker, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "thing", broker)
+    result = run_check(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps, verdict = parse(result)
+    assert statuses(steps) == ["ok"] * 6
+    assert verdict.startswith("READY")
+    assert "client certificate accepted" in steps["broker"][1]
+    assert f"'{THING}-check'" in steps["mqtt"][1]
+    rtt = re.search(r'\{"flashlexd-check": "[0-9a-f-]{36}"\} published to (\S+) came back in ([0-9.]+) ms',
+                    steps["probe"][1])
+    assert rtt and rtt.group(1) == INGRESS_TOPIC and float(rtt.group(2)) > 0, steps["probe"]
+    assert "0 messages in the inbox" in steps["store"][1]
+    assert_no_key_material(result, tmp_path / "thing" / f"{THING}-keypair-private.pem")
+    # its own client id, with a clean session (c1): nothing of it stays on the broker
+    assert f"as {THING}-check (p2, c1," in broker.log_text()
+    assert f"Client {THING}-check disconnected." in broker.log_text()
+    # and the store step only opened the store: the probe was not written into it
+    store = open_store(config)
+    try:
+        assert store.inbox_count() == 0
+    finally:
+        store.close()
+
+
+def test_json_output(broker: Broker, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", broker), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"ok", "steps"} and report["ok"] is True
+    assert [step["name"] for step in report["steps"]] == STEPS
+    assert all(set(step) == {"name", "status", "detail"} for step in report["steps"])
+    assert all(step["status"] == "ok" and step["detail"] for step in report["steps"])
+
+
+def test_json_output_of_a_failure(broker: Broker, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", broker, port=free_port()), "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert [step["status"] for step in report["steps"]] == ["ok", "ok", "fail", "skip", "skip", "ok"]
+
+
+# -- each way to be not ready -------------------------------------------------------------------
+
+def test_certificate_from_another_ca_is_refused(broker: Broker, certs: Certs, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", broker, identity=certs.stranger))
+    assert result.returncode == 1
+    steps, verdict = parse(result)
+    failed = [name for name in STEPS if steps[name][0] == "FAIL"]
+    assert failed in (["broker"], ["mqtt"]), result.stdout  # mqtt when the alert comes late
+    assert "refused the client certificate" in steps[failed[0]][1]
+    assert steps["probe"][0] == "skip" and steps["store"][0] == "ok"
+    assert verdict.startswith("NOT READY")
+
+
+def test_broker_certificate_not_signed_by_root_ca(broker: Broker, certs: Certs, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", broker, root_ca=certs.other_ca))
+    steps, _ = parse(result)
+    assert result.returncode == 1
+    assert statuses(steps) == ["ok", "ok", "FAIL", "skip", "skip", "ok"]
+    assert steps["broker"][1].startswith("TLS: the broker's certificate") and "not trusted" in steps["broker"][1]
+
+
+def test_broker_certificate_for_another_host(certs: Certs, tmp_path: Path) -> None:
+    elsewhere = Broker(certs, tmp_path / "elsewhere", server=certs.wrong_host).start()
+    try:
+        result = run_check(write_config(tmp_path / "thing", elsewhere))
+    finally:
+        elsewhere.kill()
+    steps, _ = parse(result)
+    assert statuses(steps) == ["ok", "ok", "FAIL", "skip", "skip", "ok"]
+    assert steps["broker"][1].startswith("TLS: the broker's certificate is not valid for host 127.0.0.1")
+
+
+def test_closed_port_is_connection_refused(broker: Broker, tmp_path: Path) -> None:
+    port = free_port()
+    result = run_check(write_config(tmp_path / "thing", broker, port=port))
+    steps, _ = parse(result)
+    assert result.returncode == 1
+    assert statuses(steps) == ["ok", "ok", "FAIL", "skip", "skip", "ok"]
+    assert steps["broker"][1].startswith(f"TCP: connection refused to 127.0.0.1:{port}")
+
+
+def test_unknown_host_fails_dns(broker: Broker, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", broker, endpoint="no-such-host.invalid"), timeout="3")
+    steps, _ = parse(result)
+    assert result.returncode == 1
+    assert statuses(steps) == ["ok", "ok", "FAIL", "skip", "skip", "ok"]
+    assert steps["broker"][1].startswith("DNS: ") and "no-such-host.invalid" in steps["broker"][1]
+
+
+def test_private_key_readable_by_others(broker: Broker, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "thing", broker)
+    key = tmp_path / "thing" / f"{THING}-keypair-private.pem"
+    key.chmod(0o644)
+    result = run_check(config)
+    steps, _ = parse(result)
+    assert result.returncode == 1
+    assert steps["keys"][0] == "FAIL" and "mode 0644" in steps["keys"][1] and f"chmod 600 {key}" in steps["keys"][1]
+    assert "warning: " in steps["config"][1]  # the config loader's warning, shown as detail
+    # the key still works: the other steps run and pass
+    assert statuses(steps) == ["ok", "FAIL", "ok", "ok", "ok", "ok"]
+    assert_no_key_material(result, key)
+
+
+def test_certificate_and_key_that_do_not_match(broker: Broker, certs: Certs, tmp_path: Path) -> None:
+    mixed = Identity(cert=certs.thing.cert, key=certs.stranger.key)
+    result = run_check(write_config(tmp_path / "thing", broker, identity=mixed))
+    steps, _ = parse(result)
+    assert result.returncode == 1
+    assert statuses(steps) == ["ok", "FAIL", "skip", "skip", "skip", "ok"]
+    assert "does not match private key" in steps["keys"][1]
+
+
+def test_expired_certificate(broker: Broker, tmp_path: Path) -> None:
+    directory = tmp_path / "old"
+    directory.mkdir()
+    expired = _self_signed(directory, not_after=datetime.datetime(2021, 6, 1, 12, 0, tzinfo=datetime.timezone.utc))
+    result = run_check(write_config(tmp_path / "thing", broker, identity=expired))
+    steps, _ = parse(result)
+    assert result.returncode == 1
+    assert steps["keys"][0] == "FAIL" and "expired on 2021-06-01 12:00:00 UTC" in steps["keys"][1]
+
+
+def test_bad_config_skips_everything_after_it(tmp_path: Path) -> None:
+    config = tmp_path / "flashlex.yml"
+    config.write_text("flashlex:\n  thing:\n    name: x\n")
+    result = run_check(config)
+    steps, verdict = parse(result)
+    assert result.returncode == 1
+    assert statuses(steps) == ["FAIL", "skip", "skip", "skip", "skip", "skip"]
+    assert steps["config"][1] == "flashlex.thing.endpoint: missing required key"
+    assert "6 checks failed (config), 5 skipped" in verdict
+
+
+def test_missing_key_file_is_a_config_failure(broker: Broker, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "thing", broker)
+    (tmp_path / "thing" / f"{THING}-certificate.pem").unlink()
+    steps, _ = parse(run_check(config))
+    assert steps["config"][0] == "FAIL" and "flashlex.thing.keys.cert" in steps["config"][1]
+    assert "is missing" in steps["config"][1]
+
+
+def test_data_dir_that_cannot_be_created(broker: Broker, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_check(write_config(tmp_path / "thing", broker, db={"dataPath": str(blocker / "data")}))
+    steps, _ = parse(result)
+    assert result.returncode == 1
+    assert statuses(steps) == ["ok", "ok", "ok", "ok", "ok", "FAIL"]
+    assert steps["store"][1].startswith(f"cannot open store in {blocker / 'data'}")
+
+
+@pytest.mark.parametrize("argv", [
+    [],                                   # no --config
+    ["--config", "x.yml", "--timeout", "0"],
+    ["--config", "x.yml", "--timeout", "soon"],
+])
+def test_bad_command_line_exits_2(argv: List[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "flashlexd", "check", *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+# -- the pieces ---------------------------------------------------------------------------------
+
+def test_certificate_dates_agree_with_cryptography(certs: Certs, tmp_path: Path) -> None:
+    late = _self_signed(tmp_path, not_after=datetime.datetime(2051, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc))
+    for path in (certs.thing.cert, certs.ca, late.cert):  # UTCTime, and GeneralizedTime from 2050 on
+        parsed = x509.load_pem_x509_certificate(path.read_bytes())
+        assert certificate_validity(path.read_bytes()) == (parsed.not_valid_before_utc,
+                                                           parsed.not_valid_after_utc)
+
+
+def test_probe_topic_fills_in_wildcards() -> None:
+    assert probe_topic("ingress/thing") == "ingress/thing"
+    assert probe_topic("ingress/+/in") == f"ingress/{PROBE_KEY}/in"
+    assert probe_topic("ingress/#") == f"ingress/{PROBE_KEY}"
+
+
+def _self_signed(directory: Path, not_after: datetime.datetime) -> Identity:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, THING)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc))
+            .not_valid_after(not_after).sign(key, hashes.SHA256()))
+    identity = Identity(directory / "self.pem", directory / "self.key")
+    identity.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    identity.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    identity.key.chmod(0o600)
+    return identity
