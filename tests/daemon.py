@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.broker import write_config
-from tests.systemd import wait_for
+from tests.broker import wait_for
 
 
 class NotifyListener:

@@ -5,26 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Dict, Optional
+
+from tests.broker import wait_for
 
 PID1_SCRIPT = """#!/bin/sh
 mount -t tmpfs tmpfs /run
 exec /lib/systemd/systemd --system --unit=test.target
 """
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll `predicate` until it returns something truthy, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class RealSystemd:

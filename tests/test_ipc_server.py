@@ -20,6 +20,7 @@ from flashlexd.client.wire import HEADER, PROTOCOL_VERSION, Code, encode_frame
 from flashlexd.ipc import Limits, Pending, RpcServer, ServerError, ServerLoop
 from flashlexd.ipc.methods import Methods
 from flashlexd.store import Incoming, Store
+from tests.broker import wait_for
 
 MAX_PAYLOAD = 256 * 1024
 EGRESS_TOPIC = "things/dev1/egress"
@@ -27,14 +28,7 @@ EGRESS_TOPIC = "things/dev1/egress"
 
 def until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
     """Poll `condition` until truthy or the deadline passes (then fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+    return wait_for(condition, timeout, what, interval=0.002)
 
 
 class Harness:

@@ -12,7 +12,8 @@ import yaml
 
 from flashlexd.service import render_unit
 from tests.daemon import daemon_config  # noqa: F401 (fixture)
-from tests.systemd import RealSystemd, wait_for
+from tests.broker import wait_for
+from tests.systemd import RealSystemd
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/lib/systemd/systemd") or not shutil.which("unshare"),
