@@ -22,6 +22,7 @@ from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
 from flashlexd.notify import Notifier, child_environment
+from flashlexd.rates import RateMeter
 from flashlexd.restart import CrashLoop, RestartPolicy
 from flashlexd.store import Store
 from flashlexd.workerproc import WorkerProcess
@@ -74,6 +75,7 @@ class Supervisor:
         self.exit_code = 0
         self.announced_ready = False
         self.next_status = 0.0
+        self.rates = RateMeter()
         self.store: Optional[Store] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
@@ -260,10 +262,11 @@ class Supervisor:
             log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
         if now >= self.next_status:
             self.next_status = now + STATUS_EVERY
-            self.notifier.status(self.status_line())
+            stats = self.store.stats()
+            self.rates.sample(now, stats["received"], stats["sent"])
+            self.notifier.status(self.status_line(stats))
 
-    def status_line(self) -> str:
-        stats = self.store.stats()
+    def status_line(self, stats: Dict[str, Any]) -> str:
         links = []
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
@@ -283,6 +286,7 @@ class Supervisor:
             "workers": workers,
             "mqtt": {name: dict(self.workers[name].mqtt, **self.workers[name].counters)
                      for name in ("ingress", "egress")},
+            "rates": self.rates.rates(),
         }
 
     # -- reload ---------------------------------------------------------------------------------
@@ -305,6 +309,8 @@ class Supervisor:
                 worker.stop(now, new.supervision.stop_timeout, restart=True)
         if new.api != self.config.api:
             log.warning("API socket settings changed: they take effect at the next restart")
+        self.methods.egress_topic = new.thing.mqtt.egress_topic
+        self.methods.offline_publish_queueing = new.thing.mqtt.offline_publish_queueing
         if new.store != self.config.store:
             self.store.close()
             self.store = self.methods.store = Store.from_config(new.store)

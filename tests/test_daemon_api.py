@@ -44,6 +44,8 @@ def test_a_message_from_the_cloud_reaches_wait_and_ack_removes_it(daemon, broker
         status = fx.status()
         assert status["inbox"]["count"] == 0
         assert {w["name"] for w in status["workers"]} == {"ingress", "egress", "expiry"}
+        assert set(status["rates"]) >= {"ingest_per_s", "drain_per_s"}
+        assert status["counters"]["received"] == 1 and status["counters"]["acked"] == 1
 
 
 def test_publish_reaches_an_independent_subscriber(daemon, broker, tmp_path):
