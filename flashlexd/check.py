@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import os
 import re
 import select
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from flashlexd import config as config_module
-from flashlexd.config import Config, ConfigError, Keys, Thing
+from flashlexd.config import Config, ConfigError, Thing
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -391,37 +390,19 @@ def check_store(config: Config) -> Tuple[str, bool]:
 
 # -- MQTT ---------------------------------------------------------------------------------------
 
-class _PahoErrors(logging.Logger):
-    """The logger handed to paho, keeping the last warning or error and its exception: paho
-    reports socket and TLS errors only to its logger. Nothing is printed."""
-
-    def __init__(self) -> None:
-        super().__init__("flashlexd.check.paho")
-        self.exc: Optional[BaseException] = None
-        self.message: Optional[str] = None
-
-    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        if level >= logging.WARNING:
-            self.exc = next((a for a in args if isinstance(a, BaseException)), None)
-            self.message = str(msg) % args if args else str(msg)
-
-
 class _Session:
     """The check's own short MQTT session: `build_client` from the daemon, with the client id
     `<thing name>-check` and a clean session, driven by paho's `loop()` (no fork here)."""
 
     def __init__(self, thing: Thing, timeout: float):
-        from flashlexd.mqtt import build_client
+        from flashlexd.mqtt import LastError, build_client
 
         self.thing, self.timeout = thing, timeout
         self.where = f"{thing.endpoint}:{thing.mqtt.port}"
         self.client_id = f"{thing.name}-check"
-        self.client: "paho.Client" = build_client(thing, self.client_id, timeout)
-        # build_client makes the daemon's persistent sessions; this one must leave nothing
-        # behind on the broker (no session that queues ingress messages for nobody).
-        # paho has no public setter for it.
-        self.client._clean_session = True  # type: ignore[attr-defined]
-        self.errors = _PahoErrors()
+        # a clean session: nothing left on the broker to queue ingress messages for nobody
+        self.client: "paho.Client" = build_client(thing, self.client_id, timeout, clean_session=True)
+        self.errors = LastError()
         self.client.enable_logger(self.errors)
         self.connack: Any = None
         self.closed = False

@@ -101,11 +101,13 @@ def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
     return context
 
 
-def build_client(thing: Thing, client_id: str, connect_timeout: float) -> paho.Client:
+def build_client(thing: Thing, client_id: str, connect_timeout: float,
+                 clean_session: bool = False) -> paho.Client:
     """A paho client for `thing`, not yet connected; `Connection` drives it.
-    `connect_timeout` bounds the blocking TCP connect and TLS handshake."""
+    `connect_timeout` bounds the blocking TCP connect and TLS handshake. The daemon's sessions
+    are persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker."""
     mqtt = thing.mqtt
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                          protocol=paho.MQTTv311,
                          transport="websockets" if mqtt.use_websocket else "tcp",
                          reconnect_on_failure=False)  # no silent MQTT 3.1 downgrade-and-retry
@@ -145,10 +147,10 @@ def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
     return f"cannot connect to {where}: {exc}"
 
 
-class _LastError(logging.Logger):
-    """The logger handed to paho: paho reports socket errors only to its logger, so this keeps
-    the last warning or error (and its exception) for the one-line reason, and drops the rest
-    cheaply (paho logs at debug level twice per packet)."""
+class LastError(logging.Logger):
+    """The logger handed to paho while connecting: paho reports socket and TLS errors only to
+    its logger, so this keeps the last warning or error (and its exception) for the one-line
+    reason, and drops the rest."""
 
     def __init__(self) -> None:
         super().__init__("flashlexd.paho")
@@ -194,8 +196,7 @@ class Connection:
         self.closing = False
         self.handled = 0  # PUBLISH and PUBACK packets passed on: how on_ready sees progress
         self._connack_due: Optional[float] = None
-        self._errors = _LastError()
-        self.client.enable_logger(self._errors)
+        self._errors = LastError()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         if on_message is not None:
@@ -284,6 +285,7 @@ class Connection:
     def _attempt(self) -> None:
         self.backoff.attempted()
         self._errors.take()
+        self.client.enable_logger(self._errors)  # until CONNACK: why an attempt failed
         self._connack_due = self.clock() + self.timeout  # set first: CONNECT may already fail inside
         try:
             self.client.reconnect()  # TCP connect, TLS handshake, CONNECT written
@@ -301,6 +303,7 @@ class Connection:
             return
         self.connected = True
         self.backoff.connected()
+        self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
         log.info("connected to %s:%d as %r (session present: %s)", self.thing.endpoint,
                  self.thing.mqtt.port, self.client_id, bool(flags.session_present))
         self.on_change(True, None)

@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Callable, Iterator, List
 
 import pytest
+import yaml
 
-from tests.broker import Broker, Certs, make_certs
+from tests.broker import Broker, Certs, make_certs, write_config
 from tests.worker_process import WorkerProcess
 
 
@@ -37,3 +38,17 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[[str, Path], WorkerProcess
     yield start
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+def daemon_config(broker, tmp_path) -> Path:
+    """A FlashLex config for the test broker with supervision tuned for tests: heartbeats every
+    0.2 s, a hung worker noticed after 3 s."""
+    path = write_config(tmp_path / "etc", broker)
+    document = yaml.safe_load(path.read_text())
+    document["flashlex"]["app"]["supervisor"] = {
+        "heartbeatSeconds": 0.2, "heartbeatTimeoutSeconds": 3, "stopTimeoutSeconds": 5,
+        "restartBackoffMaxSeconds": 2, "crashLoopRestarts": 4, "crashLoopWindowSeconds": 30}
+    document["flashlex"]["thing"]["mqtt"]["keepalive"] = 30
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path

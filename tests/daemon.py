@@ -10,10 +10,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import pytest
-import yaml
-
-from tests.broker import write_config
 from tests.broker import wait_for
 
 
@@ -133,16 +129,3 @@ class Daemon:
         self.proc.wait(timeout=10)
         self.log.close()
 
-
-@pytest.fixture
-def daemon_config(broker, tmp_path) -> Path:
-    """A FlashLex config for the test broker with supervision tuned for tests: heartbeats every
-    0.2 s, a hung worker noticed after 3 s."""
-    path = write_config(tmp_path / "etc", broker)
-    document = yaml.safe_load(path.read_text())
-    document["flashlex"]["app"]["supervisor"] = {
-        "heartbeatSeconds": 0.2, "heartbeatTimeoutSeconds": 3, "stopTimeoutSeconds": 5,
-        "restartBackoffMaxSeconds": 2, "crashLoopRestarts": 4, "crashLoopWindowSeconds": 30}
-    document["flashlex"]["thing"]["mqtt"]["keepalive"] = 30
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path

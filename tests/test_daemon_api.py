@@ -10,7 +10,7 @@ import pytest
 
 from flashlexd.client import connect
 from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, Subscriber, publish
-from tests.daemon import Daemon, NotifyListener, daemon_config  # noqa: F401 (fixture)
+from tests.daemon import Daemon, NotifyListener
 from tests.broker import wait_for
 
 FLASHLEXCTL = str(Path(sys.executable).parent / "flashlexctl")

@@ -200,7 +200,7 @@ def test_qos0_messages_are_never_taken_for_redeliveries(store: Store):
 
 def test_expire_removes_exactly_the_expired_messages(open_store: Callable[..., Store]):
     store = open_store(expire_seconds=60)
-    first = store.append(batch("a", 3), now=1000.0)   # expire at 1060
+    store.append(batch("a", 3), now=1000.0)           # expire at 1060
     second = store.append(batch("b", 2), now=1010.0)  # 1070
     third = store.append(batch("c", 2), now=1020.0)   # 1080
     assert store.expire(now=1059.999) == 0

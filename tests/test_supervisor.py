@@ -9,7 +9,7 @@ import pytest
 
 from flashlexd.store import Store
 from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
-from tests.daemon import Daemon, NotifyListener, daemon_config  # noqa: F401 (fixture)
+from tests.daemon import Daemon, NotifyListener
 from tests.broker import wait_for
 
 WATCHDOG_USEC = 600_000  # pings expected every 0.3 s

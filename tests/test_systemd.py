@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from flashlexd.service import render_unit
-from tests.daemon import daemon_config  # noqa: F401 (fixture)
 from tests.broker import wait_for
 from tests.systemd import RealSystemd
 
