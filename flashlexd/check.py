@@ -80,35 +80,6 @@ class Failed(Exception):
 
 # -- the command line ---------------------------------------------------------------------------
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def add_parser(commands) -> None:
-    parser = commands.add_parser(
-        "check", help="check that this device is ready: config, keys, broker, MQTT, store",
-        description="Check step by step that flashlexd can run here: the config file, the key"
-                    " files, the broker (DNS, TCP, TLS), an MQTT connect, a probe message"
-                    " published to the ingress topic and received back, and the store. Exit"
-                    " status 0 only if every step passes. A running flashlexd also receives the"
-                    f' probe ({{"{PROBE_KEY}": "<uuid>"}}) and stores it.')
-    parser.add_argument("--config", "-c", required=True, help="FlashLex YAML config file")
-    parser.add_argument("--keys-dir", "-k", help="directory the key file names are relative to"
-                                                 " (default: the config file's directory)")
-    parser.add_argument("--data-dir", "-d", help="store directory (default: flashlex.app.db.dataPath,"
-                                                 " else /var/lib/flashlexd)")
-    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
-                        help=f"seconds each network step may take (default: {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--json", action="store_true",
-                        help='print {"ok": ..., "steps": [{"name", "status", "detail"}]} instead of lines')
-
-
 def run(args: argparse.Namespace) -> int:
     printer: Optional[Callable[[Step], None]] = None
     if not args.json:

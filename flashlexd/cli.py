@@ -7,11 +7,12 @@ import logging
 import sys
 from typing import List, Optional
 
-from flashlexd import __version__, check, logs, service
+from flashlexd import __version__, logs, service
 from flashlexd.config import ConfigError, LOG_LEVELS
 
 EXIT_CONFIG = 2
 EXIT_START = 1
+CHECK_TIMEOUT = 10.0  # seconds each network step of `flashlexd check` may take
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,9 +32,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", help="API socket path (default: $FLASHLEXD_SOCKET, config,"
                                       " /run/flashlexd/flashlexd.sock)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: flashlex.app.logLevel or info")
-    check.add_parser(commands)
+    _add_check_parser(commands)
     service.add_parser(commands)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _add_check_parser(commands) -> None:
+    parser = commands.add_parser(
+        "check", help="check that this device is ready: config, keys, broker, MQTT, store",
+        description="Check step by step that flashlexd can run here: the config file, the key"
+                    " files, the broker (DNS, TCP, TLS), an MQTT connect, a probe message"
+                    " published to the ingress topic and received back, and the store. Exit"
+                    " status 0 only if every step passes. A running flashlexd also receives the"
+                    ' probe message and stores it.')
+    parser.add_argument("--config", "-c", required=True, help="FlashLex YAML config file")
+    parser.add_argument("--keys-dir", "-k", help="directory the key file names are relative to"
+                                                 " (default: the config file's directory)")
+    parser.add_argument("--data-dir", "-d", help="store directory (default: flashlex.app.db.dataPath,"
+                                                 " else /var/lib/flashlexd)")
+    parser.add_argument("--timeout", type=_positive_seconds, default=CHECK_TIMEOUT, metavar="S",
+                        help=f"seconds each network step may take (default: {CHECK_TIMEOUT:g})")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"ok": ..., "steps": [{"name", "status", "detail"}]} instead of lines')
+
 
 
 def _fail(message: str, code: int) -> int:
@@ -65,6 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "run":
         return run(args)
     if args.command == "check":
+        from flashlexd import check  # ssl and friends: not loaded by the daemon's own process
+
         return check.run(args)
     if args.command == "service":
         return service.run(args)
