@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench deps system-deps clean
+.PHONY: test chaos demo bench deps system-deps clean
 
 $(STAMP): setup.cfg setup.py
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,20 @@ deps: $(STAMP) system-deps
 test: deps
 	$(BIN)/python -m pytest -q
 
+# the fault-injection scenarios of tests/chaos at full size (make test runs them short)
+chaos: deps
+	FLASHLEXD_CHAOS=full $(BIN)/python -m pytest -q -s tests/chaos
+
 demo: deps
 	bash scripts/demo.sh
+
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+# every benchmark, then docs/BENCHMARKS.md (and docs/ingest-during-kills.png)
+bench: deps $(VENV)/.bench-installed
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
