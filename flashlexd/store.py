@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
-from paho.mqtt.client import topic_matches_sub
+from flashlexd.topics import topic_matches
 
 SCHEMA_VERSION = 1
 _ID = struct.Struct(">Q")
@@ -46,6 +47,7 @@ _MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
 POLICIES = ("reject", "dropOldest")
+_NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 
 
 class StoreError(Exception):
@@ -56,8 +58,17 @@ class StoreFull(StoreError):
     """The store reached its cap and the policy says refuse."""
 
 
+class DiskFull(StoreError):
+    """The filesystem holding the store has no space left (before the store reached its cap)."""
+
+
 class StoreForkError(StoreError):
     """The store was used in a process other than the one that opened it."""
+
+
+class StoreBusy(StoreError):
+    """A bounded write (`write_wait`) did not get LMDB's write lock in time: another process
+    holds it, e.g. a worker that hung inside a transaction. Nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -128,16 +139,24 @@ def _expiry_prefix(expires_at: float) -> bytes:
 
 
 class Store:
-    """One process's handle on the store. Not thread-safe: one per process, used by one thread."""
+    """One process's handle on the store. Not thread-safe: one per process, used by one thread.
+
+    `write_wait` (seconds; None: no bound) bounds how long a write waits for LMDB's write lock,
+    which is shared by every process: a process stopped inside a write transaction (a hung
+    worker) holds it until it is killed. The supervisor uses it so that an API call cannot
+    stall its loop, which is what kills hung workers. Such a write runs in a helper thread
+    (LMDB's lock wait releases the GIL) and raises StoreBusy when the wait runs out."""
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
-                 expire_seconds: Optional[float] = None):
+                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
         self.cap_bytes = cap_bytes
         self.when_full = when_full
         self.expire_seconds = expire_seconds
+        self.write_wait = write_wait
+        self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
         self._pid = os.getpid()
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
         try:
@@ -180,12 +199,16 @@ class Store:
         return max(8 * 1024 * 1024, cap_bytes // 8)
 
     @classmethod
-    def from_config(cls, store_config) -> "Store":
+    def from_config(cls, store_config, write_wait: Optional[float] = None) -> "Store":
         return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
-                   store_config.expire_seconds)
+                   store_config.expire_seconds, write_wait)
 
     def close(self) -> None:
         if os.getpid() == self._pid:
+            if self._waiting is not None and self._waiting.is_alive():
+                self._waiting.join(self.write_wait)  # a called-off write: let it abort first
+                if self._waiting.is_alive():
+                    return  # still queued for the lock: closing under it could crash; exit frees it
             self._env.close()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -194,9 +217,11 @@ class Store:
         if os.getpid() != self._pid:
             raise StoreForkError("store used across fork(): open a new Store in each process")
 
-    def _write(self, work: Callable[[lmdb.Transaction], object]):
+    def _write(self, work: Callable[[lmdb.Transaction], object], bounded: bool = True):
         """Run `work` in one durable write transaction, with one-line errors."""
         self._check_pid()
+        if bounded and self.write_wait is not None:
+            return self._bounded_write(work)
         for _ in range(2):
             try:
                 with self._env.begin(write=True) as txn:
@@ -205,13 +230,69 @@ class Store:
                 self._env.set_mapsize(0)  # another process grew the map; adopt its size
             except lmdb.MapFullError:
                 raise StoreFull(f"store in {self.path} is full (cap {self.cap_bytes} bytes)") from None
-            except lmdb.DiskError as exc:
-                raise StoreError(f"store in {self.path}: disk error: {exc}") from None
             except lmdb.Error as exc:
-                if "No space left" in str(exc):
-                    raise StoreError(f"store in {self.path}: no space left on device") from None
-                raise StoreError(f"store in {self.path}: {exc}") from None
+                raise self._write_error(exc) from None
         raise StoreError(f"store in {self.path}: map resized repeatedly")
+
+    def _write_error(self, exc: lmdb.Error) -> StoreError:
+        """One line for a failed write. A commit that runs out of disk space fails with ENOSPC,
+        or with EIO when LMDB's write was cut short (it reports short writes as EIO), which
+        reads like a failing disk: an EIO on a (nearly) full filesystem is called what it is."""
+        text = str(exc)
+        if "No space left" in text:
+            return DiskFull(f"store in {self.path}: no space left on device ({text})")
+        if "Input/output error" in text:
+            try:
+                fs = os.statvfs(self.path)
+                free = fs.f_bavail * fs.f_frsize
+            except OSError:
+                free = None
+            if free is not None and free < _NEARLY_FULL_BYTES:
+                return DiskFull(f"store in {self.path}: no space left on device ({free} bytes free; {text})")
+        if isinstance(exc, lmdb.DiskError):
+            return StoreError(f"store in {self.path}: disk error: {text}")
+        return StoreError(f"store in {self.path}: {text}")
+
+    def _bounded_write(self, work: Callable[[lmdb.Transaction], object]):
+        """`_write` from a helper thread, waiting at most `write_wait` for it to get the lock.
+        When the wait runs out the write is called off (should it get the lock later, it
+        aborts instead of running `work`) and StoreBusy is raised; a write that got the lock
+        in time is waited for to the end. While a called-off write is still queued for the
+        lock, writes fail at once: one thread waits, not one per call."""
+        if self._waiting is not None and self._waiting.is_alive():
+            raise StoreBusy(f"store in {self.path} is busy: another process has held its write"
+                            f" lock for over {self.write_wait:g}s (a hung worker?)")
+        state = {"phase": "waiting"}  # -> "running" (got the lock) or "called off"
+        phase_lock = threading.Lock()
+        outcome: Dict[str, object] = {}
+
+        def guarded(txn: lmdb.Transaction) -> object:
+            with phase_lock:
+                if state["phase"] == "called off":
+                    raise StoreBusy("called off")  # aborts the transaction: nothing written
+                state["phase"] = "running"
+            return work(txn)
+
+        def run() -> None:
+            try:
+                outcome["result"] = self._write(guarded, bounded=False)
+            except BaseException as exc:  # handed to the caller
+                outcome["error"] = exc
+
+        helper = threading.Thread(target=run, name="store-write", daemon=True)
+        helper.start()
+        helper.join(self.write_wait)
+        if helper.is_alive():
+            with phase_lock:
+                if state["phase"] == "waiting":
+                    state["phase"] = "called off"
+                    self._waiting = helper
+                    raise StoreBusy(f"store in {self.path} is busy: its write lock was not free"
+                                    f" within {self.write_wait:g}s (a hung worker?)")
+            helper.join()  # it has the lock: the write is under way, wait for its outcome
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        return outcome["result"]
 
     def _read(self):
         self._check_pid()
@@ -373,7 +454,7 @@ class Store:
                 return found
             for key, raw in cursor:
                 message = _decode_message(key, raw)
-                if topic is None or topic_matches_sub(topic, message.topic):
+                if topic is None or topic_matches(topic, message.topic):
                     found.append(message)
                     if len(found) >= limit:
                         break

@@ -33,6 +33,10 @@ WORKER_NAMES = ("ingress", "egress", "expiry")
 EXIT_CRASH_LOOP = 1
 MAX_SLEEP = 1.0  # seconds; the loop looks at its deadlines at least this often
 STATUS_EVERY = 1.0
+# Seconds an API write may wait for the store's write lock. A worker stopped inside a write
+# transaction holds that lock until it is killed, and killing it is this loop's job: an
+# unbounded wait here would hang the whole daemon (the API answers store_error meanwhile).
+STORE_WRITE_WAIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class Supervisor:
 
     def run(self) -> int:
         self._install_signals()
-        self.store = Store.from_config(self.config.store)
+        self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
         self.api = self._start_api()
         now = time.monotonic()
         for worker in self.workers.values():
@@ -284,7 +288,8 @@ class Supervisor:
             "uptime": round(now - self.started, 1),
             "ready": self.announced_ready,
             "workers": workers,
-            "mqtt": {name: dict(self.workers[name].mqtt, **self.workers[name].counters)
+            # the worker's connection reports are events, fresher than its heartbeat counters
+            "mqtt": {name: {**self.workers[name].counters, **self.workers[name].mqtt}
                      for name in ("ingress", "egress")},
             "rates": self.rates.rates(),
         }
@@ -313,7 +318,8 @@ class Supervisor:
         self.methods.offline_publish_queueing = new.thing.mqtt.offline_publish_queueing
         if new.store != self.config.store:
             self.store.close()
-            self.store = self.methods.store = Store.from_config(new.store)
+            self.store = self.methods.store = Store.from_config(new.store,
+                                                                write_wait=STORE_WRITE_WAIT)
         self.config = new
         log.info("config reloaded from %s", new.path)
         self.notifier.ready()

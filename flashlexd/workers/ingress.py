@@ -14,7 +14,8 @@ PUBACKs are sent only on the connection a message arrived on: after a reconnect,
 redelivers whatever we had not acknowledged.
 
 A full store (policy `reject`) is back-pressure, not loss: what does not fit stays
-unacknowledged, so the broker keeps it, and the commit is retried every RETRY_SECONDS.
+unacknowledged, so the broker keeps it, and the commit is retried every RETRY_SECONDS. A full
+disk is handled the same way.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.mqtt import Connection
-from flashlexd.store import Incoming, Store, StoreError, StoreFull
+from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.workers.base import Worker
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class IngressWorker(Worker):
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             store_full=False, connected=False, batches=0)
+                             dropped_bad_topic=0, store_full=False, connected=False, batches=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -105,12 +106,20 @@ class IngressWorker(Worker):
         self.counters["received"] += 1
         payload = message.payload
         incoming: Optional[Incoming] = None
-        if len(payload) > self.config.store.max_payload_bytes:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # MQTT requires UTF-8, but a lax broker may pass it on:
+            topic = None            # acked and dropped, not a poison message crashing us forever
+        if topic is None:
+            self.counters["dropped_bad_topic"] += 1
+            log.warning("dropped a %d-byte message: its topic %.80r is not valid UTF-8", len(payload),
+                        getattr(message, "_topic", b"?"))
+        elif len(payload) > self.config.store.max_payload_bytes:
             self.counters["dropped_oversize"] += 1
             log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)", len(payload),
-                        message.topic, self.config.store.max_payload_bytes)
+                        topic, self.config.store.max_payload_bytes)
         else:
-            incoming = Incoming(message.topic, payload, message.qos, bool(message.retain),
+            incoming = Incoming(topic, payload, message.qos, bool(message.retain),
                                 message.mid, bool(message.dup))
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
         self.batch_bytes += len(payload) if incoming else 0
@@ -125,11 +134,11 @@ class IngressWorker(Worker):
             try:
                 ids = self.store.append(messages) if messages else []
                 break
-            except StoreFull as exc:
+            except (StoreFull, DiskFull) as exc:
                 if count == 1:
                     self._refused(exc, now)
                     return
-                count //= 2  # a batch bigger than the free space must not block what fits
+                count //= 2  # a batch bigger than the free space (cap or disk) must not block what fits
             except StoreError as exc:
                 self._refused(exc, now)
                 return
