@@ -357,17 +357,26 @@ class Store:
 
     # -- inbox --------------------------------------------------------------------------------
 
-    def append(self, messages: Sequence[Incoming], now: Optional[float] = None) -> List[Optional[int]]:
+    def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
+               settled: Sequence[Incoming] = ()) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
-        for a redelivery (DUP) of a message already stored. All or nothing."""
+        for a redelivery (DUP) of a message already stored. All or nothing.
+
+        `settled` are earlier messages whose PUBACK the broker has processed (see
+        workers/barrier.py): they can no longer be redelivered, so their DUP marks are dropped
+        in the same transaction, before this batch's marks are written."""
         now = time.time() if now is None else now
         expires_at = now + self.expire_seconds if self.expire_seconds else None
         records, marks = self._prepare(messages, now, expires_at)
+        settled_marks = [mark for mark in self._prepare(settled, now, None)[1] if mark]
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
         redelivered = any(m.dup for m in messages)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._make_room(txn, needed, "inbox")
+            for mid, digest in settled_marks:
+                if (txn.get(mid, db=self._recent) or b"")[:8] == digest:
+                    txn.delete(mid, db=self._recent)
             first_id = self._counter(txn, b"inbox_last_id") + 1
             if redelivered:
                 chosen = self._not_redelivered(txn, messages, marks)

@@ -271,6 +271,7 @@ class Proxy:
         self.listener.listen()
         self.port = self.listener.getsockname()[1]
         self.swallowing = {"up": False, "down": False}
+        self.swallowed = {"up": 0, "down": 0}  # bytes dropped so far, by direction
         self._peer: Dict[socket.socket, socket.socket] = {}
         self._up: set = set()  # sockets whose bytes travel client -> broker
         self._cut = threading.Event()
@@ -329,7 +330,10 @@ class Proxy:
                 self._up.discard(end)
                 end.close()
             return
-        if not self.swallowing["up" if sock in self._up else "down"]:
+        direction = "up" if sock in self._up else "down"
+        if self.swallowing[direction]:
+            self.swallowed[direction] += len(data)
+        else:
             other.sendall(data)
 
 

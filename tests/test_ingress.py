@@ -149,3 +149,25 @@ def test_full_store_stops_acking_and_resumes_when_space_frees(broker: Broker, tm
     worker.wait(lambda w: w.counters.get("stored") == len(lines) and not w.counters["store_full"],
                 10, "store_full cleared")
     assert "store full" in worker.log_text() and "resuming" in worker.log_text()
+
+
+def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Brokers reuse packet ids (mosquitto after 65,535 messages). A new message with the id and
+    the content of one acknowledged long ago, whose first transmission is lost, arrives only as
+    a DUP: it must be stored, not taken for a redelivery of the old one."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port)
+    store = open_store(config)
+    start_subscribed(start_worker, config, broker)
+    lines = [b"same"] + [f"{i:06d}".encode() for i in range(1, 65535)]  # packet ids 1..65535
+    (tmp_path / "lines").write_bytes(b"".join(line + b"\n" for line in lines))
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "lines").wait(120) == 0
+    wait_for(lambda: store.inbox_count() >= len(lines), 60, "the first 65,535 messages stored")
+    proxy.swallow("down")  # the next PUBLISH (packet id 1 again) never reaches the worker
+    publish(broker, INGRESS_TOPIC, b"same")
+    wait_for(lambda: proxy.swallowed["down"] > 0, 10, "the broker to send it into the void")
+    proxy.cut()  # reconnect: the broker resends it with DUP set
+    wait_for(lambda: store.inbox_count() > len(lines), 20, "the reused-id message stored")
+    assert payloads(store).count(b"same") == 2
+    proxy.close()

@@ -633,3 +633,15 @@ def test_sigkill_during_writes_keeps_every_committed_message(tmp_path: Path):
         finally:
             store.close()
 
+
+
+def test_a_settled_message_no_longer_masks_a_later_dup_with_the_same_mid_and_content(tmp_path):
+    """Once the broker has processed a message's PUBACK, its DUP mark goes: a new message with
+    its packet id and content that arrives only as a DUP (first transmission lost) is stored."""
+    store = Store(tmp_path / "data", cap_bytes=64 << 20)
+    first = Incoming("t", b"ping", qos=1, mid=1)
+    assert store.append([first]) == [1]
+    assert store.append([Incoming("t", b"ping", qos=1, mid=1, dup=True)]) == [None]  # unsettled
+    assert store.append([Incoming("t", b"other", qos=1, mid=2)], settled=[first]) == [2]
+    assert store.append([Incoming("t", b"ping", qos=1, mid=1, dup=True)]) == [3]
+    store.close()

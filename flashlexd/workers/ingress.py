@@ -25,6 +25,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.mqtt import Connection
 from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
+from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,16 @@ class IngressWorker(Worker):
         self.client = self.connection.client
         self.client.manual_ack_set(True)
         self.client.on_subscribe = self._on_subscribe
+        self.barrier = AckBarrier(self.client, self.config.thing.mqtt.client_id)
+        self.client.on_unsubscribe = lambda client, userdata, mid, codes, props: \
+            self.barrier.on_unsuback(mid)
         self.batch: List[_Pending] = []
         self.batch_bytes = 0
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, store_full=False, connected=False, batches=0)
+                             dropped_bad_topic=0, store_full=False, connected=False, batches=0,
+                             marks_settled=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -89,6 +94,8 @@ class IngressWorker(Worker):
 
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
         self.counters["connected"] = connected
+        if not connected:
+            self.barrier.disconnected()
         if connected:
             self.generation += 1
             self.client.subscribe([(topic, 1) for topic in self.topics])
@@ -129,19 +136,25 @@ class IngressWorker(Worker):
     def _commit(self, now: float) -> None:
         """Commit the batch, or its longest prefix that fits, then ack what was committed."""
         count = len(self.batch)
+        settled = self.barrier.take_settled()
         while True:
             messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
             try:
-                ids = self.store.append(messages) if messages else []
+                ids = self.store.append(messages, settled=settled) if messages else []
                 break
             except (StoreFull, DiskFull) as exc:
                 if count == 1:
+                    self.barrier.give_back(settled)
                     self._refused(exc, now)
                     return
                 count //= 2  # a batch bigger than the free space (cap or disk) must not block what fits
             except StoreError as exc:
+                self.barrier.give_back(settled)
                 self._refused(exc, now)
                 return
+        if not messages:
+            self.barrier.give_back(settled)  # nothing was written: they wait for the next commit
+        self.counters["marks_settled"] += len(settled) if messages else 0
         if self.retry_at is not None:
             log.info("store accepts messages again; resuming")
         self.retry_at = None
@@ -152,9 +165,13 @@ class IngressWorker(Worker):
         self.counters["batches"] += 1
         committed, self.batch = self.batch[:count], self.batch[count:]
         self.batch_bytes = sum(len(p.incoming.payload) for p in self.batch if p.incoming)
+        acked = []
         for pending in committed:
             if pending.qos and pending.generation == self.generation and self.connection.connected:
                 self.client.ack(pending.mid, pending.qos)
+                if pending.incoming is not None:
+                    acked.append(pending.incoming)
+        self.barrier.sent_acks(acked)
         if new:
             self.report("committed", last_id=new[-1], count=len(new))
 

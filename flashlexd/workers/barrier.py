@@ -1,0 +1,54 @@
+"""Knowing when the broker has processed our PUBACKs, so their DUP marks can be let go.
+
+The store remembers, per packet id, the digest of the last message stored under it, so that a
+redelivery (DUP) of a message it already holds is not stored twice. That mark must not outlive
+its message's acknowledgement: brokers reuse packet ids, and a later message with the same id
+and the same content whose first transmission was lost arrives only as a DUP. Were the old mark
+still there, that new message would be taken for a redelivery and dropped.
+
+MQTT gives no receipt for a PUBACK, but a broker handles one connection's packets in order. So
+after sending PUBACKs we send an UNSUBSCRIBE of a filter we never subscribed to (harmless, and
+always answered): when its UNSUBACK comes back, every PUBACK sent before it was processed, and
+those messages can never be redelivered. Their marks are then dropped with the next commit. If
+the connection drops first, the marks stay (a redelivery may still come).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from flashlexd.store import Incoming
+
+
+class AckBarrier:
+    def __init__(self, client: Any, client_id: str):
+        self.client = client
+        self.topic = f"flashlexd/ack-barrier/{client_id}"
+        self.acked: List[Incoming] = []    # PUBACK sent, no barrier sent after it yet
+        self.waiting: List[Incoming] = []  # PUBACK sent before the outstanding barrier
+        self.settled: List[Incoming] = []  # PUBACK processed by the broker: marks can go
+        self.barrier_mid: Optional[int] = None
+
+    def sent_acks(self, messages: List[Incoming]) -> None:
+        """PUBACKs for `messages` were just handed to paho; send a barrier if none is out."""
+        self.acked.extend(m for m in messages if m.qos)
+        if self.barrier_mid is None and self.acked:
+            _, self.barrier_mid = self.client.unsubscribe(self.topic)
+            self.waiting, self.acked = self.acked, []
+
+    def on_unsuback(self, mid: int) -> None:
+        if mid == self.barrier_mid:
+            self.settled.extend(self.waiting)
+            self.waiting, self.barrier_mid = [], None
+            self.sent_acks([])
+
+    def disconnected(self) -> None:
+        """Unconfirmed PUBACKs may not have reached the broker: keep their marks."""
+        self.acked, self.waiting, self.barrier_mid = [], [], None
+
+    def take_settled(self) -> List[Incoming]:
+        taken, self.settled = self.settled, []
+        return taken
+
+    def give_back(self, settled: List[Incoming]) -> None:
+        """The commit that was to drop these marks failed: try again with the next one."""
+        self.settled = settled + self.settled
