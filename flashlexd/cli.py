@@ -15,6 +15,15 @@ EXIT_START = 1
 CHECK_TIMEOUT = 10.0  # seconds each network step of `flashlexd check` may take
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The FlashLex SDK's options: the config file, and where the store and key files are."""
+    parser.add_argument("--config", "-c", required=True, help="FlashLex YAML config file")
+    parser.add_argument("--data-dir", "-d", help="store directory (default: flashlex.app.db.dataPath,"
+                                                 " else /var/lib/flashlexd)")
+    parser.add_argument("--keys-dir", "-k", help="directory the key file names are relative to"
+                                                 " (default: the config file's directory)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashlexd",
@@ -24,11 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon in the foreground (systemd Type=notify)",
                               description="Run the supervisor and its ingress, egress and expiry"
                                           " workers in the foreground.")
-    run.add_argument("--config", "-c", required=True, help="FlashLex YAML config file")
-    run.add_argument("--data-dir", "-d", help="store directory (default: flashlex.app.db.dataPath,"
-                                              " else /var/lib/flashlexd)")
-    run.add_argument("--keys-dir", "-k", help="directory the key file names are relative to"
-                                              " (default: the config file's directory)")
+    _add_config_arguments(run)
     run.add_argument("--socket", help="API socket path (default: $FLASHLEXD_SOCKET, config,"
                                       " /run/flashlexd/flashlexd.sock)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: flashlex.app.logLevel or info")
@@ -55,11 +60,7 @@ def _add_check_parser(commands) -> None:
                     " published to the ingress topic and received back, and the store. Exit"
                     " status 0 only if every step passes. A running flashlexd also receives the"
                     ' probe message and stores it.')
-    parser.add_argument("--config", "-c", required=True, help="FlashLex YAML config file")
-    parser.add_argument("--keys-dir", "-k", help="directory the key file names are relative to"
-                                                 " (default: the config file's directory)")
-    parser.add_argument("--data-dir", "-d", help="store directory (default: flashlex.app.db.dataPath,"
-                                                 " else /var/lib/flashlexd)")
+    _add_config_arguments(parser)
     parser.add_argument("--timeout", type=_positive_seconds, default=CHECK_TIMEOUT, metavar="S",
                         help=f"seconds each network step may take (default: {CHECK_TIMEOUT:g})")
     parser.add_argument("--json", action="store_true",

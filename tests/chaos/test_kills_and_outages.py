@@ -20,12 +20,13 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
+from typing import Any, Dict, List, NamedTuple, Set, Tuple
 
 import pytest
 import yaml
 
 from flashlexd.service import render_unit
+from flashlexd.store import Store
 from tests.broker import (EGRESS_TOPIC, INGRESS_TOPIC, THING, Broker, Subscriber, open_store,
                           publish_lines, wait_for, write_lines)
 from tests.chaos.conftest import (AckedPublisher, Daemons, OutboxFeeder, Result, chaos_config,
@@ -45,6 +46,29 @@ def under_load(store, feeder: OutboxFeeder, random, what: str, low: int = 100,
     outbox_goal = feeder.progress + random.randint(max(1, low // 10), max(2, high // 5))
     wait_for(lambda: store.inbox_count() >= inbox_goal and feeder.progress >= outbox_goal, 30,
              f"load before {what}")
+
+
+class Load(NamedTuple):
+    """The daemon under ingress and egress load, and the independent peers that watch it."""
+    config: Path
+    store: Store
+    subscriber: Subscriber
+    daemon: Any
+    publisher: AckedPublisher
+    feeder: OutboxFeeder
+
+
+def start_load(broker: Broker, tmp_path: Path, daemons: Daemons, **publisher_options: Any) -> Load:
+    """A daemon, a persistent-session subscriber of its egress topic, a publisher into its
+    ingress topic (logging every PUBACK) and a feeder publishing through its API."""
+    config = chaos_config(broker, tmp_path / "etc")
+    store = open_store(config)
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    daemon = daemons.start(config)
+    publisher = AckedPublisher(broker, INGRESS_TOPIC, tmp_path / "acks.log", **publisher_options)
+    feeder = OutboxFeeder(daemon.socket_path)
+    feeder.start()
+    return Load(config, store, subscriber, daemon, publisher, feeder)
 
 
 def restarts(daemon) -> int:
@@ -117,13 +141,8 @@ def test_power_cuts(broker: Broker, tmp_path: Path, daemons: Daemons) -> None:
     cuts = scale(3, 20)
     random = rng("power cuts")
     result = Result("power cuts")
-    config = chaos_config(broker, tmp_path / "etc")
-    store = open_store(config)
-    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
-    daemon = daemons.start(config)
-    publisher = AckedPublisher(broker, INGRESS_TOPIC, tmp_path / "acks.log", rate=scale(1500, 2000))
-    feeder = OutboxFeeder(daemon.socket_path)
-    feeder.start()
+    config, store, subscriber, daemon, publisher, feeder = start_load(
+        broker, tmp_path, daemons, rate=scale(1500, 2000))
 
     for cut in range(cuts):
         under_load(store, feeder, random, f"cut {cut + 1}")
@@ -211,13 +230,8 @@ def test_broker_outages(broker: Broker, tmp_path: Path, daemons: Daemons) -> Non
     outages = scale(2, 5)
     random = rng("broker outages")
     result = Result("broker outages")
-    config = chaos_config(broker, tmp_path / "etc")
-    store = open_store(config)
-    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
-    daemon = daemons.start(config)
-    publisher = AckedPublisher(broker, INGRESS_TOPIC, tmp_path / "acks.log", rate=scale(1500, 2000))
-    feeder = OutboxFeeder(daemon.socket_path)
-    feeder.start()
+    config, store, subscriber, daemon, publisher, feeder = start_load(
+        broker, tmp_path, daemons, rate=scale(1500, 2000))
 
     # per outage: (save time, kill time, inbox last id at the save, at the restart)
     ingress_windows: List[Tuple[float, float, int, int]] = []
@@ -297,13 +311,8 @@ def test_hung_workers_are_replaced(broker: Broker, tmp_path: Path, daemons: Daem
     writes meanwhile fail (store_error: the store is busy) instead of hanging the supervisor."""
     count, rate = scale(4_000, 30_000), scale(1_000, 2_500)  # a steady flood: ingress is busy
     result = Result("hung workers")
-    config = chaos_config(broker, tmp_path / "etc")
-    store = open_store(config)
-    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
-    daemon = daemons.start(config)
-    publisher = AckedPublisher(broker, INGRESS_TOPIC, tmp_path / "acks.log", rate=rate, count=count)
-    feeder = OutboxFeeder(daemon.socket_path)
-    feeder.start()
+    config, store, subscriber, daemon, publisher, feeder = start_load(
+        broker, tmp_path, daemons, rate=rate, count=count)
     wait_for(lambda: store.inbox_count() >= 500 and feeder.progress >= 50, 30, "load under way")
 
     hung = daemon.children()
