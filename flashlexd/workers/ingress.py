@@ -62,7 +62,7 @@ class IngressWorker(Worker):
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
-                             marks_settled=0)
+                             marks_settled=0, store_error=None)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -159,6 +159,7 @@ class IngressWorker(Worker):
             log.info("store accepts messages again; resuming")
         self.retry_at = None
         self.counters["store_full"] = False
+        self.counters["store_error"] = None
         new = [i for i in ids if i is not None]
         self.counters["stored"] += len(new)
         self.counters["duplicates"] += len(ids) - len(new)
@@ -182,4 +183,5 @@ class IngressWorker(Worker):
             log.error("%s: %s; not acknowledging %d messages, retrying every %gs", what, exc,
                       len(self.batch), RETRY_SECONDS)
         self.counters["store_full"] = isinstance(exc, StoreFull)
+        self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from flashlexd.client import Client, RpcError, connect
+from flashlexd.client.ctl import health
 from flashlexd.client.wire import MAX_LIMIT, Code
 from flashlexd.store import Store
 from tests.broker import (HOST, INGRESS_TOPIC, Broker, open_store, publish, publish_lines,
@@ -166,6 +167,7 @@ def test_store_full_reject_stops_acknowledging_and_resumes_when_freed(broker, tm
     before = fx.status()["inbox"]["count"]
     time.sleep(1.5)
     status = fx.status()
+    assert any("not storing" in problem for problem in health(status)), health(status)  # status: 1
     stored_before = status["inbox"]["count"]
     first = inbox(fx)
     refused = None
