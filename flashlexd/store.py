@@ -47,6 +47,7 @@ _MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
 POLICIES = ("reject", "dropOldest")
+DupMark = Tuple[bytes, bytes]  # (packed packet id, digest of topic + payload)
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 
 
@@ -358,23 +359,22 @@ class Store:
     # -- inbox --------------------------------------------------------------------------------
 
     def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
-               settled: Sequence[Incoming] = ()) -> List[Optional[int]]:
+               settled: Sequence[DupMark] = ()) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
         for a redelivery (DUP) of a message already stored. All or nothing.
 
-        `settled` are earlier messages whose PUBACK the broker has processed (see
-        workers/barrier.py): they can no longer be redelivered, so their DUP marks are dropped
-        in the same transaction, before this batch's marks are written."""
+        `settled` are the DUP marks (`dup_marks`) of earlier messages whose PUBACK the broker
+        has processed (see workers/barrier.py): they can no longer be redelivered, so their
+        marks are dropped in the same transaction, before this batch's marks are written."""
         now = time.time() if now is None else now
         expires_at = now + self.expire_seconds if self.expire_seconds else None
         records, marks = self._prepare(messages, now, expires_at)
-        settled_marks = [mark for mark in self._prepare(settled, now, None)[1] if mark]
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
         redelivered = any(m.dup for m in messages)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._make_room(txn, needed, "inbox")
-            for mid, digest in settled_marks:
+            for mid, digest in settled:
                 if (txn.get(mid, db=self._recent) or b"")[:8] == digest:
                     txn.delete(mid, db=self._recent)
             first_id = self._counter(txn, b"inbox_last_id") + 1
@@ -408,28 +408,13 @@ class Store:
         return self._write(work)  # type: ignore[return-value]
 
     def _prepare(self, messages: Sequence[Incoming], now: float, expires_at: Optional[float]
-                 ) -> Tuple[List[bytes], List[Optional[Tuple[bytes, bytes]]]]:
+                 ) -> Tuple[List[bytes], List[Optional[DupMark]]]:
         """The per-message work, done before taking the write lock: each packed inbox record
-        and, for QoS 1/2 (QoS 0 is never redelivered), its `recent` entry (mid, digest), where
-        digest = blake2b-64(topic + NUL + payload). The hash state of `topic + NUL` is made
-        once per topic and copied: a batch is usually one topic."""
-        pack, pack_mid = self._packer.pack, _MID.pack
-        prefixes: Dict[str, "hashlib._Hash"] = {}
-        records: List[bytes] = []
-        marks: List[Optional[Tuple[bytes, bytes]]] = []
-        for m in messages:
-            records.append(pack((now, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at)))
-            if not m.qos:
-                marks.append(None)
-                continue
-            prefix = prefixes.get(m.topic)
-            if prefix is None:
-                prefix = hashlib.blake2b(m.topic.encode() + b"\0", digest_size=8)
-                prefixes[m.topic] = prefix
-            state = prefix.copy()
-            state.update(m.payload)
-            marks.append((pack_mid(m.mid & 0xFFFF), state.digest()))
-        return records, marks
+        and its DUP mark."""
+        pack = self._packer.pack
+        records = [pack((now, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at))
+                   for m in messages]
+        return records, dup_marks(messages)
 
     def _not_redelivered(self, txn: lmdb.Transaction, messages: Sequence[Incoming],
                          marks: List[Optional[Tuple[bytes, bytes]]]) -> List[int]:
@@ -605,6 +590,27 @@ class Store:
     def outbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._outbox)["entries"]
+
+
+def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
+    """Each message's `recent` entry (packed mid, digest), None for QoS 0 (never redelivered);
+    digest = blake2b-64(topic + NUL + payload). The hash state of `topic + NUL` is made once
+    per topic and copied: a batch is usually one topic."""
+    pack_mid = _MID.pack
+    prefixes: Dict[str, "hashlib._Hash"] = {}
+    marks: List[Optional[DupMark]] = []
+    for m in messages:
+        if not m.qos:
+            marks.append(None)
+            continue
+        prefix = prefixes.get(m.topic)
+        if prefix is None:
+            prefix = hashlib.blake2b(m.topic.encode() + b"\0", digest_size=8)
+            prefixes[m.topic] = prefix
+        state = prefix.copy()
+        state.update(m.payload)
+        marks.append((pack_mid(m.mid & 0xFFFF), state.digest()))
+    return marks
 
 
 def _decode_message(key: bytes, raw: bytes) -> Message:

@@ -20,7 +20,7 @@ import lmdb
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from flashlexd.store import (SCHEMA_VERSION, Incoming, Store, StoreError, StoreForkError,
+from flashlexd.store import (SCHEMA_VERSION, Incoming, Store, dup_marks, StoreError, StoreForkError,
                              StoreFull)
 
 CAP = 64 * 1024 * 1024
@@ -642,6 +642,6 @@ def test_a_settled_message_no_longer_masks_a_later_dup_with_the_same_mid_and_con
     first = Incoming("t", b"ping", qos=1, mid=1)
     assert store.append([first]) == [1]
     assert store.append([Incoming("t", b"ping", qos=1, mid=1, dup=True)]) == [None]  # unsettled
-    assert store.append([Incoming("t", b"other", qos=1, mid=2)], settled=[first]) == [2]
+    assert store.append([Incoming("t", b"other", qos=1, mid=2)], settled=dup_marks([first])) == [2]
     assert store.append([Incoming("t", b"ping", qos=1, mid=1, dup=True)]) == [3]
     store.close()

@@ -16,21 +16,21 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from flashlexd.store import Incoming
+from flashlexd.store import DupMark, Incoming, dup_marks
 
 
 class AckBarrier:
     def __init__(self, client: Any, client_id: str):
         self.client = client
         self.topic = f"flashlexd/ack-barrier/{client_id}"
-        self.acked: List[Incoming] = []    # PUBACK sent, no barrier sent after it yet
-        self.waiting: List[Incoming] = []  # PUBACK sent before the outstanding barrier
-        self.settled: List[Incoming] = []  # PUBACK processed by the broker: marks can go
+        self.acked: List[DupMark] = []    # PUBACK sent, no barrier sent after it yet
+        self.waiting: List[DupMark] = []  # PUBACK sent before the outstanding barrier
+        self.settled: List[DupMark] = []  # PUBACK processed by the broker: marks can go
         self.barrier_mid: Optional[int] = None
 
     def sent_acks(self, messages: List[Incoming]) -> None:
         """PUBACKs for `messages` were just handed to paho; send a barrier if none is out."""
-        self.acked.extend(m for m in messages if m.qos)
+        self.acked.extend(mark for mark in dup_marks(messages) if mark)  # small: no payloads kept
         if self.barrier_mid is None and self.acked:
             _, self.barrier_mid = self.client.unsubscribe(self.topic)
             self.waiting, self.acked = self.acked, []
@@ -45,10 +45,10 @@ class AckBarrier:
         """Unconfirmed PUBACKs may not have reached the broker: keep their marks."""
         self.acked, self.waiting, self.barrier_mid = [], [], None
 
-    def take_settled(self) -> List[Incoming]:
+    def take_settled(self) -> List[DupMark]:
         taken, self.settled = self.settled, []
         return taken
 
-    def give_back(self, settled: List[Incoming]) -> None:
+    def give_back(self, settled: List[DupMark]) -> None:
         """The commit that was to drop these marks failed: try again with the next one."""
         self.settled = settled + self.settled
