@@ -71,6 +71,13 @@ def rng(name: str) -> random.Random:
 
 # -- the one-line result ------------------------------------------------------------------------
 
+def report_line(line: str) -> str:
+    """Print a scenario's one-line figures and keep them for the "chaos results" summary."""
+    print(f"\n{line}", flush=True)
+    _results.append(line)
+    return line
+
+
 class Result:
     """`name: k v, k v, ..., 41.2 s`: figures in the order they were set, then the elapsed time."""
 
@@ -92,10 +99,8 @@ class Result:
 
     def emit(self) -> str:
         """Freeze the line, print it and keep it for the summary; returns it."""
-        line = self.emitted = self.line()
-        print(f"\n{line}", flush=True)
-        _results.append(line)
-        return line
+        self.emitted = report_line(self.line())
+        return self.emitted
 
     def __str__(self) -> str:
         return self.line()
