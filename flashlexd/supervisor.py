@@ -107,11 +107,11 @@ class Supervisor:
 
     def _start_api(self) -> RpcServer:
         mqtt = self.config.thing.mqtt
-        self.methods = methods = Methods(self.store, self.status, self.wake_egress, mqtt.egress_topic,
-                          mqtt.offline_publish_queueing,
-                          lambda: bool(self.workers["egress"].mqtt.get("connected")),
-                          self.config.store.max_payload_bytes)
-        return RpcServer.from_config(self.config.api, methods, self.selector,
+        self.methods = Methods(self.store, self.status, self.wake_egress, mqtt.egress_topic,
+                               mqtt.offline_publish_queueing,
+                               lambda: bool(self.workers["egress"].mqtt.get("connected")),
+                               self.config.store.max_payload_bytes)
+        return RpcServer.from_config(self.config.api, self.methods, self.selector,
                                      self.config.store.max_payload_bytes)
 
     def _close(self) -> None:
