@@ -690,8 +690,9 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     daemon's error answers read while all 500 are open, a `status` for every tenth on a fresh
     connection, all closed, a gap of about 0.8 s, the next storm. Each message's commit time is
     stored with it, so the one stream gives the ingest rate of every phase; interleaved, both
-    kinds of phase sample whatever else the machine is doing alike. The median rate of the
-    hostile phases must be within 20 % of the median of the quiet ones. Within the hostile
+    kinds of phase sample whatever else the machine is doing alike. Each hostile phase's rate
+    is set against the quiet phases on either side of it; the median of those ratios must be
+    over 0.8 (ingest drops by less than 20 %). Within the hostile
     phases the rate during the storms themselves must not collapse (over a quarter of the rate
     between them; CPU sharing alone leaves half or more), as it would if the supervisor stalled
     its workers.
@@ -750,7 +751,7 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     rates = phase_rates(stamps, recorded)
     quiet_rates = [r for kind, r, _, _ in rates if kind == "quiet"]
     hostile_rates = [r for kind, r, _, _ in rates if kind == "hostile"]
-    ratio = statistics.median(hostile_rates) / statistics.median(quiet_rates) if hostile_rates else 0.0
+    ratio = paired_ratio([(kind, r) for kind, r, _, _ in rates])
     storms = [tuple(i) for i in attack["intervals"]]
     hostile_spans = [(a, b) for kind, _, a, b in rates if kind == "hostile"]
     in_phases = [sum(1 for x, _ in storms if a <= x <= b) for a, b in hostile_spans]
@@ -759,7 +760,7 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
                 if x < b and y > a) / max(sum(b - a for a, b in hostile_spans), 1e-9)
     summary = (f"hostile clients: {published} messages in {stamps[-1] - stamps[0]:.1f}s, phases of "
                f"{PHASE:g}s: quiet {' '.join(f'{r:.0f}' for r in quiet_rates)} msg/s, hostile "
-               f"{' '.join(f'{r:.0f}' for r in hostile_rates)} msg/s; ratio of the medians "
+               f"{' '.join(f'{r:.0f}' for r in hostile_rates)} msg/s; median hostile/neighbouring quiet "
                f"{ratio:.2f}; inside the "
                f"hostile phases {in_storms:.0f} msg/s during storms vs {in_gaps:.0f} between them "
                f"({in_storms / max(in_gaps, 1e-9):.2f}), storms {share:.0%} of that time; attack: "
@@ -777,6 +778,18 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     assert d.restarts() == 0, summary
     assert in_storms / in_gaps > 0.25, summary
     assert ratio > 0.8, summary
+
+
+def paired_ratio(rates: List[Tuple[str, float]]) -> float:
+    """The median over hostile phases of its rate / the mean rate of the quiet phases on either
+    side of it: each hostile phase is judged against its own moment, so a machine whose load
+    drifts during the run (other jobs on a shared box) does not pass for an effect of the attack."""
+    ratios = []
+    for index, (kind, rate) in enumerate(rates):
+        neighbours = [r for k, r in rates[max(index - 1, 0):index + 2] if k == "quiet"]
+        if kind == "hostile" and neighbours:
+            ratios.append(rate / statistics.mean(neighbours))
+    return statistics.median(ratios) if ratios else 0.0
 
 
 def test_nested_container_headers_are_refused_without_the_cpu_cost():
