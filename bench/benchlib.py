@@ -3,7 +3,6 @@ fixtures of tests/broker.py and tests/daemon.py, used outside pytest), PSS from 
 process CPU time, and small formatting helpers. Not a benchmark itself."""
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ from flashlexd.client import Client  # noqa: E402
 from tests.broker import (INGRESS_TOPIC, Broker, make_certs, wait_for,  # noqa: E402,F401
                           write_config)
 from tests.daemon import Daemon, NotifyListener  # noqa: E402,F401
+from tests.worker_process import cpu_seconds  # noqa: E402,F401
 
 PAYLOAD_BYTES = 200
 
@@ -71,11 +71,6 @@ def pss(pid: int) -> Dict[str, int]:
         if parts and parts[0].isdigit():
             fields[name.strip()] = int(parts[0])
     return fields
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median(values: Iterable[float]) -> float:

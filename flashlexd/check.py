@@ -47,7 +47,6 @@ from flashlexd.config import Config, ConfigError, Thing
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-DEFAULT_TIMEOUT = 10.0
 PROBE_KEY = "flashlexd-check"
 EXPIRY_WARNING_DAYS = 30
 VERDICT_WAIT = 1.0  # the longest the broker step waits for a TLS 1.3 broker's verdict on our certificate
@@ -107,9 +106,8 @@ def verdict(steps: List[Step]) -> str:
 
 # -- the steps ----------------------------------------------------------------------------------
 
-def check(config_path: str, keys_dir: Optional[str] = None, data_dir: Optional[str] = None,
-          timeout: float = DEFAULT_TIMEOUT,
-          on_step: Optional[Callable[[Step], None]] = None) -> List[Step]:
+def check(config_path: str, timeout: float, keys_dir: Optional[str] = None,
+          data_dir: Optional[str] = None, on_step: Optional[Callable[[Step], None]] = None) -> List[Step]:
     """Run every step in order; `on_step` sees each one as soon as it is done."""
     steps: List[Step] = []
 
