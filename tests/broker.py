@@ -36,6 +36,7 @@ INGRESS_TOPIC = f"ingress/{THING}"
 PUBSUB_TOPIC = f"pubsub/{THING}"
 EGRESS_TOPIC = "flashlex/collect"
 HOST = "127.0.0.1"
+BROKER_INFLIGHT = 20  # QoS 1 messages the broker sends a client ahead of its PUBACKs (its default)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -166,6 +167,7 @@ class Broker:
             f"persistence_location {self.workdir / 'state'}/",
             "autosave_interval 0",  # saved only by save() (SIGUSR1) and a clean stop
             "max_queued_messages 0",
+            f"max_inflight_messages {BROKER_INFLIGHT}",
             "log_type error", "log_type warning", "log_type notice", "log_type information",
             "log_type subscribe",
             "connection_messages true",
