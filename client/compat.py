@@ -45,14 +45,14 @@ class _SkipLog:
 
     def __init__(self) -> None:
         self.count = 0
-        self._logged: Set[int] = set()
+        self._logged: Set[Tuple[str, int]] = set()  # (socket path, message id)
         self._lock = threading.Lock()
 
-    def note(self, message: Message) -> None:
+    def note(self, path: str, message: Message) -> None:
         with self._lock:
-            if message.id in self._logged:
+            if (path, message.id) in self._logged:
                 return
-            self._logged.add(message.id)
+            self._logged.add((path, message.id))
             self.count += 1
         until = ("until a native client acknowledges it (no flashlex.app.db.expireSeconds)"
                  if message.expires_at is None else
@@ -62,10 +62,10 @@ class _SkipLog:
                     " calls; it stays in the inbox %s", message.pk, message.topic,
                     len(message.payload), until)
 
-    def forget_except(self, present: Set[int]) -> None:
+    def forget_except(self, path: str, present: Set[int]) -> None:
         """After a full scan: forget messages that are gone, so the set stays inbox-sized."""
         with self._lock:
-            self._logged &= present
+            self._logged = {(p, i) for p, i in self._logged if p != path or i in present}
 
 
 _SKIPPED = _SkipLog()
@@ -191,13 +191,13 @@ class FlashlexSDK:
         while wanted is None or len(found) < wanted:
             page = self.client.messages(limit=MAX_LIMIT, after=after)
             if not page:
-                _SKIPPED.forget_except(skipped)
+                _SKIPPED.forget_except(self.client.path, skipped)
                 break
             for message in page:
                 payload = json_payload(message)
                 if payload is _NOT_DECODED:
                     skipped.add(message.id)
-                    _SKIPPED.note(message)
+                    _SKIPPED.note(self.client.path, message)
                 elif wanted is None or len(found) < wanted:
                     found.append((message, payload))
             after = page[-1].id
