@@ -26,7 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LEGACY_KEYS = {
     "flashlex.app.api", "flashlex.app.callback", "flashlex.app.thread", "flashlex.app.message",
     "flashlex.app.db.subscriptionData", "flashlex.dist", "flashlex.thing.id",
-    "flashlex.thing.keys.publicKey",
+    "flashlex.thing.keys.publicKey", "flashlex.thing.keys.path",
 }
 
 
