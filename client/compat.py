@@ -7,7 +7,8 @@
         sdk.removeMessageFromStore(message)
     sdk.collectMessage({"temp": 21.5})                   # 200, or 500 and a logged reason
 
-The rule: an old app never sees a record shape, an exception or a return value the old SDK
+Every public method of the old `FlashlexSDK` is here, and its module functions `openFile` and
+`createToken`. The rule: an old app never sees a record shape, an exception or a return value the old SDK
 could not produce. So:
 - Only messages whose payload is a JSON value (what the old service's `json.loads` accepted)
   are returned, in the old record shape. Others are left in the inbox for native clients (not
@@ -124,6 +125,21 @@ def _socket_from_config(document: Any) -> Optional[str]:
     except (KeyError, TypeError):
         return None
     return path if isinstance(path, str) and path else None
+
+
+def openFile(fileName: str) -> str:
+    """The old module function: a text file's content."""
+    with open(fileName, "r") as handle:
+        return handle.read()
+
+
+def createToken(thingId: str, payload: Dict[str, Any], privateKey: str) -> str:
+    """The old module function: an RS256 JWT with `kid` = the thing id, as a str. Needs PyJWT
+    and cryptography (`pip install PyJWT cryptography`), as the old SDK did; the old code's
+    `.decode('utf-8')` only worked with PyJWT 1.x, this works with 1.x and 2.x."""
+    import jwt  # only this legacy helper needs PyJWT
+    token = jwt.encode(payload, privateKey, algorithm="RS256", headers={"kid": thingId})
+    return token.decode("utf-8") if isinstance(token, bytes) else token
 
 
 def _pk_id(pk: Any) -> int:

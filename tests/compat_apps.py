@@ -14,16 +14,26 @@ import os
 import sys
 import time
 
+THING_ID = "349c5942-77d6-4f36-880b-1762a3b07f06"
 COLLECTED = [{"foo": "bar"}, "hello", [1, 2.5, None], 3, None, {"\u00e9": "\u00fc"},
              {"when": datetime.datetime(2020, 1, 1)}, b"raw bytes"]
 
 
 def load_sdk(kind):
+    """The SDK module: FlashlexSDK and the module functions openFile and createToken."""
     if kind == "old":
-        from flashlexiot.sdk import FlashlexSDK
+        import flashlexiot.sdk as sdk
     else:
-        from flashlexd.client.compat import FlashlexSDK
-    return FlashlexSDK
+        import flashlexd.client.compat as sdk
+    return sdk
+
+
+def jwt_parts(token):
+    """A JWT's header and claims (base64url JSON), without checking the signature."""
+    import base64
+    header, claims, _ = token.split(".")
+    return [json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+            for part in (header, claims)]
 
 
 def loadConfig(configFile):
@@ -41,10 +51,15 @@ def outcome(call):
         return {"raised": type(exc).__name__, "args": [repr(a) for a in exc.args]}
 
 
-def documented(FlashlexSDK, config_path, report):
+def documented(module, config_path, report):
     """The calls the SDK offers, as its guide, test_base.py and collectmessage.py use them."""
     config = loadConfig(config_path)
-    sdk = FlashlexSDK(config)
+    sdk = module.FlashlexSDK(config)
+    report["openFile"] = module.openFile(config_path) == open(config_path).read()
+    keys = config["flashlex"]["thing"]["keys"]
+    key = module.openFile("{0}/jwt-private.pem".format(keys["path"]))  # an RSA key: RS256
+    token = module.createToken(THING_ID, {"iss": "urn:thing:" + THING_ID, "exp": 4102444800}, key)
+    report["createToken"] = [type(token).__name__, jwt_parts(token)]
     report["getConfig"] = sdk.getConfig()["flashlex"]["thing"]["name"]
     report["setConfig"] = outcome(lambda: sdk.setConfig(config))
     report["loadConfig"] = sdk.loadConfig(config_path) == config
@@ -60,12 +75,12 @@ def documented(FlashlexSDK, config_path, report):
     report["collected"] = [outcome(lambda v=v: sdk.collectMessage(v)) for v in COLLECTED]
 
 
-def sonoff(FlashlexSDK, config_path, report):
+def sonoff(module, config_path, report):
     """A Sonoff switch controller: commands {"device", "message": on|off|stop} switch the devices
     of its own `devices:` config section and report each new state to the cloud."""
     config = loadConfig(config_path)
     devices = config["devices"]
-    sdk = FlashlexSDK(config)
+    sdk = module.FlashlexSDK(config)
     state = {name: "off" for name in devices}
     report["applied"], report["collected"] = [], []
     deadline = time.time() + 30
@@ -86,9 +101,9 @@ def sonoff(FlashlexSDK, config_path, report):
     raise SystemExit("sonoff: no stop command within 30 s")
 
 
-def ticker(FlashlexSDK, config_path, report):
+def ticker(module, config_path, report):
     """An LED ticker: scrolls each message's payload as JSON text, then removes it."""
-    sdk = FlashlexSDK(loadConfig(config_path))
+    sdk = module.FlashlexSDK(loadConfig(config_path))
     report["scrolled"] = []
     for message in sdk.getSubscribedMessages():
         report["scrolled"].append(json.dumps(message["message"]["payload"]))
@@ -96,10 +111,10 @@ def ticker(FlashlexSDK, config_path, report):
     report["left"] = sdk.getSubscribedMessages()
 
 
-def outage(FlashlexSDK, config_path, report):
+def outage(module, config_path, report):
     """One SDK object through an outage: calls while the service is down, then (after the test
     restarts it and sends a message, and creates REPORT.go) the same object again."""
-    sdk = FlashlexSDK(loadConfig(config_path))
+    sdk = module.FlashlexSDK(loadConfig(config_path))
     report["down"] = [outcome(sdk.getSubscribedMessages),
                       outcome(lambda: sdk.collectMessage({"n": 1})),
                       outcome(sdk.getSubscribedMessages)]

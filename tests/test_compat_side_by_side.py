@@ -124,33 +124,40 @@ def _document(extra: Dict[str, Any]) -> Dict[str, Any]:
     return {"devices": DEVICES, **extra}
 
 
+@pytest.fixture(scope="session")
+def jwt_key() -> bytes:
+    """An RSA key for the old SDK's RS256 tokens (the test thing's TLS key is EC)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+
+
 @pytest.fixture
-def old(old_python: Path, api: FlashlexApi, tmp_path: Path) -> Side:
+def old(old_python: Path, api: FlashlexApi, jwt_key: bytes, tmp_path: Path) -> Side:
     """The old SDK's config as its app.py left it: keys.path set (-k), dataPath set (-d)."""
     workdir, keys = tmp_path / "old", tmp_path / "old" / "keys"
     keys.mkdir(parents=True)
     (workdir / "data").mkdir()
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # RS256 tokens
-    (keys / "thing-private.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
+    (keys / "jwt-private.pem").write_bytes(jwt_key)
     config = workdir / "config.yml"
     config.write_text(yaml.safe_dump(_document({"flashlex": {
         "app": {"api": {"endpoint": api.endpoint, "env": "dev"}, "callback": "persistent",
                 "db": {"dataPath": str(workdir / "data"), "subscriptionData": "subscription.json",
                        "expireSeconds": 60}},
         "thing": {"id": THING_ID, "name": "ecd13b11-mything",
-                  "keys": {"path": str(keys), "privateKey": "thing-private.pem"},
+                  "keys": {"path": str(keys), "privateKey": "jwt-private.pem"},
                   "mqtt": {"ingress": {"topic": INGRESS_TOPIC}}}}}), sort_keys=False))
     return Side("old", old_python, config, workdir)
 
 
 @pytest.fixture
-def new(daemon_config: Path, tmp_path: Path) -> Side:
+def new(daemon_config: Path, jwt_key: bytes, tmp_path: Path) -> Side:
     """The daemon's own config file, with the app's `devices:` section and the old SDK's keys in it."""
     workdir = tmp_path / "new"
     workdir.mkdir()
+    (workdir / "jwt-private.pem").write_bytes(jwt_key)
     document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["thing"]["keys"]["path"] = str(workdir)
     document["flashlex"]["app"]["socket"]["path"] = str(workdir / "flashlexd.sock")
     document["flashlex"]["app"]["api"] = {"endpoint": "https://api.flashlex.com", "env": "dev"}
     document["flashlex"]["thing"]["id"] = THING_ID
@@ -231,6 +238,9 @@ def test_documented_calls_return_the_same_shapes(old, new, daemon, broker, api, 
         {"message": "Sending a basic message...", "sequence": 151}, "just a string",
         [1, 2.5, None, True], {"\u00e9": 1000.0, "nested": {"a": [False]}}]
     assert now["removed_again"]["raised"] == "KeyError" and now["after"] == []
+    assert now["openFile"] is True
+    assert now["createToken"] == ["str", [{"typ": "JWT", "alg": "RS256", "kid": THING_ID},
+                                          {"iss": f"urn:thing:{THING_ID}", "exp": 4102444800}]]
     assert [c.get("returned") for c in now["collected"]] == [200, 200, 200, 200, 200, 200, 500, 500]
     # the bytes the cloud got: the old SDK's HTTP body, flashlexd's MQTT payload
     sent = wait_for(lambda: (lambda lines: lines if len(lines) == 6 else None)(egress.lines()), 20,
