@@ -26,7 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LEGACY_KEYS = {
     "flashlex.app.api", "flashlex.app.callback", "flashlex.app.thread", "flashlex.app.message",
     "flashlex.app.db.subscriptionData", "flashlex.dist", "flashlex.thing.id",
-    "flashlex.thing.keys.publicKey",
+    "flashlex.thing.keys.publicKey", "flashlex.thing.keys.path",
 }
 
 
@@ -245,9 +245,9 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     warnings: List[str] = []
     if not isinstance(document, dict) or "flashlex" not in document:
         raise ConfigError("flashlex: missing required key (is this a FlashLex config file?)")
-    unknown_roots = [str(k) for k in document if k != "flashlex"]
-    if unknown_roots:
-        raise ConfigError(f"{unknown_roots[0]}: unknown top-level section (expected only 'flashlex')")
+    for key in document:  # an app's own sections (the old SDK ignored them); `flashlex` is strict
+        if key != "flashlex":
+            warnings.append(f"{key}: unknown top-level section, ignored")
     root = _Section(document["flashlex"], "flashlex", warnings)
     for key in root.data:
         if key not in ("app", "thing", "dist"):
@@ -258,7 +258,8 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
 
     keys_base = Path(keys_dir) if keys_dir else config_path.resolve().parent
     thing = _thing(thing_section, keys_base, warnings, "--keys-dir" if keys_dir else
-                   "the config file's directory (or use --keys-dir)")
+                   "the config file's directory (or use --keys-dir)",
+                   None if keys_dir else legacy_keys_dir(config_path))
     store = _store(app.section("db"), data_dir)
     api = _api(app.section("socket"), socket_path)
     supervision = _supervision(app.section("supervisor"))
@@ -272,24 +273,39 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
                   warnings=tuple(warnings))
 
 
-def _thing(section: _Section, keys_base: Path, warnings: List[str], keys_base_name: str) -> Thing:
+def legacy_keys_dir(config_path: Path) -> Optional[Path]:
+    """Where the FlashLex SDK looked for key files without -k, for its unit form
+    `DIR/app.py --config DIR/keys/config.yml`: the parent of DIR (app.py's directory's parent).
+    flashlexd does not search there on its own (a directory such as /opt or /home/pi may hold
+    another thing's keys); a missing key file found there is named with the -k to add."""
+    keys = config_path.resolve().parent
+    return keys.parent.parent if keys.name == "keys" else None
+
+
+def _thing(section: _Section, keys_base: Path, warnings: List[str], keys_base_name: str,
+           legacy_base: Optional[Path]) -> Thing:
     name = section.text("name", required=True)
     endpoint = section.text("endpoint", required=True)
-    keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings)
+    keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
+                 legacy_base)
     mqtt = _mqtt(section.section("mqtt", required=True), name)  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 
 
-def _keys(section: _Section, base: Path, base_name: str, warnings: List[str]) -> Keys:
+def _keys(section: _Section, base: Path, base_name: str, warnings: List[str],
+          legacy_base: Optional[Path]) -> Keys:
     def key_file(key: str) -> Path:
         name = section.text(key, required=True)
         path = (base / name).resolve()  # type: ignore[operator]
         if not os.access(path, os.R_OK) or not path.is_file():
             reason = ("missing" if not path.exists() else "not a file" if not path.is_file()
                       else "not readable")
-            raise ConfigError(f"{section.path}.{key}: key file {path} is {reason}"
-                              f" (key names are relative to {base_name})")
+            hint = f"key names are relative to {base_name}"
+            if legacy_base is not None and (legacy_base / name).is_file():  # type: ignore[operator]
+                hint = (f"the FlashLex SDK's default keys dir {legacy_base} has it:"
+                        f" add -k {legacy_base}")
+            raise ConfigError(f"{section.path}.{key}: key file {path} is {reason} ({hint})")
         return path
 
     keys = Keys(root_ca=key_file("rootCA"), cert=key_file("cert"), private_key=key_file("privateKey"))

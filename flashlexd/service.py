@@ -31,10 +31,14 @@ def template(kind: str) -> str:
     raise FileNotFoundError(f"packaging file {in_repo} not found (is flashlexd installed?)")
 
 
-def render_unit(venv: str, config: str, user: str = "root", group: str = "") -> str:
-    """The unit text with the venv, config path and service user filled in."""
+def render_unit(venv: str, config: str, user: str = "root", group: str = "",
+                keys: Optional[str] = None) -> str:
+    """The unit text with the venv, config path, keys dir and service user filled in. The keys
+    dir is always explicit (default: the config file's directory), so the unit never depends
+    on a default that differed between the FlashLex SDK and flashlexd."""
     values: Dict[str, str] = {"venv": venv.rstrip("/"), "config": config, "user": user,
-                              "group": group or user}
+                              "group": group or user,
+                              "keys": keys or str(Path(config).parent)}
     text = template("unit")
     for name, value in values.items():
         text = text.replace("{{" + name + "}}", value)
@@ -49,6 +53,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--dir", required=True, help="install directory (holds venv/ and keys/)")
     parser.add_argument("--venv", help="virtualenv with flashlexd (default: DIR/venv)")
     parser.add_argument("--config", help="config file (default: DIR/keys/config.yml)")
+    parser.add_argument("--keys-dir", "-k", help="directory of the key files, rendered as"
+                                                 " --keys-dir (default: the config file's directory)")
     parser.add_argument("--user", default=os.environ.get("SUDO_USER") or "root",
                         help="user the service runs as (default: $SUDO_USER, else root)")
     parser.add_argument("--group", default="", help="group of the service and socket (default: the user)")
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if kind == "unit":
         text = render_unit(str(Path(args.venv).resolve()) if args.venv else str(directory / "venv"),
                            str(Path(args.config).resolve()) if args.config
-                           else str(directory / "keys" / "config.yml"), args.user, args.group)
+                           else str(directory / "keys" / "config.yml"), args.user, args.group,
+                           str(Path(args.keys_dir).resolve()) if args.keys_dir else None)
     else:
         text = template(kind)
     target: Optional[Path] = Path(args.output) if args.output else None

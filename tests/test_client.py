@@ -1,4 +1,5 @@
-"""flashlexd.client against a real server and store: every method, errors, compat SDK."""
+"""flashlexd.client against a real server and store: every method and error (the compat SDK:
+tests/test_compat*.py)."""
 import json
 import os
 import socket
@@ -11,7 +12,6 @@ import pytest
 import flashlexd.client.connection as connection_module
 from flashlexd.client import (Client, DaemonNotRunning, Message, OutboxEntry, ProtocolError, RpcError,
                               connect)
-from flashlexd.client.compat import FlashlexSDK
 from flashlexd.client.wire import MAX_IDS_PER_ACK, Code
 
 try:
@@ -268,54 +268,6 @@ def test_import_is_light():
             " or m in ('flashlexd.store', 'flashlexd.config')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-# -- FlashLex SDK compatibility -------------------------------------------------------------------
-
-def test_compat_get_and_remove(harness):
-    harness.ingest(("pubsub/a", b'{"sequence": 1}'), ("pubsub/b", b"not json"), ("pubsub/c", b"\xff"))
-    sdk = FlashlexSDK("/etc/flashlex/missing-config.yml", socket_path=harness.path)
-    messages = sdk.getSubscribedMessages()
-    assert [m["message"]["topic"] for m in messages] == ["pubsub/a", "pubsub/b", "pubsub/c"]
-    first = messages[0]
-    assert set(first) == {"pk", "timestamp", "datetime", "message"}
-    assert first["message"]["payload"] == {"sequence": 1}
-    assert first["message"]["qos"] == first["message"]["pos"] == 1
-    assert len(first["datetime"]) == 19 and first["datetime"][10] == " "
-    assert messages[1]["message"]["payload"] == "not json"
-    assert messages[2]["message"]["payload"] == b"\xff"
-    assert [m["message"]["topic"] for m in sdk.getSubscribedMessages(count=2, reverse=True)] == \
-        ["pubsub/c", "pubsub/b"]
-    assert len(sdk.getSubscribedMessages(count=1)) == 1
-    assert sdk.removeMessageFromStore(first) == 1
-    with pytest.raises(KeyError):
-        sdk.removeMessageFromStore({"message": {}})
-    assert len(sdk.getSubscribedMessages()) == 2
-    sdk.close()
-
-
-def test_compat_collect_message(tmp_path):
-    h = Harness(tmp_path, queueing=0).start()
-    try:
-        sdk = FlashlexSDK({"flashlex": {"app": {"socket": {"path": h.path}}}})
-        assert sdk.collectMessage({"reading": 3}) == 200
-        with connect(h.path) as client:
-            assert json.loads(client.outbox()["entries"][0].payload) == {"reading": 3}
-        h.egress_online = False
-        assert sdk.collectMessage({"reading": 4}) == 500
-        assert sdk.last_error.code == Code.EGRESS_OFFLINE
-        sdk.close()
-    finally:
-        h.stop()
-
-
-def test_compat_reads_the_socket_from_a_config_file(harness, tmp_path, monkeypatch):
-    monkeypatch.delenv("FLASHLEXD_SOCKET", raising=False)
-    config = tmp_path / "config.yml"
-    config.write_text(f"flashlex:\n  app:\n    socket:\n      path: {harness.path}\n")
-    sdk = FlashlexSDK(str(config))
-    assert sdk.getSubscribedMessages() == [] and sdk.client.path == harness.path
-    sdk.close()
 
 
 def test_message_record():

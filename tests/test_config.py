@@ -221,8 +221,6 @@ def test_keys_dir_replaces_the_config_files_directory(seed_file: Path, keys_dir:
 # -- bad configs: one line, starting with the key path ------------------------------------------
 
 BAD_CONFIGS = [
-    ("unknown-top-level", lambda d: d.update(extra={"a": 1}),
-     "extra: unknown top-level section (expected only 'flashlex')"),
     ("unknown-flashlex-section", setting("flashlex.cloud", {"a": 1}),
      "flashlex.cloud: unknown section (expected app, thing, dist)"),
     ("port-not-an-integer", setting("flashlex.thing.mqtt.port", "abc"),
