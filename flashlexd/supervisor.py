@@ -278,8 +278,9 @@ class Supervisor:
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
         up = sum(1 for w in self.workers.values() if w.state == "ready")
-        return (f"{', '.join(links)}; inbox {stats['inbox_count']}; outbox {stats['outbox_count']};"
-                f" workers {up}/{len(self.workers)}")
+        dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""
+        return (f"{', '.join(links)}; inbox {stats['inbox_count']}; outbox {stats['outbox_count']}"
+                f"{dead}; workers {up}/{len(self.workers)}")
 
     def status(self) -> Dict[str, Any]:
         """The supervisor's part of the API's `status`."""

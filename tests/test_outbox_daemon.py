@@ -117,6 +117,8 @@ def test_dead_letters_are_listed_retried_to_the_tail_and_dropped(running, broker
             assert listed.returncode == 0 and "link dropped 3 times" in listed.stdout
             status = running.ctl("status")
             assert status.returncode == 1 and "degraded: 2 dead letters" in status.stdout
+            wait_for(lambda: any(f.startswith("STATUS=") and "outbox 0 (2 dead letters)" in f
+                                 for _, f in running.notify.lines()), 5, "STATUS= naming them")
 
             new_ids = fx.retry([poison_1])
             assert new_ids[0] > poison_2
