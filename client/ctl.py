@@ -259,7 +259,7 @@ def cmd_outbox(fx: Client, args: argparse.Namespace) -> int:
         headers = ("ID", "AGE", "TOPIC", "BYTES", "ATTEMPTS", "REASON")
         right = (0, 3, 4)
     else:
-        rows = [(e["id"], ago(now - e["created"]), escaped(e["topic"]), e["qos"], e["size"],
+        rows = [(e["id"], ago(now - e["created"]), escaped(e["topic"]), e["qos"], len(e["payload"]),
                  preview(e["payload"])) for e in entries]
         headers, right = ("ID", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), (0, 3, 4)
     if rows:
