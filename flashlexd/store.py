@@ -1,6 +1,6 @@
 """The durable LMDB store shared by every flashlexd process.
 
-One environment, five named databases:
+One environment, six named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
   expiry  expires_at_ms(8) + first id(8) -> last id(8): one range per appended batch (a batch
           expires together); the sweep walks it from the front. Kept exact: the first id of
@@ -8,6 +8,11 @@ One environment, five named databases:
           of the range, or removes the range), so no range outlives its messages. An empty
           value (older stores: one entry per message) means last == first.
   outbox  id(8) -> msgpack entry; FIFO towards the cloud
+  dead    id(8) -> msgpack dead letter: an outbox entry the broker kept refusing, moved here
+          under its outbox id (ids are never reused, so it names the entry in both lists)
+          with the reason and the attempts, until it is retried (back to the outbox's tail,
+          under a new id) or dropped. Never deleted to make room. Added after schema 1 was
+          released; a schema-1 store simply gains the empty database when it is opened.
   recent  mid(2) -> digest(8) of the message last stored under that mid: recognises a broker
           redelivery (DUP) of a stored message (older stores append the id; only the first 8
           bytes are read)
@@ -47,6 +52,8 @@ _MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
 POLICIES = ("reject", "dropOldest")
+COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purged", "queued", "sent",
+            "outbox_dropped", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
 DupMark = Tuple[bytes, bytes]  # (packed packet id, digest of topic + payload)
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 
@@ -119,6 +126,18 @@ class OutboxEntry:
                 "payload": self.payload, "qos": self.qos, "retain": self.retain}
 
 
+@dataclass(frozen=True)
+class DeadLetter(OutboxEntry):
+    """An outbox entry moved aside because the broker refused it `attempts` times."""
+    attempts: int
+    reason: str
+    dead_at: float
+
+    def to_dict(self) -> dict:
+        return dict(super().to_dict(), attempts=self.attempts, reason=self.reason,
+                    dead_at=self.dead_at)
+
+
 def _key(record_id: int) -> bytes:
     return _ID.pack(record_id)
 
@@ -184,6 +203,7 @@ class Store:
             self._inbox = self._env.open_db(b"inbox", txn=txn)
             self._expiry = self._env.open_db(b"expiry", txn=txn)
             self._outbox = self._env.open_db(b"outbox", txn=txn)
+            self._dead = self._env.open_db(b"dead", txn=txn)
             self._recent = self._env.open_db(b"recent", txn=txn)
             self._meta = self._env.open_db(b"meta", txn=txn)
             schema = self._counter(txn, b"schema")
@@ -316,13 +336,14 @@ class Store:
 
     def _used_bytes(self, txn: lmdb.Transaction) -> int:
         pages = 0
-        for db in (self._inbox, self._expiry, self._outbox, self._recent, self._meta):
+        for db in (self._inbox, self._expiry, self._outbox, self._dead, self._recent, self._meta):
             stat = txn.stat(db)
             pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
         return pages * self._page_size
 
     def _make_room(self, txn: lmdb.Transaction, needed: int, what: str) -> None:
-        """Apply the cap policy before adding `needed` bytes."""
+        """Apply the cap policy before adding `needed` bytes: only inbox messages are ever
+        dropped (under dropOldest); outbox entries and dead letters are the application's."""
         excess = self._used_bytes(txn) + needed - self.cap_bytes
         if excess <= 0:
             return
@@ -338,7 +359,8 @@ class Store:
             self._unindex(txn, key, raw)
             dropped += 1
         if excess > 0:
-            raise StoreFull(f"store in {self.path} is full: the batch alone exceeds the cap")
+            raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
+                            f" outbox and dead letters fill the {self.cap_bytes} byte cap)")
         self._add_counter(txn, b"dropped_full", dropped)
 
     def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
@@ -533,17 +555,21 @@ class Store:
         return self._write(work)  # type: ignore[return-value]
 
     def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
-        found: List[OutboxEntry] = []
+        """Oldest first; `after` is an exclusive id."""
+        return self._scan(self._outbox, limit, after, lambda key, fields: OutboxEntry(key, *fields[:5]))
+
+    def _scan(self, db, limit: int, after: Optional[int],
+              decode: Callable[[int, list], OutboxEntry]) -> list:
+        """Up to `limit` records of `db` past id `after`, each decoded from (id, fields)."""
+        found: list = []
         if limit <= 0:
             return found
         with self._read() as txn:
-            cursor = txn.cursor(db=self._outbox)
-            positioned = _start(cursor, after)
-            if not positioned:
+            cursor = txn.cursor(db=db)
+            if not _start(cursor, after):
                 return found
             for key, raw in cursor:
-                created, topic, payload, qos, retain = msgpack.unpackb(raw)
-                found.append(OutboxEntry(_ID.unpack(key)[0], created, topic, payload, qos, retain))
+                found.append(decode(_ID.unpack(key)[0], msgpack.unpackb(raw)))
                 if len(found) >= limit:
                     break
         return found
@@ -557,6 +583,78 @@ class Store:
             return removed
 
         return self._write(work) if keys else 0  # type: ignore[return-value]
+
+    def outbox_drop(self, ids: Iterable[int], dead: bool = False) -> int:
+        """Delete outbox entries (or, with `dead`, dead letters) at an application's or an
+        operator's request; ids not in that list are skipped. Returns how many were deleted.
+        An outbox entry already handed to the broker may still be delivered."""
+        keys = _keys_of(ids)
+        db = self._dead if dead else self._outbox
+
+        def work(txn: lmdb.Transaction) -> int:
+            removed = sum(1 for key in keys if txn.delete(key, db=db))
+            self._add_counter(txn, b"dead_dropped" if dead else b"outbox_dropped", removed)
+            return removed
+
+        return self._write(work) if keys else 0  # type: ignore[return-value]
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def outbox_dead_letter(self, entry_id: int, reason: str, attempts: int,
+                           now: Optional[float] = None) -> bool:
+        """Move outbox entry `entry_id` to the dead letters, with why and after how many
+        attempts, in one transaction; False if it is no longer in the outbox (sent or dropped
+        meanwhile). A move, so never refused by the cap: a full store must not stop the drain."""
+        keys = _keys_of([entry_id])
+        if not keys:
+            return False
+        key, now = keys[0], time.time() if now is None else now
+
+        def work(txn: lmdb.Transaction) -> bool:
+            raw = txn.pop(key, db=self._outbox)
+            if raw is None:
+                return False
+            created, topic, payload, qos, retain = msgpack.unpackb(raw)[:5]
+            newest = txn.cursor(db=self._dead)
+            in_order = not newest.last() or newest.key() < key  # the usual case: pack pages full
+            txn.put(key, self._packer.pack((created, topic, payload, qos, retain, attempts,
+                                            reason, now)), db=self._dead, append=in_order)
+            self._add_counter(txn, b"dead_lettered", 1)
+            return True
+
+        return bool(self._write(work))
+
+    def dead_letters(self, limit: int = 100, after: Optional[int] = None) -> List[DeadLetter]:
+        """Oldest (lowest outbox id) first; `after` is an exclusive id."""
+        return self._scan(self._dead, limit, after, lambda key, fields: DeadLetter(key, *fields[:8]))
+
+    def dead_retry(self, ids: Iterable[int]) -> List[int]:
+        """Move dead letters back to the outbox's tail (in id order, under new ids, attempts
+        starting again; `created` stays the application's publish time). Ids that are not dead
+        letters are skipped. Returns the new outbox ids. A move: not refused by the cap nor by
+        offlinePublishQueueing."""
+        keys = _keys_of(ids)
+
+        def work(txn: lmdb.Transaction) -> List[int]:
+            last = self._counter(txn, b"outbox_last_id")
+            moved = []
+            for key in keys:
+                raw = txn.pop(key, db=self._dead)
+                if raw is None:
+                    continue
+                last += 1
+                txn.put(_key(last), self._packer.pack(msgpack.unpackb(raw)[:5]), db=self._outbox,
+                        append=True)
+                moved.append(last)
+            self._set_counter(txn, b"outbox_last_id", last)
+            self._add_counter(txn, b"dead_retried", len(moved))
+            return moved
+
+        return self._write(work) if keys else []  # type: ignore[return-value]
+
+    def dead_count(self) -> int:
+        with self._read() as txn:
+            return txn.stat(self._dead)["entries"]
 
     # -- figures ------------------------------------------------------------------------------
 
@@ -574,12 +672,12 @@ class Store:
                 "inbox_last_id": self._counter(txn, b"inbox_last_id"),
                 "outbox_count": txn.stat(self._outbox)["entries"],
                 "outbox_oldest": oldest_out,
+                "dead_count": txn.stat(self._dead)["entries"],
                 "used_bytes": self._used_bytes(txn),
                 "cap_bytes": self.cap_bytes,
                 "when_full": self.when_full,
             }
-            for name in ("received", "duplicates", "acked", "expired", "dropped_full", "purged",
-                         "queued", "sent"):
+            for name in COUNTERS:
                 figures[name] = self._counter(txn, name.encode())
         return figures
 

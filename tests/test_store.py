@@ -407,6 +407,10 @@ STORE_CALLS: List[Callable[[Store], object]] = [
     lambda s: s.expire(now=10.0 ** 9),
     lambda s: s.outbox_append([("t", b"x", 1, False)]),
     lambda s: s.outbox_peek(),
+    lambda s: s.outbox_dead_letter(1, "refused", 3),
+    lambda s: s.dead_letters(),
+    lambda s: s.dead_retry([1]),
+    lambda s: s.outbox_drop([1], dead=True),
 ]
 
 
