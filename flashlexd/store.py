@@ -2,8 +2,11 @@
 
 One environment, five named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
-  expiry  expires_at_ms(8) + first id(8) -> last id(8): one range per appended batch (a batch
-          expires together); the sweep walks it from the front. Kept exact: the first id of
+  expiry  boot seq(4) + expiry_ms(8) + first id(8) -> last id(8): one range per appended batch
+          (a batch expires together). Expiry times are in their boot's frame (flashlexd/clock.py:
+          boottime + the boot's first offset), so a clock step never moves them; the sweep walks
+          each boot's part from its front up to that boot's cut-off. Boot seq 0: entries of
+          schema-1 stores, plain wall-clock times. Kept exact: the first id of
           every range is a stored message (removing it moves the start to the next stored id
           of the range, or removes the range), so no range outlives its messages. An empty
           value (older stores: one entry per message) means last == first.
@@ -11,7 +14,13 @@ One environment, five named databases:
   recent  mid(2) -> digest(8) of the message last stored under that mid: recognises a broker
           redelivery (DUP) of a stored message (older stores append the id; only the first 8
           bytes are read)
-  meta    name -> value: schema version, id counters, totals
+  meta    name -> value: schema version, id counters, totals; b"frame" + seq(4) -> the BootFrame
+          of each boot that stamped a record still stored (clock.py)
+
+Stamps: an inbox record is (wall, topic, payload, qos, retain, mid, expiry, boot seq, boottime),
+an outbox entry (wall, topic, payload, qos, retain, boot seq, boottime); schema-1 records lack
+the last two fields (seq 0: the wall-clock rule). Ages, arrival times and expiry times that the
+store hands out go through a `Timeline` (clock.py), so they survive clock steps.
 
 Every process opens its own `Store` after fork: an LMDB environment must never cross a fork
 (py-lmdb's rule; an inherited handle closed in a child also drops the parent's reader slots).
@@ -32,17 +41,19 @@ import hashlib
 import os
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
+from flashlexd.clock import LEGACY_SEQ, BootFrame, Reading, SystemClock, Timeline
 from flashlexd.topics import topic_matches
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: boot frames; stamps with boot seq and boottime; boot seq in expiry keys
 _ID = struct.Struct(">Q")
+_SEQ = struct.Struct(">I")
+_FRAME = b"frame"
 _MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
@@ -94,6 +105,7 @@ class Message:
     retain: bool
     mid: int
     expires_at: Optional[float]
+    age: float = 0.0  # real seconds since it arrived (clock.py's rule), when it was read
 
     @property
     def pk(self) -> str:
@@ -102,7 +114,7 @@ class Message:
     def to_dict(self) -> dict:
         return {"id": self.id, "pk": self.pk, "timestamp": self.timestamp, "topic": self.topic,
                 "payload": self.payload, "qos": self.qos, "retain": self.retain, "mid": self.mid,
-                "expires_at": self.expires_at}
+                "expires_at": self.expires_at, "age": self.age}
 
 
 @dataclass(frozen=True)
@@ -113,10 +125,11 @@ class OutboxEntry:
     payload: bytes
     qos: int
     retain: bool
+    age: float = 0.0
 
     def to_dict(self) -> dict:
         return {"id": self.id, "created": self.created, "topic": self.topic,
-                "payload": self.payload, "qos": self.qos, "retain": self.retain}
+                "payload": self.payload, "qos": self.qos, "retain": self.retain, "age": self.age}
 
 
 def _key(record_id: int) -> bytes:
@@ -135,8 +148,21 @@ def _start(cursor: lmdb.Cursor, after: Optional[int]) -> bool:
     return after < _MAX_ID and cursor.set_range(_key(after + 1))
 
 
-def _expiry_prefix(expires_at: float) -> bytes:
-    return _ID.pack(int(expires_at * 1000))
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _expiry_prefix(seq: int, expires_at: float) -> bytes:
+    """The first 12 bytes of an expiry index key: boot seq, expiry in that boot's frame."""
+    return _SEQ.pack(seq) + _ID.pack(_ms(expires_at))
+
+
+def _stamp_of(record: list, seq_at: int) -> Tuple[int, Optional[float]]:
+    """(boot seq, boottime) of a record whose stamp fields start at `seq_at`; schema-1 records
+    have none (the wall-clock rule)."""
+    if len(record) > seq_at + 1:
+        return record[seq_at], record[seq_at + 1]
+    return LEGACY_SEQ, None
 
 
 class Store:
@@ -149,7 +175,8 @@ class Store:
     (LMDB's lock wait releases the GIL) and raises StoreBusy when the wait runs out."""
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
-                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None):
+                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
+                 clock: Optional[SystemClock] = None):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -160,6 +187,7 @@ class Store:
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
         self._pid = os.getpid()
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
+        self.clock = clock or SystemClock()
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
@@ -190,9 +218,80 @@ class Store:
             if schema > SCHEMA_VERSION:
                 raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
                                  f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
-            if schema == 0:
+            if schema == 1:
+                self._migrate_expiry_index(txn)
+            if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
+            self._frame = self._register_boot(txn, self.clock.now())
         self._page_size = self._env.stat()["psize"]
+
+    def _migrate_expiry_index(self, txn: lmdb.Transaction) -> None:
+        """Schema 1 -> 2: expiry keys gain the boot seq; schema-1 keys are wall-clock times
+        (seq 0). Records keep their layout: a record without stamp fields is a seq-0 record."""
+        cursor = txn.cursor(db=self._expiry)
+        old = [(key, value) for key, value in cursor if len(key) == 16]
+        for key, value in old:
+            txn.delete(key, db=self._expiry)
+        txn.cursor(db=self._expiry).putmulti((_SEQ.pack(LEGACY_SEQ) + key, value) for key, value in old)
+
+    def _register_boot(self, txn: lmdb.Transaction, reading: Reading) -> BootFrame:
+        """This boot's frame: the latest one if it has our boot id, else a new one (the
+        frames no stored record refers to any more are dropped then)."""
+        latest = self._counter(txn, b"boot_seq")
+        frame = self._read_frame(txn, latest) if latest else None
+        if frame is not None and frame.boot_id == self.clock.boot_id:
+            return self._note_clock(txn, reading, frame)
+        frame = BootFrame(latest + 1, self.clock.boot_id, reading.offset, reading.offset)
+        self._set_counter(txn, b"boot_seq", frame.seq)
+        txn.put(_FRAME + _SEQ.pack(frame.seq), msgpack.packb(frame.to_wire()), db=self._meta)
+        in_use = [self._first_seq(txn, self._inbox, 7), self._first_seq(txn, self._outbox, 5)]
+        oldest = min([seq for seq in in_use if seq is not None] or [frame.seq])
+        for seq in range(1, oldest):
+            txn.delete(_FRAME + _SEQ.pack(seq), db=self._meta)
+        return frame
+
+    def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
+        """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
+        cursor = txn.cursor(db=db)
+        return _stamp_of(msgpack.unpackb(cursor.value()), seq_at)[0] if cursor.first() else None
+
+    def _read_frame(self, txn: lmdb.Transaction, seq: int) -> Optional[BootFrame]:
+        raw = txn.get(_FRAME + _SEQ.pack(seq), db=self._meta)
+        return BootFrame.from_wire(seq, msgpack.unpackb(raw)) if raw else None
+
+    def _note_clock(self, txn: lmdb.Transaction, reading: Reading,
+                    frame: Optional[BootFrame] = None) -> BootFrame:
+        """Record this boot's offset when the clock stepped (the only write this adds, and
+        only on a step), so that after a reboot this boot's stamps are re-based on it. The
+        cached frame follows what is committed: a step written here is cached by the next
+        transaction, so an aborted one does not hide it."""
+        frame = frame or self._frame
+        if not frame.stepped(reading):
+            return frame
+        stored = self._read_frame(txn, frame.seq) or frame
+        if stored.stepped(reading):
+            stepped = BootFrame(frame.seq, frame.boot_id, frame.first, reading.offset)
+            txn.put(_FRAME + _SEQ.pack(frame.seq), msgpack.packb(stepped.to_wire()), db=self._meta)
+        else:
+            self._frame = stored
+        return stored
+
+    def _reading(self, now: Optional[float]) -> Reading:
+        """The clocks now; `now` (tests) is a wall-clock time in this boot's first frame."""
+        if now is None:
+            return self.clock.now()
+        return Reading(now, now - self._frame.first)
+
+    def _timeline(self, txn: lmdb.Transaction, reading: Reading) -> Timeline:
+        frames: Dict[int, BootFrame] = {}
+        cursor = txn.cursor(db=self._meta)
+        if cursor.set_range(_FRAME):
+            for key, raw in cursor:
+                if not key.startswith(_FRAME) or len(key) != len(_FRAME) + 4:
+                    break
+                seq = _SEQ.unpack(key[len(_FRAME):])[0]
+                frames[seq] = BootFrame.from_wire(seq, msgpack.unpackb(raw))
+        return Timeline(reading, self._frame, frames)
 
     @staticmethod
     def headroom(cap_bytes: int) -> int:
@@ -344,17 +443,18 @@ class Store:
     def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
         """Keep the expiry index exact after inbox record `key` (`raw`) was deleted: if a range
         started at it, the range now starts at the next stored id, or goes if none is left."""
-        expires_at = msgpack.unpackb(raw)[6]
+        record = msgpack.unpackb(raw)
+        expires_at = record[6]
         if expires_at is None:
             return
-        entry = _expiry_prefix(expires_at) + key
+        entry = _expiry_prefix(_stamp_of(record, 7)[0], expires_at) + key
         last = txn.pop(entry, db=self._expiry)
         if last is None:
             return  # not the first id of its range, which still starts at a stored message
         last = last or key
         following = txn.cursor(db=self._inbox)
         if following.set_range(key) and following.key() <= last:
-            txn.put(entry[:8] + following.key(), last, db=self._expiry)
+            txn.put(entry[:12] + following.key(), last, db=self._expiry)
 
     # -- inbox --------------------------------------------------------------------------------
 
@@ -366,13 +466,17 @@ class Store:
         `settled` are the DUP marks (`dup_marks`) of earlier messages whose PUBACK the broker
         has processed (see workers/barrier.py): they can no longer be redelivered, so their
         marks are dropped in the same transaction, before this batch's marks are written."""
-        now = time.time() if now is None else now
-        expires_at = now + self.expire_seconds if self.expire_seconds else None
-        records, marks = self._prepare(messages, now, expires_at)
+        reading = self._reading(now)
+        seq = self._frame.seq
+        # in this boot's first frame: a later step does not move it (clock.py)
+        expires_at = reading.boottime + self._frame.first + self.expire_seconds \
+            if self.expire_seconds else None
+        records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
         redelivered = any(m.dup for m in messages)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
+            self._note_clock(txn, reading)
             self._make_room(txn, needed, "inbox")
             for mid, digest in settled:
                 if (txn.get(mid, db=self._recent) or b"")[:8] == digest:
@@ -392,7 +496,7 @@ class Store:
                 if added != len(keys):
                     raise StoreError(f"store in {self.path}: inbox ids out of order (corrupt meta?)")
                 if expires_at is not None:  # the batch expires together: one range entry
-                    txn.put(_expiry_prefix(expires_at) + keys[0], keys[-1], db=self._expiry)
+                    txn.put(_expiry_prefix(seq, expires_at) + keys[0], keys[-1], db=self._expiry)
                 if recent:
                     txn.cursor(db=self._recent).putmulti(recent)
             self._set_counter(txn, b"inbox_last_id", last_id)
@@ -407,12 +511,13 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
-    def _prepare(self, messages: Sequence[Incoming], now: float, expires_at: Optional[float]
-                 ) -> Tuple[List[bytes], List[Optional[DupMark]]]:
+    def _prepare(self, messages: Sequence[Incoming], stamp: Tuple[float, int, float],
+                 expires_at: Optional[float]) -> Tuple[List[bytes], List[Optional[DupMark]]]:
         """The per-message work, done before taking the write lock: each packed inbox record
-        and its DUP mark."""
+        and its DUP mark. `stamp` is (wall, boot seq, boottime)."""
         pack = self._packer.pack
-        records = [pack((now, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at))
+        wall, seq, boot = stamp
+        records = [pack((wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot))
                    for m in messages]
         return records, dup_marks(messages)
 
@@ -446,8 +551,9 @@ class Store:
             positioned = _start(cursor, after)
             if not positioned:
                 return found
+            timeline = self._timeline(txn, self.clock.now())
             for key, raw in cursor:
-                message = _decode_message(key, raw)
+                message = _decode_message(key, raw, timeline)
                 if topic is None or topic_matches(topic, message.topic):
                     found.append(message)
                     if len(found) >= limit:
@@ -482,25 +588,36 @@ class Store:
         return self._write(work)  # type: ignore[return-value]
 
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
-        """Remove up to `batch` messages whose expiry is at or before `now` (bounded txn)."""
-        cutoff = _ID.pack(int((time.time() if now is None else now) * 1000) + 1)
+        """Remove up to `batch` messages that are due (bounded txn): a message of this boot
+        once its real age reached expireSeconds, one of an earlier boot by the wall clock
+        (clock.py). `now` (tests) is a wall-clock time in this boot's first frame."""
+        reading = self._reading(now)
 
         def work(txn: lmdb.Transaction) -> int:
+            self._note_clock(txn, reading)
+            timeline = self._timeline(txn, reading)
+            cutoffs: Dict[int, bytes] = {}
             index = txn.cursor(db=self._expiry)
             inbox = txn.cursor(db=self._inbox)
-            removed = visited = 0
-            while removed < batch and visited < batch and index.first() and index.key() < cutoff:
-                visited += 1
+            removed = visited = seq = 0
+            while removed < batch and visited < batch and index.set_range(_SEQ.pack(seq)):
                 entry, last = index.key(), index.value()
-                last = last or entry[8:]
-                inbox.set_range(entry[8:])
+                seq = _SEQ.unpack(entry[:4])[0]
+                if seq not in cutoffs:
+                    cutoffs[seq] = _ID.pack(_ms(timeline.cutoff(seq)) + 1)
+                if entry[4:12] >= cutoffs[seq]:
+                    seq += 1  # nothing more due in this boot's part of the index
+                    continue
+                visited += 1
+                last = last or entry[12:]
+                inbox.set_range(entry[12:])
                 while removed < batch and inbox.key() and inbox.key() <= last:
                     inbox.delete()
                     removed += 1
                 index.delete()
                 rest = inbox.key()
                 if rest and rest <= last:  # out of budget inside this range: keep what is left
-                    txn.put(entry[:8] + rest, last, db=self._expiry)
+                    txn.put(entry[:12] + rest, last, db=self._expiry)
             self._add_counter(txn, b"expired", removed)
             return removed
 
@@ -512,10 +629,12 @@ class Store:
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
         """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
         unlimited. Refused (never dropped) when full: these are the application's data."""
-        now = time.time() if now is None else now
+        reading = self._reading(now)
+        stamp = (reading.wall, self._frame.seq, reading.boottime)
         needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
 
         def work(txn: lmdb.Transaction) -> List[int]:
+            self._note_clock(txn, reading)
             if max_entries >= 0 and txn.stat(self._outbox)["entries"] + len(entries) > max_entries:
                 raise StoreFull(f"outbox is full ({max_entries} entries, offlinePublishQueueing)")
             self._make_room(txn, needed, "outbox")
@@ -523,8 +642,8 @@ class Store:
             ids = []
             for topic, payload, qos, retain in entries:
                 last += 1
-                txn.put(_key(last), msgpack.packb([now, topic, payload, qos, retain], use_bin_type=True),
-                        db=self._outbox, append=True)
+                txn.put(_key(last), msgpack.packb([stamp[0], topic, payload, qos, retain, *stamp[1:]],
+                                                  use_bin_type=True), db=self._outbox, append=True)
                 ids.append(last)
             self._set_counter(txn, b"outbox_last_id", last)
             self._add_counter(txn, b"queued", len(ids))
@@ -541,9 +660,9 @@ class Store:
             positioned = _start(cursor, after)
             if not positioned:
                 return found
+            timeline = self._timeline(txn, self.clock.now())
             for key, raw in cursor:
-                created, topic, payload, qos, retain = msgpack.unpackb(raw)
-                found.append(OutboxEntry(_ID.unpack(key)[0], created, topic, payload, qos, retain))
+                found.append(_decode_outbox(key, raw, timeline))
                 if len(found) >= limit:
                     break
         return found
@@ -563,17 +682,21 @@ class Store:
     def stats(self) -> Dict[str, object]:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
+            timeline = self._timeline(txn, self.clock.now())
             first_inbox = txn.cursor(db=self._inbox)
-            oldest = _decode_message(first_inbox.key(), first_inbox.value()).timestamp \
+            oldest = _decode_message(first_inbox.key(), first_inbox.value(), timeline) \
                 if first_inbox.first() else None
             first_outbox = txn.cursor(db=self._outbox)
-            oldest_out = msgpack.unpackb(first_outbox.value())[0] if first_outbox.first() else None
+            oldest_out = _decode_outbox(first_outbox.key(), first_outbox.value(), timeline) \
+                if first_outbox.first() else None
             figures: Dict[str, object] = {
                 "inbox_count": txn.stat(self._inbox)["entries"],
-                "inbox_oldest": oldest,
+                "inbox_oldest": oldest.timestamp if oldest else None,
+                "inbox_oldest_age": oldest.age if oldest else None,
                 "inbox_last_id": self._counter(txn, b"inbox_last_id"),
                 "outbox_count": txn.stat(self._outbox)["entries"],
-                "outbox_oldest": oldest_out,
+                "outbox_oldest": oldest_out.created if oldest_out else None,
+                "outbox_oldest_age": oldest_out.age if oldest_out else None,
                 "used_bytes": self._used_bytes(txn),
                 "cap_bytes": self.cap_bytes,
                 "when_full": self.when_full,
@@ -613,6 +736,18 @@ def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     return marks
 
 
-def _decode_message(key: bytes, raw: bytes) -> Message:
-    timestamp, topic, payload, qos, retain, mid, expires_at = msgpack.unpackb(raw)
-    return Message(_ID.unpack(key)[0], timestamp, topic, payload, qos, retain, mid, expires_at)
+def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
+    record = msgpack.unpackb(raw)
+    wall, topic, payload, qos, retain, mid, expires_at = record[:7]
+    seq, boot = _stamp_of(record, 7)
+    return Message(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
+                   retain, mid, None if expires_at is None else timeline.expiry_wall(expires_at, wall, seq, boot),
+                   timeline.age(wall, seq, boot))
+
+
+def _decode_outbox(key: bytes, raw: bytes, timeline: Timeline) -> OutboxEntry:
+    record = msgpack.unpackb(raw)
+    wall, topic, payload, qos, retain = record[:5]
+    seq, boot = _stamp_of(record, 5)
+    return OutboxEntry(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
+                       retain, timeline.age(wall, seq, boot))
