@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Protocol
 
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 # Test-only: when set, replaces the kernel's boot id, so a test can simulate a reboot.
@@ -64,8 +64,15 @@ class Reading:
         return self.wall - self.boottime
 
 
+class Clock(Protocol):
+    """What the store reads time from: this machine's (`SystemClock`) or a test's."""
+    boot_id: bytes
+
+    def now(self) -> Reading: ...
+
+
 class SystemClock:
-    """The clocks of this machine; tests substitute an object with the same two members."""
+    """The clocks of this machine."""
 
     def __init__(self) -> None:
         self.boot_id = read_boot_id()

@@ -47,13 +47,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
-from flashlexd.clock import LEGACY_SEQ, BootFrame, Reading, SystemClock, Timeline
+from flashlexd.bootframes import BootFrames
+from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.topics import topic_matches
 
 SCHEMA_VERSION = 2  # 2: boot frames; stamps with boot seq and boottime; boot seq in expiry keys
 _ID = struct.Struct(">Q")
 _SEQ = struct.Struct(">I")
-_FRAME = b"frame"
 _MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
@@ -176,7 +176,7 @@ class Store:
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
                  expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
-                 clock: Optional[SystemClock] = None):
+                 clock: Optional[Clock] = None):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -187,7 +187,7 @@ class Store:
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
         self._pid = os.getpid()
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
-        self.clock = clock or SystemClock()
+        self.clock: Clock = clock or SystemClock()
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
@@ -214,6 +214,7 @@ class Store:
             self._outbox = self._env.open_db(b"outbox", txn=txn)
             self._recent = self._env.open_db(b"recent", txn=txn)
             self._meta = self._env.open_db(b"meta", txn=txn)
+            self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
             if schema > SCHEMA_VERSION:
                 raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
@@ -222,7 +223,8 @@ class Store:
                 self._migrate_expiry_index(txn)
             if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
-            self._frame = self._register_boot(txn, self.clock.now())
+            self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
+                                        self._first_seq(txn, self._outbox, 5)))
         self._page_size = self._env.stat()["psize"]
 
     def _migrate_expiry_index(self, txn: lmdb.Transaction) -> None:
@@ -234,64 +236,10 @@ class Store:
             txn.delete(key, db=self._expiry)
         txn.cursor(db=self._expiry).putmulti((_SEQ.pack(LEGACY_SEQ) + key, value) for key, value in old)
 
-    def _register_boot(self, txn: lmdb.Transaction, reading: Reading) -> BootFrame:
-        """This boot's frame: the latest one if it has our boot id, else a new one (the
-        frames no stored record refers to any more are dropped then)."""
-        latest = self._counter(txn, b"boot_seq")
-        frame = self._read_frame(txn, latest) if latest else None
-        if frame is not None and frame.boot_id == self.clock.boot_id:
-            return self._note_clock(txn, reading, frame)
-        frame = BootFrame(latest + 1, self.clock.boot_id, reading.offset, reading.offset)
-        self._set_counter(txn, b"boot_seq", frame.seq)
-        txn.put(_FRAME + _SEQ.pack(frame.seq), msgpack.packb(frame.to_wire()), db=self._meta)
-        in_use = [self._first_seq(txn, self._inbox, 7), self._first_seq(txn, self._outbox, 5)]
-        oldest = min([seq for seq in in_use if seq is not None] or [frame.seq])
-        for seq in range(1, oldest):
-            txn.delete(_FRAME + _SEQ.pack(seq), db=self._meta)
-        return frame
-
     def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
         """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
         cursor = txn.cursor(db=db)
         return _stamp_of(msgpack.unpackb(cursor.value()), seq_at)[0] if cursor.first() else None
-
-    def _read_frame(self, txn: lmdb.Transaction, seq: int) -> Optional[BootFrame]:
-        raw = txn.get(_FRAME + _SEQ.pack(seq), db=self._meta)
-        return BootFrame.from_wire(seq, msgpack.unpackb(raw)) if raw else None
-
-    def _note_clock(self, txn: lmdb.Transaction, reading: Reading,
-                    frame: Optional[BootFrame] = None) -> BootFrame:
-        """Record this boot's offset when the clock stepped (the only write this adds, and
-        only on a step), so that after a reboot this boot's stamps are re-based on it. The
-        cached frame follows what is committed: a step written here is cached by the next
-        transaction, so an aborted one does not hide it."""
-        frame = frame or self._frame
-        if not frame.stepped(reading):
-            return frame
-        stored = self._read_frame(txn, frame.seq) or frame
-        if stored.stepped(reading):
-            stepped = BootFrame(frame.seq, frame.boot_id, frame.first, reading.offset)
-            txn.put(_FRAME + _SEQ.pack(frame.seq), msgpack.packb(stepped.to_wire()), db=self._meta)
-        else:
-            self._frame = stored
-        return stored
-
-    def _reading(self, now: Optional[float]) -> Reading:
-        """The clocks now; `now` (tests) is a wall-clock time in this boot's first frame."""
-        if now is None:
-            return self.clock.now()
-        return Reading(now, now - self._frame.first)
-
-    def _timeline(self, txn: lmdb.Transaction, reading: Reading) -> Timeline:
-        frames: Dict[int, BootFrame] = {}
-        cursor = txn.cursor(db=self._meta)
-        if cursor.set_range(_FRAME):
-            for key, raw in cursor:
-                if not key.startswith(_FRAME) or len(key) != len(_FRAME) + 4:
-                    break
-                seq = _SEQ.unpack(key[len(_FRAME):])[0]
-                frames[seq] = BootFrame.from_wire(seq, msgpack.unpackb(raw))
-        return Timeline(reading, self._frame, frames)
 
     @staticmethod
     def headroom(cap_bytes: int) -> int:
@@ -466,17 +414,17 @@ class Store:
         `settled` are the DUP marks (`dup_marks`) of earlier messages whose PUBACK the broker
         has processed (see workers/barrier.py): they can no longer be redelivered, so their
         marks are dropped in the same transaction, before this batch's marks are written."""
-        reading = self._reading(now)
-        seq = self._frame.seq
+        reading = self._frames.reading(now)
+        seq = self._frames.current.seq
         # in this boot's first frame: a later step does not move it (clock.py)
-        expires_at = reading.boottime + self._frame.first + self.expire_seconds \
+        expires_at = reading.boottime + self._frames.current.first + self.expire_seconds \
             if self.expire_seconds else None
         records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
         redelivered = any(m.dup for m in messages)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
-            self._note_clock(txn, reading)
+            self._frames.note(txn, reading)
             self._make_room(txn, needed, "inbox")
             for mid, digest in settled:
                 if (txn.get(mid, db=self._recent) or b"")[:8] == digest:
@@ -551,7 +499,7 @@ class Store:
             positioned = _start(cursor, after)
             if not positioned:
                 return found
-            timeline = self._timeline(txn, self.clock.now())
+            timeline = self._frames.timeline(txn)
             for key, raw in cursor:
                 message = _decode_message(key, raw, timeline)
                 if topic is None or topic_matches(topic, message.topic):
@@ -591,11 +539,11 @@ class Store:
         """Remove up to `batch` messages that are due (bounded txn): a message of this boot
         once its real age reached expireSeconds, one of an earlier boot by the wall clock
         (clock.py). `now` (tests) is a wall-clock time in this boot's first frame."""
-        reading = self._reading(now)
+        reading = self._frames.reading(now)
 
         def work(txn: lmdb.Transaction) -> int:
-            self._note_clock(txn, reading)
-            timeline = self._timeline(txn, reading)
+            self._frames.note(txn, reading)
+            timeline = self._frames.timeline(txn, reading)
             cutoffs: Dict[int, bytes] = {}
             index = txn.cursor(db=self._expiry)
             inbox = txn.cursor(db=self._inbox)
@@ -629,12 +577,12 @@ class Store:
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
         """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
         unlimited. Refused (never dropped) when full: these are the application's data."""
-        reading = self._reading(now)
-        stamp = (reading.wall, self._frame.seq, reading.boottime)
+        reading = self._frames.reading(now)
+        stamp = (reading.wall, self._frames.current.seq, reading.boottime)
         needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
 
         def work(txn: lmdb.Transaction) -> List[int]:
-            self._note_clock(txn, reading)
+            self._frames.note(txn, reading)
             if max_entries >= 0 and txn.stat(self._outbox)["entries"] + len(entries) > max_entries:
                 raise StoreFull(f"outbox is full ({max_entries} entries, offlinePublishQueueing)")
             self._make_room(txn, needed, "outbox")
@@ -660,7 +608,7 @@ class Store:
             positioned = _start(cursor, after)
             if not positioned:
                 return found
-            timeline = self._timeline(txn, self.clock.now())
+            timeline = self._frames.timeline(txn)
             for key, raw in cursor:
                 found.append(_decode_outbox(key, raw, timeline))
                 if len(found) >= limit:
@@ -682,7 +630,7 @@ class Store:
     def stats(self) -> Dict[str, object]:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
-            timeline = self._timeline(txn, self.clock.now())
+            timeline = self._frames.timeline(txn)
             first_inbox = txn.cursor(db=self._inbox)
             oldest = _decode_message(first_inbox.key(), first_inbox.value(), timeline) \
                 if first_inbox.first() else None
