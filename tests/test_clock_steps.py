@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 import yaml
 
-from flashlexd.client import connect
+from flashlexd.client import FlashlexError, connect
 from flashlexd.timesync import clock_floor
 from tests.broker import INGRESS_TOPIC, Broker, make_certs, publish, wait_for, write_config
 from tests.daemon import Daemon
@@ -68,7 +68,7 @@ def api(daemon: Daemon):
 def _try_connect(daemon: Daemon):
     try:
         return connect(str(daemon.socket_path))
-    except Exception:  # not up yet
+    except FlashlexError:  # not up yet
         return None
 
 
