@@ -9,7 +9,9 @@ from typing import Any, Dict, Optional
 
 @dataclass(frozen=True)
 class Message:
-    """One inbox message. `pk` is the id as a string (what `ack` and the old SDK use)."""
+    """One inbox message. `pk` is the id as a string (what `ack` and the old SDK use).
+    `timestamp` is when it arrived, on the wall clock, corrected for a clock step the daemon
+    saw since (README "Clock steps"); `age` its real age in seconds when it was read."""
     id: int
     topic: str
     payload: bytes
@@ -18,10 +20,16 @@ class Message:
     retain: bool = False
     mid: int = 0
     expires_at: Optional[float] = None
+    age: Optional[float] = None
 
     @property
     def pk(self) -> str:
         return str(self.id)
+
+    @property
+    def received_at(self) -> float:
+        """The arrival time (wall clock, step-corrected): the same as `timestamp`."""
+        return self.timestamp
 
     @property
     def datetime(self) -> _dt.datetime:
@@ -43,7 +51,7 @@ class Message:
         message.__dict__.update(id=data["id"], topic=data["topic"], payload=data["payload"],
                                 timestamp=data["timestamp"], qos=data.get("qos", 1),
                                 retain=data.get("retain", False), mid=data.get("mid", 0),
-                                expires_at=data.get("expires_at"))
+                                expires_at=data.get("expires_at"), age=data.get("age"))
         return message
 
 
@@ -61,6 +69,7 @@ class OutboxEntry:
     attempts: Optional[int] = None
     reason: Optional[str] = None
     dead_at: Optional[float] = None
+    age: Optional[float] = None
 
     @property
     def size(self) -> int:
@@ -68,7 +77,9 @@ class OutboxEntry:
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> "OutboxEntry":
+        age = data.get("age")
         return cls(id=int(data["id"]), topic=data["topic"], payload=bytes(data["payload"]),
                    created=float(data["created"]), qos=int(data.get("qos", 1)),
                    retain=bool(data.get("retain", False)), attempts=data.get("attempts"),
-                   reason=data.get("reason"), dead_at=data.get("dead_at"))
+                   reason=data.get("reason"), dead_at=data.get("dead_at"),
+                   age=None if age is None else float(age))

@@ -24,6 +24,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from flashlexd.config import Backoff, Config, ConfigError, Keys, Thing
+from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
     """One line saying why a connection failed, naming the file or setting to look at."""
     where = f"{thing.endpoint}:{thing.mqtt.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
+        clock = clock_problem(exc, thing, timeout)  # not yet valid / expired by a wrong clock
+        if clock:
+            return clock
         if exc.verify_code in (_HOST_MISMATCH, _HOST_MISMATCH + 2):
             return (f"TLS: the broker's certificate is not valid for host {thing.endpoint}"
                     f" ({exc.verify_message})")
@@ -291,7 +295,9 @@ class Connection:
             self.client.reconnect()  # TCP connect, TLS handshake, CONNECT written
         except (OSError, ssl.CertificateError, ValueError) as exc:
             self._connack_due = None
-            self._failed(describe_error(exc, self.thing, self.client.connect_timeout))
+            timeout = self.client.connect_timeout
+            self._failed(describe_error(exc, self.thing, timeout),
+                         retry_in=CLOCK_RETRY_SECONDS if clock_problem(exc, self.thing, timeout) else None)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
@@ -336,9 +342,12 @@ class Connection:
             return f"connection to {where} lost: no answer within keepalive ({self.thing.mqtt.keepalive}s)"
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
 
-    def _failed(self, error: str) -> None:
+    def _failed(self, error: str, retry_in: Optional[float] = None) -> None:
+        """`retry_in`: retry sooner than the backoff says (a clock waiting for time sync)."""
         self.connected = False
         self.backoff.lost()
+        if retry_in is not None:
+            self.backoff.due_at = min(self.backoff.due_at, self.clock() + retry_in)
         log.error("%s; retrying in %.1fs", error, self.backoff.wait())
         self.on_change(False, error)
 

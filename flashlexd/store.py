@@ -2,8 +2,11 @@
 
 One environment, six named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
-  expiry  expires_at_ms(8) + first id(8) -> last id(8): one range per appended batch (a batch
-          expires together); the sweep walks it from the front. Kept exact: the first id of
+  expiry  boot seq(4) + expiry_ms(8) + first id(8) -> last id(8): one range per appended batch
+          (a batch expires together). Expiry times are in their boot's frame (flashlexd/clock.py:
+          boottime + the boot's first offset), so a clock step never moves them; the sweep walks
+          each boot's part from its front up to that boot's cut-off. Boot seq 0: entries of
+          schema-1 stores, plain wall-clock times. Kept exact: the first id of
           every range is a stored message (removing it moves the start to the next stored id
           of the range, or removes the range), so no range outlives its messages. An empty
           value (older stores: one entry per message) means last == first.
@@ -16,7 +19,13 @@ One environment, six named databases:
   recent  mid(2) -> digest(8) of the message last stored under that mid: recognises a broker
           redelivery (DUP) of a stored message (older stores append the id; only the first 8
           bytes are read)
-  meta    name -> value: schema version, id counters, totals
+  meta    name -> value: schema version, id counters, totals; b"frame" + seq(4) -> the BootFrame
+          of each boot that stamped a record still stored (clock.py)
+
+Stamps: an inbox record is (wall, topic, payload, qos, retain, mid, expiry, boot seq, boottime),
+an outbox entry (wall, topic, payload, qos, retain, boot seq, boottime); schema-1 records lack
+the last two fields (seq 0: the wall-clock rule). Ages, arrival times and expiry times that the
+store hands out go through a `Timeline` (clock.py), so they survive clock steps.
 
 Every process opens its own `Store` after fork: an LMDB environment must never cross a fork
 (py-lmdb's rule; an inherited handle closed in a child also drops the parent's reader slots).
@@ -37,17 +46,19 @@ import hashlib
 import os
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
+from flashlexd.bootframes import BootFrames
+from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.topics import topic_matches
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: boot frames; stamps with boot seq and boottime; boot seq in expiry keys
 _ID = struct.Struct(">Q")
+_SEQ = struct.Struct(">I")
 _MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
@@ -56,6 +67,9 @@ COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purge
             "outbox_dropped", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
 DupMark = Tuple[bytes, bytes]  # (packed packet id, digest of topic + payload)
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
+
+
+_DEAD_FIELDS = 3  # a dead letter's own fields, before the outbox record it keeps whole
 
 
 class StoreError(Exception):
@@ -101,6 +115,7 @@ class Message:
     retain: bool
     mid: int
     expires_at: Optional[float]
+    age: float = 0.0  # real seconds since it arrived (clock.py's rule), when it was read
 
     @property
     def pk(self) -> str:
@@ -109,7 +124,7 @@ class Message:
     def to_dict(self) -> dict:
         return {"id": self.id, "pk": self.pk, "timestamp": self.timestamp, "topic": self.topic,
                 "payload": self.payload, "qos": self.qos, "retain": self.retain, "mid": self.mid,
-                "expires_at": self.expires_at}
+                "expires_at": self.expires_at, "age": self.age}
 
 
 @dataclass(frozen=True)
@@ -120,10 +135,11 @@ class OutboxEntry:
     payload: bytes
     qos: int
     retain: bool
+    age: float
 
     def to_dict(self) -> dict:
         return {"id": self.id, "created": self.created, "topic": self.topic,
-                "payload": self.payload, "qos": self.qos, "retain": self.retain}
+                "payload": self.payload, "qos": self.qos, "retain": self.retain, "age": self.age}
 
 
 @dataclass(frozen=True)
@@ -154,8 +170,21 @@ def _start(cursor: lmdb.Cursor, after: Optional[int]) -> bool:
     return after < _MAX_ID and cursor.set_range(_key(after + 1))
 
 
-def _expiry_prefix(expires_at: float) -> bytes:
-    return _ID.pack(int(expires_at * 1000))
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _expiry_prefix(seq: int, expires_at: float) -> bytes:
+    """The first 12 bytes of an expiry index key: boot seq, expiry in that boot's frame."""
+    return _SEQ.pack(seq) + _ID.pack(_ms(expires_at))
+
+
+def _stamp_of(record: list, seq_at: int) -> Tuple[int, Optional[float]]:
+    """(boot seq, boottime) of a record whose stamp fields start at `seq_at`; schema-1 records
+    have none (the wall-clock rule)."""
+    if len(record) > seq_at + 1:
+        return record[seq_at], record[seq_at + 1]
+    return LEGACY_SEQ, None
 
 
 class Store:
@@ -168,7 +197,8 @@ class Store:
     (LMDB's lock wait releases the GIL) and raises StoreBusy when the wait runs out."""
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
-                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None):
+                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
+                 clock: Optional[Clock] = None):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -179,6 +209,7 @@ class Store:
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
         self._pid = os.getpid()
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
+        self.clock: Clock = clock or SystemClock()
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
@@ -206,13 +237,32 @@ class Store:
             self._dead = self._env.open_db(b"dead", txn=txn)
             self._recent = self._env.open_db(b"recent", txn=txn)
             self._meta = self._env.open_db(b"meta", txn=txn)
+            self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
             if schema > SCHEMA_VERSION:
                 raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
                                  f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
-            if schema == 0:
+            if schema == 1:
+                self._migrate_expiry_index(txn)
+            if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
+            self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
+                                        self._first_seq(txn, self._outbox, 5)))
         self._page_size = self._env.stat()["psize"]
+
+    def _migrate_expiry_index(self, txn: lmdb.Transaction) -> None:
+        """Schema 1 -> 2: expiry keys gain the boot seq; schema-1 keys are wall-clock times
+        (seq 0). Records keep their layout: a record without stamp fields is a seq-0 record."""
+        cursor = txn.cursor(db=self._expiry)
+        old = [(key, value) for key, value in cursor if len(key) == 16]
+        for key, value in old:
+            txn.delete(key, db=self._expiry)
+        txn.cursor(db=self._expiry).putmulti((_SEQ.pack(LEGACY_SEQ) + key, value) for key, value in old)
+
+    def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
+        """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
+        cursor = txn.cursor(db=db)
+        return _stamp_of(msgpack.unpackb(cursor.value()), seq_at)[0] if cursor.first() else None
 
     @staticmethod
     def headroom(cap_bytes: int) -> int:
@@ -366,17 +416,18 @@ class Store:
     def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
         """Keep the expiry index exact after inbox record `key` (`raw`) was deleted: if a range
         started at it, the range now starts at the next stored id, or goes if none is left."""
-        expires_at = msgpack.unpackb(raw)[6]
+        record = msgpack.unpackb(raw)
+        expires_at = record[6]
         if expires_at is None:
             return
-        entry = _expiry_prefix(expires_at) + key
+        entry = _expiry_prefix(_stamp_of(record, 7)[0], expires_at) + key
         last = txn.pop(entry, db=self._expiry)
         if last is None:
             return  # not the first id of its range, which still starts at a stored message
         last = last or key
         following = txn.cursor(db=self._inbox)
         if following.set_range(key) and following.key() <= last:
-            txn.put(entry[:8] + following.key(), last, db=self._expiry)
+            txn.put(entry[:12] + following.key(), last, db=self._expiry)
 
     # -- inbox --------------------------------------------------------------------------------
 
@@ -388,13 +439,17 @@ class Store:
         `settled` are the DUP marks (`dup_marks`) of earlier messages whose PUBACK the broker
         has processed (see workers/barrier.py): they can no longer be redelivered, so their
         marks are dropped in the same transaction, before this batch's marks are written."""
-        now = time.time() if now is None else now
-        expires_at = now + self.expire_seconds if self.expire_seconds else None
-        records, marks = self._prepare(messages, now, expires_at)
+        reading = self._frames.reading(now)
+        seq = self._frames.current.seq
+        # in this boot's first frame: a later step does not move it (clock.py)
+        expires_at = reading.boottime + self._frames.current.first + self.expire_seconds \
+            if self.expire_seconds else None
+        records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
         redelivered = any(m.dup for m in messages)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
+            self._frames.note(txn, reading)
             self._make_room(txn, needed, "inbox")
             for mid, digest in settled:
                 if (txn.get(mid, db=self._recent) or b"")[:8] == digest:
@@ -414,7 +469,7 @@ class Store:
                 if added != len(keys):
                     raise StoreError(f"store in {self.path}: inbox ids out of order (corrupt meta?)")
                 if expires_at is not None:  # the batch expires together: one range entry
-                    txn.put(_expiry_prefix(expires_at) + keys[0], keys[-1], db=self._expiry)
+                    txn.put(_expiry_prefix(seq, expires_at) + keys[0], keys[-1], db=self._expiry)
                 if recent:
                     txn.cursor(db=self._recent).putmulti(recent)
             self._set_counter(txn, b"inbox_last_id", last_id)
@@ -429,12 +484,13 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
-    def _prepare(self, messages: Sequence[Incoming], now: float, expires_at: Optional[float]
-                 ) -> Tuple[List[bytes], List[Optional[DupMark]]]:
+    def _prepare(self, messages: Sequence[Incoming], stamp: Tuple[float, int, float],
+                 expires_at: Optional[float]) -> Tuple[List[bytes], List[Optional[DupMark]]]:
         """The per-message work, done before taking the write lock: each packed inbox record
-        and its DUP mark."""
+        and its DUP mark. `stamp` is (wall, boot seq, boottime)."""
         pack = self._packer.pack
-        records = [pack((now, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at))
+        wall, seq, boot = stamp
+        records = [pack((wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot))
                    for m in messages]
         return records, dup_marks(messages)
 
@@ -468,8 +524,9 @@ class Store:
             positioned = _start(cursor, after)
             if not positioned:
                 return found
+            timeline = self._frames.timeline(txn)
             for key, raw in cursor:
-                message = _decode_message(key, raw)
+                message = _decode_message(key, raw, timeline)
                 if topic is None or topic_matches(topic, message.topic):
                     found.append(message)
                     if len(found) >= limit:
@@ -504,25 +561,36 @@ class Store:
         return self._write(work)  # type: ignore[return-value]
 
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
-        """Remove up to `batch` messages whose expiry is at or before `now` (bounded txn)."""
-        cutoff = _ID.pack(int((time.time() if now is None else now) * 1000) + 1)
+        """Remove up to `batch` messages that are due (bounded txn): a message of this boot
+        once its real age reached expireSeconds, one of an earlier boot by the wall clock
+        (clock.py). `now` (tests) is a wall-clock time in this boot's first frame."""
+        reading = self._frames.reading(now)
 
         def work(txn: lmdb.Transaction) -> int:
+            self._frames.note(txn, reading)
+            timeline = self._frames.timeline(txn, reading)
+            cutoffs: Dict[int, bytes] = {}
             index = txn.cursor(db=self._expiry)
             inbox = txn.cursor(db=self._inbox)
-            removed = visited = 0
-            while removed < batch and visited < batch and index.first() and index.key() < cutoff:
-                visited += 1
+            removed = visited = seq = 0
+            while removed < batch and visited < batch and index.set_range(_SEQ.pack(seq)):
                 entry, last = index.key(), index.value()
-                last = last or entry[8:]
-                inbox.set_range(entry[8:])
+                seq = _SEQ.unpack(entry[:4])[0]
+                if seq not in cutoffs:
+                    cutoffs[seq] = _ID.pack(_ms(timeline.cutoff(seq)) + 1)
+                if entry[4:12] >= cutoffs[seq]:
+                    seq += 1  # nothing more due in this boot's part of the index
+                    continue
+                visited += 1
+                last = last or entry[12:]
+                inbox.set_range(entry[12:])
                 while removed < batch and inbox.key() and inbox.key() <= last:
                     inbox.delete()
                     removed += 1
                 index.delete()
                 rest = inbox.key()
                 if rest and rest <= last:  # out of budget inside this range: keep what is left
-                    txn.put(entry[:8] + rest, last, db=self._expiry)
+                    txn.put(entry[:12] + rest, last, db=self._expiry)
             self._add_counter(txn, b"expired", removed)
             return removed
 
@@ -534,10 +602,12 @@ class Store:
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
         """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
         unlimited. Refused (never dropped) when full: these are the application's data."""
-        now = time.time() if now is None else now
+        reading = self._frames.reading(now)
+        stamp = (reading.wall, self._frames.current.seq, reading.boottime)
         needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
 
         def work(txn: lmdb.Transaction) -> List[int]:
+            self._frames.note(txn, reading)
             if max_entries >= 0 and txn.stat(self._outbox)["entries"] + len(entries) > max_entries:
                 raise StoreFull(f"outbox is full ({max_entries} entries, offlinePublishQueueing)")
             self._make_room(txn, needed, "outbox")
@@ -545,8 +615,8 @@ class Store:
             ids = []
             for topic, payload, qos, retain in entries:
                 last += 1
-                txn.put(_key(last), msgpack.packb([now, topic, payload, qos, retain], use_bin_type=True),
-                        db=self._outbox, append=True)
+                txn.put(_key(last), msgpack.packb([stamp[0], topic, payload, qos, retain, *stamp[1:]],
+                                                  use_bin_type=True), db=self._outbox, append=True)
                 ids.append(last)
             self._set_counter(txn, b"outbox_last_id", last)
             self._add_counter(txn, b"queued", len(ids))
@@ -556,11 +626,12 @@ class Store:
 
     def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
         """Oldest first; `after` is an exclusive id."""
-        return self._scan(self._outbox, limit, after, lambda key, fields: OutboxEntry(key, *fields[:5]))
+        return self._scan(self._outbox, limit, after, _outbox_entry)
 
     def _scan(self, db, limit: int, after: Optional[int],
-              decode: Callable[[int, list], OutboxEntry]) -> list:
-        """Up to `limit` records of `db` past id `after`, each decoded from (id, fields)."""
+              decode: Callable[[bytes, list, Timeline], OutboxEntry]) -> list:
+        """Up to `limit` records of `db` past id `after`, each decoded from (key, fields,
+        the store's clock timeline)."""
         found: list = []
         if limit <= 0:
             return found
@@ -568,8 +639,9 @@ class Store:
             cursor = txn.cursor(db=db)
             if not _start(cursor, after):
                 return found
+            timeline = self._frames.timeline(txn)
             for key, raw in cursor:
-                found.append(decode(_ID.unpack(key)[0], msgpack.unpackb(raw)))
+                found.append(decode(key, msgpack.unpackb(raw), timeline))
                 if len(found) >= limit:
                     break
         return found
@@ -608,17 +680,18 @@ class Store:
         keys = _keys_of([entry_id])
         if not keys:
             return False
-        key, now = keys[0], time.time() if now is None else now
+        key, now = keys[0], self.clock.now().wall if now is None else now
 
         def work(txn: lmdb.Transaction) -> bool:
             raw = txn.pop(key, db=self._outbox)
             if raw is None:
                 return False
-            created, topic, payload, qos, retain = msgpack.unpackb(raw)[:5]
             newest = txn.cursor(db=self._dead)
             in_order = not newest.last() or newest.key() < key  # the usual case: pack pages full
-            txn.put(key, self._packer.pack((created, topic, payload, qos, retain, attempts,
-                                            reason, now)), db=self._dead, append=in_order)
+            # the outbox record whole, after the dead letter's own fields: its clock stamp
+            # (any layout) keeps giving its real age, and a retry puts it back as it was
+            txn.put(key, self._packer.pack([attempts, reason, now, *msgpack.unpackb(raw)]),
+                    db=self._dead, append=in_order)
             self._add_counter(txn, b"dead_lettered", 1)
             return True
 
@@ -626,7 +699,7 @@ class Store:
 
     def dead_letters(self, limit: int = 100, after: Optional[int] = None) -> List[DeadLetter]:
         """Oldest (lowest outbox id) first; `after` is an exclusive id."""
-        return self._scan(self._dead, limit, after, lambda key, fields: DeadLetter(key, *fields[:8]))
+        return self._scan(self._dead, limit, after, _dead_letter)
 
     def dead_retry(self, ids: Iterable[int]) -> List[int]:
         """Move dead letters back to the outbox's tail (in id order, under new ids, attempts
@@ -643,8 +716,8 @@ class Store:
                 if raw is None:
                     continue
                 last += 1
-                txn.put(_key(last), self._packer.pack(msgpack.unpackb(raw)[:5]), db=self._outbox,
-                        append=True)
+                txn.put(_key(last), self._packer.pack(msgpack.unpackb(raw)[_DEAD_FIELDS:]),
+                        db=self._outbox, append=True)
                 moved.append(last)
             self._set_counter(txn, b"outbox_last_id", last)
             self._add_counter(txn, b"dead_retried", len(moved))
@@ -661,17 +734,21 @@ class Store:
     def stats(self) -> Dict[str, object]:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
+            timeline = self._frames.timeline(txn)
             first_inbox = txn.cursor(db=self._inbox)
-            oldest = _decode_message(first_inbox.key(), first_inbox.value()).timestamp \
+            oldest = _decode_message(first_inbox.key(), first_inbox.value(), timeline) \
                 if first_inbox.first() else None
             first_outbox = txn.cursor(db=self._outbox)
-            oldest_out = msgpack.unpackb(first_outbox.value())[0] if first_outbox.first() else None
+            oldest_out = _outbox_entry(first_outbox.key(), msgpack.unpackb(first_outbox.value()), timeline) \
+                if first_outbox.first() else None
             figures: Dict[str, object] = {
                 "inbox_count": txn.stat(self._inbox)["entries"],
-                "inbox_oldest": oldest,
+                "inbox_oldest": oldest.timestamp if oldest else None,
+                "inbox_oldest_age": oldest.age if oldest else None,
                 "inbox_last_id": self._counter(txn, b"inbox_last_id"),
                 "outbox_count": txn.stat(self._outbox)["entries"],
-                "outbox_oldest": oldest_out,
+                "outbox_oldest": oldest_out.created if oldest_out else None,
+                "outbox_oldest_age": oldest_out.age if oldest_out else None,
                 "dead_count": txn.stat(self._dead)["entries"],
                 "used_bytes": self._used_bytes(txn),
                 "cap_bytes": self.cap_bytes,
@@ -711,6 +788,25 @@ def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     return marks
 
 
-def _decode_message(key: bytes, raw: bytes) -> Message:
-    timestamp, topic, payload, qos, retain, mid, expires_at = msgpack.unpackb(raw)
-    return Message(_ID.unpack(key)[0], timestamp, topic, payload, qos, retain, mid, expires_at)
+def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
+    record = msgpack.unpackb(raw)
+    wall, topic, payload, qos, retain, mid, expires_at = record[:7]
+    seq, boot = _stamp_of(record, 7)
+    return Message(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
+                   retain, mid, None if expires_at is None else timeline.expiry_wall(expires_at, wall, seq, boot),
+                   timeline.age(wall, seq, boot))
+
+
+def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
+    wall, topic, payload, qos, retain = record[:5]
+    seq, boot = _stamp_of(record, 5)
+    return OutboxEntry(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
+                       retain, timeline.age(wall, seq, boot))
+
+
+def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:
+    """A dead record is [attempts, reason, dead_at, *the outbox record it was]."""
+    attempts, reason, dead_at = record[:_DEAD_FIELDS]
+    entry = _outbox_entry(key, record[_DEAD_FIELDS:], timeline)
+    return DeadLetter(entry.id, entry.created, entry.topic, entry.payload, entry.qos, entry.retain,
+                      entry.age, attempts, reason, dead_at)

@@ -76,7 +76,8 @@ class Certs:
 
 
 class _Authority:
-    def __init__(self, name: str):
+    def __init__(self, name: str, valid_since: datetime.timedelta = datetime.timedelta(hours=1)):
+        self.valid_since = valid_since
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = self._builder(self.name, self.key.public_key()) \
@@ -89,7 +90,7 @@ class _Authority:
         now = datetime.datetime.now(datetime.timezone.utc)
         return (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name)
                 .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_before(now - self.valid_since)
                 .not_valid_after(now + datetime.timedelta(days=2)))
 
     def issue(self, directory: Path, stem: str, common_name: str,
@@ -127,10 +128,11 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.chmod(0o600)
 
 
-def make_certs(directory: Path) -> Certs:
-    """A throw-away CA with server and thing certificates, and a stranger from another CA."""
+def make_certs(directory: Path, valid_since: datetime.timedelta = datetime.timedelta(hours=1)) -> Certs:
+    """A throw-away CA with server and thing certificates, and a stranger from another CA; all
+    valid from `valid_since` ago (clock-step tests need certificates valid days back)."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca, other = _Authority("flashlexd-test-ca"), _Authority("someone-else-ca")
+    ca, other = _Authority("flashlexd-test-ca", valid_since), _Authority("someone-else-ca", valid_since)
     return Certs(
         ca=ca.write(directory / "ca.pem"),
         server=ca.issue(directory, "server", "localhost", ("localhost", HOST)),

@@ -106,10 +106,6 @@ def _valid_filter(topic: str) -> bool:
     return True
 
 
-def _age(timestamp: Optional[float], now: float) -> Optional[float]:
-    return None if timestamp is None else max(0.0, now - timestamp)
-
-
 class Methods:
     """The API methods; `handle(name, params)` is what `RpcServer` calls."""
 
@@ -174,7 +170,6 @@ class Methods:
 
     def _status(self, p: _Params) -> Dict[str, Any]:
         p.done()
-        now = time.time()
         supervisor = dict(self.status_provider())
         figures = self.store.stats()
         counters = {name: figures[name] for name in COUNTERS}
@@ -186,10 +181,10 @@ class Methods:
             "workers": supervisor.get("workers") or [],
             "mqtt": supervisor.get("mqtt") or {},
             "inbox": {"count": figures["inbox_count"], "oldest": figures["inbox_oldest"],
-                      "oldest_age": _age(figures["inbox_oldest"], now),  # type: ignore[arg-type]
+                      "oldest_age": figures["inbox_oldest_age"],
                       "last_id": figures["inbox_last_id"]},
             "outbox": {"count": figures["outbox_count"], "oldest": figures["outbox_oldest"],
-                       "oldest_age": _age(figures["outbox_oldest"], now),  # type: ignore[arg-type]
+                       "oldest_age": figures["outbox_oldest_age"],
                        "limit": self.offline_publish_queueing, "dead": figures["dead_count"],
                        # reported by the egress worker with its counters (heartbeat-fresh)
                        "oldest_inflight_age": egress.get("oldest_inflight_age")},
@@ -264,7 +259,9 @@ class Methods:
         after = None if after is None else p.record_id("after", after)
         p.done()
         figures = self.store.stats()
-        if dead:
+        if not limit:
+            entries: List[Dict[str, Any]] = []
+        elif dead:
             entries = [d.to_dict() for d in self.store.dead_letters(limit, after)]
         else:  # attempts are counted by the egress worker, in memory: not known here
             entries = [dict(e.to_dict(), attempts=None, reason=None)
@@ -273,7 +270,7 @@ class Methods:
             entry["size"] = len(entry["payload"])
         return {"count": figures["outbox_count"], "dead": figures["dead_count"],
                 "limit": self.offline_publish_queueing,
-                "oldest_age": _age(figures["outbox_oldest"], time.time()),  # type: ignore[arg-type]
+                "oldest_age": figures["outbox_oldest_age"],
                 "entries": self._bounded(entries)}
 
     def _retry(self, p: _Params) -> List[int]:

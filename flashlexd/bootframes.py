@@ -1,0 +1,83 @@
+"""The store's record of boots: one `BootFrame` per boot in the meta database (clock.py says
+what they are for). Kept apart from store.py: this is the only code that reads or writes them.
+
+A frame is written when a boot first opens the store and again only when that boot's clock
+steps (its offset moves by more than STEP_TOLERANCE): no write per message. The frame cached
+in a process follows what is committed: a step written in a transaction that then aborts is
+noticed again by the next one."""
+from __future__ import annotations
+
+import struct
+from typing import Dict, Iterable, Optional
+
+import lmdb
+import msgpack
+
+from flashlexd.clock import BootFrame, Clock, Reading, Timeline
+
+_SEQ = struct.Struct(">I")
+_FRAME = b"frame"
+_LATEST = b"boot_seq"
+_COUNTER = struct.Struct(">Q")
+
+
+class BootFrames:
+    """This process's view of the boot frames in `meta` (an open named database)."""
+
+    def __init__(self, meta: object, clock: Clock):
+        self.meta = meta
+        self.clock = clock
+        self.current: BootFrame = BootFrame(0, b"", 0.0, 0.0)  # until `register`
+
+    def register(self, txn: lmdb.Transaction, oldest_in_use: Iterable[Optional[int]]) -> None:
+        """Find or make this boot's frame: the latest one if it has our boot id, else a new one
+        (then frames older than `oldest_in_use`, the seqs of the oldest stored records, go)."""
+        reading = self.clock.now()
+        raw = txn.get(_LATEST, db=self.meta)
+        latest = _COUNTER.unpack(raw)[0] if raw else 0
+        frame = self._read(txn, latest) if latest else None
+        if frame is not None and frame.boot_id == self.clock.boot_id:
+            self.current = frame
+            self.note(txn, reading)
+            return
+        self.current = BootFrame(latest + 1, self.clock.boot_id, reading.offset, reading.offset)
+        txn.put(_LATEST, _COUNTER.pack(self.current.seq), db=self.meta)
+        self._write(txn, self.current)
+        oldest = min([seq for seq in oldest_in_use if seq is not None] or [self.current.seq])
+        for seq in range(1, oldest):
+            txn.delete(_FRAME + _SEQ.pack(seq), db=self.meta)
+
+    def note(self, txn: lmdb.Transaction, reading: Reading) -> None:
+        """Record this boot's offset if the clock stepped, so that after a reboot this boot's
+        stamps are re-based on it."""
+        if not self.current.stepped(reading):
+            return
+        stored = self._read(txn, self.current.seq) or self.current
+        if stored.stepped(reading):
+            self._write(txn, BootFrame(stored.seq, stored.boot_id, stored.first, reading.offset))
+        else:
+            self.current = stored
+
+    def reading(self, now: Optional[float] = None) -> Reading:
+        """The clocks now; `now` (tests) is a wall-clock time in this boot's first frame."""
+        if now is None:
+            return self.clock.now()
+        return Reading(now, now - self.current.first)
+
+    def timeline(self, txn: lmdb.Transaction, reading: Optional[Reading] = None) -> Timeline:
+        frames: Dict[int, BootFrame] = {}
+        cursor = txn.cursor(db=self.meta)
+        if cursor.set_range(_FRAME):
+            for key, raw in cursor:
+                if not key.startswith(_FRAME) or len(key) != len(_FRAME) + _SEQ.size:
+                    break
+                seq = _SEQ.unpack(key[len(_FRAME):])[0]
+                frames[seq] = BootFrame.from_wire(seq, msgpack.unpackb(raw))
+        return Timeline(reading or self.clock.now(), self.current, frames)
+
+    def _read(self, txn: lmdb.Transaction, seq: int) -> Optional[BootFrame]:
+        raw = txn.get(_FRAME + _SEQ.pack(seq), db=self.meta)
+        return BootFrame.from_wire(seq, msgpack.unpackb(raw)) if raw else None
+
+    def _write(self, txn: lmdb.Transaction, frame: BootFrame) -> None:
+        txn.put(_FRAME + _SEQ.pack(frame.seq), msgpack.packb(frame.to_wire()), db=self.meta)

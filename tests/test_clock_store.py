@@ -1,0 +1,251 @@
+"""Ages that survive clock steps, on real LMDB files with a clock the test steps: messages of
+this boot age on CLOCK_BOOTTIME (a step neither expires them early nor keeps them late), their
+wall-clock arrival time is re-based on a step, messages of an earlier boot age on the wall clock
+from the last offset their boot recorded, and a schema-1 store opens and migrates with no loss."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import List
+
+import lmdb
+import msgpack
+import pytest
+
+from flashlexd.clock import Reading
+from flashlexd.store import SCHEMA_VERSION, Incoming, Store
+
+CAP = 64 * 1024 * 1024
+TTL = 60.0
+DAY = 86400.0
+TRUE_TIME = 1_796_000_000.0  # 2026-11-30
+
+
+class FakeClock:
+    """Wall clock and boot clock that the test moves: `advance` lets real time pass (both move),
+    `step` sets the wall clock (as NTP or `date -s` does; CLOCK_BOOTTIME does not move)."""
+
+    def __init__(self, boot_id: bytes = b"boot-a", wall: float = TRUE_TIME, boottime: float = 30.0):
+        self.boot_id, self.wall, self.boottime = boot_id, wall, boottime
+
+    def now(self) -> Reading:
+        return Reading(self.wall, self.boottime)
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.boottime += seconds
+
+    def step(self, seconds: float) -> None:
+        self.wall += seconds
+
+    def reboot(self, boot_id: bytes, uptime: float = 20.0) -> None:
+        self.boot_id, self.boottime = boot_id, uptime
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def stores(tmp_path: Path):
+    opened: List[Store] = []
+
+    def open_(clock: FakeClock, expire_seconds: float = TTL) -> Store:
+        store = Store(tmp_path / "store", CAP, expire_seconds=expire_seconds, clock=clock)  # type: ignore[arg-type]
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def arrive(store: Store, name: str, count: int = 2) -> List[int]:
+    return store.append([Incoming("t", f"{name}{i}".encode()) for i in range(count)])  # type: ignore[return-value]
+
+
+def payloads(store: Store) -> List[bytes]:
+    return [m.payload for m in store.messages(limit=1000)]
+
+
+def due_in(store: Store, clock: FakeClock, seconds: float, count: int) -> None:
+    """Real time passes: nothing goes 10 ms before `seconds`, `count` messages 10 ms after."""
+    clock.advance(seconds - 0.01)
+    assert store.expire() == 0
+    clock.advance(0.02)
+    assert store.expire() == count
+
+
+def test_a_forward_step_expires_nothing_early_and_each_message_on_time(stores, clock: FakeClock):
+    clock.step(-2 * DAY)                # booted with the clock 2 days behind
+    store = stores(clock)
+    arrive(store, "a")
+    clock.advance(3)
+    arrive(store, "b")
+    clock.advance(3)
+    clock.step(2 * DAY)                 # NTP: the truth
+    assert store.expire() == 0 and payloads(store) == [b"a0", b"a1", b"b0", b"b1"]
+    oldest = store.messages(limit=1)[0]
+    assert oldest.age == pytest.approx(6)
+    assert store.stats()["inbox_oldest_age"] == pytest.approx(6)
+    due_in(store, clock, TTL - 6, 2)
+    assert payloads(store) == [b"b0", b"b1"]
+    clock.advance(3)
+    assert store.expire() == 2 and store.stats()["expired"] == 4
+
+
+def test_a_backward_step_still_expires_on_time(stores, clock: FakeClock):
+    store = stores(clock)
+    arrive(store, "a")
+    clock.advance(10)
+    clock.step(-DAY)                    # a clock that was a day ahead, corrected
+    due_in(store, clock, TTL - 10, 2)
+
+
+def test_steps_in_both_directions_during_a_lifetime_change_nothing(stores, clock: FakeClock):
+    store = stores(clock)
+    arrive(store, "a")
+    for step in (DAY, -3 * DAY, 5.0, 2 * DAY):
+        clock.advance(10)
+        clock.step(step)
+        assert store.expire() == 0
+    due_in(store, clock, TTL - 40, 2)
+
+
+def test_arrival_time_and_expiry_are_rebased_on_a_step(stores, clock: FakeClock):
+    clock.step(-2 * DAY)
+    store = stores(clock)
+    arrive(store, "a", 1)
+    stamped = clock.wall
+    assert store.messages()[0].timestamp == stamped  # no step yet: the stamp itself
+    clock.advance(5)
+    clock.step(2 * DAY)
+    [message] = store.messages()
+    assert message.timestamp == pytest.approx(stamped + 2 * DAY)
+    assert message.expires_at == pytest.approx(stamped + 2 * DAY + TTL, abs=0.001)
+    assert message.age == pytest.approx(5)
+
+
+def test_a_small_drift_is_not_a_step(stores, clock: FakeClock):
+    store = stores(clock)
+    arrive(store, "a", 1)
+    clock.step(1.5)                     # NTP slewing, not a step: the stamp stays as written
+    assert store.messages()[0].timestamp == TRUE_TIME
+
+
+def test_outbox_entries_age_on_the_boot_clock(stores, clock: FakeClock):
+    clock.step(-DAY)
+    store = stores(clock)
+    store.outbox_append([("up", b"x", 1, False)])
+    clock.advance(7)
+    clock.step(DAY)
+    [entry] = store.outbox_peek()
+    assert entry.age == pytest.approx(7) and entry.created == pytest.approx(TRUE_TIME)
+    assert store.stats()["outbox_oldest_age"] == pytest.approx(7)
+
+
+def test_across_a_reboot_messages_age_on_the_wall_clock_with_their_boots_last_step(
+        stores, clock: FakeClock):
+    """The documented reboot rule: a step the old boot saw (and a sweep recorded) is applied;
+    after the reboot, the wall clock counts."""
+    clock.step(-2 * DAY)
+    store = stores(clock)
+    arrive(store, "a", 1)
+    clock.advance(5)
+    clock.step(2 * DAY)
+    assert store.expire() == 0          # the sweep records the step in the boot's frame
+    store.close()
+    clock.reboot(b"boot-b")
+    clock.advance(10)                   # 15 s after arrival, wall clock right after the reboot
+    store = stores(clock)
+    [message] = store.messages()
+    assert message.timestamp == pytest.approx(TRUE_TIME)  # re-based with the recorded step
+    assert message.age == pytest.approx(15)
+    due_in(store, clock, TTL - 15, 1)
+
+
+def test_across_a_reboot_a_step_after_it_counts_on_the_wall_clock(stores, clock: FakeClock):
+    store = stores(clock)
+    arrive(store, "a", 1)
+    store.close()
+    clock.reboot(b"boot-b")
+    clock.step(-DAY)                    # the new boot starts a day behind: "a" looks young
+    store = stores(clock)
+    arrive(store, "b", 1)
+    clock.advance(TTL + 1)
+    assert store.expire() == 1 and payloads(store) == [b"a0"]  # "b" on its real age
+    clock.step(DAY)                     # the wall clock is right again: "a" is past due
+    assert store.expire() == 1 and store.inbox_count() == 0
+
+
+def test_frames_of_boots_without_records_are_dropped(stores, clock: FakeClock):
+    store = stores(clock)
+    arrive(store, "a", 1)
+    for n in range(3):
+        store.close()
+        clock.reboot(f"boot-{n}".encode())
+        store = stores(clock)
+    assert frames(store) == [1, 2, 3, 4]      # the first still stamps a stored message
+    store.ack([1])
+    store.close()
+    clock.reboot(b"boot-last")
+    assert frames(stores(clock)) == [5]
+
+
+def frames(store: Store) -> List[int]:
+    """White box: the boot seqs whose frames the meta database keeps."""
+    with store._read() as txn:
+        return sorted(store._frames.timeline(txn).frames)
+
+
+# -- a store written by schema 1 ----------------------------------------------------------------
+
+def write_schema1_store(path: Path, wall: float) -> None:
+    """A store as flashlexd with schema 1 wrote it: inbox records (timestamp, topic, payload,
+    qos, retain, mid, expires_at), expiry keys expires_ms(8) + first id(8) -> last id, outbox
+    entries [created, topic, payload, qos, retain], a meta schema of 1."""
+    path.mkdir(parents=True)
+    env = lmdb.open(str(path), max_dbs=8, map_size=CAP)
+    q = struct.Struct(">Q")
+    with env.begin(write=True) as txn:
+        inbox, expiry, outbox, meta = (env.open_db(name, txn=txn) for name in
+                                       (b"inbox", b"expiry", b"outbox", b"meta"))
+        env.open_db(b"recent", txn=txn)
+        for record_id, at in ((1, wall - 50), (2, wall - 50), (3, wall - 10)):
+            txn.put(q.pack(record_id), msgpack.packb((at, "t", b"old%d" % record_id, 1, False,
+                                                      record_id, at + TTL), use_bin_type=True), db=inbox)
+        txn.put(q.pack(int((wall - 50 + TTL) * 1000)) + q.pack(1), q.pack(2), db=expiry)
+        txn.put(q.pack(int((wall - 10 + TTL) * 1000)) + q.pack(3), b"", db=expiry)
+        txn.put(q.pack(1), msgpack.packb([wall - 5, "up", b"queued", 1, False], use_bin_type=True),
+                db=outbox)
+        for name, value in ((b"schema", 1), (b"inbox_last_id", 3), (b"outbox_last_id", 1),
+                            (b"received", 3), (b"queued", 1)):
+            txn.put(name, q.pack(value), db=meta)
+    env.close()
+
+
+def test_a_schema1_store_opens_migrates_and_loses_nothing(tmp_path: Path, clock: FakeClock):
+    write_schema1_store(tmp_path / "store", clock.wall)
+    store = Store(tmp_path / "store", CAP, expire_seconds=TTL, clock=clock)  # type: ignore[arg-type]
+    try:
+        assert payloads(store) == [b"old1", b"old2", b"old3"]
+        old = store.messages()[0]
+        assert old.timestamp == clock.wall - 50 and old.age == pytest.approx(50)
+        assert old.expires_at == clock.wall - 50 + TTL
+        assert [e.payload for e in store.outbox_peek()] == [b"queued"]
+        assert store.stats()["received"] == 3 and store.stats()["outbox_oldest_age"] == pytest.approx(5)
+        assert arrive(store, "new", 1) == [4]       # ids go on
+        clock.advance(TTL - 50 + 0.01)              # the schema-1 records: the wall-clock rule
+        assert store.expire() == 2 and payloads(store) == [b"old3", b"new0"]
+        store.ack([3])                              # unindexes a migrated expiry entry
+        clock.advance(TTL)
+        assert store.expire() == 1 and store.inbox_count() == 0
+    finally:
+        store.close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        meta = env.open_db(b"meta", txn=txn, create=False)
+        assert struct.unpack(">Q", txn.get(b"schema", db=meta))[0] == SCHEMA_VERSION == 2
+        assert txn.stat(env.open_db(b"expiry", txn=txn, create=False))["entries"] == 0
+    env.close()
