@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
+from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
@@ -37,6 +38,7 @@ STATUS_EVERY = 1.0
 # transaction holds that lock until it is killed, and killing it is this loop's job: an
 # unbounded wait here would hang the whole daemon (the API answers store_error meanwhile).
 STORE_WRITE_WAIT = 1.0
+SPAWN_RETRY = 1.0  # seconds before trying again to start a worker the system had no room for
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class Supervisor:
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
         self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
+        self.config_file: Optional[ConfigFile] = None
+        self.spawn_error: Optional[str] = None  # logged once until a spawn works again
 
     def _policy(self) -> RestartPolicy:
         s = self.config.supervision
@@ -93,6 +97,7 @@ class Supervisor:
 
     def run(self) -> int:
         self._install_signals()
+        self.config_file = ConfigFile(self.config.text)
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
         self.api = self._start_api()
         now = time.monotonic()
@@ -119,6 +124,8 @@ class Supervisor:
             self.api.close()
         if self.store is not None:
             self.store.close()
+        if self.config_file is not None:
+            self.config_file.close()
 
     def _install_signals(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -224,8 +231,19 @@ class Supervisor:
                 self._spawn(worker, now)
 
     def _spawn(self, worker: WorkerProcess, now: float) -> None:
-        worker.spawn(self.overrides.worker_argv(worker.name), child_environment(),
-                     self.config.text, now)
+        try:
+            worker.spawn(self.overrides.worker_argv(worker.name), child_environment(),
+                         self.config_file.fd, now)  # type: ignore[union-attr]
+        except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: survived, retried, logged once
+            reason = exc.strerror or str(exc)
+            if self.spawn_error != reason:
+                log.error("cannot start %s: %s; retrying every %gs", worker.name, reason, SPAWN_RETRY)
+                self.spawn_error = reason
+            worker.spawn_failed(now, SPAWN_RETRY)
+            return
+        if self.spawn_error is not None:
+            log.info("workers can be started again")
+            self.spawn_error = None
         self.selector.register(worker.channel, selectors.EVENT_READ,
                                lambda _sock, _mask, w=worker: self._on_link(w))
 
@@ -301,7 +319,8 @@ class Supervisor:
         self.notifier.reloading()
         try:
             new = self.overrides.load()
-        except config_module.ConfigError as exc:
+            config_file = ConfigFile(new.text)
+        except (config_module.ConfigError, OSError) as exc:
             log.error("reload refused, still running the previous config: %s", exc)
             self.notifier.ready()
             return
@@ -320,6 +339,8 @@ class Supervisor:
             self.store.close()
             self.store = self.methods.store = Store.from_config(new.store,
                                                                 write_wait=STORE_WRITE_WAIT)
+        self.config_file.close()  # type: ignore[union-attr]
+        self.config_file = config_file  # workers started from now on get the new text
         self.config = new
         log.info("config reloaded from %s", new.path)
         self.notifier.ready()
