@@ -2,6 +2,10 @@
 
 Exit codes: 0 success (for `status`: healthy), 1 degraded or the daemon refused the call,
 2 the daemon is not running (one line on stderr) or bad usage.
+
+Everything printed for people that came from the daemon (topics, payloads, names, errors) goes
+through `printable`: a topic with ESC or BEL in it cannot drive the terminal. `--json` output is
+escaped by JSON itself.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, socket_path
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
+from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
 
 HEALTHY_STATES = ("running", "ready")
@@ -70,19 +75,23 @@ def ago(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{duration(seconds)} ago"
 
 
-def preview(payload: bytes, width: int = 60) -> str:
+class Safe(str):
+    """Text already passed through `printable`: `table` shows it as it is."""
+
+
+def preview(payload: bytes, width: int = 60) -> Safe:
     """A one-line look at a payload: text (escaped) when UTF-8, else its size."""
     try:
-        text = payload.decode("utf-8")
+        text = printable(payload.decode("utf-8"))
     except UnicodeDecodeError:
-        return f"<{len(payload)} bytes binary>"
-    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-    return text if len(text) <= width else text[:width - 3] + "..."
+        return Safe(f"<{len(payload)} bytes binary>")
+    return Safe(text if len(text) <= width else text[:width - 3] + "...")
 
 
 def table(headers: Sequence[str], rows: List[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """Aligned columns; the last column is not padded (it is usually the long one)."""
-    cells = [[str(c) for c in row] for row in [list(headers)] + [list(r) for r in rows]]
+    """Aligned columns of escaped cells; the last column is not padded (it is usually the long one)."""
+    cells = [[c if isinstance(c, Safe) else printable(str(c)) for c in row]
+             for row in [list(headers)] + [list(r) for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -117,13 +126,15 @@ def _oldest(section: Dict[str, Any]) -> str:
 def render_status(status: Dict[str, Any], path: str) -> str:
     problems = health(status)
     state = "healthy" if not problems else "degraded: " + "; ".join(problems)
-    lines = [f"flashlexd {status.get('version') or '?'}, up {duration(status.get('uptime'))}, {state}",
-             f"socket    {path}", ""]
+    head = [f"flashlexd {status.get('version') or '?'}, up {duration(status.get('uptime'))}, {state}",
+            f"socket    {path}", ""]
     workers = status.get("workers") or []
+    worker_table = []  # already escaped, cell by cell
     if workers:
         rows = [(w.get("name", "?"), w.get("pid") or "-", w.get("state", "?"), w.get("restarts", 0),
                  ago(w.get("heartbeat_age"))) for w in workers]
-        lines += [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)), ""]
+        worker_table = [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)), ""]
+    lines: List[str] = []
     mqtt = status.get("mqtt") or {}
     for side in ("ingress", "egress"):
         info = dict(mqtt.get(side) or {})
@@ -147,7 +158,7 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     if rates:
         lines.append("rates     " + ", ".join(f"{k} {v:.1f}/s" if isinstance(v, (int, float)) else f"{k} {v}"
                                             for k, v in rates.items()))
-    return "\n".join(lines)
+    return "\n".join([printable(line) for line in head] + worker_table + [printable(line) for line in lines])
 
 
 def message_rows(messages: List[Dict[str, Any]], now: float) -> str:
@@ -244,8 +255,8 @@ def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
                 print(json.dumps(jsonable(message)), flush=True)
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(message["timestamp"]))
-                print(f"{stamp}  {message['pk']:>6}  {message['topic']}  {preview(message['payload'], 100)}",
-                      flush=True)
+                print(f"{stamp}  {message['pk']:>6}  {printable(str(message['topic']))}"
+                      f"  {preview(message['payload'], 100)}", flush=True)
         if batch:
             after = batch[-1]["id"]
             if args.ack:
@@ -307,10 +318,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return 0
     except (DaemonNotRunning, PermissionDenied) as exc:
-        print(f"flashlexctl: {exc}", file=sys.stderr)
+        print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)
         return 2
-    except FlashlexError as exc:
-        print(f"flashlexctl: {exc}", file=sys.stderr)
+    except FlashlexError as exc:  # the daemon's message may quote what an application sent
+        print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)
         return 1
 
 
