@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
+from flashlexd import credentials
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
@@ -49,10 +50,14 @@ class Overrides:
     keys_dir: Optional[str] = None
     socket_path: Optional[str] = None
     log_level: Optional[str] = None
+    allow_insecure_key: bool = False
 
     def load(self) -> Config:
-        return config_module.load(self.config_path, data_dir=self.data_dir, keys_dir=self.keys_dir,
-                                  socket_path=self.socket_path, log_level=self.log_level)
+        """The config, validated, with key files that load together (at start and on reload)."""
+        config = config_module.load(self.config_path, data_dir=self.data_dir, keys_dir=self.keys_dir,
+                                    socket_path=self.socket_path, log_level=self.log_level)
+        credentials.verify(config.thing.keys, self.allow_insecure_key)
+        return config
 
     def worker_argv(self, name: str) -> List[str]:
         argv = [sys.executable, "-m", "flashlexd.workers", name, "--config", self.config_path]
