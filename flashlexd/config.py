@@ -16,6 +16,8 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
+from flashlexd.client.wire import REQUEST_OVERHEAD
+
 MAX_CONFIG_BYTES = 1024 * 1024  # the SDK's configs are ~2 KB; more is a mistake or an attack
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
 DEFAULT_SOCKET = "/run/flashlexd/flashlexd.sock"
@@ -98,6 +100,8 @@ class Api:
     allow_uids: Tuple[int, ...]
     max_connections: int
     idle_timeout: float
+    max_buffered_bytes: Optional[int]  # None: the default sized from maxPayloadBytes
+    frame_timeout: float
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     thing = _thing(thing_section, keys_base, warnings, "--keys-dir" if keys_dir else
                    "the config file's directory (or use --keys-dir)")
     store = _store(app.section("db"), data_dir)
-    api = _api(app.section("socket"), socket_path)
+    api = _api(app.section("socket"), socket_path, store.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
     file_level = app.choice("logLevel", LOG_LEVELS, "info")  # checked even when overridden
     level = log_level or file_level
@@ -381,7 +385,7 @@ def _store(section: _Section, data_dir: Optional[str]) -> Store:
     return store
 
 
-def _api(section: _Section, socket_path: Optional[str]) -> Api:
+def _api(section: _Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:
     uids = section.data.get("allowUids") or []
     section.used.add("allowUids")
     if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
@@ -393,7 +397,14 @@ def _api(section: _Section, socket_path: Optional[str]) -> Api:
         allow_uids=tuple(uids),
         max_connections=section.integer("maxConnections", 1024, minimum=1),
         idle_timeout=section.seconds("idleTimeoutSeconds", 300.0),  # type: ignore[arg-type]
+        max_buffered_bytes=section.integer("maxBufferedBytes", None, minimum=1),  # type: ignore[arg-type]
+        frame_timeout=section.seconds("frameTimeoutSeconds", 10.0),  # type: ignore[arg-type]
     )  # type: ignore[arg-type]
+    largest_frame = REQUEST_OVERHEAD + max_payload_bytes
+    if api.max_buffered_bytes is not None and api.max_buffered_bytes < largest_frame:
+        raise ConfigError(f"{section.path}.maxBufferedBytes: must hold at least one request of the"
+                          f" largest payload, {largest_frame} bytes (1 MiB + flashlex.app.db."
+                          f"maxPayloadBytes), got {api.max_buffered_bytes}")
     section.warn_unknown()
     return api
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
-from flashlexd import credentials
+from flashlexd import credentials, fds
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
@@ -101,6 +101,8 @@ class Supervisor:
     # -- start and stop -----------------------------------------------------------------------
 
     def run(self) -> int:
+        limit = fds.raise_open_files_limit()  # before anything is opened; workers inherit it
+        log.debug("open files limit %d", limit)
         self._install_signals()
         self.config_file = ConfigFile(self.config.text)
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
