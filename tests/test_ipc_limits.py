@@ -71,22 +71,21 @@ def test_frames_beyond_the_read_budget_get_busy_at_once(tmp_path: Path) -> None:
 def test_a_frame_must_arrive_whole_within_the_frame_timeout(tmp_path: Path) -> None:
     h = Harness(tmp_path, limits=_limits(frame_timeout=0.5, idle_timeout=60)).start()
     try:
-        trickler = raw_connect(h.path)
+        silent, trickler = raw_connect(h.path), raw_connect(h.path)
         started = time.monotonic()
+        _started(silent, 1000, 10)
         _started(trickler, 1000, 1)
-        for _ in range(4):  # a byte every 0.2 s: activity, but the frame is not done in time
-            time.sleep(0.2)  # the pacing of the slow sender itself, not synchronisation
-            try:
-                trickler.send(b"\0")
-            except OSError:
-                break
-        error = read_frame(trickler)
+        while not select.select([trickler], [], [], 0.2)[0]:  # a byte every 0.2 s: activity,
+            trickler.send(b"\0")                             # but the frame never done in time
+        for sock in (trickler, silent):
+            error = read_frame(sock)
+            assert error["id"] is None and error["error"]["code"] == Code.FRAME_TIMEOUT, error
+            assert "within 0.5s of its first byte" in error["error"]["message"]
+            assert sock.recv(10) == b""
         took = time.monotonic() - started
-        assert error["id"] is None and error["error"]["code"] == Code.FRAME_TIMEOUT, error
-        assert "within 0.5s of its first byte" in error["error"]["message"]
         assert 0.5 <= took < 2.0, took
         assert h.call(lambda: (h.server.counters["dropped_partial"], h.server.budget.used,
-                               h.server.connection_count)) == (1, 0, 0)
+                               h.server.connection_count)) == (2, 0, 0)
         with Client(h.path) as fx:  # whole requests are untouched
             assert fx.status()["version"] == "0.1.0"
     finally:

@@ -293,6 +293,7 @@ class RpcServer:
         conn.drop_frame(self.budget)
         self._send(conn, encode_error(None, code, message))
         conn.closing = True
+        self._pump(conn)
 
     def _pump(self, conn: Connection) -> None:
         """Answer the complete frame if its turn has come; flush; set interest."""
