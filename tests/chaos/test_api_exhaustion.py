@@ -51,11 +51,14 @@ def _answered(socks: List[socket.socket], settle: float) -> Dict[socket.socket, 
     """The error code each connection got within `settle` seconds (the others: absent)."""
     deadline = time.monotonic() + settle
     answered: Dict[socket.socket, str] = {}
-    while time.monotonic() < deadline:
-        waiting = [s for s in socks if s not in answered]
-        if not waiting:
-            break
-        for sock in select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))[0]:
+    poller = select.poll()  # not select(): these descriptors go past FD_SETSIZE
+    by_fd = {sock.fileno(): sock for sock in socks}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    while by_fd and time.monotonic() < deadline:
+        for fd, _ in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            sock = by_fd.pop(fd)
+            poller.unregister(fd)
             try:
                 answered[sock] = read_frame(sock)["error"]["code"]
             except (OSError, EOFError):
