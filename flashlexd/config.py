@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-import yaml
-
 from flashlexd.client.wire import REQUEST_OVERHEAD
+from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 
-MAX_CONFIG_BYTES = 1024 * 1024  # the SDK's configs are ~2 KB; more is a mistake or an attack
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
 DEFAULT_SOCKET = "/run/flashlexd/flashlexd.sock"
 FULL_POLICIES = ("reject", "dropOldest")
@@ -31,10 +29,6 @@ LEGACY_KEYS = {
     "flashlex.app.db.subscriptionData", "flashlex.dist", "flashlex.thing.id",
     "flashlex.thing.keys.publicKey",
 }
-
-
-class ConfigError(ValueError):
-    """A config problem, worded as one line that starts with the key path."""
 
 
 @dataclass(frozen=True)
@@ -213,34 +207,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors and aliases as they are composed, before anything is
-    expanded: the FlashLex format has none, and a 1.6 KB "billion laughs" of nested aliases
-    otherwise grows to gigabytes (MemoryError after ~40 s)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
-            raise ConfigError(f"line {event.start_mark.line + 1}: YAML {kind}{event.anchor[:40]}"
-                              f" is not allowed (FlashLex configs use no anchors or aliases)")
-        return super().compose_node(parent, index)
-
-
 def load(path: str, data_dir: Optional[str] = None, keys_dir: Optional[str] = None,
          socket_path: Optional[str] = None, log_level: Optional[str] = None) -> Config:
     """Read and validate the config file; command-line overrides win over the file."""
     config_path = Path(path)
-    try:
-        with open(config_path, "rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)  # never more: a 20 MiB file is not read whole
-        text = data.decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        if exc.start < MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
-        text = data.decode("utf-8", "replace")  # cut inside a character: over the limit anyway
+    text = read_config_text(path)
     return loads(text, config_path, data_dir=data_dir, keys_dir=keys_dir,
                  socket_path=socket_path, log_level=log_level)
 
@@ -250,20 +221,7 @@ def loads(text: str, config_path: Path, data_dir: Optional[str] = None,
           log_level: Optional[str] = None) -> Config:
     """Validate config text read earlier: workers get the text the supervisor validated, so a
     file edited without a reload never reaches a restarted worker."""
-    path = str(config_path)
-    if len(text) > MAX_CONFIG_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file is over the limit of {MAX_CONFIG_BYTES} bytes (1 MiB)")
-    try:
-        document = yaml.load(text, Loader=_NoAliasLoader)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    document = parse_yaml(text, str(config_path))
     return parse(document, config_path, text, data_dir=data_dir, keys_dir=keys_dir,
                  socket_path=socket_path, log_level=log_level)
 

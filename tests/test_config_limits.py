@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from flashlexd.config import MAX_CONFIG_BYTES, ConfigError, load
+from flashlexd.config import ConfigError, load
+from flashlexd.configtext import MAX_CONFIG_BYTES
 from tests.broker import wait_for
 from tests.chaos.conftest import wait_ready
 from tests.daemon import Daemon

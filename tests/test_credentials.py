@@ -21,6 +21,7 @@ from flashlexd.client.connection import _group_hint
 from tests.broker import THING, Broker, wait_for, write_config
 from tests.chaos.conftest import wait_ready
 from tests.daemon import Daemon
+from tests.test_ipc_server import run_as_nobody
 
 CERT, KEY, CA = f"{THING}-certificate.pem", f"{THING}-keypair-private.pem", "root-ca-cert.pem"
 
@@ -121,27 +122,13 @@ def test_a_private_key_readable_by_others_needs_allow_insecure_key(daemon_config
 
 def _denied_as_nobody(path: str) -> str:
     """The message a uid-65534 client gets connecting to `path`."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        outcome = "connected"
+    def attempt() -> str:
         try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
             Client(path, timeout=2).close()
+            return "connected"
         except PermissionDenied as exc:
-            outcome = str(exc)
-        except BaseException as exc:
-            outcome = f"{type(exc).__name__}: {exc}"
-        finally:
-            os.write(write_end, outcome.encode())
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        outcome = pipe.read().decode()
-    os.waitpid(pid, 0)
-    return outcome
+            return str(exc)
+    return run_as_nobody(attempt)
 
 
 def test_the_permission_hint_names_the_socket_group_or_how_to_set_one() -> None:

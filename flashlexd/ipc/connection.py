@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import selectors
 import socket
+import struct
 from enum import Enum
 from typing import Any, Optional, Tuple
 
 from flashlexd.ipc.protocol import HEADER, Pending
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_DISCARD = bytearray(64 * 1024)  # scratch for input read only to be thrown away
+
+
+def peer_credentials(sock: socket.socket) -> Tuple[int, int]:
+    """(pid, uid) of the process at the other end (SO_PEERCRED); raises OSError."""
+    pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      _PEERCRED.size))
+    return pid, uid
 
 
 class ReadBudget:
@@ -127,3 +138,19 @@ class Connection:
         if self.body is None:
             return len(self.head), HEADER.size
         return HEADER.size + self.filled, HEADER.size + len(self.body)
+
+    def wanted_events(self) -> int:
+        """Selector interest: read unless closing or a complete frame waits its turn; write
+        while responses are owed."""
+        events = 0 if self.closing or self.frame_ready else selectors.EVENT_READ
+        return events | (selectors.EVENT_WRITE if self.wbuf else 0)
+
+    def discard_input(self, rounds: int = 4) -> None:
+        """Read away (a bounded amount of) what a refused peer sent: a Unix socket closed with
+        unread input resets the peer instead of giving it a clean end-of-file after our error."""
+        for _ in range(rounds):
+            try:
+                if not self.sock.recv_into(_DISCARD):
+                    return
+            except OSError:
+                return

@@ -6,13 +6,11 @@ the host gives us, with `key.data` pointing back here (`owns(key)`). The host ca
 stalled readers and senders, long-poll deadlines), `notify_inbox()` after ingress committed
 messages (it completes parked `wait` calls) and `close()` at shutdown.
 
-Each connection is answered in request order, and a parked `wait` holds back its later
-requests. What peers can make the daemon hold is bounded: connections (below the fd limit, see
-`flashlexd.fds`; beyond the cap a peer gets `busy` at once, even when the descriptors ran out),
-incoming frame bytes across all connections (`connection.ReadBudget`; a frame beyond it gets
-`busy`), the time a frame may take to arrive, and unread responses per connection. A peer that
-announces a frame larger than the limit gets one error and is closed, before anything is
-allocated for it.
+Each connection is answered in request order; a parked `wait` holds back its later requests.
+Bounded: connections (below the fd limit, `flashlexd.fds`; `busy` at once beyond, even out of
+descriptors), incoming frame bytes of all connections (`connection.ReadBudget`), the time a
+frame may take to arrive, unread responses per connection. A frame over the limit gets one
+error and its connection is closed, before anything is allocated for it.
 """
 from __future__ import annotations
 
@@ -21,12 +19,11 @@ import logging
 import os
 import selectors
 import socket
-import struct
 import time
 from typing import Any, Dict, Iterable, Optional, Protocol, Set
 
 from flashlexd import fds
-from flashlexd.ipc.connection import Connection, ReadBudget, Received
+from flashlexd.ipc.connection import Connection, ReadBudget, Received, peer_credentials
 from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
                                     parse_request)
 from flashlexd.ipc.socketfile import ServerError, bind_socket
@@ -34,11 +31,9 @@ from flashlexd.ipc.socketfile import ServerError, bind_socket
 __all__ = ["Handler", "RpcServer", "ServerError"]
 
 log = logging.getLogger("flashlexd.ipc")
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _ACCEPT_BATCH = 64
 _FRAMES_PER_TURN = 64  # reads of one connection per dispatch, so one peer cannot hog the loop
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
-_DISCARD = bytearray(64 * 1024)  # scratch for input read only to be thrown away
 
 
 class Handler(Protocol):
@@ -205,8 +200,7 @@ class RpcServer:
                 self._out_of_fds = False
             sock.setblocking(False)
             try:
-                pid, uid, _gid = _PEERCRED.unpack(
-                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                pid, uid = peer_credentials(sock)
             except OSError:
                 sock.close()
                 continue
@@ -365,7 +359,7 @@ class RpcServer:
             del conn.wbuf[:sent]
             conn.last_write = conn.last_active = time.monotonic()
         if not conn.wbuf and conn.closing:
-            _discard_input(conn.sock)
+            conn.discard_input()
             self._close_conn(conn)
 
     def _complete(self, conn: Connection, result: Any) -> None:
@@ -386,11 +380,7 @@ class RpcServer:
         self._parked.discard(conn)
 
     def _update_interest(self, conn: Connection) -> None:
-        events = 0
-        if not conn.closing and not conn.frame_ready:  # a waiting frame: nothing more is read
-            events |= selectors.EVENT_READ
-        if conn.wbuf:
-            events |= selectors.EVENT_WRITE
+        events = conn.wanted_events()
         if events == conn.events:
             return
         if conn.events and events:
@@ -413,13 +403,3 @@ class RpcServer:
             conn.events = 0
         conn.sock.close()
 
-
-def _discard_input(sock: socket.socket, rounds: int = 4) -> None:
-    """Read away (a bounded amount of) what a refused peer sent: a Unix socket closed with
-    unread input resets the peer instead of giving it a clean end-of-file after our error."""
-    for _ in range(rounds):
-        try:
-            if not sock.recv_into(_DISCARD):
-                return
-        except OSError:
-            return

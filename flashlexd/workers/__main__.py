@@ -16,6 +16,7 @@ from setproctitle import setproctitle
 from flashlexd import config as config_module
 from flashlexd import logs
 from flashlexd.channel import Channel, read_inherited_config
+from flashlexd.configtext import MAX_CONFIG_BYTES
 from flashlexd.store import StoreError
 from flashlexd.workers.base import EXIT_BOOT_ERROR
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
 def _config_text() -> str:
     """The config text the supervisor validated, inherited on CONFIG_FD."""
     try:
-        return read_inherited_config(config_module.MAX_CONFIG_BYTES)
+        return read_inherited_config(MAX_CONFIG_BYTES)
     except (OSError, ValueError) as exc:
         raise config_module.ConfigError(f"no config from the supervisor: {exc}") from None
 
