@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
@@ -24,25 +23,18 @@ import msgpack
 MAX_MESSAGE = 64 * 1024
 CHANNEL_FD = 3  # where a worker finds its end after exec
 CONFIG_FD = 4   # where a worker finds the config text after exec
-_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW",
-                                                  "F_SEAL_WRITE"))
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
 class ConfigFile:
-    """The validated config text in a read-only, sealed memfd (an unlinked temp file where
-    memfd_create is missing), close-on-exec in the supervisor, placed on CONFIG_FD in a worker."""
+    """The validated config text in a sealed (read-only) memfd, close-on-exec in the
+    supervisor, placed on CONFIG_FD in a worker."""
 
     def __init__(self, text: str):
-        data = text.encode("utf-8")
-        memfd_create = getattr(os, "memfd_create", None)
-        if memfd_create is not None:
-            self.fd = memfd_create("flashlexd-config", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        else:  # pragma: no cover - Linux has memfd_create
-            self.fd = os.dup(tempfile.TemporaryFile().fileno())
+        self.fd = os.memfd_create("flashlexd-config", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.pwrite(self.fd, data, 0)
-            if memfd_create is not None and hasattr(fcntl, "F_ADD_SEALS"):
-                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)  # no worker can change it
+            os.pwrite(self.fd, text.encode("utf-8"), 0)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)  # no worker can change it
         except BaseException:
             os.close(self.fd)
             raise

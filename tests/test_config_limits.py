@@ -7,6 +7,7 @@ is one line and exit 2 from `run`; `check` fails its config step with the same l
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flashlexd.channel import ConfigFile, read_inherited_config
 from flashlexd.config import ConfigError, load
 from flashlexd.configtext import MAX_CONFIG_BYTES
 from tests.broker import wait_for
@@ -111,5 +113,34 @@ def test_a_reload_to_a_bomb_keeps_the_running_config(daemon_config: Path, tmp_pa
         assert "YAML anchor &a is not allowed" in daemon.output()
         assert daemon.proc.poll() is None
         assert "Traceback" not in daemon.output()
+    finally:
+        daemon.stop()
+
+
+def test_the_config_handed_to_workers_is_sealed() -> None:
+    text = "flashlex: {}\n# ünï\n" * 1000
+    handed = ConfigFile(text)
+    try:
+        with pytest.raises(PermissionError):
+            os.pwrite(handed.fd, b"changed", 0)
+        assert read_inherited_config(MAX_CONFIG_BYTES, os.dup(handed.fd)) == text
+        with pytest.raises(ValueError, match="over the limit of 100"):
+            read_inherited_config(100, os.dup(handed.fd))
+    finally:
+        handed.close()
+
+
+def test_a_restarted_worker_runs_the_validated_config_not_the_edited_file(
+        daemon_config: Path, tmp_path: Path) -> None:
+    daemon = Daemon(daemon_config, tmp_path / "run").start()
+    try:
+        wait_ready(daemon, 30)
+        daemon_config.write_text("not: [valid")  # edited, no reload
+        victim = daemon.children()["egress"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: daemon.children().get("egress") not in (None, victim), 15, "a new egress")
+        status = wait_ready(daemon, 15)
+        assert [w["state"] for w in status["workers"]] == ["ready"] * 3
+        assert "cannot start" not in daemon.output()
     finally:
         daemon.stop()
