@@ -27,11 +27,21 @@ def socket_path(path: Optional[str] = None) -> str:
 
 
 def _group_hint(path: str) -> str:
+    """What to do about a denied socket: join its group, when it has one besides root's."""
     try:
-        group = grp.getgrgid(os.stat(path).st_gid).gr_name
-        return f"add this user to group {group!r} (then log in again), or run as root"
-    except (OSError, KeyError):
-        return "check the permissions of the socket and its directory"
+        gid = os.stat(path).st_gid
+    except OSError:
+        return (f"its directory {os.path.dirname(path) or '.'} is closed to this user: run as root,"
+                " or ask the administrator to set flashlex.app.socket.group")
+    if gid == 0:
+        return ("the socket is root's only: run as root, or ask the administrator to set"
+                " flashlex.app.socket.group (and flashlex.app.socket.allowUids) in the config")
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return (f"add this user to group {group!r} (then log in again) and its uid to"
+            " flashlex.app.socket.allowUids, or run as root")
 
 
 class Client:

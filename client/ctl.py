@@ -2,6 +2,10 @@
 
 Exit codes: 0 success (for `status`: healthy), 1 degraded or the daemon refused the call,
 2 the daemon is not running (one line on stderr) or bad usage.
+
+Everything printed for people that came from the daemon (topics, payloads, names, errors) goes
+through `printable`: a topic with ESC or BEL in it cannot drive the terminal. `--json` output is
+escaped by JSON itself.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, socket_path
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
+from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
 
 HEALTHY_STATES = ("running", "ready")
@@ -70,26 +75,23 @@ def ago(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{duration(seconds)} ago"
 
 
-def preview(payload: bytes, width: int = 60) -> str:
+class Safe(str):
+    """Text already passed through `printable`: `table` shows it as it is."""
+
+
+def preview(payload: bytes, width: int = 60) -> Safe:
     """A one-line look at a payload: text (escaped) when UTF-8, else its size."""
     try:
-        text = payload.decode("utf-8")
+        text = printable(payload.decode("utf-8"))
     except UnicodeDecodeError:
-        return f"<{len(payload)} bytes binary>"
-    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def escaped(text: str) -> str:
-    """`text` with its control characters (C0, DEL, C1) shown as \\xNN, so a topic cannot
-    move the cursor or hide part of a line."""
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F else c
-                   for c in text)
+        return Safe(f"<{len(payload)} bytes binary>")
+    return Safe(text if len(text) <= width else text[:width - 3] + "...")
 
 
 def table(headers: Sequence[str], rows: List[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """Aligned columns; the last column is not padded (it is usually the long one)."""
-    cells = [[str(c) for c in row] for row in [list(headers)] + [list(r) for r in rows]]
+    """Aligned columns of escaped cells; the last column is not padded (it is usually the long one)."""
+    cells = [[c if isinstance(c, Safe) else printable(str(c)) for c in row]
+             for row in [list(headers)] + [list(r) for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -131,13 +133,15 @@ def _oldest(section: Dict[str, Any]) -> str:
 def render_status(status: Dict[str, Any], path: str) -> str:
     problems = health(status)
     state = "healthy" if not problems else "degraded: " + "; ".join(problems)
-    lines = [f"flashlexd {status.get('version') or '?'}, up {duration(status.get('uptime'))}, {state}",
-             f"socket    {path}", ""]
+    head = [f"flashlexd {status.get('version') or '?'}, up {duration(status.get('uptime'))}, {state}",
+            f"socket    {path}", ""]
     workers = status.get("workers") or []
+    worker_table = []  # already escaped, cell by cell
     if workers:
         rows = [(w.get("name", "?"), w.get("pid") or "-", w.get("state", "?"), w.get("restarts", 0),
                  ago(w.get("heartbeat_age"))) for w in workers]
-        lines += [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)), ""]
+        worker_table = [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)), ""]
+    lines: List[str] = []
     mqtt = status.get("mqtt") or {}
     for side in ("ingress", "egress"):  # the worker's own counters: since that process started
         info = dict(mqtt.get(side) or {})
@@ -164,7 +168,7 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     rates = status.get("rates") or {}
     if rates:
         lines.append("rates     " + render_rates(rates))
-    return "\n".join(lines)
+    return "\n".join([printable(line) for line in head] + worker_table + [printable(line) for line in lines])
 
 
 def _in_flight(outbox: Dict[str, Any]) -> str:
@@ -252,14 +256,14 @@ def cmd_outbox(fx: Client, args: argparse.Namespace) -> int:
         _print_json(result)
         return 0
     print(f"{result['count']} queued{_oldest(result)}, {_plural(result.get('dead', 0), 'dead letter')}")
-    now, entries = time.time(), result.get("entries", [])
+    entries = result.get("entries", [])  # ages are the daemon's (clock steps do not move them)
     if args.dead:
-        rows = [(e["id"], ago(now - e["created"]), escaped(e["topic"]), e["size"], e["attempts"],
-                 escaped(e["reason"])) for e in entries]
+        rows = [(e["id"], ago(e.get("age")), e["topic"], e["size"], e["attempts"], e["reason"])
+                for e in entries]
         headers = ("ID", "AGE", "TOPIC", "BYTES", "ATTEMPTS", "REASON")
         right = (0, 3, 4)
     else:
-        rows = [(e["id"], ago(now - e["created"]), escaped(e["topic"]), e["qos"], len(e["payload"]),
+        rows = [(e["id"], ago(e.get("age")), e["topic"], e["qos"], len(e["payload"]),
                  preview(e["payload"])) for e in entries]
         headers, right = ("ID", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), (0, 3, 4)
     if rows:
@@ -340,8 +344,8 @@ def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
                 print(json.dumps(jsonable(message)), flush=True)
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(message["timestamp"]))
-                print(f"{stamp}  {message['pk']:>6}  {message['topic']}  {preview(message['payload'], 100)}",
-                      flush=True)
+                print(f"{stamp}  {message['pk']:>6}  {printable(str(message['topic']))}"
+                      f"  {preview(message['payload'], 100)}", flush=True)
         if batch:
             after = batch[-1]["id"]
             if args.ack:
@@ -412,10 +416,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return 0
     except (DaemonNotRunning, PermissionDenied) as exc:
-        print(f"flashlexctl: {exc}", file=sys.stderr)
+        print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)
         return 2
-    except FlashlexError as exc:
-        print(f"flashlexctl: {exc}", file=sys.stderr)
+    except FlashlexError as exc:  # the daemon's message may quote what an application sent
+        print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -44,8 +44,9 @@ class Code:
     UNKNOWN_METHOD = "unknown_method"
     UNSUPPORTED_VERSION = "unsupported_version"
     FRAME_TOO_LARGE = "frame_too_large"    # the connection is closed after this one
+    FRAME_TIMEOUT = "frame_timeout"        # a frame did not arrive whole in time; closed
     FORBIDDEN = "forbidden"                # the peer's uid is not allowed; closed
-    BUSY = "busy"                          # too many connections; closed
+    BUSY = "busy"                          # too many connections, or incoming bytes; closed
     OUTBOX_FULL = "outbox_full"
     EGRESS_OFFLINE = "egress_offline"
     PAYLOAD_TOO_LARGE = "payload_too_large"

@@ -1,12 +1,20 @@
-"""The supervisor <-> worker link: one SOCK_SEQPACKET socketpair per worker, msgpack messages.
+"""The supervisor <-> worker link: one SOCK_SEQPACKET socketpair per worker, msgpack messages,
+and the validated config text handed over as an inherited file.
 
 SEQPACKET keeps message boundaries, so each send is one whole message and a dead peer reads as
 end-of-file. Messages are small dicts with a type field `t`:
   worker -> supervisor: hb (heartbeat + counters), state, mqtt (connection state), committed
   supervisor -> worker: stop, outbox (something was queued for egress)
+
+The config does not travel as a message: a datagram is bounded by the socket buffer (a config
+over ~64 KiB never arrived). The supervisor writes the text it validated once into a sealed
+memfd (`ConfigFile`), and every worker inherits it on CONFIG_FD: whatever its size, a worker
+runs exactly what the supervisor checked, even if the file on disk was edited since.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -14,6 +22,48 @@ import msgpack
 
 MAX_MESSAGE = 64 * 1024
 CHANNEL_FD = 3  # where a worker finds its end after exec
+CONFIG_FD = 4   # where a worker finds the config text after exec
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+class ConfigFile:
+    """The validated config text in a sealed (read-only) memfd, close-on-exec in the
+    supervisor, placed on CONFIG_FD in a worker."""
+
+    def __init__(self, text: str):
+        self.fd = os.memfd_create("flashlexd-config", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.pwrite(self.fd, text.encode("utf-8"), 0)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)  # no worker can change it
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def place_child_fds(channel_fd: int, config_fd: int) -> None:
+    """In a forked child before exec: put the link on CHANNEL_FD and the config on CONFIG_FD
+    (inheritable), whatever numbers they had, without one overwriting the other."""
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, CONFIG_FD + 1) for fd in (channel_fd, config_fd)]
+    os.dup2(high[0], CHANNEL_FD)
+    os.dup2(high[1], CONFIG_FD)
+
+
+def read_inherited_config(limit: int, fd: int = CONFIG_FD) -> str:
+    """The config text the supervisor validated (a worker's side of `ConfigFile`)."""
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise ValueError(f"the inherited config is {size} bytes, over the limit of {limit}")
+        data = os.pread(fd, size, 0)  # pread: the file offset is shared with the other workers
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return data.decode("utf-8")
 
 
 class Channel:

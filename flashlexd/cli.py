@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", help="API socket path (default: $FLASHLEXD_SOCKET, config,"
                                       " /run/flashlexd/flashlexd.sock)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: flashlex.app.logLevel or info")
+    run.add_argument("--allow-insecure-key", action="store_true",
+                     help="start even if the private key file is readable by group or others"
+                          " (refused otherwise, exit 2)")
     _add_check_parser(commands)
     service.add_parser(commands)
     return parser
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
 
-    overrides = Overrides(args.config, args.data_dir, args.keys_dir, args.socket, args.log_level)
+    overrides = Overrides(args.config, args.data_dir, args.keys_dir, args.socket, args.log_level,
+                          args.allow_insecure_key)
     try:
         config = overrides.load()
     except ConfigError as exc:

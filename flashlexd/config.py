@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-import yaml
+from flashlexd.client.wire import REQUEST_OVERHEAD
+from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 
 from flashlexd.topics import publish_topic_problem
 
@@ -31,10 +32,6 @@ LEGACY_KEYS = {
     "flashlex.app.db.subscriptionData", "flashlex.dist", "flashlex.thing.id",
     "flashlex.thing.keys.publicKey", "flashlex.thing.keys.path",
 }
-
-
-class ConfigError(ValueError):
-    """A config problem, worded as one line that starts with the key path."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +99,8 @@ class Api:
     allow_uids: Tuple[int, ...]
     max_connections: int
     idle_timeout: float
+    max_buffered_bytes: Optional[int]  # None: the default sized from maxPayloadBytes
+    frame_timeout: float
 
 
 @dataclass(frozen=True)
@@ -217,12 +216,7 @@ def load(path: str, data_dir: Optional[str] = None, keys_dir: Optional[str] = No
          socket_path: Optional[str] = None, log_level: Optional[str] = None) -> Config:
     """Read and validate the config file; command-line overrides win over the file."""
     config_path = Path(path)
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
+    text = read_config_text(path)
     return loads(text, config_path, data_dir=data_dir, keys_dir=keys_dir,
                  socket_path=socket_path, log_level=log_level)
 
@@ -232,14 +226,7 @@ def loads(text: str, config_path: Path, data_dir: Optional[str] = None,
           log_level: Optional[str] = None) -> Config:
     """Validate config text read earlier: workers get the text the supervisor validated, so a
     file edited without a reload never reaches a restarted worker."""
-    path = str(config_path)
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    document = parse_yaml(text, str(config_path))
     return parse(document, config_path, text, data_dir=data_dir, keys_dir=keys_dir,
                  socket_path=socket_path, log_level=log_level)
 
@@ -266,7 +253,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
                    "the config file's directory (or use --keys-dir)",
                    None if keys_dir else legacy_keys_dir(config_path))
     store = _store(app.section("db"), data_dir)
-    api = _api(app.section("socket"), socket_path)
+    api = _api(app.section("socket"), socket_path, store.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
     file_level = app.choice("logLevel", LOG_LEVELS, "info")  # checked even when overridden
     level = log_level or file_level
@@ -390,7 +377,7 @@ def _store(section: _Section, data_dir: Optional[str]) -> Store:
     return store
 
 
-def _api(section: _Section, socket_path: Optional[str]) -> Api:
+def _api(section: _Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:
     uids = section.data.get("allowUids") or []
     section.used.add("allowUids")
     if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
@@ -402,7 +389,14 @@ def _api(section: _Section, socket_path: Optional[str]) -> Api:
         allow_uids=tuple(uids),
         max_connections=section.integer("maxConnections", 1024, minimum=1),
         idle_timeout=section.seconds("idleTimeoutSeconds", 300.0),  # type: ignore[arg-type]
+        max_buffered_bytes=section.integer("maxBufferedBytes", None, minimum=1),  # type: ignore[arg-type]
+        frame_timeout=section.seconds("frameTimeoutSeconds", 10.0),  # type: ignore[arg-type]
     )  # type: ignore[arg-type]
+    largest_frame = REQUEST_OVERHEAD + max_payload_bytes
+    if api.max_buffered_bytes is not None and api.max_buffered_bytes < largest_frame:
+        raise ConfigError(f"{section.path}.maxBufferedBytes: must hold at least one request of the"
+                          f" largest payload, {largest_frame} bytes (1 MiB + flashlex.app.db."
+                          f"maxPayloadBytes), got {api.max_buffered_bytes}")
     section.warn_unknown()
     return api
 

@@ -3,6 +3,12 @@
 Under systemd (JOURNAL_STREAM or INVOCATION_ID set) each line starts with its syslog priority
 (`<3>` error ... `<7>` debug) and carries no timestamp: journald adds both. On a terminal,
 lines get a timestamp instead.
+
+Messages carry text from the broker and from local applications (topics, client ids, error
+strings). Every message is passed through `printable`, so a newline in a topic cannot start a
+second journal line (`\\n<0>...` would forge one at emergency priority) and an ESC sequence
+cannot reach a terminal. A traceback keeps its lines, each escaped and, for journald, each
+prefixed with the record's own priority.
 """
 from __future__ import annotations
 
@@ -10,14 +16,34 @@ import logging
 import os
 import sys
 
+from flashlexd.client.escape import printable
+
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
 
 
-class _JournalFormatter(logging.Formatter):
+class _SafeFormatter(logging.Formatter):
+    """One escaped line per record (plus escaped traceback lines), with a priority prefix on
+    every line when `journal`."""
+
+    def __init__(self, fmt: str, journal: bool):
+        super().__init__(fmt)
+        self.journal = journal
+
     def format(self, record: logging.LogRecord) -> str:
-        priority = _PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
+        record.message = printable(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        lines = [self.formatMessage(record)]
+        if record.exc_info:
+            lines += self.formatException(record.exc_info).split("\n")
+        if record.stack_info:
+            lines += self.formatStack(record.stack_info).split("\n")
+        lines = [lines[0]] + [printable(line) for line in lines[1:]]
+        if self.journal:
+            prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+            lines = [prefix + line for line in lines]
+        return "\n".join(lines)
 
 
 def under_systemd() -> bool:
@@ -28,10 +54,10 @@ def setup(level: str, process: str) -> None:
     """Configure the root logger for this process (`process` names it in every line)."""
     handler = logging.StreamHandler(sys.stderr)
     if under_systemd():
-        handler.setFormatter(_JournalFormatter(f"{process}: %(message)s"))
+        handler.setFormatter(_SafeFormatter(f"{process}: %(message)s", journal=True))
     else:
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)s {process}[%(process)d]: %(message)s"))
+        handler.setFormatter(_SafeFormatter(
+            f"%(asctime)s %(levelname)s {process}[%(process)d]: %(message)s", journal=False))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

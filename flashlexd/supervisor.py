@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
+from flashlexd import credentials, fds
+from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
@@ -37,6 +39,7 @@ STATUS_EVERY = 1.0
 # transaction holds that lock until it is killed, and killing it is this loop's job: an
 # unbounded wait here would hang the whole daemon (the API answers store_error meanwhile).
 STORE_WRITE_WAIT = 1.0
+SPAWN_RETRY = 1.0  # seconds before trying again to start a worker the system had no room for
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,14 @@ class Overrides:
     keys_dir: Optional[str] = None
     socket_path: Optional[str] = None
     log_level: Optional[str] = None
+    allow_insecure_key: bool = False
 
     def load(self) -> Config:
-        return config_module.load(self.config_path, data_dir=self.data_dir, keys_dir=self.keys_dir,
-                                  socket_path=self.socket_path, log_level=self.log_level)
+        """The config, validated, with key files that load together (at start and on reload)."""
+        config = config_module.load(self.config_path, data_dir=self.data_dir, keys_dir=self.keys_dir,
+                                    socket_path=self.socket_path, log_level=self.log_level)
+        credentials.verify(config.thing.keys, self.allow_insecure_key)
+        return config
 
     def worker_argv(self, name: str) -> List[str]:
         argv = [sys.executable, "-m", "flashlexd.workers", name, "--config", self.config_path]
@@ -84,6 +91,8 @@ class Supervisor:
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
         self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
+        self.config_file: Optional[ConfigFile] = None
+        self.spawn_error: Optional[str] = None  # logged once until a spawn works again
 
     def _policy(self) -> RestartPolicy:
         s = self.config.supervision
@@ -92,7 +101,10 @@ class Supervisor:
     # -- start and stop -----------------------------------------------------------------------
 
     def run(self) -> int:
+        limit = fds.raise_open_files_limit()  # before anything is opened; workers inherit it
+        log.debug("open files limit %d", limit)
         self._install_signals()
+        self.config_file = ConfigFile(self.config.text)
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
         self.api = self._start_api()
         now = time.monotonic()
@@ -122,6 +134,8 @@ class Supervisor:
             self.api.close()
         if self.store is not None:
             self.store.close()
+        if self.config_file is not None:
+            self.config_file.close()
 
     def _install_signals(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -227,8 +241,19 @@ class Supervisor:
                 self._spawn(worker, now)
 
     def _spawn(self, worker: WorkerProcess, now: float) -> None:
-        worker.spawn(self.overrides.worker_argv(worker.name), child_environment(),
-                     self.config.text, now)
+        try:
+            worker.spawn(self.overrides.worker_argv(worker.name), child_environment(),
+                         self.config_file.fd, now)  # type: ignore[union-attr]
+        except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: survived, retried, logged once
+            reason = exc.strerror or str(exc)
+            if self.spawn_error != reason:
+                log.error("cannot start %s: %s; retrying every %gs", worker.name, reason, SPAWN_RETRY)
+                self.spawn_error = reason
+            worker.spawn_failed(now, SPAWN_RETRY)
+            return
+        if self.spawn_error is not None:
+            log.info("workers can be started again")
+            self.spawn_error = None
         self.selector.register(worker.channel, selectors.EVENT_READ,
                                lambda _sock, _mask, w=worker: self._on_link(w))
 
@@ -305,7 +330,8 @@ class Supervisor:
         self.notifier.reloading()
         try:
             new = self.overrides.load()
-        except config_module.ConfigError as exc:
+            config_file = ConfigFile(new.text)
+        except (config_module.ConfigError, OSError) as exc:
             log.error("reload refused, still running the previous config: %s", exc)
             self.notifier.ready()
             return
@@ -326,6 +352,8 @@ class Supervisor:
             self.store.close()
             self.store = self.methods.store = Store.from_config(new.store,
                                                                 write_wait=STORE_WRITE_WAIT)
+        self.config_file.close()  # type: ignore[union-attr]
+        self.config_file = config_file  # workers started from now on get the new text
         self.config = new
         log.info("config reloaded from %s", new.path)
         self.notifier.ready()

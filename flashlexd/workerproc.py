@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Any, Dict, List, Optional
 
-from flashlexd.channel import CHANNEL_FD, Channel
+from flashlexd.channel import Channel, place_child_fds
 from flashlexd.restart import CrashLoop, RestartPolicy
 
 log = logging.getLogger(__name__)
@@ -47,27 +47,36 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.pid is not None
 
-    def spawn(self, argv: List[str], env: Dict[str, str], config_text: str, now: float) -> None:
-        """fork + exec `argv` with the link on fd 3, and hand it the validated config text."""
+    def spawn(self, argv: List[str], env: Dict[str, str], config_fd: int, now: float) -> None:
+        """fork + exec `argv` with the link on CHANNEL_FD and the validated config (the
+        supervisor's `ConfigFile`) on CONFIG_FD. Raises OSError (EMFILE, EAGAIN, ...) when the
+        process cannot be made; nothing is left open then."""
         channel, child_end = Channel.pair()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            channel.close()
+            child_end.close()
+            raise
         if pid == 0:  # child: only async-safe work until exec
             try:
-                if child_end.fileno() == CHANNEL_FD:
-                    os.set_inheritable(CHANNEL_FD, True)
-                else:
-                    os.dup2(child_end.fileno(), CHANNEL_FD)
+                place_child_fds(child_end.fileno(), config_fd)
                 os.execve(sys.executable, argv, env)
             finally:
                 os._exit(127)
         child_end.close()
-        channel.send("config", text=config_text)
         self.pid, self.channel = pid, channel
         self.started_at = self.last_heartbeat = now
         self.kill_at = None
         self.counters, self.mqtt = {}, {}
         self._change("starting")
         log.info("%s started (pid %d)", self.name, pid)
+
+    def spawn_failed(self, now: float, retry_in: float) -> None:
+        """No process could be made (out of fds or processes): not the worker's failure, so
+        not counted towards a crash loop; tried again after `retry_in` seconds."""
+        self.next_start = now + retry_in
+        self._change("backoff")
 
     def on_message(self, message: Dict[str, Any], now: float) -> None:
         self.last_heartbeat = now

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from tests.broker import wait_for
 
@@ -50,12 +50,13 @@ class Daemon:
     """The daemon as a child process in its own session, always stopped by PID."""
 
     def __init__(self, config: Path, workdir: Path, env: Optional[Dict[str, str]] = None,
-                 args: Tuple[str, ...] = ()):
+                 args: Tuple[str, ...] = (), preexec: Optional[Callable[[], None]] = None):
         self.config = config
         self.socket_path = workdir / "flashlexd.sock"
         self.log_path = workdir / "daemon.log"
         self.env = dict(os.environ, **(env or {}))
         self.args = args
+        self.preexec = preexec  # run in the child before exec (e.g. to lower its limits)
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Daemon":
@@ -64,7 +65,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flashlexd", "run", "--config", str(self.config),
              "--socket", str(self.socket_path), *self.args],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=self.preexec)
         return self
 
     @property

@@ -150,7 +150,7 @@ def test_formatting_helpers():
     assert ctl.duration(3.25) == "3.2s" and ctl.duration(3725) == "1h 2m" and ctl.duration(90061) == "1d 1h"
     assert ctl.ago(65) == "1m 5s ago" and ctl.ago(None) == "-"
     assert ctl.human_bytes(1536) == "1.5 KiB" and ctl.human_bytes(10) == "10 B"
-    assert ctl.preview(b"a\nb") == "a\\nb" and ctl.preview(b"x" * 100, 10) == "xxxxxxx..."
+    assert ctl.preview(b"a\nb") == "a\\x0ab" and ctl.preview(b"x" * 100, 10) == "xxxxxxx..."
     assert ctl.table(("A", "LONG"), [(1, "x"), (22, "y")], right=(0,)).splitlines() == \
         [" A  LONG", " 1  x", "22  y"]
     assert ctl.jsonable({"p": b"ok", "q": [b"\xff"]}) == {"p": "ok", "q": [{"$base64": "/w=="}]}

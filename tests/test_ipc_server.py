@@ -184,8 +184,9 @@ def test_socket_file_is_removed_on_close_unless_replaced(tmp_path):
 
 # -- peer credentials -----------------------------------------------------------------------------
 
-def _as_nobody(path: str) -> str:
-    """Fork a child that becomes uid/gid 65534 and calls status; returns what it saw."""
+def run_as_nobody(work: Callable[[], str]) -> str:
+    """Fork a child that becomes uid/gid 65534 and runs `work`; returns what it returned (or
+    the exception it raised, as text)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -194,11 +195,7 @@ def _as_nobody(path: str) -> str:
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-            with Client(path, timeout=5) as fx:
-                fx.status()
-            outcome = "ok"
-        except RpcError as exc:
-            outcome = exc.code
+            outcome = work()
         except BaseException as exc:
             outcome = f"{type(exc).__name__}: {exc}"
         finally:
@@ -209,6 +206,18 @@ def _as_nobody(path: str) -> str:
         outcome = pipe.read().decode()
     os.waitpid(pid, 0)
     return outcome
+
+
+def _as_nobody(path: str) -> str:
+    """Call status as uid 65534: "ok", or the error code it got."""
+    def status() -> str:
+        try:
+            with Client(path, timeout=5) as fx:
+                fx.status()
+            return "ok"
+        except RpcError as exc:
+            return exc.code
+    return run_as_nobody(status)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """One flashlexd worker (`python -m flashlexd.workers NAME`) as a real child process, with the
-test holding the supervisor's end of its link: it hands the worker its config text (the first
-link message, as the supervisor does), reads what the worker reports (`hb`, `state`, `mqtt`,
+test holding the supervisor's end of its link: it hands the worker its config text (a sealed
+memfd on CONFIG_FD, as the supervisor does), reads what the worker reports (`hb`, `state`, `mqtt`,
 `committed`) and can wake, stop or SIGKILL it by PID."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from flashlexd.channel import CHANNEL_FD, Channel
+from flashlexd.channel import CHANNEL_FD, CONFIG_FD, Channel, ConfigFile, place_child_fds
 from tests.broker import wait_for
 
 
@@ -33,14 +33,17 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         channel, child_end = Channel.pair()
+        config_file = ConfigFile(self.config.read_text())  # as the supervisor does
         fd = child_end.fileno()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "flashlexd.workers", self.name, "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, pass_fds=(fd, CHANNEL_FD),
-                preexec_fn=lambda: os.dup2(fd, CHANNEL_FD))
-        child_end.close()
-        channel.send("config", text=self.config.read_text())  # as the supervisor does
+        try:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "flashlexd.workers", self.name, "--config", str(self.config)],
+                    stdout=log, stderr=subprocess.STDOUT, pass_fds=(CHANNEL_FD, CONFIG_FD),
+                    preexec_fn=lambda: place_child_fds(fd, config_file.fd))
+        finally:
+            child_end.close()
+            config_file.close()
         self.channel, self.counters, self.mqtt = channel, {}, {}
         return self
 

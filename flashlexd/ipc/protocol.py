@@ -16,6 +16,8 @@ import msgpack
 from flashlexd.client.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD,
                                    Code, encode_frame, request_unpack_options, version_mismatch)
 
+DEFAULT_MAX_BUFFERED = 8 * 1024 * 1024
+
 __all__ = ["Code", "HEADER", "Limits", "Pending", "PROTOCOL_VERSION", "Request", "RpcFailure",
            "encode_error", "encode_result", "parse_request"]
 
@@ -29,10 +31,13 @@ class Limits:
     max_write_buffer: int = 8 * 1024 * 1024  # unsent response bytes before a reader is dropped
     write_timeout: float = 30.0              # seconds a reader may take nothing while owed data
     pipeline_high_water: int = 256 * 1024    # stop handling a connection's requests above this
+    max_buffered: int = DEFAULT_MAX_BUFFERED  # incoming frame bytes all connections hold together
+    frame_timeout: float = 10.0              # seconds from a frame's first byte to its last
 
     def __post_init__(self) -> None:
         if self.max_frame < 1024 or self.max_connections < 1 or self.idle_timeout <= 0 \
-                or self.write_timeout <= 0 or self.max_write_buffer < self.max_frame:
+                or self.write_timeout <= 0 or self.max_write_buffer < self.max_frame \
+                or self.max_buffered < self.max_frame or self.frame_timeout <= 0:
             raise ValueError(f"invalid IPC limits: {self}")
 
     @classmethod
@@ -40,7 +45,14 @@ class Limits:
         """Limits whose frame size fits the largest publishable payload plus the envelope."""
         max_frame = REQUEST_OVERHEAD + max_payload_bytes
         overrides.setdefault("max_write_buffer", max(8 * 1024 * 1024, 2 * max_frame))
+        if overrides.get("max_buffered") is None:
+            overrides["max_buffered"] = default_max_buffered(max_payload_bytes)
         return cls(max_frame=max_frame, **overrides)
+
+
+def default_max_buffered(max_payload_bytes: int) -> int:
+    """The default read budget: DEFAULT_MAX_BUFFERED, or two of the largest frames if more."""
+    return max(DEFAULT_MAX_BUFFERED, 2 * (REQUEST_OVERHEAD + max_payload_bytes))
 
 
 class RpcFailure(Exception):

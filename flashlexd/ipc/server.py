@@ -3,126 +3,42 @@
 Nothing here blocks: the listening socket and each connection are registered on the selector
 the host gives us, with `key.data` pointing back here (`owns(key)`). The host calls
 `dispatch(key, mask)` for our keys, `tick()` at least by `next_deadline()` (idle connections,
-stalled readers, long-poll deadlines), `notify_inbox()` after ingress committed messages (it
-completes parked `wait` calls) and `close()` at shutdown.
+stalled readers and senders, long-poll deadlines), `notify_inbox()` after ingress committed
+messages (it completes parked `wait` calls) and `close()` at shutdown.
 
-Each connection has a bounded read buffer (one frame) and write buffer; it is answered in
-request order, and a parked `wait` holds back its later requests. A peer that sends a frame
-larger than the limit gets one error and is closed, before anything is allocated for it.
+Each connection is answered in request order; a parked `wait` holds back its later requests.
+Bounded: connections (below the fd limit, `flashlexd.fds`; `busy` at once beyond, even out of
+descriptors), incoming frame bytes of all connections (`connection.ReadBudget`), the time a
+frame may take to arrive, unread responses per connection. A frame over the limit gets one
+error and its connection is closed, before anything is allocated for it.
 """
 from __future__ import annotations
 
-import grp
+import errno
 import logging
 import os
 import selectors
 import socket
-import stat
-import struct
 import time
-from typing import Any, Dict, Iterable, Optional, Protocol, Set, Tuple
+from typing import Any, Dict, Iterable, Optional, Protocol, Set
 
-from flashlexd.ipc.protocol import (HEADER, Code, Limits, Pending, RpcFailure, encode_error,
-                                    encode_result, parse_request)
+from flashlexd import fds
+from flashlexd.ipc.connection import Connection, ReadBudget, Received, peer_credentials
+from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
+                                    parse_request)
+from flashlexd.ipc.socketfile import ServerError, bind_socket
+
+__all__ = ["Handler", "RpcServer", "ServerError"]
 
 log = logging.getLogger("flashlexd.ipc")
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _ACCEPT_BATCH = 64
-_RECV_CHUNK = 256 * 1024
-
-
-class ServerError(Exception):
-    """A reason the API socket cannot be served, worded as one line for the operator."""
+_FRAMES_PER_TURN = 64  # reads of one connection per dispatch, so one peer cannot hog the loop
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
 
 class Handler(Protocol):
     def handle(self, method: str, params: Dict[str, Any]) -> Any:
         """The result, a `Pending` to park the request, or raise RpcFailure."""
-
-
-class _Conn:
-    __slots__ = ("server", "sock", "uid", "pid", "rbuf", "wbuf", "events", "parked",
-                 "parked_id", "closing", "closed", "last_active", "last_write")
-
-    def __init__(self, server: "RpcServer", sock: socket.socket, uid: int, pid: int, now: float):
-        self.server, self.sock, self.uid, self.pid = server, sock, uid, pid
-        self.rbuf, self.wbuf = bytearray(), bytearray()
-        self.events = selectors.EVENT_READ
-        self.parked: Optional[Pending] = None
-        self.parked_id: Any = None
-        self.closing = self.closed = False  # closing: close once the write buffer is flushed
-        self.last_active = self.last_write = now
-
-
-def _group_id(group: str) -> int:
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        if group.isdigit():
-            return int(group)
-        raise ServerError(f"socket group {group!r} does not exist (flashlex.app.socket.group)") from None
-
-
-def _clear_stale(path: str) -> None:
-    """Remove a socket file nobody answers on; refuse if a live daemon does."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ServerError(f"{path} exists and is not a socket: remove it or choose another socket path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        try:
-            os.unlink(path)  # stale: left by a daemon that died without cleaning up
-        except FileNotFoundError:
-            pass
-        log.info("removed stale socket %s", path)
-        return
-    except (socket.timeout, BlockingIOError):
-        pass  # a listener with a full backlog is alive
-    except OSError as exc:
-        raise ServerError(f"cannot check existing socket {path}: {exc}") from None
-    finally:
-        probe.close()
-    raise ServerError(f"another flashlexd is running on {path} (stop it first, or use another --socket)")
-
-
-def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tuple[socket.socket, int]:
-    """A non-blocking listening socket at `path` created with `mode` (umask, so there is no
-    window with wider permissions) and owned by `group`; returns it and the file's inode."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        try:
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-            os.chmod(parent, 0o755)
-        except OSError as exc:
-            raise ServerError(f"cannot create socket directory {parent}: {exc.strerror}") from None
-    gid = _group_id(group) if group else None
-    _clear_stale(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        reason = "another flashlexd is running there" if exc.errno == 98 else (exc.strerror or str(exc))
-        raise ServerError(f"cannot bind API socket {path}: {reason}") from None
-    finally:
-        os.umask(old_umask)
-    try:
-        if gid is not None:
-            os.chown(path, -1, gid)
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-        inode = os.stat(path).st_ino
-    except OSError as exc:
-        sock.close()
-        raise ServerError(f"cannot set up API socket {path}: {exc.strerror or exc}") from None
-    return sock, inode
 
 
 class RpcServer:
@@ -139,20 +55,32 @@ class RpcServer:
         self._allowed = frozenset({0, os.geteuid(), *allow_uids})
         self._listener, self._inode = bind_socket(path, mode, group)
         self.selector.register(self._listener, selectors.EVENT_READ, self)
-        self._conns: Set[_Conn] = set()
-        self._parked: Set[_Conn] = set()
+        self._spare = fds.SpareFd()
+        self._out_of_fds = False  # logged once per episode
+        self.budget = ReadBudget(self.limits.max_buffered)
+        self._conns: Set[Connection] = set()
+        self._parked: Set[Connection] = set()
         self._accept_paused_until: Optional[float] = None
-        self._sweep_every = max(0.01, min(1.0, self.limits.idle_timeout / 4, self.limits.write_timeout / 4))
+        self._sweep_every = max(0.01, min(1.0, self.limits.idle_timeout / 4, self.limits.write_timeout / 4,
+                                          self.limits.frame_timeout / 4))
         self._next_sweep = time.monotonic() + self._sweep_every
-        self.counters = {"accepted": 0, "refused": 0, "requests": 0, "errors": 0, "dropped_slow": 0}
+        self.counters = {"accepted": 0, "refused": 0, "requests": 0, "errors": 0, "dropped_slow": 0,
+                         "refused_budget": 0, "dropped_partial": 0}
         self.closed = False
 
     @classmethod
     def from_config(cls, api: Any, methods: Handler, selector: selectors.BaseSelector,
                     max_payload_bytes: int) -> "RpcServer":
-        """From `config.Api` and the largest payload a frame must carry (it sizes the limit)."""
-        limits = Limits.for_payload(max_payload_bytes, max_connections=api.max_connections,
-                                    idle_timeout=api.idle_timeout)
+        """From `config.Api` and the largest payload a frame must carry (it sizes the limit); the
+        connection cap stays `fds.RESERVED_FDS` below this process's open files limit."""
+        cap = fds.connection_cap(api.max_connections)
+        if cap < api.max_connections:
+            log.warning("API: at most %d connections (flashlex.app.socket.maxConnections is %d, but"
+                        " the open files limit leaves room for %d; raise LimitNOFILE=)",
+                        cap, api.max_connections, cap)
+        limits = Limits.for_payload(max_payload_bytes, max_connections=cap, idle_timeout=api.idle_timeout,
+                                    max_buffered=api.max_buffered_bytes,
+                                    frame_timeout=api.frame_timeout)
         return cls(api.socket_path, methods, limits, selector, group=api.socket_group,
                    allow_uids=api.allow_uids)
 
@@ -160,20 +88,20 @@ class RpcServer:
 
     def owns(self, key: selectors.SelectorKey) -> bool:
         data = key.data
-        return data is self or (isinstance(data, _Conn) and data.server is self)
+        return data is self or (isinstance(data, Connection) and data.owner is self)
 
     def dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         if key.data is self:
             self._accept()
             return
-        conn: _Conn = key.data
+        conn: Connection = key.data
         if conn.closed:  # closed earlier in the same select batch
             return
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
         if mask & selectors.EVENT_READ and not conn.closed:
             self._read(conn)
-        if not conn.closed:
+        else:
             self._pump(conn)
 
     def next_deadline(self) -> float:
@@ -198,7 +126,15 @@ class RpcServer:
             return
         self._next_sweep = now + self._sweep_every
         for conn in list(self._conns):
-            if conn.wbuf and now - conn.last_write > self.limits.write_timeout:
+            if conn.reading and now - conn.frame_started > self.limits.frame_timeout:  # type: ignore[operator]
+                got, announced = conn.frame_progress()
+                log.warning("API: dropping uid %d pid %d: %d of %d frame bytes in %.0fs",
+                            conn.uid, conn.pid, got, announced, self.limits.frame_timeout)
+                self.counters["dropped_partial"] += 1
+                self._refuse_frame(conn, Code.FRAME_TIMEOUT, f"a request frame must arrive whole within"
+                                   f" {self.limits.frame_timeout:g}s of its first byte ({got} of"
+                                   f" {announced} bytes came)")
+            elif conn.wbuf and now - conn.last_write > self.limits.write_timeout:
                 log.warning("API: dropping uid %d pid %d: it read nothing for %.0fs",
                             conn.uid, conn.pid, self.limits.write_timeout)
                 self.counters["dropped_slow"] += 1
@@ -239,6 +175,7 @@ class RpcServer:
         if self._accept_paused_until is None:
             self.selector.unregister(self._listener)
         self._listener.close()
+        self._spare.close()
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -255,15 +192,15 @@ class RpcServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: pause instead of spinning on readiness
-                log.warning("API: cannot accept connections: %s; pausing 1s", exc.strerror or exc)
-                self.selector.unregister(self._listener)
-                self._accept_paused_until = time.monotonic() + 1.0
+            except OSError as exc:
+                self._accept_failed(exc)
                 return
+            if self._out_of_fds:
+                log.info("API: file descriptors available again (%d connections open)", len(self._conns))
+                self._out_of_fds = False
             sock.setblocking(False)
             try:
-                pid, uid, _gid = _PEERCRED.unpack(
-                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                pid, uid = peer_credentials(sock)
             except OSError:
                 sock.close()
                 continue
@@ -275,10 +212,32 @@ class RpcServer:
                 log.warning("API: refused connection from pid %d: %d connections open", pid, len(self._conns))
                 self._refuse(sock, Code.BUSY, f"too many connections ({self.limits.max_connections})")
             else:
-                conn = _Conn(self, sock, uid, pid, time.monotonic())
+                conn = Connection(self, sock, uid, pid, time.monotonic())
                 self._conns.add(conn)
                 self.selector.register(sock, selectors.EVENT_READ, conn)
                 self.counters["accepted"] += 1
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors: answer the waiting peer `busy` through the spare one, so it is
+        told at once instead of timing out in the backlog. Any other failure, or no spare:
+        pause accepting for a second instead of spinning on the listener's readiness."""
+        if exc.errno in _OUT_OF_FDS and not self._out_of_fds:
+            log.error("API: out of file descriptors (%s) with %d connections open: answering busy",
+                      exc.strerror, len(self._conns))
+            self._out_of_fds = True
+        if exc.errno in _OUT_OF_FDS and self._spare.release():
+            try:
+                sock, _ = self._listener.accept()
+                self._refuse(sock, Code.BUSY, "flashlexd is out of file descriptors; retry later")
+            except OSError:
+                pass
+            finally:
+                self._spare.take()
+            return
+        if exc.errno not in _OUT_OF_FDS:
+            log.warning("API: cannot accept connections: %s; pausing 1s", exc.strerror or exc)
+        self.selector.unregister(self._listener)
+        self._accept_paused_until = time.monotonic() + 1.0
 
     def _refuse(self, sock: socket.socket, code: str, message: str) -> None:
         self.counters["refused"] += 1
@@ -288,53 +247,59 @@ class RpcServer:
             pass
         sock.close()
 
-    def _read(self, conn: _Conn) -> None:
-        room = self.limits.max_frame + HEADER.size - len(conn.rbuf)
-        if room <= 0:
-            return
-        try:
-            data = conn.sock.recv(min(room, _RECV_CHUNK))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close_conn(conn)
-            return
-        conn.rbuf += data
-        conn.last_active = time.monotonic()
-
-    def _pump(self, conn: _Conn) -> None:
-        """Answer buffered requests in order while the peer keeps reading; then set interest."""
-        while not conn.closed:
-            handled = self._handle_frames(conn)
-            self._flush(conn)
-            if not handled or conn.wbuf:
+    def _read(self, conn: Connection) -> None:
+        """Read and answer frames while the peer sends and reads; then set interest. A frame
+        being received is always read on (its deadline runs); a complete one waits for its
+        turn (a parked wait, unread responses) and nothing more is read meanwhile."""
+        max_frame = self.limits.max_frame
+        for _ in range(_FRAMES_PER_TURN):
+            if conn.closed or conn.closing or (conn.frame_ready and not self._answer_ready(conn)):
                 break
+            outcome = conn.receive(self.budget, max_frame, time.monotonic())
+            if outcome is Received.AGAIN:
+                break
+            if outcome is Received.EOF:
+                self._close_conn(conn)
+                return
+            if outcome is Received.TOO_LARGE:
+                self._refuse_frame(conn, Code.FRAME_TOO_LARGE,
+                                   f"frame of {conn.announced} bytes exceeds the limit of {max_frame}")
+            elif outcome is Received.NO_BUDGET:
+                self.counters["refused_budget"] += 1
+                log.warning("API: refused a %d-byte request from uid %d pid %d: %d of %d bytes of"
+                            " incoming requests are held (flashlex.app.socket.maxBufferedBytes)",
+                            conn.announced, conn.uid, conn.pid, self.budget.used, self.budget.limit)
+                self._refuse_frame(conn, Code.BUSY, "flashlexd holds too many incoming request bytes;"
+                                   " retry")
+        self._pump(conn)
+
+    def _answer_ready(self, conn: Connection) -> bool:
+        """Handle the complete frame if its turn has come (no parked wait, responses being
+        read); True when it was handled."""
+        if conn.closing or conn.parked is not None or len(conn.wbuf) >= self.limits.pipeline_high_water:
+            return False
+        self._handle(conn, conn.take_frame(self.budget))
+        self._flush(conn)
+        return not conn.closed
+
+    def _refuse_frame(self, conn: Connection, code: str, message: str) -> None:
+        """One connection-level error for the frame being read, then close once it is sent."""
+        conn.drop_frame(self.budget)
+        self._send(conn, encode_error(None, code, message))
+        conn.closing = True
+        self._pump(conn)
+
+    def _pump(self, conn: Connection) -> None:
+        """Answer the complete frame if its turn has come; flush; set interest."""
+        if conn.closed:
+            return
+        if conn.frame_ready:
+            self._answer_ready(conn)
+        self._flush(conn)
         if not conn.closed:
             self._update_interest(conn)
 
-    def _handle_frames(self, conn: _Conn) -> int:
-        handled = 0
-        max_frame = self.limits.max_frame
-        while (conn.parked is None and not conn.closing and not conn.closed and len(conn.rbuf) >= HEADER.size
-               and len(conn.wbuf) < self.limits.pipeline_high_water):
-            (length,) = HEADER.unpack_from(conn.rbuf)
-            if length > max_frame:
-                self._send(conn, encode_error(None, Code.FRAME_TOO_LARGE,
-                                              f"frame of {length} bytes exceeds the limit of {max_frame}"))
-                conn.rbuf.clear()
-                conn.closing = True
-                return handled + 1
-            if len(conn.rbuf) < HEADER.size + length:
-                break
-            body = bytes(conn.rbuf[HEADER.size:HEADER.size + length])
-            del conn.rbuf[:HEADER.size + length]
-            self._handle(conn, body)
-            handled += 1
-        return handled
-
-    def _handle(self, conn: _Conn, body: bytes) -> None:
+    def _handle(self, conn: Connection, body: bytearray) -> None:
         self.counters["requests"] += 1
         request_id, method = None, "request"
         try:
@@ -358,7 +323,7 @@ class RpcServer:
         else:
             self._send_result(conn, request_id, result)
 
-    def _send_result(self, conn: _Conn, request_id: Any, result: Any) -> None:
+    def _send_result(self, conn: Connection, request_id: Any, result: Any) -> None:
         try:
             frame = encode_result(request_id, result)
         except Exception as exc:  # an unencodable result is a bug in a method, not the peer's
@@ -366,7 +331,7 @@ class RpcServer:
             frame = encode_error(request_id, Code.INTERNAL, f"internal error: {type(exc).__name__}")
         self._send(conn, frame)
 
-    def _send(self, conn: _Conn, frame: bytes) -> None:
+    def _send(self, conn: Connection, frame: bytes) -> None:
         """Queue a frame. One response always fits; unread ones piling up past the cap do not."""
         if conn.closed:
             return
@@ -380,7 +345,7 @@ class RpcServer:
             return
         conn.wbuf += frame
 
-    def _flush(self, conn: _Conn) -> None:
+    def _flush(self, conn: Connection) -> None:
         if conn.closed or not conn.wbuf:
             return
         try:
@@ -394,31 +359,28 @@ class RpcServer:
             del conn.wbuf[:sent]
             conn.last_write = conn.last_active = time.monotonic()
         if not conn.wbuf and conn.closing:
+            conn.discard_input()
             self._close_conn(conn)
 
-    def _complete(self, conn: _Conn, result: Any) -> None:
+    def _complete(self, conn: Connection, result: Any) -> None:
         self._unpark(conn)
         self._send_result(conn, conn.parked_id, result)
         if not conn.closed:
             self._pump(conn)
 
-    def _complete_error(self, conn: _Conn, code: str, message: str) -> None:
+    def _complete_error(self, conn: Connection, code: str, message: str) -> None:
         self._unpark(conn)
         self._send(conn, encode_error(conn.parked_id, code, message))
         if not conn.closed:
             self._pump(conn)
 
-    def _unpark(self, conn: _Conn) -> None:
+    def _unpark(self, conn: Connection) -> None:
         conn.parked = None
         conn.last_active = time.monotonic()
         self._parked.discard(conn)
 
-    def _update_interest(self, conn: _Conn) -> None:
-        events = 0
-        if not conn.closing and len(conn.rbuf) < self.limits.max_frame + HEADER.size:
-            events |= selectors.EVENT_READ
-        if conn.wbuf:
-            events |= selectors.EVENT_WRITE
+    def _update_interest(self, conn: Connection) -> None:
+        events = conn.wanted_events()
         if events == conn.events:
             return
         if conn.events and events:
@@ -429,13 +391,15 @@ class RpcServer:
             self.selector.unregister(conn.sock)  # nothing to do until a parked wait completes
         conn.events = events
 
-    def _close_conn(self, conn: _Conn) -> None:
+    def _close_conn(self, conn: Connection) -> None:
         if conn.closed:
             return
         conn.closed = True
+        conn.drop_frame(self.budget)
         self._conns.discard(conn)
         self._parked.discard(conn)
         if conn.events:
             self.selector.unregister(conn.sock)
             conn.events = 0
         conn.sock.close()
+

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import select
 import sys
 from pathlib import Path
 
@@ -16,11 +15,11 @@ from setproctitle import setproctitle
 
 from flashlexd import config as config_module
 from flashlexd import logs
-from flashlexd.channel import Channel
+from flashlexd.channel import Channel, read_inherited_config
+from flashlexd.configtext import MAX_CONFIG_BYTES
 from flashlexd.store import StoreError
 from flashlexd.workers.base import EXIT_BOOT_ERROR
 
-CONFIG_WAIT = 10.0  # seconds
 WORKERS = {
     "ingress": "flashlexd.workers.ingress:IngressWorker",
     "egress": "flashlexd.workers.egress:EgressWorker",
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
     log = logging.getLogger(f"flashlexd.{args.name}")
     channel = Channel.inherited()
     try:
-        config = config_module.loads(_config_text(channel), Path(args.config),
+        config = config_module.loads(_config_text(), Path(args.config),
                                      data_dir=args.data_dir, keys_dir=args.keys_dir,
                                      log_level=args.log_level)
         logging.getLogger().setLevel(config.log_level.upper())
@@ -53,13 +52,12 @@ def main(argv=None) -> int:
         return EXIT_BOOT_ERROR
 
 
-def _config_text(channel: Channel) -> str:
-    """The config text the supervisor validated: its first message on the link."""
-    readable, _, _ = select.select([channel], [], [], CONFIG_WAIT)
-    for message in (channel.receive() or []) if readable else []:
-        if message.get("t") == "config" and isinstance(message.get("text"), str):
-            return message["text"]
-    raise config_module.ConfigError("no config received from the supervisor")
+def _config_text() -> str:
+    """The config text the supervisor validated, inherited on CONFIG_FD."""
+    try:
+        return read_inherited_config(MAX_CONFIG_BYTES)
+    except (OSError, ValueError) as exc:
+        raise config_module.ConfigError(f"no config from the supervisor: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from tests.broker import (HOST, INGRESS_TOPIC, Broker, open_store, publish, publ
                           wait_for, write_config, write_lines)
 from tests.chaos.conftest import report_line
 from tests.daemon import Daemon, NotifyListener
+from tests.lax_broker import LaxBroker, mqtt_packet, mqtt_string, read_mqtt_packet
 
 
 # The chaos suite's size switch (tests/chaos/conftest.py: FLASHLEXD_CHAOS=full, `make chaos`);
@@ -812,49 +813,6 @@ def test_nested_container_headers_are_refused_without_the_cpu_cost():
 
 # -- 8. bad messages --------------------------------------------------------------------------
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _remaining_length(len(body)) + body
-
-
-def mqtt_string(raw: bytes) -> bytes:
-    return struct.pack(">H", len(raw)) + raw
-
-
-def read_mqtt_packet(sock: socket.socket) -> Optional[Tuple[int, bytes]]:
-    """(first byte, body), or None when the peer closed."""
-    def exact(n: int) -> Optional[bytes]:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                return None
-            data += chunk
-        return data
-    head = exact(1)
-    if head is None:
-        return None
-    length, shift = 0, 0
-    while True:
-        byte = exact(1)
-        if byte is None:
-            return None
-        length |= (byte[0] & 0x7F) << shift
-        shift += 7
-        if not byte[0] & 0x80:
-            break
-    body = exact(length) if length else b""
-    return None if body is None else (head[0], body)
-
-
 def raw_publish(broker: Broker, topic: bytes, payload: bytes, client_id: str = "raw-pub") -> str:
     """Publish one QoS 1 message whose topic is raw bytes (mosquitto_pub and paho refuse to
     send invalid UTF-8) over mutual TLS with a hand-made MQTT 3.1.1 client. Returns what the
@@ -957,68 +915,6 @@ def _not_json(message: Any) -> bool:
         return False
     except ValueError:
         return True
-
-
-class LaxBroker:
-    """Just enough of an MQTT 3.1.1 broker over mutual TLS, one that does NOT validate topics:
-    to each client that subscribes it delivers `deliveries` (raw topic bytes, payload) at QoS 1,
-    and it records the CONNECTs and PUBACKs it gets."""
-
-    def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]]):
-        self.deliveries = deliveries
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(str(certs.server.cert), str(certs.server.key))
-        self.context.load_verify_locations(str(certs.ca))
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.listener = socket.create_server((HOST, 0))
-        self.port = self.listener.getsockname()[1]
-        self.connects = 0
-        self.acked: List[int] = []
-        self.closed = False
-        import threading
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import threading
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                while True:
-                    packet = read_mqtt_packet(tls)
-                    if packet is None:
-                        return
-                    kind, body = packet[0] >> 4, packet[1]
-                    if kind == 1:  # CONNECT
-                        self.connects += 1
-                        tls.sendall(mqtt_packet(0x20, b"\0\0"))
-                    elif kind == 8:  # SUBSCRIBE: grant QoS 1 to each filter, then deliver
-                        filters, at = 0, 2
-                        while at < len(body):
-                            at += 2 + struct.unpack_from(">H", body, at)[0] + 1
-                            filters += 1
-                        tls.sendall(mqtt_packet(0x90, body[:2] + b"\1" * filters))
-                        for mid, (topic, payload) in enumerate(self.deliveries, 1):
-                            publish_body = mqtt_string(topic) + struct.pack(">H", mid) + payload
-                            tls.sendall(mqtt_packet(0x32, publish_body))
-                    elif kind == 4:  # PUBACK
-                        self.acked.append(struct.unpack(">H", body[:2])[0])
-                    elif kind == 12:  # PINGREQ
-                        tls.sendall(mqtt_packet(0xD0, b""))
-                    elif kind == 14:  # DISCONNECT
-                        return
-        except (OSError, ssl.SSLError):
-            return
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
 
 
 def test_an_invalid_utf8_topic_from_a_lax_broker_is_dropped_not_a_crash_loop(

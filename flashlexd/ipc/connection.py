@@ -1,0 +1,156 @@
+"""One API connection's state, and the budget of incoming bytes all connections share.
+
+Incoming frames are read exactly: first the 4-byte header, then, once the whole frame's size
+is reserved from the shared `ReadBudget`, its body straight into a buffer of that size. So the
+memory all peers can make the daemon hold with frames they have started is bounded by the
+budget (600 connections each sending a near-maximum frame used to take the supervisor from
+23 MB to 799 MB), and a frame either has all its room or is refused at once (`busy`): never
+half-buffered frames starving each other. A frame must also arrive whole within the frame
+timeout of its first byte, so a peer trickling a byte now and then cannot hold its share.
+"""
+from __future__ import annotations
+
+import selectors
+import socket
+import struct
+from enum import Enum
+from typing import Any, Optional, Tuple
+
+from flashlexd.ipc.protocol import HEADER, Pending
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_DISCARD = bytearray(64 * 1024)  # scratch for input read only to be thrown away
+
+
+def peer_credentials(sock: socket.socket) -> Tuple[int, int]:
+    """(pid, uid) of the process at the other end (SO_PEERCRED); raises OSError."""
+    pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      _PEERCRED.size))
+    return pid, uid
+
+
+class ReadBudget:
+    """Bytes of incoming frames that all connections may hold together."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, count: int) -> bool:
+        if self.used + count > self.limit:
+            return False
+        self.used += count
+        return True
+
+    def release(self, count: int) -> None:
+        self.used -= count
+
+
+class Received(Enum):
+    AGAIN = "again"            # nothing more to read now
+    PROGRESS = "progress"      # some bytes arrived
+    FRAME = "frame"            # a whole frame is ready (`take_frame`)
+    EOF = "eof"                # the peer closed (or the socket failed)
+    TOO_LARGE = "too_large"    # the header announces more than the frame limit
+    NO_BUDGET = "no_budget"    # the frame does not fit in what the budget has left
+
+
+class Connection:
+    __slots__ = ("owner", "sock", "uid", "pid", "head", "body", "filled", "frame_started",
+                 "announced", "wbuf", "events", "parked", "parked_id", "closing", "closed",
+                 "last_active", "last_write")
+
+    def __init__(self, owner: Any, sock: socket.socket, uid: int, pid: int, now: float):
+        self.owner, self.sock, self.uid, self.pid = owner, sock, uid, pid
+        self.head = bytearray()               # the header of the frame being read
+        self.body: Optional[bytearray] = None  # its body, sized and reserved once the header is in
+        self.filled = 0
+        self.frame_started: Optional[float] = None  # when its first byte arrived
+        self.announced = 0                    # the length a refused header announced
+        self.wbuf = bytearray()
+        self.events = selectors.EVENT_READ
+        self.parked: Optional[Pending] = None
+        self.parked_id: Any = None
+        self.closing = self.closed = False  # closing: close once the write buffer is flushed
+        self.last_active = self.last_write = now
+
+    @property
+    def frame_ready(self) -> bool:
+        return self.body is not None and self.filled == len(self.body)
+
+    @property
+    def reading(self) -> bool:
+        """Whether a frame has begun and is not complete yet (the frame deadline runs)."""
+        return self.frame_started is not None and not self.frame_ready
+
+    def receive(self, budget: ReadBudget, max_frame: int, now: float) -> Received:
+        """One non-blocking read towards the current frame."""
+        if self.body is None:
+            try:
+                data = self.sock.recv(HEADER.size - len(self.head))
+            except (BlockingIOError, InterruptedError):
+                return Received.AGAIN
+            except OSError:
+                data = b""
+            if not data:
+                return Received.EOF
+            if not self.head:
+                self.frame_started = now
+            self.head += data
+            self.last_active = now
+            if len(self.head) < HEADER.size:
+                return Received.PROGRESS
+            (length,) = HEADER.unpack(self.head)
+            self.announced = length
+            if length > max_frame:
+                return Received.TOO_LARGE
+            if not budget.reserve(length):
+                return Received.NO_BUDGET
+            self.body, self.filled = bytearray(length), 0
+            return Received.FRAME if length == 0 else Received.PROGRESS
+        try:
+            count = self.sock.recv_into(memoryview(self.body)[self.filled:])
+        except (BlockingIOError, InterruptedError):
+            return Received.AGAIN
+        except OSError:
+            count = 0
+        if not count:
+            return Received.EOF
+        self.filled += count
+        self.last_active = now
+        return Received.FRAME if self.frame_ready else Received.PROGRESS
+
+    def take_frame(self, budget: ReadBudget) -> bytearray:
+        """The complete frame's body; its room goes back to the budget."""
+        body = self.body
+        assert body is not None and self.filled == len(body)
+        self.drop_frame(budget)
+        return body
+
+    def drop_frame(self, budget: ReadBudget) -> None:
+        """Forget the frame being read (taken, refused, or the connection closes)."""
+        if self.body is not None:
+            budget.release(len(self.body))
+        self.head, self.body, self.filled, self.frame_started = bytearray(), None, 0, None
+
+    def frame_progress(self) -> Tuple[int, int]:
+        """(bytes received, bytes announced) of the frame being read, for log lines."""
+        if self.body is None:
+            return len(self.head), HEADER.size
+        return HEADER.size + self.filled, HEADER.size + len(self.body)
+
+    def wanted_events(self) -> int:
+        """Selector interest: read unless closing or a complete frame waits its turn; write
+        while responses are owed."""
+        events = 0 if self.closing or self.frame_ready else selectors.EVENT_READ
+        return events | (selectors.EVENT_WRITE if self.wbuf else 0)
+
+    def discard_input(self, rounds: int = 4) -> None:
+        """Read away (a bounded amount of) what a refused peer sent: a Unix socket closed with
+        unread input resets the peer instead of giving it a clean end-of-file after our error."""
+        for _ in range(rounds):
+            try:
+                if not self.sock.recv_into(_DISCARD):
+                    return
+            except OSError:
+                return

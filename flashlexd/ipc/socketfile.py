@@ -1,0 +1,90 @@
+"""The API socket file: created with its final mode and group, never over a live daemon's.
+
+Binding under a umask leaves no window with wider permissions; an existing socket file is
+replaced only when nothing answers on it (a daemon killed with SIGKILL leaves one behind).
+"""
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import socket
+import stat
+from typing import Optional, Tuple
+
+log = logging.getLogger("flashlexd.ipc")
+
+
+class ServerError(Exception):
+    """A reason the API socket cannot be served, worded as one line for the operator."""
+
+
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ServerError(f"socket group {group!r} does not exist (flashlex.app.socket.group)") from None
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket file nobody answers on; refuse if a live daemon does."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServerError(f"{path} exists and is not a socket: remove it or choose another socket path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        try:
+            os.unlink(path)  # stale: left by a daemon that died without cleaning up
+        except FileNotFoundError:
+            pass
+        log.info("removed stale socket %s", path)
+        return
+    except (socket.timeout, BlockingIOError):
+        pass  # a listener with a full backlog is alive
+    except OSError as exc:
+        raise ServerError(f"cannot check existing socket {path}: {exc}") from None
+    finally:
+        probe.close()
+    raise ServerError(f"another flashlexd is running on {path} (stop it first, or use another --socket)")
+
+
+def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tuple[socket.socket, int]:
+    """A non-blocking listening socket at `path` created with `mode` (umask, so there is no
+    window with wider permissions) and owned by `group`; returns it and the file's inode."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            os.chmod(parent, 0o755)
+        except OSError as exc:
+            raise ServerError(f"cannot create socket directory {parent}: {exc.strerror}") from None
+    gid = _group_id(group) if group else None
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        reason = "another flashlexd is running there" if exc.errno == 98 else (exc.strerror or str(exc))
+        raise ServerError(f"cannot bind API socket {path}: {reason}") from None
+    finally:
+        os.umask(old_umask)
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+        inode = os.stat(path).st_ino
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"cannot set up API socket {path}: {exc.strerror or exc}") from None
+    return sock, inode

@@ -1,0 +1,115 @@
+"""Hand-made MQTT 3.1.1 pieces for what real brokers and clients refuse to do: a broker that
+passes any topic bytes on (`LaxBroker`), and the packet helpers a raw client needs."""
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+from typing import Any, List, Optional, Tuple
+
+from tests.broker import HOST
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + _remaining_length(len(body)) + body
+
+
+def mqtt_string(raw: bytes) -> bytes:
+    return struct.pack(">H", len(raw)) + raw
+
+
+def read_mqtt_packet(sock: socket.socket) -> Optional[Tuple[int, bytes]]:
+    """(first byte, body), or None when the peer closed."""
+    def exact(n: int) -> Optional[bytes]:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+    head = exact(1)
+    if head is None:
+        return None
+    length, shift = 0, 0
+    while True:
+        byte = exact(1)
+        if byte is None:
+            return None
+        length |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            break
+    body = exact(length) if length else b""
+    return None if body is None else (head[0], body)
+
+
+
+class LaxBroker:
+    """Just enough of an MQTT 3.1.1 broker over mutual TLS, one that does NOT validate topics:
+    to each client that subscribes it delivers `deliveries` (raw topic bytes, payload) at QoS 1,
+    and it records the CONNECTs and PUBACKs it gets."""
+
+    def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]]):
+        self.deliveries = deliveries
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certs.server.cert), str(certs.server.key))
+        self.context.load_verify_locations(str(certs.ca))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.connects = 0
+        self.acked: List[int] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                while True:
+                    packet = read_mqtt_packet(tls)
+                    if packet is None:
+                        return
+                    kind, body = packet[0] >> 4, packet[1]
+                    if kind == 1:  # CONNECT
+                        self.connects += 1
+                        tls.sendall(mqtt_packet(0x20, b"\0\0"))
+                    elif kind == 8:  # SUBSCRIBE: grant QoS 1 to each filter, then deliver
+                        filters, at = 0, 2
+                        while at < len(body):
+                            at += 2 + struct.unpack_from(">H", body, at)[0] + 1
+                            filters += 1
+                        tls.sendall(mqtt_packet(0x90, body[:2] + b"\1" * filters))
+                        for mid, (topic, payload) in enumerate(self.deliveries, 1):
+                            publish_body = mqtt_string(topic) + struct.pack(">H", mid) + payload
+                            tls.sendall(mqtt_packet(0x32, publish_body))
+                    elif kind == 4:  # PUBACK
+                        self.acked.append(struct.unpack(">H", body[:2])[0])
+                    elif kind == 12:  # PINGREQ
+                        tls.sendall(mqtt_packet(0xD0, b""))
+                    elif kind == 14:  # DISCONNECT
+                        return
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()

@@ -1,0 +1,159 @@
+"""Bad key files are a bad config: `flashlexd run` exits 2 with one line naming the file before
+any worker starts, a reload to them is refused (the running config stays), a private key
+readable by others needs --allow-insecure-key, and a denied client is told what to do."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import pytest
+import yaml
+
+from flashlexd.client import Client, PermissionDenied
+from flashlexd.client.connection import _group_hint
+from tests.broker import THING, Broker, wait_for, write_config
+from tests.chaos.conftest import wait_ready
+from tests.daemon import Daemon
+from tests.test_ipc_server import run_as_nobody
+
+CERT, KEY, CA = f"{THING}-certificate.pem", f"{THING}-keypair-private.pem", "root-ca-cert.pem"
+
+
+def run(config: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(config), *flags],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _garbage(name: str) -> Callable[[Path, Broker], None]:
+    def damage(directory: Path, broker: Broker) -> None:
+        (directory / name).write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n"
+                                      "-----END CERTIFICATE-----\n")
+    return damage
+
+
+def _stranger_key(directory: Path, broker: Broker) -> None:
+    (directory / KEY).write_bytes(broker.certs.stranger.key.read_bytes())
+
+
+def _empty_key(directory: Path, broker: Broker) -> None:
+    (directory / KEY).write_text("")
+
+
+DAMAGES: Dict[str, Callable[[Path, Broker], None]] = {
+    "garbage CA": _garbage(CA),
+    "garbage certificate": _garbage(CERT),
+    "garbage key": _garbage(KEY),
+    "empty key": _empty_key,
+    "key of another certificate": _stranger_key,
+}
+EXPECTED = {
+    "garbage CA": f"flashlex.thing.keys.rootCA: {{dir}}/{CA} is not a PEM CA certificate",
+    "garbage certificate": f"flashlex.thing.keys.cert: {{dir}}/{CERT} is not a PEM certificate",
+    "garbage key": f"flashlex.thing.keys.privateKey: {{dir}}/{KEY} is not a PEM private key",
+    "empty key": f"flashlex.thing.keys.privateKey: {{dir}}/{KEY} is not a PEM private key",
+    "key of another certificate": f"flashlex.thing.keys.privateKey: {{dir}}/{KEY} does not match the"
+                                  f" certificate {{dir}}/{CERT}",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_bad_key_files_are_one_line_and_exit_2(broker: Broker, tmp_path: Path, damage: str) -> None:
+    directory = tmp_path / "etc"
+    config = write_config(directory, broker)
+    DAMAGES[damage](directory, broker)
+    (directory / KEY).chmod(0o600)
+    started = time.monotonic()
+    result = run(config)
+    took = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("flashlexd: " + EXPECTED[damage].format(dir=directory.resolve())), \
+        result.stderr
+    assert took < 10, f"{took:.1f}s"  # no crash loop first
+
+
+def test_a_reload_to_bad_key_files_keeps_the_running_config(daemon_config: Path, tmp_path: Path) -> None:
+    daemon = Daemon(daemon_config, tmp_path / "run").start()
+    try:
+        status = wait_ready(daemon, 30)
+        pids = [w["pid"] for w in status["workers"]]
+        document = yaml.safe_load(daemon_config.read_text())
+        bad = daemon_config.parent / "garbage.pem"
+        bad.write_text("garbage\n")
+        bad.chmod(0o600)
+        document["flashlex"]["thing"]["keys"]["privateKey"] = bad.name
+        document["flashlex"]["thing"]["mqtt"]["keepalive"] = 40  # a change that restarts workers
+        daemon_config.write_text(yaml.safe_dump(document))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in daemon.output(), 15, "the reload refused")
+        assert f"privateKey: {bad.resolve()} is not a PEM private key" in daemon.output()
+        status = wait_ready(daemon, 10)
+        assert [w["pid"] for w in status["workers"]] == pids  # nothing restarted
+        assert "Traceback" not in daemon.output()
+    finally:
+        daemon.stop()
+
+
+def test_a_private_key_readable_by_others_needs_allow_insecure_key(daemon_config: Path,
+                                                                   tmp_path: Path) -> None:
+    key = daemon_config.parent / KEY
+    key.chmod(0o640)
+    result = run(daemon_config)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{key.resolve()} is readable by other users (mode 0640)" in result.stderr
+    assert "--allow-insecure-key" in result.stderr
+
+    daemon = Daemon(daemon_config, tmp_path / "run", args=("--allow-insecure-key",)).start()
+    try:
+        wait_ready(daemon, 30)
+        assert "is readable by other users" in daemon.output()  # still said, as a warning
+    finally:
+        daemon.stop()
+
+
+# -- the client's hint when the socket is closed to it ------------------------------------------
+
+def _denied_as_nobody(path: str) -> str:
+    """The message a uid-65534 client gets connecting to `path`."""
+    def attempt() -> str:
+        try:
+            Client(path, timeout=2).close()
+            return "connected"
+        except PermissionDenied as exc:
+            return str(exc)
+    return run_as_nobody(attempt)
+
+
+def test_the_permission_hint_names_the_socket_group_or_how_to_set_one() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another uid")
+    directory = tempfile.mkdtemp(prefix="flashlexd-hint-")
+    try:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "api.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        os.chmod(path, 0o660)
+        os.chown(path, 0, 0)
+        message = _denied_as_nobody(path)
+        assert "set flashlex.app.socket.group" in message and "'root'" not in message, message
+        os.chown(path, 0, 4)  # adm on Debian; any non-root group will do
+        message = _denied_as_nobody(path)
+        assert "add this user to group " in message and "'root'" not in message, message
+        assert _group_hint(path) == message.split(": ", 1)[1]
+        listener.close()
+        os.chmod(directory, 0o700)
+        message = _denied_as_nobody(path)
+        assert f"its directory {directory} is closed to this user" in message, message
+    finally:
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)

@@ -1,0 +1,181 @@
+"""What local clients can make the daemon hold is bounded, and running out is survived.
+
+Server-level tests use the real RpcServer on real sockets (`Harness`) with small limits; the
+file descriptor tests run the real daemon and lower its open files limit from outside
+(`resource.prlimit`), so they take seconds, not the thousand connections of the real case.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import select
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from flashlexd import fds
+from flashlexd.client import Client, RpcError
+from flashlexd.client.wire import HEADER, Code
+from flashlexd.ipc import Limits
+from tests.broker import wait_for
+from tests.chaos.conftest import wait_ready
+from tests.daemon import Daemon
+from tests.test_ipc_server import Harness, raw_connect, read_frame, req, until
+
+FRAME = 64 * 1024
+
+
+def _limits(**overrides) -> Limits:
+    return Limits(**dict({"max_frame": FRAME, "max_buffered": 3 * FRAME}, **overrides))
+
+
+def _started(sock: socket.socket, length: int, sent: int) -> None:
+    """A frame announcing `length` bytes, of which only `sent` are sent."""
+    sock.sendall(HEADER.pack(length) + b"\x81" + b"\0" * (sent - 1))
+
+
+def test_frames_beyond_the_read_budget_get_busy_at_once(tmp_path: Path) -> None:
+    h = Harness(tmp_path, limits=_limits(frame_timeout=30)).start()
+    held: List[socket.socket] = []
+    try:
+        for _ in range(3):  # three near-maximum frames started: the budget is taken
+            sock = raw_connect(h.path)
+            _started(sock, FRAME - 10, 100)
+            held.append(sock)
+        until(lambda: h.call(lambda: h.server.budget.used) == 3 * (FRAME - 10), what="budget taken")
+        late = raw_connect(h.path)
+        started = time.monotonic()
+        _started(late, FRAME - 10, 100)
+        error = read_frame(late)
+        assert error == {"id": None, "error": {"code": Code.BUSY, "message":
+                                               "flashlexd holds too many incoming request bytes; retry"}}
+        assert time.monotonic() - started < 1 and late.recv(10) == b""
+        small = raw_connect(h.path)  # a small request still fits in what is left
+        small.sendall(req("status"))
+        assert "result" in read_frame(small)
+        held[0].sendall(b"\0" * (FRAME - 10 - 100))  # one completes: its room comes back
+        assert read_frame(held[0])["error"]["code"] == Code.BAD_REQUEST
+        held[1].close()  # one leaves half-way: its room comes back too
+        until(lambda: h.call(lambda: h.server.budget.used) == FRAME - 10, what="budget released")
+        assert h.call(lambda: h.server.counters["refused_budget"]) == 1
+    finally:
+        for sock in held:
+            sock.close()
+        h.stop()
+
+
+def test_a_frame_must_arrive_whole_within_the_frame_timeout(tmp_path: Path) -> None:
+    h = Harness(tmp_path, limits=_limits(frame_timeout=0.5, idle_timeout=60)).start()
+    try:
+        silent, trickler = raw_connect(h.path), raw_connect(h.path)
+        started = time.monotonic()
+        _started(silent, 1000, 10)
+        _started(trickler, 1000, 1)
+        while not select.select([trickler], [], [], 0.2)[0]:  # a byte every 0.2 s: activity,
+            trickler.send(b"\0")                             # but the frame never done in time
+        for sock in (trickler, silent):
+            error = read_frame(sock)
+            assert error["id"] is None and error["error"]["code"] == Code.FRAME_TIMEOUT, error
+            assert "within 0.5s of its first byte" in error["error"]["message"]
+            assert sock.recv(10) == b""
+        took = time.monotonic() - started
+        assert 0.5 <= took < 2.0, took
+        assert h.call(lambda: (h.server.counters["dropped_partial"], h.server.budget.used,
+                               h.server.connection_count)) == (2, 0, 0)
+        with Client(h.path) as fx:  # whole requests are untouched
+            assert fx.status()["version"] == "0.1.0"
+    finally:
+        h.stop()
+
+
+def test_connection_cap_stays_below_the_open_files_limit() -> None:
+    assert fds.connection_cap(1024, 1024) == 1024 - fds.RESERVED_FDS
+    assert fds.connection_cap(100, 1024) == 100
+    assert fds.connection_cap(1024, 10) == 1
+
+
+# -- file descriptors, on the real daemon ---------------------------------------------------------
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _connect_all(path: Path, count: int) -> List[socket.socket]:
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(str(path))
+        socks.append(sock)
+    return socks
+
+
+def _answers(socks: List[socket.socket], settle: float = 1.0) -> List[str]:
+    """For each connection: the error code the daemon sent at once, or "open" when it sent
+    nothing within `settle` seconds after the last connect."""
+    deadline = time.monotonic() + settle
+    readable: set = set()
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([s for s in socks if s not in readable], [], [],
+                                    max(0.0, deadline - time.monotonic()))
+        readable.update(ready)
+    return [read_frame(s)["error"]["code"] if s in readable else "open" for s in socks]
+
+
+def test_the_cap_leaves_room_to_restart_workers(daemon_config: Path, tmp_path: Path) -> None:
+    """The issue's case scaled down: the daemon's open files limit is 200, so at most 136 API
+    connections; 200 clients try, the rest get `busy` at once, and a killed worker is replaced."""
+    daemon = Daemon(daemon_config, tmp_path / "run", preexec=lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (200, 200))).start()
+    socks: List[socket.socket] = []
+    try:
+        wait_ready(daemon, 30)
+        assert "API: at most 136 connections (flashlex.app.socket.maxConnections is 1024" in daemon.output()
+        socks = _connect_all(daemon.socket_path, 200)
+        answers = _answers(socks)
+        assert answers.count("open") == 136 and set(answers) == {"open", Code.BUSY}
+        victim = daemon.children()["ingress"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: daemon.children().get("ingress") not in (None, victim), 15, "a new ingress")
+        assert daemon.proc.poll() is None and "Traceback" not in daemon.output()
+    finally:
+        for sock in socks:
+            sock.close()
+        daemon.stop()
+
+
+def test_running_out_of_descriptors_is_survived(daemon_config: Path, tmp_path: Path) -> None:
+    """Out of descriptors below the cap (the limit lowered under the running daemon): new
+    clients get `busy` at once through the spare descriptor, a worker that dies cannot be
+    restarted until descriptors free up, and then it is; each is logged once, nothing crashes."""
+    daemon = Daemon(daemon_config, tmp_path / "run").start()
+    socks: List[socket.socket] = []
+    try:
+        wait_ready(daemon, 30)
+        limit = _open_fds(daemon.pid) + 20
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        socks = _connect_all(daemon.socket_path, 40)
+        answers = _answers(socks)
+        assert 15 <= answers.count("open") <= 22 and set(answers) == {"open", Code.BUSY}, answers
+        with pytest.raises(RpcError, match="out of file descriptors"):
+            Client(str(daemon.socket_path), timeout=5).status()
+        victim = daemon.children()["egress"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: "cannot start egress: Too many open files" in daemon.output(), 10,
+                 "the failed restart logged")
+        time.sleep(1.5)  # a few retries happen meanwhile; they must not be logged again
+        assert daemon.output().count("cannot start egress") == 1
+        assert daemon.output().count("API: out of file descriptors") == 1
+        for sock in socks:
+            sock.close()
+        wait_for(lambda: daemon.children().get("egress") not in (None, victim), 15, "a new egress")
+        wait_ready(daemon, 15)
+        assert daemon.proc.poll() is None and "Traceback" not in daemon.output()
+    finally:
+        for sock in socks:
+            sock.close()
+        daemon.stop()
