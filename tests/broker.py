@@ -425,7 +425,8 @@ def write_config(directory: Path, broker: Broker, *, identity: Optional[Identity
                                      "maxReconnectQuietTimeSecond": 1,
                                      "stableConnectionTimeSecond": 2},
         "offlinePublishQueueing": -1,
-        "drainingFrequency": 2,
+        "publishRatePerSecond": 0,   # mosquitto has no quotas: drain as fast as it acknowledges
+        "publishBytesPerSecond": 0,
         "connectDisconnectTimeout": 5,
         "mqttOperationTimeout": 5,
     }
