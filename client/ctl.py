@@ -114,6 +114,17 @@ def _oldest(section: Dict[str, Any]) -> str:
     return f", oldest {ago(section['oldest_age'])}" if section.get("oldest_age") is not None else ""
 
 
+def drain_line(egress: Dict[str, Any], backlog: int) -> str:
+    """"draining 2000 entries at 100/s, ~20 s": the egress's rate in use and time to drain."""
+    if not backlog:
+        return ""
+    rate = egress.get("rate_limit") or egress.get("send_rate")
+    eta = egress.get("eta_s")
+    at = f" at {rate:g}/s" if rate else ""
+    left = "" if eta is None else f", ~{eta:.0f} s" if eta < 60 else f", ~{duration(eta)}"
+    return f"draining {backlog} entries{at}{left}"
+
+
 def render_status(status: Dict[str, Any], path: str) -> str:
     problems = health(status)
     state = "healthy" if not problems else "degraded: " + "; ".join(problems)
@@ -140,6 +151,9 @@ def render_status(status: Dict[str, Any], path: str) -> str:
               f"outbox    {outbox.get('count', 0)} queued{_oldest(outbox)} (offline queueing: {cap_text})",
               f"store     {human_bytes(used)} of {human_bytes(cap)}{share},"
               f" when full: {store.get('when_full', '?')}"]
+    draining = drain_line(mqtt.get("egress") or {}, outbox.get("count", 0))
+    if draining:
+        lines.append(draining)
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters  " + ", ".join(f"{k} {v}" for k, v in counters.items()))
