@@ -409,8 +409,8 @@ class Connection:
         elif unacknowledged:
             self.throttled += 1
             self._dead_reason = (f"{unacknowledged} publishes to {where} not acknowledged within"
-                                 f" {self.watch.operation_timeout:g}s while the broker answers"
-                                 f" (throttled over a quota?); resending them on a new connection")
+                                 f" {self.watch.operation_timeout:g}s (throttled over a quota, or the"
+                                 f" broker froze); resending them on a new connection")
         else:
             self._dead_reason = (f"no SUBACK/UNSUBACK from {where} within"
                                  f" {self.watch.operation_timeout:g}s")
