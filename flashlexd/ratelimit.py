@@ -33,7 +33,8 @@ class TokenBucket:
         """Seconds until `amount` may be taken (0: now)."""
         self._refill()
         need = min(amount, self.capacity)
-        return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
+        short = need - self.tokens
+        return 0.0 if short <= 1e-9 else short / self.rate  # a rounding error is no reason to wait
 
     def take(self, amount: float) -> None:
         self._refill()
