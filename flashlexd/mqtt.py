@@ -4,8 +4,8 @@
 No paho thread and no `loop_forever`: the worker's loop waits on `Connection.wait_fds()`,
 calls `on_ready()` and `service()`, so every callback runs on the worker's main thread and a
 heartbeat proves the MQTT work is progressing. paho's loop would also pace reconnects by
-sleeping; here `ReconnectBackoff` (pure, fake-clock testable) only says when the next CONNECT
-is due and the loop does other work meanwhile.
+sleeping, and its connect blocks; here `ReconnectBackoff` only says when the next CONNECT is
+due, a `Dialer` connects without blocking, and a `LinkWatch` says when a link stopped answering.
 
 Sessions are MQTT 3.1.1 with `clean_session=False` and a fixed client id: the broker keeps our
 subscriptions and unacknowledged messages across disconnects and worker restarts.
@@ -13,7 +13,6 @@ subscriptions and unacknowledged messages across disconnects and worker restarts
 from __future__ import annotations
 
 import logging
-import random
 import select
 import socket
 import ssl
@@ -23,14 +22,13 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from flashlexd.config import Backoff, Config, ConfigError, Keys, Thing
+from flashlexd.backoff import ReconnectBackoff
+from flashlexd.config import Config, ConfigError, Keys, Thing
 from flashlexd.dialer import DialedClient, Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
 
 log = logging.getLogger(__name__)
 
-MIN_CONNECT_INTERVAL = 1.0  # AWS IoT throttles CONNECTs per client id to one a second
-JITTER = 0.25               # up to -25% on each quiet time, so a fleet does not reconnect in step
 ALPN_PORT = 443             # AWS IoT serves MQTT with client certs on 443 only with this ALPN
 ALPN_PROTOCOL = "x-amzn-mqtt-ca"
 WEBSOCKET_PATH = "/mqtt"
@@ -42,48 +40,6 @@ _REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", 
                         "CERTIFICATE_REVOKED")
 _HOST_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH (64 is the IP address twin)
 _ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
-
-
-class ReconnectBackoff:
-    """When the next CONNECT may go out.
-
-    Quiet times start at `base_seconds` and double after each failed attempt or short-lived
-    connection, up to `max_seconds`; a connection that stayed up `stable_seconds` resets them.
-    Each wait is shortened by up to JITTER (jitter stays inside the cap: `max_seconds` is never
-    exceeded), and two CONNECTs are never less than MIN_CONNECT_INTERVAL apart (AWS IoT Core
-    allows one CONNECT per second per client id). The first attempt is immediate.
-    """
-
-    def __init__(self, policy: Backoff, clock: Callable[[], float] = time.monotonic,
-                 rand: Callable[[], float] = random.random):
-        self.policy, self.clock, self.rand = policy, clock, rand
-        self.quiet = policy.base_seconds
-        self.due_at = clock()
-        self.last_attempt: Optional[float] = None
-        self.connected_at: Optional[float] = None
-
-    def wait(self) -> float:
-        """Seconds until a CONNECT may be attempted (0: now)."""
-        return max(0.0, self.due_at - self.clock())
-
-    def attempted(self) -> None:
-        now = self.clock()
-        self.last_attempt = now
-        self.due_at = now + MIN_CONNECT_INTERVAL  # until told how it went
-
-    def connected(self) -> None:
-        self.connected_at = self.clock()
-
-    def lost(self) -> None:
-        """The attempt failed or the connection dropped: schedule the next attempt."""
-        now = self.clock()
-        if self.connected_at is not None and now - self.connected_at >= self.policy.stable_seconds:
-            self.quiet = self.policy.base_seconds
-        self.connected_at = None
-        wait = self.quiet * (1 - JITTER * self.rand())
-        earliest = (now if self.last_attempt is None else self.last_attempt) + MIN_CONNECT_INTERVAL
-        self.due_at = max(now + wait, earliest)
-        self.quiet = min(self.quiet * 2, self.policy.max_seconds)
 
 
 def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:

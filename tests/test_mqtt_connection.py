@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from flashlexd import config as config_module
 from flashlexd.config import Backoff, ConfigError
-from flashlexd.mqtt import (ALPN_PROTOCOL, JITTER, MIN_CONNECT_INTERVAL, Connection,
-                            ReconnectBackoff, build_client)
+from flashlexd.backoff import JITTER, MIN_CONNECT_INTERVAL, ReconnectBackoff
+from flashlexd.mqtt import ALPN_PROTOCOL, Connection, build_client
 from tests.broker import HOST, THING, Broker, Certs, Identity, free_port, wait_for, write_config
 
 # -- the backoff, with a fake clock --------------------------------------------------------------
