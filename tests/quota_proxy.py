@@ -5,7 +5,8 @@ listener that reads the MQTT packets each client sends and drops every PUBLISH p
 second on that connection, silently: no PUBACK, the connection stays up, which is what AWS IoT
 Core does over its 100 publishes/s quota. The quota is a token bucket of `rate` tokens a second
 holding at most `rate` (a second's worth). Everything else (CONNECT, PINGREQ, PUBACK, ...) and
-everything the broker sends are forwarded untouched. `over_quota` counts the dropped publishes.
+everything the broker sends are forwarded untouched. `over_quota` counts the dropped publishes
+(with `enforce=False` they are forwarded and only counted: how far over the quota a client is).
 """
 from __future__ import annotations
 
@@ -64,9 +65,9 @@ def split_packets(data: bytes) -> Tuple[List[bytes], bytes]:
 
 
 class QuotaProxy:
-    def __init__(self, broker: Broker, rate: float):
+    def __init__(self, broker: Broker, rate: float, enforce: bool = True):
         assert broker.plain_port, "the broker needs its plain listener (Broker(..., plain=True))"
-        self.broker, self.rate = broker, rate
+        self.broker, self.rate, self.enforce = broker, rate, enforce  # not enforced: only counted
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(broker.certs.ca))
         self.context.load_cert_chain(str(broker.server.cert), str(broker.server.key))
         self.context.verify_mode = ssl.CERT_REQUIRED
@@ -142,7 +143,8 @@ class QuotaProxy:
             if packet[0] >> 4 == PUBLISH:
                 if not link.allow_publish():
                     self.over_quota += 1
-                    continue
+                    if self.enforce:
+                        continue
                 self.forwarded_publishes += 1
             kept.append(packet)
         return b"".join(kept)

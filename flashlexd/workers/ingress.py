@@ -61,8 +61,7 @@ class IngressWorker(Worker):
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
-                             marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
-                             throttled=0)
+                             marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -95,7 +94,6 @@ class IngressWorker(Worker):
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
         """Up means subscribed: the link is reported connected only once the SUBACK came."""
         self.counters["sessions_lost"] = self.connection.sessions_lost
-        self.counters["throttled"] = self.connection.throttled
         if connected:
             self.generation += 1
             self.connection.subscribe([(topic, 1) for topic in self.topics])
