@@ -130,7 +130,7 @@ class EgressWorker(Worker):
         if connected:
             self.acked_on_link = 0
             self.more = True
-        elif self.inflight:
+        elif self.inflight and not self.connection.closing:
             self._link_dropped(error)
         self.report("mqtt", connected=connected, error=error)
 
@@ -186,6 +186,8 @@ class EgressWorker(Worker):
             return self.budget.wait(1)
         entries = self.store.outbox_peek(limit=allowance, after=self.cursor)
         self.more = len(entries) == allowance
+        if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
+            self._forget_unacked_below(entries[0].id if entries else math.inf)
         done = set(self.done)
         for entry in entries:
             if entry.id in done:  # acknowledged, its delete still to come
@@ -222,6 +224,12 @@ class EgressWorker(Worker):
             self.inflight[info.mid] = _InFlight(entry.id, entry.topic, size)
             self.unacked_since.setdefault(entry.id, time.monotonic())
         return True
+
+    def _forget_unacked_below(self, next_id: float) -> None:
+        """Entries no longer in the outbox (dropped by an operator while unacknowledged) have no
+        age: `oldest_inflight_age` must not grow forever for them."""
+        for entry_id in [e for e in self.unacked_since if e < next_id]:
+            del self.unacked_since[entry_id]
 
     def _delete_done(self) -> None:
         if not self.done:
