@@ -31,7 +31,7 @@ class LinkWatch:
         self.operation_timeout = operation_timeout
         self.silence_limit = keepalive + min(operation_timeout, keepalive / 2)
         self.clock = clock
-        self.awaiting: Dict[Tuple[str, int], float] = {}  # (packet kind, mid) -> sent at
+        self.awaiting: Dict[Tuple[str, int], float] = {}  # (packet kind, mid) -> sent at, oldest first
         self.heard = self.progress = clock()
 
     def up(self) -> None:
@@ -50,6 +50,9 @@ class LinkWatch:
             self.progress = self.clock()
         self.heard = self.clock()
 
+    def _oldest(self) -> float:
+        return next(iter(self.awaiting.values()))  # inserted in the order sent
+
     def pending(self, kind: str) -> int:
         return sum(1 for k, _ in self.awaiting if k == kind)
 
@@ -58,8 +61,7 @@ class LinkWatch:
         if now - self.heard >= self.silence_limit:
             return Verdict.SILENT
         if self.awaiting:
-            oldest = min(self.awaiting.values())
-            if now - max(oldest, self.progress) >= self.operation_timeout:
+            if now - max(self._oldest(), self.progress) >= self.operation_timeout:
                 return Verdict.UNACKNOWLEDGED
         return None
 
@@ -68,5 +70,5 @@ class LinkWatch:
         now = self.clock()
         due = self.heard + self.silence_limit
         if self.awaiting:
-            due = min(due, max(min(self.awaiting.values()), self.progress) + self.operation_timeout)
+            due = min(due, max(self._oldest(), self.progress) + self.operation_timeout)
         return max(0.0, due - now)

@@ -298,10 +298,6 @@ class Connection:
             wait = min(wait, max(0.0, self._connack_due - self.clock()))
         return wait
 
-    def oldest_unacknowledged(self) -> Optional[float]:
-        """When the oldest request still awaiting its acknowledgement was sent (None: none)."""
-        return min(self.watch.awaiting.values(), default=None)
-
     def flush(self, timeout: float) -> None:
         """Block until queued packets are written (or `timeout`); for shutdown only."""
         deadline = self.clock() + timeout

@@ -156,3 +156,14 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     quota_lines = [w for w in config.warnings if "AWS IoT Core" in w]
     assert len(quota_lines) == 5 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
     assert quota_warnings("mosquitto.local", "x", config.thing.mqtt) == []  # other brokers: no AWS quotas
+
+
+def test_flashlexctl_status_says_how_the_drain_goes() -> None:
+    from flashlexd.client.ctl import drain_line, render_status
+    egress = {"connected": True, "rate_limit": 100, "eta_s": 20.0, "outbox_backlog": 2000}
+    assert drain_line(egress, 2000) == "draining 2000 entries at 100/s, ~20 s"
+    assert drain_line({"rate_limit": 0, "send_rate": 850.0, "eta_s": 3600.0}, 3_060_000 // 1000) \
+        == "draining 3060 entries at 850/s, ~1h 0m"
+    assert drain_line(egress, 0) == ""
+    status = {"mqtt": {"egress": egress}, "outbox": {"count": 2000}, "workers": []}
+    assert "draining 2000 entries at 100/s, ~20 s" in render_status(status, "/run/x.sock").splitlines()
