@@ -41,13 +41,18 @@ class ReconnectBackoff:
     def connected(self) -> None:
         self.connected_at = self.clock()
 
-    def lost(self) -> None:
-        """The attempt failed or the connection dropped: schedule the next attempt."""
+    def lost(self, broker_fault: bool = True) -> None:
+        """The attempt failed or the connection dropped: schedule the next attempt. A drop that
+        was not the broker's fault (one of our entries made it close the link, `broker_fault`
+        False) is retried after the base quiet time, without growing it: the poison search
+        needs a few quick reconnects, at most `poisonAttempts` per entry."""
         now = self.clock()
         if self.connected_at is not None and now - self.connected_at >= self.policy.stable_seconds:
             self.quiet = self.policy.base_seconds
         self.connected_at = None
-        wait = self.quiet * (1 - JITTER * self.rand())
+        quiet = self.quiet if broker_fault else self.policy.base_seconds
+        wait = quiet * (1 - JITTER * self.rand())
         earliest = (now if self.last_attempt is None else self.last_attempt) + MIN_CONNECT_INTERVAL
         self.due_at = max(now + wait, earliest)
-        self.quiet = min(self.quiet * 2, self.policy.max_seconds)
+        if broker_fault:
+            self.quiet = min(self.quiet * 2, self.policy.max_seconds)

@@ -174,6 +174,7 @@ class Connection:
         self.handled = 0  # PUBLISH and PUBACK packets passed on: how on_ready sees progress
         self.sessions_lost = 0
         self.throttled = 0       # links closed because the broker stopped acknowledging publishes
+        self.testing_one_entry = False  # set by the egress: a drop now is that entry's doing
         self._had_session = False
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
@@ -420,7 +421,8 @@ class Connection:
         if self.closing:
             self.on_change(False, None)
             return
-        self._failed(self._drop_reason(reason, before_connack=False))
+        entry_fault = self._entry_fault()
+        self._failed(self._drop_reason(reason, before_connack=False), entry_fault)
 
     def _drop_reason(self, reason: Any, before_connack: bool) -> str:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
@@ -429,6 +431,9 @@ class Connection:
         if dead is not None:
             self._quick_drops = 0
             return f"connection to {where} closed: {dead}"
+        if not before_connack and self._entry_fault():
+            self._quick_drops = 0
+            return f"connection to {where} closed by the broker with one entry in flight (refused?)"
         if before_connack and (exc is None or isinstance(exc, _ABRUPT_CLOSE)):
             # With TLS 1.3 the broker checks our certificate after our side of the handshake
             # is done, so its refusal often shows up only as a closed connection.
@@ -447,9 +452,13 @@ class Connection:
                     f" soon after CONNACK: another client is using client id {self.client_id!r}?")
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
 
-    def _failed(self, error: str) -> None:
+    def _entry_fault(self) -> bool:
+        """Did the broker close the link over the one entry the egress is testing alone?"""
+        return self.testing_one_entry and self._dead_reason is None and self.watch.pending("PUBACK") > 0
+
+    def _failed(self, error: str, entry_fault: bool = False) -> None:
         self.connected = False
-        self.backoff.lost()
+        self.backoff.lost(broker_fault=not entry_fault)
         log.error("%s; retrying in %.1fs", error, self.backoff.wait())
         self.on_change(False, error)
 

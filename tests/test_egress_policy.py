@@ -98,13 +98,22 @@ def test_poison_search_goes_one_at_a_time_and_dead_letters_the_culprit() -> None
     watch = PoisonWatch(attempts=3)
     assert watch.window(100) == 100
     assert drop(watch, [5, 6, 7], progress=True) is None and watch.window(100) == 100  # progress: no suspicion
-    assert drop(watch, [5, 6, 7]) is None and watch.window(100) == 1
-    watch.acknowledged(5)  # the one sent alone went through: full speed again
-    assert watch.window(100) == 100
-    assert drop(watch, [6, 7, 8]) is None and watch.window(100) == 1
+    assert drop(watch, [5, 6, 7]) is None and watch.window(100) == 1  # one of 5, 6, 7: one at a time
+    watch.acknowledged(5)
+    assert watch.window(100) == 1  # 6 and 7 are still suspects
     assert drop(watch, [6]) is None and drop(watch, [6]) is None
-    assert drop(watch, [6]) == 6
-    assert watch.window(100) == 100 and watch.drops(6) == 0
+    assert drop(watch, [6]) == 6  # alone at three drops: the culprit
+    assert watch.window(100) == 100 and watch.drops(6) == 0  # full speed again
+
+
+def test_when_the_suspects_all_pass_the_drain_goes_back_to_full_speed() -> None:
+    watch = PoisonWatch(attempts=3)
+    drop(watch, [5, 6, 7])
+    assert drop(watch, [5]) is None and watch.drops(5) == 1  # a drop while 5 was alone: counted
+    for entry in (5, 6, 7):
+        assert watch.window(100) == 1
+        watch.acknowledged(entry)  # the drop had another cause
+    assert watch.window(100) == 100 and watch.drops(5) == 0
 
 
 def test_log_lines_escape_control_characters_in_topics() -> None:

@@ -61,6 +61,20 @@ def test_jitter_shortens_by_at_most_a_quarter_and_stays_inside_the_cap() -> None
     assert max(failing_waits(no_jitter, clock, 10)) == 30  # the cap itself, never beyond
 
 
+def test_a_drop_caused_by_one_of_our_entries_does_not_grow_the_quiet_time() -> None:
+    clock = FakeClock()
+    backoff = ReconnectBackoff(Backoff(2, 30, 10), clock, rand=lambda: 0.0)
+    failing_waits(backoff, clock, 3)  # the broker's fault: 2, 4, 8, next 16
+    for _ in range(3):
+        clock.now += backoff.wait()
+        backoff.attempted()
+        backoff.connected()
+        backoff.lost(broker_fault=False)
+        assert backoff.wait() == 2  # the base, each time, and the growth is kept for the broker
+    backoff.lost()
+    assert backoff.wait() == 16
+
+
 def test_never_two_connects_within_a_second() -> None:
     clock = FakeClock()
     backoff = ReconnectBackoff(Backoff(0.1, 0.2, 10), clock, rand=lambda: 0.0)

@@ -114,6 +114,7 @@ class EgressWorker(Worker):
             self.counters["outbox_backlog"] = self.store.outbox_count()
         if self.more and self.connection.connected:
             wait = min(wait, self._publish_more())
+        self.connection.testing_one_entry = self.poison.single
         self._update_counters(now)
         return max(0.0, min(wait, self.next_check - now))
 
