@@ -241,9 +241,12 @@ class Client:
 
     def ack(self, ids: Iterable[IdLike]) -> int:
         """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went."""
-        wire = [_wire_id(i) for i in ids]
-        return sum(self.call("ack", ids=wire[start:start + MAX_IDS_PER_ACK])
-                   for start in range(0, len(wire), MAX_IDS_PER_ACK))
+        return sum(self._in_chunks("ack", [_wire_id(i) for i in ids]))
+
+    def _in_chunks(self, method: str, wire: List[Any], **params: Any) -> List[Any]:
+        """One call per MAX_IDS_PER_ACK ids (the daemon's bound on a call); their results."""
+        return [self.call(method, ids=wire[start:start + MAX_IDS_PER_ACK], **params)
+                for start in range(0, len(wire), MAX_IDS_PER_ACK)]
 
     def publish(self, payload: Any, topic: Optional[str] = None, qos: int = 1,
                 retain: bool = False) -> int:
@@ -258,11 +261,31 @@ class Client:
             params["topic"] = topic
         return self.call("publish", **params)["id"]
 
-    def outbox(self, limit: int = 10) -> Dict[str, Any]:
-        """{"count", "oldest_age", "limit", "entries": [OutboxEntry, oldest first]}."""
-        result = self.call("outbox", limit=limit)
+    def outbox(self, limit: int = 100, dead: bool = False,
+               after: Optional[int] = None) -> Dict[str, Any]:
+        """{"count", "dead", "oldest_age", "limit", "entries": [OutboxEntry, oldest first]}:
+        the entries queued for the cloud or, with `dead=True`, the dead letters (entries the
+        broker kept refusing, set aside with their `reason` and `attempts` so the rest of the
+        outbox keeps flowing). `after` is an exclusive id, for paging."""
+        params: Dict[str, Any] = {"limit": limit, "dead": dead}
+        if after is not None:
+            params["after"] = int(after)
+        result = self.call("outbox", **params)
         result["entries"] = [OutboxEntry.from_wire(e) for e in result.get("entries", [])]
         return result
+
+    def retry(self, ids: Iterable[Union[int, OutboxEntry]]) -> List[int]:
+        """Move dead letters (ids or OutboxEntry records) back to the tail of the outbox, to be
+        sent again with a fresh attempt count; ids that are not dead letters are skipped.
+        Returns their new outbox ids."""
+        wire = [_entry_id(i) for i in ids]
+        return [new for chunk in self._in_chunks("retry", wire) for new in chunk]
+
+    def drop(self, ids: Iterable[Union[int, OutboxEntry]], dead: bool = False) -> int:
+        """Delete queued outbox entries or, with `dead=True`, dead letters; ids not in that
+        list are skipped. Returns how many were deleted. A queued entry already handed to the
+        broker may still be delivered."""
+        return sum(self._in_chunks("drop", [_entry_id(i) for i in ids], dead=dead))
 
     def purge(self, confirm: bool = False) -> int:
         """Remove every inbox message; refused unless confirm=True. Returns how many."""
@@ -285,6 +308,14 @@ def _wire_id(value: IdLike) -> Union[int, str]:
     if isinstance(value, (int, str)) and not isinstance(value, bool):
         return value
     raise TypeError(f"a message id must be an int, a pk string or a Message, not {type(value).__name__}")
+
+
+def _entry_id(value: Union[int, OutboxEntry]) -> int:
+    if isinstance(value, OutboxEntry):
+        return value.id
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"an outbox entry id must be an int or an OutboxEntry, not {type(value).__name__}")
 
 
 def _query(limit: int, topic: Optional[str], after: Optional[IdLike]) -> Dict[str, Any]:

@@ -80,6 +80,13 @@ def preview(payload: bytes, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def escaped(text: str) -> str:
+    """`text` with its control characters (C0, DEL, C1) shown as \\xNN, so a topic cannot
+    move the cursor or hide part of a line."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F else c
+                   for c in text)
+
+
 def table(headers: Sequence[str], rows: List[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """Aligned columns; the last column is not padded (it is usually the long one)."""
     cells = [[str(c) for c in row] for row in [list(headers)] + [list(r) for r in rows]]
@@ -107,7 +114,14 @@ def health(status: Dict[str, Any]) -> List[str]:
     store_error = (mqtt.get("ingress") or {}).get("store_error")
     if store_error:
         problems.append(f"ingress is not storing (messages stay with the broker): {store_error}")
+    dead = (status.get("outbox") or {}).get("dead")
+    if dead:
+        problems.append(f"{_plural(dead, 'dead letter')} in the outbox (see: flashlexctl outbox --dead)")
     return problems
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _oldest(section: Dict[str, Any]) -> str:
@@ -136,11 +150,13 @@ def render_status(status: Dict[str, Any], path: str) -> str:
                  ago(w.get("heartbeat_age"))) for w in workers]
         lines += [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)), ""]
     mqtt = status.get("mqtt") or {}
-    for side in ("ingress", "egress"):
+    for side in ("ingress", "egress"):  # the worker's own counters: since that process started
         info = dict(mqtt.get(side) or {})
         word = "connected" if info.pop("connected", False) else "not connected"
+        error = info.pop("error", None)
+        word += f", {error}" if error else ""
         extra = ", ".join(f"{k} {v}" for k, v in info.items() if v not in (None, ""))
-        lines.append(f"mqtt {side:<8} {word}" + (f" ({extra})" if extra else ""))
+        lines.append(f"mqtt {side:<8} {word}" + (f" (since the worker started: {extra})" if extra else ""))
     inbox, outbox, store = status.get("inbox", {}), status.get("outbox", {}), status.get("store", {})
     limit = outbox.get("limit")
     cap_text = ("unlimited" if limit is None or limit < 0
@@ -148,20 +164,36 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     used, cap = store.get("used_bytes"), store.get("cap_bytes")
     share = f" ({100.0 * used / cap:.1f}%)" if used is not None and cap else ""
     lines += [f"inbox     {inbox.get('count', 0)} messages{_oldest(inbox)}",
-              f"outbox    {outbox.get('count', 0)} queued{_oldest(outbox)} (offline queueing: {cap_text})",
+              f"outbox    {outbox.get('count', 0)} queued{_oldest(outbox)}{_in_flight(outbox)}"
+              f" (offline queueing: {cap_text}), {_plural(outbox.get('dead') or 0, 'dead letter')}",
               f"store     {human_bytes(used)} of {human_bytes(cap)}{share},"
               f" when full: {store.get('when_full', '?')}"]
     draining = drain_line(mqtt.get("egress") or {}, outbox.get("count", 0))
     if draining:
         lines.append(draining)
     counters = status.get("counters") or {}
-    if counters:
-        lines.append("counters  " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    if counters:  # the store's running totals, read at this call
+        lines.append("totals    " + ", ".join(f"{k} {v}" for k, v in counters.items())
+                     + " (since the store was created)")
     rates = status.get("rates") or {}
     if rates:
-        lines.append("rates     " + ", ".join(f"{k} {v:.1f}/s" if isinstance(v, (int, float)) else f"{k} {v}"
-                                            for k, v in rates.items()))
+        lines.append("rates     " + render_rates(rates))
     return "\n".join(lines)
+
+
+def _in_flight(outbox: Dict[str, Any]) -> str:
+    age = outbox.get("oldest_inflight_age")
+    return f", oldest unacknowledged {duration(age)}" if age is not None else ""
+
+
+def render_rates(rates: Dict[str, Any]) -> str:
+    """`ingest 1.5/s, drain 0.0/s over the last 10.0s`; the window is a span, not a rate."""
+    window = rates.get("window_s")
+    if not window:
+        return "not measured yet (two samples a second apart are needed)"
+    shown = ", ".join(f"{k[:-len('_per_s')]} {v:.1f}/s" for k, v in rates.items()
+                      if k.endswith("_per_s") and isinstance(v, (int, float)))
+    return f"{shown} over the last {window:.1f}s"
 
 
 def message_rows(messages: List[Dict[str, Any]], now: float) -> str:
@@ -224,17 +256,81 @@ def cmd_publish(fx: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(fx: Client, args: argparse.Namespace) -> int:
-    result = fx.call("outbox", limit=args.limit)
+    action = getattr(args, "outbox_action", None)
+    if action == "retry":
+        return _outbox_retry(fx, args)
+    if action == "drop":
+        return _outbox_drop(fx, args)
+    result = fx.call("outbox", limit=args.limit, dead=args.dead)
     if args.json:
         _print_json(result)
         return 0
-    print(f"{result['count']} queued{_oldest(result)}")
-    now = time.time()
-    rows = [(e["id"], ago(now - e["created"]), e["topic"], e["qos"], len(e["payload"]), preview(e["payload"]))
-            for e in result.get("entries", [])]
+    print(f"{result['count']} queued{_oldest(result)}, {_plural(result.get('dead', 0), 'dead letter')}")
+    now, entries = time.time(), result.get("entries", [])
+    if args.dead:
+        rows = [(e["id"], ago(now - e["created"]), escaped(e["topic"]), e["size"], e["attempts"],
+                 escaped(e["reason"])) for e in entries]
+        headers = ("ID", "AGE", "TOPIC", "BYTES", "ATTEMPTS", "REASON")
+        right = (0, 3, 4)
+    else:
+        rows = [(e["id"], ago(now - e["created"]), escaped(e["topic"]), e["qos"], len(e["payload"]),
+                 preview(e["payload"])) for e in entries]
+        headers, right = ("ID", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), (0, 3, 4)
     if rows:
-        print(table(("ID", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), rows, right=(0, 3, 4)))
+        print(table(headers, rows, right=right))
     return 0
+
+
+def _all_dead_letter_ids(fx: Client) -> List[int]:
+    ids: List[int] = []
+    while True:
+        params: Dict[str, Any] = {"limit": MAX_LIMIT, "dead": True}
+        if ids:
+            params["after"] = ids[-1]
+        page = [e["id"] for e in fx.call("outbox", **params)["entries"]]
+        if not page:
+            return ids
+        ids += page
+
+
+def _outbox_retry(fx: Client, args: argparse.Namespace) -> int:
+    if args.all == bool(args.ids):
+        print("flashlexctl: outbox retry takes dead letter ids or --all (not both)", file=sys.stderr)
+        return 2
+    asked = _all_dead_letter_ids(fx) if args.all else args.ids
+    moved = fx.retry(asked)
+    if args.json:
+        _print_json(moved)
+    else:
+        missing = len(set(asked)) - len(moved)
+        gone = f" ({missing} not dead letters)" if missing > 0 else ""
+        print(f"retried {_plural(len(moved), 'dead letter')}{gone}" + (
+            f": now outbox entries {_id_ranges(moved)}" if moved else ""))
+    return 0
+
+
+def _outbox_drop(fx: Client, args: argparse.Namespace) -> int:
+    dead = args.dead or args.drop_dead
+    removed = fx.drop(args.ids, dead=dead)
+    if args.json:
+        _print_json(removed)
+    else:
+        asked = len(set(args.ids))
+        what = "dead letters" if dead else "queued entries"
+        gone = f" ({asked - removed} not found among the {what})" if asked > removed else ""
+        print(f"dropped {removed} of {asked} {what}{gone}")
+    return 0
+
+
+def _id_ranges(ids: List[int]) -> str:
+    """1-3, 7: the new ids of retried entries (consecutive, usually)."""
+    spans: List[List[int]] = []
+    for value in ids:
+        if spans and value == spans[-1][1] + 1:
+            spans[-1][1] = value
+        else:
+            spans.append([value, value])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def cmd_purge(fx: Client, args: argparse.Namespace) -> int:
@@ -291,8 +387,17 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("--ack", action="store_true", help="acknowledge each message once printed")
     tail.add_argument("--all", action="store_true", help="start with the unacknowledged backlog")
     tail.add_argument("--topic", help="MQTT topic filter")
-    outbox = sub.add_parser("outbox", help="messages queued for the cloud")
+    outbox = sub.add_parser("outbox", help="entries queued for the cloud, dead letters; retry, drop")
     outbox.add_argument("--limit", type=int, default=10, help="how many entries to list (default 10)")
+    outbox.add_argument("--dead", action="store_true",
+                        help="list the dead letters (entries the broker kept refusing) instead")
+    actions = outbox.add_subparsers(dest="outbox_action", metavar="ACTION")
+    retry = actions.add_parser("retry", help="move dead letters back to the tail of the outbox")
+    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter id(s)")
+    retry.add_argument("--all", action="store_true", help="every dead letter")
+    drop = actions.add_parser("drop", help="delete queued entries (with --dead: dead letters)")
+    drop.add_argument("ids", nargs="+", type=int, metavar="ID", help="entry id(s)")
+    drop.add_argument("--dead", dest="drop_dead", action="store_true", help="the ids are dead letters")
     purge = sub.add_parser("purge", help="remove EVERY inbox message (needs --yes)")
     purge.add_argument("--yes", action="store_true", help="confirm")
     return top

@@ -49,16 +49,26 @@ class Message:
 
 @dataclass(frozen=True)
 class OutboxEntry:
-    """A publish waiting in the outbox for the egress connection."""
+    """A publish waiting in the outbox for the egress connection, or a dead letter: one the
+    broker kept refusing, with the `reason`, the `attempts` made and when (`dead_at`). For a
+    queued entry those three are None (the egress counts attempts in memory)."""
     id: int
     topic: str
     payload: bytes
     created: float
     qos: int = 1
     retain: bool = False
+    attempts: Optional[int] = None
+    reason: Optional[str] = None
+    dead_at: Optional[float] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> "OutboxEntry":
         return cls(id=int(data["id"]), topic=data["topic"], payload=bytes(data["payload"]),
                    created=float(data["created"]), qos=int(data.get("qos", 1)),
-                   retain=bool(data.get("retain", False)))
+                   retain=bool(data.get("retain", False)), attempts=data.get("attempts"),
+                   reason=data.get("reason"), dead_at=data.get("dead_at"))

@@ -17,11 +17,13 @@ from typing import Any, List, Optional, Tuple
 import yaml
 
 from flashlexd.quotas import quota_warnings
+from flashlexd.topics import publish_topic_problem
 
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
 DEFAULT_SOCKET = "/run/flashlexd/flashlexd.sock"
 FULL_POLICIES = ("reject", "dropOldest")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
 
 # Keys that only meant something to the FlashLex SDK 1.4 (cloud API, callback style, its JSON
 # store file). They are accepted so old config files load, and otherwise ignored.
@@ -70,6 +72,8 @@ class Mqtt:
     publish_bytes_rate: int    # payload + topic bytes per second, 0 = unlimited
     rate_source: str           # the key the publish rate came from, for check and warnings
     poison_attempts: int
+    max_topic_bytes: int     # outbound: `publish` refuses longer topics (AWS IoT's limit)
+    max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: Store's)
 
     def ingress_topics(self) -> Tuple[str, ...]:
         """Every topic filter the ingress worker subscribes to, without repeats, in order."""
@@ -342,7 +346,12 @@ def _mqtt(section: _Section, thing_name: str) -> Mqtt:
         publish_bytes_rate=section.integer("publishBytesPerSecond", 524288, minimum=0),
         rate_source=rate_source,
         poison_attempts=section.integer("poisonAttempts", 3, minimum=1),
+        max_topic_bytes=_at_most(section, "maxTopicBytes", 256, 65535),
+        max_payload_bytes=_at_most(section, "maxPayloadBytes", 131072, MAX_MQTT_PAYLOAD),
     )  # type: ignore[arg-type]
+    problem = publish_topic_problem(mqtt.egress_topic, mqtt.max_topic_bytes)
+    if problem:  # every default publish would be refused
+        raise ConfigError(f"{section.path}.egress.topic: {problem}")
     if mqtt.egress_client_id == mqtt.client_id:
         raise ConfigError(f"{section.path}.egressClientId: must differ from the ingress client id"
                           f" {mqtt.client_id!r} (a broker drops one of two connections with one id)")
@@ -389,6 +398,14 @@ def _publish_rate(section: _Section) -> Tuple[float, str]:
     if draining is not None:
         return draining, "drainingFrequency"
     return 100.0, "publishRatePerSecond"
+
+
+def _at_most(section: _Section, key: str, default: int, maximum: int) -> int:
+    """A positive byte count no larger than MQTT can carry."""
+    value = section.integer(key, default, minimum=1)
+    if value > maximum:
+        raise ConfigError(f"{section.path}.{key}: must be <= {maximum} (the MQTT limit), got {value}")
+    return value
 
 
 def _store(section: _Section, data_dir: Optional[str]) -> Store:

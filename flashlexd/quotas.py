@@ -47,6 +47,10 @@ def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt") -> List[str]:
     if mqtt.publish_bytes_rate == 0 or mqtt.publish_bytes_rate > PUBLISH_BYTES_RATE:
         over("publishBytesPerSecond", "unlimited" if mqtt.publish_bytes_rate == 0
              else mqtt.publish_bytes_rate, f"{PUBLISH_BYTES_RATE} bytes/s per connection")
+    if mqtt.max_payload_bytes > PAYLOAD_BYTES:
+        over("maxPayloadBytes", mqtt.max_payload_bytes, f"{PAYLOAD_BYTES} bytes per payload")
+    if mqtt.max_topic_bytes > TOPIC_BYTES:
+        over("maxTopicBytes", mqtt.max_topic_bytes, f"{TOPIC_BYTES} bytes per topic")
     if mqtt.max_inflight > IN_FLIGHT:
         over("maxInflight", mqtt.max_inflight, f"{IN_FLIGHT} unacknowledged publishes")
     low, high = KEEPALIVE_RANGE

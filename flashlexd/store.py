@@ -127,22 +127,15 @@ class OutboxEntry:
 
 
 @dataclass(frozen=True)
-class DeadLetter:
+class DeadLetter(OutboxEntry):
     """An outbox entry moved aside because the broker refused it `attempts` times."""
-    id: int
-    created: float
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
     attempts: int
     reason: str
     dead_at: float
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "created": self.created, "topic": self.topic,
-                "payload": self.payload, "qos": self.qos, "retain": self.retain,
-                "attempts": self.attempts, "reason": self.reason, "dead_at": self.dead_at}
+        return dict(super().to_dict(), attempts=self.attempts, reason=self.reason,
+                    dead_at=self.dead_at)
 
 
 def _key(record_id: int) -> bytes:
@@ -562,17 +555,21 @@ class Store:
         return self._write(work)  # type: ignore[return-value]
 
     def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
-        found: List[OutboxEntry] = []
+        """Oldest first; `after` is an exclusive id."""
+        return self._scan(self._outbox, limit, after, lambda key, fields: OutboxEntry(key, *fields[:5]))
+
+    def _scan(self, db, limit: int, after: Optional[int],
+              decode: Callable[[int, list], OutboxEntry]) -> list:
+        """Up to `limit` records of `db` past id `after`, each decoded from (id, fields)."""
+        found: list = []
         if limit <= 0:
             return found
         with self._read() as txn:
-            cursor = txn.cursor(db=self._outbox)
-            positioned = _start(cursor, after)
-            if not positioned:
+            cursor = txn.cursor(db=db)
+            if not _start(cursor, after):
                 return found
             for key, raw in cursor:
-                created, topic, payload, qos, retain = msgpack.unpackb(raw)
-                found.append(OutboxEntry(_ID.unpack(key)[0], created, topic, payload, qos, retain))
+                found.append(decode(_ID.unpack(key)[0], msgpack.unpackb(raw)))
                 if len(found) >= limit:
                     break
         return found
@@ -629,18 +626,7 @@ class Store:
 
     def dead_letters(self, limit: int = 100, after: Optional[int] = None) -> List[DeadLetter]:
         """Oldest (lowest outbox id) first; `after` is an exclusive id."""
-        found: List[DeadLetter] = []
-        if limit <= 0:
-            return found
-        with self._read() as txn:
-            cursor = txn.cursor(db=self._dead)
-            if not _start(cursor, after):
-                return found
-            for key, raw in cursor:
-                found.append(DeadLetter(_ID.unpack(key)[0], *msgpack.unpackb(raw)[:8]))
-                if len(found) >= limit:
-                    break
-        return found
+        return self._scan(self._dead, limit, after, lambda key, fields: DeadLetter(key, *fields[:8]))
 
     def dead_retry(self, ids: Iterable[int]) -> List[int]:
         """Move dead letters back to the outbox's tail (in id order, under new ids, attempts

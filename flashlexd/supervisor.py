@@ -110,9 +110,12 @@ class Supervisor:
         self.methods = Methods(self.store, self.status, self.wake_egress, mqtt.egress_topic,
                                mqtt.offline_publish_queueing,
                                lambda: bool(self.workers["egress"].mqtt.get("connected")),
-                               self.config.store.max_payload_bytes)
+                               self.config.store.max_payload_bytes,
+                               max_topic_bytes=mqtt.max_topic_bytes,
+                               max_publish_bytes=mqtt.max_payload_bytes)
+        # requests carry outbound payloads, responses inbound ones: frames fit the larger
         return RpcServer.from_config(self.config.api, self.methods, self.selector,
-                                     self.config.store.max_payload_bytes)
+                                     max(self.config.store.max_payload_bytes, mqtt.max_payload_bytes))
 
     def _close(self) -> None:
         if self.api is not None:
@@ -275,8 +278,9 @@ class Supervisor:
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
         up = sum(1 for w in self.workers.values() if w.state == "ready")
-        return (f"{', '.join(links)}; inbox {stats['inbox_count']}; outbox {stats['outbox_count']};"
-                f" workers {up}/{len(self.workers)}")
+        dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""
+        return (f"{', '.join(links)}; inbox {stats['inbox_count']}; outbox {stats['outbox_count']}"
+                f"{dead}; workers {up}/{len(self.workers)}")
 
     def status(self) -> Dict[str, Any]:
         """The supervisor's part of the API's `status`."""
@@ -316,6 +320,8 @@ class Supervisor:
             log.warning("API socket settings changed: they take effect at the next restart")
         self.methods.egress_topic = new.thing.mqtt.egress_topic
         self.methods.offline_publish_queueing = new.thing.mqtt.offline_publish_queueing
+        self.methods.max_topic_bytes = new.thing.mqtt.max_topic_bytes
+        self.methods.max_publish_bytes = new.thing.mqtt.max_payload_bytes
         if new.store != self.config.store:
             self.store.close()
             self.store = self.methods.store = Store.from_config(new.store,

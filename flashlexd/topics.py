@@ -1,10 +1,14 @@
-"""MQTT topic filter matching, for the API's `topic=` filters.
+"""MQTT topic filter matching, for the API's `topic=` filters, and the rules a topic must meet
+to be published.
 
 Written here rather than taken from paho (`topic_matches_sub`) so that the processes that hold
 no MQTT connection (the supervisor, the expiry worker) need not import paho and ssl at all:
 that import alone costs each of them about 5 MB of private memory.
 """
 from __future__ import annotations
+
+import re
+from typing import Optional
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -20,3 +24,36 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if index >= len(levels) or (part != "+" and part != levels[index]):
             return False
     return len(levels) == len(filter_levels)
+
+
+# Code points no broker should be sent in a topic: U+0000 and the C0/C1 control characters
+# (AWS IoT and MQTT 5 reject them; MQTT 3.1.1 section 1.5.3 says SHOULD NOT), and the Unicode
+# non-characters (U+FDD0-U+FDEF and the last two code points of every plane).
+_FORBIDDEN = re.compile("[\0-\x1f\x7f-\x9f\ufdd0-\ufdef"
+                        + "".join(chr(plane + last) for plane in range(0, 0x110000, 0x10000)
+                                  for last in (0xFFFE, 0xFFFF)) + "]")
+DEFAULT_MAX_TOPIC_BYTES = 256  # AWS IoT Core's limit
+
+
+def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES) -> Optional[str]:
+    """Why a broker would refuse `topic` as a PUBLISH topic (one phrase naming the rule), or
+    None when it is fine. Checked by `publish` so that no application can queue an entry that
+    would be refused (and, under MQTT 3.1.1, cut the egress connection) at every attempt."""
+    if not topic:
+        return "is empty"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 (lone surrogate U+{ord(topic[exc.start]):04X} at character {exc.start})"
+    bad = _FORBIDDEN.search(topic)
+    if bad:
+        code = ord(bad.group())
+        kind = ("U+0000 (NUL)" if code == 0 else f"control character U+{code:04X}"
+                if code <= 0x9F else f"Unicode non-character U+{code:04X}")
+        return f"contains {kind} at character {bad.start()}"
+    for wildcard in ("+", "#"):
+        if wildcard in topic:
+            return f"contains the wildcard {wildcard!r} (only subscriptions may use + and #)"
+    if size > max_bytes:
+        return f"is {size} bytes in UTF-8, over maxTopicBytes ({max_bytes})"
+    return None

@@ -35,7 +35,8 @@ def test_status(harness, fx):
     assert [w["name"] for w in status["workers"]] == ["ingress", "egress", "expiry"]
     assert status["mqtt"]["egress"]["connected"] is True
     assert status["inbox"]["count"] == 2 and status["inbox"]["oldest_age"] >= 0
-    assert status["outbox"] == {"count": 0, "oldest": None, "oldest_age": None, "limit": -1}
+    assert status["outbox"] == {"count": 0, "oldest": None, "oldest_age": None, "limit": -1,
+                                "dead": 0, "oldest_inflight_age": None}
     assert status["store"]["cap_bytes"] == 64 << 20 and status["store"]["used_bytes"] > 0
     assert status["counters"]["received"] == 2 and status["counters"]["restarts"] == 0
 

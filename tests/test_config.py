@@ -166,6 +166,8 @@ def test_seed_config_loads_unchanged_with_typed_values(seed_file: Path, keys_dir
     assert (mqtt.connect_timeout, mqtt.operation_timeout) == (60.0, 120.0)
     assert mqtt.client_id == "ecd13b11-mything"
     assert mqtt.egress_client_id == "ecd13b11-mything-egress"
+    assert (mqtt.max_topic_bytes, mqtt.max_payload_bytes) == (256, 131072)  # outbound limits
+    assert config.store.max_payload_bytes == 262144  # the inbound limit stays separate
 
     assert config.store.expire_seconds == 60.0
     assert config.store.data_dir == Path(DEFAULT_DATA_DIR) == Path("/var/lib/flashlexd")
@@ -272,6 +274,16 @@ BAD_CONFIGS = [
      setting("flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond", 0.5),
      "flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond:"
      " must be >= baseReconnectQuietTimeSecond (1)"),
+    ("max-topic-bytes-zero", setting("flashlex.thing.mqtt.maxTopicBytes", 0),
+     "flashlex.thing.mqtt.maxTopicBytes: must be >= 1, got 0"),
+    ("max-topic-bytes-over-mqtt", setting("flashlex.thing.mqtt.maxTopicBytes", 65536),
+     "flashlex.thing.mqtt.maxTopicBytes: must be <= 65535 (the MQTT limit), got 65536"),
+    ("max-payload-bytes-not-an-integer", setting("flashlex.thing.mqtt.maxPayloadBytes", "128k"),
+     "flashlex.thing.mqtt.maxPayloadBytes: expected an integer, got '128k'"),
+    ("egress-topic-with-a-wildcard", setting("flashlex.thing.mqtt.egress.topic", "out/+"),
+     "flashlex.thing.mqtt.egress.topic: contains the wildcard '+' (only subscriptions may use + and #)"),
+    ("egress-topic-over-max-topic-bytes", setting("flashlex.thing.mqtt.maxTopicBytes", 8),
+     "flashlex.thing.mqtt.egress.topic: is 16 bytes in UTF-8, over maxTopicBytes (8)"),
     ("same-client-ids", setting("flashlex.thing.mqtt.egressClientId", "ecd13b11-mything"),
      "flashlex.thing.mqtt.egressClientId: must differ from the ingress client id"
      " 'ecd13b11-mything' (a broker drops one of two connections with one id)"),

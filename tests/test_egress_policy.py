@@ -159,11 +159,11 @@ def test_bad_values_are_one_line_errors(tmp_path: Path, key: str, value, message
 def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> None:
     def over(document) -> None:
         mqtt = document["flashlex"]["thing"]["mqtt"]
-        mqtt.update(publishRatePerSecond=500, maxInflight=200, keepAliveSeconds=10,
+        mqtt.update(publishRatePerSecond=500, maxInflight=200, keepAliveSeconds=10, maxPayloadBytes=262144,
                     subscriptions=[f"t/{i}" for i in range(60)], egress={"topic": "a/b/c/d/e/f/g/h/i"})
     config = load(str(edited_config(tmp_path, over)))
     quota_lines = [w for w in config.warnings if "AWS IoT Core" in w]
-    assert len(quota_lines) == 5 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
+    assert len(quota_lines) == 6 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
     assert quota_warnings("mosquitto.local", "x", config.thing.mqtt) == []  # other brokers: no AWS quotas
 
 

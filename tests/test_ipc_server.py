@@ -44,7 +44,8 @@ class Harness:
             for i, n in enumerate(("ingress", "egress", "expiry"))]
         self.mqtt = {"ingress": {"connected": True}, "egress": {"connected": True}}
         self.methods = Methods(self.store, self.supervisor_status, self.outbox_added, EGRESS_TOPIC,
-                               queueing, lambda: self.egress_online, MAX_PAYLOAD)
+                               queueing, lambda: self.egress_online, MAX_PAYLOAD,
+                               max_publish_bytes=MAX_PAYLOAD)
         self.path = path or str(root / "run" / "flashlexd.sock")
         self.limits = limits or Limits.for_payload(MAX_PAYLOAD)
         self.loop = ServerLoop(lambda selector: RpcServer(self.path, self.methods, self.limits,

@@ -12,9 +12,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from flashlexd.client.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, REQUEST_OVERHEAD, Code
 from flashlexd.ipc.protocol import Pending, RpcFailure
-from flashlexd.store import Store, StoreError, StoreFull
+from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
+from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES, publish_topic_problem
 
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
+DEFAULT_MAX_PUBLISH_BYTES = 131072  # flashlex.thing.mqtt.maxPayloadBytes (AWS IoT's 128 KB)
 _MISSING = object()
 
 
@@ -64,13 +66,19 @@ class _Params:
             raise self.bad(name, "a message id (integer or pk string)", value)
         return value
 
-    def topic(self, name: str, wildcards: bool) -> Optional[str]:
+    def ids(self, name: str) -> List[int]:
+        """A list of at most MAX_IDS_PER_ACK record ids."""
+        ids = self.get(name)
+        if not isinstance(ids, list) or len(ids) > MAX_IDS_PER_ACK:
+            raise self.bad(name, f"a list of at most {MAX_IDS_PER_ACK} message ids", ids)
+        return [self.record_id(name, value) for value in ids]
+
+    def topic_filter(self, name: str) -> Optional[str]:
         value = self.get(name)
         if value is None:
             return None
-        kind = "an MQTT topic filter" if wildcards else "an MQTT topic without wildcards"
-        if not isinstance(value, str) or not _valid_topic(value, wildcards):
-            raise self.bad(name, kind, value)
+        if not isinstance(value, str) or not _valid_filter(value):
+            raise self.bad(name, "an MQTT topic filter", value)
         return value
 
     def done(self) -> None:
@@ -86,13 +94,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _valid_topic(topic: str, wildcards: bool) -> bool:
+def _valid_filter(topic: str) -> bool:
     if not topic or "\0" in topic or len(topic.encode("utf-8", "surrogatepass")) > 65535:
         return False
     levels = topic.split("/")
     for index, level in enumerate(levels):
-        if ("#" in level or "+" in level) and not wildcards:
-            return False
         if "#" in level and (level != "#" or index != len(levels) - 1):
             return False
         if "+" in level and level != "+":
@@ -107,12 +113,16 @@ def _age(timestamp: Optional[float], now: float) -> Optional[float]:
 class Methods:
     """The API methods; `handle(name, params)` is what `RpcServer` calls."""
 
-    NAMES = ("status", "messages", "ack", "wait", "publish", "outbox", "purge")
+    NAMES = ("status", "messages", "ack", "wait", "publish", "outbox", "retry", "drop", "purge")
 
     def __init__(self, store: Store, status_provider: Callable[[], Dict[str, Any]],
                  on_outbox_added: Callable[[], None], egress_topic: str,
                  offline_publish_queueing: int, egress_connected: Callable[[], bool],
-                 max_payload_bytes: int, response_budget: Optional[int] = None):
+                 max_payload_bytes: int, response_budget: Optional[int] = None,
+                 max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
+                 max_publish_bytes: int = DEFAULT_MAX_PUBLISH_BYTES):
+        """`max_payload_bytes` is the inbound limit (it sizes responses); `max_topic_bytes` and
+        `max_publish_bytes` are what `publish` accepts (flashlex.thing.mqtt's limits)."""
         self.store = store
         self.status_provider = status_provider
         self.on_outbox_added = on_outbox_added
@@ -120,6 +130,8 @@ class Methods:
         self.offline_publish_queueing = offline_publish_queueing
         self.egress_connected = egress_connected
         self.max_payload_bytes = max_payload_bytes
+        self.max_topic_bytes = max_topic_bytes
+        self.max_publish_bytes = max_publish_bytes
         self.response_budget = response_budget or REQUEST_OVERHEAD + max_payload_bytes
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
 
@@ -153,7 +165,7 @@ class Methods:
 
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
         limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
-        topic = p.topic("topic", wildcards=True)
+        topic = p.topic_filter("topic")
         after = p.get("after")
         after = None if after is None else p.record_id("after", after)
         return limit, topic, after
@@ -165,9 +177,9 @@ class Methods:
         now = time.time()
         supervisor = dict(self.status_provider())
         figures = self.store.stats()
-        counters = {name: figures[name] for name in ("received", "duplicates", "acked", "expired",
-                                                     "dropped_full", "purged", "queued", "sent")}
+        counters = {name: figures[name] for name in COUNTERS}
         counters.update(supervisor.get("counters") or {})
+        egress = (supervisor.get("mqtt") or {}).get("egress") or {}
         supervisor.update({
             "version": supervisor.get("version"),
             "uptime": supervisor.get("uptime"),
@@ -178,7 +190,9 @@ class Methods:
                       "last_id": figures["inbox_last_id"]},
             "outbox": {"count": figures["outbox_count"], "oldest": figures["outbox_oldest"],
                        "oldest_age": _age(figures["outbox_oldest"], now),  # type: ignore[arg-type]
-                       "limit": self.offline_publish_queueing},
+                       "limit": self.offline_publish_queueing, "dead": figures["dead_count"],
+                       # reported by the egress worker with its counters (heartbeat-fresh)
+                       "oldest_inflight_age": egress.get("oldest_inflight_age")},
             "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
                       "when_full": figures["when_full"], "path": str(self.store.path)},
             "counters": counters,
@@ -191,12 +205,9 @@ class Methods:
         return self._fetch(limit, topic, after)
 
     def _ack(self, p: _Params) -> int:
-        ids = p.get("ids")
-        if not isinstance(ids, list) or len(ids) > MAX_IDS_PER_ACK:
-            raise p.bad("ids", f"a list of at most {MAX_IDS_PER_ACK} message ids", ids)
-        numbers = [p.record_id("ids", value) for value in ids]
+        ids = p.ids("ids")
         p.done()
-        return self.store.ack(numbers)
+        return self.store.ack(ids)
 
     def _wait(self, p: _Params) -> Any:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
@@ -219,13 +230,23 @@ class Methods:
             payload = payload.encode("utf-8")
         if not isinstance(payload, bytes):
             raise p.bad("payload", "bytes or a string", payload)
-        topic = p.topic("topic", wildcards=False) or self.egress_topic
+        topic = p.get("topic")
+        if topic is None:
+            topic = self.egress_topic  # checked when the config was loaded
+        elif not isinstance(topic, str):
+            raise p.bad("topic", "an MQTT topic (a string)", topic)
+        else:
+            problem = publish_topic_problem(topic, self.max_topic_bytes)
+            if problem:
+                raise RpcFailure(Code.BAD_PARAMS, f"publish: param 'topic' {problem}: "
+                                 f"{_show(topic)} (nothing was queued)")
         qos = p.integer("qos", 1, 0, 1)
         retain = p.boolean("retain", False)
         p.done()
-        if len(payload) > self.max_payload_bytes:
-            raise RpcFailure(Code.PAYLOAD_TOO_LARGE, f"payload of {len(payload)} bytes exceeds "
-                             f"maxPayloadBytes ({self.max_payload_bytes})")
+        if len(payload) > self.max_publish_bytes:
+            raise RpcFailure(Code.PAYLOAD_TOO_LARGE, f"publish: payload of {len(payload)} bytes "
+                             f"exceeds flashlex.thing.mqtt.maxPayloadBytes ({self.max_publish_bytes})"
+                             f" (nothing was queued)")
         cap = self.offline_publish_queueing
         if cap == 0 and not self.egress_connected():
             raise RpcFailure(Code.EGRESS_OFFLINE, "egress is not connected and offlinePublishQueueing"
@@ -236,13 +257,40 @@ class Methods:
         return {"id": outbox_id}
 
     def _outbox(self, p: _Params) -> Dict[str, Any]:
+        """Queued entries (or, with dead=true, dead letters), oldest first, with the counts."""
         limit = p.integer("limit", 10, 0, MAX_LIMIT)
+        dead = p.boolean("dead", False)
+        after = p.get("after")
+        after = None if after is None else p.record_id("after", after)
         p.done()
         figures = self.store.stats()
-        entries = [e.to_dict() for e in self.store.outbox_peek(limit)] if limit else []
-        return {"count": figures["outbox_count"], "limit": self.offline_publish_queueing,
+        if dead:
+            entries = [d.to_dict() for d in self.store.dead_letters(limit, after)]
+        else:  # attempts are counted by the egress worker, in memory: not known here
+            entries = [dict(e.to_dict(), attempts=None, reason=None)
+                       for e in self.store.outbox_peek(limit, after)]
+        for entry in entries:
+            entry["size"] = len(entry["payload"])
+        return {"count": figures["outbox_count"], "dead": figures["dead_count"],
+                "limit": self.offline_publish_queueing,
                 "oldest_age": _age(figures["outbox_oldest"], time.time()),  # type: ignore[arg-type]
                 "entries": self._bounded(entries)}
+
+    def _retry(self, p: _Params) -> List[int]:
+        """Dead letters back to the outbox's tail; returns their new outbox ids."""
+        ids = p.ids("ids")
+        p.done()
+        moved = self.store.dead_retry(ids)
+        if moved:
+            self.on_outbox_added()
+        return moved
+
+    def _drop(self, p: _Params) -> int:
+        """Delete queued entries (or, with dead=true, dead letters); returns how many went."""
+        ids = p.ids("ids")
+        dead = p.boolean("dead", False)
+        p.done()
+        return self.store.outbox_drop(ids, dead=dead)
 
     def _purge(self, p: _Params) -> int:
         confirm = p.get("confirm")

@@ -150,7 +150,7 @@ class RpcServer:
     @classmethod
     def from_config(cls, api: Any, methods: Handler, selector: selectors.BaseSelector,
                     max_payload_bytes: int) -> "RpcServer":
-        """From `config.Api` and the store's maxPayloadBytes (which sizes the frame limit)."""
+        """From `config.Api` and the largest payload a frame must carry (it sizes the limit)."""
         limits = Limits.for_payload(max_payload_bytes, max_connections=api.max_connections,
                                     idle_timeout=api.idle_timeout)
         return cls(api.socket_path, methods, limits, selector, group=api.socket_group,

@@ -6,7 +6,10 @@ sd_notify socket. Its end of the supervisor link is fd 3.
 
 The loop is single-threaded: it waits on the link, a signal wake-up pipe and whatever the worker
 asks for (`wait_fds`), then lets the worker run (`on_ready`, `tick`). The heartbeat is sent from
-this loop, so a heartbeat proves the worker's real work is making progress.
+this loop, so a heartbeat proves the worker's real work is making progress. It carries the
+worker's counters, and is sent early (at most every COUNTERS_EVERY seconds) when they changed:
+`status` shows them next to the store's totals, which it reads live, so counters a whole
+heartbeat period old would contradict them.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3  # could not start (store, config): the supervisor backs off
+COUNTERS_EVERY = 0.05  # seconds: the least time between two heartbeats sent for changed counters
 
 
 class Worker:
@@ -37,6 +41,8 @@ class Worker:
         self.stopping = False
         self.counters: Dict[str, Any] = {}
         self._next_heartbeat = 0.0
+        self._sent_counters: Dict[str, Any] = {}
+        self._sent_at = float("-inf")
 
     # -- for subclasses ---------------------------------------------------------------------
 
@@ -108,11 +114,16 @@ class Worker:
                 self.on_command(message)
 
     def _heartbeat(self, now: float) -> float:
-        interval = self.config.supervision.heartbeat_seconds
-        if now >= self._next_heartbeat:
+        """Send a heartbeat when due, or early when the counters changed; returns the seconds
+        until the next one may be needed."""
+        changed = self.counters != self._sent_counters
+        if now >= self._next_heartbeat or (changed and now >= self._sent_at + COUNTERS_EVERY):
             self.report("hb", counters=self.counters)
-            self._next_heartbeat = now + interval
-        return self._next_heartbeat - now
+            self._sent_counters, self._sent_at = dict(self.counters), now
+            self._next_heartbeat = now + self.config.supervision.heartbeat_seconds
+            changed = False
+        due = self._next_heartbeat - now
+        return min(due, self._sent_at + COUNTERS_EVERY - now) if changed else due
 
 
 def _drain(fd: int) -> None:

@@ -229,13 +229,13 @@ def test_store_full_drop_oldest_keeps_the_newest_and_counts_the_dropped(broker, 
     dropped = counters["dropped_full"]
     refused = None
     try:
-        fx.publish(b"p" * (200 * 1024))
+        fx.publish(b"p" * (100 * 1024))
     except RpcError as exc:
         refused = exc.code
     figures = (f"store full (dropOldest): sent {CAP_SENT}, received {counters['received']}, "
                f"kept {len(kept)} newest, dropped_full {dropped}, "
                f"lost uncounted {CAP_SENT - len(kept) - dropped}, used {store['used_bytes']} "
-               f"of {store['cap_bytes']} bytes, 200 KiB publish at the cap refused: {refused}")
+               f"of {store['cap_bytes']} bytes, 100 KiB publish at the cap refused: {refused}")
     assert counters["received"] == CAP_SENT, figures
     assert dropped > 0 and len(kept) + dropped == CAP_SENT, figures
     assert numbers == list(range(dropped, CAP_SENT)), figures  # exactly the newest, in order
@@ -247,7 +247,7 @@ def test_store_full_drop_oldest_keeps_the_newest_and_counts_the_dropped(broker, 
 
     # recovery: free the store, then both directions work again and nothing more is dropped
     fx.ack(kept)
-    published = fx.publish(b"p" * (200 * 1024))
+    published = fx.publish(b"p" * (100 * 1024))
     more = tmp_path / "more"
     write_lines(more, 100, width=CAP_WIDTH, start=CAP_SENT)
     wait_publisher(publish_lines(broker, INGRESS_TOPIC, more, client_id="full-pub"))
