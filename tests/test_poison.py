@@ -7,8 +7,10 @@ from typing import Iterator, List
 
 import pytest
 
+from flashlexd.client import connect
 from flashlexd.store import Store
 from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
+from tests.daemon import Daemon
 from tests.test_egress import assert_delivered_in_order
 
 MAX_PACKET = 10_000  # mosquitto disconnects a client that sends a bigger packet
@@ -53,3 +55,28 @@ def test_a_poison_entry_is_dead_lettered_and_the_rest_delivered_in_order(
                 and w.counters.get("oldest_inflight_age") is None, 10, "back to full speed, counted")
     assert worker.stop() == 0
     subscriber.stop()
+
+
+def test_through_the_daemon_a_retried_poison_entry_comes_back_and_a_drop_ends_it(
+        strict_broker: Broker, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config", strict_broker)
+    subscriber = Subscriber(strict_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    daemon = Daemon(config, tmp_path / "daemon").start()
+    try:
+        wait_for(lambda: daemon.socket_path.exists(), 20, "the API socket")
+        with connect(str(daemon.socket_path)) as fx:
+            poison = fx.publish(b"p" * (2 * MAX_PACKET))  # under maxPayloadBytes, over the broker's limit
+            fx.publish(b"after")
+            wait_for(lambda: subscriber.lines() == [b"after"], 30, "the entry behind the poison")
+            wait_for(lambda: fx.status()["outbox"]["dead"] == 1, 10, "the poison dead-lettered")
+            assert [e.id for e in fx.outbox(dead=True)["entries"]] == [poison]
+            wait_for(lambda: fx.status()["outbox"]["oldest_inflight_age"] is None, 10, "nothing in flight")
+            again = fx.retry([poison])[0]
+            wait_for(lambda: [e.id for e in fx.outbox(dead=True)["entries"]] == [again], 30,
+                     "the retried entry refused again")
+            assert fx.drop([again], dead=True) == 1
+            assert fx.status()["outbox"]["dead"] == 0 and fx.outbox()["count"] == 0
+        assert subscriber.lines() == [b"after"]
+    finally:
+        daemon.stop()
+        subscriber.stop()
