@@ -155,6 +155,8 @@ def render_status(status: Dict[str, Any], path: str) -> str:
         word = "connected" if info.pop("connected", False) else "not connected"
         error = info.pop("error", None)
         word += f", {error}" if error else ""
+        granted = info.pop("subscriptions", None)
+        word += f", subscribed to {', '.join(f'{t} (QoS {q})' for t, q in granted)}" if granted else ""
         extra = ", ".join(f"{k} {v}" for k, v in info.items() if v not in (None, ""))
         lines.append(f"mqtt {side:<8} {word}" + (f" (since the worker started: {extra})" if extra else ""))
     inbox, outbox, store = status.get("inbox", {}), status.get("outbox", {}), status.get("store", {})

@@ -174,5 +174,8 @@ def test_flashlexctl_status_says_how_the_drain_goes() -> None:
     assert drain_line({"rate_limit": 0, "send_rate": 850.0, "eta_s": 3600.0}, 3_060_000 // 1000) \
         == "draining 3060 entries at 850/s, ~1h 0m"
     assert drain_line(egress, 0) == ""
-    status = {"mqtt": {"egress": egress}, "outbox": {"count": 2000}, "workers": []}
-    assert "draining 2000 entries at 100/s, ~20 s" in render_status(status, "/run/x.sock").splitlines()
+    ingress = {"connected": True, "subscriptions": [["ingress/t", 1], ["pubsub/t", 0]]}
+    status = {"mqtt": {"egress": egress, "ingress": ingress}, "outbox": {"count": 2000}, "workers": []}
+    lines = render_status(status, "/run/x.sock").splitlines()
+    assert "draining 2000 entries at 100/s, ~20 s" in lines
+    assert "mqtt ingress  connected, subscribed to ingress/t (QoS 1), pubsub/t (QoS 0)" in lines
