@@ -13,6 +13,9 @@ A kill at any instant loses nothing: an unacknowledged message is redelivered by
 PUBACKs are sent only on the connection a message arrived on: after a reconnect, the broker
 redelivers whatever we had not acknowledged.
 
+The link is reported connected only once the broker granted the subscriptions (SUBACK), with
+the list of what it granted: a connection that does not receive yet is not "up".
+
 A full store (policy `reject`) is back-pressure, not loss: what does not fit stays
 unacknowledged, so the broker keeps it, and the commit is retried every RETRY_SECONDS. A full
 disk is handled the same way.
