@@ -97,6 +97,20 @@ SECTIONS = [
         "As for ingest, the baseline uses paho's own loop and queue; the worker batches its deletes"
         " (one transaction per loop pass)."),
     Section(
+        "quota", "MQTT drain under AWS IoT Core's publish quota, and a frozen broker noticed",
+        ["bench/bench_egress_quota.py", "--entries", "3000", "--runs", "3"], ["--entries", "300", "--runs", "1"],
+        "The real egress worker draining ~200-byte entries through tests/quota_proxy.py (a TLS"
+        " proxy in front of mosquitto that drops PUBLISHes past 100/s per connection without a"
+        " PUBACK, as AWS IoT Core does): with the default limits (100/s, 512 KiB/s), unlimited with"
+        " the quota only counted, and unlimited with the quota enforced (stopped after 15 s: the"
+        " stall). Then mosquitto SIGSTOPped under a draining egress link and an idle ingress link"
+        " (keepAliveSeconds 5, mqttOperationTimeout 120), timed until the worker reports the link"
+        " down. Baseline: unlimited on mosquitto. Targets: the AWS profile drains everything with 0"
+        " publishes over the quota; a frozen broker is noticed within 1.5 x keepalive.",
+        "The unlimited drain is far faster but sends most of its publishes over the quota: on AWS IoT"
+        " Core they are dropped, and the third row shows what follows (a window waiting for PUBACKs"
+        " until the operation timeout)."),
+    Section(
         "memory", "Memory: PSS of the supervisor and its three workers",
         ["bench/bench_memory.py", "--runs", "3"], ["--runs", "1", "--messages", "3000"],
         "The proportional set size (`Pss` of /proc/PID/smaps_rollup) of each process of a running"
@@ -278,6 +292,19 @@ def summarize(section: Section) -> None:
             value, target = float(m.group(1)), float(m.group(2))
             add((f"{what}{rate}: {m.group(1)}x bare paho", f">= {m.group(2)}x",
                  "borderline (equal to the target at 2 decimals)" if value == target else verdict(value > target)))
+    elif section.name == "quota":
+        m = find(r"^\| AWS profile .*? \| ([\d.]+) \| (\d+) \| (\d+) \| (\d+) \|$", out)
+        entries = find(r"^### Drain of (\d+) entries", out)
+        if m and entries:
+            add((f"AWS profile: {m.group(2)} of {entries.group(1)} delivered at {m.group(3)}/s, {m.group(4)}"
+                 " over the quota", "all delivered, 0 over", verdict(m.group(2) == entries.group(1)
+                                                                   and m.group(4) == "0")))
+        bound = find(r"silence bound ([\d.]+) s", out)
+        for link in ("egress link, draining", "ingress link, idle"):
+            d = find(rf"^\| {link} \| ([\d.]+) \| ([\d.]+) \|$", out)
+            if d and bound:
+                add((f"frozen broker noticed on the {link}: {d.group(1)} s (max {d.group(2)} s)",
+                     f"<= {bound.group(1)} s", verdict(float(d.group(2)) <= float(bound.group(1)) + 0.5)))
     elif section.name == "memory":
         m = find(r"idle (\S+ MB), peak under load (\S+ MB), with the messages stored (\S+ MB): (.*)$", out)
         if m:

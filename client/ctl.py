@@ -130,6 +130,17 @@ def _oldest(section: Dict[str, Any]) -> str:
     return f", oldest {ago(section['oldest_age'])}" if section.get("oldest_age") is not None else ""
 
 
+def drain_line(egress: Dict[str, Any], backlog: int) -> str:
+    """"draining 2000 entries at 100/s, ~20 s": the egress's rate in use and time to drain."""
+    if not backlog:
+        return ""
+    rate = egress.get("rate_limit") or egress.get("send_rate")
+    eta = egress.get("eta_s")
+    at = f" at {rate:g}/s" if rate else ""
+    left = "" if eta is None else f", ~{eta:.0f} s" if eta < 60 else f", ~{duration(eta)}"
+    return f"draining {backlog} entries{at}{left}"
+
+
 def render_status(status: Dict[str, Any], path: str) -> str:
     problems = health(status)
     state = "healthy" if not problems else "degraded: " + "; ".join(problems)
@@ -148,6 +159,8 @@ def render_status(status: Dict[str, Any], path: str) -> str:
         word = "connected" if info.pop("connected", False) else "not connected"
         error = info.pop("error", None)
         word += f", {error}" if error else ""
+        granted = info.pop("subscriptions", None)
+        word += f", subscribed to {', '.join(f'{t} (QoS {q})' for t, q in granted)}" if granted else ""
         extra = ", ".join(f"{k} {v}" for k, v in info.items() if v not in (None, ""))
         lines.append(f"mqtt {side:<8} {word}" + (f" (since the worker started: {extra})" if extra else ""))
     inbox, outbox, store = status.get("inbox", {}), status.get("outbox", {}), status.get("store", {})
@@ -161,6 +174,9 @@ def render_status(status: Dict[str, Any], path: str) -> str:
               f" (offline queueing: {cap_text}), {_plural(outbox.get('dead') or 0, 'dead letter')}",
               f"store     {human_bytes(used)} of {human_bytes(cap)}{share},"
               f" when full: {store.get('when_full', '?')}"]
+    draining = drain_line(mqtt.get("egress") or {}, outbox.get("count", 0))
+    if draining:
+        lines.append(draining)
     counters = status.get("counters") or {}
     if counters:  # the store's running totals, read at this call
         lines.append("totals    " + ", ".join(f"{k} {v}" for k, v in counters.items())

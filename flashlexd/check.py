@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from flashlexd import config as config_module
 from flashlexd.config import Config, ConfigError, Thing
+from flashlexd.ratelimit import describe_rate
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -176,7 +177,9 @@ def check_config(path: str, keys_dir: Optional[str], data_dir: Optional[str]) ->
     except ConfigError as exc:
         raise Failed(str(exc)) from None
     thing = config.thing
-    detail = f"{path}: thing {thing.name!r}, broker {thing.endpoint}:{thing.mqtt.port}"
+    mqtt = thing.mqtt
+    detail = (f"{path}: thing {thing.name!r}, broker {thing.endpoint}:{thing.mqtt.port}; egress rate"
+              f" {describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate, mqtt.rate_source, mqtt.max_inflight)}")
     if config.warnings:
         detail += "; warning: " + "; warning: ".join(config.warnings)
     return detail, config

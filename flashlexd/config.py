@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Tuple
 from flashlexd.client.wire import REQUEST_OVERHEAD
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 
+from flashlexd.quotas import quota_warnings
 from flashlexd.topics import publish_topic_problem
 
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
@@ -61,10 +62,13 @@ class Mqtt:
     egress_client_id: str
     backoff: Backoff
     offline_publish_queueing: int
-    draining_frequency: float
     connect_timeout: float
     operation_timeout: float
     max_inflight: int
+    publish_rate: float        # publishes per second, 0 = unlimited
+    publish_bytes_rate: int    # payload + topic bytes per second, 0 = unlimited
+    rate_source: str           # the key the publish rate came from, for check and warnings
+    poison_attempts: int
     max_topic_bytes: int     # outbound: `publish` refuses longer topics (AWS IoT's limit)
     max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: Store's)
 
@@ -281,6 +285,7 @@ def _thing(section: _Section, keys_base: Path, warnings: List[str], keys_base_na
     keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
                  legacy_base)
     mqtt = _mqtt(section.section("mqtt", required=True), name)  # type: ignore[arg-type]
+    warnings.extend(quota_warnings(endpoint, f"{section.path}.mqtt", mqtt))  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 
@@ -324,6 +329,7 @@ def _mqtt(section: _Section, thing_name: str) -> Mqtt:
                           f"baseReconnectQuietTimeSecond ({backoff.base_seconds:g})")
     backoff_section.warn_unknown()
     client_id = section.text("clientId", thing_name)
+    rate, rate_source = _publish_rate(section)
     mqtt = Mqtt(
         port=port,
         use_websocket=section.boolean("useWebsocket", False),
@@ -331,15 +337,18 @@ def _mqtt(section: _Section, thing_name: str) -> Mqtt:
         pubsub_topic=section.section("pubsub").text("topic"),
         egress_topic=section.section("egress", required=True).text("topic", required=True),
         subscriptions=section.text_list("subscriptions"),
-        keepalive=section.integer("keepalive", 30, minimum=5),
+        keepalive=_keepalive(section),
         client_id=client_id,
         egress_client_id=section.text("egressClientId", f"{client_id}-egress"),
         backoff=backoff,
         offline_publish_queueing=section.integer("offlinePublishQueueing", -1, minimum=-1),
-        draining_frequency=section.seconds("drainingFrequency", 2.0),
         connect_timeout=section.seconds("connectDisconnectTimeout", 10.0),
-        operation_timeout=section.seconds("mqttOperationTimeout", 5.0),
+        operation_timeout=section.seconds("mqttOperationTimeout", 30.0),
         max_inflight=section.integer("maxInflight", 100, minimum=1),
+        publish_rate=rate,
+        publish_bytes_rate=section.integer("publishBytesPerSecond", 524288, minimum=0),
+        rate_source=rate_source,
+        poison_attempts=section.integer("poisonAttempts", 3, minimum=1),
         max_topic_bytes=_at_most(section, "maxTopicBytes", 256, 65535),
         max_payload_bytes=_at_most(section, "maxPayloadBytes", 131072, MAX_MQTT_PAYLOAD),
     )  # type: ignore[arg-type]
@@ -351,6 +360,47 @@ def _mqtt(section: _Section, thing_name: str) -> Mqtt:
                           f" {mqtt.client_id!r} (a broker drops one of two connections with one id)")
     section.warn_unknown()
     return mqtt
+
+
+def _keepalive(section: _Section) -> int:
+    """`keepAliveSeconds`; `keepalive` (flashlexd 0.1's name) is still read when it is absent."""
+    if section.data.get("keepAliveSeconds") is not None and section.data.get("keepalive") is not None:
+        section.used.add("keepalive")
+        section.warnings.append(f"{section.path}.keepalive: ignored, keepAliveSeconds is set")
+    if section.data.get("keepAliveSeconds") is None and section.data.get("keepalive") is not None:
+        return section.integer("keepalive", minimum=2)
+    return section.integer("keepAliveSeconds", 30, minimum=2)
+
+
+def _publish_rate(section: _Section) -> Tuple[float, str]:
+    """Egress publishes per second and the key it came from.
+
+    `drainingFrequency` keeps the FlashLex SDK's meaning (AWSIoTPythonSDK's
+    configureDrainingFrequency: requests per second when draining queued publishes). Every
+    flashlexd publish is drained from the outbox, so it is the egress rate, unless
+    `publishRatePerSecond` (its new name, 0 = unlimited) is given. `check` and the egress
+    worker's start line say which key set the rate, so the seed's 2/s is never a surprise."""
+    def rate(key: str, allow_zero: bool) -> Optional[float]:
+        value = section._raw(key, False)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{section.path}.{key}: expected a number per second, got {_show(value)}")
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0 (0: unlimited)" if allow_zero else "greater than 0"
+            raise ConfigError(f"{section.path}.{key}: must be {bound}, got {value}")
+        return float(value)
+
+    draining = rate("drainingFrequency", allow_zero=False)
+    explicit = rate("publishRatePerSecond", allow_zero=True)
+    if explicit is not None:
+        if draining is not None:
+            section.warnings.append(f"{section.path}.drainingFrequency: ignored, publishRatePerSecond"
+                                    f" ({explicit:g}/s) is set")
+        return explicit, "publishRatePerSecond"
+    if draining is not None:
+        return draining, "drainingFrequency"
+    return 100.0, "publishRatePerSecond"
 
 
 def _at_most(section: _Section, key: str, default: int, maximum: int) -> int:

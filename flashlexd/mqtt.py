@@ -4,8 +4,8 @@
 No paho thread and no `loop_forever`: the worker's loop waits on `Connection.wait_fds()`,
 calls `on_ready()` and `service()`, so every callback runs on the worker's main thread and a
 heartbeat proves the MQTT work is progressing. paho's loop would also pace reconnects by
-sleeping; here `ReconnectBackoff` (pure, fake-clock testable) only says when the next CONNECT
-is due and the loop does other work meanwhile.
+sleeping, and its connect blocks; here `ReconnectBackoff` only says when the next CONNECT is
+due, a `Dialer` connects without blocking, and a `LinkWatch` says when a link stopped answering.
 
 Sessions are MQTT 3.1.1 with `clean_session=False` and a fixed client id: the broker keeps our
 subscriptions and unacknowledged messages across disconnects and worker restarts.
@@ -13,7 +13,6 @@ subscriptions and unacknowledged messages across disconnects and worker restarts
 from __future__ import annotations
 
 import logging
-import random
 import select
 import socket
 import ssl
@@ -23,64 +22,25 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from flashlexd.config import Backoff, Config, ConfigError, Keys, Thing
+from flashlexd.backoff import ReconnectBackoff
+from flashlexd.config import Config, ConfigError, Keys, Thing
+from flashlexd.dialer import DialedClient, Dialer
+from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
 log = logging.getLogger(__name__)
 
-MIN_CONNECT_INTERVAL = 1.0  # AWS IoT throttles CONNECTs per client id to one a second
-JITTER = 0.25               # up to +25% on each quiet time, so a fleet does not reconnect in step
 ALPN_PORT = 443             # AWS IoT serves MQTT with client certs on 443 only with this ALPN
 ALPN_PROTOCOL = "x-amzn-mqtt-ca"
 WEBSOCKET_PATH = "/mqtt"
 MAX_PACKETS_PER_PASS = 1024
+QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a client-id conflict?
 # An alert the broker sends when it does not accept our client certificate.
 _REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",
                         "ACCESS_DENIED", "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_EXPIRED",
                         "CERTIFICATE_REVOKED")
 _HOST_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH (64 is the IP address twin)
 _ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
-
-
-class ReconnectBackoff:
-    """When the next CONNECT may go out.
-
-    Quiet times start at `base_seconds` and double after each failed attempt or short-lived
-    connection, up to `max_seconds`; a connection that stayed up `stable_seconds` resets them.
-    Each wait gets up to JITTER more, and two CONNECTs are never less than MIN_CONNECT_INTERVAL
-    apart. The first attempt is immediate.
-    """
-
-    def __init__(self, policy: Backoff, clock: Callable[[], float] = time.monotonic,
-                 rand: Callable[[], float] = random.random):
-        self.policy, self.clock, self.rand = policy, clock, rand
-        self.quiet = policy.base_seconds
-        self.due_at = clock()
-        self.last_attempt: Optional[float] = None
-        self.connected_at: Optional[float] = None
-
-    def wait(self) -> float:
-        """Seconds until a CONNECT may be attempted (0: now)."""
-        return max(0.0, self.due_at - self.clock())
-
-    def attempted(self) -> None:
-        now = self.clock()
-        self.last_attempt = now
-        self.due_at = now + MIN_CONNECT_INTERVAL  # until told how it went
-
-    def connected(self) -> None:
-        self.connected_at = self.clock()
-
-    def lost(self) -> None:
-        """The attempt failed or the connection dropped: schedule the next attempt."""
-        now = self.clock()
-        if self.connected_at is not None and now - self.connected_at >= self.policy.stable_seconds:
-            self.quiet = self.policy.base_seconds
-        self.connected_at = None
-        wait = self.quiet * (1 + JITTER * self.rand())
-        earliest = (now if self.last_attempt is None else self.last_attempt) + MIN_CONNECT_INTERVAL
-        self.due_at = max(now + wait, earliest)
-        self.quiet = min(self.quiet * 2, self.policy.max_seconds)
 
 
 def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
@@ -103,16 +63,18 @@ def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
 
 
 def build_client(thing: Thing, client_id: str, connect_timeout: float,
-                 clean_session: bool = False) -> paho.Client:
-    """A paho client for `thing`, not yet connected; `Connection` drives it.
-    `connect_timeout` bounds the blocking TCP connect and TLS handshake. The daemon's sessions
-    are persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker."""
+                 clean_session: bool = False, context: Optional[ssl.SSLContext] = None,
+                 dialed: bool = False) -> paho.Client:
+    """A paho client for `thing`, not yet connected. `connect_timeout` bounds paho's own
+    blocking TCP connect and TLS handshake (`check`, benchmarks); a `dialed` client instead takes
+    the socket a non-blocking `Dialer` made (`Connection`). The daemon's sessions are
+    persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker."""
     mqtt = thing.mqtt
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+    client = (DialedClient if dialed else paho.Client)(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                          protocol=paho.MQTTv311,
                          transport="websockets" if mqtt.use_websocket else "tcp",
                          reconnect_on_failure=False)  # no silent MQTT 3.1 downgrade-and-retry
-    client.tls_set_context(tls_context(thing.keys, alpn=mqtt.port == ALPN_PORT and not mqtt.use_websocket))
+    client.tls_set_context(context or tls_context(thing.keys, alpn=uses_alpn(thing)))
     if mqtt.use_websocket:
         client.ws_set_options(path=WEBSOCKET_PATH)
     client.max_inflight_messages_set(mqtt.max_inflight)
@@ -120,6 +82,10 @@ def build_client(thing: Thing, client_id: str, connect_timeout: float,
     client.connect_timeout = connect_timeout
     client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive)  # records where; no I/O
     return client
+
+
+def uses_alpn(thing: Thing) -> bool:
+    return thing.mqtt.port == ALPN_PORT and not thing.mqtt.use_websocket
 
 
 def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
@@ -178,45 +144,101 @@ class Connection:
     `on_change(connected, error)` is called when the connection comes up (error None) and on
     each failed attempt or drop (with a one-line reason); `on_message(message)` for each
     PUBLISH received, `on_publish(mid)` for each of ours the broker acknowledged.
-    connectDisconnectTimeout bounds an attempt: the blocking TCP+TLS part (capped at half the
-    heartbeat timeout, so a black-holed endpoint never stalls the heartbeat into a kill) and
-    then the wait for CONNACK.
+
+    No step blocks the loop: the connect and TLS handshake run through a `Dialer` the loop's
+    select() waits on, and connectDisconnectTimeout bounds the attempt up to the CONNACK. Once
+    up, a `LinkWatch` gives every acknowledgement a deadline (mqttOperationTimeout) and the
+    broker's silence one (1.5 x keepalive at most); past either, the socket is closed and the
+    usual reconnect follows. `fresh_client` builds a new paho client for every attempt, so paho
+    resends nothing by itself: the egress resends its in-flight entries itself, paced and in
+    order, and can send a suspect one alone.
     """
 
     def __init__(self, config: Config, client_id: str,
                  on_change: Callable[[bool, Optional[str]], None],
                  on_message: Optional[Callable[[paho.MQTTMessage], None]] = None,
                  on_publish: Optional[Callable[[int], None]] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, fresh_client: bool = False):
         self.thing = config.thing
         self.client_id = client_id
         self.on_change = on_change
+        self.on_message, self.on_publish = on_message, on_publish
         self.clock = clock
-        self.timeout = config.thing.mqtt.connect_timeout
-        self.client = build_client(config.thing, client_id,
-                                   min(self.timeout, config.supervision.heartbeat_timeout / 2))
-        self.backoff = ReconnectBackoff(config.thing.mqtt.backoff, clock)
+        self.fresh_client = fresh_client
+        mqtt = config.thing.mqtt
+        self.timeout = mqtt.connect_timeout
+        self.keepalive = mqtt.keepalive
+        self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
+        self.watch = LinkWatch(mqtt.keepalive, mqtt.operation_timeout, clock)
+        self.backoff = ReconnectBackoff(mqtt.backoff, clock)
+        self.client = self._build()
+        self.dialer: Optional[Dialer] = None
         self.connected = False
         self.closing = False
         self.handled = 0  # PUBLISH and PUBACK packets passed on: how on_ready sees progress
+        self.sessions_lost = 0
+        self.throttled = 0       # links closed because the broker stopped acknowledging publishes
+        self.testing_one_entry = False  # set by the egress: a drop now is that entry's doing
+        self._had_session = False
+        self._up_since: Optional[float] = None
+        self._down_since: Optional[float] = None
+        self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
+        self._dead_reason: Optional[str] = None
+        self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
         self._connack_due: Optional[float] = None
         self._errors = LastError()
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        if on_message is not None:
+
+    def _build(self) -> paho.Client:
+        client = build_client(self.thing, self.client_id, min(self.timeout, 1.0), context=self.context,
+                              dialed=True)  # the timeout bounds only a websocket upgrade
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        if self.on_message is not None:
+            deliver = self.on_message
+
             def message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
                 self.handled += 1
-                on_message(msg)
-            self.client.on_message = message
-        if on_publish is not None:
+                deliver(msg)
+            client.on_message = message
+        if self.on_publish is not None:
+            acknowledged = self.on_publish
+
             def published(client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
                 self.handled += 1
-                on_publish(mid)
-            self.client.on_publish = published
+                self.watch.answered("PUBACK", mid)
+                acknowledged(mid)
+            client.on_publish = published
+        return client
+
+    # -- requests whose acknowledgement is awaited ------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos, retain)
+        if qos and info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.watch.expect("PUBACK", info.mid)
+        return info
+
+    def subscribe(self, topics: Sequence[Tuple[str, int]]) -> Tuple[MQTTErrorCode, Optional[int]]:
+        rc, mid = self.client.subscribe(list(topics))
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self.watch.expect("SUBACK", mid)
+        return rc, mid
+
+    def unsubscribe(self, topic: str) -> Tuple[MQTTErrorCode, Optional[int]]:
+        rc, mid = self.client.unsubscribe(topic)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self.watch.expect("UNSUBACK", mid)
+        return rc, mid
+
+    def acknowledged(self, kind: str, mid: int) -> None:
+        """A SUBACK or UNSUBACK arrived (the worker's paho callback says so)."""
+        self.watch.answered(kind, mid)
 
     # -- the worker loop's hooks ------------------------------------------------------------------
 
     def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
+        if self.dialer is not None:
+            return self.dialer.wait_fds()
         sock = self.client.socket()
         if sock is None:
             return (), ()
@@ -229,10 +251,15 @@ class Connection:
         Reads go on while they yield messages, with no select() per packet (paho's own loop
         does one): a read that finds nothing (or only a PINGRESP, SUBACK...) ends the pass and
         the worker's select() says when there is more."""
+        if self.dialer is not None:
+            if readable or writable:
+                self._dial_step()
+            return
         sock = self.client.socket()
         if sock is not None and sock in writable:
             self.client.loop_write()
         if sock is not None and sock in readable:
+            self.watch.heard_from()
             for _ in range(max(1, max_packets)):
                 before = self.handled
                 if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -246,23 +273,33 @@ class Connection:
         this wants to run again."""
         if self.closing:
             return 1.0
+        if self.dialer is not None:
+            self._dial_step()
+            return self.dialer.next_wait() if self.dialer is not None else 0.0
         if not self.connected and self._connack_due is None:
-            # down, or a timed-out attempt whose socket the next reconnect() closes
             if self.backoff.wait() > 0:
                 return self.backoff.wait()
             self._attempt()
-            return 0.0 if self._connack_due is not None else self.backoff.wait()
+            return 0.0
         if not self.connected and self._connack_due is not None and self.clock() >= self._connack_due:
             self._connack_due = None
+            self._abort_socket()
             self._failed(f"no CONNACK from {self.thing.endpoint}:{self.thing.mqtt.port}"
                          f" within {self.timeout:g}s")
             return self.backoff.wait()
+        if self.connected:
+            verdict = self.watch.verdict()
+            if verdict is not None:
+                self._declare_dead(verdict)
+                return 0.0
         self.client.loop_misc()
         sock = self.client.socket()
         if sock is not None and _buffered(sock):
             return 0.0  # TLS already decrypted more than select() can see
-        wait = 1.0  # keepalive and CONNACK checks run at least once a second
-        if self._connack_due is not None and not self.connected:
+        wait = min(1.0, self.keepalive / 4)  # paho's keepalive ping is sent from here
+        if self.connected:
+            wait = min(wait, self.watch.next_check())
+        elif self._connack_due is not None:
             wait = min(wait, max(0.0, self._connack_due - self.clock()))
         return wait
 
@@ -279,25 +316,74 @@ class Connection:
     def close(self, timeout: float) -> None:
         """Flush what is queued (acks, publishes), send DISCONNECT, and stop reconnecting."""
         self.closing = True
+        if self.dialer is not None:
+            self.dialer.close()
+            self.dialer = None
         if self.connected:
             self.flush(timeout)
             self.client.disconnect()
             self.flush(timeout)
 
-    # -- paho callbacks and attempts --------------------------------------------------------------
+    # -- attempts, paho callbacks -----------------------------------------------------------------
 
     def _attempt(self) -> None:
         self.backoff.attempted()
+        if self.fresh_client:
+            self.client = self._build()
         self._errors.take()
         self.client.enable_logger(self._errors)  # until CONNACK: why an attempt failed
+        self.dialer = Dialer(self.thing.endpoint, self.thing.mqtt.port, self.context, self.timeout,
+                             self.clock)
+        self._dial_step()
+
+    def _dial_step(self) -> None:
+        assert self.dialer is not None
+        try:
+            sock = self.dialer.step()
+        except (OSError, ssl.CertificateError, ValueError) as exc:
+            self.dialer = None
+            self._failed(describe_error(exc, self.thing, self.timeout),
+                         retry_in=CLOCK_RETRY_SECONDS if clock_problem(exc, self.thing, self.timeout) else None)
+            return
+        if sock is None:
+            return
+        self.dialer = None
+        self.client.dialed = sock  # type: ignore[attr-defined]
         self._connack_due = self.clock() + self.timeout  # set first: CONNECT may already fail inside
         try:
-            self.client.reconnect()  # TCP connect, TLS handshake, CONNECT written
+            self.client.reconnect()  # takes the socket, writes CONNECT
         except (OSError, ssl.CertificateError, ValueError) as exc:
             self._connack_due = None
-            timeout = self.client.connect_timeout
-            self._failed(describe_error(exc, self.thing, timeout),
-                         retry_in=CLOCK_RETRY_SECONDS if clock_problem(exc, self.thing, timeout) else None)
+            self._failed(describe_error(exc, self.thing, self.timeout))
+
+    def _declare_dead(self, verdict: Verdict) -> None:
+        """Close a link that stopped answering; `_on_disconnect` then reports the reason."""
+        where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
+        self.last_verdict = verdict
+        unacknowledged = self.watch.pending("PUBACK")
+        if verdict is Verdict.SILENT:
+            self._dead_reason = (f"no answer from {where} for {self.watch.silence_limit:g}s"
+                                 f" (keepalive {self.keepalive}s): broker frozen or path down")
+        elif unacknowledged:
+            self.throttled += 1
+            self._dead_reason = (f"{unacknowledged} publishes to {where} not acknowledged within"
+                                 f" {self.watch.operation_timeout:g}s (throttled over a quota, or the"
+                                 f" broker froze); resending them on a new connection")
+        else:
+            self._dead_reason = (f"no SUBACK/UNSUBACK from {where} within"
+                                 f" {self.watch.operation_timeout:g}s")
+        self._abort_socket()
+
+    def _abort_socket(self) -> None:
+        """Shut the socket down under paho: its next read finds the end and closes it."""
+        sock = self.client.socket()
+        if sock is None:
+            return
+        try:
+            getattr(sock, "_socket", sock).shutdown(socket.SHUT_RDWR)  # the websocket wrapper's socket
+        except OSError:
+            pass
+        self.client.loop_read()
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
@@ -307,29 +393,52 @@ class Connection:
             self._failed(f"broker {self.thing.endpoint}:{self.thing.mqtt.port} refused the"
                          f" connection of client id {self.client_id!r}: {reason}")
             return
+        now = self.clock()
         self.connected = True
+        self.last_verdict = None
         self.backoff.connected()
+        self.watch.up()
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
+        present = bool(flags.session_present)
         log.info("connected to %s:%d as %r (session present: %s)", self.thing.endpoint,
-                 self.thing.mqtt.port, self.client_id, bool(flags.session_present))
+                 self.thing.mqtt.port, self.client_id, present)
+        if self._had_session and not present:
+            self.sessions_lost += 1
+            away = now - self._down_since if self._down_since is not None else 0.0
+            log.warning("the broker %s:%d lost the session of client id %r (session present: false):"
+                        " what it held for us since the link was last up %.0fs ago is gone",
+                        self.thing.endpoint, self.thing.mqtt.port, self.client_id, away)
+        self._had_session = True
+        self._up_since = now
         self.on_change(True, None)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
+        if client is not self.client:
+            return  # a replaced client closing its old socket
         if not self.connected:
             if self._connack_due is not None:  # dropped between our CONNECT and its CONNACK
                 self._connack_due = None
                 self._failed(self._drop_reason(reason, before_connack=True))
             return
         self.connected = False
+        self._down_since = self.clock()
         if self.closing:
             self.on_change(False, None)
             return
-        self._failed(self._drop_reason(reason, before_connack=False))
+        entry_fault = self._entry_fault()
+        self._failed(self._drop_reason(reason, before_connack=False), entry_fault)
 
     def _drop_reason(self, reason: Any, before_connack: bool) -> str:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
         exc, message = self._errors.take()
+        dead, self._dead_reason = self._dead_reason, None
+        if dead is not None:
+            self._quick_drops = 0
+            return f"connection to {where} closed: {dead}"
+        if not before_connack and self._entry_fault():
+            self._quick_drops = 0
+            return f"connection to {where} closed by the broker with one entry in flight (refused?)"
         if before_connack and (exc is None or isinstance(exc, _ABRUPT_CLOSE)):
             # With TLS 1.3 the broker checks our certificate after our side of the handshake
             # is done, so its refusal often shows up only as a closed connection.
@@ -339,13 +448,23 @@ class Connection:
         if exc is not None:
             return describe_error(exc, self.thing, self.timeout)
         if reason == "Keep alive timeout":  # paho: no PINGRESP in time
-            return f"connection to {where} lost: no answer within keepalive ({self.thing.mqtt.keepalive}s)"
+            return f"connection to {where} lost: no answer within keepalive ({self.keepalive}s)"
+        lived = self.clock() - (self._up_since or 0.0)
+        quick = lived < self.backoff.policy.stable_seconds and not self.watch.pending("PUBACK")
+        self._quick_drops = self._quick_drops + 1 if quick else 0
+        if self._quick_drops >= QUICK_DROPS:
+            return (f"connection to {where} closed by the broker {self._quick_drops} times in a row"
+                    f" soon after CONNACK: another client is using client id {self.client_id!r}?")
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
 
-    def _failed(self, error: str, retry_in: Optional[float] = None) -> None:
+    def _entry_fault(self) -> bool:
+        """Did the broker close the link over the one entry the egress is testing alone?"""
+        return self.testing_one_entry and self._dead_reason is None and self.watch.pending("PUBACK") > 0
+
+    def _failed(self, error: str, entry_fault: bool = False, retry_in: Optional[float] = None) -> None:
         """`retry_in`: retry sooner than the backoff says (a clock waiting for time sync)."""
         self.connected = False
-        self.backoff.lost()
+        self.backoff.lost(broker_fault=not entry_fault)
         if retry_in is not None:
             self.backoff.due_at = min(self.backoff.due_at, self.clock() + retry_in)
         log.error("%s; retrying in %.1fs", error, self.backoff.wait())
@@ -355,4 +474,3 @@ class Connection:
 def _buffered(sock: Any) -> bool:
     pending = getattr(sock, "pending", None)
     return bool(pending and pending() > 0)
-

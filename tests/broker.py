@@ -150,8 +150,9 @@ class Broker:
     optional plain listener (for benchmarks), persistence in `workdir`, unlimited queues."""
 
     def __init__(self, certs: Certs, workdir: Path, *, server: Optional[Identity] = None,
-                 plain: bool = False):
+                 plain: bool = False, extra: Sequence[str] = ()):
         self.certs = certs
+        self.extra = list(extra)  # more mosquitto.conf lines (global settings, e.g. max_packet_size)
         self.workdir = workdir
         self.server = server or certs.server
         self.port = free_port()
@@ -173,6 +174,7 @@ class Broker:
             "log_type error", "log_type warning", "log_type notice", "log_type information",
             "log_type subscribe",
             "connection_messages true",
+            *self.extra,
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto becomes `mosquitto` and cannot read 0600 keys
@@ -225,6 +227,15 @@ class Broker:
                 peer.kill()
                 peer.wait(10)
         self.kill()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the broker keeps its sockets open and answers nothing (a half-open link)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
 
     def restart(self, kill: bool = False) -> None:
         (self.kill if kill else self.stop)()
@@ -427,7 +438,8 @@ def write_config(directory: Path, broker: Broker, *, identity: Optional[Identity
                                      "maxReconnectQuietTimeSecond": 1,
                                      "stableConnectionTimeSecond": 2},
         "offlinePublishQueueing": -1,
-        "drainingFrequency": 2,
+        "publishRatePerSecond": 0,   # mosquitto has no quotas: drain as fast as it acknowledges
+        "publishBytesPerSecond": 0,
         "connectDisconnectTimeout": 5,
         "mqttOperationTimeout": 5,
     }

@@ -160,7 +160,8 @@ def test_seed_config_loads_unchanged_with_typed_values(seed_file: Path, keys_dir
     assert mqtt.ingress_topics() == ("ingress/ecd13b11-mything", "pubsub/ecd13b11-mything")
     assert (mqtt.backoff.base_seconds, mqtt.backoff.max_seconds, mqtt.backoff.stable_seconds) \
         == (1.0, 30.0, 10.0)
-    assert mqtt.draining_frequency == 2.0
+    assert (mqtt.publish_rate, mqtt.rate_source) == (2.0, "drainingFrequency")  # the SDK's drain rate
+    assert (mqtt.publish_bytes_rate, mqtt.max_inflight, mqtt.keepalive) == (524288, 100, 30)
     assert mqtt.offline_publish_queueing == -1
     assert (mqtt.connect_timeout, mqtt.operation_timeout) == (60.0, 120.0)
     assert mqtt.client_id == "ecd13b11-mything"
@@ -248,7 +249,7 @@ BAD_CONFIGS = [
     ("draining-frequency-negative", setting("flashlex.thing.mqtt.drainingFrequency", -2),
      "flashlex.thing.mqtt.drainingFrequency: must be greater than 0, got -2"),
     ("draining-frequency-nan", setting("flashlex.thing.mqtt.drainingFrequency", float("nan")),
-     "flashlex.thing.mqtt.drainingFrequency: expected a number of seconds, got nan"),
+     "flashlex.thing.mqtt.drainingFrequency: expected a number per second, got nan"),
     ("expire-seconds-zero", setting("flashlex.app.db.expireSeconds", 0),
      "flashlex.app.db.expireSeconds: must be greater than 0, got 0"),
     ("expire-seconds-negative", setting("flashlex.app.db.expireSeconds", -60),

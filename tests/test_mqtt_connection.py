@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from flashlexd import config as config_module
 from flashlexd.config import Backoff, ConfigError
-from flashlexd.mqtt import (ALPN_PROTOCOL, JITTER, MIN_CONNECT_INTERVAL, Connection,
-                            ReconnectBackoff, build_client)
+from flashlexd.backoff import JITTER, MIN_CONNECT_INTERVAL, ReconnectBackoff
+from flashlexd.mqtt import ALPN_PROTOCOL, Connection, build_client
 from tests.broker import HOST, THING, Broker, Certs, Identity, free_port, wait_for, write_config
 
 # -- the backoff, with a fake clock --------------------------------------------------------------
@@ -52,11 +52,27 @@ def test_quiet_time_doubles_up_to_the_maximum() -> None:
     assert failing_waits(backoff, clock, 6) == [1, 2, 4, 8, 8, 8]
 
 
-def test_jitter_adds_at_most_a_quarter() -> None:
+def test_jitter_shortens_by_at_most_a_quarter_and_stays_inside_the_cap() -> None:
     clock = FakeClock()
     backoff = ReconnectBackoff(Backoff(2, 8, 10), clock, rand=lambda: 1.0)
-    assert failing_waits(backoff, clock, 4) == [2 * (1 + JITTER), 4 * (1 + JITTER), 8 * (1 + JITTER),
-                                                8 * (1 + JITTER)]
+    assert failing_waits(backoff, clock, 4) == [2 * (1 - JITTER), 4 * (1 - JITTER), 8 * (1 - JITTER),
+                                                8 * (1 - JITTER)]
+    no_jitter = ReconnectBackoff(Backoff(2, 30, 10), clock, rand=lambda: 0.0)
+    assert max(failing_waits(no_jitter, clock, 10)) == 30  # the cap itself, never beyond
+
+
+def test_a_drop_caused_by_one_of_our_entries_does_not_grow_the_quiet_time() -> None:
+    clock = FakeClock()
+    backoff = ReconnectBackoff(Backoff(2, 30, 10), clock, rand=lambda: 0.0)
+    failing_waits(backoff, clock, 3)  # the broker's fault: 2, 4, 8, next 16
+    for _ in range(3):
+        clock.now += backoff.wait()
+        backoff.attempted()
+        backoff.connected()
+        backoff.lost(broker_fault=False)
+        assert backoff.wait() == 2  # the base, each time, and the growth is kept for the broker
+    backoff.lost()
+    assert backoff.wait() == 16
 
 
 def test_never_two_connects_within_a_second() -> None:
@@ -94,7 +110,7 @@ def test_a_short_connection_keeps_backing_off() -> None:
        st.floats(0.05, 5), st.floats(1, 4))
 def test_backoff_bounds_hold_for_any_history(history: List[Tuple[bool, float, float]], base: float,
                                              factor: float) -> None:
-    """Whatever happens: CONNECTs at least a second apart, never a wait beyond max + jitter."""
+    """Whatever happens: CONNECTs at least a second apart, never a wait beyond the cap."""
     clock, rand = FakeClock(), [0.0]
     backoff = ReconnectBackoff(Backoff(base, base * factor, 5), clock, rand=lambda: rand[0])
     last: Optional[float] = None
@@ -109,7 +125,7 @@ def test_backoff_bounds_hold_for_any_history(history: List[Tuple[bool, float, fl
             backoff.connected()
             clock.now += uptime
         backoff.lost()
-        assert backoff.wait() <= max(base * factor * (1 + JITTER), MIN_CONNECT_INTERVAL) + 1e-9
+        assert backoff.wait() <= max(base * factor, MIN_CONNECT_INTERVAL) + 1e-9
 
 
 # -- real connections, driven like the worker loop drives them ----------------------------------
@@ -125,8 +141,8 @@ class Probe:
 
     def run_until(self, predicate, timeout: float, what: str) -> None:
         def step() -> bool:
+            wait = min(self.connection.service(), 0.02)  # as the worker loop: service, then wait
             reads, writes = self.connection.wait_fds()
-            wait = min(self.connection.service(), 0.02)
             ready_r, ready_w, _ = select.select(list(reads), list(writes), [], wait)
             self.connection.on_ready(ready_r, ready_w)
             return predicate()
@@ -241,11 +257,14 @@ def test_port_443_offers_the_aws_alpn(broker: Broker, certs: Certs, tmp_path: Pa
         listener.listen()
         listener.settimeout(10)
         p = probe(tmp_path, broker, port=443)
-        attempt = threading.Thread(target=p.connection.service, daemon=True)  # blocks in the handshake
+        shaken = threading.Event()
+        attempt = threading.Thread(target=p.run_until, args=(shaken.is_set, 10, "the handshake"),
+                                   daemon=True)  # the loop drives the non-blocking handshake
         attempt.start()
         conn, _ = listener.accept()
         with server_context(certs).wrap_socket(conn, server_side=True) as tls:
             assert tls.selected_alpn_protocol() == ALPN_PROTOCOL
+        shaken.set()
         attempt.join(10)
 
 

@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -66,6 +67,7 @@ class WorkerProcess:
             self.channel = None
             return
         for message in received:
+            message["received_at"] = time.monotonic()
             self.messages.append(message)
             if message.get("t") == "hb":
                 self.counters = message["counters"]

@@ -1,38 +1,53 @@
 """The egress worker: outbox -> broker, deleting an entry only after the broker acknowledged it.
 
 Entries go out oldest first, each at its own topic and QoS, with up to `maxInflight` published
-and not yet acknowledged. A PUBACK moves the entry's id to a done list, deleted in one store
-transaction (one fsync) once it holds a window's worth, nothing is in flight any more, or its
-oldest id waited DELETE_DELAY: at most one delete per loop pass, usually far fewer. So the
-outbox only ever loses entries the broker has; a kill before the delete just sends them again.
+and not yet acknowledged, paced by a `PublishBudget` (`publishRatePerSecond`,
+`publishBytesPerSecond`: AWS IoT Core drops publishes over its quotas without a PUBACK). A
+PUBACK moves the entry's id to a done list, deleted in one store transaction (one fsync) once
+it holds a window's worth, nothing is in flight any more, or its oldest id waited DELETE_DELAY.
+So the outbox only ever loses entries the broker has; a kill before the delete just sends them
+again.
 
-After a disconnect, paho keeps the unacknowledged QoS 1/2 messages in memory and, on the
-reconnect (persistent session), resends them first with DUP set and their old packet ids, so
-the packet id -> entry map stays valid and the order holds. After a kill, the new process
-starts again from the oldest entry left. Either way every entry is delivered at least once, in
-order per topic, and the duplicates are bounded by the in-flight window per reconnect.
+Resends are ours, not paho's: every connection uses a fresh paho client, and when a link drops
+the entries it had in flight are sent again from the store, oldest first, through the same
+budget (a reconnect does not burst past the quota). Every entry is delivered at least once, in
+order per topic; duplicates are bounded by the in-flight window per drop. A link that drops with
+entries in flight and no PUBACK makes the drain careful (`PoisonWatch`): one entry at a time,
+and one that is alone in flight for `poisonAttempts` drops goes to the dead letters, named in
+one WARNING line; then the drain goes on at full speed.
 
 QoS 0 entries are deleted as soon as paho has accepted them: at most once, as their QoS says.
 
-Waking: the supervisor sends `{"t": "outbox"}` when something was queued. `drainingFrequency`
-(seconds, flashlex.thing.mqtt) is only the slow fallback: how often the worker re-checks the
-outbox without being woken (in the FlashLex SDK it paced the whole drain loop).
+Waking: the supervisor sends `{"t": "outbox"}` when something was queued; every
+OUTBOX_RECHECK seconds the worker also looks by itself. (`drainingFrequency` is the FlashLex
+SDK's drain rate in publishes per second: see `config._publish_rate`.)
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from paho.mqtt.enums import MQTTErrorCode
 
+from flashlexd.linkwatch import Verdict
 from flashlexd.mqtt import Connection
-from flashlexd.store import Store, StoreError
+from flashlexd.ratelimit import PublishBudget, describe_rate
+from flashlexd.store import OutboxEntry, Store, StoreError
 from flashlexd.workers.base import Worker
+from flashlexd.workers.poison import PoisonWatch
 
 log = logging.getLogger(__name__)
 
-DELETE_DELAY = 0.02  # seconds an acknowledged entry may wait for the next delete transaction
+DELETE_DELAY = 0.02   # seconds an acknowledged entry may wait for the next delete transaction
+OUTBOX_RECHECK = 2.0  # seconds between looks at the outbox without a wake-up
+
+
+class _InFlight(NamedTuple):
+    entry_id: int
+    topic: str
+    size: int
 
 
 class EgressWorker(Worker):
@@ -42,17 +57,27 @@ class EgressWorker(Worker):
         mqtt = self.config.thing.mqtt
         self.store = Store.from_config(self.config.store)
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
-                                     on_publish=self._on_publish)
-        self.client = self.connection.client
+                                     on_publish=self._on_publish, fresh_client=True)
         self.window = mqtt.max_inflight
-        self.inflight: Dict[int, int] = {}  # packet id -> outbox id
+        self.rate_limit = mqtt.publish_rate
+        self.budget = PublishBudget(mqtt.publish_rate, mqtt.publish_bytes_rate)
+        self.poison = PoisonWatch(mqtt.poison_attempts)
+        self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
+        self.unacked_since: Dict[int, float] = {}  # entry id -> first sent, until acknowledged
+        self.acked_on_link = 0                     # PUBACKs on the current connection
         self.done: List[int] = []           # acknowledged, to delete
         self.done_since = 0.0               # when the oldest of them was acknowledged
         self.cursor = 0                     # the newest outbox id handed to paho
         self.more = True                    # the outbox may hold entries past the cursor
         self.next_check = 0.0
+        self.meter_start, self.meter_count, self.send_rate = time.monotonic(), 0, 0.0
         self.counters.update(sent=0, inflight=0, outbox_backlog=self.store.outbox_count(),
-                             connected=False, invalid=0)
+                             connected=False, invalid=0, rate_limit=mqtt.publish_rate,
+                             bytes_limit=mqtt.publish_bytes_rate, send_rate=0.0, eta_s=None,
+                             throttled=0, dead_lettered=0, oldest_inflight_age=None,
+                             sessions_lost=0, one_at_a_time=False)
+        log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
+                                                  mqtt.rate_source, mqtt.max_inflight))
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -74,15 +99,14 @@ class EgressWorker(Worker):
         elif self.done:
             wait = min(wait, self.done_since + DELETE_DELAY - now)
         if now >= self.next_check:
-            self.next_check = now + self.config.thing.mqtt.draining_frequency
+            self.next_check = now + OUTBOX_RECHECK
             self.more = True
             self.counters["outbox_backlog"] = self.store.outbox_count()
         if self.more and self.connection.connected:
-            self._publish_more()
-            if self.more and len(self.inflight) < self.window:
-                wait = 0.0  # QoS 0 entries free their slots at once: no PUBACK will wake us
-        self.counters["inflight"] = len(self.inflight)
-        return min(wait, self.next_check - now)
+            wait = min(wait, self._publish_more())
+        self.connection.testing_one_entry = self.poison.single
+        self._update_counters(now)
+        return max(0.0, min(wait, self.next_check - now))
 
     def shutdown(self) -> None:
         self.connection.close(min(self.config.thing.mqtt.connect_timeout,
@@ -94,44 +118,108 @@ class EgressWorker(Worker):
 
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
         self.counters["connected"] = connected
+        if connected:
+            self.acked_on_link = 0
+            self.more = True
+        elif self.inflight and not self.connection.closing:
+            self._link_dropped(error)
         self.report("mqtt", connected=connected, error=error)
 
     def _on_publish(self, mid: int) -> None:
-        entry = self.inflight.pop(mid, None)
-        if entry is not None:
-            self._done(entry)
+        sent = self.inflight.pop(mid, None)
+        if sent is not None:
+            self.acked_on_link += 1
+            self.poison.acknowledged(sent.entry_id)
+            self._done(sent.entry_id)
 
     def _done(self, entry: int) -> None:
+        self.unacked_since.pop(entry, None)
         if not self.done:
             self.done_since = time.monotonic()
         self.done.append(entry)
 
+    def _link_dropped(self, error: Optional[str]) -> None:
+        """Forget the dead connection's packet ids; its entries go out again from the store."""
+        sent = list(self.inflight.values())
+        self.inflight.clear()
+        if self.connection.last_verdict is not Verdict.SILENT:  # a frozen broker is no entry's fault
+            victim = self.poison.dropped([s.entry_id for s in sent], progress=self.acked_on_link > 0)
+            if victim is not None:
+                attempts = self.poison.attempts
+                self._dead_letter(sent[0], f"the link dropped each of the {attempts} times it was"
+                                  f" alone in flight; last: {error or 'closed by the broker'}", attempts)
+        self._delete_done()  # so acknowledged entries are not sent again
+        self.cursor = min(self.cursor, sent[0].entry_id - 1)
+        self.more = True
+
+    def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
+        """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""
+        try:
+            moved = self.store.outbox_dead_letter(sent.entry_id, reason, attempts)
+        except StoreError as exc:
+            log.error("cannot move outbox entry %d to the dead letters (tried again at its next"
+                      " drop): %s", sent.entry_id, exc)
+            return
+        self.unacked_since.pop(sent.entry_id, None)
+        if moved:
+            self.counters["dead_lettered"] += 1
+            log.warning("outbox entry %d (topic %s, %d bytes) moved to the dead letters after %d"
+                        " attempts: %s", sent.entry_id, sent.topic, sent.size, attempts, reason)
+
     # -- the outbox -------------------------------------------------------------------------------
 
-    def _publish_more(self) -> None:
-        room = self.window - len(self.inflight)
+    def _publish_more(self) -> float:
+        """Hand entries to paho within the window and the budget; seconds until more may go."""
+        room = self.poison.window(self.window) - len(self.inflight)
         if room <= 0:
-            return
-        entries = self.store.outbox_peek(limit=room, after=self.cursor)
-        self.more = len(entries) == room
+            return math.inf  # a PUBACK wakes us
+        allowance = self.budget.allowance(room)
+        if allowance <= 0:
+            return self.budget.wait(1)
+        entries = self.store.outbox_peek(limit=allowance, after=self.cursor)
+        self.more = len(entries) == allowance
+        if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
+            self._forget_unacked_below(entries[0].id if entries else math.inf)
+        done = set(self.done)
         for entry in entries:
-            try:
-                info = self.client.publish(entry.topic, entry.payload, entry.qos, entry.retain)
-            except ValueError as exc:  # e.g. a wildcard topic: it could never go out
-                log.error("outbox entry %d cannot be published to %r (%s); deleted", entry.id,
-                          entry.topic, exc)
-                self.counters["invalid"] += 1
-                self._done(entry.id)
+            if entry.id in done:  # acknowledged, its delete still to come
                 self.cursor = entry.id
                 continue
-            if entry.qos == 0:
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    self.more = True  # not sent: retried after the reconnect
-                    return
-                self._done(entry.id)
-            else:
-                self.inflight[info.mid] = entry.id  # paho resends it itself if the link drops
+            size = len(entry.payload) + len(entry.topic.encode("utf-8"))
+            wait = self.budget.wait(size)
+            if wait > 0:
+                self.more = True
+                return wait
+            if not self._publish(entry, size):
+                self.more = True
+                return math.inf  # not sent: retried after the reconnect
             self.cursor = entry.id
+        more_room = self.more and len(self.inflight) < self.poison.window(self.window)
+        return 0.0 if more_room else math.inf  # QoS 0 entries free their slots at once
+
+    def _publish(self, entry: OutboxEntry, size: int) -> bool:
+        try:
+            info = self.connection.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+        except ValueError as exc:  # e.g. a wildcard topic: it could never go out
+            self.counters["invalid"] += 1
+            self._dead_letter(_InFlight(entry.id, entry.topic, size), f"not publishable: {exc}", 0)
+            return True
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return False
+        self.budget.spend(1, size)
+        self.meter_count += 1
+        if entry.qos == 0:
+            self._done(entry.id)
+        else:
+            self.inflight[info.mid] = _InFlight(entry.id, entry.topic, size)
+            self.unacked_since.setdefault(entry.id, time.monotonic())
+        return True
+
+    def _forget_unacked_below(self, next_id: float) -> None:
+        """Entries no longer in the outbox (dropped by an operator while unacknowledged) have no
+        age: `oldest_inflight_age` must not grow forever for them."""
+        for entry_id in [e for e in self.unacked_since if e < next_id]:
+            del self.unacked_since[entry_id]
 
     def _delete_done(self) -> None:
         if not self.done:
@@ -144,3 +232,17 @@ class EgressWorker(Worker):
         self.counters["sent"] += len(self.done)
         self.counters["outbox_backlog"] = self.store.outbox_count()
         self.done = []
+
+    def _update_counters(self, now: float) -> None:
+        if now - self.meter_start >= 1.0:
+            self.send_rate = self.meter_count / (now - self.meter_start)
+            self.meter_start, self.meter_count = now, 0
+        backlog = self.counters["outbox_backlog"]
+        drain_rate = self.rate_limit or self.send_rate
+        oldest = next(iter(self.unacked_since.values()), None)
+        self.counters.update(
+            inflight=len(self.inflight), send_rate=round(self.send_rate, 1),
+            eta_s=round(backlog / drain_rate, 1) if backlog and drain_rate else (0.0 if not backlog else None),
+            throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
+            oldest_inflight_age=None if oldest is None else round(now - oldest, 3),
+            one_at_a_time=self.poison.single)

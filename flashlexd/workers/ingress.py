@@ -13,6 +13,9 @@ A kill at any instant loses nothing: an unacknowledged message is redelivered by
 PUBACKs are sent only on the connection a message arrived on: after a reconnect, the broker
 redelivers whatever we had not acknowledged.
 
+The link is reported connected only once the broker granted the subscriptions (SUBACK), with
+the list of what it granted: a connection that does not receive yet is not "up".
+
 A full store (policy `reject`) is back-pressure, not loss: what does not fit stays
 unacknowledged, so the broker keeps it, and the commit is retried every RETRY_SECONDS. A full
 disk is handled the same way.
@@ -53,16 +56,15 @@ class IngressWorker(Worker):
         self.client = self.connection.client
         self.client.manual_ack_set(True)
         self.client.on_subscribe = self._on_subscribe
-        self.barrier = AckBarrier(self.client, self.config.thing.mqtt.client_id)
-        self.client.on_unsubscribe = lambda client, userdata, mid, codes, props: \
-            self.barrier.on_unsuback(mid)
+        self.barrier = AckBarrier(self.connection, self.config.thing.mqtt.client_id)
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.batch: List[_Pending] = []
         self.batch_bytes = 0
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
-                             marks_settled=0, store_error=None)
+                             marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -93,21 +95,33 @@ class IngressWorker(Worker):
     # -- MQTT -------------------------------------------------------------------------------------
 
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
-        self.counters["connected"] = connected
-        if not connected:
-            self.barrier.disconnected()
+        """Up means subscribed: the link is reported connected only once the SUBACK came."""
+        self.counters["sessions_lost"] = self.connection.sessions_lost
         if connected:
             self.generation += 1
-            self.client.subscribe([(topic, 1) for topic in self.topics])
-        self.report("mqtt", connected=connected, error=error)
+            self.connection.subscribe([(topic, 1) for topic in self.topics])
+            return
+        self.barrier.disconnected()
+        self.counters["connected"] = False
+        self.counters["subscriptions"] = []
+        self.report("mqtt", connected=False, error=error)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
                       properties: Any) -> None:
+        self.connection.acknowledged("SUBACK", mid)
+        granted = [(t, code.value) for t, code in zip(self.topics, reason_codes) if not code.is_failure]
         refused = [t for t, code in zip(self.topics, reason_codes) if code.is_failure]
+        self.counters["subscriptions"] = [list(g) for g in granted]
+        self.counters["connected"] = True
+        error = None
         if refused:
             error = f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)"
             log.error("%s", error)
-            self.report("mqtt", connected=True, error=error)
+        self.report("mqtt", connected=True, error=error, subscriptions=self.counters["subscriptions"])
+
+    def _on_unsubscribe(self, client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
+        self.connection.acknowledged("UNSUBACK", mid)
+        self.barrier.on_unsuback(mid)
 
     def _on_message(self, message: Any) -> None:
         self.counters["received"] += 1

@@ -1,0 +1,132 @@
+"""A TCP connect and TLS handshake that never block the worker's loop.
+
+paho's `reconnect()` resolves, connects and shakes hands in one blocking call (up to its
+connect timeout: a black-holed broker froze a worker's loop, and its heartbeat, for seconds).
+A `Dialer` does the same steps one at a time from the loop: the name lookup in a helper
+thread (getaddrinfo has no non-blocking form), then a non-blocking connect and handshake that
+the worker's select() waits on. The finished TLS socket is handed to paho (`DialedClient`),
+which then only writes CONNECT.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import paho.mqtt.client as paho
+
+_RESOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlexd-resolve")
+RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
+
+
+class DialedClient(paho.Client):
+    """A paho client that takes the socket a `Dialer` made instead of connecting itself."""
+
+    dialed: Optional[ssl.SSLSocket] = None
+
+    def _create_socket_connection(self) -> socket.socket:
+        sock, self.dialed = self.dialed, None
+        if sock is None:
+            raise ConnectionError("no connected socket to hand over")
+        return sock  # type: ignore[return-value]
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        return tcp_sock  # type: ignore[return-value]  # the Dialer did the handshake
+
+
+class Dialer:
+    """One connect attempt to `host:port`, advanced by `step()` until it returns the TLS
+    socket; it raises what failed (OSError, ssl.SSLError, socket.timeout past `timeout`)."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, timeout: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.host, self.port, self.context = host, port, context
+        self.clock = clock
+        self.deadline = clock() + timeout
+        self.timeout = timeout
+        self.lookup: Optional[Future] = _RESOLVER.submit(
+            socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        self.addresses: List[Tuple[Any, ...]] = []
+        self.sock: Optional[socket.socket] = None
+        self.tls: Optional[ssl.SSLSocket] = None
+        self.want_write = True
+        self.last_error: Optional[BaseException] = None
+
+    def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
+        active = self.tls or self.sock
+        if active is None:
+            return (), ()
+        return ((), (active,)) if self.want_write else ((active,), ())
+
+    def next_wait(self) -> float:
+        """Seconds until `step()` should run even if no socket is ready."""
+        remaining = max(0.0, self.deadline - self.clock())
+        return min(RESOLVE_POLL, remaining) if self.lookup is not None else remaining
+
+    def step(self) -> Optional[ssl.SSLSocket]:
+        if self.clock() >= self.deadline:
+            self.close()
+            raise socket.timeout(f"timed out after {self.timeout:g}s")
+        if self.lookup is not None:
+            if not self.lookup.done():
+                return None
+            self.addresses, self.lookup = list(self.lookup.result()), None  # raises gaierror
+            return self._next_address()
+        if self.tls is None:
+            return self._connected()
+        return self._handshake()
+
+    def close(self) -> None:
+        for sock in (self.tls, self.sock):
+            if sock is not None:
+                sock.close()
+        self.tls = self.sock = None
+
+    def _next_address(self) -> Optional[ssl.SSLSocket]:
+        if not self.addresses:
+            raise self.last_error or OSError(f"no address for {self.host}")
+        family, kind, proto, _, address = self.addresses.pop(0)
+        self.sock = socket.socket(family, kind, proto)
+        self.sock.setblocking(False)
+        self.want_write = True
+        self.sock.connect_ex(address)  # EINPROGRESS: select() says when it is done
+        return None
+
+    def _connected(self) -> Optional[ssl.SSLSocket]:
+        assert self.sock is not None
+        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self.sock.close()
+            self.sock = None
+            kind = ConnectionRefusedError if error == errno.ECONNREFUSED else OSError
+            self.last_error = kind(error, os.strerror(error))
+            return self._next_address()
+        try:
+            self.sock.getpeername()
+        except OSError:
+            return None  # not connected yet: a spurious wake-up
+        self.tls = self.context.wrap_socket(self.sock, server_hostname=self.host,
+                                            do_handshake_on_connect=False)
+        self.sock = None
+        return self._handshake()
+
+    def _handshake(self) -> Optional[ssl.SSLSocket]:
+        assert self.tls is not None
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.want_write = False
+            return None
+        except ssl.SSLWantWriteError:
+            self.want_write = True
+            return None
+        except Exception:
+            self.close()
+            raise
+        tls, self.tls = self.tls, None
+        return tls
+

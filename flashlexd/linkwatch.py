@@ -1,0 +1,74 @@
+"""Is the broker still answering? Deadlines for every acknowledgement we wait for.
+
+TCP does not notice a frozen or half-open peer, and paho's keepalive alone takes up to two
+keepalive periods (a PINGREQ after one, its PINGRESP awaited for another: 58 s measured with
+a SIGSTOPped broker). Two rules, checked from the worker's loop:
+
+- silence: nothing at all received for `keepalive + min(operation timeout, keepalive / 2)`.
+  paho sends a PINGREQ once the link was quiet for `keepalive`, so a live broker always speaks
+  well within that; a frozen one is found within 1.5 x keepalive at most.
+- no acknowledgement: an expected PUBACK, SUBACK or UNSUBACK older than `operation_timeout`
+  with no acknowledgement at all in that time, while the broker still answers (pings). This is
+  how a broker that drops publishes without a word (AWS IoT Core over its rate quota) shows.
+
+Pure and clock-injected: `Connection` feeds it, tests drive it with a fake clock.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+
+class Verdict(enum.Enum):
+    SILENT = "silent"                  # nothing received: the broker or the path is gone
+    UNACKNOWLEDGED = "unacknowledged"  # the broker talks but does not acknowledge
+
+
+class LinkWatch:
+    def __init__(self, keepalive: float, operation_timeout: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.operation_timeout = operation_timeout
+        self.silence_limit = keepalive + min(operation_timeout, keepalive / 2)
+        self.clock = clock
+        self.awaiting: Dict[Tuple[str, int], float] = {}  # (packet kind, mid) -> sent at, oldest first
+        self.heard = self.progress = clock()
+
+    def up(self) -> None:
+        """A new connection: nothing awaited yet, the CONNACK was just heard."""
+        self.awaiting.clear()
+        self.heard = self.progress = self.clock()
+
+    def heard_from(self) -> None:
+        self.heard = self.clock()
+
+    def expect(self, kind: str, mid: int) -> None:
+        self.awaiting[(kind, mid)] = self.clock()
+
+    def answered(self, kind: str, mid: int) -> None:
+        if self.awaiting.pop((kind, mid), None) is not None:
+            self.progress = self.clock()
+        self.heard = self.clock()
+
+    def _oldest(self) -> float:
+        return next(iter(self.awaiting.values()))  # inserted in the order sent
+
+    def pending(self, kind: str) -> int:
+        return sum(1 for k, _ in self.awaiting if k == kind)
+
+    def verdict(self) -> Optional[Verdict]:
+        now = self.clock()
+        if now - self.heard >= self.silence_limit:
+            return Verdict.SILENT
+        if self.awaiting:
+            if now - max(self._oldest(), self.progress) >= self.operation_timeout:
+                return Verdict.UNACKNOWLEDGED
+        return None
+
+    def next_check(self) -> float:
+        """Seconds until `verdict()` could change if nothing happens meanwhile."""
+        now = self.clock()
+        due = self.heard + self.silence_limit
+        if self.awaiting:
+            due = min(due, max(self._oldest(), self.progress) + self.operation_timeout)
+        return max(0.0, due - now)

@@ -1,0 +1,67 @@
+"""AWS IoT Core's per-connection quotas, and the config values that would break them.
+
+AWS does not refuse a publish over its rate quota: it drops it without a PUBACK and keeps the
+connection up, so a config over a quota does not fail loudly, it stalls. These checks turn that
+into one warning line per value, shown by `flashlexd run` and `flashlexd check`. They apply only
+when the endpoint is an AWS IoT Core one (other brokers have other limits, or none).
+The README's quota table lists the same figures with the key that maps to each.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List
+
+if TYPE_CHECKING:  # config imports this module
+    from flashlexd.config import Mqtt
+
+# https://docs.aws.amazon.com/general/latest/gr/iot-core.html (message broker and connection limits)
+PUBLISH_RATE = 100             # PUBLISH requests per second per connection (not adjustable)
+PUBLISH_BYTES_RATE = 512 * 1024  # throughput per connection, bytes per second
+IN_FLIGHT = 100                # unacknowledged QoS 1 publishes per connection
+PAYLOAD_BYTES = 128 * 1024     # largest message payload
+TOPIC_BYTES = 256              # longest topic name, UTF-8 bytes
+TOPIC_SLASHES = 7              # at most 7 forward slashes (8 levels) in a topic or filter
+SUBSCRIPTIONS = 50             # subscriptions per connection
+CONNECTS_PER_SECOND = 1        # CONNECT requests per second per client id
+KEEPALIVE_RANGE = (30, 1200)   # seconds; AWS clamps values outside it
+SESSION_EXPIRY = "1 h (adjustable up to 7 days)"  # how long a persistent session outlives a disconnect
+
+
+def is_aws_endpoint(endpoint: str) -> bool:
+    host = endpoint.lower().rstrip(".")
+    return host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")
+
+
+def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt") -> List[str]:
+    """One line per config value of `flashlex.thing.mqtt` (at `path`) over a quota."""
+    if not is_aws_endpoint(endpoint):
+        return []
+    warnings: List[str] = []
+
+    def over(key: str, value: object, quota: str) -> None:
+        warnings.append(f"{path}.{key}: {value} is over AWS IoT Core's quota of {quota};"
+                        f" the broker drops what exceeds it")
+
+    if mqtt.publish_rate == 0 or mqtt.publish_rate > PUBLISH_RATE:
+        over(mqtt.rate_source, "unlimited" if mqtt.publish_rate == 0 else f"{mqtt.publish_rate:g}/s",
+             f"{PUBLISH_RATE} publishes/s per connection")
+    if mqtt.publish_bytes_rate == 0 or mqtt.publish_bytes_rate > PUBLISH_BYTES_RATE:
+        over("publishBytesPerSecond", "unlimited" if mqtt.publish_bytes_rate == 0
+             else mqtt.publish_bytes_rate, f"{PUBLISH_BYTES_RATE} bytes/s per connection")
+    if mqtt.max_payload_bytes > PAYLOAD_BYTES:
+        over("maxPayloadBytes", mqtt.max_payload_bytes, f"{PAYLOAD_BYTES} bytes per payload")
+    if mqtt.max_topic_bytes > TOPIC_BYTES:
+        over("maxTopicBytes", mqtt.max_topic_bytes, f"{TOPIC_BYTES} bytes per topic")
+    if mqtt.max_inflight > IN_FLIGHT:
+        over("maxInflight", mqtt.max_inflight, f"{IN_FLIGHT} unacknowledged publishes")
+    low, high = KEEPALIVE_RANGE
+    if not low <= mqtt.keepalive <= high:
+        warnings.append(f"{path}.keepAliveSeconds: {mqtt.keepalive} is outside AWS IoT Core's range"
+                        f" of {low}-{high} s; the broker uses the nearest bound")
+    topics = mqtt.ingress_topics()
+    if len(topics) > SUBSCRIPTIONS:
+        over("subscriptions", f"{len(topics)} topic filters", f"{SUBSCRIPTIONS} subscriptions per connection")
+    for topic in (*topics, mqtt.egress_topic):
+        if len(topic.encode("utf-8")) > TOPIC_BYTES or topic.count("/") > TOPIC_SLASHES:
+            warnings.append(f"{path}: topic {topic!r} is over AWS IoT Core's limits of {TOPIC_BYTES}"
+                            f" bytes and {TOPIC_SLASHES} slashes")
+    return warnings

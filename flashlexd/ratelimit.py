@@ -1,0 +1,78 @@
+"""The egress's budget: publishes per second and bytes per second, as token buckets.
+
+AWS IoT Core drops a PUBLISH over its per-connection quota without a PUBACK, so the egress must
+stay under the quota rather than notice it. Each bucket holds at most BURST_SECONDS of its rate:
+sends are paced evenly (100/s goes out as about 10 every 0.1 s, not 100 at once), so jitter on
+the way to the broker cannot bunch them into a second with more than the quota. An entry bigger
+than the byte bucket goes out when the bucket is full and leaves it in debt: the long-run rate
+holds. Pure and clock-injected, so the arithmetic is unit-tested without a broker.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+BURST_SECONDS = 0.1
+
+
+class TokenBucket:
+    """`rate` tokens a second, holding at most `rate * BURST_SECONDS` (at least 1)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.clock = rate, clock
+        self.capacity = max(1.0, rate * BURST_SECONDS)
+        self.tokens = self.capacity
+        self.stamp = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait(self, amount: float) -> float:
+        """Seconds until `amount` may be taken (0: now)."""
+        self._refill()
+        need = min(amount, self.capacity)
+        short = need - self.tokens
+        return 0.0 if short <= 1e-9 else short / self.rate  # a rounding error is no reason to wait
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.tokens -= amount  # may go negative: a big entry, or resends after a reconnect
+
+
+class PublishBudget:
+    """Both limits together; a rate of 0 is unlimited."""
+
+    def __init__(self, rate: float, bytes_rate: float, clock: Callable[[], float] = time.monotonic):
+        self.count: Optional[TokenBucket] = TokenBucket(rate, clock) if rate > 0 else None
+        self.volume: Optional[TokenBucket] = TokenBucket(bytes_rate, clock) if bytes_rate > 0 else None
+
+    def wait(self, size: int) -> float:
+        """Seconds until a publish of `size` bytes may go out."""
+        waits = [bucket.wait(amount) for bucket, amount in ((self.count, 1), (self.volume, size))
+                 if bucket is not None]
+        return max(waits, default=0.0)
+
+    def allowance(self, most: int) -> int:
+        """How many publishes the rate allows now, at most `most` (the bytes are checked per entry)."""
+        if self.count is None:
+            return most
+        if self.count.wait(1) > 0:
+            return 0
+        return max(1, min(most, int(self.count.tokens)))
+
+    def spend(self, publishes: int, size: int) -> None:
+        if self.count is not None:
+            self.count.take(publishes)
+        if self.volume is not None:
+            self.volume.take(size)
+
+
+def describe_rate(rate: float, bytes_rate: int, source: str, max_inflight: int) -> str:
+    """The effective egress rate in words, naming the key that set it (for `check` and logs)."""
+    count = "unlimited publishes/s" if rate == 0 else f"{rate:g} publishes/s"
+    volume = "unlimited bytes/s" if bytes_rate == 0 else f"{bytes_rate} bytes/s"
+    origin = (" (from drainingFrequency, the FlashLex SDK's drain rate: set publishRatePerSecond"
+              " for another rate)" if source == "drainingFrequency" else "")
+    return f"{count}{origin}, {volume}, up to {max_inflight} in flight"

@@ -1,0 +1,53 @@
+"""Which outbox entry makes the broker drop the link.
+
+Under MQTT 3.1.1 a broker refuses a publish (too big, a topic it rejects) only by closing the
+connection, and a resend on the next connection closes it again: one entry can stop the whole
+outbox. So: when the link drops with entries in flight and no PUBACK on that connection, the
+culprit is one of them, and the egress sends them one at a time; an entry that is alone in
+flight when the link drops `attempts` times is the culprit and goes to the dead letters. Once
+that happens, or once the newest of the suspects is acknowledged (the drop had another cause),
+the drain goes on at full speed.
+Pure, so the policy is unit-tested without a broker.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+
+class PoisonWatch:
+    def __init__(self, attempts: int):
+        self.attempts = attempts
+        self.suspects_until: Optional[int] = None  # one at a time up to this entry id
+        self.alone_drops: Dict[int, int] = {}      # entry id -> drops while it was alone in flight
+
+    @property
+    def single(self) -> bool:
+        """One entry in flight at a time."""
+        return self.suspects_until is not None
+
+    def window(self, full: int) -> int:
+        return 1 if self.single else full
+
+    def acknowledged(self, entry_id: int) -> None:
+        self.alone_drops.pop(entry_id, None)
+        if self.suspects_until is not None and entry_id >= self.suspects_until:
+            self.suspects_until = None
+
+    def dropped(self, inflight: Sequence[int], progress: bool) -> Optional[int]:
+        """The link dropped with `inflight` (entry ids, oldest first) unacknowledged, and
+        `progress` says whether any PUBACK came on that connection. Returns the entry to
+        dead-letter, if one has now been alone at `attempts` drops."""
+        if len(inflight) == 1:
+            entry = inflight[0]
+            self.alone_drops[entry] = self.alone_drops.get(entry, 0) + 1
+            if self.alone_drops[entry] >= self.attempts:
+                del self.alone_drops[entry]
+                self.suspects_until = None
+                return entry
+            self.suspects_until = max(entry, self.suspects_until or entry)
+        elif inflight and not progress:
+            self.suspects_until = max(inflight)
+        return None
+
+    def drops(self, entry_id: int) -> int:
+        return self.alone_drops.get(entry_id, 0)

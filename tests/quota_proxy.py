@@ -1,0 +1,163 @@
+"""A broker with AWS IoT Core's publish quota, for tests and benchmarks.
+
+A TLS-terminating proxy (mutual TLS, like AWS IoT on 8883) in front of mosquitto's plain
+listener that reads the MQTT packets each client sends and drops every PUBLISH past `rate` per
+second on that connection, silently: no PUBACK, the connection stays up, which is what AWS IoT
+Core does over its 100 publishes/s quota. The quota is a token bucket of `rate` tokens a second
+holding at most `rate` (a second's worth). Everything else (CONNECT, PINGREQ, PUBACK, ...) and
+everything the broker sends are forwarded untouched. `over_quota` counts the dropped publishes
+(with `enforce=False` they are forwarded and only counted: how far over the quota a client is).
+"""
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+from typing import Dict, List, Tuple
+
+from tests.broker import HOST, Broker, wait_for
+
+PUBLISH = 3
+
+
+class _Link:
+    """One client connection: its TLS side, its plain side to the broker, its quota."""
+
+    def __init__(self, tls: ssl.SSLSocket, plain: socket.socket, rate: float):
+        self.tls, self.plain, self.rate = tls, plain, rate
+        self.tokens, self.stamp = rate, time.monotonic()
+        self.pending = b""  # client bytes not yet a whole packet
+
+    def allow_publish(self) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def split_packets(data: bytes) -> Tuple[List[bytes], bytes]:
+    """Whole MQTT packets at the start of `data`, and the incomplete rest."""
+    packets, at = [], 0
+    while at + 2 <= len(data):
+        length, multiplier, pos = 0, 1, at + 1
+        while True:
+            if pos >= len(data):
+                return packets, data[at:]
+            byte = data[pos]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            pos += 1
+            if not byte & 0x80:
+                break
+        end = pos + length
+        if end > len(data):
+            break
+        packets.append(data[at:end])
+        at = end
+    return packets, data[at:]
+
+
+class QuotaProxy:
+    def __init__(self, broker: Broker, rate: float, enforce: bool = True):
+        assert broker.plain_port, "the broker needs its plain listener (Broker(..., plain=True))"
+        self.broker, self.rate, self.enforce = broker, rate, enforce  # not enforced: only counted
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(broker.certs.ca))
+        self.context.load_cert_chain(str(broker.server.cert), str(broker.server.key))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.over_quota = 0
+        self.forwarded_publishes = 0
+        self._links: Dict[socket.socket, _Link] = {}
+        self._closed = False
+        self._cut = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        while not self._closed:
+            ready, _, _ = select.select([self.listener, *self._links], [], [], 0.05)
+            if self._cut.is_set():
+                for link in {id(v): v for v in self._links.values()}.values():
+                    self._drop(link)
+                self._cut.clear()
+                continue
+            for sock in ready:
+                if sock is self.listener:
+                    self._accept()
+                elif sock in self._links:
+                    self._relay(sock)
+        self.listener.close()
+        for sock in list(self._links):
+            sock.close()
+
+    def _accept(self) -> None:
+        client, _ = self.listener.accept()
+        client.settimeout(5)
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+            plain = socket.create_connection((HOST, self.broker.plain_port), timeout=5)
+        except OSError:
+            client.close()
+            return
+        link = _Link(tls, plain, self.rate)
+        self._links[tls] = self._links[plain] = link
+
+    def _relay(self, sock: socket.socket) -> None:
+        link = self._links[sock]
+        try:
+            data = sock.recv(65536)
+            if sock is link.tls:
+                while link.tls.pending():
+                    data += link.tls.recv(65536)
+        except (OSError, ssl.SSLError):
+            data = b""
+        if not data:
+            self._drop(link)
+            return
+        try:
+            if sock is link.plain:
+                link.tls.sendall(data)
+            else:
+                link.plain.sendall(self._filter(link, data))
+        except OSError:
+            self._drop(link)
+
+    def _filter(self, link: _Link, data: bytes) -> bytes:
+        packets, link.pending = split_packets(link.pending + data)
+        kept = []
+        for packet in packets:
+            if packet[0] >> 4 == PUBLISH:
+                if not link.allow_publish():
+                    self.over_quota += 1
+                    if self.enforce:
+                        continue
+                self.forwarded_publishes += 1
+            kept.append(packet)
+        return b"".join(kept)
+
+    def _drop(self, link: _Link) -> None:
+        for end in (link.tls, link.plain):
+            self._links.pop(end, None)
+            end.close()
+
+    def drop_connections(self, timeout: float = 5) -> None:
+        """Cut every client connection (as a network outage would), from the proxy's thread."""
+        self._cut.set()
+        wait_for(lambda: not self._cut.is_set(), timeout, "quota proxy cut")
+
+    def link_count(self) -> int:
+        return len(self._links) // 2

@@ -1,0 +1,175 @@
+"""The egress's pure policies with a fake clock: the publish budget, the link deadlines, the
+poison search, the AWS quota warnings and the keys that configure them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+from flashlexd.config import ConfigError, load
+from flashlexd.linkwatch import LinkWatch, Verdict
+from flashlexd.quotas import quota_warnings
+from flashlexd.ratelimit import BURST_SECONDS, PublishBudget
+from flashlexd.workers.poison import PoisonWatch
+from tests.test_config import edited_config, setting
+from tests.test_mqtt_connection import FakeClock
+
+
+def sends(budget: PublishBudget, clock: FakeClock, seconds: float, size: int = 100) -> List[float]:
+    """Send as soon as the budget allows, for `seconds`; the send times."""
+    times, end = [], clock.now + seconds
+    while clock.now < end:
+        wait = budget.wait(size)
+        if wait > 0:
+            clock.now += wait
+            continue
+        budget.spend(1, size)
+        times.append(clock.now)
+    return times
+
+
+def most_in_one_second(times: List[float]) -> int:
+    return max(sum(1 for t in times if start <= t < start + 1) for start in times)
+
+
+def test_the_publish_rate_is_paced_and_never_bunched() -> None:
+    clock = FakeClock()
+    times = sends(PublishBudget(100, 0, clock), clock, 10)
+    assert 1000 <= len(times) <= 1000 + 100 * BURST_SECONDS + 1
+    assert most_in_one_second(times) <= 100 * (1 + BURST_SECONDS) + 1  # a tenth of a second of burst
+
+
+def test_the_byte_rate_holds_even_for_entries_bigger_than_its_burst() -> None:
+    clock = FakeClock()
+    times = sends(PublishBudget(0, 512 * 1024, clock), clock, 10, size=128 * 1024)
+    assert 10 * 4 <= len(times) <= 10 * 4 + 2  # 4 entries of 128 KiB a second
+
+
+def test_zero_is_unlimited() -> None:
+    budget = PublishBudget(0, 0, FakeClock())
+    assert budget.wait(10 ** 9) == 0 and budget.allowance(500) == 500
+
+
+def test_resends_after_a_reconnect_are_paid_for() -> None:
+    clock = FakeClock()
+    budget = PublishBudget(100, 0, clock)
+    budget.spend(100, 0)  # 100 sent at once from a bucket of 10: in debt for 0.9 s
+    assert budget.wait(1) == pytest.approx(0.91)
+
+
+@pytest.mark.parametrize("operation_timeout, dead_after", [(120, 45), (5, 35)])
+def test_a_silent_link_is_dead_after_keepalive_and_at_most_half_more(operation_timeout: float,
+                                                                   dead_after: float) -> None:
+    """paho pings after `keepalive` of quiet; the PINGRESP may take min(timeout, keepalive/2)."""
+    clock = FakeClock()
+    watch = LinkWatch(keepalive=30, operation_timeout=operation_timeout, clock=clock)
+    watch.up()
+    clock.now += dead_after - 0.1
+    assert watch.verdict() is None and watch.next_check() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert watch.verdict() is Verdict.SILENT
+
+
+def test_missing_acknowledgements_time_out_unless_others_keep_coming() -> None:
+    clock = FakeClock()
+    watch = LinkWatch(keepalive=30, operation_timeout=5, clock=clock)
+    watch.up()
+    for mid in range(1, 4):
+        watch.expect("PUBACK", mid)
+    for mid in (1, 2):  # slow, but progressing: no verdict
+        clock.now += 4
+        watch.answered("PUBACK", mid)
+        assert watch.verdict() is None
+    clock.now += 4.9
+    assert watch.verdict() is None
+    clock.now += 0.1
+    assert watch.verdict() is Verdict.UNACKNOWLEDGED and watch.pending("PUBACK") == 1
+    watch.up()
+    assert watch.verdict() is None and watch.pending("PUBACK") == 0
+
+
+def drop(watch: PoisonWatch, inflight: List[int], progress: bool = False) -> Optional[int]:
+    return watch.dropped(inflight, progress)
+
+
+def test_poison_search_goes_one_at_a_time_and_dead_letters_the_culprit() -> None:
+    watch = PoisonWatch(attempts=3)
+    assert watch.window(100) == 100
+    assert drop(watch, [5, 6, 7], progress=True) is None and watch.window(100) == 100  # progress: no suspicion
+    assert drop(watch, [5, 6, 7]) is None and watch.window(100) == 1  # one of 5, 6, 7: one at a time
+    watch.acknowledged(5)
+    assert watch.window(100) == 1  # 6 and 7 are still suspects
+    assert drop(watch, [6]) is None and drop(watch, [6]) is None
+    assert drop(watch, [6]) == 6  # alone at three drops: the culprit
+    assert watch.window(100) == 100 and watch.drops(6) == 0  # full speed again
+
+
+def test_when_the_suspects_all_pass_the_drain_goes_back_to_full_speed() -> None:
+    watch = PoisonWatch(attempts=3)
+    drop(watch, [5, 6, 7])
+    assert drop(watch, [5]) is None and watch.drops(5) == 1  # a drop while 5 was alone: counted
+    for entry in (5, 6, 7):
+        assert watch.window(100) == 1
+        watch.acknowledged(entry)  # the drop had another cause
+    assert watch.window(100) == 100 and watch.drops(5) == 0
+
+
+def test_seed_keys_and_new_keys(tmp_path: Path) -> None:
+    seed = load(str(edited_config(tmp_path / "seed", lambda d: None)))
+    assert (seed.thing.mqtt.publish_rate, seed.thing.mqtt.rate_source) == (2.0, "drainingFrequency")
+    assert (seed.thing.mqtt.poison_attempts, seed.thing.mqtt.operation_timeout) == (3, 120.0)
+
+    def new_keys(document) -> None:
+        mqtt = document["flashlex"]["thing"]["mqtt"]
+        mqtt.update(publishRatePerSecond=50, publishBytesPerSecond=0, keepAliveSeconds=60, keepalive=45,
+                    poisonAttempts=5)
+    config = load(str(edited_config(tmp_path / "new", new_keys)))
+    mqtt = config.thing.mqtt
+    assert (mqtt.publish_rate, mqtt.publish_bytes_rate, mqtt.keepalive, mqtt.poison_attempts) == (50, 0, 60, 5)
+    assert set(config.warnings) == {
+        "flashlex.thing.mqtt.drainingFrequency: ignored, publishRatePerSecond (50/s) is set",
+        "flashlex.thing.mqtt.keepalive: ignored, keepAliveSeconds is set",
+        "flashlex.thing.mqtt.publishBytesPerSecond: unlimited is over AWS IoT Core's quota of 524288"
+        " bytes/s per connection; the broker drops what exceeds it"}
+    old_name = load(str(edited_config(tmp_path / "old", setting("flashlex.thing.mqtt.keepalive", 45))))
+    assert old_name.thing.mqtt.keepalive == 45
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("publishRatePerSecond", -1, "publishRatePerSecond: must be >= 0 (0: unlimited), got -1"),
+    ("publishRatePerSecond", "fast", "publishRatePerSecond: expected a number per second, got 'fast'"),
+    ("drainingFrequency", 0, "drainingFrequency: must be greater than 0, got 0"),
+    ("publishBytesPerSecond", -5, "publishBytesPerSecond: must be >= 0, got -5"),
+    ("poisonAttempts", 0, "poisonAttempts: must be >= 1, got 0"),
+    ("keepAliveSeconds", 1, "keepAliveSeconds: must be >= 2, got 1"),
+])
+def test_bad_values_are_one_line_errors(tmp_path: Path, key: str, value, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(str(edited_config(tmp_path, setting(f"flashlex.thing.mqtt.{key}", value))))
+    assert str(error.value) == f"flashlex.thing.mqtt.{message}"
+
+
+def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> None:
+    def over(document) -> None:
+        mqtt = document["flashlex"]["thing"]["mqtt"]
+        mqtt.update(publishRatePerSecond=500, maxInflight=200, keepAliveSeconds=10, maxPayloadBytes=262144,
+                    subscriptions=[f"t/{i}" for i in range(60)], egress={"topic": "a/b/c/d/e/f/g/h/i"})
+    config = load(str(edited_config(tmp_path, over)))
+    quota_lines = [w for w in config.warnings if "AWS IoT Core" in w]
+    assert len(quota_lines) == 6 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
+    assert quota_warnings("mosquitto.local", "x", config.thing.mqtt) == []  # other brokers: no AWS quotas
+
+
+def test_flashlexctl_status_says_how_the_drain_goes() -> None:
+    from flashlexd.client.ctl import drain_line, render_status
+    egress = {"connected": True, "rate_limit": 100, "eta_s": 20.0, "outbox_backlog": 2000}
+    assert drain_line(egress, 2000) == "draining 2000 entries at 100/s, ~20 s"
+    assert drain_line({"rate_limit": 0, "send_rate": 850.0, "eta_s": 3600.0}, 3_060_000 // 1000) \
+        == "draining 3060 entries at 850/s, ~1h 0m"
+    assert drain_line(egress, 0) == ""
+    ingress = {"connected": True, "subscriptions": [["ingress/t", 1], ["pubsub/t", 0]]}
+    status = {"mqtt": {"egress": egress, "ingress": ingress}, "outbox": {"count": 2000}, "workers": []}
+    lines = render_status(status, "/run/x.sock").splitlines()
+    assert "draining 2000 entries at 100/s, ~20 s" in lines
+    assert "mqtt ingress  connected, subscribed to ingress/t (QoS 1), pubsub/t (QoS 0)" in lines

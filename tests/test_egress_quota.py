@@ -1,0 +1,125 @@
+"""The egress against a broker with AWS IoT Core's publish quota (`QuotaProxy`: PUBLISHes past
+N per second on a connection are dropped without a PUBACK, the connection stays up)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
+from tests.quota_proxy import QuotaProxy
+from tests.test_egress import assert_delivered_in_order, fill_outbox
+
+
+@pytest.fixture
+def plain_broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
+    running = Broker(certs, tmp_path / "broker", plain=True).start()
+    yield running
+    running.close()
+
+
+def quota_config(tmp_path: Path, broker: Broker, proxy: QuotaProxy, **mqtt) -> Path:
+    settings = {"publishRatePerSecond": proxy.rate, "publishBytesPerSecond": 0,
+                "keepAliveSeconds": 30}
+    settings.update(mqtt)
+    return write_config(tmp_path / "config", broker, port=proxy.port, mqtt=settings)
+
+
+def test_a_2000_entry_burst_drains_at_the_quota_with_none_over(plain_broker: Broker, tmp_path: Path,
+                                                               start_worker) -> None:
+    proxy = QuotaProxy(plain_broker, rate=100)  # AWS IoT Core: 100 publishes/s per connection
+    config = quota_config(tmp_path, plain_broker, proxy)
+    store = open_store(config)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    sent = fill_outbox(store, 2000)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    started = time.monotonic()
+    worker.wait(lambda w: w.counters.get("eta_s") and w.counters["outbox_backlog"] < 1900, 10,
+                "an estimate while draining")
+    assert worker.counters["rate_limit"] == 100
+    assert abs(worker.counters["eta_s"] - worker.counters["outbox_backlog"] / 100) < 1
+    wait_for(lambda: store.outbox_count() == 0, 40, "the outbox empty")
+    elapsed = time.monotonic() - started
+    assert_delivered_in_order(subscriber, sent, max_duplicates=0)
+    assert proxy.over_quota == 0
+    assert 2000 / 100 * 0.85 <= elapsed <= 2000 / 100 * 1.5, elapsed  # at ~100/s: paced, no stall
+    assert worker.counters["throttled"] == 0
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_a_backlog_after_an_outage_drains_within_the_quota(plain_broker: Broker, tmp_path: Path,
+                                                           start_worker) -> None:
+    proxy = QuotaProxy(plain_broker, rate=400)
+    config = quota_config(tmp_path, plain_broker, proxy)
+    store = open_store(config)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    plain_broker.stop()  # the outage: the proxy cannot reach the broker, the link drops
+    worker.wait(lambda w: not w.mqtt.get("connected"), 10, "the link down")
+    sent = fill_outbox(store, 2000)
+    worker.send("outbox")
+    plain_broker.start()
+    started = time.monotonic()
+    wait_for(lambda: store.outbox_count() == 0, 30, "the backlog drained")
+    assert_delivered_in_order(subscriber, sent, max_duplicates=0)
+    assert proxy.over_quota == 0
+    assert time.monotonic() - started >= 2000 / 400 * 0.85
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_without_the_limit_the_quota_stalls_the_drain(plain_broker: Broker, tmp_path: Path,
+                                                      start_worker) -> None:
+    """The fixture shows the failure the limit prevents: unlimited, the publishes over the quota
+    get no PUBACK and the window stays full (until the operation timeout, here far away)."""
+    proxy = QuotaProxy(plain_broker, rate=100)
+    config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=0,
+                          mqttOperationTimeout=120)
+    store = open_store(config)
+    fill_outbox(store, 2000)
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: proxy.over_quota > 0 and w.counters.get("inflight") == 100, 15,
+                "a window of dropped publishes")
+    seen = [store.outbox_count()]
+
+    def settled() -> bool:  # the PUBACKs of what got through are counted and deleted
+        worker.pump(0.5)
+        seen.append(store.outbox_count())
+        return seen[-1] == seen[-2]
+    wait_for(settled, 10, "the drain settled")
+    left = seen[-1]
+    stalled_until = time.monotonic() + 3
+    while time.monotonic() < stalled_until:
+        worker.pump(0.1)
+        assert store.outbox_count() == left and worker.counters.get("inflight") == 100
+    assert left > 1000 and worker.mqtt.get("connected")  # stuck, and the link looks fine
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_a_throttled_drain_is_noticed_resent_and_counted(plain_broker: Broker, tmp_path: Path,
+                                                         start_worker) -> None:
+    """Unlimited against the quota, the operation timeout notices the missing PUBACKs: the
+    window is resent on a new connection, each event logged once with its count, nothing lost
+    (and nothing stuck: without the timeout this is the stall above)."""
+    proxy = QuotaProxy(plain_broker, rate=100)
+    config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=0, mqttOperationTimeout=1)
+    store = open_store(config)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    sent = fill_outbox(store, 400)
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 40, "the outbox empty")
+    # every entry at least once; not in order: what the quota dropped comes after what it let by
+    wait_for(lambda: set(subscriber.lines()) >= set(sent), 30, "every entry at the subscriber")
+    worker.wait(lambda w: w.counters.get("throttled", 0) >= 1, 5, "throttling counted")
+    events = [line for line in worker.log_text().splitlines() if "not acknowledged within 1s" in line]
+    assert len(events) == worker.counters["throttled"]
+    assert "publishes to 127.0.0.1" in events[0] and "resending them on a new connection" in events[0]
+    assert proxy.over_quota > 0
+    assert worker.stop() == 0
+    proxy.close()

@@ -1,0 +1,117 @@
+"""A link that knows when it is dead: a frozen broker is noticed within
+max(mqttOperationTimeout, 1.5 x keepAliveSeconds), a connect attempt never stops the worker's
+heartbeat, a lost session and a client-id conflict are said, and "connected" means subscribed."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from tests.broker import (EGRESS_TOPIC, HOST, INGRESS_TOPIC, PUBSUB_TOPIC, Broker, Subscriber,
+                          open_store, wait_for, write_config)
+from tests.test_egress import assert_delivered_in_order, fill_outbox
+
+KEEPALIVE = 2
+OPERATION_TIMEOUT = 2
+BOUND = max(OPERATION_TIMEOUT, 1.5 * KEEPALIVE)
+
+
+def test_a_frozen_broker_is_noticed_within_the_bound_and_nothing_is_lost(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    config = write_config(tmp_path / "config", broker, mqtt={
+        "keepAliveSeconds": KEEPALIVE, "mqttOperationTimeout": OPERATION_TIMEOUT,
+        "publishRatePerSecond": 200})
+    store = open_store(config)
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    sent = fill_outbox(store, 3000)
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: w.counters.get("sent", 0) > 200, 15, "the drain under way")
+    broker.freeze()
+    frozen_at = time.monotonic()
+    try:
+        worker.wait(lambda w: not w.mqtt.get("connected"), BOUND + 3, "the frozen link noticed")
+        detected = time.monotonic() - frozen_at
+        error = worker.mqtt["error"]  # the PUBACK deadline (2 s) or the silence one (3 s)
+        assert "not acknowledged within 2s" in error or "no answer from 127.0.0.1" in error, error
+        worker.wait(lambda w: (w.counters.get("oldest_inflight_age") or 0) > 0, 5, "the unacked age")
+    finally:
+        broker.thaw()
+    assert detected <= BOUND + 1.0, detected  # +1: the heartbeat that carries the report
+    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox empty after the thaw")
+    assert_delivered_in_order(subscriber, sent, max_duplicates=1000)
+    print(f"\nfrozen broker noticed after {detected:.2f}s (bound {BOUND:g}s)")
+    assert worker.stop() == 0
+
+
+def test_a_frozen_broker_is_noticed_on_an_idle_link(broker: Broker, tmp_path: Path,
+                                                    start_worker) -> None:
+    """Nothing awaited: only the keepalive ping can tell, within 1.5 x keepalive."""
+    config = write_config(tmp_path / "config", broker, mqtt={"keepAliveSeconds": KEEPALIVE,
+                                                              "mqttOperationTimeout": 60})
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    broker.freeze()
+    frozen_at = time.monotonic()
+    try:
+        worker.wait(lambda w: not w.mqtt.get("connected"), 1.5 * KEEPALIVE + 3, "the frozen link noticed")
+        detected = time.monotonic() - frozen_at
+    finally:
+        broker.thaw()
+    assert "no answer from 127.0.0.1" in worker.mqtt["error"]
+    assert detected <= 1.5 * KEEPALIVE + 1.0, detected
+    worker.wait_connected()
+    assert worker.stop() == 0
+
+
+def test_connect_attempts_never_stop_the_heartbeat(broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A black-holed endpoint (TCP accepts, TLS never answers): each attempt waits the whole
+    connectDisconnectTimeout, and the heartbeat keeps its period all along."""
+    with socket.socket() as hole:
+        hole.bind((HOST, 0))
+        hole.listen(64)
+        config = write_config(tmp_path / "config", broker, port=hole.getsockname()[1],
+                              mqtt={"connectDisconnectTimeout": 3})
+        worker = start_worker("egress", config)
+        worker.wait(lambda w: len(w.reports("mqtt")) >= 2, 15, "two timed-out attempts")
+    beats = [m["received_at"] for m in worker.reports("hb")]
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert len(beats) > 20 and max(gaps) < 1.0, max(gaps)  # heartbeats every 0.2 s, never > 1 s apart
+    assert all("timed out after 3s" in m["error"] for m in worker.reports("mqtt"))
+    print(f"\nlongest heartbeat gap while connecting to a black hole: {max(gaps):.2f}s")
+    assert worker.stop() == 0
+
+
+def test_connected_means_subscribed_and_a_lost_session_is_said(broker: Broker, tmp_path: Path,
+                                                                start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    assert worker.mqtt["subscriptions"] == [[INGRESS_TOPIC, 1], [PUBSUB_TOPIC, 1]]
+    assert worker.counters.get("sessions_lost") == 0
+    broker.restart(kill=True)  # never saved: the restarted broker has no session for us
+    worker.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 20,
+                "the lost session counted")
+    warnings = [line for line in worker.log_text().splitlines()
+                if "WARNING" in line and "lost the session of client id" in line]
+    assert len(warnings) == 1 and "since the link was last up" in warnings[0]
+    broker.restart()  # a clean stop saves the session: nothing lost this time
+    worker.wait(lambda w: sum(1 for m in w.reports("mqtt") if m["connected"]) >= 3, 20, "reconnected")
+    assert worker.counters["sessions_lost"] == 1
+    assert worker.stop() == 0
+
+
+def test_two_clients_with_one_client_id_are_reported_as_a_conflict(broker: Broker, tmp_path: Path,
+                                                                    start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    first = start_worker("ingress", config)
+    first.wait_connected()
+    second = start_worker("ingress", config)  # the broker drops the older of the two, in turn
+
+    def reported() -> bool:
+        for worker in (first, second):
+            worker.pump(0.05)
+        return any("another client is using client id" in (m.get("error") or "")
+                   for worker in (first, second) for m in worker.reports("mqtt"))
+    wait_for(reported, 30, "the conflict reported")
+    second.kill()
+    assert first.stop() == 0

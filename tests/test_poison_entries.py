@@ -1,0 +1,82 @@
+"""An entry the broker will not take does not stop the outbox: it goes to the dead letters,
+named in one WARNING, and everything behind it is delivered in order."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from flashlexd.client import connect
+from flashlexd.store import Store
+from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
+from tests.daemon import Daemon
+from tests.test_egress import assert_delivered_in_order
+
+MAX_PACKET = 10_000  # mosquitto disconnects a client that sends a bigger packet
+
+
+@pytest.fixture
+def strict_broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
+    running = Broker(certs, tmp_path / "broker", extra=[f"max_packet_size {MAX_PACKET}"]).start()
+    yield running
+    running.close()
+
+
+def queue(store: Store, good: int, poison_at: int, poison_topic: str, poison_payload: bytes) -> List[bytes]:
+    payloads = [f"{i:06d}".encode() for i in range(good)]
+    store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in payloads[:poison_at]])
+    store.outbox_append([(poison_topic, poison_payload, 1, False)])
+    store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in payloads[poison_at:]])
+    return payloads
+
+
+@pytest.mark.parametrize("topic, payload, shown", [
+    (EGRESS_TOPIC, b"x" * (2 * MAX_PACKET), f"topic {EGRESS_TOPIC}, {2 * MAX_PACKET + len(EGRESS_TOPIC)} bytes"),
+    ("dev/a\nb", b"control character in the topic", "topic dev/a\\x0ab, "),
+], ids=["oversize", "control-char-topic"])
+def test_a_poison_entry_is_dead_lettered_and_the_rest_delivered_in_order(
+        strict_broker: Broker, tmp_path: Path, start_worker, topic: str, payload: bytes, shown: str) -> None:
+    config = write_config(tmp_path / "config", strict_broker)
+    store = open_store(config)
+    subscriber = Subscriber(strict_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    sent = queue(store, 1000, 500, topic, payload)  # written straight in: no publish-time checks
+    poison_id = store.outbox_peek(limit=1, after=store.outbox_peek(limit=500)[-1].id)[0].id
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox empty")
+    assert_delivered_in_order(subscriber, sent, max_duplicates=300)
+    dead = store.dead_letters()
+    assert [(d.id, d.topic, d.payload, d.attempts) for d in dead] == [(poison_id, topic, payload, 3)]
+    assert "127.0.0.1" in dead[0].reason
+    warnings = [line for line in worker.log_text().splitlines() if "dead letters" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0]
+    assert f"outbox entry {poison_id} ({shown}" in warnings[0]
+    worker.wait(lambda w: w.counters.get("dead_lettered") == 1 and not w.counters.get("one_at_a_time")
+                and w.counters.get("oldest_inflight_age") is None, 10, "back to full speed, counted")
+    assert worker.stop() == 0
+    subscriber.stop()
+
+
+def test_through_the_daemon_a_retried_poison_entry_comes_back_and_a_drop_ends_it(
+        strict_broker: Broker, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config", strict_broker)
+    subscriber = Subscriber(strict_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    daemon = Daemon(config, tmp_path / "daemon").start()
+    try:
+        wait_for(lambda: daemon.socket_path.exists(), 20, "the API socket")
+        with connect(str(daemon.socket_path)) as fx:
+            poison = fx.publish(b"p" * (2 * MAX_PACKET))  # under maxPayloadBytes, over the broker's limit
+            fx.publish(b"after")
+            wait_for(lambda: subscriber.lines() == [b"after"], 30, "the entry behind the poison")
+            wait_for(lambda: fx.status()["outbox"]["dead"] == 1, 10, "the poison dead-lettered")
+            assert [e.id for e in fx.outbox(dead=True)["entries"]] == [poison]
+            wait_for(lambda: fx.status()["outbox"]["oldest_inflight_age"] is None, 10, "nothing in flight")
+            again = fx.retry([poison])[0]
+            wait_for(lambda: [e.id for e in fx.outbox(dead=True)["entries"]] == [again], 30,
+                     "the retried entry refused again")
+            assert fx.drop([again], dead=True) == 1
+            assert fx.status()["outbox"]["dead"] == 0 and fx.outbox()["count"] == 0
+        assert subscriber.lines() == [b"after"]
+    finally:
+        daemon.stop()
+        subscriber.stop()
