@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from flashlexd import __version__, logs, service
+from flashlexd import __version__, logs, service, storecmd
 from flashlexd.config import ConfigError, LOG_LEVELS
 
 EXIT_CONFIG = 2
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: flashlex.app.logLevel or info")
     _add_check_parser(commands)
     service.add_parser(commands)
+    storecmd.add_parser(commands)
     return parser
 
 
@@ -102,4 +103,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return check.run(args)
     if args.command == "service":
         return service.run(args)
+    if args.command == "store":
+        return storecmd.run(args)
     raise AssertionError(args.command)

@@ -28,7 +28,9 @@ digests) before taking the write lock and writes each database with one `putmult
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import struct
 import threading
@@ -39,7 +41,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
+from flashlexd import storecheck
 from flashlexd.topics import topic_matches
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _ID = struct.Struct(">Q")
@@ -65,6 +70,48 @@ class DiskFull(StoreError):
 
 class StoreForkError(StoreError):
     """The store was used in a process other than the one that opened it."""
+
+
+class StoreDamaged(StoreError):
+    """The store's file is damaged: found before opening it (`storecheck`) or by LMDB or a
+    record that does not decode while in use. The store is read-only from then on."""
+
+
+# LMDB's ways of saying that a page it read is not what the file's structure promised
+# (BadTxnError: a transaction that met one of these is unusable, and says so on the next call)
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
+                 lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
+
+
+class CorruptRecord(ValueError):
+    """A stored value that does not decode as the record its database holds."""
+
+
+_WRITES = frozenset({"append", "ack", "purge", "expire", "outbox_append", "outbox_remove"})
+
+
+def _guarded(method: Callable) -> Callable:
+    """Turn damage met inside `method` (LMDB corruption errors, undecodable records) into
+    StoreDamaged, remembered by the store; writes to a damaged store are refused up front."""
+    writes = method.__name__ in _WRITES
+
+    @functools.wraps(method)
+    def guarded(self: "Store", *args, **kwargs):
+        if writes and self.damage is not None:
+            raise StoreDamaged(f"{self.damage} (read-only until recovered)")
+        try:
+            return method(self, *args, **kwargs)
+        except StoreDamaged as exc:
+            raise self._damaged(str(exc)) from None
+        except DAMAGE_ERRORS + (CorruptRecord,) as exc:
+            raise self._damaged(describe_damage(exc)) from None
+    return guarded
+
+
+def describe_damage(exc: Exception) -> str:
+    if isinstance(exc, lmdb.BadTxnError):  # what LMDB says after a failed page read
+        return f"a page did not read back, LMDB aborted the transaction ({exc})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class StoreBusy(StoreError):
@@ -160,6 +207,12 @@ class Store:
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
         self._pid = os.getpid()
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
+        self.damage: Optional[str] = None  # why the store is read-only, once damage was met
+        try:
+            storecheck.check_data_file(self.path / "data.mdb")  # before LMDB maps it: no SIGBUS
+        except storecheck.DataFileDamaged as exc:
+            raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
+                               f" {storecheck.HINT}") from None
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
@@ -170,6 +223,10 @@ class Store:
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL
             self._open_databases()
+        except DAMAGE_ERRORS as exc:
+            self._env.close()
+            raise StoreDamaged(f"store in {self.path} is damaged: {describe_damage(exc)};"
+                               f" {storecheck.HINT}") from None
         except lmdb.Error as exc:
             self._env.close()
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
@@ -214,6 +271,14 @@ class Store:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def _damaged(self, detail: str) -> StoreDamaged:
+        """Remember the first damage met (logged once: every later call would meet it again)."""
+        if self.damage is None:
+            self.damage = f"store in {self.path} is damaged: {detail}"
+            log.error("%s; the store is read-only now (nothing more is acknowledged to the broker);"
+                      " %s", self.damage, storecheck.HINT)
+        return StoreDamaged(self.damage)
+
     def _check_pid(self) -> None:
         if os.getpid() != self._pid:
             raise StoreForkError("store used across fork(): open a new Store in each process")
@@ -231,6 +296,8 @@ class Store:
                 self._env.set_mapsize(0)  # another process grew the map; adopt its size
             except lmdb.MapFullError:
                 raise StoreFull(f"store in {self.path} is full (cap {self.cap_bytes} bytes)") from None
+            except DAMAGE_ERRORS as exc:
+                raise StoreDamaged(describe_damage(exc)) from None
             except lmdb.Error as exc:
                 raise self._write_error(exc) from None
         raise StoreError(f"store in {self.path}: map resized repeatedly")
@@ -344,7 +411,7 @@ class Store:
     def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
         """Keep the expiry index exact after inbox record `key` (`raw`) was deleted: if a range
         started at it, the range now starts at the next stored id, or goes if none is left."""
-        expires_at = msgpack.unpackb(raw)[6]
+        expires_at = unpack_record(raw, 7)[6]
         if expires_at is None:
             return
         entry = _expiry_prefix(expires_at) + key
@@ -358,6 +425,7 @@ class Store:
 
     # -- inbox --------------------------------------------------------------------------------
 
+    @_guarded
     def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
                settled: Sequence[DupMark] = ()) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
@@ -435,6 +503,7 @@ class Store:
             chosen.append(i)
         return chosen
 
+    @_guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,
                  after: Optional[int] = None) -> List[Message]:
         """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id."""
@@ -454,6 +523,7 @@ class Store:
                         break
         return found
 
+    @_guarded
     def ack(self, ids: Iterable[int]) -> int:
         """Remove messages by id. Idempotent: an id already gone is not an error."""
         keys = _keys_of(ids)
@@ -470,6 +540,7 @@ class Store:
 
         return self._write(work) if keys else 0  # type: ignore[return-value]
 
+    @_guarded
     def purge(self) -> int:
         """Remove every inbox message (the API asks for confirmation first)."""
         def work(txn: lmdb.Transaction) -> int:
@@ -481,6 +552,7 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
+    @_guarded
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
         """Remove up to `batch` messages whose expiry is at or before `now` (bounded txn)."""
         cutoff = _ID.pack(int((time.time() if now is None else now) * 1000) + 1)
@@ -508,6 +580,7 @@ class Store:
 
     # -- outbox -------------------------------------------------------------------------------
 
+    @_guarded
     def outbox_append(self, entries: Sequence[Tuple[str, bytes, int, bool]],
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
         """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
@@ -532,6 +605,7 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
+    @_guarded
     def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
         found: List[OutboxEntry] = []
         if limit <= 0:
@@ -542,12 +616,13 @@ class Store:
             if not positioned:
                 return found
             for key, raw in cursor:
-                created, topic, payload, qos, retain = msgpack.unpackb(raw)
+                created, topic, payload, qos, retain = unpack_record(raw, 5)
                 found.append(OutboxEntry(_ID.unpack(key)[0], created, topic, payload, qos, retain))
                 if len(found) >= limit:
                     break
         return found
 
+    @_guarded
     def outbox_remove(self, ids: Iterable[int]) -> int:
         keys = _keys_of(ids)
 
@@ -560,6 +635,7 @@ class Store:
 
     # -- figures ------------------------------------------------------------------------------
 
+    @_guarded
     def stats(self) -> Dict[str, object]:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
@@ -567,7 +643,7 @@ class Store:
             oldest = _decode_message(first_inbox.key(), first_inbox.value()).timestamp \
                 if first_inbox.first() else None
             first_outbox = txn.cursor(db=self._outbox)
-            oldest_out = msgpack.unpackb(first_outbox.value())[0] if first_outbox.first() else None
+            oldest_out = unpack_record(first_outbox.value(), 5)[0] if first_outbox.first() else None
             figures: Dict[str, object] = {
                 "inbox_count": txn.stat(self._inbox)["entries"],
                 "inbox_oldest": oldest,
@@ -583,10 +659,12 @@ class Store:
                 figures[name] = self._counter(txn, name.encode())
         return figures
 
+    @_guarded
     def inbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._inbox)["entries"]
 
+    @_guarded
     def outbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._outbox)["entries"]
@@ -613,6 +691,19 @@ def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     return marks
 
 
+def unpack_record(raw: bytes, fields: int) -> list:
+    """A stored msgpack array of `fields` items; CorruptRecord for anything else."""
+    try:
+        record = msgpack.unpackb(raw)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CorruptRecord(f"a record does not decode ({exc})") from None
+    if not isinstance(record, list) or len(record) != fields:
+        raise CorruptRecord(f"a record is not a {fields}-field array")
+    return record
+
+
 def _decode_message(key: bytes, raw: bytes) -> Message:
-    timestamp, topic, payload, qos, retain, mid, expires_at = msgpack.unpackb(raw)
+    if len(key) != _ID.size:
+        raise CorruptRecord(f"an inbox key is {len(key)} bytes, not {_ID.size}")
+    timestamp, topic, payload, qos, retain, mid, expires_at = unpack_record(raw, 7)
     return Message(_ID.unpack(key)[0], timestamp, topic, payload, qos, retain, mid, expires_at)

@@ -24,7 +24,7 @@ from flashlexd.ipc.server import RpcServer
 from flashlexd.notify import Notifier, child_environment
 from flashlexd.rates import RateMeter
 from flashlexd.restart import CrashLoop, RestartPolicy
-from flashlexd.store import Store
+from flashlexd.store import Store, StoreError
 from flashlexd.workerproc import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -266,17 +266,22 @@ class Supervisor:
             log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
         if now >= self.next_status:
             self.next_status = now + STATUS_EVERY
-            stats = self.store.stats()
-            self.rates.sample(now, stats["received"], stats["sent"])
+            try:
+                stats: Optional[Dict[str, Any]] = self.store.stats()
+            except StoreError:  # damage: logged once by the store, named in the status line
+                stats = None
+            if stats is not None:
+                self.rates.sample(now, stats["received"], stats["sent"])
             self.notifier.status(self.status_line(stats))
 
-    def status_line(self, stats: Dict[str, Any]) -> str:
+    def status_line(self, stats: Optional[Dict[str, Any]]) -> str:
         links = []
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
         up = sum(1 for w in self.workers.values() if w.state == "ready")
-        return (f"{', '.join(links)}; inbox {stats['inbox_count']}; outbox {stats['outbox_count']};"
-                f" workers {up}/{len(self.workers)}")
+        store = (f"inbox {stats['inbox_count']}; outbox {stats['outbox_count']}" if stats is not None
+                 else "store damaged, read-only (see flashlexd store recover)")
+        return f"{', '.join(links)}; {store}; workers {up}/{len(self.workers)}"
 
     def status(self) -> Dict[str, Any]:
         """The supervisor's part of the API's `status`."""

@@ -164,7 +164,12 @@ class Methods:
         p.done()
         now = time.time()
         supervisor = dict(self.status_provider())
-        figures = self.store.stats()
+        try:
+            figures = self.store.stats()
+        except StoreError as exc:  # a damaged store: the rest of the status still answers
+            supervisor.update(inbox={}, outbox={"limit": self.offline_publish_queueing},
+                              store={"path": str(self.store.path), "damaged": str(exc)})
+            return supervisor
         counters = {name: figures[name] for name in ("received", "duplicates", "acked", "expired",
                                                      "dropped_full", "purged", "queued", "sent")}
         counters.update(supervisor.get("counters") or {})

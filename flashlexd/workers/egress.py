@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from paho.mqtt.enums import MQTTErrorCode
 
 from flashlexd.mqtt import Connection
-from flashlexd.store import Store, StoreError
+from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,11 @@ class EgressWorker(Worker):
         room = self.window - len(self.inflight)
         if room <= 0:
             return
-        entries = self.store.outbox_peek(limit=room, after=self.cursor)
+        try:
+            entries = self.store.outbox_peek(limit=room, after=self.cursor)
+        except StoreDamaged:  # logged once by the store; nothing can be sent from it
+            self.more = False
+            return
         self.more = len(entries) == room
         for entry in entries:
             try:
@@ -138,9 +142,10 @@ class EgressWorker(Worker):
             return
         try:
             self.store.outbox_remove(self.done)
+            self.counters["outbox_backlog"] = self.store.outbox_count()
         except StoreError as exc:
-            log.error("cannot delete %d sent outbox entries (retrying): %s", len(self.done), exc)
+            if not isinstance(exc, StoreDamaged):  # damage: the store logged it once
+                log.error("cannot delete %d sent outbox entries (retrying): %s", len(self.done), exc)
             return
         self.counters["sent"] += len(self.done)
-        self.counters["outbox_backlog"] = self.store.outbox_count()
         self.done = []

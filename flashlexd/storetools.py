@@ -1,0 +1,174 @@
+"""`flashlexd store verify` and `flashlexd store recover`: read a possibly damaged store.
+
+Neither maps the file. Both read it with `storecheck.TreeReader` (pread, every page header
+and node checked), so no damage can crash them the way it can crash LMDB (SIGBUS past the end
+of a truncated file, garbage offsets in a garbled page).
+
+verify: the meta pages, then every page of every tree (the free-page tree, the main tree and
+each named database), then every record decoded as the store wrote it (key width, msgpack
+shape, key order) and counted against its database's entry count. Exit 0 when all of that
+holds, 1 otherwise.
+
+recover: reads the newest intact meta page's trees, skipping damaged pages (and what hangs
+under them) and records that do not decode, and writes what it read into a fresh store: the
+inbox, outbox and DUP marks as they were, the expiry index rebuilt from the messages, the
+counters copied and the id counters raised to the highest id copied (ids must keep growing).
+It reports per database how many records it copied and how many the database counted but were
+not readable.
+
+Run both with the daemon stopped: these readers do not take LMDB's reader slots, so a running
+daemon could reuse pages under them (`recover` refuses while the daemon holds the data dir).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import lmdb
+
+from flashlexd import storecheck
+from flashlexd.storecheck import DataFileDamaged, TreeReader
+from flashlexd.store import SCHEMA_VERSION, CorruptRecord, Store, unpack_record
+
+DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")
+KEY_WIDTH = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2}  # meta: names
+FIELDS = {"inbox": 7, "outbox": 5}  # msgpack array length of a record
+_ID = struct.Struct(">Q")
+ENTRIES = 6  # index of md_entries in an MDB_db
+UNKNOWN = -1  # records lost: the database's own record is unreadable
+
+
+def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
+    """Why this record is not one the store writes, or None."""
+    width = KEY_WIDTH.get(name)
+    if width is not None and len(key) != width:
+        return f"a {len(key)}-byte key (expected {width})"
+    if name in FIELDS:
+        try:
+            unpack_record(value, FIELDS[name])
+        except CorruptRecord as exc:
+            return str(exc)
+    elif name == "expiry" and len(value) not in (0, 8):
+        return f"an expiry entry of {len(value)} bytes"
+    elif name == "recent" and len(value) < 8:
+        return f"a DUP mark of {len(value)} bytes"
+    elif name == "meta" and len(value) != 8:
+        return f"a counter of {len(value)} bytes"
+    return None
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+def verify(data_dir: Path) -> Tuple[bool, List[str]]:
+    """(ok, report lines; the last one the verdict) for the store in `data_dir`."""
+    data_file = data_dir / "data.mdb"
+    if not data_file.is_file():
+        return False, [f"no store in {data_dir} (no data.mdb)"]
+    lines: List[str] = []
+    try:
+        meta = storecheck.check_data_file(data_file)
+        if meta is None:
+            return True, [f"store in {data_dir} is empty"]
+        with open(data_file, "rb") as data:
+            reader = TreeReader(data.fileno(), meta, strict=True)
+            for _ in reader.records(meta.free_root, "free-page tree"):
+                pass
+            found = dict(reader.databases())
+            for name in DATABASES:
+                if name not in found:
+                    raise DataFileDamaged(f"database {name} is missing")
+                lines.append(f"{name}: {_verify_records(reader, name, found[name])} records")
+    except DataFileDamaged as exc:
+        return False, lines + [f"store in {data_dir} is damaged: {exc}"]
+    return True, lines + [f"store in {data_dir}: every page and record reads back"
+                          f" ({reader.pages} pages)"]
+
+
+def _verify_records(reader: TreeReader, name: str, db: Tuple[int, ...]) -> int:
+    count, previous = 0, None
+    for key, value, _ in reader.records(db[-1], f"database {name}"):
+        problem = record_problem(name, key, value)
+        if problem is None and previous is not None and key <= previous:
+            problem = "keys out of order"
+        if problem:
+            raise DataFileDamaged(f"database {name}, record {count + 1}: {problem}")
+        previous, count = key, count + 1
+    if count != db[ENTRIES]:
+        raise DataFileDamaged(f"database {name}: {count} records read, it counts {db[ENTRIES]}")
+    return count
+
+
+# -- recover --------------------------------------------------------------------------------------
+
+def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
+    """Copy what is readable from the store in `data_dir` into a new store in `to_dir`."""
+    data_file = data_dir / "data.mdb"
+    if not data_file.is_file():
+        return False, [f"no store in {data_dir} (no data.mdb)"]
+    if to_dir.exists() and any(to_dir.iterdir()):
+        return False, [f"{to_dir} is not empty: recover writes a fresh store into a new directory"]
+    with open(data_file, "rb") as data:
+        metas = storecheck.readable_metas(data)
+        if not metas:
+            return False, [f"store in {data_dir}: neither meta page is readable; nothing to recover"]
+        meta = max(metas, key=lambda m: m.txnid)
+        reader = TreeReader(data.fileno(), meta, strict=False)
+        databases = dict(reader.databases())
+        lines = [f"read meta page {meta.number} (transaction {meta.txnid})"]
+        Store(to_dir, cap_bytes).close()  # the fresh store: its databases and schema
+        target = lmdb.open(str(to_dir), map_size=cap_bytes + Store.headroom(cap_bytes),
+                           max_dbs=len(DATABASES) + 1, mode=0o600)
+        try:
+            with target.begin(write=True) as txn:
+                dbs = {name: target.open_db(name.encode(), txn=txn) for name in DATABASES}
+                copies = {name: _copy(reader, databases, name, txn, dbs, lines)
+                          for name in ("inbox", "outbox", "recent", "meta")}
+                _fix_counters(txn, dbs["meta"], {name: c[0] for name, c in copies.items()})
+        finally:
+            target.close()
+    for problem in reader.problems[:10]:
+        lines.append(f"skipped: {problem}")
+    if len(reader.problems) > 10:
+        lines.append(f"skipped: ... {len(reader.problems) - 10} more damaged pages or records")
+    losses = [c[1] for c in copies.values()]
+    lost = ("an unknown number of records lost" if UNKNOWN in losses else
+            f"{sum(losses)} records lost" if any(losses) else "nothing was lost")
+    lines.append(f"new store written to {to_dir}; {lost}")
+    return True, lines
+
+
+def _copy(reader: TreeReader, databases: Dict[str, Tuple[int, ...]], name: str,
+          txn: lmdb.Transaction, dbs: Dict[str, object], lines: List[str]) -> Tuple[int, int]:
+    """Copy one database's good records; returns (the highest 8-byte id copied, records lost)."""
+    db = databases.get(name)
+    if db is None:
+        lines.append(f"{name}: its database record is unreadable: nothing copied, losses unknown")
+        return 0, UNKNOWN
+    copied = bad = highest = 0
+    for key, value, _ in reader.records(db[-1], f"database {name}"):
+        if record_problem(name, key, value):
+            bad += 1
+            continue
+        if name == "meta" and key == b"schema":
+            continue  # the fresh store has its own
+        txn.put(key, value, db=dbs[name])
+        copied += 1
+        if name == "inbox":
+            highest = max(highest, _ID.unpack(key)[0])
+            expires_at = unpack_record(value, 7)[6]
+            if isinstance(expires_at, (int, float)):  # one range entry per message
+                txn.put(_ID.pack(int(expires_at * 1000)) + key, key, db=dbs["expiry"])
+        elif name == "outbox":
+            highest = max(highest, _ID.unpack(key)[0])
+    lost = max(db[ENTRIES] - (1 if name == "meta" else 0) - copied, bad)
+    lines.append(f"{name}: copied {copied}, lost {lost}" + (f" ({bad} did not decode)" if bad else ""))
+    return highest, lost
+
+
+def _fix_counters(txn: lmdb.Transaction, meta: object, highest: Dict[str, int]) -> None:
+    txn.put(b"schema", _ID.pack(SCHEMA_VERSION), db=meta)
+    for counter, source in ((b"inbox_last_id", "inbox"), (b"outbox_last_id", "outbox")):
+        current = _ID.unpack(txn.get(counter, db=meta) or _ID.pack(0))[0]
+        txn.put(counter, _ID.pack(max(current, highest[source])), db=meta)
