@@ -147,3 +147,50 @@ print(outcomes, store.damage is not None)
     assert run.stdout.strip() == f"{['damaged'] * 9} True", run.stdout
     log = run.stderr.strip().splitlines()
     assert len(log) == 1 and "is damaged:" in log[0] and "read-only" in log[0], log
+
+
+def test_damage_met_by_the_running_daemon_degrades_it_without_tracebacks(daemon_config, broker,
+                                                                        tmp_path):
+    """A page of the live store garbled under the running daemon: `status` still answers and
+    names the damage, flashlexctl says degraded, ingress stops acknowledging, the supervisor
+    lives on, and the log has a line per process, no Traceback."""
+    from flashlexd.client import RpcError, connect
+    from tests.broker import INGRESS_TOPIC, publish, wait_for
+    from tests.daemon import Daemon, NotifyListener
+
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        with connect(str(daemon.socket_path)) as fx:
+            wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 15, "ingress")
+            publish(broker, INGRESS_TOPIC, b"before")
+            wait_for(lambda: fx.messages(), 15, "the first message")
+            data_dir = daemon_config.parent / "data"
+            garble_page(data_dir / "data.mdb", _a_page_of(data_dir, "inbox"), seed=5)
+            status = wait_for(lambda: fx.status() if fx.status()["store"].get("damaged") else None,
+                              15, "status to name the damage")
+            assert "is damaged:" in status["store"]["damaged"]
+            publish(broker, INGRESS_TOPIC, b"after")
+            ingress = wait_for(lambda: fx.status()["mqtt"]["ingress"].get("store_error"), 15,
+                               "ingress to refuse storing")
+            assert "is damaged" in ingress
+            assert fx.status()["mqtt"]["ingress"]["stored"] == 1  # "after" was not acknowledged
+            ctl = subprocess.run([str(Path(sys.executable).parent / "flashlexctl"), "--socket",
+                                  str(daemon.socket_path), "status"], capture_output=True,
+                                 text=True, timeout=30)
+            assert ctl.returncode == 1 and "is damaged" in ctl.stdout, ctl.stdout + ctl.stderr
+            for _ in range(3):  # more calls, more status ticks: no more log lines
+                fx.status()
+                with pytest.raises(RpcError) as refused:
+                    fx.ack(["1"])
+                assert refused.value.code == "store_error"
+        wait_for(lambda: any(f.startswith("STATUS=") and "store damaged" in f
+                             for _, f in notify.lines()), 10, "the STATUS= line to name it")
+        assert daemon.proc.poll() is None, daemon.output()
+        output = daemon.output()
+        assert "Traceback" not in output, output
+        assert output.count("is damaged") <= 4, output  # once per process that met it
+    finally:
+        daemon.stop()
+        notify.close()
