@@ -76,6 +76,7 @@ def _fail(message: str, code: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from flashlexd.ipc.server import ServerError
+    from flashlexd.paths import AlreadyRunning, UnsafePath
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("flashlexd").warning("%s", warning)
     try:
         return Supervisor(config, overrides).run()
-    except (StoreError, ServerError) as exc:
+    except (StoreError, ServerError, UnsafePath, AlreadyRunning) as exc:
         return _fail(f"cannot start: {exc}", EXIT_START)
 
 

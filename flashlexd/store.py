@@ -41,7 +41,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
-from flashlexd import storecheck
+from flashlexd import paths, storecheck
 from flashlexd.topics import topic_matches
 
 log = logging.getLogger(__name__)
@@ -214,11 +214,11 @@ class Store:
             raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
                                f" {storecheck.HINT}") from None
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
                                   max_dbs=8, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
-        except (OSError, lmdb.Error) as exc:
+        except (OSError, lmdb.Error, paths.UnsafePath) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL

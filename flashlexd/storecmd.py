@@ -50,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"flashlexd: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from flashlexd import storetools  # lmdb: loaded only for this command
+    from flashlexd import paths, storetools  # lmdb: loaded only for this command
+
+    running = paths.holder(data_dir)
+    if running:  # its writes could reuse pages under these readers, which take no LMDB slots
+        print(f"flashlexd: a flashlexd (pid {running}) is running on data dir {data_dir}:"
+              f" stop it first", file=sys.stderr)
+        return EXIT_DAMAGED
 
     if args.action == "verify":
         ok, lines = storetools.verify(data_dir)

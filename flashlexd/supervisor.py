@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
+from flashlexd import paths
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
@@ -81,6 +82,7 @@ class Supervisor:
         self.next_status = 0.0
         self.rates = RateMeter()
         self.store: Optional[Store] = None
+        self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
         self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
@@ -93,6 +95,7 @@ class Supervisor:
 
     def run(self) -> int:
         self._install_signals()
+        self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
         self.api = self._start_api()
         now = time.monotonic()
@@ -119,6 +122,8 @@ class Supervisor:
             self.api.close()
         if self.store is not None:
             self.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _install_signals(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -153,8 +153,10 @@ class RpcServer:
         """From `config.Api` and the store's maxPayloadBytes (which sizes the frame limit)."""
         limits = Limits.for_payload(max_payload_bytes, max_connections=api.max_connections,
                                     idle_timeout=api.idle_timeout)
+        # allowUids are users outside the socket's group: they need the socket itself to be
+        # connectable (0666); who may talk is then decided by SO_PEERCRED on every connection
         return cls(api.socket_path, methods, limits, selector, group=api.socket_group,
-                   allow_uids=api.allow_uids)
+                   allow_uids=api.allow_uids, mode=0o666 if api.allow_uids else 0o660)
 
     # -- what the host loop calls -------------------------------------------------------------
 
