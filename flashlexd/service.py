@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
+from flashlexd import paths
+from flashlexd.config import ConfigError
+from flashlexd.unitplaces import Places, read_places, unit_values
+
+EXIT_CONFIG = 2
 REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 INSTALLED_PACKAGING = Path(sys.prefix) / "share" / "flashlexd"
 FILES = {  # kind -> (file under packaging/ in the repo, name when installed, target on the system)
@@ -31,14 +37,18 @@ def template(kind: str) -> str:
     raise FileNotFoundError(f"packaging file {in_repo} not found (is flashlexd installed?)")
 
 
-def render_unit(venv: str, config: str, user: str = "root", group: str = "") -> str:
-    """The unit text with the venv, config path and service user filled in."""
-    values: Dict[str, str] = {"venv": venv.rstrip("/"), "config": config, "user": user,
-                              "group": group or user}
-    text = template("unit")
-    for name, value in values.items():
-        text = text.replace("{{" + name + "}}", value)
-    return text
+def render_unit(venv: str, config: str, user: str = "root", group: str = "",
+                places: Optional[Places] = None) -> str:
+    """The unit text for this install, with the data dir, socket and access from `places`."""
+    values = unit_values(places or Places(), user, group, venv, config)
+    lines = []
+    for line in template("unit").splitlines():
+        if line.startswith("{{") and line.endswith("}}") and not values[line[2:-2]]:
+            continue  # a placeholder of whole lines with nothing to say here
+        for name, value in values.items():
+            line = line.replace("{{" + name + "}}", value)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def add_parser(commands) -> None:
@@ -64,10 +74,18 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.dir).resolve()
     kind = "rsyslog" if args.rsyslog else "logrotate" if args.logrotate else "unit"
+    places = Places()
     if kind == "unit":
+        config = Path(args.config).resolve() if args.config else directory / "keys" / "config.yml"
+        try:
+            places, note = read_places(config)
+        except ConfigError as exc:
+            print(f"flashlexd: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         text = render_unit(str(Path(args.venv).resolve()) if args.venv else str(directory / "venv"),
-                           str(Path(args.config).resolve()) if args.config
-                           else str(directory / "keys" / "config.yml"), args.user, args.group)
+                           str(config), args.user, args.group, places)
     else:
         text = template(kind)
     target: Optional[Path] = Path(args.output) if args.output else None
@@ -81,8 +99,21 @@ def run(args: argparse.Namespace) -> int:
     target.chmod(0o644)
     print(f"wrote {target}", file=sys.stderr)
     if args.install:
-        _after_install(kind, Path(args.root) == Path("/"))
+        live = Path(args.root) == Path("/")
+        if kind == "unit" and live:
+            make_data_dir(places, args.user, args.group or places.socket_group or args.user)
+        _after_install(kind, live)
     return 0
+
+
+def make_data_dir(places: Places, user: str, group: str) -> None:
+    """A data dir outside /var/lib is not made by systemd (StateDirectory=), and the sandbox
+    lets the daemon write only inside it (ReadWritePaths=): make it now, the user's, 0700."""
+    if places.data_dir.startswith("/var/lib/") or os.path.isdir(places.data_dir):
+        return
+    paths.make_dir(Path(places.data_dir), paths.DATA_DIR_MODE)
+    shutil.chown(places.data_dir, user, group)
+    print(f"created data dir {places.data_dir} (0700, {user}:{group})", file=sys.stderr)
 
 
 def _after_install(kind: str, live: bool) -> None:
