@@ -103,9 +103,14 @@ def _guarded(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
         except StoreDamaged as exc:
             raise self._damaged(str(exc)) from None
-        except DAMAGE_ERRORS + (CorruptRecord,) as exc:
+        except DAMAGE_ERRORS + _IMPOSSIBLE_VALUES as exc:
             raise self._damaged(describe_damage(exc)) from None
     return guarded
+
+
+# What a garbled record that still decodes leads to: an id or time that does not fit its field
+# (struct.error, OverflowError), or py-lmdb tripping over a garbage node (SystemError).
+_IMPOSSIBLE_VALUES = (CorruptRecord, struct.error, OverflowError, SystemError)
 
 
 def describe_damage(exc: Exception) -> str:
@@ -249,7 +254,18 @@ class Store:
                                  f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
             if schema == 0:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
+            self._back_the_map()  # under the write lock: no other process is growing the file
         self._page_size = self._env.stat()["psize"]
+
+    def _back_the_map(self) -> None:
+        """Extend data.mdb (sparsely: no disk space is used) to the size of the memory map.
+        LMDB reads a damaged page's garbage node offsets as they are; past the end of the
+        file such a read is a SIGBUS that kills the process, inside the file it is garbage
+        that LMDB or our decoding reports. The file only grows here, so no page is cut."""
+        data = self.path / "data.mdb"
+        map_size = self._env.info()["map_size"]
+        if data.stat().st_size < map_size:
+            os.truncate(data, map_size)
 
     @staticmethod
     def headroom(cap_bytes: int) -> int:
@@ -363,12 +379,22 @@ class Store:
         return outcome["result"]
 
     def _read(self):
+        """A read transaction whose values are buffers over the map, not copies: `_checked`
+        looks at a value's length before anything reads it."""
         self._check_pid()
         try:
-            return self._env.begin(write=False)
+            return self._env.begin(write=False, buffers=True)
         except lmdb.MapResizedError:
             self._env.set_mapsize(0)
-            return self._env.begin(write=False)
+            return self._env.begin(write=False, buffers=True)
+
+    def _checked(self, raw: memoryview) -> memoryview:
+        """`raw` unless its length cannot be real. A garbled node can claim gigabytes; reading
+        them would run off the end of the memory map (SIGSEGV), so such a value is refused
+        before it is read. (A claim that fits the map is read: the file is backed that far.)"""
+        if len(raw) > self.cap_bytes + self.headroom(self.cap_bytes):
+            raise CorruptRecord(f"a record claims {len(raw)} bytes, more than the whole store")
+        return raw
 
     def _counter(self, txn: lmdb.Transaction, name: bytes) -> int:
         raw = txn.get(name, db=self._meta)
@@ -516,7 +542,7 @@ class Store:
             if not positioned:
                 return found
             for key, raw in cursor:
-                message = _decode_message(key, raw)
+                message = _decode_message(key, self._checked(raw))
                 if topic is None or topic_matches(topic, message.topic):
                     found.append(message)
                     if len(found) >= limit:
@@ -616,7 +642,7 @@ class Store:
             if not positioned:
                 return found
             for key, raw in cursor:
-                created, topic, payload, qos, retain = unpack_record(raw, 5)
+                created, topic, payload, qos, retain = unpack_record(self._checked(raw), 5)
                 found.append(OutboxEntry(_ID.unpack(key)[0], created, topic, payload, qos, retain))
                 if len(found) >= limit:
                     break
@@ -640,10 +666,11 @@ class Store:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
             first_inbox = txn.cursor(db=self._inbox)
-            oldest = _decode_message(first_inbox.key(), first_inbox.value()).timestamp \
+            oldest = _decode_message(first_inbox.key(), self._checked(first_inbox.value())).timestamp \
                 if first_inbox.first() else None
             first_outbox = txn.cursor(db=self._outbox)
-            oldest_out = unpack_record(first_outbox.value(), 5)[0] if first_outbox.first() else None
+            oldest_out = unpack_record(self._checked(first_outbox.value()), 5)[0] \
+                if first_outbox.first() else None
             figures: Dict[str, object] = {
                 "inbox_count": txn.stat(self._inbox)["entries"],
                 "inbox_oldest": oldest,

@@ -40,6 +40,24 @@ ENTRIES = 6  # index of md_entries in an MDB_db
 UNKNOWN = -1  # records lost: the database's own record is unreadable
 
 
+_TIME = (int, float)
+# (timestamp, topic, payload, qos, retain, mid, expires_at) and (created, topic, payload, qos, retain)
+INBOX_TYPES = (_TIME, (str,), (bytes,), (int,), (bool,), (int,), _TIME + (type(None),))
+OUTBOX_TYPES = (_TIME, (str,), (bytes,), (int,), (bool,))
+_LATEST = 2 ** 63 / 1000  # seconds: times are stored as milliseconds in 64-bit keys
+
+
+def _field_problem(record: list, types: Tuple[tuple, ...]) -> Optional[str]:
+    for index, (value, expected) in enumerate(zip(record, types)):
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            return f"field {index} is a {type(value).__name__}"
+        if isinstance(value, float) and not 0 <= value < _LATEST:
+            return f"field {index} is an impossible time ({value!r})"
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < _LATEST:
+            return f"field {index} is out of range ({value})"
+    return None
+
+
 def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
     """Why this record is not one the store writes, or None."""
     width = KEY_WIDTH.get(name)
@@ -47,9 +65,10 @@ def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
         return f"a {len(key)}-byte key (expected {width})"
     if name in FIELDS:
         try:
-            unpack_record(value, FIELDS[name])
+            record = unpack_record(value, FIELDS[name])
         except CorruptRecord as exc:
             return str(exc)
+        return _field_problem(record, INBOX_TYPES if name == "inbox" else OUTBOX_TYPES)
     elif name == "expiry" and len(value) not in (0, 8):
         return f"an expiry entry of {len(value)} bytes"
     elif name == "recent" and len(value) < 8:
@@ -73,8 +92,8 @@ def verify(data_dir: Path) -> Tuple[bool, List[str]]:
             return True, [f"store in {data_dir} is empty"]
         with open(data_file, "rb") as data:
             reader = TreeReader(data.fileno(), meta, strict=True)
-            for _ in reader.records(meta.free_root, "free-page tree"):
-                pass
+            for key, value, _ in reader.records(meta.free_root, "free-page tree"):
+                _check_free_list(key, value, meta.last_page)
             found = dict(reader.databases())
             for name in DATABASES:
                 if name not in found:
@@ -84,6 +103,16 @@ def verify(data_dir: Path) -> Tuple[bool, List[str]]:
         return False, lines + [f"store in {data_dir} is damaged: {exc}"]
     return True, lines + [f"store in {data_dir}: every page and record reads back"
                           f" ({reader.pages} pages)"]
+
+
+def _check_free_list(key: bytes, value: bytes, last_page: int) -> None:
+    """A free-page record: a count, then that many page numbers, in descending order."""
+    word = storecheck.PGNO.size
+    count = storecheck.PGNO.unpack_from(value, 0)[0] if len(value) >= word else -1
+    pages = [storecheck.PGNO.unpack_from(value, word * (1 + i))[0] for i in range(max(count, 0))] \
+        if len(value) == word * (count + 1) else None
+    if pages is None or any(not 2 <= p <= last_page for p in pages) or pages != sorted(pages, reverse=True):
+        raise DataFileDamaged(f"free-page tree: the list of transaction {key.hex()} is garbled")
 
 
 def _verify_records(reader: TreeReader, name: str, db: Tuple[int, ...]) -> int:

@@ -6,7 +6,7 @@ of killing pytest). It builds one real store with inbox, expiry, outbox, recent 
 records, then for each case makes a damaged copy and, in a forked child, uses it the way the
 daemon does (open with the pre-open check, stats, read every message and outbox entry, append,
 ack, expire) and then runs `store verify` and `store recover` on it. One JSON line per case:
-{"case", "daemon", "verify", "recover"} where daemon is `refused: <line>`, `damaged: <line>`
+{"case", "daemon", "verify", "recover"} (or "error" / "tools_error") where daemon is `refused: <line>`, `damaged: <line>`
 (met at run time: the store went read-only), `ok` (the damage was in a page nothing read) or
 `crash:<signal>` / `traceback: <error>` (failures).
 """
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-from flashlexd import storetools
+from flashlexd import storecheck, storetools
 from flashlexd.store import Incoming, Store, StoreDamaged, StoreError
 
 CAP = 64 * 1024 * 1024
@@ -31,16 +31,20 @@ PAGE = 4096
 def build_store(directory: Path, messages: int = 600, outbox: int = 60) -> Path:
     """A real store: `messages` inbox messages (some acked, so there are free pages), expiry
     ranges, DUP marks and outbox entries."""
+    rng = random.Random(0)  # the same pages every run
     store = Store(directory, CAP, expire_seconds=3600)
     try:
         for batch in range(0, messages, 50):
-            store.append([Incoming(f"ingress/thing/{i % 7}", os.urandom(64 + i % 300), 1, False,
-                                   i % 65535 + 1) for i in range(batch, batch + 50)])
+            store.append([Incoming(f"ingress/thing/{i % 7}", rng.randbytes(64 + i % 300), 1, False,
+                                   i % 65535 + 1) for i in range(batch, batch + 50)], now=1.7e9)
         store.ack(range(1, messages, 9))
-        store.outbox_append([("egress/thing", os.urandom(200), 1, False) for _ in range(outbox)])
+        store.outbox_append([("egress/thing", rng.randbytes(200), 1, False) for _ in range(outbox)],
+                            now=1.7e9)
         store.outbox_remove(range(1, 6))
     finally:
         store.close()
+    data = directory / "data.mdb"
+    os.truncate(data, storecheck.check_data_file(data).bytes_in_use)  # without the sparse tail
     return directory
 
 
@@ -50,10 +54,32 @@ def truncate(data: Path, size: int) -> None:
 
 def garble_page(data: Path, page: int, seed: int) -> None:
     """Overwrite one page with random bytes."""
+    _garble(data, page * PAGE, PAGE, seed)
+
+
+def garble_body(data: Path, page: int, seed: int) -> None:
+    """Random bytes over one page but its 16-byte header: LMDB's page checks pass and it
+    reads the garbage as the page's nodes."""
+    _garble(data, page * PAGE + 16, PAGE - 16, seed)
+
+
+def rot_bytes(data: Path, page: int, seed: int) -> None:
+    """Eight random bytes at random places of one page (bit rot)."""
     rng = random.Random(seed)
     with open(data, "r+b") as out:
-        out.seek(page * PAGE)
-        out.write(bytes(rng.getrandbits(8) for _ in range(PAGE)))
+        for _ in range(8):
+            out.seek(page * PAGE + rng.randrange(PAGE))
+            out.write(bytes([rng.getrandbits(8)]))
+
+
+def _garble(data: Path, offset: int, length: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(data, "r+b") as out:
+        out.seek(offset)
+        out.write(bytes(rng.getrandbits(8) for _ in range(length)))
+
+
+PATTERNS = {"garbled": garble_page, "body-garbled": garble_body, "rotted": rot_bytes}
 
 
 def use_like_the_daemon(directory: Path) -> str:
@@ -106,41 +132,50 @@ def try_case(name: str, original: Path, work: Path, damage: Callable[[Path], Non
 
     shutil.copytree(case, work / f"{name}.used")
 
-    def run() -> Dict[str, object]:
-        daemon = use_like_the_daemon(work / f"{name}.used")
+    def daemon() -> Dict[str, object]:
+        return {"daemon": use_like_the_daemon(work / f"{name}.used")}
+
+    def tools() -> Dict[str, object]:
         ok, lines = storetools.verify(case)
         recovered, report = storetools.recover(case, work / f"{name}.recovered", CAP)
         if recovered:
             again, _ = storetools.verify(work / f"{name}.recovered")
             report.append("recovered store verifies" if again else "RECOVERED STORE DOES NOT VERIFY")
-        return {"daemon": daemon, "verify": "ok" if ok else lines[-1], "recover": report}
+        return {"verify": "ok" if ok else lines[-1], "recover": report}
 
-    outcome = in_child(run)
+    tools_outcome = in_child(tools)
+    if "error" in tools_outcome:  # verify or recover crashed: always a failure of the case
+        tools_outcome = {"tools_error": tools_outcome["error"]}
+    outcome = {**in_child(daemon), **tools_outcome}
     shutil.rmtree(case, ignore_errors=True)
     shutil.rmtree(work / f"{name}.used", ignore_errors=True)
     shutil.rmtree(work / f"{name}.recovered", ignore_errors=True)
     return {"case": name, **outcome}
 
 
-def cases(data_size: int, pages: List[int], seeds: int) -> List[Tuple[str, Callable[[Path], None]]]:
+def cases(data_size: int, pages: List[int], seeds: int, patterns: List[str]
+          ) -> List[Tuple[str, Callable[[Path], None]]]:
     found: List[Tuple[str, Callable[[Path], None]]] = [
         ("truncated to 8 KiB", lambda d: truncate(d, 8192)),
         ("truncated to half", lambda d: truncate(d, data_size // 2)),
         ("truncated by one page", lambda d: truncate(d, data_size - PAGE)),
-    ]
-    for page in pages:
-        for seed in range(seeds):
-            found.append((f"page {page} garbled (seed {seed})",
-                          lambda d, page=page, seed=seed: garble_page(d, page, seed)))
+    ] if "garbled" in patterns else []
+    for pattern in patterns:
+        for page in pages:
+            for seed in range(seeds):
+                found.append((f"page {page} {pattern} (seed {seed})",
+                              lambda d, f=PATTERNS[pattern], p=page, s=seed: f(d, p, s)))
     return found
 
 
 def main(argv: List[str]) -> int:
+    """OUT_DIR [SEEDS [PATTERN,...]]"""
     work = Path(argv[0])
     seeds = int(argv[1]) if len(argv) > 1 else 1
+    patterns = argv[2].split(",") if len(argv) > 2 else ["garbled"]
     original = build_store(work / "original")
     size = (original / "data.mdb").stat().st_size
-    for name, damage in cases(size, list(range(size // PAGE)), seeds):
+    for name, damage in cases(size, list(range(size // PAGE)), seeds, patterns):
         print(json.dumps(try_case(name.replace(" ", "-"), original, work, damage)), flush=True)
     return 0
 
