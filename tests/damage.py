@@ -1,6 +1,6 @@
 """Damaged LMDB stores for tests, and a runner that tries each damage in a forked child.
 
-Run as `python -m tests.damage OUT_DIR` (the tests do, in a subprocess, so that a SIGBUS or
+Run as `python -m tests.damage OUT_DIR [SEEDS [PATTERNS [MESSAGES]]]` (the tests do, in a subprocess, so that a SIGBUS or
 SIGSEGV kills a child of this runner, is recorded as `crash:SIGBUS`, and fails the test instead
 of killing pytest). It builds one real store with inbox, expiry, outbox, recent and meta
 records, then for each case makes a damaged copy and, in a forked child, uses it the way the
@@ -169,11 +169,12 @@ def cases(data_size: int, pages: List[int], seeds: int, patterns: List[str]
 
 
 def main(argv: List[str]) -> int:
-    """OUT_DIR [SEEDS [PATTERN,...]]"""
+    """OUT_DIR [SEEDS [PATTERN,... [MESSAGES]]]"""
     work = Path(argv[0])
     seeds = int(argv[1]) if len(argv) > 1 else 1
     patterns = argv[2].split(",") if len(argv) > 2 else ["garbled"]
-    original = build_store(work / "original")
+    messages = int(argv[3]) if len(argv) > 3 else 600
+    original = build_store(work / "original", messages=messages, outbox=messages // 10)
     size = (original / "data.mdb").stat().st_size
     for name, damage in cases(size, list(range(size // PAGE)), seeds, patterns):
         print(json.dumps(try_case(name.replace(" ", "-"), original, work, damage)), flush=True)
