@@ -16,7 +16,7 @@ from typing import Optional
 
 from flashlexd import paths
 from flashlexd.config import ConfigError
-from flashlexd.unitplaces import Places, read_places, unit_values
+from flashlexd.unitplaces import Places, read_places, unit_values, writable_dirs
 
 EXIT_CONFIG = 2
 REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
@@ -101,19 +101,20 @@ def run(args: argparse.Namespace) -> int:
     if args.install:
         live = Path(args.root) == Path("/")
         if kind == "unit" and live:
-            make_data_dir(places, args.user, args.group or places.socket_group or args.user)
+            make_directories(places, args.user, args.group or places.socket_group or args.user)
         _after_install(kind, live)
     return 0
 
 
-def make_data_dir(places: Places, user: str, group: str) -> None:
-    """A data dir outside /var/lib is not made by systemd (StateDirectory=), and the sandbox
-    lets the daemon write only inside it (ReadWritePaths=): make it now, the user's, 0700."""
-    if places.data_dir.startswith("/var/lib/") or os.path.isdir(places.data_dir):
-        return
-    paths.make_dir(Path(places.data_dir), paths.DATA_DIR_MODE)
-    shutil.chown(places.data_dir, user, group)
-    print(f"created data dir {places.data_dir} (0700, {user}:{group})", file=sys.stderr)
+def make_directories(places: Places, user: str, group: str) -> None:
+    """The data and socket dirs that systemd does not make (outside /var/lib and /run), made
+    now as the daemon would, owned by the service user: inside the sandbox only they are
+    writable, so the daemon could not make them itself."""
+    for directory, mode in writable_dirs(places):
+        if not os.path.isdir(directory):
+            paths.make_dir(Path(directory), mode)
+            shutil.chown(directory, user, group)
+            print(f"created {directory} ({mode:04o}, {user}:{group})", file=sys.stderr)
 
 
 def _after_install(kind: str, live: bool) -> None:

@@ -28,7 +28,6 @@ digests) before taking the write lock and writes each database with one `putmult
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import lmdb
 import msgpack
 from flashlexd import paths, storecheck
+from flashlexd.storedamage import DAMAGE_ERRORS, CorruptRecord, describe, guarded, unpack_record
 from flashlexd.topics import topic_matches
 
 log = logging.getLogger(__name__)
@@ -75,48 +75,6 @@ class StoreForkError(StoreError):
 class StoreDamaged(StoreError):
     """The store's file is damaged: found before opening it (`storecheck`) or by LMDB or a
     record that does not decode while in use. The store is read-only from then on."""
-
-
-# LMDB's ways of saying that a page it read is not what the file's structure promised
-# (BadTxnError: a transaction that met one of these is unusable, and says so on the next call)
-DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
-                 lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
-
-
-class CorruptRecord(ValueError):
-    """A stored value that does not decode as the record its database holds."""
-
-
-_WRITES = frozenset({"append", "ack", "purge", "expire", "outbox_append", "outbox_remove"})
-
-
-def _guarded(method: Callable) -> Callable:
-    """Turn damage met inside `method` (LMDB corruption errors, undecodable records) into
-    StoreDamaged, remembered by the store; writes to a damaged store are refused up front."""
-    writes = method.__name__ in _WRITES
-
-    @functools.wraps(method)
-    def guarded(self: "Store", *args, **kwargs):
-        if writes and self.damage is not None:
-            raise StoreDamaged(f"{self.damage} (read-only until recovered)")
-        try:
-            return method(self, *args, **kwargs)
-        except StoreDamaged as exc:
-            raise self._damaged(str(exc)) from None
-        except DAMAGE_ERRORS + _IMPOSSIBLE_VALUES as exc:
-            raise self._damaged(describe_damage(exc)) from None
-    return guarded
-
-
-# What a garbled record that still decodes leads to: an id or time that does not fit its field
-# (struct.error, OverflowError), or py-lmdb tripping over a garbage node (SystemError).
-_IMPOSSIBLE_VALUES = (CorruptRecord, struct.error, OverflowError, SystemError)
-
-
-def describe_damage(exc: Exception) -> str:
-    if isinstance(exc, lmdb.BadTxnError):  # what LMDB says after a failed page read
-        return f"a page did not read back, LMDB aborted the transaction ({exc})"
-    return f"{type(exc).__name__}: {exc}"
 
 
 class StoreBusy(StoreError):
@@ -230,7 +188,7 @@ class Store:
             self._open_databases()
         except DAMAGE_ERRORS as exc:
             self._env.close()
-            raise StoreDamaged(f"store in {self.path} is damaged: {describe_damage(exc)};"
+            raise StoreDamaged(f"store in {self.path} is damaged: {describe(exc)};"
                                f" {storecheck.HINT}") from None
         except lmdb.Error as exc:
             self._env.close()
@@ -287,8 +245,11 @@ class Store:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _damaged(self, detail: str) -> StoreDamaged:
-        """Remember the first damage met (logged once: every later call would meet it again)."""
+    def _damaged(self, detail: Optional[str]) -> StoreDamaged:
+        """Remember the first damage met (logged once: every later call would meet it again);
+        None: the refusal of a write to a store already known to be damaged."""
+        if detail is None:
+            return StoreDamaged(f"{self.damage} (read-only until recovered)")
         if self.damage is None:
             self.damage = f"store in {self.path} is damaged: {detail}"
             log.error("%s; the store is read-only now (nothing more is acknowledged to the broker);"
@@ -312,8 +273,8 @@ class Store:
                 self._env.set_mapsize(0)  # another process grew the map; adopt its size
             except lmdb.MapFullError:
                 raise StoreFull(f"store in {self.path} is full (cap {self.cap_bytes} bytes)") from None
-            except DAMAGE_ERRORS as exc:
-                raise StoreDamaged(describe_damage(exc)) from None
+            except DAMAGE_ERRORS:
+                raise  # named by `guarded`, which also makes the store read-only
             except lmdb.Error as exc:
                 raise self._write_error(exc) from None
         raise StoreError(f"store in {self.path}: map resized repeatedly")
@@ -451,7 +412,7 @@ class Store:
 
     # -- inbox --------------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
                settled: Sequence[DupMark] = ()) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
@@ -529,7 +490,7 @@ class Store:
             chosen.append(i)
         return chosen
 
-    @_guarded
+    @guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,
                  after: Optional[int] = None) -> List[Message]:
         """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id."""
@@ -549,7 +510,7 @@ class Store:
                         break
         return found
 
-    @_guarded
+    @guarded
     def ack(self, ids: Iterable[int]) -> int:
         """Remove messages by id. Idempotent: an id already gone is not an error."""
         keys = _keys_of(ids)
@@ -566,7 +527,7 @@ class Store:
 
         return self._write(work) if keys else 0  # type: ignore[return-value]
 
-    @_guarded
+    @guarded
     def purge(self) -> int:
         """Remove every inbox message (the API asks for confirmation first)."""
         def work(txn: lmdb.Transaction) -> int:
@@ -578,7 +539,7 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
-    @_guarded
+    @guarded
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
         """Remove up to `batch` messages whose expiry is at or before `now` (bounded txn)."""
         cutoff = _ID.pack(int((time.time() if now is None else now) * 1000) + 1)
@@ -606,7 +567,7 @@ class Store:
 
     # -- outbox -------------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def outbox_append(self, entries: Sequence[Tuple[str, bytes, int, bool]],
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
         """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
@@ -631,7 +592,7 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
-    @_guarded
+    @guarded
     def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
         found: List[OutboxEntry] = []
         if limit <= 0:
@@ -648,7 +609,7 @@ class Store:
                     break
         return found
 
-    @_guarded
+    @guarded
     def outbox_remove(self, ids: Iterable[int]) -> int:
         keys = _keys_of(ids)
 
@@ -661,7 +622,7 @@ class Store:
 
     # -- figures ------------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def stats(self) -> Dict[str, object]:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
@@ -686,12 +647,12 @@ class Store:
                 figures[name] = self._counter(txn, name.encode())
         return figures
 
-    @_guarded
+    @guarded
     def inbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._inbox)["entries"]
 
-    @_guarded
+    @guarded
     def outbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._outbox)["entries"]
@@ -716,17 +677,6 @@ def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
         state.update(m.payload)
         marks.append((pack_mid(m.mid & 0xFFFF), state.digest()))
     return marks
-
-
-def unpack_record(raw: bytes, fields: int) -> list:
-    """A stored msgpack array of `fields` items; CorruptRecord for anything else."""
-    try:
-        record = msgpack.unpackb(raw)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise CorruptRecord(f"a record does not decode ({exc})") from None
-    if not isinstance(record, list) or len(record) != fields:
-        raise CorruptRecord(f"a record is not a {fields}-field array")
-    return record
 
 
 def _decode_message(key: bytes, raw: bytes) -> Message:

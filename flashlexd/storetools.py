@@ -30,7 +30,8 @@ import lmdb
 
 from flashlexd import storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
-from flashlexd.store import SCHEMA_VERSION, CorruptRecord, Store, unpack_record
+from flashlexd.store import SCHEMA_VERSION, Store
+from flashlexd.storedamage import CorruptRecord, unpack_record
 
 DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")
 KEY_WIDTH = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2}  # meta: names

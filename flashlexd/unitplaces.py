@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from flashlexd import paths
 from flashlexd.config import DEFAULT_DATA_DIR, DEFAULT_SOCKET, ConfigError
 
 HOME_DIRS = ("/home/", "/root/", "/run/user/")
@@ -72,31 +73,37 @@ def _under(path: str, base: str) -> Optional[str]:
     return normal[len(base):] if normal.startswith(base) and len(normal) > len(base) else None
 
 
+def socket_dir(places: Places) -> str:
+    directory = os.path.dirname(os.path.abspath(places.socket_path))
+    return directory[len("/var"):] if directory.startswith("/var/run/") else directory
+
+
+def writable_dirs(places: Places) -> List[Tuple[str, int]]:
+    """(directory, mode) of the directories systemd does not make for the unit: they go into
+    `ReadWritePaths=`, and `flashlexd service --install` makes them (nothing else can: the
+    sandbox leaves their parents read-only)."""
+    found = []
+    if not _under(socket_dir(places), "/run/"):
+        found.append((socket_dir(places), paths.SOCKET_DIR_MODE))
+    if not _under(places.data_dir, "/var/lib/"):
+        found.append((os.path.normpath(places.data_dir), paths.DATA_DIR_MODE))
+    return found
+
+
 def unit_values(places: Places, user: str, group: str, venv: str, config: str) -> Dict[str, str]:
     """The template's placeholders for these places (each one whole lines, or empty)."""
     group = group or places.socket_group or user
-    writable: List[str] = []
-    socket_dir = os.path.dirname(os.path.abspath(places.socket_path))
-    if socket_dir.startswith("/var/run/"):
-        socket_dir = socket_dir[len("/var"):]
-    runtime = _under(socket_dir, "/run/")
+    runtime = _under(socket_dir(places), "/run/")
     outsiders = bool(places.allow_uids) or bool(places.socket_group and places.socket_group != group)
-    if runtime:
-        runtime_lines = (f"RuntimeDirectory={runtime}\n"
-                         f"RuntimeDirectoryMode={'0755' if outsiders else '0750'}")
-    else:
-        runtime_lines = ""
-        writable.append(socket_dir)
+    runtime_lines = (f"RuntimeDirectory={runtime}\nRuntimeDirectoryMode={'0755' if outsiders else '0750'}"
+                     if runtime else "")
     state = _under(places.data_dir, "/var/lib/")
-    if state:
-        state_lines = f"StateDirectory={state}\nStateDirectoryMode=0700"
-    else:
-        state_lines = ""
-        writable.append(os.path.normpath(places.data_dir))
+    state_lines = f"StateDirectory={state}\nStateDirectoryMode=0700" if state else ""
+    writable = [directory for directory, _ in writable_dirs(places)]
     # the venv's interpreter may live in a home too (pyenv): ProtectHome=yes would hide it
     interpreter = os.path.realpath(os.path.join(venv, "bin", "python3"))
     in_home = any(p.startswith(HOME_DIRS) for p in (venv + "/", interpreter, config,
-                                                     places.data_dir, socket_dir))
+                                                     places.data_dir, socket_dir(places)))
     return {
         "venv": venv.rstrip("/"), "config": config, "user": user, "group": group,
         "supplementary_groups": (f"SupplementaryGroups={places.socket_group}"

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, List
 import pytest
 import yaml
 
-from flashlexd.service import make_data_dir, render_unit
+from flashlexd.service import make_directories, render_unit
 from flashlexd.unitplaces import read_places
 from tests.broker import wait_for
 from tests.systemd import RealSystemd
@@ -58,7 +58,7 @@ def start_service(tmp_path) -> Iterator[Callable[..., RealSystemd]]:
 
     def start(config: Path, user: str = "root", group: str = "") -> RealSystemd:
         places, _ = read_places(config)
-        make_data_dir(places, user, group or places.socket_group or user)
+        make_directories(places, user, group or places.socket_group or user)
         log = tmp_path / "service.log"
         drop_in = (f"[Unit]\nDefaultDependencies=no\n[Service]\nStandardOutput=append:{log}\n"
                    f"StandardError=inherit\nWatchdogSec=3\nRestartSec=1\nPrivateTmp=no\n")
@@ -173,6 +173,8 @@ def test_defaults_root_only_socket_and_state_directory(start_service, daemon_con
 
 @pytest.fixture
 def socket_group():
+    """A system group for the test; requested before `start_service`, so that it is removed
+    after the service is gone."""
     name = "flashlexdtest"
     subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
     try:
@@ -181,7 +183,7 @@ def socket_group():
         subprocess.run(["groupdel", name], capture_output=True)
 
 
-def test_socket_group_without_cap_chown(start_service, daemon_config, socket_group):
+def test_socket_group_without_cap_chown(socket_group, start_service, daemon_config):
     service = start_service(edited(daemon_config, socket={"group": "flashlexdtest"}))
     running(service)
     assert "Group=flashlexdtest" in service.unit and "RuntimeDirectoryMode=0750" in service.unit
@@ -206,18 +208,26 @@ def test_allow_uids_reach_the_socket(start_service, daemon_config):
     assert other.returncode != 0 and "may not use flashlexd" in other.stderr, other.stderr
 
 
-def test_custom_data_path_is_writable_in_the_sandbox(start_service, daemon_config, tmp_path):
-    data_dir = tmp_path / "custom" / "store"
-    service = start_service(edited(daemon_config, db={"dataPath": str(data_dir)}))
+def test_custom_data_path_and_socket_dir_are_writable_in_the_sandbox(start_service, daemon_config,
+                                                                    tmp_path):
+    data_dir, socket = tmp_path / "custom" / "store", tmp_path / "sockets" / "api.sock"
+    config = edited(daemon_config, db={"dataPath": str(data_dir)})
+    document = yaml.safe_load(config.read_text())
+    document["flashlex"]["app"]["socket"] = {"path": str(socket)}
+    config.write_text(yaml.safe_dump(document))
+    service = start_service(config)
     running(service)
-    assert f"ReadWritePaths=-{data_dir}" in service.unit and "StateDirectory" not in service.unit
-    status = json.loads(service.run(FLASHLEXCTL, "--json", "status").stdout)
+    assert f"ReadWritePaths=-{socket.parent} -{data_dir}\n" in service.unit
+    assert "StateDirectory" not in service.unit and "RuntimeDirectory" not in service.unit
+    status = json.loads(service.run(FLASHLEXCTL, "--socket", str(socket), "--json", "status").stdout)
     assert status["store"]["path"] == str(data_dir)
-    assert (data_dir / "data.mdb").is_file()
+    assert (data_dir / "data.mdb").is_file() and socket.is_socket()
 
 
 @pytest.fixture
 def service_user() -> Iterator[str]:
+    """A system user for the test; requested before `start_service`, so that it is removed
+    after the service (running as it) is gone."""
     name = "flashlexdtest"
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
                     "--user-group", name], check=True, capture_output=True)
@@ -228,7 +238,7 @@ def service_user() -> Iterator[str]:
         subprocess.run(["groupdel", name], capture_output=True)
 
 
-def test_service_user_other_than_root(start_service, daemon_config, service_user):
+def test_service_user_other_than_root(service_user, start_service, daemon_config):
     """`flashlexd service --user U`: the daemon runs as U, systemd makes its directories U's."""
     install = Path(tempfile.mkdtemp(prefix="flashlexd-user-"))  # reachable by U, unlike tmp_path
     try:
