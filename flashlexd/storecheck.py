@@ -14,6 +14,7 @@ native (`size_t` is 4 bytes on 32-bit Raspberry Pi OS, 8 on 64-bit), like the li
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -98,10 +99,10 @@ def check_data_file(path: Path) -> Optional[Meta]:
             if size == 0:
                 return None
             head = data.read(MAX_PAGE + PAGE_HEADER.size + META.size)
-    except FileNotFoundError:
-        return None
     except OSError as exc:
-        raise DataFileDamaged(f"{path} cannot be read: {exc.strerror or exc}") from None
+        if exc.errno == errno.EIO:  # the disk fails to read it back
+            raise DataFileDamaged(f"{path} cannot be read: {exc.strerror}") from None
+        return None  # no file, or no access: opening it names that problem
     first, problem = read_meta(head, 0)
     if first is None:
         raise DataFileDamaged(f"{path}: {problem}")
