@@ -2,6 +2,7 @@
 umask, unsafe directories refused in one line (exit 1), one daemon per data dir."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -157,3 +158,15 @@ def test_config_data_path_is_checked_too(daemon_config, tmp_path):
     daemon_config.write_text(yaml.safe_dump(document))
     refused = run_daemon(daemon_config, "--socket", str(tmp_path / "api.sock"))
     assert refused.returncode == 1 and "the directory above it" in refused.stderr, refused.stderr
+
+
+def test_check_fails_on_the_data_dir_run_would_refuse(daemon_config, tmp_path):
+    data_dir = tmp_path / "data"
+    paths.make_dir(data_dir, 0o700)
+    data_dir.chmod(0o777)
+    check = subprocess.run([sys.executable, "-m", "flashlexd", "check", "--config", str(daemon_config),
+                            "--data-dir", str(data_dir), "--json", "--timeout", "5"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert check.returncode == 1
+    store = [s for s in json.loads(check.stdout)["steps"] if s["name"] == "store"][0]
+    assert store["status"] == "fail" and "writable by group or others" in store["detail"], store
