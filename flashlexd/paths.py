@@ -71,21 +71,23 @@ def check_dir(path: Path, what: str) -> None:
         raise UnsafePath(f"{what} {path}: {exc.strerror or exc}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise UnsafePath(f"{what} {path} is not a directory")
-    _check_owner_and_mode(real, info, what, uid, allow_sticky=False)
+    _check_owner_and_mode(real, info, what, uid, f"chown it, or choose another {what}",
+                          f"chmod go-w {real}")
+    elsewhere = f"choose a {what} whose parents only root or uid {uid} can change"
     for parent in real.parents:
         _check_owner_and_mode(parent, os.stat(parent), f"{what} {path}: the directory above it",
-                              uid, allow_sticky=True)
+                              uid, elsewhere, elsewhere, allow_sticky=True)
 
 
-def _check_owner_and_mode(path: Path, info: os.stat_result, what: str, uid: int,
-                          allow_sticky: bool) -> None:
+def _check_owner_and_mode(path: Path, info: os.stat_result, what: str, uid: int, owner_fix: str,
+                          mode_fix: str, allow_sticky: bool = False) -> None:
     if info.st_uid not in (0, uid):
         raise UnsafePath(f"{what} {path} is owned by uid {info.st_uid}, not by root or the daemon's"
-                         f" user (uid {uid}): chown it, or choose another directory")
+                         f" user (uid {uid}): {owner_fix}")
     writable_by_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if writable_by_others and not (allow_sticky and info.st_mode & stat.S_ISVTX):
         raise UnsafePath(f"{what} {path} is writable by group or others"
-                         f" (mode {stat.S_IMODE(info.st_mode):04o}): chmod go-w {path}")
+                         f" (mode {stat.S_IMODE(info.st_mode):04o}): {mode_fix}")
 
 
 def prepare_dir(path: Path, mode: int, what: str) -> None:
