@@ -348,7 +348,7 @@ def check_store(config: Config) -> Tuple[str, bool]:
             raise Failed(str(exc)) from None
     existed = (directory / "data.mdb").exists()
     try:
-        store = Store.from_config(config.store)
+        store = Store.from_config(config.store, check_pages=True)
     except StoreError as exc:
         raise Failed(str(exc)) from None
     try:

@@ -159,7 +159,8 @@ class Store:
     (LMDB's lock wait releases the GIL) and raises StoreBusy when the wait runs out."""
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
-                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None):
+                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
+                 check_pages: bool = False):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -172,7 +173,9 @@ class Store:
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
         try:
-            storecheck.check_data_file(self.path / "data.mdb")  # before LMDB maps it: no SIGBUS
+            # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
+            check = storecheck.walk_pages if check_pages else storecheck.check_data_file
+            check(self.path / "data.mdb")
         except storecheck.DataFileDamaged as exc:
             raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
                                f" {storecheck.HINT}") from None
@@ -231,9 +234,10 @@ class Store:
         return max(8 * 1024 * 1024, cap_bytes // 8)
 
     @classmethod
-    def from_config(cls, store_config, write_wait: Optional[float] = None) -> "Store":
+    def from_config(cls, store_config, write_wait: Optional[float] = None,
+                    check_pages: bool = False) -> "Store":
         return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
-                   store_config.expire_seconds, write_wait)
+                   store_config.expire_seconds, write_wait, check_pages)
 
     def close(self) -> None:
         if os.getpid() == self._pid:

@@ -231,3 +231,21 @@ class TreeReader:
             raise DataFileDamaged(f"{where}: overflow page {pgno} runs past the end of the file")
         self.pages += count
         return data
+
+
+def walk_pages(path: Path) -> int:
+    """`check_data_file`, then every page of every tree (the free-page tree, the main tree,
+    each named database, overflow pages) through a strict TreeReader: a damaged page raises
+    DataFileDamaged before LMDB can follow it. Schema-agnostic: records are not decoded.
+    Returns the pages read (0: no file yet)."""
+    meta = check_data_file(path)
+    if meta is None:
+        return 0
+    with open(path, "rb") as data:
+        reader = TreeReader(data.fileno(), meta, strict=True)
+        for _ in reader.records(meta.free_root, "free-page tree"):
+            pass
+        for name, db in list(reader.databases()):
+            for _ in reader.records(db[-1], f"database {name}"):
+                pass
+    return reader.pages

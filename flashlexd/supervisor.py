@@ -96,7 +96,9 @@ class Supervisor:
     def run(self) -> int:
         self._install_signals()
         self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
-        self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
+        # every page read once before LMDB maps the file: damage refuses the start in one line
+        self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
+                                       check_pages=True)
         self.api = self._start_api()
         now = time.monotonic()
         for worker in self.workers.values():

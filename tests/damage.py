@@ -6,9 +6,11 @@ of killing pytest). It builds one real store with inbox, expiry, outbox, recent 
 records, then for each case makes a damaged copy and, in a forked child, uses it the way the
 daemon does (open with the pre-open check, stats, read every message and outbox entry, append,
 ack, expire) and then runs `store verify` and `store recover` on it. One JSON line per case:
-{"case", "daemon", "verify", "recover"} (or "error" / "tools_error") where daemon is `refused: <line>`, `damaged: <line>`
-(met at run time: the store went read-only), `ok` (the damage was in a page nothing read) or
-`crash:<signal>` / `traceback: <error>` (failures).
+{"case", "start", "daemon", "verify", "recover"} (or "error" / "start_error" / "tools_error"),
+where start is `refused: <line>` or `ok` (`run`'s first open, every page read) and daemon, the
+damage met in use as if it appeared after the start, is `refused: <line>`, `damaged: <line>`
+(the store went read-only), `ok` (the damage was in a page nothing read) or `crash:<signal>` /
+`traceback: <error>` (failures).
 """
 from __future__ import annotations
 
@@ -82,8 +84,18 @@ def _garble(data: Path, offset: int, length: int, seed: int) -> None:
 PATTERNS = {"garbled": garble_page, "body-garbled": garble_body, "rotted": rot_bytes}
 
 
+def start_like_run(directory: Path) -> str:
+    """What `flashlexd run` does first: open the store after reading every page."""
+    try:
+        Store(directory, CAP, check_pages=True).close()
+    except StoreDamaged as exc:
+        return f"refused: {exc}"
+    return "ok"
+
+
 def use_like_the_daemon(directory: Path) -> str:
-    """What the daemon's processes do with a store, with the outcome in one line."""
+    """Damage met in use (as if it appeared after the start): what the daemon's processes do
+    with a store, opened as the workers open it, with the outcome in one line."""
     try:
         store = Store(directory, CAP, expire_seconds=3600, write_wait=1.0)
     except StoreDamaged as exc:
@@ -132,6 +144,9 @@ def try_case(name: str, original: Path, work: Path, damage: Callable[[Path], Non
 
     shutil.copytree(case, work / f"{name}.used")
 
+    def start() -> Dict[str, object]:
+        return {"start": start_like_run(case)}
+
     def daemon() -> Dict[str, object]:
         return {"daemon": use_like_the_daemon(work / f"{name}.used")}
 
@@ -146,7 +161,10 @@ def try_case(name: str, original: Path, work: Path, damage: Callable[[Path], Non
     tools_outcome = in_child(tools)
     if "error" in tools_outcome:  # verify or recover crashed: always a failure of the case
         tools_outcome = {"tools_error": tools_outcome["error"]}
-    outcome = {**in_child(daemon), **tools_outcome}
+    started = in_child(start)
+    if "error" in started:  # opening like `run` crashed: always a failure of the case
+        started = {"start_error": started["error"]}
+    outcome = {**started, **in_child(daemon), **tools_outcome}
     shutil.rmtree(case, ignore_errors=True)
     shutil.rmtree(work / f"{name}.used", ignore_errors=True)
     shutil.rmtree(work / f"{name}.recovered", ignore_errors=True)

@@ -32,6 +32,7 @@ def summary(outcomes: List[dict]) -> Dict[str, int]:
         kind = case.get("error") or case["daemon"].split(":")[0]
         kind = {"damaged": "read_only", "ok": "unnoticed"}.get(kind, kind).replace(":", "_")
         counts[kind] = counts.get(kind, 0) + 1
+    counts["refused_at_start"] = sum(1 for c in outcomes if c.get("start", "").startswith("refused"))
     counts["verify_flagged"] = sum(1 for c in outcomes if c.get("verify", "ok") != "ok")
     counts["recovered"] = sum(1 for c in outcomes if (c.get("recover") or [""])[-1]
                               == "recovered store verifies")
@@ -50,7 +51,8 @@ def test_every_page_garbled_or_rotted_and_truncations_are_refusals_or_survived(t
     result.set(tried=len(outcomes), **summary(outcomes)).emit()
     assert len(outcomes) > 400
     for case in outcomes:
-        assert "error" not in case and "tools_error" not in case, case  # crash or traceback
+        assert not {"error", "start_error", "tools_error"} & set(case), case  # crash or traceback
+        assert case["start"] == "ok" or case["start"].endswith("see flashlexd store recover"), case
         daemon = case["daemon"]
         kind = daemon.split(":")[0]
         assert kind in ("refused", "damaged", "ok"), case
@@ -67,18 +69,21 @@ def test_every_page_garbled_or_rotted_and_truncations_are_refusals_or_survived(t
 @chaos_timeout(300, 1800)
 def test_garbage_under_an_intact_page_header_never_sigbus(tmp_path):
     """The hardest case: a page's header left intact and the rest garbage, so LMDB's page
-    checks pass and it follows the garbage. No SIGBUS (data.mdb is backed as far as the map
-    reaches), no traceback; LMDB itself can still crash on some garbage nodes (SIGSEGV: e.g.
-    a node flagged as a sub-database in a plain database): those stay rare, and `store
-    verify` names each of them and `recover` rescues the rest."""
+    checks pass and it follows the garbage. Present at the start, `run` refuses it (it reads
+    every page first). Appearing while the store is in use: no SIGBUS (data.mdb is backed as
+    far as the map reaches), no traceback; LMDB itself can still crash on some garbage nodes
+    (SIGSEGV): those stay rare, `run` refuses each of them at the next start, `store verify`
+    names them and `recover` rescues the rest."""
     result = Result("store damage: garbage under an intact page header")
     outcomes = damage_outcomes(tmp_path, SEEDS, "body-garbled")
     result.set(tried=len(outcomes), **summary(outcomes)).emit()
     crashed = [case for case in outcomes if "error" in case]
-    for case in crashed:
+    for case in crashed:  # damage appearing after the start; `run` refuses it at the start
         assert case["error"] == "crash:SIGSEGV" and case["verify"] != "ok", case
+        assert case["start"].startswith("refused"), case
     assert len(crashed) <= len(outcomes) // 20, summary(outcomes)
     for case in outcomes:
+        assert "start_error" not in case and "tools_error" not in case, case
         assert case["recover"][-1] == "recovered store verifies", case
         if "error" not in case:
             assert case["daemon"].split(":")[0] in ("refused", "damaged", "ok"), case
