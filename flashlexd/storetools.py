@@ -10,9 +10,9 @@ shape, key order) and counted against its database's entry count. Exit 0 when al
 holds, 1 otherwise.
 
 recover: reads the newest intact meta page's trees, skipping damaged pages (and what hangs
-under them) and records that do not decode, and writes what it read into a fresh store: the
-inbox, outbox and DUP marks as they were, the expiry index rebuilt from the messages, the
-counters copied and the id counters raised to the highest id copied (ids must keep growing).
+under them) and records that do not decode, and writes what it read into a fresh store, as it
+was: every database (those it does not check too), the expiry ranges each moved to start at a
+message still there, the id counters raised to the highest id copied (ids must keep growing).
 It reports per database how many records it copied and how many the database counted but were
 not readable.
 
@@ -21,21 +21,28 @@ daemon could reuse pages under them (`recover` refuses while the daemon holds th
 """
 from __future__ import annotations
 
-import os
+import bisect
 import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import lmdb
+import msgpack
 
 from flashlexd import storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
-from flashlexd.store import SCHEMA_VERSION, Store
-from flashlexd.storedamage import CorruptRecord, unpack_record
+from flashlexd.store import Store
+from flashlexd.storedamage import CorruptRecord
 
-DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")
-KEY_WIDTH = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2}  # meta: names
-FIELDS = {"inbox": 7, "outbox": 5}  # msgpack array length of a record
+DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")  # checked record by record
+# What is checked is what every schema so far writes: later schemas add fields at the end of a
+# record and bytes at the front of an expiry key, so those are lower bounds; other databases
+# and other meta entries are walked page by page and copied as they are.
+MIN_KEY = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2}
+EXACT_KEY = {"inbox": 8, "outbox": 8, "recent": 2}
+MIN_FIELDS = {"inbox": 7, "outbox": 5}  # msgpack array length of a record
+COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received", b"duplicates",
+                      b"acked", b"expired", b"dropped_full", b"purged", b"queued", b"sent"})
 _ID = struct.Struct(">Q")
 ENTRIES = 6  # index of md_entries in an MDB_db
 UNKNOWN = -1  # records lost: the database's own record is unreadable
@@ -59,22 +66,31 @@ def _field_problem(record: list, types: Tuple[tuple, ...]) -> Optional[str]:
     return None
 
 
+def _decoded(value: bytes, fields: int) -> list:
+    try:
+        record = msgpack.unpackb(value)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CorruptRecord(f"a record does not decode ({exc})") from None
+    if not isinstance(record, list) or len(record) < fields:
+        raise CorruptRecord(f"a record is not an array of {fields} or more fields")
+    return record
+
+
 def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
     """Why this record is not one the store writes, or None."""
-    width = KEY_WIDTH.get(name)
-    if width is not None and len(key) != width:
-        return f"a {len(key)}-byte key (expected {width})"
-    if name in FIELDS:
+    if len(key) < MIN_KEY.get(name, 1) or len(key) != EXACT_KEY.get(name, len(key)):
+        return f"a {len(key)}-byte key"
+    if name in MIN_FIELDS:
         try:
-            record = unpack_record(value, FIELDS[name])
+            record = _decoded(value, MIN_FIELDS[name])
         except CorruptRecord as exc:
             return str(exc)
         return _field_problem(record, INBOX_TYPES if name == "inbox" else OUTBOX_TYPES)
-    elif name == "expiry" and len(value) not in (0, 8):
+    if name == "expiry" and len(value) not in (0, 8):
         return f"an expiry entry of {len(value)} bytes"
-    elif name == "recent" and len(value) < 8:
+    if name == "recent" and len(value) < 8:
         return f"a DUP mark of {len(value)} bytes"
-    elif name == "meta" and len(value) != 8:
+    if name == "meta" and key in COUNTERS and len(value) != 8:
         return f"a counter of {len(value)} bytes"
     return None
 
@@ -99,6 +115,7 @@ def verify(data_dir: Path) -> Tuple[bool, List[str]]:
             for name in DATABASES:
                 if name not in found:
                     raise DataFileDamaged(f"database {name} is missing")
+            for name in list(DATABASES) + sorted(set(found) - set(DATABASES)):
                 lines.append(f"{name}: {_verify_records(reader, name, found[name])} records")
     except DataFileDamaged as exc:
         return False, lines + [f"store in {data_dir} is damaged: {exc}"]
@@ -147,58 +164,82 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
         reader = TreeReader(data.fileno(), meta, strict=False)
         databases = dict(reader.databases())
         lines = [f"read meta page {meta.number} (transaction {meta.txnid})"]
+        names = list(DATABASES) + sorted(set(databases) - set(DATABASES))  # others: as they are
         Store(to_dir, cap_bytes).close()  # the fresh store: its databases and schema
         target = lmdb.open(str(to_dir), map_size=cap_bytes + Store.headroom(cap_bytes),
-                           max_dbs=len(DATABASES) + 1, mode=0o600)
+                           max_dbs=len(names) + 4, mode=0o600)
         try:
             with target.begin(write=True) as txn:
-                dbs = {name: target.open_db(name.encode(), txn=txn) for name in DATABASES}
-                copies = {name: _copy(reader, databases, name, txn, dbs, lines)
-                          for name in ("inbox", "outbox", "recent", "meta")}
-                _fix_counters(txn, dbs["meta"], {name: c[0] for name, c in copies.items()})
+                copy = _Copy(reader, databases, txn,
+                             {name: target.open_db(name.encode(), txn=txn) for name in names})
+                losses = [copy.database(name, lines) for name in names if name != "expiry"]
+                losses.append(copy.expiry(lines))
+                copy.fix_counters()
         finally:
             target.close()
     for problem in reader.problems[:10]:
         lines.append(f"skipped: {problem}")
     if len(reader.problems) > 10:
         lines.append(f"skipped: ... {len(reader.problems) - 10} more damaged pages or records")
-    losses = [c[1] for c in copies.values()]
     lost = ("an unknown number of records lost" if UNKNOWN in losses else
             f"{sum(losses)} records lost" if any(losses) else "nothing was lost")
     lines.append(f"new store written to {to_dir}; {lost}")
     return True, lines
 
 
-def _copy(reader: TreeReader, databases: Dict[str, Tuple[int, ...]], name: str,
-          txn: lmdb.Transaction, dbs: Dict[str, object], lines: List[str]) -> Tuple[int, int]:
-    """Copy one database's good records; returns (the highest 8-byte id copied, records lost)."""
-    db = databases.get(name)
-    if db is None:
-        lines.append(f"{name}: its database record is unreadable: nothing copied, losses unknown")
-        return 0, UNKNOWN
-    copied = bad = highest = 0
-    for key, value, _ in reader.records(db[-1], f"database {name}"):
-        if record_problem(name, key, value):
-            bad += 1
-            continue
-        if name == "meta" and key == b"schema":
-            continue  # the fresh store has its own
-        txn.put(key, value, db=dbs[name])
-        copied += 1
-        if name == "inbox":
-            highest = max(highest, _ID.unpack(key)[0])
-            expires_at = unpack_record(value, 7)[6]
-            if isinstance(expires_at, (int, float)):  # one range entry per message
-                txn.put(_ID.pack(int(expires_at * 1000)) + key, key, db=dbs["expiry"])
-        elif name == "outbox":
-            highest = max(highest, _ID.unpack(key)[0])
-    lost = max(db[ENTRIES] - (1 if name == "meta" else 0) - copied, bad)
-    lines.append(f"{name}: copied {copied}, lost {lost}" + (f" ({bad} did not decode)" if bad else ""))
-    return highest, lost
+class _Copy:
+    """One recovery's copying, into one write transaction of the fresh store."""
 
+    def __init__(self, reader: TreeReader, databases: Dict[str, Tuple[int, ...]],
+                 txn: lmdb.Transaction, targets: Dict[str, object]):
+        self.reader, self.databases, self.txn, self.targets = reader, databases, txn, targets
+        self.highest = {"inbox": 0, "outbox": 0}  # ids copied: the counters must not go below
+        self.inbox_ids: set = set()
 
-def _fix_counters(txn: lmdb.Transaction, meta: object, highest: Dict[str, int]) -> None:
-    txn.put(b"schema", _ID.pack(SCHEMA_VERSION), db=meta)
-    for counter, source in ((b"inbox_last_id", "inbox"), (b"outbox_last_id", "outbox")):
-        current = _ID.unpack(txn.get(counter, db=meta) or _ID.pack(0))[0]
-        txn.put(counter, _ID.pack(max(current, highest[source])), db=meta)
+    def database(self, name: str, lines: List[str]) -> int:
+        """Copy `name`'s well-formed records as they are (the store's own schema, whatever its
+        version); records lost, or UNKNOWN."""
+        db = self.databases.get(name)
+        if db is None:
+            lines.append(f"{name}: its database record is unreadable: nothing copied, losses unknown")
+            return UNKNOWN
+        copied = bad = 0
+        for key, value, _ in self.reader.records(db[-1], f"database {name}"):
+            if record_problem(name, key, value):
+                bad += 1
+                continue
+            self.txn.put(key, value, db=self.targets[name])
+            copied += 1
+            if name in self.highest:
+                self.highest[name] = max(self.highest[name], _ID.unpack(key)[0])
+            if name == "inbox":
+                self.inbox_ids.add(key)
+        lost = max(db[ENTRIES] - copied, bad)
+        lines.append(f"{name}: copied {copied}, lost {lost}" + (f" ({bad} did not decode)" if bad else ""))
+        return lost
+
+    def expiry(self, lines: List[str]) -> int:
+        """Copy the expiry ranges (key: a time prefix, then the first id; value: the last id,
+        or empty for just the first), each one starting at its first message still copied, so
+        that every range starts at a stored message as the store expects."""
+        db = self.databases.get("expiry")
+        if db is None:
+            lines.append("expiry: its database record is unreadable: nothing copied, losses unknown")
+            return UNKNOWN
+        kept, ids = 0, sorted(self.inbox_ids)
+        for key, value, _ in self.reader.records(db[-1], "database expiry"):
+            if record_problem("expiry", key, value):
+                continue
+            prefix, first, last = key[:-8], key[-8:], value or key[-8:]
+            at = bisect.bisect_left(ids, first)
+            if at < len(ids) and ids[at] <= last:
+                self.txn.put(prefix + ids[at], last, db=self.targets["expiry"])
+                kept += 1
+        lines.append(f"expiry: {kept} ranges kept for the messages copied")
+        return 0
+
+    def fix_counters(self) -> None:
+        meta = self.targets["meta"]
+        for counter, source in ((b"inbox_last_id", "inbox"), (b"outbox_last_id", "outbox")):
+            current = _ID.unpack(self.txn.get(counter, db=meta) or _ID.pack(0))[0]
+            self.txn.put(counter, _ID.pack(max(current, self.highest[source])), db=meta)

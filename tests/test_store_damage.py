@@ -164,3 +164,36 @@ def test_damage_met_by_the_running_daemon_degrades_it_without_tracebacks(daemon_
     finally:
         daemon.stop()
         notify.close()
+
+
+def test_recover_copies_databases_and_fields_it_does_not_know(tmp_path):
+    """A store written by a later schema (an extra database, extra record fields, longer
+    expiry keys, other meta entries) is verified and recovered without losing them."""
+    import lmdb
+    import msgpack
+
+    data_dir = build_store(tmp_path / "store", messages=100)
+    env = lmdb.open(str(data_dir), max_dbs=8, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        dead = env.open_db(b"dead", txn=txn)
+        txn.put((1).to_bytes(8, "big"), b"a dead letter", db=dead)
+        inbox = env.open_db(b"inbox", txn=txn)
+        txn.put((1000).to_bytes(8, "big"), msgpack.packb(
+            [1.7e9, "t", b"p", 1, False, 5, None, 3, 12.5], use_bin_type=True), db=inbox)
+        expiry = env.open_db(b"expiry", txn=txn)
+        txn.put(b"\0\0\0\3" + (10 ** 12).to_bytes(8, "big") + (1000).to_bytes(8, "big"), b"",
+                db=expiry)
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"frame\0\0\0\3", b"a boot frame of any length", db=meta)
+    env.close()
+    assert flashlexd("store", "verify", "--data-dir", str(data_dir)).returncode == 0
+    recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(tmp_path / "new"))
+    assert recovered.returncode == 0 and "dead: copied 1, lost 0" in recovered.stdout, recovered.stdout
+    assert "nothing was lost" in recovered.stdout
+    env = lmdb.open(str(tmp_path / "new"), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.get(b"frame\0\0\0\3", db=env.open_db(b"meta", txn=txn, create=False)) \
+            == b"a boot frame of any length"
+        keys = [k for k, _ in txn.cursor(db=env.open_db(b"expiry", txn=txn, create=False))]
+        assert b"\0\0\0\3" + (10 ** 12).to_bytes(8, "big") + (1000).to_bytes(8, "big") in keys
+    env.close()
