@@ -93,10 +93,23 @@ def active(systemd: RealSystemd):
     return props if props.get("ActiveState") == "active" and props.get("MainPID", "0") != "0" else None
 
 
-def running(systemd: RealSystemd) -> Dict[str, str]:
+def running(systemd: RealSystemd, socket: str = SOCKET) -> Dict[str, str]:
+    """Active, never restarted, both MQTT connections up (TLS and all, inside the sandbox),
+    and nothing the sandbox refused in the log (a filtered system call fails with EPERM)."""
     props = wait_for(lambda: active(systemd), 30, "the service to become active")
-    assert props["NRestarts"] == "0", systemd.log.read_text(errors="replace")
+    wait_for(lambda: _connected(systemd, socket), 30, "both MQTT connections under the unit")
+    log = systemd.log.read_text(errors="replace")
+    assert props["NRestarts"] == systemd.show()["NRestarts"] == "0", log
+    assert "Operation not permitted" not in log and "Traceback" not in log, log
     return props
+
+
+def _connected(systemd: RealSystemd, socket: str) -> bool:
+    out = systemd.run(FLASHLEXCTL, "--socket", socket, "--json", "status")
+    if out.returncode not in (0, 1):
+        return False
+    mqtt = json.loads(out.stdout)["mqtt"]
+    return bool(mqtt["ingress"].get("connected") and mqtt["egress"].get("connected"))
 
 
 def stat(systemd: RealSystemd, path: str) -> str:
@@ -216,7 +229,7 @@ def test_custom_data_path_and_socket_dir_are_writable_in_the_sandbox(start_servi
     document["flashlex"]["app"]["socket"] = {"path": str(socket)}
     config.write_text(yaml.safe_dump(document))
     service = start_service(config)
-    running(service)
+    running(service, str(socket))
     assert f"ReadWritePaths=-{socket.parent} -{data_dir}\n" in service.unit
     assert "StateDirectory" not in service.unit and "RuntimeDirectory" not in service.unit
     status = json.loads(service.run(FLASHLEXCTL, "--socket", str(socket), "--json", "status").stdout)
