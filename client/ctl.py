@@ -113,6 +113,9 @@ def health(status: Dict[str, Any]) -> List[str]:
     for side in ("ingress", "egress"):
         if not (mqtt.get(side) or {}).get("connected"):
             problems.append(f"{side} MQTT is not connected")
+    damaged = (status.get("store") or {}).get("damaged")
+    if damaged:
+        problems.append(f"{damaged} (read-only; see flashlexd store recover)")
     store_error = (mqtt.get("ingress") or {}).get("store_error")
     if store_error:
         problems.append(f"ingress is not storing (messages stay with the broker): {store_error}")

@@ -69,6 +69,7 @@ class BootFrames:
         cursor = txn.cursor(db=self.meta)
         if cursor.set_range(_FRAME):
             for key, raw in cursor:
+                key = bytes(key)  # a read transaction hands out buffers (store.py)
                 if not key.startswith(_FRAME) or len(key) != len(_FRAME) + _SEQ.size:
                     break
                 seq = _SEQ.unpack(key[len(_FRAME):])[0]

@@ -337,15 +337,21 @@ def _client_certificate_verdict(tls: ssl.SSLSocket, deadline: float) -> Optional
 
 
 def check_store(config: Config) -> Tuple[str, bool]:
+    from flashlexd import paths
     from flashlexd.store import Store, StoreError
 
     directory = config.store.data_dir
     if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
         raise Failed(f"data dir {directory} is not writable by uid {os.geteuid()}"
                      f" (use --data-dir or flashlex.app.db.dataPath)")
+    if directory.is_dir():  # what `run` refuses, `check` fails on
+        try:
+            paths.check_dir(directory, "data dir")
+        except paths.UnsafePath as exc:
+            raise Failed(str(exc)) from None
     existed = (directory / "data.mdb").exists()
     try:
-        store = Store.from_config(config.store)
+        store = Store.from_config(config.store, check_pages=True)
     except StoreError as exc:
         raise Failed(str(exc)) from None
     try:

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from flashlexd import __version__, logs, service
+from flashlexd import __version__, logs, service, storecmd
 from flashlexd.config import ConfigError, LOG_LEVELS
 
 EXIT_CONFIG = 2
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                           " (refused otherwise, exit 2)")
     _add_check_parser(commands)
     service.add_parser(commands)
+    storecmd.add_parser(commands)
     return parser
 
 
@@ -78,6 +79,7 @@ def _fail(message: str, code: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from flashlexd.ipc.server import ServerError
+    from flashlexd.paths import AlreadyRunning, UnsafePath
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
 
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("flashlexd").warning("%s", warning)
     try:
         return Supervisor(config, overrides).run()
-    except (StoreError, ServerError) as exc:
+    except (StoreError, ServerError, UnsafePath, AlreadyRunning) as exc:
         return _fail(f"cannot start: {exc}", EXIT_START)
 
 
@@ -106,4 +108,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return check.run(args)
     if args.command == "service":
         return service.run(args)
+    if args.command == "store":
+        return storecmd.run(args)
     raise AssertionError(args.command)

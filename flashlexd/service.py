@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
+from flashlexd import paths
+from flashlexd.config import ConfigError
+from flashlexd.unitplaces import Places, read_places, unit_values, writable_dirs
+
+EXIT_CONFIG = 2
 REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 INSTALLED_PACKAGING = Path(sys.prefix) / "share" / "flashlexd"
 FILES = {  # kind -> (file under packaging/ in the repo, name when installed, target on the system)
@@ -32,17 +38,19 @@ def template(kind: str) -> str:
 
 
 def render_unit(venv: str, config: str, user: str = "root", group: str = "",
-                keys: Optional[str] = None) -> str:
-    """The unit text with the venv, config path, keys dir and service user filled in. The keys
-    dir is always explicit (default: the config file's directory), so the unit never depends
-    on a default that differed between the FlashLex SDK and flashlexd."""
-    values: Dict[str, str] = {"venv": venv.rstrip("/"), "config": config, "user": user,
-                              "group": group or user,
-                              "keys": keys or str(Path(config).parent)}
-    text = template("unit")
-    for name, value in values.items():
-        text = text.replace("{{" + name + "}}", value)
-    return text
+                places: Optional[Places] = None, keys: Optional[str] = None) -> str:
+    """The unit text for this install, with the data dir, socket and access from `places`. The
+    keys dir is always explicit (default: the config file's directory), so the unit never
+    depends on a default that differed between the FlashLex SDK and flashlexd."""
+    values = unit_values(places or Places(), user, group, venv, config, keys or str(Path(config).parent))
+    lines = []
+    for line in template("unit").splitlines():
+        if line.startswith("{{") and line.endswith("}}") and not values[line[2:-2]]:
+            continue  # a placeholder of whole lines with nothing to say here
+        for name, value in values.items():
+            line = line.replace("{{" + name + "}}", value)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def add_parser(commands) -> None:
@@ -70,10 +78,18 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.dir).resolve()
     kind = "rsyslog" if args.rsyslog else "logrotate" if args.logrotate else "unit"
+    places = Places()
     if kind == "unit":
+        config = Path(args.config).resolve() if args.config else directory / "keys" / "config.yml"
+        try:
+            places, note = read_places(config)
+        except ConfigError as exc:
+            print(f"flashlexd: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         text = render_unit(str(Path(args.venv).resolve()) if args.venv else str(directory / "venv"),
-                           str(Path(args.config).resolve()) if args.config
-                           else str(directory / "keys" / "config.yml"), args.user, args.group,
+                           str(config), args.user, args.group, places,
                            str(Path(args.keys_dir).resolve()) if args.keys_dir else None)
     else:
         text = template(kind)
@@ -88,8 +104,22 @@ def run(args: argparse.Namespace) -> int:
     target.chmod(0o644)
     print(f"wrote {target}", file=sys.stderr)
     if args.install:
-        _after_install(kind, Path(args.root) == Path("/"))
+        live = Path(args.root) == Path("/")
+        if kind == "unit" and live:
+            make_directories(places, args.user, args.group or places.socket_group or args.user)
+        _after_install(kind, live)
     return 0
+
+
+def make_directories(places: Places, user: str, group: str) -> None:
+    """The data and socket dirs that systemd does not make (outside /var/lib and /run), made
+    now as the daemon would, owned by the service user: inside the sandbox only they are
+    writable, so the daemon could not make them itself."""
+    for directory, mode in writable_dirs(places):
+        if not os.path.isdir(directory):
+            paths.make_dir(Path(directory), mode)
+            shutil.chown(directory, user, group)
+            print(f"created {directory} ({mode:04o}, {user}:{group})", file=sys.stderr)
 
 
 def _after_install(kind: str, live: bool) -> None:

@@ -43,6 +43,7 @@ digests) before taking the write lock and writes each database with one `putmult
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import threading
@@ -52,9 +53,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
+from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
+from flashlexd.storedamage import DAMAGE_ERRORS, CorruptRecord, describe, guarded, unpack_record
 from flashlexd.topics import topic_matches
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: boot frames; stamps with boot seq and boottime; boot seq in expiry keys
 _ID = struct.Struct(">Q")
@@ -86,6 +91,11 @@ class DiskFull(StoreError):
 
 class StoreForkError(StoreError):
     """The store was used in a process other than the one that opened it."""
+
+
+class StoreDamaged(StoreError):
+    """The store's file is damaged: found before opening it (`storecheck`) or by LMDB or a
+    record that does not decode while in use. The store is read-only from then on."""
 
 
 class StoreBusy(StoreError):
@@ -198,7 +208,7 @@ class Store:
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
                  expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
-                 clock: Optional[Clock] = None):
+                 clock: Optional[Clock] = None, check_pages: bool = False):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -210,16 +220,28 @@ class Store:
         self._pid = os.getpid()
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
         self.clock: Clock = clock or SystemClock()
+        self.damage: Optional[str] = None  # why the store is read-only, once damage was met
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
+            check = storecheck.walk_pages if check_pages else storecheck.check_data_file
+            check(self.path / "data.mdb")
+        except storecheck.DataFileDamaged as exc:
+            raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
+                               f" {storecheck.HINT}") from None
+        try:
+            paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
                                   max_dbs=8, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
-        except (OSError, lmdb.Error) as exc:
+        except (OSError, lmdb.Error, paths.UnsafePath) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL
             self._open_databases()
+        except DAMAGE_ERRORS as exc:
+            self._env.close()
+            raise StoreDamaged(f"store in {self.path} is damaged: {describe(exc)};"
+                               f" {storecheck.HINT}") from None
         except lmdb.Error as exc:
             self._env.close()
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
@@ -248,13 +270,24 @@ class Store:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
             self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
                                         self._first_seq(txn, self._outbox, 5)))
+            self._back_the_map()  # under the write lock: no other process is growing the file
         self._page_size = self._env.stat()["psize"]
+
+    def _back_the_map(self) -> None:
+        """Extend data.mdb (sparsely: no disk space is used) to the size of the memory map.
+        LMDB reads a damaged page's garbage node offsets as they are; past the end of the
+        file such a read is a SIGBUS that kills the process, inside the file it is garbage
+        that LMDB or our decoding reports. The file only grows here, so no page is cut."""
+        data = self.path / "data.mdb"
+        map_size = self._env.info()["map_size"]
+        if data.stat().st_size < map_size:
+            os.truncate(data, map_size)
 
     def _migrate_expiry_index(self, txn: lmdb.Transaction) -> None:
         """Schema 1 -> 2: expiry keys gain the boot seq; schema-1 keys are wall-clock times
         (seq 0). Records keep their layout: a record without stamp fields is a seq-0 record."""
         cursor = txn.cursor(db=self._expiry)
-        old = [(key, value) for key, value in cursor if len(key) == 16]
+        old = [(bytes(key), bytes(value)) for key, value in cursor if len(key) == 16]
         for key, value in old:
             txn.delete(key, db=self._expiry)
         txn.cursor(db=self._expiry).putmulti((_SEQ.pack(LEGACY_SEQ) + key, value) for key, value in old)
@@ -262,7 +295,7 @@ class Store:
     def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
         """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
         cursor = txn.cursor(db=db)
-        return _stamp_of(msgpack.unpackb(cursor.value()), seq_at)[0] if cursor.first() else None
+        return _stamp_of(unpack_record(cursor.value(), seq_at), seq_at)[0] if cursor.first() else None
 
     @staticmethod
     def headroom(cap_bytes: int) -> int:
@@ -270,9 +303,10 @@ class Store:
         return max(8 * 1024 * 1024, cap_bytes // 8)
 
     @classmethod
-    def from_config(cls, store_config, write_wait: Optional[float] = None) -> "Store":
+    def from_config(cls, store_config, write_wait: Optional[float] = None,
+                    check_pages: bool = False) -> "Store":
         return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
-                   store_config.expire_seconds, write_wait)
+                   store_config.expire_seconds, write_wait, check_pages=check_pages)
 
     def close(self) -> None:
         if os.getpid() == self._pid:
@@ -283,6 +317,17 @@ class Store:
             self._env.close()
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _damaged(self, detail: Optional[str]) -> StoreDamaged:
+        """Remember the first damage met (logged once: every later call would meet it again);
+        None: the refusal of a write to a store already known to be damaged."""
+        if detail is None:
+            return StoreDamaged(f"{self.damage} (read-only until recovered)")
+        if self.damage is None:
+            self.damage = f"store in {self.path} is damaged: {detail}"
+            log.error("%s; the store is read-only now (nothing more is acknowledged to the broker);"
+                      " %s", self.damage, storecheck.HINT)
+        return StoreDamaged(self.damage)
 
     def _check_pid(self) -> None:
         if os.getpid() != self._pid:
@@ -301,6 +346,8 @@ class Store:
                 self._env.set_mapsize(0)  # another process grew the map; adopt its size
             except lmdb.MapFullError:
                 raise StoreFull(f"store in {self.path} is full (cap {self.cap_bytes} bytes)") from None
+            except DAMAGE_ERRORS:
+                raise  # named by `guarded`, which also makes the store read-only
             except lmdb.Error as exc:
                 raise self._write_error(exc) from None
         raise StoreError(f"store in {self.path}: map resized repeatedly")
@@ -366,12 +413,22 @@ class Store:
         return outcome["result"]
 
     def _read(self):
+        """A read transaction whose values are buffers over the map, not copies: `_checked`
+        looks at a value's length before anything reads it."""
         self._check_pid()
         try:
-            return self._env.begin(write=False)
+            return self._env.begin(write=False, buffers=True)
         except lmdb.MapResizedError:
             self._env.set_mapsize(0)
-            return self._env.begin(write=False)
+            return self._env.begin(write=False, buffers=True)
+
+    def _checked(self, raw: memoryview) -> memoryview:
+        """`raw` unless its length cannot be real. A garbled node can claim gigabytes; reading
+        them would run off the end of the memory map (SIGSEGV), so such a value is refused
+        before it is read. (A claim that fits the map is read: the file is backed that far.)"""
+        if len(raw) > self.cap_bytes + self.headroom(self.cap_bytes):
+            raise CorruptRecord(f"a record claims {len(raw)} bytes, more than the whole store")
+        return raw
 
     def _counter(self, txn: lmdb.Transaction, name: bytes) -> int:
         raw = txn.get(name, db=self._meta)
@@ -416,7 +473,7 @@ class Store:
     def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
         """Keep the expiry index exact after inbox record `key` (`raw`) was deleted: if a range
         started at it, the range now starts at the next stored id, or goes if none is left."""
-        record = msgpack.unpackb(raw)
+        record = unpack_record(raw, 7)
         expires_at = record[6]
         if expires_at is None:
             return
@@ -431,6 +488,7 @@ class Store:
 
     # -- inbox --------------------------------------------------------------------------------
 
+    @guarded
     def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
                settled: Sequence[DupMark] = ()) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
@@ -513,6 +571,7 @@ class Store:
             chosen.append(i)
         return chosen
 
+    @guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,
                  after: Optional[int] = None) -> List[Message]:
         """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id."""
@@ -526,13 +585,14 @@ class Store:
                 return found
             timeline = self._frames.timeline(txn)
             for key, raw in cursor:
-                message = _decode_message(key, raw, timeline)
+                message = _decode_message(key, self._checked(raw), timeline)
                 if topic is None or topic_matches(topic, message.topic):
                     found.append(message)
                     if len(found) >= limit:
                         break
         return found
 
+    @guarded
     def ack(self, ids: Iterable[int]) -> int:
         """Remove messages by id. Idempotent: an id already gone is not an error."""
         keys = _keys_of(ids)
@@ -549,6 +609,7 @@ class Store:
 
         return self._write(work) if keys else 0  # type: ignore[return-value]
 
+    @guarded
     def purge(self) -> int:
         """Remove every inbox message (the API asks for confirmation first)."""
         def work(txn: lmdb.Transaction) -> int:
@@ -560,6 +621,7 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
+    @guarded
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
         """Remove up to `batch` messages that are due (bounded txn): a message of this boot
         once its real age reached expireSeconds, one of an earlier boot by the wall clock
@@ -598,6 +660,7 @@ class Store:
 
     # -- outbox -------------------------------------------------------------------------------
 
+    @guarded
     def outbox_append(self, entries: Sequence[Tuple[str, bytes, int, bool]],
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
         """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
@@ -624,6 +687,7 @@ class Store:
 
         return self._write(work)  # type: ignore[return-value]
 
+    @guarded
     def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
         """Oldest first; `after` is an exclusive id."""
         return self._scan(self._outbox, limit, after, _outbox_entry)
@@ -641,11 +705,12 @@ class Store:
                 return found
             timeline = self._frames.timeline(txn)
             for key, raw in cursor:
-                found.append(decode(key, msgpack.unpackb(raw), timeline))
+                found.append(decode(key, unpack_record(self._checked(raw), 5), timeline))
                 if len(found) >= limit:
                     break
         return found
 
+    @guarded
     def outbox_remove(self, ids: Iterable[int]) -> int:
         keys = _keys_of(ids)
 
@@ -656,6 +721,7 @@ class Store:
 
         return self._write(work) if keys else 0  # type: ignore[return-value]
 
+    @guarded
     def outbox_drop(self, ids: Iterable[int], dead: bool = False) -> int:
         """Delete outbox entries (or, with `dead`, dead letters) at an application's or an
         operator's request; ids not in that list are skipped. Returns how many were deleted.
@@ -672,6 +738,7 @@ class Store:
 
     # -- dead letters -------------------------------------------------------------------------
 
+    @guarded
     def outbox_dead_letter(self, entry_id: int, reason: str, attempts: int,
                            now: Optional[float] = None) -> bool:
         """Move outbox entry `entry_id` to the dead letters, with why and after how many
@@ -697,10 +764,12 @@ class Store:
 
         return bool(self._write(work))
 
+    @guarded
     def dead_letters(self, limit: int = 100, after: Optional[int] = None) -> List[DeadLetter]:
         """Oldest (lowest outbox id) first; `after` is an exclusive id."""
         return self._scan(self._dead, limit, after, _dead_letter)
 
+    @guarded
     def dead_retry(self, ids: Iterable[int]) -> List[int]:
         """Move dead letters back to the outbox's tail (in id order, under new ids, attempts
         starting again; `created` stays the application's publish time). Ids that are not dead
@@ -725,21 +794,24 @@ class Store:
 
         return self._write(work) if keys else []  # type: ignore[return-value]
 
+    @guarded
     def dead_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._dead)["entries"]
 
     # -- figures ------------------------------------------------------------------------------
 
+    @guarded
     def stats(self) -> Dict[str, object]:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
             timeline = self._frames.timeline(txn)
             first_inbox = txn.cursor(db=self._inbox)
-            oldest = _decode_message(first_inbox.key(), first_inbox.value(), timeline) \
+            oldest = _decode_message(first_inbox.key(), self._checked(first_inbox.value()), timeline) \
                 if first_inbox.first() else None
             first_outbox = txn.cursor(db=self._outbox)
-            oldest_out = _outbox_entry(first_outbox.key(), msgpack.unpackb(first_outbox.value()), timeline) \
+            oldest_out = _outbox_entry(first_outbox.key(), unpack_record(self._checked(first_outbox.value()), 5),
+                                       timeline) \
                 if first_outbox.first() else None
             figures: Dict[str, object] = {
                 "inbox_count": txn.stat(self._inbox)["entries"],
@@ -758,10 +830,12 @@ class Store:
                 figures[name] = self._counter(txn, name.encode())
         return figures
 
+    @guarded
     def inbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._inbox)["entries"]
 
+    @guarded
     def outbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._outbox)["entries"]
@@ -789,7 +863,9 @@ def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
 
 
 def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
-    record = msgpack.unpackb(raw)
+    if len(key) != _ID.size:
+        raise CorruptRecord(f"an inbox key is {len(key)} bytes, not {_ID.size}")
+    record = unpack_record(raw, 7)
     wall, topic, payload, qos, retain, mid, expires_at = record[:7]
     seq, boot = _stamp_of(record, 7)
     return Message(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
@@ -798,6 +874,8 @@ def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
 
 
 def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
+    if len(key) != _ID.size:
+        raise CorruptRecord(f"an outbox key is {len(key)} bytes, not {_ID.size}")
     wall, topic, payload, qos, retain = record[:5]
     seq, boot = _stamp_of(record, 5)
     return OutboxEntry(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
@@ -806,6 +884,8 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
 
 def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:
     """A dead record is [attempts, reason, dead_at, *the outbox record it was]."""
+    if len(record) < _DEAD_FIELDS + 5:
+        raise CorruptRecord(f"a dead letter is not a {_DEAD_FIELDS + 5}-field array")
     attempts, reason, dead_at = record[:_DEAD_FIELDS]
     entry = _outbox_entry(key, record[_DEAD_FIELDS:], timeline)
     return DeadLetter(entry.id, entry.created, entry.topic, entry.payload, entry.qos, entry.retain,

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
-from flashlexd import credentials, fds
+from flashlexd import credentials, fds, paths
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
@@ -26,7 +26,7 @@ from flashlexd.ipc.server import RpcServer
 from flashlexd.notify import Notifier, child_environment
 from flashlexd.rates import RateMeter
 from flashlexd.restart import CrashLoop, RestartPolicy
-from flashlexd.store import Store
+from flashlexd.store import Store, StoreError
 from flashlexd.workerproc import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Supervisor:
         self.next_status = 0.0
         self.rates = RateMeter()
         self.store: Optional[Store] = None
+        self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
         self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
@@ -105,7 +106,10 @@ class Supervisor:
         log.debug("open files limit %d", limit)
         self._install_signals()
         self.config_file = ConfigFile(self.config.text)
-        self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
+        self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
+        # every page read once before LMDB maps the file: damage refuses the start in one line
+        self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
+                                       check_pages=True)
         self.api = self._start_api()
         now = time.monotonic()
         for worker in self.workers.values():
@@ -136,6 +140,8 @@ class Supervisor:
             self.store.close()
         if self.config_file is not None:
             self.config_file.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _install_signals(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -294,18 +300,25 @@ class Supervisor:
             log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
         if now >= self.next_status:
             self.next_status = now + STATUS_EVERY
-            stats = self.store.stats()
-            self.rates.sample(now, stats["received"], stats["sent"])
+            try:
+                stats: Optional[Dict[str, Any]] = self.store.stats()
+            except StoreError:  # damage: logged once by the store, named in the status line
+                stats = None
+            if stats is not None:
+                self.rates.sample(now, stats["received"], stats["sent"])
             self.notifier.status(self.status_line(stats))
 
-    def status_line(self, stats: Dict[str, Any]) -> str:
+    def status_line(self, stats: Optional[Dict[str, Any]]) -> str:
         links = []
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
         up = sum(1 for w in self.workers.values() if w.state == "ready")
-        dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""
-        return (f"{', '.join(links)}; inbox {stats['inbox_count']}; outbox {stats['outbox_count']}"
-                f"{dead}; workers {up}/{len(self.workers)}")
+        if stats is None:
+            store = "store damaged, read-only (see flashlexd store recover)"
+        else:
+            dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""
+            store = f"inbox {stats['inbox_count']}; outbox {stats['outbox_count']}{dead}"
+        return f"{', '.join(links)}; {store}; workers {up}/{len(self.workers)}"
 
     def status(self) -> Dict[str, Any]:
         """The supervisor's part of the API's `status`."""

@@ -12,12 +12,15 @@ from tests.broker import wait_for
 
 PID1_SCRIPT = """#!/bin/sh
 mount -t tmpfs tmpfs /run
+{setup}
 exec /lib/systemd/systemd --system --unit=test.target
 """
 
 
 class RealSystemd:
-    def __init__(self, units: Path, unit_name: str, unit_text: str, drop_in: str):
+    def __init__(self, units: Path, unit_name: str, unit_text: str, drop_in: str, setup: str = ""):
+        """`setup`: shell lines run in the new mount namespace before systemd starts (private
+        mounts that adapt the host to the test without changing it)."""
         self.units = units
         self.unit_name = unit_name
         units.mkdir(parents=True, exist_ok=True)
@@ -26,7 +29,7 @@ class RealSystemd:
         (units / f"{unit_name}.d" / "test.conf").write_text(drop_in)
         (units / "test.target").write_text(f"[Unit]\nWants={unit_name}\n")
         script = units / "pid1.sh"
-        script.write_text(PID1_SCRIPT)
+        script.write_text(PID1_SCRIPT.format(setup=setup))
         script.chmod(0o755)
         self.launcher: Optional[subprocess.Popen] = None
         self.pid: Optional[int] = None

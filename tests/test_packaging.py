@@ -1,6 +1,7 @@
 """`flashlexd service` output is accepted by the tools that will read it on a device."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -58,3 +59,67 @@ def test_install_writes_the_unit_in_place(tmp_path):
     assert "User=pi" in unit.read_text() and oct(unit.stat().st_mode & 0o777) == "0o644"
     assert "next: systemctl enable --now flashlexd" in result.stderr
     assert result.stdout == ""
+
+
+def _render(tmp_path: Path, app: dict, *args: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "config.yml"
+    config.write_text(json.dumps({"flashlex": {"app": app}}))  # JSON is YAML
+    return service("--dir", "/opt/fx", "--config", str(config), "--user", "root", *args)
+
+
+def _exposure(unit_text: str, tmp_path: Path) -> float:
+    unit = tmp_path / "flashlexd.service"
+    unit.write_text(unit_text)
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                         capture_output=True, text=True, timeout=60)
+    line = next(l for l in out.stdout.splitlines() if "Overall exposure level" in l)
+    return float(line.split(":")[1].split()[0])
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+@pytest.mark.parametrize("app, args", [
+    ({}, ()),
+    ({"socket": {"group": "adm"}}, ()),
+    ({"socket": {"allowUids": [1000]}}, ()),
+    ({"db": {"dataPath": "/srv/flashlexd"}, "socket": {"path": "/srv/sock/api.sock"}}, ()),
+    ({}, ("--user", "pi")),
+])
+def test_unit_exposure_is_at_most_2(tmp_path, app, args):
+    rendered = _render(tmp_path, app, *args)
+    assert rendered.returncode == 0, rendered.stderr
+    score = _exposure(rendered.stdout, tmp_path)
+    print(f"\nsystemd-analyze security --offline=yes: {score} for {app or 'the defaults'} {args}")
+    assert score <= 2.0
+
+
+def test_unit_renders_the_socket_group_without_cap_chown(tmp_path):
+    unit = _render(tmp_path, {"socket": {"group": "adm"}}).stdout
+    assert "Group=adm" in unit and "RuntimeDirectoryMode=0750" in unit
+    assert "\nSupplementaryGroups=" not in unit and "\nCapabilityBoundingSet=\n" in unit
+    other = _render(tmp_path, {"socket": {"group": "adm"}}, "--group", "root").stdout
+    assert "Group=root" in other and "SupplementaryGroups=adm" in other
+    assert "RuntimeDirectoryMode=0755" in other  # adm members are not in the dir's group
+
+
+def test_unit_renders_allow_uids_and_paths(tmp_path):
+    unit = _render(tmp_path, {"socket": {"allowUids": [1000]}}).stdout
+    assert "RuntimeDirectory=flashlexd\nRuntimeDirectoryMode=0755" in unit
+    assert "StateDirectory=flashlexd" in unit and "ReadWritePaths" not in unit
+    custom = _render(tmp_path, {"db": {"dataPath": "/srv/fx/data"},
+                                "socket": {"path": "/var/run/fx/api.sock"}}).stdout
+    assert "ReadWritePaths=-/srv/fx/data\n" in custom and "StateDirectory" not in custom
+    assert "RuntimeDirectory=fx\n" in custom and "ProtectHome=yes" in custom
+    elsewhere = _render(tmp_path, {"db": {"dataPath": "/home/pi/fx"},
+                                   "socket": {"path": "/srv/sock/api.sock"}}).stdout
+    assert "ReadWritePaths=-/srv/sock -/home/pi/fx" in elsewhere and "RuntimeDirectory" not in elsewhere
+    assert "ProtectHome=read-only" in elsewhere
+    for line in ("Wants=network-online.target time-sync.target",
+                 "After=network-online.target time-sync.target", "LimitNOFILE=16384",
+                 "SystemCallFilter=@system-service", "ProtectProc=invisible"):
+        assert line in unit
+
+
+def test_unit_refuses_a_bad_allow_uids_with_exit_2(tmp_path):
+    rendered = _render(tmp_path, {"socket": {"allowUids": ["pi"]}})
+    assert rendered.returncode == 2 and rendered.stdout == ""
+    assert rendered.stderr == "flashlexd: flashlex.app.socket.allowUids: expected a list of numeric uids\n"

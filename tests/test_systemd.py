@@ -1,16 +1,26 @@
 """The packaged unit under a real systemd (PID 1 of a private namespace): READY=1 makes the
-service active, a hung supervisor is killed by the watchdog and restarted, stop is clean."""
+service active, a hung supervisor is killed by the watchdog and restarted, stop is clean, and
+every documented option works inside the hardened sandbox: the defaults, socket.group,
+allowUids, a custom dataPath and a service user other than root."""
 from __future__ import annotations
 
+import grp
+import json
 import os
+import pwd
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 import yaml
 
-from flashlexd.service import render_unit
+from flashlexd.service import make_directories, render_unit
+from flashlexd.unitplaces import read_places
 from tests.broker import wait_for
 from tests.systemd import RealSystemd
 
@@ -19,31 +29,63 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, systemd and unshare")
 
 UNIT = "flashlexd.service"
+FLASHLEXCTL = f"{sys.prefix}/bin/flashlexctl"
+SOCKET = "/run/flashlexd/flashlexd.sock"
+NOBODY = 65534
+
+
+def _namespace_setup() -> str:
+    """Private mounts for the test's systemd: its own /var/lib (the default data dir never
+    touches the host's), and, when this venv's interpreter lives under /root (pyenv), /root
+    replaced by a 0755 tmpfs holding only that tree, so a service user other than root can
+    run it as on a device with /usr/bin/python3."""
+    lines = ["mount -t tmpfs -o mode=0755 tmpfs /var/lib"]
+    interpreter = os.path.realpath(sys.executable)
+    if interpreter.startswith("/root/"):
+        top = interpreter.split("/")[2]
+        lines += ["mkdir -p /run/.host-root", "mount --bind /root /run/.host-root",
+                  "mount -t tmpfs -o mode=0755 tmpfs /root", f"mkdir -p /root/{top}",
+                  f"mount --bind /run/.host-root/{top} /root/{top}"]
+    return "\n".join(lines)
 
 
 @pytest.fixture
-def systemd(daemon_config, tmp_path):
-    log = tmp_path / "service.log"
-    drop_in = f"""[Unit]
-DefaultDependencies=no
-[Service]
-StandardOutput=append:{log}
-StandardError=inherit
-WatchdogSec=3
-RestartSec=1
-PrivateTmp=no
-ReadWritePaths={tmp_path}
-"""
-    document = yaml.safe_load(daemon_config.read_text())
-    del document["flashlex"]["app"]["socket"]  # the default: /run/flashlexd, RuntimeDirectory=
-    daemon_config.write_text(yaml.safe_dump(document))
-    unit = render_unit(venv=sys.prefix, config=str(daemon_config), user="root")
-    instance = RealSystemd(tmp_path / "units", UNIT, unit, drop_in)
-    instance.log = log
-    try:
-        yield instance.start()
-    finally:
+def start_service(tmp_path) -> Iterator[Callable[..., RealSystemd]]:
+    """start(config, user=, group=): the unit rendered from `config` as `flashlexd service`
+    does, with a drop-in that only adapts it to the test box (no journald, no basic.target,
+    the test's /tmp visible: it holds the config), and `--install`'s data dir."""
+    started: List[RealSystemd] = []
+
+    def start(config: Path, user: str = "root", group: str = "") -> RealSystemd:
+        places, _ = read_places(config)
+        make_directories(places, user, group or places.socket_group or user)
+        log = tmp_path / "service.log"
+        drop_in = (f"[Unit]\nDefaultDependencies=no\n[Service]\nStandardOutput=append:{log}\n"
+                   f"StandardError=inherit\nWatchdogSec=3\nRestartSec=1\nPrivateTmp=no\n")
+        unit = render_unit(venv=sys.prefix, config=str(config), user=user, group=group, places=places)
+        instance = RealSystemd(tmp_path / "units", UNIT, unit, drop_in, setup=_namespace_setup())
+        instance.log, instance.unit = log, unit
+        started.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in started:
         instance.stop()
+
+
+def edited(config: Path, **app: Dict) -> Path:
+    """The config with the socket at its default and `app` sections merged in."""
+    document = yaml.safe_load(config.read_text())
+    del document["flashlex"]["app"]["socket"]  # the default: /run/flashlexd, RuntimeDirectory=
+    for section, values in app.items():
+        document["flashlex"]["app"].setdefault(section, {}).update(values)
+    config.write_text(yaml.safe_dump(document))
+    return config
+
+
+@pytest.fixture
+def systemd(start_service, daemon_config):
+    return start_service(edited(daemon_config))
 
 
 def active(systemd: RealSystemd):
@@ -51,12 +93,41 @@ def active(systemd: RealSystemd):
     return props if props.get("ActiveState") == "active" and props.get("MainPID", "0") != "0" else None
 
 
-def test_unit_becomes_active_through_ready(systemd):
+def running(systemd: RealSystemd, socket: str = SOCKET) -> Dict[str, str]:
+    """Active, never restarted, both MQTT connections up (TLS and all, inside the sandbox),
+    and nothing the sandbox refused in the log (a filtered system call fails with EPERM)."""
     props = wait_for(lambda: active(systemd), 30, "the service to become active")
-    assert props["SubState"] == "running"
+    wait_for(lambda: _connected(systemd, socket), 30, "both MQTT connections under the unit")
+    log = systemd.log.read_text(errors="replace")
+    assert props["NRestarts"] == systemd.show()["NRestarts"] == "0", log
+    assert "Operation not permitted" not in log and "Traceback" not in log, log
+    return props
+
+
+def _connected(systemd: RealSystemd, socket: str) -> bool:
+    out = systemd.run(FLASHLEXCTL, "--socket", socket, "--json", "status")
+    if out.returncode not in (0, 1):
+        return False
+    mqtt = json.loads(out.stdout)["mqtt"]
+    return bool(mqtt["ingress"].get("connected") and mqtt["egress"].get("connected"))
+
+
+def stat(systemd: RealSystemd, path: str) -> str:
+    return systemd.run("stat", "-c", "%a %U %G", path, check=True).stdout.strip()
+
+
+def ctl_as(systemd: RealSystemd, uid: int, gid: int, *groups: int) -> subprocess.CompletedProcess:
+    """flashlexctl status run inside the namespace as another user."""
+    group_args = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+    return systemd.run("setpriv", f"--reuid={uid}", f"--regid={gid}", *group_args, "--",
+                       FLASHLEXCTL, "--socket", SOCKET, "status")
+
+
+def test_unit_becomes_active_through_ready(systemd):
+    running(systemd)
     status = wait_for(lambda: systemd.show().get("StatusText", "") or None, 10, "a STATUS= line")
     assert "workers" in status
-    out = systemd.run(sys.prefix + "/bin/flashlexctl", "status")
+    out = systemd.run(FLASHLEXCTL, "status")
     assert out.returncode in (0, 1), out.stderr  # 1 while a worker is still connecting
     assert "ingress" in out.stdout
 
@@ -86,6 +157,125 @@ def test_systemctl_stop_exits_cleanly(systemd):
     assert props["ActiveState"] == "inactive", props
     assert props["Result"] == "success", props
     assert "stopping: received SIGTERM" in systemd.log.read_text(errors="replace")
+
+
+def test_defaults_root_only_socket_and_state_directory(start_service, daemon_config):
+    config = yaml.safe_load(daemon_config.read_text())
+    del config["flashlex"]["app"]["db"]["dataPath"]  # the default: /var/lib/flashlexd
+    daemon_config.write_text(yaml.safe_dump(config))
+    service = start_service(edited(daemon_config))
+    props = running(service)
+    assert "StateDirectory=flashlexd" in service.unit and "ReadWritePaths" not in service.unit
+    assert stat(service, "/var/lib/flashlexd") == "700 root root"
+    assert service.run("test", "-f", "/var/lib/flashlexd/data.mdb").returncode == 0
+    assert stat(service, "/run/flashlexd") == "750 root root"
+    assert stat(service, SOCKET) == "660 root root"
+    outsider = ctl_as(service, NOBODY, NOBODY)
+    assert outsider.returncode == 2 and "permission denied" in outsider.stderr, outsider.stderr
+    # what the sandbox leaves visible to the daemon: its own /proc entries and the boot id
+    main = _host_pid(service, props["MainPID"])
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/io"):
+        seen = subprocess.run(["nsenter", "-t", str(main), "-m", "-p", "cat", path],
+                              capture_output=True, text=True, timeout=10)
+        assert seen.returncode == 0 and seen.stdout.strip(), (path, seen.stderr)
+    mounts = subprocess.run(["nsenter", "-t", str(main), "-m", "-p", "cat", "/proc/self/mountinfo"],
+                            capture_output=True, text=True, timeout=10).stdout
+    proc = [line for line in mounts.splitlines() if line.split()[4] == "/proc"]
+    assert proc and "hidepid=invisible" in proc[-1], proc  # ProtectProc=: others' entries hidden
+
+
+@pytest.fixture
+def socket_group():
+    """A system group for the test; requested before `start_service`, so that it is removed
+    after the service is gone."""
+    name = "flashlexdtest"
+    subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+    try:
+        yield grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def test_socket_group_without_cap_chown(socket_group, start_service, daemon_config):
+    service = start_service(edited(daemon_config, socket={"group": "flashlexdtest"}))
+    running(service)
+    assert "Group=flashlexdtest" in service.unit and "RuntimeDirectoryMode=0750" in service.unit
+    assert stat(service, "/run/flashlexd") == "750 root flashlexdtest"
+    assert stat(service, SOCKET) == "660 root flashlexdtest"
+    member = ctl_as(service, NOBODY, NOBODY, socket_group)  # reaches the daemon, which decides
+    assert "permission denied" not in member.stderr and "may not use flashlexd" in member.stderr, \
+        member.stdout + member.stderr
+    outsider = ctl_as(service, NOBODY, NOBODY)
+    assert outsider.returncode == 2 and "permission denied" in outsider.stderr, outsider.stderr
+
+
+def test_allow_uids_reach_the_socket(start_service, daemon_config):
+    service = start_service(edited(daemon_config, socket={"allowUids": [NOBODY]}))
+    running(service)
+    assert "RuntimeDirectoryMode=0755" in service.unit
+    assert stat(service, "/run/flashlexd") == "755 root root"
+    assert stat(service, SOCKET) == "666 root root"  # SO_PEERCRED decides who may talk
+    allowed = ctl_as(service, NOBODY, NOBODY)
+    assert allowed.returncode in (0, 1) and "ingress" in allowed.stdout, allowed.stderr
+    other = ctl_as(service, NOBODY - 1, NOBODY - 1)
+    assert other.returncode != 0 and "may not use flashlexd" in other.stderr, other.stderr
+
+
+def test_custom_data_path_and_socket_dir_are_writable_in_the_sandbox(start_service, daemon_config,
+                                                                    tmp_path):
+    data_dir, socket = tmp_path / "custom" / "store", tmp_path / "sockets" / "api.sock"
+    config = edited(daemon_config, db={"dataPath": str(data_dir)})
+    document = yaml.safe_load(config.read_text())
+    document["flashlex"]["app"]["socket"] = {"path": str(socket)}
+    config.write_text(yaml.safe_dump(document))
+    service = start_service(config)
+    running(service, str(socket))
+    assert f"ReadWritePaths=-{socket.parent} -{data_dir}\n" in service.unit
+    assert "StateDirectory" not in service.unit and "RuntimeDirectory" not in service.unit
+    status = json.loads(service.run(FLASHLEXCTL, "--socket", str(socket), "--json", "status").stdout)
+    assert status["store"]["path"] == str(data_dir)
+    assert (data_dir / "data.mdb").is_file() and socket.is_socket()
+
+
+@pytest.fixture
+def service_user() -> Iterator[str]:
+    """A system user for the test; requested before `start_service`, so that it is removed
+    after the service (running as it) is gone."""
+    name = "flashlexdtest"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "--user-group", name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def test_service_user_other_than_root(service_user, start_service, daemon_config):
+    """`flashlexd service --user U`: the daemon runs as U, systemd makes its directories U's."""
+    install = Path(tempfile.mkdtemp(prefix="flashlexd-user-"))  # reachable by U, unlike tmp_path
+    try:
+        install.chmod(0o755)
+        keys = install / "keys"
+        shutil.copytree(daemon_config.parent, keys, ignore=shutil.ignore_patterns("data"))
+        config = yaml.safe_load((keys / daemon_config.name).read_text())
+        del config["flashlex"]["app"]["db"]["dataPath"]
+        (keys / daemon_config.name).write_text(yaml.safe_dump(config))
+        user = pwd.getpwnam(service_user)
+        for path in [keys, *keys.iterdir()]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+        service = start_service(edited(keys / daemon_config.name), user=service_user)
+        props = running(service)
+        assert f"User={service_user}" in service.unit
+        assert stat(service, "/var/lib/flashlexd") == f"700 {service_user} {service_user}"
+        assert stat(service, SOCKET) == f"660 {service_user} {service_user}"
+        main = _host_pid(service, props["MainPID"])
+        uid_line = next(line for line in open(f"/proc/{main}/status") if line.startswith("Uid:"))
+        assert uid_line.split()[1:] == [str(user.pw_uid)] * 4
+        out = service.run(FLASHLEXCTL, "status")  # root may always talk to it
+        assert out.returncode in (0, 1) and "ingress" in out.stdout, out.stderr
+    finally:
+        shutil.rmtree(install, ignore_errors=True)
 
 
 def _host_pid(systemd: RealSystemd, namespace_pid: str) -> int:

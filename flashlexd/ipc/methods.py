@@ -171,7 +171,12 @@ class Methods:
     def _status(self, p: _Params) -> Dict[str, Any]:
         p.done()
         supervisor = dict(self.status_provider())
-        figures = self.store.stats()
+        try:
+            figures = self.store.stats()
+        except StoreError as exc:  # a damaged store: the rest of the status still answers
+            supervisor.update(inbox={}, outbox={"limit": self.offline_publish_queueing},
+                              store={"path": str(self.store.path), "damaged": str(exc)})
+            return supervisor
         counters = {name: figures[name] for name in COUNTERS}
         counters.update(supervisor.get("counters") or {})
         egress = (supervisor.get("mqtt") or {}).get("egress") or {}

@@ -81,8 +81,10 @@ class RpcServer:
         limits = Limits.for_payload(max_payload_bytes, max_connections=cap, idle_timeout=api.idle_timeout,
                                     max_buffered=api.max_buffered_bytes,
                                     frame_timeout=api.frame_timeout)
+        # allowUids are users outside the socket's group: they need the socket itself to be
+        # connectable (0666); who may talk is then decided by SO_PEERCRED on every connection
         return cls(api.socket_path, methods, limits, selector, group=api.socket_group,
-                   allow_uids=api.allow_uids)
+                   allow_uids=api.allow_uids, mode=0o666 if api.allow_uids else 0o660)
 
     # -- what the host loop calls -------------------------------------------------------------
 

@@ -79,7 +79,7 @@ def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tu
     finally:
         os.umask(old_umask)
     try:
-        if gid is not None:
+        if gid is not None and os.stat(path).st_gid != gid:  # under the unit, Group= already did it
             os.chown(path, -1, gid)
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)

@@ -34,7 +34,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from flashlexd.linkwatch import Verdict
 from flashlexd.mqtt import Connection
 from flashlexd.ratelimit import PublishBudget, describe_rate
-from flashlexd.store import OutboxEntry, Store, StoreError
+from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
 from flashlexd.workers.poison import PoisonWatch
 
@@ -176,7 +176,11 @@ class EgressWorker(Worker):
         allowance = self.budget.allowance(room)
         if allowance <= 0:
             return self.budget.wait(1)
-        entries = self.store.outbox_peek(limit=allowance, after=self.cursor)
+        try:
+            entries = self.store.outbox_peek(limit=allowance, after=self.cursor)
+        except StoreDamaged:  # logged once by the store; nothing can be sent from it
+            self.more = False
+            return math.inf
         self.more = len(entries) == allowance
         if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
             self._forget_unacked_below(entries[0].id if entries else math.inf)
@@ -226,11 +230,12 @@ class EgressWorker(Worker):
             return
         try:
             self.store.outbox_remove(self.done)
+            self.counters["outbox_backlog"] = self.store.outbox_count()
         except StoreError as exc:
-            log.error("cannot delete %d sent outbox entries (retrying): %s", len(self.done), exc)
+            if not isinstance(exc, StoreDamaged):  # damage: the store logged it once
+                log.error("cannot delete %d sent outbox entries (retrying): %s", len(self.done), exc)
             return
         self.counters["sent"] += len(self.done)
-        self.counters["outbox_backlog"] = self.store.outbox_count()
         self.done = []
 
     def _update_counters(self, now: float) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from flashlexd.store import Store, StoreError
+from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ class ExpiryWorker(Worker):
         try:
             removed = self.store.expire(batch=SWEEP_BATCH)
         except StoreError as exc:
-            log.error("expiry sweep failed: %s", exc)
+            if not isinstance(exc, StoreDamaged):  # damage: the store logged it once
+                log.error("expiry sweep failed: %s", exc)
             removed = 0
         self.counters["expired"] += removed
         if removed:

@@ -27,7 +27,7 @@ import time
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.mqtt import Connection
-from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
+from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
 
@@ -192,7 +192,7 @@ class IngressWorker(Worker):
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
-        if self.retry_at is None:
+        if self.retry_at is None and not isinstance(exc, StoreDamaged):  # damage: logged by the store
             what = "store full" if isinstance(exc, StoreFull) else "store error"
             log.error("%s: %s; not acknowledging %d messages, retrying every %gs", what, exc,
                       len(self.batch), RETRY_SECONDS)

@@ -1,0 +1,158 @@
+"""The daemon's directories: made with explicit modes, checked like sshd's StrictModes, and the
+data dir locked for the daemon's life.
+
+Run by hand under a loose umask (000), `os.makedirs` would leave every directory it creates
+open to everyone, and a local user could then swap the socket dir (and capture what a root
+application sends) or the data dir (and read the messages). So every directory we create gets
+its mode with `chmod` (the umask cannot widen it), and every directory we use, created by us or
+not, is refused unless it and each directory above it is owned by root or by the daemon's user
+and writable by nobody else (a sticky directory such as /tmp is fine above it: others cannot
+rename or remove what is ours there).
+
+One daemon per data dir: two daemons on one store would both connect to the broker with the
+thing's client ids and kick each other off. The data dir's lock file holds an exclusive
+`flock` for the daemon's life (the kernel drops it when the process ends, however it ends)
+and says whose it is.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from pathlib import Path
+from typing import Optional
+
+DATA_DIR_MODE = 0o700
+SOCKET_DIR_MODE = 0o755  # reaching the socket is decided by the socket's own mode and SO_PEERCRED
+PARENT_MODE = 0o755
+LOCK_NAME = "flashlexd.lock"
+
+
+class UnsafePath(Exception):
+    """A directory the daemon must not use, or cannot make; one line for the operator."""
+
+
+class AlreadyRunning(Exception):
+    """Another daemon holds the data dir's lock."""
+
+    def __init__(self, data_dir: Path, pid: str):
+        super().__init__(f"another flashlexd (pid {pid}) is running on data dir {data_dir}:"
+                         f" stop it first, or use another --data-dir")
+        self.pid = pid
+
+
+def make_dir(path: Path, mode: int, parents_mode: int = PARENT_MODE) -> None:
+    """Create `path` with `mode` and its missing parents with `parents_mode`, whatever the umask."""
+    path = Path(os.path.abspath(path))
+    missing = []
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            break
+        missing.append(candidate)
+    for directory in reversed(missing):
+        wanted = mode if directory == path else parents_mode
+        try:
+            os.mkdir(directory, 0o700)  # never wider than wanted while it is being set up
+        except FileExistsError:
+            continue  # someone made it meanwhile: check_dir judges it
+        except OSError as exc:
+            raise UnsafePath(f"cannot create {directory}: {exc.strerror or exc}") from None
+        os.chmod(directory, wanted)
+
+
+def check_dir(path: Path, what: str) -> None:
+    """Refuse `path` unless it is a directory that only root or the daemon's user can change,
+    below directories that only they can change."""
+    real = Path(os.path.realpath(path))
+    uid = os.geteuid()
+    try:
+        info = os.stat(real)
+    except OSError as exc:
+        raise UnsafePath(f"{what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafePath(f"{what} {path} is not a directory")
+    _check_owner_and_mode(real, info, what, uid, f"chown it, or choose another {what}",
+                          f"chmod go-w {real}")
+    elsewhere = f"choose a {what} whose parents only root or uid {uid} can change"
+    for parent in real.parents:
+        _check_owner_and_mode(parent, os.stat(parent), f"{what} {path}: the directory above it",
+                              uid, elsewhere, elsewhere, allow_sticky=True)
+
+
+def _check_owner_and_mode(path: Path, info: os.stat_result, what: str, uid: int, owner_fix: str,
+                          mode_fix: str, allow_sticky: bool = False) -> None:
+    if info.st_uid not in (0, uid):
+        raise UnsafePath(f"{what} {path} is owned by uid {info.st_uid}, not by root or the daemon's"
+                         f" user (uid {uid}): {owner_fix}")
+    writable_by_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable_by_others and not (allow_sticky and info.st_mode & stat.S_ISVTX):
+        raise UnsafePath(f"{what} {path} is writable by group or others"
+                         f" (mode {stat.S_IMODE(info.st_mode):04o}): {mode_fix}")
+
+
+def prepare_dir(path: Path, mode: int, what: str) -> None:
+    """`make_dir` then `check_dir`: the directory exists and is safe to use."""
+    make_dir(path, mode)
+    check_dir(path, what)
+
+
+def claim_directories(data_dir: Path, socket_path: str) -> "DataDirLock":
+    """What `flashlexd run` does before opening anything: both directories made and checked,
+    the data dir locked. Raises UnsafePath or AlreadyRunning."""
+    prepare_dir(Path(data_dir), DATA_DIR_MODE, "data dir")
+    lock = DataDirLock(Path(data_dir)).acquire()
+    try:
+        prepare_dir(Path(os.path.abspath(socket_path)).parent, SOCKET_DIR_MODE, "socket dir")
+    except UnsafePath:
+        lock.release()
+        raise
+    return lock
+
+
+class DataDirLock:
+    """An exclusive flock on DATA_DIR/flashlexd.lock, holding the owner's pid, held until
+    `release` or the process's end. Close-on-exec: the workers do not hold it."""
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / LOCK_NAME
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "DataDirLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise UnsafePath(f"cannot open lock file {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _pid_in(fd)
+            os.close(fd)
+            raise AlreadyRunning(self.path.parent, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock; the file stays (unlinking would race)
+            self.fd = None
+
+
+def _pid_in(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+
+
+def holder(data_dir: Path) -> Optional[str]:
+    """The pid of the daemon holding `data_dir`'s lock, or None; writes nothing."""
+    try:
+        fd = os.open(Path(data_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _pid_in(fd)
+    finally:
+        os.close(fd)
+    return None

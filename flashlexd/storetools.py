@@ -1,0 +1,245 @@
+"""`flashlexd store verify` and `flashlexd store recover`: read a possibly damaged store.
+
+Neither maps the file. Both read it with `storecheck.TreeReader` (pread, every page header
+and node checked), so no damage can crash them the way it can crash LMDB (SIGBUS past the end
+of a truncated file, garbage offsets in a garbled page).
+
+verify: the meta pages, then every page of every tree (the free-page tree, the main tree and
+each named database), then every record decoded as the store wrote it (key width, msgpack
+shape, key order) and counted against its database's entry count. Exit 0 when all of that
+holds, 1 otherwise.
+
+recover: reads the newest intact meta page's trees, skipping damaged pages (and what hangs
+under them) and records that do not decode, and writes what it read into a fresh store, as it
+was: every database (those it does not check too), the expiry ranges each moved to start at a
+message still there, the id counters raised to the highest id copied (ids must keep growing).
+It reports per database how many records it copied and how many the database counted but were
+not readable.
+
+Run both with the daemon stopped: these readers do not take LMDB's reader slots, so a running
+daemon could reuse pages under them (`recover` refuses while the daemon holds the data dir).
+"""
+from __future__ import annotations
+
+import bisect
+import struct
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import lmdb
+import msgpack
+
+from flashlexd import storecheck
+from flashlexd.storecheck import DataFileDamaged, TreeReader
+from flashlexd.store import Store
+from flashlexd.storedamage import CorruptRecord
+
+DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")  # checked record by record
+# What is checked is what every schema so far writes: later schemas add fields at the end of a
+# record and bytes at the front of an expiry key, so those are lower bounds; other databases
+# and other meta entries are walked page by page and copied as they are.
+MIN_KEY = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2}
+EXACT_KEY = {"inbox": 8, "outbox": 8, "recent": 2}
+MIN_FIELDS = {"inbox": 7, "outbox": 5}  # msgpack array length of a record
+COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received", b"duplicates",
+                      b"acked", b"expired", b"dropped_full", b"purged", b"queued", b"sent"})
+_ID = struct.Struct(">Q")
+ENTRIES = 6  # index of md_entries in an MDB_db
+UNKNOWN = -1  # records lost: the database's own record is unreadable
+
+
+_TIME = (int, float)
+# (timestamp, topic, payload, qos, retain, mid, expires_at) and (created, topic, payload, qos, retain)
+INBOX_TYPES = (_TIME, (str,), (bytes,), (int,), (bool,), (int,), _TIME + (type(None),))
+OUTBOX_TYPES = (_TIME, (str,), (bytes,), (int,), (bool,))
+_LATEST = 2 ** 63 / 1000  # seconds: times are stored as milliseconds in 64-bit keys
+
+
+def _field_problem(record: list, types: Tuple[tuple, ...]) -> Optional[str]:
+    for index, (value, expected) in enumerate(zip(record, types)):
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            return f"field {index} is a {type(value).__name__}"
+        if isinstance(value, float) and not 0 <= value < _LATEST:
+            return f"field {index} is an impossible time ({value!r})"
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < _LATEST:
+            return f"field {index} is out of range ({value})"
+    return None
+
+
+def _decoded(value: bytes, fields: int) -> list:
+    try:
+        record = msgpack.unpackb(value)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CorruptRecord(f"a record does not decode ({exc})") from None
+    if not isinstance(record, list) or len(record) < fields:
+        raise CorruptRecord(f"a record is not an array of {fields} or more fields")
+    return record
+
+
+def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
+    """Why this record is not one the store writes, or None."""
+    if len(key) < MIN_KEY.get(name, 1) or len(key) != EXACT_KEY.get(name, len(key)):
+        return f"a {len(key)}-byte key"
+    if name in MIN_FIELDS:
+        try:
+            record = _decoded(value, MIN_FIELDS[name])
+        except CorruptRecord as exc:
+            return str(exc)
+        return _field_problem(record, INBOX_TYPES if name == "inbox" else OUTBOX_TYPES)
+    if name == "expiry" and len(value) not in (0, 8):
+        return f"an expiry entry of {len(value)} bytes"
+    if name == "recent" and len(value) < 8:
+        return f"a DUP mark of {len(value)} bytes"
+    if name == "meta" and key in COUNTERS and len(value) != 8:
+        return f"a counter of {len(value)} bytes"
+    return None
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+def verify(data_dir: Path) -> Tuple[bool, List[str]]:
+    """(ok, report lines; the last one the verdict) for the store in `data_dir`."""
+    data_file = data_dir / "data.mdb"
+    if not data_file.is_file():
+        return False, [f"no store in {data_dir} (no data.mdb)"]
+    lines: List[str] = []
+    try:
+        meta = storecheck.check_data_file(data_file)
+        if meta is None:
+            return True, [f"store in {data_dir} is empty"]
+        with open(data_file, "rb") as data:
+            reader = TreeReader(data.fileno(), meta, strict=True)
+            for key, value, _ in reader.records(meta.free_root, "free-page tree"):
+                _check_free_list(key, value, meta.last_page)
+            found = dict(reader.databases())
+            for name in DATABASES:
+                if name not in found:
+                    raise DataFileDamaged(f"database {name} is missing")
+            for name in list(DATABASES) + sorted(set(found) - set(DATABASES)):
+                lines.append(f"{name}: {_verify_records(reader, name, found[name])} records")
+    except DataFileDamaged as exc:
+        return False, lines + [f"store in {data_dir} is damaged: {exc}"]
+    return True, lines + [f"store in {data_dir}: every page and record reads back"
+                          f" ({reader.pages} pages)"]
+
+
+def _check_free_list(key: bytes, value: bytes, last_page: int) -> None:
+    """A free-page record: a count, then that many page numbers, in descending order."""
+    word = storecheck.PGNO.size
+    count = storecheck.PGNO.unpack_from(value, 0)[0] if len(value) >= word else -1
+    pages = [storecheck.PGNO.unpack_from(value, word * (1 + i))[0] for i in range(max(count, 0))] \
+        if len(value) == word * (count + 1) else None
+    if pages is None or any(not 2 <= p <= last_page for p in pages) or pages != sorted(pages, reverse=True):
+        raise DataFileDamaged(f"free-page tree: the list of transaction {key.hex()} is garbled")
+
+
+def _verify_records(reader: TreeReader, name: str, db: Tuple[int, ...]) -> int:
+    count, previous = 0, None
+    for key, value, _ in reader.records(db[-1], f"database {name}"):
+        problem = record_problem(name, key, value)
+        if problem is None and previous is not None and key <= previous:
+            problem = "keys out of order"
+        if problem:
+            raise DataFileDamaged(f"database {name}, record {count + 1}: {problem}")
+        previous, count = key, count + 1
+    if count != db[ENTRIES]:
+        raise DataFileDamaged(f"database {name}: {count} records read, it counts {db[ENTRIES]}")
+    return count
+
+
+# -- recover --------------------------------------------------------------------------------------
+
+def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
+    """Copy what is readable from the store in `data_dir` into a new store in `to_dir`."""
+    data_file = data_dir / "data.mdb"
+    if not data_file.is_file():
+        return False, [f"no store in {data_dir} (no data.mdb)"]
+    if to_dir.exists() and any(to_dir.iterdir()):
+        return False, [f"{to_dir} is not empty: recover writes a fresh store into a new directory"]
+    with open(data_file, "rb") as data:
+        metas = storecheck.readable_metas(data)
+        if not metas:
+            return False, [f"store in {data_dir}: neither meta page is readable; nothing to recover"]
+        meta = max(metas, key=lambda m: m.txnid)
+        reader = TreeReader(data.fileno(), meta, strict=False)
+        databases = dict(reader.databases())
+        lines = [f"read meta page {meta.number} (transaction {meta.txnid})"]
+        names = list(DATABASES) + sorted(set(databases) - set(DATABASES))  # others: as they are
+        Store(to_dir, cap_bytes).close()  # the fresh store: its databases and schema
+        target = lmdb.open(str(to_dir), map_size=cap_bytes + Store.headroom(cap_bytes),
+                           max_dbs=len(names) + 4, mode=0o600)
+        try:
+            with target.begin(write=True) as txn:
+                copy = _Copy(reader, databases, txn,
+                             {name: target.open_db(name.encode(), txn=txn) for name in names})
+                losses = [copy.database(name, lines) for name in names if name != "expiry"]
+                losses.append(copy.expiry(lines))
+                copy.fix_counters()
+        finally:
+            target.close()
+    for problem in reader.problems[:10]:
+        lines.append(f"skipped: {problem}")
+    if len(reader.problems) > 10:
+        lines.append(f"skipped: ... {len(reader.problems) - 10} more damaged pages or records")
+    lost = ("an unknown number of records lost" if UNKNOWN in losses else
+            f"{sum(losses)} records lost" if any(losses) else "nothing was lost")
+    lines.append(f"new store written to {to_dir}; {lost}")
+    return True, lines
+
+
+class _Copy:
+    """One recovery's copying, into one write transaction of the fresh store."""
+
+    def __init__(self, reader: TreeReader, databases: Dict[str, Tuple[int, ...]],
+                 txn: lmdb.Transaction, targets: Dict[str, object]):
+        self.reader, self.databases, self.txn, self.targets = reader, databases, txn, targets
+        self.highest = {"inbox": 0, "outbox": 0}  # ids copied: the counters must not go below
+        self.inbox_ids: set = set()
+
+    def database(self, name: str, lines: List[str]) -> int:
+        """Copy `name`'s well-formed records as they are (the store's own schema, whatever its
+        version); records lost, or UNKNOWN."""
+        db = self.databases.get(name)
+        if db is None:
+            lines.append(f"{name}: its database record is unreadable: nothing copied, losses unknown")
+            return UNKNOWN
+        copied = bad = 0
+        for key, value, _ in self.reader.records(db[-1], f"database {name}"):
+            if record_problem(name, key, value):
+                bad += 1
+                continue
+            self.txn.put(key, value, db=self.targets[name])
+            copied += 1
+            if name in self.highest:
+                self.highest[name] = max(self.highest[name], _ID.unpack(key)[0])
+            if name == "inbox":
+                self.inbox_ids.add(key)
+        lost = max(db[ENTRIES] - copied, bad)
+        lines.append(f"{name}: copied {copied}, lost {lost}" + (f" ({bad} did not decode)" if bad else ""))
+        return lost
+
+    def expiry(self, lines: List[str]) -> int:
+        """Copy the expiry ranges (key: a time prefix, then the first id; value: the last id,
+        or empty for just the first), each one starting at its first message still copied, so
+        that every range starts at a stored message as the store expects."""
+        db = self.databases.get("expiry")
+        if db is None:
+            lines.append("expiry: its database record is unreadable: nothing copied, losses unknown")
+            return UNKNOWN
+        kept, ids = 0, sorted(self.inbox_ids)
+        for key, value, _ in self.reader.records(db[-1], "database expiry"):
+            if record_problem("expiry", key, value):
+                continue
+            prefix, first, last = key[:-8], key[-8:], value or key[-8:]
+            at = bisect.bisect_left(ids, first)
+            if at < len(ids) and ids[at] <= last:
+                self.txn.put(prefix + ids[at], last, db=self.targets["expiry"])
+                kept += 1
+        lines.append(f"expiry: {kept} ranges kept for the messages copied")
+        return 0
+
+    def fix_counters(self) -> None:
+        meta = self.targets["meta"]
+        for counter, source in ((b"inbox_last_id", "inbox"), (b"outbox_last_id", "outbox")):
+            current = _ID.unpack(self.txn.get(counter, db=meta) or _ID.pack(0))[0]
+            self.txn.put(counter, _ID.pack(max(current, self.highest[source])), db=meta)

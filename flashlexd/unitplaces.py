@@ -1,0 +1,117 @@
+"""What the systemd unit must know from the config: where the store and the socket live, and
+who may reach the socket. `flashlexd service` renders these into the unit, so that every
+documented option works under its sandbox:
+
+- data dir: `StateDirectory=` when under /var/lib (systemd makes it, owned by the service
+  user), otherwise `ReadWritePaths=` (ProtectSystem=strict makes everything else read-only);
+- socket dir: `RuntimeDirectory=` when under /run, otherwise `ReadWritePaths=`;
+- `socket.group`: the service's `Group=` (or `SupplementaryGroups=` when --group names another),
+  so the socket is created in that group without CAP_CHOWN, and the runtime dir is 0750 in it;
+- `allowUids`: users outside that group, so the runtime dir is 0755 and the socket 0666; who
+  may talk is decided by SO_PEERCRED on each connection.
+
+The config is read leniently (only these keys, types checked): the unit can be rendered before
+the key files are in place.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from flashlexd import paths
+from flashlexd.config import DEFAULT_DATA_DIR, DEFAULT_SOCKET, ConfigError
+
+HOME_DIRS = ("/home/", "/root/", "/run/user/")
+
+
+@dataclass(frozen=True)
+class Places:
+    data_dir: str = DEFAULT_DATA_DIR
+    socket_path: str = DEFAULT_SOCKET
+    socket_group: Optional[str] = None
+    allow_uids: Tuple[int, ...] = ()
+
+
+def read_places(config_path: Path) -> Tuple[Places, Optional[str]]:
+    """The unit's settings from the config file, and a note when the file cannot be read."""
+    try:
+        document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return Places(), f"config {config_path} not readable ({exc}): rendered with the defaults"
+    except yaml.YAMLError:
+        raise ConfigError(f"{config_path}: not valid YAML") from None
+    app = _mapping(_mapping(document, "flashlex"), "app")
+    db, socket = _mapping(app, "db"), _mapping(app, "socket")
+    uids = socket.get("allowUids") or []
+    if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
+        raise ConfigError("flashlex.app.socket.allowUids: expected a list of numeric uids")
+    return Places(data_dir=_text(db, "dataPath", "flashlex.app.db") or DEFAULT_DATA_DIR,
+                  socket_path=_text(socket, "path", "flashlex.app.socket") or DEFAULT_SOCKET,
+                  socket_group=_text(socket, "group", "flashlex.app.socket"),
+                  allow_uids=tuple(uids)), None
+
+
+def _mapping(value: Any, key: str) -> Dict[str, Any]:
+    found = value.get(key) if isinstance(value, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _text(section: Dict[str, Any], key: str, path: str) -> Optional[str]:
+    value = section.get(key)
+    if value is not None and not isinstance(value, (str, int)):
+        raise ConfigError(f"{path}.{key}: expected a string, got {type(value).__name__}")
+    return None if value is None else str(value)
+
+
+def _under(path: str, base: str) -> Optional[str]:
+    """`path` relative to `base` (a directory ending in /), or None when not below it."""
+    normal = os.path.normpath(path)
+    return normal[len(base):] if normal.startswith(base) and len(normal) > len(base) else None
+
+
+def socket_dir(places: Places) -> str:
+    directory = os.path.dirname(os.path.abspath(places.socket_path))
+    return directory[len("/var"):] if directory.startswith("/var/run/") else directory
+
+
+def writable_dirs(places: Places) -> List[Tuple[str, int]]:
+    """(directory, mode) of the directories systemd does not make for the unit: they go into
+    `ReadWritePaths=`, and `flashlexd service --install` makes them (nothing else can: the
+    sandbox leaves their parents read-only)."""
+    found = []
+    if not _under(socket_dir(places), "/run/"):
+        found.append((socket_dir(places), paths.SOCKET_DIR_MODE))
+    if not _under(places.data_dir, "/var/lib/"):
+        found.append((os.path.normpath(places.data_dir), paths.DATA_DIR_MODE))
+    return found
+
+
+def unit_values(places: Places, user: str, group: str, venv: str, config: str,
+                keys: str) -> Dict[str, str]:
+    """The template's placeholders for these places (each one whole lines, or empty)."""
+    group = group or places.socket_group or user
+    runtime = _under(socket_dir(places), "/run/")
+    outsiders = bool(places.allow_uids) or bool(places.socket_group and places.socket_group != group)
+    runtime_lines = (f"RuntimeDirectory={runtime}\nRuntimeDirectoryMode={'0755' if outsiders else '0750'}"
+                     if runtime else "")
+    state = _under(places.data_dir, "/var/lib/")
+    state_lines = f"StateDirectory={state}\nStateDirectoryMode=0700" if state else ""
+    writable = [directory for directory, _ in writable_dirs(places)]
+    # the venv's interpreter may live in a home too (pyenv): ProtectHome=yes would hide it
+    interpreter = os.path.realpath(os.path.join(venv, "bin", "python3"))
+    in_home = any(p.startswith(HOME_DIRS) for p in (venv + "/", interpreter, config, keys + "/",
+                                                     places.data_dir, socket_dir(places)))
+    return {
+        "venv": venv.rstrip("/"), "config": config, "keys": keys, "user": user, "group": group,
+        "supplementary_groups": (f"SupplementaryGroups={places.socket_group}"
+                                 if places.socket_group and places.socket_group != group else ""),
+        "runtime_directory": runtime_lines,
+        "state_directory": state_lines,
+        # "-": a missing path does not stop the unit; the daemon then names the problem itself
+        "read_write_paths": "ReadWritePaths=" + " ".join(f"-{p}" for p in writable) if writable else "",
+        "protect_home": "read-only" if in_home else "yes",
+    }

@@ -1,0 +1,172 @@
+"""Safe by construction outside systemd: directories made with explicit modes whatever the
+umask, unsafe directories refused in one line (exit 1), one daemon per data dir."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flashlexd import paths
+from tests.broker import wait_for
+from tests.daemon import Daemon, NotifyListener
+
+REPO = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+def mode(path: Path) -> str:
+    return oct(stat.S_IMODE(os.stat(path).st_mode))
+
+
+def run_daemon(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_make_dir_ignores_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        paths.make_dir(tmp_path / "a" / "b" / "data", 0o700)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "a") == mode(tmp_path / "a" / "b") == oct(0o755)
+    assert mode(tmp_path / "a" / "b" / "data") == oct(0o700)
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda d: d.chmod(0o770), "writable by group or others (mode 0770)"),
+    (lambda d: d.chmod(0o707), "writable by group or others (mode 0707)"),
+    (lambda d: os.chown(d, NOBODY, -1), f"is owned by uid {NOBODY}"),
+    (lambda d: d.parent.chmod(0o777), "the directory above it"),
+    (lambda d: (d.unlink() if d.is_symlink() else d.rmdir(), d.write_text("")), "is not a directory"),
+])
+def test_check_dir_refuses_what_others_could_change(tmp_path, setup, expected):
+    directory = tmp_path / "parent" / "dir"
+    paths.make_dir(directory, 0o700)
+    setup(directory)
+    with pytest.raises(paths.UnsafePath) as refused:
+        paths.check_dir(directory, "data dir")
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_check_dir_accepts_a_sticky_world_writable_parent_and_own_dirs(tmp_path):
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # like /tmp
+    paths.make_dir(sticky / "mine", 0o700)
+    paths.check_dir(sticky / "mine", "data dir")
+    os.symlink(sticky / "mine", tmp_path / "link")  # judged by where it leads
+    paths.check_dir(tmp_path / "link", "data dir")
+
+
+def test_run_under_umask_000_creates_every_directory_tight(daemon_config, tmp_path):
+    data_dir = tmp_path / "deep" / "er" / "data"
+    socket = tmp_path / "run" / "sub" / "api.sock"
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)},
+                    args=("--data-dir", str(data_dir)))
+    daemon.socket_path = socket
+    old = os.umask(0)
+    try:
+        daemon.start()
+    finally:
+        os.umask(old)
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        assert mode(tmp_path / "deep") == mode(tmp_path / "deep" / "er") == oct(0o755)
+        assert mode(data_dir) == oct(0o700)
+        assert mode(tmp_path / "run") == mode(socket.parent) == oct(0o755)
+        assert mode(socket) == oct(0o660)
+        assert mode(data_dir / "flashlexd.lock") == oct(0o600)
+        for name in os.listdir(data_dir):
+            assert not os.stat(data_dir / name).st_mode & 0o077, (name, mode(data_dir / name))
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+@pytest.mark.parametrize("which", ["data dir", "socket dir"])
+def test_run_refuses_a_world_writable_or_foreign_directory(daemon_config, tmp_path, which):
+    data_dir, socket_dir = tmp_path / "data", tmp_path / "sock"
+    for directory in (data_dir, socket_dir):
+        paths.make_dir(directory, 0o700)
+    target = data_dir if which == "data dir" else socket_dir
+    args = ("--data-dir", str(data_dir), "--socket", str(socket_dir / "api.sock"))
+    target.chmod(0o777)
+    refused = run_daemon(daemon_config, *args)
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.count("\n") == 1 and f"{which} {target} is writable by group or others" \
+        in refused.stderr, refused.stderr
+    target.chmod(0o700)
+    os.chown(target, NOBODY, -1)
+    refused = run_daemon(daemon_config, *args)
+    assert refused.returncode == 1 and f"is owned by uid {NOBODY}" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1
+
+
+def test_a_second_daemon_on_the_same_data_dir_exits_naming_the_first(daemon_config, tmp_path):
+    notify = NotifyListener(tmp_path / "notify.sock")
+    first = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        second = run_daemon(daemon_config, "--socket", str(tmp_path / "other.sock"))
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.strip() == (
+            f"flashlexd: cannot start: another flashlexd (pid {first.pid}) is running on data dir"
+            f" {daemon_config.parent / 'data'}: stop it first, or use another --data-dir")
+        assert not (tmp_path / "other.sock").exists()
+        held = subprocess.run([sys.executable, "-m", "flashlexd", "store", "recover", "--data-dir",
+                               str(daemon_config.parent / "data"), "--to", str(tmp_path / "new")],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert held.returncode == 1 and f"(pid {first.pid}) is running" in held.stderr
+        assert first.proc.poll() is None
+    finally:
+        first.stop()
+        notify.close()
+    wait_for(lambda: first.proc.poll() is not None, 10, "the first daemon to stop")
+    assert paths.holder(daemon_config.parent / "data") is None  # the lock went with it
+
+
+def test_lock_is_not_inherited_by_workers(daemon_config, tmp_path):
+    """Only the supervisor holds the lock: a worker surviving it must not keep the data dir."""
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        lock = str(daemon_config.parent / "data" / "flashlexd.lock")
+        for name, pid in daemon.children().items():
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            assert lock not in fds, name
+        assert paths.holder(daemon_config.parent / "data") == str(daemon.pid)
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+def test_config_data_path_is_checked_too(daemon_config, tmp_path):
+    document = yaml.safe_load(daemon_config.read_text())
+    unsafe = tmp_path / "shared"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    document["flashlex"]["app"]["db"]["dataPath"] = str(unsafe / "data")
+    daemon_config.write_text(yaml.safe_dump(document))
+    refused = run_daemon(daemon_config, "--socket", str(tmp_path / "api.sock"))
+    assert refused.returncode == 1 and "the directory above it" in refused.stderr, refused.stderr
+
+
+def test_check_fails_on_the_data_dir_run_would_refuse(daemon_config, tmp_path):
+    data_dir = tmp_path / "data"
+    paths.make_dir(data_dir, 0o700)
+    data_dir.chmod(0o777)
+    check = subprocess.run([sys.executable, "-m", "flashlexd", "check", "--config", str(daemon_config),
+                            "--data-dir", str(data_dir), "--json", "--timeout", "5"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert check.returncode == 1
+    store = [s for s in json.loads(check.stdout)["steps"] if s["name"] == "store"][0]
+    assert store["status"] == "fail" and "writable by group or others" in store["detail"], store

@@ -1,0 +1,199 @@
+"""A damaged store is named, never crashed on: real LMDB files truncated or with a garbled
+page refused by `run` and `check`, verified and recovered, and damaged under the running
+daemon. The sweep over every page of a store is tests/chaos/test_store_damage_sweep.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashlexd.store import Incoming, Store
+from tests.damage import CAP, build_store, garble_page, truncate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def flashlexd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flashlexd", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def test_truncated_store_is_refused_by_run_and_check_with_one_line(daemon_config, tmp_path):
+    data_dir = build_store(tmp_path / "store", messages=200)
+    size = (data_dir / "data.mdb").stat().st_size
+    for cut in (8192, size // 2):
+        truncate(data_dir / "data.mdb", cut)
+        run = flashlexd("run", "--config", str(daemon_config), "--data-dir", str(data_dir),
+                        "--socket", str(tmp_path / "api.sock"))
+        assert run.returncode == 1, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is damaged:" in lines[0] and "truncated" in lines[0], lines
+        assert lines[0].endswith("see flashlexd store recover")
+        check = flashlexd("check", "--config", str(daemon_config), "--data-dir", str(data_dir),
+                          "--json", "--timeout", "5")
+        assert check.returncode == 1
+        store_step = [s for s in json.loads(check.stdout)["steps"] if s["name"] == "store"][0]
+        assert store_step["status"] == "fail" and "is damaged:" in store_step["detail"], store_step
+
+
+def test_store_verify_exit_codes_and_recover_reports_losses(tmp_path):
+    data_dir = build_store(tmp_path / "store", messages=600)
+    ok = flashlexd("store", "verify", "--data-dir", str(data_dir))
+    assert ok.returncode == 0, ok.stderr
+    assert "inbox: 533 records" in ok.stdout and "every page and record reads back" in ok.stdout
+    inbox_leaf = _a_page_of(data_dir, "inbox")
+    garble_page(data_dir / "data.mdb", inbox_leaf, seed=1)
+    bad = flashlexd("store", "verify", "--data-dir", str(data_dir))
+    assert bad.returncode == 1
+    assert f"database inbox, page {inbox_leaf}" in bad.stderr, bad.stderr
+    recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to",
+                          str(tmp_path / "new"))
+    assert recovered.returncode == 0, recovered.stderr
+    inbox_line = next(line for line in recovered.stdout.splitlines() if line.startswith("inbox:"))
+    copied, lost = [int(word.strip(",")) for word in inbox_line.split()[2::2]][:2]
+    assert copied + lost == 533 and 0 < lost < 100, inbox_line
+    assert "outbox: copied 55, lost 0" in recovered.stdout
+    assert flashlexd("store", "verify", "--data-dir", str(tmp_path / "new")).returncode == 0
+    store = Store(tmp_path / "new", CAP, expire_seconds=3600)  # the daemon can use it
+    try:
+        assert len(store.messages(limit=1000)) == copied
+        before = store.stats()["inbox_last_id"]
+        (new_id,) = store.append([Incoming("t", b"after recovery", 1, False, 1)])
+        assert new_id > before >= 600  # ids keep growing past every id ever given out
+        assert store.expire(now=10 ** 10) == copied + 1  # the rebuilt expiry index is exact
+    finally:
+        store.close()
+    again = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(tmp_path / "new"))
+    assert again.returncode == 1 and "is not empty" in again.stderr
+
+
+def _a_page_of(data_dir: Path, name: str) -> int:
+    """A leaf page of database `name` (read with the same page reader the tools use)."""
+    from flashlexd import storecheck
+
+    meta = storecheck.check_data_file(data_dir / "data.mdb")
+    with open(data_dir / "data.mdb", "rb") as data:
+        reader = storecheck.TreeReader(data.fileno(), meta, strict=True)
+        root = dict(reader.databases())[name][-1]
+        page = os.pread(data.fileno(), meta.page_size, root * meta.page_size)
+        flags = storecheck.PAGE_HEADER.unpack_from(page, 0)[2]
+        if flags & storecheck.P_LEAF:
+            return root
+        first_child = storecheck.NODE.unpack_from(
+            page, storecheck.INDEX.unpack_from(page, storecheck.PAGE_HEADER.size)[0])
+        return first_child[0] | first_child[1] << 16
+
+
+@pytest.mark.parametrize("garbage_seed", [3])
+def test_store_damaged_at_run_time_goes_read_only(tmp_path, garbage_seed):
+    """A store damaged under an open Store: one log line, writes refused from then on."""
+    data_dir = build_store(tmp_path / "store", messages=600)
+    script = f"""
+import logging, sys
+from pathlib import Path
+logging.basicConfig(stream=sys.stderr, format="%(message)s")
+from flashlexd.store import Incoming, Store, StoreDamaged
+from tests.damage import CAP, garble_page
+store = Store(Path({str(data_dir)!r}), CAP, expire_seconds=3600)
+garble_page(Path({str(data_dir)!r}) / "data.mdb", {_a_page_of(data_dir, "inbox")}, {garbage_seed})
+outcomes = []
+for _ in range(3):
+    for call in (lambda: store.messages(limit=1000), store.stats,
+                 lambda: store.append([Incoming("t", b"x", 1, False, 9)])):
+        try:
+            call()
+            outcomes.append("ok")
+        except StoreDamaged:
+            outcomes.append("damaged")
+print(outcomes, store.damage is not None)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"{['damaged'] * 9} True", run.stdout
+    log = run.stderr.strip().splitlines()
+    assert len(log) == 1 and "is damaged:" in log[0] and "read-only" in log[0], log
+
+
+def test_damage_met_by_the_running_daemon_degrades_it_without_tracebacks(daemon_config, broker,
+                                                                        tmp_path):
+    """A page of the live store garbled under the running daemon: `status` still answers and
+    names the damage, flashlexctl says degraded, ingress stops acknowledging, the supervisor
+    lives on, and the log has a line per process, no Traceback."""
+    from flashlexd.client import RpcError, connect
+    from tests.broker import INGRESS_TOPIC, publish, wait_for
+    from tests.daemon import Daemon, NotifyListener
+
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        with connect(str(daemon.socket_path)) as fx:
+            wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 15, "ingress")
+            publish(broker, INGRESS_TOPIC, b"before")
+            wait_for(lambda: fx.messages(), 15, "the first message")
+            data_dir = daemon_config.parent / "data"
+            garble_page(data_dir / "data.mdb", _a_page_of(data_dir, "inbox"), seed=5)
+            status = wait_for(lambda: fx.status() if fx.status()["store"].get("damaged") else None,
+                              15, "status to name the damage")
+            assert "is damaged:" in status["store"]["damaged"]
+            publish(broker, INGRESS_TOPIC, b"after")
+            ingress = wait_for(lambda: fx.status()["mqtt"]["ingress"].get("store_error"), 15,
+                               "ingress to refuse storing")
+            assert "is damaged" in ingress
+            assert fx.status()["mqtt"]["ingress"]["stored"] == 1  # "after" was not acknowledged
+            ctl = subprocess.run([str(Path(sys.executable).parent / "flashlexctl"), "--socket",
+                                  str(daemon.socket_path), "status"], capture_output=True,
+                                 text=True, timeout=30)
+            assert ctl.returncode == 1 and "is damaged" in ctl.stdout, ctl.stdout + ctl.stderr
+            for _ in range(3):  # more calls, more status ticks: no more log lines
+                fx.status()
+                with pytest.raises(RpcError) as refused:
+                    fx.ack(["1"])
+                assert refused.value.code == "store_error"
+        wait_for(lambda: any(f.startswith("STATUS=") and "store damaged" in f
+                             for _, f in notify.lines()), 10, "the STATUS= line to name it")
+        assert daemon.proc.poll() is None, daemon.output()
+        output = daemon.output()
+        assert "Traceback" not in output, output
+        assert output.count("is damaged") <= 4, output  # once per process that met it
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+def test_recover_copies_databases_and_fields_it_does_not_know(tmp_path):
+    """A store written by a later schema (an extra database, extra record fields, longer
+    expiry keys, other meta entries) is verified and recovered without losing them."""
+    import lmdb
+    import msgpack
+
+    data_dir = build_store(tmp_path / "store", messages=100)
+    env = lmdb.open(str(data_dir), max_dbs=8, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        dead = env.open_db(b"dead", txn=txn)
+        txn.put((1).to_bytes(8, "big"), b"a dead letter", db=dead)
+        inbox = env.open_db(b"inbox", txn=txn)
+        txn.put((1000).to_bytes(8, "big"), msgpack.packb(
+            [1.7e9, "t", b"p", 1, False, 5, None, 3, 12.5], use_bin_type=True), db=inbox)
+        expiry = env.open_db(b"expiry", txn=txn)
+        txn.put(b"\0\0\0\3" + (10 ** 12).to_bytes(8, "big") + (1000).to_bytes(8, "big"), b"",
+                db=expiry)
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"frame\0\0\0\3", b"a boot frame of any length", db=meta)
+    env.close()
+    assert flashlexd("store", "verify", "--data-dir", str(data_dir)).returncode == 0
+    recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(tmp_path / "new"))
+    assert recovered.returncode == 0 and "dead: copied 1, lost 0" in recovered.stdout, recovered.stdout
+    assert "nothing was lost" in recovered.stdout
+    env = lmdb.open(str(tmp_path / "new"), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.get(b"frame\0\0\0\3", db=env.open_db(b"meta", txn=txn, create=False)) \
+            == b"a boot frame of any length"
+        keys = [k for k, _ in txn.cursor(db=env.open_db(b"expiry", txn=txn, create=False))]
+        assert b"\0\0\0\3" + (10 ** 12).to_bytes(8, "big") + (1000).to_bytes(8, "big") in keys
+    env.close()
