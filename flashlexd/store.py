@@ -56,7 +56,8 @@ import msgpack
 from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
-from flashlexd.storedamage import DAMAGE_ERRORS, CorruptRecord, describe, guarded, unpack_record
+from flashlexd.storedamage import (DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, guarded,
+                                   unpack_record)
 from flashlexd.topics import topic_matches
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,8 @@ class Store:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL
-            self._open_databases()
-        except DAMAGE_ERRORS as exc:
+            self._open_databases()  # reads the oldest records' stamps too (clock frames)
+        except DAMAGE_ERRORS + IMPOSSIBLE_VALUES as exc:
             self._env.close()
             raise StoreDamaged(f"store in {self.path} is damaged: {describe(exc)};"
                                f" {storecheck.HINT}") from None
