@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import lmdb
-import msgpack
 
 from flashlexd import storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.store import Store
-from flashlexd.storedamage import CorruptRecord
+from flashlexd.storedamage import CorruptRecord, unpack_record
 
 DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")  # checked record by record
 # What is checked is what every schema so far writes: later schemas add fields at the end of a
@@ -66,23 +65,13 @@ def _field_problem(record: list, types: Tuple[tuple, ...]) -> Optional[str]:
     return None
 
 
-def _decoded(value: bytes, fields: int) -> list:
-    try:
-        record = msgpack.unpackb(value)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise CorruptRecord(f"a record does not decode ({exc})") from None
-    if not isinstance(record, list) or len(record) < fields:
-        raise CorruptRecord(f"a record is not an array of {fields} or more fields")
-    return record
-
-
 def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
     """Why this record is not one the store writes, or None."""
     if len(key) < MIN_KEY.get(name, 1) or len(key) != EXACT_KEY.get(name, len(key)):
         return f"a {len(key)}-byte key"
     if name in MIN_FIELDS:
         try:
-            record = _decoded(value, MIN_FIELDS[name])
+            record = unpack_record(value, MIN_FIELDS[name])
         except CorruptRecord as exc:
             return str(exc)
         return _field_problem(record, INBOX_TYPES if name == "inbox" else OUTBOX_TYPES)

@@ -11,7 +11,7 @@ import pytest
 from flashlexd.client import OutboxEntry, RpcError, connect
 from flashlexd.client import ctl
 from flashlexd.client.wire import MAX_IDS_PER_ACK, Code
-from tests.test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, harness  # noqa: F401 (fixture)
+from tests.test_ipc_server import MAX_PAYLOAD, harness  # noqa: F401 (fixture)
 
 
 @pytest.fixture
