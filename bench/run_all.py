@@ -97,13 +97,14 @@ SECTIONS = [
         "As for ingest, the baseline uses paho's own loop and queue; the worker batches its deletes"
         " (one transaction per loop pass)."),
     Section(
-        "quota", "MQTT drain under AWS IoT Core's publish quota, and a frozen broker noticed",
+        "quota", "MQTT drain under AWS IoT Core's publish quota, with poison entries, and a frozen broker noticed",
         ["bench/bench_egress_quota.py", "--entries", "3000", "--runs", "3"], ["--entries", "300", "--runs", "1"],
         "The real egress worker draining ~200-byte entries through tests/quota_proxy.py (a TLS"
         " proxy in front of mosquitto that drops PUBLISHes past 100/s per connection without a"
         " PUBACK, as AWS IoT Core does): with the default limits (100/s, 512 KiB/s), unlimited with"
         " the quota only counted, and unlimited with the quota enforced (stopped after 15 s: the"
-        " stall). Then mosquitto SIGSTOPped under a draining egress link and an idle ingress link"
+        " stall). Then an unlimited drain to a mosquitto with max_packet_size, with and without 3"
+        " oversize (poison) entries among the good ones. Then mosquitto SIGSTOPped under a draining egress link and an idle ingress link"
         " (keepAliveSeconds 5, mqttOperationTimeout 120), timed until the worker reports the link"
         " down. Baseline: unlimited on mosquitto. Targets: the AWS profile drains everything with 0"
         " publishes over the quota; a frozen broker is noticed within 1.5 x keepalive.",
@@ -299,6 +300,11 @@ def summarize(section: Section) -> None:
             add((f"AWS profile: {m.group(2)} of {entries.group(1)} delivered at {m.group(3)}/s, {m.group(4)}"
                  " over the quota", "all delivered, 0 over", verdict(m.group(2) == entries.group(1)
                                                                    and m.group(4) == "0")))
+        poisoned = find(r"^\| (\d+) good \+ ([1-9]\d*) poison \| [\d.]+ \| (\d+) \| (\d+) \| ([\d.]+)x \|$", out)
+        if poisoned:
+            add((f"{poisoned.group(1)} good + {poisoned.group(2)} poison entries: {poisoned.group(3)}/s,"
+                 f" {poisoned.group(4)} dead-lettered, {poisoned.group(5)}x the clean drain",
+                 "every poison entry dead-lettered", verdict(poisoned.group(4) == poisoned.group(2))))
         bound = find(r"silence bound ([\d.]+) s", out)
         for link in ("egress link, draining", "ingress link, idle"):
             d = find(rf"^\| {link} \| ([\d.]+) \| ([\d.]+) \|$", out)
