@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test chaos demo bench deps system-deps clean
+.PHONY: test test-py39 chaos demo bench deps system-deps clean
 
 $(STAMP): setup.cfg setup.py
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ deps: $(STAMP) system-deps
 
 test: deps
 	$(BIN)/python -m pytest -q
+
+# the same suite on Python 3.9 (Raspberry Pi OS Bullseye's), with pyenv's 3.9 when it is there
+PY39 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3) $(shell command -v python3.9))
+test-py39: system-deps
+	@if [ -z "$(PY39)" ]; then echo "test-py39: no Python 3.9 on this machine (pyenv install 3.9)"; exit 1; fi
+	$(MAKE) test PY=$(PY39) VENV=.venv39
 
 # the fault-injection scenarios of tests/chaos at full size (make test runs them short)
 chaos: deps
