@@ -35,11 +35,15 @@ class AckBarrier:
             _, self.barrier_mid = self.client.unsubscribe(self.topic)
             self.waiting, self.acked = self.acked, []
 
-    def on_unsuback(self, mid: int) -> None:
-        if mid == self.barrier_mid:
-            self.settled.extend(self.waiting)
-            self.waiting, self.barrier_mid = [], None
-            self.sent_acks([])
+    def on_unsuback(self, mid: int) -> int:
+        """Returns how many PUBACKs this UNSUBACK confirmed (0 for another UNSUBACK)."""
+        if mid != self.barrier_mid:
+            return 0
+        confirmed = len(self.waiting)
+        self.settled.extend(self.waiting)
+        self.waiting, self.barrier_mid = [], None
+        self.sent_acks([])
+        return confirmed
 
     def disconnected(self) -> None:
         """Unconfirmed PUBACKs may not have reached the broker: keep their marks."""

@@ -69,7 +69,7 @@ class IngressWorker(Worker):
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
                              marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
-                             dedupe_keyless=0)
+                             dedupe_keyless=0, acks_confirmed=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -126,7 +126,7 @@ class IngressWorker(Worker):
 
     def _on_unsubscribe(self, client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
         self.connection.acknowledged("UNSUBACK", mid)
-        self.barrier.on_unsuback(mid)
+        self.counters["acks_confirmed"] += self.barrier.on_unsuback(mid)
 
     def _on_message(self, message: Any) -> None:
         self.counters["received"] += 1
