@@ -52,7 +52,7 @@ def any_broker(request: pytest.FixtureRequest, certs: Certs, tmp_path: Path) -> 
     node.end_peers()
     if not node.running:
         node.start()
-    node.forget([THING, "test-pub", "test-sub"])
+    node.forget([THING, f"{THING}-egress", "test-pub", "test-sub", "chaos-acked-pub"])
 
 
 @pytest.fixture

@@ -206,6 +206,15 @@ class RabbitBroker:
         return ["-h", HOST, "-p", str(self.port), "--cafile", str(self.certs.ca),
                 "--cert", str(identity.cert), "--key", str(identity.key)]
 
+    def subscriptions(self, client_id: str, topic: str) -> int:
+        """1 when `client_id`'s QoS 1 session queue is bound to `topic`, else 0 (RabbitMQ keeps
+        no count of SUBSCRIBEs; the suite uses it once per session)."""
+        queue = f"mqtt-subscription-{client_id}qos1"
+        key = topic.replace("/", ".")
+        out = self.ctl("list_bindings", "-q", "--no-table-headers", "destination_name", "routing_key",
+                       check=False) or ""
+        return int(any(line.split("\t") == [queue, key] for line in out.splitlines()))
+
     def log_text(self) -> str:
         return "".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("*.log")))
 
