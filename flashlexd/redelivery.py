@@ -12,8 +12,9 @@ and a power cut exactly as the messages do):
                an older, confirmed message. Each confirmation takes one off the count. A
                PUBACK sent just before a disconnect is never confirmed, and if the broker did
                get it no redelivery takes its count off: the table is therefore capped at
-               MARKS_MAX entries, the oldest (lowest seq, an inbox id) going first; live
-               entries are bounded by the broker's in-flight window, far below the cap.
+               MARKS_MAX entries, the oldest (lowest seq, an inbox id) going first; the live
+               ones are those of the last batch or two (the broker's in-flight window and
+               the ingress batch size bound them), far below the cap.
   dedupe       b"k" + key(16) -> ms(8) and b"t" + ms(8) + key(16) -> b"": application keys
                (flashlexd/dedupe.py) stored in the last window, the second form ordered by
                time so the expired ones are dropped from the front, a few per append.
@@ -28,7 +29,7 @@ import lmdb
 
 MARK = struct.Struct(">IQ")  # count, seq
 _MS = struct.Struct(">Q")
-MARKS_MAX = 4096
+MARKS_MAX = 16384  # ~0.5 MB of marks at most; live ones are a few batches
 PRUNE_PER_APPEND = 1000  # expired dedupe keys dropped per append, at most
 
 
