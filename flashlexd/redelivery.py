@@ -26,6 +26,7 @@ import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
+from flashlexd.storedamage import CorruptRecord
 
 MARK = struct.Struct(">IQ")  # count, seq
 _MS = struct.Struct(">Q")
@@ -44,7 +45,7 @@ class Redeliveries:
             raw = txn.get(digest, db=self.unconfirmed)
             if raw is None:
                 continue
-            count, seq = MARK.unpack(raw)
+            count, seq = _mark(raw)
             if count > 1:
                 txn.put(digest, MARK.pack(count - 1, seq), db=self.unconfirmed)
             else:
@@ -67,7 +68,7 @@ class Redeliveries:
             if digest is not None:
                 if digest not in counts:
                     raw = txn.get(digest, db=self.unconfirmed)
-                    counts[digest] = MARK.unpack(raw)[0] if raw else 0
+                    counts[digest] = _mark(raw)[0] if raw else 0
                 if dup and counts[digest] > 0:
                     continue  # a redelivery of one we hold: its confirmation settles the mark
                 counts[digest] += 1
@@ -87,6 +88,8 @@ class Redeliveries:
 
     def _seen(self, txn: lmdb.Transaction, key: bytes, since: int) -> bool:
         raw = txn.get(b"k" + key, db=self.dedupe)
+        if raw is not None and len(raw) != _MS.size:
+            raise CorruptRecord(f"a dedupe key stamp of {len(raw)} bytes")
         return raw is not None and _MS.unpack(raw)[0] >= since
 
     def _remember(self, txn: lmdb.Transaction, keys: Dict[bytes, None], now_ms: int,
@@ -112,7 +115,7 @@ class Redeliveries:
         """Drop the oldest half once the table passes MARKS_MAX (see the module docstring)."""
         if txn.stat(self.unconfirmed)["entries"] <= MARKS_MAX:
             return
-        entries = sorted((MARK.unpack(value)[1], bytes(key))
+        entries = sorted((_mark(value)[1], bytes(key))
                          for key, value in txn.cursor(db=self.unconfirmed))
         for _, key in entries[:len(entries) - MARKS_MAX // 2]:
             txn.delete(key, db=self.unconfirmed)
@@ -123,7 +126,16 @@ class Redeliveries:
         each was a message whose acknowledgement was not yet confirmed."""
         counts: Dict[bytes, Tuple[int, int]] = {}
         for _, value in recent:
+            if len(value) < 8:
+                raise CorruptRecord(f"a DUP mark of {len(value)} bytes")
             digest, seq = value[:8], (_MS.unpack(value[8:16])[0] if len(value) >= 16 else 0)
             count, old_seq = counts.get(digest, (0, 0))
             counts[digest] = (count + 1, max(seq, old_seq))
         return [(d, MARK.pack(*counts[d])) for d in sorted(counts)]
+
+
+def _mark(raw: bytes) -> Tuple[int, int]:
+    """(count, seq) of an `unconfirmed` value; a damaged one is reported as damage."""
+    if len(raw) != MARK.size:
+        raise CorruptRecord(f"an unconfirmed-message mark of {len(raw)} bytes")
+    return MARK.unpack(raw)

@@ -1,6 +1,6 @@
 """The durable LMDB store shared by every flashlexd process.
 
-One environment, six named databases:
+One environment, eight named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
   expiry  boot seq(4) + expiry_ms(8) + first id(8) -> last id(8): one range per appended batch
           (a batch expires together). Expiry times are in their boot's frame (flashlexd/clock.py:

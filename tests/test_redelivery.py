@@ -14,7 +14,7 @@ import pytest
 from flashlexd.config import load
 from flashlexd.dedupe import DedupeKey
 from flashlexd.redelivery import MARKS_MAX
-from flashlexd.store import SCHEMA_VERSION, Incoming, Store, dup_marks
+from flashlexd.store import SCHEMA_VERSION, Incoming, Store, StoreDamaged, dup_marks
 from tests.test_config import config_error, edited_config, setting
 
 CAP = 64 * 1024 * 1024
@@ -162,3 +162,16 @@ def test_a_schema2_store_keeps_its_dup_marks(tmp_path: Path):
             == SCHEMA_VERSION == 3
         assert txn.stat(env.open_db(b"recent", txn=txn, create=False))["entries"] == 0
     env.close()
+
+
+def test_a_damaged_mark_is_reported_as_damage_not_a_traceback(tmp_path: Path):
+    Store(tmp_path / "store", CAP).close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        txn.put(dup_marks([msg(b"x")])[0], b"bad", db=env.open_db(b"unconfirmed", txn=txn))
+    env.close()
+    store = Store(tmp_path / "store", CAP)
+    with pytest.raises(StoreDamaged) as caught:
+        store.append([msg(b"x", dup=True)])
+    assert "unconfirmed-message mark of 3 bytes" in str(caught.value)
+    store.close()
