@@ -10,6 +10,8 @@ from typing import Any, Dict, Iterator
 
 import lmdb
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from flashlexd.config import load
 from flashlexd.dedupe import DedupeKey
@@ -175,3 +177,11 @@ def test_a_damaged_mark_is_reported_as_damage_not_a_traceback(tmp_path: Path):
         store.append([msg(b"x", dup=True)])
     assert "unconfirmed-message mark of 3 bytes" in str(caught.value)
     store.close()
+
+
+def test_mqtt5_user_property_key_once_properties_arrive():
+    """Ready for MQTT 5: paho's PUBLISH properties carry user properties as (name, value)."""
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.UserProperty = [("other", "x"), ("msg-id", "a1")]
+    assert DedupeKey.parse("mqtt5:msg-id").of(b"", properties) == b"a1"
+    assert DedupeKey.parse("mqtt5:absent").of(b"", properties) is None
