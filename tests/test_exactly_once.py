@@ -52,7 +52,7 @@ def idle(worker: Any) -> bool:
     return bool(c.get("connected")) and c.get("received", 0) == c.get("stored", 0) + c.get("duplicates", 0)
 
 
-def queue_offline(broker: Any, tmp_path: Path, start_worker, config: Path, lines: Path) -> None:
+def queue_offline(broker: Any, start_worker, config: Path, lines: Path) -> None:
     """Subscribe once (the broker keeps the session), then publish while the worker is away."""
     worker = start_worker("ingress", config)
     worker.wait_connected()
@@ -65,7 +65,7 @@ def test_ingress_kills_during_a_backlog_drain_store_each_message_once(
     config = write_config(tmp_path / "config", any_broker)
     store = open_store(config)
     sent = json_lines(tmp_path / "backlog", 1500)
-    queue_offline(any_broker, tmp_path, start_worker, config, tmp_path / "backlog")
+    queue_offline(any_broker, start_worker, config, tmp_path / "backlog")
     worker = start_worker("ingress", config)
     kills = 4
     for k in range(1, kills + 1):
@@ -116,7 +116,7 @@ def test_broker_restart_during_a_drain_loses_nothing(any_broker: Any, tmp_path: 
     config = write_config(tmp_path / "config", any_broker, db=DEDUPE if dedupe else None)
     store = open_store(config)
     sent = json_lines(tmp_path / "backlog", 1500)
-    queue_offline(any_broker, tmp_path, start_worker, config, tmp_path / "backlog")
+    queue_offline(any_broker, start_worker, config, tmp_path / "backlog")
     if hasattr(any_broker, "save"):
         any_broker.save()
     worker = start_worker("ingress", config)
