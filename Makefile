@@ -17,6 +17,7 @@ system-deps:
 	for tool in mosquitto:mosquitto mosquitto_pub:mosquitto-clients openssl:openssl rsyslogd:rsyslog logrotate:logrotate; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
 	done; \
+	[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing="$$missing rabbitmq-server"; \
 	[ -n "$$(ls /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1 2>/dev/null)" ] \
 	  || missing="$$missing libfaketime"; \
 	if [ -n "$$missing" ]; then \

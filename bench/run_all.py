@@ -385,6 +385,17 @@ def document(sections: List[Section], started: datetime.datetime, seconds: float
     return "\n".join(out) + "\n"
 
 
+HAND_WRITTEN = "<!-- Everything below this line is written by hand and kept as it is by make bench. -->"
+
+
+def kept_by_hand(out: Path) -> str:
+    """The hand-written tail of the current file (figures from the test suite's own runs, such
+    as the broker x fault table), from its marker line on; empty if there is none."""
+    old = out.read_text() if out.exists() else ""
+    at = old.find(HAND_WRITTEN)
+    return "\n" + old[at:] if at >= 0 else ""
+
+
 def anchor(title: str) -> str:
     """GitHub's heading anchor."""
     return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
@@ -407,7 +418,7 @@ def main() -> int:
         run(section, args.quick)
         summarize(section)
     text = document(sections, started, time.monotonic() - clock, args.quick, facts)
-    Path(args.out).write_text(text)
+    Path(args.out).write_text(text + kept_by_hand(Path(args.out)))
     print(f"wrote {args.out}", file=sys.stderr)
     failed = [s.name for s in sections if s.failed]
     if failed:

@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Tuple
 
 from flashlexd.client.wire import REQUEST_OVERHEAD
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
+from flashlexd.dedupe import DEFAULT_WINDOW_SECONDS, DedupeKey
 
 from flashlexd.quotas import quota_warnings
 from flashlexd.topics import publish_topic_problem
@@ -94,6 +95,7 @@ class Store:
     expire_seconds: Optional[float]
     sweep_seconds: float
     max_payload_bytes: int
+    dedupe: Optional[DedupeKey] = None  # flashlex.app.db.dedupe: off unless configured
 
 
 @dataclass(frozen=True)
@@ -421,10 +423,25 @@ def _store(section: _Section, data_dir: Optional[str]) -> Store:
         expire_seconds=section.seconds("expireSeconds"),
         sweep_seconds=section.seconds("sweepSeconds", 5.0),  # type: ignore[arg-type]
         max_payload_bytes=section.integer("maxPayloadBytes", 262144, minimum=1),
+        dedupe=_dedupe(section),
     )
     section.text("subscriptionData")  # the old SDK's JSON store file; replaced by LMDB
     section.warn_unknown()
     return store
+
+
+def _dedupe(db: _Section) -> Optional[DedupeKey]:
+    if db.data.get("dedupe") is None:
+        db.used.add("dedupe")
+        return None
+    section = db.section("dedupe")
+    spec = section.text("key", required=True)
+    window = section.seconds("windowSeconds", DEFAULT_WINDOW_SECONDS)
+    section.warn_unknown()
+    try:
+        return DedupeKey.parse(spec, window)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(f"{section.path}.key: {exc}") from None
 
 
 def _api(section: _Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:

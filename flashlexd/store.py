@@ -1,6 +1,6 @@
 """The durable LMDB store shared by every flashlexd process.
 
-One environment, six named databases:
+One environment, eight named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
   expiry  boot seq(4) + expiry_ms(8) + first id(8) -> last id(8): one range per appended batch
           (a batch expires together). Expiry times are in their boot's frame (flashlexd/clock.py:
@@ -16,9 +16,9 @@ One environment, six named databases:
           with the reason and the attempts, until it is retried (back to the outbox's tail,
           under a new id) or dropped. Never deleted to make room. Added after schema 1 was
           released; a schema-1 store simply gains the empty database when it is opened.
-  recent  mid(2) -> digest(8) of the message last stored under that mid: recognises a broker
-          redelivery (DUP) of a stored message (older stores append the id; only the first 8
-          bytes are read)
+  recent  schema 2's DUP marks (mid(2) -> digest(8)); empty since schema 3, which moved them
+          to `unconfirmed`
+  unconfirmed, dedupe: what recognises a broker's redeliveries (flashlexd/redelivery.py)
   meta    name -> value: schema version, id counters, totals; b"frame" + seq(4) -> the BootFrame
           of each boot that stamped a record still stored (clock.py)
 
@@ -56,22 +56,23 @@ import msgpack
 from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
+from flashlexd.redelivery import Redeliveries
 from flashlexd.storedamage import (DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, guarded,
                                    unpack_record)
 from flashlexd.topics import topic_matches
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: boot frames; stamps with boot seq and boottime; boot seq in expiry keys
+SCHEMA_VERSION = 3  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
+#                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys
 _ID = struct.Struct(">Q")
 _SEQ = struct.Struct(">I")
-_MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
 POLICIES = ("reject", "dropOldest")
 COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purged", "queued", "sent",
             "outbox_dropped", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
-DupMark = Tuple[bytes, bytes]  # (packed packet id, digest of topic + payload)
+DupMark = bytes  # digest of topic + payload (redelivery.py)
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 
 
@@ -113,6 +114,7 @@ class Incoming:
     retain: bool = False
     mid: int = 0
     dup: bool = False
+    key: Optional[bytes] = None  # the application's dedupe key (dedupe.py), when configured
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,8 @@ class Store:
             self._outbox = self._env.open_db(b"outbox", txn=txn)
             self._dead = self._env.open_db(b"dead", txn=txn)
             self._recent = self._env.open_db(b"recent", txn=txn)
+            self._redeliveries = Redeliveries(self._env.open_db(b"unconfirmed", txn=txn),
+                                              self._env.open_db(b"dedupe", txn=txn))
             self._meta = self._env.open_db(b"meta", txn=txn)
             self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
@@ -267,6 +271,8 @@ class Store:
                                  f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
             if schema == 1:
                 self._migrate_expiry_index(txn)
+            if 0 < schema < 3:
+                self._migrate_dup_marks(txn)
             if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
             self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
@@ -292,6 +298,12 @@ class Store:
         for key, value in old:
             txn.delete(key, db=self._expiry)
         txn.cursor(db=self._expiry).putmulti((_SEQ.pack(LEGACY_SEQ) + key, value) for key, value in old)
+
+    def _migrate_dup_marks(self, txn: lmdb.Transaction) -> None:
+        """Schema 2 -> 3: the per-mid DUP marks become counted content marks; none is lost."""
+        old = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=self._recent)]
+        txn.cursor(db=self._redeliveries.unconfirmed).putmulti(Redeliveries.migrated(old))
+        txn.drop(self._recent, delete=False)
 
     def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
         """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
@@ -444,7 +456,8 @@ class Store:
 
     def _used_bytes(self, txn: lmdb.Transaction) -> int:
         pages = 0
-        for db in (self._inbox, self._expiry, self._outbox, self._dead, self._recent, self._meta):
+        for db in (self._inbox, self._expiry, self._outbox, self._dead, self._recent, self._meta,
+                   self._redeliveries.unconfirmed, self._redeliveries.dedupe):
             stat = txn.stat(db)
             pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
         return pages * self._page_size
@@ -491,13 +504,15 @@ class Store:
 
     @guarded
     def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
-               settled: Sequence[DupMark] = ()) -> List[Optional[int]]:
+               settled: Sequence[DupMark] = (), dedupe_window: Optional[float] = None
+               ) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
-        for a redelivery (DUP) of a message already stored. All or nothing.
+        for a duplicate: a redelivery (DUP) of a message stored and not yet confirmed, or a
+        message whose dedupe key was stored in the last `dedupe_window` seconds. All or nothing.
 
         `settled` are the DUP marks (`dup_marks`) of earlier messages whose PUBACK the broker
         has processed (see workers/barrier.py): they can no longer be redelivered, so their
-        marks are dropped in the same transaction, before this batch's marks are written."""
+        marks are taken off in the same transaction, before this batch is looked at."""
         reading = self._frames.reading(now)
         seq = self._frames.current.seq
         # in this boot's first frame: a later step does not move it (clock.py)
@@ -505,22 +520,15 @@ class Store:
             if self.expire_seconds else None
         records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
-        redelivered = any(m.dup for m in messages)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._frames.note(txn, reading)
             self._make_room(txn, needed, "inbox")
-            for mid, digest in settled:
-                if (txn.get(mid, db=self._recent) or b"")[:8] == digest:
-                    txn.delete(mid, db=self._recent)
+            self._redeliveries.settle(txn, settled)
             first_id = self._counter(txn, b"inbox_last_id") + 1
-            if redelivered:
-                chosen = self._not_redelivered(txn, messages, marks)
-                new_records = [records[i] for i in chosen]
-                recent = [marks[i] for i in chosen if marks[i]]
-            else:
-                chosen, new_records = range(len(messages)), records
-                recent = [mark for mark in marks if mark]
+            chosen = self._not_redelivered(txn, messages, marks, first_id, reading.wall,
+                                           dedupe_window)
+            new_records = [records[i] for i in chosen]
             last_id = first_id + len(new_records) - 1
             if new_records:
                 keys = list(map(_ID.pack, range(first_id, last_id + 1)))
@@ -529,13 +537,9 @@ class Store:
                     raise StoreError(f"store in {self.path}: inbox ids out of order (corrupt meta?)")
                 if expires_at is not None:  # the batch expires together: one range entry
                     txn.put(_expiry_prefix(seq, expires_at) + keys[0], keys[-1], db=self._expiry)
-                if recent:
-                    txn.cursor(db=self._recent).putmulti(recent)
             self._set_counter(txn, b"inbox_last_id", last_id)
             self._add_counter(txn, b"received", len(new_records))
             self._add_counter(txn, b"duplicates", len(messages) - len(new_records))
-            if not redelivered:
-                return list(range(first_id, last_id + 1))
             ids: List[Optional[int]] = [None] * len(messages)
             for i, record_id in zip(chosen, range(first_id, last_id + 1)):
                 ids[i] = record_id
@@ -554,23 +558,14 @@ class Store:
         return records, dup_marks(messages)
 
     def _not_redelivered(self, txn: lmdb.Transaction, messages: Sequence[Incoming],
-                         marks: List[Optional[Tuple[bytes, bytes]]]) -> List[int]:
-        """Indexes of the messages to store: all but the DUPs whose mid was last used, in the
-        store or earlier in this batch, by a message with the same topic and payload."""
-        latest: Dict[bytes, bytes] = {}  # mid -> digest stored earlier in this batch
-        chosen = []
-        for i, (message, mark) in enumerate(zip(messages, marks)):
-            if mark:
-                mid, digest = mark
-                if message.dup:
-                    seen = latest.get(mid)
-                    if seen is None:
-                        seen = (txn.get(mid, db=self._recent) or b"")[:8]
-                    if seen == digest:
-                        continue
-                latest[mid] = digest
-            chosen.append(i)
-        return chosen
+                         marks: List[Optional[DupMark]], first_id: int, wall: float,
+                         dedupe_window: Optional[float]) -> List[int]:
+        """Indexes of the messages to store: all but the DUPs of a message stored (in the store
+        or earlier in this batch) and not yet confirmed, and the repeated dedupe keys."""
+        if not dedupe_window and not any(m.dup for m in messages) and not any(marks):
+            return list(range(len(messages)))  # QoS 0 only: nothing to mark
+        return self._redeliveries.choose(txn, [m.dup for m in messages], marks,
+                                         [m.key for m in messages], first_id, wall, dedupe_window)
 
     @guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,
@@ -843,10 +838,10 @@ class Store:
 
 
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
-    """Each message's `recent` entry (packed mid, digest), None for QoS 0 (never redelivered);
-    digest = blake2b-64(topic + NUL + payload). The hash state of `topic + NUL` is made once
-    per topic and copied: a batch is usually one topic."""
-    pack_mid = _MID.pack
+    """Each message's mark: the digest blake2b-64(topic + NUL + payload), None for QoS 0 (never
+    redelivered). The packet id is not part of it: brokers renumber redeliveries (RabbitMQ).
+    The hash state of `topic + NUL` is made once per topic and copied: a batch is usually one
+    topic."""
     prefixes: Dict[str, "hashlib._Hash"] = {}
     marks: List[Optional[DupMark]] = []
     for m in messages:
@@ -859,7 +854,7 @@ def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
             prefixes[m.topic] = prefix
         state = prefix.copy()
         state.update(m.payload)
-        marks.append((pack_mid(m.mid & 0xFFFF), state.digest()))
+        marks.append(state.digest())
     return marks
 
 

@@ -148,6 +148,7 @@ def make_certs(directory: Path, valid_since: datetime.timedelta = datetime.timed
 class Broker:
     """mosquitto with a mutual-TLS listener (like AWS IoT on 8883) on a free loopback port, an
     optional plain listener (for benchmarks), persistence in `workdir`, unlimited queues."""
+    name = "mosquitto"
 
     def __init__(self, certs: Certs, workdir: Path, *, server: Optional[Identity] = None,
                  plain: bool = False, extra: Sequence[str] = ()):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Any, Callable, Iterator, List
 
 import pytest
 import yaml
 
-from tests.broker import Broker, Certs, make_certs, write_config
+from tests.broker import THING, Broker, Certs, make_certs, write_config
+from tests.rabbitmq import RabbitBroker, available
 from tests.worker_process import WorkerProcess
 
 
@@ -23,6 +24,35 @@ def broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
     running = Broker(certs, tmp_path / "broker").start()
     yield running
     running.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitBroker]:
+    """One RabbitMQ node per session (it takes ~5-10 s to start); see tests/rabbitmq.py."""
+    if not available():
+        pytest.fail("rabbitmq-server is not installed: run `make deps`")
+    node = RabbitBroker(certs, tmp_path_factory.mktemp("rabbitmq")).start()
+    yield node
+    node.close()
+
+
+@pytest.fixture(params=["mosquitto", "rabbitmq"])
+def any_broker(request: pytest.FixtureRequest, certs: Certs, tmp_path: Path) -> Iterator[Any]:
+    """Each real broker in turn: a fresh mosquitto, or the session's RabbitMQ node, which is
+    left running with no session of this test's clients."""
+    if request.param == "mosquitto":
+        running = Broker(certs, tmp_path / "broker").start()
+        yield running
+        running.close()
+        return
+    node: RabbitBroker = request.getfixturevalue("rabbitmq")
+    if not node.running:
+        node.start()
+    yield node
+    node.end_peers()
+    if not node.running:
+        node.start()
+    node.forget([THING, f"{THING}-egress", "test-pub", "test-sub", "chaos-acked-pub"])
 
 
 @pytest.fixture

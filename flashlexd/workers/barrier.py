@@ -1,16 +1,16 @@
 """Knowing when the broker has processed our PUBACKs, so their DUP marks can be let go.
 
-The store remembers, per packet id, the digest of the last message stored under it, so that a
-redelivery (DUP) of a message it already holds is not stored twice. That mark must not outlive
-its message's acknowledgement: brokers reuse packet ids, and a later message with the same id
-and the same content whose first transmission was lost arrives only as a DUP. Were the old mark
-still there, that new message would be taken for a redelivery and dropped.
+The store counts, per content digest, the committed messages whose PUBACK the broker has not
+confirmed (flashlexd/redelivery.py), so that a redelivery (DUP) of one of them is not stored
+twice whatever its packet id. That count must not outlive the acknowledgement: a later message
+with the same content whose first transmission was lost arrives only as a DUP, and were the old
+mark still counted, that new message would be taken for a redelivery and dropped.
 
 MQTT gives no receipt for a PUBACK, but a broker handles one connection's packets in order. So
 after sending PUBACKs we send an UNSUBSCRIBE of a filter we never subscribed to (harmless, and
 always answered): when its UNSUBACK comes back, every PUBACK sent before it was processed, and
-those messages can never be redelivered. Their marks are then dropped with the next commit. If
-the connection drops first, the marks stay (a redelivery may still come).
+those messages can never be redelivered. Their marks are then taken off with the next commit.
+If the connection drops first, the marks stay (a redelivery may still come).
 """
 from __future__ import annotations
 
@@ -35,11 +35,15 @@ class AckBarrier:
             _, self.barrier_mid = self.client.unsubscribe(self.topic)
             self.waiting, self.acked = self.acked, []
 
-    def on_unsuback(self, mid: int) -> None:
-        if mid == self.barrier_mid:
-            self.settled.extend(self.waiting)
-            self.waiting, self.barrier_mid = [], None
-            self.sent_acks([])
+    def on_unsuback(self, mid: int) -> int:
+        """Returns how many PUBACKs this UNSUBACK confirmed (0 for another UNSUBACK)."""
+        if mid != self.barrier_mid:
+            return 0
+        confirmed = len(self.waiting)
+        self.settled.extend(self.waiting)
+        self.waiting, self.barrier_mid = [], None
+        self.sent_acks([])
+        return confirmed
 
     def disconnected(self) -> None:
         """Unconfirmed PUBACKs may not have reached the broker: keep their marks."""

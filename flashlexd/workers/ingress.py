@@ -9,7 +9,10 @@ messages is full, so waiting would only stall it; messages that arrive during a 
 make the next batch bigger (the batch size adapts to the fsync time).
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
-(DUP set, same packet id) and the store recognises the redelivery of one it already committed.
+(DUP set; mosquitto keeps its packet id, RabbitMQ renumbers it) and the store recognises, by
+content, the redelivery of one it committed and whose PUBACK the broker has not confirmed
+(flashlexd/redelivery.py). With `flashlex.app.db.dedupe`, a message whose application key was
+stored in the window is acknowledged and not stored: a broker's redeliveries after its own crash.
 PUBACKs are sent only on the connection a message arrived on: after a reconnect, the broker
 redelivers whatever we had not acknowledged.
 
@@ -56,6 +59,7 @@ class IngressWorker(Worker):
         self.client = self.connection.client
         self.client.manual_ack_set(True)
         self.client.on_subscribe = self._on_subscribe
+        self.dedupe = self.config.store.dedupe
         self.barrier = AckBarrier(self.connection, self.config.thing.mqtt.client_id)
         self.client.on_unsubscribe = self._on_unsubscribe
         self.batch: List[_Pending] = []
@@ -64,7 +68,8 @@ class IngressWorker(Worker):
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
-                             marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0)
+                             marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
+                             dedupe_keyless=0, acks_confirmed=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -121,7 +126,7 @@ class IngressWorker(Worker):
 
     def _on_unsubscribe(self, client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
         self.connection.acknowledged("UNSUBACK", mid)
-        self.barrier.on_unsuback(mid)
+        self.counters["acks_confirmed"] += self.barrier.on_unsuback(mid)
 
     def _on_message(self, message: Any) -> None:
         self.counters["received"] += 1
@@ -141,9 +146,19 @@ class IngressWorker(Worker):
                         topic, self.config.store.max_payload_bytes)
         else:
             incoming = Incoming(topic, payload, message.qos, bool(message.retain),
-                                message.mid, bool(message.dup))
+                                message.mid, bool(message.dup), self._dedupe_key(message))
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
         self.batch_bytes += len(payload) if incoming else 0
+
+    def _dedupe_key(self, message: Any) -> Optional[bytes]:
+        """The message's application key, when `flashlex.app.db.dedupe` is set; a message
+        without one is stored normally and counted in `dedupe_keyless`."""
+        if self.dedupe is None:
+            return None
+        key = self.dedupe.of(message.payload, getattr(message, "properties", None))
+        if key is None:
+            self.counters["dedupe_keyless"] += 1
+        return key
 
     # -- commit -----------------------------------------------------------------------------------
 
@@ -154,7 +169,9 @@ class IngressWorker(Worker):
         while True:
             messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
             try:
-                ids = self.store.append(messages, settled=settled) if messages else []
+                window = self.dedupe.window_seconds if self.dedupe else None
+                ids = self.store.append(messages, settled=settled, dedupe_window=window) \
+                    if messages else []
                 break
             except (StoreFull, DiskFull) as exc:
                 if count == 1:

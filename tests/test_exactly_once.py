@@ -1,0 +1,133 @@
+"""Exactly once in the store on each real broker (mosquitto, RabbitMQ 3.10), whatever it does
+with packet ids: the ingress worker SIGKILLed while it drains a backlog, PUBACKs lost after
+the commit, the broker itself SIGKILLed and restarted (with and without the application dedupe
+key, flashlex.app.db.dedupe). Each test prints one RESULT line (broker, fault, lost, stored
+twice); with FLASHLEXD_RESULTS set they are also appended to that file (the README's table)."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+from flashlexd.store import Store
+from tests.broker import INGRESS_TOPIC, Proxy, open_store, publish_lines, wait_for, write_config
+
+DEDUPE = {"dedupe": {"key": "json:id", "windowSeconds": 3600}}
+
+
+def json_lines(path: Path, count: int, start: int = 0, width: int = 120) -> List[bytes]:
+    """`count` JSON payloads {"id": n, "pad": "x..."}, one a line; returns them."""
+    lines = [json.dumps({"id": i, "pad": "x" * width}).encode() for i in range(start, start + count)]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return lines
+
+
+def payloads(store: Store) -> List[bytes]:
+    return [m.payload for m in store.messages(limit=1_000_000)]
+
+
+def judge(broker: Any, fault: str, sent: List[bytes], store: Store, dedupe: bool = False) -> Counter:
+    """Print (and log) the lost / stored-twice figures; returns the stored payloads' counts."""
+    stored = Counter(payloads(store))
+    lost = sum(1 for p in sent if p not in stored)
+    twice = sum(n - 1 for n in stored.values() if n > 1)
+    line = {"broker": getattr(broker, "name", "mosquitto"), "fault": fault, "dedupe": dedupe,
+            "sent": len(sent), "lost": lost, "twice": twice}
+    print("RESULT", json.dumps(line))
+    if os.environ.get("FLASHLEXD_RESULTS"):
+        with open(os.environ["FLASHLEXD_RESULTS"], "a") as log:
+            log.write(json.dumps(line) + "\n")
+    assert lost == 0, f"{lost} messages lost"
+    assert set(stored) <= set(sent), "a message nobody sent"
+    return stored
+
+
+def idle(worker: Any) -> bool:
+    """Connected, and everything received is committed (stored or recognised)."""
+    c = worker.counters
+    return bool(c.get("connected")) and c.get("received", 0) == c.get("stored", 0) + c.get("duplicates", 0)
+
+
+def queue_offline(broker: Any, start_worker, config: Path, lines: Path) -> None:
+    """Subscribe once (the broker keeps the session), then publish while the worker is away."""
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    assert worker.stop() == 0
+    assert publish_lines(broker, INGRESS_TOPIC, lines).wait(60) == 0
+
+
+def test_ingress_kills_during_a_backlog_drain_store_each_message_once(
+        any_broker: Any, tmp_path: Path, start_worker) -> None:
+    config = write_config(tmp_path / "config", any_broker)
+    store = open_store(config)
+    sent = json_lines(tmp_path / "backlog", 1500)
+    queue_offline(any_broker, start_worker, config, tmp_path / "backlog")
+    worker = start_worker("ingress", config)
+    kills = 4
+    for k in range(1, kills + 1):
+        wait_for(lambda: store.inbox_count() >= k * len(sent) // (kills + 1), 60, "drain progress")
+        worker.kill()  # SIGKILL: committed messages may be unacknowledged, acks unconfirmed
+        worker = start_worker("ingress", config)
+    wait_for(lambda: store.inbox_count() >= len(sent), 60, "the whole backlog stored")
+    worker.wait(idle, 30, "nothing left in flight")
+    assert worker.stop() == 0
+    stored = judge(any_broker, "ingress SIGKILL x%d during a drain" % kills, sent, store)
+    assert max(stored.values()) == 1, "stored twice"
+
+
+def test_pubacks_lost_after_the_commit_store_each_message_once(
+        any_broker: Any, tmp_path: Path, start_worker) -> None:
+    """A proxy swallows our PUBACKs, then cuts the link: the broker redelivers (DUP=1; RabbitMQ
+    under new packet ids) what we had committed; three rounds."""
+    proxy = Proxy(any_broker)
+    config = write_config(tmp_path / "config", any_broker, port=proxy.port)
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    sent: List[bytes] = []
+    for round_ in range(3):
+        proxy.swallow("up")  # from now on our PUBACKs never reach the broker
+        lines = json_lines(tmp_path / f"round{round_}", 10, start=round_ * 10)
+        sent += lines
+        assert publish_lines(any_broker, INGRESS_TOPIC, tmp_path / f"round{round_}").wait(30) == 0
+        wait_for(lambda: store.inbox_count() >= len(sent), 15, f"round {round_} committed")
+        confirmed = worker.counters.get("acks_confirmed", 0)
+        proxy.cut()  # the broker never got those acks: it redelivers them after the reconnect
+        worker.wait(lambda w: w.counters.get("acks_confirmed", 0) >= confirmed + len(lines), 20,
+                    "the acks of the round's redeliveries confirmed")  # the link is healthy again
+    assert worker.stop() == 0
+    proxy.close()
+    stored = judge(any_broker, "PUBACKs lost after the commit, 3 rounds of 10", sent, store)
+    assert max(stored.values()) == 1, "stored twice"
+
+
+@pytest.mark.parametrize("crash, dedupe", [(True, False), (True, True), (False, False)],
+                         ids=["sigkill", "sigkill-dedupe-key", "clean-restart"])
+def test_broker_restart_during_a_drain_loses_nothing(any_broker: Any, tmp_path: Path, start_worker,
+                                                     crash: bool, dedupe: bool) -> None:
+    """Restart the broker (SIGKILL, or a clean stop) while the worker drains a backlog. After a
+    crash the broker may send again, with DUP=0, what it had acknowledged but not persisted:
+    only the dedupe key catches those. mosquitto saves its state (SIGUSR1) right before the
+    kill, as in the chaos suite; a clean stop saves everything."""
+    config = write_config(tmp_path / "config", any_broker, db=DEDUPE if dedupe else None)
+    store = open_store(config)
+    sent = json_lines(tmp_path / "backlog", 1500)
+    queue_offline(any_broker, start_worker, config, tmp_path / "backlog")
+    if hasattr(any_broker, "save"):
+        any_broker.save()
+    worker = start_worker("ingress", config)
+    wait_for(lambda: store.inbox_count() >= len(sent) // 3, 60, "a third of the backlog stored")
+    if crash and hasattr(any_broker, "save"):
+        any_broker.save()
+    any_broker.restart(kill=crash)
+    wait_for(lambda: set(sent) <= set(payloads(store)), 90, "the backlog stored after the restart")
+    worker.wait(idle, 30, "nothing left in flight")
+    assert worker.stop() == 0
+    fault = "broker SIGKILL + restart during a drain" if crash else "broker clean restart during a drain"
+    stored = judge(any_broker, fault, sent, store, dedupe)
+    if dedupe or not crash:
+        assert max(stored.values()) == 1, "stored twice"

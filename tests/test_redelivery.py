@@ -1,0 +1,187 @@
+"""Redeliveries recognised by content among the unconfirmed messages (flashlexd/redelivery.py),
+the application dedupe key (flashlexd/dedupe.py, flashlex.app.db.dedupe), and the schema 2 -> 3
+migration of the DUP marks, on real LMDB files; a kill between commit and confirmation is
+covered by tests/test_exactly_once.py with real processes."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import lmdb
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from flashlexd.config import load
+from flashlexd.dedupe import DedupeKey
+from flashlexd.redelivery import MARKS_MAX
+from flashlexd.store import SCHEMA_VERSION, Incoming, Store, StoreDamaged, dup_marks
+from tests.test_config import config_error, edited_config, setting
+
+CAP = 64 * 1024 * 1024
+TOPIC = "things/t/in"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(tmp_path / "store", CAP)
+    yield opened
+    opened.close()
+
+
+def msg(payload: bytes, mid: int = 1, dup: bool = False, key: Any = None) -> Incoming:
+    return Incoming(TOPIC, payload, qos=1, mid=mid, dup=dup, key=key)
+
+
+# -- DUP redeliveries by content --------------------------------------------------------------
+
+def test_two_equal_messages_are_both_stored_and_both_redeliveries_recognised(store: Store):
+    assert store.append([msg(b"x", mid=1), msg(b"x", mid=2)]) == [1, 2]
+    assert store.append([msg(b"x", mid=7, dup=True), msg(b"x", mid=8, dup=True)]) == [None, None]
+    # one is confirmed: the other is still unconfirmed, its redelivery still recognised
+    assert store.append([msg(b"x", mid=3, dup=True)], settled=dup_marks([msg(b"x")])) == [None]
+    # both confirmed: a DUP copy with that content is a new message (first transmission lost)
+    assert store.append([msg(b"x", mid=4, dup=True)], settled=dup_marks([msg(b"x")])) == [3]
+
+
+def test_marks_survive_a_reopen(tmp_path: Path):
+    store = Store(tmp_path / "store", CAP)
+    store.append([msg(b"committed, PUBACK never sent", mid=9)])
+    store.close()  # the ingress worker killed after its commit
+    store = Store(tmp_path / "store", CAP)
+    assert store.append([msg(b"committed, PUBACK never sent", mid=2, dup=True)]) == [None]
+    store.close()
+
+
+def test_the_mark_table_is_capped_oldest_first(store: Store):
+    for start in range(0, MARKS_MAX + 1, 1024):
+        store.append([msg(b"%d" % i) for i in range(start, start + 1024)])
+    assert store.append([msg(b"0", dup=True)]) == [MARKS_MAX + 1024 + 1]  # the oldest: gone
+    newest = b"%d" % (MARKS_MAX + 1023)
+    assert store.append([msg(newest, dup=True)]) == [None]
+
+
+# -- the application dedupe key ---------------------------------------------------------------
+
+def test_a_repeated_key_within_the_window_is_a_duplicate(store: Store):
+    assert store.append([msg(b"a", key=b"1"), msg(b"b", key=b"2")], now=1000, dedupe_window=60) == [1, 2]
+    assert store.append([msg(b"a again", key=b"1"), msg(b"c", key=b"3"), msg(b"c", key=b"3")],
+                        now=1030, dedupe_window=60) == [None, 3, None]
+    assert store.stats()["duplicates"] == 2
+    assert store.append([msg(b"a later", key=b"1")], now=1091, dedupe_window=60) == [4]  # window over
+
+
+def test_messages_without_a_key_are_stored_normally(store: Store):
+    assert store.append([msg(b"n"), msg(b"n", mid=2)], now=1000, dedupe_window=60) == [1, 2]
+
+
+def test_expired_keys_are_dropped_from_the_store(tmp_path: Path):
+    store = Store(tmp_path / "store", CAP)
+    store.append([msg(b"%d" % i, key=b"%d" % i) for i in range(500)], now=1000, dedupe_window=60)
+    store.append([msg(b"new", key=b"new")], now=2000, dedupe_window=60)
+    store.close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.stat(env.open_db(b"dedupe", txn=txn, create=False))["entries"] == 2  # k + t
+    env.close()
+
+
+@pytest.mark.parametrize("payload, key", [
+    (b'{"id": 7, "x": 1}', b"7"),
+    (b'{"meta": {"id": "a-1"}}', None),
+    (b'not json', None),
+    (b'[1, 2]', None),
+    (b'{"id": null}', None),
+    (b'{"id": {"b": 2, "a": 1}}', b'{"a":1,"b":2}'),
+])
+def test_json_keys(payload: bytes, key: Any):
+    assert DedupeKey.parse("json:id").of(payload) == key
+
+
+def test_nested_json_path_and_mqtt5_without_properties():
+    assert DedupeKey.parse("json:meta.id").of(b'{"meta": {"id": "a-1"}}') == b'"a-1"'
+    assert DedupeKey.parse("json:list.1").of(b'{"list": [5, 6]}') == b"6"
+    assert DedupeKey.parse("mqtt5:msg-id").of(b"anything", None) is None  # MQTT 3.1.1: no properties
+
+
+# -- config -----------------------------------------------------------------------------------
+
+def test_dedupe_config(tmp_path: Path):
+    path = edited_config(tmp_path / "etc", setting("flashlex.app.db.dedupe", {"key": "json:a.b"}))
+    assert load(str(path)).store.dedupe == DedupeKey("json", "a.b", 3600.0)
+    path = edited_config(tmp_path / "etc2", setting("flashlex.app.db.dedupe",
+                                                    {"key": "mqtt5:msg-id", "windowSeconds": 60}))
+    assert load(str(path)).store.dedupe == DedupeKey("mqtt5", "msg-id", 60.0)
+    assert load(str(edited_config(tmp_path / "etc3", lambda d: None))).store.dedupe is None
+
+
+@pytest.mark.parametrize("value, expected", [
+    ({"key": "id"}, "flashlex.app.db.dedupe.key: expected json:<dotted.path> or"
+                    " mqtt5:<user-property-name>, got 'id'"),
+    ({"key": "json:a..b"}, "flashlex.app.db.dedupe.key: empty part in the JSON path 'a..b'"),
+    ({"windowSeconds": 5}, "flashlex.app.db.dedupe.key: missing required key"),
+    ({"key": "json:id", "windowSeconds": 0},
+     "flashlex.app.db.dedupe.windowSeconds: must be greater than 0, got 0"),
+    ("json:id", "flashlex.app.db.dedupe: expected a mapping, got 'json:id'"),
+])
+def test_bad_dedupe_config_is_one_line(tmp_path: Path, value: Any, expected: str):
+    assert config_error(edited_config(tmp_path / "etc", setting("flashlex.app.db.dedupe", value))) \
+        == expected
+
+
+# -- schema 2 -> 3 ----------------------------------------------------------------------------
+
+def write_schema2_marks(path: Path, marks: Dict[int, bytes]) -> None:
+    """Turn a store into what schema 2 wrote: per-mid marks (mid -> digest + id) in `recent`."""
+    env = lmdb.open(str(path), max_dbs=8, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        for name in (b"unconfirmed", b"dedupe"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+        recent = env.open_db(b"recent", txn=txn)
+        for mid, digest in marks.items():
+            txn.put(struct.pack(">H", mid), digest + struct.pack(">Q", mid), db=recent)
+        txn.put(b"schema", struct.pack(">Q", 2), db=env.open_db(b"meta", txn=txn))
+    env.close()
+
+
+def test_a_schema2_store_keeps_its_dup_marks(tmp_path: Path):
+    store = Store(tmp_path / "store", CAP)
+    store.append([msg(b"one", mid=1), msg(b"two", mid=2), msg(b"two", mid=3)])
+    store.close()
+    marks = dup_marks([msg(b"one"), msg(b"two"), msg(b"two")])
+    write_schema2_marks(tmp_path / "store", dict(zip((1, 2, 3), marks)))
+    store = Store(tmp_path / "store", CAP)
+    assert [m.payload for m in store.messages()] == [b"one", b"two", b"two"]
+    # every old mark recognises a renumbered redelivery; "two" twice, confirmed one at a time
+    assert store.append([msg(b"one", mid=50, dup=True), msg(b"two", mid=51, dup=True)]) == [None, None]
+    assert store.append([msg(b"two", mid=52, dup=True)], settled=[marks[1]]) == [None]
+    assert store.append([msg(b"two", mid=53, dup=True)], settled=[marks[1]]) == [4]
+    store.close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
+            == SCHEMA_VERSION == 3
+        assert txn.stat(env.open_db(b"recent", txn=txn, create=False))["entries"] == 0
+    env.close()
+
+
+def test_a_damaged_mark_is_reported_as_damage_not_a_traceback(tmp_path: Path):
+    Store(tmp_path / "store", CAP).close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        txn.put(dup_marks([msg(b"x")])[0], b"bad", db=env.open_db(b"unconfirmed", txn=txn))
+    env.close()
+    store = Store(tmp_path / "store", CAP)
+    with pytest.raises(StoreDamaged) as caught:
+        store.append([msg(b"x", dup=True)])
+    assert "unconfirmed-message mark of 3 bytes" in str(caught.value)
+    store.close()
+
+
+def test_mqtt5_user_property_key_once_properties_arrive():
+    """Ready for MQTT 5: paho's PUBLISH properties carry user properties as (name, value)."""
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.UserProperty = [("other", "x"), ("msg-id", "a1")]
+    assert DedupeKey.parse("mqtt5:msg-id").of(b"", properties) == b"a1"
+    assert DedupeKey.parse("mqtt5:absent").of(b"", properties) is None
