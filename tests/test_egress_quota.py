@@ -121,3 +121,20 @@ def test_a_throttled_drain_is_noticed_resent_and_counted(plain_broker: Broker, t
     assert proxy.over_quota > 0
     assert worker.stop() == 0
     proxy.close()
+
+
+def test_an_entry_never_acknowledged_is_not_taken_for_poison(plain_broker: Broker, tmp_path: Path,
+                                                             start_worker) -> None:
+    """A lone good entry whose PUBACK never comes (a quota, a half-open link) is resent on
+    every new connection, never dead-lettered: only a link the broker closes itself can be
+    an entry's fault."""
+    proxy = QuotaProxy(plain_broker, rate=0.001)  # every PUBLISH dropped, the link stays up
+    config = quota_config(tmp_path, plain_broker, proxy, mqttOperationTimeout=1, publishRatePerSecond=100)
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, b"perfectly fine", 1, False)])
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: w.counters.get("throttled", 0) >= 4, 60, "four links given up on")
+    assert store.dead_letters() == [] and store.outbox_count() == 1
+    assert worker.counters.get("dead_lettered") == 0
+    assert worker.stop() == 0
+    proxy.close()

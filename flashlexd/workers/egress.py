@@ -31,7 +31,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from paho.mqtt.enums import MQTTErrorCode
 
-from flashlexd.linkwatch import Verdict
 from flashlexd.mqtt import Connection
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
@@ -142,7 +141,9 @@ class EgressWorker(Worker):
         """Forget the dead connection's packet ids; its entries go out again from the store."""
         sent = list(self.inflight.values())
         self.inflight.clear()
-        if self.connection.last_verdict is not Verdict.SILENT:  # a frozen broker is no entry's fault
+        # only a link the broker closed itself can be an entry's fault: one we closed because it
+        # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
+        if self.connection.last_verdict is None:
             victim = self.poison.dropped([s.entry_id for s in sent], progress=self.acked_on_link > 0)
             if victim is not None:
                 attempts = self.poison.attempts
