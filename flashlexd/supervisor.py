@@ -2,7 +2,7 @@
 
 Shaped like gunicorn's arbiter: signal handlers only record the signal and wake the loop
 (through `signal.set_wakeup_fd`); the loop then reaps children with `waitpid(-1, WNOHANG)`,
-kills workers whose heartbeats stopped, starts the ones whose backoff is over, feeds the
+ticks each worker's state machine (`WorkerProcess.tick`: hung, kill, due to start), feeds the
 systemd watchdog while all of that is healthy, and serves the local API in between.
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
+from flashlexd.linkmsg import Committed, Heartbeat, MqttReport, OutboxQueued, StateReport, decode
 from flashlexd.notify import Notifier, child_environment
 from flashlexd.rates import RateMeter
-from flashlexd.restart import CrashLoop, RestartPolicy
+from flashlexd.restart import RestartLimits
 from flashlexd.store import Store, StoreError
-from flashlexd.workerproc import WorkerProcess
+from flashlexd.workerproc import State, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,9 @@ class Supervisor:
         self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
-        self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
+        self.workers = {name: WorkerProcess(name) for name in WORKER_NAMES}
         self.config_file: Optional[ConfigFile] = None
         self.spawn_error: Optional[str] = None  # logged once until a spawn works again
-
-    def _policy(self) -> RestartPolicy:
-        s = self.config.supervision
-        return RestartPolicy(s.backoff_max_seconds, s.crash_loop_restarts, s.crash_loop_window)
 
     # -- start and stop -----------------------------------------------------------------------
 
@@ -174,7 +171,9 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def _loop_once(self) -> None:
-        for key, mask in self.selector.select(self._sleep_time()):
+        now = time.monotonic()
+        ping = self.notifier.watchdog(now, self._healthy(now))
+        for key, mask in self.selector.select(self._sleep_time(now, ping)):
             if self.api.owns(key):
                 self.api.dispatch(key, mask)
             else:
@@ -183,21 +182,18 @@ class Supervisor:
             self._handle_signal(self.signals.pop(0))
         now = time.monotonic()
         self._reap(now)
-        self._kill_overdue(now)
+        for worker in self.workers.values():
+            if worker.tick(now, self.config.supervision) and not self.shutting_down:
+                self._spawn(worker, now)
         if not self.shutting_down:
-            self._start_due(now)
             self._announce(now)
         self.api.tick(now)
 
-    def _sleep_time(self) -> float:
-        now = time.monotonic()
+    def _sleep_time(self, now: float, ping: Optional[float]) -> float:
+        """Seconds until the loop has something to do: the next status line, API deadline,
+        worker deadline or watchdog ping (`ping`, seconds from `now`)."""
         deadlines = [now + MAX_SLEEP, self.next_status, self.api.next_deadline()]
-        for worker in self.workers.values():
-            if worker.state == "backoff":
-                deadlines.append(worker.next_start)
-            if worker.kill_at is not None:
-                deadlines.append(worker.kill_at)
-        ping = self.notifier.watchdog(now, self._healthy(now))
+        deadlines += [d for d in (w.next_deadline() for w in self.workers.values()) if d is not None]
         if ping is not None:
             deadlines.append(now + ping)
         return max(0.0, min(deadlines) - now)
@@ -221,30 +217,10 @@ class Supervisor:
             if worker is None:
                 continue  # a child we no longer track (nothing else forks here)
             self._drop_link(worker)
-            try:
-                worker.exited(status, now, self.shutting_down)
-            except CrashLoop as exc:
-                log.error("%s is crash-looping (%s): giving up so systemd restarts the service",
-                          worker.name, exc)
+            worker.exited(status, now, self.shutting_down,
+                          RestartLimits.from_config(self.config.supervision))
+            if worker.state is State.FATAL:
                 self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
-
-    def _kill_overdue(self, now: float) -> None:
-        timeout = self.config.supervision.heartbeat_timeout
-        for worker in self.workers.values():
-            if worker.kill_at is not None and now >= worker.kill_at:
-                log.warning("%s did not stop in time: killing pid %s", worker.name, worker.pid)
-                worker.signal(signal.SIGKILL)
-                worker.kill_at = None
-            elif worker.alive and worker.state != "stopping" and worker.heartbeat_age(now) > timeout:
-                log.error("%s hung (no heartbeat for %.1fs): killing pid %s",
-                          worker.name, worker.heartbeat_age(now), worker.pid)
-                worker.signal(signal.SIGKILL)
-                worker.last_heartbeat = now  # one kill per timeout; reaping follows
-
-    def _start_due(self, now: float) -> None:
-        for worker in self.workers.values():
-            if worker.state == "backoff" and now >= worker.next_start:
-                self._spawn(worker, now)
 
     def _spawn(self, worker: WorkerProcess, now: float) -> None:
         try:
@@ -264,14 +240,22 @@ class Supervisor:
                                lambda _sock, _mask, w=worker: self._on_link(w))
 
     def _on_link(self, worker: WorkerProcess) -> None:
-        messages = worker.channel.receive() if worker.channel else None
-        if messages is None:
+        """The one place worker messages are dispatched (see `linkmsg`)."""
+        received = worker.channel.receive() if worker.channel else None
+        if received is None:
             self._drop_link(worker)
             return  # the process is dying; reaping handles the rest
         now = time.monotonic()
-        for message in messages:
-            worker.on_message(message, now)
-            if message.get("t") == "committed":
+        for raw in received:
+            worker.heard(now)
+            message = decode(raw)
+            if isinstance(message, Heartbeat):
+                worker.counters = message.counters
+            elif isinstance(message, StateReport):
+                worker.reported_state(message.state)
+            elif isinstance(message, MqttReport):
+                worker.mqtt = {"connected": bool(message.connected), "error": message.error}
+            elif isinstance(message, Committed):
                 self.api.notify_inbox()
 
     def _drop_link(self, worker: WorkerProcess) -> None:
@@ -281,7 +265,7 @@ class Supervisor:
             worker.channel = None
 
     def wake_egress(self) -> None:
-        self.workers["egress"].send("outbox")
+        self.workers["egress"].send(OutboxQueued())
 
     # -- health, READY and STATUS ---------------------------------------------------------------
 
@@ -289,12 +273,10 @@ class Supervisor:
         """Feed the watchdog only while every worker is alive and beating, or being restarted."""
         if self.shutting_down and self.exit_code:
             return False
-        timeout = self.config.supervision.heartbeat_timeout
-        return all(w.state == "backoff" or (w.alive and w.heartbeat_age(now) <= timeout)
-                   for w in self.workers.values())
+        return all(w.healthy(now, self.config.supervision) for w in self.workers.values())
 
     def _announce(self, now: float) -> None:
-        if not self.announced_ready and all(w.state == "ready" for w in self.workers.values()):
+        if not self.announced_ready and all(w.state is State.READY for w in self.workers.values()):
             self.announced_ready = True
             self.notifier.ready()
             log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
@@ -312,7 +294,7 @@ class Supervisor:
         links = []
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
-        up = sum(1 for w in self.workers.values() if w.state == "ready")
+        up = sum(1 for w in self.workers.values() if w.state is State.READY)
         if stats is None:
             store = "store damaged, read-only (see flashlexd store recover)"
         else:

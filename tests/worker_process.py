@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from flashlexd.channel import CHANNEL_FD, CONFIG_FD, Channel, ConfigFile, place_child_fds
+from flashlexd.linkmsg import build
 from tests.broker import wait_for
 
 
@@ -93,7 +94,7 @@ class WorkerProcess:
 
     def send(self, kind: str, **fields: Any) -> None:
         assert self.channel is not None
-        self.channel.send(kind, **fields)
+        self.channel.send(build(kind, **fields))
 
     def kill(self) -> None:
         """SIGKILL at whatever instant the worker is in."""
