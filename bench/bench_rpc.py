@@ -33,6 +33,8 @@ from flashlexd.client import Client
 from flashlexd.client.wire import HEADER
 from flashlexd.ipc import Limits, RpcServer
 from flashlexd.ipc.methods import Methods
+from flashlexd.runtime import ApiRules
+from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
 from flashlexd.store import Incoming, Store
 
 MAX_PAYLOAD = 256 * 1024
@@ -82,7 +84,8 @@ def rpc_loop(path: str, data_dir: str) -> None:
         return {"version": "0.1.0", "uptime": time.monotonic() - started, "workers": workers,
                 "mqtt": {"ingress": {"connected": True}, "egress": {"connected": True}},
                 "counters": {"restarts": 0}}
-    methods = Methods(store, status, lambda: None, "things/bench/egress", -1, lambda: True, MAX_PAYLOAD)
+    rules = ApiRules("things/bench/egress", -1, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
+    methods = Methods(lambda: store, status, lambda: None, lambda: True, lambda: rules)
     selector = selectors.DefaultSelector()
     server = RpcServer(path, methods, Limits.for_payload(MAX_PAYLOAD), selector)
     while True:

@@ -24,9 +24,10 @@ from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
 from flashlexd.linkmsg import Committed, Heartbeat, MqttReport, OutboxQueued, StateReport, decode
+from flashlexd.loopguard import LoopGuard
 from flashlexd.notify import Notifier, child_environment
 from flashlexd.rates import RateMeter
-from flashlexd.restart import RestartLimits
+from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.store import Store, StoreError
 from flashlexd.workerproc import State, WorkerProcess
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 WORKER_NAMES = ("ingress", "egress", "expiry")
 EXIT_CRASH_LOOP = 1
+EXIT_LOOP_FAILING = 1  # the supervisor's own loop kept failing: systemd restarts the service
 MAX_SLEEP = 1.0  # seconds; the loop looks at its deadlines at least this often
 STATUS_EVERY = 1.0
 # Seconds an API write may wait for the store's write lock. A worker stopped inside a write
@@ -69,15 +71,9 @@ class Overrides:
         return argv
 
 
-def worker_settings(config: Config, name: str) -> tuple:
-    """The parts of the config a worker depends on: a reload restarts it when they change."""
-    shared = (config.store, config.supervision, config.log_level)
-    return shared if name == "expiry" else shared + (config.thing,)
-
-
 class Supervisor:
     def __init__(self, config: Config, overrides: Overrides):
-        self.config = config
+        self.runtime = Runtime.from_config(config)  # replaced whole by a reload, never patched
         self.overrides = overrides
         self.notifier = Notifier()
         self.selector = selectors.DefaultSelector()
@@ -95,6 +91,11 @@ class Supervisor:
         self.workers = {name: WorkerProcess(name) for name in WORKER_NAMES}
         self.config_file: Optional[ConfigFile] = None
         self.spawn_error: Optional[str] = None  # logged once until a spawn works again
+        self.guard = LoopGuard()
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
 
     # -- start and stop -----------------------------------------------------------------------
 
@@ -113,22 +114,29 @@ class Supervisor:
             self._spawn(worker, now)
         try:
             while not (self.shutting_down and not any(w.alive for w in self.workers.values())):
-                self._loop_once()
+                try:
+                    self._loop_once()
+                except Exception as exc:  # noqa: BLE001 - a bug in one pass, see loopguard
+                    if self.guard.failed(exc):
+                        self.begin_shutdown("the supervisor loop keeps failing", EXIT_LOOP_FAILING)
+                        break  # workers got SIGTERM; they also stop when the link closes
+                else:
+                    self.guard.passed()
         finally:
             self._close()
         return self.exit_code
 
     def _start_api(self) -> RpcServer:
-        mqtt = self.config.thing.mqtt
-        self.methods = Methods(self.store, self.status, self.wake_egress, mqtt.egress_topic,
-                               mqtt.offline_publish_queueing,
+        """The API reads its limits and rules from the current runtime on every use."""
+        self.methods = Methods(lambda: self.store, self.status, self.wake_egress,
                                lambda: bool(self.workers["egress"].mqtt.get("connected")),
-                               self.config.store.max_payload_bytes,
-                               max_topic_bytes=mqtt.max_topic_bytes,
-                               max_publish_bytes=mqtt.max_payload_bytes)
-        # requests carry outbound payloads, responses inbound ones: frames fit the larger
-        return RpcServer.from_config(self.config.api, self.methods, self.selector,
-                                     max(self.config.store.max_payload_bytes, mqtt.max_payload_bytes))
+                               lambda: self.runtime.rules)
+        api = self.config.api
+        # allowUids are users outside the socket's group: they need the socket itself to be
+        # connectable (0666); who may talk is then decided by SO_PEERCRED on every connection
+        return RpcServer(api.socket_path, self.methods, lambda: self.runtime.api_limits,
+                         self.selector, group=api.socket_group, allow_uids=api.allow_uids,
+                         mode=0o666 if api.allow_uids else 0o660)
 
     def _close(self) -> None:
         if self.api is not None:
@@ -217,8 +225,7 @@ class Supervisor:
             if worker is None:
                 continue  # a child we no longer track (nothing else forks here)
             self._drop_link(worker)
-            worker.exited(status, now, self.shutting_down,
-                          RestartLimits.from_config(self.config.supervision))
+            worker.exited(status, now, self.shutting_down, self.runtime.restart)
             if worker.state is State.FATAL:
                 self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
 
@@ -316,6 +323,7 @@ class Supervisor:
             "mqtt": {name: {**self.workers[name].counters, **self.workers[name].mqtt}
                      for name in ("ingress", "egress")},
             "rates": self.rates.rates(),
+            "loop_errors": self.guard.total,
         }
 
     # -- reload ---------------------------------------------------------------------------------
@@ -332,23 +340,23 @@ class Supervisor:
             return
         for warning in new.warnings:
             log.warning("%s", warning)
-        now = time.monotonic()
-        for worker in self.workers.values():
-            if worker_settings(new, worker.name) != worker_settings(self.config, worker.name):
-                log.info("%s: settings changed, restarting it", worker.name)
-                worker.stop(now, new.supervision.stop_timeout, restart=True)
-        if new.api != self.config.api:
-            log.warning("API socket settings changed: they take effect at the next restart")
-        self.methods.egress_topic = new.thing.mqtt.egress_topic
-        self.methods.offline_publish_queueing = new.thing.mqtt.offline_publish_queueing
-        self.methods.max_topic_bytes = new.thing.mqtt.max_topic_bytes
-        self.methods.max_publish_bytes = new.thing.mqtt.max_payload_bytes
-        if new.store != self.config.store:
-            self.store.close()
-            self.store = self.methods.store = Store.from_config(new.store,
-                                                                write_wait=STORE_WRITE_WAIT)
-        self.config_file.close()  # type: ignore[union-attr]
-        self.config_file = config_file  # workers started from now on get the new text
-        self.config = new
+        self._apply(Runtime.from_config(new), config_file)
         log.info("config reloaded from %s", new.path)
         self.notifier.ready()
+
+    def _apply(self, new: Runtime, config_file: ConfigFile) -> None:
+        """Swap in a new runtime: the one place a reload changes anything."""
+        old, now = self.runtime, time.monotonic()
+        for worker in self.workers.values():
+            if worker_settings(new.config, worker.name) != worker_settings(old.config, worker.name):
+                log.info("%s: settings changed, restarting it", worker.name)
+                worker.stop(now, new.config.supervision.stop_timeout, restart=True)
+        if new.socket_changed(old):
+            log.warning("API socket path, group or allowUids changed: they take effect at the"
+                        " next restart")
+        if new.config.store != old.config.store:
+            self.store.close()  # type: ignore[union-attr]
+            self.store = Store.from_config(new.config.store, write_wait=STORE_WRITE_WAIT)
+        self.config_file.close()  # type: ignore[union-attr]
+        self.config_file = config_file  # workers started from now on get the new text
+        self.runtime = new

@@ -121,6 +121,52 @@ def test_reload_restarts_only_workers_whose_settings_changed(daemon, notify, dae
     assert after["expiry"] == before["expiry"]
 
 
+def test_reload_applies_every_api_setting_to_the_running_api(daemon, notify, daemon_config,
+                                                             broker, tmp_path):
+    """One SIGHUP changes what `publish` accepts and defaults to, the outbox cap `status` shows
+    and the API server's idle timeout, on the connection already open and on new ones."""
+    import socket
+
+    import yaml
+    from flashlexd.client import RpcError, connect
+    from flashlexd.client.wire import Code
+    from tests.broker import Subscriber
+    notify.wait_for("READY=1", timeout=15)
+    subscriber = Subscriber(broker, "#", tmp_path / "received", fmt="%t %p").start()
+    try:
+        with connect(str(daemon.socket_path)) as fx:
+            fx.publish(b"y" * 2000, topic="dev/long-" + "t" * 80)  # fits the defaults
+            document = yaml.safe_load(daemon_config.read_text())
+            mqtt = document["flashlex"]["thing"]["mqtt"]
+            mqtt.update({"maxPayloadBytes": 1000, "maxTopicBytes": 64, "offlinePublishQueueing": 7})
+            mqtt["egress"]["topic"] = "dev/reloaded"
+            document["flashlex"]["app"]["socket"]["idleTimeoutSeconds"] = 0.5
+            daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
+            hup_at = time.monotonic()
+            daemon.signal(signal.SIGHUP)
+            notify.wait_for("READY=1", after=hup_at, timeout=10)
+            wait_for(lambda: "config reloaded" in daemon.output(), 10, "the reload")
+            with pytest.raises(RpcError) as info:
+                fx.publish(b"y" * 1001)
+            assert info.value.code == Code.PAYLOAD_TOO_LARGE and "(1000)" in info.value.message
+            with pytest.raises(RpcError) as info:
+                fx.publish(b"y", topic="dev/long-" + "t" * 80)
+            assert info.value.code == Code.BAD_PARAMS and "maxTopicBytes (64)" in info.value.message
+            assert fx.status()["outbox"]["limit"] == 7
+            fx.publish(b"after the reload")
+        wait_for(lambda: b"dev/reloaded after the reload" in subscriber.lines(), 20,
+                 "the publish on the reloaded egress topic")
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(str(daemon.socket_path))
+        idle.settimeout(10)
+        opened = time.monotonic()
+        assert idle.recv(1) == b""  # closed by the server after the new idle timeout
+        assert time.monotonic() - opened < 5  # not the 300 s it was started with
+        idle.close()
+    finally:
+        subscriber.stop()
+
+
 def test_worker_crashing_at_start_backs_off_then_the_daemon_gives_up(daemon_config, tmp_path, notify):
     """A sitecustomize makes every expiry worker die at start; the rest is the real daemon."""
     hook = tmp_path / "hook"
