@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from flashlexd.client.wire import REQUEST_OVERHEAD
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
-
 from flashlexd.quotas import quota_warnings
 from flashlexd.topics import publish_topic_problem
+from flashlexd.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_SOCKET, FULL_POLICIES, REQUEST_OVERHEAD
 
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
-DEFAULT_SOCKET = "/run/flashlexd/flashlexd.sock"
-FULL_POLICIES = ("reject", "dropOldest")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
 
@@ -420,7 +417,7 @@ def _store(section: _Section, data_dir: Optional[str]) -> Store:
         when_full=section.choice("whenFull", FULL_POLICIES, "reject"),
         expire_seconds=section.seconds("expireSeconds"),
         sweep_seconds=section.seconds("sweepSeconds", 5.0),  # type: ignore[arg-type]
-        max_payload_bytes=section.integer("maxPayloadBytes", 262144, minimum=1),
+        max_payload_bytes=section.integer("maxPayloadBytes", DEFAULT_MAX_PAYLOAD, minimum=1),
     )
     section.text("subscriptionData")  # the old SDK's JSON store file; replaced by LMDB
     section.warn_unknown()

@@ -58,6 +58,7 @@ from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.storedamage import DAMAGE_ERRORS, CorruptRecord, describe, guarded, unpack_record
 from flashlexd.topics import topic_matches
+from flashlexd.wire import FULL_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ _SEQ = struct.Struct(">I")
 _MID = struct.Struct(">H")
 _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
-POLICIES = ("reject", "dropOldest")
+POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purged", "queued", "sent",
             "outbox_dropped", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
 DupMark = Tuple[bytes, bytes]  # (packed packet id, digest of topic + payload)

@@ -1,6 +1,6 @@
 """The local API: a msgpack RPC over a Unix socket, served from the supervisor's loop.
 
-`protocol` parses and encodes frames (constants shared with `flashlexd.client.wire`),
+`protocol` parses and encodes frames (constants shared with the client, `flashlexd.wire`),
 `server.RpcServer` owns the socket and connections, `methods.Methods` implements the calls.
 `ServerLoop` hosts a server on a loop of its own, for tests, benchmarks and tools.
 """
