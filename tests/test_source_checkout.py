@@ -59,3 +59,10 @@ def test_python_m_flashlexd_run_works_from_a_source_checkout(daemon_config, tmp_
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.output()
+
+
+def test_the_client_re_exports_the_whole_contract():
+    import flashlexd.client.wire as client_wire
+    import flashlexd.wire as wire
+    assert sorted(client_wire.__all__) == sorted(wire.__all__)
+    assert all(getattr(client_wire, name) is getattr(wire, name) for name in wire.__all__)
