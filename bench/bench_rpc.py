@@ -77,7 +77,7 @@ def rpc_loop(path: str, data_dir: str) -> None:
     """RpcServer hosted the way the supervisor hosts it."""
     store = Store(Path(data_dir), cap_bytes=512 << 20)
     started = time.monotonic()
-    workers = [{"name": n, "pid": 1000 + i, "state": "running", "restarts": 0, "heartbeat_age": 0.3}
+    workers = [{"name": n, "pid": 1000 + i, "state": "ready", "restarts": 0, "heartbeat_age": 0.3}
                for i, n in enumerate(("ingress", "egress", "expiry"))]
 
     def status() -> dict:

@@ -23,7 +23,7 @@ from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionD
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
 
-HEALTHY_STATES = ("running", "ready")
+HEALTHY_STATES = ("ready",)  # flashlexd.workerproc.State.READY: serving; anything else is a problem
 EPILOG = f"""\
 The socket is --socket, else ${SOCKET_ENV}, else {DEFAULT_SOCKET}.
 --json prints exactly what the API returns, as JSON. Byte strings (payloads) print as text

@@ -42,7 +42,7 @@ class Harness:
         self.egress_online = True
         self.outbox_wakeups = 0
         self.workers: List[Dict[str, Any]] = [
-            {"name": n, "pid": 100 + i, "state": "running", "restarts": 0, "heartbeat_age": 0.2}
+            {"name": n, "pid": 100 + i, "state": "ready", "restarts": 0, "heartbeat_age": 0.2}
             for i, n in enumerate(("ingress", "egress", "expiry"))]
         self.mqtt = {"ingress": {"connected": True}, "egress": {"connected": True}}
         self.rules = ApiRules(EGRESS_TOPIC, queueing, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
