@@ -25,7 +25,7 @@ VERDICT_WAIT = 1.0  # the longest the broker step waits for a TLS 1.3 broker's v
 
 def check_broker(thing: Thing, context: ssl.SSLContext, timeout: float) -> Tuple[str, bool]:
     """DNS, then TCP, then the TLS handshake, as the daemon does them, each failure named."""
-    from flashlexd.mqtt import describe_error
+    from flashlexd.mqttclient import describe_error
 
     host, port = thing.endpoint, thing.mqtt.port
     where = f"{host}:{port}"
@@ -125,7 +125,7 @@ class ProbeSession:
     `<thing name>-check` and a clean session, driven by paho's `loop()` (no fork here)."""
 
     def __init__(self, thing: Thing, timeout: float):
-        from flashlexd.mqtt import LastError, build_client
+        from flashlexd.mqttclient import LastError, build_client
 
         self.thing, self.timeout = thing, timeout
         self.where = f"{thing.endpoint}:{thing.mqtt.port}"
@@ -173,7 +173,7 @@ class ProbeSession:
         certificate), else `hint`, the likeliest cause at this point."""
         exc = self.errors.exc
         if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            from flashlexd.mqtt import describe_error
+            from flashlexd.mqttclient import describe_error
             return describe_error(exc, self.thing, self.timeout)
         return f"the broker at {self.where} closed the connection {when}: {hint}"
 
@@ -182,7 +182,7 @@ class ProbeSession:
         try:
             self.client.reconnect()  # DNS, TCP, TLS handshake (bounded by the timeout), CONNECT
         except (OSError, ssl.CertificateError, ValueError) as exc:
-            from flashlexd.mqtt import describe_error
+            from flashlexd.mqttclient import describe_error
             raise Failed(describe_error(exc, self.thing, self.timeout)) from None
         if not self._loop_until(lambda: self.connack is not None, started + self.timeout):
             if self.closed:

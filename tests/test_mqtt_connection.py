@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from flashlexd import config as config_module
 from flashlexd.config import Backoff, ConfigError
 from flashlexd.backoff import JITTER, MIN_CONNECT_INTERVAL, ReconnectBackoff
-from flashlexd.mqtt import ALPN_PROTOCOL, Connection, build_client
+from flashlexd.mqtt import Connection
+from flashlexd.mqttclient import ALPN_PROTOCOL, build_client
 from tests.broker import HOST, THING, Broker, Certs, Identity, free_port, wait_for, write_config
 
 # -- the backoff, with a fake clock --------------------------------------------------------------
