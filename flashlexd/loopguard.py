@@ -2,9 +2,9 @@
 
 A bug in one pass (a store error in a status line, a surprise from a library) must not take the
 daemon down with a "cannot start" message, nor spin silently: the first failure of a streak is
-logged with its traceback (and again whenever the error changes), every failure is counted (the
-API's `status` shows `loop_errors`), and the loop goes on. Only `limit` failures in a row mean
-the supervisor itself is broken: then it gives up and lets systemd restart the service.
+logged with its traceback (and again whenever the error changes), every failure is counted
+(`status` shows `counters.loop_errors`), and the loop goes on. Only `limit` failures in a row
+mean the supervisor itself is broken: then it gives up and lets systemd restart the service.
 """
 from __future__ import annotations
 

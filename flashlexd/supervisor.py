@@ -323,7 +323,10 @@ class Supervisor:
             "mqtt": {name: {**self.workers[name].counters, **self.workers[name].mqtt}
                      for name in ("ingress", "egress")},
             "rates": self.rates.rates(),
-            "loop_errors": self.guard.total,
+            # added to the store's totals by the `status` method
+            "counters": {"restarts": sum(w.restarts for w in self.workers.values()),
+                         "loop_errors": self.guard.total},
+            "api": dict(self.api.counters) if self.api is not None else {},
         }
 
     # -- reload ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 
 from flashlexd.client import Client, RpcError, connect
 from flashlexd.client.wire import HEADER, PROTOCOL_VERSION, Code, encode_frame
-from flashlexd.ipc import Limits, Pending, RpcServer, ServerError, ServerLoop
+from flashlexd.ipc import Limits, Pending, RpcServer, ServerError
+from tests.server_loop import ServerLoop
 from flashlexd.ipc.methods import Methods
 from flashlexd.runtime import ApiRules
 from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES

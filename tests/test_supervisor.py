@@ -152,7 +152,11 @@ def test_reload_applies_every_api_setting_to_the_running_api(daemon, notify, dae
             with pytest.raises(RpcError) as info:
                 fx.publish(b"y", topic="dev/long-" + "t" * 80)
             assert info.value.code == Code.BAD_PARAMS and "maxTopicBytes (64)" in info.value.message
-            assert fx.status()["outbox"]["limit"] == 7
+            status = fx.status()
+            assert status["outbox"]["limit"] == 7
+            assert status["counters"]["loop_errors"] == 0
+            assert status["counters"]["restarts"] == sum(w["restarts"] for w in status["workers"])
+            assert status["api"]["accepted"] >= 1 and status["api"]["requests"] >= 3
             fx.publish(b"after the reload")
         wait_for(lambda: b"dev/reloaded after the reload" in subscriber.lines(), 20,
                  "the publish on the reloaded egress topic")
