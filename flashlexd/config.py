@@ -21,7 +21,7 @@ from flashlexd.topics import publish_topic_problem
 from flashlexd.wire import DEFAULT_SOCKET, REQUEST_OVERHEAD
 
 __all__ = ["Api", "Backoff", "Config", "ConfigError", "DEFAULT_DATA_DIR", "DEFAULT_SOCKET", "Keys",
-           "LOG_LEVELS", "Mqtt", "Store", "Supervision", "Thing", "load", "loads", "parse"]
+           "LOG_LEVELS", "Mqtt", "StoreSettings", "Supervision", "Thing", "load", "loads", "parse"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Mqtt:
     rate_source: str           # the key the publish rate came from, for check and warnings
     poison_attempts: int
     max_topic_bytes: int     # outbound: `publish` refuses longer topics (AWS IoT's limit)
-    max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: Store's)
+    max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: StoreSettings')
 
     def ingress_topics(self) -> Tuple[str, ...]:
         """Every topic filter the ingress worker subscribes to, without repeats, in order."""
@@ -76,7 +76,8 @@ class Thing:
 
 
 @dataclass(frozen=True)
-class Store:
+class StoreSettings:
+    """flashlex.app.db: how the store is opened (not the store itself: `store.Store`)."""
     data_dir: Path
     cap_bytes: int
     when_full: str
@@ -110,7 +111,7 @@ class Supervision:
 class Config:
     path: Path
     thing: Thing
-    store: Store
+    store: StoreSettings
     api: Api
     supervision: Supervision
     log_level: str
@@ -291,9 +292,9 @@ def _publish_rate(section: Section) -> Tuple[float, str]:
     return KEYS[f"{section.path}.publishRatePerSecond"].default, "publishRatePerSecond"
 
 
-def _store(section: Section, data_dir: Optional[str]) -> Store:
+def _store(section: Section, data_dir: Optional[str]) -> StoreSettings:
     file_data_dir = section.value("dataPath")  # checked even when overridden
-    store = Store(
+    store = StoreSettings(
         data_dir=Path(data_dir or file_data_dir),
         cap_bytes=section.value("capMegabytes") * 1024 * 1024,
         when_full=section.value("whenFull"),

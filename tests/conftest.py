@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.broker import Broker, Certs, make_certs, write_config
-from tests.worker_process import WorkerProcess
+from tests.worker_process import WorkerUnderTest
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +26,12 @@ def broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[str, Path], WorkerProcess]]:
+def start_worker(tmp_path: Path) -> Iterator[Callable[[str, Path], WorkerUnderTest]]:
     """Start a worker process: `start_worker("ingress", config_path)`; all killed at teardown."""
-    started: List[WorkerProcess] = []
+    started: List[WorkerUnderTest] = []
 
-    def start(name: str, config: Path) -> WorkerProcess:
-        worker = WorkerProcess(name, config, tmp_path / f"{name}.log").start()
+    def start(name: str, config: Path) -> WorkerUnderTest:
+        worker = WorkerUnderTest(name, config, tmp_path / f"{name}.log").start()
         started.append(worker)
         return worker
 

@@ -24,7 +24,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class WorkerProcess:
+class WorkerUnderTest:
     def __init__(self, name: str, config: Path, log_path: Path):
         self.name, self.config, self.log_path = name, config, log_path
         self.process: Optional[subprocess.Popen] = None
@@ -33,7 +33,7 @@ class WorkerProcess:
         self.counters: Dict[str, Any] = {}          # from the latest heartbeat
         self.mqtt: Dict[str, Any] = {}              # the latest `mqtt` report
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> "WorkerUnderTest":
         channel, child_end = Channel.pair()
         config_file = ConfigFile(self.config.read_text())  # as the supervisor does
         fd = child_end.fileno()
@@ -75,7 +75,7 @@ class WorkerProcess:
             elif message.get("t") == "mqtt":
                 self.mqtt = message
 
-    def wait(self, predicate: Callable[["WorkerProcess"], Any], timeout: float, what: str) -> Any:
+    def wait(self, predicate: Callable[["WorkerUnderTest"], Any], timeout: float, what: str) -> Any:
         """Poll the link until `predicate(self)` is truthy; fail if the worker dies first."""
         def check() -> Any:
             self.pump(0.02)
