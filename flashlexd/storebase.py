@@ -15,7 +15,7 @@ import msgpack
 from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
-from flashlexd.storedamage import DAMAGE_ERRORS, CorruptRecord, describe, unpack_record
+from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DiskFull, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _expiry_prefix, _stamp_of,
                                     _start)
@@ -71,8 +71,8 @@ class StoreBase:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL
-            self._open_databases()
-        except DAMAGE_ERRORS as exc:
+            self._open_databases()  # reads the oldest records' stamps too (clock frames)
+        except DAMAGE_ERRORS + IMPOSSIBLE_VALUES as exc:
             self._env.close()
             raise StoreDamaged(f"store in {self.path} is damaged: {describe(exc)};"
                                f" {storecheck.HINT}") from None
