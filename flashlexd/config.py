@@ -294,14 +294,8 @@ def _publish_rate(section: Section) -> Tuple[float, str]:
 
 def _store(section: Section, data_dir: Optional[str]) -> StoreSettings:
     file_data_dir = section.value("dataPath")  # checked even when overridden
-    store = StoreSettings(
-        data_dir=Path(data_dir or file_data_dir),
-        cap_bytes=section.value("capMegabytes") * 1024 * 1024,
-        when_full=section.value("whenFull"),
-        expire_seconds=section.value("expireSeconds"),
-        sweep_seconds=section.value("sweepSeconds"),
-        max_payload_bytes=section.value("maxPayloadBytes"),
-    )
+    store = section.fill(StoreSettings, data_dir=Path(data_dir or file_data_dir),
+                         cap_bytes=section.value("capMegabytes") * 1024 * 1024)
     section.text("subscriptionData")  # the old SDK's JSON store file; replaced by LMDB
     section.warn_unknown()
     return store
@@ -309,15 +303,8 @@ def _store(section: Section, data_dir: Optional[str]) -> StoreSettings:
 
 def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:
     file_socket_path = section.value("path")  # checked even when overridden
-    api = Api(
-        socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET") or file_socket_path,
-        socket_group=section.value("group"),
-        allow_uids=section.value("allowUids"),
-        max_connections=section.value("maxConnections"),
-        idle_timeout=section.value("idleTimeoutSeconds"),
-        max_buffered_bytes=section.value("maxBufferedBytes"),
-        frame_timeout=section.value("frameTimeoutSeconds"),
-    )
+    api = section.fill(Api, socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET")
+                       or file_socket_path)
     largest_frame = REQUEST_OVERHEAD + max_payload_bytes
     if api.max_buffered_bytes is not None and api.max_buffered_bytes < largest_frame:
         raise ConfigError(f"{section.path}.maxBufferedBytes: must hold at least one request of the"
@@ -328,14 +315,7 @@ def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int) -
 
 
 def _supervision(section: Section) -> Supervision:
-    supervision = Supervision(
-        heartbeat_seconds=section.value("heartbeatSeconds"),
-        heartbeat_timeout=section.value("heartbeatTimeoutSeconds"),
-        stop_timeout=section.value("stopTimeoutSeconds"),
-        backoff_max_seconds=section.value("restartBackoffMaxSeconds"),
-        crash_loop_restarts=section.value("crashLoopRestarts"),
-        crash_loop_window=section.value("crashLoopWindowSeconds"),
-    )
+    supervision = section.fill(Supervision)
     if supervision.heartbeat_timeout <= 2 * supervision.heartbeat_seconds:
         raise ConfigError(f"{section.path}.heartbeatTimeoutSeconds: must be more than twice "
                           f"heartbeatSeconds ({supervision.heartbeat_seconds:g})")

@@ -43,6 +43,7 @@ class Key:
     choices: Tuple[str, ...] = ()
     shown: Optional[str] = None  # the README's default column, when not just the default
     maximum_why: str = ""  # said after the maximum in the error, e.g. " (the MQTT limit)"
+    field: Optional[str] = None  # the config dataclass field `Section.fill` puts the value in
 
     @property
     def default_text(self) -> str:
@@ -68,57 +69,69 @@ _THING, _MQTT = "flashlex.thing", "flashlex.thing.mqtt"
 _BACKOFF = f"{_MQTT}.autoReconnectBackoffTime"
 
 TABLE: Tuple[Key, ...] = (
-    _legacy("flashlex.app.api", "FlashLex cloud API of the old SDK (`endpoint`, `env`): accepted, not used"),
+    _legacy("flashlex.app.api",
+            "FlashLex cloud API of the old SDK (`endpoint`, `env`): accepted, not used"),
     _legacy("flashlex.app.callback", "old SDK callback style: accepted, not used"),
     _legacy("flashlex.app.thread", "old SDK threading style: accepted, not used"),
     _legacy("flashlex.app.message", "old SDK message settings: accepted, not used"),
-    _legacy(f"{_DB}.subscriptionData", "the old SDK's JSON store file: accepted, not used (LMDB replaces it)"),
-    Key(f"{_DB}.expireSeconds", "seconds", None, "inbox messages older than this are removed; must be > 0",
-        WORKERS, shown="no expiry"),
+    _legacy(f"{_DB}.subscriptionData",
+            "the old SDK's JSON store file: accepted, not used (LMDB replaces it)"),
+    Key(f"{_DB}.expireSeconds", "seconds", None,
+        "inbox messages older than this are removed; must be > 0",
+        WORKERS, shown="no expiry", field="expire_seconds"),
     Key(f"{_DB}.dataPath", "text", DEFAULT_DATA_DIR, "store directory (`--data-dir` wins)", WORKERS),
     Key(f"{_DB}.capMegabytes", "integer", 256, "store size cap", WORKERS, minimum=1),
     Key(f"{_DB}.whenFull", "choice", "reject",
         "at the cap: `reject` (stop acknowledging; the broker keeps the messages) or `dropOldest` (drop"
         " the oldest inbox messages, counted). Outbox entries and dead letters are never dropped: outbox"
         " appends are refused when full, and once they alone fill the cap, inbox appends are refused"
-        " too", WORKERS, choices=FULL_POLICIES),
-    Key(f"{_DB}.sweepSeconds", "seconds", 5.0, "how often the expiry worker sweeps", WORKERS),
+        " too", WORKERS, choices=FULL_POLICIES, field="when_full"),
+    Key(f"{_DB}.sweepSeconds", "seconds", 5.0, "how often the expiry worker sweeps", WORKERS,
+        field="sweep_seconds"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"
         " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames",
-        AT_ONCE_AND_WORKERS, minimum=1),
+        AT_ONCE_AND_WORKERS, minimum=1, field="max_payload_bytes"),
     Key("flashlex.app.logLevel", "choice", "info",
         "`debug`, `info`, `warning`, `error` (`--log-level` wins)", WORKERS, choices=LOG_LEVELS),
     Key(f"{_SOCKET}.path", "text", DEFAULT_SOCKET,
         "API socket (`--socket`, then `$FLASHLEXD_SOCKET` win)", NEXT_START),
     Key(f"{_SOCKET}.group", "text", None,
         "group owning the socket (mode 0660); the unit runs the service in it (`Group=`)", NEXT_START,
-        shown="none"),
+        shown="none", field="socket_group"),
     Key(f"{_SOCKET}.allowUids", "uids", (),
         "uids allowed besides root and the daemon's own; when set, the socket is 0666 (and the unit's"
-        " runtime dir 0755) and every connection is checked by SO_PEERCRED", NEXT_START, shown="`[]`"),
+        " runtime dir 0755) and every connection is checked by SO_PEERCRED", NEXT_START, shown="`[]`",
+        field="allow_uids"),
     Key(f"{_SOCKET}.maxConnections", "integer", 1024,
         "concurrent API connections; more get `busy` at once. Never more than the open files limit"
         " minus 64 (the supervisor raises its soft limit to the hard one at start; a lower cap is"
-        " logged)", AT_ONCE, minimum=1),
-    Key(f"{_SOCKET}.idleTimeoutSeconds", "seconds", 300.0, "idle API connections are closed", AT_ONCE),
+        " logged)", AT_ONCE, minimum=1, field="max_connections"),
+    Key(f"{_SOCKET}.idleTimeoutSeconds", "seconds", 300.0, "idle API connections are closed", AT_ONCE,
+        field="idle_timeout"),
     Key(f"{_SOCKET}.maxBufferedBytes", "integer", None,
         "bytes of incoming requests all API connections may hold together; a request that does not"
         " fit is answered `busy` and its connection closed. Must be at least 1 MiB + `maxPayloadBytes`",
-        AT_ONCE, minimum=1, shown="8388608 (8 MiB; at least two of the largest requests)"),
+        AT_ONCE, minimum=1, shown="8388608 (8 MiB; at least two of the largest requests)",
+        field="max_buffered_bytes"),
     Key(f"{_SOCKET}.frameTimeoutSeconds", "seconds", 10.0,
         "a request must arrive whole within this many seconds of its first byte; slower senders get"
-        " `frame_timeout` and are closed", AT_ONCE),
-    Key(f"{_SUP}.heartbeatSeconds", "seconds", 1.0, "worker heartbeat period", WORKERS),
+        " `frame_timeout` and are closed", AT_ONCE, field="frame_timeout"),
+    Key(f"{_SUP}.heartbeatSeconds", "seconds", 1.0, "worker heartbeat period", WORKERS,
+        field="heartbeat_seconds"),
     Key(f"{_SUP}.heartbeatTimeoutSeconds", "seconds", 10.0,
         "a worker silent this long gets SIGABRT (its stack is logged), SIGKILL a second later, and is"
-        " replaced; must be more than twice `heartbeatSeconds`", WORKERS),
-    Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL", WORKERS),
-    Key(f"{_SUP}.restartBackoffMaxSeconds", "seconds", 30.0, "cap of the restart backoff", WORKERS),
+        " replaced; must be more than twice `heartbeatSeconds`", WORKERS,
+        field="heartbeat_timeout"),
+    Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL", WORKERS,
+        field="stop_timeout"),
+    Key(f"{_SUP}.restartBackoffMaxSeconds", "seconds", 30.0, "cap of the restart backoff", WORKERS,
+        field="backoff_max_seconds"),
     Key(f"{_SUP}.crashLoopRestarts", "integer", 5,
         "more failures of one worker than this within `crashLoopWindowSeconds`: exit 1", WORKERS,
-        minimum=1),
-    Key(f"{_SUP}.crashLoopWindowSeconds", "seconds", 60.0, "the window of `crashLoopRestarts`", WORKERS),
+        minimum=1, field="crash_loop_restarts"),
+    Key(f"{_SUP}.crashLoopWindowSeconds", "seconds", 60.0, "the window of `crashLoopRestarts`", WORKERS,
+        field="crash_loop_window"),
     _legacy("flashlex.dist", "build metadata of the old SDK (`commitSha`): accepted, not used"),
     _legacy(f"{_THING}.id", "FlashLex thing id: accepted, not used"),
     Key(f"{_THING}.name", "text", REQUIRED, "MQTT client id of ingress (unless `mqtt.clientId`)", LINKS),

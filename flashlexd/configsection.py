@@ -6,10 +6,12 @@ readers below are what it uses. Every problem is a `ConfigError` naming the key'
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Type, TypeVar
 
-from flashlexd.configkeys import KEYS, LEGACY_KEYS, REQUIRED
+from flashlexd.configkeys import KEYS, LEGACY_KEYS, REQUIRED, TABLE
 from flashlexd.configtext import ConfigError
+
+T = TypeVar("T")
 
 
 class Section:
@@ -32,9 +34,11 @@ class Section:
         if key.kind == "text":
             return self.text(name, default, required=required)
         if key.kind == "integer":
-            value = self.integer(name, default, minimum=key.minimum, required=required)  # type: ignore[arg-type]
+            value = self.integer(name, default, minimum=key.minimum,  # type: ignore[arg-type]
+                                 required=required)
             if key.maximum is not None and value is not None and value > key.maximum:
-                raise ConfigError(f"{key.path}: must be <= {key.maximum:g}{key.maximum_why}, got {value}")
+                raise ConfigError(f"{key.path}: must be <= {key.maximum:g}{key.maximum_why},"
+                                  f" got {value}")
             return value
         if key.kind == "seconds":
             return self.seconds(name, default)
@@ -49,6 +53,14 @@ class Section:
         if key.kind == "rate":
             return self.rate(name, allow_zero=key.minimum == 0)
         raise AssertionError(f"{key.path}: kind {key.kind} is not read by value()")
+
+    def fill(self, cls: Type[T], **given: Any) -> T:
+        """`cls` (a config dataclass) from every key of this section whose table entry names a
+        `field`, plus the fields `given` (those computed from several keys or the command line)."""
+        prefix = f"{self.path}."
+        values = {key.field: self.value(key.path[len(prefix):]) for key in TABLE
+                  if key.field and key.path.startswith(prefix) and "." not in key.path[len(prefix):]}
+        return cls(**values, **given)
 
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}"
