@@ -95,6 +95,37 @@ def test_hung_worker_is_killed_and_replaced(daemon, notify):
     assert daemon.zombies() == []
 
 
+def test_a_hung_worker_logs_where_it_hung_before_it_dies(daemon_config, tmp_path, notify):
+    """A sitecustomize gives the expiry worker a SIGUSR2 handler that blocks its main thread
+    (a hang in the middle of its loop); the supervisor's SIGABRT makes faulthandler write the
+    stack to the log, naming the function it hung in, and the worker is replaced."""
+    import os
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, time\n"
+        "args = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
+        "def stuck_in_a_test_hang(signum, frame):\n"
+        "    time.sleep(3600)\n"
+        "if b'flashlexd.workers' in args and b'expiry' in args:\n"
+        "    signal.signal(signal.SIGUSR2, stuck_in_a_test_hang)\n")
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
+                                                   "PYTHONPATH": str(hook)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        before = running.children()
+        os.kill(before["expiry"], signal.SIGUSR2)
+        wait_for(lambda: running.children().get("expiry") not in (None, before["expiry"]), 15,
+                 "the hung expiry worker to be replaced")
+        output = running.output()
+        assert "expiry hung" in output and "aborting pid" in output
+        assert "Fatal Python error: Aborted" in output
+        assert 'in stuck_in_a_test_hang' in output  # the frame it hung in
+        assert "expiry did not abort in time" not in output  # SIGABRT was enough
+    finally:
+        running.stop()
+
+
 def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     notify.wait_for("READY=1", timeout=15)
     before = daemon.children()
