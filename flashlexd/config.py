@@ -20,7 +20,7 @@ from flashlexd.quotas import quota_warnings
 from flashlexd.topics import publish_topic_problem
 from flashlexd.wire import DEFAULT_SOCKET, REQUEST_OVERHEAD
 
-__all__ = ["Api", "Backoff", "Config", "ConfigError", "DEFAULT_DATA_DIR", "DEFAULT_SOCKET", "Keys",
+__all__ = ["Api", "ReconnectPolicy", "Config", "ConfigError", "DEFAULT_DATA_DIR", "DEFAULT_SOCKET", "Keys",
            "LOG_LEVELS", "Mqtt", "StoreSettings", "Supervision", "Thing", "load", "loads", "parse"]
 
 
@@ -32,7 +32,7 @@ class Keys:
 
 
 @dataclass(frozen=True)
-class Backoff:
+class ReconnectPolicy:
     base_seconds: float
     max_seconds: float
     stable_seconds: float
@@ -49,7 +49,7 @@ class Mqtt:
     keepalive: int
     client_id: str
     egress_client_id: str
-    backoff: Backoff
+    backoff: ReconnectPolicy
     offline_publish_queueing: int
     connect_timeout: float
     operation_timeout: float
@@ -219,7 +219,7 @@ def _keys(section: Section, base: Path, base_name: str, warnings: List[str],
 
 def _mqtt(section: Section, thing_name: str) -> Mqtt:
     backoff_section = section.section("autoReconnectBackoffTime")
-    backoff = Backoff(
+    backoff = ReconnectPolicy(
         base_seconds=backoff_section.value("baseReconnectQuietTimeSecond"),
         max_seconds=backoff_section.value("maxReconnectQuietTimeSecond"),
         stable_seconds=backoff_section.value("stableConnectionTimeSecond"),

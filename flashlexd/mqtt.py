@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
-from flashlexd.backoff import ReconnectBackoff
+from flashlexd.reconnect import ReconnectBackoff
 from flashlexd.config import Config
 from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
