@@ -30,7 +30,7 @@ EVERY_KEY_SET = {  # a valid value for each key that has no default in the seed
 }
 
 
-def config_with(tmp_path: Path, values: Dict[str, Any]) -> Path:
+def config_with(tmp_path: Path, values: Dict[str, Any], name: str = "flashlexd.yml") -> Path:
     document = yaml.safe_load(seed_bytes())
     for dotted, value in values.items():
         *parents, last = dotted.split(".")
@@ -39,7 +39,7 @@ def config_with(tmp_path: Path, values: Dict[str, Any]) -> Path:
             node = node.setdefault(name, {})
         node[last] = value
     make_keys(tmp_path)
-    path = tmp_path / "flashlexd.yml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
