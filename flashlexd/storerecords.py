@@ -5,12 +5,14 @@ shared by the store's modules (store, storebase, storeoutbox) and nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
 import lmdb
 from flashlexd.clock import LEGACY_SEQ, Timeline
+from flashlexd.records import Message, OutboxEntry
 from flashlexd.storedamage import CorruptRecord, unpack_record
 
 _ID = struct.Struct(">Q")
@@ -59,54 +61,7 @@ class Incoming:
     dup: bool = False
 
 
-@dataclass(frozen=True)
-class Message:
-    """A stored inbox message; the fields the FlashLex SDK kept, plus its expiry."""
-    id: int
-    timestamp: float
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int
-    expires_at: Optional[float]
-    age: float = 0.0  # real seconds since it arrived (clock.py's rule), when it was read
-
-    @property
-    def pk(self) -> str:
-        return str(self.id)
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "pk": self.pk, "timestamp": self.timestamp, "topic": self.topic,
-                "payload": self.payload, "qos": self.qos, "retain": self.retain, "mid": self.mid,
-                "expires_at": self.expires_at, "age": self.age}
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    id: int
-    created: float
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    age: float
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "created": self.created, "topic": self.topic,
-                "payload": self.payload, "qos": self.qos, "retain": self.retain, "age": self.age}
-
-
-@dataclass(frozen=True)
-class DeadLetter(OutboxEntry):
-    """An outbox entry moved aside because the broker refused it `attempts` times."""
-    attempts: int
-    reason: str
-    dead_at: float
-
-    def to_dict(self) -> dict:
-        return dict(super().to_dict(), attempts=self.attempts, reason=self.reason,
-                    dead_at=self.dead_at)
+DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set
 
 
 def _key(record_id: int) -> bytes:
@@ -148,9 +103,11 @@ def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
     record = unpack_record(raw, 7)
     wall, topic, payload, qos, retain, mid, expires_at = record[:7]
     seq, boot = _stamp_of(record, 7)
-    return Message(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
-                   retain, mid, None if expires_at is None else timeline.expiry_wall(expires_at, wall, seq, boot),
-                   timeline.age(wall, seq, boot))
+    return Message(id=_ID.unpack(key)[0], timestamp=timeline.arrival(wall, seq, boot), topic=topic,
+                   payload=payload, qos=qos, retain=retain, mid=mid,
+                   expires_at=None if expires_at is None
+                   else timeline.expiry_wall(expires_at, wall, seq, boot),
+                   age=timeline.age(wall, seq, boot))
 
 
 def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
@@ -158,8 +115,8 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
         raise CorruptRecord(f"an outbox key is {len(key)} bytes, not {_ID.size}")
     wall, topic, payload, qos, retain = record[:5]
     seq, boot = _stamp_of(record, 5)
-    return OutboxEntry(_ID.unpack(key)[0], timeline.arrival(wall, seq, boot), topic, payload, qos,
-                       retain, timeline.age(wall, seq, boot))
+    return OutboxEntry(id=_ID.unpack(key)[0], created=timeline.arrival(wall, seq, boot), topic=topic,
+                       payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot))
 
 
 def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:
@@ -168,8 +125,7 @@ def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:
         raise CorruptRecord(f"a dead letter is not a {_DEAD_FIELDS + 5}-field array")
     attempts, reason, dead_at = record[:_DEAD_FIELDS]
     entry = _outbox_entry(key, record[_DEAD_FIELDS:], timeline)
-    return DeadLetter(entry.id, entry.created, entry.topic, entry.payload, entry.qos, entry.retain,
-                      entry.age, attempts, reason, dead_at)
+    return dataclasses.replace(entry, attempts=attempts, reason=reason, dead_at=dead_at)
 
 
 def _read_outbox_entry(key: bytes, raw: memoryview, timeline: Timeline) -> OutboxEntry:

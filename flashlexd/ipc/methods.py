@@ -270,8 +270,7 @@ class Methods:
         elif dead:
             entries = [d.to_dict() for d in self.store.dead_letters(limit, after)]
         else:  # attempts are counted by the egress worker, in memory: not known here
-            entries = [dict(e.to_dict(), attempts=None, reason=None)
-                       for e in self.store.outbox_peek(limit, after)]
+            entries = [e.to_dict() for e in self.store.outbox_peek(limit, after)]
         for entry in entries:
             entry["size"] = len(entry["payload"])
         return {"count": figures["outbox_count"], "dead": figures["dead_count"],
