@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_ingest import PAYLOAD_BYTES, Sample, alternate, report  # noqa: E402
 from flashlexd import config as config_module  # noqa: E402
-from flashlexd.mqtt import build_client  # noqa: E402
+from flashlexd.mqttclient import build_client  # noqa: E402
 from tests.broker import EGRESS_TOPIC, Broker, make_certs, open_store, wait_for, write_config  # noqa: E402
 from tests.worker_process import WorkerProcess, cpu_seconds  # noqa: E402
 

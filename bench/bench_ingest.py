@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashlexd import config as config_module  # noqa: E402
-from flashlexd.mqtt import build_client  # noqa: E402
+from flashlexd.mqttclient import build_client  # noqa: E402
 from tests.broker import (INGRESS_TOPIC, Broker, make_certs, publish_lines,  # noqa: E402
                           write_config, write_lines)
 from tests.worker_process import WorkerProcess, cpu_seconds  # noqa: E402

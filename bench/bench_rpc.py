@@ -33,6 +33,8 @@ from flashlexd.client import Client
 from flashlexd.client.wire import HEADER
 from flashlexd.ipc import Limits, RpcServer
 from flashlexd.ipc.methods import Methods
+from flashlexd.runtime import ApiRules
+from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
 from flashlexd.store import Incoming, Store
 
 MAX_PAYLOAD = 256 * 1024
@@ -75,14 +77,15 @@ def rpc_loop(path: str, data_dir: str) -> None:
     """RpcServer hosted the way the supervisor hosts it."""
     store = Store(Path(data_dir), cap_bytes=512 << 20)
     started = time.monotonic()
-    workers = [{"name": n, "pid": 1000 + i, "state": "running", "restarts": 0, "heartbeat_age": 0.3}
+    workers = [{"name": n, "pid": 1000 + i, "state": "ready", "restarts": 0, "heartbeat_age": 0.3}
                for i, n in enumerate(("ingress", "egress", "expiry"))]
 
     def status() -> dict:
         return {"version": "0.1.0", "uptime": time.monotonic() - started, "workers": workers,
                 "mqtt": {"ingress": {"connected": True}, "egress": {"connected": True}},
                 "counters": {"restarts": 0}}
-    methods = Methods(store, status, lambda: None, "things/bench/egress", -1, lambda: True, MAX_PAYLOAD)
+    rules = ApiRules("things/bench/egress", -1, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
+    methods = Methods(lambda: store, status, lambda: None, lambda: True, lambda: rules)
     selector = selectors.DefaultSelector()
     server = RpcServer(path, methods, Limits.for_payload(MAX_PAYLOAD), selector)
     while True:

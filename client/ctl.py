@@ -10,7 +10,6 @@ escaped by JSON itself.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import sys
@@ -19,196 +18,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, socket_path
+from flashlexd.client.ctlview import (ago, health, jsonable, message_rows, oldest_text, plural, preview,
+                                      render_status, table)
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
 
-HEALTHY_STATES = ("running", "ready")
 EPILOG = f"""\
 The socket is --socket, else ${SOCKET_ENV}, else {DEFAULT_SOCKET}.
 --json prints exactly what the API returns, as JSON. Byte strings (payloads) print as text
 when they are valid UTF-8, otherwise as {{"$base64": "..."}}.
 Exit codes: 0 ok (status: healthy), 1 degraded or refused, 2 daemon not running or bad usage."""
-
-
-# -- presentation -------------------------------------------------------------------------------
-
-def jsonable(value: Any) -> Any:
-    """API results as JSON: bytes become text when valid UTF-8, else {"$base64": ...}."""
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return {"$base64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def human_bytes(count: Optional[float]) -> str:
-    if count is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count} B"  # pragma: no cover
-
-
-def duration(seconds: Optional[float]) -> str:
-    """3s, 4m 10s, 2h 5m, 3d 4h: two units at most."""
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    parts = [(whole // 86400, "d"), (whole % 86400 // 3600, "h"), (whole % 3600 // 60, "m"),
-             (whole % 60, "s")]
-    while len(parts) > 1 and parts[0][0] == 0:
-        parts.pop(0)
-    return " ".join(f"{n}{u}" for n, u in parts[:2])
-
-
-def ago(seconds: Optional[float]) -> str:
-    return "-" if seconds is None else f"{duration(seconds)} ago"
-
-
-class Safe(str):
-    """Text already passed through `printable`: `table` shows it as it is."""
-
-
-def preview(payload: bytes, width: int = 60) -> Safe:
-    """A one-line look at a payload: text (escaped) when UTF-8, else its size."""
-    try:
-        text = printable(payload.decode("utf-8"))
-    except UnicodeDecodeError:
-        return Safe(f"<{len(payload)} bytes binary>")
-    return Safe(text if len(text) <= width else text[:width - 3] + "...")
-
-
-def table(headers: Sequence[str], rows: List[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """Aligned columns of escaped cells; the last column is not padded (it is usually the long one)."""
-    cells = [[c if isinstance(c, Safe) else printable(str(c)) for c in row]
-             for row in [list(headers)] + [list(r) for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = []
-    for row in cells:
-        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row[:-1])]
-        lines.append("  ".join(out + [row[-1]]).rstrip())
-    return "\n".join(lines)
-
-
-def health(status: Dict[str, Any]) -> List[str]:
-    """Why the daemon is degraded; empty when healthy."""
-    problems = []
-    workers = status.get("workers") or []
-    if not workers:
-        problems.append("no workers reported")
-    for worker in workers:
-        if worker.get("state") not in HEALTHY_STATES:
-            problems.append(f"worker {worker.get('name')} is {worker.get('state')}")
-    mqtt = status.get("mqtt") or {}
-    for side in ("ingress", "egress"):
-        if not (mqtt.get(side) or {}).get("connected"):
-            problems.append(f"{side} MQTT is not connected")
-    damaged = (status.get("store") or {}).get("damaged")
-    if damaged:
-        problems.append(f"{damaged} (read-only; see flashlexd store recover)")
-    store_error = (mqtt.get("ingress") or {}).get("store_error")
-    if store_error:
-        problems.append(f"ingress is not storing (messages stay with the broker): {store_error}")
-    dead = (status.get("outbox") or {}).get("dead")
-    if dead:
-        problems.append(f"{_plural(dead, 'dead letter')} in the outbox (see: flashlexctl outbox --dead)")
-    return problems
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def _oldest(section: Dict[str, Any]) -> str:
-    return f", oldest {ago(section['oldest_age'])}" if section.get("oldest_age") is not None else ""
-
-
-def drain_line(egress: Dict[str, Any], backlog: int) -> str:
-    """"draining 2000 entries at 100/s, ~20 s": the egress's rate in use and time to drain."""
-    if not backlog:
-        return ""
-    rate = egress.get("rate_limit") or egress.get("send_rate")
-    eta = egress.get("eta_s")
-    at = f" at {rate:g}/s" if rate else ""
-    left = "" if eta is None else f", ~{eta:.0f} s" if eta < 60 else f", ~{duration(eta)}"
-    return f"draining {backlog} entries{at}{left}"
-
-
-def render_status(status: Dict[str, Any], path: str) -> str:
-    problems = health(status)
-    state = "healthy" if not problems else "degraded: " + "; ".join(problems)
-    head = [f"flashlexd {status.get('version') or '?'}, up {duration(status.get('uptime'))}, {state}",
-            f"socket    {path}", ""]
-    workers = status.get("workers") or []
-    worker_table = []  # already escaped, cell by cell
-    if workers:
-        rows = [(w.get("name", "?"), w.get("pid") or "-", w.get("state", "?"), w.get("restarts", 0),
-                 ago(w.get("heartbeat_age"))) for w in workers]
-        worker_table = [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)), ""]
-    lines: List[str] = []
-    mqtt = status.get("mqtt") or {}
-    for side in ("ingress", "egress"):  # the worker's own counters: since that process started
-        info = dict(mqtt.get(side) or {})
-        word = "connected" if info.pop("connected", False) else "not connected"
-        error = info.pop("error", None)
-        word += f", {error}" if error else ""
-        granted = info.pop("subscriptions", None)
-        word += f", subscribed to {', '.join(f'{t} (QoS {q})' for t, q in granted)}" if granted else ""
-        extra = ", ".join(f"{k} {v}" for k, v in info.items() if v not in (None, ""))
-        lines.append(f"mqtt {side:<8} {word}" + (f" (since the worker started: {extra})" if extra else ""))
-    inbox, outbox, store = status.get("inbox", {}), status.get("outbox", {}), status.get("store", {})
-    limit = outbox.get("limit")
-    cap_text = ("unlimited" if limit is None or limit < 0
-                else "refused while offline" if limit == 0 else f"up to {limit}")
-    used, cap = store.get("used_bytes"), store.get("cap_bytes")
-    share = f" ({100.0 * used / cap:.1f}%)" if used is not None and cap else ""
-    lines += [f"inbox     {inbox.get('count', 0)} messages{_oldest(inbox)}",
-              f"outbox    {outbox.get('count', 0)} queued{_oldest(outbox)}{_in_flight(outbox)}"
-              f" (offline queueing: {cap_text}), {_plural(outbox.get('dead') or 0, 'dead letter')}",
-              f"store     {human_bytes(used)} of {human_bytes(cap)}{share},"
-              f" when full: {store.get('when_full', '?')}"]
-    draining = drain_line(mqtt.get("egress") or {}, outbox.get("count", 0))
-    if draining:
-        lines.append(draining)
-    counters = status.get("counters") or {}
-    if counters:  # the store's running totals, read at this call
-        lines.append("totals    " + ", ".join(f"{k} {v}" for k, v in counters.items())
-                     + " (since the store was created)")
-    rates = status.get("rates") or {}
-    if rates:
-        lines.append("rates     " + render_rates(rates))
-    return "\n".join([printable(line) for line in head] + worker_table + [printable(line) for line in lines])
-
-
-def _in_flight(outbox: Dict[str, Any]) -> str:
-    age = outbox.get("oldest_inflight_age")
-    return f", oldest unacknowledged {duration(age)}" if age is not None else ""
-
-
-def render_rates(rates: Dict[str, Any]) -> str:
-    """`ingest 1.5/s, drain 0.0/s over the last 10.0s`; the window is a span, not a rate."""
-    window = rates.get("window_s")
-    if not window:
-        return "not measured yet (two samples a second apart are needed)"
-    shown = ", ".join(f"{k[:-len('_per_s')]} {v:.1f}/s" for k, v in rates.items()
-                      if k.endswith("_per_s") and isinstance(v, (int, float)))
-    return f"{shown} over the last {window:.1f}s"
-
-
-def message_rows(messages: List[Dict[str, Any]], now: float) -> str:
-    rows = [(m["pk"], ago(now - m["timestamp"]), m["topic"], m["qos"], len(m["payload"]),
-             preview(m["payload"])) for m in messages]
-    return table(("PK", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), rows, right=(0, 3, 4))
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -274,7 +94,7 @@ def cmd_outbox(fx: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return 0
-    print(f"{result['count']} queued{_oldest(result)}, {_plural(result.get('dead', 0), 'dead letter')}")
+    print(f"{result['count']} queued{oldest_text(result)}, {plural(result.get('dead', 0), 'dead letter')}")
     entries = result.get("entries", [])  # ages are the daemon's (clock steps do not move them)
     if args.dead:
         rows = [(e["id"], ago(e.get("age")), e["topic"], e["size"], e["attempts"], e["reason"])
@@ -313,7 +133,7 @@ def _outbox_retry(fx: Client, args: argparse.Namespace) -> int:
     else:
         missing = len(set(asked)) - len(moved)
         gone = f" ({missing} not dead letters)" if missing > 0 else ""
-        print(f"retried {_plural(len(moved), 'dead letter')}{gone}" + (
+        print(f"retried {plural(len(moved), 'dead letter')}{gone}" + (
             f": now outbox entries {_id_ranges(moved)}" if moved else ""))
     return 0
 

@@ -2,9 +2,7 @@
 and the validated config text handed over as an inherited file.
 
 SEQPACKET keeps message boundaries, so each send is one whole message and a dead peer reads as
-end-of-file. Messages are small dicts with a type field `t`:
-  worker -> supervisor: hb (heartbeat + counters), state, mqtt (connection state), committed
-  supervisor -> worker: stop, outbox (something was queued for egress)
+end-of-file. What the messages are is `linkmsg`'s business; this module only moves them.
 
 The config does not travel as a message: a datagram is bounded by the socket buffer (a config
 over ~64 KiB never arrived). The supervisor writes the text it validated once into a sealed
@@ -19,6 +17,8 @@ import socket
 from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
+
+from flashlexd.linkmsg import LinkMessage, encode
 
 MAX_MESSAGE = 64 * 1024
 CHANNEL_FD = 3  # where a worker finds its end after exec
@@ -87,16 +87,16 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, kind: str, **fields: Any) -> bool:
-        fields["t"] = kind
+    def send(self, message: LinkMessage) -> bool:
         try:
-            self.sock.send(msgpack.packb(fields, use_bin_type=True))
+            self.sock.send(msgpack.packb(encode(message), use_bin_type=True))
             return True
         except (BlockingIOError, BrokenPipeError, ConnectionError, OSError):
             return False
 
     def receive(self) -> Optional[List[Dict[str, Any]]]:
-        """Every message waiting now; None when the peer has gone."""
+        """Every message waiting now, as wire maps (`linkmsg.decode` types them); None when the
+        peer has gone."""
         messages: List[Dict[str, Any]] = []
         while True:
             try:

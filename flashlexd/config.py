@@ -7,33 +7,22 @@ line and exit 2 instead of dying later on a bad value (the old SDK divided by
 """
 from __future__ import annotations
 
-import math
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from flashlexd.client.wire import REQUEST_OVERHEAD
+from flashlexd.configkeys import DEFAULT_DATA_DIR, KEYS, LOG_LEVELS
+from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
-from flashlexd.dedupe import DEFAULT_WINDOW_SECONDS, DedupeKey
-
+from flashlexd.dedupe import DedupeKey
 from flashlexd.quotas import quota_warnings
 from flashlexd.topics import publish_topic_problem
+from flashlexd.wire import DEFAULT_SOCKET, REQUEST_OVERHEAD
 
-DEFAULT_DATA_DIR = "/var/lib/flashlexd"
-DEFAULT_SOCKET = "/run/flashlexd/flashlexd.sock"
-FULL_POLICIES = ("reject", "dropOldest")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
-
-# Keys that only meant something to the FlashLex SDK 1.4 (cloud API, callback style, its JSON
-# store file). They are accepted so old config files load, and otherwise ignored.
-LEGACY_KEYS = {
-    "flashlex.app.api", "flashlex.app.callback", "flashlex.app.thread", "flashlex.app.message",
-    "flashlex.app.db.subscriptionData", "flashlex.dist", "flashlex.thing.id",
-    "flashlex.thing.keys.publicKey", "flashlex.thing.keys.path",
-}
+__all__ = ["Api", "ReconnectPolicy", "Config", "ConfigError", "DEFAULT_DATA_DIR", "DEFAULT_SOCKET", "Keys",
+           "LOG_LEVELS", "Mqtt", "StoreSettings", "Supervision", "Thing", "load", "loads", "parse"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +33,7 @@ class Keys:
 
 
 @dataclass(frozen=True)
-class Backoff:
+class ReconnectPolicy:
     base_seconds: float
     max_seconds: float
     stable_seconds: float
@@ -61,7 +50,7 @@ class Mqtt:
     keepalive: int
     client_id: str
     egress_client_id: str
-    backoff: Backoff
+    backoff: ReconnectPolicy
     offline_publish_queueing: int
     connect_timeout: float
     operation_timeout: float
@@ -71,7 +60,7 @@ class Mqtt:
     rate_source: str           # the key the publish rate came from, for check and warnings
     poison_attempts: int
     max_topic_bytes: int     # outbound: `publish` refuses longer topics (AWS IoT's limit)
-    max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: Store's)
+    max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: StoreSettings')
 
     def ingress_topics(self) -> Tuple[str, ...]:
         """Every topic filter the ingress worker subscribes to, without repeats, in order."""
@@ -88,7 +77,8 @@ class Thing:
 
 
 @dataclass(frozen=True)
-class Store:
+class StoreSettings:
+    """flashlex.app.db: how the store is opened (not the store itself: `store.Store`)."""
     data_dir: Path
     cap_bytes: int
     when_full: str
@@ -123,99 +113,12 @@ class Supervision:
 class Config:
     path: Path
     thing: Thing
-    store: Store
+    store: StoreSettings
     api: Api
     supervision: Supervision
     log_level: str
     warnings: Tuple[str, ...] = field(default=(), compare=False)
     text: str = field(default="", compare=False, repr=False)
-
-
-class _Section:
-    """Typed access to one mapping of the YAML, remembering its key path and the keys used."""
-
-    def __init__(self, data: Any, path: str, warnings: List[str]):
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_show(data)}")
-        self.data, self.path, self.warnings = data, path, warnings
-        self.used: set = set()
-
-    def _key(self, key: str) -> str:
-        return f"{self.path}.{key}"
-
-    def _raw(self, key: str, required: bool) -> Any:
-        self.used.add(key)
-        value = self.data.get(key)
-        if value is None and required:
-            raise ConfigError(f"{self._key(key)}: missing required key")
-        return value
-
-    def section(self, key: str, required: bool = False) -> "_Section":
-        return _Section(self._raw(key, required), self._key(key), self.warnings)
-
-    def text(self, key: str, default: Optional[str] = None, required: bool = False) -> Optional[str]:
-        value = self._raw(key, required and default is None)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"{self._key(key)}: expected a non-empty string, got {_show(value)}")
-        return value.strip()
-
-    def integer(self, key: str, default: Optional[int] = None, minimum: Optional[int] = None,
-                required: bool = False) -> int:
-        value = self._raw(key, required and default is None)
-        if value is None:
-            return default  # type: ignore[return-value]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self._key(key)}: expected an integer, got {_show(value)}")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value}")
-        return value
-
-    def seconds(self, key: str, default: Optional[float] = None) -> Optional[float]:
-        """A positive duration: zero or negative intervals made the old SDK spin or crash."""
-        value = self._raw(key, False)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{self._key(key)}: expected a number of seconds, got {_show(value)}")
-        if value <= 0:
-            raise ConfigError(f"{self._key(key)}: must be greater than 0, got {value}")
-        return float(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._raw(key, False)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected true or false, got {_show(value)}")
-        return value
-
-    def choice(self, key: str, choices: Tuple[str, ...], default: str) -> str:
-        value = self.text(key, default)
-        if value not in choices:
-            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {_show(value)}")
-        return value  # type: ignore[return-value]
-
-    def text_list(self, key: str) -> Tuple[str, ...]:
-        value = self._raw(key, False)
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise ConfigError(f"{self._key(key)}: expected a list of strings, got {_show(value)}")
-        return tuple(v.strip() for v in value)
-
-    def warn_unknown(self) -> None:
-        for key in self.data:
-            if key not in self.used and self._key(str(key)) not in LEGACY_KEYS:
-                self.warnings.append(f"{self._key(str(key))}: unknown key, ignored")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load(path: str, data_dir: Optional[str] = None, keys_dir: Optional[str] = None,
@@ -246,7 +149,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     for key in document:  # an app's own sections (the old SDK ignored them); `flashlex` is strict
         if key != "flashlex":
             warnings.append(f"{key}: unknown top-level section, ignored")
-    root = _Section(document["flashlex"], "flashlex", warnings)
+    root = Section(document["flashlex"], "flashlex", warnings)
     for key in root.data:
         if key not in ("app", "thing", "dist"):
             raise ConfigError(f"flashlex.{key}: unknown section (expected app, thing, dist)")
@@ -261,7 +164,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     store = _store(app.section("db"), data_dir)
     api = _api(app.section("socket"), socket_path, store.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
-    file_level = app.choice("logLevel", LOG_LEVELS, "info")  # checked even when overridden
+    file_level = app.value("logLevel")  # checked even when overridden
     level = log_level or file_level
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {_show(level)}")
@@ -280,10 +183,10 @@ def legacy_keys_dir(config_path: Path) -> Optional[Path]:
     return keys.parent.parent if keys.name == "keys" else None
 
 
-def _thing(section: _Section, keys_base: Path, warnings: List[str], keys_base_name: str,
+def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_name: str,
            legacy_base: Optional[Path]) -> Thing:
-    name = section.text("name", required=True)
-    endpoint = section.text("endpoint", required=True)
+    name = section.value("name")
+    endpoint = section.value("endpoint")
     keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
                  legacy_base)
     mqtt = _mqtt(section.section("mqtt", required=True), name)  # type: ignore[arg-type]
@@ -292,10 +195,10 @@ def _thing(section: _Section, keys_base: Path, warnings: List[str], keys_base_na
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 
 
-def _keys(section: _Section, base: Path, base_name: str, warnings: List[str],
+def _keys(section: Section, base: Path, base_name: str, warnings: List[str],
           legacy_base: Optional[Path]) -> Keys:
     def key_file(key: str) -> Path:
-        name = section.text(key, required=True)
+        name = section.value(key)
         path = (base / name).resolve()  # type: ignore[operator]
         if not os.access(path, os.R_OK) or not path.is_file():
             reason = ("missing" if not path.exists() else "not a file" if not path.is_file()
@@ -311,49 +214,46 @@ def _keys(section: _Section, base: Path, base_name: str, warnings: List[str],
     if stat.S_IMODE(keys.private_key.stat().st_mode) & 0o077:
         warnings.append(f"{section.path}.privateKey: {keys.private_key} is readable by other users;"
                         f" run: chmod 600 {keys.private_key}")
-    section.text("publicKey")  # not needed for mutual TLS; accepted
+    section.value("publicKey")  # not needed for mutual TLS; accepted
     section.warn_unknown()
     return keys
 
 
-def _mqtt(section: _Section, thing_name: str) -> Mqtt:
-    port = section.integer("port", 8883, minimum=1)
-    if port > 65535:
-        raise ConfigError(f"{section.path}.port: must be <= 65535, got {port}")
+def _mqtt(section: Section, thing_name: str) -> Mqtt:
     backoff_section = section.section("autoReconnectBackoffTime")
-    backoff = Backoff(
-        base_seconds=backoff_section.seconds("baseReconnectQuietTimeSecond", 1.0),
-        max_seconds=backoff_section.seconds("maxReconnectQuietTimeSecond", 32.0),
-        stable_seconds=backoff_section.seconds("stableConnectionTimeSecond", 20.0),
-    )  # type: ignore[arg-type]
+    backoff = ReconnectPolicy(
+        base_seconds=backoff_section.value("baseReconnectQuietTimeSecond"),
+        max_seconds=backoff_section.value("maxReconnectQuietTimeSecond"),
+        stable_seconds=backoff_section.value("stableConnectionTimeSecond"),
+    )
     if backoff.max_seconds < backoff.base_seconds:
         raise ConfigError(f"{backoff_section.path}.maxReconnectQuietTimeSecond: must be >= "
                           f"baseReconnectQuietTimeSecond ({backoff.base_seconds:g})")
     backoff_section.warn_unknown()
-    client_id = section.text("clientId", thing_name)
+    client_id = section.value("clientId") or thing_name
     rate, rate_source = _publish_rate(section)
     mqtt = Mqtt(
-        port=port,
-        use_websocket=section.boolean("useWebsocket", False),
-        ingress_topic=section.section("ingress", required=True).text("topic", required=True),
-        pubsub_topic=section.section("pubsub").text("topic"),
-        egress_topic=section.section("egress", required=True).text("topic", required=True),
-        subscriptions=section.text_list("subscriptions"),
+        port=section.value("port"),
+        use_websocket=section.value("useWebsocket"),
+        ingress_topic=section.section("ingress", required=True).value("topic"),
+        pubsub_topic=section.section("pubsub").value("topic"),
+        egress_topic=section.section("egress", required=True).value("topic"),
+        subscriptions=section.value("subscriptions"),
         keepalive=_keepalive(section),
         client_id=client_id,
-        egress_client_id=section.text("egressClientId", f"{client_id}-egress"),
+        egress_client_id=section.value("egressClientId") or f"{client_id}-egress",
         backoff=backoff,
-        offline_publish_queueing=section.integer("offlinePublishQueueing", -1, minimum=-1),
-        connect_timeout=section.seconds("connectDisconnectTimeout", 10.0),
-        operation_timeout=section.seconds("mqttOperationTimeout", 30.0),
-        max_inflight=section.integer("maxInflight", 100, minimum=1),
+        offline_publish_queueing=section.value("offlinePublishQueueing"),
+        connect_timeout=section.value("connectDisconnectTimeout"),
+        operation_timeout=section.value("mqttOperationTimeout"),
+        max_inflight=section.value("maxInflight"),
         publish_rate=rate,
-        publish_bytes_rate=section.integer("publishBytesPerSecond", 524288, minimum=0),
+        publish_bytes_rate=section.value("publishBytesPerSecond"),
         rate_source=rate_source,
-        poison_attempts=section.integer("poisonAttempts", 3, minimum=1),
-        max_topic_bytes=_at_most(section, "maxTopicBytes", 256, 65535),
-        max_payload_bytes=_at_most(section, "maxPayloadBytes", 131072, MAX_MQTT_PAYLOAD),
-    )  # type: ignore[arg-type]
+        poison_attempts=section.value("poisonAttempts"),
+        max_topic_bytes=section.value("maxTopicBytes"),
+        max_payload_bytes=section.value("maxPayloadBytes"),
+    )
     problem = publish_topic_problem(mqtt.egress_topic, mqtt.max_topic_bytes)
     if problem:  # every default publish would be refused
         raise ConfigError(f"{section.path}.egress.topic: {problem}")
@@ -364,17 +264,17 @@ def _mqtt(section: _Section, thing_name: str) -> Mqtt:
     return mqtt
 
 
-def _keepalive(section: _Section) -> int:
+def _keepalive(section: Section) -> int:
     """`keepAliveSeconds`; `keepalive` (flashlexd 0.1's name) is still read when it is absent."""
     if section.data.get("keepAliveSeconds") is not None and section.data.get("keepalive") is not None:
         section.used.add("keepalive")
         section.warnings.append(f"{section.path}.keepalive: ignored, keepAliveSeconds is set")
     if section.data.get("keepAliveSeconds") is None and section.data.get("keepalive") is not None:
-        return section.integer("keepalive", minimum=2)
-    return section.integer("keepAliveSeconds", 30, minimum=2)
+        return section.value("keepalive")
+    return section.value("keepAliveSeconds")
 
 
-def _publish_rate(section: _Section) -> Tuple[float, str]:
+def _publish_rate(section: Section) -> Tuple[float, str]:
     """Egress publishes per second and the key it came from.
 
     `drainingFrequency` keeps the FlashLex SDK's meaning (AWSIoTPythonSDK's
@@ -382,19 +282,8 @@ def _publish_rate(section: _Section) -> Tuple[float, str]:
     flashlexd publish is drained from the outbox, so it is the egress rate, unless
     `publishRatePerSecond` (its new name, 0 = unlimited) is given. `check` and the egress
     worker's start line say which key set the rate, so the seed's 2/s is never a surprise."""
-    def rate(key: str, allow_zero: bool) -> Optional[float]:
-        value = section._raw(key, False)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{section.path}.{key}: expected a number per second, got {_show(value)}")
-        if value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0 (0: unlimited)" if allow_zero else "greater than 0"
-            raise ConfigError(f"{section.path}.{key}: must be {bound}, got {value}")
-        return float(value)
-
-    draining = rate("drainingFrequency", allow_zero=False)
-    explicit = rate("publishRatePerSecond", allow_zero=True)
+    draining = section.value("drainingFrequency")
+    explicit = section.value("publishRatePerSecond")
     if explicit is not None:
         if draining is not None:
             section.warnings.append(f"{section.path}.drainingFrequency: ignored, publishRatePerSecond"
@@ -402,63 +291,39 @@ def _publish_rate(section: _Section) -> Tuple[float, str]:
         return explicit, "publishRatePerSecond"
     if draining is not None:
         return draining, "drainingFrequency"
-    return 100.0, "publishRatePerSecond"
+    return KEYS[f"{section.path}.publishRatePerSecond"].default, "publishRatePerSecond"
 
 
-def _at_most(section: _Section, key: str, default: int, maximum: int) -> int:
-    """A positive byte count no larger than MQTT can carry."""
-    value = section.integer(key, default, minimum=1)
-    if value > maximum:
-        raise ConfigError(f"{section.path}.{key}: must be <= {maximum} (the MQTT limit), got {value}")
-    return value
-
-
-def _store(section: _Section, data_dir: Optional[str]) -> Store:
-    cap_mb = section.integer("capMegabytes", 256, minimum=1)
-    file_data_dir = section.text("dataPath", DEFAULT_DATA_DIR)  # checked even when overridden
-    store = Store(
-        data_dir=Path(data_dir or file_data_dir),  # type: ignore[arg-type]
-        cap_bytes=cap_mb * 1024 * 1024,
-        when_full=section.choice("whenFull", FULL_POLICIES, "reject"),
-        expire_seconds=section.seconds("expireSeconds"),
-        sweep_seconds=section.seconds("sweepSeconds", 5.0),  # type: ignore[arg-type]
-        max_payload_bytes=section.integer("maxPayloadBytes", 262144, minimum=1),
-        dedupe=_dedupe(section),
-    )
+def _store(section: Section, data_dir: Optional[str]) -> StoreSettings:
+    file_data_dir = section.value("dataPath")  # checked even when overridden
+    store = section.fill(StoreSettings, data_dir=Path(data_dir or file_data_dir),
+                         cap_bytes=section.value("capMegabytes") * 1024 * 1024,
+                         dedupe=_dedupe(section))
     section.text("subscriptionData")  # the old SDK's JSON store file; replaced by LMDB
     section.warn_unknown()
     return store
 
 
-def _dedupe(db: _Section) -> Optional[DedupeKey]:
+def _dedupe(db: Section) -> Optional[DedupeKey]:
+    """flashlex.app.db.dedupe, off unless configured (dedupe.py)."""
     if db.data.get("dedupe") is None:
         db.used.add("dedupe")
         return None
     section = db.section("dedupe")
-    spec = section.text("key", required=True)
-    window = section.seconds("windowSeconds", DEFAULT_WINDOW_SECONDS)
+    spec, window = section.value("key"), section.value("windowSeconds")
     section.warn_unknown()
+    if spec is None:
+        raise ConfigError(f"{section.path}.key: missing required key")
     try:
-        return DedupeKey.parse(spec, window)  # type: ignore[arg-type]
+        return DedupeKey.parse(spec, window)
     except ValueError as exc:
         raise ConfigError(f"{section.path}.key: {exc}") from None
 
 
-def _api(section: _Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:
-    uids = section.data.get("allowUids") or []
-    section.used.add("allowUids")
-    if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
-        raise ConfigError(f"{section.path}.allowUids: expected a list of numeric uids, got {_show(uids)}")
-    file_socket_path = section.text("path", DEFAULT_SOCKET)  # checked even when overridden
-    api = Api(
-        socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET") or file_socket_path,
-        socket_group=section.text("group"),
-        allow_uids=tuple(uids),
-        max_connections=section.integer("maxConnections", 1024, minimum=1),
-        idle_timeout=section.seconds("idleTimeoutSeconds", 300.0),  # type: ignore[arg-type]
-        max_buffered_bytes=section.integer("maxBufferedBytes", None, minimum=1),  # type: ignore[arg-type]
-        frame_timeout=section.seconds("frameTimeoutSeconds", 10.0),  # type: ignore[arg-type]
-    )  # type: ignore[arg-type]
+def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:
+    file_socket_path = section.value("path")  # checked even when overridden
+    api = section.fill(Api, socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET")
+                       or file_socket_path)
     largest_frame = REQUEST_OVERHEAD + max_payload_bytes
     if api.max_buffered_bytes is not None and api.max_buffered_bytes < largest_frame:
         raise ConfigError(f"{section.path}.maxBufferedBytes: must hold at least one request of the"
@@ -468,15 +333,8 @@ def _api(section: _Section, socket_path: Optional[str], max_payload_bytes: int) 
     return api
 
 
-def _supervision(section: _Section) -> Supervision:
-    supervision = Supervision(
-        heartbeat_seconds=section.seconds("heartbeatSeconds", 1.0),
-        heartbeat_timeout=section.seconds("heartbeatTimeoutSeconds", 10.0),
-        stop_timeout=section.seconds("stopTimeoutSeconds", 10.0),
-        backoff_max_seconds=section.seconds("restartBackoffMaxSeconds", 30.0),
-        crash_loop_restarts=section.integer("crashLoopRestarts", 5, minimum=1),
-        crash_loop_window=section.seconds("crashLoopWindowSeconds", 60.0),
-    )  # type: ignore[arg-type]
+def _supervision(section: Section) -> Supervision:
+    supervision = section.fill(Supervision)
     if supervision.heartbeat_timeout <= 2 * supervision.heartbeat_seconds:
         raise ConfigError(f"{section.path}.heartbeatTimeoutSeconds: must be more than twice "
                           f"heartbeatSeconds ({supervision.heartbeat_seconds:g})")

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from flashlexd.client.escape import printable
+from flashlexd.escape import printable
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}

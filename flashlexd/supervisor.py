@@ -2,7 +2,7 @@
 
 Shaped like gunicorn's arbiter: signal handlers only record the signal and wake the loop
 (through `signal.set_wakeup_fd`); the loop then reaps children with `waitpid(-1, WNOHANG)`,
-kills workers whose heartbeats stopped, starts the ones whose backoff is over, feeds the
+ticks each worker's state machine (`WorkerProcess.tick`: hung, kill, due to start), feeds the
 systemd watchdog while all of that is healthy, and serves the local API in between.
 """
 from __future__ import annotations
@@ -23,16 +23,19 @@ from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
+from flashlexd.linkmsg import Committed, Heartbeat, MqttReport, OutboxQueued, StateReport, decode
+from flashlexd.loopguard import LoopGuard
 from flashlexd.notify import Notifier, child_environment
 from flashlexd.rates import RateMeter
-from flashlexd.restart import CrashLoop, RestartPolicy
+from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.store import Store, StoreError
-from flashlexd.workerproc import WorkerProcess
+from flashlexd.workerproc import State, WorkerProcess
 
 log = logging.getLogger(__name__)
 
 WORKER_NAMES = ("ingress", "egress", "expiry")
 EXIT_CRASH_LOOP = 1
+EXIT_LOOP_FAILING = 1  # the supervisor's own loop kept failing: systemd restarts the service
 MAX_SLEEP = 1.0  # seconds; the loop looks at its deadlines at least this often
 STATUS_EVERY = 1.0
 # Seconds an API write may wait for the store's write lock. A worker stopped inside a write
@@ -68,15 +71,9 @@ class Overrides:
         return argv
 
 
-def worker_settings(config: Config, name: str) -> tuple:
-    """The parts of the config a worker depends on: a reload restarts it when they change."""
-    shared = (config.store, config.supervision, config.log_level)
-    return shared if name == "expiry" else shared + (config.thing,)
-
-
 class Supervisor:
     def __init__(self, config: Config, overrides: Overrides):
-        self.config = config
+        self.runtime = Runtime.from_config(config)  # replaced whole by a reload, never patched
         self.overrides = overrides
         self.notifier = Notifier()
         self.selector = selectors.DefaultSelector()
@@ -91,13 +88,14 @@ class Supervisor:
         self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
-        self.workers = {name: WorkerProcess(name, self._policy()) for name in WORKER_NAMES}
+        self.workers = {name: WorkerProcess(name) for name in WORKER_NAMES}
         self.config_file: Optional[ConfigFile] = None
         self.spawn_error: Optional[str] = None  # logged once until a spawn works again
+        self.guard = LoopGuard()
 
-    def _policy(self) -> RestartPolicy:
-        s = self.config.supervision
-        return RestartPolicy(s.backoff_max_seconds, s.crash_loop_restarts, s.crash_loop_window)
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
 
     # -- start and stop -----------------------------------------------------------------------
 
@@ -116,22 +114,29 @@ class Supervisor:
             self._spawn(worker, now)
         try:
             while not (self.shutting_down and not any(w.alive for w in self.workers.values())):
-                self._loop_once()
+                try:
+                    self._loop_once()
+                except Exception as exc:  # noqa: BLE001 - a bug in one pass, see loopguard
+                    if self.guard.failed(exc):
+                        self.begin_shutdown("the supervisor loop keeps failing", EXIT_LOOP_FAILING)
+                        break  # workers got SIGTERM; they also stop when the link closes
+                else:
+                    self.guard.passed()
         finally:
             self._close()
         return self.exit_code
 
     def _start_api(self) -> RpcServer:
-        mqtt = self.config.thing.mqtt
-        self.methods = Methods(self.store, self.status, self.wake_egress, mqtt.egress_topic,
-                               mqtt.offline_publish_queueing,
+        """The API reads its limits and rules from the current runtime on every use."""
+        self.methods = Methods(lambda: self.store, self.status, self.wake_egress,
                                lambda: bool(self.workers["egress"].mqtt.get("connected")),
-                               self.config.store.max_payload_bytes,
-                               max_topic_bytes=mqtt.max_topic_bytes,
-                               max_publish_bytes=mqtt.max_payload_bytes)
-        # requests carry outbound payloads, responses inbound ones: frames fit the larger
-        return RpcServer.from_config(self.config.api, self.methods, self.selector,
-                                     max(self.config.store.max_payload_bytes, mqtt.max_payload_bytes))
+                               lambda: self.runtime.rules)
+        api = self.config.api
+        # allowUids are users outside the socket's group: they need the socket itself to be
+        # connectable (0666); who may talk is then decided by SO_PEERCRED on every connection
+        return RpcServer(api.socket_path, self.methods, lambda: self.runtime.api_limits,
+                         self.selector, group=api.socket_group, allow_uids=api.allow_uids,
+                         mode=0o666 if api.allow_uids else 0o660)
 
     def _close(self) -> None:
         if self.api is not None:
@@ -174,7 +179,9 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def _loop_once(self) -> None:
-        for key, mask in self.selector.select(self._sleep_time()):
+        now = time.monotonic()
+        ping = self.notifier.watchdog(now, self._healthy(now))
+        for key, mask in self.selector.select(self._sleep_time(now, ping)):
             if self.api.owns(key):
                 self.api.dispatch(key, mask)
             else:
@@ -183,21 +190,18 @@ class Supervisor:
             self._handle_signal(self.signals.pop(0))
         now = time.monotonic()
         self._reap(now)
-        self._kill_overdue(now)
+        for worker in self.workers.values():
+            if worker.tick(now, self.config.supervision) and not self.shutting_down:
+                self._spawn(worker, now)
         if not self.shutting_down:
-            self._start_due(now)
             self._announce(now)
         self.api.tick(now)
 
-    def _sleep_time(self) -> float:
-        now = time.monotonic()
+    def _sleep_time(self, now: float, ping: Optional[float]) -> float:
+        """Seconds until the loop has something to do: the next status line, API deadline,
+        worker deadline or watchdog ping (`ping`, seconds from `now`)."""
         deadlines = [now + MAX_SLEEP, self.next_status, self.api.next_deadline()]
-        for worker in self.workers.values():
-            if worker.state == "backoff":
-                deadlines.append(worker.next_start)
-            if worker.kill_at is not None:
-                deadlines.append(worker.kill_at)
-        ping = self.notifier.watchdog(now, self._healthy(now))
+        deadlines += [d for d in (w.next_deadline() for w in self.workers.values()) if d is not None]
         if ping is not None:
             deadlines.append(now + ping)
         return max(0.0, min(deadlines) - now)
@@ -221,30 +225,9 @@ class Supervisor:
             if worker is None:
                 continue  # a child we no longer track (nothing else forks here)
             self._drop_link(worker)
-            try:
-                worker.exited(status, now, self.shutting_down)
-            except CrashLoop as exc:
-                log.error("%s is crash-looping (%s): giving up so systemd restarts the service",
-                          worker.name, exc)
+            worker.exited(status, now, self.shutting_down, self.runtime.restart)
+            if worker.state is State.FATAL:
                 self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
-
-    def _kill_overdue(self, now: float) -> None:
-        timeout = self.config.supervision.heartbeat_timeout
-        for worker in self.workers.values():
-            if worker.kill_at is not None and now >= worker.kill_at:
-                log.warning("%s did not stop in time: killing pid %s", worker.name, worker.pid)
-                worker.signal(signal.SIGKILL)
-                worker.kill_at = None
-            elif worker.alive and worker.state != "stopping" and worker.heartbeat_age(now) > timeout:
-                log.error("%s hung (no heartbeat for %.1fs): killing pid %s",
-                          worker.name, worker.heartbeat_age(now), worker.pid)
-                worker.signal(signal.SIGKILL)
-                worker.last_heartbeat = now  # one kill per timeout; reaping follows
-
-    def _start_due(self, now: float) -> None:
-        for worker in self.workers.values():
-            if worker.state == "backoff" and now >= worker.next_start:
-                self._spawn(worker, now)
 
     def _spawn(self, worker: WorkerProcess, now: float) -> None:
         try:
@@ -264,14 +247,22 @@ class Supervisor:
                                lambda _sock, _mask, w=worker: self._on_link(w))
 
     def _on_link(self, worker: WorkerProcess) -> None:
-        messages = worker.channel.receive() if worker.channel else None
-        if messages is None:
+        """The one place worker messages are dispatched (see `linkmsg`)."""
+        received = worker.channel.receive() if worker.channel else None
+        if received is None:
             self._drop_link(worker)
             return  # the process is dying; reaping handles the rest
         now = time.monotonic()
-        for message in messages:
-            worker.on_message(message, now)
-            if message.get("t") == "committed":
+        for raw in received:
+            worker.heard(now)
+            message = decode(raw)
+            if isinstance(message, Heartbeat):
+                worker.counters = message.counters
+            elif isinstance(message, StateReport):
+                worker.reported_state(message.state)
+            elif isinstance(message, MqttReport):
+                worker.mqtt = {"connected": bool(message.connected), "error": message.error}
+            elif isinstance(message, Committed):
                 self.api.notify_inbox()
 
     def _drop_link(self, worker: WorkerProcess) -> None:
@@ -281,7 +272,7 @@ class Supervisor:
             worker.channel = None
 
     def wake_egress(self) -> None:
-        self.workers["egress"].send("outbox")
+        self.workers["egress"].send(OutboxQueued())
 
     # -- health, READY and STATUS ---------------------------------------------------------------
 
@@ -289,12 +280,10 @@ class Supervisor:
         """Feed the watchdog only while every worker is alive and beating, or being restarted."""
         if self.shutting_down and self.exit_code:
             return False
-        timeout = self.config.supervision.heartbeat_timeout
-        return all(w.state == "backoff" or (w.alive and w.heartbeat_age(now) <= timeout)
-                   for w in self.workers.values())
+        return all(w.healthy(now, self.config.supervision) for w in self.workers.values())
 
     def _announce(self, now: float) -> None:
-        if not self.announced_ready and all(w.state == "ready" for w in self.workers.values()):
+        if not self.announced_ready and all(w.state is State.READY for w in self.workers.values()):
             self.announced_ready = True
             self.notifier.ready()
             log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
@@ -312,7 +301,7 @@ class Supervisor:
         links = []
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
-        up = sum(1 for w in self.workers.values() if w.state == "ready")
+        up = sum(1 for w in self.workers.values() if w.state is State.READY)
         if stats is None:
             store = "store damaged, read-only (see flashlexd store recover)"
         else:
@@ -334,6 +323,10 @@ class Supervisor:
             "mqtt": {name: {**self.workers[name].counters, **self.workers[name].mqtt}
                      for name in ("ingress", "egress")},
             "rates": self.rates.rates(),
+            # added to the store's totals by the `status` method
+            "counters": {"restarts": sum(w.restarts for w in self.workers.values()),
+                         "loop_errors": self.guard.total},
+            "api": dict(self.api.counters) if self.api is not None else {},
         }
 
     # -- reload ---------------------------------------------------------------------------------
@@ -350,23 +343,23 @@ class Supervisor:
             return
         for warning in new.warnings:
             log.warning("%s", warning)
-        now = time.monotonic()
-        for worker in self.workers.values():
-            if worker_settings(new, worker.name) != worker_settings(self.config, worker.name):
-                log.info("%s: settings changed, restarting it", worker.name)
-                worker.stop(now, new.supervision.stop_timeout, restart=True)
-        if new.api != self.config.api:
-            log.warning("API socket settings changed: they take effect at the next restart")
-        self.methods.egress_topic = new.thing.mqtt.egress_topic
-        self.methods.offline_publish_queueing = new.thing.mqtt.offline_publish_queueing
-        self.methods.max_topic_bytes = new.thing.mqtt.max_topic_bytes
-        self.methods.max_publish_bytes = new.thing.mqtt.max_payload_bytes
-        if new.store != self.config.store:
-            self.store.close()
-            self.store = self.methods.store = Store.from_config(new.store,
-                                                                write_wait=STORE_WRITE_WAIT)
-        self.config_file.close()  # type: ignore[union-attr]
-        self.config_file = config_file  # workers started from now on get the new text
-        self.config = new
+        self._apply(Runtime.from_config(new), config_file)
         log.info("config reloaded from %s", new.path)
         self.notifier.ready()
+
+    def _apply(self, new: Runtime, config_file: ConfigFile) -> None:
+        """Swap in a new runtime: the one place a reload changes anything."""
+        old, now = self.runtime, time.monotonic()
+        for worker in self.workers.values():
+            if worker_settings(new.config, worker.name) != worker_settings(old.config, worker.name):
+                log.info("%s: settings changed, restarting it", worker.name)
+                worker.stop(now, new.config.supervision.stop_timeout, restart=True)
+        if new.socket_changed(old):
+            log.warning("API socket path, group or allowUids changed: they take effect at the"
+                        " next restart")
+        if new.config.store != old.config.store:
+            self.store.close()  # type: ignore[union-attr]
+            self.store = Store.from_config(new.config.store, write_wait=STORE_WRITE_WAIT)
+        self.config_file.close()  # type: ignore[union-attr]
+        self.config_file = config_file  # workers started from now on get the new text
+        self.runtime = new

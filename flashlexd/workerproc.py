@@ -1,7 +1,16 @@
-"""One worker as the supervisor sees it: an explicit lifecycle, its pid, its link, its heartbeat.
+"""One worker as the supervisor sees it: an explicit state machine, its pid, its link, its liveness.
 
-States (as in supervisord): starting -> ready -> stopping -> stopped, and backoff (waiting to be
-restarted after a failure). Every change goes through `_change`, which logs it once.
+    STOPPED --spawn--> STARTING --"ready" report--> READY
+    STOPPED/BACKOFF --spawn failed (no fds/processes)--> BACKOFF
+    STARTING/READY --silent for heartbeatTimeoutSeconds--> HUNG  (SIGABRT: faulthandler logs where)
+    HUNG --still there KILL_GRACE later--> SIGKILL (state stays HUNG until reaped)
+    STARTING/READY/HUNG --stop()--> STOPPING (link "stop" + SIGTERM; SIGKILL after stopTimeoutSeconds)
+    any live state --reaped--> BACKOFF (restart after a delay), STOPPED (meant to stay down),
+                               FATAL (crash loop: the supervisor exits so systemd restarts it)
+    BACKOFF --delay over--> STARTING;  BACKOFF --stop() at shutdown--> STOPPED
+
+Every change goes through `transition`, which refuses any change not in `TRANSITIONS`; every
+time-driven decision (hung, kill, due to start) is made in `tick`.
 
 Workers are started with fork + exec, not a bare fork: the supervisor holds an open LMDB
 environment (it serves the local API), and an environment must never be inherited by a process
@@ -10,47 +19,85 @@ starts clean and opens its own environment.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
 from flashlexd.channel import Channel, place_child_fds
-from flashlexd.restart import CrashLoop, RestartPolicy
+from flashlexd.config import Supervision
+from flashlexd.linkmsg import LinkMessage, Stop
+from flashlexd.restart import RestartHistory, RestartLimits
 
 log = logging.getLogger(__name__)
 
+KILL_GRACE = 1.0  # seconds between SIGABRT to a hung worker and SIGKILL if it is still there
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    HUNG = "hung"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    FATAL = "fatal"
+
+
+LIVE: FrozenSet[State] = frozenset({State.STARTING, State.READY, State.HUNG, State.STOPPING})
+_DOWN = frozenset({State.BACKOFF, State.STOPPED})
+TRANSITIONS: Dict[State, FrozenSet[State]] = {
+    State.STOPPED: frozenset({State.STARTING, State.BACKOFF}),
+    State.BACKOFF: frozenset({State.STARTING, State.BACKOFF, State.STOPPED}),
+    State.STARTING: frozenset({State.READY, State.HUNG, State.STOPPING, State.FATAL}) | _DOWN,
+    State.READY: frozenset({State.HUNG, State.STOPPING, State.FATAL}) | _DOWN,
+    State.HUNG: frozenset({State.STOPPING, State.FATAL}) | _DOWN,
+    State.STOPPING: _DOWN,
+    State.FATAL: frozenset(),
+}
+
+
+class BadTransition(RuntimeError):
+    """A change the state machine does not allow: a supervisor bug, never a worker's doing."""
+
 
 class WorkerProcess:
-    def __init__(self, name: str, policy: RestartPolicy):
+    def __init__(self, name: str):
         self.name = name
-        self.policy = policy
-        self.state = "stopped"
+        self.state = State.STOPPED
         self.pid: Optional[int] = None
         self.channel: Optional[Channel] = None
+        self.history = RestartHistory()
         self.restarts = 0
         self.started_at = 0.0
-        self.last_heartbeat = 0.0
+        self.last_heard = 0.0  # any message on the link proves the worker's loop is turning
         self.next_start = 0.0
-        self.kill_at: Optional[float] = None
+        self.kill_at: Optional[float] = None  # SIGKILL then, unless reaped first
         self.restart_when_stopped = False
         self.counters: Dict[str, Any] = {}
         self.mqtt: Dict[str, Any] = {}
 
-    def _change(self, state: str) -> None:
-        if state != self.state:
-            log.debug("%s: %s -> %s", self.name, self.state, state)
-            self.state = state
+    def transition(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise BadTransition(f"{self.name}: {self.state.value} -> {new.value} is not allowed")
+        if new is not self.state:
+            log.debug("%s: %s -> %s", self.name, self.state.value, new.value)
+        self.state = new
 
     @property
     def alive(self) -> bool:
-        return self.pid is not None
+        return self.state in LIVE
+
+    # -- events ---------------------------------------------------------------------------------
 
     def spawn(self, argv: List[str], env: Dict[str, str], config_fd: int, now: float) -> None:
         """fork + exec `argv` with the link on CHANNEL_FD and the validated config (the
         supervisor's `ConfigFile`) on CONFIG_FD. Raises OSError (EMFILE, EAGAIN, ...) when the
         process cannot be made; nothing is left open then."""
+        if State.STARTING not in TRANSITIONS[self.state]:
+            raise BadTransition(f"{self.name}: cannot start from {self.state.value}")
         channel, child_end = Channel.pair()
         try:
             pid = os.fork()
@@ -65,46 +112,111 @@ class WorkerProcess:
             finally:
                 os._exit(127)
         child_end.close()
+        self.started(pid, channel, now)
+
+    def started(self, pid: int, channel: Optional[Channel], now: float) -> None:
+        """A process now runs for this worker (split from `spawn` so tests need no fork)."""
+        self.transition(State.STARTING)
         self.pid, self.channel = pid, channel
-        self.started_at = self.last_heartbeat = now
+        self.started_at = self.last_heard = now
         self.kill_at = None
         self.counters, self.mqtt = {}, {}
-        self._change("starting")
         log.info("%s started (pid %d)", self.name, pid)
 
     def spawn_failed(self, now: float, retry_in: float) -> None:
         """No process could be made (out of fds or processes): not the worker's failure, so
         not counted towards a crash loop; tried again after `retry_in` seconds."""
+        self.transition(State.BACKOFF)
         self.next_start = now + retry_in
-        self._change("backoff")
 
-    def on_message(self, message: Dict[str, Any], now: float) -> None:
-        self.last_heartbeat = now
-        kind = message.get("t")
-        if kind == "hb" and isinstance(message.get("counters"), dict):
-            self.counters = message["counters"]
-        elif kind == "state" and message.get("state") == "ready" and self.state == "starting":
-            self._change("ready")
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+
+    def reported_state(self, state: str) -> None:
+        if state == "ready" and self.state is State.STARTING:
+            self.transition(State.READY)
             log.info("%s ready", self.name)
-        elif kind == "mqtt":
-            self.mqtt = {"connected": bool(message.get("connected")), "error": message.get("error")}
 
-    def heartbeat_age(self, now: float) -> Optional[float]:
-        return now - self.last_heartbeat if self.alive else None
-
-    def send(self, kind: str, **fields: Any) -> None:
+    def send(self, message: LinkMessage) -> None:
         if self.channel is not None:
-            self.channel.send(kind, **fields)
+            self.channel.send(message)
 
     def stop(self, now: float, timeout: float, restart: bool = False) -> None:
-        """Ask for a graceful stop (link message and SIGTERM); SIGKILL after `timeout`."""
+        """Ask for a graceful stop (link message and SIGTERM); SIGKILL after `timeout`. A worker
+        waiting to be restarted just stays down (unless `restart`: it starts when due)."""
         if not self.alive:
+            if self.state is State.BACKOFF and not restart:
+                self.transition(State.STOPPED)
             return
         self.restart_when_stopped = restart
-        self.send("stop")
+        self.send(Stop())
         self.signal(signal.SIGTERM)
-        self.kill_at = now + timeout
-        self._change("stopping")
+        deadline = now + timeout
+        self.kill_at = deadline if self.kill_at is None else min(self.kill_at, deadline)
+        if self.state is not State.STOPPING:
+            self.transition(State.STOPPING)
+
+    def exited(self, status: int, now: float, shutting_down: bool, limits: RestartLimits) -> None:
+        """The process is gone (reaped): STOPPED, BACKOFF until `next_start`, or FATAL when it
+        failed too often too quickly (crash loop)."""
+        code = os.waitstatus_to_exitcode(status)
+        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        planned = self.state is State.STOPPING
+        self.pid, self.kill_at = None, None
+        if shutting_down or (planned and not self.restart_when_stopped):
+            self.transition(State.STOPPED)
+            log.info("%s stopped (%s)", self.name, how)
+            return
+        if planned:
+            self.restart_when_stopped = False
+            delay: Optional[float] = 0.0
+            log.info("%s stopped for restart (%s)", self.name, how)
+        else:
+            ran = now - self.started_at
+            delay = self.history.next_delay(now, self.started_at, limits)
+            if delay is None:
+                self.transition(State.FATAL)
+                log.error("%s died (%s) after %.1fs", self.name, how, ran)
+                log.error("%s is crash-looping (%s): giving up so systemd restarts the service",
+                          self.name, self.history.describe(limits))
+                return
+            log.warning("%s died (%s) after %.1fs; restarting in %.1fs", self.name, how, ran, delay)
+        self.transition(State.BACKOFF)
+        self.restarts += 1
+        self.next_start = now + delay
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def tick(self, now: float, supervision: Supervision) -> bool:
+        """Make every time-driven decision: a silent worker is HUNG (SIGABRT, so its stack is
+        logged), one that outlived its stop or hang grace is SIGKILLed. Returns True when the
+        worker is due to be started."""
+        if self.kill_at is not None and now >= self.kill_at:
+            log.warning("%s did not %s in time: killing pid %s", self.name,
+                        "stop" if self.state is State.STOPPING else "abort", self.pid)
+            self.signal(signal.SIGKILL)
+            self.kill_at = None
+        elif self.state in (State.STARTING, State.READY) and \
+                now - self.last_heard > supervision.heartbeat_timeout:
+            log.error("%s hung (no heartbeat for %.1fs): aborting pid %s", self.name,
+                      now - self.last_heard, self.pid)
+            self.transition(State.HUNG)
+            self.signal(signal.SIGABRT)
+            self.kill_at = now + KILL_GRACE
+        return self.state is State.BACKOFF and now >= self.next_start
+
+    def next_deadline(self) -> Optional[float]:
+        """When `tick` next has something to do without any event (None: nothing timed)."""
+        if self.state is State.BACKOFF:
+            return self.next_start
+        return self.kill_at
+
+    def healthy(self, now: float, supervision: Supervision) -> bool:
+        """Alive and heard from lately, or waiting to be restarted: what feeds the watchdog."""
+        if self.state is State.BACKOFF:
+            return True
+        return self.alive and self.state is not State.HUNG and \
+            now - self.last_heard <= supervision.heartbeat_timeout
 
     def signal(self, signum: int) -> None:
         if self.pid is not None:
@@ -113,37 +225,10 @@ class WorkerProcess:
             except ProcessLookupError:
                 pass  # already dead; reaping will tell
 
-    def exited(self, status: int, now: float, shutting_down: bool) -> Optional[float]:
-        """The process is gone (reaped). Returns the delay before restarting it, or None when
-        it should stay down. Raises CrashLoop when it fails too often."""
-        code = os.waitstatus_to_exitcode(status)
-        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        planned = self.state == "stopping"
-        self.pid, self.kill_at = None, None
-        if shutting_down or (planned and not self.restart_when_stopped):
-            self._change("stopped")
-            log.info("%s stopped (%s)", self.name, how)
-            return None
-        if planned:
-            self.restart_when_stopped = False
-            delay = 0.0
-            log.info("%s stopped for restart (%s)", self.name, how)
-        else:
-            ran = now - self.started_at
-            try:
-                delay = self.policy.next_delay(now, self.started_at)
-            except CrashLoop:
-                log.error("%s died (%s) after %.1fs", self.name, how, ran)
-                raise
-            log.warning("%s died (%s) after %.1fs; restarting in %.1fs", self.name, how, ran, delay)
-        self.restarts += 1
-        self.next_start = now + delay
-        self._change("backoff")
-        return delay
-
     def status(self, now: float) -> Dict[str, Any]:
-        age = self.heartbeat_age(now)
-        return {"name": self.name, "pid": self.pid, "state": self.state, "restarts": self.restarts,
+        age = now - self.last_heard if self.alive else None
+        return {"name": self.name, "pid": self.pid, "state": self.state.value,
+                "restarts": self.restarts,
                 "uptime": round(now - self.started_at, 1) if self.alive else None,
                 "heartbeat_age": round(age, 3) if age is not None else None,
                 "counters": self.counters, "mqtt": self.mqtt}

@@ -9,7 +9,7 @@ import yaml
 
 from tests.broker import THING, Broker, Certs, make_certs, write_config
 from tests.rabbitmq import RabbitBroker, available
-from tests.worker_process import WorkerProcess
+from tests.worker_process import WorkerUnderTest
 
 
 @pytest.fixture(scope="session")
@@ -56,12 +56,12 @@ def any_broker(request: pytest.FixtureRequest, certs: Certs, tmp_path: Path) -> 
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[str, Path], WorkerProcess]]:
+def start_worker(tmp_path: Path) -> Iterator[Callable[[str, Path], WorkerUnderTest]]:
     """Start a worker process: `start_worker("ingress", config_path)`; all killed at teardown."""
-    started: List[WorkerProcess] = []
+    started: List[WorkerUnderTest] = []
 
-    def start(name: str, config: Path) -> WorkerProcess:
-        worker = WorkerProcess(name, config, tmp_path / f"{name}.log").start()
+    def start(name: str, config: Path) -> WorkerUnderTest:
+        worker = WorkerUnderTest(name, config, tmp_path / f"{name}.log").start()
         started.append(worker)
         return worker
 

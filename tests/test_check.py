@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from flashlexd.check import PROBE_KEY, certificate_validity, probe_topic
+from flashlexd.checkcerts import certificate_validity
+from flashlexd.checkprobe import PROBE_KEY, probe_topic
 from tests.broker import INGRESS_TOPIC, THING, Broker, Certs, Identity, free_port, open_store, write_config
 
 STEPS = ["config", "keys", "broker", "mqtt", "probe", "store"]

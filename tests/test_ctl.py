@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from flashlexd.client import ctl
+from flashlexd.client import ctl, ctlview
 
 try:
     from test_ipc_server import harness, until  # noqa: F401
@@ -31,8 +31,8 @@ def test_status_healthy(harness, capsys):
     code, out, err = run(harness, capsys, "status")
     assert code == 0 and err == ""
     assert out.startswith("flashlexd 0.1.0, up 12s, healthy")
-    assert "WORKER   PID  STATE    RESTARTS  HEARTBEAT" in out
-    assert "ingress  100  running         0  0.2s ago" in out
+    assert "WORKER   PID  STATE  RESTARTS  HEARTBEAT" in out
+    assert "ingress  100  ready         0  0.2s ago" in out
     assert "inbox     2 messages, oldest" in out and "ago" in out
     assert "of 64.0 MiB" in out and "mqtt egress   connected" in out
 
@@ -147,10 +147,10 @@ def test_tail_follows_until_ctrl_c(harness, extra):
 
 
 def test_formatting_helpers():
-    assert ctl.duration(3.25) == "3.2s" and ctl.duration(3725) == "1h 2m" and ctl.duration(90061) == "1d 1h"
-    assert ctl.ago(65) == "1m 5s ago" and ctl.ago(None) == "-"
-    assert ctl.human_bytes(1536) == "1.5 KiB" and ctl.human_bytes(10) == "10 B"
-    assert ctl.preview(b"a\nb") == "a\\x0ab" and ctl.preview(b"x" * 100, 10) == "xxxxxxx..."
-    assert ctl.table(("A", "LONG"), [(1, "x"), (22, "y")], right=(0,)).splitlines() == \
+    assert ctlview.duration(3.25) == "3.2s" and ctlview.duration(3725) == "1h 2m" and ctlview.duration(90061) == "1d 1h"
+    assert ctlview.ago(65) == "1m 5s ago" and ctlview.ago(None) == "-"
+    assert ctlview.human_bytes(1536) == "1.5 KiB" and ctlview.human_bytes(10) == "10 B"
+    assert ctlview.preview(b"a\nb") == "a\\x0ab" and ctlview.preview(b"x" * 100, 10) == "xxxxxxx..."
+    assert ctlview.table(("A", "LONG"), [(1, "x"), (22, "y")], right=(0,)).splitlines() == \
         [" A  LONG", " 1  x", "22  y"]
-    assert ctl.jsonable({"p": b"ok", "q": [b"\xff"]}) == {"p": "ok", "q": [{"$base64": "/w=="}]}
+    assert ctlview.jsonable({"p": b"ok", "q": [b"\xff"]}) == {"p": "ok", "q": [{"$base64": "/w=="}]}

@@ -162,7 +162,7 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
 
 
 def test_flashlexctl_status_says_how_the_drain_goes() -> None:
-    from flashlexd.client.ctl import drain_line, render_status
+    from flashlexd.client.ctlview import drain_line, render_status
     egress = {"connected": True, "rate_limit": 100, "eta_s": 20.0, "outbox_backlog": 2000}
     assert drain_line(egress, 2000) == "draining 2000 entries at 100/s, ~20 s"
     assert drain_line({"rate_limit": 0, "send_rate": 850.0, "eta_s": 3600.0}, 3_060_000 // 1000) \

@@ -118,14 +118,14 @@ def test_control_characters_from_a_lax_broker_are_escaped_in_flashlexctl_and_the
 
 
 def test_status_and_outbox_renderings_escape_what_the_daemon_reports() -> None:
-    from flashlexd.client import ctl
+    from flashlexd.client import ctlview
     status = {"version": "1\x1b[2J", "uptime": 5, "workers": [
         {"name": "ingress\x07", "pid": 1, "state": "ready", "restarts": 0, "heartbeat_age": 0.1}],
         "mqtt": {"ingress": {"connected": False, "error": "broker said \x1b]0;owned\x07\n<0>x"}}}
-    text = ctl.render_status(status, "/run/x\x1b.sock")
+    text = ctlview.render_status(status, "/run/x\x1b.sock")
     assert not any(c in text for c in RAW), text
     assert "broker said \\x1b]0;owned\\x07\\x0a<0>x" in text and "ingress\\x07" in text
-    assert len(text.splitlines()) == len(ctl.render_status(
+    assert len(text.splitlines()) == len(ctlview.render_status(
         {**status, "mqtt": {"ingress": {"connected": False, "error": "plain"}}}, "/p").splitlines())
-    rows = ctl.table(("ID", "TOPIC"), [(1, "out/\x1b[31m\u009b")])
+    rows = ctlview.table(("ID", "TOPIC"), [(1, "out/\x1b[31m\u009b")])
     assert rows.splitlines()[1] == "1   out/\\x1b[31m\\x9b"

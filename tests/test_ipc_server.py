@@ -17,8 +17,11 @@ import pytest
 
 from flashlexd.client import Client, RpcError, connect
 from flashlexd.client.wire import HEADER, PROTOCOL_VERSION, Code, encode_frame
-from flashlexd.ipc import Limits, Pending, RpcServer, ServerError, ServerLoop
+from flashlexd.ipc import Limits, Pending, RpcServer, ServerError
+from tests.server_loop import ServerLoop
 from flashlexd.ipc.methods import Methods
+from flashlexd.runtime import ApiRules
+from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
 from flashlexd.store import Incoming, Store
 from tests.broker import wait_for
 
@@ -40,12 +43,12 @@ class Harness:
         self.egress_online = True
         self.outbox_wakeups = 0
         self.workers: List[Dict[str, Any]] = [
-            {"name": n, "pid": 100 + i, "state": "running", "restarts": 0, "heartbeat_age": 0.2}
+            {"name": n, "pid": 100 + i, "state": "ready", "restarts": 0, "heartbeat_age": 0.2}
             for i, n in enumerate(("ingress", "egress", "expiry"))]
         self.mqtt = {"ingress": {"connected": True}, "egress": {"connected": True}}
-        self.methods = Methods(self.store, self.supervisor_status, self.outbox_added, EGRESS_TOPIC,
-                               queueing, lambda: self.egress_online, MAX_PAYLOAD,
-                               max_publish_bytes=MAX_PAYLOAD)
+        self.rules = ApiRules(EGRESS_TOPIC, queueing, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
+        self.methods = Methods(lambda: self.store, self.supervisor_status, self.outbox_added,
+                               lambda: self.egress_online, lambda: self.rules)
         self.path = path or str(root / "run" / "flashlexd.sock")
         self.limits = limits or Limits.for_payload(MAX_PAYLOAD)
         self.loop = ServerLoop(lambda selector: RpcServer(self.path, self.methods, self.limits,

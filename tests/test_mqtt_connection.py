@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashlexd import config as config_module
-from flashlexd.config import Backoff, ConfigError
-from flashlexd.backoff import JITTER, MIN_CONNECT_INTERVAL, ReconnectBackoff
-from flashlexd.mqtt import ALPN_PROTOCOL, Connection, build_client
+from flashlexd.config import ConfigError, ReconnectPolicy
+from flashlexd.reconnect import JITTER, MIN_CONNECT_INTERVAL, ReconnectBackoff
+from flashlexd.mqtt import Connection
+from flashlexd.mqttclient import ALPN_PROTOCOL, build_client
 from tests.broker import HOST, THING, Broker, Certs, Identity, free_port, wait_for, write_config
 
 # -- the backoff, with a fake clock --------------------------------------------------------------
@@ -43,27 +44,27 @@ def failing_waits(backoff: ReconnectBackoff, clock: FakeClock, attempts: int) ->
 
 
 def test_first_connect_is_immediate() -> None:
-    assert ReconnectBackoff(Backoff(1, 30, 10), FakeClock()).wait() == 0
+    assert ReconnectBackoff(ReconnectPolicy(1, 30, 10), FakeClock()).wait() == 0
 
 
 def test_quiet_time_doubles_up_to_the_maximum() -> None:
     clock = FakeClock()
-    backoff = ReconnectBackoff(Backoff(1, 8, 10), clock, rand=lambda: 0.0)
+    backoff = ReconnectBackoff(ReconnectPolicy(1, 8, 10), clock, rand=lambda: 0.0)
     assert failing_waits(backoff, clock, 6) == [1, 2, 4, 8, 8, 8]
 
 
 def test_jitter_shortens_by_at_most_a_quarter_and_stays_inside_the_cap() -> None:
     clock = FakeClock()
-    backoff = ReconnectBackoff(Backoff(2, 8, 10), clock, rand=lambda: 1.0)
+    backoff = ReconnectBackoff(ReconnectPolicy(2, 8, 10), clock, rand=lambda: 1.0)
     assert failing_waits(backoff, clock, 4) == [2 * (1 - JITTER), 4 * (1 - JITTER), 8 * (1 - JITTER),
                                                 8 * (1 - JITTER)]
-    no_jitter = ReconnectBackoff(Backoff(2, 30, 10), clock, rand=lambda: 0.0)
+    no_jitter = ReconnectBackoff(ReconnectPolicy(2, 30, 10), clock, rand=lambda: 0.0)
     assert max(failing_waits(no_jitter, clock, 10)) == 30  # the cap itself, never beyond
 
 
 def test_a_drop_caused_by_one_of_our_entries_does_not_grow_the_quiet_time() -> None:
     clock = FakeClock()
-    backoff = ReconnectBackoff(Backoff(2, 30, 10), clock, rand=lambda: 0.0)
+    backoff = ReconnectBackoff(ReconnectPolicy(2, 30, 10), clock, rand=lambda: 0.0)
     failing_waits(backoff, clock, 3)  # the broker's fault: 2, 4, 8, next 16
     for _ in range(3):
         clock.now += backoff.wait()
@@ -77,13 +78,13 @@ def test_a_drop_caused_by_one_of_our_entries_does_not_grow_the_quiet_time() -> N
 
 def test_never_two_connects_within_a_second() -> None:
     clock = FakeClock()
-    backoff = ReconnectBackoff(Backoff(0.1, 0.2, 10), clock, rand=lambda: 0.0)
+    backoff = ReconnectBackoff(ReconnectPolicy(0.1, 0.2, 10), clock, rand=lambda: 0.0)
     assert failing_waits(backoff, clock, 3) == [MIN_CONNECT_INTERVAL] * 3
 
 
 def test_a_stable_connection_resets_the_quiet_time() -> None:
     clock = FakeClock()
-    backoff = ReconnectBackoff(Backoff(1, 16, 10), clock, rand=lambda: 0.0)
+    backoff = ReconnectBackoff(ReconnectPolicy(1, 16, 10), clock, rand=lambda: 0.0)
     failing_waits(backoff, clock, 4)  # quiet time is now 16
     clock.now += backoff.wait()
     backoff.attempted()
@@ -95,7 +96,7 @@ def test_a_stable_connection_resets_the_quiet_time() -> None:
 
 def test_a_short_connection_keeps_backing_off() -> None:
     clock = FakeClock()
-    backoff = ReconnectBackoff(Backoff(1, 16, 10), clock, rand=lambda: 0.0)
+    backoff = ReconnectBackoff(ReconnectPolicy(1, 16, 10), clock, rand=lambda: 0.0)
     failing_waits(backoff, clock, 2)  # waited 1, 2; next quiet time 4
     clock.now += backoff.wait()
     backoff.attempted()
@@ -112,7 +113,7 @@ def test_backoff_bounds_hold_for_any_history(history: List[Tuple[bool, float, fl
                                              factor: float) -> None:
     """Whatever happens: CONNECTs at least a second apart, never a wait beyond the cap."""
     clock, rand = FakeClock(), [0.0]
-    backoff = ReconnectBackoff(Backoff(base, base * factor, 5), clock, rand=lambda: rand[0])
+    backoff = ReconnectBackoff(ReconnectPolicy(base, base * factor, 5), clock, rand=lambda: rand[0])
     last: Optional[float] = None
     for connects, uptime, jitter in history:
         rand[0] = jitter

@@ -9,7 +9,7 @@ from typing import List
 import pytest
 
 from flashlexd.client import OutboxEntry, RpcError, connect
-from flashlexd.client import ctl
+from flashlexd.client import ctl, ctlview
 from flashlexd.client.wire import MAX_IDS_PER_ACK, Code
 from tests.test_ipc_server import MAX_PAYLOAD, harness  # noqa: F401 (fixture)
 
@@ -212,7 +212,7 @@ def test_flashlexctl_status_labels_worker_counters_totals_and_rates(harness, cap
     assert lines["totals    "].startswith("totals    received 1,")
     assert lines["totals    "].endswith("(since the store was created)")
     assert "rates" not in out  # the harness reports none
-    assert ctl.render_rates({"ingest_per_s": 1.5, "drain_per_s": 0.0, "window_s": 9.9}) == \
+    assert ctlview.render_rates({"ingest_per_s": 1.5, "drain_per_s": 0.0, "window_s": 9.9}) == \
         "ingest 1.5/s, drain 0.0/s over the last 9.9s"
-    assert ctl.render_rates({"ingest_per_s": 0.0, "drain_per_s": 0.0, "window_s": 0.0}).startswith(
+    assert ctlview.render_rates({"ingest_per_s": 0.0, "drain_per_s": 0.0, "window_s": 0.0}).startswith(
         "not measured yet")

@@ -1,32 +1,39 @@
-"""The restart/backoff state machine, with a fake clock."""
-import pytest
-
-from flashlexd.restart import FIRST_DELAY, STABLE_AFTER, CrashLoop, RestartPolicy
+"""The restart/backoff decisions, with a fake clock."""
+from flashlexd.restart import FIRST_DELAY, STABLE_AFTER, RestartHistory, RestartLimits
 
 
 def test_backoff_doubles_per_consecutive_failure_up_to_the_cap():
-    policy = RestartPolicy(max_delay=1.0, limit=100, window=60)
-    delays = [policy.next_delay(now=float(i), started_at=float(i)) for i in range(6)]
+    history, limits = RestartHistory(), RestartLimits(max_delay=1.0, limit=100, window=60)
+    delays = [history.next_delay(float(i), float(i), limits) for i in range(6)]
     assert delays == [FIRST_DELAY, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
 def test_backoff_resets_after_a_stable_run():
-    policy = RestartPolicy(max_delay=30, limit=100, window=1)
-    policy.next_delay(now=0, started_at=0)
-    policy.next_delay(now=1, started_at=1)
-    assert policy.next_delay(now=100, started_at=100 - STABLE_AFTER) == FIRST_DELAY
+    history, limits = RestartHistory(), RestartLimits(max_delay=30, limit=100, window=1)
+    history.next_delay(0, 0, limits)
+    history.next_delay(1, 1, limits)
+    assert history.next_delay(100, 100 - STABLE_AFTER, limits) == FIRST_DELAY
 
 
 def test_too_many_failures_in_the_window_is_a_crash_loop():
-    policy = RestartPolicy(max_delay=30, limit=3, window=60)
+    history, limits = RestartHistory(), RestartLimits(max_delay=30, limit=3, window=60)
     for second in range(3):
-        policy.next_delay(now=second, started_at=second)
-    with pytest.raises(CrashLoop):
-        policy.next_delay(now=3, started_at=3)
+        assert history.next_delay(second, second, limits) is not None
+    assert history.next_delay(3, 3, limits) is None
+    assert history.describe(limits) == "4 failures in 60s"
 
 
 def test_failures_outside_the_window_are_forgotten():
-    policy = RestartPolicy(max_delay=30, limit=2, window=10)
-    policy.next_delay(now=0, started_at=0)
-    policy.next_delay(now=1, started_at=1)
-    policy.next_delay(now=20, started_at=15)  # the first two are older than the window
+    history, limits = RestartHistory(), RestartLimits(max_delay=30, limit=2, window=10)
+    history.next_delay(0, 0, limits)
+    history.next_delay(1, 1, limits)
+    assert history.next_delay(20, 15, limits) is not None  # the first two are older than the window
+
+
+def test_new_limits_apply_to_the_history_kept_so_far():
+    """A reload changes the limits, not the failures already counted."""
+    history = RestartHistory()
+    for second in range(3):
+        history.next_delay(second, second, RestartLimits(max_delay=30, limit=5, window=60))
+    assert history.next_delay(3, 3, RestartLimits(max_delay=30, limit=3, window=60)) is None
+    assert history.next_delay(4, 4, RestartLimits(max_delay=0.15, limit=100, window=60)) == 0.15

@@ -43,9 +43,10 @@ def test_dead_lettering_moves_the_entry_with_its_fields_reason_and_attempts(stor
     assert store.outbox_dead_letter(4, "refused", 1, now=201.0)
     assert outbox_ids(store) == [1, 3]
     assert without_age(store.dead_letters()) == [
-        DeadLetter(2, 100.0, TOPIC, b"poison", 1, False, 0.0, 3,
-                   "link dropped 3 times with it alone in flight", 200.0),
-        DeadLetter(4, 101.0, "dev/x", b"retained", 0, True, 0.0, 1, "refused", 201.0)]
+        DeadLetter(id=2, created=100.0, topic=TOPIC, payload=b"poison", qos=1, retain=False, age=0.0,
+                   attempts=3, reason="link dropped 3 times with it alone in flight", dead_at=200.0),
+        DeadLetter(id=4, created=101.0, topic="dev/x", payload=b"retained", qos=0, retain=True,
+                   age=0.0, attempts=1, reason="refused", dead_at=201.0)]
     assert store.dead_letters()[0].to_dict()["reason"].startswith("link dropped")
     figures = store.stats()
     assert (figures["dead_count"], figures["dead_lettered"], figures["outbox_count"]) == (2, 2, 2)
@@ -112,7 +113,8 @@ def test_dead_letters_survive_a_reopen(tmp_path: Path):
     again = Store(tmp_path / "store", CAP)
     try:
         assert without_age(again.dead_letters()) == [
-            DeadLetter(1, 100.0, TOPIC, b"a", 1, False, 0.0, 3, "refused", 150.0)]
+            DeadLetter(id=1, created=100.0, topic=TOPIC, payload=b"a", qos=1, retain=False, age=0.0,
+                       attempts=3, reason="refused", dead_at=150.0)]
         assert outbox_ids(again) == [2]
     finally:
         again.close()

@@ -95,6 +95,37 @@ def test_hung_worker_is_killed_and_replaced(daemon, notify):
     assert daemon.zombies() == []
 
 
+def test_a_hung_worker_logs_where_it_hung_before_it_dies(daemon_config, tmp_path, notify):
+    """A sitecustomize gives the expiry worker a SIGUSR2 handler that blocks its main thread
+    (a hang in the middle of its loop); the supervisor's SIGABRT makes faulthandler write the
+    stack to the log, naming the function it hung in, and the worker is replaced."""
+    import os
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, time\n"
+        "args = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
+        "def stuck_in_a_test_hang(signum, frame):\n"
+        "    time.sleep(3600)\n"
+        "if b'flashlexd.workers' in args and b'expiry' in args:\n"
+        "    signal.signal(signal.SIGUSR2, stuck_in_a_test_hang)\n")
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
+                                                   "PYTHONPATH": str(hook)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        before = running.children()
+        os.kill(before["expiry"], signal.SIGUSR2)
+        wait_for(lambda: running.children().get("expiry") not in (None, before["expiry"]), 15,
+                 "the hung expiry worker to be replaced")
+        output = running.output()
+        assert "expiry hung" in output and "aborting pid" in output
+        assert "Fatal Python error: Aborted" in output
+        assert 'in stuck_in_a_test_hang' in output  # the frame it hung in
+        assert "expiry did not abort in time" not in output  # SIGABRT was enough
+    finally:
+        running.stop()
+
+
 def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     notify.wait_for("READY=1", timeout=15)
     before = daemon.children()
@@ -119,6 +150,56 @@ def test_reload_restarts_only_workers_whose_settings_changed(daemon, notify, dae
                               and c["egress"] != before["egress"] else None)(daemon.children()),
                      15, "ingress and egress to restart")
     assert after["expiry"] == before["expiry"]
+
+
+def test_reload_applies_every_api_setting_to_the_running_api(daemon, notify, daemon_config,
+                                                             broker, tmp_path):
+    """One SIGHUP changes what `publish` accepts and defaults to, the outbox cap `status` shows
+    and the API server's idle timeout, on the connection already open and on new ones."""
+    import socket
+
+    import yaml
+    from flashlexd.client import RpcError, connect
+    from flashlexd.client.wire import Code
+    from tests.broker import Subscriber
+    notify.wait_for("READY=1", timeout=15)
+    subscriber = Subscriber(broker, "#", tmp_path / "received", fmt="%t %p").start()
+    try:
+        with connect(str(daemon.socket_path)) as fx:
+            fx.publish(b"y" * 2000, topic="dev/long-" + "t" * 80)  # fits the defaults
+            document = yaml.safe_load(daemon_config.read_text())
+            mqtt = document["flashlex"]["thing"]["mqtt"]
+            mqtt.update({"maxPayloadBytes": 1000, "maxTopicBytes": 64, "offlinePublishQueueing": 7})
+            mqtt["egress"]["topic"] = "dev/reloaded"
+            document["flashlex"]["app"]["socket"]["idleTimeoutSeconds"] = 0.5
+            daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
+            hup_at = time.monotonic()
+            daemon.signal(signal.SIGHUP)
+            notify.wait_for("READY=1", after=hup_at, timeout=10)
+            wait_for(lambda: "config reloaded" in daemon.output(), 10, "the reload")
+            with pytest.raises(RpcError) as info:
+                fx.publish(b"y" * 1001)
+            assert info.value.code == Code.PAYLOAD_TOO_LARGE and "(1000)" in info.value.message
+            with pytest.raises(RpcError) as info:
+                fx.publish(b"y", topic="dev/long-" + "t" * 80)
+            assert info.value.code == Code.BAD_PARAMS and "maxTopicBytes (64)" in info.value.message
+            status = fx.status()
+            assert status["outbox"]["limit"] == 7
+            assert status["counters"]["loop_errors"] == 0
+            assert status["counters"]["restarts"] == sum(w["restarts"] for w in status["workers"])
+            assert status["api"]["accepted"] >= 1 and status["api"]["requests"] >= 3
+            fx.publish(b"after the reload")
+        wait_for(lambda: b"dev/reloaded after the reload" in subscriber.lines(), 20,
+                 "the publish on the reloaded egress topic")
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(str(daemon.socket_path))
+        idle.settimeout(10)
+        opened = time.monotonic()
+        assert idle.recv(1) == b""  # closed by the server after the new idle timeout
+        assert time.monotonic() - opened < 5  # not the 300 s it was started with
+        idle.close()
+    finally:
+        subscriber.stop()
 
 
 def test_worker_crashing_at_start_backs_off_then_the_daemon_gives_up(daemon_config, tmp_path, notify):

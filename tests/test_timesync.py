@@ -9,8 +9,8 @@ import pytest
 
 from flashlexd import config as config_module
 from flashlexd import timesync
-from flashlexd.check import certificate_validity
-from flashlexd.mqtt import describe_error
+from flashlexd.checkcerts import certificate_validity
+from flashlexd.mqttclient import describe_error
 from tests.broker import write_config
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from flashlexd.channel import CHANNEL_FD, CONFIG_FD, Channel, ConfigFile, place_child_fds
+from flashlexd.linkmsg import build
 from tests.broker import wait_for
 
 
@@ -23,7 +24,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class WorkerProcess:
+class WorkerUnderTest:
     def __init__(self, name: str, config: Path, log_path: Path):
         self.name, self.config, self.log_path = name, config, log_path
         self.process: Optional[subprocess.Popen] = None
@@ -32,7 +33,7 @@ class WorkerProcess:
         self.counters: Dict[str, Any] = {}          # from the latest heartbeat
         self.mqtt: Dict[str, Any] = {}              # the latest `mqtt` report
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> "WorkerUnderTest":
         channel, child_end = Channel.pair()
         config_file = ConfigFile(self.config.read_text())  # as the supervisor does
         fd = child_end.fileno()
@@ -74,7 +75,7 @@ class WorkerProcess:
             elif message.get("t") == "mqtt":
                 self.mqtt = message
 
-    def wait(self, predicate: Callable[["WorkerProcess"], Any], timeout: float, what: str) -> Any:
+    def wait(self, predicate: Callable[["WorkerUnderTest"], Any], timeout: float, what: str) -> Any:
         """Poll the link until `predicate(self)` is truthy; fail if the worker dies first."""
         def check() -> Any:
             self.pump(0.02)
@@ -93,7 +94,7 @@ class WorkerProcess:
 
     def send(self, kind: str, **fields: Any) -> None:
         assert self.channel is not None
-        self.channel.send(kind, **fields)
+        self.channel.send(build(kind, **fields))
 
     def kill(self) -> None:
         """SIGKILL at whatever instant the worker is in."""

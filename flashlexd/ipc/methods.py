@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from flashlexd.client.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, REQUEST_OVERHEAD, Code
+from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc.protocol import Pending, RpcFailure
+from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
-from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES, publish_topic_problem
+from flashlexd.topics import publish_topic_problem
 
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
-DEFAULT_MAX_PUBLISH_BYTES = 131072  # flashlex.thing.mqtt.maxPayloadBytes (AWS IoT's 128 KB)
 _MISSING = object()
 
 
@@ -111,24 +111,16 @@ class Methods:
 
     NAMES = ("status", "messages", "ack", "wait", "publish", "outbox", "retry", "drop", "purge")
 
-    def __init__(self, store: Store, status_provider: Callable[[], Dict[str, Any]],
-                 on_outbox_added: Callable[[], None], egress_topic: str,
-                 offline_publish_queueing: int, egress_connected: Callable[[], bool],
-                 max_payload_bytes: int, response_budget: Optional[int] = None,
-                 max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
-                 max_publish_bytes: int = DEFAULT_MAX_PUBLISH_BYTES):
-        """`max_payload_bytes` is the inbound limit (it sizes responses); `max_topic_bytes` and
-        `max_publish_bytes` are what `publish` accepts (flashlex.thing.mqtt's limits)."""
-        self.store = store
+    def __init__(self, store: Callable[[], Store], status_provider: Callable[[], Dict[str, Any]],
+                 on_outbox_added: Callable[[], None], egress_connected: Callable[[], bool],
+                 rules: Callable[[], ApiRules]):
+        """`store` and `rules` are read on every call: the supervisor swaps both on a reload
+        (see `runtime.Runtime`), so a method never works with a stale limit or a closed store."""
+        self._store = store
         self.status_provider = status_provider
         self.on_outbox_added = on_outbox_added
-        self.egress_topic = egress_topic
-        self.offline_publish_queueing = offline_publish_queueing
         self.egress_connected = egress_connected
-        self.max_payload_bytes = max_payload_bytes
-        self.max_topic_bytes = max_topic_bytes
-        self.max_publish_bytes = max_publish_bytes
-        self.response_budget = response_budget or REQUEST_OVERHEAD + max_payload_bytes
+        self._rules = rules
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
 
     def handle(self, method: str, params: Dict[str, Any]) -> Any:
@@ -145,6 +137,14 @@ class Methods:
         except StoreError as exc:
             raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
 
+    @property
+    def store(self) -> Store:
+        return self._store()
+
+    @property
+    def rules(self) -> ApiRules:
+        return self._rules()
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _bounded(self, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -152,7 +152,7 @@ class Methods:
         used = 0
         for index, record in enumerate(records):
             used += len(record["payload"]) + len(record["topic"]) + _RECORD_ENVELOPE
-            if used > self.response_budget and index > 0:
+            if used > self.rules.response_budget and index > 0:
                 return records[:index]
         return records
 
@@ -174,7 +174,7 @@ class Methods:
         try:
             figures = self.store.stats()
         except StoreError as exc:  # a damaged store: the rest of the status still answers
-            supervisor.update(inbox={}, outbox={"limit": self.offline_publish_queueing},
+            supervisor.update(inbox={}, outbox={"limit": self.rules.offline_publish_queueing},
                               store={"path": str(self.store.path), "damaged": str(exc)})
             return supervisor
         counters = {name: figures[name] for name in COUNTERS}
@@ -190,7 +190,7 @@ class Methods:
                       "last_id": figures["inbox_last_id"]},
             "outbox": {"count": figures["outbox_count"], "oldest": figures["outbox_oldest"],
                        "oldest_age": figures["outbox_oldest_age"],
-                       "limit": self.offline_publish_queueing, "dead": figures["dead_count"],
+                       "limit": self.rules.offline_publish_queueing, "dead": figures["dead_count"],
                        # reported by the egress worker with its counters (heartbeat-fresh)
                        "oldest_inflight_age": egress.get("oldest_inflight_age")},
             "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
@@ -232,22 +232,23 @@ class Methods:
             raise p.bad("payload", "bytes or a string", payload)
         topic = p.get("topic")
         if topic is None:
-            topic = self.egress_topic  # checked when the config was loaded
+            topic = self.rules.egress_topic  # checked when the config was loaded
         elif not isinstance(topic, str):
             raise p.bad("topic", "an MQTT topic (a string)", topic)
         else:
-            problem = publish_topic_problem(topic, self.max_topic_bytes)
+            problem = publish_topic_problem(topic, self.rules.max_topic_bytes)
             if problem:
                 raise RpcFailure(Code.BAD_PARAMS, f"publish: param 'topic' {problem}: "
                                  f"{_show(topic)} (nothing was queued)")
         qos = p.integer("qos", 1, 0, 1)
         retain = p.boolean("retain", False)
         p.done()
-        if len(payload) > self.max_publish_bytes:
+        rules = self.rules
+        if len(payload) > rules.max_publish_bytes:
             raise RpcFailure(Code.PAYLOAD_TOO_LARGE, f"publish: payload of {len(payload)} bytes "
-                             f"exceeds flashlex.thing.mqtt.maxPayloadBytes ({self.max_publish_bytes})"
+                             f"exceeds flashlex.thing.mqtt.maxPayloadBytes ({rules.max_publish_bytes})"
                              f" (nothing was queued)")
-        cap = self.offline_publish_queueing
+        cap = rules.offline_publish_queueing
         if cap == 0 and not self.egress_connected():
             raise RpcFailure(Code.EGRESS_OFFLINE, "egress is not connected and offlinePublishQueueing"
                              " is 0: publish refused (nothing was queued)")
@@ -269,12 +270,11 @@ class Methods:
         elif dead:
             entries = [d.to_dict() for d in self.store.dead_letters(limit, after)]
         else:  # attempts are counted by the egress worker, in memory: not known here
-            entries = [dict(e.to_dict(), attempts=None, reason=None)
-                       for e in self.store.outbox_peek(limit, after)]
+            entries = [e.to_dict() for e in self.store.outbox_peek(limit, after)]
         for entry in entries:
             entry["size"] = len(entry["payload"])
         return {"count": figures["outbox_count"], "dead": figures["dead_count"],
-                "limit": self.offline_publish_queueing,
+                "limit": self.rules.offline_publish_queueing,
                 "oldest_age": figures["outbox_oldest_age"],
                 "entries": self._bounded(entries)}
 

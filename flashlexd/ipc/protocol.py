@@ -1,6 +1,6 @@
 """Daemon side of the wire protocol: limits, request parsing, response encoding.
 
-The frame format and constants live in `flashlexd.client.wire` (one source of truth shared
+The frame format and constants live in `flashlexd.wire` (one source of truth shared
 with the light client package); this module adds what only the daemon needs: turning an
 untrusted frame body into a `Request` or a precise error, and the `Pending` marker a method
 returns to park a long-poll.
@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 import msgpack
 
-from flashlexd.client.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD,
+from flashlexd.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD,
                                    Code, encode_frame, request_unpack_options, version_mismatch)
 
 DEFAULT_MAX_BUFFERED = 8 * 1024 * 1024

@@ -20,7 +20,7 @@ import os
 import selectors
 import socket
 import time
-from typing import Any, Dict, Iterable, Optional, Protocol, Set
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Set, Union
 
 from flashlexd import fds
 from flashlexd.ipc.connection import Connection, ReadBudget, Received, peer_credentials
@@ -44,11 +44,18 @@ class Handler(Protocol):
 class RpcServer:
     """Serves `methods.handle(name, params)` on a Unix socket from the host's selector loop."""
 
-    def __init__(self, path: str, methods: Handler, limits: Optional[Limits] = None,
+    def __init__(self, path: str, methods: Handler,
+                 limits: Union[Limits, Callable[[], Limits], None] = None,
                  selector: Optional[selectors.BaseSelector] = None, *, mode: int = 0o660,
                  group: Optional[str] = None, allow_uids: Iterable[int] = ()):
+        """`limits` is fixed, or a callable read on every use (the supervisor's runtime, which
+        a reload replaces)."""
         self.path = path
-        self.limits = limits or Limits()
+        if limits is None or isinstance(limits, Limits):
+            fixed = limits or Limits()
+            self._limits: Callable[[], Limits] = lambda: fixed
+        else:
+            self._limits = limits
         self._methods = methods
         self._own_selector = selector is None
         self.selector = selector or selectors.DefaultSelector()
@@ -61,30 +68,19 @@ class RpcServer:
         self._conns: Set[Connection] = set()
         self._parked: Set[Connection] = set()
         self._accept_paused_until: Optional[float] = None
-        self._sweep_every = max(0.01, min(1.0, self.limits.idle_timeout / 4, self.limits.write_timeout / 4,
-                                          self.limits.frame_timeout / 4))
-        self._next_sweep = time.monotonic() + self._sweep_every
+        self._next_sweep = time.monotonic() + self._sweep_every()
         self.counters = {"accepted": 0, "refused": 0, "requests": 0, "errors": 0, "dropped_slow": 0,
                          "refused_budget": 0, "dropped_partial": 0}
         self.closed = False
 
-    @classmethod
-    def from_config(cls, api: Any, methods: Handler, selector: selectors.BaseSelector,
-                    max_payload_bytes: int) -> "RpcServer":
-        """From `config.Api` and the largest payload a frame must carry (it sizes the limit); the
-        connection cap stays `fds.RESERVED_FDS` below this process's open files limit."""
-        cap = fds.connection_cap(api.max_connections)
-        if cap < api.max_connections:
-            log.warning("API: at most %d connections (flashlex.app.socket.maxConnections is %d, but"
-                        " the open files limit leaves room for %d; raise LimitNOFILE=)",
-                        cap, api.max_connections, cap)
-        limits = Limits.for_payload(max_payload_bytes, max_connections=cap, idle_timeout=api.idle_timeout,
-                                    max_buffered=api.max_buffered_bytes,
-                                    frame_timeout=api.frame_timeout)
-        # allowUids are users outside the socket's group: they need the socket itself to be
-        # connectable (0666); who may talk is then decided by SO_PEERCRED on every connection
-        return cls(api.socket_path, methods, limits, selector, group=api.socket_group,
-                   allow_uids=api.allow_uids, mode=0o666 if api.allow_uids else 0o660)
+    @property
+    def limits(self) -> Limits:
+        return self._limits()
+
+    def _sweep_every(self) -> float:
+        limits = self.limits
+        return max(0.01, min(1.0, limits.idle_timeout / 4, limits.write_timeout / 4,
+                             limits.frame_timeout / 4))
 
     # -- what the host loop calls -------------------------------------------------------------
 
@@ -124,9 +120,10 @@ class RpcServer:
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
             self.selector.register(self._listener, selectors.EVENT_READ, self)
+        self.budget.limit = self.limits.max_buffered  # a reload may have changed it
         if now < self._next_sweep:
             return
-        self._next_sweep = now + self._sweep_every
+        self._next_sweep = now + self._sweep_every()
         for conn in list(self._conns):
             if conn.reading and now - conn.frame_started > self.limits.frame_timeout:  # type: ignore[operator]
                 got, announced = conn.frame_progress()

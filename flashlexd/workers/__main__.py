@@ -6,8 +6,10 @@ with the supervisor link on fd 3. Not meant to be run by hand.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level")
     args = parser.parse_args(argv)
     setproctitle(f"flashlexd: {args.name}")
+    # A worker the supervisor finds hung gets SIGABRT: faulthandler writes every thread's stack
+    # to the log before it dies. SIGUSR1 writes the same without stopping it (for a look).
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logs.setup(args.log_level or "info", f"flashlexd[{args.name}]")
     log = logging.getLogger(f"flashlexd.{args.name}")
     channel = Channel.inherited()

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from flashlexd.channel import Channel
 from flashlexd.config import Config
+from flashlexd.linkmsg import Heartbeat, LinkMessage, StateReport, Stop, build, decode
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ class Worker:
         """Periodic work; returns the seconds until the worker next wants to run."""
         return self.config.supervision.heartbeat_seconds
 
-    def on_command(self, message: Dict[str, Any]) -> None:
-        """A message from the supervisor other than `stop`."""
+    def on_command(self, message: LinkMessage) -> None:
+        """A message from the supervisor other than `Stop`."""
 
     def shutdown(self) -> None:
         """Finish the current batch (commit or leave unacknowledged, never half) and let go."""
@@ -69,7 +70,8 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------
 
     def report(self, kind: str, **fields: Any) -> None:
-        self.channel.send(kind, **fields)
+        """Send the `linkmsg` message of `kind` (its type constant) to the supervisor."""
+        self.channel.send(build(kind, **fields))
 
     def run(self) -> int:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -77,9 +79,9 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the supervisor's business
-        self.report("state", state="starting")
+        self.report(StateReport.kind, state="starting")
         self.setup()
-        self.report("state", state="ready")
+        self.report(StateReport.kind, state="ready")
         timeout = 0.0
         while not self.stopping:
             reads, writes = self.wait_fds()
@@ -94,7 +96,7 @@ class Worker:
             self.on_ready([r for r in ready_r if r in reads], ready_w)
             now = time.monotonic()
             timeout = min(self.tick(now), self._heartbeat(now))
-        self.report("state", state="stopping")
+        self.report(StateReport.kind, state="stopping")
         self.shutdown()
         return EXIT_OK
 
@@ -107,10 +109,11 @@ class Worker:
             log.warning("supervisor went away; stopping")
             self.stopping = True
             return
-        for message in messages:
-            if message.get("t") == "stop":
+        for raw in messages:
+            message = decode(raw)
+            if isinstance(message, Stop):
                 self.stopping = True
-            else:
+            elif message is not None:
                 self.on_command(message)
 
     def _heartbeat(self, now: float) -> float:
@@ -118,7 +121,7 @@ class Worker:
         until the next one may be needed."""
         changed = self.counters != self._sent_counters
         if now >= self._next_heartbeat or (changed and now >= self._sent_at + COUNTERS_EVERY):
-            self.report("hb", counters=self.counters)
+            self.report(Heartbeat.kind, counters=self.counters)
             self._sent_counters, self._sent_at = dict(self.counters), now
             self._next_heartbeat = now + self.config.supervision.heartbeat_seconds
             changed = False

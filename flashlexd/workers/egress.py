@@ -18,7 +18,7 @@ one WARNING line; then the drain goes on at full speed.
 
 QoS 0 entries are deleted as soon as paho has accepted them: at most once, as their QoS says.
 
-Waking: the supervisor sends `{"t": "outbox"}` when something was queued; every
+Waking: the supervisor sends `OutboxQueued` when something was queued; every
 OUTBOX_RECHECK seconds the worker also looks by itself. (`drainingFrequency` is the FlashLex
 SDK's drain rate in publishes per second: see `config._publish_rate`.)
 """
@@ -31,6 +31,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from paho.mqtt.enums import MQTTErrorCode
 
+from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
 from flashlexd.mqtt import Connection
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
@@ -86,8 +87,8 @@ class EgressWorker(Worker):
     def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
         self.connection.on_ready(readable, writable)
 
-    def on_command(self, message: Dict[str, Any]) -> None:
-        if message.get("t") == "outbox":
+    def on_command(self, message: LinkMessage) -> None:
+        if isinstance(message, OutboxQueued):
             self.more = True
 
     def tick(self, now: float) -> float:
@@ -122,7 +123,7 @@ class EgressWorker(Worker):
             self.more = True
         elif self.inflight and not self.connection.closing:
             self._link_dropped(error)
-        self.report("mqtt", connected=connected, error=error)
+        self.report(MqttReport.kind, connected=connected, error=error)
 
     def _on_publish(self, mid: int) -> None:
         sent = self.inflight.pop(mid, None)

@@ -205,7 +205,7 @@ class IngressWorker(Worker):
                     acked.append(pending.incoming)
         self.barrier.sent_acks(acked)
         if new:
-            self.report("committed", last_id=new[-1], count=len(new))
+            self.report("committed")
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from flashlexd.client import Client, RpcError, connect
-from flashlexd.client.ctl import health
+from flashlexd.client.ctlview import health
 from flashlexd.client.wire import MAX_LIMIT, Code
 from flashlexd.store import Store
 from tests.broker import (HOST, INGRESS_TOPIC, Broker, open_store, publish, publish_lines,

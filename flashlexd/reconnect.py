@@ -5,7 +5,7 @@ import random
 import time
 from typing import Callable, Optional
 
-from flashlexd.config import Backoff
+from flashlexd.config import ReconnectPolicy
 
 MIN_CONNECT_INTERVAL = 1.0  # AWS IoT Core allows one CONNECT per second per client id
 JITTER = 0.25               # up to -25% on each quiet time, so a fleet does not reconnect in step
@@ -21,7 +21,7 @@ class ReconnectBackoff:
     allows one CONNECT per second per client id). The first attempt is immediate.
     """
 
-    def __init__(self, policy: Backoff, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, policy: ReconnectPolicy, clock: Callable[[], float] = time.monotonic,
                  rand: Callable[[], float] = random.random):
         self.policy, self.clock, self.rand = policy, clock, rand
         self.quiet = policy.base_seconds

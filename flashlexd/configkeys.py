@@ -1,0 +1,255 @@
+"""Every config key flashlexd reads, in one table: its path, type, default, bounds, what a reload
+does with it, and its documentation.
+
+The table drives the parser (`configsection.Section.value` reads a key by its entry: type
+check, bounds, default, the one-line error naming the path) and the README's configuration
+table (`readme_table`; `python -m flashlexd.configkeys README.md` rewrites it, and a test fails
+when the two disagree). A new key is one entry here plus the code that uses its value.
+Checks between keys (one key's bound set by another) stay in config.py, next to the dataclass
+they fill.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from flashlexd.dedupe import DEFAULT_WINDOW_SECONDS as DEDUPE_WINDOW_SECONDS
+from flashlexd.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_SOCKET, FULL_POLICIES
+
+DEFAULT_DATA_DIR = "/var/lib/flashlexd"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
+REQUIRED = object()  # the default of a key that must be given
+
+# what SIGHUP does with a changed value (the README's "reload" column)
+AT_ONCE = "at once"
+WORKERS = "workers restart"
+AT_ONCE_AND_WORKERS = "at once; workers restart"
+LINKS = "ingress, egress restart"
+LINKS_AND_API = "at once; ingress, egress restart"
+NEXT_START = "next start"
+UNUSED = ""
+
+
+@dataclass(frozen=True)
+class Key:
+    path: str
+    kind: str  # text, integer, seconds, boolean, choice, texts, uids, rate, section, legacy
+    default: Any = None  # None: no value when absent; REQUIRED: must be given
+    doc: str = ""
+    reload: str = UNUSED
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    shown: Optional[str] = None  # the README's default column, when not just the default
+    maximum_why: str = ""  # said after the maximum in the error, e.g. " (the MQTT limit)"
+    field: Optional[str] = None  # the config dataclass field `Section.fill` puts the value in
+
+    @property
+    def default_text(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.default is REQUIRED:
+            return "required"
+        if self.default is None:
+            return ""
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if isinstance(self.default, str):
+            return f"`{self.default}`"
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+def _legacy(path: str, doc: str) -> Key:
+    return Key(path, "legacy", doc=doc)
+
+
+_DB, _SOCKET, _SUP = "flashlex.app.db", "flashlex.app.socket", "flashlex.app.supervisor"
+_THING, _MQTT = "flashlex.thing", "flashlex.thing.mqtt"
+_BACKOFF = f"{_MQTT}.autoReconnectBackoffTime"
+
+TABLE: Tuple[Key, ...] = (
+    _legacy("flashlex.app.api",
+            "FlashLex cloud API of the old SDK (`endpoint`, `env`): accepted, not used"),
+    _legacy("flashlex.app.callback", "old SDK callback style: accepted, not used"),
+    _legacy("flashlex.app.thread", "old SDK threading style: accepted, not used"),
+    _legacy("flashlex.app.message", "old SDK message settings: accepted, not used"),
+    _legacy(f"{_DB}.subscriptionData",
+            "the old SDK's JSON store file: accepted, not used (LMDB replaces it)"),
+    Key(f"{_DB}.expireSeconds", "seconds", None,
+        "inbox messages older than this are removed; must be > 0",
+        WORKERS, shown="no expiry", field="expire_seconds"),
+    Key(f"{_DB}.dedupe.key", "text", None,
+        "off unless set. An opt-in application key against a broker's redeliveries after its own"
+        " crash: `json:<dotted.path>` reads it from a JSON payload (`json:id`, `json:meta.msgId`,"
+        " `json:items.0`); a message whose key was stored in the last `windowSeconds` is"
+        " acknowledged, counted in `duplicates` and not stored. A payload that is not JSON or lacks"
+        " the path is stored normally (counted in ingress's `dedupe_keyless`). `mqtt5:<user-property>`"
+        " is accepted but takes effect only once the daemon speaks MQTT 5 (3.1.1 messages carry no"
+        " user properties: every message is stored normally). See \"Delivery guarantees\"",
+        WORKERS, shown="off"),
+    Key(f"{_DB}.dedupe.windowSeconds", "seconds", DEDUPE_WINDOW_SECONDS,
+        "how long a dedupe key is remembered", WORKERS),
+    Key(f"{_DB}.dataPath", "text", DEFAULT_DATA_DIR, "store directory (`--data-dir` wins)", WORKERS),
+    Key(f"{_DB}.capMegabytes", "integer", 256, "store size cap", WORKERS, minimum=1),
+    Key(f"{_DB}.whenFull", "choice", "reject",
+        "at the cap: `reject` (stop acknowledging; the broker keeps the messages) or `dropOldest` (drop"
+        " the oldest inbox messages, counted). Outbox entries and dead letters are never dropped: outbox"
+        " appends are refused when full, and once they alone fill the cap, inbox appends are refused"
+        " too", WORKERS, choices=FULL_POLICIES, field="when_full"),
+    Key(f"{_DB}.sweepSeconds", "seconds", 5.0, "how often the expiry worker sweeps", WORKERS,
+        field="sweep_seconds"),
+    Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
+        "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"
+        " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames",
+        AT_ONCE_AND_WORKERS, minimum=1, field="max_payload_bytes"),
+    Key("flashlex.app.logLevel", "choice", "info",
+        "`debug`, `info`, `warning`, `error` (`--log-level` wins)", WORKERS, choices=LOG_LEVELS),
+    Key(f"{_SOCKET}.path", "text", DEFAULT_SOCKET,
+        "API socket (`--socket`, then `$FLASHLEXD_SOCKET` win)", NEXT_START),
+    Key(f"{_SOCKET}.group", "text", None,
+        "group owning the socket (mode 0660); the unit runs the service in it (`Group=`)", NEXT_START,
+        shown="none", field="socket_group"),
+    Key(f"{_SOCKET}.allowUids", "uids", (),
+        "uids allowed besides root and the daemon's own; when set, the socket is 0666 (and the unit's"
+        " runtime dir 0755) and every connection is checked by SO_PEERCRED", NEXT_START, shown="`[]`",
+        field="allow_uids"),
+    Key(f"{_SOCKET}.maxConnections", "integer", 1024,
+        "concurrent API connections; more get `busy` at once. Never more than the open files limit"
+        " minus 64 (the supervisor raises its soft limit to the hard one at start; a lower cap is"
+        " logged)", AT_ONCE, minimum=1, field="max_connections"),
+    Key(f"{_SOCKET}.idleTimeoutSeconds", "seconds", 300.0, "idle API connections are closed", AT_ONCE,
+        field="idle_timeout"),
+    Key(f"{_SOCKET}.maxBufferedBytes", "integer", None,
+        "bytes of incoming requests all API connections may hold together; a request that does not"
+        " fit is answered `busy` and its connection closed. Must be at least 1 MiB + `maxPayloadBytes`",
+        AT_ONCE, minimum=1, shown="8388608 (8 MiB; at least two of the largest requests)",
+        field="max_buffered_bytes"),
+    Key(f"{_SOCKET}.frameTimeoutSeconds", "seconds", 10.0,
+        "a request must arrive whole within this many seconds of its first byte; slower senders get"
+        " `frame_timeout` and are closed", AT_ONCE, field="frame_timeout"),
+    Key(f"{_SUP}.heartbeatSeconds", "seconds", 1.0, "worker heartbeat period", WORKERS,
+        field="heartbeat_seconds"),
+    Key(f"{_SUP}.heartbeatTimeoutSeconds", "seconds", 10.0,
+        "a worker silent this long gets SIGABRT (its stack is logged), SIGKILL a second later, and is"
+        " replaced; must be more than twice `heartbeatSeconds`", WORKERS,
+        field="heartbeat_timeout"),
+    Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL", WORKERS,
+        field="stop_timeout"),
+    Key(f"{_SUP}.restartBackoffMaxSeconds", "seconds", 30.0, "cap of the restart backoff", WORKERS,
+        field="backoff_max_seconds"),
+    Key(f"{_SUP}.crashLoopRestarts", "integer", 5,
+        "more failures of one worker than this within `crashLoopWindowSeconds`: exit 1", WORKERS,
+        minimum=1, field="crash_loop_restarts"),
+    Key(f"{_SUP}.crashLoopWindowSeconds", "seconds", 60.0, "the window of `crashLoopRestarts`", WORKERS,
+        field="crash_loop_window"),
+    _legacy("flashlex.dist", "build metadata of the old SDK (`commitSha`): accepted, not used"),
+    _legacy(f"{_THING}.id", "FlashLex thing id: accepted, not used"),
+    Key(f"{_THING}.name", "text", REQUIRED, "MQTT client id of ingress (unless `mqtt.clientId`)", LINKS),
+    Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate)",
+        LINKS),
+    *(Key(f"{_THING}.keys.{name}", "text", REQUIRED,
+          f"{what}, for mutual TLS, checked at start and on reload: files that do not load, or a key"
+          " that does not match the certificate, are a config error naming the file" + extra, LINKS)
+      for name, what, extra in (
+          ("rootCA", "CA certificate", ""), ("cert", "client certificate", ""),
+          ("privateKey", "private key", ". Readable by group or others: `run` refuses it (exit 2)"
+                                        " unless `--allow-insecure-key`"))),
+    Key(f"{_THING}.keys.publicKey", "text", None, "accepted, not needed", UNUSED),
+    _legacy(f"{_THING}.keys.path", "the old SDK's keys dir (its `app.py` set it from `-k`): accepted,"
+                                   " not used; use `--keys-dir`"),
+    Key(f"{_MQTT}.port", "integer", 8883, "443 uses ALPN `x-amzn-mqtt-ca` as AWS IoT requires", LINKS,
+        minimum=1, maximum=65535),
+    Key(f"{_MQTT}.useWebsocket", "boolean", False, "MQTT over secure websockets", LINKS),
+    Key(f"{_MQTT}.ingress.topic", "text", REQUIRED, "subscribed (QoS 1) by ingress", LINKS),
+    Key(f"{_MQTT}.pubsub.topic", "text", None, "also subscribed by ingress", LINKS, shown="none"),
+    Key(f"{_MQTT}.subscriptions", "texts", (), "extra topic filters for ingress", LINKS, shown="`[]`"),
+    Key(f"{_MQTT}.egress.topic", "text", REQUIRED, "default topic of published messages",
+        LINKS_AND_API),
+    Key(f"{_MQTT}.clientId", "text", None, "ingress client id", LINKS, shown="`thing.name`"),
+    Key(f"{_MQTT}.egressClientId", "text", None, "egress client id (must differ)", LINKS,
+        shown="`<clientId>-egress`"),
+    Key(f"{_MQTT}.keepAliveSeconds", "integer", 30,
+        "MQTT keepalive seconds (>= 2; AWS IoT Core accepts 30-1200). A silent broker is declared dead"
+        " after keepalive + min(`mqttOperationTimeout`, keepalive / 2)", LINKS, minimum=2),
+    Key(f"{_MQTT}.keepalive", "integer", None,
+        "flashlexd 0.1's name of `keepAliveSeconds`, still read when that is absent", LINKS, minimum=2),
+    Key(f"{_MQTT}.maxInflight", "integer", 100,
+        "egress QoS 1 messages published and not yet acknowledged (AWS IoT Core: 100)", LINKS,
+        minimum=1),
+    Key(f"{_MQTT}.publishRatePerSecond", "rate", 100.0,
+        "egress publishes per second, paced (AWS IoT Core drops publishes over 100/s per connection"
+        " without a PUBACK); 0 = unlimited, for brokers without quotas", LINKS, minimum=0,
+        shown="100, or `drainingFrequency`"),
+    Key(f"{_MQTT}.drainingFrequency", "rate", None,
+        "the FlashLex SDK's drain rate in publishes per second (AWSIoTPythonSDK's"
+        " `configureDrainingFrequency`), kept with that meaning: every flashlexd publish drains from"
+        " the outbox, so it is the egress rate when `publishRatePerSecond` is not set (ignored, with"
+        " a warning, when it is). Must be > 0", LINKS, shown="none"),
+    Key(f"{_MQTT}.publishBytesPerSecond", "integer", 524288,
+        "egress payload + topic bytes per second (AWS IoT Core: 512 KiB/s per connection);"
+        " 0 = unlimited", LINKS, minimum=0),
+    Key(f"{_MQTT}.poisonAttempts", "integer", 3,
+        "an outbox entry alone in flight when the link drops this many times is moved to the dead"
+        " letters (see \"Poison entries\")", LINKS, minimum=1),
+    Key(f"{_BACKOFF}.baseReconnectQuietTimeSecond", "seconds", 1.0,
+        "reconnect backoff: the first delay, doubling up to `maxReconnectQuietTimeSecond`; plus"
+        " jitter, never more than one CONNECT per second", LINKS),
+    Key(f"{_BACKOFF}.maxReconnectQuietTimeSecond", "seconds", 32.0,
+        "reconnect backoff cap (>= `baseReconnectQuietTimeSecond`)", LINKS),
+    Key(f"{_BACKOFF}.stableConnectionTimeSecond", "seconds", 20.0,
+        "seconds connected after which the reconnect backoff starts again from the base", LINKS),
+    Key(f"{_MQTT}.maxTopicBytes", "integer", 256,
+        "outbound: `publish` refuses longer topics (UTF-8 bytes; AWS IoT Core's limit; at most"
+        " 65535). The egress topic must meet it too", LINKS_AND_API, minimum=1, maximum=65535,
+        maximum_why=" (the MQTT limit)"),
+    Key(f"{_MQTT}.maxPayloadBytes", "integer", 131072,
+        "outbound: `publish` refuses larger payloads (`payload_too_large`; AWS IoT Core's 128 KB). Not"
+        " the inbound `app.db.maxPayloadBytes`", LINKS_AND_API, minimum=1, maximum=MAX_MQTT_PAYLOAD,
+        maximum_why=" (the MQTT limit)"),
+    Key(f"{_MQTT}.offlinePublishQueueing", "integer", -1,
+        "outbox cap in entries: -1 unlimited, 0 refuse publishes while egress is offline",
+        LINKS_AND_API, minimum=-1),
+    Key(f"{_MQTT}.connectDisconnectTimeout", "seconds", 10.0, "seconds a connect attempt may take",
+        LINKS),
+    Key(f"{_MQTT}.mqttOperationTimeout", "seconds", 30.0,
+        "seconds to wait for any acknowledgement (PUBACK, SUBACK, UNSUBACK; PINGRESP within min(this,"
+        " keepalive / 2)) with none arriving: past it the link is closed and re-established and the"
+        " in-flight entries are sent again", LINKS),
+)
+
+KEYS: Dict[str, Key] = {key.path: key for key in TABLE}
+LEGACY_KEYS = frozenset(key.path for key in TABLE if key.kind == "legacy")
+
+TABLE_START = "<!-- config keys: generated from flashlexd/configkeys.py -->"
+TABLE_END = "<!-- end of config keys -->"
+
+
+def readme_table() -> str:
+    """The README's configuration table, from `TABLE`."""
+    lines = ["| key | default | on reload (SIGHUP) | meaning in flashlexd |",
+             "| --- | --- | --- | --- |"]
+    for key in TABLE:
+        lines.append(f"| `{key.path}` | {key.default_text} | {key.reload} | {key.doc} |")
+    return "\n".join(lines)
+
+
+def readme_section(readme: str) -> str:
+    """What stands between the table markers of `readme`."""
+    start = readme.index(TABLE_START) + len(TABLE_START)
+    return readme[start:readme.index(TABLE_END, start)].strip("\n")
+
+
+def rewrite_readme(path: str) -> None:
+    """Put `readme_table()` between the markers of the README at `path`."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    start = text.index(TABLE_START) + len(TABLE_START)
+    end = text.index(TABLE_END, start)
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(f"{text[:start]}\n{readme_table()}\n{text[end:]}")
+
+
+if __name__ == "__main__":
+    rewrite_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")

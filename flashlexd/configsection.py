@@ -1,0 +1,157 @@
+"""Typed reads of one mapping of the config YAML, remembering its key path and the keys used.
+
+`Section.value(name)` reads a key as its `configkeys.TABLE` entry describes it; the typed
+readers below are what it uses. Every problem is a `ConfigError` naming the key's path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple, Type, TypeVar
+
+from flashlexd.configkeys import KEYS, LEGACY_KEYS, REQUIRED, TABLE
+from flashlexd.configtext import ConfigError
+
+T = TypeVar("T")
+
+
+class Section:
+    """Typed access to one mapping of the YAML, remembering its key path and the keys used."""
+
+    def __init__(self, data: Any, path: str, warnings: List[str]):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(data)}")
+        self.data, self.path, self.warnings = data, path, warnings
+        self.used: set = set()
+
+    def value(self, name: str) -> Any:
+        """Key `name` of this section, read as its `configkeys.TABLE` entry says: type, bounds,
+        default (or required), each problem one line naming the key's path."""
+        key = KEYS[self._key(name)]
+        required = key.default is REQUIRED
+        default = None if required else key.default
+        if key.kind == "text":
+            return self.text(name, default, required=required)
+        if key.kind == "integer":
+            value = self.integer(name, default, minimum=key.minimum,  # type: ignore[arg-type]
+                                 required=required)
+            if key.maximum is not None and value is not None and value > key.maximum:
+                raise ConfigError(f"{key.path}: must be <= {key.maximum:g}{key.maximum_why},"
+                                  f" got {value}")
+            return value
+        if key.kind == "seconds":
+            return self.seconds(name, default)
+        if key.kind == "boolean":
+            return self.boolean(name, default)
+        if key.kind == "choice":
+            return self.choice(name, key.choices, default)
+        if key.kind == "texts":
+            return self.text_list(name)
+        if key.kind == "uids":
+            return self.uids(name)
+        if key.kind == "rate":
+            return self.rate(name, allow_zero=key.minimum == 0)
+        raise AssertionError(f"{key.path}: kind {key.kind} is not read by value()")
+
+    def fill(self, cls: Type[T], **given: Any) -> T:
+        """`cls` (a config dataclass) from every key of this section whose table entry names a
+        `field`, plus the fields `given` (those computed from several keys or the command line)."""
+        prefix = f"{self.path}."
+        values = {key.field: self.value(key.path[len(prefix):]) for key in TABLE
+                  if key.field and key.path.startswith(prefix) and "." not in key.path[len(prefix):]}
+        return cls(**values, **given)
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def _raw(self, key: str, required: bool) -> Any:
+        self.used.add(key)
+        value = self.data.get(key)
+        if value is None and required:
+            raise ConfigError(f"{self._key(key)}: missing required key")
+        return value
+
+    def section(self, key: str, required: bool = False) -> "Section":
+        return Section(self._raw(key, required), self._key(key), self.warnings)
+
+    def text(self, key: str, default: Optional[str] = None, required: bool = False) -> Optional[str]:
+        value = self._raw(key, required and default is None)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{self._key(key)}: expected a non-empty string, got {_show(value)}")
+        return value.strip()
+
+    def integer(self, key: str, default: Optional[int] = None, minimum: Optional[int] = None,
+                required: bool = False) -> int:
+        value = self._raw(key, required and default is None)
+        if value is None:
+            return default  # type: ignore[return-value]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self._key(key)}: expected an integer, got {_show(value)}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value}")
+        return value
+
+    def seconds(self, key: str, default: Optional[float] = None) -> Optional[float]:
+        """A positive duration: zero or negative intervals made the old SDK spin or crash."""
+        value = self._raw(key, False)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{self._key(key)}: expected a number of seconds, got {_show(value)}")
+        if value <= 0:
+            raise ConfigError(f"{self._key(key)}: must be greater than 0, got {value}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._raw(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected true or false, got {_show(value)}")
+        return value
+
+    def choice(self, key: str, choices: Tuple[str, ...], default: str) -> str:
+        value = self.text(key, default)
+        if value not in choices:
+            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {_show(value)}")
+        return value  # type: ignore[return-value]
+
+    def text_list(self, key: str) -> Tuple[str, ...]:
+        value = self._raw(key, False)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of strings, got {_show(value)}")
+        return tuple(v.strip() for v in value)
+
+    def uids(self, key: str) -> Tuple[int, ...]:
+        value = self._raw(key, False) or []
+        if not isinstance(value, list) or not all(isinstance(u, int) and not isinstance(u, bool)
+                                                  for u in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of numeric uids, got {_show(value)}")
+        return tuple(value)
+
+    def rate(self, key: str, allow_zero: bool) -> Optional[float]:
+        """A number per second (None when absent); 0 only when `allow_zero` (0: unlimited)."""
+        value = self._raw(key, False)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{self._key(key)}: expected a number per second, got {_show(value)}")
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0 (0: unlimited)" if allow_zero else "greater than 0"
+            raise ConfigError(f"{self._key(key)}: must be {bound}, got {value}")
+        return float(value)
+
+    def warn_unknown(self) -> None:
+        for key in self.data:
+            if key not in self.used and self._key(str(key)) not in LEGACY_KEYS:
+                self.warnings.append(f"{self._key(str(key))}: unknown key, ignored")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,122 @@
+"""A paho-mqtt 2.x client built from the FlashLex config: mutual TLS (ALPN on 443, websockets),
+and the one-line reasons a connection failed. Shared by the workers' `mqtt.Connection`,
+`flashlexd check` and the benchmarks.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import Any, Optional, Tuple
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from flashlexd.config import ConfigError, Keys, Thing
+from flashlexd.dialer import DialedClient
+from flashlexd.timesync import clock_problem
+
+ALPN_PORT = 443             # AWS IoT serves MQTT with client certs on 443 only with this ALPN
+ALPN_PROTOCOL = "x-amzn-mqtt-ca"
+WEBSOCKET_PATH = "/mqtt"
+# An alert the broker sends when it does not accept our client certificate.
+_REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",
+                        "ACCESS_DENIED", "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_EXPIRED",
+                        "CERTIFICATE_REVOKED")
+_HOST_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH (64 is the IP address twin)
+_ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
+
+
+def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
+    """Mutual TLS: trust only `rootCA`, verify the broker's certificate and host name, present
+    the thing's certificate."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(keys.root_ca))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"flashlex.thing.keys.rootCA: cannot load {keys.root_ca}:"
+                          f" {exc.reason or 'not a PEM certificate'}") from None
+    try:
+        context.load_cert_chain(str(keys.cert), str(keys.private_key))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"flashlex.thing.keys: cannot load certificate {keys.cert} with key"
+                          f" {keys.private_key}: {exc.reason or 'not a PEM certificate/key'}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        context.set_alpn_protocols([ALPN_PROTOCOL])
+    return context
+
+
+def build_client(thing: Thing, client_id: str, connect_timeout: float,
+                 clean_session: bool = False, context: Optional[ssl.SSLContext] = None,
+                 dialed: bool = False) -> paho.Client:
+    """A paho client for `thing`, not yet connected. `connect_timeout` bounds paho's own
+    blocking TCP connect and TLS handshake (`check`, benchmarks); a `dialed` client instead takes
+    the socket a non-blocking `Dialer` made (`Connection`). The daemon's sessions are
+    persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker."""
+    mqtt = thing.mqtt
+    client = (DialedClient if dialed else paho.Client)(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                         protocol=paho.MQTTv311,
+                         transport="websockets" if mqtt.use_websocket else "tcp",
+                         reconnect_on_failure=False)  # no silent MQTT 3.1 downgrade-and-retry
+    client.tls_set_context(context or tls_context(thing.keys, alpn=uses_alpn(thing)))
+    if mqtt.use_websocket:
+        client.ws_set_options(path=WEBSOCKET_PATH)
+    client.max_inflight_messages_set(mqtt.max_inflight)
+    client.max_queued_messages_set(0)
+    client.connect_timeout = connect_timeout
+    client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive)  # records where; no I/O
+    return client
+
+
+def uses_alpn(thing: Thing) -> bool:
+    return thing.mqtt.port == ALPN_PORT and not thing.mqtt.use_websocket
+
+
+def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
+    """One line saying why a connection failed, naming the file or setting to look at."""
+    where = f"{thing.endpoint}:{thing.mqtt.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        clock = clock_problem(exc, thing, timeout)  # not yet valid / expired by a wrong clock
+        if clock:
+            return clock
+        if exc.verify_code in (_HOST_MISMATCH, _HOST_MISMATCH + 2):
+            return (f"TLS: the broker's certificate is not valid for host {thing.endpoint}"
+                    f" ({exc.verify_message})")
+        return (f"TLS: the broker's certificate at {where} is not trusted by rootCA"
+                f" {thing.keys.root_ca} ({exc.verify_message})")
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if "ALERT" in reason and reason.endswith(_REFUSED_CERT_ALERTS):
+            alert = reason.split("ALERT_", 1)[-1].replace("_", " ").lower()
+            return f"TLS: the broker at {where} refused the client certificate {thing.keys.cert} ({alert})"
+        return f"TLS error with {where}: {reason}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {thing.endpoint}: {exc.strerror}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where} (broker down or wrong port?)"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"connecting to {where} timed out after {timeout:g}s"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"cannot connect to {where}: {exc}"
+
+
+class LastError(logging.Logger):
+    """The logger handed to paho while connecting: paho reports socket and TLS errors only to
+    its logger, so this keeps the last warning or error (and its exception) for the one-line
+    reason, and drops the rest."""
+
+    def __init__(self) -> None:
+        super().__init__("flashlexd.paho")
+        self.exc: Optional[BaseException] = None
+        self.message: Optional[str] = None
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if level >= logging.WARNING:
+            self.exc = next((a for a in args if isinstance(a, BaseException)), None)
+            self.message = str(msg) % args if args else str(msg)
+
+    def take(self) -> Tuple[Optional[BaseException], Optional[str]]:
+        taken = self.exc, self.message
+        self.exc = self.message = None
+        return taken

@@ -1,0 +1,102 @@
+"""The records the API carries, defined once: the store builds them (`to_dict` is their wire
+form), the client rebuilds them from the wire (`from_wire`). Stdlib only: `flashlexd.client`
+re-exports them and must stay light."""
+from __future__ import annotations
+
+import datetime as _dt
+import json as _json
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+
+@dataclass(frozen=True)
+class Message:
+    """One inbox message. `pk` is the id as a string (what `ack` and the old SDK use).
+    `timestamp` is when it arrived, on the wall clock, corrected for a clock step the daemon
+    saw since (README "Clock steps"); `age` its real age in seconds when it was read."""
+    id: int
+    topic: str
+    payload: bytes
+    timestamp: float
+    qos: int = 1
+    retain: bool = False
+    mid: int = 0
+    expires_at: Optional[float] = None
+    age: Optional[float] = None
+
+    @property
+    def pk(self) -> str:
+        return str(self.id)
+
+    @property
+    def received_at(self) -> float:
+        """The arrival time (wall clock, step-corrected): the same as `timestamp`."""
+        return self.timestamp
+
+    @property
+    def datetime(self) -> _dt.datetime:
+        """The arrival time, as a local aware datetime."""
+        return _dt.datetime.fromtimestamp(self.timestamp).astimezone()
+
+    def text(self, errors: str = "strict") -> str:
+        return self.payload.decode("utf-8", errors)
+
+    def json(self) -> Any:
+        """The payload parsed as JSON; raises ValueError when it is not JSON."""
+        return _json.loads(self.payload)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The wire form (with `pk`, what the old SDK's apps read)."""
+        return {"id": self.id, "pk": self.pk, "timestamp": self.timestamp, "topic": self.topic,
+                "payload": self.payload, "qos": self.qos, "retain": self.retain, "mid": self.mid,
+                "expires_at": self.expires_at, "age": self.age}
+
+    @classmethod
+    def from_wire(cls, data: Dict[str, Any]) -> "Message":
+        # Hot path (a batch per call): filling __dict__ skips the frozen dataclass __init__,
+        # which costs one object.__setattr__ per field; the fields are the same.
+        message = object.__new__(cls)
+        message.__dict__.update(id=data["id"], topic=data["topic"], payload=data["payload"],
+                                timestamp=data["timestamp"], qos=data.get("qos", 1),
+                                retain=data.get("retain", False), mid=data.get("mid", 0),
+                                expires_at=data.get("expires_at"), age=data.get("age"))
+        return message
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A publish waiting in the outbox for the egress connection, or a dead letter: one the
+    broker kept refusing, with the `reason`, the `attempts` made and when (`dead_at`). For a
+    queued entry those three are None (the egress counts attempts in memory)."""
+    id: int
+    topic: str
+    payload: bytes
+    created: float
+    qos: int = 1
+    retain: bool = False
+    attempts: Optional[int] = None
+    reason: Optional[str] = None
+    dead_at: Optional[float] = None
+    age: Optional[float] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The wire form; `dead_at` only for a dead letter."""
+        wire = {"id": self.id, "created": self.created, "topic": self.topic,
+                "payload": self.payload, "qos": self.qos, "retain": self.retain, "age": self.age,
+                "attempts": self.attempts, "reason": self.reason}
+        if self.dead_at is not None:
+            wire["dead_at"] = self.dead_at
+        return wire
+
+    @classmethod
+    def from_wire(cls, data: Dict[str, Any]) -> "OutboxEntry":
+        age = data.get("age")
+        return cls(id=int(data["id"]), topic=data["topic"], payload=bytes(data["payload"]),
+                   created=float(data["created"]), qos=int(data.get("qos", 1)),
+                   retain=bool(data.get("retain", False)), attempts=data.get("attempts"),
+                   reason=data.get("reason"), dead_at=data.get("dead_at"),
+                   age=None if age is None else float(age))

@@ -1,0 +1,356 @@
+"""The store's plumbing: opening (and migrating) the LMDB environment, durable writes with
+one-line errors and a bounded wait for the write lock, reads, counters, the cap, the expiry
+index's upkeep and the one cursor walk every listing uses. See store.py for the databases.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Type, TypeVar
+
+import lmdb
+import msgpack
+from flashlexd import paths, storecheck
+from flashlexd.bootframes import BootFrames
+from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
+from flashlexd.redelivery import Redeliveries
+from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
+from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DiskFull, StoreBusy, StoreDamaged,
+                                    StoreError, StoreForkError, StoreFull, _expiry_prefix, _stamp_of,
+                                    _start)
+from flashlexd.wire import FULL_POLICIES
+
+log = logging.getLogger("flashlexd.store")
+T = TypeVar("T")
+S = TypeVar("S", bound="StoreBase")
+
+SCHEMA_VERSION = 3  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
+#                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys
+POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
+_NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
+
+
+class StoreBase:
+    """The plumbing of one process's handle on the store (`store.Store` adds the inbox,
+    `storeoutbox.OutboxStore` the outbox and dead letters). Not thread-safe: one per process, used by one thread.
+
+    `write_wait` (seconds; None: no bound) bounds how long a write waits for LMDB's write lock,
+    which is shared by every process: a process stopped inside a write transaction (a hung
+    worker) holds it until it is killed. The supervisor uses it so that an API call cannot
+    stall its loop, which is what kills hung workers. Such a write runs in a helper thread
+    (LMDB's lock wait releases the GIL) and raises StoreBusy when the wait runs out."""
+
+    def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
+                 expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
+                 clock: Optional[Clock] = None, check_pages: bool = False):
+        if when_full not in POLICIES:
+            raise ValueError(f"when_full must be one of {POLICIES}")
+        self.path = Path(data_dir)
+        self.cap_bytes = cap_bytes
+        self.when_full = when_full
+        self.expire_seconds = expire_seconds
+        self.write_wait = write_wait
+        self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
+        self._pid = os.getpid()
+        self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
+        self.clock: Clock = clock or SystemClock()
+        self.damage: Optional[str] = None  # why the store is read-only, once damage was met
+        try:
+            # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
+            check = storecheck.walk_pages if check_pages else storecheck.check_data_file
+            check(self.path / "data.mdb")
+        except storecheck.DataFileDamaged as exc:
+            raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
+                               f" {storecheck.HINT}") from None
+        try:
+            paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
+            self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
+                                  max_dbs=8, sync=True, metasync=True, readahead=False,
+                                  meminit=False, mode=0o600)
+        except (OSError, lmdb.Error, paths.UnsafePath) as exc:
+            raise StoreError(f"cannot open store in {self.path}: {exc}") from None
+        try:
+            self._env.reader_check()  # slots left by processes killed with SIGKILL
+            self._open_databases()  # reads the oldest records' stamps too (clock frames)
+        except DAMAGE_ERRORS + IMPOSSIBLE_VALUES as exc:
+            self._env.close()
+            raise StoreDamaged(f"store in {self.path} is damaged: {describe(exc)};"
+                               f" {storecheck.HINT}") from None
+        except lmdb.Error as exc:
+            self._env.close()
+            raise StoreError(f"cannot open store in {self.path}: {exc}") from None
+        except BaseException:
+            # A failed open must not leave its handle behind: a second handle on the same file
+            # in one process breaks LMDB's locks when either is closed.
+            self._env.close()
+            raise
+
+    def _open_databases(self) -> None:
+        with self._env.begin(write=True) as txn:
+            self._inbox = self._env.open_db(b"inbox", txn=txn)
+            self._expiry = self._env.open_db(b"expiry", txn=txn)
+            self._outbox = self._env.open_db(b"outbox", txn=txn)
+            self._dead = self._env.open_db(b"dead", txn=txn)
+            self._recent = self._env.open_db(b"recent", txn=txn)
+            self._redeliveries = Redeliveries(self._env.open_db(b"unconfirmed", txn=txn),
+                                              self._env.open_db(b"dedupe", txn=txn))
+            self._meta = self._env.open_db(b"meta", txn=txn)
+            self._frames = BootFrames(self._meta, self.clock)
+            schema = self._counter(txn, b"schema")
+            if schema > SCHEMA_VERSION:
+                raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
+                                 f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
+            if schema == 1:
+                self._migrate_expiry_index(txn)
+            if 0 < schema < 3:
+                self._migrate_dup_marks(txn)
+            if schema < SCHEMA_VERSION:
+                self._set_counter(txn, b"schema", SCHEMA_VERSION)
+            self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
+                                        self._first_seq(txn, self._outbox, 5)))
+            self._back_the_map()  # under the write lock: no other process is growing the file
+        self._page_size = self._env.stat()["psize"]
+
+    def _back_the_map(self) -> None:
+        """Extend data.mdb (sparsely: no disk space is used) to the size of the memory map.
+        LMDB reads a damaged page's garbage node offsets as they are; past the end of the
+        file such a read is a SIGBUS that kills the process, inside the file it is garbage
+        that LMDB or our decoding reports. The file only grows here, so no page is cut."""
+        data = self.path / "data.mdb"
+        map_size = self._env.info()["map_size"]
+        if data.stat().st_size < map_size:
+            os.truncate(data, map_size)
+
+    def _migrate_expiry_index(self, txn: lmdb.Transaction) -> None:
+        """Schema 1 -> 2: expiry keys gain the boot seq; schema-1 keys are wall-clock times
+        (seq 0). Records keep their layout: a record without stamp fields is a seq-0 record."""
+        cursor = txn.cursor(db=self._expiry)
+        old = [(bytes(key), bytes(value)) for key, value in cursor if len(key) == 16]
+        for key, value in old:
+            txn.delete(key, db=self._expiry)
+        txn.cursor(db=self._expiry).putmulti((_SEQ.pack(LEGACY_SEQ) + key, value) for key, value in old)
+
+    def _migrate_dup_marks(self, txn: lmdb.Transaction) -> None:
+        """Schema 2 -> 3: the per-mid DUP marks become counted content marks; none is lost."""
+        old = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=self._recent)]
+        txn.cursor(db=self._redeliveries.unconfirmed).putmulti(Redeliveries.migrated(old))
+        txn.drop(self._recent, delete=False)
+
+    def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
+        """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
+        cursor = txn.cursor(db=db)
+        return _stamp_of(unpack_record(cursor.value(), seq_at), seq_at)[0] if cursor.first() else None
+
+    @staticmethod
+    def headroom(cap_bytes: int) -> int:
+        """Map space beyond the cap, kept so deletes and acks still work in a full store."""
+        return max(8 * 1024 * 1024, cap_bytes // 8)
+
+    @classmethod
+    def from_config(cls: Type[S], store_config, write_wait: Optional[float] = None,
+                    check_pages: bool = False) -> S:
+        return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
+                   store_config.expire_seconds, write_wait, check_pages=check_pages)
+
+    def close(self) -> None:
+        if os.getpid() == self._pid:
+            if self._waiting is not None and self._waiting.is_alive():
+                self._waiting.join(self.write_wait)  # a called-off write: let it abort first
+                if self._waiting.is_alive():
+                    return  # still queued for the lock: closing under it could crash; exit frees it
+            self._env.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _damaged(self, detail: Optional[str]) -> StoreDamaged:
+        """Remember the first damage met (logged once: every later call would meet it again);
+        None: the refusal of a write to a store already known to be damaged."""
+        if detail is None:
+            return StoreDamaged(f"{self.damage} (read-only until recovered)")
+        if self.damage is None:
+            self.damage = f"store in {self.path} is damaged: {detail}"
+            log.error("%s; the store is read-only now (nothing more is acknowledged to the broker);"
+                      " %s", self.damage, storecheck.HINT)
+        return StoreDamaged(self.damage)
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:
+            raise StoreForkError("store used across fork(): open a new Store in each process")
+
+    def _write(self, work: Callable[[lmdb.Transaction], object], bounded: bool = True):
+        """Run `work` in one durable write transaction, with one-line errors."""
+        self._check_pid()
+        if bounded and self.write_wait is not None:
+            return self._bounded_write(work)
+        for _ in range(2):
+            try:
+                with self._env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)  # another process grew the map; adopt its size
+            except lmdb.MapFullError:
+                raise StoreFull(f"store in {self.path} is full (cap {self.cap_bytes} bytes)") from None
+            except DAMAGE_ERRORS:
+                raise  # named by `guarded`, which also makes the store read-only
+            except lmdb.Error as exc:
+                raise self._write_error(exc) from None
+        raise StoreError(f"store in {self.path}: map resized repeatedly")
+
+    def _write_error(self, exc: lmdb.Error) -> StoreError:
+        """One line for a failed write. A commit that runs out of disk space fails with ENOSPC,
+        or with EIO when LMDB's write was cut short (it reports short writes as EIO), which
+        reads like a failing disk: an EIO on a (nearly) full filesystem is called what it is."""
+        text = str(exc)
+        if "No space left" in text:
+            return DiskFull(f"store in {self.path}: no space left on device ({text})")
+        if "Input/output error" in text:
+            try:
+                fs = os.statvfs(self.path)
+                free = fs.f_bavail * fs.f_frsize
+            except OSError:
+                free = None
+            if free is not None and free < _NEARLY_FULL_BYTES:
+                return DiskFull(f"store in {self.path}: no space left on device ({free} bytes free; {text})")
+        if isinstance(exc, lmdb.DiskError):
+            return StoreError(f"store in {self.path}: disk error: {text}")
+        return StoreError(f"store in {self.path}: {text}")
+
+    def _bounded_write(self, work: Callable[[lmdb.Transaction], object]):
+        """`_write` from a helper thread, waiting at most `write_wait` for it to get the lock.
+        When the wait runs out the write is called off (should it get the lock later, it
+        aborts instead of running `work`) and StoreBusy is raised; a write that got the lock
+        in time is waited for to the end. While a called-off write is still queued for the
+        lock, writes fail at once: one thread waits, not one per call."""
+        if self._waiting is not None and self._waiting.is_alive():
+            raise StoreBusy(f"store in {self.path} is busy: another process has held its write"
+                            f" lock for over {self.write_wait:g}s (a hung worker?)")
+        state = {"phase": "waiting"}  # -> "running" (got the lock) or "called off"
+        phase_lock = threading.Lock()
+        outcome: Dict[str, object] = {}
+
+        def guarded(txn: lmdb.Transaction) -> object:
+            with phase_lock:
+                if state["phase"] == "called off":
+                    raise StoreBusy("called off")  # aborts the transaction: nothing written
+                state["phase"] = "running"
+            return work(txn)
+
+        def run() -> None:
+            try:
+                outcome["result"] = self._write(guarded, bounded=False)
+            except BaseException as exc:  # handed to the caller
+                outcome["error"] = exc
+
+        helper = threading.Thread(target=run, name="store-write", daemon=True)
+        helper.start()
+        helper.join(self.write_wait)
+        if helper.is_alive():
+            with phase_lock:
+                if state["phase"] == "waiting":
+                    state["phase"] = "called off"
+                    self._waiting = helper
+                    raise StoreBusy(f"store in {self.path} is busy: its write lock was not free"
+                                    f" within {self.write_wait:g}s (a hung worker?)")
+            helper.join()  # it has the lock: the write is under way, wait for its outcome
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        return outcome["result"]
+
+    def _read(self):
+        """A read transaction whose values are buffers over the map, not copies: `_checked`
+        looks at a value's length before anything reads it."""
+        self._check_pid()
+        try:
+            return self._env.begin(write=False, buffers=True)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)
+            return self._env.begin(write=False, buffers=True)
+
+    def _checked(self, raw: memoryview) -> memoryview:
+        """`raw` unless its length cannot be real. A garbled node can claim gigabytes; reading
+        them would run off the end of the memory map (SIGSEGV), so such a value is refused
+        before it is read. (A claim that fits the map is read: the file is backed that far.)"""
+        if len(raw) > self.cap_bytes + self.headroom(self.cap_bytes):
+            raise CorruptRecord(f"a record claims {len(raw)} bytes, more than the whole store")
+        return raw
+
+    def _counter(self, txn: lmdb.Transaction, name: bytes) -> int:
+        raw = txn.get(name, db=self._meta)
+        return _ID.unpack(raw)[0] if raw else 0
+
+    def _set_counter(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
+        txn.put(name, _ID.pack(value), db=self._meta)
+
+    def _add_counter(self, txn: lmdb.Transaction, name: bytes, delta: int) -> None:
+        if delta:
+            self._set_counter(txn, name, self._counter(txn, name) + delta)
+
+    def _used_bytes(self, txn: lmdb.Transaction) -> int:
+        pages = 0
+        for db in (self._inbox, self._expiry, self._outbox, self._dead, self._recent, self._meta,
+                   self._redeliveries.unconfirmed, self._redeliveries.dedupe):
+            stat = txn.stat(db)
+            pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+        return pages * self._page_size
+
+    def _make_room(self, txn: lmdb.Transaction, needed: int, what: str) -> None:
+        """Apply the cap policy before adding `needed` bytes: only inbox messages are ever
+        dropped (under dropOldest); outbox entries and dead letters are the application's."""
+        excess = self._used_bytes(txn) + needed - self.cap_bytes
+        if excess <= 0:
+            return
+        if self.when_full == "reject" or what == "outbox":
+            raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap,"
+                            f" policy {self.when_full}): {what} append refused")
+        dropped = 0
+        cursor = txn.cursor(db=self._inbox)
+        while excess > 0 and cursor.first():
+            key, raw = cursor.key(), cursor.value()
+            excess -= len(raw) + _RECORD_OVERHEAD
+            cursor.delete()
+            self._unindex(txn, key, raw)
+            dropped += 1
+        if excess > 0:
+            raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
+                            f" outbox and dead letters fill the {self.cap_bytes} byte cap)")
+        self._add_counter(txn, b"dropped_full", dropped)
+
+    def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
+        """Keep the expiry index exact after inbox record `key` (`raw`) was deleted: if a range
+        started at it, the range now starts at the next stored id, or goes if none is left."""
+        record = unpack_record(raw, 7)
+        expires_at = record[6]
+        if expires_at is None:
+            return
+        entry = _expiry_prefix(_stamp_of(record, 7)[0], expires_at) + key
+        last = txn.pop(entry, db=self._expiry)
+        if last is None:
+            return  # not the first id of its range, which still starts at a stored message
+        last = last or key
+        following = txn.cursor(db=self._inbox)
+        if following.set_range(key) and following.key() <= last:
+            txn.put(entry[:12] + following.key(), last, db=self._expiry)
+
+    def _scan(self, db: object, limit: int, after: Optional[int],
+              decode: Callable[[bytes, memoryview, Timeline], T],
+              keep: Optional[Callable[[T], bool]] = None) -> List[T]:
+        """The one cursor walk: up to `limit` records of `db` past id `after` (None: from the
+        first), oldest first, each decoded from (key, its checked value, the store's clock
+        timeline) and kept when `keep` (None: all) says so."""
+        found: List[T] = []
+        if limit <= 0:
+            return found
+        with self._read() as txn:
+            cursor = txn.cursor(db=db)
+            if not _start(cursor, after):
+                return found
+            timeline = self._frames.timeline(txn)
+            for key, raw in cursor:
+                record = decode(key, self._checked(raw), timeline)
+                if keep is None or keep(record):
+                    found.append(record)
+                    if len(found) >= limit:
+                        break
+        return found

@@ -1,0 +1,142 @@
+"""The store's outbox (publishes waiting for the egress connection, FIFO) and its dead letters
+(entries the broker kept refusing, kept aside until retried or dropped)."""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import lmdb
+import msgpack
+from flashlexd.storebase import StoreBase
+from flashlexd.storedamage import guarded
+from flashlexd.storerecords import (_DEAD_FIELDS, _RECORD_OVERHEAD, DeadLetter, OutboxEntry, StoreFull,
+                                    _key, _keys_of, _read_dead_letter, _read_outbox_entry)
+
+
+class OutboxStore(StoreBase):
+    # -- outbox -------------------------------------------------------------------------------
+
+    @guarded
+    def outbox_append(self, entries: Sequence[Tuple[str, bytes, int, bool]],
+                      max_entries: int = -1, now: Optional[float] = None) -> List[int]:
+        """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
+        unlimited. Refused (never dropped) when full: these are the application's data."""
+        reading = self._frames.reading(now)
+        stamp = (reading.wall, self._frames.current.seq, reading.boottime)
+        needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
+
+        def work(txn: lmdb.Transaction) -> List[int]:
+            self._frames.note(txn, reading)
+            if max_entries >= 0 and txn.stat(self._outbox)["entries"] + len(entries) > max_entries:
+                raise StoreFull(f"outbox is full ({max_entries} entries, offlinePublishQueueing)")
+            self._make_room(txn, needed, "outbox")
+            last = self._counter(txn, b"outbox_last_id")
+            ids = []
+            for topic, payload, qos, retain in entries:
+                last += 1
+                txn.put(_key(last), msgpack.packb([stamp[0], topic, payload, qos, retain, *stamp[1:]],
+                                                  use_bin_type=True), db=self._outbox, append=True)
+                ids.append(last)
+            self._set_counter(txn, b"outbox_last_id", last)
+            self._add_counter(txn, b"queued", len(ids))
+            return ids
+
+        return self._write(work)  # type: ignore[return-value]
+
+    @guarded
+    def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
+        """Oldest first; `after` is an exclusive id."""
+        return self._scan(self._outbox, limit, after, _read_outbox_entry)
+
+    @guarded
+    def outbox_remove(self, ids: Iterable[int]) -> int:
+        keys = _keys_of(ids)
+
+        def work(txn: lmdb.Transaction) -> int:
+            removed = sum(1 for key in keys if txn.delete(key, db=self._outbox))
+            self._add_counter(txn, b"sent", removed)
+            return removed
+
+        return self._write(work) if keys else 0  # type: ignore[return-value]
+
+    @guarded
+    def outbox_drop(self, ids: Iterable[int], dead: bool = False) -> int:
+        """Delete outbox entries (or, with `dead`, dead letters) at an application's or an
+        operator's request; ids not in that list are skipped. Returns how many were deleted.
+        An outbox entry already handed to the broker may still be delivered."""
+        keys = _keys_of(ids)
+        db = self._dead if dead else self._outbox
+
+        def work(txn: lmdb.Transaction) -> int:
+            removed = sum(1 for key in keys if txn.delete(key, db=db))
+            self._add_counter(txn, b"dead_dropped" if dead else b"outbox_dropped", removed)
+            return removed
+
+        return self._write(work) if keys else 0  # type: ignore[return-value]
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    @guarded
+    def outbox_dead_letter(self, entry_id: int, reason: str, attempts: int,
+                           now: Optional[float] = None) -> bool:
+        """Move outbox entry `entry_id` to the dead letters, with why and after how many
+        attempts, in one transaction; False if it is no longer in the outbox (sent or dropped
+        meanwhile). A move, so never refused by the cap: a full store must not stop the drain."""
+        keys = _keys_of([entry_id])
+        if not keys:
+            return False
+        key, now = keys[0], self.clock.now().wall if now is None else now
+
+        def work(txn: lmdb.Transaction) -> bool:
+            raw = txn.pop(key, db=self._outbox)
+            if raw is None:
+                return False
+            newest = txn.cursor(db=self._dead)
+            in_order = not newest.last() or newest.key() < key  # the usual case: pack pages full
+            # the outbox record whole, after the dead letter's own fields: its clock stamp
+            # (any layout) keeps giving its real age, and a retry puts it back as it was
+            txn.put(key, self._packer.pack([attempts, reason, now, *msgpack.unpackb(raw)]),
+                    db=self._dead, append=in_order)
+            self._add_counter(txn, b"dead_lettered", 1)
+            return True
+
+        return bool(self._write(work))
+
+    @guarded
+    def dead_letters(self, limit: int = 100, after: Optional[int] = None) -> List[DeadLetter]:
+        """Oldest (lowest outbox id) first; `after` is an exclusive id."""
+        return self._scan(self._dead, limit, after, _read_dead_letter)
+
+    @guarded
+    def dead_retry(self, ids: Iterable[int]) -> List[int]:
+        """Move dead letters back to the outbox's tail (in id order, under new ids, attempts
+        starting again; `created` stays the application's publish time). Ids that are not dead
+        letters are skipped. Returns the new outbox ids. A move: not refused by the cap nor by
+        offlinePublishQueueing."""
+        keys = _keys_of(ids)
+
+        def work(txn: lmdb.Transaction) -> List[int]:
+            last = self._counter(txn, b"outbox_last_id")
+            moved = []
+            for key in keys:
+                raw = txn.pop(key, db=self._dead)
+                if raw is None:
+                    continue
+                last += 1
+                txn.put(_key(last), self._packer.pack(msgpack.unpackb(raw)[_DEAD_FIELDS:]),
+                        db=self._outbox, append=True)
+                moved.append(last)
+            self._set_counter(txn, b"outbox_last_id", last)
+            self._add_counter(txn, b"dead_retried", len(moved))
+            return moved
+
+        return self._write(work) if keys else []  # type: ignore[return-value]
+
+    @guarded
+    def dead_count(self) -> int:
+        with self._read() as txn:
+            return txn.stat(self._dead)["entries"]
+
+    @guarded
+    def outbox_count(self) -> int:
+        with self._read() as txn:
+            return txn.stat(self._outbox)["entries"]

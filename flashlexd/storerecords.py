@@ -1,0 +1,136 @@
+"""The store's records, errors and key layout (the databases are described in store.py).
+
+Keys are 8-byte big-endian ids (`_ID`), so key order is id order; the `_`-named helpers are
+shared by the store's modules (store, storebase, storeoutbox) and nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Tuple
+
+import lmdb
+from flashlexd.clock import LEGACY_SEQ, Timeline
+from flashlexd.records import Message, OutboxEntry
+from flashlexd.storedamage import CorruptRecord, unpack_record
+
+_ID = struct.Struct(">Q")
+_SEQ = struct.Struct(">I")
+_MAX_ID = 2 ** 64 - 1
+_RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
+DupMark = bytes  # digest of topic + payload (redelivery.py)
+_DEAD_FIELDS = 3  # a dead letter's own fields, before the outbox record it keeps whole
+
+
+class StoreError(Exception):
+    """A store problem that the caller reports in one line."""
+
+
+class StoreFull(StoreError):
+    """The store reached its cap and the policy says refuse."""
+
+
+class DiskFull(StoreError):
+    """The filesystem holding the store has no space left (before the store reached its cap)."""
+
+
+class StoreForkError(StoreError):
+    """The store was used in a process other than the one that opened it."""
+
+
+class StoreDamaged(StoreError):
+    """The store's file is damaged: found before opening it (`storecheck`) or by LMDB or a
+    record that does not decode while in use. The store is read-only from then on."""
+
+
+class StoreBusy(StoreError):
+    """A bounded write (`write_wait`) did not get LMDB's write lock in time: another process
+    holds it, e.g. a worker that hung inside a transaction. Nothing was written."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message as received from the broker, before it has an id."""
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    mid: int = 0
+    dup: bool = False
+    key: Optional[bytes] = None  # the application's dedupe key (dedupe.py), when configured
+
+
+DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set
+
+
+def _key(record_id: int) -> bytes:
+    return _ID.pack(record_id)
+
+
+def _keys_of(ids: Iterable[int]) -> List[bytes]:
+    """Sorted distinct keys of `ids`; ids that cannot exist (< 1, >= 2**64) are left out."""
+    return sorted({_key(i) for i in map(int, ids) if 0 < i <= _MAX_ID})
+
+
+def _start(cursor: lmdb.Cursor, after: Optional[int]) -> bool:
+    """Position `cursor` on the first record with an id greater than `after` (None: the first)."""
+    if after is None or after < 1:
+        return cursor.first()
+    return after < _MAX_ID and cursor.set_range(_key(after + 1))
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _expiry_prefix(seq: int, expires_at: float) -> bytes:
+    """The first 12 bytes of an expiry index key: boot seq, expiry in that boot's frame."""
+    return _SEQ.pack(seq) + _ID.pack(_ms(expires_at))
+
+
+def _stamp_of(record: list, seq_at: int) -> Tuple[int, Optional[float]]:
+    """(boot seq, boottime) of a record whose stamp fields start at `seq_at`; schema-1 records
+    have none (the wall-clock rule)."""
+    if len(record) > seq_at + 1:
+        return record[seq_at], record[seq_at + 1]
+    return LEGACY_SEQ, None
+
+
+def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
+    if len(key) != _ID.size:
+        raise CorruptRecord(f"an inbox key is {len(key)} bytes, not {_ID.size}")
+    record = unpack_record(raw, 7)
+    wall, topic, payload, qos, retain, mid, expires_at = record[:7]
+    seq, boot = _stamp_of(record, 7)
+    return Message(id=_ID.unpack(key)[0], timestamp=timeline.arrival(wall, seq, boot), topic=topic,
+                   payload=payload, qos=qos, retain=retain, mid=mid,
+                   expires_at=None if expires_at is None
+                   else timeline.expiry_wall(expires_at, wall, seq, boot),
+                   age=timeline.age(wall, seq, boot))
+
+
+def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
+    if len(key) != _ID.size:
+        raise CorruptRecord(f"an outbox key is {len(key)} bytes, not {_ID.size}")
+    wall, topic, payload, qos, retain = record[:5]
+    seq, boot = _stamp_of(record, 5)
+    return OutboxEntry(id=_ID.unpack(key)[0], created=timeline.arrival(wall, seq, boot), topic=topic,
+                       payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot))
+
+
+def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:
+    """A dead record is [attempts, reason, dead_at, *the outbox record it was]."""
+    if len(record) < _DEAD_FIELDS + 5:
+        raise CorruptRecord(f"a dead letter is not a {_DEAD_FIELDS + 5}-field array")
+    attempts, reason, dead_at = record[:_DEAD_FIELDS]
+    entry = _outbox_entry(key, record[_DEAD_FIELDS:], timeline)
+    return dataclasses.replace(entry, attempts=attempts, reason=reason, dead_at=dead_at)
+
+
+def _read_outbox_entry(key: bytes, raw: memoryview, timeline: Timeline) -> OutboxEntry:
+    return _outbox_entry(key, unpack_record(raw, 5), timeline)
+
+
+def _read_dead_letter(key: bytes, raw: memoryview, timeline: Timeline) -> DeadLetter:
+    return _dead_letter(key, unpack_record(raw, 5), timeline)
