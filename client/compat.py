@@ -32,11 +32,18 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from flashlexd.client.connection import Client
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, RpcTimeout
 from flashlexd.client.message import Message
-from flashlexd.client.wire import MAX_LIMIT, SOCKET_ENV
+from flashlexd.client.escape import printable
+from flashlexd.client.wire import MAX_LIMIT, SOCKET_ENV, Code
 
 log = logging.getLogger("flashlexd.client.compat")
 
 _UNAVAILABLE = (DaemonNotRunning, RpcTimeout)  # the daemon is down, restarting or hung
+
+
+def _unavailable(exc: FlashlexError) -> bool:
+    """Down, hung, or answering `busy` (at its connection cap or read budget): for an old app
+    all the same, the FlashLex service not being there, so the old answers, not an exception."""
+    return isinstance(exc, _UNAVAILABLE) or getattr(exc, "code", None) == Code.BUSY
 _NOT_DECODED = object()
 
 
@@ -60,7 +67,7 @@ class _SkipLog:
                  "until it expires at " + datetime.datetime.fromtimestamp(message.expires_at)
                  .strftime("%Y-%m-%d %H:%M:%S"))
         log.warning("flashlexd message %s on %s is not JSON (%d bytes): not returned to FlashLex SDK"
-                    " calls; it stays in the inbox %s", message.pk, message.topic,
+                    " calls; it stays in the inbox %s", message.pk, printable(message.topic),
                     len(message.payload), until)
 
     def forget_except(self, path: str, present: Set[int]) -> None:
@@ -144,7 +151,8 @@ def createToken(thingId: str, payload: Dict[str, Any], privateKey: str) -> str:
 
 def _pk_id(pk: Any) -> int:
     """A pk the daemon knows as an id; anything else is a key the old store would not have held."""
-    if isinstance(pk, str) and pk.isascii() and pk.isdigit() and len(pk) <= 20 and int(pk) < 2 ** 64:
+    if isinstance(pk, str) and pk.isascii() and pk.isdigit() and len(pk) <= 20 and int(pk) < 2 ** 64 \
+            and str(int(pk)) == pk:  # "0001" is not the pk "1": the old store matched exact strings
         return int(pk)
     raise KeyError(pk)
 
@@ -263,7 +271,7 @@ class FlashlexSDK:
             self.client.publish(body.encode("utf-8"))
         except FlashlexError as exc:  # the old SDK's `except:` answered 500 to every failure
             self.last_error = exc
-            if isinstance(exc, _UNAVAILABLE):
+            if _unavailable(exc):
                 self._note_outage(exc)
             else:
                 log.warning("collectMessage: not queued: %s", exc)
@@ -278,13 +286,13 @@ class FlashlexSDK:
         """The old SDK's answer while the daemon is unavailable; other failures as OSError
         (what the old SDK's file store raised), with the daemon's reason."""
         self.last_error = exc
-        if not isinstance(exc, _UNAVAILABLE):
+        if not _unavailable(exc):
             raise OSError(f"flashlexd: {exc}") from exc
         self._note_outage(exc)
         return answer
 
     def _note_outage(self, exc: FlashlexError) -> None:
-        if isinstance(exc, _UNAVAILABLE) and not self._down:
+        if _unavailable(exc) and not self._down:
             self._down = True
             log.warning("%s; FlashLex SDK calls answer [] / 500 and remove nothing until it is back",
                         exc)

@@ -91,8 +91,11 @@ def health(status: Dict[str, Any]) -> List[str]:
             problems.append(f"worker {worker.get('name')} is {worker.get('state')}")
     mqtt = status.get("mqtt") or {}
     for side in ("ingress", "egress"):
-        if not (mqtt.get(side) or {}).get("connected"):
+        link = mqtt.get(side) or {}
+        if not link.get("connected"):
             problems.append(f"{side} MQTT is not connected")
+        elif link.get("error"):  # up, but e.g. a subscription the broker refused: not receiving it
+            problems.append(f"{side} MQTT: {link['error']}")
     damaged = (status.get("store") or {}).get("damaged")
     if damaged:
         problems.append(f"{damaged} (read-only; see flashlexd store recover)")
@@ -117,7 +120,9 @@ def drain_line(egress: Dict[str, Any], backlog: int) -> str:
     """"draining 2000 entries at 100/s, ~20 s": the egress's rate in use and time to drain."""
     if not backlog:
         return ""
-    rate = egress.get("rate_limit") or egress.get("send_rate")
+    if not egress.get("connected"):
+        return f"{backlog} entries waiting for the egress link"
+    rate = egress.get("drain_rate") or egress.get("rate_limit") or egress.get("send_rate")
     eta = egress.get("eta_s")
     at = f" at {rate:g}/s" if rate else ""
     left = "" if eta is None else f", ~{eta:.0f} s" if eta < 60 else f", ~{duration(eta)}"

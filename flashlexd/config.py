@@ -294,8 +294,17 @@ def _publish_rate(section: Section) -> Tuple[float, str]:
     return KEYS[f"{section.path}.publishRatePerSecond"].default, "publishRatePerSecond"
 
 
+def _absolute(section: Section, key: str) -> str:
+    """A path key: absolute, since the daemon's working directory is `/` under systemd and the
+    unit makes only absolute paths writable (a relative one would mean a different place)."""
+    value = section.value(key)
+    if not os.path.isabs(value):
+        raise ConfigError(f"{section.path}.{key}: must be an absolute path, got {_show(value)}")
+    return value
+
+
 def _store(section: Section, data_dir: Optional[str]) -> StoreSettings:
-    file_data_dir = section.value("dataPath")  # checked even when overridden
+    file_data_dir = _absolute(section, "dataPath")  # checked even when overridden
     store = section.fill(StoreSettings, data_dir=Path(data_dir or file_data_dir),
                          cap_bytes=section.value("capMegabytes") * 1024 * 1024,
                          dedupe=_dedupe(section))
@@ -321,7 +330,7 @@ def _dedupe(db: Section) -> Optional[DedupeKey]:
 
 
 def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:
-    file_socket_path = section.value("path")  # checked even when overridden
+    file_socket_path = _absolute(section, "path")  # checked even when overridden
     api = section.fill(Api, socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET")
                        or file_socket_path)
     largest_frame = REQUEST_OVERHEAD + max_payload_bytes

@@ -109,7 +109,8 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_SOCKET}.path", "text", DEFAULT_SOCKET,
         "API socket (`--socket`, then `$FLASHLEXD_SOCKET` win)", NEXT_START),
     Key(f"{_SOCKET}.group", "text", None,
-        "group owning the socket (mode 0660); the unit runs the service in it (`Group=`)", NEXT_START,
+        "group owning the socket (mode 0660); its members may use the API; the unit runs the service"
+        " in it (`Group=`)", NEXT_START,
         shown="none", field="socket_group"),
     Key(f"{_SOCKET}.allowUids", "uids", (),
         "uids allowed besides root and the daemon's own; when set, the socket is 0666 (and the unit's"

@@ -56,7 +56,13 @@ class Connection:
                  on_change: Callable[[bool, Optional[str]], None],
                  on_message: Optional[Callable[[paho.MQTTMessage], None]] = None,
                  on_publish: Optional[Callable[[int], None]] = None,
-                 clock: Callable[[], float] = time.monotonic, fresh_client: bool = False):
+                 clock: Callable[[], float] = time.monotonic, fresh_client: bool = False,
+                 track_session: bool = False, session_seen_at: Optional[float] = None):
+        """`track_session`: warn when the broker loses this client id's persistent session
+        (ingress: what the broker held for us is gone; the egress resends from its outbox, so
+        the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
+        earlier process last had the link up (the store remembers it), so a session lost while
+        no process ran is reported too."""
         self.thing = config.thing
         self.client_id = client_id
         self.on_change = on_change
@@ -77,7 +83,9 @@ class Connection:
         self.sessions_lost = 0
         self.throttled = 0       # links closed because the broker stopped acknowledging publishes
         self.testing_one_entry = False  # set by the egress: a drop now is that entry's doing
-        self._had_session = False
+        self.track_session = track_session
+        self._had_session = track_session and session_seen_at is not None
+        self._seen_at = session_seen_at
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
@@ -302,11 +310,12 @@ class Connection:
                  self.thing.mqtt.port, self.client_id, present)
         if self._had_session and not present:
             self.sessions_lost += 1
-            away = now - self._down_since if self._down_since is not None else 0.0
+            away = (now - self._down_since if self._down_since is not None
+                    else time.time() - (self._seen_at or time.time()))  # before this process
             log.warning("the broker %s:%d lost the session of client id %r (session present: false):"
                         " what it held for us since the link was last up %.0fs ago is gone",
                         self.thing.endpoint, self.thing.mqtt.port, self.client_id, away)
-        self._had_session = True
+        self._had_session = self.track_session
         self._up_since = now
         self.on_change(True, None)
 

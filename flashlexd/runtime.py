@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from flashlexd import fds
 from flashlexd.config import Config
 from flashlexd.ipc.protocol import REQUEST_OVERHEAD, Limits
+from flashlexd.quotas import TOPIC_SLASHES, is_aws_endpoint
 from flashlexd.restart import RestartLimits
 
 
@@ -32,6 +33,7 @@ class ApiRules:
     max_payload_bytes: int  # inbound (flashlex.app.db.maxPayloadBytes): sizes responses
     max_topic_bytes: int    # outbound: what `publish` accepts
     max_publish_bytes: int
+    max_topic_slashes: Optional[int] = None  # AWS IoT Core's limit, on its endpoints only
 
     @property
     def response_budget(self) -> int:
@@ -41,7 +43,8 @@ class ApiRules:
     def from_config(cls, config: Config) -> "ApiRules":
         mqtt = config.thing.mqtt
         return cls(mqtt.egress_topic, mqtt.offline_publish_queueing, config.store.max_payload_bytes,
-                   mqtt.max_topic_bytes, mqtt.max_payload_bytes)
+                   mqtt.max_topic_bytes, mqtt.max_payload_bytes,
+                   TOPIC_SLASHES if is_aws_endpoint(config.thing.endpoint) else None)
 
 
 def api_limits(config: Config) -> Limits:

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if target is None:
         sys.stdout.write(text)
         return 0
-    target.parent.mkdir(parents=True, exist_ok=True)
+    paths.make_dir(target.parent, 0o755)  # explicit modes: a loose umask must not widen them
     target.write_text(text)
     target.chmod(0o644)
     print(f"wrote {target}", file=sys.stderr)

@@ -43,6 +43,7 @@ digests) before taking the write lock and writes each database with one `putmult
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
@@ -55,6 +56,8 @@ from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DeadLetter, Dis
                                     _expiry_prefix, _keys_of, _ms, _outbox_entry)
 from flashlexd.topics import topic_matches
 
+_SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
+_WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
            "StoreForkError", "StoreFull", "dup_marks"]
@@ -90,8 +93,8 @@ class Store(OutboxStore):
         reading = self._frames.reading(now)
         seq = self._frames.current.seq
         # in this boot's first frame: a later step does not move it (clock.py)
-        expires_at = reading.boottime + self._frames.current.first + self.expire_seconds \
-            if self.expire_seconds else None
+        steady = reading.boottime + self._frames.current.first
+        expires_at = steady + self.expire_seconds if self.expire_seconds else None
         records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
 
@@ -100,8 +103,8 @@ class Store(OutboxStore):
             self._make_room(txn, needed, "inbox")
             self._redeliveries.settle(txn, settled)
             first_id = self._counter(txn, b"inbox_last_id") + 1
-            chosen = self._not_redelivered(txn, messages, marks, first_id, reading.wall,
-                                           dedupe_window)
+            # dedupe windows run on the same step-proof time as expiry
+            chosen = self._not_redelivered(txn, messages, marks, first_id, steady, dedupe_window)
             new_records = [records[i] for i in chosen]
             last_id = first_id + len(new_records) - 1
             if new_records:
@@ -176,6 +179,21 @@ class Store(OutboxStore):
             return count
 
         return self._write(work)  # type: ignore[return-value]
+
+    # -- the ingress link's persistent session ------------------------------------------------
+
+    @guarded
+    def session_seen(self, client_id: str) -> Optional[float]:
+        """When (wall clock) a link of `client_id` was last up on a persistent session, or None.
+        It tells a new process (after a restart or a power cut) that the broker held a session
+        for us, so a session it lost meanwhile is reported, not passed over in silence."""
+        with self._read() as txn:
+            raw = txn.get(_SESSION + client_id.encode(), db=self._meta)
+            return _WALL.unpack(raw)[0] if raw is not None and len(raw) == _WALL.size else None
+
+    @guarded
+    def note_session(self, client_id: str, wall: float) -> None:
+        self._write(lambda txn: txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta))
 
     @guarded
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:

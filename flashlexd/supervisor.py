@@ -133,7 +133,7 @@ class Supervisor:
                                lambda: self.runtime.rules)
         api = self.config.api
         # allowUids are users outside the socket's group: they need the socket itself to be
-        # connectable (0666); who may talk is then decided by SO_PEERCRED on every connection
+        # connectable (0666); who may talk is then decided per connection (ipc/admission.py)
         return RpcServer(api.socket_path, self.methods, lambda: self.runtime.api_limits,
                          self.selector, group=api.socket_group, allow_uids=api.allow_uids,
                          mode=0o666 if api.allow_uids else 0o660)
@@ -339,6 +339,15 @@ class Supervisor:
             config_file = ConfigFile(new.text)
         except (config_module.ConfigError, OSError) as exc:
             log.error("reload refused, still running the previous config: %s", exc)
+            self.notifier.ready()
+            return
+        if new.store.data_dir != self.runtime.config.store.data_dir:
+            # the lock, the directory checks and the page check belong to the start: a store
+            # moved under a running daemon could be unsafe, locked by another, or damaged
+            config_file.close()
+            log.error("reload refused, still running the previous config: flashlex.app.db.dataPath"
+                      " changed (%s -> %s); a new data dir takes a restart",
+                      self.runtime.config.store.data_dir, new.store.data_dir)
             self.notifier.ready()
             return
         for warning in new.warnings:

@@ -31,6 +31,9 @@ SYNCHRONIZED_FLAG = Path("/run/systemd/timesync/synchronized")
 SYSTEMD_RUNNING = Path("/run/systemd/system")
 _NOT_YET_VALID, _EXPIRED = 9, 10  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
 _PROBE_CACHE_SECONDS = 60.0
+PROBE_SECONDS = 1.0  # the certificate-date probe runs in a worker's loop: short, or no dates
+_TIMEDATECTL_CACHE_SECONDS = 30.0  # it is asked at every 2 s retry otherwise
+_timedatectl: list = [None, None]  # [monotonic time asked, its answer]
 _probed: dict = {}  # (host, port) -> (monotonic time, validity or None)
 _last: Tuple[Optional[BaseException], Optional[str]] = (None, None)
 
@@ -51,6 +54,16 @@ def unsynchronised(now: Optional[float] = None) -> Optional[str]:
         return "before this flashlexd was installed"
     if SYNCHRONIZED_FLAG.exists() or not SYSTEMD_RUNNING.is_dir():
         return None
+    asked_at, answer = _timedatectl
+    if asked_at is not None and time.monotonic() - asked_at < _TIMEDATECTL_CACHE_SECONDS:
+        return answer
+    answer = _ask_timedatectl()
+    _timedatectl[:] = [time.monotonic(), answer]
+    return answer
+
+
+def _ask_timedatectl() -> Optional[str]:
+    """timedatectl's view (systemd-timesyncd, chrony or ntpd via the kernel flag)."""
     try:
         answer = subprocess.run(["timedatectl", "show", "--property=NTPSynchronized", "--value"],
                                 capture_output=True, text=True, timeout=2).stdout.strip()
@@ -79,7 +92,7 @@ def clock_problem(exc: BaseException, thing: Thing, timeout: float) -> Optional[
 
 def _wording(not_yet_valid: bool, now: float, why: str, thing: Thing, timeout: float) -> str:
     clock = _utc(now, "%Y-%m-%d %H:%M UTC")
-    validity = broker_validity(thing, timeout)
+    validity = broker_validity(thing, min(timeout, PROBE_SECONDS))
     if validity is None:
         state = "not yet valid" if not_yet_valid else "expired"
         return (f"TLS: the broker certificate at {thing.endpoint}:{thing.mqtt.port} is {state} by the"
@@ -112,8 +125,7 @@ def broker_validity(thing: Thing, timeout: float
     validity = None
     try:
         context.load_cert_chain(str(thing.keys.cert), str(thing.keys.private_key))  # TLS 1.2 asks
-        # half the time each for TCP and TLS: the whole probe stays within `timeout`, which
-        # the daemon caps below the heartbeat timeout
+        # half the time each for TCP and TLS: the whole probe stays within `timeout`
         with socket.create_connection(where, timeout=timeout / 2) as sock, \
                 context.wrap_socket(sock, server_hostname=thing.endpoint) as tls:
             der = tls.getpeercert(binary_form=True)

@@ -35,7 +35,8 @@ _FORBIDDEN = re.compile("[\0-\x1f\x7f-\x9f\ufdd0-\ufdef"
 DEFAULT_MAX_TOPIC_BYTES = 256  # AWS IoT Core's limit
 
 
-def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES) -> Optional[str]:
+def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
+                          max_slashes: Optional[int] = None) -> Optional[str]:
     """Why a broker would refuse `topic` as a PUBLISH topic (one phrase naming the rule), or
     None when it is fine. Checked by `publish` so that no application can queue an entry that
     would be refused (and, under MQTT 3.1.1, cut the egress connection) at every attempt."""
@@ -56,4 +57,6 @@ def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES) 
             return f"contains the wildcard {wildcard!r} (only subscriptions may use + and #)"
     if size > max_bytes:
         return f"is {size} bytes in UTF-8, over maxTopicBytes ({max_bytes})"
+    if max_slashes is not None and topic.count("/") > max_slashes:
+        return f"has {topic.count('/')} slashes, over the broker's {max_slashes} (AWS IoT Core's topic levels)"
     return None

@@ -26,6 +26,7 @@ from flashlexd import paths
 from flashlexd.config import DEFAULT_DATA_DIR, DEFAULT_SOCKET, ConfigError
 
 HOME_DIRS = ("/home/", "/root/", "/run/user/")
+TMP_DIRS = ("/tmp/", "/var/tmp/")  # PrivateTmp=yes would hide them, or give the service its own
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,9 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
     writable = [directory for directory, _ in writable_dirs(places)]
     # the venv's interpreter may live in a home too (pyenv): ProtectHome=yes would hide it
     interpreter = os.path.realpath(os.path.join(venv, "bin", "python3"))
-    in_home = any(p.startswith(HOME_DIRS) for p in (venv + "/", interpreter, config, keys + "/",
-                                                     places.data_dir, socket_dir(places)))
+    used = (venv + "/", interpreter, config, keys + "/", places.data_dir + "/", socket_dir(places) + "/")
+    in_home = any(p.startswith(HOME_DIRS) for p in used)
+    in_tmp = any(p.startswith(TMP_DIRS) for p in used)
     return {
         "venv": venv.rstrip("/"), "config": config, "keys": keys, "user": user, "group": group,
         "supplementary_groups": (f"SupplementaryGroups={places.socket_group}"
@@ -114,4 +116,5 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
         # "-": a missing path does not stop the unit; the daemon then names the problem itself
         "read_write_paths": "ReadWritePaths=" + " ".join(f"-{p}" for p in writable) if writable else "",
         "protect_home": "read-only" if in_home else "yes",
+        "private_tmp": "no" if in_tmp else "yes",
     }

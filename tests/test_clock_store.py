@@ -249,3 +249,17 @@ def test_a_schema1_store_opens_migrates_and_loses_nothing(tmp_path: Path, clock:
         assert struct.unpack(">Q", txn.get(b"schema", db=meta))[0] == SCHEMA_VERSION == 3
         assert txn.stat(env.open_db(b"expiry", txn=txn, create=False))["entries"] == 0
     env.close()
+
+
+@pytest.mark.parametrize("step", [2 * DAY, -DAY], ids=["forward", "backward"])
+def test_dedupe_windows_run_on_real_time_across_a_step(stores, clock: FakeClock, step: float):
+    """A broker's redelivery 5 s after the original is a duplicate whatever the clock did
+    meanwhile; one past the window is new, whatever the clock did."""
+    store = stores(clock)
+    again = [Incoming("t", b'{"id": 1}', mid=7, key=b"1")]
+    assert store.append([Incoming("t", b'{"id": 1}', mid=1, key=b"1")], dedupe_window=3600) == [1]
+    clock.advance(5)
+    clock.step(step)
+    assert store.append(again, dedupe_window=3600) == [None]
+    clock.advance(3600)
+    assert store.append(again, dedupe_window=3600) == [2]

@@ -21,7 +21,8 @@ from flashlexd.client.wire import Code
 from flashlexd.store import Incoming
 from tests.broker import INGRESS_TOPIC, publish, wait_for
 from tests.daemon import Daemon
-from tests.test_ipc_server import EGRESS_TOPIC, Harness, harness  # noqa: F401
+from flashlexd.ipc import Limits
+from tests.test_ipc_server import EGRESS_TOPIC, Harness, harness, raw_connect, until  # noqa: F401
 
 COMMAND = b'{"message": "on", "device": "lamp"}'
 NOT_JSON = [b"hello plain text", b"\xff\xfe\x00binary", b"", b"{broken", b"\xef\xbb\xbf{}"]
@@ -94,7 +95,7 @@ def test_remove_returns_none_and_unknown_pks_raise_key_error(harness, sdk):
     with pytest.raises(KeyError) as info:
         sdk.removeMessageFromStore(record)  # already gone: pickleDB's `del db[pk]`
     assert info.value.args == (record["pk"],)
-    for pk in ("b300d03c7bd4", "", 5, "99999999999999999999999"):
+    for pk in ("b300d03c7bd4", "", 5, "99999999999999999999999", "0" + record["pk"]):
         with pytest.raises(KeyError) as info:
             sdk.removeMessageFromStore({"pk": pk})
         assert info.value.args == (pk,)
@@ -102,6 +103,24 @@ def test_remove_returns_none_and_unknown_pks_raise_key_error(harness, sdk):
         sdk.removeMessageFromStore({"message": {}})
     with pytest.raises(KeyError, match="pk key is required"):
         sdk.removeMessageFromStore("12")  # the old `'pk' in message` test on a str
+
+
+def test_a_busy_daemon_gives_the_old_answers_not_an_exception(tmp_path, caplog):
+    """At its connection cap the daemon answers `busy`: an unchanged app gets [], None and 500,
+    with one warning, as when the old service was not there."""
+    h = Harness(tmp_path, limits=Limits(max_connections=1)).start()
+    holder = raw_connect(h.path)
+    try:
+        until(lambda: h.call(lambda: h.server.connection_count) == 1)
+        busy = FlashlexSDK({"flashlex": {"app": {"socket": {"path": h.path}}}})
+        assert busy.getSubscribedMessages() == []
+        assert busy.removeMessageFromStore({"pk": "1"}) is None
+        assert busy.collectMessage({"temp": 1}) == 500
+        assert sum(OUTAGE in w for w in compat_warnings(caplog)) == 1
+        busy.close()
+    finally:
+        holder.close()
+        h.stop()
 
 
 # -- sending --------------------------------------------------------------------------------------

@@ -224,6 +224,10 @@ def test_keys_dir_replaces_the_config_files_directory(seed_file: Path, keys_dir:
 # -- bad configs: one line, starting with the key path ------------------------------------------
 
 BAD_CONFIGS = [
+    ("relative-data-path", setting("flashlex.app.db.dataPath", "data"),
+     "flashlex.app.db.dataPath: must be an absolute path, got 'data'"),
+    ("relative-socket-path", setting("flashlex.app.socket.path", "run/flashlexd.sock"),
+     "flashlex.app.socket.path: must be an absolute path, got 'run/flashlexd.sock'"),
     ("unknown-flashlex-section", setting("flashlex.cloud", {"a": 1}),
      "flashlex.cloud: unknown section (expected app, thing, dist)"),
     ("port-not-an-integer", setting("flashlex.thing.mqtt.port", "abc"),

@@ -40,6 +40,8 @@ def test_status_healthy(harness, capsys):
 @pytest.mark.parametrize("change, reason", [
     (lambda h: h.mqtt["egress"].update(connected=False), "egress MQTT is not connected"),
     (lambda h: h.workers[2].update(state="backoff"), "worker expiry is backoff"),
+    (lambda h: h.mqtt["ingress"].update(error="broker refused the subscription to x/#"),
+     "ingress MQTT: broker refused the subscription to x/#"),
 ])
 def test_status_degraded_exits_1(harness, capsys, change, reason):
     change(harness)

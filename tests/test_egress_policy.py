@@ -165,8 +165,11 @@ def test_flashlexctl_status_says_how_the_drain_goes() -> None:
     from flashlexd.client.ctlview import drain_line, render_status
     egress = {"connected": True, "rate_limit": 100, "eta_s": 20.0, "outbox_backlog": 2000}
     assert drain_line(egress, 2000) == "draining 2000 entries at 100/s, ~20 s"
-    assert drain_line({"rate_limit": 0, "send_rate": 850.0, "eta_s": 3600.0}, 3_060_000 // 1000) \
-        == "draining 3060 entries at 850/s, ~1h 0m"
+    assert drain_line({"connected": True, "rate_limit": 0, "send_rate": 850.0, "eta_s": 3600.0},
+                      3_060_000 // 1000) == "draining 3060 entries at 850/s, ~1h 0m"
+    assert drain_line({"connected": True, "rate_limit": 100, "drain_rate": 5.1, "eta_s": 392.0}, 2000) \
+        == "draining 2000 entries at 5.1/s, ~6m 32s"  # big entries: the byte limit sets the pace
+    assert drain_line(dict(egress, connected=False), 2000) == "2000 entries waiting for the egress link"
     assert drain_line(egress, 0) == ""
     ingress = {"connected": True, "subscriptions": [["ingress/t", 1], ["pubsub/t", 0]]}
     status = {"mqtt": {"egress": egress, "ingress": ingress}, "outbox": {"count": 2000}, "workers": []}

@@ -86,10 +86,18 @@ def test_without_the_limit_the_quota_stalls_the_drain(plain_broker: Broker, tmp_
     worker.wait(lambda w: proxy.over_quota > 0 and w.counters.get("inflight") == 100, 15,
                 "a window of dropped publishes")
 
-    def settled() -> bool:  # every publish that got through is acknowledged and deleted
-        worker.pump(0.2)
-        return store.outbox_count() == 2000 - proxy.forwarded_publishes
-    wait_for(settled, 20, "the PUBACKs of what got through")
+    def stuck() -> bool:  # every publish that got through acknowledged and deleted, the window full
+        return (worker.counters.get("inflight") == 100
+                and store.outbox_count() == 2000 - proxy.forwarded_publishes)
+
+    def settled() -> bool:  # and still so a second later: nothing freed a slot meanwhile
+        worker.pump(0.1)
+        if not stuck():
+            return False
+        forwarded = proxy.forwarded_publishes
+        worker.pump(1.0)
+        return stuck() and proxy.forwarded_publishes == forwarded
+    wait_for(settled, 30, "the PUBACKs of what got through, and a full window")
     left = store.outbox_count()
     stalled_until = time.monotonic() + 3
     while time.monotonic() < stalled_until:

@@ -100,6 +100,33 @@ def test_connected_means_subscribed_and_a_lost_session_is_said(broker: Broker, t
     assert worker.stop() == 0
 
 
+def test_a_session_lost_while_no_ingress_ran_is_said_at_the_next_start(broker: Broker, tmp_path: Path,
+                                                                       start_worker) -> None:
+    """The common Pi case: powered off longer than the broker keeps sessions. The store
+    remembers that the broker held one, so the next process reports its loss."""
+    config = write_config(tmp_path / "config", broker)
+    first = start_worker("ingress", config)
+    first.wait_connected()
+    assert first.stop() == 0
+    broker.restart(kill=True)  # never saved: the session is gone while no ingress runs
+    again = start_worker("ingress", config)
+    again.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 20,
+               "the lost session counted")
+    assert sum("lost the session of client id" in line for line in again.log_text().splitlines()) == 1
+    assert again.stop() == 0
+
+
+def test_the_egress_does_not_warn_about_a_session_it_does_not_need(broker: Broker, tmp_path: Path,
+                                                                   start_worker) -> None:
+    config = write_config(tmp_path / "config", broker)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    broker.restart(kill=True)
+    worker.wait(lambda w: sum(1 for m in w.reports("mqtt") if m["connected"]) >= 2, 20, "reconnected")
+    assert "lost the session" not in worker.log_text() and worker.counters["sessions_lost"] == 0
+    assert worker.stop() == 0
+
+
 def test_two_clients_with_one_client_id_are_reported_as_a_conflict(broker: Broker, tmp_path: Path,
                                                                     start_worker) -> None:
     config = write_config(tmp_path / "config", broker)

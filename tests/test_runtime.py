@@ -12,7 +12,7 @@ import pytest
 from flashlexd.config import load
 from flashlexd.configkeys import (AT_ONCE, AT_ONCE_AND_WORKERS, LINKS, LINKS_AND_API, NEXT_START,
                                   TABLE, WORKERS, Key)
-from flashlexd.runtime import Runtime, worker_settings
+from flashlexd.runtime import ApiRules, Runtime, worker_settings
 from tests.test_config_keys import config_with
 
 CHANGED = {  # a valid value other than the seed's or the default, where a rule is needed
@@ -65,3 +65,11 @@ def test_restart_limits_follow_the_supervisor_keys(tmp_path: Path) -> None:
                                           "flashlex.app.supervisor.restartBackoffMaxSeconds": 4})))
     limits = Runtime.from_config(new).restart
     assert (limits.limit, limits.max_delay) == (9, 4.0)
+
+
+def test_publish_refuses_aws_iot_cores_topic_levels_on_its_endpoints_only(tmp_path: Path) -> None:
+    aws = load(str(config_with(tmp_path, {"flashlex.thing.endpoint": "abc-ats.iot.us-east-1.amazonaws.com"},
+                               "aws.yml")))
+    other = load(str(config_with(tmp_path, {"flashlex.thing.endpoint": "broker.example.com"}, "other.yml")))
+    assert ApiRules.from_config(aws).max_topic_slashes == 7
+    assert ApiRules.from_config(other).max_topic_slashes is None

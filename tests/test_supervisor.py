@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flashlexd.store import Store
 from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
@@ -137,6 +138,24 @@ def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     assert any(f.startswith("RELOADING=1") for t, f in notify.lines() if t >= hup_at)
     assert any(f.startswith("MONOTONIC_USEC=") for t, f in notify.lines() if t >= hup_at)
     assert "reload refused" in daemon.output()
+    assert daemon.children() == before
+
+
+def test_reload_to_another_data_dir_is_refused_and_keeps_running(daemon, notify, daemon_config,
+                                                                  tmp_path):
+    """The data dir's lock and checks belong to the start: a reload moving it is refused in one
+    line, the old config and store stay, no worker restarts."""
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["app"]["db"]["dataPath"] = str(tmp_path / "elsewhere")
+    daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("READY=1", after=hup_at, timeout=10)
+    refused = [line for line in daemon.output().splitlines() if "reload refused" in line]
+    assert len(refused) == 1 and "dataPath changed" in refused[0]
+    assert not (tmp_path / "elsewhere").exists()
     assert daemon.children() == before
 
 

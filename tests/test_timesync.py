@@ -23,6 +23,7 @@ def systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(timesync, "SYNCHRONIZED_FLAG", tmp_path / "synchronized")
     (tmp_path / "bin").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(timesync, "_timedatectl", [None, None])
     return tmp_path
 
 
@@ -30,6 +31,7 @@ def timedatectl(systemd: Path, answer: str) -> None:
     script = systemd / "bin" / "timedatectl"
     script.write_text(f"#!/bin/sh\necho {answer}\n")
     script.chmod(0o755)
+    timesync._timedatectl[:] = [None, None]  # a new answer: not the one remembered for 30 s
 
 
 def test_a_clock_before_the_installed_package_is_unsynchronised():
@@ -40,6 +42,10 @@ def test_a_clock_before_the_installed_package_is_unsynchronised():
 def test_timesyncd_flag_or_ntp_synchronized_yes_means_synchronised(systemd: Path):
     now = timesync.clock_floor() + 60
     assert timesync.unsynchronised(now) == "NTP has not synchronised it"  # no timedatectl either
+    timedatectl(systemd, "yes")
+    assert timesync.unsynchronised(now) is None
+    (systemd / "bin" / "timedatectl").write_text("#!/bin/sh\necho no\n")
+    assert timesync.unsynchronised(now) is None  # remembered: not asked at every 2 s retry
     timedatectl(systemd, "no")
     assert timesync.unsynchronised(now) == "NTP has not synchronised it"
     timedatectl(systemd, "yes")

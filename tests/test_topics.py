@@ -77,3 +77,11 @@ def test_publishable_topics_pass(topic):
 def test_the_topic_size_limit_is_a_parameter():
     assert publish_topic_problem("x" * 300, max_bytes=300) is None
     assert "over maxTopicBytes (10)" in publish_topic_problem("x" * 11, max_bytes=10)
+
+
+def test_the_slash_limit_applies_only_when_given():
+    eight_levels, nine_levels = "a/b/c/d/e/f/g/h", "a/b/c/d/e/f/g/h/i"
+    assert publish_topic_problem(nine_levels) is None  # brokers without AWS's limit
+    assert publish_topic_problem(eight_levels, max_slashes=7) is None
+    assert publish_topic_problem(nine_levels, max_slashes=7) == \
+        "has 8 slashes, over the broker's 7 (AWS IoT Core's topic levels)"

@@ -12,21 +12,12 @@ from __future__ import annotations
 
 import selectors
 import socket
-import struct
 from enum import Enum
 from typing import Any, Optional, Tuple
 
 from flashlexd.ipc.protocol import HEADER, Pending
 
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _DISCARD = bytearray(64 * 1024)  # scratch for input read only to be thrown away
-
-
-def peer_credentials(sock: socket.socket) -> Tuple[int, int]:
-    """(pid, uid) of the process at the other end (SO_PEERCRED); raises OSError."""
-    pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      _PEERCRED.size))
-    return pid, uid
 
 
 class ReadBudget:

@@ -236,7 +236,8 @@ class Methods:
         elif not isinstance(topic, str):
             raise p.bad("topic", "an MQTT topic (a string)", topic)
         else:
-            problem = publish_topic_problem(topic, self.rules.max_topic_bytes)
+            problem = publish_topic_problem(topic, self.rules.max_topic_bytes,
+                                            self.rules.max_topic_slashes)
             if problem:
                 raise RpcFailure(Code.BAD_PARAMS, f"publish: param 'topic' {problem}: "
                                  f"{_show(topic)} (nothing was queued)")

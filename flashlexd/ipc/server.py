@@ -23,7 +23,8 @@ import time
 from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Set, Union
 
 from flashlexd import fds
-from flashlexd.ipc.connection import Connection, ReadBudget, Received, peer_credentials
+from flashlexd.ipc.admission import Admission, peer_credentials
+from flashlexd.ipc.connection import Connection, ReadBudget, Received
 from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
                                     parse_request)
 from flashlexd.ipc.socketfile import ServerError, bind_socket
@@ -59,7 +60,7 @@ class RpcServer:
         self._methods = methods
         self._own_selector = selector is None
         self.selector = selector or selectors.DefaultSelector()
-        self._allowed = frozenset({0, os.geteuid(), *allow_uids})
+        self._admission = Admission(allow_uids, group)
         self._listener, self._inode = bind_socket(path, mode, group)
         self.selector.register(self._listener, selectors.EVENT_READ, self)
         self._spare = fds.SpareFd()
@@ -199,14 +200,15 @@ class RpcServer:
                 self._out_of_fds = False
             sock.setblocking(False)
             try:
-                pid, uid = peer_credentials(sock)
+                pid, uid, gid = peer_credentials(sock)
             except OSError:
                 sock.close()
                 continue
-            if uid not in self._allowed:
-                log.warning("API: refused connection from uid %d (pid %d): not in allowUids", uid, pid)
+            if not self._admission.admits(sock, uid, gid):
+                self._admission.note_refused(uid, pid, time.monotonic())
                 self._refuse(sock, Code.FORBIDDEN, f"uid {uid} may not use flashlexd: ask the "
-                             "administrator to add it to flashlex.app.socket.allowUids")
+                             "administrator to add it to flashlex.app.socket.allowUids or to the"
+                             " socket's group (flashlex.app.socket.group)")
             elif len(self._conns) >= self.limits.max_connections:
                 log.warning("API: refused connection from pid %d: %d connections open", pid, len(self._conns))
                 self._refuse(sock, Code.BUSY, f"too many connections ({self.limits.max_connections})")

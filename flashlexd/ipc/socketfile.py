@@ -19,7 +19,7 @@ class ServerError(Exception):
     """A reason the API socket cannot be served, worded as one line for the operator."""
 
 
-def _group_id(group: str) -> int:
+def group_id(group: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -66,7 +66,7 @@ def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tu
             os.chmod(parent, 0o755)
         except OSError as exc:
             raise ServerError(f"cannot create socket directory {parent}: {exc.strerror}") from None
-    gid = _group_id(group) if group else None
+    gid = group_id(group) if group else None
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)

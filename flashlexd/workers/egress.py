@@ -60,6 +60,8 @@ class EgressWorker(Worker):
                                      on_publish=self._on_publish, fresh_client=True)
         self.window = mqtt.max_inflight
         self.rate_limit = mqtt.publish_rate
+        self.bytes_limit = mqtt.publish_bytes_rate
+        self.mean_size = 0.0  # of the entries sent lately: the byte limit's rate in entries/s
         self.budget = PublishBudget(mqtt.publish_rate, mqtt.publish_bytes_rate)
         self.poison = PoisonWatch(mqtt.poison_attempts)
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
@@ -213,6 +215,7 @@ class EgressWorker(Worker):
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
         self.budget.spend(1, size)
+        self.mean_size = size if not self.mean_size else 0.9 * self.mean_size + 0.1 * size
         self.meter_count += 1
         if entry.qos == 0:
             self._done(entry.id)
@@ -240,16 +243,23 @@ class EgressWorker(Worker):
         self.counters["sent"] += len(self.done)
         self.done = []
 
+    def _drain_rate(self) -> float:
+        """Entries per second the limits allow (the slower of the two), else the rate seen."""
+        limits = [self.rate_limit] if self.rate_limit else []
+        if self.bytes_limit and self.mean_size:
+            limits.append(self.bytes_limit / self.mean_size)
+        return min(limits) if limits else self.send_rate
+
     def _update_counters(self, now: float) -> None:
         if now - self.meter_start >= 1.0:
             self.send_rate = self.meter_count / (now - self.meter_start)
             self.meter_start, self.meter_count = now, 0
         backlog = self.counters["outbox_backlog"]
-        drain_rate = self.rate_limit or self.send_rate
+        drain_rate = self._drain_rate()
         oldest = next(iter(self.unacked_since.values()), None)
         self.counters.update(
             inflight=len(self.inflight), send_rate=round(self.send_rate, 1),
             eta_s=round(backlog / drain_rate, 1) if backlog and drain_rate else (0.0 if not backlog else None),
-            throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
+            drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
             oldest_inflight_age=None if oldest is None else round(now - oldest, 3),
             one_at_a_time=self.poison.single)

@@ -54,8 +54,9 @@ class IngressWorker(Worker):
     def setup(self) -> None:
         self.store = Store.from_config(self.config.store)
         self.topics = self.config.thing.mqtt.ingress_topics()
-        self.connection = Connection(self.config, self.config.thing.mqtt.client_id, self._on_change,
-                                     on_message=self._on_message)
+        client_id = self.config.thing.mqtt.client_id
+        self.connection = Connection(self.config, client_id, self._on_change, on_message=self._on_message,
+                                     track_session=True, session_seen_at=self._session_seen(client_id))
         self.client = self.connection.client
         self.client.manual_ack_set(True)
         self.client.on_subscribe = self._on_subscribe
@@ -99,10 +100,25 @@ class IngressWorker(Worker):
 
     # -- MQTT -------------------------------------------------------------------------------------
 
+    def _session_seen(self, client_id: str) -> Optional[float]:
+        try:
+            return self.store.session_seen(client_id)
+        except StoreError as exc:  # damage is logged by the store; a lost session then goes unsaid
+            log.debug("no record of an earlier session: %s", exc)
+            return None
+
+    def _note_session(self) -> None:
+        """The broker has a session for us from now on: remembered for the next process."""
+        try:
+            self.store.note_session(self.config.thing.mqtt.client_id, time.time())
+        except StoreError as exc:
+            log.warning("cannot remember that the broker holds our session: %s", exc)
+
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
         """Up means subscribed: the link is reported connected only once the SUBACK came."""
         self.counters["sessions_lost"] = self.connection.sessions_lost
         if connected:
+            self._note_session()
             self.generation += 1
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return

@@ -1,0 +1,62 @@
+"""Who may talk to the daemon, decided per connection from the kernel's word about the peer.
+
+Root, the daemon's own user, the uids of `flashlex.app.socket.allowUids`, and members of
+`flashlex.app.socket.group` (primary group from SO_PEERCRED, supplementary groups from
+SO_PEERGROUPS). Both come from the socket itself, so the check also works under the unit's
+`ProtectProc=invisible`, where other users' /proc entries are hidden. A refused uid is logged
+once per episode with a count, not once per connection: a local user reconnecting in a loop
+cannot flood the journal (and so push the daemon's real lines out of journald's rate limit).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from typing import Dict, FrozenSet, Iterable, Optional, Tuple
+
+from flashlexd.ipc.socketfile import group_id
+
+log = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; not named by Python 3.9
+_MAX_GROUPS = 65536  # NGROUPS_MAX
+_REPORT_EVERY = 60.0  # seconds between lines about one refused uid
+
+
+def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED); raises OSError."""
+    return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+
+
+def peer_groups(sock: socket.socket) -> FrozenSet[int]:
+    """The peer's supplementary groups (SO_PEERGROUPS); empty where the kernel lacks it."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_GROUPS)
+    except OSError:
+        return frozenset()
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
+
+
+class Admission:
+    def __init__(self, allow_uids: Iterable[int] = (), group: Optional[str] = None):
+        self.uids = frozenset({0, os.geteuid(), *allow_uids})
+        self.gid = group_id(group) if group else None
+        self._refused: Dict[int, Tuple[float, int]] = {}  # uid -> (last line, refusals since)
+
+    def admits(self, sock: socket.socket, uid: int, gid: int) -> bool:
+        if uid in self.uids:
+            return True
+        return self.gid is not None and (gid == self.gid or self.gid in peer_groups(sock))
+
+    def note_refused(self, uid: int, pid: int, now: float) -> None:
+        """One WARNING per uid per minute, with how many were refused since the last one."""
+        last, since = self._refused.get(uid, (None, 0))
+        since += 1
+        if last is not None and now - last < _REPORT_EVERY:
+            self._refused[uid] = (last, since)
+            return
+        self._refused[uid] = (now, 0)
+        log.warning("API: refused %d connection%s from uid %d (last pid %d): neither in allowUids nor"
+                    " in the socket's group", since, "" if since == 1 else "s", uid, pid)

@@ -1,0 +1,46 @@
+"""Who may talk to the daemon: decided from the kernel's word about the peer (real sockets)."""
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import socket
+
+from flashlexd.ipc.admission import Admission, peer_credentials, peer_groups
+
+STRANGER = 54321  # a uid nobody uses here
+
+
+def test_root_the_daemons_user_and_allow_uids_are_admitted():
+    ours, theirs = socket.socketpair(socket.AF_UNIX)
+    with ours, theirs:
+        pid, uid, gid = peer_credentials(ours)
+        assert (pid, uid) == (os.getpid(), os.geteuid())
+        admission = Admission(allow_uids=[1000])
+        assert admission.admits(ours, 0, gid) and admission.admits(ours, 1000, gid)
+        assert not admission.admits(ours, STRANGER, gid)  # no socket group: uids only
+
+
+def test_members_of_the_socket_group_are_admitted_by_primary_or_supplementary_group():
+    ours, theirs = socket.socketpair(socket.AF_UNIX)
+    with ours, theirs:
+        _, _, gid = peer_credentials(ours)
+        by_primary = Admission(group=grp.getgrgid(gid).gr_name)
+        assert by_primary.admits(ours, STRANGER, gid)
+        assert not by_primary.admits(ours, STRANGER, gid + 1) or gid + 1 in peer_groups(ours)
+        assert peer_groups(ours) == frozenset(os.getgroups())  # what SO_PEERGROUPS reports
+        if os.getgroups():
+            supplementary = os.getgroups()[0]
+            assert Admission(group=str(supplementary)).admits(ours, STRANGER, -1)
+
+
+def test_a_refused_uid_is_logged_once_a_minute_with_a_count(caplog):
+    admission = Admission()
+    with caplog.at_level(logging.WARNING, logger="flashlexd.ipc.admission"):
+        for second in range(100):
+            admission.note_refused(STRANGER, 4242, now=1000.0 + second * 0.5)  # 50 s of attempts
+        admission.note_refused(STRANGER, 4242, now=1061.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "refused 1 connection from uid 54321" in lines[0]
+    assert "refused 100 connections from uid 54321" in lines[1]
