@@ -148,8 +148,9 @@ TABLE: Tuple[Key, ...] = (
     _legacy("flashlex.dist", "build metadata of the old SDK (`commitSha`): accepted, not used"),
     _legacy(f"{_THING}.id", "FlashLex thing id: accepted, not used"),
     Key(f"{_THING}.name", "text", REQUIRED, "MQTT client id of ingress (unless `mqtt.clientId`)", LINKS),
-    Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate)",
-        LINKS),
+    Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate);"
+        " on an AWS IoT Core endpoint (`*.amazonaws.com`) `publish` also refuses topics over its 7"
+        " slashes", LINKS_AND_API),
     *(Key(f"{_THING}.keys.{name}", "text", REQUIRED,
           f"{what}, for mutual TLS, checked at start and on reload: files that do not load, or a key"
           " that does not match the certificate, are a config error naming the file" + extra, LINKS)

@@ -29,6 +29,26 @@ def test_members_of_the_socket_group_are_admitted_by_primary_or_supplementary_gr
         assert by_primary.admits(ours, STRANGER, gid)
         assert not by_primary.admits(ours, STRANGER, gid + 1) or gid + 1 in peer_groups(ours)
         assert peer_groups(ours) == frozenset(os.getgroups())  # what SO_PEERGROUPS reports
+
+
+def test_a_supplementary_group_admits_a_peer_in_a_child_process(tmp_path):
+    """SO_PEERGROUPS read from a real peer that has a supplementary group (set in a child)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen(1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([4242])
+            socket.socket(socket.AF_UNIX).connect(str(tmp_path / "s"))
+        finally:
+            os._exit(0)
+    peer, _ = listener.accept()
+    with peer, listener:
+        os.waitpid(pid, 0)
+        assert 4242 in peer_groups(peer)
+        assert Admission(group="4242").admits(peer, STRANGER, -1)
+        assert not Admission(group="4243").admits(peer, STRANGER, -1)
         if os.getgroups():
             supplementary = os.getgroups()[0]
             assert Admission(group=str(supplementary)).admits(ours, STRANGER, -1)

@@ -112,7 +112,7 @@ def setting(dotted: str, value: Any) -> Callable[[Dict[str, Any]], None]:
         *parents, last = dotted.split(".")
         node = document
         for key in parents:
-            node = node[key]
+            node = node.setdefault(key, {})
         node[last] = value
     return edit
 

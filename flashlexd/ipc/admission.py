@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; not named by Python 3.9
-_MAX_GROUPS = 65536  # NGROUPS_MAX
+_MAX_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes: a peer in more groups gets ERANGE
 _REPORT_EVERY = 60.0  # seconds between lines about one refused uid
 
 
@@ -31,7 +31,8 @@ def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
 
 
 def peer_groups(sock: socket.socket) -> FrozenSet[int]:
-    """The peer's supplementary groups (SO_PEERGROUPS); empty where the kernel lacks it."""
+    """The peer's supplementary groups (SO_PEERGROUPS); empty where the kernel lacks it, or for
+    a peer in more than 256 groups (then only its uid and primary group count)."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_GROUPS)
     except OSError:
