@@ -26,7 +26,7 @@ from bench_ingest import PAYLOAD_BYTES, Sample, alternate, report  # noqa: E402
 from flashlexd import config as config_module  # noqa: E402
 from flashlexd.mqttclient import build_client  # noqa: E402
 from tests.broker import EGRESS_TOPIC, Broker, make_certs, open_store, wait_for, write_config  # noqa: E402
-from tests.worker_process import WorkerProcess, cpu_seconds  # noqa: E402
+from tests.worker_process import WorkerUnderTest, cpu_seconds  # noqa: E402
 
 WINDOW = 100  # maxInflight, the default
 
@@ -68,7 +68,7 @@ def run_worker(broker: Broker, config: Path, count: int) -> Sample:
             store.outbox_append(batch)
             batch = []
     store.outbox_append(batch)
-    worker = WorkerProcess("egress", config, config.parent / "egress.log").start()
+    worker = WorkerUnderTest("egress", config, config.parent / "egress.log").start()
     try:
         worker.wait_connected()
         cpu, started = cpu_seconds(worker.pid), time.monotonic()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.broker import EGRESS_TOPIC, Broker, make_certs, open_store, wait_for, write_config  # noqa: E402
 from tests.quota_proxy import QuotaProxy  # noqa: E402
-from tests.worker_process import WorkerProcess  # noqa: E402
+from tests.worker_process import WorkerUnderTest  # noqa: E402
 
 QUOTA = 100
 PAYLOAD_BYTES = 200
@@ -59,7 +59,7 @@ def drain(root: Path, broker: Broker, name: str, count: int, mqtt: Dict, enforce
     config = write_config(root / name, broker, port=proxy.port, mqtt=dict(mqtt, clientId=name))
     fill(config, count)
     store = open_store(config)
-    worker = WorkerProcess("egress", config, root / f"{name}.log").start()
+    worker = WorkerUnderTest("egress", config, root / f"{name}.log").start()
     try:
         worker.wait_connected()
         started = time.monotonic()
@@ -86,7 +86,7 @@ def poison_drain(root: Path, broker: Broker, name: str, count: int, poison: int)
         if index:
             store.outbox_append([(EGRESS_TOPIC, b"p" * (2 * MAX_PACKET), 1, False)])
         store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in good[at:at + step]])
-    worker = WorkerProcess("egress", config, root / f"{name}.log").start()
+    worker = WorkerUnderTest("egress", config, root / f"{name}.log").start()
     try:
         worker.wait_connected()
         started = time.monotonic()
@@ -104,7 +104,7 @@ def detection(root: Path, certs, name: str, kind: str) -> float:
         "clientId": name})
     if kind == "egress":
         fill(config, 20_000)
-    worker = WorkerProcess(kind, config, root / f"{name}.log").start()
+    worker = WorkerUnderTest(kind, config, root / f"{name}.log").start()
     try:
         worker.wait_connected()
         if kind == "egress":

@@ -31,7 +31,7 @@ from flashlexd import config as config_module  # noqa: E402
 from flashlexd.mqttclient import build_client  # noqa: E402
 from tests.broker import (INGRESS_TOPIC, Broker, make_certs, publish_lines,  # noqa: E402
                           write_config, write_lines)
-from tests.worker_process import WorkerProcess, cpu_seconds  # noqa: E402
+from tests.worker_process import WorkerUnderTest, cpu_seconds  # noqa: E402
 
 PAYLOAD_BYTES = 200
 Sample = Tuple[float, float]  # (seconds, CPU seconds of the side under test)
@@ -63,12 +63,12 @@ def bare_subscriber(config_path: str, count: int) -> None:
 
 
 def run_worker(broker: Broker, config: Path, lines: Path, count: int, client_id: str) -> Sample:
-    worker = WorkerProcess("ingress", config, config.parent / "ingress.log").start()
+    worker = WorkerUnderTest("ingress", config, config.parent / "ingress.log").start()
     try:
         worker.wait(lambda w: broker.subscriptions(client_id, INGRESS_TOPIC), 20, "subscribed")
         cpu, started = cpu_seconds(worker.pid), time.monotonic()
         publisher = publish_lines(broker, INGRESS_TOPIC, lines, client_id=f"{client_id}-pub", plain=True)
-        worker.wait(lambda w: sum(m["count"] for m in w.reports("committed")) >= count, 120, "all committed")
+        worker.wait(lambda w: w.counters.get("stored", 0) >= count, 120, "all committed")
         sample = time.monotonic() - started, cpu_seconds(worker.pid) - cpu
         publisher.wait(30)
         return sample
