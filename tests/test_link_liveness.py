@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import List
 
 from tests.broker import (EGRESS_TOPIC, HOST, INGRESS_TOPIC, PUBSUB_TOPIC, Broker, Subscriber,
                           open_store, wait_for, write_config)
@@ -81,6 +82,14 @@ def test_connect_attempts_never_stop_the_heartbeat(broker: Broker, tmp_path: Pat
     assert worker.stop() == 0
 
 
+def lost_session_warnings(worker) -> List[str]:
+    """Once the worker has counted one lost session and is connected again: its WARNING lines."""
+    worker.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 20,
+                "the lost session counted")
+    return [line for line in worker.log_text().splitlines()
+            if "WARNING" in line and "lost the session of client id" in line]
+
+
 def test_connected_means_subscribed_and_a_lost_session_is_said(broker: Broker, tmp_path: Path,
                                                                 start_worker) -> None:
     config = write_config(tmp_path / "config", broker)
@@ -89,10 +98,7 @@ def test_connected_means_subscribed_and_a_lost_session_is_said(broker: Broker, t
     assert worker.mqtt["subscriptions"] == [[INGRESS_TOPIC, 1], [PUBSUB_TOPIC, 1]]
     assert worker.counters.get("sessions_lost") == 0
     broker.restart(kill=True)  # never saved: the restarted broker has no session for us
-    worker.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 20,
-                "the lost session counted")
-    warnings = [line for line in worker.log_text().splitlines()
-                if "WARNING" in line and "lost the session of client id" in line]
+    warnings = lost_session_warnings(worker)
     assert len(warnings) == 1 and "since the link was last up" in warnings[0]
     broker.restart()  # a clean stop saves the session: nothing lost this time
     worker.wait(lambda w: sum(1 for m in w.reports("mqtt") if m["connected"]) >= 3, 20, "reconnected")
@@ -110,9 +116,7 @@ def test_a_session_lost_while_no_ingress_ran_is_said_at_the_next_start(broker: B
     assert first.stop() == 0
     broker.restart(kill=True)  # never saved: the session is gone while no ingress runs
     again = start_worker("ingress", config)
-    again.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 20,
-               "the lost session counted")
-    assert sum("lost the session of client id" in line for line in again.log_text().splitlines()) == 1
+    assert len(lost_session_warnings(again)) == 1
     assert again.stop() == 0
 
 

@@ -101,17 +101,11 @@ def test_a_hung_worker_logs_where_it_hung_before_it_dies(daemon_config, tmp_path
     (a hang in the middle of its loop); the supervisor's SIGABRT makes faulthandler write the
     stack to the log, naming the function it hung in, and the worker is replaced."""
     import os
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, signal, time\n"
-        "args = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
-        "def stuck_in_a_test_hang(signum, frame):\n"
-        "    time.sleep(3600)\n"
-        "if b'flashlexd.workers' in args and b'expiry' in args:\n"
-        "    signal.signal(signal.SIGUSR2, stuck_in_a_test_hang)\n")
-    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
-                                                   "PYTHONPATH": str(hook)}).start()
+    running = daemon_with_expiry_hook(daemon_config, tmp_path, notify,
+                                      "import signal, time\n"
+                                      "def stuck_in_a_test_hang(signum, frame):\n"
+                                      "    time.sleep(3600)\n",
+                                      "signal.signal(signal.SIGUSR2, stuck_in_a_test_hang)")
     try:
         notify.wait_for("READY=1", timeout=15)
         before = running.children()
@@ -221,17 +215,23 @@ def test_reload_applies_every_api_setting_to_the_running_api(daemon, notify, dae
         subscriber.stop()
 
 
-def test_worker_crashing_at_start_backs_off_then_the_daemon_gives_up(daemon_config, tmp_path, notify):
-    """A sitecustomize makes every expiry worker die at start; the rest is the real daemon."""
+def daemon_with_expiry_hook(daemon_config: Path, tmp_path: Path, notify: NotifyListener,
+                            prelude: str, action: str) -> Daemon:
+    """The real daemon, with a sitecustomize that runs `action` (after `prelude`) in every
+    expiry worker at start, and nowhere else."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import os\n"
+        "import os\n" + prelude +
         "args = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
-        "if b'flashlexd.workers' in args and b'expiry' in args:\n"
-        "    os._exit(70)\n")
-    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
-                                                   "PYTHONPATH": str(hook)}).start()
+        f"if b'flashlexd.workers' in args and b'expiry' in args:\n    {action}\n")
+    return Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
+                                                "PYTHONPATH": str(hook)}).start()
+
+
+def test_worker_crashing_at_start_backs_off_then_the_daemon_gives_up(daemon_config, tmp_path, notify):
+    """A sitecustomize makes every expiry worker die at start; the rest is the real daemon."""
+    running = daemon_with_expiry_hook(daemon_config, tmp_path, notify, "", "os._exit(70)")
     try:
         code = running.wait_exit(timeout=60)
     finally:
