@@ -14,7 +14,7 @@ from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc.protocol import Pending, RpcFailure
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
-from flashlexd.topics import publish_topic_problem
+from flashlexd.topics import publish_topic_problem, valid_filter
 
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
@@ -77,7 +77,7 @@ class _Params:
         value = self.get(name)
         if value is None:
             return None
-        if not isinstance(value, str) or not _valid_filter(value):
+        if not isinstance(value, str) or not valid_filter(value):
             raise self.bad(name, "an MQTT topic filter", value)
         return value
 
@@ -92,18 +92,6 @@ class _Params:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _valid_filter(topic: str) -> bool:
-    if not topic or "\0" in topic or len(topic.encode("utf-8", "surrogatepass")) > 65535:
-        return False
-    levels = topic.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
 
 
 class Methods:
