@@ -120,10 +120,11 @@ def test_three_apps_with_overlapping_filters_under_kills_and_a_power_cut(broker:
                                  client_id=f"fanout-pub-{i}") for i, topic in enumerate(TOPICS)]
     kills, cut = 0, False
     deadline = time.monotonic() + scale(90, 800)
-    while any(p.process.poll() is None for p in publishers):
-        assert time.monotonic() < deadline, f"publishers not done in time: {result}"
+    total = count * len(TOPICS)
+    while any(p.process.poll() is None for p in publishers) or store.stats()["received"] < total:
+        assert time.monotonic() < deadline, f"not stored in time: {result}"
         time.sleep(0.5)  # the kill cadence
-        if not cut and store.stats()["received"] >= count * len(TOPICS) // 2:
+        if not cut and store.stats()["received"] >= total // 2:
             power_cut(daemon)
             store = reopen(store, config)
             daemon = daemons.start(config)
