@@ -34,8 +34,8 @@ def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
         print("no named consumers (apps without a name share the inbox)")
     else:
         now = time.time()
-        rows = [(c["name"], c["filter"], c["backlog"], ago(c.get("oldest_age")), c["dropped"],
-                 c["max_backlog"] or "-", "dynamic" if c["dynamic"] else "declared",
+        rows = [(c["name"], c["filter"], c["backlog"] if c.get("backlog_exact", True) else f">={c['backlog']}",
+                 ago(c.get("oldest_age")), c["dropped"], c["max_backlog"] or "-", "dynamic" if c["dynamic"] else "declared",
                  ago(None if not c.get("last_seen") else max(0.0, now - c["last_seen"])))
                 for c in consumers]
         print(table(("NAME", "FILTER", "BACKLOG", "OLDEST", "DROPPED", "MAX", "KIND", "LAST SEEN"), rows,

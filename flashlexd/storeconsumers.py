@@ -17,6 +17,7 @@ from flashlexd.storerecords import _ID, Message, _decode_message, _keys_of, _sta
 from flashlexd.topics import topic_matches
 
 WALK_BUDGET = 20000  # inbox records one ack call's floor walk may pass (the rest: next call)
+REPORT_BUDGET = 200000  # inbox records a report looks at per consumer: status stays quick
 Consumers = Dict[str, ConsumerState]
 
 
@@ -218,31 +219,37 @@ class ConsumerStore:
 
     @guarded
     def consumers_report(self) -> List[Dict[str, object]]:
-        """Each consumer with its backlog (unacked matching messages) and the age of its oldest;
-        a walk of its backlog, so this is for status and the CLI, not for a hot path."""
+        """Each consumer with its backlog (unacked matching messages) and the age of its oldest.
+        It walks the backlog, up to REPORT_BUDGET records a consumer (the API server's loop must
+        not stall on a huge store): past that, `backlog` is a lower bound and `backlog_exact`
+        false."""
         report = []
         with self._read() as txn:
             timeline = self._frames.timeline(txn)
             for consumer in self._consumers_in(txn).values():
-                backlog, oldest = self._backlog(txn, consumer)
+                backlog, oldest, exact = self._backlog(txn, consumer)
                 entry = consumer.public()
-                entry["backlog"] = backlog
+                entry["backlog"], entry["backlog_exact"] = backlog, exact
                 entry["oldest_age"] = None if oldest is None else \
                     _decode_message(oldest[0], self._checked(oldest[1]), timeline).age
                 report.append(entry)
         return report
 
     def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState
-                 ) -> Tuple[int, Optional[Tuple[bytes, bytes]]]:
+                 ) -> Tuple[int, Optional[Tuple[bytes, bytes]], bool]:
+        """(unacked matching messages, the oldest one's key and record, whether counted to the end)."""
         acked = self._acks_above(txn, consumer, consumer.floor)
         cursor = txn.cursor(db=self._inbox)
-        count, oldest = 0, None
+        count, oldest, visited = 0, None, 0
         if _start(cursor, consumer.floor):
             for key, raw in cursor:
+                visited += 1
+                if visited > REPORT_BUDGET:
+                    return count, oldest, False
                 if _ID.unpack(key)[0] not in acked and consumer.matches(_topic(self._checked(raw))):
                     count += 1
                     oldest = oldest or (bytes(key), raw)
-        return count, oldest
+        return count, oldest, True
 
     # -- moving a consumer, trimming, removing ------------------------------------------------
 
@@ -334,15 +341,18 @@ class ConsumerStore:
                 self._remove_message(txn, key, raw, rest)
 
     def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
-        """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any."""
+        """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted
+        from the newest message back, over at most REPORT_BUDGET records (a sweep must not stall
+        the supervisor): a narrow filter's backlog spread thinner than that is not trimmed."""
         limit = consumer.max_backlog or 0
         if self._counter(txn, b"inbox_last_id") - consumer.floor <= limit:
             return False  # fewer ids than the limit past the floor: nothing to count
         cursor = txn.cursor(db=self._inbox)
-        count = 0
+        count = visited = 0
         if not cursor.last():
             return False
-        while _ID.unpack(cursor.key())[0] > consumer.floor:
+        while _ID.unpack(cursor.key())[0] > consumer.floor and visited < REPORT_BUDGET:
+            visited += 1
             key = cursor.key()
             if consumer.matches(_topic(cursor.value())) and not self._acked(txn, consumer, key):
                 count += 1

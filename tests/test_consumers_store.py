@@ -4,13 +4,17 @@ the cap's and maxBacklog's drops counted per consumer, idle removal, no write pe
 message, and a schema-3 store (as flashlexd wrote it before consumers) opening with no loss."""
 from __future__ import annotations
 
+import logging
 import struct
+import time
 from pathlib import Path
 from typing import Iterator, List
 
 import lmdb
 import pytest
 
+from flashlexd.configconsumers import ConsumerSettings
+from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.consumers import ConsumerSpec, UnknownConsumer
 from flashlexd.store import SCHEMA_VERSION, Incoming, Store
 
@@ -204,3 +208,20 @@ def test_a_schema3_store_opens_with_no_loss(tmp_path: Path):
         assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
             == SCHEMA_VERSION == 4
     env.close()
+
+
+def test_the_supervisors_keeper_declares_removes_idle_ones_with_one_warning_and_trims(store: Store, caplog):
+    """ConsumerKeeper against a real store: one WARNING per removed consumer, the sweep cadence."""
+    settings = ConsumerSettings((ConsumerSpec("kept", max_backlog=2),), idle_seconds=3600)
+    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0)
+    keeper.declare()
+    store.consumer_register("old", time.time() - 7200)
+    ids = put(store, *["t"] * 5)
+    with caplog.at_level(logging.WARNING, logger="flashlexd.consumerkeeper"):
+        keeper.tick(100.0)
+        keeper.tick(101.0)  # not due again before 105
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'old' removed: unused for 0.0416667 days" in warnings[0]
+    assert keeper.next_run == 105.0
+    assert ids_for(store, "kept") == ids[-2:] and store.consumer_state("kept").dropped == 3
+    assert stored(store) == ids[-2:]  # "old" is gone and "kept" dropped the rest: they left
