@@ -60,20 +60,24 @@ class ConsumerStore:
 
     def _remove_message(self, txn: lmdb.Transaction, key: bytes, raw: bytes,
                         consumers: Consumers) -> None:
-        """`key` is done for every consumer matching it: it leaves the inbox."""
+        """`key` is done for every consumer matching it: it leaves the inbox (the caller counts
+        it in `acked`, once per transaction)."""
         txn.delete(key, db=self._inbox)
         self._unindex(txn, key, raw)
+        record_id = _ID.unpack(key)[0]
         for consumer in consumers.values():
-            txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
-        self._add_counter(txn, b"acked", 1)
+            if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
+                txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
 
     def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, raw: bytes,
-              consumers: Consumers) -> None:
+              consumers: Consumers) -> bool:
         """`consumer` is done with `key` without an ack entry (its floor moves over it): the
-        message leaves if every other matching consumer is done too."""
+        message leaves if every other matching consumer is done too. True if it left."""
         others = [d for d in consumers.values() if d.name != consumer.name]
-        if self._settled(txn, key, _topic(raw), others):
-            self._remove_message(txn, key, raw, consumers)
+        if not self._settled(txn, key, _topic(raw), others):
+            return False
+        self._remove_message(txn, key, raw, consumers)
+        return True
 
     def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
         """Move the floor over every record the consumer is done with (acked ahead, or not its
@@ -193,7 +197,7 @@ class ConsumerStore:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             others = [d for d in consumers.values() if d.name != name]
-            new = 0
+            new = removed = 0
             for key in keys:
                 if self._done(txn, consumer, key):
                     continue
@@ -206,8 +210,10 @@ class ConsumerStore:
                 new += 1
                 if self._settled(txn, key, topic, others):
                     self._remove_message(txn, key, raw, consumers)
+                    removed += 1
                 else:
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
+            self._add_counter(txn, b"acked", removed)
             self._advance(txn, consumer)
             consumer.last_seen = now
             self._save(txn, consumer)
@@ -289,8 +295,8 @@ class ConsumerStore:
                     break
                 if consumer.matches(_topic(raw)) and not self._acked(txn, consumer, key):
                     passed.append((bytes(key), bytes(raw)))
-        for key, raw in passed:
-            self._pass(txn, consumer, key, raw, consumers)
+        removed = sum(self._pass(txn, consumer, key, raw, consumers) for key, raw in passed)
+        self._add_counter(txn, b"acked", removed)
         if count_dropped:
             consumer.dropped += len(passed)
         self._forget_acks_through(txn, consumer, target)
@@ -336,9 +342,12 @@ class ConsumerStore:
                     held.append((bytes(key), bytes(raw)))
         self._forget_acks_through(txn, gone, 2 ** 64 - 1)
         txn.delete(gone.name.encode(), db=self._consumer_db)
+        removed = 0
         for key, raw in held:
             if self._settled(txn, key, _topic(raw), rest.values()):
                 self._remove_message(txn, key, raw, rest)
+                removed += 1
+        self._add_counter(txn, b"acked", removed)
 
     def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
         """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted
