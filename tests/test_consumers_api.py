@@ -125,6 +125,9 @@ def test_flashlexctl_lists_reads_and_resets_consumers(harness: Harness):
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
+    assert "consumers display backlog 1 dropped 0; logger backlog 2 dropped 0" in \
+        subprocess.run([FLASHLEXCTL, "--socket", harness.path, "status"], capture_output=True, text=True,
+                       timeout=30).stdout
     listing = ctl("consumers")
     assert "display" in listing and "sensors/#" in listing and "declared" in listing
     assert "other" not in ctl("messages", "--consumer", "display")
