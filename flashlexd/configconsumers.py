@@ -3,7 +3,7 @@ config declares (flashlexd/consumers.py), read into one frozen value."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError
@@ -19,7 +19,7 @@ class ConsumerSettings:
     allow_dynamic: bool = True
     idle_seconds: float = 7 * _DAY
 
-    def spec(self, name: str):
+    def spec(self, name: str) -> Optional[ConsumerSpec]:
         return next((spec for spec in self.declared if spec.name == name), None)
 
 

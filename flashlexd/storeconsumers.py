@@ -8,15 +8,18 @@ state or the new one, never a message removed early or a consumer's ack lost.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
 from flashlexd.storedamage import guarded, unpack_record
-from flashlexd.storerecords import _ID, Message, _decode_message, _keys_of, _start
+from flashlexd.storerecords import _ID, Message, StoreBusy, _decode_message, _keys_of, _start
 from flashlexd.topics import topic_matches
 
+log = logging.getLogger("flashlexd.store")
 WALK_BUDGET = 20000  # inbox records one ack call's floor walk may pass (the rest: next call)
+FLOOR_HINT = 1000  # records a read passes before it moves the floor
 REPORT_BUDGET = 200000  # inbox records a report looks at per consumer: status stays quick
 Consumers = Dict[str, ConsumerState]
 
@@ -156,7 +159,10 @@ class ConsumerStore:
     @guarded
     def consumer_messages(self, name: str, limit: int = 100, topic: Optional[str] = None,
                           after: Optional[int] = None) -> List[Message]:
-        """The consumer's unacked messages past `after`, oldest first (its filter and `topic`)."""
+        """The consumer's unacked messages past `after`, oldest first (its filter and `topic`).
+        A read that had to pass FLOOR_HINT records the consumer is done with (other apps'
+        topics) before its first unacked one moves its floor over them (one small write), so
+        that a consumer of rare topics does not walk the same records on every `wait` poll."""
         found: List[Message] = []
         with self._read() as txn:
             consumer = self._consumer_in(txn, name)
@@ -166,15 +172,35 @@ class ConsumerStore:
             if limit <= 0 or not _start(cursor, start):
                 return found
             timeline = self._frames.timeline(txn)
+            at_floor, passable = start == consumer.floor, 0
             for key, raw in cursor:
                 if _ID.unpack(key)[0] in acked:
+                    passable += at_floor
                     continue
                 message = _decode_message(key, self._checked(raw), timeline)
-                if consumer.matches(message.topic) and (topic is None or topic_matches(topic, message.topic)):
+                if not consumer.matches(message.topic):
+                    passable += at_floor
+                    continue
+                at_floor = False
+                if topic is None or topic_matches(topic, message.topic):
                     found.append(message)
                     if len(found) >= limit:
                         break
+        if passable >= FLOOR_HINT and self.damage is None:
+            self._move_floor(name)
         return found
+
+    def _move_floor(self, name: str) -> None:
+        """Advance the floor for a read (see consumer_messages); a busy store just skips it."""
+        def work(txn: lmdb.Transaction) -> None:
+            consumer = self._consumer_in(txn, name)
+            self._advance(txn, consumer)
+            self._save(txn, consumer)
+
+        try:
+            self._write(work)
+        except StoreBusy as exc:
+            log.debug("consumer %r: floor not moved this time: %s", name, exc)
 
     def _acks_above(self, txn: lmdb.Transaction, consumer: ConsumerState, start: int) -> set:
         prefix = _prefix(consumer.name)
@@ -316,17 +342,6 @@ class ConsumerStore:
                 if consumer.max_backlog is not None and self._trim(txn, consumer, consumers):
                     self._save(txn, consumer)
             return removed
-
-        return self._write(work)  # type: ignore[return-value]
-
-    @guarded
-    def consumer_remove(self, name: str) -> bool:
-        def work(txn: lmdb.Transaction) -> bool:
-            consumers = self._consumers_in(txn)
-            if name not in consumers:
-                return False
-            self._remove_consumer(txn, consumers.pop(name), consumers)
-            return True
 
         return self._write(work)  # type: ignore[return-value]
 

@@ -22,7 +22,7 @@ DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, l
 WRITES = frozenset({"append", "ack", "purge", "expire", "outbox_append", "outbox_remove",
                     "outbox_drop", "outbox_dead_letter", "dead_retry", "note_session",
                     "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset",
-                    "consumers_upkeep", "consumer_remove"})
+                    "consumers_upkeep"})
 
 
 class CorruptRecord(ValueError):

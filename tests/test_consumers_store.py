@@ -225,3 +225,12 @@ def test_the_supervisors_keeper_declares_removes_idle_ones_with_one_warning_and_
     assert keeper.next_run == 105.0
     assert ids_for(store, "kept") == ids[-2:] and store.consumer_state("kept").dropped == 3
     assert stored(store) == ids[-2:]  # "old" is gone and "kept" dropped the rest: they left
+
+
+def test_a_read_past_many_records_of_other_topics_moves_the_floor(store: Store):
+    declare(store, ConsumerSpec("rare", "rare/#"), ConsumerSpec("all"))
+    ids = put(store, *["busy"] * 1500, "rare/x")
+    assert store.consumer_state("rare").floor == 0
+    assert ids_for(store, "rare") == [ids[-1]]
+    assert store.consumer_state("rare").floor == ids[-2]  # the next read starts at rare/x
+    assert ids_for(store, "rare") == [ids[-1]] and ids_for(store, "all") == ids
