@@ -34,6 +34,7 @@ class ApiRules:
     max_topic_bytes: int    # outbound: what `publish` accepts
     max_publish_bytes: int
     max_topic_slashes: Optional[int] = None  # AWS IoT Core's limit, on its endpoints only
+    ack_window: float = 0.0  # seconds an `ack` waits for others to share its commit (apiCommitMs)
 
     @property
     def response_budget(self) -> int:
@@ -44,7 +45,8 @@ class ApiRules:
         mqtt = config.thing.mqtt
         return cls(mqtt.egress_topic, mqtt.offline_publish_queueing, config.store.max_payload_bytes,
                    mqtt.max_topic_bytes, mqtt.max_payload_bytes,
-                   TOPIC_SLASHES if is_aws_endpoint(config.thing.endpoint) else None)
+                   TOPIC_SLASHES if is_aws_endpoint(config.thing.endpoint) else None,
+                   config.store.api_commit_ms / 1000)
 
 
 def api_limits(config: Config) -> Limits:
