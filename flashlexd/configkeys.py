@@ -19,7 +19,7 @@ from flashlexd.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_SOCKET, FULL_POLICIES
 
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
 INGEST_COMMIT_MS = 250  # chosen by measurement: docs/WEAR.md
-API_COMMIT_MS = 20
+API_COMMIT_MS = 10
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
 REQUIRED = object()  # the default of a key that must be given
@@ -109,7 +109,9 @@ TABLE: Tuple[Key, ...] = (
         " friendly: `1000`", WORKERS, minimum=0, maximum=5000, field="ingest_commit_ms"),
     Key(f"{_DB}.apiCommitMs", "integer", API_COMMIT_MS,
         "how long an API `ack` waits for other apps' acks to share its commit; the call returns"
-        " after that commit (durable). `0`: each ack commits alone. SD-card friendly: `1000`",
+        " after that commit (durable). It delays every ack by up to this much, so an app acking one"
+        " message at a time gains nothing from it. `0`: each ack commits alone. SD-card friendly:"
+        " `50`",
         AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"

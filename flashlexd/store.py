@@ -152,13 +152,19 @@ class Store(OutboxStore):
     @guarded
     def ack(self, ids: Iterable[int]) -> int:
         """Remove messages by id. Idempotent: an id already gone is not an error."""
-        keys = _keys_of(ids)
+        return self.ack_each([ids])[0]
 
-        def work(txn: lmdb.Transaction) -> int:
-            # the inbox alone: `acked` is derived (StoreBase._acked), so no counter page is written
-            return sum(1 for key in keys if txn.delete(key, db=self._inbox))
+    @guarded
+    def ack_each(self, calls: Sequence[Iterable[int]]) -> List[int]:
+        """`ack` of several calls in ONE transaction (apps' acks sharing a commit:
+        ipc/sharedcommit.py); each call's count of messages it removed, an id in two calls
+        counting for the first. Writes the inbox alone: `acked` is derived (StoreBase._acked)."""
+        keys = [_keys_of(ids) for ids in calls]
 
-        return self._write(work) if keys else 0  # type: ignore[return-value]
+        def work(txn: lmdb.Transaction) -> List[int]:
+            return [sum(1 for key in call if txn.delete(key, db=self._inbox)) for call in keys]
+
+        return self._write(work) if any(keys) else [0] * len(keys)  # type: ignore[return-value]
 
     @guarded
     def purge(self) -> int:

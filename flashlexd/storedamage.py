@@ -19,7 +19,7 @@ import msgpack
 # (BadTxnError: a transaction that met one of these is unusable, and says so on the next call)
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
                  lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
-WRITES = frozenset({"append", "ack", "purge", "expire", "outbox_append", "outbox_remove",
+WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "outbox_append", "outbox_remove",
                     "outbox_drop", "outbox_dead_letter", "dead_retry", "note_session"})
 
 

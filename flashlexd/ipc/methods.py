@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc.protocol import Pending, RpcFailure
+from flashlexd.ipc.sharedcommit import SharedAcks
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem
@@ -122,6 +123,7 @@ class Methods:
         self.egress_connected = egress_connected
         self._rules = rules
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
+        self.acks = SharedAcks(store)
 
     def handle(self, method: str, params: Dict[str, Any]) -> Any:
         target = self._table.get(method)
@@ -204,10 +206,11 @@ class Methods:
         p.done()
         return self._fetch(limit, topic, after)
 
-    def _ack(self, p: _Params) -> int:
+    def _ack(self, p: _Params) -> Any:
         ids = p.ids("ids")
         p.done()
-        return self.store.ack(ids)
+        window = self.rules.ack_window
+        return self.acks.join(ids, window) if window > 0 else self.store.ack(ids)
 
     def _wait(self, p: _Params) -> Any:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)

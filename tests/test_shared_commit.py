@@ -1,0 +1,77 @@
+"""API acks of several apps sharing one commit (flashlex.app.db.apiCommitMs, issue 20), over
+real sockets on the real RpcServer with a real Store: each call gets its own count, only after
+the one commit that removed its messages, and a store failure reaches every call of the window."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from flashlexd.client import RpcError, connect
+from flashlexd.client.wire import Code
+from flashlexd.store import Incoming
+from tests.test_ipc_server import Harness
+
+WINDOW = 0.4
+
+
+@pytest.fixture
+def harness(tmp_path: Path):
+    h = Harness(tmp_path)
+    h.rules = dataclasses.replace(h.rules, ack_window=WINDOW)
+    h.start()
+    yield h
+    h.stop()
+
+
+def ack_from_apps(harness: Harness, calls: List[List[int]]) -> Dict[int, Any]:
+    """Each list acked by its own app (connection, thread) at about the same time."""
+    results: Dict[int, Any] = {}
+
+    def app(index: int, ids: List[int]) -> None:
+        with connect(harness.path) as fx:
+            try:
+                results[index] = (fx.ack(ids), time.monotonic())
+            except RpcError as exc:
+                results[index] = exc
+    threads = [threading.Thread(target=app, args=(i, ids)) for i, ids in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_acks_of_several_apps_share_one_commit_and_return_after_it(harness: Harness):
+    ids = harness.ingest(*[("t", b"m%d" % i) for i in range(6)])
+    before = harness.methods.acks.commits
+    started = time.monotonic()
+    results = ack_from_apps(harness, [ids[0:2], ids[2:4], [ids[4], ids[0]]])
+    assert sorted(count for count, _ in results.values()) == [1, 2, 2]  # ids[0]: its first ack only
+    assert harness.methods.acks.commits - before == 1
+    assert all(at - started >= WINDOW * 0.9 for _, at in results.values())
+    # committed (sync=True: on disk) when the calls returned
+    assert [m.payload for m in harness.call(harness.store.messages)] == [b"m5"]
+    assert harness.store.stats()["acked"] == 5
+
+
+def test_an_ack_after_the_window_opens_the_next_one(harness: Harness):
+    ids = harness.ingest(("t", b"a"), ("t", b"b"))
+    with connect(harness.path) as fx:
+        assert fx.ack([ids[0]]) == 1
+        assert fx.ack([ids[0], ids[1]]) == 1
+    assert harness.methods.acks.commits == 2
+
+
+def test_a_store_failure_reaches_every_ack_of_the_window(harness: Harness):
+    ids = harness.ingest(("t", b"a"), ("t", b"b"))
+    harness.call(lambda: harness.store.__setattr__("damage", "store in x is damaged: test"))
+    results = ack_from_apps(harness, [[ids[0]], [ids[1]]])
+    assert all(isinstance(r, RpcError) and r.code == Code.STORE_ERROR for r in results.values())
+    harness.call(lambda: harness.store.__setattr__("damage", None))
+    assert harness.store.inbox_count() == 2
+    assert harness.store.append([Incoming("t", b"c")]) == [3]
