@@ -173,6 +173,7 @@ class Methods:
     def _status(self, p: _Params) -> Dict[str, Any]:
         p.done()
         supervisor = dict(self.status_provider())
+        wear = supervisor.pop("wear", None) or {}
         try:
             figures = self.store.stats()
         except StoreError as exc:  # a damaged store: the rest of the status still answers
@@ -196,7 +197,7 @@ class Methods:
                        # reported by the egress worker with its counters (heartbeat-fresh)
                        "oldest_inflight_age": egress.get("oldest_inflight_age")},
             "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
-                      "when_full": figures["when_full"], "path": str(self.store.path)},
+                      "when_full": figures["when_full"], "path": str(self.store.path), **wear},
             "counters": counters,
         })
         return supervisor
