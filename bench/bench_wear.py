@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD_BYTES = 200
 SD_CARD = {"ingestCommitMs": 1000, "apiCommitMs": 50}  # the documented SD-card friendly setting
 KIB = 1024
+TARGETS = {"defaults": 12, "SD-card setting": 4}  # KiB a message, store + ack (issue 20)
 
 
 def io_bytes(pid: int) -> int:
@@ -257,6 +258,13 @@ def main() -> int:
             spread = f" ({min(totals):.1f}-{max(totals):.1f})"
         print(f"| {name} | {rate:g} msg/s | {acks} | {store:.1f} | {ack:.1f} | {total:.1f}{spread} |"
               f" {per_day:.2f} |")
+    print()
+    for name, target in TARGETS.items():
+        for row_name, rate, acks, figures in rows:
+            if row_name == name and rate == 10 and acks == "one by one":
+                total = cell(figures)[2]
+                print(f"target {name}, 10 msg/s, acks one by one: {total:.1f} KiB/msg"
+                      f" (target <= {target} KiB): {'met' if total <= target else 'missed'}")
     return 0
 
 
