@@ -221,6 +221,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 10.0, 50.0])
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--min-messages", type=int, default=200,
+                        help="100-per-call rows publish at least this many (longer at low rates)")
     args = parser.parse_args()
     rows: List[Tuple[str, float, str, List[Dict[str, float]]]] = []
     with tempfile.TemporaryDirectory(prefix="bench-wear-") as tmp:
@@ -232,7 +234,7 @@ def main() -> int:
         try:
             for rate in args.rates:
                 for batch in (1, 100):
-                    seconds = max(args.seconds, 200 / rate) if batch == 100 else args.seconds
+                    seconds = max(args.seconds, args.min_messages / rate) if batch == 100 else args.seconds
                     results: Dict[str, List[Dict[str, float]]] = {name: [] for name, _, _ in variants}
                     results["pickleDB (old SDK)"] = []
                     for _ in range(args.runs):  # the variants alternate run by run
@@ -245,7 +247,7 @@ def main() -> int:
         finally:
             broker.close()
     print(f"~{PAYLOAD_BYTES}-byte messages, each run {args.seconds:g} s of steady publishing (100-per-call"
-          f" rows: at least 200 messages), {args.runs} run(s) per cell (median). KiB written per"
+          f" rows: at least {args.min_messages} messages), {args.runs} run(s) per cell (median). KiB written per"
           f" message, `write_bytes - cancelled_write_bytes` of /proc/PID/io.\n")
     print("| store | rate | acks | store KiB/msg | ack KiB/msg | total KiB/msg | GiB/day at that rate |")
     print("|---|---:|---|---:|---:|---:|---:|")
