@@ -111,3 +111,19 @@ def test_a_schema3_store_opens_migrates_and_loses_nothing(tmp_path: Path):
         store.close()
     assert database(tmp_path, b"expiry") == {}
     assert _Q.unpack(database(tmp_path, b"meta")[b"schema"])[0] == SCHEMA_VERSION == 4
+
+
+def test_the_sweep_steps_over_messages_stored_without_an_expiry(tmp_path: Path):
+    store = Store(tmp_path, CAP)  # expireSeconds unset: these never expire
+    kept = arrive(store, "kept", 3, now=1000.0)
+    store.close()
+    store = Store(tmp_path, CAP, expire_seconds=TTL)
+    try:
+        due = arrive(store, "due", 2, now=1001.0)
+        later = arrive(store, "later", 1, now=1002.0)
+        assert store.expire(now=1001.0 + TTL, batch=2) == 0  # the budget went on stepping over two
+        assert store.expire(now=1001.0 + TTL, batch=2) == 2  # it starts past them now
+        assert [m.id for m in store.messages()] == kept + later
+        assert store.expire(now=10.0 ** 6) == 1 and [m.id for m in store.messages()] == kept
+    finally:
+        store.close()
