@@ -5,7 +5,8 @@ old SDK's pickleDB store (pickledb 0.9.2, the release the SDK calls) at the same
 
     .venv/bin/python bench/bench_wear.py [--seconds 30] [--rates 1 10 50] [--runs 1]
 
-Each cell is a fresh `flashlexd run` (fresh store) on a TLS mosquitto on loopback. A paho
+Each cell is a fresh `flashlexd run` (fresh store, `expireSeconds: 60` as in the seed config)
+on a TLS mosquitto on loopback. A paho
 publisher (QoS 1, the broker's plain listener) sends ~200-byte messages at a steady rate for
 `--seconds`; an app (flashlexd.client, as the old apps use it) takes them with `wait()` and acks
 them one by one (`ack([pk])` per message, as `removeMessageFromStore` does) or 100 per call.
@@ -41,6 +42,7 @@ BASELINE = "6321fbea86e33c620255db830155ab139766695e"  # main before issue 20 (s
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD_BYTES = 200
 SD_CARD = {"ingestCommitMs": 1000, "apiCommitMs": 50}  # the documented SD-card friendly setting
+SEED_DB = {"expireSeconds": 60}  # as the seed config (shared/seed-config.yml): an expiry for every message
 KIB = 1024
 TARGETS = {"defaults": 12, "SD-card setting": 4}  # KiB a message, store + ack (issue 20)
 
@@ -119,7 +121,7 @@ def run_daemon(root: Path, broker: Broker, python: Optional[Path], db: Dict[str,
     client_id = f"wear-{os.getpid()}-{time.monotonic_ns()}"
     workdir = Path(tempfile.mkdtemp(dir=root))
     wipe_session(broker, client_id)
-    config = daemon_config(workdir, broker, mqtt={"clientId": client_id}, db=db or None)
+    config = daemon_config(workdir, broker, mqtt={"clientId": client_id}, db={**SEED_DB, **db})
     daemon = Daemon(config, workdir, python=str(python or sys.executable), cwd=workdir).start()
     try:
         wait_up(daemon)

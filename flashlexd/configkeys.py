@@ -108,10 +108,10 @@ TABLE: Tuple[Key, ...] = (
         " at once (brokers stop at their in-flight window). `0`: commit at each loop pass. SD-card"
         " friendly: `1000`", WORKERS, minimum=0, maximum=5000, field="ingest_commit_ms"),
     Key(f"{_DB}.apiCommitMs", "integer", API_COMMIT_MS,
-        "how long an API `ack` waits for other apps' acks to share its commit; the call returns"
-        " after that commit (durable). It delays every ack by up to this much, so an app acking one"
-        " message at a time gains nothing from it. `0`: each ack commits alone. SD-card friendly:"
-        " `50`",
+        "how long an API `ack` (or `publish`) waits for other apps' calls of the same kind to share"
+        " its commit; the call returns after that commit (durable). It delays every such call by up"
+        " to this much, so an app acking one message at a time gains nothing from it. `0`: each"
+        " call commits alone. SD-card friendly: `50`",
         AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"

@@ -34,7 +34,7 @@ class ApiRules:
     max_topic_bytes: int    # outbound: what `publish` accepts
     max_publish_bytes: int
     max_topic_slashes: Optional[int] = None  # AWS IoT Core's limit, on its endpoints only
-    ack_window: float = 0.0  # seconds an `ack` waits for others to share its commit (apiCommitMs)
+    write_window: float = 0.0  # seconds an `ack`/`publish` waits to share a commit (apiCommitMs)
 
     @property
     def response_budget(self) -> int:

@@ -1,50 +1,58 @@
-"""API acks of several apps that share one store commit (flashlex.app.db.apiCommitMs, issue 20).
+"""API writes of several apps that share one store commit (flashlex.app.db.apiCommitMs, issue 20).
 
 A commit writes a few 4 KiB pages whether it removes one message or a hundred (docs/WEAR.md),
-so an `ack` is parked (`Pending`) until its window ends: every ack that arrived in the window is
-removed in ONE transaction at the window's end, and only then is each call answered, with its
-own count: an ack is durable when the call returns, as without the window. The window opens
-with the first ack after the last commit; a call that arrives after it ended opens the next.
+so an `ack` (or a `publish`) is parked (`Pending`) until its window ends: every call of that
+kind that arrived in the window is written in ONE transaction at the window's end, and only
+then is each call answered, with its own result: a write is durable when the call returns, as
+without the window. The window opens with the first call after the last commit; a call that
+arrives after it ended opens the next. A call whose app hangs up before the window ends is
+still written if other calls share its window, and not written if it was alone (it never
+returned, so nothing was promised).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 from flashlexd.ipc.protocol import Code, Pending, RpcFailure
-from flashlexd.store import Store, StoreError
+from flashlexd.store import StoreError
 
 
 class _Window:
-    """The acks of one window and, once committed, each one's count (or the shared failure)."""
+    """The calls of one window and, once committed, each one's result (or the shared failure)."""
 
     def __init__(self, deadline: float):
         self.deadline = deadline
-        self.calls: List[List[int]] = []
-        self.outcome: Union[None, List[int], RpcFailure] = None
+        self.calls: List[Any] = []
+        self.outcome: Union[None, List[Any], RpcFailure] = None
 
 
-class SharedAcks:
-    def __init__(self, store: Callable[[], Store]):
-        self._store = store  # read at commit time: a reload may have swapped it
+class SharedCommits:
+    """Calls of one kind; `commit(calls)` writes them all in one transaction and returns each
+    call's result, in order."""
+
+    def __init__(self, commit: Callable[[List[Any]], List[Any]]):
+        self._commit = commit
         self._open: Optional[_Window] = None
-        self.commits = 0  # store commits made for shared acks (figures for status and tests)
+        self.commits = 0  # transactions made (figures for tests and benchmarks)
 
-    def join(self, ids: List[int], window: float) -> Pending:
-        """Park an ack of `ids` until the current window (opened now if none is) is committed."""
+    def join(self, call: Any, window: float,
+             answer: Callable[[Any], Any] = lambda result: result) -> Pending:
+        """Park `call` until the current window (opened now if none is) is committed; the
+        call is then answered with `answer(its result)`, which may raise RpcFailure."""
         now = time.monotonic()
         current = self._open
         if current is None or current.outcome is not None or now >= current.deadline:
             current = self._open = _Window(now + window)
         index = len(current.calls)
-        current.calls.append(ids)
+        current.calls.append(call)
         return Pending(deadline=current.deadline, poll=lambda: None,
-                       resolve=lambda: self._result(current, index))
+                       resolve=lambda: answer(self._result(current, index)))
 
-    def _result(self, window: _Window, index: int) -> int:
+    def _result(self, window: _Window, index: int) -> Any:
         if window.outcome is None:
             try:
-                window.outcome = self._store().ack_each(window.calls)
+                window.outcome = self._commit(window.calls)
                 self.commits += 1
             except StoreError as exc:
                 window.outcome = RpcFailure(Code.STORE_ERROR, str(exc))
