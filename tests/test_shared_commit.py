@@ -101,3 +101,16 @@ def test_a_full_outbox_refuses_only_the_publishes_past_the_limit(tmp_path: Path)
         assert h.call(h.store.outbox_count) == 2
     finally:
         h.stop()
+
+
+def test_publishes_at_the_store_cap_are_refused_as_outbox_full(tmp_path: Path):
+    h = Harness(tmp_path)
+    h.rules = dataclasses.replace(h.rules, write_window=WINDOW)
+    h.start()
+    try:
+        h.call(lambda: h.store.__setattr__("cap_bytes", 0))  # the cap is reached
+        results = from_apps(h, "publish", [b"a", b"b"])
+        assert all(isinstance(r, RpcError) and r.code == Code.OUTBOX_FULL and "is full" in str(r)
+                   for r in results.values()), results
+    finally:
+        h.stop()

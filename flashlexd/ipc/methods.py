@@ -124,7 +124,7 @@ class Methods:
         self._rules = rules
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
         self.acks = SharedCommits(lambda calls: self.store.ack_each(calls))
-        self.publishes = SharedCommits(self._queue_all)
+        self.publishes = SharedCommits(self._queue_all, full_code=Code.OUTBOX_FULL)
 
     def handle(self, method: str, params: Dict[str, Any]) -> Any:
         target = self._table.get(method)

@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, List, Optional, Union
 
 from flashlexd.ipc.protocol import Code, Pending, RpcFailure
-from flashlexd.store import StoreError
+from flashlexd.store import StoreError, StoreFull
 
 
 class _Window:
@@ -29,10 +29,11 @@ class _Window:
 
 class SharedCommits:
     """Calls of one kind; `commit(calls)` writes them all in one transaction and returns each
-    call's result, in order."""
+    call's result, in order. `full_code`: the error code of a store at its cap (StoreFull)."""
 
-    def __init__(self, commit: Callable[[List[Any]], List[Any]]):
+    def __init__(self, commit: Callable[[List[Any]], List[Any]], full_code: str = Code.STORE_ERROR):
         self._commit = commit
+        self._full_code = full_code
         self._open: Optional[_Window] = None
         self.commits = 0  # transactions made (figures for tests and benchmarks)
 
@@ -54,6 +55,8 @@ class SharedCommits:
             try:
                 window.outcome = self._commit(window.calls)
                 self.commits += 1
+            except StoreFull as exc:
+                window.outcome = RpcFailure(self._full_code, str(exc))
             except StoreError as exc:
                 window.outcome = RpcFailure(Code.STORE_ERROR, str(exc))
             if self._open is window:
