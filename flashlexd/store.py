@@ -158,7 +158,7 @@ class Store(OutboxStore):
     def ack_each(self, calls: Sequence[Iterable[int]]) -> List[int]:
         """`ack` of several calls in ONE transaction (apps' acks sharing a commit:
         ipc/sharedcommit.py); each call's count of messages it removed, an id in two calls
-        counting for the first. Writes the inbox alone: `acked` is derived (StoreBase._acked)."""
+        counting for the first. Writes the inbox alone: `acked` is derived (StoreBase._acked_total)."""
         keys = [_keys_of(ids) for ids in calls]
 
         def work(txn: lmdb.Transaction) -> List[int]:
@@ -265,7 +265,7 @@ class Store(OutboxStore):
             }
             for name in COUNTERS:
                 figures[name] = self._counter(txn, name.encode())
-            figures["acked"] = self._acked(txn)
+            figures["acked"] = self._acked_total(txn)
         return figures
 
     @guarded

@@ -148,7 +148,7 @@ class StoreBase:
         gone = sum(self._counter(txn, name) for name in (b"expired", b"dropped_full", b"purged"))
         return self._counter(txn, b"received") - txn.stat(self._inbox)["entries"] - gone
 
-    def _acked(self, txn: lmdb.Transaction) -> int:
+    def _acked_total(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(b"acked_offset", db=self._meta)
         return self._acked_derived(txn) + (_SIGNED.unpack(raw)[0] if raw else 0)
 
