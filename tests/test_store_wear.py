@@ -119,7 +119,7 @@ def test_the_sweep_steps_over_messages_stored_without_an_expiry(tmp_path: Path):
     store.close()
     store = Store(tmp_path, CAP, expire_seconds=TTL)
     try:
-        due = arrive(store, "due", 2, now=1001.0)
+        assert len(arrive(store, "due", 2, now=1001.0)) == 2
         later = arrive(store, "later", 1, now=1002.0)
         assert store.expire(now=1001.0 + TTL, batch=2) == 0  # the budget went on stepping over two
         assert store.expire(now=1001.0 + TTL, batch=2) == 2  # it starts past them now
