@@ -146,6 +146,20 @@ SECTIONS = [
         " compatibility class `flashlexd.client.compat.FlashlexSDK` over the daemon's API for reading"
         " and removing. Baseline: the SDK. No target."),
     Section(
+        "wear", "Bytes written per message (SD-card wear)",
+        ["bench/bench_wear.py", "--seconds", "30", "--runs", "3"], ["--seconds", "4", "--rates", "10"],
+        "~200-byte messages published at a steady 1, 10 and 50 msg/s into a fresh `flashlexd run`"
+        " (TLS mosquitto on loopback), taken by an app with `wait()` and acked one by one or 100 per"
+        " call; bytes written (`write_bytes - cancelled_write_bytes` of /proc/PID/io, all daemon"
+        " processes) per message. Side by side in one run: the daemon before issue 20 (checked out"
+        " of git history), this code with its defaults and with the SD-card setting (ingestCommitMs"
+        " 1000, apiCommitMs 50), and the old SDK's pickleDB store doing the same at the same rate."
+        " Baseline: the daemon before issue 20. Targets (issue 20), 10 msg/s, acks one by one:"
+        " <= 12 KiB a message with the defaults, <= 4 KiB with the SD-card setting.",
+        "Each ack of an app acking one message per call is its own durable commit (a few 4 KiB"
+        " pages); the API commit window shares a commit only between concurrent calls of several"
+        " apps. See docs/WEAR.md."),
+    Section(
         "kills", "Ingest while workers are SIGKILLed",
         ["bench/bench_killplot.py", "--messages", "30000", "--rate", "3000", "--runs", "3"],
         ["--messages", "3000", "--runs", "1", "--plot", str(Path(tempfile.gettempdir()) / "ingest-during-kills.png")],
@@ -348,6 +362,11 @@ def summarize(section: Section) -> None:
             estimated = " (SDK times partly estimated from timed calls, see its section)" if "estimated" in out else ""
             add((f"store + read + remove {n.group(1)} messages one by one: the SDK takes {m.group(1)}"
                  f" flashlexd's time{estimated}", "none", ""))
+    elif section.name == "wear":
+        for m in re.finditer(r"^target (.+?), 10 msg/s, acks one by one: ([\d.]+) KiB/msg \(target <= (\d+) KiB\):"
+                             r" (\w+)$", out, re.M):
+            add((f"{m.group(1)}: {m.group(2)} KiB written a message (store + ack), 10 msg/s, acks one by one",
+                 f"<= {m.group(3)} KiB", verdict(m.group(4) == "met")))
     elif section.name == "kills":
         m = find(r"completion time with kills / without .*: \*\*([\d.]+)x\*\*", out)
         ok = find(r"no message lost or stored twice: (.*)$", out)

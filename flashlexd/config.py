@@ -86,6 +86,8 @@ class StoreSettings:
     expire_seconds: Optional[float]
     sweep_seconds: float
     max_payload_bytes: int
+    ingest_commit_ms: int = 0  # flashlex.app.db.ingestCommitMs (the table holds the default)
+    api_commit_ms: int = 0     # flashlex.app.db.apiCommitMs
     dedupe: Optional[DedupeKey] = None  # flashlex.app.db.dedupe: off unless configured
 
 

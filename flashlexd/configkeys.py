@@ -18,6 +18,8 @@ from flashlexd.dedupe import DEFAULT_WINDOW_SECONDS as DEDUPE_WINDOW_SECONDS
 from flashlexd.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_SOCKET, FULL_POLICIES
 
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
+INGEST_COMMIT_MS = 250  # chosen by measurement: docs/WEAR.md
+API_COMMIT_MS = 10
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
 REQUIRED = object()  # the default of a key that must be given
@@ -100,6 +102,17 @@ TABLE: Tuple[Key, ...] = (
         " too", WORKERS, choices=FULL_POLICIES, field="when_full"),
     Key(f"{_DB}.sweepSeconds", "seconds", 5.0, "how often the expiry worker sweeps", WORKERS,
         field="sweep_seconds"),
+    Key(f"{_DB}.ingestCommitMs", "integer", INGEST_COMMIT_MS,
+        "how long a received message may wait for more to share its commit (one fsync, fewer bytes"
+        " written: see docs/WEAR.md); its PUBACK waits for that commit. A batch of 8 is committed"
+        " at once (brokers stop at their in-flight window). `0`: commit at each loop pass. SD-card"
+        " friendly: `1000`", WORKERS, minimum=0, maximum=5000, field="ingest_commit_ms"),
+    Key(f"{_DB}.apiCommitMs", "integer", API_COMMIT_MS,
+        "how long an API `ack` (or `publish`) waits for other apps' calls of the same kind to share"
+        " its commit; the call returns after that commit (durable). It delays every such call by up"
+        " to this much, so an app acking one message at a time gains nothing from it. `0`: each"
+        " call commits alone. SD-card friendly: `50`",
+        AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"
         " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames",

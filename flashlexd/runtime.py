@@ -36,6 +36,7 @@ class ApiRules:
     max_publish_bytes: int
     max_topic_slashes: Optional[int] = None  # AWS IoT Core's limit, on its endpoints only
     consumers: ConsumerSettings = ConsumerSettings()  # flashlex.app.consumers and friends
+    write_window: float = 0.0  # seconds an `ack`/`publish` waits to share a commit (apiCommitMs)
 
     @property
     def response_budget(self) -> int:
@@ -47,7 +48,7 @@ class ApiRules:
         return cls(mqtt.egress_topic, mqtt.offline_publish_queueing, config.store.max_payload_bytes,
                    mqtt.max_topic_bytes, mqtt.max_payload_bytes,
                    TOPIC_SLASHES if is_aws_endpoint(config.thing.endpoint) else None,
-                   config.consumers)
+                   config.consumers, config.store.api_commit_ms / 1000)
 
 
 def api_limits(config: Config) -> Limits:

@@ -2,14 +2,12 @@
 
 One environment, ten named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
-  expiry  boot seq(4) + expiry_ms(8) + first id(8) -> last id(8): one range per appended batch
-          (a batch expires together). Expiry times are in their boot's frame (flashlexd/clock.py:
-          boottime + the boot's first offset), so a clock step never moves them; the sweep walks
-          each boot's part from its front up to that boot's cut-off. Boot seq 0: entries of
-          schema-1 stores, plain wall-clock times. Kept exact: the first id of
-          every range is a stored message (removing it moves the start to the next stored id
-          of the range, or removes the range), so no range outlives its messages. An empty
-          value (older stores: one entry per message) means last == first.
+  expiry  empty since schema 4 (kept for the schema-1 to 3 stores it migrates, and for expiry
+          times of their own: an index of the exceptions). One TTL for every message makes the
+          inbox key order its expiry order within a boot: each record carries its expiry time
+          (in its boot's frame, flashlexd/clock.py: boottime + the boot's first offset, so a
+          clock step never moves it) and the sweep walks the inbox from the front (expire()).
+          Writing no index entry per message is one page less per append and per ack (wear).
   outbox  id(8) -> msgpack entry; FIFO towards the cloud
   dead    id(8) -> msgpack dead letter: an outbox entry the broker kept refusing, moved here
           under its outbox id (ids are never reused, so it names the entry in both lists)
@@ -20,7 +18,8 @@ One environment, ten named databases:
           to `unconfirmed`
   unconfirmed, dedupe: what recognises a broker's redeliveries (flashlexd/redelivery.py)
   consumers, cacks: named consumers' floors and acks-ahead (flashlexd/storeconsumers.py)
-  meta    name -> value: schema version, id counters, totals; b"frame" + seq(4) -> the BootFrame
+  meta    name -> value: schema version, id counters, totals (`acked` is derived from the
+          others and the inbox count, so an ack writes the inbox alone); b"frame" + seq(4) -> the BootFrame
           of each boot that stamped a record still stored (clock.py)
 
 Stamps: an inbox record is (wall, topic, payload, qos, retain, mid, expiry, boot seq, boottime),
@@ -39,7 +38,8 @@ up to the cap needs nothing from us. Durability: `sync=True`, one fsync per writ
 which is why callers batch (group commit). An append does its per-message work (packing,
 digests) before taking the write lock and writes each database with one `putmulti` call; at
 100 messages a batch it runs at about 0.7x the rate of raw LMDB puts of the bare payloads
-(bench/bench_store.py), the rest being the DUP and expiry indexes and the record fields.
+(bench/bench_store.py), the rest being the DUP marks, the counters and the record fields.
+Bytes written per message: docs/WEAR.md.
 """
 from __future__ import annotations
 
@@ -52,10 +52,10 @@ from flashlexd.storebase import POLICIES, SCHEMA_VERSION
 from flashlexd.storedamage import guarded, unpack_record
 from flashlexd.storeconsumers import ConsumerStore
 from flashlexd.storeoutbox import OutboxStore
-from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DeadLetter, DiskFull, DupMark,
+from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _decode_message,
-                                    _expiry_prefix, _keys_of, _ms, _outbox_entry)
+                                    _keys_of, _ms, _outbox_entry, _stamp_of)
 from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
@@ -114,8 +114,6 @@ class Store(ConsumerStore, OutboxStore):
                 _, added = txn.cursor(db=self._inbox).putmulti(zip(keys, new_records), append=True)
                 if added != len(keys):
                     raise StoreError(f"store in {self.path}: inbox ids out of order (corrupt meta?)")
-                if expires_at is not None:  # the batch expires together: one range entry
-                    txn.put(_expiry_prefix(seq, expires_at) + keys[0], keys[-1], db=self._expiry)
             self._set_counter(txn, b"inbox_last_id", last_id)
             self._add_counter(txn, b"received", len(new_records))
             self._add_counter(txn, b"duplicates", len(messages) - len(new_records))
@@ -156,19 +154,19 @@ class Store(ConsumerStore, OutboxStore):
     @guarded
     def ack(self, ids: Iterable[int]) -> int:
         """Remove messages by id. Idempotent: an id already gone is not an error."""
-        keys = _keys_of(ids)
+        return self.ack_each([ids])[0]
 
-        def work(txn: lmdb.Transaction) -> int:
-            removed = 0
-            for key in keys:
-                raw = txn.pop(key, db=self._inbox)
-                if raw is not None:
-                    self._unindex(txn, key, raw)
-                    removed += 1
-            self._add_counter(txn, b"acked", removed)
-            return removed
+    @guarded
+    def ack_each(self, calls: Sequence[Iterable[int]]) -> List[int]:
+        """`ack` of several calls in ONE transaction (apps' acks sharing a commit:
+        ipc/sharedcommit.py); each call's count of messages it removed, an id in two calls
+        counting for the first. Writes the inbox alone: `acked` is derived (StoreBase._acked_total)."""
+        keys = [_keys_of(ids) for ids in calls]
 
-        return self._write(work) if keys else 0  # type: ignore[return-value]
+        def work(txn: lmdb.Transaction) -> List[int]:
+            return [sum(1 for key in call if txn.delete(key, db=self._inbox)) for call in keys]
+
+        return self._write(work) if any(keys) else [0] * len(keys)  # type: ignore[return-value]
 
     @guarded
     def purge(self) -> int:
@@ -176,7 +174,6 @@ class Store(ConsumerStore, OutboxStore):
         def work(txn: lmdb.Transaction) -> int:
             count = txn.stat(self._inbox)["entries"]
             txn.drop(self._inbox, delete=False)
-            txn.drop(self._expiry, delete=False)
             txn.drop(self._consumer_acks, delete=False)  # acks of ids that are gone
             self._add_counter(txn, b"purged", count)
             return count
@@ -202,34 +199,41 @@ class Store(ConsumerStore, OutboxStore):
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
         """Remove up to `batch` messages that are due (bounded txn): a message of this boot
         once its real age reached expireSeconds, one of an earlier boot by the wall clock
-        (clock.py). `now` (tests) is a wall-clock time in this boot's first frame."""
+        (clock.py). `now` (tests) is a wall-clock time in this boot's first frame.
+
+        One TTL for every message makes the inbox's key (arrival) order its expiry order within
+        a boot, so the sweep walks the inbox from the front, and at the first message not yet
+        due it goes on with the next boot's messages (ids follow the boots: a binary search
+        finds where they start): no index is written per message. A message stored without an expiry (expireSeconds
+        was unset then) is stepped over, and the walk starts past those it has stepped over
+        already (`_sweep_from`, this process's memory). After expireSeconds is lowered, the
+        messages stored before expire first, at their own time, then the newer ones."""
         reading = self._frames.reading(now)
 
         def work(txn: lmdb.Transaction) -> int:
             self._frames.note(txn, reading)
             timeline = self._frames.timeline(txn, reading)
-            cutoffs: Dict[int, bytes] = {}
-            index = txn.cursor(db=self._expiry)
+            cutoffs: Dict[int, int] = {}
             inbox = txn.cursor(db=self._inbox)
-            removed = visited = seq = 0
-            while removed < batch and visited < batch and index.set_range(_SEQ.pack(seq)):
-                entry, last = index.key(), index.value()
-                seq = _SEQ.unpack(entry[:4])[0]
-                if seq not in cutoffs:
-                    cutoffs[seq] = _ID.pack(_ms(timeline.cutoff(seq)) + 1)
-                if entry[4:12] >= cutoffs[seq]:
-                    seq += 1  # nothing more due in this boot's part of the index
+            removed = visited = 0
+            found = inbox.set_range(self._sweep_from)
+            while found and removed < batch and visited < batch:
+                record = unpack_record(inbox.value(), 7)
+                expires_at, seq = record[6], _stamp_of(record, 7)[0]
+                if expires_at is None:
+                    visited += 1
+                    found = inbox.next()
+                    self._sweep_from = inbox.key() if found else self._sweep_from
                     continue
-                visited += 1
-                last = last or entry[12:]
-                inbox.set_range(entry[12:])
-                while removed < batch and inbox.key() and inbox.key() <= last:
-                    inbox.delete()
-                    removed += 1
-                index.delete()
-                rest = inbox.key()
-                if rest and rest <= last:  # out of budget inside this range: keep what is left
-                    txn.put(entry[:12] + rest, last, db=self._expiry)
+                if seq not in cutoffs:
+                    cutoffs[seq] = _ms(timeline.cutoff(seq))
+                if _ms(expires_at) > cutoffs[seq]:  # none of this boot's later ones is due
+                    visited += 1
+                    found = _first_of_later_boot(inbox, seq)
+                    continue
+                inbox.delete()  # moves to the next record; past the last, to no record (key b"")
+                found = bool(inbox.key())
+                removed += 1
             self._add_counter(txn, b"expired", removed)
             return removed
 
@@ -264,12 +268,34 @@ class Store(ConsumerStore, OutboxStore):
             }
             for name in COUNTERS:
                 figures[name] = self._counter(txn, name.encode())
+            figures["acked"] = self._acked_total(txn)
         return figures
 
     @guarded
     def inbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._inbox)["entries"]
+
+
+def _seq_at(cursor: lmdb.Cursor) -> int:
+    return _stamp_of(unpack_record(cursor.value(), 7), 7)[0]
+
+
+def _first_of_later_boot(inbox: lmdb.Cursor, seq: int) -> bool:
+    """Move `inbox` (on a record of boot `seq`) to the first record of a later boot; False if
+    there is none. Boot seqs never decrease along the ids, so a binary search over ids finds it."""
+    low = _ID.unpack(inbox.key())[0]  # the first record at or after it is of boot <= seq
+    if not inbox.last() or _seq_at(inbox) <= seq:
+        return False
+    high = _ID.unpack(inbox.key())[0]  # ... of a later boot
+    while high - low > 1:
+        middle = (low + high) // 2
+        inbox.set_range(_ID.pack(middle))
+        if _seq_at(inbox) > seq:
+            high = middle
+        else:
+            low = middle
+    return inbox.set_range(_ID.pack(high))
 
 
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:

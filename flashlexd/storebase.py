@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Type, TypeVar
@@ -14,11 +15,11 @@ import lmdb
 import msgpack
 from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
-from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
+from flashlexd.clock import Clock, SystemClock, Timeline
 from flashlexd.redelivery import Redeliveries
 from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
-from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DiskFull, StoreBusy, StoreDamaged,
-                                    StoreError, StoreForkError, StoreFull, _expiry_prefix, _stamp_of,
+from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, StoreBusy, StoreDamaged,
+                                    StoreError, StoreForkError, StoreFull, _stamp_of,
                                     _start)
 from flashlexd.wire import FULL_POLICIES
 
@@ -28,7 +29,9 @@ S = TypeVar("S", bound="StoreBase")
 
 SCHEMA_VERSION = 4  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
 #                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys;
-#                   4: named consumers (`consumers`, `cacks`)
+#                   4: no expiry index (inbox order is expiry order), `acked` derived (wear),
+#                      named consumers (`consumers`, `cacks`)
+_SIGNED = struct.Struct(">q")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 
@@ -58,6 +61,7 @@ class StoreBase:
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
         self.clock: Clock = clock or SystemClock()
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
+        self._sweep_from = b""  # the expiry walk's start: past messages stored without expiry
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
             check = storecheck.walk_pages if check_pages else storecheck.check_data_file
@@ -104,10 +108,10 @@ class StoreBase:
             if schema > SCHEMA_VERSION:
                 raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
                                  f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
-            if schema == 1:
-                self._migrate_expiry_index(txn)
             if 0 < schema < 3:
                 self._migrate_dup_marks(txn)
+            if 0 < schema < 4:
+                self._migrate_to_inbox_order(txn)
             if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
             self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
@@ -131,20 +135,33 @@ class StoreBase:
         self._consumer_db = self._env.open_db(b"consumers", txn=txn)
         self._consumer_acks = self._env.open_db(b"cacks", txn=txn)
 
-    def _migrate_expiry_index(self, txn: lmdb.Transaction) -> None:
-        """Schema 1 -> 2: expiry keys gain the boot seq; schema-1 keys are wall-clock times
-        (seq 0). Records keep their layout: a record without stamp fields is a seq-0 record."""
-        cursor = txn.cursor(db=self._expiry)
-        old = [(bytes(key), bytes(value)) for key, value in cursor if len(key) == 16]
-        for key, value in old:
-            txn.delete(key, db=self._expiry)
-        txn.cursor(db=self._expiry).putmulti((_SEQ.pack(LEGACY_SEQ) + key, value) for key, value in old)
-
     def _migrate_dup_marks(self, txn: lmdb.Transaction) -> None:
         """Schema 2 -> 3: the per-mid DUP marks become counted content marks; none is lost."""
         old = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=self._recent)]
         txn.cursor(db=self._redeliveries.unconfirmed).putmulti(Redeliveries.migrated(old))
         txn.drop(self._recent, delete=False)
+
+    def _migrate_to_inbox_order(self, txn: lmdb.Transaction) -> None:
+        """Schema 3 -> 4: the expiry index goes (each record keeps its expiry time and the sweep
+        walks the inbox, whose key order is the expiry order under one TTL), and `acked`
+        becomes a figure derived from the other totals, continuing from its stored value."""
+        txn.drop(self._expiry, delete=False)
+        stored = self._counter(txn, b"acked")
+        txn.delete(b"acked", db=self._meta)
+        self._set_signed(txn, b"acked_offset", stored - self._acked_derived(txn))
+
+    def _acked_derived(self, txn: lmdb.Transaction) -> int:
+        """Every stored message leaves the inbox by exactly one way: acked is what the
+        others do not account for. Derived, so that an ack writes the inbox and nothing else."""
+        gone = sum(self._counter(txn, name) for name in (b"expired", b"dropped_full", b"purged"))
+        return self._counter(txn, b"received") - txn.stat(self._inbox)["entries"] - gone
+
+    def _acked_total(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"acked_offset", db=self._meta)
+        return self._acked_derived(txn) + (_SIGNED.unpack(raw)[0] if raw else 0)
+
+    def _set_signed(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
+        txn.put(name, _SIGNED.pack(value), db=self._meta)
 
     def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
         """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
@@ -316,10 +333,9 @@ class StoreBase:
         dropped = []
         cursor = txn.cursor(db=self._inbox)
         while excess > 0 and cursor.first():
-            key, raw = cursor.key(), cursor.value()
+            key, raw = bytes(cursor.key()), bytes(cursor.value())
             excess -= len(raw) + _RECORD_OVERHEAD
             cursor.delete()
-            self._unindex(txn, key, raw)
             dropped.append((key, raw))
         if excess > 0:
             raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
@@ -329,22 +345,6 @@ class StoreBase:
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
         """Per-consumer drop counts (storeconsumers.py); the outbox-only handle has none."""
-
-    def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
-        """Keep the expiry index exact after inbox record `key` (`raw`) was deleted: if a range
-        started at it, the range now starts at the next stored id, or goes if none is left."""
-        record = unpack_record(raw, 7)
-        expires_at = record[6]
-        if expires_at is None:
-            return
-        entry = _expiry_prefix(_stamp_of(record, 7)[0], expires_at) + key
-        last = txn.pop(entry, db=self._expiry)
-        if last is None:
-            return  # not the first id of its range, which still starts at a stored message
-        last = last or key
-        following = txn.cursor(db=self._inbox)
-        if following.set_range(key) and following.key() <= last:
-            txn.put(entry[:12] + following.key(), last, db=self._expiry)
 
     def _scan(self, db: object, limit: int, after: Optional[int],
               decode: Callable[[bytes, memoryview, Timeline], T],

@@ -33,7 +33,7 @@ def _topic(raw: bytes) -> str:
 
 
 class ConsumerStore:
-    """Mixed into `store.Store`: uses its inbox, `_write`, `_read` and `_unindex`."""
+    """Mixed into `store.Store`: uses its inbox, `_write` and `_read`."""
 
     # -- state --------------------------------------------------------------------------------
 
@@ -61,26 +61,22 @@ class ConsumerStore:
                  others: Iterable[ConsumerState]) -> bool:
         return all(not d.matches(topic) or self._done(txn, d, key) for d in others)
 
-    def _remove_message(self, txn: lmdb.Transaction, key: bytes, raw: bytes,
-                        consumers: Consumers) -> None:
-        """`key` is done for every consumer matching it: it leaves the inbox (the caller counts
-        it in `acked`, once per transaction)."""
+    def _remove_message(self, txn: lmdb.Transaction, key: bytes, consumers: Consumers) -> None:
+        """`key` is done for every consumer matching it: it leaves the inbox (and so counts in
+        the derived `acked` total)."""
         txn.delete(key, db=self._inbox)
-        self._unindex(txn, key, raw)
         record_id = _ID.unpack(key)[0]
         for consumer in consumers.values():
             if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
                 txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
 
     def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, raw: bytes,
-              consumers: Consumers) -> bool:
+              consumers: Consumers) -> None:
         """`consumer` is done with `key` without an ack entry (its floor moves over it): the
-        message leaves if every other matching consumer is done too. True if it left."""
+        message leaves if every other matching consumer is done too."""
         others = [d for d in consumers.values() if d.name != consumer.name]
-        if not self._settled(txn, key, _topic(raw), others):
-            return False
-        self._remove_message(txn, key, raw, consumers)
-        return True
+        if self._settled(txn, key, _topic(raw), others):
+            self._remove_message(txn, key, consumers)
 
     def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
         """Move the floor over every record the consumer is done with (acked ahead, or not its
@@ -223,7 +219,7 @@ class ConsumerStore:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             others = [d for d in consumers.values() if d.name != name]
-            new = removed = 0
+            new = 0
             for key in keys:
                 if self._done(txn, consumer, key):
                     continue
@@ -235,11 +231,9 @@ class ConsumerStore:
                     continue
                 new += 1
                 if self._settled(txn, key, topic, others):
-                    self._remove_message(txn, key, raw, consumers)
-                    removed += 1
+                    self._remove_message(txn, key, consumers)
                 else:
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
-            self._add_counter(txn, b"acked", removed)
             self._advance(txn, consumer)
             consumer.last_seen = now
             self._save(txn, consumer)
@@ -321,8 +315,8 @@ class ConsumerStore:
                     break
                 if consumer.matches(_topic(raw)) and not self._acked(txn, consumer, key):
                     passed.append((bytes(key), bytes(raw)))
-        removed = sum(self._pass(txn, consumer, key, raw, consumers) for key, raw in passed)
-        self._add_counter(txn, b"acked", removed)
+        for key, raw in passed:
+            self._pass(txn, consumer, key, raw, consumers)
         if count_dropped:
             consumer.dropped += len(passed)
         self._forget_acks_through(txn, consumer, target)
@@ -357,12 +351,9 @@ class ConsumerStore:
                     held.append((bytes(key), bytes(raw)))
         self._forget_acks_through(txn, gone, 2 ** 64 - 1)
         txn.delete(gone.name.encode(), db=self._consumer_db)
-        removed = 0
         for key, raw in held:
             if self._settled(txn, key, _topic(raw), rest.values()):
-                self._remove_message(txn, key, raw, rest)
-                removed += 1
-        self._add_counter(txn, b"acked", removed)
+                self._remove_message(txn, key, rest)
 
     def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
         """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted

@@ -19,10 +19,10 @@ import msgpack
 # (BadTxnError: a transaction that met one of these is unusable, and says so on the next call)
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
                  lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
-WRITES = frozenset({"append", "ack", "purge", "expire", "outbox_append", "outbox_remove",
-                    "outbox_drop", "outbox_dead_letter", "dead_retry", "note_session",
-                    "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset",
-                    "consumers_upkeep"})
+WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "outbox_append",
+                    "outbox_append_each", "outbox_remove", "outbox_drop", "outbox_dead_letter",
+                    "dead_retry", "note_session", "consumer_declare", "consumer_register",
+                    "consumer_ack", "consumer_reset", "consumers_upkeep"})
 
 
 class CorruptRecord(ValueError):

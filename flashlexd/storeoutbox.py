@@ -20,24 +20,40 @@ class OutboxStore(StoreBase):
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
         """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
         unlimited. Refused (never dropped) when full: these are the application's data."""
+        return self._outbox_write(entries, max_entries, now, each=False)  # type: ignore[return-value]
+
+    @guarded
+    def outbox_append_each(self, entries: Sequence[Tuple[str, bytes, int, bool]],
+                           max_entries: int = -1, now: Optional[float] = None) -> List[Optional[int]]:
+        """`outbox_append` of several calls of one entry each in ONE transaction (publishes of
+        several apps sharing a commit: ipc/sharedcommit.py): each entry's id, or None for one
+        that found the outbox at `max_entries` (the others are queued)."""
+        return self._outbox_write(entries, max_entries, now, each=True)
+
+    def _outbox_write(self, entries: Sequence[Tuple[str, bytes, int, bool]], max_entries: int,
+                      now: Optional[float], each: bool) -> List[Optional[int]]:
         reading = self._frames.reading(now)
         stamp = (reading.wall, self._frames.current.seq, reading.boottime)
         needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
 
-        def work(txn: lmdb.Transaction) -> List[int]:
+        def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._frames.note(txn, reading)
-            if max_entries >= 0 and txn.stat(self._outbox)["entries"] + len(entries) > max_entries:
+            room = max_entries - txn.stat(self._outbox)["entries"] if max_entries >= 0 else len(entries)
+            if room < len(entries) and not each:
                 raise StoreFull(f"outbox is full ({max_entries} entries, offlinePublishQueueing)")
             self._make_room(txn, needed, "outbox")
             last = self._counter(txn, b"outbox_last_id")
-            ids = []
+            ids: List[Optional[int]] = []
             for topic, payload, qos, retain in entries:
+                if len(ids) >= room:
+                    ids.append(None)
+                    continue
                 last += 1
                 txn.put(_key(last), msgpack.packb([stamp[0], topic, payload, qos, retain, *stamp[1:]],
                                                   use_bin_type=True), db=self._outbox, append=True)
                 ids.append(last)
             self._set_counter(txn, b"outbox_last_id", last)
-            self._add_counter(txn, b"queued", len(ids))
+            self._add_counter(txn, b"queued", sum(1 for i in ids if i is not None))
             return ids
 
         return self._write(work)  # type: ignore[return-value]

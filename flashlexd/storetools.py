@@ -41,7 +41,8 @@ MIN_KEY = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2}
 EXACT_KEY = {"inbox": 8, "outbox": 8, "recent": 2}
 MIN_FIELDS = {"inbox": 7, "outbox": 5}  # msgpack array length of a record
 COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received", b"duplicates",
-                      b"acked", b"expired", b"dropped_full", b"purged", b"queued", b"sent"})
+                      b"acked", b"acked_offset", b"expired", b"dropped_full", b"purged", b"queued",
+                      b"sent"})
 _ID = struct.Struct(">Q")
 ENTRIES = 6  # index of md_entries in an MDB_db
 UNKNOWN = -1  # records lost: the database's own record is unreadable

@@ -28,6 +28,7 @@ from flashlexd.linkmsg import Committed, Heartbeat, MqttReport, OutboxQueued, St
 from flashlexd.loopguard import LoopGuard
 from flashlexd.notify import Notifier, child_environment
 from flashlexd.rates import RateMeter
+from flashlexd.wear import WriteMeter
 from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.store import Store, StoreError
 from flashlexd.workerproc import State, WorkerProcess
@@ -85,6 +86,7 @@ class Supervisor:
         self.announced_ready = False
         self.next_status = 0.0
         self.rates = RateMeter()
+        self.wear = WriteMeter()
         self.store: Optional[Store] = None
         self.consumers = ConsumerKeeper(lambda: self.store, lambda: self.runtime.rules.consumers,
                                         lambda: self.config.store.sweep_seconds)
@@ -300,6 +302,8 @@ class Supervisor:
                 stats = None
             if stats is not None:
                 self.rates.sample(now, stats["received"], stats["sent"])
+                pids = [os.getpid(), *(w.pid for w in self.workers.values() if w.pid is not None)]
+                self.wear.sample(now, pids, stats["received"])
             self.notifier.status(self.status_line(stats))
 
     def status_line(self, stats: Optional[Dict[str, Any]]) -> str:
@@ -328,6 +332,7 @@ class Supervisor:
             "mqtt": {name: {**self.workers[name].counters, **self.workers[name].mqtt}
                      for name in ("ingress", "egress")},
             "rates": self.rates.rates(),
+            "wear": self.wear.figures(),  # put in "store" by the `status` method
             # added to the store's totals by the `status` method
             "counters": {"restarts": sum(w.restarts for w in self.workers.values()),
                          "loop_errors": self.guard.total},

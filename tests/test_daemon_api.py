@@ -46,6 +46,10 @@ def test_a_message_from_the_cloud_reaches_wait_and_ack_removes_it(daemon, broker
         assert {w["name"] for w in status["workers"]} == {"ingress", "egress", "expiry"}
         assert set(status["rates"]) >= {"ingest_per_s", "drain_per_s"}
         assert status["counters"]["received"] == 1 and status["counters"]["acked"] == 1
+        # the store's commits, summed over the daemon's processes (flashlexd/wear.py)
+        store = wait_for(lambda: (lambda s: s if (s["written_bytes"] or 0) > 0 else None)(
+            fx.status()["store"]), 10, "bytes written sampled")
+        assert store["written_per_message"] is None or store["written_per_message"] > 0
 
 
 def test_publish_reaches_an_independent_subscriber(daemon, broker, tmp_path):

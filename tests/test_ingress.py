@@ -3,6 +3,7 @@
 is acknowledged only once it is there, whatever gets killed."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import List
 
@@ -171,3 +172,25 @@ def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(
     wait_for(lambda: store.inbox_count() > len(lines), 20, "the reused-id message stored")
     assert payloads(store).count(b"same") == 2
     proxy.close()
+
+
+def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """flashlex.app.db.ingestCommitMs (issue 20): messages arriving one by one within the window
+    are committed together (one commit, one fsync); WINDOW_FLUSH waiting messages are committed
+    at once, so a broker whose in-flight window is full is never kept waiting for it."""
+    config = write_config(tmp_path / "config", broker, db={"ingestCommitMs": 5000})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    started = time.monotonic()
+    for n in range(3):
+        publish(broker, INGRESS_TOPIC, b"trickle %d" % n)
+    worker.wait(lambda w: w.counters.get("stored") == 3, 15, "the trickle stored")
+    assert worker.counters["batches"] == 1 and time.monotonic() - started >= 4.5
+    lines = write_lines(tmp_path / "burst", 40, width=50)
+    publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "burst")
+    # all but a tail shorter than WINDOW_FLUSH, well before the 5 s window would end
+    wait_for(lambda: store.inbox_count() >= 3 + len(lines) - 7, 4.0, "the burst stored at once")
+    assert publisher.wait(30) == 0
+    wait_for(lambda: store.inbox_count() >= 3 + len(lines), 15, "the burst's tail stored")
+    assert payloads(store) == [b"trickle 0", b"trickle 1", b"trickle 2", *lines]

@@ -261,9 +261,11 @@ def test_acking_every_message_leaves_no_expiry_work_behind(open_store: Callable[
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_expiry_matches_a_model_through_appends_acks_and_sweeps(data: st.DataObject):
-    """Any mix of batches (clock steps included), acks and bounded sweeps removes exactly the
-    messages whose expiry has passed, the earliest expiry first, and counts them right."""
-    times = st.sampled_from([1000.0, 1000.25, 1001.0, 1003.5, 999.0])
+    """Any mix of batches, acks and bounded sweeps removes exactly the messages whose expiry
+    has passed, the earliest expiry first, and counts them right. `now` is this boot's steady
+    time, which never goes back (wall-clock steps: test_clock_store.py)."""
+    steps = st.sampled_from([0.0, 0.25, 1.0, 2.5])
+    clock = [999.0]
     live: Dict[int, int] = {}  # id -> expiry in ms, the model
     with tempfile.TemporaryDirectory() as directory:
         store = Store(Path(directory), CAP, expire_seconds=2.5)
@@ -271,7 +273,8 @@ def test_expiry_matches_a_model_through_appends_acks_and_sweeps(data: st.DataObj
             for _ in range(data.draw(st.integers(1, 12), label="steps")):
                 action = data.draw(st.sampled_from(["append", "ack", "expire"]))
                 if action == "append":
-                    now = data.draw(times, label="now")
+                    clock[0] += data.draw(steps, label="later by")
+                    now = clock[0]
                     count = data.draw(st.integers(0, 4), label="count")
                     for record_id in store.append(batch("m", count), now=now):
                         live[record_id] = int((now + 2.5) * 1000)

@@ -14,6 +14,7 @@ from flashlexd.consumers import RESET_TARGETS, UnknownConsumer
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
+from flashlexd.ipc.sharedcommit import SharedCommits
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem, valid_filter
@@ -113,6 +114,8 @@ class Methods:
         self.egress_connected = egress_connected
         self._rules = rules
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
+        self.acks = SharedCommits(lambda calls: self.store.ack_each(calls))
+        self.publishes = SharedCommits(self._queue_all, full_code=Code.OUTBOX_FULL)
 
     def handle(self, method: str, params: Dict[str, Any], uid: Optional[int] = None) -> Any:
         """`uid`: the caller's (SO_PEERCRED), for consumers limited by allowUids."""
@@ -168,6 +171,7 @@ class Methods:
     def _status(self, p: _Params) -> Dict[str, Any]:
         p.done()
         supervisor = dict(self.status_provider())
+        wear = supervisor.pop("wear", None) or {}
         try:
             figures = self.store.stats()
             consumers = self.store.consumers_report()
@@ -192,7 +196,7 @@ class Methods:
                        # reported by the egress worker with its counters (heartbeat-fresh)
                        "oldest_inflight_age": egress.get("oldest_inflight_age")},
             "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
-                      "when_full": figures["when_full"], "path": str(self.store.path)},
+                      "when_full": figures["when_full"], "path": str(self.store.path), **wear},
             "counters": counters,
             "consumers": consumers,
         })
@@ -204,11 +208,14 @@ class Methods:
         p.done()
         return self._fetch(limit, topic, after, consumer)
 
-    def _ack(self, p: _Params) -> int:
+    def _ack(self, p: _Params) -> Any:
         ids = p.ids("ids")
         consumer = self._consumer(p)
         p.done()
-        return self.store.ack(ids) if consumer is None else self.store.consumer_ack(consumer, ids, time.time())
+        if consumer is not None:
+            return self.store.consumer_ack(consumer, ids, time.time())
+        window = self.rules.write_window
+        return self.acks.join(ids, window) if window > 0 else self.store.ack(ids)
 
     def _wait(self, p: _Params) -> Any:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
@@ -226,7 +233,7 @@ class Methods:
                 raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
 
-    def _publish(self, p: _Params) -> Dict[str, int]:
+    def _publish(self, p: _Params) -> Any:
         payload = p.get("payload")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
@@ -255,9 +262,25 @@ class Methods:
         if cap == 0 and not self.egress_connected():
             raise RpcFailure(Code.EGRESS_OFFLINE, "egress is not connected and offlinePublishQueueing"
                              " is 0: publish refused (nothing was queued)")
-        (outbox_id,) = self.store.outbox_append([(topic, payload, qos, retain)],
-                                                max_entries=cap if cap > 0 else -1)
+        entry = (topic, payload, qos, retain)
+        if rules.write_window > 0:
+            return self.publishes.join(entry, rules.write_window, self._queued)
+        (outbox_id,) = self.store.outbox_append([entry], max_entries=cap if cap > 0 else -1)
         self.on_outbox_added()
+        return {"id": outbox_id}
+
+    def _queue_all(self, entries: List[Tuple[str, bytes, int, bool]]) -> List[Optional[int]]:
+        """The publishes of one shared commit (sharedcommit.py); None: the outbox was full."""
+        cap = self.rules.offline_publish_queueing
+        ids = self.store.outbox_append_each(entries, max_entries=cap if cap > 0 else -1)
+        if any(i is not None for i in ids):
+            self.on_outbox_added()
+        return ids
+
+    def _queued(self, outbox_id: Optional[int]) -> Dict[str, int]:
+        if outbox_id is None:
+            raise RpcFailure(Code.OUTBOX_FULL, f"outbox is full ({self.rules.offline_publish_queueing}"
+                             " entries, offlinePublishQueueing)")
         return {"id": outbox_id}
 
     def _outbox(self, p: _Params) -> Dict[str, Any]:

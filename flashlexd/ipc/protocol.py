@@ -69,10 +69,13 @@ class Pending:
 
     The server calls `poll()` whenever the inbox may have changed (`notify_inbox`): a result
     that is not None completes the request. At `deadline` (time.monotonic) the request is
-    answered with `timeout_result`. Nothing polls the store on a timer."""
+    answered with `timeout_result`, or with what `resolve()` returns when it is set (a write
+    that shares one commit with others: sharedcommit.py; it may raise RpcFailure). Nothing polls
+    the store on a timer."""
     deadline: float
     poll: Callable[[], Optional[Any]]
     timeout_result: Any = None
+    resolve: Optional[Callable[[], Any]] = None
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,11 @@ class RpcServer:
         now = time.monotonic() if now is None else now
         if self._parked:
             for conn in [c for c in self._parked if c.parked.deadline <= now]:  # type: ignore[union-attr]
-                self._complete(conn, conn.parked.timeout_result)  # type: ignore[union-attr]
+                parked: Pending = conn.parked  # type: ignore[assignment]
+                if parked.resolve is None:
+                    self._complete(conn, parked.timeout_result)
+                else:
+                    self._settle(conn, parked.resolve, "shared commit")
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
             self.selector.register(self._listener, selectors.EVENT_READ, self)
@@ -145,17 +149,21 @@ class RpcServer:
     def notify_inbox(self) -> None:
         """New messages were committed: complete every parked wait that now has some."""
         for conn in list(self._parked):
-            try:
-                result = conn.parked.poll()  # type: ignore[union-attr]
-            except RpcFailure as failure:
-                self._complete_error(conn, failure.code, failure.message)
-                continue
-            except Exception as exc:  # a store failure must not take the loop down
-                log.exception("API: wait failed")
-                self._complete_error(conn, Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-                continue
-            if result is not None:
-                self._complete(conn, result)
+            self._settle(conn, conn.parked.poll, "wait")  # type: ignore[union-attr]
+
+    def _settle(self, conn: Connection, produce: Callable[[], Any], what: str) -> None:
+        """Complete parked `conn` with what `produce()` returns (None: not yet), or its error."""
+        try:
+            result = produce()
+        except RpcFailure as failure:
+            self._complete_error(conn, failure.code, failure.message)
+            return
+        except Exception as exc:  # a store failure must not take the loop down
+            log.exception("API: %s failed", what)
+            self._complete_error(conn, Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        if result is not None:
+            self._complete(conn, result)
 
     @property
     def connection_count(self) -> int:

@@ -3,10 +3,16 @@
 paho runs with manual acks. Each PUBLISH joins a pending batch; the batch is committed with ONE
 `Store.append` (one fsync: group commit) at the end of each loop pass, that is as soon as the
 socket has nothing more to read or BATCH_MAX messages (BATCH_BYTES of payload) are waiting, and
-only after the commit returns are the PUBACKs sent, in arrival order (MQTT 3.1.1, 4.6). There
-is no "wait a few ms for more" timer: a broker stops sending once its window of unacknowledged
-messages is full, so waiting would only stall it; messages that arrive during a commit simply
-make the next batch bigger (the batch size adapts to the fsync time).
+only after the commit returns are the PUBACKs sent, in arrival order (MQTT 3.1.1, 4.6).
+
+A commit costs about the same bytes written whether it holds one message or a hundred (LMDB
+copies a few 4 KiB pages per database it touches: docs/WEAR.md), so at a trickle a batch waits
+up to `flashlex.app.db.ingestCommitMs` after its first message for more to share the commit
+(its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when WINDOW_FLUSH
+messages are waiting: a broker stops sending once its window of unacknowledged messages is full
+(RabbitMQ's default prefetch is 10, mosquitto's in-flight limit 20), so waiting longer would only
+stall it. Under load each loop pass reads more than that, so batches are committed as today: as
+soon as the socket has nothing more to read, the batch size adapting to the fsync time.
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
 (DUP set; mosquitto keeps its packet id, RabbitMQ renumbers it) and the store recognises, by
@@ -37,6 +43,7 @@ from flashlexd.workers.base import Worker
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024              # messages per commit, at most
+WINDOW_FLUSH = 8              # messages that end the commit window at once (below brokers' windows)
 BATCH_BYTES = 8 * 1024 * 1024  # payload bytes per commit, at most (payloads go up to 256 KB)
 RETRY_SECONDS = 1.0
 
@@ -65,6 +72,8 @@ class IngressWorker(Worker):
         self.client.on_unsubscribe = self._on_unsubscribe
         self.batch: List[_Pending] = []
         self.batch_bytes = 0
+        self.batch_started = 0.0  # time.monotonic() of the pending batch's first message
+        self.window = self.config.store.ingest_commit_ms / 1000
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
@@ -85,6 +94,9 @@ class IngressWorker(Worker):
     def tick(self, now: float) -> float:
         wait = self.connection.service()
         if self.batch:
+            due = self.batch_started + self.window
+            if len(self.batch) < WINDOW_FLUSH and now < due and self.retry_at is None:
+                return min(wait, due - now)  # the commit window: more may share the commit
             if self.retry_at is None or now >= self.retry_at:
                 self._commit(now)
             if self.retry_at is not None:
@@ -163,6 +175,8 @@ class IngressWorker(Worker):
         else:
             incoming = Incoming(topic, payload, message.qos, bool(message.retain),
                                 message.mid, bool(message.dup), self._dedupe_key(message))
+        if not self.batch:
+            self.batch_started = time.monotonic()
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
         self.batch_bytes += len(payload) if incoming else 0
 
