@@ -20,6 +20,7 @@ from flashlexd.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_SOCKET, FULL_POLICIES
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
+PROTOCOLS = ("auto", "5", "3.1.1")  # flashlex.thing.mqtt.protocol
 REQUIRED = object()  # the default of a key that must be given
 
 # what SIGHUP does with a changed value (the README's "reload" column)
@@ -195,6 +196,15 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_MQTT}.poisonAttempts", "integer", 3,
         "an outbox entry alone in flight when the link drops this many times is moved to the dead"
         " letters (see \"Poison entries\")", LINKS, minimum=1),
+    Key(f"{_MQTT}.protocol", "choice", "auto",
+        "`5`, `3.1.1` or `auto`: MQTT 5, and on a CONNACK \"unsupported protocol version\" MQTT"
+        " 3.1.1 until the next start (logged once). `status` shows what each link negotiated; see"
+        " \"MQTT 5 and 3.1.1\"", LINKS, choices=PROTOCOLS),
+    Key(f"{_MQTT}.sessionExpirySeconds", "integer", 3600,
+        "MQTT 5: how long the broker keeps our sessions (subscriptions, queued messages) after a"
+        " link drops (AWS IoT Core's default, 3600; its maximum is 604800). Clean start only on a"
+        " store's very first connection", LINKS, minimum=0, maximum=4294967295,
+        maximum_why=" (the MQTT limit)"),
     Key(f"{_BACKOFF}.baseReconnectQuietTimeSecond", "seconds", 1.0,
         "reconnect backoff: the first delay, doubling up to `maxReconnectQuietTimeSecond`; plus"
         " jitter, never more than one CONNECT per second", LINKS),

@@ -1,0 +1,96 @@
+"""What MQTT 5 adds, in the daemon's terms: the broker's limits from its CONNACK, reason codes
+by name, and a PUBLISH's properties as plain data (what the store keeps and the API carries).
+
+paho-mqtt 2 speaks the protocol (`Properties`, `ReasonCode`); this only translates. Under MQTT
+3.1.1 a CONNACK has no properties (no limits known) and messages carry none (empty dict).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+V5, V311 = "5", "3.1.1"
+UNSUPPORTED_PROTOCOL = "Unsupported protocol version"  # paho's name for CONNACK 0x84 and 3.1.1's 1
+QUOTA_EXCEEDED = 0x97  # a PUBACK saying "later": retried after a backoff, not dead-lettered
+# message properties kept end to end: our name -> paho's
+PROPERTY_NAMES = {"user_properties": "UserProperty", "content_type": "ContentType",
+                  "payload_format_indicator": "PayloadFormatIndicator",
+                  "response_topic": "ResponseTopic", "correlation_data": "CorrelationData",
+                  "message_expiry_interval": "MessageExpiryInterval"}
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What the broker's CONNACK said about this link (None: not said; MQTT 3.1.1 says none)."""
+    max_packet_size: Optional[int] = None
+    receive_maximum: Optional[int] = None
+    topic_alias_maximum: int = 0  # we send no topic aliases, so any value is honoured
+    server_keepalive: Optional[int] = None  # paho adopts it for its pings; our LinkWatch too
+
+    @classmethod
+    def from_connack(cls, properties: Any) -> "BrokerLimits":
+        if properties is None:
+            return cls()
+        return cls(getattr(properties, "MaximumPacketSize", None),
+                   getattr(properties, "ReceiveMaximum", None),
+                   getattr(properties, "TopicAliasMaximum", 0),
+                   getattr(properties, "ServerKeepAlive", None))
+
+    def counters(self) -> Dict[str, Optional[int]]:
+        """The figures `status()["mqtt"][link]` shows."""
+        return {"broker_max_packet": self.max_packet_size, "broker_receive_maximum": self.receive_maximum,
+                "broker_topic_alias_maximum": self.topic_alias_maximum,
+                "broker_keepalive": self.server_keepalive}
+
+
+def reason_name(reason: Any) -> str:
+    """`Not authorized (0x87)`: a reason code's name with its value, for logs and dead letters."""
+    value = getattr(reason, "value", None)
+    return f"{reason} (0x{value:02X})" if isinstance(value, int) else str(reason)
+
+
+def session_properties(expiry_seconds: int) -> Properties:
+    """A CONNECT's properties: how long the broker keeps the session after a link drops."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = expiry_seconds
+    return properties
+
+
+def properties_of(message: Any) -> Dict[str, Any]:
+    """The kept properties of a received PUBLISH as a dict (our names); {} under 3.1.1."""
+    properties = getattr(message, "properties", None)
+    if properties is None:
+        return {}
+    found: Dict[str, Any] = {}
+    for ours, theirs in PROPERTY_NAMES.items():
+        value = getattr(properties, theirs, None)
+        if value is not None:
+            found[ours] = [list(pair) for pair in value] if ours == "user_properties" else value
+    return found
+
+
+def publish_properties(properties: Optional[Dict[str, Any]], expiry: Optional[int]) -> Optional[Properties]:
+    """paho `Properties` for an outgoing PUBLISH (None when there are none). `expiry` is the
+    Message Expiry Interval left, in whole seconds."""
+    if not properties and expiry is None:
+        return None
+    packet = Properties(PacketTypes.PUBLISH)
+    for ours, value in (properties or {}).items():
+        if ours == "user_properties":
+            packet.UserProperty = [tuple(pair) for pair in value]
+        elif ours != "message_expiry_interval":  # the outbox's own `expiry` says what is left
+            setattr(packet, PROPERTY_NAMES[ours], value)
+    if expiry is not None:
+        packet.MessageExpiryInterval = max(1, int(expiry))
+    return packet
+
+
+def publish_packet_size(topic: str, payload: bytes, properties: Optional[Properties]) -> int:
+    """The bytes of a QoS 1 PUBLISH, as the broker's Maximum Packet Size counts them."""
+    props = len(properties.pack()) if properties is not None else 1
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + props + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
+    return 1 + length_bytes + remaining

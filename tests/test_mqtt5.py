@@ -1,0 +1,155 @@
+"""MQTT 5 and its 3.1.1 fallback against real brokers: what each protocol negotiates, sessions
+(clean start once, the session expiry), the auto fallback against RabbitMQ (3.1.1 only), and
+what MQTT 5's reason codes and CONNACK limits change for the egress (mosquitto 2 speaks both
+protocols on one listener)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from flashlexd.mqtt import Connection
+from tests.broker import EGRESS_TOPIC, HOST, THING, Broker, Subscriber, open_store, wait_for, write_config
+from tests.test_mqtt_connection import Probe
+
+PROTOCOLS = ["5", "3.1.1"]
+LOGGED = {"5": "p5", "3.1.1": "p2"}  # mosquitto's "New client connected ... (p<version>, c<clean>"
+FORBIDDEN = "forbidden/topic"
+ACL = f"user {THING}\ntopic readwrite {EGRESS_TOPIC}\ntopic readwrite ingress/#\n"
+
+
+def session_probe(tmp_path: Path, broker, protocol: str, clean_start: bool, **mqtt) -> Probe:
+    """A Probe whose connection keeps a tracked persistent session, as ingress does."""
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol, **mqtt})
+    probe = Probe(config)
+    probe.connection = Connection(probe.config, f"{THING}-probe",
+                                  lambda up, error: probe.changes.append((up, error)),
+                                  track_session=True, session_seen_at=None if clean_start else time.time(),
+                                  clean_start=clean_start)
+    return probe
+
+
+def connections(probe: Probe) -> int:
+    return sum(1 for up, _ in probe.changes if up)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_clean_start_only_on_the_first_connection_and_the_session_survives(
+        broker: Broker, tmp_path: Path, protocol: str) -> None:
+    p = session_probe(tmp_path, broker, protocol, clean_start=True)
+    p.run_until(lambda: connections(p) == 1, 10, "connected")
+    assert p.connection.protocol == protocol
+    first_clean = "c1" if protocol == "5" else "c0"  # 3.1.1 clean session would end it at DISCONNECT
+    assert f"as {THING}-probe ({LOGGED[protocol]}, {first_clean}, k30" in broker.log_text()
+    p.connection._abort_socket()  # a network drop: the broker keeps the session
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert broker.log_text().count(f"as {THING}-probe ({LOGGED[protocol]}, c0, k30") == 1 + (protocol != "5")
+    assert p.connection.sessions_lost == 0  # session present: true, in both protocols
+    p.connection.close(2)
+
+
+def test_mqtt5_session_expiry_is_what_the_broker_keeps(broker: Broker, tmp_path: Path) -> None:
+    """sessionExpirySeconds 0: the broker ends the session at the drop, and the next CONNACK's
+    session-present flag says so (the warning the ingress logs)."""
+    p = session_probe(tmp_path, broker, "5", clean_start=True, sessionExpirySeconds=0)
+    p.run_until(lambda: connections(p) == 1, 10, "connected")
+    p.connection._abort_socket()
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert p.connection.sessions_lost == 1
+
+
+def test_auto_falls_back_to_3_1_1_on_a_broker_without_mqtt5(rabbitmq, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="flashlexd.mqtt")
+    p = session_probe(tmp_path, rabbitmq, "auto", clean_start=False)
+    started = time.monotonic()
+    p.run_until(lambda: connections(p) == 1, 15, "connected after the fallback")
+    assert time.monotonic() - started < 5
+    assert p.connection.protocol == "3.1.1" and p.changes == [(True, None)]
+    fallbacks = [r for r in caplog.records if "does not speak MQTT 5" in r.getMessage()]
+    assert len(fallbacks) == 1  # RabbitMQ 3.10 closes the link at an MQTT 5 CONNECT, no CONNACK
+    assert "closed the connection at our MQTT 5 CONNECT" in fallbacks[0].getMessage()
+    p.connection._abort_socket()  # a drop: the reconnect speaks 3.1.1 at once, no second try
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert len([r for r in caplog.records if "does not speak MQTT 5" in r.getMessage()]) == 1
+    p.connection.close(2)
+
+
+def test_mqtt5_only_names_the_refusal_of_a_broker_without_it(rabbitmq, tmp_path: Path) -> None:
+    p = session_probe(tmp_path, rabbitmq, "5", clean_start=False)
+    assert "does not speak MQTT 5" in p.first_error(15)
+    assert p.connection.protocol == "5"
+
+
+def test_a_disconnect_from_the_broker_is_named_by_its_reason(certs, tmp_path: Path) -> None:
+    """mosquitto closes an MQTT 5 link over a packet above its max_packet_size with DISCONNECT
+    0x95: the one-line reason names it (3.1.1 would only see the connection close)."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_packet_size 2000"]).start()
+    try:
+        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p.run_until(lambda: connections(p) == 1, 10, "connected")
+        p.connection.client.publish("a/b", b"x" * 3000, 1)  # bypasses the egress's own size check
+        error = p.first_error(10)
+        assert error == (f"the broker {HOST}:{broker.port} disconnected client id '{THING}-probe':"
+                         " Packet too large (0x95)")
+    finally:
+        broker.close()
+
+
+def egress_store_and_worker(broker: Broker, tmp_path: Path, start_worker, protocol: str):
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol})
+    store = open_store(config)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    return store, worker
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_publish_the_acl_forbids(certs, tmp_path: Path, start_worker, protocol: str) -> None:
+    """MQTT 5: a dead letter "Not authorized" within 2 s, and the rest goes on. MQTT 3.1.1:
+    the broker acknowledges it and drops it without a word (counted as sent)."""
+    broker = Broker(certs, tmp_path / "broker", acl=ACL).start()
+    try:
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        store, worker = egress_store_and_worker(broker, tmp_path, start_worker, protocol)
+        queued = time.monotonic()
+        store.outbox_append([(FORBIDDEN, b"secret", 1, False), (EGRESS_TOPIC, b"after", 1, False)])
+        worker.send("outbox")
+        wait_for(lambda: store.outbox_count() == 0, 5, "the outbox empty")
+        wait_for(lambda: subscriber.lines() == [b"after"], 5, "the allowed entry delivered")
+        dead = store.dead_letters()
+        if protocol == "5":
+            assert time.monotonic() - queued < 2
+            assert [(d.topic, d.attempts) for d in dead] == [(FORBIDDEN, 1)]
+            assert dead[0].reason == "refused by the broker: Not authorized (0x87)"
+            worker.wait(lambda w: w.counters.get("refused") == 1, 5, "counted as refused")
+        else:
+            assert dead == []
+            worker.wait(lambda w: w.counters.get("sent") == 2, 5, "both counted as sent")
+        assert worker.counters["protocol"] == protocol
+        assert worker.stop() == 0
+    finally:
+        broker.close()
+
+
+def test_mqtt5_connack_limits_bound_the_egress(certs, tmp_path: Path, start_worker) -> None:
+    """mosquitto's max_packet_size and max_inflight_messages arrive in the CONNACK as Maximum
+    Packet Size and Receive Maximum: a larger entry is dead-lettered, not sent (mosquitto would
+    drop the link over it), and the window is the broker's."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_packet_size 2000"]).start()
+    try:
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        store, worker = egress_store_and_worker(broker, tmp_path, start_worker, "5")
+        worker.wait(lambda w: w.counters.get("broker_max_packet") == 2000, 5, "the limits reported")
+        assert worker.counters["broker_receive_maximum"] == 20
+        store.outbox_append([(EGRESS_TOPIC, b"x" * 3000, 1, False), (EGRESS_TOPIC, b"small", 1, False)])
+        worker.send("outbox")
+        wait_for(lambda: subscriber.lines() == [b"small"], 5, "the small entry delivered")
+        dead = store.dead_letters()
+        assert len(dead) == 1 and dead[0].size == 3000
+        assert dead[0].reason == "larger than the broker's Maximum Packet Size (2000 bytes)"
+        assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # the link never dropped
+        assert worker.stop() == 0
+    finally:
+        broker.close()
