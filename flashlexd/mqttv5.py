@@ -3,14 +3,15 @@ by name, and a PUBLISH's properties as plain data (what the store keeps and the 
 
 paho-mqtt 2 speaks the protocol (`Properties`, `ReasonCode`); this only translates. Under MQTT
 3.1.1 a CONNACK has no properties (no limits known) and messages carry none (empty dict).
+paho is imported only where a paho object is built: the API's checks use this module too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+if TYPE_CHECKING:
+    from paho.mqtt.properties import Properties
 
 V5, V311 = "5", "3.1.1"
 UNSUPPORTED_PROTOCOL = "Unsupported protocol version"  # paho's name for CONNACK 0x84 and 3.1.1's 1
@@ -52,8 +53,10 @@ def reason_name(reason: Any) -> str:
     return f"{reason} (0x{value:02X})" if isinstance(value, int) else str(reason)
 
 
-def session_properties(expiry_seconds: int) -> Properties:
+def session_properties(expiry_seconds: int) -> "Properties":
     """A CONNECT's properties: how long the broker keeps the session after a link drops."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = expiry_seconds
     return properties
@@ -72,11 +75,13 @@ def properties_of(message: Any) -> Dict[str, Any]:
     return found
 
 
-def publish_properties(properties: Optional[Dict[str, Any]], expiry: Optional[int]) -> Optional[Properties]:
+def publish_properties(properties: Optional[Dict[str, Any]], expiry: Optional[int]) -> Optional["Properties"]:
     """paho `Properties` for an outgoing PUBLISH (None when there are none). `expiry` is the
     Message Expiry Interval left, in whole seconds."""
     if not properties and expiry is None:
         return None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
     packet = Properties(PacketTypes.PUBLISH)
     for ours, value in (properties or {}).items():
         if ours == "user_properties":
@@ -88,9 +93,21 @@ def publish_properties(properties: Optional[Dict[str, Any]], expiry: Optional[in
     return packet
 
 
-def publish_packet_size(topic: str, payload: bytes, properties: Optional[Properties]) -> int:
-    """The bytes of a QoS 1 PUBLISH, as the broker's Maximum Packet Size counts them."""
-    props = len(properties.pack()) if properties is not None else 1
-    remaining = 2 + len(topic.encode("utf-8")) + 2 + props + len(payload)
-    length_bytes = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
-    return 1 + length_bytes + remaining
+def publish_packet_size(topic: str, payload: bytes, properties: Optional[Dict[str, Any]],
+                        expiry: Optional[int]) -> int:
+    """The bytes of a QoS 1 MQTT 5 PUBLISH with these properties (`publish_properties`'
+    arguments), as the broker's Maximum Packet Size counts them."""
+    props = 5 if expiry is not None else 0  # id + four-byte integer
+    for name, value in (properties or {}).items():
+        if name == "user_properties":
+            props += sum(5 + len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in value)
+        elif name == "payload_format_indicator":
+            props += 2
+        elif name != "message_expiry_interval":  # strings and binary data: id + length + bytes
+            props += 3 + len(value.encode("utf-8") if isinstance(value, str) else value)
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + _varint_size(props) + props + len(payload)
+    return 1 + _varint_size(remaining) + remaining
+
+
+def _varint_size(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4

@@ -1,6 +1,6 @@
 """The durable LMDB store shared by every flashlexd process.
 
-One environment, eight named databases:
+One environment, nine named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
   expiry  boot seq(4) + expiry_ms(8) + first id(8) -> last id(8): one range per appended batch
           (a batch expires together). Expiry times are in their boot's frame (flashlexd/clock.py:
@@ -19,12 +19,15 @@ One environment, eight named databases:
   recent  schema 2's DUP marks (mid(2) -> digest(8)); empty since schema 3, which moved them
           to `unconfirmed`
   unconfirmed, dedupe: what recognises a broker's redeliveries (flashlexd/redelivery.py)
+  msgexpiry  per-message expiry (MQTT 5 Message Expiry Interval) of the inbox messages that
+          carry one (flashlexd/storemsgexpiry.py)
   meta    name -> value: schema version, id counters, totals; b"frame" + seq(4) -> the BootFrame
           of each boot that stamped a record still stored (clock.py)
 
-Stamps: an inbox record is (wall, topic, payload, qos, retain, mid, expiry, boot seq, boottime),
-an outbox entry (wall, topic, payload, qos, retain, boot seq, boottime); schema-1 records lack
-the last two fields (seq 0: the wall-clock rule). Ages, arrival times and expiry times that the
+Stamps: an inbox record is (wall, topic, payload, qos, retain, mid, expiry, boot seq, boottime,
+[properties]), an outbox entry (wall, topic, payload, qos, retain, boot seq, boottime,
+[properties]); schema-1 records lack the stamp fields (seq 0: the wall-clock rule), records
+without MQTT 5 properties (all before schema 4) lack the last one. Ages, arrival times and expiry times that the
 store hands out go through a `Timeline` (clock.py), so they survive clock steps.
 
 Every process opens its own `Store` after fork: an LMDB environment must never cross a fork
@@ -96,6 +99,8 @@ class Store(OutboxStore):
         steady = reading.boottime + self._frames.current.first
         expires_at = steady + self.expire_seconds if self.expire_seconds else None
         records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
+        due = [(steady + m.properties["message_expiry_interval"], i) for i, m in enumerate(messages)
+               if m.properties and m.properties.get("message_expiry_interval")]
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
@@ -120,6 +125,8 @@ class Store(OutboxStore):
             ids: List[Optional[int]] = [None] * len(messages)
             for i, record_id in zip(chosen, range(first_id, last_id + 1)):
                 ids[i] = record_id
+            if due:
+                self._msg_expiry.index(txn, seq, [(at, _ID.pack(ids[i])) for at, i in due if ids[i]])
             return ids
 
         return self._write(work)  # type: ignore[return-value]
@@ -130,7 +137,9 @@ class Store(OutboxStore):
         and its DUP mark. `stamp` is (wall, boot seq, boottime)."""
         pack = self._packer.pack
         wall, seq, boot = stamp
-        records = [pack((wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot))
+        records = [pack((wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot,
+                         m.properties) if m.properties else
+                        (wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot))
                    for m in messages]
         return records, dup_marks(messages)
 
@@ -146,10 +155,15 @@ class Store(OutboxStore):
 
     @guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,
-                 after: Optional[int] = None) -> List[Message]:
-        """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id."""
-        keep = None if topic is None else (lambda message: topic_matches(topic, message.topic))
-        return self._scan(self._inbox, limit, after, _decode_message, keep)
+                 after: Optional[int] = None,
+                 user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
+        """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id;
+        `user_property` (name, value): only messages carrying that MQTT 5 user property."""
+        def keep(message: Message) -> bool:
+            return ((topic is None or topic_matches(topic, message.topic)) and
+                    (user_property is None or list(user_property) in message.properties.get("user_properties", ())))
+        return self._scan(self._inbox, limit, after, _decode_message,
+                          None if topic is None and user_property is None else keep)
 
     @guarded
     def ack(self, ids: Iterable[int]) -> int:
@@ -199,7 +213,8 @@ class Store(OutboxStore):
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
         """Remove up to `batch` messages that are due (bounded txn): a message of this boot
         once its real age reached expireSeconds, one of an earlier boot by the wall clock
-        (clock.py). `now` (tests) is a wall-clock time in this boot's first frame."""
+        (clock.py), and messages whose own expiry (MQTT 5) passed. `now` (tests) is a wall-clock
+        time in this boot's first frame."""
         reading = self._frames.reading(now)
 
         def work(txn: lmdb.Transaction) -> int:
@@ -227,10 +242,26 @@ class Store(OutboxStore):
                 rest = inbox.key()
                 if rest and rest <= last:  # out of budget inside this range: keep what is left
                     txn.put(entry[:12] + rest, last, db=self._expiry)
+            if removed < batch:
+                removed += self._msg_expiry.sweep(txn, lambda s: cutoffs.get(s) or cutoffs.setdefault(
+                    s, _ID.pack(_ms(timeline.cutoff(s)) + 1)), lambda key: self._remove(txn, key), batch - removed)
             self._add_counter(txn, b"expired", removed)
             return removed
 
         return self._write(work)  # type: ignore[return-value]
+
+    def _remove(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        """Delete inbox message `key` if it is still stored, keeping the expiry index exact."""
+        raw = txn.pop(key, db=self._inbox)
+        if raw is not None:
+            self._unindex(txn, key, raw)
+        return raw is not None
+
+    @guarded
+    def has_message_expiry(self) -> bool:
+        """Whether some stored message carries its own expiry (the expiry worker sweeps then)."""
+        with self._read() as txn:
+            return self._msg_expiry.pending(txn) > 0
 
     # -- figures ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.redelivery import Redeliveries
+from flashlexd.storemsgexpiry import DB_NAME as MSG_EXPIRY_DB, MessageExpiry
 from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DiskFull, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _expiry_prefix, _stamp_of,
@@ -26,8 +27,9 @@ log = logging.getLogger("flashlexd.store")
 T = TypeVar("T")
 S = TypeVar("S", bound="StoreBase")
 
-SCHEMA_VERSION = 3  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
-#                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys
+SCHEMA_VERSION = 4  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
+#                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys;
+#                   4: MQTT 5 properties at the end of records, the `msgexpiry` index
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 
@@ -67,7 +69,7 @@ class StoreBase:
         try:
             paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
-                                  max_dbs=8, sync=True, metasync=True, readahead=False,
+                                  max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
         except (OSError, lmdb.Error, paths.UnsafePath) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
@@ -97,6 +99,7 @@ class StoreBase:
             self._redeliveries = Redeliveries(self._env.open_db(b"unconfirmed", txn=txn),
                                               self._env.open_db(b"dedupe", txn=txn))
             self._meta = self._env.open_db(b"meta", txn=txn)
+            self._msg_expiry = MessageExpiry(self._env.open_db(MSG_EXPIRY_DB, txn=txn))
             self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
             if schema > SCHEMA_VERSION:
@@ -106,6 +109,8 @@ class StoreBase:
                 self._migrate_expiry_index(txn)
             if 0 < schema < 3:
                 self._migrate_dup_marks(txn)
+            if 0 < schema < 4:
+                self._migrate_properties()
             if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
             self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
@@ -137,6 +142,11 @@ class StoreBase:
         old = [(bytes(key), bytes(value)) for key, value in txn.cursor(db=self._recent)]
         txn.cursor(db=self._redeliveries.unconfirmed).putmulti(Redeliveries.migrated(old))
         txn.drop(self._recent, delete=False)
+
+    def _migrate_properties(self) -> None:
+        """Schema 3 -> 4: inbox records and outbox entries gain an optional properties field at
+        their end (absent: none), so no record is rewritten; `msgexpiry` starts empty."""
+        log.info("store in %s: schema 4 (MQTT 5 properties); existing records kept as they are", self.path)
 
     def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
         """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""
@@ -290,7 +300,7 @@ class StoreBase:
     def _used_bytes(self, txn: lmdb.Transaction) -> int:
         pages = 0
         for db in (self._inbox, self._expiry, self._outbox, self._dead, self._recent, self._meta,
-                   self._redeliveries.unconfirmed, self._redeliveries.dedupe):
+                   self._redeliveries.unconfirmed, self._redeliveries.dedupe, self._msg_expiry.db):
             stat = txn.stat(db)
             pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
         return pages * self._page_size

@@ -2,7 +2,7 @@
 (entries the broker kept refusing, kept aside until retried or dropped)."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
@@ -16,13 +16,14 @@ class OutboxStore(StoreBase):
     # -- outbox -------------------------------------------------------------------------------
 
     @guarded
-    def outbox_append(self, entries: Sequence[Tuple[str, bytes, int, bool]],
+    def outbox_append(self, entries: Sequence[Tuple[Any, ...]],
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
-        """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
-        unlimited. Refused (never dropped) when full: these are the application's data."""
+        """Queue (topic, payload, qos, retain[, properties]) entries for the cloud; `max_entries`
+        < 0 is unlimited. Refused (never dropped) when full: these are the application's data.
+        `properties` (MQTT 5, OutboxEntry's names) go at the record's end, only when given."""
         reading = self._frames.reading(now)
         stamp = (reading.wall, self._frames.current.seq, reading.boottime)
-        needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
+        needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, *_ in entries)
 
         def work(txn: lmdb.Transaction) -> List[int]:
             self._frames.note(txn, reading)
@@ -31,10 +32,10 @@ class OutboxStore(StoreBase):
             self._make_room(txn, needed, "outbox")
             last = self._counter(txn, b"outbox_last_id")
             ids = []
-            for topic, payload, qos, retain in entries:
+            for topic, payload, qos, retain, *properties in entries:
                 last += 1
-                txn.put(_key(last), msgpack.packb([stamp[0], topic, payload, qos, retain, *stamp[1:]],
-                                                  use_bin_type=True), db=self._outbox, append=True)
+                record = [stamp[0], topic, payload, qos, retain, *stamp[1:], *filter(None, properties)]
+                txn.put(_key(last), msgpack.packb(record, use_bin_type=True), db=self._outbox, append=True)
                 ids.append(last)
             self._set_counter(txn, b"outbox_last_id", last)
             self._add_counter(txn, b"queued", len(ids))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import lmdb
 from flashlexd.clock import LEGACY_SEQ, Timeline
@@ -21,6 +21,8 @@ _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
 DupMark = bytes  # digest of topic + payload (redelivery.py)
 _DEAD_FIELDS = 3  # a dead letter's own fields, before the outbox record it keeps whole
+_INBOX_PROPERTIES = 9   # schema 4: an inbox record's properties, after the stamp; absent: none
+_OUTBOX_PROPERTIES = 7  # schema 4: an outbox entry's properties, after the stamp; absent: none
 
 
 class StoreError(Exception):
@@ -59,6 +61,7 @@ class Incoming:
     mid: int = 0
     dup: bool = False
     key: Optional[bytes] = None  # the application's dedupe key (dedupe.py), when configured
+    properties: Optional[Dict[str, Any]] = None  # MQTT 5 (mqttv5.properties_of), kept as given
 
 
 DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set
@@ -107,7 +110,7 @@ def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
                    payload=payload, qos=qos, retain=retain, mid=mid,
                    expires_at=None if expires_at is None
                    else timeline.expiry_wall(expires_at, wall, seq, boot),
-                   age=timeline.age(wall, seq, boot))
+                   age=timeline.age(wall, seq, boot), properties=_properties(record, _INBOX_PROPERTIES))
 
 
 def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
@@ -116,7 +119,18 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
     wall, topic, payload, qos, retain = record[:5]
     seq, boot = _stamp_of(record, 5)
     return OutboxEntry(id=_ID.unpack(key)[0], created=timeline.arrival(wall, seq, boot), topic=topic,
-                       payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot))
+                       payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot),
+                       properties=_properties(record, _OUTBOX_PROPERTIES))
+
+
+def _properties(record: list, at: int) -> Dict[str, Any]:
+    """The properties field of a schema-4 record; {} for older records and those without."""
+    found = record[at] if len(record) > at else None
+    if found is None:
+        return {}
+    if not isinstance(found, dict):
+        raise CorruptRecord("a record's properties are not a map")
+    return found
 
 
 def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:

@@ -22,7 +22,9 @@ MQTT 5 says why: a PUBACK with a failure reason (0x87 Not authorized, 0x99 Paylo
 invalid...) dead-letters its entry at once under that reason's name, except 0x97 Quota
 exceeded, which passes: the entry goes out again after QUOTA_RETRY_SECONDS. An entry larger
 than the broker's Maximum Packet Size (its CONNACK) is dead-lettered instead of sent, and the
-in-flight window is also bounded by the broker's Receive Maximum.
+in-flight window is also bounded by the broker's Receive Maximum. An entry published with
+properties carries them (MQTT 5; 3.1.1 has none to send); one with a message expiry that passed
+before it was sent is dropped instead, counted in `expired`, one INFO line per drain pass.
 
 Waking: the supervisor sends `OutboxQueued` when something was queued; every
 OUTBOX_RECHECK seconds the worker also looks by itself. (`drainingFrequency` is the FlashLex
@@ -39,7 +41,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import QUOTA_EXCEEDED, publish_packet_size, reason_name
+from flashlexd.mqttv5 import QUOTA_EXCEEDED, publish_packet_size, publish_properties, reason_name
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
@@ -87,7 +89,8 @@ class EgressWorker(Worker):
                              connected=False, invalid=0, rate_limit=mqtt.publish_rate,
                              bytes_limit=mqtt.publish_bytes_rate, send_rate=0.0, eta_s=None,
                              throttled=0, dead_lettered=0, oldest_inflight_age=None,
-                             sessions_lost=0, one_at_a_time=False, protocol=None, refused=0)
+                             sessions_lost=0, one_at_a_time=False, protocol=None, refused=0,
+                             expired=0)
         log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
                                                   mqtt.rate_source, mqtt.max_inflight))
 
@@ -232,8 +235,13 @@ class EgressWorker(Worker):
         if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
             self._forget_unacked_below(entries[0].id if entries else math.inf)
         done = set(self.done)
+        expired: List[OutboxEntry] = []
         for entry in entries:
             if entry.id in done:  # acknowledged, its delete still to come
+                self.cursor = entry.id
+                continue
+            if _expiry_left(entry) == 0:
+                expired.append(entry)
                 self.cursor = entry.id
                 continue
             size = len(entry.payload) + len(entry.topic.encode("utf-8"))
@@ -243,19 +251,36 @@ class EgressWorker(Worker):
                 return wait
             if not self._publish(entry, size):
                 self.more = True
+                self._drop_expired(expired)
                 return math.inf  # not sent: retried after the reconnect
             self.cursor = entry.id
+        self._drop_expired(expired)
         more_room = self.more and len(self.inflight) < self.poison.window(self.window)
         return 0.0 if more_room else math.inf  # QoS 0 entries free their slots at once
 
+    def _drop_expired(self, expired: List[OutboxEntry]) -> None:
+        """Entries whose message expiry passed before they could be sent: dropped, counted."""
+        if not expired:
+            return
+        try:
+            dropped = self.store.outbox_drop([e.id for e in expired])
+        except StoreError as exc:
+            log.error("cannot drop %d expired outbox entries (tried again next pass): %s", len(expired), exc)
+            return
+        self.counters["expired"] += dropped
+        log.info("dropped %d outbox entries whose message expiry passed before they were sent"
+                 " (oldest: entry %d, topic %s)", dropped, expired[0].id, expired[0].topic)
+
     def _publish(self, entry: OutboxEntry, size: int) -> bool:
         limit = self.connection.limits.max_packet_size
-        if limit and publish_packet_size(entry.topic, entry.payload, None) > limit:
+        expiry = _expiry_left(entry)
+        if limit and publish_packet_size(entry.topic, entry.payload, entry.properties, expiry) > limit:
             self._dead_letter(_InFlight(entry.id, entry.topic, size), "larger than the broker's Maximum"
                               f" Packet Size ({limit} bytes)", 0)
             return True
         try:
-            info = self.connection.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+            info = self.connection.publish(entry.topic, entry.payload, entry.qos, entry.retain,
+                                           publish_properties(entry.properties, expiry))
         except ValueError as exc:  # e.g. a wildcard topic: it could never go out
             self.counters["invalid"] += 1
             self._dead_letter(_InFlight(entry.id, entry.topic, size), f"not publishable: {exc}", 0)
@@ -311,3 +336,11 @@ class EgressWorker(Worker):
             drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
             oldest_inflight_age=None if oldest is None else round(now - oldest, 3),
             one_at_a_time=self.poison.single)
+
+
+def _expiry_left(entry: OutboxEntry) -> Optional[int]:
+    """Whole seconds left of the entry's message expiry (0: passed), None when it has none."""
+    interval = entry.properties.get("message_expiry_interval")
+    if interval is None:
+        return None
+    return max(0, math.ceil(interval - (entry.age or 0.0)))

@@ -30,7 +30,7 @@ import time
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import reason_name
+from flashlexd.mqttv5 import properties_of, reason_name
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
@@ -168,7 +168,8 @@ class IngressWorker(Worker):
                         topic, self.config.store.max_payload_bytes)
         else:
             incoming = Incoming(topic, payload, message.qos, bool(message.retain),
-                                message.mid, bool(message.dup), self._dedupe_key(message))
+                                message.mid, bool(message.dup), self._dedupe_key(message),
+                                properties_of(message) or None)
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
         self.batch_bytes += len(payload) if incoming else 0
 
