@@ -5,13 +5,14 @@ protocols on one listener)."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from flashlexd.mqtt import Connection
-from tests.broker import EGRESS_TOPIC, HOST, THING, Broker, Subscriber, open_store, wait_for, write_config
+from tests.broker import EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber, open_store, wait_for, write_config
 from tests.test_mqtt_connection import Probe
 
 PROTOCOLS = ["5", "3.1.1"]
@@ -153,3 +154,59 @@ def test_mqtt5_connack_limits_bound_the_egress(certs, tmp_path: Path, start_work
         assert worker.stop() == 0
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_inbound_properties_are_stored_with_the_message(broker: Broker, tmp_path: Path, start_worker,
+                                                        protocol: str) -> None:
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "mqttv5", "-q", "1", "-t", INGRESS_TOPIC,
+                    "-m", "{}", "-D", "publish", "user-property", "tenant", "a",
+                    "-D", "publish", "user-property", "tenant", "b",
+                    "-D", "publish", "content-type", "application/json",
+                    "-D", "publish", "payload-format-indicator", "1",
+                    "-D", "publish", "response-topic", "reply/here",
+                    "-D", "publish", "correlation-data", "c-42",
+                    "-D", "publish", "message-expiry-interval", "3600"], check=True, timeout=10)
+    (message,) = wait_for(store.messages, 10, "the message stored")
+    if protocol == "3.1.1":
+        assert message.properties == {}
+        return
+    expiry = message.properties.pop("message_expiry_interval")
+    assert 3590 <= expiry <= 3600  # what is left when the broker sends it on
+    assert message.properties == {"user_properties": [["tenant", "a"], ["tenant", "b"]],
+                                  "content_type": "application/json", "payload_format_indicator": 1,
+                                  "response_topic": "reply/here", "correlation_data": b"c-42"}
+    assert store.has_message_expiry()
+    assert worker.stop() == 0
+
+
+def test_outbound_properties_reach_an_mqtt5_subscriber_and_an_expired_entry_is_dropped(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    out = tmp_path / "received"
+    with open(out, "wb") as sink:
+        peer = subprocess.Popen(["mosquitto_sub", *broker.client_args(), "-V", "mqttv5", "-i", "v5-sub",
+                                 "-q", "1", "-t", EGRESS_TOPIC, "-F", "%p|%P|%C|%R|%D|%E"],
+                                stdout=sink, stderr=subprocess.DEVNULL)
+    broker.peers.append(peer)
+    wait_for(lambda: broker.subscriptions("v5-sub", EGRESS_TOPIC), 10, "the v5 subscriber")
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": "5"})
+    store = open_store(config)
+    props = {"user_properties": [["k", "v"]], "content_type": "text/plain", "response_topic": "r/t",
+             "correlation_data": b"id-1", "message_expiry_interval": 300}
+    store.outbox_append([(EGRESS_TOPIC, b"stale", 1, False, {"message_expiry_interval": 1})],
+                        now=time.time() - 5)  # queued 5 s ago with 1 s to live
+    store.outbox_append([(EGRESS_TOPIC, b"fresh", 1, False, props)])
+    worker = start_worker("egress", config)
+    wait_for(lambda: out.read_bytes().count(b"\n") >= 1, 10, "the fresh entry at the subscriber")
+    line = out.read_bytes().splitlines()[0].decode()
+    payload, user, content, response, correlation, expiry = line.split("|")
+    assert (payload, user, content, response, correlation) == ("fresh", "k:v", "text/plain", "r/t", "id-1")
+    assert 298 <= int(expiry) <= 300
+    worker.wait(lambda w: w.counters.get("expired") == 1 and w.counters.get("outbox_backlog") == 0, 10,
+                "the stale entry dropped and counted")
+    assert b"stale" not in out.read_bytes() and store.dead_letters() == []
+    assert worker.stop() == 0
