@@ -87,8 +87,8 @@ TABLE: Tuple[Key, ...] = (
         " `json:items.0`); a message whose key was stored in the last `windowSeconds` is"
         " acknowledged, counted in `duplicates` and not stored. A payload that is not JSON or lacks"
         " the path is stored normally (counted in ingress's `dedupe_keyless`). `mqtt5:<user-property>`"
-        " is accepted but takes effect only once the daemon speaks MQTT 5 (3.1.1 messages carry no"
-        " user properties: every message is stored normally). See \"Delivery guarantees\"",
+        " reads it from an MQTT 5 user property (under MQTT 3.1.1 messages carry none: every message"
+        " is stored normally). See \"Delivery guarantees\"",
         WORKERS, shown="off"),
     Key(f"{_DB}.dedupe.windowSeconds", "seconds", DEDUPE_WINDOW_SECONDS,
         "how long a dedupe key is remembered", WORKERS),
@@ -197,8 +197,8 @@ TABLE: Tuple[Key, ...] = (
         "an outbox entry alone in flight when the link drops this many times is moved to the dead"
         " letters (see \"Poison entries\")", LINKS, minimum=1),
     Key(f"{_MQTT}.protocol", "choice", "auto",
-        "`5`, `3.1.1` or `auto`: MQTT 5, and on a CONNACK \"unsupported protocol version\" MQTT"
-        " 3.1.1 until the next start (logged once). `status` shows what each link negotiated; see"
+        "`5`, `3.1.1` or `auto`: MQTT 5, and on a CONNACK \"unsupported protocol version\" (or a"
+        " close at the MQTT 5 CONNECT that 3.1.1 passes) MQTT 3.1.1 until the next start (logged once). `status` shows what each link negotiated; see"
         " \"MQTT 5 and 3.1.1\"", LINKS, choices=PROTOCOLS),
     Key(f"{_MQTT}.sessionExpirySeconds", "integer", 3600,
         "MQTT 5: how long the broker keeps our sessions (subscriptions, queued messages) after a"
