@@ -79,7 +79,7 @@ SECTIONS = [
         " number below is the median of those runs, cell by cell.",
         repeat=RPC_REPEATS),
     Section(
-        "ingest", "MQTT ingest: ingress worker vs a bare paho subscriber",
+        "ingest", "MQTT ingest: ingress worker vs a bare paho subscriber (MQTT 5)",
         ["bench/bench_ingest.py", "--messages", "30000", "--runs", "5"], ["--messages", "3000", "--runs", "1"],
         "The real ingress worker (durable group commits, PUBACK only after the commit) receiving QoS 1"
         " messages over mutual TLS from mosquitto on loopback, against a bare paho subscriber (paho's"
@@ -88,7 +88,7 @@ SECTIONS = [
         "The baseline uses paho's own loop (`loop_forever`); the worker drives paho's socket from its"
         " own select loop and batches its store work, which is why it can beat the baseline."),
     Section(
-        "drain", "MQTT drain: egress worker vs a bare paho publisher",
+        "drain", "MQTT drain: egress worker vs a bare paho publisher (MQTT 5)",
         ["bench/bench_drain.py", "--runs", "5"], ["--entries", "3000", "--runs", "1"],
         "The real egress worker draining a 50,000-entry outbox to mosquitto over mutual TLS (oldest"
         " first, 100 in flight, an entry deleted only after its PUBACK), against a bare paho QoS 1"
@@ -96,6 +96,19 @@ SECTIONS = [
         " publisher. Target: worker >= 0.8x bare.",
         "As for ingest, the baseline uses paho's own loop and queue; the worker batches its deletes"
         " (one transaction per loop pass)."),
+    Section(
+        "ingest311", "MQTT ingest under MQTT 3.1.1 (`protocol: 3.1.1`)",
+        ["bench/bench_ingest.py", "--messages", "30000", "--runs", "5", "--protocol", "3.1.1"],
+        ["--messages", "3000", "--runs", "1", "--protocol", "3.1.1"],
+        "As \"MQTT ingest\" (which runs MQTT 5, the default), with both sides on MQTT 3.1.1, the"
+        " protocol `auto` falls back to. Baseline: the bare paho subscriber on 3.1.1. Target: worker"
+        " >= 0.9x bare."),
+    Section(
+        "drain311", "MQTT drain under MQTT 3.1.1 (`protocol: 3.1.1`)",
+        ["bench/bench_drain.py", "--runs", "5", "--protocol", "3.1.1"],
+        ["--entries", "3000", "--runs", "1", "--protocol", "3.1.1"],
+        "As \"MQTT drain\" (which runs MQTT 5, the default), with both sides on MQTT 3.1.1."
+        " Baseline: the bare paho publisher on 3.1.1. Target: worker >= 0.8x bare."),
     Section(
         "quota", "MQTT drain under AWS IoT Core's publish quota, with poison entries, and a frozen broker noticed",
         ["bench/bench_egress_quota.py", "--entries", "3000", "--runs", "3"], ["--entries", "300", "--runs", "1"],
@@ -284,11 +297,12 @@ def summarize(section: Section) -> None:
         if m:
             add((f"fetch+ack: {m.group(1)} messages/s", ">= 50,000/s",
                  verdict(float(m.group(1).replace(",", "")) >= 50_000)))
-    elif section.name in ("ingest", "drain"):
+    elif section.name in ("ingest", "drain", "ingest311", "drain311"):
         m = find(r"ratio \(median of per-run ratios\): \*\*([\d.]+)x\*\*.*\(target >= ([\d.]+)x\)", out)
         rates = re.findall(r"^\| (.+?) \| ([\d,]+) \|", out, re.M)
         if m:
-            what = "ingress worker" if section.name == "ingest" else "egress worker"
+            what = "ingress worker" if section.name.startswith("ingest") else "egress worker"
+            what += " (MQTT 3.1.1)" if section.name.endswith("311") else " (MQTT 5)"
             rate = f" ({rates[0][1]} msg/s)" if rates else ""
             value, target = float(m.group(1)), float(m.group(2))
             add((f"{what}{rate}: {m.group(1)}x bare paho", f">= {m.group(2)}x",

@@ -31,7 +31,7 @@ from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
                                   uses_alpn)
-from flashlexd.mqttv5 import UNSUPPORTED_PROTOCOL, V5, V311, BrokerLimits, reason_name
+from flashlexd.mqttv5 import UNSUPPORTED_PROTOCOL, V5, V311, BrokerLimits, first_protocol, reason_name
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Connection:
         self.clock = clock
         self.fresh_client = fresh_client
         mqtt = config.thing.mqtt
-        self.protocol = V311 if mqtt.protocol == V311 else V5  # what the next CONNECT speaks
+        self.protocol = first_protocol(mqtt.protocol)  # what the next CONNECT speaks
         self.auto = mqtt.protocol == "auto"
         self.clean_start = clean_start
         self.on_build = on_build

@@ -23,6 +23,11 @@ PROPERTY_NAMES = {"user_properties": "UserProperty", "content_type": "ContentTyp
                   "message_expiry_interval": "MessageExpiryInterval"}
 
 
+def first_protocol(setting: str) -> str:
+    """The protocol a first CONNECT speaks for `thing.mqtt.protocol` (`auto` starts with 5)."""
+    return V311 if setting == V311 else V5
+
+
 @dataclass(frozen=True)
 class BrokerLimits:
     """What the broker's CONNACK said about this link (None: not said; MQTT 3.1.1 says none)."""
