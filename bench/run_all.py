@@ -96,19 +96,15 @@ SECTIONS = [
         " publisher. Target: worker >= 0.8x bare.",
         "As for ingest, the baseline uses paho's own loop and queue; the worker batches its deletes"
         " (one transaction per loop pass)."),
-    Section(
-        "ingest311", "MQTT ingest under MQTT 3.1.1 (`protocol: 3.1.1`)",
-        ["bench/bench_ingest.py", "--messages", "30000", "--runs", "5", "--protocol", "3.1.1"],
-        ["--messages", "3000", "--runs", "1", "--protocol", "3.1.1"],
-        "As \"MQTT ingest\" (which runs MQTT 5, the default), with both sides on MQTT 3.1.1, the"
-        " protocol `auto` falls back to. Baseline: the bare paho subscriber on 3.1.1. Target: worker"
-        " >= 0.9x bare."),
-    Section(
-        "drain311", "MQTT drain under MQTT 3.1.1 (`protocol: 3.1.1`)",
-        ["bench/bench_drain.py", "--runs", "5", "--protocol", "3.1.1"],
-        ["--entries", "3000", "--runs", "1", "--protocol", "3.1.1"],
-        "As \"MQTT drain\" (which runs MQTT 5, the default), with both sides on MQTT 3.1.1."
-        " Baseline: the bare paho publisher on 3.1.1. Target: worker >= 0.8x bare."),
+    *(Section(f"{name}311", f"MQTT {name} under MQTT 3.1.1 (`protocol: 3.1.1`)",
+              [f"bench/bench_{name}.py", *size, "--runs", "5", "--protocol", "3.1.1"],
+              [*quick, "--runs", "1", "--protocol", "3.1.1"],
+              f"As \"MQTT {name}\" (which runs MQTT 5, the default), with both sides on MQTT 3.1.1, the"
+              f" protocol `auto` falls back to. Baseline: the bare paho {side} on 3.1.1. Target: worker"
+              f" >= {target}x bare.")
+      for name, size, quick, side, target in (
+          ("ingest", ["--messages", "30000"], ["--messages", "3000"], "subscriber", 0.9),
+          ("drain", [], ["--entries", "3000"], "publisher", 0.8))),
     Section(
         "quota", "MQTT drain under AWS IoT Core's publish quota, with poison entries, and a frozen broker noticed",
         ["bench/bench_egress_quota.py", "--entries", "3000", "--runs", "3"], ["--entries", "300", "--runs", "1"],
