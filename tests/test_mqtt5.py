@@ -13,6 +13,7 @@ import pytest
 
 from flashlexd.mqtt import Connection
 from tests.broker import EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber, open_store, wait_for, write_config
+from tests.quota_proxy import QuotaProxy
 from tests.test_mqtt_connection import Probe
 
 PROTOCOLS = ["5", "3.1.1"]
@@ -210,3 +211,27 @@ def test_outbound_properties_reach_an_mqtt5_subscriber_and_an_expired_entry_is_d
                 "the stale entry dropped and counted")
     assert b"stale" not in out.read_bytes() and store.dead_letters() == []
     assert worker.stop() == 0
+
+
+def test_a_quota_exceeded_puback_is_sent_again_after_a_pause_not_dead_lettered(
+        certs, tmp_path: Path, start_worker) -> None:
+    broker = Broker(certs, tmp_path / "broker", plain=True).start()
+    proxy = QuotaProxy(broker, rate=10, answer=True)
+    try:
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"protocol": "5"})
+        store = open_store(config)
+        sent = [f"{i:03d}".encode() for i in range(30)]
+        store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in sent])
+        worker = start_worker("egress", config)
+        wait_for(lambda: store.outbox_count() == 0, 20, "the outbox empty")
+        wait_for(lambda: set(subscriber.lines()) == set(sent), 10, "every entry at the subscriber")
+        assert proxy.over_quota > 0 and store.dead_letters() == []
+        worker.wait(lambda w: w.counters.get("refused") == proxy.over_quota, 5, "refusals counted")
+        assert "Quota exceeded (0x97); sending again in 1s" in worker.log_text()
+        assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # no reconnect needed
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+        broker.close()
+
