@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from flashlexd.client import connect
 from flashlexd.mqtt import Connection
-from tests.broker import EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber, open_store, wait_for, write_config
+from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
+                          open_store, wait_for, write_config)
 from tests.quota_proxy import QuotaProxy
 from tests.test_mqtt_connection import Probe
+from tests.test_outbox_daemon import running  # noqa: F401 (fixture)
 
 PROTOCOLS = ["5", "3.1.1"]
 LOGGED = {"5": "p5", "3.1.1": "p2"}  # mosquitto's "New client connected ... (p<version>, c<clean>"
@@ -235,3 +238,14 @@ def test_a_quota_exceeded_puback_is_sent_again_after_a_pause_not_dead_lettered(
         proxy.close()
         broker.close()
 
+
+
+def test_status_shows_what_each_link_negotiated(running) -> None:
+    daemon = running.start()
+    with connect(str(daemon.socket_path)) as fx:
+        def negotiated():
+            links = fx.status()["mqtt"]
+            return links if all(links[name].get("protocol") for name in ("ingress", "egress")) else None
+        links = wait_for(negotiated, 20, "both links connected and reporting their protocol")
+    assert links["ingress"]["protocol"] == links["egress"]["protocol"] == "5"
+    assert links["egress"]["broker_receive_maximum"] == BROKER_INFLIGHT
