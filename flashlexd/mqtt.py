@@ -31,7 +31,7 @@ from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
                                   uses_alpn)
-from flashlexd.mqttv5 import UNSUPPORTED_PROTOCOL, V5, V311, BrokerLimits, first_protocol, reason_name
+from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,11 @@ class Connection:
         self.clock = clock
         self.fresh_client = fresh_client
         mqtt = config.thing.mqtt
-        self.protocol = first_protocol(mqtt.protocol)  # what the next CONNECT speaks
-        self.auto = mqtt.protocol == "auto"
+        self.choice = ProtocolChoice(mqtt.protocol)
         self.clean_start = clean_start
         self.on_build = on_build
         self.limits = BrokerLimits()  # from the last CONNACK
         self._rebuild = False  # the next attempt needs a new client (protocol, clean start)
-        self._spoke_v5 = False  # the broker accepted MQTT 5 once: no fallback from then on
-        self._probing = False   # trying 3.1.1 after an MQTT 5 CONNECT was met with a close
         self.timeout = mqtt.connect_timeout
         self.keepalive = mqtt.keepalive
         self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
@@ -109,6 +106,11 @@ class Connection:
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
         self._connack_due: Optional[float] = None
         self._errors = LastError()
+
+    @property
+    def protocol(self) -> str:
+        """"5" or "3.1.1": what the link speaks (or its next CONNECT will)."""
+        return self.choice.current
 
     def _build(self) -> paho.Client:
         client = build_client(self.thing, self.client_id, min(self.timeout, 1.0), context=self.context,
@@ -317,9 +319,10 @@ class Connection:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         self._connack_due = None
-        if reason.is_failure and self.auto and self.protocol == V5 and str(reason) == UNSUPPORTED_PROTOCOL:
-            self.protocol, self._rebuild = V311, True
-            self._fall_back(f"CONNACK {reason_name(reason)}")
+        fallback = self.choice.refused(reason) if reason.is_failure else None
+        if fallback is not None:
+            self._rebuild = True
+            self._fall_back(fallback)
             self.backoff.lost(broker_fault=False)  # the next CONNECT as soon as one may go
             return
         if reason.is_failure:
@@ -331,10 +334,9 @@ class Connection:
         self.connected = True
         self.last_verdict = None
         self._adopt_limits(BrokerLimits.from_connack(properties))
-        self._spoke_v5 = self._spoke_v5 or self.protocol == V5
-        if self._probing:
-            self._probing = False
-            self._fall_back("it closed the connection at our MQTT 5 CONNECT, and 3.1.1 connected")
+        fallback = self.choice.connected()
+        if fallback is not None:
+            self._fall_back(fallback)
         if self.clean_start:
             self.clean_start, self._rebuild = False, True  # the broker keeps the session from now on
         self.backoff.connected()
@@ -361,7 +363,10 @@ class Connection:
         if not self.connected:
             if self._connack_due is not None:  # dropped between our CONNECT and its CONNACK
                 self._connack_due = None
-                if self._try_3_1_1():
+                if self.choice.closed_before_connack():  # retried with 3.1.1 before it is reported
+                    self._rebuild = True
+                    self._errors.take()
+                    self.backoff.lost(broker_fault=False)
                     return
                 self._failed(self._drop_reason(reason, before_connack=True))
             return
@@ -384,17 +389,6 @@ class Connection:
         log.warning("broker %s:%d does not speak MQTT 5 (%s): using MQTT 3.1.1 until restart",
                     self.thing.endpoint, self.thing.mqtt.port, why)
 
-    def _try_3_1_1(self) -> bool:
-        """A broker without MQTT 5 may close the connection at our CONNECT instead of answering
-        "unsupported protocol version" (RabbitMQ 3.10 does). Under `auto`, before MQTT 5 ever
-        worked, such a close is retried once with 3.1.1 before it is reported; if 3.1.1 fails
-        too (a refused certificate closes both), `_failed` goes back to MQTT 5."""
-        if not (self.auto and self.protocol == V5 and not self._spoke_v5):
-            return False
-        self.protocol, self._rebuild, self._probing = V311, True, True
-        self._errors.take()
-        self.backoff.lost(broker_fault=False)
-        return True
 
     def _adopt_limits(self, limits: BrokerLimits) -> None:
         """Honour the CONNACK's Server Keep Alive (paho pings by it; the silence deadline
@@ -418,7 +412,7 @@ class Connection:
         if before_connack and (exc is None or isinstance(exc, _ABRUPT_CLOSE)):
             # With TLS 1.3 the broker checks our certificate after our side of the handshake
             # is done, so its refusal often shows up only as a closed connection.
-            v5 = " (or does not speak MQTT 5: see `protocol`)" if self.protocol == V5 and not self._spoke_v5 else ""
+            v5 = " (or does not speak MQTT 5: see `protocol`)" if self.choice.unproven_v5 else ""
             return (f"TLS: the broker at {where} closed the connection before CONNACK: it refused"
                     f" the client certificate {self.thing.keys.cert} or does not allow client id"
                     f" {self.client_id!r}{v5}")
@@ -440,8 +434,8 @@ class Connection:
 
     def _failed(self, error: str, entry_fault: bool = False, retry_in: Optional[float] = None) -> None:
         """`retry_in`: retry sooner than the backoff says (a clock waiting for time sync)."""
-        if self._probing:  # 3.1.1 failed as well: the protocol was not the problem
-            self.protocol, self._rebuild, self._probing = V5, True, False
+        if self.choice.failed():  # 3.1.1 failed as well: the protocol was not the problem
+            self._rebuild = True
         self.connected = False
         self.backoff.lost(broker_fault=not entry_fault)
         if retry_in is not None:

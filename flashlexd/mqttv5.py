@@ -28,6 +28,55 @@ def first_protocol(setting: str) -> str:
     return V311 if setting == V311 else V5
 
 
+class ProtocolChoice:
+    """Which protocol the next CONNECT speaks under `thing.mqtt.protocol`. `auto` starts with
+    MQTT 5 and falls back to 3.1.1 until restart when the broker answers CONNACK "unsupported
+    protocol version", or closes the connection at our MQTT 5 CONNECT (RabbitMQ 3.10 does) and
+    a 3.1.1 CONNECT then passes; if that 3.1.1 attempt fails too (a refused certificate closes
+    both), the close was not about the protocol and MQTT 5 is tried again. Once MQTT 5 worked,
+    nothing falls back."""
+
+    def __init__(self, setting: str):
+        self.current = first_protocol(setting)
+        self.auto = setting == "auto"
+        self.spoke_v5 = False
+        self.probing = False  # trying 3.1.1 after a close at our MQTT 5 CONNECT
+
+    @property
+    def unproven_v5(self) -> bool:
+        """Speaking MQTT 5 to a broker that has not accepted it yet."""
+        return self.current == V5 and not self.spoke_v5
+
+    def refused(self, reason: Any) -> Optional[str]:
+        """A CONNACK refusal: why we fall back (now on 3.1.1), or None when it is no such case."""
+        if self.auto and self.current == V5 and str(reason) == UNSUPPORTED_PROTOCOL:
+            self.current = V311
+            return f"CONNACK {reason_name(reason)}"
+        return None
+
+    def closed_before_connack(self) -> bool:
+        """The broker closed the link before its CONNACK: True when 3.1.1 is tried next."""
+        if not (self.auto and self.unproven_v5):
+            return False
+        self.current, self.probing = V311, True
+        return True
+
+    def connected(self) -> Optional[str]:
+        """A CONNACK accepted us: why we fell back, when this was the 3.1.1 try."""
+        self.spoke_v5 = self.spoke_v5 or self.current == V5
+        if not self.probing:
+            return None
+        self.probing = False
+        return "it closed the connection at our MQTT 5 CONNECT, and 3.1.1 connected"
+
+    def failed(self) -> bool:
+        """An attempt failed: a 3.1.1 try goes back to MQTT 5. True when the protocol changed."""
+        if not self.probing:
+            return False
+        self.current, self.probing = V5, False
+        return True
+
+
 @dataclass(frozen=True)
 class BrokerLimits:
     """What the broker's CONNACK said about this link (None: not said; MQTT 3.1.1 says none)."""

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from flashlexd.client import connect
 from flashlexd.mqtt import Connection
+from flashlexd.mqttv5 import ProtocolChoice
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
                           open_store, wait_for, write_config)
 from tests.quota_proxy import QuotaProxy
@@ -249,3 +252,37 @@ def test_status_shows_what_each_link_negotiated(running) -> None:
         links = wait_for(negotiated, 20, "both links connected and reporting their protocol")
     assert links["ingress"]["protocol"] == links["egress"]["protocol"] == "5"
     assert links["egress"]["broker_receive_maximum"] == BROKER_INFLIGHT
+
+
+# -- the protocol choice, step by step (no broker here sends CONNACK "unsupported protocol") -----
+
+def connack(name: str) -> ReasonCode:
+    return ReasonCode(PacketTypes.CONNACK, aName=name)
+
+
+def test_auto_falls_back_on_a_connack_unsupported_protocol_version_and_stays() -> None:
+    choice = ProtocolChoice("auto")
+    assert choice.refused(connack("Not authorized")) is None and choice.current == "5"
+    assert choice.refused(connack("Unsupported protocol version")) == \
+        "CONNACK Unsupported protocol version (0x84)"
+    assert choice.current == "3.1.1" and choice.connected() is None and choice.current == "3.1.1"
+
+
+def test_a_close_at_connect_tries_3_1_1_once_and_mqtt5_again_if_that_fails_too() -> None:
+    choice = ProtocolChoice("auto")
+    assert choice.closed_before_connack() and choice.current == "3.1.1"
+    assert choice.failed() and choice.current == "5"  # a refused certificate closes both
+    assert choice.closed_before_connack() and choice.connected() is not None and choice.current == "3.1.1"
+
+
+@pytest.mark.parametrize("setting", ["5", "3.1.1"])
+def test_a_pinned_protocol_never_changes(setting: str) -> None:
+    choice = ProtocolChoice(setting)
+    assert not choice.closed_before_connack() and choice.refused(connack("Unsupported protocol version")) is None
+    assert choice.current == setting
+
+
+def test_once_mqtt5_worked_a_close_is_no_reason_to_fall_back() -> None:
+    choice = ProtocolChoice("auto")
+    assert choice.connected() is None
+    assert not choice.closed_before_connack() and choice.current == "5"
