@@ -286,3 +286,18 @@ def test_once_mqtt5_worked_a_close_is_no_reason_to_fall_back() -> None:
     choice = ProtocolChoice("auto")
     assert choice.connected() is None
     assert not choice.closed_before_connack() and choice.current == "5"
+
+
+def test_the_brokers_server_keep_alive_is_honoured(certs, tmp_path: Path) -> None:
+    """mosquitto's max_keepalive under our keepalive: its CONNACK says Server Keep Alive 10,
+    paho pings by it and the link watch's silence deadline follows."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_keepalive 10"]).start()
+    try:
+        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p.run_until(lambda: connections(p) == 1, 10, "connected")
+        assert p.connection.limits.server_keepalive == 10 and p.connection.keepalive == 10
+        assert p.connection.client._keepalive == 10  # paho's own pings
+        assert p.connection.watch.silence_limit == 15  # 10 + min(operation timeout 5, 10 / 2)
+        p.connection.close(2)
+    finally:
+        broker.close()
