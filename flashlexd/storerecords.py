@@ -106,11 +106,13 @@ def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
     record = unpack_record(raw, 7)
     wall, topic, payload, qos, retain, mid, expires_at = record[:7]
     seq, boot = _stamp_of(record, 7)
-    return Message(id=_ID.unpack(key)[0], timestamp=timeline.arrival(wall, seq, boot), topic=topic,
-                   payload=payload, qos=qos, retain=retain, mid=mid,
-                   expires_at=None if expires_at is None
-                   else timeline.expiry_wall(expires_at, wall, seq, boot),
-                   age=timeline.age(wall, seq, boot), properties=_properties(record, _INBOX_PROPERTIES))
+    arrival, properties = timeline.arrival(wall, seq, boot), _properties(record, _INBOX_PROPERTIES)
+    due = [] if expires_at is None else [timeline.expiry_wall(expires_at, wall, seq, boot)]
+    if properties.get("message_expiry_interval"):  # its own expiry (MQTT 5), if sooner
+        due.append(arrival + properties["message_expiry_interval"])
+    return Message(id=_ID.unpack(key)[0], timestamp=arrival, topic=topic, payload=payload, qos=qos,
+                   retain=retain, mid=mid, expires_at=min(due) if due else None,
+                   age=timeline.age(wall, seq, boot), properties=properties)
 
 
 def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:

@@ -100,6 +100,7 @@ def test_a_message_whose_own_expiry_passes_while_stored_is_expired_and_counted(t
         acked = store.append([Incoming("t", b"acked first", properties={"message_expiry_interval": 5})], now=now)
         store.ack(acked)
         assert store.has_message_expiry()
+        assert [m.expires_at for m in store.messages()] == [now + 10, None, now + 100]
         assert store.expire(now=now + 9) == 0
         assert store.expire(now=now + 11) == 1  # the acked one's entry goes without a count
         assert [m.id for m in store.messages()] == ids[1:]
