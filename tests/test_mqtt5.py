@@ -16,6 +16,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.client import connect
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import ProtocolChoice
+from flashlexd.store import Incoming
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
                           open_store, wait_for, write_config)
 from tests.quota_proxy import QuotaProxy
@@ -301,3 +302,15 @@ def test_the_brokers_server_keep_alive_is_honoured(certs, tmp_path: Path) -> Non
         p.connection.close(2)
     finally:
         broker.close()
+
+
+def test_the_expiry_worker_expires_messages_by_their_own_expiry_alone(broker: Broker, tmp_path: Path,
+                                                                      start_worker) -> None:
+    config = write_config(tmp_path / "config", broker, db={"sweepSeconds": 0.2})  # no expireSeconds
+    store = open_store(config)
+    store.append([Incoming("t", b"expired", properties={"message_expiry_interval": 1}), Incoming("t", b"kept")],
+                 now=time.time() - 5)
+    worker = start_worker("expiry", config)
+    worker.wait(lambda w: w.counters.get("expired") == 1, 10, "the expired message removed")
+    assert [m.payload for m in store.messages()] == [b"kept"] and store.stats()["expired"] == 1
+    assert worker.stop() == 0
