@@ -314,3 +314,18 @@ def test_the_expiry_worker_expires_messages_by_their_own_expiry_alone(broker: Br
     worker.wait(lambda w: w.counters.get("expired") == 1, 10, "the expired message removed")
     assert [m.payload for m in store.messages()] == [b"kept"] and store.stats()["expired"] == 1
     assert worker.stop() == 0
+
+
+def test_dedupe_by_an_mqtt5_user_property(broker: Broker, tmp_path: Path, start_worker) -> None:
+    """`dedupe.key: mqtt5:<name>` takes effect now that the link speaks MQTT 5: a new message
+    with an already stored key (a broker's redelivery after its own crash) is not stored again."""
+    config = write_config(tmp_path / "config", broker, db={"dedupe": {"key": "mqtt5:msgid"}})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    for payload, msgid in ((b"first", "m-1"), (b"again", "m-1"), (b"other", "m-2")):
+        subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "mqttv5", "-q", "1", "-t", INGRESS_TOPIC,
+                        "-m", payload, "-D", "publish", "user-property", "msgid", msgid], check=True, timeout=10)
+    wait_for(lambda: store.stats()["received"] + store.stats()["duplicates"] == 3, 10, "all three committed")
+    assert [m.payload for m in store.messages()] == [b"first", b"other"] and store.stats()["duplicates"] == 1
+    assert worker.stop() == 0
