@@ -10,8 +10,8 @@ due, a `Dialer` connects without blocking, and a `LinkWatch` says when a link st
 Sessions are persistent with a fixed client id: MQTT 3.1.1 `clean_session=False`, or MQTT 5
 Clean Start only on a store's very first connection and a Session Expiry Interval: the broker
 keeps our subscriptions and unacknowledged messages across disconnects and worker restarts.
-`protocol: auto` speaks MQTT 5 and falls back to 3.1.1 (until restart) on a broker's CONNACK
-"unsupported protocol version"; `BrokerLimits` holds what an MQTT 5 CONNACK said.
+`protocol: auto` speaks MQTT 5 and falls back to 3.1.1 until restart for a broker without it
+(`mqttv5.ProtocolChoice` has the rules); `BrokerLimits` holds what an MQTT 5 CONNACK said.
 """
 from __future__ import annotations
 
@@ -388,7 +388,6 @@ class Connection:
         """`auto` met a broker without MQTT 5: 3.1.1 until restart (logged once)."""
         log.warning("broker %s:%d does not speak MQTT 5 (%s): using MQTT 3.1.1 until restart",
                     self.thing.endpoint, self.thing.mqtt.port, why)
-
 
     def _adopt_limits(self, limits: BrokerLimits) -> None:
         """Honour the CONNACK's Server Keep Alive (paho pings by it; the silence deadline
