@@ -59,6 +59,19 @@ def test_clean_start_only_on_the_first_connection_and_the_session_survives(
     p.connection.close(2)
 
 
+@pytest.mark.parametrize("protocol, lost", [("5", 1), ("3.1.1", 0)])
+def test_a_broker_restart_and_the_session(broker: Broker, tmp_path: Path, protocol: str, lost: int) -> None:
+    """mosquitto 2.0.11 keeps MQTT 3.1.1 sessions across a clean restart but restores no MQTT 5
+    session from its save (measured: session present false whatever the expiry): under MQTT 5
+    the daemon reports that loss (`sessions_lost`, one WARNING) instead of missing it."""
+    p = session_probe(tmp_path, broker, protocol, clean_start=True)
+    p.run_until(lambda: connections(p) == 1, 10, "connected")
+    broker.restart()
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert p.connection.sessions_lost == lost
+    p.connection.close(2)
+
+
 def test_mqtt5_session_expiry_is_what_the_broker_keeps(broker: Broker, tmp_path: Path) -> None:
     """sessionExpirySeconds 0: the broker ends the session at the drop, and the next CONNACK's
     session-present flag says so (the warning the ingress logs)."""
