@@ -1,5 +1,6 @@
 """Schema 4: MQTT 5 properties at the end of inbox records and outbox entries, the per-message
-expiry index, and the upgrade of a schema-3 store written by the code on `main` (no loss)."""
+expiry index, and the upgrade of a schema-3 store written by the schema-3 code itself (the
+package at SCHEMA3_COMMIT, from git; no loss)."""
 from __future__ import annotations
 
 import io
@@ -31,11 +32,12 @@ store.close()
 """
 
 
+SCHEMA3_COMMIT = "6321fbea86e33c620255db830155ab139766695e"  # the last release of schema 3 (main when schema 4 began)
+
+
 def old_code(tmp_path: Path) -> Path:
-    """The flashlexd package as committed on `main` (schema 3), unpacked beside the test."""
-    base = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", base, "flashlexd"], check=True,
+    """The flashlexd package of SCHEMA3_COMMIT, unpacked beside the test."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", SCHEMA3_COMMIT, "flashlexd"], check=True,
                              capture_output=True).stdout
     target = tmp_path / "main-code"
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -52,10 +54,10 @@ def schema(path: Path) -> int:
         env.close()
 
 
-def test_a_schema3_store_written_by_main_opens_migrates_and_loses_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "store"
-    subprocess.run([sys.executable, "-c", WRITE_SCHEMA3, str(path)], check=True,
-                   cwd=old_code(tmp_path), env={"PYTHONPATH": str(old_code(tmp_path))})
+def test_a_schema3_store_written_by_the_schema3_code_opens_migrates_and_loses_nothing(tmp_path: Path) -> None:
+    path, code = tmp_path / "store", old_code(tmp_path)
+    subprocess.run([sys.executable, "-c", WRITE_SCHEMA3, str(path)], check=True, cwd=code,
+                   env={"PYTHONPATH": str(code)})
     assert schema(path) == 3
     store = Store(path, CAP, expire_seconds=3600)
     try:
