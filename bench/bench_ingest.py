@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flashlexd import config as config_module  # noqa: E402
 from flashlexd.mqttclient import build_client  # noqa: E402
+from flashlexd.mqttv5 import first_protocol  # noqa: E402
 from tests.broker import (INGRESS_TOPIC, Broker, make_certs, publish_lines,  # noqa: E402
                           write_config, write_lines)
 from tests.worker_process import WorkerUnderTest, cpu_seconds  # noqa: E402
@@ -41,7 +42,8 @@ def bare_subscriber(config_path: str, count: int) -> None:
     """Child process: subscribe, say `ready`, count messages, say `done` at the last one, then
     stay alive until stdin closes (so its CPU time can be read)."""
     config = config_module.load(config_path)
-    client = build_client(config.thing, config.thing.mqtt.client_id, 10)
+    client = build_client(config.thing, config.thing.mqtt.client_id, 10,
+                          protocol=first_protocol(config.thing.mqtt.protocol))
     received = 0
 
     def on_connect(c, userdata, flags, reason, properties) -> None:
@@ -131,6 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=30_000)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                        help="MQTT version of both sides (the daemon's default, auto, speaks 5)")
     parser.add_argument("--bare", nargs=2, metavar=("CONFIG", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -144,7 +148,8 @@ def main() -> None:
 
         def side(run: Callable[..., Sample]) -> Callable[[str], Sample]:
             def measure(client_id: str) -> Sample:
-                config = write_config(root / client_id, broker, mqtt={"clientId": client_id})
+                config = write_config(root / client_id, broker,
+                                      mqtt={"clientId": client_id, "protocol": args.protocol})
                 try:
                     return run(broker, config, lines, args.messages, client_id)
                 finally:
@@ -156,8 +161,8 @@ def main() -> None:
                                             "bare paho (auto-ack)": side(run_bare)})
         finally:
             broker.close()
-    report(f"Ingest: {args.messages} QoS 1 messages of {PAYLOAD_BYTES} bytes over TLS", args.messages,
-           samples, 0.9)
+    report(f"Ingest: {args.messages} QoS 1 messages of {PAYLOAD_BYTES} bytes over TLS, MQTT {args.protocol}",
+           args.messages, samples, 0.9)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ SECTIONS = [
         " messages in order, or every other one. Baseline: one named consumer. Target: five"
         " consumers >= 0.7x its rate, per consumer."),
     Section(
-        "ingest", "MQTT ingest: ingress worker vs a bare paho subscriber",
+        "ingest", "MQTT ingest: ingress worker vs a bare paho subscriber (MQTT 5)",
         ["bench/bench_ingest.py", "--messages", "30000", "--runs", "5"], ["--messages", "3000", "--runs", "1"],
         "The real ingress worker (durable group commits, PUBACK only after the commit) receiving QoS 1"
         " messages over mutual TLS from mosquitto on loopback, against a bare paho subscriber (paho's"
@@ -98,7 +98,7 @@ SECTIONS = [
         "The baseline uses paho's own loop (`loop_forever`); the worker drives paho's socket from its"
         " own select loop and batches its store work, which is why it can beat the baseline."),
     Section(
-        "drain", "MQTT drain: egress worker vs a bare paho publisher",
+        "drain", "MQTT drain: egress worker vs a bare paho publisher (MQTT 5)",
         ["bench/bench_drain.py", "--runs", "5"], ["--entries", "3000", "--runs", "1"],
         "The real egress worker draining a 50,000-entry outbox to mosquitto over mutual TLS (oldest"
         " first, 100 in flight, an entry deleted only after its PUBACK), against a bare paho QoS 1"
@@ -106,6 +106,15 @@ SECTIONS = [
         " publisher. Target: worker >= 0.8x bare.",
         "As for ingest, the baseline uses paho's own loop and queue; the worker batches its deletes"
         " (one transaction per loop pass)."),
+    *(Section(f"{name}311", f"MQTT {name} under MQTT 3.1.1 (`protocol: 3.1.1`)",
+              [f"bench/bench_{name}.py", *size, "--runs", "5", "--protocol", "3.1.1"],
+              [*quick, "--runs", "1", "--protocol", "3.1.1"],
+              f"As \"MQTT {name}\" (which runs MQTT 5, the default), with both sides on MQTT 3.1.1, the"
+              f" protocol `auto` falls back to. Baseline: the bare paho {side} on 3.1.1. Target: worker"
+              f" >= {target}x bare.")
+      for name, size, quick, side, target in (
+          ("ingest", ["--messages", "30000"], ["--messages", "3000"], "subscriber", 0.9),
+          ("drain", [], ["--entries", "3000"], "publisher", 0.8))),
     Section(
         "quota", "MQTT drain under AWS IoT Core's publish quota, with poison entries, and a frozen broker noticed",
         ["bench/bench_egress_quota.py", "--entries", "3000", "--runs", "3"], ["--entries", "300", "--runs", "1"],
@@ -313,11 +322,12 @@ def summarize(section: Section) -> None:
         if m:
             add((f"5 consumers: {m.group(1)}x the single consumer's fetch+ack rate, per consumer",
                  f">= {m.group(2)}x", verdict(m.group(3) == "ok")))
-    elif section.name in ("ingest", "drain"):
+    elif section.name in ("ingest", "drain", "ingest311", "drain311"):
         m = find(r"ratio \(median of per-run ratios\): \*\*([\d.]+)x\*\*.*\(target >= ([\d.]+)x\)", out)
         rates = re.findall(r"^\| (.+?) \| ([\d,]+) \|", out, re.M)
         if m:
-            what = "ingress worker" if section.name == "ingest" else "egress worker"
+            what = "ingress worker" if section.name.startswith("ingest") else "egress worker"
+            what += " (MQTT 3.1.1)" if section.name.endswith("311") else " (MQTT 5)"
             rate = f" ({rates[0][1]} msg/s)" if rates else ""
             value, target = float(m.group(1)), float(m.group(2))
             add((f"{what}{rate}: {m.group(1)}x bare paho", f">= {m.group(2)}x",

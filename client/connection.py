@@ -8,7 +8,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -239,15 +239,18 @@ class Client:
         return self.call("status")
 
     def messages(self, limit: int = 100, topic: Optional[str] = None,
-                 after: Optional[IdLike] = None) -> List[Message]:
-        """Unacknowledged messages, oldest first; `topic` is an MQTT filter, `after` an id."""
-        params = self._query(limit, topic, after)
+                 after: Optional[IdLike] = None,
+                 user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
+        """Unacknowledged messages, oldest first; `topic` is an MQTT filter, `after` an id,
+        `user_property` a (name, value) MQTT 5 user property the messages must carry."""
+        params = self._query(limit, topic, after, user_property)
         return [Message.from_wire(m) for m in self.call("messages", **params)]
 
     def wait(self, timeout: float = 30.0, limit: int = 100, topic: Optional[str] = None,
-             after: Optional[IdLike] = None) -> List[Message]:
+             after: Optional[IdLike] = None,
+             user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """Messages as soon as there are any (oldest first); [] after `timeout` seconds."""
-        params = self._query(limit, topic, after)
+        params = self._query(limit, topic, after, user_property)
         result = self.call("wait", _timeout=timeout + self.timeout, timeout=timeout, **params)
         return [Message.from_wire(m) for m in result]
 
@@ -264,9 +267,13 @@ class Client:
                 for start in range(0, len(wire), MAX_IDS_PER_ACK)]
 
     def publish(self, payload: Any, topic: Optional[str] = None, qos: int = 1,
-                retain: bool = False) -> int:
+                retain: bool = False, properties: Optional[Dict[str, Any]] = None,
+                expiry: Optional[int] = None) -> int:
         """Queue a message for the cloud (the egress topic unless `topic`); durable once this
-        returns. bytes and str go as they are, anything else as JSON. Returns the outbox id."""
+        returns. bytes and str go as they are, anything else as JSON. Returns the outbox id.
+        MQTT 5 (ignored under 3.1.1): `properties` with `user_properties` ([(name, value), ...]),
+        `content_type`, `response_topic`, `correlation_data`; `expiry` in seconds: the entry is
+        dropped if not sent by then, and the broker gets the time left."""
         if isinstance(payload, (bytearray, memoryview)):
             payload = bytes(payload)
         elif not isinstance(payload, (bytes, str)):
@@ -274,6 +281,11 @@ class Client:
         params: Dict[str, Any] = {"payload": payload, "qos": qos, "retain": retain}
         if topic is not None:
             params["topic"] = topic
+        if properties:
+            params["properties"] = {name: [list(pair) for pair in value] if name == "user_properties" else value
+                                    for name, value in properties.items()}
+        if expiry is not None:
+            params["expiry"] = expiry
         return self.call("publish", **params)["id"]
 
     def outbox(self, limit: int = 100, dead: bool = False,
@@ -317,8 +329,9 @@ class Client:
         target = to if to in ("earliest", "latest") else _wire_id(to)  # type: ignore[arg-type]
         return self.call("reset", consumer=consumer, to=target)["acked_through"]
 
-    def _query(self, limit: int, topic: Optional[str], after: Optional[IdLike]) -> Dict[str, Any]:
-        params = _query(limit, topic, after)
+    def _query(self, limit: int, topic: Optional[str], after: Optional[IdLike],
+               user_property: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:
+        params = _query(limit, topic, after, user_property)
         if self.consumer is not None:
             params["consumer"] = self.consumer
         return params
@@ -350,8 +363,11 @@ def _entry_id(value: Union[int, OutboxEntry]) -> int:
     raise TypeError(f"an outbox entry id must be an int or an OutboxEntry, not {type(value).__name__}")
 
 
-def _query(limit: int, topic: Optional[str], after: Optional[IdLike]) -> Dict[str, Any]:
+def _query(limit: int, topic: Optional[str], after: Optional[IdLike],
+           user_property: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:
     params: Dict[str, Any] = {"limit": limit}
+    if user_property is not None:
+        params["user_property"] = list(user_property)
     if topic is not None:
         params["topic"] = topic
     if after is not None:

@@ -144,7 +144,10 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     mqtt = status.get("mqtt") or {}
     for side in ("ingress", "egress"):  # the worker's own counters: since that process started
         info = dict(mqtt.get(side) or {})
-        word = "connected" if info.pop("connected", False) else "not connected"
+        protocol = info.pop("protocol", None)
+        word = "not connected"
+        if info.pop("connected", False):
+            word = f"connected with MQTT {protocol}" if protocol else "connected"
         error = info.pop("error", None)
         word += f", {error}" if error else ""
         granted = info.pop("subscriptions", None)

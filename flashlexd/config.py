@@ -62,6 +62,8 @@ class Mqtt:
     poison_attempts: int
     max_topic_bytes: int     # outbound: `publish` refuses longer topics (AWS IoT's limit)
     max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: StoreSettings')
+    protocol: str = "auto"     # "5", "3.1.1" or "auto" (5, falling back to 3.1.1)
+    session_expiry: int = 3600  # MQTT 5 Session Expiry Interval, seconds
 
     def ingress_topics(self) -> Tuple[str, ...]:
         """Every topic filter the ingress worker subscribes to, without repeats, in order."""
@@ -258,6 +260,8 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
         poison_attempts=section.value("poisonAttempts"),
         max_topic_bytes=section.value("maxTopicBytes"),
         max_payload_bytes=section.value("maxPayloadBytes"),
+        protocol=section.value("protocol"),
+        session_expiry=section.value("sessionExpirySeconds"),
     )
     problem = publish_topic_problem(mqtt.egress_topic, mqtt.max_topic_bytes)
     if problem:  # every default publish would be refused

@@ -22,6 +22,7 @@ INGEST_COMMIT_MS = 250  # chosen by measurement: docs/WEAR.md
 API_COMMIT_MS = 10
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
+PROTOCOLS = ("auto", "5", "3.1.1")  # flashlex.thing.mqtt.protocol
 REQUIRED = object()  # the default of a key that must be given
 
 # what SIGHUP does with a changed value (the README's "reload" column)
@@ -88,8 +89,8 @@ TABLE: Tuple[Key, ...] = (
         " `json:items.0`); a message whose key was stored in the last `windowSeconds` is"
         " acknowledged, counted in `duplicates` and not stored. A payload that is not JSON or lacks"
         " the path is stored normally (counted in ingress's `dedupe_keyless`). `mqtt5:<user-property>`"
-        " is accepted but takes effect only once the daemon speaks MQTT 5 (3.1.1 messages carry no"
-        " user properties: every message is stored normally). See \"Delivery guarantees\"",
+        " reads it from an MQTT 5 user property (under MQTT 3.1.1 messages carry none: every message"
+        " is stored normally). See \"Delivery guarantees\"",
         WORKERS, shown="off"),
     Key(f"{_DB}.dedupe.windowSeconds", "seconds", DEDUPE_WINDOW_SECONDS,
         "how long a dedupe key is remembered", WORKERS),
@@ -218,6 +219,15 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_MQTT}.poisonAttempts", "integer", 3,
         "an outbox entry alone in flight when the link drops this many times is moved to the dead"
         " letters (see \"Poison entries\")", LINKS, minimum=1),
+    Key(f"{_MQTT}.protocol", "choice", "auto",
+        "`5`, `3.1.1` or `auto`: MQTT 5, and on a CONNACK \"unsupported protocol version\" (or a"
+        " close at the MQTT 5 CONNECT that 3.1.1 passes) MQTT 3.1.1 until the next start (logged once). `status` shows what each link negotiated; see"
+        " \"MQTT 5 and 3.1.1\"", LINKS, choices=PROTOCOLS),
+    Key(f"{_MQTT}.sessionExpirySeconds", "integer", 3600,
+        "MQTT 5: how long the broker keeps our sessions (subscriptions, queued messages) after a"
+        " link drops (AWS IoT Core's default, 3600; its maximum is 604800). Clean start only on a"
+        " store's very first connection", LINKS, minimum=0, maximum=4294967295,
+        maximum_why=" (the MQTT limit)"),
     Key(f"{_BACKOFF}.baseReconnectQuietTimeSecond", "seconds", 1.0,
         "reconnect backoff: the first delay, doubling up to `maxReconnectQuietTimeSecond`; plus"
         " jitter, never more than one CONNECT per second", LINKS),

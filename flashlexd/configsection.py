@@ -114,6 +114,10 @@ class Section:
         return value
 
     def choice(self, key: str, choices: Tuple[str, ...], default: str) -> str:
+        raw = self.data.get(key)
+        if isinstance(raw, int) and not isinstance(raw, bool) and str(raw) in choices:
+            self.used.add(key)
+            return str(raw)  # `protocol: 5` is a YAML number
         value = self.text(key, default)
         if value not in choices:
             raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {_show(value)}")

@@ -7,8 +7,11 @@ heartbeat proves the MQTT work is progressing. paho's loop would also pace recon
 sleeping, and its connect blocks; here `ReconnectBackoff` only says when the next CONNECT is
 due, a `Dialer` connects without blocking, and a `LinkWatch` says when a link stopped answering.
 
-Sessions are MQTT 3.1.1 with `clean_session=False` and a fixed client id: the broker keeps our
-subscriptions and unacknowledged messages across disconnects and worker restarts.
+Sessions are persistent with a fixed client id: MQTT 3.1.1 `clean_session=False`, or MQTT 5
+Clean Start only on a store's very first connection and a Session Expiry Interval: the broker
+keeps our subscriptions and unacknowledged messages across disconnects and worker restarts.
+`protocol: auto` speaks MQTT 5 and falls back to 3.1.1 until restart for a broker without it
+(`mqttv5.ProtocolChoice` has the rules); `BrokerLimits` holds what an MQTT 5 CONNACK said.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
                                   uses_alpn)
+from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
 log = logging.getLogger(__name__)
@@ -55,14 +59,18 @@ class Connection:
     def __init__(self, config: Config, client_id: str,
                  on_change: Callable[[bool, Optional[str]], None],
                  on_message: Optional[Callable[[paho.MQTTMessage], None]] = None,
-                 on_publish: Optional[Callable[[int], None]] = None,
+                 on_publish: Optional[Callable[[int, Any], None]] = None,
                  clock: Callable[[], float] = time.monotonic, fresh_client: bool = False,
-                 track_session: bool = False, session_seen_at: Optional[float] = None):
+                 track_session: bool = False, session_seen_at: Optional[float] = None,
+                 clean_start: bool = False, on_build: Optional[Callable[[paho.Client], None]] = None):
         """`track_session`: warn when the broker loses this client id's persistent session
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
         earlier process last had the link up (the store remembers it), so a session lost while
-        no process ran is reported too."""
+        no process ran is reported too. `clean_start`: MQTT 5 Clean Start on the first CONNECT
+        (the store's very first connection), never after one succeeded. `on_build(client)` sets
+        up each paho client built (a protocol fallback or the end of clean start builds anew).
+        `on_publish(mid, reason)` gets the PUBACK's reason code."""
         self.thing = config.thing
         self.client_id = client_id
         self.on_change = on_change
@@ -70,6 +78,11 @@ class Connection:
         self.clock = clock
         self.fresh_client = fresh_client
         mqtt = config.thing.mqtt
+        self.choice = ProtocolChoice(mqtt.protocol)
+        self.clean_start = clean_start
+        self.on_build = on_build
+        self.limits = BrokerLimits()  # from the last CONNACK
+        self._rebuild = False  # the next attempt needs a new client (protocol, clean start)
         self.timeout = mqtt.connect_timeout
         self.keepalive = mqtt.keepalive
         self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
@@ -94,9 +107,15 @@ class Connection:
         self._connack_due: Optional[float] = None
         self._errors = LastError()
 
+    @property
+    def protocol(self) -> str:
+        """"5" or "3.1.1": what the link speaks (or its next CONNECT will)."""
+        return self.choice.current
+
     def _build(self) -> paho.Client:
         client = build_client(self.thing, self.client_id, min(self.timeout, 1.0), context=self.context,
-                              dialed=True)  # the timeout bounds only a websocket upgrade
+                              dialed=True,  # the timeout bounds only a websocket upgrade
+                              protocol=self.protocol, clean_start=self.clean_start)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         if self.on_message is not None:
@@ -112,14 +131,19 @@ class Connection:
             def published(client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
                 self.handled += 1
                 self.watch.answered("PUBACK", mid)
-                acknowledged(mid)
+                acknowledged(mid, reason)
             client.on_publish = published
+        if self.on_build is not None:
+            self.on_build(client)
         return client
 
     # -- requests whose acknowledgement is awaited ------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
-        info = self.client.publish(topic, payload, qos, retain)
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
+                properties: Any = None) -> paho.MQTTMessageInfo:
+        """`properties`: paho `Properties` (MQTT 5 only; dropped under 3.1.1, which has none)."""
+        info = self.client.publish(topic, payload, qos, retain,
+                                   properties=properties if self.protocol == V5 else None)
         if qos and info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self.watch.expect("PUBACK", info.mid)
         return info
@@ -234,7 +258,8 @@ class Connection:
 
     def _attempt(self) -> None:
         self.backoff.attempted()
-        if self.fresh_client:
+        if self.fresh_client or self._rebuild:
+            self._rebuild = False
             self.client = self._build()
         self._errors.take()
         self.client.enable_logger(self._errors)  # until CONNACK: why an attempt failed
@@ -294,6 +319,12 @@ class Connection:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         self._connack_due = None
+        fallback = self.choice.refused(reason) if reason.is_failure else None
+        if fallback is not None:
+            self._rebuild = True
+            self._fall_back(fallback)
+            self.backoff.lost(broker_fault=False)  # the next CONNECT as soon as one may go
+            return
         if reason.is_failure:
             # paho closes the socket after this callback and calls _on_disconnect
             self._failed(f"broker {self.thing.endpoint}:{self.thing.mqtt.port} refused the"
@@ -302,12 +333,18 @@ class Connection:
         now = self.clock()
         self.connected = True
         self.last_verdict = None
+        self._adopt_limits(BrokerLimits.from_connack(properties))
+        fallback = self.choice.connected()
+        if fallback is not None:
+            self._fall_back(fallback)
+        if self.clean_start:
+            self.clean_start, self._rebuild = False, True  # the broker keeps the session from now on
         self.backoff.connected()
         self.watch.up()
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
         present = bool(flags.session_present)
-        log.info("connected to %s:%d as %r (session present: %s)", self.thing.endpoint,
-                 self.thing.mqtt.port, self.client_id, present)
+        log.info("connected to %s:%d as %r with MQTT %s (session present: %s)", self.thing.endpoint,
+                 self.thing.mqtt.port, self.client_id, self.protocol, present)
         if self._had_session and not present:
             self.sessions_lost += 1
             away = (now - self._down_since if self._down_since is not None
@@ -326,6 +363,11 @@ class Connection:
         if not self.connected:
             if self._connack_due is not None:  # dropped between our CONNECT and its CONNACK
                 self._connack_due = None
+                if self.choice.closed_before_connack():  # retried with 3.1.1 before it is reported
+                    self._rebuild = True
+                    self._errors.take()
+                    self.backoff.lost(broker_fault=False)
+                    return
                 self._failed(self._drop_reason(reason, before_connack=True))
             return
         self.connected = False
@@ -334,7 +376,27 @@ class Connection:
             self.on_change(False, None)
             return
         entry_fault = self._entry_fault()
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            self._errors.take()
+            self._dead_reason = None
+            self._failed(f"the broker {self.thing.endpoint}:{self.thing.mqtt.port} disconnected client id"
+                         f" {self.client_id!r}: {reason_name(reason)}", entry_fault)
+            return
         self._failed(self._drop_reason(reason, before_connack=False), entry_fault)
+
+    def _fall_back(self, why: str) -> None:
+        """`auto` met a broker without MQTT 5: 3.1.1 until restart (logged once)."""
+        log.warning("broker %s:%d does not speak MQTT 5 (%s): using MQTT 3.1.1 until restart",
+                    self.thing.endpoint, self.thing.mqtt.port, why)
+
+    def _adopt_limits(self, limits: BrokerLimits) -> None:
+        """Honour the CONNACK's Server Keep Alive (paho pings by it; the silence deadline
+        follows). The egress reads `limits` for its window (Receive Maximum) and the Maximum
+        Packet Size; we send no topic aliases, so any Topic Alias Maximum is honoured."""
+        self.limits = limits
+        if limits.server_keepalive:
+            self.keepalive = limits.server_keepalive
+            self.watch = LinkWatch(limits.server_keepalive, self.thing.mqtt.operation_timeout, self.clock)
 
     def _drop_reason(self, reason: Any, before_connack: bool) -> str:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
@@ -349,9 +411,10 @@ class Connection:
         if before_connack and (exc is None or isinstance(exc, _ABRUPT_CLOSE)):
             # With TLS 1.3 the broker checks our certificate after our side of the handshake
             # is done, so its refusal often shows up only as a closed connection.
+            v5 = " (or does not speak MQTT 5: see `protocol`)" if self.choice.unproven_v5 else ""
             return (f"TLS: the broker at {where} closed the connection before CONNACK: it refused"
                     f" the client certificate {self.thing.keys.cert} or does not allow client id"
-                    f" {self.client_id!r}")
+                    f" {self.client_id!r}{v5}")
         if exc is not None:
             return describe_error(exc, self.thing, self.timeout)
         if reason == "Keep alive timeout":  # paho: no PINGRESP in time
@@ -370,6 +433,8 @@ class Connection:
 
     def _failed(self, error: str, entry_fault: bool = False, retry_in: Optional[float] = None) -> None:
         """`retry_in`: retry sooner than the backoff says (a clock waiting for time sync)."""
+        if self.choice.failed():  # 3.1.1 failed as well: the protocol was not the problem
+            self._rebuild = True
         self.connected = False
         self.backoff.lost(broker_fault=not entry_fault)
         if retry_in is not None:

@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from flashlexd.config import ConfigError, Keys, Thing
 from flashlexd.dialer import DialedClient
+from flashlexd.mqttv5 import V5, V311, session_properties
 from flashlexd.timesync import clock_problem
 
 ALPN_PORT = 443             # AWS IoT serves MQTT with client certs on 443 only with this ALPN
@@ -48,14 +49,20 @@ def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
 
 def build_client(thing: Thing, client_id: str, connect_timeout: float,
                  clean_session: bool = False, context: Optional[ssl.SSLContext] = None,
-                 dialed: bool = False) -> paho.Client:
+                 dialed: bool = False, protocol: str = V311, clean_start: bool = False) -> paho.Client:
     """A paho client for `thing`, not yet connected. `connect_timeout` bounds paho's own
     blocking TCP connect and TLS handshake (`check`, benchmarks); a `dialed` client instead takes
     the socket a non-blocking `Dialer` made (`Connection`). The daemon's sessions are
-    persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker."""
+    persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker.
+    `protocol` is "5" or "3.1.1". Under MQTT 5 a persistent session is a Session Expiry
+    Interval (`sessionExpirySeconds`) with Clean Start only when `clean_start` (a store's very
+    first connection): never paho's MQTT_CLEAN_START_FIRST_ONLY, which would wipe the session
+    each time a restarted worker connects "for the first time"."""
     mqtt = thing.mqtt
-    client = (DialedClient if dialed else paho.Client)(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
-                         protocol=paho.MQTTv311,
+    v5 = protocol == V5
+    client = (DialedClient if dialed else paho.Client)(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         clean_session=None if v5 else clean_session,
+                         protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
                          transport="websockets" if mqtt.use_websocket else "tcp",
                          reconnect_on_failure=False)  # no silent MQTT 3.1 downgrade-and-retry
     client.tls_set_context(context or tls_context(thing.keys, alpn=uses_alpn(thing)))
@@ -64,7 +71,11 @@ def build_client(thing: Thing, client_id: str, connect_timeout: float,
     client.max_inflight_messages_set(mqtt.max_inflight)
     client.max_queued_messages_set(0)
     client.connect_timeout = connect_timeout
-    client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive)  # records where; no I/O
+    if v5:  # records where; no I/O
+        client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive, clean_start=clean_session or clean_start,
+                             properties=session_properties(0 if clean_session else mqtt.session_expiry))
+    else:
+        client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive)
     return client
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json as _json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 
@@ -23,6 +23,9 @@ class Message:
     mid: int = 0
     expires_at: Optional[float] = None
     age: Optional[float] = None
+    # MQTT 5: user_properties ([[name, value], ...] in order), content_type,
+    # payload_format_indicator, response_topic, correlation_data, message_expiry_interval; {} under 3.1.1
+    properties: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def pk(self) -> str:
@@ -49,7 +52,11 @@ class Message:
         """The wire form (with `pk`, what the old SDK's apps read)."""
         return {"id": self.id, "pk": self.pk, "timestamp": self.timestamp, "topic": self.topic,
                 "payload": self.payload, "qos": self.qos, "retain": self.retain, "mid": self.mid,
-                "expires_at": self.expires_at, "age": self.age}
+                "expires_at": self.expires_at, "age": self.age, "properties": self.properties}
+
+    def user_property(self, name: str) -> Optional[str]:
+        """The first value of user property `name`, or None."""
+        return next((value for key, value in self.properties.get("user_properties", ()) if key == name), None)
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> "Message":
@@ -59,7 +66,8 @@ class Message:
         message.__dict__.update(id=data["id"], topic=data["topic"], payload=data["payload"],
                                 timestamp=data["timestamp"], qos=data.get("qos", 1),
                                 retain=data.get("retain", False), mid=data.get("mid", 0),
-                                expires_at=data.get("expires_at"), age=data.get("age"))
+                                expires_at=data.get("expires_at"), age=data.get("age"),
+                                properties=data.get("properties") or {})
         return message
 
 
@@ -78,6 +86,7 @@ class OutboxEntry:
     reason: Optional[str] = None
     dead_at: Optional[float] = None
     age: Optional[float] = None
+    properties: Dict[str, Any] = field(default_factory=dict)  # given to `publish` (Message's names)
 
     @property
     def size(self) -> int:
@@ -87,7 +96,7 @@ class OutboxEntry:
         """The wire form; `dead_at` only for a dead letter."""
         wire = {"id": self.id, "created": self.created, "topic": self.topic,
                 "payload": self.payload, "qos": self.qos, "retain": self.retain, "age": self.age,
-                "attempts": self.attempts, "reason": self.reason}
+                "attempts": self.attempts, "reason": self.reason, "properties": self.properties}
         if self.dead_at is not None:
             wire["dead_at"] = self.dead_at
         return wire
@@ -99,4 +108,4 @@ class OutboxEntry:
                    created=float(data["created"]), qos=int(data.get("qos", 1)),
                    retain=bool(data.get("retain", False)), attempts=data.get("attempts"),
                    reason=data.get("reason"), dead_at=data.get("dead_at"),
-                   age=None if age is None else float(age))
+                   age=None if age is None else float(age), properties=data.get("properties") or {})

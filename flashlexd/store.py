@@ -1,6 +1,6 @@
 """The durable LMDB store shared by every flashlexd process.
 
-One environment, ten named databases:
+One environment, eleven named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
   expiry  empty since schema 4 (kept for the schema-1 to 3 stores it migrates, and for expiry
           times of their own: an index of the exceptions). One TTL for every message makes the
@@ -18,13 +18,16 @@ One environment, ten named databases:
           to `unconfirmed`
   unconfirmed, dedupe: what recognises a broker's redeliveries (flashlexd/redelivery.py)
   consumers, cacks: named consumers' floors and acks-ahead (flashlexd/storeconsumers.py)
+  msgexpiry  per-message expiry (MQTT 5 Message Expiry Interval) of the inbox messages that
+          carry one (flashlexd/storemsgexpiry.py)
   meta    name -> value: schema version, id counters, totals (`acked` is derived from the
           others and the inbox count, so an ack writes the inbox alone); b"frame" + seq(4) -> the BootFrame
           of each boot that stamped a record still stored (clock.py)
 
-Stamps: an inbox record is (wall, topic, payload, qos, retain, mid, expiry, boot seq, boottime),
-an outbox entry (wall, topic, payload, qos, retain, boot seq, boottime); schema-1 records lack
-the last two fields (seq 0: the wall-clock rule). Ages, arrival times and expiry times that the
+Stamps: an inbox record is (wall, topic, payload, qos, retain, mid, expiry, boot seq, boottime,
+[properties]), an outbox entry (wall, topic, payload, qos, retain, boot seq, boottime,
+[properties]); schema-1 records lack the stamp fields (seq 0: the wall-clock rule), records
+without MQTT 5 properties (all before schema 4) lack the last one. Ages, arrival times and expiry times that the
 store hands out go through a `Timeline` (clock.py), so they survive clock steps.
 
 Every process opens its own `Store` after fork: an LMDB environment must never cross a fork
@@ -55,8 +58,7 @@ from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _decode_message,
-                                    _keys_of, _ms, _outbox_entry, _stamp_of)
-from flashlexd.topics import topic_matches
+                                    _keys_of, _ms, _outbox_entry, _stamp_of, message_selector)
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
 _WALL = struct.Struct(">d")
@@ -98,6 +100,8 @@ class Store(ConsumerStore, OutboxStore):
         steady = reading.boottime + self._frames.current.first
         expires_at = steady + self.expire_seconds if self.expire_seconds else None
         records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
+        due = [(steady + m.properties["message_expiry_interval"], i) for i, m in enumerate(messages)
+               if m.properties and m.properties.get("message_expiry_interval")]
         needed = sum(map(len, records)) + _RECORD_OVERHEAD * len(records)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
@@ -120,6 +124,8 @@ class Store(ConsumerStore, OutboxStore):
             ids: List[Optional[int]] = [None] * len(messages)
             for i, record_id in zip(chosen, range(first_id, last_id + 1)):
                 ids[i] = record_id
+            if due:
+                self._msg_expiry.index(txn, seq, [(at, _ID.pack(ids[i])) for at, i in due if ids[i]])
             return ids
 
         return self._write(work)  # type: ignore[return-value]
@@ -130,7 +136,9 @@ class Store(ConsumerStore, OutboxStore):
         and its DUP mark. `stamp` is (wall, boot seq, boottime)."""
         pack = self._packer.pack
         wall, seq, boot = stamp
-        records = [pack((wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot))
+        records = [pack((wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot,
+                         m.properties) if m.properties else
+                        (wall, m.topic, m.payload, m.qos, m.retain, m.mid, expires_at, seq, boot))
                    for m in messages]
         return records, dup_marks(messages)
 
@@ -146,10 +154,12 @@ class Store(ConsumerStore, OutboxStore):
 
     @guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,
-                 after: Optional[int] = None) -> List[Message]:
-        """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id."""
-        keep = None if topic is None else (lambda message: topic_matches(topic, message.topic))
-        return self._scan(self._inbox, limit, after, _decode_message, keep)
+                 after: Optional[int] = None,
+                 user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
+        """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id;
+        `user_property` (name, value): only messages carrying that MQTT 5 user property."""
+        return self._scan(self._inbox, limit, after, _decode_message,
+                          message_selector(topic, user_property))
 
     @guarded
     def ack(self, ids: Iterable[int]) -> int:
@@ -199,7 +209,7 @@ class Store(ConsumerStore, OutboxStore):
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:
         """Remove up to `batch` messages that are due (bounded txn): a message of this boot
         once its real age reached expireSeconds, one of an earlier boot by the wall clock
-        (clock.py). `now` (tests) is a wall-clock time in this boot's first frame.
+        (clock.py), and messages whose own expiry (MQTT 5) passed. `now` (tests) is a wall-clock time in this boot's first frame.
 
         One TTL for every message makes the inbox's key (arrival) order its expiry order within
         a boot, so the sweep walks the inbox from the front, and at the first message not yet
@@ -207,7 +217,8 @@ class Store(ConsumerStore, OutboxStore):
         finds where they start): no index is written per message. A message stored without an expiry (expireSeconds
         was unset then) is stepped over, and the walk starts past those it has stepped over
         already (`_sweep_from`, this process's memory). After expireSeconds is lowered, the
-        messages stored before expire first, at their own time, then the newer ones."""
+        messages stored before expire first, at their own time, then the newer ones.
+        Messages with an expiry of their own are found by their index (storemsgexpiry.py)."""
         reading = self._frames.reading(now)
 
         def work(txn: lmdb.Transaction) -> int:
@@ -234,10 +245,30 @@ class Store(ConsumerStore, OutboxStore):
                 inbox.delete()  # moves to the next record; past the last, to no record (key b"")
                 found = bool(inbox.key())
                 removed += 1
+            if removed < batch:
+                own_cutoffs: Dict[int, bytes] = {}
+
+                def own_cutoff(seq: int) -> bytes:
+                    if seq not in own_cutoffs:
+                        own_cutoffs[seq] = _ID.pack(_ms(timeline.cutoff(seq)) + 1)
+                    return own_cutoffs[seq]
+
+                removed += self._msg_expiry.sweep(txn, own_cutoff, lambda key: self._remove(txn, key),
+                                                  batch - removed)
             self._add_counter(txn, b"expired", removed)
             return removed
 
         return self._write(work)  # type: ignore[return-value]
+
+    def _remove(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        """Delete inbox message `key` if it is still stored; True if it was."""
+        return txn.delete(key, db=self._inbox)
+
+    @guarded
+    def has_message_expiry(self) -> bool:
+        """Whether some stored message carries its own expiry (the expiry worker sweeps then)."""
+        with self._read() as txn:
+            return self._msg_expiry.pending(txn) > 0
 
     # -- figures ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import Clock, SystemClock, Timeline
 from flashlexd.redelivery import Redeliveries
+from flashlexd.storemsgexpiry import DB_NAME as MSG_EXPIRY_DB, MessageExpiry
 from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _stamp_of,
@@ -30,7 +31,8 @@ S = TypeVar("S", bound="StoreBase")
 SCHEMA_VERSION = 4  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
 #                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys;
 #                   4: no expiry index (inbox order is expiry order), `acked` derived (wear),
-#                      named consumers (`consumers`, `cacks`)
+#                      named consumers (`consumers`, `cacks`), MQTT 5 properties at the end
+#                      of records and the `msgexpiry` index
 _SIGNED = struct.Struct(">q")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
@@ -103,6 +105,7 @@ class StoreBase:
                                               self._env.open_db(b"dedupe", txn=txn))
             self._meta = self._env.open_db(b"meta", txn=txn)
             self._open_consumer_databases(txn)
+            self._msg_expiry = MessageExpiry(self._env.open_db(MSG_EXPIRY_DB, txn=txn))
             self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
             if schema > SCHEMA_VERSION:
@@ -316,7 +319,7 @@ class StoreBase:
         pages = 0
         for db in (self._inbox, self._expiry, self._outbox, self._dead, self._recent, self._meta,
                    self._redeliveries.unconfirmed, self._redeliveries.dedupe, self._consumer_db,
-                   self._consumer_acks):
+                   self._consumer_acks, self._msg_expiry.db):
             stat = txn.stat(db)
             pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
         return pages * self._page_size

@@ -14,8 +14,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
 from flashlexd.storedamage import guarded, unpack_record
-from flashlexd.storerecords import _ID, Message, StoreBusy, _decode_message, _keys_of, _start
-from flashlexd.topics import topic_matches
+from flashlexd.storerecords import (_ID, Message, StoreBusy, _decode_message, _keys_of, _start,
+                                    message_selector)
 
 log = logging.getLogger("flashlexd.store")
 WALK_BUDGET = 20000  # inbox records one ack call's floor walk may pass (the rest: next call)
@@ -154,8 +154,10 @@ class ConsumerStore:
 
     @guarded
     def consumer_messages(self, name: str, limit: int = 100, topic: Optional[str] = None,
-                          after: Optional[int] = None) -> List[Message]:
-        """The consumer's unacked messages past `after`, oldest first (its filter and `topic`).
+                          after: Optional[int] = None,
+                          user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
+        """The consumer's unacked messages past `after`, oldest first (its filter, then `topic`
+        and `user_property` as in `messages`).
         A read that had to pass FLOOR_HINT records the consumer is done with (other apps'
         topics) before its first unacked one moves its floor over them (one small write), so
         that a consumer of rare topics does not walk the same records on every `wait` poll."""
@@ -168,6 +170,7 @@ class ConsumerStore:
             if limit <= 0 or not _start(cursor, start):
                 return found
             timeline = self._frames.timeline(txn)
+            keep = message_selector(topic, user_property)
             at_floor, passable = start == consumer.floor, 0
             for key, raw in cursor:
                 if _ID.unpack(key)[0] in acked:
@@ -178,7 +181,7 @@ class ConsumerStore:
                     passable += at_floor
                     continue
                 at_floor = False
-                if topic is None or topic_matches(topic, message.topic):
+                if keep is None or keep(message):
                     found.append(message)
                     if len(found) >= limit:
                         break

@@ -2,7 +2,7 @@
 (entries the broker kept refusing, kept aside until retried or dropped)."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
@@ -16,25 +16,26 @@ class OutboxStore(StoreBase):
     # -- outbox -------------------------------------------------------------------------------
 
     @guarded
-    def outbox_append(self, entries: Sequence[Tuple[str, bytes, int, bool]],
+    def outbox_append(self, entries: Sequence[Tuple[Any, ...]],
                       max_entries: int = -1, now: Optional[float] = None) -> List[int]:
-        """Queue (topic, payload, qos, retain) entries for the cloud; `max_entries` < 0 is
-        unlimited. Refused (never dropped) when full: these are the application's data."""
+        """Queue (topic, payload, qos, retain[, properties]) entries for the cloud; `max_entries`
+        < 0 is unlimited. Refused (never dropped) when full: these are the application's data.
+        `properties` (MQTT 5, OutboxEntry's names) go at the record's end, only when given."""
         return self._outbox_write(entries, max_entries, now, each=False)  # type: ignore[return-value]
 
     @guarded
-    def outbox_append_each(self, entries: Sequence[Tuple[str, bytes, int, bool]],
+    def outbox_append_each(self, entries: Sequence[Tuple[Any, ...]],
                            max_entries: int = -1, now: Optional[float] = None) -> List[Optional[int]]:
         """`outbox_append` of several calls of one entry each in ONE transaction (publishes of
         several apps sharing a commit: ipc/sharedcommit.py): each entry's id, or None for one
         that found the outbox at `max_entries` (the others are queued)."""
         return self._outbox_write(entries, max_entries, now, each=True)
 
-    def _outbox_write(self, entries: Sequence[Tuple[str, bytes, int, bool]], max_entries: int,
+    def _outbox_write(self, entries: Sequence[Tuple[Any, ...]], max_entries: int,
                       now: Optional[float], each: bool) -> List[Optional[int]]:
         reading = self._frames.reading(now)
         stamp = (reading.wall, self._frames.current.seq, reading.boottime)
-        needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, _, _ in entries)
+        needed = sum(len(p) + len(t) + _RECORD_OVERHEAD for t, p, *_ in entries)
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._frames.note(txn, reading)
@@ -44,13 +45,13 @@ class OutboxStore(StoreBase):
             self._make_room(txn, needed, "outbox")
             last = self._counter(txn, b"outbox_last_id")
             ids: List[Optional[int]] = []
-            for topic, payload, qos, retain in entries:
+            for topic, payload, qos, retain, *properties in entries:
                 if len(ids) >= room:
                     ids.append(None)
                     continue
                 last += 1
-                txn.put(_key(last), msgpack.packb([stamp[0], topic, payload, qos, retain, *stamp[1:]],
-                                                  use_bin_type=True), db=self._outbox, append=True)
+                record = [stamp[0], topic, payload, qos, retain, *stamp[1:], *filter(None, properties)]
+                txn.put(_key(last), msgpack.packb(record, use_bin_type=True), db=self._outbox, append=True)
                 ids.append(last)
             self._set_counter(txn, b"outbox_last_id", last)
             self._add_counter(txn, b"queued", sum(1 for i in ids if i is not None))

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import lmdb
 from flashlexd.clock import LEGACY_SEQ, Timeline
 from flashlexd.records import Message, OutboxEntry
 from flashlexd.storedamage import CorruptRecord, unpack_record
+from flashlexd.topics import topic_matches
 
 _ID = struct.Struct(">Q")
 _SEQ = struct.Struct(">I")
@@ -21,6 +22,8 @@ _MAX_ID = 2 ** 64 - 1
 _RECORD_OVERHEAD = 64  # bytes of B-tree node and index entries per message, roughly
 DupMark = bytes  # digest of topic + payload (redelivery.py)
 _DEAD_FIELDS = 3  # a dead letter's own fields, before the outbox record it keeps whole
+_INBOX_PROPERTIES = 9   # schema 4: an inbox record's properties, after the stamp; absent: none
+_OUTBOX_PROPERTIES = 7  # schema 4: an outbox entry's properties, after the stamp; absent: none
 
 
 class StoreError(Exception):
@@ -59,6 +62,7 @@ class Incoming:
     mid: int = 0
     dup: bool = False
     key: Optional[bytes] = None  # the application's dedupe key (dedupe.py), when configured
+    properties: Optional[Dict[str, Any]] = None  # MQTT 5 (mqttv5.properties_of), kept as given
 
 
 DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set
@@ -103,11 +107,13 @@ def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
     record = unpack_record(raw, 7)
     wall, topic, payload, qos, retain, mid, expires_at = record[:7]
     seq, boot = _stamp_of(record, 7)
-    return Message(id=_ID.unpack(key)[0], timestamp=timeline.arrival(wall, seq, boot), topic=topic,
-                   payload=payload, qos=qos, retain=retain, mid=mid,
-                   expires_at=None if expires_at is None
-                   else timeline.expiry_wall(expires_at, wall, seq, boot),
-                   age=timeline.age(wall, seq, boot))
+    arrival, properties = timeline.arrival(wall, seq, boot), _properties(record, _INBOX_PROPERTIES)
+    due = [] if expires_at is None else [timeline.expiry_wall(expires_at, wall, seq, boot)]
+    if properties.get("message_expiry_interval"):  # its own expiry (MQTT 5), if sooner
+        due.append(arrival + properties["message_expiry_interval"])
+    return Message(id=_ID.unpack(key)[0], timestamp=arrival, topic=topic, payload=payload, qos=qos,
+                   retain=retain, mid=mid, expires_at=min(due) if due else None,
+                   age=timeline.age(wall, seq, boot), properties=properties)
 
 
 def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
@@ -116,7 +122,18 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
     wall, topic, payload, qos, retain = record[:5]
     seq, boot = _stamp_of(record, 5)
     return OutboxEntry(id=_ID.unpack(key)[0], created=timeline.arrival(wall, seq, boot), topic=topic,
-                       payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot))
+                       payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot),
+                       properties=_properties(record, _OUTBOX_PROPERTIES))
+
+
+def _properties(record: list, at: int) -> Dict[str, Any]:
+    """The properties field of a schema-4 record; {} for older records and those without."""
+    found = record[at] if len(record) > at else None
+    if found is None:
+        return {}
+    if not isinstance(found, dict):
+        raise CorruptRecord("a record's properties are not a map")
+    return found
 
 
 def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:
@@ -134,3 +151,17 @@ def _read_outbox_entry(key: bytes, raw: memoryview, timeline: Timeline) -> Outbo
 
 def _read_dead_letter(key: bytes, raw: memoryview, timeline: Timeline) -> DeadLetter:
     return _dead_letter(key, unpack_record(raw, 5), timeline)
+
+
+def message_selector(topic: Optional[str], user_property: Optional[Tuple[str, str]]
+                     ) -> Optional[Callable[[Message], bool]]:
+    """What `messages`/`wait` keep: a topic filter (MQTT wildcards) and an MQTT 5 user property
+    (name, value) the message must carry; None when neither is asked for (every message)."""
+    if topic is None and user_property is None:
+        return None
+    pair = None if user_property is None else list(user_property)
+
+    def keep(message: Message) -> bool:
+        return ((topic is None or topic_matches(topic, message.topic)) and
+                (pair is None or pair in message.properties.get("user_properties", ())))
+    return keep

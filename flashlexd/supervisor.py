@@ -136,7 +136,8 @@ class Supervisor:
         """The API reads its limits and rules from the current runtime on every use."""
         self.methods = Methods(lambda: self.store, self.status, self.wake_egress,
                                lambda: bool(self.workers["egress"].mqtt.get("connected")),
-                               lambda: self.runtime.rules)
+                               lambda: self.runtime.rules,
+                               lambda: {**self.workers["egress"].counters, **self.workers["egress"].mqtt})
         api = self.config.api
         # allowUids are users outside the socket's group: they need the socket itself to be
         # connectable (0666); who may talk is then decided per connection (ipc/admission.py)

@@ -152,9 +152,10 @@ class Broker:
     name = "mosquitto"
 
     def __init__(self, certs: Certs, workdir: Path, *, server: Optional[Identity] = None,
-                 plain: bool = False, extra: Sequence[str] = ()):
+                 plain: bool = False, extra: Sequence[str] = (), acl: Optional[str] = None):
         self.certs = certs
         self.extra = list(extra)  # more mosquitto.conf lines (global settings, e.g. max_packet_size)
+        self.acl = acl  # the TLS listener's ACL file text (mosquitto's acl_file format)
         self.workdir = workdir
         self.server = server or certs.server
         self.port = free_port()
@@ -185,6 +186,9 @@ class Broker:
             f"cafile {self.certs.ca}", f"certfile {self.server.cert}", f"keyfile {self.server.key}",
             "require_certificate true", "use_identity_as_username true", "allow_anonymous false",
         ]
+        if self.acl is not None:
+            (self.workdir / "acl").write_text(self.acl)
+            lines.append(f"acl_file {self.workdir / 'acl'}")
         if self.plain_port:
             lines += [f"listener {self.plain_port} {HOST}", "allow_anonymous true"]
         self.conf.write_text("\n".join(lines) + "\n")

@@ -7,6 +7,8 @@ Core does over its 100 publishes/s quota. The quota is a token bucket of `rate` 
 holding at most `rate` (a second's worth). Everything else (CONNECT, PINGREQ, PUBACK, ...) and
 everything the broker sends are forwarded untouched. `over_quota` counts the dropped publishes
 (with `enforce=False` they are forwarded and only counted: how far over the quota a client is).
+With `answer=True` (MQTT 5 clients) a publish over the quota is answered instead, by a PUBACK
+with reason 0x97 Quota exceeded.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Dict, List, Tuple
 from tests.broker import HOST, Broker, wait_for
 
 PUBLISH = 3
+QUOTA_EXCEEDED_PUBACK = bytes([0x40, 3])  # + packet id + reason 0x97, no properties
 
 
 class _Link:
@@ -64,10 +67,22 @@ def split_packets(data: bytes) -> Tuple[List[bytes], bytes]:
     return packets, data[at:]
 
 
+def _packet_id(publish: bytes) -> bytes:
+    """The packet id of a QoS 1 PUBLISH: after the fixed header and the topic."""
+    pos = 1
+    while publish[pos] & 0x80:
+        pos += 1
+    topic_at = pos + 1
+    topic_length = int.from_bytes(publish[topic_at:topic_at + 2], "big")
+    at = topic_at + 2 + topic_length
+    return publish[at:at + 2]
+
+
 class QuotaProxy:
-    def __init__(self, broker: Broker, rate: float, enforce: bool = True):
+    def __init__(self, broker: Broker, rate: float, enforce: bool = True, answer: bool = False):
         assert broker.plain_port, "the broker needs its plain listener (Broker(..., plain=True))"
         self.broker, self.rate, self.enforce = broker, rate, enforce  # not enforced: only counted
+        self.answer = answer
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(broker.certs.ca))
         self.context.load_cert_chain(str(broker.server.cert), str(broker.server.key))
         self.context.verify_mode = ssl.CERT_REQUIRED
@@ -143,6 +158,8 @@ class QuotaProxy:
             if packet[0] >> 4 == PUBLISH:
                 if not link.allow_publish():
                     self.over_quota += 1
+                    if self.answer:
+                        link.tls.sendall(QUOTA_EXCEEDED_PUBACK + _packet_id(packet) + b"\x97")
                     if self.enforce:
                         continue
                 self.forwarded_publishes += 1

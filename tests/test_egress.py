@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import List
 
+import pytest
+
 from flashlexd.store import Store
 from flashlexd.workers.egress import OUTBOX_RECHECK
-from tests.broker import (EGRESS_TOPIC, Broker, Proxy, Subscriber, open_store, wait_for,
+from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, Broker, Proxy, Subscriber, open_store, wait_for,
                           write_config)
 
 
@@ -60,10 +62,14 @@ def test_outbox_drains_through_worker_kills(broker: Broker, tmp_path: Path, star
     subscriber.stop()
 
 
-def test_nothing_leaves_the_outbox_without_its_puback(broker: Broker, tmp_path: Path,
-                                                      start_worker) -> None:
+@pytest.mark.parametrize("protocol,window", [("5", BROKER_INFLIGHT), ("3.1.1", 50)])
+def test_nothing_leaves_the_outbox_without_its_puback(broker: Broker, tmp_path: Path, start_worker,
+                                                      protocol: str, window: int) -> None:
+    """The window is maxInflight, bounded under MQTT 5 by the broker's Receive Maximum (mosquitto
+    sends its max_inflight_messages)."""
     proxy = Proxy(broker)
-    config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"maxInflight": 50})
+    config = write_config(tmp_path / "config", broker, port=proxy.port,
+                          mqtt={"maxInflight": 50, "protocol": protocol})
     store = open_store(config)
     subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
     worker = start_worker("egress", config)
@@ -71,12 +77,12 @@ def test_nothing_leaves_the_outbox_without_its_puback(broker: Broker, tmp_path: 
     proxy.swallow("down")  # PUBACKs from now on never reach the worker
     sent = fill_outbox(store, 500)
     worker.send("outbox")
-    worker.wait(lambda w: w.counters.get("inflight") == 50, 10, "a full window in flight")
-    wait_for(lambda: len(subscriber.lines()) >= 50, 10, "the broker got them")
+    worker.wait(lambda w: w.counters.get("inflight") == window, 10, "a full window in flight")
+    wait_for(lambda: len(subscriber.lines()) >= window, 10, "the broker got them")
     assert store.outbox_count() == 500 and worker.counters["sent"] == 0
     proxy.cut()  # reconnect: paho resends the unacknowledged window, then the rest follows
     wait_for(lambda: store.outbox_count() == 0, 30, "the outbox empty")
-    assert_delivered_in_order(subscriber, sent, max_duplicates=50)
+    assert_delivered_in_order(subscriber, sent, max_duplicates=window)
     assert worker.stop() == 0
     subscriber.stop()
     proxy.close()

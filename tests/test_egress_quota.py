@@ -15,7 +15,8 @@ from tests.test_egress import assert_delivered_in_order, fill_outbox
 
 @pytest.fixture
 def plain_broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
-    running = Broker(certs, tmp_path / "broker", plain=True).start()
+    # AWS IoT Core's in-flight window (its MQTT 5 Receive Maximum) is 100: so is this broker's
+    running = Broker(certs, tmp_path / "broker", plain=True, extra=["max_inflight_messages 100"]).start()
     yield running
     running.close()
 

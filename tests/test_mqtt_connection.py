@@ -158,11 +158,13 @@ def probe(tmp_path: Path, broker: Broker, **overrides) -> Probe:
     return Probe(write_config(tmp_path / "config", broker, **overrides))
 
 
-def test_connects_with_the_thing_certificate(broker: Broker, tmp_path: Path) -> None:
-    p = probe(tmp_path, broker)
+@pytest.mark.parametrize("protocol,version", [("auto", 5), ("5", 5), ("3.1.1", 2)])
+def test_connects_with_the_thing_certificate(broker: Broker, tmp_path: Path, protocol: str,
+                                             version: int) -> None:
+    p = probe(tmp_path, broker, mqtt={"protocol": protocol})
     p.run_until(lambda: p.changes, 10, "connected")
     assert p.changes == [(True, None)]
-    assert f"as {THING}-probe (p2, c0, k30, u'{THING}')" in broker.log_text()  # 3.1.1, persistent
+    assert f"as {THING}-probe (p{version}, c0, k30, u'{THING}')" in broker.log_text()  # persistent
     p.connection.close(2)
     wait_for(lambda: f"Client {THING}-probe disconnected." in broker.log_text(), 5, "clean DISCONNECT")
 

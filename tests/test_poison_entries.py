@@ -31,13 +31,20 @@ def queue(store: Store, good: int, poison_at: int, poison_topic: str, poison_pay
     return payloads
 
 
-@pytest.mark.parametrize("topic, payload, shown", [
-    (EGRESS_TOPIC, b"x" * (2 * MAX_PACKET), f"topic {EGRESS_TOPIC}, {2 * MAX_PACKET + len(EGRESS_TOPIC)} bytes"),
-    ("dev/a\nb", b"control character in the topic", "topic dev/a\\x0ab, "),
-], ids=["oversize", "control-char-topic"])
+OVERSIZE_SHOWN = f"topic {EGRESS_TOPIC}, {2 * MAX_PACKET + len(EGRESS_TOPIC)} bytes"
+
+
+@pytest.mark.parametrize("topic, payload, shown, protocol, attempts, reason", [
+    # MQTT 5: the CONNACK's Maximum Packet Size says it before anything is sent
+    (EGRESS_TOPIC, b"x" * (2 * MAX_PACKET), OVERSIZE_SHOWN, "5", 0, f"Maximum Packet Size ({MAX_PACKET} bytes)"),
+    # MQTT 3.1.1: found by the drops it causes, alone in flight
+    (EGRESS_TOPIC, b"x" * (2 * MAX_PACKET), OVERSIZE_SHOWN, "3.1.1", 3, "127.0.0.1"),
+    ("dev/a\nb", b"control character in the topic", "topic dev/a\\x0ab, ", "auto", 3, "127.0.0.1"),
+], ids=["oversize-mqtt5", "oversize-mqtt311", "control-char-topic"])
 def test_a_poison_entry_is_dead_lettered_and_the_rest_delivered_in_order(
-        strict_broker: Broker, tmp_path: Path, start_worker, topic: str, payload: bytes, shown: str) -> None:
-    config = write_config(tmp_path / "config", strict_broker)
+        strict_broker: Broker, tmp_path: Path, start_worker, topic: str, payload: bytes, shown: str,
+        protocol: str, attempts: int, reason: str) -> None:
+    config = write_config(tmp_path / "config", strict_broker, mqtt={"protocol": protocol})
     store = open_store(config)
     subscriber = Subscriber(strict_broker, EGRESS_TOPIC, tmp_path / "received").start()
     sent = queue(store, 1000, 500, topic, payload)  # written straight in: no publish-time checks
@@ -46,8 +53,8 @@ def test_a_poison_entry_is_dead_lettered_and_the_rest_delivered_in_order(
     wait_for(lambda: store.outbox_count() == 0, 60, "the outbox empty")
     assert_delivered_in_order(subscriber, sent, max_duplicates=300)
     dead = store.dead_letters()
-    assert [(d.id, d.topic, d.payload, d.attempts) for d in dead] == [(poison_id, topic, payload, 3)]
-    assert "127.0.0.1" in dead[0].reason
+    assert [(d.id, d.topic, d.payload, d.attempts) for d in dead] == [(poison_id, topic, payload, attempts)]
+    assert reason in dead[0].reason
     warnings = [line for line in worker.log_text().splitlines() if "dead letters" in line]
     assert len(warnings) == 1 and "WARNING" in warnings[0]
     assert f"outbox entry {poison_id} ({shown}" in warnings[0]

@@ -81,7 +81,7 @@ def test_expired_keys_are_dropped_from_the_store(tmp_path: Path):
     store.append([msg(b"%d" % i, key=b"%d" % i) for i in range(500)], now=1000, dedupe_window=60)
     store.append([msg(b"new", key=b"new")], now=2000, dedupe_window=60)
     store.close()
-    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, readonly=True, lock=False)
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=16, readonly=True, lock=False)
     with env.begin() as txn:
         assert txn.stat(env.open_db(b"dedupe", txn=txn, create=False))["entries"] == 2  # k + t
     env.close()
@@ -158,7 +158,7 @@ def test_a_schema2_store_keeps_its_dup_marks(tmp_path: Path):
     assert store.append([msg(b"two", mid=52, dup=True)], settled=[marks[1]]) == [None]
     assert store.append([msg(b"two", mid=53, dup=True)], settled=[marks[1]]) == [4]
     store.close()
-    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, readonly=True, lock=False)
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=16, readonly=True, lock=False)
     with env.begin() as txn:
         assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
             == SCHEMA_VERSION == 4

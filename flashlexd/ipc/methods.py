@@ -12,9 +12,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from flashlexd.consumers import RESET_TARGETS, UnknownConsumer
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
+from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
 from flashlexd.ipc.sharedcommit import SharedCommits
+from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem, valid_filter
@@ -105,14 +107,16 @@ class Methods:
 
     def __init__(self, store: Callable[[], Store], status_provider: Callable[[], Dict[str, Any]],
                  on_outbox_added: Callable[[], None], egress_connected: Callable[[], bool],
-                 rules: Callable[[], ApiRules]):
+                 rules: Callable[[], ApiRules], egress_link: Callable[[], Dict[str, Any]] = dict):
         """`store` and `rules` are read on every call: the supervisor swaps both on a reload
-        (see `runtime.Runtime`), so a method never works with a stale limit or a closed store."""
+        (see `runtime.Runtime`), so a method never works with a stale limit or a closed store.
+        `egress_link`: the egress worker's latest counters and link report (its broker's limits)."""
         self._store = store
         self.status_provider = status_provider
         self.on_outbox_added = on_outbox_added
         self.egress_connected = egress_connected
         self._rules = rules
+        self.egress_link = egress_link
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
         self.acks = SharedCommits(lambda calls: self.store.ack_each(calls))
         self.publishes = SharedCommits(self._queue_all, full_code=Code.OUTBOX_FULL)
@@ -154,9 +158,10 @@ class Methods:
         return records
 
     def _fetch(self, limit: int, topic: Optional[str], after: Optional[int],
-               consumer: Optional[str] = None) -> List[Dict[str, Any]]:
-        found = self.store.messages(limit, topic, after) if consumer is None else \
-            self.store.consumer_messages(consumer, limit, topic, after)
+               consumer: Optional[str] = None,
+               user_property: Optional[Tuple[str, str]] = None) -> List[Dict[str, Any]]:
+        found = self.store.messages(limit, topic, after, user_property) if consumer is None else \
+            self.store.consumer_messages(consumer, limit, topic, after, user_property)
         return self._bounded([m.to_dict() for m in found])
 
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
@@ -205,8 +210,9 @@ class Methods:
     def _messages(self, p: _Params) -> List[Dict[str, Any]]:
         limit, topic, after = self._query(p, 100)
         consumer = self._consumer(p)
+        wanted = mqttprops.user_property(p)
         p.done()
-        return self._fetch(limit, topic, after, consumer)
+        return self._fetch(limit, topic, after, consumer, wanted)
 
     def _ack(self, p: _Params) -> Any:
         ids = p.ids("ids")
@@ -221,14 +227,15 @@ class Methods:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
         limit, topic, after = self._query(p, 100)
         consumer = self._consumer(p)
+        wanted = mqttprops.user_property(p)
         p.done()
-        found = self._fetch(limit, topic, after, consumer)
+        found = self._fetch(limit, topic, after, consumer, wanted)
         if found or timeout == 0:
             return found
 
         def poll() -> Optional[List[Dict[str, Any]]]:  # run by the server on notify_inbox()
             try:
-                return self._fetch(limit, topic, after, consumer) or None
+                return self._fetch(limit, topic, after, consumer, wanted) or None
             except StoreError as exc:
                 raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
@@ -252,6 +259,7 @@ class Methods:
                                  f"{_show(topic)} (nothing was queued)")
         qos = p.integer("qos", 1, 0, 1)
         retain = p.boolean("retain", False)
+        properties = mqttprops.publish_properties(p)
         p.done()
         rules = self.rules
         if len(payload) > rules.max_publish_bytes:
@@ -262,14 +270,15 @@ class Methods:
         if cap == 0 and not self.egress_connected():
             raise RpcFailure(Code.EGRESS_OFFLINE, "egress is not connected and offlinePublishQueueing"
                              " is 0: publish refused (nothing was queued)")
-        entry = (topic, payload, qos, retain)
+        self._check_packet_size(topic, payload, properties)
+        entry = (topic, payload, qos, retain, properties)
         if rules.write_window > 0:
             return self.publishes.join(entry, rules.write_window, self._queued)
         (outbox_id,) = self.store.outbox_append([entry], max_entries=cap if cap > 0 else -1)
         self.on_outbox_added()
         return {"id": outbox_id}
 
-    def _queue_all(self, entries: List[Tuple[str, bytes, int, bool]]) -> List[Optional[int]]:
+    def _queue_all(self, entries: List[Tuple[Any, ...]]) -> List[Optional[int]]:
         """The publishes of one shared commit (sharedcommit.py); None: the outbox was full."""
         cap = self.rules.offline_publish_queueing
         ids = self.store.outbox_append_each(entries, max_entries=cap if cap > 0 else -1)
@@ -282,6 +291,18 @@ class Methods:
             raise RpcFailure(Code.OUTBOX_FULL, f"outbox is full ({self.rules.offline_publish_queueing}"
                              " entries, offlinePublishQueueing)")
         return {"id": outbox_id}
+
+    def _check_packet_size(self, topic: str, payload: bytes, properties: Dict[str, Any]) -> None:
+        """While the egress link is up on MQTT 5, refuse what its broker's Maximum Packet Size
+        would refuse (the egress dead-letters such entries queued earlier)."""
+        egress = self.egress_link()
+        limit = egress.get("broker_max_packet")
+        if not (egress.get("connected") and limit):
+            return
+        size = publish_packet_size(topic, payload, properties, properties.get("message_expiry_interval"))
+        if size > limit:
+            raise RpcFailure(Code.BAD_PARAMS, f"publish: a {size}-byte packet exceeds the broker's Maximum"
+                             f" Packet Size ({limit} bytes) (nothing was queued)")
 
     def _outbox(self, p: _Params) -> Dict[str, Any]:
         """Queued entries (or, with dead=true, dead letters), oldest first, with the counts."""

@@ -18,6 +18,14 @@ one WARNING line; then the drain goes on at full speed.
 
 QoS 0 entries are deleted as soon as paho has accepted them: at most once, as their QoS says.
 
+MQTT 5 says why: a PUBACK with a failure reason (0x87 Not authorized, 0x99 Payload format
+invalid...) dead-letters its entry at once under that reason's name, except 0x97 Quota
+exceeded, which passes: the entry goes out again after QUOTA_RETRY_SECONDS. An entry larger
+than the broker's Maximum Packet Size (its CONNACK) is dead-lettered instead of sent, and the
+in-flight window is also bounded by the broker's Receive Maximum. An entry published with
+properties carries them (MQTT 5; 3.1.1 has none to send); one with a message expiry that passed
+before it was sent is dropped instead, counted in `expired`, one INFO line per drain pass.
+
 Waking: the supervisor sends `OutboxQueued` when something was queued; every
 OUTBOX_RECHECK seconds the worker also looks by itself. (`drainingFrequency` is the FlashLex
 SDK's drain rate in publishes per second: see `config._publish_rate`.)
@@ -33,6 +41,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
 from flashlexd.mqtt import Connection
+from flashlexd.mqttv5 import QUOTA_EXCEEDED, publish_packet_size, publish_properties, reason_name
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DELETE_DELAY = 0.02   # seconds an acknowledged entry may wait for the next delete transaction
 OUTBOX_RECHECK = 2.0  # seconds between looks at the outbox without a wake-up
+QUOTA_RETRY_SECONDS = 1.0  # pause after a PUBACK "Quota exceeded" (0x97) before sending again
 
 
 class _InFlight(NamedTuple):
@@ -57,7 +67,8 @@ class EgressWorker(Worker):
         mqtt = self.config.thing.mqtt
         self.store = Store.from_config(self.config.store)
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
-                                     on_publish=self._on_publish, fresh_client=True)
+                                     on_publish=self._on_publish, fresh_client=True,
+                                     clean_start=self._first_connection(mqtt.egress_client_id))
         self.window = mqtt.max_inflight
         self.rate_limit = mqtt.publish_rate
         self.bytes_limit = mqtt.publish_bytes_rate
@@ -72,12 +83,14 @@ class EgressWorker(Worker):
         self.cursor = 0                     # the newest outbox id handed to paho
         self.more = True                    # the outbox may hold entries past the cursor
         self.next_check = 0.0
+        self.paused_until = 0.0             # a broker's "Quota exceeded": nothing goes out before
         self.meter_start, self.meter_count, self.send_rate = time.monotonic(), 0, 0.0
         self.counters.update(sent=0, inflight=0, outbox_backlog=self.store.outbox_count(),
                              connected=False, invalid=0, rate_limit=mqtt.publish_rate,
                              bytes_limit=mqtt.publish_bytes_rate, send_rate=0.0, eta_s=None,
                              throttled=0, dead_lettered=0, oldest_inflight_age=None,
-                             sessions_lost=0, one_at_a_time=False)
+                             sessions_lost=0, one_at_a_time=False, protocol=None, refused=0,
+                             expired=0)
         log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
                                                   mqtt.rate_source, mqtt.max_inflight))
 
@@ -118,21 +131,51 @@ class EgressWorker(Worker):
 
     # -- MQTT -------------------------------------------------------------------------------------
 
+    def _first_connection(self, client_id: str) -> bool:
+        """MQTT 5 Clean Start only on the store's very first connection of this client id."""
+        try:
+            return self.store.session_seen(client_id) is None
+        except StoreError as exc:
+            log.debug("no record of an earlier session: %s", exc)
+            return False
+
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
         self.counters["connected"] = connected
         if connected:
+            limits = self.connection.limits
+            self.window = min(self.config.thing.mqtt.max_inflight, limits.receive_maximum or math.inf)
+            self.counters.update(protocol=self.connection.protocol, **limits.counters())
+            self._note_session()
             self.acked_on_link = 0
             self.more = True
         elif self.inflight and not self.connection.closing:
             self._link_dropped(error)
         self.report(MqttReport.kind, connected=connected, error=error)
 
-    def _on_publish(self, mid: int) -> None:
+    def _note_session(self) -> None:
+        try:
+            self.store.note_session(self.config.thing.mqtt.egress_client_id, time.time())
+        except StoreError as exc:
+            log.warning("cannot remember that the broker holds our session: %s", exc)
+
+    def _on_publish(self, mid: int, reason: Any = None) -> None:
         sent = self.inflight.pop(mid, None)
-        if sent is not None:
-            self.acked_on_link += 1
-            self.poison.acknowledged(sent.entry_id)
+        if sent is None:
+            return
+        self.acked_on_link += 1
+        self.poison.acknowledged(sent.entry_id)
+        if reason is None or not reason.is_failure:
             self._done(sent.entry_id)
+            return
+        self.counters["refused"] += 1
+        if reason.value == QUOTA_EXCEEDED:  # a quota passes: the entry goes again, after a pause
+            self.paused_until = time.monotonic() + QUOTA_RETRY_SECONDS
+            self.cursor = min(self.cursor, sent.entry_id - 1)
+            self.more = True
+            log.warning("broker refused outbox entry %d: %s; sending again in %gs", sent.entry_id,
+                        reason_name(reason), QUOTA_RETRY_SECONDS)
+            return
+        self._dead_letter(sent, f"refused by the broker: {reason_name(reason)}", 1)
 
     def _done(self, entry: int) -> None:
         self.unacked_since.pop(entry, None)
@@ -177,6 +220,9 @@ class EgressWorker(Worker):
         room = self.poison.window(self.window) - len(self.inflight)
         if room <= 0:
             return math.inf  # a PUBACK wakes us
+        pause = self.paused_until - time.monotonic()
+        if pause > 0:
+            return pause
         allowance = self.budget.allowance(room)
         if allowance <= 0:
             return self.budget.wait(1)
@@ -189,8 +235,13 @@ class EgressWorker(Worker):
         if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
             self._forget_unacked_below(entries[0].id if entries else math.inf)
         done = set(self.done)
+        expired: List[OutboxEntry] = []
         for entry in entries:
             if entry.id in done:  # acknowledged, its delete still to come
+                self.cursor = entry.id
+                continue
+            if _expiry_left(entry) == 0:
+                expired.append(entry)
                 self.cursor = entry.id
                 continue
             size = len(entry.payload) + len(entry.topic.encode("utf-8"))
@@ -200,14 +251,36 @@ class EgressWorker(Worker):
                 return wait
             if not self._publish(entry, size):
                 self.more = True
+                self._drop_expired(expired)
                 return math.inf  # not sent: retried after the reconnect
             self.cursor = entry.id
+        self._drop_expired(expired)
         more_room = self.more and len(self.inflight) < self.poison.window(self.window)
         return 0.0 if more_room else math.inf  # QoS 0 entries free their slots at once
 
-    def _publish(self, entry: OutboxEntry, size: int) -> bool:
+    def _drop_expired(self, expired: List[OutboxEntry]) -> None:
+        """Entries whose message expiry passed before they could be sent: dropped, counted."""
+        if not expired:
+            return
         try:
-            info = self.connection.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+            dropped = self.store.outbox_drop([e.id for e in expired])
+        except StoreError as exc:
+            log.error("cannot drop %d expired outbox entries (tried again next pass): %s", len(expired), exc)
+            return
+        self.counters["expired"] += dropped
+        log.info("dropped %d outbox entries whose message expiry passed before they were sent"
+                 " (oldest: entry %d, topic %s)", dropped, expired[0].id, expired[0].topic)
+
+    def _publish(self, entry: OutboxEntry, size: int) -> bool:
+        limit = self.connection.limits.max_packet_size
+        expiry = _expiry_left(entry)
+        if limit and publish_packet_size(entry.topic, entry.payload, entry.properties, expiry) > limit:
+            self._dead_letter(_InFlight(entry.id, entry.topic, size), "larger than the broker's Maximum"
+                              f" Packet Size ({limit} bytes)", 0)
+            return True
+        try:
+            info = self.connection.publish(entry.topic, entry.payload, entry.qos, entry.retain,
+                                           publish_properties(entry.properties, expiry))
         except ValueError as exc:  # e.g. a wildcard topic: it could never go out
             self.counters["invalid"] += 1
             self._dead_letter(_InFlight(entry.id, entry.topic, size), f"not publishable: {exc}", 0)
@@ -263,3 +336,11 @@ class EgressWorker(Worker):
             drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
             oldest_inflight_age=None if oldest is None else round(now - oldest, 3),
             one_at_a_time=self.poison.single)
+
+
+def _expiry_left(entry: OutboxEntry) -> Optional[int]:
+    """Whole seconds left of the entry's message expiry (0: passed), None when it has none."""
+    interval = entry.properties.get("message_expiry_interval")
+    if interval is None:
+        return None
+    return max(0, math.ceil(interval - (entry.age or 0.0)))

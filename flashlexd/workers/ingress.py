@@ -36,6 +36,7 @@ import time
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.mqtt import Connection
+from flashlexd.mqttv5 import properties_of, reason_name
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
@@ -62,14 +63,12 @@ class IngressWorker(Worker):
         self.store = Store.from_config(self.config.store)
         self.topics = self.config.thing.mqtt.ingress_topics()
         client_id = self.config.thing.mqtt.client_id
+        seen = self._session_seen(client_id)
         self.connection = Connection(self.config, client_id, self._on_change, on_message=self._on_message,
-                                     track_session=True, session_seen_at=self._session_seen(client_id))
-        self.client = self.connection.client
-        self.client.manual_ack_set(True)
-        self.client.on_subscribe = self._on_subscribe
+                                     track_session=True, session_seen_at=seen,
+                                     clean_start=seen is None, on_build=self._set_up_client)
         self.dedupe = self.config.store.dedupe
         self.barrier = AckBarrier(self.connection, self.config.thing.mqtt.client_id)
-        self.client.on_unsubscribe = self._on_unsubscribe
         self.batch: List[_Pending] = []
         self.batch_bytes = 0
         self.batch_started = 0.0  # time.monotonic() of the pending batch's first message
@@ -79,7 +78,7 @@ class IngressWorker(Worker):
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
                              marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
-                             dedupe_keyless=0, acks_confirmed=0)
+                             dedupe_keyless=0, acks_confirmed=0, protocol=None)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -112,6 +111,12 @@ class IngressWorker(Worker):
 
     # -- MQTT -------------------------------------------------------------------------------------
 
+    def _set_up_client(self, client: Any) -> None:
+        """Each paho client the connection builds: acks after our commit, SUBACK/UNSUBACK here."""
+        client.manual_ack_set(True)
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+
     def _session_seen(self, client_id: str) -> Optional[float]:
         try:
             return self.store.session_seen(client_id)
@@ -131,6 +136,7 @@ class IngressWorker(Worker):
         self.counters["sessions_lost"] = self.connection.sessions_lost
         if connected:
             self._note_session()
+            self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation += 1
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
@@ -143,7 +149,7 @@ class IngressWorker(Worker):
                       properties: Any) -> None:
         self.connection.acknowledged("SUBACK", mid)
         granted = [(t, code.value) for t, code in zip(self.topics, reason_codes) if not code.is_failure]
-        refused = [t for t, code in zip(self.topics, reason_codes) if code.is_failure]
+        refused = [f"{t} ({reason_name(code)})" for t, code in zip(self.topics, reason_codes) if code.is_failure]
         self.counters["subscriptions"] = [list(g) for g in granted]
         self.counters["connected"] = True
         error = None
@@ -174,7 +180,8 @@ class IngressWorker(Worker):
                         topic, self.config.store.max_payload_bytes)
         else:
             incoming = Incoming(topic, payload, message.qos, bool(message.retain),
-                                message.mid, bool(message.dup), self._dedupe_key(message))
+                                message.mid, bool(message.dup), self._dedupe_key(message),
+                                properties_of(message) or None)
         if not self.batch:
             self.batch_started = time.monotonic()
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
@@ -230,7 +237,7 @@ class IngressWorker(Worker):
         acked = []
         for pending in committed:
             if pending.qos and pending.generation == self.generation and self.connection.connected:
-                self.client.ack(pending.mid, pending.qos)
+                self.connection.client.ack(pending.mid, pending.qos)
                 if pending.incoming is not None:
                     acked.append(pending.incoming)
         self.barrier.sent_acks(acked)

@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Set, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import pytest
 import yaml
@@ -58,10 +58,11 @@ class Load(NamedTuple):
     feeder: OutboxFeeder
 
 
-def start_load(broker: Broker, tmp_path: Path, daemons: Daemons, **publisher_options: Any) -> Load:
+def start_load(broker: Broker, tmp_path: Path, daemons: Daemons, mqtt: Optional[dict] = None,
+               **publisher_options: Any) -> Load:
     """A daemon, a persistent-session subscriber of its egress topic, a publisher into its
     ingress topic (logging every PUBACK) and a feeder publishing through its API."""
-    config = chaos_config(broker, tmp_path / "etc")
+    config = chaos_config(broker, tmp_path / "etc", mqtt=mqtt)
     store = open_store(config)
     subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
     daemon = daemons.start(config)
@@ -234,8 +235,11 @@ def test_broker_outages(broker: Broker, tmp_path: Path, daemons: Daemons) -> Non
     outages = scale(2, 5)
     random = rng("broker outages")
     result = Result("broker outages")
+    # MQTT 3.1.1: mosquitto 2.0.11 does not restore MQTT 5 sessions from its save at all
+    # (test_mqtt5.test_a_broker_restart_and_the_session), so under MQTT 5 a broker crash loses
+    # what it queued for us by the broker's doing, which this test would count as ours
     config, store, subscriber, daemon, publisher, feeder = start_load(
-        broker, tmp_path, daemons, rate=scale(1500, 2000))
+        broker, tmp_path, daemons, mqtt={"protocol": "3.1.1"}, rate=scale(1500, 2000))
 
     # per outage: (save time, kill time, inbox last id at the save, at the restart)
     ingress_windows: List[Tuple[float, float, int, int]] = []

@@ -1,0 +1,60 @@
+"""The API's MQTT 5 params, checked like every other param: `publish`'s `properties` and
+`expiry`, and the `user_property` filter of `messages` and `wait`. Stdlib only (the supervisor
+serves the API without loading paho)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from flashlexd.topics import publish_topic_problem
+
+MAX_EXPIRY = 2 ** 32 - 1  # the Message Expiry Interval is a four-byte integer
+_STRINGS = ("content_type", "response_topic")
+
+
+def publish_properties(p: Any) -> Dict[str, Any]:
+    """`properties` ({} when absent) with `expiry` as its message_expiry_interval. `p` is the
+    call's methods._Params."""
+    given = p.get("properties")
+    expiry = p.integer("expiry", None, 1, MAX_EXPIRY)
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise p.bad("properties", "a map of MQTT 5 properties", given)
+    properties: Dict[str, Any] = {}
+    for name, value in given.items():
+        if name == "user_properties":
+            properties[name] = _pairs(p, value)
+        elif name in _STRINGS and isinstance(value, str) and value:
+            properties[name] = value
+        elif name == "correlation_data" and isinstance(value, (bytes, str)):
+            properties[name] = value.encode("utf-8") if isinstance(value, str) else value
+        elif name == "payload_format_indicator" and value in (0, 1) and not isinstance(value, bool):
+            properties[name] = value
+        else:
+            raise p.bad("properties", "a map with user_properties ([[name, value], ...]), content_type,"
+                        " response_topic (strings), correlation_data (bytes) or payload_format_indicator"
+                        f" (0 or 1); {name!r} is not one", value)
+    problem = "response_topic" in properties and publish_topic_problem(properties["response_topic"], 65535)
+    if problem:
+        raise p.bad("properties", f"a response_topic that is a topic ({problem})", properties["response_topic"])
+    if expiry is not None:
+        properties["message_expiry_interval"] = expiry
+    return properties
+
+
+def user_property(p: Any) -> Optional[Tuple[str, str]]:
+    """The `user_property` filter: [name, value], or None."""
+    value = p.get("user_property")
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise p.bad("user_property", "a [name, value] pair of strings", value)
+    return value[0], value[1]
+
+
+def _pairs(p: Any, value: Any) -> List[List[str]]:
+    if not isinstance(value, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+            for pair in value):
+        raise p.bad("properties", "user_properties as a list of [name, value] string pairs", value)
+    return [list(pair) for pair in value]

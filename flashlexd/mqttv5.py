@@ -1,0 +1,167 @@
+"""What MQTT 5 adds, in the daemon's terms: the broker's limits from its CONNACK, reason codes
+by name, and a PUBLISH's properties as plain data (what the store keeps and the API carries).
+
+paho-mqtt 2 speaks the protocol (`Properties`, `ReasonCode`); this only translates. Under MQTT
+3.1.1 a CONNACK has no properties (no limits known) and messages carry none (empty dict).
+paho is imported only where a paho object is built: the API's checks use this module too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+if TYPE_CHECKING:
+    from paho.mqtt.properties import Properties
+
+V5, V311 = "5", "3.1.1"
+UNSUPPORTED_PROTOCOL = "Unsupported protocol version"  # paho's name for CONNACK 0x84 and 3.1.1's 1
+QUOTA_EXCEEDED = 0x97  # a PUBACK saying "later": retried after a backoff, not dead-lettered
+# message properties kept end to end: our name -> paho's
+PROPERTY_NAMES = {"user_properties": "UserProperty", "content_type": "ContentType",
+                  "payload_format_indicator": "PayloadFormatIndicator",
+                  "response_topic": "ResponseTopic", "correlation_data": "CorrelationData",
+                  "message_expiry_interval": "MessageExpiryInterval"}
+
+
+def first_protocol(setting: str) -> str:
+    """The protocol a first CONNECT speaks for `thing.mqtt.protocol` (`auto` starts with 5)."""
+    return V311 if setting == V311 else V5
+
+
+class ProtocolChoice:
+    """Which protocol the next CONNECT speaks under `thing.mqtt.protocol`. `auto` starts with
+    MQTT 5 and falls back to 3.1.1 until restart when the broker answers CONNACK "unsupported
+    protocol version", or closes the connection at our MQTT 5 CONNECT (RabbitMQ 3.10 does) and
+    a 3.1.1 CONNECT then passes; if that 3.1.1 attempt fails too (a refused certificate closes
+    both), the close was not about the protocol and MQTT 5 is tried again. Once MQTT 5 worked,
+    nothing falls back."""
+
+    def __init__(self, setting: str):
+        self.current = first_protocol(setting)
+        self.auto = setting == "auto"
+        self.spoke_v5 = False
+        self.probing = False  # trying 3.1.1 after a close at our MQTT 5 CONNECT
+
+    @property
+    def unproven_v5(self) -> bool:
+        """Speaking MQTT 5 to a broker that has not accepted it yet."""
+        return self.current == V5 and not self.spoke_v5
+
+    def refused(self, reason: Any) -> Optional[str]:
+        """A CONNACK refusal: why we fall back (now on 3.1.1), or None when it is no such case."""
+        if self.auto and self.current == V5 and str(reason) == UNSUPPORTED_PROTOCOL:
+            self.current = V311
+            return f"CONNACK {reason_name(reason)}"
+        return None
+
+    def closed_before_connack(self) -> bool:
+        """The broker closed the link before its CONNACK: True when 3.1.1 is tried next."""
+        if not (self.auto and self.unproven_v5):
+            return False
+        self.current, self.probing = V311, True
+        return True
+
+    def connected(self) -> Optional[str]:
+        """A CONNACK accepted us: why we fell back, when this was the 3.1.1 try."""
+        self.spoke_v5 = self.spoke_v5 or self.current == V5
+        if not self.probing:
+            return None
+        self.probing = False
+        return "it closed the connection at our MQTT 5 CONNECT, and 3.1.1 connected"
+
+    def failed(self) -> bool:
+        """An attempt failed: a 3.1.1 try goes back to MQTT 5. True when the protocol changed."""
+        if not self.probing:
+            return False
+        self.current, self.probing = V5, False
+        return True
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What the broker's CONNACK said about this link (None: not said; MQTT 3.1.1 says none)."""
+    max_packet_size: Optional[int] = None
+    receive_maximum: Optional[int] = None
+    topic_alias_maximum: int = 0  # we send no topic aliases, so any value is honoured
+    server_keepalive: Optional[int] = None  # paho adopts it for its pings; our LinkWatch too
+
+    @classmethod
+    def from_connack(cls, properties: Any) -> "BrokerLimits":
+        if properties is None:
+            return cls()
+        return cls(getattr(properties, "MaximumPacketSize", None),
+                   getattr(properties, "ReceiveMaximum", None),
+                   getattr(properties, "TopicAliasMaximum", 0),
+                   getattr(properties, "ServerKeepAlive", None))
+
+    def counters(self) -> Dict[str, Optional[int]]:
+        """The figures `status()["mqtt"][link]` shows."""
+        return {"broker_max_packet": self.max_packet_size, "broker_receive_maximum": self.receive_maximum,
+                "broker_topic_alias_maximum": self.topic_alias_maximum,
+                "broker_keepalive": self.server_keepalive}
+
+
+def reason_name(reason: Any) -> str:
+    """`Not authorized (0x87)`: a reason code's name with its value, for logs and dead letters."""
+    value = getattr(reason, "value", None)
+    return f"{reason} (0x{value:02X})" if isinstance(value, int) else str(reason)
+
+
+def session_properties(expiry_seconds: int) -> "Properties":
+    """A CONNECT's properties: how long the broker keeps the session after a link drops."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = expiry_seconds
+    return properties
+
+
+def properties_of(message: Any) -> Dict[str, Any]:
+    """The kept properties of a received PUBLISH as a dict (our names); {} under 3.1.1."""
+    properties = getattr(message, "properties", None)
+    if properties is None:
+        return {}
+    found: Dict[str, Any] = {}
+    for ours, theirs in PROPERTY_NAMES.items():
+        value = getattr(properties, theirs, None)
+        if value is not None:
+            found[ours] = [list(pair) for pair in value] if ours == "user_properties" else value
+    return found
+
+
+def publish_properties(properties: Optional[Dict[str, Any]], expiry: Optional[int]) -> Optional["Properties"]:
+    """paho `Properties` for an outgoing PUBLISH (None when there are none). `expiry` is the
+    Message Expiry Interval left, in whole seconds."""
+    if not properties and expiry is None:
+        return None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    packet = Properties(PacketTypes.PUBLISH)
+    for ours, value in (properties or {}).items():
+        if ours == "user_properties":
+            packet.UserProperty = [tuple(pair) for pair in value]
+        elif ours != "message_expiry_interval":  # the outbox's own `expiry` says what is left
+            setattr(packet, PROPERTY_NAMES[ours], value)
+    if expiry is not None:
+        packet.MessageExpiryInterval = max(1, int(expiry))
+    return packet
+
+
+def publish_packet_size(topic: str, payload: bytes, properties: Optional[Dict[str, Any]],
+                        expiry: Optional[int]) -> int:
+    """The bytes of a QoS 1 MQTT 5 PUBLISH with these properties (`publish_properties`'
+    arguments), as the broker's Maximum Packet Size counts them."""
+    props = 5 if expiry is not None else 0  # id + four-byte integer
+    for name, value in (properties or {}).items():
+        if name == "user_properties":
+            props += sum(5 + len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in value)
+        elif name == "payload_format_indicator":
+            props += 2
+        elif name != "message_expiry_interval":  # strings and binary data: id + length + bytes
+            props += 3 + len(value.encode("utf-8") if isinstance(value, str) else value)
+    remaining = 2 + len(topic.encode("utf-8")) + 2 + _varint_size(props) + props + len(payload)
+    return 1 + _varint_size(remaining) + remaining
+
+
+def _varint_size(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4

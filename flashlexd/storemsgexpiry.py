@@ -1,0 +1,49 @@
+"""The per-message expiry of inbox messages (MQTT 5's Message Expiry Interval): its own small
+index, written only for messages that carry one, so the others cost no extra write.
+
+  msgexpiry  boot seq(4) + expiry_ms(8) + inbox id(8) -> b""
+
+Times are in their boot's frame, as in the batch `expiry` index (store.py), so a clock step
+does not move them. An ack does not touch this index: an entry whose message is gone is simply
+removed by the sweep once due (it names a message that already left), which bounds the leftovers
+by the expiry intervals and keeps the ack path as it is.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Tuple
+
+import lmdb
+from flashlexd.storerecords import _SEQ, _expiry_prefix
+
+DB_NAME = b"msgexpiry"
+
+
+class MessageExpiry:
+    """The `msgexpiry` database of one store handle."""
+
+    def __init__(self, db: object):
+        self.db = db
+
+    def index(self, txn: lmdb.Transaction, seq: int, due: Iterable[Tuple[float, bytes]]) -> None:
+        """Index (expires_at in boot `seq`'s frame, inbox key) pairs, inside the append."""
+        txn.cursor(db=self.db).putmulti((_expiry_prefix(seq, at) + key, b"") for at, key in due)
+
+    def sweep(self, txn: lmdb.Transaction, cutoff: Callable[[int], bytes],
+              remove: Callable[[bytes], bool], budget: int) -> int:
+        """Remove (`remove(inbox key)`, True if it was still stored) up to `budget` messages whose
+        expiry is before `cutoff(seq)` (an expiry_ms key part, per boot seq). Returns how many."""
+        index = txn.cursor(db=self.db)
+        removed = visited = seq = 0
+        while visited < budget and index.set_range(_SEQ.pack(seq)):
+            entry = index.key()
+            seq = _SEQ.unpack(entry[:4])[0]
+            if entry[4:12] >= cutoff(seq):
+                seq += 1  # nothing more due in this boot's part
+                continue
+            visited += 1
+            removed += remove(bytes(entry[12:]))
+            index.delete()
+        return removed
+
+    def pending(self, txn: lmdb.Transaction) -> int:
+        return txn.stat(self.db)["entries"]

@@ -1,0 +1,344 @@
+"""MQTT 5 and its 3.1.1 fallback against real brokers: what each protocol negotiates, sessions
+(clean start once, the session expiry), the auto fallback against RabbitMQ (3.1.1 only), and
+what MQTT 5's reason codes and CONNACK limits change for the egress (mosquitto 2 speaks both
+protocols on one listener)."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from flashlexd.client import connect
+from flashlexd.mqtt import Connection
+from flashlexd.mqttv5 import ProtocolChoice
+from flashlexd.store import Incoming
+from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
+                          open_store, wait_for, write_config)
+from tests.quota_proxy import QuotaProxy
+from tests.test_mqtt_connection import Probe
+from tests.test_outbox_daemon import running  # noqa: F401 (fixture)
+
+PROTOCOLS = ["5", "3.1.1"]
+LOGGED = {"5": "p5", "3.1.1": "p2"}  # mosquitto's "New client connected ... (p<version>, c<clean>"
+FORBIDDEN = "forbidden/topic"
+ACL = f"user {THING}\ntopic readwrite {EGRESS_TOPIC}\ntopic readwrite ingress/#\n"
+
+
+def session_probe(tmp_path: Path, broker, protocol: str, clean_start: bool, **mqtt) -> Probe:
+    """A Probe whose connection keeps a tracked persistent session, as ingress does."""
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol, **mqtt})
+    probe = Probe(config)
+    probe.connection = Connection(probe.config, f"{THING}-probe",
+                                  lambda up, error: probe.changes.append((up, error)),
+                                  track_session=True, session_seen_at=None if clean_start else time.time(),
+                                  clean_start=clean_start)
+    return probe
+
+
+def connections(probe: Probe) -> int:
+    return sum(1 for up, _ in probe.changes if up)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_clean_start_only_on_the_first_connection_and_the_session_survives(
+        broker: Broker, tmp_path: Path, protocol: str) -> None:
+    p = session_probe(tmp_path, broker, protocol, clean_start=True)
+    p.run_until(lambda: connections(p) == 1, 10, "connected")
+    assert p.connection.protocol == protocol
+    first_clean = "c1" if protocol == "5" else "c0"  # 3.1.1 clean session would end it at DISCONNECT
+    assert f"as {THING}-probe ({LOGGED[protocol]}, {first_clean}, k30" in broker.log_text()
+    p.connection._abort_socket()  # a network drop: the broker keeps the session
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert broker.log_text().count(f"as {THING}-probe ({LOGGED[protocol]}, c0, k30") == 1 + (protocol != "5")
+    assert p.connection.sessions_lost == 0  # session present: true, in both protocols
+    p.connection.close(2)
+
+
+@pytest.mark.parametrize("protocol, lost", [("5", 1), ("3.1.1", 0)])
+def test_a_broker_restart_and_the_session(broker: Broker, tmp_path: Path, protocol: str, lost: int) -> None:
+    """mosquitto 2.0.11 keeps MQTT 3.1.1 sessions across a clean restart but restores no MQTT 5
+    session from its save (measured: session present false whatever the expiry): under MQTT 5
+    the daemon reports that loss (`sessions_lost`, one WARNING) instead of missing it."""
+    p = session_probe(tmp_path, broker, protocol, clean_start=True)
+    p.run_until(lambda: connections(p) == 1, 10, "connected")
+    broker.restart()
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert p.connection.sessions_lost == lost
+    p.connection.close(2)
+
+
+def test_mqtt5_session_expiry_is_what_the_broker_keeps(broker: Broker, tmp_path: Path) -> None:
+    """sessionExpirySeconds 0: the broker ends the session at the drop, and the next CONNACK's
+    session-present flag says so (the warning the ingress logs)."""
+    p = session_probe(tmp_path, broker, "5", clean_start=True, sessionExpirySeconds=0)
+    p.run_until(lambda: connections(p) == 1, 10, "connected")
+    p.connection._abort_socket()
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert p.connection.sessions_lost == 1
+
+
+def test_auto_falls_back_to_3_1_1_on_a_broker_without_mqtt5(rabbitmq, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="flashlexd.mqtt")
+    p = session_probe(tmp_path, rabbitmq, "auto", clean_start=False)
+    started = time.monotonic()
+    p.run_until(lambda: connections(p) == 1, 15, "connected after the fallback")
+    assert time.monotonic() - started < 5
+    assert p.connection.protocol == "3.1.1" and p.changes == [(True, None)]
+    fallbacks = [r for r in caplog.records if "does not speak MQTT 5" in r.getMessage()]
+    assert len(fallbacks) == 1  # RabbitMQ 3.10 closes the link at an MQTT 5 CONNECT, no CONNACK
+    assert "closed the connection at our MQTT 5 CONNECT" in fallbacks[0].getMessage()
+    p.connection._abort_socket()  # a drop: the reconnect speaks 3.1.1 at once, no second try
+    p.run_until(lambda: connections(p) == 2, 15, "reconnected")
+    assert len([r for r in caplog.records if "does not speak MQTT 5" in r.getMessage()]) == 1
+    p.connection.close(2)
+
+
+def test_mqtt5_only_names_the_refusal_of_a_broker_without_it(rabbitmq, tmp_path: Path) -> None:
+    p = session_probe(tmp_path, rabbitmq, "5", clean_start=False)
+    assert "does not speak MQTT 5" in p.first_error(15)
+    assert p.connection.protocol == "5"
+
+
+def test_a_disconnect_from_the_broker_is_named_by_its_reason(certs, tmp_path: Path) -> None:
+    """mosquitto closes an MQTT 5 link over a packet above its max_packet_size with DISCONNECT
+    0x95: the one-line reason names it (3.1.1 would only see the connection close)."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_packet_size 2000"]).start()
+    try:
+        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p.run_until(lambda: connections(p) == 1, 10, "connected")
+        p.connection.client.publish("a/b", b"x" * 3000, 1)  # bypasses the egress's own size check
+        error = p.first_error(10)
+        assert error == (f"the broker {HOST}:{broker.port} disconnected client id '{THING}-probe':"
+                         " Packet too large (0x95)")
+    finally:
+        broker.close()
+
+
+def egress_store_and_worker(broker: Broker, tmp_path: Path, start_worker, protocol: str):
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol})
+    store = open_store(config)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    return store, worker
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_publish_the_acl_forbids(certs, tmp_path: Path, start_worker, protocol: str) -> None:
+    """MQTT 5: a dead letter "Not authorized" within 2 s, and the rest goes on. MQTT 3.1.1:
+    the broker acknowledges it and drops it without a word (counted as sent)."""
+    broker = Broker(certs, tmp_path / "broker", acl=ACL).start()
+    try:
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        store, worker = egress_store_and_worker(broker, tmp_path, start_worker, protocol)
+        queued = time.monotonic()
+        store.outbox_append([(FORBIDDEN, b"secret", 1, False), (EGRESS_TOPIC, b"after", 1, False)])
+        worker.send("outbox")
+        wait_for(lambda: store.outbox_count() == 0, 5, "the outbox empty")
+        wait_for(lambda: subscriber.lines() == [b"after"], 5, "the allowed entry delivered")
+        dead = store.dead_letters()
+        if protocol == "5":
+            assert time.monotonic() - queued < 2
+            assert [(d.topic, d.attempts) for d in dead] == [(FORBIDDEN, 1)]
+            assert dead[0].reason == "refused by the broker: Not authorized (0x87)"
+            worker.wait(lambda w: w.counters.get("refused") == 1, 5, "counted as refused")
+        else:
+            assert dead == []
+            worker.wait(lambda w: w.counters.get("sent") == 2, 5, "both counted as sent")
+        assert worker.counters["protocol"] == protocol
+        assert worker.stop() == 0
+    finally:
+        broker.close()
+
+
+def test_mqtt5_connack_limits_bound_the_egress(certs, tmp_path: Path, start_worker) -> None:
+    """mosquitto's max_packet_size and max_inflight_messages arrive in the CONNACK as Maximum
+    Packet Size and Receive Maximum: a larger entry is dead-lettered, not sent (mosquitto would
+    drop the link over it), and the window is the broker's."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_packet_size 2000"]).start()
+    try:
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        store, worker = egress_store_and_worker(broker, tmp_path, start_worker, "5")
+        worker.wait(lambda w: w.counters.get("broker_max_packet") == 2000, 5, "the limits reported")
+        assert worker.counters["broker_receive_maximum"] == 20
+        store.outbox_append([(EGRESS_TOPIC, b"x" * 3000, 1, False), (EGRESS_TOPIC, b"small", 1, False)])
+        worker.send("outbox")
+        wait_for(lambda: subscriber.lines() == [b"small"], 5, "the small entry delivered")
+        dead = store.dead_letters()
+        assert len(dead) == 1 and dead[0].size == 3000
+        assert dead[0].reason == "larger than the broker's Maximum Packet Size (2000 bytes)"
+        assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # the link never dropped
+        assert worker.stop() == 0
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_inbound_properties_are_stored_with_the_message(broker: Broker, tmp_path: Path, start_worker,
+                                                        protocol: str) -> None:
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "mqttv5", "-q", "1", "-t", INGRESS_TOPIC,
+                    "-m", "{}", "-D", "publish", "user-property", "tenant", "a",
+                    "-D", "publish", "user-property", "tenant", "b",
+                    "-D", "publish", "content-type", "application/json",
+                    "-D", "publish", "payload-format-indicator", "1",
+                    "-D", "publish", "response-topic", "reply/here",
+                    "-D", "publish", "correlation-data", "c-42",
+                    "-D", "publish", "message-expiry-interval", "3600"], check=True, timeout=10)
+    (message,) = wait_for(store.messages, 10, "the message stored")
+    if protocol == "3.1.1":
+        assert message.properties == {}
+        return
+    expiry = message.properties.pop("message_expiry_interval")
+    assert 3590 <= expiry <= 3600  # what is left when the broker sends it on
+    assert message.properties == {"user_properties": [["tenant", "a"], ["tenant", "b"]],
+                                  "content_type": "application/json", "payload_format_indicator": 1,
+                                  "response_topic": "reply/here", "correlation_data": b"c-42"}
+    assert store.has_message_expiry()
+    assert worker.stop() == 0
+
+
+def test_outbound_properties_reach_an_mqtt5_subscriber_and_an_expired_entry_is_dropped(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    out = tmp_path / "received"
+    with open(out, "wb") as sink:
+        peer = subprocess.Popen(["mosquitto_sub", *broker.client_args(), "-V", "mqttv5", "-i", "v5-sub",
+                                 "-q", "1", "-t", EGRESS_TOPIC, "-F", "%p|%P|%C|%R|%D|%E"],
+                                stdout=sink, stderr=subprocess.DEVNULL)
+    broker.peers.append(peer)
+    wait_for(lambda: broker.subscriptions("v5-sub", EGRESS_TOPIC), 10, "the v5 subscriber")
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": "5"})
+    store = open_store(config)
+    props = {"user_properties": [["k", "v"]], "content_type": "text/plain", "response_topic": "r/t",
+             "correlation_data": b"id-1", "message_expiry_interval": 300}
+    store.outbox_append([(EGRESS_TOPIC, b"stale", 1, False, {"message_expiry_interval": 1})],
+                        now=time.time() - 5)  # queued 5 s ago with 1 s to live
+    store.outbox_append([(EGRESS_TOPIC, b"fresh", 1, False, props)])
+    worker = start_worker("egress", config)
+    wait_for(lambda: out.read_bytes().count(b"\n") >= 1, 10, "the fresh entry at the subscriber")
+    line = out.read_bytes().splitlines()[0].decode()
+    payload, user, content, response, correlation, expiry = line.split("|")
+    assert (payload, user, content, response, correlation) == ("fresh", "k:v", "text/plain", "r/t", "id-1")
+    assert 298 <= int(expiry) <= 300
+    worker.wait(lambda w: w.counters.get("expired") == 1 and w.counters.get("outbox_backlog") == 0, 10,
+                "the stale entry dropped and counted")
+    assert b"stale" not in out.read_bytes() and store.dead_letters() == []
+    assert worker.stop() == 0
+
+
+def test_a_quota_exceeded_puback_is_sent_again_after_a_pause_not_dead_lettered(
+        certs, tmp_path: Path, start_worker) -> None:
+    broker = Broker(certs, tmp_path / "broker", plain=True).start()
+    proxy = QuotaProxy(broker, rate=10, answer=True)
+    try:
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"protocol": "5"})
+        store = open_store(config)
+        sent = [f"{i:03d}".encode() for i in range(30)]
+        store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in sent])
+        worker = start_worker("egress", config)
+        wait_for(lambda: store.outbox_count() == 0, 20, "the outbox empty")
+        wait_for(lambda: set(subscriber.lines()) == set(sent), 10, "every entry at the subscriber")
+        assert proxy.over_quota > 0 and store.dead_letters() == []
+        worker.wait(lambda w: w.counters.get("refused") == proxy.over_quota, 5, "refusals counted")
+        assert "Quota exceeded (0x97); sending again in 1s" in worker.log_text()
+        assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # no reconnect needed
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+        broker.close()
+
+
+
+def test_status_shows_what_each_link_negotiated(running) -> None:
+    daemon = running.start()
+    with connect(str(daemon.socket_path)) as fx:
+        def negotiated():
+            links = fx.status()["mqtt"]
+            return links if all(links[name].get("protocol") for name in ("ingress", "egress")) else None
+        links = wait_for(negotiated, 20, "both links connected and reporting their protocol")
+    assert links["ingress"]["protocol"] == links["egress"]["protocol"] == "5"
+    assert links["egress"]["broker_receive_maximum"] == BROKER_INFLIGHT
+
+
+# -- the protocol choice, step by step (no broker here sends CONNACK "unsupported protocol") -----
+
+def connack(name: str) -> ReasonCode:
+    return ReasonCode(PacketTypes.CONNACK, aName=name)
+
+
+def test_auto_falls_back_on_a_connack_unsupported_protocol_version_and_stays() -> None:
+    choice = ProtocolChoice("auto")
+    assert choice.refused(connack("Not authorized")) is None and choice.current == "5"
+    assert choice.refused(connack("Unsupported protocol version")) == \
+        "CONNACK Unsupported protocol version (0x84)"
+    assert choice.current == "3.1.1" and choice.connected() is None and choice.current == "3.1.1"
+
+
+def test_a_close_at_connect_tries_3_1_1_once_and_mqtt5_again_if_that_fails_too() -> None:
+    choice = ProtocolChoice("auto")
+    assert choice.closed_before_connack() and choice.current == "3.1.1"
+    assert choice.failed() and choice.current == "5"  # a refused certificate closes both
+    assert choice.closed_before_connack() and choice.connected() is not None and choice.current == "3.1.1"
+
+
+@pytest.mark.parametrize("setting", ["5", "3.1.1"])
+def test_a_pinned_protocol_never_changes(setting: str) -> None:
+    choice = ProtocolChoice(setting)
+    assert not choice.closed_before_connack() and choice.refused(connack("Unsupported protocol version")) is None
+    assert choice.current == setting
+
+
+def test_once_mqtt5_worked_a_close_is_no_reason_to_fall_back() -> None:
+    choice = ProtocolChoice("auto")
+    assert choice.connected() is None
+    assert not choice.closed_before_connack() and choice.current == "5"
+
+
+def test_the_brokers_server_keep_alive_is_honoured(certs, tmp_path: Path) -> None:
+    """mosquitto's max_keepalive under our keepalive: its CONNACK says Server Keep Alive 10,
+    paho pings by it and the link watch's silence deadline follows."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_keepalive 10"]).start()
+    try:
+        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p.run_until(lambda: connections(p) == 1, 10, "connected")
+        assert p.connection.limits.server_keepalive == 10 and p.connection.keepalive == 10
+        assert p.connection.client._keepalive == 10  # paho's own pings
+        assert p.connection.watch.silence_limit == 15  # 10 + min(operation timeout 5, 10 / 2)
+        p.connection.close(2)
+    finally:
+        broker.close()
+
+
+def test_the_expiry_worker_expires_messages_by_their_own_expiry_alone(broker: Broker, tmp_path: Path,
+                                                                      start_worker) -> None:
+    config = write_config(tmp_path / "config", broker, db={"sweepSeconds": 0.2})  # no expireSeconds
+    store = open_store(config)
+    store.append([Incoming("t", b"expired", properties={"message_expiry_interval": 1}), Incoming("t", b"kept")],
+                 now=time.time() - 5)
+    worker = start_worker("expiry", config)
+    worker.wait(lambda w: w.counters.get("expired") == 1, 10, "the expired message removed")
+    assert [m.payload for m in store.messages()] == [b"kept"] and store.stats()["expired"] == 1
+    assert worker.stop() == 0
+
+
+def test_dedupe_by_an_mqtt5_user_property(broker: Broker, tmp_path: Path, start_worker) -> None:
+    """`dedupe.key: mqtt5:<name>` takes effect now that the link speaks MQTT 5: a new message
+    with an already stored key (a broker's redelivery after its own crash) is not stored again."""
+    config = write_config(tmp_path / "config", broker, db={"dedupe": {"key": "mqtt5:msgid"}})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    for payload, msgid in ((b"first", "m-1"), (b"again", "m-1"), (b"other", "m-2")):
+        subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "mqttv5", "-q", "1", "-t", INGRESS_TOPIC,
+                        "-m", payload, "-D", "publish", "user-property", "msgid", msgid], check=True, timeout=10)
+    wait_for(lambda: store.stats()["received"] + store.stats()["duplicates"] == 3, 10, "all three committed")
+    assert [m.payload for m in store.messages()] == [b"first", b"other"] and store.stats()["duplicates"] == 1
+    assert worker.stop() == 0

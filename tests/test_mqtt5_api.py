@@ -1,0 +1,67 @@
+"""The API's MQTT 5 side through the client, against a real server, Methods and LMDB store
+(tests/test_ipc_server.Harness): publish with properties and an expiry, the broker's Maximum
+Packet Size at the door, and messages/wait filtered by a user property."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from flashlexd.client import RpcError, connect
+from flashlexd.client.wire import Code
+from flashlexd.store import Incoming
+from tests.test_ipc_server import harness  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def fx(harness):
+    with connect(harness.path) as client:
+        yield client
+
+
+def test_publish_keeps_properties_and_the_expiry(harness, fx):
+    entry_id = fx.publish(b"p", topic="out/t", properties={
+        "user_properties": [("k", "v"), ("k", "w")], "content_type": "text/plain",
+        "response_topic": "reply/t", "correlation_data": b"\x01"}, expiry=60)
+    (entry,) = fx.outbox()["entries"]
+    assert entry.id == entry_id
+    assert entry.properties == {"user_properties": [["k", "v"], ["k", "w"]], "content_type": "text/plain",
+                                "response_topic": "reply/t", "correlation_data": b"\x01",
+                                "message_expiry_interval": 60}
+
+
+@pytest.mark.parametrize("properties, expiry", [
+    ({"user_properties": [("k",)]}, None), ({"colour": "red"}, None), ({"response_topic": "a/#"}, None),
+    ({"payload_format_indicator": 2}, None), ("text", None), ({}, 0), ({}, 2 ** 32),
+])
+def test_publish_refuses_properties_mqtt5_cannot_carry(harness, fx, properties, expiry):
+    with pytest.raises(RpcError) as refused:
+        fx.call("publish", payload=b"p", properties=properties, **({} if expiry is None else {"expiry": expiry}))
+    assert refused.value.code == Code.BAD_PARAMS
+    assert fx.outbox()["count"] == 0
+
+
+def test_publish_refuses_a_packet_over_the_brokers_maximum_while_connected(harness, fx):
+    harness.mqtt["egress"] = {"connected": True, "broker_max_packet": 100}
+    with pytest.raises(RpcError) as refused:
+        fx.publish(b"x" * 100, topic="out/t")
+    assert refused.value.code == Code.BAD_PARAMS and "Maximum Packet Size (100 bytes)" in str(refused.value)
+    fx.publish(b"x" * 50, topic="out/t")
+    harness.mqtt["egress"] = {"connected": False, "broker_max_packet": 100}  # the egress checks it later
+    fx.publish(b"x" * 100, topic="out/t")
+    assert fx.outbox()["count"] == 2
+
+
+def test_messages_and_wait_filter_by_a_user_property(harness, fx):
+    harness.ingest(Incoming("t", b"a", properties={"user_properties": [["tenant", "a"]]}), Incoming("t", b"none"))
+    assert [m.payload for m in fx.messages(user_property=("tenant", "a"))] == [b"a"]
+    assert fx.messages(user_property=("tenant", "b")) == []
+    timer = threading.Timer(0.2, lambda: harness.ingest(
+        Incoming("t", b"b", properties={"user_properties": [["tenant", "b"]]})))
+    timer.start()
+    (found,) = fx.wait(timeout=10, user_property=("tenant", "b"))
+    timer.join()
+    assert found.payload == b"b" and found.user_property("tenant") == "b"
+    with pytest.raises(RpcError) as refused:
+        fx.call("messages", user_property="tenant")
+    assert refused.value.code == Code.BAD_PARAMS

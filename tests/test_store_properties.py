@@ -1,0 +1,127 @@
+"""Schema 4: MQTT 5 properties at the end of inbox records and outbox entries, the per-message
+expiry index, and the upgrade of a schema-3 store written by the schema-3 code itself (the
+package at SCHEMA3_COMMIT, from git; no loss)."""
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import lmdb
+
+from flashlexd.storebase import SCHEMA_VERSION
+from flashlexd.store import Incoming, Store
+
+ROOT = Path(__file__).resolve().parent.parent
+CAP = 64 * 1024 * 1024
+PROPS = {"user_properties": [["tenant", "a"], ["tenant", "b"], ["kind", "reading"]],
+         "content_type": "application/json", "payload_format_indicator": 1,
+         "response_topic": "reply/here", "correlation_data": b"\x00\x01corr"}
+
+WRITE_SCHEMA3 = """
+import sys
+from flashlexd.store import Incoming, Store
+store = Store(sys.argv[1], 64 * 1024 * 1024, expire_seconds=3600)
+store.append([Incoming("in/a", b"one", 1, False, 7), Incoming("in/b", b"two", 0, True, 0)])
+ids = store.outbox_append([("out/a", b"first", 1, False), ("out/b", b"second", 0, True)])
+store.outbox_dead_letter(ids[0], "refused", 3)
+store.close()
+"""
+
+
+SCHEMA3_COMMIT = "6321fbea86e33c620255db830155ab139766695e"  # the last release of schema 3 (main when schema 4 began)
+
+
+def old_code(tmp_path: Path) -> Path:
+    """The flashlexd package of SCHEMA3_COMMIT, unpacked beside the test."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", SCHEMA3_COMMIT, "flashlexd"], check=True,
+                             capture_output=True).stdout
+    target = tmp_path / "main-code"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target)
+    return target
+
+
+def schema(path: Path) -> int:
+    env = lmdb.open(str(path), max_dbs=16, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0]
+    finally:
+        env.close()
+
+
+def test_a_schema3_store_written_by_the_schema3_code_opens_migrates_and_loses_nothing(tmp_path: Path) -> None:
+    path, code = tmp_path / "store", old_code(tmp_path)
+    subprocess.run([sys.executable, "-c", WRITE_SCHEMA3, str(path)], check=True, cwd=code,
+                   env={"PYTHONPATH": str(code)})
+    assert schema(path) == 3
+    store = Store(path, CAP, expire_seconds=3600)
+    try:
+        messages = store.messages()
+        assert [(m.id, m.topic, m.payload, m.qos, m.retain, m.mid, m.properties) for m in messages] == [
+            (1, "in/a", b"one", 1, False, 7, {}), (2, "in/b", b"two", 0, True, 0, {})]
+        assert all(m.expires_at is not None for m in messages)
+        assert [(e.topic, e.payload, e.qos, e.retain, e.properties) for e in store.outbox_peek()] == [
+            ("out/b", b"second", 0, True, {})]
+        dead = store.dead_letters()
+        assert [(d.topic, d.payload, d.reason, d.attempts) for d in dead] == [("out/a", b"first", "refused", 3)]
+        assert store.dead_retry([dead[0].id]) and store.outbox_peek()[-1].payload == b"first"
+        store.append([Incoming("in/c", b"three", properties={"content_type": "text/plain"})])
+        assert store.messages()[-1].properties == {"content_type": "text/plain"}
+    finally:
+        store.close()
+    assert schema(path) == SCHEMA_VERSION == 4
+
+
+def test_inbox_properties_come_back_and_filter_by_user_property(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store", CAP)
+    try:
+        store.append([Incoming("t", b"with", properties=PROPS), Incoming("t", b"without"),
+                      Incoming("t", b"other", properties={"user_properties": [["tenant", "c"]]})])
+        first = store.messages()[0]
+        assert first.properties == PROPS and first.user_property("tenant") == "a"
+        assert store.messages()[1].properties == {}
+        assert [m.payload for m in store.messages(user_property=("tenant", "b"))] == [b"with"]
+        assert [m.payload for m in store.messages(topic="t", user_property=("tenant", "c"))] == [b"other"]
+        assert store.messages(user_property=("kind", "nope")) == []
+    finally:
+        store.close()
+
+
+def test_a_message_whose_own_expiry_passes_while_stored_is_expired_and_counted(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store", CAP)  # no expireSeconds: only the message's own expiry
+    try:
+        now = 1_000_000.0
+        ids = store.append([Incoming("t", b"short", properties={"message_expiry_interval": 10}),
+                            Incoming("t", b"keeps"),
+                            Incoming("t", b"long", properties={"message_expiry_interval": 100})], now=now)
+        acked = store.append([Incoming("t", b"acked first", properties={"message_expiry_interval": 5})], now=now)
+        store.ack(acked)
+        assert store.has_message_expiry()
+        assert [m.expires_at for m in store.messages()] == [now + 10, None, now + 100]
+        assert store.expire(now=now + 9) == 0
+        assert store.expire(now=now + 11) == 1  # the acked one's entry goes without a count
+        assert [m.id for m in store.messages()] == ids[1:]
+        assert store.expire(now=now + 101) == 1
+        assert [m.payload for m in store.messages()] == [b"keeps"]
+        assert store.stats()["expired"] == 2 and not store.has_message_expiry()
+    finally:
+        store.close()
+
+
+def test_outbox_properties_survive_the_dead_letters_and_a_retry(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store", CAP)
+    try:
+        given = dict(PROPS, message_expiry_interval=60)
+        (entry_id,) = store.outbox_append([("out", b"p", 1, False, given)])
+        assert store.outbox_peek()[0].properties == given
+        store.outbox_dead_letter(entry_id, "refused", 1)
+        assert store.dead_letters()[0].properties == given
+        store.dead_retry([entry_id])
+        assert store.outbox_peek()[0].properties == given
+    finally:
+        store.close()
