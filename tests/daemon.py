@@ -76,8 +76,9 @@ class Daemon:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def children(self) -> Dict[str, int]:
-        """Worker name -> pid, read from the process titles of the supervisor's children."""
+    def children(self, fork_server: bool = False) -> Dict[str, int]:
+        """Worker name -> pid, read from the process titles of the supervisor's children (and
+        the fork server's as "forkserver", when asked)."""
         found: Dict[str, int] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -89,7 +90,9 @@ class Daemon:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             if ppid == self.pid and title.startswith("flashlexd: "):
-                found[title.split()[1]] = int(entry.name)
+                name = title.split()[1]
+                if fork_server or name != "forkserver":
+                    found[name] = int(entry.name)
         return found
 
     def zombies(self) -> List[int]:
