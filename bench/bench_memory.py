@@ -35,7 +35,7 @@ from bench_ingest import wipe_session
 from tests.broker import publish_lines
 
 TARGET_MB = 40
-PROCESSES = ("supervisor", "ingress", "egress", "expiry")
+PROCESSES = ("supervisor", "forkserver", "ingress", "egress", "expiry")
 Sample = Dict[str, Dict[str, int]]  # process -> smaps_rollup fields (kB)
 
 
@@ -73,7 +73,7 @@ def run_daemon(root: Path, broker: Broker, lines: Path, count: int, run: int) ->
     daemon = Daemon(config, root / client_id).start()
     try:
         wait_up(daemon)
-        pids = dict(supervisor=daemon.pid, **daemon.children())
+        pids = dict(supervisor=daemon.pid, **daemon.children(fork_server=True))
         time.sleep(2)
         idle = series(pids, 10, 0.2)
         publisher = publish_lines(broker, INGRESS_TOPIC, lines, client_id=f"{client_id}-pub", plain=True)
@@ -91,7 +91,7 @@ def run_daemon(root: Path, broker: Broker, lines: Path, count: int, run: int) ->
         publisher.wait(30)
         time.sleep(2)
         stored = series(pids, 10, 0.2)
-        assert set(pids.values()) == {daemon.pid, *daemon.children().values()}, "a worker was replaced"
+        assert set(pids.values()) == {daemon.pid, *daemon.children(fork_server=True).values()}, "a worker was replaced"
         return {"idle": idle, "load": load, "stored": stored, "rate": rate}
     finally:
         daemon.stop()

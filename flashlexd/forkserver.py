@@ -21,11 +21,11 @@ import errno
 import os
 import signal
 import socket
-from typing import Callable, Optional
+from typing import Optional
 
 import msgpack
 
-from flashlexd.forkworker import close_inherited_fds, flush_stdio, reset_signals
+from flashlexd.forkworker import WorkerMaker, close_inherited_fds, flush_stdio, reset_signals
 
 PR_SET_CHILD_SUBREAPER = 36
 ANSWER_WAIT = 5.0  # seconds the supervisor waits for a pid; the server answers in milliseconds
@@ -47,9 +47,8 @@ def become_subreaper() -> None:
 class ForkServer:
     """The supervisor's handle on the server process."""
 
-    def __init__(self, become: Callable[[str, int, int], None]):
-        """Fork the server now; in it, `become(name, link_fd, config_fd)` turns a forked
-        grandchild into worker `name` (it never returns)."""
+    def __init__(self, maker: WorkerMaker):
+        """Fork the server now; it makes workers with `maker`."""
         become_subreaper()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         flush_stdio()
@@ -58,7 +57,7 @@ class ForkServer:
             code = 70
             try:
                 mine.close()
-                code = _serve(theirs, become)
+                code = _serve(theirs, maker)
             finally:
                 os._exit(code)
         theirs.close()
@@ -87,7 +86,7 @@ class ForkServer:
         self.pid = None
 
 
-def _serve(sock: socket.socket, become: Callable[[str, int, int], None]) -> int:
+def _serve(sock: socket.socket, maker: WorkerMaker) -> int:
     """The server's loop: one worker per request until the supervisor closes the link."""
     reset_signals()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -107,7 +106,7 @@ def _serve(sock: socket.socket, become: Callable[[str, int, int], None]) -> int:
             return 0
         try:
             name = msgpack.unpackb(data)
-            answer = _fork_worker(become, str(name), *fds) if len(fds) == 2 else \
+            answer = _fork_worker(maker, str(name), *fds) if len(fds) == 2 else \
                 [None, [errno.EINVAL, "a request without its two descriptors"]]
         finally:
             for fd in fds:
@@ -115,10 +114,10 @@ def _serve(sock: socket.socket, become: Callable[[str, int, int], None]) -> int:
         sock.send(msgpack.packb(answer))
 
 
-def _fork_worker(become: Callable[[str, int, int], None], name: str, link_fd: int,
-                 config_fd: int) -> list:
+def _fork_worker(maker: WorkerMaker, name: str, link_fd: int, config_fd: int) -> list:
     """Fork twice: the middle process forks the worker, sends its pid and exits, so the
     worker is re-parented to the supervisor (the subreaper). [pid, None] or [None, error]."""
+    maker.prepare(config_fd)  # parsed here, shared by every worker forked with it
     reading, writing = os.pipe()
     try:
         middle = os.fork()
@@ -134,7 +133,7 @@ def _fork_worker(become: Callable[[str, int, int], None], name: str, link_fd: in
             if worker == 0:
                 try:
                     os.close(writing)
-                    become(name, link_fd, config_fd)
+                    maker.become(name, link_fd)
                 finally:
                     os._exit(127)
             os.write(writing, msgpack.packb([worker, None]))

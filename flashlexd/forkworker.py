@@ -9,7 +9,7 @@ itself forked before the supervisor opens its LMDB environment, so no environmen
 fork.
 
 What exec gave, and how the forked child (`become_worker`, which never returns) keeps it:
-- Descriptors: every one but stdio, the link (CHANNEL_FD) and the config (CONFIG_FD) is closed.
+- Descriptors: every one but stdio and the link (CHANNEL_FD) is closed.
 - Signals: inherited Python handlers and the wake-up fd are reset (SIG_DFL; SIGINT back to
   KeyboardInterrupt as in a fresh interpreter), the mask is emptied; ignored signals stay
   ignored, as across exec. The worker's loop then installs its own.
@@ -27,21 +27,22 @@ import os
 import signal
 import sys
 import traceback
-from typing import Dict, Optional, Set
+from typing import Dict, Optional, Set, Tuple, Union
 
-from flashlexd.channel import CHANNEL_FD, CONFIG_FD, place_child_fds
-from flashlexd.workers.launch import WORKERS, run_worker, worker_class
+from flashlexd.channel import CHANNEL_FD, place_child_fds
+from flashlexd.config import Config, ConfigError
+from flashlexd.workers.launch import WORKERS, read_config, run_worker, worker_class
 
 EXIT_CHILD_FAILED = 70  # the child failed before its worker could report anything
 
 
 def preload() -> None:
-    """In the supervisor, once before the first fork: import every worker's code (shared with
-    the workers from then on) and freeze what exists, so no collection writes into it."""
+    """In the supervisor, once before the fork server is made: import every worker's code
+    (shared with the fork server and the workers from then on) and freeze what exists, so no
+    collection writes into it."""
     for name in WORKERS:
         worker_class(name)
-    gc.collect()
-    gc.freeze()
+    gc.freeze()  # no collection first: the holes it leaves would be filled (copied) after forks
 
 
 def flush_stdio() -> None:
@@ -53,26 +54,56 @@ def flush_stdio() -> None:
             pass
 
 
-def become_worker(name: str, link_fd: int, config_fd: int, env: Dict[str, str], config_path: str,
-                  data_dir: Optional[str] = None, keys_dir: Optional[str] = None,
-                  log_level: Optional[str] = None) -> None:
-    """In the forked child: drop what is not the worker's, run worker `name`, exit. Never
-    returns."""
-    code = EXIT_CHILD_FAILED
-    try:
-        gc.freeze()  # what was inherited: never traversed by this child's collections
-        reset_signals()
-        place_child_fds(link_fd, config_fd)
-        close_inherited_fds(keep={CHANNEL_FD, CONFIG_FD})
-        os.environ.clear()
-        os.environ.update(env)
-        code = run_worker(name, config_path, data_dir, keys_dir, log_level)
-    except BaseException:  # noqa: BLE001 - the child must reach os._exit, whatever happened
-        traceback.print_exc()
-    finally:
-        logging.shutdown()
-        flush_stdio()
-        os._exit(code)
+class WorkerMaker:
+    """What the fork server needs to make workers: their environment, the command line's
+    overrides, and the config parsed once in the server (`prepare`), so the workers forked
+    with it share the parsed config instead of each parsing the YAML (~2.4 MB each)."""
+
+    def __init__(self, env: Dict[str, str], config_path: str, data_dir: Optional[str] = None,
+                 keys_dir: Optional[str] = None, log_level: Optional[str] = None):
+        self.env = env
+        self.config_path, self.data_dir, self.keys_dir = config_path, data_dir, keys_dir
+        self.log_level = log_level
+        self._config_file: Optional[Tuple[int, int]] = None  # which memfd was parsed
+        self._config: Union[Config, ConfigError, None] = None
+
+    def prepare(self, config_fd: int) -> None:
+        """In the fork server: parse the config of memfd `config_fd` unless it is the one
+        parsed last (each `ConfigFile` is a new memfd)."""
+        identity = os.fstat(config_fd)
+        key = (identity.st_dev, identity.st_ino)
+        if key != self._config_file:
+            try:
+                self._config = read_config(config_fd, self.config_path, self.data_dir,
+                                           self.keys_dir, self.log_level, close=False)
+            except ConfigError as exc:
+                self._config = exc
+            self._config_file = key
+
+    def config(self) -> Config:
+        """In the worker: the config `prepare` parsed."""
+        if not isinstance(self._config, Config):
+            raise self._config or ConfigError("no config from the supervisor")
+        return self._config
+
+    def become(self, name: str, link_fd: int) -> None:
+        """In the forked child: drop what is not the worker's, run worker `name`, exit. Never
+        returns."""
+        code = EXIT_CHILD_FAILED
+        try:
+            gc.freeze()  # what was inherited: never traversed by this child's collections
+            reset_signals()
+            place_child_fds(link_fd, link_fd)
+            close_inherited_fds(keep={CHANNEL_FD})
+            os.environ.clear()
+            os.environ.update(self.env)
+            code = run_worker(name, self.config, self.log_level)
+        except BaseException:  # noqa: BLE001 - the child must reach os._exit, whatever happened
+            traceback.print_exc()
+        finally:
+            logging.shutdown()
+            flush_stdio()
+            os._exit(code)
 
 
 def reset_signals() -> None:

@@ -13,7 +13,7 @@ import selectors
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
@@ -62,12 +62,10 @@ class Overrides:
         credentials.verify(config.thing.keys, self.allow_insecure_key)
         return config
 
-    def become_worker(self) -> Callable[[str, int, int], None]:
-        """What a forked child runs to become a worker (see `forkworker`)."""
-        env = child_environment()
-        return lambda name, link_fd, config_fd: forkworker.become_worker(
-            name, link_fd, config_fd, env, self.config_path, self.data_dir, self.keys_dir,
-            self.log_level)
+    def worker_maker(self) -> forkworker.WorkerMaker:
+        """How the fork server makes workers (see `forkworker`)."""
+        return forkworker.WorkerMaker(child_environment(), self.config_path, self.data_dir,
+                                      self.keys_dir, self.log_level)
 
 
 class Supervisor:
@@ -103,7 +101,7 @@ class Supervisor:
         limit = fds.raise_open_files_limit()  # before anything is opened; workers inherit it
         log.debug("open files limit %d", limit)
         forkworker.preload()  # then the fork server: before the store is opened (see forkserver)
-        self.forks = ForkServer(self.overrides.become_worker())
+        self.forks = ForkServer(self.overrides.worker_maker())
         self._install_signals()
         self.config_file = ConfigFile(self.config.text)
         self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flashlexd.workers.launch import WORKERS, run_worker
+from flashlexd.channel import CONFIG_FD
+from flashlexd.workers.launch import WORKERS, read_config, run_worker
 
 
 def main(argv=None) -> int:
@@ -20,7 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keys-dir")
     parser.add_argument("--log-level")
     args = parser.parse_args(argv)
-    return run_worker(args.name, args.config, args.data_dir, args.keys_dir, args.log_level)
+    return run_worker(args.name, lambda: read_config(CONFIG_FD, args.config, args.data_dir,
+                                                     args.keys_dir, args.log_level), args.log_level)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ import importlib
 import logging
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from setproctitle import setproctitle
 
 from flashlexd import config as config_module
 from flashlexd import logs
 from flashlexd.channel import Channel, read_inherited_config
+from flashlexd.config import Config
 from flashlexd.configtext import MAX_CONFIG_BYTES
 from flashlexd.store import StoreError
 from flashlexd.workers.base import EXIT_BOOT_ERROR
@@ -34,9 +35,22 @@ def worker_class(name: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def run_worker(name: str, config_path: str, data_dir: Optional[str] = None,
-               keys_dir: Optional[str] = None, log_level: Optional[str] = None) -> int:
-    """Run worker `name` to its end, with the link on CHANNEL_FD and the config on CONFIG_FD."""
+def read_config(fd: int, config_path: str, data_dir: Optional[str] = None,
+                keys_dir: Optional[str] = None, log_level: Optional[str] = None,
+                close: bool = True) -> Config:
+    """The config the supervisor validated, from its memfd `fd`, with the command line's
+    overrides; raises ConfigError."""
+    try:
+        text = read_inherited_config(MAX_CONFIG_BYTES, fd, close)
+    except (OSError, ValueError) as exc:
+        raise config_module.ConfigError(f"no config from the supervisor: {exc}") from None
+    return config_module.loads(text, Path(config_path), data_dir=data_dir, keys_dir=keys_dir,
+                               log_level=log_level)
+
+
+def run_worker(name: str, config: Callable[[], Config], log_level: Optional[str] = None) -> int:
+    """Run worker `name` to its end, with the link on CHANNEL_FD; `config()` gives its config
+    or raises ConfigError."""
     setproctitle(f"flashlexd: {name}")
     # A worker the supervisor finds hung gets SIGABRT: faulthandler writes every thread's stack
     # to the log before it dies. SIGUSR1 writes the same without stopping it (for a look).
@@ -46,18 +60,9 @@ def run_worker(name: str, config_path: str, data_dir: Optional[str] = None,
     log = logging.getLogger(f"flashlexd.{name}")
     channel = Channel.inherited()
     try:
-        config = config_module.loads(_config_text(), Path(config_path), data_dir=data_dir,
-                                     keys_dir=keys_dir, log_level=log_level)
-        logging.getLogger().setLevel(config.log_level.upper())
-        return worker_class(name)(config, channel).run()
+        loaded = config()
+        logging.getLogger().setLevel(loaded.log_level.upper())
+        return worker_class(name)(loaded, channel).run()
     except (config_module.ConfigError, StoreError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_BOOT_ERROR
-
-
-def _config_text() -> str:
-    """The config text the supervisor validated, inherited on CONFIG_FD."""
-    try:
-        return read_inherited_config(MAX_CONFIG_BYTES)
-    except (OSError, ValueError) as exc:
-        raise config_module.ConfigError(f"no config from the supervisor: {exc}") from None
