@@ -4,7 +4,8 @@ A worker used to be `fork` + `exec python -m flashlexd.workers`: four interprete
 importing the stdlib, ssl, paho, lmdb and flashlexd on their own (~12 MB private each). Forked
 after `preload`, a worker shares those pages with the supervisor (copy on write), and
 `gc.freeze()` keeps the collector from writing into the inherited objects' headers (which
-would copy their pages one by one). Workers are forked from the fork server (`forkserver`),
+would copy their pages one by one). The fork server also parses the config and builds the TLS
+context once for the workers it forks next (`WorkerMaker.prepare`): they share the result. Workers are forked from the fork server (`forkserver`),
 itself forked before the supervisor opens its LMDB environment, so no environment crosses a
 fork.
 
@@ -31,6 +32,7 @@ from typing import Dict, Optional, Set, Tuple, Union
 
 from flashlexd.channel import CHANNEL_FD, place_child_fds
 from flashlexd.config import Config, ConfigError
+from flashlexd.mqttclient import prepare_tls_context, uses_alpn
 from flashlexd.workers.launch import WORKERS, read_config, run_worker, worker_class
 
 EXIT_CHILD_FAILED = 70  # the child failed before its worker could report anything
@@ -69,7 +71,8 @@ class WorkerMaker:
 
     def prepare(self, config_fd: int) -> None:
         """In the fork server: parse the config of memfd `config_fd` unless it is the one
-        parsed last (each `ConfigFile` is a new memfd)."""
+        parsed last (each `ConfigFile` is a new memfd), and build the TLS context from the key
+        files as they are now (a restarted worker reads them afresh, as an exec'd one did)."""
         identity = os.fstat(config_fd)
         key = (identity.st_dev, identity.st_ino)
         if key != self._config_file:
@@ -79,6 +82,9 @@ class WorkerMaker:
             except ConfigError as exc:
                 self._config = exc
             self._config_file = key
+        if isinstance(self._config, Config):
+            thing = self._config.thing
+            prepare_tls_context(thing.keys, uses_alpn(thing))
 
     def config(self) -> Config:
         """In the worker: the config `prepare` parsed."""
