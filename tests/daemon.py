@@ -50,23 +50,25 @@ class Daemon:
     """The daemon as a child process in its own session, always stopped by PID."""
 
     def __init__(self, config: Path, workdir: Path, env: Optional[Dict[str, str]] = None,
-                 args: Tuple[str, ...] = (), preexec: Optional[Callable[[], None]] = None):
+                 args: Tuple[str, ...] = (), preexec: Optional[Callable[[], None]] = None,
+                 python: Optional[str] = None):
         self.config = config
         self.socket_path = workdir / "flashlexd.sock"
         self.log_path = workdir / "daemon.log"
         self.env = dict(os.environ, **(env or {}))
         self.args = args
         self.preexec = preexec  # run in the child before exec (e.g. to lower its limits)
+        self.python = python  # another install's interpreter (run outside the source tree)
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Daemon":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flashlexd", "run", "--config", str(self.config),
+            [self.python or sys.executable, "-m", "flashlexd", "run", "--config", str(self.config),
              "--socket", str(self.socket_path), *self.args],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=self.preexec)
+            preexec_fn=self.preexec, cwd=self.log_path.parent if self.python else None)
         return self
 
     @property
