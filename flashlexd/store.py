@@ -47,7 +47,7 @@ import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
-from flashlexd.storebase import POLICIES, SCHEMA_VERSION
+from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
 from flashlexd.storedamage import guarded, unpack_record
 from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DeadLetter, DiskFull, DupMark,
@@ -148,8 +148,14 @@ class Store(OutboxStore):
     def messages(self, limit: int = 100, topic: Optional[str] = None,
                  after: Optional[int] = None) -> List[Message]:
         """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id."""
+        return self.messages_page(limit, topic, after).found
+
+    @guarded
+    def messages_page(self, limit: int = 100, topic: Optional[str] = None,
+                      after: Optional[int] = None, budget: Optional[int] = None) -> ScanPage[Message]:
+        """`messages`, looking at no more than `budget` inbox records (see `_scan_page`)."""
         keep = None if topic is None else (lambda message: topic_matches(topic, message.topic))
-        return self._scan(self._inbox, limit, after, _decode_message, keep)
+        return self._scan_page(self._inbox, limit, after, _decode_message, keep, budget)
 
     @guarded
     def ack(self, ids: Iterable[int]) -> int:

@@ -16,6 +16,9 @@ from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem
 
+# Inbox records one `paged` messages/wait call with a topic filter looks at: ~2 ms of the
+# supervisor's loop on a Pi-class core, whatever the inbox holds (the cursor says where to go on).
+SCAN_BUDGET = 500
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
 
@@ -159,6 +162,15 @@ class Methods:
     def _fetch(self, limit: int, topic: Optional[str], after: Optional[int]) -> List[Dict[str, Any]]:
         return self._bounded([m.to_dict() for m in self.store.messages(limit, topic, after)])
 
+    def _fetch_page(self, limit: int, topic: Optional[str],
+                    after: Optional[int]) -> Tuple[Dict[str, Any], Optional[int]]:
+        """A `paged` answer, {"messages": [...], "cursor": id or None}, from a walk of at most
+        SCAN_BUDGET records when a topic filter is given (without one every record is kept and
+        `limit` bounds the walk); and the last id looked at (where a parked wait goes on)."""
+        page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if topic else None)
+        found = self._bounded([m.to_dict() for m in page.found])
+        return {"messages": found, "cursor": page.cursor}, page.last
+
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
         limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
         topic = p.topic_filter("topic")
@@ -199,10 +211,11 @@ class Methods:
         })
         return supervisor
 
-    def _messages(self, p: _Params) -> List[Dict[str, Any]]:
+    def _messages(self, p: _Params) -> Any:
         limit, topic, after = self._query(p, 100)
+        paged = p.boolean("paged", False)
         p.done()
-        return self._fetch(limit, topic, after)
+        return self._fetch_page(limit, topic, after)[0] if paged else self._fetch(limit, topic, after)
 
     def _ack(self, p: _Params) -> int:
         ids = p.ids("ids")
@@ -212,7 +225,10 @@ class Methods:
     def _wait(self, p: _Params) -> Any:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
         limit, topic, after = self._query(p, 100)
+        paged = p.boolean("paged", False)
         p.done()
+        if paged:
+            return self._wait_paged(timeout, limit, topic, after)
         found = self._fetch(limit, topic, after)
         if found or timeout == 0:
             return found
@@ -223,6 +239,29 @@ class Methods:
             except StoreError as exc:
                 raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
+
+    def _wait_paged(self, timeout: float, limit: int, topic: Optional[str],
+                    after: Optional[int]) -> Any:
+        """`wait` with a bounded walk: a page with messages or a cursor answers at once (the
+        client calls again from the cursor); a walk that reached the end parks the request, and
+        each poll walks on from where the last one stopped, not from `after` again."""
+        answer, last = self._fetch_page(limit, topic, after)
+        if answer["messages"] or answer["cursor"] is not None or timeout == 0:
+            return answer
+        position = [last if last is not None else after]
+
+        def poll() -> Optional[Dict[str, Any]]:  # run by the server on notify_inbox()
+            try:
+                found, seen = self._fetch_page(limit, topic, position[0])
+            except StoreError as exc:
+                raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+            if found["messages"] or found["cursor"] is not None:
+                return found
+            if seen is not None:
+                position[0] = seen
+            return None
+        return Pending(deadline=time.monotonic() + timeout, poll=poll,
+                       timeout_result={"messages": [], "cursor": None})
 
     def _publish(self, p: _Params) -> Dict[str, int]:
         payload = p.get("payload")
