@@ -355,10 +355,12 @@ class StoreBase:
     def _scan_page(self, db: object, limit: int, after: Optional[int],
                    decode: Callable[[bytes, memoryview, Timeline], T],
                    keep: Optional[Callable[[T], bool]] = None,
-                   budget: Optional[int] = None) -> ScanPage[T]:
+                   budget: Optional[int] = None,
+                   select: Optional[Callable[[memoryview], bool]] = None) -> ScanPage[T]:
         """The one cursor walk (`_scan`'s), looking at no more than `budget` records (None: no
         bound): a filter that matches little then costs a bounded time per call, however long
-        the inbox, and the page says where to go on (`ScanPage.cursor`)."""
+        the inbox, and the page says where to go on (`ScanPage.cursor`). `select` sees a
+        record's raw value first: one it refuses is not decoded (the cheap part of a filter)."""
         page: ScanPage[T] = ScanPage([], None)
         if limit <= 0:
             return page
@@ -373,8 +375,11 @@ class StoreBase:
                     page.cursor = page.last  # not looked at yet: the next call starts here
                     break
                 looked += 1
-                record = decode(key, self._checked(raw), timeline)
                 page.last = _ID.unpack(key)[0]
+                value = self._checked(raw)
+                if select is not None and not select(value):
+                    continue
+                record = decode(key, value, timeline)
                 if keep is None or keep(record):
                     page.found.append(record)
                     if len(page.found) >= limit:
