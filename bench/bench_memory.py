@@ -42,7 +42,7 @@ from bench_ingest import wipe_session
 from tests.broker import publish_lines
 
 TARGET_MB = 40
-CHUNK = 20_000  # lines per mosquitto_pub -l run
+CHUNK = 20_000  # lines per mosquitto_pub -l run (<= PUB_LINES_MAX)
 MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")  # a mapping's first line in /proc/PID/smaps
 PROCESSES = ("supervisor", "forkserver", "ingress", "egress", "expiry")
 Sample = Dict[str, Dict[str, int]]  # process -> {Pss, Pss_Anon, Rss, data.mdb} (kB)
