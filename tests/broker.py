@@ -362,9 +362,8 @@ def publish_lines(broker: Broker, topic: str, lines_file: Path, client_id: str =
                   max_inflight: int = 100, plain: bool = False) -> subprocess.Popen:
     """Start mosquitto_pub publishing each line of `lines_file` at QoS 1; returns the process.
     It exits when all are acknowledged; if the broker dies, it waits for it to come back.
-    One `mosquitto_pub -l` run silently loses lines once its packet ids wrap (100k lines delivered
-    34,511 once),
-    so a larger file is refused: publish it in chunks of at most PUB_LINES_MAX lines."""
+    One `mosquitto_pub -l` run silently loses lines once its packet ids wrap (100k lines: 34,511
+    delivered once), so a larger file is refused: publish chunks of at most PUB_LINES_MAX lines."""
     with open(lines_file, "rb") as counted:
         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: counted.read(1 << 20), b""))
     if lines > PUB_LINES_MAX:
