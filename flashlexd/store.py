@@ -42,7 +42,6 @@ digests) before taking the write lock and writes each database with one `putmult
 """
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -281,21 +280,5 @@ def _topic_of(raw: memoryview) -> str:
 
 
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
-    """Each message's mark: the digest blake2b-64(topic + NUL + payload), None for QoS 0 (never
-    redelivered). The packet id is not part of it: brokers renumber redeliveries (RabbitMQ).
-    The hash state of `topic + NUL` is made once per topic and copied: a batch is usually one
-    topic."""
-    prefixes: Dict[str, "hashlib._Hash"] = {}
-    marks: List[Optional[DupMark]] = []
-    for m in messages:
-        if not m.qos:
-            marks.append(None)
-            continue
-        prefix = prefixes.get(m.topic)
-        if prefix is None:
-            prefix = hashlib.blake2b(m.topic.encode() + b"\0", digest_size=8)
-            prefixes[m.topic] = prefix
-        state = prefix.copy()
-        state.update(m.payload)
-        marks.append(state.digest())
-    return marks
+    """Each message's DUP mark (`Incoming.mark`, computed once per message)."""
+    return [m.mark for m in messages]

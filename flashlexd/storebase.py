@@ -37,6 +37,7 @@ class ScanPage(Generic[T]):
     cursor: Optional[int]
     last: Optional[int] = None
 
+
 SCHEMA_VERSION = 3  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
 #                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
@@ -385,15 +386,3 @@ class StoreBase:
                     if len(page.found) >= limit:
                         break
         return page
-        with self._read() as txn:
-            cursor = txn.cursor(db=db)
-            if not _start(cursor, after):
-                return found
-            timeline = self._frames.timeline(txn)
-            for key, raw in cursor:
-                record = decode(key, self._checked(raw), timeline)
-                if keep is None or keep(record):
-                    found.append(record)
-                    if len(found) >= limit:
-                        break
-        return found

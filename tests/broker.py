@@ -355,7 +355,7 @@ class Proxy:
 
 # -- independent peers ------------------------------------------------------------------------
 
-PUB_LINES_MAX = 60_000  # lines one mosquitto_pub -l run is trusted with (its packet ids wrap at 65,535)
+PUB_LINES_MAX = 65_535  # lines one mosquitto_pub -l run is trusted with: one packet id each
 
 
 def publish_lines(broker: Broker, topic: str, lines_file: Path, client_id: str = "test-pub",
@@ -367,8 +367,8 @@ def publish_lines(broker: Broker, topic: str, lines_file: Path, client_id: str =
     with open(lines_file, "rb") as counted:
         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: counted.read(1 << 20), b""))
     if lines > PUB_LINES_MAX:
-        raise ValueError(f"{lines_file} has {lines} lines: mosquitto_pub -l loses lines past 65,535"
-                         f" in one run; publish chunks of <= {PUB_LINES_MAX}")
+        raise ValueError(f"{lines_file} has {lines} lines: mosquitto_pub -l loses lines past its 65,535"
+                         f" packet ids; publish chunks of <= {PUB_LINES_MAX}")
     argv = ["mosquitto_pub", *broker.client_args(plain=plain), "-i", client_id, "-q", "1",
             "-M", str(max_inflight), "-t", topic, "-l"]
     with open(lines_file, "rb") as stdin:
