@@ -79,6 +79,16 @@ SECTIONS = [
         " number below is the median of those runs, cell by cell.",
         repeat=RPC_REPEATS),
     Section(
+        "consumers", "Named consumers: fetch+ack with 1 and 5 consumers, state per consumer",
+        ["bench/bench_consumers.py", "--messages", "20000", "--runs", "5"], ["--messages", "3000", "--runs", "1"],
+        "The API server hosted as for the RPC benchmark (one CPU), a fresh store of 20,000 messages"
+        " per run, drained with `messages(limit=100)` + `ack(ids)` by the unnamed default consumer,"
+        " by one named consumer, and by five named consumers round-robin (each reads and acks every"
+        " message). Rate per consumer: messages each consumer fetched and acked per CPU second of"
+        " the server and client (wall time shown too). Then the bytes of the consumer databases after five consumers acked half the"
+        " messages in order, or every other one. Baseline: one named consumer. Target: five"
+        " consumers >= 0.7x its rate, per consumer."),
+    Section(
         "ingest", "MQTT ingest: ingress worker vs a bare paho subscriber",
         ["bench/bench_ingest.py", "--messages", "30000", "--runs", "5"], ["--messages", "3000", "--runs", "1"],
         "The real ingress worker (durable group commits, PUBACK only after the commit) receiving QoS 1"
@@ -302,6 +312,11 @@ def summarize(section: Section) -> None:
         if m:
             add((f"fetch+ack: {m.group(1)} messages/s", ">= 50,000/s",
                  verdict(float(m.group(1).replace(",", "")) >= 50_000)))
+    elif section.name == "consumers":
+        m = find(r"per consumer \(median of per-run ratios, CPU time\): \*\*([\d.]+)x\*\*.*target >= ([\d.]+)x\): (\w+)", out)
+        if m:
+            add((f"5 consumers: {m.group(1)}x the single consumer's fetch+ack rate, per consumer",
+                 f">= {m.group(2)}x", verdict(m.group(3) == "ok")))
     elif section.name in ("ingest", "drain"):
         m = find(r"ratio \(median of per-run ratios\): \*\*([\d.]+)x\*\*.*\(target >= ([\d.]+)x\)", out)
         rates = re.findall(r"^\| (.+?) \| ([\d,]+) \|", out, re.M)

@@ -29,6 +29,9 @@ __all__ = ["Client", "Code", "ConnectionLost", "DaemonNotRunning", "DEFAULT_SOCK
            "ProtocolError", "RpcError", "RpcTimeout", "__version__", "connect", "socket_path"]
 
 
-def connect(path: Optional[str] = None, timeout: float = 10.0) -> Client:
-    """Connect to flashlexd; raises DaemonNotRunning when nothing listens on the socket."""
-    return Client(path, timeout)
+def connect(path: Optional[str] = None, timeout: float = 10.0,
+            consumer: Optional[str] = None) -> Client:
+    """Connect to flashlexd; raises DaemonNotRunning when nothing listens on the socket.
+    `consumer` names this app's own cursor (every message matching its filter, its own acks);
+    None is the shared inbox of apps that predate consumers."""
+    return Client(path, timeout, consumer)

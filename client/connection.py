@@ -52,9 +52,11 @@ class Client:
     connection per thread) when they should not wait on each other. A connection the daemon
     closed while idle is remade transparently on the next call."""
 
-    def __init__(self, path: Optional[str] = None, timeout: float = 10.0):
+    def __init__(self, path: Optional[str] = None, timeout: float = 10.0,
+                 consumer: Optional[str] = None):
         self.path = socket_path(path)
         self.timeout = timeout
+        self.consumer = consumer  # None: the default consumer (the shared inbox)
         self._sock: Optional[socket.socket] = None
         self._poller = select.poll()
         self._buf = bytearray()
@@ -252,7 +254,7 @@ class Client:
         the daemon looks at a bounded number of messages per call and answers where to go on
         (`paged`), so one call never holds its loop for long: this calls again from there until
         `limit` are found or none are left (`wait`: until any are found or time is up)."""
-        params = _query(limit, topic, after)
+        params = self._query(limit, topic, after)
         deadline = None if wait is None else time.monotonic() + wait
         found: List[Dict[str, Any]] = []
         while True:
@@ -267,8 +269,11 @@ class Client:
             params.update(after=page["cursor"], limit=limit - len(found))
 
     def ack(self, ids: Iterable[IdLike]) -> int:
-        """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went."""
-        return sum(self._in_chunks("ack", [_wire_id(i) for i in ids]))
+        """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went.
+        For a named consumer: acknowledge them for it; a message leaves the inbox once every
+        consumer whose filter matches it has acknowledged it (returns the new acks)."""
+        named = {} if self.consumer is None else {"consumer": self.consumer}
+        return sum(self._in_chunks("ack", [_wire_id(i) for i in ids], **named))
 
     def _in_chunks(self, method: str, wire: List[Any], **params: Any) -> List[Any]:
         """One call per MAX_IDS_PER_ACK ids (the daemon's bound on a call); their results."""
@@ -317,6 +322,23 @@ class Client:
     def purge(self, confirm: bool = False) -> int:
         """Remove every inbox message; refused unless confirm=True. Returns how many."""
         return self.call("purge", confirm=confirm)
+
+    def consumers(self) -> List[Dict[str, Any]]:
+        """Every named consumer: name, filter, backlog, oldest_age, dropped, last_seen,
+        acked_through, dynamic, max_backlog."""
+        return self.call("consumers")
+
+    def reset(self, consumer: str, to: Union[str, IdLike] = "earliest") -> int:
+        """Move a named consumer: "earliest" replays what is stored, "latest" skips it all, a
+        message id starts there. Returns the id it has now acknowledged through."""
+        target = to if to in ("earliest", "latest") else _wire_id(to)  # type: ignore[arg-type]
+        return self.call("reset", consumer=consumer, to=target)["acked_through"]
+
+    def _query(self, limit: int, topic: Optional[str], after: Optional[IdLike]) -> Dict[str, Any]:
+        params = _query(limit, topic, after)
+        if self.consumer is not None:
+            params["consumer"] = self.consumer
+        return params
 
     def stream(self, timeout_per_wait: float = 30.0, limit: int = 100, topic: Optional[str] = None,
                after: Optional[IdLike] = None) -> Iterator[Message]:

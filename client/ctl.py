@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, socket_path
+from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers
 from flashlexd.client.ctlview import (ago, health, jsonable, message_rows, oldest_text, plural, preview,
                                       render_status, table)
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
@@ -44,6 +45,7 @@ def cmd_status(fx: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_messages(fx: Client, args: argparse.Namespace) -> int:
+    fx.consumer = args.consumer
     messages = fx.records(args.limit, args.topic or None)
     if args.json:
         _print_json(messages)
@@ -55,6 +57,7 @@ def cmd_messages(fx: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_ack(fx: Client, args: argparse.Namespace) -> int:
+    fx.consumer = args.consumer
     removed = fx.ack(args.pk)
     if args.json:
         _print_json(removed)
@@ -197,8 +200,10 @@ def parser() -> argparse.ArgumentParser:
     messages = sub.add_parser("messages", help="unacknowledged messages, oldest first")
     messages.add_argument("--limit", type=int, default=20, help=f"how many (default 20, max {MAX_LIMIT})")
     messages.add_argument("--topic", help="MQTT topic filter (+ and # allowed)")
+    messages.add_argument("--consumer", metavar="NAME", help="the messages named consumer NAME has not acked")
     ack = sub.add_parser("ack", help="acknowledge (remove) messages by pk")
     ack.add_argument("pk", nargs="+", help="message pk(s) as shown by 'messages'")
+    ack.add_argument("--consumer", metavar="NAME", help="acknowledge for named consumer NAME only")
     publish = sub.add_parser("publish", help="queue a message for the cloud (egress topic by default)")
     publish.add_argument("payload", metavar="PAYLOAD", help="the payload, or - to read it from stdin")
     publish.add_argument("--topic", help="publish topic (default: the configured egress topic)")
@@ -219,6 +224,7 @@ def parser() -> argparse.ArgumentParser:
     drop = actions.add_parser("drop", help="delete queued entries (with --dead: dead letters)")
     drop.add_argument("ids", nargs="+", type=int, metavar="ID", help="entry id(s)")
     drop.add_argument("--dead", dest="drop_dead", action="store_true", help="the ids are dead letters")
+    add_consumers_parser(sub)
     purge = sub.add_parser("purge", help="remove EVERY inbox message (needs --yes)")
     purge.add_argument("--yes", action="store_true", help="confirm")
     return top
@@ -226,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "status": cmd_status, "messages": cmd_messages, "ack": cmd_ack, "publish": cmd_publish,
-    "outbox": cmd_outbox, "purge": cmd_purge, "tail": cmd_tail}
+    "outbox": cmd_outbox, "purge": cmd_purge, "tail": cmd_tail, "consumers": cmd_consumers}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

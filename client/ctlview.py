@@ -162,6 +162,10 @@ def render_status(status: Dict[str, Any], path: str) -> str:
               f" (offline queueing: {cap_text}), {plural(outbox.get('dead') or 0, 'dead letter')}",
               f"store     {human_bytes(used)} of {human_bytes(cap)}{share},"
               f" when full: {store.get('when_full', '?')}"]
+    consumers = status.get("consumers") or []
+    if consumers:  # named consumers (flashlexctl consumers has the full table)
+        lines.append("consumers " + "; ".join(f"{c.get('name')} backlog {c.get('backlog')}"
+                                              f" dropped {c.get('dropped')}" for c in consumers))
     draining = drain_line(mqtt.get("egress") or {}, outbox.get("count", 0))
     if draining:
         lines.append(draining)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from flashlexd.configconsumers import ConsumerSettings, consumer_settings
 from flashlexd.configkeys import DEFAULT_DATA_DIR, KEYS, LOG_LEVELS
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
@@ -117,6 +118,7 @@ class Config:
     api: Api
     supervision: Supervision
     log_level: str
+    consumers: ConsumerSettings = ConsumerSettings()
     warnings: Tuple[str, ...] = field(default=(), compare=False)
     text: str = field(default="", compare=False, repr=False)
 
@@ -164,13 +166,14 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     store = _store(app.section("db"), data_dir)
     api = _api(app.section("socket"), socket_path, store.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
+    consumers = consumer_settings(app)
     file_level = app.value("logLevel")  # checked even when overridden
     level = log_level or file_level
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {_show(level)}")
     app.warn_unknown()
     return Config(path=config_path, text=text, thing=thing, store=store, api=api, supervision=supervision,
-                  log_level=level,
+                  log_level=level, consumers=consumers,
                   warnings=tuple(warnings))
 
 

@@ -35,7 +35,7 @@ UNUSED = ""
 @dataclass(frozen=True)
 class Key:
     path: str
-    kind: str  # text, integer, seconds, boolean, choice, texts, uids, rate, section, legacy
+    kind: str  # text, integer, seconds, boolean, choice, texts, uids, rate, consumers, section, legacy
     default: Any = None  # None: no value when absent; REQUIRED: must be given
     doc: str = ""
     reload: str = UNUSED
@@ -104,6 +104,16 @@ TABLE: Tuple[Key, ...] = (
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"
         " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames",
         AT_ONCE_AND_WORKERS, minimum=1, field="max_payload_bytes"),
+    Key("flashlex.app.consumers", "consumers", None,
+        "named consumers: each name (`[a-z0-9_-]{1,64}`) gets every message matching its `filter`"
+        " (MQTT wildcards, default `#`) with its own acks; `maxBacklog` (optional) caps its unacked"
+        " messages (its oldest beyond it are dropped for it, counted); `allowUids` (optional) limits"
+        " it to those uids besides root and the daemon's own. See \"Several apps: named consumers\"",
+        AT_ONCE, shown="none"),
+    Key("flashlex.app.allowDynamicConsumers", "boolean", True,
+        "apps may register a consumer not declared in `consumers` by using its name", AT_ONCE),
+    Key("flashlex.app.consumerIdleDays", "integer", 7,
+        "a dynamic consumer unused this many days is removed (one WARNING)", AT_ONCE, minimum=1),
     Key("flashlex.app.logLevel", "choice", "info",
         "`debug`, `info`, `warning`, `error` (`--log-level` wins)", WORKERS, choices=LOG_LEVELS),
     Key(f"{_SOCKET}.path", "text", DEFAULT_SOCKET,

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 from flashlexd import fds
 from flashlexd.config import Config
+from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.ipc.protocol import REQUEST_OVERHEAD, Limits
 from flashlexd.quotas import TOPIC_SLASHES, is_aws_endpoint
 from flashlexd.restart import RestartLimits
@@ -34,6 +35,7 @@ class ApiRules:
     max_topic_bytes: int    # outbound: what `publish` accepts
     max_publish_bytes: int
     max_topic_slashes: Optional[int] = None  # AWS IoT Core's limit, on its endpoints only
+    consumers: ConsumerSettings = ConsumerSettings()  # flashlex.app.consumers and friends
 
     @property
     def response_budget(self) -> int:
@@ -44,7 +46,8 @@ class ApiRules:
         mqtt = config.thing.mqtt
         return cls(mqtt.egress_topic, mqtt.offline_publish_queueing, config.store.max_payload_bytes,
                    mqtt.max_topic_bytes, mqtt.max_payload_bytes,
-                   TOPIC_SLASHES if is_aws_endpoint(config.thing.endpoint) else None)
+                   TOPIC_SLASHES if is_aws_endpoint(config.thing.endpoint) else None,
+                   config.consumers)
 
 
 def api_limits(config: Config) -> Limits:

@@ -1,6 +1,6 @@
 """The durable LMDB store shared by every flashlexd process.
 
-One environment, eight named databases:
+One environment, ten named databases:
   inbox   id(8 bytes, big-endian) -> msgpack record; key order is arrival order
   expiry  boot seq(4) + expiry_ms(8) + first id(8) -> last id(8): one range per appended batch
           (a batch expires together). Expiry times are in their boot's frame (flashlexd/clock.py:
@@ -19,6 +19,7 @@ One environment, eight named databases:
   recent  schema 2's DUP marks (mid(2) -> digest(8)); empty since schema 3, which moved them
           to `unconfirmed`
   unconfirmed, dedupe: what recognises a broker's redeliveries (flashlexd/redelivery.py)
+  consumers, cacks: named consumers' floors and acks-ahead (flashlexd/storeconsumers.py)
   meta    name -> value: schema version, id counters, totals; b"frame" + seq(4) -> the BootFrame
           of each boot that stamped a record still stored (clock.py)
 
@@ -48,6 +49,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import lmdb
 from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
 from flashlexd.storedamage import guarded, unpack_record
+from flashlexd.storeconsumers import ConsumerStore
 from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, _SEQ, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
@@ -64,7 +66,7 @@ COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purge
             "outbox_dropped", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
 
 
-class Store(OutboxStore):
+class Store(ConsumerStore, OutboxStore):
     """One process's handle on the store. Not thread-safe: one per process, used by one thread.
 
     `write_wait` (seconds; None: no bound) bounds how long a write waits for LMDB's write lock,
@@ -180,6 +182,7 @@ class Store(OutboxStore):
             count = txn.stat(self._inbox)["entries"]
             txn.drop(self._inbox, delete=False)
             txn.drop(self._expiry, delete=False)
+            txn.drop(self._consumer_acks, delete=False)  # acks of ids that are gone
             self._add_counter(txn, b"purged", count)
             return count
 

@@ -9,7 +9,7 @@ import os
 import threading
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Dict, Generic, List, Optional, Type, TypeVar
+from typing import Callable, Dict, Generic, List, Optional, Tuple, Type, TypeVar
 
 import lmdb
 import msgpack
@@ -38,8 +38,9 @@ class ScanPage(Generic[T]):
     last: Optional[int] = None
 
 
-SCHEMA_VERSION = 3  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
-#                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys
+SCHEMA_VERSION = 4  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
+#                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys;
+#                   4: named consumers (`consumers`, `cacks`)
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 
@@ -79,7 +80,7 @@ class StoreBase:
         try:
             paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
             self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
-                                  max_dbs=8, sync=True, metasync=True, readahead=False,
+                                  max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
         except (OSError, lmdb.Error, paths.UnsafePath) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
@@ -109,6 +110,7 @@ class StoreBase:
             self._redeliveries = Redeliveries(self._env.open_db(b"unconfirmed", txn=txn),
                                               self._env.open_db(b"dedupe", txn=txn))
             self._meta = self._env.open_db(b"meta", txn=txn)
+            self._open_consumer_databases(txn)
             self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
             if schema > SCHEMA_VERSION:
@@ -134,6 +136,12 @@ class StoreBase:
         map_size = self._env.info()["map_size"]
         if data.stat().st_size < map_size:
             os.truncate(data, map_size)
+
+    def _open_consumer_databases(self, txn: lmdb.Transaction) -> None:
+        """Schema 3 -> 4: named consumers' state (storeconsumers.py). Nothing to convert: a
+        schema-3 store gains the two empty databases, and its inbox is the default consumer's."""
+        self._consumer_db = self._env.open_db(b"consumers", txn=txn)
+        self._consumer_acks = self._env.open_db(b"cacks", txn=txn)
 
     def _migrate_expiry_index(self, txn: lmdb.Transaction) -> None:
         """Schema 1 -> 2: expiry keys gain the boot seq; schema-1 keys are wall-clock times
@@ -302,7 +310,8 @@ class StoreBase:
     def _used_bytes(self, txn: lmdb.Transaction) -> int:
         pages = 0
         for db in (self._inbox, self._expiry, self._outbox, self._dead, self._recent, self._meta,
-                   self._redeliveries.unconfirmed, self._redeliveries.dedupe):
+                   self._redeliveries.unconfirmed, self._redeliveries.dedupe, self._consumer_db,
+                   self._consumer_acks):
             stat = txn.stat(db)
             pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
         return pages * self._page_size
@@ -316,18 +325,22 @@ class StoreBase:
         if self.when_full == "reject" or what == "outbox":
             raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap,"
                             f" policy {self.when_full}): {what} append refused")
-        dropped = 0
+        dropped = []
         cursor = txn.cursor(db=self._inbox)
         while excess > 0 and cursor.first():
             key, raw = cursor.key(), cursor.value()
             excess -= len(raw) + _RECORD_OVERHEAD
             cursor.delete()
             self._unindex(txn, key, raw)
-            dropped += 1
+            dropped.append((key, raw))
         if excess > 0:
             raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
                             f" outbox and dead letters fill the {self.cap_bytes} byte cap)")
-        self._add_counter(txn, b"dropped_full", dropped)
+        self._count_drops(txn, dropped)
+        self._add_counter(txn, b"dropped_full", len(dropped))
+
+    def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
+        """Per-consumer drop counts (storeconsumers.py); the outbox-only handle has none."""
 
     def _unindex(self, txn: lmdb.Transaction, key: bytes, raw: bytes) -> None:
         """Keep the expiry index exact after inbox record `key` (`raw`) was deleted: if a range

@@ -20,7 +20,9 @@ import msgpack
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
                  lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
 WRITES = frozenset({"append", "ack", "purge", "expire", "outbox_append", "outbox_remove",
-                    "outbox_drop", "outbox_dead_letter", "dead_retry", "note_session"})
+                    "outbox_drop", "outbox_dead_letter", "dead_retry", "note_session",
+                    "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset",
+                    "consumers_upkeep"})
 
 
 class CorruptRecord(ValueError):

@@ -20,6 +20,7 @@ from flashlexd import config as config_module
 from flashlexd import credentials, fds, forkworker, paths
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
+from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
@@ -83,6 +84,8 @@ class Supervisor:
         self.rates = RateMeter()
         self.store: Optional[Store] = None
         self.forks: Optional[ForkServer] = None
+        self.consumers = ConsumerKeeper(lambda: self.store, lambda: self.runtime.rules.consumers,
+                                        lambda: self.config.store.sweep_seconds)
         self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
@@ -109,6 +112,7 @@ class Supervisor:
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
                                        check_pages=True)
         self.api = self._start_api()
+        self.consumers.declare()
         now = time.monotonic()
         for worker in self.workers.values():
             self._spawn(worker, now)
@@ -197,12 +201,13 @@ class Supervisor:
                 self._spawn(worker, now)
         if not self.shutting_down:
             self._announce(now)
+            self.consumers.tick(now)
         self.api.tick(now)
 
     def _sleep_time(self, now: float, ping: Optional[float]) -> float:
         """Seconds until the loop has something to do: the next status line, API deadline,
         worker deadline or watchdog ping (`ping`, seconds from `now`)."""
-        deadlines = [now + MAX_SLEEP, self.next_status, self.api.next_deadline()]
+        deadlines = [now + MAX_SLEEP, self.next_status, self.api.next_deadline(), self.consumers.next_run]
         deadlines += [d for d in (w.next_deadline() for w in self.workers.values()) if d is not None]
         if ping is not None:
             deadlines.append(now + ping)
@@ -382,3 +387,5 @@ class Supervisor:
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new
+        if new.rules.consumers != old.rules.consumers or new.config.store != old.config.store:
+            self.consumers.declare()

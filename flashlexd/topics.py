@@ -11,6 +11,19 @@ import re
 from typing import Optional
 
 
+def valid_filter(topic: str) -> bool:
+    """An MQTT topic filter: `+` a whole level, `#` only as the last level."""
+    if not topic or "\0" in topic or len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return False
+    levels = topic.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """True when `topic` matches `topic_filter` (`+` one level, `#` the rest), per MQTT 3.1.1
     section 4.7: a filter starting with a wildcard does not match topics starting with `$`."""

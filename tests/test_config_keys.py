@@ -15,7 +15,7 @@ from tests.test_config import make_keys, seed_bytes
 ROOT = Path(__file__).resolve().parent.parent
 READ = [key for key in TABLE if key.kind not in ("legacy",)]
 WRONG_TYPE = {"integer": "abc", "seconds": "soon", "boolean": "yes", "choice": "nope", "text": 5,
-              "texts": "x", "uids": ["a"], "rate": "fast"}
+              "texts": "x", "uids": ["a"], "rate": "fast", "consumers": "x"}
 SET_BY_THE_SEED = {
     "flashlex.thing.name", "flashlex.thing.endpoint", "flashlex.thing.keys.rootCA",
     "flashlex.thing.keys.cert", "flashlex.thing.keys.privateKey", "flashlex.thing.keys.publicKey",
@@ -28,6 +28,7 @@ EVERY_KEY_SET = {  # a valid value for each key that has no default in the seed
     "flashlex.thing.mqtt.keepalive": 60, "flashlex.thing.mqtt.publishRatePerSecond": 50,
     "flashlex.thing.mqtt.subscriptions": ["extra/#"], "flashlex.app.socket.allowUids": [1000],
     "flashlex.app.db.dedupe.key": "json:id",
+    "flashlex.app.consumers": {"display": {"filter": "sensors/#", "maxBacklog": 10, "allowUids": [1000]}},
 }
 
 

@@ -316,7 +316,7 @@ def test_requests_after_a_wait_are_answered_in_order(harness):
 
 def test_a_failing_pending_poll_answers_with_an_error(tmp_path):
     class Failing:
-        def handle(self, method, params):
+        def handle(self, method, params, uid=None):
             return Pending(time.monotonic() + 30, poll=lambda: 1 / 0)
     loop = ServerLoop(lambda sel: RpcServer(str(tmp_path / "f.sock"), Failing(), selector=sel)).start()
     try:
@@ -333,7 +333,7 @@ def test_a_failing_pending_poll_answers_with_an_error(tmp_path):
 
 def test_a_method_crash_is_an_internal_error_not_a_dead_server(tmp_path):
     class Crashing:
-        def handle(self, method, params):
+        def handle(self, method, params, uid=None):
             if method == "crash":
                 raise KeyError("boom")
     loop = ServerLoop(lambda sel: RpcServer(str(tmp_path / "c.sock"), Crashing(), selector=sel)).start()

@@ -161,7 +161,7 @@ def test_a_schema2_store_keeps_its_dup_marks(tmp_path: Path):
     env = lmdb.open(str(tmp_path / "store"), max_dbs=8, readonly=True, lock=False)
     with env.begin() as txn:
         assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
-            == SCHEMA_VERSION == 3
+            == SCHEMA_VERSION == 4
         assert txn.stat(env.open_db(b"recent", txn=txn, create=False))["entries"] == 0
     env.close()
 

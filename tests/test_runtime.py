@@ -29,6 +29,7 @@ CHANGED = {  # a valid value other than the seed's or the default, where a rule 
     "flashlex.thing.mqtt.publishRatePerSecond": 50, "flashlex.thing.mqtt.useWebsocket": True,
     "flashlex.thing.name": "other-thing", "flashlex.thing.endpoint": "other.example.com",
     "flashlex.app.db.dedupe.key": "json:id",
+    "flashlex.app.consumers": {"display": {"filter": "sensors/#"}}, "flashlex.app.allowDynamicConsumers": False,
 }
 COMPANIONS = {  # keys that mean something only beside another: set in the old and new config
     "flashlex.app.db.dedupe.windowSeconds": {"flashlex.app.db.dedupe.key": "json:id"},

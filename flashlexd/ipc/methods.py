@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from flashlexd.consumers import RESET_TARGETS, UnknownConsumer
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
+from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
-from flashlexd.topics import publish_topic_problem
+from flashlexd.topics import publish_topic_problem, valid_filter
 
 # Inbox records one `paged` messages/wait call with a topic filter looks at: ~2 ms of the
 # supervisor's loop on a Pi-class core, whatever the inbox holds (the cursor says where to go on).
@@ -26,8 +28,8 @@ _MISSING = object()
 class _Params:
     """Typed reads of one call's params; anything left unread is an unknown param."""
 
-    def __init__(self, method: str, params: Dict[str, Any]):
-        self.method, self.params, self.read = method, params, set()
+    def __init__(self, method: str, params: Dict[str, Any], uid: Optional[int] = None):
+        self.method, self.params, self.read, self.uid = method, params, set(), uid
 
     def bad(self, name: str, expected: str, value: Any = _MISSING) -> RpcFailure:
         got = "" if value is _MISSING else f", got {type(value).__name__} {_show(value)}"
@@ -80,7 +82,7 @@ class _Params:
         value = self.get(name)
         if value is None:
             return None
-        if not isinstance(value, str) or not _valid_filter(value):
+        if not isinstance(value, str) or not valid_filter(value):
             raise self.bad(name, "an MQTT topic filter", value)
         return value
 
@@ -97,22 +99,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _valid_filter(topic: str) -> bool:
-    if not topic or "\0" in topic or len(topic.encode("utf-8", "surrogatepass")) > 65535:
-        return False
-    levels = topic.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
-
-
 class Methods:
     """The API methods; `handle(name, params)` is what `RpcServer` calls."""
 
-    NAMES = ("status", "messages", "ack", "wait", "publish", "outbox", "retry", "drop", "purge")
+    NAMES = ("status", "messages", "ack", "wait", "publish", "outbox", "retry", "drop", "purge",
+             "consumers", "reset")
 
     def __init__(self, store: Callable[[], Store], status_provider: Callable[[], Dict[str, Any]],
                  on_outbox_added: Callable[[], None], egress_connected: Callable[[], bool],
@@ -126,14 +117,17 @@ class Methods:
         self._rules = rules
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
 
-    def handle(self, method: str, params: Dict[str, Any]) -> Any:
+    def handle(self, method: str, params: Dict[str, Any], uid: Optional[int] = None) -> Any:
+        """`uid`: the caller's (SO_PEERCRED), for consumers limited by allowUids."""
         target = self._table.get(method)
         if target is None:
             raise RpcFailure(Code.UNKNOWN_METHOD, f"unknown method {_show(method)} "
                              f"(this daemon has: {', '.join(self.NAMES)})")
-        reader = _Params(method, params)
+        reader = _Params(method, params, uid)
         try:
             return target(reader)
+        except UnknownConsumer as exc:
+            raise RpcFailure(Code.BAD_PARAMS, f"{method}: {exc}") from None
         except StoreFull as exc:
             code = Code.OUTBOX_FULL if method == "publish" else Code.STORE_ERROR
             raise RpcFailure(code, str(exc)) from None
@@ -159,14 +153,20 @@ class Methods:
                 return records[:index]
         return records
 
-    def _fetch(self, limit: int, topic: Optional[str], after: Optional[int]) -> List[Dict[str, Any]]:
-        return self._bounded([m.to_dict() for m in self.store.messages(limit, topic, after)])
+    def _fetch(self, limit: int, topic: Optional[str], after: Optional[int],
+               consumer: Optional[str] = None) -> List[Dict[str, Any]]:
+        found = self.store.messages(limit, topic, after) if consumer is None else \
+            self.store.consumer_messages(consumer, limit, topic, after)
+        return self._bounded([m.to_dict() for m in found])
 
-    def _fetch_page(self, limit: int, topic: Optional[str],
-                    after: Optional[int]) -> Tuple[Dict[str, Any], Optional[int]]:
+    def _fetch_page(self, limit: int, topic: Optional[str], after: Optional[int],
+                    consumer: Optional[str] = None) -> Tuple[Dict[str, Any], Optional[int]]:
         """A `paged` answer, {"messages": [...], "cursor": id or None}, from a walk of at most
         SCAN_BUDGET records when a topic filter is given (without one every record is kept and
-        `limit` bounds the walk); and the last id looked at (where a parked wait goes on)."""
+        `limit` bounds the walk); and the last id looked at (where a parked wait goes on). A
+        named consumer's read keeps its own bounds (storeconsumers.py): never a cursor."""
+        if consumer is not None:
+            return {"messages": self._fetch(limit, topic, after, consumer), "cursor": None}, None
         page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if topic else None)
         found = self._bounded([m.to_dict() for m in page.found])
         return {"messages": found, "cursor": page.cursor}, page.last
@@ -185,6 +185,7 @@ class Methods:
         supervisor = dict(self.status_provider())
         try:
             figures = self.store.stats()
+            consumers = self.store.consumers_report()
         except StoreError as exc:  # a damaged store: the rest of the status still answers
             supervisor.update(inbox={}, outbox={"limit": self.rules.offline_publish_queueing},
                               store={"path": str(self.store.path), "damaged": str(exc)})
@@ -208,51 +209,57 @@ class Methods:
             "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
                       "when_full": figures["when_full"], "path": str(self.store.path)},
             "counters": counters,
+            "consumers": consumers,
         })
         return supervisor
 
     def _messages(self, p: _Params) -> Any:
         limit, topic, after = self._query(p, 100)
         paged = p.boolean("paged", False)
+        consumer = self._consumer(p)
         p.done()
-        return self._fetch_page(limit, topic, after)[0] if paged else self._fetch(limit, topic, after)
+        if paged:
+            return self._fetch_page(limit, topic, after, consumer)[0]
+        return self._fetch(limit, topic, after, consumer)
 
     def _ack(self, p: _Params) -> int:
         ids = p.ids("ids")
+        consumer = self._consumer(p)
         p.done()
-        return self.store.ack(ids)
+        return self.store.ack(ids) if consumer is None else self.store.consumer_ack(consumer, ids, time.time())
 
     def _wait(self, p: _Params) -> Any:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
         limit, topic, after = self._query(p, 100)
         paged = p.boolean("paged", False)
+        consumer = self._consumer(p)
         p.done()
         if paged:
-            return self._wait_paged(timeout, limit, topic, after)
-        found = self._fetch(limit, topic, after)
+            return self._wait_paged(timeout, limit, topic, after, consumer)
+        found = self._fetch(limit, topic, after, consumer)
         if found or timeout == 0:
             return found
 
         def poll() -> Optional[List[Dict[str, Any]]]:  # run by the server on notify_inbox()
             try:
-                return self._fetch(limit, topic, after) or None
+                return self._fetch(limit, topic, after, consumer) or None
             except StoreError as exc:
                 raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
 
     def _wait_paged(self, timeout: float, limit: int, topic: Optional[str],
-                    after: Optional[int]) -> Any:
+                    after: Optional[int], consumer: Optional[str]) -> Any:
         """`wait` with a bounded walk: a page with messages or a cursor answers at once (the
         client calls again from the cursor); a walk that reached the end parks the request, and
         each poll walks on from where the last one stopped, not from `after` again."""
-        answer, last = self._fetch_page(limit, topic, after)
+        answer, last = self._fetch_page(limit, topic, after, consumer)
         if answer["messages"] or answer["cursor"] is not None or timeout == 0:
             return answer
         position = [last if last is not None else after]
 
         def poll() -> Optional[Dict[str, Any]]:  # run by the server on notify_inbox()
             try:
-                found, seen = self._fetch_page(limit, topic, position[0])
+                found, seen = self._fetch_page(limit, topic, position[0], consumer)
             except StoreError as exc:
                 raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
             if found["messages"] or found["cursor"] is not None:
@@ -341,3 +348,27 @@ class Methods:
             raise RpcFailure(Code.CONFIRM_REQUIRED, "purge removes every inbox message: "
                              "call it with confirm=true")
         return self.store.purge()
+
+    # -- named consumers (flashlexd/consumers.py) ---------------------------------------------
+
+    def _consumer(self, p: _Params, required: bool = False) -> Optional[str]:
+        """The call's consumer (None: the default one), checked and registered on first use."""
+        name = p.get("consumer")
+        if name is None and not required:
+            return None
+        return ConsumerAccess(self.store, self.rules.consumers).admit(p.method, name, p.uid)
+
+    def _consumers(self, p: _Params) -> List[Dict[str, Any]]:
+        p.done()
+        return self.store.consumers_report()
+
+    def _reset(self, p: _Params) -> Dict[str, Any]:
+        """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id."""
+        consumer = self._consumer(p, required=True)
+        to = p.get("to")
+        if to not in RESET_TARGETS:
+            if to is None or (isinstance(to, str) and not to.isdigit()):
+                raise p.bad("to", "earliest, latest or a message id", to)
+            to = p.record_id("to", to)
+        p.done()
+        return {"consumer": consumer, "acked_through": self.store.consumer_reset(consumer, to)}

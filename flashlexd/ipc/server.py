@@ -38,7 +38,7 @@ _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 
 
 class Handler(Protocol):
-    def handle(self, method: str, params: Dict[str, Any]) -> Any:
+    def handle(self, method: str, params: Dict[str, Any], uid: int) -> Any:
         """The result, a `Pending` to park the request, or raise RpcFailure."""
 
 
@@ -306,7 +306,7 @@ class RpcServer:
         try:
             request = parse_request(body, self.limits.max_frame)
             request_id, method = request.id, request.method
-            result = self._methods.handle(method, request.params)
+            result = self._methods.handle(method, request.params, conn.uid)
         except RpcFailure as failure:
             self.counters["errors"] += 1
             rid = failure.request_id if failure.request_id is not None else request_id

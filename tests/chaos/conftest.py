@@ -376,13 +376,13 @@ class AckedPublisher:
     again. `stop()` lets it collect the PUBACKs still due."""
 
     def __init__(self, broker: Broker, topic: str, log: Path, *, rate: float = 0, count: int = 0,
-                 width: int = 32, inflight: int = 50):
+                 width: int = 32, inflight: int = 50, client_id: str = "chaos-acked-pub"):
         self.log = log
         identity = broker.certs.thing
         argv = [sys.executable, str(PUBLISHER), "--port", str(broker.port), "--cafile",
                 str(broker.certs.ca), "--cert", str(identity.cert), "--key", str(identity.key),
                 "--topic", topic, "--log", str(log), "--rate", str(rate), "--count", str(count),
-                "--width", str(width), "--inflight", str(inflight)]
+                "--width", str(width), "--inflight", str(inflight), "--client-id", client_id]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         broker.peers.append(self.process)  # killed by broker.close() if still running
 

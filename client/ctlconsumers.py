@@ -1,0 +1,44 @@
+"""flashlexctl consumers: list the named consumers, or move one (`reset NAME --to earliest`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Dict, List
+
+from flashlexd.client.connection import Client
+from flashlexd.client.ctlview import ago, jsonable, table
+from flashlexd.client.escape import printable
+
+
+def add_parser(sub: Any) -> None:
+    consumers = sub.add_parser("consumers", help="named consumers: backlog, dropped, last seen; reset")
+    actions = consumers.add_subparsers(dest="consumers_action", metavar="ACTION")
+    reset = actions.add_parser("reset", help="replay (--to earliest), skip (--to latest) or start at an id")
+    reset.add_argument("name", help="the consumer's name")
+    reset.add_argument("--to", required=True, metavar="earliest|latest|ID",
+                       help="earliest: every stored message again; latest: skip them all; ID: from that message")
+
+
+def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
+    if getattr(args, "consumers_action", None) == "reset":
+        to = int(args.to) if args.to.isdigit() else args.to
+        through = fx.reset(args.name, to)
+        print(json.dumps(through) if args.json else
+              f"consumer {printable(args.name)} has now acknowledged through id {through}")
+        return 0
+    consumers: List[Dict[str, Any]] = fx.consumers()
+    if args.json:
+        print(json.dumps(jsonable(consumers), indent=2))
+    elif not consumers:
+        print("no named consumers (apps without a name share the inbox)")
+    else:
+        now = time.time()
+        rows = [(c["name"], c["filter"], c["backlog"] if c.get("backlog_exact", True) else f">={c['backlog']}",
+                 ago(c.get("oldest_age")), c["dropped"], c["max_backlog"] or "-", "dynamic" if c["dynamic"] else "declared",
+                 ago(None if not c.get("last_seen") else max(0.0, now - c["last_seen"])))
+                for c in consumers]
+        print(table(("NAME", "FILTER", "BACKLOG", "OLDEST", "DROPPED", "MAX", "KIND", "LAST SEEN"), rows,
+                    right=(2, 4, 5)))
+    return 0
+

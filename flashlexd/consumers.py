@@ -1,0 +1,74 @@
+"""Named consumers: several local apps, each with every message it asks for, at its own pace.
+
+A consumer is a name with a topic filter and its own acknowledgement state over the one inbox.
+No payload is copied and nothing is written per ingested message: the state is a low-water
+mark (`floor`: every id at or below it is done for the consumer) plus the ids acked ahead of
+it (store DB `cacks`), so an in-order reader writes one small record per ack call. A message
+leaves the inbox at ack time, when every consumer whose filter matches it is done with it (or
+when it expires, or the cap drops it). The unnamed default consumer is the inbox itself, as
+before consumers existed: it sees every stored message and its ack removes it for everyone.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import FrozenSet, Optional
+
+import msgpack
+from flashlexd.storedamage import CorruptRecord
+from flashlexd.storerecords import StoreError
+from flashlexd.topics import topic_matches
+
+NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")
+NAME_RULE = "a consumer name: 1 to 64 of a-z 0-9 _ -"
+RESET_TARGETS = ("earliest", "latest")  # or a message id
+
+
+class UnknownConsumer(StoreError):
+    """A call named a consumer that is neither declared nor registered."""
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_PATTERN.match(name) is not None
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A consumer declared in the config (`flashlex.app.consumers`)."""
+    name: str
+    filter: str = "#"
+    max_backlog: Optional[int] = None
+    allow_uids: FrozenSet[int] = field(default_factory=frozenset)  # empty: anyone on the socket
+
+
+@dataclass
+class ConsumerState:
+    """One consumer's stored state (DB `consumers`: name -> this, packed)."""
+    name: str
+    filter: str = "#"
+    floor: int = 0  # every inbox id <= floor is done for this consumer
+    dropped: int = 0  # its unacked messages removed by the cap or by maxBacklog
+    last_seen: float = 0.0  # wall clock of its last call
+    dynamic: bool = True  # registered by an app, not declared: removed when idle
+    max_backlog: Optional[int] = None
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.floor, self.dropped, self.last_seen, self.dynamic, self.filter,
+                              self.max_backlog], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, name: bytes, raw: bytes) -> "ConsumerState":
+        try:
+            floor, dropped, last_seen, dynamic, topic_filter, max_backlog = msgpack.unpackb(raw)[:6]
+            return cls(bytes(name).decode(), topic_filter, int(floor), int(dropped), float(last_seen),
+                       bool(dynamic), max_backlog)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise CorruptRecord(f"a consumer record does not decode ({exc})") from None
+
+    def matches(self, topic: str) -> bool:
+        return self.filter == "#" and not topic.startswith("$") or topic_matches(self.filter, topic)
+
+    def public(self) -> dict:
+        return {"name": self.name, "filter": self.filter, "acked_through": self.floor,
+                "dropped": self.dropped, "last_seen": self.last_seen or None,
+                "dynamic": self.dynamic, "max_backlog": self.max_backlog}

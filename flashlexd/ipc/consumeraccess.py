@@ -1,0 +1,52 @@
+"""Who may act as which named consumer, and registering a consumer on its first use.
+
+A declared consumer with `allowUids` admits those uids, root and the daemon's own user (the
+uid comes from SO_PEERCRED, as for the socket itself: ipc/admission.py). An undeclared name is
+registered as a dynamic consumer unless `allowDynamicConsumers` is false. A dynamic consumer's
+last use is written at most once an hour when it only reads (its acks write it anyway), which is
+what the idle rule (`consumerIdleDays`) looks at.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+from flashlexd.configconsumers import ConsumerSettings
+from flashlexd.consumers import NAME_RULE, valid_name
+from flashlexd.ipc.protocol import RpcFailure
+from flashlexd.store import Store
+from flashlexd.wire import Code
+
+log = logging.getLogger(__name__)
+SEEN_EVERY = 3600.0  # seconds between writes of a reading consumer's last use
+
+
+class ConsumerAccess:
+    def __init__(self, store: Store, settings: ConsumerSettings):
+        self.store, self.settings = store, settings
+
+    def admit(self, method: str, name: Any, uid: Optional[int]) -> str:
+        """`name`, once it is a valid consumer that `uid` may use (registered if need be)."""
+        if not valid_name(name):
+            raise RpcFailure(Code.BAD_PARAMS, f"{method}: param 'consumer' must be {NAME_RULE},"
+                             f" got {str(name)[:70]!r}")
+        spec = self.settings.spec(name)
+        if spec is not None and spec.allow_uids and uid is not None \
+                and uid not in spec.allow_uids and uid not in (0, os.geteuid()):
+            raise RpcFailure(Code.FORBIDDEN, f"{method}: uid {uid} may not use consumer {name!r}"
+                             f" (flashlex.app.consumers.{name}.allowUids)")
+        state = self.store.consumer_state(name)
+        now = time.time()
+        if state is None and spec is not None:
+            self.store.consumer_declare(self.settings.declared, now)  # declared, not yet stored
+        elif state is None:
+            if not self.settings.allow_dynamic:
+                raise RpcFailure(Code.BAD_PARAMS, f"{method}: no consumer named {name!r}: declare it"
+                                 " in flashlex.app.consumers (allowDynamicConsumers is false)")
+            if self.store.consumer_register(name, now):
+                log.info("consumer %r registered by uid %s", name, uid)
+        elif state.dynamic and state.last_seen < now - SEEN_EVERY:
+            self.store.consumer_register(name, now)
+        return name

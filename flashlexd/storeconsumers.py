@@ -1,0 +1,402 @@
+"""The store's side of named consumers (flashlexd/consumers.py has the model).
+
+Two databases: `consumers` (name -> ConsumerState) and `cacks` (name + NUL + id(8) -> empty:
+an id the consumer acked above its floor). Ingest writes neither. Every decision that removes
+a message is taken in the transaction of the call that makes it removable (an ack, a trim to
+maxBacklog, a reset, a removal), so a crash or power cut at any point leaves either the old
+state or the new one, never a message removed early or a consumer's ack lost.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import lmdb
+from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
+from flashlexd.storedamage import guarded, unpack_record
+from flashlexd.storerecords import _ID, Message, StoreBusy, _decode_message, _keys_of, _start
+from flashlexd.topics import topic_matches
+
+log = logging.getLogger("flashlexd.store")
+WALK_BUDGET = 20000  # inbox records one ack call's floor walk may pass (the rest: next call)
+FLOOR_HINT = 1000  # records a read passes before it moves the floor
+REPORT_BUDGET = 200000  # inbox records a report looks at per consumer: status stays quick
+Consumers = Dict[str, ConsumerState]
+
+
+def _prefix(name: str) -> bytes:
+    return name.encode() + b"\0"
+
+
+def _topic(raw: bytes) -> str:
+    return unpack_record(raw, 7)[1]
+
+
+class ConsumerStore:
+    """Mixed into `store.Store`: uses its inbox, `_write`, `_read` and `_unindex`."""
+
+    # -- state --------------------------------------------------------------------------------
+
+    def _consumers_in(self, txn: lmdb.Transaction) -> Consumers:
+        return {bytes(key).decode(): ConsumerState.unpack(key, raw)
+                for key, raw in txn.cursor(db=self._consumer_db)}
+
+    def _consumer_in(self, txn: lmdb.Transaction, name: str) -> ConsumerState:
+        raw = txn.get(name.encode(), db=self._consumer_db)
+        if raw is None:
+            raise UnknownConsumer(f"no consumer named {name!r} (declare it in flashlex.app.consumers"
+                                  " or let the app register it)")
+        return ConsumerState.unpack(name.encode(), raw)
+
+    def _save(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
+        txn.put(consumer.name.encode(), consumer.pack(), db=self._consumer_db)
+
+    def _acked(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes) -> bool:
+        return txn.get(_prefix(consumer.name) + key, db=self._consumer_acks) is not None
+
+    def _done(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes) -> bool:
+        return _ID.unpack(key)[0] <= consumer.floor or self._acked(txn, consumer, key)
+
+    def _settled(self, txn: lmdb.Transaction, key: bytes, topic: str,
+                 others: Iterable[ConsumerState]) -> bool:
+        return all(not d.matches(topic) or self._done(txn, d, key) for d in others)
+
+    def _remove_message(self, txn: lmdb.Transaction, key: bytes, raw: bytes,
+                        consumers: Consumers) -> None:
+        """`key` is done for every consumer matching it: it leaves the inbox (the caller counts
+        it in `acked`, once per transaction)."""
+        txn.delete(key, db=self._inbox)
+        self._unindex(txn, key, raw)
+        record_id = _ID.unpack(key)[0]
+        for consumer in consumers.values():
+            if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
+                txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
+
+    def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, raw: bytes,
+              consumers: Consumers) -> bool:
+        """`consumer` is done with `key` without an ack entry (its floor moves over it): the
+        message leaves if every other matching consumer is done too. True if it left."""
+        others = [d for d in consumers.values() if d.name != consumer.name]
+        if not self._settled(txn, key, _topic(raw), others):
+            return False
+        self._remove_message(txn, key, raw, consumers)
+        return True
+
+    def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
+        """Move the floor over every record the consumer is done with (acked ahead, or not its
+        topic) and drop the ack entries the floor now covers."""
+        cursor = txn.cursor(db=self._inbox)
+        floor, steps = consumer.floor, 0
+        if _start(cursor, floor):
+            every = consumer.filter == "#"
+            for key, raw in cursor:
+                steps += 1
+                if steps > WALK_BUDGET:
+                    break
+                if (every or consumer.matches(_topic(raw))) and not self._acked(txn, consumer, key):
+                    break
+                floor = _ID.unpack(key)[0]
+        self._forget_acks_through(txn, consumer, floor)
+        consumer.floor = floor
+
+    def _forget_acks_through(self, txn: lmdb.Transaction, consumer: ConsumerState, floor: int) -> None:
+        prefix = _prefix(consumer.name)
+        cursor = txn.cursor(db=self._consumer_acks)
+        if not cursor.set_range(prefix):
+            return
+        limit = prefix + _ID.pack(floor)
+        while cursor.key()[:len(prefix)] == prefix and cursor.key() <= limit:
+            if not cursor.delete():
+                break
+
+    # -- registration -------------------------------------------------------------------------
+
+    @guarded
+    def consumer_declare(self, specs: Sequence[ConsumerSpec], now: float) -> List[str]:
+        """Make the stored consumers agree with the config: declared ones are created (from the
+        earliest stored message) or get the config's filter and maxBacklog; a consumer no longer
+        declared becomes dynamic (the idle rule then removes it). Returns the new names."""
+        def work(txn: lmdb.Transaction) -> List[str]:
+            stored = self._consumers_in(txn)
+            declared = {spec.name for spec in specs}
+            created = []
+            for spec in specs:
+                consumer = stored.get(spec.name)
+                if consumer is None:
+                    consumer = ConsumerState(spec.name, last_seen=now)
+                    created.append(spec.name)
+                consumer.filter, consumer.max_backlog, consumer.dynamic = spec.filter, spec.max_backlog, False
+                self._save(txn, consumer)
+            for consumer in stored.values():
+                if not consumer.dynamic and consumer.name not in declared:
+                    consumer.dynamic, consumer.last_seen = True, now
+                    self._save(txn, consumer)
+            return created
+
+        return self._write(work)  # type: ignore[return-value]
+
+    @guarded
+    def consumer_register(self, name: str, now: float) -> bool:
+        """A dynamic consumer of every topic, from the earliest stored message, unless it exists
+        (then its last use is noted). True when it was created."""
+        def work(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(name.encode(), db=self._consumer_db)
+            consumer = ConsumerState(name) if raw is None else ConsumerState.unpack(name.encode(), raw)
+            consumer.last_seen = now
+            self._save(txn, consumer)
+            return raw is None
+
+        return self._write(work)  # type: ignore[return-value]
+
+    @guarded
+    def consumer_state(self, name: str) -> Optional[ConsumerState]:
+        with self._read() as txn:
+            raw = txn.get(name.encode(), db=self._consumer_db)
+            return None if raw is None else ConsumerState.unpack(name.encode(), raw)
+
+    # -- reading and acking -------------------------------------------------------------------
+
+    @guarded
+    def consumer_messages(self, name: str, limit: int = 100, topic: Optional[str] = None,
+                          after: Optional[int] = None) -> List[Message]:
+        """The consumer's unacked messages past `after`, oldest first (its filter and `topic`).
+        A read that had to pass FLOOR_HINT records the consumer is done with (other apps'
+        topics) before its first unacked one moves its floor over them (one small write), so
+        that a consumer of rare topics does not walk the same records on every `wait` poll."""
+        found: List[Message] = []
+        with self._read() as txn:
+            consumer = self._consumer_in(txn, name)
+            start = max(consumer.floor, after or 0)
+            acked = self._acks_above(txn, consumer, start)
+            cursor = txn.cursor(db=self._inbox)
+            if limit <= 0 or not _start(cursor, start):
+                return found
+            timeline = self._frames.timeline(txn)
+            at_floor, passable = start == consumer.floor, 0
+            for key, raw in cursor:
+                if _ID.unpack(key)[0] in acked:
+                    passable += at_floor
+                    continue
+                message = _decode_message(key, self._checked(raw), timeline)
+                if not consumer.matches(message.topic):
+                    passable += at_floor
+                    continue
+                at_floor = False
+                if topic is None or topic_matches(topic, message.topic):
+                    found.append(message)
+                    if len(found) >= limit:
+                        break
+        if passable >= FLOOR_HINT and self.damage is None:
+            self._move_floor(name)
+        return found
+
+    def _move_floor(self, name: str) -> None:
+        """Advance the floor for a read (see consumer_messages); a busy store just skips it."""
+        def work(txn: lmdb.Transaction) -> None:
+            consumer = self._consumer_in(txn, name)
+            self._advance(txn, consumer)
+            self._save(txn, consumer)
+
+        try:
+            self._write(work)
+        except StoreBusy as exc:
+            log.debug("consumer %r: floor not moved this time: %s", name, exc)
+
+    def _acks_above(self, txn: lmdb.Transaction, consumer: ConsumerState, start: int) -> set:
+        prefix = _prefix(consumer.name)
+        cursor = txn.cursor(db=self._consumer_acks)
+        ids = set()
+        if cursor.set_range(prefix + _ID.pack(start + 1)):
+            for key in cursor.iternext(values=False):
+                if bytes(key[:len(prefix)]) != prefix:
+                    break
+                ids.add(_ID.unpack(key[len(prefix):])[0])
+        return ids
+
+    @guarded
+    def consumer_ack(self, name: str, ids: Iterable[int], now: float) -> int:
+        """Acknowledge for one consumer; idempotent. A message every matching consumer is done
+        with leaves the inbox in the same transaction. Returns how many ids were new acks."""
+        keys = _keys_of(ids)
+
+        def work(txn: lmdb.Transaction) -> int:
+            consumers = self._consumers_in(txn)
+            consumer = consumers.get(name) or self._consumer_in(txn, name)
+            others = [d for d in consumers.values() if d.name != name]
+            new = removed = 0
+            for key in keys:
+                if self._done(txn, consumer, key):
+                    continue
+                raw = txn.get(key, db=self._inbox)
+                if raw is None:
+                    continue  # gone already: expired, dropped, or acked by the default consumer
+                topic = _topic(raw)
+                if not consumer.matches(topic):
+                    continue
+                new += 1
+                if self._settled(txn, key, topic, others):
+                    self._remove_message(txn, key, raw, consumers)
+                    removed += 1
+                else:
+                    txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
+            self._add_counter(txn, b"acked", removed)
+            self._advance(txn, consumer)
+            consumer.last_seen = now
+            self._save(txn, consumer)
+            return new
+
+        return self._write(work)  # type: ignore[return-value]
+
+    # -- figures ------------------------------------------------------------------------------
+
+    @guarded
+    def consumers_report(self) -> List[Dict[str, object]]:
+        """Each consumer with its backlog (unacked matching messages) and the age of its oldest.
+        It walks the backlog, up to REPORT_BUDGET records a consumer (the API server's loop must
+        not stall on a huge store): past that, `backlog` is a lower bound and `backlog_exact`
+        false."""
+        report = []
+        with self._read() as txn:
+            timeline = self._frames.timeline(txn)
+            for consumer in self._consumers_in(txn).values():
+                backlog, oldest, exact = self._backlog(txn, consumer)
+                entry = consumer.public()
+                entry["backlog"], entry["backlog_exact"] = backlog, exact
+                entry["oldest_age"] = None if oldest is None else \
+                    _decode_message(oldest[0], self._checked(oldest[1]), timeline).age
+                report.append(entry)
+        return report
+
+    def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState
+                 ) -> Tuple[int, Optional[Tuple[bytes, bytes]], bool]:
+        """(unacked matching messages, the oldest one's key and record, whether counted to the end)."""
+        acked = self._acks_above(txn, consumer, consumer.floor)
+        cursor = txn.cursor(db=self._inbox)
+        count, oldest, visited = 0, None, 0
+        if _start(cursor, consumer.floor):
+            for key, raw in cursor:
+                visited += 1
+                if visited > REPORT_BUDGET:
+                    return count, oldest, False
+                if _ID.unpack(key)[0] not in acked and consumer.matches(_topic(self._checked(raw))):
+                    count += 1
+                    oldest = oldest or (bytes(key), raw)
+        return count, oldest, True
+
+    # -- moving a consumer, trimming, removing ------------------------------------------------
+
+    @guarded
+    def consumer_reset(self, name: str, to: Union[str, int]) -> int:
+        """Move the consumer to the earliest stored message (replay), past the latest (skip), or
+        to just before message id `to`. Messages skipped over count as done for it (and may leave
+        the inbox); a replay forgets its acks. Returns the new floor."""
+        def work(txn: lmdb.Transaction) -> int:
+            consumers = self._consumers_in(txn)
+            consumer = consumers.get(name) or self._consumer_in(txn, name)
+            if to == "earliest":
+                target = 0
+            elif to == "latest":
+                target = self._counter(txn, b"inbox_last_id")
+            else:
+                target = int(to) - 1
+            if target >= consumer.floor:
+                self._skip_to(txn, consumer, target, consumers, count_dropped=False)
+            else:
+                self._forget_acks_through(txn, consumer, 2 ** 64 - 1)
+                consumer.floor = target
+            self._save(txn, consumer)
+            return consumer.floor
+
+        return self._write(work)  # type: ignore[return-value]
+
+    def _skip_to(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
+                 consumers: Consumers, count_dropped: bool) -> None:
+        """The floor moves to `target`; the consumer's unacked messages on the way are done for
+        it (counted as dropped when `count_dropped`)."""
+        cursor = txn.cursor(db=self._inbox)
+        passed: List[Tuple[bytes, bytes]] = []
+        if _start(cursor, consumer.floor):
+            for key, raw in cursor:
+                if _ID.unpack(key)[0] > target:
+                    break
+                if consumer.matches(_topic(raw)) and not self._acked(txn, consumer, key):
+                    passed.append((bytes(key), bytes(raw)))
+        removed = sum(self._pass(txn, consumer, key, raw, consumers) for key, raw in passed)
+        self._add_counter(txn, b"acked", removed)
+        if count_dropped:
+            consumer.dropped += len(passed)
+        self._forget_acks_through(txn, consumer, target)
+        consumer.floor = target
+
+    @guarded
+    def consumers_upkeep(self, now: float, idle_seconds: Optional[float]) -> List[str]:
+        """Remove dynamic consumers unused for `idle_seconds` and trim every consumer to its
+        maxBacklog (its oldest unacked go, counted as dropped). Returns the removed names."""
+        def work(txn: lmdb.Transaction) -> List[str]:
+            consumers = self._consumers_in(txn)
+            removed = [c.name for c in consumers.values()
+                       if c.dynamic and idle_seconds is not None and c.last_seen < now - idle_seconds]
+            for name in removed:
+                self._remove_consumer(txn, consumers.pop(name), consumers)
+            for consumer in consumers.values():
+                if consumer.max_backlog is not None and self._trim(txn, consumer, consumers):
+                    self._save(txn, consumer)
+            return removed
+
+        return self._write(work)  # type: ignore[return-value]
+
+    def _remove_consumer(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers) -> None:
+        """Forget `gone`; the messages only it still held leave (if another consumer matches)."""
+        cursor = txn.cursor(db=self._inbox)
+        held: List[Tuple[bytes, bytes]] = []
+        if _start(cursor, gone.floor):
+            for key, raw in cursor:
+                topic = _topic(raw)
+                if gone.matches(topic) and not self._acked(txn, gone, key) and \
+                        any(d.matches(topic) for d in rest.values()):
+                    held.append((bytes(key), bytes(raw)))
+        self._forget_acks_through(txn, gone, 2 ** 64 - 1)
+        txn.delete(gone.name.encode(), db=self._consumer_db)
+        removed = 0
+        for key, raw in held:
+            if self._settled(txn, key, _topic(raw), rest.values()):
+                self._remove_message(txn, key, raw, rest)
+                removed += 1
+        self._add_counter(txn, b"acked", removed)
+
+    def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
+        """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted
+        from the newest message back, over at most REPORT_BUDGET records (a sweep must not stall
+        the supervisor): a narrow filter's backlog spread thinner than that is not trimmed."""
+        limit = consumer.max_backlog or 0
+        if self._counter(txn, b"inbox_last_id") - consumer.floor <= limit:
+            return False  # fewer ids than the limit past the floor: nothing to count
+        cursor = txn.cursor(db=self._inbox)
+        count = visited = 0
+        if not cursor.last():
+            return False
+        while _ID.unpack(cursor.key())[0] > consumer.floor and visited < REPORT_BUDGET:
+            visited += 1
+            key = cursor.key()
+            if consumer.matches(_topic(cursor.value())) and not self._acked(txn, consumer, key):
+                count += 1
+                if count > limit:
+                    self._skip_to(txn, consumer, _ID.unpack(key)[0], consumers, count_dropped=True)
+                    return True
+            if not cursor.prev():
+                break
+        return False
+
+    def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
+        """The cap dropped these inbox records: each consumer that had not acked one counts it."""
+        consumers = self._consumers_in(txn)
+        if not consumers:
+            return
+        for key, raw in dropped:
+            topic = _topic(raw)
+            for consumer in consumers.values():
+                if consumer.matches(topic) and not self._done(txn, consumer, key):
+                    consumer.dropped += 1
+                txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
+        for consumer in consumers.values():
+            self._save(txn, consumer)

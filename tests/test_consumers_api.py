@@ -1,0 +1,137 @@
+"""Named consumers through the API: a real Store, Methods and RpcServer (tests/test_ipc_server.py's
+Harness), the client's `connect(consumer=...)`, uid checks by SO_PEERCRED, and flashlexctl."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from flashlexd.client import RpcError, connect
+from flashlexd.configconsumers import ConsumerSettings
+from flashlexd.consumers import ConsumerSpec
+from flashlexd.ipc.protocol import RpcFailure
+from flashlexd.store import Incoming
+from tests.test_ipc_server import Harness, run_as_nobody
+
+FLASHLEXCTL = str(Path(sys.executable).parent / "flashlexctl")
+NOBODY = 65534
+DECLARED = (ConsumerSpec("display", "sensors/#", allow_uids=frozenset({4242})),
+            ConsumerSpec("logger", "#", max_backlog=100))
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    root = Path(tempfile.mkdtemp(prefix="consumers-"))
+    root.chmod(0o755)  # reachable by the uid-65534 child
+    running = Harness(root, path=str(root / "api.sock"), allow_uids=[NOBODY], mode=0o666)
+    running.rules = dataclasses.replace(running.rules, consumers=ConsumerSettings(DECLARED))
+    running.store.consumer_declare(DECLARED, 0.0)
+    running.start()
+    yield running
+    running.stop()
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+
+
+def ingest(harness: Harness, *topics: str):
+    ids = harness.store.append([Incoming(t, t.encode()) for t in topics])
+    harness.server.notify_inbox()
+    return ids
+
+
+def test_two_apps_each_get_their_messages_and_the_inbox_empties_once_both_acked(harness: Harness):
+    ids = ingest(harness, "sensors/t", "cmd/reboot", "sensors/h")
+    with connect(harness.path, consumer="display") as display, connect(harness.path, consumer="logger") as logger, \
+            connect(harness.path) as legacy:
+        assert [m.id for m in display.messages()] == [ids[0], ids[2]]
+        assert [m.id for m in logger.wait(timeout=1)] == ids
+        assert display.ack(display.messages()) == 2
+        assert [m.id for m in legacy.messages()] == ids  # logger still holds them all
+        assert logger.ack(ids) == 3
+        assert legacy.messages() == [] and display.messages() == []
+        status = legacy.status()
+        assert {c["name"]: c["backlog"] for c in status["consumers"]} == {"display": 0, "logger": 0}
+        assert status["counters"]["acked"] == 3
+
+
+def test_wait_wakes_a_parked_consumer_and_stream_yields_each_message_once(harness: Harness):
+    with connect(harness.path, consumer="display") as display:
+        stream = display.stream(timeout_per_wait=5)
+        ingest(harness, "cmd/x", "sensors/a")
+        first = next(stream)
+        assert first.topic == "sensors/a"
+        ingest(harness, "sensors/b")
+        assert next(stream).topic == "sensors/b"
+
+
+def test_a_dynamic_consumer_registers_on_first_use_and_can_be_reset(harness: Harness):
+    ids = ingest(harness, "a", "b")
+    with connect(harness.path, consumer="newapp") as app:
+        assert [m.id for m in app.messages()] == ids
+        app.ack(ids)
+        assert app.messages() == []
+        assert app.reset("newapp", "earliest") == 0
+        assert [m.id for m in app.messages()] == ids
+        assert app.reset("newapp", ids[1]) == ids[0]
+        assert app.reset("newapp", "latest") == ids[1]
+        names = {c["name"]: c for c in app.consumers()}
+        assert names["newapp"]["dynamic"] and not names["display"]["dynamic"]
+
+
+def test_bad_names_unknown_consumers_and_bad_reset_targets_are_one_line_errors(harness: Harness):
+    with connect(harness.path, consumer="Bad Name") as bad:
+        with pytest.raises(RpcError) as info:
+            bad.messages()
+    assert info.value.code == "bad_params" and "consumer name" in str(info.value)
+    harness.rules = dataclasses.replace(harness.rules, consumers=ConsumerSettings(DECLARED, allow_dynamic=False))
+    with connect(harness.path, consumer="stranger") as app:
+        with pytest.raises(RpcError) as info:
+            app.messages()
+        assert "allowDynamicConsumers is false" in str(info.value)
+        with pytest.raises(RpcError) as info:
+            app.call("reset", consumer="display", to="first")
+        assert info.value.code == "bad_params" and "'to' must be earliest, latest or a message id" in str(info.value)
+
+
+def test_allow_uids_limits_a_consumer_by_the_peers_uid(harness: Harness):
+    """The uid is the kernel's (SO_PEERCRED): a child that became uid 65534 is admitted to the
+    socket (allowUids) but not to `display` (its allowUids is 4242); `logger` has none."""
+    def attempt(name: str) -> str:
+        def work() -> str:
+            with connect(harness.path, consumer=name) as app:
+                return str(len(app.messages()))
+        return work
+
+    ingest(harness, "sensors/t")
+    refused = run_as_nobody(attempt("display"))
+    assert "forbidden" in refused and "uid 65534 may not use consumer 'display'" in refused
+    assert run_as_nobody(attempt("logger")) == "1"
+    with pytest.raises(RpcFailure):  # the same check, straight through the methods
+        harness.methods.handle("messages", {"consumer": "display"}, uid=NOBODY)
+    assert harness.methods.handle("messages", {"consumer": "display"}, uid=os.geteuid()) != []
+
+
+def test_flashlexctl_lists_reads_and_resets_consumers(harness: Harness):
+    ids = ingest(harness, "sensors/t", "other")
+
+    def ctl(*args: str) -> str:
+        done = subprocess.run([FLASHLEXCTL, "--socket", harness.path, *args], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "consumers display backlog 1 dropped 0; logger backlog 2 dropped 0" in \
+        subprocess.run([FLASHLEXCTL, "--socket", harness.path, "status"], capture_output=True, text=True,
+                       timeout=30).stdout
+    listing = ctl("consumers")
+    assert "display" in listing and "sensors/#" in listing and "declared" in listing
+    assert "other" not in ctl("messages", "--consumer", "display")
+    assert "acknowledged 1 of 1" in ctl("ack", "--consumer", "display", str(ids[0]))
+    assert ctl("messages", "--consumer", "display").strip() == "no messages"
+    assert "acknowledged through id 0" in ctl("consumers", "reset", "display", "--to", "earliest")
+    assert "sensors/t" in ctl("messages", "--consumer", "display")

@@ -1,0 +1,236 @@
+"""Named consumers in the store, on real LMDB files: each consumer sees every matching message
+once, a message leaves only when every matching consumer acked it, out-of-order acks, resets,
+the cap's and maxBacklog's drops counted per consumer, idle removal, no write per ingested
+message, and a schema-3 store (as flashlexd wrote it before consumers) opening with no loss."""
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from pathlib import Path
+from typing import Iterator, List
+
+import lmdb
+import pytest
+
+from flashlexd.configconsumers import ConsumerSettings
+from flashlexd.consumerkeeper import ConsumerKeeper
+from flashlexd.consumers import ConsumerSpec, UnknownConsumer
+from flashlexd.store import SCHEMA_VERSION, Incoming, Store
+
+CAP = 64 * 1024 * 1024
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(tmp_path / "store", CAP)
+    yield opened
+    opened.close()
+
+
+def put(store: Store, *topics: str) -> List[int]:
+    return store.append([Incoming(topic, f"{topic}#{i}".encode()) for i, topic in enumerate(topics)])
+
+
+def ids_for(store: Store, name: str, **query) -> List[int]:
+    return [m.id for m in store.consumer_messages(name, 10 ** 6, **query)]
+
+
+def stored(store: Store) -> List[int]:
+    return [m.id for m in store.messages(10 ** 6)]
+
+
+def declare(store: Store, *specs: ConsumerSpec) -> None:
+    store.consumer_declare(list(specs), NOW)
+
+
+def test_each_consumer_sees_its_matching_messages_and_a_message_leaves_when_all_acked(store: Store):
+    declare(store, ConsumerSpec("display", "sensors/#"), ConsumerSpec("logger", "#"))
+    ids = put(store, "sensors/t", "cmd/x", "sensors/h")
+    assert ids_for(store, "display") == [ids[0], ids[2]]
+    assert ids_for(store, "logger") == ids
+    assert store.consumer_ack("display", ids, NOW) == 2  # cmd/x is not display's: no ack
+    assert stored(store) == ids  # logger has not acked anything
+    assert ids_for(store, "display") == []
+    assert store.consumer_ack("logger", [ids[0], ids[1]], NOW) == 2
+    assert stored(store) == [ids[2]]
+    assert store.consumer_ack("logger", [ids[2]], NOW) == 1
+    assert stored(store) == []
+    assert store.stats()["acked"] == 3
+
+
+def test_acks_are_idempotent_and_out_of_order_acks_keep_the_floor_exact(store: Store):
+    declare(store, ConsumerSpec("a"), ConsumerSpec("b"))
+    ids = put(store, *["t"] * 5)
+    assert store.consumer_ack("a", [ids[3], ids[1]], NOW) == 2
+    assert store.consumer_ack("a", [ids[3]], NOW) == 0
+    assert ids_for(store, "a") == [ids[0], ids[2], ids[4]]
+    assert store.consumer_state("a").floor == 0
+    store.consumer_ack("a", [ids[0], ids[2]], NOW)
+    assert store.consumer_state("a").floor == ids[3]  # acks-ahead folded into the floor
+    assert ids_for(store, "a") == [ids[4]] and ids_for(store, "b") == ids
+
+
+def test_the_default_consumer_keeps_todays_behaviour(store: Store):
+    declare(store, ConsumerSpec("a"))
+    ids = put(store, "t", "t")
+    assert store.ack([ids[0]]) == 1  # the inbox itself: gone for everybody, as before
+    assert stored(store) == [ids[1]] and ids_for(store, "a") == [ids[1]]
+    assert store.consumer_ack("a", ids, NOW) == 1
+    assert stored(store) == []
+
+
+def test_messages_no_named_consumer_matches_stay_for_the_default_consumer(store: Store):
+    declare(store, ConsumerSpec("display", "sensors/#"))
+    ids = put(store, "sensors/t", "other")
+    store.consumer_ack("display", ids, NOW)
+    assert stored(store) == [ids[1]]
+
+
+def test_reset_replays_and_skips(store: Store):
+    declare(store, ConsumerSpec("a"), ConsumerSpec("b"))
+    ids = put(store, "t", "t", "t")
+    store.consumer_ack("a", ids, NOW)
+    assert ids_for(store, "a") == []
+    assert store.consumer_reset("a", "earliest") == 0
+    assert ids_for(store, "a") == ids
+    store.consumer_reset("a", ids[1])
+    assert ids_for(store, "a") == ids[1:]
+    assert store.consumer_reset("b", "latest") == ids[-1]
+    assert stored(store) == ids[1:]  # b skipped everything; a had acked ids[0] (before the replay)
+    store.consumer_ack("a", ids[1:], NOW)
+    assert stored(store) == []
+
+
+def test_unknown_consumer_is_one_clear_error(store: Store):
+    with pytest.raises(UnknownConsumer) as caught:
+        store.consumer_messages("nobody")
+    assert "'nobody'" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_ingest_writes_nothing_per_consumer(store: Store):
+    declare(store, *(ConsumerSpec(f"c{i}") for i in range(5)))
+    before = store.stats()["used_bytes"]
+    put(store, *["t"] * 200)
+    with store._read() as txn:
+        assert txn.stat(store._consumer_acks)["entries"] == 0
+        states = [bytes(v) for _, v in txn.cursor(db=store._consumer_db)]
+    assert len(states) == 5 and store.stats()["used_bytes"] > before
+    with store._read() as txn:
+        assert [bytes(v) for _, v in txn.cursor(db=store._consumer_db)] == states
+
+
+def test_in_order_acks_leave_no_ack_entries(store: Store):
+    declare(store, ConsumerSpec("a"), ConsumerSpec("b"))
+    ids = put(store, *["t"] * 50)
+    for start in range(0, 50, 10):
+        store.consumer_ack("a", ids[start:start + 10], NOW)
+    with store._read() as txn:
+        assert txn.stat(store._consumer_acks)["entries"] == 0
+    assert store.consumer_state("a").floor == ids[-1]
+
+
+def test_the_cap_counts_a_drop_for_each_consumer_that_had_not_acked(tmp_path: Path):
+    store = Store(tmp_path / "store", 1024 * 1024, "dropOldest")
+    try:
+        declare(store, ConsumerSpec("fast"), ConsumerSpec("slow"), ConsumerSpec("other", "x/#"))
+        first = store.append([Incoming("t", b"p" * 2000) for _ in range(10)])
+        store.consumer_ack("fast", first, NOW)
+        for _ in range(60):
+            store.append([Incoming("t", b"p" * 2000) for _ in range(10)])
+        dropped = store.stats()["dropped_full"]
+        assert dropped > 10
+        report = {c["name"]: c for c in store.consumers_report()}
+        assert report["slow"]["dropped"] == dropped
+        assert report["fast"]["dropped"] == dropped - 10
+        assert report["other"]["dropped"] == 0
+    finally:
+        store.close()
+
+
+def test_max_backlog_drops_the_slow_consumers_oldest_and_counts_them(store: Store):
+    declare(store, ConsumerSpec("fast"), ConsumerSpec("slow", max_backlog=5))
+    ids = put(store, *["t"] * 20)
+    store.consumer_ack("fast", ids, NOW)
+    assert store.consumers_upkeep(NOW, None) == []
+    assert ids_for(store, "slow") == ids[-5:]
+    assert stored(store) == ids[-5:]  # fast had acked them all: they left with the drop
+    report = {c["name"]: c for c in store.consumers_report()}
+    assert report["slow"]["dropped"] == 15 and report["slow"]["backlog"] == 5
+    assert report["fast"]["backlog"] == 0 and report["fast"]["dropped"] == 0
+
+
+def test_an_idle_dynamic_consumer_is_removed_and_releases_what_it_held(store: Store):
+    declare(store, ConsumerSpec("kept"))
+    store.consumer_register("gone", NOW - 8 * 86400)
+    ids = put(store, "t", "t")
+    store.consumer_ack("kept", ids, NOW)
+    assert stored(store) == ids
+    assert store.consumers_upkeep(NOW, 7 * 86400) == ["gone"]
+    assert stored(store) == [] and store.consumer_state("gone") is None
+
+
+def test_an_undeclared_consumer_becomes_dynamic(store: Store):
+    declare(store, ConsumerSpec("a", "x/#", max_backlog=3))
+    assert store.consumer_state("a").dynamic is False
+    declare(store)
+    assert store.consumer_state("a").dynamic is True
+
+
+def write_schema3_store(path: Path) -> List[int]:
+    """A store as flashlexd wrote it before consumers: today's layout, no consumer databases,
+    schema 3 in meta."""
+    store = Store(path, CAP)
+    ids = put(store, "a", "b", "c")
+    store.outbox_append([("up", b"x", 1, False)])
+    store.close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        for name in (b"consumers", b"cacks"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+        txn.put(b"schema", struct.pack(">Q", 3), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    return ids
+
+
+def test_a_schema3_store_opens_with_no_loss(tmp_path: Path):
+    ids = write_schema3_store(tmp_path / "store")
+    store = Store(tmp_path / "store", CAP)
+    try:
+        assert stored(store) == ids and len(store.outbox_peek()) == 1
+        declare(store, ConsumerSpec("a"))
+        assert ids_for(store, "a") == ids
+    finally:
+        store.close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=16, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
+            == SCHEMA_VERSION == 4
+    env.close()
+
+
+def test_the_supervisors_keeper_declares_removes_idle_ones_with_one_warning_and_trims(store: Store, caplog):
+    """ConsumerKeeper against a real store: one WARNING per removed consumer, the sweep cadence."""
+    settings = ConsumerSettings((ConsumerSpec("kept", max_backlog=2),), idle_seconds=3600)
+    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0)
+    keeper.declare()
+    store.consumer_register("old", time.time() - 7200)
+    ids = put(store, *["t"] * 5)
+    with caplog.at_level(logging.WARNING, logger="flashlexd.consumerkeeper"):
+        keeper.tick(100.0)
+        keeper.tick(101.0)  # not due again before 105
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'old' removed: unused for 0.0416667 days" in warnings[0]
+    assert keeper.next_run == 105.0
+    assert ids_for(store, "kept") == ids[-2:] and store.consumer_state("kept").dropped == 3
+    assert stored(store) == ids[-2:]  # "old" is gone and "kept" dropped the rest: they left
+
+
+def test_a_read_past_many_records_of_other_topics_moves_the_floor(store: Store):
+    declare(store, ConsumerSpec("rare", "rare/#"), ConsumerSpec("all"))
+    ids = put(store, *["busy"] * 1500, "rare/x")
+    assert store.consumer_state("rare").floor == 0
+    assert ids_for(store, "rare") == [ids[-1]]
+    assert store.consumer_state("rare").floor == ids[-2]  # the next read starts at rare/x
+    assert ids_for(store, "rare") == [ids[-1]] and ids_for(store, "all") == ids
