@@ -175,7 +175,7 @@ def install(venv: Path) -> str:
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT)], check=True, timeout=900,
-                   cwd=venv)
+                   cwd=venv, capture_output=True)
     return str(venv / "bin" / "python")
 
 
