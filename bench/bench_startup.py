@@ -16,7 +16,7 @@ Worker replacement: with the daemon up (production supervisor defaults), SIGKILL
 time, rotating ingress, egress, expiry for `--rounds` rounds, each kill once the worker has run
 for more than 10 s (so the restart policy uses its first backoff, 0.1 s, not a doubled one).
 Times come from the supervisor's log timestamps (ms): kill -> `NAME died` (reaped) -> `NAME
-started` (fork + exec after the backoff) -> `NAME ready` (the new worker's first report, sent
+started` (the fork server forks it after the backoff) -> `NAME ready` (the new worker's first report, sent
 when its store and client are set up, just before its first heartbeat). For ingress and egress
 also the time until the new worker's MQTT connection is up (its `connected to` log line).
 """
@@ -231,7 +231,7 @@ def main() -> int:
               " worker's `mqtt` report until the next heartbeat (every 1 s by default).")
     print(f"\nWorker replacement after SIGKILL, {len(replacements)} kills ({args.rounds} per worker),"
           " medians; from the supervisor's log timestamps\n")
-    print("| worker | kills | kill -> reaped | backoff | fork+exec -> ready | **kill -> new worker ready** |"
+    print("| worker | kills | kill -> reaped | backoff | fork -> ready | **kill -> new worker ready** |"
           " kill -> MQTT connected again |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in ("ingress", "egress", "expiry", "all"):
@@ -241,7 +241,7 @@ def main() -> int:
               f" {ms(median(s['backoff'] for s in rows))} | {ms(median(s['setup'] for s in rows))} |"
               f" **{ms(median(s['total'] for s in rows))}** | {ms(median(conn)) if conn else '-'} |")
     setup = median(s["setup"] for s in replacements)
-    print(f"\nfork+exec -> ready vs the bare interpreter baseline above: {setup / base:.1f}x;"
+    print(f"\nfork -> ready vs the bare interpreter baseline above: {setup / base:.1f}x;"
           f" slowest replacement {ms(max(s['total'] for s in replacements))}")
     return 0 if median(ready) <= TARGET_READY else 1
 

@@ -243,16 +243,34 @@ class Client:
                  user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """Unacknowledged messages, oldest first; `topic` is an MQTT filter, `after` an id,
         `user_property` a (name, value) MQTT 5 user property the messages must carry."""
-        params = self._query(limit, topic, after, user_property)
-        return [Message.from_wire(m) for m in self.call("messages", **params)]
+        return [Message.from_wire(m) for m in self.records(limit, topic, after, None, user_property)]
 
     def wait(self, timeout: float = 30.0, limit: int = 100, topic: Optional[str] = None,
              after: Optional[IdLike] = None,
              user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """Messages as soon as there are any (oldest first); [] after `timeout` seconds."""
+        return [Message.from_wire(m) for m in self.records(limit, topic, after, timeout, user_property)]
+
+    def records(self, limit: int = 100, topic: Optional[str] = None, after: Optional[IdLike] = None,
+                wait: Optional[float] = None,
+                user_property: Optional[Tuple[str, str]] = None) -> List[Dict[str, Any]]:
+        """The wire records of `messages` (or of `wait`, given its timeout). With a filter
+        the daemon looks at a bounded number of messages per call and answers where to go on
+        (`paged`), so one call never holds its loop for long: this calls again from there until
+        `limit` are found or none are left (`wait`: until any are found or time is up)."""
         params = self._query(limit, topic, after, user_property)
-        result = self.call("wait", _timeout=timeout + self.timeout, timeout=timeout, **params)
-        return [Message.from_wire(m) for m in result]
+        deadline = None if wait is None else time.monotonic() + wait
+        found: List[Dict[str, Any]] = []
+        while True:
+            if deadline is None:
+                page = self.call("messages", paged=True, **params)
+            else:
+                left = max(0.0, deadline - time.monotonic())
+                page = self.call("wait", _timeout=left + self.timeout, timeout=left, paged=True, **params)
+            found += page["messages"]
+            if page["cursor"] is None or len(found) >= limit or (deadline is not None and found):
+                return found
+            params.update(after=page["cursor"], limit=limit - len(found))
 
     def ack(self, ids: Iterable[IdLike]) -> int:
         """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went.

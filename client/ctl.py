@@ -45,12 +45,8 @@ def cmd_status(fx: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_messages(fx: Client, args: argparse.Namespace) -> int:
-    params: Dict[str, Any] = {"limit": args.limit}
-    if args.topic:
-        params["topic"] = args.topic
-    if args.consumer:
-        params["consumer"] = args.consumer
-    messages = fx.call("messages", **params)
+    fx.consumer = args.consumer
+    messages = fx.records(args.limit, args.topic or None)
     if args.json:
         _print_json(messages)
     elif messages:
@@ -176,12 +172,7 @@ def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
     """Follow new messages (all unacknowledged ones with --all) until Ctrl-C."""
     after = None if args.all else fx.call("status")["inbox"]["last_id"]
     while True:
-        params: Dict[str, Any] = {"timeout": 30.0, "limit": 100}
-        if after is not None:
-            params["after"] = after
-        if args.topic:
-            params["topic"] = args.topic
-        batch = fx.call("wait", _timeout=30.0 + fx.timeout, **params)
+        batch = fx.records(100, args.topic or None, after, wait=30.0)
         for message in batch:
             if args.json:
                 print(json.dumps(jsonable(message)), flush=True)

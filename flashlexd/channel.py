@@ -51,7 +51,7 @@ def place_child_fds(channel_fd: int, config_fd: int) -> None:
     os.dup2(high[1], CONFIG_FD)
 
 
-def read_inherited_config(limit: int, fd: int = CONFIG_FD) -> str:
+def read_inherited_config(limit: int, fd: int = CONFIG_FD, close: bool = True) -> str:
     """The config text the supervisor validated (a worker's side of `ConfigFile`)."""
     try:
         size = os.fstat(fd).st_size
@@ -59,10 +59,11 @@ def read_inherited_config(limit: int, fd: int = CONFIG_FD) -> str:
             raise ValueError(f"the inherited config is {size} bytes, over the limit of {limit}")
         data = os.pread(fd, size, 0)  # pread: the file offset is shared with the other workers
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        if close:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     return data.decode("utf-8")
 
 

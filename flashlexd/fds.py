@@ -2,7 +2,7 @@
 
 systemd starts services with a soft RLIMIT_NOFILE of 1024 (the hard limit is far higher, for
 programs that ask). Every API connection is a descriptor of the supervisor, and a restart of a
-worker needs new ones (its socketpair, fork + exec): with ~1,011 idle connections held by one
+worker needs new ones (its socketpair, the fork): with ~1,011 idle connections held by one
 local user, a worker's restart failed with EMFILE and took the daemon down. So the supervisor
 raises its soft limit to the hard one at start, and API connections are capped RESERVED_FDS
 below the limit, whatever `maxConnections` says: what the supervisor itself needs is always

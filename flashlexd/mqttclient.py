@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,9 +28,27 @@ _HOST_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH (64 is the IP address twin)
 _ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
 
 
+_PREPARED: Dict[Tuple[Keys, bool], ssl.SSLContext] = {}  # see prepare_tls_context
+
+
+def prepare_tls_context(keys: Keys, alpn: bool) -> None:
+    """In the fork server: build the context that the workers forked next use, so they share
+    its pages (and OpenSSL's one-time set-up, ~2 MB a process) instead of each loading the CA,
+    certificate and key again. A context that cannot be built is left to the worker, which
+    reports the error."""
+    _PREPARED.clear()
+    try:
+        _PREPARED[(keys, alpn)] = tls_context(keys, alpn)
+    except ConfigError:
+        pass
+
+
 def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
     """Mutual TLS: trust only `rootCA`, verify the broker's certificate and host name, present
-    the thing's certificate."""
+    the thing's certificate (the prepared context of the same files, if any)."""
+    prepared = _PREPARED.get((keys, alpn))
+    if prepared is not None:
+        return prepared
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(keys.root_ca))
     except ssl.SSLError as exc:

@@ -1,7 +1,7 @@
 """systemd notification (sd_notify) for the supervisor, and the watchdog cadence.
 
-Only the supervisor notifies: workers are exec'd with NOTIFY_SOCKET and WATCHDOG_* removed from
-their environment (see `child_environment`). WATCHDOG=1 is sent from the supervisor's own loop,
+Only the supervisor notifies: workers run with NOTIFY_SOCKET and WATCHDOG_* removed from their
+environment (see `child_environment`) and none of its descriptors (`forkworker`). WATCHDOG=1 is sent from the supervisor's own loop,
 never from a helper thread, so a hung loop stops the pings and systemd restarts the service.
 """
 from __future__ import annotations

@@ -111,7 +111,8 @@ def claim_directories(data_dir: Path, socket_path: str) -> "DataDirLock":
 
 class DataDirLock:
     """An exclusive flock on DATA_DIR/flashlexd.lock, holding the owner's pid, held until
-    `release` or the process's end. Close-on-exec: the workers do not hold it."""
+    `release` or the process's end. Close-on-exec, and taken after the fork server was made:
+    the workers do not hold it."""
 
     def __init__(self, data_dir: Path):
         self.path = Path(data_dir) / LOCK_NAME

@@ -46,12 +46,11 @@ Bytes written per message: docs/WEAR.md.
 """
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
-from flashlexd.storebase import POLICIES, SCHEMA_VERSION
+from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
 from flashlexd.storedamage import guarded, unpack_record
 from flashlexd.storeconsumers import ConsumerStore
 from flashlexd.storeoutbox import OutboxStore
@@ -59,6 +58,7 @@ from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _decode_message,
                                     _keys_of, _ms, _outbox_entry, _stamp_of, message_selector)
+from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
 _WALL = struct.Struct(">d")
@@ -158,8 +158,16 @@ class Store(ConsumerStore, OutboxStore):
                  user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """Oldest first; `topic` is an MQTT filter (`+`/`#` allowed); `after` an exclusive id;
         `user_property` (name, value): only messages carrying that MQTT 5 user property."""
-        return self._scan(self._inbox, limit, after, _decode_message,
-                          message_selector(topic, user_property))
+        return self.messages_page(limit, topic, after, None, user_property).found
+
+    @guarded
+    def messages_page(self, limit: int = 100, topic: Optional[str] = None,
+                      after: Optional[int] = None, budget: Optional[int] = None,
+                      user_property: Optional[Tuple[str, str]] = None) -> ScanPage[Message]:
+        """`messages`, looking at no more than `budget` inbox records (see `_scan_page`)."""
+        select = None if topic is None else (lambda raw: topic_matches(topic, _topic_of(raw)))
+        return self._scan_page(self._inbox, limit, after, _decode_message,
+                               message_selector(None, user_property), budget, select)
 
     @guarded
     def ack(self, ids: Iterable[int]) -> int:
@@ -327,24 +335,11 @@ def _first_of_later_boot(inbox: lmdb.Cursor, seq: int) -> bool:
         else:
             low = middle
     return inbox.set_range(_ID.pack(high))
+def _topic_of(raw: memoryview) -> str:
+    """An inbox record's topic, without building the message (filters look at many records)."""
+    return unpack_record(raw, 7)[1]
 
 
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
-    """Each message's mark: the digest blake2b-64(topic + NUL + payload), None for QoS 0 (never
-    redelivered). The packet id is not part of it: brokers renumber redeliveries (RabbitMQ).
-    The hash state of `topic + NUL` is made once per topic and copied: a batch is usually one
-    topic."""
-    prefixes: Dict[str, "hashlib._Hash"] = {}
-    marks: List[Optional[DupMark]] = []
-    for m in messages:
-        if not m.qos:
-            marks.append(None)
-            continue
-        prefix = prefixes.get(m.topic)
-        if prefix is None:
-            prefix = hashlib.blake2b(m.topic.encode() + b"\0", digest_size=8)
-            prefixes[m.topic] = prefix
-        state = prefix.copy()
-        state.update(m.payload)
-        marks.append(state.digest())
-    return marks
+    """Each message's DUP mark (`Incoming.mark`, computed once per message)."""
+    return [m.mark for m in messages]

@@ -9,7 +9,8 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Type, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Dict, Generic, List, Optional, Tuple, Type, TypeVar
 
 import lmdb
 import msgpack
@@ -27,6 +28,17 @@ from flashlexd.wire import FULL_POLICIES
 log = logging.getLogger("flashlexd.store")
 T = TypeVar("T")
 S = TypeVar("S", bound="StoreBase")
+
+
+@dataclass
+class ScanPage(Generic[T]):
+    """What one bounded walk found. `cursor`: the id to pass as `after` to go on, set only when
+    the scan budget ran out before the end and before `limit` records were found (None: there
+    is nothing more to look at now). `last`: the last id looked at (None: none)."""
+    found: List[T]
+    cursor: Optional[int]
+    last: Optional[int] = None
+
 
 SCHEMA_VERSION = 4  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
 #                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys;
@@ -352,21 +364,41 @@ class StoreBase:
     def _scan(self, db: object, limit: int, after: Optional[int],
               decode: Callable[[bytes, memoryview, Timeline], T],
               keep: Optional[Callable[[T], bool]] = None) -> List[T]:
-        """The one cursor walk: up to `limit` records of `db` past id `after` (None: from the
-        first), oldest first, each decoded from (key, its checked value, the store's clock
-        timeline) and kept when `keep` (None: all) says so."""
-        found: List[T] = []
+        """Up to `limit` records of `db` past id `after` (None: from the first), oldest first,
+        each decoded from (key, its checked value, the store's clock timeline) and kept when
+        `keep` (None: all) says so. The walk is unbounded: see `_scan_page` for a bounded one."""
+        return self._scan_page(db, limit, after, decode, keep).found
+
+    def _scan_page(self, db: object, limit: int, after: Optional[int],
+                   decode: Callable[[bytes, memoryview, Timeline], T],
+                   keep: Optional[Callable[[T], bool]] = None,
+                   budget: Optional[int] = None,
+                   select: Optional[Callable[[memoryview], bool]] = None) -> ScanPage[T]:
+        """The one cursor walk (`_scan`'s), looking at no more than `budget` records (None: no
+        bound): a filter that matches little then costs a bounded time per call, however long
+        the inbox, and the page says where to go on (`ScanPage.cursor`). `select` sees a
+        record's raw value first: one it refuses is not decoded (the cheap part of a filter)."""
+        page: ScanPage[T] = ScanPage([], None)
         if limit <= 0:
-            return found
+            return page
         with self._read() as txn:
             cursor = txn.cursor(db=db)
             if not _start(cursor, after):
-                return found
+                return page
             timeline = self._frames.timeline(txn)
+            looked = 0
             for key, raw in cursor:
-                record = decode(key, self._checked(raw), timeline)
+                if budget is not None and looked >= budget:
+                    page.cursor = page.last  # not looked at yet: the next call starts here
+                    break
+                looked += 1
+                page.last = _ID.unpack(key)[0]
+                value = self._checked(raw)
+                if select is not None and not select(value):
+                    continue
+                record = decode(key, value, timeline)
                 if keep is None or keep(record):
-                    found.append(record)
-                    if len(found) >= limit:
+                    page.found.append(record)
+                    if len(page.found) >= limit:
                         break
-        return found
+        return page

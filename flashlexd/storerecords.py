@@ -6,8 +6,10 @@ shared by the store's modules (store, storebase, storeoutbox) and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import lmdb
@@ -63,6 +65,17 @@ class Incoming:
     dup: bool = False
     key: Optional[bytes] = None  # the application's dedupe key (dedupe.py), when configured
     properties: Optional[Dict[str, Any]] = None  # MQTT 5 (mqttv5.properties_of), kept as given
+
+    @cached_property
+    def mark(self) -> Optional[DupMark]:
+        """The DUP mark: blake2b-64(topic + NUL + payload), None for QoS 0 (never redelivered).
+        The packet id is not part of it: brokers renumber redeliveries (RabbitMQ). Computed
+        once: the store's commit and the ack barrier both need it."""
+        if not self.qos:
+            return None
+        state = hashlib.blake2b(self.topic.encode() + b"\0", digest_size=8)
+        state.update(self.payload)
+        return state.digest()
 
 
 DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set

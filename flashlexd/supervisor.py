@@ -11,17 +11,17 @@ import logging
 import os
 import selectors
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
-from flashlexd import credentials, fds, paths
+from flashlexd import credentials, fds, forkworker, paths
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.consumerkeeper import ConsumerKeeper
+from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
 from flashlexd.linkmsg import Committed, Heartbeat, MqttReport, OutboxQueued, StateReport, decode
@@ -31,7 +31,7 @@ from flashlexd.rates import RateMeter
 from flashlexd.wear import WriteMeter
 from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.store import Store, StoreError
-from flashlexd.workerproc import State, WorkerProcess
+from flashlexd.workerproc import State, WorkerProcess, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,10 @@ class Overrides:
         credentials.verify(config.thing.keys, self.allow_insecure_key)
         return config
 
-    def worker_argv(self, name: str) -> List[str]:
-        argv = [sys.executable, "-m", "flashlexd.workers", name, "--config", self.config_path]
-        for flag, value in (("--data-dir", self.data_dir), ("--keys-dir", self.keys_dir),
-                            ("--log-level", self.log_level)):
-            if value:
-                argv += [flag, value]
-        return argv
+    def worker_maker(self) -> forkworker.WorkerMaker:
+        """How the fork server makes workers (see `forkworker`)."""
+        return forkworker.WorkerMaker(child_environment(), self.config_path, self.data_dir,
+                                      self.keys_dir, self.log_level)
 
 
 class Supervisor:
@@ -88,6 +85,7 @@ class Supervisor:
         self.rates = RateMeter()
         self.wear = WriteMeter()
         self.store: Optional[Store] = None
+        self.forks: Optional[ForkServer] = None
         self.consumers = ConsumerKeeper(lambda: self.store, lambda: self.runtime.rules.consumers,
                                         lambda: self.config.store.sweep_seconds)
         self.lock: Optional[paths.DataDirLock] = None
@@ -107,6 +105,8 @@ class Supervisor:
     def run(self) -> int:
         limit = fds.raise_open_files_limit()  # before anything is opened; workers inherit it
         log.debug("open files limit %d", limit)
+        forkworker.preload()  # then the fork server: before the store is opened (see forkserver)
+        self.forks = ForkServer(self.overrides.worker_maker())
         self._install_signals()
         self.config_file = ConfigFile(self.config.text)
         self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
@@ -146,6 +146,8 @@ class Supervisor:
                          mode=0o666 if api.allow_uids else 0o660)
 
     def _close(self) -> None:
+        if self.forks is not None:
+            self.forks.close()
         if self.api is not None:
             self.api.close()
         if self.store is not None:
@@ -230,8 +232,11 @@ class Supervisor:
             if pid == 0:
                 return
             worker = by_pid.get(pid)
+            if self.forks is not None and pid == self.forks.pid and not self.shutting_down:
+                log.error("the fork server died (%s)", describe_exit(status))
+                self.begin_shutdown("the fork server died", EXIT_CRASH_LOOP)
             if worker is None:
-                continue  # a child we no longer track (nothing else forks here)
+                continue  # a child we no longer track (or the fork server)
             self._drop_link(worker)
             worker.exited(status, now, self.shutting_down, self.runtime.restart)
             if worker.state is State.FATAL:
@@ -239,8 +244,13 @@ class Supervisor:
 
     def _spawn(self, worker: WorkerProcess, now: float) -> None:
         try:
-            worker.spawn(self.overrides.worker_argv(worker.name), child_environment(),
+            worker.spawn(lambda link, config: self.forks.spawn(worker.name, link, config),  # type: ignore[union-attr]
                          self.config_file.fd, now)  # type: ignore[union-attr]
+        except ForkServerGone as exc:
+            log.error("cannot start %s: %s", worker.name, exc)
+            worker.spawn_failed(now, SPAWN_RETRY)
+            self.begin_shutdown("the fork server is gone", EXIT_CRASH_LOOP)
+            return
         except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: survived, retried, logged once
             reason = exc.strerror or str(exc)
             if self.spawn_error != reason:

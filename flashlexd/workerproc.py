@@ -12,10 +12,8 @@
 Every change goes through `transition`, which refuses any change not in `TRANSITIONS`; every
 time-driven decision (hung, kill, due to start) is made in `tick`.
 
-Workers are started with fork + exec, not a bare fork: the supervisor holds an open LMDB
-environment (it serves the local API), and an environment must never be inherited by a process
-that goes on to use LMDB. exec drops the mapping and every non-inheritable descriptor; the child
-starts clean and opens its own environment.
+Workers are forked without exec from the fork server, so they share the code the supervisor
+imported; `forkserver` and `forkworker` say how that keeps what exec gave.
 """
 from __future__ import annotations
 
@@ -23,10 +21,9 @@ import enum
 import logging
 import os
 import signal
-import sys
-from typing import Any, Dict, FrozenSet, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, Optional
 
-from flashlexd.channel import Channel, place_child_fds
+from flashlexd.channel import Channel
 from flashlexd.config import Supervision
 from flashlexd.linkmsg import LinkMessage, Stop
 from flashlexd.restart import RestartHistory, RestartLimits
@@ -63,6 +60,12 @@ class BadTransition(RuntimeError):
     """A change the state machine does not allow: a supervisor bug, never a worker's doing."""
 
 
+def describe_exit(status: int) -> str:
+    """A waitpid status in words: "exit code 3", "signal SIGKILL"."""
+    code = os.waitstatus_to_exitcode(status)
+    return f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+
+
 class WorkerProcess:
     def __init__(self, name: str):
         self.name = name
@@ -92,26 +95,20 @@ class WorkerProcess:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def spawn(self, argv: List[str], env: Dict[str, str], config_fd: int, now: float) -> None:
-        """fork + exec `argv` with the link on CHANNEL_FD and the validated config (the
-        supervisor's `ConfigFile`) on CONFIG_FD. Raises OSError (EMFILE, EAGAIN, ...) when the
-        process cannot be made; nothing is left open then."""
+    def spawn(self, fork: Callable[[int, int], int], config_fd: int, now: float) -> None:
+        """Start the process: `fork(link_fd, config_fd)` makes it (the fork server does, see
+        `forkserver`) and returns its pid, or raises OSError (EMFILE, EAGAIN, ...); nothing is
+        left open then."""
         if State.STARTING not in TRANSITIONS[self.state]:
             raise BadTransition(f"{self.name}: cannot start from {self.state.value}")
         channel, child_end = Channel.pair()
         try:
-            pid = os.fork()
+            pid = fork(child_end.fileno(), config_fd)
         except OSError:
             channel.close()
-            child_end.close()
             raise
-        if pid == 0:  # child: only async-safe work until exec
-            try:
-                place_child_fds(child_end.fileno(), config_fd)
-                os.execve(sys.executable, argv, env)
-            finally:
-                os._exit(127)
-        child_end.close()
+        finally:
+            child_end.close()
         self.started(pid, channel, now)
 
     def started(self, pid: int, channel: Optional[Channel], now: float) -> None:
@@ -159,8 +156,7 @@ class WorkerProcess:
     def exited(self, status: int, now: float, shutting_down: bool, limits: RestartLimits) -> None:
         """The process is gone (reaped): STOPPED, BACKOFF until `next_start`, or FATAL when it
         failed too often too quickly (crash loop)."""
-        code = os.waitstatus_to_exitcode(status)
-        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        how = describe_exit(status)
         planned = self.state is State.STOPPING
         self.pid, self.kill_at = None, None
         if shutting_down or (planned and not self.restart_when_stopped):

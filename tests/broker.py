@@ -360,10 +360,20 @@ class Proxy:
 
 # -- independent peers ------------------------------------------------------------------------
 
+PUB_LINES_MAX = 65_535  # lines one mosquitto_pub -l run is trusted with: one packet id each
+
+
 def publish_lines(broker: Broker, topic: str, lines_file: Path, client_id: str = "test-pub",
                   max_inflight: int = 100, plain: bool = False) -> subprocess.Popen:
     """Start mosquitto_pub publishing each line of `lines_file` at QoS 1; returns the process.
-    It exits when all are acknowledged; if the broker dies, it waits for it to come back."""
+    It exits when all are acknowledged; if the broker dies, it waits for it to come back.
+    One `mosquitto_pub -l` run silently loses lines once its packet ids wrap (100k lines: 34,511
+    delivered once), so a larger file is refused: publish chunks of at most PUB_LINES_MAX lines."""
+    with open(lines_file, "rb") as counted:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: counted.read(1 << 20), b""))
+    if lines > PUB_LINES_MAX:
+        raise ValueError(f"{lines_file} has {lines} lines: mosquitto_pub -l loses lines past its 65,535"
+                         f" packet ids; publish chunks of <= {PUB_LINES_MAX}")
     argv = ["mosquitto_pub", *broker.client_args(plain=plain), "-i", client_id, "-q", "1",
             "-M", str(max_inflight), "-t", topic, "-l"]
     with open(lines_file, "rb") as stdin:

@@ -51,14 +51,14 @@ class Daemon:
 
     def __init__(self, config: Path, workdir: Path, env: Optional[Dict[str, str]] = None,
                  args: Tuple[str, ...] = (), preexec: Optional[Callable[[], None]] = None,
-                 python: str = sys.executable, cwd: Optional[Path] = None):
+                 python: Optional[str] = None, cwd: Optional[Path] = None):
         self.config = config
         self.socket_path = workdir / "flashlexd.sock"
         self.log_path = workdir / "daemon.log"
         self.env = dict(os.environ, **(env or {}))
         self.args = args
         self.preexec = preexec  # run in the child before exec (e.g. to lower its limits)
-        self.python = python  # another interpreter runs another flashlexd (bench/bench_wear.py)
+        self.python = python  # another install's interpreter (bench/bench_wear.py, bench_memory.py)
         self.cwd = cwd  # `python -m` puts the working directory first on sys.path
         self.proc: Optional[subprocess.Popen] = None
 
@@ -66,10 +66,11 @@ class Daemon:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [self.python, "-m", "flashlexd", "run", "--config", str(self.config),
+            [self.python or sys.executable, "-m", "flashlexd", "run", "--config", str(self.config),
              "--socket", str(self.socket_path), *self.args],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=self.preexec, cwd=self.cwd)
+            preexec_fn=self.preexec,
+            cwd=self.cwd or (self.log_path.parent if self.python else None))
         return self
 
     @property
@@ -79,8 +80,9 @@ class Daemon:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def children(self) -> Dict[str, int]:
-        """Worker name -> pid, read from the process titles of the supervisor's children."""
+    def children(self, fork_server: bool = False) -> Dict[str, int]:
+        """Worker name -> pid, read from the process titles of the supervisor's children (and
+        the fork server's as "forkserver", when asked)."""
         found: Dict[str, int] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -92,7 +94,9 @@ class Daemon:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             if ppid == self.pid and title.startswith("flashlexd: "):
-                found[title.split()[1]] = int(entry.name)
+                name = title.split()[1]
+                if fork_server or name != "forkserver":
+                    found[name] = int(entry.name)
         return found
 
     def zombies(self) -> List[int]:

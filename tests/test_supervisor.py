@@ -218,13 +218,16 @@ def test_reload_applies_every_api_setting_to_the_running_api(daemon, notify, dae
 def daemon_with_expiry_hook(daemon_config: Path, tmp_path: Path, notify: NotifyListener,
                             prelude: str, action: str) -> Daemon:
     """The real daemon, with a sitecustomize that runs `action` (after `prelude`) in every
-    expiry worker at start, and nowhere else."""
+    expiry worker at start, and nowhere else (workers are forked from the supervisor, so the
+    hook wraps the expiry worker's constructor in the supervisor before any fork)."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "import os\n" + prelude +
-        "args = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
-        f"if b'flashlexd.workers' in args and b'expiry' in args:\n    {action}\n")
+        "from flashlexd.workers import expiry\n"
+        "_init = expiry.ExpiryWorker.__init__\n"
+        f"def _hooked(*args, **kwargs):\n    {action}\n    _init(*args, **kwargs)\n"
+        "expiry.ExpiryWorker.__init__ = _hooked\n")
     return Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
                                                 "PYTHONPATH": str(hook)}).start()
 

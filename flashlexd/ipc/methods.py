@@ -21,6 +21,9 @@ from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem, valid_filter
 
+# Inbox records one `paged` messages/wait call with a topic filter looks at: ~2 ms of the
+# supervisor's loop on a Pi-class core, whatever the inbox holds (the cursor says where to go on).
+SCAN_BUDGET = 500
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
 
@@ -164,6 +167,20 @@ class Methods:
             self.store.consumer_messages(consumer, limit, topic, after, user_property)
         return self._bounded([m.to_dict() for m in found])
 
+    def _fetch_page(self, limit: int, topic: Optional[str], after: Optional[int],
+                    consumer: Optional[str] = None, user_property: Optional[Tuple[str, str]] = None
+                    ) -> Tuple[Dict[str, Any], Optional[int]]:
+        """A `paged` answer, {"messages": [...], "cursor": id or None}, from a walk of at most
+        SCAN_BUDGET records when a filter is given (without one every record is kept and
+        `limit` bounds the walk); and the last id looked at (where a parked wait goes on). A
+        named consumer's read keeps its own bounds (storeconsumers.py): never a cursor."""
+        if consumer is not None:
+            return {"messages": self._fetch(limit, topic, after, consumer, user_property), "cursor": None}, None
+        filtered = topic is not None or user_property is not None
+        page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
+        found = self._bounded([m.to_dict() for m in page.found])
+        return {"messages": found, "cursor": page.cursor}, page.last
+
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
         limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
         topic = p.topic_filter("topic")
@@ -207,11 +224,14 @@ class Methods:
         })
         return supervisor
 
-    def _messages(self, p: _Params) -> List[Dict[str, Any]]:
+    def _messages(self, p: _Params) -> Any:
         limit, topic, after = self._query(p, 100)
+        paged = p.boolean("paged", False)
         consumer = self._consumer(p)
         wanted = mqttprops.user_property(p)
         p.done()
+        if paged:
+            return self._fetch_page(limit, topic, after, consumer, wanted)[0]
         return self._fetch(limit, topic, after, consumer, wanted)
 
     def _ack(self, p: _Params) -> Any:
@@ -226,9 +246,12 @@ class Methods:
     def _wait(self, p: _Params) -> Any:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
         limit, topic, after = self._query(p, 100)
+        paged = p.boolean("paged", False)
         consumer = self._consumer(p)
         wanted = mqttprops.user_property(p)
         p.done()
+        if paged:
+            return self._wait_paged(timeout, limit, topic, after, consumer, wanted)
         found = self._fetch(limit, topic, after, consumer, wanted)
         if found or timeout == 0:
             return found
@@ -239,6 +262,30 @@ class Methods:
             except StoreError as exc:
                 raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
+
+    def _wait_paged(self, timeout: float, limit: int, topic: Optional[str],
+                    after: Optional[int], consumer: Optional[str],
+                    wanted: Optional[Tuple[str, str]]) -> Any:
+        """`wait` with a bounded walk: a page with messages or a cursor answers at once (the
+        client calls again from the cursor); a walk that reached the end parks the request, and
+        each poll walks on from where the last one stopped, not from `after` again."""
+        answer, last = self._fetch_page(limit, topic, after, consumer, wanted)
+        if answer["messages"] or answer["cursor"] is not None or timeout == 0:
+            return answer
+        position = [last if last is not None else after]
+
+        def poll() -> Optional[Dict[str, Any]]:  # run by the server on notify_inbox()
+            try:
+                found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
+            except StoreError as exc:
+                raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+            if found["messages"] or found["cursor"] is not None:
+                return found
+            if seen is not None:
+                position[0] = seen
+            return None
+        return Pending(deadline=time.monotonic() + timeout, poll=poll,
+                       timeout_result={"messages": [], "cursor": None})
 
     def _publish(self, p: _Params) -> Any:
         payload = p.get("payload")

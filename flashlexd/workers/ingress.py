@@ -35,6 +35,7 @@ import logging
 import time
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
+from flashlexd.ackbatch import coalesced_acks
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import properties_of, reason_name
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
@@ -235,11 +236,12 @@ class IngressWorker(Worker):
         committed, self.batch = self.batch[:count], self.batch[count:]
         self.batch_bytes = sum(len(p.incoming.payload) for p in self.batch if p.incoming)
         acked = []
-        for pending in committed:
-            if pending.qos and pending.generation == self.generation and self.connection.connected:
-                self.connection.client.ack(pending.mid, pending.qos)
-                if pending.incoming is not None:
-                    acked.append(pending.incoming)
+        with coalesced_acks(self.connection.client):
+            for pending in committed:
+                if pending.qos and pending.generation == self.generation and self.connection.connected:
+                    self.connection.client.ack(pending.mid, pending.qos)
+                    if pending.incoming is not None:
+                        acked.append(pending.incoming)
         self.barrier.sent_acks(acked)
         if new:
             self.report("committed")
