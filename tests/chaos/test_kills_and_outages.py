@@ -141,7 +141,7 @@ def test_power_cuts(any_broker: Any, tmp_path: Path, daemons: Daemons) -> None:
     in the inbox exactly once, in order; every entry whose publish() returned reaches the
     subscriber at least once, first copies in order; the outbox ends empty. On both brokers."""
     broker = any_broker
-    cuts = scale(3, 20)
+    cuts = scale(2, 20)
     random = rng("power cuts")
     result = Result(f"power cuts on {broker.name}")
     # RabbitMQ lets 10 messages a commit through (its MQTT prefetch): a lower rate in short runs

@@ -564,7 +564,7 @@ while not stop:
 STORM = 500
 STORM_GAP = 0.8  # seconds between storms (randomised +-50 %); a storm itself takes 0.1-0.3 s
 PHASE = 1.0  # seconds of each quiet and each hostile phase, alternated along one stream
-PAIRS = 16 if FULL else 7  # hostile phases the stream lasts for (the line numbers stop at 1,000,000)
+PAIRS = 16 if FULL else 5  # hostile phases the stream lasts for (the line numbers stop at 1,000,000)
 CHUNK = 60_000  # messages a mosquitto_pub (past 65535 its packet ids wrap and it loses some)
 GUARD = 0.05  # seconds after a storm (or a hostile phase) counted as neither (the server's tail)
 
