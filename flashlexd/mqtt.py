@@ -62,7 +62,8 @@ class Connection:
                  on_publish: Optional[Callable[[int, Any], None]] = None,
                  clock: Callable[[], float] = time.monotonic, fresh_client: bool = False,
                  track_session: bool = False, session_seen_at: Optional[float] = None,
-                 clean_start: bool = False, on_build: Optional[Callable[[paho.Client], None]] = None):
+                 clean_start: bool = False, on_build: Optional[Callable[[paho.Client], None]] = None,
+                 fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None):
         """`track_session`: warn when the broker loses this client id's persistent session
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
@@ -70,7 +71,9 @@ class Connection:
         no process ran is reported too. `clean_start`: MQTT 5 Clean Start on the first CONNECT
         (the store's very first connection), never after one succeeded. `on_build(client)` sets
         up each paho client built (a protocol fallback or the end of clean start builds anew).
-        `on_publish(mid, reason)` gets the PUBACK's reason code."""
+        `on_publish(mid, reason)` gets the PUBACK's reason code. `fell_back`: an earlier worker
+        of this daemon run found the broker without MQTT 5, so `auto` starts on 3.1.1 (no probe
+        per worker restart); `on_fall_back()` is called when this one finds it."""
         self.thing = config.thing
         self.client_id = client_id
         self.on_change = on_change
@@ -78,7 +81,8 @@ class Connection:
         self.clock = clock
         self.fresh_client = fresh_client
         mqtt = config.thing.mqtt
-        self.choice = ProtocolChoice(mqtt.protocol)
+        self.choice = ProtocolChoice(mqtt.protocol, fell_back)
+        self.on_fall_back = on_fall_back
         self.clean_start = clean_start
         self.on_build = on_build
         self.limits = BrokerLimits()  # from the last CONNACK
@@ -388,6 +392,8 @@ class Connection:
         """`auto` met a broker without MQTT 5: 3.1.1 until restart (logged once)."""
         log.warning("broker %s:%d does not speak MQTT 5 (%s): using MQTT 3.1.1 until restart",
                     self.thing.endpoint, self.thing.mqtt.port, why)
+        if self.on_fall_back is not None:
+            self.on_fall_back()
 
     def _adopt_limits(self, limits: BrokerLimits) -> None:
         """Honour the CONNACK's Server Keep Alive (paho pings by it; the silence deadline

@@ -36,9 +36,10 @@ class ProtocolChoice:
     both), the close was not about the protocol and MQTT 5 is tried again. Once MQTT 5 worked,
     nothing falls back."""
 
-    def __init__(self, setting: str):
-        self.current = first_protocol(setting)
+    def __init__(self, setting: str, fell_back: bool = False):
+        """`fell_back`: an earlier worker of this daemon run fell back for this client id."""
         self.auto = setting == "auto"
+        self.current = V311 if self.auto and fell_back else first_protocol(setting)
         self.spoke_v5 = False
         self.probing = False  # trying 3.1.1 after a close at our MQTT 5 CONNECT
 

@@ -61,6 +61,7 @@ from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull,
 from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
+_FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
 _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
@@ -212,6 +213,28 @@ class Store(ConsumerStore, OutboxStore):
     @guarded
     def note_session(self, client_id: str, wall: float) -> None:
         self._write(lambda txn: txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta))
+
+    # -- a broker without MQTT 5, remembered until the daemon restarts --------------------------
+
+    @guarded
+    def fell_back(self, client_id: str) -> bool:
+        """Whether a worker of this daemon run found that `client_id`'s broker lacks MQTT 5
+        (protocol `auto`): a replaced worker then starts on 3.1.1 instead of probing again."""
+        with self._read() as txn:
+            return txn.get(_FALLBACK + client_id.encode(), db=self._meta) is not None
+
+    @guarded
+    def note_fallback(self, client_id: str) -> None:
+        self._write(lambda txn: txn.put(_FALLBACK + client_id.encode(), b"3.1.1", db=self._meta))
+
+    @guarded
+    def forget_fallbacks(self) -> None:
+        """At the daemon's start: probe MQTT 5 again (the broker may have been upgraded)."""
+        def work(txn: lmdb.Transaction) -> None:
+            cursor = txn.cursor(db=self._meta)
+            while cursor.set_range(_FALLBACK) and bytes(cursor.key()).startswith(_FALLBACK):
+                cursor.delete()
+        self._write(work)
 
     @guarded
     def expire(self, now: Optional[float] = None, batch: int = 1000) -> int:

@@ -21,8 +21,9 @@ DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, l
                  lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
 WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "outbox_append",
                     "outbox_append_each", "outbox_remove", "outbox_drop", "outbox_dead_letter",
-                    "dead_retry", "note_session", "consumer_declare", "consumer_register",
-                    "consumer_ack", "consumer_reset", "consumers_upkeep"})
+                    "dead_retry", "note_session", "note_fallback", "forget_fallbacks",
+                    "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset",
+                    "consumers_upkeep"})
 
 
 class CorruptRecord(ValueError):

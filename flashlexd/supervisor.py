@@ -113,6 +113,7 @@ class Supervisor:
         # every page read once before LMDB maps the file: damage refuses the start in one line
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
                                        check_pages=True)
+        self._forget_fallbacks()
         self.api = self._start_api()
         self.consumers.declare()
         now = time.monotonic()
@@ -156,6 +157,13 @@ class Supervisor:
             self.config_file.close()
         if self.lock is not None:
             self.lock.release()
+
+    def _forget_fallbacks(self) -> None:
+        """A new run probes MQTT 5 again (workers/fallback.py): the broker may have changed."""
+        try:
+            self.store.forget_fallbacks()
+        except StoreError as exc:  # a damaged store is read-only: its workers then probe anew
+            log.debug("protocol fallbacks not forgotten: %s", exc)
 
     def _install_signals(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

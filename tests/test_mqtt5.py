@@ -14,6 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from flashlexd.client import connect
+from flashlexd.config import load
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import ProtocolChoice
 from flashlexd.store import Incoming
@@ -96,6 +97,32 @@ def test_auto_falls_back_to_3_1_1_on_a_broker_without_mqtt5(rabbitmq, tmp_path: 
     p.run_until(lambda: connections(p) == 2, 15, "reconnected")
     assert len([r for r in caplog.records if "does not speak MQTT 5" in r.getMessage()]) == 1
     p.connection.close(2)
+
+
+def test_a_replaced_worker_starts_on_3_1_1_after_a_fallback_until_the_daemon_restarts(
+        rabbitmq, tmp_path: Path, start_worker) -> None:
+    """The fallback is remembered in the store for the daemon's run: a worker replaced after a
+    crash connects with 3.1.1 at once (no refused MQTT 5 CONNECT, no reconnect delay each time);
+    the supervisor forgets it at the next start, so an upgraded broker gets MQTT 5 again."""
+    config = write_config(tmp_path / "config", rabbitmq)  # protocol: auto, the default
+    client_id = load(str(config)).thing.mqtt.client_id
+    store = open_store(config)
+    assert not store.fell_back(client_id)
+    first = start_worker("ingress", config)
+    first.wait(lambda w: w.counters.get("protocol") == "3.1.1", 20, "connected after the fallback")
+    assert first.log_text().count("does not speak MQTT 5") == 1 and store.fell_back(client_id)
+    first.kill()
+    second = start_worker("ingress", config)
+    second.wait(lambda w: w.counters.get("protocol") == "3.1.1", 20, "connected again")
+    assert second.log_text().count("does not speak MQTT 5") == 1  # still only the first worker's
+    store.forget_fallbacks()  # what the supervisor does at its start
+    assert not store.fell_back(client_id)
+
+
+def test_a_remembered_fallback_applies_to_auto_only() -> None:
+    assert ProtocolChoice("auto", fell_back=True).current == "3.1.1"
+    assert ProtocolChoice("5", fell_back=True).current == "5"
+    assert ProtocolChoice("auto").current == "5"
 
 
 def test_mqtt5_only_names_the_refusal_of_a_broker_without_it(rabbitmq, tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from flashlexd.mqttv5 import QUOTA_EXCEEDED, publish_packet_size, publish_proper
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
+from flashlexd.workers.fallback import fell_back_before, noting_fallback
 from flashlexd.workers.poison import PoisonWatch
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ class EgressWorker(Worker):
         self.store = Store.from_config(self.config.store)
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
                                      on_publish=self._on_publish, fresh_client=True,
-                                     clean_start=self._first_connection(mqtt.egress_client_id))
+                                     clean_start=self._first_connection(mqtt.egress_client_id),
+                                     fell_back=fell_back_before(self.store, mqtt.egress_client_id),
+                                     on_fall_back=noting_fallback(self.store, mqtt.egress_client_id))
         self.window = mqtt.max_inflight
         self.rate_limit = mqtt.publish_rate
         self.bytes_limit = mqtt.publish_bytes_rate

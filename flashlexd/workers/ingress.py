@@ -41,6 +41,7 @@ from flashlexd.mqttv5 import properties_of, reason_name
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
+from flashlexd.workers.fallback import fell_back_before, noting_fallback
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class IngressWorker(Worker):
         seen = self._session_seen(client_id)
         self.connection = Connection(self.config, client_id, self._on_change, on_message=self._on_message,
                                      track_session=True, session_seen_at=seen,
-                                     clean_start=seen is None, on_build=self._set_up_client)
+                                     clean_start=seen is None, on_build=self._set_up_client,
+                                     fell_back=fell_back_before(self.store, client_id),
+                                     on_fall_back=noting_fallback(self.store, client_id))
         self.dedupe = self.config.store.dedupe
         self.barrier = AckBarrier(self.connection, self.config.thing.mqtt.client_id)
         self.batch: List[_Pending] = []

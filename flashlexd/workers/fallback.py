@@ -1,0 +1,32 @@
+"""A broker without MQTT 5, remembered in the store for the rest of the daemon's run.
+
+With `thing.mqtt.protocol: auto` each link probes MQTT 5 first. A worker that had to fall back
+to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
+on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
+The supervisor forgets these notes when the daemon starts (`Store.forget_fallbacks`)."""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from flashlexd.store import Store, StoreError
+
+log = logging.getLogger("flashlexd")
+
+
+def fell_back_before(store: Store, client_id: str) -> bool:
+    try:
+        return store.fell_back(client_id)
+    except StoreError as exc:  # damage is logged by the store; MQTT 5 is then probed again
+        log.debug("no record of an earlier protocol fallback: %s", exc)
+        return False
+
+
+def noting_fallback(store: Store, client_id: str) -> Callable[[], None]:
+    """The Connection's `on_fall_back` for `client_id`."""
+    def note() -> None:
+        try:
+            store.note_fallback(client_id)
+        except StoreError as exc:
+            log.warning("cannot remember that the broker lacks MQTT 5: %s", exc)
+    return note
