@@ -19,7 +19,7 @@ from flashlexd.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_SOCKET, FULL_POLICIES
 
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
 INGEST_COMMIT_MS = 250  # chosen by measurement: docs/WEAR.md
-API_COMMIT_MS = 10
+API_COMMIT_MS = 0  # a window delays every call: only worth it with several apps writing at once
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
 PROTOCOLS = ("auto", "5", "3.1.1")  # flashlex.thing.mqtt.protocol
@@ -112,7 +112,8 @@ TABLE: Tuple[Key, ...] = (
         "how long an API `ack` (or `publish`) waits for other apps' calls of the same kind to share"
         " its commit; the call returns after that commit (durable). It delays every such call by up"
         " to this much, so an app acking one message at a time gains nothing from it. `0`: each"
-        " call commits alone. SD-card friendly: `50`",
+        " call commits alone, at once. Several apps acking or publishing at once: e.g. `10`."
+        " SD-card friendly: `50`",
         AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"

@@ -27,7 +27,7 @@ def strict_broker(certs: Certs, tmp_path: Path) -> Iterator[Broker]:
 
 @chaos_timeout(150, 900)
 def test_poison_entries_under_load(strict_broker: Broker, tmp_path: Path, daemons: Daemons) -> None:
-    poisons = scale(2, 20)
+    poisons = scale(3, 20)
     good = scale(1500, 20_000)
     random = rng("poison entries")
     result = Result("poison entries")

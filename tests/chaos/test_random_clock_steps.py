@@ -59,7 +59,7 @@ class Watcher:
 @chaos_timeout(120, 900)
 def test_random_clock_steps_under_load(tmp_path: Path) -> None:
     random = rng("clock steps")
-    bursts, burst_size = scale(8, 300), scale(150, 400)
+    bursts, burst_size = scale(6, 300), scale(150, 400)
     result = Result("clock steps")
     certs = make_certs(tmp_path / "certs", datetime.timedelta(days=5))
     broker = Broker(certs, tmp_path / "broker").start()

@@ -1,6 +1,6 @@
 """Every page of a real store damaged in turn, used the way the daemon uses it, then verified
 and recovered (tests/damage.py: a subprocess that forks a child per case, so a SIGBUS or
-SIGSEGV is a recorded outcome, not pytest's death). Short: 1 seed per page of a 600-message
+SIGSEGV is a recorded outcome, not pytest's death). Short: 1 seed per page of a 400-message
 store; full (make chaos): 6 seeds per page of a 3,000-message store."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.chaos.conftest import Result, chaos_timeout, scale
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SEEDS = scale(1, 6)
-MESSAGES = scale(600, 3000)
+MESSAGES = scale(400, 3000)
 
 
 def damage_outcomes(tmp_path: Path, seeds: int, patterns: str) -> List[dict]:
@@ -49,7 +49,7 @@ def test_every_page_garbled_or_rotted_and_truncations_are_refusals_or_survived(t
     result = Result("store damage: garbage pages, flipped bytes, truncations")
     outcomes = damage_outcomes(tmp_path, SEEDS, "garbled,rotted")
     result.set(tried=len(outcomes), **summary(outcomes)).emit()
-    assert len(outcomes) > 200 * SEEDS  # both patterns on every page, SEEDS times
+    assert len(outcomes) > 100 * SEEDS  # both patterns on every page (over 50), SEEDS times
     for case in outcomes:
         assert not {"error", "start_error", "tools_error"} & set(case), case  # crash or traceback
         assert case["start"] == "ok" or case["start"].endswith("see flashlexd store recover"), case
