@@ -229,7 +229,13 @@ class Store(ConsumerStore, OutboxStore):
 
     @guarded
     def forget_fallbacks(self) -> None:
-        """At the daemon's start: probe MQTT 5 again (the broker may have been upgraded)."""
+        """At the daemon's start: probe MQTT 5 again (the broker may have been upgraded). A
+        read first: most starts have nothing to forget, and a write costs a commit (wear)."""
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._meta)
+            if not (cursor.set_range(_FALLBACK) and bytes(cursor.key()).startswith(_FALLBACK)):
+                return
+
         def work(txn: lmdb.Transaction) -> None:
             cursor = txn.cursor(db=self._meta)
             while cursor.set_range(_FALLBACK) and bytes(cursor.key()).startswith(_FALLBACK):
