@@ -159,7 +159,7 @@ class Supervisor:
             self.lock.release()
 
     def _forget_fallbacks(self) -> None:
-        """A new run probes MQTT 5 again (workers/fallback.py): the broker may have changed."""
+        """A new run probes MQTT 5 again (workers/linkmemory.py): the broker may have changed."""
         try:
             self.store.forget_fallbacks()
         except StoreError as exc:  # a damaged store is read-only: its workers then probe anew

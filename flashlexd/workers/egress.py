@@ -45,7 +45,7 @@ from flashlexd.mqttv5 import QUOTA_EXCEEDED, publish_packet_size, publish_proper
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
-from flashlexd.workers.fallback import fell_back_before, noting_fallback
+from flashlexd.workers.linkmemory import earlier_session, fell_back_before, noting_fallback
 from flashlexd.workers.poison import PoisonWatch
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class EgressWorker(Worker):
         self.store = Store.from_config(self.config.store)
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
                                      on_publish=self._on_publish, fresh_client=True,
-                                     clean_start=self._first_connection(mqtt.egress_client_id),
+                                     clean_start=earlier_session(self.store, mqtt.egress_client_id).clean_start,
                                      fell_back=fell_back_before(self.store, mqtt.egress_client_id),
                                      on_fall_back=noting_fallback(self.store, mqtt.egress_client_id))
         self.window = mqtt.max_inflight
@@ -133,14 +133,6 @@ class EgressWorker(Worker):
         self.store.close()
 
     # -- MQTT -------------------------------------------------------------------------------------
-
-    def _first_connection(self, client_id: str) -> bool:
-        """MQTT 5 Clean Start only on the store's very first connection of this client id."""
-        try:
-            return self.store.session_seen(client_id) is None
-        except StoreError as exc:
-            log.debug("no record of an earlier session: %s", exc)
-            return False
 
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
         self.counters["connected"] = connected

@@ -41,7 +41,7 @@ from flashlexd.mqttv5 import properties_of, reason_name
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
-from flashlexd.workers.fallback import fell_back_before, noting_fallback
+from flashlexd.workers.linkmemory import earlier_session, fell_back_before, noting_fallback
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ class IngressWorker(Worker):
         self.store = Store.from_config(self.config.store)
         self.topics = self.config.thing.mqtt.ingress_topics()
         client_id = self.config.thing.mqtt.client_id
-        seen = self._session_seen(client_id)
+        session = earlier_session(self.store, client_id)
         self.connection = Connection(self.config, client_id, self._on_change, on_message=self._on_message,
-                                     track_session=True, session_seen_at=seen,
-                                     clean_start=seen is None, on_build=self._set_up_client,
+                                     track_session=True, session_seen_at=session.seen_at,
+                                     clean_start=session.clean_start, on_build=self._set_up_client,
                                      fell_back=fell_back_before(self.store, client_id),
                                      on_fall_back=noting_fallback(self.store, client_id))
         self.dedupe = self.config.store.dedupe
@@ -120,13 +120,6 @@ class IngressWorker(Worker):
         client.manual_ack_set(True)
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
-
-    def _session_seen(self, client_id: str) -> Optional[float]:
-        try:
-            return self.store.session_seen(client_id)
-        except StoreError as exc:  # damage is logged by the store; a lost session then goes unsaid
-            log.debug("no record of an earlier session: %s", exc)
-            return None
 
     def _note_session(self) -> None:
         """The broker has a session for us from now on: remembered for the next process."""
