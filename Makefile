@@ -27,8 +27,10 @@ system-deps:
 
 deps: $(STAMP) system-deps
 
+# two test processes (pytest-xdist); tests/conftest.py keeps what shares a broker node, systemd
+# or a module fixture on one of them
 test: deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # the same suite on Python 3.9 (Raspberry Pi OS Bullseye's), with pyenv's 3.9 when it is there
 PY39 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3) $(shell command -v python3.9))

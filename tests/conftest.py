@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 import yaml
@@ -10,6 +10,26 @@ import yaml
 from tests.broker import THING, Broker, Certs, make_certs, write_config
 from tests.rabbitmq import RabbitBroker, available
 from tests.worker_process import WorkerUnderTest
+
+# Tests that share something expensive or singular run on one xdist worker (`make test` runs
+# the suite on two, `--dist loadgroup`): the session's RabbitMQ node, real systemd, and the
+# modules whose module- or session-scoped fixtures would otherwise be built once per worker.
+_GROUPED_MODULES = {"test_systemd": "systemd", "test_clock_steps": "clock_steps",
+                    "test_ipc_fuzz": "ipc_fuzz", "test_compat_side_by_side": "compat"}
+
+
+def _group_of(item: pytest.Item) -> Optional[str]:
+    params = getattr(item, "callspec", None)
+    if "rabbitmq" in item.fixturenames or (params and params.params.get("any_broker") == "rabbitmq"):
+        return "rabbitmq"
+    return _GROUPED_MODULES.get(item.module.__name__.rsplit(".", 1)[-1])
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    for item in items:
+        group = _group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

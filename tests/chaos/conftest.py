@@ -31,6 +31,7 @@ import yaml
 from flashlexd.client import FlashlexError, RpcError, connect
 from flashlexd.store import Store, StoreBusy
 from tests.broker import INGRESS_TOPIC, Broker, open_store, publish, wait_for, write_config
+from tests.chaos.results import take_lines
 from tests.daemon import Daemon
 
 CHAOS_ENV = "FLASHLEXD_CHAOS"
@@ -69,53 +70,27 @@ def rng(name: str) -> random.Random:
     return random.Random(seed)
 
 
-# -- the one-line result ------------------------------------------------------------------------
+# -- the one-line results, in pytest's "chaos results" summary -------------------------------
 
-def report_line(line: str) -> str:
-    """Print a scenario's one-line figures and keep them for the "chaos results" summary."""
-    print(f"\n{line}", flush=True)
-    _results.append(line)
-    return line
+_summary: List[str] = []  # the lines of every test reported to this process
 
 
-class Result:
-    """`name: k v, k v, ..., 41.2 s`: figures in the order they were set, then the elapsed time."""
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A test's result lines travel in its report (so from pytest-xdist's workers too)."""
+    outcome = yield
+    if call.when == "call":
+        outcome.get_result().user_properties.extend(("chaos result", line) for line in take_lines())
 
-    def __init__(self, name: str):
-        self.name = name
-        self.started = time.monotonic()
-        self.figures: Dict[str, object] = {}
-        self.emitted: Optional[str] = None
 
-    def set(self, **figures: object) -> "Result":
-        self.figures.update({k.replace("_", " "): v for k, v in figures.items()})
-        return self
-
-    def line(self) -> str:
-        if self.emitted is not None:
-            return self.emitted
-        parts = [f"{k} {v}" for k, v in self.figures.items()]
-        return f"{self.name}: {', '.join(parts + [f'{time.monotonic() - self.started:.1f} s'])}"
-
-    def emit(self) -> str:
-        """Freeze the line, print it and keep it for the summary; returns it."""
-        self.emitted = report_line(self.line())
-        return self.emitted
-
-    def __str__(self) -> str:
-        return self.line()
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _summary.extend(value for key, value in report.user_properties if key == "chaos result")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    # This file is loaded twice: by pytest as a conftest, and as tests.chaos.conftest by the
-    # test modules that import its helpers. Each copy keeps the lines its Results made.
-    lines = list(_results)
-    imported = sys.modules.get("tests.chaos.conftest")
-    if imported is not None and getattr(imported, "_results", _results) is not _results:
-        lines += imported._results
-    if lines:
+    if _summary:
         terminalreporter.section("chaos results")
-        for line in lines:
+        for line in _summary:
             terminalreporter.write_line(line)
 
 

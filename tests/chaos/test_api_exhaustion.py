@@ -24,7 +24,8 @@ import yaml
 
 from flashlexd.client.wire import DEFAULT_MAX_FRAME, HEADER, Code
 from tests.broker import wait_for
-from tests.chaos.conftest import Result, chaos_config, chaos_timeout, daemon_status, scale, wait_ready
+from tests.chaos.conftest import chaos_config, chaos_timeout, daemon_status, scale, wait_ready
+from tests.chaos.results import Result
 from tests.test_ipc_server import read_frame
 
 HELD = scale(300, 1100)          # connections tried in phase 1

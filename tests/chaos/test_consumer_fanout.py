@@ -22,9 +22,10 @@ import yaml
 from flashlexd.client import FlashlexError, connect
 from flashlexd.topics import topic_matches
 from tests.broker import INGRESS_TOPIC, wait_for
-from tests.chaos.conftest import (AckedPublisher, Daemons, Result, chaos_config, chaos_timeout,
+from tests.chaos.conftest import (AckedPublisher, Daemons, chaos_config, chaos_timeout,
                                   daemon_status, eventually, power_cut, reopen, rng, scale,
                                   wait_ready)
+from tests.chaos.results import Result
 from tests.broker import open_store, publish
 
 TOPICS = ("fan/a/x", "fan/a/y", "fan/b/x")

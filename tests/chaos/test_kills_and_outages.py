@@ -29,10 +29,11 @@ from flashlexd.service import render_unit
 from flashlexd.store import Store
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, INGRESS_TOPIC, THING, Broker, Subscriber,
                           open_store, publish_lines, wait_for, write_lines)
-from tests.chaos.conftest import (AckedPublisher, Daemons, OutboxFeeder, Result, chaos_config,
+from tests.chaos.conftest import (AckedPublisher, Daemons, OutboxFeeder, chaos_config,
                                   chaos_timeout, daemon_status, eventually, hang_holding_write_lock,
                                   inbox_payloads, inbox_records, power_cut, reopen, rng, scale,
                                   settle_ingress, tally, wait_ready)
+from tests.chaos.results import Result
 from tests.systemd import RealSystemd
 
 CLEAN = {"lost": 0, "duplicated": 0, "unknown": 0, "out_of_order": 0}

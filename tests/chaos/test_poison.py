@@ -12,8 +12,9 @@ import pytest
 
 from flashlexd.client import connect
 from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store
-from tests.chaos.conftest import (Daemons, OutboxFeeder, Result, chaos_config, chaos_timeout,
+from tests.chaos.conftest import (Daemons, OutboxFeeder, chaos_config, chaos_timeout,
                                   eventually, rng, scale, tally)
+from tests.chaos.results import Result
 
 MAX_PACKET = 10_000
 

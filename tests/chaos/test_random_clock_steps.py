@@ -14,7 +14,8 @@ from typing import Dict, List
 
 from flashlexd.client import connect
 from tests.broker import INGRESS_TOPIC, Broker, make_certs, publish_lines, wait_for, write_lines
-from tests.chaos.conftest import Result, chaos_config, chaos_timeout, rng, scale, wait_ready
+from tests.chaos.conftest import chaos_config, chaos_timeout, rng, scale, wait_ready
+from tests.chaos.results import Result
 from tests.daemon import Daemon
 from tests.faketime import DAY, FakeTime
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from tests.chaos.conftest import Result, chaos_timeout, scale
+from tests.chaos.conftest import chaos_timeout, scale
+from tests.chaos.results import Result
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SEEDS = scale(1, 6)

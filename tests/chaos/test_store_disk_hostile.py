@@ -33,7 +33,7 @@ from flashlexd.client.wire import MAX_LIMIT, Code
 from flashlexd.store import Store
 from tests.broker import (HOST, INGRESS_TOPIC, Broker, open_store, publish, publish_lines,
                           wait_for, write_config, write_lines)
-from tests.chaos.conftest import report_line
+from tests.chaos.results import report_line
 from tests.daemon import Daemon, NotifyListener
 from tests.lax_broker import LaxBroker, mqtt_packet, mqtt_string, read_mqtt_packet
 
