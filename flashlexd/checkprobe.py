@@ -122,16 +122,27 @@ def _client_certificate_verdict(tls: ssl.SSLSocket, deadline: float) -> Optional
 
 class ProbeSession:
     """The check's own short MQTT session: `build_client` from the daemon, with the client id
-    `<thing name>-check` and a clean session, driven by paho's `loop()` (no fork here)."""
+    `<thing name>-check` and a clean session, driven by paho's `loop()` (no fork here). It
+    speaks what the daemon would (`thing.mqtt.protocol`), falling back from MQTT 5 to 3.1.1
+    under `auto` by the daemon's own rules (`mqttv5.ProtocolChoice`)."""
 
     def __init__(self, thing: Thing, timeout: float):
-        from flashlexd.mqttclient import LastError, build_client
+        from flashlexd.mqttv5 import ProtocolChoice
 
         self.thing, self.timeout = thing, timeout
         self.where = f"{thing.endpoint}:{thing.mqtt.port}"
         self.client_id = f"{thing.name}-check"
+        self.choice = ProtocolChoice(thing.mqtt.protocol)
+        self.fell_back: Optional[str] = None  # why `auto` fell back to 3.1.1
+        self._new_client()
+
+    def _new_client(self) -> None:
+        """A client for `self.choice.current`, and the state of one connection attempt."""
+        from flashlexd.mqttclient import LastError, build_client
+
         # a clean session: nothing left on the broker to queue ingress messages for nobody
-        self.client: "paho.Client" = build_client(thing, self.client_id, timeout, clean_session=True)
+        self.client: "paho.Client" = build_client(self.thing, self.client_id, self.timeout,
+                                                  clean_session=True, protocol=self.choice.current)
         self.errors = LastError()
         self.client.enable_logger(self.errors)
         self.connack: Any = None
@@ -179,6 +190,21 @@ class ProbeSession:
 
     def connect(self) -> Tuple[str, bool]:
         started = time.monotonic()
+        while not self._connected():  # once more, on 3.1.1, when `auto` falls back
+            self._new_client()
+        ms = (time.monotonic() - started) * 1000
+        spoken = f"MQTT {self.choice.current}"
+        if self.fell_back is not None:
+            spoken += (f" (the broker does not speak MQTT 5: {self.fell_back}; the daemon falls"
+                       f" back the same way under protocol auto)")
+        return (f"CONNACK in {ms:.0f} ms over {spoken} for client id {self.client_id!r} (clean"
+                f" session; a running flashlexd uses other ids)"), True
+
+    def _connected(self) -> bool:
+        """One CONNECT: True once accepted, False when `auto` falls back and tries 3.1.1 next."""
+        from flashlexd.mqttv5 import UNSUPPORTED_PROTOCOL
+
+        started = time.monotonic()
         try:
             self.client.reconnect()  # DNS, TCP, TLS handshake (bounded by the timeout), CONNECT
         except (OSError, ssl.CertificateError, ValueError) as exc:
@@ -186,17 +212,24 @@ class ProbeSession:
             raise Failed(describe_error(exc, self.thing, self.timeout)) from None
         if not self._loop_until(lambda: self.connack is not None, started + self.timeout):
             if self.closed:
+                if self.choice.closed_before_connack():
+                    return False
+                v5 = " (or does not speak MQTT 5: see `protocol`)" if self.choice.unproven_v5 else ""
                 raise Failed(self._why_closed(
                     "before CONNACK", f"it refused the client certificate {self.thing.keys.cert}"
                     f" (TLS 1.3 brokers check it after the handshake) or does not allow client id"
-                    f" {self.client_id!r}"))
+                    f" {self.client_id!r}{v5}"))
             raise Failed(f"no CONNACK from {self.where} within {self.timeout:g}s")
         if self.connack.is_failure:
+            self.fell_back = self.choice.refused(self.connack)
+            if self.fell_back is not None:
+                return False
+            hint = (" (the broker does not speak MQTT 5: set protocol to auto or 3.1.1)"
+                    if str(self.connack) == UNSUPPORTED_PROTOCOL else "")
             raise Failed(f"the broker at {self.where} refused the connection of client id"
-                         f" {self.client_id!r}: {self.connack}")
-        ms = (time.monotonic() - started) * 1000
-        return (f"CONNACK in {ms:.0f} ms for client id {self.client_id!r} (clean session;"
-                f" a running flashlexd uses other ids)"), True
+                         f" {self.client_id!r}: {self.connack}{hint}")
+        self.fell_back = self.choice.connected() or self.fell_back
+        return True
 
     def probe(self) -> Tuple[str, bool]:
         ingress = self.thing.mqtt.ingress_topic

@@ -69,8 +69,10 @@ def test_every_step_passes_against_the_real_broker(broker: Broker, tmp_path: Pat
     assert rtt and rtt.group(1) == INGRESS_TOPIC and float(rtt.group(2)) > 0, steps["probe"]
     assert "0 messages in the inbox" in steps["store"][1]
     assert_no_key_material(result, tmp_path / "thing" / f"{THING}-keypair-private.pem")
-    # its own client id, with a clean session (c1): nothing of it stays on the broker
-    assert f"as {THING}-check (p2, c1," in broker.log_text()
+    # its own client id, MQTT 5 (protocol auto, the default), with a clean session (c1):
+    # nothing of it stays on the broker
+    assert "over MQTT 5 for client id" in steps["mqtt"][1]
+    assert f"as {THING}-check (p5, c1," in broker.log_text()
     assert f"Client {THING}-check disconnected." in broker.log_text()
     # and the store step only opened the store: the probe was not written into it
     store = open_store(config)
@@ -78,6 +80,30 @@ def test_every_step_passes_against_the_real_broker(broker: Broker, tmp_path: Pat
         assert store.inbox_count() == 0
     finally:
         store.close()
+
+
+def test_the_check_speaks_the_configured_protocol(broker: Broker, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", broker, mqtt={"protocol": "3.1.1"}))
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps, _ = parse(result)
+    assert "over MQTT 3.1.1 for client id" in steps["mqtt"][1]
+    assert f"as {THING}-check (p2, c1," in broker.log_text()
+
+
+def test_auto_falls_back_on_a_broker_without_mqtt5_as_the_daemon_does(rabbitmq, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", rabbitmq))
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps, _ = parse(result)
+    assert statuses(steps) == ["ok"] * 6
+    assert "over MQTT 3.1.1 (the broker does not speak MQTT 5: " in steps["mqtt"][1]
+
+
+def test_mqtt5_only_on_a_broker_without_it_fails_at_the_mqtt_step(rabbitmq, tmp_path: Path) -> None:
+    result = run_check(write_config(tmp_path / "thing", rabbitmq, mqtt={"protocol": "5"}))
+    assert result.returncode == 1, result.stdout + result.stderr
+    steps, _ = parse(result)
+    assert statuses(steps)[:4] == ["ok", "ok", "ok", "FAIL"]
+    assert "MQTT 5" in steps["mqtt"][1], steps["mqtt"]
 
 
 def test_json_output(broker: Broker, tmp_path: Path) -> None:
