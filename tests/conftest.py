@@ -25,11 +25,20 @@ def _group_of(item: pytest.Item) -> Optional[str]:
     return _GROUPED_MODULES.get(item.module.__name__.rsplit(".", 1)[-1])
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into node ids
 def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
     for item in items:
         group = _group_of(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under `--dist loadgroup`, xdist must have put the test's group into the node id it
+    schedules by: otherwise two workers would start RabbitMQ or systemd side by side."""
+    if getattr(item.config.option, "loadgroup", False) and _group_of(item) and "@" not in item.nodeid:
+        pytest.fail(f"pytest-xdist did not group {item.nodeid}: a pytest release it does not"
+                    f" support? (setup.cfg pins pytest)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
