@@ -4,8 +4,8 @@ The supervisor serves the API and is the only process that acks for the default 
 it alone knows which acked messages are still in the inbox (journaled, not yet applied): it
 keeps their ids (`_hidden`) and every read it serves steps over them (StoreBase._scan_page,
 the named consumers' walks, the counts in `stats`). The records are applied to the inbox in
-ONE LMDB commit, which also stores the applied-through seq in `meta`, when APPLY_IDS ids wait,
-when the journal is half used, APPLY_SECONDS after the oldest waiting ack, and at close; at
+ONE LMDB commit, which also stores the applied-through seq in `meta`, when APPLY_IDS ids wait
+or hold APPLY_BYTES of records (the cap counts them until then), when the journal is half used, APPLY_SECONDS after the oldest waiting ack, and at close; at
 open (the supervisor's start) whatever a crash left unapplied is applied before anything is
 served. Replaying a record twice deletes nothing the second time.
 
@@ -31,6 +31,7 @@ from flashlexd.storerecords import _ID, StoreError
 
 log = logging.getLogger("flashlexd.store")
 APPLY_IDS = 256  # waiting acked ids that start an apply (one LMDB commit)
+APPLY_BYTES = 1024 * 1024  # ... or record bytes they hold in the inbox (counted against the cap)
 APPLY_SECONDS = 60.0  # the longest an acked message stays in the inbox (hidden) before an apply
 _APPLIED = b"ackjournal_applied"  # meta: the seq of the last journal record applied
 
@@ -48,6 +49,7 @@ class JournaledAcks:
         path = self.path / FILE_NAME
         self._pending: List[int] = []
         self._pending_since: Optional[float] = None
+        self._pending_bytes = 0
         records = self._journal_records(path)
         applied = self._applied_through()
         fresh = sorted((r for r in records if r.seq > applied), key=lambda r: r.seq)
@@ -55,17 +57,21 @@ class JournaledAcks:
         self._check_gaps(applied, fresh)
         for record in fresh:
             self._note_pending(record.ids)
-        position = max((r.end for r in fresh), default=0)
+        if fresh:
+            log.info("ack journal: applying %d acked message id(s) left by the last run", len(self._hidden))
+            self.apply_acks()  # on failure they stay hidden, and their records where they are
+        if self._pending and path.stat().st_size != FILE_BYTES:
+            log.error("ack journal %s: not applied and of the wrong size; acks are direct store"
+                      " commits until the next start", path)
+            return
         try:
             self._journal = AckJournal(path)
         except JournalError as exc:
             log.error("%s; acks are direct store commits until the next start", exc)
-            self._journal = None
-        if fresh:
-            log.info("ack journal: applying %d acked message id(s) left by the last run", len(self._hidden))
-            if not self.apply_acks():  # kept hidden; the records stay where they are
-                self._journal.position = -(-position // self._journal.block) * self._journal.block \
-                    if self._journal is not None else 0
+            return
+        if self._pending:  # new records go after the ones not applied yet
+            end = max(r.end for r in fresh)
+            self._journal.position = -(-end // self._journal.block) * self._journal.block
 
     def _journal_records(self, path) -> List[Record]:
         if not path.exists():
@@ -110,13 +116,16 @@ class JournaledAcks:
         counts: List[int] = []
         new: List[int] = []
         taken = set()
+        size = 0
         with self._read() as txn:
             for call in keys:
                 count = 0
                 for key in call:
                     record_id = _ID.unpack(key)[0]
-                    if record_id in self._hidden or record_id in taken or txn.get(key, db=self._inbox) is None:
+                    raw = None if record_id in self._hidden or record_id in taken else txn.get(key, db=self._inbox)
+                    if raw is None:
                         continue
+                    size += len(raw)
                     taken.add(record_id)
                     new.append(record_id)
                     count += 1
@@ -133,6 +142,7 @@ class JournaledAcks:
             raise StoreError(f"{exc.strerror or exc} (ack not confirmed)") from None
         self._seq += 1
         self._note_pending(new)
+        self._pending_bytes += size
         if self._apply_due(time.monotonic()):
             self.apply_acks()
         return counts
@@ -140,12 +150,13 @@ class JournaledAcks:
     def _apply_due(self, now: float) -> bool:
         if not self._pending:
             return False
-        return (len(self._pending) >= APPLY_IDS or self._journal is None or self._journal.used >= 0.5
+        return (len(self._pending) >= APPLY_IDS or self._pending_bytes >= APPLY_BYTES
+                or self._journal is None or self._journal.used >= 0.5
                 or now - self._pending_since >= APPLY_SECONDS)
 
     def apply_acks_if_due(self, now: float) -> None:
         """The supervisor loop's tick: an apply when the oldest waiting ack is old enough."""
-        if self._journal is not None and self._apply_due(now):
+        if self._apply_due(now):
             self.apply_acks()
 
     def apply_acks(self) -> bool:
@@ -163,7 +174,7 @@ class JournaledAcks:
                         len(self._pending), exc)
             return False
         self._hidden.clear()
-        self._pending, self._pending_since = [], None
+        self._pending, self._pending_since, self._pending_bytes = [], None, 0
         if self._journal is not None:
             self._journal.position = 0
         return True

@@ -177,7 +177,7 @@ def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(
 def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """flashlex.app.db.ingestCommitMs (issue 20): messages arriving one by one within the window
-    are committed together (one commit, one fsync); WINDOW_FLUSH waiting messages are committed
+    are committed together (one commit, one fsync); ingestCommitBatch (8) waiting messages are committed
     at once, so a broker whose in-flight window is full is never kept waiting for it."""
     config = write_config(tmp_path / "config", broker, db={"ingestCommitMs": 5000})
     store = open_store(config)
@@ -189,7 +189,7 @@ def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
     assert worker.counters["batches"] == 1 and time.monotonic() - started >= 4.5
     lines = write_lines(tmp_path / "burst", 40, width=50)
     publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "burst")
-    # all but a tail shorter than WINDOW_FLUSH, well before the 5 s window would end
+    # all but a tail shorter than ingestCommitBatch, well before the 5 s window would end
     wait_for(lambda: store.inbox_count() >= 3 + len(lines) - 7, 4.0, "the burst stored at once")
     assert publisher.wait(30) == 0
     wait_for(lambda: store.inbox_count() >= 3 + len(lines), 15, "the burst's tail stored")

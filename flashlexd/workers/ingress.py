@@ -8,10 +8,10 @@ only after the commit returns are the PUBACKs sent, in arrival order (MQTT 3.1.1
 A commit costs about the same bytes written whether it holds one message or a hundred (LMDB
 copies a few 4 KiB pages per database it touches: docs/WEAR.md), so at a trickle a batch waits
 up to `flashlex.app.db.ingestCommitMs` after its first message for more to share the commit
-(its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when WINDOW_FLUSH
-messages are waiting: a broker stops sending once its window of unacknowledged messages is full
-(RabbitMQ's default prefetch is 10, mosquitto's in-flight limit 20), so waiting longer would only
-stall it. Under load each loop pass reads more than that, so batches are committed as today: as
+(its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when
+`ingestCommitBatch` messages are waiting: a broker stops sending once its window of
+unacknowledged messages is full (RabbitMQ's default prefetch is 10, mosquitto's in-flight limit
+20), so waiting longer would only stall it. Under load each loop pass reads more than that, so batches are committed as today: as
 soon as the socket has nothing more to read, the batch size adapting to the fsync time.
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
@@ -46,7 +46,6 @@ from flashlexd.workers.fallback import fell_back_before, noting_fallback
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024              # messages per commit, at most
-WINDOW_FLUSH = 8              # messages that end the commit window at once (below brokers' windows)
 BATCH_BYTES = 8 * 1024 * 1024  # payload bytes per commit, at most (payloads go up to 256 KB)
 RETRY_SECONDS = 1.0
 
@@ -77,6 +76,7 @@ class IngressWorker(Worker):
         self.batch_bytes = 0
         self.batch_started = 0.0  # time.monotonic() of the pending batch's first message
         self.window = self.config.store.ingest_commit_ms / 1000
+        self.window_flush = self.config.store.ingest_commit_batch  # messages that end the window
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
@@ -98,7 +98,7 @@ class IngressWorker(Worker):
         wait = self.connection.service()
         if self.batch:
             due = self.batch_started + self.window
-            if len(self.batch) < WINDOW_FLUSH and now < due and self.retry_at is None:
+            if len(self.batch) < self.window_flush and now < due and self.retry_at is None:
                 return min(wait, due - now)  # the commit window: more may share the commit
             if self.retry_at is None or now >= self.retry_at:
                 self._commit(now)
