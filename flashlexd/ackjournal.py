@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence
 
 FILE_NAME = "acks.journal"
-FILE_BYTES = 1024 * 1024
+FILE_BYTES = 256 * 1024  # 512 records of a sector; 64 of a page (APPLY_IDS: 256)
 SECTOR = 512
 PAGE = 4096
 MAGIC = b"FXAJ"

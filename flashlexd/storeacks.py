@@ -5,7 +5,9 @@ it alone knows which acked messages are still in the inbox (journaled, not yet a
 keeps their ids (`_hidden`) and every read it serves steps over them (StoreBase._scan_page,
 the named consumers' walks, the counts in `stats`). The records are applied to the inbox in
 ONE LMDB commit, which also stores the applied-through seq in `meta`, when APPLY_IDS ids wait
-or hold APPLY_BYTES of records (the cap counts them until then), when the journal is half used, APPLY_SECONDS after the oldest waiting ack, and at close; at
+or hold APPLY_BYTES of records (the cap counts them until then), at once while the store is
+near its cap (an app acking to make room for ingest under `reject` must free it now), when the
+journal is half used, APPLY_SECONDS after the oldest waiting ack, and at close; at
 open (the supervisor's start) whatever a crash left unapplied is applied before anything is
 served. Replaying a record twice deletes nothing the second time.
 
@@ -33,6 +35,8 @@ log = logging.getLogger("flashlexd.store")
 APPLY_IDS = 256  # waiting acked ids that start an apply (one LMDB commit)
 APPLY_BYTES = 1024 * 1024  # ... or record bytes they hold in the inbox (counted against the cap)
 APPLY_SECONDS = 60.0  # the longest an acked message stays in the inbox (hidden) before an apply
+APPLY_RETRY = 5.0  # seconds between tries after an apply failed
+NEAR_CAP = 0.9  # share of the cap used from which every ack is applied at once (frees space now)
 _APPLIED = b"ackjournal_applied"  # meta: the seq of the last journal record applied
 
 
@@ -50,6 +54,8 @@ class JournaledAcks:
         self._pending: List[int] = []
         self._pending_since: Optional[float] = None
         self._pending_bytes = 0
+        self._apply_error: Optional[str] = None
+        self._apply_retry_at = 0.0
         records = self._journal_records(path)
         applied = self._applied_through()
         fresh = sorted((r for r in records if r.seq > applied), key=lambda r: r.seq)
@@ -130,11 +136,13 @@ class JournaledAcks:
                     new.append(record_id)
                     count += 1
                 counts.append(count)
+            near_cap = self._used_bytes(txn) >= NEAR_CAP * self.cap_bytes
         if not new:
             return counts
         journal = self._journal
         if not journal.fits(len(new)) and not self.apply_acks():
-            raise StoreError(f"store in {self.path}: ack journal full and its apply failed (see the log)")
+            raise StoreError(f"ack journal full, not applied to the store: {self._apply_error}"
+                             " (ack not confirmed)")
         try:
             journal.append(self._seq + 1, new)
         except JournalError as exc:
@@ -143,8 +151,10 @@ class JournaledAcks:
         self._seq += 1
         self._note_pending(new)
         self._pending_bytes += size
-        if self._apply_due(time.monotonic()):
+        if near_cap:
             self.apply_acks()
+        else:
+            self.apply_acks_if_due(time.monotonic())
         return counts
 
     def _apply_due(self, now: float) -> bool:
@@ -155,8 +165,9 @@ class JournaledAcks:
                 or now - self._pending_since >= APPLY_SECONDS)
 
     def apply_acks_if_due(self, now: float) -> None:
-        """The supervisor loop's tick: an apply when the oldest waiting ack is old enough."""
-        if self._apply_due(now):
+        """The supervisor loop's tick: an apply when one is due (after a failed one, at most
+        every APPLY_RETRY seconds: a full disk or a hung worker holding the lock)."""
+        if self._apply_due(now) and (self._apply_error is None or now >= self._apply_retry_at):
             self.apply_acks()
 
     def apply_acks(self) -> bool:
@@ -170,9 +181,14 @@ class JournaledAcks:
         try:
             self._apply_commit([_ID.pack(i) for i in self._pending], self._seq)
         except StoreError as exc:
-            log.warning("ack journal: %d acked message(s) not applied to the store yet: %s",
-                        len(self._pending), exc)
+            if self._apply_error is None:  # once per streak: the loop retries every APPLY_RETRY
+                log.warning("ack journal: %d acked message(s) not applied to the store yet (they stay"
+                            " acked; retried every %gs): %s", len(self._pending), APPLY_RETRY, exc)
+            self._apply_error, self._apply_retry_at = str(exc), time.monotonic() + APPLY_RETRY
             return False
+        if self._apply_error is not None:
+            log.info("ack journal: %d acked message(s) applied to the store", len(self._pending))
+            self._apply_error = None
         self._hidden.clear()
         self._pending, self._pending_since, self._pending_bytes = [], None, 0
         if self._journal is not None:
