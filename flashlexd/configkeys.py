@@ -116,11 +116,11 @@ TABLE: Tuple[Key, ...] = (
         " `ingestCommitMs` each time. SD-card friendly: `16` (on mosquitto's defaults)", WORKERS,
         minimum=1, maximum=1024, field="ingest_commit_batch"),
     Key(f"{_DB}.apiCommitMs", "integer", API_COMMIT_MS,
-        "how long an API `publish` (or a named consumer's `ack`) waits for other apps' calls of the"
-        " same kind to share its commit; the call returns after that commit (durable). It delays"
-        " every such call by up to this much, so an app calling one at a time gains nothing from it."
-        " `0`: each call commits alone, at once. Several apps publishing at once: e.g. `10`. (An"
-        " `ack` of the default consumer is one small journal write, not a commit: docs/WEAR.md)",
+        "how long an API `ack` (or `publish`) waits for other apps' calls of the same kind to share"
+        " its write (a publish: one store commit; an ack: one ack journal record, docs/WEAR.md); the"
+        " call returns after that write (durable). It delays every such call by up to this much, so"
+        " an app calling one at a time gains nothing from it. `0`: each call writes alone, at once."
+        " Several apps acking or publishing at once: e.g. `10`",
         AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"

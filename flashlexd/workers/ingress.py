@@ -11,7 +11,10 @@ up to `flashlex.app.db.ingestCommitMs` after its first message for more to share
 (its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when
 `ingestCommitBatch` messages are waiting: a broker stops sending once its window of
 unacknowledged messages is full (RabbitMQ's default prefetch is 10, mosquitto's in-flight limit
-20), so waiting longer would only stall it. Under load each loop pass reads more than that, so batches are committed as today: as
+20), so waiting longer would only stall it. A window that ran out with at least LEARN_FROM
+messages and nothing new in its second half met such a broker: its windows end at that count
+from then on (until the next connection), so a batch set above a broker's window costs one
+stalled window, not one per batch. Under load each loop pass reads more than that, so batches are committed as today: as
 soon as the socket has nothing more to read, the batch size adapting to the fsync time.
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024              # messages per commit, at most
 BATCH_BYTES = 8 * 1024 * 1024  # payload bytes per commit, at most (payloads go up to 256 KB)
+LEARN_FROM = 8                 # a stalled window of fewer messages is a pause of the sender's
 RETRY_SECONDS = 1.0
 
 
@@ -77,6 +81,7 @@ class IngressWorker(Worker):
         self.batch_started = 0.0  # time.monotonic() of the pending batch's first message
         self.window = self.config.store.ingest_commit_ms / 1000
         self.window_flush = self.config.store.ingest_commit_batch  # messages that end the window
+        self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
@@ -98,13 +103,24 @@ class IngressWorker(Worker):
         wait = self.connection.service()
         if self.batch:
             due = self.batch_started + self.window
-            if len(self.batch) < self.window_flush and now < due and self.retry_at is None:
-                return min(wait, due - now)  # the commit window: more may share the commit
+            if len(self.batch) < self.window_flush and self.retry_at is None:
+                if now < due:
+                    return min(wait, due - now)  # the commit window: more may share the commit
+                self._learn_window(now)
             if self.retry_at is None or now >= self.retry_at:
                 self._commit(now)
             if self.retry_at is not None:
                 wait = min(wait, max(0.0, self.retry_at - now))
         return wait
+
+    def _learn_window(self, now: float) -> None:
+        """The window ran out before the batch was full: if the broker went quiet with many
+        messages unacknowledged, its in-flight window is smaller than ingestCommitBatch."""
+        if len(self.batch) >= LEARN_FROM and now - self.last_arrival >= self.window / 2:
+            self.window_flush = len(self.batch)
+            log.info("the broker stops at %d unacknowledged messages (below ingestCommitBatch %d):"
+                     " commit windows end at %d on this connection", self.window_flush,
+                     self.config.store.ingest_commit_batch, self.window_flush)
 
     def shutdown(self) -> None:
         if self.batch:
@@ -142,6 +158,7 @@ class IngressWorker(Worker):
             self._note_session()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation += 1
+            self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
         self.barrier.disconnected()
@@ -186,8 +203,9 @@ class IngressWorker(Worker):
             incoming = Incoming(topic, payload, message.qos, bool(message.retain),
                                 message.mid, bool(message.dup), self._dedupe_key(message),
                                 properties_of(message) or None)
+        self.last_arrival = time.monotonic()
         if not self.batch:
-            self.batch_started = time.monotonic()
+            self.batch_started = self.last_arrival
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
         self.batch_bytes += len(payload) if incoming else 0
 
