@@ -354,6 +354,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             for name in COUNTERS:
                 figures[name] = self._counter(txn, name.encode())
             figures["acked"] = self._acked_total(txn) + waiting
+            figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
         return figures
 
     @guarded

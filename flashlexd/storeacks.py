@@ -57,7 +57,11 @@ class JournaledAcks:
         self._apply_error: Optional[str] = None
         self._apply_retry_at = 0.0
         records = self._journal_records(path)
-        applied = self._applied_through()
+        try:
+            applied = self._applied_through()
+        except StoreError as exc:  # damage: the store is read-only, acks are refused anyway
+            log.error("ack journal not opened: %s", exc)
+            return
         fresh = sorted((r for r in records if r.seq > applied), key=lambda r: r.seq)
         self._seq = max([applied] + [r.seq for r in records])
         self._check_gaps(applied, fresh)
@@ -100,10 +104,11 @@ class JournaledAcks:
         expected = applied + 1
         for record in fresh:
             if record.seq != expected:
-                log.error("ack journal: records %d to %d unreadable (damaged): the messages they"
-                          " acked may be delivered again", expected, record.seq - 1)
+                log.error("ack journal: records %d to %d missing (damaged, or a write that failed):"
+                          " the messages they acked may be delivered again", expected, record.seq - 1)
             expected = record.seq + 1
 
+    @guarded
     def _applied_through(self) -> int:
         with self._read() as txn:
             return self._counter(txn, _APPLIED)

@@ -171,7 +171,9 @@ def test_an_ack_that_returned_survives_a_sigkill_of_the_supervisor(daemon_config
             for message in found[:3]:
                 assert fx.ack([message.pk]) == 1
             assert [m.pk for m in fx.messages()] == [found[3].pk]
-            assert fx.status()["inbox"]["count"] == 1 and fx.status()["counters"]["acked"] == 3
+            status = fx.status()
+            assert status["inbox"]["count"] == 1 and status["counters"]["acked"] == 3
+            assert status["store"]["acks_waiting"] == 3
         data_dir = next(tmp_path.rglob(ackjournal.FILE_NAME)).parent
         assert len(inbox_ids(data_dir)) == 4  # the acks are in the journal only
         flags = journal_flags(daemon.pid)  # synced writes, not left in the page cache
