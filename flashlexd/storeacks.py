@@ -210,7 +210,7 @@ class JournaledAcks:
         self._write(work)
 
     def _close_journal(self) -> None:
-        if self._journal is not None:
+        if self._journal is not None and os.getpid() == self._pid:  # never from a forked child
             self.apply_acks()
             self._journal.close()
             self._journal = None
