@@ -11,10 +11,11 @@ up to `flashlex.app.db.ingestCommitMs` after its first message for more to share
 (its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when
 `ingestCommitBatch` messages are waiting: a broker stops sending once its window of
 unacknowledged messages is full (RabbitMQ's default prefetch is 10, mosquitto's in-flight limit
-20), so waiting longer would only stall it. A window that ran out with at least LEARN_FROM
-messages and nothing new in its second half met such a broker: its windows end at that count
-from then on (until the next connection), so a batch set above a broker's window costs one
-stalled window, not one per batch. Under load each loop pass reads more than that, so batches are committed as today: as
+20), so waiting longer would only stall it. A batch set above the broker's window is noticed:
+when LEARN_FROM or more messages wait and nothing came for STALL_GAPS times their mean gap (at
+least STALL_MIN), the broker has stopped at its window: the batch is committed and windows end
+at that count for the rest of the connection (a steady sender's gaps never look like that; a
+sender's pause that does only makes the batches smaller). Under load each loop pass reads more than that, so batches are committed as today: as
 soon as the socket has nothing more to read, the batch size adapting to the fsync time.
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
@@ -50,7 +51,9 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024              # messages per commit, at most
 BATCH_BYTES = 8 * 1024 * 1024  # payload bytes per commit, at most (payloads go up to 256 KB)
-LEARN_FROM = 8                 # a stalled window of fewer messages is a pause of the sender's
+LEARN_FROM = 8                 # fewer waiting messages are never taken for a broker's full window
+STALL_GAPS = 4                 # a silence this many mean gaps long: the broker's window is full
+STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
 
 
@@ -104,23 +107,30 @@ class IngressWorker(Worker):
         if self.batch:
             due = self.batch_started + self.window
             if len(self.batch) < self.window_flush and self.retry_at is None:
-                if now < due:
-                    return min(wait, due - now)  # the commit window: more may share the commit
-                self._learn_window(now)
+                stalled = self._stalled_at()
+                if now < min(due, stalled):  # the commit window: more may share the commit
+                    return min(wait, min(due, stalled) - now)
+                if now >= stalled:
+                    self._learn_window()
             if self.retry_at is None or now >= self.retry_at:
                 self._commit(now)
             if self.retry_at is not None:
                 wait = min(wait, max(0.0, self.retry_at - now))
         return wait
 
-    def _learn_window(self, now: float) -> None:
-        """The window ran out before the batch was full: if the broker went quiet with many
-        messages unacknowledged, its in-flight window is smaller than ingestCommitBatch."""
-        if len(self.batch) >= LEARN_FROM and now - self.last_arrival >= self.window / 2:
-            self.window_flush = len(self.batch)
-            log.info("the broker stops at %d unacknowledged messages (below ingestCommitBatch %d):"
-                     " commit windows end at %d on this connection", self.window_flush,
-                     self.config.store.ingest_commit_batch, self.window_flush)
+    def _stalled_at(self) -> float:
+        """When the broker counts as stopped at its window (never, with few messages waiting)."""
+        count = len(self.batch)
+        if count < LEARN_FROM:
+            return float("inf")
+        gap = (self.last_arrival - self.batch_started) / (count - 1)
+        return self.last_arrival + max(STALL_MIN, STALL_GAPS * gap)
+
+    def _learn_window(self) -> None:
+        self.window_flush = len(self.batch)
+        log.info("the broker stops at %d unacknowledged messages (below ingestCommitBatch %d):"
+                 " commit windows end at %d on this connection", self.window_flush,
+                 self.config.store.ingest_commit_batch, self.window_flush)
 
     def shutdown(self) -> None:
         if self.batch:
