@@ -136,14 +136,6 @@ class AckJournal:
     def block(self) -> int:
         return SECTOR if self.direct else PAGE
 
-    def read(self) -> List[Record]:
-        """Every intact record in the file (a read error is a JournalError)."""
-        try:
-            with open(self.path, "rb") as handle:  # buffered: O_DIRECT reads want aligned buffers
-                return scan(handle.read())
-        except OSError as exc:
-            raise JournalError(exc.errno, f"ack journal {self.path} unreadable: {exc.strerror or exc}") from None
-
     def fits(self, count: int) -> bool:
         return self.position + self._size(count) <= FILE_BYTES
 
