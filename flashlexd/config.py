@@ -89,6 +89,7 @@ class StoreSettings:
     sweep_seconds: float
     max_payload_bytes: int
     ingest_commit_ms: int = 0  # flashlex.app.db.ingestCommitMs (the table holds the default)
+    ingest_commit_batch: int = 8  # flashlex.app.db.ingestCommitBatch
     api_commit_ms: int = 0     # flashlex.app.db.apiCommitMs
     dedupe: Optional[DedupeKey] = None  # flashlex.app.db.dedupe: off unless configured
 

@@ -18,7 +18,8 @@ from flashlexd.dedupe import DEFAULT_WINDOW_SECONDS as DEDUPE_WINDOW_SECONDS
 from flashlexd.wire import DEFAULT_MAX_PAYLOAD, DEFAULT_SOCKET, FULL_POLICIES
 
 DEFAULT_DATA_DIR = "/var/lib/flashlexd"
-INGEST_COMMIT_MS = 250  # chosen by measurement: docs/WEAR.md
+INGEST_COMMIT_MS = 500  # chosen by measurement: docs/WEAR.md
+INGEST_COMMIT_BATCH = 8  # below RabbitMQ's default prefetch (10) and mosquitto's in-flight limit (20)
 API_COMMIT_MS = 0  # a window delays every call: only worth it with several apps writing at once
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
@@ -105,15 +106,21 @@ TABLE: Tuple[Key, ...] = (
         field="sweep_seconds"),
     Key(f"{_DB}.ingestCommitMs", "integer", INGEST_COMMIT_MS,
         "how long a received message may wait for more to share its commit (one fsync, fewer bytes"
-        " written: see docs/WEAR.md); its PUBACK waits for that commit. A batch of 8 is committed"
-        " at once (brokers stop at their in-flight window). `0`: commit at each loop pass. SD-card"
-        " friendly: `1000`", WORKERS, minimum=0, maximum=5000, field="ingest_commit_ms"),
+        " written: see docs/WEAR.md); its PUBACK waits for that commit. `0`: commit at each loop"
+        " pass. SD-card friendly: `2000` with `ingestCommitBatch: 16`", WORKERS, minimum=0,
+        maximum=5000, field="ingest_commit_ms"),
+    Key(f"{_DB}.ingestCommitBatch", "integer", INGEST_COMMIT_BATCH,
+        "received messages that end the commit window at once. Keep it below the broker's window of"
+        " unacknowledged messages (mosquitto's `max_inflight_messages`, 20 by default; RabbitMQ's"
+        " `mqtt.prefetch`, 10): a broker that stops sending before the batch is full waits for"
+        " `ingestCommitMs` each time. SD-card friendly: `16` (on mosquitto's defaults)", WORKERS,
+        minimum=1, maximum=1024, field="ingest_commit_batch"),
     Key(f"{_DB}.apiCommitMs", "integer", API_COMMIT_MS,
         "how long an API `ack` (or `publish`) waits for other apps' calls of the same kind to share"
-        " its commit; the call returns after that commit (durable). It delays every such call by up"
-        " to this much, so an app acking one message at a time gains nothing from it. `0`: each"
-        " call commits alone, at once. Several apps acking or publishing at once: e.g. `10`."
-        " SD-card friendly: `50`",
+        " its write (a publish: one store commit; an ack: one ack journal record, docs/WEAR.md); the"
+        " call returns after that write (durable). It delays every such call by up to this much, so"
+        " an app calling one at a time gains nothing from it. `0`: each call writes alone, at once."
+        " Several apps acking or publishing at once: e.g. `10`",
         AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"

@@ -52,6 +52,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import lmdb
 from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
 from flashlexd.storedamage import guarded, unpack_record
+from flashlexd.storeacks import JournaledAcks
 from flashlexd.storeconsumers import ConsumerStore
 from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
@@ -70,7 +71,7 @@ COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purge
             "outbox_dropped", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
 
 
-class Store(ConsumerStore, OutboxStore):
+class Store(JournaledAcks, ConsumerStore, OutboxStore):
     """One process's handle on the store. Not thread-safe: one per process, used by one thread.
 
     `write_wait` (seconds; None: no bound) bounds how long a write waits for LMDB's write lock,
@@ -80,7 +81,12 @@ class Store(ConsumerStore, OutboxStore):
     (LMDB's lock wait releases the GIL) and raises StoreBusy when the wait runs out.
 
     This module holds the inbox and the figures; `storebase` the plumbing, `storeoutbox` the
-    outbox and dead letters, `storerecords` the records and key layout."""
+    outbox and dead letters, `storerecords` the records and key layout, `storeacks` the
+    supervisor's journaled acks."""
+
+    def close(self) -> None:
+        self._close_journal()  # the waiting acks applied: a clean stop leaves nothing to replay
+        super().close()
 
     # -- inbox --------------------------------------------------------------------------------
 
@@ -179,8 +185,11 @@ class Store(ConsumerStore, OutboxStore):
     def ack_each(self, calls: Sequence[Iterable[int]]) -> List[int]:
         """`ack` of several calls in ONE transaction (apps' acks sharing a commit:
         ipc/sharedcommit.py); each call's count of messages it removed, an id in two calls
-        counting for the first. Writes the inbox alone: `acked` is derived (StoreBase._acked_total)."""
+        counting for the first. Writes the inbox alone: `acked` is derived (StoreBase._acked_total).
+        With the ack journal open (the supervisor's handle): one journal record, storeacks.py."""
         keys = [_keys_of(ids) for ids in calls]
+        if self._journal is not None:
+            return self._journal_ack(keys)
 
         def work(txn: lmdb.Transaction) -> List[int]:
             return [sum(1 for key in call if txn.delete(key, db=self._inbox)) for call in keys]
@@ -189,7 +198,11 @@ class Store(ConsumerStore, OutboxStore):
 
     @guarded
     def purge(self) -> int:
-        """Remove every inbox message (the API asks for confirmation first)."""
+        """Remove every inbox message (the API asks for confirmation first). Waiting journaled
+        acks are applied first, so that they count as acked, not purged."""
+        if self._journal is not None:
+            self.apply_acks()
+
         def work(txn: lmdb.Transaction) -> int:
             count = txn.stat(self._inbox)["entries"]
             txn.drop(self._inbox, delete=False)
@@ -315,14 +328,18 @@ class Store(ConsumerStore, OutboxStore):
         with self._read() as txn:
             timeline = self._frames.timeline(txn)
             first_inbox = txn.cursor(db=self._inbox)
+            found = first_inbox.first()
+            while found and _ID.unpack(first_inbox.key())[0] in self._hidden:
+                found = first_inbox.next()
             oldest = _decode_message(first_inbox.key(), self._checked(first_inbox.value()), timeline) \
-                if first_inbox.first() else None
+                if found else None
+            waiting = self.pending_in(txn) if self._hidden else 0
             first_outbox = txn.cursor(db=self._outbox)
             oldest_out = _outbox_entry(first_outbox.key(), unpack_record(self._checked(first_outbox.value()), 5),
                                        timeline) \
                 if first_outbox.first() else None
             figures: Dict[str, object] = {
-                "inbox_count": txn.stat(self._inbox)["entries"],
+                "inbox_count": txn.stat(self._inbox)["entries"] - waiting,
                 "inbox_oldest": oldest.timestamp if oldest else None,
                 "inbox_oldest_age": oldest.age if oldest else None,
                 "inbox_last_id": self._counter(txn, b"inbox_last_id"),
@@ -336,13 +353,14 @@ class Store(ConsumerStore, OutboxStore):
             }
             for name in COUNTERS:
                 figures[name] = self._counter(txn, name.encode())
-            figures["acked"] = self._acked_total(txn)
+            figures["acked"] = self._acked_total(txn) + waiting
+            figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
         return figures
 
     @guarded
     def inbox_count(self) -> int:
         with self._read() as txn:
-            return txn.stat(self._inbox)["entries"]
+            return txn.stat(self._inbox)["entries"] - (self.pending_in(txn) if self._hidden else 0)
 
 
 def _seq_at(cursor: lmdb.Cursor) -> int:

@@ -10,7 +10,7 @@ import struct
 import threading
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Dict, Generic, List, Optional, Tuple, Type, TypeVar
+from typing import Callable, Dict, Generic, List, Optional, Set, Tuple, Type, TypeVar
 
 import lmdb
 import msgpack
@@ -76,6 +76,7 @@ class StoreBase:
         self.clock: Clock = clock or SystemClock()
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
         self._sweep_from = b""  # the expiry walk's start: past messages stored without expiry
+        self._hidden: Set[int] = set()  # inbox ids acked but not yet applied (storeacks.py)
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
             check = storecheck.walk_pages if check_pages else storecheck.check_data_file
@@ -387,12 +388,15 @@ class StoreBase:
                 return page
             timeline = self._frames.timeline(txn)
             looked = 0
+            hidden = self._hidden if db is self._inbox else ()
             for key, raw in cursor:
                 if budget is not None and looked >= budget:
                     page.cursor = page.last  # not looked at yet: the next call starts here
                     break
                 looked += 1
                 page.last = _ID.unpack(key)[0]
+                if page.last in hidden:
+                    continue
                 value = self._checked(raw)
                 if select is not None and not select(value):
                     continue

@@ -173,7 +173,7 @@ class ConsumerStore:
             keep = message_selector(topic, user_property)
             at_floor, passable = start == consumer.floor, 0
             for key, raw in cursor:
-                if _ID.unpack(key)[0] in acked:
+                if _ID.unpack(key)[0] in acked or _ID.unpack(key)[0] in self._hidden:
                     passable += at_floor
                     continue
                 message = _decode_message(key, self._checked(raw), timeline)
@@ -227,7 +227,7 @@ class ConsumerStore:
                 if self._done(txn, consumer, key):
                     continue
                 raw = txn.get(key, db=self._inbox)
-                if raw is None:
+                if raw is None or _ID.unpack(key)[0] in self._hidden:
                     continue  # gone already: expired, dropped, or acked by the default consumer
                 topic = _topic(raw)
                 if not consumer.matches(topic):
@@ -275,7 +275,9 @@ class ConsumerStore:
                 visited += 1
                 if visited > REPORT_BUDGET:
                     return count, oldest, False
-                if _ID.unpack(key)[0] not in acked and consumer.matches(_topic(self._checked(raw))):
+                record_id = _ID.unpack(key)[0]
+                if record_id not in acked and record_id not in self._hidden \
+                        and consumer.matches(_topic(self._checked(raw))):
                     count += 1
                     oldest = oldest or (bytes(key), raw)
         return count, oldest, True

@@ -113,6 +113,7 @@ class Supervisor:
         # every page read once before LMDB maps the file: damage refuses the start in one line
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
                                        check_pages=True)
+        self.store.open_ack_journal()  # what a crash left unapplied, applied before serving
         self._forget_fallbacks()
         self.api = self._start_api()
         self.consumers.declare()
@@ -213,6 +214,7 @@ class Supervisor:
         if not self.shutting_down:
             self._announce(now)
             self.consumers.tick(now)
+        self.store.apply_acks_if_due(now)
         self.api.tick(now)
 
     def _sleep_time(self, now: float, ping: Optional[float]) -> float:
@@ -398,6 +400,7 @@ class Supervisor:
         if new.config.store != old.config.store:
             self.store.close()  # type: ignore[union-attr]
             self.store = Store.from_config(new.config.store, write_wait=STORE_WRITE_WAIT)
+            self.store.open_ack_journal()
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new

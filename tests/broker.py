@@ -462,8 +462,8 @@ def write_config(directory: Path, broker: Broker, *, identity: Optional[Identity
     mqtt_section.update(mqtt or {})
     db_section: Dict[str, Any] = {"subscriptionData": "subscription.json",
                                   "dataPath": str(directory / "data")}
-    # a whole run under other store settings, e.g. FLASHLEXD_TEST_DB='{"ingestCommitMs": 1000,
-    # "apiCommitMs": 50}' (the SD-card setting, docs/WEAR.md); a test's own `db` still wins
+    # a whole run under other store settings, e.g. FLASHLEXD_TEST_DB='{"ingestCommitMs": 2000,
+    # "ingestCommitBatch": 16}' (the SD-card setting, docs/WEAR.md); a test's own `db` still wins
     db_section.update(json.loads(os.environ.get("FLASHLEXD_TEST_DB") or "{}"))
     db_section.update(db or {})
     document = {"flashlex": {

@@ -177,7 +177,7 @@ def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(
 def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """flashlex.app.db.ingestCommitMs (issue 20): messages arriving one by one within the window
-    are committed together (one commit, one fsync); WINDOW_FLUSH waiting messages are committed
+    are committed together (one commit, one fsync); ingestCommitBatch (8) waiting messages are committed
     at once, so a broker whose in-flight window is full is never kept waiting for it."""
     config = write_config(tmp_path / "config", broker, db={"ingestCommitMs": 5000})
     store = open_store(config)
@@ -189,8 +189,30 @@ def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
     assert worker.counters["batches"] == 1 and time.monotonic() - started >= 4.5
     lines = write_lines(tmp_path / "burst", 40, width=50)
     publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "burst")
-    # all but a tail shorter than WINDOW_FLUSH, well before the 5 s window would end
+    # all but a tail shorter than ingestCommitBatch, well before the 5 s window would end
     wait_for(lambda: store.inbox_count() >= 3 + len(lines) - 7, 4.0, "the burst stored at once")
     assert publisher.wait(30) == 0
     wait_for(lambda: store.inbox_count() >= 3 + len(lines), 15, "the burst's tail stored")
     assert payloads(store) == [b"trickle 0", b"trickle 1", b"trickle 2", *lines]
+
+
+def test_a_batch_above_the_brokers_window_does_not_stall_it(
+        certs, tmp_path: Path, start_worker) -> None:
+    """ingestCommitBatch above the broker's in-flight window (10 here): once 10 messages wait
+    and the broker goes quiet, they are committed (not at the end of the 5 s window) and the
+    windows end at 10 from then on."""
+    broker = Broker(certs, tmp_path / "broker10", extra=["max_inflight_messages 10"]).start()
+    try:
+        config = write_config(tmp_path / "config", broker, db={"ingestCommitMs": 5000,
+                                                               "ingestCommitBatch": 16})
+        store = open_store(config)
+        worker = start_subscribed(start_worker, config, broker)
+        lines = write_lines(tmp_path / "burst", 60, width=50)
+        started = time.monotonic()
+        publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "burst")
+        wait_for(lambda: store.inbox_count() >= len(lines), 4, "the burst stored, no window waited out")
+        assert publisher.wait(30) == 0
+        assert payloads(store) == lines and time.monotonic() - started < 4
+        worker.wait(lambda w: w.counters.get("stored") == len(lines), 5, "the counters")
+    finally:
+        broker.close()

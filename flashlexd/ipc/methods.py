@@ -218,7 +218,8 @@ class Methods:
                        # reported by the egress worker with its counters (heartbeat-fresh)
                        "oldest_inflight_age": egress.get("oldest_inflight_age")},
             "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
-                      "when_full": figures["when_full"], "path": str(self.store.path), **wear},
+                      "when_full": figures["when_full"], "path": str(self.store.path),
+                      "acks_waiting": figures["acks_waiting"], **wear},
             "counters": counters,
             "consumers": consumers,
         })

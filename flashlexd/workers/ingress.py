@@ -8,10 +8,14 @@ only after the commit returns are the PUBACKs sent, in arrival order (MQTT 3.1.1
 A commit costs about the same bytes written whether it holds one message or a hundred (LMDB
 copies a few 4 KiB pages per database it touches: docs/WEAR.md), so at a trickle a batch waits
 up to `flashlex.app.db.ingestCommitMs` after its first message for more to share the commit
-(its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when WINDOW_FLUSH
-messages are waiting: a broker stops sending once its window of unacknowledged messages is full
-(RabbitMQ's default prefetch is 10, mosquitto's in-flight limit 20), so waiting longer would only
-stall it. Under load each loop pass reads more than that, so batches are committed as today: as
+(its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when
+`ingestCommitBatch` messages are waiting: a broker stops sending once its window of
+unacknowledged messages is full (RabbitMQ's default prefetch is 10, mosquitto's in-flight limit
+20), so waiting longer would only stall it. A batch set above the broker's window is noticed:
+when LEARN_FROM or more messages wait and nothing came for STALL_GAPS times their mean gap (at
+least STALL_MIN), the broker has stopped at its window: the batch is committed and windows end
+at that count for the rest of the connection (a steady sender's gaps never look like that; a
+sender's pause that does only makes the batches smaller). Under load each loop pass reads more than that, so batches are committed as today: as
 soon as the socket has nothing more to read, the batch size adapting to the fsync time.
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
@@ -46,8 +50,10 @@ from flashlexd.workers.linkmemory import earlier_session, fell_back_before, noti
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 1024              # messages per commit, at most
-WINDOW_FLUSH = 8              # messages that end the commit window at once (below brokers' windows)
 BATCH_BYTES = 8 * 1024 * 1024  # payload bytes per commit, at most (payloads go up to 256 KB)
+LEARN_FROM = 8                 # fewer waiting messages are never taken for a broker's full window
+STALL_GAPS = 4                 # a silence this many mean gaps long: the broker's window is full
+STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
 
 
@@ -77,6 +83,8 @@ class IngressWorker(Worker):
         self.batch_bytes = 0
         self.batch_started = 0.0  # time.monotonic() of the pending batch's first message
         self.window = self.config.store.ingest_commit_ms / 1000
+        self.window_flush = self.config.store.ingest_commit_batch  # messages that end the window
+        self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
@@ -98,13 +106,31 @@ class IngressWorker(Worker):
         wait = self.connection.service()
         if self.batch:
             due = self.batch_started + self.window
-            if len(self.batch) < WINDOW_FLUSH and now < due and self.retry_at is None:
-                return min(wait, due - now)  # the commit window: more may share the commit
+            if len(self.batch) < self.window_flush and self.retry_at is None:
+                stalled = self._stalled_at()
+                if now < min(due, stalled):  # the commit window: more may share the commit
+                    return min(wait, min(due, stalled) - now)
+                if now >= stalled:
+                    self._learn_window()
             if self.retry_at is None or now >= self.retry_at:
                 self._commit(now)
             if self.retry_at is not None:
                 wait = min(wait, max(0.0, self.retry_at - now))
         return wait
+
+    def _stalled_at(self) -> float:
+        """When the broker counts as stopped at its window (never, with few messages waiting)."""
+        count = len(self.batch)
+        if count < LEARN_FROM:
+            return float("inf")
+        gap = (self.last_arrival - self.batch_started) / (count - 1)
+        return self.last_arrival + max(STALL_MIN, STALL_GAPS * gap)
+
+    def _learn_window(self) -> None:
+        self.window_flush = len(self.batch)
+        log.info("the broker stops at %d unacknowledged messages (below ingestCommitBatch %d):"
+                 " commit windows end at %d on this connection", self.window_flush,
+                 self.config.store.ingest_commit_batch, self.window_flush)
 
     def shutdown(self) -> None:
         if self.batch:
@@ -135,6 +161,7 @@ class IngressWorker(Worker):
             self._note_session()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation += 1
+            self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
         self.barrier.disconnected()
@@ -179,8 +206,9 @@ class IngressWorker(Worker):
             incoming = Incoming(topic, payload, message.qos, bool(message.retain),
                                 message.mid, bool(message.dup), self._dedupe_key(message),
                                 properties_of(message) or None)
+        self.last_arrival = time.monotonic()
         if not self.batch:
-            self.batch_started = time.monotonic()
+            self.batch_started = self.last_arrival
         self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
         self.batch_bytes += len(payload) if incoming else 0
 
