@@ -27,7 +27,7 @@ import time
 from typing import Iterable, List, Optional, Sequence
 
 import lmdb
-from flashlexd.ackjournal import FILE_NAME, AckJournal, JournalError, Record, scan
+from flashlexd.ackjournal import FILE_BYTES, FILE_NAME, AckJournal, JournalError, Record, scan
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import _ID, StoreError
 
