@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import paho.mqtt.client as paho
+from flashlexd.pahoimport import paho
 
 _RESOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlexd-resolve")
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup

@@ -22,9 +22,9 @@ import ssl
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
+from flashlexd.pahoimport import paho
 from flashlexd.reconnect import ReconnectBackoff
 from flashlexd.config import Config
 from flashlexd.dialer import Dialer
