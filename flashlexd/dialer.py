@@ -13,13 +13,12 @@ import errno
 import os
 import socket
 import ssl
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from flashlexd.pahoimport import paho
 
-_RESOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlexd-resolve")
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
 
 
@@ -53,6 +52,33 @@ class DialedClient(paho.Client):
                 self.on_message(self, self._userdata, message)
 
 
+class Lookup:
+    """getaddrinfo in a thread of its own, which ends with the lookup (no resolver thread, nor
+    concurrent.futures, kept in every MQTT worker for the next reconnect)."""
+
+    def __init__(self, host: str, port: int):
+        self._answer: List[Tuple[Any, ...]] = []
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(host, port), daemon=True,
+                                        name="flashlexd-resolve")
+        self._thread.start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self._answer = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop by result()
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> List[Tuple[Any, ...]]:
+        """The addresses; raises what getaddrinfo raised (socket.gaierror)."""
+        if self._error is not None:
+            raise self._error
+        return self._answer
+
+
 class Dialer:
     """One connect attempt to `host:port`, advanced by `step()` until it returns the TLS
     socket; it raises what failed (OSError, ssl.SSLError, socket.timeout past `timeout`)."""
@@ -63,8 +89,7 @@ class Dialer:
         self.clock = clock
         self.deadline = clock() + timeout
         self.timeout = timeout
-        self.lookup: Optional[Future] = _RESOLVER.submit(
-            socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        self.lookup: Optional[Lookup] = Lookup(host, port)
         self.addresses: List[Tuple[Any, ...]] = []
         self.sock: Optional[socket.socket] = None
         self.tls: Optional[ssl.SSLSocket] = None
