@@ -11,6 +11,7 @@ import time
 import pytest
 
 from flashlexd.dialer import Lookup
+from flashlexd.mallocs import QuietTrim
 
 NOT_LOADED = ("urllib.request", "http.client", "email.message", "concurrent.futures", "shutil")
 
@@ -68,3 +69,14 @@ def test_a_failed_lookup_raises_its_error():
     wait_done(lookup)
     with pytest.raises(socket.gaierror):
         lookup.result()
+
+
+def test_the_heap_is_trimmed_once_after_a_quiet_second_following_traffic():
+    quiet = QuietTrim(now=100.0)
+    assert quiet.tick(100.4) == pytest.approx(0.6)  # start-up's garbage: trimmed once quiet
+    quiet.busy(100.5)
+    assert quiet.tick(101.2) == pytest.approx(0.3)
+    assert quiet.tick(101.5) == float("inf") and not quiet.pending  # trimmed
+    assert quiet.tick(500.0) == float("inf")  # nothing new to give back
+    quiet.busy(500.0)
+    assert quiet.pending and quiet.tick(500.5) == pytest.approx(0.5)
