@@ -136,7 +136,7 @@ def log_time(text: str, since: float, needle: str, at_end: bool = False) -> Opti
 
 
 def connected_line(client_id: str) -> str:
-    return f" as '{client_id}' (session present"
+    return f" as '{client_id}' with MQTT "  # mqtt.py: "connected to H:P as 'ID' with MQTT 5 (session present: ...)"
 
 
 def worker(daemon: Daemon, name: str) -> Optional[Dict]:

@@ -98,6 +98,15 @@ SECTIONS = [
         "The baseline uses paho's own loop (`loop_forever`); the worker drives paho's socket from its"
         " own select loop and batches its store work, which is why it can beat the baseline."),
     Section(
+        "backlog", "MQTT ingest of a backlog: ingress worker vs bare paho vs mosquitto_sub (MQTT 5)",
+        ["bench/bench_ingest.py", "--backlog", "--messages", "50000", "--runs", "3"],
+        ["--backlog", "--messages", "3000", "--runs", "1"],
+        "A backlog of 50,000 QoS 1 messages held by mosquitto for each side's offline persistent"
+        " session, drained over mutual TLS by the real ingress worker, by a bare paho subscriber"
+        " (paho's own loop, auto-ack) and by `mosquitto_sub` (C, the anchor), from each side's first"
+        " message to its last. Baseline: bare paho. Targets: worker >= 1.2x bare paho, ingress CPU"
+        " per message <= 0.8x bare paho; the worker's rate as a fraction of mosquitto_sub's."),
+    Section(
         "drain", "MQTT drain: egress worker vs a bare paho publisher (MQTT 5)",
         ["bench/bench_drain.py", "--runs", "5"], ["--entries", "3000", "--runs", "1"],
         "The real egress worker draining a 50,000-entry outbox to mosquitto over mutual TLS (oldest"
@@ -340,11 +349,11 @@ def summarize(section: Section) -> None:
         if m:
             add((f"5 consumers: {m.group(1)}x the single consumer's fetch+ack rate, per consumer",
                  f">= {m.group(2)}x", verdict(m.group(3) == "ok")))
-    elif section.name in ("ingest", "drain", "ingest311", "drain311"):
+    elif section.name in ("ingest", "drain", "ingest311", "drain311", "backlog"):
         m = find(r"ratio \(median of per-run ratios\): \*\*([\d.]+)x\*\*.*\(target >= ([\d.]+)x\)", out)
         rates = re.findall(r"^\| (.+?) \| ([\d,]+) \|", out, re.M)
         if m:
-            what = "ingress worker" if section.name.startswith("ingest") else "egress worker"
+            what = "ingress worker" if section.name.startswith(("ingest", "backlog")) else "egress worker"
             what += " (MQTT 3.1.1)" if section.name.endswith("311") else " (MQTT 5)"
             rate = f" ({rates[0][1]} msg/s)" if rates else ""
             value, target = float(m.group(1)), float(m.group(2))

@@ -14,7 +14,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Deque, Dict, Iterator, List
 
-from paho.mqtt.client import PUBACK
+from flashlexd.pahoimport import paho
+
+PUBACK = paho.PUBACK
 
 
 @contextmanager

@@ -13,26 +13,44 @@ import errno
 import os
 import socket
 import ssl
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import paho.mqtt.client as paho
+from flashlexd.pahoimport import paho
 
-_RESOLVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlexd-resolve")
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
+READ_CHUNK = 16384  # bytes per socket read: a TLS record's worth
 
 
 class DialedClient(paho.Client):
     """A paho client that takes the socket a `Dialer` made instead of connecting itself."""
 
     dialed: Optional[ssl.SSLSocket] = None
+    _read = b""  # what the last socket read brought, from _read_at on not yet taken by paho
+    _read_at = 0
 
     def _create_socket_connection(self) -> socket.socket:
         sock, self.dialed = self.dialed, None
         if sock is None:
             raise ConnectionError("no connected socket to hand over")
+        self._read, self._read_at = b"", 0  # nothing of an earlier connection
         return sock  # type: ignore[return-value]
+
+    def buffered(self) -> bool:
+        """Bytes already read from the socket that paho has not taken: select() cannot see them."""
+        return self._read_at < len(self._read)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """paho reads a packet as its first byte, then its length byte by byte, then its body,
+        one socket (TLS) read each: ~20% of the ingress worker's CPU. One read of up to
+        READ_CHUNK bytes serves them all; paho's errors (BlockingIOError, EOF as b"") are
+        paho's own, from that one read."""
+        if self._read_at >= len(self._read):
+            self._read, self._read_at = super()._sock_recv(READ_CHUNK), 0
+        data = self._read[self._read_at:self._read_at + bufsize]
+        self._read_at += len(data)
+        return data
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         return tcp_sock  # type: ignore[return-value]  # the Dialer did the handshake
@@ -53,6 +71,33 @@ class DialedClient(paho.Client):
                 self.on_message(self, self._userdata, message)
 
 
+class Lookup:
+    """getaddrinfo in a thread of its own, which ends with the lookup (no resolver thread, nor
+    concurrent.futures, kept in every MQTT worker for the next reconnect)."""
+
+    def __init__(self, host: str, port: int):
+        self._answer: List[Tuple[Any, ...]] = []
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(host, port), daemon=True,
+                                        name="flashlexd-resolve")
+        self._thread.start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self._answer = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop by result()
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> List[Tuple[Any, ...]]:
+        """The addresses; raises what getaddrinfo raised (socket.gaierror)."""
+        if self._error is not None:
+            raise self._error
+        return self._answer
+
+
 class Dialer:
     """One connect attempt to `host:port`, advanced by `step()` until it returns the TLS
     socket; it raises what failed (OSError, ssl.SSLError, socket.timeout past `timeout`)."""
@@ -63,8 +108,7 @@ class Dialer:
         self.clock = clock
         self.deadline = clock() + timeout
         self.timeout = timeout
-        self.lookup: Optional[Future] = _RESOLVER.submit(
-            socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        self.lookup: Optional[Lookup] = Lookup(host, port)
         self.addresses: List[Tuple[Any, ...]] = []
         self.sock: Optional[socket.socket] = None
         self.tls: Optional[ssl.SSLSocket] = None

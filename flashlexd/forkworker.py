@@ -30,6 +30,7 @@ import sys
 import traceback
 from typing import Dict, Optional, Set, Tuple, Union
 
+from flashlexd import mallocs
 from flashlexd.channel import CHANNEL_FD, place_child_fds
 from flashlexd.config import Config, ConfigError
 from flashlexd.mqttclient import prepare_tls_context, uses_alpn
@@ -41,7 +42,8 @@ EXIT_CHILD_FAILED = 70  # the child failed before its worker could report anythi
 def preload() -> None:
     """In the supervisor, once before the fork server is made: import every worker's code
     (shared with the fork server and the workers from then on) and freeze what exists, so no
-    collection writes into it."""
+    collection writes into it. Threads share one malloc arena from here on (`mallocs`)."""
+    mallocs.one_arena()
     for name in WORKERS:
         worker_class(name)
     gc.freeze()  # no collection first: the holes it leaves would be filled (copied) after forks

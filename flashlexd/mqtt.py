@@ -22,9 +22,9 @@ import ssl
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
+from flashlexd.pahoimport import paho
 from flashlexd.reconnect import ReconnectBackoff
 from flashlexd.config import Config
 from flashlexd.dialer import Dialer
@@ -192,15 +192,20 @@ class Connection:
         sock = self.client.socket()
         if sock is not None and sock in writable:
             self.client.loop_write()
-        if sock is not None and sock in readable:
+        if sock is not None and (sock in readable or self._buffered(sock)):
             self.watch.heard_from()
             for _ in range(max(1, max_packets)):
                 before = self.handled
                 if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
                 sock = self.client.socket()
-                if sock is None or (self.handled == before and not _buffered(sock)):
+                if sock is None or (self.handled == before and not self._buffered(sock)):
                     break
+
+    def _buffered(self, sock: Any) -> bool:
+        """Input already here that select() on `sock` cannot see: read by paho's client
+        (DialedClient) or decrypted by TLS, not taken yet."""
+        return self.client.buffered() or _tls_pending(sock)
 
     def service(self) -> float:
         """Connect when due, give up on a silent broker, keep alive. Returns the seconds until
@@ -228,8 +233,8 @@ class Connection:
                 return 0.0
         self.client.loop_misc()
         sock = self.client.socket()
-        if sock is not None and _buffered(sock):
-            return 0.0  # TLS already decrypted more than select() can see
+        if sock is not None and self._buffered(sock):
+            return 0.0  # already read or decrypted, more than select() can see
         wait = min(1.0, self.keepalive / 4)  # paho's keepalive ping is sent from here
         if self.connected:
             wait = min(wait, self.watch.next_check())
@@ -449,6 +454,6 @@ class Connection:
         self.on_change(False, error)
 
 
-def _buffered(sock: Any) -> bool:
+def _tls_pending(sock: Any) -> bool:
     pending = getattr(sock, "pending", None)
     return bool(pending and pending() > 0)

@@ -9,11 +9,11 @@ import socket
 import ssl
 from typing import Any, Dict, Optional, Tuple
 
-import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flashlexd.config import ConfigError, Keys, Thing
 from flashlexd.dialer import DialedClient
+from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
 from flashlexd.timesync import clock_problem
 

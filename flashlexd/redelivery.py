@@ -81,7 +81,7 @@ class Redeliveries:
         if added:
             txn.cursor(db=self.unconfirmed).putmulti(
                 [(d, MARK.pack(count, seq)) for d, count in sorted(added.items())])
-            self._cap(txn)
+            self._cap(txn, seq)
         if window:
             self._remember(txn, fresh, now_ms, since)
         return chosen
@@ -111,14 +111,22 @@ class Redeliveries:
             cursor.delete()
             txn.delete(b"k" + entry[9:], db=self.dedupe)
 
-    def _cap(self, txn: lmdb.Transaction) -> None:
-        """Drop the oldest half once the table passes MARKS_MAX (see the module docstring)."""
+    def _cap(self, txn: lmdb.Transaction, seq: int) -> None:
+        """Once the table passes MARKS_MAX, drop the marks older than the last MARKS_MAX / 2
+        inbox ids (see the module docstring). One walk that deletes as it goes: sorting the
+        whole table in memory cost the ingress worker 2 MB at every cap under load. Each mark
+        came with an inbox id of its own (seq only grows), so at most MARKS_MAX / 2 marks plus
+        the current batch's are left."""
         if txn.stat(self.unconfirmed)["entries"] <= MARKS_MAX:
             return
-        entries = sorted((_mark(value)[1], bytes(key))
-                         for key, value in txn.cursor(db=self.unconfirmed))
-        for _, key in entries[:len(entries) - MARKS_MAX // 2]:
-            txn.delete(key, db=self.unconfirmed)
+        oldest_kept = seq - MARKS_MAX // 2
+        cursor = txn.cursor(db=self.unconfirmed)
+        more = cursor.first()
+        while more:
+            if _mark(cursor.value())[1] < oldest_kept:
+                more = cursor.delete() and cursor.key() != b""  # deleting moves to the next
+            else:
+                more = cursor.next()
 
     @staticmethod
     def migrated(recent: Iterable[Tuple[bytes, bytes]]) -> List[Tuple[bytes, bytes]]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -115,6 +113,7 @@ def make_directories(places: Places, user: str, group: str) -> None:
     """The data and socket dirs that systemd does not make (outside /var/lib and /run), made
     now as the daemon would, owned by the service user: inside the sandbox only they are
     writable, so the daemon could not make them itself."""
+    import shutil  # here: the daemon (which imports this module for its command line) never needs it
     for directory, mode in writable_dirs(places):
         if not os.path.isdir(directory):
             paths.make_dir(Path(directory), mode)
@@ -124,6 +123,7 @@ def make_directories(places: Places, user: str, group: str) -> None:
 
 def _after_install(kind: str, live: bool) -> None:
     if kind == "unit" and live:
+        import subprocess  # noqa: E402 - see make_directories
         reload = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
         if reload.returncode != 0:
             print(f"systemctl daemon-reload failed: {reload.stderr.strip() or reload.returncode}",

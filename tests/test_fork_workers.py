@@ -11,6 +11,7 @@ from typing import Dict, List
 
 import pytest
 
+from flashlexd.client import connect
 from tests.broker import wait_for
 from tests.daemon import Daemon
 
@@ -107,6 +108,17 @@ def test_signals_are_reset_and_no_thread_is_inherited(daemon):
         else:
             assert {signal.SIGTERM, signal.SIGINT} <= caught, name  # the worker's own loop's
             assert signal.SIGHUP in signal_set(status_field(pid, "SigIgn")), name
+
+
+def test_the_mqtt_workers_keep_no_resolver_thread_once_connected(daemon):
+    """The broker's name is looked up in a thread that ends with the lookup (dialer.Lookup):
+    none is kept alive, with its stack and state, in the connected ingress and egress."""
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: all(fx.status()["mqtt"][name].get("connected") for name in ("ingress", "egress")),
+                 20, "both links up")
+    for name in ("ingress", "egress"):
+        pid = daemon.children()[name]
+        wait_for(lambda: status_field(pid, "Threads") == "1", 5, f"{name}: its main thread only")
 
 
 def test_workers_are_the_supervisors_children_and_reaped_by_it(daemon):

@@ -62,6 +62,14 @@ def test_the_mark_table_is_capped_oldest_first(store: Store):
     assert store.append([msg(newest, dup=True)]) == [None]
 
 
+def test_the_cap_keeps_exactly_the_marks_of_the_last_half_cap_of_ids(store: Store):
+    for start in range(0, MARKS_MAX + 1, 1024):  # the cap runs in the last append (ids from 16385)
+        store.append([msg(b"%d" % i) for i in range(start, start + 1024)])
+    kept_from = MARKS_MAX + 1 - MARKS_MAX // 2  # the inbox id of the oldest mark kept
+    assert store.append([msg(b"%d" % (kept_from - 1), dup=True)]) == [None]
+    assert store.append([msg(b"%d" % (kept_from - 2), dup=True)]) == [MARKS_MAX + 1024 + 1]
+
+
 # -- the application dedupe key ---------------------------------------------------------------
 
 def test_a_repeated_key_within_the_window_is_a_duplicate(store: Store):

@@ -21,6 +21,7 @@ import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 from flashlexd.channel import Channel
+from flashlexd.mallocs import QuietTrim
 from flashlexd.config import Config
 from flashlexd.linkmsg import Heartbeat, LinkMessage, StateReport, Stop, build, decode
 
@@ -82,6 +83,7 @@ class Worker:
         self.report(StateReport.kind, state="starting")
         self.setup()
         self.report(StateReport.kind, state="ready")
+        quiet = QuietTrim(time.monotonic())  # freed heap pages back to the kernel after traffic
         timeout = 0.0
         while not self.stopping:
             reads, writes = self.wait_fds()
@@ -93,9 +95,12 @@ class Worker:
                 self._handle_link()
             if self.stopping:
                 break
-            self.on_ready([r for r in ready_r if r in reads], ready_w)
+            traffic = [r for r in ready_r if r in reads]
+            self.on_ready(traffic, ready_w)
             now = time.monotonic()
-            timeout = min(self.tick(now), self._heartbeat(now))
+            if traffic or ready_w:
+                quiet.busy(now)
+            timeout = min(self.tick(now), self._heartbeat(now), quiet.tick(now))
         self.report(StateReport.kind, state="stopping")
         self.shutdown()
         return EXIT_OK
