@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import pytest
 
-from flashlexd.client import connect
+from flashlexd.client import FlashlexError, connect
 from tests.broker import wait_for
 from tests.daemon import Daemon
 
@@ -20,8 +20,19 @@ from tests.daemon import Daemon
 def daemon(daemon_config, tmp_path):
     running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "no-systemd")}).start()
     running.wait_workers()
+    # ready: every spawn finished, so the supervisor has closed its copy of each worker's end
+    # of the link (a worker's pid shows before the fork server's answer reaches the supervisor)
+    wait_for(lambda: _ready(running), 20, "the daemon ready")
     yield running
     running.stop()
+
+
+def _ready(daemon: Daemon) -> bool:
+    try:
+        with connect(str(daemon.socket_path), timeout=2) as client:
+            return bool(client.status().get("ready"))
+    except FlashlexError:  # not listening yet
+        return False
 
 
 def links(pid: int) -> List[str]:
