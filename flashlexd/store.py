@@ -326,18 +326,20 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     def stats(self) -> Dict[str, object]:
         """Counts, oldest ages, totals and size used against the cap."""
         with self._read() as txn:
-            timeline = self._frames.timeline(txn)
             first_inbox = txn.cursor(db=self._inbox)
             found = first_inbox.first()
             while found and _ID.unpack(first_inbox.key())[0] in self._hidden:
                 found = first_inbox.next()
+            first_outbox = txn.cursor(db=self._outbox)
+            found_out = first_outbox.first()
+            # the boot frames are read only for an age to tell (status is the API's cheapest call)
+            timeline = self._frames.timeline(txn) if found or found_out else None
             oldest = _decode_message(first_inbox.key(), self._checked(first_inbox.value()), timeline) \
                 if found else None
             waiting = self.pending_in(txn) if self._hidden else 0
-            first_outbox = txn.cursor(db=self._outbox)
             oldest_out = _outbox_entry(first_outbox.key(), unpack_record(self._checked(first_outbox.value()), 5),
                                        timeline) \
-                if first_outbox.first() else None
+                if found_out else None
             figures: Dict[str, object] = {
                 "inbox_count": txn.stat(self._inbox)["entries"] - waiting,
                 "inbox_oldest": oldest.timestamp if oldest else None,

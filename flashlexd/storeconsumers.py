@@ -254,13 +254,15 @@ class ConsumerStore:
         false."""
         report = []
         with self._read() as txn:
-            timeline = self._frames.timeline(txn)
+            timeline = None  # read once, and only when an age is to be told
             for consumer in self._consumers_in(txn).values():
                 backlog, oldest, exact = self._backlog(txn, consumer)
                 entry = consumer.public()
                 entry["backlog"], entry["backlog_exact"] = backlog, exact
-                entry["oldest_age"] = None if oldest is None else \
-                    _decode_message(oldest[0], self._checked(oldest[1]), timeline).age
+                entry["oldest_age"] = None
+                if oldest is not None:
+                    timeline = timeline or self._frames.timeline(txn)
+                    entry["oldest_age"] = _decode_message(oldest[0], self._checked(oldest[1]), timeline).age
                 report.append(entry)
         return report
 
