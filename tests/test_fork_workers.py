@@ -65,9 +65,11 @@ def signal_set(mask: str) -> set:
 
 
 def api_socket_inode(path: Path) -> str:
+    """The listening socket's inode: an accepted connection shows the same path, without
+    __SO_ACCEPTCON (0x10000) in its flags."""
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         fields = line.split()
-        if len(fields) >= 8 and fields[7] == str(path):
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
             return fields[6]
     raise AssertionError(f"{path} is not a listening socket")
 
