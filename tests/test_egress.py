@@ -24,7 +24,15 @@ def fill_outbox(store: Store, count: int, start: int = 0) -> List[bytes]:
 
 
 def assert_delivered_in_order(subscriber: Subscriber, sent: List[bytes], max_duplicates: int) -> None:
-    wait_for(lambda: set(subscriber.lines()) >= set(sent), 30, "every entry at the subscriber")
+    try:
+        wait_for(lambda: set(subscriber.lines()) >= set(sent), 30, "every entry at the subscriber")
+    except AssertionError as exc:  # say what is missing, and whether the subscriber still runs
+        got = set(subscriber.lines())
+        missing = [i for i, p in enumerate(sent) if p not in got]
+        alive = subscriber.process is not None and subscriber.process.poll() is None
+        raise AssertionError(f"{exc}: {len(missing)} of {len(sent)} missing (sent positions"
+                             f" {missing[:3]}...{missing[-3:]}), mosquitto_sub"
+                             f" {'running' if alive else 'exited'}") from None
     received = subscriber.lines()
     assert list(dict.fromkeys(received)) == sent  # at least once; first copies in order
     assert len(received) - len(sent) <= max_duplicates
@@ -38,6 +46,12 @@ def test_outbox_drains_through_a_broker_restart(broker: Broker, tmp_path: Path, 
     worker = start_worker("egress", config)
     wait_for(lambda: store.outbox_count() <= 7_000, 30, "the drain under way")
     broker.restart()  # clean stop: the broker keeps the subscriber's session and queue
+    # mosquitto_sub was once seen (CI, 2 tests at a time) not to get every entry after the
+    # restart although the outbox emptied; how, its output did not tell. It is started again
+    # here, same id, so its session and queue come back whatever its own reconnect does; a loss
+    # by the egress would still show as entries missing.
+    subscriber.stop()
+    subscriber.start()
     wait_for(lambda: store.outbox_count() == 0, 60, "the outbox empty")
     assert_delivered_in_order(subscriber, sent, max_duplicates=500)
     worker.wait(lambda w: w.counters.get("outbox_backlog") == 0 and w.counters.get("inflight") == 0
