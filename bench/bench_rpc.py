@@ -76,6 +76,7 @@ def echo_loop(path: str) -> None:
 def rpc_loop(path: str, data_dir: str) -> None:
     """RpcServer hosted the way the supervisor hosts it."""
     store = Store(Path(data_dir), cap_bytes=512 << 20)
+    store.open_ack_journal()  # as the supervisor does: an ack is a journal record (docs/WEAR.md)
     started = time.monotonic()
     workers = [{"name": n, "pid": 1000 + i, "state": "ready", "restarts": 0, "heartbeat_age": 0.3}
                for i, n in enumerate(("ingress", "egress", "expiry"))]
