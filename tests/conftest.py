@@ -1,6 +1,7 @@
 """Shared fixtures. Real processes only, each stopped by PID at teardown."""
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -31,6 +32,26 @@ def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
         group = _group_of(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "alone: a test that measures a rate ratio on the whole"
+                            " machine runs with no other test beside it (the other xdist worker waits)")
+
+
+@pytest.fixture(autouse=True)
+def _machine_share(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests hold a shared lock on a file every xdist worker of the run sees; a test marked
+    `alone` holds it exclusively, so it starts once the other worker's test is done and that
+    worker starts its next only after it. Without xdist it is uncontended."""
+    lock_path = tmp_path_factory.getbasetemp().parent / "machine-share.lock"
+    with open(lock_path, "a") as lock:
+        alone = request.node.get_closest_marker("alone") is not None
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -683,6 +683,7 @@ def storm_and_gap_rates(stamps: List[float], storms: List[Tuple[float, float]],
     return storm_n / max(storm_s, 1e-9), gap_n / max(gap_s, 1e-9)
 
 
+@pytest.mark.alone  # its bound is on CPU sharing: another test beside it would be measured too
 def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon):
     """While ingress runs at full rate (one stream of messages from mosquitto_pub, always ahead
     of it), a local process hammers the API socket in alternating phases of a second: quiet,
