@@ -129,7 +129,7 @@ def test_local_clients_cannot_exhaust_descriptors_or_memory(broker, tmp_path, da
                    timed_out=codes.count(Code.FRAME_TIMEOUT), tricklers=TRICKLERS,
                    all_closed_after=f"{closed_after:.1f}s",
                    supervisor_rss_mb=f"{before['VmRSS']:.1f} -> peak {peak:.1f}"
-                                     f" (ceiling {after['VmHWM']:.1f}) -> {after['VmRSS']:.1f}",
+                                     f" (VmHWM {after['VmHWM']:.1f}) -> {after['VmRSS']:.1f}",
                    budget_mb=BUDGET_MB)
         line = result.emit()
         assert held == CAP - 1 or held == CAP, line  # wait_ready's status connection may linger
@@ -138,7 +138,9 @@ def test_local_clients_cannot_exhaust_descriptors_or_memory(broker, tmp_path, da
         assert len(answers) == len(socks), line  # every partial sender answered and closed
         assert codes.count(Code.BUSY) >= PARTIAL - BUDGET_MB, line
         assert codes.count(Code.FRAME_TIMEOUT) == len(socks) - codes.count(Code.BUSY), line
-        assert after["VmHWM"] - before["VmRSS"] < BUDGET_MB + 24, line
+        # the kernel's VmHWM can read below a VmRSS sampled earlier (seen: 35.3 vs 35.0 MB):
+        # the higher of the two is the peak
+        assert max(peak, after["VmHWM"]) - before["VmRSS"] < BUDGET_MB + 24, line
         assert status is not None and daemon.proc.poll() is None, line
         assert "Traceback" not in daemon.output(), line
     finally:
