@@ -6,7 +6,7 @@ keeps their ids (`_hidden`) and every read it serves steps over them (StoreBase.
 the named consumers' walks, the counts in `stats`). The records are applied to the inbox in
 ONE LMDB commit, which also stores the applied-through seq in `meta`, when APPLY_IDS ids wait
 or hold APPLY_BYTES of records (the cap counts them until then), at once while the store is
-near its cap (an app acking to make room for ingest under `reject` must free it now), when the
+near its cap or its disk is nearly full (an app acking to make room for ingest must free it now), when the
 journal is half used, APPLY_SECONDS after the oldest waiting ack, and at close; at
 open (the supervisor's start) whatever a crash left unapplied is applied before anything is
 served. Replaying a record twice deletes nothing the second time.
@@ -37,6 +37,7 @@ APPLY_BYTES = 1024 * 1024  # ... or record bytes they hold in the inbox (counted
 APPLY_SECONDS = 60.0  # the longest an acked message stays in the inbox (hidden) before an apply
 APPLY_RETRY = 5.0  # seconds between tries after an apply failed
 NEAR_CAP = 0.9  # share of the cap used from which every ack is applied at once (frees space now)
+LOW_DISK = 64 * 1024 * 1024  # free bytes on the data dir's filesystem below which likewise
 _APPLIED = b"ackjournal_applied"  # meta: the seq of the last journal record applied
 
 
@@ -141,7 +142,7 @@ class JournaledAcks:
                     new.append(record_id)
                     count += 1
                 counts.append(count)
-            near_cap = self._used_bytes(txn) >= NEAR_CAP * self.cap_bytes
+            near_cap = self._used_bytes(txn) >= NEAR_CAP * self.cap_bytes or self._disk_low()
         if not new:
             return counts
         journal = self._journal
@@ -161,6 +162,15 @@ class JournaledAcks:
         else:
             self.apply_acks_if_due(time.monotonic())
         return counts
+
+    def _disk_low(self) -> bool:
+        """A full disk stops data.mdb from growing: ingest then waits for pages that acks free
+        inside the file, which a waiting ack does not free until it is applied."""
+        try:
+            found = os.statvfs(self.path)
+        except OSError:
+            return False
+        return found.f_bavail * found.f_frsize < LOW_DISK
 
     def _apply_due(self, now: float) -> bool:
         if not self._pending:
