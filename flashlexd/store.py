@@ -47,7 +47,7 @@ Bytes written per message: docs/WEAR.md.
 from __future__ import annotations
 
 import struct
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
@@ -324,45 +324,63 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def stats(self) -> Dict[str, object]:
-        """Counts, oldest ages, totals and size used against the cap."""
+        """Counts, oldest ages, totals and size used against the cap.
+
+        `status` is polled, and its figures take eleven database stats and twenty counter reads:
+        they are read once per snapshot (a commit by any process makes a new one) and per
+        count of acks waiting in the journal; between those only the ages move, told from the
+        two oldest records kept aside."""
         with self._read() as txn:
-            first_inbox = txn.cursor(db=self._inbox)
-            found = first_inbox.first()
-            while found and _ID.unpack(first_inbox.key())[0] in self._hidden:
-                found = first_inbox.next()
-            first_outbox = txn.cursor(db=self._outbox)
-            found_out = first_outbox.first()
-            # the boot frames are read only for an age to tell (status is the API's cheapest call)
-            timeline = self._frames.timeline(txn) if found or found_out else None
-            oldest = _decode_message(first_inbox.key(), self._checked(first_inbox.value()), timeline) \
-                if found else None
-            waiting = self.pending_in(txn) if self._hidden else 0
-            oldest_out = _outbox_entry(first_outbox.key(), unpack_record(self._checked(first_outbox.value()), 5),
-                                       timeline) \
-                if found_out else None
-            figures: Dict[str, object] = {
-                "inbox_count": txn.stat(self._inbox)["entries"] - waiting,
-                "inbox_oldest": oldest.timestamp if oldest else None,
-                "inbox_oldest_age": oldest.age if oldest else None,
-                "inbox_last_id": self._counter(txn, b"inbox_last_id"),
-                "outbox_count": txn.stat(self._outbox)["entries"],
-                "outbox_oldest": oldest_out.created if oldest_out else None,
-                "outbox_oldest_age": oldest_out.age if oldest_out else None,
-                "dead_count": txn.stat(self._dead)["entries"],
-                "used_bytes": self._used_bytes(txn),
-                "cap_bytes": self.cap_bytes,
-                "when_full": self.when_full,
-            }
-            for name in COUNTERS:
-                figures[name] = self._counter(txn, name.encode())
-            figures["acked"] = self._acked_total(txn) + waiting
-            figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
+            state = (txn.id(), len(self._hidden))
+            if self._figures is None or self._figures[0] != state:
+                self._figures = (state, *self._read_figures(txn))
+            _, kept, oldest_in, oldest_out = self._figures
+            figures = dict(kept)
+            timeline = self._frames.snapshot_timeline(txn) if oldest_in or oldest_out else None
+        oldest = _decode_message(*oldest_in, timeline) if oldest_in else None
+        oldest_entry = _outbox_entry(oldest_out[0], unpack_record(oldest_out[1], 5), timeline) \
+            if oldest_out else None
+        figures.update(inbox_oldest=oldest.timestamp if oldest else None,
+                       inbox_oldest_age=oldest.age if oldest else None,
+                       outbox_oldest=oldest_entry.created if oldest_entry else None,
+                       outbox_oldest_age=oldest_entry.age if oldest_entry else None)
         return figures
+
+    def _read_figures(self, txn: lmdb.Transaction) -> Tuple[Dict[str, object], Optional[_Kept], Optional[_Kept]]:
+        """`stats` but the oldest records' times: the figures, and those records (key, value)."""
+        first_inbox = txn.cursor(db=self._inbox)
+        found = first_inbox.first()
+        while found and _ID.unpack(first_inbox.key())[0] in self._hidden:
+            found = first_inbox.next()
+        first_outbox = txn.cursor(db=self._outbox)
+        waiting = self.pending_in(txn) if self._hidden else 0
+        figures: Dict[str, object] = {
+            "inbox_count": txn.stat(self._inbox)["entries"] - waiting,
+            "inbox_last_id": self._counter(txn, b"inbox_last_id"),
+            "outbox_count": txn.stat(self._outbox)["entries"],
+            "dead_count": txn.stat(self._dead)["entries"],
+            "used_bytes": self._used_bytes(txn),
+            "cap_bytes": self.cap_bytes,
+            "when_full": self.when_full,
+        }
+        for name in COUNTERS:
+            figures[name] = self._counter(txn, name.encode())
+        figures["acked"] = self._acked_total(txn) + waiting
+        figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
+        return figures, _kept(first_inbox, self._checked) if found else None, \
+            _kept(first_outbox, self._checked) if first_outbox.first() else None
 
     @guarded
     def inbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._inbox)["entries"] - (self.pending_in(txn) if self._hidden else 0)
+
+
+_Kept = Tuple[bytes, bytes]  # a record's key and value, copied out of the map
+
+
+def _kept(cursor: lmdb.Cursor, checked: Callable[[memoryview], memoryview]) -> _Kept:
+    return bytes(cursor.key()), bytes(checked(cursor.value()))
 
 
 def _seq_at(cursor: lmdb.Cursor) -> int:

@@ -67,6 +67,7 @@ class StoreBase:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
         self.cap_bytes = cap_bytes
+        self._map_bytes = cap_bytes + self.headroom(cap_bytes)  # no value is longer than the map
         self.when_full = when_full
         self.expire_seconds = expire_seconds
         self.write_wait = write_wait
@@ -77,6 +78,7 @@ class StoreBase:
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
         self._sweep_from = b""  # the expiry walk's start: past messages stored without expiry
         self._hidden: Set[int] = set()  # inbox ids acked but not yet applied (storeacks.py)
+        self._figures: Optional[tuple] = None  # Store.stats's, read once per snapshot
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
             check = storecheck.walk_pages if check_pages else storecheck.check_data_file
@@ -86,7 +88,7 @@ class StoreBase:
                                f" {storecheck.HINT}") from None
         try:
             paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
-            self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
+            self._env = lmdb.open(str(self.path), map_size=self._map_bytes,
                                   max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
         except (OSError, lmdb.Error, paths.UnsafePath) as exc:
@@ -313,7 +315,7 @@ class StoreBase:
         """`raw` unless its length cannot be real. A garbled node can claim gigabytes; reading
         them would run off the end of the memory map (SIGSEGV), so such a value is refused
         before it is read. (A claim that fits the map is read: the file is backed that far.)"""
-        if len(raw) > self.cap_bytes + self.headroom(self.cap_bytes):
+        if len(raw) > self._map_bytes:
             raise CorruptRecord(f"a record claims {len(raw)} bytes, more than the whole store")
         return raw
 
@@ -386,7 +388,7 @@ class StoreBase:
             cursor = txn.cursor(db=db)
             if not _start(cursor, after):
                 return page
-            timeline = self._frames.timeline(txn)
+            timeline = self._frames.snapshot_timeline(txn)
             looked = 0
             hidden = self._hidden if db is self._inbox else ()
             for key, raw in cursor:

@@ -169,7 +169,7 @@ class ConsumerStore:
             cursor = txn.cursor(db=self._inbox)
             if limit <= 0 or not _start(cursor, start):
                 return found
-            timeline = self._frames.timeline(txn)
+            timeline = self._frames.snapshot_timeline(txn)
             keep = message_selector(topic, user_property)
             at_floor, passable = start == consumer.floor, 0
             for key, raw in cursor:
@@ -261,7 +261,7 @@ class ConsumerStore:
                 entry["backlog"], entry["backlog_exact"] = backlog, exact
                 entry["oldest_age"] = None
                 if oldest is not None:
-                    timeline = timeline or self._frames.timeline(txn)
+                    timeline = timeline or self._frames.snapshot_timeline(txn)
                     entry["oldest_age"] = _decode_message(oldest[0], self._checked(oldest[1]), timeline).age
                 report.append(entry)
         return report

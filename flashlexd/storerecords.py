@@ -120,13 +120,16 @@ def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
     record = unpack_record(raw, 7)
     wall, topic, payload, qos, retain, mid, expires_at = record[:7]
     seq, boot = _stamp_of(record, 7)
-    arrival, properties = timeline.arrival(wall, seq, boot), _properties(record, _INBOX_PROPERTIES)
-    due = [] if expires_at is None else [timeline.expiry_wall(expires_at, wall, seq, boot)]
-    if properties.get("message_expiry_interval"):  # its own expiry (MQTT 5), if sooner
-        due.append(arrival + properties["message_expiry_interval"])
-    return Message(id=_ID.unpack(key)[0], timestamp=arrival, topic=topic, payload=payload, qos=qos,
-                   retain=retain, mid=mid, expires_at=min(due) if due else None,
-                   age=timeline.age(wall, seq, boot), properties=properties)
+    arrival, age = timeline.times(wall, seq, boot)
+    properties = _properties(record, _INBOX_PROPERTIES)
+    if expires_at is not None:
+        expires_at = timeline.expiry_wall(expires_at, wall, seq, boot)
+    own = properties.get("message_expiry_interval")
+    if own:  # its own expiry (MQTT 5), if sooner
+        expires_at = arrival + own if expires_at is None else min(expires_at, arrival + own)
+    return Message.filled({"id": _ID.unpack(key)[0], "topic": topic, "payload": payload,
+                           "timestamp": arrival, "qos": qos, "retain": retain, "mid": mid,
+                           "expires_at": expires_at, "age": age, "properties": properties})
 
 
 def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:

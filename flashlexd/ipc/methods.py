@@ -24,6 +24,7 @@ from flashlexd.topics import publish_topic_problem, valid_filter
 # Inbox records one `paged` messages/wait call with a topic filter looks at: ~2 ms of the
 # supervisor's loop on a Pi-class core, whatever the inbox holds (the cursor says where to go on).
 SCAN_BUDGET = 500
+_ID_LIMIT = 2 ** 64  # ids are 8-byte keys
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
 
@@ -70,7 +71,7 @@ class _Params:
         """A message id: an int or its pk string (the decimal id)."""
         if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 64:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _ID_LIMIT:
             raise self.bad(name, "a message id (integer or pk string)", value)
         return value
 
@@ -79,6 +80,8 @@ class _Params:
         ids = self.get(name)
         if not isinstance(ids, list) or len(ids) > MAX_IDS_PER_ACK:
             raise self.bad(name, f"a list of at most {MAX_IDS_PER_ACK} message ids", ids)
+        if all(type(value) is int and 0 <= value < _ID_LIMIT for value in ids):
+            return ids  # what the client sends: checked at a fifth of record_id's cost
         return [self.record_id(name, value) for value in ids]
 
     def topic_filter(self, name: str) -> Optional[str]:
@@ -153,10 +156,10 @@ class Methods:
 
     def _bounded(self, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """The leading records that fit the response budget (at least one)."""
-        used = 0
+        used, budget = 0, self.rules.response_budget
         for index, record in enumerate(records):
             used += len(record["payload"]) + len(record["topic"]) + _RECORD_ENVELOPE
-            if used > self.rules.response_budget and index > 0:
+            if used > budget and index > 0:
                 return records[:index]
         return records
 
