@@ -58,7 +58,8 @@ from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _decode_message,
-                                    _keys_of, _ms, _outbox_entry, _stamp_of, message_selector)
+                                    _keys_of, _ms, _outbox_entry, _stamp_of, _topic_of,
+                                    message_selector)
 from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
@@ -402,11 +403,6 @@ def _first_of_later_boot(inbox: lmdb.Cursor, seq: int) -> bool:
         else:
             low = middle
     return inbox.set_range(_ID.pack(high))
-def _topic_of(raw: memoryview) -> str:
-    """An inbox record's topic, without building the message (filters look at many records)."""
-    return unpack_record(raw, 7)[1]
-
-
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     """Each message's DUP mark (`Incoming.mark`, computed once per message)."""
     return [m.mark for m in messages]

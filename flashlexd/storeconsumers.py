@@ -13,9 +13,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
-from flashlexd.storedamage import guarded, unpack_record
+from flashlexd.storedamage import guarded
 from flashlexd.storerecords import (_ID, Message, StoreBusy, _decode_message, _keys_of, _start,
-                                    message_selector)
+                                    _topic_of, message_selector)
 
 log = logging.getLogger("flashlexd.store")
 WALK_BUDGET = 20000  # inbox records one ack call's floor walk may pass (the rest: next call)
@@ -26,10 +26,6 @@ Consumers = Dict[str, ConsumerState]
 
 def _prefix(name: str) -> bytes:
     return name.encode() + b"\0"
-
-
-def _topic(raw: bytes) -> str:
-    return unpack_record(raw, 7)[1]
 
 
 class ConsumerStore:
@@ -75,7 +71,7 @@ class ConsumerStore:
         """`consumer` is done with `key` without an ack entry (its floor moves over it): the
         message leaves if every other matching consumer is done too."""
         others = [d for d in consumers.values() if d.name != consumer.name]
-        if self._settled(txn, key, _topic(raw), others):
+        if self._settled(txn, key, _topic_of(raw), others):
             self._remove_message(txn, key, consumers)
 
     def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
@@ -89,7 +85,7 @@ class ConsumerStore:
                 steps += 1
                 if steps > WALK_BUDGET:
                     break
-                if (every or consumer.matches(_topic(raw))) and not self._acked(txn, consumer, key):
+                if (every or consumer.matches(_topic_of(raw))) and not self._acked(txn, consumer, key):
                     break
                 floor = _ID.unpack(key)[0]
         self._forget_acks_through(txn, consumer, floor)
@@ -229,7 +225,7 @@ class ConsumerStore:
                 raw = txn.get(key, db=self._inbox)
                 if raw is None or _ID.unpack(key)[0] in self._hidden:
                     continue  # gone already: expired, dropped, or acked by the default consumer
-                topic = _topic(raw)
+                topic = _topic_of(raw)
                 if not consumer.matches(topic):
                     continue
                 new += 1
@@ -279,7 +275,7 @@ class ConsumerStore:
                     return count, oldest, False
                 record_id = _ID.unpack(key)[0]
                 if record_id not in acked and record_id not in self._hidden \
-                        and consumer.matches(_topic(self._checked(raw))):
+                        and consumer.matches(_topic_of(self._checked(raw))):
                     count += 1
                     oldest = oldest or (bytes(key), raw)
         return count, oldest, True
@@ -320,7 +316,7 @@ class ConsumerStore:
             for key, raw in cursor:
                 if _ID.unpack(key)[0] > target:
                     break
-                if consumer.matches(_topic(raw)) and not self._acked(txn, consumer, key):
+                if consumer.matches(_topic_of(raw)) and not self._acked(txn, consumer, key):
                     passed.append((bytes(key), bytes(raw)))
         for key, raw in passed:
             self._pass(txn, consumer, key, raw, consumers)
@@ -352,14 +348,14 @@ class ConsumerStore:
         held: List[Tuple[bytes, bytes]] = []
         if _start(cursor, gone.floor):
             for key, raw in cursor:
-                topic = _topic(raw)
+                topic = _topic_of(raw)
                 if gone.matches(topic) and not self._acked(txn, gone, key) and \
                         any(d.matches(topic) for d in rest.values()):
                     held.append((bytes(key), bytes(raw)))
         self._forget_acks_through(txn, gone, 2 ** 64 - 1)
         txn.delete(gone.name.encode(), db=self._consumer_db)
         for key, raw in held:
-            if self._settled(txn, key, _topic(raw), rest.values()):
+            if self._settled(txn, key, _topic_of(raw), rest.values()):
                 self._remove_message(txn, key, rest)
 
     def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
@@ -376,7 +372,7 @@ class ConsumerStore:
         while _ID.unpack(cursor.key())[0] > consumer.floor and visited < REPORT_BUDGET:
             visited += 1
             key = cursor.key()
-            if consumer.matches(_topic(cursor.value())) and not self._acked(txn, consumer, key):
+            if consumer.matches(_topic_of(cursor.value())) and not self._acked(txn, consumer, key):
                 count += 1
                 if count > limit:
                     self._skip_to(txn, consumer, _ID.unpack(key)[0], consumers, count_dropped=True)
@@ -391,7 +387,7 @@ class ConsumerStore:
         if not consumers:
             return
         for key, raw in dropped:
-            topic = _topic(raw)
+            topic = _topic_of(raw)
             for consumer in consumers.values():
                 if consumer.matches(topic) and not self._done(txn, consumer, key):
                     consumer.dropped += 1

@@ -26,6 +26,7 @@ DupMark = bytes  # digest of topic + payload (redelivery.py)
 _DEAD_FIELDS = 3  # a dead letter's own fields, before the outbox record it keeps whole
 _INBOX_PROPERTIES = 9   # schema 4: an inbox record's properties, after the stamp; absent: none
 _OUTBOX_PROPERTIES = 7  # schema 4: an outbox entry's properties, after the stamp; absent: none
+_READ_TOPIC_FROM = 2048  # bytes: a larger record's topic is read from its head (_topic_of)
 
 
 class StoreError(Exception):
@@ -140,6 +141,32 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
     return OutboxEntry(id=_ID.unpack(key)[0], created=timeline.arrival(wall, seq, boot), topic=topic,
                        payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot),
                        properties=_properties(record, _OUTBOX_PROPERTIES))
+
+
+def _topic_of(raw: memoryview) -> str:
+    """An inbox record's topic. Filters look at many records, and unpacking a record copies its
+    payload (up to 256 KB: 5 us at 100 KB), so a large one's topic is read from its head: as
+    the store writes it, an array header, the arrival time (float 64), the topic (fixstr, str
+    8/16). Small records, and anything else, are unpacked whole (a damaged one fails as one)."""
+    if len(raw) > _READ_TOPIC_FROM and raw[0] & 0xF0 == 0x90 and raw[1] == 0xCB:
+        tag = raw[10]
+        if tag & 0xE0 == 0xA0:
+            start, length = 11, tag & 0x1F
+        elif tag == 0xD9:
+            start, length = 12, raw[11]
+        elif tag == 0xDA:
+            start, length = 13, raw[11] << 8 | raw[12]
+        else:
+            start, length = 0, -1
+        if 0 <= length <= len(raw) - start:
+            try:
+                return str(raw[start:start + length], "utf-8")
+            except UnicodeDecodeError:
+                pass  # unpacked whole below: CorruptRecord
+    topic = unpack_record(raw, 7)[1]
+    if not isinstance(topic, str):
+        raise CorruptRecord("a record's topic is not a string")
+    return topic
 
 
 def _properties(record: list, at: int) -> Dict[str, Any]:

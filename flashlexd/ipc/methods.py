@@ -7,8 +7,9 @@ frame budget (always at least one record, so a large message is still deliverabl
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from flashlexd.consumers import RESET_TARGETS, UnknownConsumer
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
@@ -16,6 +17,7 @@ from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
 from flashlexd.ipc.sharedcommit import SharedCommits
+from flashlexd.ipc.walk import Walk
 from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
@@ -27,6 +29,7 @@ SCAN_BUDGET = 500
 _ID_LIMIT = 2 ** 64  # ids are 8-byte keys
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
+T = TypeVar("T")
 
 
 class _Params:
@@ -98,6 +101,18 @@ class _Params:
             known = ", ".join(sorted(self.read)) or "none"
             raise RpcFailure(Code.BAD_PARAMS,
                              f"{self.method}: unknown param '{unknown[0]}' (accepted: {known})")
+
+
+def _store_failures(read: Callable[..., T]) -> Callable[..., T]:
+    """`read`, run later by the server (a parked call's poll, a walk's step), with a store
+    error as the caller's `store_error` (`handle` does that for a call answered at once)."""
+    @functools.wraps(read)
+    def run(*args: Any) -> T:
+        try:
+            return read(*args)
+        except StoreError as exc:
+            raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+    return run
 
 
 def _show(value: Any) -> str:
@@ -182,7 +197,9 @@ class Methods:
         filtered = topic is not None or user_property is not None
         page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
         found = self._bounded([m.to_dict() for m in page.found])
-        return {"messages": found, "cursor": page.cursor}, page.last
+        # a full response ends the walk: a cursor past records it left out would skip them
+        cursor = page.cursor if len(found) == len(page.found) else None
+        return {"messages": found, "cursor": cursor}, page.last
 
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
         limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
@@ -236,6 +253,8 @@ class Methods:
         p.done()
         if paged:
             return self._fetch_page(limit, topic, after, consumer, wanted)[0]
+        if consumer is None and (topic is not None or wanted is not None):
+            return self._walked(limit, topic, after, wanted, None)
         return self._fetch(limit, topic, after, consumer, wanted)
 
     def _ack(self, p: _Params) -> Any:
@@ -256,16 +275,28 @@ class Methods:
         p.done()
         if paged:
             return self._wait_paged(timeout, limit, topic, after, consumer, wanted)
+        if consumer is None and (topic is not None or wanted is not None):
+            return self._walked(limit, topic, after, wanted, timeout)
         found = self._fetch(limit, topic, after, consumer, wanted)
         if found or timeout == 0:
             return found
 
+        @_store_failures
         def poll() -> Optional[List[Dict[str, Any]]]:  # run by the server on notify_inbox()
-            try:
-                return self._fetch(limit, topic, after, consumer, wanted) or None
-            except StoreError as exc:
-                raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+            return self._fetch(limit, topic, after, consumer, wanted) or None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
+
+    def _walked(self, limit: int, topic: Optional[str], after: Optional[int],
+                wanted: Optional[Tuple[str, str]], timeout: Optional[float]) -> Any:
+        """An unpaged read with a filter (`timeout` None: `messages`): the bare list callers of
+        the protocol before `paged` expect, read one page per turn of the server's loop (walk.py)."""
+        walk = Walk(_store_failures(lambda room, start: self._fetch_page(room, topic, start, None, wanted)),
+                    limit, after, self._bounded, waits=timeout is not None)
+        found = walk.step()
+        if found is not None:
+            return found
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        return Pending(deadline=deadline, poll=walk.poll, timeout_result=[], walk=walk)
 
     def _wait_paged(self, timeout: float, limit: int, topic: Optional[str],
                     after: Optional[int], consumer: Optional[str],
@@ -278,11 +309,9 @@ class Methods:
             return answer
         position = [last if last is not None else after]
 
+        @_store_failures
         def poll() -> Optional[Dict[str, Any]]:  # run by the server on notify_inbox()
-            try:
-                found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
-            except StoreError as exc:
-                raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+            found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
             if found["messages"] or found["cursor"] is not None:
                 return found
             if seen is not None:

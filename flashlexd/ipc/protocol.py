@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 import msgpack
 
+from flashlexd.ipc.walk import Walk
 from flashlexd.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD,
                                    Code, encode_frame, request_unpack_options, version_mismatch)
 
@@ -71,11 +72,17 @@ class Pending:
     that is not None completes the request. At `deadline` (time.monotonic) the request is
     answered with `timeout_result`, or with what `resolve()` returns when it is set (a write
     that shares one commit with others: sharedcommit.py; it may raise RpcFailure). Nothing polls
-    the store on a timer."""
+    the store on a timer. `walk` (walk.py): a read still walking the inbox, one page per turn of
+    the server's loop; its deadline counts only once it stopped walking."""
     deadline: float
     poll: Callable[[], Optional[Any]]
     timeout_result: Any = None
     resolve: Optional[Callable[[], Any]] = None
+    walk: Optional[Walk] = None
+
+    @property
+    def walking(self) -> bool:
+        return self.walk is not None and self.walk.walking
 
 
 @dataclass(frozen=True)
