@@ -62,7 +62,8 @@ class StoreBase:
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
                  expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
-                 clock: Optional[Clock] = None, check_pages: bool = False):
+                 clock: Optional[Clock] = None, check_pages: bool = False,
+                 check_progress: Optional[Callable[[int, int], None]] = None):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -81,8 +82,10 @@ class StoreBase:
         self._figures: Optional[tuple] = None  # Store.stats's, read once per snapshot
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
-            check = storecheck.walk_pages if check_pages else storecheck.check_data_file
-            check(self.path / "data.mdb")
+            if check_pages:
+                storecheck.walk_pages(self.path / "data.mdb", check_progress)
+            else:
+                storecheck.check_data_file(self.path / "data.mdb")
         except storecheck.DataFileDamaged as exc:
             raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
                                f" {storecheck.HINT}") from None
@@ -193,9 +196,13 @@ class StoreBase:
 
     @classmethod
     def from_config(cls: Type[S], store_config, write_wait: Optional[float] = None,
-                    check_pages: bool = False) -> S:
+                    check_pages: bool = False,
+                    check_progress: Optional[Callable[[int, int], None]] = None) -> S:
+        """`check_pages`: read every page before LMDB maps the file (storecheck.walk_pages,
+        which calls `check_progress(pages read, pages)` as it goes)."""
         return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
-                   store_config.expire_seconds, write_wait, check_pages=check_pages)
+                   store_config.expire_seconds, write_wait, check_pages=check_pages,
+                   check_progress=check_progress)
 
     def close(self) -> None:
         if os.getpid() == self._pid:
