@@ -8,7 +8,9 @@ For each size a store is filled with ~200-byte messages on `bench/N` topics plus
 `rare/y` at the end, and served by `RpcServer` hosted the way the supervisor hosts it (its own
 process, bench_rpc.py's loop). One client times each call, interleaved round by round: `status`,
 `messages(limit=1)` (no filter), one `paged` `messages(topic="rare/#")` call and one `paged`
-`wait(timeout=0)` (each one wire call, the supervisor's loop is busy that long at most), the
+`wait(timeout=0)` and a paged read of a named consumer of `rare/#` (each one wire call, the
+supervisor's loop is busy that long at most; `status` reports two named consumers, one of every
+topic and that one, neither acking: their backlogs are counted up to a budget), the
 client's whole `messages(topic="rare/#")` (it follows the cursors to the match), and the
 unpaged call (3 rounds), which the server walks one page per turn of its loop (ipc/walk.py):
 its answer takes as long as the whole walk, but a second client's `status`, timed meanwhile,
@@ -32,11 +34,13 @@ from benchlib import ms, verdict
 from benchlib import PAYLOAD_BYTES
 from bench_rpc import connect_when_up, fill, rpc_loop, spawn
 from flashlexd.client import Client
+from flashlexd.consumers import ConsumerSpec
 from flashlexd.ipc.methods import SCAN_BUDGET
 from flashlexd.store import Incoming, Store
 
 TARGET = 0.005  # seconds, every single call at the largest size
 RARE = "rare/#"
+CONSUMERS = (ConsumerSpec("all"), ConsumerSpec("rare", RARE))  # named consumers, never acking
 STATUS_DURING_WALK = "status, while an unpaged call walks the whole inbox"
 
 
@@ -71,6 +75,7 @@ def measure(size: int, rounds: int, root: Path) -> Dict[str, List[float]]:
     data_dir = root / f"store-{size}"
     fill(str(data_dir), size, b"x" * PAYLOAD_BYTES)
     store = Store(data_dir, cap_bytes=512 << 20)
+    store.consumer_declare(CONSUMERS, time.time())  # status reports their backlogs
     [rare] = store.append([Incoming("rare/y", b"the one")])
     store.close()
     path = str(root / f"api-{size}.sock")
@@ -85,6 +90,8 @@ def measure(size: int, rounds: int, root: Path) -> Dict[str, List[float]]:
                 f"messages(topic={RARE!r}), one paged call": lambda: fx.call("messages", topic=RARE, paged=True),
                 f"wait(topic={RARE!r}, timeout=0), one paged call":
                     lambda: fx.call("wait", topic=RARE, timeout=0, paged=True),
+                "messages(consumer='rare'), one paged call":
+                    lambda: fx.call("messages", consumer="rare", paged=True),
             }
             samples = timed(bounded, rounds)
             samples[STATUS_DURING_WALK] = status_during_walks(path, fx, 3)

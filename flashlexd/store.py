@@ -47,7 +47,7 @@ Bytes written per message: docs/WEAR.md.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
@@ -58,8 +58,8 @@ from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _decode_message,
-                                    _keys_of, _ms, _outbox_entry, _stamp_of, _topic_of,
-                                    message_selector)
+                                    _Kept, _kept, _keys_of, _ms, _outbox_entry, _stamp_of,
+                                    _topic_of, message_selector)
 from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
@@ -325,17 +325,11 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def stats(self) -> Dict[str, object]:
-        """Counts, oldest ages, totals and size used against the cap.
-
-        `status` is polled, and its figures take eleven database stats and twenty counter reads:
-        they are read once per snapshot (a commit by any process makes a new one) and per
-        count of acks waiting in the journal; between those only the ages move, told from the
-        two oldest records kept aside."""
+        """Counts, oldest ages, totals and size used against the cap. Read once per snapshot
+        (`_per_snapshot`: eleven database stats and twenty counter reads); between commits only
+        the ages move, told from the two oldest records kept aside."""
         with self._read() as txn:
-            state = (txn.id(), len(self._hidden))
-            if self._figures is None or self._figures[0] != state:
-                self._figures = (state, *self._read_figures(txn))
-            _, kept, oldest_in, oldest_out = self._figures
+            kept, oldest_in, oldest_out = self._per_snapshot(txn, "figures", self._read_figures)
             figures = dict(kept)
             timeline = self._frames.snapshot_timeline(txn) if oldest_in or oldest_out else None
         oldest = _decode_message(*oldest_in, timeline) if oldest_in else None
@@ -368,20 +362,13 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             figures[name] = self._counter(txn, name.encode())
         figures["acked"] = self._acked_total(txn) + waiting
         figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
-        return figures, _kept(first_inbox, self._checked) if found else None, \
-            _kept(first_outbox, self._checked) if first_outbox.first() else None
+        return figures, _kept(first_inbox.key(), self._checked(first_inbox.value())) if found else None, \
+            _kept(first_outbox.key(), self._checked(first_outbox.value())) if first_outbox.first() else None
 
     @guarded
     def inbox_count(self) -> int:
         with self._read() as txn:
             return txn.stat(self._inbox)["entries"] - (self.pending_in(txn) if self._hidden else 0)
-
-
-_Kept = Tuple[bytes, bytes]  # a record's key and value, copied out of the map
-
-
-def _kept(cursor: lmdb.Cursor, checked: Callable[[memoryview], memoryview]) -> _Kept:
-    return bytes(cursor.key()), bytes(checked(cursor.value()))
 
 
 def _seq_at(cursor: lmdb.Cursor) -> int:

@@ -79,7 +79,7 @@ class StoreBase:
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
         self._sweep_from = b""  # the expiry walk's start: past messages stored without expiry
         self._hidden: Set[int] = set()  # inbox ids acked but not yet applied (storeacks.py)
-        self._figures: Optional[tuple] = None  # Store.stats's, read once per snapshot
+        self._snapshots: Dict[str, Tuple[Tuple[int, int], object]] = {}  # `_per_snapshot`'s
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
             if check_pages:
@@ -317,6 +317,16 @@ class StoreBase:
         except lmdb.MapResizedError:
             self._env.set_mapsize(0)
             return self._env.begin(write=False, buffers=True)
+
+    def _per_snapshot(self, txn: lmdb.Transaction, what: str, read: Callable[[lmdb.Transaction], T]) -> T:
+        """`read(txn)`, read again only after a commit (by any process: a new snapshot id) or
+        an ack journaled since (it hides a message without a commit). For `status`, which is
+        polled, and whose figures take dozens of database reads and walks."""
+        state = (txn.id(), len(self._hidden))
+        kept = self._snapshots.get(what)
+        if kept is None or kept[0] != state:
+            kept = self._snapshots[what] = (state, read(txn))
+        return kept[1]  # type: ignore[return-value]
 
     def _checked(self, raw: memoryview) -> memoryview:
         """`raw` unless its length cannot be real. A garbled node can claim gigabytes; reading

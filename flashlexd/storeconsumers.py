@@ -13,14 +13,18 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
+from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
-from flashlexd.storerecords import (_ID, Message, StoreBusy, _decode_message, _keys_of, _start,
-                                    _topic_of, message_selector)
+from flashlexd.storerecords import (_ID, Message, StoreBusy, _decode_message, _Kept, _kept, _keys_of,
+                                    _start, _topic_of, message_selector)
 
 log = logging.getLogger("flashlexd.store")
-WALK_BUDGET = 20000  # inbox records one ack call's floor walk may pass (the rest: next call)
-FLOOR_HINT = 1000  # records a read passes before it moves the floor
-REPORT_BUDGET = 200000  # inbox records a report looks at per consumer: status stays quick
+# Inbox records one call may walk, so that the supervisor's loop (the API, the watch on the
+# workers) never waits long for one; ~1-2 us a record here, several times that on a Pi.
+WALK_BUDGET = 2000  # an ack call's floor walk (the rest: the next call)
+FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
+REPORT_BUDGET = 1000  # a consumer's backlog counted for `status`: past that, a lower bound
+TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
 Consumers = Dict[str, ConsumerState]
 
 
@@ -153,37 +157,48 @@ class ConsumerStore:
                           after: Optional[int] = None,
                           user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """The consumer's unacked messages past `after`, oldest first (its filter, then `topic`
-        and `user_property` as in `messages`).
+        and `user_property` as in `messages`)."""
+        return self.consumer_messages_page(name, limit, topic, after, None, user_property).found
+
+    @guarded
+    def consumer_messages_page(self, name: str, limit: int = 100, topic: Optional[str] = None,
+                               after: Optional[int] = None, budget: Optional[int] = None,
+                               user_property: Optional[Tuple[str, str]] = None) -> ScanPage[Message]:
+        """`consumer_messages`, looking at no more than `budget` inbox records (None: no bound;
+        the page's cursor says where to go on, as `messages_page`'s does).
         A read that had to pass FLOOR_HINT records the consumer is done with (other apps'
         topics) before its first unacked one moves its floor over them (one small write), so
         that a consumer of rare topics does not walk the same records on every `wait` poll."""
-        found: List[Message] = []
+        page: ScanPage[Message] = ScanPage([], None)
         with self._read() as txn:
             consumer = self._consumer_in(txn, name)
             start = max(consumer.floor, after or 0)
             acked = self._acks_above(txn, consumer, start)
             cursor = txn.cursor(db=self._inbox)
             if limit <= 0 or not _start(cursor, start):
-                return found
+                return page
             timeline = self._frames.snapshot_timeline(txn)
             keep = message_selector(topic, user_property)
-            at_floor, passable = start == consumer.floor, 0
+            at_floor, passable, looked = start == consumer.floor, 0, 0
             for key, raw in cursor:
-                if _ID.unpack(key)[0] in acked or _ID.unpack(key)[0] in self._hidden:
-                    passable += at_floor
-                    continue
-                message = _decode_message(key, self._checked(raw), timeline)
-                if not consumer.matches(message.topic):
+                if budget is not None and looked >= budget:
+                    page.cursor = page.last  # not looked at yet: the next call starts here
+                    break
+                looked += 1
+                page.last = record_id = _ID.unpack(key)[0]
+                raw = self._checked(raw)
+                if record_id in acked or record_id in self._hidden or not consumer.matches(_topic_of(raw)):
                     passable += at_floor
                     continue
                 at_floor = False
+                message = _decode_message(key, raw, timeline)
                 if keep is None or keep(message):
-                    found.append(message)
-                    if len(found) >= limit:
+                    page.found.append(message)
+                    if len(page.found) >= limit:
                         break
         if passable >= FLOOR_HINT and self.damage is None:
             self._move_floor(name)
-        return found
+        return page
 
     def _move_floor(self, name: str) -> None:
         """Advance the floor for a read (see consumer_messages); a busy store just skips it."""
@@ -247,27 +262,33 @@ class ConsumerStore:
         """Each consumer with its backlog (unacked matching messages) and the age of its oldest.
         It walks the backlog, up to REPORT_BUDGET records a consumer (the API server's loop must
         not stall on a huge store): past that, `backlog` is a lower bound and `backlog_exact`
-        false."""
-        report = []
+        false. Read once per snapshot (`_per_snapshot`); between commits only the ages move."""
         with self._read() as txn:
-            timeline = None  # read once, and only when an age is to be told
-            for consumer in self._consumers_in(txn).values():
-                backlog, oldest, exact = self._backlog(txn, consumer)
-                entry = consumer.public()
-                entry["backlog"], entry["backlog_exact"] = backlog, exact
-                entry["oldest_age"] = None
-                if oldest is not None:
-                    timeline = timeline or self._frames.snapshot_timeline(txn)
-                    entry["oldest_age"] = _decode_message(oldest[0], self._checked(oldest[1]), timeline).age
-                report.append(entry)
+            counted = self._per_snapshot(txn, "consumers", self._count_backlogs)
+            timeline = self._frames.snapshot_timeline(txn) if any(oldest for _, oldest in counted) else None
+        report = []
+        for entry, oldest in counted:
+            entry = dict(entry)
+            entry["oldest_age"] = _decode_message(*oldest, timeline).age if oldest else None
+            report.append(entry)
         return report
 
-    def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState
-                 ) -> Tuple[int, Optional[Tuple[bytes, bytes]], bool]:
+    def _count_backlogs(self, txn: lmdb.Transaction) -> List[Tuple[Dict[str, object], Optional[_Kept]]]:
+        """`consumers_report` but the ages: each consumer's entry, and its oldest unacked record."""
+        counted = []
+        for consumer in self._consumers_in(txn).values():
+            backlog, oldest, exact = self._backlog(txn, consumer)
+            entry = consumer.public()
+            entry["backlog"], entry["backlog_exact"] = backlog, exact
+            counted.append((entry, oldest))
+        return counted
+
+    def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState) -> Tuple[int, Optional[_Kept], bool]:
         """(unacked matching messages, the oldest one's key and record, whether counted to the end)."""
         acked = self._acks_above(txn, consumer, consumer.floor)
         cursor = txn.cursor(db=self._inbox)
         count, oldest, visited = 0, None, 0
+        every = consumer.filter == "#"
         if _start(cursor, consumer.floor):
             for key, raw in cursor:
                 visited += 1
@@ -275,9 +296,9 @@ class ConsumerStore:
                     return count, oldest, False
                 record_id = _ID.unpack(key)[0]
                 if record_id not in acked and record_id not in self._hidden \
-                        and consumer.matches(_topic_of(self._checked(raw))):
+                        and (every or consumer.matches(_topic_of(self._checked(raw)))):
                     count += 1
-                    oldest = oldest or (bytes(key), raw)
+                    oldest = oldest or _kept(key, self._checked(raw))
         return count, oldest, True
 
     # -- moving a consumer, trimming, removing ------------------------------------------------
@@ -360,7 +381,7 @@ class ConsumerStore:
 
     def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
         """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted
-        from the newest message back, over at most REPORT_BUDGET records (a sweep must not stall
+        from the newest message back, over at most TRIM_BUDGET records (a sweep must not stall
         the supervisor): a narrow filter's backlog spread thinner than that is not trimmed."""
         limit = consumer.max_backlog or 0
         if self._counter(txn, b"inbox_last_id") - consumer.floor <= limit:
@@ -369,7 +390,7 @@ class ConsumerStore:
         count = visited = 0
         if not cursor.last():
             return False
-        while _ID.unpack(cursor.key())[0] > consumer.floor and visited < REPORT_BUDGET:
+        while _ID.unpack(cursor.key())[0] > consumer.floor and visited < TRIM_BUDGET:
             visited += 1
             key = cursor.key()
             if consumer.matches(_topic_of(cursor.value())) and not self._acked(txn, consumer, key):

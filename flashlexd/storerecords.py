@@ -82,6 +82,13 @@ class Incoming:
 DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set
 
 
+_Kept = Tuple[bytes, bytes]  # a record's key and value, copied out of the map (kept past its txn)
+
+
+def _kept(key: memoryview, value: memoryview) -> _Kept:
+    return bytes(key), bytes(value)
+
+
 def _key(record_id: int) -> bytes:
     return _ID.pack(record_id)
 

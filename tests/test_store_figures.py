@@ -100,3 +100,16 @@ def test_the_databases_are_read_once_per_snapshot(store: Store, monkeypatch: pyt
     assert len(reads) == 1, "figures read again with no commit in between"
     store.append([Incoming("t", b"b")])
     assert store.stats()["inbox_count"] == 2 and len(reads) == 2
+
+
+def test_the_consumers_report_follows_commits_and_journaled_acks(store: Store):
+    from flashlexd.consumers import ConsumerSpec
+    store.open_ack_journal()
+    store.consumer_declare([ConsumerSpec("all")], 0.0)
+    ids = store.append([Incoming("t", b"a"), Incoming("t", b"b")])
+    assert [c["backlog"] for c in store.consumers_report()] == [2]
+    store.append([Incoming("t", b"c")])
+    assert [c["backlog"] for c in store.consumers_report()] == [3]
+    assert store.ack(ids[:1]) == 1  # unnamed: gone for everyone, waiting in the journal
+    [entry] = store.consumers_report()
+    assert entry["backlog"] == 2 and entry["oldest_age"] is not None

@@ -178,24 +178,22 @@ class Methods:
                 return records[:index]
         return records
 
-    def _fetch(self, limit: int, topic: Optional[str], after: Optional[int],
-               consumer: Optional[str] = None,
-               user_property: Optional[Tuple[str, str]] = None) -> List[Dict[str, Any]]:
-        found = self.store.messages(limit, topic, after, user_property) if consumer is None else \
-            self.store.consumer_messages(consumer, limit, topic, after, user_property)
-        return self._bounded([m.to_dict() for m in found])
+    def _fetch(self, limit: int, after: Optional[int]) -> List[Dict[str, Any]]:
+        """An unfiltered read of the inbox: `limit` bounds its walk."""
+        return self._bounded([m.to_dict() for m in self.store.messages(limit, None, after)])
 
     def _fetch_page(self, limit: int, topic: Optional[str], after: Optional[int],
                     consumer: Optional[str] = None, user_property: Optional[Tuple[str, str]] = None
                     ) -> Tuple[Dict[str, Any], Optional[int]]:
         """A `paged` answer, {"messages": [...], "cursor": id or None}, from a walk of at most
-        SCAN_BUDGET records when a filter is given (without one every record is kept and
-        `limit` bounds the walk); and the last id looked at (where a parked wait goes on). A
-        named consumer's read keeps its own bounds (storeconsumers.py): never a cursor."""
+        SCAN_BUDGET records when a filter or a named consumer is given (without either every
+        record is kept and `limit` bounds the walk); and the last id looked at (where a parked
+        wait goes on)."""
         if consumer is not None:
-            return {"messages": self._fetch(limit, topic, after, consumer, user_property), "cursor": None}, None
-        filtered = topic is not None or user_property is not None
-        page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
+            page = self.store.consumer_messages_page(consumer, limit, topic, after, SCAN_BUDGET, user_property)
+        else:
+            filtered = topic is not None or user_property is not None
+            page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
         found = self._bounded([m.to_dict() for m in page.found])
         # a full response ends the walk: a cursor past records it left out would skip them
         cursor = page.cursor if len(found) == len(page.found) else None
@@ -253,9 +251,9 @@ class Methods:
         p.done()
         if paged:
             return self._fetch_page(limit, topic, after, consumer, wanted)[0]
-        if consumer is None and (topic is not None or wanted is not None):
-            return self._walked(limit, topic, after, wanted, None)
-        return self._fetch(limit, topic, after, consumer, wanted)
+        if consumer is not None or topic is not None or wanted is not None:
+            return self._walked(limit, topic, after, consumer, wanted, None)
+        return self._fetch(limit, after)
 
     def _ack(self, p: _Params) -> Any:
         ids = p.ids("ids")
@@ -275,22 +273,23 @@ class Methods:
         p.done()
         if paged:
             return self._wait_paged(timeout, limit, topic, after, consumer, wanted)
-        if consumer is None and (topic is not None or wanted is not None):
-            return self._walked(limit, topic, after, wanted, timeout)
-        found = self._fetch(limit, topic, after, consumer, wanted)
+        if consumer is not None or topic is not None or wanted is not None:
+            return self._walked(limit, topic, after, consumer, wanted, timeout)
+        found = self._fetch(limit, after)
         if found or timeout == 0:
             return found
 
         @_store_failures
         def poll() -> Optional[List[Dict[str, Any]]]:  # run by the server on notify_inbox()
-            return self._fetch(limit, topic, after, consumer, wanted) or None
+            return self._fetch(limit, after) or None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
 
-    def _walked(self, limit: int, topic: Optional[str], after: Optional[int],
+    def _walked(self, limit: int, topic: Optional[str], after: Optional[int], consumer: Optional[str],
                 wanted: Optional[Tuple[str, str]], timeout: Optional[float]) -> Any:
-        """An unpaged read with a filter (`timeout` None: `messages`): the bare list callers of
-        the protocol before `paged` expect, read one page per turn of the server's loop (walk.py)."""
-        walk = Walk(_store_failures(lambda room, start: self._fetch_page(room, topic, start, None, wanted)),
+        """An unpaged read with a filter or for a named consumer (`timeout` None: `messages`):
+        the bare list callers of the protocol before `paged` expect, read one page per turn of
+        the server's loop (walk.py)."""
+        walk = Walk(_store_failures(lambda room, start: self._fetch_page(room, topic, start, consumer, wanted)),
                     limit, after, self._bounded, waits=timeout is not None)
         found = walk.step()
         if found is not None:
