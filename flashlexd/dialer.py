@@ -67,26 +67,32 @@ class DialedClient(paho.Client):
         return held
 
     def take_publishes(self, limit: int) -> Optional[List[Publish]]:
-        """Up to `limit` whole QoS 0/1 PUBLISH packets from what was read, reading once more
-        when paho took it all (publishread.py), with paho's keepalive clock kept as paho's own
-        reads keep it. Only between two of paho's packets: [] when the next packet is paho's
-        (another kind, or cut by the end of the read; an error or the end of the connection
+        """Up to `limit` whole QoS 0/1 PUBLISH packets from what was read, reading on while the
+        socket has more (publishread.py), with paho's keepalive clock kept as paho's own reads
+        keep it. Only between two of paho's packets: [] when the next packet is paho's
+        (another kind, or cut by the end of a read; an error or the end of the connection
         waits for paho's next read), None when the socket has nothing now."""
         if self._in_packet["command"]:
             return []  # paho is inside a packet
-        if self._read_at >= len(self._read):
-            try:
-                self._read, self._read_at = self._recv(), 0
-            except BlockingIOError:
-                return None
-            except OSError as exc:
-                self._held = exc
-                return []
-            if not self._read:
-                self._held = b""
-                return []
         found: List[Publish] = []
-        self._read_at = parse_publishes(self._read, self._read_at, self._protocol == paho.MQTTv5, limit, found)
+        v5 = self._protocol == paho.MQTTv5
+        while len(found) < limit:
+            if self._read_at >= len(self._read):
+                try:
+                    self._read, self._read_at = self._recv(), 0
+                except BlockingIOError:
+                    if not found:
+                        return None
+                    break
+                except OSError as exc:
+                    self._held = exc
+                    break
+                if not self._read:
+                    self._held = b""
+                    break
+            self._read_at = parse_publishes(self._read, self._read_at, v5, limit - len(found), found)
+            if self._read_at < len(self._read):
+                break  # the limit, or a packet for paho
         if found:
             with self._msgtime_mutex:
                 setattr(self, self._received_at, paho.time_func())

@@ -195,7 +195,8 @@ class IngressWorker(Worker):
         if not self.batch:
             self.batch_started = now
         self.last_arrival = now
-        limit = self.config.store.max_payload_bytes
+        limit, generation = self.config.store.max_payload_bytes, self.generation
+        append = self.batch.append
         for raw_topic, payload, qos, retain, mid, dup, properties in found:
             incoming: Optional[Incoming] = None
             try:
@@ -214,7 +215,7 @@ class IngressWorker(Worker):
                 incoming = Incoming(topic, payload, qos, retain, mid, dup, self._dedupe_key(payload, properties),
                                     properties_of(properties) or None)
                 self.batch_bytes += len(payload)
-            self.batch.append(_Pending(incoming, mid, qos, self.generation))
+            append(_Pending(incoming, mid, qos, generation))
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
 
