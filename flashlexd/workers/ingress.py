@@ -190,7 +190,7 @@ class IngressWorker(Worker):
 
     def _on_publishes(self, found: List[Publish]) -> None:
         """PUBLISH packets as read (publishread.py), into the batch. One clock reading for
-        them all: they came in one read."""
+        them all: they came in one run of socket reads."""
         now = time.monotonic()
         if not self.batch:
             self.batch_started = now
@@ -212,8 +212,9 @@ class IngressWorker(Worker):
                 log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)", len(payload),
                             topic, limit)
             else:
-                incoming = Incoming(topic, payload, qos, retain, mid, dup, self._dedupe_key(payload, properties),
-                                    properties_of(properties) or None)
+                incoming = Incoming.received(topic, payload, qos, retain, mid, dup,
+                                             self._dedupe_key(payload, properties),
+                                             properties_of(properties) or None)
                 self.batch_bytes += len(payload)
             append(_Pending(incoming, mid, qos, generation))
         self.counters["received"] += len(found)
