@@ -9,14 +9,14 @@ state or the new one, never a message removed early or a consumer's ack lost.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
 from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
-from flashlexd.storerecords import (_ID, Message, StoreBusy, _decode_message, _Kept, _kept, _keys_of,
-                                    _start, _topic_of, message_selector)
+from flashlexd.storerecords import (_ID, _MAX_ID, Message, StoreBusy, _decode_message, _Kept, _kept,
+                                    _keys_of, _start, _topic_of, message_selector)
 
 log = logging.getLogger("flashlexd.store")
 # Inbox records one call may walk, so that the supervisor's loop (the API, the watch on the
@@ -25,6 +25,7 @@ WALK_BUDGET = 2000  # an ack call's floor walk (the rest: the next call)
 FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
 REPORT_BUDGET = 1000  # a consumer's backlog counted for `status`: past that, a lower bound
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
+CHUNK = 1000  # records a reset or a removal holds at a time (`_chunks`)
 Consumers = Dict[str, ConsumerState]
 
 
@@ -70,13 +71,40 @@ class ConsumerStore:
             if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
                 txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
 
-    def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, raw: bytes,
+    def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, topic: str,
               consumers: Consumers) -> None:
         """`consumer` is done with `key` without an ack entry (its floor moves over it): the
         message leaves if every other matching consumer is done too."""
         others = [d for d in consumers.values() if d.name != consumer.name]
-        if self._settled(txn, key, _topic_of(raw), others):
+        if self._settled(txn, key, topic, others):
             self._remove_message(txn, key, consumers)
+
+    def _chunks(self, txn: lmdb.Transaction, after: int, through: int,
+                wanted: Callable[[bytes, str], bool]) -> Iterator[List[Tuple[bytes, str]]]:
+        """The inbox records past `after` up to id `through` that `wanted(key, topic)` keeps,
+        as (key, topic) lists of at most CHUNK: a reset or a removal over a large store holds
+        one list at a time, not every record (the caller may delete between two lists)."""
+        while True:
+            chunk: List[Tuple[bytes, str]] = []
+            cursor = txn.cursor(db=self._inbox)
+            if not _start(cursor, after):
+                return
+            ended = True
+            for key, raw in cursor:
+                record_id = _ID.unpack(key)[0]
+                if record_id > through:
+                    break
+                after = record_id
+                topic = _topic_of(raw)
+                if wanted(key, topic):
+                    chunk.append((bytes(key), topic))
+                    if len(chunk) >= CHUNK:
+                        ended = False
+                        break
+            if chunk:
+                yield chunk
+            if ended:
+                return
 
     def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
         """Move the floor over every record the consumer is done with (acked ahead, or not its
@@ -320,7 +348,7 @@ class ConsumerStore:
             if target >= consumer.floor:
                 self._skip_to(txn, consumer, target, consumers, count_dropped=False)
             else:
-                self._forget_acks_through(txn, consumer, 2 ** 64 - 1)
+                self._forget_acks_through(txn, consumer, _MAX_ID)
                 consumer.floor = target
             self._save(txn, consumer)
             return consumer.floor
@@ -331,18 +359,14 @@ class ConsumerStore:
                  consumers: Consumers, count_dropped: bool) -> None:
         """The floor moves to `target`; the consumer's unacked messages on the way are done for
         it (counted as dropped when `count_dropped`)."""
-        cursor = txn.cursor(db=self._inbox)
-        passed: List[Tuple[bytes, bytes]] = []
-        if _start(cursor, consumer.floor):
-            for key, raw in cursor:
-                if _ID.unpack(key)[0] > target:
-                    break
-                if consumer.matches(_topic_of(raw)) and not self._acked(txn, consumer, key):
-                    passed.append((bytes(key), bytes(raw)))
-        for key, raw in passed:
-            self._pass(txn, consumer, key, raw, consumers)
+        passed = 0
+        for chunk in self._chunks(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
+                                  and not self._acked(txn, consumer, key)):
+            for key, topic in chunk:
+                self._pass(txn, consumer, key, topic, consumers)
+            passed += len(chunk)
         if count_dropped:
-            consumer.dropped += len(passed)
+            consumer.dropped += passed
         self._forget_acks_through(txn, consumer, target)
         consumer.floor = target
 
@@ -365,19 +389,16 @@ class ConsumerStore:
 
     def _remove_consumer(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers) -> None:
         """Forget `gone`; the messages only it still held leave (if another consumer matches)."""
-        cursor = txn.cursor(db=self._inbox)
-        held: List[Tuple[bytes, bytes]] = []
-        if _start(cursor, gone.floor):
-            for key, raw in cursor:
-                topic = _topic_of(raw)
-                if gone.matches(topic) and not self._acked(txn, gone, key) and \
-                        any(d.matches(topic) for d in rest.values()):
-                    held.append((bytes(key), bytes(raw)))
-        self._forget_acks_through(txn, gone, 2 ** 64 - 1)
+        def held(key: bytes, topic: str) -> bool:
+            return gone.matches(topic) and not self._acked(txn, gone, key) and \
+                any(d.matches(topic) for d in rest.values())
+
+        for chunk in self._chunks(txn, gone.floor, _MAX_ID, held):  # while its acks still say
+            for key, topic in chunk:
+                if self._settled(txn, key, topic, rest.values()):
+                    self._remove_message(txn, key, rest)
+        self._forget_acks_through(txn, gone, _MAX_ID)
         txn.delete(gone.name.encode(), db=self._consumer_db)
-        for key, raw in held:
-            if self._settled(txn, key, _topic_of(raw), rest.values()):
-                self._remove_message(txn, key, rest)
 
     def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
         """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted
