@@ -23,7 +23,7 @@ log = logging.getLogger("flashlexd.store")
 # workers) never waits long for one; ~1-2 us a record here, several times that on a Pi.
 WALK_BUDGET = 2000  # an ack call's floor walk (the rest: the next call)
 FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
-REPORT_BUDGET = 1000  # a consumer's backlog counted for `status`: past that, a lower bound
+REPORT_BUDGET = 500  # a consumer's backlog counted for `status`: past that, a lower bound
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
 CHUNK = 1000  # records a reset or a removal holds at a time (`_chunks`)
 Consumers = Dict[str, ConsumerState]
@@ -106,16 +106,16 @@ class ConsumerStore:
             if ended:
                 return
 
-    def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
+    def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState, budget: int = WALK_BUDGET) -> None:
         """Move the floor over every record the consumer is done with (acked ahead, or not its
-        topic) and drop the ack entries the floor now covers."""
+        topic), looking at `budget` records at most, and drop the ack entries it now covers."""
         cursor = txn.cursor(db=self._inbox)
         floor, steps = consumer.floor, 0
         if _start(cursor, floor):
             every = consumer.filter == "#"
             for key, raw in cursor:
                 steps += 1
-                if steps > WALK_BUDGET:
+                if steps > budget:
                     break
                 if (every or consumer.matches(_topic_of(raw))) and not self._acked(txn, consumer, key):
                     break
@@ -225,14 +225,15 @@ class ConsumerStore:
                     if len(page.found) >= limit:
                         break
         if passable >= FLOOR_HINT and self.damage is None:
-            self._move_floor(name)
+            self._move_floor(name, passable)
         return page
 
-    def _move_floor(self, name: str) -> None:
-        """Advance the floor for a read (see consumer_messages); a busy store just skips it."""
+    def _move_floor(self, name: str, passed: int) -> None:
+        """Advance the floor over the `passed` records a read found done (see
+        consumer_messages_page); a busy store just skips it."""
         def work(txn: lmdb.Transaction) -> None:
             consumer = self._consumer_in(txn, name)
-            self._advance(txn, consumer)
+            self._advance(txn, consumer, passed)
             self._save(txn, consumer)
 
         try:
