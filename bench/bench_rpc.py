@@ -9,11 +9,15 @@ round, so the ratios hold up on a busy or virtual machine.
     .venv/bin/python bench/bench_rpc.py [--rounds 3000] [--messages 50000] [--cpu N]
 
 Prints a markdown table. Targets: status and messages(limit=1) within 2x of the echo
-round trip; fetch+ack in batches of 100 at >= 50,000 messages/s.
+round trip; fetch+ack in batches of 100 at >= 50,000 messages/s. `status` answers ~2.4 KB
+(bench/status_sample.json, captured from a running daemon; the supervisor's part of it is what
+the server here is given), so it is also compared with the same bare loop answering that
+sample: the difference is the daemon's own work, not the answer's size.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import selectors
@@ -25,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import msgpack
 
@@ -35,13 +39,20 @@ from flashlexd.ipc import Limits, RpcServer
 from flashlexd.ipc.methods import Methods
 from flashlexd.runtime import ApiRules
 from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
-from flashlexd.store import Incoming, Store
+from flashlexd.store import COUNTERS, Incoming, Store
 
 MAX_PAYLOAD = 256 * 1024
+# `status` as a running daemon answers it (captured from one: every worker's counters and link
+# report, rates, wear, API counters; ~2.4 KB of msgpack)
+STATUS_SAMPLE = Path(__file__).with_name("status_sample.json")
+STORE_PARTS = ("inbox", "outbox", "store", "consumers")  # what the `status` method adds
+SAMPLE = "sample"  # the echo server's canned status answer
 
 
 def echo_loop(path: str) -> None:
-    """The baseline: frame in, unpack, pack, frame out; nothing else."""
+    """The baseline: frame in, unpack, pack, frame out; nothing else. A call of SAMPLE is
+    answered with the status sample instead: the same bare loop, with status's answer size."""
+    sample = json.loads(STATUS_SAMPLE.read_text())
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
@@ -68,9 +79,21 @@ def echo_loop(path: str) -> None:
             buf += data
             while len(buf) >= 4 and len(buf) >= 4 + HEADER.unpack_from(buf)[0]:
                 end = 4 + HEADER.unpack_from(buf)[0]
-                body = msgpack.packb(msgpack.unpackb(bytes(buf[4:end]), raw=False), use_bin_type=True)
+                request = msgpack.unpackb(bytes(buf[4:end]), raw=False)
+                if request.get("method") == SAMPLE:
+                    request = {"id": request["id"], "result": sample}
+                body = msgpack.packb(request, use_bin_type=True)
                 del buf[:end]
                 conn.sendall(HEADER.pack(len(body)) + body)
+
+
+def supervisor_status(sample: Dict[str, Any]) -> Dict[str, Any]:
+    """The supervisor's part of a `status` answer (Supervisor.status): what the `status` method
+    adds from the store taken out again, so that the store's figures are this bench's own."""
+    part = {key: value for key, value in sample.items() if key not in STORE_PARTS}
+    part["counters"] = {k: v for k, v in sample["counters"].items() if k not in COUNTERS}
+    part["wear"] = {k: v for k, v in sample["store"].items() if k.startswith("written_")}
+    return part
 
 
 def rpc_loop(path: str, data_dir: str) -> None:
@@ -78,13 +101,10 @@ def rpc_loop(path: str, data_dir: str) -> None:
     store = Store(Path(data_dir), cap_bytes=512 << 20)
     store.open_ack_journal()  # as the supervisor does: an ack is a journal record (docs/WEAR.md)
     started = time.monotonic()
-    workers = [{"name": n, "pid": 1000 + i, "state": "ready", "restarts": 0, "heartbeat_age": 0.3}
-               for i, n in enumerate(("ingress", "egress", "expiry"))]
+    supervisor_part = supervisor_status(json.loads(STATUS_SAMPLE.read_text()))
 
     def status() -> dict:
-        return {"version": "0.1.0", "uptime": time.monotonic() - started, "workers": workers,
-                "mqtt": {"ingress": {"connected": True}, "egress": {"connected": True}},
-                "counters": {"restarts": 0}}
+        return dict(supervisor_part, uptime=round(time.monotonic() - started, 1))
     rules = ApiRules("things/bench/egress", -1, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
     methods = Methods(lambda: store, status, lambda: None, lambda: True, lambda: rules)
     selector = selectors.DefaultSelector()
@@ -165,8 +185,9 @@ def main() -> int:
     children = [spawn(echo_loop, echo_path), spawn(rpc_loop, rpc_path, data_dir)]
     try:
         echo, rpc = connect_when_up(echo_path), connect_when_up(rpc_path)
-        rows = latencies({"echo": lambda: echo.call("status"), "status": rpc.status,
-                          "messages(limit=1)": lambda: rpc.messages(limit=1)}, args.rounds)
+        rows = latencies({"echo": lambda: echo.call("status"), SAMPLE: lambda: echo.call(SAMPLE),
+                          "status": rpc.status, "messages(limit=1)": lambda: rpc.messages(limit=1)},
+                         args.rounds)
         start = time.perf_counter()
         moved = 0
         while True:
@@ -180,17 +201,21 @@ def main() -> int:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 
-    base = statistics.median(rows["echo"])
+    base, same_size = statistics.median(rows["echo"]), statistics.median(rows[SAMPLE])
     pinning = f"all pinned to CPU {args.cpu}" if args.cpu >= 0 else "not pinned"
     print(f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs ({pinning}), "
           f"store on {filesystem(root)}, {args.rounds} interleaved round trips per call\n")
     print("| call | median | p99 | vs bare msgpack echo |")
     print("|---|---:|---:|---:|")
+    labels = {"echo": "bare msgpack echo (baseline)",
+              SAMPLE: "bare msgpack loop answering the status sample (baseline of the same size)"}
     for name, samples in rows.items():
         median = statistics.median(samples)
         p99 = sorted(samples)[int(len(samples) * 0.99)]
-        label = "bare msgpack echo (baseline)" if name == "echo" else f"`{name}`"
+        label = labels.get(name, f"`{name}`")
         print(f"| {label} | {median * 1e6:.0f} µs | {p99 * 1e6:.0f} µs | {median / base:.2f}x |")
+    print(f"\n`status` vs the bare loop answering the same {len(msgpack.packb(json.loads(STATUS_SAMPLE.read_text()))):,}"
+          f" bytes: {statistics.median(rows['status']) / same_size:.2f}x")
     print("\n| fetch + ack, batches of 100 | messages | seconds | messages/s |")
     print("|---|---:|---:|---:|")
     print(f"| `messages(limit=100)` + `ack(ids)` | {moved} | {elapsed:.2f} | {moved / elapsed:,.0f} |")

@@ -340,6 +340,9 @@ def summarize(section: Section) -> None:
             if m:
                 add((f"`{call}` round trip {m.group(1)}: {m.group(2)}x the echo", "<= 2x",
                      verdict(float(m.group(2)) <= 2)))
+        m = find(r"`status` vs the bare loop answering the same ([\d,]+) bytes: ([\d.]+)x", out)
+        if m:  # the answer's size apart: the daemon's own work
+            add((f"`status` vs a bare loop answering the same {m.group(1)} bytes: {m.group(2)}x", "-", "-"))
         m = find(r"^\| `messages\(limit=100\)` \+ `ack\(ids\)` \|.*\| ([\d,]+) \|$", out)
         if m:
             add((f"fetch+ack: {m.group(1)} messages/s", ">= 50,000/s",

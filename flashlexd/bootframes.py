@@ -8,7 +8,7 @@ noticed again by the next one."""
 from __future__ import annotations
 
 import struct
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import lmdb
 import msgpack
@@ -28,6 +28,7 @@ class BootFrames:
         self.meta = meta
         self.clock = clock
         self.current: BootFrame = BootFrame(0, b"", 0.0, 0.0)  # until `register`
+        self._snapshot: Optional[Tuple[int, Dict[int, BootFrame]]] = None  # (txn id, its frames)
 
     def register(self, txn: lmdb.Transaction, oldest_in_use: Iterable[Optional[int]]) -> None:
         """Find or make this boot's frame: the latest one if it has our boot id, else a new one
@@ -64,7 +65,19 @@ class BootFrames:
             return self.clock.now()
         return Reading(now, now - self.current.first)
 
-    def timeline(self, txn: lmdb.Transaction, reading: Optional[Reading] = None) -> Timeline:
+    def timeline(self, txn: lmdb.Transaction, reading: Reading) -> Timeline:
+        """The timeline of a write transaction (its frames as that transaction sees them)."""
+        return Timeline(reading, self.current, self._frames_in(txn))
+
+    def snapshot_timeline(self, txn: lmdb.Transaction) -> Timeline:
+        """The timeline of a read-only transaction, now. Frames are read once per snapshot:
+        only a commit changes them, and every commit makes a new snapshot id (reads are the API's
+        hot path; a write transaction's id is not a snapshot, as it may still abort)."""
+        if self._snapshot is None or self._snapshot[0] != txn.id():
+            self._snapshot = (txn.id(), self._frames_in(txn))
+        return Timeline(self.clock.now(), self.current, self._snapshot[1])
+
+    def _frames_in(self, txn: lmdb.Transaction) -> Dict[int, BootFrame]:
         frames: Dict[int, BootFrame] = {}
         cursor = txn.cursor(db=self.meta)
         if cursor.set_range(_FRAME):
@@ -74,7 +87,7 @@ class BootFrames:
                     break
                 seq = _SEQ.unpack(key[len(_FRAME):])[0]
                 frames[seq] = BootFrame.from_wire(seq, msgpack.unpackb(raw))
-        return Timeline(reading or self.clock.now(), self.current, frames)
+        return frames
 
     def _read(self, txn: lmdb.Transaction, seq: int) -> Optional[BootFrame]:
         raw = txn.get(_FRAME + _SEQ.pack(seq), db=self.meta)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Protocol
+from typing import Dict, Optional, Protocol, Tuple
 
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 # Test-only: when set, replaces the kernel's boot id, so a test can simulate a reboot.
@@ -106,6 +106,12 @@ class BootFrame:
 _LEGACY = BootFrame(LEGACY_SEQ, b"", 0.0, 0.0)
 
 
+def _rebased(wall: float, boottime: float, offset: float) -> float:
+    """A stamp's wall-clock time under `offset`: the stamp itself unless its boot's clock
+    stepped after it (a value read twice is the same)."""
+    return wall if abs(wall - boottime - offset) <= STEP_TOLERANCE else boottime + offset
+
+
 class Timeline:
     """One moment's view of every stamp: real ages, re-based arrival times, expiry cut-offs.
     `current` is this boot's frame; `frames` every boot the store still knows."""
@@ -114,11 +120,12 @@ class Timeline:
         self.reading = reading
         self.current = current
         self.frames = frames
+        self._seq, self._offset_now = current.seq, reading.offset  # read once per stamp: hot
 
     def _offset(self, seq: int) -> Optional[float]:
         """The offset that turns boottimes of boot `seq` into wall-clock times (None: unknown)."""
-        if seq == self.current.seq:
-            return self.reading.offset
+        if seq == self._seq:
+            return self._offset_now
         frame = self.frames.get(seq)
         return None if frame is None or seq == LEGACY_SEQ else frame.last
 
@@ -126,12 +133,17 @@ class Timeline:
         """The wall-clock time of a stamp, re-based when its boot's clock stepped after it
         (else the stamp itself: a value read twice is the same)."""
         offset = self._offset(seq)
-        if offset is None or boottime is None or abs(wall - boottime - offset) <= STEP_TOLERANCE:
-            return wall
-        return boottime + offset
+        return wall if offset is None or boottime is None else _rebased(wall, boottime, offset)
+
+    def times(self, wall: float, seq: int, boottime: Optional[float]) -> Tuple[float, float]:
+        """(arrival, age) of a stamp: both, for one lookup of its boot (a read's hot path)."""
+        if seq == self._seq and boottime is not None:
+            return (_rebased(wall, boottime, self._offset_now),
+                    max(0.0, self.reading.boottime - boottime))
+        return self.arrival(wall, seq, boottime), self.age(wall, seq, boottime)
 
     def age(self, wall: float, seq: int, boottime: Optional[float]) -> float:
-        if seq == self.current.seq and boottime is not None:
+        if seq == self._seq and boottime is not None:
             return max(0.0, self.reading.boottime - boottime)
         return max(0.0, self.reading.wall - self.arrival(wall, seq, boottime))
 

@@ -15,9 +15,10 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from flashlexd.pahoimport import paho
+from flashlexd.publishread import Publish, parse_publishes
 
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
 READ_CHUNK = 16384  # bytes per socket read: a TLS record's worth
@@ -29,17 +30,22 @@ class DialedClient(paho.Client):
     dialed: Optional[ssl.SSLSocket] = None
     _read = b""  # what the last socket read brought, from _read_at on not yet taken by paho
     _read_at = 0
+    # what a read by take_publishes met, kept for paho's next read: an error, or b"" (the end)
+    _held: Union[None, bytes, OSError] = None
+    _received_at = "_last_bytes_received"  # paho's keepalive clock of the last packet in
 
     def _create_socket_connection(self) -> socket.socket:
         sock, self.dialed = self.dialed, None
         if sock is None:
             raise ConnectionError("no connected socket to hand over")
-        self._read, self._read_at = b"", 0  # nothing of an earlier connection
+        self._read, self._read_at, self._held = b"", 0, None  # nothing of an earlier connection
+        if not hasattr(self, self._received_at):
+            self._received_at = "_last_msg_in"  # paho 2.0 and 2.1 name it so
         return sock  # type: ignore[return-value]
 
     def buffered(self) -> bool:
         """Bytes already read from the socket that paho has not taken: select() cannot see them."""
-        return self._read_at < len(self._read)
+        return self._read_at < len(self._read) or self._held is not None
 
     def _sock_recv(self, bufsize: int) -> bytes:
         """paho reads a packet as its first byte, then its length byte by byte, then its body,
@@ -47,10 +53,50 @@ class DialedClient(paho.Client):
         READ_CHUNK bytes serves them all; paho's errors (BlockingIOError, EOF as b"") are
         paho's own, from that one read."""
         if self._read_at >= len(self._read):
-            self._read, self._read_at = super()._sock_recv(READ_CHUNK), 0
+            self._read, self._read_at = self._recv(), 0
         data = self._read[self._read_at:self._read_at + bufsize]
         self._read_at += len(data)
         return data
+
+    def _recv(self) -> bytes:
+        held, self._held = self._held, None
+        if held is None:
+            return super()._sock_recv(READ_CHUNK)
+        if isinstance(held, OSError):
+            raise held
+        return held
+
+    def take_publishes(self, limit: int) -> Optional[List[Publish]]:
+        """Up to `limit` whole QoS 0/1 PUBLISH packets from what was read, reading on while the
+        socket has more (publishread.py), with paho's keepalive clock kept as paho's own reads
+        keep it. Only between two of paho's packets: [] when the next packet is paho's
+        (another kind, or cut by the end of a read; an error or the end of the connection
+        waits for paho's next read), None when the socket has nothing now."""
+        if self._in_packet["command"]:
+            return []  # paho is inside a packet
+        found: List[Publish] = []
+        v5 = self._protocol == paho.MQTTv5
+        while len(found) < limit:
+            if self._read_at >= len(self._read):
+                try:
+                    self._read, self._read_at = self._recv(), 0
+                except BlockingIOError:
+                    if not found:
+                        return None
+                    break
+                except OSError as exc:
+                    self._held = exc
+                    break
+                if not self._read:
+                    self._held = b""
+                    break
+            self._read_at = parse_publishes(self._read, self._read_at, v5, limit - len(found), found)
+            if self._read_at < len(self._read):
+                break  # the limit, or a packet for paho
+        if found:
+            with self._msgtime_mutex:
+                setattr(self, self._received_at, paho.time_func())
+        return found
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         return tcp_sock  # type: ignore[return-value]  # the Dialer did the handshake

@@ -20,7 +20,7 @@ import select
 import socket
 import ssl
 import time
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -32,6 +32,7 @@ from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
                                   uses_alpn)
 from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
+from flashlexd.publishread import Publish, message_fields
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ class Connection:
     """One MQTT connection kept up from a worker's loop.
 
     `on_change(connected, error)` is called when the connection comes up (error None) and on
-    each failed attempt or drop (with a one-line reason); `on_message(message)` for each
-    PUBLISH received, `on_publish(mid)` for each of ours the broker acknowledged.
+    each failed attempt or drop (with a one-line reason); `on_publishes(found)` for the
+    PUBLISH packets received (a list of `publishread.Publish`: most are read straight out of
+    the socket's bytes, the rest decoded by paho), `on_publish(mid)` for each of ours the
+    broker acknowledged.
 
     No step blocks the loop: the connect and TLS handshake run through a `Dialer` the loop's
     select() waits on, and connectDisconnectTimeout bounds the attempt up to the CONNACK. Once
@@ -58,7 +61,7 @@ class Connection:
 
     def __init__(self, config: Config, client_id: str,
                  on_change: Callable[[bool, Optional[str]], None],
-                 on_message: Optional[Callable[[paho.MQTTMessage], None]] = None,
+                 on_publishes: Optional[Callable[[List[Publish]], None]] = None,
                  on_publish: Optional[Callable[[int, Any], None]] = None,
                  clock: Callable[[], float] = time.monotonic, fresh_client: bool = False,
                  track_session: bool = False, session_seen_at: Optional[float] = None,
@@ -77,7 +80,7 @@ class Connection:
         self.thing = config.thing
         self.client_id = client_id
         self.on_change = on_change
-        self.on_message, self.on_publish = on_message, on_publish
+        self.on_publishes, self.on_publish = on_publishes, on_publish
         self.clock = clock
         self.fresh_client = fresh_client
         mqtt = config.thing.mqtt
@@ -97,6 +100,7 @@ class Connection:
         self.connected = False
         self.closing = False
         self.handled = 0  # PUBLISH and PUBACK packets passed on: how on_ready sees progress
+        self.taken_straight = 0  # PUBLISH packets read without paho (publishread.py)
         self.sessions_lost = 0
         self.throttled = 0       # links closed because the broker stopped acknowledging publishes
         self.testing_one_entry = False  # set by the egress: a drop now is that entry's doing
@@ -122,12 +126,12 @@ class Connection:
                               protocol=self.protocol, clean_start=self.clean_start)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        if self.on_message is not None:
-            deliver = self.on_message
+        if self.on_publishes is not None:
+            deliver = self.on_publishes
 
             def message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
                 self.handled += 1
-                deliver(msg)
+                deliver([message_fields(msg)])
             client.on_message = message
         if self.on_publish is not None:
             acknowledged = self.on_publish
@@ -184,7 +188,8 @@ class Connection:
 
         Reads go on while they yield messages, with no select() per packet (paho's own loop
         does one): a read that finds nothing (or only a PINGRESP, SUBACK...) ends the pass and
-        the worker's select() says when there is more."""
+        the worker's select() says when there is more. Whole PUBLISH packets are taken
+        straight from the bytes read; paho reads every other packet, one `loop_read` each."""
         if self.dialer is not None:
             if readable or writable:
                 self._dial_step()
@@ -194,13 +199,33 @@ class Connection:
             self.client.loop_write()
         if sock is not None and (sock in readable or self._buffered(sock)):
             self.watch.heard_from()
-            for _ in range(max(1, max_packets)):
+            budget = max(1, max_packets)
+            while budget > 0:
+                taken = self._take_publishes(budget)
+                if taken is None:
+                    break  # the socket has nothing more now
+                if taken:
+                    budget -= taken
+                    continue
                 before = self.handled
                 if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
+                budget -= 1
                 sock = self.client.socket()
                 if sock is None or (self.handled == before and not self._buffered(sock)):
                     break
+
+    def _take_publishes(self, limit: int) -> Optional[int]:
+        """PUBLISH packets read without paho (`DialedClient.take_publishes`): how many, or
+        None when the socket has nothing now."""
+        if self.on_publishes is None:
+            return 0
+        found = self.client.take_publishes(limit)
+        if found:
+            self.handled += len(found)
+            self.taken_straight += len(found)
+            self.on_publishes(found)
+        return None if found is None else len(found)
 
     def _buffered(self, sock: Any) -> bool:
         """Input already here that select() on `sock` cannot see: read by paho's client

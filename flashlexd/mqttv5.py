@@ -117,9 +117,9 @@ def session_properties(expiry_seconds: int) -> "Properties":
     return properties
 
 
-def properties_of(message: Any) -> Dict[str, Any]:
-    """The kept properties of a received PUBLISH as a dict (our names); {} under 3.1.1."""
-    properties = getattr(message, "properties", None)
+def properties_of(properties: Any) -> Dict[str, Any]:
+    """The kept properties of a received PUBLISH (its paho `Properties`) as a dict (our
+    names); {} for None (MQTT 3.1.1, or a packet without properties)."""
     if properties is None:
         return {}
     found: Dict[str, Any] = {}

@@ -16,6 +16,7 @@ import sdnotify
 log = logging.getLogger(__name__)
 UNHEALTHY_RECHECK = 0.1  # seconds; how soon to look again while a ping is withheld
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+START_EXTENSION = 30  # seconds of start-up time each `still_starting` call asks for
 
 
 def child_environment() -> Dict[str, str]:
@@ -44,6 +45,7 @@ class Notifier:
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
         self.watchdog_every = watchdog_interval()
         self._next_watchdog = 0.0
+        self._next_extension = 0.0
         self._status: Optional[str] = None
 
     def _send(self, text: str) -> None:
@@ -52,6 +54,18 @@ class Notifier:
 
     def ready(self) -> None:
         self._send("READY=1")
+
+    def still_starting(self, status: str) -> None:
+        """A long start-up step is under way and making progress (called as it goes): STATUS,
+        and EXTEND_TIMEOUT_USEC so that systemd's TimeoutStartSec does not kill a daemon
+        that is busy checking a large store; each extension lasts START_EXTENSION seconds, so
+        a step that stops making progress still times out. At most one a second."""
+        now = time.monotonic()
+        if now < self._next_extension:
+            return
+        self._next_extension = now + 1.0
+        self._send(f"EXTEND_TIMEOUT_USEC={START_EXTENSION * 1_000_000}\nSTATUS={status}")
+        self._status = status
 
     def reloading(self) -> None:
         usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)

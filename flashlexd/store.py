@@ -58,7 +58,8 @@ from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _decode_message,
-                                    _keys_of, _ms, _outbox_entry, _stamp_of, message_selector)
+                                    _Kept, _kept, _keys_of, _ms, _outbox_entry, _stamp_of,
+                                    _topic_of, message_selector)
 from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
@@ -324,40 +325,45 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def stats(self) -> Dict[str, object]:
-        """Counts, oldest ages, totals and size used against the cap."""
+        """Counts, oldest ages, totals and size used against the cap. Read once per snapshot
+        (`_per_snapshot`: eleven database stats and twenty counter reads); between commits only
+        the ages move, told from the two oldest records kept aside."""
         with self._read() as txn:
-            first_inbox = txn.cursor(db=self._inbox)
-            found = first_inbox.first()
-            while found and _ID.unpack(first_inbox.key())[0] in self._hidden:
-                found = first_inbox.next()
-            first_outbox = txn.cursor(db=self._outbox)
-            found_out = first_outbox.first()
-            # the boot frames are read only for an age to tell (status is the API's cheapest call)
-            timeline = self._frames.timeline(txn) if found or found_out else None
-            oldest = _decode_message(first_inbox.key(), self._checked(first_inbox.value()), timeline) \
-                if found else None
-            waiting = self.pending_in(txn) if self._hidden else 0
-            oldest_out = _outbox_entry(first_outbox.key(), unpack_record(self._checked(first_outbox.value()), 5),
-                                       timeline) \
-                if found_out else None
-            figures: Dict[str, object] = {
-                "inbox_count": txn.stat(self._inbox)["entries"] - waiting,
-                "inbox_oldest": oldest.timestamp if oldest else None,
-                "inbox_oldest_age": oldest.age if oldest else None,
-                "inbox_last_id": self._counter(txn, b"inbox_last_id"),
-                "outbox_count": txn.stat(self._outbox)["entries"],
-                "outbox_oldest": oldest_out.created if oldest_out else None,
-                "outbox_oldest_age": oldest_out.age if oldest_out else None,
-                "dead_count": txn.stat(self._dead)["entries"],
-                "used_bytes": self._used_bytes(txn),
-                "cap_bytes": self.cap_bytes,
-                "when_full": self.when_full,
-            }
-            for name in COUNTERS:
-                figures[name] = self._counter(txn, name.encode())
-            figures["acked"] = self._acked_total(txn) + waiting
-            figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
+            kept, oldest_in, oldest_out = self._per_snapshot(txn, "figures", self._read_figures)
+            figures = dict(kept)
+            timeline = self._frames.snapshot_timeline(txn) if oldest_in or oldest_out else None
+        oldest = _decode_message(*oldest_in, timeline) if oldest_in else None
+        oldest_entry = _outbox_entry(oldest_out[0], unpack_record(oldest_out[1], 5), timeline) \
+            if oldest_out else None
+        figures.update(inbox_oldest=oldest.timestamp if oldest else None,
+                       inbox_oldest_age=oldest.age if oldest else None,
+                       outbox_oldest=oldest_entry.created if oldest_entry else None,
+                       outbox_oldest_age=oldest_entry.age if oldest_entry else None)
         return figures
+
+    def _read_figures(self, txn: lmdb.Transaction) -> Tuple[Dict[str, object], Optional[_Kept], Optional[_Kept]]:
+        """`stats` but the oldest records' times: the figures, and those records (key, value)."""
+        first_inbox = txn.cursor(db=self._inbox)
+        found = first_inbox.first()
+        while found and _ID.unpack(first_inbox.key())[0] in self._hidden:
+            found = first_inbox.next()
+        first_outbox = txn.cursor(db=self._outbox)
+        waiting = self.pending_in(txn) if self._hidden else 0
+        figures: Dict[str, object] = {
+            "inbox_count": txn.stat(self._inbox)["entries"] - waiting,
+            "inbox_last_id": self._counter(txn, b"inbox_last_id"),
+            "outbox_count": txn.stat(self._outbox)["entries"],
+            "dead_count": txn.stat(self._dead)["entries"],
+            "used_bytes": self._used_bytes(txn),
+            "cap_bytes": self.cap_bytes,
+            "when_full": self.when_full,
+        }
+        for name in COUNTERS:
+            figures[name] = self._counter(txn, name.encode())
+        figures["acked"] = self._acked_total(txn) + waiting
+        figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
+        return figures, _kept(first_inbox.key(), self._checked(first_inbox.value())) if found else None, \
+            _kept(first_outbox.key(), self._checked(first_outbox.value())) if first_outbox.first() else None
 
     @guarded
     def inbox_count(self) -> int:
@@ -384,11 +390,6 @@ def _first_of_later_boot(inbox: lmdb.Cursor, seq: int) -> bool:
         else:
             low = middle
     return inbox.set_range(_ID.pack(high))
-def _topic_of(raw: memoryview) -> str:
-    """An inbox record's topic, without building the message (filters look at many records)."""
-    return unpack_record(raw, 7)[1]
-
-
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     """Each message's DUP mark (`Incoming.mark`, computed once per message)."""
     return [m.mark for m in messages]

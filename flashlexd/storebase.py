@@ -62,11 +62,13 @@ class StoreBase:
 
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
                  expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
-                 clock: Optional[Clock] = None, check_pages: bool = False):
+                 clock: Optional[Clock] = None, check_pages: bool = False,
+                 check_progress: Optional[Callable[[int, int], None]] = None):
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
         self.cap_bytes = cap_bytes
+        self._map_bytes = cap_bytes + self.headroom(cap_bytes)  # no value is longer than the map
         self.when_full = when_full
         self.expire_seconds = expire_seconds
         self.write_wait = write_wait
@@ -77,16 +79,19 @@ class StoreBase:
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
         self._sweep_from = b""  # the expiry walk's start: past messages stored without expiry
         self._hidden: Set[int] = set()  # inbox ids acked but not yet applied (storeacks.py)
+        self._snapshots: Dict[str, Tuple[Tuple[int, int], object]] = {}  # `_per_snapshot`'s
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
-            check = storecheck.walk_pages if check_pages else storecheck.check_data_file
-            check(self.path / "data.mdb")
+            if check_pages:
+                storecheck.walk_pages(self.path / "data.mdb", check_progress)
+            else:
+                storecheck.check_data_file(self.path / "data.mdb")
         except storecheck.DataFileDamaged as exc:
             raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
                                f" {storecheck.HINT}") from None
         try:
             paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
-            self._env = lmdb.open(str(self.path), map_size=cap_bytes + self.headroom(cap_bytes),
+            self._env = lmdb.open(str(self.path), map_size=self._map_bytes,
                                   max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
         except (OSError, lmdb.Error, paths.UnsafePath) as exc:
@@ -191,9 +196,13 @@ class StoreBase:
 
     @classmethod
     def from_config(cls: Type[S], store_config, write_wait: Optional[float] = None,
-                    check_pages: bool = False) -> S:
+                    check_pages: bool = False,
+                    check_progress: Optional[Callable[[int, int], None]] = None) -> S:
+        """`check_pages`: read every page before LMDB maps the file (storecheck.walk_pages,
+        which calls `check_progress(pages read, pages)` as it goes)."""
         return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
-                   store_config.expire_seconds, write_wait, check_pages=check_pages)
+                   store_config.expire_seconds, write_wait, check_pages=check_pages,
+                   check_progress=check_progress)
 
     def close(self) -> None:
         if os.getpid() == self._pid:
@@ -309,11 +318,21 @@ class StoreBase:
             self._env.set_mapsize(0)
             return self._env.begin(write=False, buffers=True)
 
+    def _per_snapshot(self, txn: lmdb.Transaction, what: str, read: Callable[[lmdb.Transaction], T]) -> T:
+        """`read(txn)`, read again only after a commit (by any process: a new snapshot id) or
+        an ack journaled since (it hides a message without a commit). For `status`, which is
+        polled, and whose figures take dozens of database reads and walks."""
+        state = (txn.id(), len(self._hidden))
+        kept = self._snapshots.get(what)
+        if kept is None or kept[0] != state:
+            kept = self._snapshots[what] = (state, read(txn))
+        return kept[1]  # type: ignore[return-value]
+
     def _checked(self, raw: memoryview) -> memoryview:
         """`raw` unless its length cannot be real. A garbled node can claim gigabytes; reading
         them would run off the end of the memory map (SIGSEGV), so such a value is refused
         before it is read. (A claim that fits the map is read: the file is backed that far.)"""
-        if len(raw) > self.cap_bytes + self.headroom(self.cap_bytes):
+        if len(raw) > self._map_bytes:
             raise CorruptRecord(f"a record claims {len(raw)} bytes, more than the whole store")
         return raw
 
@@ -386,7 +405,7 @@ class StoreBase:
             cursor = txn.cursor(db=db)
             if not _start(cursor, after):
                 return page
-            timeline = self._frames.timeline(txn)
+            timeline = self._frames.snapshot_timeline(txn)
             looked = 0
             hidden = self._hidden if db is self._inbox else ()
             for key, raw in cursor:

@@ -9,27 +9,28 @@ state or the new one, never a message removed early or a consumer's ack lost.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
-from flashlexd.storedamage import guarded, unpack_record
-from flashlexd.storerecords import (_ID, Message, StoreBusy, _decode_message, _keys_of, _start,
-                                    message_selector)
+from flashlexd.storebase import ScanPage
+from flashlexd.storedamage import guarded
+from flashlexd.storerecords import (_ID, _MAX_ID, Message, StoreBusy, _decode_message, _Kept, _kept,
+                                    _keys_of, _start, _topic_of, message_selector)
 
 log = logging.getLogger("flashlexd.store")
-WALK_BUDGET = 20000  # inbox records one ack call's floor walk may pass (the rest: next call)
-FLOOR_HINT = 1000  # records a read passes before it moves the floor
-REPORT_BUDGET = 200000  # inbox records a report looks at per consumer: status stays quick
+# Inbox records one call may walk, so that the supervisor's loop (the API, the watch on the
+# workers) never waits long for one; ~1-2 us a record here, several times that on a Pi.
+WALK_BUDGET = 2000  # an ack call's floor walk (the rest: the next call)
+FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
+REPORT_BUDGET = 1000  # a consumer's backlog counted for `status`: past that, a lower bound
+TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
+CHUNK = 1000  # records a reset or a removal holds at a time (`_chunks`)
 Consumers = Dict[str, ConsumerState]
 
 
 def _prefix(name: str) -> bytes:
     return name.encode() + b"\0"
-
-
-def _topic(raw: bytes) -> str:
-    return unpack_record(raw, 7)[1]
 
 
 class ConsumerStore:
@@ -70,13 +71,40 @@ class ConsumerStore:
             if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
                 txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
 
-    def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, raw: bytes,
+    def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, topic: str,
               consumers: Consumers) -> None:
         """`consumer` is done with `key` without an ack entry (its floor moves over it): the
         message leaves if every other matching consumer is done too."""
         others = [d for d in consumers.values() if d.name != consumer.name]
-        if self._settled(txn, key, _topic(raw), others):
+        if self._settled(txn, key, topic, others):
             self._remove_message(txn, key, consumers)
+
+    def _chunks(self, txn: lmdb.Transaction, after: int, through: int,
+                wanted: Callable[[bytes, str], bool]) -> Iterator[List[Tuple[bytes, str]]]:
+        """The inbox records past `after` up to id `through` that `wanted(key, topic)` keeps,
+        as (key, topic) lists of at most CHUNK: a reset or a removal over a large store holds
+        one list at a time, not every record (the caller may delete between two lists)."""
+        while True:
+            chunk: List[Tuple[bytes, str]] = []
+            cursor = txn.cursor(db=self._inbox)
+            if not _start(cursor, after):
+                return
+            ended = True
+            for key, raw in cursor:
+                record_id = _ID.unpack(key)[0]
+                if record_id > through:
+                    break
+                after = record_id
+                topic = _topic_of(raw)
+                if wanted(key, topic):
+                    chunk.append((bytes(key), topic))
+                    if len(chunk) >= CHUNK:
+                        ended = False
+                        break
+            if chunk:
+                yield chunk
+            if ended:
+                return
 
     def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
         """Move the floor over every record the consumer is done with (acked ahead, or not its
@@ -89,7 +117,7 @@ class ConsumerStore:
                 steps += 1
                 if steps > WALK_BUDGET:
                     break
-                if (every or consumer.matches(_topic(raw))) and not self._acked(txn, consumer, key):
+                if (every or consumer.matches(_topic_of(raw))) and not self._acked(txn, consumer, key):
                     break
                 floor = _ID.unpack(key)[0]
         self._forget_acks_through(txn, consumer, floor)
@@ -157,37 +185,48 @@ class ConsumerStore:
                           after: Optional[int] = None,
                           user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """The consumer's unacked messages past `after`, oldest first (its filter, then `topic`
-        and `user_property` as in `messages`).
+        and `user_property` as in `messages`)."""
+        return self.consumer_messages_page(name, limit, topic, after, None, user_property).found
+
+    @guarded
+    def consumer_messages_page(self, name: str, limit: int = 100, topic: Optional[str] = None,
+                               after: Optional[int] = None, budget: Optional[int] = None,
+                               user_property: Optional[Tuple[str, str]] = None) -> ScanPage[Message]:
+        """`consumer_messages`, looking at no more than `budget` inbox records (None: no bound;
+        the page's cursor says where to go on, as `messages_page`'s does).
         A read that had to pass FLOOR_HINT records the consumer is done with (other apps'
         topics) before its first unacked one moves its floor over them (one small write), so
         that a consumer of rare topics does not walk the same records on every `wait` poll."""
-        found: List[Message] = []
+        page: ScanPage[Message] = ScanPage([], None)
         with self._read() as txn:
             consumer = self._consumer_in(txn, name)
             start = max(consumer.floor, after or 0)
             acked = self._acks_above(txn, consumer, start)
             cursor = txn.cursor(db=self._inbox)
             if limit <= 0 or not _start(cursor, start):
-                return found
-            timeline = self._frames.timeline(txn)
+                return page
+            timeline = self._frames.snapshot_timeline(txn)
             keep = message_selector(topic, user_property)
-            at_floor, passable = start == consumer.floor, 0
+            at_floor, passable, looked = start == consumer.floor, 0, 0
             for key, raw in cursor:
-                if _ID.unpack(key)[0] in acked or _ID.unpack(key)[0] in self._hidden:
-                    passable += at_floor
-                    continue
-                message = _decode_message(key, self._checked(raw), timeline)
-                if not consumer.matches(message.topic):
+                if budget is not None and looked >= budget:
+                    page.cursor = page.last  # not looked at yet: the next call starts here
+                    break
+                looked += 1
+                page.last = record_id = _ID.unpack(key)[0]
+                raw = self._checked(raw)
+                if record_id in acked or record_id in self._hidden or not consumer.matches(_topic_of(raw)):
                     passable += at_floor
                     continue
                 at_floor = False
+                message = _decode_message(key, raw, timeline)
                 if keep is None or keep(message):
-                    found.append(message)
-                    if len(found) >= limit:
+                    page.found.append(message)
+                    if len(page.found) >= limit:
                         break
         if passable >= FLOOR_HINT and self.damage is None:
             self._move_floor(name)
-        return found
+        return page
 
     def _move_floor(self, name: str) -> None:
         """Advance the floor for a read (see consumer_messages); a busy store just skips it."""
@@ -229,7 +268,7 @@ class ConsumerStore:
                 raw = txn.get(key, db=self._inbox)
                 if raw is None or _ID.unpack(key)[0] in self._hidden:
                     continue  # gone already: expired, dropped, or acked by the default consumer
-                topic = _topic(raw)
+                topic = _topic_of(raw)
                 if not consumer.matches(topic):
                     continue
                 new += 1
@@ -251,27 +290,33 @@ class ConsumerStore:
         """Each consumer with its backlog (unacked matching messages) and the age of its oldest.
         It walks the backlog, up to REPORT_BUDGET records a consumer (the API server's loop must
         not stall on a huge store): past that, `backlog` is a lower bound and `backlog_exact`
-        false."""
-        report = []
+        false. Read once per snapshot (`_per_snapshot`); between commits only the ages move."""
         with self._read() as txn:
-            timeline = None  # read once, and only when an age is to be told
-            for consumer in self._consumers_in(txn).values():
-                backlog, oldest, exact = self._backlog(txn, consumer)
-                entry = consumer.public()
-                entry["backlog"], entry["backlog_exact"] = backlog, exact
-                entry["oldest_age"] = None
-                if oldest is not None:
-                    timeline = timeline or self._frames.timeline(txn)
-                    entry["oldest_age"] = _decode_message(oldest[0], self._checked(oldest[1]), timeline).age
-                report.append(entry)
+            counted = self._per_snapshot(txn, "consumers", self._count_backlogs)
+            timeline = self._frames.snapshot_timeline(txn) if any(oldest for _, oldest in counted) else None
+        report = []
+        for entry, oldest in counted:
+            entry = dict(entry)
+            entry["oldest_age"] = _decode_message(*oldest, timeline).age if oldest else None
+            report.append(entry)
         return report
 
-    def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState
-                 ) -> Tuple[int, Optional[Tuple[bytes, bytes]], bool]:
+    def _count_backlogs(self, txn: lmdb.Transaction) -> List[Tuple[Dict[str, object], Optional[_Kept]]]:
+        """`consumers_report` but the ages: each consumer's entry, and its oldest unacked record."""
+        counted = []
+        for consumer in self._consumers_in(txn).values():
+            backlog, oldest, exact = self._backlog(txn, consumer)
+            entry = consumer.public()
+            entry["backlog"], entry["backlog_exact"] = backlog, exact
+            counted.append((entry, oldest))
+        return counted
+
+    def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState) -> Tuple[int, Optional[_Kept], bool]:
         """(unacked matching messages, the oldest one's key and record, whether counted to the end)."""
         acked = self._acks_above(txn, consumer, consumer.floor)
         cursor = txn.cursor(db=self._inbox)
         count, oldest, visited = 0, None, 0
+        every = consumer.filter == "#"
         if _start(cursor, consumer.floor):
             for key, raw in cursor:
                 visited += 1
@@ -279,9 +324,9 @@ class ConsumerStore:
                     return count, oldest, False
                 record_id = _ID.unpack(key)[0]
                 if record_id not in acked and record_id not in self._hidden \
-                        and consumer.matches(_topic(self._checked(raw))):
+                        and (every or consumer.matches(_topic_of(self._checked(raw)))):
                     count += 1
-                    oldest = oldest or (bytes(key), raw)
+                    oldest = oldest or _kept(key, self._checked(raw))
         return count, oldest, True
 
     # -- moving a consumer, trimming, removing ------------------------------------------------
@@ -303,7 +348,7 @@ class ConsumerStore:
             if target >= consumer.floor:
                 self._skip_to(txn, consumer, target, consumers, count_dropped=False)
             else:
-                self._forget_acks_through(txn, consumer, 2 ** 64 - 1)
+                self._forget_acks_through(txn, consumer, _MAX_ID)
                 consumer.floor = target
             self._save(txn, consumer)
             return consumer.floor
@@ -314,18 +359,14 @@ class ConsumerStore:
                  consumers: Consumers, count_dropped: bool) -> None:
         """The floor moves to `target`; the consumer's unacked messages on the way are done for
         it (counted as dropped when `count_dropped`)."""
-        cursor = txn.cursor(db=self._inbox)
-        passed: List[Tuple[bytes, bytes]] = []
-        if _start(cursor, consumer.floor):
-            for key, raw in cursor:
-                if _ID.unpack(key)[0] > target:
-                    break
-                if consumer.matches(_topic(raw)) and not self._acked(txn, consumer, key):
-                    passed.append((bytes(key), bytes(raw)))
-        for key, raw in passed:
-            self._pass(txn, consumer, key, raw, consumers)
+        passed = 0
+        for chunk in self._chunks(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
+                                  and not self._acked(txn, consumer, key)):
+            for key, topic in chunk:
+                self._pass(txn, consumer, key, topic, consumers)
+            passed += len(chunk)
         if count_dropped:
-            consumer.dropped += len(passed)
+            consumer.dropped += passed
         self._forget_acks_through(txn, consumer, target)
         consumer.floor = target
 
@@ -348,23 +389,20 @@ class ConsumerStore:
 
     def _remove_consumer(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers) -> None:
         """Forget `gone`; the messages only it still held leave (if another consumer matches)."""
-        cursor = txn.cursor(db=self._inbox)
-        held: List[Tuple[bytes, bytes]] = []
-        if _start(cursor, gone.floor):
-            for key, raw in cursor:
-                topic = _topic(raw)
-                if gone.matches(topic) and not self._acked(txn, gone, key) and \
-                        any(d.matches(topic) for d in rest.values()):
-                    held.append((bytes(key), bytes(raw)))
-        self._forget_acks_through(txn, gone, 2 ** 64 - 1)
+        def held(key: bytes, topic: str) -> bool:
+            return gone.matches(topic) and not self._acked(txn, gone, key) and \
+                any(d.matches(topic) for d in rest.values())
+
+        for chunk in self._chunks(txn, gone.floor, _MAX_ID, held):  # while its acks still say
+            for key, topic in chunk:
+                if self._settled(txn, key, topic, rest.values()):
+                    self._remove_message(txn, key, rest)
+        self._forget_acks_through(txn, gone, _MAX_ID)
         txn.delete(gone.name.encode(), db=self._consumer_db)
-        for key, raw in held:
-            if self._settled(txn, key, _topic(raw), rest.values()):
-                self._remove_message(txn, key, rest)
 
     def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
         """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted
-        from the newest message back, over at most REPORT_BUDGET records (a sweep must not stall
+        from the newest message back, over at most TRIM_BUDGET records (a sweep must not stall
         the supervisor): a narrow filter's backlog spread thinner than that is not trimmed."""
         limit = consumer.max_backlog or 0
         if self._counter(txn, b"inbox_last_id") - consumer.floor <= limit:
@@ -373,10 +411,10 @@ class ConsumerStore:
         count = visited = 0
         if not cursor.last():
             return False
-        while _ID.unpack(cursor.key())[0] > consumer.floor and visited < REPORT_BUDGET:
+        while _ID.unpack(cursor.key())[0] > consumer.floor and visited < TRIM_BUDGET:
             visited += 1
             key = cursor.key()
-            if consumer.matches(_topic(cursor.value())) and not self._acked(txn, consumer, key):
+            if consumer.matches(_topic_of(cursor.value())) and not self._acked(txn, consumer, key):
                 count += 1
                 if count > limit:
                     self._skip_to(txn, consumer, _ID.unpack(key)[0], consumers, count_dropped=True)
@@ -391,7 +429,7 @@ class ConsumerStore:
         if not consumers:
             return
         for key, raw in dropped:
-            topic = _topic(raw)
+            topic = _topic_of(raw)
             for consumer in consumers.values():
                 if consumer.matches(topic) and not self._done(txn, consumer, key):
                     consumer.dropped += 1

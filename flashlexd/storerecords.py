@@ -26,6 +26,7 @@ DupMark = bytes  # digest of topic + payload (redelivery.py)
 _DEAD_FIELDS = 3  # a dead letter's own fields, before the outbox record it keeps whole
 _INBOX_PROPERTIES = 9   # schema 4: an inbox record's properties, after the stamp; absent: none
 _OUTBOX_PROPERTIES = 7  # schema 4: an outbox entry's properties, after the stamp; absent: none
+_READ_TOPIC_FROM = 2048  # bytes: a larger record's topic is read from its head (_topic_of)
 
 
 class StoreError(Exception):
@@ -66,19 +67,43 @@ class Incoming:
     key: Optional[bytes] = None  # the application's dedupe key (dedupe.py), when configured
     properties: Optional[Dict[str, Any]] = None  # MQTT 5 (mqttv5.properties_of), kept as given
 
+    @classmethod
+    def received(cls, topic: str, payload: bytes, qos: int, retain: bool, mid: int, dup: bool,
+                 key: Optional[bytes], properties: Optional[Dict[str, Any]]) -> "Incoming":
+        """The ingress's hot path (every message): the fields and the DUP mark go straight
+        into __dict__. The frozen dataclass __init__ costs one object.__setattr__ per field,
+        and a mark already in __dict__ is read without `cached_property`'s lookup (and,
+        before Python 3.12, its lock) at each of its two reads."""
+        message = object.__new__(cls)
+        object.__setattr__(message, "__dict__", {
+            "topic": topic, "payload": payload, "qos": qos, "retain": retain, "mid": mid, "dup": dup,
+            "key": key, "properties": properties, "mark": _mark(topic, payload, qos)})
+        return message
+
     @cached_property
     def mark(self) -> Optional[DupMark]:
         """The DUP mark: blake2b-64(topic + NUL + payload), None for QoS 0 (never redelivered).
         The packet id is not part of it: brokers renumber redeliveries (RabbitMQ). Computed
         once: the store's commit and the ack barrier both need it."""
-        if not self.qos:
-            return None
-        state = hashlib.blake2b(self.topic.encode() + b"\0", digest_size=8)
-        state.update(self.payload)
-        return state.digest()
+        return _mark(self.topic, self.payload, self.qos)
+
+
+def _mark(topic: str, payload: bytes, qos: int) -> Optional[DupMark]:
+    if not qos:
+        return None
+    state = hashlib.blake2b(topic.encode() + b"\0", digest_size=8)
+    state.update(payload)
+    return state.digest()
 
 
 DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set
+
+
+_Kept = Tuple[bytes, bytes]  # a record's key and value, copied out of the map (kept past its txn)
+
+
+def _kept(key: memoryview, value: memoryview) -> _Kept:
+    return bytes(key), bytes(value)
 
 
 def _key(record_id: int) -> bytes:
@@ -120,13 +145,16 @@ def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
     record = unpack_record(raw, 7)
     wall, topic, payload, qos, retain, mid, expires_at = record[:7]
     seq, boot = _stamp_of(record, 7)
-    arrival, properties = timeline.arrival(wall, seq, boot), _properties(record, _INBOX_PROPERTIES)
-    due = [] if expires_at is None else [timeline.expiry_wall(expires_at, wall, seq, boot)]
-    if properties.get("message_expiry_interval"):  # its own expiry (MQTT 5), if sooner
-        due.append(arrival + properties["message_expiry_interval"])
-    return Message(id=_ID.unpack(key)[0], timestamp=arrival, topic=topic, payload=payload, qos=qos,
-                   retain=retain, mid=mid, expires_at=min(due) if due else None,
-                   age=timeline.age(wall, seq, boot), properties=properties)
+    arrival, age = timeline.times(wall, seq, boot)
+    properties = _properties(record, _INBOX_PROPERTIES)
+    if expires_at is not None:
+        expires_at = timeline.expiry_wall(expires_at, wall, seq, boot)
+    own = properties.get("message_expiry_interval")
+    if own:  # its own expiry (MQTT 5), if sooner
+        expires_at = arrival + own if expires_at is None else min(expires_at, arrival + own)
+    return Message.filled({"id": _ID.unpack(key)[0], "topic": topic, "payload": payload,
+                           "timestamp": arrival, "qos": qos, "retain": retain, "mid": mid,
+                           "expires_at": expires_at, "age": age, "properties": properties})
 
 
 def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
@@ -137,6 +165,32 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
     return OutboxEntry(id=_ID.unpack(key)[0], created=timeline.arrival(wall, seq, boot), topic=topic,
                        payload=payload, qos=qos, retain=retain, age=timeline.age(wall, seq, boot),
                        properties=_properties(record, _OUTBOX_PROPERTIES))
+
+
+def _topic_of(raw: memoryview) -> str:
+    """An inbox record's topic. Filters look at many records, and unpacking a record copies its
+    payload (up to 256 KB: 5 us at 100 KB), so a large one's topic is read from its head: as
+    the store writes it, an array header, the arrival time (float 64), the topic (fixstr, str
+    8/16). Small records, and anything else, are unpacked whole (a damaged one fails as one)."""
+    if len(raw) > _READ_TOPIC_FROM and raw[0] & 0xF0 == 0x90 and raw[1] == 0xCB:
+        tag = raw[10]
+        if tag & 0xE0 == 0xA0:
+            start, length = 11, tag & 0x1F
+        elif tag == 0xD9:
+            start, length = 12, raw[11]
+        elif tag == 0xDA:
+            start, length = 13, raw[11] << 8 | raw[12]
+        else:
+            start, length = 0, -1
+        if 0 <= length <= len(raw) - start:
+            try:
+                return str(raw[start:start + length], "utf-8")
+            except UnicodeDecodeError:
+                pass  # unpacked whole below: CorruptRecord
+    topic = unpack_record(raw, 7)[1]
+    if not isinstance(topic, str):
+        raise CorruptRecord("a record's topic is not a string")
+    return topic
 
 
 def _properties(record: list, at: int) -> Dict[str, Any]:

@@ -112,7 +112,7 @@ class Supervisor:
         self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
         # every page read once before LMDB maps the file: damage refuses the start in one line
         self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
-                                       check_pages=True)
+                                       check_pages=True, check_progress=self._checking_pages)
         self.store.open_ack_journal()  # what a crash left unapplied, applied before serving
         self._forget_fallbacks()
         self.api = self._start_api()
@@ -165,6 +165,9 @@ class Supervisor:
             self.store.forget_fallbacks()
         except StoreError as exc:  # a damaged store is read-only: its workers then probe anew
             log.debug("protocol fallbacks not forgotten: %s", exc)
+
+    def _checking_pages(self, read: int, pages: int) -> None:
+        self.notifier.still_starting(f"checking the store before opening it: {read:,} of {pages:,} pages")
 
     def _install_signals(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

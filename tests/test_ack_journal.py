@@ -120,6 +120,30 @@ def test_reads_hide_acks_not_applied_yet(tmp_path: Path):
         store.close()
 
 
+def test_reads_step_over_runs_of_waiting_acks_and_miss_nothing(tmp_path: Path):
+    store = journaled(tmp_path)
+    try:
+        store.append([Incoming("t/a", b"m%d" % n, mid=n + 1) for n in range(60)])
+        assert store.ack(range(5, 11)) == 6 and store.apply_acks()  # a gap: ids 5-10 are gone
+        assert store.ack(list(range(1, 21)) + [25, 26, 27] + list(range(40, 61))) == 38
+        assert inbox_ids(tmp_path)[:3] == [1, 2, 3]  # waiting: still in the inbox
+        expected = [21, 22, 23, 24] + list(range(28, 40))
+        assert [m.id for m in store.messages()] == expected
+        assert [m.id for m in store.messages(limit=3)] == expected[:3]
+        assert [m.id for m in store.messages(after=2)] == expected
+        assert [m.id for m in store.messages(after=39)] == []  # the run reaches the end
+        found, after = [], None
+        for _ in range(60):  # pages of a 4-record budget, each going on from the last one's cursor
+            page = store.messages_page(limit=100, topic="t/#", after=after, budget=4)
+            found += [m.id for m in page.found]
+            if page.cursor is None:
+                break
+            after = page.cursor
+        assert found == expected
+    finally:
+        store.close()
+
+
 def test_acks_are_applied_in_one_commit_per_batch(tmp_path: Path):
     store = journaled(tmp_path)
     try:

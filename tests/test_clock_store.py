@@ -196,7 +196,7 @@ def test_frames_of_boots_without_records_are_dropped(stores, clock: FakeClock):
 def frames(store: Store) -> List[int]:
     """White box: the boot seqs whose frames the meta database keeps."""
     with store._read() as txn:
-        return sorted(store._frames.timeline(txn).frames)
+        return sorted(store._frames.snapshot_timeline(txn).frames)
 
 
 # -- a store written by schema 1 ----------------------------------------------------------------

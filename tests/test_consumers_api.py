@@ -135,3 +135,28 @@ def test_flashlexctl_lists_reads_and_resets_consumers(harness: Harness):
     assert ctl("messages", "--consumer", "display").strip() == "no messages"
     assert "acknowledged through id 0" in ctl("consumers", "reset", "display", "--to", "earliest")
     assert "sensors/t" in ctl("messages", "--consumer", "display")
+
+
+# -- bounded work per call (issue 14): a consumer's reads walk pages, status counts a budget ----
+
+def test_a_consumer_read_walks_a_page_at_a_time_and_the_client_follows_its_cursor(harness: Harness):
+    from flashlexd.ipc.methods import SCAN_BUDGET
+    ids = ingest(harness, *["cmd/noise"] * (2 * SCAN_BUDGET + 10), "sensors/t")
+    with connect(harness.path, consumer="display") as display:
+        page = display.call("messages", paged=True, consumer="display")
+        assert page == {"messages": [], "cursor": ids[SCAN_BUDGET - 1]}
+        assert [m.id for m in display.messages()] == [ids[-1]]
+        assert [m.id for m in display.wait(timeout=1)] == [ids[-1]]
+        assert [m["id"] for m in display.call("messages", consumer="display")] == [ids[-1]]  # unpaged
+
+
+def test_status_counts_a_consumers_backlog_up_to_its_budget(harness: Harness):
+    from flashlexd.storeconsumers import REPORT_BUDGET
+    ingest(harness, *["sensors/t"] * (REPORT_BUDGET + 5))
+    with connect(harness.path) as fx:
+        report = {c["name"]: c for c in fx.status()["consumers"]}
+        assert (report["display"]["backlog"], report["display"]["backlog_exact"]) == (REPORT_BUDGET, False)
+        assert report["display"]["oldest_age"] is not None
+        assert fx.ack([m.id for m in fx.messages(limit=10)]) == 10  # unnamed: gone for everyone
+        report = {c["name"]: c for c in fx.status()["consumers"]}
+        assert (report["display"]["backlog"], report["display"]["backlog_exact"]) == (REPORT_BUDGET - 5, True)

@@ -234,3 +234,21 @@ def test_a_read_past_many_records_of_other_topics_moves_the_floor(store: Store):
     assert ids_for(store, "rare") == [ids[-1]]
     assert store.consumer_state("rare").floor == ids[-2]  # the next read starts at rare/x
     assert ids_for(store, "rare") == [ids[-1]] and ids_for(store, "all") == ids
+
+
+def test_a_skip_and_a_removal_over_many_chunks_of_records_leave_what_others_hold(store: Store):
+    """`_chunks` hands a reset or a removal CHUNK records at a time (deleting between two):
+    over several chunks the outcome is record for record what one pass gives."""
+    from flashlexd.storeconsumers import CHUNK
+    declare(store, ConsumerSpec("all"), ConsumerSpec("t", "t/#"))
+    ids = put(store, *[("t/x" if i % 3 == 0 else "u/y") for i in range(3 * CHUNK + 17)])
+    acked_ahead = ids[5::7]
+    store.consumer_ack("all", acked_ahead, NOW)
+    assert store.consumer_reset("all", "latest") == ids[-1]
+    held_by_t = [i for n, i in enumerate(ids) if n % 3 == 0]
+    assert stored(store) == held_by_t  # "all" is done with everything; "t" still holds t/x
+    assert store.consumer_register("gone", NOW)  # dynamic, of every topic, from the start
+    store.consumer_ack("t", held_by_t[:10], NOW)
+    assert store.consumers_upkeep(NOW + 10, idle_seconds=1) == ["gone"]
+    assert stored(store) == held_by_t[10:]  # removing "gone" released nothing "t" holds
+    assert ids_for(store, "t") == held_by_t[10:] and ids_for(store, "all") == []

@@ -90,7 +90,7 @@ def test_broker_crash_mid_flood_loses_nothing_it_kept(broker: Broker, tmp_path: 
 def test_payloads_are_stored_as_is(broker: Broker, tmp_path: Path, start_worker) -> None:
     config = write_config(tmp_path / "config", broker, mqtt={"subscriptions": ["extra/#"]})
     store = open_store(config)
-    start_subscribed(start_worker, config, broker)
+    worker = start_subscribed(start_worker, config, broker)
     sent = [(INGRESS_TOPIC, bytes(range(256))), (INGRESS_TOPIC, b""), (INGRESS_TOPIC, b"not json {"),
             (INGRESS_TOPIC, "ünïcødé ✓".encode()), (INGRESS_TOPIC, b"\x00\r\n\x00"),
             (PUBSUB_TOPIC, b'{"json": true}'), ("extra/a/b", b"\xff\xfe")]
@@ -100,6 +100,9 @@ def test_payloads_are_stored_as_is(broker: Broker, tmp_path: Path, start_worker)
     messages = store.messages(limit=100)
     assert [(m.topic, m.payload) for m in messages] == sent
     assert all(m.qos == 1 and not m.retain for m in messages)
+    # each came alone in its TLS record, so each was read straight out of the socket's bytes
+    worker.wait(lambda w: w.counters.get("received") == len(sent), 15, "the counters of every message")
+    assert worker.counters["received_straight"] == len(sent)
 
 
 def test_oversize_is_dropped_counted_and_acknowledged(broker: Broker, tmp_path: Path,

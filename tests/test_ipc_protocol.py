@@ -1,5 +1,6 @@
 """The wire format and request parsing, without sockets."""
 import struct
+import tracemalloc
 
 import msgpack
 import pytest
@@ -91,6 +92,20 @@ def test_true_is_not_version_one():
 def test_deep_nesting_is_refused_not_a_recursion_error():
     deep = b"\x91" * 5000 + b"\xc0"
     assert failure(deep).message == "request nested too deeply"
+
+
+@pytest.mark.parametrize("size", [protocol.SMALL_BODY, protocol.SMALL_BODY + 1, 5000])
+def test_nested_wide_headers_cost_little_to_refuse_checked_or_not(size):
+    """Up to SMALL_BODY bytes a request is unpacked without the nesting check: the worst such
+    body (nested 1024-element array headers) must still be cheap to refuse."""
+    body = (b"\xdc\x04\x00" * size)[:size]
+    tracemalloc.start()
+    try:
+        assert failure(body).code == Code.BAD_REQUEST
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes held to refuse a {size}-byte request"
 
 
 @pytest.mark.parametrize("header", [b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff",

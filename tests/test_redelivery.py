@@ -45,6 +45,15 @@ def test_two_equal_messages_are_both_stored_and_both_redeliveries_recognised(sto
     assert store.append([msg(b"x", mid=4, dup=True)], settled=dup_marks([msg(b"x")])) == [3]
 
 
+def test_a_message_built_on_the_ingress_hot_path_is_the_same_message_with_the_same_mark(store: Store):
+    for qos in (0, 1):
+        fields = (TOPIC, b"x", qos, True, 9, True, b"k", {"content_type": "text/plain"})
+        fast, plain = Incoming.received(*fields), Incoming(*fields)
+        assert fast == plain and fast.mark == plain.mark and (fast.mark is None) == (qos == 0)
+    assert store.append([Incoming.received(TOPIC, b"x", 1, False, 1, False, None, None)]) == [1]
+    assert store.append([msg(b"x", mid=2, dup=True)]) == [None]  # its mark was stored
+
+
 def test_marks_survive_a_reopen(tmp_path: Path):
     store = Store(tmp_path / "store", CAP)
     store.append([msg(b"committed, PUBACK never sent", mid=9)])

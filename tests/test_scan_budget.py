@@ -3,20 +3,28 @@ than its budget and says where to go on; the API's `paged` answers carry that cu
 client follows it, so callers still get every match. Real store, real server, real client."""
 from __future__ import annotations
 
+import selectors
+import socket
 import threading
+from typing import Any, Tuple
 
+import msgpack
 import pytest
 
 from flashlexd.client import connect
-from flashlexd.ipc.methods import SCAN_BUDGET
-from flashlexd.store import Store
+from flashlexd.client.wire import HEADER
+from flashlexd.ipc import Limits, RpcServer
+from flashlexd.ipc.methods import SCAN_BUDGET, Methods
+from flashlexd.runtime import ApiRules
+from flashlexd.store import Store, StoreDamaged
 from flashlexd.storerecords import Incoming
+from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
 from tests.broker import wait_for
 
 try:
-    from test_ipc_server import harness  # noqa: F401
+    from test_ipc_server import MAX_PAYLOAD, harness, req  # noqa: F401
 except ImportError:  # tests run as a package
-    from tests.test_ipc_server import harness  # noqa: F401
+    from tests.test_ipc_server import MAX_PAYLOAD, harness, req  # noqa: F401
 
 NOISE = 2 * SCAN_BUDGET + 100  # non-matching messages before the one that matches
 
@@ -68,3 +76,140 @@ def test_a_parked_paged_wait_walks_on_from_where_it_stopped(harness):
         [late] = harness.ingest(("rare/y", b"r"))
         waiter.join(10)
         assert [m.id for m in got] == [late]
+
+
+# -- unpaged calls (the protocol before `paged`): walked one page per turn of the loop ----------
+
+class TurnByTurn:
+    """The server on a selector this test turns by hand (one `turn()` = one pass of the
+    supervisor's loop), so what happens per turn is exact, not a matter of timing."""
+
+    def __init__(self, tmp_path, store: Store):
+        rules = ApiRules("things/dev1/egress", -1, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
+        methods = Methods(lambda: store, dict, lambda: None, lambda: True, lambda: rules)
+        self.selector = selectors.DefaultSelector()
+        self.server = RpcServer(str(tmp_path / "api.sock"), methods, Limits.for_payload(MAX_PAYLOAD),
+                                self.selector)
+
+    def turn(self) -> None:
+        for key, mask in self.selector.select(0):
+            self.server.dispatch(key, mask)
+        self.server.tick()
+
+    def client(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.server.path)
+        self.turn()  # accepted
+        return sock
+
+    def answer(self, sock: socket.socket, turns: int) -> Tuple[Any, int]:
+        """The next response on `sock` and how many turns it took to start (fails after
+        `turns`); a large one is read while the loop turns on to send the rest."""
+        for taken in range(1, turns + 1):
+            self.turn()
+            if _readable(sock):
+                break
+        else:
+            raise AssertionError(f"no answer in {turns} turns")
+        frame = b""
+        while len(frame) < HEADER.size or len(frame) < HEADER.size + HEADER.unpack_from(frame)[0]:
+            self.turn()
+            try:
+                frame += sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        return msgpack.unpackb(frame[HEADER.size:], raw=False), taken
+
+    def close(self) -> None:
+        self.server.close()
+        self.selector.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+@pytest.fixture
+def turns(tmp_path, store):
+    server = TurnByTurn(tmp_path, store)
+    yield server
+    server.close()
+
+
+PAGES = 6  # pages of noise before the one match: the unpaged walk takes that many turns
+
+
+def test_an_unpaged_filtered_messages_is_walked_a_page_per_turn_and_other_calls_go_between(turns, store):
+    ids = store.append([Incoming("noise/x", b"n")] * (PAGES * SCAN_BUDGET) + [Incoming("rare/y", b"r")])
+    walker, other = turns.client(), turns.client()
+    walker.sendall(req("messages", 1, topic="rare/#", limit=5))
+    turns.turn()
+    assert not _readable(walker), "the walk was answered in one turn: it held the loop"
+    other.sendall(req("status", 2))
+    status, taken = turns.answer(other, 1)
+    assert taken == 1 and status["result"]["inbox"]["count"] == len(ids)
+    assert not _readable(walker)
+    found, taken = turns.answer(walker, PAGES + 2)
+    assert taken >= 2 and [m["id"] for m in found["result"]] == [ids[-1]]
+
+
+def test_an_unpaged_filtered_wait_walks_then_parks_and_goes_on_from_where_it_stopped(turns, store):
+    store.append([Incoming("noise/x", b"n")] * (2 * SCAN_BUDGET))
+    waiter = turns.client()
+    waiter.sendall(req("wait", 1, topic="rare/#", timeout=30))
+    for _ in range(4):
+        turns.turn()
+    parked = [conn.parked for conn in turns.server._parked]
+    assert len(parked) == 1 and not parked[0].walking and not _readable(waiter)  # at the end
+    walk = parked[0].walk
+    [late] = store.append([Incoming("rare/y", b"r")])
+    looked_from = walk.position
+    turns.server.notify_inbox()
+    found, _ = turns.answer(waiter, 2)
+    assert looked_from == late - 1 and [m["id"] for m in found["result"]] == [late]
+
+
+def test_an_unpaged_wait_with_timeout_0_walks_to_the_end_before_it_answers(turns, store):
+    ids = store.append([Incoming("noise/x", b"n")] * (3 * SCAN_BUDGET) + [Incoming("rare/y", b"r")])
+    waiter = turns.client()
+    waiter.sendall(req("wait", 1, topic="rare/#", timeout=0))
+    found, _ = turns.answer(waiter, 10)
+    assert [m["id"] for m in found["result"]] == [ids[-1]]
+    waiter.sendall(req("wait", 2, topic="none/#", timeout=0))
+    nothing, _ = turns.answer(waiter, 10)
+    assert nothing["result"] == []
+
+
+def test_a_full_response_ends_a_walk_without_skipping_what_it_left_out(turns, store):
+    big = b"x" * MAX_PAYLOAD
+    ids = store.append([Incoming("noise/x", b"n")] * 10 + [Incoming("big/y", big)] * 8
+                       + [Incoming("noise/x", b"n")] * SCAN_BUDGET)  # the page's budget runs out
+    reader = turns.client()
+    reader.sendall(req("messages", 1, topic="big/#", paged=True))
+    page, _ = turns.answer(reader, 2)
+    kept = [m["id"] for m in page["result"]["messages"]]
+    assert kept == ids[10:10 + len(kept)] and 1 <= len(kept) < 8
+    assert page["result"]["cursor"] is None  # go on after the last one kept, not past the rest
+
+
+# -- a filter reads a large record's topic from its head (storerecords._topic_of) ------------------
+
+@pytest.mark.parametrize("topic", ["t/short", "t/" + "m" * 60, "t/" + "l" * 400, "t/ü"])
+def test_a_filter_finds_large_and_small_records_alike(store, topic):
+    ids = store.append([Incoming(topic, b"p" * size) for size in (10, 5000)]
+                       + [Incoming("other/" + topic, b"o" * 5000)])
+    assert [m.id for m in store.messages(topic="t/#")] == ids[:2]
+    assert [m.id for m in store.messages_page(10, "other/#", None, budget=10).found] == ids[2:]
+
+
+def test_a_large_record_with_a_damaged_topic_is_damage_not_a_mismatch(store):
+    [good] = store.append([Incoming("t/x", b"p" * 5000)])
+    raw = bytearray(msgpack.packb([1.0, "t/y", b"p" * 5000, 1, False, 0, None, 1, 1.0]))
+    raw[11:14] = b"\xff\xfe\xfd"  # the topic's bytes: not UTF-8
+    with store._env.begin(write=True) as txn:  # white box: the damage a bad sector leaves
+        txn.put((good + 1).to_bytes(8, "big"), bytes(raw), db=store._inbox)
+    with pytest.raises(StoreDamaged):
+        store.messages(topic="t/#")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flashlexd import storecheck
 from flashlexd.store import Incoming, Store
 from tests.damage import CAP, build_store, garble_page, truncate
 
@@ -197,3 +198,16 @@ def test_recover_copies_databases_and_fields_it_does_not_know(tmp_path):
         keys = [k for k, _ in txn.cursor(db=env.open_db(b"expiry", txn=txn, create=False))]
         assert b"\0\0\0\3" + (10 ** 12).to_bytes(8, "big") + (1000).to_bytes(8, "big") in keys
     env.close()
+
+
+def test_a_page_walk_reports_its_progress(tmp_path):
+    store = Store(tmp_path / "data", cap_bytes=64 << 20)
+    for _ in range(10):
+        store.append([Incoming("t", b"x" * 400) for _ in range(4000)])  # ~4,800 pages
+    store.close()
+    calls = []
+    read = storecheck.walk_pages(tmp_path / "data" / "data.mdb", lambda *call: calls.append(call))
+    assert len(calls) >= 2 and read >= calls[-1][0]
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert all(done - before >= storecheck.PROGRESS_PAGES for (before, _), (done, _) in zip(calls, calls[1:]))
+    assert {pages for _, pages in calls} == {calls[0][1]} and calls[0][1] >= read

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flashlexd.store import Store
+from flashlexd.notify import START_EXTENSION
+from flashlexd.store import Incoming, Store
 from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
 from tests.daemon import Daemon, NotifyListener
 from tests.broker import wait_for
@@ -273,3 +274,23 @@ def inbox_payloads(data_dir: Path) -> list:
         return [m.payload for m in store.messages(limit=1_000_000)]
     finally:
         store.close()
+
+
+def test_a_long_page_check_at_start_asks_systemd_for_more_time(daemon_config, tmp_path, notify):
+    """The supervisor reads every page of the store before opening it (storecheck.walk_pages):
+    on a Pi with a large store that outlasts TimeoutStartSec, so it extends the start-up
+    timeout while it makes progress, and says what it does on STATUS."""
+    data_dir = tmp_path / "etc" / "data"
+    store = Store(data_dir, cap_bytes=256 << 20)
+    for start in range(0, 60_000, 5000):  # ~12 MB: three progress calls of the walk
+        store.append([Incoming("t", b"x" * 150) for _ in range(5000)])
+    store.close()
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        ready_at = notify.wait_for("READY=1", timeout=30)
+        before = [(t, f) for t, f in notify.lines() if t <= ready_at]
+        extensions = [t for t, f in before if f == f"EXTEND_TIMEOUT_USEC={START_EXTENSION * 1_000_000}"]
+        statuses = [f for _, f in before if f.startswith("STATUS=checking the store before opening it: ")]
+        assert extensions and statuses, before
+    finally:
+        running.stop()

@@ -7,8 +7,9 @@ frame budget (always at least one record, so a large message is still deliverabl
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from flashlexd.consumers import RESET_TARGETS, UnknownConsumer
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
@@ -16,6 +17,7 @@ from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
 from flashlexd.ipc.sharedcommit import SharedCommits
+from flashlexd.ipc.walk import Walk
 from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
@@ -24,8 +26,10 @@ from flashlexd.topics import publish_topic_problem, valid_filter
 # Inbox records one `paged` messages/wait call with a topic filter looks at: ~2 ms of the
 # supervisor's loop on a Pi-class core, whatever the inbox holds (the cursor says where to go on).
 SCAN_BUDGET = 500
+_ID_LIMIT = 2 ** 64  # ids are 8-byte keys
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
+T = TypeVar("T")
 
 
 class _Params:
@@ -70,7 +74,7 @@ class _Params:
         """A message id: an int or its pk string (the decimal id)."""
         if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 64:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _ID_LIMIT:
             raise self.bad(name, "a message id (integer or pk string)", value)
         return value
 
@@ -79,6 +83,8 @@ class _Params:
         ids = self.get(name)
         if not isinstance(ids, list) or len(ids) > MAX_IDS_PER_ACK:
             raise self.bad(name, f"a list of at most {MAX_IDS_PER_ACK} message ids", ids)
+        if all(type(value) is int and 0 <= value < _ID_LIMIT for value in ids):
+            return ids  # what the client sends: checked at a fifth of record_id's cost
         return [self.record_id(name, value) for value in ids]
 
     def topic_filter(self, name: str) -> Optional[str]:
@@ -95,6 +101,18 @@ class _Params:
             known = ", ".join(sorted(self.read)) or "none"
             raise RpcFailure(Code.BAD_PARAMS,
                              f"{self.method}: unknown param '{unknown[0]}' (accepted: {known})")
+
+
+def _store_failures(read: Callable[..., T]) -> Callable[..., T]:
+    """`read`, run later by the server (a parked call's poll, a walk's step), with a store
+    error as the caller's `store_error` (`handle` does that for a call answered at once)."""
+    @functools.wraps(read)
+    def run(*args: Any) -> T:
+        try:
+            return read(*args)
+        except StoreError as exc:
+            raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+    return run
 
 
 def _show(value: Any) -> str:
@@ -153,33 +171,33 @@ class Methods:
 
     def _bounded(self, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """The leading records that fit the response budget (at least one)."""
-        used = 0
+        used, budget = 0, self.rules.response_budget
         for index, record in enumerate(records):
             used += len(record["payload"]) + len(record["topic"]) + _RECORD_ENVELOPE
-            if used > self.rules.response_budget and index > 0:
+            if used > budget and index > 0:
                 return records[:index]
         return records
 
-    def _fetch(self, limit: int, topic: Optional[str], after: Optional[int],
-               consumer: Optional[str] = None,
-               user_property: Optional[Tuple[str, str]] = None) -> List[Dict[str, Any]]:
-        found = self.store.messages(limit, topic, after, user_property) if consumer is None else \
-            self.store.consumer_messages(consumer, limit, topic, after, user_property)
-        return self._bounded([m.to_dict() for m in found])
+    def _fetch(self, limit: int, after: Optional[int]) -> List[Dict[str, Any]]:
+        """An unfiltered read of the inbox: `limit` bounds its walk."""
+        return self._bounded([m.to_dict() for m in self.store.messages(limit, None, after)])
 
     def _fetch_page(self, limit: int, topic: Optional[str], after: Optional[int],
                     consumer: Optional[str] = None, user_property: Optional[Tuple[str, str]] = None
                     ) -> Tuple[Dict[str, Any], Optional[int]]:
         """A `paged` answer, {"messages": [...], "cursor": id or None}, from a walk of at most
-        SCAN_BUDGET records when a filter is given (without one every record is kept and
-        `limit` bounds the walk); and the last id looked at (where a parked wait goes on). A
-        named consumer's read keeps its own bounds (storeconsumers.py): never a cursor."""
+        SCAN_BUDGET records when a filter or a named consumer is given (without either every
+        record is kept and `limit` bounds the walk); and the last id looked at (where a parked
+        wait goes on)."""
         if consumer is not None:
-            return {"messages": self._fetch(limit, topic, after, consumer, user_property), "cursor": None}, None
-        filtered = topic is not None or user_property is not None
-        page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
+            page = self.store.consumer_messages_page(consumer, limit, topic, after, SCAN_BUDGET, user_property)
+        else:
+            filtered = topic is not None or user_property is not None
+            page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
         found = self._bounded([m.to_dict() for m in page.found])
-        return {"messages": found, "cursor": page.cursor}, page.last
+        # a full response ends the walk: a cursor past records it left out would skip them
+        cursor = page.cursor if len(found) == len(page.found) else None
+        return {"messages": found, "cursor": cursor}, page.last
 
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
         limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
@@ -233,7 +251,9 @@ class Methods:
         p.done()
         if paged:
             return self._fetch_page(limit, topic, after, consumer, wanted)[0]
-        return self._fetch(limit, topic, after, consumer, wanted)
+        if consumer is not None or topic is not None or wanted is not None:
+            return self._walked(limit, topic, after, consumer, wanted, None)
+        return self._fetch(limit, after)
 
     def _ack(self, p: _Params) -> Any:
         ids = p.ids("ids")
@@ -253,16 +273,29 @@ class Methods:
         p.done()
         if paged:
             return self._wait_paged(timeout, limit, topic, after, consumer, wanted)
-        found = self._fetch(limit, topic, after, consumer, wanted)
+        if consumer is not None or topic is not None or wanted is not None:
+            return self._walked(limit, topic, after, consumer, wanted, timeout)
+        found = self._fetch(limit, after)
         if found or timeout == 0:
             return found
 
+        @_store_failures
         def poll() -> Optional[List[Dict[str, Any]]]:  # run by the server on notify_inbox()
-            try:
-                return self._fetch(limit, topic, after, consumer, wanted) or None
-            except StoreError as exc:
-                raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+            return self._fetch(limit, after) or None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
+
+    def _walked(self, limit: int, topic: Optional[str], after: Optional[int], consumer: Optional[str],
+                wanted: Optional[Tuple[str, str]], timeout: Optional[float]) -> Any:
+        """An unpaged read with a filter or for a named consumer (`timeout` None: `messages`):
+        the bare list callers of the protocol before `paged` expect, read one page per turn of
+        the server's loop (walk.py)."""
+        walk = Walk(_store_failures(lambda room, start: self._fetch_page(room, topic, start, consumer, wanted)),
+                    limit, after, self._bounded, waits=timeout is not None)
+        found = walk.step()
+        if found is not None:
+            return found
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        return Pending(deadline=deadline, poll=walk.poll, timeout_result=[], walk=walk)
 
     def _wait_paged(self, timeout: float, limit: int, topic: Optional[str],
                     after: Optional[int], consumer: Optional[str],
@@ -275,11 +308,9 @@ class Methods:
             return answer
         position = [last if last is not None else after]
 
+        @_store_failures
         def poll() -> Optional[Dict[str, Any]]:  # run by the server on notify_inbox()
-            try:
-                found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
-            except StoreError as exc:
-                raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
+            found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
             if found["messages"] or found["cursor"] is not None:
                 return found
             if seen is not None:

@@ -109,14 +109,19 @@ class RpcServer:
         if self._accept_paused_until is not None:
             deadline = min(deadline, self._accept_paused_until)
         for conn in self._parked:
-            deadline = min(deadline, conn.parked.deadline)  # type: ignore[union-attr]
+            parked: Pending = conn.parked  # type: ignore[assignment]
+            deadline = min(deadline, 0.0 if parked.walking else parked.deadline)  # 0: next turn
         return deadline
 
     def tick(self, now: Optional[float] = None) -> None:
         """Time-driven work; cheap when nothing is due, so the host may call it every turn."""
         now = time.monotonic() if now is None else now
         if self._parked:
-            for conn in [c for c in self._parked if c.parked.deadline <= now]:  # type: ignore[union-attr]
+            for conn in [c for c in self._parked if c.parked.walking]:  # type: ignore[union-attr]
+                self._settle(conn, conn.parked.walk.step, "walk")  # type: ignore[union-attr]
+            due = [c for c in self._parked
+                   if not c.parked.walking and c.parked.deadline <= now]  # type: ignore[union-attr]
+            for conn in due:
                 parked: Pending = conn.parked  # type: ignore[assignment]
                 if parked.resolve is None:
                     self._complete(conn, parked.timeout_result)

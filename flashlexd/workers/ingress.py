@@ -42,6 +42,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import properties_of, reason_name
+from flashlexd.publishread import Publish
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
@@ -72,7 +73,8 @@ class IngressWorker(Worker):
         self.topics = self.config.thing.mqtt.ingress_topics()
         client_id = self.config.thing.mqtt.client_id
         session = earlier_session(self.store, client_id)
-        self.connection = Connection(self.config, client_id, self._on_change, on_message=self._on_message,
+        self.connection = Connection(self.config, client_id, self._on_change,
+                                     on_publishes=self._on_publishes,
                                      track_session=True, session_seen_at=session.seen_at,
                                      clean_start=session.clean_start, on_build=self._set_up_client,
                                      fell_back=fell_back_before(self.store, client_id),
@@ -90,7 +92,7 @@ class IngressWorker(Worker):
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
                              marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
-                             dedupe_keyless=0, acks_confirmed=0, protocol=None)
+                             dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -186,38 +188,44 @@ class IngressWorker(Worker):
         self.connection.acknowledged("UNSUBACK", mid)
         self.counters["acks_confirmed"] += self.barrier.on_unsuback(mid)
 
-    def _on_message(self, message: Any) -> None:
-        self.counters["received"] += 1
-        payload = message.payload
-        incoming: Optional[Incoming] = None
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:  # MQTT requires UTF-8, but a lax broker may pass it on:
-            topic = None            # acked and dropped, not a poison message crashing us forever
-        if topic is None:
-            self.counters["dropped_bad_topic"] += 1
-            log.warning("dropped a %d-byte message: its topic %.80r is not valid UTF-8", len(payload),
-                        getattr(message, "_topic", b"?"))
-        elif len(payload) > self.config.store.max_payload_bytes:
-            self.counters["dropped_oversize"] += 1
-            log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)", len(payload),
-                        topic, self.config.store.max_payload_bytes)
-        else:
-            incoming = Incoming(topic, payload, message.qos, bool(message.retain),
-                                message.mid, bool(message.dup), self._dedupe_key(message),
-                                properties_of(message) or None)
-        self.last_arrival = time.monotonic()
+    def _on_publishes(self, found: List[Publish]) -> None:
+        """PUBLISH packets as read (publishread.py), into the batch. One clock reading for
+        them all: they came in one run of socket reads."""
+        now = time.monotonic()
         if not self.batch:
-            self.batch_started = self.last_arrival
-        self.batch.append(_Pending(incoming, message.mid, message.qos, self.generation))
-        self.batch_bytes += len(payload) if incoming else 0
+            self.batch_started = now
+        self.last_arrival = now
+        limit, generation = self.config.store.max_payload_bytes, self.generation
+        append = self.batch.append
+        for raw_topic, payload, qos, retain, mid, dup, properties in found:
+            incoming: Optional[Incoming] = None
+            try:
+                topic: Optional[str] = raw_topic.decode()
+            except UnicodeDecodeError:  # MQTT requires UTF-8, but a lax broker may pass it on:
+                topic = None            # acked and dropped, not a poison message crashing us forever
+            if topic is None:
+                self.counters["dropped_bad_topic"] += 1
+                log.warning("dropped a %d-byte message: its topic %.80r is not valid UTF-8", len(payload),
+                            raw_topic)
+            elif len(payload) > limit:
+                self.counters["dropped_oversize"] += 1
+                log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)", len(payload),
+                            topic, limit)
+            else:
+                incoming = Incoming.received(topic, payload, qos, retain, mid, dup,
+                                             self._dedupe_key(payload, properties),
+                                             properties_of(properties) or None)
+                self.batch_bytes += len(payload)
+            append(_Pending(incoming, mid, qos, generation))
+        self.counters["received"] += len(found)
+        self.counters["received_straight"] = self.connection.taken_straight
 
-    def _dedupe_key(self, message: Any) -> Optional[bytes]:
+    def _dedupe_key(self, payload: bytes, properties: Any) -> Optional[bytes]:
         """The message's application key, when `flashlex.app.db.dedupe` is set; a message
         without one is stored normally and counted in `dedupe_keyless`."""
         if self.dedupe is None:
             return None
-        key = self.dedupe.of(message.payload, getattr(message, "properties", None))
+        key = self.dedupe.of(payload, properties)
         if key is None:
             self.counters["dedupe_keyless"] += 1
         return key
