@@ -3,7 +3,7 @@ from /proc/PID/smaps, idle, under ingest load, and idle again with the messages 
 the same number of bare Python interpreters started from the same venv (the floor any
 four-process Python design pays), measured in the same run.
 
-    .venv/bin/python bench/bench_memory.py [--runs 3] [--messages 100000]
+    .venv/bin/python bench/bench_memory.py [--runs 3] [--messages 100000] [--backlog]
         [--daemon-python /path/to/installed/venv/bin/python] [--plot docs/memory-during-ingest.png]
 
 Each run starts `python -m flashlexd run` (tests/daemon.py) with the production supervisor
@@ -15,6 +15,11 @@ and both MQTT connections are up, then:
           lines past ~50k), as fast as the daemon takes them; samples every 0.1 s until all are
           committed (peak of the per-sample total, and each process's peak);
   stored  2 s after the load, 10 samples (the inbox now holds every message; nobody acks).
+With `--backlog` the load is the drain of a backlog instead (a device back online): after the
+idle samples the daemon is stopped, the messages are published into its persistent session,
+and a new daemon on the same data dir drains them (its processes are the ones sampled from
+then on). The broker then holds a deep queue for the ingress worker, which is when its ack
+barrier's UNSUBACK comes late (queued behind the backlog) and the most DUP marks wait.
 The PSS counted is everything but the file-backed `data.mdb` mapping: that is page cache the
 kernel reclaims, and it grows with the stored messages; it is reported apart. PSS splits each
 shared page among the processes that map it: the workers are forked from the fork server, so
@@ -108,7 +113,7 @@ def per_process_peak(samples: List[Sample], field: str = "Pss") -> Dict[str, flo
 
 
 def run_daemon(root: Path, broker: Broker, lines: List[Path], count: int, run: int,
-               python: Optional[str]) -> Dict[str, object]:
+               python: Optional[str], backlog: bool = False) -> Dict[str, object]:
     client_id = f"bench-mem-{run}"
     config = daemon_config(root / client_id, broker, mqtt={"clientId": client_id})
     daemon = Daemon(config, root / client_id, python=python).start()
@@ -118,6 +123,12 @@ def run_daemon(root: Path, broker: Broker, lines: List[Path], count: int, run: i
         time.sleep(2)
         idle = series(pids, 10, 0.2)
         publisher = publish_in_chunks(broker, lines, f"{client_id}-pub")
+        if backlog:
+            daemon.stop()
+            publisher.join(600)
+            daemon = Daemon(config, root / client_id, python=python).start()
+            wait_up(daemon, connected=False)
+            pids = dict(supervisor=daemon.pid, **daemon.children(fork_server=True))
         started = time.monotonic()
         load: List[Sample] = []
         times: List[float] = []
@@ -217,6 +228,8 @@ def main() -> int:
     parser.add_argument("--installed", action="store_true",
                         help="pip install the checkout (not editable) into a temporary venv and run that")
     parser.add_argument("--plot", type=Path, help="draw the first run's ingest to this PNG")
+    parser.add_argument("--backlog", action="store_true",
+                        help="the load is the drain of a backlog published while the daemon was stopped")
     args = parser.parse_args()
     runs, baselines = [], []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
@@ -233,7 +246,8 @@ def main() -> int:
         try:
             for run in range(args.runs):
                 baselines.append(run_baseline())
-                runs.append(run_daemon(root, broker, lines, args.messages, run, args.daemon_python))
+                runs.append(run_daemon(root, broker, lines, args.messages, run, args.daemon_python,
+                                       args.backlog))
         finally:
             broker.close()
     if args.plot:
@@ -254,7 +268,8 @@ def main() -> int:
     spread = [f"{mb(per_process_median(r['idle'])['total'])} / {mb(per_process_peak(r['load'])['total'])}" for r in runs]
     print(f"Daemon: {label}. PSS from /proc/PID/smaps without the data.mdb mapping, median of"
           f" {args.runs} runs (idle / peak per run: {', '.join(spread)}); load: {args.messages:,} QoS 1"
-          f" messages of ~200 bytes at {rate:,.0f} msg/s (median)\n")
+          f" messages of ~200 bytes at {rate:,.0f} msg/s (median)"
+          f"{', drained from a backlog the broker held' if args.backlog else ''}\n")
     print("| process | idle PSS | (anon) | idle RSS | under ingest load, peak PSS | (anon) |"
           f" idle with {args.messages:,} stored | data.mdb mapping, peak / stored (apart) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
