@@ -8,8 +8,9 @@ a SIGSTOPped broker). Two rules, checked from the worker's loop:
   paho sends a PINGREQ once the link was quiet for `keepalive`, so a live broker always speaks
   well within that; a frozen one is found within 1.5 x keepalive at most.
 - no acknowledgement: an expected PUBACK, SUBACK or UNSUBACK older than `operation_timeout`
-  with no acknowledgement at all in that time, while the broker still answers (pings). This is
-  how a broker that drops publishes without a word (AWS IoT Core over its rate quota) shows.
+  with no acknowledgement (nor, for a subscriber, a message) at all in that time, while the
+  broker still answers (pings). This is how a broker that drops publishes without a word (AWS
+  IoT Core over its rate quota) shows.
 
 Pure and clock-injected: `Connection` feeds it, tests drive it with a fake clock.
 """
@@ -41,6 +42,12 @@ class LinkWatch:
 
     def heard_from(self) -> None:
         self.heard = self.clock()
+
+    def delivered(self) -> None:
+        """Messages came in. A broker answers a connection in order, so a SUBACK or UNSUBACK
+        queued behind a backlog it is sending us is on its way: a deep backlog (a session
+        resumed after an outage, drained at a Pi's pace) must not look like a dead link."""
+        self.heard = self.progress = self.clock()
 
     def expect(self, kind: str, mid: int) -> None:
         self.awaiting[(kind, mid)] = self.clock()

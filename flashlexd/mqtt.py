@@ -127,11 +127,9 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         if self.on_publishes is not None:
-            deliver = self.on_publishes
-
             def message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
                 self.handled += 1
-                deliver([message_fields(msg)])
+                self._deliver([message_fields(msg)])
             client.on_message = message
         if self.on_publish is not None:
             acknowledged = self.on_publish
@@ -224,8 +222,12 @@ class Connection:
         if found:
             self.handled += len(found)
             self.taken_straight += len(found)
-            self.on_publishes(found)
+            self._deliver(found)
         return None if found is None else len(found)
+
+    def _deliver(self, found: List[Publish]) -> None:
+        self.watch.delivered()
+        self.on_publishes(found)  # type: ignore[misc]
 
     def _buffered(self, sock: Any) -> bool:
         """Input already here that select() on `sock` cannot see: read by paho's client

@@ -89,6 +89,19 @@ def test_missing_acknowledgements_time_out_unless_others_keep_coming() -> None:
     assert watch.verdict() is None and watch.pending("PUBACK") == 0
 
 
+def test_an_unsuback_queued_behind_a_backlog_is_awaited_while_messages_come() -> None:
+    clock = FakeClock()
+    watch = LinkWatch(keepalive=30, operation_timeout=5, clock=clock)
+    watch.up()
+    watch.expect("UNSUBACK", 7)  # the ack barrier's, sent while the broker drains our session
+    for _ in range(10):  # 20 s of messages ahead of it: the broker is working, in order
+        clock.now += 2
+        watch.delivered()
+        assert watch.verdict() is None
+    clock.now += 5  # no message and no UNSUBACK for the operation timeout
+    assert watch.verdict() is Verdict.UNACKNOWLEDGED
+
+
 def drop(watch: PoisonWatch, inflight: List[int], progress: bool = False) -> Optional[int]:
     return watch.dropped(inflight, progress)
 
