@@ -136,7 +136,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
                 self._msg_expiry.index(txn, seq, [(at, _ID.pack(ids[i])) for at, i in due if ids[i]])
             return ids
 
-        return self._write(work)  # type: ignore[return-value]
+        return self._write(work, reserve=False)  # type: ignore[return-value]
 
     def _prepare(self, messages: Sequence[Incoming], stamp: Tuple[float, int, float],
                  expires_at: Optional[float]) -> Tuple[List[bytes], List[Optional[DupMark]]]:
@@ -195,7 +195,17 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         def work(txn: lmdb.Transaction) -> List[int]:
             return [sum(1 for key in call if txn.delete(key, db=self._inbox)) for call in keys]
 
-        return self._write(work) if any(keys) else [0] * len(keys)  # type: ignore[return-value]
+        if not any(keys):
+            return [0] * len(keys)
+        try:
+            return self._write(work, reserve=False)  # type: ignore[return-value]
+        except DiskFull:
+            removed = self._delete_in_steps([key for call in keys for key in call])
+        counts = []
+        for call in keys:  # an id in two calls counts for the first
+            counts.append(sum(1 for key in call if key in removed))
+            removed.difference_update(call)
+        return counts
 
     @guarded
     def purge(self) -> int:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Set
 
 import lmdb
 from flashlexd.ackjournal import FILE_BYTES, FILE_NAME, AckJournal, JournalError, Record, scan
 from flashlexd.storedamage import guarded
-from flashlexd.storerecords import _ID, StoreError
+from flashlexd.storerecords import _ID, DiskFull, StoreError
 
 log = logging.getLogger("flashlexd.store")
 APPLY_IDS = 256  # waiting acked ids that start an apply (one LMDB commit)
@@ -38,6 +38,8 @@ APPLY_SECONDS = 60.0  # the longest an acked message stays in the inbox (hidden)
 APPLY_RETRY = 5.0  # seconds between tries after an apply failed
 NEAR_CAP = 0.9  # share of the cap used from which every ack is applied at once (frees space now)
 LOW_DISK = 64 * 1024 * 1024  # free bytes on the data dir's filesystem below which likewise
+STEP_IDS = 8  # acks per commit, at least, when their one commit found the disk full
+STEP_SHARE = 4  # ... or the space reserve's pages over this (a step copies a page or so an id)
 _APPLIED = b"ackjournal_applied"  # meta: the seq of the last journal record applied
 
 
@@ -217,7 +219,27 @@ class JournaledAcks:
                 txn.delete(key, db=self._inbox)
             self._set_counter(txn, _APPLIED, through)
 
-        self._write(work)
+        try:
+            self._write(work, reserve=False)
+        except DiskFull:
+            self._delete_in_steps(keys)
+            self._write(lambda txn: self._set_counter(txn, _APPLIED, through))
+
+    def _delete_in_steps(self, keys: Sequence[bytes]) -> Set[bytes]:
+        """Delete inbox records a few at a time, a commit each (the keys it removed): how acks
+        go in when one commit of them all found no space left. A delete copies each leaf page
+        it changes, and acks scattered over the inbox change a leaf each: a step's pages fit in
+        the space reserve (spacereserve.py), and each commit frees pages a later one reuses."""
+        step = max(STEP_IDS, self._reserve.size // self._page_size // STEP_SHARE)
+        removed: Set[bytes] = set()
+        for start in range(0, len(keys), step):
+            part = keys[start:start + step]
+
+            def work(txn: lmdb.Transaction, part: Sequence[bytes] = part) -> List[bytes]:
+                return [key for key in part if txn.delete(key, db=self._inbox)]
+
+            removed.update(self._write(work))
+        return removed
 
     def _close_journal(self) -> None:
         if self._journal is not None and os.getpid() == self._pid:  # never from a forked child

@@ -20,6 +20,7 @@ from flashlexd.clock import Clock, SystemClock, Timeline
 from flashlexd.redelivery import Redeliveries
 from flashlexd.storemsgexpiry import DB_NAME as MSG_EXPIRY_DB, MessageExpiry
 from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
+from flashlexd.spacereserve import SpaceReserve
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, StoreBusy, StoreDamaged,
                                     StoreError, StoreForkError, StoreFull, _stamp_of,
                                     _start)
@@ -94,6 +95,7 @@ class StoreBase:
             self._env = lmdb.open(str(self.path), map_size=self._map_bytes,
                                   max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
+            self._reserve = SpaceReserve(self.path)
         except (OSError, lmdb.Error, paths.UnsafePath) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:
@@ -229,8 +231,38 @@ class StoreBase:
         if os.getpid() != self._pid:
             raise StoreForkError("store used across fork(): open a new Store in each process")
 
-    def _write(self, work: Callable[[lmdb.Transaction], object], bounded: bool = True):
-        """Run `work` in one durable write transaction, with one-line errors."""
+    def _write(self, work: Callable[[lmdb.Transaction], object], reserve: bool = True):
+        """Run `work` in one durable write transaction, with one-line errors. Refused for a
+        full disk, a write that may use the `reserve` (every one but appends and a batch of
+        acks that goes in steps when refused) is tried again with a chunk of the space reserve
+        released, until it fits or none is left (spacereserve.py): acks and expiry must be
+        able to free space."""
+        try:
+            return self._write_once(work)
+        except DiskFull:
+            if not reserve:
+                raise
+        released = [0, 0]  # by the last try, in all
+
+        def releasing(txn: lmdb.Transaction) -> object:
+            released[0] = self._reserve.release()
+            released[1] += released[0]
+            return work(txn)
+
+        try:
+            while True:
+                try:
+                    return self._write_once(releasing)
+                except DiskFull:
+                    if not released[0]:
+                        raise
+        finally:
+            if released[1]:
+                log.warning("store in %s: the disk is full; %d bytes of the space reserve"
+                            " released so that acks and expiry can free space", self.path,
+                            released[1])
+
+    def _write_once(self, work: Callable[[lmdb.Transaction], object], bounded: bool = True):
         self._check_pid()
         if bounded and self.write_wait is not None:
             return self._bounded_write(work)
@@ -289,7 +321,7 @@ class StoreBase:
 
         def run() -> None:
             try:
-                outcome["result"] = self._write(guarded, bounded=False)
+                outcome["result"] = self._write_once(guarded, bounded=False)
             except BaseException as exc:  # handed to the caller
                 outcome["error"] = exc
 
@@ -357,8 +389,10 @@ class StoreBase:
         return pages * self._page_size
 
     def _make_room(self, txn: lmdb.Transaction, needed: int, what: str) -> None:
-        """Apply the cap policy before adding `needed` bytes: only inbox messages are ever
-        dropped (under dropOldest); outbox entries and dead letters are the application's."""
+        """Before an append of `needed` bytes: top up the space reserve (the append meets a full
+        disk first), then apply the cap policy: only inbox messages are ever dropped (under
+        dropOldest); outbox entries and dead letters are the application's."""
+        self._reserve.top_up()
         excess = self._used_bytes(txn) + needed - self.cap_bytes
         if excess <= 0:
             return

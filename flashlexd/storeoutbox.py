@@ -57,7 +57,7 @@ class OutboxStore(StoreBase):
             self._add_counter(txn, b"queued", sum(1 for i in ids if i is not None))
             return ids
 
-        return self._write(work)  # type: ignore[return-value]
+        return self._write(work, reserve=False)  # type: ignore[return-value]
 
     @guarded
     def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
