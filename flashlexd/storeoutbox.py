@@ -101,17 +101,20 @@ class OutboxStore(StoreBase):
         keys = _keys_of([entry_id])
         if not keys:
             return False
-        key, now = keys[0], self.clock.now().wall if now is None else now
+        key, reading = keys[0], self._frames.reading(now)
+        # stamped like a record (wall, boot seq, boottime): re-based when the clock steps
+        dead_at = [reading.wall, self._frames.current.seq, reading.boottime]
 
         def work(txn: lmdb.Transaction) -> bool:
             raw = txn.pop(key, db=self._outbox)
             if raw is None:
                 return False
+            self._frames.note(txn, reading)
             newest = txn.cursor(db=self._dead)
             in_order = not newest.last() or newest.key() < key  # the usual case: pack pages full
             # the outbox record whole, after the dead letter's own fields: its clock stamp
             # (any layout) keeps giving its real age, and a retry puts it back as it was
-            txn.put(key, self._packer.pack([attempts, reason, now, *msgpack.unpackb(raw)]),
+            txn.put(key, self._packer.pack([attempts, reason, dead_at, *msgpack.unpackb(raw)]),
                     db=self._dead, append=in_order)
             self._add_counter(txn, b"dead_lettered", 1)
             return True

@@ -204,10 +204,16 @@ def _properties(record: list, at: int) -> Dict[str, Any]:
 
 
 def _dead_letter(key: bytes, record: list, timeline: Timeline) -> DeadLetter:
-    """A dead record is [attempts, reason, dead_at, *the outbox record it was]."""
+    """A dead record is [attempts, reason, dead_at, *the outbox record it was]; dead_at is a
+    stamp [wall, boot seq, boottime], re-based like an arrival time (a bare wall-clock time in
+    records written before the clock-step fix, shown as it was written)."""
     if len(record) < _DEAD_FIELDS + 5:
         raise CorruptRecord(f"a dead letter is not a {_DEAD_FIELDS + 5}-field array")
     attempts, reason, dead_at = record[:_DEAD_FIELDS]
+    if isinstance(dead_at, list):
+        if len(dead_at) != 3:
+            raise CorruptRecord("a dead letter's time is not a 3-field stamp")
+        dead_at = timeline.arrival(*dead_at)
     entry = _outbox_entry(key, record[_DEAD_FIELDS:], timeline)
     return dataclasses.replace(entry, attempts=attempts, reason=reason, dead_at=dead_at)
 

@@ -145,6 +145,31 @@ def test_outbox_entries_age_on_the_boot_clock(stores, clock: FakeClock):
     assert store.stats()["outbox_oldest_age"] == pytest.approx(7)
 
 
+def test_a_dead_letters_time_is_rebased_on_a_step(stores, clock: FakeClock, tmp_path: Path):
+    """A device that booted with its clock a day behind dead-letters an entry, then NTP steps
+    the clock: `dead_at` is the real time it happened, like the entry's `created` (it was the
+    wall clock as written, a day off). A dead letter written before (a bare float) reads as
+    it was written."""
+    clock.step(-DAY)
+    store = stores(clock)
+    [entry_id] = store.outbox_append([("up", b"x", 1, False)])
+    clock.advance(3)
+    assert store.outbox_dead_letter(entry_id, "refused", 1)
+    clock.advance(4)
+    clock.step(DAY)
+    [dead] = store.dead_letters()
+    assert dead.created == pytest.approx(TRUE_TIME)
+    assert dead.dead_at == pytest.approx(TRUE_TIME + 3) and dead.age == pytest.approx(7)
+    store.close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"dead", txn=txn)
+        record = msgpack.unpackb(txn.get(struct.pack(">Q", entry_id), db=db))
+        txn.put(struct.pack(">Q", entry_id), msgpack.packb([1, "refused", 1234.5, *record[3:]]), db=db)
+    env.close()
+    assert stores(clock).dead_letters()[0].dead_at == 1234.5
+
+
 def test_across_a_reboot_messages_age_on_the_wall_clock_with_their_boots_last_step(
         stores, clock: FakeClock):
     """The documented reboot rule: a step the old boot saw (and a sweep recorded) is applied;
