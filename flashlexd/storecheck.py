@@ -173,7 +173,7 @@ class TreeReader:
             db = DB.unpack_from(value, 0)
             if self.strict and db[1]:
                 raise DataFileDamaged(f"database {name} has flags 0x{db[1]:x},"
-                                      f" not a plain database")
+                                      " not a plain database")
             yield name, db
 
     def _damage(self, problem: str) -> None:
