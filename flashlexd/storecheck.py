@@ -124,7 +124,8 @@ def check_data_file(path: Path) -> Optional[Meta]:
 # -- every page of every tree, read without mmap ----------------------------------------------
 
 P_BRANCH, P_LEAF, P_OVERFLOW, P_LEAF2 = 0x01, 0x02, 0x04, 0x20
-F_BIGDATA, F_SUBDATA = 0x01, 0x02
+F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
+KINDS = F_SUBDATA | F_DUPDATA  # node flags that say what a record is: LMDB acts on them
 NODE = struct.Struct("@HHHH")  # mn_lo, mn_hi, mn_flags, mn_ksize
 PGNO = struct.Struct("@N")
 INDEX = struct.Struct("@H")
@@ -138,7 +139,14 @@ class TreeReader:
     garbled page can point anywhere, never past the file, and cannot crash the reader.
 
     strict: the first damage raises DataFileDamaged (verify). Otherwise a damaged page or
-    record is noted in `problems` and skipped with everything under it (recover)."""
+    record is noted in `problems` and skipped with everything under it (recover).
+
+    The store keeps nothing but named databases in the main tree and makes every database a
+    plain one (no DUPSORT, no key order of its own), and LMDB acts on what the node and
+    database flags say: a record flagged as another kind is MDB_INCOMPATIBLE when deleted or
+    overwritten, MDB_CORRUPTED when read, a database's stray flags refuse its opening or its
+    reads. Strict readers report such flags; recover, whose copies get fresh flags, reads the
+    record's key and value as they are."""
 
     def __init__(self, fd: int, meta: Meta, strict: bool,
                  progress: Optional[Callable[[int, int], None]] = None):
@@ -149,19 +157,24 @@ class TreeReader:
         self.progress = progress
         self._next_progress = PROGRESS_PAGES
 
-    def records(self, root: int, tree: str) -> Iterator[Record]:
-        """Every record of the tree at `root`, in key order (as far as the pages say)."""
+    def records(self, root: int, tree: str, kind: int = 0) -> Iterator[Record]:
+        """Every record of the tree at `root`, in key order (as far as the pages say); `kind`:
+        the KINDS flags each of its records has (F_SUBDATA: the main tree's databases)."""
         if root != P_INVALID:
-            yield from self._walk(root, tree, 0)
+            yield from self._walk(root, tree, 0, kind)
 
     def databases(self) -> Iterator[Tuple[str, Tuple[int, ...]]]:
         """(name, MDB_db fields) of every named database in the main tree."""
-        for key, value, flags in self.records(self.meta.main_root, "main tree"):
-            if flags & F_SUBDATA:
-                if len(value) < DB.size:
-                    self._damage(f"main tree: database {key!r}'s record is too short")
-                    continue
-                yield key.decode("utf-8", "replace"), DB.unpack_from(value, 0)
+        for key, value, _ in self.records(self.meta.main_root, "main tree", F_SUBDATA):
+            name = key.decode("utf-8", "replace")
+            if len(value) < DB.size:
+                self._damage(f"main tree: database {key!r}'s record is too short")
+                continue
+            db = DB.unpack_from(value, 0)
+            if self.strict and db[1]:
+                raise DataFileDamaged(f"database {name} has flags 0x{db[1]:x},"
+                                      " not a plain database")
+            yield name, db
 
     def _damage(self, problem: str) -> None:
         if self.strict:
@@ -176,7 +189,7 @@ class TreeReader:
             raise DataFileDamaged(f"{what}: page {pgno} is past the end of the file")
         return data
 
-    def _walk(self, pgno: int, tree: str, depth: int) -> Iterator[Record]:
+    def _walk(self, pgno: int, tree: str, depth: int, kind: int) -> Iterator[Record]:
         try:
             page, flags, offsets = self._tree_page(pgno, tree, depth)
         except DataFileDamaged as exc:
@@ -191,8 +204,11 @@ class TreeReader:
                     if body > len(page):
                         raise DataFileDamaged(f"{where}: its key runs past the page")
                     child = low | high << 16 | node_flags << 32
-                    yield from self._walk(child, tree, depth + 1)
+                    yield from self._walk(child, tree, depth + 1, kind)
                     continue
+                if self.strict and node_flags & KINDS != kind:
+                    raise DataFileDamaged(f"{where}: node flags 0x{node_flags:x}, not a"
+                                          f" {'named database' if kind else 'plain record'}")
                 size = low | high << 16
                 if body + (PGNO.size if node_flags & F_BIGDATA else size) > len(page):
                     raise DataFileDamaged(f"{where}: the record runs past the page")

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
-from flashlexd import storecheck
+from flashlexd import storecheck, storetools
 from flashlexd.store import Incoming, Store
-from tests.damage import CAP, build_store, garble_page, truncate
+from tests.damage import CAP, build_store, garble_page, truncate, use_like_the_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,6 +89,61 @@ def _a_page_of(data_dir: Path, name: str) -> int:
         first_child = storecheck.NODE.unpack_from(
             page, storecheck.INDEX.unpack_from(page, storecheck.PAGE_HEADER.size)[0])
         return first_child[0] | first_child[1] << 16
+
+
+def _node_flags_at(data_dir: Path, page: Optional[int] = None, key: Optional[bytes] = None) -> int:
+    """Where, in data.mdb, the flags of leaf `page`'s (default: the main tree's root) node
+    `key` (default: its first) are."""
+    meta = storecheck.check_data_file(data_dir / "data.mdb")
+    page = meta.main_root if page is None else page
+    data = (data_dir / "data.mdb").read_bytes()[page * meta.page_size:(page + 1) * meta.page_size]
+    lower = storecheck.PAGE_HEADER.unpack_from(data, 0)[3]
+    for index in range((lower - storecheck.PAGE_HEADER.size) // 2):
+        offset = storecheck.INDEX.unpack_from(data, storecheck.PAGE_HEADER.size + 2 * index)[0]
+        key_size = storecheck.NODE.unpack_from(data, offset)[3]
+        start = offset + storecheck.NODE.size
+        if key is None or data[start:start + key_size] == key:
+            return page * meta.page_size + offset + 4  # after mn_lo, mn_hi
+    raise AssertionError(f"no node {key!r} on page {page}")
+
+
+FLAG_DAMAGE = {  # a flags field rotted: where it is, what it becomes, what verify says
+    "an inbox record flagged as a database (the sweep's page-96-rotted-(seed-4))":
+        (lambda d: _node_flags_at(d, _a_page_of(d, "inbox")), 0x7a, "not a plain record"),
+    "an inbox record flagged as duplicates":
+        (lambda d: _node_flags_at(d, _a_page_of(d, "inbox")), 0x04, "not a plain record"),
+    "a database record flagged as duplicates":
+        (lambda d: _node_flags_at(d, key=b"unconfirmed"), 0x06, "not a named database"),
+    "a database record without its database flag":
+        (lambda d: _node_flags_at(d, key=b"unconfirmed"), 0x00, "not a named database"),
+    "a database with LMDB flags it was not made with":  # its MDB_db's md_flags, after md_pad
+        (lambda d: _node_flags_at(d, key=b"inbox") + 4 + len(b"inbox") + 4, 0x8000,
+         "not a plain database"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(FLAG_DAMAGE))
+def test_verify_names_flags_lmdb_trips_on_and_recover_loses_nothing(tmp_path, damage):
+    """A rotted flags field leaves every page well formed and every record readable, but LMDB
+    acts on the flags (a full-size chaos sweep: MDB_INCOMPATIBLE deleting such an inbox
+    record, while verify said ok). What the daemon meets, verify and `run` name; recover
+    copies every record (its copy gets fresh flags)."""
+    data_dir = build_store(tmp_path / "store", messages=200)
+    where, flags, named = FLAG_DAMAGE[damage]
+    with open(data_dir / "data.mdb", "r+b") as data:
+        data.seek(where(data_dir))
+        data.write(flags.to_bytes(2, sys.byteorder))
+    used = tmp_path / "used"
+    shutil.copytree(data_dir, used)
+    met = use_like_the_daemon(used)
+    assert met.startswith(("damaged:", "refused:")), met
+    ok, lines = storetools.verify(data_dir)
+    assert not ok and named in lines[-1], lines
+    with pytest.raises(storecheck.DataFileDamaged, match=named):
+        storecheck.walk_pages(data_dir / "data.mdb")
+    recovered, report = storetools.recover(data_dir, tmp_path / "new", CAP)
+    assert recovered and report[-1].endswith("nothing was lost"), report
+    assert storetools.verify(tmp_path / "new")[0]
 
 
 @pytest.mark.parametrize("garbage_seed", [3])
