@@ -447,8 +447,9 @@ def test_a_write_that_fills_the_disk_is_called_a_full_disk(tiny_disk):
 
 
 
+@pytest.mark.parametrize("journal", [False, True], ids=["direct", "journaled"])
 @pytest.mark.parametrize("seed", range(1, 41 if FULL else 9))
-def test_acks_can_always_free_a_disk_the_store_filled(tiny_disk, seed):
+def test_acks_can_always_free_a_disk_the_store_filled(tiny_disk, seed, journal):
     """Store level, the same tmpfs, twelve rounds: appends fill the disk as far as it goes
     (halving the batch down to one message, as ingress does; sizes mixed over leaf and overflow
     pages), then an application acks every other one of the oldest. A delete needs fresh pages
@@ -456,11 +457,14 @@ def test_acks_can_always_free_a_disk_the_store_filled(tiny_disk, seed):
     applied, and every refused append must name the full disk. Before the space reserve, every
     seed's first ack failed ("no space left on device"), and ingest then stalled for good. Each
     round costs the reserve the pages the deletes grew the file by (0-3 here): in forty-round
-    runs the 32-page reserve of this 2 MB disk first ran out in round 19."""
+    runs the 32-page reserve of this 2 MB disk first ran out in round 19. `journaled`: acks as
+    the supervisor takes them (storeacks.py), each applied at once on a nearly full disk."""
     import random
     from flashlexd.store import Incoming, StoreError
     rng = random.Random(seed)
     store = Store(tiny_disk / "data", cap_bytes=16 << 20)
+    if journal:
+        store.open_ack_journal()
     held: List[int] = []
     mid, refusals, figures = 0, [], ""
     try:
@@ -487,6 +491,7 @@ def test_acks_can_always_free_a_disk_the_store_filled(tiny_disk, seed):
                 assert store.ack(acking) == len(acking), figures
             except StoreError as exc:
                 pytest.fail(f"{figures}: the ack failed: {exc}")
+            assert store.stats()["acks_waiting"] == 0, f"{figures}: the acks were not applied"
             held = [i for i in held if i not in set(acking)]
         assert refusals and all("no space left on device" in r for r in refusals), refusals[:3]
         reserve = (tiny_disk / "data" / "space.reserve").stat()
