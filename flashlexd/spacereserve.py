@@ -6,8 +6,8 @@ store that filled its filesystem to the last block could then apply no ack and e
 and ingest, which waits for the pages those free, would never resume. So every append first
 tops the reserve up (it meets the full disk before the reserve is touched), and a write that is
 not an append, refused for a full disk, releases a chunk of the reserve and is tried again
-(and again, until it fits or nothing is left). Both happen
-inside LMDB write transactions: the processes sharing the store never race over the file.
+(and again, until it fits or nothing is left). Both happen inside LMDB write transactions:
+the processes sharing the store never race over the file.
 
 What the reserve cannot do: space taken by other files is theirs; when deletes have used the
 whole reserve (each use costs only the pages the file had to grow by), a full disk stops acks
