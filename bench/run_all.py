@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = ".venv/bin/python"
-TIMEOUT = 1200  # seconds, per benchmark process
+TIMEOUT = 1200  # seconds, per benchmark process, unless its section says more
 RPC_REPEATS = 5
 
 
@@ -41,6 +41,7 @@ class Section:
     what: str
     notes: str = ""
     repeat: int = 1
+    timeout: int = TIMEOUT  # seconds for each of its processes
     output: str = ""
     error: str = ""
     code: Optional[int] = None
@@ -183,18 +184,20 @@ SECTIONS = [
         " and removing. Baseline: the SDK. No target."),
     Section(
         "wear", "Bytes written per message (SD-card wear)",
-        ["bench/bench_wear.py", "--seconds", "30", "--runs", "3"], ["--seconds", "4", "--rates", "10"],
+        ["bench/bench_wear.py", "--seconds", "20", "--runs", "2", "--min-messages", "100"],
+        ["--seconds", "4", "--rates", "10"],
         "~200-byte messages published at a steady 1, 10 and 50 msg/s into a fresh `flashlexd run`"
         " (TLS mosquitto on loopback), taken by an app with `wait()` and acked one by one or 100 per"
         " call; bytes written (`write_bytes - cancelled_write_bytes` of /proc/PID/io, all daemon"
         " processes) per message. Side by side in one run: the daemon before issue 20 (checked out"
         " of git history), this code with its defaults and with the SD-card setting (ingestCommitMs"
-        " 1000, apiCommitMs 50), and the old SDK's pickleDB store doing the same at the same rate."
+        " 2000, ingestCommitBatch 16), and the old SDK's pickleDB store doing the same at the same rate."
         " Baseline: the daemon before issue 20. Targets (issue 20), 10 msg/s, acks one by one:"
         " <= 12 KiB a message with the defaults, <= 4 KiB with the SD-card setting.",
         "Each ack of an app acking one message per call is its own durable commit (a few 4 KiB"
         " pages); the API commit window shares a commit only between concurrent calls of several"
-        " apps. See docs/WEAR.md."),
+        " apps. See docs/WEAR.md.",
+        timeout=2700),  # 2 runs x 3 rates x 2 ack modes x 4 stores, 23-103 s each: ~30 min
     Section(
         "kills", "Ingest while workers are SIGKILLed",
         ["bench/bench_killplot.py", "--messages", "30000", "--rate", "3000", "--runs", "3"],
@@ -295,13 +298,13 @@ def run(section: Section, quick: bool) -> None:
     for _ in range(1 if quick else section.repeat):
         try:
             done = subprocess.run(section.command(quick), cwd=ROOT, capture_output=True, text=True,
-                                  timeout=TIMEOUT)
+                                  timeout=section.timeout)
             outputs.append(done.stdout)
             errors.append(done.stderr)
             section.code = done.returncode if section.code in (None, 0) else section.code
         except subprocess.TimeoutExpired as exc:
             outputs.append(exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""))
-            errors.append(f"Traceback: timed out after {TIMEOUT} s")
+            errors.append(f"Traceback: timed out after {section.timeout} s")
             section.code = -1
             break
     section.seconds = time.monotonic() - started
