@@ -14,8 +14,10 @@ topic and that one, neither acking: their backlogs are counted up to a budget), 
 client's whole `messages(topic="rare/#")` (it follows the cursors to the match), and the
 unpaged call (3 rounds), which the server walks one page per turn of its loop (ipc/walk.py):
 its answer takes as long as the whole walk, but a second client's `status`, timed meanwhile,
-waits for one page at most. Target: every single call < 5 ms at 500k stored (the status beside
-the walks included; the whole walks are not single calls' work).
+waits for one page at most. Last, the consumer of every topic is reset to latest: the server
+commits RESET_STEP records a turn (storeconsumers.py), and a `status` is timed beside it too.
+Target: every single call < 5 ms at 500k stored (the status rows beside the walks and the reset
+included; the whole walks and the whole reset are not single calls' work).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ TARGET = 0.005  # seconds, every single call at the largest size
 RARE = "rare/#"
 CONSUMERS = (ConsumerSpec("all"), ConsumerSpec("rare", RARE))  # named consumers, never acking
 STATUS_DURING_WALK = "status, while an unpaged call walks the whole inbox"
+STATUS_DURING_RESET = "status, while a consumer's reset to latest passes the whole inbox"
+RESET = "reset(consumer 'all', to='latest'), all its commits"
 
 
 def timed(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
@@ -54,14 +58,15 @@ def timed(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List
     return samples
 
 
-def status_during_walks(path: str, walker: Client, walks: int) -> List[float]:
-    """`status` round trips of a second client while `walker`'s unpaged calls walk the whole
-    inbox (the server walks one page per turn of its loop; other calls go between)."""
+def status_during(path: str, work: Callable[[], object], times: int) -> List[float]:
+    """`status` round trips of a second client while `work` (a call of another client that the
+    server does a page or a commit per turn of its loop) runs `times` times: other calls go
+    between its steps."""
     samples: List[float] = []
     with connect_when_up(path) as other:
-        for _ in range(walks):
+        for _ in range(times):
             done = threading.Event()
-            thread = threading.Thread(target=lambda: (walker.call("messages", topic=RARE), done.set()))
+            thread = threading.Thread(target=lambda: (work(), done.set()))
             thread.start()
             while not done.is_set():
                 start = time.perf_counter()
@@ -94,11 +99,16 @@ def measure(size: int, rounds: int, root: Path) -> Dict[str, List[float]]:
                     lambda: fx.call("messages", consumer="rare", paged=True),
             }
             samples = timed(bounded, rounds)
-            samples[STATUS_DURING_WALK] = status_during_walks(path, fx, 3)
+            samples[STATUS_DURING_WALK] = status_during(path, lambda: fx.call("messages", topic=RARE), 3)
             samples.update(timed({
                 f"client messages(topic={RARE!r}), all pages": lambda: fx.messages(topic=RARE),
                 f"unpaged messages(topic={RARE!r}), one call walks all": lambda: fx.call("messages", topic=RARE),
             }, 3))
+            # last: it removes every message but the rare one (no other consumer holds them)
+            resets: List[float] = []
+            samples[STATUS_DURING_RESET] = status_during(
+                path, lambda: resets.append(timed({"": lambda: fx.reset("all", "latest")}, 1)[""][0]), 1)
+            samples[RESET] = resets
         return samples
     finally:
         os.kill(server, signal.SIGKILL)
@@ -115,8 +125,8 @@ def main() -> int:
         for size in args.sizes:
             results[size] = measure(size, args.rounds, Path(tmp))
     names = list(results[args.sizes[0]])
-    print(f"Median (slowest) of {args.rounds} rounds; the last two rows 3 rounds; the status row"
-          " beside the unpaged walks: every call made during 3 of them."
+    print(f"Median (slowest) of {args.rounds} rounds; the whole walks 3 rounds, the reset one; a"
+          " status row beside walks or a reset: every call made meanwhile."
           f" SCAN_BUDGET = {SCAN_BUDGET} records per paged call.\n")
     print("| call | " + " | ".join(f"{size:,} stored" for size in args.sizes) + " |")
     print("|---|" + "---:|" * len(args.sizes))
@@ -124,7 +134,7 @@ def main() -> int:
         cells = [f"{ms(statistics.median(results[s][name]))} ({ms(max(results[s][name]))})" for s in args.sizes]
         print(f"| {name} | " + " | ".join(cells) + " |")
     largest = results[args.sizes[-1]]
-    single = [n for n in names if "all pages" not in n and "walks all" not in n]
+    single = [n for n in names if "all pages" not in n and "walks all" not in n and n != RESET]
     worst = max(statistics.median(largest[n]) for n in single)
     slowest = max(max(largest[n]) for n in single)
     print(f"\ntarget every single call < 5 ms at {args.sizes[-1]:,} stored: slowest median"

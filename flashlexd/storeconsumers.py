@@ -26,6 +26,7 @@ FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
 REPORT_BUDGET = 500  # a consumer's backlog counted for `status`: past that, a lower bound
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
 CHUNK = 1000  # records a reset or a removal holds at a time (`_chunks`)
+RESET_STEP = 500  # inbox records (or ack entries) one commit of a reset passes: ~3 ms here
 Consumers = Dict[str, ConsumerState]
 
 
@@ -123,15 +124,23 @@ class ConsumerStore:
         self._forget_acks_through(txn, consumer, floor)
         consumer.floor = floor
 
-    def _forget_acks_through(self, txn: lmdb.Transaction, consumer: ConsumerState, floor: int) -> None:
+    def _forget_acks_through(self, txn: lmdb.Transaction, consumer: ConsumerState, floor: int,
+                             budget: Optional[int] = None) -> bool:
+        """Drop the consumer's ack entries up to id `floor`, at most `budget` of them; True
+        when none is left."""
         prefix = _prefix(consumer.name)
         cursor = txn.cursor(db=self._consumer_acks)
         if not cursor.set_range(prefix):
-            return
+            return True
         limit = prefix + _ID.pack(floor)
+        dropped = 0
         while cursor.key()[:len(prefix)] == prefix and cursor.key() <= limit:
+            if budget is not None and dropped >= budget:
+                return False
             if not cursor.delete():
                 break
+            dropped += 1
+        return True
 
     # -- registration -------------------------------------------------------------------------
 
@@ -332,29 +341,63 @@ class ConsumerStore:
 
     # -- moving a consumer, trimming, removing ------------------------------------------------
 
-    @guarded
     def consumer_reset(self, name: str, to: Union[str, int]) -> int:
         """Move the consumer to the earliest stored message (replay), past the latest (skip), or
         to just before message id `to`. Messages skipped over count as done for it (and may leave
-        the inbox); a replay forgets its acks. Returns the new floor."""
-        def work(txn: lmdb.Transaction) -> int:
+        the inbox); a replay forgets its acks. Returns the new floor. One commit per RESET_STEP
+        records (`consumer_reset_step`)."""
+        target = self.consumer_reset_target(to)
+        while True:
+            floor = self.consumer_reset_step(name, target)
+            if floor is not None:
+                return floor
+
+    @guarded
+    def consumer_reset_target(self, to: Union[str, int]) -> int:
+        """The floor a reset `to` ("earliest", "latest" or a message id) aims at, fixed when the
+        reset starts (messages stored while it goes on are not skipped)."""
+        if to == "earliest":
+            return 0
+        if to == "latest":
+            with self._read() as txn:
+                return self._counter(txn, b"inbox_last_id")
+        return int(to) - 1
+
+    @guarded
+    def consumer_reset_step(self, name: str, target: int) -> Optional[int]:
+        """One commit of a reset towards floor `target`: at most RESET_STEP inbox records
+        passed (forwards), or ack entries forgotten (a replay: to the floor or before it). The new floor once it is there, None while there is
+        more: a reset over a large store never holds the supervisor's loop (or LMDB's write lock)
+        for long, and each step leaves a state a reset may stop in (some of the way moved)."""
+        def work(txn: lmdb.Transaction) -> Optional[int]:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
-            if to == "earliest":
-                target = 0
-            elif to == "latest":
-                target = self._counter(txn, b"inbox_last_id")
+            if target > consumer.floor:
+                end = self._step_end(txn, consumer.floor, target, RESET_STEP)
+                self._skip_to(txn, consumer, end, consumers, count_dropped=False)
+                done = end == target
             else:
-                target = int(to) - 1
-            if target >= consumer.floor:
-                self._skip_to(txn, consumer, target, consumers, count_dropped=False)
-            else:
-                self._forget_acks_through(txn, consumer, _MAX_ID)
-                consumer.floor = target
+                done = self._forget_acks_through(txn, consumer, _MAX_ID, RESET_STEP)
+                if done:
+                    consumer.floor = target
             self._save(txn, consumer)
-            return consumer.floor
+            return consumer.floor if done else None
 
         return self._write(work)  # type: ignore[return-value]
+
+    def _step_end(self, txn: lmdb.Transaction, after: int, target: int, budget: int) -> int:
+        """The id of the inbox record `budget` records past id `after`, or `target` if that
+        comes first."""
+        cursor = txn.cursor(db=self._inbox)
+        if not _start(cursor, after):
+            return target
+        for seen, key in enumerate(cursor.iternext(values=False), 1):
+            record_id = _ID.unpack(key)[0]
+            if record_id >= target:
+                return target
+            if seen >= budget:
+                return record_id
+        return target
 
     def _skip_to(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
                  consumers: Consumers, count_dropped: bool) -> None:

@@ -22,7 +22,7 @@ DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, l
 WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "outbox_append",
                     "outbox_append_each", "outbox_remove", "outbox_drop", "outbox_dead_letter",
                     "dead_retry", "note_session", "note_fallback", "forget_fallbacks",
-                    "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset",
+                    "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset_step",
                     "consumers_upkeep", "_apply_commit"})
 
 

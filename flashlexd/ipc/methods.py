@@ -17,7 +17,7 @@ from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
 from flashlexd.ipc.sharedcommit import SharedCommits
-from flashlexd.ipc.walk import Walk
+from flashlexd.ipc.walk import Steps, Walk
 from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
@@ -441,8 +441,9 @@ class Methods:
         p.done()
         return self.store.consumers_report()
 
-    def _reset(self, p: _Params) -> Dict[str, Any]:
-        """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id."""
+    def _reset(self, p: _Params) -> Any:
+        """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id: a commit per
+        RESET_STEP records, one per turn of the server's loop (walk.py's `Steps`)."""
         consumer = self._consumer(p, required=True)
         to = p.get("to")
         if to not in RESET_TARGETS:
@@ -450,4 +451,13 @@ class Methods:
                 raise p.bad("to", "earliest, latest or a message id", to)
             to = p.record_id("to", to)
         p.done()
-        return {"consumer": consumer, "acked_through": self.store.consumer_reset(consumer, to)}
+        target = self.store.consumer_reset_target(to)
+
+        def step() -> Optional[Dict[str, Any]]:
+            floor = self.store.consumer_reset_step(consumer, target)  # type: ignore[arg-type]
+            return None if floor is None else {"consumer": consumer, "acked_through": floor}
+
+        done = step()
+        if done is not None:
+            return done
+        return Pending(deadline=float("inf"), poll=lambda: None, walk=Steps(_store_failures(step)))

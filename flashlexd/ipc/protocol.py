@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import msgpack
 
-from flashlexd.ipc.walk import Walk
+from flashlexd.ipc.walk import Steps, Walk
 from flashlexd.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD,
                                    Code, encode_frame, request_unpack_options, version_mismatch)
 
@@ -74,12 +74,13 @@ class Pending:
     answered with `timeout_result`, or with what `resolve()` returns when it is set (a write
     that shares one commit with others: sharedcommit.py; it may raise RpcFailure). Nothing polls
     the store on a timer. `walk` (walk.py): a read still walking the inbox, one page per turn of
-    the server's loop; its deadline counts only once it stopped walking."""
+    the server's loop, or a write going in steps; its deadline counts only once it stopped
+    walking."""
     deadline: float
     poll: Callable[[], Optional[Any]]
     timeout_result: Any = None
     resolve: Optional[Callable[[], Any]] = None
-    walk: Optional[Walk] = None
+    walk: Optional[Union[Walk, Steps]] = None
 
     @property
     def walking(self) -> bool:

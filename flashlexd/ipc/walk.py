@@ -8,6 +8,8 @@ is read when the call comes, and the server reads the next one (`Pending.walk`) 
 turn of its loop, each page SCAN_BUDGET records at most. A `wait` that reached the inbox's end
 with nothing found parks, and walks on from where it stopped whenever the inbox changes (never
 from its `after` again).
+
+A named consumer's `reset` is walked the same way (`Steps`): one bounded commit per turn.
 """
 from __future__ import annotations
 
@@ -55,3 +57,13 @@ class Walk:
             return None
         self.walking = True
         return self.step()
+
+
+class Steps:
+    """A write done in bounded commits, one per turn of the server's loop (a named consumer's
+    reset over a large store): `step()` answers None while there is more."""
+
+    walking = True
+
+    def __init__(self, step: Callable[[], Optional[Any]]):
+        self.step = step
