@@ -35,7 +35,6 @@ from typing import Callable, Dict, List
 from benchlib import ms, verdict
 from benchlib import PAYLOAD_BYTES
 from bench_rpc import connect_when_up, fill, rpc_loop, spawn
-from flashlexd.client import Client
 from flashlexd.consumers import ConsumerSpec
 from flashlexd.ipc.methods import SCAN_BUDGET
 from flashlexd.store import Incoming, Store
