@@ -1,12 +1,12 @@
 """The supervisor's care of the named consumers: the store agrees with the config (at start and
 after each reload), and every `sweepSeconds` idle dynamic consumers go (one WARNING each) and
-each consumer is trimmed to its maxBacklog. Ingest never does this work: it adds no write per
-message for consumers."""
+each consumer is trimmed to its maxBacklog, a bounded step per turn of the loop. Ingest never
+does this work: it adds no write per message for consumers."""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.store import Store, StoreDamaged, StoreError
@@ -18,9 +18,12 @@ class ConsumerKeeper:
     def __init__(self, store: Callable[[], Store], settings: Callable[[], ConsumerSettings],
                  every: Callable[[], float]):
         self._store, self._settings, self._every = store, settings, every
-        self.next_run = 0.0  # monotonic
+        self.next_run = 0.0  # monotonic: the next sweep, or its next step while one is under way
+        self._sweep: Optional[Iterator[Optional[str]]] = None
+        self._sweep_started = 0.0
 
     def declare(self) -> None:
+        self._sweep = None  # a sweep under way starts again on the store and settings as now
         try:
             created = self._store().consumer_declare(self._settings().declared, time.time())
         except StoreError as exc:
@@ -30,18 +33,31 @@ class ConsumerKeeper:
             log.info("consumer %r declared: it starts at the earliest stored message", name)
 
     def tick(self, now: float) -> None:
-        if now < self.next_run:
-            return
-        self.next_run = now + self._every()
-        settings = self._settings()
+        """One step of the sweep when one is under way or due (`Store.consumers_upkeep`): a
+        sweep over a large store takes several turns of the loop, never one long one."""
+        if self._sweep is None:
+            if now < self.next_run:
+                return
+            self._sweep_started = now
+            self._sweep = self._store().consumers_upkeep(time.time(), self._settings().idle_seconds)
         try:
-            removed = self._store().consumers_upkeep(time.time(), settings.idle_seconds)
+            removed = next(self._sweep)
+        except StopIteration:
+            self._end_sweep()
+            return
         except StoreError as exc:
+            self._end_sweep()
             self._failed("consumer upkeep", exc)
             return
-        for name in removed:
+        self.next_run = now  # the next step at the next turn
+        if removed is not None:
+            idle_days = (self._settings().idle_seconds or 0) / 86400
             log.warning("consumer %r removed: unused for %g days (flashlex.app.consumerIdleDays);"
-                        " the messages only it held were released", name, settings.idle_seconds / 86400)
+                        " the messages only it held were released", removed, idle_days)
+
+    def _end_sweep(self) -> None:
+        self._sweep = None
+        self.next_run = self._sweep_started + self._every()
 
     @staticmethod
     def _failed(what: str, exc: StoreError) -> None:

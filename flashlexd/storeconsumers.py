@@ -9,14 +9,15 @@ state or the new one, never a message removed early or a consumer's ack lost.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
 from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
-from flashlexd.storerecords import (_ID, _MAX_ID, Message, StoreBusy, _decode_message, _Kept, _kept,
-                                    _keys_of, _start, _topic_of, message_selector)
+from flashlexd.storerecords import (_ID, _MAX_ID, Message, StoreBusy, _decode_message, _key, _Kept,
+                                    _kept, _keys_of, _start, _topic_of, message_selector)
 
 log = logging.getLogger("flashlexd.store")
 # Inbox records one call may walk, so that the supervisor's loop (the API, the watch on the
@@ -26,8 +27,21 @@ FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
 REPORT_BUDGET = 500  # a consumer's backlog counted for `status`: past that, a lower bound
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
 CHUNK = 1000  # records a reset or a removal holds at a time (`_chunks`)
-RESET_STEP = 500  # inbox records (or ack entries) one commit of a reset passes: ~3 ms here
+# inbox records (or ack entries) one commit of a reset, a trim or a removal passes: ~3-5 ms here
+COMMIT_STEP = 500
+COUNT_STEP = 2000  # records one read of maxBacklog's count looks at (no commit): ~2-3 ms here
 Consumers = Dict[str, ConsumerState]
+
+
+@dataclass
+class BacklogCount:
+    """maxBacklog's count of one consumer, newest first, carried from one read to the next."""
+    name: str
+    limit: int
+    position: Optional[int] = None  # the newest id not looked at yet (None: not started)
+    counted: int = 0  # unacked messages of the consumer's filter seen so far
+    visited: int = 0
+    cut: Optional[int] = None  # the newest id to drop for the consumer, once over the limit
 
 
 def _prefix(name: str) -> bytes:
@@ -344,7 +358,7 @@ class ConsumerStore:
     def consumer_reset(self, name: str, to: Union[str, int]) -> int:
         """Move the consumer to the earliest stored message (replay), past the latest (skip), or
         to just before message id `to`. Messages skipped over count as done for it (and may leave
-        the inbox); a replay forgets its acks. Returns the new floor. One commit per RESET_STEP
+        the inbox); a replay forgets its acks. Returns the new floor. One commit per COMMIT_STEP
         records (`consumer_reset_step`)."""
         target = self.consumer_reset_target(to)
         while True:
@@ -365,7 +379,7 @@ class ConsumerStore:
 
     @guarded
     def consumer_reset_step(self, name: str, target: int) -> Optional[int]:
-        """One commit of a reset towards floor `target`: at most RESET_STEP inbox records
+        """One commit of a reset towards floor `target`: at most COMMIT_STEP inbox records
         passed (forwards), or ack entries forgotten (a replay: to the floor or before it). The new floor once it is there, None while there is
         more: a reset over a large store never holds the supervisor's loop (or LMDB's write lock)
         for long, and each step leaves a state a reset may stop in (some of the way moved)."""
@@ -373,17 +387,22 @@ class ConsumerStore:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             if target > consumer.floor:
-                end = self._step_end(txn, consumer.floor, target, RESET_STEP)
-                self._skip_to(txn, consumer, end, consumers, count_dropped=False)
-                done = end == target
+                done = self._skip_step(txn, consumer, target, consumers, count_dropped=False)
             else:
-                done = self._forget_acks_through(txn, consumer, _MAX_ID, RESET_STEP)
+                done = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
                 if done:
                     consumer.floor = target
             self._save(txn, consumer)
             return consumer.floor if done else None
 
         return self._write(work)  # type: ignore[return-value]
+
+    def _skip_step(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
+                   consumers: Consumers, count_dropped: bool) -> bool:
+        """`_skip_to` over at most COMMIT_STEP records; True once the floor is at `target`."""
+        end = self._step_end(txn, consumer.floor, target, COMMIT_STEP)
+        self._skip_to(txn, consumer, end, consumers, count_dropped)
+        return end == target
 
     def _step_end(self, txn: lmdb.Transaction, after: int, target: int, budget: int) -> int:
         """The id of the inbox record `budget` records past id `after`, or `target` if that
@@ -414,58 +433,118 @@ class ConsumerStore:
         self._forget_acks_through(txn, consumer, target)
         consumer.floor = target
 
+    def consumers_upkeep(self, now: float, idle_seconds: Optional[float]) -> Iterator[Optional[str]]:
+        """The sweep's work, one bounded step per `next()` (a commit of COMMIT_STEP records or a
+        read of COUNT_STEP): dynamic consumers unused for `idle_seconds` go (yields each name
+        removed, else None), and every consumer is trimmed to its maxBacklog (its oldest unacked
+        go, counted as dropped). One commit used to do it all: 0.5-1 s at 500,000 stored for one
+        narrow consumer with a maxBacklog, every sweep, inside the supervisor's loop. Between two
+        steps the loop serves calls: a message a consumer acks while its backlog is being counted
+        was counted, so that trim may keep one message fewer than maxBacklog per such ack."""
+        idle_since = None if idle_seconds is None else now - idle_seconds
+        for consumer in self.consumer_states():
+            if consumer.dynamic and idle_since is not None and consumer.last_seen < idle_since:
+                removed = None
+                while removed is None:
+                    removed = self.consumer_remove_step(consumer.name, idle_since)
+                    yield consumer.name if removed else None
+        for consumer in self.consumer_states():
+            if consumer.max_backlog is None:
+                continue
+            count = BacklogCount(consumer.name, consumer.max_backlog)
+            while not self.consumer_count_step(count):
+                yield None
+            while count.cut is not None and not self.consumer_trim_step(consumer.name, count.cut):
+                yield None
+            yield None
+
     @guarded
-    def consumers_upkeep(self, now: float, idle_seconds: Optional[float]) -> List[str]:
-        """Remove dynamic consumers unused for `idle_seconds` and trim every consumer to its
-        maxBacklog (its oldest unacked go, counted as dropped). Returns the removed names."""
-        def work(txn: lmdb.Transaction) -> List[str]:
+    def consumer_states(self) -> List[ConsumerState]:
+        with self._read() as txn:
+            return list(self._consumers_in(txn).values())
+
+    @guarded
+    def consumer_remove_step(self, name: str, idle_since: float) -> Optional[bool]:
+        """One commit of removing dynamic consumer `name`, unused since wall time `idle_since`:
+        the messages only it held leave, COMMIT_STEP records a commit. None while there is more;
+        then True (removed), or False (used again meanwhile: it stays, moved as far as it got)."""
+        def work(txn: lmdb.Transaction) -> Optional[bool]:
             consumers = self._consumers_in(txn)
-            removed = [c.name for c in consumers.values()
-                       if c.dynamic and idle_seconds is not None and c.last_seen < now - idle_seconds]
-            for name in removed:
-                self._remove_consumer(txn, consumers.pop(name), consumers)
-            for consumer in consumers.values():
-                if consumer.max_backlog is not None and self._trim(txn, consumer, consumers):
-                    self._save(txn, consumer)
-            return removed
+            gone = consumers.pop(name, None)
+            if gone is None or not gone.dynamic or gone.last_seen >= idle_since:
+                return False
+            end = self._step_end(txn, gone.floor, _MAX_ID, COMMIT_STEP)
+            self._release(txn, gone, consumers, end)
+            self._forget_acks_through(txn, gone, end)
+            if end < _MAX_ID:
+                gone.floor = end
+                self._save(txn, gone)
+                return None
+            txn.delete(gone.name.encode(), db=self._consumer_db)
+            return True
 
         return self._write(work)  # type: ignore[return-value]
 
-    def _remove_consumer(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers) -> None:
-        """Forget `gone`; the messages only it still held leave (if another consumer matches)."""
+    def _release(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers, through: int) -> None:
+        """The messages past `gone`'s floor up to id `through` that only it still held leave (a
+        message no other consumer matches stays, for unnamed apps and expiry)."""
         def held(key: bytes, topic: str) -> bool:
             return gone.matches(topic) and not self._acked(txn, gone, key) and \
                 any(d.matches(topic) for d in rest.values())
 
-        for chunk in self._chunks(txn, gone.floor, _MAX_ID, held):  # while its acks still say
+        for chunk in self._chunks(txn, gone.floor, through, held):  # while its acks still say
             for key, topic in chunk:
                 if self._settled(txn, key, topic, rest.values()):
                     self._remove_message(txn, key, rest)
-        self._forget_acks_through(txn, gone, _MAX_ID)
-        txn.delete(gone.name.encode(), db=self._consumer_db)
 
-    def _trim(self, txn: lmdb.Transaction, consumer: ConsumerState, consumers: Consumers) -> bool:
-        """Drop the consumer's oldest unacked messages beyond its maxBacklog; True if any. Counted
-        from the newest message back, over at most TRIM_BUDGET records (a sweep must not stall
-        the supervisor): a narrow filter's backlog spread thinner than that is not trimmed."""
-        limit = consumer.max_backlog or 0
-        if self._counter(txn, b"inbox_last_id") - consumer.floor <= limit:
-            return False  # fewer ids than the limit past the floor: nothing to count
-        cursor = txn.cursor(db=self._inbox)
-        count = visited = 0
-        if not cursor.last():
-            return False
-        while _ID.unpack(cursor.key())[0] > consumer.floor and visited < TRIM_BUDGET:
-            visited += 1
-            key = cursor.key()
-            if consumer.matches(_topic_of(cursor.value())) and not self._acked(txn, consumer, key):
-                count += 1
-                if count > limit:
-                    self._skip_to(txn, consumer, _ID.unpack(key)[0], consumers, count_dropped=True)
+    @guarded
+    def consumer_count_step(self, count: "BacklogCount") -> bool:
+        """One read of maxBacklog's count (no write lock), newest first, at most COUNT_STEP
+        records: True when it is over, with `count.cut` set when the backlog is over the limit.
+        A count stops at TRIM_BUDGET records: a narrow filter's backlog spread thinner than that
+        is not trimmed."""
+        with self._read() as txn:
+            raw = txn.get(count.name.encode(), db=self._consumer_db)
+            if raw is None:
+                return True
+            consumer = ConsumerState.unpack(count.name.encode(), raw)
+            if count.position is None:
+                count.position = self._counter(txn, b"inbox_last_id")
+                if count.position - consumer.floor <= count.limit:
+                    return True  # fewer ids than the limit past the floor: nothing to count
+            cursor = txn.cursor(db=self._inbox)  # on the newest record at or below `position`
+            found = cursor.prev() if cursor.set_range(_key(count.position + 1)) else cursor.last()
+            if not found:
+                return True
+            for _ in range(COUNT_STEP):
+                record_id = _ID.unpack(cursor.key())[0]
+                if record_id <= consumer.floor or count.visited >= TRIM_BUDGET:
                     return True
-            if not cursor.prev():
-                break
-        return False
+                count.visited += 1
+                if consumer.matches(_topic_of(cursor.value())) and not self._acked(txn, consumer, cursor.key()):
+                    count.counted += 1
+                    if count.counted > count.limit:
+                        count.cut = record_id
+                        return True
+                if not cursor.prev():
+                    return True
+            count.position = _ID.unpack(cursor.key())[0]
+            return False
+
+    @guarded
+    def consumer_trim_step(self, name: str, cut: int) -> bool:
+        """One commit of a maxBacklog trim: the consumer's unacked messages up to id `cut` are
+        dropped for it (counted), COMMIT_STEP records a commit. True when done."""
+        def work(txn: lmdb.Transaction) -> bool:
+            consumers = self._consumers_in(txn)
+            consumer = consumers.get(name)
+            if consumer is None or consumer.floor >= cut:
+                return True
+            done = self._skip_step(txn, consumer, cut, consumers, count_dropped=True)
+            self._save(txn, consumer)
+            return done
+
+        return self._write(work)  # type: ignore[return-value]
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
         """The cap dropped these inbox records: each consumer that had not acked one counts it."""

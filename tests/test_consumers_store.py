@@ -8,13 +8,14 @@ import logging
 import struct
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import lmdb
 import pytest
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumerkeeper import ConsumerKeeper
+from flashlexd.storeconsumers import COMMIT_STEP, COUNT_STEP
 from flashlexd.consumers import ConsumerSpec, UnknownConsumer
 from flashlexd.store import SCHEMA_VERSION, Incoming, Store
 
@@ -35,6 +36,11 @@ def put(store: Store, *topics: str) -> List[int]:
 
 def ids_for(store: Store, name: str, **query) -> List[int]:
     return [m.id for m in store.consumer_messages(name, 10 ** 6, **query)]
+
+
+def upkeep(store: Store, now: float, idle_seconds: Optional[float]) -> List[str]:
+    """A whole sweep (the supervisor takes one step per turn of its loop): the names removed."""
+    return [name for name in store.consumers_upkeep(now, idle_seconds) if name is not None]
 
 
 def stored(store: Store) -> List[int]:
@@ -153,7 +159,7 @@ def test_max_backlog_drops_the_slow_consumers_oldest_and_counts_them(store: Stor
     declare(store, ConsumerSpec("fast"), ConsumerSpec("slow", max_backlog=5))
     ids = put(store, *["t"] * 20)
     store.consumer_ack("fast", ids, NOW)
-    assert store.consumers_upkeep(NOW, None) == []
+    assert upkeep(store, NOW, None) == []
     assert ids_for(store, "slow") == ids[-5:]
     assert stored(store) == ids[-5:]  # fast had acked them all: they left with the drop
     report = {c["name"]: c for c in store.consumers_report()}
@@ -167,7 +173,7 @@ def test_an_idle_dynamic_consumer_is_removed_and_releases_what_it_held(store: St
     ids = put(store, "t", "t")
     store.consumer_ack("kept", ids, NOW)
     assert stored(store) == ids
-    assert store.consumers_upkeep(NOW, 7 * 86400) == ["gone"]
+    assert upkeep(store, NOW, 7 * 86400) == ["gone"]
     assert stored(store) == [] and store.consumer_state("gone") is None
 
 
@@ -219,6 +225,8 @@ def test_the_supervisors_keeper_declares_removes_idle_ones_with_one_warning_and_
     ids = put(store, *["t"] * 5)
     with caplog.at_level(logging.WARNING, logger="flashlexd.consumerkeeper"):
         keeper.tick(100.0)
+        while keeper.next_run == 100.0:  # a step per turn of the loop
+            keeper.tick(100.0)
         keeper.tick(101.0)  # not due again before 105
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'old' removed: unused for 0.0416667 days" in warnings[0]
@@ -249,6 +257,38 @@ def test_a_skip_and_a_removal_over_many_chunks_of_records_leave_what_others_hold
     assert stored(store) == held_by_t  # "all" is done with everything; "t" still holds t/x
     assert store.consumer_register("gone", NOW)  # dynamic, of every topic, from the start
     store.consumer_ack("t", held_by_t[:10], NOW)
-    assert store.consumers_upkeep(NOW + 10, idle_seconds=1) == ["gone"]
+    assert upkeep(store, NOW + 10, 1) == ["gone"]
     assert stored(store) == held_by_t[10:]  # removing "gone" released nothing "t" holds
     assert ids_for(store, "t") == held_by_t[10:] and ids_for(store, "all") == []
+
+
+def test_a_sweep_over_a_large_store_goes_in_bounded_steps_with_the_same_outcome(store: Store):
+    """The sweep used to be one commit (0.5-1 s inside the supervisor's loop at 500,000 stored,
+    for one narrow consumer with a maxBacklog): now each step reads COUNT_STEP records or
+    commits COMMIT_STEP, and the outcome is what the one commit gave."""
+    declare(store, ConsumerSpec("rare", "rare/#", max_backlog=3), ConsumerSpec("all"))
+    store.consumer_register("gone", NOW - 8 * 86400)
+    topics = ["rare/x" if i % 500 == 0 else "noise" for i in range(3 * COUNT_STEP)]
+    ids = put(store, *topics)
+    rare = [i for i, topic in zip(ids, topics) if topic == "rare/x"]
+    steps, removed = 0, []
+    for name in store.consumers_upkeep(NOW, 7 * 86400):
+        steps += 1
+        removed += [name] if name else []
+        store.consumer_ack("all", ids[:1], NOW)  # other calls go between the steps
+    assert removed == ["gone"] and store.consumer_state("gone") is None
+    assert steps >= len(ids) // COMMIT_STEP + 2  # the removal's commits, then the count's reads
+    assert ids_for(store, "rare") == rare[-3:] and store.consumer_state("rare").dropped == len(rare) - 3
+    assert stored(store) == ids[1:]  # "all" holds the rest: nothing left the inbox but its ack
+
+
+def test_an_idle_consumer_used_again_during_its_removal_stays(store: Store):
+    declare(store, ConsumerSpec("kept"))
+    store.consumer_register("gone", NOW - 8 * 86400)
+    ids = put(store, *["t"] * (3 * COMMIT_STEP))
+    sweep = store.consumers_upkeep(NOW, 7 * 86400)
+    assert next(sweep) is None  # one commit of the removal
+    assert store.consumer_register("gone", NOW) is False  # the app is back
+    assert [name for name in sweep if name] == []
+    assert store.consumer_state("gone").floor == ids[COMMIT_STEP - 1]  # as far as it got
+    assert ids_for(store, "gone") == ids[COMMIT_STEP:] and stored(store) == ids

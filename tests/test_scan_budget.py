@@ -17,7 +17,7 @@ from flashlexd.ipc import Limits, RpcServer
 from flashlexd.ipc.methods import SCAN_BUDGET, Methods
 from flashlexd.runtime import ApiRules
 from flashlexd.store import Store, StoreDamaged
-from flashlexd.storeconsumers import RESET_STEP
+from flashlexd.storeconsumers import COMMIT_STEP
 from flashlexd.storerecords import Incoming
 from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
 from tests.broker import wait_for
@@ -200,7 +200,7 @@ def test_a_consumer_reset_commits_a_step_per_turn_and_other_calls_go_between(tur
     """A reset to latest over a large store used to pass every record in one commit inside the
     loop (~1 s at 500,000 stored); it goes a step per turn, with the same end state."""
     steps = 6
-    ids = store.append([Incoming("t/x", b"n")] * (steps * RESET_STEP + 10))
+    ids = store.append([Incoming("t/x", b"n")] * (steps * COMMIT_STEP + 10))
     store.consumer_register("keeper", 0.0)  # holds every message: the reset removes none
     resetter, other = turns.client(), turns.client()
     resetter.sendall(req("reset", 1, consumer="app", to="latest"))
@@ -216,10 +216,10 @@ def test_a_consumer_reset_commits_a_step_per_turn_and_other_calls_go_between(tur
 
 
 def test_a_replay_forgets_every_ack_in_steps_even_from_floor_0(store):
-    """A replay drops the consumer's acks RESET_STEP per commit. With its first message
+    """A replay drops the consumer's acks COMMIT_STEP per commit. With its first message
     unacked a consumer's floor stays at 0 whatever it acks after it; a replay from there used to
     keep those acks (it replayed nothing)."""
-    ids = store.append([Incoming("t/x", b"n")] * (2 * RESET_STEP + 2))
+    ids = store.append([Incoming("t/x", b"n")] * (2 * COMMIT_STEP + 2))
     store.consumer_register("app", 0.0)
     store.consumer_register("keeper", 0.0)
     store.consumer_ack("app", ids[1:], 1.0)
