@@ -115,6 +115,18 @@ class Daemon:
         return wait_for(lambda: (lambda c: c if len(c) == 3 else None)(self.children()),
                         timeout, "three workers")
 
+    def wait_api(self, timeout: float = 15) -> None:
+        """Until the API socket accepts a connection: its file appears at bind, a moment before
+        it listens (a connect in between is refused; seen on a loaded machine)."""
+        def accepts() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(self.socket_path))
+                    return True
+                except (FileNotFoundError, ConnectionRefusedError):
+                    return False
+        wait_for(accepts, timeout, f"the API socket {self.socket_path} to accept")
+
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 

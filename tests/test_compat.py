@@ -229,7 +229,7 @@ def test_service_renders_an_explicit_keys_dir(tmp_path):
 
 def _start(config: Path, workdir: Path) -> Daemon:
     daemon = Daemon(config, workdir).start()
-    wait_for(lambda: daemon.socket_path.exists(), 15, "the daemon's socket")
+    daemon.wait_api(15)
     with connect(str(daemon.socket_path)) as fx:
         wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 15, "ingress connected")
     return daemon

@@ -167,7 +167,7 @@ def new(daemon_config: Path, jwt_key: bytes, tmp_path: Path) -> Side:
 
 def start_daemon(side: Side) -> Daemon:
     daemon = Daemon(side.config, side.workdir).start()
-    wait_for(lambda: daemon.socket_path.exists(), 15, "the daemon's socket")
+    daemon.wait_api(15)
     with connect(str(daemon.socket_path)) as fx:
         wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected")
                  and fx.status()["mqtt"]["egress"].get("connected"), 15, "both MQTT connections")

@@ -70,7 +70,7 @@ def test_through_the_daemon_a_retried_poison_entry_comes_back_and_a_drop_ends_it
     subscriber = Subscriber(strict_broker, EGRESS_TOPIC, tmp_path / "received").start()
     daemon = Daemon(config, tmp_path / "daemon").start()
     try:
-        wait_for(lambda: daemon.socket_path.exists(), 20, "the API socket")
+        daemon.wait_api(20)
         with connect(str(daemon.socket_path)) as fx:
             poison = fx.publish(b"p" * (2 * MAX_PACKET))  # under maxPayloadBytes, over the broker's limit
             fx.publish(b"after")
