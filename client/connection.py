@@ -343,9 +343,14 @@ class Client:
 
     def reset(self, consumer: str, to: Union[str, IdLike] = "earliest") -> int:
         """Move a named consumer: "earliest" replays what is stored, "latest" skips it all, a
-        message id starts there. Returns the id it has now acknowledged through."""
+        message id starts there. Returns the id it has now acknowledged through. The daemon
+        moves it a bounded step per call (`paged`): this calls on until it is there."""
         target = to if to in ("earliest", "latest") else _wire_id(to)  # type: ignore[arg-type]
-        return self.call("reset", consumer=consumer, to=target)["acked_through"]
+        while True:
+            answer = self.call("reset", consumer=consumer, to=target, paged=True)
+            if answer["done"]:
+                return answer["acked_through"]
+            target = answer["to"]
 
     def _query(self, limit: int, topic: Optional[str], after: Optional[IdLike],
                user_property: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:

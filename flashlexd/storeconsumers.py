@@ -362,8 +362,8 @@ class ConsumerStore:
         records (`consumer_reset_step`)."""
         target = self.consumer_reset_target(to)
         while True:
-            floor = self.consumer_reset_step(name, target)
-            if floor is not None:
+            floor, done = self.consumer_reset_step(name, target)
+            if done:
                 return floor
 
     @guarded
@@ -378,12 +378,13 @@ class ConsumerStore:
         return int(to) - 1
 
     @guarded
-    def consumer_reset_step(self, name: str, target: int) -> Optional[int]:
+    def consumer_reset_step(self, name: str, target: int) -> Tuple[int, bool]:
         """One commit of a reset towards floor `target`: at most COMMIT_STEP inbox records
-        passed (forwards), or ack entries forgotten (a replay: to the floor or before it). The new floor once it is there, None while there is
-        more: a reset over a large store never holds the supervisor's loop (or LMDB's write lock)
-        for long, and each step leaves a state a reset may stop in (some of the way moved)."""
-        def work(txn: lmdb.Transaction) -> Optional[int]:
+        passed (forwards), or ack entries forgotten (a replay: to the floor or before it). Returns
+        the floor and whether it is at `target`: a reset over a large store never holds the
+        supervisor's loop (or LMDB's write lock) for long, and each step leaves a state a reset
+        may stop in (some of the way moved)."""
+        def work(txn: lmdb.Transaction) -> Tuple[int, bool]:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             if target > consumer.floor:
@@ -393,7 +394,7 @@ class ConsumerStore:
                 if done:
                     consumer.floor = target
             self._save(txn, consumer)
-            return consumer.floor if done else None
+            return consumer.floor, done
 
         return self._write(work)  # type: ignore[return-value]
 

@@ -215,6 +215,17 @@ def test_a_consumer_reset_commits_a_step_per_turn_and_other_calls_go_between(tur
     assert store.consumer_messages("app") == [] and store.stats()["inbox_count"] == len(ids)
 
 
+def test_a_paged_reset_is_a_commit_per_call_and_the_client_calls_on(harness):
+    ids = harness.ingest(*[("t/x", b"n")] * (2 * COMMIT_STEP + 5))
+    harness.store.consumer_register("keeper", 0.0)  # holds every message
+    with connect(harness.path, consumer="app") as fx:
+        first = fx.call("reset", consumer="app", to="latest", paged=True)
+        assert first == {"consumer": "app", "acked_through": ids[COMMIT_STEP - 1], "done": False,
+                         "to": ids[-1] + 1}
+        assert fx.reset("app", "latest") == ids[-1]
+        assert fx.messages() == [] and harness.store.stats()["inbox_count"] == len(ids)
+
+
 def test_a_replay_forgets_every_ack_in_steps_even_from_floor_0(store):
     """A replay drops the consumer's acks COMMIT_STEP per commit. With its first message
     unacked a consumer's floor stays at 0 whatever it acks after it; a replay from there used to
@@ -224,7 +235,7 @@ def test_a_replay_forgets_every_ack_in_steps_even_from_floor_0(store):
     store.consumer_register("keeper", 0.0)
     store.consumer_ack("app", ids[1:], 1.0)
     assert store.consumer_state("app").floor == 0
-    assert [store.consumer_reset_step("app", 0) for _ in range(3)] == [None, None, 0]
+    assert [store.consumer_reset_step("app", 0) for _ in range(3)] == [(0, False), (0, False), (0, True)]
     assert [m.id for m in store.consumer_messages("app", limit=len(ids))] == ids
 
 

@@ -442,20 +442,26 @@ class Methods:
         return self.store.consumers_report()
 
     def _reset(self, p: _Params) -> Any:
-        """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id: a commit per
-        RESET_STEP records, one per turn of the server's loop (walk.py's `Steps`)."""
+        """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id, a commit of at
+        most COMMIT_STEP records at a time. `paged`: one commit per call, answering `done` and,
+        while not done, the `to` of the next call (what `flashlexd.client` sends); otherwise
+        one commit per turn of the server's loop (walk.py's `Steps`), answered at the end."""
         consumer = self._consumer(p, required=True)
         to = p.get("to")
         if to not in RESET_TARGETS:
             if to is None or (isinstance(to, str) and not to.isdigit()):
                 raise p.bad("to", "earliest, latest or a message id", to)
             to = p.record_id("to", to)
+        paged = p.boolean("paged", False)
         p.done()
         target = self.store.consumer_reset_target(to)
 
         def step() -> Optional[Dict[str, Any]]:
-            floor = self.store.consumer_reset_step(consumer, target)  # type: ignore[arg-type]
-            return None if floor is None else {"consumer": consumer, "acked_through": floor}
+            floor, done = self.store.consumer_reset_step(consumer, target)  # type: ignore[arg-type]
+            answer = {"consumer": consumer, "acked_through": floor}
+            if paged:
+                return dict(answer, done=done, to=None if done else target + 1)
+            return answer if done else None
 
         done = step()
         if done is not None:
