@@ -1,7 +1,7 @@
 """Memory of a running daemon: the PSS of the supervisor, the fork server and the three workers,
 from /proc/PID/smaps, idle, under ingest load, and idle again with the messages stored; against
-the same number of bare Python interpreters started from the same venv (the floor any
-four-process Python design pays), measured in the same run.
+the same number of bare Python interpreters (five) started from the same venv (the floor any
+Python design with that many processes pays), measured in the same run.
 
     .venv/bin/python bench/bench_memory.py [--runs 3] [--messages 100000] [--backlog]
         [--daemon-python /path/to/installed/venv/bin/python] [--plot docs/memory-during-ingest.png]
@@ -191,7 +191,8 @@ def install(venv: Path) -> str:
 
 
 def run_baseline() -> List[Sample]:
-    """Four bare interpreters of the same venv Python, alive together."""
+    """As many bare interpreters of the same venv Python as the daemon has processes, alive
+    together."""
     children = [subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
                 for _ in PROCESSES]
     try:
@@ -278,7 +279,7 @@ def main() -> int:
         print(f"| {label_} | {mb(idle[name])} | {mb(idle_anon[name])} | {mb(idle_rss[name])} |"
               f" {mb(peak[name])} | {mb(peak_anon[name])} | {mb(stored[name])} |"
               f" {mb(data_peak[name])} / {mb(data_stored[name])} |")
-    print(f"| 4 bare `python -c 'signal.pause()'` (baseline) | {mb(base)} | {mb(base_anon)} | | | | | |")
+    print(f"| {len(PROCESSES)} bare `python -c 'signal.pause()'` (baseline) | {mb(base)} | {mb(base_anon)} | | | | | |")
     worst = max(idle["total"], peak["total"], stored["total"])
     costs = import_costs()
     print("\nWhat one import costs a fresh interpreter of the same venv (each its own process; the"
