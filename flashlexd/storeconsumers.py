@@ -461,6 +461,7 @@ class ConsumerStore:
 
     @guarded
     def consumer_states(self) -> List[ConsumerState]:
+        """Every consumer as stored now."""
         with self._read() as txn:
             return list(self._consumers_in(txn).values())
 
