@@ -229,9 +229,13 @@ def test_service_renders_an_explicit_keys_dir(tmp_path):
 
 def _start(config: Path, workdir: Path) -> Daemon:
     daemon = Daemon(config, workdir).start()
-    daemon.wait_api(15)
-    with connect(str(daemon.socket_path)) as fx:
-        wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 15, "ingress connected")
+    try:
+        daemon.wait_api(15)
+        with connect(str(daemon.socket_path)) as fx:
+            wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 15, "ingress connected")
+    except BaseException:
+        daemon.stop()  # a daemon that never came up must not outlive the test
+        raise
     return daemon
 
 

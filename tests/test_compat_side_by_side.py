@@ -167,10 +167,14 @@ def new(daemon_config: Path, jwt_key: bytes, tmp_path: Path) -> Side:
 
 def start_daemon(side: Side) -> Daemon:
     daemon = Daemon(side.config, side.workdir).start()
-    daemon.wait_api(15)
-    with connect(str(daemon.socket_path)) as fx:
-        wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected")
-                 and fx.status()["mqtt"]["egress"].get("connected"), 15, "both MQTT connections")
+    try:
+        daemon.wait_api(15)
+        with connect(str(daemon.socket_path)) as fx:
+            wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected")
+                     and fx.status()["mqtt"]["egress"].get("connected"), 15, "both MQTT connections")
+    except BaseException:
+        daemon.stop()  # a daemon that never came up must not outlive the test
+        raise
     return daemon
 
 
