@@ -27,11 +27,22 @@ def _group_of(item: pytest.Item) -> Optional[str]:
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into node ids
-def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     for item in items:
         group = _group_of(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("alone") is not None:
+            _time_the_test_only(config, item)
+
+
+def _time_the_test_only(config: pytest.Config, item: pytest.Item) -> None:
+    """An `alone` test first waits (in `_machine_share`) for the other worker's test to end,
+    which at full size may be the 16-minute damage sweep: its timeout covers the test itself,
+    not that wait (a full chaos run timed one out so, at 900 s, still measuring)."""
+    marker = item.get_closest_marker("timeout")
+    seconds = marker.args[0] if marker is not None and marker.args else float(config.getini("timeout"))
+    item.add_marker(pytest.mark.timeout(seconds, func_only=True))
 
 
 def pytest_configure(config: pytest.Config) -> None:
