@@ -26,7 +26,6 @@ WALK_BUDGET = 2000  # an ack call's floor walk (the rest: the next call)
 FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
 REPORT_BUDGET = 500  # a consumer's backlog counted for `status`: past that, a lower bound
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
-CHUNK = 1000  # records a reset or a removal holds at a time (`_chunks`)
 # inbox records (or ack entries) one commit of a reset, a trim or a removal passes, and records
 # one read of maxBacklog's count looks at: ~2 ms each here, so that a call queued behind one
 # still answers within 5 ms (500 and 2,000: 4-9 ms, and a `status` beside a reset took 7 ms)
@@ -96,32 +95,22 @@ class ConsumerStore:
         if self._settled(txn, key, topic, others):
             self._remove_message(txn, key, consumers)
 
-    def _chunks(self, txn: lmdb.Transaction, after: int, through: int,
-                wanted: Callable[[bytes, str], bool]) -> Iterator[List[Tuple[bytes, str]]]:
-        """The inbox records past `after` up to id `through` that `wanted(key, topic)` keeps,
-        as (key, topic) lists of at most CHUNK: a reset or a removal over a large store holds
-        one list at a time, not every record (the caller may delete between two lists)."""
-        while True:
-            chunk: List[Tuple[bytes, str]] = []
-            cursor = txn.cursor(db=self._inbox)
-            if not _start(cursor, after):
-                return
-            ended = True
-            for key, raw in cursor:
-                record_id = _ID.unpack(key)[0]
-                if record_id > through:
-                    break
-                after = record_id
-                topic = _topic_of(raw)
-                if wanted(key, topic):
-                    chunk.append((bytes(key), topic))
-                    if len(chunk) >= CHUNK:
-                        ended = False
-                        break
-            if chunk:
-                yield chunk
-            if ended:
-                return
+    def _records(self, txn: lmdb.Transaction, after: int, through: int,
+                 wanted: Callable[[bytes, str], bool]) -> List[Tuple[bytes, str]]:
+        """(key, topic) of the inbox records past `after` up to id `through` that
+        `wanted(key, topic)` keeps, read before the caller deletes any. Callers bound the range
+        to COMMIT_STEP records (`_step_end`)."""
+        found: List[Tuple[bytes, str]] = []
+        cursor = txn.cursor(db=self._inbox)
+        if not _start(cursor, after):
+            return found
+        for key, raw in cursor:
+            if _ID.unpack(key)[0] > through:
+                break
+            topic = _topic_of(raw)
+            if wanted(key, topic):
+                found.append((bytes(key), topic))
+        return found
 
     def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState, budget: int = WALK_BUDGET) -> None:
         """Move the floor over every record the consumer is done with (acked ahead, or not its
@@ -425,14 +414,12 @@ class ConsumerStore:
                  consumers: Consumers, count_dropped: bool) -> None:
         """The floor moves to `target`; the consumer's unacked messages on the way are done for
         it (counted as dropped when `count_dropped`)."""
-        passed = 0
-        for chunk in self._chunks(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
-                                  and not self._acked(txn, consumer, key)):
-            for key, topic in chunk:
-                self._pass(txn, consumer, key, topic, consumers)
-            passed += len(chunk)
+        passed = self._records(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
+                               and not self._acked(txn, consumer, key))
+        for key, topic in passed:
+            self._pass(txn, consumer, key, topic, consumers)
         if count_dropped:
-            consumer.dropped += passed
+            consumer.dropped += len(passed)
         self._forget_acks_through(txn, consumer, target)
         consumer.floor = target
 
@@ -496,13 +483,12 @@ class ConsumerStore:
             return gone.matches(topic) and not self._acked(txn, gone, key) and \
                 any(d.matches(topic) for d in rest.values())
 
-        for chunk in self._chunks(txn, gone.floor, through, held):  # while its acks still say
-            for key, topic in chunk:
-                if self._settled(txn, key, topic, rest.values()):
-                    self._remove_message(txn, key, rest)
+        for key, topic in self._records(txn, gone.floor, through, held):  # while its acks still say
+            if self._settled(txn, key, topic, rest.values()):
+                self._remove_message(txn, key, rest)
 
     @guarded
-    def consumer_count_step(self, count: "BacklogCount") -> bool:
+    def consumer_count_step(self, count: BacklogCount) -> bool:
         """One read of maxBacklog's count (no write lock), newest first, at most COUNT_STEP
         records: True when it is over, with `count.cut` set when the backlog is over the limit.
         A count stops at TRIM_BUDGET records: a narrow filter's backlog spread thinner than that

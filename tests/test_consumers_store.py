@@ -245,11 +245,10 @@ def test_a_read_past_many_records_of_other_topics_moves_the_floor(store: Store):
 
 
 def test_a_skip_and_a_removal_over_many_chunks_of_records_leave_what_others_hold(store: Store):
-    """`_chunks` hands a reset or a removal CHUNK records at a time (deleting between two):
-    over several chunks the outcome is record for record what one pass gives."""
-    from flashlexd.storeconsumers import CHUNK
+    """A reset or a removal goes COMMIT_STEP records a commit: over several steps the outcome
+    is record for record what one pass gives."""
     declare(store, ConsumerSpec("all"), ConsumerSpec("t", "t/#"))
-    ids = put(store, *[("t/x" if i % 3 == 0 else "u/y") for i in range(3 * CHUNK + 17)])
+    ids = put(store, *[("t/x" if i % 3 == 0 else "u/y") for i in range(3 * COMMIT_STEP + 17)])
     acked_ahead = ids[5::7]
     store.consumer_ack("all", acked_ahead, NOW)
     assert store.consumer_reset("all", "latest") == ids[-1]
