@@ -31,6 +31,7 @@ source tree. Target: total PSS (without data.mdb) <= 40 MB, idle and at the peak
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
@@ -39,11 +40,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from benchlib import (INGRESS_TOPIC, ROOT, Broker, Daemon, daemon_config, make_certs, mb, median,
                       payload_lines, pss, status, verdict, wait_up)
 from bench_ingest import wipe_session
+from pageclass import PageClasses, classify
 from tests.broker import publish_lines
 
 TARGET_MB = 40
@@ -122,6 +124,7 @@ def run_daemon(root: Path, broker: Broker, lines: List[Path], count: int, run: i
         pids = dict(supervisor=daemon.pid, **daemon.children(fork_server=True))
         time.sleep(2)
         idle = series(pids, 10, 0.2)
+        idle_pages = classify(pids, image="forkserver")
         publisher = publish_in_chunks(broker, lines, f"{client_id}-pub")
         if backlog:
             daemon.stop()
@@ -146,12 +149,131 @@ def run_daemon(root: Path, broker: Broker, lines: List[Path], count: int, run: i
         assert not publisher.failed, publisher.failed  # type: ignore[attr-defined]
         time.sleep(2)
         stored = series(pids, 10, 0.2)
+        stored_pages = classify(pids, image="forkserver")
         assert set(pids.values()) == {daemon.pid, *daemon.children(fork_server=True).values()}, "a worker was replaced"
-        return {"idle": idle, "load": load, "times": times, "stored": stored, "rate": rate}
+        return {"idle": idle, "load": load, "times": times, "stored": stored, "rate": rate,
+                "pages": {"idle": idle_pages, "stored": stored_pages}}
     finally:
         daemon.stop()
         wipe_session(broker, client_id)
         wipe_session(broker, f"{client_id}-egress")
+
+
+# The floor: the daemon's processes made as the daemon makes them (the supervisor's imports and
+# preload, a fork server forked from it, three children forked from that), doing nothing.
+FLOOR = """
+import gc, os, signal
+import flashlexd.cli, flashlexd.supervisor
+from flashlexd import forkworker
+forkworker.preload()
+
+def fork(then):
+    pid = os.fork()
+    if pid == 0:
+        then()
+        os._exit(0)
+    return pid
+
+def idle():
+    gc.freeze()
+    signal.pause()
+
+def server():
+    print("workers", *(fork(idle) for _ in range(3)), flush=True)
+    signal.pause()
+
+print("supervisor", os.getpid(), fork(server), flush=True)
+signal.pause()
+"""
+
+
+def run_floor(python: Optional[str]) -> Dict[str, object]:
+    """PSS and page classes of the floor's five processes (run from / so that an installed
+    daemon's interpreter imports the installed flashlexd, not the checkout)."""
+    process = subprocess.Popen([python or sys.executable, "-c", FLOOR], cwd="/", text=True,
+                               stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        pids: Dict[str, int] = {}
+        for _ in range(2):
+            kind, *numbers = process.stdout.readline().split()  # type: ignore[union-attr]
+            found = [int(n) for n in numbers]
+            pids.update(dict(zip(PROCESSES[:2], found)) if kind == "supervisor" else
+                        dict(zip(PROCESSES[2:], found)))
+        time.sleep(1)
+        return {"idle": series(pids, 5, 0.2), "pages": classify(pids, image="forkserver")}
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def median_classes(found: List[Optional[Dict[str, PageClasses]]]) -> Optional[Dict[str, PageClasses]]:
+    """Per process, the median of each class over the runs; with a "total" entry."""
+    if any(f is None for f in found):
+        return None
+    names = list(found[0])  # type: ignore[arg-type]
+    merged = {name: PageClasses(**{field: median(getattr(f[name], field) for f in found)  # type: ignore[index]
+                                   for field in ("copied", "own", "shared", "file")})
+              for name in names}
+    merged["total"] = PageClasses(**{field: sum(getattr(merged[n], field) for n in names)
+                                     for field in ("copied", "own", "shared", "file")})
+    return merged
+
+
+def print_pages(runs: List[Dict[str, object]], floors: List[Dict[str, object]],
+                idle: Dict[str, float], stored: Dict[str, float], count: int
+                ) -> Optional[Tuple[Dict[str, PageClasses], PageClasses, float]]:
+    """The page classes table; returns the daemon's idle classes, the floor's total and the
+    floor's PSS here (None without root)."""
+    daemon = median_classes([r["pages"]["idle"] for r in runs])  # type: ignore[index]
+    after = median_classes([r["pages"]["stored"] for r in runs])  # type: ignore[index]
+    floor = median_classes([f["pages"] for f in floors])
+    floor_pss = median(per_process_median(f["idle"])["total"] for f in floors)  # type: ignore[arg-type]
+    if daemon is None or after is None or floor is None:
+        print("\nWhere the memory goes: not measured (reading /proc/PID/pagemap frames needs root).")
+        return None
+    print("\nWhere the memory goes, from each resident page's physical frame (/proc/PID/pagemap),"
+          " median of the runs. *Copied*: private pages at addresses where the fork server (which"
+          " holds the image the others were forked from) has a page too: the image, copied by a"
+          " write into it (every private page of the fork server counts here); *own*: other"
+          " private pages, allocated after the fork;"
+          " *shared*: anonymous pages shared between them, split evenly; *file-backed*:"
+          " libraries' pages split among the daemon's processes only, as on a device where"
+          " nothing else maps them (the kernel's PSS also splits them with this machine's other"
+          " processes). The floor: the same five processes made the same way (the supervisor's"
+          " imports and `preload`, a fork server, three children of it) doing nothing.\n")
+    print("| process | copied | own | shared | file-backed, as if alone | total as if alone | PSS here |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = [(name, daemon[name], idle[name]) for name in (*PROCESSES, "total")]
+    rows += [(f"total with {count:,} stored", after["total"], stored["total"]),
+             ("floor: the same processes doing nothing", floor["total"], floor_pss)]
+    for name, classes, here in rows:
+        label = f"**{name}**" if name.startswith("total") else name
+        print(f"| {label} | {mb(classes.copied)} | {mb(classes.own)} | {mb(classes.shared)} |"
+              f" {mb(classes.file)} | {mb(classes.total)} | {mb(here)} |")
+    return daemon, floor["total"], floor_pss
+
+
+def why(pages: Optional[Tuple[Dict[str, PageClasses], PageClasses, float]],
+        idle: Dict[str, float], peak: Dict[str, float]) -> str:
+    """What the measured page classes say about a missed target."""
+    growth = (f" Under load the total grows by {mb(peak['total'] - idle['total'])}, nearly all in the"
+              f" ingress worker: the objects of its batches (up to 1,024 messages), LMDB's dirty pages"
+              f" (malloc'd, kept by LMDB for reuse) and the pages of the code that only runs under load.")
+    if pages is None:
+        return ("\nWhy: the code is loaded once and shared, but CPython (3.11 and older) writes a"
+                " reference count into every object it touches, so each process copies the pages of"
+                " the objects it uses." + growth)
+    daemon, floor, floor_pss = pages
+    total = daemon["total"]
+    return (f"\nWhy: the five processes doing nothing already take {mb(floor_pss)} here"
+            f" ({mb(floor.total)} as if alone, {mb(floor.file)} of it libraries' pages). Running,"
+            f" they copy {mb(total.copied - floor.copied)} more of the image they share: CPython"
+            f" (3.11 and older) writes a reference count into every object it uses, and 3.11 its"
+            f" specialisation counters into every code object it runs, so each process copies"
+            f" every 4 KB page holding one (the expiry worker, nearly idle,"
+            f" {mb(daemon['expiry'].copied)}; the fork server keeps the originals of pages all the"
+            f" others copied, {mb(daemon['forkserver'].copied)}). Allocated afresh:"
+            f" {mb(total.own - floor.own)}." + growth)
 
 
 def plot(path: Path, run: Dict[str, object], count: int, label: str) -> None:
@@ -232,7 +354,7 @@ def main() -> int:
     parser.add_argument("--backlog", action="store_true",
                         help="the load is the drain of a backlog published while the daemon was stopped")
     args = parser.parse_args()
-    runs, baselines = [], []
+    runs, baselines, floors = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         root = Path(tmp)
         if args.installed:
@@ -249,6 +371,7 @@ def main() -> int:
                 baselines.append(run_baseline())
                 runs.append(run_daemon(root, broker, lines, args.messages, run, args.daemon_python,
                                        args.backlog))
+                floors.append(run_floor(args.daemon_python))
         finally:
             broker.close()
     if args.plot:
@@ -289,21 +412,18 @@ def main() -> int:
     print("|---|---:|---:|")
     for statement, (anon, rss) in costs.items():
         print(f"| `{statement}` | {mb(anon)} | {mb(rss)} |")
+    pages = print_pages(runs, floors, idle, stored, args.messages)
     print(f"\ndaemon / baseline (idle PSS): **{idle['total'] / base:.2f}x**;"
           f" under load: {peak['total'] / base:.2f}x\n")
     print(f"target total PSS (without data.mdb) <= {TARGET_MB} MB: idle {mb(idle['total'])}, peak under"
           f" load {mb(peak['total'])}, with the messages stored {mb(stored['total'])}:"
           f" {verdict(worst <= TARGET_MB * 1024)}")
+    if pages is not None:
+        daemon, floor, floor_pss = pages
+        print(f"\nCounted as if the daemon ran alone (its libraries' pages split among its own"
+              f" processes only): idle {mb(daemon['total'].total)}.")
     if worst > TARGET_MB * 1024:
-        print(f"\nWhy: the code is loaded once and shared, but CPython (3.11 and older) writes a"
-              f" reference count into every object it touches, so each process copies the pages of"
-              f" the objects it uses: about {mb(idle_anon['expiry'])} for the nearly idle expiry"
-              f" worker, {mb(idle_anon['forkserver'])} for the fork server (it keeps the originals"
-              f" of pages the others copied). Under load the total grows by"
-              f" {mb(peak['total'] - idle['total'])}, nearly all in the ingress worker: the objects of its"
-              f" batches (up to 1,024 messages), LMDB's dirty pages (malloc'd, kept by LMDB for reuse)"
-              f" and the pages of the code that only runs under load (a 2,000-message ingest already"
-              f" adds ~2 MB).")
+        print(why(pages, idle, peak))
     return 0 if worst <= TARGET_MB * 1024 else 1
 
 
