@@ -167,6 +167,16 @@ SECTIONS = [
         " every call did before) is shown for comparison. Target: every single call < 5 ms at"
         " 500,000 stored."),
     Section(
+        "sweep", "Named consumers' sweep at 100k / 500k stored: steps, commits, bytes written",
+        ["bench/bench_sweep.py"], ["--sizes", "5000", "20000"],
+        "The supervisor's sweep of named consumers (`Store.consumers_upkeep`), one step a turn of its"
+        " loop, on stores of 100,000 and 500,000 ~200-byte messages with three consumers that never"
+        " ack: `rare/#` (1 message in 100) with maxBacklog 500, one of every topic, and an idle"
+        " dynamic one. The first sweep removes the idle consumer (nothing leaves: the consumer of"
+        " every topic holds it all) and trims `rare`; a later sweep only counts. Each step timed;"
+        " commits and bytes written measured around the sweep. No target: each step is one turn of"
+        " the loop's work, and the commits and bytes are SD-card wear."),
+    Section(
         "startup", "Start-up to READY=1, and replacing a SIGKILLed worker",
         ["bench/bench_startup.py", "--runs", "7", "--rounds", "3"], ["--runs", "2", "--rounds", "1"],
         "The time from exec of `flashlexd run` to READY=1 on a fake NOTIFY_SOCKET, and the time from"
