@@ -43,6 +43,8 @@ class BacklogCount:
     counted: int = 0  # unacked messages of the consumer's filter seen so far
     visited: int = 0
     cut: Optional[int] = None  # the newest id to drop for the consumer, once over the limit
+    reached: int = 0  # the trim's progress: the last id it passed (committed or not)
+    dropped: int = 0  # messages the trim passed and has not committed as dropped yet
 
 
 def _prefix(name: str) -> bytes:
@@ -88,12 +90,14 @@ class ConsumerStore:
                 txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
 
     def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, topic: str,
-              consumers: Consumers) -> None:
+              consumers: Consumers) -> bool:
         """`consumer` is done with `key` without an ack entry (its floor moves over it): the
-        message leaves if every other matching consumer is done too."""
+        message leaves if every other matching consumer is done too (True)."""
         others = [d for d in consumers.values() if d.name != consumer.name]
-        if self._settled(txn, key, topic, others):
-            self._remove_message(txn, key, consumers)
+        if not self._settled(txn, key, topic, others):
+            return False
+        self._remove_message(txn, key, consumers)
+        return True
 
     def _records(self, txn: lmdb.Transaction, after: int, through: int,
                  wanted: Callable[[bytes, str], bool]) -> List[Tuple[bytes, str]]:
@@ -388,7 +392,7 @@ class ConsumerStore:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             if target > consumer.floor:
-                done = self._skip_step(txn, consumer, target, consumers, count_dropped=False)
+                done = self._skip_step(txn, consumer, target, consumers)
             else:
                 done, _ = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
                 if done:
@@ -399,10 +403,13 @@ class ConsumerStore:
         return self._write(work)  # type: ignore[return-value]
 
     def _skip_step(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
-                   consumers: Consumers, count_dropped: bool) -> bool:
-        """`_skip_to` over at most COMMIT_STEP records; True once the floor is at `target`."""
+                   consumers: Consumers) -> bool:
+        """The floor moves towards `target` over at most COMMIT_STEP records; the consumer's
+        unacked messages on the way are done for it. True once the floor is at `target`."""
         end = self._step_end(txn, consumer.floor, target, COMMIT_STEP)
-        self._skip_to(txn, consumer, end, consumers, count_dropped)
+        self._pass_over(txn, consumer, consumer.floor, end, consumers)
+        self._forget_acks_through(txn, consumer, end)
+        consumer.floor = end
         return end == target
 
     def _step_end(self, txn: lmdb.Transaction, after: int, target: int, budget: int) -> int:
@@ -419,18 +426,13 @@ class ConsumerStore:
                 return record_id
         return target
 
-    def _skip_to(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
-                 consumers: Consumers, count_dropped: bool) -> None:
-        """The floor moves to `target`; the consumer's unacked messages on the way are done for
-        it (counted as dropped when `count_dropped`)."""
-        passed = self._records(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
+    def _pass_over(self, txn: lmdb.Transaction, consumer: ConsumerState, after: int, through: int,
+                   consumers: Consumers) -> Tuple[int, int]:
+        """`_pass` each of the consumer's unacked messages past id `after` up to id `through`:
+        (how many it passed, how many of them left the inbox)."""
+        passed = self._records(txn, after, through, lambda key, topic: consumer.matches(topic)
                                and not self._acked(txn, consumer, key))
-        for key, topic in passed:
-            self._pass(txn, consumer, key, topic, consumers)
-        if count_dropped:
-            consumer.dropped += len(passed)
-        self._forget_acks_through(txn, consumer, target)
-        consumer.floor = target
+        return len(passed), sum(self._pass(txn, consumer, key, topic, consumers) for key, topic in passed)
 
     def consumers_upkeep(self, now: float, idle_seconds: Optional[float]) -> Iterator[Optional[str]]:
         """The sweep's work, one bounded step per `next()` (a commit of COMMIT_STEP records or a
@@ -453,7 +455,7 @@ class ConsumerStore:
             count = BacklogCount(consumer.name, consumer.max_backlog)
             while not self.consumer_count_step(count):
                 yield None
-            while count.cut is not None and not self.consumer_trim_step(consumer.name, count.cut):
+            while count.cut is not None and not self.consumer_trim_step(count):
                 yield None
             yield None
 
@@ -543,19 +545,33 @@ class ConsumerStore:
             return False
 
     @guarded
-    def consumer_trim_step(self, name: str, cut: int) -> bool:
-        """One commit of a maxBacklog trim: the consumer's unacked messages up to id `cut` are
-        dropped for it (counted), COMMIT_STEP records a commit. True when done."""
-        def work(txn: lmdb.Transaction) -> bool:
+    def consumer_trim_step(self, count: BacklogCount) -> bool:
+        """One step of a maxBacklog trim: the consumer's unacked messages up to id `count.cut`
+        are dropped for it (counted), COMMIT_STEP records a step. True when done. A step that
+        takes no message out of the inbox and forgets no ack writes nothing: where it got and
+        what it dropped wait in `count` for the next step that writes, or the last (trimming a
+        consumer whose messages another consumer holds committed the floor's move every
+        COMMIT_STEP records: 2,251 commits and 188 MB written at 500,000 stored)."""
+        def work(txn: lmdb.Transaction) -> Tuple[bool, int, int, bool]:
             consumers = self._consumers_in(txn)
-            consumer = consumers.get(name)
-            if consumer is None or consumer.floor >= cut:
-                return True
-            done = self._skip_step(txn, consumer, cut, consumers, count_dropped=True)
+            consumer = consumers.get(count.name)
+            if count.cut is None or consumer is None or consumer.floor >= count.cut:
+                return True, 0, 0, False
+            start = max(count.reached, consumer.floor)
+            end = self._step_end(txn, start, count.cut, COMMIT_STEP)
+            passed, removed = self._pass_over(txn, consumer, start, end, consumers)
+            _, forgotten = self._forget_acks_through(txn, consumer, end)
+            done = end == count.cut
+            if not (removed or forgotten or done):
+                return False, end, passed, False
+            consumer.dropped += count.dropped + passed
+            consumer.floor = end
             self._save(txn, consumer)
-            return done
+            return done, end, passed, True
 
-        return self._write(work)  # type: ignore[return-value]
+        done, count.reached, passed, wrote = self._write(work)  # type: ignore[misc]
+        count.dropped = 0 if wrote else count.dropped + passed
+        return done
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
         """The cap dropped these inbox records: each consumer that had not acked one counts it."""
