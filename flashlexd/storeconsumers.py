@@ -43,8 +43,6 @@ class BacklogCount:
     counted: int = 0  # unacked messages of the consumer's filter seen so far
     visited: int = 0
     cut: Optional[int] = None  # the newest id to drop for the consumer, once over the limit
-    reached: int = 0  # the trim's progress: the last id it passed (committed or not)
-    dropped: int = 0  # messages the trim passed and has not committed as dropped yet
 
 
 def _prefix(name: str) -> bytes:
@@ -90,14 +88,12 @@ class ConsumerStore:
                 txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
 
     def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, topic: str,
-              consumers: Consumers) -> bool:
+              consumers: Consumers) -> None:
         """`consumer` is done with `key` without an ack entry (its floor moves over it): the
-        message leaves if every other matching consumer is done too (True)."""
+        message leaves if every other matching consumer is done too."""
         others = [d for d in consumers.values() if d.name != consumer.name]
-        if not self._settled(txn, key, topic, others):
-            return False
-        self._remove_message(txn, key, consumers)
-        return True
+        if self._settled(txn, key, topic, others):
+            self._remove_message(txn, key, consumers)
 
     def _records(self, txn: lmdb.Transaction, after: int, through: int,
                  wanted: Callable[[bytes, str], bool]) -> List[Tuple[bytes, str]]:
@@ -134,22 +130,13 @@ class ConsumerStore:
         consumer.floor = floor
 
     def _forget_acks_through(self, txn: lmdb.Transaction, consumer: ConsumerState, floor: int,
-                             budget: Optional[int] = None) -> Tuple[bool, int]:
-        """Drop the consumer's ack entries up to id `floor`, at most `budget` of them: (True
-        when none is left, how many it dropped)."""
+                             budget: Optional[int] = None) -> bool:
+        """Drop the consumer's ack entries up to id `floor`, at most `budget` of them; True
+        when none is left."""
         prefix = _prefix(consumer.name)
         cursor = txn.cursor(db=self._consumer_acks)
         if not cursor.set_range(prefix):
-            return True, 0
-        limit = prefix + _ID.pack(floor)
-        dropped = 0
-        while cursor.key()[:len(prefix)] == prefix and cursor.key() <= limit:
-            if budget is not None and dropped >= budget:
-                return False, dropped
-            if not cursor.delete():
-                break
-            dropped += 1
-        return True, dropped
+            return True
         limit = prefix + _ID.pack(floor)
         dropped = 0
         while cursor.key()[:len(prefix)] == prefix and cursor.key() <= limit:
@@ -392,9 +379,9 @@ class ConsumerStore:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             if target > consumer.floor:
-                done = self._skip_step(txn, consumer, target, consumers)
+                done = self._skip_step(txn, consumer, target, consumers, count_dropped=False)
             else:
-                done, _ = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
+                done = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
                 if done:
                     consumer.floor = target
             self._save(txn, consumer)
@@ -403,13 +390,10 @@ class ConsumerStore:
         return self._write(work)  # type: ignore[return-value]
 
     def _skip_step(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
-                   consumers: Consumers) -> bool:
-        """The floor moves towards `target` over at most COMMIT_STEP records; the consumer's
-        unacked messages on the way are done for it. True once the floor is at `target`."""
+                   consumers: Consumers, count_dropped: bool) -> bool:
+        """`_skip_to` over at most COMMIT_STEP records; True once the floor is at `target`."""
         end = self._step_end(txn, consumer.floor, target, COMMIT_STEP)
-        self._pass_over(txn, consumer, consumer.floor, end, consumers)
-        self._forget_acks_through(txn, consumer, end)
-        consumer.floor = end
+        self._skip_to(txn, consumer, end, consumers, count_dropped)
         return end == target
 
     def _step_end(self, txn: lmdb.Transaction, after: int, target: int, budget: int) -> int:
@@ -426,13 +410,18 @@ class ConsumerStore:
                 return record_id
         return target
 
-    def _pass_over(self, txn: lmdb.Transaction, consumer: ConsumerState, after: int, through: int,
-                   consumers: Consumers) -> Tuple[int, int]:
-        """`_pass` each of the consumer's unacked messages past id `after` up to id `through`:
-        (how many it passed, how many of them left the inbox)."""
-        passed = self._records(txn, after, through, lambda key, topic: consumer.matches(topic)
+    def _skip_to(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
+                 consumers: Consumers, count_dropped: bool) -> None:
+        """The floor moves to `target`; the consumer's unacked messages on the way are done for
+        it (counted as dropped when `count_dropped`)."""
+        passed = self._records(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
                                and not self._acked(txn, consumer, key))
-        return len(passed), sum(self._pass(txn, consumer, key, topic, consumers) for key, topic in passed)
+        for key, topic in passed:
+            self._pass(txn, consumer, key, topic, consumers)
+        if count_dropped:
+            consumer.dropped += len(passed)
+        self._forget_acks_through(txn, consumer, target)
+        consumer.floor = target
 
     def consumers_upkeep(self, now: float, idle_seconds: Optional[float]) -> Iterator[Optional[str]]:
         """The sweep's work, one bounded step per `next()` (a commit of COMMIT_STEP records or a
@@ -445,9 +434,9 @@ class ConsumerStore:
         idle_since = None if idle_seconds is None else now - idle_seconds
         for consumer in self.consumer_states():
             if consumer.dynamic and idle_since is not None and consumer.last_seen < idle_since:
-                removed, reached = None, None
+                removed = None
                 while removed is None:
-                    removed, reached = self.consumer_remove_step(consumer.name, idle_since, reached)
+                    removed = self.consumer_remove_step(consumer.name, idle_since)
                     yield consumer.name if removed else None
         for consumer in self.consumer_states():
             if consumer.max_backlog is None:
@@ -455,7 +444,7 @@ class ConsumerStore:
             count = BacklogCount(consumer.name, consumer.max_backlog)
             while not self.consumer_count_step(count):
                 yield None
-            while count.cut is not None and not self.consumer_trim_step(count):
+            while count.cut is not None and not self.consumer_trim_step(consumer.name, count.cut):
                 yield None
             yield None
 
@@ -466,49 +455,37 @@ class ConsumerStore:
             return list(self._consumers_in(txn).values())
 
     @guarded
-    def consumer_remove_step(self, name: str, idle_since: float, after: Optional[int] = None
-                             ) -> Tuple[Optional[bool], int]:
-        """One step of removing dynamic consumer `name`, unused since wall time `idle_since`:
-        the messages only it held leave, COMMIT_STEP records a step, from id `after` (None: its
-        floor; else what the step before returned). A step that releases no message and
-        forgets no ack writes nothing: its progress is the caller's to carry, not a commit
-        (removing a consumer whose messages others still hold committed a floor move every
-        COMMIT_STEP records: 2,500 commits at 500,000 stored, for nothing on disk but the move).
-        (None, where the next step starts) while there is more; then True (removed), or False
-        (used again meanwhile: it stays, at the floor its last write left)."""
-        def work(txn: lmdb.Transaction) -> Tuple[Optional[bool], int]:
+    def consumer_remove_step(self, name: str, idle_since: float) -> Optional[bool]:
+        """One commit of removing dynamic consumer `name`, unused since wall time `idle_since`:
+        the messages only it held leave, COMMIT_STEP records a commit. None while there is more;
+        then True (removed), or False (used again meanwhile: it stays, moved as far as it got)."""
+        def work(txn: lmdb.Transaction) -> Optional[bool]:
             consumers = self._consumers_in(txn)
             gone = consumers.pop(name, None)
             if gone is None or not gone.dynamic or gone.last_seen >= idle_since:
-                return False, 0
-            start = gone.floor if after is None else max(after, gone.floor)
-            end = self._step_end(txn, start, _MAX_ID, COMMIT_STEP)
-            released = self._release(txn, gone, consumers, start, end)
-            _, forgotten = self._forget_acks_through(txn, gone, end)
-            if end == _MAX_ID:
-                txn.delete(gone.name.encode(), db=self._consumer_db)
-                return True, end
-            if released or forgotten:
+                return False
+            end = self._step_end(txn, gone.floor, _MAX_ID, COMMIT_STEP)
+            self._release(txn, gone, consumers, end)
+            self._forget_acks_through(txn, gone, end)
+            if end < _MAX_ID:
                 gone.floor = end
                 self._save(txn, gone)
-            return None, end
+                return None
+            txn.delete(gone.name.encode(), db=self._consumer_db)
+            return True
 
         return self._write(work)  # type: ignore[return-value]
 
-    def _release(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers, after: int,
-                 through: int) -> int:
-        """The messages past id `after` up to id `through` that only `gone` still held leave (a
-        message no other consumer matches stays, for unnamed apps and expiry); how many left."""
+    def _release(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers, through: int) -> None:
+        """The messages past `gone`'s floor up to id `through` that only it still held leave (a
+        message no other consumer matches stays, for unnamed apps and expiry)."""
         def held(key: bytes, topic: str) -> bool:
             return gone.matches(topic) and not self._acked(txn, gone, key) and \
                 any(d.matches(topic) for d in rest.values())
 
-        released = 0
-        for key, topic in self._records(txn, after, through, held):  # while its acks still say
+        for key, topic in self._records(txn, gone.floor, through, held):  # while its acks still say
             if self._settled(txn, key, topic, rest.values()):
                 self._remove_message(txn, key, rest)
-                released += 1
-        return released
 
     @guarded
     def consumer_count_step(self, count: BacklogCount) -> bool:
@@ -545,33 +522,19 @@ class ConsumerStore:
             return False
 
     @guarded
-    def consumer_trim_step(self, count: BacklogCount) -> bool:
-        """One step of a maxBacklog trim: the consumer's unacked messages up to id `count.cut`
-        are dropped for it (counted), COMMIT_STEP records a step. True when done. A step that
-        takes no message out of the inbox and forgets no ack writes nothing: where it got and
-        what it dropped wait in `count` for the next step that writes, or the last (trimming a
-        consumer whose messages another consumer holds committed the floor's move every
-        COMMIT_STEP records: 2,251 commits and 188 MB written at 500,000 stored)."""
-        def work(txn: lmdb.Transaction) -> Tuple[bool, int, int, bool]:
+    def consumer_trim_step(self, name: str, cut: int) -> bool:
+        """One commit of a maxBacklog trim: the consumer's unacked messages up to id `cut` are
+        dropped for it (counted), COMMIT_STEP records a commit. True when done."""
+        def work(txn: lmdb.Transaction) -> bool:
             consumers = self._consumers_in(txn)
-            consumer = consumers.get(count.name)
-            if count.cut is None or consumer is None or consumer.floor >= count.cut:
-                return True, 0, 0, False
-            start = max(count.reached, consumer.floor)
-            end = self._step_end(txn, start, count.cut, COMMIT_STEP)
-            passed, removed = self._pass_over(txn, consumer, start, end, consumers)
-            _, forgotten = self._forget_acks_through(txn, consumer, end)
-            done = end == count.cut
-            if not (removed or forgotten or done):
-                return False, end, passed, False
-            consumer.dropped += count.dropped + passed
-            consumer.floor = end
+            consumer = consumers.get(name)
+            if consumer is None or consumer.floor >= cut:
+                return True
+            done = self._skip_step(txn, consumer, cut, consumers, count_dropped=True)
             self._save(txn, consumer)
-            return done, end, passed, True
+            return done
 
-        done, count.reached, passed, wrote = self._write(work)  # type: ignore[misc]
-        count.dropped = 0 if wrote else count.dropped + passed
-        return done
+        return self._write(work)  # type: ignore[return-value]
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
         """The cap dropped these inbox records: each consumer that had not acked one counts it."""
