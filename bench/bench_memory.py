@@ -210,12 +210,9 @@ def median_classes(found: List[Optional[Dict[str, PageClasses]]]) -> Optional[Di
     """Per process, the median of each class over the runs; with a "total" entry."""
     if any(f is None for f in found):
         return None
-    names = list(found[0])  # type: ignore[arg-type]
-    merged = {name: PageClasses(**{field: median(getattr(f[name], field) for f in found)  # type: ignore[index]
-                                   for field in ("copied", "own", "shared", "file")})
-              for name in names}
-    merged["total"] = PageClasses(**{field: sum(getattr(merged[n], field) for n in names)
-                                     for field in ("copied", "own", "shared", "file")})
+    merged = {name: PageClasses.combined((f[name] for f in found), median)  # type: ignore[index]
+              for name in found[0]}  # type: ignore[union-attr]
+    merged["total"] = PageClasses.combined(merged.values(), sum)
     return merged
 
 
@@ -419,9 +416,8 @@ def main() -> int:
           f" load {mb(peak['total'])}, with the messages stored {mb(stored['total'])}:"
           f" {verdict(worst <= TARGET_MB * 1024)}")
     if pages is not None:
-        daemon, floor, floor_pss = pages
         print(f"\nCounted as if the daemon ran alone (its libraries' pages split among its own"
-              f" processes only): idle {mb(daemon['total'].total)}.")
+              f" processes only): idle {mb(pages[0]['total'].total)}.")
     if worst > TARGET_MB * 1024:
         print(why(pages, idle, peak))
     return 0 if worst <= TARGET_MB * 1024 else 1

@@ -12,14 +12,16 @@ small device running only the daemon does not have.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
-PAGE_KB = 4
+PAGE = os.sysconf("SC_PAGE_SIZE")  # 4 KB here; a Raspberry Pi 5's kernel uses 16 KB
+PAGE_KB = PAGE / 1024
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \d+\s*(.*)$")
 _PRESENT, _FILE_OR_SHARED = 1 << 63, 1 << 61
 _FRAME = (1 << 55) - 1
@@ -42,6 +44,13 @@ class PageClasses:
     def total(self) -> float:
         return self.copied + self.own + self.shared + self.file
 
+    @classmethod
+    def combined(cls, many: Iterable["PageClasses"], reduce: Callable[[Iterable[float]], float]
+                 ) -> "PageClasses":
+        """Each class reduced over `many` (sum: a group's total; a median: over runs)."""
+        many = list(many)
+        return cls(**{f.name: reduce(getattr(c, f.name) for c in many) for f in fields(cls)})
+
 
 Page = Tuple[int, bool]  # (physical frame, file-backed and unmodified)
 
@@ -55,12 +64,12 @@ def resident_pages(pid: int, excluded: str) -> Dict[int, Page]:
         for start, end, name in _mappings(pid):
             if name.endswith(excluded) or name == "[vsyscall]":
                 continue
-            pagemap.seek(start // 4096 * _ENTRY.size)
-            entries = pagemap.read((end - start) // 4096 * _ENTRY.size)
+            pagemap.seek(start // PAGE * _ENTRY.size)
+            entries = pagemap.read((end - start) // PAGE * _ENTRY.size)
             for index, (entry,) in enumerate(_ENTRY.iter_unpack(entries)):
                 if entry & _PRESENT:
                     file_page = name.startswith("/") and bool(entry & _FILE_OR_SHARED)
-                    pages[start + index * 4096] = (entry & _FRAME, file_page)
+                    pages[start + index * PAGE] = (entry & _FRAME, file_page)
     return pages
 
 
