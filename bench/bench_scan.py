@@ -10,7 +10,8 @@ process, bench_rpc.py's loop). One client times each call, interleaved round by 
 `messages(limit=1)` (no filter), one `paged` `messages(topic="rare/#")` call and one `paged`
 `wait(timeout=0)` and a paged read of a named consumer of `rare/#` (each one wire call, the
 supervisor's loop is busy that long at most; `status` reports two named consumers, one of every
-topic and that one, neither acking: their backlogs are counted up to a budget), the
+topic and that one, neither acking: their backlogs are counted up to a budget), an `ack` of
+the rare message by its consumer (each moves the consumer's floor on over the noise), the
 client's whole `messages(topic="rare/#")` (it follows the cursors to the match), and the
 unpaged call (3 rounds), which the server walks one page per turn of its loop (ipc/walk.py):
 its answer takes as long as the whole walk, but a second client's `status`, timed meanwhile,
@@ -96,6 +97,7 @@ def measure(size: int, rounds: int, root: Path) -> Dict[str, List[float]]:
                     lambda: fx.call("wait", topic=RARE, timeout=0, paged=True),
                 "messages(consumer='rare'), one paged call":
                     lambda: fx.call("messages", consumer="rare", paged=True),
+                "ack(consumer='rare'), its floor's walk": lambda: fx.call("ack", consumer="rare", ids=[rare]),
             }
             samples = timed(bounded, rounds)
             samples[STATUS_DURING_WALK] = status_during(path, lambda: fx.call("messages", topic=RARE), 3)

@@ -17,14 +17,14 @@ from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
 from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import (_ID, _MAX_ID, Message, StoreBusy, _decode_message, _key, _Kept,
-                                    _kept, _keys_of, _start, _topic_of, message_selector)
+                                    _kept, _keys_of, _start, _system_topic, _topic_of, message_selector)
 
 log = logging.getLogger("flashlexd.store")
 # Inbox records one call may walk, so that the supervisor's loop (the API, the watch on the
 # workers) never waits long for one; ~1-2 us a record here, several times that on a Pi.
-WALK_BUDGET = 2000  # an ack call's floor walk (the rest: the next call)
+WALK_BUDGET = 250  # an ack call's floor walk, the rest left to reads (2,000: an ack took 8 ms)
 FLOOR_HINT = 250  # records a read passes at the floor before it moves the floor
-REPORT_BUDGET = 500  # a consumer's backlog counted for `status`: past that, a lower bound
+REPORT_BUDGET = 500  # records `status` walks to count the backlogs, shared by the consumers
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
 # inbox records (or ack entries) one commit of a reset, a trim or a removal passes, and records
 # one read of maxBacklog's count looks at: ~2 ms each here, so that a call queued behind one
@@ -43,6 +43,18 @@ class BacklogCount:
     counted: int = 0  # unacked messages of the consumer's filter seen so far
     visited: int = 0
     cut: Optional[int] = None  # the newest id to drop for the consumer, once over the limit
+
+
+def report_share(consumers: int) -> int:
+    """Records `status` walks for each of `consumers` consumers (REPORT_BUDGET split evenly)."""
+    return max(1, REPORT_BUDGET // max(1, consumers))
+
+
+def _matches(consumer: ConsumerState, raw: memoryview) -> bool:
+    """`consumer.matches` for an inbox record, a consumer of every topic's without decoding it."""
+    if consumer.filter == "#":
+        return not _system_topic(raw)
+    return consumer.matches(_topic_of(raw))
 
 
 def _prefix(name: str) -> bytes:
@@ -118,12 +130,11 @@ class ConsumerStore:
         cursor = txn.cursor(db=self._inbox)
         floor, steps = consumer.floor, 0
         if _start(cursor, floor):
-            every = consumer.filter == "#"
             for key, raw in cursor:
                 steps += 1
                 if steps > budget:
                     break
-                if (every or consumer.matches(_topic_of(raw))) and not self._acked(txn, consumer, key):
+                if _matches(consumer, raw) and not self._acked(txn, consumer, key):
                     break
                 floor = _ID.unpack(key)[0]
         self._forget_acks_through(txn, consumer, floor)
@@ -229,7 +240,7 @@ class ConsumerStore:
                 looked += 1
                 page.last = record_id = _ID.unpack(key)[0]
                 raw = self._checked(raw)
-                if record_id in acked or record_id in self._hidden or not consumer.matches(_topic_of(raw)):
+                if record_id in acked or record_id in self._hidden or not _matches(consumer, raw):
                     passable += at_floor
                     continue
                 at_floor = False
@@ -303,9 +314,10 @@ class ConsumerStore:
     @guarded
     def consumers_report(self) -> List[Dict[str, object]]:
         """Each consumer with its backlog (unacked matching messages) and the age of its oldest.
-        It walks the backlog, up to REPORT_BUDGET records a consumer (the API server's loop must
-        not stall on a huge store): past that, `backlog` is a lower bound and `backlog_exact`
-        false. Read once per snapshot (`_per_snapshot`); between commits only the ages move."""
+        It walks the backlogs, REPORT_BUDGET records for all the consumers together (the API
+        server's loop must not stall on a huge store, however many consumers apps register):
+        past its share, a consumer's `backlog` is a lower bound and `backlog_exact` false. Read
+        once per snapshot (`_per_snapshot`); between commits only the ages move."""
         with self._read() as txn:
             counted = self._per_snapshot(txn, "consumers", self._count_backlogs)
             timeline = self._frames.snapshot_timeline(txn) if any(oldest for _, oldest in counted) else None
@@ -318,28 +330,30 @@ class ConsumerStore:
 
     def _count_backlogs(self, txn: lmdb.Transaction) -> List[Tuple[Dict[str, object], Optional[_Kept]]]:
         """`consumers_report` but the ages: each consumer's entry, and its oldest unacked record."""
+        consumers = self._consumers_in(txn).values()
+        share = report_share(len(consumers))
         counted = []
-        for consumer in self._consumers_in(txn).values():
-            backlog, oldest, exact = self._backlog(txn, consumer)
+        for consumer in consumers:
+            backlog, oldest, exact = self._backlog(txn, consumer, share)
             entry = consumer.public()
             entry["backlog"], entry["backlog_exact"] = backlog, exact
             counted.append((entry, oldest))
         return counted
 
-    def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState) -> Tuple[int, Optional[_Kept], bool]:
+    def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState,
+                 budget: int) -> Tuple[int, Optional[_Kept], bool]:
         """(unacked matching messages, the oldest one's key and record, whether counted to the end)."""
         acked = self._acks_above(txn, consumer, consumer.floor)
         cursor = txn.cursor(db=self._inbox)
         count, oldest, visited = 0, None, 0
-        every = consumer.filter == "#"
         if _start(cursor, consumer.floor):
             for key, raw in cursor:
                 visited += 1
-                if visited > REPORT_BUDGET:
+                if visited > budget:
                     return count, oldest, False
                 record_id = _ID.unpack(key)[0]
                 if record_id not in acked and record_id not in self._hidden \
-                        and (every or consumer.matches(_topic_of(self._checked(raw)))):
+                        and _matches(consumer, self._checked(raw)):
                     count += 1
                     oldest = oldest or _kept(key, self._checked(raw))
         return count, oldest, True
@@ -511,7 +525,7 @@ class ConsumerStore:
                 if record_id <= consumer.floor or count.visited >= TRIM_BUDGET:
                     return True
                 count.visited += 1
-                if consumer.matches(_topic_of(cursor.value())) and not self._acked(txn, consumer, cursor.key()):
+                if _matches(consumer, cursor.value()) and not self._acked(txn, consumer, cursor.key()):
                     count.counted += 1
                     if count.counted > count.limit:
                         count.cut = record_id

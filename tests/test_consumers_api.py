@@ -150,13 +150,30 @@ def test_a_consumer_read_walks_a_page_at_a_time_and_the_client_follows_its_curso
         assert [m["id"] for m in display.call("messages", consumer="display")] == [ids[-1]]  # unpaged
 
 
-def test_status_counts_a_consumers_backlog_up_to_its_budget(harness: Harness):
-    from flashlexd.storeconsumers import REPORT_BUDGET
-    ingest(harness, *["sensors/t"] * (REPORT_BUDGET + 5))
+def test_status_counts_each_consumers_backlog_up_to_its_share_of_the_budget(harness: Harness):
+    from flashlexd.storeconsumers import REPORT_BUDGET, report_share
+    share = report_share(len(DECLARED))
+    assert share == REPORT_BUDGET // 2
+    ingest(harness, *["sensors/t"] * (share + 5))
     with connect(harness.path) as fx:
         report = {c["name"]: c for c in fx.status()["consumers"]}
-        assert (report["display"]["backlog"], report["display"]["backlog_exact"]) == (REPORT_BUDGET, False)
+        assert (report["display"]["backlog"], report["display"]["backlog_exact"]) == (share, False)
         assert report["display"]["oldest_age"] is not None
         assert fx.ack([m.id for m in fx.messages(limit=10)]) == 10  # unnamed: gone for everyone
         report = {c["name"]: c for c in fx.status()["consumers"]}
-        assert (report["display"]["backlog"], report["display"]["backlog_exact"]) == (REPORT_BUDGET - 5, True)
+        assert (report["display"]["backlog"], report["display"]["backlog_exact"]) == (share - 5, True)
+
+
+def test_status_walks_no_more_records_however_many_consumers_apps_register(harness: Harness):
+    from flashlexd.storeconsumers import REPORT_BUDGET, report_share
+    assert [report_share(n) for n in (0, 1, 3, REPORT_BUDGET, 10 * REPORT_BUDGET)] == \
+        [REPORT_BUDGET, REPORT_BUDGET, REPORT_BUDGET // 3, 1, 1]
+    ingest(harness, *["sensors/t"] * 30)
+    names = [f"app{i}" for i in range(48)]  # with the two declared: 50 consumers, 10 records each
+    for name in names:
+        with connect(harness.path, consumer=name) as app:
+            app.messages(limit=1)  # registers it
+    with connect(harness.path) as fx:
+        report = {c["name"]: c for c in fx.status()["consumers"]}
+    assert len(report) == 50 and report_share(50) == 10
+    assert all((c["backlog"], c["backlog_exact"]) == (10, False) for c in report.values())

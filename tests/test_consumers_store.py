@@ -137,6 +137,20 @@ def test_in_order_acks_leave_no_ack_entries(store: Store):
     assert store.consumer_state("a").floor == ids[-1]
 
 
+def test_a_system_topic_neither_counts_nor_holds_the_floor_of_a_consumer_of_every_topic(store: Store):
+    """`#` does not match `$aws/...` (MQTT 4.7.2): such a message is not in that consumer's
+    backlog, and its acks move its floor past it (it stuck there, so that every later ack was
+    kept as an entry and every read walked from it, until the message expired)."""
+    declare(store, ConsumerSpec("logger", "#"))
+    ids = put(store, "sensors/t", "$aws/things/pi/shadow/update/delta", "sensors/h")
+    assert ids_for(store, "logger") == [ids[0], ids[2]]
+    assert [c["backlog"] for c in store.consumers_report()] == [2]
+    assert store.consumer_ack("logger", [ids[0], ids[2]], NOW) == 2
+    assert store.consumer_state("logger").floor >= ids[1]
+    assert [(c["backlog"], c["oldest_age"]) for c in store.consumers_report()] == [(0, None)]
+    assert stored(store) == [ids[1]]  # the default consumer's, until acked or expired
+
+
 def test_the_cap_counts_a_drop_for_each_consumer_that_had_not_acked(tmp_path: Path):
     store = Store(tmp_path / "store", 1024 * 1024, "dropOldest")
     try:

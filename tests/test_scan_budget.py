@@ -13,6 +13,7 @@ import pytest
 
 from flashlexd.client import connect
 from flashlexd.client.wire import HEADER
+from flashlexd.consumers import ConsumerSpec
 from flashlexd.ipc import Limits, RpcServer
 from flashlexd.ipc.methods import SCAN_BUDGET, Methods
 from flashlexd.runtime import ApiRules
@@ -247,6 +248,16 @@ def test_a_filter_finds_large_and_small_records_alike(store, topic):
                        + [Incoming("other/" + topic, b"o" * 5000)])
     assert [m.id for m in store.messages(topic="t/#")] == ids[:2]
     assert [m.id for m in store.messages_page(10, "other/#", None, budget=10).found] == ids[2:]
+
+
+@pytest.mark.parametrize("topic", ["$aws/things/pi/shadow/update", "$" + "m" * 60, "$" + "l" * 400])
+def test_a_consumer_of_every_topic_passes_system_topics_of_every_size(store, topic):
+    """A `#` consumer tells a `$` topic from the record's head (storerecords._system_topic):
+    fixstr, str 8 and str 16 topics, small and large records."""
+    store.consumer_declare([ConsumerSpec("all")], 0.0)
+    ids = store.append([Incoming(name, b"p" * size) for size in (10, 5000) for name in (topic, "t/x", "t/$")])
+    assert [m.id for m in store.consumer_messages("all", limit=10)] == [ids[1], ids[2], ids[4], ids[5]]
+    assert [c["backlog"] for c in store.consumers_report()] == [4]
 
 
 def test_a_large_record_with_a_damaged_topic_is_damage_not_a_mismatch(store):
