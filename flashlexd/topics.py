@@ -35,7 +35,7 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 def filter_matcher(topic_filter: str) -> Callable[[str], Optional[re.Match[str]]]:
     """`topic_filter` compiled once into a regular expression's `fullmatch` (a match object, or
     None): consumers' reads and `status` test the filter on every record they pass, and the
-    level-by-level comparison cost 2 us a record, five times the compiled match."""
+    level-by-level comparison cost 0.6-0.8 us a record, twice the compiled match."""
     levels = topic_filter.split("/")
     if "#" in levels[:-1]:  # not a valid filter: `#` only as the last level
         return re.compile("(?!)").fullmatch
