@@ -9,7 +9,7 @@ state or the new one, never a message removed early or a consumer's ack lost.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
@@ -45,6 +45,15 @@ class BacklogCount:
     cut: Optional[int] = None  # the newest id to drop for the consumer, once over the limit
 
 
+@dataclass
+class FloorCatchUp:
+    """The sweep's walk of one consumer's floor over what it is done with, carried from one
+    read to the next; committed once, at its end."""
+    consumer: ConsumerState  # as stored when the walk began
+    position: int  # the last id walked over
+    relied: List[bytes] = field(default_factory=list)  # inbox keys passed as acked ahead
+
+
 def report_share(consumers: int) -> int:
     """Records `status` walks for each of `consumers` consumers (REPORT_BUDGET split evenly)."""
     return max(1, REPORT_BUDGET // max(1, consumers))
@@ -59,6 +68,28 @@ def _matches(consumer: ConsumerState, raw: memoryview) -> bool:
 
 def _prefix(name: str) -> bytes:
     return name.encode() + b"\0"
+
+
+class _AcksAhead:
+    """`id in acked`: a consumer's ack entries above id `start`, asked in ascending id order by
+    a walk over the inbox. A cursor moves along with the walk, so a page reads only the entries
+    in its range: a set of them all cost a read or `status` 47 ms once 50,000 had piled up
+    behind a floor that fell behind."""
+
+    def __init__(self, txn: lmdb.Transaction, db: object, name: str, start: int):
+        self._prefix = _prefix(name)
+        self._cursor = txn.cursor(db=db)
+        found = self._cursor.set_range(self._prefix + _ID.pack(start + 1))
+        self._next = self._entry() if found else None
+
+    def _entry(self) -> Optional[int]:
+        key = self._cursor.key()
+        return _ID.unpack(key[len(self._prefix):])[0] if bytes(key[:len(self._prefix)]) == self._prefix else None
+
+    def __contains__(self, record_id: int) -> bool:
+        while self._next is not None and self._next < record_id:
+            self._next = self._entry() if self._cursor.next() else None
+        return self._next == record_id
 
 
 class ConsumerStore:
@@ -125,20 +156,32 @@ class ConsumerStore:
         return found
 
     def _advance(self, txn: lmdb.Transaction, consumer: ConsumerState, budget: int = WALK_BUDGET) -> None:
-        """Move the floor over every record the consumer is done with (acked ahead, or not its
-        topic), looking at `budget` records at most, and drop the ack entries it now covers."""
-        cursor = txn.cursor(db=self._inbox)
-        floor, steps = consumer.floor, 0
-        if _start(cursor, floor):
-            for key, raw in cursor:
-                steps += 1
-                if steps > budget:
-                    break
-                if _matches(consumer, raw) and not self._acked(txn, consumer, key):
-                    break
-                floor = _ID.unpack(key)[0]
+        """Move the floor over every record the consumer is done with, looking at `budget`
+        records at most, and drop the ack entries it now covers."""
+        floor, _ = self._floor_walk(txn, consumer, consumer.floor, budget)
         self._forget_acks_through(txn, consumer, floor)
         consumer.floor = floor
+
+    def _floor_walk(self, txn: lmdb.Transaction, consumer: ConsumerState, start: int, budget: int,
+                    relied: Optional[List[bytes]] = None) -> Tuple[int, bool]:
+        """How far past id `start` the consumer is done with every record (acked ahead, or not
+        its topic), looking at `budget` records at most: (that id, whether the walk is over: it
+        met a record the consumer still needs, or passed the newest record, and then the ids up
+        to the last one given out, which are gone for good). The inbox keys it passed as acked
+        ahead go to `relied`."""
+        cursor = txn.cursor(db=self._inbox)
+        position = start
+        if _start(cursor, start):
+            for steps, (key, raw) in enumerate(cursor, 1):
+                if steps > budget:
+                    return position, False
+                if _matches(consumer, raw):
+                    if not self._acked(txn, consumer, key):
+                        return position, True
+                    if relied is not None:
+                        relied.append(bytes(key))
+                position = _ID.unpack(key)[0]
+        return max(position, self._counter(txn, b"inbox_last_id")), True
 
     def _forget_acks_through(self, txn: lmdb.Transaction, consumer: ConsumerState, floor: int,
                              budget: Optional[int] = None) -> bool:
@@ -226,7 +269,7 @@ class ConsumerStore:
         with self._read() as txn:
             consumer = self._consumer_in(txn, name)
             start = max(consumer.floor, after or 0)
-            acked = self._acks_above(txn, consumer, start)
+            acked = _AcksAhead(txn, self._consumer_acks, consumer.name, start)
             cursor = txn.cursor(db=self._inbox)
             if limit <= 0 or not _start(cursor, start):
                 return page
@@ -265,17 +308,6 @@ class ConsumerStore:
             self._write(work)
         except StoreBusy as exc:
             log.debug("consumer %r: floor not moved this time: %s", name, exc)
-
-    def _acks_above(self, txn: lmdb.Transaction, consumer: ConsumerState, start: int) -> set:
-        prefix = _prefix(consumer.name)
-        cursor = txn.cursor(db=self._consumer_acks)
-        ids = set()
-        if cursor.set_range(prefix + _ID.pack(start + 1)):
-            for key in cursor.iternext(values=False):
-                if bytes(key[:len(prefix)]) != prefix:
-                    break
-                ids.add(_ID.unpack(key[len(prefix):])[0])
-        return ids
 
     @guarded
     def consumer_ack(self, name: str, ids: Iterable[int], now: float) -> int:
@@ -343,7 +375,7 @@ class ConsumerStore:
     def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState,
                  budget: int) -> Tuple[int, Optional[_Kept], bool]:
         """(unacked matching messages, the oldest one's key and record, whether counted to the end)."""
-        acked = self._acks_above(txn, consumer, consumer.floor)
+        acked = _AcksAhead(txn, self._consumer_acks, consumer.name, consumer.floor)
         cursor = txn.cursor(db=self._inbox)
         count, oldest, visited = 0, None, 0
         if _start(cursor, consumer.floor):
@@ -461,6 +493,10 @@ class ConsumerStore:
             while count.cut is not None and not self.consumer_trim_step(consumer.name, count.cut):
                 yield None
             yield None
+        for consumer in self.consumer_states():
+            walk = FloorCatchUp(consumer, consumer.floor)
+            while not self.consumer_catch_up_step(walk):
+                yield None
 
     @guarded
     def consumer_states(self) -> List[ConsumerState]:
@@ -534,6 +570,44 @@ class ConsumerStore:
                     return True
             count.position = _ID.unpack(cursor.key())[0]
             return False
+
+    @guarded
+    def consumer_catch_up_step(self, walk: FloorCatchUp) -> bool:
+        """One read (no write lock) of the sweep's walk of a consumer's floor over what it is
+        done with, COUNT_STEP records at most; True when the walk is over. At its end one commit
+        moves the floor, when that passes FLOOR_HINT ids or more (a commit for a few records
+        every sweep would wear an SD card). An ack's walk passes WALK_BUDGET records, and a read
+        moves the floor only when it starts there: an app that reads on from its last message
+        (`stream`, `after=`) and acks each fell behind for good over other apps' messages, its
+        ack entries piling up and `status` counting its backlog from far back."""
+        with self._read() as txn:
+            walk.position, over = self._floor_walk(txn, walk.consumer, walk.position, COUNT_STEP, walk.relied)
+        chunk = len(walk.relied) >= COMMIT_STEP  # the ack entries one commit drops, at most
+        if not over and not chunk:
+            return False
+        if not chunk and walk.position - walk.consumer.floor < FLOOR_HINT:
+            return True
+        return not self._write(lambda txn: self._catch_up(txn, walk)) or over
+
+    def _catch_up(self, txn: lmdb.Transaction, walk: FloorCatchUp) -> bool:
+        """Move the floor to where the walk got, if what the walk saw still holds: the filter
+        is the same, the floor has not gone back (a replay) nor past it, and every record it
+        passed as acked ahead is acked still or gone. Else False: the next sweep walks again."""
+        raw = txn.get(walk.consumer.name.encode(), db=self._consumer_db)
+        if raw is None:
+            return False
+        consumer = ConsumerState.unpack(walk.consumer.name.encode(), raw)
+        if consumer.filter != walk.consumer.filter or not walk.consumer.floor <= consumer.floor < walk.position:
+            return False
+        for key in walk.relied:
+            if _ID.unpack(key)[0] > consumer.floor and not self._acked(txn, consumer, key) \
+                    and txn.get(key, db=self._inbox) is not None:
+                return False
+        self._forget_acks_through(txn, consumer, walk.position)
+        consumer.floor = walk.position
+        self._save(txn, consumer)
+        walk.consumer, walk.relied = consumer, []  # the walk goes on from here
+        return True
 
     @guarded
     def consumer_trim_step(self, name: str, cut: int) -> bool:

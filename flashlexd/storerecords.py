@@ -170,8 +170,8 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
 def _topic_span(raw: memoryview) -> Optional[Tuple[int, int]]:
     """(offset, length) of an inbox record's topic read from its head, as the store writes it:
     an array header, the arrival time (float 64), the topic (fixstr, str 8/16); None for a
-    record laid out otherwise (unpack it whole)."""
-    if len(raw) < 11 or raw[0] & 0xF0 != 0x90 or raw[1] != 0xCB:
+    record laid out otherwise (unpack it whole). The array has 7 fields or more (schema 1)."""
+    if len(raw) < 11 or not 0x97 <= raw[0] <= 0x9F or raw[1] != 0xCB:
         return None
     tag = raw[10]
     if tag & 0xE0 == 0xA0:

@@ -15,7 +15,8 @@ import pytest
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumerkeeper import ConsumerKeeper
-from flashlexd.storeconsumers import COMMIT_STEP, COUNT_STEP
+from flashlexd.ipc.methods import SCAN_BUDGET
+from flashlexd.storeconsumers import COMMIT_STEP, COUNT_STEP, WALK_BUDGET, FloorCatchUp
 from flashlexd.consumers import ConsumerSpec, UnknownConsumer
 from flashlexd.store import SCHEMA_VERSION, Incoming, Store
 
@@ -256,6 +257,65 @@ def test_a_read_past_many_records_of_other_topics_moves_the_floor(store: Store):
     assert ids_for(store, "rare") == [ids[-1]]
     assert store.consumer_state("rare").floor == ids[-2]  # the next read starts at rare/x
     assert ids_for(store, "rare") == [ids[-1]] and ids_for(store, "all") == ids
+
+
+def test_an_ack_of_the_newest_message_moves_the_floor_to_it_though_it_left_the_inbox(store: Store):
+    declare(store, ConsumerSpec("rare", "rare/#"))
+    ids = put(store, "noise", "rare/x")
+    assert store.consumer_ack("rare", [ids[1]], NOW) == 1 and stored(store) == [ids[0]]
+    assert store.consumer_state("rare").floor == ids[1]  # not ids[0], the last record it could step on
+
+
+def stream_and_ack(store: Store, name: str, after: int) -> int:
+    """What an app reading on from its last message does (`stream()`, `messages(after=...)`):
+    pages from `after`, not from the floor, to the end; then one ack of all it found. Returns
+    the last id read."""
+    found: List[int] = []
+    while True:
+        page = store.consumer_messages_page(name, 1000, None, after, SCAN_BUDGET)
+        found += [m.id for m in page.found]
+        after = page.cursor or (found[-1] if found else after)
+        if page.cursor is None:
+            break
+    store.consumer_ack(name, found, NOW)
+    return after
+
+
+def test_the_sweep_catches_up_the_floor_of_an_app_that_reads_on_from_its_last_message(store: Store):
+    """Such reads never move the floor and an ack walks WALK_BUDGET records: the floor of a
+    consumer of half the traffic, acking batches that span more records than that, fell
+    behind for good, its ack entries piled up and `status` counted its backlog from far back."""
+    declare(store, ConsumerSpec("even", "even/#"), ConsumerSpec("all"))  # "all" holds every message
+    last = 0
+    for _ in range(5):
+        put(store, *["even/x", "odd/x"] * (2 * WALK_BUDGET))
+        last = stream_and_ack(store, "even", last)
+    assert last - store.consumer_state("even").floor > 4 * WALK_BUDGET  # reads and acks: behind
+    with store._read() as txn:
+        assert txn.stat(store._consumer_acks)["entries"] > 4 * COMMIT_STEP
+    upkeep(store, NOW, None)
+    assert store.consumer_state("even").floor == last + 1  # through the last odd/x: all done
+    with store._read() as txn:
+        assert txn.stat(store._consumer_acks)["entries"] == 0
+    assert {c["name"]: (c["backlog"], c["backlog_exact"]) for c in store.consumers_report()}["even"] == (0, True)
+
+
+def test_the_catch_up_moves_no_floor_that_a_replay_moved_back_meanwhile(store: Store):
+    """The sweep's walk reads without the write lock: what it saw is checked when it commits."""
+    declare(store, ConsumerSpec("rare", "rare/#"), ConsumerSpec("all"))
+    ids = put(store, *["noise"] * (2 * WALK_BUDGET), "rare/a", *["noise"] * (3 * COUNT_STEP), "rare/b")
+    store.consumer_ack("rare", [ids[2 * WALK_BUDGET]], NOW)  # rare/a: an ack entry ahead of the floor
+    floor = store.consumer_state("rare").floor
+    assert floor == WALK_BUDGET
+    walk = FloorCatchUp(store.consumer_state("rare"), floor)
+    assert store.consumer_catch_up_step(walk) is False and walk.relied  # passed rare/a as acked
+    store.consumer_reset("rare", floor + 1)  # a replay from the same floor: rare/a is unacked again
+    while not store.consumer_catch_up_step(walk):
+        pass
+    assert store.consumer_state("rare").floor == floor  # not moved over rare/a
+    upkeep(store, NOW, None)  # the next sweep walks again: to just before rare/a
+    assert store.consumer_state("rare").floor == ids[2 * WALK_BUDGET - 1]
+    assert ids_for(store, "rare") == [ids[2 * WALK_BUDGET], ids[-1]]
 
 
 def test_a_skip_and_a_removal_over_many_chunks_of_records_leave_what_others_hold(store: Store):
