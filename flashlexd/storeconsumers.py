@@ -48,10 +48,13 @@ class BacklogCount:
 @dataclass
 class FloorCatchUp:
     """The sweep's walk of one consumer's floor over what it is done with, carried from one
-    read to the next; committed once, at its end."""
-    consumer: ConsumerState  # as stored when the walk began
-    position: int  # the last id walked over
+    read to the next; committed at its end (or every COMMIT_STEP ack entries relied on)."""
+    name: str
+    consumer: Optional[ConsumerState] = None  # as its first read found it, then as committed
+    position: int = 0  # the last id walked over
     relied: List[bytes] = field(default_factory=list)  # inbox keys passed as acked ahead
+    over: bool = False  # the walk met a record the consumer needs, or the inbox's end
+    due: bool = False  # the next step commits
 
 
 def report_share(consumers: int) -> int:
@@ -159,7 +162,7 @@ class ConsumerStore:
         """Move the floor over every record the consumer is done with, looking at `budget`
         records at most, and drop the ack entries it now covers."""
         floor, _ = self._floor_walk(txn, consumer, consumer.floor, budget)
-        self._forget_acks_through(txn, consumer, floor)
+        self._forget_acks_through(txn, consumer, floor, COMMIT_STEP)  # any left: harmless, later
         consumer.floor = floor
 
     def _floor_walk(self, txn: lmdb.Transaction, consumer: ConsumerState, start: int, budget: int,
@@ -168,7 +171,7 @@ class ConsumerStore:
         its topic), looking at `budget` records at most: (that id, whether the walk is over: it
         met a record the consumer still needs, or passed the newest record, and then the ids up
         to the last one given out, which are gone for good). The inbox keys it passed as acked
-        ahead go to `relied`."""
+        ahead go to `relied`, which stops the walk at COMMIT_STEP of them."""
         cursor = txn.cursor(db=self._inbox)
         position = start
         if _start(cursor, start):
@@ -181,6 +184,8 @@ class ConsumerStore:
                     if relied is not None:
                         relied.append(bytes(key))
                 position = _ID.unpack(key)[0]
+                if relied is not None and len(relied) >= COMMIT_STEP:
+                    return position, False
         return max(position, self._counter(txn, b"inbox_last_id")), True
 
     def _forget_acks_through(self, txn: lmdb.Transaction, consumer: ConsumerState, floor: int,
@@ -494,9 +499,10 @@ class ConsumerStore:
                 yield None
             yield None
         for consumer in self.consumer_states():
-            walk = FloorCatchUp(consumer, consumer.floor)
+            walk = FloorCatchUp(consumer.name)
             while not self.consumer_catch_up_step(walk):
                 yield None
+            yield None
 
     @guarded
     def consumer_states(self) -> List[ConsumerState]:
@@ -573,37 +579,50 @@ class ConsumerStore:
 
     @guarded
     def consumer_catch_up_step(self, walk: FloorCatchUp) -> bool:
-        """One read (no write lock) of the sweep's walk of a consumer's floor over what it is
-        done with, COUNT_STEP records at most; True when the walk is over. At its end one commit
-        moves the floor, when that passes FLOOR_HINT ids or more (a commit for a few records
-        every sweep would wear an SD card). An ack's walk passes WALK_BUDGET records, and a read
-        moves the floor only when it starts there: an app that reads on from its last message
-        (`stream`, `after=`) and acks each fell behind for good over other apps' messages, its
-        ack entries piling up and `status` counting its backlog from far back."""
+        """One step of the sweep's walk of a consumer's floor over what it is done with: a read
+        (no write lock) of COUNT_STEP records at most, or the commit that moves the floor; True
+        when the walk is over. It commits when it got FLOOR_HINT ids or more past the floor (a
+        commit for a few records every sweep would wear an SD card). An ack's walk passes
+        WALK_BUDGET records, and a read moves the floor only when it starts there: an app that
+        reads on from its last message (`stream`, `after=`) and acks batches fell behind for
+        good over other apps' messages, its ack entries piling up, `status` counting from far
+        back."""
+        if walk.due:
+            walk.due = False
+            try:
+                moved = self._write(lambda txn: self._catch_up(txn, walk), reserve=False)
+            except StoreBusy as exc:
+                log.debug("consumer %r: floor not caught up this time: %s", walk.name, exc)
+                return True
+            return walk.over or not moved
         with self._read() as txn:
-            walk.position, over = self._floor_walk(txn, walk.consumer, walk.position, COUNT_STEP, walk.relied)
-        chunk = len(walk.relied) >= COMMIT_STEP  # the ack entries one commit drops, at most
-        if not over and not chunk:
-            return False
-        if not chunk and walk.position - walk.consumer.floor < FLOOR_HINT:
-            return True
-        return not self._write(lambda txn: self._catch_up(txn, walk)) or over
+            if walk.consumer is None:  # as it is now, not as the sweep began: acks move floors
+                raw = txn.get(walk.name.encode(), db=self._consumer_db)
+                if raw is None:
+                    return True
+                walk.consumer = ConsumerState.unpack(walk.name.encode(), raw)
+                walk.position = walk.consumer.floor
+            walk.position, walk.over = self._floor_walk(txn, walk.consumer, walk.position, COUNT_STEP,
+                                                        walk.relied)
+        walk.due = len(walk.relied) >= COMMIT_STEP or \
+            walk.over and walk.position - walk.consumer.floor >= FLOOR_HINT
+        return walk.over and not walk.due
 
     def _catch_up(self, txn: lmdb.Transaction, walk: FloorCatchUp) -> bool:
         """Move the floor to where the walk got, if what the walk saw still holds: the filter
         is the same, the floor has not gone back (a replay) nor past it, and every record it
         passed as acked ahead is acked still or gone. Else False: the next sweep walks again."""
-        raw = txn.get(walk.consumer.name.encode(), db=self._consumer_db)
-        if raw is None:
+        raw = txn.get(walk.name.encode(), db=self._consumer_db)
+        if raw is None or walk.consumer is None:
             return False
-        consumer = ConsumerState.unpack(walk.consumer.name.encode(), raw)
+        consumer = ConsumerState.unpack(walk.name.encode(), raw)
         if consumer.filter != walk.consumer.filter or not walk.consumer.floor <= consumer.floor < walk.position:
             return False
         for key in walk.relied:
             if _ID.unpack(key)[0] > consumer.floor and not self._acked(txn, consumer, key) \
                     and txn.get(key, db=self._inbox) is not None:
                 return False
-        self._forget_acks_through(txn, consumer, walk.position)
+        self._forget_acks_through(txn, consumer, walk.position, COMMIT_STEP)
         consumer.floor = walk.position
         self._save(txn, consumer)
         walk.consumer, walk.relied = consumer, []  # the walk goes on from here

@@ -23,7 +23,8 @@ WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "outbox_appe
                     "outbox_append_each", "outbox_remove", "outbox_drop", "outbox_dead_letter",
                     "dead_retry", "note_session", "note_fallback", "forget_fallbacks",
                     "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset_step",
-                    "consumer_remove_step", "consumer_trim_step", "_apply_commit"})
+                    "consumer_remove_step", "consumer_trim_step", "consumer_catch_up_step",
+                    "_apply_commit"})
 
 
 class CorruptRecord(ValueError):

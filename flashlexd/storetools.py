@@ -30,6 +30,7 @@ import lmdb
 
 from flashlexd import storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
+from flashlexd.consumers import ConsumerState
 from flashlexd.store import Store
 from flashlexd.storedamage import CorruptRecord, unpack_record
 
@@ -177,6 +178,21 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
     return True, lines
 
 
+def _inbox_id_named(database: str, key: bytes, value: bytes) -> int:
+    """The inbox id a named consumer's record names (its floor, or an ack entry's id), else 0.
+    A floor may stand above the newest stored message (ids past it were given out and are
+    gone): the recovered store must not give them out again, or that consumer would never see
+    the new messages."""
+    try:
+        if database == "consumers":
+            return ConsumerState.unpack(key, value).floor
+        if database == "cacks" and b"\0" in key:
+            return _ID.unpack(key[key.index(b"\0") + 1:])[0]
+    except (CorruptRecord, struct.error):
+        pass  # copied as it is; the consumer's record speaks for itself
+    return 0
+
+
 class _Copy:
     """One recovery's copying, into one write transaction of the fresh store."""
 
@@ -202,6 +218,7 @@ class _Copy:
             copied += 1
             if name in self.highest:
                 self.highest[name] = max(self.highest[name], _ID.unpack(key)[0])
+            self.highest["inbox"] = max(self.highest["inbox"], _inbox_id_named(name, key, value))
             if name == "inbox":
                 self.inbox_ids.add(key)
         lost = max(db[ENTRIES] - copied, bad)

@@ -16,9 +16,9 @@ import pytest
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.ipc.methods import SCAN_BUDGET
-from flashlexd.storeconsumers import COMMIT_STEP, COUNT_STEP, WALK_BUDGET, FloorCatchUp
+from flashlexd.storeconsumers import COMMIT_STEP, COUNT_STEP, FLOOR_HINT, WALK_BUDGET, FloorCatchUp
 from flashlexd.consumers import ConsumerSpec, UnknownConsumer
-from flashlexd.store import SCHEMA_VERSION, Incoming, Store
+from flashlexd.store import SCHEMA_VERSION, Incoming, Store, StoreDamaged
 
 CAP = 64 * 1024 * 1024
 NOW = 1_800_000_000.0
@@ -294,9 +294,10 @@ def test_the_sweep_catches_up_the_floor_of_an_app_that_reads_on_from_its_last_me
     with store._read() as txn:
         assert txn.stat(store._consumer_acks)["entries"] > 4 * COMMIT_STEP
     upkeep(store, NOW, None)
-    assert store.consumer_state("even").floor == last + 1  # through the last odd/x: all done
+    # within FLOOR_HINT ids of the last one (a commit for fewer would wear an SD card for little)
+    assert 0 <= last + 1 - store.consumer_state("even").floor < FLOOR_HINT
     with store._read() as txn:
-        assert txn.stat(store._consumer_acks)["entries"] == 0
+        assert txn.stat(store._consumer_acks)["entries"] < FLOOR_HINT
     assert {c["name"]: (c["backlog"], c["backlog_exact"]) for c in store.consumers_report()}["even"] == (0, True)
 
 
@@ -307,7 +308,7 @@ def test_the_catch_up_moves_no_floor_that_a_replay_moved_back_meanwhile(store: S
     store.consumer_ack("rare", [ids[2 * WALK_BUDGET]], NOW)  # rare/a: an ack entry ahead of the floor
     floor = store.consumer_state("rare").floor
     assert floor == WALK_BUDGET
-    walk = FloorCatchUp(store.consumer_state("rare"), floor)
+    walk = FloorCatchUp("rare")
     assert store.consumer_catch_up_step(walk) is False and walk.relied  # passed rare/a as acked
     store.consumer_reset("rare", floor + 1)  # a replay from the same floor: rare/a is unacked again
     while not store.consumer_catch_up_step(walk):
@@ -316,6 +317,31 @@ def test_the_catch_up_moves_no_floor_that_a_replay_moved_back_meanwhile(store: S
     upkeep(store, NOW, None)  # the next sweep walks again: to just before rare/a
     assert store.consumer_state("rare").floor == ids[2 * WALK_BUDGET - 1]
     assert ids_for(store, "rare") == [ids[2 * WALK_BUDGET], ids[-1]]
+
+
+def test_each_step_of_the_catch_up_is_one_read_or_one_commit_of_one_consumer(store: Store):
+    """A review found one `next()` of the sweep walking and committing for every consumer (88 ms
+    for 20 of them): now each is a step of its own, like the trims."""
+    declare(store, *[ConsumerSpec(f"rare{i}", f"rare{i}/#") for i in range(5)], ConsumerSpec("all"))
+    put(store, *["noise"] * (2 * FLOOR_HINT))
+    commits = []
+    with store._read() as txn:
+        last = txn.id()
+    for _ in store.consumers_upkeep(NOW, None):
+        with store._read() as txn:
+            commits.append(txn.id() - last)
+            last = txn.id()
+    assert commits.count(1) == 5 and set(commits) == {0, 1}  # one commit per step at most
+    assert all(c.floor == 2 * FLOOR_HINT for c in store.consumer_states() if c.name != "all")
+
+
+def test_the_catch_up_writes_nothing_to_a_damaged_store(store: Store):
+    declare(store, ConsumerSpec("rare", "rare/#"))
+    put(store, *["noise"] * (2 * FLOOR_HINT))
+    store.damage = "store in test is damaged: a page did not read back"  # as _damaged sets it
+    with pytest.raises(StoreDamaged):
+        upkeep(store, NOW, None)
+    assert store.consumer_state("rare").floor == 0
 
 
 def test_a_skip_and_a_removal_over_many_chunks_of_records_leave_what_others_hold(store: Store):

@@ -257,6 +257,31 @@ def test_recover_copies_databases_and_fields_it_does_not_know(tmp_path):
     env.close()
 
 
+def test_recover_gives_out_no_id_a_consumer_is_already_past(tmp_path):
+    """A consumer that acked the newest messages stands past the inbox's last record (the ids
+    were given out and are gone). With the meta counter lost, recovery used to restart the ids
+    at the highest one it copied: new messages got ids at or below that floor, never seen."""
+    import lmdb
+    from flashlexd.consumers import ConsumerSpec
+
+    store = Store(tmp_path / "store", CAP)
+    store.consumer_declare([ConsumerSpec("a"), ConsumerSpec("b", "b/#")], 0.0)
+    ids = store.append([Incoming("x", b"p")] * 10)
+    store.consumer_ack("a", ids, 0.0)  # a was their only consumer: they all leave
+    assert store.consumer_state("a").floor == ids[-1] and not store.messages()
+    store.close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=16, map_size=CAP * 2)
+    with env.begin(write=True) as txn:  # what an unreadable meta entry leaves recovery to go by
+        txn.delete(b"inbox_last_id", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    ok, _ = storetools.recover(tmp_path / "store", tmp_path / "new", CAP)
+    recovered = Store(tmp_path / "new", CAP)
+    new = recovered.append([Incoming("x", b"q")])
+    assert ok and new[0] > ids[-1]
+    assert [m.id for m in recovered.consumer_messages("a")] == new
+    recovered.close()
+
+
 def test_a_page_walk_reports_its_progress(tmp_path):
     store = Store(tmp_path / "data", cap_bytes=64 << 20)
     for _ in range(10):
