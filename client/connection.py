@@ -346,11 +346,13 @@ class Client:
         message id starts there. Returns the id it has now acknowledged through. The daemon
         moves it a bounded step per call (`paged`): this calls on until it is there."""
         target = to if to in ("earliest", "latest") else _wire_id(to)  # type: ignore[arg-type]
+        going: Dict[str, Any] = {}  # after the first call: the way it goes (skip or replay)
         while True:
-            answer = self.call("reset", consumer=consumer, to=target, paged=True)
+            answer = self.call("reset", consumer=consumer, to=target, paged=True, **going)
             if answer["done"]:
                 return answer["acked_through"]
             target = answer["to"]
+            going = {"way": answer["way"]} if answer.get("way") else {}
 
     def _query(self, limit: int, topic: Optional[str], after: Optional[IdLike],
                user_property: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:

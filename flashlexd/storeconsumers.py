@@ -386,8 +386,9 @@ class ConsumerStore:
         the inbox); a replay forgets its acks. Returns the new floor. One commit per COMMIT_STEP
         records (`consumer_reset_step`)."""
         target = self.consumer_reset_target(to)
+        skip = self.consumer_reset_skips(name, target)
         while True:
-            floor, done = self.consumer_reset_step(name, target)
+            floor, done = self.consumer_reset_step(name, target, skip)
             if done:
                 return floor
 
@@ -403,17 +404,28 @@ class ConsumerStore:
         return int(to) - 1
 
     @guarded
-    def consumer_reset_step(self, name: str, target: int) -> Tuple[int, bool]:
+    def consumer_reset_skips(self, name: str, target: int) -> bool:
+        """Whether a reset to floor `target` skips forward (else it replays), decided once when
+        it starts: an ack's or the sweep's walk may take the floor past a skip's target between
+        its steps, and a step deciding anew replayed then (every ack forgotten, the floor back
+        at the target: messages already acked delivered again)."""
+        with self._read() as txn:
+            return target > self._consumer_in(txn, name).floor
+
+    @guarded
+    def consumer_reset_step(self, name: str, target: int, skip: bool) -> Tuple[int, bool]:
         """One commit of a reset towards floor `target`: at most COMMIT_STEP inbox records
-        passed (forwards), or ack entries forgotten (a replay: to the floor or before it). Returns
-        the floor and whether it is at `target`: a reset over a large store never holds the
-        supervisor's loop (or LMDB's write lock) for long, and each step leaves a state a reset
-        may stop in (some of the way moved)."""
+        passed (`skip`: forwards; done once the floor is at the target or past it), or ack
+        entries forgotten (a replay: to the floor or before it). Returns the floor and whether
+        the reset is done: a reset over a large store never holds the supervisor's loop (or
+        LMDB's write lock) for long, and each step leaves a state a reset may stop in (some of
+        the way moved)."""
         def work(txn: lmdb.Transaction) -> Tuple[int, bool]:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
-            if target > consumer.floor:
-                done = self._skip_step(txn, consumer, target, consumers, count_dropped=False)
+            if skip:
+                done = consumer.floor >= target or \
+                    self._skip_step(txn, consumer, target, consumers, count_dropped=False)
             else:
                 done = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
                 if done:

@@ -11,7 +11,7 @@ from typing import Any, Tuple
 import msgpack
 import pytest
 
-from flashlexd.client import connect
+from flashlexd.client import RpcError, connect
 from flashlexd.client.wire import HEADER
 from flashlexd.consumers import ConsumerSpec
 from flashlexd.ipc import Limits, RpcServer
@@ -222,9 +222,27 @@ def test_a_paged_reset_is_a_commit_per_call_and_the_client_calls_on(harness):
     with connect(harness.path, consumer="app") as fx:
         first = fx.call("reset", consumer="app", to="latest", paged=True)
         assert first == {"consumer": "app", "acked_through": ids[COMMIT_STEP - 1], "done": False,
-                         "to": ids[-1] + 1}
+                         "to": ids[-1] + 1, "way": "skip"}
         assert fx.reset("app", "latest") == ids[-1]
         assert fx.messages() == [] and harness.store.stats()["inbox_count"] == len(ids)
+
+
+def test_a_paged_skip_overtaken_by_the_floor_ends_instead_of_replaying(harness):
+    """Between two calls of a skip, an ack's (or the sweep's) walk may take the floor past its
+    target. The next call decided the way anew and replayed: the floor went back to the
+    target and every ack was forgotten, so acked messages came again."""
+    ids = harness.ingest(*[("t/x", b"n")] * (2 * COMMIT_STEP + 5))
+    harness.store.consumer_register("keeper", 0.0)  # holds every message
+    with connect(harness.path, consumer="app") as fx:
+        first = fx.call("reset", consumer="app", to=ids[COMMIT_STEP + 1], paged=True)
+        assert first["done"] is False and first["way"] == "skip"
+        assert fx.ack([m.id for m in fx.messages(limit=len(ids))]) == len(ids) - COMMIT_STEP
+        assert harness.store.consumer_state("app").floor == ids[-1]  # past the skip's target
+        last = fx.call("reset", consumer="app", to=first["to"], paged=True, way=first["way"])
+        assert last == {"consumer": "app", "acked_through": ids[-1], "done": True, "to": None}
+        assert fx.messages() == []  # nothing comes again
+        assert "param 'way' must be skip or replay" in str(pytest.raises(
+            RpcError, fx.call, "reset", consumer="app", to=1, paged=True, way="sideways").value)
 
 
 def test_a_replay_forgets_every_ack_in_steps_even_from_floor_0(store):
@@ -236,7 +254,7 @@ def test_a_replay_forgets_every_ack_in_steps_even_from_floor_0(store):
     store.consumer_register("keeper", 0.0)
     store.consumer_ack("app", ids[1:], 1.0)
     assert store.consumer_state("app").floor == 0
-    assert [store.consumer_reset_step("app", 0) for _ in range(3)] == [(0, False), (0, False), (0, True)]
+    assert [store.consumer_reset_step("app", 0, False) for _ in range(3)] == [(0, False), (0, False), (0, True)]
     assert [m.id for m in store.consumer_messages("app", limit=len(ids))] == ids
 
 

@@ -446,22 +446,30 @@ class Methods:
         """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id, a commit of at
         most COMMIT_STEP records at a time. `paged`: one commit per call, answering `done` and,
         while not done, the `to` of the next call (what `flashlexd.client` sends); otherwise
-        one commit per turn of the server's loop (walk.py's `Steps`), answered at the end."""
+        one commit per turn of the server's loop (walk.py's `Steps`), answered at the end. The
+        answer's `way` goes with the next call's `to`: whether the reset skips or replays is
+        decided by its first call (Store.consumer_reset_skips)."""
         consumer = self._consumer(p, required=True)
         to = p.get("to")
         if to not in RESET_TARGETS:
             if to is None or (isinstance(to, str) and not to.isdigit()):
                 raise p.bad("to", "earliest, latest or a message id", to)
             to = p.record_id("to", to)
+        way = p.get("way")  # a paged reset's next call: the way its first one went
+        if way not in (None, "skip", "replay"):
+            raise p.bad("way", "skip or replay (the `way` a paged reset's answer gave)", way)
         paged = p.boolean("paged", False)
         p.done()
         target = self.store.consumer_reset_target(to)
+        skip = way == "skip" if way else self.store.consumer_reset_skips(consumer, target)  # type: ignore[arg-type]
 
         def step() -> Optional[Dict[str, Any]]:
-            floor, done = self.store.consumer_reset_step(consumer, target)  # type: ignore[arg-type]
+            floor, done = self.store.consumer_reset_step(consumer, target, skip)  # type: ignore[arg-type]
             answer = {"consumer": consumer, "acked_through": floor}
+            if paged and done:
+                return dict(answer, done=True, to=None)
             if paged:
-                return dict(answer, done=done, to=None if done else target + 1)
+                return dict(answer, done=False, to=target + 1, way="skip" if skip else "replay")
             return answer if done else None
 
         done = step()
