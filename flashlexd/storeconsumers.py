@@ -22,7 +22,7 @@ from flashlexd.storerecords import (_ID, _MAX_ID, Message, StoreBusy, _decode_me
 log = logging.getLogger("flashlexd.store")
 # Inbox records one call may walk, so that the supervisor's loop (the API, the watch on the
 # workers) never waits long for one; ~1-2 us a record here, several times that on a Pi.
-WALK_BUDGET = 250  # an ack call's floor walk, the rest left to reads (2,000: an ack took 8 ms)
+WALK_BUDGET = 250  # an ack's floor walk beyond its own ids (2,000: an ack of one took 8 ms)
 FLOOR_HINT = 250  # ids the sweep's walk of a floor passes before it commits a move
 REPORT_BUDGET = 500  # records `status` walks to count the backlogs, shared by the consumers
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
@@ -162,7 +162,7 @@ class ConsumerStore:
         """Move the floor over every record the consumer is done with, looking at `budget`
         records at most, and drop the ack entries it now covers."""
         floor, _ = self._floor_walk(txn, consumer, consumer.floor, budget)
-        self._forget_acks_through(txn, consumer, floor, COMMIT_STEP)  # any left: harmless, later
+        self._forget_acks_through(txn, consumer, floor, budget)  # any left: harmless, later
         consumer.floor = floor
 
     def _floor_walk(self, txn: lmdb.Transaction, consumer: ConsumerState, start: int, budget: int,
@@ -322,7 +322,7 @@ class ConsumerStore:
                     self._remove_message(txn, key, consumers)
                 else:
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
-            self._advance(txn, consumer)
+            self._advance(txn, consumer, WALK_BUDGET + 2 * len(keys))  # a batch in order: past it
             consumer.last_seen = now
             self._save(txn, consumer)
             return new

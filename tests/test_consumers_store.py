@@ -128,11 +128,12 @@ def test_ingest_writes_nothing_per_consumer(store: Store):
         assert [bytes(v) for _, v in txn.cursor(db=store._consumer_db)] == states
 
 
-def test_in_order_acks_leave_no_ack_entries(store: Store):
+@pytest.mark.parametrize("batch", [10, 3 * WALK_BUDGET])  # an ack's walk: past its own ids
+def test_in_order_acks_leave_no_ack_entries(store: Store, batch: int):
     declare(store, ConsumerSpec("a"), ConsumerSpec("b"))
-    ids = put(store, *["t"] * 50)
-    for start in range(0, 50, 10):
-        store.consumer_ack("a", ids[start:start + 10], NOW)
+    ids = put(store, *["t"] * (5 * batch))
+    for start in range(0, len(ids), batch):
+        store.consumer_ack("a", ids[start:start + batch], NOW)
     with store._read() as txn:
         assert txn.stat(store._consumer_acks)["entries"] == 0
     assert store.consumer_state("a").floor == ids[-1]
