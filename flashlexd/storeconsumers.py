@@ -16,8 +16,9 @@ import lmdb
 from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
 from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
-from flashlexd.storerecords import (_ID, _MAX_ID, Message, StoreBusy, _decode_message, _key, _Kept,
-                                    _kept, _keys_of, _start, _system_topic, _topic_of, message_selector)
+from flashlexd.storerecords import (_ID, _MAX_ID, DiskFull, Message, StoreBusy, StoreFull, _decode_message,
+                                    _key, _Kept, _kept, _keys_of, _start, _system_topic, _topic_of,
+                                    message_selector)
 
 log = logging.getLogger("flashlexd.store")
 # Inbox records one call may walk, so that the supervisor's loop (the API, the watch on the
@@ -178,7 +179,7 @@ class ConsumerStore:
             for steps, (key, raw) in enumerate(cursor, 1):
                 if steps > budget:
                     return position, False
-                if _matches(consumer, raw):
+                if _matches(consumer, self._checked(raw)):
                     if not self._acked(txn, consumer, key):
                         return position, True
                     if relied is not None:
@@ -322,7 +323,7 @@ class ConsumerStore:
                     self._remove_message(txn, key, consumers)
                 else:
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
-            self._advance(txn, consumer, WALK_BUDGET + 2 * len(keys))  # a batch in order: past it
+            self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
             consumer.last_seen = now
             self._save(txn, consumer)
             return new
@@ -423,7 +424,7 @@ class ConsumerStore:
         def work(txn: lmdb.Transaction) -> Tuple[int, bool]:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
-            if skip:
+            if skip or target > consumer.floor:  # forwards only by passing the records
                 done = consumer.floor >= target or \
                     self._skip_step(txn, consumer, target, consumers, count_dropped=False)
             else:
@@ -466,7 +467,7 @@ class ConsumerStore:
             self._pass(txn, consumer, key, topic, consumers)
         if count_dropped:
             consumer.dropped += len(passed)
-        self._forget_acks_through(txn, consumer, target)
+        self._forget_acks_through(txn, consumer, target, COMMIT_STEP)  # any left: harmless, later
         consumer.floor = target
 
     def consumers_upkeep(self, now: float, idle_seconds: Optional[float]) -> Iterator[Optional[str]]:
@@ -484,6 +485,11 @@ class ConsumerStore:
                 while removed is None:
                     removed = self.consumer_remove_step(consumer.name, idle_since)
                     yield consumer.name if removed else None
+        for consumer in self.consumer_states():  # first: maxBacklog's count stops at the floor
+            walk = FloorCatchUp(consumer.name)
+            while not self.consumer_catch_up_step(walk):
+                yield None
+            yield None
         for consumer in self.consumer_states():
             if consumer.max_backlog is None:
                 continue
@@ -491,11 +497,6 @@ class ConsumerStore:
             while not self.consumer_count_step(count):
                 yield None
             while count.cut is not None and not self.consumer_trim_step(consumer.name, count.cut):
-                yield None
-            yield None
-        for consumer in self.consumer_states():
-            walk = FloorCatchUp(consumer.name)
-            while not self.consumer_catch_up_step(walk):
                 yield None
             yield None
 
@@ -562,7 +563,8 @@ class ConsumerStore:
                 if record_id <= consumer.floor or count.visited >= TRIM_BUDGET:
                     return True
                 count.visited += 1
-                if _matches(consumer, cursor.value()) and not self._acked(txn, consumer, cursor.key()):
+                if _matches(consumer, self._checked(cursor.value())) and \
+                        not self._acked(txn, consumer, cursor.key()):
                     count.counted += 1
                     if count.counted > count.limit:
                         count.cut = record_id
@@ -577,16 +579,15 @@ class ConsumerStore:
         """One step of the sweep's walk of a consumer's floor over what it is done with: a read
         (no write lock) of COUNT_STEP records at most, or the commit that moves the floor; True
         when the walk is over. It commits when it got FLOOR_HINT ids or more past the floor (a
-        commit for a few records every sweep would wear an SD card). An ack's walk passes
-        WALK_BUDGET records, and a read moves the floor only when it starts there: an app that
-        reads on from its last message (`stream`, `after=`) and acks batches fell behind for
-        good over other apps' messages, its ack entries piling up, `status` counting from far
-        back."""
+        commit for a few records every sweep would wear an SD card). An ack's walk passes its
+        own batch and WALK_BUDGET records more, and reads write nothing: an app that reads on
+        from its last message (`stream`, `after=`) and acks batches fell behind for good over
+        other apps' messages, its ack entries piling up, `status` counting from far back."""
         if walk.due:
             walk.due = False
             try:
                 moved = self._write(lambda txn: self._catch_up(txn, walk), reserve=False)
-            except StoreBusy as exc:
+            except (StoreBusy, StoreFull, DiskFull) as exc:  # optional work: the next sweep
                 log.debug("consumer %r: floor not caught up this time: %s", walk.name, exc)
                 return True
             return walk.over or not moved
@@ -617,6 +618,9 @@ class ConsumerStore:
             if _ID.unpack(key)[0] > consumer.floor and not self._acked(txn, consumer, key) \
                     and txn.get(key, db=self._inbox) is not None:
                 return False
+        prefix = _prefix(consumer.name)
+        for key in walk.relied:  # these first: older entries left (orphans) are harmless
+            txn.delete(prefix + key, db=self._consumer_acks)
         self._forget_acks_through(txn, consumer, walk.position, COMMIT_STEP)
         consumer.floor = walk.position
         self._save(txn, consumer)

@@ -326,6 +326,15 @@ def test_the_catch_up_moves_no_floor_that_a_replay_moved_back_meanwhile(store: S
     assert ids_for(store, "rare") == [ids[4 * WALK_BUDGET], ids[-1]]
 
 
+def test_a_replay_step_never_moves_a_floor_forward_without_passing_the_records(store: Store):
+    """`way: replay` sent with a target past the floor (or a replay decided before another reset
+    took the floor back) set the floor there: what only this consumer held stayed stored."""
+    declare(store, ConsumerSpec("app"))
+    ids = put(store, *["t"] * 50)
+    assert store.consumer_reset_step("app", ids[29], False) == (ids[29], True)
+    assert stored(store) == ids[30:]  # passed: done for its only consumer, gone
+
+
 def test_each_step_of_the_catch_up_is_one_read_or_one_commit_of_one_consumer(store: Store):
     """A review found one `next()` of the sweep walking and committing for every consumer (88 ms
     for 20 of them): now each is a step of its own, like the trims."""
