@@ -509,7 +509,8 @@ class ConsumerStore:
     @guarded
     def consumer_remove_step(self, name: str, idle_since: float) -> Optional[bool]:
         """One commit of removing dynamic consumer `name`, unused since wall time `idle_since`:
-        the messages only it held leave, COMMIT_STEP records a commit. None while there is more;
+        the messages only it held leave, COMMIT_STEP records (and then ack entries) a commit (its
+        ack entries all forgotten in one, over 50,000 orphans took 70 ms). None while there is more;
         then True (removed), or False (used again meanwhile: it stays, moved as far as it got)."""
         def work(txn: lmdb.Transaction) -> Optional[bool]:
             consumers = self._consumers_in(txn)
@@ -518,9 +519,9 @@ class ConsumerStore:
                 return False
             end = self._step_end(txn, gone.floor, _MAX_ID, COMMIT_STEP)
             self._release(txn, gone, consumers, end)
-            self._forget_acks_through(txn, gone, end)
-            if end < _MAX_ID:
-                gone.floor = end
+            forgotten = self._forget_acks_through(txn, gone, end, COMMIT_STEP)
+            if end < _MAX_ID or not forgotten:  # its ack entries go first, a bounded number a step
+                gone.floor = min(end, max(gone.floor, self._counter(txn, b"inbox_last_id")))
                 self._save(txn, gone)
                 return None
             txn.delete(gone.name.encode(), db=self._consumer_db)
