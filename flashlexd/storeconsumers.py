@@ -87,8 +87,8 @@ class _AcksAhead:
         self._next = self._entry() if found else None
 
     def _entry(self) -> Optional[int]:
-        key = self._cursor.key()
-        return _ID.unpack(key[len(self._prefix):])[0] if bytes(key[:len(self._prefix)]) == self._prefix else None
+        key, size = self._cursor.key(), len(self._prefix)
+        return _ID.unpack(key[size:])[0] if bytes(key[:size]) == self._prefix else None
 
     def __contains__(self, record_id: int) -> bool:
         while self._next is not None and self._next < record_id:
@@ -521,7 +521,8 @@ class ConsumerStore:
             self._release(txn, gone, consumers, end)
             forgotten = self._forget_acks_through(txn, gone, end, COMMIT_STEP)
             if end < _MAX_ID or not forgotten:  # its ack entries go first, a bounded number a step
-                gone.floor = min(end, max(gone.floor, self._counter(txn, b"inbox_last_id")))
+                # past the inbox's end: every id given out so far is released
+                gone.floor = end if end < _MAX_ID else max(gone.floor, self._counter(txn, b"inbox_last_id"))
                 self._save(txn, gone)
                 return None
             txn.delete(gone.name.encode(), db=self._consumer_db)
@@ -613,7 +614,8 @@ class ConsumerStore:
         if raw is None or walk.consumer is None:
             return False
         consumer = ConsumerState.unpack(walk.name.encode(), raw)
-        if consumer.filter != walk.consumer.filter or not walk.consumer.floor <= consumer.floor < walk.position:
+        if consumer.filter != walk.consumer.filter or \
+                not walk.consumer.floor <= consumer.floor < walk.position:
             return False
         for key in walk.relied:
             if _ID.unpack(key)[0] > consumer.floor and not self._acked(txn, consumer, key) \

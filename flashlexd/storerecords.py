@@ -213,7 +213,6 @@ def _system_topic(raw: memoryview) -> bool:
     return length > 0 and raw[start] == 0x24  # "$"
 
 
-
 def _properties(record: list, at: int) -> Dict[str, Any]:
     """The properties field of a schema-4 record; {} for older records and those without."""
     found = record[at] if len(record) > at else None
