@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
@@ -70,6 +71,7 @@ def _matches(consumer: ConsumerState, raw: memoryview) -> bool:
     return consumer.matches(_topic_of(raw))
 
 
+@lru_cache(maxsize=1024)
 def _prefix(name: str) -> bytes:
     return name.encode() + b"\0"
 
@@ -125,22 +127,20 @@ class ConsumerStore:
                  others: Iterable[ConsumerState]) -> bool:
         return all(not d.matches(topic) or self._done(txn, d, key) for d in others)
 
-    def _remove_message(self, txn: lmdb.Transaction, key: bytes, consumers: Consumers) -> None:
-        """`key` is done for every consumer matching it: it leaves the inbox (and so counts in
-        the derived `acked` total)."""
+    def _leave_if_settled(self, txn: lmdb.Transaction, key: bytes, topic: str,
+                          others: Sequence[ConsumerState]) -> bool:
+        """A consumer is done with `key` without holding an ack entry for it (it acks it, or its
+        floor passes it): the message leaves the inbox (and so counts in the derived `acked`
+        total) if every other matching consumer is done with it too, with their entries for it.
+        True if it left."""
+        if not self._settled(txn, key, topic, others):
+            return False
         txn.delete(key, db=self._inbox)
         record_id = _ID.unpack(key)[0]
-        for consumer in consumers.values():
+        for consumer in others:
             if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
                 txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
-
-    def _pass(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes, topic: str,
-              consumers: Consumers) -> None:
-        """`consumer` is done with `key` without an ack entry (its floor moves over it): the
-        message leaves if every other matching consumer is done too."""
-        others = [d for d in consumers.values() if d.name != consumer.name]
-        if self._settled(txn, key, topic, others):
-            self._remove_message(txn, key, consumers)
+        return True
 
     def _records(self, txn: lmdb.Transaction, after: int, through: int,
                  wanted: Callable[[bytes, str], bool]) -> List[Tuple[bytes, str]]:
@@ -319,9 +319,7 @@ class ConsumerStore:
                 if not consumer.matches(topic):
                     continue
                 new += 1
-                if self._settled(txn, key, topic, others):
-                    self._remove_message(txn, key, consumers)
-                else:
+                if not self._leave_if_settled(txn, key, topic, others):
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
             self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
             consumer.last_seen = now
@@ -463,8 +461,9 @@ class ConsumerStore:
         it (counted as dropped when `count_dropped`)."""
         passed = self._records(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
                                and not self._acked(txn, consumer, key))
-        for key, topic in passed:
-            self._pass(txn, consumer, key, topic, consumers)
+        others = [d for d in consumers.values() if d.name != consumer.name]
+        for key, topic in passed:  # done for it without an ack entry: its floor passes them
+            self._leave_if_settled(txn, key, topic, others)
         if count_dropped:
             consumer.dropped += len(passed)
         self._forget_acks_through(txn, consumer, target, COMMIT_STEP)  # any left: harmless, later
@@ -533,13 +532,14 @@ class ConsumerStore:
     def _release(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers, through: int) -> None:
         """The messages past `gone`'s floor up to id `through` that only it still held leave (a
         message no other consumer matches stays, for unnamed apps and expiry)."""
+        others = list(rest.values())
+
         def held(key: bytes, topic: str) -> bool:
             return gone.matches(topic) and not self._acked(txn, gone, key) and \
-                any(d.matches(topic) for d in rest.values())
+                any(d.matches(topic) for d in others)
 
         for key, topic in self._records(txn, gone.floor, through, held):  # while its acks still say
-            if self._settled(txn, key, topic, rest.values()):
-                self._remove_message(txn, key, rest)
+            self._leave_if_settled(txn, key, topic, others)
 
     @guarded
     def consumer_count_step(self, count: BacklogCount) -> bool:

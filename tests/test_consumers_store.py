@@ -428,3 +428,20 @@ def test_an_idle_consumer_used_again_during_its_removal_stays(store: Store):
     assert [name for name in sweep if name] == []
     assert store.consumer_state("gone").floor == ids[COMMIT_STEP - 1]  # as far as it got
     assert ids_for(store, "gone") == ids[COMMIT_STEP:] and stored(store) == ids
+
+
+def test_a_consumers_remembered_matches_follow_its_filter_and_stay_small():
+    """`ConsumerState.matches` remembers a filter's answers per topic: a changed filter answers
+    anew, and neither many topics nor long ones make the memo grow past its bounds."""
+    from flashlexd.consumers import MEMO_TOPIC_CHARS, MEMO_TOPICS, ConsumerState
+
+    consumer = ConsumerState("app", "a/+")
+    assert consumer.matches("a/b") and not consumer.matches("a/b/c")
+    consumer.filter = "a/b/#"  # a config reload, the same object
+    assert consumer.matches("a/b/c") and consumer.matches("a/b") and not consumer.matches("x/b")
+    long_topic = "a/" + "b" * MEMO_TOPIC_CHARS
+    assert not consumer.matches(long_topic) and long_topic not in consumer._matched
+    for i in range(2 * MEMO_TOPICS):
+        assert consumer.matches(f"a/b/{i}")
+    assert len(consumer._matched) == MEMO_TOPICS
+    assert consumer.matches("a/b/late") and not consumer.matches("z/late")  # past the bound: matched anew
