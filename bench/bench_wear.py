@@ -10,11 +10,15 @@ on a TLS mosquitto on loopback. A paho
 publisher (QoS 1, the broker's plain listener) sends ~200-byte messages at a steady rate for
 `--seconds`; an app (flashlexd.client, as the old apps use it) takes them with `wait()` and acks
 them one by one (`ack([pk])` per message, as `removeMessageFromStore` does) or 100 per call.
-Bytes written are `write_bytes - cancelled_write_bytes` of /proc/PID/io (bytes the kernel sends
-or will send to the disk, less those of pages truncated before they were written), summed over
+Bytes written are `write_bytes - cancelled_write_bytes` of /proc/PID/io (what the kernel counts
+as sent or to be sent to the disk, less pages truncated before they were written), summed over
 the daemon's processes, from after the daemon is up and connected to after the last message was
 stored and acked; "store" is the ingress worker's share (the inbox commits), "ack" the
-supervisor's (the API's commits). Every run checks that each message was stored exactly once.
+supervisor's (the API's commits). As root, each store also lies on a fresh ext4 on a loop
+device (loopdisk.py) and the bytes written to that device over the same span are shown too
+(data, metadata, the filesystem's journal: what an SD card is sent; write_bytes counts whole
+page-cache folios on this kernel, more than the device gets once a file is large). Every run
+checks that each message was stored exactly once.
 
 pickleDB: what the SDK does per message, in one process at the same rate: load the JSON file,
 `set(pk, message)`, dump; and per ack load, `rem(pk)`, dump (pickledb 0.9.2's `dump` writes the
@@ -31,9 +35,11 @@ import sysconfig
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import loopdisk
 from benchlib import INGRESS_TOPIC, Broker, Daemon, daemon_config, make_certs, median, wait_up
 from bench_ingest import wipe_session
 from flashlexd.client import connect
@@ -45,6 +51,7 @@ SD_CARD = {"ingestCommitMs": 2000, "ingestCommitBatch": 16}  # the documented SD
 SEED_DB = {"expireSeconds": 60}  # as the seed config (shared/seed-config.yml): an expiry for every message
 KIB = 1024
 TARGETS = {"defaults": 12, "SD-card setting": 4}  # KiB a message, store + ack (issue 20)
+DISK_MB = 1024  # the loop device's filesystem, as root
 
 
 def io_bytes(pid: int) -> int:
@@ -117,7 +124,7 @@ class App(threading.Thread):
 
 
 def run_daemon(root: Path, broker: Broker, python: Optional[Path], db: Dict[str, int], rate: float,
-               batch: int, seconds: float) -> Dict[str, float]:
+               batch: int, seconds: float, device_written: Callable[[], int]) -> Dict[str, float]:
     """One cell: a fresh daemon (`python`: another interpreter, the baseline's, to run it)."""
     client_id = f"wear-{os.getpid()}-{time.monotonic_ns()}"
     workdir = Path(tempfile.mkdtemp(dir=root))
@@ -131,6 +138,7 @@ def run_daemon(root: Path, broker: Broker, python: Optional[Path], db: Dict[str,
         app.start()
         time.sleep(1.0)  # the first commits of a fresh store (its databases, boot frame) settle
         before = {name: io_bytes(pid) for name, pid in pids.items()}
+        device_before = device_written()
         sent = publish_steadily(broker, rate, seconds)
         deadline = time.monotonic() + 60
         while len(app.seen) < sent and time.monotonic() < deadline and app.error is None:
@@ -145,6 +153,7 @@ def run_daemon(root: Path, broker: Broker, python: Optional[Path], db: Dict[str,
             # the purge's own commit is counted too, in every variant (a slight overestimate)
             fx.call("purge", confirm=True)
         after = {name: io_bytes(pid) for name, pid in pids.items()}
+        device = device_written() - device_before
         expected = [payload(i) for i in range(sent)]
         if sorted(app.seen) != expected or left:
             raise AssertionError(f"{len(app.seen)} seen of {sent} sent, {len(set(app.seen))} distinct,"
@@ -153,7 +162,7 @@ def run_daemon(root: Path, broker: Broker, python: Optional[Path], db: Dict[str,
         daemon.stop()
     delta = {name: after[name] - before[name] for name in pids}
     return {"store": delta["ingress"] / sent, "ack": delta["supervisor"] / sent,
-            "total": sum(delta.values()) / sent}
+            "total": sum(delta.values()) / sent, "device": device / sent}
 
 
 PICKLEDB_DRIVER = r'''
@@ -188,12 +197,16 @@ print(json.dumps({"store": stored / count, "ack": acked / count, "total": (store
 '''
 
 
-def run_pickledb(root: Path, rate: float, batch: int, seconds: float) -> Dict[str, float]:
+def run_pickledb(root: Path, rate: float, batch: int, seconds: float,
+                 device_written: Callable[[], int]) -> Dict[str, float]:
     """The SDK's store, in a child process (its own /proc/PID/io)."""
     path = Path(tempfile.mkdtemp(dir=root)) / "subscriptionData.db"
+    device_before = device_written()
     done = subprocess.run([sys.executable, "-c", PICKLEDB_DRIVER, str(path), str(rate), str(seconds),
                            str(batch)], capture_output=True, text=True, timeout=seconds + 120, check=True)
-    return json.loads(done.stdout)
+    figures = json.loads(done.stdout)
+    figures["device"] = (device_written() - device_before) / int(rate * seconds)
+    return figures
 
 
 def baseline_python(root: Path) -> Path:
@@ -218,8 +231,8 @@ def baseline_python(root: Path) -> Path:
     return python
 
 
-def cell(figures: List[Dict[str, float]]) -> Tuple[float, float, float]:
-    return tuple(median(f[k] for f in figures) / KIB for k in ("store", "ack", "total"))  # type: ignore
+def cell(figures: List[Dict[str, float]]) -> Tuple[float, float, float, float]:
+    return tuple(median(f[k] for f in figures) / KIB for k in ("store", "ack", "total", "device"))  # type: ignore
 
 
 def main() -> int:
@@ -232,17 +245,20 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="leave out the daemon before issue 20")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 100],
                         help="acks per call: 1 (one by one) and/or 100")
+    parser.add_argument("--mount-options", default="",
+                        help="the loop device's ext4 mount options, e.g. lazytime (as root)")
     parser.add_argument("--min-messages", type=int, default=200,
                         help="100-per-call rows publish at least this many (longer at low rates)")
     args = parser.parse_args()
     rows: List[Tuple[str, float, str, List[Dict[str, float]]]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-wear-") as tmp:
-        root = Path(tmp)
+    disk = loopdisk.loop_disk(DISK_MB, args.mount_options) if loopdisk.available() else nullcontext((None, lambda: 0))
+    with tempfile.TemporaryDirectory(prefix="bench-wear-") as tmp, disk as (mount, device_written):
+        root = Path(mount or tmp)  # the stores; the broker and the baseline's venv beside, in tmp
         variants = [("defaults", None, {}), ("SD-card setting", None, SD_CARD)]
         variants += [(name, None, json.loads(db)) for name, db in (v.split("=", 1) for v in args.variant)]
         if not args.no_baseline:
-            variants.insert(0, (f"before issue 20 ({BASELINE[:7]})", baseline_python(root), {}))
-        broker = Broker(make_certs(root / "certs"), root / "broker", plain=True).start()
+            variants.insert(0, (f"before issue 20 ({BASELINE[:7]})", baseline_python(Path(tmp)), {}))
+        broker = Broker(make_certs(Path(tmp) / "certs"), Path(tmp) / "broker", plain=True).start()
         try:
             for rate in args.rates:
                 for batch in args.batches:
@@ -251,8 +267,10 @@ def main() -> int:
                     results["pickleDB (old SDK)"] = []
                     for _ in range(args.runs):  # the variants alternate run by run
                         for name, python, db in variants:
-                            results[name].append(run_daemon(root, broker, python, db, rate, batch, seconds))
-                        results["pickleDB (old SDK)"].append(run_pickledb(root, rate, batch, seconds))
+                            results[name].append(run_daemon(root, broker, python, db, rate, batch, seconds,
+                                                            device_written))
+                        results["pickleDB (old SDK)"].append(run_pickledb(root, rate, batch, seconds,
+                                                                          device_written))
                     for name, figures in results.items():
                         rows.append((name, rate, "one by one" if batch == 1 else "100 per call", figures))
                         print(f"{name}: {rate:g} msg/s, batch {batch}: {cell(figures)}", file=sys.stderr)
@@ -260,18 +278,22 @@ def main() -> int:
             broker.close()
     print(f"~{PAYLOAD_BYTES}-byte messages, each run {args.seconds:g} s of steady publishing (100-per-call"
           f" rows: at least {args.min_messages} messages), {args.runs} run(s) per cell (median). KiB written per"
-          f" message, `write_bytes - cancelled_write_bytes` of /proc/PID/io.\n")
-    print("| store | rate | acks | store KiB/msg | ack KiB/msg | total KiB/msg | GiB/day at that rate |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+          f" message, `write_bytes - cancelled_write_bytes` of /proc/PID/io; on the device: written to"
+          f" the loop device under the store{'' if loopdisk.available() else ' (not measured: needs root)'}"
+          f"{f', ext4 mounted with {args.mount_options}' if args.mount_options else ''}.\n")
+    print("| store | rate | acks | store KiB/msg | ack KiB/msg | total KiB/msg | on the device KiB/msg |"
+          " GiB/day at that rate |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name, rate, acks, figures in rows:
-        store, ack, total = cell(figures)
+        store, ack, total, device = cell(figures)
         per_day = total * KIB * rate * 86400 / 1024 ** 3
         spread = ""
         if len(figures) > 1:
             totals = [f["total"] / KIB for f in figures]
             spread = f" ({min(totals):.1f}-{max(totals):.1f})"
+        on_device = f"{device:.1f}" if loopdisk.available() else "-"
         print(f"| {name} | {rate:g} msg/s | {acks} | {store:.1f} | {ack:.1f} | {total:.1f}{spread} |"
-              f" {per_day:.2f} |")
+              f" {on_device} | {per_day:.2f} |")
     print()
     for name, target in TARGETS.items():
         for row_name, rate, acks, figures in rows:

@@ -23,16 +23,18 @@ def available() -> bool:
 
 
 @contextmanager
-def loop_disk(size_mb: int, parent: Optional[str] = "/var/tmp") -> Iterator[Tuple[Path, Callable[[], int]]]:
-    """(a directory on a fresh ext4 of `size_mb` MB, a function returning the bytes written to
-    its device so far, after a sync). Unmounted and deleted afterwards."""
+def loop_disk(size_mb: int, options: str = "", parent: Optional[str] = "/var/tmp") -> Iterator[Tuple[Path, Callable[[], int]]]:
+    """(a directory on a fresh ext4 of `size_mb` MB mounted with `options` (e.g. "lazytime"),
+    a function returning the bytes written to its device so far, after a sync). Unmounted and
+    deleted afterwards."""
     with tempfile.TemporaryDirectory(prefix="bench-disk-", dir=parent) as tmp:
         image, mount = Path(tmp) / "disk.img", Path(tmp) / "mnt"
         mount.mkdir()
         with open(image, "wb") as f:
             f.truncate(size_mb << 20)
         subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+        subprocess.run(["mount", "-o", ",".join(["loop"] + ([options] if options else [])), str(image),
+                        str(mount)], check=True)
         try:
             device = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mount)], check=True,
                                     capture_output=True, text=True).stdout.strip()
