@@ -174,7 +174,9 @@ SECTIONS = [
         " ack: `rare/#` (1 message in 100) with maxBacklog 500, one of every topic, and an idle"
         " dynamic one. The first sweep removes the idle consumer (nothing leaves: the consumer of"
         " every topic holds it all) and trims `rare`; a later sweep only counts. Each step timed;"
-        " commits and bytes written measured around the sweep. No target: each step is one turn of"
+        " commits and bytes written measured around the sweep: those sent to the device under the"
+        " store (a fresh ext4 on a loop device, as root) and write_bytes of /proc/self/io, which"
+        " counts whole page-cache folios on this kernel. No target: each step is one turn of"
         " the loop's work, and the commits and bytes are SD-card wear."),
     Section(
         "startup", "Start-up to READY=1, and replacing a SIGKILLed worker",
@@ -200,7 +202,8 @@ SECTIONS = [
         "~200-byte messages published at a steady 1, 10 and 50 msg/s into a fresh `flashlexd run`"
         " (TLS mosquitto on loopback), taken by an app with `wait()` and acked one by one or 100 per"
         " call; bytes written (`write_bytes - cancelled_write_bytes` of /proc/PID/io, all daemon"
-        " processes) per message. Side by side in one run: the daemon before issue 20 (checked out"
+        " processes) per message, and the bytes sent to the device under the stores (a fresh ext4 on a"
+        " loop device, as root). Side by side in one run: the daemon before issue 20 (checked out"
         " of git history), this code with its defaults and with the SD-card setting (ingestCommitMs"
         " 2000, ingestCommitBatch 16), and the old SDK's pickleDB store doing the same at the same rate."
         " Baseline: the daemon before issue 20. Targets (issue 20), 10 msg/s, acks one by one:"

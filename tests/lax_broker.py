@@ -6,7 +6,7 @@ import socket
 import ssl
 import struct
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 from tests.broker import HOST
 
@@ -58,7 +58,9 @@ def read_mqtt_packet(sock: socket.socket) -> Optional[Tuple[int, bytes]]:
 class LaxBroker:
     """Just enough of an MQTT 3.1.1 broker over mutual TLS, one that does NOT validate topics:
     to each client that subscribes it delivers `deliveries` (raw topic bytes, payload) at QoS 1,
-    and it records the CONNECTs and PUBACKs it gets."""
+    and it records the CONNECTs and PUBACKs it gets. A client that subscribes again (it lost
+    its link, as a loaded machine's worker may) gets only what it has not PUBACKed, with DUP
+    set, as a broker keeping its session does (all of them again stored each twice)."""
 
     def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]]):
         self.deliveries = deliveries
@@ -70,6 +72,7 @@ class LaxBroker:
         self.port = self.listener.getsockname()[1]
         self.connects = 0
         self.acked: List[int] = []
+        self.sent: Set[int] = set()
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -99,8 +102,11 @@ class LaxBroker:
                             filters += 1
                         tls.sendall(mqtt_packet(0x90, body[:2] + b"\1" * filters))
                         for mid, (topic, payload) in enumerate(self.deliveries, 1):
+                            if mid in self.acked:
+                                continue
                             publish_body = mqtt_string(topic) + struct.pack(">H", mid) + payload
-                            tls.sendall(mqtt_packet(0x32, publish_body))
+                            tls.sendall(mqtt_packet(0x3A if mid in self.sent else 0x32, publish_body))
+                            self.sent.add(mid)
                     elif kind == 4:  # PUBACK
                         self.acked.append(struct.unpack(">H", body[:2])[0])
                     elif kind == 12:  # PINGREQ
