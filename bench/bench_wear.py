@@ -298,9 +298,12 @@ def main() -> int:
     for name, target in TARGETS.items():
         for row_name, rate, acks, figures in rows:
             if row_name == name and rate == 10 and acks == "one by one":
-                total = cell(figures)[2]
-                print(f"target {name}, 10 msg/s, acks one by one: {total:.1f} KiB/msg"
-                      f" (target <= {target} KiB): {'met' if total <= target else 'missed'}")
+                _, _, total, device = cell(figures)
+                judged = device if loopdisk.available() else total  # what the card is sent, if measured
+                print(f"target {name}, 10 msg/s, acks one by one: {judged:.1f} KiB/msg"
+                      f" {'on the device' if loopdisk.available() else 'by write_bytes'}"
+                      f" ({total:.1f} by write_bytes) (target <= {target} KiB):"
+                      f" {'met' if judged <= target else 'missed'}")
     return 0
 
 

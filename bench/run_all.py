@@ -425,10 +425,10 @@ def summarize(section: Section) -> None:
             add((f"store + read + remove {n.group(1)} messages one by one: the SDK takes {m.group(1)}"
                  f" flashlexd's time{estimated}", "none", ""))
     elif section.name == "wear":
-        for m in re.finditer(r"^target (.+?), 10 msg/s, acks one by one: ([\d.]+) KiB/msg \(target <= (\d+) KiB\):"
+        for m in re.finditer(r"^target (.+?), 10 msg/s, acks one by one: ([\d.]+) KiB/msg (.+?) \(target <= (\d+) KiB\):"
                              r" (\w+)$", out, re.M):
-            add((f"{m.group(1)}: {m.group(2)} KiB written a message (store + ack), 10 msg/s, acks one by one",
-                 f"<= {m.group(3)} KiB", verdict(m.group(4) == "met")))
+            add((f"{m.group(1)}: {m.group(2)} KiB written a message {m.group(3)} (store + ack), 10 msg/s,"
+                 f" acks one by one", f"<= {m.group(4)} KiB", verdict(m.group(5) == "met")))
     elif section.name == "kills":
         m = find(r"completion time with kills / without .*: \*\*([\d.]+)x\*\*", out)
         ok = find(r"no message lost or stored twice: (.*)$", out)
