@@ -123,13 +123,16 @@ class App(threading.Thread):
             self.error = exc
 
 
-def run_daemon(root: Path, broker: Broker, python: Optional[Path], db: Dict[str, int], rate: float,
-               batch: int, seconds: float, device_written: Callable[[], int]) -> Dict[str, float]:
-    """One cell: a fresh daemon (`python`: another interpreter, the baseline's, to run it)."""
+def run_daemon(root: Path, stores: Path, broker: Broker, python: Optional[Path], db: Dict[str, int],
+               rate: float, batch: int, seconds: float, device_written: Callable[[], int]) -> Dict[str, float]:
+    """One cell: a fresh daemon (`python`: another interpreter, the baseline's, to run it), its
+    store in a new directory of `stores` (its config and log in one of `root`)."""
     client_id = f"wear-{os.getpid()}-{time.monotonic_ns()}"
     workdir = Path(tempfile.mkdtemp(dir=root))
+    store = Path(tempfile.mkdtemp(dir=stores)) / "data"
     wipe_session(broker, client_id)
-    config = daemon_config(workdir, broker, mqtt={"clientId": client_id}, db={**SEED_DB, **db})
+    config = daemon_config(workdir, broker, mqtt={"clientId": client_id},
+                           db={**SEED_DB, **db, "dataPath": str(store)})
     daemon = Daemon(config, workdir, python=str(python or sys.executable), cwd=workdir).start()
     try:
         wait_up(daemon)
@@ -197,10 +200,10 @@ print(json.dumps({"store": stored / count, "ack": acked / count, "total": (store
 '''
 
 
-def run_pickledb(root: Path, rate: float, batch: int, seconds: float,
+def run_pickledb(stores: Path, rate: float, batch: int, seconds: float,
                  device_written: Callable[[], int]) -> Dict[str, float]:
     """The SDK's store, in a child process (its own /proc/PID/io)."""
-    path = Path(tempfile.mkdtemp(dir=root)) / "subscriptionData.db"
+    path = Path(tempfile.mkdtemp(dir=stores)) / "subscriptionData.db"
     device_before = device_written()
     done = subprocess.run([sys.executable, "-c", PICKLEDB_DRIVER, str(path), str(rate), str(seconds),
                            str(batch)], capture_output=True, text=True, timeout=seconds + 120, check=True)
@@ -253,12 +256,12 @@ def main() -> int:
     rows: List[Tuple[str, float, str, List[Dict[str, float]]]] = []
     disk = loopdisk.loop_disk(DISK_MB, args.mount_options) if loopdisk.available() else nullcontext((None, lambda: 0))
     with tempfile.TemporaryDirectory(prefix="bench-wear-") as tmp, disk as (mount, device_written):
-        root = Path(mount or tmp)  # the stores; the broker and the baseline's venv beside, in tmp
+        root, stores = Path(tmp), Path(mount or tmp)  # the stores alone on the loop device
         variants = [("defaults", None, {}), ("SD-card setting", None, SD_CARD)]
         variants += [(name, None, json.loads(db)) for name, db in (v.split("=", 1) for v in args.variant)]
         if not args.no_baseline:
-            variants.insert(0, (f"before issue 20 ({BASELINE[:7]})", baseline_python(Path(tmp)), {}))
-        broker = Broker(make_certs(Path(tmp) / "certs"), Path(tmp) / "broker", plain=True).start()
+            variants.insert(0, (f"before issue 20 ({BASELINE[:7]})", baseline_python(root), {}))
+        broker = Broker(make_certs(root / "certs"), root / "broker", plain=True).start()
         try:
             for rate in args.rates:
                 for batch in args.batches:
@@ -267,9 +270,9 @@ def main() -> int:
                     results["pickleDB (old SDK)"] = []
                     for _ in range(args.runs):  # the variants alternate run by run
                         for name, python, db in variants:
-                            results[name].append(run_daemon(root, broker, python, db, rate, batch, seconds,
-                                                            device_written))
-                        results["pickleDB (old SDK)"].append(run_pickledb(root, rate, batch, seconds,
+                            results[name].append(run_daemon(root, stores, broker, python, db, rate, batch,
+                                                            seconds, device_written))
+                        results["pickleDB (old SDK)"].append(run_pickledb(stores, rate, batch, seconds,
                                                                           device_written))
                     for name, figures in results.items():
                         rows.append((name, rate, "one by one" if batch == 1 else "100 per call", figures))

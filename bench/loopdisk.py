@@ -32,7 +32,9 @@ def loop_disk(size_mb: int, options: str = "", parent: Optional[str] = "/var/tmp
         mount.mkdir()
         with open(image, "wb") as f:
             f.truncate(size_mb << 20)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        # inode tables and journal written now: lazy init would write them in the background, counted
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+                       check=True)
         subprocess.run(["mount", "-o", ",".join(["loop"] + ([options] if options else [])), str(image),
                         str(mount)], check=True)
         try:
