@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
@@ -71,7 +70,6 @@ def _matches(consumer: ConsumerState, raw: memoryview) -> bool:
     return consumer.matches(_topic_of(raw))
 
 
-@lru_cache(maxsize=1024)
 def _prefix(name: str) -> bytes:
     return name.encode() + b"\0"
 
@@ -132,7 +130,7 @@ class ConsumerStore:
         """A consumer is done with `key` without holding an ack entry for it (it acks it, or its
         floor passes it): the message leaves the inbox (and so counts in the derived `acked`
         total) if every other matching consumer is done with it too, with their entries for it.
-        True if it left."""
+        True if it left. `others` is read twice: a list, not an iterator."""
         if not self._settled(txn, key, topic, others):
             return False
         txn.delete(key, db=self._inbox)
