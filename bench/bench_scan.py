@@ -16,7 +16,7 @@ client's whole `messages(topic="rare/#")` (it follows the cursors to the match),
 unpaged call (3 rounds), which the server walks one page per turn of its loop (ipc/walk.py):
 its answer takes as long as the whole walk, but a second client's `status`, timed meanwhile,
 waits for one page at most. Last, the consumer of every topic is reset to latest: the server
-commits COMMIT_STEP records a call (storeconsumers.py), each call is timed, and a `status` is
+commits RESET_STEP records a call (storeconsumers.py), each call is timed, and a `status` is
 timed beside it too.
 Target: every single call < 5 ms at 500k stored (the status rows beside the walks and the reset
 included; the whole walks and the whole reset are not single calls' work).
@@ -47,7 +47,7 @@ CONSUMERS = (ConsumerSpec("all"), ConsumerSpec("rare", RARE))  # named consumers
 STATUS_DURING_WALK = "status, while an unpaged call walks the whole inbox"
 STATUS_DURING_RESET = "status, while a consumer's reset to latest passes the whole inbox"
 RESET = "reset(consumer 'all', to='latest'), all its commits"
-RESET_STEP = "reset(consumer 'all', to='latest'), one paged call (one commit)"
+RESET_CALL = "reset(consumer 'all', to='latest'), one paged call (one commit)"
 
 
 def timed(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
@@ -126,7 +126,7 @@ def measure(size: int, rounds: int, root: Path) -> Dict[str, List[float]]:
                 resets.append(time.perf_counter() - start)
 
             samples[STATUS_DURING_RESET] = status_during(path, reset_all, 1)
-            samples[RESET_STEP] = steps
+            samples[RESET_CALL] = steps
             samples[RESET] = resets
         return samples
     finally:

@@ -27,11 +27,14 @@ WALK_BUDGET = 250  # an ack's floor walk beyond its own ids (2,000: an ack of on
 FLOOR_HINT = 250  # ids the sweep's walk of a floor passes before it commits a move
 REPORT_BUDGET = 500  # records `status` walks to count the backlogs, shared by the consumers
 TRIM_BUDGET = 200000  # maxBacklog's count, newest first, in the supervisor's sweep
-# inbox records (or ack entries) one commit of a reset, a trim or a removal passes, and records
+# inbox records (or ack entries) one commit of the sweep's trims and removals passes, and records
 # one read of maxBacklog's count looks at: ~2 ms each here, so that a call queued behind one
 # still answers within 5 ms (500 and 2,000: 4-9 ms, and a `status` beside a reset took 7 ms)
 COMMIT_STEP = 200
 COUNT_STEP = 1000
+# inbox records one call of a reset passes: a call with a `status` queued beside it took 5.5-5.9
+# ms at 200 (a step 2.5-3.3 ms at 500,000 stored, then the status's recount); twice the commits
+RESET_STEP = 100
 Consumers = Dict[str, ConsumerState]
 
 
@@ -380,7 +383,7 @@ class ConsumerStore:
     def consumer_reset(self, name: str, to: Union[str, int]) -> int:
         """Move the consumer to the earliest stored message (replay), past the latest (skip), or
         to just before message id `to`. Messages skipped over count as done for it (and may leave
-        the inbox); a replay forgets its acks. Returns the new floor. One commit per COMMIT_STEP
+        the inbox); a replay forgets its acks. Returns the new floor. One commit per RESET_STEP
         records (`consumer_reset_step`)."""
         target = self.consumer_reset_target(to)
         skip = self.consumer_reset_skips(name, target)
@@ -411,7 +414,7 @@ class ConsumerStore:
 
     @guarded
     def consumer_reset_step(self, name: str, target: int, skip: bool) -> Tuple[int, bool]:
-        """One commit of a reset towards floor `target`: at most COMMIT_STEP inbox records
+        """One commit of a reset towards floor `target`: at most RESET_STEP inbox records
         passed (`skip`: forwards; done once the floor is at the target or past it), or ack
         entries forgotten (a replay: to the floor or before it). Returns the floor and whether
         the reset is done: a reset over a large store never holds the supervisor's loop (or
@@ -422,7 +425,7 @@ class ConsumerStore:
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             if skip or target > consumer.floor:  # forwards only by passing the records
                 done = consumer.floor >= target or \
-                    self._skip_step(txn, consumer, target, consumers, count_dropped=False)
+                    self._skip_step(txn, consumer, target, consumers, RESET_STEP, count_dropped=False)
             else:
                 done = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
                 if done:
@@ -433,9 +436,9 @@ class ConsumerStore:
         return self._write(work)  # type: ignore[return-value]
 
     def _skip_step(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
-                   consumers: Consumers, count_dropped: bool) -> bool:
-        """`_skip_to` over at most COMMIT_STEP records; True once the floor is at `target`."""
-        end = self._step_end(txn, consumer.floor, target, COMMIT_STEP)
+                   consumers: Consumers, budget: int, count_dropped: bool) -> bool:
+        """`_skip_to` over at most `budget` records; True once the floor is at `target`."""
+        end = self._step_end(txn, consumer.floor, target, budget)
         self._skip_to(txn, consumer, end, consumers, count_dropped)
         return end == target
 
@@ -637,7 +640,7 @@ class ConsumerStore:
             consumer = consumers.get(name)
             if consumer is None or consumer.floor >= cut:
                 return True
-            done = self._skip_step(txn, consumer, cut, consumers, count_dropped=True)
+            done = self._skip_step(txn, consumer, cut, consumers, COMMIT_STEP, count_dropped=True)
             self._save(txn, consumer)
             return done
 

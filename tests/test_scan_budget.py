@@ -18,7 +18,7 @@ from flashlexd.ipc import Limits, RpcServer
 from flashlexd.ipc.methods import SCAN_BUDGET, Methods
 from flashlexd.runtime import ApiRules
 from flashlexd.store import Store, StoreDamaged
-from flashlexd.storeconsumers import COMMIT_STEP
+from flashlexd.storeconsumers import COMMIT_STEP, RESET_STEP
 from flashlexd.storerecords import Incoming
 from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
 from tests.broker import wait_for
@@ -201,7 +201,7 @@ def test_a_consumer_reset_commits_a_step_per_turn_and_other_calls_go_between(tur
     """A reset to latest over a large store used to pass every record in one commit inside the
     loop (~1 s at 500,000 stored); it goes a step per turn, with the same end state."""
     steps = 6
-    ids = store.append([Incoming("t/x", b"n")] * (steps * COMMIT_STEP + 10))
+    ids = store.append([Incoming("t/x", b"n")] * (steps * RESET_STEP + 10))
     store.consumer_register("keeper", 0.0)  # holds every message: the reset removes none
     resetter, other = turns.client(), turns.client()
     resetter.sendall(req("reset", 1, consumer="app", to="latest"))
@@ -217,11 +217,11 @@ def test_a_consumer_reset_commits_a_step_per_turn_and_other_calls_go_between(tur
 
 
 def test_a_paged_reset_is_a_commit_per_call_and_the_client_calls_on(harness):
-    ids = harness.ingest(*[("t/x", b"n")] * (2 * COMMIT_STEP + 5))
+    ids = harness.ingest(*[("t/x", b"n")] * (2 * RESET_STEP + 5))
     harness.store.consumer_register("keeper", 0.0)  # holds every message
     with connect(harness.path, consumer="app") as fx:
         first = fx.call("reset", consumer="app", to="latest", paged=True)
-        assert first == {"consumer": "app", "acked_through": ids[COMMIT_STEP - 1], "done": False,
+        assert first == {"consumer": "app", "acked_through": ids[RESET_STEP - 1], "done": False,
                          "to": ids[-1] + 1, "way": "skip"}
         assert fx.reset("app", "latest") == ids[-1]
         assert fx.messages() == [] and harness.store.stats()["inbox_count"] == len(ids)
@@ -231,12 +231,12 @@ def test_a_paged_skip_overtaken_by_the_floor_ends_instead_of_replaying(harness):
     """Between two calls of a skip, an ack's (or the sweep's) walk may take the floor past its
     target. The next call decided the way anew and replayed: the floor went back to the
     target and every ack was forgotten, so acked messages came again."""
-    ids = harness.ingest(*[("t/x", b"n")] * (2 * COMMIT_STEP + 5))
+    ids = harness.ingest(*[("t/x", b"n")] * (2 * RESET_STEP + 5))
     harness.store.consumer_register("keeper", 0.0)  # holds every message
     with connect(harness.path, consumer="app") as fx:
-        first = fx.call("reset", consumer="app", to=ids[COMMIT_STEP + 1], paged=True)
+        first = fx.call("reset", consumer="app", to=ids[RESET_STEP + 1], paged=True)
         assert first["done"] is False and first["way"] == "skip"
-        assert fx.ack([m.id for m in fx.messages(limit=len(ids))]) == len(ids) - COMMIT_STEP
+        assert fx.ack([m.id for m in fx.messages(limit=len(ids))]) == len(ids) - RESET_STEP
         assert harness.store.consumer_state("app").floor == ids[-1]  # past the skip's target
         last = fx.call("reset", consumer="app", to=first["to"], paged=True, way=first["way"])
         assert last == {"consumer": "app", "acked_through": ids[-1], "done": True, "to": None}

@@ -444,7 +444,7 @@ class Methods:
 
     def _reset(self, p: _Params) -> Any:
         """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id, a commit of at
-        most COMMIT_STEP records at a time. `paged`: one commit per call, answering `done` and,
+        most RESET_STEP records at a time. `paged`: one commit per call, answering `done` and,
         while not done, the `to` of the next call (what `flashlexd.client` sends); otherwise
         one commit per turn of the server's loop (walk.py's `Steps`), answered at the end. The
         answer's `way` goes with the next call's `to`: whether the reset skips or replays is
