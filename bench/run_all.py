@@ -208,9 +208,8 @@ SECTIONS = [
         " 2000, ingestCommitBatch 16), and the old SDK's pickleDB store doing the same at the same rate."
         " Baseline: the daemon before issue 20. Targets (issue 20), 10 msg/s, acks one by one:"
         " <= 12 KiB a message with the defaults, <= 4 KiB with the SD-card setting.",
-        "Each ack of an app acking one message per call is its own durable commit (a few 4 KiB"
-        " pages); the API commit window shares a commit only between concurrent calls of several"
-        " apps. See docs/WEAR.md.",
+        "An app acking one message per call writes one 512-byte sector of the ack journal per ack;"
+        " the journaled acks are applied in batches. See docs/WEAR.md.",
         timeout=2700),  # 2 runs x 3 rates x 2 ack modes x 4 stores, 23-103 s each: ~30 min
     Section(
         "kills", "Ingest while workers are SIGKILLed",
