@@ -124,9 +124,11 @@ class App(threading.Thread):
 
 
 def run_daemon(root: Path, stores: Path, broker: Broker, python: Optional[Path], db: Dict[str, int],
-               rate: float, batch: int, seconds: float, device_written: Callable[[], int]) -> Dict[str, float]:
+               rate: float, batch: int, seconds: float, device_written: Callable[[], int],
+               warmup: float = 0.0) -> Dict[str, float]:
     """One cell: a fresh daemon (`python`: another interpreter, the baseline's, to run it), its
-    store in a new directory of `stores` (its config and log in one of `root`)."""
+    store in a new directory of `stores` (its config and log in one of `root`). `warmup`: seconds
+    of the same traffic first, not counted (a fresh store's file fills its holes meanwhile)."""
     client_id = f"wear-{os.getpid()}-{time.monotonic_ns()}"
     workdir = Path(tempfile.mkdtemp(dir=root))
     store = Path(tempfile.mkdtemp(dir=stores)) / "data"
@@ -140,6 +142,14 @@ def run_daemon(root: Path, stores: Path, broker: Broker, python: Optional[Path],
         app = App(str(daemon.socket_path), batch)
         app.start()
         time.sleep(1.0)  # the first commits of a fresh store (its databases, boot frame) settle
+        if warmup:
+            warm = publish_steadily(broker, rate, warmup)
+            deadline = time.monotonic() + 60
+            while len(app.seen) < warm and time.monotonic() < deadline and app.error is None:
+                time.sleep(0.1)
+            if len(app.seen) != warm:
+                raise AssertionError(f"warm-up: {len(app.seen)} seen of {warm} sent")
+            app.seen.clear()  # the counted span's payloads are the warm-up's again
         before = {name: io_bytes(pid) for name, pid in pids.items()}
         device_before = device_written()
         sent = publish_steadily(broker, rate, seconds)
@@ -248,6 +258,8 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="leave out the daemon before issue 20")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 100],
                         help="acks per call: 1 (one by one) and/or 100")
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="seconds of traffic before each cell's counted span (steady state)")
     parser.add_argument("--mount-options", default="",
                         help="the loop device's ext4 mount options, e.g. lazytime (as root)")
     parser.add_argument("--min-messages", type=int, default=200,
@@ -271,7 +283,7 @@ def main() -> int:
                     for _ in range(args.runs):  # the variants alternate run by run
                         for name, python, db in variants:
                             results[name].append(run_daemon(root, stores, broker, python, db, rate, batch,
-                                                            seconds, device_written))
+                                                            seconds, device_written, args.warmup))
                         results["pickleDB (old SDK)"].append(run_pickledb(stores, rate, batch, seconds,
                                                                           device_written))
                     for name, figures in results.items():
@@ -279,7 +291,8 @@ def main() -> int:
                         print(f"{name}: {rate:g} msg/s, batch {batch}: {cell(figures)}", file=sys.stderr)
         finally:
             broker.close()
-    print(f"~{PAYLOAD_BYTES}-byte messages, each run {args.seconds:g} s of steady publishing (100-per-call"
+    print(f"~{PAYLOAD_BYTES}-byte messages, each run {args.seconds:g} s of steady publishing"
+          f"{f' after {args.warmup:g} s of the same, not counted' if args.warmup else ''} (100-per-call"
           f" rows: at least {args.min_messages} messages), {args.runs} run(s) per cell (median). KiB written per"
           f" message, `write_bytes - cancelled_write_bytes` of /proc/PID/io; on the device: written to"
           f" the loop device under the store{'' if loopdisk.available() else ' (not measured: needs root)'}"
