@@ -28,6 +28,7 @@ from typing import Iterable, List, Optional, Sequence, Set
 
 import lmdb
 from flashlexd.ackjournal import FILE_BYTES, FILE_NAME, AckJournal, JournalError, Record, scan
+from flashlexd.storeconsumers import BacklogCount, note_left
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import _ID, DiskFull, StoreError
 
@@ -129,6 +130,7 @@ class JournaledAcks:
         (an id in two calls counts for the first), durable when this returns."""
         counts: List[int] = []
         new: List[int] = []
+        leaving: List[BacklogCount] = []  # maxBacklog counts under way that counted one of them
         taken = set()
         size = 0
         with self._read() as txn:
@@ -143,6 +145,8 @@ class JournaledAcks:
                     taken.add(record_id)
                     new.append(record_id)
                     count += 1
+                    if self._backlog_counts:
+                        leaving += self._backlogs_left(txn, key)
                 counts.append(count)
             near_cap = self._used_bytes(txn) >= NEAR_CAP * self.cap_bytes or self._disk_low()
         if not new:
@@ -158,6 +162,7 @@ class JournaledAcks:
             raise StoreError(f"{exc.strerror or exc} (ack not confirmed)") from None
         self._seq += 1
         self._note_pending(new)
+        note_left(leaving)
         self._pending_bytes += size
         if near_cap:
             self.apply_acks()

@@ -10,7 +10,7 @@ import struct
 import threading
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Dict, Generic, List, Optional, Set, Tuple, Type, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Generic, List, Optional, Set, Tuple, Type, TypeVar
 
 import lmdb
 import msgpack
@@ -25,6 +25,9 @@ from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, StoreBusy, 
                                     StoreError, StoreForkError, StoreFull, _stamp_of,
                                     _start)
 from flashlexd.wire import FULL_POLICIES
+
+if TYPE_CHECKING:  # storeconsumers imports this module
+    from flashlexd.storeconsumers import BacklogCount
 
 log = logging.getLogger("flashlexd.store")
 T = TypeVar("T")
@@ -80,6 +83,7 @@ class StoreBase:
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
         self._sweep_from = b""  # the expiry walk's start: past messages stored without expiry
         self._hidden: Set[int] = set()  # inbox ids acked but not yet applied (storeacks.py)
+        self._backlog_counts: Dict[str, BacklogCount] = {}  # maxBacklog counts under way (storeconsumers.py)
         self._snapshots: Dict[str, Tuple[Tuple[int, int], object]] = {}  # `_per_snapshot`'s
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)

@@ -40,13 +40,25 @@ Consumers = Dict[str, ConsumerState]
 
 @dataclass
 class BacklogCount:
-    """maxBacklog's count of one consumer, newest first, carried from one read to the next."""
+    """maxBacklog's count of one consumer, newest first, carried from one read to the next.
+    The supervisor serves calls between its reads and the trim's commits: a message counted
+    that leaves the backlog meanwhile (acked by the consumer, or by an unnamed app) is noted in
+    `left`, and the count goes on further back for each, so the trim keeps `limit` messages."""
     name: str
     limit: int
     position: Optional[int] = None  # the newest id not looked at yet (None: not started)
+    start: int = 0  # the newest id when the count started: it looked at (position, start]
     counted: int = 0  # unacked messages of the consumer's filter seen so far
+    left: int = 0  # of those, how many left its backlog since
     visited: int = 0
     cut: Optional[int] = None  # the newest id to drop for the consumer, once over the limit
+
+    def over(self) -> bool:
+        return self.counted - self.left > self.limit
+
+    def covers(self, record_id: int) -> bool:
+        """Whether the count has looked at `record_id` (and counted it, if it was unacked)."""
+        return self.position is not None and self.position < record_id <= self.start
 
 
 @dataclass
@@ -59,6 +71,12 @@ class FloorCatchUp:
     relied: List[bytes] = field(default_factory=list)  # inbox keys passed as acked ahead
     over: bool = False  # the walk met a record the consumer needs, or the inbox's end
     due: bool = False  # the next step commits
+
+
+def note_left(counts: Iterable[BacklogCount]) -> None:
+    """A committed ack took a message each of `counts` had counted out of its backlog."""
+    for count in counts:
+        count.left += 1
 
 
 def report_share(consumers: int) -> int:
@@ -305,11 +323,11 @@ class ConsumerStore:
         with leaves the inbox in the same transaction. Returns how many ids were new acks."""
         keys = _keys_of(ids)
 
-        def work(txn: lmdb.Transaction) -> int:
+        def work(txn: lmdb.Transaction) -> Tuple[int, List[BacklogCount]]:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
             others = [d for d in consumers.values() if d.name != name]
-            new = 0
+            new, counted = 0, []
             for key in keys:
                 if self._done(txn, consumer, key):
                     continue
@@ -320,14 +338,17 @@ class ConsumerStore:
                 if not consumer.matches(topic):
                     continue
                 new += 1
+                counted += self._backlogs_left(txn, key, name)
                 if not self._leave_if_settled(txn, key, topic, others):
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
             self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
             consumer.last_seen = now
             self._save(txn, consumer)
-            return new
+            return new, counted
 
-        return self._write(work)  # type: ignore[return-value]
+        new, counted = self._write(work)  # type: ignore[misc]
+        note_left(counted)
+        return new
 
     # -- figures ------------------------------------------------------------------------------
 
@@ -476,8 +497,7 @@ class ConsumerStore:
         removed, else None), and every consumer is trimmed to its maxBacklog (its oldest unacked
         go, counted as dropped). One commit used to do it all: 0.5-1 s at 500,000 stored for one
         narrow consumer with a maxBacklog, every sweep, inside the supervisor's loop. Between two
-        steps the loop serves calls: a message a consumer acks while its backlog is being counted
-        was counted, so that trim may keep one message fewer than maxBacklog per such ack."""
+        steps the loop serves calls (see BacklogCount for the acks made meanwhile)."""
         idle_since = None if idle_seconds is None else now - idle_seconds
         for consumer in self.consumer_states():
             if consumer.dynamic and idle_since is not None and consumer.last_seen < idle_since:
@@ -493,11 +513,16 @@ class ConsumerStore:
         for consumer in self.consumer_states():
             if consumer.max_backlog is None:
                 continue
-            count = BacklogCount(consumer.name, consumer.max_backlog)
-            while not self.consumer_count_step(count):
-                yield None
-            while count.cut is not None and not self.consumer_trim_step(consumer.name, count.cut):
-                yield None
+            count = self._backlog_counts[consumer.name] = BacklogCount(consumer.name, consumer.max_backlog)
+            try:
+                while True:  # counted messages that left meanwhile move the cut further back
+                    while not self.consumer_count_step(count):
+                        yield None
+                    if count.cut is None or self.consumer_trim_step(consumer.name, count.cut):
+                        break
+                    yield None
+            finally:
+                del self._backlog_counts[consumer.name]
             yield None
 
     @guarded
@@ -545,16 +570,20 @@ class ConsumerStore:
     @guarded
     def consumer_count_step(self, count: BacklogCount) -> bool:
         """One read of maxBacklog's count (no write lock), newest first, at most COUNT_STEP
-        records: True when it is over, with `count.cut` set when the backlog is over the limit.
-        A count stops at TRIM_BUDGET records: a narrow filter's backlog spread thinner than that
-        is not trimmed."""
+        records: True when it is over, with `count.cut` set when the backlog is over the limit
+        (a cut still good: no read). A count stops at TRIM_BUDGET records: a narrow filter's
+        backlog spread thinner than that is not trimmed."""
+        if count.cut is not None:
+            if count.over():
+                return True
+            count.cut = None  # some it counted left: it goes on further back
         with self._read() as txn:
             raw = txn.get(count.name.encode(), db=self._consumer_db)
             if raw is None:
                 return True
             consumer = ConsumerState.unpack(count.name.encode(), raw)
             if count.position is None:
-                count.position = self._counter(txn, b"inbox_last_id")
+                count.position = count.start = self._counter(txn, b"inbox_last_id")
                 if count.position - consumer.floor <= count.limit:
                     return True  # fewer ids than the limit past the floor: nothing to count
             cursor = txn.cursor(db=self._inbox)  # on the newest record at or below `position`
@@ -566,16 +595,34 @@ class ConsumerStore:
                 if record_id <= consumer.floor or count.visited >= TRIM_BUDGET:
                     return True
                 count.visited += 1
-                if _matches(consumer, self._checked(cursor.value())) and \
-                        not self._acked(txn, consumer, cursor.key()):
+                count.position = record_id - 1
+                if record_id not in self._hidden and _matches(consumer, self._checked(cursor.value())) \
+                        and not self._acked(txn, consumer, cursor.key()):
                     count.counted += 1
-                    if count.counted > count.limit:
+                    if count.over():
                         count.cut = record_id
                         return True
                 if not cursor.prev():
                     return True
-            count.position = _ID.unpack(cursor.key())[0]
             return False
+
+    def _backlogs_left(self, txn: lmdb.Transaction, key: bytes, name: Optional[str] = None
+                       ) -> List[BacklogCount]:
+        """The maxBacklog counts under way that counted inbox record `key` as unacked and that
+        an ack in `txn` takes it from: consumer `name`'s new ack, or (None) an unnamed app's,
+        which takes it from every consumer it matches that had not acked it. The supervisor's
+        unnamed acks go through the ack journal (storeacks.py). The caller notes them in `left`
+        once `txn` is committed."""
+        record_id = _ID.unpack(key)[0]
+        counts = [c for c in self._backlog_counts.values() if c.covers(record_id) and name in (None, c.name)]
+        if name is not None or not counts:
+            return counts
+        raw = txn.get(key, db=self._inbox)
+        if raw is None:
+            return []
+        consumers = self._consumers_in(txn)  # as now: its acks since the count may have moved its floor
+        return [c for c in counts if c.name in consumers and _matches(consumers[c.name], self._checked(raw))
+                and not self._done(txn, consumers[c.name], key)]
 
     @guarded
     def consumer_catch_up_step(self, walk: FloorCatchUp) -> bool:

@@ -183,6 +183,30 @@ def test_max_backlog_drops_the_slow_consumers_oldest_and_counts_them(store: Stor
     assert report["fast"]["backlog"] == 0 and report["fast"]["dropped"] == 0
 
 
+@pytest.mark.parametrize("acker", ["the consumer", "an unnamed app"])
+def test_a_trim_keeps_max_backlog_messages_when_some_it_counted_are_acked_meanwhile(store: Store, acker: str):
+    """The supervisor serves calls between the count's reads and the trim's commits. The app
+    acks its newest message after every step, one the count has passed: each such ack moves the
+    cut one message further back (the trim used to keep one message fewer per ack). An unnamed
+    app's ack (through the ack journal, as in the supervisor) takes it from every consumer."""
+    limit = 100
+    store.open_ack_journal()
+    declare(store, ConsumerSpec("slow", "rare/#", max_backlog=limit))
+    rare = len(put(store, *["rare/x" if i % 20 == 0 else "noise" for i in range(4 * COUNT_STEP)])) // 20
+    acks, before = 0, rare
+    for _ in store.consumers_upkeep(NOW, None):
+        backlog = ids_for(store, "slow")
+        assert len(backlog) >= min(limit, before), f"a trim step kept {len(backlog)} of {before}"
+        if acker == "the consumer":
+            store.consumer_ack("slow", backlog[-1:], NOW)
+        else:
+            store.ack(backlog[-1:])
+        acks += 1
+        before = len(backlog) - 1
+    kept = ids_for(store, "slow")
+    assert len(kept) <= limit and store.consumer_state("slow").dropped == rare - acks - len(kept)
+
+
 def test_an_idle_dynamic_consumer_is_removed_and_releases_what_it_held(store: Store):
     declare(store, ConsumerSpec("kept"))
     store.consumer_register("gone", NOW - 8 * 86400)
