@@ -53,7 +53,7 @@ import lmdb
 from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
 from flashlexd.storedamage import guarded, unpack_record
 from flashlexd.storeacks import JournaledAcks
-from flashlexd.storeconsumers import ConsumerStore
+from flashlexd.storeconsumers import BacklogCount, ConsumerStore, note_left
 from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
@@ -192,13 +192,16 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         if self._journal is not None:
             return self._journal_ack(keys)
 
-        def work(txn: lmdb.Transaction) -> List[int]:
-            return [sum(1 for key in call if txn.delete(key, db=self._inbox)) for call in keys]
+        def work(txn: lmdb.Transaction) -> Tuple[List[int], List[BacklogCount]]:
+            leaving = self._backlogs_left(txn, (key for call in keys for key in call))
+            return [sum(1 for key in call if txn.delete(key, db=self._inbox)) for call in keys], leaving
 
         if not any(keys):
             return [0] * len(keys)
         try:
-            return self._write(work, reserve=False)  # type: ignore[return-value]
+            removed_each, leaving = self._write(work, reserve=False)  # type: ignore[misc]
+            note_left(leaving)
+            return removed_each
         except DiskFull:
             removed = self._delete_in_steps([key for call in keys for key in call])
         counts = []

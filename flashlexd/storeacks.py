@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable, List, Optional, Sequence, Set
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
 import lmdb
 from flashlexd.ackjournal import FILE_BYTES, FILE_NAME, AckJournal, JournalError, Record, scan
@@ -130,7 +130,6 @@ class JournaledAcks:
         (an id in two calls counts for the first), durable when this returns."""
         counts: List[int] = []
         new: List[int] = []
-        leaving: List[BacklogCount] = []  # maxBacklog counts under way that counted one of them
         taken = set()
         size = 0
         with self._read() as txn:
@@ -145,9 +144,8 @@ class JournaledAcks:
                     taken.add(record_id)
                     new.append(record_id)
                     count += 1
-                    if self._backlog_counts:
-                        leaving += self._backlogs_left(txn, key)
                 counts.append(count)
+            leaving = self._backlogs_left(txn, map(_ID.pack, new))
             near_cap = self._used_bytes(txn) >= NEAR_CAP * self.cap_bytes or self._disk_low()
         if not new:
             return counts
@@ -240,10 +238,14 @@ class JournaledAcks:
         for start in range(0, len(keys), step):
             part = keys[start:start + step]
 
-            def work(txn: lmdb.Transaction, part: Sequence[bytes] = part) -> List[bytes]:
-                return [key for key in part if txn.delete(key, db=self._inbox)]
+            def work(txn: lmdb.Transaction, part: Sequence[bytes] = part
+                     ) -> Tuple[List[bytes], List[BacklogCount]]:
+                leaving = self._backlogs_left(txn, part)
+                return [key for key in part if txn.delete(key, db=self._inbox)], leaving
 
-            removed.update(self._write(work))
+            gone, leaving = self._write(work)
+            removed.update(gone)
+            note_left(leaving)
         return removed
 
     def _close_journal(self) -> None:

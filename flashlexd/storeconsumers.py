@@ -54,6 +54,8 @@ class BacklogCount:
     cut: Optional[int] = None  # the newest id to drop for the consumer, once over the limit
 
     def over(self) -> bool:
+        """More than `limit` of the messages counted are still in the backlog: the last one counted
+        is not among its newest `limit`."""
         return self.counted - self.left > self.limit
 
     def covers(self, record_id: int) -> bool:
@@ -322,6 +324,7 @@ class ConsumerStore:
         """Acknowledge for one consumer; idempotent. A message every matching consumer is done
         with leaves the inbox in the same transaction. Returns how many ids were new acks."""
         keys = _keys_of(ids)
+        count = self._backlog_counts.get(name)  # its maxBacklog count under way, if any
 
         def work(txn: lmdb.Transaction) -> Tuple[int, List[BacklogCount]]:
             consumers = self._consumers_in(txn)
@@ -338,7 +341,8 @@ class ConsumerStore:
                 if not consumer.matches(topic):
                     continue
                 new += 1
-                counted += self._backlogs_left(txn, key, name)
+                if count is not None and count.covers(_ID.unpack(key)[0]):
+                    counted.append(count)
                 if not self._leave_if_settled(txn, key, topic, others):
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
             self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
@@ -480,8 +484,10 @@ class ConsumerStore:
     def _skip_to(self, txn: lmdb.Transaction, consumer: ConsumerState, target: int,
                  consumers: Consumers, count_dropped: bool) -> None:
         """The floor moves to `target`; the consumer's unacked messages on the way are done for
-        it (counted as dropped when `count_dropped`)."""
+        it (counted as dropped when `count_dropped`). Those an unnamed app acked are not counted:
+        the ack journal's next apply removes them (storeacks.py)."""
         passed = self._records(txn, consumer.floor, target, lambda key, topic: consumer.matches(topic)
+                               and _ID.unpack(key)[0] not in self._hidden
                                and not self._acked(txn, consumer, key))
         others = [d for d in consumers.values() if d.name != consumer.name]
         for key, topic in passed:  # done for it without an ack entry: its floor passes them
@@ -522,7 +528,8 @@ class ConsumerStore:
                         break
                     yield None
             finally:
-                del self._backlog_counts[consumer.name]
+                if self._backlog_counts.get(consumer.name) is count:  # not a newer sweep's
+                    del self._backlog_counts[consumer.name]
             yield None
 
     @guarded
@@ -606,23 +613,22 @@ class ConsumerStore:
                     return True
             return False
 
-    def _backlogs_left(self, txn: lmdb.Transaction, key: bytes, name: Optional[str] = None
-                       ) -> List[BacklogCount]:
-        """The maxBacklog counts under way that counted inbox record `key` as unacked and that
-        an ack in `txn` takes it from: consumer `name`'s new ack, or (None) an unnamed app's,
-        which takes it from every consumer it matches that had not acked it. The supervisor's
-        unnamed acks go through the ack journal (storeacks.py). The caller notes them in `left`
-        once `txn` is committed."""
-        record_id = _ID.unpack(key)[0]
-        counts = [c for c in self._backlog_counts.values() if c.covers(record_id) and name in (None, c.name)]
-        if name is not None or not counts:
-            return counts
-        raw = txn.get(key, db=self._inbox)
-        if raw is None:
+    def _backlogs_left(self, txn: lmdb.Transaction, keys: Iterable[bytes]) -> List[BacklogCount]:
+        """The maxBacklog counts under way that counted inbox records `keys` as unacked, which an
+        unnamed app's ack in `txn` takes from every consumer: a count once per record. The
+        caller notes them in `left` once `txn` is committed."""
+        if not self._backlog_counts:
             return []
-        consumers = self._consumers_in(txn)  # as now: its acks since the count may have moved its floor
-        return [c for c in counts if c.name in consumers and _matches(consumers[c.name], self._checked(raw))
-                and not self._done(txn, consumers[c.name], key)]
+        consumers = self._consumers_in(txn)  # as now: acks since the count may have moved floors
+        left = []
+        for key in set(keys):
+            record_id, raw = _ID.unpack(key)[0], txn.get(key, db=self._inbox)
+            for count in self._backlog_counts.values():
+                consumer = consumers.get(count.name)
+                if raw is not None and consumer is not None and count.covers(record_id) and \
+                        _matches(consumer, self._checked(raw)) and not self._done(txn, consumer, key):
+                    left.append(count)
+        return left
 
     @guarded
     def consumer_catch_up_step(self, walk: FloorCatchUp) -> bool:
