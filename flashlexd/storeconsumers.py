@@ -141,6 +141,10 @@ class ConsumerStore:
     def _acked(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes) -> bool:
         return txn.get(_prefix(consumer.name) + key, db=self._consumer_acks) is not None
 
+    def _forget_ack(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes) -> None:
+        """Drop the consumer's ack entry for `key`, if it has one."""
+        txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
+
     def _done(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes) -> bool:
         return _ID.unpack(key)[0] <= consumer.floor or self._acked(txn, consumer, key)
 
@@ -160,7 +164,7 @@ class ConsumerStore:
         record_id = _ID.unpack(key)[0]
         for consumer in others:
             if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
-                txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
+                self._forget_ack(txn, consumer, key)
         return True
 
     def _records(self, txn: lmdb.Transaction, after: int, through: int,
@@ -675,9 +679,8 @@ class ConsumerStore:
             if _ID.unpack(key)[0] > consumer.floor and not self._acked(txn, consumer, key) \
                     and txn.get(key, db=self._inbox) is not None:
                 return False
-        prefix = _prefix(consumer.name)
         for key in walk.relied:  # these first: older entries left (orphans) are harmless
-            txn.delete(prefix + key, db=self._consumer_acks)
+            self._forget_ack(txn, consumer, key)
         self._forget_acks_through(txn, consumer, walk.position, COMMIT_STEP)
         consumer.floor = walk.position
         self._save(txn, consumer)
@@ -709,6 +712,6 @@ class ConsumerStore:
             for consumer in consumers.values():
                 if consumer.matches(topic) and not self._done(txn, consumer, key):
                     consumer.dropped += 1
-                txn.delete(_prefix(consumer.name) + key, db=self._consumer_acks)
+                self._forget_ack(txn, consumer, key)
         for consumer in consumers.values():
             self._save(txn, consumer)
