@@ -199,6 +199,28 @@ def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
     assert payloads(store) == [b"trickle 0", b"trickle 1", b"trickle 2", *lines]
 
 
+def test_a_batch_whose_connection_drops_is_committed_without_waiting_out_the_window(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Nothing more can join a batch once its connection is gone: it is committed at the next
+    loop pass, not when ingestCommitMs (5 s here) ends, so what the daemon had received before
+    a broker outage is in the inbox as soon as it has seen the link drop."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port, db={"ingestCommitMs": 5000})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    publish(broker, INGRESS_TOPIC, b"before the drop")
+    worker.wait(lambda w: w.counters.get("received") == 1, 15, "the message received")
+    assert store.inbox_count() == 0  # waiting in the commit window
+    received_at = time.monotonic()
+    proxy.cut()
+    wait_for(lambda: store.inbox_count() == 1, 15, "the message stored")
+    assert time.monotonic() - received_at < 2.5, "the batch waited for the window after the drop"
+    worker.wait(lambda w: w.counters.get("stored") == 1, 15, "the counters")
+    assert worker.stop() == 0
+    assert payloads(store) == [b"before the drop"]
+    proxy.close()
+
+
 def test_a_batch_above_the_brokers_window_does_not_stall_it(
         certs, tmp_path: Path, start_worker) -> None:
     """ingestCommitBatch above the broker's in-flight window (10 here): once 10 messages wait

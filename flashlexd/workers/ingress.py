@@ -11,12 +11,15 @@ up to `flashlex.app.db.ingestCommitMs` after its first message for more to share
 (its PUBACKs wait too; QoS 1 senders do not mind). It is committed at once when
 `ingestCommitBatch` messages are waiting: a broker stops sending once its window of
 unacknowledged messages is full (RabbitMQ's default prefetch is 10, mosquitto's in-flight limit
-20), so waiting longer would only stall it. A batch set above the broker's window is noticed:
-when LEARN_FROM or more messages wait and nothing came for STALL_GAPS times their mean gap (at
-least STALL_MIN), the broker has stopped at its window: the batch is committed and windows end
-at that count for the rest of the connection (a steady sender's gaps never look like that; a
-sender's pause that does only makes the batches smaller). Under load each loop pass reads more than that, so batches are committed as today: as
-soon as the socket has nothing more to read, the batch size adapting to the fsync time.
+20), so waiting longer would only stall it. It is committed at once, too, when its connection
+drops: nothing more can join it, and what came before an outage is readable at once.
+A batch set above the broker's window is noticed: when LEARN_FROM or more messages wait and
+nothing came for STALL_GAPS times their mean gap (at least STALL_MIN), the broker has stopped
+at its window: the batch is committed and windows end at that count for the rest of the
+connection (a steady sender's gaps never look like that; a sender's pause that does only makes
+the batches smaller). Under load each loop pass reads more than that, so batches are committed
+as today: as soon as the socket has nothing more to read, the batch size adapting to the fsync
+time.
 
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
 (DUP set; mosquitto keeps its packet id, RabbitMQ renumbers it) and the store recognises, by
@@ -108,7 +111,8 @@ class IngressWorker(Worker):
         wait = self.connection.service()
         if self.batch:
             due = self.batch_started + self.window
-            if len(self.batch) < self.window_flush and self.retry_at is None:
+            # a dropped connection adds nothing more to share the commit: no window after it
+            if len(self.batch) < self.window_flush and self.retry_at is None and self.connection.connected:
                 stalled = self._stalled_at()
                 if now < min(due, stalled):  # the commit window: more may share the commit
                     return min(wait, min(due, stalled) - now)
