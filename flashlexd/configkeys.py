@@ -106,8 +106,8 @@ TABLE: Tuple[Key, ...] = (
         field="sweep_seconds"),
     Key(f"{_DB}.ingestCommitMs", "integer", INGEST_COMMIT_MS,
         "how long a received message may wait for more to share its commit (one fsync, fewer bytes"
-        " written: see docs/WEAR.md); its PUBACK waits for that commit. `0`: commit at each loop"
-        " pass. SD-card friendly: `2000` with `ingestCommitBatch: 16`", WORKERS, minimum=0,
+        " written: see docs/WEAR.md); its PUBACK waits for that commit. The broker connection's drop"
+        " ends the window. `0`: commit at each loop pass. SD-card friendly: `2000` with `ingestCommitBatch: 16`", WORKERS, minimum=0,
         maximum=5000, field="ingest_commit_ms"),
     Key(f"{_DB}.ingestCommitBatch", "integer", INGEST_COMMIT_BATCH,
         "received messages that end the commit window at once. Keep it below the broker's window of"
