@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 MAX_PACKETS_PER_PASS = 1024
 QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a client-id conflict?
+# MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
+# doing: Server busy, Server shutting down, Keep alive timeout, Session taken over,
+# Administrative action, Use another server, Server moved, Connection rate exceeded,
+# Maximum connect time
+NOT_AN_ENTRYS_FAULT = frozenset({0x89, 0x8B, 0x8D, 0x8E, 0x98, 0x9C, 0x9D, 0x9F, 0xA0})
 
 
 class Connection:
@@ -112,6 +117,9 @@ class Connection:
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
+        # the broker's DISCONNECT (MQTT 5) named a cause that is no entry's doing (session
+        # taken over, shutting down, server moved...): the poison search must not count it
+        self.closed_for_other_cause = False
         self._connack_due: Optional[float] = None
         self._errors = LastError()
 
@@ -369,6 +377,7 @@ class Connection:
         now = self.clock()
         self.connected = True
         self.last_verdict = None
+        self.closed_for_other_cause = False
         self._adopt_limits(BrokerLimits.from_connack(properties))
         fallback = self.choice.connected()
         if fallback is not None:
@@ -413,6 +422,8 @@ class Connection:
             return
         entry_fault = self._entry_fault()
         if getattr(flags, "is_disconnect_packet_from_server", False):
+            self.closed_for_other_cause = getattr(reason, "value", None) in NOT_AN_ENTRYS_FAULT
+            entry_fault = entry_fault and not self.closed_for_other_cause
             self._errors.take()
             self._dead_reason = None
             self._failed(f"the broker {self.thing.endpoint}:{self.thing.mqtt.port} disconnected client id"

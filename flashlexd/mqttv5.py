@@ -149,9 +149,9 @@ def publish_properties(properties: Optional[Dict[str, Any]], expiry: Optional[in
 
 
 def publish_packet_size(topic: str, payload: bytes, properties: Optional[Dict[str, Any]],
-                        expiry: Optional[int]) -> int:
-    """The bytes of a QoS 1 MQTT 5 PUBLISH with these properties (`publish_properties`'
-    arguments), as the broker's Maximum Packet Size counts them."""
+                        expiry: Optional[int], qos: int) -> int:
+    """The bytes of an MQTT 5 PUBLISH with these properties (`publish_properties`' arguments),
+    as the broker's Maximum Packet Size counts them; a QoS 0 one has no packet id."""
     props = 5 if expiry is not None else 0  # id + four-byte integer
     for name, value in (properties or {}).items():
         if name == "user_properties":
@@ -160,7 +160,8 @@ def publish_packet_size(topic: str, payload: bytes, properties: Optional[Dict[st
             props += 2
         elif name != "message_expiry_interval":  # strings and binary data: id + length + bytes
             props += 3 + len(value.encode("utf-8") if isinstance(value, str) else value)
-    remaining = 2 + len(topic.encode("utf-8")) + 2 + _varint_size(props) + props + len(payload)
+    packet_id = 2 if qos else 0
+    remaining = 2 + len(topic.encode("utf-8")) + packet_id + _varint_size(props) + props + len(payload)
     return 1 + _varint_size(remaining) + remaining
 
 

@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from tests.broker import HOST, Broker, wait_for
 
@@ -95,6 +95,7 @@ class QuotaProxy:
         self._links: Dict[socket.socket, _Link] = {}
         self._closed = False
         self._cut = threading.Event()
+        self._cut_reason: Optional[int] = None
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -107,6 +108,8 @@ class QuotaProxy:
             ready, _, _ = select.select([self.listener, *self._links], [], [], 0.05)
             if self._cut.is_set():
                 for link in {id(v): v for v in self._links.values()}.values():
+                    if self._cut_reason is not None:
+                        self._say_disconnect(link, self._cut_reason)
                     self._drop(link)
                 self._cut.clear()
                 continue
@@ -171,8 +174,17 @@ class QuotaProxy:
             self._links.pop(end, None)
             end.close()
 
-    def drop_connections(self, timeout: float = 5) -> None:
-        """Cut every client connection (as a network outage would), from the proxy's thread."""
+    @staticmethod
+    def _say_disconnect(link: _Link, reason: int) -> None:
+        try:
+            link.tls.sendall(bytes([0xE0, 1, reason]))  # MQTT 5 DISCONNECT, no properties
+        except OSError:
+            pass
+
+    def drop_connections(self, timeout: float = 5, reason: Optional[int] = None) -> None:
+        """Cut every client connection (as a network outage would), from the proxy's thread;
+        with `reason`, after an MQTT 5 DISCONNECT naming it, as a broker closes a link."""
+        self._cut_reason = reason
         self._cut.set()
         wait_for(lambda: not self._cut.is_set(), timeout, "quota proxy cut")
 

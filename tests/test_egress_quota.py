@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
-from tests.quota_proxy import QuotaProxy
+from tests.quota_proxy import PUBLISH, QUOTA_EXCEEDED_PUBACK, QuotaProxy, _packet_id, split_packets
 from tests.test_egress import assert_delivered_in_order, fill_outbox
 
 
@@ -148,5 +148,50 @@ def test_an_entry_never_acknowledged_is_not_taken_for_poison(plain_broker: Broke
     worker.wait(lambda w: w.counters.get("throttled", 0) >= 4, 60, "four links given up on")
     assert store.dead_letters() == [] and store.outbox_count() == 1
     assert worker.counters.get("dead_lettered") == 0
+    assert worker.stop() == 0
+    proxy.close()
+
+
+class RefuseOne(QuotaProxy):
+    """Answers the first PUBLISH of `victim` with PUBACK 0x97 Quota exceeded (as AWS IoT Core
+    may) and forwards everything else."""
+
+    def __init__(self, broker: Broker, victim: bytes):
+        super().__init__(broker, rate=0)
+        self.victim, self.refused = victim, False
+
+    def _filter(self, link, data: bytes) -> bytes:
+        packets, link.pending = split_packets(link.pending + data)
+        kept = []
+        for packet in packets:
+            if packet[0] >> 4 == PUBLISH and packet.endswith(self.victim) and not self.refused:
+                self.refused = True
+                link.tls.sendall(QUOTA_EXCEEDED_PUBACK + _packet_id(packet) + b"\x97")
+                continue
+            kept.append(packet)
+        return b"".join(kept)
+
+
+def test_an_entry_refused_over_quota_is_sent_after_the_link_drops(plain_broker: Broker, tmp_path: Path,
+                                                                  start_worker) -> None:
+    """A 0x97 sends the refused entry again after later ones already in flight. When the link
+    then drops with all of them unacknowledged, every one is sent on the next connection: the
+    lowest in flight, not the first sent, is where the drain resumes."""
+    proxy = RefuseOne(plain_broker, b"victim")
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "maxInflight": 20, "mqttOperationTimeout": 3})
+    store = open_store(config)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    plain_broker.freeze()  # it takes the publishes and acknowledges none: the link watch drops it
+    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)]
+                        + [(EGRESS_TOPIC, f"{i:06d}".encode(), 1, False) for i in range(15)])
+    worker.send("outbox")
+    worker.wait(lambda w: any(not m["connected"] for m in w.reports("mqtt")), 15, "the link closed")
+    assert proxy.refused
+    plain_broker.thaw()
+    wait_for(lambda: store.outbox_count() == 0, 20, "the outbox drained on the next connection")
+    wait_for(lambda: b"victim" in subscriber.lines(), 10, "the refused entry delivered")
     assert worker.stop() == 0
     proxy.close()

@@ -8,9 +8,11 @@ from typing import Iterator, List
 import pytest
 
 from flashlexd.client import connect
+from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.store import Store
 from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
 from tests.daemon import Daemon
+from tests.quota_proxy import QuotaProxy
 from tests.test_egress import assert_delivered_in_order
 
 MAX_PACKET = 10_000  # mosquitto disconnects a client that sends a bigger packet
@@ -87,3 +89,47 @@ def test_through_the_daemon_a_retried_poison_entry_comes_back_and_a_drop_ends_it
     finally:
         daemon.stop()
         subscriber.stop()
+
+
+def test_a_qos0_entry_is_measured_without_a_packet_id(strict_broker: Broker, tmp_path: Path,
+                                                     start_worker) -> None:
+    """A QoS 0 PUBLISH has no packet id: an entry that fits the broker's Maximum Packet Size only
+    without one is sent, not dead-lettered."""
+    payload = b"x" * (MAX_PACKET - 100)
+    while publish_packet_size(EGRESS_TOPIC, payload, {}, None, qos=1) <= MAX_PACKET:
+        payload += b"x"
+    assert publish_packet_size(EGRESS_TOPIC, payload, {}, None, qos=0) <= MAX_PACKET
+    subscriber = Subscriber(strict_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", strict_broker, mqtt={"protocol": "5"})
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, payload, 0, False), (EGRESS_TOPIC, b"after", 1, False)])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 15, "the outbox drained")
+    wait_for(lambda: b"after" in subscriber.lines(), 15, "the entry behind it delivered")
+    assert store.dead_letters() == [] and payload in subscriber.lines()
+    assert worker.stop() == 0
+
+
+def test_a_drop_the_broker_gives_its_own_cause_for_is_not_counted_as_poison(
+        certs: Certs, tmp_path: Path, start_worker) -> None:
+    """MQTT 5: a broker's DISCONNECT that names a cause of its own (here Session taken over,
+    0x8E: AWS IoT Core's answer to another connection with our client id) says nothing about
+    the entry alone in flight, so three of them do not dead-letter it."""
+    broker = Broker(certs, tmp_path / "broker", plain=True).start()
+    proxy = QuotaProxy(broker, rate=0.001)  # every PUBLISH dropped: the entry stays in flight
+    try:
+        config = write_config(tmp_path / "config", broker, port=proxy.port,
+                              mqtt={"protocol": "5", "mqttOperationTimeout": 60})
+        store = open_store(config)
+        store.outbox_append([(EGRESS_TOPIC, b"precious", 1, False)])
+        worker = start_worker("egress", config)
+        for sent in range(1, 4):
+            wait_for(lambda: proxy.over_quota >= sent, 15, f"the entry sent on connection {sent}")
+            proxy.drop_connections(reason=0x8E)
+        wait_for(lambda: proxy.over_quota >= 4, 15, "the entry sent on a fourth connection")
+        assert store.dead_letters() == [] and store.outbox_count() == 1
+        assert "Session taken over" in worker.log_text()
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+        broker.close()

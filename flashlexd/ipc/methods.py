@@ -350,7 +350,7 @@ class Methods:
         if cap == 0 and not self.egress_connected():
             raise RpcFailure(Code.EGRESS_OFFLINE, "egress is not connected and offlinePublishQueueing"
                              " is 0: publish refused (nothing was queued)")
-        self._check_packet_size(topic, payload, properties)
+        self._check_packet_size(topic, payload, properties, qos)
         entry = (topic, payload, qos, retain, properties)
         if rules.write_window > 0:
             return self.publishes.join(entry, rules.write_window, self._queued)
@@ -372,14 +372,16 @@ class Methods:
                              " entries, offlinePublishQueueing)")
         return {"id": outbox_id}
 
-    def _check_packet_size(self, topic: str, payload: bytes, properties: Dict[str, Any]) -> None:
+    def _check_packet_size(self, topic: str, payload: bytes, properties: Dict[str, Any],
+                           qos: int) -> None:
         """While the egress link is up on MQTT 5, refuse what its broker's Maximum Packet Size
         would refuse (the egress dead-letters such entries queued earlier)."""
         egress = self.egress_link()
         limit = egress.get("broker_max_packet")
         if not (egress.get("connected") and limit):
             return
-        size = publish_packet_size(topic, payload, properties, properties.get("message_expiry_interval"))
+        size = publish_packet_size(topic, payload, properties, properties.get("message_expiry_interval"),
+                                   qos)
         if size > limit:
             raise RpcFailure(Code.BAD_PARAMS, f"publish: a {size}-byte packet exceeds the broker's Maximum"
                              f" Packet Size ({limit} bytes) (nothing was queued)")

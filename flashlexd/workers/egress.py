@@ -184,14 +184,16 @@ class EgressWorker(Worker):
         self.inflight.clear()
         # only a link the broker closed itself can be an entry's fault: one we closed because it
         # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
-        if self.connection.last_verdict is None:
+        if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
             victim = self.poison.dropped([s.entry_id for s in sent], progress=self.acked_on_link > 0)
             if victim is not None:
                 attempts = self.poison.attempts
                 self._dead_letter(sent[0], f"the link dropped each of the {attempts} times it was"
                                   f" alone in flight; last: {error or 'closed by the broker'}", attempts)
         self._delete_done()  # so acknowledged entries are not sent again
-        self.cursor = min(self.cursor, sent[0].entry_id - 1)
+        # the lowest id, not the first sent: after a 0x97 rewind an entry is sent again after
+        # later ones still in flight
+        self.cursor = min(self.cursor, min(s.entry_id for s in sent) - 1)
         self.more = True
 
     def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
@@ -230,9 +232,10 @@ class EgressWorker(Worker):
         if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
             self._forget_unacked_below(entries[0].id if entries else math.inf)
         done = set(self.done)
+        flying = {s.entry_id for s in self.inflight.values()}
         expired: List[OutboxEntry] = []
         for entry in entries:
-            if entry.id in done:  # acknowledged, its delete still to come
+            if entry.id in done or entry.id in flying:  # acknowledged (delete to come), or awaited
                 self.cursor = entry.id
                 continue
             if _expiry_left(entry) == 0:
@@ -269,7 +272,8 @@ class EgressWorker(Worker):
     def _publish(self, entry: OutboxEntry, size: int) -> bool:
         limit = self.connection.limits.max_packet_size
         expiry = _expiry_left(entry)
-        if limit and publish_packet_size(entry.topic, entry.payload, entry.properties, expiry) > limit:
+        if limit and publish_packet_size(entry.topic, entry.payload, entry.properties, expiry,
+                                         entry.qos) > limit:
             self._dead_letter(_InFlight(entry.id, entry.topic, size), "larger than the broker's Maximum"
                               f" Packet Size ({limit} bytes)", 0)
             return True
