@@ -120,6 +120,7 @@ class Connection:
         # the broker's DISCONNECT (MQTT 5) named a cause that is no entry's doing (session
         # taken over, shutting down, server moved...): the poison search must not count it
         self.closed_for_other_cause = False
+        self.session_present = False  # the last CONNACK's: the broker kept what it held for us
         self._connack_due: Optional[float] = None
         self._errors = LastError()
 
@@ -387,7 +388,7 @@ class Connection:
         self.backoff.connected()
         self.watch.up()
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
-        present = bool(flags.session_present)
+        present = self.session_present = bool(flags.session_present)
         log.info("connected to %s:%d as %r with MQTT %s (session present: %s)", self.thing.endpoint,
                  self.thing.mqtt.port, self.client_id, self.protocol, present)
         if self._had_session and not present:

@@ -3,13 +3,19 @@
 Two databases of the store, written in the append's own transaction (so they survive a kill
 and a power cut exactly as the messages do):
 
-  unconfirmed  digest(8) -> count(4) + seq(8): how many committed messages with this topic +
-               payload the broker has not yet confirmed as acknowledged (workers/barrier.py
-               says when it has). A DUP=1 message whose digest is counted here is a broker's
-               redelivery of one of them, whatever its packet id (RabbitMQ renumbers them):
-               it is acknowledged, not stored. A DUP=1 message with a digest at 0 is new (a
-               first transmission was lost), even if its packet id and content equal those of
-               an older, confirmed message. Each confirmation takes one off the count. A
+  unconfirmed  digest(8) -> count(4) + seq(8) + link(8) + taken(4): how many committed
+               messages with this topic + payload the broker has not yet confirmed as
+               acknowledged (workers/barrier.py says when it has). A DUP=1 message whose digest
+               is counted here is a broker's redelivery of one of them, whatever its packet id
+               (RabbitMQ renumbers them): it is acknowledged, not stored. A DUP=1 message with
+               a digest at 0 is new (a first transmission was lost), even if its packet id and
+               content equal those of an older, confirmed message. Each confirmation takes one
+               off the count. A broker resends each unconfirmed copy once per connection, so
+               `taken` counts the copies already accounted for on connection `link` (the
+               ingress's random id of it): those that arrived on it, new or recognised. A DUP is
+               a redelivery only while count > taken: two copies of "on" in flight at a drop,
+               one committed, the other's first transmission lost, are one redelivery and one
+               new message (before, both were taken for redeliveries and the second was lost). A
                PUBACK sent just before a disconnect is never confirmed, and if the broker did
                get it no redelivery takes its count off: the table is therefore capped at
                MARKS_MAX entries, the oldest (lowest seq, an inbox id) going first; the live
@@ -28,7 +34,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import lmdb
 from flashlexd.storedamage import CorruptRecord
 
-MARK = struct.Struct(">IQ")  # count, seq
+MARK = struct.Struct(">IQQI")  # count, seq, link, taken
+_OLD_MARK = struct.Struct(">IQ")  # count, seq: before the links were counted (link 0, none taken)
 _MS = struct.Struct(">Q")
 MARKS_MAX = 16384  # ~0.5 MB of marks at most; live ones are a few batches
 PRUNE_PER_APPEND = 1000  # expired dedupe keys dropped per append, at most
@@ -45,19 +52,21 @@ class Redeliveries:
             raw = txn.get(digest, db=self.unconfirmed)
             if raw is None:
                 continue
-            count, seq = _mark(raw)
-            if count > 1:
-                txn.put(digest, MARK.pack(count - 1, seq), db=self.unconfirmed)
+            count, seq, link, taken = _mark(raw)
+            if count > 1:  # a confirmation is of a copy the connection it came on accounted for
+                txn.put(digest, MARK.pack(count - 1, seq, link, max(0, taken - 1)), db=self.unconfirmed)
             else:
                 txn.delete(digest, db=self.unconfirmed)
 
     def choose(self, txn: lmdb.Transaction, dups: Sequence[bool], digests: Sequence[Optional[bytes]],
                keys: Sequence[Optional[bytes]], seq: int, now: float,
-               window: Optional[float]) -> List[int]:
+               window: Optional[float], links: Sequence[int] = ()) -> List[int]:
         """Indexes of the messages to store; counts the others' marks. `dups` are the DUP
-        flags, `digests` from store.dup_marks (None: QoS 0), `keys` the dedupe keys."""
-        counts: Dict[bytes, int] = {}
-        added: Dict[bytes, int] = {}
+        flags, `digests` from store.dup_marks (None: QoS 0), `keys` the dedupe keys, `links`
+        the connection each message came on (none: a caller that does not know, and any DUP of
+        a counted content is a redelivery)."""
+        marks: Dict[bytes, List[int]] = {}  # digest -> [count, link, taken]
+        changed: Dict[bytes, None] = {}
         hashes = [hashlib.blake2b(k, digest_size=16).digest() if k is not None and window else None
                   for k in keys]
         now_ms = int(now * 1000)
@@ -66,21 +75,28 @@ class Redeliveries:
         chosen = []
         for i, (dup, digest, key) in enumerate(zip(dups, digests, hashes)):
             if digest is not None:
-                if digest not in counts:
+                mark = marks.get(digest)
+                if mark is None:
                     raw = txn.get(digest, db=self.unconfirmed)
-                    counts[digest] = _mark(raw)[0] if raw else 0
-                if dup and counts[digest] > 0:
+                    count, _, link, taken = _mark(raw) if raw else (0, 0, 0, 0)
+                    mark = marks[digest] = [count, link, taken]
+                if links:
+                    if mark[1] != links[i]:  # none accounted for on this connection yet
+                        mark[1], mark[2] = links[i], 0
+                    mark[2] += 1
+                    changed[digest] = None
+                if dup and mark[0] > (mark[2] - 1 if links else 0):
                     continue  # a redelivery of one we hold: its confirmation settles the mark
-                counts[digest] += 1
-                added[digest] = counts[digest]
+                mark[0] += 1
+                changed[digest] = None
             if key is not None:
                 if key in fresh or self._seen(txn, key, since):
                     continue  # the application's duplicate: acknowledged, counted, not stored
                 fresh[key] = None
             chosen.append(i)
-        if added:
+        if changed:
             txn.cursor(db=self.unconfirmed).putmulti(
-                [(d, MARK.pack(count, seq)) for d, count in sorted(added.items())])
+                [(d, MARK.pack(marks[d][0], seq, marks[d][1], marks[d][2])) for d in sorted(changed)])
             self._cap(txn, seq)
         if window:
             self._remember(txn, fresh, now_ms, since)
@@ -139,11 +155,13 @@ class Redeliveries:
             digest, seq = value[:8], (_MS.unpack(value[8:16])[0] if len(value) >= 16 else 0)
             count, old_seq = counts.get(digest, (0, 0))
             counts[digest] = (count + 1, max(seq, old_seq))
-        return [(d, MARK.pack(*counts[d])) for d in sorted(counts)]
+        return [(d, MARK.pack(*counts[d], 0, 0)) for d in sorted(counts)]
 
 
-def _mark(raw: bytes) -> Tuple[int, int]:
-    """(count, seq) of an `unconfirmed` value; a damaged one is reported as damage."""
-    if len(raw) != MARK.size:
-        raise CorruptRecord(f"an unconfirmed-message mark of {len(raw)} bytes")
-    return MARK.unpack(raw)
+def _mark(raw: bytes) -> Tuple[int, int, int, int]:
+    """(count, seq, link, taken) of an `unconfirmed` value; a damaged one is reported as damage."""
+    if len(raw) == MARK.size:
+        return MARK.unpack(raw)
+    if len(raw) == _OLD_MARK.size:
+        return (*_OLD_MARK.unpack(raw), 0, 0)
+    raise CorruptRecord(f"an unconfirmed-message mark of {len(raw)} bytes")

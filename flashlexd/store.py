@@ -93,15 +93,17 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
-               settled: Sequence[DupMark] = (), dedupe_window: Optional[float] = None
-               ) -> List[Optional[int]]:
+               settled: Sequence[DupMark] = (), dedupe_window: Optional[float] = None,
+               links: Sequence[int] = ()) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
         for a duplicate: a redelivery (DUP) of a message stored and not yet confirmed, or a
         message whose dedupe key was stored in the last `dedupe_window` seconds. All or nothing.
 
         `settled` are the DUP marks (`dup_marks`) of earlier messages whose PUBACK the broker
         has processed (see workers/barrier.py): they can no longer be redelivered, so their
-        marks are taken off in the same transaction, before this batch is looked at."""
+        marks are taken off in the same transaction, before this batch is looked at. `links`
+        name the connection each message came on (redelivery.py: a broker resends a copy once
+        per connection)."""
         reading = self._frames.reading(now)
         seq = self._frames.current.seq
         # in this boot's first frame: a later step does not move it (clock.py)
@@ -118,7 +120,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             self._redeliveries.settle(txn, settled)
             first_id = self._counter(txn, b"inbox_last_id") + 1
             # dedupe windows run on the same step-proof time as expiry
-            chosen = self._not_redelivered(txn, messages, marks, first_id, steady, dedupe_window)
+            chosen = self._not_redelivered(txn, messages, marks, first_id, steady, dedupe_window, links)
             new_records = [records[i] for i in chosen]
             last_id = first_id + len(new_records) - 1
             if new_records:
@@ -152,13 +154,14 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     def _not_redelivered(self, txn: lmdb.Transaction, messages: Sequence[Incoming],
                          marks: List[Optional[DupMark]], first_id: int, wall: float,
-                         dedupe_window: Optional[float]) -> List[int]:
+                         dedupe_window: Optional[float], links: Sequence[int]) -> List[int]:
         """Indexes of the messages to store: all but the DUPs of a message stored (in the store
         or earlier in this batch) and not yet confirmed, and the repeated dedupe keys."""
         if not dedupe_window and not any(m.dup for m in messages) and not any(marks):
             return list(range(len(messages)))  # QoS 0 only: nothing to mark
         return self._redeliveries.choose(txn, [m.dup for m in messages], marks,
-                                         [m.key for m in messages], first_id, wall, dedupe_window)
+                                         [m.key for m in messages], first_id, wall, dedupe_window,
+                                         links)
 
     @guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,
@@ -222,6 +225,23 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             txn.drop(self._inbox, delete=False)
             txn.drop(self._consumer_acks, delete=False)  # acks of ids that are gone
             self._add_counter(txn, b"purged", count)
+            return count
+
+        return self._write(work)  # type: ignore[return-value]
+
+    @guarded
+    def forget_unconfirmed(self) -> int:
+        """The broker holds no session for us (CONNACK session present 0): it can redeliver
+        nothing we committed, so every DUP mark is stale, and would take a later message of
+        that content whose first transmission was lost for a redelivery. A read first: a commit
+        costs wear, and there is seldom anything to drop."""
+        with self._read() as txn:
+            if not txn.stat(self._redeliveries.unconfirmed)["entries"]:
+                return 0
+
+        def work(txn: lmdb.Transaction) -> int:
+            count = txn.stat(self._redeliveries.unconfirmed)["entries"]
+            txn.drop(self._redeliveries.unconfirmed, delete=False)
             return count
 
         return self._write(work)  # type: ignore[return-value]

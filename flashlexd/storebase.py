@@ -44,11 +44,13 @@ class ScanPage(Generic[T]):
     last: Optional[int] = None
 
 
-SCHEMA_VERSION = 4  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
+SCHEMA_VERSION = 5  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
 #                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys;
 #                   4: no expiry index (inbox order is expiry order), `acked` derived (wear),
 #                      named consumers (`consumers`, `cacks`), MQTT 5 properties at the end
-#                      of records and the `msgexpiry` index
+#                      of records and the `msgexpiry` index;
+#                   5: a DUP mark also counts the copies its connection accounted for (an
+#                      older 12-byte mark reads as none: nothing to convert)
 _SIGNED = struct.Struct(">q")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk

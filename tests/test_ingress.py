@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import List
 
+import pytest
+
 from flashlexd.store import Store
 from tests.broker import (INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
@@ -241,3 +243,86 @@ def test_a_batch_above_the_brokers_window_does_not_stall_it(
         worker.wait(lambda w: w.counters.get("stored") == len(lines), 5, "the counters")
     finally:
         broker.close()
+
+
+# -- a later message of the same content, first sent as a DUP ---------------------------------
+
+def lose_next_delivery_then_cut(proxy: Proxy, broker: Broker, payload: bytes) -> None:
+    """`payload` is published and its first transmission to the worker lost, then the link is
+    cut: the broker sends it again, with DUP set, on the next connection."""
+    proxy.swallow("down")
+    before = proxy.swallowed["down"]
+    publish(broker, INGRESS_TOPIC, payload)
+    wait_for(lambda: proxy.swallowed["down"] > before, 10, "the broker sending it into the void")
+    proxy.cut()
+
+
+def stored_up_to_the_marker(broker: Broker, store: Store) -> List[bytes]:
+    publish(broker, INGRESS_TOPIC, b"marker")
+    wait_for(lambda: b"marker" in payloads(store), 20, "the marker stored")
+    return payloads(store)
+
+
+@pytest.mark.parametrize("protocol, commit_ms, lost", [("5", 5000, "nothing"), ("3.1.1", 5000, "nothing"),
+                                                      ("3.1.1", 0, "the PUBACK")])
+def test_two_copies_of_one_content_in_flight_at_a_drop_are_both_stored(
+        broker: Broker, tmp_path: Path, start_worker, protocol: str, commit_ms: int, lost: str) -> None:
+    """The first "same" is committed (in the window, so at the drop; or at once, its PUBACK
+    lost), the second's first transmission is lost, then the link drops. The broker resends
+    both with DUP: one is the redelivery of the copy held, the other a new message."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"protocol": protocol},
+                          db={"ingestCommitMs": commit_ms})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    if lost == "the PUBACK":
+        proxy.swallow("up")
+    publish(broker, INGRESS_TOPIC, b"same")
+    worker.wait(lambda w: w.counters.get("received") == 1, 15, "the first copy received")
+    lose_next_delivery_then_cut(proxy, broker, b"same")
+    assert stored_up_to_the_marker(broker, store) == [b"same", b"same", b"marker"]
+    worker.wait(lambda w: w.counters.get("duplicates") == 1, 10, "the redelivery recognised")
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_marks_confirmed_before_a_stop_do_not_drop_a_later_message(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A confirmed PUBACK's mark is taken off with the next commit; a stop before any must take
+    it off itself, or after the restart a new "same" first sent as a DUP is dropped."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port, db={"ingestCommitMs": 0})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    publish(broker, INGRESS_TOPIC, b"same")
+    worker.wait(lambda w: w.counters.get("acks_confirmed", 0) >= 1, 15, "its PUBACK confirmed")
+    assert worker.stop() == 0
+    worker = start_subscribed(start_worker, config, broker)
+    lose_next_delivery_then_cut(proxy, broker, b"same")
+    assert stored_up_to_the_marker(broker, store) == [b"same", b"same", b"marker"]
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_marks_of_a_session_the_broker_lost_do_not_drop_a_later_message(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """"same" committed at the drop, never acknowledged; the broker comes back without its
+    state (no session), so it will never resend it: the mark must go, or a new "same" first
+    sent as a DUP is taken for its redelivery and dropped."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port, db={"ingestCommitMs": 5000})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    publish(broker, INGRESS_TOPIC, b"same")
+    worker.wait(lambda w: w.counters.get("received") == 1, 15, "received")
+    subscribed = broker.subscriptions(THING, INGRESS_TOPIC)
+    broker.kill()
+    wait_for(lambda: store.inbox_count() == 1, 10, "committed at the drop")
+    (broker.workdir / "state" / "mosquitto.db").unlink(missing_ok=True)
+    broker.start()
+    wait_for(lambda: broker.subscriptions(THING, INGRESS_TOPIC) > subscribed, 20, "subscribed again")
+    lose_next_delivery_then_cut(proxy, broker, b"same")
+    assert stored_up_to_the_marker(broker, store) == [b"same", b"same", b"marker"]
+    assert "dropped 1 DUP marks of the session the broker lost" in worker.log_text()
+    assert worker.stop() == 0
+    proxy.close()

@@ -178,7 +178,7 @@ def test_a_schema2_store_keeps_its_dup_marks(tmp_path: Path):
     env = lmdb.open(str(tmp_path / "store"), max_dbs=16, readonly=True, lock=False)
     with env.begin() as txn:
         assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
-            == SCHEMA_VERSION == 4
+            == SCHEMA_VERSION == 5
         assert txn.stat(env.open_db(b"recent", txn=txn, create=False))["entries"] == 0
     env.close()
 
@@ -193,6 +193,39 @@ def test_a_damaged_mark_is_reported_as_damage_not_a_traceback(tmp_path: Path):
     with pytest.raises(StoreDamaged) as caught:
         store.append([msg(b"x", dup=True)])
     assert "unconfirmed-message mark of 3 bytes" in str(caught.value)
+    store.close()
+
+
+def test_on_one_connection_a_dup_beyond_the_copies_held_is_a_new_message(store: Store):
+    """A broker resends each unconfirmed copy once per connection. One copy of "x" held: of two
+    DUPs of "x" on the next connection, one is its redelivery and the other a new message whose
+    first transmission was lost (both were taken for redeliveries, and the second was lost).
+    A copy redelivered on one connection after another is recognised on each."""
+    assert store.append([msg(b"x", mid=1)], links=[1]) == [1]
+    assert store.append([msg(b"x", mid=1, dup=True), msg(b"x", mid=2, dup=True)], links=[2, 2]) == [None, 2]
+    assert store.append([msg(b"x", mid=3, dup=True)], links=[2]) == [3]  # both accounted for on 2
+    assert store.append([msg(b"y", mid=4)], links=[3]) == [4]
+    for link in (4, 5):
+        assert store.append([msg(b"y", mid=4, dup=True)], links=[link]) == [None]
+
+
+def test_a_confirmation_frees_the_copy_its_connection_accounted_for(store: Store):
+    """Two copies of "x" on connection 1, the first one's PUBACK confirmed: the other is still
+    held, and on connection 2 one DUP of "x" is its redelivery, a second one new."""
+    assert store.append([msg(b"x", mid=1), msg(b"x", mid=2)], links=[1, 1]) == [1, 2]
+    assert store.append([], settled=dup_marks([msg(b"x")])) == []
+    assert store.append([msg(b"x", mid=2, dup=True), msg(b"x", mid=5, dup=True)], links=[2, 2]) == [None, 3]
+
+
+def test_a_mark_written_before_connections_were_counted_is_read(tmp_path: Path):
+    """A store written by the previous version holds 12-byte marks (count, seq)."""
+    Store(tmp_path / "store", CAP).close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        txn.put(dup_marks([msg(b"x")])[0], struct.pack(">IQ", 1, 1), db=env.open_db(b"unconfirmed", txn=txn))
+    env.close()
+    store = Store(tmp_path / "store", CAP)
+    assert store.append([msg(b"x", dup=True), msg(b"x", mid=2, dup=True)], links=[9, 9]) == [None, 1]
     store.close()
 
 

@@ -39,6 +39,7 @@ disk is handled the same way.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -65,7 +66,7 @@ class _Pending(NamedTuple):
     incoming: Optional[Incoming]  # None: dropped (oversize), waiting only for its ack
     mid: int
     qos: int
-    generation: int  # which connection it arrived on
+    generation: int  # which connection it arrived on: a random id, also the store's (redelivery.py)
 
 
 class IngressWorker(Worker):
@@ -92,6 +93,7 @@ class IngressWorker(Worker):
         self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
+        self.forget_marks = False  # the broker lost our session: its DUP marks are stale
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
                              marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
@@ -141,6 +143,12 @@ class IngressWorker(Worker):
     def shutdown(self) -> None:
         if self.batch:
             self._commit(time.monotonic())  # when the store refuses, the broker keeps them
+        settled = self.barrier.take_settled()
+        if len(settled):  # confirmed since the last commit: a mark left behind would take a later
+            try:          # message of that content, first sent as a DUP, for a redelivery
+                self.store.append([], settled=settled)
+            except StoreError as exc:
+                log.warning("cannot take %d confirmed DUP marks off: %s", len(settled), exc)
         self.connection.close(min(self.config.thing.mqtt.connect_timeout,
                                   self.config.supervision.stop_timeout / 2))
         self.store.close()
@@ -166,7 +174,9 @@ class IngressWorker(Worker):
         if connected:
             self._note_session()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
-            self.generation += 1
+            self.generation = int.from_bytes(os.urandom(8), "big")
+            self.forget_marks = self.forget_marks or not self.connection.session_present
+            self._forget_stale_marks()
             self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
@@ -174,6 +184,21 @@ class IngressWorker(Worker):
         self.counters["connected"] = False
         self.counters["subscriptions"] = []
         self.report("mqtt", connected=False, error=error)
+
+    def _forget_stale_marks(self) -> None:
+        """Once no message of an earlier connection waits to be committed (a DUP among them
+        may still need its mark), drop every DUP mark: the broker lost the session."""
+        if not self.forget_marks or any(p.generation != self.generation for p in self.batch):
+            return
+        try:
+            dropped = self.store.forget_unconfirmed()
+        except StoreError as exc:
+            log.warning("cannot drop the DUP marks of the session the broker lost: %s", exc)
+            return
+        self.forget_marks = False
+        self.barrier.take_settled()  # their confirmations: nothing left to take them off
+        if dropped:
+            log.info("dropped %d DUP marks of the session the broker lost", dropped)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
                       properties: Any) -> None:
@@ -242,10 +267,11 @@ class IngressWorker(Worker):
         settled = self.barrier.take_settled()
         while True:
             messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
+            links = [p.generation for p in self.batch[:count] if p.incoming is not None]
             try:
                 window = self.dedupe.window_seconds if self.dedupe else None
-                ids = self.store.append(messages, settled=settled, dedupe_window=window) \
-                    if messages else []
+                ids = self.store.append(messages, settled=settled, dedupe_window=window,
+                                        links=links) if messages else []
                 break
             except (StoreFull, DiskFull) as exc:
                 if count == 1:
@@ -281,6 +307,7 @@ class IngressWorker(Worker):
         self.barrier.sent_acks(acked)
         if new:
             self.report("committed")
+        self._forget_stale_marks()
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
