@@ -60,10 +60,15 @@ class LaxBroker:
     to each client that subscribes it delivers `deliveries` (raw topic bytes, payload) at QoS 1,
     and it records the CONNECTs and PUBACKs it gets. A client that subscribes again (it lost
     its link, as a loaded machine's worker may) gets only what it has not PUBACKed, with DUP
-    set, as a broker keeping its session does (all of them again stored each twice)."""
+    set, as a broker keeping its session does (all of them again stored each twice). With
+    `resend_after`, what is still not PUBACKed that many seconds after the last packet came is
+    sent once more on the same connection, with DUP set (MQTT 3.1.1 allows it; some brokers
+    retry on a timer)."""
 
-    def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]]):
+    def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]],
+                 resend_after: Optional[float] = None):
         self.deliveries = deliveries
+        self.resend_after = resend_after
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(certs.server.cert), str(certs.server.key))
         self.context.load_verify_locations(str(certs.ca))
@@ -87,8 +92,16 @@ class LaxBroker:
     def _serve(self, conn: socket.socket) -> None:
         try:
             with self.context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(self.resend_after)
+                resent = False
                 while True:
-                    packet = read_mqtt_packet(tls)
+                    try:
+                        packet = read_mqtt_packet(tls)
+                    except socket.timeout:
+                        if not resent:
+                            self._deliver(tls)
+                            resent = True
+                        continue
                     if packet is None:
                         return
                     kind, body = packet[0] >> 4, packet[1]
@@ -101,12 +114,7 @@ class LaxBroker:
                             at += 2 + struct.unpack_from(">H", body, at)[0] + 1
                             filters += 1
                         tls.sendall(mqtt_packet(0x90, body[:2] + b"\1" * filters))
-                        for mid, (topic, payload) in enumerate(self.deliveries, 1):
-                            if mid in self.acked:
-                                continue
-                            publish_body = mqtt_string(topic) + struct.pack(">H", mid) + payload
-                            tls.sendall(mqtt_packet(0x3A if mid in self.sent else 0x32, publish_body))
-                            self.sent.add(mid)
+                        self._deliver(tls)
                     elif kind == 4:  # PUBACK
                         self.acked.append(struct.unpack(">H", body[:2])[0])
                     elif kind == 12:  # PINGREQ
@@ -115,6 +123,15 @@ class LaxBroker:
                         return
         except (OSError, ssl.SSLError):
             return
+
+    def _deliver(self, tls: ssl.SSLSocket) -> None:
+        """Every delivery not PUBACKed yet, DUP set on those sent before."""
+        for mid, (topic, payload) in enumerate(self.deliveries, 1):
+            if mid in self.acked:
+                continue
+            publish_body = mqtt_string(topic) + struct.pack(">H", mid) + payload
+            tls.sendall(mqtt_packet(0x3A if mid in self.sent else 0x32, publish_body))
+            self.sent.add(mid)
 
     def close(self) -> None:
         self.closed = True

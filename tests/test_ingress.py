@@ -12,6 +12,7 @@ import pytest
 from flashlexd.store import Store
 from tests.broker import (INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
+from tests.lax_broker import LaxBroker
 
 
 def payloads(store: Store) -> List[bytes]:
@@ -324,5 +325,59 @@ def test_marks_of_a_session_the_broker_lost_do_not_drop_a_later_message(
     lose_next_delivery_then_cut(proxy, broker, b"same")
     assert stored_up_to_the_marker(broker, store) == [b"same", b"same", b"marker"]
     assert "dropped 1 DUP marks of the session the broker lost" in worker.log_text()
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_a_resend_on_the_same_connection_is_stored_once(broker: Broker, tmp_path: Path,
+                                                       start_worker) -> None:
+    """MQTT 3.1.1 lets a broker resend an unacknowledged message on the same connection (some
+    do, on a timer): while the first copy waits in the commit window, the DUP resend with its
+    packet id and content is acknowledged with it and not stored."""
+    lax = LaxBroker(broker.certs, [(INGRESS_TOPIC.encode(), b"once")], resend_after=1.0)
+    try:
+        config = write_config(tmp_path / "config", broker, port=lax.port, mqtt={"protocol": "3.1.1"},
+                              db={"ingestCommitMs": 5000})
+        store = open_store(config)
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.counters.get("received") == 2, 15, "the message and its resend")
+        wait_for(lambda: store.inbox_count() >= 1, 15, "the message stored")
+        worker.wait(lambda w: (w.counters.get("stored"), w.counters.get("duplicates")) == (1, 1), 10,
+                    "one stored, one duplicate")
+        assert payloads(store) == [b"once"] and 1 in lax.acked
+        assert worker.stop() == 0
+    finally:
+        lax.close()
+
+
+def test_marks_dropped_for_a_lost_session_spare_the_new_sessions(broker: Broker, tmp_path: Path,
+                                                                 start_worker) -> None:
+    """The broker comes back without our session while a full store holds messages of the old
+    connection: the marks are dropped only once those are committed, before any message of the
+    new session is, so a new-session message whose PUBACK is lost is still recognised when the
+    broker resends it on the next connection."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port,
+                          db={"capMegabytes": 1, "whenFull": "reject", "ingestCommitMs": 0})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    write_lines(tmp_path / "big", 30, width=60_000)  # 1.8 MB for a 1 MB store
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "big").wait(30) == 0
+    worker.wait(lambda w: w.counters.get("store_full"), 20, "the store full, messages held")
+    subscribed = broker.subscriptions(THING, INGRESS_TOPIC)
+    broker.kill()
+    (broker.workdir / "state" / "mosquitto.db").unlink(missing_ok=True)
+    broker.start()  # without our session
+    wait_for(lambda: broker.subscriptions(THING, INGRESS_TOPIC) > subscribed, 20, "subscribed again")
+    proxy.swallow("up")  # from now on our PUBACKs are lost
+    publish(broker, INGRESS_TOPIC, b"new session")
+    worker.wait(lambda w: w.counters.get("received", 0) > 30, 15, "the new message received")
+
+    def make_room() -> bool:
+        store.ack([m.id for m in store.messages(limit=100) if m.payload != b"new session"])
+        return b"new session" in payloads(store)
+    wait_for(make_room, 30, "the held messages and the new one stored")
+    proxy.cut()  # the broker resends "new session" (DUP) on the next connection
+    assert stored_up_to_the_marker(broker, store).count(b"new session") == 1
     assert worker.stop() == 0
     proxy.close()

@@ -27,7 +27,11 @@ content, the redelivery of one it committed and whose PUBACK the broker has not 
 (flashlexd/redelivery.py). With `flashlex.app.db.dedupe`, a message whose application key was
 stored in the window is acknowledged and not stored: a broker's redeliveries after its own crash.
 PUBACKs are sent only on the connection a message arrived on: after a reconnect, the broker
-redelivers whatever we had not acknowledged.
+redelivers whatever we had not acknowledged. The store accounts for each content's copies per
+connection (a broker resends a copy once per connection), so a DUP resent on the same
+connection is caught here while the first copy waits in the batch; and when the broker comes
+back without our session, the DUP marks are dropped (nothing will be resent) once what came
+before is committed.
 
 The link is reported connected only once the broker granted the subscriptions (SUBACK), with
 the list of what it granted: a connection that does not receive yet is not "up".
@@ -93,7 +97,9 @@ class IngressWorker(Worker):
         self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
-        self.forget_marks = False  # the broker lost our session: its DUP marks are stale
+        # the broker lost our session: every DUP mark is stale once the first this-many batch
+        # messages (from the connections before) are committed; None: nothing to forget
+        self.stale_marks_until: Optional[int] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, store_full=False, connected=False, batches=0,
                              marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
@@ -175,8 +181,9 @@ class IngressWorker(Worker):
             self._note_session()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation = int.from_bytes(os.urandom(8), "big")
-            self.forget_marks = self.forget_marks or not self.connection.session_present
-            self._forget_stale_marks()
+            if not self.connection.session_present:
+                self.stale_marks_until = len(self.batch)
+                self._forget_stale_marks()
             self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
@@ -185,20 +192,24 @@ class IngressWorker(Worker):
         self.counters["subscriptions"] = []
         self.report("mqtt", connected=False, error=error)
 
-    def _forget_stale_marks(self) -> None:
-        """Once no message of an earlier connection waits to be committed (a DUP among them
-        may still need its mark), drop every DUP mark: the broker lost the session."""
-        if not self.forget_marks or any(p.generation != self.generation for p in self.batch):
-            return
+    def _forget_stale_marks(self) -> bool:
+        """The broker lost our session, so it resends nothing committed before: once what came
+        on the earlier connections is committed (a DUP among them may still need its mark, and
+        their marks are stale too), drop every mark, before anything of the new session is
+        committed. False: the store refused, and nothing may be committed until it drops them."""
+        if self.stale_marks_until != 0:
+            return True
         try:
             dropped = self.store.forget_unconfirmed()
         except StoreError as exc:
-            log.warning("cannot drop the DUP marks of the session the broker lost: %s", exc)
-            return
-        self.forget_marks = False
+            if self.retry_at is None:  # once, not at each retry
+                log.warning("cannot drop the DUP marks of the session the broker lost: %s", exc)
+            return False
+        self.stale_marks_until = None
         self.barrier.take_settled()  # their confirmations: nothing left to take them off
         if dropped:
             log.info("dropped %d DUP marks of the session the broker lost", dropped)
+        return True
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
                       properties: Any) -> None:
@@ -244,10 +255,23 @@ class IngressWorker(Worker):
                 incoming = Incoming.received(topic, payload, qos, retain, mid, dup,
                                              self._dedupe_key(payload, properties),
                                              properties_of(properties) or None)
-                self.batch_bytes += len(payload)
+                if dup and self._resent_in_batch(mid, incoming.mark, generation):
+                    self.counters["duplicates"] += 1
+                    incoming = None  # acknowledged with the first, not stored
+                else:
+                    self.batch_bytes += len(payload)
             append(_Pending(incoming, mid, qos, generation))
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
+
+    def _resent_in_batch(self, mid: int, mark: Optional[bytes], generation: int) -> bool:
+        """A DUP with the packet id and content of a message of this connection still waiting
+        in the batch: the broker resent it on the same connection (MQTT 3.1.1 allows that, and
+        a full store or the commit window holds its PUBACK back). The store accounts for copies
+        per connection (redelivery.py) and would take it for a new one. Only DUPs pay for this."""
+        return mark is not None and any(
+            p.generation == generation and p.mid == mid and p.incoming is not None
+            and p.incoming.mark == mark for p in self.batch)
 
     def _dedupe_key(self, payload: bytes, properties: Any) -> Optional[bytes]:
         """The message's application key, when `flashlex.app.db.dedupe` is set; a message
@@ -263,7 +287,10 @@ class IngressWorker(Worker):
 
     def _commit(self, now: float) -> None:
         """Commit the batch, or its longest prefix that fits, then ack what was committed."""
-        count = len(self.batch)
+        if not self._forget_stale_marks():
+            self.retry_at = now + RETRY_SECONDS
+            return
+        count = min(len(self.batch), self.stale_marks_until or len(self.batch))
         settled = self.barrier.take_settled()
         while True:
             messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
@@ -296,6 +323,8 @@ class IngressWorker(Worker):
         self.counters["duplicates"] += len(ids) - len(new)
         self.counters["batches"] += 1
         committed, self.batch = self.batch[:count], self.batch[count:]
+        if self.stale_marks_until:
+            self.stale_marks_until -= count
         self.batch_bytes = sum(len(p.incoming.payload) for p in self.batch if p.incoming)
         acked = []
         with coalesced_acks(self.connection.client):
