@@ -202,17 +202,23 @@ def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
     assert payloads(store) == [b"trickle 0", b"trickle 1", b"trickle 2", *lines]
 
 
+def held_in_the_window(broker: Broker, tmp_path: Path, start_worker, payload: bytes):
+    """A worker behind a proxy, with a 5 s ingestCommitMs, holding `payload` in its batch."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port, db={"ingestCommitMs": 5000})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    publish(broker, INGRESS_TOPIC, payload)
+    worker.wait(lambda w: w.counters.get("received") == 1, 15, "the message received")
+    return proxy, store, worker
+
+
 def test_a_batch_whose_connection_drops_is_committed_without_waiting_out_the_window(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """Nothing more can join a batch once its connection is gone: it is committed at the next
     loop pass, not when ingestCommitMs (5 s here) ends, so what the daemon had received before
     a broker outage is in the inbox as soon as it has seen the link drop."""
-    proxy = Proxy(broker)
-    config = write_config(tmp_path / "config", broker, port=proxy.port, db={"ingestCommitMs": 5000})
-    store = open_store(config)
-    worker = start_subscribed(start_worker, config, broker)
-    publish(broker, INGRESS_TOPIC, b"before the drop")
-    worker.wait(lambda w: w.counters.get("received") == 1, 15, "the message received")
+    proxy, store, worker = held_in_the_window(broker, tmp_path, start_worker, b"before the drop")
     assert store.inbox_count() == 0  # waiting in the commit window
     received_at = time.monotonic()
     proxy.cut()
@@ -310,12 +316,7 @@ def test_marks_of_a_session_the_broker_lost_do_not_drop_a_later_message(
     """"same" committed at the drop, never acknowledged; the broker comes back without its
     state (no session), so it will never resend it: the mark must go, or a new "same" first
     sent as a DUP is taken for its redelivery and dropped."""
-    proxy = Proxy(broker)
-    config = write_config(tmp_path / "config", broker, port=proxy.port, db={"ingestCommitMs": 5000})
-    store = open_store(config)
-    worker = start_subscribed(start_worker, config, broker)
-    publish(broker, INGRESS_TOPIC, b"same")
-    worker.wait(lambda w: w.counters.get("received") == 1, 15, "received")
+    proxy, store, worker = held_in_the_window(broker, tmp_path, start_worker, b"same")
     subscribed = broker.subscriptions(THING, INGRESS_TOPIC)
     broker.kill()
     wait_for(lambda: store.inbox_count() == 1, 10, "committed at the drop")
