@@ -15,9 +15,10 @@ and a power cut exactly as the messages do):
                ingress's random id of it): those that arrived on it, new or recognised. A DUP is
                a redelivery only while count exceeds the copies taken before it (MQTT 5
                forbids resending on the same connection; a 3.1.1 broker that does is caught
-               by the ingress while both copies wait in its batch): two copies of "on" in flight at a drop,
-               one committed, the other's first transmission lost, are one redelivery and one
-               new message (before, both were taken for redeliveries and the second was lost). A
+               by the ingress while both copies wait in its batch): two copies of "on" in
+               flight at a drop, one committed, the other's first transmission lost, are one
+               redelivery and one new message (before, both were taken for redeliveries and
+               the second was lost). A
                PUBACK sent just before a disconnect is never confirmed, and if the broker did
                get it no redelivery takes its count off: the table is therefore capped at
                MARKS_MAX entries, the oldest (lowest seq, an inbox id) going first; the live

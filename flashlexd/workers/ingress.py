@@ -67,7 +67,7 @@ RETRY_SECONDS = 1.0
 
 
 class _Pending(NamedTuple):
-    incoming: Optional[Incoming]  # None: dropped (oversize), waiting only for its ack
+    incoming: Optional[Incoming]  # None: dropped (oversize) or resent, waiting only for its ack
     mid: int
     qos: int
     generation: int  # which connection it arrived on: a random id, also the store's (redelivery.py)
