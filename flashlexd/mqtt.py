@@ -164,7 +164,15 @@ class Connection:
         return info
 
     def subscribe(self, topics: Sequence[Tuple[str, int]]) -> Tuple[MQTTErrorCode, Optional[int]]:
-        rc, mid = self.client.subscribe(list(topics))
+        """Under MQTT 5 a topic's retained message comes only with a new subscription (Retain
+        Handling 1): the ingress subscribes again at every connect, and the same retained
+        message would come (and be stored) again each time the broker kept our session."""
+        if self.protocol == V5:
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+            rc, mid = self.client.subscribe([(topic, SubscribeOptions(qos=qos, retainHandling=1))
+                                             for topic, qos in topics])
+        else:
+            rc, mid = self.client.subscribe(list(topics))
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.watch.expect("SUBACK", mid)
         return rc, mid

@@ -3,6 +3,7 @@
 is acknowledged only once it is there, whatever gets killed."""
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import List
@@ -381,4 +382,27 @@ def test_marks_dropped_for_a_lost_session_spare_the_new_sessions(broker: Broker,
     proxy.cut()  # the broker resends "new session" (DUP) on the next connection
     assert stored_up_to_the_marker(broker, store).count(b"new session") == 1
     assert worker.stop() == 0
+    proxy.close()
+
+
+@pytest.mark.parametrize("protocol, again", [("5", []), ("3.1.1", [b"retained"])])
+def test_a_retained_message_comes_again_at_each_reconnect_only_under_mqtt311(
+        broker: Broker, tmp_path: Path, start_worker, protocol: str, again: List[bytes]) -> None:
+    """The ingress subscribes again at every connect. Under MQTT 5 (Retain Handling 1) a
+    subscription the broker's session kept brings no retained message; MQTT 3.1.1 has no such
+    option, and the broker sends it at each (with RETAIN set: README, "Delivery guarantees")."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"protocol": protocol})
+    store = open_store(config)
+    start_subscribed(start_worker, config, broker)
+    subprocess.run(["mosquitto_pub", *broker.client_args(), "-q", "1", "-r", "-t", INGRESS_TOPIC,
+                    "-m", "retained"], check=True, timeout=20, capture_output=True)
+    wait_for(lambda: store.inbox_count() == 1, 15, "the retained message stored")
+    for marker in (b"marker 1", b"marker 2"):
+        subscribed = broker.subscriptions(THING, INGRESS_TOPIC)
+        proxy.cut()
+        wait_for(lambda: broker.subscriptions(THING, INGRESS_TOPIC) > subscribed, 20, "subscribed again")
+        publish(broker, INGRESS_TOPIC, marker)  # behind what the new subscription brought
+        wait_for(lambda: marker in payloads(store), 20, "the marker stored")
+    assert payloads(store) == [b"retained", *again, b"marker 1", *again, b"marker 2"]
     proxy.close()
