@@ -260,8 +260,8 @@ TABLE: Tuple[Key, ...] = (
         LINKS),
     Key(f"{_MQTT}.mqttOperationTimeout", "seconds", 30.0,
         "seconds to wait for any acknowledgement (PUBACK, SUBACK, UNSUBACK; PINGRESP within min(this,"
-        " keepalive / 2)) with none arriving: past it the link is closed and re-established and the"
-        " in-flight entries are sent again", LINKS),
+        " keepalive / 2)) with none arriving, or for a PUBACK that later publishes' PUBACKs overtook:"
+        " past it the link is closed and re-established and the in-flight entries are sent again", LINKS),
 )
 
 KEYS: Dict[str, Key] = {key.path: key for key in TABLE}

@@ -11,6 +11,11 @@ a SIGSTOPped broker). Two rules, checked from the worker's loop:
   with no acknowledgement (nor, for a subscriber, a message) at all in that time, while the
   broker still answers (pings). This is how a broker that drops publishes without a word (AWS
   IoT Core over its rate quota) shows.
+- overtaken: an expected acknowledgement older than `operation_timeout` while one of the same
+  kind for a later packet has arrived. A broker acknowledges QoS 1 publishes in the order it
+  received them (MQTT 3.1.1 4.6, MQTT 5 4.6), so that packet was dropped; the acknowledgements
+  of the later ones would otherwise keep the rule above content while it waits forever in the
+  window. The timeout is the grace for a broker that reorders.
 
 Pure and clock-injected: `Connection` feeds it, tests drive it with a fake clock.
 """
@@ -24,6 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 class Verdict(enum.Enum):
     SILENT = "silent"                  # nothing received: the broker or the path is gone
     UNACKNOWLEDGED = "unacknowledged"  # the broker talks but does not acknowledge
+    OVERTAKEN = "overtaken"            # it acknowledged later packets but not an older one
 
 
 class LinkWatch:
@@ -33,11 +39,13 @@ class LinkWatch:
         self.silence_limit = keepalive + min(operation_timeout, keepalive / 2)
         self.clock = clock
         self.awaiting: Dict[Tuple[str, int], float] = {}  # (packet kind, mid) -> sent at, oldest first
+        self.overtaken: Optional[Tuple[str, int]] = None  # the oldest awaited, once a later one was answered
         self.heard = self.progress = clock()
 
     def up(self) -> None:
         """A new connection: nothing awaited yet, the CONNACK was just heard."""
         self.awaiting.clear()
+        self.overtaken = None
         self.heard = self.progress = self.clock()
 
     def heard_from(self) -> None:
@@ -53,9 +61,19 @@ class LinkWatch:
         self.awaiting[(kind, mid)] = self.clock()
 
     def answered(self, kind: str, mid: int) -> None:
-        if self.awaiting.pop((kind, mid), None) is not None:
+        key = (kind, mid)
+        oldest = next(iter(self.awaiting), None)
+        if self.awaiting.pop(key, None) is not None:
             self.progress = self.clock()
+            if key == self.overtaken:  # late, not lost
+                self.overtaken = None
+            elif self.overtaken is None and oldest != key and oldest[0] == kind:  # type: ignore[index]
+                self.overtaken = oldest  # sent before the one answered
         self.heard = self.clock()
+
+    def overtaken_mid(self) -> Optional[int]:
+        """The packet id of the awaited packet a later one's acknowledgement overtook."""
+        return None if self.overtaken is None else self.overtaken[1]
 
     def _oldest(self) -> float:
         return next(iter(self.awaiting.values()))  # inserted in the order sent
@@ -70,6 +88,8 @@ class LinkWatch:
         if self.awaiting:
             if now - max(self._oldest(), self.progress) >= self.operation_timeout:
                 return Verdict.UNACKNOWLEDGED
+            if self.overtaken is not None and now - self.awaiting[self.overtaken] >= self.operation_timeout:
+                return Verdict.OVERTAKEN
         return None
 
     def next_check(self) -> float:
@@ -78,4 +98,6 @@ class LinkWatch:
         due = self.heard + self.silence_limit
         if self.awaiting:
             due = min(due, max(self._oldest(), self.progress) + self.operation_timeout)
+            if self.overtaken is not None:
+                due = min(due, self.awaiting[self.overtaken] + self.operation_timeout)
         return max(0.0, due - now)

@@ -348,6 +348,12 @@ class Connection:
         if verdict is Verdict.SILENT:
             self._dead_reason = (f"no answer from {where} for {self.watch.silence_limit:g}s"
                                  f" (keepalive {self.keepalive}s): broker frozen or path down")
+        elif verdict is Verdict.OVERTAKEN:
+            self.throttled += 1
+            self._dead_reason = (f"{where} acknowledged later publishes but not packet"
+                                 f" {self.watch.overtaken_mid()} for {self.watch.operation_timeout:g}s"
+                                 f" (dropped, as over a quota); resending the {unacknowledged}"
+                                 f" unacknowledged on a new connection")
         elif unacknowledged:
             self.throttled += 1
             self._dead_reason = (f"{unacknowledged} publishes to {where} not acknowledged within"

@@ -89,6 +89,40 @@ def test_missing_acknowledgements_time_out_unless_others_keep_coming() -> None:
     assert watch.verdict() is None and watch.pending("PUBACK") == 0
 
 
+def test_a_puback_overtaken_by_later_ones_times_out_while_they_keep_coming() -> None:
+    """Brokers acknowledge publishes in order: one whose later publishes were acknowledged was
+    dropped, and it waits only the operation timeout, however steady the later PUBACKs are. One
+    that comes late within the timeout (a broker that reorders) is no verdict."""
+    clock = FakeClock()
+    watch = LinkWatch(keepalive=30, operation_timeout=5, clock=clock)
+    watch.up()
+    watch.expect("PUBACK", 1)
+    watch.expect("PUBACK", 2)
+    clock.now += 4
+    watch.answered("PUBACK", 1)  # in order: 2 is awaited, not overtaken
+    clock.now += 4.9
+    assert watch.verdict() is None and watch.overtaken_mid() is None
+    watch.answered("PUBACK", 2)
+    watch.expect("PUBACK", 1)
+    watch.expect("PUBACK", 2)
+    clock.now += 1
+    watch.answered("PUBACK", 2)  # overtook 1
+    clock.now += 3
+    watch.answered("PUBACK", 1)  # late, within the grace
+    lost_at = clock.now
+    for mid in range(3, 100):  # a steady drain, one of them (3) never acknowledged
+        watch.expect("PUBACK", mid)
+        clock.now += 0.1
+        if mid > 3:
+            watch.answered("PUBACK", mid)
+        if clock.now - lost_at < 4.95:
+            assert watch.verdict() is None, clock.now
+            assert watch.next_check() == pytest.approx(lost_at + 5 - clock.now)
+    assert watch.verdict() is Verdict.OVERTAKEN and watch.overtaken_mid() == 3
+    watch.up()
+    assert watch.verdict() is None and watch.overtaken_mid() is None
+
+
 def test_an_unsuback_queued_behind_a_backlog_is_awaited_while_messages_come() -> None:
     clock = FakeClock()
     watch = LinkWatch(keepalive=30, operation_timeout=5, clock=clock)
