@@ -158,17 +158,17 @@ def test_an_entry_never_acknowledged_is_not_taken_for_poison(plain_broker: Broke
 class RefuseOne(QuotaProxy):
     """Answers the first PUBLISH of `victim` with PUBACK 0x97 Quota exceeded (as AWS IoT Core
     may under MQTT 5), or with `answer=False` drops it without a word (as it does under 3.1.1),
-    and forwards everything else."""
+    and forwards everything else. With `every=True` every PUBLISH ending with `victim` goes so."""
 
-    def __init__(self, broker: Broker, victim: bytes, answer: bool = True):
+    def __init__(self, broker: Broker, victim: bytes, answer: bool = True, every: bool = False):
         super().__init__(broker, rate=0, answer=answer)
-        self.victim, self.refused = victim, False
+        self.victim, self.refused, self.every = victim, False, every
 
     def _filter(self, link, data: bytes) -> bytes:
         packets, link.pending = split_packets(link.pending + data)
         kept = []
         for packet in packets:
-            if packet[0] >> 4 == PUBLISH and packet.endswith(self.victim) and not self.refused:
+            if packet[0] >> 4 == PUBLISH and packet.endswith(self.victim) and (self.every or not self.refused):
                 self.refused = True
                 if self.answer:
                     link.tls.sendall(QUOTA_EXCEEDED_PUBACK + _packet_id(packet) + b"\x97")
@@ -221,5 +221,33 @@ def test_a_publish_dropped_among_acknowledged_ones_is_sent_again_while_the_drain
     assert "acknowledged later publishes but not packet 1 for 2s" in worker.log_text()
     wait_for(lambda: store.outbox_count() == 0, 30, "the outbox drained")
     wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every entry delivered")
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_an_entry_that_expired_after_a_drop_leaves_the_oldest_inflight_age(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """An entry in flight at a drop whose message expiry passes before the resend is dropped,
+    and its age with it: `oldest_inflight_age` is then the age of what is still unacknowledged
+    (here an entry the broker never acknowledges, so the window is never empty)."""
+    proxy = RefuseOne(plain_broker, b"-unacknowledged", answer=False, every=True)
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "mqttOperationTimeout": 120})
+    store = open_store(config)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    store.outbox_append([(EGRESS_TOPIC, b"expiring-unacknowledged", 1, False, {"message_expiry_interval": 1})])
+    worker.send("outbox")
+    worker.wait(lambda w: (w.counters.get("oldest_inflight_age") or 0) >= 2, 10, "an entry in flight 2 s")
+    store.outbox_append([(EGRESS_TOPIC, b"kept-unacknowledged", 1, False)])
+    second_queued = time.monotonic()
+    worker.send("outbox")
+    worker.wait(lambda w: w.counters.get("inflight") == 2, 10, "both in flight")
+    proxy.drop_connections(reason=0x8B)  # "Server shutting down": no suspicion, the full window
+    worker.wait(lambda w: w.counters.get("expired") == 1 and w.counters.get("inflight") == 1, 15,
+                "the first dropped as expired, the second sent again")
+    worker.pump(0.5)
+    assert worker.counters["oldest_inflight_age"] <= time.monotonic() - second_queued
+    assert store.outbox_count() == 1
     assert worker.stop() == 0
     proxy.close()
