@@ -15,7 +15,8 @@ a SIGSTOPped broker). Two rules, checked from the worker's loop:
   kind for a later packet has arrived. A broker acknowledges QoS 1 publishes in the order it
   received them (MQTT 3.1.1 4.6, MQTT 5 4.6), so that packet was dropped; the acknowledgements
   of the later ones would otherwise keep the rule above content while it waits forever in the
-  window. The timeout is the grace for a broker that reorders.
+  window. The timeout is the grace for a broker that reorders (RabbitMQ acknowledges a message
+  once its queues have it: one no queue takes goes before an earlier one being written).
 
 Pure and clock-injected: `Connection` feeds it, tests drive it with a fake clock.
 """
