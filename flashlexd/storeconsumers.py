@@ -430,7 +430,7 @@ class ConsumerStore:
         if to == "latest":
             with self._read() as txn:
                 return self._counter(txn, b"inbox_last_id")
-        return int(to) - 1
+        return max(0, int(to) - 1)  # to 0 or 1: from the earliest, as "earliest"
 
     @guarded
     def consumer_reset_skips(self, name: str, target: int) -> bool:

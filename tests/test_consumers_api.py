@@ -83,6 +83,23 @@ def test_a_dynamic_consumer_registers_on_first_use_and_can_be_reset(harness: Har
         assert names["newapp"]["dynamic"] and not names["display"]["dynamic"]
 
 
+def test_ids_past_any_the_store_hands_out_are_refused_and_a_reset_to_0_replays(harness: Harness):
+    """`after + 1` and `to - 1` must fit the store's 8-byte keys: a failed packing is taken for
+    damage (the store read-only for every app). Reset to 0 is "earliest" (it stored floor -1)."""
+    ids = ingest(harness, "sensors/t", "sensors/h")
+    with connect(harness.path, consumer="display") as display, connect(harness.path) as fx:
+        for bad in (2 ** 64 - 1, 2 ** 63, str(2 ** 64 - 1)):
+            with pytest.raises(RpcError) as info:
+                display.call("messages", consumer="display", after=bad, paged=True)
+            assert info.value.code == "bad_params" and "message id" in str(info.value)
+        assert display.call("messages", consumer="display", after=2 ** 63 - 1, paged=True)["messages"] == []
+        assert display.ack(ids) == 2
+        assert display.reset("display", 0) == 0
+        assert [m.id for m in display.messages()] == ids
+        assert display.ack([ids[1]]) == 1  # out of order: an ack entry ahead of the floor
+        assert isinstance(fx.publish(b"still writable"), int) and fx.status()["store"].get("damaged") is None
+
+
 def test_bad_names_unknown_consumers_and_bad_reset_targets_are_one_line_errors(harness: Harness):
     with connect(harness.path, consumer="Bad Name") as bad:
         with pytest.raises(RpcError) as info:

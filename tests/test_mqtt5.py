@@ -260,6 +260,26 @@ def test_outbound_properties_reach_an_mqtt5_subscriber_and_an_expired_entry_is_d
     assert worker.stop() == 0
 
 
+def test_an_entry_whose_properties_paho_cannot_pack_is_dead_lettered_not_a_crash(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Queued before the API checked such properties (a float indicator, a string over 65535
+    bytes): paho raised TypeError / struct.error, the egress died at every start, and the
+    service crash-looped with the entry in its outbox."""
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": "5"})
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, b"float", 1, False, {"payload_format_indicator": 1.0}),
+                         (EGRESS_TOPIC, b"long", 1, False, {"content_type": "a" * 70000}),
+                         (EGRESS_TOPIC, b"fine", 1, False)])
+    worker = start_worker("egress", config)
+    wait_for(lambda: subscriber.lines() == [b"fine"], 10, "the good entry delivered")
+    worker.wait(lambda w: w.counters.get("invalid") == 2, 5, "both counted")
+    assert sorted(d.payload for d in store.dead_letters()) == [b"float", b"long"]
+    assert all(d.reason.startswith("not publishable") for d in store.dead_letters())
+    assert worker.stop() == 0
+    subscriber.stop()
+
+
 def test_a_quota_exceeded_puback_is_sent_again_after_a_pause_not_dead_lettered(
         certs, tmp_path: Path, start_worker) -> None:
     broker = Broker(certs, tmp_path / "broker", plain=True).start()

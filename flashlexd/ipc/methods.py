@@ -27,7 +27,7 @@ from flashlexd.topics import publish_topic_problem, valid_filter
 # holds (the cursor says where to go on): ~1 ms of the supervisor's loop here (500 records: a
 # named consumer's read took 3 ms with the floor's move it made then, 6 ms in a loaded `make bench`).
 SCAN_BUDGET = 250
-_ID_LIMIT = 2 ** 64  # ids are 8-byte keys
+_ID_LIMIT = 2 ** 63  # ids are 8-byte keys, never near this: the store packs `after + 1` and `to - 1`
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
 T = TypeVar("T")

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from flashlexd.topics import publish_topic_problem
 
 MAX_EXPIRY = 2 ** 32 - 1  # the Message Expiry Interval is a four-byte integer
+MAX_FIELD = 65535  # an MQTT string or binary field: a two-byte length
 _STRINGS = ("content_type", "response_topic")
 
 
@@ -24,16 +25,18 @@ def publish_properties(p: Any) -> Dict[str, Any]:
     for name, value in given.items():
         if name == "user_properties":
             properties[name] = _pairs(p, value)
-        elif name in _STRINGS and isinstance(value, str) and value:
+        elif name in _STRINGS and _is_string(value) and value:
             properties[name] = value
         elif name == "correlation_data" and isinstance(value, (bytes, str)):
             properties[name] = value.encode("utf-8") if isinstance(value, str) else value
-        elif name == "payload_format_indicator" and value in (0, 1) and not isinstance(value, bool):
+            if len(properties[name]) > MAX_FIELD:
+                raise p.bad("properties", f"a correlation_data of at most {MAX_FIELD} bytes", value)
+        elif name == "payload_format_indicator" and type(value) is int and value in (0, 1):
             properties[name] = value
         else:
             raise p.bad("properties", "a map with user_properties ([[name, value], ...]), content_type,"
-                        " response_topic (strings), correlation_data (bytes) or payload_format_indicator"
-                        f" (0 or 1); {name!r} is not one", value)
+                        " response_topic (strings of at most 65535 UTF-8 bytes, no NUL), correlation_data"
+                        f" (bytes) or payload_format_indicator (the integer 0 or 1); {name!r} is not one", value)
     problem = "response_topic" in properties and publish_topic_problem(properties["response_topic"], 65535)
     if problem:
         raise p.bad("properties", f"a response_topic that is a topic ({problem})", properties["response_topic"])
@@ -54,7 +57,14 @@ def user_property(p: Any) -> Optional[Tuple[str, str]]:
 
 def _pairs(p: Any, value: Any) -> List[List[str]]:
     if not isinstance(value, list) or not all(
-            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_string(v) for v in pair)
             for pair in value):
-        raise p.bad("properties", "user_properties as a list of [name, value] string pairs", value)
+        raise p.bad("properties", "user_properties as a list of [name, value] pairs of strings (at most"
+                    " 65535 UTF-8 bytes each, no NUL)", value)
     return [list(pair) for pair in value]
+
+
+def _is_string(value: Any) -> bool:
+    """An MQTT UTF-8 string: paho cannot pack a longer one, and a broker closes the link for a
+    NUL (MQTT 5 1.5.4), which would make the entry look like poison."""
+    return isinstance(value, str) and "\0" not in value and len(value.encode("utf-8")) <= MAX_FIELD

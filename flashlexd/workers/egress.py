@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -282,7 +283,9 @@ class EgressWorker(Worker):
         try:
             info = self.connection.publish(entry.topic, entry.payload, entry.qos, entry.retain,
                                            publish_properties(entry.properties, expiry))
-        except ValueError as exc:  # e.g. a wildcard topic: it could never go out
+        except (ValueError, TypeError, OverflowError, struct.error) as exc:
+            # a wildcard topic, or properties paho cannot pack (an entry queued before the API
+            # checked them): it could never go out, and must not crash the worker at each start
             self.counters["invalid"] += 1
             self._dead_letter(_InFlight(entry.id, entry.topic, size), f"not publishable: {exc}", 0)
             return True
