@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError
-from flashlexd.consumers import NAME_RULE, ConsumerSpec, valid_name
+from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, ConsumerSpec, valid_name
 from flashlexd.topics import valid_filter
 
 _DAY = 86400.0
@@ -25,6 +25,8 @@ class ConsumerSettings:
 
 def consumer_settings(app: Section) -> ConsumerSettings:
     section = app.section("consumers")
+    if len(section.data) > MAX_CONSUMERS:
+        raise ConfigError(f"{section.path}: {len(section.data)} consumers declared, at most {MAX_CONSUMERS}")
     declared = tuple(_consumer(section, name) for name in section.data)
     return ConsumerSettings(declared, app.value("allowDynamicConsumers"),
                             app.value("consumerIdleDays") * _DAY)

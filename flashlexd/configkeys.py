@@ -135,7 +135,8 @@ TABLE: Tuple[Key, ...] = (
         " it to those uids besides root and the daemon's own. See \"Several apps: named consumers\"",
         AT_ONCE, shown="none"),
     Key("flashlex.app.allowDynamicConsumers", "boolean", True,
-        "apps may register a consumer not declared in `consumers` by using its name", AT_ONCE),
+        "apps may register a consumer not declared in `consumers` by using its name, while fewer than"
+        " 64 consumers (declared and registered) are stored", AT_ONCE),
     Key("flashlex.app.consumerIdleDays", "integer", 7,
         "a dynamic consumer unused this many days is removed (one WARNING)", AT_ONCE, minimum=1),
     Key("flashlex.app.logLevel", "choice", "info",

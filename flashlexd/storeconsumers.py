@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
-from flashlexd.consumers import ConsumerSpec, ConsumerState, UnknownConsumer
+from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec, ConsumerState, NoRoomForConsumer, UnknownConsumer
 from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import (_ID, _MAX_ID, DiskFull, Message, StoreBusy, StoreFull, _decode_message,
@@ -264,6 +264,10 @@ class ConsumerStore:
         (then its last use is noted). True when it was created."""
         def work(txn: lmdb.Transaction) -> bool:
             raw = txn.get(name.encode(), db=self._consumer_db)
+            if raw is None and txn.stat(self._consumer_db)["entries"] >= MAX_CONSUMERS:
+                raise NoRoomForConsumer(f"no room for a new consumer {name!r}: {MAX_CONSUMERS} are stored,"
+                                        " the most there may be (a dynamic one unused for consumerIdleDays"
+                                        " is removed)")
             consumer = ConsumerState(name) if raw is None else ConsumerState.unpack(name.encode(), raw)
             consumer.last_seen = now
             self._save(txn, consumer)

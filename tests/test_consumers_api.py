@@ -100,6 +100,24 @@ def test_ids_past_any_the_store_hands_out_are_refused_and_a_reset_to_0_replays(h
         assert isinstance(fx.publish(b"still writable"), int) and fx.status()["store"].get("damaged") is None
 
 
+def test_apps_register_consumers_only_while_fewer_than_the_most_are_stored(harness: Harness):
+    """Every named ack and `status` reads every consumer: any app could make them slow by naming
+    thousands (3,000: `status` 68 ms, an ack 15 ms)."""
+    from flashlexd.consumers import MAX_CONSUMERS
+    ingest(harness, "sensors/t")
+    for i in range(MAX_CONSUMERS - len(DECLARED)):
+        with connect(harness.path, consumer=f"app{i}") as app:
+            app.messages(limit=1)
+    with connect(harness.path, consumer="onemore") as app:
+        with pytest.raises(RpcError) as info:
+            app.messages(limit=1)
+    assert info.value.code == "bad_params"
+    assert "no room for a new consumer 'onemore': 64 are stored" in str(info.value)
+    with connect(harness.path, consumer="app0") as app:  # the registered ones go on
+        assert len(app.messages()) == 1
+    assert len(harness.store.consumers_report()) == MAX_CONSUMERS
+
+
 def test_bad_names_unknown_consumers_and_bad_reset_targets_are_one_line_errors(harness: Harness):
     with connect(harness.path, consumer="Bad Name") as bad:
         with pytest.raises(RpcError) as info:

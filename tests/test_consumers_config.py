@@ -32,6 +32,7 @@ def test_defaults_without_the_section(tmp_path):
     ({"d": {"maxBacklog": 0}}, "flashlex.app.consumers.d.maxBacklog: must be >= 1"),
     ({"d": {"allowUids": "root"}}, "flashlex.app.consumers.d.allowUids: expected a list"),
     ({"d": []}, "flashlex.app.consumers.d: expected a mapping"),
+    ({f"c{i}": None for i in range(65)}, "flashlex.app.consumers: 65 consumers declared, at most 64"),
 ])
 def test_a_mistake_is_one_line_naming_the_key(tmp_path, consumers, message):
     with pytest.raises(ConfigError) as info:
