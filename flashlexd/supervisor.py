@@ -139,7 +139,8 @@ class Supervisor:
         self.methods = Methods(lambda: self.store, self.status, self.wake_egress,
                                lambda: bool(self.workers["egress"].mqtt.get("connected")),
                                lambda: self.runtime.rules,
-                               lambda: {**self.workers["egress"].counters, **self.workers["egress"].mqtt})
+                               lambda: {**self.workers["egress"].counters, **self.workers["egress"].mqtt},
+                               on_replay=lambda: self.api.notify_inbox())
         api = self.config.api
         # allowUids are users outside the socket's group: they need the socket itself to be
         # connectable (0666); who may talk is then decided per connection (ipc/admission.py)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +19,7 @@ from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumers import ConsumerSpec
 from flashlexd.ipc.protocol import RpcFailure
 from flashlexd.store import Incoming
+from tests.broker import wait_for
 from tests.test_ipc_server import Harness, run_as_nobody
 
 FLASHLEXCTL = str(Path(sys.executable).parent / "flashlexctl")
@@ -116,6 +119,26 @@ def test_apps_register_consumers_only_while_fewer_than_the_most_are_stored(harne
     with connect(harness.path, consumer="app0") as app:  # the registered ones go on
         assert len(app.messages()) == 1
     assert len(harness.store.consumers_report()) == MAX_CONSUMERS
+
+
+@pytest.mark.parametrize("paged", [True, False])
+def test_a_parked_wait_gets_a_replay_of_its_consumer_at_once_and_first(harness: Harness, paged: bool):
+    """A wait parked at the inbox's end stands past the messages a replay gives back: it was
+    polled only on new messages, then answered those before the replayed ones."""
+    ids = ingest(harness, "sensors/a", "sensors/b")
+    with connect(harness.path, consumer="display") as app, connect(harness.path, consumer="display") as admin:
+        assert app.ack(ids) == 2
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(
+            app.call("wait", consumer="display", timeout=20, paged=paged)))
+        waiter.start()
+        wait_for(lambda: harness.call(lambda: harness.server.parked_count) == 1, 5, "the wait parked")
+        replayed_at = time.monotonic()
+        assert admin.reset("display", "earliest") == 0
+        waiter.join(25)
+        took = time.monotonic() - replayed_at
+    messages = answers[0]["messages"] if paged else answers[0]
+    assert [m["id"] for m in messages] == ids and took < 10, (answers, took)
 
 
 def test_bad_names_unknown_consumers_and_bad_reset_targets_are_one_line_errors(harness: Harness):

@@ -49,7 +49,7 @@ class Harness:
         self.rules = ApiRules(EGRESS_TOPIC, queueing, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
         self.methods = Methods(lambda: self.store, self.supervisor_status, self.outbox_added,
                                lambda: self.egress_online, lambda: self.rules,
-                               lambda: self.mqtt["egress"])
+                               lambda: self.mqtt["egress"], on_replay=lambda: self.server.notify_inbox())
         self.path = path or str(root / "run" / "flashlexd.sock")
         self.limits = limits or Limits.for_payload(MAX_PAYLOAD)
         self.loop = ServerLoop(lambda selector: RpcServer(self.path, self.methods, self.limits,

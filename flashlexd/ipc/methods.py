@@ -129,10 +129,15 @@ class Methods:
 
     def __init__(self, store: Callable[[], Store], status_provider: Callable[[], Dict[str, Any]],
                  on_outbox_added: Callable[[], None], egress_connected: Callable[[], bool],
-                 rules: Callable[[], ApiRules], egress_link: Callable[[], Dict[str, Any]] = dict):
+                 rules: Callable[[], ApiRules], egress_link: Callable[[], Dict[str, Any]] = dict,
+                 on_replay: Callable[[], None] = lambda: None):
         """`store` and `rules` are read on every call: the supervisor swaps both on a reload
         (see `runtime.Runtime`), so a method never works with a stale limit or a closed store.
-        `egress_link`: the egress worker's latest counters and link report (its broker's limits)."""
+        `egress_link`: the egress worker's latest counters and link report (its broker's limits).
+        `on_replay()`: a consumer was replayed; the server should poll its parked waits (as
+        after a commit) so that they deliver the replayed messages now, and first."""
+        self.on_replay = on_replay
+        self._replays: Dict[str, int] = {}  # consumer -> replays done: parked waits start over
         self._store = store
         self.status_provider = status_provider
         self.on_outbox_added = on_outbox_added
@@ -295,8 +300,25 @@ class Methods:
         found = walk.step()
         if found is not None:
             return found
+        replayed = self._replayed(consumer)
+
+        def poll() -> Optional[List[Dict[str, Any]]]:
+            if not walk.walking and replayed():  # parked: a walk under way goes on
+                walk.position = after
+            return walk.poll()
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
-        return Pending(deadline=deadline, poll=walk.poll, timeout_result=[], walk=walk)
+        return Pending(deadline=deadline, poll=poll, timeout_result=[], walk=walk)
+
+    def _replayed(self, consumer: Optional[str]) -> Callable[[], bool]:
+        """For a parked wait: True (once) when `consumer` was replayed since the last ask. Its
+        walk stands past the replayed messages, which are the consumer's to read again."""
+        seen = [self._replays.get(consumer, 0) if consumer else 0]
+
+        def replayed() -> bool:
+            now = self._replays.get(consumer, 0) if consumer else 0
+            changed, seen[0] = now != seen[0], now
+            return changed
+        return replayed
 
     def _wait_paged(self, timeout: float, limit: int, topic: Optional[str],
                     after: Optional[int], consumer: Optional[str],
@@ -308,9 +330,12 @@ class Methods:
         if answer["messages"] or answer["cursor"] is not None or timeout == 0:
             return answer
         position = [last if last is not None else after]
+        replayed = self._replayed(consumer)
 
         @_store_failures
         def poll() -> Optional[Dict[str, Any]]:  # run by the server on notify_inbox()
+            if replayed():
+                position[0] = after
             found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
             if found["messages"] or found["cursor"] is not None:
                 return found
@@ -467,6 +492,9 @@ class Methods:
 
         def step() -> Optional[Dict[str, Any]]:
             floor, done = self.store.consumer_reset_step(consumer, target, skip)  # type: ignore[arg-type]
+            if done and not skip:
+                self._replays[consumer] = self._replays.get(consumer, 0) + 1  # type: ignore[index]
+                self.on_replay()
             answer = {"consumer": consumer, "acked_through": floor}
             if paged and done:
                 return dict(answer, done=True, to=None)
