@@ -228,8 +228,9 @@ TABLE: Tuple[Key, ...] = (
         "egress payload + topic bytes per second (AWS IoT Core: 512 KiB/s per connection);"
         " 0 = unlimited", LINKS, minimum=0),
     Key(f"{_MQTT}.poisonAttempts", "integer", 3,
-        "an outbox entry alone in flight when the link drops this many times is moved to the dead"
-        " letters (see \"Poison entries\")", LINKS, minimum=1),
+        "an outbox entry alone in flight when the link drops this many times, or skipped by the broker"
+        " (later ones acknowledged) on this many connections in a row, is moved to the dead letters"
+        " (see \"Poison entries\")", LINKS, minimum=1),
     Key(f"{_MQTT}.protocol", "choice", "auto",
         "`5`, `3.1.1` or `auto`: MQTT 5, and on a CONNACK \"unsupported protocol version\" (or a"
         " close at the MQTT 5 CONNECT that 3.1.1 passes) MQTT 3.1.1 until the next start (logged once). `status` shows what each link negotiated; see"

@@ -2,7 +2,7 @@
 
 TCP does not notice a frozen or half-open peer, and paho's keepalive alone takes up to two
 keepalive periods (a PINGREQ after one, its PINGRESP awaited for another: 58 s measured with
-a SIGSTOPped broker). Two rules, checked from the worker's loop:
+a SIGSTOPped broker). Three rules, checked from the worker's loop:
 
 - silence: nothing at all received for `keepalive + min(operation timeout, keepalive / 2)`.
   paho sends a PINGREQ once the link was quiet for `keepalive`, so a live broker always speaks
@@ -11,8 +11,9 @@ a SIGSTOPped broker). Two rules, checked from the worker's loop:
   with no acknowledgement (nor, for a subscriber, a message) at all in that time, while the
   broker still answers (pings). This is how a broker that drops publishes without a word (AWS
   IoT Core over its rate quota) shows.
-- overtaken: an expected acknowledgement older than `operation_timeout` while one of the same
-  kind for a later packet has arrived. A broker acknowledges QoS 1 publishes in the order it
+- overtaken: an expected acknowledgement still awaited `operation_timeout` after one of the
+  same kind for a later packet arrived (counted from then: a window may wait in a slow uplink
+  longer than the timeout). A broker acknowledges QoS 1 publishes in the order it
   received them (MQTT 3.1.1 4.6, MQTT 5 4.6), so that packet was dropped; the acknowledgements
   of the later ones would otherwise keep the rule above content while it waits forever in the
   window. The timeout is the grace for a broker that reorders (RabbitMQ acknowledges a message
@@ -41,6 +42,7 @@ class LinkWatch:
         self.clock = clock
         self.awaiting: Dict[Tuple[str, int], float] = {}  # (packet kind, mid) -> sent at, oldest first
         self.overtaken: Optional[Tuple[str, int]] = None  # the oldest awaited, once a later one was answered
+        self.overtaken_at = 0.0  # when: the grace for a reordering broker counts from then
         self.heard = self.progress = clock()
 
     def up(self) -> None:
@@ -70,6 +72,7 @@ class LinkWatch:
                 self.overtaken = None
             elif self.overtaken is None and oldest != key and oldest[0] == kind:  # type: ignore[index]
                 self.overtaken = oldest  # sent before the one answered
+                self.overtaken_at = self.clock()
         self.heard = self.clock()
 
     def overtaken_mid(self) -> Optional[int]:
@@ -89,7 +92,7 @@ class LinkWatch:
         if self.awaiting:
             if now - max(self._oldest(), self.progress) >= self.operation_timeout:
                 return Verdict.UNACKNOWLEDGED
-            if self.overtaken is not None and now - self.awaiting[self.overtaken] >= self.operation_timeout:
+            if self.overtaken is not None and now - self.overtaken_at >= self.operation_timeout:
                 return Verdict.OVERTAKEN
         return None
 
@@ -100,5 +103,5 @@ class LinkWatch:
         if self.awaiting:
             due = min(due, max(self._oldest(), self.progress) + self.operation_timeout)
             if self.overtaken is not None:
-                due = min(due, self.awaiting[self.overtaken] + self.operation_timeout)
+                due = min(due, self.overtaken_at + self.operation_timeout)
         return max(0.0, due - now)

@@ -251,3 +251,30 @@ def test_an_entry_that_expired_after_a_drop_leaves_the_oldest_inflight_age(
     assert store.outbox_count() == 1
     assert worker.stop() == 0
     proxy.close()
+
+
+def test_a_publish_the_broker_always_skips_is_dead_lettered_after_poison_attempts(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A broker that refuses a publish by dropping it and acknowledging the later ones (AWS IoT
+    Core under 3.1.1) would close the link at every operation timeout, each time resending the
+    window (review: 4 closes and 6 duplicates in a 10 s drain): after `poisonAttempts` links
+    the entry goes to the dead letters, and the drain goes on."""
+    proxy = RefuseOne(plain_broker, b"victim", answer=False, every=True)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "3.1.1", "mqttOperationTimeout": 1, "publishRatePerSecond": 50,
+                                "poisonAttempts": 2})
+    store = open_store(config)
+    entries = [f"{i:06d}".encode() for i in range(400)]  # 8 s at 50/s
+    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.dead_letters(), 30, "the skipped entry dead-lettered")
+    [dead] = store.dead_letters()
+    assert dead.payload == b"victim" and dead.reason.startswith("the broker acknowledged later publishes")
+    assert store.outbox_count() > 0  # while the drain went on
+    wait_for(lambda: store.outbox_count() == 0, 30, "the outbox drained")
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
+    worker.wait(lambda w: w.counters.get("outbox_backlog") == 0, 5, "the latest counters")
+    assert worker.counters["throttled"] == 2 and worker.counters["dead_lettered"] == 1
+    assert worker.stop() == 0
+    proxy.close()

@@ -41,6 +41,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from paho.mqtt.enums import MQTTErrorCode
 
 from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
+from flashlexd.linkwatch import Verdict
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import QUOTA_EXCEEDED, publish_packet_size, publish_properties, reason_name
 from flashlexd.ratelimit import PublishBudget, describe_rate
@@ -182,7 +183,13 @@ class EgressWorker(Worker):
     def _link_dropped(self, error: Optional[str]) -> None:
         """Forget the dead connection's packet ids; its entries go out again from the store."""
         sent = list(self.inflight.values())
+        overtaken = self.connection.watch.overtaken_mid() if self.connection.last_verdict is Verdict.OVERTAKEN else None
+        skipped = None if overtaken is None else self.inflight.get(overtaken)
         self.inflight.clear()
+        if skipped is not None and self.poison.skipped(skipped.entry_id):
+            attempts = self.poison.attempts
+            self._dead_letter(skipped, f"the broker acknowledged later publishes but never this one,"
+                              f" on {attempts} connections in a row", attempts)
         # only a link the broker closed itself can be an entry's fault: one we closed because it
         # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
         if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:

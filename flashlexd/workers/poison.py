@@ -7,6 +7,10 @@ culprit is one of them, and the egress sends them one at a time; an entry that i
 flight when the link drops `attempts` times is the culprit and goes to the dead letters. Once
 that happens, or once the newest of the suspects is acknowledged (the drop had another cause),
 the drain goes on at full speed.
+A broker may also refuse a publish by dropping it and acknowledging the later ones (AWS IoT
+Core under 3.1.1): the link watch then closes the link (`Verdict.OVERTAKEN`), and an entry
+skipped so on `attempts` links in a row, each time resent first on a fresh connection (no
+quota spent yet), goes to the dead letters too.
 Pure, so the policy is unit-tested without a broker.
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ class PoisonWatch:
         self.attempts = attempts
         self.suspects_until: Optional[int] = None  # one at a time up to this entry id
         self.alone_drops: Dict[int, int] = {}      # entry id -> drops while it was alone in flight
+        self.skips: Dict[int, int] = {}            # entry id -> links closed because it was skipped
 
     @property
     def single(self) -> bool:
@@ -30,6 +35,7 @@ class PoisonWatch:
 
     def acknowledged(self, entry_id: int) -> None:
         self.alone_drops.pop(entry_id, None)
+        self.skips.pop(entry_id, None)
         if self.suspects_until is not None and entry_id >= self.suspects_until:
             self.suspects_until = None
 
@@ -48,6 +54,15 @@ class PoisonWatch:
         elif inflight and not progress:
             self.suspects_until = max(inflight)
         return None
+
+    def skipped(self, entry_id: int) -> bool:
+        """The link was closed because the broker acknowledged later publishes but not this
+        entry's; True (the entry is to be dead-lettered) at the `attempts`-th time in a row."""
+        self.skips[entry_id] = self.skips.get(entry_id, 0) + 1
+        if self.skips[entry_id] < self.attempts:
+            return False
+        del self.skips[entry_id]
+        return True
 
     def drops(self, entry_id: int) -> int:
         return self.alone_drops.get(entry_id, 0)
