@@ -64,16 +64,18 @@ class LinkWatch:
         self.awaiting[(kind, mid)] = self.clock()
 
     def answered(self, kind: str, mid: int) -> None:
+        """An acknowledgement came. paho also reports a QoS 0 publish as "published" once it
+        is written: nothing was awaited for it, and nothing was heard."""
         key = (kind, mid)
         oldest = next(iter(self.awaiting), None)
-        if self.awaiting.pop(key, None) is not None:
-            self.progress = self.clock()
-            if key == self.overtaken:  # late, not lost
-                self.overtaken = None
-            elif self.overtaken is None and oldest != key and oldest[0] == kind:  # type: ignore[index]
-                self.overtaken = oldest  # sent before the one answered
-                self.overtaken_at = self.clock()
-        self.heard = self.clock()
+        if self.awaiting.pop(key, None) is None:
+            return
+        self.heard = self.progress = self.clock()
+        if key == self.overtaken:  # late, not lost
+            self.overtaken = None
+        elif self.overtaken is None and oldest != key and oldest[0] == kind:  # type: ignore[index]
+            self.overtaken = oldest  # sent before the one answered
+            self.overtaken_at = self.clock()
 
     def overtaken_mid(self) -> Optional[int]:
         """The packet id of the awaited packet a later one's acknowledgement overtook."""

@@ -71,6 +71,17 @@ def test_a_silent_link_is_dead_after_keepalive_and_at_most_half_more(operation_t
     assert watch.verdict() is Verdict.SILENT
 
 
+def test_qos0_publishes_written_to_a_silent_broker_do_not_keep_it_alive() -> None:
+    """paho calls on_publish for a QoS 0 publish once it is written: that is not the broker."""
+    clock = FakeClock()
+    watch = LinkWatch(keepalive=30, operation_timeout=5, clock=clock)
+    watch.up()
+    for mid in range(1, 36):
+        clock.now += 1
+        watch.answered("PUBACK", mid)
+    assert watch.verdict() is Verdict.SILENT
+
+
 def test_missing_acknowledgements_time_out_unless_others_keep_coming() -> None:
     clock = FakeClock()
     watch = LinkWatch(keepalive=30, operation_timeout=5, clock=clock)
