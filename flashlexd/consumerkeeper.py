@@ -1,26 +1,36 @@
 """The supervisor's care of the named consumers: the store agrees with the config (at start and
 after each reload), and every `sweepSeconds` idle dynamic consumers go (one WARNING each) and
 each consumer is trimmed to its maxBacklog, a bounded step per turn of the loop. Ingest never
-does this work: it adds no write per message for consumers."""
+does this work: it adds no write per message for consumers.
+
+Idleness is wall-clock time (a consumer's last use is stored as such, across boots), but never
+more than the daemon's own running time says: a Pi that boots with its clock days behind and
+then steps it forward (NTP) must not find an app that read a second ago unused for a week. And
+no consumer goes in the first START_GRACE after the start: after a long power-off every
+consumer looks idle until its app, started after the daemon, uses it again."""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.store import Store, StoreDamaged, StoreError
 
 log = logging.getLogger(__name__)
+START_GRACE = 3600.0  # seconds after the start before an idle consumer goes
 
 
 class ConsumerKeeper:
     def __init__(self, store: Callable[[], Store], settings: Callable[[], ConsumerSettings],
-                 every: Callable[[], float]):
+                 every: Callable[[], float], start_grace: float = START_GRACE,
+                 wall: Callable[[], float] = time.time):
         self._store, self._settings, self._every = store, settings, every
+        self._start_grace, self._wall = start_grace, wall
         self.next_run = 0.0  # monotonic: the next sweep, or its next step while one is under way
         self._sweep: Optional[Iterator[Optional[str]]] = None
         self._sweep_started = 0.0
+        self._started: Optional[Tuple[float, float]] = None  # wall and loop (monotonic) time of the first tick
 
     def declare(self) -> None:
         self._sweep = None  # a sweep under way starts again on the store and settings as now
@@ -35,11 +45,16 @@ class ConsumerKeeper:
     def tick(self, now: float) -> None:
         """One step of the sweep when one is under way or due (`Store.consumers_upkeep`): a
         sweep over a large store takes several turns of the loop, never one long one."""
+        if self._started is None:
+            self._started = (self._wall(), now)
         if self._sweep is None:
             if now < self.next_run:
                 return
             self._sweep_started = now
-            self._sweep = self._store().consumers_upkeep(time.time(), self._settings().idle_seconds)
+            started_wall, started = self._started
+            idle = self._settings().idle_seconds if now - started >= self._start_grace else None
+            # a forward step of the wall clock is not time a consumer was unused
+            self._sweep = self._store().consumers_upkeep(min(self._wall(), started_wall + now - started), idle)
         try:
             removed = next(self._sweep)
         except StopIteration:

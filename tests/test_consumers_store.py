@@ -263,7 +263,7 @@ def test_a_schema3_store_opens_with_no_loss(tmp_path: Path):
 def test_the_supervisors_keeper_declares_removes_idle_ones_with_one_warning_and_trims(store: Store, caplog):
     """ConsumerKeeper against a real store: one WARNING per removed consumer, the sweep cadence."""
     settings = ConsumerSettings((ConsumerSpec("kept", max_backlog=2),), idle_seconds=3600)
-    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0)
+    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0, start_grace=0)
     keeper.declare()
     store.consumer_register("old", time.time() - 7200)
     ids = put(store, *["t"] * 5)
@@ -277,6 +277,29 @@ def test_the_supervisors_keeper_declares_removes_idle_ones_with_one_warning_and_
     assert keeper.next_run == 105.0
     assert ids_for(store, "kept") == ids[-2:] and store.consumer_state("kept").dropped == 3
     assert stored(store) == ids[-2:]  # "old" is gone and "kept" dropped the rest: they left
+
+
+def test_the_keeper_takes_no_clock_step_for_idle_time_and_waits_out_its_start_grace(store: Store):
+    """A Pi that boots with its clock 10 days behind, an app reads, NTP steps the clock: the
+    app's consumer (with the messages only it holds) went at the next sweep. After a long
+    power-off every consumer looks idle until its app, started after the daemon, uses it."""
+    wall = [time.time() - 10 * 86400]
+    settings = ConsumerSettings(idle_seconds=7 * 86400)
+    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0, start_grace=3600, wall=lambda: wall[0])
+    store.consumer_register("stored-long-ago", wall[0] - 30 * 86400)  # before the power-off
+    store.consumer_register("app", wall[0])
+    ids = put(store, "t")
+
+    def sweep(now: float) -> None:
+        keeper.tick(now)
+        while keeper.next_run == now:
+            keeper.tick(now)
+    sweep(100.0)  # the first tick: the start
+    assert len(store.consumers_report()) == 2  # within the grace
+    wall[0] += 10 * 86400 + 2  # NTP, 2 s later
+    sweep(3700.0)  # past the grace, 2 s of the app's idleness... and 10 days of the clock's step
+    assert ids_for(store, "app") == ids
+    assert [c["name"] for c in store.consumers_report()] == ["app"]  # the one idle for a month went
 
 
 def test_a_read_writes_nothing_and_the_sweep_moves_the_floor_past_other_topics(store: Store):
