@@ -188,7 +188,9 @@ TABLE: Tuple[Key, ...] = (
         " slashes", LINKS_AND_API),
     *(Key(f"{_THING}.keys.{name}", "text", REQUIRED,
           f"{what}, for mutual TLS, checked at start and on reload: files that do not load, or a key"
-          " that does not match the certificate, are a config error naming the file" + extra, LINKS)
+          " that does not match the certificate, are a config error naming the file; read again at"
+          " each worker restart, which keeps the last credentials that loaded when they no longer do"
+          " (one WARNING)" + extra, LINKS)
       for name, what, extra in (
           ("rootCA", "CA certificate", ""), ("cert", "client certificate", ""),
           ("privateKey", "private key", ". Readable by group or others: `run` refuses it (exit 2)"

@@ -29,36 +29,50 @@ _ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, 
 
 
 _PREPARED: Dict[Tuple[Keys, bool], ssl.SSLContext] = {}  # see prepare_tls_context
+log = logging.getLogger(__name__)
 
 
 def prepare_tls_context(keys: Keys, alpn: bool) -> None:
     """In the fork server: build the context that the workers forked next use, so they share
     its pages (and OpenSSL's one-time set-up, ~2 MB a process) instead of each loading the CA,
-    certificate and key again. A context that cannot be built is left to the worker, which
-    reports the error."""
-    _PREPARED.clear()
+    certificate and key again. Built from the files as they are now (a rotated certificate
+    takes effect at a worker's restart); when they cannot be read (a rotation half done, or
+    files a reload was refused for), the last context built stays, and a restarted worker goes
+    on with the credentials the daemon runs with instead of crash-looping the service down
+    (one WARNING). With none built yet, the worker reports the error."""
     try:
-        _PREPARED[(keys, alpn)] = tls_context(keys, alpn)
-    except ConfigError:
-        pass
+        context = _new_tls_context(keys, alpn)
+    except ConfigError as exc:
+        if (keys, alpn) in _PREPARED:
+            log.warning("%s; the workers started from now on keep the credentials loaded before", exc)
+        return
+    _PREPARED.clear()
+    _PREPARED[(keys, alpn)] = context
 
 
 def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
     """Mutual TLS: trust only `rootCA`, verify the broker's certificate and host name, present
     the thing's certificate (the prepared context of the same files, if any)."""
     prepared = _PREPARED.get((keys, alpn))
-    if prepared is not None:
-        return prepared
+    return prepared if prepared is not None else _new_tls_context(keys, alpn)
+
+
+def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(keys.root_ca))
     except ssl.SSLError as exc:
         raise ConfigError(f"flashlex.thing.keys.rootCA: cannot load {keys.root_ca}:"
                           f" {exc.reason or 'not a PEM certificate'}") from None
+    except OSError as exc:
+        raise ConfigError(f"flashlex.thing.keys.rootCA: cannot read {keys.root_ca}: {exc.strerror}") from None
     try:
         context.load_cert_chain(str(keys.cert), str(keys.private_key))
     except ssl.SSLError as exc:
         raise ConfigError(f"flashlex.thing.keys: cannot load certificate {keys.cert} with key"
                           f" {keys.private_key}: {exc.reason or 'not a PEM certificate/key'}") from None
+    except OSError as exc:
+        raise ConfigError(f"flashlex.thing.keys: cannot read certificate {keys.cert} or key"
+                          f" {keys.private_key}: {exc.strerror}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if alpn:
         context.set_alpn_protocols([ALPN_PROTOCOL])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flashlexd.client import connect
 from flashlexd.notify import START_EXTENSION
 from flashlexd.store import Incoming, Store
 from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
@@ -134,6 +135,33 @@ def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     assert any(f.startswith("MONOTONIC_USEC=") for t, f in notify.lines() if t >= hup_at)
     assert "reload refused" in daemon.output()
     assert daemon.children() == before
+
+
+@pytest.mark.parametrize("spoil", ["garbage certificate", "CA file moved away"])
+def test_a_restarted_worker_keeps_the_credentials_the_daemon_runs_with(daemon, notify, daemon_config, spoil):
+    """A certificate rotation gone wrong: the files are spoilt (a reload is refused for them) and
+    then a worker dies. The fork server read the key files afresh for it: the worker failed at
+    each start and the daemon gave up (crash loop: exit 1, and under systemd the next start
+    exits 2, the service down for good); a missing file even killed the fork server silently."""
+    import os
+    notify.wait_for("READY=1", timeout=15)
+    if spoil == "garbage certificate":
+        cert = next(daemon_config.parent.glob("*-certificate.pem"))
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+        hup_at = time.monotonic()
+        daemon.signal(signal.SIGHUP)
+        notify.wait_for("READY=1", after=hup_at, timeout=10)
+        assert "reload refused" in daemon.output()
+    else:
+        ca = daemon_config.parent / "root-ca-cert.pem"
+        ca.rename(ca.with_suffix(".away"))
+    before = daemon.children()
+    os.kill(before["egress"], signal.SIGKILL)
+    wait_for(lambda: daemon.children().get("egress") not in (None, before["egress"]), 15, "a new egress")
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: fx.status()["mqtt"]["egress"].get("connected"), 15, "the new egress connected")
+    assert daemon.proc.poll() is None
+    assert "the workers started from now on keep the credentials loaded before" in daemon.output()
 
 
 def test_reload_to_another_data_dir_is_refused_and_keeps_running(daemon, notify, daemon_config,
