@@ -213,12 +213,15 @@ class StoreBase:
                    check_progress=check_progress)
 
     def close(self) -> None:
-        if os.getpid() == self._pid:
-            if self._waiting is not None and self._waiting.is_alive():
-                self._waiting.join(self.write_wait)  # a called-off write: let it abort first
-                if self._waiting.is_alive():
-                    return  # still queued for the lock: closing under it could crash; exit frees it
-            self._env.close()
+        if os.getpid() == self._pid and self.can_close():
+            self._env.close()  # else: closing under a write queued for the lock could crash; exit frees it
+
+    def can_close(self) -> bool:
+        """False while a called-off write still waits for LMDB's write lock (held by a process
+        stopped in a commit); it is given `write_wait` to abort first."""
+        if self._waiting is not None and self._waiting.is_alive():
+            self._waiting.join(self.write_wait)
+        return self._waiting is None or not self._waiting.is_alive()
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -385,6 +385,13 @@ class Supervisor:
                       self.runtime.config.store.data_dir, new.store.data_dir)
             self.notifier.ready()
             return
+        if new.store != self.runtime.config.store and not self.store.can_close():  # type: ignore[union-attr]
+            config_file.close()  # the store cannot be reopened with the new settings now
+            log.error("reload refused, still running the previous config: the store settings changed"
+                      " and a store write still waits for LMDB's write lock (a process stopped in a"
+                      " commit holds it); reload again once it is free")
+            self.notifier.ready()
+            return
         for warning in new.warnings:
             log.warning("%s", warning)
         self._apply(Runtime.from_config(new), config_file)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -137,6 +138,13 @@ def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     assert daemon.children() == before
 
 
+def edit_config(path: Path, change) -> None:
+    """Change the YAML document at `path` in place (`change(document)`), as an operator would."""
+    document = yaml.safe_load(path.read_text())
+    change(document)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
 @pytest.mark.parametrize("spoil", ["garbage certificate", "CA file moved away"])
 def test_a_restarted_worker_keeps_the_credentials_the_daemon_runs_with(daemon, notify, daemon_config, spoil):
     """A certificate rotation gone wrong: the files are spoilt (a reload is refused for them) and
@@ -164,15 +172,53 @@ def test_a_restarted_worker_keeps_the_credentials_the_daemon_runs_with(daemon, n
     assert "the workers started from now on keep the credentials loaded before" in daemon.output()
 
 
+def test_a_store_setting_reloaded_while_a_write_waits_for_the_lock_is_refused_and_answered(
+        daemon, notify, daemon_config):
+    """A process stopped in a commit holds LMDB's write lock (here this test holds it); an app's
+    publish meets it and gives up, its write still queued. A reload of a store setting then
+    could not close the store, failed to open it again ("already open in this process") in the
+    supervisor's loop, and never sent READY=1: the unit stayed "reloading"."""
+    import lmdb
+    from flashlexd.client import RpcError
+    notify.wait_for("READY=1", timeout=15)
+    env = lmdb.open(str(daemon_config.parent / "data"), max_dbs=16)
+    try:
+        with connect(str(daemon.socket_path)) as fx:
+            txn = env.begin(write=True)
+            try:
+                with pytest.raises(RpcError):
+                    fx.publish(b"meets the held lock")
+                edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update({"capMegabytes": 128}))
+                hup_at = time.monotonic()
+                daemon.signal(signal.SIGHUP)
+                notify.wait_for("READY=1", after=hup_at, timeout=10)
+            finally:
+                txn.abort()
+            assert "reload refused, still running the previous config: the store settings changed" in daemon.output()
+
+            def published() -> Optional[int]:  # once the write queued for the lock is done
+                try:
+                    return fx.publish(b"after")
+                except RpcError:
+                    return None
+            wait_for(published, 10, "a publish once the lock is free")
+            assert fx.status()["counters"]["loop_errors"] == 0
+            hup_at = time.monotonic()
+            daemon.signal(signal.SIGHUP)  # the lock is free: the same reload goes through
+            notify.wait_for("READY=1", after=hup_at, timeout=10)
+            wait_for(lambda: "config reloaded" in daemon.output(), 10, "the reload")
+            assert isinstance(fx.publish(b"reloaded"), int) and fx.status()["counters"]["loop_errors"] == 0
+    finally:
+        env.close()
+
+
 def test_reload_to_another_data_dir_is_refused_and_keeps_running(daemon, notify, daemon_config,
                                                                   tmp_path):
     """The data dir's lock and checks belong to the start: a reload moving it is refused in one
     line, the old config and store stay, no worker restarts."""
     notify.wait_for("READY=1", timeout=15)
     before = daemon.children()
-    document = yaml.safe_load(daemon_config.read_text())
-    document["flashlex"]["app"]["db"]["dataPath"] = str(tmp_path / "elsewhere")
-    daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(dataPath=str(tmp_path / "elsewhere")))
     hup_at = time.monotonic()
     daemon.signal(signal.SIGHUP)
     notify.wait_for("READY=1", after=hup_at, timeout=10)
