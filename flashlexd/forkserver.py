@@ -89,7 +89,7 @@ class ForkServer:
 def _serve(sock: socket.socket, maker: WorkerMaker) -> int:
     """The server's loop: one worker per request until the supervisor closes the link."""
     reset_signals()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)  # stops when the supervisor's link closes
     close_inherited_fds(keep={sock.fileno()})
     try:

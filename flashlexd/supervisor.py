@@ -7,6 +7,7 @@ systemd watchdog while all of that is healthy, and serves the local API in betwe
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import selectors
@@ -176,6 +177,8 @@ class Supervisor:
         self.selector.register(wake_read, selectors.EVENT_READ, self._drain_wakeups)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self._record_signal)
+        # as in the workers: `systemctl kill -s SIGUSR1` signals every process of the unit
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _record_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)

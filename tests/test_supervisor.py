@@ -212,6 +212,21 @@ def test_a_store_setting_reloaded_while_a_write_waits_for_the_lock_is_refused_an
         env.close()
 
 
+def test_sigusr1_to_every_process_logs_the_stacks_and_stops_nothing(daemon, notify):
+    """`systemctl kill -s SIGUSR1 flashlexd` signals the supervisor and the fork server too:
+    the supervisor died of it (the default action) and took the workers with it."""
+    import os
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    for pid in [daemon.pid, *daemon.children(fork_server=True).values()]:
+        os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: daemon.output().count("(most recent call first)") >= 4, 10,
+             "the stacks of the supervisor and the three workers")
+    assert daemon.proc.poll() is None and daemon.children() == before
+    with connect(str(daemon.socket_path)) as fx:
+        assert fx.status()["counters"]["restarts"] == 0
+
+
 def test_reload_to_another_data_dir_is_refused_and_keeps_running(daemon, notify, daemon_config,
                                                                   tmp_path):
     """The data dir's lock and checks belong to the start: a reload moving it is refused in one
