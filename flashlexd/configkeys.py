@@ -140,7 +140,7 @@ TABLE: Tuple[Key, ...] = (
     Key("flashlex.app.consumerIdleDays", "integer", 7,
         "a dynamic consumer unused this many days is removed (one WARNING)", AT_ONCE, minimum=1),
     Key("flashlex.app.logLevel", "choice", "info",
-        "`debug`, `info`, `warning`, `error` (`--log-level` wins)", WORKERS, choices=LOG_LEVELS),
+        "`debug`, `info`, `warning`, `error` (`--log-level` wins)", AT_ONCE_AND_WORKERS, choices=LOG_LEVELS),
     Key(f"{_SOCKET}.path", "text", DEFAULT_SOCKET,
         "API socket (`--socket`, then `$FLASHLEXD_SOCKET` win)", NEXT_START),
     Key(f"{_SOCKET}.group", "text", None,

@@ -418,5 +418,6 @@ class Supervisor:
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new
+        logging.getLogger().setLevel(new.config.log_level.upper())  # the workers': at their restart
         if new.rules.consumers != old.rules.consumers or new.config.store != old.config.store:
             self.consumers.declare()

@@ -227,6 +227,19 @@ def test_sigusr1_to_every_process_logs_the_stacks_and_stops_nothing(daemon, noti
         assert fx.status()["counters"]["restarts"] == 0
 
 
+def test_a_reloaded_log_level_applies_to_the_supervisor_too(daemon, notify, daemon_config):
+    import os
+    notify.wait_for("READY=1", timeout=15)
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"].update(logLevel="debug"))
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("READY=1", after=hup_at, timeout=10)
+    before = daemon.children()
+    os.kill(before["expiry"], signal.SIGKILL)  # the supervisor logs the worker's states at DEBUG
+    wait_for(lambda: f"DEBUG flashlexd[{daemon.pid}]: expiry: " in daemon.output(), 10,
+             "the supervisor's DEBUG lines")
+
+
 def test_reload_to_another_data_dir_is_refused_and_keeps_running(daemon, notify, daemon_config,
                                                                   tmp_path):
     """The data dir's lock and checks belong to the start: a reload moving it is refused in one
