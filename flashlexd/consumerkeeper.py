@@ -3,22 +3,24 @@ after each reload), and every `sweepSeconds` idle dynamic consumers go (one WARN
 each consumer is trimmed to its maxBacklog, a bounded step per turn of the loop. Ingest never
 does this work: it adds no write per message for consumers.
 
-Idleness is wall-clock time (a consumer's last use is stored as such, across boots), but never
-more than the daemon's own running time says: a Pi that boots with its clock days behind and
-then steps it forward (NTP) must not find an app that read a second ago unused for a week. And
-no consumer goes in the first START_GRACE after the start: after a long power-off every
-consumer looks idle until its app, started after the daemon, uses it again."""
+Idleness is wall-clock time (a consumer's last use is stored as such, across boots), less the
+forward steps of the wall clock seen while the daemon runs after that use: a Pi that boots with
+its clock days behind and then steps it forward (NTP) must not find an app that read a second
+ago unused for a week, nor keep one unused since the step for a week too long. And no consumer
+goes in the first START_GRACE after the start: after a long power-off every consumer looks
+idle until its app, started after the daemon, uses it again."""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.store import Store, StoreDamaged, StoreError
 
 log = logging.getLogger(__name__)
 START_GRACE = 3600.0  # seconds after the start before an idle consumer goes
+STEP_SECONDS = 60.0  # a jump of the wall clock against the monotonic one this big is a step
 
 
 class ConsumerKeeper:
@@ -30,7 +32,9 @@ class ConsumerKeeper:
         self.next_run = 0.0  # monotonic: the next sweep, or its next step while one is under way
         self._sweep: Optional[Iterator[Optional[str]]] = None
         self._sweep_started = 0.0
-        self._started: Optional[Tuple[float, float]] = None  # wall and loop (monotonic) time of the first tick
+        self._started: Optional[float] = None  # loop (monotonic) time of the first tick
+        self._offset: Optional[float] = None  # wall - monotonic at the last tick
+        self._steps: List[Tuple[float, float]] = []  # forward steps: (wall time just after, seconds)
 
     def declare(self) -> None:
         self._sweep = None  # a sweep under way starts again on the store and settings as now
@@ -46,15 +50,14 @@ class ConsumerKeeper:
         """One step of the sweep when one is under way or due (`Store.consumers_upkeep`): a
         sweep over a large store takes several turns of the loop, never one long one."""
         if self._started is None:
-            self._started = (self._wall(), now)
+            self._started = now
+        self._watch_clock(now)
         if self._sweep is None:
             if now < self.next_run:
                 return
             self._sweep_started = now
-            started_wall, started = self._started
-            idle = self._settings().idle_seconds if now - started >= self._start_grace else None
-            # a forward step of the wall clock is not time a consumer was unused
-            self._sweep = self._store().consumers_upkeep(min(self._wall(), started_wall + now - started), idle)
+            idle = self._settings().idle_seconds if now - self._started >= self._start_grace else None
+            self._sweep = self._store().consumers_upkeep(self._wall(), idle, self._steps)
         try:
             removed = next(self._sweep)
         except StopIteration:
@@ -69,6 +72,13 @@ class ConsumerKeeper:
             idle_days = (self._settings().idle_seconds or 0) / 86400
             log.warning("consumer %r removed: unused for %g days (flashlex.app.consumerIdleDays);"
                         " the messages only it held were released", removed, idle_days)
+
+    def _watch_clock(self, now: float) -> None:
+        """Note a forward step of the wall clock (its offset to `now`, monotonic, jumped)."""
+        wall = self._wall()
+        if self._offset is not None and wall - now - self._offset >= STEP_SECONDS:
+            self._steps.append((wall, wall - now - self._offset))
+        self._offset = wall - now
 
     def _end_sweep(self) -> None:
         self._sweep = None

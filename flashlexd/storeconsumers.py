@@ -505,16 +505,22 @@ class ConsumerStore:
         self._forget_acks_through(txn, consumer, target, COMMIT_STEP)  # any left: harmless, later
         consumer.floor = target
 
-    def consumers_upkeep(self, now: float, idle_seconds: Optional[float]) -> Iterator[Optional[str]]:
+    def consumers_upkeep(self, now: float, idle_seconds: Optional[float],
+                         clock_steps: Sequence[Tuple[float, float]] = ()) -> Iterator[Optional[str]]:
         """The sweep's work, one bounded step per `next()` (a commit of COMMIT_STEP records or a
         read of COUNT_STEP): dynamic consumers unused for `idle_seconds` go (yields each name
         removed, else None), and every consumer is trimmed to its maxBacklog (its oldest unacked
         go, counted as dropped). One commit used to do it all: 0.5-1 s at 500,000 stored for one
         narrow consumer with a maxBacklog, every sweep, inside the supervisor's loop. Between two
-        steps the loop serves calls (see BacklogCount for the acks made meanwhile)."""
-        idle_since = None if idle_seconds is None else now - idle_seconds
+        steps the loop serves calls (see BacklogCount for the acks made meanwhile).
+        `clock_steps`: forward steps of the wall clock, (wall time just after, seconds), which
+        add no idle time to a consumer used before them (consumerkeeper.py)."""
         for consumer in self.consumer_states():
-            if consumer.dynamic and idle_since is not None and consumer.last_seen < idle_since:
+            if not consumer.dynamic or idle_seconds is None:
+                continue
+            idle_since = now - idle_seconds - sum(size for after, size in clock_steps
+                                                  if consumer.last_seen < after - size / 2)
+            if consumer.last_seen < idle_since:
                 removed = None
                 while removed is None:
                     removed = self.consumer_remove_step(consumer.name, idle_since)

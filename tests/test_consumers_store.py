@@ -281,25 +281,32 @@ def test_the_supervisors_keeper_declares_removes_idle_ones_with_one_warning_and_
 
 def test_the_keeper_takes_no_clock_step_for_idle_time_and_waits_out_its_start_grace(store: Store):
     """A Pi that boots with its clock 10 days behind, an app reads, NTP steps the clock: the
-    app's consumer (with the messages only it holds) went at the next sweep. After a long
-    power-off every consumer looks idle until its app, started after the daemon, uses it."""
-    wall = [time.time() - 10 * 86400]
-    settings = ConsumerSettings(idle_seconds=7 * 86400)
-    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0, start_grace=3600, wall=lambda: wall[0])
-    store.consumer_register("stored-long-ago", wall[0] - 30 * 86400)  # before the power-off
-    store.consumer_register("app", wall[0])
-    ids = put(store, "t")
+    app's consumer (with the messages only it holds) went at the next sweep. Nor may a consumer
+    used after the step be kept a step too long (review of the first fix: kept for good after a
+    start in 1970). After a long power-off every consumer looks idle until its app, started
+    after the daemon, uses it."""
+    day = 86400.0
+    clock = {"wall": time.time() - 10 * day, "loop": 100.0}
+    settings = ConsumerSettings(idle_seconds=7 * day)
+    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0, start_grace=3600,
+                            wall=lambda: clock["wall"])
 
-    def sweep(now: float) -> None:
-        keeper.tick(now)
-        while keeper.next_run == now:
-            keeper.tick(now)
-    sweep(100.0)  # the first tick: the start
-    assert len(store.consumers_report()) == 2  # within the grace
-    wall[0] += 10 * 86400 + 2  # NTP, 2 s later
-    sweep(3700.0)  # past the grace, 2 s of the app's idleness... and 10 days of the clock's step
+    def sweep(after: float, step: float = 0.0) -> List[str]:
+        clock["wall"] += after + step
+        clock["loop"] += after
+        keeper.tick(clock["loop"])
+        while keeper.next_run == clock["loop"]:
+            keeper.tick(clock["loop"])
+        return sorted(c["name"] for c in store.consumers_report())
+    store.consumer_register("stored-long-ago", clock["wall"] - 30 * day)  # before the power-off
+    store.consumer_register("app", clock["wall"])
+    ids = put(store, "t")
+    assert sweep(0) == ["app", "stored-long-ago"]  # the start: within the grace
+    assert sweep(3600, step=10 * day) == ["app"]  # NTP; the app's 1 h is not 10 days and an hour
     assert ids_for(store, "app") == ids
-    assert [c["name"] for c in store.consumers_report()] == ["app"]  # the one idle for a month went
+    store.consumer_register("used-after-the-step", clock["wall"])
+    assert sweep(6 * day) == ["app", "used-after-the-step"]
+    assert sweep(1 * day + 1) == []  # 7 days unused, each of them
 
 
 def test_a_read_writes_nothing_and_the_sweep_moves_the_floor_past_other_topics(store: Store):
