@@ -69,7 +69,9 @@ class StoreBase:
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
                  expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
                  clock: Optional[Clock] = None, check_pages: bool = False,
-                 check_progress: Optional[Callable[[int, int], None]] = None):
+                 check_progress: Optional[Callable[[int, int], None]] = None, create: bool = True):
+        """`create`: make the data dir if it is missing (a worker's store never does: the
+        supervisor made it, and one that vanished must not come back empty beside it)."""
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -97,11 +99,15 @@ class StoreBase:
             raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
                                f" {storecheck.HINT}") from None
         try:
-            paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
+            if create:
+                paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
+            elif not self.path.is_dir():
+                raise StoreError(f"cannot open store in {self.path}: the directory is gone")
             self._env = lmdb.open(str(self.path), map_size=self._map_bytes,
                                   max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
             self._reserve = SpaceReserve(self.path)
+            self._identity = self._data_file()
         except (OSError, lmdb.Error, paths.UnsafePath) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:
@@ -205,12 +211,12 @@ class StoreBase:
     @classmethod
     def from_config(cls: Type[S], store_config, write_wait: Optional[float] = None,
                     check_pages: bool = False,
-                    check_progress: Optional[Callable[[int, int], None]] = None) -> S:
+                    check_progress: Optional[Callable[[int, int], None]] = None, create: bool = True) -> S:
         """`check_pages`: read every page before LMDB maps the file (storecheck.walk_pages,
         which calls `check_progress(pages read, pages)` as it goes)."""
         return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
                    store_config.expire_seconds, write_wait, check_pages=check_pages,
-                   check_progress=check_progress)
+                   check_progress=check_progress, create=create)
 
     def close(self) -> None:
         if os.getpid() == self._pid and self.can_close():
@@ -240,7 +246,33 @@ class StoreBase:
         if os.getpid() != self._pid:
             raise StoreForkError("store used across fork(): open a new Store in each process")
 
+    def _data_file(self) -> Tuple[int, int]:
+        identity = os.stat(self.path / "data.mdb")
+        return identity.st_dev, identity.st_ino
+
+    def vanished(self) -> Optional[str]:
+        """Why the store's file is no longer at its path (the data dir removed or replaced under
+        the daemon), else None. LMDB goes on writing to the open, unlinked file: whatever is
+        committed to it from then on is gone at the next start."""
+        try:
+            if self._data_file() == self._identity:
+                return None
+        except FileNotFoundError:
+            return f"store in {self.path} was removed while in use (no data.mdb there any more)"
+        except OSError as exc:
+            return f"store in {self.path} cannot be found any more: {exc.strerror or exc}"
+        return f"store in {self.path} was replaced while in use (data.mdb is another file)"
+
     def _write(self, work: Callable[[lmdb.Transaction], object], reserve: bool = True):
+        """`_write_reserving`, then a check that the commit went to the store's file: a commit
+        to a removed one is refused (a caller acknowledges nothing it did not keep)."""
+        result = self._write_reserving(work, reserve)
+        gone = self.vanished()
+        if gone is not None:
+            raise StoreError(gone)
+        return result
+
+    def _write_reserving(self, work: Callable[[lmdb.Transaction], object], reserve: bool):
         """Run `work` in one durable write transaction, with one-line errors. Refused for a
         full disk, a write that may use the `reserve` (every one but appends and a batch of
         acks that goes in steps when refused) is tried again with a chunk of the space reserve

@@ -22,13 +22,14 @@ daemon could reuse pages under them (`recover` refuses while the daemon holds th
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import lmdb
 
-from flashlexd import storecheck
+from flashlexd import ackjournal, storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.consumers import ConsumerState
 from flashlexd.store import Store
@@ -157,8 +158,11 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
         lines = [f"read meta page {meta.number} (transaction {meta.txnid})"]
         names = list(DATABASES) + sorted(set(databases) - set(DATABASES))  # others: as they are
         Store(to_dir, cap_bytes).close()  # the fresh store: its databases and schema
-        target = lmdb.open(str(to_dir), map_size=cap_bytes + Store.headroom(cap_bytes),
-                           max_dbs=len(names) + 4, mode=0o600)
+        # room for all that was stored, even over a cap lowered since (the daemon then rejects
+        # or drops, as for any store over its cap)
+        room = max(cap_bytes, os.fstat(data.fileno()).st_size)
+        target = lmdb.open(str(to_dir), map_size=room + Store.headroom(room), max_dbs=len(names) + 4,
+                           mode=0o600)
         try:
             with target.begin(write=True) as txn:
                 copy = _Copy(reader, databases, txn,
@@ -166,8 +170,13 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
                 losses = [copy.database(name, lines) for name in names if name != "expiry"]
                 losses.append(copy.expiry(lines))
                 copy.fix_counters()
+        except lmdb.Error as exc:
+            for leftover in to_dir.iterdir():  # so that the same command can be run again
+                leftover.unlink()
+            return False, lines + [f"cannot write the new store in {to_dir}: {exc}"]
         finally:
             target.close()
+    lines += _copy_ack_journal(data_dir, to_dir)
     for problem in reader.problems[:10]:
         lines.append(f"skipped: {problem}")
     if len(reader.problems) > 10:
@@ -176,6 +185,27 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
             f"{sum(losses)} records lost" if any(losses) else "nothing was lost")
     lines.append(f"new store written to {to_dir}; {lost}")
     return True, lines
+
+
+def _copy_ack_journal(data_dir: Path, to_dir: Path) -> List[str]:
+    """The acks the journal holds beyond what the store applied (a kill or power cut before the
+    apply) returned to their apps: the recovered store applies them when next opened, as the
+    old one would have (its applied-through mark came with `meta`)."""
+    journal = data_dir / ackjournal.FILE_NAME
+    try:
+        content = journal.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        return [f"{ackjournal.FILE_NAME}: cannot read it ({exc.strerror}): acks it held since the"
+                " last apply may show their messages again"]
+    fd = os.open(to_dir / ackjournal.FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as copy:
+        copy.write(content)
+        copy.flush()
+        os.fsync(copy.fileno())
+    return [f"{ackjournal.FILE_NAME}: copied ({len(content)} bytes): the acks it holds are applied"
+            " when the new store is opened"]
 
 
 def _inbox_id_named(database: str, key: bytes, value: bytes) -> int:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 WORKER_NAMES = ("ingress", "egress", "expiry")
 EXIT_CRASH_LOOP = 1
 EXIT_LOOP_FAILING = 1  # the supervisor's own loop kept failing: systemd restarts the service
+EXIT_STORE_GONE = 1  # the data dir was removed or replaced under the daemon: so does this
 MAX_SLEEP = 1.0  # seconds; the loop looks at its deadlines at least this often
 STATUS_EVERY = 1.0
 # Seconds an API write may wait for the store's write lock. A worker stopped inside a write
@@ -324,6 +325,11 @@ class Supervisor:
             log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
         if now >= self.next_status:
             self.next_status = now + STATUS_EVERY
+            gone = self.store.vanished()  # type: ignore[union-attr]
+            if gone is not None and not self.shutting_down:
+                log.error("%s; nothing stored since was acknowledged to the broker. Stopping: the"
+                          " next start opens the data dir as it is then", gone)
+                self.begin_shutdown("the store was removed", EXIT_STORE_GONE)
             try:
                 stats: Optional[Dict[str, Any]] = self.store.stats()
             except StoreError:  # damage: logged once by the store, named in the status line

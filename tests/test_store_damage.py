@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import yaml
 
 from flashlexd import storecheck, storetools
 from flashlexd.store import Incoming, Store
@@ -293,3 +294,43 @@ def test_a_page_walk_reports_its_progress(tmp_path):
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
     assert all(done - before >= storecheck.PROGRESS_PAGES for (before, _), (done, _) in zip(calls, calls[1:]))
     assert {pages for _, pages in calls} == {calls[0][1]} and calls[0][1] >= read
+
+
+def test_recover_keeps_the_acks_the_journal_holds(tmp_path):
+    """A kill (a power cut) left acks journaled, not applied; `store recover` copied data.mdb
+    alone, so the acked messages came back to their apps after the switch-over."""
+    from tests.test_ack_journal import inbox_ids, journaled, store_then_crash
+    old = tmp_path / "store"
+    old.mkdir()
+    store_then_crash(old, 6, [2, 4, 5])  # acks of 2, 4 and 5 returned, then SIGKILL
+    assert inbox_ids(old) == [1, 2, 3, 4, 5, 6]
+    done = flashlexd("store", "recover", "--data-dir", str(old), "--to", str(tmp_path / "new"))
+    assert done.returncode == 0 and "acks.journal: copied" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "new" / "acks.journal").stat().st_mode & 0o777 == 0o600
+    store = journaled(tmp_path / "new")  # as the supervisor opens it
+    try:
+        assert [m.id for m in store.messages()] == [1, 3, 6]
+    finally:
+        store.close()
+
+
+def test_recover_copies_a_store_over_a_cap_lowered_since(tmp_path, daemon_config):
+    """The map was the config's cap: a store holding more failed with MDB_MAP_FULL's traceback,
+    and the half-written target refused the next try."""
+    old = tmp_path / "store"
+    store = Store(old, 64 << 20)
+    try:
+        for start in range(0, 8000, 500):
+            store.append([Incoming("t", b"x" * 2000, mid=start // 500 + 1) for _ in range(500)])
+    finally:
+        store.close()
+    document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["app"]["db"].update(dataPath=str(old), capMegabytes=2)
+    daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
+    done = flashlexd("store", "recover", "--config", str(daemon_config), "--to", str(tmp_path / "new"))
+    assert done.returncode == 0 and "nothing was lost" in done.stdout, done.stderr[-600:]
+    recovered = Store(tmp_path / "new", 2 << 20)
+    try:
+        assert recovered.stats()["inbox_count"] == 8000
+    finally:
+        recovered.close()

@@ -68,7 +68,7 @@ class EgressWorker(Worker):
 
     def setup(self) -> None:
         mqtt = self.config.thing.mqtt
-        self.store = Store.from_config(self.config.store)
+        self.store = Store.from_config(self.config.store, create=False)
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
                                      on_publish=self._on_publish, fresh_client=True,
                                      clean_start=earlier_session(self.store, mqtt.egress_client_id).clean_start,

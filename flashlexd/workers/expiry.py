@@ -19,7 +19,7 @@ class ExpiryWorker(Worker):
     name = "expiry"
 
     def setup(self) -> None:
-        self.store = Store.from_config(self.config.store)
+        self.store = Store.from_config(self.config.store, create=False)
         self.counters["expired"] = 0
         self._next_sweep = 0.0
 

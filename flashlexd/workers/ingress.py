@@ -77,7 +77,7 @@ class IngressWorker(Worker):
     name = "ingress"
 
     def setup(self) -> None:
-        self.store = Store.from_config(self.config.store)
+        self.store = Store.from_config(self.config.store, create=False)
         self.topics = self.config.thing.mqtt.ingress_topics()
         client_id = self.config.thing.mqtt.client_id
         session = earlier_session(self.store, client_id)
