@@ -159,6 +159,9 @@ class JournaledAcks:
             self._seq += 1  # the record may be on disk: its seq is never reused
             raise StoreError(f"{exc.strerror or exc} (ack not confirmed)") from None
         self._seq += 1
+        gone = self.vanished()  # the journal went with the data dir: the ack would be lost
+        if gone is not None:
+            raise StoreError(f"{gone} (ack not confirmed)")
         self._note_pending(new)
         note_left(leaving)
         self._pending_bytes += size

@@ -232,3 +232,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_an_ack_into_a_data_dir_removed_meanwhile_is_not_confirmed(tmp_path: Path):
+    """The journal goes with the data dir: an ack written to the unlinked file is lost at the
+    next start, so it must fail (the supervisor then stops: see test_supervisor.py)."""
+    import shutil
+    from flashlexd.store import Incoming, StoreError
+    store = journaled(tmp_path / "data")
+    try:
+        store.append([Incoming("t/a", b"m%d" % n, mid=n + 1) for n in range(3)])
+        assert store.ack([1]) == 1
+        shutil.rmtree(tmp_path / "data")
+        with pytest.raises(StoreError) as info:
+            store.ack([2])
+        assert "was removed while in use" in str(info.value) and "ack not confirmed" in str(info.value)
+        with pytest.raises(StoreError):
+            store.append([Incoming("t/a", b"late", mid=9)])
+    finally:
+        store.close()
