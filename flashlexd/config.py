@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
@@ -64,10 +64,13 @@ class Mqtt:
     max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: StoreSettings')
     protocol: str = "auto"     # "5", "3.1.1" or "auto" (5, falling back to 3.1.1)
     session_expiry: int = 3600  # MQTT 5 Session Expiry Interval, seconds
+    # the FlashLex SDK's `app.thread: subscribe` (the seed config's) subscribed to the ingress
+    # topic alone; the pubsub topic was its `basicPubsub` demo's
+    subscribes_pubsub: bool = True
 
     def ingress_topics(self) -> Tuple[str, ...]:
         """Every topic filter the ingress worker subscribes to, without repeats, in order."""
-        topics = [self.ingress_topic, self.pubsub_topic, *self.subscriptions]
+        topics = [self.ingress_topic, self.pubsub_topic if self.subscribes_pubsub else None, *self.subscriptions]
         return tuple(dict.fromkeys(t for t in topics if t))
 
 
@@ -168,6 +171,8 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     thing = _thing(thing_section, keys_base, warnings, "--keys-dir" if keys_dir else
                    "the config file's directory (or use --keys-dir)",
                    None if keys_dir else legacy_keys_dir(config_path))
+    if app.data.get("thread") == "subscribe":
+        thing = replace(thing, mqtt=replace(thing.mqtt, subscribes_pubsub=False))
     store = _store(app.section("db"), data_dir)
     api = _api(app.section("socket"), socket_path, store.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))

@@ -77,7 +77,8 @@ TABLE: Tuple[Key, ...] = (
     _legacy("flashlex.app.api",
             "FlashLex cloud API of the old SDK (`endpoint`, `env`): accepted, not used"),
     _legacy("flashlex.app.callback", "old SDK callback style: accepted, not used"),
-    _legacy("flashlex.app.thread", "old SDK threading style: accepted, not used"),
+    _legacy("flashlex.app.thread", "old SDK threading style: `subscribe` (the seed's) subscribes the"
+            " ingress topic alone, as the SDK did (not `pubsub.topic`); other values: accepted, not used"),
     _legacy("flashlex.app.message", "old SDK message settings: accepted, not used"),
     _legacy(f"{_DB}.subscriptionData",
             "the old SDK's JSON store file: accepted, not used (LMDB replaces it)"),
@@ -203,7 +204,8 @@ TABLE: Tuple[Key, ...] = (
         minimum=1, maximum=65535),
     Key(f"{_MQTT}.useWebsocket", "boolean", False, "MQTT over secure websockets", LINKS),
     Key(f"{_MQTT}.ingress.topic", "text", REQUIRED, "subscribed (QoS 1) by ingress", LINKS),
-    Key(f"{_MQTT}.pubsub.topic", "text", None, "also subscribed by ingress", LINKS, shown="none"),
+    Key(f"{_MQTT}.pubsub.topic", "text", None, "also subscribed by ingress, except under the old SDK's"
+        " `app.thread: subscribe`", LINKS, shown="none"),
     Key(f"{_MQTT}.subscriptions", "texts", (), "extra topic filters for ingress", LINKS, shown="`[]`"),
     Key(f"{_MQTT}.egress.topic", "text", REQUIRED, "default topic of published messages",
         LINKS_AND_API),

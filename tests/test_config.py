@@ -157,7 +157,8 @@ def test_seed_config_loads_unchanged_with_typed_values(seed_file: Path, keys_dir
     assert mqtt.ingress_topic == "ingress/ecd13b11-mything"
     assert mqtt.pubsub_topic == "pubsub/ecd13b11-mything"
     assert mqtt.egress_topic == "flashlex/collect"  # the seed's trailing blank is not part of it
-    assert mqtt.ingress_topics() == ("ingress/ecd13b11-mything", "pubsub/ecd13b11-mything")
+    # `thread: subscribe`: the SDK's TopicSubscribeThread subscribed to the ingress topic alone
+    assert mqtt.ingress_topics() == ("ingress/ecd13b11-mything",)
     assert (mqtt.backoff.base_seconds, mqtt.backoff.max_seconds, mqtt.backoff.stable_seconds) \
         == (1.0, 30.0, 10.0)
     assert (mqtt.publish_rate, mqtt.rate_source) == (2.0, "drainingFrequency")  # the SDK's drain rate
