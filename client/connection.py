@@ -84,7 +84,7 @@ class Client:
             except BaseException as exc:
                 sock.close()
                 raise self._connect_error(exc) from None
-        self._sock, self._buf = sock, bytearray()
+        self._sock, self._buf, self._pid = sock, bytearray(), os.getpid()
         self._poller = select.poll()  # poll, not select: the fd may be above FD_SETSIZE
         self._poller.register(sock, select.POLLIN)
 
@@ -109,7 +109,11 @@ class Client:
         self._sock, self._buf = None, bytearray()
 
     def _ready(self) -> socket.socket:
-        """A connected socket; remade if the daemon closed the idle one (or said why it did)."""
+        """A connected socket; remade if the daemon closed the idle one (or said why it did), or
+        in a process forked after it was made (the parent's calls share it: answers cross)."""
+        if self._sock is not None and self._pid != os.getpid():
+            self._sock.close()  # this process's copy only: the parent's connection goes on
+            self._sock, self._buf = None, bytearray()
         if self._sock is not None and self._poller.poll(0):
             try:
                 data = self._sock.recv(65536)

@@ -294,3 +294,20 @@ def test_refusals_reach_the_caller_as_rpc_errors(tmp_path):
             assert first.status()["version"] == "0.1.0"  # reconnected
     finally:
         h.stop()
+
+
+def test_a_client_used_before_a_fork_works_in_both_processes(harness, fx):
+    """multiprocessing's default on Linux: one connection shared by two processes, whose
+    answers crossed ("response id 6 does not match request 5") or went to the other one."""
+    harness.ingest(("sensors/t", b"1"), ("sensors/t", b"2"))
+    assert len(fx.messages()) == 2  # connected before the fork
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if all(len(fx.messages()) == 2 for _ in range(200)) else 2
+        finally:
+            os._exit(code)
+    parent_ok = all(len(fx.messages()) == 2 for _ in range(200))
+    _, status = os.waitpid(pid, 0)
+    assert parent_ok and os.waitstatus_to_exitcode(status) == 0
