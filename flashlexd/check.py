@@ -151,7 +151,7 @@ def check_config(path: str, keys_dir: Optional[str], data_dir: Optional[str]) ->
     thing = config.thing
     mqtt = thing.mqtt
     detail = (f"{path}: thing {thing.name!r}, broker {thing.endpoint}:{thing.mqtt.port}; egress rate"
-              f" {describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate, mqtt.rate_source, mqtt.max_inflight)}")
+              f" {describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate, mqtt.backlog_rate, mqtt.max_inflight)}")
     if config.warnings:
         detail += "; warning: " + "; warning: ".join(config.warnings)
     return detail, config

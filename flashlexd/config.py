@@ -58,7 +58,7 @@ class Mqtt:
     max_inflight: int
     publish_rate: float        # publishes per second, 0 = unlimited
     publish_bytes_rate: int    # payload + topic bytes per second, 0 = unlimited
-    rate_source: str           # the key the publish rate came from, for check and warnings
+    backlog_rate: Optional[float]  # `drainingFrequency`: the rate of a backlog queued while offline
     poison_attempts: int
     max_topic_bytes: int     # outbound: `publish` refuses longer topics (AWS IoT's limit)
     max_payload_bytes: int   # outbound: `publish` refuses larger payloads (inbound: StoreSettings')
@@ -244,7 +244,7 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
                           f"baseReconnectQuietTimeSecond ({backoff.base_seconds:g})")
     backoff_section.warn_unknown()
     client_id = section.value("clientId") or thing_name
-    rate, rate_source = _publish_rate(section)
+    rate, backlog_rate = _publish_rate(section)
     mqtt = Mqtt(
         port=section.value("port"),
         use_websocket=section.value("useWebsocket"),
@@ -262,7 +262,7 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
         max_inflight=section.value("maxInflight"),
         publish_rate=rate,
         publish_bytes_rate=section.value("publishBytesPerSecond"),
-        rate_source=rate_source,
+        backlog_rate=backlog_rate,
         poison_attempts=section.value("poisonAttempts"),
         max_topic_bytes=section.value("maxTopicBytes"),
         max_payload_bytes=section.value("maxPayloadBytes"),
@@ -289,24 +289,21 @@ def _keepalive(section: Section) -> int:
     return section.value("keepAliveSeconds")
 
 
-def _publish_rate(section: Section) -> Tuple[float, str]:
-    """Egress publishes per second and the key it came from.
+def _publish_rate(section: Section) -> Tuple[float, Optional[float]]:
+    """Egress publishes per second, and the rate of a backlog queued while offline.
 
     `drainingFrequency` keeps the FlashLex SDK's meaning (AWSIoTPythonSDK's
-    configureDrainingFrequency: requests per second when draining queued publishes). Every
-    flashlexd publish is drained from the outbox, so it is the egress rate, unless
-    `publishRatePerSecond` (its new name, 0 = unlimited) is given. `check` and the egress
-    worker's start line say which key set the rate, so the seed's 2/s is never a surprise."""
+    configureDrainingFrequency paced only the draining of the publishes it had queued while
+    the connection was down; the others went out at once): the entries the outbox holds when
+    the link comes up go at that rate (never faster than `publishRatePerSecond`), those queued
+    while it is up at `publishRatePerSecond`."""
+    rate = section.value("publishRatePerSecond")
+    if rate is None:
+        rate = KEYS[f"{section.path}.publishRatePerSecond"].default
     draining = section.value("drainingFrequency")
-    explicit = section.value("publishRatePerSecond")
-    if explicit is not None:
-        if draining is not None:
-            section.warnings.append(f"{section.path}.drainingFrequency: ignored, publishRatePerSecond"
-                                    f" ({explicit:g}/s) is set")
-        return explicit, "publishRatePerSecond"
-    if draining is not None:
-        return draining, "drainingFrequency"
-    return KEYS[f"{section.path}.publishRatePerSecond"].default, "publishRatePerSecond"
+    if draining is not None and rate:
+        draining = min(draining, rate)
+    return rate, draining
 
 
 def _absolute(section: Section, key: str) -> str:

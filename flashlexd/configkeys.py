@@ -222,13 +222,12 @@ TABLE: Tuple[Key, ...] = (
         minimum=1),
     Key(f"{_MQTT}.publishRatePerSecond", "rate", 100.0,
         "egress publishes per second, paced (AWS IoT Core drops publishes over 100/s per connection"
-        " without a PUBACK); 0 = unlimited, for brokers without quotas", LINKS, minimum=0,
-        shown="100, or `drainingFrequency`"),
+        " without a PUBACK); 0 = unlimited, for brokers without quotas", LINKS, minimum=0),
     Key(f"{_MQTT}.drainingFrequency", "rate", None,
         "the FlashLex SDK's drain rate in publishes per second (AWSIoTPythonSDK's"
-        " `configureDrainingFrequency`), kept with that meaning: every flashlexd publish drains from"
-        " the outbox, so it is the egress rate when `publishRatePerSecond` is not set (ignored, with"
-        " a warning, when it is). Must be > 0", LINKS, shown="none"),
+        " `configureDrainingFrequency`), kept with that meaning: the entries the outbox holds when"
+        " the link comes up (queued while it was down) go at this rate, at most `publishRatePerSecond`;"
+        " those queued while it is up go at `publishRatePerSecond`. Must be > 0", LINKS, shown="none"),
     Key(f"{_MQTT}.publishBytesPerSecond", "integer", 524288,
         "egress payload + topic bytes per second (AWS IoT Core: 512 KiB/s per connection);"
         " 0 = unlimited", LINKS, minimum=0),

@@ -42,7 +42,7 @@ def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt") -> List[str]:
                         f" the broker drops what exceeds it")
 
     if mqtt.publish_rate == 0 or mqtt.publish_rate > PUBLISH_RATE:
-        over(mqtt.rate_source, "unlimited" if mqtt.publish_rate == 0 else f"{mqtt.publish_rate:g}/s",
+        over("publishRatePerSecond", "unlimited" if mqtt.publish_rate == 0 else f"{mqtt.publish_rate:g}/s",
              f"{PUBLISH_RATE} publishes/s per connection")
     if mqtt.publish_bytes_rate == 0 or mqtt.publish_bytes_rate > PUBLISH_BYTES_RATE:
         over("publishBytesPerSecond", "unlimited" if mqtt.publish_bytes_rate == 0

@@ -69,10 +69,10 @@ class PublishBudget:
             self.volume.take(size)
 
 
-def describe_rate(rate: float, bytes_rate: int, source: str, max_inflight: int) -> str:
-    """The effective egress rate in words, naming the key that set it (for `check` and logs)."""
+def describe_rate(rate: float, bytes_rate: int, backlog_rate: Optional[float], max_inflight: int) -> str:
+    """The effective egress rate in words (for `check` and logs)."""
     count = "unlimited publishes/s" if rate == 0 else f"{rate:g} publishes/s"
     volume = "unlimited bytes/s" if bytes_rate == 0 else f"{bytes_rate} bytes/s"
-    origin = (" (from drainingFrequency, the FlashLex SDK's drain rate: set publishRatePerSecond"
-              " for another rate)" if source == "drainingFrequency" else "")
-    return f"{count}{origin}, {volume}, up to {max_inflight} in flight"
+    backlog = (f" (a backlog queued while offline: {backlog_rate:g}/s, drainingFrequency)"
+               if backlog_rate else "")
+    return f"{count}{backlog}, {volume}, up to {max_inflight} in flight"

@@ -76,6 +76,12 @@ class OutboxStore(StoreBase):
         return self._write(work) if keys else 0  # type: ignore[return-value]
 
     @guarded
+    def outbox_last_id(self) -> int:
+        """The newest id handed out to an outbox entry (the entry may be gone since)."""
+        with self._read() as txn:
+            return self._counter(txn, b"outbox_last_id")
+
+    @guarded
     def outbox_drop(self, ids: Iterable[int], dead: bool = False) -> int:
         """Delete outbox entries (or, with `dead`, dead letters) at an application's or an
         operator's request; ids not in that list are skipped. Returns how many were deleted.

@@ -161,7 +161,7 @@ def test_seed_config_loads_unchanged_with_typed_values(seed_file: Path, keys_dir
     assert mqtt.ingress_topics() == ("ingress/ecd13b11-mything",)
     assert (mqtt.backoff.base_seconds, mqtt.backoff.max_seconds, mqtt.backoff.stable_seconds) \
         == (1.0, 30.0, 10.0)
-    assert (mqtt.publish_rate, mqtt.rate_source) == (2.0, "drainingFrequency")  # the SDK's drain rate
+    assert (mqtt.publish_rate, mqtt.backlog_rate) == (100.0, 2.0)  # the SDK's drain rate: a backlog's
     assert (mqtt.publish_bytes_rate, mqtt.max_inflight, mqtt.keepalive) == (524288, 100, 30)
     assert mqtt.offline_publish_queueing == -1
     assert (mqtt.connect_timeout, mqtt.operation_timeout) == (60.0, 120.0)

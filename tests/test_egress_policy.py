@@ -208,7 +208,8 @@ def test_when_the_suspects_all_pass_the_drain_goes_back_to_full_speed() -> None:
 
 def test_seed_keys_and_new_keys(tmp_path: Path) -> None:
     seed = load(str(edited_config(tmp_path / "seed", lambda d: None)))
-    assert (seed.thing.mqtt.publish_rate, seed.thing.mqtt.rate_source) == (2.0, "drainingFrequency")
+    # the SDK's drain rate paces a backlog queued while offline, as it did; the rest goes at 100/s
+    assert (seed.thing.mqtt.publish_rate, seed.thing.mqtt.backlog_rate) == (100.0, 2.0)
     assert (seed.thing.mqtt.poison_attempts, seed.thing.mqtt.operation_timeout) == (3, 120.0)
 
     def new_keys(document) -> None:
@@ -218,8 +219,8 @@ def test_seed_keys_and_new_keys(tmp_path: Path) -> None:
     config = load(str(edited_config(tmp_path / "new", new_keys)))
     mqtt = config.thing.mqtt
     assert (mqtt.publish_rate, mqtt.publish_bytes_rate, mqtt.keepalive, mqtt.poison_attempts) == (50, 0, 60, 5)
+    assert mqtt.backlog_rate == 2.0
     assert set(config.warnings) == {
-        "flashlex.thing.mqtt.drainingFrequency: ignored, publishRatePerSecond (50/s) is set",
         "flashlex.thing.mqtt.keepalive: ignored, keepAliveSeconds is set",
         "flashlex.thing.mqtt.publishBytesPerSecond: unlimited is over AWS IoT Core's quota of 524288"
         " bytes/s per connection; the broker drops what exceeds it"}

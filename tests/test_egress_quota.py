@@ -278,3 +278,27 @@ def test_a_publish_the_broker_always_skips_is_dead_lettered_after_poison_attempt
     assert worker.counters["throttled"] == 2 and worker.counters["dead_lettered"] == 1
     assert worker.stop() == 0
     proxy.close()
+
+
+def test_draining_frequency_paces_the_backlog_queued_offline_not_what_is_queued_online(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The FlashLex SDK's drainingFrequency (AWSIoTPythonSDK's configureDrainingFrequency) paced
+    only the publishes it had queued while offline; the seed config's 2/s applied to every
+    publish made an app collecting faster than that build a backlog that never drained."""
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", broker, mqtt={"drainingFrequency": 2})
+    store = open_store(config)
+    offline = [f"offline {i}".encode() for i in range(6)]
+    store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in offline])  # before the link is up
+    started = time.monotonic()
+    worker = start_worker("egress", config)
+    wait_for(lambda: subscriber.lines() == offline, 20, "the backlog delivered")
+    assert time.monotonic() - started >= 6 / 2 * 0.7  # at ~2/s (the bucket holds one)
+    online = [f"online {i}".encode() for i in range(40)]
+    queued = time.monotonic()
+    store.outbox_append([(EGRESS_TOPIC, p, 1, False) for p in online])
+    worker.send("outbox")
+    wait_for(lambda: subscriber.lines() == offline + online, 15, "the online entries delivered")
+    assert time.monotonic() - queued < 40 / 2 / 2  # not at 2/s: 20 s
+    assert worker.stop() == 0
+    subscriber.stop()

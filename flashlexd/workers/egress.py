@@ -27,8 +27,9 @@ properties carries them (MQTT 5; 3.1.1 has none to send); one with a message exp
 before it was sent is dropped instead, counted in `expired`, one INFO line per drain pass.
 
 Waking: the supervisor sends `OutboxQueued` when something was queued; every
-OUTBOX_RECHECK seconds the worker also looks by itself. (`drainingFrequency` is the FlashLex
-SDK's drain rate in publishes per second: see `config._publish_rate`.)
+OUTBOX_RECHECK seconds the worker also looks by itself. `drainingFrequency` (the FlashLex SDK's
+drain rate, see `config._publish_rate`) paces the entries the outbox holds when the link comes
+up, a budget of their own; the entries queued after them go at `publishRatePerSecond`.
 """
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ class EgressWorker(Worker):
                                      fell_back=fell_back_before(self.store, mqtt.egress_client_id),
                                      on_fall_back=noting_fallback(self.store, mqtt.egress_client_id))
         self.window = mqtt.max_inflight
-        self.rate_limit = mqtt.publish_rate
         self.bytes_limit = mqtt.publish_bytes_rate
         self.mean_size = 0.0  # of the entries sent lately: the byte limit's rate in entries/s
-        self.budget = PublishBudget(mqtt.publish_rate, mqtt.publish_bytes_rate)
+        self.online_budget = PublishBudget(mqtt.publish_rate, mqtt.publish_bytes_rate)
+        self.backlog_budget = PublishBudget(mqtt.backlog_rate or 0, mqtt.publish_bytes_rate)
+        self.backlog_until = 0  # entries up to this id were queued while the link was down
         self.poison = PoisonWatch(mqtt.poison_attempts)
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
         self.unacked_since: Dict[int, float] = {}  # entry id -> first sent, until acknowledged
@@ -97,7 +99,7 @@ class EgressWorker(Worker):
                              sessions_lost=0, one_at_a_time=False, protocol=None, refused=0,
                              expired=0)
         log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
-                                                  mqtt.rate_source, mqtt.max_inflight))
+                                                  mqtt.backlog_rate, mqtt.max_inflight))
 
     # -- loop hooks -------------------------------------------------------------------------------
 
@@ -145,9 +147,29 @@ class EgressWorker(Worker):
             self._note_session()
             self.acked_on_link = 0
             self.more = True
+            self._mark_backlog()
         elif self.inflight and not self.connection.closing:
             self._link_dropped(error)
         self.report(MqttReport.kind, connected=connected, error=error)
+
+    def _mark_backlog(self) -> None:
+        """With `drainingFrequency`: what the outbox holds now was queued while the link was
+        down, and drains at that rate (the FlashLex SDK's offline queue)."""
+        if self.config.thing.mqtt.backlog_rate:
+            try:
+                self.backlog_until = self.store.outbox_last_id()
+            except StoreError as exc:  # damage is logged by the store
+                log.debug("backlog not marked: %s", exc)
+
+    @property
+    def budget(self) -> PublishBudget:
+        """The backlog's budget while the drain is in it, else the link's."""
+        return self.backlog_budget if self.cursor < self.backlog_until else self.online_budget
+
+    @property
+    def rate_limit(self) -> float:
+        mqtt = self.config.thing.mqtt
+        return (mqtt.backlog_rate or 0.0) if self.budget is self.backlog_budget else mqtt.publish_rate
 
     def _note_session(self) -> None:
         try:
@@ -342,7 +364,7 @@ class EgressWorker(Worker):
         drain_rate = self._drain_rate()
         oldest = next(iter(self.unacked_since.values()), None)
         self.counters.update(
-            inflight=len(self.inflight), send_rate=round(self.send_rate, 1),
+            inflight=len(self.inflight), send_rate=round(self.send_rate, 1), rate_limit=self.rate_limit,
             eta_s=round(backlog / drain_rate, 1) if backlog and drain_rate else (0.0 if not backlog else None),
             drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
             oldest_inflight_age=None if oldest is None else round(now - oldest, 3),
