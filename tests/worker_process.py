@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from flashlexd import paths
 from flashlexd.channel import CHANNEL_FD, CONFIG_FD, Channel, ConfigFile, place_child_fds
+from flashlexd.config import ConfigError, load
 from flashlexd.linkmsg import build
 from tests.broker import wait_for
 
@@ -34,8 +36,13 @@ class WorkerUnderTest:
         self.mqtt: Dict[str, Any] = {}              # the latest `mqtt` report
 
     def start(self) -> "WorkerUnderTest":
+        # as the supervisor does: it makes the data dir (a worker never does) and hands the text
+        try:
+            paths.make_dir(Path(load(str(self.config)).store.data_dir), paths.DATA_DIR_MODE)
+        except ConfigError:
+            pass  # the worker says what is wrong with it
         channel, child_end = Channel.pair()
-        config_file = ConfigFile(self.config.read_text())  # as the supervisor does
+        config_file = ConfigFile(self.config.read_text())
         fd = child_end.fileno()
         try:
             with open(self.log_path, "ab") as log:
