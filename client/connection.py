@@ -8,6 +8,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import msgpack
@@ -44,6 +45,18 @@ def _group_hint(path: str) -> str:
             " flashlex.app.socket.allowUids, or run as root")
 
 
+_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()  # reset in a forked child
+
+
+def _after_fork_in_child() -> None:
+    """multiprocessing forks by default on Linux, possibly while another thread is in a call."""
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Client:
     """One connection to flashlexd. Use as a context manager, or call `close()`.
 
@@ -64,6 +77,7 @@ class Client:
         self._lock = threading.Lock()
         with self._lock:
             self._connect()
+        _CLIENTS.add(self)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -84,7 +98,7 @@ class Client:
             except BaseException as exc:
                 sock.close()
                 raise self._connect_error(exc) from None
-        self._sock, self._buf, self._pid = sock, bytearray(), os.getpid()
+        self._sock, self._buf = sock, bytearray()
         self._poller = select.poll()  # poll, not select: the fd may be above FD_SETSIZE
         self._poller.register(sock, select.POLLIN)
 
@@ -108,12 +122,16 @@ class Client:
             self._sock.close()
         self._sock, self._buf = None, bytearray()
 
-    def _ready(self) -> socket.socket:
-        """A connected socket; remade if the daemon closed the idle one (or said why it did), or
-        in a process forked after it was made (the parent's calls share it: answers cross)."""
-        if self._sock is not None and self._pid != os.getpid():
+    def _forked(self) -> None:
+        """In a child forked from this process: the connection is the parent's (shared, the
+        answers would cross) and the lock may be held by a thread that does not exist here."""
+        if self._sock is not None:
             self._sock.close()  # this process's copy only: the parent's connection goes on
-            self._sock, self._buf = None, bytearray()
+        self._sock, self._buf = None, bytearray()
+        self._lock = threading.Lock()
+
+    def _ready(self) -> socket.socket:
+        """A connected socket; remade if the daemon closed the idle one (or said why it did)."""
         if self._sock is not None and self._poller.poll(0):
             try:
                 data = self._sock.recv(65536)

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -311,3 +312,37 @@ def test_a_client_used_before_a_fork_works_in_both_processes(harness, fx):
     parent_ok = all(len(fx.messages()) == 2 for _ in range(200))
     _, status = os.waitpid(pid, 0)
     assert parent_ok and os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_client_forked_while_a_thread_is_in_a_call_works_in_the_child(harness, fx):
+    """The Client's lock is copied held when another thread is inside a call at the fork, and
+    that thread does not exist in the child: its first call hung for good."""
+    harness.ingest(("sensors/t", b"1"))
+    waiting = threading.Thread(target=lambda: fx.wait(timeout=3, after=10 ** 6))
+    waiting.start()
+    wait_for_parked(harness)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if len(fx.messages()) == 1 else 2
+        finally:
+            os._exit(code)
+    waiting.join(10)
+    deadline = time.monotonic() + 15
+    finished, status = os.waitpid(pid, os.WNOHANG)
+    while finished == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the child's exit with a deadline
+        finished, status = os.waitpid(pid, os.WNOHANG)
+    if finished == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in its first call")
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def wait_for_parked(harness) -> None:
+    deadline = time.monotonic() + 5
+    while harness.call(lambda: harness.server.parked_count) == 0:
+        assert time.monotonic() < deadline, "the wait never parked"
+        time.sleep(0.01)
