@@ -302,3 +302,25 @@ def test_draining_frequency_paces_the_backlog_queued_offline_not_what_is_queued_
     assert time.monotonic() - queued < 40 / 2 / 2  # not at 2/s: 20 s
     assert worker.stop() == 0
     subscriber.stop()
+
+
+def test_entries_queued_while_the_link_is_up_keep_their_rate_after_a_reconnect(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A drop in the middle of an online drain made the rest of it an 'offline backlog' at
+    drainingFrequency (review: 2/s instead of 100/s, 4 minutes instead of 4 s). And an outbox
+    empty when the link comes up is no backlog: `rate_limit` said 2 while idle."""
+    proxy = QuotaProxy(plain_broker, rate=1000, enforce=False)
+    config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=100, drainingFrequency=2)
+    store = open_store(config)
+    store.outbox_remove(store.outbox_append([(EGRESS_TOPIC, b"sent long ago", 1, False)]))
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    worker.wait(lambda w: w.counters.get("rate_limit") == 100, 5, "the online rate while idle")
+    fill_outbox(store, 500)  # queued while the link is up
+    worker.send("outbox")
+    wait_for(lambda: store.outbox_count() < 400, 10, "the online drain under way")
+    proxy.drop_connections()  # a short outage: the link comes back at once
+    worker.wait(lambda w: w.mqtt.get("connected") and proxy.link_count() == 1, 20, "the link back")
+    wait_for(lambda: store.outbox_count() == 0, 20, "the rest at the online rate (2/s: 3 minutes)")
+    assert worker.stop() == 0
+    proxy.close()

@@ -80,7 +80,11 @@ class EgressWorker(Worker):
         self.mean_size = 0.0  # of the entries sent lately: the byte limit's rate in entries/s
         self.online_budget = PublishBudget(mqtt.publish_rate, mqtt.publish_bytes_rate)
         self.backlog_budget = PublishBudget(mqtt.backlog_rate or 0, mqtt.publish_bytes_rate)
-        self.backlog_until = 0  # entries up to this id were queued while the link was down
+        # entries in (backlog_from, backlog_until] were queued while the link was down; those up
+        # to queued_online_through were queued while it was up (None: not up yet in this process)
+        self.backlog_from = self.backlog_until = 0
+        self.queued_online_through: Optional[int] = None
+        self.link_up = False
         self.poison = PoisonWatch(mqtt.poison_attempts)
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
         self.unacked_since: Dict[int, float] = {}  # entry id -> first sent, until acknowledged
@@ -148,23 +152,39 @@ class EgressWorker(Worker):
             self.acked_on_link = 0
             self.more = True
             self._mark_backlog()
-        elif self.inflight and not self.connection.closing:
-            self._link_dropped(error)
+        else:
+            self._mark_link_down()
+            if self.inflight and not self.connection.closing:
+                self._link_dropped(error)
         self.report(MqttReport.kind, connected=connected, error=error)
 
-    def _mark_backlog(self) -> None:
-        """With `drainingFrequency`: what the outbox holds now was queued while the link was
-        down, and drains at that rate (the FlashLex SDK's offline queue)."""
-        if self.config.thing.mqtt.backlog_rate:
+    def _mark_link_down(self) -> None:
+        """The link went down: what is queued from now on is queued while it is down."""
+        if self.link_up and self.config.thing.mqtt.backlog_rate:
             try:
-                self.backlog_until = self.store.outbox_last_id()
+                self.queued_online_through = self.store.outbox_last_id()
             except StoreError as exc:  # damage is logged by the store
-                log.debug("backlog not marked: %s", exc)
+                log.debug("outbox's last id not read: %s", exc)
+        self.link_up = False
+
+    def _mark_backlog(self) -> None:
+        """With `drainingFrequency`: what was queued while the link was down (at the start:
+        all the outbox holds) drains at that rate, the FlashLex SDK's offline queue."""
+        self.link_up = True
+        if not self.config.thing.mqtt.backlog_rate:
+            return
+        try:
+            if self.store.outbox_count():
+                self.backlog_from = self.queued_online_through or 0
+                self.backlog_until = self.store.outbox_last_id()
+        except StoreError as exc:  # damage is logged by the store
+            log.debug("backlog not marked: %s", exc)
 
     @property
     def budget(self) -> PublishBudget:
         """The backlog's budget while the drain is in it, else the link's."""
-        return self.backlog_budget if self.cursor < self.backlog_until else self.online_budget
+        in_backlog = self.backlog_from <= self.cursor < self.backlog_until
+        return self.backlog_budget if in_backlog else self.online_budget
 
     @property
     def rate_limit(self) -> float:
