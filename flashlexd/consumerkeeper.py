@@ -4,7 +4,8 @@ each consumer is trimmed to its maxBacklog, a bounded step per turn of the loop.
 does this work: it adds no write per message for consumers.
 
 Idleness is wall-clock time (a consumer's last use is stored as such, across boots), less the
-forward steps of the wall clock seen while the daemon runs after that use: a Pi that boots with
+forward steps of the wall clock seen after that use, while the daemon runs or (from the store's
+boot frame) in an earlier run of this boot: a Pi that boots with
 its clock days behind and then steps it forward (NTP) must not find an app that read a second
 ago unused for a week, nor keep one unused since the step for a week too long. And no consumer
 goes in the first START_GRACE after the start: after a long power-off every consumer looks
@@ -51,6 +52,7 @@ class ConsumerKeeper:
         sweep over a large store takes several turns of the loop, never one long one."""
         if self._started is None:
             self._started = now
+            self._steps_before_start()
         self._watch_clock(now)
         if self._sweep is None:
             if now < self.next_run:
@@ -72,6 +74,13 @@ class ConsumerKeeper:
             idle_days = (self._settings().idle_seconds or 0) / 86400
             log.warning("consumer %r removed: unused for %g days (flashlex.app.consumerIdleDays);"
                         " the messages only it held were released", removed, idle_days)
+
+    def _steps_before_start(self) -> None:
+        """A step an earlier run of this boot saw (the store's boot frame has it), as one step
+        just before the start: a restart after NTP must not count it as idle time either."""
+        step = self._store().clock_stepped_this_boot()
+        if step >= STEP_SECONDS:
+            self._steps.append((self._wall(), step))
 
     def _watch_clock(self, now: float) -> None:
         """Note a forward step of the wall clock (its offset to `now`, monotonic, jumped)."""

@@ -250,6 +250,12 @@ class StoreBase:
         identity = os.stat(self.path / "data.mdb")
         return identity.st_dev, identity.st_ino
 
+    def clock_stepped_this_boot(self) -> float:
+        """Seconds the wall clock stepped forward (negative: back) since this boot first used
+        the store, as its boot frame recorded them: steps an earlier daemon run of this boot
+        saw (consumerkeeper.py)."""
+        return self._frames.current.last - self._frames.current.first
+
     def vanished(self) -> Optional[str]:
         """Why the store's file is no longer at its path (the data dir removed or replaced under
         the daemon), else None. LMDB goes on writing to the open, unlinked file: whatever is

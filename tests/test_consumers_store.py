@@ -14,6 +14,7 @@ import lmdb
 import pytest
 
 from flashlexd.configconsumers import ConsumerSettings
+from flashlexd.clock import Reading
 from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.ipc.methods import SCAN_BUDGET
 from flashlexd.storeconsumers import COMMIT_STEP, COUNT_STEP, FLOOR_HINT, WALK_BUDGET, FloorCatchUp
@@ -503,3 +504,58 @@ def test_a_consumers_remembered_matches_follow_its_filter_and_stay_small():
         assert consumer.matches(f"a/b/{i}")
     assert len(consumer._matched) == MEMO_TOPICS
     assert consumer.matches("a/b/late") and not consumer.matches("z/late")  # past the bound: matched anew
+
+
+class SteppingClock:
+    """The store's clock on a Pi without a real-time clock: a boot time that only counts, and a
+    wall clock that NTP steps."""
+    boot_id = b"one-boot"
+
+    def __init__(self, wall: float):
+        self.wall, self.boottime = wall, 1000.0
+
+    def now(self) -> Reading:
+        return Reading(self.wall, self.boottime)
+
+    def advance(self, seconds: float, step: float = 0.0) -> None:
+        self.wall += seconds + step
+        self.boottime += seconds
+
+
+def test_a_daemon_restarted_after_the_step_leaves_it_out_of_idle_times_too(tmp_path: Path):
+    """The steps a supervisor saw lived in its memory: the next one (a restart after NTP)
+    counted the step as idle time and removed a consumer used an hour before, with the messages
+    only it held (review). The store's boot frame has the step."""
+    day = 86400.0
+    clock = SteppingClock(time.time() - 10 * day)  # fake-hwclock: 10 days behind
+    settings = ConsumerSettings(idle_seconds=7 * day)
+    opened = [Store(tmp_path / "store", 64 << 20, clock=clock)]
+    loop = [100.0]
+
+    def keeper() -> ConsumerKeeper:
+        return ConsumerKeeper(lambda: opened[0], lambda: settings, lambda: 5.0, start_grace=3600,
+                              wall=lambda: clock.wall)
+
+    def sweep(running: ConsumerKeeper, after: float, step: float = 0.0) -> List[str]:
+        clock.advance(after, step)
+        loop[0] += after
+        running.tick(loop[0])
+        while running.next_run == loop[0]:
+            running.tick(loop[0])
+        return sorted(c["name"] for c in opened[0].consumers_report())
+    try:
+        first = keeper()
+        opened[0].consumer_register("app", clock.wall)  # the app reads at boot, before NTP
+        ids = put(opened[0], "t")
+        assert sweep(first, 0) == ["app"]
+        assert sweep(first, 60, step=10 * day) == ["app"]  # NTP
+        put(opened[0], "t")  # the ingress writes on: the boot frame records the step
+        opened[0].close()  # flashlexd restarted
+        opened[0] = Store(tmp_path / "store", 64 << 20, clock=clock)
+        second = keeper()
+        assert sweep(second, 60) == ["app"]
+        assert sweep(second, 3600) == ["app"]  # used 62 minutes ago
+        assert ids_for(opened[0], "app")[:1] == ids
+        assert sweep(second, 7 * day) == []  # and a week later it goes
+    finally:
+        opened[0].close()
