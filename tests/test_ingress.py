@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import yaml
 
 from flashlexd.store import Store
 from tests.broker import (INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
@@ -406,3 +407,30 @@ def test_a_retained_message_comes_again_at_each_reconnect_only_under_mqtt311(
         wait_for(lambda: marker in payloads(store), 20, "the marker stored")
     assert payloads(store) == [b"retained", *again, b"marker 1", *again, b"marker 2"]
     proxy.close()
+
+
+def test_thread_subscribe_takes_the_pubsub_topic_away_on_an_installed_device(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The seed config (`app.thread: subscribe`) on a device where flashlexd subscribed the
+    pubsub topic too: the broker kept that subscription in the session the ingress resumes, so
+    its messages still came and were stored for the apps (review)."""
+    config = write_config(tmp_path / "config", broker)
+    worker = start_worker("ingress", config)  # as the earlier version subscribed
+    worker.wait(lambda w: [t for t, _ in w.mqtt.get("subscriptions") or []] == [INGRESS_TOPIC, PUBSUB_TOPIC],
+                15, "both topics subscribed")
+    assert worker.stop() == 0
+    document = yaml.safe_load(config.read_text())
+    document["flashlex"]["app"]["thread"] = "subscribe"
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected") and [t for t, _ in w.mqtt.get("subscriptions") or []]
+                == [INGRESS_TOPIC], 15, "the ingress topic alone subscribed")
+    publish(broker, PUBSUB_TOPIC, b"the basicPubsub demo's")
+    publish(broker, INGRESS_TOPIC, b"for the app")  # after it, on the ingress's one connection
+    store = open_store(config)
+    try:
+        wait_for(lambda: store.messages(), 15, "a message stored")
+        assert [(m.topic, m.payload) for m in store.messages()] == [(INGRESS_TOPIC, b"for the app")]
+    finally:
+        store.close()
+    assert worker.stop() == 0

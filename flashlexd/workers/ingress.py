@@ -185,6 +185,11 @@ class IngressWorker(Worker):
                 self.stale_marks_until = len(self.batch)
                 self._forget_stale_marks()
             self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
+            unwanted = self.config.thing.mqtt.pubsub_topic
+            if unwanted and unwanted not in self.topics and self.connection.session_present:
+                # `app.thread: subscribe`: an earlier flashlexd subscribed it in the session the
+                # broker kept; before the SUBSCRIBE, so that "connected" means it is gone
+                self.connection.unsubscribe(unwanted)
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
         self.barrier.disconnected()
