@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -17,8 +16,10 @@ from flashlexd.client.wire import MAX_IDS_PER_ACK, Code
 
 try:
     from test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
+    from broker import wait_for
 except ImportError:  # tests run as a package
     from tests.test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
+    from tests.broker import wait_for
 
 
 @pytest.fixture
@@ -320,7 +321,7 @@ def test_a_client_forked_while_a_thread_is_in_a_call_works_in_the_child(harness,
     harness.ingest(("sensors/t", b"1"))
     waiting = threading.Thread(target=lambda: fx.wait(timeout=3, after=10 ** 6))
     waiting.start()
-    wait_for_parked(harness)
+    wait_for(lambda: harness.call(lambda: harness.server.parked_count), 5, "the wait parked")
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -329,20 +330,15 @@ def test_a_client_forked_while_a_thread_is_in_a_call_works_in_the_child(harness,
         finally:
             os._exit(code)
     waiting.join(10)
-    deadline = time.monotonic() + 15
-    finished, status = os.waitpid(pid, os.WNOHANG)
-    while finished == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling the child's exit with a deadline
-        finished, status = os.waitpid(pid, os.WNOHANG)
-    if finished == 0:
+
+    def exited():
+        done = os.waitpid(pid, os.WNOHANG)
+        return done if done[0] else None
+    try:
+        _, status = wait_for(exited, 15, "the forked child's first call")
+    except AssertionError:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
-        pytest.fail("the forked child hung in its first call")
+        raise
     assert os.waitstatus_to_exitcode(status) == 0
 
-
-def wait_for_parked(harness) -> None:
-    deadline = time.monotonic() + 5
-    while harness.call(lambda: harness.server.parked_count) == 0:
-        assert time.monotonic() < deadline, "the wait never parked"
-        time.sleep(0.01)

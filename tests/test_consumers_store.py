@@ -8,7 +8,7 @@ import logging
 import struct
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import lmdb
 import pytest
@@ -287,27 +287,17 @@ def test_the_keeper_takes_no_clock_step_for_idle_time_and_waits_out_its_start_gr
     start in 1970). After a long power-off every consumer looks idle until its app, started
     after the daemon, uses it."""
     day = 86400.0
-    clock = {"wall": time.time() - 10 * day, "loop": 100.0}
-    settings = ConsumerSettings(idle_seconds=7 * day)
-    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0, start_grace=3600,
-                            wall=lambda: clock["wall"])
-
-    def sweep(after: float, step: float = 0.0) -> List[str]:
-        clock["wall"] += after + step
-        clock["loop"] += after
-        keeper.tick(clock["loop"])
-        while keeper.next_run == clock["loop"]:
-            keeper.tick(clock["loop"])
-        return sorted(c["name"] for c in store.consumers_report())
-    store.consumer_register("stored-long-ago", clock["wall"] - 30 * day)  # before the power-off
-    store.consumer_register("app", clock["wall"])
+    clock = SteppingClock(time.time() - 10 * day)
+    run = KeeperRun(lambda: store, clock)
+    store.consumer_register("stored-long-ago", clock.wall - 30 * day)  # before the power-off
+    store.consumer_register("app", clock.wall)
     ids = put(store, "t")
-    assert sweep(0) == ["app", "stored-long-ago"]  # the start: within the grace
-    assert sweep(3600, step=10 * day) == ["app"]  # NTP; the app's 1 h is not 10 days and an hour
+    assert run.sweep(0) == ["app", "stored-long-ago"]  # the start: within the grace
+    assert run.sweep(3600, step=10 * day) == ["app"]  # NTP; the app's 1 h is not 10 days and an hour
     assert ids_for(store, "app") == ids
-    store.consumer_register("used-after-the-step", clock["wall"])
-    assert sweep(6 * day) == ["app", "used-after-the-step"]
-    assert sweep(1 * day + 1) == []  # 7 days unused, each of them
+    store.consumer_register("used-after-the-step", clock.wall)
+    assert run.sweep(6 * day) == ["app", "used-after-the-step"]
+    assert run.sweep(1 * day + 1) == []  # 7 days unused, each of them
 
 
 def test_a_read_writes_nothing_and_the_sweep_moves_the_floor_past_other_topics(store: Store):
@@ -522,40 +512,49 @@ class SteppingClock:
         self.boottime += seconds
 
 
+class KeeperRun:
+    """A ConsumerKeeper (7 idle days, an hour's start grace) driven as the supervisor's loop
+    drives it, its wall clock `clock`'s; `restart()` is a new supervisor on the same store."""
+
+    def __init__(self, store: Callable[[], Store], clock: SteppingClock):
+        self.store, self.clock, self.loop = store, clock, 100.0
+        self.restart()
+
+    def restart(self) -> None:
+        self.keeper = ConsumerKeeper(self.store, lambda: ConsumerSettings(idle_seconds=7 * 86400.0),
+                                     lambda: 5.0, start_grace=3600, wall=lambda: self.clock.wall)
+
+    def sweep(self, after: float, step: float = 0.0) -> List[str]:
+        """`after` seconds on (and a wall-clock step of `step`), then one whole sweep: the names
+        of the consumers left."""
+        self.clock.advance(after, step)
+        self.loop += after
+        self.keeper.tick(self.loop)
+        while self.keeper.next_run == self.loop:
+            self.keeper.tick(self.loop)
+        return sorted(c["name"] for c in self.store().consumers_report())
+
+
 def test_a_daemon_restarted_after_the_step_leaves_it_out_of_idle_times_too(tmp_path: Path):
     """The steps a supervisor saw lived in its memory: the next one (a restart after NTP)
     counted the step as idle time and removed a consumer used an hour before, with the messages
     only it held (review). The store's boot frame has the step."""
     day = 86400.0
     clock = SteppingClock(time.time() - 10 * day)  # fake-hwclock: 10 days behind
-    settings = ConsumerSettings(idle_seconds=7 * day)
     opened = [Store(tmp_path / "store", 64 << 20, clock=clock)]
-    loop = [100.0]
-
-    def keeper() -> ConsumerKeeper:
-        return ConsumerKeeper(lambda: opened[0], lambda: settings, lambda: 5.0, start_grace=3600,
-                              wall=lambda: clock.wall)
-
-    def sweep(running: ConsumerKeeper, after: float, step: float = 0.0) -> List[str]:
-        clock.advance(after, step)
-        loop[0] += after
-        running.tick(loop[0])
-        while running.next_run == loop[0]:
-            running.tick(loop[0])
-        return sorted(c["name"] for c in opened[0].consumers_report())
+    run = KeeperRun(lambda: opened[0], clock)
     try:
-        first = keeper()
         opened[0].consumer_register("app", clock.wall)  # the app reads at boot, before NTP
         ids = put(opened[0], "t")
-        assert sweep(first, 0) == ["app"]
-        assert sweep(first, 60, step=10 * day) == ["app"]  # NTP
+        assert run.sweep(0) == ["app"]
+        assert run.sweep(60, step=10 * day) == ["app"]  # NTP
         put(opened[0], "t")  # the ingress writes on: the boot frame records the step
         opened[0].close()  # flashlexd restarted
         opened[0] = Store(tmp_path / "store", 64 << 20, clock=clock)
-        second = keeper()
-        assert sweep(second, 60) == ["app"]
-        assert sweep(second, 3600) == ["app"]  # used 62 minutes ago
+        run.restart()
+        assert run.sweep(60) == ["app"]
+        assert run.sweep(3600) == ["app"]  # used 62 minutes ago
         assert ids_for(opened[0], "app")[:1] == ids
-        assert sweep(second, 7 * day) == []  # and a week later it goes
+        assert run.sweep(7 * day) == []  # and a week later it goes
     finally:
         opened[0].close()

@@ -319,12 +319,13 @@ def test_reload_applies_every_api_setting_to_the_running_api(daemon, notify, dae
     try:
         with connect(str(daemon.socket_path)) as fx:
             fx.publish(b"y" * 2000, topic="dev/long-" + "t" * 80)  # fits the defaults
-            document = yaml.safe_load(daemon_config.read_text())
-            mqtt = document["flashlex"]["thing"]["mqtt"]
-            mqtt.update({"maxPayloadBytes": 1000, "maxTopicBytes": 64, "offlinePublishQueueing": 7})
-            mqtt["egress"]["topic"] = "dev/reloaded"
-            document["flashlex"]["app"]["socket"]["idleTimeoutSeconds"] = 0.5
-            daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
+
+            def limits(document) -> None:
+                mqtt = document["flashlex"]["thing"]["mqtt"]
+                mqtt.update({"maxPayloadBytes": 1000, "maxTopicBytes": 64, "offlinePublishQueueing": 7})
+                mqtt["egress"]["topic"] = "dev/reloaded"
+                document["flashlex"]["app"]["socket"]["idleTimeoutSeconds"] = 0.5
+            edit_config(daemon_config, limits)
             hup_at = time.monotonic()
             daemon.signal(signal.SIGHUP)
             notify.wait_for("READY=1", after=hup_at, timeout=10)
