@@ -3,13 +3,19 @@
 Only the supervisor notifies: workers run with NOTIFY_SOCKET and WATCHDOG_* removed from their
 environment (see `child_environment`) and none of its descriptors (`forkworker`). WATCHDOG=1 is sent from the supervisor's own loop,
 never from a helper thread, so a hung loop stops the pings and systemd restarts the service.
+
+A send never blocks that loop: the socket is non-blocking, and a notification that finds
+systemd's queue full (net.unix.max_dgram_qlen datagrams, 10 without systemd's sysctl; PID 1
+busy) waits in `pending` and goes at a later tick, in order. A newer STATUS line replaces a
+waiting one and pings do not pile up, so what waits stays a handful of lines.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import sdnotify
 
@@ -17,6 +23,8 @@ log = logging.getLogger(__name__)
 UNHEALTHY_RECHECK = 0.1  # seconds; how soon to look again while a ping is withheld
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 START_EXTENSION = 30  # seconds of start-up time each `still_starting` call asks for
+PENDING_RECHECK = 0.1  # seconds; how soon to try again while notifications wait for systemd
+WATCHDOG_PING = "WATCHDOG=1"
 
 
 def child_environment() -> Dict[str, str]:
@@ -37,20 +45,58 @@ def watchdog_interval() -> Optional[float]:
         return None
 
 
+def connect_notify_socket() -> Optional[socket.socket]:
+    """A non-blocking datagram socket connected to NOTIFY_SOCKET (sdnotify reads the address,
+    '@' for an abstract one), or None, said in one line, when it cannot be reached."""
+    try:
+        sock: socket.socket = sdnotify.SystemdNotifier(debug=True).socket
+    except OSError as exc:
+        log.error("cannot reach systemd's NOTIFY_SOCKET %r: %s; systemd will not hear READY,"
+                  " STATUS or the watchdog pings", os.environ.get("NOTIFY_SOCKET"), exc.strerror or exc)
+        return None
+    sock.setblocking(False)
+    return sock
+
+
 class Notifier:
     """Sends READY/STATUS/WATCHDOG/RELOADING/STOPPING when NOTIFY_SOCKET is set; else no-op."""
 
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        self._socket = connect_notify_socket() if self.enabled else None
+        self.pending: List[str] = []  # in order, waiting for room in systemd's queue
+        self._refused: Optional[str] = None  # the error last logged, so a stall is said once
         self.watchdog_every = watchdog_interval()
         self._next_watchdog = 0.0
         self._next_extension = 0.0
         self._status: Optional[str] = None
 
     def _send(self, text: str) -> None:
-        if self._notifier is not None:
-            self._notifier.notify(text)
+        if self._socket is None:
+            return
+        if text == WATCHDOG_PING and text in self.pending:
+            return
+        if text.startswith("STATUS=") and "\n" not in text:
+            self.pending = [t for t in self.pending if not (t.startswith("STATUS=") and "\n" not in t)]
+        self.pending.append(text)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what waits, oldest first, until systemd's queue is full again."""
+        while self.pending and self._socket is not None:
+            try:
+                self._socket.send(self.pending[0].encode("utf-8", "replace"))
+            except OSError as exc:  # BlockingIOError: full; others (ECONNREFUSED...) said once
+                said = "its queue is full" if isinstance(exc, BlockingIOError) else str(exc.strerror or exc)
+                if said != self._refused:
+                    self._refused = said
+                    log.warning("systemd is not taking notifications (%s); %d wait and go when it"
+                                " does", said, len(self.pending))
+                return
+            self.pending.pop(0)
+            if self._refused is not None:
+                self._refused = None
+                log.info("systemd takes notifications again")
 
     def ready(self) -> None:
         self._send("READY=1")
@@ -81,13 +127,15 @@ class Notifier:
             self._send(f"STATUS={text}")
 
     def watchdog(self, now: float, healthy: bool) -> Optional[float]:
-        """Ping when due and healthy; returns seconds until the next ping is due."""
-        if self.watchdog_every is None:
-            return None
-        if now < self._next_watchdog:
-            return self._next_watchdog - now
-        if not healthy:
-            return min(self.watchdog_every, UNHEALTHY_RECHECK)
-        self._send("WATCHDOG=1")
-        self._next_watchdog = now + self.watchdog_every
-        return self.watchdog_every
+        """Called every tick: send what waits, then ping when due and healthy; returns seconds
+        until this wants the next tick (a ping due, or notifications waiting), else None."""
+        self.flush()
+        if self.watchdog_every is not None and now >= self._next_watchdog:
+            if not healthy:
+                return min(self.watchdog_every, UNHEALTHY_RECHECK)
+            self._send(WATCHDOG_PING)
+            self._next_watchdog = now + self.watchdog_every
+        wants = [PENDING_RECHECK] if self.pending else []
+        if self.watchdog_every is not None:
+            wants.append(self._next_watchdog - now)
+        return min(wants) if wants else None

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import pytest
 import yaml
 
 from flashlexd.client import connect
-from flashlexd.notify import START_EXTENSION
+from flashlexd.notify import START_EXTENSION, Notifier
 from flashlexd.store import Incoming, Store
 from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
 from tests.daemon import Daemon, NotifyListener
@@ -308,10 +309,7 @@ def test_reload_applies_every_api_setting_to_the_running_api(daemon, notify, dae
                                                              broker, tmp_path):
     """One SIGHUP changes what `publish` accepts and defaults to, the outbox cap `status` shows
     and the API server's idle timeout, on the connection already open and on new ones."""
-    import socket
-
-    import yaml
-    from flashlexd.client import RpcError, connect
+    from flashlexd.client import RpcError
     from flashlexd.client.wire import Code
     from tests.broker import Subscriber
     notify.wait_for("READY=1", timeout=15)
@@ -433,3 +431,75 @@ def test_a_long_page_check_at_start_asks_systemd_for_more_time(daemon_config, tm
         assert extensions and statuses, before
     finally:
         running.stop()
+
+
+def fill_queue(listener: NotifyListener) -> int:
+    """Send filler datagrams to `listener` until its queue is full (systemd not reading): how
+    many went in. Whatever net.unix.max_dgram_qlen is (10, or systemd's 512), the next send
+    from any socket would block: a sender's own buffer fills first (~270 datagrams), so a
+    fresh sender takes over until even its first datagram finds no room."""
+    senders: List[socket.socket] = []
+    sent = 0
+    try:
+        while True:
+            sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sender.setblocking(False)
+            senders.append(sender)
+            before = sent
+            try:
+                while True:
+                    sender.sendto(f"X-FILLER={sent}".encode(), str(listener.path))
+                    sent += 1
+            except BlockingIOError:
+                if sent == before:
+                    return sent
+    finally:
+        for sender in senders:
+            sender.close()
+
+
+def test_a_systemd_that_stops_reading_notifications_never_blocks_the_supervisor(daemon, notify):
+    """PID 1 busy, or a queue of 10 datagrams without systemd's sysctl: a blocking sd_notify
+    froze the supervisor's loop in the first STATUS or ping that found the queue full (no API,
+    no worker watched; seen as a 20 s status timeout). Now what systemd cannot take yet waits
+    and goes, in order, once it reads again."""
+    notify.wait_for("READY=1", timeout=15)
+    fillers = fill_queue(notify)
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)  # a reload: RELOADING=1 then READY=1 wait behind the fillers
+    wait_for(lambda: "systemd is not taking notifications (its queue is full)" in daemon.output(),
+             10, "the stall said")
+    with connect(str(daemon.socket_path), timeout=5) as client:
+        for _ in range(10):  # served all along, over many ticks and pings
+            assert client.status()["workers"]
+    assert len([line for line in daemon.output().splitlines() if "not taking notifications" in line]) == 1
+    notify.wait_for("READY=1", after=hup_at, timeout=10)  # reading again: the rest arrives
+    fields = [f for _, f in notify.lines()]
+    last_filler = fields.index(f"X-FILLER={fillers - 1}")
+    reloading = next(i for i, f in enumerate(fields) if f == "RELOADING=1" and i > last_filler)
+    assert "READY=1" in fields[reloading:]
+    wait_for(lambda: "systemd takes notifications again" in daemon.output(), 10, "the recovery said")
+
+
+def test_notifications_that_wait_for_systemd_keep_only_the_newest_status_and_one_ping(
+        tmp_path, monkeypatch):
+    notify = NotifyListener(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    try:
+        notifier = Notifier()
+        fill_queue(notify)
+        notifier.status("one")
+        notifier.ready()
+        assert notifier.watchdog(100.0, healthy=True) == 0.1  # soon: to try again
+        notifier.status("two")
+        notifier.watchdog(101.5, healthy=True)
+        notifier.status("three")
+        assert notifier.pending == ["READY=1", "WATCHDOG=1", "STATUS=three"]
+        notify.lines()  # systemd reads again
+        assert notifier.watchdog(101.6, healthy=True) == pytest.approx(0.9)  # the next ping
+        assert notifier.pending == []
+        assert [f for _, f in notify.lines() if not f.startswith("X-FILLER=")] == \
+            ["READY=1", "WATCHDOG=1", "STATUS=three"]
+    finally:
+        notify.close()
