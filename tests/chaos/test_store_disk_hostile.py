@@ -36,6 +36,7 @@ from tests.broker import (HOST, INGRESS_TOPIC, Broker, open_store, publish, publ
 from tests.chaos.results import report_line
 from tests.daemon import Daemon, NotifyListener
 from tests.lax_broker import LaxBroker, mqtt_packet, mqtt_string, read_mqtt_packet
+from tests.worker_process import cpu_seconds
 
 
 # The chaos suite's size switch (tests/chaos/conftest.py: FLASHLEXD_CHAOS=full, `make chaos`);
@@ -625,6 +626,7 @@ PAIRS = 16 if FULL else 9  # hostile phases the stream lasts for (within STREAM_
 STREAM_MAX = 2_000_000  # 16 pairs of 1 s at ingress's ~35k msg/s here took over 1,000,000
 CHUNK = 60_000  # messages a mosquitto_pub (past 65535 its packet ids wrap and it loses some)
 GUARD = 0.05  # seconds after a storm (or a hostile phase) counted as neither (the server's tail)
+STORM_CPU_MAX = 0.15  # supervisor CPU seconds a storm may cost: 72-78 ms measured here
 
 
 class Attacker:
@@ -641,6 +643,10 @@ class Attacker:
     def figures(self) -> Dict[str, Any]:
         if self.process.poll() not in (None, 0):
             raise AssertionError(f"the attacker died: {self.process.stderr.read()[-1000:]!r}")
+        return self.saved()
+
+    def saved(self) -> Dict[str, Any]:
+        """What the attacker last wrote."""
         try:
             import json
             return json.loads(self.out.read_text())
@@ -666,35 +672,42 @@ class Attacker:
             self.process.kill()
             _, err = self.process.communicate(timeout=10)
         assert died in (None, 0), f"the attacker died: {err[-1000:]!r}"
-        return self.figures()
+        return self.saved()
 
 
 class Phases:
     """Alternates quiet and hostile phases of PHASE seconds in a thread, recording each as
-    (kind, start, end) in wall-clock time, the clock of the stored commit times."""
+    (kind, start, end) in wall-clock time, the clock of the stored commit times, and the CPU
+    seconds the supervisor (`pid`) used in it."""
 
-    def __init__(self, attacker: Attacker):
+    def __init__(self, attacker: Attacker, pid: int):
         import threading
-        self.attacker = attacker
+        self.attacker, self.pid = attacker, pid
         self.phases: List[Tuple[str, float, float]] = []
+        self.cpu: List[Tuple[str, float, float]] = []  # (kind, seconds long, supervisor CPU s)
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _record(self, kind: str, began: float, cpu_began: float) -> None:
+        ended = time.time()
+        self.phases.append((kind, began, ended))
+        self.cpu.append((kind, ended - began, cpu_seconds(self.pid) - cpu_began))
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                began = time.time()
+                began, cpu = time.time(), cpu_seconds(self.pid)
                 self._stop.wait(PHASE)
-                self.phases.append(("quiet", began, time.time()))
+                self._record("quiet", began, cpu)
                 if self._stop.is_set():
                     return
-                began = time.time()
+                began, cpu = time.time(), cpu_seconds(self.pid)
                 self.attacker.go()
                 self._stop.wait(PHASE)
                 self.attacker.pause()  # the storm under way belongs to this phase
-                self.phases.append(("hostile", began, time.time()))
+                self._record("hostile", began, cpu)
         except BaseException as exc:  # reported by stop()
             self.error = exc
 
@@ -704,6 +717,15 @@ class Phases:
         if self.error is not None:
             raise self.error
         return self.phases
+
+    def storm_cpu(self, storms: int) -> float:
+        """The supervisor's CPU seconds per storm: what it used in the hostile phases beyond
+        its rate in the quiet ones (serving the test's own polling, the workers' links)."""
+        def total(kind: str) -> Tuple[float, float]:
+            return (sum(t for k, t, _ in self.cpu if k == kind), sum(c for k, _, c in self.cpu if k == kind))
+        quiet_time, quiet_cpu = total("quiet")
+        hostile_time, hostile_cpu = total("hostile")
+        return (hostile_cpu - quiet_cpu / max(quiet_time, 1e-9) * hostile_time) / max(storms, 1)
 
 
 def count_between(stamps: List[float], a: float, b: float) -> int:
@@ -750,18 +772,22 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     daemon's error answers read while all 500 are open, a `status` for every tenth on a fresh
     connection, all closed, a gap of about 0.8 s, the next storm. Each message's commit time is
     stored with it, so the one stream gives the ingest rate of every phase; interleaved, both
-    kinds of phase sample whatever else the machine is doing alike. Each hostile phase's rate
-    is set against the quiet phases on either side of it; the median of those ratios must be
-    over 0.8 (ingest drops by less than 20 %). Within the hostile
-    phases the rate during the storms themselves must not collapse (over a quarter of the rate
-    between them; CPU sharing alone leaves half or more), as it would if the supervisor stalled
-    its workers.
+    kinds of phase sample whatever else the machine is doing alike.
 
-    Ingress is its own process and the supervisor serves the API, so what is measured is CPU
-    sharing on this 2-core machine (a storm costs the supervisor ~40 ms and the attacker ~25 ms
-    of CPU) plus anything in the supervisor that could hold a worker up (the worker links,
-    heartbeats). Before the parser's skip() pre-pass (see the next test) a storm cost the
-    supervisor about five times the CPU, and the storms then filled half of the hostile time."""
+    What a storm costs is judged by the supervisor's CPU (from /proc, per phase): beyond its
+    rate in the quiet phases, under STORM_CPU_MAX a storm (72-78 ms here; 507 ms without the
+    parser's skip() pre-pass, see the next test, when the storms filled 79 % of the hostile
+    time). CPU seconds hardly move with the machine's load; ingest rates do, so they only
+    guard against a collapse. Within the hostile phases the rate during the storms themselves
+    must be over a quarter of the rate between them (CPU sharing alone leaves half or more), as
+    it would not be if the supervisor stalled its workers. Each hostile phase's rate is set
+    against the quiet phases on either side of it and the median of those ratios must be over
+    0.6: 0.93-0.95 on a quiet machine, 0.69-0.80 seen in loaded CI runs of the whole suite (the
+    attacker's own CPU is on the same 2 cores), 0.64 without the pre-pass.
+
+    Ingress is its own process and the supervisor serves the API, so what slows ingress is CPU
+    sharing on this 2-core machine plus anything in the supervisor that could hold a worker up
+    (the worker links, heartbeats)."""
     config = make_config(tmp_path / "etc", broker, db={"capMegabytes": 1024})  # the stream stays
     d = run_daemon(config)
     ingress_pid = d.worker("ingress")["pid"]
@@ -777,7 +803,7 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     try:
         # one stream, in chunks: a new mosquitto_pub whenever the previous one is done and
         # ingress is less than a chunk behind, until the phases are counted
-        phases = Phases(attacker)
+        phases = Phases(attacker, d.daemon.proc.pid)
         publisher: Optional[subprocess.Popen] = None
         deadline = time.monotonic() + (600 if FULL else 90)
         while len(phases.phases) < 2 * PAIRS + 2 and time.monotonic() < deadline \
@@ -818,6 +844,7 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     in_storms, in_gaps = storm_and_gap_rates(stamps, storms, hostile_spans)
     share = sum(min(y, b) - max(x, a) for a, b in hostile_spans for x, y in storms
                 if x < b and y > a) / max(sum(b - a for a, b in hostile_spans), 1e-9)
+    storm_cpu = phases.storm_cpu(attack["storms"])
     summary = (f"hostile clients: {published} messages in {stamps[-1] - stamps[0]:.1f}s, phases of "
                f"{PHASE:g}s: quiet {' '.join(f'{r:.0f}' for r in quiet_rates)} msg/s, hostile "
                f"{' '.join(f'{r:.0f}' for r in hostile_rates)} msg/s; median hostile/neighbouring quiet "
@@ -827,7 +854,8 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
                f"{attack['storms']} storms of {STORM} connections open at once, "
                f"{attack['hostile_frames']} hostile frames ({attack['answered']} answered with an "
                f"error while all were open), {attack['status_ok']} status calls served mid-storm, "
-               f"{attack['lost'] + attack['connect_errors']} lost/refused; worker restarts {d.restarts()}")
+               f"{attack['lost'] + attack['connect_errors']} lost/refused; worker restarts {d.restarts()}; "
+               f"supervisor CPU {storm_cpu * 1000:.0f} ms a storm")
     report_line(summary)
     assert line_numbers(stored) == list(range(published)), summary  # each once, in order
     assert len(hostile_rates) >= PAIRS - 1 and all(n >= 1 for n in in_phases), summary
@@ -837,7 +865,8 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     assert d.alive() and d.worker("ingress", status)["pid"] == ingress_pid, summary
     assert d.restarts() == 0, summary
     assert in_storms / in_gaps > 0.25, summary
-    assert ratio > 0.8, summary
+    assert storm_cpu < STORM_CPU_MAX, summary
+    assert ratio > 0.6, summary
 
 
 def paired_ratio(rates: List[Tuple[str, float]]) -> float:
