@@ -136,6 +136,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
                 ids[i] = record_id
             if due:
                 self._msg_expiry.index(txn, seq, [(at, _ID.pack(ids[i])) for at, i in due if ids[i]])
+            if self.when_full == "dropOldest":
+                self._settle_cap(txn, first_id)
             return ids
 
         return self._write(work, reserve=False)  # type: ignore[return-value]

@@ -54,6 +54,7 @@ SCHEMA_VERSION = 5  # 2: boot frames, stamps with boot seq and boottime, boot se
 _SIGNED = struct.Struct(">q")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
+CAP_SETTLE_ROUNDS = 4  # drops, each after a recount of the pages, to bring an append under the cap
 
 
 class StoreBase:
@@ -446,18 +447,36 @@ class StoreBase:
         if self.when_full == "reject" or what == "outbox":
             raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap,"
                             f" policy {self.when_full}): {what} append refused")
+        if self._drop_oldest(txn, excess, None) > 0:
+            raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
+                            f" outbox and dead letters fill the {self.cap_bytes} byte cap)")
+
+    def _settle_cap(self, txn: lmdb.Transaction, below: int) -> None:
+        """After an inbox append under dropOldest: `needed` was an estimate, blind to the
+        batch's index entries (DUP marks, dedupe keys, expiry) and to page splits, so drop
+        inbox messages older than id `below` until the pages used are within the cap again,
+        recounting them after each drop (a leaf page is freed only once emptied)."""
+        for _ in range(CAP_SETTLE_ROUNDS):
+            excess = self._used_bytes(txn) - self.cap_bytes
+            if excess <= 0 or self._drop_oldest(txn, excess, _ID.pack(below)) == excess:
+                return
+
+    def _drop_oldest(self, txn: lmdb.Transaction, excess: int, below: Optional[bytes]) -> int:
+        """Drop the oldest inbox messages (keys under `below`, None: any) until their bytes
+        reach `excess`, counted in `dropped_full` and per consumer; returns the excess left."""
         dropped = []
         cursor = txn.cursor(db=self._inbox)
         while excess > 0 and cursor.first():
             key, raw = bytes(cursor.key()), bytes(cursor.value())
+            if below is not None and key >= below:
+                break
             excess -= len(raw) + _RECORD_OVERHEAD
             cursor.delete()
             dropped.append((key, raw))
-        if excess > 0:
-            raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
-                            f" outbox and dead letters fill the {self.cap_bytes} byte cap)")
-        self._count_drops(txn, dropped)
-        self._add_counter(txn, b"dropped_full", len(dropped))
+        if dropped:
+            self._count_drops(txn, dropped)
+            self._add_counter(txn, b"dropped_full", len(dropped))
+        return excess
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
         """Per-consumer drop counts (storeconsumers.py); the outbox-only handle has none."""

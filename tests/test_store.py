@@ -382,6 +382,27 @@ def test_drop_oldest_policy_keeps_the_newest(open_store: Callable[..., Store]):
     assert expiry_entries(store) == 0
 
 
+def test_drop_oldest_keeps_every_commit_within_the_cap(open_store: Callable[..., Store]):
+    """The room made before an append is an estimate of the batch's records alone; each
+    message also adds a dedupe key, a DUP mark and a per-message expiry entry, and pages split.
+    After the append the store drops older messages until its pages are within the cap again."""
+    store = open_store(cap=SMALL_CAP, when_full="dropOldest")
+    total, over = 0, []
+    for n in range(80):
+        messages = [Incoming(TOPIC, f"c{n}-{i}".encode().ljust(300, b"."), mid=i + 1, dup=False,
+                             key=f"key-{n}-{i}".encode(),
+                             properties={"message_expiry_interval": 3600})
+                    for i in range(40)]
+        total += len(store.append(messages, now=1000.0 + n, dedupe_window=10))
+        used = store.stats()["used_bytes"]
+        if used > SMALL_CAP:
+            over.append((n, used))
+    kept = ids(store)
+    assert 0 < len(kept) < total and kept == list(range(total - len(kept) + 1, total + 1))
+    assert store.stats()["dropped_full"] == total - len(kept)
+    assert over == [], f"over the {SMALL_CAP} byte cap after these appends: {over}"
+
+
 def test_outbox_is_refused_not_dropped_when_the_store_is_full(open_store: Callable[..., Store]):
     store = open_store(cap=SMALL_CAP, when_full="dropOldest")
     entry = ("flashlex/collect", b"o" * 1000, 1, False)

@@ -242,9 +242,9 @@ def test_store_full_drop_oldest_keeps_the_newest_and_counts_the_dropped(broker, 
     assert counters["received"] == CAP_SENT, figures
     assert dropped > 0 and len(kept) + dropped == CAP_SENT, figures
     assert numbers == list(range(dropped, CAP_SENT)), figures  # exactly the newest, in order
-    # the cap is applied to an estimate of the batch's pages (bytes + 64 a record): a few
-    # pages over is expected (up to 2 % seen), well inside the map's headroom
-    assert store["used_bytes"] <= store["cap_bytes"] * 1.05, figures
+    # room is made for an estimate of the batch, then the pages are counted and older messages
+    # dropped until they are within the cap (it was up to 6.6 % over with the estimate alone)
+    assert store["used_bytes"] <= store["cap_bytes"], figures
     assert not d.mqtt("ingress", status).get("store_full"), figures
     assert refused == Code.OUTBOX_FULL, figures
 
