@@ -108,7 +108,11 @@ class StoreBase:
                                   max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
             self._reserve = SpaceReserve(self.path)
-            self._identity = self._data_file()
+            try:
+                self._identity = self._data_file()
+            except OSError:  # the file went between LMDB's open and this stat
+                self._env.close()  # no handle left behind (see below)
+                raise
         except (OSError, lmdb.Error, paths.UnsafePath) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:

@@ -679,3 +679,31 @@ def test_a_settled_message_no_longer_masks_a_later_dup_with_the_same_mid_and_con
     assert store.append([Incoming("t", b"other", qos=1, mid=2)], settled=dup_marks([first])) == [2]
     assert store.append([Incoming("t", b"ping", qos=1, mid=1, dup=True)]) == [3]
     store.close()
+
+
+def test_an_open_that_fails_after_lmdb_mapped_the_file_leaves_no_handle(tmp_path, monkeypatch):
+    """The data file gone between LMDB's open and the identity stat (a data dir removed at
+    start): the open fails with one line and closes LMDB's handle, so the next open in this
+    process is the only one on the file (two break LMDB's locks when either is closed)."""
+    from flashlexd.storebase import StoreBase
+    Store(tmp_path / "store", CAP).close()
+
+    def gone(self: StoreBase) -> Tuple[int, int]:
+        raise FileNotFoundError(2, "No such file or directory", str(self.path / "data.mdb"))
+
+    def handles() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}") == str(tmp_path / "store" / "data.mdb"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StoreBase, "_data_file", gone)
+        with pytest.raises(StoreError, match="cannot open store in .*No such file") as refused:
+            Store(tmp_path / "store", CAP)
+    assert handles() == 0, "a handle is left while the error is held (its context's frames)"
+    del refused
+    store = Store(tmp_path / "store", CAP)
+    try:
+        assert store.append(batch("again", 1)) == [1]
+    finally:
+        store.close()
+    assert handles() == 0
