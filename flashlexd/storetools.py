@@ -32,7 +32,7 @@ import lmdb
 from flashlexd import ackjournal, storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.consumers import ConsumerState
-from flashlexd.store import Store
+from flashlexd.store import Store, StoreError
 from flashlexd.storedamage import CorruptRecord, unpack_record
 
 DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")  # checked record by record
@@ -142,16 +142,29 @@ def _verify_records(reader: TreeReader, name: str, db: Tuple[int, ...]) -> int:
 # -- recover --------------------------------------------------------------------------------------
 
 def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
-    """Copy what is readable from the store in `data_dir` into a new store in `to_dir`."""
+    """Copy what is readable from the store in `data_dir` into a new store in `to_dir`. A
+    failure past the checks (unreadable source, a target that cannot be written or fills its
+    disk) is one line, and leaves `to_dir` empty so that the same command can be run again."""
     data_file = data_dir / "data.mdb"
     if not data_file.is_file():
         return False, [f"no store in {data_dir} (no data.mdb)"]
     if to_dir.exists() and any(to_dir.iterdir()):
         return False, [f"{to_dir} is not empty: recover writes a fresh store into a new directory"]
+    try:
+        ok, lines = _recover_into(data_file, to_dir, cap_bytes)
+    except (OSError, lmdb.Error, StoreError) as exc:
+        ok, lines = False, [f"cannot recover {data_dir} into {to_dir}: {exc}"]
+    if not ok and to_dir.is_dir():
+        for leftover in to_dir.iterdir():
+            leftover.unlink()
+    return ok, lines
+
+
+def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
     with open(data_file, "rb") as data:
         metas = storecheck.readable_metas(data)
         if not metas:
-            return False, [f"store in {data_dir}: neither meta page is readable; nothing to recover"]
+            return False, [f"store in {data_file.parent}: neither meta page is readable; nothing to recover"]
         meta = max(metas, key=lambda m: m.txnid)
         reader = TreeReader(data.fileno(), meta, strict=False)
         databases = dict(reader.databases())
@@ -171,12 +184,10 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
                 losses.append(copy.expiry(lines))
                 copy.fix_counters()
         except lmdb.Error as exc:
-            for leftover in to_dir.iterdir():  # so that the same command can be run again
-                leftover.unlink()
             return False, lines + [f"cannot write the new store in {to_dir}: {exc}"]
         finally:
             target.close()
-    lines += _copy_ack_journal(data_dir, to_dir)
+    lines += _copy_ack_journal(data_file.parent, to_dir)
     for problem in reader.problems[:10]:
         lines.append(f"skipped: {problem}")
     if len(reader.problems) > 10:

@@ -314,6 +314,31 @@ def test_recover_keeps_the_acks_the_journal_holds(tmp_path):
         store.close()
 
 
+def test_recover_that_cannot_write_the_journal_says_so_and_leaves_the_target_empty(
+        tmp_path, monkeypatch):
+    """The disk filled while the ack journal was copied: recover printed a Traceback and left
+    a half-written store that the next try refused ("is not empty")."""
+    from tests.test_ack_journal import store_then_crash
+    old = tmp_path / "store"
+    old.mkdir()
+    store_then_crash(old, 3, [2])
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("acks.journal"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full_disk)
+        ok, lines = storetools.recover(old, tmp_path / "new", CAP)
+    assert not ok and lines == [f"cannot recover {old} into {tmp_path / 'new'}: [Errno 28] No space"
+                                " left on device"], lines
+    assert list((tmp_path / "new").iterdir()) == []
+    ok, lines = storetools.recover(old, tmp_path / "new", CAP)  # the same command, once there is room
+    assert ok and "acks.journal: copied" in " ".join(lines), lines
+
+
 def test_recover_copies_a_store_over_a_cap_lowered_since(tmp_path, daemon_config):
     """The map was the config's cap: a store holding more failed with MDB_MAP_FULL's traceback,
     and the half-written target refused the next try."""
