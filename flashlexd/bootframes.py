@@ -59,6 +59,13 @@ class BootFrames:
         else:
             self.current = stored
 
+    def first_of(self, txn: lmdb.Transaction, seq: int) -> Optional[float]:
+        """Boot `seq`'s `first` offset, the frame its expiry keys were written in (None: gone)."""
+        if seq == self.current.seq:
+            return self.current.first
+        frame = self._read(txn, seq)
+        return None if frame is None else frame.first
+
     def reading(self, now: Optional[float] = None) -> Reading:
         """The clocks now; `now` (tests) is a wall-clock time in this boot's first frame."""
         if now is None:

@@ -453,7 +453,7 @@ class StoreBase:
                             f" policy {self.when_full}): {what} append refused")
         if self._drop_oldest(txn, excess, None) > 0:
             raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
-                            f" outbox and dead letters fill the {self.cap_bytes} byte cap)")
+                            f" outbox, dead letters and indexes fill the {self.cap_bytes} byte cap)")
 
     def _settle_cap(self, txn: lmdb.Transaction, below: int) -> None:
         """After an inbox append under dropOldest: `needed` was an estimate, blind to the
@@ -480,7 +480,31 @@ class StoreBase:
         if dropped:
             self._count_drops(txn, dropped)
             self._add_counter(txn, b"dropped_full", len(dropped))
+            if self._msg_expiry.pending(txn):
+                self._msg_expiry.forget(txn, self._expiry_entries(txn, dropped))
         return excess
+
+    def _expiry_entries(self, txn: lmdb.Transaction, records: List[Tuple[bytes, bytes]]
+                        ) -> List[Tuple[int, float, bytes]]:
+        """(boot seq, expires_at in its frame, key) of the inbox `records` that carry an MQTT 5
+        expiry interval, as `append` indexed them (a record that does not decode has none)."""
+        entries = []
+        firsts: Dict[int, Optional[float]] = {}
+        for key, raw in records:
+            try:
+                record = unpack_record(raw, 9)
+            except CorruptRecord:
+                continue
+            properties = record[9] if len(record) > 9 and isinstance(record[9], dict) else {}
+            interval, seq, boottime = properties.get("message_expiry_interval"), record[7], record[8]
+            if not interval or not isinstance(seq, int) or not isinstance(boottime, (int, float)):
+                continue
+            if seq not in firsts:
+                firsts[seq] = self._frames.first_of(txn, seq)
+            first = firsts[seq]
+            if first is not None:
+                entries.append((seq, boottime + first + interval, key))
+        return entries
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
         """Per-consumer drop counts (storeconsumers.py); the outbox-only handle has none."""

@@ -6,7 +6,9 @@ index, written only for messages that carry one, so the others cost no extra wri
 Times are in their boot's frame, as in the batch `expiry` index (store.py), so a clock step
 does not move them. An ack does not touch this index: an entry whose message is gone is simply
 removed by the sweep once due (it names a message that already left), which bounds the leftovers
-by the expiry intervals and keeps the ack path as it is.
+by the expiry intervals and keeps the ack path as it is. Messages dropped at the cap
+(dropOldest) do take their entries along (`forget`): left behind, entries that count toward
+the cap made each append drop more messages, until only the batch itself was left.
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ class MessageExpiry:
             removed += remove(bytes(entry[12:]))
             index.delete()
         return removed
+
+    def forget(self, txn: lmdb.Transaction, entries: Iterable[Tuple[int, float, bytes]]) -> None:
+        """Remove the entries of (boot seq, expires_at in that boot's frame, inbox key): the
+        time computed as `index` was given it, so the key is the one written."""
+        for seq, at, key in entries:
+            txn.delete(_expiry_prefix(seq, at) + key, db=self.db)
 
     def pending(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self.db)["entries"]

@@ -113,6 +113,30 @@ def test_a_message_whose_own_expiry_passes_while_stored_is_expired_and_counted(t
         store.close()
 
 
+def test_messages_dropped_at_the_cap_take_their_expiry_entries_along(tmp_path: Path) -> None:
+    """dropOldest with MQTT 5 expiry intervals (a day): the entries of dropped messages stayed
+    in the per-message expiry index, counted toward the cap, so each append dropped more
+    messages, until the inbox was down to the batch and appends were refused as full."""
+    from flashlexd.store import dup_marks
+    store = Store(tmp_path / "store", 512 * 1024, "dropOldest", None)
+    try:
+        earlier: list = []
+        for n in range(400):  # 20,000 messages of 100 bytes through 512 KiB
+            batch = [Incoming("t", f"c{n}-{i}".encode().ljust(100, b"."), mid=(n * 50 + i) % 65535 + 1,
+                              properties={"message_expiry_interval": 86400}) for i in range(50)]
+            store.append(batch, now=1000.0 + n, settled=dup_marks(earlier))  # as ingress settles
+            earlier = batch
+        figures = store.stats()
+        assert figures["inbox_count"] > 1500, figures  # ~3,000 fit without the property
+        with store._env.begin() as txn:
+            entries = store._msg_expiry.pending(txn)
+        assert entries == figures["inbox_count"], figures  # one entry per stored message, no more
+        assert figures["dropped_full"] == 20000 - figures["inbox_count"]
+        assert store.expire(now=1000.0 + 86400 + 400, batch=10 ** 6) == figures["inbox_count"]
+    finally:
+        store.close()
+
+
 def test_outbox_properties_survive_the_dead_letters_and_a_retry(tmp_path: Path) -> None:
     store = Store(tmp_path / "store", CAP)
     try:
