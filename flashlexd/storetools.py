@@ -148,8 +148,11 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
     data_file = data_dir / "data.mdb"
     if not data_file.is_file():
         return False, [f"no store in {data_dir} (no data.mdb)"]
-    if to_dir.exists() and any(to_dir.iterdir()):
-        return False, [f"{to_dir} is not empty: recover writes a fresh store into a new directory"]
+    try:
+        if to_dir.exists() and any(to_dir.iterdir()):
+            return False, [f"{to_dir} is not empty: recover writes a fresh store into a new directory"]
+    except OSError as exc:  # a file, or a directory that cannot be listed
+        return False, [f"{to_dir}: {exc.strerror}: recover writes a fresh store into a new directory"]
     try:
         ok, lines = _recover_into(data_file, to_dir, cap_bytes)
     except (OSError, lmdb.Error, StoreError) as exc:

@@ -337,6 +337,10 @@ def test_recover_that_cannot_write_the_journal_says_so_and_leaves_the_target_emp
     assert list((tmp_path / "new").iterdir()) == []
     ok, lines = storetools.recover(old, tmp_path / "new", CAP)  # the same command, once there is room
     assert ok and "acks.journal: copied" in " ".join(lines), lines
+    (tmp_path / "a-file").write_text("")
+    ok, lines = storetools.recover(old, tmp_path / "a-file", CAP)  # was NotADirectoryError's Traceback
+    assert not ok and lines == [f"{tmp_path / 'a-file'}: Not a directory: recover writes a fresh"
+                                " store into a new directory"], lines
 
 
 def test_recover_copies_a_store_over_a_cap_lowered_since(tmp_path, daemon_config):
