@@ -199,7 +199,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
         def work(txn: lmdb.Transaction) -> Tuple[List[int], List[BacklogCount]]:
             leaving = self._backlogs_left(txn, (key for call in keys for key in call))
-            return [sum(1 for key in call if txn.delete(key, db=self._inbox)) for call in keys], leaving
+            return [sum(1 for key in call if self._delete_inbox(txn, key)) for call in keys], leaving
 
         if not any(keys):
             return [0] * len(keys)
@@ -226,6 +226,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             count = txn.stat(self._inbox)["entries"]
             txn.drop(self._inbox, delete=False)
             txn.drop(self._consumer_acks, delete=False)  # acks of ids that are gone
+            txn.drop(self._msg_expiry.db, delete=False)  # entries of messages that are gone
             self._add_counter(txn, b"purged", count)
             return count
 

@@ -222,7 +222,7 @@ class JournaledAcks:
     def _apply_commit(self, keys: List[bytes], through: int) -> None:
         def work(txn: lmdb.Transaction) -> None:
             for key in keys:
-                txn.delete(key, db=self._inbox)
+                self._delete_inbox(txn, key)
             self._set_counter(txn, _APPLIED, through)
 
         try:
@@ -244,7 +244,7 @@ class JournaledAcks:
             def work(txn: lmdb.Transaction, part: Sequence[bytes] = part
                      ) -> Tuple[List[bytes], List[BacklogCount]]:
                 leaving = self._backlogs_left(txn, part)
-                return [key for key in part if txn.delete(key, db=self._inbox)], leaving
+                return [key for key in part if self._delete_inbox(txn, key)], leaving
 
             gone, leaving = self._write(work)
             removed.update(gone)

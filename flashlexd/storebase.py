@@ -90,6 +90,7 @@ class StoreBase:
         self._hidden: Set[int] = set()  # inbox ids acked but not yet applied (storeacks.py)
         self._backlog_counts: Dict[str, BacklogCount] = {}  # maxBacklog counts under way (storeconsumers.py)
         self._snapshots: Dict[str, Tuple[Tuple[int, int], object]] = {}  # `_per_snapshot`'s
+        self._indexed_txn, self._indexed = -1, False  # a write's look at the msgexpiry index
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
             if check_pages:
@@ -483,6 +484,21 @@ class StoreBase:
             if self._msg_expiry.pending(txn):
                 self._msg_expiry.forget(txn, self._expiry_entries(txn, dropped))
         return excess
+
+    def _delete_inbox(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        """An ack's delete of inbox message `key` (True if it was stored), with its MQTT 5
+        expiry entry: left behind, such entries counted toward the cap until due, a day's worth
+        or more of them at a steady rate. Only a write that finds the index non-empty (looked
+        at once a transaction) reads the record it deletes."""
+        if self._indexed_txn != txn.id():
+            self._indexed_txn, self._indexed = txn.id(), bool(self._msg_expiry.pending(txn))
+        if not self._indexed:
+            return txn.delete(key, db=self._inbox)
+        raw = txn.pop(key, db=self._inbox)
+        if raw is None:
+            return False
+        self._msg_expiry.forget(txn, self._expiry_entries(txn, [(key, raw)]))
+        return True
 
     def _expiry_entries(self, txn: lmdb.Transaction, records: List[Tuple[bytes, bytes]]
                         ) -> List[Tuple[int, float, bytes]]:

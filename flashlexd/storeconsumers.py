@@ -160,7 +160,7 @@ class ConsumerStore:
         True if it left. `others` is read twice: a list, not an iterator."""
         if not self._settled(txn, key, topic, others):
             return False
-        txn.delete(key, db=self._inbox)
+        self._delete_inbox(txn, key)
         record_id = _ID.unpack(key)[0]
         for consumer in others:
             if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists

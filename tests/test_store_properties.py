@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import lmdb
+import pytest
 
 from flashlexd.storebase import SCHEMA_VERSION
 from flashlexd.store import Incoming, Store
@@ -133,6 +134,42 @@ def test_messages_dropped_at_the_cap_take_their_expiry_entries_along(tmp_path: P
         assert entries == figures["inbox_count"], figures  # one entry per stored message, no more
         assert figures["dropped_full"] == 20000 - figures["inbox_count"]
         assert store.expire(now=1000.0 + 86400 + 400, batch=10 ** 6) == figures["inbox_count"]
+    finally:
+        store.close()
+
+
+def index_entries(store: Store) -> int:
+    with store._env.begin() as txn:
+        return store._msg_expiry.pending(txn)
+
+
+@pytest.mark.parametrize("way", ["ack", "journaled ack", "named consumers", "purge"])
+def test_messages_that_leave_take_their_expiry_entries_along(tmp_path: Path, way: str) -> None:
+    """Acked messages left their entries in the per-message expiry index until due: a day's
+    interval at a steady rate filled the cap with them (reject: ingress stopped acking)."""
+    from flashlexd.consumers import ConsumerSpec
+    store = Store(tmp_path / "store", CAP)
+    try:
+        if way == "named consumers":
+            store.consumer_declare([ConsumerSpec("a"), ConsumerSpec("b")], 1000.0)
+        if way == "journaled ack":
+            store.open_ack_journal()
+        ids = store.append([Incoming("t", b"m%d" % i, properties={"message_expiry_interval": 86400})
+                            for i in range(10)], now=1000.0)
+        assert index_entries(store) == 10
+        if way == "purge":
+            store.purge()
+        elif way == "named consumers":
+            store.consumer_ack("a", ids[:6], 1000.0)
+            assert index_entries(store) == 10  # b still holds them
+            store.consumer_ack("b", ids[:6], 1000.0)
+        else:
+            store.ack(ids[:6])
+            if way == "journaled ack":
+                store.apply_acks()
+        left = 0 if way == "purge" else 4
+        assert index_entries(store) == left and len(store.messages()) == left
+        assert store.expire(now=1000.0 + 86401) == left  # the entries kept are the right ones
     finally:
         store.close()
 
