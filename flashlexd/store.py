@@ -329,6 +329,9 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
                     visited += 1
                     found = _first_of_later_boot(inbox, seq)
                     continue
+                if len(record) > 9:  # MQTT 5 properties: its own expiry's entry goes along
+                    self._msg_expiry.forget(txn, self._expiry_entries(
+                        txn, [(bytes(inbox.key()), bytes(inbox.value()))]))
                 inbox.delete()  # moves to the next record; past the last, to no record (key b"")
                 found = bool(inbox.key())
                 removed += 1

@@ -4,11 +4,12 @@ index, written only for messages that carry one, so the others cost no extra wri
   msgexpiry  boot seq(4) + expiry_ms(8) + inbox id(8) -> b""
 
 Times are in their boot's frame, as in the batch `expiry` index (store.py), so a clock step
-does not move them. A message acked, or dropped at the cap (dropOldest), takes its entry along
-(`forget`, StoreBase._delete_inbox): entries count toward the cap, and left behind until due
-they filled it (acks at a steady rate, a day's interval), or made each dropOldest append drop
-more messages until only the batch itself was left. Other removals (`purge` drops the index;
-the batch expiry of `expireSeconds`) leave entries that the sweep removes once due.
+does not move them. A message acked, dropped at the cap (dropOldest) or expired first by
+`expireSeconds` takes its entry along (`forget`; StoreBase._delete_inbox), and `purge` empties
+the index: entries count toward the cap, and left behind until due they filled it (acks at a
+steady rate, a day's interval), or made each dropOldest append drop more messages until only
+the batch itself was left. An entry whose message is gone all the same (a key that does not
+match) is removed by the sweep once due.
 """
 from __future__ import annotations
 

@@ -143,12 +143,12 @@ def index_entries(store: Store) -> int:
         return store._msg_expiry.pending(txn)
 
 
-@pytest.mark.parametrize("way", ["ack", "journaled ack", "named consumers", "purge"])
+@pytest.mark.parametrize("way", ["ack", "journaled ack", "named consumers", "purge", "expireSeconds"])
 def test_messages_that_leave_take_their_expiry_entries_along(tmp_path: Path, way: str) -> None:
     """Acked messages left their entries in the per-message expiry index until due: a day's
     interval at a steady rate filled the cap with them (reject: ingress stopped acking)."""
     from flashlexd.consumers import ConsumerSpec
-    store = Store(tmp_path / "store", CAP)
+    store = Store(tmp_path / "store", CAP, expire_seconds=60 if way == "expireSeconds" else None)
     try:
         if way == "named consumers":
             store.consumer_declare([ConsumerSpec("a"), ConsumerSpec("b")], 1000.0)
@@ -159,6 +159,8 @@ def test_messages_that_leave_take_their_expiry_entries_along(tmp_path: Path, way
         assert index_entries(store) == 10
         if way == "purge":
             store.purge()
+        elif way == "expireSeconds":  # the batch expiry comes first for all of them
+            assert store.expire(now=1000.0 + 61) == 10
         elif way == "named consumers":
             store.consumer_ack("a", ids[:6], 1000.0)
             assert index_entries(store) == 10  # b still holds them
@@ -167,7 +169,7 @@ def test_messages_that_leave_take_their_expiry_entries_along(tmp_path: Path, way
             store.ack(ids[:6])
             if way == "journaled ack":
                 store.apply_acks()
-        left = 0 if way == "purge" else 4
+        left = 0 if way in ("purge", "expireSeconds") else 4
         assert index_entries(store) == left and len(store.messages()) == left
         assert store.expire(now=1000.0 + 86401) == left  # the entries kept are the right ones
     finally:
