@@ -22,8 +22,8 @@ from flashlexd.storemsgexpiry import DB_NAME as MSG_EXPIRY_DB, MessageExpiry
 from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
 from flashlexd.spacereserve import SpaceReserve
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, StoreBusy, StoreDamaged,
-                                    StoreError, StoreForkError, StoreFull, _stamp_of,
-                                    _start)
+                                    StoreError, StoreForkError, StoreFull, _expiry_prefix,
+                                    _stamp_of, _start)
 from flashlexd.wire import FULL_POLICIES
 
 if TYPE_CHECKING:  # storeconsumers imports this module
@@ -54,6 +54,7 @@ SCHEMA_VERSION = 5  # 2: boot frames, stamps with boot seq and boottime, boot se
 _SIGNED = struct.Struct(">q")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
+_WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox record with properties
 CAP_SETTLE_ROUNDS = 4  # drops, each after a recount of the pages, to bring an append under the cap
 
 
@@ -488,8 +489,10 @@ class StoreBase:
     def _delete_inbox(self, txn: lmdb.Transaction, key: bytes) -> bool:
         """An ack's delete of inbox message `key` (True if it was stored), with its MQTT 5
         expiry entry: left behind, such entries counted toward the cap until due, a day's worth
-        or more of them at a steady rate. Only a write that finds the index non-empty (looked
-        at once a transaction) reads the record it deletes."""
+        or more of them at a steady rate. Only a write that finds the index non-empty reads the
+        record it deletes. The look is once a transaction: a write id LMDB gives again follows
+        no commit, and no write adds entries before it deletes (`append`, the one that adds
+        them, deletes none through here)."""
         if self._indexed_txn != txn.id():
             self._indexed_txn, self._indexed = txn.id(), bool(self._msg_expiry.pending(txn))
         if not self._indexed:
@@ -500,26 +503,32 @@ class StoreBase:
         self._msg_expiry.forget(txn, self._expiry_entries(txn, [(key, raw)]))
         return True
 
-    def _expiry_entries(self, txn: lmdb.Transaction, records: List[Tuple[bytes, bytes]]
-                        ) -> List[Tuple[int, float, bytes]]:
-        """(boot seq, expires_at in its frame, key) of the inbox `records` that carry an MQTT 5
-        expiry interval, as `append` indexed them (a record that does not decode has none)."""
+    def _expiry_entries(self, txn: lmdb.Transaction, records: List[Tuple[bytes, bytes]]) -> List[bytes]:
+        """The per-message expiry index keys of the inbox `records` that carry an MQTT 5 expiry
+        interval, as `append` wrote them. Only records of ten fields (a fixarray header:
+        properties) are decoded; one whose fields do not make a key (damage) has none, its
+        entry, if any, left to the sweep: an ack or a drop must not fail on it."""
         entries = []
         firsts: Dict[int, Optional[float]] = {}
         for key, raw in records:
+            if raw[:1] != _WITH_PROPERTIES:
+                continue
             try:
-                record = unpack_record(raw, 9)
+                record = unpack_record(raw, 10)
             except CorruptRecord:
                 continue
-            properties = record[9] if len(record) > 9 and isinstance(record[9], dict) else {}
+            properties = record[9] if isinstance(record[9], dict) else {}
             interval, seq, boottime = properties.get("message_expiry_interval"), record[7], record[8]
-            if not interval or not isinstance(seq, int) or not isinstance(boottime, (int, float)):
+            if not interval or not isinstance(seq, int):
                 continue
             if seq not in firsts:
                 firsts[seq] = self._frames.first_of(txn, seq)
             first = firsts[seq]
-            if first is not None:
-                entries.append((seq, boottime + first + interval, key))
+            try:
+                if first is not None:
+                    entries.append(_expiry_prefix(seq, boottime + first + interval) + key)
+            except (TypeError, ValueError, OverflowError, struct.error):  # not a time: damage
+                continue
         return entries
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:

@@ -48,11 +48,10 @@ class MessageExpiry:
             index.delete()
         return removed
 
-    def forget(self, txn: lmdb.Transaction, entries: Iterable[Tuple[int, float, bytes]]) -> None:
-        """Remove the entries of (boot seq, expires_at in that boot's frame, inbox key): the
-        time computed as `index` was given it, so the key is the one written."""
-        for seq, at, key in entries:
-            txn.delete(_expiry_prefix(seq, at) + key, db=self.db)
+    def forget(self, txn: lmdb.Transaction, keys: Iterable[bytes]) -> None:
+        """Remove these entries (keys as `index` wrote them: StoreBase._expiry_entries)."""
+        for key in keys:
+            txn.delete(key, db=self.db)
 
     def pending(self, txn: lmdb.Transaction) -> int:
         return txn.stat(self.db)["entries"]

@@ -176,6 +176,31 @@ def test_messages_that_leave_take_their_expiry_entries_along(tmp_path: Path, way
         store.close()
 
 
+@pytest.mark.parametrize("bad", ["x", float("nan"), 1e30])
+def test_a_record_whose_expiry_is_not_a_time_is_still_acked_and_dropped(tmp_path: Path, bad) -> None:
+    """Damage that still decodes (an interval that is text, NaN or huge): the ack and the
+    dropOldest append look for its index entry; they failed on it (TypeError, ValueError,
+    struct.error, the last one taken for damage and the store made read-only)."""
+    import msgpack
+    from flashlexd.storerecords import _ID
+    store = Store(tmp_path / "store", 512 * 1024, "dropOldest")
+    try:
+        first, second = store.append([Incoming("t", b"ok", properties={"message_expiry_interval": 60})
+                                      for _ in range(2)], now=1000.0)
+        with store._env.begin(write=True) as txn:
+            for record_id in (first, second):
+                record = msgpack.unpackb(txn.get(_ID.pack(record_id), db=store._inbox))
+                record[9] = {"message_expiry_interval": bad}
+                txn.put(_ID.pack(record_id), msgpack.packb(record, use_bin_type=True), db=store._inbox)
+        assert store.ack([first]) == 1
+        for n in range(40):  # 800 KB through 512 KiB: the other damaged record is dropped first
+            store.append([Incoming("t", b"." * 1000) for _ in range(20)], now=1001.0 + n)
+        assert store.stats()["dropped_full"] > 0 and store.damage is None
+        assert second not in [m.id for m in store.messages(limit=10 ** 6)]
+    finally:
+        store.close()
+
+
 def test_outbox_properties_survive_the_dead_letters_and_a_retry(tmp_path: Path) -> None:
     store = Store(tmp_path / "store", CAP)
     try:
