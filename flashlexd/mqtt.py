@@ -20,7 +20,7 @@ import select
 import socket
 import ssl
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -177,8 +177,8 @@ class Connection:
             self.watch.expect("SUBACK", mid)
         return rc, mid
 
-    def unsubscribe(self, topic: str) -> Tuple[MQTTErrorCode, Optional[int]]:
-        rc, mid = self.client.unsubscribe(topic)
+    def unsubscribe(self, topics: Union[str, List[str]]) -> Tuple[MQTTErrorCode, Optional[int]]:
+        rc, mid = self.client.unsubscribe(topics)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.watch.expect("UNSUBACK", mid)
         return rc, mid

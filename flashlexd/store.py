@@ -50,6 +50,7 @@ import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
+import msgpack
 from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
 from flashlexd.storedamage import guarded, unpack_record
 from flashlexd.storeacks import JournaledAcks
@@ -64,6 +65,7 @@ from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
 _FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
+_TOPICS = b"topics:"  # meta: + client id -> the filters subscribed in its broker session (msgpack)
 _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
@@ -263,6 +265,24 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     @guarded
     def note_session(self, client_id: str, wall: float) -> None:
         self._write(lambda txn: txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta))
+
+    @guarded
+    def session_topics(self, client_id: str) -> List[str]:
+        """The topic filters `client_id` subscribed in the session its broker keeps, as last
+        granted: a filter taken out of the config stays in that session (and its messages keep
+        coming) until the ingress unsubscribes it."""
+        with self._read() as txn:
+            raw = txn.get(_TOPICS + client_id.encode(), db=self._meta)
+            try:
+                topics = msgpack.unpackb(raw) if raw is not None else []
+            except (ValueError, msgpack.UnpackException):
+                return []
+        return [t for t in topics if isinstance(t, str)] if isinstance(topics, list) else []
+
+    @guarded
+    def note_session_topics(self, client_id: str, topics: Sequence[str]) -> None:
+        self._write(lambda txn: txn.put(_TOPICS + client_id.encode(), msgpack.packb(list(topics)),
+                                        db=self._meta))
 
     # -- a broker without MQTT 5, remembered until the daemon restarts --------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import pytest
 import yaml
@@ -433,4 +433,52 @@ def test_thread_subscribe_takes_the_pubsub_topic_away_on_an_installed_device(
         assert [(m.topic, m.payload) for m in store.messages()] == [(INGRESS_TOPIC, b"for the app")]
     finally:
         store.close()
+    assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("any_broker", ["mosquitto", "rabbitmq"], indirect=True)
+def test_a_subscription_taken_out_of_the_config_leaves_the_brokers_session(
+        any_broker: Any, tmp_path: Path, start_worker) -> None:
+    """`subscriptions` edited (a reload restarts the ingress): the broker kept the removed
+    filter in the session the ingress resumes, so its messages still came and were stored.
+    Now the store remembers what the session holds, and the ingress unsubscribes the rest."""
+    config = write_config(tmp_path / "config", any_broker, mqtt={"subscriptions": ["extra/kept", "extra/gone"]})
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: len(w.mqtt.get("subscriptions") or []) == 4, 20, "four filters subscribed")
+    assert worker.stop() == 0
+    document = yaml.safe_load(config.read_text())
+    document["flashlex"]["thing"]["mqtt"]["subscriptions"] = ["extra/kept"]
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected") and [t for t, _ in w.mqtt.get("subscriptions") or []]
+                == [INGRESS_TOPIC, PUBSUB_TOPIC, "extra/kept"], 20, "three filters subscribed")
+    publish(any_broker, "extra/gone", b"no longer wanted")
+    publish(any_broker, "extra/kept", b"still wanted")  # after it, on the ingress's one connection
+    store = open_store(config)
+    try:
+        wait_for(lambda: store.messages(), 20, "a message stored")
+        assert [(m.topic, m.payload) for m in store.messages()] == [("extra/kept", b"still wanted")]
+    finally:
+        store.close()
+    assert "unsubscribing from extra/gone: no longer configured" in worker.log_text()
+    dropped = 1 if any_broker.name == "rabbitmq" else 0  # RabbitMQ 3.10 kept the filter: sent, dropped
+    worker.wait(lambda w: w.counters.get("received") == 1 + dropped, 10, "the counters reported")
+    assert worker.counters.get("dropped_unsubscribed") == dropped, worker.counters
+    assert worker.stop() == 0
+
+
+def test_a_shared_subscriptions_messages_are_stored(broker: Broker, tmp_path: Path, start_worker) -> None:
+    """`$share/GROUP/FILTER`: its messages carry topics FILTER matches, not the `$share` form;
+    the check that a configured filter matches each message's topic must strip it."""
+    config = write_config(tmp_path / "config", broker, mqtt={"subscriptions": ["$share/fleet/extra/+"]})
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected"), 20, "subscribed")
+    publish(broker, "extra/one", b"for the group")
+    store = open_store(config)
+    try:
+        wait_for(lambda: store.messages(), 20, "the message stored")
+        assert [(m.topic, m.payload) for m in store.messages()] == [("extra/one", b"for the group")]
+    finally:
+        store.close()
+    assert worker.counters.get("dropped_unsubscribed", 0) == 0
     assert worker.stop() == 0

@@ -45,13 +45,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import properties_of, reason_name
 from flashlexd.publishread import Publish
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
+from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import earlier_session, fell_back_before, noting_fallback
@@ -64,6 +65,7 @@ LEARN_FROM = 8                 # fewer waiting messages are never taken for a br
 STALL_GAPS = 4                 # a silence this many mean gaps long: the broker's window is full
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
+WANTED_CACHE = 4096            # topics whose match against the configured filters is remembered
 
 
 class _Pending(NamedTuple):
@@ -80,6 +82,8 @@ class IngressWorker(Worker):
         self.store = Store.from_config(self.config.store, create=False)
         self.topics = self.config.thing.mqtt.ingress_topics()
         client_id = self.config.thing.mqtt.client_id
+        self.session_topics = self.store.session_topics(client_id)
+        self.wanted: Dict[str, bool] = {}  # topic -> whether a configured filter matches it
         session = earlier_session(self.store, client_id)
         self.connection = Connection(self.config, client_id, self._on_change,
                                      on_publishes=self._on_publishes,
@@ -101,7 +105,7 @@ class IngressWorker(Worker):
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, store_full=False, connected=False, batches=0,
+                             dropped_bad_topic=0, dropped_unsubscribed=0, store_full=False, connected=False, batches=0,
                              marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
@@ -185,11 +189,16 @@ class IngressWorker(Worker):
                 self.stale_marks_until = len(self.batch)
                 self._forget_stale_marks()
             self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
-            unwanted = self.config.thing.mqtt.pubsub_topic
-            if unwanted and unwanted not in self.topics and self.connection.session_present:
-                # `app.thread: subscribe`: an earlier flashlexd subscribed it in the session the
-                # broker kept; before the SUBSCRIBE, so that "connected" means it is gone
-                self.connection.unsubscribe(unwanted)
+            if self.connection.session_present:
+                # filters an earlier run subscribed in the session the broker kept, no longer
+                # configured; before the SUBSCRIBE, so that "connected" means they are gone. A
+                # store with no record (an earlier version's) had the pubsub topic subscribed,
+                # which `app.thread: subscribe` leaves to the app
+                earlier = self.session_topics or [self.config.thing.mqtt.pubsub_topic]
+                unwanted = [t for t in dict.fromkeys(earlier) if t and t not in self.topics]
+                if unwanted:
+                    log.info("unsubscribing from %s: no longer configured", ", ".join(unwanted))
+                    self.connection.unsubscribe(unwanted)
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
         self.barrier.disconnected()
@@ -223,11 +232,24 @@ class IngressWorker(Worker):
         refused = [f"{t} ({reason_name(code)})" for t, code in zip(self.topics, reason_codes) if code.is_failure]
         self.counters["subscriptions"] = [list(g) for g in granted]
         self.counters["connected"] = True
+        self._note_session_topics()
         error = None
         if refused:
             error = f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)"
             log.error("%s", error)
         self.report("mqtt", connected=True, error=error, subscriptions=self.counters["subscriptions"])
+
+    def _note_session_topics(self) -> None:
+        """Once the broker answered the SUBSCRIBE (and, before it, the UNSUBSCRIBE): the filters
+        its session holds, for the next run to unsubscribe what the config no longer has. A
+        write only when they changed (a commit is SD-card wear)."""
+        if self.session_topics == list(self.topics):
+            return
+        try:
+            self.store.note_session_topics(self.config.thing.mqtt.client_id, self.topics)
+            self.session_topics = list(self.topics)
+        except StoreError as exc:
+            log.warning("cannot remember the topics subscribed in the broker's session: %s", exc)
 
     def _on_unsubscribe(self, client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
         self.connection.acknowledged("UNSUBACK", mid)
@@ -252,6 +274,8 @@ class IngressWorker(Worker):
                 self.counters["dropped_bad_topic"] += 1
                 log.warning("dropped a %d-byte message: its topic %.80r is not valid UTF-8", len(payload),
                             raw_topic)
+            elif not self._wanted(topic):
+                self.counters["dropped_unsubscribed"] += 1
             elif len(payload) > limit:
                 self.counters["dropped_oversize"] += 1
                 log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)", len(payload),
@@ -268,6 +292,25 @@ class IngressWorker(Worker):
             append(_Pending(incoming, mid, qos, generation))
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
+
+    def _wanted(self, topic: str) -> bool:
+        """Whether a configured filter matches `topic`. A broker may send what a filter taken
+        out of the config still matches: RabbitMQ 3.10 unsubscribes only what its connection
+        subscribed, and keeps the session's other filters. Such a message is acknowledged and
+        dropped, counted (`dropped_unsubscribed`), the first one said in the log. Remembered
+        per topic (WANTED_CACHE)."""
+        wanted = self.wanted.get(topic)
+        if wanted is None:
+            if len(self.wanted) >= WANTED_CACHE:
+                self.wanted.clear()
+            filters = [f.split("/", 2)[2] if f.startswith("$share/") and f.count("/") >= 2 else f
+                       for f in self.topics]  # a shared subscription's messages keep their topic
+            wanted = self.wanted[topic] = any(topic_matches(f, topic) for f in filters)
+            if not wanted and not self.counters["dropped_unsubscribed"]:
+                log.warning("dropping messages on %s: no configured filter matches it (the broker's"
+                            " session kept a filter taken out of the config); counted in"
+                            " dropped_unsubscribed", topic)
+        return wanted
 
     def _resent_in_batch(self, mid: int, mark: Optional[bytes], generation: int) -> bool:
         """A DUP with the packet id and content of a message of this connection still waiting
