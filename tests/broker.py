@@ -283,7 +283,8 @@ class Proxy:
     """A TCP relay in front of the broker (TLS passes through untouched) that a test can make
     lossy: `swallow("up")` silently drops client -> broker bytes (our PUBACKs never arrive),
     `swallow("down")` drops broker -> client bytes, `cut()` closes every relayed connection and
-    makes the path healthy again for the reconnect."""
+    makes the path healthy again for the reconnect. `slow["down"] = 1.0` passes each broker ->
+    client read on a second late (a SUBSCRIBE reaches the broker long before its SUBACK us)."""
 
     def __init__(self, broker: Broker):
         self.broker = broker
@@ -293,6 +294,7 @@ class Proxy:
         self.port = self.listener.getsockname()[1]
         self.swallowing = {"up": False, "down": False}
         self.swallowed = {"up": 0, "down": 0}  # bytes dropped so far, by direction
+        self.slow = {"up": 0.0, "down": 0.0}  # seconds each read waits before it is passed on
         self._peer: Dict[socket.socket, socket.socket] = {}
         self._up: set = set()  # sockets whose bytes travel client -> broker
         self._cut = threading.Event()
@@ -355,6 +357,7 @@ class Proxy:
         if self.swallowing[direction]:
             self.swallowed[direction] += len(data)
         else:
+            time.sleep(self.slow[direction])
             other.sendall(data)
 
 

@@ -65,7 +65,8 @@ LEARN_FROM = 8                 # fewer waiting messages are never taken for a br
 STALL_GAPS = 4                 # a silence this many mean gaps long: the broker's window is full
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
-WANTED_CACHE = 4096            # topics whose match against the configured filters is remembered
+STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
+CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
 
 
 class _Pending(NamedTuple):
@@ -82,8 +83,14 @@ class IngressWorker(Worker):
         self.store = Store.from_config(self.config.store, create=False)
         self.topics = self.config.thing.mqtt.ingress_topics()
         client_id = self.config.thing.mqtt.client_id
-        self.session_topics = self.store.session_topics(client_id)
-        self.wanted: Dict[str, bool] = {}  # topic -> whether a configured filter matches it
+        # the filters the broker's session may hold: those recorded (a store with no record
+        # is an earlier version's, which subscribed the pubsub topic) and those configured
+        known = self.store.session_topics(client_id) or [t for t in [self.config.thing.mqtt.pubsub_topic] if t]
+        self.session_topics = list(dict.fromkeys([*known, *self.topics]))
+        self.recorded = known == self.session_topics
+        self.unwanted = [t for t in self.session_topics if t not in self.topics]
+        self.stale: Dict[str, bool] = {}  # topic -> whether only an unwanted filter matches it
+        self.said_unwanted = False
         session = earlier_session(self.store, client_id)
         self.connection = Connection(self.config, client_id, self._on_change,
                                      on_publishes=self._on_publishes,
@@ -189,16 +196,20 @@ class IngressWorker(Worker):
                 self.stale_marks_until = len(self.batch)
                 self._forget_stale_marks()
             self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
-            if self.connection.session_present:
+            if not self.connection.session_present and self.unwanted:
+                # a new session holds only what is subscribed now: nothing more to take away
+                self.session_topics, self.unwanted, self.recorded = list(self.topics), [], False
+                self.stale.clear()
+            if not self.recorded:  # before the SUBSCRIBE: a run killed before its SUBACK
+                self._note_session_topics()  # must not leave a filter of the session unnamed
+            if self.connection.session_present and self.unwanted:
                 # filters an earlier run subscribed in the session the broker kept, no longer
-                # configured; before the SUBSCRIBE, so that "connected" means they are gone. A
-                # store with no record (an earlier version's) had the pubsub topic subscribed,
-                # which `app.thread: subscribe` leaves to the app
-                earlier = self.session_topics or [self.config.thing.mqtt.pubsub_topic]
-                unwanted = [t for t in dict.fromkeys(earlier) if t and t not in self.topics]
-                if unwanted:
-                    log.info("unsubscribing from %s: no longer configured", ", ".join(unwanted))
-                    self.connection.unsubscribe(unwanted)
+                # configured; before the SUBSCRIBE, so that "connected" means they are gone.
+                # At every such connect: a broker may have ignored it (see `_unsubscribed`)
+                log.log(logging.DEBUG if self.said_unwanted else logging.INFO,
+                        "unsubscribing from %s: no longer configured", ", ".join(self.unwanted))
+                self.said_unwanted = True
+                self.connection.unsubscribe(self.unwanted)
             self.connection.subscribe([(topic, 1) for topic in self.topics])
             return
         self.barrier.disconnected()
@@ -232,7 +243,6 @@ class IngressWorker(Worker):
         refused = [f"{t} ({reason_name(code)})" for t, code in zip(self.topics, reason_codes) if code.is_failure]
         self.counters["subscriptions"] = [list(g) for g in granted]
         self.counters["connected"] = True
-        self._note_session_topics()
         error = None
         if refused:
             error = f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)"
@@ -240,14 +250,12 @@ class IngressWorker(Worker):
         self.report("mqtt", connected=True, error=error, subscriptions=self.counters["subscriptions"])
 
     def _note_session_topics(self) -> None:
-        """Once the broker answered the SUBSCRIBE (and, before it, the UNSUBSCRIBE): the filters
-        its session holds, for the next run to unsubscribe what the config no longer has. A
-        write only when they changed (a commit is SD-card wear)."""
-        if self.session_topics == list(self.topics):
-            return
+        """Record the filters the broker's session may hold (never fewer: a filter taken out
+        of the config is unsubscribed again at each resumed session, and its messages dropped;
+        see `_unsubscribed`). A write only when a configured one is new (SD-card wear)."""
         try:
-            self.store.note_session_topics(self.config.thing.mqtt.client_id, self.topics)
-            self.session_topics = list(self.topics)
+            self.store.note_session_topics(self.config.thing.mqtt.client_id, self.session_topics)
+            self.recorded = True
         except StoreError as exc:
             log.warning("cannot remember the topics subscribed in the broker's session: %s", exc)
 
@@ -274,7 +282,7 @@ class IngressWorker(Worker):
                 self.counters["dropped_bad_topic"] += 1
                 log.warning("dropped a %d-byte message: its topic %.80r is not valid UTF-8", len(payload),
                             raw_topic)
-            elif not self._wanted(topic):
+            elif self.unwanted and self._unsubscribed(topic):
                 self.counters["dropped_unsubscribed"] += 1
             elif len(payload) > limit:
                 self.counters["dropped_oversize"] += 1
@@ -293,24 +301,24 @@ class IngressWorker(Worker):
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
 
-    def _wanted(self, topic: str) -> bool:
-        """Whether a configured filter matches `topic`. A broker may send what a filter taken
-        out of the config still matches: RabbitMQ 3.10 unsubscribes only what its connection
-        subscribed, and keeps the session's other filters. Such a message is acknowledged and
-        dropped, counted (`dropped_unsubscribed`), the first one said in the log. Remembered
-        per topic (WANTED_CACHE)."""
-        wanted = self.wanted.get(topic)
-        if wanted is None:
-            if len(self.wanted) >= WANTED_CACHE:
-                self.wanted.clear()
-            filters = [f.split("/", 2)[2] if f.startswith("$share/") and f.count("/") >= 2 else f
-                       for f in self.topics]  # a shared subscription's messages keep their topic
-            wanted = self.wanted[topic] = any(topic_matches(f, topic) for f in filters)
-            if not wanted and not self.counters["dropped_unsubscribed"]:
-                log.warning("dropping messages on %s: no configured filter matches it (the broker's"
-                            " session kept a filter taken out of the config); counted in"
-                            " dropped_unsubscribed", topic)
-        return wanted
+    def _unsubscribed(self, topic: str) -> bool:
+        """Whether `topic` came only for a filter taken out of the config: one the session held
+        matches it and no configured one does. RabbitMQ 3.10 ignores an UNSUBSCRIBE of what an
+        earlier connection subscribed, so their messages keep coming: acknowledged and dropped,
+        counted (`dropped_unsubscribed`), the first one said in the log. Anything else is kept,
+        whatever its topic looks like. Remembered per topic up to CACHED_TOPIC bytes."""
+        stale = self.stale.get(topic)
+        if stale is None:
+            stale = _matched(self.unwanted, topic) and not _matched(self.topics, topic)
+            if len(topic) <= CACHED_TOPIC:
+                if len(self.stale) >= STALE_CACHE:
+                    self.stale.clear()
+                self.stale[topic] = stale
+            if stale and not self.counters["dropped_unsubscribed"]:
+                log.warning("dropping messages on %s: only a filter taken out of the config matches"
+                            " it (the broker kept it in our session); counted in dropped_unsubscribed",
+                            topic)
+        return stale
 
     def _resent_in_batch(self, mid: int, mark: Optional[bytes], generation: int) -> bool:
         """A DUP with the packet id and content of a message of this connection still waiting
@@ -395,3 +403,15 @@ class IngressWorker(Worker):
         self.counters["store_full"] = isinstance(exc, StoreFull)
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS
+
+
+def _matched(filters: Sequence[str], topic: str) -> bool:
+    """Whether one of `filters` matches `topic` as a broker delivers it: a shared
+    subscription's (`$share/GROUP/FILTER`) by its FILTER, and under RabbitMQ, which turns a
+    topic's `.` into `/`, by the filter with its dots turned too."""
+    for topic_filter in filters:
+        if topic_filter.startswith("$share/") and topic_filter.count("/") >= 2:
+            topic_filter = topic_filter.split("/", 2)[2]
+        if topic_matches(topic_filter, topic) or topic_matches(topic_filter.replace(".", "/"), topic):
+            return True
+    return False
