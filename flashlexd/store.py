@@ -65,7 +65,7 @@ from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
 _FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
-_TOPICS = b"topics:"  # meta: + client id -> the filters subscribed in its broker session (msgpack)
+_TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
@@ -268,9 +268,9 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def session_topics(self, client_id: str) -> List[str]:
-        """The topic filters `client_id` subscribed in the session its broker keeps, as last
-        granted: a filter taken out of the config stays in that session (and its messages keep
-        coming) until the ingress unsubscribes it."""
+        """The topic filters the session `client_id`'s broker keeps may hold (the ingress's
+        record): a filter taken out of the config stays in that session, and its messages keep
+        coming, until the ingress unsubscribes it."""
         with self._read() as txn:
             raw = txn.get(_TOPICS + client_id.encode(), db=self._meta)
             try:

@@ -112,8 +112,8 @@ class IngressWorker(Worker):
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, dropped_unsubscribed=0, store_full=False, connected=False, batches=0,
-                             marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
+                             dropped_bad_topic=0, dropped_unsubscribed=0, store_full=False,
+                             connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
