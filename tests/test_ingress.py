@@ -425,14 +425,7 @@ def test_thread_subscribe_takes_the_pubsub_topic_away_on_an_installed_device(
     worker = start_worker("ingress", config)
     worker.wait(lambda w: w.mqtt.get("connected") and [t for t, _ in w.mqtt.get("subscriptions") or []]
                 == [INGRESS_TOPIC], 15, "the ingress topic alone subscribed")
-    publish(broker, PUBSUB_TOPIC, b"the basicPubsub demo's")
-    publish(broker, INGRESS_TOPIC, b"for the app")  # after it, on the ingress's one connection
-    store = open_store(config)
-    try:
-        wait_for(lambda: store.messages(), 15, "a message stored")
-        assert [(m.topic, m.payload) for m in store.messages()] == [(INGRESS_TOPIC, b"for the app")]
-    finally:
-        store.close()
+    assert_only_the_wanted_one_stored(broker, config, PUBSUB_TOPIC, INGRESS_TOPIC)
     assert worker.stop() == 0
 
 
@@ -446,20 +439,11 @@ def test_a_subscription_taken_out_of_the_config_leaves_the_brokers_session(
     worker = start_worker("ingress", config)
     worker.wait(lambda w: len(w.mqtt.get("subscriptions") or []) == 4, 20, "four filters subscribed")
     assert worker.stop() == 0
-    document = yaml.safe_load(config.read_text())
-    document["flashlex"]["thing"]["mqtt"]["subscriptions"] = ["extra/kept"]
-    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    edit_mqtt(config, subscriptions=["extra/kept"])
     worker = start_worker("ingress", config)
     worker.wait(lambda w: w.mqtt.get("connected") and [t for t, _ in w.mqtt.get("subscriptions") or []]
                 == [INGRESS_TOPIC, PUBSUB_TOPIC, "extra/kept"], 20, "three filters subscribed")
-    publish(any_broker, "extra/gone", b"no longer wanted")
-    publish(any_broker, "extra/kept", b"still wanted")  # after it, on the ingress's one connection
-    store = open_store(config)
-    try:
-        wait_for(lambda: store.messages(), 20, "a message stored")
-        assert [(m.topic, m.payload) for m in store.messages()] == [("extra/kept", b"still wanted")]
-    finally:
-        store.close()
+    assert_only_the_wanted_one_stored(any_broker, config, "extra/gone", "extra/kept")
     assert "unsubscribing from extra/gone: no longer configured" in worker.log_text()
     dropped = 1 if any_broker.name == "rabbitmq" else 0  # RabbitMQ 3.10 kept the filter: sent, dropped
     worker.wait(lambda w: w.counters.get("received") == 1 + dropped, 10, "the counters reported")
@@ -505,14 +489,7 @@ def test_a_filter_the_broker_took_before_a_kill_is_unsubscribed_by_the_next_run(
     edit_mqtt(config, subscriptions=["extra/a"], port=broker.port)
     worker = start_worker("ingress", config)
     worker.wait(lambda w: w.mqtt.get("connected"), 20, "run 3 subscribed")
-    publish(broker, "extra/b", b"no longer wanted")
-    publish(broker, "extra/a", b"still wanted")  # after it, on the ingress's one connection
-    store = open_store(config)
-    try:
-        wait_for(lambda: store.messages(), 20, "a message stored")
-        assert [(m.topic, m.payload) for m in store.messages()] == [("extra/a", b"still wanted")]
-    finally:
-        store.close()
+    assert_only_the_wanted_one_stored(broker, config, "extra/b", "extra/a")
     assert "unsubscribing from extra/b: no longer configured" in worker.log_text()
     worker.wait(lambda w: w.counters.get("received") == 1, 10, "the counters reported")
     assert worker.counters.get("dropped_unsubscribed") == 0  # mosquitto did unsubscribe it
@@ -537,6 +514,19 @@ def test_rabbitmq_turns_dots_into_slashes_and_the_message_is_still_stored(
         store.close()
     assert worker.counters.get("dropped_unsubscribed", 0) == 0
     assert worker.stop() == 0
+
+
+def assert_only_the_wanted_one_stored(broker: Any, config: Path, unwanted: str, wanted: str) -> None:
+    """Publish on `unwanted` then on `wanted` (in that order on the ingress's one connection):
+    only the second may be stored."""
+    publish(broker, unwanted, b"no longer wanted")
+    publish(broker, wanted, b"still wanted")
+    store = open_store(config)
+    try:
+        wait_for(lambda: store.messages(), 20, "a message stored")
+        assert [(m.topic, m.payload) for m in store.messages()] == [(wanted, b"still wanted")]
+    finally:
+        store.close()
 
 
 def edit_mqtt(config: Path, **keys: Any) -> None:
