@@ -164,6 +164,7 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
 
 
 def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
+    """The copy itself: (written, lines); `recover` cleans `to_dir` when it was not written."""
     with open(data_file, "rb") as data:
         metas = storecheck.readable_metas(data)
         if not metas:
