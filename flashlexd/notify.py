@@ -62,8 +62,7 @@ class Notifier:
     """Sends READY/STATUS/WATCHDOG/RELOADING/STOPPING when NOTIFY_SOCKET is set; else no-op."""
 
     def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self._socket = connect_notify_socket() if self.enabled else None
+        self._socket = connect_notify_socket() if os.environ.get("NOTIFY_SOCKET") else None
         self.pending: List[str] = []  # in order, waiting for room in systemd's queue
         self._refused: Optional[str] = None  # the error last logged, so a stall is said once
         self.watchdog_every = watchdog_interval()

@@ -332,6 +332,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             self._frames.note(txn, reading)
             timeline = self._frames.timeline(txn, reading)
             cutoffs: Dict[int, int] = {}
+            firsts: Dict[int, Optional[float]] = {}  # boot frames' offsets, for expiry keys
             inbox = txn.cursor(db=self._inbox)
             removed = visited = 0
             found = inbox.set_range(self._sweep_from)
@@ -350,8 +351,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
                     found = _first_of_later_boot(inbox, seq)
                     continue
                 if len(record) > 9:  # MQTT 5 properties: its own expiry's entry goes along
-                    self._msg_expiry.forget(txn, self._expiry_entries(
-                        txn, [(bytes(inbox.key()), bytes(inbox.value()))]))
+                    entry = self._expiry_key(txn, bytes(inbox.key()), record, firsts)
+                    self._msg_expiry.forget(txn, [entry] if entry is not None else [])
                 inbox.delete()  # moves to the next record; past the last, to no record (key b"")
                 found = bool(inbox.key())
                 removed += 1

@@ -514,22 +514,28 @@ class StoreBase:
             if raw[:1] != _WITH_PROPERTIES:
                 continue
             try:
-                record = unpack_record(raw, 10)
+                entry = self._expiry_key(txn, key, unpack_record(raw, 10), firsts)
             except CorruptRecord:
                 continue
-            properties = record[9] if isinstance(record[9], dict) else {}
-            interval, seq, boottime = properties.get("message_expiry_interval"), record[7], record[8]
-            if not interval or not isinstance(seq, int):
-                continue
-            if seq not in firsts:
-                firsts[seq] = self._frames.first_of(txn, seq)
-            first = firsts[seq]
-            try:
-                if first is not None:
-                    entries.append(_expiry_prefix(seq, boottime + first + interval) + key)
-            except (TypeError, ValueError, OverflowError, struct.error):  # not a time: damage
-                continue
+            if entry is not None:
+                entries.append(entry)
         return entries
+
+    def _expiry_key(self, txn: lmdb.Transaction, key: bytes, record: list,
+                    firsts: Dict[int, Optional[float]]) -> Optional[bytes]:
+        """The expiry index key of one decoded inbox record, or None (no interval, or fields
+        that do not make a time). `firsts` caches each boot's frame offset across calls."""
+        properties = record[9] if len(record) > 9 and isinstance(record[9], dict) else {}
+        interval, seq, boottime = properties.get("message_expiry_interval"), record[7], record[8]
+        if not interval or not isinstance(seq, int):
+            return None
+        if seq not in firsts:
+            firsts[seq] = self._frames.first_of(txn, seq)
+        first = firsts[seq]
+        try:
+            return None if first is None else _expiry_prefix(seq, boottime + first + interval) + key
+        except (TypeError, ValueError, OverflowError, struct.error):  # not a time: damage
+            return None
 
     def _count_drops(self, txn: lmdb.Transaction, dropped: List[Tuple[bytes, bytes]]) -> None:
         """Per-consumer drop counts (storeconsumers.py); the outbox-only handle has none."""
