@@ -55,7 +55,6 @@ _SIGNED = struct.Struct(">q")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 _WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox record with properties
-CAP_SETTLE_ROUNDS = 4  # drops, each after a recount of the pages, to bring an append under the cap
 
 
 class StoreBase:
@@ -461,10 +460,12 @@ class StoreBase:
         """After an inbox append under dropOldest: `needed` was an estimate, blind to the
         batch's index entries (DUP marks, dedupe keys, expiry) and to page splits, so drop
         inbox messages older than id `below` until the pages used are within the cap again,
-        recounting them after each drop (a leaf page is freed only once emptied)."""
-        for _ in range(CAP_SETTLE_ROUNDS):
+        recounting them after each page's worth (a leaf page is freed only once emptied, so
+        dropping the whole excess at once could drop a lot more than needed)."""
+        while True:
             excess = self._used_bytes(txn) - self.cap_bytes
-            if excess <= 0 or self._drop_oldest(txn, excess, _ID.pack(below)) == excess:
+            step = min(excess, self._page_size)
+            if excess <= 0 or self._drop_oldest(txn, step, _ID.pack(below)) == step:
                 return
 
     def _drop_oldest(self, txn: lmdb.Transaction, excess: int, below: Optional[bytes]) -> int:
