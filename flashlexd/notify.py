@@ -7,12 +7,15 @@ never from a helper thread, so a hung loop stops the pings and systemd restarts 
 A send never blocks that loop: the socket is non-blocking, and a notification that finds
 systemd's queue full (net.unix.max_dgram_qlen datagrams, 10 without systemd's sysctl; PID 1
 busy) waits in `pending` and goes at a later tick, in order. A newer STATUS line replaces a
-waiting one and pings do not pile up, so what waits stays a handful of lines.
+waiting one and pings do not pile up, so what waits stays a handful of lines. At exit the
+supervisor gives systemd a moment to take what still waits (STOPPING=1); a socket that refuses
+(systemd gone) is retried every few seconds, not at every tick.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import time
 from typing import Dict, List, Optional
@@ -23,7 +26,9 @@ log = logging.getLogger(__name__)
 UNHEALTHY_RECHECK = 0.1  # seconds; how soon to look again while a ping is withheld
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 START_EXTENSION = 30  # seconds of start-up time each `still_starting` call asks for
-PENDING_RECHECK = 0.1  # seconds; how soon to try again while notifications wait for systemd
+PENDING_RECHECK = 0.1  # seconds; how soon to try again while systemd's queue is full
+REFUSED_RECHECK = 2.0  # seconds; how soon to try again while the socket refuses (systemd gone)
+EXIT_WAIT = 2.0  # seconds the supervisor waits at exit for systemd to take what still waits
 WATCHDOG_PING = "WATCHDOG=1"
 
 
@@ -65,6 +70,7 @@ class Notifier:
         self._socket = connect_notify_socket() if os.environ.get("NOTIFY_SOCKET") else None
         self.pending: List[str] = []  # in order, waiting for room in systemd's queue
         self._refused: Optional[str] = None  # the error last logged, so a stall is said once
+        self._full = False  # the last failure was a full queue (not a refusal): retry soon
         self.watchdog_every = watchdog_interval()
         self._next_watchdog = 0.0
         self._next_extension = 0.0
@@ -80,22 +86,39 @@ class Notifier:
         self.pending.append(text)
         self.flush()
 
-    def flush(self) -> None:
-        """Send what waits, oldest first, until systemd's queue is full again."""
+    def flush(self) -> bool:
+        """Send what waits, oldest first, until systemd's queue is full again; False when
+        something still waits."""
         while self.pending and self._socket is not None:
             try:
                 self._socket.send(self.pending[0].encode("utf-8", "replace"))
             except OSError as exc:  # BlockingIOError: full; others (ECONNREFUSED...) said once
-                said = "its queue is full" if isinstance(exc, BlockingIOError) else str(exc.strerror or exc)
+                self._full = isinstance(exc, BlockingIOError)
+                said = "its queue is full" if self._full else str(exc.strerror or exc)
                 if said != self._refused:
                     self._refused = said
                     log.warning("systemd is not taking notifications (%s); %d wait and go when it"
                                 " does", said, len(self.pending))
-                return
+                return False
             self.pending.pop(0)
             if self._refused is not None:
                 self._refused = None
                 log.info("systemd takes notifications again")
+        return True
+
+    def flush_before_exit(self, timeout: float = EXIT_WAIT) -> None:
+        """At exit, give systemd up to `timeout` seconds to take what still waits (STOPPING=1
+        queued while it was not reading), then let it go: the exit itself tells systemd."""
+        if self.flush() or self._socket is None:
+            return
+        log.info("waiting up to %g s for systemd to take %d notification(s)", timeout, len(self.pending))
+        deadline = time.monotonic() + timeout
+        while self._full and time.monotonic() < deadline:
+            select.select([], [self._socket], [], deadline - time.monotonic())
+            if self.flush():
+                return
+        log.warning("exiting with %d notification(s) systemd did not take: %s", len(self.pending),
+                    ", ".join(text.split("\n")[0] for text in self.pending))
 
     def ready(self) -> None:
         self._send("READY=1")
@@ -134,7 +157,7 @@ class Notifier:
                 return min(self.watchdog_every, UNHEALTHY_RECHECK)
             self._send(WATCHDOG_PING)
             self._next_watchdog = now + self.watchdog_every
-        wants = [PENDING_RECHECK] if self.pending else []
+        wants = [PENDING_RECHECK if self._full else REFUSED_RECHECK] if self.pending else []
         if self.watchdog_every is not None:
             wants.append(self._next_watchdog - now)
         return min(wants) if wants else None

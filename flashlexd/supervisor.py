@@ -161,6 +161,7 @@ class Supervisor:
             self.config_file.close()
         if self.lock is not None:
             self.lock.release()
+        self.notifier.flush_before_exit()
 
     def _forget_fallbacks(self) -> None:
         """A new run probes MQTT 5 again (workers/linkmemory.py): the broker may have changed."""

@@ -503,3 +503,37 @@ def test_notifications_that_wait_for_systemd_keep_only_the_newest_status_and_one
             ["READY=1", "WATCHDOG=1", "STATUS=three"]
     finally:
         notify.close()
+
+
+def test_stopping_that_waits_for_systemd_goes_before_the_supervisor_exits(daemon, notify):
+    """systemd not reading while the daemon stops: STOPPING=1 waited in the queue and the
+    supervisor exited without it. Now it gives systemd a moment at exit to take it."""
+    notify.wait_for("READY=1", timeout=15)
+    fill_queue(notify)
+    daemon.signal(signal.SIGTERM)
+    wait_for(lambda: "for systemd to take" in daemon.output(), 20, "the exit's wait said")
+    notify.lines()  # systemd reads again
+    assert daemon.wait_exit(timeout=10) == 0
+    assert "STOPPING=1" in [f for _, f in notify.lines()]
+    assert "did not take" not in daemon.output()
+
+
+def test_notifications_wait_at_most_a_moment_at_exit_and_are_retried_slowly_once_refused(
+        tmp_path, monkeypatch):
+    notify = NotifyListener(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    notifier = Notifier()
+    try:
+        fill_queue(notify)
+        notifier.stopping()
+        started = time.monotonic()
+        notifier.flush_before_exit(timeout=0.3)  # nobody reads: it gives up
+        assert 0.3 <= time.monotonic() - started < 2
+        assert notifier.pending == ["STOPPING=1"]
+        assert notifier.watchdog(time.monotonic(), healthy=True) == 0.1  # full: soon again
+    finally:
+        notify.close()  # systemd gone: the socket refuses
+    assert notifier.watchdog(time.monotonic(), healthy=True) == 2.0  # refused: not 10 times a second
+    started = time.monotonic()
+    notifier.flush_before_exit(timeout=5)  # refused: no wait
+    assert time.monotonic() - started < 0.5
