@@ -376,6 +376,16 @@ class Client:
             target = answer["to"]
             going = {"way": answer["way"]} if answer.get("way") else {}
 
+    def remove_consumer(self, consumer: str) -> bool:
+        """Remove a dynamic (app-registered) consumer now, as `consumerIdleDays` would once it
+        went unused: the messages only it held leave. True when it is gone (False: a reload
+        declared it meanwhile). A declared consumer is removed from the config instead. The
+        daemon works a bounded step per call (`paged`): this calls on until it is done."""
+        while True:
+            answer = self.call("remove_consumer", consumer=consumer, paged=True)
+            if answer["done"]:
+                return bool(answer["removed"])
+
     def _query(self, limit: int, topic: Optional[str], after: Optional[IdLike],
                user_property: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:
         params = _query(limit, topic, after, user_property)

@@ -1,4 +1,5 @@
-"""flashlexctl consumers: list the named consumers, or move one (`reset NAME --to earliest`)."""
+"""flashlexctl consumers: list the named consumers, move one (`reset NAME --to earliest`) or
+remove an app-registered one (`remove NAME`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +13,14 @@ from flashlexd.client.escape import printable
 
 
 def add_parser(sub: Any) -> None:
-    consumers = sub.add_parser("consumers", help="named consumers: backlog, dropped, last seen; reset")
+    consumers = sub.add_parser("consumers", help="named consumers: backlog, dropped, last seen; reset, remove")
     actions = consumers.add_subparsers(dest="consumers_action", metavar="ACTION")
     reset = actions.add_parser("reset", help="replay (--to earliest), skip (--to latest) or start at an id")
     reset.add_argument("name", help="the consumer's name")
     reset.add_argument("--to", required=True, metavar="earliest|latest|ID",
                        help="earliest: every stored message again; latest: skip them all; ID: from that message")
+    remove = actions.add_parser("remove", help="remove a dynamic consumer now; the messages only it held leave")
+    remove.add_argument("name", help="the consumer's name")
 
 
 def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
@@ -27,6 +30,12 @@ def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
         print(json.dumps(through) if args.json else
               f"consumer {printable(args.name)} has now acknowledged through id {through}")
         return 0
+    if getattr(args, "consumers_action", None) == "remove":
+        removed = fx.remove_consumer(args.name)
+        print(json.dumps(removed) if args.json else f"consumer {printable(args.name)} " +
+              ("removed; the messages only it held were released" if removed else
+               "was declared by a reload meanwhile: it stays"))
+        return 0 if removed else 1
     consumers: List[Dict[str, Any]] = fx.consumers()
     if args.json:
         print(json.dumps(jsonable(consumers), indent=2))

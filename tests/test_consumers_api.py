@@ -86,6 +86,34 @@ def test_a_dynamic_consumer_registers_on_first_use_and_can_be_reset(harness: Har
         assert names["newapp"]["dynamic"] and not names["display"]["dynamic"]
 
 
+def test_a_dynamic_consumer_can_be_removed_at_once_and_the_messages_only_it_held_leave(harness: Harness):
+    """An app's typo held every message it matched (and one of the 64 places) for
+    consumerIdleDays: there was no way to remove it sooner. 450 messages: the removal takes
+    several commits (200 records each), paged by the client, stepped by the server unpaged."""
+    topics = [("sensors/t" if n % 2 else "cmd/x") for n in range(450)]
+    ids = ingest(harness, *topics)
+    with connect(harness.path, consumer="logr") as typo, connect(harness.path, consumer="logger") as logger, \
+            connect(harness.path, consumer="display") as display, connect(harness.path) as fx:
+        assert len(typo.messages(limit=1)) == 1  # registered by its first use
+        while logger.ack(logger.messages(limit=1000)):
+            pass
+        while display.ack(display.messages(limit=1000)):
+            pass
+        assert len(fx.messages(limit=1000)) == 450  # the typo holds them all
+        assert fx.remove_consumer("logr") is True
+        assert fx.messages(limit=1000) == []
+        assert "logr" not in {c["name"] for c in fx.consumers()}
+        ids = ingest(harness, "sensors/t", "cmd/y")
+        assert [m.id for m in typo.messages()] == ids  # used again: a new consumer, from the earliest
+        assert fx.call("remove_consumer", consumer="logr") == {"consumer": "logr", "removed": True}
+        assert [m.id for m in fx.messages()] == ids  # logger and display hold them still
+        for name, said in (("display", "is declared in flashlex.app.consumers"), ("nobody", "no consumer named"),
+                           ("Bad Name", "consumer name")):
+            with pytest.raises(RpcError) as info:
+                fx.remove_consumer(name)
+            assert info.value.code == "bad_params" and said in str(info.value), name
+
+
 def test_ids_past_any_the_store_hands_out_are_refused_and_a_reset_to_0_replays(harness: Harness):
     """`after + 1` and `to - 1` must fit the store's 8-byte keys: a failed packing is taken for
     damage (the store read-only for every app). Reset to 0 is "earliest" (it stored floor -1)."""
@@ -193,6 +221,9 @@ def test_flashlexctl_lists_reads_and_resets_consumers(harness: Harness):
     assert ctl("messages", "--consumer", "display").strip() == "no messages"
     assert "acknowledged through id 0" in ctl("consumers", "reset", "display", "--to", "earliest")
     assert "sensors/t" in ctl("messages", "--consumer", "display")
+    assert ctl("messages", "--consumer", "typo").strip() != "no messages"
+    assert "consumer typo removed; the messages only it held were released" in ctl("consumers", "remove", "typo")
+    assert "typo" not in ctl("consumers")
 
 
 # -- bounded work per call (issue 14): a consumer's reads walk pages, status counts a budget ----

@@ -8,10 +8,12 @@ frame budget (always at least one record, so a large message is still deliverabl
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
-from flashlexd.consumers import RESET_TARGETS, UnknownConsumer
+from flashlexd.consumers import NAME_RULE, RESET_TARGETS, UnknownConsumer, valid_name
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
@@ -31,6 +33,7 @@ _ID_LIMIT = 2 ** 63  # ids are 8-byte keys, never near this: the store packs `af
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class _Params:
@@ -125,7 +128,7 @@ class Methods:
     """The API methods; `handle(name, params)` is what `RpcServer` calls."""
 
     NAMES = ("status", "messages", "ack", "wait", "publish", "outbox", "retry", "drop", "purge",
-             "consumers", "reset")
+             "consumers", "reset", "remove_consumer")
 
     def __init__(self, store: Callable[[], Store], status_provider: Callable[[], Dict[str, Any]],
                  on_outbox_added: Callable[[], None], egress_connected: Callable[[], bool],
@@ -490,19 +493,62 @@ class Methods:
         target = self.store.consumer_reset_target(to)
         skip = way == "skip" if way else self.store.consumer_reset_skips(consumer, target)  # type: ignore[arg-type]
 
-        def step() -> Optional[Dict[str, Any]]:
+        def step() -> Tuple[Dict[str, Any], bool]:
             floor, done = self.store.consumer_reset_step(consumer, target, skip)  # type: ignore[arg-type]
             if done and not skip:
                 self._replays[consumer] = self._replays.get(consumer, 0) + 1  # type: ignore[index]
                 self.on_replay()
-            answer = {"consumer": consumer, "acked_through": floor}
+            answer: Dict[str, Any] = {"consumer": consumer, "acked_through": floor}
             if paged and done:
-                return dict(answer, done=True, to=None)
-            if paged:
-                return dict(answer, done=False, to=target + 1, way="skip" if skip else "replay")
-            return answer if done else None
+                answer.update(to=None)
+            elif paged:
+                answer.update(to=target + 1, way="skip" if skip else "replay")
+            return answer, done
 
-        done = step()
-        if done is not None:
-            return done
-        return Pending(deadline=float("inf"), poll=lambda: None, walk=Steps(_store_failures(step)))
+        return _stepped(step, paged)
+
+    def _remove_consumer(self, p: _Params) -> Any:
+        """Remove a dynamic consumer now, as `consumerIdleDays` does once it is unused that long
+        (an app's typo, or an app retired, otherwise holds its messages and one of the
+        MAX_CONSUMERS places for days): the messages only it held leave, a commit of at most
+        COMMIT_STEP records at a time, `paged` as `reset` is. A declared one goes by the config."""
+        name = p.get("consumer")
+        if not valid_name(name):
+            raise p.bad("consumer", NAME_RULE, name)
+        paged = p.boolean("paged", False)
+        p.done()
+        state = self.store.consumer_state(name)
+        if state is None:
+            raise RpcFailure(Code.BAD_PARAMS, f"remove_consumer: no consumer named {name!r}")
+        if not state.dynamic:
+            raise RpcFailure(Code.BAD_PARAMS, f"remove_consumer: consumer {name!r} is declared in"
+                             " flashlex.app.consumers: take it out of the config and reload first")
+
+        def step() -> Tuple[Dict[str, Any], bool]:
+            if self.store.consumer_remove_step(name, math.inf) is None:
+                return {"consumer": name}, False
+            removed = self.store.consumer_state(name) is None  # else declared by a reload meanwhile
+            if removed:
+                log.warning("consumer %r removed by uid %s; the messages only it held were released",
+                            name, p.uid)
+            return {"consumer": name, "removed": removed}, True
+
+        return _stepped(step, paged)
+
+
+def _stepped(step: Callable[[], Tuple[Dict[str, Any], bool]], paged: bool) -> Any:
+    """A call done a bounded commit at a time (`step()`: its answer so far, and whether it is
+    done). `paged`: one step per call, the answer saying `done` (the client calls on); otherwise
+    one step per turn of the server's loop (walk.py's `Steps`), answered at the end."""
+    if paged:
+        answer, done = step()
+        return dict(answer, done=done)
+
+    def unpaged() -> Optional[Dict[str, Any]]:
+        answer, done = step()
+        return answer if done else None
+
+    done = unpaged()
+    if done is not None:
+        return done
+    return Pending(deadline=float("inf"), poll=lambda: None, walk=Steps(_store_failures(unpaged)))
