@@ -63,8 +63,9 @@ def make_dir(path: Path, mode: int, parents_mode: int = PARENT_MODE) -> None:
 def check_dir(path: Path, what: str) -> None:
     """Refuse `path` unless it is a directory that only root or the daemon's user can change,
     below directories that only they can change."""
-    real = Path(os.path.realpath(path))
     uid = os.geteuid()
+    _check_links(Path(path), what, uid)
+    real = Path(os.path.realpath(path))
     try:
         info = os.stat(real)
     except OSError as exc:
@@ -77,6 +78,35 @@ def check_dir(path: Path, what: str) -> None:
     for parent in real.parents:
         _check_owner_and_mode(parent, os.stat(parent), f"{what} {path}: the directory above it",
                               uid, elsewhere, elsewhere, allow_sticky=True)
+
+
+def _check_links(path: Path, what: str, uid: int) -> None:
+    """Refuse a path that passes through a symlink another user owns: in a sticky directory
+    such as /tmp its owner may re-point it at any time, and the daemon (and every client)
+    keeps using the path, not where it led when it was checked. Links are followed one at a
+    time, so a link reached through another link is judged too."""
+    pending = list(Path(os.path.abspath(path)).parts[1:])
+    current = Path("/")
+    hops = 0
+    while pending:
+        candidate = current / pending.pop(0)
+        try:
+            info = os.lstat(candidate)
+        except OSError:
+            return  # missing: check_dir's stat names it
+        if not stat.S_ISLNK(info.st_mode):
+            current = candidate
+            continue
+        if info.st_uid not in (0, uid):
+            raise UnsafePath(f"{what} {path}: {candidate} is a symlink owned by uid {info.st_uid},"
+                             f" who could re-point it: use a path without it")
+        hops += 1
+        if hops > 40:
+            raise UnsafePath(f"{what} {path}: too many levels of symlinks")
+        target = Path(os.readlink(candidate))
+        pending = list(target.parts[1:] if target.is_absolute() else target.parts) + pending
+        if target.is_absolute():
+            current = Path("/")
 
 
 def _check_owner_and_mode(path: Path, info: os.stat_result, what: str, uid: int, owner_fix: str,

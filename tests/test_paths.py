@@ -65,6 +65,39 @@ def test_check_dir_accepts_a_sticky_world_writable_parent_and_own_dirs(tmp_path)
     paths.check_dir(tmp_path / "link", "data dir")
 
 
+def test_a_symlink_another_user_owns_is_refused_wherever_it_leads(tmp_path):
+    """The daemon binds (and apps connect to) the configured path, not where a link led when it
+    was checked: a link that another user owns in a sticky /tmp can be re-pointed after the
+    check at that user's own socket (a reviewer captured a root client's request so, with
+    fs.protected_symlinks=0). A link of ours, or one behind it, is followed one level at a time."""
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # like /tmp
+    paths.make_dir(tmp_path / "safe", 0o755)
+    os.symlink(tmp_path / "safe", sticky / "theirs")
+    os.lchown(sticky / "theirs", NOBODY, NOBODY)
+    os.symlink("theirs", sticky / "ours")  # relative, to their link
+    for path in (sticky / "theirs", sticky / "ours", sticky / "ours" / "."):
+        with pytest.raises(paths.UnsafePath) as refused:
+            paths.check_dir(path, "socket dir")
+        assert f"{sticky / 'theirs'} is a symlink owned by uid {NOBODY}" in str(refused.value)
+    os.lchown(sticky / "theirs", 0, 0)
+    paths.check_dir(sticky / "ours", "socket dir")
+
+
+def test_run_refuses_a_socket_dir_behind_another_users_symlink(daemon_config, tmp_path):
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    paths.make_dir(tmp_path / "run", 0o755)
+    os.symlink(tmp_path / "run", sticky / "sock")
+    os.lchown(sticky / "sock", NOBODY, NOBODY)
+    done = run_daemon(daemon_config, "--socket", str(sticky / "sock" / "api.sock"))
+    assert done.returncode == 1
+    assert f"{sticky / 'sock'} is a symlink owned by uid {NOBODY}" in done.stderr, done.stderr
+    assert not (tmp_path / "run" / "api.sock").exists()
+
+
 def test_run_under_umask_000_creates_every_directory_tight(daemon_config, tmp_path):
     data_dir = tmp_path / "deep" / "er" / "data"
     socket = tmp_path / "run" / "sub" / "api.sock"
