@@ -444,20 +444,22 @@ class StoreBase:
     def _make_room(self, txn: lmdb.Transaction, needed: int, what: str) -> None:
         """Before an append of `needed` bytes: top up the space reserve (the append meets a full
         disk first), then apply the cap policy: only inbox messages are ever dropped (under
-        dropOldest); outbox entries and dead letters are the application's."""
+        dropOldest, for an outbox append too: an inbox the policy keeps at the cap must not
+        refuse every publish for good); outbox entries and dead letters are the application's."""
         self._reserve.top_up()
         excess = self._used_bytes(txn) + needed - self.cap_bytes
         if excess <= 0:
             return
-        if self.when_full == "reject" or what == "outbox":
+        if self.when_full == "reject":
             raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap,"
                             f" policy {self.when_full}): {what} append refused")
-        if self._drop_oldest(txn, excess, None) > 0:
-            raise StoreFull(f"store in {self.path} is full: nothing left to drop (the batch, the"
-                            f" outbox, dead letters and indexes fill the {self.cap_bytes} byte cap)")
+        if self._drop_oldest(txn, excess, None) > 0:  # refused: the write aborts, nothing dropped
+            raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap, policy"
+                            f" {self.when_full}): {what} append refused, nothing left to drop (the"
+                            f" batch, the outbox, dead letters and indexes fill the cap)")
 
     def _settle_cap(self, txn: lmdb.Transaction, below: int) -> None:
-        """After an inbox append under dropOldest: `needed` was an estimate, blind to the
+        """After an append under dropOldest: `needed` was an estimate, blind to the
         batch's index entries (DUP marks, dedupe keys, expiry) and to page splits, so drop
         inbox messages older than id `below` until the pages used are within the cap again,
         recounting them after each page's worth (a leaf page is freed only once emptied, so

@@ -55,6 +55,8 @@ class OutboxStore(StoreBase):
                 ids.append(last)
             self._set_counter(txn, b"outbox_last_id", last)
             self._add_counter(txn, b"queued", sum(1 for i in ids if i is not None))
+            if self.when_full == "dropOldest":  # the room made was an estimate, as for the inbox
+                self._settle_cap(txn, self._counter(txn, b"inbox_last_id") + 1)
             return ids
 
         return self._write(work, reserve=False)  # type: ignore[return-value]

@@ -403,13 +403,27 @@ def test_drop_oldest_keeps_every_commit_within_the_cap(open_store: Callable[...,
     assert over == [], f"over the {SMALL_CAP} byte cap after these appends: {over}"
 
 
-def test_outbox_is_refused_not_dropped_when_the_store_is_full(open_store: Callable[..., Store]):
+def test_under_drop_oldest_the_inbox_makes_room_for_the_outbox_which_is_never_dropped(
+        open_store: Callable[..., Store]):
+    """An inbox that dropOldest keeps at the cap (apps that do not ack) refused every publish
+    for good (found by review): inbox messages make room for outbox entries too. Outbox entries
+    are never dropped: once they alone fill the cap, a publish is refused and drops nothing."""
     store = open_store(cap=SMALL_CAP, when_full="dropOldest")
+    total = sum(len(store.append(batch(f"b{n}-", 20, 1000))) for n in range(30))  # 600 KB
+    dropped = store.stats()["dropped_full"]
+    assert dropped > 0
     entry = ("flashlex/collect", b"o" * 1000, 1, False)
-    with pytest.raises(StoreFull, match="outbox append refused"):
+    queued = store.outbox_append([entry] * 20)
+    figures = store.stats()
+    assert figures["dropped_full"] > dropped and figures["used_bytes"] <= SMALL_CAP
+    kept = ids(store)
+    assert kept == list(range(total - len(kept) + 1, total + 1))  # the newest, as for the inbox
+    with pytest.raises(StoreFull, match="outbox append refused, nothing left to drop"):
         for _ in range(10_000):
-            store.outbox_append([entry] * 20)
-    assert store.stats()["dropped_full"] == 0
+            queued += store.outbox_append([entry] * 20)
+    left = ids(store)  # fewer than a refused batch needed: its drops were rolled back with it
+    assert len(left) < 20 and store.stats()["dropped_full"] == total - len(left)
+    assert [e.id for e in store.outbox_peek(limit=10 ** 6)] == queued
 
 
 # -- schema and fork guards ---------------------------------------------------------------------
