@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import select
 import struct
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -135,10 +136,24 @@ class EgressWorker(Worker):
         return max(0.0, min(wait, self.next_check - now))
 
     def shutdown(self) -> None:
-        self.connection.close(min(self.config.thing.mqtt.connect_timeout,
-                                  self.config.supervision.stop_timeout / 2))
+        budget = min(self.config.thing.mqtt.connect_timeout, self.config.supervision.stop_timeout / 2)
+        self._await_inflight(time.monotonic() + budget / 2)
+        self.connection.close(budget / 2)
         self._delete_done()  # PUBACKs read while closing
         self.store.close()
+
+    def _await_inflight(self, deadline: float) -> None:
+        """A graceful stop (a reload, a restart) reads the PUBACKs of what is in flight before
+        the DISCONNECT, within `deadline`: else the next worker sends all of it again."""
+        while self.inflight and self.connection.connected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            reads, writes = self.connection.wait_fds()
+            if not reads:
+                return
+            ready_r, ready_w, _ = select.select(list(reads), list(writes), [], min(left, 0.1))
+            self.connection.on_ready(ready_r, ready_w)
 
     # -- MQTT -------------------------------------------------------------------------------------
 
@@ -360,13 +375,13 @@ class EgressWorker(Worker):
         if not self.done:
             return
         try:
-            self.store.outbox_remove(self.done)
+            removed = self.store.outbox_remove(self.done)  # not those an operator dropped meanwhile
             self.counters["outbox_backlog"] = self.store.outbox_count()
         except StoreError as exc:
             if not isinstance(exc, StoreDamaged):  # damage: the store logged it once
                 log.error("cannot delete %d sent outbox entries (retrying): %s", len(self.done), exc)
             return
-        self.counters["sent"] += len(self.done)
+        self.counters["sent"] += removed
         self.done = []
 
     def _drain_rate(self) -> float:
