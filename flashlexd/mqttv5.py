@@ -28,6 +28,9 @@ def first_protocol(setting: str) -> str:
     return V311 if setting == V311 else V5
 
 
+V5_CLOSES_BEFORE_PROBE = 2  # MQTT 5 CONNECTs closed in a row before 3.1.1 is tried
+
+
 class ProtocolChoice:
     """Which protocol the next CONNECT speaks under `thing.mqtt.protocol`. `auto` starts with
     MQTT 5 and falls back to 3.1.1 until restart when the broker answers CONNACK "unsupported
@@ -42,6 +45,7 @@ class ProtocolChoice:
         self.current = V311 if self.auto and fell_back else first_protocol(setting)
         self.spoke_v5 = False
         self.probing = False  # trying 3.1.1 after a close at our MQTT 5 CONNECT
+        self.v5_closes = 0  # MQTT 5 CONNECTs closed before CONNACK in a row
 
     @property
     def unproven_v5(self) -> bool:
@@ -56,15 +60,21 @@ class ProtocolChoice:
         return None
 
     def closed_before_connack(self) -> bool:
-        """The broker closed the link before its CONNACK: True when 3.1.1 is tried next."""
+        """The broker closed the link before its CONNACK: True when the next attempt follows at
+        once, unreported: MQTT 5 once more after a first close (a network blip must not pin the
+        run to 3.1.1), then 3.1.1."""
         if not (self.auto and self.unproven_v5):
             return False
+        self.v5_closes += 1
+        if self.v5_closes < V5_CLOSES_BEFORE_PROBE:  # one close may be the network's: MQTT 5 again
+            return True
         self.current, self.probing = V311, True
         return True
 
     def connected(self) -> Optional[str]:
         """A CONNACK accepted us: why we fell back, when this was the 3.1.1 try."""
         self.spoke_v5 = self.spoke_v5 or self.current == V5
+        self.v5_closes = 0
         if not self.probing:
             return None
         self.probing = False
@@ -74,7 +84,7 @@ class ProtocolChoice:
         """An attempt failed: a 3.1.1 try goes back to MQTT 5. True when the protocol changed."""
         if not self.probing:
             return False
-        self.current, self.probing = V5, False
+        self.current, self.probing, self.v5_closes = V5, False, 0
         return True
 
 

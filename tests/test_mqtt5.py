@@ -20,7 +20,7 @@ from flashlexd.mqttv5 import ProtocolChoice
 from flashlexd.store import Incoming
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
                           open_store, wait_for, write_config)
-from tests.quota_proxy import QuotaProxy
+from tests.quota_proxy import QuotaProxy, split_packets
 from tests.test_mqtt_connection import Probe
 from tests.test_outbox_daemon import running  # noqa: F401 (fixture)
 
@@ -331,8 +331,10 @@ def test_auto_falls_back_on_a_connack_unsupported_protocol_version_and_stays() -
 
 def test_a_close_at_connect_tries_3_1_1_once_and_mqtt5_again_if_that_fails_too() -> None:
     choice = ProtocolChoice("auto")
+    assert choice.closed_before_connack() and choice.current == "5"  # once: the network's?
     assert choice.closed_before_connack() and choice.current == "3.1.1"
     assert choice.failed() and choice.current == "5"  # a refused certificate closes both
+    assert choice.closed_before_connack() and choice.current == "5"
     assert choice.closed_before_connack() and choice.connected() is not None and choice.current == "3.1.1"
 
 
@@ -389,3 +391,42 @@ def test_dedupe_by_an_mqtt5_user_property(broker: Broker, tmp_path: Path, start_
     wait_for(lambda: store.stats()["received"] + store.stats()["duplicates"] == 3, 10, "all three committed")
     assert [m.payload for m in store.messages()] == [b"first", b"other"] and store.stats()["duplicates"] == 1
     assert worker.stop() == 0
+
+
+class BlipAtFirstConnect(QuotaProxy):
+    """Forwards everything, except that it closes the link of the first MQTT 5 CONNECT it sees
+    (a network blip, a broker restarting, a connect throttle: once)."""
+
+    def __init__(self, broker: Broker):
+        super().__init__(broker, rate=0)
+        self.blips = 0
+
+    def _filter(self, link, data: bytes) -> bytes:
+        packets, _ = split_packets(link.pending + data)
+        if self.blips == 0 and any(p[0] >> 4 == 1 and b"MQTT\x05" in p[:12] for p in packets):
+            self.blips += 1
+            self._drop(link)
+            return b""
+        return super()._filter(link, data)
+
+
+def test_one_close_at_the_first_mqtt5_connect_does_not_pin_the_run_to_3_1_1(
+        certs, tmp_path: Path, start_worker) -> None:
+    """protocol: auto. One close at the first CONNECT (found by review) made the run fall back
+    for good, for every replaced worker too: no properties sent, and a publish a broker refuses
+    was PUBACKed under 3.1.1 and lost instead of dead-lettered. A second close in a row is
+    needed now (RabbitMQ 3.10 closes every MQTT 5 CONNECT: test_auto_falls_back...)."""
+    broker = Broker(certs, tmp_path / "broker", plain=True).start()
+    proxy = BlipAtFirstConnect(broker)
+    try:
+        config = write_config(tmp_path / "config", broker, port=proxy.port)  # protocol: auto
+        store = open_store(config)
+        worker = start_worker("egress", config)
+        worker.wait_connected()
+        assert proxy.blips == 1
+        assert worker.counters["protocol"] == "5"
+        assert not store.fell_back(load(config).thing.mqtt.egress_client_id) and "3.1.1" not in worker.log_text()
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+        broker.close()
