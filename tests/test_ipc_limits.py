@@ -68,6 +68,37 @@ def test_frames_beyond_the_read_budget_get_busy_at_once(tmp_path: Path) -> None:
         h.stop()
 
 
+def test_requests_behind_parked_waits_hold_none_of_the_read_budget(tmp_path: Path) -> None:
+    """A wait parks (an hour at most); a frame sent behind it on the same connection had its
+    whole size reserved from the shared budget until the wait ended, out of reach of the frame
+    timeout: a few connections so denied every other app's call (`busy`), even after their
+    owner exited (found by review). Now its header waits there and its body is neither reserved
+    nor read until its turn."""
+    h = Harness(tmp_path, limits=_limits(frame_timeout=30)).start()
+    hostile: List[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = raw_connect(h.path)
+            sock.sendall(req("wait", timeout=3600, paged=True))
+            _started(sock, FRAME - 10, 100)
+            hostile.append(sock)
+        until(lambda: h.call(lambda: sum(1 for c in h.server._conns if c.parked is not None
+                                         and len(c.head) == HEADER.size)) == 3,
+              what="three parked waits, each with a frame's header behind it")
+        with Client(h.path) as fx:  # served, not `busy`
+            assert fx.publish(b"still served") > 0 and fx.status()["workers"]
+        assert h.call(lambda: (h.server.budget.used, h.server.counters["refused_budget"])) == (0, 0)
+        h.ingest(("sensors/t", b"1"))  # the waits are answered: the frames behind them have their turn
+        for sock in hostile:
+            assert [m["payload"] for m in read_frame(sock)["result"]["messages"]] == [b"1"]
+        hostile[0].sendall(b"\0" * (FRAME - 10 - 100))
+        assert read_frame(hostile[0])["error"]["code"] == Code.BAD_REQUEST  # read and answered
+    finally:
+        for sock in hostile:
+            sock.close()
+        h.stop()
+
+
 def test_a_frame_must_arrive_whole_within_the_frame_timeout(tmp_path: Path) -> None:
     h = Harness(tmp_path, limits=_limits(frame_timeout=0.5, idle_timeout=60)).start()
     try:

@@ -44,6 +44,7 @@ class Received(Enum):
     EOF = "eof"                # the peer closed (or the socket failed)
     TOO_LARGE = "too_large"    # the header announces more than the frame limit
     NO_BUDGET = "no_budget"    # the frame does not fit in what the budget has left
+    HELD = "held"              # a header behind a parked request: its body waits for its turn
 
 
 class Connection:
@@ -74,27 +75,40 @@ class Connection:
         """Whether a frame has begun and is not complete yet (the frame deadline runs)."""
         return self.frame_started is not None and not self.frame_ready
 
-    def receive(self, budget: ReadBudget, max_frame: int, now: float) -> Received:
-        """One non-blocking read towards the current frame."""
+    @property
+    def header_held(self) -> bool:
+        """A frame's header is in, its body not reserved yet: it came behind a parked request."""
+        return self.body is None and len(self.head) == HEADER.size
+
+    def receive(self, budget: ReadBudget, max_frame: int, now: float, hold: bool = False) -> Received:
+        """One non-blocking read towards the current frame. `hold`: the connection's earlier
+        request is parked, so a next frame's body is neither reserved nor read (its room in the
+        shared budget would be held for as long as the wait, an hour at most): HELD."""
         if self.body is None:
-            try:
-                data = self.sock.recv(HEADER.size - len(self.head))
-            except (BlockingIOError, InterruptedError):
-                return Received.AGAIN
-            except OSError:
-                data = b""
-            if not data:
-                return Received.EOF
-            if not self.head:
-                self.frame_started = now
-            self.head += data
-            self.last_active = now
             if len(self.head) < HEADER.size:
-                return Received.PROGRESS
+                try:
+                    data = self.sock.recv(HEADER.size - len(self.head))
+                except (BlockingIOError, InterruptedError):
+                    return Received.AGAIN
+                except OSError:
+                    data = b""
+                if not data:
+                    return Received.EOF
+                if not self.head:
+                    self.frame_started = now
+                self.head += data
+                self.last_active = now
+                if len(self.head) < HEADER.size:
+                    return Received.PROGRESS
             (length,) = HEADER.unpack(self.head)
             self.announced = length
             if length > max_frame:
                 return Received.TOO_LARGE
+            if hold:
+                self.frame_started = None  # its deadline runs once its turn has come
+                return Received.HELD
+            if self.frame_started is None:
+                self.frame_started = now
             if not budget.reserve(length):
                 return Received.NO_BUDGET
             self.body, self.filled = bytearray(length), 0
@@ -133,7 +147,8 @@ class Connection:
     def wanted_events(self) -> int:
         """Selector interest: read unless closing or a complete frame waits its turn; write
         while responses are owed."""
-        events = 0 if self.closing or self.frame_ready else selectors.EVENT_READ
+        events = 0 if self.closing or self.frame_ready or (self.parked is not None and self.header_held) \
+            else selectors.EVENT_READ
         return events | (selectors.EVENT_WRITE if self.wbuf else 0)
 
     def discard_input(self, rounds: int = 4) -> None:

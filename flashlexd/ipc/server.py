@@ -269,8 +269,8 @@ class RpcServer:
         for _ in range(_FRAMES_PER_TURN):
             if conn.closed or conn.closing or (conn.frame_ready and not self._answer_ready(conn)):
                 break
-            outcome = conn.receive(self.budget, max_frame, time.monotonic())
-            if outcome is Received.AGAIN:
+            outcome = conn.receive(self.budget, max_frame, time.monotonic(), hold=conn.parked is not None)
+            if outcome is Received.AGAIN or outcome is Received.HELD:
                 break
             if outcome is Received.EOF:
                 self._close_conn(conn)
@@ -306,6 +306,9 @@ class RpcServer:
     def _pump(self, conn: Connection) -> None:
         """Answer the complete frame if its turn has come; flush; set interest."""
         if conn.closed:
+            return
+        if conn.parked is None and conn.header_held:  # its turn came: reserve and read it now
+            self._read(conn)
             return
         if conn.frame_ready:
             self._answer_ready(conn)
