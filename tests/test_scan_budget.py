@@ -68,6 +68,27 @@ def test_paged_calls_are_bounded_and_the_client_still_finds_every_match(harness)
         assert fx.call("messages", topic="rare/#")[0]["id"] == ids[-1]  # unpaged: as before
 
 
+def test_a_wait_answers_by_its_timeout_and_the_same_wait_goes_on_from_where_it_stopped(harness):
+    """The client walked page after page to the end of the inbox whatever the timeout: 1.2 s
+    for wait(timeout=0) at 200,000 stored, 5.9 s at 1,000,000 (found by review). Now a wait
+    stops at its deadline; the same wait called again goes on from where it stopped (what it
+    passed matched nothing), so short waits in a loop still reach a match far down."""
+    pages = 20
+    harness.ingest(*[("noise/x", b"n")] * (pages * SCAN_BUDGET))
+    [late] = harness.ingest(("rare/y", b"r"))
+    requests = lambda: harness.call(lambda: harness.server.counters["requests"])  # noqa: E731
+    with connect(harness.path) as fx:
+        before = requests()
+        assert fx.wait(timeout=0, topic="rare/#") == []
+        assert requests() - before == 1  # one page, not twenty
+        found, calls = [], 0
+        while not found and calls < 2 * pages:
+            found, calls = fx.wait(timeout=0, topic="rare/#"), calls + 1
+        assert [m.id for m in found] == [late] and calls <= pages
+        assert [m.id for m in fx.wait(timeout=10, topic="rare/#")] == [late]  # time enough: from the start
+        assert [m.id for m in fx.messages(topic="rare/#")] == [late]  # `messages` walks to the end
+
+
 def test_a_parked_paged_wait_walks_on_from_where_it_stopped(harness):
     harness.ingest(*[("noise/x", b"n")] * NOISE)
     with connect(harness.path) as fx:
