@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any, Dict, List
 
@@ -25,7 +26,12 @@ def add_parser(sub: Any) -> None:
 
 def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
     if getattr(args, "consumers_action", None) == "reset":
-        to = int(args.to) if args.to.isdigit() else args.to
+        to = int(args.to) if args.to.isascii() and args.to.isdigit() else args.to
+        known = [c["name"] for c in fx.consumers()]
+        if args.name not in known:  # the API would register it: a new consumer holding every message
+            print(f"flashlexctl: no consumer named {printable(args.name)!r} (there are: "
+                  f"{printable(', '.join(known)) or 'none'})", file=sys.stderr)
+            return 1
         through = fx.reset(args.name, to)
         print(json.dumps(through) if args.json else
               f"consumer {printable(args.name)} has now acknowledged through id {through}")

@@ -221,6 +221,14 @@ def test_flashlexctl_lists_reads_and_resets_consumers(harness: Harness):
     assert ctl("messages", "--consumer", "display").strip() == "no messages"
     assert "acknowledged through id 0" in ctl("consumers", "reset", "display", "--to", "earliest")
     assert "sensors/t" in ctl("messages", "--consumer", "display")
+    for to, said in (("latest", "no consumer named 'dispaly' (there are: display, logger)"),
+                     ("\u00b2", "param 'to' must be")):
+        refused = subprocess.run([FLASHLEXCTL, "--socket", harness.path, "consumers", "reset", "dispaly"
+                                  if to == "latest" else "display", "--to", to], capture_output=True,
+                                 text=True, timeout=30)
+        assert refused.returncode == 1 and said in refused.stderr and refused.stderr.count("\n") == 1, \
+            refused.stderr  # a misspelt name registered a consumer holding every message; ² a traceback
+    assert [c["name"] for c in harness.methods.handle("consumers", {})] == ["display", "logger"]
     assert ctl("messages", "--consumer", "typo").strip() != "no messages"
     assert "consumer typo removed; the messages only it held were released" in ctl("consumers", "remove", "typo")
     assert "typo" not in ctl("consumers")

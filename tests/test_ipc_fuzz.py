@@ -17,7 +17,8 @@ except ImportError:  # tests run as a package
     from tests.test_ipc_server import Harness, raw_connect, read_frame, until
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-METHODS = ["status", "messages", "ack", "wait", "publish", "outbox", "purge"]
+METHODS = ["status", "messages", "ack", "wait", "publish", "outbox", "purge", "consumers", "reset",
+           "remove_consumer"]
 EXPECTED_CODES = {Code.BAD_REQUEST, Code.BAD_PARAMS, Code.UNKNOWN_METHOD, Code.UNSUPPORTED_VERSION,
                   Code.CONFIRM_REQUIRED, Code.PAYLOAD_TOO_LARGE, Code.OUTBOX_FULL}
 
@@ -87,8 +88,17 @@ def test_wrong_param_types_never_crash(server, method, params):
     assert response["id"] == 42
     if "error" in response:
         assert response["error"]["code"] in EXPECTED_CODES, response
-        assert response["error"]["message"]
+        assert response["error"]["message"] and "\n" not in response["error"]["message"], response
     still_serving(server)
+
+
+def test_an_unknown_param_name_is_quoted_in_its_one_line_error(server):
+    """Every other param error quoted what it names (repr); the unknown name went out raw, so a
+    newline in it made a second, forged-looking line wherever the error is shown."""
+    frame = encode_frame({"v": PROTOCOL_VERSION, "id": 7, "method": "status",
+                          "params": {"x\n<0>forged": 1}})
+    message = exchange(server, frame)["error"]["message"]
+    assert message.startswith("status: unknown param 'x\\n<0>forged'") and "\n" not in message
 
 
 @FUZZ

@@ -104,7 +104,7 @@ class _Params:
         if unknown:
             known = ", ".join(sorted(self.read)) or "none"
             raise RpcFailure(Code.BAD_PARAMS,
-                             f"{self.method}: unknown param '{unknown[0]}' (accepted: {known})")
+                             f"{self.method}: unknown param {_show(unknown[0])} (accepted: {known})")
 
 
 def _store_failures(read: Callable[..., T]) -> Callable[..., T]:
