@@ -75,6 +75,7 @@ class Client:
         self._buf = bytearray()
         self._next_id = 0
         self._resume: Dict[str, int] = {}  # a timed-out wait's query -> where its walk stopped
+        self._replays: Optional[int] = None  # how often the daemon replayed this client's consumer
         self._lock = threading.Lock()
         with self._lock:
             self._connect()
@@ -275,12 +276,13 @@ class Client:
         return [Message.from_wire(m) for m in self.records(limit, topic, after, timeout, user_property)]
 
     def records(self, limit: int = 100, topic: Optional[str] = None, after: Optional[IdLike] = None,
-                wait: Optional[float] = None,
-                user_property: Optional[Tuple[str, str]] = None) -> List[Dict[str, Any]]:
+                wait: Optional[float] = None, user_property: Optional[Tuple[str, str]] = None,
+                until_replay: bool = False) -> List[Dict[str, Any]]:
         """The wire records of `messages` (or of `wait`, given its timeout). With a filter
         the daemon looks at a bounded number of messages per call and answers where to go on
         (`paged`), so one call never holds its loop for long: this calls again from there until
-        `limit` are found or none are left (`wait`: until any are found or time is up)."""
+        `limit` are found or none are left (`wait`: until any are found or time is up).
+        `until_replay`: a wait also ends when the consumer is replayed (`stream`)."""
         params = self._query(limit, topic, after, user_property)
         deadline = None if wait is None else time.monotonic() + wait
         # a wait whose time ran out mid-walk: the same wait again goes on from there (what it
@@ -296,6 +298,10 @@ class Client:
                 left = max(0.0, deadline - time.monotonic())
                 page = self.call("wait", _timeout=left + self.timeout, timeout=left, paged=True, **params)
             found += page["messages"]
+            replayed = self._note_replays(page.get("replays"))
+            if deadline is not None and not found and page["cursor"] is None and \
+                    time.monotonic() < deadline and not (replayed and until_replay):
+                continue  # a replay answered a parked wait early: the caller waits on
             if page["cursor"] is None or len(found) >= limit or (deadline is not None and found):
                 return found
             if deadline is not None and time.monotonic() >= deadline:  # [] on timeout, on time
@@ -304,6 +310,15 @@ class Client:
                 self._resume[resume] = page["cursor"]
                 return found
             params.update(after=page["cursor"], limit=limit - len(found))
+
+    def _note_replays(self, replays: Optional[int]) -> bool:
+        """Whether the daemon replayed this client's consumer since its last answer said."""
+        replayed = replays is not None and self._replays is not None and replays != self._replays
+        if replays is not None:
+            self._replays = replays
+        if replayed:
+            self._resume.clear()  # a timed-out walk's place stands past what comes back
+        return replayed
 
     def ack(self, ids: Iterable[IdLike]) -> int:
         """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went.
@@ -379,7 +394,6 @@ class Client:
         message id starts there. Returns the id it has now acknowledged through. The daemon
         moves it a bounded step per call (`paged`): this calls on until it is there."""
         target = to if to in ("earliest", "latest") else _wire_id(to)  # type: ignore[arg-type]
-        self._resume.clear()  # a replay gives back messages a timed-out wait walked past
         going: Dict[str, Any] = {}  # after the first call: the way it goes (skip or replay)
         while True:
             answer = self.call("reset", consumer=consumer, to=target, paged=True, **going)
@@ -408,12 +422,17 @@ class Client:
     def stream(self, timeout_per_wait: float = 30.0, limit: int = 100, topic: Optional[str] = None,
                after: Optional[IdLike] = None) -> Iterator[Message]:
         """Every message as it arrives, forever (oldest unacknowledged first). Uses `wait` with
-        the last id seen, so it yields each message once even if it is never acknowledged."""
-        last = None if after is None else int(_wire_id(after))
+        the last id seen, so it yields each message once even if it is never acknowledged; a
+        replay of its consumer (`reset`, from any client) starts it over from `after`."""
+        start = last = None if after is None else int(_wire_id(after))
         while True:
-            for message in self.wait(timeout_per_wait, limit, topic, last):
+            replays = self._replays
+            batch = self.records(limit, topic, last, timeout_per_wait, until_replay=True)
+            for message in map(Message.from_wire, batch):
                 last = message.id
                 yield message
+            if self._replays != replays and replays is not None:
+                last = start
 
 
 def _wire_id(value: IdLike) -> Union[int, str]:

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -112,6 +112,40 @@ def test_a_dynamic_consumer_can_be_removed_at_once_and_the_messages_only_it_held
             with pytest.raises(RpcError) as info:
                 fx.remove_consumer(name)
             assert info.value.code == "bad_params" and said in str(info.value), name
+
+
+def test_a_streaming_consumer_gets_a_replay_and_a_plain_wait_waits_on_through_it(harness: Harness):
+    """README's display.py: `stream()` and an ack per message, `logger` still holding them. A
+    reset from another client replayed nothing to it until it restarted: the stream reads on
+    from its last message, past the replayed ones (found by review)."""
+    ids = ingest(harness, "sensors/a", "sensors/b")
+    got: List[int] = []
+    waited: List[Tuple[float, list]] = []
+    with connect(harness.path, consumer="display") as display, connect(harness.path, consumer="display") as other, \
+            connect(harness.path, consumer="display") as admin:
+        def read() -> None:
+            for msg in display.stream(timeout_per_wait=30):
+                got.append(msg.id)
+                display.ack([msg])
+                if len(got) == 4:
+                    return
+
+        def wait_after_the_last() -> None:
+            started = time.monotonic()
+            answer = other.wait(timeout=1.5, after=ids[-1])
+            waited.append((time.monotonic() - started, answer))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_for(lambda: got == ids, 5, "the first delivery")
+        assert other.wait(timeout=0) == []  # acked: nothing for "display" now
+        waiter = threading.Thread(target=wait_after_the_last, daemon=True)
+        waiter.start()
+        wait_for(lambda: harness.call(lambda: len(harness.server._parked)) == 2, 5, "both waits parked")
+        assert admin.reset("display", "earliest") == 0
+        wait_for(lambda: got == ids + ids, 5, "the replay, without waiting out the stream's 30 s")
+        waiter.join(5)
+        assert waited and waited[0][1] == [] and waited[0][0] >= 1.5  # nothing after the last: waits on
 
 
 def test_ids_past_any_the_store_hands_out_are_refused_and_a_reset_to_0_replays(harness: Harness):
@@ -241,7 +275,7 @@ def test_a_consumer_read_walks_a_page_at_a_time_and_the_client_follows_its_curso
     ids = ingest(harness, *["cmd/noise"] * (2 * SCAN_BUDGET + 10), "sensors/t")
     with connect(harness.path, consumer="display") as display:
         page = display.call("messages", paged=True, consumer="display")
-        assert page == {"messages": [], "cursor": ids[SCAN_BUDGET - 1]}
+        assert page == {"messages": [], "cursor": ids[SCAN_BUDGET - 1], "replays": 0}
         assert [m.id for m in display.messages()] == [ids[-1]]
         assert [m.id for m in display.wait(timeout=1)] == [ids[-1]]
         assert [m["id"] for m in display.call("messages", consumer="display")] == [ids[-1]]  # unpaged

@@ -206,7 +206,10 @@ class Methods:
         found = self._bounded([m.to_dict() for m in page.found])
         # a full response ends the walk: a cursor past records it left out would skip them
         cursor = page.cursor if len(found) == len(page.found) else None
-        return {"messages": found, "cursor": cursor}, page.last
+        answer: Dict[str, Any] = {"messages": found, "cursor": cursor}
+        if consumer is not None:  # how often it was replayed: a reader past the replay starts over
+            answer["replays"] = self._replays.get(consumer, 0)
+        return answer, page.last
 
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
         limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
@@ -328,7 +331,9 @@ class Methods:
                     wanted: Optional[Tuple[str, str]]) -> Any:
         """`wait` with a bounded walk: a page with messages or a cursor answers at once (the
         client calls again from the cursor); a walk that reached the end parks the request, and
-        each poll walks on from where the last one stopped, not from `after` again."""
+        each poll walks on from where the last one stopped, not from `after` again. A replay of
+        the consumer answers at once, even with nothing after `after` (a stream reading on from
+        its last message stands past the replayed ones: its `replays` tells it to start over)."""
         answer, last = self._fetch_page(limit, topic, after, consumer, wanted)
         if answer["messages"] or answer["cursor"] is not None or timeout == 0:
             return answer
@@ -337,16 +342,17 @@ class Methods:
 
         @_store_failures
         def poll() -> Optional[Dict[str, Any]]:  # run by the server on notify_inbox()
-            if replayed():
+            again = replayed()
+            if again:
                 position[0] = after
             found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
-            if found["messages"] or found["cursor"] is not None:
+            if found["messages"] or found["cursor"] is not None or again:
                 return found
             if seen is not None:
                 position[0] = seen
             return None
         return Pending(deadline=time.monotonic() + timeout, poll=poll,
-                       timeout_result={"messages": [], "cursor": None})
+                       timeout_result=dict(answer, messages=[], cursor=None))
 
     def _publish(self, p: _Params) -> Any:
         payload = p.get("payload")
