@@ -34,7 +34,8 @@ def check_keys(thing: Thing, now: Optional[datetime.datetime] = None) -> Tuple[s
     """Every key problem, in one line. Returns the TLS context for the broker step when the
     certificate and key load (an expired certificate or a too-open key still lets the broker
     step run: its answer says more)."""
-    from flashlexd.mqttclient import ALPN_PORT, tls_context
+    from flashlexd.mqttclient import tls_context
+    from flashlexd.quotas import ALPN_PORT
 
     keys = thing.keys
     now = now or datetime.datetime.now(datetime.timezone.utc)

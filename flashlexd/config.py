@@ -18,7 +18,7 @@ from flashlexd.configkeys import DEFAULT_DATA_DIR, KEYS, LOG_LEVELS
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 from flashlexd.dedupe import DedupeKey
-from flashlexd.quotas import quota_warnings
+from flashlexd.quotas import aws_transport, quota_warnings
 from flashlexd.topics import publish_topic_problem
 from flashlexd.wire import DEFAULT_SOCKET, REQUEST_OVERHEAD
 
@@ -202,7 +202,8 @@ def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_nam
     endpoint = section.value("endpoint")
     keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
                  legacy_base)
-    mqtt = _mqtt(section.section("mqtt", required=True), name)  # type: ignore[arg-type]
+    mqtt = aws_transport(endpoint, f"{section.path}.mqtt",  # type: ignore[arg-type]
+                         _mqtt(section.section("mqtt", required=True), name), warnings)  # type: ignore[arg-type]
     warnings.extend(quota_warnings(endpoint, f"{section.path}.mqtt", mqtt))  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]

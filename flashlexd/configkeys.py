@@ -100,9 +100,10 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_DB}.capMegabytes", "integer", 256, "store size cap", WORKERS, minimum=1),
     Key(f"{_DB}.whenFull", "choice", "reject",
         "at the cap: `reject` (stop acknowledging; the broker keeps the messages) or `dropOldest` (drop"
-        " the oldest inbox messages, counted). Outbox entries and dead letters are never dropped: outbox"
-        " appends are refused when full, and once they alone fill the cap, inbox appends are refused"
-        " too", WORKERS, choices=FULL_POLICIES, field="when_full"),
+        " the oldest inbox messages, counted). Outbox entries and dead letters are never dropped: under"
+        " `reject` a publish is refused at the cap; under `dropOldest` the oldest inbox messages make"
+        " room for it too, and once outbox entries and dead letters alone fill the cap, publishes and"
+        " inbox appends are refused", WORKERS, choices=FULL_POLICIES, field="when_full"),
     Key(f"{_DB}.sweepSeconds", "seconds", 5.0, "how often the expiry worker sweeps", WORKERS,
         field="sweep_seconds"),
     Key(f"{_DB}.ingestCommitMs", "integer", INGEST_COMMIT_MS,
@@ -202,7 +203,10 @@ TABLE: Tuple[Key, ...] = (
                                    " not used; use `--keys-dir`"),
     Key(f"{_MQTT}.port", "integer", 8883, "443 uses ALPN `x-amzn-mqtt-ca` as AWS IoT requires", LINKS,
         minimum=1, maximum=65535),
-    Key(f"{_MQTT}.useWebsocket", "boolean", False, "MQTT over secure websockets", LINKS),
+    Key(f"{_MQTT}.useWebsocket", "boolean", False,
+        "MQTT over secure websockets, with the client certificate. AWS IoT Core takes websockets only"
+        " with SigV4 (IAM credentials, what the old SDK signed with): for its endpoints `true` connects"
+        " with MQTT over TLS on port 443 (ALPN) instead, with one warning", LINKS),
     Key(f"{_MQTT}.ingress.topic", "text", REQUIRED, "subscribed (QoS 1) by ingress", LINKS),
     Key(f"{_MQTT}.pubsub.topic", "text", None, "also subscribed by ingress, except under the old SDK's"
         " `app.thread: subscribe`", LINKS, shown="none"),

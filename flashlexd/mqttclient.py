@@ -15,10 +15,9 @@ from flashlexd.config import ConfigError, Keys, Thing
 from flashlexd.dialer import DialedClient
 from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
+from flashlexd.quotas import ALPN_PORT, ALPN_PROTOCOL
 from flashlexd.timesync import clock_problem
 
-ALPN_PORT = 443             # AWS IoT serves MQTT with client certs on 443 only with this ALPN
-ALPN_PROTOCOL = "x-amzn-mqtt-ca"
 WEBSOCKET_PATH = "/mqtt"
 # An alert the broker sends when it does not accept our client certificate.
 _REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",

@@ -1,4 +1,4 @@
-"""AWS IoT Core's per-connection quotas, and the config values that would break them.
+"""AWS IoT Core's per-connection quotas and transports, and the config values that would break them.
 
 AWS does not refuse a publish over its rate quota: it drops it without a PUBACK and keeps the
 connection up, so a config over a quota does not fail loudly, it stalls. These checks turn that
@@ -8,6 +8,7 @@ The README's quota table lists the same figures with the key that maps to each.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, List
 
 if TYPE_CHECKING:  # config imports this module
@@ -26,9 +27,26 @@ KEEPALIVE_RANGE = (30, 1200)   # seconds; AWS clamps values outside it
 SESSION_EXPIRY = "1 h (adjustable up to 7 days)"  # how long a persistent session outlives a disconnect
 
 
+ALPN_PORT = 443  # AWS IoT serves MQTT with client certificates on 443 only with this ALPN:
+ALPN_PROTOCOL = "x-amzn-mqtt-ca"
+
+
 def is_aws_endpoint(endpoint: str) -> bool:
     host = endpoint.lower().rstrip(".")
     return host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")
+
+
+def aws_transport(endpoint: str, path: str, mqtt: "Mqtt", warnings: List[str]) -> "Mqtt":
+    """`mqtt` with the transport an AWS IoT Core endpoint takes the thing's certificate over.
+    AWS authenticates MQTT over websockets only with SigV4 (IAM credentials, what the old SDK
+    used with `useWebsocket: true`) or a custom authorizer, never a client certificate: such a
+    config connects with MQTT over TLS on port 443 (ALPN), which passes the same firewalls."""
+    if not (mqtt.use_websocket and is_aws_endpoint(endpoint)):
+        return mqtt
+    warnings.append(f"{path}.useWebsocket: AWS IoT Core takes MQTT over websockets only with SigV4"
+                    f" (IAM) credentials, not a certificate; connecting with MQTT over TLS on port"
+                    f" {ALPN_PORT} (ALPN {ALPN_PROTOCOL}) instead, through the same firewalls")
+    return replace(mqtt, use_websocket=False, port=ALPN_PORT)
 
 
 def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt") -> List[str]:

@@ -111,7 +111,7 @@ def broker_validity(thing: Thing, timeout: float
     not verify it (only its dates are used, for the message); None when it cannot be read
     within `timeout`. Remembered for a minute: the connection retries every 2 s."""
     from flashlexd.checkcerts import Failed, certificate_validity
-    from flashlexd.mqttclient import ALPN_PORT, ALPN_PROTOCOL
+    from flashlexd.quotas import ALPN_PORT, ALPN_PROTOCOL
 
     where = (thing.endpoint, thing.mqtt.port)
     cached = _probed.get(where)

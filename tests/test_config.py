@@ -195,6 +195,24 @@ def test_data_dir_flag_wins_over_data_path_key_without_a_warning(tmp_path: Path)
     assert config.warnings == ()
 
 
+def test_websockets_to_aws_iot_core_connect_over_tls_on_443_with_the_certificate(tmp_path: Path):
+    """The old SDK's `useWebsocket: true` signed its websocket with IAM credentials (SigV4):
+    AWS IoT Core takes a certificate only over MQTT/TLS (8883, or 443 with ALPN), so a
+    certificate over websockets never authenticated (found by review). Other brokers keep
+    websockets (mosquitto takes a client certificate there)."""
+    aws = load(str(edited_config(tmp_path / "aws", setting("flashlex.thing.mqtt.useWebsocket", True))))
+    assert (aws.thing.mqtt.use_websocket, aws.thing.mqtt.port) == (False, 443)
+    [said] = [w for w in aws.warnings if "useWebsocket" in w]
+    assert said.startswith("flashlex.thing.mqtt.useWebsocket: AWS IoT Core takes MQTT over websockets"
+                           " only with SigV4") and "port 443 (ALPN x-amzn-mqtt-ca)" in said
+    def elsewhere(document: Dict[str, Any]) -> None:
+        setting("flashlex.thing.mqtt.useWebsocket", True)(document)
+        setting("flashlex.thing.endpoint", "broker.example.net")(document)
+    other = load(str(edited_config(tmp_path / "other", elsewhere)))
+    assert (other.thing.mqtt.use_websocket, other.thing.mqtt.port) == (True, 8883)
+    assert not [w for w in other.warnings if "useWebsocket" in w]
+
+
 def test_log_level_flag_wins_over_log_level_key_without_a_warning(tmp_path: Path):
     path = edited_config(tmp_path / "etc", setting("flashlex.app.logLevel", "debug"))
     assert load(str(path)).log_level == "debug"

@@ -19,7 +19,8 @@ from flashlexd import config as config_module
 from flashlexd.config import ConfigError, ReconnectPolicy
 from flashlexd.reconnect import JITTER, MIN_CONNECT_INTERVAL, ReconnectBackoff
 from flashlexd.mqtt import Connection
-from flashlexd.mqttclient import ALPN_PROTOCOL, build_client
+from flashlexd.mqttclient import build_client
+from flashlexd.quotas import ALPN_PROTOCOL
 from tests.broker import HOST, THING, Broker, Certs, Identity, free_port, wait_for, write_config
 
 # -- the backoff, with a fake clock --------------------------------------------------------------
