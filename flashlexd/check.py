@@ -14,7 +14,7 @@ done step by step, each step saying what it saw or, in one line, why it failed.
            it at QoS 1 and time its return. A running flashlexd (or its persistent session on
            the broker) receives the probe too and stores it in its inbox, like any message;
 6. store   the data directory is writable and the store opens (nothing is written to it; a store
-           that does not exist yet is created, as `flashlexd run` would).
+           that does not exist yet is not made: `flashlexd run` makes it, as the service's user).
 
 A step that cannot run because one it needs failed is skipped. `--timeout` bounds each network
 step. No key material is ever printed: only file names, dates and modes. This module runs the
@@ -27,6 +27,7 @@ import json
 import os
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 from flashlexd import config as config_module
@@ -170,7 +171,8 @@ def check_store(config: Config) -> Tuple[str, bool]:
             paths.check_dir(directory, "data dir")
         except paths.UnsafePath as exc:
             raise Failed(str(exc)) from None
-    existed = (directory / "data.mdb").exists()
+    if not (directory / "data.mdb").exists():
+        return _store_to_come(directory), True
     try:
         store = Store.from_config(config.store, check_pages=True)
     except StoreError as exc:
@@ -181,10 +183,22 @@ def check_store(config: Config) -> Tuple[str, bool]:
         raise Failed(str(exc)) from None
     finally:
         store.close()
-    what = "opens" if existed else "created (empty)"
-    return (f"store in {directory} {what}: {stats['inbox_count']} messages in the inbox,"
+    return (f"store in {directory} opens: {stats['inbox_count']} messages in the inbox,"
             f" {stats['outbox_count']} queued for the cloud, {_megabytes(stats['used_bytes'])}"
             f" of {_megabytes(stats['cap_bytes'])} used"), True
+
+def _store_to_come(directory: Path) -> str:
+    """A store that does not exist yet is not made here: `check` runs as root (sudo) before the
+    service exists, and a data dir it made outside /var/lib stayed root's (0700), so the
+    service's user could not open its store (systemd chowns only its StateDirectory)."""
+    existing = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise Failed(f"cannot open store in {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise Failed(f"cannot create store in {directory}: {existing} is not writable by uid"
+                     f" {os.geteuid()} (use --data-dir or flashlex.app.db.dataPath)")
+    return f"store in {directory} does not exist yet: flashlexd run creates it ({existing} is writable)"
+
 
 def _megabytes(count: Any) -> str:
     return f"{int(count) / (1024 * 1024):.1f} MB"
