@@ -155,6 +155,11 @@ class Timeline:
         lifetime = key_time - boottime - self._frame(seq).first
         return round(self.arrival(wall, seq, boottime) + lifetime, 3)
 
+    def arrival_key(self, wall: float, seq: int, boottime: Optional[float]) -> float:
+        """A stamp's arrival as an expiry key of its boot (what `cutoff` is compared with):
+        an expiry key is this plus the lifetime."""
+        return wall if boottime is None else boottime + self._frame(seq).first
+
     def cutoff(self, seq: int) -> float:
         """Expiry keys of boot `seq` at or before this are due: for this boot, real time passed
         since the stamp; for earlier boots, the wall clock."""

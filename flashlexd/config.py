@@ -19,7 +19,7 @@ from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 from flashlexd.dedupe import DedupeKey
 from flashlexd.quotas import aws_transport, quota_warnings
-from flashlexd.topics import publish_topic_problem
+from flashlexd.topics import publish_topic_problem, valid_filter
 from flashlexd.wire import DEFAULT_SOCKET, REQUEST_OVERHEAD
 
 __all__ = ["Api", "ReconnectPolicy", "Config", "ConfigError", "DEFAULT_DATA_DIR", "DEFAULT_SOCKET", "Keys",
@@ -129,6 +129,9 @@ class Config:
     consumers: ConsumerSettings = ConsumerSettings()
     warnings: Tuple[str, ...] = field(default=(), compare=False)
     text: str = field(default="", compare=False, repr=False)
+    # the key files' contents as the supervisor checked them (credentials.stamp): a reload that
+    # finds them rotated in place restarts the links, which read them at their start
+    key_stamp: str = field(default="", compare=False, repr=False)
 
 
 def load(path: str, data_dir: Optional[str] = None, keys_dir: Optional[str] = None,
@@ -174,7 +177,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     if app.data.get("thread") == "subscribe":
         thing = replace(thing, mqtt=replace(thing.mqtt, subscribes_pubsub=False))
     store = _store(app.section("db"), data_dir)
-    api = _api(app.section("socket"), socket_path, store.max_payload_bytes)
+    api = _api(app.section("socket"), socket_path, store.max_payload_bytes, thing.mqtt.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
     consumers = consumer_settings(app)
     file_level = app.value("logLevel")  # checked even when overridden
@@ -270,6 +273,12 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
         protocol=section.value("protocol"),
         session_expiry=section.value("sessionExpirySeconds"),
     )
+    filters = [("ingress.topic", mqtt.ingress_topic), ("pubsub.topic", mqtt.pubsub_topic),
+               *((f"subscriptions[{i}]", t) for i, t in enumerate(mqtt.subscriptions))]
+    for key, topic_filter in filters:  # paho refuses a bad one at SUBSCRIBE: an ingress crash loop
+        if topic_filter is not None and not valid_filter(topic_filter):
+            raise ConfigError(f"{section.path}.{key}: expected an MQTT topic filter (+ a whole level,"
+                              f" # only last), got {_show(topic_filter)}")
     problem = publish_topic_problem(mqtt.egress_topic, mqtt.max_topic_bytes)
     if problem:  # every default publish would be refused
         raise ConfigError(f"{section.path}.egress.topic: {problem}")
@@ -342,15 +351,19 @@ def _dedupe(db: Section) -> Optional[DedupeKey]:
         raise ConfigError(f"{section.path}.key: {exc}") from None
 
 
-def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int) -> Api:
+def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int,
+         max_publish_bytes: int) -> Api:
     file_socket_path = _absolute(section, "path")  # checked even when overridden
     api = section.fill(Api, socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET")
                        or file_socket_path)
-    largest_frame = REQUEST_OVERHEAD + max_payload_bytes
+    # frames carry inbound payloads (responses) and outbound ones (publish requests)
+    largest_frame = REQUEST_OVERHEAD + max(max_payload_bytes, max_publish_bytes)
     if api.max_buffered_bytes is not None and api.max_buffered_bytes < largest_frame:
+        which = ("flashlex.app.db.maxPayloadBytes" if max_payload_bytes >= max_publish_bytes
+                 else "flashlex.thing.mqtt.maxPayloadBytes")
         raise ConfigError(f"{section.path}.maxBufferedBytes: must hold at least one request of the"
-                          f" largest payload, {largest_frame} bytes (1 MiB + flashlex.app.db."
-                          f"maxPayloadBytes), got {api.max_buffered_bytes}")
+                          f" largest payload, {largest_frame} bytes (1 MiB + {which}),"
+                          f" got {api.max_buffered_bytes}")
     section.warn_unknown()
     return api
 

@@ -83,7 +83,8 @@ TABLE: Tuple[Key, ...] = (
     _legacy(f"{_DB}.subscriptionData",
             "the old SDK's JSON store file: accepted, not used (LMDB replaces it)"),
     Key(f"{_DB}.expireSeconds", "seconds", None,
-        "inbox messages older than this are removed; must be > 0",
+        "inbox messages older than this are removed; must be > 0. Set, lowered or raised by a"
+        " reload, it applies to every message stored, whatever was set when it came",
         WORKERS, shown="no expiry", field="expire_seconds"),
     Key(f"{_DB}.dedupe.key", "text", None,
         "off unless set. An opt-in application key against a broker's redeliveries after its own"
@@ -193,7 +194,8 @@ TABLE: Tuple[Key, ...] = (
           f"{what}, for mutual TLS, checked at start and on reload: files that do not load, or a key"
           " that does not match the certificate, are a config error naming the file; read again at"
           " each worker restart, which keeps the last credentials that loaded when they no longer do"
-          " (one WARNING)" + extra, LINKS)
+          " (one WARNING); a reload that finds the files changed in place (a rotated CA or"
+          " certificate) restarts ingress and egress" + extra, LINKS)
       for name, what, extra in (
           ("rootCA", "CA certificate", ""), ("cert", "client certificate", ""),
           ("privateKey", "private key", ". Readable by group or others: `run` refuses it (exit 2)"
@@ -218,9 +220,11 @@ TABLE: Tuple[Key, ...] = (
         shown="`<clientId>-egress`"),
     Key(f"{_MQTT}.keepAliveSeconds", "integer", 30,
         "MQTT keepalive seconds (>= 2; AWS IoT Core accepts 30-1200). A silent broker is declared dead"
-        " after keepalive + min(`mqttOperationTimeout`, keepalive / 2)", LINKS, minimum=2),
+        " after keepalive + min(`mqttOperationTimeout`, keepalive / 2)", LINKS, minimum=2, maximum=65535,
+        maximum_why=" (the MQTT limit)"),
     Key(f"{_MQTT}.keepalive", "integer", None,
-        "flashlexd 0.1's name of `keepAliveSeconds`, still read when that is absent", LINKS, minimum=2),
+        "flashlexd 0.1's name of `keepAliveSeconds`, still read when that is absent", LINKS, minimum=2,
+        maximum=65535, maximum_why=" (the MQTT limit)"),
     Key(f"{_MQTT}.maxInflight", "integer", 100,
         "egress QoS 1 messages published and not yet acknowledged (AWS IoT Core: 100)", LINKS,
         minimum=1),

@@ -81,6 +81,8 @@ class Section:
             return default
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{self._key(key)}: expected a non-empty string, got {_show(value)}")
+        if "\0" in value:  # no path, topic or name holds one (os calls raise ValueError on it)
+            raise ConfigError(f"{self._key(key)}: contains U+0000 (NUL): {_show(value)}")
         return value.strip()
 
     def integer(self, key: str, default: Optional[int] = None, minimum: Optional[int] = None,

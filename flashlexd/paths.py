@@ -16,6 +16,7 @@ and says whose it is.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -56,7 +57,14 @@ def make_dir(path: Path, mode: int, parents_mode: int = PARENT_MODE) -> None:
         except FileExistsError:
             continue  # someone made it meanwhile: check_dir judges it
         except OSError as exc:
-            raise UnsafePath(f"cannot create {directory}: {exc.strerror or exc}") from None
+            hint = ""
+            if exc.errno == errno.EROFS and os.environ.get("INVOCATION_ID"):
+                # under the unit `flashlexd service` rendered, only the directories the config
+                # named then are writable (ProtectSystem=strict)
+                hint = ("; under systemd the unit makes only the data and socket directories it"
+                        " was rendered with writable: run `flashlexd service ... --install` again"
+                        " after changing flashlex.app.db.dataPath or flashlex.app.socket.path")
+            raise UnsafePath(f"cannot create {directory}: {exc.strerror or exc}{hint}") from None
         os.chmod(directory, wanted)
 
 

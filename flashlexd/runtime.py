@@ -89,4 +89,4 @@ def _socket(config: Config) -> Tuple[object, ...]:
 def worker_settings(config: Config, name: str) -> tuple:
     """The parts of the config a worker depends on: a reload restarts it when they change."""
     shared = (config.store, config.supervision, config.log_level)
-    return shared if name == "expiry" else shared + (config.thing,)
+    return shared if name == "expiry" else shared + (config.thing, config.key_stamp)

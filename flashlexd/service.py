@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if kind == "unit":
         config = Path(args.config).resolve() if args.config else directory / "keys" / "config.yml"
         try:
-            places, note = read_places(config)
+            places, note = read_places(config, str(Path(args.keys_dir).resolve()) if args.keys_dir else None)
         except ConfigError as exc:
             print(f"flashlexd: {exc}", file=sys.stderr)
             return EXIT_CONFIG

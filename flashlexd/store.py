@@ -58,14 +58,14 @@ from flashlexd.storeconsumers import BacklogCount, ConsumerStore, note_left
 from flashlexd.storeoutbox import OutboxStore
 from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull, DupMark,
                                     Incoming, Message, OutboxEntry, StoreBusy, StoreDamaged,
-                                    StoreError, StoreForkError, StoreFull, _decode_message,
-                                    _Kept, _kept, _keys_of, _ms, _outbox_entry, _stamp_of,
+                                    StoreError, StoreForkError, StoreFull, _Kept, _kept, _keys_of, _ms, _outbox_entry, _stamp_of,
                                     _topic_of, message_selector)
 from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
 _FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
+_QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
 _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
@@ -110,6 +110,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         seq = self._frames.current.seq
         # in this boot's first frame: a later step does not move it (clock.py)
         steady = reading.boottime + self._frames.current.first
+        # kept in each record for its format (earlier versions read it); the sweep and the API use
+        # the expireSeconds configured now
         expires_at = steady + self.expire_seconds if self.expire_seconds else None
         records, marks = self._prepare(messages, (reading.wall, seq, reading.boottime), expires_at)
         due = [(steady + m.properties["message_expiry_interval"], i) for i, m in enumerate(messages)
@@ -181,7 +183,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
                       user_property: Optional[Tuple[str, str]] = None) -> ScanPage[Message]:
         """`messages`, looking at no more than `budget` inbox records (see `_scan_page`)."""
         select = None if topic is None else (lambda raw: topic_matches(topic, _topic_of(raw)))
-        return self._scan_page(self._inbox, limit, after, _decode_message,
+        return self._scan_page(self._inbox, limit, after, self._message,
                                message_selector(None, user_property), budget, select)
 
     @guarded
@@ -280,6 +282,18 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         return [t for t in topics if isinstance(t, str)] if isinstance(topics, list) else []
 
     @guarded
+    def queued_online(self) -> Optional[int]:
+        """The last outbox id the egress saw queued while its link was up (at its last drop or
+        its last stop), across its restarts; None when never noted."""
+        with self._read() as txn:
+            raw = txn.get(_QUEUED_ONLINE, db=self._meta)
+        return _ID.unpack(raw)[0] if raw is not None and len(raw) == _ID.size else None
+
+    @guarded
+    def note_queued_online(self, last_id: int) -> None:
+        self._write(lambda txn: txn.put(_QUEUED_ONLINE, _ID.pack(last_id), db=self._meta))
+
+    @guarded
     def note_session_topics(self, client_id: str, topics: Sequence[str]) -> None:
         self._write(lambda txn: txn.put(_TOPICS + client_id.encode(), msgpack.packb(list(topics)),
                                         db=self._meta))
@@ -321,10 +335,10 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         One TTL for every message makes the inbox's key (arrival) order its expiry order within
         a boot, so the sweep walks the inbox from the front, and at the first message not yet
         due it goes on with the next boot's messages (ids follow the boots: a binary search
-        finds where they start): no index is written per message. A message stored without an expiry (expireSeconds
-        was unset then) is stepped over, and the walk starts past those it has stepped over
-        already (`_sweep_from`, this process's memory). After expireSeconds is lowered, the
-        messages stored before expire first, at their own time, then the newer ones.
+        finds where they start): no index is written per message. The TTL is the one configured
+        now, whatever it was when a message came (a reload that sets or lowers expireSeconds
+        applies to every message stored: the one stored with each was the key before, so
+        messages stored without one never went, and newer ones waited behind older ones).
         Messages with an expiry of their own are found by their index (storemsgexpiry.py)."""
         reading = self._frames.reading(now)
 
@@ -335,15 +349,12 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             firsts: Dict[int, Optional[float]] = {}  # boot frames' offsets, for expiry keys
             inbox = txn.cursor(db=self._inbox)
             removed = visited = 0
-            found = inbox.set_range(self._sweep_from)
+            found = inbox.first() if self.expire_seconds else False
             while found and removed < batch and visited < batch:
                 record = unpack_record(inbox.value(), 7)
-                expires_at, seq = record[6], _stamp_of(record, 7)[0]
-                if expires_at is None:
-                    visited += 1
-                    found = inbox.next()
-                    self._sweep_from = inbox.key() if found else self._sweep_from
-                    continue
+                seq, boot = _stamp_of(record, 7)
+                # the expireSeconds configured now, not the one stored with the message
+                expires_at = timeline.arrival_key(record[0], seq, boot) + self.expire_seconds
                 if seq not in cutoffs:
                     cutoffs[seq] = _ms(timeline.cutoff(seq))
                 if _ms(expires_at) > cutoffs[seq]:  # none of this boot's later ones is due
@@ -392,7 +403,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             kept, oldest_in, oldest_out = self._per_snapshot(txn, "figures", self._read_figures)
             figures = dict(kept)
             timeline = self._frames.snapshot_timeline(txn) if oldest_in or oldest_out else None
-        oldest = _decode_message(*oldest_in, timeline) if oldest_in else None
+        oldest = self._message(*oldest_in, timeline) if oldest_in else None
         oldest_entry = _outbox_entry(oldest_out[0], unpack_record(oldest_out[1], 5), timeline) \
             if oldest_out else None
         figures.update(inbox_oldest=oldest.timestamp if oldest else None,

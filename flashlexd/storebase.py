@@ -21,9 +21,9 @@ from flashlexd.redelivery import Redeliveries
 from flashlexd.storemsgexpiry import DB_NAME as MSG_EXPIRY_DB, MessageExpiry
 from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
 from flashlexd.spacereserve import SpaceReserve
-from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, StoreBusy, StoreDamaged,
-                                    StoreError, StoreForkError, StoreFull, _expiry_prefix,
-                                    _stamp_of, _start)
+from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, Message, StoreBusy, StoreDamaged,
+                                    StoreError, StoreForkError, StoreFull, _decode_message,
+                                    _expiry_prefix, _stamp_of, _start)
 from flashlexd.wire import FULL_POLICIES
 
 if TYPE_CHECKING:  # storeconsumers imports this module
@@ -86,7 +86,6 @@ class StoreBase:
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
         self.clock: Clock = clock or SystemClock()
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
-        self._sweep_from = b""  # the expiry walk's start: past messages stored without expiry
         self._hidden: Set[int] = set()  # inbox ids acked but not yet applied (storeacks.py)
         self._backlog_counts: Dict[str, BacklogCount] = {}  # maxBacklog counts under way (storeconsumers.py)
         self._snapshots: Dict[str, Tuple[Tuple[int, int], object]] = {}  # `_per_snapshot`'s
@@ -168,7 +167,13 @@ class StoreBase:
         data = self.path / "data.mdb"
         map_size = self._env.info()["map_size"]
         if data.stat().st_size < map_size:
-            os.truncate(data, map_size)
+            try:
+                os.truncate(data, map_size)
+            except OSError as exc:  # EFBIG: a file system with a file size limit (FAT32: 4 GiB)
+                raise StoreError(f"cannot open store in {self.path}: data.mdb cannot grow to the"
+                                 f" {map_size}-byte map of flashlex.app.db.capMegabytes"
+                                 f" {self.cap_bytes // (1024 * 1024)} (plus headroom) here:"
+                                 f" {exc.strerror}; lower capMegabytes") from None
 
     def _open_consumer_databases(self, txn: lmdb.Transaction) -> None:
         """Schema 3 -> 4: named consumers' state (storeconsumers.py). Nothing to convert: a
@@ -505,6 +510,10 @@ class StoreBase:
             return False
         self._msg_expiry.forget(txn, self._expiry_entries(txn, [(key, raw)]))
         return True
+
+    def _message(self, key: bytes, raw: bytes, timeline: Timeline) -> Message:
+        """Inbox record `key` as a Message, its expiry by the expireSeconds configured now."""
+        return _decode_message(key, raw, timeline, self.expire_seconds)
 
     def _expiry_entries(self, txn: lmdb.Transaction, records: List[Tuple[bytes, bytes]]) -> List[bytes]:
         """The per-message expiry index keys of the inbox `records` that carry an MQTT 5 expiry

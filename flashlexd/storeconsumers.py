@@ -16,7 +16,7 @@ import lmdb
 from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec, ConsumerState, NoRoomForConsumer, UnknownConsumer
 from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
-from flashlexd.storerecords import (_ID, _MAX_ID, DiskFull, Message, StoreBusy, StoreFull, _decode_message,
+from flashlexd.storerecords import (_ID, _MAX_ID, DiskFull, Message, StoreBusy, StoreFull,
                                     _key, _Kept, _kept, _keys_of, _start, _system_topic, _topic_of,
                                     message_selector)
 
@@ -320,7 +320,7 @@ class ConsumerStore:
                 raw = self._checked(raw)
                 if record_id in acked or record_id in self._hidden or not _matches(consumer, raw):
                     continue
-                message = _decode_message(key, raw, timeline)
+                message = self._message(key, raw, timeline)
                 if keep is None or keep(message):
                     page.found.append(message)
                     if len(page.found) >= limit:
@@ -377,7 +377,7 @@ class ConsumerStore:
         report = []
         for entry, oldest in counted:
             entry = dict(entry)
-            entry["oldest_age"] = _decode_message(*oldest, timeline).age if oldest else None
+            entry["oldest_age"] = self._message(*oldest, timeline).age if oldest else None
             report.append(entry)
         return report
 

@@ -139,16 +139,18 @@ def _stamp_of(record: list, seq_at: int) -> Tuple[int, Optional[float]]:
     return LEGACY_SEQ, None
 
 
-def _decode_message(key: bytes, raw: bytes, timeline: Timeline) -> Message:
+def _decode_message(key: bytes, raw: bytes, timeline: Timeline, ttl: Optional[float]) -> Message:
+    """An inbox record as a Message; `ttl`: expireSeconds as configured now, which the sweep
+    applies whatever was configured when the message came (the expiry stored with it is unused)."""
     if len(key) != _ID.size:
         raise CorruptRecord(f"an inbox key is {len(key)} bytes, not {_ID.size}")
     record = unpack_record(raw, 7)
-    wall, topic, payload, qos, retain, mid, expires_at = record[:7]
+    wall, topic, payload, qos, retain, mid = record[:6]
     seq, boot = _stamp_of(record, 7)
     arrival, age = timeline.times(wall, seq, boot)
     properties = _properties(record, _INBOX_PROPERTIES)
-    if expires_at is not None:
-        expires_at = timeline.expiry_wall(expires_at, wall, seq, boot)
+    expires_at = timeline.expiry_wall(timeline.arrival_key(wall, seq, boot) + ttl, wall, seq, boot) \
+        if ttl else None
     own = properties.get("message_expiry_interval")
     if own:  # its own expiry (MQTT 5), if sooner
         expires_at = arrival + own if expires_at is None else min(expires_at, arrival + own)

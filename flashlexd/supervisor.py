@@ -13,7 +13,7 @@ import os
 import selectors
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
@@ -64,7 +64,7 @@ class Overrides:
         config = config_module.load(self.config_path, data_dir=self.data_dir, keys_dir=self.keys_dir,
                                     socket_path=self.socket_path, log_level=self.log_level)
         credentials.verify(config.thing.keys, self.allow_insecure_key)
-        return config
+        return replace(config, key_stamp=credentials.stamp(config.thing.keys))
 
     def worker_maker(self) -> forkworker.WorkerMaker:
         """How the fork server makes workers (see `forkworker`)."""
@@ -391,7 +391,9 @@ class Supervisor:
             # moved under a running daemon could be unsafe, locked by another, or damaged
             config_file.close()
             log.error("reload refused, still running the previous config: flashlex.app.db.dataPath"
-                      " changed (%s -> %s); a new data dir takes a restart",
+                      " changed (%s -> %s); a new data dir takes a restart (under systemd: run"
+                      " `flashlexd service ... --install` first, the unit makes only the data dir it"
+                      " was rendered with writable)",
                       self.runtime.config.store.data_dir, new.store.data_dir)
             self.notifier.ready()
             return
@@ -402,11 +404,39 @@ class Supervisor:
                       " commit holds it); reload again once it is free")
             self.notifier.ready()
             return
+        try:
+            runtime = Runtime.from_config(new)
+        except ValueError as exc:  # limits the config checks missed: refused like a bad config
+            config_file.close()
+            log.error("reload refused, still running the previous config: %s", exc)
+            self.notifier.ready()
+            return
+        if new.store != self.runtime.config.store:
+            problem = self._reopen_store(new)
+            if problem is not None:
+                config_file.close()
+                log.error("reload refused, still running the previous config: %s", problem)
+                self.notifier.ready()
+                return
         for warning in new.warnings:
             log.warning("%s", warning)
-        self._apply(Runtime.from_config(new), config_file)
+        self._apply(runtime, config_file)
         log.info("config reloaded from %s", new.path)
         self.notifier.ready()
+
+    def _reopen_store(self, new: Config) -> Optional[str]:
+        """The store opened with the new settings; when it cannot be, opened again with the
+        running ones (one environment per process: the old must close first) and why, in
+        one line."""
+        self.store.close()  # type: ignore[union-attr]
+        try:
+            self.store = Store.from_config(new.store, write_wait=STORE_WRITE_WAIT)
+        except StoreError as exc:
+            self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
+            self.store.open_ack_journal()
+            return str(exc)
+        self.store.open_ack_journal()
+        return None
 
     def _apply(self, new: Runtime, config_file: ConfigFile) -> None:
         """Swap in a new runtime: the one place a reload changes anything."""
@@ -418,10 +448,6 @@ class Supervisor:
         if new.socket_changed(old):
             log.warning("API socket path, group or allowUids changed: they take effect at the"
                         " next restart")
-        if new.config.store != old.config.store:
-            self.store.close()  # type: ignore[union-attr]
-            self.store = Store.from_config(new.config.store, write_wait=STORE_WRITE_WAIT)
-            self.store.open_ack_journal()
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new

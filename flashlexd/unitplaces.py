@@ -35,10 +35,12 @@ class Places:
     socket_path: str = DEFAULT_SOCKET
     socket_group: Optional[str] = None
     allow_uids: Tuple[int, ...] = ()
+    key_files: Tuple[str, ...] = ()  # where the key files are (symlinks followed): readable too
 
 
-def read_places(config_path: Path) -> Tuple[Places, Optional[str]]:
-    """The unit's settings from the config file, and a note when the file cannot be read."""
+def read_places(config_path: Path, keys_dir: Optional[str] = None) -> Tuple[Places, Optional[str]]:
+    """The unit's settings from the config file, and a note when the file cannot be read.
+    `keys_dir`: what key file names are relative to (default: the config file's directory)."""
     try:
         document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
@@ -50,10 +52,25 @@ def read_places(config_path: Path) -> Tuple[Places, Optional[str]]:
     uids = socket.get("allowUids") or []
     if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
         raise ConfigError("flashlex.app.socket.allowUids: expected a list of numeric uids")
-    return Places(data_dir=_text(db, "dataPath", "flashlex.app.db") or DEFAULT_DATA_DIR,
-                  socket_path=_text(socket, "path", "flashlex.app.socket") or DEFAULT_SOCKET,
-                  socket_group=_text(socket, "group", "flashlex.app.socket"),
-                  allow_uids=tuple(uids)), None
+    keys = _mapping(_mapping(_mapping(document, "flashlex"), "thing"), "keys")
+    base = keys_dir or str(config_path.resolve().parent)
+    key_files = tuple(os.path.realpath(os.path.join(base, name)) for name in
+                      (_text(keys, key, "flashlex.thing.keys") for key in ("rootCA", "cert", "privateKey"))
+                      if name)
+    places = Places(data_dir=_text(db, "dataPath", "flashlex.app.db") or DEFAULT_DATA_DIR,
+                    socket_path=_text(socket, "path", "flashlex.app.socket") or DEFAULT_SOCKET,
+                    socket_group=_text(socket, "group", "flashlex.app.socket"),
+                    allow_uids=tuple(uids), key_files=key_files)
+    # a directory of their own: the unit makes it writable (or has systemd make it); /run or
+    # /var/lib itself would be all of it made writable, and not the service user's to write in
+    if socket_dir(places) in ("/run", "/var/lib", "/"):
+        raise ConfigError(f"flashlex.app.socket.path: {places.socket_path} needs a directory of its"
+                          f" own (e.g. /run/flashlexd/{os.path.basename(places.socket_path)}):"
+                          f" the unit cannot make {socket_dir(places)} writable")
+    if os.path.normpath(places.data_dir) in ("/run", "/var/lib", "/"):
+        raise ConfigError(f"flashlex.app.db.dataPath: {places.data_dir} needs a directory of its own"
+                          f" (e.g. /var/lib/flashlexd)")
+    return places, None
 
 
 def _mapping(value: Any, key: str) -> Dict[str, Any]:
@@ -104,7 +121,8 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
     writable = [directory for directory, _ in writable_dirs(places)]
     # the venv's interpreter may live in a home too (pyenv): ProtectHome=yes would hide it
     interpreter = os.path.realpath(os.path.join(venv, "bin", "python3"))
-    used = (venv + "/", interpreter, config, keys + "/", places.data_dir + "/", socket_dir(places) + "/")
+    used = (venv + "/", interpreter, config, keys + "/", places.data_dir + "/", socket_dir(places) + "/",
+            *places.key_files)
     in_home = any(p.startswith(HOME_DIRS) for p in used)
     in_tmp = any(p.startswith(TMP_DIRS) for p in used)
     return {

@@ -95,6 +95,26 @@ def test_a_forward_step_expires_nothing_early_and_each_message_on_time(stores, c
     assert store.expire() == 2 and store.stats()["expired"] == 4
 
 
+def test_expiry_is_by_the_ttl_configured_now_whatever_it_was_when_messages_came(stores, clock: FakeClock):
+    """The sweep keyed on the expiry stored with each message (found by review): messages
+    stored without expireSeconds never went once it was set, and after it was lowered the
+    newer messages waited behind the older ones. Each store here is what a reload reopens."""
+    store = stores(clock, expire_seconds=None)
+    arrive(store, "kept")
+    assert store.messages(limit=1)[0].expires_at is None
+    clock.advance(10 * TTL)
+    assert store.expire() == 0  # none configured: none goes
+    store.close()
+    store = stores(clock, expire_seconds=10 * TTL)  # set: the old ones are long due
+    arrive(store, "long")
+    assert store.expire() == 2 and payloads(store) == [b"long0", b"long1"]
+    store.close()
+    store = stores(clock, expire_seconds=TTL)  # lowered
+    arrive(store, "short")
+    assert [m.expires_at - m.timestamp for m in store.messages(limit=10)] == [pytest.approx(TTL)] * 4
+    due_in(store, clock, TTL, 4)  # all on the TTL now: the newer ones do not wait for the older
+
+
 def test_a_backward_step_still_expires_on_time(stores, clock: FakeClock):
     store = stores(clock)
     arrive(store, "a")

@@ -308,6 +308,22 @@ BAD_CONFIGS = [
     ("same-client-ids", setting("flashlex.thing.mqtt.egressClientId", "ecd13b11-mything"),
      "flashlex.thing.mqtt.egressClientId: must differ from the ingress client id"
      " 'ecd13b11-mything' (a broker drops one of two connections with one id)"),
+    # found by review: each made a worker crash at every start (a traceback, then exit 1)
+    ("keepalive-over-mqtt", setting("flashlex.thing.mqtt.keepAliveSeconds", 70000),
+     "flashlex.thing.mqtt.keepAliveSeconds: must be <= 65535 (the MQTT limit), got 70000"),
+    ("subscription-not-a-filter", setting("flashlex.thing.mqtt.subscriptions", ["sensors/#/x"]),
+     "flashlex.thing.mqtt.subscriptions[0]: expected an MQTT topic filter (+ a whole level, # only last),"
+     " got 'sensors/#/x'"),
+    ("ingress-topic-not-a-filter", setting("flashlex.thing.mqtt.ingress.topic", "a/+b"),
+     "flashlex.thing.mqtt.ingress.topic: expected an MQTT topic filter (+ a whole level, # only last),"
+     " got 'a/+b'"),
+    ("nul-in-a-path", setting("flashlex.app.db.dataPath", "/srv/x\0y"),
+     "flashlex.app.db.dataPath: contains U+0000 (NUL): '/srv/x\\x00y'"),
+    ("read-budget-below-a-publish",
+     lambda d: (setting("flashlex.thing.mqtt.maxPayloadBytes", 1048576)(d),
+                setting("flashlex.app.socket.maxBufferedBytes", 1048576 + 262144)(d)),
+     "flashlex.app.socket.maxBufferedBytes: must hold at least one request of the largest payload,"
+     " 2097152 bytes (1 MiB + flashlex.thing.mqtt.maxPayloadBytes), got 1310720"),
 ]
 
 

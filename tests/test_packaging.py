@@ -6,8 +6,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
+
+from flashlexd.service import render_unit
+from flashlexd.unitplaces import read_places
 
 FLASHLEXD = str(Path(sys.executable).parent / "flashlexd")
 
@@ -61,9 +65,9 @@ def test_install_writes_the_unit_in_place(tmp_path):
     assert result.stdout == ""
 
 
-def _render(tmp_path: Path, app: dict, *args: str) -> subprocess.CompletedProcess:
+def _render(tmp_path: Path, app: dict, *args: str, thing: Optional[dict] = None) -> subprocess.CompletedProcess:
     config = tmp_path / "config.yml"
-    config.write_text(json.dumps({"flashlex": {"app": app}}))  # JSON is YAML
+    config.write_text(json.dumps({"flashlex": {"app": app, **({"thing": thing} if thing else {})}}))  # JSON is YAML
     return service("--dir", "/opt/fx", "--config", str(config), "--user", "root", *args)
 
 
@@ -123,3 +127,34 @@ def test_unit_refuses_a_bad_allow_uids_with_exit_2(tmp_path):
     rendered = _render(tmp_path, {"socket": {"allowUids": ["pi"]}})
     assert rendered.returncode == 2 and rendered.stdout == ""
     assert rendered.stderr == "flashlexd: flashlex.app.socket.allowUids: expected a list of numeric uids\n"
+
+
+def test_unit_lets_the_daemon_read_key_files_named_anywhere(tmp_path):
+    """Key files named by absolute paths (the old SDK joined names to its keys dir, so these
+    worked there): under /home the unit said ProtectHome=yes, under /var/tmp PrivateTmp=yes,
+    and the daemon exited 2, "key file ... is missing" (found by review, under real systemd)."""
+    def unit(keys: dict) -> str:
+        config = tmp_path / "config.yml"
+        config.write_text(json.dumps({"flashlex": {"thing": {"keys": keys}}}))
+        places, _ = read_places(config)  # rendered as if installed in /opt/fx, not /tmp
+        return render_unit(venv="/opt/fx/venv", config="/opt/fx/keys/config.yml", places=places,
+                           keys="/opt/fx/keys")
+    assert "ProtectHome=yes" in unit({"rootCA": "/opt/fx/keys/root-ca.pem"})
+    assert "PrivateTmp=yes" in unit({"rootCA": "/opt/fx/keys/root-ca.pem"})
+    assert "ProtectHome=read-only" in unit({"rootCA": "/home/pi/certs/root-ca.pem"})
+    assert "PrivateTmp=no" in unit({"cert": "/var/tmp/keys/cert.pem"})
+
+
+@pytest.mark.parametrize("app, said", [
+    ({"socket": {"path": "/run/flashlexd.sock"}},
+     "flashlex.app.socket.path: /run/flashlexd.sock needs a directory of its own (e.g."
+     " /run/flashlexd/flashlexd.sock): the unit cannot make /run writable"),
+    ({"db": {"dataPath": "/var/lib"}},
+     "flashlex.app.db.dataPath: /var/lib needs a directory of its own (e.g. /var/lib/flashlexd)"),
+])
+def test_unit_refuses_a_socket_or_data_dir_that_is_a_system_directory(tmp_path, app, said):
+    """A socket directly in /run made the unit write `ReadWritePaths=-/run`: all of /run
+    writable as root, and for another service user a bind refused for good (found by review)."""
+    rendered = _render(tmp_path, app)
+    assert rendered.returncode == 2 and rendered.stdout == ""
+    assert rendered.stderr == f"flashlexd: {said}\n"

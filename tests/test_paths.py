@@ -98,6 +98,24 @@ def test_run_refuses_a_socket_dir_behind_another_users_symlink(daemon_config, tm
     assert not (tmp_path / "run" / "api.sock").exists()
 
 
+def test_a_data_dir_the_unit_does_not_make_writable_says_to_render_the_unit_again(daemon_config, tmp_path):
+    """Under the unit, ProtectSystem=strict leaves only the directories it was rendered with
+    writable: a dataPath moved since (a reload says it "takes a restart") failed every restart
+    with "Read-only file system" and no word of the unit (found by review, under real systemd;
+    here a read-only mount and systemd's INVOCATION_ID stand in for both)."""
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], check=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(daemon_config),
+                               "--data-dir", str(read_only / "data")], capture_output=True, text=True,
+                              timeout=60, cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+    assert done.returncode == 1 and "Read-only file system" in done.stderr, done.stderr
+    assert "run `flashlexd service ... --install` again" in done.stderr and done.stderr.count("\n") == 1
+
+
 def test_run_under_umask_000_creates_every_directory_tight(daemon_config, tmp_path):
     data_dir = tmp_path / "deep" / "er" / "data"
     socket = tmp_path / "run" / "sub" / "api.sock"

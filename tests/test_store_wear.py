@@ -113,17 +113,21 @@ def test_a_schema3_store_opens_migrates_and_loses_nothing(tmp_path: Path):
     assert _Q.unpack(database(tmp_path, b"meta")[b"schema"])[0] == SCHEMA_VERSION == 5
 
 
-def test_the_sweep_steps_over_messages_stored_without_an_expiry(tmp_path: Path):
-    store = Store(tmp_path, CAP)  # expireSeconds unset: these never expire
+def test_messages_stored_without_an_expiry_go_by_the_ttl_set_since(tmp_path: Path):
+    """They were stepped over for good (the expiry stored with each was the key); the sweep
+    now applies the expireSeconds configured, in arrival order, a bounded batch at a time."""
+    store = Store(tmp_path, CAP)  # expireSeconds unset: nothing expires
     kept = arrive(store, "kept", 3, now=1000.0)
+    assert store.expire(now=10.0 ** 6) == 0
     store.close()
     store = Store(tmp_path, CAP, expire_seconds=TTL)
     try:
-        assert len(arrive(store, "due", 2, now=1001.0)) == 2
+        due = arrive(store, "due", 2, now=1001.0)
         later = arrive(store, "later", 1, now=1002.0)
-        assert store.expire(now=1001.0 + TTL, batch=2) == 0  # the budget went on stepping over two
-        assert store.expire(now=1001.0 + TTL, batch=2) == 2  # it starts past them now
-        assert [m.id for m in store.messages()] == kept + later
-        assert store.expire(now=10.0 ** 6) == 1 and [m.id for m in store.messages()] == kept
+        assert store.expire(now=1001.0 + TTL, batch=2) == 2
+        assert store.expire(now=1001.0 + TTL, batch=2) == 2
+        assert store.expire(now=1001.0 + TTL, batch=2) == 1
+        assert [m.id for m in store.messages()] == later and len(kept + due) == 5
+        assert store.expire(now=10.0 ** 6) == 1 and store.messages() == []
     finally:
         store.close()

@@ -84,7 +84,7 @@ class EgressWorker(Worker):
         # entries in (backlog_from, backlog_until] were queued while the link was down; those up
         # to queued_online_through were queued while it was up (None: not up yet in this process)
         self.backlog_from = self.backlog_until = 0
-        self.queued_online_through: Optional[int] = None
+        self.queued_online_through: Optional[int] = self._queued_online()  # an earlier egress's
         self.link_up = False
         self.poison = PoisonWatch(mqtt.poison_attempts)
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
@@ -140,6 +140,8 @@ class EgressWorker(Worker):
         self._await_inflight(time.monotonic() + budget / 2)
         self.connection.close(budget / 2)
         self._delete_done()  # PUBACKs read while closing
+        if self.link_up:  # all queued so far was queued online: not the next egress's backlog
+            self._mark_link_down()
         self.store.close()
 
     def _await_inflight(self, deadline: float) -> None:
@@ -178,9 +180,17 @@ class EgressWorker(Worker):
         if self.link_up and self.config.thing.mqtt.backlog_rate:
             try:
                 self.queued_online_through = self.store.outbox_last_id()
+                self.store.note_queued_online(self.queued_online_through)  # for a restarted egress
             except StoreError as exc:  # damage is logged by the store
                 log.debug("outbox's last id not read: %s", exc)
         self.link_up = False
+
+    def _queued_online(self) -> Optional[int]:
+        try:
+            return self.store.queued_online()
+        except StoreError as exc:  # damage is logged by the store
+            log.debug("last id queued online not read: %s", exc)
+            return None
 
     def _mark_backlog(self) -> None:
         """With `drainingFrequency`: what was queued while the link was down (at the start:

@@ -1,0 +1,140 @@
+"""What a reload (SIGHUP, `systemctl reload`) does with each kind of setting, on the real daemon
+with real mosquitto, real workers and real signals: a changed setting takes effect as the
+README's table says, and one the daemon cannot use is refused in one line, the running config
+kept, READY=1 sent again. Found by review: each of these was broken before."""
+from __future__ import annotations
+
+import resource
+import signal
+import time
+
+
+from flashlexd.client import connect
+from tests.broker import HOST, INGRESS_TOPIC, _Authority, publish, wait_for
+from tests.daemon import Daemon
+from tests.test_supervisor import daemon, edit_config, notify  # noqa: F401 - fixtures
+
+FAT32_FILE_LIMIT = 4 * 1024 ** 3 - 1  # bytes: a file on a FAT32 USB stick
+
+
+def inbox(running: Daemon) -> list:
+    with connect(str(running.socket_path)) as fx:
+        return [m.payload for m in fx.messages(limit=1000)]
+
+
+def reload(running: Daemon, notify) -> str:
+    """SIGHUP, then the daemon's output once READY=1 came back (refused or applied)."""
+    hup_at = time.monotonic()
+    running.signal(signal.SIGHUP)
+    notify.wait_for("READY=1", after=hup_at, timeout=15)
+    return running.output()
+
+
+def test_expire_seconds_set_by_a_reload_removes_the_messages_stored_before(daemon, notify, daemon_config,
+                                                                         broker):
+    """An operator whose store filled up (whenFull: reject) sets `expireSeconds` and reloads:
+    the messages stored before, without an expiry, were stepped over for good."""
+    notify.wait_for("READY=1", timeout=15)
+    for i in range(3):
+        publish(broker, INGRESS_TOPIC, f"old-{i}".encode())
+    wait_for(lambda: len(inbox(daemon)) == 3, 15, "three stored messages")
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(expireSeconds=1, sweepSeconds=0.2))
+    assert "config reloaded" in reload(daemon, notify)
+    wait_for(lambda: inbox(daemon) == [], 10, "the messages stored before, expired")
+
+
+def _big_publish_small_budget(document) -> None:
+    """Publishes of up to 1 MiB, and a read budget that held only 1 MiB + the inbound limit."""
+    document["flashlex"]["thing"]["mqtt"]["maxPayloadBytes"] = 1048576
+    document["flashlex"]["app"]["socket"]["maxBufferedBytes"] = 1048576 + 262144
+
+
+def test_a_read_budget_smaller_than_a_publish_is_refused_on_reload(daemon, notify, daemon_config):
+    """It passed the config's check (against the inbound limit only): a traceback at start
+    (test_config), and on a reload a failing loop pass and no READY=1 after RELOADING=1."""
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    edit_config(daemon_config, _big_publish_small_budget)
+    output = reload(daemon, notify)
+    assert "reload refused" in output and "maxBufferedBytes" in output and "Traceback" not in output, output[-2000:]
+    assert daemon.children() == before
+
+
+def test_a_root_ca_rotated_in_place_is_used_after_a_reload(daemon, notify, daemon_config, broker, tmp_path):
+    """The broker moves to a certificate of a new CA (as AWS IoT did); the operator writes the
+    new CA into the same rootCA file and reloads: the reload checked the files but restarted no
+    worker (same paths), so both links kept the old CA and never connected again."""
+    notify.wait_for("READY=1", timeout=15)
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: all(fx.status()["mqtt"][link].get("connected") for link in ("ingress", "egress")),
+                 20, "both links up")
+    new_ca = _Authority("new-root-ca")
+    new_server = new_ca.issue(tmp_path, "new-server", "localhost", ("localhost", HOST))
+    new_ca.write(daemon_config.parent / "root-ca-cert.pem")  # rotated in place, same name
+    assert "config reloaded" in reload(daemon, notify)
+    broker.stop()
+    broker.server = new_server  # the broker's side of the rotation
+    broker.start()
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: all(fx.status()["mqtt"][link].get("connected") for link in ("ingress", "egress")),
+                 30, "both links back, on the new CA")
+
+
+def fat32() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FAT32_FILE_LIMIT, FAT32_FILE_LIMIT))
+
+
+def test_a_store_cap_the_file_system_cannot_hold_is_one_line_at_start_and_refused_on_reload(
+        daemon_config, tmp_path, notify):
+    """data.mdb is extended to its map (the cap and headroom) at open: on a FAT32 stick
+    (simulated with RLIMIT_FSIZE: the same EFBIG) a 4 GiB cap was a traceback at start, and on
+    a reload left the supervisor with its store closed (every call failing, no READY=1)."""
+    running = Daemon(daemon_config, tmp_path, preexec=fat32, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(capMegabytes=4096))
+        output = reload(running, notify)
+        assert "reload refused" in output and "lower capMegabytes" in output, output[-2000:]
+        with connect(str(running.socket_path)) as fx:
+            status = fx.status()
+        assert status["counters"]["loop_errors"] == 0 and status["store"]["cap_bytes"] < 4096 << 20
+    finally:
+        running.stop()
+    again = Daemon(daemon_config, tmp_path, preexec=fat32).start()
+    try:
+        assert again.wait_exit(timeout=30) in (1, 2)
+    finally:
+        again.stop()
+    assert "capMegabytes" in again.output() and "Traceback" not in again.output(), again.output()[-1500:]
+
+
+def test_an_invalid_topic_filter_on_a_reload_is_refused(daemon, notify, daemon_config):
+    """`sensors/#/x` (# only last) passed the config: paho's SUBSCRIBE raised in the ingress at
+    each start, a crash loop that stopped the daemon (exit 1), from a reload too."""
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(subscriptions=["sensors/#/x"]))
+    output = reload(daemon, notify)
+    assert "reload refused" in output and "subscriptions[0]" in output, output[-2000:]
+    assert daemon.children() == before and daemon.proc.poll() is None
+
+
+def test_what_was_queued_online_keeps_its_rate_across_an_egress_restart(daemon, notify, daemon_config):
+    """`drainingFrequency` paces what was queued while the link was down; what is queued while
+    it is up goes at publishRatePerSecond. A reload that restarts the egress made the rest of a
+    burst queued online a backlog, drained at 2/s: minutes instead of seconds."""
+    notify.wait_for("READY=1", timeout=15)
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(
+        drainingFrequency=2, publishRatePerSecond=100))
+    reload(daemon, notify)
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: fx.status()["mqtt"]["egress"].get("connected"), 20, "egress up")
+        for i in range(1500):  # a burst, queued while the link is up
+            fx.publish(f"burst {i}".encode())
+        backlog = fx.status()["outbox"]["count"]
+        assert backlog > 300, backlog  # still draining, at 100/s
+        edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(keepAliveSeconds=45))
+        assert "config reloaded" in reload(daemon, notify)
+        # at 100/s what is left takes < 15 s (and the egress restart); at 2/s, minutes
+        wait_for(lambda: fx.status()["outbox"]["count"] == 0, 40,
+                 f"the {backlog} entries queued online to drain at publishRatePerSecond")
