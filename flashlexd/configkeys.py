@@ -175,7 +175,8 @@ TABLE: Tuple[Key, ...] = (
         "a worker silent this long gets SIGABRT (its stack is logged), SIGKILL a second later, and is"
         " replaced; must be more than twice `heartbeatSeconds`", WORKERS,
         field="heartbeat_timeout"),
-    Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL", WORKERS,
+    Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL (the unit"
+        " `flashlexd service` renders gives systemd's TimeoutStopSec 20 s more, at least 30)", WORKERS,
         field="stop_timeout"),
     Key(f"{_SUP}.restartBackoffMaxSeconds", "seconds", 30.0, "cap of the restart backoff", WORKERS,
         field="backoff_max_seconds"),
@@ -227,7 +228,7 @@ TABLE: Tuple[Key, ...] = (
         maximum=65535, maximum_why=" (the MQTT limit)"),
     Key(f"{_MQTT}.maxInflight", "integer", 100,
         "egress QoS 1 messages published and not yet acknowledged (AWS IoT Core: 100)", LINKS,
-        minimum=1),
+        minimum=1, maximum=65535, maximum_why=" (MQTT packet ids)"),
     Key(f"{_MQTT}.publishRatePerSecond", "rate", 100.0,
         "egress publishes per second, paced (AWS IoT Core drops publishes over 100/s per connection"
         " without a PUBACK); 0 = unlimited, for brokers without quotas", LINKS, minimum=0),

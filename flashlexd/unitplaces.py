@@ -15,6 +15,7 @@ the key files are in place.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from flashlexd import paths
 from flashlexd.config import DEFAULT_DATA_DIR, DEFAULT_SOCKET, ConfigError
 
 HOME_DIRS = ("/home/", "/root/", "/run/user/")
+STOP_TIMEOUT = 30  # seconds: TimeoutStopSec, at least
+STOP_MARGIN = 20  # seconds beyond stopTimeoutSeconds: the supervisor's own stop
 TMP_DIRS = ("/tmp/", "/var/tmp/")  # PrivateTmp=yes would hide them, or give the service its own
 
 
@@ -36,6 +39,7 @@ class Places:
     socket_group: Optional[str] = None
     allow_uids: Tuple[int, ...] = ()
     key_files: Tuple[str, ...] = ()  # where the key files are (symlinks followed): readable too
+    stop_timeout: float = 10.0  # flashlex.app.supervisor.stopTimeoutSeconds: systemd must wait longer
 
 
 def read_places(config_path: Path, keys_dir: Optional[str] = None) -> Tuple[Places, Optional[str]]:
@@ -57,10 +61,14 @@ def read_places(config_path: Path, keys_dir: Optional[str] = None) -> Tuple[Plac
     key_files = tuple(os.path.realpath(os.path.join(base, name)) for name in
                       (_text(keys, key, "flashlex.thing.keys") for key in ("rootCA", "cert", "privateKey"))
                       if name)
+    stop = _mapping(app, "supervisor").get("stopTimeoutSeconds")
     places = Places(data_dir=_text(db, "dataPath", "flashlex.app.db") or DEFAULT_DATA_DIR,
                     socket_path=_text(socket, "path", "flashlex.app.socket") or DEFAULT_SOCKET,
                     socket_group=_text(socket, "group", "flashlex.app.socket"),
-                    allow_uids=tuple(uids), key_files=key_files)
+                    allow_uids=tuple(uids), key_files=key_files,
+                    # a bad value is the config's to refuse, at the start
+                    stop_timeout=stop if isinstance(stop, (int, float)) and not isinstance(stop, bool)
+                    and 0 < stop < 86400 else Places.stop_timeout)
     # a directory of their own: the unit makes it writable (or has systemd make it); /run or
     # /var/lib itself would be all of it made writable, and not the service user's to write in
     if socket_dir(places) in ("/run", "/var/lib", "/"):
@@ -135,4 +143,7 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
         "read_write_paths": "ReadWritePaths=" + " ".join(f"-{p}" for p in writable) if writable else "",
         "protect_home": "read-only" if in_home else "yes",
         "private_tmp": "no" if in_tmp else "yes",
+        # the supervisor stops the workers within stopTimeoutSeconds (then SIGKILLs them), and
+        # then itself: systemd's own SIGKILL of the whole unit must come later
+        "timeout_stop": str(max(STOP_TIMEOUT, math.ceil(places.stop_timeout) + STOP_MARGIN)),
     }

@@ -158,3 +158,12 @@ def test_unit_refuses_a_socket_or_data_dir_that_is_a_system_directory(tmp_path, 
     rendered = _render(tmp_path, app)
     assert rendered.returncode == 2 and rendered.stdout == ""
     assert rendered.stderr == f"flashlexd: {said}\n"
+
+
+def test_systemd_waits_longer_than_the_configured_stop_timeout(tmp_path):
+    """TimeoutStopSec was 30 whatever stopTimeoutSeconds said: a longer graceful stop (the
+    egress reading its PUBACKs, a worker flushing a batch) was cut by systemd's SIGKILL of the
+    whole unit (noticed by review)."""
+    assert "TimeoutStopSec=30\n" in _render(tmp_path, {}).stdout
+    assert "TimeoutStopSec=30\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 5}}).stdout
+    assert "TimeoutStopSec=80\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 59.5}}).stdout
