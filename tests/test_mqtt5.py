@@ -424,6 +424,7 @@ def test_one_close_at_the_first_mqtt5_connect_does_not_pin_the_run_to_3_1_1(
         worker = start_worker("egress", config)
         worker.wait_connected()
         assert proxy.blips == 1
+        worker.wait(lambda w: w.counters.get("protocol") is not None, 5, "the worker's counters")
         assert worker.counters["protocol"] == "5"
         assert not store.fell_back(load(config).thing.mqtt.egress_client_id) and "3.1.1" not in worker.log_text()
         assert worker.stop() == 0
