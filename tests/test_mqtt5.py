@@ -232,6 +232,27 @@ def test_inbound_properties_are_stored_with_the_message(broker: Broker, tmp_path
     assert worker.stop() == 0
 
 
+def test_a_byte_order_mark_in_a_property_is_stored_and_does_not_wedge_the_ingress(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """U+FEFF is legal in an MQTT 5 string and must not be stripped [MQTT-1.5.4-3]; paho called
+    it malformed and dropped the link, and the broker sent the same PUBLISH first on each new
+    connection: one message from any publisher stopped all ingest for good (found by review)."""
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": "5"})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    for payload, extra in ((b"bom", ["-D", "publish", "user-property", "k", "\ufeffv",
+                                     "-D", "publish", "content-type", "\ufefftext/plain"]), (b"after", [])):
+        subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "mqttv5", "-q", "1", "-t", INGRESS_TOPIC,
+                        "-m", payload.decode(), *extra], check=True, timeout=10)
+    wait_for(lambda: len(store.messages()) == 2, 10, "both stored")
+    bom, after = store.messages()
+    assert (bom.payload, after.payload) == (b"bom", b"after")
+    assert bom.properties == {"user_properties": [["k", "\ufeffv"]], "content_type": "\ufefftext/plain"}
+    assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # never dropped
+    assert worker.stop() == 0
+
+
 def test_outbound_properties_reach_an_mqtt5_subscriber_and_an_expired_entry_is_dropped(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     out = tmp_path / "received"
