@@ -82,9 +82,10 @@ class ProtocolChoice:
 
     def failed(self) -> bool:
         """An attempt failed: a 3.1.1 try goes back to MQTT 5. True when the protocol changed."""
+        self.v5_closes = 0  # a failure of another kind ends a row of closes
         if not self.probing:
             return False
-        self.current, self.probing, self.v5_closes = V5, False, 0
+        self.current, self.probing = V5, False
         return True
 
 

@@ -114,7 +114,7 @@ class Notifier:
         log.info("waiting up to %g s for systemd to take %d notification(s)", timeout, len(self.pending))
         deadline = time.monotonic() + timeout
         while self._full and time.monotonic() < deadline:
-            select.select([], [self._socket], [], deadline - time.monotonic())
+            select.select([], [self._socket], [], max(0.0, deadline - time.monotonic()))
             if self.flush():
                 return
         log.warning("exiting with %d notification(s) systemd did not take: %s", len(self.pending),

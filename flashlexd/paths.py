@@ -111,7 +111,10 @@ def _check_links(path: Path, what: str, uid: int) -> None:
         hops += 1
         if hops > 40:
             raise UnsafePath(f"{what} {path}: too many levels of symlinks")
-        target = Path(os.readlink(candidate))
+        try:
+            target = Path(os.readlink(candidate))
+        except OSError:
+            return  # gone meanwhile: check_dir's stat names what is there now
         pending = list(target.parts[1:] if target.is_absolute() else target.parts) + pending
         if target.is_absolute():
             current = Path("/")

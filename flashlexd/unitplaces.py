@@ -101,7 +101,8 @@ def _under(path: str, base: str) -> Optional[str]:
 
 def socket_dir(places: Places) -> str:
     directory = os.path.dirname(os.path.abspath(places.socket_path))
-    return directory[len("/var"):] if directory.startswith("/var/run/") else directory
+    return directory[len("/var"):] if directory == "/var/run" or directory.startswith("/var/run/") \
+        else directory
 
 
 def writable_dirs(places: Places) -> List[Tuple[str, int]]:

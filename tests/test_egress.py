@@ -184,3 +184,23 @@ def test_sent_counts_only_the_entries_the_egress_removed(broker: Broker, tmp_pat
     assert worker.counters["sent"] == 1
     assert worker.stop() == 0
     proxy.close()
+
+
+def test_an_offline_backlog_keeps_its_rate_across_a_graceful_egress_restart(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A stop in the middle of a drainingFrequency drain saved the whole outbox as "queued
+    online", so the next egress (a reload, a restart) sent the rest of the outage's backlog at
+    publishRatePerSecond (found by review of this session's change: 58 of 58 in 3 s)."""
+    config = write_config(tmp_path / "config", broker, mqtt={"drainingFrequency": 2, "publishRatePerSecond": 100})
+    store = open_store(config)
+    fill_outbox(store, 60)  # queued before any link: all of it is a backlog, drained at 2/s
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    wait_for(lambda: store.outbox_count() <= 58, 10, "the drain under way")
+    assert worker.stop() == 0
+    assert store.outbox_count() >= 50  # at 2/s
+    again = start_worker("egress", config)
+    again.wait(lambda w: w.counters.get("connected") and w.counters.get("rate_limit") == 2.0, 15,
+               "the new egress draining the rest at drainingFrequency, not publishRatePerSecond")
+    assert store.outbox_count() >= 40
+    assert again.stop() == 0

@@ -366,6 +366,14 @@ def test_a_pinned_protocol_never_changes(setting: str) -> None:
     assert choice.current == setting
 
 
+def test_closes_that_are_not_in_a_row_do_not_fall_back() -> None:
+    """A failure of another kind (refused, a TLS timeout) between two blips ends the row."""
+    choice = ProtocolChoice("auto")
+    assert choice.closed_before_connack() and choice.current == "5"
+    assert not choice.failed()
+    assert choice.closed_before_connack() and choice.current == "5"
+
+
 def test_once_mqtt5_worked_a_close_is_no_reason_to_fall_back() -> None:
     choice = ProtocolChoice("auto")
     assert choice.connected() is None

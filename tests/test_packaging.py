@@ -149,6 +149,9 @@ def test_unit_lets_the_daemon_read_key_files_named_anywhere(tmp_path):
     ({"socket": {"path": "/run/flashlexd.sock"}},
      "flashlex.app.socket.path: /run/flashlexd.sock needs a directory of its own (e.g."
      " /run/flashlexd/flashlexd.sock): the unit cannot make /run writable"),
+    ({"socket": {"path": "/var/run/flashlexd.sock"}},
+     "flashlex.app.socket.path: /var/run/flashlexd.sock needs a directory of its own (e.g."
+     " /run/flashlexd/flashlexd.sock): the unit cannot make /run writable"),
     ({"db": {"dataPath": "/var/lib"}},
      "flashlex.app.db.dataPath: /var/lib needs a directory of its own (e.g. /var/lib/flashlexd)"),
 ])

@@ -179,7 +179,10 @@ class EgressWorker(Worker):
         """The link went down: what is queued from now on is queued while it is down."""
         if self.link_up and self.config.thing.mqtt.backlog_rate:
             try:
-                self.queued_online_through = self.store.outbox_last_id()
+                # a backlog not drained yet stays one: only what came after it was drained is
+                # known to be queued online (one mark cannot say both)
+                self.queued_online_through = self.backlog_from if self.cursor < self.backlog_until \
+                    else self.store.outbox_last_id()
                 self.store.note_queued_online(self.queued_online_through)  # for a restarted egress
             except StoreError as exc:  # damage is logged by the store
                 log.debug("outbox's last id not read: %s", exc)
