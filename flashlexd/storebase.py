@@ -94,8 +94,9 @@ class StoreBase:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
             if check_pages:
                 storecheck.walk_pages(self.path / "data.mdb", check_progress)
-            else:
-                storecheck.check_data_file(self.path / "data.mdb")
+            meta = storecheck.check_data_file(self.path / "data.mdb")
+            if meta is not None:  # a store over a cap lowered since: deletes still need headroom
+                self._map_bytes = max(self._map_bytes, meta.bytes_in_use + self.headroom(cap_bytes))
         except storecheck.DataFileDamaged as exc:
             raise StoreDamaged(f"store in {self.path} is damaged: {exc};"
                                f" {storecheck.HINT}") from None
@@ -458,7 +459,13 @@ class StoreBase:
         if self.when_full == "reject":
             raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap,"
                             f" policy {self.when_full}): {what} append refused")
-        if self._drop_oldest(txn, excess, None) > 0:  # refused: the write aborts, nothing dropped
+        while True:  # `excess` is in pages, drops count record bytes: a step at a time, measured again
+            step = min(excess, 64 * self._page_size)
+            if self._drop_oldest(txn, step, None) < step:
+                excess = self._used_bytes(txn) + needed - self.cap_bytes
+                if excess <= 0:
+                    return
+                continue
             raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap, policy"
                             f" {self.when_full}): {what} append refused, nothing left to drop (the"
                             f" batch, the outbox, dead letters and indexes fill the cap)")

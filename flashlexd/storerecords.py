@@ -135,7 +135,10 @@ def _stamp_of(record: list, seq_at: int) -> Tuple[int, Optional[float]]:
     """(boot seq, boottime) of a record whose stamp fields start at `seq_at`; schema-1 records
     have none (the wall-clock rule)."""
     if len(record) > seq_at + 1:
-        return record[seq_at], record[seq_at + 1]
+        seq, boot = record[seq_at], record[seq_at + 1]
+        if type(seq) is not int or type(boot) not in (int, float):
+            raise CorruptRecord("a record's clock stamp is not a boot seq and a boottime")
+        return seq, boot
     return LEGACY_SEQ, None
 
 

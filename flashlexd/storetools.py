@@ -39,9 +39,10 @@ DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")  # checked record by
 # What is checked is what every schema so far writes: later schemas add fields at the end of a
 # record and bytes at the front of an expiry key, so those are lower bounds; other databases
 # and other meta entries are walked page by page and copied as they are.
-MIN_KEY = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2}
-EXACT_KEY = {"inbox": 8, "outbox": 8, "recent": 2}
-MIN_FIELDS = {"inbox": 7, "outbox": 5}  # msgpack array length of a record
+MIN_KEY = {"inbox": 8, "expiry": 16, "outbox": 8, "recent": 2, "dead": 8}
+EXACT_KEY = {"inbox": 8, "outbox": 8, "recent": 2, "dead": 8}
+MIN_FIELDS = {"inbox": 7, "outbox": 5, "dead": 8}  # msgpack array length of a record
+DEAD_FIELDS = 3  # a dead letter: attempts, reason, dead_at, then the outbox record
 COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received", b"duplicates",
                       b"acked", b"acked_offset", b"expired", b"dropped_full", b"purged", b"queued",
                       b"sent"})
@@ -77,6 +78,17 @@ def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
             record = unpack_record(value, MIN_FIELDS[name])
         except CorruptRecord as exc:
             return str(exc)
+        if name == "dead":
+            dead_at = record[2]
+            if not (isinstance(dead_at, _TIME) or (isinstance(dead_at, list) and len(dead_at) == 3)):
+                return "a dead letter's time is not a time or a 3-field stamp"
+            record = record[DEAD_FIELDS:]
+        stamp = 7 if name == "inbox" else 5  # boot seq, boottime, then the MQTT 5 properties
+        if len(record) > stamp + 1 and (type(record[stamp]) is not int
+                                        or type(record[stamp + 1]) not in (int, float)):
+            return "its clock stamp is not a boot seq and a boottime"
+        if len(record) > stamp + 2 and not isinstance(record[stamp + 2], dict):
+            return "its properties are not a map"
         return _field_problem(record, INBOX_TYPES if name == "inbox" else OUTBOX_TYPES)
     if name == "expiry" and len(value) not in (0, 8):
         return f"an expiry entry of {len(value)} bytes"

@@ -403,6 +403,32 @@ def test_drop_oldest_keeps_every_commit_within_the_cap(open_store: Callable[...,
     assert over == [], f"over the {SMALL_CAP} byte cap after these appends: {over}"
 
 
+def test_drop_oldest_makes_room_in_a_store_over_a_lowered_cap(tmp_path: Path):
+    """README: a store over a cap lowered since is handled "as for any store over its cap":
+    under dropOldest the oldest inbox messages make room. 2000-byte payloads fill LMDB's leaf
+    pages by half, so the pages used are twice the record bytes: the excess measured in pages
+    and dropped by record bytes made even the whole inbox "not enough", and then the map (the
+    new cap and its headroom) had no page left for the write: every append refused, ingress
+    acknowledging nothing again (found by review). Now a step at a time, measured again."""
+    data = tmp_path / "store"
+    store = Store(data, 64 * 1024 * 1024)
+    try:
+        for start in range(0, 8000, 500):
+            store.append([Incoming("t", b"x" * 2000, mid=start // 500 + 1) for _ in range(500)])
+    finally:
+        store.close()
+    store = Store(data, 8 << 20, when_full="dropOldest")
+    try:
+        before = store.stats()
+        assert before["used_bytes"] > 8 << 20 and before["inbox_count"] == 8000
+        ids = store.append([Incoming("t", b"new", mid=1)])
+        after = store.stats()
+        assert ids[0] is not None and after["dropped_full"] > 0
+        assert after["used_bytes"] <= 8 << 20
+    finally:
+        store.close()
+
+
 def test_under_drop_oldest_the_inbox_makes_room_for_the_outbox_which_is_never_dropped(
         open_store: Callable[..., Store]):
     """An inbox that dropOldest keeps at the cap (apps that do not ack) refused every publish

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import lmdb
+import msgpack
 import pytest
 import yaml
 
 from flashlexd import storecheck, storetools
-from flashlexd.store import Incoming, Store
+from flashlexd.store import Incoming, Store, StoreDamaged
 from tests.damage import CAP, build_store, garble_page, truncate, use_like_the_daemon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,8 +236,8 @@ def test_recover_copies_databases_and_fields_it_does_not_know(tmp_path):
     data_dir = build_store(tmp_path / "store", messages=100)
     env = lmdb.open(str(data_dir), max_dbs=8, map_size=CAP * 2)
     with env.begin(write=True) as txn:
-        dead = env.open_db(b"dead", txn=txn)
-        txn.put((1).to_bytes(8, "big"), b"a dead letter", db=dead)
+        later = env.open_db(b"later", txn=txn)  # a later schema's database (`dead` is schema 1's)
+        txn.put((1).to_bytes(8, "big"), b"a later record", db=later)
         inbox = env.open_db(b"inbox", txn=txn)
         txn.put((1000).to_bytes(8, "big"), msgpack.packb(
             [1.7e9, "t", b"p", 1, False, 5, None, 3, 12.5], use_bin_type=True), db=inbox)
@@ -247,7 +249,7 @@ def test_recover_copies_databases_and_fields_it_does_not_know(tmp_path):
     env.close()
     assert flashlexd("store", "verify", "--data-dir", str(data_dir)).returncode == 0
     recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(tmp_path / "new"))
-    assert recovered.returncode == 0 and "dead: copied 1, lost 0" in recovered.stdout, recovered.stdout
+    assert recovered.returncode == 0 and "later: copied 1, lost 0" in recovered.stdout, recovered.stdout
     assert "nothing was lost" in recovered.stdout
     env = lmdb.open(str(tmp_path / "new"), max_dbs=8, readonly=True, lock=False)
     with env.begin() as txn:
@@ -363,3 +365,82 @@ def test_recover_copies_a_store_over_a_cap_lowered_since(tmp_path, daemon_config
         assert recovered.stats()["inbox_count"] == 8000
     finally:
         recovered.close()
+
+
+# -- found by review: records that decode but are not what the daemon wrote ----------------
+
+def _garble_dead_letter(data: Path) -> None:
+    """Make the one dead letter's msgpack array undecodable (same length: the page and the
+    tree stay intact, as bit rot inside a value leaves them)."""
+    raw = bytearray(data.read_bytes())
+    at = raw.rfind(b"\x9a\x03\xa7refused")  # [attempts=3, "refused", dead_at, *entry]
+    assert at > 0
+    raw[at + 10] = 0x92  # dead_at's 3-item array header now says 2: trailing bytes
+    data.write_bytes(bytes(raw))
+
+
+def test_verify_and_recover_see_a_dead_letter_that_does_not_decode(tmp_path: Path):
+    """README: verify checks "every record (key width, fields and their types ...)", recover
+    skips "records that do not decode". A dead letter that does not decode passes verify
+    (exit 0), recover copies it and reports "nothing was lost", and both the old and the
+    recovered store go read-only at the first dead-letter listing (ingress stops acking)."""
+    data_dir = tmp_path / "store"
+    store = Store(data_dir, CAP)
+    try:
+        store.outbox_append([("egress/t", b"p" * 50, 1, False)])
+        assert store.outbox_dead_letter(1, "refused", 3)
+    finally:
+        store.close()
+    _garble_dead_letter(data_dir / "data.mdb")
+    store = Store(data_dir, CAP, check_pages=True)  # `run` opens it without complaint
+    try:
+        with pytest.raises(StoreDamaged):
+            store.dead_letters()
+        assert store.damage is not None  # read-only now
+    finally:
+        store.close()
+    verify = flashlexd("store", "verify", "--data-dir", str(data_dir))
+    ok, lines = storetools.recover(data_dir, tmp_path / "new", CAP)
+    recovered = Store(tmp_path / "new", CAP, check_pages=True)
+    try:
+        recovered.dead_letters()
+        recovered_ok = True
+    except StoreDamaged:
+        recovered_ok = False
+    finally:
+        recovered.close()
+    assert verify.returncode == 1, f"verify passed a store the daemon finds damaged: {verify.stdout}"
+    assert recovered_ok, f"the recovered store is damaged the same way: {lines}"
+
+
+def test_an_inbox_record_with_a_garbled_stamp_is_damage_not_a_traceback(tmp_path: Path):
+    """A garbled boottime field (bit rot inside a value): `messages` raised a bare TypeError
+    (the API logs a traceback for each call, the store is not marked damaged, an app can never
+    read past that message) and `store verify` said every record reads back."""
+    data_dir = tmp_path / "store"
+    store = Store(data_dir, CAP)
+    try:
+        store.append([Incoming("t", b"a", mid=1)])
+    finally:
+        store.close()
+    env = lmdb.open(str(data_dir), max_dbs=16, map_size=2 * CAP)
+    with env.begin(write=True) as txn:
+        txn.put((2).to_bytes(8, "big"), msgpack.packb([1.7e9, "t", b"p", 1, False, 5, None, 1, "y"],
+                                                      use_bin_type=True),
+                db=env.open_db(b"inbox", txn=txn))
+        txn.put(b"inbox_last_id", (2).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    ok, lines = storetools.verify(data_dir)
+    store = Store(data_dir, CAP)
+    try:
+        try:
+            store.messages()
+            outcome = "read"
+        except StoreDamaged:
+            outcome = "damaged"
+        except TypeError as exc:  # what it was
+            outcome = f"traceback: {type(exc).__name__}: {exc}"
+    finally:
+        store.close()
+    assert outcome == "damaged", outcome
+    assert not ok, lines
