@@ -6,6 +6,8 @@ an alias bomb can expand.
 """
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 import yaml
@@ -34,7 +36,12 @@ class _NoAliasLoader(yaml.SafeLoader):
 def read_config_text(path: str) -> str:
     """The file's text, never reading more than the limit (a 20 MiB file is not read whole)."""
     try:
-        with open(path, "rb") as file:
+        # O_NONBLOCK: a FIFO (or a device) in the file's place must not block the open, which
+        # would freeze the supervisor's loop at a reload; only a regular file is a config
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{path}: not a regular file")
             data = file.read(MAX_CONFIG_BYTES + 1)
         text = data.decode("utf-8")
     except OSError as exc:

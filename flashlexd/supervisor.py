@@ -49,6 +49,10 @@ STORE_WRITE_WAIT = 1.0
 SPAWN_RETRY = 1.0  # seconds before trying again to start a worker the system had no room for
 
 
+class _StopRequested(Exception):
+    """SIGTERM/SIGINT arrived while the start-up page check ran: it is cut short."""
+
+
 @dataclass(frozen=True)
 class Overrides:
     """Command-line settings that win over the config file, kept for reloads and workers."""
@@ -113,8 +117,14 @@ class Supervisor:
         self.config_file = ConfigFile(self.config.text)
         self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
         # every page read once before LMDB maps the file: damage refuses the start in one line
-        self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
-                                       check_pages=True, check_progress=self._checking_pages)
+        try:
+            self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
+                                           check_pages=True, check_progress=self._checking_pages)
+        except _StopRequested as stop:  # SIGTERM/SIGINT during the check: nothing started yet
+            log.info("stopping: received %s during the start-up page check", stop)
+            self.notifier.stopping()
+            self._close()
+            return 0
         self.store.open_ack_journal()  # what a crash left unapplied, applied before serving
         self._forget_fallbacks()
         self.api = self._start_api()
@@ -171,6 +181,9 @@ class Supervisor:
             log.debug("protocol fallbacks not forgotten: %s", exc)
 
     def _checking_pages(self, read: int, pages: int) -> None:
+        stop = next((s for s in self.signals if s in (signal.SIGTERM, signal.SIGINT)), None)
+        if stop is not None:  # a long check (minutes on a Pi) must not hold up a stop
+            raise _StopRequested(signal.Signals(stop).name)
         self.notifier.still_starting(f"checking the store before opening it: {read:,} of {pages:,} pages")
 
     def _install_signals(self) -> None:
@@ -206,6 +219,14 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def _loop_once(self) -> None:
+        # Signals first: handling one may block the loop (a reload checks the key files in a
+        # subprocess, up to 30 s), and the links must be read after that and before `tick`
+        # judges any worker by its last heartbeat (else every healthy worker looks hung).
+        # Signals that arrived together ask once: a SIGHUP storm is one reload per pass (those
+        # arriving during it, one more at the next pass), not one reload per signal back to back.
+        signals, self.signals = self.signals, []
+        for signum in dict.fromkeys(signals):
+            self._handle_signal(signum)
         now = time.monotonic()
         ping = self.notifier.watchdog(now, self._healthy(now))
         for key, mask in self.selector.select(self._sleep_time(now, ping)):
@@ -213,8 +234,6 @@ class Supervisor:
                 self.api.dispatch(key, mask)
             else:
                 key.data(key.fileobj, mask)
-        while self.signals:
-            self._handle_signal(self.signals.pop(0))
         now = time.monotonic()
         self._reap(now)
         for worker in self.workers.values():
@@ -378,13 +397,14 @@ class Supervisor:
 
     def reload(self) -> None:
         """SIGHUP: re-validate; on a bad config keep the running one; restart changed workers."""
-        self.notifier.reloading()
+        if self.announced_ready:  # before READY=1 there is nothing for systemd to reload
+            self.notifier.reloading()
         try:
             new = self.overrides.load()
             config_file = ConfigFile(new.text)
         except (config_module.ConfigError, OSError) as exc:
             log.error("reload refused, still running the previous config: %s", exc)
-            self.notifier.ready()
+            self._reload_done()
             return
         if new.store.data_dir != self.runtime.config.store.data_dir:
             # the lock, the directory checks and the page check belong to the start: a store
@@ -395,34 +415,40 @@ class Supervisor:
                       " `flashlexd service ... --install` first, the unit makes only the data dir it"
                       " was rendered with writable)",
                       self.runtime.config.store.data_dir, new.store.data_dir)
-            self.notifier.ready()
+            self._reload_done()
             return
         if new.store != self.runtime.config.store and not self.store.can_close():  # type: ignore[union-attr]
             config_file.close()  # the store cannot be reopened with the new settings now
             log.error("reload refused, still running the previous config: the store settings changed"
                       " and a store write still waits for LMDB's write lock (a process stopped in a"
                       " commit holds it); reload again once it is free")
-            self.notifier.ready()
+            self._reload_done()
             return
         try:
             runtime = Runtime.from_config(new)
         except ValueError as exc:  # limits the config checks missed: refused like a bad config
             config_file.close()
             log.error("reload refused, still running the previous config: %s", exc)
-            self.notifier.ready()
+            self._reload_done()
             return
         if new.store != self.runtime.config.store:
             problem = self._reopen_store(new)
             if problem is not None:
                 config_file.close()
                 log.error("reload refused, still running the previous config: %s", problem)
-                self.notifier.ready()
+                self._reload_done()
                 return
         for warning in new.warnings:
             log.warning("%s", warning)
         self._apply(runtime, config_file)
         log.info("config reloaded from %s", new.path)
-        self.notifier.ready()
+        self._reload_done()
+
+    def _reload_done(self) -> None:
+        """READY=1 ends a reload only once the start has announced it (every worker up): a
+        reload during start-up must not tell systemd the service is up."""
+        if self.announced_ready:
+            self.notifier.ready()
 
     def _reopen_store(self, new: Config) -> Optional[str]:
         """The store opened with the new settings; when it cannot be, opened again with the

@@ -1,6 +1,7 @@
 """The supervisor with real forked workers, real signals and a fake NOTIFY_SOCKET."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -537,3 +538,120 @@ def test_notifications_wait_at_most_a_moment_at_exit_and_are_retried_slowly_once
     started = time.monotonic()
     notifier.flush_before_exit(timeout=5)  # refused: no wait
     assert time.monotonic() - started < 0.5
+
+
+# -- found by review: the supervisor's loop and its signals ------------------------------------
+
+def _child_running(parent: int, needle: str) -> Optional[int]:
+    """A child of `parent` whose command line has `needle`, if one runs now."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and needle in cmdline:
+            return int(entry.name)
+    return None
+
+
+def test_a_reload_slower_than_the_heartbeat_timeout_kills_no_healthy_worker(daemon, notify):
+    """The reload checks the key files in a subprocess it waits for (up to 30 s) in its loop;
+    after it, every worker was judged by the heartbeats read before it: all three aborted as
+    hung (SIGABRT, core dumps, crash-loop counts) though they beat all along."""
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    checker = wait_for(lambda: _child_running(daemon.pid, "flashlexd.credentials"), 5, "the key check")
+    os.kill(checker, signal.SIGSTOP)  # a slow SD card, a loaded Pi: longer than heartbeatTimeoutSeconds (3)
+    time.sleep(4.5)  # the fault's length, not a wait for an event
+    os.kill(checker, signal.SIGCONT)
+    notify.wait_for("READY=1", after=hup_at, timeout=20)
+    with connect(str(daemon.socket_path), timeout=10) as client:  # a pass of the loop after the reload
+        assert client.status()["counters"]["restarts"] == 0
+    assert "hung (no heartbeat" not in daemon.output() and daemon.children() == before
+
+
+def test_a_sighup_storm_is_a_few_reloads_not_one_per_signal_back_to_back(daemon, notify):
+    """Each SIGHUP that came during a reload queued one more full reload, all run back to back
+    in one pass: 40 signals stalled the loop (no API, no pings, no heartbeats read) for ~7 s."""
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    for _ in range(40):
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.02)  # the storm's pace
+    started = time.monotonic()
+    with connect(str(daemon.socket_path), timeout=15) as client:
+        client.status()
+    assert time.monotonic() - started < 3.0, "the loop stalled after the storm"
+    assert "hung (no heartbeat" not in daemon.output() and daemon.children() == before
+
+
+def test_a_reload_before_every_worker_is_up_does_not_tell_systemd_ready(daemon_config, tmp_path, notify):
+    """READY=1 means every worker is up; a SIGHUP during start-up ended with READY=1 anyway,
+    while the expiry worker crash-looped: systemd reported the service started."""
+    running = daemon_with_expiry_hook(daemon_config, tmp_path, notify, "", "os._exit(70)")
+    try:
+        running.wait_api()
+        running.signal(signal.SIGHUP)
+        wait_for(lambda: "config reloaded" in running.output(), 10, "the reload")
+        with connect(str(running.socket_path), timeout=10) as client:  # the reload's pass is over
+            assert client.status()["workers"]
+        fields = [f for _, f in notify.lines()]
+        assert "READY=1" not in fields and "RELOADING=1" not in fields
+    finally:
+        running.stop()
+
+
+def test_a_config_replaced_by_a_fifo_is_refused_on_reload_not_waited_for(daemon, notify, daemon_config):
+    """The reload's blocking open() of a FIFO in the config's place froze the loop for good: no
+    API, no restarts, no watchdog pings, SIGTERM ignored."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon_config.rename(daemon_config.with_suffix(".bak"))
+    os.mkfifo(daemon_config)
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    notify.wait_for("READY=1", after=hup_at, timeout=10)
+    with connect(str(daemon.socket_path), timeout=10) as client:
+        assert client.status()["workers"]
+    assert f"reload refused, still running the previous config: {daemon_config}: not a regular file" \
+        in daemon.output()
+
+
+SLOW_PAGE_CHECK = """
+import time
+from flashlexd import storecheck
+_walk = storecheck.walk_pages
+def _slow(path, progress=None):
+    for step in range(1000):  # a large store on a Pi: minutes of reading
+        if progress is not None:
+            progress(step, 1000)
+        time.sleep(0.01)
+    return _walk(path, progress)
+storecheck.walk_pages = _slow
+"""
+
+
+def test_sigterm_during_the_start_up_page_check_stops_at_once_starting_nothing(daemon_config, tmp_path, notify):
+    """`systemctl stop` while the start's page check read a large store: the SIGTERM waited for
+    the check's end, then the API and all three workers started, and only then stopped (under
+    systemd, TimeoutStopSec and a SIGKILL on a Pi)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_PAGE_CHECK)
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
+                                                   "PYTHONPATH": str(hook)}).start()
+    try:
+        notify.wait_for("STATUS=checking the store before opening it: 0 of 1,000 pages", timeout=30)
+        stop_at = time.monotonic()
+        running.signal(signal.SIGTERM)
+        assert running.wait_exit(timeout=30) == 0
+        took = time.monotonic() - stop_at
+    finally:
+        running.stop()
+    output = running.output()
+    assert "received SIGTERM during the start-up page check" in output and "ingress started" not in output
+    assert took < 5, took  # the check alone takes 10 s
