@@ -53,6 +53,7 @@ SCHEMA_VERSION = 5  # 2: boot frames, stamps with boot seq and boottime, boot se
 #                      older 12-byte mark reads as none: nothing to convert)
 _SIGNED = struct.Struct(">q")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
+MAKE_ROOM_STEP = 64  # pages' worth of records dropped before the pages are counted again
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 _WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox record with properties
 
@@ -459,13 +460,7 @@ class StoreBase:
         if self.when_full == "reject":
             raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap,"
                             f" policy {self.when_full}): {what} append refused")
-        while True:  # `excess` is in pages, drops count record bytes: a step at a time, measured again
-            step = min(excess, 64 * self._page_size)
-            if self._drop_oldest(txn, step, None) < step:
-                excess = self._used_bytes(txn) + needed - self.cap_bytes
-                if excess <= 0:
-                    return
-                continue
+        if not self._drop_to_fit(txn, needed, None, MAKE_ROOM_STEP * self._page_size):
             raise StoreFull(f"store in {self.path} is full ({self.cap_bytes} byte cap, policy"
                             f" {self.when_full}): {what} append refused, nothing left to drop (the"
                             f" batch, the outbox, dead letters and indexes fill the cap)")
@@ -473,14 +468,23 @@ class StoreBase:
     def _settle_cap(self, txn: lmdb.Transaction, below: int) -> None:
         """After an append under dropOldest: `needed` was an estimate, blind to the
         batch's index entries (DUP marks, dedupe keys, expiry) and to page splits, so drop
-        inbox messages older than id `below` until the pages used are within the cap again,
-        recounting them after each page's worth (a leaf page is freed only once emptied, so
-        dropping the whole excess at once could drop a lot more than needed)."""
+        inbox messages older than id `below` until the pages used are within the cap again, a
+        page's worth at a time (a leaf page is freed only once emptied, so dropping the whole
+        excess at once could drop a lot more than needed)."""
+        self._drop_to_fit(txn, 0, _ID.pack(below), self._page_size)
+
+    def _drop_to_fit(self, txn: lmdb.Transaction, needed: int, below: Optional[bytes], step: int) -> bool:
+        """Drop the oldest inbox messages (keys under `below`, None: any), at most `step` bytes
+        of records at a time, counting the pages again after each (the excess is in pages, the
+        drops in record bytes), until `needed` more bytes fit in the cap; False when nothing
+        is left to drop first."""
         while True:
-            excess = self._used_bytes(txn) - self.cap_bytes
-            step = min(excess, self._page_size)
-            if excess <= 0 or self._drop_oldest(txn, step, _ID.pack(below)) == step:
-                return
+            excess = self._used_bytes(txn) + needed - self.cap_bytes
+            if excess <= 0:
+                return True
+            step_now = min(excess, step)
+            if self._drop_oldest(txn, step_now, below) == step_now:
+                return False
 
     def _drop_oldest(self, txn: lmdb.Transaction, excess: int, below: Optional[bytes]) -> int:
         """Drop the oldest inbox messages (keys under `below`, None: any) until their bytes

@@ -53,6 +53,10 @@ class _StopRequested(Exception):
     """SIGTERM/SIGINT arrived while the start-up page check ran: it is cut short."""
 
 
+class _ReloadRefused(Exception):
+    """A reload that keeps the running config, and why (one line)."""
+
+
 @dataclass(frozen=True)
 class Overrides:
     """Command-line settings that win over the config file, kept for reloads and workers."""
@@ -400,49 +404,50 @@ class Supervisor:
         if self.announced_ready:  # before READY=1 there is nothing for systemd to reload
             self.notifier.reloading()
         try:
+            self._reload()
+        except _ReloadRefused as refused:
+            log.error("reload refused, still running the previous config: %s", refused)
+        self._reload_done()
+
+    def _reload(self) -> None:
+        """Load, check and apply the config file again; _ReloadRefused when the running one stays."""
+        try:
             new = self.overrides.load()
             config_file = ConfigFile(new.text)
         except (config_module.ConfigError, OSError) as exc:
-            log.error("reload refused, still running the previous config: %s", exc)
-            self._reload_done()
-            return
-        if new.store.data_dir != self.runtime.config.store.data_dir:
-            # the lock, the directory checks and the page check belong to the start: a store
-            # moved under a running daemon could be unsafe, locked by another, or damaged
-            config_file.close()
-            log.error("reload refused, still running the previous config: flashlex.app.db.dataPath"
-                      " changed (%s -> %s); a new data dir takes a restart (under systemd: run"
-                      " `flashlexd service ... --install` first, the unit makes only the data dir it"
-                      " was rendered with writable)",
-                      self.runtime.config.store.data_dir, new.store.data_dir)
-            self._reload_done()
-            return
-        if new.store != self.runtime.config.store and not self.store.can_close():  # type: ignore[union-attr]
-            config_file.close()  # the store cannot be reopened with the new settings now
-            log.error("reload refused, still running the previous config: the store settings changed"
-                      " and a store write still waits for LMDB's write lock (a process stopped in a"
-                      " commit holds it); reload again once it is free")
-            self._reload_done()
-            return
+            raise _ReloadRefused(str(exc)) from None
         try:
-            runtime = Runtime.from_config(new)
-        except ValueError as exc:  # limits the config checks missed: refused like a bad config
+            runtime = self._usable(new)
+        except _ReloadRefused:
             config_file.close()
-            log.error("reload refused, still running the previous config: %s", exc)
-            self._reload_done()
-            return
-        if new.store != self.runtime.config.store:
-            problem = self._reopen_store(new)
-            if problem is not None:
-                config_file.close()
-                log.error("reload refused, still running the previous config: %s", problem)
-                self._reload_done()
-                return
+            raise
         for warning in new.warnings:
             log.warning("%s", warning)
         self._apply(runtime, config_file)
         log.info("config reloaded from %s", new.path)
-        self._reload_done()
+
+    def _usable(self, new: Config) -> Runtime:
+        """The runtime of a loaded config, its store open; _ReloadRefused when it cannot be run."""
+        if new.store.data_dir != self.runtime.config.store.data_dir:
+            # the lock, the directory checks and the page check belong to the start: a store
+            # moved under a running daemon could be unsafe, locked by another, or damaged
+            raise _ReloadRefused(
+                f"flashlex.app.db.dataPath changed ({self.runtime.config.store.data_dir} ->"
+                f" {new.store.data_dir}); a new data dir takes a restart (under systemd: run"
+                " `flashlexd service ... --install` first, the unit makes only the data dir it"
+                " was rendered with writable)")
+        store_changed = new.store != self.runtime.config.store
+        if store_changed and not self.store.can_close():  # type: ignore[union-attr]
+            raise _ReloadRefused("the store settings changed and a store write still waits for"
+                                 " LMDB's write lock (a process stopped in a commit holds it);"
+                                 " reload again once it is free")
+        try:
+            runtime = Runtime.from_config(new)
+        except ValueError as exc:  # limits the config checks missed: refused like a bad config
+            raise _ReloadRefused(str(exc)) from None
+        if store_changed:
+            self._reopen_store(new)
+        return runtime
 
     def _reload_done(self) -> None:
         """READY=1 ends a reload only once the start has announced it (every worker up): a
@@ -450,19 +455,19 @@ class Supervisor:
         if self.announced_ready:
             self.notifier.ready()
 
-    def _reopen_store(self, new: Config) -> Optional[str]:
+    def _reopen_store(self, new: Config) -> None:
         """The store opened with the new settings; when it cannot be, opened again with the
-        running ones (one environment per process: the old must close first) and why, in
-        one line."""
+        running ones (one environment per process: the old must close first) and the reload
+        refused."""
         self.store.close()  # type: ignore[union-attr]
+        problem = None
         try:
             self.store = Store.from_config(new.store, write_wait=STORE_WRITE_WAIT)
         except StoreError as exc:
-            self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
-            self.store.open_ack_journal()
-            return str(exc)
+            self.store, problem = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT), str(exc)
         self.store.open_ack_journal()
-        return None
+        if problem is not None:
+            raise _ReloadRefused(problem)
 
     def _apply(self, new: Runtime, config_file: ConfigFile) -> None:
         """Swap in a new runtime: the one place a reload changes anything."""

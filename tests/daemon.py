@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from tests.broker import wait_for
 
@@ -80,10 +80,8 @@ class Daemon:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def children(self, fork_server: bool = False) -> Dict[str, int]:
-        """Worker name -> pid, read from the process titles of the supervisor's children (and
-        the fork server's as "forkserver", when asked)."""
-        found: Dict[str, int] = {}
+    def child_processes(self) -> Iterator[Tuple[int, str]]:
+        """(pid, command line) of each child of the supervisor running now."""
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -92,11 +90,18 @@ class Daemon:
                 title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.pid and title.startswith("flashlexd: "):
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.pid:
+                yield int(entry.name), title
+
+    def children(self, fork_server: bool = False) -> Dict[str, int]:
+        """Worker name -> pid, read from the process titles of the supervisor's children (and
+        the fork server's as "forkserver", when asked)."""
+        found: Dict[str, int] = {}
+        for pid, title in self.child_processes():
+            if title.startswith("flashlexd: "):
                 name = title.split()[1]
                 if fork_server or name != "forkserver":
-                    found[name] = int(entry.name)
+                    found[name] = pid
         return found
 
     def zombies(self) -> List[int]:

@@ -542,21 +542,6 @@ def test_notifications_wait_at_most_a_moment_at_exit_and_are_retried_slowly_once
 
 # -- found by review: the supervisor's loop and its signals ------------------------------------
 
-def _child_running(parent: int, needle: str) -> Optional[int]:
-    """A child of `parent` whose command line has `needle`, if one runs now."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and needle in cmdline:
-            return int(entry.name)
-    return None
-
-
 def test_a_reload_slower_than_the_heartbeat_timeout_kills_no_healthy_worker(daemon, notify):
     """The reload checks the key files in a subprocess it waits for (up to 30 s) in its loop;
     after it, every worker was judged by the heartbeats read before it: all three aborted as
@@ -565,7 +550,8 @@ def test_a_reload_slower_than_the_heartbeat_timeout_kills_no_healthy_worker(daem
     before = daemon.children()
     hup_at = time.monotonic()
     daemon.signal(signal.SIGHUP)
-    checker = wait_for(lambda: _child_running(daemon.pid, "flashlexd.credentials"), 5, "the key check")
+    checker = wait_for(lambda: next((pid for pid, line in daemon.child_processes()
+                                     if "flashlexd.credentials" in line), None), 5, "the key check")
     os.kill(checker, signal.SIGSTOP)  # a slow SD card, a loaded Pi: longer than heartbeatTimeoutSeconds (3)
     time.sleep(4.5)  # the fault's length, not a wait for an event
     os.kill(checker, signal.SIGCONT)
