@@ -168,11 +168,16 @@ def cmd_purge(fx: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+# A SIGINT that lands between Python's last signal check and the socket's blocking poll only
+# raises KeyboardInterrupt once that poll returns: short waits bound how late Ctrl-C can be.
+TAIL_WAIT_SECONDS = 1.0
+
+
 def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
     """Follow new messages (all unacknowledged ones with --all) until Ctrl-C."""
     after = None if args.all else fx.call("status")["inbox"]["last_id"]
     while True:
-        batch = fx.records(100, args.topic or None, after, wait=30.0)
+        batch = fx.records(100, args.topic or None, after, wait=TAIL_WAIT_SECONDS)
         for message in batch:
             if args.json:
                 print(json.dumps(jsonable(message)), flush=True)

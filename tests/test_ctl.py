@@ -148,6 +148,22 @@ def test_tail_follows_until_ctrl_c(harness, extra):
         proc.stderr.close()
 
 
+def test_idle_tail_asks_again_within_seconds(harness):
+    """Python runs a SIGINT's handler only once a blocking poll returns, so a Ctrl-C landing
+    just before the tail's wait began was seen only when that wait ended (seconds later in CI):
+    the idle tail's waits must be short."""
+    proc = subprocess.Popen(CTL + ["--socket", harness.path, "tail"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        until(lambda: harness.call(lambda: harness.server.parked_count) == 1, timeout=10, what="tail waiting")
+        asked = harness.call(lambda: harness.server.counters["requests"])
+        until(lambda: harness.call(lambda: harness.server.counters["requests"]) > asked, timeout=5,
+              what="the idle tail asking again")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_formatting_helpers():
     assert ctlview.duration(3.25) == "3.2s" and ctlview.duration(3725) == "1h 2m" and ctlview.duration(90061) == "1d 1h"
     assert ctlview.ago(65) == "1m 5s ago" and ctlview.ago(None) == "-"
