@@ -25,10 +25,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from flashlexd.config import ConfigError, Keys
 
+WhileWaiting = Callable[[], Optional[float]]
 CHECK_TIMEOUT = 30.0  # seconds the checking process may take (a slow SD card, a huge CA bundle)
 _KEY_PATH = "flashlex.thing.keys"
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----")
@@ -44,15 +45,17 @@ def insecure_key_problem(keys: Keys) -> Optional[str]:
             f" run chmod 600 {keys.private_key}, or start with --allow-insecure-key")
 
 
-def verify(keys: Keys, allow_insecure_key: bool = False, timeout: float = CHECK_TIMEOUT) -> None:
-    """Raise ConfigError (one line naming the file) unless the key files load together."""
+def verify(keys: Keys, allow_insecure_key: bool = False, timeout: float = CHECK_TIMEOUT,
+           while_waiting: Optional[WhileWaiting] = None) -> None:
+    """Raise ConfigError (one line naming the file) unless the key files load together.
+    `while_waiting` is called as the check starts and again when it asks (see `_run`)."""
     problem = None if allow_insecure_key else insecure_key_problem(keys)
     if problem:
         raise ConfigError(problem)
     argv = [sys.executable, "-m", "flashlexd.credentials", str(keys.root_ca), str(keys.cert),
             str(keys.private_key)]
     try:
-        returncode, output = _run(argv, timeout)
+        returncode, output = _run(argv, timeout, while_waiting)
     except subprocess.TimeoutExpired:
         raise ConfigError(f"{_KEY_PATH}: checking the key files took over {timeout:g}s") from None
     except OSError as exc:
@@ -76,11 +79,14 @@ def stamp(keys: Keys) -> str:
     return digest.hexdigest()
 
 
-def _run(argv: List[str], timeout: float) -> Tuple[int, bytes]:
+def _run(argv: List[str], timeout: float, while_waiting: Optional[WhileWaiting] = None) -> Tuple[int, bytes]:
     """(exit code, output) of `argv`, waiting in select() only. `subprocess.run(timeout=)`
     polls waitpid with time.sleep, which a daemon stepped by libfaketime (the clock-step tests)
-    cannot call; here the child's closed output says it is exiting, then waitpid blocks."""
+    cannot call; here the child's closed output says it is exiting, then waitpid blocks.
+    `while_waiting()` returns the seconds until it wants to be called again (None: never):
+    the supervisor feeds systemd's watchdog from it, as the check may outlast WatchdogSec."""
     deadline = time.monotonic() + timeout
+    call_at = None if while_waiting is None else 0.0
     chunks: List[bytes] = []
     with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as process, selectors.DefaultSelector() as waiting:
@@ -88,11 +94,17 @@ def _run(argv: List[str], timeout: float) -> Tuple[int, bytes]:
         assert output is not None
         waiting.register(output, selectors.EVENT_READ)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not waiting.select(left):
+            now = time.monotonic()
+            if call_at is not None and now >= call_at:
+                again = while_waiting()  # type: ignore[misc]
+                call_at = None if again is None else now + again
+            left = deadline - now
+            if left <= 0:
                 process.kill()
                 process.wait()
                 raise subprocess.TimeoutExpired(argv, timeout)
+            if not waiting.select(left if call_at is None else min(left, max(0.0, call_at - now))):
+                continue
             chunk = os.read(output.fileno(), 65536)
             if not chunk:
                 break

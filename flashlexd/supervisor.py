@@ -67,11 +67,12 @@ class Overrides:
     log_level: Optional[str] = None
     allow_insecure_key: bool = False
 
-    def load(self) -> Config:
-        """The config, validated, with key files that load together (at start and on reload)."""
+    def load(self, while_checking: Optional[credentials.WhileWaiting] = None) -> Config:
+        """The config, validated, with key files that load together (at start and on reload);
+        `while_checking` is called during the key check (see `credentials._run`)."""
         config = config_module.load(self.config_path, data_dir=self.data_dir, keys_dir=self.keys_dir,
                                     socket_path=self.socket_path, log_level=self.log_level)
-        credentials.verify(config.thing.keys, self.allow_insecure_key)
+        credentials.verify(config.thing.keys, self.allow_insecure_key, while_waiting=while_checking)
         return replace(config, key_stamp=credentials.stamp(config.thing.keys))
 
     def worker_maker(self) -> forkworker.WorkerMaker:
@@ -411,8 +412,12 @@ class Supervisor:
 
     def _reload(self) -> None:
         """Load, check and apply the config file again; _ReloadRefused when the running one stays."""
+        # the key check may take up to CHECK_TIMEOUT (30 s, as long as the unit's WatchdogSec):
+        # a loop blocked in a bounded wait of its own is not hung, so systemd is fed meanwhile
+        # as the loop would (only if every worker was healthy as the reload began)
+        healthy = self._healthy(time.monotonic())
         try:
-            new = self.overrides.load()
+            new = self.overrides.load(lambda: self.notifier.watchdog(time.monotonic(), healthy))
             config_file = ConfigFile(new.text)
         except (config_module.ConfigError, OSError) as exc:
             raise _ReloadRefused(str(exc)) from None

@@ -174,6 +174,30 @@ def test_a_restarted_worker_keeps_the_credentials_the_daemon_runs_with(daemon, n
     assert "the workers started from now on keep the credentials loaded before" in daemon.output()
 
 
+def test_a_slow_key_check_during_a_reload_keeps_feeding_the_watchdog(daemon, notify, daemon_config):
+    """A reload's key check may take up to 30 s (a slow SD card, a huge CA bundle), as long as
+    the unit's WatchdogSec: the supervisor's loop waited for it without pinging, and systemd
+    killed a healthy daemon instead of the reload being refused or applied. Here the CA file is
+    a bundle of 6,000 copies (seconds to load) and the data dir changed, so the reload is
+    refused after the check."""
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    ca = daemon_config.parent / "root-ca-cert.pem"
+    ca.write_text(ca.read_text() * 6000)
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update({"dataPath": str(daemon_config.parent / "elsewhere")}))
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    reloading_at = notify.wait_for("RELOADING=1", after=hup_at, timeout=10)
+    ready_at = notify.wait_for("READY=1", after=reloading_at, timeout=60)
+    assert "reload refused, still running the previous config: flashlex.app.db.dataPath changed" in daemon.output()
+    interval = WATCHDOG_USEC / 2e6
+    assert ready_at - reloading_at > 3 * interval, "the check was too quick to test: add copies"
+    pings = [t for t, f in notify.lines() if f == "WATCHDOG=1" and reloading_at < t < ready_at]
+    times = [reloading_at] + pings + [ready_at]
+    assert max(b - a for a, b in zip(times, times[1:])) < WATCHDOG_USEC / 1e6, times
+    assert daemon.children() == before
+
+
 def test_a_store_setting_reloaded_while_a_write_waits_for_the_lock_is_refused_and_answered(
         daemon, notify, daemon_config):
     """A process stopped in a commit holds LMDB's write lock (here this test holds it); an app's
