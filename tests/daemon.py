@@ -13,6 +13,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from tests.broker import wait_for
 
 
+def default_sigint() -> None:
+    """`preexec_fn` for a program the test stops with SIGINT (Ctrl-C): a runner started in
+    the background (`cmd &` without job control) ignores SIGINT, and so would what it starts,
+    since Python keeps an inherited SIG_IGN."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class NotifyListener:
     """A fake NOTIFY_SOCKET: a Unix datagram socket that records what arrives, with times."""
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from flashlexd.client import ctl, ctlview
+from tests.daemon import default_sigint
 
 try:
     from test_ipc_server import harness, until  # noqa: F401
@@ -123,19 +124,13 @@ def _read_line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
     return proc.stdout.readline()
 
 
-def _default_sigint() -> None:
-    """A runner started in the background (`cmd &` without job control) ignores SIGINT, and so
-    would the tail it starts: Python keeps an inherited SIG_IGN."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("extra", [[], ["--json", "tail", "--all", "--ack"]])
 def test_tail_follows_until_ctrl_c(harness, extra):
     harness.ingest(("old", b"backlog"))
     argv = extra or ["tail"]
     proc = subprocess.Popen(CTL + ["--socket", harness.path, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=_default_sigint)
+                            preexec_fn=default_sigint)
     try:
         if extra:  # --all: the backlog first; --ack removes it once printed
             assert json.loads(_read_line(proc))["payload"] == "backlog"

@@ -19,7 +19,7 @@ from typing import List
 from flashlexd.client import connect
 from flashlexd.client.escape import printable
 from tests.broker import INGRESS_TOPIC, wait_for, write_config
-from tests.daemon import Daemon
+from tests.daemon import Daemon, default_sigint
 from tests.lax_broker import LaxBroker
 
 CTL = [sys.executable, "-m", "flashlexd.client.ctl"]
@@ -49,7 +49,7 @@ def test_a_log_line_cannot_forge_a_second_journal_line() -> None:
 def _tail_lines(socket_path: Path, count: int, timeout: float = 20) -> List[str]:
     """The first `count` lines `flashlexctl tail --all` prints, then Ctrl-C."""
     proc = subprocess.Popen([*CTL, "--socket", str(socket_path), "tail", "--all"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     data = b""
     deadline = time.monotonic() + timeout
     try:
