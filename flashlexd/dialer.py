@@ -18,6 +18,8 @@ import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from flashlexd.pahoimport import paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from flashlexd.publishread import Publish, parse_publishes
 
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
@@ -97,6 +99,37 @@ class DialedClient(paho.Client):
             with self._msgtime_mutex:
                 setattr(self, self._received_at, paho.time_func())
         return found
+
+    # on_malformed_publish(mid, qos, topic, why): a PUBLISH paho calls malformed, whose packet
+    # id could be read (0 for QoS 0); set by the ingress, which acknowledges it in order
+    on_malformed_publish: Optional[Callable[[int, int, bytes, str], None]] = None
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """paho's, except that a malformed PUBLISH does not drop the link: paho closes it, and
+        a broker keeping our session resends that same PUBLISH first on every new connection,
+        so one bad message stopped all ingest. Its remaining length framed it, so the stream
+        is intact: it is handed to `on_malformed_publish` (acknowledged there when its packet
+        id can be read; else left unacknowledged, costing one slot of the broker's window)."""
+        header, packet = self._in_packet["command"], bytes(self._in_packet["packet"])
+        qos = (header >> 1) & 3
+        if qos != 3:
+            try:
+                return super()._handle_publish()
+            except MalformedPacket as exc:
+                why = str(exc) or "malformed"
+        else:
+            why = "QoS 3"
+        if self.on_malformed_publish is None:
+            raise MalformedPacket(why)
+        size = int.from_bytes(packet[:2], "big") if len(packet) >= 2 else len(packet)
+        topic = packet[2:2 + size]
+        mid = -1  # unreadable: not acknowledged
+        if qos == 0:
+            mid = 0
+        elif qos == 1 and len(packet) >= 4 + size:
+            mid = int.from_bytes(packet[2 + size:4 + size], "big")
+        self.on_malformed_publish(mid, qos, topic, why)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         return tcp_sock  # type: ignore[return-value]  # the Dialer did the handshake

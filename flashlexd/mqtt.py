@@ -458,7 +458,12 @@ class Connection:
         follows). The egress reads `limits` for its window (Receive Maximum) and the Maximum
         Packet Size; we send no topic aliases, so any Topic Alias Maximum is honoured."""
         self.limits = limits
-        if limits.server_keepalive:
+        if limits.server_keepalive == 0:
+            # "no keepalive": paho stops pinging and an idle link hears nothing, which the
+            # LinkWatch takes for a dead broker every 1.5 x keepalive. A PINGREQ may be sent at
+            # any time, so we keep pinging at our own keepalive and keep the silence deadline
+            self.client._keepalive = self.keepalive
+        elif limits.server_keepalive:
             self.keepalive = limits.server_keepalive
             self.watch = LinkWatch(limits.server_keepalive, self.thing.mqtt.operation_timeout, self.clock)
 

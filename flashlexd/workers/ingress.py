@@ -112,7 +112,7 @@ class IngressWorker(Worker):
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, dropped_unsubscribed=0, store_full=False,
+                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
@@ -177,6 +177,7 @@ class IngressWorker(Worker):
         client.manual_ack_set(True)
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
+        client.on_malformed_publish = self._on_malformed
 
     def _note_session(self) -> None:
         """The broker has a session for us from now on: remembered for the next process."""
@@ -300,6 +301,21 @@ class IngressWorker(Worker):
             append(_Pending(incoming, mid, qos, generation))
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
+
+    def _on_malformed(self, mid: int, qos: int, topic: bytes, why: str) -> None:
+        """A PUBLISH paho calls malformed: not stored, acknowledged in its turn when its packet
+        id could be read (else the broker keeps it), one WARNING line; ingest goes on."""
+        self.counters["dropped_malformed"] += 1
+        log.warning("dropped a malformed message (topic %.80r, packet id %s): %s; %s", topic,
+                    mid if mid >= 0 else "unreadable", why,
+                    "acknowledged" if qos == 1 and mid >= 0 else "not acknowledged")
+        if qos == 1 and mid >= 0:
+            now = time.monotonic()
+            if not self.batch:
+                self.batch_started = now
+            self.last_arrival = now
+            self.batch.append(_Pending(None, mid, qos, self.generation))
+        self.counters["received"] += 1
 
     def _unsubscribed(self, topic: str) -> bool:
         """Whether `topic` came only for a filter taken out of the config: one the session held

@@ -1,0 +1,186 @@
+"""Malformed or out-of-contract packets a lax broker sends to the ingress: one bad message must
+never stop ingest (it is stored as-is, or refused/acknowledged with one log line), and a valid
+message sent after it on every new connection is stored."""
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, List, Optional, Tuple
+
+import pytest
+
+from tests.broker import HOST, INGRESS_TOPIC, open_store, wait_for, write_config
+from tests.lax_broker import mqtt_packet, mqtt_string, read_mqtt_packet
+
+Packet = Callable[[bool, bool], bytes]  # (dup, v5) -> the PUBLISH's bytes
+
+
+class RawLaxBroker:
+    """A session-keeping broker over mutual TLS that answers CONNECT in the client's protocol
+    and, after each SUBACK, sends every raw delivery (mid, builder) not PUBACKed yet, in order,
+    as a broker keeping our session resends them first on each new connection."""
+
+    def __init__(self, certs, deliveries: List[Tuple[int, Packet]], connack_props: bytes = b"\0"):
+        self.deliveries = deliveries
+        self.connack_props = connack_props
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certs.server.cert), str(certs.server.key))
+        self.context.load_verify_locations(str(certs.ca))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.connects = 0
+        self.acked: List[int] = []
+        self.other: List[Tuple[int, bytes]] = []
+        self.sent: set = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        v5 = False
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                while True:
+                    packet = read_mqtt_packet(tls)
+                    if packet is None:
+                        return
+                    kind, body = packet[0] >> 4, packet[1]
+                    if kind == 1:
+                        self.connects += 1
+                        v5 = body[6] == 5
+                        tls.sendall(mqtt_packet(0x20, b"\0\0" + (self.connack_props if v5 else b"")))
+                    elif kind == 8:
+                        at = 2
+                        if v5:
+                            plen, n = _varint(body, at)
+                            at += n + plen
+                        filters = 0
+                        while at < len(body):
+                            at += 2 + struct.unpack_from(">H", body, at)[0] + 1
+                            filters += 1
+                        tls.sendall(mqtt_packet(0x90, body[:2] + (b"\0" if v5 else b"") + b"\1" * filters))
+                        for mid, build in self.deliveries:
+                            if mid not in self.acked:
+                                tls.sendall(build(mid in self.sent, v5))
+                                self.sent.add(mid)
+                    elif kind == 4:
+                        self.acked.append(struct.unpack(">H", body[:2])[0])
+                    elif kind == 12:
+                        tls.sendall(mqtt_packet(0xD0, b""))
+                    elif kind == 14:
+                        return
+                    else:
+                        self.other.append((packet[0], body))
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _varint(data: bytes, at: int) -> Tuple[int, int]:
+    value, shift, n = 0, 0, 0
+    while True:
+        byte = data[at + n]
+        n += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, n
+
+
+def publish(topic: bytes, payload: bytes, mid: int, qos: int = 1, props: bytes = b"\0",
+            first: Optional[int] = None) -> Packet:
+    def build(dup: bool, v5: bool) -> bytes:
+        body = mqtt_string(topic) + (struct.pack(">H", mid) if qos else b"") + (props if v5 else b"")
+        return mqtt_packet(first if first is not None else (0x30 | dup << 3 | qos << 1), body + payload)
+    return build
+
+
+def raw(data: bytes) -> Packet:
+    return lambda dup, v5: data
+
+
+GOOD = b"the good one"
+
+
+def run_case(certs, tmp_path: Path, start_worker, bad: Packet, protocol: str, connack_props: bytes = b"\0"):
+    """The bad delivery (mid 1) first, then a valid one (mid 2), on every connection."""
+    lax = RawLaxBroker(certs, [(1, bad), (2, publish(INGRESS_TOPIC.encode(), GOOD, 2))], connack_props)
+    try:
+        config = write_config(tmp_path / "config", SimpleNamespace(certs=certs, port=lax.port),
+                              mqtt={"protocol": protocol})
+        store = open_store(config)
+        worker = start_worker("ingress", config)
+        try:
+            wait_for(lambda: any(m.payload == GOOD for m in store.messages(limit=100)), 15,
+                     "the valid message after the bad one stored")
+        except AssertionError:
+            raise AssertionError(f"connects={lax.connects} acked={lax.acked}; log:\n"
+                                 f"{worker.log_text()[-3000:]}")
+        return lax, store, worker
+    finally:
+        lax.close()
+
+
+T = INGRESS_TOPIC.encode()
+# (bad PUBLISH, protocol, its packet id can be read so it is acknowledged)
+MALFORMED = {
+    "topic-length-lies": (raw(mqtt_packet(0x32, struct.pack(">H", 400) + b"t" + b"\0\1x")), "3.1.1", False),
+    "topic-length-lies-v5": (raw(mqtt_packet(0x32, struct.pack(">H", 400) + b"t" + b"\0\1\0x")), "5", False),
+    "empty-topic-311": (publish(b"", b"empty", 1), "3.1.1", True),
+    "no-packet-id": (raw(mqtt_packet(0x32, mqtt_string(T))), "3.1.1", False),
+    "qos3": (publish(T, b"q3", 1, first=0x36), "3.1.1", False),
+    "bad-property-id": (publish(T, b"badprop", 1, props=b"\x02\xFF\x00"), "5", True),
+    "duplicate-property": (publish(T, b"dupprop", 1, props=b"\x04\x01\x01\x01\x01"), "5", True),
+    "bad-utf8-user-property": (publish(T, b"badutf", 1, props=b"\x09\x26\x00\x01\xff\x00\x03abc"), "5", True),
+    "nul-in-content-type": (publish(T, b"nulct", 1, props=b"\x05\x03\x00\x02a\x00"), "5", True),
+    "subscription-id-0": (publish(T, b"subid0", 1, props=b"\x02\x0b\x00"), "5", True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_publish_resent_first_on_each_connection_does_not_stop_ingest(
+        certs, tmp_path: Path, start_worker, case: str) -> None:
+    """paho drops the link at a malformed PUBLISH; a broker keeping our session resends it
+    first on every new connection: the ingress reconnected forever and stored nothing more.
+    Now it is dropped with one WARNING line (acknowledged when its packet id is readable),
+    on the first connection, and the valid message after it is stored."""
+    bad, protocol, ackable = MALFORMED[case]
+    lax, store, worker = run_case(certs, tmp_path, start_worker, bad, protocol)
+    worker.wait(lambda w: w.counters.get("dropped_malformed") == 1, 10, "the malformed one counted")
+    assert lax.connects == 1
+    assert [m.payload for m in store.messages(limit=10)] == [GOOD]
+    wait_for(lambda: 2 in lax.acked, 10, "the valid one acknowledged")
+    assert (1 in lax.acked) == ackable
+    assert worker.log_text().count("dropped a malformed message") == 1
+    assert worker.stop() == 0
+
+
+def test_server_keep_alive_0_does_not_make_an_idle_link_look_dead(certs, tmp_path: Path,
+                                                                    start_worker) -> None:
+    """A CONNACK with Server Keep Alive 0 turns paho's pings off (MQTT 5 3.2.2.3.14): an idle
+    link then hears nothing, and must not be closed as silent over and over."""
+    lax = RawLaxBroker(certs, [], connack_props=b"\x03\x13\x00\x00")
+    try:
+        config = write_config(tmp_path / "config", SimpleNamespace(certs=certs, port=lax.port),
+                              mqtt={"protocol": "5", "keepAliveSeconds": 2, "mqttOperationTimeout": 1})
+        worker = start_worker("ingress", config)
+        worker.wait_connected()
+        with pytest.raises(AssertionError):  # 1.5 x keepalive and more: no new connection
+            wait_for(lambda: lax.connects > 1, 6, "a reconnect")
+        assert "no answer from" not in worker.log_text(), worker.log_text()
+        assert worker.stop() == 0
+    finally:
+        lax.close()
