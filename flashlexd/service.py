@@ -7,6 +7,7 @@ written to stdout, so `flashlexd service ... > unit` works; notes go to stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from flashlexd.config import ConfigError
 from flashlexd.unitplaces import Places, read_places, unit_values, writable_dirs
 
 EXIT_CONFIG = 2
+EXIT_WRITE = 1  # the file could not be written
 REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 INSTALLED_PACKAGING = Path(sys.prefix) / "share" / "flashlexd"
 FILES = {  # kind -> (file under packaging/ in the repo, name when installed, target on the system)
@@ -97,9 +99,17 @@ def run(args: argparse.Namespace) -> int:
     if target is None:
         sys.stdout.write(text)
         return 0
-    paths.make_dir(target.parent, 0o755)  # explicit modes: a loose umask must not widen them
-    target.write_text(text)
-    target.chmod(0o644)
+    try:
+        paths.make_dir(target.parent, 0o755)  # explicit modes: a loose umask must not widen them
+        target.write_text(text)
+        target.chmod(0o644)
+    except paths.UnsafePath as exc:
+        print(f"flashlexd: cannot write {target}: {exc}", file=sys.stderr)
+        return EXIT_WRITE
+    except OSError as exc:
+        print(f"flashlexd: cannot write {target}: {exc.strerror or exc}"
+              f"{' (run it as root)' if args.install and exc.errno == errno.EACCES else ''}", file=sys.stderr)
+        return EXIT_WRITE
     print(f"wrote {target}", file=sys.stderr)
     if args.install:
         live = Path(args.root) == Path("/")

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import lmdb
 
-from flashlexd import ackjournal, storecheck
+from flashlexd import ackjournal, redelivery, storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.consumers import ConsumerState
 from flashlexd.store import Store, StoreError
@@ -47,6 +47,7 @@ COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received
                       b"acked", b"acked_offset", b"expired", b"dropped_full", b"purged", b"queued",
                       b"sent"})
 _ID = struct.Struct(">Q")
+_MARK_BYTES, _OLD_MARK_BYTES = redelivery.MARK.size, 12  # a DUP mark, and one of before links were counted
 ENTRIES = 6  # index of md_entries in an MDB_db
 UNKNOWN = -1  # records lost: the database's own record is unreadable
 
@@ -96,6 +97,15 @@ def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
         return f"a DUP mark of {len(value)} bytes"
     if name == "meta" and key in COUNTERS and len(value) != 8:
         return f"a counter of {len(value)} bytes"
+    if name == "unconfirmed" and (len(value) < _OLD_MARK_BYTES or _OLD_MARK_BYTES < len(value) < _MARK_BYTES):
+        return f"an unconfirmed-message mark of {len(value)} bytes"
+    if name == "dedupe" and key[:1] == b"k" and len(value) != 8:
+        return f"a dedupe key stamp of {len(value)} bytes"
+    if name == "consumers":
+        try:
+            ConsumerState.unpack(key, value)
+        except CorruptRecord as exc:
+            return str(exc)
     return None
 
 
@@ -167,12 +177,25 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
         return False, [f"{to_dir}: {exc.strerror}: recover writes a fresh store into a new directory"]
     try:
         ok, lines = _recover_into(data_file, to_dir, cap_bytes)
+        if ok and os.geteuid() == 0:  # only root can (and, under sudo, must) give it away
+            _give_to_owner_of(data_dir, to_dir)
     except (OSError, lmdb.Error, StoreError) as exc:
         ok, lines = False, [f"cannot recover {data_dir} into {to_dir}: {exc}"]
     if not ok and to_dir.is_dir():
         for leftover in to_dir.iterdir():
             leftover.unlink()
     return ok, lines
+
+
+def _give_to_owner_of(data_dir: Path, to_dir: Path) -> None:
+    """The new store (its dir and files) owned as the damaged one is: `recover` runs as root
+    (sudo), and a store left root's 0700/0600 cannot be opened by a service running as another
+    user once moved into place (systemd re-owns only a StateDirectory)."""
+    owner = os.stat(data_dir)
+    for path in (to_dir, *to_dir.iterdir()):
+        info = os.lstat(path)
+        if (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
+            os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
 
 
 def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:

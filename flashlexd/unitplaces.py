@@ -117,16 +117,28 @@ def writable_dirs(places: Places) -> List[Tuple[str, int]]:
     return found
 
 
+def unit_word(text: str, exec_line: bool = False) -> str:
+    """`text` as one word of a unit setting: `%` is a specifier (written `%%`), whitespace
+    splits words and quotes and backslashes are syntax (so such a word is double-quoted, its
+    quotes and backslashes escaped), and on an Exec line `$` expands a variable (`$$`)."""
+    text = text.replace("%", "%%")
+    if exec_line:
+        text = text.replace("$", "$$")
+    if any(c.isspace() or c in "\\\"'" for c in text):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
 def unit_values(places: Places, user: str, group: str, venv: str, config: str,
                 keys: str) -> Dict[str, str]:
     """The template's placeholders for these places (each one whole lines, or empty)."""
     group = group or places.socket_group or user
     runtime = _under(socket_dir(places), "/run/")
     outsiders = bool(places.allow_uids) or bool(places.socket_group and places.socket_group != group)
-    runtime_lines = (f"RuntimeDirectory={runtime}\nRuntimeDirectoryMode={'0755' if outsiders else '0750'}"
+    runtime_lines = (f"RuntimeDirectory={unit_word(runtime)}\nRuntimeDirectoryMode={'0755' if outsiders else '0750'}"
                      if runtime else "")
     state = _under(places.data_dir, "/var/lib/")
-    state_lines = f"StateDirectory={state}\nStateDirectoryMode=0700" if state else ""
+    state_lines = f"StateDirectory={unit_word(state)}\nStateDirectoryMode=0700" if state else ""
     writable = [directory for directory, _ in writable_dirs(places)]
     # the venv's interpreter may live in a home too (pyenv): ProtectHome=yes would hide it
     interpreter = os.path.realpath(os.path.join(venv, "bin", "python3"))
@@ -135,13 +147,15 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
     in_home = any(p.startswith(HOME_DIRS) for p in used)
     in_tmp = any(p.startswith(TMP_DIRS) for p in used)
     return {
-        "venv": venv.rstrip("/"), "config": config, "keys": keys, "user": user, "group": group,
+        "flashlexd": unit_word(venv.rstrip("/") + "/bin/flashlexd", exec_line=True),
+        "config": unit_word(config, exec_line=True), "keys": unit_word(keys, exec_line=True),
+        "user": user, "group": group,
         "supplementary_groups": (f"SupplementaryGroups={places.socket_group}"
                                  if places.socket_group and places.socket_group != group else ""),
         "runtime_directory": runtime_lines,
         "state_directory": state_lines,
         # "-": a missing path does not stop the unit; the daemon then names the problem itself
-        "read_write_paths": "ReadWritePaths=" + " ".join(f"-{p}" for p in writable) if writable else "",
+        "read_write_paths": "ReadWritePaths=" + " ".join(unit_word(f"-{p}") for p in writable) if writable else "",
         "protect_home": "read-only" if in_home else "yes",
         "private_tmp": "no" if in_tmp else "yes",
         # the supervisor stops the workers within stopTimeoutSeconds (then SIGKILLs them), and

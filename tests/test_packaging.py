@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -170,3 +171,42 @@ def test_systemd_waits_longer_than_the_configured_stop_timeout(tmp_path):
     assert "TimeoutStopSec=30\n" in _render(tmp_path, {}).stdout
     assert "TimeoutStopSec=30\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 5}}).stdout
     assert "TimeoutStopSec=80\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 59.5}}).stdout
+
+
+def test_unit_keeps_paths_with_spaces_and_percent_signs_whole(tmp_path):
+    """An install dir, config and data dir with a space or a `%` in their names: ExecStart split
+    the paths into several arguments (systemd ran `.../fx` and passed `--config .../fx`), and
+    ReadWritePaths= made `-/srv/flash` writable and ignored `data/...` (not absolute), `%d`
+    expanded as a systemd specifier (found by review)."""
+    install = tmp_path / "fx 100%"
+    (install / "venv" / "bin").mkdir(parents=True)
+    (install / "keys").mkdir()
+    program = install / "venv" / "bin" / "flashlexd"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    (install / "keys" / "config.yml").write_text(
+        json.dumps({"flashlex": {"app": {"db": {"dataPath": "/srv/flash data/100%d"}}}}))
+    rendered = service("--dir", str(install), "--user", "root")
+    assert rendered.returncode == 0, rendered.stderr
+    unit = tmp_path / "flashlexd.service"
+    unit.write_text(rendered.stdout)
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60, env={"SYSTEMD_LOG_LEVEL": "notice", "PATH": "/usr/bin:/bin"})
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+    exec_start = next(line for line in rendered.stdout.splitlines() if line.startswith("ExecStart="))
+    argv = [word.replace("%%", "%") for word in shlex.split(exec_start[len("ExecStart="):])]
+    assert argv == [str(program), "run", "--config", str(install / "keys" / "config.yml"),
+                    "--keys-dir", str(install / "keys")]
+    assert 'ReadWritePaths="-/srv/flash data/100%%d"\n' in rendered.stdout
+
+
+@pytest.mark.parametrize("where", ["a directory", "below a file"])
+def test_service_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, where):
+    """`--output` (or `--install`, run without sudo) at a place that cannot be written printed a
+    Python traceback (found by review)."""
+    (tmp_path / "file").write_text("")
+    output = tmp_path if where == "a directory" else tmp_path / "file" / "flashlexd.service"
+    rendered = service("--dir", str(tmp_path), "--output", str(output))
+    assert rendered.returncode == 1 and rendered.stdout == ""
+    assert "Traceback" not in rendered.stderr
+    assert rendered.stderr.splitlines()[-1].startswith(f"flashlexd: cannot write {output}: ")

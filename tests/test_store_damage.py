@@ -444,3 +444,45 @@ def test_an_inbox_record_with_a_garbled_stamp_is_damage_not_a_traceback(tmp_path
         store.close()
     assert outcome == "damaged", outcome
     assert not ok, lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root, as `recover` run under sudo has")
+def test_recover_run_as_root_leaves_the_new_store_to_the_owner_of_the_old(tmp_path: Path):
+    """`sudo flashlexd store recover` wrote the new store as root's (dir 0700, files 0600): once
+    moved into place as the README says, a service running as its own user could not open it
+    (outside /var/lib nothing re-owns it; found by review)."""
+    data_dir = build_store(tmp_path / "store", messages=50)
+    for path in (data_dir, *data_dir.iterdir()):
+        os.chown(path, 1000, 1000)
+    new = tmp_path / "new"
+    recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(new))
+    assert recovered.returncode == 0, recovered.stderr
+    owners = {path.name: (path.stat().st_uid, path.stat().st_gid) for path in (new, *new.iterdir())}
+    assert "data.mdb" in owners and set(owners.values()) == {(1000, 1000)}, owners
+
+
+def test_verify_and_recover_see_a_dup_mark_that_does_not_decode(tmp_path: Path):
+    """A garbled `unconfirmed` mark (or consumer record, or dedupe stamp) passed `verify`
+    ("every page and record reads back", exit 0), and `recover` copied it as it was, while the
+    daemon calls it damage and turns the store read-only at the first redelivery of that
+    content (found by review)."""
+    from flashlexd.store import dup_marks
+    data_dir = build_store(tmp_path / "store", messages=50)
+    message = Incoming("t", b"x", 1, False, 1)
+    env = lmdb.open(str(data_dir), max_dbs=16, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        txn.put(dup_marks([message])[0], b"bad", db=env.open_db(b"unconfirmed", txn=txn))
+    env.close()
+    store = Store(data_dir, CAP, expire_seconds=3600)
+    try:  # what the daemon makes of it
+        with pytest.raises(StoreDamaged):
+            store.append([Incoming("t", b"x", 1, False, 2, dup=True)])
+    finally:
+        store.close()
+    verify = flashlexd("store", "verify", "--data-dir", str(data_dir))
+    assert verify.returncode == 1 and "database unconfirmed, record" in verify.stderr, verify.stdout
+    recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(tmp_path / "new"))
+    assert recovered.returncode == 0 and "unconfirmed: copied " in recovered.stdout
+    assert "(1 did not decode)" in next(line for line in recovered.stdout.splitlines()
+                                        if line.startswith("unconfirmed:"))
+    assert flashlexd("store", "verify", "--data-dir", str(tmp_path / "new")).returncode == 0
