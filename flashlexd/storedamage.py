@@ -19,7 +19,7 @@ import msgpack
 # (BadTxnError: a transaction that met one of these is unusable, and says so on the next call)
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
                  lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
-WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "outbox_append",
+WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "note_clock", "outbox_append",
                     "outbox_append_each", "outbox_remove", "outbox_drop", "outbox_dead_letter",
                     "dead_retry", "note_session", "note_queued_online", "note_session_topics", "note_fallback", "forget_fallbacks",
                     "forget_unconfirmed", "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset_step",
