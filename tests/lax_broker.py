@@ -55,20 +55,12 @@ def read_mqtt_packet(sock: socket.socket) -> Optional[Tuple[int, bytes]]:
 
 
 
-class LaxBroker:
-    """Just enough of an MQTT 3.1.1 broker over mutual TLS, one that does NOT validate topics:
-    to each client that subscribes it delivers `deliveries` (raw topic bytes, payload) at QoS 1,
-    and it records the CONNECTs and PUBACKs it gets. A client that subscribes again (it lost
-    its link, as a loaded machine's worker may) gets only what it has not PUBACKed, with DUP
-    set, as a broker keeping its session does (all of them again stored each twice). With
-    `resend_after`, what is still not PUBACKed that many seconds after the last packet came is
-    sent once more on the same connection, with DUP set (MQTT 3.1.1 allows it; some brokers
-    retry on a timer)."""
+class TlsTestBroker:
+    """A listener over mutual TLS (the test CA's server certificate, client certificates
+    required) serving each connection in a thread with `_serve`; what it saw is recorded in
+    `connects`, `acked` (PUBACKed packet ids) and `sent` (packet ids delivered once)."""
 
-    def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]],
-                 resend_after: Optional[float] = None):
-        self.deliveries = deliveries
-        self.resend_after = resend_after
+    def __init__(self, certs: Any):
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(certs.server.cert), str(certs.server.key))
         self.context.load_verify_locations(str(certs.ca))
@@ -88,6 +80,30 @@ class LaxBroker:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+class LaxBroker(TlsTestBroker):
+    """Just enough of an MQTT 3.1.1 broker over mutual TLS, one that does NOT validate topics:
+    to each client that subscribes it delivers `deliveries` (raw topic bytes, payload) at QoS 1,
+    and it records the CONNECTs and PUBACKs it gets. A client that subscribes again (it lost
+    its link, as a loaded machine's worker may) gets only what it has not PUBACKed, with DUP
+    set, as a broker keeping its session does (all of them again stored each twice). With
+    `resend_after`, what is still not PUBACKed that many seconds after the last packet came is
+    sent once more on the same connection, with DUP set (MQTT 3.1.1 allows it; some brokers
+    retry on a timer)."""
+
+    def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]],
+                 resend_after: Optional[float] = None):
+        self.deliveries = deliveries
+        self.resend_after = resend_after
+        super().__init__(certs)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -132,7 +148,3 @@ class LaxBroker:
             publish_body = mqtt_string(topic) + struct.pack(">H", mid) + payload
             tls.sendall(mqtt_packet(0x3A if mid in self.sent else 0x32, publish_body))
             self.sent.add(mid)
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()

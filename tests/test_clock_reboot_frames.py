@@ -10,48 +10,17 @@ import signal
 import struct
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
 
 import lmdb
 import msgpack
-import pytest
-import yaml
 
 from flashlexd import config as config_module
-
-from tests.broker import INGRESS_TOPIC, Broker, publish, wait_for, write_config
+from tests.broker import INGRESS_TOPIC, Broker, publish, wait_for
 from tests.daemon import Daemon
-from tests.faketime import DAY, FakeTime
-from tests.test_clock_steps import api, ingress_connected, old_certs  # noqa: F401 (fixture)
+from tests.faketime import DAY
+from tests.test_clock_steps import api, faketime, ingress_connected, old_certs, run_daemon  # noqa: F401 (fixtures)
 
 SLACK = 3.0
-
-
-@pytest.fixture
-def faketime(tmp_path: Path) -> FakeTime:
-    return FakeTime(tmp_path / "faketime")
-
-
-@pytest.fixture
-def run_daemon(tmp_path: Path, faketime: FakeTime) -> Iterator:
-    """The daemon under faketime with the default (no) expireSeconds: no expiry sweep writes."""
-    started: List[Daemon] = []
-
-    def run(broker: Broker, boot_id: str) -> Daemon:
-        config = tmp_path / "etc" / "flashlex.yml"
-        if not config.exists():
-            write_config(config.parent, broker, db={"sweepSeconds": 0.5})
-            document = yaml.safe_load(config.read_text())
-            document["flashlex"]["app"]["db"].pop("expireSeconds", None)
-            config.write_text(yaml.safe_dump(document, sort_keys=False))
-        env: Dict[str, str] = dict(faketime.env(), FLASHLEXD_TEST_BOOT_ID=boot_id)
-        daemon = Daemon(config, tmp_path / "run", env=env).start()
-        started.append(daemon)
-        return daemon
-
-    yield run
-    for daemon in started:
-        daemon.stop()
 
 
 def recorded_step(config: Path) -> float:
@@ -84,7 +53,7 @@ def test_a_step_with_no_write_after_it_still_rebases_the_boots_messages_after_a_
     broker = Broker(old_certs, tmp_path / "broker").start()
     try:
         faketime.step_to(-2 * DAY)
-        daemon = run_daemon(broker, "boot-a")
+        daemon = run_daemon(broker, "boot-a", db={"expireSeconds": None, "sweepSeconds": 0.5})
         with api(daemon) as fx:
             wait_for(lambda: ingress_connected(fx), 20, "ingress connected")
             arrived = time.time()  # the true time (the test is not under faketime)

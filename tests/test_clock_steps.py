@@ -39,15 +39,18 @@ def faketime(tmp_path: Path) -> FakeTime:
 
 @pytest.fixture
 def run_daemon(tmp_path: Path, faketime: FakeTime) -> Iterator:
-    """`run_daemon(broker, boot_id="a", mqtt={...})`: the daemon under faketime (`mqtt`: keys
-    of flashlex.thing.mqtt for the first start); all stopped at teardown."""
+    """`run_daemon(broker, boot_id="a", mqtt={...}, db={...})`: the daemon under faketime
+    (`mqtt`, `db`: keys of flashlex.thing.mqtt and flashlex.app.db for the first start, a db key
+    set to None left out); all stopped at teardown."""
     started: List[Daemon] = []
 
-    def run(broker: Broker, boot_id: str = "boot-a", mqtt: Optional[Dict[str, Any]] = None) -> Daemon:
+    def run(broker: Broker, boot_id: str = "boot-a", mqtt: Optional[Dict[str, Any]] = None,
+            db: Optional[Dict[str, Any]] = None) -> Daemon:
         config = tmp_path / "etc" / "flashlex.yml"
         if not config.exists():
+            settings = {"expireSeconds": EXPIRE, "sweepSeconds": SWEEP, **(db or {})}
             write_config(config.parent, broker, mqtt=mqtt,
-                         db={"expireSeconds": EXPIRE, "sweepSeconds": SWEEP})
+                         db={k: v for k, v in settings.items() if v is not None})
             document = yaml.safe_load(config.read_text())
             document["flashlex"]["app"]["supervisor"]["heartbeatTimeoutSeconds"] = 5
             config.write_text(yaml.safe_dump(document, sort_keys=False))

@@ -6,20 +6,19 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, List, Optional, Tuple
 
 import pytest
 
-from tests.broker import HOST, INGRESS_TOPIC, open_store, wait_for, write_config
-from tests.lax_broker import mqtt_packet, mqtt_string, read_mqtt_packet
+from tests.broker import INGRESS_TOPIC, open_store, wait_for, write_config
+from tests.lax_broker import TlsTestBroker, mqtt_packet, mqtt_string, read_mqtt_packet
 
 Packet = Callable[[bool, bool], bytes]  # (dup, v5) -> the PUBLISH's bytes
 
 
-class RawLaxBroker:
+class RawLaxBroker(TlsTestBroker):
     """A session-keeping broker over mutual TLS that answers CONNECT in the client's protocol
     and, after each SUBACK, sends every raw delivery (mid, builder) not PUBACKed yet, in order,
     as a broker keeping our session resends them first on each new connection."""
@@ -27,25 +26,8 @@ class RawLaxBroker:
     def __init__(self, certs, deliveries: List[Tuple[int, Packet]], connack_props: bytes = b"\0"):
         self.deliveries = deliveries
         self.connack_props = connack_props
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(str(certs.server.cert), str(certs.server.key))
-        self.context.load_verify_locations(str(certs.ca))
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.listener = socket.create_server((HOST, 0))
-        self.port = self.listener.getsockname()[1]
-        self.connects = 0
-        self.acked: List[int] = []
         self.other: List[Tuple[int, bytes]] = []
-        self.sent: set = set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(certs)
 
     def _serve(self, conn: socket.socket) -> None:
         v5 = False
@@ -84,9 +66,6 @@ class RawLaxBroker:
                         self.other.append((packet[0], body))
         except (OSError, ssl.SSLError):
             return
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def _varint(data: bytes, at: int) -> Tuple[int, int]:
