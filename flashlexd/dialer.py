@@ -110,8 +110,7 @@ class DialedClient(paho.Client):
         so one bad message stopped all ingest. Its remaining length framed it, so the stream
         is intact: it is handed to `on_malformed_publish` (acknowledged there when its packet
         id can be read; else left unacknowledged, costing one slot of the broker's window)."""
-        header, packet = self._in_packet["command"], bytes(self._in_packet["packet"])
-        qos = (header >> 1) & 3
+        qos = (self._in_packet["command"] >> 1) & 3
         if qos != 3:
             try:
                 return super()._handle_publish()
@@ -121,6 +120,7 @@ class DialedClient(paho.Client):
             why = "QoS 3"
         if self.on_malformed_publish is None:
             raise MalformedPacket(why)
+        packet = bytes(self._in_packet["packet"])  # paho reads it without changing it
         size = int.from_bytes(packet[:2], "big") if len(packet) >= 2 else len(packet)
         topic = packet[2:2 + size]
         mid = -1  # unreadable: not acknowledged
