@@ -35,12 +35,14 @@ import struct
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
+from flashlexd.clock import STEP_TOLERANCE
 from flashlexd.storedamage import CorruptRecord
 
 MARK = struct.Struct(">IQQI")  # count, seq, link, taken
 _OLD_MARK = struct.Struct(">IQ")  # count, seq: before the links were counted (link 0, none taken)
 _MS = struct.Struct(">Q")
 MARKS_MAX = 16384  # ~0.5 MB of marks at most; live ones are a few batches
+_AHEAD_TOLERANCE_MS = int(STEP_TOLERANCE * 1000)  # a stamp later than now by less: a clock's jitter
 PRUNE_PER_APPEND = 1000  # expired dedupe keys dropped per append, at most
 
 
@@ -93,7 +95,7 @@ class Redeliveries:
                 mark[0] += 1
                 changed[digest] = None
             if key is not None:
-                if key in fresh or self._seen(txn, key, since):
+                if key in fresh or self._seen(txn, key, since, now_ms):
                     continue  # the application's duplicate: acknowledged, counted, not stored
                 fresh[key] = None
             chosen.append(i)
@@ -105,11 +107,19 @@ class Redeliveries:
             self._remember(txn, fresh, now_ms, since)
         return chosen
 
-    def _seen(self, txn: lmdb.Transaction, key: bytes, since: int) -> bool:
+    def _seen(self, txn: lmdb.Transaction, key: bytes, since: int, now_ms: int) -> bool:
+        """Whether `key` was stored in the window (from `since` on). A stamp later than now
+        was written by an earlier boot whose clock ran ahead of this one's (this boot started
+        in 1970, or at an old fake-hwclock time): its age is unknown, and holding it against
+        the key would throw new messages away for as long as the gap lasts (a whole boot:
+        stamps stay in the boot's first frame), so it is not; a duplicate stored is the
+        lesser harm."""
         raw = txn.get(b"k" + key, db=self.dedupe)
-        if raw is not None and len(raw) != _MS.size:
+        if raw is None:
+            return False
+        if len(raw) != _MS.size:
             raise CorruptRecord(f"a dedupe key stamp of {len(raw)} bytes")
-        return raw is not None and _MS.unpack(raw)[0] >= since
+        return since <= _MS.unpack(raw)[0] <= now_ms + _AHEAD_TOLERANCE_MS
 
     def _remember(self, txn: lmdb.Transaction, keys: Dict[bytes, None], now_ms: int,
                   since: int) -> None:

@@ -308,3 +308,26 @@ def test_dedupe_windows_run_on_real_time_across_a_step(stores, clock: FakeClock,
     assert store.append(again, dedupe_window=3600) == [None]
     clock.advance(3600)
     assert store.append(again, dedupe_window=3600) == [2]
+
+
+def test_a_dedupe_key_from_a_boot_whose_clock_ran_ahead_is_not_held_against_new_messages(stores):
+    """A boot with its clock right stores a keyed message; after a day off the next boot starts
+    in 1970 (no fake-hwclock) and its dedupe stamps stay in that frame all boot long, even
+    after NTP: the earlier boot's stamp lay in its future, and the same key a day later (the
+    window is 1 h) was refused as a duplicate, acknowledged and thrown away, for the whole boot."""
+    clock = FakeClock()
+    store = stores(clock, expire_seconds=None)
+    keyed = [Incoming("t", b'{"id": 1}', mid=1, key=b"1")]
+    assert store.append(keyed, dedupe_window=3600) == [1]
+    store.close()
+    clock.reboot(b"boot-b")
+    clock.wall += DAY  # the power-off
+    clock.step(5.0 - clock.wall)  # the boot's clock: 1970
+    store = stores(clock, expire_seconds=None)
+    clock.advance(30)
+    clock.wall = TRUE_TIME + DAY + 30  # NTP steps it right
+    store.expire()  # the step recorded
+    clock.advance(2 * DAY)
+    again = [Incoming("t", b'{"id": 1}', mid=7, key=b"1")]
+    assert store.append(again, dedupe_window=3600) == [2], "refused as a duplicate"
+    assert store.append(again, dedupe_window=3600) == [None]  # and a duplicate of it is one
