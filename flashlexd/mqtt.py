@@ -42,8 +42,9 @@ QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a clie
 # MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
 # doing: Server busy, Server shutting down, Keep alive timeout, Session taken over,
 # Administrative action, Use another server, Server moved, Connection rate exceeded,
-# Maximum connect time
-NOT_AN_ENTRYS_FAULT = frozenset({0x89, 0x8B, 0x8D, 0x8E, 0x98, 0x9C, 0x9D, 0x9F, 0xA0})
+# Maximum connect time; and a throttling broker's Message rate too high, Quota exceeded (AWS
+# IoT Core's DISCONNECT over a quota): no entry's doing either
+NOT_AN_ENTRYS_FAULT = frozenset({0x89, 0x8B, 0x8D, 0x8E, 0x96, 0x97, 0x98, 0x9C, 0x9D, 0x9F, 0xA0})
 
 
 class Connection:
@@ -458,14 +459,16 @@ class Connection:
         follows). The egress reads `limits` for its window (Receive Maximum) and the Maximum
         Packet Size; we send no topic aliases, so any Topic Alias Maximum is honoured."""
         self.limits = limits
-        if limits.server_keepalive == 0:
-            # "no keepalive": paho stops pinging and an idle link hears nothing, which the
-            # LinkWatch takes for a dead broker every 1.5 x keepalive. A PINGREQ may be sent at
-            # any time, so we keep pinging at our own keepalive and keep the silence deadline
-            self.client._keepalive = self.keepalive
-        elif limits.server_keepalive:
-            self.keepalive = limits.server_keepalive
-            self.watch = LinkWatch(limits.server_keepalive, self.thing.mqtt.operation_timeout, self.clock)
+        # Server Keep Alive 0 is "no keepalive": paho stops pinging and an idle link hears
+        # nothing, which the LinkWatch takes for a dead broker every 1.5 x keepalive. A PINGREQ
+        # may be sent at any time, so we keep pinging at our own keepalive and keep the silence
+        # deadline. A CONNACK without one: our own keepalive again, for paho's pings (a client
+        # kept across links still has the earlier link's) and for the silence deadline
+        keepalive = limits.server_keepalive or self.thing.mqtt.keepalive
+        self.client._keepalive = keepalive
+        if keepalive != self.keepalive:
+            self.keepalive = keepalive
+            self.watch = LinkWatch(keepalive, self.thing.mqtt.operation_timeout, self.clock)
 
     def _drop_reason(self, reason: Any, before_connack: bool) -> str:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"

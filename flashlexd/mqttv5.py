@@ -96,6 +96,10 @@ class BrokerLimits:
     receive_maximum: Optional[int] = None
     topic_alias_maximum: int = 0  # we send no topic aliases, so any value is honoured
     server_keepalive: Optional[int] = None  # paho adopts it for its pings; our LinkWatch too
+    # paho checks neither: a PUBLISH over them is a protocol error the broker closes the link
+    # for (DISCONNECT 0x9B QoS not supported, 0x9A Retain not supported)
+    maximum_qos: Optional[int] = None       # None: 2, all of them
+    retain_available: Optional[int] = None  # None: 1, retained messages taken
 
     @classmethod
     def from_connack(cls, properties: Any) -> "BrokerLimits":
@@ -104,13 +108,25 @@ class BrokerLimits:
         return cls(getattr(properties, "MaximumPacketSize", None),
                    getattr(properties, "ReceiveMaximum", None),
                    getattr(properties, "TopicAliasMaximum", 0),
-                   getattr(properties, "ServerKeepAlive", None))
+                   getattr(properties, "ServerKeepAlive", None),
+                   getattr(properties, "MaximumQoS", None),
+                   getattr(properties, "RetainAvailable", None))
+
+    def refuses(self, qos: int, retain: bool) -> Optional[str]:
+        """Why a PUBLISH with this QoS and retain flag is over what the CONNACK said (the broker
+        would close the link over it), or None."""
+        if self.maximum_qos is not None and qos > self.maximum_qos:
+            return f"QoS {qos} is over the broker's Maximum QoS ({self.maximum_qos})"
+        if retain and self.retain_available == 0:
+            return "retained, and the broker does not take retained messages (Retain Available 0)"
+        return None
 
     def counters(self) -> Dict[str, Optional[int]]:
         """The figures `status()["mqtt"][link]` shows."""
         return {"broker_max_packet": self.max_packet_size, "broker_receive_maximum": self.receive_maximum,
                 "broker_topic_alias_maximum": self.topic_alias_maximum,
-                "broker_keepalive": self.server_keepalive}
+                "broker_keepalive": self.server_keepalive, "broker_maximum_qos": self.maximum_qos,
+                "broker_retain_available": self.retain_available}
 
 
 def reason_name(reason: Any) -> str:

@@ -82,6 +82,24 @@ class TlsTestBroker:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        """Each packet of connection number `number` (0 first) to `answer`, until it says
+        False or the peer closes."""
+        number = None
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                while True:
+                    packet = read_mqtt_packet(tls)
+                    if packet is None:
+                        return
+                    if packet[0] >> 4 == 1:  # CONNECT
+                        number = self.connects
+                        self.connects += 1
+                    if not self.answer(tls, packet[0], packet[1], number):
+                        return
+        except (OSError, ssl.SSLError):
+            return
+
+    def answer(self, tls: ssl.SSLSocket, first: int, body: bytes, number: Optional[int]) -> bool:
         raise NotImplementedError
 
     def close(self) -> None:

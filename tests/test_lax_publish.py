@@ -3,7 +3,6 @@ never stop ingest (it is stored as-is, or refused/acknowledged with one log line
 message sent after it on every new connection is stored."""
 from __future__ import annotations
 
-import socket
 import ssl
 import struct
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 import pytest
 
 from tests.broker import INGRESS_TOPIC, open_store, wait_for, write_config
-from tests.lax_broker import TlsTestBroker, mqtt_packet, mqtt_string, read_mqtt_packet
+from tests.lax_broker import TlsTestBroker, mqtt_packet, mqtt_string
 
 Packet = Callable[[bool, bool], bytes]  # (dup, v5) -> the PUBLISH's bytes
 
@@ -27,45 +26,37 @@ class RawLaxBroker(TlsTestBroker):
         self.deliveries = deliveries
         self.connack_props = connack_props
         self.other: List[Tuple[int, bytes]] = []
+        self.v5 = False  # the protocol of the last CONNECT (one client at a time here)
         super().__init__(certs)
 
-    def _serve(self, conn: socket.socket) -> None:
-        v5 = False
-        try:
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                while True:
-                    packet = read_mqtt_packet(tls)
-                    if packet is None:
-                        return
-                    kind, body = packet[0] >> 4, packet[1]
-                    if kind == 1:
-                        self.connects += 1
-                        v5 = body[6] == 5
-                        tls.sendall(mqtt_packet(0x20, b"\0\0" + (self.connack_props if v5 else b"")))
-                    elif kind == 8:
-                        at = 2
-                        if v5:
-                            plen, n = _varint(body, at)
-                            at += n + plen
-                        filters = 0
-                        while at < len(body):
-                            at += 2 + struct.unpack_from(">H", body, at)[0] + 1
-                            filters += 1
-                        tls.sendall(mqtt_packet(0x90, body[:2] + (b"\0" if v5 else b"") + b"\1" * filters))
-                        for mid, build in self.deliveries:
-                            if mid not in self.acked:
-                                tls.sendall(build(mid in self.sent, v5))
-                                self.sent.add(mid)
-                    elif kind == 4:
-                        self.acked.append(struct.unpack(">H", body[:2])[0])
-                    elif kind == 12:
-                        tls.sendall(mqtt_packet(0xD0, b""))
-                    elif kind == 14:
-                        return
-                    else:
-                        self.other.append((packet[0], body))
-        except (OSError, ssl.SSLError):
-            return
+    def answer(self, tls: ssl.SSLSocket, first: int, body: bytes, number: Optional[int]) -> bool:
+        kind = first >> 4
+        if kind == 1:
+            self.v5 = body[6] == 5
+            tls.sendall(mqtt_packet(0x20, b"\0\0" + (self.connack_props if self.v5 else b"")))
+        elif kind == 8:
+            at = 2
+            if self.v5:
+                plen, n = _varint(body, at)
+                at += n + plen
+            filters = 0
+            while at < len(body):
+                at += 2 + struct.unpack_from(">H", body, at)[0] + 1
+                filters += 1
+            tls.sendall(mqtt_packet(0x90, body[:2] + (b"\0" if self.v5 else b"") + b"\1" * filters))
+            for mid, build in self.deliveries:
+                if mid not in self.acked:
+                    tls.sendall(build(mid in self.sent, self.v5))
+                    self.sent.add(mid)
+        elif kind == 4:
+            self.acked.append(struct.unpack(">H", body[:2])[0])
+        elif kind == 12:
+            tls.sendall(mqtt_packet(0xD0, b""))
+        elif kind == 14:
+            return False
+        else:
+            self.other.append((first, body))
+        return True
 
 
 def _varint(data: bytes, at: int) -> Tuple[int, int]:

@@ -352,6 +352,10 @@ class EgressWorker(Worker):
     def _publish(self, entry: OutboxEntry, size: int) -> bool:
         limit = self.connection.limits.max_packet_size
         expiry = _expiry_left(entry)
+        refused = self.connection.limits.refuses(entry.qos, entry.retain)
+        if refused is not None:  # sent, it would close the link, at each attempt
+            self._dead_letter(_InFlight(entry.id, entry.topic, size), refused, 0)
+            return True
         if limit and publish_packet_size(entry.topic, entry.payload, entry.properties, expiry,
                                          entry.qos) > limit:
             self._dead_letter(_InFlight(entry.id, entry.topic, size), "larger than the broker's Maximum"
