@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from flashlexd.pahoimport import paho
 from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.properties import MalformedPacket  # also where paho 2.2 defines it: exception
 from flashlexd.publishread import Publish, parse_publishes
 
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup

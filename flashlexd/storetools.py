@@ -97,7 +97,7 @@ def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
         return f"a DUP mark of {len(value)} bytes"
     if name == "meta" and key in COUNTERS and len(value) != 8:
         return f"a counter of {len(value)} bytes"
-    if name == "unconfirmed" and (len(value) < _OLD_MARK_BYTES or _OLD_MARK_BYTES < len(value) < _MARK_BYTES):
+    if name == "unconfirmed" and len(value) not in (_OLD_MARK_BYTES, _MARK_BYTES):  # redelivery._mark
         return f"an unconfirmed-message mark of {len(value)} bytes"
     if name == "dedupe" and key[:1] == b"k" and len(value) != 8:
         return f"a dedupe key stamp of {len(value)} bytes"

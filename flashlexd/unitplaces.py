@@ -147,7 +147,8 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
     in_home = any(p.startswith(HOME_DIRS) for p in used)
     in_tmp = any(p.startswith(TMP_DIRS) for p in used)
     return {
-        "flashlexd": unit_word(venv.rstrip("/") + "/bin/flashlexd", exec_line=True),
+        # the program's path is not expanded by systemd (only its arguments are): no `$$`
+        "flashlexd": unit_word(venv.rstrip("/") + "/bin/flashlexd"),
         "config": unit_word(config, exec_line=True), "keys": unit_word(keys, exec_line=True),
         "user": user, "group": group,
         "supplementary_groups": (f"SupplementaryGroups={places.socket_group}"

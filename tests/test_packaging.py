@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import pytest
 
@@ -178,14 +178,28 @@ def test_unit_keeps_paths_with_spaces_and_percent_signs_whole(tmp_path):
     the paths into several arguments (systemd ran `.../fx` and passed `--config .../fx`), and
     ReadWritePaths= made `-/srv/flash` writable and ignored `data/...` (not absolute), `%d`
     expanded as a systemd specifier (found by review)."""
-    install = tmp_path / "fx 100%"
+    install, program = _install_dir(tmp_path / "fx 100%", {"app": {"db": {"dataPath": "/srv/flash data/100%d"}}})
+    exec_start, rendered = _rendered_and_verified(install, tmp_path)
+    argv = [word.replace("%%", "%") for word in shlex.split(exec_start[len("ExecStart="):])]
+    assert argv == [str(program), "run", "--config", str(install / "keys" / "config.yml"),
+                    "--keys-dir", str(install / "keys")]
+    assert 'ReadWritePaths="-/srv/flash data/100%%d"\n' in rendered
+
+
+def _install_dir(install: Path, config: dict) -> Tuple[Path, Path]:
+    """An install dir as `flashlexd service --dir` reads it: a venv's program, keys/config.yml."""
     (install / "venv" / "bin").mkdir(parents=True)
     (install / "keys").mkdir()
     program = install / "venv" / "bin" / "flashlexd"
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
-    (install / "keys" / "config.yml").write_text(
-        json.dumps({"flashlex": {"app": {"db": {"dataPath": "/srv/flash data/100%d"}}}}))
+    (install / "keys" / "config.yml").write_text(json.dumps({"flashlex": config}))
+    return install, program
+
+
+def _rendered_and_verified(install: Path, tmp_path: Path) -> Tuple[str, str]:
+    """(its ExecStart line, the unit) of the unit rendered for `install`, which
+    systemd-analyze verify passes without a word."""
     rendered = service("--dir", str(install), "--user", "root")
     assert rendered.returncode == 0, rendered.stderr
     unit = tmp_path / "flashlexd.service"
@@ -194,10 +208,7 @@ def test_unit_keeps_paths_with_spaces_and_percent_signs_whole(tmp_path):
                             text=True, timeout=60, env={"SYSTEMD_LOG_LEVEL": "notice", "PATH": "/usr/bin:/bin"})
     assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
     exec_start = next(line for line in rendered.stdout.splitlines() if line.startswith("ExecStart="))
-    argv = [word.replace("%%", "%") for word in shlex.split(exec_start[len("ExecStart="):])]
-    assert argv == [str(program), "run", "--config", str(install / "keys" / "config.yml"),
-                    "--keys-dir", str(install / "keys")]
-    assert 'ReadWritePaths="-/srv/flash data/100%%d"\n' in rendered.stdout
+    return exec_start, rendered.stdout
 
 
 @pytest.mark.parametrize("where", ["a directory", "below a file"])
@@ -210,3 +221,13 @@ def test_service_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_p
     assert rendered.returncode == 1 and rendered.stdout == ""
     assert "Traceback" not in rendered.stderr
     assert rendered.stderr.splitlines()[-1].startswith(f"flashlexd: cannot write {output}: ")
+
+
+def test_unit_runs_a_program_whose_path_has_a_dollar_sign(tmp_path):
+    """systemd expands `$VAR` (and `$$`) in ExecStart's arguments, never in the program's own
+    path: `$$` there is two dollar signs, so a venv under `.../fx$1` rendered a program that
+    does not exist (systemd-analyze: "is not executable")."""
+    install, program = _install_dir(tmp_path / "fx$1", {})
+    exec_start, _ = _rendered_and_verified(install, tmp_path)
+    assert exec_start.split()[0] == f"ExecStart={program}", exec_start
+    assert f" --config {str(install).replace('$', '$$')}/keys/config.yml " in exec_start  # an argument: expanded

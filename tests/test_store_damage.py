@@ -461,7 +461,8 @@ def test_recover_run_as_root_leaves_the_new_store_to_the_owner_of_the_old(tmp_pa
     assert "data.mdb" in owners and set(owners.values()) == {(1000, 1000)}, owners
 
 
-def test_verify_and_recover_see_a_dup_mark_that_does_not_decode(tmp_path: Path):
+@pytest.mark.parametrize("bad", [b"bad", b"\0" * 25], ids=["short", "longer than a mark"])
+def test_verify_and_recover_see_a_dup_mark_that_does_not_decode(tmp_path: Path, bad: bytes):
     """A garbled `unconfirmed` mark (or consumer record, or dedupe stamp) passed `verify`
     ("every page and record reads back", exit 0), and `recover` copied it as it was, while the
     daemon calls it damage and turns the store read-only at the first redelivery of that
@@ -471,7 +472,7 @@ def test_verify_and_recover_see_a_dup_mark_that_does_not_decode(tmp_path: Path):
     message = Incoming("t", b"x", 1, False, 1)
     env = lmdb.open(str(data_dir), max_dbs=16, map_size=CAP * 2)
     with env.begin(write=True) as txn:
-        txn.put(dup_marks([message])[0], b"bad", db=env.open_db(b"unconfirmed", txn=txn))
+        txn.put(dup_marks([message])[0], bad, db=env.open_db(b"unconfirmed", txn=txn))
     env.close()
     store = Store(data_dir, CAP, expire_seconds=3600)
     try:  # what the daemon makes of it
