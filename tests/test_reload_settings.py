@@ -35,6 +35,8 @@ def test_expire_seconds_set_by_a_reload_removes_the_messages_stored_before(daemo
     """An operator whose store filled up (whenFull: reject) sets `expireSeconds` and reloads:
     the messages stored before, without an expiry, were stepped over for good."""
     notify.wait_for("READY=1", timeout=15)
+    with connect(str(daemon.socket_path)) as fx:  # READY=1 is the workers up, not subscribed
+        wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 20, "ingress subscribed")
     for i in range(3):
         publish(broker, INGRESS_TOPIC, f"old-{i}".encode())
     wait_for(lambda: len(inbox(daemon)) == 3, 15, "three stored messages")
@@ -125,16 +127,16 @@ def test_what_was_queued_online_keeps_its_rate_across_an_egress_restart(daemon, 
     burst queued online a backlog, drained at 2/s: minutes instead of seconds."""
     notify.wait_for("READY=1", timeout=15)
     edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(
-        drainingFrequency=2, publishRatePerSecond=100))
+        drainingFrequency=2, publishRatePerSecond=20))
     reload(daemon, notify)
     with connect(str(daemon.socket_path)) as fx:
         wait_for(lambda: fx.status()["mqtt"]["egress"].get("connected"), 20, "egress up")
-        for i in range(1500):  # a burst, queued while the link is up
-            fx.publish(f"burst {i}".encode())
+        for i in range(600):  # a burst, queued while the link is up (a loaded CI machine's
+            fx.publish(f"burst {i}".encode())  # API took 15 s for 1,500: the rate stays low)
         backlog = fx.status()["outbox"]["count"]
-        assert backlog > 300, backlog  # still draining, at 100/s
+        assert backlog > 200, backlog  # still draining, at 20/s
         edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(keepAliveSeconds=45))
         assert "config reloaded" in reload(daemon, notify)
-        # at 100/s what is left takes < 15 s (and the egress restart); at 2/s, minutes
-        wait_for(lambda: fx.status()["outbox"]["count"] == 0, 40,
+        # at 20/s what is left takes < 30 s (and the egress restart); at 2/s, minutes
+        wait_for(lambda: fx.status()["outbox"]["count"] == 0, 60,
                  f"the {backlog} entries queued online to drain at publishRatePerSecond")

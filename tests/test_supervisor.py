@@ -414,6 +414,8 @@ def test_worker_crashing_at_start_backs_off_then_the_daemon_gives_up(daemon_conf
 def test_sigterm_under_ingress_load_loses_nothing(daemon, notify, daemon_config, broker, tmp_path):
     """Stop the daemon mid-flood, start it again: every message is stored exactly once."""
     notify.wait_for("READY=1", timeout=15)
+    with connect(str(daemon.socket_path)) as fx:  # READY=1 is the workers up, not subscribed
+        wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 20, "ingress subscribed")
     sent = write_lines(tmp_path / "lines", 3000)
     publisher = publish_lines(broker, INGRESS_TOPIC, tmp_path / "lines")
     data_dir = tmp_path / "etc" / "data"
