@@ -19,7 +19,8 @@ from cryptography.x509.oid import NameOID
 from flashlexd.checkcerts import certificate_validity
 from flashlexd.config import load
 from flashlexd.checkprobe import PROBE_KEY, probe_topic
-from tests.broker import INGRESS_TOPIC, THING, Broker, Certs, Identity, free_port, open_store, write_config
+from tests.broker import (INGRESS_TOPIC, THING, Broker, Certs, Identity, free_port, open_store, wait_for,
+                          write_config)
 
 STEPS = ["config", "keys", "broker", "mqtt", "probe", "store"]
 LINE = re.compile(r"^(ok|FAIL|skip) +(\w+): (.*)$")
@@ -83,6 +84,26 @@ def test_every_step_passes_against_the_real_broker(broker: Broker, tmp_path: Pat
     open_store(config).close()
     steps, _ = parse(run_check(config))
     assert steps["store"][1].startswith(f"store in {data_dir} opens: 0 messages in the inbox")
+
+
+def test_the_store_of_a_running_daemon_is_opened_but_its_pages_not_walked(broker: Broker,
+                                                                          tmp_path: Path) -> None:
+    """`check` walked every page of data.mdb by reading the file, with no reader slot, while a
+    running daemon's commits free and reuse pages: a live store could read as damaged."""
+    from tests.daemon import Daemon
+    config = write_config(tmp_path / "thing", broker)
+    daemon = Daemon(config, tmp_path / "run").start()
+    try:
+        data_dir = load(str(config)).store.data_dir
+        wait_for(lambda: (data_dir / "data.mdb").exists() and daemon.socket_path.exists(), 20,
+                 "the daemon's store and socket")
+        steps, _ = parse(run_check(config))
+        assert steps["store"][0] == "ok", steps["store"]
+        assert f"flashlexd (pid {daemon.pid}) is running it: pages not walked" in steps["store"][1]
+    finally:
+        daemon.stop()
+    steps, _ = parse(run_check(config))  # stopped: walked, as before
+    assert steps["store"][0] == "ok" and "is running" not in steps["store"][1], steps["store"]
 
 
 def test_the_check_speaks_the_configured_protocol(broker: Broker, tmp_path: Path) -> None:
