@@ -16,12 +16,13 @@ and says whose it is.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 DATA_DIR_MODE = 0o700
 SOCKET_DIR_MODE = 0o755  # reaching the socket is decided by the socket's own mode and SO_PEERCRED
@@ -187,14 +188,27 @@ def _pid_in(fd: int) -> str:
 
 def holder(data_dir: Path) -> Optional[str]:
     """The pid of the daemon holding `data_dir`'s lock, or None; writes nothing."""
+    with holding_off(data_dir) as running:
+        return running
+
+
+@contextlib.contextmanager
+def holding_off(data_dir: Path) -> Iterator[Optional[str]]:
+    """The pid of the daemon holding `data_dir`'s lock (None: none), and while none does, a
+    shared hold on the lock until the block ends, so that no daemon starts meanwhile (its
+    start fails with AlreadyRunning): `store verify` and `recover` read the file beside no
+    writer. Writes nothing (no lock file: no daemon ever ran there)."""
     try:
         fd = os.open(Path(data_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return None
+        yield None
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _pid_in(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield _pid_in(fd)
+            return
+        yield None
     finally:
         os.close(fd)
-    return None

@@ -52,16 +52,15 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from flashlexd import paths, storetools  # lmdb: loaded only for this command
 
-    running = paths.holder(data_dir)
-    if running:  # its writes could reuse pages under these readers, which take no LMDB slots
-        print(f"flashlexd: a flashlexd (pid {running}) is running on data dir {data_dir}:"
-              f" stop it first", file=sys.stderr)
-        return EXIT_DAMAGED
-
-    if args.action == "verify":
-        ok, lines = storetools.verify(data_dir)
-    else:
-        ok, lines = storetools.recover(data_dir, Path(args.to).resolve(), cap)
+    with paths.holding_off(data_dir) as running:  # and none starts until the end
+        if running:  # its writes could reuse pages under these readers, which take no LMDB slots
+            print(f"flashlexd: a flashlexd (pid {running}) is running on data dir {data_dir}:"
+                  f" stop it first", file=sys.stderr)
+            return EXIT_DAMAGED
+        if args.action == "verify":
+            ok, lines = storetools.verify(data_dir)
+        else:
+            ok, lines = storetools.recover(data_dir, Path(args.to).resolve(), cap)
     for line in lines[:-1]:
         print(line)
     print(lines[-1], file=sys.stdout if ok else sys.stderr)

@@ -184,6 +184,21 @@ def test_a_second_daemon_on_the_same_data_dir_exits_naming_the_first(daemon_conf
     assert paths.holder(daemon_config.parent / "data") is None  # the lock went with it
 
 
+def test_no_daemon_starts_on_a_data_dir_while_store_verify_reads_it(daemon_config, tmp_path):
+    """`store verify`/`recover` asked whether a daemon held the lock, then read the file without
+    holding anything: a daemon started meanwhile wrote under readers that take no LMDB slot."""
+    data_dir = daemon_config.parent / "data"
+    first = Daemon(daemon_config, tmp_path).start()  # a daemon ran here once: the lock file is there
+    wait_for(lambda: paths.holder(data_dir) == str(first.pid), 20, "the daemon's lock")
+    first.stop()
+    wait_for(lambda: first.proc.poll() is not None, 10, "the daemon to stop")
+    with paths.holding_off(data_dir) as running:
+        assert running is None
+        with pytest.raises(paths.AlreadyRunning):
+            paths.DataDirLock(data_dir).acquire()
+    paths.DataDirLock(data_dir).acquire().release()  # free again once verify is done
+
+
 def test_lock_is_not_inherited_by_workers(daemon_config, tmp_path):
     """Only the supervisor holds the lock: a worker surviving it must not keep the data dir."""
     notify = NotifyListener(tmp_path / "notify.sock")
