@@ -315,6 +315,9 @@ class Connection:
         if self.fresh_client or self._rebuild:
             self._rebuild = False
             self.client = self._build()
+        # the CONNECT carries our keepalive: a client kept across links still has the last
+        # CONNACK's Server Keep Alive, and a broker that sends none takes the CONNECT's
+        self.client._keepalive = self.thing.mqtt.keepalive
         self._errors.take()
         self.client.enable_logger(self._errors)  # until CONNACK: why an attempt failed
         self.dialer = Dialer(self.thing.endpoint, self.thing.mqtt.port, self.context, self.timeout,

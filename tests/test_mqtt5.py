@@ -395,6 +395,25 @@ def test_the_brokers_server_keep_alive_is_honoured(certs, tmp_path: Path) -> Non
         broker.close()
 
 
+def test_a_client_kept_across_links_offers_our_keepalive_at_each_connect(certs, tmp_path: Path) -> None:
+    """The ingress keeps one paho client across links, and paho sends its `_keepalive` in the
+    next CONNECT: the last CONNACK's Server Keep Alive (10). mosquitto took 10 and sent no
+    Server Keep Alive, our side went back to pinging every 30 s, and mosquitto closed the idle
+    link after 15 s of silence, after every reconnect (found by review)."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_keepalive 10"]).start()
+    try:
+        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p.run_until(lambda: connections(p) == 1, 10, "connected")
+        for n in (2, 3):
+            p.connection._abort_socket()  # a network drop
+            p.run_until(lambda: connections(p) == n, 15, f"connection {n}")
+        assert broker.log_text().count(f"as {THING}-probe (p5, c0, k30") == 3, broker.log_text()[-2000:]
+        assert p.connection.keepalive == 10 and p.connection.client._keepalive == 10
+        p.connection.close(2)
+    finally:
+        broker.close()
+
+
 def test_the_expiry_worker_expires_messages_by_their_own_expiry_alone(broker: Broker, tmp_path: Path,
                                                                       start_worker) -> None:
     config = write_config(tmp_path / "config", broker, db={"sweepSeconds": 0.2})  # no expireSeconds
