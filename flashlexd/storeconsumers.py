@@ -243,13 +243,18 @@ class ConsumerStore:
             stored = self._consumers_in(txn)
             declared = {spec.name for spec in specs}
             created = []
+            narrowed = []  # (as it was, as it is now): a filter that may no longer match what it held
             for spec in specs:
                 consumer = stored.get(spec.name)
                 if consumer is None:
                     consumer = ConsumerState(spec.name, last_seen=now)
                     created.append(spec.name)
+                elif consumer.filter != spec.filter:
+                    narrowed.append((ConsumerState.unpack(consumer.name.encode(), consumer.pack()), consumer))
                 consumer.filter, consumer.max_backlog, consumer.dynamic = spec.filter, spec.max_backlog, False
                 self._save(txn, consumer)
+            for before, after in narrowed:
+                self._release_unmatched(txn, before, after, stored)
             for consumer in stored.values():
                 if not consumer.dynamic and consumer.name not in declared:
                     consumer.dynamic, consumer.last_seen = True, now
@@ -257,6 +262,20 @@ class ConsumerStore:
             return created
 
         return self._write(work)  # type: ignore[return-value]
+
+    def _release_unmatched(self, txn: lmdb.Transaction, before: ConsumerState, after: ConsumerState,
+                           consumers: Consumers) -> None:
+        """A reload changed a consumer's filter: the messages past its floor it held under the old
+        filter (unacked) and no longer matches leave if every consumer matching them now is done
+        with them (their acks found it holding them, and nothing else would take them out)."""
+        others = [d for d in consumers.values() if d.name != after.name]
+
+        def held(key: bytes, topic: str) -> bool:
+            return before.matches(topic) and not after.matches(topic) and \
+                not self._acked(txn, before, key) and any(d.matches(topic) for d in others)
+
+        for key, topic in self._records(txn, before.floor, _MAX_ID, held):
+            self._leave_if_settled(txn, key, topic, others)
 
     @guarded
     def consumer_register(self, name: str, now: float) -> bool:
