@@ -131,12 +131,12 @@ def test_what_was_queued_online_keeps_its_rate_across_an_egress_restart(daemon, 
     reload(daemon, notify)
     with connect(str(daemon.socket_path)) as fx:
         wait_for(lambda: fx.status()["mqtt"]["egress"].get("connected"), 20, "egress up")
-        for i in range(600):  # a burst, queued while the link is up (a loaded CI machine's
+        for i in range(300):  # a burst, queued while the link is up (a loaded CI machine's
             fx.publish(f"burst {i}".encode())  # API took 15 s for 1,500: the rate stays low)
         backlog = fx.status()["outbox"]["count"]
-        assert backlog > 200, backlog  # still draining, at 20/s
+        assert backlog > 100, backlog  # still draining, at 20/s
         edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(keepAliveSeconds=45))
         assert "config reloaded" in reload(daemon, notify)
-        # at 20/s what is left takes < 30 s (and the egress restart); at 2/s, minutes
-        wait_for(lambda: fx.status()["outbox"]["count"] == 0, 60,
+        # at 20/s what is left takes < 15 s (and the egress restart); at 2/s, minutes
+        wait_for(lambda: fx.status()["outbox"]["count"] == 0, 40,
                  f"the {backlog} entries queued online to drain at publishRatePerSecond")
