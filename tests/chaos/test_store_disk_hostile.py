@@ -627,7 +627,9 @@ PAIRS = 16 if FULL else 9  # hostile phases the stream lasts for (within STREAM_
 STREAM_MAX = 2_000_000  # 16 pairs of 1 s at ingress's ~35k msg/s here took over 1,000,000
 CHUNK = 60_000  # messages a mosquitto_pub (past 65535 its packet ids wrap and it loses some)
 GUARD = 0.05  # seconds after a storm (or a hostile phase) counted as neither (the server's tail)
-STORM_CPU_MAX = 0.15  # supervisor CPU seconds a storm may cost: 72-78 ms measured here
+# supervisor CPU seconds a storm may cost: 72-92 ms measured here on Python 3.11, 125-159 ms on
+# 3.9 (its interpreter is slower; 0.15 failed CI there); the parser's pre-pass missing cost 507
+STORM_CPU_MAX = 0.25
 
 
 class Attacker:
