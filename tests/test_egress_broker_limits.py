@@ -120,7 +120,7 @@ def test_a_server_keep_alive_of_an_earlier_connection_does_not_outlive_it(certs,
         worker = start_worker("egress", config)
         wait_for(lambda: broker.connects >= 2, 15, "the second connection")
         with pytest.raises(AssertionError):  # 3 s, the stale deadline, and more: no new connection
-            wait_for(lambda: broker.connects > 2 or "no answer from" in worker.log_text(), 7, "a reconnect")
+            wait_for(lambda: broker.connects > 2 or "no answer from" in worker.log_text(), 5, "a reconnect")
         assert worker.stop() == 0
     finally:
         broker.close()

@@ -146,7 +146,7 @@ def test_server_keep_alive_0_does_not_make_an_idle_link_look_dead(certs, tmp_pat
         worker = start_worker("ingress", config)
         worker.wait_connected()
         with pytest.raises(AssertionError):  # 1.5 x keepalive and more: no new connection
-            wait_for(lambda: lax.connects > 1, 6, "a reconnect")
+            wait_for(lambda: lax.connects > 1, 4.5, "a reconnect")
         assert "no answer from" not in worker.log_text(), worker.log_text()
         assert worker.stop() == 0
     finally:
