@@ -57,7 +57,7 @@ class Redeliveries:
             raw = txn.get(digest, db=self.unconfirmed)
             if raw is None:
                 continue
-            count, seq, link, taken = _mark(raw)
+            count, seq, link, taken = decode_mark(raw)
             if count > 1:  # a confirmation is of a copy the connection it came on accounted for
                 txn.put(digest, MARK.pack(count - 1, seq, link, max(0, taken - 1)), db=self.unconfirmed)
             else:
@@ -83,7 +83,7 @@ class Redeliveries:
                 mark = marks.get(digest)
                 if mark is None:
                     raw = txn.get(digest, db=self.unconfirmed)
-                    count, _, link, taken = _mark(raw) if raw else (0, 0, 0, 0)
+                    count, _, link, taken = decode_mark(raw) if raw else (0, 0, 0, 0)
                     mark = marks[digest] = [count, link, taken]
                 if links:
                     if mark[1] != links[i]:  # none accounted for on this connection yet
@@ -115,11 +115,7 @@ class Redeliveries:
         stamps stay in the boot's first frame), so it is not; a duplicate stored is the
         lesser harm."""
         raw = txn.get(b"k" + key, db=self.dedupe)
-        if raw is None:
-            return False
-        if len(raw) != _MS.size:
-            raise CorruptRecord(f"a dedupe key stamp of {len(raw)} bytes")
-        return since <= _MS.unpack(raw)[0] <= now_ms + _AHEAD_TOLERANCE_MS
+        return raw is not None and since <= decode_stamp(raw) <= now_ms + _AHEAD_TOLERANCE_MS
 
     def _remember(self, txn: lmdb.Transaction, keys: Dict[bytes, None], now_ms: int,
                   since: int) -> None:
@@ -152,7 +148,7 @@ class Redeliveries:
         cursor = txn.cursor(db=self.unconfirmed)
         more = cursor.first()
         while more:
-            if _mark(cursor.value())[1] < oldest_kept:
+            if decode_mark(cursor.value())[1] < oldest_kept:
                 more = cursor.delete() and cursor.key() != b""  # deleting moves to the next
             else:
                 more = cursor.next()
@@ -171,7 +167,14 @@ class Redeliveries:
         return [(d, MARK.pack(*counts[d], 0, 0)) for d in sorted(counts)]
 
 
-def _mark(raw: bytes) -> Tuple[int, int, int, int]:
+def decode_stamp(raw: bytes) -> int:
+    """The milliseconds of a dedupe key's stamp (`k` entries); a damaged one is reported as damage."""
+    if len(raw) != _MS.size:
+        raise CorruptRecord(f"a dedupe key stamp of {len(raw)} bytes")
+    return _MS.unpack(raw)[0]
+
+
+def decode_mark(raw: bytes) -> Tuple[int, int, int, int]:
     """(count, seq, link, taken) of an `unconfirmed` value; a damaged one is reported as damage."""
     if len(raw) == MARK.size:
         return MARK.unpack(raw)

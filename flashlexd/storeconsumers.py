@@ -9,7 +9,7 @@ state or the new one, never a message removed early or a consumer's ack lost.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lmdb
@@ -250,7 +250,7 @@ class ConsumerStore:
                     consumer = ConsumerState(spec.name, last_seen=now)
                     created.append(spec.name)
                 elif consumer.filter != spec.filter:
-                    narrowed.append((ConsumerState.unpack(consumer.name.encode(), consumer.pack()), consumer))
+                    narrowed.append((replace(consumer), consumer))  # a copy with a memo of its own
                 consumer.filter, consumer.max_backlog, consumer.dynamic = spec.filter, spec.max_backlog, False
                 self._save(txn, consumer)
             for before, after in narrowed:

@@ -47,7 +47,6 @@ COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received
                       b"acked", b"acked_offset", b"expired", b"dropped_full", b"purged", b"queued",
                       b"sent"})
 _ID = struct.Struct(">Q")
-_MARK_BYTES, _OLD_MARK_BYTES = redelivery.MARK.size, 12  # a DUP mark, and one of before links were counted
 ENTRIES = 6  # index of md_entries in an MDB_db
 UNKNOWN = -1  # records lost: the database's own record is unreadable
 
@@ -97,15 +96,15 @@ def record_problem(name: str, key: bytes, value: bytes) -> Optional[str]:
         return f"a DUP mark of {len(value)} bytes"
     if name == "meta" and key in COUNTERS and len(value) != 8:
         return f"a counter of {len(value)} bytes"
-    if name == "unconfirmed" and len(value) not in (_OLD_MARK_BYTES, _MARK_BYTES):  # redelivery._mark
-        return f"an unconfirmed-message mark of {len(value)} bytes"
-    if name == "dedupe" and key[:1] == b"k" and len(value) != 8:
-        return f"a dedupe key stamp of {len(value)} bytes"
-    if name == "consumers":
-        try:
+    try:  # what the store itself decodes, by its own decoders
+        if name == "unconfirmed":
+            redelivery.decode_mark(value)
+        elif name == "dedupe" and key[:1] == b"k":
+            redelivery.decode_stamp(value)
+        elif name == "consumers":
             ConsumerState.unpack(key, value)
-        except CorruptRecord as exc:
-            return str(exc)
+    except CorruptRecord as exc:
+        return str(exc)
     return None
 
 
