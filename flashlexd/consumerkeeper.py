@@ -17,6 +17,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from flashlexd.configconsumers import ConsumerSettings
+from flashlexd.consumers import NoRoomForConsumer
 from flashlexd.store import Store, StoreDamaged, StoreError
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,15 @@ class ConsumerKeeper:
     def declare(self) -> None:
         self._sweep = None  # a sweep under way starts again on the store and settings as now
         try:
-            created = self._store().consumer_declare(self._settings().declared, time.time())
+            declared = self._store().consumer_declare(self._settings().declared, time.time())
         except StoreError as exc:
             self._failed("declaring the configured consumers", exc)
             return
-        for name in created:
+        for name in declared.created:
             log.info("consumer %r declared: it starts at the earliest stored message", name)
+        for name in declared.refused:
+            log.error("flashlex.app.consumers.%s: %s; it is declared again at the next reload", name,
+                      NoRoomForConsumer(name))
 
     def tick(self, now: float) -> None:
         """One step of the sweep when one is under way or due (`Store.consumers_upkeep`): a

@@ -34,7 +34,13 @@ class UnknownConsumer(StoreError):
 
 
 class NoRoomForConsumer(UnknownConsumer):
-    """An app named a new consumer while MAX_CONSUMERS are stored."""
+    """A new consumer was named (by an app, or declared by the config) while MAX_CONSUMERS are
+    stored."""
+
+    def __init__(self, name: str):
+        super().__init__(f"no room for a new consumer {name!r}: {MAX_CONSUMERS} are stored, the most"
+                         " there may be (a dynamic one goes when unused for consumerIdleDays, or by"
+                         " `flashlexctl consumers remove NAME`)")
 
 
 def valid_name(name: object) -> bool:

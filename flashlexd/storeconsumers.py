@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import lmdb
 from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec, ConsumerState, NoRoomForConsumer, UnknownConsumer
@@ -36,6 +36,12 @@ COUNT_STEP = 1000
 # ms at 200 (a step 2.5-3.3 ms at 500,000 stored, then the status's recount); twice the commits
 RESET_STEP = 100
 Consumers = Dict[str, ConsumerState]
+
+
+class Declared(NamedTuple):
+    """What `consumer_declare` did: the consumers it created, and those it had no room for."""
+    created: List[str]
+    refused: List[str]
 
 
 @dataclass
@@ -235,20 +241,24 @@ class ConsumerStore:
     # -- registration -------------------------------------------------------------------------
 
     @guarded
-    def consumer_declare(self, specs: Sequence[ConsumerSpec], now: float) -> List[str]:
+    def consumer_declare(self, specs: Sequence[ConsumerSpec], now: float) -> Declared:
         """Make the stored consumers agree with the config: declared ones are created (from the
         earliest stored message) or get the config's filter and maxBacklog; a consumer no longer
-        declared becomes dynamic (the idle rule then removes it). Returns the new names."""
-        def work(txn: lmdb.Transaction) -> List[str]:
+        declared becomes dynamic (the idle rule then removes it). A new one beyond MAX_CONSUMERS
+        stored (apps registered the rest) is not created: it is named in `refused`."""
+        def work(txn: lmdb.Transaction) -> Declared:
             stored = self._consumers_in(txn)
             declared = {spec.name for spec in specs}
-            created = []
+            result = Declared([], [])
             narrowed = []  # (as it was, as it is now): a filter that may no longer match what it held
             for spec in specs:
                 consumer = stored.get(spec.name)
+                if consumer is None and len(stored) + len(result.created) >= MAX_CONSUMERS:
+                    result.refused.append(spec.name)
+                    continue
                 if consumer is None:
                     consumer = ConsumerState(spec.name, last_seen=now)
-                    created.append(spec.name)
+                    result.created.append(spec.name)
                 elif consumer.filter != spec.filter:
                     narrowed.append((replace(consumer), consumer))  # a copy with a memo of its own
                 consumer.filter, consumer.max_backlog, consumer.dynamic = spec.filter, spec.max_backlog, False
@@ -259,7 +269,7 @@ class ConsumerStore:
                 if not consumer.dynamic and consumer.name not in declared:
                     consumer.dynamic, consumer.last_seen = True, now
                     self._save(txn, consumer)
-            return created
+            return result
 
         return self._write(work)  # type: ignore[return-value]
 
@@ -284,9 +294,7 @@ class ConsumerStore:
         def work(txn: lmdb.Transaction) -> bool:
             raw = txn.get(name.encode(), db=self._consumer_db)
             if raw is None and txn.stat(self._consumer_db)["entries"] >= MAX_CONSUMERS:
-                raise NoRoomForConsumer(f"no room for a new consumer {name!r}: {MAX_CONSUMERS} are stored,"
-                                        " the most there may be (a dynamic one unused for consumerIdleDays"
-                                        " is removed)")
+                raise NoRoomForConsumer(name)
             consumer = ConsumerState(name) if raw is None else ConsumerState.unpack(name.encode(), raw)
             consumer.last_seen = now
             self._save(txn, consumer)

@@ -183,6 +183,21 @@ def test_apps_register_consumers_only_while_fewer_than_the_most_are_stored(harne
     assert len(harness.store.consumers_report()) == MAX_CONSUMERS
 
 
+def test_a_declared_consumer_with_no_room_left_is_refused_with_the_reason(harness: Harness):
+    """A consumer declared by a reload while apps hold every other place: its app is told why
+    (it was neither stored nor refused: the declare stored a 65th)."""
+    from flashlexd.consumers import MAX_CONSUMERS
+    for i in range(MAX_CONSUMERS - len(DECLARED)):
+        harness.store.consumer_register(f"app{i}", time.time())
+    late = ConsumerSettings(DECLARED + (ConsumerSpec("late", "cmd/#"),))
+    harness.rules = dataclasses.replace(harness.rules, consumers=late)
+    with connect(harness.path, consumer="late") as app:
+        with pytest.raises(RpcError) as info:
+            app.messages(limit=1)
+    assert info.value.code == "bad_params" and "no room for a new consumer 'late'" in str(info.value)
+    assert len(harness.store.consumers_report()) == MAX_CONSUMERS
+
+
 @pytest.mark.parametrize("paged", [True, False])
 def test_a_parked_wait_gets_a_replay_of_its_consumer_at_once_and_first(harness: Harness, paged: bool):
     """A wait parked at the inbox's end stands past the messages a replay gives back: it was

@@ -18,7 +18,7 @@ from flashlexd.clock import Reading
 from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.ipc.methods import SCAN_BUDGET
 from flashlexd.storeconsumers import COMMIT_STEP, COUNT_STEP, FLOOR_HINT, WALK_BUDGET, FloorCatchUp
-from flashlexd.consumers import ConsumerSpec, UnknownConsumer
+from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec, UnknownConsumer
 from flashlexd.store import SCHEMA_VERSION, Incoming, Store, StoreDamaged
 
 CAP = 64 * 1024 * 1024
@@ -227,6 +227,29 @@ def test_an_undeclared_consumer_becomes_dynamic(store: Store):
     assert store.consumer_state("a").dynamic is False
     declare(store)
     assert store.consumer_state("a").dynamic is True
+
+
+def test_a_declared_consumer_beyond_the_most_stored_is_refused_by_name_not_stored(store: Store, caplog):
+    """Apps registered all but one of the 64 places: a reload declaring two new consumers stored
+    both (65), over the cap the README promises for declared and registered together. The one
+    that fits is stored, the other is named once in an ERROR, and the rest of the reload (a
+    changed filter) still applies."""
+    store.consumer_register("first", NOW)
+    for i in range(MAX_CONSUMERS - 2):
+        store.consumer_register(f"app{i}", NOW)
+    settings = ConsumerSettings((ConsumerSpec("first", "a/#"), ConsumerSpec("fits"), ConsumerSpec("over")))
+    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0, start_grace=0)
+    with caplog.at_level(logging.INFO, logger="flashlexd.consumerkeeper"):
+        keeper.declare()
+    assert len(store.consumers_report()) == MAX_CONSUMERS and store.consumer_state("over") is None
+    assert store.consumer_state("fits") is not None and store.consumer_state("first").filter == "a/#"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["flashlex.app.consumers.over: no room for a new consumer 'over': 64 are stored, the"
+                      " most there may be (a dynamic one goes when unused for consumerIdleDays, or by"
+                      " `flashlexctl consumers remove NAME`); it is declared again at the next reload"]
+    while store.consumer_remove_step("app0", NOW + 1) is None:
+        pass
+    assert store.consumer_declare(list(settings.declared), NOW) == (["over"], [])
 
 
 def write_schema3_store(path: Path) -> List[int]:

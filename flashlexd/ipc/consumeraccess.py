@@ -14,7 +14,7 @@ import time
 from typing import Any, Optional
 
 from flashlexd.configconsumers import ConsumerSettings
-from flashlexd.consumers import NAME_RULE, valid_name
+from flashlexd.consumers import NAME_RULE, NoRoomForConsumer, valid_name
 from flashlexd.ipc.protocol import RpcFailure
 from flashlexd.store import Store
 from flashlexd.wire import Code
@@ -40,7 +40,8 @@ class ConsumerAccess:
         state = self.store.consumer_state(name)
         now = time.time()
         if state is None and spec is not None:
-            self.store.consumer_declare(self.settings.declared, now)  # declared, not yet stored
+            if name in self.store.consumer_declare(self.settings.declared, now).refused:  # not yet stored
+                raise NoRoomForConsumer(name)
         elif state is None:
             if not self.settings.allow_dynamic:
                 raise RpcFailure(Code.BAD_PARAMS, f"{method}: no consumer named {name!r}: declare it"
