@@ -109,18 +109,23 @@ class DialedClient(paho.Client):
         a broker keeping our session resends that same PUBLISH first on every new connection,
         so one bad message stopped all ingest. Its remaining length framed it, so the stream
         is intact: it is handed to `on_malformed_publish` (acknowledged there when its packet
-        id can be read; else left unacknowledged, costing one slot of the broker's window)."""
+        id can be read; else left unacknowledged, costing one slot of the broker's window).
+        An MQTT 5 PUBLISH with an empty topic is one too: it names its topic by a Topic Alias,
+        which our CONNECT allows none of (paho would hand it on with the topic '')."""
         qos = (self._in_packet["command"] >> 1) & 3
-        if qos != 3:
+        packet = self._in_packet["packet"]  # paho reads it without changing it
+        if qos == 3:
+            why = "QoS 3"
+        elif self._protocol == paho.MQTTv5 and packet[:2] == b"\0\0":
+            why = "empty topic (a Topic Alias, and we allow none)"
+        else:
             try:
                 return super()._handle_publish()
             except MalformedPacket as exc:
                 why = str(exc) or "malformed"
-        else:
-            why = "QoS 3"
         if self.on_malformed_publish is None:
             raise MalformedPacket(why)
-        packet = bytes(self._in_packet["packet"])  # paho reads it without changing it
+        packet = bytes(packet)
         size = int.from_bytes(packet[:2], "big") if len(packet) >= 2 else len(packet)
         topic = packet[2:2 + size]
         mid = -1  # unreadable: not acknowledged

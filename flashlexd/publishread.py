@@ -11,7 +11,8 @@ stops at anything else (another packet type, QoS 2, a packet cut by the end of t
 anything paho would call malformed) and leaves it to paho, which handles it as before. A
 non-empty MQTT 5 property block is decoded by paho's own `Properties.unpack`, so properties
 are paho's to the byte. QoS 2 never comes (the ingress subscribes at QoS 1), nor do topic
-aliases (our CONNECT sets no Topic Alias Maximum); either would still get what paho gives it.
+aliases (our CONNECT sets no Topic Alias Maximum); either would still get what paho gives it
+(an empty topic is left to `DialedClient._handle_publish`, which calls it malformed).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def parse_publishes(data: bytes, at: int, v5: bool, limit: int, found: List[Publ
         topic = data[pos + 2:pos + 2 + size]
         pos += 2 + size
         qos = (header >> 1) & 1
-        if pos + 2 * qos > stop or (not size and not v5):  # MQTT 3.1.1 forbids an empty topic
+        if pos + 2 * qos > stop or not size:  # an empty topic: malformed, or a Topic Alias
             break
         mid = 0
         if qos:

@@ -98,6 +98,9 @@ MALFORMED: Dict[str, Tuple[Callable[[int], Packet], str, bool]] = {
                                "5", True),
     "nul-in-content-type": (lambda mid: publish(T, b"nulct", mid, props=b"\x05\x03\x00\x02a\x00"), "5", True),
     "subscription-id-0": (lambda mid: publish(T, b"subid0", mid, props=b"\x02\x0b\x00"), "5", True),
+    # a Topic Alias for the topic: our CONNECT allows none (it was stored under the topic '')
+    "empty-topic-alias-v5": (lambda mid: publish(b"", b"alias", mid, props=b"\x03\x23\x00\x01"), "5", True),
+    "empty-topic-v5": (lambda mid: publish(b"", b"noalias", mid), "5", True),
 }
 
 
