@@ -35,11 +35,15 @@ class UnsafePath(Exception):
 
 
 class AlreadyRunning(Exception):
-    """Another daemon holds the data dir's lock."""
+    """Another daemon holds the data dir's lock, or (pid None) `store verify`/`recover` do."""
 
-    def __init__(self, data_dir: Path, pid: str):
-        super().__init__(f"another flashlexd (pid {pid}) is running on data dir {data_dir}:"
-                         f" stop it first, or use another --data-dir")
+    def __init__(self, data_dir: Path, pid: Optional[str]):
+        if pid is None:
+            super().__init__(f"data dir {data_dir} is being read by `flashlexd store verify` or"
+                             " `store recover`: start flashlexd once it has ended")
+        else:
+            super().__init__(f"another flashlexd (pid {pid}) is running on data dir {data_dir}:"
+                             f" stop it first, or use another --data-dir")
         self.pid = pid
 
 
@@ -168,7 +172,7 @@ class DataDirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = _pid_in(fd)
+            pid = None if _only_shared_holds(fd) else _pid_in(fd)  # the file has the last daemon's
             os.close(fd)
             raise AlreadyRunning(self.path.parent, pid) from None
         os.ftruncate(fd, 0)
@@ -180,6 +184,16 @@ class DataDirLock:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the flock; the file stays (unlinking would race)
             self.fd = None
+
+
+def _only_shared_holds(fd: int) -> bool:
+    """Whether the lock that refused us is held shared only (`holding_off`), not by a daemon;
+    the shared hold taken to find out goes with `fd`'s close."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _pid_in(fd: int) -> str:

@@ -194,8 +194,10 @@ def test_no_daemon_starts_on_a_data_dir_while_store_verify_reads_it(daemon_confi
     wait_for(lambda: first.proc.poll() is not None, 10, "the daemon to stop")
     with paths.holding_off(data_dir) as running:
         assert running is None
-        with pytest.raises(paths.AlreadyRunning):
+        with pytest.raises(paths.AlreadyRunning) as refused:
             paths.DataDirLock(data_dir).acquire()
+    # it named the stopped daemon's pid, left in the lock file, as running
+    assert str(first.pid) not in str(refused.value) and "store verify" in str(refused.value)
     paths.DataDirLock(data_dir).acquire().release()  # free again once verify is done
 
 
