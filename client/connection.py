@@ -17,7 +17,7 @@ from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, Permissio
                                      ProtocolError, RpcError, RpcTimeout)
 from flashlexd.client.message import Message, OutboxEntry
 from flashlexd.client.wire import (DEFAULT_SOCKET, HEADER, MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME,
-                                   PROTOCOL_VERSION, SOCKET_ENV, encode_frame)
+                                   MAX_WAIT_SECONDS, PROTOCOL_VERSION, SOCKET_ENV, encode_frame)
 
 IdLike = Union[int, str, Message]
 
@@ -68,7 +68,7 @@ class Client:
     def __init__(self, path: Optional[str] = None, timeout: float = 10.0,
                  consumer: Optional[str] = None):
         self.path = socket_path(path)
-        self.timeout = timeout
+        self.timeout = seconds(timeout, "timeout")
         self.consumer = consumer  # None: the default consumer (the shared inbox)
         self._sock: Optional[socket.socket] = None
         self._poller = select.poll()
@@ -288,14 +288,16 @@ class Client:
         # a wait whose time ran out mid-walk: the same wait again goes on from there (what it
         # passed matched nothing), so short waits in a loop still get through a large inbox
         resume = None if wait is None else repr(sorted(params.items()))
-        if resume is not None and resume in self._resume:
-            params["after"] = self._resume.pop(resume)
+        resumed = None if resume is None else self._resume.pop(resume, None)  # threads share it
+        if resumed is not None:
+            params["after"] = resumed
         found: List[Dict[str, Any]] = []
         while True:
             if deadline is None:
                 page = self.call("messages", paged=True, **params)
             else:
-                left = max(0.0, deadline - time.monotonic())
+                # the daemon waits at most MAX_WAIT_SECONDS a call: a longer wait is several calls
+                left = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
                 page = self.call("wait", _timeout=left + self.timeout, timeout=left, paged=True, **params)
             found += page["messages"]
             replayed = self._note_replays(page.get("replays"))
@@ -320,12 +322,12 @@ class Client:
             self._resume.clear()  # a timed-out walk's place stands past what comes back
         return replayed
 
-    def ack(self, ids: Iterable[IdLike]) -> int:
+    def ack(self, ids: Union[IdLike, Iterable[IdLike]]) -> int:
         """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went.
         For a named consumer: acknowledge them for it; a message leaves the inbox once every
         consumer whose filter matches it has acknowledged it (returns the new acks)."""
         named = {} if self.consumer is None else {"consumer": self.consumer}
-        return sum(self._in_chunks("ack", [_wire_id(i) for i in ids], **named))
+        return sum(self._in_chunks("ack", [_wire_id(i) for i in _listed(ids, (int, str, Message))], **named))
 
     def _in_chunks(self, method: str, wire: List[Any], **params: Any) -> List[Any]:
         """One call per MAX_IDS_PER_ACK ids (the daemon's bound on a call); their results."""
@@ -355,30 +357,30 @@ class Client:
         return self.call("publish", **params)["id"]
 
     def outbox(self, limit: int = 100, dead: bool = False,
-               after: Optional[int] = None) -> Dict[str, Any]:
+               after: Union[None, int, OutboxEntry] = None) -> Dict[str, Any]:
         """{"count", "dead", "oldest_age", "limit", "entries": [OutboxEntry, oldest first]}:
         the entries queued for the cloud or, with `dead=True`, the dead letters (entries the
         broker kept refusing, set aside with their `reason` and `attempts` so the rest of the
         outbox keeps flowing). `after` is an exclusive id, for paging."""
         params: Dict[str, Any] = {"limit": limit, "dead": dead}
         if after is not None:
-            params["after"] = int(after)
+            params["after"] = _entry_id(after)
         result = self.call("outbox", **params)
         result["entries"] = [OutboxEntry.from_wire(e) for e in result.get("entries", [])]
         return result
 
-    def retry(self, ids: Iterable[Union[int, OutboxEntry]]) -> List[int]:
+    def retry(self, ids: Union[int, OutboxEntry, Iterable[Union[int, OutboxEntry]]]) -> List[int]:
         """Move dead letters (ids or OutboxEntry records) back to the tail of the outbox, to be
         sent again with a fresh attempt count; ids that are not dead letters are skipped.
         Returns their new outbox ids."""
-        wire = [_entry_id(i) for i in ids]
+        wire = [_entry_id(i) for i in _listed(ids, (int, OutboxEntry))]
         return [new for chunk in self._in_chunks("retry", wire) for new in chunk]
 
-    def drop(self, ids: Iterable[Union[int, OutboxEntry]], dead: bool = False) -> int:
+    def drop(self, ids: Union[int, OutboxEntry, Iterable[Union[int, OutboxEntry]]], dead: bool = False) -> int:
         """Delete queued outbox entries or, with `dead=True`, dead letters; ids not in that
         list are skipped. Returns how many were deleted. A queued entry already handed to the
         broker may still be delivered."""
-        return sum(self._in_chunks("drop", [_entry_id(i) for i in ids], dead=dead))
+        return sum(self._in_chunks("drop", [_entry_id(i) for i in _listed(ids, (int, OutboxEntry))], dead=dead))
 
     def purge(self, confirm: bool = False) -> int:
         """Remove every inbox message; refused unless confirm=True. Returns how many."""
@@ -433,6 +435,21 @@ class Client:
                 yield message
             if self._replays != replays and replays is not None:
                 last = start
+
+
+def _listed(ids: Any, single: Tuple[type, ...]) -> Iterable[Any]:
+    """`ids` as a list of ids: one id alone is one, not its characters (`ack("12")` acked
+    messages 1 and 2); bytes are refused (their items are byte values)."""
+    if isinstance(ids, (bytes, bytearray, memoryview)):
+        raise TypeError("ids must be ids or a list of them, not bytes")
+    return [ids] if isinstance(ids, single) else ids
+
+
+def seconds(value: Any, name: str) -> float:
+    """A positive, finite number of seconds (a socket timeout), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _wire_id(value: IdLike) -> Union[int, str]:

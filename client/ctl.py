@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from flashlexd.client import __version__
-from flashlexd.client.connection import Client, socket_path
+from flashlexd.client.connection import Client, seconds, socket_path
 from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers
 from flashlexd.client.ctlview import (ago, health, jsonable, message_rows, oldest_text, plural, preview,
                                       render_status, table)
@@ -191,13 +191,21 @@ def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
                 fx.ack([m["id"] for m in batch])
 
 
+def _timeout(text: str) -> float:
+    """--timeout: a bad one is a usage error (-1 and inf were tracebacks from the socket)."""
+    try:
+        return seconds(float(text), "--timeout")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flashlexctl", description="Inspect and drive the local flashlexd.",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--socket", metavar="PATH",
                      help=f"API socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})")
     top.add_argument("--json", action="store_true", help="print the API's answer as JSON")
-    top.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default 10)")
+    top.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for an answer (default 10)")
     top.add_argument("--version", action="version",
                      version=f"flashlexctl {__version__} (protocol {PROTOCOL_VERSION})")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)

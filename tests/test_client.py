@@ -12,7 +12,7 @@ import pytest
 import flashlexd.client.connection as connection_module
 from flashlexd.client import (Client, DaemonNotRunning, Message, OutboxEntry, ProtocolError, RpcError,
                               connect)
-from flashlexd.client.wire import MAX_IDS_PER_ACK, Code
+from flashlexd.client.wire import MAX_IDS_PER_ACK, MAX_WAIT_SECONDS, Code
 
 try:
     from test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
@@ -72,6 +72,43 @@ def test_ack_by_id_pk_and_message_is_idempotent(harness, fx):
     assert fx.ack([ids[0], str(ids[1]), messages[2]]) == 3
     assert fx.ack(ids) == 0
     assert fx.messages() == []
+
+
+def test_one_id_alone_is_one_id_not_its_characters(harness, fx):
+    """`fx.ack(msg.pk)` iterated the string: ack("12") acked messages 1 and 2 and left 12; ack(b"12")
+    acked ids 49 and 50. One id, pk or Message alone is that one; bytes are refused."""
+    ids = harness.ingest(*[("t", b"%d" % n) for n in range(1, 61)])
+    twelfth = fx.messages()[11]
+    assert twelfth.pk == str(ids[11])
+    assert fx.ack(twelfth.pk) == 1 and fx.ack(ids[12]) == 1 and fx.ack(fx.messages()[11]) == 1
+    with pytest.raises(TypeError):
+        fx.ack(b"12")
+    assert [m.id for m in fx.messages(limit=100)] == ids[:11] + ids[14:]
+
+
+def test_one_outbox_entry_alone_is_retried_or_dropped(harness, fx):
+    first, second = fx.publish(b"a"), fx.publish(b"b")
+    assert fx.outbox(after=fx.outbox()["entries"][0])["entries"][0].id == second
+    assert fx.drop(first) == 1 and fx.drop(fx.outbox()["entries"][0]) == 1
+    assert fx.outbox()["entries"] == [] and second > first
+
+
+def test_a_wait_longer_than_the_daemons_bound_on_one_call_is_several_calls(harness, fx):
+    """The daemon waits at most MAX_WAIT_SECONDS a call: `wait(timeout=86400)` was bad_params."""
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(fx.wait(timeout=MAX_WAIT_SECONDS + 60)), daemon=True)
+    waiter.start()
+    wait_for(lambda: harness.call(lambda: harness.server.parked_count) == 1, 10, "the wait parked")
+    harness.ingest(("t", b"late"))
+    waiter.join(10)
+    assert [[m.payload for m in batch] for batch in got] == [[b"late"]]
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), float("inf"), None, "10"])
+def test_a_bad_timeout_is_refused_at_connect_with_its_name(harness, timeout):
+    """-1 was a ValueError out of settimeout; None a TypeError at the first call."""
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        connect(harness.path, timeout=timeout)
 
 
 def test_ack_splits_long_lists(harness, fx):

@@ -174,3 +174,11 @@ def test_formatting_helpers():
     assert ctlview.table(("A", "LONG"), [(1, "x"), (22, "y")], right=(0,)).splitlines() == \
         [" A  LONG", " 1  x", "22  y"]
     assert ctlview.jsonable({"p": b"ok", "q": [b"\xff"]}) == {"p": "ok", "q": [{"$base64": "/w=="}]}
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_a_usage_error_not_a_traceback(harness, value):
+    done = subprocess.run(CTL + ["--socket", harness.path, "--timeout", value, "status"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"argument --timeout: must be a positive number of seconds, got '{value}'" in done.stderr
