@@ -74,7 +74,7 @@ def cmd_publish(fx: Client, args: argparse.Namespace) -> int:
     else:  # surrogateescape: the argument's original bytes, even when they are not UTF-8
         payload = args.payload.encode("utf-8", "surrogateescape")
     params: Dict[str, Any] = {"payload": payload, "qos": args.qos, "retain": args.retain}
-    if args.topic:
+    if args.topic is not None:  # an empty one is the daemon's to refuse, not the default topic
         params["topic"] = args.topic
     result = fx.call("publish", **params)
     if args.json:
@@ -191,6 +191,17 @@ def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
                 fx.ack([m["id"] for m in batch])
 
 
+def _entry_id(text: str) -> int:
+    """An outbox entry or dead letter id as typed (msgpack cannot carry one past 64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an id from 1 to {2 ** 63 - 1}, got {text!r}")
+    return value
+
+
 def _timeout(text: str) -> float:
     """--timeout: a bad one is a usage error (-1 and inf were tracebacks from the socket)."""
     try:
@@ -232,10 +243,10 @@ def parser() -> argparse.ArgumentParser:
                         help="list the dead letters (entries the broker kept refusing) instead")
     actions = outbox.add_subparsers(dest="outbox_action", metavar="ACTION")
     retry = actions.add_parser("retry", help="move dead letters back to the tail of the outbox")
-    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter id(s)")
+    retry.add_argument("ids", nargs="*", type=_entry_id, metavar="ID", help="dead letter id(s)")
     retry.add_argument("--all", action="store_true", help="every dead letter")
     drop = actions.add_parser("drop", help="delete queued entries (with --dead: dead letters)")
-    drop.add_argument("ids", nargs="+", type=int, metavar="ID", help="entry id(s)")
+    drop.add_argument("ids", nargs="+", type=_entry_id, metavar="ID", help="entry id(s)")
     drop.add_argument("--dead", dest="drop_dead", action="store_true", help="the ids are dead letters")
     add_consumers_parser(sub)
     purge = sub.add_parser("purge", help="remove EVERY inbox message (needs --yes)")

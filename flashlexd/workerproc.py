@@ -159,6 +159,12 @@ class WorkerProcess:
         how = describe_exit(status)
         planned = self.state is State.STOPPING
         self.pid, self.kill_at = None, None
+        # its links died with it: a last report of `connected` must not outlive the process
+        # (status, and publish's egress_offline check, read it until the next start)
+        if self.mqtt.get("connected"):
+            self.mqtt = dict(self.mqtt, connected=False)
+        if self.counters.get("connected"):
+            self.counters = dict(self.counters, connected=False)
         if shutting_down or (planned and not self.restart_when_stopped):
             self.transition(State.STOPPED)
             log.info("%s stopped (%s)", self.name, how)

@@ -17,9 +17,11 @@ from flashlexd.client.wire import MAX_IDS_PER_ACK, MAX_WAIT_SECONDS, Code
 try:
     from test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
     from broker import wait_for
+    from tmpfs import mounted_tmpfs
 except ImportError:  # tests run as a package
     from tests.test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
     from tests.broker import wait_for
+    from tests.tmpfs import mounted_tmpfs
 
 
 @pytest.fixture
@@ -171,6 +173,24 @@ def test_publish_refused_when_outbox_is_full(tmp_path):
             assert info.value.code == Code.OUTBOX_FULL and "outbox is full" in info.value.message
     finally:
         h.stop()
+
+
+def test_publish_refused_on_a_full_disk_is_outbox_full_and_goes_on_after_a_drop(tmp_path):
+    """README: a full disk is handled like a full store under `reject`, whose publish is
+    refused with outbox_full; it came back as store_error, an app's sign of a failed store."""
+    with mounted_tmpfs(tmp_path / "disk", 3) as disk:
+        h = Harness(disk).start()
+        try:
+            with connect(h.path) as client:
+                queued = []
+                with pytest.raises(RpcError) as info:
+                    for _ in range(1000):
+                        queued.append(client.publish(os.urandom(20000)))
+                assert info.value.code == Code.OUTBOX_FULL and "no space left on device" in info.value.message
+                assert client.drop(queued[:20]) == 20
+                client.publish(b"fits again")
+        finally:
+            h.stop()
 
 
 def test_publish_payload_limit(fx):

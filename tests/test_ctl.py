@@ -182,3 +182,20 @@ def test_a_bad_timeout_is_a_usage_error_not_a_traceback(harness, value):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"argument --timeout: must be a positive number of seconds, got '{value}'" in done.stderr
+
+
+@pytest.mark.parametrize("argv", [("outbox", "drop", "99999999999999999999999"),
+                                  ("outbox", "drop", "--dead", "18446744073709551616"),
+                                  ("outbox", "retry", "0"), ("outbox", "retry", "x")])
+def test_an_outbox_id_out_of_range_is_a_usage_error_not_a_traceback(harness, argv):
+    """Past 64 bits msgpack raised OverflowError out of flashlexctl."""
+    done = subprocess.run(CTL + ["--socket", harness.path, *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"must be an id from 1 to {2 ** 63 - 1}, got '{argv[-1]}'" in done.stderr
+
+
+def test_publish_to_an_empty_topic_is_refused_not_sent_to_the_default_one(harness, capsys):
+    """A script's unset $TOPIC (`--topic ""`) published to the configured egress topic."""
+    code, out, err = run(harness, capsys, "publish", "--topic", "", "x")
+    assert code == 1 and "is empty" in err
+    assert json.loads(run(harness, capsys, "--json", "outbox")[1])["count"] == 0

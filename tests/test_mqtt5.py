@@ -281,6 +281,42 @@ def test_outbound_properties_reach_an_mqtt5_subscriber_and_an_expired_entry_is_d
     assert worker.stop() == 0
 
 
+def test_an_expired_entry_passed_while_the_byte_budget_waits_is_dropped(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The drain passed the stale entry, then the byte budget made the next one wait: it
+    returned before dropping what it had passed, and with the cursor past it the entry stayed
+    in the outbox (count, oldest_age, the cap) for the link's life (found by review)."""
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    # 1000 bytes/s: a 1500-byte entry leaves the byte bucket in debt, the next one waits ~1.5 s
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": "5", "publishBytesPerSecond": 1000})
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, b"a" * 1500, 1, False)])
+    store.outbox_append([(EGRESS_TOPIC, b"stale", 1, False, {"message_expiry_interval": 1})],
+                        now=time.time() - 5)  # queued 5 s ago with 1 s to live
+    store.outbox_append([(EGRESS_TOPIC, b"b" * 1500, 1, False)])
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: w.counters.get("expired") == 1 and w.counters.get("sent") == 2
+                and w.counters.get("outbox_backlog") == 0, 15, "the stale entry dropped, the others sent")
+    assert store.outbox_peek() == [] and b"stale" not in b"".join(subscriber.lines())
+    assert worker.stop() == 0
+
+
+def test_expired_entries_leave_the_outbox_while_the_link_is_down(broker: Broker, tmp_path: Path,
+                                                                start_worker) -> None:
+    """Only the drain dropped expired entries: offline, they kept their places under
+    offlinePublishQueueing (and the store's cap), so fresh publishes were refused with
+    outbox_full behind entries that could never be sent (found by review)."""
+    config = write_config(tmp_path / "config", broker, port=1, mqtt={"protocol": "5"})  # never connects
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, b"stale%d" % i, 1, False, {"message_expiry_interval": 1})
+                         for i in range(3)], now=time.time() - 5)
+    store.outbox_append([(EGRESS_TOPIC, b"fresh", 1, False)])
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: w.counters.get("expired") == 3, 15, "the stale entries dropped offline")
+    assert [e.payload for e in store.outbox_peek()] == [b"fresh"] and not worker.counters.get("connected")
+    assert worker.stop() == 0
+
+
 def test_an_entry_whose_properties_paho_cannot_pack_is_dead_lettered_not_a_crash(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """Queued before the API checked such properties (a float indicator, a string over 65535

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import msgpack
 import pytest
 
 from flashlexd.client import RpcError, connect
@@ -54,6 +55,18 @@ def test_publish_refuses_a_packet_over_the_brokers_maximum_while_connected(harne
     harness.mqtt["egress"] = {"connected": False, "broker_max_packet": 100}  # the egress checks it later
     fx.publish(b"x" * 100, topic="out/t")
     assert fx.outbox()["count"] == 2
+
+
+def test_an_outbox_answer_counts_the_entries_properties_in_its_budget(harness, fx):
+    """Only payload and topic were counted: entries each carrying a request frame's worth of
+    user properties made one `outbox` answer ~8x the response budget, built in the supervisor."""
+    budget = harness.rules.response_budget
+    pairs = [(f"k{i}", "v" * 20000) for i in range(budget // 100000)]  # ~1/5 of the budget each
+    for _ in range(12):
+        fx.publish(b"x", topic="out/t", properties={"user_properties": pairs})
+    answer = fx.call("outbox", limit=12)
+    assert 1 <= len(answer["entries"]) < 12
+    assert len(msgpack.packb(answer, use_bin_type=True)) <= budget
 
 
 def test_messages_and_wait_filter_by_a_user_property(harness, fx):

@@ -179,6 +179,20 @@ def test_a_crash_is_backed_off_and_too_many_are_fatal(children):
     assert worker.tick(100.0, TIMING) is False
 
 
+def test_a_dead_workers_last_link_report_does_not_say_connected(children):
+    """A dead egress waiting out its backoff kept `connected: True` from its last report:
+    `status` showed the link up and, with offlinePublishQueueing 0, `publish` queued instead
+    of refusing with egress_offline (the supervisor reads `mqtt["connected"]` for that)."""
+    worker = started(children)
+    worker.mqtt = {"connected": True, "error": None}
+    worker.counters = {"connected": True, "sent": 5}
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.exited(worker.child.reap(), 1.0, False, LIMITS)
+    assert worker.state is State.BACKOFF
+    assert worker.mqtt == {"connected": False, "error": None}
+    assert worker.counters == {"connected": False, "sent": 5}  # the rest stays, for status
+
+
 def test_an_exit_while_shutting_down_is_stopped_even_if_unplanned(children):
     worker = started(children)
     os.kill(worker.pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ from flashlexd.ipc.sharedcommit import SharedCommits
 from flashlexd.ipc.walk import Steps, Walk
 from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.runtime import ApiRules
-from flashlexd.store import COUNTERS, Store, StoreError, StoreFull
+from flashlexd.store import COUNTERS, DiskFull, Store, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem, valid_filter
 
 # Inbox records one `paged` messages/wait call with a topic filter looks at, whatever the inbox
@@ -119,6 +119,19 @@ def _store_failures(read: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
+def _properties_size(properties: Optional[Dict[str, Any]]) -> int:
+    """Roughly the msgpack bytes of a record's MQTT 5 properties: an outbox entry's may be
+    ~1 MiB of user properties (a whole request frame), which the budget must see."""
+    size = 0
+    for name, value in (properties or {}).items():
+        size += len(name) + 8
+        if name == "user_properties":
+            size += sum(len(k) + len(v) + 12 for k, v in value)
+        elif isinstance(value, (str, bytes)):
+            size += len(value)
+    return size
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -162,7 +175,7 @@ class Methods:
             return target(reader)
         except UnknownConsumer as exc:
             raise RpcFailure(Code.BAD_PARAMS, f"{method}: {exc}") from None
-        except StoreFull as exc:
+        except (StoreFull, DiskFull) as exc:  # README: a full disk is handled like a full store
             code = Code.OUTBOX_FULL if method == "publish" else Code.STORE_ERROR
             raise RpcFailure(code, str(exc)) from None
         except StoreError as exc:
@@ -182,7 +195,8 @@ class Methods:
         """The leading records that fit the response budget (at least one)."""
         used, budget = 0, self.rules.response_budget
         for index, record in enumerate(records):
-            used += len(record["payload"]) + len(record["topic"]) + _RECORD_ENVELOPE
+            used += len(record["payload"]) + len(record["topic"]) + _RECORD_ENVELOPE \
+                + _properties_size(record.get("properties"))
             if used > budget and index > 0:
                 return records[:index]
         return records

@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, List, Optional, Union
 
 from flashlexd.ipc.protocol import Code, Pending, RpcFailure
-from flashlexd.store import StoreError, StoreFull
+from flashlexd.store import DiskFull, StoreError, StoreFull
 
 
 class _Window:
@@ -55,7 +55,7 @@ class SharedCommits:
             try:
                 window.outcome = self._commit(window.calls)
                 self.commits += 1
-            except StoreFull as exc:
+            except (StoreFull, DiskFull) as exc:
                 window.outcome = RpcFailure(self._full_code, str(exc))
             except StoreError as exc:
                 window.outcome = RpcFailure(Code.STORE_ERROR, str(exc))

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 DELETE_DELAY = 0.02   # seconds an acknowledged entry may wait for the next delete transaction
 OUTBOX_RECHECK = 2.0  # seconds between looks at the outbox without a wake-up
 QUOTA_RETRY_SECONDS = 1.0  # pause after a PUBACK "Quota exceeded" (0x97) before sending again
+EXPIRY_SWEEP_PAGE = 100  # outbox entries looked at per OUTBOX_RECHECK while the link is down
 
 
 class _InFlight(NamedTuple):
@@ -96,6 +97,7 @@ class EgressWorker(Worker):
         self.more = True                    # the outbox may hold entries past the cursor
         self.next_check = 0.0
         self.paused_until = 0.0             # a broker's "Quota exceeded": nothing goes out before
+        self.sweep_after = 0                # the offline expiry sweep's place in the outbox
         self.meter_start, self.meter_count, self.send_rate = time.monotonic(), 0, 0.0
         self.counters.update(sent=0, inflight=0, outbox_backlog=self.store.outbox_count(),
                              connected=False, invalid=0, rate_limit=mqtt.publish_rate,
@@ -129,6 +131,8 @@ class EgressWorker(Worker):
             self.next_check = now + OUTBOX_RECHECK
             self.more = True
             self.counters["outbox_backlog"] = self.store.outbox_count()
+            if not self.connection.connected:
+                self._sweep_expired()
         if self.more and self.connection.connected:
             wait = min(wait, self._publish_more())
         self.connection.testing_one_entry = self.poison.single
@@ -324,6 +328,7 @@ class EgressWorker(Worker):
             wait = self.budget.wait(size)
             if wait > 0:
                 self.more = True
+                self._drop_expired(expired)  # the cursor is past them: now or never
                 return wait
             if not self._publish(entry, size):
                 self.more = True
@@ -333,6 +338,17 @@ class EgressWorker(Worker):
         self._drop_expired(expired)
         more_room = self.more and len(self.inflight) < self.poison.window(self.window)
         return 0.0 if more_room else math.inf  # QoS 0 entries free their slots at once
+
+    def _sweep_expired(self) -> None:
+        """While the link is down the drain reaches nothing: entries whose message expiry
+        passed are dropped here, a page per look, so that they do not hold the outbox's cap
+        (offlinePublishQueueing, the store's) against fresh publishes."""
+        try:
+            entries = self.store.outbox_peek(limit=EXPIRY_SWEEP_PAGE, after=self.sweep_after)
+        except StoreError:  # damage is logged by the store; the drain says the rest
+            return
+        self.sweep_after = entries[-1].id if len(entries) == EXPIRY_SWEEP_PAGE else 0
+        self._drop_expired([e for e in entries if _expiry_left(e) == 0])
 
     def _drop_expired(self, expired: List[OutboxEntry]) -> None:
         """Entries whose message expiry passed before they could be sent: dropped, counted."""

@@ -36,6 +36,7 @@ from tests.broker import (HOST, INGRESS_TOPIC, Broker, open_store, publish, publ
 from tests.chaos.results import report_line
 from tests.daemon import Daemon, NotifyListener
 from tests.lax_broker import LaxBroker, mqtt_packet, mqtt_string, read_mqtt_packet
+from tests.tmpfs import mounted_tmpfs
 from tests.worker_process import cpu_seconds
 
 
@@ -273,21 +274,10 @@ DISK_MB = 2
 
 @pytest.fixture
 def tiny_disk(tmp_path) -> Iterator[Path]:
-    """A DISK_MB tmpfs mounted for this test (we are root), unmounted at teardown (after the
-    daemon, which is requested later, has stopped)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m,mode=0700", "tmpfs",
-                           str(mount_point)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    """A DISK_MB tmpfs mounted for this test, unmounted at teardown (after the daemon, which
+    is requested later, has stopped)."""
+    with mounted_tmpfs(tmp_path / "disk", DISK_MB) as mount_point:
         yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
 def fill_disk(path: Path) -> int:
