@@ -73,7 +73,10 @@ def _add_check_parser(commands) -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"flashlexd: {message}", file=sys.stderr)
+    # under systemd every line carries its priority (logs.py): without it journald files the
+    # reason the service did not start at LOG_INFO, out of `journalctl -p err`
+    priority = "<3>" if logs.under_systemd() else ""
+    print(f"{priority}flashlexd: {message}", file=sys.stderr)
     return code
 
 

@@ -11,7 +11,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from flashlexd import paths
 from flashlexd.config import ConfigError
@@ -19,6 +19,7 @@ from flashlexd.unitplaces import Places, read_places, unit_values, writable_dirs
 
 EXIT_CONFIG = 2
 EXIT_WRITE = 1  # the file could not be written
+STORE_FILES = {"data.mdb", "lock.mdb", "acks.journal", paths.LOCK_NAME}  # what a data dir holds
 REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 INSTALLED_PACKAGING = Path(sys.prefix) / "share" / "flashlexd"
 FILES = {  # kind -> (file under packaging/ in the repo, name when installed, target on the system)
@@ -88,9 +89,14 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         if note:
             print(f"note: {note}", file=sys.stderr)
-        text = render_unit(str(Path(args.venv).resolve()) if args.venv else str(directory / "venv"),
-                           str(config), args.user, args.group, places,
-                           str(Path(args.keys_dir).resolve()) if args.keys_dir else None)
+        venv = str(Path(args.venv).resolve()) if args.venv else str(directory / "venv")
+        keys = str(Path(args.keys_dir).resolve()) if args.keys_dir else str(config.parent)
+        exposed = _exposed(places, {"config": str(config), "keys dir": keys, "venv": venv,
+                                    **{f"key file {f}": f for f in places.key_files}})
+        if exposed:
+            print(f"flashlexd: {exposed}", file=sys.stderr)
+            return EXIT_CONFIG
+        text = render_unit(venv, str(config), args.user, args.group, places, keys)
     else:
         text = template(kind)
     target: Optional[Path] = Path(args.output) if args.output else None
@@ -119,16 +125,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exposed(places: Places, used: Dict[str, str]) -> Optional[str]:
+    """Why the unit would make the daemon's own program, config or keys writable (a data or
+    socket dir that holds them goes into ReadWritePaths=), or None."""
+    for directory, _ in writable_dirs(places):
+        for what, path in used.items():
+            if os.path.normpath(path) == directory or os.path.normpath(path).startswith(directory + "/"):
+                setting = ("flashlex.app.db.dataPath" if directory == os.path.normpath(places.data_dir)
+                           else "flashlex.app.socket.path")
+                return (f"{setting}: {directory} holds the {what} ({path}): the unit would make it"
+                        f" writable to the daemon; give it a directory of its own (e.g."
+                        f" /var/lib/flashlexd, /run/flashlexd/flashlexd.sock)")
+    return None
+
+
 def make_directories(places: Places, user: str, group: str) -> None:
     """The data and socket dirs that systemd does not make (outside /var/lib and /run), made
     now as the daemon would, owned by the service user: inside the sandbox only they are
     writable, so the daemon could not make them itself."""
-    import shutil  # here: the daemon (which imports this module for its command line) never needs it
+    import pwd  # here: the daemon (which imports this module for its command line) never needs it
+    import shutil
+    uid = pwd.getpwnam(user).pw_uid
     for directory, mode in writable_dirs(places):
         if not os.path.isdir(directory):
             paths.make_dir(Path(directory), mode)
             shutil.chown(directory, user, group)
             print(f"created {directory} ({mode:04o}, {user}:{group})", file=sys.stderr)
+        elif (mode == paths.DATA_DIR_MODE and os.stat(directory).st_uid != uid
+              and set(os.listdir(directory)) <= STORE_FILES):
+            # a data dir left by a run as root (`sudo flashlexd run`, an install for another
+            # user): the service user could open neither its lock nor its store. Taken over as
+            # systemd takes over a StateDirectory=, when it holds nothing but the store
+            for name in (".", *os.listdir(directory)):
+                shutil.chown(os.path.join(directory, name), user, group)
+            print(f"{directory} was not {user}'s: now {user}:{group}'s", file=sys.stderr)
+        elif os.stat(directory).st_uid != uid and uid != 0:
+            print(f"warning: {directory} is not {user}'s: the service cannot write there"
+                  f" (chown it, or choose a directory of its own)", file=sys.stderr)
 
 
 def _after_install(kind: str, live: bool) -> None:

@@ -45,6 +45,37 @@ def test_rsyslog_rule_is_valid(tmp_path):
     assert "/var/log/flashlexd.log" in rule.read_text() and "stop" in rule.read_text()
 
 
+@pytest.mark.skipif(not shutil.which("rsyslogd") or not shutil.which("logger"), reason="rsyslog is installed by make test")
+def test_rsyslog_creates_the_log_file_as_logrotate_does(tmp_path):
+    """The rule's action() ignored Debian's `$FileGroup adm`: /var/log/flashlexd.log began as
+    root:root and became root:adm at the first rotation (logrotate's `create`), so who may read
+    the log changed after a day (found by review, with a real rsyslogd)."""
+    import grp
+    import pwd
+    from flashlexd.service import template
+    from tests.broker import wait_for
+    create = next(line.split() for line in template("logrotate").splitlines() if line.strip().startswith("create "))
+    log, rules, sock = tmp_path / "flashlexd.log", tmp_path / "rsyslog.d", tmp_path / "log.sock"
+    rules.mkdir()
+    (rules / "flashlexd.conf").write_text(template("rsyslog").replace("/var/log/flashlexd.log", str(log)))
+    conf = tmp_path / "rsyslog.conf"  # Debian's /etc/rsyslog.conf defaults, then its rsyslog.d
+    conf.write_text(f'module(load="imuxsock" SysSock.Use="off")\ninput(type="imuxsock" Socket="{sock}")\n'
+                    f'$FileOwner root\n$FileGroup adm\n$FileCreateMode 0640\n$Umask 0022\n'
+                    f'$IncludeConfig {rules}/*.conf\n')
+    daemon = subprocess.Popen(["rsyslogd", "-n", "-f", str(conf), "-i", str(tmp_path / "pid")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 10, "rsyslogd's socket")
+        subprocess.run(["logger", "-u", str(sock), "-t", "flashlexd", "-p", "daemon.info", "ready"], check=True)
+        wait_for(lambda: log.exists() and "ready" in log.read_text(), 10, "the line in the log file")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+    info = log.stat()
+    assert (f"0{info.st_mode & 0o777:o}", pwd.getpwuid(info.st_uid).pw_name,
+            grp.getgrgid(info.st_gid).gr_name) == tuple(create[1:4])
+
+
 @pytest.mark.skipif(not shutil.which("logrotate"), reason="logrotate is installed by make test")
 def test_logrotate_file_is_accepted_and_reopens_rsyslog(tmp_path):
     conf = tmp_path / "flashlexd"
@@ -162,6 +193,23 @@ def test_unit_refuses_a_socket_or_data_dir_that_is_a_system_directory(tmp_path, 
     rendered = _render(tmp_path, app)
     assert rendered.returncode == 2 and rendered.stdout == ""
     assert rendered.stderr == f"flashlexd: {said}\n"
+
+
+@pytest.mark.parametrize("app, holds", [
+    ({"socket": {"path": "/opt/fx/keys/flashlexd.sock"}},
+     "flashlex.app.socket.path: /opt/fx/keys holds the keys dir (/opt/fx/keys)"),
+    ({"db": {"dataPath": "/opt/fx"}}, "flashlex.app.db.dataPath: /opt/fx holds the keys dir (/opt/fx/keys)"),
+])
+def test_unit_refuses_to_make_the_config_keys_or_program_writable(tmp_path, app, holds):
+    """A socket beside the config (as the install's keys/ had it) put the keys dir, config and
+    key files in ReadWritePaths=: writable to the daemon, against the sandbox the README
+    describes (found by review)."""
+    config = tmp_path / "keys" / "config.yml"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"flashlex": {"app": app}}))
+    rendered = service("--dir", "/opt/fx", "--config", str(config), "--keys-dir", "/opt/fx/keys", "--user", "root")
+    assert rendered.returncode == 2 and rendered.stdout == "" and rendered.stderr.count("\n") == 1
+    assert rendered.stderr.startswith(f"flashlexd: {holds}"), rendered.stderr
 
 
 def test_systemd_waits_longer_than_the_configured_stop_timeout(tmp_path):

@@ -98,6 +98,39 @@ def test_run_refuses_a_socket_dir_behind_another_users_symlink(daemon_config, tm
     assert not (tmp_path / "run" / "api.sock").exists()
 
 
+def test_a_start_failure_under_systemd_carries_the_error_priority(daemon_config, tmp_path):
+    """Under systemd every line carries its syslog priority; the one line saying why the
+    daemon cannot start had none, so journald filed it at info and `journalctl -p err -u
+    flashlexd` did not show why the service was down (found by review)."""
+    not_a_dir = tmp_path / "not-a-dir"
+    not_a_dir.write_text("")
+    done = subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(daemon_config),
+                           "--data-dir", str(not_a_dir)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+    assert done.returncode == 1 and done.stderr.startswith("<3>flashlexd: cannot start:"), done.stderr
+    assert all(line.startswith("<") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_a_socket_group_the_service_is_not_in_names_the_setting_to_render_again(daemon_config, tmp_path):
+    """`socket.group` added after the install: the unit (no capabilities, not in the group)
+    cannot give the socket that group, and the service restarted on "Operation not permitted"
+    alone (found by review under real systemd; here setpriv drops the capabilities as the unit
+    does, and INVOCATION_ID stands in for systemd)."""
+    subprocess.run(["groupadd", "--system", "flashlexdpaths"], check=True, capture_output=True)
+    try:
+        document = yaml.safe_load(daemon_config.read_text())
+        document["flashlex"]["app"]["socket"] = {"path": str(tmp_path / "run" / "api.sock"), "group": "flashlexdpaths"}
+        daemon_config.write_text(yaml.safe_dump(document))
+        done = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m",
+                               "flashlexd", "run", "--config", str(daemon_config)], capture_output=True, text=True,
+                              timeout=60, cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+    finally:
+        subprocess.run(["groupdel", "flashlexdpaths"], capture_output=True)
+    assert done.returncode == 1 and "Operation not permitted" in done.stderr, done.stderr
+    assert "not in group 'flashlexdpaths' (flashlex.app.socket.group)" in done.stderr
+    assert "run `flashlexd service ... --install` again" in done.stderr, done.stderr
+
+
 def test_a_data_dir_the_unit_does_not_make_writable_says_to_render_the_unit_again(daemon_config, tmp_path):
     """Under the unit, ProtectSystem=strict leaves only the directories it was rendered with
     writable: a dataPath moved since (a reload says it "takes a restart") failed every restart

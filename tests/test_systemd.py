@@ -251,15 +251,26 @@ def service_user() -> Iterator[str]:
         subprocess.run(["groupdel", name], capture_output=True)
 
 
-def test_service_user_other_than_root(service_user, start_service, daemon_config):
-    """`flashlexd service --user U`: the daemon runs as U, systemd makes its directories U's."""
+@pytest.mark.parametrize("data_dir", ["state-directory", "left-by-root"])
+def test_service_user_other_than_root(service_user, start_service, daemon_config, data_dir):
+    """`flashlexd service --user U`: the daemon runs as U, systemd makes its directories U's.
+    `left-by-root`: a dataPath a first `sudo flashlexd run` made (root's) was left as it was by
+    `--install`, and the service restarted for good on "cannot open lock file ...: Permission
+    denied" (found by review): `--install` now takes it over when it holds only a store."""
     install = Path(tempfile.mkdtemp(prefix="flashlexd-user-"))  # reachable by U, unlike tmp_path
     try:
         install.chmod(0o755)
         keys = install / "keys"
         shutil.copytree(daemon_config.parent, keys, ignore=shutil.ignore_patterns("data"))
         config = yaml.safe_load((keys / daemon_config.name).read_text())
-        del config["flashlex"]["app"]["db"]["dataPath"]
+        data = "/var/lib/flashlexd"
+        if data_dir == "left-by-root":
+            data = str(install / "data")
+            config["flashlex"]["app"]["db"]["dataPath"] = data
+            (install / "data").mkdir(mode=0o700)
+            (install / "data" / "flashlexd.lock").write_text("")
+        else:
+            del config["flashlex"]["app"]["db"]["dataPath"]
         (keys / daemon_config.name).write_text(yaml.safe_dump(config))
         user = pwd.getpwnam(service_user)
         for path in [keys, *keys.iterdir()]:
@@ -267,7 +278,7 @@ def test_service_user_other_than_root(service_user, start_service, daemon_config
         service = start_service(edited(keys / daemon_config.name), user=service_user)
         props = running(service)
         assert f"User={service_user}" in service.unit
-        assert stat(service, "/var/lib/flashlexd") == f"700 {service_user} {service_user}"
+        assert stat(service, data) == f"700 {service_user} {service_user}"
         assert stat(service, SOCKET) == f"660 {service_user} {service_user}"
         main = _host_pid(service, props["MainPID"])
         uid_line = next(line for line in open(f"/proc/{main}/status") if line.startswith("Uid:"))

@@ -5,6 +5,7 @@ replaced only when nothing answers on it (a daemon killed with SIGKILL leaves on
 """
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -86,5 +87,11 @@ def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tu
         inode = os.stat(path).st_ino
     except OSError as exc:
         sock.close()
-        raise ServerError(f"cannot set up API socket {path}: {exc.strerror or exc}") from None
+        hint = ""
+        if exc.errno == errno.EPERM and gid is not None and os.environ.get("INVOCATION_ID"):
+            # the unit (no capabilities) gets the socket's group only from Group= or
+            # SupplementaryGroups=, rendered from the socket.group of its install
+            hint = (f": the service is not in group {group!r} (flashlex.app.socket.group);"
+                    " run `flashlexd service ... --install` again after changing it, then restart")
+        raise ServerError(f"cannot set up API socket {path}: {exc.strerror or exc}{hint}") from None
     return sock, inode
