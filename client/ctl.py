@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -19,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, seconds, socket_path
 from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers
-from flashlexd.client.ctlview import (ago, health, jsonable, message_rows, oldest_text, plural, preview,
+from flashlexd.client.ctlview import (ago, health, jsonable, reader_gone, message_rows, oldest_text, plural, preview,
                                       render_status, table)
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
 from flashlexd.client.escape import printable
@@ -271,11 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 0 if args.command == "tail" else 130
     except BrokenPipeError:  # e.g. `flashlexctl tail | head`: stop quietly
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 0
+        return reader_gone()
     except (DaemonNotRunning, PermissionDenied) as exc:
         print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ string already has): a topic with ESC or BEL in it cannot drive the terminal.
 from __future__ import annotations
 
 import base64
+import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from flashlexd.client.escape import printable
@@ -216,3 +218,14 @@ def message_rows(messages: List[Dict[str, Any]], now: float) -> str:
     rows = [(m["pk"], ago(now - m["timestamp"]), m["topic"], m["qos"], len(m["payload"]),
              preview(m["payload"])) for m in messages]
     return table(("PK", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), rows, right=(0, 3, 4))
+
+
+def reader_gone() -> int:
+    """The reader of our output went (`flashlexctl tail | head`, `flashlexd check | head -1`):
+    later writes, and the interpreter's flush at exit, go to /dev/null instead of raising
+    BrokenPipeError as a traceback. Returns the exit code: 0."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0

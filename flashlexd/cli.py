@@ -107,8 +107,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(args)
     if args.command == "check":
         from flashlexd import check  # ssl and friends: not loaded by the daemon's own process
+        from flashlexd.client.ctlview import reader_gone
 
-        return check.run(args)
+        try:
+            return check.run(args)
+        except BrokenPipeError:  # `flashlexd check | head -1`
+            return reader_gone()
     if args.command == "service":
         return service.run(args)
     if args.command == "store":

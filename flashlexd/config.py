@@ -252,9 +252,9 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
     mqtt = Mqtt(
         port=section.value("port"),
         use_websocket=section.value("useWebsocket"),
-        ingress_topic=section.section("ingress", required=True).value("topic"),
-        pubsub_topic=section.section("pubsub").value("topic"),
-        egress_topic=section.section("egress", required=True).value("topic"),
+        ingress_topic=_topic(section, "ingress", required=True),
+        pubsub_topic=_topic(section, "pubsub"),
+        egress_topic=_topic(section, "egress", required=True),
         subscriptions=section.value("subscriptions"),
         keepalive=_keepalive(section),
         client_id=client_id,
@@ -287,6 +287,14 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
                           f" {mqtt.client_id!r} (a broker drops one of two connections with one id)")
     section.warn_unknown()
     return mqtt
+
+
+def _topic(mqtt: Section, name: str, required: bool = False) -> Optional[str]:
+    """`mqtt.<name>.topic`, warning about any other key of that section (a misspelt `topic`)."""
+    section = mqtt.section(name, required=required)
+    topic = section.value("topic")
+    section.warn_unknown()
+    return topic
 
 
 def _keepalive(section: Section) -> int:

@@ -23,6 +23,8 @@ INGEST_COMMIT_BATCH = 8  # below RabbitMQ's default prefetch (10) and mosquitto'
 API_COMMIT_MS = 0  # a window delays every call: only worth it with several apps writing at once
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
+# the cap plus its headroom (1/8) must fit LMDB's map size, a 64-bit size_t
+MAX_CAP_MEGABYTES = 2 ** 43  # 8 EiB
 PROTOCOLS = ("auto", "5", "3.1.1")  # flashlex.thing.mqtt.protocol
 REQUIRED = object()  # the default of a key that must be given
 
@@ -33,6 +35,7 @@ AT_ONCE_AND_WORKERS = "at once; workers restart"
 LINKS = "ingress, egress restart"
 LINKS_AND_API = "at once; ingress, egress restart"
 NEXT_START = "next start"
+REFUSED = "reload refused (with every other change): restart"  # the store cannot move under a running daemon
 UNUSED = ""
 
 
@@ -65,8 +68,8 @@ class Key:
         return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
 
 
-def _legacy(path: str, doc: str) -> Key:
-    return Key(path, "legacy", doc=doc)
+def _legacy(path: str, doc: str, reload: str = UNUSED) -> Key:
+    return Key(path, "legacy", doc=doc, reload=reload)
 
 
 _DB, _SOCKET, _SUP = "flashlex.app.db", "flashlex.app.socket", "flashlex.app.supervisor"
@@ -78,7 +81,8 @@ TABLE: Tuple[Key, ...] = (
             "FlashLex cloud API of the old SDK (`endpoint`, `env`): accepted, not used"),
     _legacy("flashlex.app.callback", "old SDK callback style: accepted, not used"),
     _legacy("flashlex.app.thread", "old SDK threading style: `subscribe` (the seed's) subscribes the"
-            " ingress topic alone, as the SDK did (not `pubsub.topic`); other values: accepted, not used"),
+            " ingress topic alone, as the SDK did (not `pubsub.topic`); other values: accepted, not used",
+            LINKS),
     _legacy("flashlex.app.message", "old SDK message settings: accepted, not used"),
     _legacy(f"{_DB}.subscriptionData",
             "the old SDK's JSON store file: accepted, not used (LMDB replaces it)"),
@@ -97,8 +101,9 @@ TABLE: Tuple[Key, ...] = (
         WORKERS, shown="off"),
     Key(f"{_DB}.dedupe.windowSeconds", "seconds", DEDUPE_WINDOW_SECONDS,
         "how long a dedupe key is remembered", WORKERS),
-    Key(f"{_DB}.dataPath", "text", DEFAULT_DATA_DIR, "store directory (`--data-dir` wins)", WORKERS),
-    Key(f"{_DB}.capMegabytes", "integer", 256, "store size cap", WORKERS, minimum=1),
+    Key(f"{_DB}.dataPath", "text", DEFAULT_DATA_DIR, "store directory (`--data-dir` wins)", REFUSED),
+    Key(f"{_DB}.capMegabytes", "integer", 256, "store size cap", WORKERS, minimum=1,
+        maximum=MAX_CAP_MEGABYTES, maximum_why=" (LMDB's map size limit, with its headroom)"),
     Key(f"{_DB}.whenFull", "choice", "reject",
         "at the cap: `reject` (stop acknowledging; the broker keeps the messages) or `dropOldest` (drop"
         " the oldest inbox messages, counted). Outbox entries and dead letters are never dropped: under"
@@ -130,7 +135,8 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages are acknowledged and dropped, counted (for outbound,"
         " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames",
-        AT_ONCE_AND_WORKERS, minimum=1, field="max_payload_bytes"),
+        AT_ONCE_AND_WORKERS, minimum=1, maximum=MAX_MQTT_PAYLOAD, maximum_why=" (the MQTT limit)",
+        field="max_payload_bytes"),
     Key("flashlex.app.consumers", "consumers", None,
         "named consumers: each name (`[a-z0-9_-]{1,64}`) gets every message matching its `filter`"
         " (MQTT wildcards, default `#`) with its own acks; `maxBacklog` (optional) caps its unacked"

@@ -12,6 +12,7 @@ from flashlexd.configkeys import KEYS, LEGACY_KEYS, REQUIRED, TABLE
 from flashlexd.configtext import ConfigError
 
 T = TypeVar("T")
+MAX_INTEGER = 2 ** 63 - 1  # what msgpack and the C APIs (sizes, counts) take
 
 
 class Section:
@@ -37,7 +38,7 @@ class Section:
             value = self.integer(name, default, minimum=key.minimum,  # type: ignore[arg-type]
                                  required=required)
             if key.maximum is not None and value is not None and value > key.maximum:
-                raise ConfigError(f"{key.path}: must be <= {key.maximum:g}{key.maximum_why},"
+                raise ConfigError(f"{key.path}: must be <= {key.maximum}{key.maximum_why},"
                                   f" got {value}")
             return value
         if key.kind == "seconds":
@@ -94,6 +95,8 @@ class Section:
             raise ConfigError(f"{self._key(key)}: expected an integer, got {_show(value)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value}")
+        if value > MAX_INTEGER:  # the API, the links and the store carry values as 64-bit msgpack
+            raise ConfigError(f"{self._key(key)}: must be <= {MAX_INTEGER}, got {value}")
         return value
 
     def seconds(self, key: str, default: Optional[float] = None) -> Optional[float]:

@@ -115,7 +115,7 @@ class StoreBase:
             except OSError:  # the file went between LMDB's open and this stat
                 self._env.close()  # no handle left behind (see below)
                 raise
-        except (OSError, lmdb.Error, paths.UnsafePath) as exc:
+        except (OSError, lmdb.Error, paths.UnsafePath, OverflowError) as exc:
             raise StoreError(f"cannot open store in {self.path}: {exc}") from None
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL

@@ -468,7 +468,7 @@ class Supervisor:
         problem = None
         try:
             self.store = Store.from_config(new.store, write_wait=STORE_WRITE_WAIT)
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the running store must reopen
             self.store, problem = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT), str(exc)
         self.store.open_ack_journal()
         if problem is not None:

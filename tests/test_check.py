@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,20 @@ def test_bad_config_skips_everything_after_it(tmp_path: Path) -> None:
     assert statuses(steps) == ["FAIL", "skip", "skip", "skip", "skip", "skip"]
     assert steps["config"][1] == "flashlex.thing.endpoint: missing required key"
     assert "6 checks failed (config), 5 skipped" in verdict
+
+
+def test_a_reader_that_went_is_no_traceback(tmp_path: Path) -> None:
+    """`flashlexd check | head -1` printed a BrokenPipeError traceback (found by review)."""
+    config = tmp_path / "flashlex.yml"
+    config.write_text("flashlex:\n  thing:\n    name: x\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        result = subprocess.run([sys.executable, "-m", "flashlexd", "check", "--config", str(config)],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_missing_key_file_is_a_config_failure(broker: Broker, tmp_path: Path) -> None:

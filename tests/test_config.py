@@ -253,6 +253,21 @@ BAD_CONFIGS = [
      "flashlex.thing.mqtt.port: expected an integer, got 'abc'"),
     ("port-out-of-range", setting("flashlex.thing.mqtt.port", 70000),
      "flashlex.thing.mqtt.port: must be <= 65535, got 70000"),
+    # integers past 64 bits passed, then broke a running daemon (found by review): the store
+    # could not be opened on a reload (left closed: every API call failed), a consumer record
+    # could not be packed (a sound store marked damaged), the egress's heartbeat could not be
+    # packed (a crash loop), and API answers could not be sized or packed (every call failed)
+    ("cap-over-lmdbs-map-limit", setting("flashlex.app.db.capMegabytes", 10 ** 15),
+     "flashlex.app.db.capMegabytes: must be <= 8796093022208 (LMDB's map size limit, with its headroom),"
+     " got 1000000000000000"),
+    ("max-backlog-past-64-bits", setting("flashlex.app.consumers", {"display": {"maxBacklog": 2 ** 64}}),
+     "flashlex.app.consumers.display.maxBacklog: must be <= 9223372036854775807, got 18446744073709551616"),
+    ("bytes-rate-past-64-bits", setting("flashlex.thing.mqtt.publishBytesPerSecond", 10 ** 30),
+     f"flashlex.thing.mqtt.publishBytesPerSecond: must be <= 9223372036854775807, got {10 ** 30}"),
+    ("queueing-past-64-bits", setting("flashlex.thing.mqtt.offlinePublishQueueing", 10 ** 23),
+     f"flashlex.thing.mqtt.offlinePublishQueueing: must be <= 9223372036854775807, got {10 ** 23}"),
+    ("inbound-payload-over-mqtts", setting("flashlex.app.db.maxPayloadBytes", 10 ** 23),
+     f"flashlex.app.db.maxPayloadBytes: must be <= 9223372036854775807, got {10 ** 23}"),
     ("websocket-not-a-boolean", setting("flashlex.thing.mqtt.useWebsocket", "yes please"),
      "flashlex.thing.mqtt.useWebsocket: expected true or false, got 'yes please'"),
     ("mqtt-not-a-mapping", setting("flashlex.thing.mqtt", 5),
@@ -331,6 +346,13 @@ BAD_CONFIGS = [
                          ids=[case[0] for case in BAD_CONFIGS])
 def test_bad_config_is_one_line_naming_the_key_path(tmp_path: Path, edit, expected: str):
     assert config_error(edited_config(tmp_path / "etc", edit)) == expected
+
+
+@pytest.mark.parametrize("section", ["pubsub", "ingress", "egress"])
+def test_a_misspelt_key_in_a_topic_section_is_warned_about(tmp_path: Path, section: str):
+    """`pubsub: {topik: ...}` dropped the pubsub subscription without a word (found by review)."""
+    config = load(str(edited_config(tmp_path / "etc", setting(f"flashlex.thing.mqtt.{section}.topik", "x/y"))))
+    assert f"flashlex.thing.mqtt.{section}.topik: unknown key, ignored" in config.warnings, config.warnings
 
 
 def test_missing_key_file_names_the_key_and_the_file(tmp_path: Path):

@@ -72,7 +72,7 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_the_key(tmp_path, key):
 
 BOUNDS = [(k, k.minimum - 1, f"must be >= {k.minimum:g}") for k in READ
           if k.kind == "integer" and k.minimum is not None] + \
-         [(k, k.maximum + 1, f"must be <= {k.maximum:g}") for k in READ if k.maximum is not None] + \
+         [(k, k.maximum + 1, f"must be <= {k.maximum}") for k in READ if k.maximum is not None] + \
          [(k, 0, "must be greater than 0") for k in READ if k.kind == "seconds"]
 
 

@@ -757,3 +757,10 @@ def test_every_guarded_method_that_writes_is_refused_on_a_damaged_store():
     writers = {name for name, method in inspect.getmembers(Store, inspect.isfunction)
                if hasattr(method, "__wrapped__") and "self._write(" in inspect.getsource(method.__wrapped__)}
     assert writers and writers <= WRITES, sorted(writers - WRITES)
+
+
+def test_a_cap_past_lmdbs_map_size_is_a_store_error(tmp_path):
+    """lmdb.open raised OverflowError, which is not an lmdb.Error: a reload's reopen left the
+    supervisor with its store closed, every API call failing (found by review)."""
+    with pytest.raises(StoreError, match="cannot open store in .*"):
+        Store(tmp_path / "store", 2 ** 70)
