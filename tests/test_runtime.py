@@ -11,7 +11,7 @@ import pytest
 
 from flashlexd.config import load
 from flashlexd.configkeys import (AT_ONCE, AT_ONCE_AND_WORKERS, LINKS, LINKS_AND_API, NEXT_START,
-                                  TABLE, WORKERS, Key)
+                                  REFUSED, TABLE, WORKERS, Key)
 from flashlexd.runtime import ApiRules, Runtime, worker_settings
 from tests.test_config_keys import config_with
 
@@ -30,6 +30,7 @@ CHANGED = {  # a valid value other than the seed's or the default, where a rule 
     "flashlex.thing.name": "other-thing", "flashlex.thing.endpoint": "other.example.com",
     "flashlex.app.db.dedupe.key": "json:id", "flashlex.thing.mqtt.protocol": "3.1.1",
     "flashlex.app.consumers": {"display": {"filter": "sensors/#"}}, "flashlex.app.allowDynamicConsumers": False,
+    "flashlex.app.thread": "other",  # the seed's `subscribe` subscribed the ingress topic alone
 }
 COMPANIONS = {  # keys that mean something only beside another: set in the old and new config
     "flashlex.app.db.dedupe.windowSeconds": {"flashlex.app.db.dedupe.key": "json:id"},
@@ -49,6 +50,9 @@ def test_a_reload_applies_each_key_as_the_table_says(tmp_path: Path, key: Key) -
     companions = COMPANIONS.get(key.path, {})
     old = load(str(config_with(tmp_path, dict(companions), "old.yml")))
     new = load(str(config_with(tmp_path, dict(companions, **{key.path: changed_value(key)}), "new.yml")))
+    if key.reload == REFUSED:  # the supervisor refuses the reload (Supervisor._usable)
+        assert new.store.data_dir != old.store.data_dir
+        return
     before, after = Runtime.from_config(old), Runtime.from_config(new)
     api_changed = (before.api_limits, before.rules) != (after.api_limits, after.rules)
     restarted = {name for name in ("ingress", "egress", "expiry")
