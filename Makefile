@@ -27,10 +27,11 @@ system-deps:
 
 deps: $(STAMP) system-deps
 
-# two test processes (pytest-xdist); tests/conftest.py keeps what shares a broker node, systemd
-# or a module fixture on one of them
+# three test processes (pytest-xdist; most tests wait on brokers and processes, so a third
+# fills the 2 cores); tests/conftest.py keeps what shares a broker node, systemd or a module
+# fixture on one of them
 test: deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup
 
 # the same suite on Python 3.9 (Raspberry Pi OS Bullseye's), with pyenv's 3.9 when it is there
 PY39 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3) $(shell command -v python3.9))

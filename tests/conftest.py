@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
 
 
 def _time_the_test_only(config: pytest.Config, item: pytest.Item) -> None:
-    """An `alone` test first waits (in `_machine_share`) for the other worker's test to end,
+    """An `alone` test first waits (in `_machine_share`) for the other workers' tests to end,
     which at full size may be the 16-minute damage sweep: its timeout covers the test itself,
     not that wait (a full chaos run timed one out so, at 900 s, still measuring)."""
     marker = item.get_closest_marker("timeout")
@@ -47,14 +47,14 @@ def _time_the_test_only(config: pytest.Config, item: pytest.Item) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "alone: a test that measures a rate ratio on the whole"
-                            " machine runs with no other test beside it (the other xdist worker waits)")
+                            " machine runs with no other test beside it (the other xdist workers wait)")
 
 
 @pytest.fixture(autouse=True)
 def _machine_share(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Tests hold a shared lock on a file every xdist worker of the run sees; a test marked
-    `alone` holds it exclusively, so it starts once the other worker's test is done and that
-    worker starts its next only after it. Without xdist it is uncontended."""
+    `alone` holds it exclusively, so it starts once the other workers' tests are done and they
+    start their next only after it. Without xdist it is uncontended."""
     lock_path = tmp_path_factory.getbasetemp().parent / "machine-share.lock"
     with open(lock_path, "a") as lock:
         alone = request.node.get_closest_marker("alone") is not None
