@@ -22,6 +22,8 @@ PAYLOAD_BYTES = 128 * 1024     # largest message payload
 TOPIC_BYTES = 256              # longest topic name, UTF-8 bytes
 TOPIC_SLASHES = 7              # at most 7 forward slashes (8 levels) in a topic or filter
 SUBSCRIPTIONS = 50             # subscriptions per connection
+CLIENT_ID_BYTES = 128         # longest client id, UTF-8 bytes (a thing name may be 128 itself)
+FILTERS_PER_SUBSCRIBE = 8      # topic filters in one SUBSCRIBE request
 CONNECTS_PER_SECOND = 1        # CONNECT requests per second per client id
 KEEPALIVE_RANGE = (30, 1200)   # seconds; AWS clamps values outside it
 SESSION_EXPIRY = "1 h (adjustable up to 7 days)"  # how long a persistent session outlives a disconnect
@@ -75,11 +77,19 @@ def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt") -> List[str]:
     if not low <= mqtt.keepalive <= high:
         warnings.append(f"{path}.keepAliveSeconds: {mqtt.keepalive} is outside AWS IoT Core's range"
                         f" of {low}-{high} s; the broker uses the nearest bound")
+    for key, client_id in (("clientId", mqtt.client_id), ("egressClientId", mqtt.egress_client_id)):
+        if len(client_id.encode("utf-8")) > CLIENT_ID_BYTES:
+            warnings.append(f"{path}.{key}: {client_id!r} is {len(client_id.encode('utf-8'))} bytes, over"
+                            f" AWS IoT Core's {CLIENT_ID_BYTES}-byte client id; the broker refuses"
+                            f" the connection: set a shorter one")
     topics = mqtt.ingress_topics()
     if len(topics) > SUBSCRIPTIONS:
         over("subscriptions", f"{len(topics)} topic filters", f"{SUBSCRIPTIONS} subscriptions per connection")
     for topic in (*topics, mqtt.egress_topic):
-        if len(topic.encode("utf-8")) > TOPIC_BYTES or topic.count("/") > TOPIC_SLASHES:
+        counted = topic  # Basic Ingest's $aws/rules/<rule>/ is not counted by AWS
+        if topic.startswith("$aws/rules/") and topic.count("/") >= 3:
+            counted = topic.split("/", 3)[3]
+        if len(counted.encode("utf-8")) > TOPIC_BYTES or counted.count("/") > TOPIC_SLASHES:
             warnings.append(f"{path}: topic {topic!r} is over AWS IoT Core's limits of {TOPIC_BYTES}"
                             f" bytes and {TOPIC_SLASHES} slashes")
     return warnings

@@ -46,6 +46,7 @@ _FORBIDDEN = re.compile("[\0-\x1f\x7f-\x9f\ufdd0-\ufdef"
                         + "".join(chr(plane + last) for plane in range(0, 0x110000, 0x10000)
                                   for last in (0xFFFE, 0xFFFF)) + "]")
 DEFAULT_MAX_TOPIC_BYTES = 256  # AWS IoT Core's limit
+BASIC_INGEST_PREFIX = "$aws/rules/"  # AWS IoT Core's Basic Ingest: $aws/rules/<rule>/<topic>
 
 
 def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
@@ -68,8 +69,15 @@ def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
     for wildcard in ("+", "#"):
         if wildcard in topic:
             return f"contains the wildcard {wildcard!r} (only subscriptions may use + and #)"
+    counted, prefix = topic, ""
+    if max_slashes is not None and topic.startswith(BASIC_INGEST_PREFIX) and topic.count("/") >= 3:
+        # AWS IoT Core's limits exclude Basic Ingest's three mandatory levels ($aws/rules/<rule>/)
+        prefix = "/".join(topic.split("/", 3)[:3]) + "/"
+        counted = topic[len(prefix):]
+        size = len(counted.encode("utf-8"))
     if size > max_bytes:
-        return f"is {size} bytes in UTF-8, over maxTopicBytes ({max_bytes})"
-    if max_slashes is not None and topic.count("/") > max_slashes:
-        return f"has {topic.count('/')} slashes, over the broker's {max_slashes} (AWS IoT Core's topic levels)"
+        return f"is {size} bytes in UTF-8{' after ' + prefix if prefix else ''}, over maxTopicBytes ({max_bytes})"
+    if max_slashes is not None and counted.count("/") > max_slashes:
+        return (f"has {counted.count('/')} slashes{' after ' + prefix if prefix else ''}, over the broker's"
+                f" {max_slashes} (AWS IoT Core's topic levels)")
     return None

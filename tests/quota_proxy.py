@@ -8,7 +8,9 @@ holding at most `rate` (a second's worth). Everything else (CONNECT, PINGREQ, PU
 everything the broker sends are forwarded untouched. `over_quota` counts the dropped publishes
 (with `enforce=False` they are forwarded and only counted: how far over the quota a client is).
 With `answer=True` (MQTT 5 clients) a publish over the quota is answered instead, by a PUBACK
-with reason 0x97 Quota exceeded.
+with reason 0x97 Quota exceeded. With `filters_per_request=N`, a SUBSCRIBE or UNSUBSCRIBE
+naming more than N topic filters closes the connection, as AWS IoT Core does over its 8
+(`refused_requests` counts them, `largest_request` is the most filters one named).
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from typing import Dict, List, Optional, Tuple
 
 from tests.broker import HOST, Broker, wait_for
 
-PUBLISH = 3
+CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE = 1, 3, 8, 10
 QUOTA_EXCEEDED_PUBACK = bytes([0x40, 3])  # + packet id + reason 0x97, no properties
 
 
 class _Link:
     """One client connection: its TLS side, its plain side to the broker, its quota."""
+    mqtt5 = False  # its CONNECT's protocol level was 5
 
     def __init__(self, tls: ssl.SSLSocket, plain: socket.socket, rate: float):
         self.tls, self.plain, self.rate = tls, plain, rate
@@ -67,6 +70,33 @@ def split_packets(data: bytes) -> Tuple[List[bytes], bytes]:
     return packets, data[at:]
 
 
+def _varint(data: bytes, at: int) -> Tuple[int, int]:
+    """The variable byte integer at `at`, and the offset after it."""
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _filters_named(packet: bytes, mqtt5: bool) -> int:
+    """How many topic filters a SUBSCRIBE (each with an options byte) or UNSUBSCRIBE names."""
+    _, at = _varint(packet, 1)  # past the fixed header
+    at += 2  # the packet id
+    if mqtt5:
+        length, at = _varint(packet, at)
+        at += length  # the properties
+    options = 1 if packet[0] >> 4 == SUBSCRIBE else 0
+    count = 0
+    while at < len(packet):
+        at += 2 + int.from_bytes(packet[at:at + 2], "big") + options
+        count += 1
+    return count
+
+
 def _packet_id(publish: bytes) -> bytes:
     """The packet id of a QoS 1 PUBLISH: after the fixed header and the topic."""
     pos = 1
@@ -79,10 +109,12 @@ def _packet_id(publish: bytes) -> bytes:
 
 
 class QuotaProxy:
-    def __init__(self, broker: Broker, rate: float, enforce: bool = True, answer: bool = False):
+    def __init__(self, broker: Broker, rate: float, enforce: bool = True, answer: bool = False,
+                 filters_per_request: Optional[int] = None):
         assert broker.plain_port, "the broker needs its plain listener (Broker(..., plain=True))"
         self.broker, self.rate, self.enforce = broker, rate, enforce  # not enforced: only counted
-        self.answer = answer
+        self.answer, self.filters_per_request = answer, filters_per_request
+        self.refused_requests = self.largest_request = 0
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(broker.certs.ca))
         self.context.load_cert_chain(str(broker.server.cert), str(broker.server.key))
         self.context.verify_mode = ssl.CERT_REQUIRED
@@ -158,7 +190,18 @@ class QuotaProxy:
         packets, link.pending = split_packets(link.pending + data)
         kept = []
         for packet in packets:
-            if packet[0] >> 4 == PUBLISH:
+            kind = packet[0] >> 4
+            if kind == CONNECT:
+                _, at = _varint(packet, 1)
+                link.mqtt5 = packet[at + 2 + int.from_bytes(packet[at:at + 2], "big")] == 5
+            if kind in (SUBSCRIBE, UNSUBSCRIBE) and self.filters_per_request is not None:
+                named = _filters_named(packet, link.mqtt5)
+                self.largest_request = max(self.largest_request, named)
+                if named > self.filters_per_request:
+                    self.refused_requests += 1
+                    self._drop(link)
+                    return b""
+            if kind == PUBLISH:
                 if not link.allow_publish():
                     self.over_quota += 1
                     if self.answer:

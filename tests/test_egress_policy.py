@@ -10,6 +10,7 @@ import pytest
 from flashlexd.config import ConfigError, load
 from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.quotas import quota_warnings
+from flashlexd.topics import publish_topic_problem
 from flashlexd.ratelimit import BURST_SECONDS, PublishBudget
 from flashlexd.workers.poison import PoisonWatch
 from tests.test_config import edited_config, setting
@@ -251,6 +252,30 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     quota_lines = [w for w in config.warnings if "AWS IoT Core" in w]
     assert len(quota_lines) == 6 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
     assert quota_warnings("mosquitto.local", "x", config.thing.mqtt) == []  # other brokers: no AWS quotas
+
+
+def test_aws_limits_on_client_ids_and_basic_ingest_topics(tmp_path: Path) -> None:
+    """A thing name over 121 bytes (AWS allows 128) made `<clientId>-egress` longer than the
+    128 bytes AWS takes in a client id: the egress could never connect, and nothing said so.
+    Basic Ingest's `$aws/rules/<rule>/` does not count toward AWS's topic limits (found by review)."""
+    def long_name(document) -> None:
+        document["flashlex"]["thing"]["name"] = "sensor-" + "x" * 118  # 125 bytes
+        document["flashlex"]["thing"]["mqtt"]["egress"] = {"topic": BASIC_INGEST}
+    config = load(str(edited_config(tmp_path, long_name)))
+    egress_id = config.thing.mqtt.egress_client_id
+    assert [w for w in config.warnings if "AWS IoT Core" in w] == [
+        f"flashlex.thing.mqtt.egressClientId: {egress_id!r} is 132 bytes, over AWS IoT Core's 128-byte"
+        " client id; the broker refuses the connection: set a shorter one"]
+    assert publish_topic_problem(BASIC_INGEST, max_slashes=7) is None
+    assert publish_topic_problem("$aws/rules/r/" + "x" * 256, max_slashes=7) is None
+    assert publish_topic_problem("$aws/rules/r/" + "x" * 257, max_slashes=7) == \
+        "is 257 bytes in UTF-8 after $aws/rules/r/, over maxTopicBytes (256)"
+    assert publish_topic_problem(BASIC_INGEST.replace("$aws/rules/", "$aws/rulez/"), max_slashes=7) == \
+        "has 8 slashes, over the broker's 7 (AWS IoT Core's topic levels)"
+
+
+# AWS's own Basic Ingest example, one level deeper: 8 slashes in all, 5 after the prefix
+BASIC_INGEST = "$aws/rules/BuildingManager/Buildings/Building5/Floor2/Room201/Lights/On"
 
 
 def test_flashlexctl_status_says_how_the_drain_goes() -> None:

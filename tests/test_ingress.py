@@ -15,6 +15,8 @@ from flashlexd.store import Store
 from tests.broker import (INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
 from tests.lax_broker import LaxBroker
+from tests.quota_proxy import QuotaProxy
+from tests.test_egress_quota import plain_broker  # noqa: F401 (fixture)
 
 
 def payloads(store: Store) -> List[bytes]:
@@ -449,6 +451,33 @@ def test_a_subscription_taken_out_of_the_config_leaves_the_brokers_session(
     worker.wait(lambda w: w.counters.get("received") == 1 + dropped, 10, "the counters reported")
     assert worker.counters.get("dropped_unsubscribed") == dropped, worker.counters
     assert worker.stop() == 0
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_more_filters_than_aws_takes_in_one_request_are_sent_in_eights(
+        plain_broker: Broker, tmp_path: Path, start_worker, protocol: str) -> None:
+    """AWS IoT Core closes the link on a SUBSCRIBE or UNSUBSCRIBE naming more than 8 topic
+    filters (a hard quota); the README allows 50. All were sent in one SUBSCRIBE at every
+    connect: with 9 or more the ingress reconnected forever, blaming "another client using the
+    client id" (found by review). Then 8 taken out of the config: the same for the UNSUBSCRIBE."""
+    proxy = QuotaProxy(plain_broker, rate=0, filters_per_request=8)
+    extra = [f"extra/{n}/#" for n in range(8)]  # with ingress.topic and pubsub.topic: 10 filters
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"subscriptions": extra, "protocol": protocol})
+    try:
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected") and [t for t, _ in w.mqtt.get("subscriptions") or []]
+                    == [INGRESS_TOPIC, PUBSUB_TOPIC, *extra], 15, "all ten filters subscribed")
+        assert worker.stop() == 0
+        edit_mqtt(config, subscriptions=[])
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected") and [t for t, _ in w.mqtt.get("subscriptions") or []]
+                    == [INGRESS_TOPIC, PUBSUB_TOPIC], 15, "the eight unsubscribed")
+        assert "unsubscribing from extra/0/#, " in worker.log_text()
+        assert (proxy.refused_requests, proxy.largest_request) == (0, 8) and proxy.link_count() == 1
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
 
 
 def test_a_shared_subscriptions_messages_are_stored(broker: Broker, tmp_path: Path, start_worker) -> None:

@@ -66,6 +66,7 @@ STALL_GAPS = 4                 # a silence this many mean gaps long: the broker'
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
+FILTERS_PER_SUBSCRIBE = 8      # AWS IoT Core closes the link on a SUBSCRIBE/UNSUBSCRIBE with more
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
 
 
@@ -82,6 +83,8 @@ class IngressWorker(Worker):
     def setup(self) -> None:
         self.store = Store.from_config(self.config.store, create=False)
         self.topics = self.config.thing.mqtt.ingress_topics()
+        self.subacks_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters, until its SUBACK
+        self.suback_codes: Dict[str, Any] = {}  # filter -> the reason code its SUBACK gave
         client_id = self.config.thing.mqtt.client_id
         # the filters the broker's session may hold: those recorded (a store with no record
         # is an earlier version's, which subscribed the pubsub topic) and those configured
@@ -210,8 +213,14 @@ class IngressWorker(Worker):
                 log.log(logging.DEBUG if self.said_unwanted else logging.INFO,
                         "unsubscribing from %s: no longer configured", ", ".join(self.unwanted))
                 self.said_unwanted = True
-                self.connection.unsubscribe(self.unwanted)
-            self.connection.subscribe([(topic, 1) for topic in self.topics])
+                for at in range(0, len(self.unwanted), FILTERS_PER_SUBSCRIBE):
+                    self.connection.unsubscribe(self.unwanted[at:at + FILTERS_PER_SUBSCRIBE])
+            self.subacks_due, self.suback_codes = {}, {}
+            for at in range(0, len(self.topics), FILTERS_PER_SUBSCRIBE):
+                chunk = self.topics[at:at + FILTERS_PER_SUBSCRIBE]
+                _, mid = self.connection.subscribe([(topic, 1) for topic in chunk])
+                if mid is not None:
+                    self.subacks_due[mid] = chunk
             return
         self.barrier.disconnected()
         self.counters["connected"] = False
@@ -240,8 +249,16 @@ class IngressWorker(Worker):
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
                       properties: Any) -> None:
         self.connection.acknowledged("SUBACK", mid)
-        granted = [(t, code.value) for t, code in zip(self.topics, reason_codes) if not code.is_failure]
-        refused = [f"{t} ({reason_name(code)})" for t, code in zip(self.topics, reason_codes) if code.is_failure]
+        due = self.subacks_due
+        chunk = due.pop(mid, None)
+        if chunk is None:
+            return  # a SUBACK of an earlier connection's SUBSCRIBE
+        self.suback_codes.update(zip(chunk, reason_codes))
+        if due:
+            return  # "connected" once every SUBSCRIBE of this connect is answered
+        codes = [(t, self.suback_codes[t]) for t in self.topics if t in self.suback_codes]
+        granted = [(t, code.value) for t, code in codes if not code.is_failure]
+        refused = [f"{t} ({reason_name(code)})" for t, code in codes if code.is_failure]
         self.counters["subscriptions"] = [list(g) for g in granted]
         self.counters["connected"] = True
         error = None
