@@ -357,14 +357,14 @@ class Client:
         return self.call("publish", **params)["id"]
 
     def outbox(self, limit: int = 100, dead: bool = False,
-               after: Union[None, int, OutboxEntry] = None) -> Dict[str, Any]:
+               after: Union[None, int, str, OutboxEntry] = None) -> Dict[str, Any]:
         """{"count", "dead", "oldest_age", "limit", "entries": [OutboxEntry, oldest first]}:
         the entries queued for the cloud or, with `dead=True`, the dead letters (entries the
         broker kept refusing, set aside with their `reason` and `attempts` so the rest of the
         outbox keeps flowing). `after` is an exclusive id, for paging."""
         params: Dict[str, Any] = {"limit": limit, "dead": dead}
         if after is not None:
-            params["after"] = _entry_id(after)
+            params["after"] = int(after) if isinstance(after, str) else _entry_id(after)
         result = self.call("outbox", **params)
         result["entries"] = [OutboxEntry.from_wire(e) for e in result.get("entries", [])]
         return result

@@ -201,6 +201,18 @@ def _entry_id(text: str) -> int:
     return value
 
 
+def _limit(text: str) -> int:
+    """--limit as typed: one past 64 bits is a usage error (msgpack cannot carry it); the
+    daemon judges the rest (its own bound names MAX_LIMIT)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}, got {text!r}")
+    return value
+
+
 def _timeout(text: str) -> float:
     """--timeout: a bad one is a usage error (-1 and inf were tracebacks from the socket)."""
     try:
@@ -221,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("status", help="health, workers, MQTT, inbox/outbox, store (exit 0 healthy, 1 degraded)")
     messages = sub.add_parser("messages", help="unacknowledged messages, oldest first")
-    messages.add_argument("--limit", type=int, default=20, help=f"how many (default 20, max {MAX_LIMIT})")
+    messages.add_argument("--limit", type=_limit, default=20, help=f"how many (default 20, max {MAX_LIMIT})")
     messages.add_argument("--topic", help="MQTT topic filter (+ and # allowed)")
     messages.add_argument("--consumer", metavar="NAME", help="the messages named consumer NAME has not acked")
     ack = sub.add_parser("ack", help="acknowledge (remove) messages by pk")
@@ -237,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
     tail.add_argument("--all", action="store_true", help="start with the unacknowledged backlog")
     tail.add_argument("--topic", help="MQTT topic filter")
     outbox = sub.add_parser("outbox", help="entries queued for the cloud, dead letters; retry, drop")
-    outbox.add_argument("--limit", type=int, default=10, help="how many entries to list (default 10)")
+    outbox.add_argument("--limit", type=_limit, default=10, help="how many entries to list (default 10)")
     outbox.add_argument("--dead", action="store_true",
                         help="list the dead letters (entries the broker kept refusing) instead")
     actions = outbox.add_subparsers(dest="outbox_action", metavar="ACTION")

@@ -105,16 +105,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)
-    if args.command == "check":
-        from flashlexd import check  # ssl and friends: not loaded by the daemon's own process
-        from flashlexd.client.ctlview import reader_gone
+    from flashlexd.client.ctlview import reader_gone
 
-        try:
+    try:  # `flashlexd check | head -1`, `flashlexd service --dir D | head`
+        if args.command == "check":
+            from flashlexd import check  # ssl and friends: not loaded by the daemon's own process
+
             return check.run(args)
-        except BrokenPipeError:  # `flashlexd check | head -1`
-            return reader_gone()
-    if args.command == "service":
-        return service.run(args)
-    if args.command == "store":
-        return storecmd.run(args)
+        if args.command == "service":
+            return service.run(args)
+        if args.command == "store":
+            return storecmd.run(args)
+    except BrokenPipeError:
+        return reader_gone()
     raise AssertionError(args.command)

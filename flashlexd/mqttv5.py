@@ -135,13 +135,40 @@ def reason_name(reason: Any) -> str:
     return f"{reason} (0x{value:02X})" if isinstance(value, int) else str(reason)
 
 
+# QoS 1 messages a broker may send us unacknowledged (our CONNECT's Receive Maximum; paho
+# leaves it out, which means 65,535): while the store refuses (`whenFull: reject`, a full
+# disk) the ingress holds every one it is sent in memory, and a broker that follows the
+# client's figure rather than its own window would send them all
+RECEIVE_MAXIMUM = 100
+
+
 def session_properties(expiry_seconds: int) -> "Properties":
-    """A CONNECT's properties: how long the broker keeps the session after a link drops."""
+    """A CONNECT's properties: how long the broker keeps the session after a link drops, and
+    how many QoS 1 messages it may have in flight to us (RECEIVE_MAXIMUM)."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = expiry_seconds
+    properties.ReceiveMaximum = RECEIVE_MAXIMUM
     return properties
+
+
+def properties_size(kept: Optional[Dict[str, Any]], per_item: int = 0) -> int:
+    """The bytes of the kept properties (`properties_of`) a record stores beyond its payload,
+    strings counted in UTF-8 (a character may be 4 bytes); `per_item` more for each property
+    and each user property pair (a response budget counts their encoding too)."""
+    size = 0
+    for name, value in (kept or {}).items():
+        size += per_item
+        if name == "user_properties":
+            size += sum(_utf8_size(k) + _utf8_size(v) + per_item for k, v in value)
+        elif isinstance(value, (str, bytes)):
+            size += _utf8_size(value)
+    return size
+
+
+def _utf8_size(value: Any) -> int:
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else len(value)
 
 
 def properties_of(properties: Any) -> Dict[str, Any]:

@@ -19,7 +19,9 @@ from flashlexd.unitplaces import Places, read_places, unit_values, writable_dirs
 
 EXIT_CONFIG = 2
 EXIT_WRITE = 1  # the file could not be written
-STORE_FILES = {"data.mdb", "lock.mdb", "acks.journal", paths.LOCK_NAME}  # what a data dir holds
+# what a data dir holds: LMDB's two files, the ack journal, the lock, and the space reserve
+# (made by the first append, so in every data dir that ever stored a message)
+STORE_FILES = {"data.mdb", "lock.mdb", "acks.journal", paths.LOCK_NAME, "space.reserve"}
 REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 INSTALLED_PACKAGING = Path(sys.prefix) / "share" / "flashlexd"
 FILES = {  # kind -> (file under packaging/ in the repo, name when installed, target on the system)
@@ -145,8 +147,16 @@ def make_directories(places: Places, user: str, group: str) -> None:
     writable, so the daemon could not make them itself."""
     import pwd  # here: the daemon (which imports this module for its command line) never needs it
     import shutil
-    uid = pwd.getpwnam(user).pw_uid
-    for directory, mode in writable_dirs(places):
+    dirs = writable_dirs(places)
+    if not dirs:
+        return  # systemd makes them (StateDirectory=, RuntimeDirectory=): no user to look up
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        print(f"warning: there is no user {user!r} yet: {', '.join(d for d, _ in dirs)} not made;"
+              f" create the user, then run `flashlexd service ... --install` again", file=sys.stderr)
+        return
+    for directory, mode in dirs:
         if not os.path.isdir(directory):
             paths.make_dir(Path(directory), mode)
             shutil.chown(directory, user, group)

@@ -242,14 +242,17 @@ def test_bad_config_skips_everything_after_it(tmp_path: Path) -> None:
     assert "6 checks failed (config), 5 skipped" in verdict
 
 
-def test_a_reader_that_went_is_no_traceback(tmp_path: Path) -> None:
-    """`flashlexd check | head -1` printed a BrokenPipeError traceback (found by review)."""
+@pytest.mark.parametrize("command", [["check", "--config"], ["service", "--rsyslog", "--dir"]])
+def test_a_reader_that_went_is_no_traceback(tmp_path: Path, command: List[str]) -> None:
+    """`flashlexd check | head -1`, `flashlexd service ... | head` printed a BrokenPipeError
+    traceback (found by reviews)."""
     config = tmp_path / "flashlex.yml"
     config.write_text("flashlex:\n  thing:\n    name: x\n")
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line
+    where = str(config) if command[0] == "check" else str(tmp_path)
     try:
-        result = subprocess.run([sys.executable, "-m", "flashlexd", "check", "--config", str(config)],
+        result = subprocess.run([sys.executable, "-m", "flashlexd", *command, where],
                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write_end)

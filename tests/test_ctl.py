@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -199,3 +200,14 @@ def test_publish_to_an_empty_topic_is_refused_not_sent_to_the_default_one(harnes
     code, out, err = run(harness, capsys, "publish", "--topic", "", "x")
     assert code == 1 and "is empty" in err
     assert json.loads(run(harness, capsys, "--json", "outbox")[1])["count"] == 0
+
+
+@pytest.mark.parametrize("argv", [("messages", "--limit", "99999999999999999999999"),
+                                  ("outbox", "--limit", "99999999999999999999999"),
+                                  ("consumers", "reset", "display", "--to", "99999999999999999999999")])
+def test_a_number_past_64_bits_is_one_line_not_a_traceback(harness, argv):
+    """msgpack's OverflowError came out of flashlexctl for these too (found by review)."""
+    harness.store.consumer_register("display", time.time())
+    done = subprocess.run(CTL + ["--socket", harness.path, *argv], capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in done.stderr and done.returncode in (1, 2), done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("flashlexctl"), done.stderr

@@ -17,6 +17,7 @@ from tests.broker import (INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, ope
 from tests.lax_broker import LaxBroker
 from tests.quota_proxy import QuotaProxy
 from tests.test_egress_quota import plain_broker  # noqa: F401 (fixture)
+from tests.worker_process import rss_kb
 
 
 def payloads(store: Store) -> List[bytes]:
@@ -563,3 +564,96 @@ def edit_mqtt(config: Path, **keys: Any) -> None:
     document = yaml.safe_load(config.read_text())
     document["flashlex"]["thing"]["mqtt"].update(keys)
     config.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def fill_a_one_megabyte_store(broker: Broker, tmp_path: Path, worker: Any) -> int:
+    """40 messages of 60 KB into a 1 MB store under `reject`: once it refuses, the worker's
+    resident memory (KiB), the base of what it holds from then on."""
+    write_lines(tmp_path / "big", 40, width=60_000)
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "big").wait(30) == 0
+    worker.wait(lambda w: w.counters.get("store_full"), 20, "store_full reported")
+    return rss_kb(worker.pid)
+
+
+def test_a_qos0_flood_into_a_full_store_does_not_grow_the_ingress_without_bound(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """`reject` holds PUBACKs back so that the broker keeps the messages, and its in-flight
+    window bounds what QoS 1 brings meanwhile; QoS 0 comes regardless, and the ingress kept
+    every such message while the store refused (65 MB more for an 80 MB flood, without limit: a
+    Pi out of memory). Past a full batch they are dropped and counted (found by review)."""
+    config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"})
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
+    base = fill_a_one_megabyte_store(broker, tmp_path, worker)
+    write_lines(tmp_path / "qos0", 4_000, width=20_000)  # 80 MB at QoS 0
+    with open(tmp_path / "qos0", "rb") as lines:
+        subprocess.run(["mosquitto_pub", *broker.client_args(), "-q", "0", "-t", INGRESS_TOPIC, "-l"],
+                       stdin=lines, check=True, timeout=60, capture_output=True)
+    worker.wait(lambda w: w.counters.get("received", 0) >= 40 + 4_000 or rss_kb(w.pid) - base > 60_000,
+                60, "the QoS 0 flood read")
+    grown = rss_kb(worker.pid) - base
+    assert grown < 30_000, f"the ingress grew by {grown} KB holding QoS 0 messages it cannot store"
+    assert worker.counters["dropped_qos0_full"] > 3_000 and worker.counters["store_full"]
+    assert worker.log_text().count("dropping QoS 0 messages while the store refuses them") == 1
+    assert worker.stop() == 0
+
+
+def test_a_broker_without_a_window_of_its_own_sends_no_more_than_our_receive_maximum(
+        certs: Any, tmp_path: Path, start_worker) -> None:
+    """MQTT 5: a broker with no in-flight window of its own (mosquitto `max_inflight_messages
+    0`) sends up to the client's Receive Maximum; our CONNECT gave none (65,535), so while
+    `reject` held the PUBACKs back the ingress took thousands of messages into memory (2,345
+    and 50 MB more, found by review). Under 3.1.1 there is no Receive Maximum (README)."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_inflight_messages 0"]).start()
+    try:
+        config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"},
+                              mqtt={"protocol": "5"})
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected"), 30, "subscribed")
+        fill_a_one_megabyte_store(broker, tmp_path, worker)
+        write_lines(tmp_path / "more", 3_000, width=2_000)
+        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "more").wait(60) == 0
+        worker.wait(lambda w: w.counters.get("received", 0) >= 100, 20, "a window's worth read")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # no event marks "the broker sent no more": a window
+            worker.pump(0.2)
+            assert worker.counters["received"] <= 40 + 100, worker.counters["received"]
+    finally:
+        broker.close()
+
+
+def test_a_client_id_with_a_wildcard_character_keeps_the_link_up(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """MQTT allows `#` and `+` in a client id (mosquitto takes it): the ack barrier's
+    UNSUBSCRIBE put it into a topic filter, an invalid one, so mosquitto dropped the link after
+    every commit and no DUP mark was ever confirmed (found by review)."""
+    config = write_config(tmp_path / "config", broker, mqtt={"clientId": "dev#1+x/y", "egressClientId": "dev-e"})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected"), 30, "subscribed")
+    write_lines(tmp_path / "lines", 200, width=20)
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "lines").wait(60) == 0
+    wait_for(lambda: store.inbox_count() >= 200, 30, "all stored")
+    worker.wait(lambda w: w.counters.get("acks_confirmed", 0) >= 200, 10, "the PUBACKs confirmed")
+    assert "Malformed packet" not in worker.log_text() and worker.log_text().count("connected to") == 1
+    assert worker.stop() == 0
+    store.close()
+
+
+def test_mqtt5_properties_count_against_the_inbound_size_limit(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A 5-byte payload with 480 KB of MQTT 5 user properties was stored whole under a 1 KiB
+    `maxPayloadBytes`: the properties are stored and served with it (found by review)."""
+    config = write_config(tmp_path / "config", broker, db={"maxPayloadBytes": 1024}, mqtt={"protocol": "5"})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected"), 30, "subscribed")
+    properties = [arg for i in range(8) for arg in ("-D", "publish", "user-property", f"k{i}", "v" * 60_000)]
+    subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "5", "-q", "1", "-t", INGRESS_TOPIC,
+                    "-m", "small", *properties], check=True, timeout=20, capture_output=True)
+    publish(broker, INGRESS_TOPIC, b"marker")
+    wait_for(lambda: b"marker" in [m.payload for m in store.messages()], 20, "the marker stored")
+    assert [m.payload for m in store.messages()] == [b"marker"]
+    worker.wait(lambda w: w.counters.get("dropped_oversize") == 1, 10, "counted")
+    assert worker.stop() == 0
+    store.close()

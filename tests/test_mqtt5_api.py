@@ -57,11 +57,13 @@ def test_publish_refuses_a_packet_over_the_brokers_maximum_while_connected(harne
     assert fx.outbox()["count"] == 2
 
 
-def test_an_outbox_answer_counts_the_entries_properties_in_its_budget(harness, fx):
+@pytest.mark.parametrize("char", ["v", "\U0001F600"], ids=["ascii", "4-byte-utf8"])
+def test_an_outbox_answer_counts_the_entries_properties_in_its_budget(harness, fx, char):
     """Only payload and topic were counted: entries each carrying a request frame's worth of
-    user properties made one `outbox` answer ~8x the response budget, built in the supervisor."""
+    user properties made one `outbox` answer ~8x the response budget, built in the supervisor;
+    then characters were counted, not bytes (found by reviews)."""
     budget = harness.rules.response_budget
-    pairs = [(f"k{i}", "v" * 20000) for i in range(budget // 100000)]  # ~1/5 of the budget each
+    pairs = [(f"k{i}", char * (20000 // len(char.encode()))) for i in range(budget // 100000)]  # ~1/5 of it each
     for _ in range(12):
         fx.publish(b"x", topic="out/t", properties={"user_properties": pairs})
     answer = fx.call("outbox", limit=12)

@@ -212,6 +212,39 @@ def test_unit_refuses_to_make_the_config_keys_or_program_writable(tmp_path, app,
     assert rendered.stderr.startswith(f"flashlexd: {holds}"), rendered.stderr
 
 
+def test_install_takes_over_a_data_dir_a_root_run_left_after_storing_a_message(tmp_path):
+    """The take-over ("holds only a store") missed space.reserve, which the first append
+    makes: a data dir left by a `sudo flashlexd run` that stored anything stayed root's, and
+    the service restarted for good on its lock file (found by review)."""
+    import os
+    import pwd
+    from flashlexd import paths
+    from flashlexd.service import make_directories
+    from flashlexd.store import Incoming, Store
+    from flashlexd.unitplaces import Places
+    data = tmp_path / "data"
+    paths.make_dir(data, paths.DATA_DIR_MODE)
+    paths.DataDirLock(data).acquire().release()  # as `sudo flashlexd run` leaves it
+    store = Store(data, 64 << 20)
+    store.append([Incoming("t", b"x")])
+    store.close()
+    make_directories(Places(data_dir=str(data)), "nobody", "nogroup")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert {name: os.stat(data / name).st_uid for name in [".", *os.listdir(data)]} == \
+        {name: nobody for name in [".", *os.listdir(data)]}
+
+
+def test_install_for_a_user_not_made_yet_is_no_traceback(tmp_path, capsys):
+    """`--install --user U` wrote the unit, then looked U up first thing: a KeyError traceback
+    ended the install before systemd's reload, even with nothing to make (found by review)."""
+    from flashlexd.service import make_directories
+    from flashlexd.unitplaces import Places
+    make_directories(Places(), "flashlexd-no-such-user", "flashlexd-no-such-user")  # nothing to make
+    make_directories(Places(data_dir=str(tmp_path / "data")), "flashlexd-no-such-user", "nogroup")
+    assert "there is no user 'flashlexd-no-such-user' yet" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def test_systemd_waits_longer_than_the_configured_stop_timeout(tmp_path):
     """TimeoutStopSec was 30 whatever stopTimeoutSeconds said: a longer graceful stop (the
     egress reading its PUBACKs, a worker flushing a batch) was cut by systemd's SIGKILL of the

@@ -20,7 +20,7 @@ from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
 from flashlexd.ipc.sharedcommit import SharedCommits
 from flashlexd.ipc.walk import Steps, Walk
-from flashlexd.mqttv5 import publish_packet_size
+from flashlexd.mqttv5 import properties_size, publish_packet_size
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, DiskFull, Store, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem, valid_filter
@@ -119,19 +119,6 @@ def _store_failures(read: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def _properties_size(properties: Optional[Dict[str, Any]]) -> int:
-    """Roughly the msgpack bytes of a record's MQTT 5 properties: an outbox entry's may be
-    ~1 MiB of user properties (a whole request frame), which the budget must see."""
-    size = 0
-    for name, value in (properties or {}).items():
-        size += len(name) + 8
-        if name == "user_properties":
-            size += sum(len(k) + len(v) + 12 for k, v in value)
-        elif isinstance(value, (str, bytes)):
-            size += len(value)
-    return size
-
-
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -195,8 +182,8 @@ class Methods:
         """The leading records that fit the response budget (at least one)."""
         used, budget = 0, self.rules.response_budget
         for index, record in enumerate(records):
-            used += len(record["payload"]) + len(record["topic"]) + _RECORD_ENVELOPE \
-                + _properties_size(record.get("properties"))
+            used += len(record["payload"]) + len(record["topic"].encode("utf-8", "surrogatepass")) \
+                + _RECORD_ENVELOPE + properties_size(record.get("properties"), per_item=12)
             if used > budget and index > 0:
                 return records[:index]
         return records

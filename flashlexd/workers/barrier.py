@@ -49,10 +49,17 @@ def pack_marks(marks: List[Optional[DupMark]]) -> bytes:
     return packed
 
 
+def barrier_level(client_id: str) -> str:
+    """`client_id` as one valid topic-filter level: `%`, `+`, `#`, `/` and U+0000 escaped."""
+    return "".join(f"%{ord(c):02X}" if c in "%+#/\0" else c for c in client_id)
+
+
 class AckBarrier:
     def __init__(self, client: Any, client_id: str):
         self.client = client
-        self.topic = f"flashlexd/ack-barrier/{client_id}"
+        # a client id may hold `+`, `#` (MQTT allows any UTF-8 in it): in a filter they would
+        # make the UNSUBSCRIBE invalid, and the broker drop the link at every barrier
+        self.topic = "flashlexd/ack-barrier/" + barrier_level(client_id)
         self.acked = bytearray()    # PUBACK sent, no barrier sent after it yet
         self.waiting = bytearray()  # PUBACK sent before the outstanding barrier
         self.settled = bytearray()  # PUBACK processed by the broker: marks can go

@@ -49,7 +49,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import properties_of, reason_name
+from flashlexd.mqttv5 import properties_of, properties_size, reason_name
 from flashlexd.publishread import Publish
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.topics import topic_matches
@@ -115,7 +115,7 @@ class IngressWorker(Worker):
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, store_full=False,
+                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
@@ -302,14 +302,23 @@ class IngressWorker(Worker):
                             raw_topic)
             elif self.unwanted and self._unsubscribed(topic):
                 self.counters["dropped_unsubscribed"] += 1
-            elif len(payload) > limit:
+            elif not qos and self.retry_at is not None and (
+                    len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES):
+                # the store refuses and the batch is full: a QoS 1 message stays with the
+                # broker (its window bounds what comes), a QoS 0 one has nowhere else to wait
+                self.counters["dropped_qos0_full"] += 1
+                if self.counters["dropped_qos0_full"] == 1:
+                    log.warning("dropping QoS 0 messages while the store refuses them (first on %s);"
+                                " counted in dropped_qos0_full", topic)
+                continue  # nothing to acknowledge: not kept in the batch at all
+            elif len(payload) + properties_size(kept := properties_of(properties) or None) > limit:
+                # MQTT 5 properties (user properties...) are stored with the payload: counted too
                 self.counters["dropped_oversize"] += 1
-                log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)", len(payload),
-                            topic, limit)
+                log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)",
+                            len(payload) + properties_size(kept), topic, limit)
             else:
                 incoming = Incoming.received(topic, payload, qos, retain, mid, dup,
-                                             self._dedupe_key(payload, properties),
-                                             properties_of(properties) or None)
+                                             self._dedupe_key(payload, properties), kept)
                 if dup and self._resent_in_batch(mid, incoming.mark, generation):
                     self.counters["duplicates"] += 1
                     incoming = None  # acknowledged with the first, not stored
