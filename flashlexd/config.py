@@ -285,6 +285,10 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
     if mqtt.egress_client_id == mqtt.client_id:
         raise ConfigError(f"{section.path}.egressClientId: must differ from the ingress client id"
                           f" {mqtt.client_id!r} (a broker drops one of two connections with one id)")
+    if mqtt.session_expiry == 0 and mqtt.protocol != "3.1.1":
+        section.warnings.append(f"{section.path}.sessionExpirySeconds: 0 under MQTT 5: the broker keeps"
+                                " no session across a drop, so messages published while the link is"
+                                " down, and those in flight at a crash, are lost")
     section.warn_unknown()
     return mqtt
 
