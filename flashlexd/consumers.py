@@ -29,8 +29,21 @@ MEMO_TOPIC_CHARS = 256  # a longer topic is matched each time (the memo stays sm
 MAX_CONSUMERS = 64
 
 
-class UnknownConsumer(StoreError):
+class ConsumerCallError(StoreError):
+    """A named consumer's call its caller got wrong (the API answers bad_params)."""
+
+
+class UnknownConsumer(ConsumerCallError):
     """A call named a consumer that is neither declared nor registered."""
+
+
+class ResetPastNewest(ConsumerCallError):
+    """A reset to a message id past every id given out: the consumer's floor would stand above
+    messages not stored yet, and it would skip them unseen when they come."""
+
+    def __init__(self, to: int, newest: int):
+        super().__init__(f"no message has id {to} yet (the newest is {newest}); reset to"
+                         " 'latest' to skip everything stored so far")
 
 
 class NoRoomForConsumer(UnknownConsumer):

@@ -36,7 +36,8 @@ class Message:
 
     @property
     def received_at(self) -> float:
-        """The arrival time (wall clock, step-corrected): the same as `timestamp`."""
+        """When the ingress stored it (wall clock, step-corrected; its batch's commit, up to
+        `ingestCommitMs` after it arrived): the same as `timestamp`."""
         return self.timestamp
 
     @property

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import lmdb
-from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec, ConsumerState, NoRoomForConsumer, UnknownConsumer
+from flashlexd.consumers import (MAX_CONSUMERS, ConsumerSpec, ConsumerState, NoRoomForConsumer, ResetPastNewest,
+                                 UnknownConsumer)
 from flashlexd.storebase import ScanPage
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import (_ID, _MAX_ID, DiskFull, Message, StoreBusy, StoreFull,
@@ -458,9 +459,12 @@ class ConsumerStore:
         reset starts (messages stored while it goes on are not skipped)."""
         if to == "earliest":
             return 0
+        with self._read() as txn:
+            newest = self._counter(txn, b"inbox_last_id")
         if to == "latest":
-            with self._read() as txn:
-                return self._counter(txn, b"inbox_last_id")
+            return newest
+        if int(to) - 1 > newest:  # the id after the newest is where "latest" stands
+            raise ResetPastNewest(int(to), newest)
         return max(0, int(to) - 1)  # to 0 or 1: from the earliest, as "earliest"
 
     @guarded

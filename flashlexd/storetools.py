@@ -209,6 +209,8 @@ def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, 
         lines = [f"read meta page {meta.number} (transaction {meta.txnid})"]
         names = list(DATABASES) + sorted(set(databases) - set(DATABASES))  # others: as they are
         Store(to_dir, cap_bytes).close()  # the fresh store: its databases and schema
+        if reader.problems:  # the main tree is damaged: every database the schema makes may
+            names += sorted(set(_databases_of(to_dir)) - set(names))  # be behind it: each reported
         # room for all that was stored, even over a cap lowered since (the daemon then rejects
         # or drops, as for any store over its cap)
         room = max(cap_bytes, os.fstat(data.fileno()).st_size)
@@ -234,6 +236,16 @@ def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, 
             f"{sum(losses)} records lost" if any(losses) else "nothing was lost")
     lines.append(f"new store written to {to_dir}; {lost}")
     return True, lines
+
+
+def _databases_of(store_dir: Path) -> List[str]:
+    """The names of the databases in a sound store's main tree."""
+    env = lmdb.open(str(store_dir), readonly=True, lock=False, max_dbs=1)
+    try:
+        with env.begin() as txn:
+            return [key.decode() for key, _ in txn.cursor()]
+    finally:
+        env.close()
 
 
 def _copy_ack_journal(data_dir: Path, to_dir: Path) -> List[str]:

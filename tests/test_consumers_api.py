@@ -183,6 +183,20 @@ def test_apps_register_consumers_only_while_fewer_than_the_most_are_stored(harne
     assert len(harness.store.consumers_report()) == MAX_CONSUMERS
 
 
+def test_a_reset_past_the_newest_id_is_refused_not_a_floor_above_messages_to_come(harness: Harness):
+    """`flashlexctl consumers reset display --to 999999` (a typo) was taken: the consumer's floor
+    stood above every message stored afterwards, and it got none of them (found by review)."""
+    ingest(harness, "sensors/a", "sensors/b")
+    with connect(harness.path, consumer="display") as display:
+        with pytest.raises(RpcError) as refused:
+            display.reset("display", 999_999)
+        assert refused.value.code == "bad_params" and "no message has id 999999 yet (the newest is 2)" \
+            in str(refused.value)
+        assert display.reset("display", 3) == 2  # the id after the newest: as "latest"
+        later = ingest(harness, "sensors/c", "sensors/d")
+        assert [m.id for m in display.messages()] == later
+
+
 def test_a_declared_consumer_with_no_room_left_is_refused_with_the_reason(harness: Harness):
     """A consumer declared by a reload while apps hold every other place: its app is told why
     (it was neither stored nor refused: the declare stored a 65th)."""

@@ -125,6 +125,20 @@ FLAG_DAMAGE = {  # a flags field rotted: where it is, what it becomes, what veri
 }
 
 
+def test_recover_of_a_store_whose_main_tree_is_gone_names_every_database(tmp_path):
+    """"Reports per database what was copied and lost": truncated behind its main tree, the
+    report named the five databases it checks record by record, not the dead letters or the
+    named consumers' state (found by review)."""
+    from tests.damage import truncate
+    data_dir = build_store(tmp_path / "store", messages=100)
+    truncate(data_dir / "data.mdb", 8192)
+    recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(tmp_path / "new"))
+    assert recovered.returncode == 0, recovered.stderr
+    named = {line.split(":")[0] for line in recovered.stdout.splitlines()}
+    assert {"inbox", "outbox", "dead", "consumers", "cacks", "unconfirmed", "dedupe", "msgexpiry",
+            "meta"} <= named, recovered.stdout
+
+
 @pytest.mark.parametrize("damage", sorted(FLAG_DAMAGE))
 def test_verify_names_flags_lmdb_trips_on_and_recover_loses_nothing(tmp_path, damage):
     """A rotted flags field leaves every page well formed and every record readable, but LMDB

@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
-from flashlexd.consumers import NAME_RULE, RESET_TARGETS, UnknownConsumer, valid_name
+from flashlexd.consumers import NAME_RULE, RESET_TARGETS, ConsumerCallError, valid_name
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
@@ -160,7 +160,7 @@ class Methods:
         reader = _Params(method, params, uid)
         try:
             return target(reader)
-        except UnknownConsumer as exc:
+        except ConsumerCallError as exc:
             raise RpcFailure(Code.BAD_PARAMS, f"{method}: {exc}") from None
         except (StoreFull, DiskFull) as exc:  # README: a full disk is handled like a full store
             code = Code.OUTBOX_FULL if method == "publish" else Code.STORE_ERROR
