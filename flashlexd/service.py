@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 from flashlexd import paths
 from flashlexd.config import ConfigError
-from flashlexd.unitplaces import Places, read_places, unit_values, writable_dirs
+from flashlexd.unitplaces import Places, read_places, service_group, unit_values, writable_dirs
 
 EXIT_CONFIG = 2
 EXIT_WRITE = 1  # the file could not be written
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if args.install:
         live = Path(args.root) == Path("/")
         if kind == "unit" and live:
-            make_directories(places, args.user, args.group or places.socket_group or args.user)
+            make_directories(places, args.user, service_group(places, args.user, args.group))
         _after_install(kind, live)
     return 0
 

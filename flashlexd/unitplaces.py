@@ -129,10 +129,24 @@ def unit_word(text: str, exec_line: bool = False) -> str:
     return text
 
 
+def service_group(places: Places, user: str, group: str) -> str:
+    """The unit's Group=: `--group`, else `socket.group`, else the user's primary group (on
+    Debian `nobody`'s is `nogroup`: a group named as the user may not exist), or the user's
+    name when there is no such user yet."""
+    if group or places.socket_group:
+        return group or places.socket_group  # type: ignore[return-value]
+    import grp  # here: the daemon imports this module for its command line, never needs these
+    import pwd
+    try:
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    except KeyError:
+        return user
+
+
 def unit_values(places: Places, user: str, group: str, venv: str, config: str,
                 keys: str) -> Dict[str, str]:
     """The template's placeholders for these places (each one whole lines, or empty)."""
-    group = group or places.socket_group or user
+    group = service_group(places, user, group)
     runtime = _under(socket_dir(places), "/run/")
     outsiders = bool(places.allow_uids) or bool(places.socket_group and places.socket_group != group)
     runtime_lines = (f"RuntimeDirectory={unit_word(runtime)}\nRuntimeDirectoryMode={'0755' if outsiders else '0750'}"

@@ -234,6 +234,14 @@ def test_install_takes_over_a_data_dir_a_root_run_left_after_storing_a_message(t
         {name: nobody for name in [".", *os.listdir(data)]}
 
 
+@pytest.mark.parametrize("user, group", [("nobody", "nogroup"), ("flashlexd-no-such-user", "flashlexd-no-such-user")])
+def test_the_units_group_is_the_users_primary_group(tmp_path, user, group):
+    """`Group=nobody` for `--user nobody` named a group Debian does not have (its nobody is in
+    nogroup), and systemd refuses to start such a unit (found by review)."""
+    rendered = service("--dir", "/opt/fx", "--user", user)
+    assert rendered.returncode == 0 and f"\nUser={user}\nGroup={group}\n" in rendered.stdout, rendered.stdout
+
+
 def test_install_for_a_user_not_made_yet_is_no_traceback(tmp_path, capsys):
     """`--install --user U` wrote the unit, then looked U up first thing: a KeyError traceback
     ended the install before systemd's reload, even with nothing to make (found by review)."""
