@@ -19,7 +19,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from flashlexd.pahoimport import paho
 from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.properties import MalformedPacket  # also where paho 2.2 defines it: exception
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import MalformedPacket, Properties  # also where paho 2.2 defines it: exception
+from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.publishread import Publish, parse_publishes
 
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
@@ -136,6 +138,20 @@ class DialedClient(paho.Client):
         self.on_malformed_publish(mid, qos, topic, why)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _handle_connack(self) -> MQTTErrorCode:
+        """paho's, except that a 3.1.1 CONNACK "unacceptable protocol version" (return code 1)
+        reaches on_connect as the refusal it is: paho, not allowed to downgrade to MQTT 3.1
+        (reconnect_on_failure False), returns a protocol error without calling on_connect,
+        and the close before CONNACK was then reported as a refused client certificate."""
+        packet = self._in_packet["packet"]
+        if self._protocol == paho.MQTTv311 and len(packet) == 2 and packet[1] == 1:
+            if self.on_connect is not None:
+                self.on_connect(self, self._userdata, paho.ConnectFlags(session_present=False),
+                                ReasonCode(PacketTypes.CONNACK, aName="Unsupported protocol version"),
+                                Properties(PacketTypes.CONNACK))
+            return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
+        return super()._handle_connack()
+
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         return tcp_sock  # type: ignore[return-value]  # the Dialer did the handshake
 
@@ -198,6 +214,7 @@ class Dialer:
         self.tls: Optional[ssl.SSLSocket] = None
         self.want_write = True
         self.last_error: Optional[BaseException] = None
+        self.address_deadline = self.deadline  # the TCP connect to this address gives up then
 
     def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
         active = self.tls or self.sock
@@ -208,11 +225,17 @@ class Dialer:
     def next_wait(self) -> float:
         """Seconds until `step()` should run even if no socket is ready."""
         remaining = max(0.0, self.deadline - self.clock())
-        return min(RESOLVE_POLL, remaining) if self.lookup is not None else remaining
+        if self.lookup is not None:
+            return min(RESOLVE_POLL, remaining)
+        if self.sock is not None and self.addresses:
+            return min(remaining, max(0.0, self.address_deadline - self.clock()))
+        return remaining
 
     def step(self) -> Optional[ssl.SSLSocket]:
         if self.clock() >= self.deadline:
             self.close()
+            if self.lookup is not None:  # the name lookup, not the broker, did not answer
+                raise socket.gaierror(socket.EAI_AGAIN, f"no answer from the name lookup within {self.timeout:g}s")
             raise socket.timeout(f"timed out after {self.timeout:g}s")
         if self.lookup is not None:
             if not self.lookup.done():
@@ -220,6 +243,13 @@ class Dialer:
             self.addresses, self.lookup = list(self.lookup.result()), None  # raises gaierror
             return self._next_address()
         if self.tls is None:
+            if self.sock is not None and self.addresses and self.clock() >= self.address_deadline:
+                # no answer from this address (SYNs dropped: a broken IPv6 route, a dead A
+                # record): its share of the attempt is spent, on to the next address
+                self.sock.close()
+                self.sock = None
+                self.last_error = socket.timeout(f"timed out after {self.timeout:g}s")
+                return self._next_address()
             return self._connected()
         return self._handshake()
 
@@ -233,6 +263,10 @@ class Dialer:
         if not self.addresses:
             raise self.last_error or OSError(f"no address for {self.host}")
         family, kind, proto, _, address = self.addresses.pop(0)
+        # each address gets an equal share of what is left of the attempt (as
+        # socket.create_connection gives each its own timeout)
+        now = self.clock()
+        self.address_deadline = now + max(0.0, self.deadline - now) / (len(self.addresses) + 1)
         self.sock = socket.socket(family, kind, proto)
         self.sock.setblocking(False)
         self.want_write = True

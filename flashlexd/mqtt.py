@@ -77,8 +77,10 @@ class Connection:
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
         earlier process last had the link up (the store remembers it), so a session lost while
-        no process ran is reported too. `clean_start`: MQTT 5 Clean Start on the first CONNECT
-        (the store's very first connection), never after one succeeded. `on_build(client)` sets
+        no process ran is reported too, and a worker replaced moments after it connected does
+        not CONNECT again within MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per client id).
+        `clean_start`: MQTT 5 Clean Start on the first CONNECT (the store's very first
+        connection), never after one succeeded. `on_build(client)` sets
         up each paho client built (a protocol fallback or the end of clean start builds anew).
         `on_publish(mid, reason)` gets the PUBACK's reason code. `fell_back`: an earlier worker
         of this daemon run found the broker without MQTT 5, so `auto` starts on 3.1.1 (no probe
@@ -101,6 +103,8 @@ class Connection:
         self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
         self.watch = LinkWatch(mqtt.keepalive, mqtt.operation_timeout, clock)
         self.backoff = ReconnectBackoff(mqtt.backoff, clock)
+        if session_seen_at is not None:
+            self.backoff.connected_elsewhere(time.time() - session_seen_at)
         self.client = self._build()
         self.dialer: Optional[Dialer] = None
         self.connected = False
@@ -335,9 +339,11 @@ class Connection:
             return
         if sock is None:
             return
-        self.dialer = None
+        # connectDisconnectTimeout bounds the whole attempt, lookup and handshake included,
+        # up to CONNACK (not the handshake and then the CONNACK wait once more)
+        deadline, self.dialer = self.dialer.deadline, None
         self.client.dialed = sock  # type: ignore[attr-defined]
-        self._connack_due = self.clock() + self.timeout  # set first: CONNECT may already fail inside
+        self._connack_due = deadline  # set first: CONNECT may already fail inside
         try:
             self.client.reconnect()  # takes the socket, writes CONNECT
         except (OSError, ssl.CertificateError, ValueError) as exc:
@@ -430,7 +436,10 @@ class Connection:
                 if self.choice.closed_before_connack():  # retried with 3.1.1 before it is reported
                     self._rebuild = True
                     self._errors.take()
-                    self.backoff.lost(broker_fault=False)
+                    # unreported, but paced as any failure: a broker that refuses our
+                    # certificate by closing the link (TLS 1.3) closes every one of these, and
+                    # without growing the waits 2 of every 3 attempts went at the base quiet time
+                    self.backoff.lost()
                     return
                 self._failed(self._drop_reason(reason, before_connack=True))
             return

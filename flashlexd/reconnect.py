@@ -29,6 +29,12 @@ class ReconnectBackoff:
         self.last_attempt: Optional[float] = None
         self.connected_at: Optional[float] = None
 
+    def connected_elsewhere(self, seconds_ago: float) -> None:
+        """A process before this one connected with the client id `seconds_ago` (a worker
+        replaced after a crash, a hang or a reload): the first attempt waits until
+        MIN_CONNECT_INTERVAL has passed since, as AWS IoT Core's limit is per client id."""
+        self.due_at = self.clock() + MIN_CONNECT_INTERVAL - min(max(seconds_ago, 0.0), MIN_CONNECT_INTERVAL)
+
     def wait(self) -> float:
         """Seconds until a CONNECT may be attempted (0: now)."""
         return max(0.0, self.due_at - self.clock())
