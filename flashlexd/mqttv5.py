@@ -135,21 +135,14 @@ def reason_name(reason: Any) -> str:
     return f"{reason} (0x{value:02X})" if isinstance(value, int) else str(reason)
 
 
-# QoS 1 messages a broker may send us unacknowledged (our CONNECT's Receive Maximum; paho
-# leaves it out, which means 65,535): while the store refuses (`whenFull: reject`, a full
-# disk) the ingress holds every one it is sent in memory, and a broker that follows the
-# client's figure rather than its own window would send them all
-RECEIVE_MAXIMUM = 100
-
-
 def session_properties(expiry_seconds: int) -> "Properties":
-    """A CONNECT's properties: how long the broker keeps the session after a link drops, and
-    how many QoS 1 messages it may have in flight to us (RECEIVE_MAXIMUM)."""
+    """A CONNECT's properties: how long the broker keeps the session after a link drops. No
+    Receive Maximum: mosquitto takes a client's in place of its own in-flight window, so 100
+    made a broker set to 20 (its default) send 100 (found by review)."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = expiry_seconds
-    properties.ReceiveMaximum = RECEIVE_MAXIMUM
     return properties
 
 

@@ -145,16 +145,19 @@ def make_directories(places: Places, user: str, group: str) -> None:
     """The data and socket dirs that systemd does not make (outside /var/lib and /run), made
     now as the daemon would, owned by the service user: inside the sandbox only they are
     writable, so the daemon could not make them itself."""
-    import pwd  # here: the daemon (which imports this module for its command line) never needs it
+    import grp  # here: the daemon (which imports this module for its command line) never needs them
+    import pwd
     import shutil
     dirs = writable_dirs(places)
     if not dirs:
         return  # systemd makes them (StateDirectory=, RuntimeDirectory=): no user to look up
     try:
         uid = pwd.getpwnam(user).pw_uid
+        grp.getgrnam(group)
     except KeyError:
-        print(f"warning: there is no user {user!r} yet: {', '.join(d for d, _ in dirs)} not made;"
-              f" create the user, then run `flashlexd service ... --install` again", file=sys.stderr)
+        missing = f"group {group!r}" if user_exists(user) else f"user {user!r}"
+        print(f"warning: there is no {missing} yet: {', '.join(d for d, _ in dirs)} not made;"
+              f" create it, then run `flashlexd service ... --install` again", file=sys.stderr)
         return
     for directory, mode in dirs:
         if not os.path.isdir(directory):
@@ -172,6 +175,15 @@ def make_directories(places: Places, user: str, group: str) -> None:
         elif os.stat(directory).st_uid != uid and uid != 0:
             print(f"warning: {directory} is not {user}'s: the service cannot write there"
                   f" (chown it, or choose a directory of its own)", file=sys.stderr)
+
+
+def user_exists(name: str) -> bool:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _after_install(kind: str, live: bool) -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from flashlexd.store import Store
-from tests.broker import (INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
+from tests.broker import (BROKER_INFLIGHT, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
 from tests.lax_broker import LaxBroker
 from tests.quota_proxy import QuotaProxy
@@ -598,36 +598,100 @@ def test_a_qos0_flood_into_a_full_store_does_not_grow_the_ingress_without_bound(
     assert worker.stop() == 0
 
 
-def test_a_broker_without_a_window_of_its_own_sends_no_more_than_our_receive_maximum(
-        certs: Any, tmp_path: Path, start_worker) -> None:
-    """MQTT 5: a broker with no in-flight window of its own (mosquitto `max_inflight_messages
-    0`) sends up to the client's Receive Maximum; our CONNECT gave none (65,535), so while
-    `reject` held the PUBACKs back the ingress took thousands of messages into memory (2,345
-    and 50 MB more, found by review). Under 3.1.1 there is no Receive Maximum (README)."""
-    broker = Broker(certs, tmp_path / "broker", extra=["max_inflight_messages 0"]).start()
-    try:
-        config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"},
-                              mqtt={"protocol": "5"})
-        worker = start_worker("ingress", config)
-        worker.wait(lambda w: w.mqtt.get("connected"), 30, "subscribed")
-        fill_a_one_megabyte_store(broker, tmp_path, worker)
-        write_lines(tmp_path / "more", 3_000, width=2_000)
-        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "more").wait(60) == 0
-        worker.wait(lambda w: w.counters.get("received", 0) >= 100, 20, "a window's worth read")
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:  # no event marks "the broker sent no more": a window
-            worker.pump(0.2)
-            assert worker.counters["received"] <= 40 + 100, worker.counters["received"]
-    finally:
-        broker.close()
-
-
-def test_a_client_id_with_a_wildcard_character_keeps_the_link_up(
+def test_mosquittos_own_window_bounds_what_a_refusing_ingress_holds(
         broker: Broker, tmp_path: Path, start_worker) -> None:
+    """MQTT 5: mosquitto takes a client's Receive Maximum in place of its own in-flight window
+    (20 here, its default): a CONNECT saying 100 made it send 100 unacknowledged messages to
+    an ingress whose store refuses, 5x what it holds without one (found by review)."""
+    config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"},
+                          mqtt={"protocol": "5"})
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
+    fill_a_one_megabyte_store(broker, tmp_path, worker)
+    write_lines(tmp_path / "more", 500, width=2_000)
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "more").wait(60) == 0
+    worker.wait(lambda w: w.counters.get("held", 0) >= BROKER_INFLIGHT // 2, 20, "messages held")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # no event marks "the broker sent no more": a window
+        worker.pump(0.2)
+    assert worker.counters["held"] <= 2 * BROKER_INFLIGHT, worker.counters
+    assert worker.stop() == 0
+
+
+def test_reconnects_while_the_store_refuses_do_not_pile_up_window_after_window(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The batch kept a dropped connection's messages (no longer ackable) and the broker,
+    keeping the session, resent its whole window on the next connection: each reconnect
+    added a window to what the ingress held (500 held after 4 cuts). They are let go, since
+    the broker resends them (found by review)."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port,
+                          db={"capMegabytes": 1, "whenFull": "reject"}, mqtt={"protocol": "5"})
+    try:
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
+        fill_a_one_megabyte_store(broker, tmp_path, worker)
+        write_lines(tmp_path / "more", 600, width=40_000)
+        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "more").wait(60) == 0
+        for _ in range(4):
+            before = worker.counters["received"]
+            proxy.cut()
+            worker.wait(lambda w: w.counters.get("received", 0) > before and w.mqtt.get("connected"), 30,
+                        "reconnected, the window resent")
+        worker.wait(lambda w: w.counters.get("held", 0) > 0, 10, "the counters reported")
+        assert worker.counters["held"] <= 2 * BROKER_INFLIGHT, worker.counters  # a window (and change)
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_a_lost_sessions_held_messages_survive_a_later_reconnect_while_the_store_refuses(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The other side of the above: messages held from a session the broker then lost are
+    never resent, so they stay held across the new session's reconnects and are stored once
+    space frees."""
+    proxy = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=proxy.port,
+                          db={"capMegabytes": 1, "whenFull": "reject"}, mqtt={"protocol": "5"})
+    store = open_store(config)
+    try:
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
+        fill_a_one_megabyte_store(broker, tmp_path, worker)
+        write_lines(tmp_path / "more", 30, width=2_000, start=1000)
+        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "more").wait(60) == 0
+        worker.wait(lambda w: w.counters.get("held", 0) >= BROKER_INFLIGHT, 20, "a window held")
+        received = worker.counters["received"]  # the rest is lost with the broker's session
+        broker.stop()
+        (broker.workdir / "state" / "mosquitto.db").unlink()  # back without our session
+        broker.start()
+        worker.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 30, "session lost")
+        before = worker.log_text().count("connected to")
+        proxy.cut()  # a reconnect of the new session, the store still refusing
+        worker.wait(lambda w: w.log_text().count("connected to") > before and w.mqtt.get("connected"), 30,
+                    "reconnected")
+        seen = set()
+
+        def drained() -> bool:  # read and ack what is stored, so that space frees for the rest
+            messages = store.messages(limit=1000)
+            seen.update(m.payload for m in messages)
+            store.ack([m.id for m in messages])
+            return len(seen) >= received
+        wait_for(drained, 30, "every message received stored", interval=0.2)
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+        store.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_client_id_with_a_wildcard_character_keeps_the_link_up(
+        broker: Broker, tmp_path: Path, start_worker, protocol: str) -> None:
     """MQTT allows `#` and `+` in a client id (mosquitto takes it): the ack barrier's
     UNSUBSCRIBE put it into a topic filter, an invalid one, so mosquitto dropped the link after
     every commit and no DUP mark was ever confirmed (found by review)."""
-    config = write_config(tmp_path / "config", broker, mqtt={"clientId": "dev#1+x/y", "egressClientId": "dev-e"})
+    config = write_config(tmp_path / "config", broker, mqtt={"clientId": "d%2B#1+x/y\u00e9", "egressClientId": "dev-e",
+                                                            "protocol": protocol})
     store = open_store(config)
     worker = start_worker("ingress", config)
     worker.wait(lambda w: w.mqtt.get("connected"), 30, "subscribed")
@@ -638,6 +702,26 @@ def test_a_client_id_with_a_wildcard_character_keeps_the_link_up(
     assert "Malformed packet" not in worker.log_text() and worker.log_text().count("connected to") == 1
     assert worker.stop() == 0
     store.close()
+
+
+def test_a_qos0_flood_of_property_heavy_messages_into_a_full_store_is_bounded_too(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The held batch's bytes counted payloads only: 1-byte payloads with 240 KB of MQTT 5
+    user properties each were all held, up to 1,024 of them (~250 MB; found by review)."""
+    config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"},
+                          mqtt={"protocol": "5"})
+    worker = start_worker("ingress", config)
+    worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
+    base = fill_a_one_megabyte_store(broker, tmp_path, worker)
+    write_lines(tmp_path / "qos0", 200, width=1)
+    properties = [arg for i in range(4) for arg in ("-D", "publish", "user-property", f"k{i}", "v" * 60_000)]
+    with open(tmp_path / "qos0", "rb") as lines:  # 200 x 240 KB = 48 MB at QoS 0
+        subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "5", "-q", "0", "-t", INGRESS_TOPIC,
+                        "-l", *properties], stdin=lines, check=True, timeout=60, capture_output=True)
+    worker.wait(lambda w: w.counters.get("received", 0) >= 40 + 200, 60, "the QoS 0 flood read")
+    grown = rss_kb(worker.pid) - base
+    assert grown < 30_000 and worker.counters["dropped_qos0_full"] > 100, (grown, worker.counters)
+    assert worker.stop() == 0
 
 
 def test_mqtt5_properties_count_against_the_inbound_size_limit(

@@ -250,7 +250,9 @@ def test_install_for_a_user_not_made_yet_is_no_traceback(tmp_path, capsys):
     make_directories(Places(), "flashlexd-no-such-user", "flashlexd-no-such-user")  # nothing to make
     make_directories(Places(data_dir=str(tmp_path / "data")), "flashlexd-no-such-user", "nogroup")
     assert "there is no user 'flashlexd-no-such-user' yet" in capsys.readouterr().err
-    assert not (tmp_path / "data").exists()
+    make_directories(Places(data_dir=str(tmp_path / "data")), "nobody", "flashlexd-no-such-group")
+    assert "there is no group 'flashlexd-no-such-group' yet" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # a LookupError from chown left it made, root's
 
 
 def test_systemd_waits_longer_than_the_configured_stop_timeout(tmp_path):

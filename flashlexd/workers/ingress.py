@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.mqtt import Connection
@@ -83,6 +83,7 @@ class IngressWorker(Worker):
     def setup(self) -> None:
         self.store = Store.from_config(self.config.store, create=False)
         self.topics = self.config.thing.mqtt.ingress_topics()
+        self.session_links: Set[int] = set()  # generations of the connections of the broker's current session
         self.subacks_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters, until its SUBACK
         self.suback_codes: Dict[str, Any] = {}  # filter -> the reason code its SUBACK gave
         client_id = self.config.thing.mqtt.client_id
@@ -115,7 +116,7 @@ class IngressWorker(Worker):
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, store_full=False,
+                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
@@ -131,6 +132,7 @@ class IngressWorker(Worker):
 
     def tick(self, now: float) -> float:
         wait = self.connection.service()
+        self.counters["held"] = len(self.batch)  # received, not yet committed (a refusing store)
         if self.batch:
             due = self.batch_started + self.window
             # a dropped connection adds nothing more to share the commit: no window after it
@@ -196,6 +198,22 @@ class IngressWorker(Worker):
             self._note_session()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation = int.from_bytes(os.urandom(8), "big")
+            if not self.connection.session_present:
+                self.session_links = set()
+            elif self.retry_at is not None and self.session_links:
+                # the store refuses: the QoS 1 messages that came on the earlier connections of
+                # this session cannot be acknowledged any more, and the broker, which kept the
+                # session, resends them all now; kept, each reconnect would add another window
+                # to what is held. (Those of a session the broker lost are never resent: kept.)
+                resent = self.session_links
+                kept_batch = [p for p in self.batch if not (p.qos and p.generation in resent)]
+                if len(kept_batch) != len(self.batch):
+                    self.batch = kept_batch
+                    self.batch_bytes = sum(len(p.incoming.payload) + properties_size(p.incoming.properties)
+                                           for p in self.batch if p.incoming)
+            # the session's connections with messages still waiting, and this one (bounded)
+            self.session_links = {p.generation for p in self.batch if p.generation in self.session_links}
+            self.session_links.add(self.generation)
             if not self.connection.session_present:
                 self.stale_marks_until = len(self.batch)
                 self._forget_stale_marks()
@@ -322,8 +340,8 @@ class IngressWorker(Worker):
                 if dup and self._resent_in_batch(mid, incoming.mark, generation):
                     self.counters["duplicates"] += 1
                     incoming = None  # acknowledged with the first, not stored
-                else:
-                    self.batch_bytes += len(payload)
+                else:  # properties are held (and stored) with the payload: counted too
+                    self.batch_bytes += len(payload) + properties_size(kept)
             append(_Pending(incoming, mid, qos, generation))
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
@@ -423,7 +441,8 @@ class IngressWorker(Worker):
         committed, self.batch = self.batch[:count], self.batch[count:]
         if self.stale_marks_until:
             self.stale_marks_until -= count
-        self.batch_bytes = sum(len(p.incoming.payload) for p in self.batch if p.incoming)
+        self.batch_bytes = sum(len(p.incoming.payload) + properties_size(p.incoming.properties)
+                               for p in self.batch if p.incoming)
         acked = []
         with coalesced_acks(self.connection.client):
             for pending in committed:
