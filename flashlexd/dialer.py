@@ -214,13 +214,14 @@ class Dialer:
         self.tls: Optional[ssl.SSLSocket] = None
         self.want_write = True
         self.last_error: Optional[BaseException] = None
-        self.address_deadline = self.deadline  # the TCP connect to this address gives up then
+        self.address_deadline = self.deadline  # the next address is tried too from then
+        self.earlier: List[socket.socket] = []  # connects to earlier addresses, still pending
 
     def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
-        active = self.tls or self.sock
-        if active is None:
-            return (), ()
-        return ((), (active,)) if self.want_write else ((active,), ())
+        if self.tls is not None:
+            return ((), (self.tls,)) if self.want_write else ((self.tls,), ())
+        pending = self.earlier + ([self.sock] if self.sock is not None else [])
+        return (), pending
 
     def next_wait(self) -> float:
         """Seconds until `step()` should run even if no socket is ready."""
@@ -243,28 +244,37 @@ class Dialer:
             self.addresses, self.lookup = list(self.lookup.result()), None  # raises gaierror
             return self._next_address()
         if self.tls is None:
+            for earlier in list(self.earlier):  # the first of them to answer wins
+                tls = self._connected(earlier)
+                if tls is not None or self.tls is not None:
+                    return tls
             if self.sock is not None and self.addresses and self.clock() >= self.address_deadline:
-                # no answer from this address (SYNs dropped: a broken IPv6 route, a dead A
-                # record): its share of the attempt is spent, on to the next address
-                self.sock.close()
+                # no answer from this address yet (SYNs dropped: a broken IPv6 route, a dead A
+                # record, or a slow link): the next address is tried too, this one left
+                # pending (as Happy Eyeballs does): it may still answer first
+                self.earlier.append(self.sock)
                 self.sock = None
-                self.last_error = socket.timeout(f"timed out after {self.timeout:g}s")
                 return self._next_address()
-            return self._connected()
+            if self.sock is None:
+                return None
+            return self._connected(self.sock)
         return self._handshake()
 
     def close(self) -> None:
-        for sock in (self.tls, self.sock):
+        for sock in (self.tls, self.sock, *self.earlier):
             if sock is not None:
                 sock.close()
         self.tls = self.sock = None
+        self.earlier = []
 
     def _next_address(self) -> Optional[ssl.SSLSocket]:
         if not self.addresses:
+            if self.earlier:
+                return None  # an earlier address may still answer
             raise self.last_error or OSError(f"no address for {self.host}")
         family, kind, proto, _, address = self.addresses.pop(0)
-        # each address gets an equal share of what is left of the attempt (as
-        # socket.create_connection gives each its own timeout)
+        # after an equal share of what is left of the attempt, the next address is tried too
+        # (this one left pending: the first to answer wins)
         now = self.clock()
         self.address_deadline = now + max(0.0, self.deadline - now) / (len(self.addresses) + 1)
         self.sock = socket.socket(family, kind, proto)
@@ -273,22 +283,29 @@ class Dialer:
         self.sock.connect_ex(address)  # EINPROGRESS: select() says when it is done
         return None
 
-    def _connected(self) -> Optional[ssl.SSLSocket]:
-        assert self.sock is not None
-        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    def _connected(self, sock: socket.socket) -> Optional[ssl.SSLSocket]:
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
-            self.sock.close()
-            self.sock = None
+            sock.close()
+            if sock is self.sock:
+                self.sock = None
+            else:
+                self.earlier.remove(sock)
             kind = ConnectionRefusedError if error == errno.ECONNREFUSED else OSError
             self.last_error = kind(error, os.strerror(error))
-            return self._next_address()
+            if self.sock is None:
+                return self._next_address()
+            return None
         try:
-            self.sock.getpeername()
+            sock.getpeername()
         except OSError:
             return None  # not connected yet: a spurious wake-up
-        self.tls = self.context.wrap_socket(self.sock, server_hostname=self.host,
+        for other in (self.sock, *self.earlier):  # the others are given up
+            if other is not None and other is not sock:
+                other.close()
+        self.sock, self.earlier, self.addresses = None, [], []
+        self.tls = self.context.wrap_socket(sock, server_hostname=self.host,
                                             do_handshake_on_connect=False)
-        self.sock = None
         return self._handshake()
 
     def _handshake(self) -> Optional[ssl.SSLSocket]:

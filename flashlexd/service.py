@@ -148,6 +148,7 @@ def make_directories(places: Places, user: str, group: str) -> None:
     import grp  # here: the daemon (which imports this module for its command line) never needs them
     import pwd
     import shutil
+    import stat
     dirs = writable_dirs(places)
     if not dirs:
         return  # systemd makes them (StateDirectory=, RuntimeDirectory=): no user to look up
@@ -165,12 +166,16 @@ def make_directories(places: Places, user: str, group: str) -> None:
             shutil.chown(directory, user, group)
             print(f"created {directory} ({mode:04o}, {user}:{group})", file=sys.stderr)
         elif (mode == paths.DATA_DIR_MODE and os.stat(directory).st_uid != uid
-              and set(os.listdir(directory)) <= STORE_FILES):
+              and set(os.listdir(directory)) <= STORE_FILES
+              and all(stat.S_ISREG(os.lstat(os.path.join(directory, name)).st_mode)
+                      for name in os.listdir(directory))):
             # a data dir left by a run as root (`sudo flashlexd run`, an install for another
             # user): the service user could open neither its lock nor its store. Taken over as
-            # systemd takes over a StateDirectory=, when it holds nothing but the store
+            # systemd takes over a StateDirectory=, when it holds nothing but the store's
+            # regular files (never through a link: a planted `data.mdb -> /etc/shadow`)
+            gid = grp.getgrnam(group).gr_gid
             for name in (".", *os.listdir(directory)):
-                shutil.chown(os.path.join(directory, name), user, group)
+                os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
             print(f"{directory} was not {user}'s: now {user}:{group}'s", file=sys.stderr)
         elif os.stat(directory).st_uid != uid and uid != 0:
             print(f"warning: {directory} is not {user}'s: the service cannot write there"

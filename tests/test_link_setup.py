@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -19,6 +20,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
+from flashlexd.dialer import Dialer
 from tests.broker import HOST, Broker, Certs, wait_for
 from tests.daemon import Daemon
 from tests.lax_broker import TlsTestBroker, mqtt_packet
@@ -186,3 +188,75 @@ def test_a_replaced_worker_does_not_connect_again_within_a_second(daemon_config:
         running.stop()
     (first, pid1), (second, pid2) = connects()
     assert pid1 != pid2 and (second - first).total_seconds() >= 1.0, (first, second)
+
+
+ADDRESSES, SLOW_TIMEOUT = 8, 4.0  # a share of 0.5 s each: below the first SYN retransmit (1 s)
+
+
+def slow_hole() -> Tuple[socket.socket, List[socket.socket]]:
+    """A listener whose accept queue is full: a SYN to it is dropped until `drain()`."""
+    hole = socket.socket()
+    hole.bind((HOST, 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(hole.getsockname())
+        fillers.append(filler)
+    return hole, fillers
+
+
+def drain(hole: socket.socket, fillers: List[socket.socket]) -> None:
+    hole.setblocking(False)
+    try:
+        while True:
+            conn, _ = hole.accept()
+            conn.close()
+    except BlockingIOError:
+        pass
+    for f in fillers:
+        f.close()
+
+
+def test_each_address_of_a_name_has_time_for_a_syn_retransmit(monkeypatch) -> None:
+    """AWS IoT Core's endpoints resolve to ~8 addresses: with an equal share of the attempt
+    each (the fix for a black-holed first address), an address whose SYN needed the kernel's
+    retransmit (~1 s: one lost SYN, a slow cellular link) was given up before it answered, on
+    every address (found by the re-read). Earlier addresses are now left pending while the
+    next is tried, and the first to answer wins."""
+    holes = [slow_hole() for _ in range(ADDRESSES)]
+    addresses = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", h.getsockname()) for h, _ in holes]
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo",
+                        lambda host, port, *a, **k: addresses if host == "broker.example" else real(host, port, *a, **k))
+    dialer = Dialer("broker.example", 8883, ssl.create_default_context(), SLOW_TIMEOUT)
+    drains = {}  # hole index -> when to drain it (0.2 s after the dialer's SYN to it was dropped)
+    started = time.monotonic()
+    tcp_connected = None
+    try:
+        while tcp_connected is None:
+            reads, writes = dialer.wait_fds()
+            select.select(list(reads), list(writes), [], min(dialer.next_wait(), 0.02))
+            try:
+                dialer.step()
+            except OSError:
+                break
+            if dialer.tls is not None:  # TCP up, handshake begun
+                tcp_connected = time.monotonic() - started
+            elif dialer.sock is not None:
+                index = ADDRESSES - 1 - len(dialer.addresses)
+                drains.setdefault(index, time.monotonic() + 0.2)
+            for index, at in list(drains.items()):
+                if at is not None and time.monotonic() >= at:
+                    drain(*holes[index])
+                    drains[index] = None
+    finally:
+        dialer.close()
+        for hole, fillers in holes:
+            hole.close()
+            for f in fillers:
+                f.close()
+    tried = len(drains)
+    assert tcp_connected is not None, (f"no TCP connection within {SLOW_TIMEOUT}s over {tried} addresses,"
+                                       f" each answering its SYN retransmit at ~1 s")

@@ -242,6 +242,26 @@ def test_the_units_group_is_the_users_primary_group(tmp_path, user, group):
     assert rendered.returncode == 0 and f"\nUser={user}\nGroup={group}\n" in rendered.stdout, rendered.stdout
 
 
+def test_install_takeover_does_not_follow_a_symlink_in_the_data_dir(tmp_path):
+    """The take-over chowned each store file name with shutil.chown, which follows links: a
+    `data.mdb -> /etc/shadow` planted by the dir's owner gave the file to the service user
+    (found by the re-read)."""
+    import os
+    import pwd
+    from flashlexd import paths
+    from flashlexd.service import make_directories
+    from flashlexd.unitplaces import Places
+    victim = tmp_path / "victim"
+    victim.write_text("root's secret")
+    victim.chmod(0o600)
+    data = tmp_path / "data"
+    paths.make_dir(data, paths.DATA_DIR_MODE)
+    os.symlink(victim, data / "data.mdb")
+    os.chown(data, pwd.getpwnam("daemon").pw_uid, -1)  # another user's dir: it can plant links
+    make_directories(Places(data_dir=str(data)), "nobody", "nogroup")
+    assert os.stat(victim).st_uid == 0, "the link's target was chowned to the service user"
+
+
 def test_install_for_a_user_not_made_yet_is_no_traceback(tmp_path, capsys):
     """`--install --user U` wrote the unit, then looked U up first thing: a KeyError traceback
     ended the install before systemd's reload, even with nothing to make (found by review)."""
