@@ -148,7 +148,6 @@ def make_directories(places: Places, user: str, group: str) -> None:
     import grp  # here: the daemon (which imports this module for its command line) never needs them
     import pwd
     import shutil
-    import stat
     dirs = writable_dirs(places)
     if not dirs:
         return  # systemd makes them (StateDirectory=, RuntimeDirectory=): no user to look up
@@ -165,10 +164,7 @@ def make_directories(places: Places, user: str, group: str) -> None:
             paths.make_dir(Path(directory), mode)
             shutil.chown(directory, user, group)
             print(f"created {directory} ({mode:04o}, {user}:{group})", file=sys.stderr)
-        elif (mode == paths.DATA_DIR_MODE and os.stat(directory).st_uid != uid
-              and set(os.listdir(directory)) <= STORE_FILES
-              and all(stat.S_ISREG(os.lstat(os.path.join(directory, name)).st_mode)
-                      for name in os.listdir(directory))):
+        elif mode == paths.DATA_DIR_MODE and os.stat(directory).st_uid != uid and _only_a_store(directory):
             # a data dir left by a run as root (`sudo flashlexd run`, an install for another
             # user): the service user could open neither its lock nor its store. Taken over as
             # systemd takes over a StateDirectory=, when it holds nothing but the store's
@@ -180,6 +176,13 @@ def make_directories(places: Places, user: str, group: str) -> None:
         elif os.stat(directory).st_uid != uid and uid != 0:
             print(f"warning: {directory} is not {user}'s: the service cannot write there"
                   f" (chown it, or choose a directory of its own)", file=sys.stderr)
+
+
+def _only_a_store(directory: str) -> bool:
+    """Whether `directory` holds nothing but a store's regular files (no link, nothing else)."""
+    names = os.listdir(directory)
+    return set(names) <= STORE_FILES and all(
+        os.path.isfile(path) and not os.path.islink(path) for path in (os.path.join(directory, n) for n in names))
 
 
 def user_exists(name: str) -> bool:

@@ -118,9 +118,8 @@ def test_the_connect_timeout_bounds_the_whole_attempt_up_to_connack(
     assert time.monotonic() - started < TIMEOUT + 0.5, error
 
 
-@pytest.fixture
-def black_hole() -> Iterator[Tuple[str, int]]:
-    """A listener whose accept queue is full: further SYNs are dropped, a connect hangs."""
+def full_listener() -> Tuple[socket.socket, List[socket.socket]]:
+    """A listener whose accept queue is full: a SYN to it is dropped until `drain()`."""
     hole = socket.socket()
     hole.bind((HOST, 0))
     hole.listen(0)
@@ -130,6 +129,13 @@ def black_hole() -> Iterator[Tuple[str, int]]:
         filler.setblocking(False)
         filler.connect_ex(hole.getsockname())
         fillers.append(filler)
+    return hole, fillers
+
+
+@pytest.fixture
+def black_hole() -> Iterator[Tuple[str, int]]:
+    """A listener whose accept queue is full (`full_listener`): SYNs are dropped, a connect hangs."""
+    hole, fillers = full_listener()
     yield hole.getsockname()
     for filler in fillers:
         filler.close()
@@ -193,20 +199,6 @@ def test_a_replaced_worker_does_not_connect_again_within_a_second(daemon_config:
 ADDRESSES, SLOW_TIMEOUT = 8, 4.0  # a share of 0.5 s each: below the first SYN retransmit (1 s)
 
 
-def slow_hole() -> Tuple[socket.socket, List[socket.socket]]:
-    """A listener whose accept queue is full: a SYN to it is dropped until `drain()`."""
-    hole = socket.socket()
-    hole.bind((HOST, 0))
-    hole.listen(0)
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(hole.getsockname())
-        fillers.append(filler)
-    return hole, fillers
-
-
 def drain(hole: socket.socket, fillers: List[socket.socket]) -> None:
     hole.setblocking(False)
     try:
@@ -225,7 +217,7 @@ def test_each_address_of_a_name_has_time_for_a_syn_retransmit(monkeypatch) -> No
     retransmit (~1 s: one lost SYN, a slow cellular link) was given up before it answered, on
     every address (found by the re-read). Earlier addresses are now left pending while the
     next is tried, and the first to answer wins."""
-    holes = [slow_hole() for _ in range(ADDRESSES)]
+    holes = [full_listener() for _ in range(ADDRESSES)]
     addresses = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", h.getsockname()) for h, _ in holes]
     real = socket.getaddrinfo
     monkeypatch.setattr(socket, "getaddrinfo",

@@ -209,8 +209,7 @@ class IngressWorker(Worker):
                 kept_batch = [p for p in self.batch if not (p.qos and p.generation in resent)]
                 if len(kept_batch) != len(self.batch):
                     self.batch = kept_batch
-                    self.batch_bytes = sum(len(p.incoming.payload) + properties_size(p.incoming.properties)
-                                           for p in self.batch if p.incoming)
+                    self.batch_bytes = self._held_bytes()
             # the session's connections with messages still waiting, and this one (bounded)
             self.session_links = {p.generation for p in self.batch if p.generation in self.session_links}
             self.session_links.add(self.generation)
@@ -346,6 +345,11 @@ class IngressWorker(Worker):
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
 
+    def _held_bytes(self) -> int:
+        """The batch's payload and MQTT 5 property bytes (BATCH_BYTES bounds them)."""
+        return sum(len(p.incoming.payload) + properties_size(p.incoming.properties)
+                   for p in self.batch if p.incoming)
+
     def _on_malformed(self, mid: int, qos: int, topic: bytes, why: str) -> None:
         """A PUBLISH paho calls malformed: not stored, acknowledged in its turn when its packet
         id could be read (else the broker keeps it), one WARNING line; ingest goes on."""
@@ -441,8 +445,7 @@ class IngressWorker(Worker):
         committed, self.batch = self.batch[:count], self.batch[count:]
         if self.stale_marks_until:
             self.stale_marks_until -= count
-        self.batch_bytes = sum(len(p.incoming.payload) + properties_size(p.incoming.properties)
-                               for p in self.batch if p.incoming)
+        self.batch_bytes = self._held_bytes()
         acked = []
         with coalesced_acks(self.connection.client):
             for pending in committed:
