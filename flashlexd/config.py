@@ -207,7 +207,7 @@ def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_nam
                  legacy_base)
     mqtt = aws_transport(endpoint, f"{section.path}.mqtt",  # type: ignore[arg-type]
                          _mqtt(section.section("mqtt", required=True), name), warnings)  # type: ignore[arg-type]
-    warnings.extend(quota_warnings(endpoint, f"{section.path}.mqtt", mqtt))  # type: ignore[arg-type]
+    warnings.extend(quota_warnings(endpoint, f"{section.path}.mqtt", mqtt, name))  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 

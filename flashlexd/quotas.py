@@ -27,6 +27,7 @@ FILTERS_PER_SUBSCRIBE = 8      # topic filters in one SUBSCRIBE request
 CONNECTS_PER_SECOND = 1        # CONNECT requests per second per client id
 KEEPALIVE_RANGE = (30, 1200)   # seconds; AWS clamps values outside it
 SESSION_EXPIRY = "1 h (adjustable up to 7 days)"  # how long a persistent session outlives a disconnect
+SESSION_EXPIRY_MAX = 7 * 24 * 3600  # the adjustable quota's ceiling, seconds
 
 
 ALPN_PORT = 443  # AWS IoT serves MQTT with client certificates on 443 only with this ALPN:
@@ -51,8 +52,9 @@ def aws_transport(endpoint: str, path: str, mqtt: "Mqtt", warnings: List[str]) -
     return replace(mqtt, use_websocket=False, port=ALPN_PORT)
 
 
-def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt") -> List[str]:
-    """One line per config value of `flashlex.thing.mqtt` (at `path`) over a quota."""
+def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt", thing_name: str) -> List[str]:
+    """One line per config value of `flashlex.thing.mqtt` (at `path`) over a quota; the thing's
+    name counts through `flashlexd check`'s client id, `<thing name>-check`."""
     if not is_aws_endpoint(endpoint):
         return []
     warnings: List[str] = []
@@ -77,11 +79,20 @@ def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt") -> List[str]:
     if not low <= mqtt.keepalive <= high:
         warnings.append(f"{path}.keepAliveSeconds: {mqtt.keepalive} is outside AWS IoT Core's range"
                         f" of {low}-{high} s; the broker uses the nearest bound")
+    if mqtt.session_expiry > SESSION_EXPIRY_MAX:
+        warnings.append(f"{path}.sessionExpirySeconds: {mqtt.session_expiry} is over AWS IoT Core's"
+                        f" {SESSION_EXPIRY_MAX} s (7 days, its quota's ceiling; 1 h unless raised):"
+                        f" the broker drops a session offline longer, with the QoS 1 messages it kept")
     for key, client_id in (("clientId", mqtt.client_id), ("egressClientId", mqtt.egress_client_id)):
         if len(client_id.encode("utf-8")) > CLIENT_ID_BYTES:
             warnings.append(f"{path}.{key}: {client_id!r} is {len(client_id.encode('utf-8'))} bytes, over"
                             f" AWS IoT Core's {CLIENT_ID_BYTES}-byte client id; the broker refuses"
                             f" the connection: set a shorter one")
+    check_id = f"{thing_name}-check"
+    if len(check_id.encode("utf-8")) > CLIENT_ID_BYTES:
+        warnings.append(f"{path.rsplit('.', 1)[0]}.name: `flashlexd check` connects as {check_id!r},"
+                        f" {len(check_id.encode('utf-8'))} bytes, over AWS IoT Core's {CLIENT_ID_BYTES}-byte"
+                        f" client id: its mqtt step is refused (the daemon's links are not affected)")
     topics = mqtt.ingress_topics()
     if len(topics) > SUBSCRIPTIONS:
         over("subscriptions", f"{len(topics)} topic filters", f"{SUBSCRIPTIONS} subscriptions per connection")

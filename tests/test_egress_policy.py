@@ -247,17 +247,17 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     def over(document) -> None:
         mqtt = document["flashlex"]["thing"]["mqtt"]
         mqtt.update(publishRatePerSecond=500, maxInflight=200, keepAliveSeconds=10, maxPayloadBytes=262144,
-                    subscriptions=[f"t/{i}" for i in range(60)], egress={"topic": "a/b/c/d/e/f/g/h/i"})
+                    sessionExpirySeconds=30 * 24 * 3600, subscriptions=[f"t/{i}" for i in range(60)], egress={"topic": "a/b/c/d/e/f/g/h/i"})
     config = load(str(edited_config(tmp_path, over)))
     quota_lines = [w for w in config.warnings if "AWS IoT Core" in w]
-    assert len(quota_lines) == 6 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
-    assert quota_warnings("mosquitto.local", "x", config.thing.mqtt) == []  # other brokers: no AWS quotas
+    assert len(quota_lines) == 7 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
+    assert quota_warnings("mosquitto.local", "x", config.thing.mqtt, "thing") == []  # other brokers: no AWS quotas
 
 
 def test_aws_limits_on_client_ids_and_basic_ingest_topics(tmp_path: Path) -> None:
     """A thing name over 121 bytes (AWS allows 128) made `<clientId>-egress` longer than the
-    128 bytes AWS takes in a client id: the egress could never connect, and nothing said so.
-    Basic Ingest's `$aws/rules/<rule>/` does not count toward AWS's topic limits (found by review)."""
+    128 bytes AWS takes in a client id: the egress could never connect, and nothing said so;
+    nor did anything say `flashlexd check`'s `<name>-check` was too long. Basic Ingest's `$aws/rules/<rule>/` does not count toward AWS's topic limits (found by review)."""
     def long_name(document) -> None:
         document["flashlex"]["thing"]["name"] = "sensor-" + "x" * 118  # 125 bytes
         document["flashlex"]["thing"]["mqtt"]["egress"] = {"topic": BASIC_INGEST}
@@ -265,7 +265,10 @@ def test_aws_limits_on_client_ids_and_basic_ingest_topics(tmp_path: Path) -> Non
     egress_id = config.thing.mqtt.egress_client_id
     assert [w for w in config.warnings if "AWS IoT Core" in w] == [
         f"flashlex.thing.mqtt.egressClientId: {egress_id!r} is 132 bytes, over AWS IoT Core's 128-byte"
-        " client id; the broker refuses the connection: set a shorter one"]
+        " client id; the broker refuses the connection: set a shorter one",
+        f"flashlex.thing.name: `flashlexd check` connects as {config.thing.name + '-check'!r}, 131 bytes,"
+        " over AWS IoT Core's 128-byte client id: its mqtt step is refused (the daemon's links are not"
+        " affected)"]
     assert publish_topic_problem(BASIC_INGEST, max_slashes=7) is None
     assert publish_topic_problem("$aws/rules/r/" + "x" * 256, max_slashes=7) is None
     assert publish_topic_problem("$aws/rules/r/" + "x" * 257, max_slashes=7) == \
