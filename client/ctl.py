@@ -62,7 +62,9 @@ def cmd_ack(fx: Client, args: argparse.Namespace) -> int:
         _print_json(removed)
     else:
         asked = len(set(args.pk))
-        gone = f" ({asked - removed} already gone)" if asked > removed else ""
+        why = (f"already acknowledged by {args.consumer}, gone or outside its topics" if args.consumer
+               else "already gone")
+        gone = f" ({asked - removed} {why})" if asked > removed else ""
         print(f"acknowledged {removed} of {asked}{gone}")
     return 0
 

@@ -86,6 +86,9 @@ def test_ack(harness, capsys):
     ids = harness.ingest(("t", b"1"))
     code, out, _ = run(harness, capsys, "ack", str(ids[0]), "999")
     assert code == 0 and out == "acknowledged 1 of 2 (1 already gone)\n"
+    harness.store.consumer_register("display", time.time())  # a consumer's ack: not only "gone"
+    code, out, _ = run(harness, capsys, "ack", "--consumer", "display", "999")
+    assert code == 0 and out == "acknowledged 0 of 1 (1 already acknowledged by display, gone or outside its topics)\n"
 
 
 def test_publish_argument_and_stdin(harness, capsys, monkeypatch):
