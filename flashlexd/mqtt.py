@@ -126,6 +126,7 @@ class Connection:
         # taken over, shutting down, server moved...): the poison search must not count it
         self.closed_for_other_cause = False
         self.session_present = False  # the last CONNACK's: the broker kept what it held for us
+        self.attempts = 0  # connection attempts begun: did the broker take the first after a drop?
         self._connack_due: Optional[float] = None
         self._errors = LastError()
 
@@ -316,6 +317,7 @@ class Connection:
 
     def _attempt(self) -> None:
         self.backoff.attempted()
+        self.attempts += 1
         if self.fresh_client or self._rebuild:
             self._rebuild = False
             self.client = self._build()

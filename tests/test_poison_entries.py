@@ -136,3 +136,33 @@ def test_a_drop_the_broker_gives_its_own_cause_for_is_not_counted_as_poison(
     finally:
         proxy.close()
         broker.close()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_an_outage_while_an_entry_waits_for_its_puback_is_not_counted_as_poison(
+        certs: Certs, tmp_path: Path, start_worker, protocol: str) -> None:
+    """A broker restarting (or a path going down) while a healthy entry waited alone for its
+    PUBACK counted as that entry's drop: three such outages dead-lettered it, to stay there
+    until an operator retried it, out of order (found by review). A broker that refuses an entry
+    takes the next CONNECT at once; one that is down does not, and such a drop is not counted."""
+    broker = Broker(certs, tmp_path / "broker", plain=True).start()
+    proxy = QuotaProxy(broker, rate=0.001)  # every PUBLISH lost on the way: the entry stays in flight
+    try:
+        config = write_config(tmp_path / "config", broker, port=proxy.port,
+                              mqtt={"protocol": protocol, "mqttOperationTimeout": 60})
+        store = open_store(config)
+        store.outbox_append([(EGRESS_TOPIC, b"precious", 1, False)])
+        worker = start_worker("egress", config)
+        for outage in range(1, 4):
+            wait_for(lambda: proxy.over_quota >= outage, 15, f"the entry sent on connection {outage}")
+            failures = worker.log_text().count("retrying in")
+            broker.stop()  # the proxy's upstream closes: the link drops, no DISCONNECT
+            wait_for(lambda: worker.log_text().count("retrying in") >= failures + 2, 20,
+                     "the drop and an attempt the stopped broker failed")
+            broker.start()
+        wait_for(lambda: proxy.over_quota >= 4, 20, "the entry sent on a fourth connection")
+        assert store.dead_letters() == [] and store.outbox_count() == 1
+        assert worker.stop() == 0
+    finally:
+        proxy.close()
+        broker.close()

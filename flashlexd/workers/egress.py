@@ -66,6 +66,15 @@ class _InFlight(NamedTuple):
     size: int
 
 
+class _Drop(NamedTuple):
+    """A link the broker closed with entries in flight, judged at the next connection: only a
+    broker that took the first attempt after it can have closed it over an entry."""
+    sent: List[_InFlight]
+    progress: bool      # a PUBACK came on that connection
+    error: Optional[str]
+    attempts: int       # the connection's attempts when it dropped
+
+
 class EgressWorker(Worker):
     name = "egress"
 
@@ -92,6 +101,7 @@ class EgressWorker(Worker):
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
         self.unacked_since: Dict[int, float] = {}  # entry id -> first sent, until acknowledged
         self.acked_on_link = 0                     # PUBACKs on the current connection
+        self.drop_to_judge: Optional[_Drop] = None  # the last link's drop, judged at the next CONNACK
         self.done: List[int] = []           # acknowledged, to delete
         self.done_since = 0.0               # when the oldest of them was acknowledged
         self.cursor = 0                     # the newest outbox id handed to paho
@@ -171,6 +181,7 @@ class EgressWorker(Worker):
             self.window = min(self.config.thing.mqtt.max_inflight, limits.receive_maximum or math.inf)
             self.counters.update(protocol=self.connection.protocol, **limits.counters())
             self._note_session()
+            self._judge_drop()
             self.acked_on_link = 0
             self.more = True
             self._mark_backlog()
@@ -268,16 +279,26 @@ class EgressWorker(Worker):
         # only a link the broker closed itself can be an entry's fault: one we closed because it
         # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
         if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
-            victim = self.poison.dropped([s.entry_id for s in sent], progress=self.acked_on_link > 0)
-            if victim is not None:
-                attempts = self.poison.attempts
-                self._dead_letter(sent[0], f"the link dropped each of the {attempts} times it was"
-                                  f" alone in flight; last: {error or 'closed by the broker'}", attempts)
+            self.drop_to_judge = _Drop(sent, self.acked_on_link > 0, error, self.connection.attempts)
         self._delete_done()  # so acknowledged entries are not sent again
         # the lowest id, not the first sent: after a 0x97 rewind an entry is sent again after
         # later ones still in flight
         self.cursor = min(self.cursor, min(s.entry_id for s in sent) - 1)
         self.more = True
+
+    def _judge_drop(self) -> None:
+        """Count the last drop against its entries only if the broker took the first attempt
+        after it: a broker that refuses an entry closes the link and takes the next CONNECT at
+        once, while a broker restarting or a path cut (a flaky cellular link, a NAT) fails the
+        attempts until it is back; three of those used to dead-letter a healthy entry."""
+        drop, self.drop_to_judge = self.drop_to_judge, None
+        if drop is None or self.connection.attempts != drop.attempts + 1:
+            return
+        victim = self.poison.dropped([s.entry_id for s in drop.sent], progress=drop.progress)
+        if victim is not None:
+            attempts = self.poison.attempts
+            self._dead_letter(drop.sent[0], f"the link dropped each of the {attempts} times it was"
+                              f" alone in flight; last: {drop.error or 'closed by the broker'}", attempts)
 
     def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
         """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""
