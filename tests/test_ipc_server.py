@@ -315,6 +315,34 @@ def test_requests_after_a_wait_are_answered_in_order(harness):
     sock.close()
 
 
+@pytest.mark.parametrize("settle", ["new message", "deadline"])
+def test_replays_queued_behind_waits_are_answered(harness, settle):
+    """Found by review: a replay (`reset`) queued behind a parked wait is handled while the
+    server settles that wait, and it settles the parked waits itself (`on_replay`); the outer
+    walk then reached a wait already answered: `internal` to the replay, a traceback logged,
+    later waits left parked. Two such connections, so whichever the server settles first,
+    the other is answered re-entrantly while still in the outer walk's list."""
+    control = raw_connect(harness.path)
+    control.sendall(req("messages", 1, consumer="c", paged=True))  # registers c
+    assert "result" in read_frame(control)
+    apps = [raw_connect(harness.path) for _ in range(2)]
+    for n, sock in enumerate(apps):
+        sock.sendall(req("wait", 10 + n, consumer="c", paged=True, timeout=60)
+                     + req("reset", 20 + n, consumer="c", to="earliest"))
+    until(lambda: harness.call(lambda: harness.server.parked_count) == 2, what="both waits parked")
+    if settle == "new message":
+        harness.ingest(("s/1", b"one"))
+    else:
+        harness.call(lambda: harness.server.tick(time.monotonic() + 3600))
+    for n, sock in enumerate(apps):
+        assert read_frame(sock)["id"] == 10 + n
+        reset = read_frame(sock)
+        assert reset["id"] == 20 + n and "result" in reset, reset
+        sock.close()
+    assert harness.call(lambda: harness.server.parked_count) == 0
+    control.close()
+
+
 def test_a_failing_pending_poll_answers_with_an_error(tmp_path):
     class Failing:
         def handle(self, method, params, uid=None):

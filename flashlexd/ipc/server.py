@@ -20,7 +20,7 @@ import os
 import selectors
 import socket
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Set, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Set, Tuple, Union
 
 from flashlexd import fds
 from flashlexd.ipc.admission import Admission, peer_credentials
@@ -117,12 +117,9 @@ class RpcServer:
         """Time-driven work; cheap when nothing is due, so the host may call it every turn."""
         now = time.monotonic() if now is None else now
         if self._parked:
-            for conn in [c for c in self._parked if c.parked.walking]:  # type: ignore[union-attr]
-                self._settle(conn, conn.parked.walk.step, "walk")  # type: ignore[union-attr]
-            due = [c for c in self._parked
-                   if not c.parked.walking and c.parked.deadline <= now]  # type: ignore[union-attr]
-            for conn in due:
-                parked: Pending = conn.parked  # type: ignore[assignment]
+            for conn, parked in self._each_parked(lambda p: p.walking):
+                self._settle(conn, parked.walk.step, "walk")  # type: ignore[union-attr]
+            for conn, parked in self._each_parked(lambda p: not p.walking and p.deadline <= now):
                 if parked.resolve is None:
                     self._complete(conn, parked.timeout_result)
                 else:
@@ -153,8 +150,16 @@ class RpcServer:
 
     def notify_inbox(self) -> None:
         """New messages were committed: complete every parked wait that now has some."""
-        for conn in list(self._parked):
-            self._settle(conn, conn.parked.poll, "wait")  # type: ignore[union-attr]
+        for conn, parked in self._each_parked(lambda p: True):
+            self._settle(conn, parked.poll, "wait")
+
+    def _each_parked(self, wanted: Callable[[Pending], bool]) -> Iterator[Tuple[Connection, Pending]]:
+        """The parked calls `wanted` picks, each only while it is still parked: settling one
+        answers the requests queued behind it, and one of those (a replay: `on_replay`) may
+        settle the others re-entrantly."""
+        for conn, parked in [(c, c.parked) for c in self._parked if wanted(c.parked)]:  # type: ignore[arg-type]
+            if conn.parked is parked:
+                yield conn, parked  # type: ignore[misc]
 
     def _settle(self, conn: Connection, produce: Callable[[], Any], what: str) -> None:
         """Complete parked `conn` with what `produce()` returns (None: not yet), or its error."""
