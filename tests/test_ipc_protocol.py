@@ -121,6 +121,19 @@ def test_array_limit_bounds_the_allocation():
                         "params": {"ids": list(range(wire.MAX_ARRAY_LEN))}}), MAX)
 
 
+@pytest.mark.parametrize("params", [
+    {"payload": b"x", "properties": {"user_properties": [["k", "v"]] * (wire.MAX_ARRAY_LEN + 76)}},
+    {"ids": list(range(2 * wire.MAX_ARRAY_LEN))},
+])
+def test_a_list_over_the_unpack_limit_is_named(params):
+    """Found by review: a valid request with a list over the unpack limit (1,100 MQTT user
+    properties, a raw `ack` of 2,000 ids) was told "not a msgpack request: ValueError", as if
+    its bytes were garbage; the error now names the limit."""
+    error = failure(request(method="publish", params=params))
+    assert error.code == Code.BAD_REQUEST
+    assert f"max_array_len({wire.MAX_ARRAY_LEN})" in error.message, error.message
+
+
 def test_ext_types_are_refused():
     assert failure(body(msgpack.ExtType(5, b"x"))).code == Code.BAD_REQUEST
 

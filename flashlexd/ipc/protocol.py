@@ -99,6 +99,15 @@ def _unpack_options(max_frame: int) -> Dict[str, int]:
     return request_unpack_options(max_frame)
 
 
+def _not_unpacked(exc: Exception) -> RpcFailure:
+    """Why a body did not unpack. Valid msgpack over an unpack limit (1,100 user properties:
+    "1100 exceeds max_array_len(1024)") is named, since its sender can fix that."""
+    text = str(exc)
+    if isinstance(exc, ValueError) and " exceeds max_" in text:
+        return RpcFailure(Code.BAD_REQUEST, f"request over an unpack limit: {text[:80]}")
+    return RpcFailure(Code.BAD_REQUEST, f"not a msgpack request: {type(exc).__name__}")
+
+
 def parse_request(body: bytes, max_frame: int) -> Request:
     """A request from an untrusted frame body, or RpcFailure naming what is wrong."""
     options = _unpack_options(max_frame)
@@ -118,7 +127,7 @@ def parse_request(body: bytes, max_frame: int) -> Request:
     except msgpack.StackError:
         raise RpcFailure(Code.BAD_REQUEST, "request nested too deeply") from None
     except Exception as exc:  # untrusted bytes: FormatError, ExtraData, ValueError, UnicodeError...
-        raise RpcFailure(Code.BAD_REQUEST, f"not a msgpack request: {type(exc).__name__}") from None
+        raise _not_unpacked(exc) from None
     if not isinstance(obj, dict):
         raise RpcFailure(Code.BAD_REQUEST, f"a request is a map, got {type(obj).__name__}")
     request_id = obj.get("id")
