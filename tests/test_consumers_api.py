@@ -16,7 +16,7 @@ import pytest
 
 from flashlexd.client import RpcError, connect
 from flashlexd.configconsumers import ConsumerSettings
-from flashlexd.consumers import ConsumerSpec
+from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec
 from flashlexd.ipc.protocol import RpcFailure
 from flashlexd.store import Incoming
 from tests.broker import wait_for
@@ -112,6 +112,22 @@ def test_a_dynamic_consumer_can_be_removed_at_once_and_the_messages_only_it_held
             with pytest.raises(RpcError) as info:
                 fx.remove_consumer(name)
             assert info.value.code == "bad_params" and said in str(info.value), name
+
+
+def test_replay_counts_of_removed_consumers_are_not_kept(harness: Harness):
+    """Found by review: the daemon kept a replay count for every consumer ever replayed, so an
+    app registering, replaying and removing consumers under fresh names in a loop grew the
+    supervisor's memory for good. Counts of consumers gone are dropped; a live one's stays."""
+    ingest(harness, "a", "b")
+    with connect(harness.path) as fx:
+        fx.reset("logger", "earliest")
+        for n in range(3 * MAX_CONSUMERS):
+            name = f"app{n}"
+            fx.call("messages", consumer=name, paged=True)  # registers it
+            fx.reset(name, "earliest")
+            assert fx.remove_consumer(name) is True
+        assert fx.call("messages", consumer="logger", paged=True)["replays"] == 1
+    assert len(harness.call(lambda: harness.methods._replays)) <= MAX_CONSUMERS
 
 
 def test_a_streaming_consumer_gets_a_replay_and_a_plain_wait_waits_on_through_it(harness: Harness):

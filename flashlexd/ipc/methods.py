@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
-from flashlexd.consumers import NAME_RULE, RESET_TARGETS, ConsumerCallError, valid_name
+from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, RESET_TARGETS, ConsumerCallError, valid_name
 from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
@@ -316,6 +316,15 @@ class Methods:
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         return Pending(deadline=deadline, poll=poll, timeout_result=[], walk=walk)
 
+    def _count_replay(self, consumer: str) -> None:
+        """Count a replay of `consumer`. Past MAX_CONSUMERS counts, those of consumers gone
+        (removed, idle, out of the config) are dropped: an app replaying and removing consumers
+        under fresh names would otherwise grow the counts for good."""
+        self._replays[consumer] = self._replays.get(consumer, 0) + 1
+        if len(self._replays) > MAX_CONSUMERS:
+            for name in [n for n in self._replays if self.store.consumer_state(n) is None]:
+                del self._replays[name]
+
     def _replayed(self, consumer: Optional[str]) -> Callable[[], bool]:
         """For a parked wait: True (once) when `consumer` was replayed since the last ask. Its
         walk stands past the replayed messages, which are the consumer's to read again."""
@@ -503,7 +512,7 @@ class Methods:
         def step() -> Tuple[Dict[str, Any], bool]:
             floor, done = self.store.consumer_reset_step(consumer, target, skip)  # type: ignore[arg-type]
             if done and not skip:
-                self._replays[consumer] = self._replays.get(consumer, 0) + 1  # type: ignore[index]
+                self._count_replay(consumer)  # type: ignore[arg-type]
                 self.on_replay()
             answer: Dict[str, Any] = {"consumer": consumer, "acked_through": floor}
             if paged and done:
