@@ -6,6 +6,7 @@ file descriptor tests run the real daemon and lower its open files limit from ou
 """
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import select
@@ -62,6 +63,42 @@ def test_frames_beyond_the_read_budget_get_busy_at_once(tmp_path: Path) -> None:
         held[1].close()  # one leaves half-way: its room comes back too
         until(lambda: h.call(lambda: h.server.budget.used) == FRAME - 10, what="budget released")
         assert h.call(lambda: h.server.counters["refused_budget"]) == 1
+    finally:
+        for sock in held:
+            sock.close()
+        h.stop()
+
+
+def test_busy_refusals_are_logged_once_a_minute_with_a_count(tmp_path: Path, caplog) -> None:
+    """Found by review: every connection over maxConnections and every request over the read
+    budget logged a WARNING, so a local client retrying in a loop flooded the journal (and
+    pushed the daemon's real lines out of journald's rate limit). Like a refused uid: one line
+    a minute per kind of refusal, with a count."""
+    h = Harness(tmp_path, limits=_limits(max_connections=4, frame_timeout=30)).start()
+    held: List[socket.socket] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="flashlexd.ipc"):
+            for _ in range(3):  # the budget taken, and three of the four connections
+                sock = raw_connect(h.path)
+                _started(sock, FRAME - 10, 100)
+                held.append(sock)
+            until(lambda: h.call(lambda: h.server.budget.used) == 3 * (FRAME - 10), what="budget taken")
+            for _ in range(20):
+                late = raw_connect(h.path)
+                _started(late, FRAME - 10, 100)
+                assert read_frame(late)["error"]["code"] == Code.BUSY
+                late.close()
+                until(lambda: h.call(lambda: h.server.connection_count) == 3, what="refused one closed")
+            held.append(raw_connect(h.path))
+            until(lambda: h.call(lambda: h.server.connection_count) == 4, what="the cap reached")
+            for _ in range(20):
+                with pytest.raises(RpcError) as info:
+                    Client(h.path, timeout=5).status()
+                assert info.value.code == Code.BUSY
+        lines = [r.getMessage() for r in caplog.records if "API: refused" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("API: refused 1 request (last 65526 bytes"), lines
+        assert lines[1].startswith("API: refused 1 connection (last uid"), lines
     finally:
         for sock in held:
             sock.close()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; not named by Python 3.9
 _MAX_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes: a peer in more groups gets ERANGE
-_REPORT_EVERY = 60.0  # seconds between lines about one refused uid
+_REPORT_EVERY = 60.0  # seconds between lines about one kind of refusal
 
 
 def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
@@ -40,11 +40,29 @@ def peer_groups(sock: socket.socket) -> FrozenSet[int]:
     return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
 
 
+class LineThrottle:
+    """At most one log line per `_REPORT_EVERY` about a refusal a local client can repeat at
+    will, with how many there were since the last line: a loop of them cannot flood the journal
+    (and so push the daemon's real lines out of journald's rate limit)."""
+
+    def __init__(self) -> None:
+        self.last: Optional[float] = None
+        self.since = 0
+
+    def due(self, now: float) -> int:
+        """How many to report now, this one included; 0: stay quiet."""
+        self.since += 1
+        if self.last is not None and now - self.last < _REPORT_EVERY:
+            return 0
+        count, self.last, self.since = self.since, now, 0
+        return count
+
+
 class Admission:
     def __init__(self, allow_uids: Iterable[int] = (), group: Optional[str] = None):
         self.uids = frozenset({0, os.geteuid(), *allow_uids})
         self.gid = group_id(group) if group else None
-        self._refused: Dict[int, Tuple[float, int]] = {}  # uid -> (last line, refusals since)
+        self._refused: Dict[int, LineThrottle] = {}  # uid -> its lines
 
     def admits(self, sock: socket.socket, uid: int, gid: int) -> bool:
         if uid in self.uids:
@@ -53,11 +71,7 @@ class Admission:
 
     def note_refused(self, uid: int, pid: int, now: float) -> None:
         """One WARNING per uid per minute, with how many were refused since the last one."""
-        last, since = self._refused.get(uid, (None, 0))
-        since += 1
-        if last is not None and now - last < _REPORT_EVERY:
-            self._refused[uid] = (last, since)
-            return
-        self._refused[uid] = (now, 0)
-        log.warning("API: refused %d connection%s from uid %d (last pid %d): neither in allowUids nor"
-                    " in the socket's group", since, "" if since == 1 else "s", uid, pid)
+        since = self._refused.setdefault(uid, LineThrottle()).due(now)
+        if since:
+            log.warning("API: refused %d connection%s from uid %d (last pid %d): neither in allowUids"
+                        " nor in the socket's group", since, "" if since == 1 else "s", uid, pid)

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Set, Tuple, Union
 
 from flashlexd import fds
-from flashlexd.ipc.admission import Admission, peer_credentials
+from flashlexd.ipc.admission import Admission, LineThrottle, peer_credentials
 from flashlexd.ipc.connection import Connection, ReadBudget, Received
 from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
                                     parse_request)
@@ -73,6 +73,7 @@ class RpcServer:
         self.counters = {"accepted": 0, "refused": 0, "requests": 0, "errors": 0, "dropped_slow": 0,
                          "refused_budget": 0, "dropped_partial": 0}
         self.closed = False
+        self._busy_lines, self._budget_lines = LineThrottle(), LineThrottle()
 
     @property
     def limits(self) -> Limits:
@@ -228,7 +229,10 @@ class RpcServer:
                              "administrator to add it to flashlex.app.socket.allowUids or to the"
                              " socket's group (flashlex.app.socket.group)")
             elif len(self._conns) >= self.limits.max_connections:
-                log.warning("API: refused connection from pid %d: %d connections open", pid, len(self._conns))
+                count = self._busy_lines.due(time.monotonic())
+                if count:
+                    log.warning("API: refused %d connection%s (last uid %d pid %d): %d connections open",
+                                count, "" if count == 1 else "s", uid, pid, len(self._conns))
                 self._refuse(sock, Code.BUSY, f"too many connections ({self.limits.max_connections})")
             else:
                 conn = Connection(self, sock, uid, pid, time.monotonic())
@@ -285,9 +289,12 @@ class RpcServer:
                                    f"frame of {conn.announced} bytes exceeds the limit of {max_frame}")
             elif outcome is Received.NO_BUDGET:
                 self.counters["refused_budget"] += 1
-                log.warning("API: refused a %d-byte request from uid %d pid %d: %d of %d bytes of"
-                            " incoming requests are held (flashlex.app.socket.maxBufferedBytes)",
-                            conn.announced, conn.uid, conn.pid, self.budget.used, self.budget.limit)
+                count = self._budget_lines.due(time.monotonic())
+                if count:
+                    log.warning("API: refused %d request%s (last %d bytes from uid %d pid %d): %d of %d"
+                                " bytes of incoming requests are held (flashlex.app.socket.maxBufferedBytes)",
+                                count, "" if count == 1 else "s", conn.announced, conn.uid, conn.pid,
+                                self.budget.used, self.budget.limit)
                 self._refuse_frame(conn, Code.BUSY, "flashlexd holds too many incoming request bytes;"
                                    " retry")
         self._pump(conn)
