@@ -136,6 +136,52 @@ def test_requests_behind_parked_waits_hold_none_of_the_read_budget(tmp_path: Pat
         h.stop()
 
 
+def _unread_responses(h: Harness, high_water: int) -> socket.socket:
+    """A connection whose peer reads nothing, sent `messages` calls one by one until its
+    unread responses reach `high_water`."""
+    known = h.call(lambda: set(h.server._conns))
+    sock = raw_connect(h.path)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn = until(lambda: h.call(lambda: set(h.server._conns) - known), what="accepted").pop()
+    for n in range(100):
+        answered = h.call(lambda: h.server.counters["requests"])
+        sock.sendall(req("messages", n))
+        until(lambda: h.call(lambda: h.server.counters["requests"]) > answered, what="answered")
+        if h.call(lambda: len(conn.wbuf)) >= high_water:
+            return sock
+    raise AssertionError("the responses never piled up")
+
+
+def test_requests_behind_unread_responses_hold_none_of_the_read_budget(tmp_path: Path) -> None:
+    """Found by review: a whole request sent behind responses its peer does not read was read
+    and kept, its room reserved from the shared budget for as long as the peer read a little
+    every write timeout, out of reach of the frame timeout: three such connections denied every
+    other app's call (`busy`). Now its header waits there, its body neither reserved nor read
+    until the peer reads."""
+    high_water = 64 * 1024
+    h = Harness(tmp_path, limits=_limits(write_timeout=30, pipeline_high_water=high_water)).start()
+    hostile: List[socket.socket] = []
+    try:
+        h.ingest(("big", b"x" * 50_000))
+        for _ in range(3):
+            sock = _unread_responses(h, high_water)
+            sock.sendall(HEADER.pack(FRAME - 10) + b"\x81" + b"\0" * (FRAME - 11))  # a whole request
+            hostile.append(sock)
+        until(lambda: h.call(lambda: sum(1 for c in h.server._conns if len(c.head) == HEADER.size)) == 3,
+              what="the three requests' headers read")
+        with Client(h.path, timeout=5) as fx:  # served, not `busy`
+            assert fx.publish(b"still served") > 0
+        assert h.call(lambda: (h.server.budget.used, h.server.counters["refused_budget"])) == (0, 0)
+        answer = read_frame(hostile[0])  # its peer reads: the request behind has its turn
+        while "result" in answer:
+            answer = read_frame(hostile[0])
+        assert answer["error"]["code"] == Code.BAD_REQUEST
+    finally:
+        for sock in hostile:
+            sock.close()
+        h.stop()
+
+
 def test_a_frame_must_arrive_whole_within_the_frame_timeout(tmp_path: Path) -> None:
     h = Harness(tmp_path, limits=_limits(frame_timeout=0.5, idle_timeout=60)).start()
     try:

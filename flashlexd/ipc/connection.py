@@ -77,13 +77,15 @@ class Connection:
 
     @property
     def header_held(self) -> bool:
-        """A frame's header is in, its body not reserved yet: it came behind a parked request."""
+        """A frame's header is in, its body not reserved yet: it came behind a parked request
+        or unread responses."""
         return self.body is None and len(self.head) == HEADER.size
 
     def receive(self, budget: ReadBudget, max_frame: int, now: float, hold: bool = False) -> Received:
         """One non-blocking read towards the current frame. `hold`: the connection's earlier
-        request is parked, so a next frame's body is neither reserved nor read (its room in the
-        shared budget would be held for as long as the wait, an hour at most): HELD."""
+        request is parked or its responses are unread, so a next frame's body is neither
+        reserved nor read (its room in the shared budget would be held for as long as the wait,
+        an hour at most, or as the peer reads a little every write timeout): HELD."""
         if self.body is None:
             if len(self.head) < HEADER.size:
                 try:
@@ -144,10 +146,10 @@ class Connection:
             return len(self.head), HEADER.size
         return HEADER.size + self.filled, HEADER.size + len(self.body)
 
-    def wanted_events(self) -> int:
-        """Selector interest: read unless closing or a complete frame waits its turn; write
-        while responses are owed."""
-        events = 0 if self.closing or self.frame_ready or (self.parked is not None and self.header_held) \
+    def wanted_events(self, hold: bool) -> int:
+        """Selector interest: read unless closing or a complete frame or a held header (`hold`,
+        as in `receive`) waits its turn; write while responses are owed."""
+        events = 0 if self.closing or self.frame_ready or (hold and self.header_held) \
             else selectors.EVENT_READ
         return events | (selectors.EVENT_WRITE if self.wbuf else 0)
 

@@ -278,7 +278,7 @@ class RpcServer:
         for _ in range(_FRAMES_PER_TURN):
             if conn.closed or conn.closing or (conn.frame_ready and not self._answer_ready(conn)):
                 break
-            outcome = conn.receive(self.budget, max_frame, time.monotonic(), hold=conn.parked is not None)
+            outcome = conn.receive(self.budget, max_frame, time.monotonic(), hold=self._holds(conn))
             if outcome is Received.AGAIN or outcome is Received.HELD:
                 break
             if outcome is Received.EOF:
@@ -299,10 +299,14 @@ class RpcServer:
                                    " retry")
         self._pump(conn)
 
+    def _holds(self, conn: Connection) -> bool:
+        """Whether the next request must wait its turn: behind a parked wait, or behind
+        responses its peer has not read (up to `pipeline_high_water`)."""
+        return conn.parked is not None or len(conn.wbuf) >= self.limits.pipeline_high_water
+
     def _answer_ready(self, conn: Connection) -> bool:
-        """Handle the complete frame if its turn has come (no parked wait, responses being
-        read); True when it was handled."""
-        if conn.closing or conn.parked is not None or len(conn.wbuf) >= self.limits.pipeline_high_water:
+        """Handle the complete frame if its turn has come; True when it was handled."""
+        if conn.closing or self._holds(conn):
             return False
         self._handle(conn, conn.take_frame(self.budget))
         self._flush(conn)
@@ -319,7 +323,7 @@ class RpcServer:
         """Answer the complete frame if its turn has come; flush; set interest."""
         if conn.closed:
             return
-        if conn.parked is None and conn.header_held:  # its turn came: reserve and read it now
+        if conn.header_held and not self._holds(conn):  # its turn came: reserve and read it now
             self._read(conn)
             return
         if conn.frame_ready:
@@ -409,7 +413,7 @@ class RpcServer:
         self._parked.discard(conn)
 
     def _update_interest(self, conn: Connection) -> None:
-        events = conn.wanted_events()
+        events = conn.wanted_events(self._holds(conn))
         if events == conn.events:
             return
         if conn.events and events:
