@@ -305,6 +305,18 @@ def test_closing_a_waiting_connection_unparks_it(harness):
     until(lambda: harness.call(lambda: harness.server.parked_count) == 0, what="unpark on close")
 
 
+def test_a_waiting_connection_with_a_request_behind_is_closed_when_its_peer_leaves(harness):
+    """Found by review: an app that exited mid-wait with a next request sent behind the wait
+    kept its connection (and a place under maxConnections) until the wait ended, an hour at
+    most: input behind a parked wait is not read, so the end-of-file went unseen."""
+    sock = raw_connect(harness.path)
+    sock.sendall(req("wait", 1, timeout=3600) + req("status", 2))
+    until(lambda: harness.call(lambda: [c.header_held for c in harness.server._parked]) == [True],
+          what="the wait parked with a request behind it")
+    sock.close()
+    until(lambda: harness.call(lambda: harness.server.connection_count) == 0, what="closed when its peer left")
+
+
 def test_requests_after_a_wait_are_answered_in_order(harness):
     sock = raw_connect(harness.path)
     sock.sendall(req("wait", 1, timeout=10) + req("status", 2))

@@ -10,6 +10,7 @@ timeout of its first byte, so a peer trickling a byte now and then cannot hold i
 """
 from __future__ import annotations
 
+import select
 import selectors
 import socket
 from enum import Enum
@@ -152,6 +153,13 @@ class Connection:
         events = 0 if self.closing or self.frame_ready or (hold and self.header_held) \
             else selectors.EVENT_READ
         return events | (selectors.EVENT_WRITE if self.wbuf else 0)
+
+    def hung_up(self) -> bool:
+        """Whether the peer closed its end, seen without reading (POLLHUP): input held behind a
+        parked wait is not read, so its end-of-file is not seen there."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
     def discard_input(self, rounds: int = 4) -> None:
         """Read away (a bounded amount of) what a refused peer sent: a Unix socket closed with

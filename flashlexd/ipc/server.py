@@ -148,6 +148,8 @@ class RpcServer:
                 self._close_conn(conn)
             elif conn.parked is None and now - conn.last_active > self.limits.idle_timeout:
                 self._close_conn(conn)
+            elif conn.parked is not None and conn.header_held and conn.hung_up():
+                self._close_conn(conn)  # its peer left mid-wait: not read, so not seen before
 
     def notify_inbox(self) -> None:
         """New messages were committed: complete every parked wait that now has some."""
