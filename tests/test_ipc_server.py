@@ -317,6 +317,27 @@ def test_a_waiting_connection_with_a_request_behind_is_closed_when_its_peer_leav
     until(lambda: harness.call(lambda: harness.server.connection_count) == 0, what="closed when its peer left")
 
 
+def test_a_half_closed_client_gets_its_parked_answer_then_is_closed(harness):
+    """Found by review: a client that sent its wait and then shut down its sending side
+    (shutdown(SHUT_WR), `socat`, `nc -N`) is still reading, but got a bare end-of-file instead
+    of the answer. It now gets the answer, then the end-of-file; and if it leaves altogether
+    before the answer, its connection is closed without waiting for the wait to end."""
+    sock, gone = raw_connect(harness.path), raw_connect(harness.path)
+    for waiter in (sock, gone):
+        waiter.sendall(req("wait", 1, timeout=3600))
+        waiter.shutdown(socket.SHUT_WR)  # done sending, still reading
+    until(lambda: harness.call(lambda: [c.closing for c in harness.server._parked]) == [True, True],
+          what="the server saw both end-of-files")
+    gone.close()
+    until(lambda: harness.call(lambda: harness.server.connection_count) == 1, what="the one that left closed")
+    harness.ingest(("s/1", b"one"))
+    answer = read_frame(sock)
+    assert answer["id"] == 1 and [m["payload"] for m in answer["result"]] == [b"one"]
+    assert sock.recv(10) == b""  # then closed
+    until(lambda: harness.call(lambda: harness.server.connection_count) == 0, what="closed after the answer")
+    sock.close()
+
+
 def test_requests_after_a_wait_are_answered_in_order(harness):
     sock = raw_connect(harness.path)
     sock.sendall(req("wait", 1, timeout=10) + req("status", 2))

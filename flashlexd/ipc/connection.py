@@ -156,7 +156,7 @@ class Connection:
 
     def hung_up(self) -> bool:
         """Whether the peer closed its end, seen without reading (POLLHUP): input held behind a
-        parked wait is not read, so its end-of-file is not seen there."""
+        parked wait, or after a half-close, is not read, so its end-of-file is not seen there."""
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))

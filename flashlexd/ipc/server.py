@@ -148,7 +148,7 @@ class RpcServer:
                 self._close_conn(conn)
             elif conn.parked is None and now - conn.last_active > self.limits.idle_timeout:
                 self._close_conn(conn)
-            elif conn.parked is not None and conn.header_held and conn.hung_up():
+            elif conn.parked is not None and (conn.header_held or conn.closing) and conn.hung_up():
                 self._close_conn(conn)  # its peer left mid-wait: not read, so not seen before
 
     def notify_inbox(self) -> None:
@@ -284,8 +284,12 @@ class RpcServer:
             if outcome is Received.AGAIN or outcome is Received.HELD:
                 break
             if outcome is Received.EOF:
-                self._close_conn(conn)
-                return
+                if (conn.parked is None and not conn.wbuf) or conn.hung_up():
+                    self._close_conn(conn)
+                    return
+                conn.drop_frame(self.budget)  # half-closed (shutdown(SHUT_WR), `nc -N`): it still
+                conn.closing = True           # reads, so it gets what it is owed, then is closed
+                break
             if outcome is Received.TOO_LARGE:
                 self._refuse_frame(conn, Code.FRAME_TOO_LARGE,
                                    f"frame of {conn.announced} bytes exceeds the limit of {max_frame}")
