@@ -17,7 +17,7 @@ from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, Permissio
                                      ProtocolError, RpcError, RpcTimeout)
 from flashlexd.client.message import Message, OutboxEntry
 from flashlexd.client.wire import (DEFAULT_SOCKET, HEADER, MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME,
-                                   MAX_WAIT_SECONDS, PROTOCOL_VERSION, SOCKET_ENV, encode_frame)
+                                   MAX_WAIT_SECONDS, PROTOCOL_VERSION, SOCKET_ENV, Code, encode_frame)
 
 IdLike = Union[int, str, Message]
 
@@ -193,8 +193,7 @@ class Client:
             sock = self._ready()
             self._next_id += 1
             request_id = self._next_id
-            frame = encode_frame({"v": PROTOCOL_VERSION, "id": request_id, "method": method,
-                                  "params": params})
+            frame = _request_frame(request_id, method, params)
             try:
                 sock.settimeout(timeout)
                 try:
@@ -450,6 +449,25 @@ def seconds(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
         raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
     return float(value)
+
+
+def _request_frame(request_id: int, method: str, params: Dict[str, Any]) -> bytes:
+    """The request's frame. A param msgpack cannot carry (an integer past 64 bits, a set) is
+    the caller's `bad_params`, named as the daemon names one, not a bare OverflowError."""
+    try:
+        return encode_frame({"v": PROTOCOL_VERSION, "id": request_id, "method": method, "params": params})
+    except (OverflowError, TypeError, ValueError) as exc:
+        name = next((key for key, value in params.items() if not _packs(value)), "params")
+        raise RpcError(Code.BAD_PARAMS, f"{method}: '{name}' cannot be sent ({exc})", method) from None
+
+
+def _packs(value: Any) -> bool:
+    """Whether msgpack can carry `value` (to name the param that it cannot)."""
+    try:
+        encode_frame(value)
+    except (OverflowError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _wire_id(value: IdLike) -> Union[int, str]:

@@ -239,6 +239,22 @@ def test_bad_params_name_the_param(fx, method, params, name):
     assert f"'{name}'" in info.value.message and info.value.message.startswith(method)
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda fx: fx.ack([2 ** 64]), "ids"),
+    (lambda fx: fx.messages(after=2 ** 70), "after"),
+    (lambda fx: fx.call("messages", limit=-2 ** 64), "limit"),
+    (lambda fx: fx.call("ack", ids={1, 2}), "ids"),
+])
+def test_params_msgpack_cannot_carry_are_bad_params_named(fx, call, name):
+    """Found by review: an id or a limit past 64 bits (or a set) raised a bare OverflowError
+    (TypeError) out of the client, not one of its typed errors; it is now `bad_params`
+    naming the param, as the daemon names one, and the connection goes on."""
+    with pytest.raises(RpcError) as info:
+        call(fx)
+    assert info.value.code == Code.BAD_PARAMS and f"'{name}' cannot be sent" in info.value.message
+    assert fx.status()
+
+
 def test_unknown_method(fx):
     with pytest.raises(RpcError) as info:
         fx.call("frobnicate")
