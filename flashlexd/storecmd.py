@@ -30,6 +30,9 @@ def add_parser(commands) -> None:
         action.add_argument("--config", "-c", help="FlashLex config file (for its dataPath)")
         action.add_argument("--data-dir", "-d", help="store directory (wins over --config;"
                                                      f" default {DEFAULT_DATA_DIR})")
+        action.add_argument("--keys-dir", "-k", help="directory the config's key file names are"
+                                                     " relative to, as for run (default: the config"
+                                                     " file's directory)")
         if name == "recover":
             action.add_argument("--to", required=True, metavar="DIR",
                                 help="new, empty directory for the recovered store")
@@ -39,7 +42,7 @@ def _data_dir_and_cap(args: argparse.Namespace) -> Tuple[Path, int]:
     if args.config:
         from flashlexd import config as config_module
 
-        store = config_module.load(args.config, data_dir=args.data_dir).store
+        store = config_module.load(args.config, data_dir=args.data_dir, keys_dir=args.keys_dir).store
         return Path(store.data_dir), store.cap_bytes
     return Path(args.data_dir or DEFAULT_DATA_DIR), DEFAULT_CAP_BYTES
 

@@ -19,6 +19,7 @@ import yaml
 from flashlexd import storecheck, storetools
 from flashlexd.store import Incoming, Store, StoreDamaged
 from tests.damage import CAP, build_store, garble_page, truncate, use_like_the_daemon
+from tests.test_config import make_keys, seed_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -379,6 +380,30 @@ def test_recover_copies_a_store_over_a_cap_lowered_since(tmp_path, daemon_config
         assert recovered.stats()["inbox_count"] == 8000
     finally:
         recovered.close()
+
+
+def test_store_commands_take_the_keys_dir_of_a_migrated_device(tmp_path):
+    """Found by review: on a device migrated as the README says (the SDK's DIR/keys/config.yml,
+    its key files in DIR's parent, named by the unit's -k), `store verify/recover --config`
+    failed on the key-file check, told the user to "add -k", then refused -k as unknown."""
+    install = tmp_path / "opt" / "flashlex"
+    (install / "keys").mkdir(parents=True)
+    config = install / "keys" / "config.yml"
+    config.write_bytes(seed_bytes())
+    keys = make_keys(tmp_path / "opt")
+    data_dir = tmp_path / "store"
+    store = Store(data_dir, CAP)
+    try:
+        store.append([Incoming("ingress/t", b'{"n": %d}' % i, mid=i + 1) for i in range(10)])
+    finally:
+        store.close()
+    hinted = flashlexd("store", "verify", "--config", str(config), "-d", str(data_dir))
+    assert hinted.returncode == 2 and f"add -k {keys}" in hinted.stderr, hinted.stderr
+    verify = flashlexd("store", "verify", "--config", str(config), "-k", str(keys), "-d", str(data_dir))
+    assert verify.returncode == 0, verify.stderr
+    recover = flashlexd("store", "recover", "--config", str(config), "--keys-dir", str(keys),
+                        "-d", str(data_dir), "--to", str(tmp_path / "new"))
+    assert recover.returncode == 0 and "nothing was lost" in recover.stdout, recover.stderr
 
 
 # -- found by review: records that decode but are not what the daemon wrote ----------------
