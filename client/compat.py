@@ -33,7 +33,7 @@ from flashlexd.client.connection import Client
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, RpcTimeout
 from flashlexd.client.message import Message
 from flashlexd.client.escape import printable
-from flashlexd.client.wire import MAX_LIMIT, SOCKET_ENV, Code
+from flashlexd.client.wire import ID_LIMIT, MAX_LIMIT, SOCKET_ENV, Code
 
 log = logging.getLogger("flashlexd.client.compat")
 
@@ -151,7 +151,7 @@ def createToken(thingId: str, payload: Dict[str, Any], privateKey: str) -> str:
 
 def _pk_id(pk: Any) -> int:
     """A pk the daemon knows as an id; anything else is a key the old store would not have held."""
-    if isinstance(pk, str) and pk.isascii() and pk.isdigit() and len(pk) <= 20 and int(pk) < 2 ** 64 \
+    if isinstance(pk, str) and pk.isascii() and pk.isdigit() and len(pk) <= 20 and int(pk) < ID_LIMIT \
             and str(int(pk)) == pk:  # "0001" is not the pk "1": the old store matched exact strings
         return int(pk)
     raise KeyError(pk)

@@ -22,7 +22,7 @@ from flashlexd.client.ctlview import (ago, health, jsonable, reader_gone, messag
                                       render_status, table)
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
 from flashlexd.client.escape import printable
-from flashlexd.client.wire import DEFAULT_SOCKET, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
+from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
 
 EPILOG = f"""\
 The socket is --socket, else ${SOCKET_ENV}, else {DEFAULT_SOCKET}.
@@ -198,8 +198,8 @@ def _entry_id(text: str) -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if not 0 < value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be an id from 1 to {2 ** 63 - 1}, got {text!r}")
+    if not 0 < value < ID_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an id from 1 to {ID_LIMIT - 1}, got {text!r}")
     return value
 
 

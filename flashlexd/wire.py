@@ -21,7 +21,7 @@ import msgpack
 __all__ = ["PROTOCOL_VERSION", "HEADER", "DEFAULT_SOCKET", "SOCKET_ENV", "FULL_POLICIES", "MIB",
            "REQUEST_OVERHEAD", "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_FRAME", "MAX_RESPONSE_FRAME",
            "MAX_ARRAY_LEN", "MAX_MAP_LEN", "MAX_IDS_PER_ACK", "MAX_LIMIT", "MAX_WAIT_SECONDS",
-           "Code", "encode_frame", "request_unpack_options", "version_mismatch"]
+           "ID_LIMIT", "Code", "encode_frame", "request_unpack_options", "version_mismatch"]
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
@@ -44,6 +44,7 @@ MAX_MAP_LEN = 64
 MAX_IDS_PER_ACK = 1000            # the client splits larger acks into several calls
 MAX_LIMIT = 1000                  # most messages/outbox entries one call returns
 MAX_WAIT_SECONDS = 3600.0
+ID_LIMIT = 2 ** 63  # ids are 8-byte keys, never near this: the store packs `after + 1` and `to - 1`
 
 
 class Code:

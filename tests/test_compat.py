@@ -105,6 +105,17 @@ def test_remove_returns_none_and_unknown_pks_raise_key_error(harness, sdk):
         sdk.removeMessageFromStore("12")  # the old `'pk' in message` test on a str
 
 
+@pytest.mark.parametrize("pk", [str(2 ** 63), str(2 ** 64 - 1)])
+def test_an_unknown_pk_past_the_daemons_id_range_is_a_key_error(harness, sdk, pk):
+    """Found by review: an all-digit pk from 2**63 up to 2**64 - 1 passed the compat layer's
+    range check, the daemon refused the id as bad_request, and the app got an OSError instead
+    of the KeyError(pk) the README promises for an unknown pk."""
+    harness.ingest(("ingress/t", b'{"a": 1}'))
+    with pytest.raises(KeyError) as info:
+        sdk.removeMessageFromStore({"pk": pk})
+    assert info.value.args == (pk,)
+    assert [r["message"]["payload"] for r in sdk.getSubscribedMessages()] == [{"a": 1}]
+
 def test_a_busy_daemon_gives_the_old_answers_not_an_exception(tmp_path, caplog):
     """At its connection cap the daemon answers `busy`: an unchanged app gets [], None and 500,
     with one warning, as when the old service was not there."""

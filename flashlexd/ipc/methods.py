@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, RESET_TARGETS, ConsumerCallError, valid_name
-from flashlexd.wire import MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
+from flashlexd.wire import ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure
@@ -29,7 +29,6 @@ from flashlexd.topics import publish_topic_problem, valid_filter
 # holds (the cursor says where to go on): ~1 ms of the supervisor's loop here (500 records: a
 # named consumer's read took 3 ms with the floor's move it made then, 6 ms in a loaded `make bench`).
 SCAN_BUDGET = 250
-_ID_LIMIT = 2 ** 63  # ids are 8-byte keys, never near this: the store packs `after + 1` and `to - 1`
 _RECORD_ENVELOPE = 160  # msgpack bytes of one record's field names and numbers, roughly
 _MISSING = object()
 T = TypeVar("T")
@@ -78,7 +77,7 @@ class _Params:
         """A message id: an int or its pk string (the decimal id)."""
         if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _ID_LIMIT:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < ID_LIMIT:
             raise self.bad(name, "a message id (integer or pk string)", value)
         return value
 
@@ -87,7 +86,7 @@ class _Params:
         ids = self.get(name)
         if not isinstance(ids, list) or len(ids) > MAX_IDS_PER_ACK:
             raise self.bad(name, f"a list of at most {MAX_IDS_PER_ACK} message ids", ids)
-        if all(type(value) is int and 0 <= value < _ID_LIMIT for value in ids):
+        if all(type(value) is int and 0 <= value < ID_LIMIT for value in ids):
             return ids  # what the client sends: checked at a fifth of record_id's cost
         return [self.record_id(name, value) for value in ids]
 
