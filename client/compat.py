@@ -29,7 +29,7 @@ import os
 import threading
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from flashlexd.client.connection import Client
+from flashlexd.client.connection import Client, socket_path as resolved_socket
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, RpcTimeout
 from flashlexd.client.message import Message
 from flashlexd.client.escape import printable
@@ -77,6 +77,32 @@ class _SkipLog:
 
 
 _SKIPPED = _SkipLog()
+
+
+class _Outages:
+    """Sockets found unavailable since they last answered. Kept per process, like _SkipLog: an
+    app that makes a new SDK object per loop pass gets one warning per outage, not per pass."""
+
+    def __init__(self) -> None:
+        self._down: Set[str] = set()
+        self._lock = threading.Lock()
+
+    def went_down(self, path: str) -> bool:
+        """Note `path` as down; True only for the first note of this outage."""
+        with self._lock:
+            first = path not in self._down
+            self._down.add(path)
+        return first
+
+    def came_back(self, path: str) -> bool:
+        """Note `path` as answering; True when it was down."""
+        with self._lock:
+            was_down = path in self._down
+            self._down.discard(path)
+        return was_down
+
+
+_OUTAGES = _Outages()
 
 
 def skipped_messages() -> int:
@@ -163,11 +189,10 @@ class FlashlexSDK:
     def __init__(self, config: Any = None, socket_path: Optional[str] = None, timeout: float = 10.0):
         self._config = config
         # the daemon's own precedence: --socket, then $FLASHLEXD_SOCKET, then the config file
-        self._path = (socket_path or os.environ.get(SOCKET_ENV)
-                      or _socket_from_config(_document(config)))
+        self._path = resolved_socket(socket_path or os.environ.get(SOCKET_ENV)
+                                     or _socket_from_config(_document(config)))
         self._timeout = timeout
         self._client: Optional[Client] = None
-        self._down = False
         self.last_error: Optional[BaseException] = None
 
     @property
@@ -292,12 +317,10 @@ class FlashlexSDK:
         return answer
 
     def _note_outage(self, exc: FlashlexError) -> None:
-        if _unavailable(exc) and not self._down:
-            self._down = True
+        if _unavailable(exc) and _OUTAGES.went_down(self._path):
             log.warning("%s; FlashLex SDK calls answer [] / 500 and remove nothing until it is back",
                         exc)
 
     def _answered(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("flashlexd answers again on %s", self.client.path)
+        if _OUTAGES.came_back(self._path):
+            log.info("flashlexd answers again on %s", self._path)

@@ -134,6 +134,36 @@ def test_a_busy_daemon_gives_the_old_answers_not_an_exception(tmp_path, caplog):
         h.stop()
 
 
+def _one_pass(path: str) -> list:
+    """An old app's loop body: a new SDK object each pass; read, remove what was read, send."""
+    sdk = FlashlexSDK({"flashlex": {"app": {"socket": {"path": path}}}})
+    records = sdk.getSubscribedMessages()
+    for record in records:
+        sdk.removeMessageFromStore(record)
+    status = sdk.collectMessage({"alive": True})
+    sdk.close()
+    return [records, status]
+
+
+def test_one_outage_warning_per_outage_with_a_new_sdk_object_per_pass(tmp_path, caplog):
+    """Found by review: the "daemon down" warning was kept per FlashlexSDK object, so an app
+    making a new object per loop pass logged it on every pass of an outage; the README says one
+    warning per outage."""
+    caplog.set_level("INFO", logger="flashlexd.client.compat")
+    h = Harness(tmp_path)  # its socket path, no server on it yet: the daemon is down
+    try:
+        for _ in range(3):
+            assert _one_pass(h.path) == [[], 500]
+        assert sum(OUTAGE in w for w in compat_warnings(caplog)) == 1
+        h.start()
+        assert _one_pass(h.path) == [[], 200]
+        assert compat_warnings(caplog).count(f"flashlexd answers again on {h.path}") == 1
+    finally:
+        h.stop()
+    for _ in range(3):  # the next outage is warned about again, once
+        assert _one_pass(h.path) == [[], 500]
+    assert sum(OUTAGE in w for w in compat_warnings(caplog)) == 2
+
 # -- sending --------------------------------------------------------------------------------------
 
 def test_collect_message_sends_the_old_request_body(harness, sdk, caplog):
