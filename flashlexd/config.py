@@ -7,7 +7,9 @@ line and exit 2 instead of dying later on a bad value (the old SDK divided by
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -202,7 +204,7 @@ def legacy_keys_dir(config_path: Path) -> Optional[Path]:
 def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_name: str,
            legacy_base: Optional[Path]) -> Thing:
     name = section.value("name")
-    endpoint = section.value("endpoint")
+    endpoint = _endpoint(section)
     keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
                  legacy_base)
     mqtt = aws_transport(endpoint, f"{section.path}.mqtt",  # type: ignore[arg-type]
@@ -210,6 +212,53 @@ def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_nam
     warnings.extend(quota_warnings(endpoint, f"{section.path}.mqtt", mqtt, name))  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
+
+
+# a DNS label (RFC 1123), `_` included: /etc/hosts and container DNS resolve such names
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _endpoint(section: Section) -> str:
+    """The broker's host, as paho resolves it: a URL, a port or a path in it failed only later,
+    at DNS in `check` and in an endless reconnect loop in `run`."""
+    endpoint = section.value("endpoint")
+    if not _is_host(endpoint):
+        raise ConfigError(f"{section.path}.endpoint: {_endpoint_hint(endpoint, section.path)}")
+    return endpoint
+
+
+def _is_host(text: str) -> bool:
+    """An IPv4/IPv6 literal, or a host name (an internationalised one as its IDNA form has it)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        name = text.encode("idna").decode("ascii").rstrip(".")  # one root dot is allowed
+    except UnicodeError:  # an empty or over-long label
+        return False
+    labels = name.split(".")
+    return (len(name) <= 253 and not labels[-1].isdigit()  # "10.0.0.300" is no name
+            and all(_LABEL.fullmatch(label) for label in labels))
+
+
+def _endpoint_hint(endpoint: str, thing_path: str) -> str:
+    """The error for an endpoint that is not a host alone, naming the host in it (and its port,
+    for mqtt.port) when there is one to find."""
+    got = f"expected a host name or an IP address alone, got {_show(endpoint)}"
+    place = endpoint.split("://", 1)[-1].split("/", 1)[0]  # no scheme, no path
+    if place.startswith("["):  # [IPv6]:port
+        host, _, port = place[1:].partition("]")
+    elif place.count(":") == 1:
+        host, _, port = place.partition(":")
+    else:
+        host, port = place, ""
+    if not _is_host(host):
+        return got
+    port = port.lstrip(":")
+    then = f" and set {thing_path}.mqtt.port: {port}" if port.isdigit() else ""
+    return f"{got}: write {host}{then}"
 
 
 def _keys(section: Section, base: Path, base_name: str, warnings: List[str],

@@ -195,7 +195,8 @@ TABLE: Tuple[Key, ...] = (
     _legacy("flashlex.dist", "build metadata of the old SDK (`commitSha`): accepted, not used"),
     _legacy(f"{_THING}.id", "FlashLex thing id: accepted, not used"),
     Key(f"{_THING}.name", "text", REQUIRED, "MQTT client id of ingress (unless `mqtt.clientId`)", LINKS),
-    Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate);"
+    Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate)"
+        " or IPv4/IPv6 address, alone: no `https://`, port or path (the port is `mqtt.port`);"
         " on an AWS IoT Core endpoint (`*.amazonaws.com`) `publish` also refuses topics over its 7"
         " slashes", LINKS_AND_API),
     *(Key(f"{_THING}.keys.{name}", "text", REQUIRED,

@@ -339,6 +339,21 @@ BAD_CONFIGS = [
                 setting("flashlex.app.socket.maxBufferedBytes", 1048576 + 262144)(d)),
      "flashlex.app.socket.maxBufferedBytes: must hold at least one request of the largest payload,"
      " 2097152 bytes (1 MiB + flashlex.thing.mqtt.maxPayloadBytes), got 1310720"),
+    # found by review: each was taken as the host to resolve, failing only at DNS in `check`
+    # and reconnecting forever in `run`
+    *((f"endpoint-{name}", setting("flashlex.thing.endpoint", endpoint),
+       f"flashlex.thing.endpoint: expected a host name or an IP address alone, got {endpoint!r}{hint}")
+      for name, endpoint, hint in (
+          ("url", "https://broker.example.net", ": write broker.example.net"),
+          ("url-with-port", "mqtts://broker.example.net:8883/",
+           ": write broker.example.net and set flashlex.thing.mqtt.port: 8883"),
+          ("with-port", "broker.example.net:8883",
+           ": write broker.example.net and set flashlex.thing.mqtt.port: 8883"),
+          ("ipv6-with-port", "[fd00::1]:8883", ": write fd00::1 and set flashlex.thing.mqtt.port: 8883"),
+          ("with-path", "broker.example.net/mqtt", ": write broker.example.net"),
+          ("inner-space", "broker example.net", ""),
+          ("empty-label", "broker..example.net", ""),
+          ("bad-ipv4", "10.0.0.300", ""))),
 ]
 
 
@@ -346,6 +361,15 @@ BAD_CONFIGS = [
                          ids=[case[0] for case in BAD_CONFIGS])
 def test_bad_config_is_one_line_naming_the_key_path(tmp_path: Path, edit, expected: str):
     assert config_error(edited_config(tmp_path / "etc", edit)) == expected
+
+
+@pytest.mark.parametrize("endpoint", ["a1khvirpxw0646-ats.iot.us-east-1.amazonaws.com", "localhost",
+                                      "broker.example.net.", "mqtt_broker", "192.0.2.7", "fd00::1",
+                                      "fe80::1%eth0", "bücher.example"])
+def test_host_names_and_ip_addresses_are_endpoints(tmp_path: Path, endpoint: str):
+    """The endpoint check refuses URLs, ports and paths, not a host paho can reach."""
+    path = edited_config(tmp_path / "etc", setting("flashlex.thing.endpoint", f" {endpoint}"))
+    assert load(str(path)).thing.endpoint == endpoint  # spaces around it are trimmed, as for every text key
 
 
 def test_a_session_expiry_of_0_is_warned_about_under_mqtt5(tmp_path: Path):
