@@ -11,7 +11,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from flashlexd import paths
 from flashlexd.config import ConfigError
@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         if exposed:
             print(f"flashlexd: {exposed}", file=sys.stderr)
             return EXIT_CONFIG
+        _warn_unreadable(args.user, (service_group(places, args.user, args.group), places.socket_group),
+                         {str(config): "config", **{f: "key file" for f in places.key_files}})
         text = render_unit(venv, str(config), args.user, args.group, places, keys)
     else:
         text = template(kind)
@@ -139,6 +141,63 @@ def _exposed(places: Places, used: Dict[str, str]) -> Optional[str]:
                         f" writable to the daemon; give it a directory of its own (e.g."
                         f" /var/lib/flashlexd, /run/flashlexd/flashlexd.sock)")
     return None
+
+
+def _warn_unreadable(user: str, groups: Tuple[str, Optional[str]], files: Dict[str, str]) -> None:
+    """One warning per file the service could not read: the daemon would exit 2 at its start,
+    after the unit was installed and enabled. Works out the service's groups as systemd sets
+    them (Group=, SupplementaryGroups= and the user's own), without running as the user."""
+    import grp  # here: see make_directories
+    import pwd
+    group, socket_group = groups
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+        gids = set(os.getgrouplist(user, grp.getgrnam(group).gr_gid))
+        if socket_group:  # SupplementaryGroups= when --group names another group
+            gids.add(grp.getgrnam(socket_group).gr_gid)
+    except KeyError:
+        return  # no such user or group yet: nothing to work out (--install says so)
+    for path, what in files.items():
+        reason = _unreadable_because(Path(path), uid, gids)
+        if reason:
+            print(f"warning: {user} cannot read the {what} {path}: {reason}; the service would"
+                  f" not start (chown or chmod it, or give {user} a group that may read it)",
+                  file=sys.stderr)
+
+
+def _unreadable_because(path: Path, uid: int, gids: Set[int]) -> Optional[str]:
+    """Why `uid` in `gids` cannot read `path`, or None. Modes and owners only, root's too: the
+    unit keeps no capability (CapabilityBoundingSet=), so root gets no override (ACLs not read)."""
+    try:
+        for directory in reversed(path.parents):  # each must let it search (x), / first
+            if not _permits(directory.stat(), uid, gids, 0o1):
+                return f"its directory {directory} is closed to it ({_mode_and_owner(directory.stat())})"
+        if not _permits(path.stat(), uid, gids, 0o4):
+            return _mode_and_owner(path.stat())
+    except OSError:
+        return None  # a missing file: the config check names it at the start
+    return None
+
+
+def _permits(st: os.stat_result, uid: int, gids: Set[int], bit: int) -> bool:
+    """The kernel's choice of the owner, group or others bits, then `bit` (4 read, 1 search)."""
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
+    return bool(st.st_mode >> shift & bit)
+
+
+def _mode_and_owner(st: os.stat_result) -> str:
+    import grp
+    import pwd
+    owner = f"{_name(pwd.getpwuid, st.st_uid)}:{_name(grp.getgrgid, st.st_gid)}"
+    return f"mode {st.st_mode & 0o7777:04o}, owner {owner}"
+
+
+def _name(lookup: Callable[[int], Any], number: int) -> str:
+    """A user or group name (an entry's first field), or the number when there is none."""
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return str(number)
 
 
 def make_directories(places: Places, user: str, group: str) -> None:

@@ -1,11 +1,15 @@
 """`flashlexd service` output is accepted by the tools that will read it on a device."""
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -240,6 +244,57 @@ def test_the_units_group_is_the_users_primary_group(tmp_path, user, group):
     nogroup), and systemd refuses to start such a unit (found by review)."""
     rendered = service("--dir", "/opt/fx", "--user", user)
     assert rendered.returncode == 0 and f"\nUser={user}\nGroup={group}\n" in rendered.stdout, rendered.stdout
+
+
+@pytest.fixture
+def open_dir():
+    """A directory every user may search: pytest's own tmp dirs are under a 0700 root one."""
+    made = Path(tempfile.mkdtemp(prefix="flashlexd-service-"))
+    made.chmod(0o755)
+    yield made
+    shutil.rmtree(made)
+
+
+def test_unit_for_a_user_who_cannot_read_the_config_or_a_key_file_warns(open_dir):
+    """Found by review: `--user nobody` with a root-owned 0600 private key (or config) rendered a
+    unit without a word; the service then exited 2 at every start. Worked out from modes and
+    owners (root's too: the unit keeps no capability), one warning per file."""
+    keys = open_dir / "keys"
+    keys.mkdir(mode=0o755)
+    config = keys / "config.yml"
+    thing = {"keys": {"rootCA": "root-ca.pem", "cert": "cert.pem", "privateKey": "private.pem"}}
+    config.write_text(json.dumps({"flashlex": {"thing": thing}}))
+    for name in ("root-ca.pem", "cert.pem", "private.pem"):
+        (keys / name).write_text("-----BEGIN DUMMY-----\n")
+    (keys / "private.pem").chmod(0o600)
+    os.chown(keys / "cert.pem", pwd.getpwnam("nobody").pw_uid, 0)
+    (keys / "cert.pem").chmod(0o600)
+
+    def warnings(user: str, *more: str) -> list:
+        rendered = service("--dir", str(open_dir), "--user", user, *more)
+        assert rendered.returncode == 0 and "\nExecStart=" in rendered.stdout, rendered.stderr
+        return [line for line in rendered.stderr.splitlines() if line.startswith("warning:")]
+
+    assert warnings("nobody") == [
+        f"warning: nobody cannot read the key file {keys / 'private.pem'}: mode 0600, owner root:root;"
+        " the service would not start (chown or chmod it, or give nobody a group that may read it)"]
+    assert warnings("root") == [
+        f"warning: root cannot read the key file {keys / 'cert.pem'}: mode 0600, owner nobody:root;"
+        " the service would not start (chown or chmod it, or give root a group that may read it)"]
+    for readable in (keys / "private.pem", config):  # nobody reads them through Group=root
+        readable.chmod(0o640)
+    assert warnings("nobody", "--group", "root") == []
+    keys.chmod(0o700)
+    assert [w.split(":")[1] for w in warnings("nobody")] == [
+        f" nobody cannot read the {what} {path}" for what, path in
+        (("config", config), *(("key file", keys / n) for n in ("root-ca.pem", "cert.pem", "private.pem")))]
+    assert f"its directory {keys} is closed to it (mode 0700, owner root:root)" in warnings("nobody")[0]
+    keys.chmod(0o755)
+    os.chown(keys / "cert.pem", pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    (keys / "cert.pem").chmod(0o640)
+    assert len(warnings("root", "--group", "root")) == 1
+    config.write_text(json.dumps({"flashlex": {"app": {"socket": {"group": "nogroup"}}, "thing": thing}}))
+    assert warnings("root", "--group", "root") == []  # through SupplementaryGroups=nogroup
 
 
 def test_install_takeover_does_not_follow_a_symlink_in_the_data_dir(tmp_path):
