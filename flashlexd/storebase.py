@@ -16,13 +16,13 @@ import lmdb
 import msgpack
 from flashlexd import paths, storecheck
 from flashlexd.bootframes import BootFrames
-from flashlexd.clock import Clock, SystemClock, Timeline
+from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.redelivery import Redeliveries
 from flashlexd.storemsgexpiry import DB_NAME as MSG_EXPIRY_DB, MessageExpiry
 from flashlexd.storedamage import DAMAGE_ERRORS, IMPOSSIBLE_VALUES, CorruptRecord, describe, unpack_record
 from flashlexd.spacereserve import SpaceReserve
-from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DiskFull, Message, StoreBusy, StoreDamaged,
-                                    StoreError, StoreForkError, StoreFull, _decode_message,
+from flashlexd.storerecords import (_DEAD_FIELDS, _ID, _RECORD_OVERHEAD, DiskFull, Message, StoreBusy,
+                                    StoreDamaged, StoreError, StoreForkError, StoreFull, _decode_message,
                                     _expiry_prefix, _stamp_of, _start)
 from flashlexd.wire import FULL_POLICIES
 
@@ -52,6 +52,8 @@ SCHEMA_VERSION = 5  # 2: boot frames, stamps with boot seq and boottime, boot se
 #                   5: a DUP mark also counts the copies its connection accounted for (an
 #                      older 12-byte mark reads as none: nothing to convert)
 _SIGNED = struct.Struct(">q")
+_RETRIED = b"retried"  # meta: the (boot seq, outbox id) mark of `_mark_retried`
+_RETRIED_MARK = struct.Struct(">IQ")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 MAKE_ROOM_STEP = 64  # pages' worth of records dropped before the pages are counted again
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
@@ -156,8 +158,7 @@ class StoreBase:
                 self._migrate_to_inbox_order(txn)
             if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
-            self._frames.register(txn, (self._first_seq(txn, self._inbox, 7),
-                                        self._first_seq(txn, self._outbox, 5)))
+            self._frames.register(txn, self._oldest_seqs(txn))
             self._back_the_map()  # under the write lock: no other process is growing the file
         self._page_size = self._env.stat()["psize"]
 
@@ -210,6 +211,42 @@ class StoreBase:
 
     def _set_signed(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
         txn.put(name, _SIGNED.pack(value), db=self._meta)
+
+    def _oldest_seqs(self, txn: lmdb.Transaction) -> Tuple[Optional[int], ...]:
+        """The boot seqs whose frames stored records may still need: the oldest record's of
+        each tree, and the oldest of the entries dead_retry moved out of that order."""
+        return (self._first_seq(txn, self._inbox, 7), self._first_seq(txn, self._outbox, 5),
+                self._first_dead_seq(txn), self._retried_seq(txn))
+
+    def _first_dead_seq(self, txn: lmdb.Transaction) -> Optional[int]:
+        """The boot seq of the oldest dead letter; LEGACY_SEQ (every frame kept) when it does
+        not decode: such a dead letter fails its listing and `store verify`, not the open."""
+        try:
+            return self._first_seq(txn, self._dead, _DEAD_FIELDS + 5)
+        except CorruptRecord:
+            return LEGACY_SEQ
+
+    def _mark_retried(self, txn: lmdb.Transaction, seq: int, last_id: int) -> None:
+        """Note that outbox ids up to `last_id` may hold a stamp of boot `seq`, older than the
+        outbox's first: a retried dead letter goes to the tail with its old boot's stamp."""
+        raw = txn.get(_RETRIED, db=self._meta)
+        if raw is not None:
+            seq = min(seq, _RETRIED_MARK.unpack(raw)[0])
+        txn.put(_RETRIED, _RETRIED_MARK.pack(seq, last_id), db=self._meta)
+
+    def _retried_seq(self, txn: lmdb.Transaction) -> Optional[int]:
+        """The mark of `_mark_retried` while an outbox entry or dead letter it covers is still
+        there (a dead letter keeps its outbox id); else None, and the mark goes."""
+        raw = txn.get(_RETRIED, db=self._meta)
+        if raw is None:
+            return None
+        seq, last_id = _RETRIED_MARK.unpack(raw)
+        for db in (self._outbox, self._dead):
+            cursor = txn.cursor(db=db)
+            if cursor.first() and _ID.unpack(cursor.key())[0] <= last_id:
+                return seq
+        txn.delete(_RETRIED, db=self._meta)
+        return None
 
     def _first_seq(self, txn: lmdb.Transaction, db: object, seq_at: int) -> Optional[int]:
         """The boot seq of the oldest record in `db` (seqs never decrease along the ids)."""

@@ -9,7 +9,7 @@ import msgpack
 from flashlexd.storebase import StoreBase
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import (_DEAD_FIELDS, _RECORD_OVERHEAD, DeadLetter, OutboxEntry, StoreFull,
-                                    _key, _keys_of, _read_dead_letter, _read_outbox_entry)
+                                    _key, _keys_of, _read_dead_letter, _read_outbox_entry, _stamp_of)
 
 
 class OutboxStore(StoreBase):
@@ -144,15 +144,18 @@ class OutboxStore(StoreBase):
 
         def work(txn: lmdb.Transaction) -> List[int]:
             last = self._counter(txn, b"outbox_last_id")
-            moved = []
+            moved, seqs = [], []
             for key in keys:
                 raw = txn.pop(key, db=self._dead)
                 if raw is None:
                     continue
                 last += 1
-                txn.put(_key(last), self._packer.pack(msgpack.unpackb(raw)[_DEAD_FIELDS:]),
-                        db=self._outbox, append=True)
+                record = msgpack.unpackb(raw)[_DEAD_FIELDS:]
+                txn.put(_key(last), self._packer.pack(record), db=self._outbox, append=True)
                 moved.append(last)
+                seqs.append(_stamp_of(record, 5)[0])
+            if seqs:  # the outbox is out of boot order now: their boots' frames must stay
+                self._mark_retried(txn, min(seqs), last)
             self._set_counter(txn, b"outbox_last_id", last)
             self._add_counter(txn, b"dead_retried", len(moved))
             return moved

@@ -14,6 +14,7 @@ import pytest
 
 from flashlexd.clock import Reading
 from flashlexd.store import SCHEMA_VERSION, Incoming, Store
+from flashlexd.workers.egress import _expiry_left
 
 CAP = 64 * 1024 * 1024
 TTL = 60.0
@@ -236,6 +237,59 @@ def test_frames_of_boots_without_records_are_dropped(stores, clock: FakeClock):
     store.close()
     clock.reboot(b"boot-last")
     assert frames(stores(clock)) == [5]
+
+
+def test_a_dead_letters_times_stay_rebased_after_a_reboot(stores, clock: FakeClock):
+    """Found by review: a Pi booted with its clock a day behind dead-letters an entry, NTP steps
+    the clock (a sweep records the step), the Pi reboots with the inbox and outbox empty: the
+    store's open dropped the old boot's frame, so the dead letter's `created` and `dead_at`
+    read a day off (README "Clock steps": re-based with the last step that boot saw)."""
+    clock.step(-DAY)
+    store = stores(clock)
+    [entry_id] = store.outbox_append([("up", b"x", 1, False)])
+    clock.advance(3)
+    assert store.outbox_dead_letter(entry_id, "refused", 1)
+    clock.advance(4)
+    clock.step(DAY)
+    assert store.note_clock()          # the step recorded in boot a's frame
+    store.close()
+    clock.reboot(b"boot-b")
+    clock.advance(10)
+    store = stores(clock)
+    [dead] = store.dead_letters()
+    assert dead.created == pytest.approx(TRUE_TIME, abs=1)
+    assert dead.dead_at == pytest.approx(TRUE_TIME + 3, abs=1)
+
+
+def test_a_retried_dead_letter_keeps_its_real_age_after_a_reboot(stores, clock: FakeClock):
+    """Found by review: a retried dead letter goes to the outbox's tail with its old boot's
+    stamp, behind an entry of a later boot. At the next reboot the open dropped the old boot's
+    frame: the entry aged a day too old, and with an MQTT 5 message expiry of an hour the
+    egress dropped it as expired, never sent. Once the entries are gone the frames go too."""
+    clock.step(-DAY)
+    store = stores(clock)
+    [old] = store.outbox_append([("up", b"x", 1, False, {"message_expiry_interval": 3600})])
+    assert store.outbox_dead_letter(old, "refused", 1)
+    clock.advance(4)
+    clock.step(DAY)
+    assert store.note_clock()
+    store.close()
+    clock.reboot(b"boot-b")
+    store = stores(clock)
+    [newer] = store.outbox_append([("up", b"newer", 1, False)])     # boot b's entry at the front
+    [retried] = store.dead_retry([old])
+    store.close()
+    clock.reboot(b"boot-c")
+    clock.advance(10)
+    store = stores(clock)
+    [entry] = [e for e in store.outbox_peek() if e.id == retried]
+    assert entry.created == pytest.approx(TRUE_TIME, abs=1)
+    assert entry.age < 3600, f"aged {entry.age:.0f}s: its boot's frame was dropped"
+    assert _expiry_left(entry) > 0          # else the egress drops it as expired, never sent
+    assert store.outbox_remove([newer, retried]) == 2
+    store.close()
+    clock.reboot(b"boot-d")
+    assert frames(stores(clock)) == [4]
 
 
 def frames(store: Store) -> List[int]:
