@@ -49,7 +49,7 @@ def cmd_messages(fx: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(messages)
     elif messages:
-        print(message_rows(messages, time.time()))
+        print(message_rows(messages))
     else:
         print("no messages")
     return 0

@@ -214,8 +214,10 @@ def render_rates(rates: Dict[str, Any]) -> str:
     return f"{shown} over the last {window:.1f}s"
 
 
-def message_rows(messages: List[Dict[str, Any]], now: float) -> str:
-    rows = [(m["pk"], ago(now - m["timestamp"]), m["topic"], m["qos"], len(m["payload"]),
+def message_rows(messages: List[Dict[str, Any]]) -> str:
+    """AGE is the daemon's real age (README "Clock steps"): the wall clock minus a timestamp
+    is negative after a reboot into a clock behind."""
+    rows = [(m["pk"], ago(m.get("age")), m["topic"], m["qos"], len(m["payload"]),
              preview(m["payload"])) for m in messages]
     return table(("PK", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), rows, right=(0, 3, 4))
 

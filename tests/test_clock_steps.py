@@ -153,6 +153,32 @@ def test_stop_step_start_follows_the_documented_rule(old_certs, tmp_path, faketi
         broker.close()
 
 
+def test_the_ctl_age_column_is_the_daemons_age_after_a_reboot_into_an_old_clock(
+        old_certs, tmp_path, faketime, run_daemon):
+    """Found by review: a Pi without fake-hwclock reboots into an old clock (here: a year back)
+    with messages of the last boot stored. The API says their age is 0 (across a reboot the
+    wall clock counts, clamped); `flashlexctl messages` printed "-31535998.6s ago" in AGE."""
+    broker = Broker(old_certs, tmp_path / "broker").start()
+    try:
+        daemon = run_daemon(broker, "boot-a")
+        with api(daemon) as fx:
+            wait_for(lambda: ingress_connected(fx), 20, "ingress connected")
+            receive(broker, fx, 1)
+        daemon.stop()
+        faketime.step_to(-365 * DAY)
+        daemon = run_daemon(broker, "boot-b")
+        with api(daemon) as fx:
+            [message] = fx.messages()
+            assert message.age == 0
+        done = subprocess.run([sys.executable, "-m", "flashlexd.client.ctl", "--socket",
+                               str(daemon.socket_path), "messages"], capture_output=True, text=True,
+                              env=dict(daemon.env), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[1].split()[1:3] == ["0.0s", "ago"], done.stdout
+    finally:
+        broker.close()
+
+
 def test_a_clock_before_the_broker_certificate_is_named_then_connects_after_the_step(
         broker, tmp_path, faketime, run_daemon):
     """The broker's certificate starts an hour ago (tests/broker.py); the clock says 2 days
