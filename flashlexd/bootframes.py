@@ -39,7 +39,9 @@ class BootFrames:
         frame = self._read(txn, latest) if latest else None
         if frame is not None and frame.boot_id == self.clock.boot_id:
             self.current = frame
-            self.note(txn, reading)
+            if frame.stepped(reading):  # while no process ran: cached now, as the open commits
+                self.current = BootFrame(frame.seq, frame.boot_id, frame.first, reading.offset)
+                self._write(txn, self.current)  # it or fails (clock_stepped_this_boot sees it)
             return
         self.current = BootFrame(latest + 1, self.clock.boot_id, reading.offset, reading.offset)
         txn.put(_LATEST, _COUNTER.pack(self.current.seq), db=self.meta)

@@ -581,3 +581,26 @@ def test_a_daemon_restarted_after_the_step_leaves_it_out_of_idle_times_too(tmp_p
         assert run.sweep(7 * day) == []  # and a week later it goes
     finally:
         opened[0].close()
+
+
+def test_a_step_while_the_daemon_was_down_is_left_out_of_idle_times(tmp_path: Path):
+    """Found by review: NTP stepped the clock while the daemon was down (same boot). The store's
+    open recorded the step in the boot's frame, but its handle kept the frame it had read, so
+    clock_stepped_this_boot() said 0 and the keeper took the step for idle time: the consumer
+    used a minute before was removed with the messages only it held, once the grace was over."""
+    day = 86400.0
+    clock = SteppingClock(time.time() - 10 * day)  # fake-hwclock: 10 days behind
+    opened = [Store(tmp_path / "store", 64 << 20, clock=clock)]
+    try:
+        opened[0].consumer_register("app", clock.wall)  # the app reads at boot, before NTP
+        ids = put(opened[0], "t")
+        opened[0].close()
+        clock.advance(60, step=10 * day)  # NTP, while the daemon is down
+        opened[0] = Store(tmp_path / "store", 64 << 20, clock=clock)
+        assert opened[0].clock_stepped_this_boot() == 10 * day
+        run = KeeperRun(lambda: opened[0], clock)
+        assert run.sweep(0) == ["app"]
+        assert run.sweep(3600) == ["app"]  # past the grace, used 61 minutes ago
+        assert ids_for(opened[0], "app") == ids
+    finally:
+        opened[0].close()
