@@ -47,6 +47,12 @@ QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a clie
 NOT_AN_ENTRYS_FAULT = frozenset({0x89, 0x8B, 0x8D, 0x8E, 0x96, 0x97, 0x98, 0x9C, 0x9D, 0x9F, 0xA0})
 
 
+def _ago(seconds: float) -> str:
+    """How long ago, for a log line. A span from before this process is on the wall clock: after
+    a reboot into a clock behind (fake-hwclock, 1970) it is negative, and unknown."""
+    return f"{seconds:.0f}s ago" if seconds >= 0 else "at a time the clock is now behind"
+
+
 class Connection:
     """One MQTT connection kept up from a worker's loop.
 
@@ -422,8 +428,8 @@ class Connection:
             away = (now - self._down_since if self._down_since is not None
                     else time.time() - (self._seen_at or time.time()))  # before this process
             log.warning("the broker %s:%d lost the session of client id %r (session present: false):"
-                        " what it held for us since the link was last up %.0fs ago is gone",
-                        self.thing.endpoint, self.thing.mqtt.port, self.client_id, away)
+                        " what it held for us since the link was last up %s is gone",
+                        self.thing.endpoint, self.thing.mqtt.port, self.client_id, _ago(away))
         self._had_session = self.track_session
         self._up_since = now
         self.on_change(True, None)

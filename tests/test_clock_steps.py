@@ -179,6 +179,30 @@ def test_the_ctl_age_column_is_the_daemons_age_after_a_reboot_into_an_old_clock(
         broker.close()
 
 
+def test_a_lost_session_is_never_said_to_be_down_a_negative_time(old_certs, tmp_path, faketime,
+                                                                  run_daemon):
+    """Found by review: the Pi goes down with the link up, the broker loses its session
+    meanwhile, the Pi boots with the clock 2 days behind (fake-hwclock) and the link comes up
+    before NTP: the WARNING said the link was last up "-172798s ago"."""
+    broker = Broker(old_certs, tmp_path / "broker").start()
+    try:
+        daemon = run_daemon(broker, "boot-a")
+        with api(daemon) as fx:
+            wait_for(lambda: ingress_connected(fx), 20, "ingress connected")
+        daemon.stop()
+        broker.restart(kill=True)             # never saved: no session for us any more
+        faketime.step_to(-2 * DAY)
+        daemon = run_daemon(broker, "boot-b")
+        with api(daemon) as fx:
+            wait_for(lambda: fx.status()["mqtt"].get("ingress", {}).get("sessions_lost") == 1, 20,
+                     "the lost session counted")
+        lines = [line for line in daemon.output().splitlines() if "lost the session of client id" in line]
+        assert len(lines) == 1, daemon.output()[-2000:]
+        assert "since the link was last up at a time the clock is now behind is gone" in lines[0], lines
+    finally:
+        broker.close()
+
+
 def test_a_clock_before_the_broker_certificate_is_named_then_connects_after_the_step(
         broker, tmp_path, faketime, run_daemon):
     """The broker's certificate starts an hour ago (tests/broker.py); the clock says 2 days
