@@ -41,7 +41,7 @@ class BootFrames:
             self.current = frame
             if frame.stepped(reading):  # while no process ran: cached now, as the open commits
                 self.current = BootFrame(frame.seq, frame.boot_id, frame.first, reading.offset)
-                self._write(txn, self.current)  # it or fails (clock_stepped_this_boot sees it)
+                self._write(txn, self.current)  # it or fails (clock_steps_recorded sees it)
             return
         self.current = BootFrame(latest + 1, self.clock.boot_id, reading.offset, reading.offset)
         txn.put(_LATEST, _COUNTER.pack(self.current.seq), db=self.meta)

@@ -5,7 +5,7 @@ does this work: it adds no write per message for consumers.
 
 Idleness is wall-clock time (a consumer's last use is stored as such, across boots), less the
 forward steps of the wall clock seen after that use, while the daemon runs or (from the store's
-boot frame) in an earlier run of this boot: a Pi that boots with
+boot frames) in an earlier run of this boot or an earlier boot: a Pi that boots with
 its clock days behind and then steps it forward (NTP) must not find an app that read a second
 ago unused for a week, nor keep one unused since the step for a week too long. And no consumer
 goes in the first START_GRACE after the start: after a long power-off every consumer looks
@@ -80,11 +80,13 @@ class ConsumerKeeper:
                         " the messages only it held were released", removed, idle_days)
 
     def _steps_before_start(self) -> None:
-        """A step an earlier run of this boot saw (the store's boot frame has it), as one step
-        just before the start: a restart after NTP must not count it as idle time either."""
-        step = self._store().clock_stepped_this_boot()
-        if step >= STEP_SECONDS:
-            self._steps.append((self._wall(), step))
+        """The steps an earlier run of this boot or an earlier boot saw (the store's boot
+        frames have them), each as a step just before the start: a restart or a reboot after
+        NTP must not count them as idle time either. A consumer last used after such a step
+        (its last use is a bare wall time) is kept that much longer, never removed early."""
+        wall = self._wall()
+        self._steps.extend((wall, step) for step in self._store().clock_steps_recorded()
+                           if step >= STEP_SECONDS)
 
     def _watch_clock(self, now: float) -> None:
         """Note a forward step of the wall clock (its offset to `now`, monotonic, jumped)."""

@@ -300,11 +300,15 @@ class StoreBase:
         identity = os.stat(self.path / "data.mdb")
         return identity.st_dev, identity.st_ino
 
-    def clock_stepped_this_boot(self) -> float:
-        """Seconds the wall clock stepped forward (negative: back) since this boot first used
-        the store, as its boot frame recorded them: steps an earlier daemon run of this boot
-        saw (consumerkeeper.py)."""
-        return self._frames.current.last - self._frames.current.first
+    def clock_steps_recorded(self) -> List[float]:
+        """Seconds the wall clock stepped forward (negative: back) as boot frames recorded them,
+        this boot's first, then each earlier boot's the store keeps: steps an earlier daemon run
+        or boot saw, which a consumer's last use (a bare wall time) may predate (consumerkeeper.py)."""
+        current = self._frames.current
+        with self._read() as txn:
+            frames = self._frames.snapshot_timeline(txn).frames
+        return [f.last - f.first for f in [current] + [f for seq, f in sorted(frames.items())
+                                                        if seq != current.seq]]
 
     def vanished(self) -> Optional[str]:
         """Why the store's file is no longer at its path (the data dir removed or replaced under

@@ -534,6 +534,9 @@ class SteppingClock:
         self.wall += seconds + step
         self.boottime += seconds
 
+    def reboot(self, boot_id: bytes) -> None:
+        self.boot_id, self.boottime = boot_id, 20.0
+
 
 class KeeperRun:
     """A ConsumerKeeper (7 idle days, an hour's start grace) driven as the supervisor's loop
@@ -586,7 +589,7 @@ def test_a_daemon_restarted_after_the_step_leaves_it_out_of_idle_times_too(tmp_p
 def test_a_step_while_the_daemon_was_down_is_left_out_of_idle_times(tmp_path: Path):
     """Found by review: NTP stepped the clock while the daemon was down (same boot). The store's
     open recorded the step in the boot's frame, but its handle kept the frame it had read, so
-    clock_stepped_this_boot() said 0 and the keeper took the step for idle time: the consumer
+    the keeper, asking that handle at its start, took the step for idle time: the consumer
     used a minute before was removed with the messages only it held, once the grace was over."""
     day = 86400.0
     clock = SteppingClock(time.time() - 10 * day)  # fake-hwclock: 10 days behind
@@ -597,10 +600,36 @@ def test_a_step_while_the_daemon_was_down_is_left_out_of_idle_times(tmp_path: Pa
         opened[0].close()
         clock.advance(60, step=10 * day)  # NTP, while the daemon is down
         opened[0] = Store(tmp_path / "store", 64 << 20, clock=clock)
-        assert opened[0].clock_stepped_this_boot() == 10 * day
+        assert opened[0].clock_steps_recorded() == [10 * day]
         run = KeeperRun(lambda: opened[0], clock)
         assert run.sweep(0) == ["app"]
         assert run.sweep(3600) == ["app"]  # past the grace, used 61 minutes ago
         assert ids_for(opened[0], "app") == ids
+    finally:
+        opened[0].close()
+
+
+def test_a_step_an_earlier_boot_recorded_is_left_out_of_idle_times(tmp_path: Path):
+    """Found by review: a Pi boots with its clock 8 days behind (fake-hwclock), its app reads,
+    NTP steps the clock (the expiry sweep records it in the boot's frame), the Pi reboots and
+    the app is not back within the hour's grace: the keeper forgot the earlier boot's step and
+    removed the consumer used 2 hours before as unused for 8 days, with the messages it held."""
+    day = 86400.0
+    clock = SteppingClock(time.time() - 8 * day)
+    opened = [Store(tmp_path / "store", 64 << 20, clock=clock)]
+    try:
+        opened[0].consumer_register("app", clock.wall)
+        ids = put(opened[0], "t")
+        clock.advance(120, step=8 * day)  # NTP
+        assert opened[0].note_clock()  # the expiry worker records the step
+        clock.advance(1800)
+        opened[0].close()
+        clock.reboot(b"boot-b")
+        opened[0] = Store(tmp_path / "store", 64 << 20, clock=clock)
+        run = KeeperRun(lambda: opened[0], clock)
+        assert run.sweep(0) == ["app"]
+        assert run.sweep(3600 + 60) == ["app"]  # past the grace, used 1 h 33 min ago
+        assert ids_for(opened[0], "app") == ids
+        assert run.sweep(7 * day) == []  # and a week later it goes
     finally:
         opened[0].close()
