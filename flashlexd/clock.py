@@ -152,13 +152,16 @@ class Timeline:
         arrival plus the lifetime the key was written with (to the millisecond, as keyed)."""
         if boottime is None:
             return key_time
-        lifetime = key_time - boottime - self._frame(seq).first
+        lifetime = key_time - self.arrival_key(wall, seq, boottime)
         return round(self.arrival(wall, seq, boottime) + lifetime, 3)
 
     def arrival_key(self, wall: float, seq: int, boottime: Optional[float]) -> float:
         """A stamp's arrival as an expiry key of its boot (what `cutoff` is compared with):
-        an expiry key is this plus the lifetime."""
-        return wall if boottime is None else boottime + self._frame(seq).first
+        an expiry key is this plus the lifetime. The wall clock when its boot's frame is gone
+        (a recovered store), as for its age: its boottime alone made it due at once."""
+        if boottime is None or self._offset(seq) is None:
+            return wall
+        return boottime + self._frame(seq).first
 
     def cutoff(self, seq: int) -> float:
         """Expiry keys of boot `seq` at or before this are due: for this boot, real time passed

@@ -292,6 +292,28 @@ def test_a_retried_dead_letter_keeps_its_real_age_after_a_reboot(stores, clock: 
     assert frames(stores(clock)) == [4]
 
 
+def test_messages_of_a_boot_whose_frame_is_gone_expire_on_the_wall_clock(stores, clock: FakeClock,
+                                                                           tmp_path: Path):
+    """Found by review: a boot's frame gone from meta (as after `store recover` over a damaged
+    meta page) made that boot's messages expire at the first sweep, whatever their age (their
+    boottime alone was taken for their arrival); they go by the wall clock, as their age reads."""
+    store = stores(clock)
+    arrive(store, "a", 1)
+    store.close()
+    clock.reboot(b"boot-b")
+    clock.advance(10)
+    stores(clock).close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        assert txn.delete(b"frame" + struct.pack(">I", 1), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    store = stores(clock)
+    [message] = store.messages()
+    assert message.age == pytest.approx(10)
+    assert message.expires_at == pytest.approx(message.timestamp + TTL)
+    due_in(store, clock, TTL - 10, 1)
+
+
 def frames(store: Store) -> List[int]:
     """White box: the boot seqs whose frames the meta database keeps."""
     with store._read() as txn:
