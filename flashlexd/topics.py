@@ -39,14 +39,31 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(levels) == len(filter_levels)
 
 
-# Code points no broker should be sent in a topic: U+0000 and the C0/C1 control characters
-# (AWS IoT and MQTT 5 reject them; MQTT 3.1.1 section 1.5.3 says SHOULD NOT), and the Unicode
-# non-characters (U+FDD0-U+FDEF and the last two code points of every plane).
+# Code points no broker should be sent in a topic or any MQTT string: U+0000 and the C0/C1
+# control characters (AWS IoT and MQTT 5 reject them; MQTT 3.1.1 section 1.5.3 says SHOULD NOT;
+# mosquitto closes the link), and the Unicode non-characters (U+FDD0-U+FDEF and the last two code
+# points of every plane).
 _FORBIDDEN = re.compile("[\0-\x1f\x7f-\x9f\ufdd0-\ufdef"
                         + "".join(chr(plane + last) for plane in range(0, 0x110000, 0x10000)
                                   for last in (0xFFFE, 0xFFFF)) + "]")
 DEFAULT_MAX_TOPIC_BYTES = 256  # AWS IoT Core's limit
 BASIC_INGEST_PREFIX = "$aws/rules/"  # AWS IoT Core's Basic Ingest: $aws/rules/<rule>/<topic>
+
+
+def string_problem(text: str) -> Optional[str]:
+    """Why a broker would close the link over `text` in any MQTT string (a topic, a property),
+    or None: not valid UTF-8, or a code point of _FORBIDDEN."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 (lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start})"
+    bad = _FORBIDDEN.search(text)
+    if bad is None:
+        return None
+    code = ord(bad.group())
+    kind = ("U+0000 (NUL)" if code == 0 else f"control character U+{code:04X}"
+            if code <= 0x9F else f"Unicode non-character U+{code:04X}")
+    return f"contains {kind} at character {bad.start()}"
 
 
 def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
@@ -56,16 +73,10 @@ def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
     would be refused (and, under MQTT 3.1.1, cut the egress connection) at every attempt."""
     if not topic:
         return "is empty"
-    try:
-        size = len(topic.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        return f"is not valid UTF-8 (lone surrogate U+{ord(topic[exc.start]):04X} at character {exc.start})"
-    bad = _FORBIDDEN.search(topic)
-    if bad:
-        code = ord(bad.group())
-        kind = ("U+0000 (NUL)" if code == 0 else f"control character U+{code:04X}"
-                if code <= 0x9F else f"Unicode non-character U+{code:04X}")
-        return f"contains {kind} at character {bad.start()}"
+    problem = string_problem(topic)
+    if problem:
+        return problem
+    size = len(topic.encode("utf-8"))
     for wildcard in ("+", "#"):
         if wildcard in topic:
             return f"contains the wildcard {wildcard!r} (only subscriptions may use + and #)"

@@ -46,6 +46,24 @@ def test_publish_refuses_properties_mqtt5_cannot_carry(harness, fx, properties, 
     assert fx.outbox()["count"] == 0
 
 
+@pytest.mark.parametrize("properties, rule", [
+    ({"user_properties": [("k", "a\x01b")]}, "control character U+0001"),
+    ({"user_properties": [("k\n", "v")]}, "control character U+000A"),
+    ({"content_type": "text/\x7fplain"}, "control character U+007F"),
+    ({"content_type": "text\ufffe"}, "Unicode non-character U+FFFE"),
+    ({"response_topic": "reply/\x85"}, "control character U+0085"),
+], ids=["value-U+0001", "name-U+000A", "content-type-U+007F", "content-type-U+FFFE", "response-topic-U+0085"])
+def test_publish_refuses_property_strings_a_broker_closes_the_link_for(harness, fx, properties, rule):
+    """Only NUL was refused: a control character or a Unicode non-character in a property
+    string was queued, and mosquitto closes the link over it (MQTT 5 1.5.4), so the entry
+    dropped the egress link at each attempt until it was dead-lettered. Refused now, the rule
+    named, like the same characters in a topic (found by review)."""
+    with pytest.raises(RpcError) as refused:
+        fx.call("publish", payload=b"p", properties=properties)
+    assert refused.value.code == Code.BAD_PARAMS and rule in str(refused.value)
+    assert fx.outbox()["count"] == 0
+
+
 def test_publish_refuses_a_packet_over_the_brokers_maximum_while_connected(harness, fx):
     harness.mqtt["egress"] = {"connected": True, "broker_max_packet": 100}
     with pytest.raises(RpcError) as refused:

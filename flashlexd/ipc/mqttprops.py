@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from flashlexd.topics import publish_topic_problem
+from flashlexd.topics import publish_topic_problem, string_problem
 
 MAX_EXPIRY = 2 ** 32 - 1  # the Message Expiry Interval is a four-byte integer
 MAX_FIELD = 65535  # an MQTT string or binary field: a two-byte length
@@ -25,8 +25,8 @@ def publish_properties(p: Any) -> Dict[str, Any]:
     for name, value in given.items():
         if name == "user_properties":
             properties[name] = _pairs(p, value)
-        elif name in _STRINGS and _is_string(value) and value:
-            properties[name] = value
+        elif name in _STRINGS:
+            properties[name] = _string(p, name, value)
         elif name == "correlation_data" and isinstance(value, (bytes, str)):
             properties[name] = value.encode("utf-8") if isinstance(value, str) else value
             if len(properties[name]) > MAX_FIELD:
@@ -35,7 +35,7 @@ def publish_properties(p: Any) -> Dict[str, Any]:
             properties[name] = value
         else:
             raise p.bad("properties", "a map with user_properties ([[name, value], ...]), content_type,"
-                        " response_topic (strings of at most 65535 UTF-8 bytes, no NUL), correlation_data"
+                        " response_topic (strings), correlation_data"
                         f" (bytes) or payload_format_indicator (the integer 0 or 1); {name!r} is not one", value)
     problem = "response_topic" in properties and publish_topic_problem(properties["response_topic"], 65535)
     if problem:
@@ -56,15 +56,33 @@ def user_property(p: Any) -> Optional[Tuple[str, str]]:
 
 
 def _pairs(p: Any, value: Any) -> List[List[str]]:
-    if not isinstance(value, list) or not all(
-            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_string(v) for v in pair)
-            for pair in value):
-        raise p.bad("properties", "user_properties as a list of [name, value] pairs of strings (at most"
-                    " 65535 UTF-8 bytes each, no NUL)", value)
+    if not isinstance(value, list) or not all(isinstance(pair, (list, tuple)) and len(pair) == 2
+                                              for pair in value):
+        raise p.bad("properties", "user_properties as a list of [name, value] pairs of strings", value)
+    for pair in value:
+        problem = next(filter(None, map(_mqtt_string_problem, pair)), None)
+        if problem:
+            raise p.bad("properties", f"user_properties whose names and values are MQTT strings ({problem})",
+                        pair)
     return [list(pair) for pair in value]
 
 
-def _is_string(value: Any) -> bool:
-    """An MQTT UTF-8 string: paho cannot pack a longer one, and a broker closes the link for a
-    NUL (MQTT 5 1.5.4), which would make the entry look like poison."""
-    return isinstance(value, str) and "\0" not in value and len(value.encode("utf-8")) <= MAX_FIELD
+def _string(p: Any, name: str, value: Any) -> str:
+    """A content_type or response_topic: a non-empty MQTT string."""
+    problem = "is empty" if value == "" else _mqtt_string_problem(value)
+    if problem:
+        raise p.bad("properties", f"a {name} that is an MQTT string ({problem})", value)
+    return value
+
+
+def _mqtt_string_problem(value: Any) -> Optional[str]:
+    """Why `value` is no MQTT UTF-8 string, or None: paho cannot pack one over MAX_FIELD bytes,
+    and a broker closes the link over what `string_problem` names (MQTT 5 1.5.4; mosquitto does),
+    which would make the entry look like poison: the rule `publish` applies to topics."""
+    if not isinstance(value, str):
+        return "is not a string"
+    problem = string_problem(value)
+    if problem:
+        return problem
+    size = len(value.encode("utf-8"))
+    return f"is {size} bytes in UTF-8, over {MAX_FIELD}" if size > MAX_FIELD else None
