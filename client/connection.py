@@ -349,8 +349,7 @@ class Client:
         if topic is not None:
             params["topic"] = topic
         if properties:
-            params["properties"] = {name: [list(pair) for pair in value] if name == "user_properties" else value
-                                    for name, value in properties.items()}
+            params["properties"] = properties  # as given: a dict of user_properties is the daemon's to refuse
         if expiry is not None:
             params["expiry"] = expiry
         return self.call("publish", **params)["id"]

@@ -64,6 +64,16 @@ def test_publish_refuses_property_strings_a_broker_closes_the_link_for(harness, 
     assert fx.outbox()["count"] == 0
 
 
+def test_publish_refuses_user_properties_given_as_a_dict(harness, fx):
+    """The client read {"id": "42"} as pairs of its keys' characters and queued [["i", "d"]]
+    silently, the value lost; the dict now reaches the daemon, which refuses it with bad_params
+    (found by review)."""
+    with pytest.raises(RpcError) as refused:
+        fx.publish(b"p", topic="out/t", properties={"user_properties": {"id": "42"}})
+    assert refused.value.code == Code.BAD_PARAMS
+    assert fx.outbox()["count"] == 0
+
+
 def test_publish_refuses_a_packet_over_the_brokers_maximum_while_connected(harness, fx):
     harness.mqtt["egress"] = {"connected": True, "broker_max_packet": 100}
     with pytest.raises(RpcError) as refused:
