@@ -255,6 +255,22 @@ def test_params_msgpack_cannot_carry_are_bad_params_named(fx, call, name):
     assert fx.status()
 
 
+@pytest.mark.parametrize("method, params, name", [
+    ("publish", {"payload": b"x", "topic": "dev/\ud800"}, "topic"),
+    ("publish", {"payload": b"x", "properties": {"user_properties": [["k", "\udfff"]]}}, "properties"),
+    ("messages", {"topic": "a/\ud800"}, "topic"),
+])
+def test_a_lone_surrogate_is_bad_params_naming_the_param(fx, method, params, name):
+    """A str with a lone surrogate (no UTF-8 for it) raised msgpack's UnicodeEncodeError at the
+    application instead of the bad_params README promises for a topic that is not valid UTF-8
+    (found by review). Nothing is sent: the connection goes on."""
+    with pytest.raises(RpcError) as info:
+        fx.call(method, **params)
+    assert info.value.code == Code.BAD_PARAMS
+    assert f"'{name}'" in info.value.message and info.value.message.startswith(method)
+    assert fx.outbox()["count"] == 0
+
+
 def test_unknown_method(fx):
     with pytest.raises(RpcError) as info:
         fx.call("frobnicate")
