@@ -16,7 +16,8 @@ entries in flight and no PUBACK makes the drain careful (`PoisonWatch`): one ent
 and one that is alone in flight for `poisonAttempts` drops goes to the dead letters, named in
 one WARNING line; then the drain goes on at full speed.
 
-QoS 0 entries are deleted as soon as paho has accepted them: at most once, as their QoS says.
+QoS 0 entries are deleted just before paho gets them, a drain pass's in one transaction: at
+most once, as their QoS says (a kill between the two loses them, never sends them twice).
 
 MQTT 5 says why: a PUBACK with a failure reason (0x87 Not authorized, 0x99 Payload format
 invalid...) dead-letters its entry at once under that reason's name, except 0x97 Quota
@@ -338,6 +339,8 @@ class EgressWorker(Worker):
         done = set(self.done)
         flying = {s.entry_id for s in self.inflight.values()}
         expired: List[OutboxEntry] = []
+        ready: List[Tuple[OutboxEntry, int]] = []  # within the budget, with their sizes
+        wait = 0.0
         for entry in entries:
             if entry.id in done or entry.id in flying:  # acknowledged (delete to come), or awaited
                 self.cursor = entry.id
@@ -350,14 +353,17 @@ class EgressWorker(Worker):
             wait = self.budget.wait(size)
             if wait > 0:
                 self.more = True
-                self._drop_expired(expired)  # the cursor is past them: now or never
-                return wait
-            if not self._publish(entry, size):
-                self.more = True
-                self._drop_expired(expired)
-                return math.inf  # not sent: retried after the reconnect
+                break
+            if not self._unsendable(entry, size):
+                self.budget.spend(1, size)
+                ready.append((entry, size))
             self.cursor = entry.id
-        self._drop_expired(expired)
+        self._drop_expired(expired)  # the cursor is past them: now or never
+        if not self._send(ready):
+            self.more = True
+            return math.inf  # not sent: retried after the reconnect (or the next look)
+        if wait > 0:
+            return wait
         more_room = self.more and len(self.inflight) < self.poison.window(self.window)
         return 0.0 if more_room else math.inf  # QoS 0 entries free their slots at once
 
@@ -387,34 +393,54 @@ class EgressWorker(Worker):
         log.info("dropped %d outbox entries whose message expiry passed before they were sent"
                  " (oldest: entry %d, topic %s)", dropped, expired[0].id, expired[0].topic)
 
-    def _publish(self, entry: OutboxEntry, size: int) -> bool:
+    def _unsendable(self, entry: OutboxEntry, size: int) -> bool:
+        """Dead-letter an entry the broker's limits refuse (sent, it would close the link, at
+        each attempt); True when it did."""
         limit = self.connection.limits.max_packet_size
-        expiry = _expiry_left(entry)
         refused = self.connection.limits.refuses(entry.qos, entry.retain)
-        if refused is not None:  # sent, it would close the link, at each attempt
+        if refused is None and limit and publish_packet_size(
+                entry.topic, entry.payload, entry.properties, _expiry_left(entry), entry.qos) > limit:
+            refused = f"larger than the broker's Maximum Packet Size ({limit} bytes)"
+        if refused is not None:
             self._dead_letter(_InFlight(entry.id, entry.topic, size), refused, 0)
-            return True
-        if limit and publish_packet_size(entry.topic, entry.payload, entry.properties, expiry,
-                                         entry.qos) > limit:
-            self._dead_letter(_InFlight(entry.id, entry.topic, size), "larger than the broker's Maximum"
-                              f" Packet Size ({limit} bytes)", 0)
-            return True
+        return refused is not None
+
+    def _send(self, ready: List[Tuple[OutboxEntry, int]]) -> bool:
+        """Hand `ready` to paho, oldest first; False when one was not taken (the link is down:
+        the cursor goes back to it). QoS 0 is at most once (README "Delivery guarantees"): those
+        entries leave the store first, all of the pass's in one transaction (one fsync, not one
+        per entry), so a kill before paho wrote them cannot send them again at the next start."""
+        qos0 = [entry.id for entry, _ in ready if entry.qos == 0]
+        if qos0 and self._remove(qos0, "QoS 0") is None:
+            self.cursor = min(self.cursor, ready[0][0].id - 1)
+            return False
+        for entry, size in ready:
+            if not self._publish(entry, size):
+                self.cursor = min(self.cursor, entry.id - 1)  # a QoS 0 one behind it is lost
+                return False
+        return True
+
+    def _publish(self, entry: OutboxEntry, size: int) -> bool:
+        """Hand one entry to paho; False when it was not taken."""
         try:
             info = self.connection.publish(entry.topic, entry.payload, entry.qos, entry.retain,
-                                           publish_properties(entry.properties, expiry))
+                                           publish_properties(entry.properties, _expiry_left(entry)))
         except (ValueError, TypeError, OverflowError, struct.error) as exc:
             # a wildcard topic, or properties paho cannot pack (an entry queued before the API
             # checked them): it could never go out, and must not crash the worker at each start
             self.counters["invalid"] += 1
-            self._dead_letter(_InFlight(entry.id, entry.topic, size), f"not publishable: {exc}", 0)
+            if entry.qos == 0:  # already out of the store: nothing to set aside
+                log.warning("QoS 0 outbox entry %d (topic %s) not publishable, dropped: %s",
+                            entry.id, entry.topic, exc)
+            else:
+                self._dead_letter(_InFlight(entry.id, entry.topic, size), f"not publishable: {exc}", 0)
             return True
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
-        self.budget.spend(1, size)
         self.mean_size = size if not self.mean_size else 0.9 * self.mean_size + 0.1 * size
         self.meter_count += 1
         if entry.qos == 0:
-            self._done(entry.id)
+            self.counters["sent"] += 1  # already out of the store
         else:
             self.inflight[info.mid] = _InFlight(entry.id, entry.topic, size)
             self.unacked_since.setdefault(entry.id, time.monotonic())
@@ -429,15 +455,22 @@ class EgressWorker(Worker):
     def _delete_done(self) -> None:
         if not self.done:
             return
+        removed = self._remove(self.done, "sent")
+        if removed is not None:
+            self.counters["sent"] += removed
+            self.done = []
+
+    def _remove(self, ids: List[int], what: str) -> Optional[int]:
+        """Delete `ids` from the outbox in one transaction: how many went (not those an operator
+        dropped meanwhile), None when the store failed (logged, but damage: the store logs it)."""
         try:
-            removed = self.store.outbox_remove(self.done)  # not those an operator dropped meanwhile
-            self.counters["outbox_backlog"] = self.store.outbox_count()
+            removed = self.store.outbox_remove(ids)
         except StoreError as exc:
-            if not isinstance(exc, StoreDamaged):  # damage: the store logged it once
-                log.error("cannot delete %d sent outbox entries (retrying): %s", len(self.done), exc)
-            return
-        self.counters["sent"] += removed
-        self.done = []
+            if not isinstance(exc, StoreDamaged):
+                log.error("cannot delete %d %s outbox entries (retrying): %s", len(ids), what, exc)
+            return None
+        self.counters["outbox_backlog"] = self.store.outbox_count()  # read as tick() reads it
+        return removed
 
     def _drain_rate(self) -> float:
         """Entries per second the limits allow (the slower of the two), else the rate seen."""
