@@ -175,8 +175,11 @@ class DataDirLock:
             pid = None if _only_shared_holds(fd) else _pid_in(fd)  # the file has the last daemon's
             os.close(fd)
             raise AlreadyRunning(self.path.parent, pid) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            _write_pid(fd)
+        except OSError as exc:  # ENOSPC: a disk full to the last block
+            os.close(fd)
+            raise UnsafePath(f"cannot write lock file {self.path}: {exc.strerror or exc}") from None
         self.fd = fd
         return self
 
@@ -184,6 +187,14 @@ class DataDirLock:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the flock; the file stays (unlinking would race)
             self.fd = None
+
+
+def _write_pid(fd: int) -> None:
+    """Our pid over the last daemon's, then the file cut to its length: cutting it first would
+    give its block away, and on a full disk the pid would then find none."""
+    pid = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, pid, 0)
+    os.ftruncate(fd, len(pid))
 
 
 def _only_shared_holds(fd: int) -> bool:

@@ -15,6 +15,7 @@ import yaml
 from flashlexd import paths
 from tests.broker import wait_for
 from tests.daemon import Daemon, NotifyListener
+from tests.tmpfs import fill, mounted_tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -147,6 +148,21 @@ def test_a_data_dir_the_unit_does_not_make_writable_says_to_render_the_unit_agai
         subprocess.run(["umount", str(read_only)], check=True)
     assert done.returncode == 1 and "Read-only file system" in done.stderr, done.stderr
     assert "run `flashlexd service ... --install` again" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_run_on_a_full_disk_says_so_in_one_line(daemon_config, tmp_path):
+    """`flashlexd run` with a new data dir on a disk filled to the last block died with a
+    traceback: the pid written into the lock file it had just made found no block (found by
+    review). Now one line names the full disk, and a start after space was freed takes the
+    lock."""
+    with mounted_tmpfs(tmp_path / "disk", 1) as disk:
+        junk = fill(disk, 0)
+        done = run_daemon(daemon_config, "--data-dir", str(disk / "data"))
+        junk.unlink()
+        paths.DataDirLock(disk / "data").acquire().release()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot start" in done.stderr and "No space left on device" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
 
 
 def test_run_under_umask_000_creates_every_directory_tight(daemon_config, tmp_path):

@@ -26,3 +26,19 @@ def mounted_tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A junk file that fills `disk` to its last block but for `leave` bytes (whole pages on a
+    tmpfs), so that a test meets a full disk for real; delete it to free the space."""
+    junk = disk / "junk"
+    fd = os.open(junk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xa5" * 4096)
+    except OSError:  # ENOSPC: the disk is full
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(junk, max(0, junk.stat().st_size - leave))
+    return junk
