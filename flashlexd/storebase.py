@@ -4,6 +4,7 @@ index's upkeep and the one cursor walk every listing uses. See store.py for the 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -57,6 +58,8 @@ _RETRIED_MARK = struct.Struct(">IQ")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 MAKE_ROOM_STEP = 64  # pages' worth of records dropped before the pages are counted again
 _NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
+_MAX_READERS = 126  # LMDB's default, passed to it: lock.mdb's size follows from it
+_LOCK_FILE_BYTES = (_MAX_READERS + 2) * 64  # mdb_env_setup_locks: two 64-byte header lines + a slot per reader
 _WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox record with properties
 
 
@@ -108,7 +111,8 @@ class StoreBase:
                 paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
             elif not self.path.is_dir():
                 raise StoreError(f"cannot open store in {self.path}: the directory is gone")
-            self._env = lmdb.open(str(self.path), map_size=self._map_bytes,
+            _back_the_lock_file(self.path)
+            self._env = lmdb.open(str(self.path), map_size=self._map_bytes, max_readers=_MAX_READERS,
                                   max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
             self._reserve = SpaceReserve(self.path)
@@ -118,7 +122,7 @@ class StoreBase:
                 self._env.close()  # no handle left behind (see below)
                 raise
         except (OSError, lmdb.Error, paths.UnsafePath, OverflowError) as exc:
-            raise StoreError(f"cannot open store in {self.path}: {exc}") from None
+            raise StoreError(f"cannot open store in {self.path}: {self._open_problem(exc)}") from None
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL
             self._open_databases()  # reads the oldest records' stamps too (clock frames)
@@ -128,12 +132,16 @@ class StoreBase:
                                f" {storecheck.HINT}") from None
         except lmdb.Error as exc:
             self._env.close()
-            raise StoreError(f"cannot open store in {self.path}: {exc}") from None
+            raise StoreError(f"cannot open store in {self.path}: {self._open_problem(exc)}") from None
         except BaseException:
             # A failed open must not leave its handle behind: a second handle on the same file
             # in one process breaks LMDB's locks when either is closed.
             self._env.close()
             raise
+
+    def _open_problem(self, exc: Exception) -> str:
+        """Why an open failed, a full disk in the words the daemon's writes use for it."""
+        return full_disk(str(exc), self.path) or str(exc)
 
     def _open_databases(self) -> None:
         with self._env.begin(write=True) as txn:
@@ -386,16 +394,9 @@ class StoreBase:
         or with EIO when LMDB's write was cut short (it reports short writes as EIO), which
         reads like a failing disk: an EIO on a (nearly) full filesystem is called what it is."""
         text = str(exc)
-        if "No space left" in text:
-            return DiskFull(f"store in {self.path}: no space left on device ({text})")
-        if "Input/output error" in text:
-            try:
-                fs = os.statvfs(self.path)
-                free = fs.f_bavail * fs.f_frsize
-            except OSError:
-                free = None
-            if free is not None and free < _NEARLY_FULL_BYTES:
-                return DiskFull(f"store in {self.path}: no space left on device ({free} bytes free; {text})")
+        full = full_disk(text, self.path)
+        if full:
+            return DiskFull(f"store in {self.path}: {full}")
         if isinstance(exc, lmdb.DiskError):
             return StoreError(f"store in {self.path}: disk error: {text}")
         return StoreError(f"store in {self.path}: {text}")
@@ -648,3 +649,36 @@ class StoreBase:
                     if len(page.found) >= limit:
                         break
         return page
+
+
+def full_disk(text: str, directory: Path) -> Optional[str]:
+    """`text`, a failed write's error, named a full disk when it is one (else None). LMDB
+    reports a write cut short as EIO, which reads like a failing disk: an EIO on a (nearly)
+    full filesystem is called what it is."""
+    if "No space left" in text:
+        return f"no space left on device ({text})"
+    if "Input/output error" in text:
+        try:
+            fs = os.statvfs(directory)
+            free: Optional[int] = fs.f_bavail * fs.f_frsize
+        except OSError:
+            free = None
+        if free is not None and free < _NEARLY_FULL_BYTES:
+            return f"no space left on device ({free} bytes free; {text})"
+    return None
+
+
+def _back_the_lock_file(directory: Path) -> None:
+    """Give lock.mdb its blocks before LMDB maps it. LMDB makes the file sparse and writes it
+    through the map, so on a full disk its first write was a SIGBUS that killed the process
+    without a word (a crash loop under systemd); here a full disk is ENOSPC, one line. A file
+    already larger is backed whole (LMDB reads its size as more reader slots)."""
+    lock = directory / "lock.mdb"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, _LOCK_FILE_BYTES))
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # those: a file system that
+            raise OSError(exc.errno, exc.strerror, str(lock)) from None  # cannot; LMDB as before
+    finally:
+        os.close(fd)

@@ -10,6 +10,8 @@ import random
 import select
 import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -22,6 +24,7 @@ from hypothesis import given, settings, strategies as st
 
 from flashlexd.store import (SCHEMA_VERSION, Incoming, Store, dup_marks, StoreError, StoreForkError,
                              StoreFull)
+from tests.tmpfs import fill as fill_disk, mounted_tmpfs
 
 CAP = 64 * 1024 * 1024
 TOPIC = "things/ecd13b11-mything/in"
@@ -764,3 +767,34 @@ def test_a_cap_past_lmdbs_map_size_is_a_store_error(tmp_path):
     supervisor with its store closed, every API call failing (found by review)."""
     with pytest.raises(StoreError, match="cannot open store in .*"):
         Store(tmp_path / "store", 2 ** 70)
+
+
+OPEN_IN_CHILD = """
+import sys
+from flashlexd.store import Store, StoreError
+try:
+    Store(sys.argv[1], 16 << 20).close()
+except StoreError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def open_in_child(path: Path) -> subprocess.CompletedProcess:
+    """Open and close a Store in a child process: a SIGBUS kills the child, not pytest."""
+    return subprocess.run([sys.executable, "-c", OPEN_IN_CHILD, str(path)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_new_store_on_a_full_disk_is_one_line_and_opens_once_space_is_freed(tmp_path):
+    """A first start on a full disk died of SIGBUS with nothing in the log, at every restart:
+    LMDB makes lock.mdb sparse and writes it through a memory map (found by review). Now it
+    is one line naming the full disk, and the store opens once space is freed."""
+    with mounted_tmpfs(tmp_path / "disk", 1) as disk:
+        junk = fill_disk(disk, 0)
+        refused = open_in_child(disk / "store")
+        junk.unlink()
+        again = open_in_child(disk / "store")
+    assert refused.returncode == 1, f"exit {refused.returncode} (-7: SIGBUS): {refused.stderr}"
+    assert "cannot open store" in refused.stderr and "no space left on device" in refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert again.returncode == 0, again.stderr
