@@ -122,6 +122,8 @@ class StoreBase:
                 self._env.close()  # no handle left behind (see below)
                 raise
         except (OSError, lmdb.Error, paths.UnsafePath, OverflowError) as exc:
+            if meta is None:  # a first open: LMDB was to make the store
+                self._drop_unfinished_data_file()
             raise StoreError(f"cannot open store in {self.path}: {self._open_problem(exc)}") from None
         try:
             self._env.reader_check()  # slots left by processes killed with SIGKILL
@@ -138,6 +140,19 @@ class StoreBase:
             # in one process breaks LMDB's locks when either is closed.
             self._env.close()
             raise
+
+    def _drop_unfinished_data_file(self) -> None:
+        """After a failed first open (a full disk): a data.mdb whose meta pages LMDB could not
+        complete holds nothing, yet every later start would call it damaged, even once space
+        was freed. It goes, and the next start makes it afresh."""
+        data = self.path / "data.mdb"
+        try:
+            storecheck.check_data_file(data)
+        except storecheck.DataFileDamaged:
+            try:
+                data.unlink()
+            except OSError:
+                pass  # then the next start names the damage, as it would have
 
     def _open_problem(self, exc: Exception) -> str:
         """Why an open failed, a full disk in the words the daemon's writes use for it."""

@@ -798,3 +798,18 @@ def test_a_new_store_on_a_full_disk_is_one_line_and_opens_once_space_is_freed(tm
     assert "cannot open store" in refused.stderr and "no space left on device" in refused.stderr
     assert refused.stderr.count("\n") == 1, refused.stderr
     assert again.returncode == 0, again.stderr
+
+
+
+def test_a_first_open_cut_short_by_a_full_disk_leaves_no_damaged_store_behind(tmp_path):
+    """A first start with a few KiB free left a 4096-byte data.mdb (its second meta page cut
+    short) that every later start called damaged, even after space was freed, and `store
+    recover` reported records lost from a store that never held one (found by review). Now
+    the refused open removes it, and the store opens once space is freed."""
+    with mounted_tmpfs(tmp_path / "disk", 1) as disk:
+        junk = fill_disk(disk, 12288)  # lock.mdb's 8 KiB and one of data.mdb's two meta pages
+        refused = open_in_child(disk / "store")
+        junk.unlink()
+        again = open_in_child(disk / "store")
+    assert refused.returncode == 1 and "no space left on device" in refused.stderr, refused.stderr
+    assert again.returncode == 0, again.stderr
