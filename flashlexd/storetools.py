@@ -33,6 +33,7 @@ from flashlexd import ackjournal, redelivery, storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.consumers import ConsumerState
 from flashlexd.store import Store, StoreError
+from flashlexd.storebase import full_disk
 from flashlexd.storedamage import CorruptRecord, unpack_record
 
 DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")  # checked record by record
@@ -216,17 +217,20 @@ def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, 
         room = max(cap_bytes, os.fstat(data.fileno()).st_size)
         target = lmdb.open(str(to_dir), map_size=room + Store.headroom(room), max_dbs=len(names) + 4,
                            mode=0o600)
+        copied: List[str] = []  # reported once committed: a commit refused copied nothing
         try:
             with target.begin(write=True) as txn:
                 copy = _Copy(reader, databases, txn,
                              {name: target.open_db(name.encode(), txn=txn) for name in names})
-                losses = [copy.database(name, lines) for name in names if name != "expiry"]
-                losses.append(copy.expiry(lines))
+                losses = [copy.database(name, copied) for name in names if name != "expiry"]
+                losses.append(copy.expiry(copied))
                 copy.fix_counters()
-        except lmdb.Error as exc:
-            return False, lines + [f"cannot write the new store in {to_dir}: {exc}"]
+        except lmdb.Error as exc:  # a full disk in the daemon's words, not LMDB's EIO
+            cause = full_disk(str(exc), to_dir) or str(exc)
+            return False, lines + [f"cannot write the new store in {to_dir}: {cause}"]
         finally:
             target.close()
+        lines += copied
     lines += _copy_ack_journal(data_file.parent, to_dir)
     for problem in reader.problems[:10]:
         lines.append(f"skipped: {problem}")

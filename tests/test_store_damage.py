@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from flashlexd import storecheck, storetools
 from flashlexd.store import Incoming, Store, StoreDamaged
 from tests.damage import CAP, build_store, garble_page, truncate, use_like_the_daemon
 from tests.test_config import make_keys, seed_bytes
+from tests.tmpfs import mounted_tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -526,3 +528,25 @@ def test_verify_and_recover_see_a_dup_mark_that_does_not_decode(tmp_path: Path, 
     assert "(1 did not decode)" in next(line for line in recovered.stdout.splitlines()
                                         if line.startswith("unconfirmed:"))
     assert flashlexd("store", "verify", "--data-dir", str(tmp_path / "new")).returncode == 0
+
+
+def test_recover_onto_a_disk_that_fills_says_so_and_claims_no_copies(tmp_path):
+    """`store recover --to` a disk that filled said "Input/output error" (LMDB's word for a
+    write cut short), which reads like the failing SD card recover is run for, after listing
+    every database as "copied" into a store that was never written (found by review). Now it
+    names the full disk as the daemon does, claims no copies, and leaves the target empty."""
+    source = tmp_path / "store"
+    rng = random.Random(1)
+    store = Store(source, CAP)
+    try:
+        for batch in range(20):
+            store.append([Incoming("t/a", rng.randbytes(900), 1, False, batch * 50 + i + 1) for i in range(50)])
+    finally:
+        store.close()
+    with mounted_tmpfs(tmp_path / "small", 1) as small:  # ~1 MB: the ~1.2 MB of messages do not fit
+        done = flashlexd("store", "recover", "--data-dir", str(source), "--to", str(small / "new"))
+        left = list((small / "new").iterdir()) if (small / "new").exists() else []
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "no space left on device" in done.stderr, done.stderr
+    assert "copied" not in done.stdout, done.stdout
+    assert left == []  # the same command can be run again elsewhere
