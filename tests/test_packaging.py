@@ -339,6 +339,17 @@ def test_systemd_waits_longer_than_the_configured_stop_timeout(tmp_path):
     assert "TimeoutStopSec=80\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 59.5}}).stdout
 
 
+def test_unit_files_lines_without_a_priority_as_errors(tmp_path):
+    """Found by review: faulthandler's stack dumps (a hung worker's SIGABRT, `systemctl kill -s
+    SIGUSR1`) and the interpreter's last words carry no `<N>` prefix, and journald filed them
+    at info, below `journalctl -p err`, while the README said every line carries its priority."""
+    rendered = _render(tmp_path, {})
+    assert rendered.returncode == 0, rendered.stderr
+    service_section = rendered.stdout.split("[Service]\n")[1].split("\n[")[0].splitlines()
+    assert "SyslogLevel=err" in service_section
+    assert "SyslogLevelPrefix=no" not in service_section  # the daemon's own <N> prefixes still win
+
+
 def test_unit_keeps_paths_with_spaces_and_percent_signs_whole(tmp_path):
     """An install dir, config and data dir with a space or a `%` in their names: ExecStart split
     the paths into several arguments (systemd ran `.../fx` and passed `--config .../fx`), and
