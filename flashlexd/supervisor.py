@@ -46,6 +46,9 @@ STATUS_EVERY = 1.0
 # transaction holds that lock until it is killed, and killing it is this loop's job: an
 # unbounded wait here would hang the whole daemon (the API answers store_error meanwhile).
 STORE_WRITE_WAIT = 1.0
+# Seconds a loop pass may run later than the sleep it asked for before it counts as a stall:
+# above one bounded store write's wait, the longest the loop blocks on its own.
+STALL_SLACK = STORE_WRITE_WAIT + 0.5
 SPAWN_RETRY = 1.0  # seconds before trying again to start a worker the system had no room for
 
 
@@ -93,6 +96,7 @@ class Supervisor:
         self.exit_code = 0
         self.announced_ready = False
         self.next_status = 0.0
+        self.judged_at = 0.0  # when `tick` last judged the workers (see _catch_up)
         self.rates = RateMeter()
         self.wear = WriteMeter()
         self.store: Optional[Store] = None
@@ -137,6 +141,7 @@ class Supervisor:
         now = time.monotonic()
         for worker in self.workers.values():
             self._spawn(worker, now)
+        self.judged_at = now
         try:
             while not (self.shutting_down and not any(w.alive for w in self.workers.values())):
                 try:
@@ -229,17 +234,21 @@ class Supervisor:
         # judges any worker by its last heartbeat (else every healthy worker looks hung).
         # Signals that arrived together ask once: a SIGHUP storm is one reload per pass (those
         # arriving during it, one more at the next pass), not one reload per signal back to back.
+        began = time.monotonic()
         signals, self.signals = self.signals, []
         for signum in dict.fromkeys(signals):
             self._handle_signal(signum)
         now = time.monotonic()
+        handling = now - began  # a reload's key check may block for up to 30 s: not a stall
         ping = self.notifier.watchdog(now, self._healthy(now))
-        for key, mask in self.selector.select(self._sleep_time(now, ping)):
+        sleep = self._sleep_time(now, ping)
+        for key, mask in self.selector.select(sleep):
             if self.api.owns(key):
                 self.api.dispatch(key, mask)
             else:
                 key.data(key.fileobj, mask)
         now = time.monotonic()
+        self._catch_up(now, now - self.judged_at - handling - sleep)
         self._reap(now)
         for worker in self.workers.values():
             if worker.tick(now, self.config.supervision) and not self.shutting_down:
@@ -249,6 +258,23 @@ class Supervisor:
             self.consumers.tick(now)
         self.store.apply_acks_if_due(now)
         self.api.tick(now)
+
+    def _catch_up(self, now: float, late: float) -> None:
+        """Since `tick` last judged the workers, the loop ran `late` seconds beyond its sleep.
+        Beyond STALL_SLACK the process was stopped (SIGSTOP, Ctrl-Z, a debugger, a frozen
+        cgroup) or starved, wherever in the pass that landed, and its workers likely with it:
+        their heartbeats are old or unread (after SIGCONT epoll_wait fails with EINTR and
+        Python's select, its timeout past, returns [] unpolled). Nobody was listening, so no
+        worker is judged by that gap: its silence counts from now (one really hung is caught
+        heartbeatTimeoutSeconds later)."""
+        self.judged_at = now
+        if late <= STALL_SLACK:
+            return
+        log.warning("the supervisor's loop ran %.1fs late (the process was stopped or starved);"
+                    " every worker gets a fresh heartbeat timeout", late)
+        for worker in self.workers.values():
+            if worker.state in (State.STARTING, State.READY):
+                worker.heard(now)
 
     def _sleep_time(self, now: float, ping: Optional[float]) -> float:
         """Seconds until the loop has something to do: the next status line, API deadline,

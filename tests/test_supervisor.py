@@ -669,3 +669,60 @@ def test_sigterm_during_the_start_up_page_check_stops_at_once_starting_nothing(d
     output = running.output()
     assert "received SIGTERM during the start-up page check" in output and "ingress started" not in output
     assert took < 5, took  # the check alone takes 10 s
+
+
+@pytest.mark.parametrize("paused", ["supervisor", "process group"])
+def test_a_daemon_paused_past_the_heartbeat_timeout_keeps_its_healthy_workers(daemon, notify, paused):
+    """Found by review: after a pause longer than heartbeatTimeoutSeconds (`kill -STOP`/`-CONT`,
+    Ctrl-Z of `flashlexd run`, a debugger, `systemctl freeze`) the supervisor aborted all three
+    healthy workers as hung: after SIGCONT its select returned nothing unpolled (EINTR), the
+    heartbeats sitting unread, and a whole paused group's heartbeats were old besides."""
+    notify.wait_for("READY=1", timeout=15)
+    before = daemon.children()
+    send = (lambda signum: daemon.signal(signum)) if paused == "supervisor" \
+        else (lambda signum: os.killpg(daemon.pid, signum))
+    send(signal.SIGSTOP)
+    time.sleep(4)  # the pause under test, not a wait for an event: > heartbeatTimeoutSeconds (3)
+    send(signal.SIGCONT)
+    with connect(str(daemon.socket_path), timeout=10) as client:  # answered: the loop has judged since
+        assert client.status()["counters"]["restarts"] == 0
+    output = daemon.output()
+    assert "hung (no heartbeat" not in output and daemon.children() == before
+    assert "every worker gets a fresh heartbeat timeout" in output
+
+
+PAUSE_BEFORE_TICK = """import os, signal
+from flashlexd import supervisor
+_reap = supervisor.Supervisor._reap
+def _pausing(self, now):
+    if os.path.exists({mark!r}) and not getattr(self, "paused_once", False):
+        self.paused_once = True
+        os.killpg(0, signal.SIGSTOP)
+    _reap(self, now)
+supervisor.Supervisor._reap = _pausing
+"""
+
+
+def test_a_group_pause_between_select_and_tick_kills_no_healthy_worker(daemon_config, tmp_path, notify):
+    """Found by review: a pause that landed in a pass after its select (here: the supervisor
+    stops its own process group in `_reap`, just before `tick`) was not seen as one: on SIGCONT
+    the next select returned the first worker's heartbeat, and the other two were aborted."""
+    hook, mark = tmp_path / "hook", tmp_path / "pause-now"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_BEFORE_TICK.format(mark=str(mark)))
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
+                                                   "PYTHONPATH": path}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        before = running.children()
+        mark.touch()
+        wait_for(lambda: Path(f"/proc/{running.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                 5, "the supervisor to stop itself")
+        time.sleep(4)  # the pause under test, not a wait for an event: > heartbeatTimeoutSeconds (3)
+        os.killpg(running.pid, signal.SIGCONT)
+        with connect(str(running.socket_path), timeout=10) as client:  # the loop has judged since
+            assert client.status()["counters"]["restarts"] == 0
+        assert "hung (no heartbeat" not in running.output() and running.children() == before
+    finally:
+        running.stop()
