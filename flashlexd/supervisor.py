@@ -370,26 +370,35 @@ class Supervisor:
         return all(w.healthy(now, self.config.supervision) for w in self.workers.values())
 
     def _announce(self, now: float) -> None:
-        if not self.announced_ready and all(w.state is State.READY for w in self.workers.values()):
+        """READY=1 once every worker is up, STATUS= every STATUS_EVERY and just before READY=1:
+        `systemctl start` returns at READY=1, and `systemctl status` must then show the
+        workers up, not the `workers 2/3` of up to a second before."""
+        ready = not self.announced_ready and all(w.state is State.READY for w in self.workers.values())
+        if ready or now >= self.next_status:
+            self._send_status(now)
+        if ready and not self.shutting_down:  # a store found gone meanwhile is stopping it
             self.announced_ready = True
             self.notifier.ready()
             log.info("ready: %d workers up, API on %s", len(self.workers), self.config.api.socket_path)
-        if now >= self.next_status:
-            self.next_status = now + STATUS_EVERY
-            gone = self.store.vanished()  # type: ignore[union-attr]
-            if gone is not None and not self.shutting_down:
-                log.error("%s; nothing stored since was acknowledged to the broker. Stopping: the"
-                          " next start opens the data dir as it is then", gone)
-                self.begin_shutdown("the store was removed", EXIT_STORE_GONE)
-            try:
-                stats: Optional[Dict[str, Any]] = self.store.stats()
-            except StoreError:  # damage: logged once by the store, named in the status line
-                stats = None
-            if stats is not None:
-                self.rates.sample(now, stats["received"], stats["sent"])
-                pids = [os.getpid(), *(w.pid for w in self.workers.values() if w.pid is not None)]
-                self.wear.sample(now, pids, stats["received"])
-            self.notifier.status(self.status_line(stats))
+
+    def _send_status(self, now: float) -> None:
+        """The STATUS= line, with the figures it samples (rates, wear); a vanished store stops
+        the daemon here, since this is where the store is looked at every second."""
+        self.next_status = now + STATUS_EVERY
+        gone = self.store.vanished()  # type: ignore[union-attr]
+        if gone is not None and not self.shutting_down:
+            log.error("%s; nothing stored since was acknowledged to the broker. Stopping: the"
+                      " next start opens the data dir as it is then", gone)
+            self.begin_shutdown("the store was removed", EXIT_STORE_GONE)
+        try:
+            stats: Optional[Dict[str, Any]] = self.store.stats()
+        except StoreError:  # damage: logged once by the store, named in the status line
+            stats = None
+        if stats is not None:
+            self.rates.sample(now, stats["received"], stats["sent"])
+            pids = [os.getpid(), *(w.pid for w in self.workers.values() if w.pid is not None)]
+            self.wear.sample(now, pids, stats["received"])
+        self.notifier.status(self.status_line(stats))
 
     def status_line(self, stats: Optional[Dict[str, Any]]) -> str:
         links = []

@@ -40,11 +40,22 @@ def daemon(daemon_config, tmp_path, notify):
 def test_ready_is_sent_after_the_workers_are_up(daemon, notify):
     notify.wait_for("READY=1", timeout=15)
     assert set(daemon.children()) == {"ingress", "egress", "expiry"}
+    # READY=1 is sent a moment before the line that logs it is written
+    wait_for(lambda: "ready: 3 workers up" in daemon.output(), 5, "the line logging READY=1")
     lines = daemon.output().splitlines()
     announced = next(i for i, line in enumerate(lines) if "ready: 3 workers up" in line)
     for name in ("ingress", "egress", "expiry"):
         reported = next(i for i, line in enumerate(lines) if line.endswith(f"{name} ready"))
         assert reported < announced
+
+
+def test_status_says_every_worker_is_up_when_ready_is_sent(daemon, notify):
+    """Found by review: STATUS= lagged READY=1 by up to a second, so `systemctl status` right
+    after `systemctl start` returned showed `workers 2/3` (or none) for a service that was up."""
+    notify.wait_for("READY=1", timeout=15)
+    fields = [f for _, f in notify.lines()]
+    before_ready = [f for f in fields[:fields.index("READY=1")] if f.startswith("STATUS=")]
+    assert before_ready and before_ready[-1].endswith("; workers 3/3"), before_ready
 
 
 def test_watchdog_pings_at_half_the_interval(daemon, notify):
