@@ -251,7 +251,8 @@ class ConsumerStore:
             stored = self._consumers_in(txn)
             declared = {spec.name for spec in specs}
             result = Declared([], [])
-            narrowed = []  # (as it was, as it is now): a filter that may no longer match what it held
+            changed = []  # (as it was, as it is now): a filter that may no longer match what it
+            # held, or may match what its floor passed unseen
             for spec in specs:
                 consumer = stored.get(spec.name)
                 if consumer is None and len(stored) + len(result.created) >= MAX_CONSUMERS:
@@ -261,11 +262,12 @@ class ConsumerStore:
                     consumer = ConsumerState(spec.name, last_seen=now)
                     result.created.append(spec.name)
                 elif consumer.filter != spec.filter:
-                    narrowed.append((replace(consumer), consumer))  # a copy with a memo of its own
+                    changed.append((replace(consumer), consumer))  # a copy with a memo of its own
                 consumer.filter, consumer.max_backlog, consumer.dynamic = spec.filter, spec.max_backlog, False
                 self._save(txn, consumer)
-            for before, after in narrowed:
+            for before, after in changed:
                 self._release_unmatched(txn, before, after, stored)
+                self._reopen_widened(txn, before, after)
             for consumer in stored.values():
                 if not consumer.dynamic and consumer.name not in declared:
                     consumer.dynamic, consumer.last_seen = True, now
@@ -287,6 +289,24 @@ class ConsumerStore:
 
         for key, topic in self._records(txn, before.floor, _MAX_ID, held):
             self._leave_if_settled(txn, key, topic, others)
+
+    def _reopen_widened(self, txn: lmdb.Transaction, before: ConsumerState, after: ConsumerState) -> None:
+        """A reload changed a consumer's filter: the stored messages at or below its floor that the
+        new filter matches and the old one did not were never its own, so it has not seen them
+        (it gets every stored message its filter matches). The floor goes back to just before
+        the first of them, and each record from there to the old floor that the old filter
+        matched (done for it) gets an ack entry. One walk of the records up to the old floor,
+        in the reload's commit. The floor does not say under which filter a record was done: one
+        acked under an earlier filter and passed over by a narrower one since comes again."""
+        matched = self._records(txn, 0, before.floor, lambda key, topic: after.matches(topic))
+        unseen = next((i for i, (_, topic) in enumerate(matched) if not before.matches(topic)), None)
+        if unseen is None:
+            return
+        for key, topic in matched[unseen + 1:]:
+            if before.matches(topic):
+                txn.put(_prefix(after.name) + key, b"", db=self._consumer_acks)
+        after.floor = _ID.unpack(matched[unseen][0])[0] - 1
+        self._save(txn, after)
 
     @guarded
     def consumer_register(self, name: str, now: float) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from flashlexd.client import connect
-from tests.broker import INGRESS_TOPIC, publish, wait_for
+from tests.broker import INGRESS_TOPIC, PUBSUB_TOPIC, publish, wait_for
 from tests.daemon import Daemon, NotifyListener
 
 
@@ -19,6 +19,16 @@ def consumers_config(daemon_config):
     document["flashlex"]["app"]["consumers"] = {"display": {"filter": "ingress/#"}}
     daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
     return daemon_config
+
+
+def reload_consumers(daemon, consumers_config, consumers) -> None:
+    """Write `consumers` into the config and SIGHUP, returning once the reload is done."""
+    document = yaml.safe_load(consumers_config.read_text())
+    document["flashlex"]["app"]["consumers"] = consumers
+    consumers_config.write_text(yaml.safe_dump(document, sort_keys=False))
+    hup_at = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY=1", after=hup_at, timeout=10)
 
 
 @pytest.fixture
@@ -67,12 +77,24 @@ def test_a_reload_narrowing_a_filter_releases_what_the_others_acked(daemon, brok
         assert logger.ack(seen) == 1
         assert logger.status()["inbox"]["count"] == 1  # display has not acked it
 
-        document = yaml.safe_load(consumers_config.read_text())
-        document["flashlex"]["app"]["consumers"] = {"display": {"filter": "cmd/#"}}
-        consumers_config.write_text(yaml.safe_dump(document, sort_keys=False))
-        hup_at = time.monotonic()
-        daemon.signal(signal.SIGHUP)
-        daemon.notify.wait_for("READY=1", after=hup_at, timeout=10)
+        reload_consumers(daemon, consumers_config, {"display": {"filter": "cmd/#"}})
         assert {c["name"]: c["filter"] for c in logger.consumers()}["display"] == "cmd/#"
         # every consumer matching it now has acked it
         wait_for(lambda: logger.status()["inbox"]["count"] == 0, 10, "the message to leave the inbox")
+
+
+def test_a_reload_widening_a_filter_delivers_what_its_floor_passed(daemon, broker, consumers_config):
+    """display's ack took its floor past a pubsub message (not its topic then) that logger
+    holds: after a reload widening its filter to every topic it never got that message, though
+    it is stored and matches (found by review)."""
+    path = str(daemon.socket_path)
+    with connect(path, consumer="display") as display, connect(path, consumer="logger") as logger:
+        logger.messages()  # registers the dynamic consumer (every topic): it holds the message
+        publish(broker, PUBSUB_TOPIC, b'{"n": 1}')
+        wait_for(lambda: logger.wait(timeout=5), 15, "the pubsub message")
+        publish(broker, INGRESS_TOPIC, b'{"n": 2}')
+        assert display.ack(wait_for(lambda: display.wait(timeout=5), 15, "the message for display")) == 1
+        assert {c["name"]: c for c in display.consumers()}["display"]["acked_through"] == 2  # past the pubsub message, unseen
+
+        reload_consumers(daemon, consumers_config, {"display": {"filter": "#"}})
+        assert [m.topic for m in display.messages()] == [PUBSUB_TOPIC]

@@ -229,6 +229,19 @@ def test_an_undeclared_consumer_becomes_dynamic(store: Store):
     assert store.consumer_state("a").dynamic is True
 
 
+def test_a_reload_widening_a_filter_delivers_the_stored_messages_its_floor_passed(store: Store):
+    """display's floor had passed the cmd/ messages actuator still holds (not its topic then): a
+    reload widening its filter to every topic never delivered them to it, though each named
+    consumer gets every stored message its filter matches (found by review). What it acked
+    under the old filter stays acked."""
+    declare(store, ConsumerSpec("display", "sensors/#"), ConsumerSpec("actuator", "cmd/#"))
+    ids = put(store, "sensors/t", "cmd/x", "sensors/h", "cmd/y", "sensors/p")
+    store.consumer_ack("display", [ids[0], ids[2]], NOW)
+    assert store.consumer_state("display").floor == ids[3]  # past cmd/x and cmd/y, unseen
+    declare(store, ConsumerSpec("display", "#"), ConsumerSpec("actuator", "cmd/#"))
+    assert ids_for(store, "display") == [ids[1], ids[3], ids[4]]
+
+
 def test_a_declared_consumer_beyond_the_most_stored_is_refused_by_name_not_stored(store: Store, caplog):
     """Apps registered all but one of the 64 places: a reload declaring two new consumers stored
     both (65), over the cap the README promises for declared and registered together. The one
