@@ -394,7 +394,7 @@ class Client:
         message id starts there. Returns the id it has now acknowledged through. The daemon
         moves it a bounded step per call (`paged`): this calls on until it is there."""
         target = to if to in ("earliest", "latest") else _wire_id(to)  # type: ignore[arg-type]
-        going: Dict[str, Any] = {}  # after the first call: the way it goes (skip or replay)
+        going: Dict[str, Any] = {}  # after the first call: the way it goes (skip, start or replay)
         while True:
             answer = self.call("reset", consumer=consumer, to=target, paged=True, **going)
             if answer["done"]:

@@ -22,6 +22,9 @@ from flashlexd.topics import topic_matches
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")
 NAME_RULE = "a consumer name: 1 to 64 of a-z 0-9 _ -"
 RESET_TARGETS = ("earliest", "latest")  # or a message id
+# how a reset goes (Store.consumer_reset_way): forwards keeping the acks ahead ("latest"),
+# forwards to an id then its acks from there on forgotten, or back with every ack forgotten
+RESET_WAYS = ("skip", "start", "replay")
 MEMO_TOPICS = 512  # topics whose match a consumer remembers (a walk meets a few, over and over)
 MEMO_TOPIC_CHARS = 256  # a longer topic is matched each time (the memo stays small)
 # consumers stored at once: every ack of a named consumer and every `status` reads them all (3,000

@@ -464,12 +464,12 @@ class ConsumerStore:
     def consumer_reset(self, name: str, to: Union[str, int]) -> int:
         """Move the consumer to the earliest stored message (replay), past the latest (skip), or
         to just before message id `to`. Messages skipped over count as done for it (and may leave
-        the inbox); a replay forgets its acks. Returns the new floor. One commit per RESET_STEP
+        the inbox); a replay, or a start at an id, forgets its acks from there on. Returns the new floor. One commit per RESET_STEP
         records (`consumer_reset_step`)."""
         target = self.consumer_reset_target(to)
-        skip = self.consumer_reset_skips(name, target)
+        way = self.consumer_reset_way(name, to, target)
         while True:
-            floor, done = self.consumer_reset_step(name, target, skip)
+            floor, done = self.consumer_reset_step(name, target, way)
             if done:
                 return floor
 
@@ -488,28 +488,36 @@ class ConsumerStore:
         return max(0, int(to) - 1)  # to 0 or 1: from the earliest, as "earliest"
 
     @guarded
-    def consumer_reset_skips(self, name: str, target: int) -> bool:
-        """Whether a reset to floor `target` skips forward (else it replays), decided once when
-        it starts: an ack's or the sweep's walk may take the floor past a skip's target between
-        its steps, and a step deciding anew replayed then (every ack forgotten, the floor back
-        at the target: messages already acked delivered again)."""
+    def consumer_reset_way(self, name: str, to: Union[str, int], target: int) -> str:
+        """How a reset `to` floor `target` goes (RESET_WAYS), decided once when it starts: an
+        ack's or the sweep's walk may take the floor past a skip's target between its steps, and
+        a step deciding anew replayed then (every ack forgotten, the floor back at the target:
+        messages already acked delivered again). "latest" skips, never forgetting an ack (not
+        even one made between its steps, of a message stored meanwhile). An id starts at that
+        message, whatever was acked: past the floor it goes forwards, then forgets the acks from
+        there on ("start": it kept them, so the same command replayed or not by where the floor
+        stood); at or below it, it replays from there, as "earliest" does from the start."""
+        if to == "latest":
+            return "skip"
         with self._read() as txn:
-            return target > self._consumer_in(txn, name).floor
+            return "start" if target > self._consumer_in(txn, name).floor else "replay"
 
     @guarded
-    def consumer_reset_step(self, name: str, target: int, skip: bool) -> Tuple[int, bool]:
-        """One commit of a reset towards floor `target`: at most RESET_STEP inbox records
-        passed (`skip`: forwards; done once the floor is at the target or past it), or ack
-        entries forgotten (a replay: to the floor or before it). Returns the floor and whether
-        the reset is done: a reset over a large store never holds the supervisor's loop (or
-        LMDB's write lock) for long, and each step leaves a state a reset may stop in (some of
-        the way moved)."""
+    def consumer_reset_step(self, name: str, target: int, way: str) -> Tuple[int, bool]:
+        """One commit of a reset towards floor `target` going `way`: at most RESET_STEP inbox
+        records passed (forwards: done once the floor is at the target or past it), then ("start")
+        or else ("replay": to the floor or before it) COMMIT_STEP ack entries forgotten.
+        Returns the floor and whether the reset is done: a reset over a large store never holds
+        the supervisor's loop (or LMDB's write lock) for long, and each step leaves a state a
+        reset may stop in (some of the way moved)."""
         def work(txn: lmdb.Transaction) -> Tuple[int, bool]:
             consumers = self._consumers_in(txn)
             consumer = consumers.get(name) or self._consumer_in(txn, name)
-            if skip or target > consumer.floor:  # forwards only by passing the records
+            if way != "replay" or target > consumer.floor:  # forwards only by passing the records
                 done = consumer.floor >= target or \
                     self._skip_step(txn, consumer, target, consumers, RESET_STEP, count_dropped=False)
+                if done and way == "start" and consumer.floor == target:  # not overtaken by its acks
+                    done = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
             else:
                 done = self._forget_acks_through(txn, consumer, _MAX_ID, COMMIT_STEP)
                 if done:

@@ -111,6 +111,18 @@ def test_reset_replays_and_skips(store: Store):
     assert stored(store) == []
 
 
+@pytest.mark.parametrize("floor_before", ["below the id", "past the id"])
+def test_a_reset_to_an_id_starts_at_that_message_whatever_was_acked(store: Store, floor_before: str):
+    """`reset a --to ID` with the floor below the id skipped forward keeping a's acks from there
+    on (ids[2] and ids[4] never came again), while with the floor at or past it it replayed: the
+    same command gave different results (found by review)."""
+    declare(store, ConsumerSpec("a"), ConsumerSpec("keeper"))  # keeper holds every message
+    ids = put(store, *["t"] * 6)
+    store.consumer_ack("a", ids[1:3] + [ids[4]] + (ids[:1] if floor_before == "past the id" else []), NOW)
+    store.consumer_reset("a", ids[2])
+    assert ids_for(store, "a") == ids[2:]
+
+
 def test_unknown_consumer_is_one_clear_error(store: Store):
     with pytest.raises(UnknownConsumer) as caught:
         store.consumer_messages("nobody")
@@ -416,7 +428,7 @@ def test_a_replay_step_never_moves_a_floor_forward_without_passing_the_records(s
     took the floor back) set the floor there: what only this consumer held stayed stored."""
     declare(store, ConsumerSpec("app"))
     ids = put(store, *["t"] * 50)
-    assert store.consumer_reset_step("app", ids[29], False) == (ids[29], True)
+    assert store.consumer_reset_step("app", ids[29], "replay") == (ids[29], True)
     assert stored(store) == ids[30:]  # passed: done for its only consumer, gone
 
 

@@ -248,6 +248,20 @@ def test_a_paged_reset_is_a_commit_per_call_and_the_client_calls_on(harness):
         assert fx.messages() == [] and harness.store.stats()["inbox_count"] == len(ids)
 
 
+def test_a_paged_latest_reset_keeps_an_ack_made_between_its_calls(harness):
+    """A reset to an id forgets the consumer's acks from there on; a paged `latest` goes on
+    with an id as its `to`, and must forget none: a message stored and acked between its calls
+    stays acked (found by review: a store step told the two apart by the target alone)."""
+    harness.ingest(*[("t/x", b"n")] * (2 * RESET_STEP + 5))
+    harness.store.consumer_register("keeper", 0.0)  # holds every message
+    with connect(harness.path, consumer="app") as fx:
+        answer = fx.call("reset", consumer="app", to="latest", paged=True)
+        assert fx.ack(harness.ingest(("t/x", b"newer"))) == 1
+        while not answer["done"]:
+            answer = fx.call("reset", consumer="app", to=answer["to"], paged=True, way=answer["way"])
+        assert fx.messages() == []
+
+
 def test_a_paged_skip_overtaken_by_the_floor_ends_instead_of_replaying(harness):
     """Between two calls of a skip, an ack's (or the sweep's) walk may take the floor past its
     target. The next call decided the way anew and replayed: the floor went back to the
@@ -256,13 +270,13 @@ def test_a_paged_skip_overtaken_by_the_floor_ends_instead_of_replaying(harness):
     harness.store.consumer_register("keeper", 0.0)  # holds every message
     with connect(harness.path, consumer="app") as fx:
         first = fx.call("reset", consumer="app", to=ids[RESET_STEP + 1], paged=True)
-        assert first["done"] is False and first["way"] == "skip"
+        assert first["done"] is False and first["way"] == "start"
         assert fx.ack([m.id for m in fx.messages(limit=len(ids))]) == len(ids) - RESET_STEP
         assert harness.store.consumer_state("app").floor == ids[-1]  # past the skip's target
         last = fx.call("reset", consumer="app", to=first["to"], paged=True, way=first["way"])
         assert last == {"consumer": "app", "acked_through": ids[-1], "done": True, "to": None}
         assert fx.messages() == []  # nothing comes again
-        assert "param 'way' must be skip or replay" in str(pytest.raises(
+        assert "param 'way' must be skip, start or replay" in str(pytest.raises(
             RpcError, fx.call, "reset", consumer="app", to=1, paged=True, way="sideways").value)
 
 
@@ -275,7 +289,7 @@ def test_a_replay_forgets_every_ack_in_steps_even_from_floor_0(store):
     store.consumer_register("keeper", 0.0)
     store.consumer_ack("app", ids[1:], 1.0)
     assert store.consumer_state("app").floor == 0
-    assert [store.consumer_reset_step("app", 0, False) for _ in range(3)] == [(0, False), (0, False), (0, True)]
+    assert [store.consumer_reset_step("app", 0, "replay") for _ in range(3)] == [(0, False), (0, False), (0, True)]
     assert [m.id for m in store.consumer_messages("app", limit=len(ids))] == ids
 
 

@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
-from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, RESET_TARGETS, ConsumerCallError, valid_name
+from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, RESET_TARGETS, RESET_WAYS, ConsumerCallError, valid_name
 from flashlexd.wire import ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
@@ -492,8 +492,8 @@ class Methods:
         most RESET_STEP records at a time. `paged`: one commit per call, answering `done` and,
         while not done, the `to` of the next call (what `flashlexd.client` sends); otherwise
         one commit per turn of the server's loop (walk.py's `Steps`), answered at the end. The
-        answer's `way` goes with the next call's `to`: whether the reset skips or replays is
-        decided by its first call (Store.consumer_reset_skips)."""
+        answer's `way` goes with the next call's `to` (an id, even for "latest"): how the reset
+        goes is decided by its first call (Store.consumer_reset_way)."""
         consumer = self._consumer(p, required=True)
         to = p.get("to")
         if to not in RESET_TARGETS:
@@ -501,23 +501,23 @@ class Methods:
                 raise p.bad("to", "earliest, latest or a message id", to)
             to = p.record_id("to", to)
         way = p.get("way")  # a paged reset's next call: the way its first one went
-        if way not in (None, "skip", "replay"):
-            raise p.bad("way", "skip or replay (the `way` a paged reset's answer gave)", way)
+        if way is not None and way not in RESET_WAYS:
+            raise p.bad("way", "skip, start or replay (the `way` a paged reset's answer gave)", way)
         paged = p.boolean("paged", False)
         p.done()
         target = self.store.consumer_reset_target(to)
-        skip = way == "skip" if way else self.store.consumer_reset_skips(consumer, target)  # type: ignore[arg-type]
+        way = way or self.store.consumer_reset_way(consumer, to, target)  # type: ignore[arg-type]
 
         def step() -> Tuple[Dict[str, Any], bool]:
-            floor, done = self.store.consumer_reset_step(consumer, target, skip)  # type: ignore[arg-type]
-            if done and not skip:
+            floor, done = self.store.consumer_reset_step(consumer, target, way)  # type: ignore[arg-type]
+            if done and way != "skip":  # its acks from the target on were forgotten
                 self._count_replay(consumer)  # type: ignore[arg-type]
                 self.on_replay()
             answer: Dict[str, Any] = {"consumer": consumer, "acked_through": floor}
             if paged and done:
                 answer.update(to=None)
             elif paged:
-                answer.update(to=target + 1, way="skip" if skip else "replay")
+                answer.update(to=target + 1, way=way)
             return answer, done
 
         return _stepped(step, paged)
