@@ -17,7 +17,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from flashlexd.configconsumers import ConsumerSettings
-from flashlexd.consumers import NoRoomForConsumer
+from flashlexd.consumers import MAX_CONSUMERS, NoRoomForConsumer
 from flashlexd.store import Store, StoreDamaged, StoreError
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ class ConsumerKeeper:
             return
         for name in declared.created:
             log.info("consumer %r declared: it starts at the earliest stored message", name)
+        for name in declared.gave_place:
+            log.warning("consumer %r removed: taken out of flashlex.app.consumers, it gave its place"
+                        " to a newly declared one (%d are stored, the most there may be); the messages"
+                        " only it held were released", name, MAX_CONSUMERS)
         for name in declared.refused:
             log.error("flashlex.app.consumers.%s: %s; it is declared again at the next reload", name,
                       NoRoomForConsumer(name))

@@ -40,9 +40,11 @@ Consumers = Dict[str, ConsumerState]
 
 
 class Declared(NamedTuple):
-    """What `consumer_declare` did: the consumers it created, and those it had no room for."""
+    """What `consumer_declare` did: the consumers it created, those it had no room for, and
+    those taken out of the config that it removed to give their place to a new one."""
     created: List[str]
     refused: List[str]
+    gave_place: List[str]
 
 
 @dataclass
@@ -246,20 +248,25 @@ class ConsumerStore:
         """Make the stored consumers agree with the config: declared ones are created (from the
         earliest stored message) or get the config's filter and maxBacklog; a consumer no longer
         declared becomes dynamic (the idle rule then removes it). A new one beyond MAX_CONSUMERS
-        stored (apps registered the rest) is not created: it is named in `refused`."""
+        stored takes the place of one this reload takes out of the config (a rename: named in
+        `gave_place`, removed), else (apps registered the rest) it is not created: it is named
+        in `refused`."""
         def work(txn: lmdb.Transaction) -> Declared:
             stored = self._consumers_in(txn)
             declared = {spec.name for spec in specs}
-            result = Declared([], [])
+            undeclared = [c.name for c in stored.values() if not c.dynamic and c.name not in declared]
+            result = Declared([], [], [])
             changed = []  # (as it was, as it is now): a filter that may no longer match what it
             # held, or may match what its floor passed unseen
             for spec in specs:
                 consumer = stored.get(spec.name)
-                if consumer is None and len(stored) + len(result.created) >= MAX_CONSUMERS:
-                    result.refused.append(spec.name)
-                    continue
+                if consumer is None and len(stored) - len(result.gave_place) >= MAX_CONSUMERS:
+                    if not undeclared:
+                        result.refused.append(spec.name)
+                        continue
+                    result.gave_place.append(undeclared.pop(0))
                 if consumer is None:
-                    consumer = ConsumerState(spec.name, last_seen=now)
+                    consumer = stored[spec.name] = ConsumerState(spec.name, last_seen=now)
                     result.created.append(spec.name)
                 elif consumer.filter != spec.filter:
                     changed.append((replace(consumer), consumer))  # a copy with a memo of its own
@@ -268,6 +275,8 @@ class ConsumerStore:
             for before, after in changed:
                 self._release_unmatched(txn, before, after, stored)
                 self._reopen_widened(txn, before, after)
+            for name in result.gave_place:  # once the new ones hold what they match
+                self._remove_now(txn, stored.pop(name), stored)
             for consumer in stored.values():
                 if not consumer.dynamic and consumer.name not in declared:
                     consumer.dynamic, consumer.last_seen = True, now
@@ -275,6 +284,15 @@ class ConsumerStore:
             return result
 
         return self._write(work)  # type: ignore[return-value]
+
+    def _remove_now(self, txn: lmdb.Transaction, gone: ConsumerState, rest: Consumers) -> None:
+        """Remove `gone` in this commit, as `consumer_remove_step` does a step at a time: a
+        consumer taken out of the config gives its place to one the same reload declares (a
+        rename with MAX_CONSUMERS stored was refused until the old one was removed by hand).
+        One walk of the records past its floor, and of its ack entries, in the reload's commit."""
+        self._release(txn, gone, rest, _MAX_ID)
+        self._forget_acks_through(txn, gone, _MAX_ID)
+        txn.delete(gone.name.encode(), db=self._consumer_db)
 
     def _release_unmatched(self, txn: lmdb.Transaction, before: ConsumerState, after: ConsumerState,
                            consumers: Consumers) -> None:

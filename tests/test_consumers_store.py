@@ -274,7 +274,28 @@ def test_a_declared_consumer_beyond_the_most_stored_is_refused_by_name_not_store
                       " `flashlexctl consumers remove NAME`); it is declared again at the next reload"]
     while store.consumer_remove_step("app0", NOW + 1) is None:
         pass
-    assert store.consumer_declare(list(settings.declared), NOW) == (["over"], [])
+    assert store.consumer_declare(list(settings.declared), NOW) == (["over"], [], [])
+
+
+def test_a_consumer_renamed_in_the_config_with_the_most_stored_takes_the_old_ones_place(store: Store, caplog):
+    """With 64 consumers stored, a reload renaming a declared one refused the new name (one
+    ERROR) until the old one was removed by hand (found by review): the old one, taken out of
+    the config, gives its place (one WARNING), and the new one gets every stored message it
+    matches, those the old one acked too."""
+    for i in range(MAX_CONSUMERS - 1):
+        store.consumer_register(f"app{i}", NOW)  # every topic: they hold every message
+    declare(store, ConsumerSpec("old", "t/#"))
+    ids = put(store, "t/a", "t/b", "u")
+    store.consumer_ack("old", ids[:1], NOW)
+    settings = ConsumerSettings((ConsumerSpec("new", "t/#"),))
+    keeper = ConsumerKeeper(lambda: store, lambda: settings, lambda: 5.0, start_grace=0)
+    with caplog.at_level(logging.INFO, logger="flashlexd.consumerkeeper"):
+        keeper.declare()
+    assert store.consumer_state("old") is None and store.consumer_state("new").dynamic is False
+    assert len(store.consumer_states()) == MAX_CONSUMERS and ids_for(store, "new") == ids[:2]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "consumer 'old' removed: taken out of flashlex.app.consumers, it gave its place to a newly"
+        " declared one (64 are stored, the most there may be); the messages only it held were released"]
 
 
 def write_schema3_store(path: Path) -> List[int]:
