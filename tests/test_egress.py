@@ -152,15 +152,20 @@ def test_entries_keep_their_topic_qos_and_retain(broker: Broker, tmp_path: Path,
     subscriber = Subscriber(broker, "flashlex/#", tmp_path / "received", fmt="%t %q %r %p").start()
     store.outbox_append([("flashlex/a", b"one", 1, False), ("flashlex/b", b"two", 0, False),
                          ("flashlex/+", b"a wildcard topic cannot be published", 1, False),
-                         ("flashlex/c", b"kept", 1, True), ("flashlex/a", b"\x00binary\xff", 1, False)])
+                         ("flashlex/c", b"kept", 1, True), ("flashlex/a", b"\x00binary\xff", 1, False),
+                         ("flashlex/#", b"nor at QoS 0", 0, False)])
     worker = start_worker("egress", config)
     wait_for(lambda: store.outbox_count() == 0, 10, "the outbox empty")
     wait_for(lambda: len(subscriber.lines()) == 4, 10, "four messages")
     assert subscriber.lines() == [b"flashlex/a 1 0 one", b"flashlex/b 0 0 two", b"flashlex/c 1 0 kept",
                                   b"flashlex/a 1 0 \x00binary\xff"]
-    worker.wait(lambda w: w.counters.get("invalid") == 1 and w.counters.get("sent") == 4, 10, "counted")
-    [dead] = store.dead_letters()  # never deleted unseen: kept for an operator to see and drop
+    worker.wait(lambda w: w.counters.get("invalid") == 2 and w.counters.get("sent") == 4, 10, "counted")
+    # never deleted unseen: kept for an operator to see and drop; a QoS 0 entry too, although
+    # it leaves the store before paho gets it (a review found it deleted, and counted as sent)
+    dead, dead0 = store.dead_letters()
     assert dead.topic == "flashlex/+" and dead.reason.startswith("not publishable")
+    assert dead0.topic == "flashlex/#" and dead0.reason.startswith("not publishable")
+    assert store.stats()["sent"] == 4
     retained = subprocess.run(["mosquitto_sub", *broker.client_args(), "-t", "flashlex/c", "-C", "1",
                                "-F", "%r %p", "-W", "5"], capture_output=True, timeout=10)
     assert retained.stdout == b"1 kept\n"

@@ -46,7 +46,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
 from flashlexd.linkwatch import Verdict
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import QUOTA_EXCEEDED, publish_packet_size, publish_properties, reason_name
+from flashlexd.mqttv5 import QUOTA_EXCEEDED, V5, publish_packet_size, publish_properties, reason_name
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
@@ -401,9 +401,29 @@ class EgressWorker(Worker):
         if refused is None and limit and publish_packet_size(
                 entry.topic, entry.payload, entry.properties, _expiry_left(entry), entry.qos) > limit:
             refused = f"larger than the broker's Maximum Packet Size ({limit} bytes)"
+        if refused is None and entry.qos == 0:  # it leaves the store before paho sees it: what
+            refused = self._paho_refuses(entry)  # paho would refuse is found while it can be kept
         if refused is not None:
             self._dead_letter(_InFlight(entry.id, entry.topic, size), refused, 0)
         return refused is not None
+
+    def _paho_refuses(self, entry: OutboxEntry) -> Optional[str]:
+        """Why paho's publish would raise for `entry` (its own checks: a wildcard or empty
+        topic, properties it cannot pack; an entry queued before the API checked them), as a
+        dead letter's reason; else None."""
+        topic = entry.topic.encode("utf-8")
+        if b"+" in topic or b"#" in topic or len(topic) > 0xFFFF or (not topic and self.connection.protocol != V5):
+            reason = "the topic is empty, too long or holds a wildcard"
+        else:
+            try:
+                properties = publish_properties(entry.properties, _expiry_left(entry))
+                if properties is not None and self.connection.protocol == V5:
+                    properties.pack()
+                return None
+            except (ValueError, TypeError, OverflowError, struct.error) as exc:
+                reason = str(exc)
+        self.counters["invalid"] += 1
+        return f"not publishable: {reason}"
 
     def _send(self, ready: List[Tuple[OutboxEntry, int]]) -> bool:
         """Hand `ready` to paho, oldest first; False when one was not taken (the link is down:
@@ -429,7 +449,7 @@ class EgressWorker(Worker):
             # a wildcard topic, or properties paho cannot pack (an entry queued before the API
             # checked them): it could never go out, and must not crash the worker at each start
             self.counters["invalid"] += 1
-            if entry.qos == 0:  # already out of the store: nothing to set aside
+            if entry.qos == 0:  # already out of the store (_paho_refuses missed it): nothing to keep
                 log.warning("QoS 0 outbox entry %d (topic %s) not publishable, dropped: %s",
                             entry.id, entry.topic, exc)
             else:
