@@ -325,13 +325,15 @@ class StoreBase:
 
     def clock_steps_recorded(self) -> List[float]:
         """Seconds the wall clock stepped forward (negative: back) as boot frames recorded them,
-        this boot's first, then each earlier boot's the store keeps: steps an earlier daemon run
-        or boot saw, which a consumer's last use (a bare wall time) may predate (consumerkeeper.py)."""
+        this boot's first, then the previous boot's if the store keeps it: a step an earlier
+        daemon run or boot saw, which a consumer's last use (a bare wall time) may predate
+        (consumerkeeper.py). Only that one: a dead letter keeps every frame since its boot, and
+        each boot's step (fake-hwclock's nightly ones) would add up for every consumer."""
         current = self._frames.current
         with self._read() as txn:
             frames = self._frames.snapshot_timeline(txn).frames
-        return [f.last - f.first for f in [current] + [f for seq, f in sorted(frames.items())
-                                                        if seq != current.seq]]
+        earlier = [f for seq, f in sorted(frames.items()) if seq < current.seq]
+        return [f.last - f.first for f in [current] + earlier[-1:]]
 
     def vanished(self) -> Optional[str]:
         """Why the store's file is no longer at its path (the data dir removed or replaced under

@@ -679,3 +679,36 @@ def test_a_step_an_earlier_boot_recorded_is_left_out_of_idle_times(tmp_path: Pat
         assert run.sweep(7 * day) == []  # and a week later it goes
     finally:
         opened[0].close()
+
+
+def test_the_steps_of_many_earlier_boots_do_not_add_up_in_idle_times(tmp_path: Path):
+    """Found by review of the test above's fix: every earlier boot's step counted, and a dead
+    letter keeps every boot's clock record since its own, so on a Pi powered off every night
+    (fake-hwclock, NTP stepping each boot forward by the night) 31 nights' steps, 12.9 days,
+    were left out of the idle time of a consumer unused for 8 days (consumerIdleDays 7)."""
+    hour, day = 3600.0, 86400.0
+    clock = SteppingClock(time.time() - 60 * day)
+    opened = [Store(tmp_path / "store", 64 << 20, clock=clock)]
+    try:
+        [entry] = opened[0].outbox_append([("up", b"x", 1, False)])
+        assert opened[0].outbox_dead_letter(entry, "refused by the broker: Not authorized (0x87)", 1)
+        for night in range(30):
+            clock.advance(0, step=10 * hour)  # NTP after the boot: the night the clock missed
+            assert opened[0].note_clock()
+            clock.advance(14 * hour)          # the day's work, then power off
+            opened[0].close()
+            clock.reboot(f"boot-{night}".encode())
+            opened[0] = Store(tmp_path / "store", 64 << 20, clock=clock)
+        clock.advance(0, step=10 * hour)
+        assert opened[0].note_clock()
+        clock.advance(60)
+        opened[0].consumer_register("app", clock.wall)  # its last use
+        put(opened[0], "t")
+        clock.advance(8 * day)                # up for 8 days, no step since the last use
+        opened[0].close()                     # flashlexd restarted (same boot)
+        opened[0] = Store(tmp_path / "store", 64 << 20, clock=clock)
+        run = KeeperRun(lambda: opened[0], clock)
+        assert run.sweep(0) == ["app"]        # the daemon's first hour: none goes
+        assert run.sweep(hour + 60) == []
+    finally:
+        opened[0].close()
