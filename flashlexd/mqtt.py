@@ -308,6 +308,20 @@ class Connection:
             select.select([], [self.client.socket()], [], remaining)
             self.client.loop_write()
 
+    def pump_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """For a graceful stop: read and write the link until `done()` (what the worker waits
+        for came: PUBACKs, an UNSUBACK), the link drops, or `timeout` passes; whether `done()`
+        came true. Nothing else runs meanwhile: no reconnect, no keepalive."""
+        deadline = self.clock() + timeout
+        while not done():
+            reads, writes = self.wait_fds()
+            left = deadline - self.clock()
+            if not self.connected or not reads or left <= 0:
+                return False
+            ready_r, ready_w, _ = select.select(list(reads), list(writes), [], min(left, 0.1))
+            self.on_ready(ready_r, ready_w)
+        return True
+
     def close(self, timeout: float) -> None:
         """Flush what is queued (acks, publishes), send DISCONNECT, and stop reconnecting."""
         self.closing = True

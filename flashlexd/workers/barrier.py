@@ -82,6 +82,10 @@ class AckBarrier:
         self.sent_acks([])
         return confirmed
 
+    def unconfirmed(self) -> int:
+        """PUBACKs sent on this connection that no barrier has confirmed yet."""
+        return (len(self.acked) + len(self.waiting)) // MARK_BYTES
+
     def disconnected(self) -> None:
         """Unconfirmed PUBACKs may not have reached the broker: keep their marks."""
         self.acked, self.waiting, self.barrier_mid = bytearray(), bytearray(), None

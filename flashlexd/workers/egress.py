@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import select
 import struct
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -153,25 +152,14 @@ class EgressWorker(Worker):
 
     def shutdown(self) -> None:
         budget = min(self.config.thing.mqtt.connect_timeout, self.config.supervision.stop_timeout / 2)
-        self._await_inflight(time.monotonic() + budget / 2)
+        # a graceful stop (a reload, a restart) reads the PUBACKs of what is in flight before
+        # the DISCONNECT: else the next worker sends all of it again
+        self.connection.pump_until(lambda: not self.inflight, budget / 2)
         self.connection.close(budget / 2)
         self._delete_done()  # PUBACKs read while closing
         if self.link_up:  # all queued so far was queued online: not the next egress's backlog
             self._mark_link_down()
         self.store.close()
-
-    def _await_inflight(self, deadline: float) -> None:
-        """A graceful stop (a reload, a restart) reads the PUBACKs of what is in flight before
-        the DISCONNECT, within `deadline`: else the next worker sends all of it again."""
-        while self.inflight and self.connection.connected:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            reads, writes = self.connection.wait_fds()
-            if not reads:
-                return
-            ready_r, ready_w, _ = select.select(list(reads), list(writes), [], min(left, 0.1))
-            self.connection.on_ready(ready_r, ready_w)
 
     # -- MQTT -------------------------------------------------------------------------------------
 
