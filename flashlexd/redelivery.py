@@ -1,29 +1,34 @@
-"""Which messages of an inbox append are redeliveries, without trusting packet ids.
+"""Which messages of an inbox append are redeliveries: by content, and under MQTT 5 by packet id.
 
 Two databases of the store, written in the append's own transaction (so they survive a kill
 and a power cut exactly as the messages do):
 
-  unconfirmed  digest(8) -> count(4) + seq(8) + link(8) + taken(4): how many committed
-               messages with this topic + payload the broker has not yet confirmed as
+  unconfirmed  digest(8) -> count(4) + seq(8) + link(8) + taken(4) [+ id(2) per copy]: how many
+               committed messages with this topic + payload the broker has not yet confirmed as
                acknowledged (workers/barrier.py says when it has). A DUP=1 message whose digest
                is counted here is a broker's redelivery of one of them, whatever its packet id
-               (RabbitMQ renumbers them): it is acknowledged, not stored. A DUP=1 message with
-               a digest at 0 is new (a first transmission was lost), even if its packet id and
+               (RabbitMQ renumbers them): it is acknowledged, not stored. A DUP=1 message with a
+               digest at 0 is new (a first transmission was lost), even if its packet id and
                content equal those of an older, confirmed message. Each confirmation takes one
                off the count. A broker resends each unconfirmed copy once per connection, so
                `taken` counts the copies already accounted for on connection `link` (the
                ingress's random id of it): those that arrived on it, new or recognised. A DUP is
-               a redelivery only while count exceeds the copies taken before it (MQTT 5
-               forbids resending on the same connection; a 3.1.1 broker that does is caught
-               by the ingress while both copies wait in its batch): two copies of "on" in
-               flight at a drop, one committed, the other's first transmission lost, are one
-               redelivery and one new message (before, both were taken for redeliveries and
-               the second was lost). A
-               PUBACK sent just before a disconnect is never confirmed, and if the broker did
-               get it no redelivery takes its count off: the table is therefore capped at
-               MARKS_MAX entries, the oldest (lowest seq, an inbox id) going first; the live
-               ones are those of the last batch or two (the broker's in-flight window and
-               the ingress batch size bound them), far below the cap.
+               a redelivery only while count exceeds the copies taken before it (MQTT 5 forbids
+               resending on the same connection; a 3.1.1 broker that does is caught by the
+               ingress while both copies wait in its batch): two copies of "on" in flight at a
+               drop, one committed, the other's first transmission lost, are one redelivery and
+               one new message (before, both were taken for redeliveries and the second was
+               lost). Under MQTT 5 a broker must resend a copy under its packet id, so the ids
+               of the unconfirmed copies are kept (up to MIDS_MAX, in arrival order, the order
+               their confirmations come in) and, when known for each copy, a DUP is a redelivery
+               only if its id is one of them: a copy whose count stays for good (below) no
+               longer takes a new message first sent as a DUP. A mark of an earlier version, or
+               with a copy of a 3.1.1 connection (RabbitMQ renumbers resends), has no ids: the
+               count decides. A PUBACK sent just before a disconnect is never confirmed, and if
+               the broker did get it no redelivery takes its count off: the table is therefore
+               capped at MARKS_MAX entries, the oldest (lowest seq, an inbox id) going first;
+               the live ones are those of the last batch or two (the broker's in-flight window
+               and the ingress batch size bound them), far below the cap.
   dedupe       b"k" + key(16) -> ms(8) and b"t" + ms(8) + key(16) -> b"": application keys
                (flashlexd/dedupe.py) stored in the last window, the second form ordered by
                time so the expired ones are dropped from the front, a few per append.
@@ -32,16 +37,18 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 from flashlexd.clock import STEP_TOLERANCE
 from flashlexd.storedamage import CorruptRecord
 
-MARK = struct.Struct(">IQQI")  # count, seq, link, taken
+MARK = struct.Struct(">IQQI")  # count, seq, link, taken; then the copies' packet ids (2 bytes each)
+_MID = struct.Struct(">H")
+MIDS_MAX = 32  # packet ids kept per content; more copies unconfirmed: the count alone decides
 _OLD_MARK = struct.Struct(">IQ")  # count, seq: before the links were counted (link 0, none taken)
 _MS = struct.Struct(">Q")
-MARKS_MAX = 16384  # ~0.5 MB of marks at most; live ones are a few batches
+MARKS_MAX = 16384  # ~0.5 MB of marks at most (more with many copies); live ones are a few batches
 _AHEAD_TOLERANCE_MS = int(STEP_TOLERANCE * 1000)  # a stamp later than now by less: a clock's jitter
 PRUNE_PER_APPEND = 1000  # expired dedupe keys dropped per append, at most
 
@@ -59,18 +66,25 @@ class Redeliveries:
                 continue
             count, seq, link, taken = decode_mark(raw)
             if count > 1:  # a confirmation is of a copy the connection it came on accounted for
-                txn.put(digest, MARK.pack(count - 1, seq, link, max(0, taken - 1)), db=self.unconfirmed)
+                mids = decode_mids(raw)  # PUBACKs are confirmed in the order the copies came
+                txn.put(digest, _pack(count - 1, seq, link, max(0, taken - 1), mids[1:]), db=self.unconfirmed)
             else:
                 txn.delete(digest, db=self.unconfirmed)
 
     def choose(self, txn: lmdb.Transaction, dups: Sequence[bool], digests: Sequence[Optional[bytes]],
                keys: Sequence[Optional[bytes]], seq: int, now: float,
-               window: Optional[float], links: Sequence[int] = ()) -> List[int]:
+               window: Optional[float], links: Sequence[int] = (),
+               mids: Optional[Sequence[int]] = None) -> List[int]:
         """Indexes of the messages to store; counts the others' marks. `dups` are the DUP
         flags, `digests` from store.dup_marks (None: QoS 0), `keys` the dedupe keys, `links`
         the connection each message came on (none: a caller that does not know, and any DUP of
-        a counted content is a redelivery)."""
-        marks: Dict[bytes, List[int]] = {}  # digest -> [count, link, taken]
+        a counted content is a redelivery). `mids`: the packet ids, when the broker keeps them
+        on a resend (MQTT 5 requires it): a DUP is then a redelivery only when its packet id is
+        an unconfirmed copy's, so a new message of that content whose first transmission was
+        lost is stored even while an older copy's count waits for a confirmation that will
+        never come (the link dropped between the broker's handling of its PUBACK and our
+        barrier's answer)."""
+        marks: Dict[bytes, List[Any]] = {}  # digest -> [count, link, taken, packet ids]
         changed: Dict[bytes, None] = {}
         hashes = [hashlib.blake2b(k, digest_size=16).digest() if k is not None and window else None
                   for k in keys]
@@ -84,14 +98,16 @@ class Redeliveries:
                 if mark is None:
                     raw = txn.get(digest, db=self.unconfirmed)
                     count, _, link, taken = decode_mark(raw) if raw else (0, 0, 0, 0)
-                    mark = marks[digest] = [count, link, taken]
+                    mark = marks[digest] = [count, link, taken, decode_mids(raw) if raw else []]
                 if links:
                     if mark[1] != links[i]:  # none accounted for on this connection yet
                         mark[1], mark[2] = links[i], 0
                     mark[2] += 1
                     changed[digest] = None
-                if dup and mark[0] > (mark[2] - 1 if links else 0):
+                mid = mids[i] if mids is not None else None
+                if dup and _redelivered(mark, mid, bool(links)):
                     continue  # a redelivery of one we hold: its confirmation settles the mark
+                mark[3] = _with_copy(mark[3], mark[0], mid)
                 mark[0] += 1
                 changed[digest] = None
             if key is not None:
@@ -101,7 +117,7 @@ class Redeliveries:
             chosen.append(i)
         if changed:
             txn.cursor(db=self.unconfirmed).putmulti(
-                [(d, MARK.pack(marks[d][0], seq, marks[d][1], marks[d][2])) for d in sorted(changed)])
+                [(d, _pack(marks[d][0], seq, marks[d][1], marks[d][2], marks[d][3])) for d in sorted(changed)])
             self._cap(txn, seq)
         if window:
             self._remember(txn, fresh, now_ms, since)
@@ -174,10 +190,40 @@ def decode_stamp(raw: bytes) -> int:
     return _MS.unpack(raw)[0]
 
 
+def _redelivered(mark: List[Any], mid: Optional[int], on_links: bool) -> bool:
+    """Whether a DUP of the content of `mark` ([count, link, taken, packet ids]) is the
+    broker's resend of a copy held: by its packet id when the broker keeps ids (`mid`) and
+    the ids of every unconfirmed copy are known; else while the content has more unconfirmed
+    copies than this connection accounted for (any, when `on_links` is false)."""
+    count, _, taken, ids = mark
+    if mid is not None and count and len(ids) == count:
+        return mid in ids
+    return count > (taken - 1 if on_links else 0)
+
+
+def _with_copy(ids: List[int], count: int, mid: Optional[int]) -> List[int]:
+    """The packet ids once a copy with `mid` is counted; [] when they are not known for every
+    copy (an id not kept, a mark of an earlier version, more than MIDS_MAX copies)."""
+    if mid is None or len(ids) != count or count >= MIDS_MAX:
+        return []
+    return [*ids, mid]
+
+
+def _pack(count: int, seq: int, link: int, taken: int, mids: Sequence[int]) -> bytes:
+    return MARK.pack(count, seq, link, taken) + b"".join(_MID.pack(m) for m in mids)
+
+
+def decode_mids(raw: bytes) -> List[int]:
+    """The packet ids of the unconfirmed copies ([]: not known for each)."""
+    if len(raw) <= MARK.size:
+        return []
+    return [_MID.unpack_from(raw, at)[0] for at in range(MARK.size, len(raw), _MID.size)]
+
+
 def decode_mark(raw: bytes) -> Tuple[int, int, int, int]:
     """(count, seq, link, taken) of an `unconfirmed` value; a damaged one is reported as damage."""
-    if len(raw) == MARK.size:
-        return MARK.unpack(raw)
+    if MARK.size <= len(raw) <= MARK.size + MIDS_MAX * _MID.size and (len(raw) - MARK.size) % _MID.size == 0:
+        return MARK.unpack_from(raw)
     if len(raw) == _OLD_MARK.size:
         return (*_OLD_MARK.unpack(raw), 0, 0)
     raise CorruptRecord(f"an unconfirmed-message mark of {len(raw)} bytes")

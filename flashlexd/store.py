@@ -96,7 +96,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     @guarded
     def append(self, messages: Sequence[Incoming], now: Optional[float] = None,
                settled: Sequence[DupMark] = (), dedupe_window: Optional[float] = None,
-               links: Sequence[int] = ()) -> List[Optional[int]]:
+               links: Sequence[int] = (), ids_kept: bool = False) -> List[Optional[int]]:
         """Store a batch in ONE transaction (group commit). Returns each message's id, or None
         for a duplicate: a redelivery (DUP) of a message stored and not yet confirmed, or a
         message whose dedupe key was stored in the last `dedupe_window` seconds. All or nothing.
@@ -105,7 +105,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         has processed (see workers/barrier.py): they can no longer be redelivered, so their
         marks are taken off in the same transaction, before this batch is looked at. `links`
         name the connection each message came on (redelivery.py: a broker resends a copy once
-        per connection)."""
+        per connection); `ids_kept`: they came where a resend keeps its packet id (MQTT 5), so
+        a DUP is judged by its packet id too."""
         reading = self._frames.reading(now)
         seq = self._frames.current.seq
         # in this boot's first frame: a later step does not move it (clock.py)
@@ -124,7 +125,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             self._redeliveries.settle(txn, settled)
             first_id = self._counter(txn, b"inbox_last_id") + 1
             # dedupe windows run on the same step-proof time as expiry
-            chosen = self._not_redelivered(txn, messages, marks, first_id, steady, dedupe_window, links)
+            chosen = self._not_redelivered(txn, messages, marks, first_id, steady, dedupe_window, links,
+                                           ids_kept)
             new_records = [records[i] for i in chosen]
             last_id = first_id + len(new_records) - 1
             if new_records:
@@ -160,14 +162,15 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     def _not_redelivered(self, txn: lmdb.Transaction, messages: Sequence[Incoming],
                          marks: List[Optional[DupMark]], first_id: int, wall: float,
-                         dedupe_window: Optional[float], links: Sequence[int]) -> List[int]:
+                         dedupe_window: Optional[float], links: Sequence[int],
+                         ids_kept: bool) -> List[int]:
         """Indexes of the messages to store: all but the DUPs of a message stored (in the store
         or earlier in this batch) and not yet confirmed, and the repeated dedupe keys."""
         if not dedupe_window and not any(m.dup for m in messages) and not any(marks):
             return list(range(len(messages)))  # QoS 0 only: nothing to mark
         return self._redeliveries.choose(txn, [m.dup for m in messages], marks,
                                          [m.key for m in messages], first_id, wall, dedupe_window,
-                                         links)
+                                         links, [m.mid for m in messages] if ids_kept else None)
 
     @guarded
     def messages(self, limit: int = 100, topic: Optional[str] = None,

@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 
 from flashlexd.config import load
 from flashlexd.dedupe import DedupeKey
-from flashlexd.redelivery import MARKS_MAX
+from flashlexd.redelivery import MARKS_MAX, MIDS_MAX
 from flashlexd.store import SCHEMA_VERSION, Incoming, Store, StoreDamaged, dup_marks
 from tests.test_config import config_error, edited_config, setting
 
@@ -226,6 +226,48 @@ def test_a_mark_written_before_connections_were_counted_is_read(tmp_path: Path):
     env.close()
     store = Store(tmp_path / "store", CAP)
     assert store.append([msg(b"x", dup=True), msg(b"x", mid=2, dup=True)], links=[9, 9]) == [None, 1]
+    store.close()
+
+
+def test_under_mqtt5_a_dup_is_a_redelivery_only_under_an_unconfirmed_copys_packet_id(store: Store):
+    """Found by review: "on" committed, the broker processed its PUBACK but the link dropped
+    before the barrier confirmed it, so its count stays for good; a second "on" whose first
+    transmission that drop cut off came as a DUP and was taken for a redelivery: one drop lost
+    a repeated command. Under MQTT 5 (ids kept on a resend) its packet id tells them apart."""
+    assert store.append([msg(b"on", mid=1)], links=[1], ids_kept=True) == [1]
+    assert store.append([msg(b"on", mid=2, dup=True)], links=[2], ids_kept=True) == [2]
+    # both copies unconfirmed now: each one's resend is recognised, on any later connection
+    assert store.append([msg(b"on", mid=2, dup=True), msg(b"on", mid=1, dup=True)], links=[3, 3],
+                        ids_kept=True) == [None, None]
+    # the first copy confirmed (confirmations come in arrival order): id 1 is free again
+    assert store.append([msg(b"on", mid=1, dup=True)], links=[4], settled=dup_marks([msg(b"on")]),
+                        ids_kept=True) == [3]
+
+
+def test_packet_ids_decide_only_when_known_for_every_copy(store: Store):
+    """A copy that came under 3.1.1 (RabbitMQ renumbers resends), or more than MIDS_MAX copies
+    of one content: the count decides, as before."""
+    assert store.append([msg(b"x", mid=1)], links=[1]) == [1]  # 3.1.1: no id kept
+    assert store.append([msg(b"x", mid=2)], links=[2], ids_kept=True) == [2]
+    assert store.append([msg(b"x", mid=9, dup=True)] * 2, links=[3, 3], ids_kept=True) == [None, None]
+    copies = [msg(b"y", mid=100 + i) for i in range(MIDS_MAX + 1)]
+    store.append(copies, links=[5] * len(copies), ids_kept=True)
+    assert store.append([msg(b"y", mid=7, dup=True)], links=[6], ids_kept=True) == [None]
+
+
+def test_a_mark_without_packet_ids_from_the_previous_version_keeps_working(tmp_path: Path):
+    """A store upgraded in place holds 24-byte marks (count, seq, link, taken) with no ids: a
+    DUP of their content is judged by the count; a copy counted on top keeps the ids unknown."""
+    Store(tmp_path / "store", CAP).close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=8, map_size=CAP * 2)
+    with env.begin(write=True) as txn:
+        txn.put(dup_marks([msg(b"x")])[0], struct.pack(">IQQI", 1, 1, 7, 1),
+                db=env.open_db(b"unconfirmed", txn=txn))
+    env.close()
+    store = Store(tmp_path / "store", CAP)
+    assert store.append([msg(b"x", mid=1)], links=[8], ids_kept=True) == [1]
+    assert store.append([msg(b"x", mid=5, dup=True), msg(b"x", mid=6, dup=True), msg(b"x", mid=7, dup=True)],
+                        links=[9, 9, 9], ids_kept=True) == [None, None, 2]
     store.close()
 
 

@@ -24,7 +24,7 @@ time.
 A kill at any instant loses nothing: an unacknowledged message is redelivered by the broker
 (DUP set; mosquitto keeps its packet id, RabbitMQ renumbers it) and the store recognises, by
 content, the redelivery of one it committed and whose PUBACK the broker has not confirmed
-(flashlexd/redelivery.py). With `flashlex.app.db.dedupe`, a message whose application key was
+(flashlexd/redelivery.py); under MQTT 5, where a resend keeps its packet id, by packet id too. With `flashlex.app.db.dedupe`, a message whose application key was
 stored in the window is acknowledged and not stored: a broker's redeliveries after its own crash.
 PUBACKs are sent only on the connection a message arrived on: after a reconnect, the broker
 redelivers whatever we had not acknowledged. The store accounts for each content's copies per
@@ -49,7 +49,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import properties_of, properties_size, reason_name
+from flashlexd.mqttv5 import V5, properties_of, properties_size, reason_name
 from flashlexd.publishread import Publish
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.topics import topic_matches
@@ -430,8 +430,10 @@ class IngressWorker(Worker):
             links = [p.generation for p in self.batch[:count] if p.incoming is not None]
             try:
                 window = self.dedupe.window_seconds if self.dedupe else None
-                ids = self.store.append(messages, settled=settled, dedupe_window=window,
-                                        links=links) if messages else []
+                # MQTT 5 requires a resend under the original packet id (mosquitto keeps it
+                # under 3.1.1 too, RabbitMQ 3.10, 3.1.1 only, renumbers)
+                ids = self.store.append(messages, settled=settled, dedupe_window=window, links=links,
+                                        ids_kept=self.connection.protocol == V5) if messages else []
                 break
             except (StoreFull, DiskFull) as exc:
                 if count == 1:
