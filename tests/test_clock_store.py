@@ -166,11 +166,9 @@ def test_outbox_entries_age_on_the_boot_clock(stores, clock: FakeClock):
     assert store.stats()["outbox_oldest_age"] == pytest.approx(7)
 
 
-def test_a_dead_letters_time_is_rebased_on_a_step(stores, clock: FakeClock, tmp_path: Path):
-    """A device that booted with its clock a day behind dead-letters an entry, then NTP steps
-    the clock: `dead_at` is the real time it happened, like the entry's `created` (it was the
-    wall clock as written, a day off). A dead letter written before (a bare float) reads as
-    it was written."""
+def dead_letter_a_day_behind(stores, clock: FakeClock) -> Store:
+    """A device booted with its clock a day behind: an entry queued, dead-lettered 3 s later,
+    and 4 s after that NTP steps the clock a day forward."""
     clock.step(-DAY)
     store = stores(clock)
     [entry_id] = store.outbox_append([("up", b"x", 1, False)])
@@ -178,6 +176,15 @@ def test_a_dead_letters_time_is_rebased_on_a_step(stores, clock: FakeClock, tmp_
     assert store.outbox_dead_letter(entry_id, "refused", 1)
     clock.advance(4)
     clock.step(DAY)
+    return store
+
+
+def test_a_dead_letters_time_is_rebased_on_a_step(stores, clock: FakeClock, tmp_path: Path):
+    """A device that booted with its clock a day behind dead-letters an entry, then NTP steps
+    the clock: `dead_at` is the real time it happened, like the entry's `created` (it was the
+    wall clock as written, a day off). A dead letter written before (a bare float) reads as
+    it was written."""
+    store = dead_letter_a_day_behind(stores, clock)
     [dead] = store.dead_letters()
     assert dead.created == pytest.approx(TRUE_TIME)
     assert dead.dead_at == pytest.approx(TRUE_TIME + 3) and dead.age == pytest.approx(7)
@@ -185,8 +192,8 @@ def test_a_dead_letters_time_is_rebased_on_a_step(stores, clock: FakeClock, tmp_
     env = lmdb.open(str(tmp_path / "store"), max_dbs=16)
     with env.begin(write=True) as txn:
         db = env.open_db(b"dead", txn=txn)
-        record = msgpack.unpackb(txn.get(struct.pack(">Q", entry_id), db=db))
-        txn.put(struct.pack(">Q", entry_id), msgpack.packb([1, "refused", 1234.5, *record[3:]]), db=db)
+        record = msgpack.unpackb(txn.get(struct.pack(">Q", dead.id), db=db))
+        txn.put(struct.pack(">Q", dead.id), msgpack.packb([1, "refused", 1234.5, *record[3:]]), db=db)
     env.close()
     assert stores(clock).dead_letters()[0].dead_at == 1234.5
 
@@ -244,13 +251,7 @@ def test_a_dead_letters_times_stay_rebased_after_a_reboot(stores, clock: FakeClo
     the clock (a sweep records the step), the Pi reboots with the inbox and outbox empty: the
     store's open dropped the old boot's frame, so the dead letter's `created` and `dead_at`
     read a day off (README "Clock steps": re-based with the last step that boot saw)."""
-    clock.step(-DAY)
-    store = stores(clock)
-    [entry_id] = store.outbox_append([("up", b"x", 1, False)])
-    clock.advance(3)
-    assert store.outbox_dead_letter(entry_id, "refused", 1)
-    clock.advance(4)
-    clock.step(DAY)
+    store = dead_letter_a_day_behind(stores, clock)
     assert store.note_clock()          # the step recorded in boot a's frame
     store.close()
     clock.reboot(b"boot-b")
