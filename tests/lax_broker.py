@@ -2,13 +2,18 @@
 passes any topic bytes on (`LaxBroker`), and the packet helpers a raw client needs."""
 from __future__ import annotations
 
+import queue
+import select
 import socket
 import ssl
 import struct
 import threading
+import time
 from typing import Any, List, Optional, Set, Tuple
 
 from tests.broker import HOST
+
+_PUSH_EVERY = 0.05  # seconds a LaxBroker connection waits for a packet before sending pushed ones
 
 
 def _remaining_length(n: int) -> bytes:
@@ -115,27 +120,35 @@ class LaxBroker(TlsTestBroker):
     set, as a broker keeping its session does (all of them again stored each twice). With
     `resend_after`, what is still not PUBACKed that many seconds after the last packet came is
     sent once more on the same connection, with DUP set (MQTT 3.1.1 allows it; some brokers
-    retry on a timer)."""
+    retry on a timer). It never answers an UNSUBSCRIBE. `push` (topic, payload) sends a QoS 0
+    message to the connected client within 0.05 s, from the connection's own thread."""
 
     def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]],
                  resend_after: Optional[float] = None):
         self.deliveries = deliveries
         self.resend_after = resend_after
+        self.pushed: "queue.Queue[Tuple[bytes, bytes]]" = queue.Queue()
         super().__init__(certs)
+
+    def push(self, topic: bytes, payload: bytes) -> None:
+        self.pushed.put((topic, payload))
 
     def _serve(self, conn: socket.socket) -> None:
         try:
             with self.context.wrap_socket(conn, server_side=True) as tls:
-                tls.settimeout(self.resend_after)
-                resent = False
+                quiet_since, resent = time.monotonic(), False
                 while True:
-                    try:
-                        packet = read_mqtt_packet(tls)
-                    except socket.timeout:
-                        if not resent:
+                    if not tls.pending() and not select.select([tls], [], [], _PUSH_EVERY)[0]:
+                        while not self.pushed.empty():
+                            topic, payload = self.pushed.get()
+                            tls.sendall(mqtt_packet(0x30, mqtt_string(topic) + payload))
+                        if self.resend_after is not None and not resent \
+                                and time.monotonic() - quiet_since >= self.resend_after:
                             self._deliver(tls)
                             resent = True
                         continue
+                    packet = read_mqtt_packet(tls)
+                    quiet_since = time.monotonic()
                     if packet is None:
                         return
                     kind, body = packet[0] >> 4, packet[1]

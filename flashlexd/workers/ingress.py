@@ -182,11 +182,17 @@ class IngressWorker(Worker):
         PUBACKs sent: a mark left unconfirmed stays in the store, and after the restart the
         broker's DUP of a message of that content whose first transmission this stop cut off
         would be taken for a redelivery and lost. Under load the barrier lags hundreds of
-        PUBACKs behind. What arrives meanwhile is not acknowledged: the broker keeps it."""
+        PUBACKs behind. What arrives meanwhile is not acknowledged: the broker keeps it, save
+        QoS 0 messages (sent once), which are stored."""
         held = len(self.batch)
+        if self.barrier.unconfirmed():
+            log.info("stopping: waiting up to %gs for the broker to confirm %d PUBACKs", timeout,
+                     self.barrier.unconfirmed())
         if not self.connection.pump_until(lambda: not self.barrier.unconfirmed(), timeout):
             log.info("stopping with %d PUBACKs not yet confirmed by the broker", self.barrier.unconfirmed())
-        del self.batch[held:]
+        self.batch[held:] = [p for p in self.batch[held:] if not p.qos]
+        if len(self.batch) > held:
+            self._commit(time.monotonic())
 
     # -- MQTT -------------------------------------------------------------------------------------
 
