@@ -121,7 +121,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._frames.note(txn, reading)
-            self._make_room(txn, needed, "inbox")
+            if messages:  # taking confirmed marks off only frees space: a full store takes it too
+                self._make_room(txn, needed, "inbox")
             self._redeliveries.settle(txn, settled)
             first_id = self._counter(txn, b"inbox_last_id") + 1
             # dedupe windows run on the same step-proof time as expiry

@@ -370,6 +370,24 @@ def test_acks_work_in_a_full_store_and_make_room_again(open_store: Callable[...,
     assert new_ids[0] > stored[-1] and len(new_ids) == 20
 
 
+def test_confirmed_marks_are_taken_off_in_a_store_past_its_cap(open_store: Callable[..., Store]):
+    """The README: deletes and acks always work in a full store. A clean stop takes the marks
+    the barrier confirmed off with an append of no message, and a `reject` store past its cap
+    refused it: the marks stayed, and after the restart the broker's resend (DUP) of a held
+    message of that content was taken for a redelivery and lost (found by review)."""
+    store = open_store()
+    on = message("on", qos=1, mid=1)
+    assert store.append([on], links=[1]) == [1]
+    store.append(batch("held", 100, 1000))
+    store.close()
+    store = open_store(cap=64 * 1024, when_full="reject")  # capMegabytes lowered: past the cap
+    with pytest.raises(StoreFull):
+        store.append(batch("late", 1))
+    store.append([], settled=dup_marks([on]))  # its PUBACK confirmed, at a stop
+    store.ack(ids(store))
+    assert store.append([message("on", qos=1, mid=2, dup=True)], links=[2]) != [None]
+
+
 def test_drop_oldest_policy_keeps_the_newest(open_store: Callable[..., Store]):
     store = open_store(cap=SMALL_CAP, when_full="dropOldest", expire_seconds=60)
     total = 0
