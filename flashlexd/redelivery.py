@@ -19,16 +19,19 @@ and a power cut exactly as the messages do):
                drop, one committed, the other's first transmission lost, are one redelivery and
                one new message (before, both were taken for redeliveries and the second was
                lost). Under MQTT 5 a broker must resend a copy under its packet id, so the ids
-               of the unconfirmed copies are kept (up to MIDS_MAX, in arrival order, the order
-               their confirmations come in) and, when known for each copy, a DUP is a redelivery
-               only if its id is one of them: a copy whose count stays for good (below) no
-               longer takes a new message first sent as a DUP. A mark of an earlier version, or
-               with a copy of a 3.1.1 connection (RabbitMQ renumbers resends), has no ids: the
-               count decides. A PUBACK sent just before a disconnect is never confirmed, and if
-               the broker did get it no redelivery takes its count off: the table is therefore
-               capped at MARKS_MAX entries, the oldest (lowest seq, an inbox id) going first;
-               the live ones are those of the last batch or two (the broker's in-flight window
-               and the ingress batch size bound them), far below the cap.
+               of the newest unconfirmed copies are kept (up to MIDS_MAX, in arrival order, the
+               order their confirmations come in): a DUP under one of them is a redelivery, and
+               while they are known for each copy a DUP under another id is not: a copy whose
+               count stays for good (below) no longer takes a new message first sent as a DUP.
+               A mark of an earlier version, or with a copy of a 3.1.1 connection (RabbitMQ
+               renumbers resends), has no ids, and past MIDS_MAX copies the oldest have none:
+               the count decides until those are confirmed. A PUBACK sent just before a
+               disconnect is never confirmed, and if the broker did get it no redelivery takes
+               its count off: the table is therefore capped at MARKS_MAX entries, the oldest
+               going first by `seq`, the inbox id from which the content has had unconfirmed
+               copies (a content that keeps coming does not keep a stale count young); the live
+               ones are those of the last batch or two (the broker's in-flight window and the
+               ingress batch size bound them), far below the cap.
   dedupe       b"k" + key(16) -> ms(8) and b"t" + ms(8) + key(16) -> b"": application keys
                (flashlexd/dedupe.py) stored in the last window, the second form ordered by
                time so the expired ones are dropped from the front, a few per append.
@@ -37,7 +40,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 from flashlexd.clock import STEP_TOLERANCE
@@ -64,10 +68,10 @@ class Redeliveries:
             raw = txn.get(digest, db=self.unconfirmed)
             if raw is None:
                 continue
-            count, seq, link, taken = decode_mark(raw)
-            if count > 1:  # a confirmation is of a copy the connection it came on accounted for
-                mids = decode_mids(raw)  # PUBACKs are confirmed in the order the copies came
-                txn.put(digest, _pack(count - 1, seq, link, max(0, taken - 1), mids[1:]), db=self.unconfirmed)
+            mark = _Mark.read(raw)
+            if mark.count > 1:
+                mark.confirm_oldest()
+                txn.put(digest, mark.packed(), db=self.unconfirmed)
             else:
                 txn.delete(digest, db=self.unconfirmed)
 
@@ -84,7 +88,7 @@ class Redeliveries:
         lost is stored even while an older copy's count waits for a confirmation that will
         never come (the link dropped between the broker's handling of its PUBACK and our
         barrier's answer)."""
-        marks: Dict[bytes, List[Any]] = {}  # digest -> [count, link, taken, packet ids]
+        marks: Dict[bytes, _Mark] = {}
         changed: Dict[bytes, None] = {}
         hashes = [hashlib.blake2b(k, digest_size=16).digest() if k is not None and window else None
                   for k in keys]
@@ -96,19 +100,14 @@ class Redeliveries:
             if digest is not None:
                 mark = marks.get(digest)
                 if mark is None:
-                    raw = txn.get(digest, db=self.unconfirmed)
-                    count, _, link, taken = decode_mark(raw) if raw else (0, 0, 0, 0)
-                    mark = marks[digest] = [count, link, taken, decode_mids(raw) if raw else []]
+                    mark = marks[digest] = _Mark.read(txn.get(digest, db=self.unconfirmed))
                 if links:
-                    if mark[1] != links[i]:  # none accounted for on this connection yet
-                        mark[1], mark[2] = links[i], 0
-                    mark[2] += 1
+                    mark.account(links[i])
                     changed[digest] = None
                 mid = mids[i] if mids is not None else None
-                if dup and _redelivered(mark, mid, bool(links)):
+                if dup and mark.redelivered(mid, bool(links)):
                     continue  # a redelivery of one we hold: its confirmation settles the mark
-                mark[3] = _with_copy(mark[3], mark[0], mid)
-                mark[0] += 1
+                mark.add_copy(seq, mid)
                 changed[digest] = None
             if key is not None:
                 if key in fresh or self._seen(txn, key, since, now_ms):
@@ -117,7 +116,7 @@ class Redeliveries:
             chosen.append(i)
         if changed:
             txn.cursor(db=self.unconfirmed).putmulti(
-                [(d, _pack(marks[d][0], seq, marks[d][1], marks[d][2], marks[d][3])) for d in sorted(changed)])
+                [(d, marks[d].packed()) for d in sorted(changed)])
             self._cap(txn, seq)
         if window:
             self._remember(txn, fresh, now_ms, since)
@@ -190,27 +189,61 @@ def decode_stamp(raw: bytes) -> int:
     return _MS.unpack(raw)[0]
 
 
-def _redelivered(mark: List[Any], mid: Optional[int], on_links: bool) -> bool:
-    """Whether a DUP of the content of `mark` ([count, link, taken, packet ids]) is the
-    broker's resend of a copy held: by its packet id when the broker keeps ids (`mid`) and
-    the ids of every unconfirmed copy are known; else while the content has more unconfirmed
-    copies than this connection accounted for (any, when `on_links` is false)."""
-    count, _, taken, ids = mark
-    if mid is not None and count and len(ids) == count:
-        return mid in ids
-    return count > (taken - 1 if on_links else 0)
+@dataclass
+class _Mark:
+    """One content's unconfirmed copies, oldest first: `since` is the inbox id from which it has
+    had some (the cap drops by it, so a content that keeps coming does not make a stale count
+    young again); `ids` are the packet ids of the newest copies, at most MIDS_MAX; the copies
+    without one are the oldest, confirmed first (PUBACKs are confirmed in the order the copies
+    came), so after a burst of more than MIDS_MAX, or for a mark of an earlier version, the ids
+    are known for every copy again once the older ones are confirmed."""
+    count: int = 0
+    since: int = 0
+    link: int = 0
+    taken: int = 0
+    ids: List[int] = field(default_factory=list)
 
+    @classmethod
+    def read(cls, raw: Optional[bytes]) -> _Mark:
+        return cls(*decode_mark(raw), decode_mids(raw)) if raw else cls()
 
-def _with_copy(ids: List[int], count: int, mid: Optional[int]) -> List[int]:
-    """The packet ids once a copy with `mid` is counted; [] when they are not known for every
-    copy (an id not kept, a mark of an earlier version, more than MIDS_MAX copies)."""
-    if mid is None or len(ids) != count or count >= MIDS_MAX:
-        return []
-    return [*ids, mid]
+    def packed(self) -> bytes:
+        return MARK.pack(self.count, self.since, self.link, self.taken) + \
+            b"".join(_MID.pack(m) for m in self.ids)
 
+    def account(self, link: int) -> None:
+        """One more copy accounted for on connection `link` (none yet when it is a new one)."""
+        if self.link != link:
+            self.link, self.taken = link, 0
+        self.taken += 1
 
-def _pack(count: int, seq: int, link: int, taken: int, mids: Sequence[int]) -> bytes:
-    return MARK.pack(count, seq, link, taken) + b"".join(_MID.pack(m) for m in mids)
+    def redelivered(self, mid: Optional[int], on_links: bool) -> bool:
+        """Whether a DUP of this content is the broker's resend of a copy held: under its packet
+        id when the broker keeps ids (`mid`) and the id is a newest copy's, or is not one while
+        every copy's id is known; else while the content has more unconfirmed copies than this
+        connection accounted for (any, when `on_links` is false)."""
+        if mid is not None and self.ids:
+            if mid in self.ids:
+                return True
+            if len(self.ids) == self.count:
+                return False
+        return self.count > (self.taken - 1 if on_links else 0)
+
+    def add_copy(self, seq: int, mid: Optional[int]) -> None:
+        """One more unconfirmed copy, first sent in the batch from inbox id `seq`, under packet
+        id `mid` (None: not kept, 3.1.1, and the ids are known for none)."""
+        if not self.count:
+            self.since = seq
+        self.ids = [] if mid is None else [*self.ids, mid][-MIDS_MAX:]
+        self.count += 1
+
+    def confirm_oldest(self) -> None:
+        """The oldest copy confirmed (a confirmation is of a copy the connection it came on
+        accounted for); its id goes only when every copy's id is known (else it had none)."""
+        self.count -= 1
+        self.taken = max(0, self.taken - 1)
+        if len(self.ids) > self.count:
+            self.ids = self.ids[1:]
 
 
 def decode_mids(raw: bytes) -> List[int]:

@@ -255,6 +255,32 @@ def test_packet_ids_decide_only_when_known_for_every_copy(store: Store):
     assert store.append([msg(b"y", mid=7, dup=True)], links=[6], ids_kept=True) == [None]
 
 
+def test_packet_ids_decide_again_once_a_burst_of_copies_is_confirmed(store: Store):
+    """A burst of more than MIDS_MAX copies of "on" lost the packet ids of that content for good:
+    with one stale copy left (its PUBACK processed, the link dropped before the barrier's
+    answer), a new "on" first sent as a DUP was taken for a redelivery and lost, at every later
+    drop; the ids of the newest copies are kept now (found by review)."""
+    assert store.append([msg(b"on", mid=1)], links=[1], ids_kept=True) == [1]  # never confirmed
+    burst = [msg(b"on", mid=10 + i) for i in range(MIDS_MAX + 1)]
+    assert None not in store.append(burst, links=[2] * len(burst), ids_kept=True)
+    assert store.append([msg(b"on", mid=42, dup=True)], links=[3], ids_kept=True) == [None]
+    store.append([], settled=dup_marks(burst))  # the barrier confirmed the whole burst
+    assert store.append([msg(b"on", mid=500, dup=True)], links=[4], ids_kept=True) != [None]
+
+
+def test_a_stale_count_of_a_content_that_keeps_coming_is_dropped_by_the_cap(store: Store):
+    """The cap dropped marks by the inbox id of their last change, which every new copy of the
+    content rewrote: the stale count of "on" (its PUBACK's confirmation never came), one "on"
+    among every 4,096 messages, was never dropped, and every later new "on" first sent as a
+    DUP (3.1.1, or past MIDS_MAX copies) was lost (found by review)."""
+    assert store.append([msg(b"on", mid=1)], links=[1]) == [1]
+    for n in range(0, 2 * MARKS_MAX, 4095):  # 2 x MARKS_MAX other contents, stale too
+        batch = [msg(b"%d" % (n + i), mid=2) for i in range(4095)] + [msg(b"on", mid=3)]
+        store.append(batch, links=[2] * len(batch))
+        store.append([], settled=dup_marks(batch[-1:]))  # that "on" confirmed: the first stays
+    assert store.append([msg(b"on", mid=4, dup=True)], links=[3]) != [None]
+
+
 def test_a_mark_without_packet_ids_from_the_previous_version_keeps_working(tmp_path: Path):
     """A schema 5 store upgraded in place holds 24-byte marks (count, seq, link, taken) with no
     ids: a DUP of their content is judged by the count; a copy counted on top keeps the ids
