@@ -2,8 +2,9 @@
 named in one WARNING, and everything behind it is delivered in order."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
@@ -110,6 +111,24 @@ def test_a_qos0_entry_is_measured_without_a_packet_id(strict_broker: Broker, tmp
     assert worker.stop() == 0
 
 
+@contextmanager
+def entry_held_in_flight(certs: Certs, tmp_path: Path, start_worker,
+                         protocol: str) -> Iterator[Tuple[Broker, QuotaProxy, Store, Any]]:
+    """One healthy entry that never gets its PUBACK (a proxy before the broker drops every
+    PUBLISH), so it is alone in flight at every drop: (broker, proxy, store, egress worker)."""
+    broker = Broker(certs, tmp_path / "broker", plain=True).start()
+    proxy = QuotaProxy(broker, rate=0.001)
+    try:
+        config = write_config(tmp_path / "config", broker, port=proxy.port,
+                              mqtt={"protocol": protocol, "mqttOperationTimeout": 60})
+        store = open_store(config)
+        store.outbox_append([(EGRESS_TOPIC, b"precious", 1, False)])
+        yield broker, proxy, store, start_worker("egress", config)
+    finally:
+        proxy.close()
+        broker.close()
+
+
 @pytest.mark.parametrize("reason, name", [(0x8E, "Session taken over"), (0x97, "Quota exceeded")])
 def test_a_drop_the_broker_gives_its_own_cause_for_is_not_counted_as_poison(
         certs: Certs, tmp_path: Path, start_worker, reason: int, name: str) -> None:
@@ -118,14 +137,7 @@ def test_a_drop_the_broker_gives_its_own_cause_for_is_not_counted_as_poison(
     Core's answer to another connection with our client id), and a throttling broker's Quota
     exceeded (0x97, AWS IoT Core over a quota; 0x96 Message rate too high is in the same set),
     which dead-lettered a healthy entry (found by review)."""
-    broker = Broker(certs, tmp_path / "broker", plain=True).start()
-    proxy = QuotaProxy(broker, rate=0.001)  # every PUBLISH dropped: the entry stays in flight
-    try:
-        config = write_config(tmp_path / "config", broker, port=proxy.port,
-                              mqtt={"protocol": "5", "mqttOperationTimeout": 60})
-        store = open_store(config)
-        store.outbox_append([(EGRESS_TOPIC, b"precious", 1, False)])
-        worker = start_worker("egress", config)
+    with entry_held_in_flight(certs, tmp_path, start_worker, "5") as (_, proxy, store, worker):
         for sent in range(1, 4):
             wait_for(lambda: proxy.over_quota >= sent, 15, f"the entry sent on connection {sent}")
             proxy.drop_connections(reason=reason)
@@ -133,9 +145,6 @@ def test_a_drop_the_broker_gives_its_own_cause_for_is_not_counted_as_poison(
         assert store.dead_letters() == [] and store.outbox_count() == 1
         assert name in worker.log_text()
         assert worker.stop() == 0
-    finally:
-        proxy.close()
-        broker.close()
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -145,14 +154,7 @@ def test_an_outage_while_an_entry_waits_for_its_puback_is_not_counted_as_poison(
     PUBACK counted as that entry's drop: three such outages dead-lettered it, to stay there
     until an operator retried it, out of order (found by review). A broker that refuses an entry
     takes the next CONNECT at once; one that is down does not, and such a drop is not counted."""
-    broker = Broker(certs, tmp_path / "broker", plain=True).start()
-    proxy = QuotaProxy(broker, rate=0.001)  # every PUBLISH lost on the way: the entry stays in flight
-    try:
-        config = write_config(tmp_path / "config", broker, port=proxy.port,
-                              mqtt={"protocol": protocol, "mqttOperationTimeout": 60})
-        store = open_store(config)
-        store.outbox_append([(EGRESS_TOPIC, b"precious", 1, False)])
-        worker = start_worker("egress", config)
+    with entry_held_in_flight(certs, tmp_path, start_worker, protocol) as (broker, proxy, store, worker):
         for outage in range(1, 4):
             wait_for(lambda: proxy.over_quota >= outage, 15, f"the entry sent on connection {outage}")
             failures = worker.log_text().count("retrying in")
@@ -163,6 +165,3 @@ def test_an_outage_while_an_entry_waits_for_its_puback_is_not_counted_as_poison(
         wait_for(lambda: proxy.over_quota >= 4, 20, "the entry sent on a fourth connection")
         assert store.dead_letters() == [] and store.outbox_count() == 1
         assert worker.stop() == 0
-    finally:
-        proxy.close()
-        broker.close()
