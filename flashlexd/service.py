@@ -210,11 +210,12 @@ def make_directories(places: Places, user: str, group: str) -> None:
     dirs = writable_dirs(places)
     if not dirs:
         return  # systemd makes them (StateDirectory=, RuntimeDirectory=): no user to look up
+    missing = f"user {user!r}"
     try:
         uid = pwd.getpwnam(user).pw_uid
-        grp.getgrnam(group)
+        missing = f"group {group!r}"
+        gid = grp.getgrnam(group).gr_gid
     except KeyError:
-        missing = f"group {group!r}" if user_exists(user) else f"user {user!r}"
         print(f"warning: there is no {missing} yet: {', '.join(d for d, _ in dirs)} not made;"
               f" create it, then run `flashlexd service ... --install` again", file=sys.stderr)
         return
@@ -228,7 +229,6 @@ def make_directories(places: Places, user: str, group: str) -> None:
             # user): the service user could open neither its lock nor its store. Taken over as
             # systemd takes over a StateDirectory=, when it holds nothing but the store's
             # regular files (never through a link: a planted `data.mdb -> /etc/shadow`)
-            gid = grp.getgrnam(group).gr_gid
             for name in (".", *os.listdir(directory)):
                 os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
             print(f"{directory} was not {user}'s: now {user}:{group}'s", file=sys.stderr)
@@ -242,15 +242,6 @@ def _only_a_store(directory: str) -> bool:
     names = os.listdir(directory)
     return set(names) <= STORE_FILES and all(
         os.path.isfile(path) and not os.path.islink(path) for path in (os.path.join(directory, n) for n in names))
-
-
-def user_exists(name: str) -> bool:
-    import pwd
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def _after_install(kind: str, live: bool) -> None:

@@ -277,10 +277,10 @@ class ConsumerStore:
                 self._reopen_widened(txn, before, after)
             for name in result.gave_place:  # once the new ones hold what they match
                 self._remove_now(txn, stored.pop(name), stored)
-            for consumer in stored.values():
-                if not consumer.dynamic and consumer.name not in declared:
-                    consumer.dynamic, consumer.last_seen = True, now
-                    self._save(txn, consumer)
+            for name in undeclared:  # those that gave no place: dynamic from now on
+                consumer = stored[name]
+                consumer.dynamic, consumer.last_seen = True, now
+                self._save(txn, consumer)
             return result
 
         return self._write(work)  # type: ignore[return-value]

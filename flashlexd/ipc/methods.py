@@ -321,7 +321,8 @@ class Methods:
         under fresh names would otherwise grow the counts for good."""
         self._replays[consumer] = self._replays.get(consumer, 0) + 1
         if len(self._replays) > MAX_CONSUMERS:
-            for name in [n for n in self._replays if self.store.consumer_state(n) is None]:
+            stored = {consumer.name for consumer in self.store.consumer_states()}
+            for name in [n for n in self._replays if n not in stored]:
                 del self._replays[name]
 
     def _replayed(self, consumer: Optional[str]) -> Callable[[], bool]:

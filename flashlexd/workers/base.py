@@ -68,6 +68,11 @@ class Worker:
     def shutdown(self) -> None:
         """Finish the current batch (commit or leave unacknowledged, never half) and let go."""
 
+    def link_stop_budget(self) -> float:
+        """Seconds a graceful stop may spend on its MQTT link (a wait for the broker's answers,
+        then the close: half each), inside the supervisor's stop budget."""
+        return min(self.config.thing.mqtt.connect_timeout, self.config.supervision.stop_timeout / 2)
+
     # -- the loop -----------------------------------------------------------------------------
 
     def report(self, kind: str, **fields: Any) -> None:

@@ -151,7 +151,7 @@ class EgressWorker(Worker):
         return max(0.0, min(wait, self.next_check - now))
 
     def shutdown(self) -> None:
-        budget = min(self.config.thing.mqtt.connect_timeout, self.config.supervision.stop_timeout / 2)
+        budget = self.link_stop_budget()
         # a graceful stop (a reload, a restart) reads the PUBACKs of what is in flight before
         # the DISCONNECT: else the next worker sends all of it again
         self.connection.pump_until(lambda: not self.inflight, budget / 2)

@@ -164,7 +164,7 @@ class IngressWorker(Worker):
 
     def shutdown(self) -> None:
         # inside the supervisor's stop budget: the barrier's wait and the close take half each
-        budget = min(self.config.thing.mqtt.connect_timeout, self.config.supervision.stop_timeout / 2)
+        budget = self.link_stop_budget()
         if self.batch:
             self._commit(time.monotonic())  # when the store refuses, the broker keeps them
         self._await_barrier(budget / 2)
