@@ -13,25 +13,26 @@ and a power cut exactly as the messages do):
                off the count. A broker resends each unconfirmed copy once per connection, so
                `taken` counts the copies already accounted for on connection `link` (the
                ingress's random id of it): those that arrived on it, new or recognised. A DUP is
-               a redelivery only while count exceeds the copies taken before it (MQTT 5 forbids
-               resending on the same connection; a 3.1.1 broker that does is caught by the
-               ingress while both copies wait in its batch): two copies of "on" in flight at a
-               drop, one committed, the other's first transmission lost, are one redelivery and
-               one new message (before, both were taken for redeliveries and the second was
-               lost). Under MQTT 5 a broker must resend a copy under its packet id, so the ids
-               of the newest unconfirmed copies are kept (up to MIDS_MAX, in arrival order, the
-               order their confirmations come in): a DUP under one of them is a redelivery, and
-               while they are known for each copy a DUP under another id is not: a copy whose
-               count stays for good (below) no longer takes a new message first sent as a DUP.
-               A mark of an earlier version, or with a copy of a 3.1.1 connection (RabbitMQ
-               renumbers resends), has no ids, and past MIDS_MAX copies the oldest have none:
-               the count decides until those are confirmed. A PUBACK sent just before a
-               disconnect is never confirmed, and if the broker did get it no redelivery takes
-               its count off: the table is therefore capped at MARKS_MAX entries, the oldest
-               going first by `seq`, the inbox id from which the content has had unconfirmed
-               copies (a content that keeps coming does not keep a stale count young); the live
-               ones are those of the last batch or two (the broker's in-flight window and the
-               ingress batch size bound them), far below the cap.
+               a redelivery only while an earlier connection's copy is not resent yet (MQTT 5
+               forbids resending on the same connection; a 3.1.1 broker that does is caught by
+               the ingress while both copies wait in its batch): two copies of "on" in flight at
+               a drop, one committed, the other's first transmission lost, are one redelivery
+               and one new message. A broker resends what it holds of a topic before anything
+               newer on it, so when a fresh copy (DUP=0) comes, the earlier connections' copies
+               not resent by then are dropped: their PUBACKs reached the broker, only the
+               barrier's answer was lost (a PUBACK sent just before a drop or a kill), and
+               left, they would take new copies first sent as a DUP for redeliveries. Under
+               MQTT 5 a broker must resend a copy under its packet id, so the ids of the
+               unconfirmed copies are kept (up to MIDS_MAX, the newest, in the order their
+               confirmations come): a DUP under one of them is a redelivery, and while they are
+               known for each copy a DUP under another id is not, whatever the count. A mark
+               of an earlier version, or with a copy of a 3.1.1 connection, has no ids, and past
+               MIDS_MAX copies the oldest have none: the count decides until those are
+               confirmed or dropped. A content that never comes fresh again keeps a stale count:
+               the table is therefore capped at MARKS_MAX entries, the oldest going first by
+               `seq`, the inbox id from which the content has had unconfirmed copies (a content
+               that keeps coming does not keep a stale count young); the live ones are those of
+               the last batch or two, far below the cap.
   dedupe       b"k" + key(16) -> ms(8) and b"t" + ms(8) + key(16) -> b"": application keys
                (flashlexd/dedupe.py) stored in the last window, the second form ordered by
                time so the expired ones are dropped from the front, a few per append.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -48,8 +50,11 @@ from flashlexd.clock import STEP_TOLERANCE
 from flashlexd.storedamage import CorruptRecord
 
 MARK = struct.Struct(">IQQI")  # count, seq, link, taken; then the copies' packet ids (2 bytes each)
-_MID = struct.Struct(">H")
-MIDS_MAX = 32  # packet ids kept per content; more copies unconfirmed: the count alone decides
+MID_BYTES = 2
+# packet ids kept per content (16 KB at most): more copies unconfirmed, the count alone decides
+# for the oldest. Two batches (workers/ingress.py BATCH_MAX) of one content wait for the barrier
+# at once under load: kept, whatever the broker's window.
+MIDS_MAX = 8192
 _OLD_MARK = struct.Struct(">IQ")  # count, seq: before the links were counted (link 0, none taken)
 _MS = struct.Struct(">Q")
 MARKS_MAX = 16384  # ~0.5 MB of marks at most (more with many copies); live ones are a few batches
@@ -63,14 +68,16 @@ class Redeliveries:
         self.dedupe = dedupe
 
     def settle(self, txn: lmdb.Transaction, digests: Iterable[bytes]) -> None:
-        """The broker confirmed one acknowledgement per digest: take each off its count."""
-        for digest in digests:
+        """The broker confirmed one acknowledgement per digest: take each off its count (each
+        mark read and written once: a batch confirms up to a thousand copies of one content)."""
+        for digest, confirmed in Counter(digests).items():
             raw = txn.get(digest, db=self.unconfirmed)
             if raw is None:
                 continue
             mark = _Mark.read(raw)
-            if mark.count > 1:
+            for _ in range(min(confirmed, mark.count)):
                 mark.confirm_oldest()
+            if mark.count:
                 txn.put(digest, mark.packed(), db=self.unconfirmed)
             else:
                 txn.delete(digest, db=self.unconfirmed)
@@ -107,6 +114,8 @@ class Redeliveries:
                 mid = mids[i] if mids is not None else None
                 if dup and mark.redelivered(mid, bool(links)):
                     continue  # a redelivery of one we hold: its confirmation settles the mark
+                if links and not dup:
+                    mark.drop_unresent()
                 mark.add_copy(seq, mid)
                 changed[digest] = None
             if key is not None:
@@ -191,12 +200,15 @@ def decode_stamp(raw: bytes) -> int:
 
 @dataclass
 class _Mark:
-    """One content's unconfirmed copies, oldest first: `since` is the inbox id from which it has
-    had some (the cap drops by it, so a content that keeps coming does not make a stale count
-    young again); `ids` are the packet ids of the newest copies, at most MIDS_MAX; the copies
-    without one are the oldest, confirmed first (PUBACKs are confirmed in the order the copies
-    came), so after a burst of more than MIDS_MAX, or for a mark of an earlier version, the ids
-    are known for every copy again once the older ones are confirmed."""
+    """One content's unconfirmed copies, in the order their confirmations come: first those of
+    earlier connections that this one (`link`) has not resent yet, then the `taken` ones this
+    connection accounted for, in arrival order (recognised resends and new copies alike: their
+    PUBACKs go out in that order). `since` is the inbox id from which the content has had
+    copies (the cap drops by it, so a content that keeps coming does not make a stale count
+    young again). `ids` are the packet ids of the newest copies in that order, at most MIDS_MAX;
+    the copies without one come first, so after a burst of more than MIDS_MAX, a copy of a
+    3.1.1 connection, or for a mark of an earlier version, the ids are known for every copy
+    again once the older ones are confirmed or dropped."""
     count: int = 0
     since: int = 0
     link: int = 0
@@ -208,8 +220,8 @@ class _Mark:
         return cls(*decode_mark(raw), decode_mids(raw)) if raw else cls()
 
     def packed(self) -> bytes:
-        return MARK.pack(self.count, self.since, self.link, self.taken) + \
-            b"".join(_MID.pack(m) for m in self.ids)
+        ids = self.ids[-MIDS_MAX:]
+        return MARK.pack(self.count, self.since, self.link, self.taken) + struct.pack(f">{len(ids)}H", *ids)
 
     def account(self, link: int) -> None:
         """One more copy accounted for on connection `link` (none yet when it is a new one)."""
@@ -217,45 +229,76 @@ class _Mark:
             self.link, self.taken = link, 0
         self.taken += 1
 
+    def _unresent(self) -> int:
+        """Copies of earlier connections not resent on this one (the copy being accounted
+        for, already in `taken`, is not one of them)."""
+        return max(0, self.count - (self.taken - 1))
+
     def redelivered(self, mid: Optional[int], on_links: bool) -> bool:
         """Whether a DUP of this content is the broker's resend of a copy held: under its packet
-        id when the broker keeps ids (`mid`) and the id is a newest copy's, or is not one while
-        every copy's id is known; else while the content has more unconfirmed copies than this
-        connection accounted for (any, when `on_links` is false)."""
-        if mid is not None and self.ids:
-            if mid in self.ids:
-                return True
-            if len(self.ids) == self.count:
-                return False
-        return self.count > (self.taken - 1 if on_links else 0)
+        id when the broker keeps ids (`mid`) and the id is an unconfirmed copy's, or is not one
+        while every copy's id is known; else while an earlier connection's copy is not resent
+        yet on this one (any copy, when `on_links` is false). A resend recognised moves to
+        this connection's copies, with its id."""
+        if mid is not None and mid in self.ids:
+            at = self.ids.index(mid)
+            if not on_links:
+                pass
+            elif at < self._unresent() - (self.count - len(self.ids)):
+                self.ids.append(self.ids.pop(at))  # an earlier connection's copy, resent now
+            else:
+                self.taken -= 1  # resent on this connection again (3.1.1): accounted for already
+            return True
+        if mid is not None and self.ids and len(self.ids) == self.count:
+            return False
+        if not (self._unresent() if on_links else self.count):
+            return False
+        if mid is not None:
+            self.ids.append(mid)  # an id-less copy (the oldest) resent: its id is known now
+        return True
+
+    def drop_unresent(self) -> None:
+        """A fresh copy (DUP 0) came: a broker sends what it still holds of a topic before
+        anything newer on it, so the earlier connections' copies not resent by now had their
+        PUBACKs processed before the barrier's answer was lost: left, they would take new
+        copies first sent as a DUP for redeliveries. Wrong only for a broker that breaks
+        that order, and then a resend is stored twice, never a message lost."""
+        stale = self._unresent()
+        if stale:
+            self.ids = self.ids[max(0, stale - (self.count - len(self.ids))):]
+            self.count -= stale
 
     def add_copy(self, seq: int, mid: Optional[int]) -> None:
         """One more unconfirmed copy, first sent in the batch from inbox id `seq`, under packet
         id `mid` (None: not kept, 3.1.1, and the ids are known for none)."""
         if not self.count:
             self.since = seq
-        self.ids = [] if mid is None else [*self.ids, mid][-MIDS_MAX:]
+        if mid is None:
+            self.ids = []
+        else:
+            self.ids.append(mid)
         self.count += 1
 
     def confirm_oldest(self) -> None:
-        """The oldest copy confirmed (a confirmation is of a copy the connection it came on
-        accounted for); its id goes only when every copy's id is known (else it had none)."""
+        """This connection's oldest copy confirmed (PUBACKs are confirmed in the order they
+        were sent), or with none taken on it, the oldest one (a confirmation that came on an
+        earlier connection)."""
+        at = (max(0, self.count - self.taken) if self.taken else 0) - (self.count - len(self.ids))
+        if at >= 0:
+            del self.ids[at]
         self.count -= 1
         self.taken = max(0, self.taken - 1)
-        if len(self.ids) > self.count:
-            self.ids = self.ids[1:]
 
 
 def decode_mids(raw: bytes) -> List[int]:
     """The packet ids of the unconfirmed copies ([]: not known for each)."""
-    if len(raw) <= MARK.size:
-        return []
-    return [_MID.unpack_from(raw, at)[0] for at in range(MARK.size, len(raw), _MID.size)]
+    count = max(0, len(raw) - MARK.size) // MID_BYTES
+    return list(struct.unpack_from(f">{count}H", raw, MARK.size)) if count else []
 
 
 def decode_mark(raw: bytes) -> Tuple[int, int, int, int]:
     """(count, seq, link, taken) of an `unconfirmed` value; a damaged one is reported as damage."""
-    if MARK.size <= len(raw) <= MARK.size + MIDS_MAX * _MID.size and (len(raw) - MARK.size) % _MID.size == 0:
+    if MARK.size <= len(raw) <= MARK.size + MIDS_MAX * MID_BYTES and (len(raw) - MARK.size) % MID_BYTES == 0:
         return MARK.unpack_from(raw)
     if len(raw) == _OLD_MARK.size:
         return (*_OLD_MARK.unpack(raw), 0, 0)

@@ -45,7 +45,7 @@ class ScanPage(Generic[T]):
     last: Optional[int] = None
 
 
-SCHEMA_VERSION = 6  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
+SCHEMA_VERSION = 7  # 2: boot frames, stamps with boot seq and boottime, boot seq in expiry keys;
 #                   3: DUP marks by content with a count (`unconfirmed`), app dedupe keys;
 #                   4: no expiry index (inbox order is expiry order), `acked` derived (wear),
 #                      named consumers (`consumers`, `cacks`), MQTT 5 properties at the end
@@ -54,7 +54,8 @@ SCHEMA_VERSION = 6  # 2: boot frames, stamps with boot seq and boottime, boot se
 #                      older 12-byte mark reads as none: nothing to convert);
 #                   6: a DUP mark may end with its copies' packet ids (MQTT 5): a schema-5
 #                      reader calls such a mark damage, so it must refuse the store instead
-#                      (a 24-byte mark reads as ids unknown: nothing to convert)
+#                      (a 24-byte mark reads as ids unknown: nothing to convert);
+#                   7: up to 8,192 packet ids per mark, where 6 read more than 32 as damage
 _SIGNED = struct.Struct(">q")
 _RETRIED = b"retried"  # meta: the (boot seq, outbox id) mark of `_mark_retried`
 _RETRIED_MARK = struct.Struct(">IQ")

@@ -368,7 +368,7 @@ def test_a_schema1_store_opens_migrates_and_loses_nothing(tmp_path: Path, clock:
     env = lmdb.open(str(tmp_path / "store"), max_dbs=8, readonly=True, lock=False)
     with env.begin() as txn:
         meta = env.open_db(b"meta", txn=txn, create=False)
-        assert struct.unpack(">Q", txn.get(b"schema", db=meta))[0] == SCHEMA_VERSION == 6
+        assert struct.unpack(">Q", txn.get(b"schema", db=meta))[0] == SCHEMA_VERSION == 7
         assert txn.stat(env.open_db(b"expiry", txn=txn, create=False))["entries"] == 0
     env.close()
 

@@ -326,7 +326,7 @@ def test_a_schema3_store_opens_with_no_loss(tmp_path: Path):
     env = lmdb.open(str(tmp_path / "store"), max_dbs=16, readonly=True, lock=False)
     with env.begin() as txn:
         assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
-            == SCHEMA_VERSION == 6
+            == SCHEMA_VERSION == 7
     env.close()
 
 

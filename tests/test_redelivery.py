@@ -178,7 +178,7 @@ def test_a_schema2_store_keeps_its_dup_marks(tmp_path: Path):
     env = lmdb.open(str(tmp_path / "store"), max_dbs=16, readonly=True, lock=False)
     with env.begin() as txn:
         assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
-            == SCHEMA_VERSION == 6
+            == SCHEMA_VERSION == 7
         assert txn.stat(env.open_db(b"recent", txn=txn, create=False))["entries"] == 0
     env.close()
 
@@ -239,17 +239,21 @@ def test_under_mqtt5_a_dup_is_a_redelivery_only_under_an_unconfirmed_copys_packe
     # both copies unconfirmed now: each one's resend is recognised, on any later connection
     assert store.append([msg(b"on", mid=2, dup=True), msg(b"on", mid=1, dup=True)], links=[3, 3],
                         ids_kept=True) == [None, None]
-    # the first copy confirmed (confirmations come in arrival order): id 1 is free again
-    assert store.append([msg(b"on", mid=1, dup=True)], links=[4], settled=dup_marks([msg(b"on")]),
-                        ids_kept=True) == [3]
+    # connection 3's first PUBACK confirmed (confirmations come in the order they were sent):
+    # id 2 is free again, id 1 still held
+    assert store.append([msg(b"on", mid=2, dup=True), msg(b"on", mid=1, dup=True)], links=[4, 4],
+                        settled=dup_marks([msg(b"on")]), ids_kept=True) == [3, None]
 
 
 def test_packet_ids_decide_only_when_known_for_every_copy(store: Store):
     """A copy that came under 3.1.1 (RabbitMQ renumbers resends), or more than MIDS_MAX copies
     of one content: the count decides, as before."""
     assert store.append([msg(b"x", mid=1)], links=[1]) == [1]  # 3.1.1: no id kept
-    assert store.append([msg(b"x", mid=2)], links=[2], ids_kept=True) == [2]
-    assert store.append([msg(b"x", mid=9, dup=True)] * 2, links=[3, 3], ids_kept=True) == [None, None]
+    assert store.append([msg(b"x", mid=2)], links=[1], ids_kept=True) == [2]
+    # the first DUP is taken for the id-less copy's resend, whose id it learns; the second's id
+    # is then neither copy's
+    assert store.append([msg(b"x", mid=9, dup=True), msg(b"x", mid=10, dup=True)], links=[3, 3],
+                        ids_kept=True) == [None, 3]
     copies = [msg(b"y", mid=100 + i) for i in range(MIDS_MAX + 1)]
     store.append(copies, links=[5] * len(copies), ids_kept=True)
     assert store.append([msg(b"y", mid=7, dup=True)], links=[6], ids_kept=True) == [None]
@@ -281,21 +285,43 @@ def test_a_stale_count_of_a_content_that_keeps_coming_is_dropped_by_the_cap(stor
     assert store.append([msg(b"on", mid=4, dup=True)], links=[3]) != [None]
 
 
+def test_copies_an_earlier_connection_did_not_resend_before_a_fresh_one_are_dropped(store: Store):
+    """Found by review: an "on" whose PUBACK the broker processed just before a drop (the
+    barrier's answer lost) kept its count for good, and each later new "on" first sent as a
+    DUP (3.1.1: no packet ids) was taken for its redelivery. A broker resends what it holds of a
+    topic before anything newer: once a fresh "on" comes, the copies not resent are gone."""
+    assert store.append([msg(b"on", mid=1)], links=[1]) == [1]  # PUBACK processed, answer lost
+    assert store.append([msg(b"on", mid=5)], links=[2]) == [2]  # the next connection: a fresh one
+    store.append([], settled=dup_marks([msg(b"on")]))  # its PUBACK confirmed
+    assert store.append([msg(b"on", mid=9, dup=True)], links=[3]) == [3]  # first sent as a DUP
+
+
+def test_under_mqtt5_packet_ids_decide_for_every_copy_of_a_batch(store: Store):
+    """Found by review: a mark kept the packet ids of the newest 32 copies, and a batch holds up
+    to 1,024 of one content waiting for the barrier: past 32 the count decided, and after a
+    drop the DUP of a new "on" was taken for one of the copies whose PUBACK the broker had
+    processed (4 SIGKILLs in a stream of 1,200 "on" lost up to 470)."""
+    burst = [msg(b"on", mid=i) for i in range(1, 1001)]
+    store.append(burst, links=[1] * len(burst), ids_kept=True)
+    store.append([], settled=dup_marks(burst[:400]))  # 400 confirmed, then the link drops
+    assert store.append([msg(b"on", mid=700, dup=True), msg(b"on", mid=2000, dup=True)], links=[2, 2],
+                        ids_kept=True) == [None, 1001]
+
+
 def test_a_mark_without_packet_ids_from_the_previous_version_keeps_working(tmp_path: Path):
     """A schema 5 store upgraded in place holds 24-byte marks (count, seq, link, taken) with no
-    ids: a DUP of their content is judged by the count; a copy counted on top keeps the ids
-    unknown."""
+    ids: a DUP of their content is judged by the count, and the ids of the copies it takes for
+    resends are learnt."""
     Store(tmp_path / "store", CAP).close()
     env = lmdb.open(str(tmp_path / "store"), max_dbs=8, map_size=CAP * 2)
     with env.begin(write=True) as txn:
-        txn.put(dup_marks([msg(b"x")])[0], struct.pack(">IQQI", 1, 1, 7, 1),
+        txn.put(dup_marks([msg(b"x")])[0], struct.pack(">IQQI", 2, 1, 7, 2),
                 db=env.open_db(b"unconfirmed", txn=txn))
         txn.put(b"schema", struct.pack(">Q", 5), db=env.open_db(b"meta", txn=txn))
     env.close()
     store = Store(tmp_path / "store", CAP)
-    assert store.append([msg(b"x", mid=1)], links=[8], ids_kept=True) == [1]
     assert store.append([msg(b"x", mid=5, dup=True), msg(b"x", mid=6, dup=True), msg(b"x", mid=7, dup=True)],
-                        links=[9, 9, 9], ids_kept=True) == [None, None, 2]
+                        links=[9, 9, 9], ids_kept=True) == [None, None, 1]
     store.close()
 
 

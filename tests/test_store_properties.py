@@ -75,7 +75,7 @@ def test_a_schema3_store_written_by_the_schema3_code_opens_migrates_and_loses_no
         assert store.messages()[-1].properties == {"content_type": "text/plain"}
     finally:
         store.close()
-    assert schema(path) == SCHEMA_VERSION == 6
+    assert schema(path) == SCHEMA_VERSION == 7
 
 
 def test_inbox_properties_come_back_and_filter_by_user_property(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def test_a_schema3_store_opens_migrates_and_loses_nothing(tmp_path: Path):
     finally:
         store.close()
     assert database(tmp_path, b"expiry") == {}
-    assert _Q.unpack(database(tmp_path, b"meta")[b"schema"])[0] == SCHEMA_VERSION == 6
+    assert _Q.unpack(database(tmp_path, b"meta")[b"schema"])[0] == SCHEMA_VERSION == 7
 
 
 def test_messages_stored_without_an_expiry_go_by_the_ttl_set_since(tmp_path: Path):
