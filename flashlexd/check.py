@@ -162,6 +162,7 @@ def check_config(path: str, keys_dir: Optional[str], data_dir: Optional[str]) ->
 def check_store(config: Config) -> Tuple[str, bool]:
     from flashlexd import paths
     from flashlexd.store import Store, StoreError
+    from flashlexd.storebase import OlderSchema
 
     directory = config.store.data_dir
     if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
@@ -179,7 +180,9 @@ def check_store(config: Config) -> Tuple[str, bool]:
     # damaged (LMDB's own reads, a reader slot each, are safe beside it)
     running = paths.holder(directory)
     try:
-        store = Store.from_config(config.store, check_pages=running is None)
+        store = Store.from_config(config.store, check_pages=running is None, migrate=False)
+    except OlderSchema as exc:  # left as it is: the running (or previous) version reads it
+        return f"{exc}; not opened here", True
     except StoreError as exc:
         raise Failed(str(exc)) from None
     try:

@@ -67,6 +67,10 @@ _LOCK_FILE_BYTES = (_MAX_READERS + 2) * 64  # mdb_env_setup_locks: two 64-byte h
 _WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox record with properties
 
 
+class OlderSchema(StoreError):
+    """A store of an earlier schema opened with `migrate=False` (flashlexd check)."""
+
+
 class StoreBase:
     """The plumbing of one process's handle on the store (`store.Store` adds the inbox,
     `storeoutbox.OutboxStore` the outbox and dead letters). Not thread-safe: one per process, used by one thread.
@@ -80,9 +84,13 @@ class StoreBase:
     def __init__(self, data_dir: Path, cap_bytes: int, when_full: str = "reject",
                  expire_seconds: Optional[float] = None, write_wait: Optional[float] = None,
                  clock: Optional[Clock] = None, check_pages: bool = False,
-                 check_progress: Optional[Callable[[int, int], None]] = None, create: bool = True):
+                 check_progress: Optional[Callable[[int, int], None]] = None, create: bool = True,
+                 migrate: bool = True):
         """`create`: make the data dir if it is missing (a worker's store never does: the
-        supervisor made it, and one that vanished must not come back empty beside it)."""
+        supervisor made it, and one that vanished must not come back empty beside it).
+        `migrate`: False refuses a store of an earlier schema (OlderSchema) instead of
+        converting it: `flashlexd check` must not make a store the running (or the previous)
+        version can no longer open."""
         if when_full not in POLICIES:
             raise ValueError(f"when_full must be one of {POLICIES}")
         self.path = Path(data_dir)
@@ -93,6 +101,7 @@ class StoreBase:
         self.write_wait = write_wait
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
         self._pid = os.getpid()
+        self._migrate = migrate
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
         self.clock: Clock = clock or SystemClock()
         self.damage: Optional[str] = None  # why the store is read-only, once damage was met
@@ -179,6 +188,10 @@ class StoreBase:
             if schema > SCHEMA_VERSION:
                 raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
                                  f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
+            if 0 < schema < SCHEMA_VERSION and not self._migrate:
+                raise OlderSchema(f"store in {self.path} has schema {schema}, written by an earlier"
+                                  f" flashlexd; this one ({SCHEMA_VERSION}) migrates it at its start"
+                                  f" (the earlier one cannot open it from then on)")
             if 0 < schema < 3:
                 self._migrate_dup_marks(txn)
             if 0 < schema < 4:
@@ -288,12 +301,13 @@ class StoreBase:
     @classmethod
     def from_config(cls: Type[S], store_config, write_wait: Optional[float] = None,
                     check_pages: bool = False,
-                    check_progress: Optional[Callable[[int, int], None]] = None, create: bool = True) -> S:
+                    check_progress: Optional[Callable[[int, int], None]] = None, create: bool = True,
+                    migrate: bool = True) -> S:
         """`check_pages`: read every page before LMDB maps the file (storecheck.walk_pages,
         which calls `check_progress(pages read, pages)` as it goes)."""
         return cls(store_config.data_dir, store_config.cap_bytes, store_config.when_full,
                    store_config.expire_seconds, write_wait, check_pages=check_pages,
-                   check_progress=check_progress, create=create)
+                   check_progress=check_progress, create=create, migrate=migrate)
 
     def close(self) -> None:
         if os.getpid() == self._pid and self.can_close():

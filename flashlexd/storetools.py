@@ -33,7 +33,7 @@ from flashlexd import ackjournal, redelivery, storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.consumers import ConsumerState
 from flashlexd.store import Store, StoreError
-from flashlexd.storebase import full_disk
+from flashlexd.storebase import SCHEMA_VERSION, full_disk
 from flashlexd.storedamage import CorruptRecord, unpack_record
 
 DATABASES = ("inbox", "expiry", "outbox", "recent", "meta")  # checked record by record
@@ -129,12 +129,31 @@ def verify(data_dir: Path) -> Tuple[bool, List[str]]:
             for name in DATABASES:
                 if name not in found:
                     raise DataFileDamaged(f"database {name} is missing")
+            newer = _newer_schema(reader, found, data_dir)
+            if newer:
+                return False, [newer]
             for name in list(DATABASES) + sorted(set(found) - set(DATABASES)):
                 lines.append(f"{name}: {_verify_records(reader, name, found[name])} records")
     except DataFileDamaged as exc:
         return False, lines + [f"store in {data_dir} is damaged: {exc}"]
     return True, lines + [f"store in {data_dir}: every page and record reads back"
                           f" ({reader.pages} pages)"]
+
+
+def _newer_schema(reader: TreeReader, databases: Dict[str, Tuple[int, ...]], data_dir: Path) -> Optional[str]:
+    """Why a store written by a newer flashlexd is not read here (None: this schema or older).
+    Its records are that schema's: read with this one's decoders, they would be called damage
+    (verify) or dropped as records that do not decode (recover)."""
+    if "meta" not in databases:
+        return None
+    for key, value, _ in reader.records(databases["meta"][-1], "database meta"):
+        if key == b"schema" and len(value) == _ID.size:
+            schema = _ID.unpack(value)[0]
+            if schema > SCHEMA_VERSION:
+                return (f"store in {data_dir} has schema {schema}; this flashlexd reads up to"
+                        f" {SCHEMA_VERSION}: use the flashlexd that wrote it (upgrade flashlexd)")
+            return None
+    return None
 
 
 def _check_free_list(key: bytes, value: bytes, last_page: int) -> None:
@@ -207,6 +226,12 @@ def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, 
         meta = max(metas, key=lambda m: m.txnid)
         reader = TreeReader(data.fileno(), meta, strict=False)
         databases = dict(reader.databases())
+        try:
+            newer = _newer_schema(reader, databases, data_file.parent)
+        except DataFileDamaged:
+            newer = None  # an unreadable meta database: the copy reports it
+        if newer:
+            return False, [newer]
         lines = [f"read meta page {meta.number} (transaction {meta.txnid})"]
         names = list(DATABASES) + sorted(set(databases) - set(DATABASES))  # others: as they are
         Store(to_dir, cap_bytes).close()  # the fresh store: its databases and schema

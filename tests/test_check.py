@@ -107,6 +107,34 @@ def test_the_store_of_a_running_daemon_is_opened_but_its_pages_not_walked(broker
     assert steps["store"][0] == "ok" and "is running" not in steps["store"][1], steps["store"]
 
 
+def test_a_store_of_an_earlier_schema_is_named_not_migrated(broker: Broker, tmp_path: Path) -> None:
+    """Found by review: `check` opened the store as the daemon does, migrating one of an
+    earlier schema in place: run after an upgrade's `pip install` and before the restart (the
+    install guide's step), it left the daemon still running the earlier release unable to
+    open its store at its next worker restart (every worker crash-looped, the daemon stopped)."""
+    import lmdb
+    import struct
+    from flashlexd.storebase import SCHEMA_VERSION
+    config = write_config(tmp_path / "thing", broker)
+    open_store(config).close()
+    data_dir = load(str(config)).store.data_dir
+    env = lmdb.open(str(data_dir), max_dbs=16)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", struct.pack(">Q", SCHEMA_VERSION - 1), db=meta)
+    env.close()
+    result = run_check(config)
+    steps, _ = parse(result)
+    assert steps["store"] == ("ok", f"store in {data_dir} has schema {SCHEMA_VERSION - 1}, written by"
+                              f" an earlier flashlexd; this one ({SCHEMA_VERSION}) migrates it at its"
+                              f" start (the earlier one cannot open it from then on); not opened here")
+    env = lmdb.open(str(data_dir), max_dbs=16, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert struct.unpack(">Q", txn.get(b"schema", db=env.open_db(b"meta", txn=txn, create=False)))[0] \
+            == SCHEMA_VERSION - 1
+    env.close()
+
+
 def test_the_check_speaks_the_configured_protocol(broker: Broker, tmp_path: Path) -> None:
     result = run_check(write_config(tmp_path / "thing", broker, mqtt={"protocol": "3.1.1"}))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -550,3 +550,37 @@ def test_recover_onto_a_disk_that_fills_says_so_and_claims_no_copies(tmp_path):
     assert done.stderr.count("\n") == 1 and "no space left on device" in done.stderr, done.stderr
     assert "copied" not in done.stdout, done.stdout
     assert left == []  # the same command can be run again elsewhere
+
+
+def _store_of_the_next_schema(data_dir: Path) -> None:
+    """A store as the next schema may write it: a DUP mark holding more packet ids than this
+    one reads."""
+    import struct
+    from flashlexd.redelivery import MARK, MIDS_MAX
+    from flashlexd.storebase import SCHEMA_VERSION
+    store = Store(data_dir, CAP)
+    store.append([Incoming("cmd/light", b"on", mid=100 + i) for i in range(3)], links=[9] * 3, ids_kept=True)
+    store.close()
+    env = lmdb.open(str(data_dir), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta, marks = env.open_db(b"meta", txn=txn), env.open_db(b"unconfirmed", txn=txn)
+        txn.put(b"schema", struct.pack(">Q", SCHEMA_VERSION + 1), db=meta)
+        digest, _ = next(iter(txn.cursor(db=marks)))
+        count = MIDS_MAX + 1
+        txn.put(digest, MARK.pack(count, 1, 9, count) + struct.pack(f">{count}H", *range(count)), db=marks)
+    env.close()
+
+
+@pytest.mark.parametrize("command", ["verify", "recover"])
+def test_a_store_of_a_newer_schema_is_refused_by_verify_and_recover_not_called_damaged(tmp_path, command):
+    """Found by review: after a rollback, `store verify` called a sound store of the newer
+    release damaged (a DUP mark of more packet ids than this release reads) and `store
+    recover` dropped such records as not decoding. Both now refuse it in one line."""
+    from flashlexd.storebase import SCHEMA_VERSION
+    _store_of_the_next_schema(tmp_path / "data")
+    extra = ["--to", str(tmp_path / "new")] if command == "recover" else []
+    result = flashlexd("store", command, "--data-dir", str(tmp_path / "data"), *extra)
+    assert result.returncode == 1
+    assert (result.stdout + result.stderr).strip().splitlines()[-1] == (
+        f"store in {tmp_path / 'data'} has schema {SCHEMA_VERSION + 1}; this flashlexd reads up to"
+        f" {SCHEMA_VERSION}: use the flashlexd that wrote it (upgrade flashlexd)"), result.stdout + result.stderr
