@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from flashlexd.client import ctl, ctlview
+from flashlexd.client import __version__, ctl, ctlview
 from tests.daemon import default_sigint
 
 try:
@@ -117,7 +117,7 @@ def test_refused_call_exits_1_with_the_reason(harness, capsys):
 
 def test_version_and_help():
     done = subprocess.run(CTL + ["--version"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "flashlexctl 0.1.0 (protocol 1)"
+    assert done.returncode == 0 and done.stdout.strip() == f"flashlexctl {__version__} (protocol 1)"
     done = subprocess.run(CTL + ["--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "$base64" in done.stdout and "tail" in done.stdout
 

@@ -408,3 +408,16 @@ def test_unit_runs_a_program_whose_path_has_a_dollar_sign(tmp_path):
     exec_start, _ = _rendered_and_verified(install, tmp_path)
     assert exec_start.split()[0] == f"ExecStart={program}", exec_start
     assert f" --config {str(install).replace('$', '$$')}/keys/config.yml " in exec_start  # an argument: expanded
+
+
+# The release each store schema first shipped in: pip installs a wheel (or `pip install -U`)
+# over an installed one only when its version differs, so a schema change released under the
+# same version was silently not installed (found by review: schema 7 under 0.1.0), and the
+# rollback's "upgrade flashlexd" named no version to upgrade to.
+SCHEMA_RELEASES = {6: "0.1.0", 7: "0.2.0"}
+
+
+def test_a_new_store_schema_comes_with_a_new_version():
+    import flashlexd
+    from flashlexd.storebase import SCHEMA_VERSION
+    assert SCHEMA_RELEASES.get(SCHEMA_VERSION) == flashlexd.__version__
