@@ -60,6 +60,11 @@ class _ReloadRefused(Exception):
     """A reload that keeps the running config, and why (one line)."""
 
 
+class _StoreLost(_ReloadRefused):
+    """A reload closed the store and could open it again with neither config (e.g. its disk
+    went read-only): nothing can be served, so the daemon stops (one line)."""
+
+
 @dataclass(frozen=True)
 class Overrides:
     """Command-line settings that win over the config file, kept for reloads and workers."""
@@ -441,6 +446,9 @@ class Supervisor:
             self.notifier.reloading()
         try:
             self._reload()
+        except _StoreLost as lost:
+            log.error("%s; stopping (exit 1: systemd starts it again, its start names the trouble)", lost)
+            self.begin_shutdown("the store cannot be opened", EXIT_STORE_GONE)
         except _ReloadRefused as refused:
             log.error("reload refused, still running the previous config: %s", refused)
         self._reload_done()
@@ -491,8 +499,9 @@ class Supervisor:
 
     def _reload_done(self) -> None:
         """READY=1 ends a reload only once the start has announced it (every worker up): a
-        reload during start-up must not tell systemd the service is up."""
-        if self.announced_ready:
+        reload during start-up must not tell systemd the service is up, nor one that stops it
+        that the service is up again."""
+        if self.announced_ready and not self.shutting_down:
             self.notifier.ready()
 
     def _reopen_store(self, new: Config) -> None:
@@ -500,14 +509,23 @@ class Supervisor:
         running ones (one environment per process: the old must close first) and the reload
         refused."""
         self.store.close()  # type: ignore[union-attr]
-        problem = None
         try:
             self.store = Store.from_config(new.store, write_wait=STORE_WRITE_WAIT)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the running store must reopen
-            self.store, problem = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT), str(exc)
+            self._reopen_running_store(str(exc))
+            raise _ReloadRefused(str(exc)) from None
         self.store.open_ack_journal()
-        if problem is not None:
-            raise _ReloadRefused(problem)
+
+    def _reopen_running_store(self, problem: str) -> None:
+        """The store opened again with the running settings after the new ones failed with
+        `problem`; _StoreLost when it cannot be: the daemon must not go on with it closed."""
+        try:
+            self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
+        except Exception as again:  # noqa: BLE001 - e.g. the data dir's disk went read-only
+            why = problem if str(again) == problem else f"new: {problem}; running: {again}"
+            raise _StoreLost("reload: the store cannot be opened with the new settings nor again"
+                             f" with the running ones ({why})") from None
+        self.store.open_ack_journal()
 
     def _apply(self, new: Runtime, config_file: ConfigFile) -> None:
         """Swap in a new runtime: the one place a reload changes anything."""

@@ -4,15 +4,18 @@ README's table says, and one the daemon cannot use is refused in one line, the r
 kept, READY=1 sent again. Found by review: each of these was broken before."""
 from __future__ import annotations
 
+import errno
 import resource
 import signal
 import time
+from pathlib import Path
 
 
 from flashlexd.client import connect
 from tests.broker import HOST, INGRESS_TOPIC, _Authority, publish, wait_for
 from tests.daemon import Daemon
 from tests.test_supervisor import daemon, edit_config, notify  # noqa: F401 - fixtures
+from tests.tmpfs import mounted_ext4
 
 FAT32_FILE_LIMIT = 4 * 1024 ** 3 - 1  # bytes: a file on a FAT32 USB stick
 
@@ -140,3 +143,37 @@ def test_what_was_queued_online_keeps_its_rate_across_an_egress_restart(daemon, 
         # at 20/s what is left takes < 15 s (and the egress restart); at 2/s, minutes
         wait_for(lambda: fx.status()["outbox"]["count"] == 0, 40,
                  f"the {backlog} entries queued online to drain at publishRatePerSecond")
+
+
+def _read_only(directory: Path) -> bool:
+    try:
+        (directory / "probe").touch()
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    return False
+
+
+def test_a_store_setting_reloaded_on_a_disk_gone_read_only_stops_the_daemon(daemon_config, tmp_path, notify):
+    """An SD card that starts failing makes ext4 remount the data dir read-only (errors=remount-ro,
+    Raspberry Pi OS's default for its root). A reload changing a store setting then closed the
+    store and could open neither the new one nor the running one again: the supervisor went on
+    with its store closed (a traceback a second, every call `internal`, no READY=1 so
+    `systemctl reload` hung) and never exited, so systemd never restarted it. It now says so in
+    one line and stops, exit 1. Real ext4 on a loop device, a real error remount. Found by review."""
+    with mounted_ext4(tmp_path / "sd") as device:
+        edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(dataPath=str(tmp_path / "sd" / "data")))
+        running = Daemon(daemon_config, tmp_path / "run", env={"NOTIFY_SOCKET": str(notify.path)}).start()
+        try:
+            notify.wait_for("READY=1", timeout=15)
+            Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")  # the kernel remounts it ro
+            wait_for(lambda: _read_only(tmp_path / "sd"), 10, "the remount read-only")
+            edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(expireSeconds=3600))
+            hup_at = time.monotonic()
+            running.signal(signal.SIGHUP)
+            assert running.wait_exit(timeout=30) == 1
+        finally:
+            running.stop()
+    output = running.output()
+    assert "nor again with the running ones" in output and "Traceback" not in output, output[-3000:]
+    assert not any(field == "READY=1" and at >= hup_at for at, field in notify.lines())
+    assert "still running the previous config" not in output

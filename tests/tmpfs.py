@@ -1,4 +1,5 @@
-"""A small tmpfs mounted for one test (we are root), to fill a disk for real."""
+"""Small file systems mounted for one test (we are root): a tmpfs to fill a disk for real, an
+ext4 on a loop device to have the kernel remount it read-only for real."""
 from __future__ import annotations
 
 import contextlib
@@ -42,3 +43,33 @@ def fill(disk: Path, leave: int) -> Path:
         os.close(fd)
     os.truncate(junk, max(0, junk.stat().st_size - leave))
     return junk
+
+
+@contextlib.contextmanager
+def mounted_ext4(mount_point: Path, size_mb: int = 64) -> Iterator[str]:
+    """`mount_point` (made here) with a `size_mb` ext4 on a loop device, mounted
+    errors=remount-ro as Raspberry Pi OS mounts its root, until the block ends; yields the
+    device's name under /sys/fs/ext4 (its trigger_fs_error makes the kernel remount it
+    read-only). Unmounted and detached however the block ends; skipped only without root or
+    loop devices."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop device needs root")
+    image = mount_point.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    attached = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+    if attached.returncode != 0:
+        pytest.skip(f"no loop device: {attached.stderr.strip()}")
+    device = attached.stdout.strip()
+    try:
+        mount_point.mkdir()
+        subprocess.run(["mount", "-t", "ext4", "-o", "errors=remount-ro", device, str(mount_point)],
+                       check=True, capture_output=True)
+        try:
+            yield Path(device).name
+        finally:
+            if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
