@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import struct
 import threading
 from pathlib import Path
@@ -67,6 +68,29 @@ _LOCK_FILE_BYTES = (_MAX_READERS + 2) * 64  # mdb_env_setup_locks: two 64-byte h
 _WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox record with properties
 
 
+ADDRESS_MARGIN = 64 * 1024 * 1024  # address space a process keeps beside its map: heap, thread stacks
+_USER_SPACE_32BIT = 3 * 1024 ** 3  # what a 32-bit process (armhf: the 3G/1G split) may map in all
+
+
+def address_space_left() -> Optional[int]:
+    """Bytes of address space this process may still map, or None when unbounded (64-bit,
+    no RLIMIT_AS): a 32-bit Pi gives a process ~3 GB, of which the interpreter holds some."""
+    bounds = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        bounds.append(soft)
+    if struct.calcsize("P") == 4:
+        bounds.append(_USER_SPACE_32BIT)
+    if not bounds:
+        return None
+    try:
+        with open("/proc/self/status") as status:
+            used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return min(bounds) - used
+
+
 class OlderSchema(StoreError):
     """A store of an earlier schema opened with `migrate=False` (flashlexd check)."""
 
@@ -125,6 +149,7 @@ class StoreBase:
             elif not self.path.is_dir():
                 raise StoreError(f"cannot open store in {self.path}: the directory is gone")
             _back_the_lock_file(self.path)
+            self._check_address_space()
             self._env = lmdb.open(str(self.path), map_size=self._map_bytes, max_readers=_MAX_READERS,
                                   max_dbs=16, sync=True, metasync=True, readahead=False,
                                   meminit=False, mode=0o600)
@@ -168,8 +193,25 @@ class StoreBase:
                 pass  # then the next start names the damage, as it would have
 
     def _open_problem(self, exc: Exception) -> str:
-        """Why an open failed, a full disk in the words the daemon's writes use for it."""
+        """Why an open failed, a full disk in the words the daemon's writes use for it, a map
+        that does not fit (mmap's ENOMEM, a 32-bit size_t's overflow) naming capMegabytes."""
+        if isinstance(exc, (lmdb.MemoryError, OverflowError)):
+            return self._map_problem(str(exc))
         return full_disk(str(exc), self.path) or str(exc)
+
+    def _map_problem(self, detail: str) -> str:
+        return (f"its {self._map_bytes}-byte memory map (flashlex.app.db.capMegabytes"
+                f" {self.cap_bytes // (1024 * 1024)}, plus headroom) does not fit this process's"
+                f" address space with {ADDRESS_MARGIN >> 20} MiB to spare ({detail}; a 32-bit"
+                " system gives a process ~3 GB); lower capMegabytes")
+
+    def _check_address_space(self) -> None:
+        """A map that fits but leaves too little beside it fails later and elsewhere (a thread
+        that cannot start, workers' lookups failing for memory): refused here, in one line."""
+        left = address_space_left()
+        if left is not None and self._map_bytes + ADDRESS_MARGIN > left:
+            raise StoreError(f"cannot open store in {self.path}:"
+                             f" {self._map_problem(f'{max(left, 0)} bytes left')}")
 
     def _open_databases(self) -> None:
         with self._env.begin(write=True) as txn:
@@ -463,7 +505,11 @@ class StoreBase:
                 outcome["error"] = exc
 
         helper = threading.Thread(target=run, name="store-write", daemon=True)
-        helper.start()
+        try:
+            helper.start()
+        except RuntimeError as exc:  # no room for its stack: see _check_address_space
+            raise StoreError(f"store in {self.path}: {exc} (too little address space beside the"
+                             " store's map: lower flashlex.app.db.capMegabytes)") from None
         helper.join(self.write_wait)
         if helper.is_alive():
             with phase_lock:

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import queue
 import random
+import resource
 import select
 import signal
 import struct
@@ -24,6 +25,7 @@ from hypothesis import given, settings, strategies as st
 
 from flashlexd.store import (SCHEMA_VERSION, Incoming, Store, dup_marks, StoreError, StoreForkError,
                              StoreFull)
+from tests.daemon import Daemon, NotifyListener
 from tests.tmpfs import fill as fill_disk, mounted_tmpfs
 
 CAP = 64 * 1024 * 1024
@@ -782,8 +784,9 @@ def test_every_guarded_method_that_writes_is_refused_on_a_damaged_store():
 
 def test_a_cap_past_lmdbs_map_size_is_a_store_error(tmp_path):
     """lmdb.open raised OverflowError, which is not an lmdb.Error: a reload's reopen left the
-    supervisor with its store closed, every API call failing (found by review)."""
-    with pytest.raises(StoreError, match="cannot open store in .*"):
+    supervisor with its store closed, every API call failing (found by review). It names the
+    setting to lower (a 32-bit size_t overflows at 4 GiB)."""
+    with pytest.raises(StoreError, match="cannot open store in .*capMegabytes.*lower capMegabytes"):
         Store(tmp_path / "store", 2 ** 70)
 
 
@@ -801,6 +804,76 @@ def open_in_child(path: Path) -> subprocess.CompletedProcess:
     """Open and close a Store in a child process: a SIGBUS kills the child, not pytest."""
     return subprocess.run([sys.executable, "-c", OPEN_IN_CHILD, str(path)], capture_output=True,
                           text=True, timeout=60)
+
+
+def address_space(limit: int) -> Callable[[], None]:
+    """A preexec_fn giving the child `limit` bytes of address space, as `ulimit -v` does: a
+    32-bit Pi's ~3 GB per process, emulated."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def test_a_map_that_does_not_fit_the_address_space_names_capmegabytes(tmp_path):
+    """On a 32-bit Pi (~3 GB per process) a large capMegabytes said only `cannot open store in
+    DIR: DIR: Cannot allocate memory`, naming no setting (found by review)."""
+    refused = subprocess.run([sys.executable, "-c", OPEN_IN_CHILD.replace("16 << 20", "2048 << 20"),
+                              str(tmp_path / "store")], capture_output=True, text=True, timeout=60,
+                             preexec_fn=address_space(1 << 30))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "capMegabytes 2048" in refused.stderr and "lower capMegabytes" in refused.stderr, refused.stderr
+
+
+WRITE_WITHOUT_ROOM_FOR_A_THREAD = """
+import resource, sys
+from flashlexd.store import Incoming, Store, StoreError
+store = Store(sys.argv[1], 16 << 20, write_wait=1.0)
+held = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (held + (1 << 20), resource.RLIM_INFINITY))  # no 8 MiB stack
+try:
+    store.append([Incoming(topic="t/in", payload=b"x")])
+except StoreError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def test_a_bounded_write_whose_thread_cannot_start_is_a_store_error(tmp_path):
+    """The supervisor's writes run in a helper thread (write_wait): with no address space left
+    for its stack the write raised RuntimeError (`can't start new thread`), a traceback, not
+    the store's one-line error naming the setting to lower (found by review)."""
+    refused = subprocess.run([sys.executable, "-c", WRITE_WITHOUT_ROOM_FOR_A_THREAD, str(tmp_path / "store")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "can't start new thread" in refused.stderr and "capMegabytes" in refused.stderr, refused.stderr
+
+
+def _vm_size(pid: int) -> int:
+    """Bytes of address space process `pid` holds."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:"))
+
+
+@pytest.mark.parametrize("spare", [-4 << 20, 512 << 10], ids=["no-room-for-a-thread", "no-room-for-a-lookup"])
+def test_a_map_that_leaves_too_little_address_space_is_one_line_at_start(daemon_config, tmp_path, spare):
+    """A map that fits but leaves too little room (RLIMIT_AS: the running supervisor's own size
+    less 4 MiB, or plus 512 KiB): the supervisor died with a traceback (`can't start new
+    thread`, the store's write helper), or its workers crash-looped (`unknown encoding: idna`,
+    their name lookups failing for memory). The start is now refused in one line, exit 1
+    (found by review). Real daemon, real mosquitto."""
+    notify = NotifyListener(tmp_path / "notify.sock")
+    first = Daemon(daemon_config, tmp_path / "first", env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        running = _vm_size(first.pid)  # its map and its write helper's stack, on this machine
+    finally:
+        first.stop()
+        notify.close()
+    again = Daemon(daemon_config, tmp_path / "again", preexec=address_space(running + spare)).start()
+    try:
+        code = again.wait_exit(timeout=30)
+    finally:
+        again.stop()
+    output = again.output()
+    assert code == 1 and "Traceback" not in output, output[-2000:]
+    assert "cannot start" in output and "lower capMegabytes" in output, output[-2000:]
 
 
 def test_a_new_store_on_a_full_disk_is_one_line_and_opens_once_space_is_freed(tmp_path):
