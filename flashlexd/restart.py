@@ -17,6 +17,9 @@ from flashlexd.config import Supervision
 
 FIRST_DELAY = 0.1
 STABLE_AFTER = 10.0
+# past this many doublings any cap has long won; the bound keeps 2 ** n from overflowing a
+# float (at 1,024) for a worker that fails for ever without ever making a crash loop
+MAX_DOUBLINGS = 64
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class RestartHistory:
             self.failures.popleft()
         if len(self.failures) > limits.limit:
             return None
-        return min(FIRST_DELAY * 2 ** (self.consecutive - 1), limits.max_delay)
+        return min(FIRST_DELAY * 2 ** min(self.consecutive - 1, MAX_DOUBLINGS), limits.max_delay)
 
     def describe(self, limits: RestartLimits) -> str:
         return f"{len(self.failures)} failures in {limits.window:g}s"

@@ -37,3 +37,19 @@ def test_new_limits_apply_to_the_history_kept_so_far():
         history.next_delay(second, second, RestartLimits(max_delay=30, limit=5, window=60))
     assert history.next_delay(3, 3, RestartLimits(max_delay=30, limit=3, window=60)) is None
     assert history.next_delay(4, 4, RestartLimits(max_delay=0.15, limit=100, window=60)) == 0.15
+
+
+def test_the_backoff_stays_at_its_cap_however_many_failures_came_in_a_row():
+    """A worker dying 9 s after each start (under STABLE_AFTER) with crashLoopWindowSeconds 30
+    never makes a crash loop, so its failures in a row grow without end: at the 1,024th (~11 h)
+    the delay overflowed a float, the supervisor's pass raised, and the worker was neither
+    restarted nor declared FATAL: the daemon hung (found by review)."""
+    history, limits = RestartHistory(), RestartLimits(max_delay=30.0, limit=5, window=30.0)
+    now = 0.0
+    for _ in range(1100):
+        started = now
+        now += 9.0
+        delay = history.next_delay(now, started, limits)
+        assert delay is not None and delay <= 30.0
+        now += delay
+    assert delay == 30.0
