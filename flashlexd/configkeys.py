@@ -25,6 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_MQTT_PAYLOAD = 268435455 - 65535 - 4  # remaining length limit minus the longest topic, packet id
 # the cap plus its headroom (1/8) must fit LMDB's map size, a 64-bit size_t
 MAX_CAP_MEGABYTES = 2 ** 43  # 8 EiB
+MAX_STOP_TIMEOUT = 86399  # seconds: the unit `flashlexd service` renders follows less than a day
 PROTOCOLS = ("auto", "5", "3.1.1")  # flashlex.thing.mqtt.protocol
 REQUIRED = object()  # the default of a key that must be given
 
@@ -183,8 +184,9 @@ TABLE: Tuple[Key, ...] = (
         " replaced; must be more than twice `heartbeatSeconds`", WORKERS,
         field="heartbeat_timeout"),
     Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL (the unit"
-        " `flashlexd service` renders gives systemd's TimeoutStopSec 20 s more, at least 30)", WORKERS,
-        field="stop_timeout"),
+        " `flashlexd service` renders gives systemd's TimeoutStopSec 20 s more, at least 30). At most"
+        f" {MAX_STOP_TIMEOUT} (under a day)", WORKERS, maximum=MAX_STOP_TIMEOUT,
+        maximum_why=" (under a day: the unit's TimeoutStopSec follows no more)", field="stop_timeout"),
     Key(f"{_SUP}.restartBackoffMaxSeconds", "seconds", 30.0, "cap of the restart backoff", WORKERS,
         field="backoff_max_seconds"),
     Key(f"{_SUP}.crashLoopRestarts", "integer", 5,

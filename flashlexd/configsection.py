@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, List, Optional, Tuple, Type, TypeVar
 
-from flashlexd.configkeys import KEYS, LEGACY_KEYS, REQUIRED, TABLE
+from flashlexd.configkeys import KEYS, LEGACY_KEYS, REQUIRED, TABLE, Key
 from flashlexd.configtext import ConfigError
 
 T = TypeVar("T")
@@ -35,14 +35,10 @@ class Section:
         if key.kind == "text":
             return self.text(name, default, required=required)
         if key.kind == "integer":
-            value = self.integer(name, default, minimum=key.minimum,  # type: ignore[arg-type]
-                                 required=required)
-            if key.maximum is not None and value is not None and value > key.maximum:
-                raise ConfigError(f"{key.path}: must be <= {key.maximum}{key.maximum_why},"
-                                  f" got {value}")
-            return value
+            return _at_most(key, self.integer(name, default, minimum=key.minimum,  # type: ignore[arg-type]
+                                              required=required))
         if key.kind == "seconds":
-            return self.seconds(name, default)
+            return _at_most(key, self.seconds(name, default))
         if key.kind == "boolean":
             return self.boolean(name, default)
         if key.kind == "choice":
@@ -159,6 +155,13 @@ class Section:
         for key in self.data:
             if key not in self.used and self._key(str(key)) not in LEGACY_KEYS:
                 self.warnings.append(f"{self._key(str(key))}: unknown key, ignored")
+
+
+def _at_most(key: Key, value: Any) -> Any:
+    """`value`, unless it passes the key's maximum (a limit of the protocol, the store, the unit)."""
+    if key.maximum is not None and value is not None and value > key.maximum:
+        raise ConfigError(f"{key.path}: must be <= {key.maximum}{key.maximum_why}, got {value}")
+    return value
 
 
 def _show(value: Any) -> str:

@@ -25,6 +25,7 @@ import yaml
 
 from flashlexd import paths
 from flashlexd.config import DEFAULT_DATA_DIR, DEFAULT_SOCKET, ConfigError
+from flashlexd.configkeys import MAX_STOP_TIMEOUT
 
 HOME_DIRS = ("/home/", "/root/", "/run/user/")
 STOP_TIMEOUT = 30  # seconds: TimeoutStopSec, at least
@@ -68,7 +69,7 @@ def read_places(config_path: Path, keys_dir: Optional[str] = None) -> Tuple[Plac
                     allow_uids=tuple(uids), key_files=key_files,
                     # a bad value is the config's to refuse, at the start
                     stop_timeout=stop if isinstance(stop, (int, float)) and not isinstance(stop, bool)
-                    and 0 < stop < 86400 else Places.stop_timeout)
+                    and 0 < stop <= MAX_STOP_TIMEOUT else Places.stop_timeout)
     # a directory of their own: the unit makes it writable (or has systemd make it); /run or
     # /var/lib itself would be all of it made writable, and not the service user's to write in
     if socket_dir(places) in ("/run", "/var/lib", "/"):

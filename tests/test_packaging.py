@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 import pytest
 
+from flashlexd.config import ConfigError
+from flashlexd.configsection import Section
 from flashlexd.service import render_unit
 from flashlexd.unitplaces import read_places
 
@@ -337,6 +339,18 @@ def test_systemd_waits_longer_than_the_configured_stop_timeout(tmp_path):
     assert "TimeoutStopSec=30\n" in _render(tmp_path, {}).stdout
     assert "TimeoutStopSec=30\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 5}}).stdout
     assert "TimeoutStopSec=80\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 59.5}}).stdout
+
+
+def test_a_stop_timeout_the_unit_cannot_follow_is_refused(tmp_path):
+    """`run` took a stopTimeoutSeconds of a day or more while the unit rendered the default
+    TimeoutStopSec=30 for it: systemd SIGKILLed the whole unit well inside the stop budget the
+    supervisor was given (found by review). The config now refuses it; the unit follows the
+    largest value it takes."""
+    supervisor = Section({"stopTimeoutSeconds": 86400}, "flashlex.app.supervisor", [])
+    with pytest.raises(ConfigError, match=r"stopTimeoutSeconds: must be <= 86399 \(under a day"):
+        supervisor.value("stopTimeoutSeconds")
+    assert Section({"stopTimeoutSeconds": 86399}, "flashlex.app.supervisor", []).value("stopTimeoutSeconds") == 86399
+    assert "TimeoutStopSec=86419\n" in _render(tmp_path, {"supervisor": {"stopTimeoutSeconds": 86399}}).stdout
 
 
 def test_unit_files_lines_without_a_priority_as_errors(tmp_path):
