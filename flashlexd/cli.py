@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import List, Optional
 
@@ -80,7 +81,17 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _hold_hangups() -> List[int]:
+    """Until the supervisor installs its handlers, a SIGHUP's default action would end the
+    daemon without a word: note it instead, for the supervisor to reload once it runs. A
+    Python handler, not SIG_IGN, so that what start-up execs (the key check) gets the default."""
+    hangups: List[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
+    return hangups
+
+
 def run(args: argparse.Namespace) -> int:
+    hangups = _hold_hangups()
     from flashlexd.ipc.server import ServerError
     from flashlexd.paths import AlreadyRunning, UnsafePath
     from flashlexd.store import StoreError
@@ -96,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         logging.getLogger("flashlexd").warning("%s", warning)
     try:
-        return Supervisor(config, overrides).run()
+        return Supervisor(config, overrides, hangups).run()
     except (StoreError, ServerError, UnsafePath, AlreadyRunning) as exc:
         return _fail(f"cannot start: {exc}", EXIT_START)
 

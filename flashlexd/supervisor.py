@@ -90,13 +90,15 @@ class Overrides:
 
 
 class Supervisor:
-    def __init__(self, config: Config, overrides: Overrides):
+    def __init__(self, config: Config, overrides: Overrides, signals: Optional[List[int]] = None):
+        """`signals`: the list the caller's handler notes signals in until ours are installed
+        (kept as is: one may still arrive), handled as ours are."""
         self.runtime = Runtime.from_config(config)  # replaced whole by a reload, never patched
         self.overrides = overrides
         self.notifier = Notifier()
         self.selector = selectors.DefaultSelector()
         self.started = time.monotonic()
-        self.signals: List[int] = []
+        self.signals: List[int] = [] if signals is None else signals
         self.shutting_down = False
         self.exit_code = 0
         self.announced_ready = False

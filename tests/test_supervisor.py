@@ -151,6 +151,26 @@ def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     assert daemon.children() == before
 
 
+def test_a_sighup_while_the_daemon_starts_reloads_once_it_runs(daemon_config, tmp_path, notify):
+    """A SIGHUP (`systemctl reload`, a log rotation script) reaching `flashlexd run` while it
+    started, before the supervisor installed its handlers, killed the daemon by its default
+    action: no log line, no READY=1 (found by review). It is now the reload it asked for, once
+    the supervisor runs: an edit made after start-up read the config is applied."""
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        # the start-up key check runs in a child: the config is read, no handler installed yet
+        wait_for(lambda: any(True for _ in running.child_processes()), 15, "the start-up key check",
+                 interval=0.002)
+        edit_config(daemon_config, lambda d: d["flashlex"]["app"].update(logLevel="debug"))
+        running.signal(signal.SIGHUP)
+        notify.wait_for("READY=1", timeout=15)
+        wait_for(lambda: f"DEBUG flashlexd[{running.pid}]: " in running.output(), 10,
+                 "the reloaded log level")
+        assert running.proc.poll() is None
+    finally:
+        running.stop()
+
+
 def edit_config(path: Path, change) -> None:
     """Change the YAML document at `path` in place (`change(document)`), as an operator would."""
     document = yaml.safe_load(path.read_text())
