@@ -66,6 +66,7 @@ _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall c
 _FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
+_LINK_UP = b"egress_link_up"  # meta: egress's link came up, no drop or stop noted since (it died)
 _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
@@ -287,15 +288,29 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def queued_online(self) -> Optional[int]:
-        """The last outbox id the egress saw queued while its link was up (at its last drop or
-        its last stop), across its restarts; None when never noted."""
+        """The last outbox id the egress saw queued while its link was up, across its restarts:
+        noted at its last drop or stop; when it died with its link up (SIGKILL: nothing noted),
+        the newest id, all the outbox holds taken as queued online (the rest of an outage's
+        backlog it was draining too: one mark cannot tell them apart); None when never noted."""
         with self._read() as txn:
+            if txn.get(_LINK_UP, db=self._meta) is not None:
+                return self._counter(txn, b"outbox_last_id")
             raw = txn.get(_QUEUED_ONLINE, db=self._meta)
         return _ID.unpack(raw)[0] if raw is not None and len(raw) == _ID.size else None
 
     @guarded
     def note_queued_online(self, last_id: int) -> None:
-        self._write(lambda txn: txn.put(_QUEUED_ONLINE, _ID.pack(last_id), db=self._meta))
+        """The egress's link went down or it stops: `last_id` ends what was queued online."""
+        def note(txn: lmdb.Transaction) -> None:
+            txn.put(_QUEUED_ONLINE, _ID.pack(last_id), db=self._meta)
+            txn.delete(_LINK_UP, db=self._meta)
+        self._write(note)
+
+    @guarded
+    def note_link_up(self) -> None:
+        """The egress's link is up: should it die before it notes the link down, what the outbox
+        holds was queued online (see `queued_online`)."""
+        self._write(lambda txn: txn.put(_LINK_UP, b"1", db=self._meta))
 
     @guarded
     def note_session_topics(self, client_id: str, topics: Sequence[str]) -> None:

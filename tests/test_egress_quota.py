@@ -324,3 +324,22 @@ def test_entries_queued_while_the_link_is_up_keep_their_rate_after_a_reconnect(
     wait_for(lambda: store.outbox_count() == 0, 20, "the rest at the online rate (2/s: 3 minutes)")
     assert worker.stop() == 0
     proxy.close()
+
+
+def test_entries_queued_while_the_link_is_up_keep_their_rate_after_an_egress_crash(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The end of what was queued online was kept at a drop of the link and at a stop, not at a
+    crash: after a SIGKILLed egress (the supervisor restarts it) the rest of an app's burst
+    drained at drainingFrequency, 2/s instead of 100/s (found by review)."""
+    proxy = QuotaProxy(plain_broker, rate=1000, enforce=False)
+    config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=100, drainingFrequency=2)
+    store = open_store(config)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    fill_outbox(store, 200)  # queued while the link is up
+    worker.send("outbox")
+    wait_for(lambda: store.outbox_count() < 150, 10, "the online drain under way")
+    worker.kill()
+    start_worker("egress", config).wait_connected()
+    wait_for(lambda: store.outbox_count() == 0, 10, "the rest at the online rate (2/s: over a minute)")
+    proxy.close()

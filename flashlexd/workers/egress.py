@@ -210,6 +210,7 @@ class EgressWorker(Worker):
             if self.store.outbox_count():
                 self.backlog_from = self.queued_online_through or 0
                 self.backlog_until = self.store.outbox_last_id()
+            self.store.note_link_up()  # for an egress replacing this one should it die (SIGKILL)
         except StoreError as exc:  # damage is logged by the store
             log.debug("backlog not marked: %s", exc)
 
