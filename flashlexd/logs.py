@@ -15,11 +15,33 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 from flashlexd.escape import printable
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
+
+
+class LineThrottle:
+    """At most one log line per `every` seconds about something that can repeat at will (a
+    local client's refused requests, a link retrying every 2 s, a store refusing at every
+    sweep), with how many there were since the last line: a loop of them cannot flood the
+    journal and the log file on an SD card (nor push the daemon's other lines out of journald's
+    rate limit)."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self.last: Optional[float] = None
+        self.since = 0
+
+    def due(self, now: float) -> int:
+        """How many to report now, this one included; 0: stay quiet."""
+        self.since += 1
+        if self.last is not None and now - self.last < self.every:
+            return 0
+        count, self.last, self.since = self.since, now, 0
+        return count
 
 
 class _SafeFormatter(logging.Formatter):

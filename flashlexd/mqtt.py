@@ -16,11 +16,12 @@ keeps our subscriptions and unacknowledged messages across disconnects and worke
 from __future__ import annotations
 
 import logging
+import re
 import select
 import socket
 import ssl
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -29,6 +30,7 @@ from flashlexd.reconnect import ReconnectBackoff
 from flashlexd.config import Config
 from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
+from flashlexd.logs import LineThrottle
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
                                   uses_alpn)
 from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
@@ -37,6 +39,8 @@ from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
 log = logging.getLogger(__name__)
 
+FAILURE_LOG_SECONDS = 600.0  # the same connection failure again within this: DEBUG, counted
+FAILURE_SHAPES = 32  # kinds of failure remembered between two connects (more: start afresh)
 MAX_PACKETS_PER_PASS = 1024
 QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a client-id conflict?
 # MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
@@ -126,6 +130,7 @@ class Connection:
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
+        self._failure_lines: Dict[str, LineThrottle] = {}  # a failure's shape -> its log lines
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
         # the broker's DISCONNECT (MQTT 5) named a cause that is no entry's doing (session
@@ -433,6 +438,7 @@ class Connection:
             self.clean_start, self._rebuild = False, True  # the broker keeps the session from now on
         self.backoff.connected()
         self.watch.up()
+        self._failure_lines.clear()  # the next failure is news again
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
         present = self.session_present = bool(flags.session_present)
         log.info("connected to %s:%d as %r with MQTT %s (session present: %s)", self.thing.endpoint,
@@ -545,8 +551,24 @@ class Connection:
         self.backoff.lost(broker_fault=not entry_fault)
         if retry_in is not None:
             self.backoff.due_at = min(self.backoff.due_at, self.clock() + retry_in)
-        log.error("%s; retrying in %.1fs", error, self.backoff.wait())
+        self._log_failure(error)
         self.on_change(False, error)
+
+    def _log_failure(self, error: str) -> None:
+        """A failure that lasts (a broker down for hours, a clock waiting for time sync, retried
+        every 2 s) is one ERROR, then one every FAILURE_LOG_SECONDS with the count, DEBUG in
+        between: not a line per attempt into the journal and the log file (`status` shows each).
+        Failures that differ only in numbers (a clock, a port, a count) are the same."""
+        shape = re.sub(r"\d+", "#", error)
+        if shape not in self._failure_lines and len(self._failure_lines) >= FAILURE_SHAPES:
+            self._failure_lines.clear()
+        lines = self._failure_lines.setdefault(shape, LineThrottle(FAILURE_LOG_SECONDS))
+        count, wait = lines.due(self.clock()), self.backoff.wait()
+        if not count:
+            log.debug("%s; retrying in %.1fs", error, wait)
+            return
+        again = f" ({count} such failures since the last line about it)" if count > 1 else ""
+        log.error("%s; retrying in %.1fs%s", error, wait, again)
 
 
 def _tls_pending(sock: Any) -> bool:

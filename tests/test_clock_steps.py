@@ -227,3 +227,28 @@ def test_a_clock_before_the_broker_certificate_is_named_then_connects_after_the_
         wait_for(lambda: ingress_connected(fx), 10, "ingress connected after the step")
         assert time.monotonic() - stepped <= 3.0
         assert "waiting for time sync" in daemon.output()
+
+
+def test_waiting_for_time_sync_is_logged_once_not_at_every_2s_retry(broker, tmp_path, faketime,
+                                                                    run_daemon):
+    """A Pi whose NTP is blocked waits for time sync for hours, each link retrying every 2 s;
+    every retry logged one ERROR: ~3,600 lines an hour into the journal and
+    /var/log/flashlexd.log on an SD card (found by review). The same failure is now one ERROR,
+    then one every 10 min with a count; `status` still shows it."""
+    faketime.step_to(int(min(clock_floor(), time.time()) - time.time()) - 2 * DAY)
+    slow = {"baseReconnectQuietTimeSecond": 10, "maxReconnectQuietTimeSecond": 60,
+            "stableConnectionTimeSecond": 2}
+    daemon = run_daemon(broker, mqtt={"autoReconnectBackoffTime": slow})
+
+    def clock_lines() -> List[str]:
+        return [line for line in daemon.output().splitlines() if "waiting for time sync" in line]
+
+    with api(daemon) as fx:
+        wait_for(lambda: all(any(f"[{link}]" in line for line in clock_lines())
+                             for link in ("ingress", "egress")), 20, "the clock logged by both links")
+        before = len(clock_lines())
+        deadline = time.monotonic() + 12  # a window in which nothing must be logged: 6 retries a link
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "waiting for time sync" in (fx.status()["mqtt"]["ingress"].get("error") or "")
+        assert len(clock_lines()) == before, "\n".join(clock_lines()[:6])

@@ -16,13 +16,13 @@ import struct
 from typing import Dict, FrozenSet, Iterable, Optional, Tuple
 
 from flashlexd.ipc.socketfile import group_id
+from flashlexd.logs import LineThrottle
 
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; not named by Python 3.9
 _MAX_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes: a peer in more groups gets ERANGE
-_REPORT_EVERY = 60.0  # seconds between lines about one kind of refusal
 
 
 def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
@@ -38,24 +38,6 @@ def peer_groups(sock: socket.socket) -> FrozenSet[int]:
     except OSError:
         return frozenset()
     return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
-
-
-class LineThrottle:
-    """At most one log line per `_REPORT_EVERY` about a refusal a local client can repeat at
-    will, with how many there were since the last line: a loop of them cannot flood the journal
-    (and so push the daemon's real lines out of journald's rate limit)."""
-
-    def __init__(self) -> None:
-        self.last: Optional[float] = None
-        self.since = 0
-
-    def due(self, now: float) -> int:
-        """How many to report now, this one included; 0: stay quiet."""
-        self.since += 1
-        if self.last is not None and now - self.last < _REPORT_EVERY:
-            return 0
-        count, self.last, self.since = self.since, now, 0
-        return count
 
 
 class Admission:

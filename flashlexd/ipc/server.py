@@ -23,11 +23,12 @@ import time
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Set, Tuple, Union
 
 from flashlexd import fds
-from flashlexd.ipc.admission import Admission, LineThrottle, peer_credentials
+from flashlexd.ipc.admission import Admission, peer_credentials
 from flashlexd.ipc.connection import Connection, ReadBudget, Received
 from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
                                     parse_request)
 from flashlexd.ipc.socketfile import ServerError, bind_socket
+from flashlexd.logs import LineThrottle
 
 __all__ = ["Handler", "RpcServer", "ServerError"]
 
