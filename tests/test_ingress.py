@@ -163,6 +163,28 @@ def test_full_store_stops_acking_and_resumes_when_space_frees(broker: Broker, tm
     assert "store full" in worker.log_text() and "resuming" in worker.log_text()
 
 
+def test_a_store_held_at_its_cap_logs_its_refusals_once(broker: Broker, tmp_path: Path,
+                                                        start_worker) -> None:
+    """Under `reject` with expireSeconds, a store at its cap with messages still coming (the app
+    down, the broker holding a backlog) is freed a little by every expiry sweep: ingress resumes,
+    fills it and is refused again. Each turn logged an ERROR "store full" and an INFO
+    "resuming": ~1,400 lines an hour at the default sweepSeconds, for as long as it lasted (found
+    by review). Now: one ERROR, and "resuming" at INFO only after that logged refusal."""
+    config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    write_lines(tmp_path / "big", 80, width=60_000)  # 4.8 MB for a 1 MB store
+    assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "big").wait(30) == 0
+    for turn in range(5):  # the test frees room as an expiry sweep would
+        worker.wait(lambda w: w.counters.get("store_full"), 20, f"the store full (turn {turn})")
+        stored = worker.counters["stored"]
+        store.ack([m.id for m in store.messages(limit=4)])
+        worker.wait(lambda w: w.counters.get("stored", 0) > stored, 20, f"ingress resumed (turn {turn})")
+    worker.wait(lambda w: w.counters.get("store_full"), 20, "the store full again")
+    log = worker.log_text()
+    assert (log.count("store full"), log.count("store accepts messages again")) == (1, 1), log[-3000:]
+
+
 def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """Brokers reuse packet ids (mosquitto after 65,535 messages). A new message with the id and

@@ -48,6 +48,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from flashlexd.ackbatch import coalesced_acks
+from flashlexd.logs import LineThrottle
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import V5, properties_of, properties_size, reason_name
 from flashlexd.publishread import Publish
@@ -65,6 +66,7 @@ LEARN_FROM = 8                 # fewer waiting messages are never taken for a br
 STALL_GAPS = 4                 # a silence this many mean gaps long: the broker's window is full
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
+REFUSED_LOG_SECONDS = 600.0   # the store refusing again within this: DEBUG, counted in the next ERROR
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
 FILTERS_PER_SUBSCRIBE = 8      # AWS IoT Core closes the link on a SUBSCRIBE/UNSUBSCRIBE with more
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
@@ -112,6 +114,9 @@ class IngressWorker(Worker):
         self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
+        # a store held at its cap (each expiry sweep freeing a little) refuses again and again
+        self._refusal_lines: Dict[type, LineThrottle] = {}  # by the error's type
+        self._refusal_said = False  # this refusal was logged: so is its end
         # the broker lost our session: every DUP mark is stale once the first this-many batch
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
@@ -455,7 +460,7 @@ class IngressWorker(Worker):
             self.barrier.give_back(settled)  # nothing was written: they wait for the next commit
         self.counters["marks_settled"] += len(settled) if messages else 0
         if self.retry_at is not None:
-            log.info("store accepts messages again; resuming")
+            (log.info if self._refusal_said else log.debug)("store accepts messages again; resuming")
         self.retry_at = None
         self.counters["store_full"] = False
         self.counters["store_error"] = None
@@ -481,13 +486,25 @@ class IngressWorker(Worker):
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
-        if self.retry_at is None and not isinstance(exc, StoreDamaged):  # damage: logged by the store
-            what = "store full" if isinstance(exc, StoreFull) else "store error"
-            log.error("%s: %s; not acknowledging %d messages, retrying every %gs", what, exc,
-                      len(self.batch), RETRY_SECONDS)
+        if self.retry_at is None:  # a new refusal; damage: logged by the store
+            self._refusal_said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now)
         self.counters["store_full"] = isinstance(exc, StoreFull)
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS
+
+    def _say_refused(self, exc: StoreError, now: float) -> bool:
+        """One ERROR per kind of refusal every REFUSED_LOG_SECONDS, with the count, DEBUG in
+        between: a store held at its cap by expiry refuses at every sweep, for hours (`status`
+        shows each). Whether it was logged."""
+        what = "store full" if isinstance(exc, StoreFull) else "store error"
+        count = self._refusal_lines.setdefault(type(exc), LineThrottle(REFUSED_LOG_SECONDS)).due(now)
+        if not count:
+            log.debug("%s: %s; not acknowledging %d messages", what, exc, len(self.batch))
+            return False
+        again = f" ({count} such refusals since the last line about them)" if count > 1 else ""
+        log.error("%s: %s; not acknowledging %d messages, retrying every %gs%s", what, exc,
+                  len(self.batch), RETRY_SECONDS, again)
+        return True
 
 
 def _matched(filters: Sequence[str], topic: str) -> bool:
