@@ -1,6 +1,7 @@
 """`flashlexd service` output is accepted by the tools that will read it on a device."""
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -11,14 +12,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import pytest
 
 from flashlexd.config import ConfigError
 from flashlexd.configsection import Section
-from flashlexd.service import render_unit
+from flashlexd.service import render_unit, template
 from flashlexd.unitplaces import read_places
+from tests.broker import wait_for
 
 FLASHLEXD = str(Path(sys.executable).parent / "flashlexd")
 
@@ -51,35 +53,78 @@ def test_rsyslog_rule_is_valid(tmp_path):
     assert "/var/log/flashlexd.log" in rule.read_text() and "stop" in rule.read_text()
 
 
+DEBIAN_FILES = "$FileOwner root\n$FileGroup adm\n$FileCreateMode 0640\n$Umask 0022\n"  # /etc/rsyslog.conf
+UBUNTU_FILES = "$FileOwner nobody\n$FileGroup adm\n$FileCreateMode 0640\n$Umask 0022\n" \
+               "$PrivDropToUser nobody\n$PrivDropToGroup adm\n"  # its `syslog` user: here nobody
+
+
+@contextlib.contextmanager
+def running_rsyslogd(top: Path, log: Path,
+                     files: str = DEBIAN_FILES) -> Iterator[Tuple[Callable[[str, str], None], int]]:
+    """A real rsyslogd with the rule installed (writing `log`) under a distribution's defaults
+    (`files`), on a socket of its own; yields `say(priority, text)`, a line as journald
+    forwards the daemon's (tag `flashlexd`), and its pid. Stopped on exit."""
+    rules, sock = top / "rsyslog.d", top / "log.sock"
+    rules.mkdir()
+    (rules / "flashlexd.conf").write_text(template("rsyslog").replace("/var/log/flashlexd.log", str(log)))
+    conf = top / "rsyslog.conf"
+    conf.write_text(f'module(load="imuxsock" SysSock.Use="off")\ninput(type="imuxsock" Socket="{sock}")\n'
+                    f'{files}$IncludeConfig {rules}/*.conf\n')
+    daemon = subprocess.Popen(["rsyslogd", "-n", "-f", str(conf), "-i", str(top / "pid")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 10, "rsyslogd's socket")
+        yield (lambda priority, text: subprocess.run(
+            ["logger", "-u", str(sock), "-t", "flashlexd", "-p", priority, text], check=True)), daemon.pid
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+
+
 @pytest.mark.skipif(not shutil.which("rsyslogd") or not shutil.which("logger"), reason="rsyslog is installed by make test")
 def test_rsyslog_creates_the_log_file_as_logrotate_does(tmp_path):
     """The rule's action() ignored Debian's `$FileGroup adm`: /var/log/flashlexd.log began as
     root:root and became root:adm at the first rotation (logrotate's `create`), so who may read
-    the log changed after a day (found by review, with a real rsyslogd)."""
-    import grp
-    import pwd
-    from flashlexd.service import template
-    from tests.broker import wait_for
-    create = next(line.split() for line in template("logrotate").splitlines() if line.strip().startswith("create "))
-    log, rules, sock = tmp_path / "flashlexd.log", tmp_path / "rsyslog.d", tmp_path / "log.sock"
-    rules.mkdir()
-    (rules / "flashlexd.conf").write_text(template("rsyslog").replace("/var/log/flashlexd.log", str(log)))
-    conf = tmp_path / "rsyslog.conf"  # Debian's /etc/rsyslog.conf defaults, then its rsyslog.d
-    conf.write_text(f'module(load="imuxsock" SysSock.Use="off")\ninput(type="imuxsock" Socket="{sock}")\n'
-                    f'$FileOwner root\n$FileGroup adm\n$FileCreateMode 0640\n$Umask 0022\n'
-                    f'$IncludeConfig {rules}/*.conf\n')
-    daemon = subprocess.Popen(["rsyslogd", "-n", "-f", str(conf), "-i", str(tmp_path / "pid")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(sock.exists, 10, "rsyslogd's socket")
-        subprocess.run(["logger", "-u", str(sock), "-t", "flashlexd", "-p", "daemon.info", "ready"], check=True)
+    the log changed after a day (found by review, with a real rsyslogd). logrotate's plain
+    `create` makes the new file as the old one: rsyslogd's, 0640 root adm on Debian."""
+    log = tmp_path / "flashlexd.log"
+    with running_rsyslogd(tmp_path, log) as (say, _):
+        say("daemon.info", "ready")
         wait_for(lambda: log.exists() and "ready" in log.read_text(), 10, "the line in the log file")
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
     info = log.stat()
     assert (f"0{info.st_mode & 0o777:o}", pwd.getpwuid(info.st_uid).pw_name,
-            grp.getgrgid(info.st_gid).gr_name) == tuple(create[1:4])
+            grp.getgrgid(info.st_gid).gr_name) == ("0640", "root", "adm")
+
+
+@pytest.mark.skipif(not (shutil.which("rsyslogd") and shutil.which("logger") and shutil.which("logrotate"))
+                    or os.geteuid() != 0, reason="rsyslog and logrotate are installed by make test, run as root")
+def test_no_line_is_lost_after_a_rotation_under_an_rsyslogd_that_drops_privileges():
+    """Ubuntu's rsyslogd (and so a Pi's on Ubuntu) drops to user `syslog` in group adm, with
+    /var/log root:syslog 0775. The rule forced fileOwner root and logrotate recreated the file
+    `create 0640 root adm`: after the first rotation rsyslogd could not open the file and every
+    line was lost (found by review). The file is now rsyslogd's own, and stays so."""
+    top = Path(tempfile.mkdtemp(prefix="flashlexd-rsyslog-", dir="/tmp"))  # nobody must reach it
+    try:
+        top.chmod(0o755)
+        logdir = top / "log"  # as Ubuntu's /var/log, with adm for the group rsyslogd drops to
+        logdir.mkdir()
+        os.chown(logdir, 0, grp.getgrnam("adm").gr_gid)
+        logdir.chmod(0o775)
+        log = logdir / "flashlexd.log"
+        with running_rsyslogd(top, log, UBUNTU_FILES) as (say, rsyslogd):
+            say("daemon.err", "before")
+            wait_for(lambda: log.exists() and "before" in log.read_text(), 10, "the line before the rotation")
+            text = template("logrotate").replace("/var/log/flashlexd.log", str(log))
+            body = text[text.index("postrotate") + len("postrotate"):text.index("endscript")]  # aimed at ours
+            rotate = top / "flashlexd.logrotate"  # Ubuntu's /etc/logrotate.conf says `su root adm`
+            rotate.write_text("su root adm\n" + text.replace(body, f"\n        kill -HUP {rsyslogd}\n    "))
+            rotated = subprocess.run(["logrotate", "-f", "-s", str(top / "state"), str(rotate)],
+                                     capture_output=True, text=True, timeout=30)
+            assert rotated.returncode == 0, rotated.stderr
+            say("daemon.err", "after")
+            wait_for(lambda: log.exists() and "after" in log.read_text(), 10, "the line after the rotation")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.mark.skipif(not shutil.which("logrotate"), reason="logrotate is installed by make test")
