@@ -6,6 +6,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -94,6 +95,22 @@ def test_rsyslog_creates_the_log_file_as_logrotate_does(tmp_path):
     info = log.stat()
     assert (f"0{info.st_mode & 0o777:o}", pwd.getpwuid(info.st_uid).pw_name,
             grp.getgrgid(info.st_gid).gr_name) == ("0640", "root", "adm")
+
+
+@pytest.mark.skipif(not shutil.which("rsyslogd") or not shutil.which("logger"), reason="rsyslog is installed by make test")
+def test_the_log_file_shows_each_lines_severity(tmp_path):
+    """Under systemd the daemon's lines carry their level only as the journal priority (`<3>`,
+    logs.py), and the rule wrote /var/log/flashlexd.log in rsyslog's default format, which has
+    none: an ERROR looked like an INFO line (found by review). The file now says it as a word."""
+    log = tmp_path / "flashlexd.log"
+    with running_rsyslogd(tmp_path, log) as (say, _):  # as journald forwards <3>... and <6>...
+        say("daemon.err", "flashlexd[ingress]: connection refused by host:8883")
+        say("daemon.info", "flashlexd: ready: 3 workers up")
+        wait_for(lambda: log.exists() and "ready" in log.read_text(), 10, "both lines in the log file")
+    lines = log.read_text().splitlines()
+    shape = r"\S+ \S+ flashlexd(\[\d+\])?: (ERR flashlexd\[ingress\]: connection refused by host:8883" \
+            r"|INFO flashlexd: ready: 3 workers up)"
+    assert len(lines) == 2 and all(re.fullmatch(shape, line) for line in lines), lines
 
 
 @pytest.mark.skipif(not (shutil.which("rsyslogd") and shutil.which("logger") and shutil.which("logrotate"))
