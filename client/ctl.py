@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, seconds, socket_path
 from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers
-from flashlexd.client.ctlview import (ago, health, jsonable, reader_gone, message_rows, oldest_text, plural, preview,
-                                      render_status, table)
+from flashlexd.client.ctlview import (ago, health, jsonable, message_rows, oldest_text, plural, preview, reader_gone,
+                                      reader_left, render_status, table)
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
@@ -175,21 +175,30 @@ TAIL_WAIT_SECONDS = 1.0
 
 
 def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
-    """Follow new messages (all unacknowledged ones with --all) until Ctrl-C."""
+    """Follow new messages (all unacknowledged ones with --all) until Ctrl-C or the reader goes.
+    The reader is looked at each turn (`msg=$(flashlexctl tail | head -1)` waited for a second
+    message to find head gone) and before each ack: a message is acked once its line is written
+    and only while someone reads (`tail --ack | head -1` acked a batch of 100 head never read)."""
     after = None if args.all else fx.call("status")["inbox"]["last_id"]
-    while True:
-        batch = fx.records(100, args.topic or None, after, wait=TAIL_WAIT_SECONDS)
-        for message in batch:
-            if args.json:
-                print(json.dumps(jsonable(message)), flush=True)
-            else:
-                stamp = time.strftime("%H:%M:%S", time.localtime(message["timestamp"]))
-                print(f"{stamp}  {message['pk']:>6}  {printable(str(message['topic']))}"
-                      f"  {preview(message['payload'], 100)}", flush=True)
-        if batch:
-            after = batch[-1]["id"]
+    while not reader_left():
+        for message in fx.records(100, args.topic or None, after, wait=TAIL_WAIT_SECONDS):
+            _print_tail_line(message, args.json)
+            after = message["id"]
             if args.ack:
-                fx.ack([m["id"] for m in batch])
+                if reader_left():
+                    return reader_gone()
+                fx.ack([message["id"]])
+    return reader_gone()
+
+
+def _print_tail_line(message: Dict[str, Any], as_json: bool) -> None:
+    """One line per message, flushed: what the reader has is what may be acked."""
+    if as_json:
+        print(json.dumps(jsonable(message)), flush=True)
+    else:
+        stamp = time.strftime("%H:%M:%S", time.localtime(message["timestamp"]))
+        print(f"{stamp}  {message['pk']:>6}  {printable(str(message['topic']))}"
+              f"  {preview(message['payload'], 100)}", flush=True)
 
 
 def _entry_id(text: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -231,3 +232,14 @@ def reader_gone() -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def reader_left() -> bool:
+    """Whether the reader of our stdout went (a pipe whose read end closed, a hung-up tty):
+    a write into a pipe's buffer succeeds all the same, so only poll tells that nobody reads."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are reported whatever the mask
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, or no descriptor (a test's capture)
+        return False

@@ -214,3 +214,31 @@ def test_a_number_past_64_bits_is_one_line_not_a_traceback(harness, argv):
     done = subprocess.run(CTL + ["--socket", harness.path, *argv], capture_output=True, text=True, timeout=30)
     assert "Traceback" not in done.stderr and done.returncode in (1, 2), done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("flashlexctl"), done.stderr
+
+
+def test_tail_ack_into_a_reader_that_left_acks_only_what_it_printed(harness):
+    """`flashlexctl tail --all --ack | head -1` (take one message): tail printed the batch into the
+    pipe's buffer, head read one line and left, and tail acked the whole batch: messages removed
+    from the inbox that nobody saw (found by review)."""
+    harness.ingest(*[("t", b"%d" % n) for n in range(10)])
+    argv = " ".join(CTL + ["--socket", harness.path, "tail", "--all", "--ack"])
+    done = subprocess.run(f"timeout 10 {argv} | head -1", shell=True, capture_output=True, text=True,
+                          timeout=30)  # timeout: the unfixed tail also waited for more (the next test)
+    assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr, done
+    left = harness.call(harness.store.inbox_count)
+    assert left >= 5, f"{10 - left} messages acked, 1 shown"  # head reads lines it does not show
+
+
+def test_tail_into_head_ends_once_head_has_its_line(harness):
+    """`msg=$(flashlexctl tail | head -1)`: head got its line and left, but tail noticed only at
+    its next write, so the pipeline (and the script) waited for a second message (found by review)."""
+    argv = " ".join(CTL + ["--socket", harness.path, "tail"])
+    proc = subprocess.Popen(f"{argv} | head -1", shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        until(lambda: harness.call(lambda: harness.server.parked_count) == 1, timeout=10, what="tail waiting")
+        harness.ingest(("live/1", b"one"))
+        out, err = proc.communicate(timeout=10)  # was: until the next message
+    finally:
+        proc.kill()
+        proc.wait()
+    assert b"one" in out and b"Traceback" not in err, err
