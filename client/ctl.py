@@ -281,7 +281,19 @@ COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "outbox": cmd_outbox, "purge": cmd_purge, "tail": cmd_tail, "consumers": cmd_consumers}
 
 
+def _escape_what_the_locale_cannot_encode() -> None:
+    """A locale that is not UTF-8 (ISO-8859-1, PYTHONIOENCODING=ascii) cannot encode every
+    printable character `printable` leaves as it is (a payload's euro sign): show those as
+    \\uNNNN, not a UnicodeEncodeError traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):  # None (closed at start), or not a TextIOWrapper (a capture)
+            pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _escape_what_the_locale_cannot_encode()
     args = parser().parse_args(argv)
     if args.command == "purge" and not args.yes:
         print("flashlexctl: purge removes every inbox message; add --yes to confirm", file=sys.stderr)

@@ -242,3 +242,16 @@ def test_tail_into_head_ends_once_head_has_its_line(harness):
         proc.kill()
         proc.wait()
     assert b"one" in out and b"Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv", ["messages", "tail --all | head -1"])
+def test_text_the_locale_cannot_encode_is_escaped_not_a_traceback(harness, argv):
+    """A device whose locale is not UTF-8 (en_US.ISO-8859-1, or PYTHONIOENCODING as here): a
+    payload with a printable character outside it (the euro sign) raised UnicodeEncodeError out
+    of print() as a traceback, and `tail` stopped (found by review)."""
+    harness.ingest(("t", "price 5\u20ac".encode()))
+    command = " ".join(CTL + ["--socket", harness.path]) + " " + argv
+    done = subprocess.run(command, shell=True, capture_output=True, timeout=30,
+                          env={**os.environ, "PYTHONIOENCODING": "latin-1"})
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    assert b"price 5\\u20ac" in done.stdout, done.stdout
