@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, seconds, socket_path
 from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers
-from flashlexd.client.ctlview import (ago, health, jsonable, message_rows, oldest_text, plural, preview, reader_gone,
-                                      reader_left, render_status, table)
+from flashlexd.client.ctlview import (ago, flushed, health, jsonable, message_rows, oldest_text, output_failed, plural,
+                                      preview, reader_gone, reader_left, render_status, table)
 from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
@@ -301,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     path = socket_path(args.socket)
     try:
         with Client(path, timeout=args.timeout) as fx:
-            return COMMANDS[args.command](fx, args)
+            return flushed(COMMANDS[args.command](fx, args))
     except KeyboardInterrupt:
         return 0 if args.command == "tail" else 130
     except BrokenPipeError:  # e.g. `flashlexctl tail | head`: stop quietly
@@ -312,6 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FlashlexError as exc:  # the daemon's message may quote what an application sent
         print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:  # our own output: the client's socket errors are FlashlexErrors
+        return output_failed("flashlexctl", exc)
 
 
 if __name__ == "__main__":

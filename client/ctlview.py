@@ -234,6 +234,22 @@ def reader_gone() -> int:
     return 0
 
 
+def output_failed(prog: str, exc: OSError) -> int:
+    """Our output could not be written (`> file` on a full disk, EIO from a hung-up tty): one
+    line and exit 1, and later writes and the flush at exit go nowhere instead of a second
+    traceback."""
+    reader_gone()
+    print(f"{prog}: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+    return 1
+
+
+def flushed(code: int) -> int:
+    """`code`, once stdout is flushed: a write that fails is met inside the command's error
+    handling, not in the interpreter's flush at exit."""
+    sys.stdout.flush()
+    return code
+
+
 def reader_left() -> bool:
     """Whether the reader of our stdout went (a pipe whose read end closed, a hung-up tty):
     a write into a pipe's buffer succeeds all the same, so only poll tells that nobody reads."""

@@ -112,6 +112,20 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"cannot start: {exc}", EXIT_START)
 
 
+def _check(args: argparse.Namespace) -> int:
+    """`flashlexd check`: its output failing (`--json > file` on a full disk) is one line, exit 1,
+    not a traceback; a reader gone (BrokenPipeError) is main's."""
+    from flashlexd import check  # ssl and friends: not loaded by the daemon's own process
+    from flashlexd.client.ctlview import flushed, output_failed
+
+    try:
+        return flushed(check.run(args))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        return output_failed("flashlexd", exc)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
@@ -120,9 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:  # `flashlexd check | head -1`, `flashlexd service --dir D | head`
         if args.command == "check":
-            from flashlexd import check  # ssl and friends: not loaded by the daemon's own process
-
-            return check.run(args)
+            return _check(args)
         if args.command == "service":
             return service.run(args)
         if args.command == "store":

@@ -346,3 +346,14 @@ def _self_signed(directory: Path, not_after: datetime.datetime) -> Identity:
                                                serialization.NoEncryption()))
     identity.key.chmod(0o600)
     return identity
+
+
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """`flashlexd check --json > /var/tmp/check.json` on a device whose disk is full: OSError
+    ENOSPC came out as a traceback (found by review)."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "flashlexd", "check", "--json", "--config",
+                               str(tmp_path / "missing.yml")], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr == "flashlexd: cannot write the output: No space left on device\n", \
+        done.stderr

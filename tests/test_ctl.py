@@ -255,3 +255,15 @@ def test_text_the_locale_cannot_encode_is_escaped_not_a_traceback(harness, argv)
                           env={**os.environ, "PYTHONIOENCODING": "latin-1"})
     assert b"Traceback" not in done.stderr, done.stderr.decode()
     assert b"price 5\\u20ac" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("argv", [("status",), ("--json", "status"), ("messages",), ("consumers",)])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(harness, argv):
+    """`flashlexctl --json status > /var/tmp/status.json` on a device whose disk is full (the
+    very moment an operator looks): OSError ENOSPC came out as a traceback (found by review)."""
+    harness.ingest(("t", b"1"))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(CTL + ["--socket", harness.path, *argv], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=30)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1 and done.stderr == "flashlexctl: cannot write the output: No space left on device\n"
