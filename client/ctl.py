@@ -20,7 +20,7 @@ from flashlexd.client.connection import Client, seconds, socket_path
 from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers
 from flashlexd.client.ctlview import (ago, flushed, health, jsonable, message_rows, oldest_text, output_failed, plural,
                                       preview, reader_gone, reader_left, render_status, table)
-from flashlexd.client.errors import DaemonNotRunning, FlashlexError, PermissionDenied
+from flashlexd.client.errors import ConnectionLost, DaemonNotRunning, FlashlexError, PermissionDenied, RpcTimeout
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
 
@@ -77,7 +77,12 @@ def cmd_publish(fx: Client, args: argparse.Namespace) -> int:
     params: Dict[str, Any] = {"payload": payload, "qos": args.qos, "retain": args.retain}
     if args.topic is not None:  # an empty one is the daemon's to refuse, not the default topic
         params["topic"] = args.topic
-    result = fx.call("publish", **params)
+    try:
+        result = fx.call("publish", **params)
+    except (RpcTimeout, ConnectionLost) as exc:  # the daemon may have read and committed it all the same
+        print(f"flashlexctl: {printable(str(exc))}; the message may have been queued all the same:"
+              " see flashlexctl outbox before publishing it again", file=sys.stderr)
+        return 2 if isinstance(exc, ConnectionLost) else 1  # as main gives DaemonNotRunning, FlashlexError
     if args.json:
         _print_json(result)
     else:

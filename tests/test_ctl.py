@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -267,3 +268,22 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(harness, argv):
                               text=True, timeout=30)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1 and done.stderr == "flashlexctl: cannot write the output: No space left on device\n"
+
+
+def test_a_publish_that_timed_out_says_it_may_have_been_queued(harness):
+    """A supervisor stalled past --timeout (on a device a slow SD card commit) still reads the
+    request and queues the entry once it runs again, but flashlexctl said only "did not answer
+    publish within 1s": the operator published again and the cloud got it twice (found by review)."""
+    resume = threading.Event()
+    stalled = threading.Thread(target=harness.call, args=(lambda: resume.wait(30),))
+    stalled.start()
+    try:
+        done = subprocess.run(CTL + ["--socket", harness.path, "--timeout", "1", "publish", "hello"],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        resume.set()
+        stalled.join()
+    until(lambda: harness.call(lambda: harness.methods.handle("outbox", {})["count"]) == 1, timeout=10,
+          what="the publish queued after all")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "may have been queued" in done.stderr and "flashlexctl outbox" in done.stderr, done.stderr
