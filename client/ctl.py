@@ -71,6 +71,9 @@ def cmd_ack(fx: Client, args: argparse.Namespace) -> int:
 
 def cmd_publish(fx: Client, args: argparse.Namespace) -> int:
     if args.payload == "-":
+        if sys.stdin is None:  # started with stdin closed (`<&-`, some cron setups): nothing to read
+            print("flashlexctl: publish -: stdin is closed (give the payload as an argument)", file=sys.stderr)
+            return 2
         payload = sys.stdin.buffer.read()
     else:  # surrogateescape: the argument's original bytes, even when they are not UTF-8
         payload = args.payload.encode("utf-8", "surrogateescape")

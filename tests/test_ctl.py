@@ -287,3 +287,14 @@ def test_a_publish_that_timed_out_says_it_may_have_been_queued(harness):
           what="the publish queued after all")
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "may have been queued" in done.stderr and "flashlexctl outbox" in done.stderr, done.stderr
+
+
+def test_publish_from_a_closed_stdin_is_one_line_not_a_traceback(harness):
+    """`flashlexctl publish -` from `ssh host flashlexctl publish - <&-` or a cron job without
+    stdin: sys.stdin is None and `sys.stdin.buffer` raised AttributeError as a traceback (found
+    by review)."""
+    done = subprocess.run(CTL + ["--socket", harness.path, "publish", "-"], stdin=None, capture_output=True,
+                          text=True, timeout=30, preexec_fn=lambda: os.close(0))
+    assert done.returncode == 2 and done.stderr == \
+        "flashlexctl: publish -: stdin is closed (give the payload as an argument)\n", done.stderr
+    assert harness.call(lambda: harness.methods.handle("outbox", {})["count"]) == 0
