@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, seconds, socket_path
-from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers
+from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers, unknown_consumer
 from flashlexd.client.ctlview import (ago, flushed, health, jsonable, message_rows, oldest_text, output_failed, plural,
                                       preview, reader_gone, reader_left, render_status, table)
 from flashlexd.client.errors import ConnectionLost, DaemonNotRunning, FlashlexError, PermissionDenied, RpcTimeout
@@ -44,6 +44,8 @@ def cmd_status(fx: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_messages(fx: Client, args: argparse.Namespace) -> int:
+    if args.consumer is not None and unknown_consumer(fx, args.consumer):
+        return 1
     fx.consumer = args.consumer
     messages = fx.records(args.limit, args.topic or None)
     if args.json:
@@ -56,6 +58,8 @@ def cmd_messages(fx: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_ack(fx: Client, args: argparse.Namespace) -> int:
+    if args.consumer is not None and unknown_consumer(fx, args.consumer):
+        return 1
     fx.consumer = args.consumer
     removed = fx.ack(args.pk)
     if args.json:

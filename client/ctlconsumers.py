@@ -24,14 +24,23 @@ def add_parser(sub: Any) -> None:
     remove.add_argument("name", help="the consumer's name")
 
 
+def unknown_consumer(fx: Client, name: str) -> bool:
+    """Whether the daemon lists no consumer `name` (then said in one line). The API registers any
+    name it is given, as apps register by use: from the shell a typo (`messages --consumer dispaly`)
+    made a consumer of every topic, holding every stored message for consumerIdleDays."""
+    known = [c["name"] for c in fx.consumers()]
+    if name in known:
+        return False
+    print(f"flashlexctl: no consumer named {printable(name)!r} (there are: {printable(', '.join(known)) or 'none'}):"
+          " see flashlexctl consumers", file=sys.stderr)
+    return True
+
+
 def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
     if getattr(args, "consumers_action", None) == "reset":
         # an id msgpack cannot carry goes as typed: the daemon refuses it in one line
         to = int(args.to) if args.to.isascii() and args.to.isdigit() and int(args.to) < 2 ** 63 else args.to
-        known = [c["name"] for c in fx.consumers()]
-        if args.name not in known:  # the API would register it: a new consumer holding every message
-            print(f"flashlexctl: no consumer named {printable(args.name)!r} (there are: "
-                  f"{printable(', '.join(known)) or 'none'})", file=sys.stderr)
+        if unknown_consumer(fx, args.name):
             return 1
         through = fx.reset(args.name, to)
         print(json.dumps(through) if args.json else

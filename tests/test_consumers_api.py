@@ -308,7 +308,8 @@ def test_flashlexctl_lists_reads_and_resets_consumers(harness: Harness):
         assert refused.returncode == 1 and said in refused.stderr and refused.stderr.count("\n") == 1, \
             refused.stderr  # a misspelt name registered a consumer holding every message; ² a traceback
     assert [c["name"] for c in harness.methods.handle("consumers", {})] == ["display", "logger"]
-    assert ctl("messages", "--consumer", "typo").strip() != "no messages"
+    with connect(harness.path, consumer="typo") as typo:  # an app registers by use (flashlexctl refuses)
+        assert typo.messages() != []
     assert "consumer typo removed; the messages only it held were released" in ctl("consumers", "remove", "typo")
     assert "typo" not in ctl("consumers")
 

@@ -298,3 +298,16 @@ def test_publish_from_a_closed_stdin_is_one_line_not_a_traceback(harness):
     assert done.returncode == 2 and done.stderr == \
         "flashlexctl: publish -: stdin is closed (give the payload as an argument)\n", done.stderr
     assert harness.call(lambda: harness.methods.handle("outbox", {})["count"]) == 0
+
+
+@pytest.mark.parametrize("argv", [("messages", "--consumer", "dispaly"), ("ack", "--consumer", "dispaly", "1")])
+def test_a_mistyped_consumer_name_is_refused_not_registered(harness, capsys, argv):
+    """`flashlexctl messages --consumer NAME` is a peek, but the API registers any name it is
+    given: a typo left a dynamic consumer of every topic holding every stored message for
+    consumerIdleDays (7 days), as `consumers reset` already refused to do (found by review)."""
+    harness.store.consumer_register("display", time.time())
+    harness.ingest(("t", b"1"))
+    code, out, err = run(harness, capsys, *argv)
+    assert [c["name"] for c in harness.methods.handle("consumers", {})] == ["display"]
+    assert code == 1 and out == "" and err == \
+        "flashlexctl: no consumer named 'dispaly' (there are: display): see flashlexctl consumers\n"
