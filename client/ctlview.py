@@ -170,7 +170,7 @@ def render_status(status: Dict[str, Any], path: str) -> str:
               f" when full: {store.get('when_full', '?')}"]
     consumers = status.get("consumers") or []
     if consumers:  # named consumers (flashlexctl consumers has the full table)
-        lines.append("consumers " + "; ".join(f"{c.get('name')} backlog {c.get('backlog')}"
+        lines.append("consumers " + "; ".join(f"{c.get('name')} backlog {backlog_text(c)}"
                                               f" dropped {c.get('dropped')}" for c in consumers))
     if store.get("written_bytes") is not None:
         lines.append("disk      " + wear_text(store))
@@ -213,6 +213,13 @@ def render_rates(rates: Dict[str, Any]) -> str:
     shown = ", ".join(f"{k[:-len('_per_s')]} {v:.1f}/s" for k, v in rates.items()
                       if k.endswith("_per_s") and isinstance(v, (int, float)))
     return f"{shown} over the last {window:.1f}s"
+
+
+def backlog_text(consumer: Dict[str, Any]) -> str:
+    """A consumer's backlog, `>=N` where status counted only its share of the stored messages
+    (`backlog_exact` false): a lower bound, not the count."""
+    prefix = "" if consumer.get("backlog_exact", True) else ">="
+    return f"{prefix}{consumer.get('backlog')}"
 
 
 def message_rows(messages: List[Dict[str, Any]]) -> str:

@@ -311,3 +311,16 @@ def test_a_mistyped_consumer_name_is_refused_not_registered(harness, capsys, arg
     assert [c["name"] for c in harness.methods.handle("consumers", {})] == ["display"]
     assert code == 1 and out == "" and err == \
         "flashlexctl: no consumer named 'dispaly' (there are: display): see flashlexctl consumers\n"
+
+
+def test_status_shows_a_consumer_backlog_that_is_a_lower_bound_as_one(harness, capsys):
+    """`status` counts at most REPORT_BUDGET stored messages for the consumers' backlogs (README):
+    past it `flashlexctl consumers` showed `>=500`, but the status page said `backlog 500` for a
+    consumer 600 behind (found by review)."""
+    from flashlexd.storeconsumers import REPORT_BUDGET
+    harness.store.consumer_register("display", time.time())
+    harness.ingest(*[("t", b"x")] * (REPORT_BUDGET + 100))
+    code, out, _ = run(harness, capsys, "status")
+    assert f"consumers display backlog >={REPORT_BUDGET} dropped 0" in out.splitlines(), out
+    code, out, _ = run(harness, capsys, "consumers")
+    assert out.splitlines()[1].split()[:3] == ["display", "#", f">={REPORT_BUDGET}"], out
