@@ -107,6 +107,7 @@ class Supervisor:
         self.rates = RateMeter()
         self.wear = WriteMeter()
         self.store: Optional[Store] = None
+        self.store_lost: Optional[str] = None  # why the store is closed for good (_StoreLost)
         self.forks: Optional[ForkServer] = None
         self.consumers = ConsumerKeeper(lambda: self.store, lambda: self.runtime.rules.consumers,
                                         lambda: self.config.store.sweep_seconds)
@@ -165,7 +166,7 @@ class Supervisor:
 
     def _start_api(self) -> RpcServer:
         """The API reads its limits and rules from the current runtime on every use."""
-        self.methods = Methods(lambda: self.store, self.status, self.wake_egress,
+        self.methods = Methods(self._serving_store, self.status, self.wake_egress,
                                lambda: bool(self.workers["egress"].mqtt.get("connected")),
                                lambda: self.runtime.rules,
                                lambda: {**self.workers["egress"].counters, **self.workers["egress"].mqtt},
@@ -176,6 +177,13 @@ class Supervisor:
         return RpcServer(api.socket_path, self.methods, lambda: self.runtime.api_limits,
                          self.selector, group=api.socket_group, allow_uids=api.allow_uids,
                          mode=0o666 if api.allow_uids else 0o660)
+
+    def _serving_store(self) -> Store:
+        """The store the API works with; after a reload lost it (closed, the daemon stopping)
+        a StoreError, the caller's `store_error`, not lmdb's error on a closed environment."""
+        if self.store_lost is not None:
+            raise StoreError(f"the store is closed, the daemon is stopping: {self.store_lost}")
+        return self.store  # type: ignore[return-value]
 
     def _close(self) -> None:
         if self.forks is not None:
@@ -263,7 +271,8 @@ class Supervisor:
         if not self.shutting_down:
             self._announce(now)
             self.consumers.tick(now)
-        self.store.apply_acks_if_due(now)
+        if self.store_lost is None:
+            self.store.apply_acks_if_due(now)
         self.api.tick(now)
 
     def _catch_up(self, now: float, late: float) -> None:
@@ -449,6 +458,7 @@ class Supervisor:
         try:
             self._reload()
         except _StoreLost as lost:
+            self.store_lost = str(lost)
             log.error("%s; stopping (exit 1: systemd starts it again, its start names the trouble)", lost)
             self.begin_shutdown("the store cannot be opened", EXIT_STORE_GONE)
         except _ReloadRefused as refused:

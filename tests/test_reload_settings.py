@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from flashlexd.client import connect
+from flashlexd.client import DaemonNotRunning, RpcError, connect
 from tests.broker import HOST, INGRESS_TOPIC, _Authority, publish, wait_for
 from tests.daemon import Daemon
 from tests.test_supervisor import daemon, edit_config, notify  # noqa: F401 - fixtures
@@ -153,6 +153,20 @@ def _read_only(directory: Path) -> bool:
     return False
 
 
+def _calls_until_gone(fx, deadline: float) -> list:
+    """The answers (or errors) of `messages` called back to back until the daemon has gone."""
+    answers = []
+    while time.monotonic() < deadline:
+        try:
+            fx.messages()
+            answers.append("ok")
+        except DaemonNotRunning:  # the connection lost, or the socket gone
+            break
+        except RpcError as exc:
+            answers.append(str(exc))
+    return answers
+
+
 def test_a_store_setting_reloaded_on_a_disk_gone_read_only_stops_the_daemon(daemon_config, tmp_path, notify):
     """An SD card that starts failing makes ext4 remount the data dir read-only (errors=remount-ro,
     Raspberry Pi OS's default for its root). A reload changing a store setting then closed the
@@ -168,12 +182,18 @@ def test_a_store_setting_reloaded_on_a_disk_gone_read_only_stops_the_daemon(daem
             Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")  # the kernel remounts it ro
             wait_for(lambda: _read_only(tmp_path / "sd"), 10, "the remount read-only")
             edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(expireSeconds=3600))
-            hup_at = time.monotonic()
-            running.signal(signal.SIGHUP)
+            with connect(str(running.socket_path)) as fx:
+                hup_at = time.monotonic()
+                running.signal(signal.SIGHUP)
+                answers = _calls_until_gone(fx, deadline=hup_at + 20)
             assert running.wait_exit(timeout=30) == 1
         finally:
             running.stop()
     output = running.output()
     assert "nor again with the running ones" in output and "Traceback" not in output, output[-3000:]
+    # until it exits, an app's call is told the store is gone (it was `internal`, a traceback
+    # logged: the API worked on the closed store; found by review)
+    assert not [a for a in answers if "internal" in a], sorted(set(answers))
+    assert any("store_error: the store is closed, the daemon is stopping" in a for a in answers), sorted(set(answers))
     assert not any(field == "READY=1" and at >= hup_at for at, field in notify.lines())
     assert "still running the previous config" not in output
