@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Generic, List, Optional, Set, 
 
 import lmdb
 import msgpack
-from flashlexd import paths, storecheck
+from flashlexd import __version__, paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.redelivery import Redeliveries
@@ -228,8 +228,9 @@ class StoreBase:
             self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
             if schema > SCHEMA_VERSION:
-                raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd reads "
-                                 f"up to {SCHEMA_VERSION}: upgrade flashlexd or use another --data-dir")
+                raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd"
+                                 f" ({__version__}) reads up to {SCHEMA_VERSION}: upgrade flashlexd"
+                                 f" or use another --data-dir")
             if 0 < schema < SCHEMA_VERSION and not self._migrate:
                 raise OlderSchema(f"store in {self.path} has schema {schema}, written by an earlier"
                                   f" flashlexd; this one ({SCHEMA_VERSION}) migrates it at its start"

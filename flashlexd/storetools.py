@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import lmdb
 
-from flashlexd import ackjournal, redelivery, storecheck
+from flashlexd import __version__, ackjournal, redelivery, storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.consumers import ConsumerState
 from flashlexd.store import Store, StoreError
@@ -150,8 +150,8 @@ def _newer_schema(reader: TreeReader, databases: Dict[str, Tuple[int, ...]], dat
         if key == b"schema" and len(value) == _ID.size:
             schema = _ID.unpack(value)[0]
             if schema > SCHEMA_VERSION:
-                return (f"store in {data_dir} has schema {schema}; this flashlexd reads up to"
-                        f" {SCHEMA_VERSION}: use the flashlexd that wrote it (upgrade flashlexd)")
+                return (f"store in {data_dir} has schema {schema}; this flashlexd ({__version__})"
+                        f" reads up to {SCHEMA_VERSION}: use the flashlexd that wrote it (upgrade flashlexd)")
             return None
     return None
 

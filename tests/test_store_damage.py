@@ -576,11 +576,12 @@ def test_a_store_of_a_newer_schema_is_refused_by_verify_and_recover_not_called_d
     """Found by review: after a rollback, `store verify` called a sound store of the newer
     release damaged (a DUP mark of more packet ids than this release reads) and `store
     recover` dropped such records as not decoding. Both now refuse it in one line."""
+    from flashlexd import __version__ as flashlexd_version
     from flashlexd.storebase import SCHEMA_VERSION
     _store_of_the_next_schema(tmp_path / "data")
     extra = ["--to", str(tmp_path / "new")] if command == "recover" else []
     result = flashlexd("store", command, "--data-dir", str(tmp_path / "data"), *extra)
     assert result.returncode == 1
     assert (result.stdout + result.stderr).strip().splitlines()[-1] == (
-        f"store in {tmp_path / 'data'} has schema {SCHEMA_VERSION + 1}; this flashlexd reads up to"
+        f"store in {tmp_path / 'data'} has schema {SCHEMA_VERSION + 1}; this flashlexd ({flashlexd_version}) reads up to"
         f" {SCHEMA_VERSION}: use the flashlexd that wrote it (upgrade flashlexd)"), result.stdout + result.stderr
