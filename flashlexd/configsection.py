@@ -160,7 +160,8 @@ class Section:
 def _at_most(key: Key, value: Any) -> Any:
     """`value`, unless it passes the key's maximum (a limit of the protocol, the store, the unit)."""
     if key.maximum is not None and value is not None and value > key.maximum:
-        raise ConfigError(f"{key.path}: must be <= {key.maximum}{key.maximum_why}, got {value}")
+        shown = f"{value:g}" if isinstance(value, float) else value  # seconds: 86400, not 86400.0
+        raise ConfigError(f"{key.path}: must be <= {key.maximum}{key.maximum_why}, got {shown}")
     return value
 
 
