@@ -70,6 +70,7 @@ _WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox reco
 
 ADDRESS_MARGIN = 64 * 1024 * 1024  # address space a process keeps beside its map: heap, thread stacks
 _USER_SPACE_32BIT = 3 * 1024 ** 3  # what a 32-bit process (armhf: the 3G/1G split) may map in all
+_USER_SPACE_32BIT_ON_64BIT = 4 * 1024 ** 3  # the same process under a 64-bit kernel (a Pi 4's default)
 
 
 def address_space_left() -> Optional[int]:
@@ -80,7 +81,8 @@ def address_space_left() -> Optional[int]:
     if soft != resource.RLIM_INFINITY:
         bounds.append(soft)
     if struct.calcsize("P") == 4:
-        bounds.append(_USER_SPACE_32BIT)
+        bounds.append(_USER_SPACE_32BIT_ON_64BIT if os.uname().machine in ("aarch64", "x86_64")
+                      else _USER_SPACE_32BIT)
     if not bounds:
         return None
     try:
