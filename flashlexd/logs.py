@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
+from typing import Dict, Hashable, Optional
 
 from flashlexd.escape import printable
 
@@ -42,6 +42,25 @@ class LineThrottle:
             return 0
         count, self.last, self.since = self.since, now, 0
         return count
+
+
+class KindThrottle:
+    """A LineThrottle per kind of a repeated event (a failure's shape, an error's type), at most
+    `kinds` of them: more, and they start afresh."""
+
+    def __init__(self, every: float, kinds: int = 32) -> None:
+        self.every, self.kinds = every, kinds
+        self.lines: Dict[Hashable, LineThrottle] = {}
+
+    def due(self, kind: Hashable, now: float) -> int:
+        """How many of this kind to report now, this one included; 0: stay quiet."""
+        if kind not in self.lines and len(self.lines) >= self.kinds:
+            self.lines.clear()
+        return self.lines.setdefault(kind, LineThrottle(self.every)).due(now)
+
+    def clear(self) -> None:
+        """Every kind is news again (the trouble ended)."""
+        self.lines.clear()
 
 
 class _SafeFormatter(logging.Formatter):

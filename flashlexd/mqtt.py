@@ -21,7 +21,7 @@ import select
 import socket
 import ssl
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -30,7 +30,7 @@ from flashlexd.reconnect import ReconnectBackoff
 from flashlexd.config import Config
 from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
-from flashlexd.logs import LineThrottle
+from flashlexd.logs import KindThrottle
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
                                   uses_alpn)
 from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
@@ -40,7 +40,6 @@ from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 log = logging.getLogger(__name__)
 
 FAILURE_LOG_SECONDS = 600.0  # the same connection failure again within this: DEBUG, counted
-FAILURE_SHAPES = 32  # kinds of failure remembered between two connects (more: start afresh)
 MAX_PACKETS_PER_PASS = 1024
 QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a client-id conflict?
 # MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
@@ -130,7 +129,7 @@ class Connection:
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
-        self._failure_lines: Dict[str, LineThrottle] = {}  # a failure's shape -> its log lines
+        self._failure_lines = KindThrottle(FAILURE_LOG_SECONDS)  # by a failure's shape
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
         # the broker's DISCONNECT (MQTT 5) named a cause that is no entry's doing (session
@@ -560,10 +559,7 @@ class Connection:
         between: not a line per attempt into the journal and the log file (`status` shows each).
         Failures that differ only in numbers (a clock, a port, a count) are the same."""
         shape = re.sub(r"\d+", "#", error)
-        if shape not in self._failure_lines and len(self._failure_lines) >= FAILURE_SHAPES:
-            self._failure_lines.clear()
-        lines = self._failure_lines.setdefault(shape, LineThrottle(FAILURE_LOG_SECONDS))
-        count, wait = lines.due(self.clock()), self.backoff.wait()
+        count, wait = self._failure_lines.due(shape, self.clock()), self.backoff.wait()
         if not count:
             log.debug("%s; retrying in %.1fs", error, wait)
             return

@@ -48,7 +48,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from flashlexd.ackbatch import coalesced_acks
-from flashlexd.logs import LineThrottle
+from flashlexd.logs import KindThrottle
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import V5, properties_of, properties_size, reason_name
 from flashlexd.publishread import Publish
@@ -115,7 +115,7 @@ class IngressWorker(Worker):
         self.generation = 0
         self.retry_at: Optional[float] = None
         # a store held at its cap (each expiry sweep freeing a little) refuses again and again
-        self._refusal_lines: Dict[type, LineThrottle] = {}  # by the error's type
+        self._refusal_lines = KindThrottle(REFUSED_LOG_SECONDS)  # by the error's type
         self._refusal_said = False  # this refusal was logged: so is its end
         # the broker lost our session: every DUP mark is stale once the first this-many batch
         # messages (from the connections before) are committed; None: nothing to forget
@@ -497,7 +497,7 @@ class IngressWorker(Worker):
         between: a store held at its cap by expiry refuses at every sweep, for hours (`status`
         shows each). Whether it was logged."""
         what = "store full" if isinstance(exc, StoreFull) else "store error"
-        count = self._refusal_lines.setdefault(type(exc), LineThrottle(REFUSED_LOG_SECONDS)).due(now)
+        count = self._refusal_lines.due(type(exc), now)
         if not count:
             log.debug("%s: %s; not acknowledging %d messages", what, exc, len(self.batch))
             return False
