@@ -241,13 +241,8 @@ class _Mark:
         yet on this one (any copy, when `on_links` is false). A resend recognised moves to
         this connection's copies, with its id."""
         if mid is not None and mid in self.ids:
-            at = self.ids.index(mid)
-            if not on_links:
-                pass
-            elif at < self._unresent() - (self.count - len(self.ids)):
-                self.ids.append(self.ids.pop(at))  # an earlier connection's copy, resent now
-            else:
-                self.taken -= 1  # resent on this connection again (3.1.1): accounted for already
+            if on_links:
+                self._resent(self.ids.index(mid))
             return True
         if mid is not None and self.ids and len(self.ids) == self.count:
             return False
@@ -256,6 +251,14 @@ class _Mark:
         if mid is not None:
             self.ids.append(mid)  # an id-less copy (the oldest) resent: its id is known now
         return True
+
+    def _resent(self, at: int) -> None:
+        """The copy of `ids[at]` resent on this connection: an earlier connection's moves to
+        this one's copies; one of this connection's own was accounted for already."""
+        if at < self._unresent() - (self.count - len(self.ids)):
+            self.ids.append(self.ids.pop(at))
+        else:
+            self.taken -= 1  # resent on this connection again (3.1.1)
 
     def drop_unresent(self) -> None:
         """A fresh copy (DUP 0) came: a broker sends what it still holds of a topic before
