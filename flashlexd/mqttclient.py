@@ -27,6 +27,12 @@ _HOST_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH (64 is the IP address twin)
 _ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
 
 
+# Python 3.13's default context adds these: X509_STRICT refuses a broker (or CA) certificate
+# without an Authority Key Identifier, which 3.9-3.12 accept; PARTIAL_CHAIN trusts an
+# intermediate put in rootCA as an anchor. Cleared, so an OS upgrade (Bookworm's 3.11 to
+# Trixie's 3.13) does not change which brokers the daemon trusts: it did, and every link failed.
+_NEWER_PYTHONS_VERIFY_FLAGS = (getattr(ssl, "VERIFY_X509_STRICT", 0)
+                               | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0))
 _PREPARED: Dict[Tuple[Keys, bool], ssl.SSLContext] = {}  # see prepare_tls_context
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:
         raise ConfigError(f"flashlex.thing.keys: cannot read certificate {keys.cert} or key"
                           f" {keys.private_key}: {exc.strerror}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_flags &= ~_NEWER_PYTHONS_VERIFY_FLAGS
     if alpn:
         context.set_alpn_protocols([ALPN_PROTOCOL])
     return context

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashlexd import config as config_module
-from flashlexd.config import ConfigError, ReconnectPolicy
+from flashlexd.config import ConfigError, Keys, ReconnectPolicy
 from flashlexd.reconnect import JITTER, MIN_CONNECT_INTERVAL, ReconnectBackoff
 from flashlexd.mqtt import Connection
-from flashlexd.mqttclient import build_client
+from flashlexd.mqttclient import build_client, tls_context
 from flashlexd.quotas import ALPN_PROTOCOL
 from tests.broker import HOST, THING, Broker, Certs, Identity, free_port, wait_for, write_config
 
@@ -168,6 +168,16 @@ def test_connects_with_the_thing_certificate(broker: Broker, tmp_path: Path, pro
     assert f"as {THING}-probe (p{version}, c0, k30, u'{THING}')" in broker.log_text()  # persistent
     p.connection.close(2)
     wait_for(lambda: f"Client {THING}-probe disconnected." in broker.log_text(), 5, "clean DISCONNECT")
+
+
+def test_which_certificates_are_trusted_does_not_change_with_the_python_release(certs: Certs) -> None:
+    """3.13's default context is stricter (X509_STRICT: the test CA's certificates, without an
+    Authority Key Identifier, failed every link there) and trusts an intermediate in rootCA as
+    an anchor (PARTIAL_CHAIN); the daemon verifies the same way on every release."""
+    keys = Keys(certs.ca, certs.thing.cert, certs.thing.key)
+    newer_only = getattr(ssl, "VERIFY_X509_STRICT", 0) | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
+    assert tls_context(keys).verify_flags & newer_only == 0
+    assert tls_context(keys).verify_mode == ssl.CERT_REQUIRED and tls_context(keys).check_hostname
 
 
 def test_broker_refuses_a_certificate_from_another_ca(broker: Broker, certs: Certs, tmp_path: Path,
