@@ -22,9 +22,12 @@ import signal
 import ssl
 import sys
 import time
+from pathlib import Path
 from typing import Dict, Optional
 
 import paho.mqtt.client as paho
+from flashlexd.config import Keys
+from flashlexd.mqttclient import tls_context
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 
@@ -48,8 +51,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     log = open(args.log, "a", buffering=1)
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.cafile)
-    context.load_cert_chain(args.cert, args.key)
+    context = tls_context(Keys(Path(args.cafile), Path(args.cert), Path(args.key)))  # as the daemon's
 
     index = 0           # the next payload number
     connection = 0      # how many connections came up

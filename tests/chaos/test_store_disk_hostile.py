@@ -30,6 +30,8 @@ import yaml
 from flashlexd.client import Client, RpcError, connect
 from flashlexd.client.ctlview import health
 from flashlexd.client.wire import MAX_LIMIT, Code
+from flashlexd.config import Keys
+from flashlexd.mqttclient import tls_context
 from flashlexd.store import Store
 from tests.broker import (HOST, INGRESS_TOPIC, Broker, open_store, publish, publish_lines,
                           wait_for, write_config, write_lines)
@@ -898,8 +900,7 @@ def raw_publish(broker: Broker, topic: bytes, payload: bytes, client_id: str = "
     """Publish one QoS 1 message whose topic is raw bytes (mosquitto_pub and paho refuse to
     send invalid UTF-8) over mutual TLS with a hand-made MQTT 3.1.1 client. Returns what the
     broker did: "acknowledged" (PUBACK) or "closed the connection"."""
-    context = ssl.create_default_context(cafile=str(broker.certs.ca))
-    context.load_cert_chain(str(broker.certs.thing.cert), str(broker.certs.thing.key))
+    context = tls_context(Keys(broker.certs.ca, broker.certs.thing.cert, broker.certs.thing.key))
     with socket.create_connection((HOST, broker.port), timeout=10) as plain:
         with context.wrap_socket(plain, server_hostname=HOST) as sock:
             connect_body = mqtt_string(b"MQTT") + bytes([4, 0x02]) + struct.pack(">H", 30) \
