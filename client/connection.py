@@ -75,7 +75,9 @@ class Client:
         self._buf = bytearray()
         self._next_id = 0
         self._resume: Dict[str, int] = {}  # a timed-out wait's query -> where its walk stopped
-        self._replays: Optional[int] = None  # how often the daemon replayed this client's consumer
+        # (the daemon's run, how often it replayed this client's consumer in it): counts are per run
+        self._replays: Optional[Tuple[Optional[int], int]] = None
+        self._replay_events = 0  # replays noticed: what `stream` watches
         self._lock = threading.Lock()
         with self._lock:
             self._connect()
@@ -299,7 +301,7 @@ class Client:
                 left = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
                 page = self.call("wait", _timeout=left + self.timeout, timeout=left, paged=True, **params)
             found += page["messages"]
-            replayed = self._note_replays(page.get("replays"))
+            replayed = self._note_replays(page.get("replays"), page.get("run"))
             if deadline is not None and not found and page["cursor"] is None and \
                     time.monotonic() < deadline and not (replayed and until_replay):
                 continue  # a replay answered a parked wait early: the caller waits on
@@ -312,12 +314,19 @@ class Client:
                 return found
             params.update(after=page["cursor"], limit=limit - len(found))
 
-    def _note_replays(self, replays: Optional[int]) -> bool:
-        """Whether the daemon replayed this client's consumer since its last answer said."""
-        replayed = replays is not None and self._replays is not None and replays != self._replays
-        if replays is not None:
-            self._replays = replays
+    def _note_replays(self, replays: Optional[int], run: Optional[int]) -> bool:
+        """Whether the daemon replayed this client's consumer since its last answer said. A
+        daemon counts from 0 in each run (`run`, its token): in a new run only a count above 0
+        is a replay (made there, maybe before this client's first call to it). A daemon that
+        sends no run (older) is compared by its count alone."""
+        if replays is None:
+            return False
+        seen, self._replays = self._replays, (run, replays)
+        if seen is None:
+            return False
+        replayed = replays > 0 if run is not None and run != seen[0] else replays != seen[1]
         if replayed:
+            self._replay_events += 1
             self._resume.clear()  # a timed-out walk's place stands past what comes back
         return replayed
 
@@ -426,12 +435,12 @@ class Client:
         replay of its consumer (`reset`, from any client) starts it over from `after`."""
         start = last = None if after is None else int(_wire_id(after))
         while True:
-            replays = self._replays
+            replays = self._replay_events
             batch = self.records(limit, topic, last, timeout_per_wait, until_replay=True)
             for message in map(Message.from_wire, batch):
                 last = message.id
                 yield message
-            if self._replays != replays and replays is not None:
+            if self._replay_events != replays:
                 last = start
 
 

@@ -321,7 +321,7 @@ def test_a_consumer_read_walks_a_page_at_a_time_and_the_client_follows_its_curso
     ids = ingest(harness, *["cmd/noise"] * (2 * SCAN_BUDGET + 10), "sensors/t")
     with connect(harness.path, consumer="display") as display:
         page = display.call("messages", paged=True, consumer="display")
-        assert page == {"messages": [], "cursor": ids[SCAN_BUDGET - 1], "replays": 0}
+        assert page == {"messages": [], "cursor": ids[SCAN_BUDGET - 1], "replays": 0, "run": page["run"]}
         assert [m.id for m in display.messages()] == [ids[-1]]
         assert [m.id for m in display.wait(timeout=1)] == [ids[-1]]
         assert [m["id"] for m in display.call("messages", consumer="display")] == [ids[-1]]  # unpaged

@@ -31,15 +31,54 @@ def reload_consumers(daemon, consumers_config, consumers) -> None:
     daemon.notify.wait_for("READY=1", after=hup_at, timeout=10)
 
 
-@pytest.fixture
-def daemon(consumers_config, tmp_path):
-    notify = NotifyListener(tmp_path / "notify.sock")
-    running = Daemon(consumers_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+def start_daemon(consumers_config, workdir, name: str = "notify") -> Daemon:
+    """A daemon once it said READY=1, its NotifyListener as `notify`."""
+    notify = NotifyListener(workdir / f"{name}.sock")
+    running = Daemon(consumers_config, workdir, env={"NOTIFY_SOCKET": str(notify.path)}).start()
     notify.wait_for("READY=1", timeout=15)
     running.notify = notify
+    return running
+
+
+@pytest.fixture
+def daemon(consumers_config, tmp_path):
+    running = start_daemon(consumers_config, tmp_path)
     yield running
     running.stop()
-    notify.close()
+    running.notify.close()
+
+
+@pytest.fixture
+def restart(daemon, consumers_config, tmp_path):
+    """Restarts `daemon` as `systemctl restart` does: SIGTERM, then a new daemon on the same
+    socket and store (returned; stopped at the end)."""
+    started = []
+
+    def restart_now() -> Daemon:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(20) == 0
+        started.append(start_daemon(consumers_config, tmp_path, f"notify-{len(started)}"))
+        return started[-1]
+    yield restart_now
+    for running in started:
+        running.stop()
+        running.notify.close()
+
+
+@pytest.fixture
+def display_stream(daemon, broker):
+    """display's stream() that yielded three messages (none acked) in a run that replayed
+    display once (the daemon's count of its replays: 1)."""
+    path = str(daemon.socket_path)
+    for n in range(3):
+        publish(broker, INGRESS_TOPIC, b'{"n": %d}' % n)
+    with connect(path) as other:
+        wait_for(lambda: other.status()["inbox"]["count"] == 3, 20, "three stored")
+        other.reset("display", to="earliest")
+    with connect(path, consumer="display") as fx:
+        stream = fx.stream(timeout_per_wait=2)
+        assert [next(stream).json()["n"] for _ in range(3)] == [0, 1, 2]
+        yield stream
 
 
 def test_two_apps_get_a_message_and_a_reload_declares_consumers(daemon, broker, consumers_config):
@@ -98,3 +137,29 @@ def test_a_reload_widening_a_filter_delivers_what_its_floor_passed(daemon, broke
 
         reload_consumers(daemon, consumers_config, {"display": {"filter": "#"}})
         assert [m.topic for m in display.messages()] == [PUBSUB_TOPIC]
+
+
+def test_a_stream_does_not_start_over_after_a_daemon_restart(display_stream, broker, restart):
+    """README's display.py across `systemctl restart`: its stream() yielded every message it had
+    yielded (unacked) again, as after a replay, since the new daemon counts replays from 0
+    and the stream took the count's change for one (found by review)."""
+    restart()
+    publish(broker, INGRESS_TOPIC, b'{"n": 3}')
+    assert next(display_stream).json()["n"] == 3  # its next call reconnects and goes on
+    publish(broker, INGRESS_TOPIC, b'{"n": 4}')
+    assert next(display_stream).json()["n"] == 4  # each message once: not 0, 1, 2 again
+
+
+def test_a_replay_on_a_restarted_daemon_before_a_streams_first_call_to_it_starts_it_over(
+        display_stream, broker, restart):
+    """A reset of display on the new daemon after a restart, before its stream()'s first call
+    to it: the new daemon's count (1) equalled the old one's, and the stream read on past the
+    replayed messages (found by review)."""
+    second = restart()
+    with connect(str(second.socket_path)) as other:
+        other.reset("display", to="earliest")
+        publish(broker, INGRESS_TOPIC, b'{"n": 3}')
+        wait_for(lambda: other.status()["inbox"]["count"] == 4, 20, "the fourth stored")
+    assert next(display_stream).json()["n"] == 3  # its first call: the new message, and the replay
+    publish(broker, INGRESS_TOPIC, b'{"n": 4}')  # what a stream that missed the replay yields next
+    assert next(display_stream).json()["n"] == 0  # from the earliest again

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import secrets
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
@@ -140,6 +141,9 @@ class Methods:
         after a commit) so that they deliver the replayed messages now, and first."""
         self.on_replay = on_replay
         self._replays: Dict[str, int] = {}  # consumer -> replays done: parked waits start over
+        # this run's token, sent with `replays`: the counts start from 0 at every start, and a
+        # client must tell a new run's count from a replay (a pid is 1 at every start in a container)
+        self._run = secrets.randbits(64)
         self._store = store
         self.status_provider = status_provider
         self.on_outbox_added = on_outbox_added
@@ -208,7 +212,7 @@ class Methods:
         cursor = page.cursor if len(found) == len(page.found) else None
         answer: Dict[str, Any] = {"messages": found, "cursor": cursor}
         if consumer is not None:  # how often it was replayed: a reader past the replay starts over
-            answer["replays"] = self._replays.get(consumer, 0)
+            answer.update(replays=self._replays.get(consumer, 0), run=self._run)
         return answer, page.last
 
     def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
