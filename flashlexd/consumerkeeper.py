@@ -28,8 +28,12 @@ STEP_SECONDS = 60.0  # a jump of the wall clock against the monotonic one this b
 class ConsumerKeeper:
     def __init__(self, store: Callable[[], Store], settings: Callable[[], ConsumerSettings],
                  every: Callable[[], float], start_grace: float = START_GRACE,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time,
+                 on_widened: Callable[[str], None] = lambda name: None):
+        """`on_widened(name)`: a declare gave `name` a filter matching stored messages its old
+        one did not; its readers past them start over (the API counts a replay)."""
         self._store, self._settings, self._every = store, settings, every
+        self._on_widened = on_widened
         self._start_grace, self._wall = start_grace, wall
         self.next_run = 0.0  # monotonic: the next sweep, or its next step while one is under way
         self._sweep: Optional[Iterator[Optional[str]]] = None
@@ -45,6 +49,8 @@ class ConsumerKeeper:
         except StoreError as exc:
             self._failed("declaring the configured consumers", exc)
             return
+        for name in declared.widened:
+            self._on_widened(name)
         for name in declared.created:
             log.info("consumer %r declared: it starts at the earliest stored message", name)
         for name in declared.gave_place:

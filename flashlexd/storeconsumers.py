@@ -40,11 +40,14 @@ Consumers = Dict[str, ConsumerState]
 
 
 class Declared(NamedTuple):
-    """What `consumer_declare` did: the consumers it created, those it had no room for, and
-    those taken out of the config that it removed to give their place to a new one."""
+    """What `consumer_declare` did: the consumers it created, those it had no room for, those
+    taken out of the config that it removed to give their place to a new one, and those whose
+    new filter matches stored messages the old one did not (a reader standing past them,
+    `stream()`, must start over, as after a replay)."""
     created: List[str]
     refused: List[str]
     gave_place: List[str]
+    widened: List[str]
 
 
 @dataclass
@@ -255,7 +258,7 @@ class ConsumerStore:
             stored = self._consumers_in(txn)
             declared = {spec.name for spec in specs}
             undeclared = [c.name for c in stored.values() if not c.dynamic and c.name not in declared]
-            result = Declared([], [], [])
+            result = Declared([], [], [], [])
             changed = []  # (as it was, as it is now): a filter that may no longer match what it
             # held, or may match what its floor passed unseen
             for spec in specs:
@@ -273,8 +276,9 @@ class ConsumerStore:
                 consumer.filter, consumer.max_backlog, consumer.dynamic = spec.filter, spec.max_backlog, False
                 self._save(txn, consumer)
             for before, after in changed:
-                self._release_unmatched(txn, before, after, stored)
-                self._reopen_widened(txn, before, after)
+                matched_past_floor = self._release_unmatched(txn, before, after, stored)
+                if self._reopen_widened(txn, before, after) or matched_past_floor:
+                    result.widened.append(after.name)
             for name in result.gave_place:  # once the new ones hold what they match
                 self._remove_now(txn, stored.pop(name), stored)
             for name in undeclared:  # those that gave no place: dynamic from now on
@@ -295,36 +299,44 @@ class ConsumerStore:
         txn.delete(gone.name.encode(), db=self._consumer_db)
 
     def _release_unmatched(self, txn: lmdb.Transaction, before: ConsumerState, after: ConsumerState,
-                           consumers: Consumers) -> None:
+                           consumers: Consumers) -> bool:
         """A reload changed a consumer's filter: the messages past its floor it held under the old
         filter (unacked) and no longer matches leave if every consumer matching them now is done
-        with them (their acks found it holding them, and nothing else would take them out)."""
+        with them (their acks found it holding them, and nothing else would take them out).
+        True when the same walk found one past the floor that only the new filter matches."""
         others = [d for d in consumers.values() if d.name != after.name]
+        newly_matched = [False]
 
         def held(key: bytes, topic: str) -> bool:
+            if after.matches(topic) and not before.matches(topic):
+                newly_matched[0] = True
+                return False
             return before.matches(topic) and not after.matches(topic) and \
                 not self._acked(txn, before, key) and any(d.matches(topic) for d in others)
 
         for key, topic in self._records(txn, before.floor, _MAX_ID, held):
             self._leave_if_settled(txn, key, topic, others)
+        return newly_matched[0]
 
-    def _reopen_widened(self, txn: lmdb.Transaction, before: ConsumerState, after: ConsumerState) -> None:
+    def _reopen_widened(self, txn: lmdb.Transaction, before: ConsumerState, after: ConsumerState) -> bool:
         """A reload changed a consumer's filter: the stored messages at or below its floor that the
         new filter matches and the old one did not were never its own, so it has not seen them
         (it gets every stored message its filter matches). The floor goes back to just before
         the first of them, and each record from there to the old floor that the old filter
         matched (done for it) gets an ack entry. One walk of the records up to the old floor,
         in the reload's commit. The floor does not say under which filter a record was done: one
-        acked under an earlier filter and passed over by a narrower one since comes again."""
+        acked under an earlier filter and passed over by a narrower one since comes again.
+        True when it reopened."""
         matched = self._records(txn, 0, before.floor, lambda key, topic: after.matches(topic))
         unseen = next((i for i, (_, topic) in enumerate(matched) if not before.matches(topic)), None)
         if unseen is None:
-            return
+            return False
         for key, topic in matched[unseen + 1:]:
             if before.matches(topic):
                 txn.put(_prefix(after.name) + key, b"", db=self._consumer_acks)
         after.floor = _ID.unpack(matched[unseen][0])[0] - 1
         self._save(txn, after)
+        return True
 
     @guarded
     def consumer_register(self, name: str, now: float) -> bool:

@@ -110,7 +110,8 @@ class Supervisor:
         self.store_lost: Optional[str] = None  # why the store is closed for good (_StoreLost)
         self.forks: Optional[ForkServer] = None
         self.consumers = ConsumerKeeper(lambda: self.store, lambda: self.runtime.rules.consumers,
-                                        lambda: self.config.store.sweep_seconds)
+                                        lambda: self.config.store.sweep_seconds,
+                                        on_widened=self._consumer_widened)
         self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
@@ -163,6 +164,11 @@ class Supervisor:
         finally:
             self._close()
         return self.exit_code
+
+    def _consumer_widened(self, name: str) -> None:
+        """A declare widened `name`'s filter over stored messages: to its readers, a replay."""
+        if self.methods is not None:
+            self.methods.count_replay(name)
 
     def _start_api(self) -> RpcServer:
         """The API reads its limits and rules from the current runtime on every use."""

@@ -3,6 +3,7 @@ start and again on SIGHUP, and two apps each get a message from the broker."""
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
@@ -137,6 +138,37 @@ def test_a_reload_widening_a_filter_delivers_what_its_floor_passed(daemon, broke
 
         reload_consumers(daemon, consumers_config, {"display": {"filter": "#"}})
         assert [m.topic for m in display.messages()] == [PUBSUB_TOPIC]
+
+
+def test_a_stream_gets_what_a_widening_reload_delivers_to_its_consumer(daemon, broker, consumers_config):
+    """README's display.py (`for msg in fx.stream(): ...; fx.ack([msg])`) across a reload widening
+    its filter: README says a stored message the new filter matches is delivered to it, but the
+    stream read on from its last message and never yielded it (found by review)."""
+    path = str(daemon.socket_path)
+    got, stop = [], threading.Event()
+
+    def display_app() -> None:
+        with connect(path, consumer="display") as fx:
+            for msg in fx.stream(timeout_per_wait=1):
+                got.append(msg.topic)
+                fx.ack([msg])
+                if stop.is_set():
+                    return
+    with connect(path, consumer="logger") as logger:
+        logger.messages()  # a dynamic consumer of every topic: it holds the pubsub message
+        publish(broker, PUBSUB_TOPIC, b'{"n": 1}')
+        wait_for(lambda: logger.wait(timeout=5), 15, "the pubsub message stored")
+    app = threading.Thread(target=display_app, daemon=True)
+    app.start()
+    publish(broker, INGRESS_TOPIC, b'{"n": 2}')
+    wait_for(lambda: got == [INGRESS_TOPIC], 15, "display's message through stream()")
+    reload_consumers(daemon, consumers_config, {"display": {"filter": "#"}})
+    try:
+        wait_for(lambda: PUBSUB_TOPIC in got, 10, "the widened filter's message through stream()")
+    finally:
+        stop.set()
+        publish(broker, INGRESS_TOPIC, b'{"n": 3}')  # lets the app's loop end
+        app.join(10)
 
 
 def test_a_stream_does_not_start_over_after_a_daemon_restart(display_stream, broker, restart):

@@ -254,6 +254,24 @@ def test_a_reload_widening_a_filter_delivers_the_stored_messages_its_floor_passe
     assert ids_for(store, "display") == [ids[1], ids[3], ids[4]]
 
 
+@pytest.mark.parametrize("acked, widened", [
+    (0, []),  # sensors/+ matches no stored message sensors/# did not
+    (1, ["display"]),  # cmd/x past display's floor
+    (3, ["display"]),  # cmd/x below it (reopened)
+])
+def test_a_reload_names_a_consumer_widened_only_over_stored_messages_its_filter_missed(
+        store: Store, acked: int, widened: List[str]):
+    """`Declared.widened`, what a running stream() of the consumer starts over on (found by
+    review): a new filter matching a stored message the old one did not, past the floor or
+    below it; not a changed filter that matches nothing new."""
+    declare(store, ConsumerSpec("display", "sensors/#"), ConsumerSpec("actuator", "cmd/#"))
+    ids = put(store, "sensors/t", "cmd/x", "sensors/h")
+    store.consumer_ack("display", [i for i in ids[:acked] if i != ids[1]], NOW)
+    new_filter = "#" if widened else "sensors/+"
+    assert store.consumer_declare([ConsumerSpec("display", new_filter), ConsumerSpec("actuator", "cmd/#")],
+                                  NOW).widened == widened
+
+
 def test_a_declared_consumer_beyond_the_most_stored_is_refused_by_name_not_stored(store: Store, caplog):
     """Apps registered all but one of the 64 places: a reload declaring two new consumers stored
     both (65), over the cap the README promises for declared and registered together. The one
@@ -274,7 +292,7 @@ def test_a_declared_consumer_beyond_the_most_stored_is_refused_by_name_not_store
                       " `flashlexctl consumers remove NAME`); it is declared again at the next reload"]
     while store.consumer_remove_step("app0", NOW + 1) is None:
         pass
-    assert store.consumer_declare(list(settings.declared), NOW) == (["over"], [], [])
+    assert store.consumer_declare(list(settings.declared), NOW) == (["over"], [], [], [])
 
 
 def test_a_consumer_renamed_in_the_config_with_the_most_stored_takes_the_old_ones_place(store: Store, caplog):

@@ -319,6 +319,12 @@ class Methods:
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         return Pending(deadline=deadline, poll=poll, timeout_result=[], walk=walk)
 
+    def count_replay(self, consumer: str) -> None:
+        """A replay of `consumer` made elsewhere (a reload widening its filter over stored
+        messages): its parked waits and streams start over, as after a `reset`."""
+        self._count_replay(consumer)
+        self.on_replay()
+
     def _count_replay(self, consumer: str) -> None:
         """Count a replay of `consumer`. Past MAX_CONSUMERS counts, those of consumers gone
         (removed, idle, out of the config) are dropped: an app replaying and removing consumers
