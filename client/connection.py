@@ -201,7 +201,7 @@ class Client:
                 try:
                     sock.sendall(frame)
                 except (BrokenPipeError, ConnectionResetError):
-                    self._explain_close(sock)
+                    self._explain_close(sock, method, len(frame))
                     raise ConnectionLost(f"flashlexd closed the connection on {self.path}", self.path)
                 response = self._receive(sock, time.monotonic() + timeout)
             except socket.timeout:
@@ -224,14 +224,15 @@ class Client:
             if response["id"] != request_id:
                 self._drop()  # a connection-level error (id None) or a stream out of step
                 if isinstance(error, dict):
-                    raise _rpc_error(error, method)
+                    raise _unread(error, method, len(frame))
                 raise ProtocolError(f"response id {response['id']!r} does not match request {request_id}")
         if error is not None:
             raise _rpc_error(error if isinstance(error, dict) else {"message": error}, method)
         return response.get("result")
 
-    def _explain_close(self, sock: socket.socket) -> None:
-        """After a failed send: raise the daemon's parting error frame if it sent one."""
+    def _explain_close(self, sock: socket.socket, method: str, sent: int) -> None:
+        """After a failed send of `method`'s request of `sent` bytes: raise the daemon's parting
+        error frame if it sent one."""
         frame = None
         try:
             sock.settimeout(0.5)
@@ -246,7 +247,7 @@ class Client:
             pass
         if isinstance(frame, dict) and isinstance(frame.get("error"), dict):
             self._drop()
-            raise _rpc_error(frame["error"], "")
+            raise _unread(frame["error"], method, sent)
 
     def close(self) -> None:
         with self._lock:
@@ -508,3 +509,14 @@ def _query(limit: int, topic: Optional[str], after: Optional[IdLike],
 
 def _rpc_error(error: Dict[str, Any], method: str) -> RpcError:
     return RpcError(str(error.get("code", "error")), str(error.get("message", "")), method)
+
+
+def _unread(error: Dict[str, Any], method: str, sent: int) -> RpcError:
+    """A connection-level error: the daemon refused the request of `sent` bytes unread. A
+    publish too large to read is `payload_too_large`, the code README gives a payload over
+    the limit (an app catching it missed `frame_too_large`), whatever made it large."""
+    if method == "publish" and error.get("code") == Code.FRAME_TOO_LARGE:
+        return RpcError(Code.PAYLOAD_TOO_LARGE, f"publish: the request of {sent} bytes is larger than"
+                        " the daemon reads (flashlex.thing.mqtt.maxPayloadBytes bounds the payload;"
+                        " topic and properties add to it); nothing was queued", method)
+    return _rpc_error(error, method)

@@ -200,6 +200,22 @@ def test_publish_payload_limit(fx):
     assert info.value.code == Code.PAYLOAD_TOO_LARGE
 
 
+@pytest.mark.parametrize("payload, properties", [
+    (b"z" * (2 * 1024 * 1024), None),
+    (b"z", {"user_properties": [("big", "v" * (2 * 1024 * 1024))]}),  # the payload is not what is large
+])
+def test_a_publish_larger_than_the_daemon_reads_is_payload_too_large(fx, payload, properties):
+    """README: a payload over maxPayloadBytes is refused with `payload_too_large`; one past the
+    daemon's frame limit got `frame_too_large`, a code README never names, so an app catching
+    `payload_too_large` missed it (found by review). The message says what was too large."""
+    with pytest.raises(RpcError) as info:
+        fx.publish(payload, properties=properties)
+    assert info.value.code == Code.PAYLOAD_TOO_LARGE
+    assert "the request of" in info.value.message and "flashlex.thing.mqtt.maxPayloadBytes" in info.value.message
+    assert info.value.message.endswith("nothing was queued")
+    assert fx.outbox()["count"] == 0  # and the client goes on (reconnected)
+
+
 def test_purge_needs_confirmation(harness, fx):
     harness.ingest(("t", b"1"), ("t", b"2"))
     with pytest.raises(RpcError) as info:
@@ -381,7 +397,7 @@ def test_refusals_reach_the_caller_as_rpc_errors(tmp_path):
             assert info.value.code == Code.BUSY
             with pytest.raises(RpcError) as info:  # bigger than any frame the daemon reads
                 first.publish(b"z" * (4 * 1024 * 1024))
-            assert info.value.code == Code.FRAME_TOO_LARGE
+            assert info.value.code == Code.PAYLOAD_TOO_LARGE  # README's code for it
             assert first.status()["version"] == "0.1.0"  # reconnected
     finally:
         h.stop()
