@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import secrets
+import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
@@ -143,7 +143,7 @@ class Methods:
         self._replays: Dict[str, int] = {}  # consumer -> replays done: parked waits start over
         # this run's token, sent with `replays`: the counts start from 0 at every start, and a
         # client must tell a new run's count from a replay (a pid is 1 at every start in a container)
-        self._run = secrets.randbits(64)
+        self._run = int.from_bytes(os.urandom(8), "big")
         self._store = store
         self.status_provider = status_provider
         self.on_outbox_added = on_outbox_added
