@@ -105,6 +105,41 @@ def test_busy_refusals_are_logged_once_a_minute_with_a_count(tmp_path: Path, cap
         h.stop()
 
 
+def test_dropped_connections_are_logged_once_a_minute_with_a_count(tmp_path: Path, caplog) -> None:
+    """Found by review: every connection dropped for a frame not whole within frameTimeout, or
+    for answers left unread, logged a WARNING ("... frame bytes in 0s" when under a second), so
+    an app crash-looping mid-request flooded the journal (428 of a soak's 578 lines). Like the
+    busy refusals: one line a minute per kind of drop, with a count and the timeout as set."""
+    h = Harness(tmp_path, limits=_limits(frame_timeout=0.3, write_timeout=0.3, idle_timeout=60,
+                                         pipeline_high_water=64 * 1024)).start()
+    try:
+        h.ingest(*[("big", b"x" * 100_000) for _ in range(30)])
+        with caplog.at_level(logging.WARNING, logger="flashlexd.ipc"):
+            for _ in range(2):  # two sweeps' worth of partial senders
+                socks = [raw_connect(h.path) for _ in range(4)]
+                for sock in socks:
+                    _started(sock, 100, 5)
+                for sock in socks:
+                    assert read_frame(sock)["error"]["code"] == Code.FRAME_TIMEOUT
+                    sock.close()
+            for _ in range(3):  # slow readers, one after another
+                sock = raw_connect(h.path)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                dropped = h.call(lambda: h.server.counters["dropped_slow"])
+                sock.sendall(b"".join(req("messages", i, limit=30) for i in range(5)))
+                until(lambda: h.call(lambda: h.server.counters["dropped_slow"]) > dropped, what="dropped")
+                sock.close()
+        assert h.call(lambda: h.server.counters["dropped_partial"]) == 8
+        lines = [r.getMessage() for r in caplog.records if "API: dropp" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("API: dropped 1 partial sender (last uid"), lines
+        assert lines[0].endswith(f": {HEADER.size + 5} of {HEADER.size + 100} frame bytes in 0.3s)"), lines
+        assert lines[1].startswith("API: dropped 1 slow reader (last uid"), lines
+        assert lines[1].endswith(": it read nothing for 0.3s)"), lines
+    finally:
+        h.stop()
+
+
 def test_requests_behind_parked_waits_hold_none_of_the_read_budget(tmp_path: Path) -> None:
     """A wait parks (an hour at most); a frame sent behind it on the same connection had its
     whole size reserved from the shared budget until the wait ended, out of reach of the frame

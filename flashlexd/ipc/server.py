@@ -28,7 +28,7 @@ from flashlexd.ipc.connection import Connection, ReadBudget, Received
 from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
                                     parse_request)
 from flashlexd.ipc.socketfile import ServerError, bind_socket
-from flashlexd.logs import LineThrottle
+from flashlexd.logs import KindThrottle, LineThrottle
 
 __all__ = ["Handler", "RpcServer", "ServerError"]
 
@@ -75,6 +75,7 @@ class RpcServer:
                          "refused_budget": 0, "dropped_partial": 0}
         self.closed = False
         self._busy_lines, self._budget_lines = LineThrottle(), LineThrottle()
+        self._drop_lines = KindThrottle(60.0)
 
     @property
     def limits(self) -> Limits:
@@ -136,21 +137,28 @@ class RpcServer:
         for conn in list(self._conns):
             if conn.reading and now - conn.frame_started > self.limits.frame_timeout:  # type: ignore[operator]
                 got, announced = conn.frame_progress()
-                log.warning("API: dropping uid %d pid %d: %d of %d frame bytes in %.0fs",
-                            conn.uid, conn.pid, got, announced, self.limits.frame_timeout)
+                self._log_drop(conn, "partial sender", f"{got} of {announced} frame bytes in"
+                               f" {self.limits.frame_timeout:g}s", now)
                 self.counters["dropped_partial"] += 1
                 self._refuse_frame(conn, Code.FRAME_TIMEOUT, f"a request frame must arrive whole within"
                                    f" {self.limits.frame_timeout:g}s of its first byte ({got} of"
                                    f" {announced} bytes came)")
             elif conn.wbuf and now - conn.last_write > self.limits.write_timeout:
-                log.warning("API: dropping uid %d pid %d: it read nothing for %.0fs",
-                            conn.uid, conn.pid, self.limits.write_timeout)
+                self._log_drop(conn, "slow reader", f"it read nothing for {self.limits.write_timeout:g}s", now)
                 self.counters["dropped_slow"] += 1
                 self._close_conn(conn)
             elif conn.parked is None and now - conn.last_active > self.limits.idle_timeout:
                 self._close_conn(conn)
             elif conn.parked is not None and (conn.header_held or conn.closing) and conn.hung_up():
                 self._close_conn(conn)  # its peer left mid-wait: not read, so not seen before
+
+    def _log_drop(self, conn: Connection, kind: str, why: str, now: float) -> None:
+        """One line a minute per kind of dropped connection, with a count: an app crash-looping
+        mid-request (or never reading its answers) would otherwise write one per connection."""
+        count = self._drop_lines.due(kind, now)
+        if count:
+            log.warning("API: dropped %d %s%s (last uid %d pid %d: %s)", count, kind,
+                        "" if count == 1 else "s", conn.uid, conn.pid, why)
 
     def notify_inbox(self) -> None:
         """New messages were committed: complete every parked wait that now has some."""
@@ -378,8 +386,8 @@ class RpcServer:
         if not conn.wbuf:
             conn.last_write = time.monotonic()  # the stall clock starts when data is owed
         elif len(conn.wbuf) + len(frame) > self.limits.max_write_buffer:
-            log.warning("API: dropping uid %d pid %d: %d unread response bytes",
-                        conn.uid, conn.pid, len(conn.wbuf) + len(frame))
+            self._log_drop(conn, "slow reader", f"{len(conn.wbuf) + len(frame)} unread response bytes",
+                           time.monotonic())
             self.counters["dropped_slow"] += 1
             self._close_conn(conn)
             return
