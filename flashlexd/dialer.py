@@ -10,9 +10,12 @@ which then only writes CONNECT.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import ssl
+import sys
+import termios
 import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -24,6 +27,9 @@ from paho.mqtt.properties import MalformedPacket, Properties  # also where paho 
 from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.publishread import Publish, parse_publishes
 
+# Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes written to a TCP socket that its peer
+# has not acknowledged yet; None where the platform has no such request
+_SIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
 READ_CHUNK = 16384  # bytes per socket read: a TLS record's worth
 
@@ -37,15 +43,25 @@ class DialedClient(paho.Client):
     # what a read by take_publishes met, kept for paho's next read: an error, or b"" (the end)
     _held: Union[None, bytes, OSError] = None
     _received_at = "_last_bytes_received"  # paho's keepalive clock of the last packet in
+    unacknowledged_at_close = 0  # our bytes the peer had not acknowledged when the link closed
 
     def _create_socket_connection(self) -> socket.socket:
         sock, self.dialed = self.dialed, None
         if sock is None:
             raise ConnectionError("no connected socket to hand over")
         self._read, self._read_at, self._held = b"", 0, None  # nothing of an earlier connection
+        self.unacknowledged_at_close = 0
         if not hasattr(self, self._received_at):
             self._received_at = "_last_msg_in"  # paho 2.0 and 2.1 name it so
         return sock  # type: ignore[return-value]
+
+    def _sock_close(self) -> None:
+        """Note, while the socket is still there, how far the peer had got with our bytes: a
+        link cut mid-upload is the path's doing, not the entry's (`mqtt.Connection`). Once per
+        link, not per packet."""
+        if self._sock is not None:
+            self.unacknowledged_at_close = unacknowledged(self._sock)
+        super()._sock_close()
 
     def buffered(self) -> bool:
         """Bytes already read from the socket that paho has not taken: select() cannot see them."""
@@ -169,6 +185,19 @@ class DialedClient(paho.Client):
         elif self.on_message is not None:
             with self._in_callback_mutex:
                 self.on_message(self, self._userdata, message)
+
+
+def unacknowledged(sock: Any) -> int:
+    """Bytes written to `sock` that the peer's TCP has not acknowledged (SIOCOUTQ); 0 where that
+    cannot be known (another platform, a closed socket). A TLS record only partly written is
+    still in paho's queue (`want_write`), not counted here."""
+    if _SIOCOUTQ is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(getattr(sock, "_socket", sock).fileno(), _SIOCOUTQ, b"\0" * 4)
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(raw, sys.byteorder)
 
 
 class Lookup:

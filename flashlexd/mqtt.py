@@ -133,7 +133,8 @@ class Connection:
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
         # the broker's DISCONNECT (MQTT 5) named a cause that is no entry's doing (session
-        # taken over, shutting down, server moved...): the poison search must not count it
+        # taken over, shutting down, server moved...), or the link was cut mid-upload (MQTT 5):
+        # the poison search must not count it
         self.closed_for_other_cause = False
         self.session_present = False  # the last CONNACK's: the broker kept what it held for us
         self.attempts = 0  # connection attempts begun: did the broker take the first after a drop?
@@ -475,10 +476,11 @@ class Connection:
         if self.closing:
             self.on_change(False, None)
             return
+        by_packet = getattr(flags, "is_disconnect_packet_from_server", False)  # the broker said why
+        self.closed_for_other_cause = (getattr(reason, "value", None) in NOT_AN_ENTRYS_FAULT if by_packet
+                                       else self._cut_mid_upload())
         entry_fault = self._entry_fault()
-        if getattr(flags, "is_disconnect_packet_from_server", False):
-            self.closed_for_other_cause = getattr(reason, "value", None) in NOT_AN_ENTRYS_FAULT
-            entry_fault = entry_fault and not self.closed_for_other_cause
+        if by_packet:
             self._errors.take()
             self._dead_reason = None
             self._failed(f"the broker {self.thing.endpoint}:{self.thing.mqtt.port} disconnected client id"
@@ -540,7 +542,18 @@ class Connection:
 
     def _entry_fault(self) -> bool:
         """Did the broker close the link over the one entry the egress is testing alone?"""
-        return self.testing_one_entry and self._dead_reason is None and self.watch.pending("PUBACK") > 0
+        return (self.testing_one_entry and self._dead_reason is None and not self.closed_for_other_cause
+                and self.watch.pending("PUBACK") > 0)
+
+    def _cut_mid_upload(self) -> bool:
+        """MQTT 5: did the link close while our bytes were still on their way (queued in paho,
+        or not acknowledged by the peer's TCP)? An MQTT 5 broker judges a publish once it has it
+        whole (its Maximum Packet Size, in the CONNACK, is checked before sending), so such a
+        drop (Wi-Fi roaming, a NAT reset) is the path's doing. Under 3.1.1 it still counts: an
+        entry too big for the broker is found only by the drops it causes."""
+        if self.protocol != V5:
+            return False
+        return self.client.want_write() or self.client.unacknowledged_at_close > 0
 
     def _failed(self, error: str, entry_fault: bool = False, retry_in: Optional[float] = None) -> None:
         """`retry_in`: retry sooner than the backoff says (a clock waiting for time sync)."""

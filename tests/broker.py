@@ -295,7 +295,10 @@ class Proxy:
     lossy: `swallow("up")` silently drops client -> broker bytes (our PUBACKs never arrive),
     `swallow("down")` drops broker -> client bytes, `cut()` closes every relayed connection and
     makes the path healthy again for the reconnect. `slow["down"] = 1.0` passes each broker ->
-    client read on a second late (a SUBSCRIBE reaches the broker long before its SUBACK us)."""
+    client read on a second late (a SUBSCRIBE reaches the broker long before its SUBACK us).
+    `stall_up(links, after)`: each of the next `links` connections passes `after` client ->
+    broker bytes, then reads no more of them (an upload stuck mid-way: the client's TCP keeps
+    the rest unacknowledged); `stalled` counts the links so stuck."""
 
     def __init__(self, broker: Broker):
         self.broker = broker
@@ -308,6 +311,8 @@ class Proxy:
         self.slow = {"up": 0.0, "down": 0.0}  # seconds each read waits before it is passed on
         self._peer: Dict[socket.socket, socket.socket] = {}
         self._up: set = set()  # sockets whose bytes travel client -> broker
+        self._up_left: Dict[socket.socket, int] = {}  # client -> broker bytes a stalling link still passes
+        self._stalls, self._stall_after, self.stalled = 0, 0, 0
         self._cut = threading.Event()
         self._closed = False
         threading.Thread(target=self._serve, daemon=True).start()
@@ -319,17 +324,22 @@ class Proxy:
         self._cut.set()
         wait_for(lambda: not self._cut.is_set(), timeout, "proxy cut")
 
+    def stall_up(self, links: int, after: int) -> None:
+        self._stall_after, self._stalls = after, links
+
     def close(self) -> None:
         self._closed = True
 
     def _serve(self) -> None:
         while not self._closed:
-            ready, _, _ = select.select([self.listener, *self._peer], [], [], 0.01)
+            reading = [sock for sock in self._peer if self._up_left.get(sock) != 0]
+            ready, _, _ = select.select([self.listener, *reading], [], [], 0.01)
             if self._cut.is_set():
                 for sock in self._peer:
                     sock.close()
                 self._peer.clear()
                 self._up.clear()
+                self._up_left.clear()
                 self.swallowing = {"up": False, "down": False}
                 self._cut.clear()
                 continue
@@ -351,10 +361,13 @@ class Proxy:
             return
         self._peer[client], self._peer[upstream] = upstream, client
         self._up.add(client)
+        if self._stalls:
+            self._stalls -= 1
+            self._up_left[client] = self._stall_after
 
     def _relay(self, sock: socket.socket) -> None:
         try:
-            data = sock.recv(65536)
+            data = sock.recv(min(65536, self._up_left.get(sock, 65536)))
         except OSError:
             data = b""
         other = self._peer[sock]
@@ -362,8 +375,13 @@ class Proxy:
             for end in (sock, other):
                 self._peer.pop(end, None)
                 self._up.discard(end)
+                self._up_left.pop(end, None)
                 end.close()
             return
+        if sock in self._up_left:
+            self._up_left[sock] -= len(data)
+            if not self._up_left[sock]:
+                self.stalled += 1
         direction = "up" if sock in self._up else "down"
         if self.swallowing[direction]:
             self.swallowed[direction] += len(data)

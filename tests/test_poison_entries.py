@@ -11,7 +11,7 @@ import pytest
 from flashlexd.client import connect
 from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.store import Store
-from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
+from tests.broker import EGRESS_TOPIC, Broker, Certs, Proxy, Subscriber, open_store, wait_for, write_config
 from tests.daemon import Daemon
 from tests.quota_proxy import QuotaProxy
 from tests.test_egress import assert_delivered_in_order
@@ -165,3 +165,31 @@ def test_an_outage_while_an_entry_waits_for_its_puback_is_not_counted_as_poison(
         wait_for(lambda: proxy.over_quota >= 4, 20, "the entry sent on a fourth connection")
         assert store.dead_letters() == [] and store.outbox_count() == 1
         assert worker.stop() == 0
+
+
+def test_a_link_cut_mid_upload_is_not_counted_as_poison(broker: Broker, tmp_path: Path,
+                                                        start_worker) -> None:
+    """MQTT 5: a path that resets while a large entry is still uploading and comes straight
+    back (Wi-Fi roaming, a NAT reset) counted as the entry's drop: three such cuts moved a
+    healthy entry to the dead letters ("closed by the broker with one entry in flight
+    (refused?)"), status degraded, the entry waiting for `outbox retry` (found by review). An
+    MQTT 5 broker judges a publish once it has it whole; a cut before that is the path's."""
+    proxy = Proxy(broker)
+    proxy.stall_up(links=3, after=64 * 1024)  # the TLS handshake, CONNECT and part of the entry
+    try:
+        config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"protocol": "5"})
+        store = open_store(config)
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        entry = b"E" * 1_000_000  # far more than the proxy's TCP takes in unread
+        store.outbox_append([(EGRESS_TOPIC, entry, 1, False)])
+        worker = start_worker("egress", config)
+        for cut in range(1, 4):
+            worker.wait(lambda w: proxy.stalled >= cut, 30, f"upload {cut} stuck mid-way")
+            proxy.cut()
+        worker.wait(lambda w: store.outbox_count() == 0, 60, "the entry acknowledged")
+        assert store.dead_letters() == [], worker.log_text()[-2000:]
+        wait_for(lambda: subscriber.lines() == [entry], 20, "the entry at the subscriber")
+        assert worker.stop() == 0
+        subscriber.stop()
+    finally:
+        proxy.close()
