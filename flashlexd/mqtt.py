@@ -133,9 +133,11 @@ class Connection:
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
         # the broker's DISCONNECT (MQTT 5) named a cause that is no entry's doing (session
-        # taken over, shutting down, server moved...), or the link was cut mid-upload (MQTT 5):
-        # the poison search must not count it
+        # taken over, shutting down, server moved...): the poison search must not count it
         self.closed_for_other_cause = False
+        # MQTT 5: the link closed before the broker had all we sent: the poison search counts
+        # it as a fraction of a drop (workers/poison.py)
+        self.cut_mid_upload = False
         self.session_present = False  # the last CONNACK's: the broker kept what it held for us
         self.attempts = 0  # connection attempts begun: did the broker take the first after a drop?
         self._connack_due: Optional[float] = None
@@ -429,7 +431,7 @@ class Connection:
         now = self.clock()
         self.connected = True
         self.last_verdict = None
-        self.closed_for_other_cause = False
+        self.closed_for_other_cause = self.cut_mid_upload = False
         self._adopt_limits(BrokerLimits.from_connack(properties))
         fallback = self.choice.connected()
         if fallback is not None:
@@ -477,8 +479,8 @@ class Connection:
             self.on_change(False, None)
             return
         by_packet = getattr(flags, "is_disconnect_packet_from_server", False)  # the broker said why
-        self.closed_for_other_cause = (getattr(reason, "value", None) in NOT_AN_ENTRYS_FAULT if by_packet
-                                       else self._cut_mid_upload())
+        self.closed_for_other_cause = by_packet and getattr(reason, "value", None) in NOT_AN_ENTRYS_FAULT
+        self.cut_mid_upload = not by_packet and self._cut_mid_upload()
         entry_fault = self._entry_fault()
         if by_packet:
             self._errors.take()
@@ -543,14 +545,14 @@ class Connection:
     def _entry_fault(self) -> bool:
         """Did the broker close the link over the one entry the egress is testing alone?"""
         return (self.testing_one_entry and self._dead_reason is None and not self.closed_for_other_cause
-                and self.watch.pending("PUBACK") > 0)
+                and not self.cut_mid_upload and self.watch.pending("PUBACK") > 0)
 
     def _cut_mid_upload(self) -> bool:
         """MQTT 5: did the link close while our bytes were still on their way (queued in paho,
         or not acknowledged by the peer's TCP)? An MQTT 5 broker judges a publish once it has it
         whole (its Maximum Packet Size, in the CONNACK, is checked before sending), so such a
-        drop (Wi-Fi roaming, a NAT reset) is the path's doing. Under 3.1.1 it still counts: an
-        entry too big for the broker is found only by the drops it causes."""
+        drop (Wi-Fi roaming, a NAT reset) is most likely the path's doing. Under 3.1.1 it counts
+        in full: an entry too big for the broker is found only by the drops it causes."""
         if self.protocol != V5:
             return False
         return self.client.want_write() or self.client.unacknowledged_at_close > 0

@@ -12,7 +12,7 @@ from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.quotas import quota_warnings
 from flashlexd.topics import publish_topic_problem
 from flashlexd.ratelimit import BURST_SECONDS, PublishBudget
-from flashlexd.workers.poison import PoisonWatch
+from flashlexd.workers.poison import MID_UPLOAD_CUTS, PoisonWatch
 from tests.test_config import edited_config, setting
 from tests.test_mqtt_connection import FakeClock
 
@@ -205,6 +205,19 @@ def test_when_the_suspects_all_pass_the_drain_goes_back_to_full_speed() -> None:
         assert watch.window(100) == 1
         watch.acknowledged(entry)  # the drop had another cause
     assert watch.window(100) == 100 and watch.drops(5) == 0
+
+
+def test_cuts_mid_upload_count_as_a_fraction_of_a_drop() -> None:
+    """A path reset mid-upload (MQTT 5) counted in full dead-lettered a healthy large entry in
+    three cuts (found by review); counted as nothing, an entry a broker refuses on its header
+    (a size limit its CONNACK did not give) would hold the outbox for good."""
+    watch = PoisonWatch(attempts=3)
+    for _ in range(3 * MID_UPLOAD_CUTS - 1):
+        assert watch.dropped([5], progress=False, mid_upload=True) is None
+    assert watch.drops(5) < 3
+    assert watch.dropped([5], progress=False, mid_upload=True) == 5
+    assert drop(watch, [6]) is None and watch.dropped([6], False, mid_upload=True) is None
+    assert drop(watch, [6]) is None and watch.drops(6) == 2 + 1 / MID_UPLOAD_CUTS
 
 
 def test_seed_keys_and_new_keys(tmp_path: Path) -> None:

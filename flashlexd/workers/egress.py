@@ -50,7 +50,7 @@ from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import earlier_session, fell_back_before, noting_fallback
-from flashlexd.workers.poison import PoisonWatch
+from flashlexd.workers.poison import MID_UPLOAD_CUTS, PoisonWatch
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class _Drop(NamedTuple):
     progress: bool      # a PUBACK came on that connection
     error: Optional[str]
     attempts: int       # the connection's attempts when it dropped
+    mid_upload: bool    # MQTT 5: before the broker had all we sent (counts as a fraction)
 
 
 class EgressWorker(Worker):
@@ -269,7 +270,8 @@ class EgressWorker(Worker):
         # only a link the broker closed itself can be an entry's fault: one we closed because it
         # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
         if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
-            self.drop_to_judge = _Drop(sent, self.acked_on_link > 0, error, self.connection.attempts)
+            self.drop_to_judge = _Drop(sent, self.acked_on_link > 0, error, self.connection.attempts,
+                                       self.connection.cut_mid_upload)
         self._delete_done()  # so acknowledged entries are not sent again
         # the lowest id, not the first sent: after a 0x97 rewind an entry is sent again after
         # later ones still in flight
@@ -284,11 +286,12 @@ class EgressWorker(Worker):
         drop, self.drop_to_judge = self.drop_to_judge, None
         if drop is None or self.connection.attempts != drop.attempts + 1:
             return
-        victim = self.poison.dropped([s.entry_id for s in drop.sent], progress=drop.progress)
+        victim = self.poison.dropped([s.entry_id for s in drop.sent], drop.progress, drop.mid_upload)
         if victim is not None:
             attempts = self.poison.attempts
-            self._dead_letter(drop.sent[0], f"the link dropped each of the {attempts} times it was"
-                              f" alone in flight; last: {drop.error or 'closed by the broker'}", attempts)
+            self._dead_letter(drop.sent[0], f"the link dropped {attempts} times while it was alone in flight"
+                              f" (a cut before the broker had it whole counts as 1/{MID_UPLOAD_CUTS});"
+                              f" last: {drop.error or 'closed by the broker'}", attempts)
 
     def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
         """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""

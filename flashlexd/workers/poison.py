@@ -11,18 +11,25 @@ A broker may also refuse a publish by dropping it and acknowledging the later on
 Core under 3.1.1): the link watch then closes the link (`Verdict.OVERTAKEN`), and an entry
 skipped so on `attempts` links in a row, each time resent first on a fresh connection (no
 quota spent yet), goes to the dead letters too.
+Under MQTT 5 a drop before the broker had all of the entry (our bytes still queued, or not
+acknowledged by its TCP) counts as 1/MID_UPLOAD_CUTS of a drop: most likely a path reset
+(Wi-Fi roaming, a NAT), which used to dead-letter a healthy large entry in 3 cuts; but a broker
+that closes on the header of a publish over a limit its CONNACK did not give looks the same,
+and counted as nothing, such an entry would hold the outbox for good.
 Pure, so the policy is unit-tested without a broker.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
+MID_UPLOAD_CUTS = 3  # cuts mid-upload that count as one drop
 
 class PoisonWatch:
     def __init__(self, attempts: int):
         self.attempts = attempts
         self.suspects_until: Optional[int] = None  # one at a time up to this entry id
-        self.alone_drops: Dict[int, int] = {}      # entry id -> drops while it was alone in flight
+        # entry id -> drops while it was alone in flight, in 1/MID_UPLOAD_CUTS
+        self.alone_drops: Dict[int, int] = {}
         self.skips: Dict[int, int] = {}            # entry id -> links closed because it was skipped
 
     @property
@@ -39,14 +46,15 @@ class PoisonWatch:
         if self.suspects_until is not None and entry_id >= self.suspects_until:
             self.suspects_until = None
 
-    def dropped(self, inflight: Sequence[int], progress: bool) -> Optional[int]:
+    def dropped(self, inflight: Sequence[int], progress: bool, mid_upload: bool = False) -> Optional[int]:
         """The link dropped with `inflight` (entry ids, oldest first) unacknowledged, and
-        `progress` says whether any PUBACK came on that connection. Returns the entry to
-        dead-letter, if one has now been alone at `attempts` drops."""
+        `progress` says whether any PUBACK came on that connection; `mid_upload`, before the
+        broker had all of it. Returns the entry to dead-letter, if one has now been alone at
+        `attempts` drops."""
         if len(inflight) == 1:
             entry = inflight[0]
-            self.alone_drops[entry] = self.alone_drops.get(entry, 0) + 1
-            if self.alone_drops[entry] >= self.attempts:
+            self.alone_drops[entry] = self.alone_drops.get(entry, 0) + (1 if mid_upload else MID_UPLOAD_CUTS)
+            if self.alone_drops[entry] >= self.attempts * MID_UPLOAD_CUTS:
                 del self.alone_drops[entry]
                 self.suspects_until = None
                 return entry
@@ -64,5 +72,5 @@ class PoisonWatch:
         del self.skips[entry_id]
         return True
 
-    def drops(self, entry_id: int) -> int:
-        return self.alone_drops.get(entry_id, 0)
+    def drops(self, entry_id: int) -> float:
+        return self.alone_drops.get(entry_id, 0) / MID_UPLOAD_CUTS
