@@ -21,7 +21,7 @@ import select
 import socket
 import ssl
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -129,6 +129,7 @@ class Connection:
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
+        self._subscribes_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters
         self._failure_lines = KindThrottle(FAILURE_LOG_SECONDS)  # by a failure's shape
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
@@ -194,6 +195,7 @@ class Connection:
             rc, mid = self.client.subscribe(list(topics))
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.watch.expect("SUBACK", mid)
+            self._subscribes_due[mid] = [topic for topic, _ in topics]
         return rc, mid
 
     def unsubscribe(self, topics: Union[str, List[str]]) -> Tuple[MQTTErrorCode, Optional[int]]:
@@ -202,9 +204,22 @@ class Connection:
             self.watch.expect("UNSUBACK", mid)
         return rc, mid
 
-    def acknowledged(self, kind: str, mid: int) -> None:
-        """A SUBACK or UNSUBACK arrived (the worker's paho callback says so)."""
+    def acknowledged(self, kind: str, mid: int) -> Optional[List[str]]:
+        """A SUBACK or UNSUBACK arrived (the worker's paho callback says so). A SUBACK's
+        filters, as its SUBSCRIBE listed them; None for an UNSUBACK or an earlier link's SUBACK.
+        The last SUBACK due ends a run of failures: the link is up and subscribed."""
         self.watch.answered(kind, mid)
+        if kind != "SUBACK" or mid not in self._subscribes_due:
+            return None
+        filters = self._subscribes_due.pop(mid)
+        if not self._subscribes_due:
+            self._failure_lines.clear()
+        return filters
+
+    @property
+    def subscribes_due(self) -> int:
+        """This link's SUBSCRIBEs not answered yet."""
+        return len(self._subscribes_due)
 
     # -- the worker loop's hooks ------------------------------------------------------------------
 
@@ -432,6 +447,7 @@ class Connection:
         self.connected = True
         self.last_verdict = None
         self.closed_for_other_cause = self.cut_mid_upload = False
+        self._subscribes_due = {}
         self._adopt_limits(BrokerLimits.from_connack(properties))
         fallback = self.choice.connected()
         if fallback is not None:
@@ -440,7 +456,6 @@ class Connection:
             self.clean_start, self._rebuild = False, True  # the broker keeps the session from now on
         self.backoff.connected()
         self.watch.up()
-        self._failure_lines.clear()  # the next failure is news again
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
         present = self.session_present = bool(flags.session_present)
         log.info("connected to %s:%d as %r with MQTT %s (session present: %s)", self.thing.endpoint,
@@ -454,7 +469,9 @@ class Connection:
                         self.thing.endpoint, self.thing.mqtt.port, self.client_id, _ago(away))
         self._had_session = self.track_session
         self._up_since = now
-        self.on_change(True, None)
+        self.on_change(True, None)  # the ingress subscribes from here
+        if not self._subscribes_due:
+            self._failure_lines.clear()  # up: the next failure is news again
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
@@ -530,6 +547,10 @@ class Connection:
             return (f"TLS: the broker at {where} closed the connection before CONNACK: it refused"
                     f" the client certificate {self.thing.keys.cert} or does not allow client id"
                     f" {self.client_id!r}{v5}")
+        closed = exc is None or isinstance(exc, _ABRUPT_CLOSE)
+        if closed and self._subscribes_due and not before_connack:
+            self._quick_drops = 0  # RabbitMQ refuses a SUBSCRIBE so: no clone on our client id
+            return self._closed_while_subscribing(where)
         if exc is not None:
             return describe_error(exc, self.thing, self.timeout)
         if reason == "Keep alive timeout":  # paho: no PINGRESP in time
@@ -541,6 +562,14 @@ class Connection:
             return (f"connection to {where} closed by the broker {self._quick_drops} times in a row"
                     f" soon after CONNACK: another client is using client id {self.client_id!r}?")
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
+
+    def _closed_while_subscribing(self, where: str) -> str:
+        """RabbitMQ (3.1.1) refuses a SUBSCRIBE outside the user's permissions by closing the
+        link, without a SUBACK: the filters still unanswered are the suspects."""
+        filters = ", ".join(t for due in self._subscribes_due.values() for t in due)
+        self._subscribes_due = {}
+        return (f"connection to {where} closed by the broker before it answered our SUBSCRIBE to"
+                f" {filters}: it refuses one of them? (check the thing's policy or permissions)")
 
     def _entry_fault(self) -> bool:
         """Did the broker close the link over the one entry the egress is testing alone?"""

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import List
 
-from tests.broker import (EGRESS_TOPIC, HOST, INGRESS_TOPIC, PUBSUB_TOPIC, Broker, Subscriber,
+from tests.broker import (EGRESS_TOPIC, HOST, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Subscriber,
                           open_store, wait_for, write_config)
 from tests.test_egress import assert_delivered_in_order, fill_outbox
 
@@ -146,3 +146,26 @@ def test_two_clients_with_one_client_id_are_reported_as_a_conflict(broker: Broke
     wait_for(reported, 30, "the conflict reported")
     second.kill()
     assert first.stop() == 0
+
+
+def test_a_subscription_rabbitmq_refuses_by_closing_the_link_is_named_not_taken_for_a_clone(
+        rabbitmq, tmp_path: Path, start_worker) -> None:
+    """RabbitMQ 3.10 (MQTT 3.1.1) refuses a SUBSCRIBE outside the user's topic permissions by
+    closing the link, without a SUBACK: after three such closes the log and `status` said
+    "another client is using client id ...?", and the operator hunted a second device that did
+    not exist (found by review). Each close names the filters it did not answer, and the line
+    is logged once, not at every reconnect."""
+    rabbitmq.forget([THING])
+    # subscribing (read) only to ingress/...: the pubsub topic is refused
+    rabbitmq.ctl("set_topic_permissions", "-p", "/", THING, "amq.topic", ".*", r"^ingress\..*")
+    try:
+        worker = start_worker("ingress", write_config(tmp_path / "config", rabbitmq))
+
+        def errors() -> List[str]:
+            return [m["error"] for m in worker.reports("mqtt") if m.get("error")]
+        worker.wait(lambda w: len(errors()) >= 4, 30, "four closes")
+        assert all("before it answered our SUBSCRIBE to" in e and PUBSUB_TOPIC in e for e in errors()), errors()
+        assert worker.log_text().count("before it answered our SUBSCRIBE") == 1
+        assert worker.stop() == 0
+    finally:
+        rabbitmq.ctl("clear_topic_permissions", "-p", "/", THING, check=False)

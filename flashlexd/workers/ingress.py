@@ -86,7 +86,6 @@ class IngressWorker(Worker):
         self.store = Store.from_config(self.config.store, create=False)
         self.topics = self.config.thing.mqtt.ingress_topics()
         self.session_links: Set[int] = set()  # generations of the connections of the broker's current session
-        self.subacks_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters, until its SUBACK
         self.suback_codes: Dict[str, Any] = {}  # filter -> the reason code its SUBACK gave
         client_id = self.config.thing.mqtt.client_id
         # the filters the broker's session may hold: those recorded (a store with no record
@@ -256,12 +255,10 @@ class IngressWorker(Worker):
                 self.said_unwanted = True
                 for at in range(0, len(self.unwanted), FILTERS_PER_SUBSCRIBE):
                     self.connection.unsubscribe(self.unwanted[at:at + FILTERS_PER_SUBSCRIBE])
-            self.subacks_due, self.suback_codes = {}, {}
+            self.suback_codes = {}
             for at in range(0, len(self.topics), FILTERS_PER_SUBSCRIBE):
                 chunk = self.topics[at:at + FILTERS_PER_SUBSCRIBE]
-                _, mid = self.connection.subscribe([(topic, 1) for topic in chunk])
-                if mid is not None:
-                    self.subacks_due[mid] = chunk
+                self.connection.subscribe([(topic, 1) for topic in chunk])
             return
         self.barrier.disconnected()
         self.counters["connected"] = False
@@ -289,13 +286,11 @@ class IngressWorker(Worker):
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
                       properties: Any) -> None:
-        self.connection.acknowledged("SUBACK", mid)
-        due = self.subacks_due
-        chunk = due.pop(mid, None)
+        chunk = self.connection.acknowledged("SUBACK", mid)
         if chunk is None:
             return  # a SUBACK of an earlier connection's SUBSCRIBE
         self.suback_codes.update(zip(chunk, reason_codes))
-        if due:
+        if self.connection.subscribes_due:
             return  # "connected" once every SUBSCRIBE of this connect is answered
         codes = [(t, self.suback_codes[t]) for t in self.topics if t in self.suback_codes]
         granted = [(t, code.value) for t, code in codes if not code.is_failure]
