@@ -182,6 +182,30 @@ def test_a_publish_the_acl_forbids(certs, tmp_path: Path, start_worker, protocol
         broker.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_links_closed_after_refused_publishes_are_not_taken_for_a_clone(
+        certs, tmp_path: Path, start_worker, protocol: str) -> None:
+    """mosquitto 2.0 closes the link after a publish its ACL denies (after a PUBACK 0x87 under
+    MQTT 5, a plain PUBACK under 3.1.1): from the third denied entry in a row the egress's error
+    and `status` said "another client is using client id ...-egress?", a second device that did
+    not exist (found by review). Each such close is "closed by the broker or the network"."""
+    broker = Broker(certs, tmp_path / "broker", acl=ACL).start()
+    try:
+        store, worker = egress_store_and_worker(broker, tmp_path, start_worker, protocol)
+        for n in range(4):
+            reports = len(worker.reports("mqtt"))
+            store.outbox_append([(f"{FORBIDDEN}/{n}", b"secret", 1, False)])
+            worker.send("outbox")
+            worker.wait(lambda w: len(w.reports("mqtt")) >= reports + 2 and w.mqtt.get("connected"), 10,
+                        f"the link closed over entry {n} and up again")
+        errors = [m["error"] for m in worker.reports("mqtt") if m.get("error")]
+        assert len(errors) == 4 and all(e.endswith("closed by the broker or the network") for e in errors), errors
+        assert len(store.dead_letters()) == (4 if protocol == "5" else 0)
+        assert worker.stop() == 0
+    finally:
+        broker.close()
+
+
 def test_mqtt5_connack_limits_bound_the_egress(certs, tmp_path: Path, start_worker) -> None:
     """mosquitto's max_packet_size and max_inflight_messages arrive in the CONNACK as Maximum
     Packet Size and Receive Maximum: a larger entry is dead-lettered, not sent (mosquitto would
