@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-py39 chaos demo bench deps system-deps clean
+.PHONY: test chaos demo bench deps system-deps clean
 
 $(STAMP): setup.cfg setup.py
 	$(PY) -m venv $(VENV)
@@ -33,11 +33,14 @@ deps: $(STAMP) system-deps
 test: deps
 	$(BIN)/python -m pytest -q -n 3 --dist loadgroup
 
-# the same suite on Python 3.9 (Raspberry Pi OS Bullseye's), with pyenv's 3.9 when it is there
-PY39 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3) $(shell command -v python3.9))
-test-py39: system-deps
-	@if [ -z "$(PY39)" ]; then echo "test-py39: no Python 3.9 on this machine (pyenv install 3.9)"; exit 1; fi
-	$(MAKE) test PY=$(PY39) VENV=.venv39
+# the same suite on another Python, pyenv's when it is there: `make test-py39` (Raspberry Pi OS
+# Bullseye's 3.9, the oldest we support), `make test-py313` (Trixie's 3.13, the newest)
+test-py%: system-deps
+	@version=$$(echo $* | sed 's/^3/3./'); \
+	python=$$(ls $(HOME)/.pyenv/versions/$$version.*/bin/python3 2>/dev/null | tail -1); \
+	[ -n "$$python" ] || python=$$(command -v python$$version || true); \
+	if [ -z "$$python" ]; then echo "test-py$*: no Python $$version on this machine (pyenv install $$version)"; exit 1; fi; \
+	$(MAKE) test PY=$$python VENV=.venv$*
 
 # the fault-injection scenarios of tests/chaos at full size (make test runs them short)
 chaos: deps

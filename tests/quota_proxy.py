@@ -115,8 +115,11 @@ class QuotaProxy:
         self.broker, self.rate, self.enforce = broker, rate, enforce  # not enforced: only counted
         self.answer, self.filters_per_request = answer, filters_per_request
         self.refused_requests = self.largest_request = 0
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(broker.certs.ca))
+        # a plain server context, as mosquitto's OpenSSL verifies (3.13's default one is stricter
+        # and refused the test CA's client certificates)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(broker.server.cert), str(broker.server.key))
+        self.context.load_verify_locations(str(broker.certs.ca))
         self.context.verify_mode = ssl.CERT_REQUIRED
         self.listener = socket.socket()
         self.listener.bind((HOST, 0))
