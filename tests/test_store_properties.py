@@ -42,7 +42,8 @@ def old_code(tmp_path: Path) -> Path:
                              capture_output=True).stdout
     target = tmp_path / "main-code"
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(target)
+        # 3.12+ warns without a filter (3.14 defaults to "data"); the filter exists from 3.9.17
+        tar.extractall(target, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return target
 
 
