@@ -41,7 +41,11 @@ log = logging.getLogger(__name__)
 
 FAILURE_LOG_SECONDS = 600.0  # the same connection failure again within this: DEBUG, counted
 MAX_PACKETS_PER_PASS = 1024
-PUBACK_THEN_CLOSE_SECONDS = 1.0  # a close this soon after a PUBACK: the publish's refusal
+# a close this soon after a refusing PUBACK (MQTT 5: one with a failure reason code; 3.1.1: any,
+# as it cannot say) is the publish's refusal: mosquitto 2.0 writes the PUBACK and the close back
+# to back. Short, because an egress publishing steadily has a PUBACK in any wider window, and a
+# clone's kicks, landing at random, would never be counted
+PUBACK_THEN_CLOSE_SECONDS = 0.1
 QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a client-id conflict?
 # MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
 # doing: Server busy, Server shutting down, Keep alive timeout, Session taken over,
@@ -130,7 +134,7 @@ class Connection:
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
-        self._last_puback: Optional[float] = None  # when the last PUBACK of ours came
+        self._last_refusal: Optional[float] = None  # when this link's last PUBACK that may refuse came
         self._subscribes_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters
         self._failure_lines = KindThrottle(FAILURE_LOG_SECONDS)  # by a failure's shape
         self._dead_reason: Optional[str] = None
@@ -168,7 +172,8 @@ class Connection:
             def published(client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
                 self.handled += 1
                 self.watch.answered("PUBACK", mid)
-                self._last_puback = self.clock()
+                if self.protocol != V5 or getattr(reason, "is_failure", False):
+                    self._last_refusal = self.clock()
                 acknowledged(mid, reason)
             client.on_publish = published
         if self.on_build is not None:
@@ -451,6 +456,7 @@ class Connection:
         self.last_verdict = None
         self.closed_for_other_cause = self.cut_mid_upload = False
         self._subscribes_due = {}
+        self._last_refusal = None  # an earlier link's PUBACK excuses no close of this one
         self._adopt_limits(BrokerLimits.from_connack(properties))
         fallback = self.choice.connected()
         if fallback is not None:
@@ -560,17 +566,17 @@ class Connection:
             return f"connection to {where} lost: no answer within keepalive ({self.keepalive}s)"
         lived = self.clock() - (self._up_since or 0.0)
         quick = (lived < self.backoff.policy.stable_seconds and not self.watch.pending("PUBACK")
-                 and not self._just_acknowledged())
+                 and not self._just_refused())
         self._quick_drops = self._quick_drops + 1 if quick else 0
         if self._quick_drops >= QUICK_DROPS:
             return (f"connection to {where} closed by the broker {self._quick_drops} times in a row"
                     f" soon after CONNACK: another client is using client id {self.client_id!r}?")
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
 
-    def _just_acknowledged(self) -> bool:
+    def _just_refused(self) -> bool:
         """mosquitto 2.0 PUBACKs a publish its ACL denies (0x87 under MQTT 5, a plain PUBACK
         under 3.1.1) and closes the link at once: such a close is no sign of a clone."""
-        return self._last_puback is not None and self.clock() - self._last_puback < PUBACK_THEN_CLOSE_SECONDS
+        return self._last_refusal is not None and self.clock() - self._last_refusal < PUBACK_THEN_CLOSE_SECONDS
 
     def _closed_while_subscribing(self, where: str) -> str:
         """RabbitMQ (3.1.1) refuses a SUBSCRIBE outside the user's permissions by closing the

@@ -148,6 +148,32 @@ def test_two_clients_with_one_client_id_are_reported_as_a_conflict(broker: Broke
     assert first.stop() == 0
 
 
+def test_a_clone_of_a_steadily_publishing_egress_is_reported(broker: Broker, tmp_path: Path,
+                                                            start_worker) -> None:
+    """Two devices on one egress client id, each publishing a few times a second (a sensor):
+    a close within 1 s of any PUBACK was not counted as a quick drop, so the clone was never
+    reported and the link flapped on in silence (found by review). Under 3.1.1, where any
+    PUBACK may be a refusal, only a close right after one is excused."""
+    # links that live longer than the test-sized 2 s reset the count: each kick is counted
+    backoff = {"baseReconnectQuietTimeSecond": 0.2, "maxReconnectQuietTimeSecond": 1,
+               "stableConnectionTimeSecond": 30}
+    mqtt = {"protocol": "3.1.1", "autoReconnectBackoffTime": backoff}
+    configs = [write_config(tmp_path / name, broker, mqtt=mqtt) for name in "ab"]
+    stores = [open_store(config) for config in configs]
+    workers = [start_worker("egress", config) for config in configs]
+
+    def reported() -> bool:
+        for store, worker in zip(stores, workers):
+            store.outbox_append([(EGRESS_TOPIC, b"reading", 1, False)])
+            worker.send("outbox")
+            worker.pump(0.25)
+        return any("another client is using client id" in (m.get("error") or "")
+                   for worker in workers for m in worker.reports("mqtt"))
+    wait_for(reported, 45, "the conflict reported")
+    for worker in workers:
+        worker.kill()
+
+
 def test_a_subscription_rabbitmq_refuses_by_closing_the_link_is_named_not_taken_for_a_clone(
         rabbitmq, tmp_path: Path, start_worker) -> None:
     """RabbitMQ 3.10 (MQTT 3.1.1) refuses a SUBSCRIBE outside the user's topic permissions by
