@@ -19,10 +19,25 @@ from typing import Callable, Iterator, List, Optional, Tuple
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumers import MAX_CONSUMERS, NoRoomForConsumer
 from flashlexd.store import Store, StoreDamaged, StoreError
+from flashlexd.storeconsumers import Declared
 
 log = logging.getLogger(__name__)
 START_GRACE = 3600.0  # seconds after the start before an idle consumer goes
 STEP_SECONDS = 60.0  # a jump of the wall clock against the monotonic one this big is a step
+
+
+def declared_changes(declared: Declared, on_widened: Callable[[str], None]) -> None:
+    """What a declare changed in the store, said and passed on (`on_widened(name)`: a replay
+    for its readers), wherever it ran: after a reload here, or on a declared consumer's first
+    use (ipc/consumeraccess.py). Its refusals are the caller's: there they repeat at each call."""
+    for name in declared.widened:
+        on_widened(name)
+    for name in declared.created:
+        log.info("consumer %r declared: it starts at the earliest stored message", name)
+    for name in declared.gave_place:
+        log.warning("consumer %r removed: taken out of flashlex.app.consumers, it gave its place"
+                    " to a newly declared one (%d are stored, the most there may be); the messages"
+                    " only it held were released", name, MAX_CONSUMERS)
 
 
 class ConsumerKeeper:
@@ -49,14 +64,7 @@ class ConsumerKeeper:
         except StoreError as exc:
             self._failed("declaring the configured consumers", exc)
             return
-        for name in declared.widened:
-            self._on_widened(name)
-        for name in declared.created:
-            log.info("consumer %r declared: it starts at the earliest stored message", name)
-        for name in declared.gave_place:
-            log.warning("consumer %r removed: taken out of flashlex.app.consumers, it gave its place"
-                        " to a newly declared one (%d are stored, the most there may be); the messages"
-                        " only it held were released", name, MAX_CONSUMERS)
+        declared_changes(declared, self._on_widened)
         for name in declared.refused:
             log.error("flashlex.app.consumers.%s: %s; it is declared again at the next reload", name,
                       NoRoomForConsumer(name))

@@ -228,6 +228,28 @@ def test_a_declared_consumer_with_no_room_left_is_refused_with_the_reason(harnes
     assert len(harness.store.consumers_report()) == MAX_CONSUMERS
 
 
+def test_a_stream_gets_what_a_declare_on_first_use_widened_its_consumer_to(harness: Harness):
+    """A reload widened display's filter but its own declare failed; a declared consumer's
+    first use declared them all again, and the store widened display, but the widening was not
+    counted as a replay: display's running stream() read on past the newly matched message and
+    never got it (found by review)."""
+    ids = ingest(harness, "cmd/x", "sensors/a")  # display (sensors/#) does not match cmd/x yet
+    got: List[int] = []
+    with connect(harness.path, consumer="display") as display:
+        def read() -> None:
+            for msg in display.stream(timeout_per_wait=30):
+                got.append(msg.id)
+                if len(got) == 3:
+                    return
+        threading.Thread(target=read, daemon=True).start()
+        wait_for(lambda: got == [ids[1]], 5, "the first delivery")
+        widened = (ConsumerSpec("display", "#"), DECLARED[1], ConsumerSpec("audit", "#"))
+        harness.rules = dataclasses.replace(harness.rules, consumers=ConsumerSettings(widened))
+        with connect(harness.path, consumer="audit") as audit:
+            audit.messages()  # its first use declares every configured consumer
+        wait_for(lambda: got == [ids[1], ids[0], ids[1]], 5, "the stream started over on the widening")
+
+
 @pytest.mark.parametrize("paged", [True, False])
 def test_a_parked_wait_gets_a_replay_of_its_consumer_at_once_and_first(harness: Harness, paged: bool):
     """A wait parked at the inbox's end stands past the messages a replay gives back: it was

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from flashlexd.configconsumers import ConsumerSettings
+from flashlexd.consumerkeeper import declared_changes
 from flashlexd.consumers import NAME_RULE, NoRoomForConsumer, valid_name
 from flashlexd.ipc.protocol import RpcFailure
 from flashlexd.store import Store
@@ -24,8 +25,10 @@ SEEN_EVERY = 3600.0  # seconds between writes of a reading consumer's last use
 
 
 class ConsumerAccess:
-    def __init__(self, store: Store, settings: ConsumerSettings):
-        self.store, self.settings = store, settings
+    def __init__(self, store: Store, settings: ConsumerSettings, on_widened: Callable[[str], None]):
+        """`on_widened(name)`: a declare made here widened `name`'s filter over stored messages
+        (a reload whose own declare failed): its readers replay (Methods.count_replay)."""
+        self.store, self.settings, self.on_widened = store, settings, on_widened
 
     def admit(self, method: str, name: Any, uid: Optional[int]) -> str:
         """`name`, once it is a valid consumer that `uid` may use (registered if need be)."""
@@ -40,7 +43,9 @@ class ConsumerAccess:
         state = self.store.consumer_state(name)
         now = time.time()
         if state is None and spec is not None:
-            if name in self.store.consumer_declare(self.settings.declared, now).refused:  # not yet stored
+            declared = self.store.consumer_declare(self.settings.declared, now)
+            declared_changes(declared, self.on_widened)
+            if name in declared.refused:  # not yet stored
                 raise NoRoomForConsumer(name)
         elif state is None:
             if not self.settings.allow_dynamic:

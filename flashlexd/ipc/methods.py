@@ -492,7 +492,7 @@ class Methods:
         name = p.get("consumer")
         if name is None and not required:
             return None
-        return ConsumerAccess(self.store, self.rules.consumers).admit(p.method, name, p.uid)
+        return ConsumerAccess(self.store, self.rules.consumers, self.count_replay).admit(p.method, name, p.uid)
 
     def _consumers(self, p: _Params) -> List[Dict[str, Any]]:
         p.done()
