@@ -136,6 +136,7 @@ class Connection:
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
         self._last_refusal: Optional[float] = None  # when this link's last PUBACK that may refuse came
         self._subscribes_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters
+        self._subscribe_closes = 0  # links in a row closed while a SUBSCRIBE was unanswered
         self._failure_lines = KindThrottle(FAILURE_LOG_SECONDS)  # by a failure's shape
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
@@ -221,7 +222,7 @@ class Connection:
             return None
         filters = self._subscribes_due.pop(mid)
         if not self._subscribes_due:
-            self._failure_lines.clear()
+            self._subscribed()
         return filters
 
     @property
@@ -480,7 +481,12 @@ class Connection:
         self._up_since = now
         self.on_change(True, None)  # the ingress subscribes from here
         if not self._subscribes_due:
-            self._failure_lines.clear()  # up: the next failure is news again
+            self._subscribed()
+
+    def _subscribed(self) -> None:
+        """Up, every SUBSCRIBE answered: a run of failures is over, the next is news again."""
+        self._failure_lines.clear()
+        self._subscribe_closes = 0
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
@@ -556,14 +562,14 @@ class Connection:
             return (f"TLS: the broker at {where} closed the connection before CONNACK: it refused"
                     f" the client certificate {self.thing.keys.cert} or does not allow client id"
                     f" {self.client_id!r}{v5}")
+        if reason == "Keep alive timeout":  # paho: no PINGRESP in time
+            return f"connection to {where} lost: no answer within keepalive ({self.keepalive}s)"
         closed = exc is None or isinstance(exc, _ABRUPT_CLOSE)
         if closed and self._subscribes_due and not before_connack:
             self._quick_drops = 0  # RabbitMQ refuses a SUBSCRIBE so: no clone on our client id
-            return self._closed_while_subscribing(where)
+            return self._closed_while_subscribing(where, message)
         if exc is not None:
             return describe_error(exc, self.thing, self.timeout)
-        if reason == "Keep alive timeout":  # paho: no PINGRESP in time
-            return f"connection to {where} lost: no answer within keepalive ({self.keepalive}s)"
         lived = self.clock() - (self._up_since or 0.0)
         quick = (lived < self.backoff.policy.stable_seconds and not self.watch.pending("PUBACK")
                  and not self._just_refused())
@@ -578,13 +584,20 @@ class Connection:
         under 3.1.1) and closes the link at once: such a close is no sign of a clone."""
         return self._last_refusal is not None and self.clock() - self._last_refusal < PUBACK_THEN_CLOSE_SECONDS
 
-    def _closed_while_subscribing(self, where: str) -> str:
+    def _closed_while_subscribing(self, where: str, message: Optional[str]) -> str:
         """RabbitMQ (3.1.1) refuses a SUBSCRIBE outside the user's permissions by closing the
-        link, without a SUBACK: the filters still unanswered are the suspects."""
+        link, without a SUBACK: the filters still unanswered are the suspects. After CONNACK
+        paho's logger is off, so a path reset (a NAT, Wi-Fi roaming) looks just the same: one
+        such close is a drop; only a close at each SUBSCRIBE, links in a row, is a refusal."""
         filters = ", ".join(t for due in self._subscribes_due.values() for t in due)
         self._subscribes_due = {}
+        self._subscribe_closes += 1
+        if self._subscribe_closes == 1:
+            return (f"connection to {where} lost while our SUBSCRIBE to {filters} was unanswered:"
+                    f" {message or 'closed by the broker or the network'}")
         return (f"connection to {where} closed by the broker before it answered our SUBSCRIBE to"
-                f" {filters}: it refuses one of them? (check the thing's policy or permissions)")
+                f" {filters}, at each of {self._subscribe_closes} links in a row: it refuses one of"
+                f" them? (check the thing's policy or permissions)")
 
     def _entry_fault(self) -> bool:
         """Did the broker close the link over the one entry the egress is testing alone?"""
