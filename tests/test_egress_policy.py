@@ -220,6 +220,20 @@ def test_cuts_mid_upload_count_as_a_fraction_of_a_drop() -> None:
     assert drop(watch, [6]) is None and watch.drops(6) == 2 + 1 / MID_UPLOAD_CUTS
 
 
+def test_a_culprit_records_the_drops_that_were_counted_against_it() -> None:
+    """A dead letter recorded `attempts = poisonAttempts` even when cuts mid-upload, each a third
+    of a drop, made it up to three times as many: `flashlexctl outbox --dead` said 3 where the
+    link had dropped 5 times with it alone in flight (found by review)."""
+    watch = PoisonWatch(attempts=3)
+    assert drop(watch, [5]) is None and drop(watch, [5]) is None
+    for _ in range(MID_UPLOAD_CUTS - 1):
+        assert watch.dropped([5], progress=False, mid_upload=True) is None
+    assert watch.dropped([5], progress=False, mid_upload=True) == 5
+    assert watch.culprit_drops == 2 + MID_UPLOAD_CUTS
+    assert drop(watch, [6]) is None and drop(watch, [6]) is None and drop(watch, [6]) == 6
+    assert watch.culprit_drops == 3
+
+
 def test_seed_keys_and_new_keys(tmp_path: Path) -> None:
     seed = load(str(edited_config(tmp_path / "seed", lambda d: None)))
     # the SDK's drain rate paces a backlog queued while offline, as it did; the rest goes at 100/s

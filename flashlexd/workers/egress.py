@@ -288,10 +288,10 @@ class EgressWorker(Worker):
             return
         victim = self.poison.dropped([s.entry_id for s in drop.sent], drop.progress, drop.mid_upload)
         if victim is not None:
-            attempts = self.poison.attempts
-            self._dead_letter(drop.sent[0], f"the link dropped {attempts} times while it was alone in flight"
+            drops = self.poison.culprit_drops  # cuts mid-upload included: what `outbox --dead` shows
+            self._dead_letter(drop.sent[0], f"the link dropped {drops} times while it was alone in flight"
                               f" (a cut before the broker had it whole counts as 1/{MID_UPLOAD_CUTS});"
-                              f" last: {drop.error or 'closed by the broker'}", attempts)
+                              f" last: {drop.error or 'closed by the broker'}", drops)
 
     def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
         """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""

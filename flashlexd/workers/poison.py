@@ -30,6 +30,10 @@ class PoisonWatch:
         self.suspects_until: Optional[int] = None  # one at a time up to this entry id
         # entry id -> drops while it was alone in flight, in 1/MID_UPLOAD_CUTS
         self.alone_drops: Dict[int, int] = {}
+        self.alone_links: Dict[int, int] = {}  # entry id -> those drops, each one (a cut too)
+        # the drops that made the last culprit one: its dead letter's `attempts`, up to
+        # MID_UPLOAD_CUTS x `attempts` when cuts mid-upload made them up
+        self.culprit_drops = 0
         self.skips: Dict[int, int] = {}            # entry id -> links closed because it was skipped
 
     @property
@@ -42,6 +46,7 @@ class PoisonWatch:
 
     def acknowledged(self, entry_id: int) -> None:
         self.alone_drops.pop(entry_id, None)
+        self.alone_links.pop(entry_id, None)
         self.skips.pop(entry_id, None)
         if self.suspects_until is not None and entry_id >= self.suspects_until:
             self.suspects_until = None
@@ -54,8 +59,10 @@ class PoisonWatch:
         if len(inflight) == 1:
             entry = inflight[0]
             self.alone_drops[entry] = self.alone_drops.get(entry, 0) + (1 if mid_upload else MID_UPLOAD_CUTS)
+            self.alone_links[entry] = self.alone_links.get(entry, 0) + 1
             if self.alone_drops[entry] >= self.attempts * MID_UPLOAD_CUTS:
                 del self.alone_drops[entry]
+                self.culprit_drops = self.alone_links.pop(entry)
                 self.suspects_until = None
                 return entry
             self.suspects_until = max(entry, self.suspects_until or entry)
