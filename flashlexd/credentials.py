@@ -150,6 +150,9 @@ def _reason(exc: BaseException) -> str:
 
 def main(argv: List[str]) -> int:
     """`python -m flashlexd.credentials ROOT_CA CERT KEY`: exit 0, or 2 and one line on stdout."""
+    if len(argv) != 3:
+        print("usage: python -m flashlexd.credentials ROOT_CA CERT KEY", flush=True)
+        return 2
     try:
         problem = load_problem(*(Path(a) for a in argv))
     except OSError as exc:  # removed or made unreadable since the config was read

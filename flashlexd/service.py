@@ -68,7 +68,8 @@ def add_parser(commands) -> None:
                                                  " --keys-dir (default: the config file's directory)")
     parser.add_argument("--user", default=os.environ.get("SUDO_USER") or "root",
                         help="user the service runs as (default: $SUDO_USER, else root)")
-    parser.add_argument("--group", default="", help="group of the service and socket (default: the user)")
+    parser.add_argument("--group", default="", help="group of the service and socket (default: flashlex.app.socket.group, else the user's"
+                        " primary group)")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--rsyslog", action="store_true", help="the rsyslog rule instead of the unit")
     what.add_argument("--logrotate", action="store_true", help="the logrotate file instead of the unit")

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
-
 from flashlexd import paths
 from flashlexd.config import DEFAULT_DATA_DIR, DEFAULT_SOCKET, ConfigError
 from flashlexd.configkeys import MAX_STOP_TIMEOUT
+from flashlexd.configtext import parse_yaml
 
 HOME_DIRS = ("/home/", "/root/", "/run/user/")
 STOP_TIMEOUT = 30  # seconds: TimeoutStopSec, at least
@@ -47,11 +46,10 @@ def read_places(config_path: Path, keys_dir: Optional[str] = None) -> Tuple[Plac
     """The unit's settings from the config file, and a note when the file cannot be read.
     `keys_dir`: what key file names are relative to (default: the config file's directory)."""
     try:
-        document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        text = config_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return Places(), f"config {config_path} not readable ({exc}): rendered with the defaults"
-    except yaml.YAMLError:
-        raise ConfigError(f"{config_path}: not valid YAML") from None
+    document = parse_yaml(text, str(config_path))  # what `run` refuses (anchors, over 1 MiB) too
     app = _mapping(_mapping(document, "flashlex"), "app")
     db, socket = _mapping(app, "db"), _mapping(app, "socket")
     uids = socket.get("allowUids") or []
@@ -63,8 +61,8 @@ def read_places(config_path: Path, keys_dir: Optional[str] = None) -> Tuple[Plac
                       (_text(keys, key, "flashlex.thing.keys") for key in ("rootCA", "cert", "privateKey"))
                       if name)
     stop = _mapping(app, "supervisor").get("stopTimeoutSeconds")
-    places = Places(data_dir=_text(db, "dataPath", "flashlex.app.db") or DEFAULT_DATA_DIR,
-                    socket_path=_text(socket, "path", "flashlex.app.socket") or DEFAULT_SOCKET,
+    places = Places(data_dir=_absolute(db, "dataPath", "flashlex.app.db") or DEFAULT_DATA_DIR,
+                    socket_path=_absolute(socket, "path", "flashlex.app.socket") or DEFAULT_SOCKET,
                     socket_group=_text(socket, "group", "flashlex.app.socket"),
                     allow_uids=tuple(uids), key_files=key_files,
                     # a bad value is the config's to refuse, at the start
@@ -92,6 +90,15 @@ def _text(section: Dict[str, Any], key: str, path: str) -> Optional[str]:
     if value is not None and not isinstance(value, (str, int)):
         raise ConfigError(f"{path}.{key}: expected a string, got {type(value).__name__}")
     return None if value is None else str(value)
+
+
+def _absolute(section: Dict[str, Any], key: str, path: str) -> Optional[str]:
+    """A path key, absolute as `run` wants it: a relative one (or a number) rendered a unit
+    whose ReadWritePaths= named another place, or one systemd refuses, where `run` exits 2."""
+    value = _text(section, key, path)
+    if value is not None and not os.path.isabs(value):
+        raise ConfigError(f"{path}.{key}: must be an absolute path, got {value!r}")
+    return value
 
 
 def _under(path: str, base: str) -> Optional[str]:

@@ -157,3 +157,12 @@ def test_the_permission_hint_names_the_socket_group_or_how_to_set_one() -> None:
         for name in os.listdir(directory):
             os.unlink(os.path.join(directory, name))
         os.rmdir(directory)
+
+
+def test_the_key_check_run_by_hand_without_files_says_its_usage() -> None:
+    """README names `python -m flashlexd.credentials`; run without its three files it printed a
+    traceback (found by review)."""
+    ran = subprocess.run([sys.executable, "-m", "flashlexd.credentials"], capture_output=True,
+                         text=True, timeout=30)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (
+        2, "usage: python -m flashlexd.credentials ROOT_CA CERT KEY\n", "")

@@ -254,6 +254,11 @@ def test_unit_lets_the_daemon_read_key_files_named_anywhere(tmp_path):
      " /run/flashlexd/flashlexd.sock): the unit cannot make /run writable"),
     ({"db": {"dataPath": "/var/lib"}},
      "flashlex.app.db.dataPath: /var/lib needs a directory of its own (e.g. /var/lib/flashlexd)"),
+    # `run` refuses these with exit 2; the unit rendered ReadWritePaths=-data, -5, or a socket
+    # dir under the current directory, exit 0 (found by review)
+    ({"db": {"dataPath": "data"}}, "flashlex.app.db.dataPath: must be an absolute path, got 'data'"),
+    ({"db": {"dataPath": 5}}, "flashlex.app.db.dataPath: must be an absolute path, got '5'"),
+    ({"socket": {"path": "run/x.sock"}}, "flashlex.app.socket.path: must be an absolute path, got 'run/x.sock'"),
 ])
 def test_unit_refuses_a_socket_or_data_dir_that_is_a_system_directory(tmp_path, app, said):
     """A socket directly in /run made the unit write `ReadWritePaths=-/run`: all of /run
@@ -261,6 +266,16 @@ def test_unit_refuses_a_socket_or_data_dir_that_is_a_system_directory(tmp_path, 
     rendered = _render(tmp_path, app)
     assert rendered.returncode == 2 and rendered.stdout == ""
     assert rendered.stderr == f"flashlexd: {said}\n"
+
+
+def test_unit_refuses_a_config_with_yaml_anchors_as_run_does(tmp_path):
+    """`run` refuses anchors and aliases (exit 2); `service` rendered such a config, exit 0
+    (found by review)."""
+    config = tmp_path / "config.yml"
+    config.write_text("flashlex:\n  app:\n    db: &where {dataPath: /var/lib/fx}\n    other: *where\n")
+    rendered = service("--dir", "/opt/fx", "--config", str(config), "--user", "root")
+    assert rendered.returncode == 2 and rendered.stdout == ""
+    assert "anchor" in rendered.stderr and len(rendered.stderr.splitlines()) == 1, rendered.stderr
 
 
 @pytest.mark.parametrize("app, holds", [

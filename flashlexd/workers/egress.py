@@ -502,7 +502,8 @@ class EgressWorker(Worker):
             inflight=len(self.inflight), send_rate=round(self.send_rate, 1), rate_limit=self.rate_limit,
             eta_s=round(backlog / drain_rate, 1) if backlog and drain_rate else (0.0 if not backlog else None),
             drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
-            oldest_inflight_age=None if oldest is None else round(now - oldest, 3),
+            # an entry sent after `now` was read: 0, not -0.001
+            oldest_inflight_age=None if oldest is None else max(0.0, round(now - oldest, 3)),
             one_at_a_time=self.poison.single)
 
 
