@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from typing import List, Optional
 
@@ -85,9 +84,8 @@ def _hold_hangups() -> List[int]:
     """Until the supervisor installs its handlers, a SIGHUP's default action would end the
     daemon without a word: note it instead, for the supervisor to reload once it runs. A
     Python handler, not SIG_IGN, so that what start-up execs (the key check) gets the default."""
-    hangups: List[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
-    return hangups
+    from flashlexd import hangups  # installed already when started by `python -m` or the script
+    return hangups.hold()
 
 
 def run(args: argparse.Namespace) -> int:

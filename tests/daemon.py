@@ -58,7 +58,8 @@ class Daemon:
 
     def __init__(self, config: Path, workdir: Path, env: Optional[Dict[str, str]] = None,
                  args: Tuple[str, ...] = (), preexec: Optional[Callable[[], None]] = None,
-                 python: Optional[str] = None, cwd: Optional[Path] = None):
+                 python: Optional[str] = None, cwd: Optional[Path] = None,
+                 launcher: Optional[List[str]] = None):
         self.config = config
         self.socket_path = workdir / "flashlexd.sock"
         self.log_path = workdir / "daemon.log"
@@ -67,13 +68,14 @@ class Daemon:
         self.preexec = preexec  # run in the child before exec (e.g. to lower its limits)
         self.python = python  # another install's interpreter (bench/bench_wear.py, bench_memory.py)
         self.cwd = cwd  # `python -m` puts the working directory first on sys.path
+        self.launcher = launcher  # what runs `flashlexd` (default: `python -m flashlexd`)
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Daemon":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [self.python or sys.executable, "-m", "flashlexd", "run", "--config", str(self.config),
+            [*(self.launcher or [self.python or sys.executable, "-m", "flashlexd"]), "run", "--config", str(self.config),
              "--socket", str(self.socket_path), *self.args],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=self.preexec,

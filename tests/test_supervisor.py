@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -15,7 +16,7 @@ from flashlexd.client import connect
 from flashlexd.notify import START_EXTENSION, Notifier
 from flashlexd.store import Incoming, Store
 from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
-from tests.daemon import Daemon, NotifyListener
+from tests.daemon import Daemon, NotifyListener, default_sigint
 from tests.broker import wait_for
 
 WATCHDOG_USEC = 600_000  # pings expected every 0.3 s
@@ -169,6 +170,54 @@ def test_a_sighup_while_the_daemon_starts_reloads_once_it_runs(daemon_config, tm
         assert running.proc.poll() is None
     finally:
         running.stop()
+
+
+def _importing(pid: int) -> bool:
+    """flashlexd's imports are under way: a C extension the CLI's modules load is mapped."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return any(name in maps for name in ("msgpack/_cmsgpack", "yaml/_yaml", "lmdb/cpython"))
+
+
+def _console_script() -> List[str]:
+    """What the unit's ExecStart runs: setup.cfg's `flashlexd` entry point, called as pip's
+    generated script calls it (the venv's own script may predate an edit of setup.cfg)."""
+    setup = (Path(__file__).parent.parent / "setup.cfg").read_text().splitlines()
+    module, function = next(line.split("=", 1)[1].strip() for line in setup
+                            if line.strip().startswith("flashlexd =")).split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+
+
+@pytest.mark.parametrize("console_script", [False, True])
+def test_a_sighup_as_the_interpreter_starts_the_daemon_is_a_reload(daemon_config, tmp_path, notify,
+                                                                   console_script):
+    """SIGHUP was held only once `flashlexd.cli` and its imports had loaded (~0.5 s here,
+    seconds on a Pi): one sooner killed the daemon without a word, and systemd counts a death by
+    SIGHUP as a clean exit, so it stayed down (found by review). Held from the entry point now."""
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)},
+                     launcher=_console_script() if console_script else None).start()
+    try:
+        wait_for(lambda: _importing(running.pid), 15, "flashlexd's imports", interval=0.001)
+        running.signal(signal.SIGHUP)
+        wait_for(lambda: running.proc.poll() is not None or any(f == "READY=1" for _, f in notify.lines()),
+                 20, "READY=1 or the daemon's end")
+        assert running.proc.poll() is None, f"died of the SIGHUP (returncode {running.proc.poll()})"
+    finally:
+        running.stop()
+
+
+def test_ctrl_c_while_flashlexd_run_starts_is_a_stop_not_a_traceback(daemon_config, tmp_path):
+    """README: SIGINT stops gracefully, exit 0. A Ctrl-C during the imports and the config's
+    parsing printed a KeyboardInterrupt traceback and ended the daemon by the signal (found by
+    review)."""
+    running = Daemon(daemon_config, tmp_path, preexec=default_sigint).start()
+    try:
+        wait_for(lambda: _importing(running.pid), 15, "flashlexd's imports", interval=0.001)
+        running.signal(signal.SIGINT)
+        rc = running.wait_exit(20)
+    finally:
+        running.stop()
+    assert "Traceback" not in running.output(), running.output()[-2000:]
+    assert rc == 0
 
 
 def edit_config(path: Path, change) -> None:

@@ -1,0 +1,40 @@
+"""SIGHUP held from the first line `flashlexd run` executes (kept free of imports: every module
+imported before this runs widens the window in which SIGHUP's default action ends the daemon
+without a word, and systemd counts a death by SIGHUP as a clean exit, so it does not restart it).
+The supervisor reloads once for what was held (cli.run hands it this list)."""
+from __future__ import annotations
+
+import signal
+import sys
+
+HELD: list[int] = []  # one entry per SIGHUP received before the supervisor's own handler
+_installed = False
+
+
+def hold() -> list[int]:
+    """Note SIGHUPs instead of dying of them (a Python handler, not SIG_IGN, so that what
+    start-up execs gets the default); idempotent. Returns the list they are noted in."""
+    global _installed
+    if not _installed:
+        signal.signal(signal.SIGHUP, lambda signum, frame: HELD.append(signum))
+        _installed = True
+    return HELD
+
+
+def main() -> int:
+    """The `flashlexd` command (`python -m flashlexd` and the console script): hold SIGHUP for
+    `run` before importing the CLI."""
+    running = "run" in sys.argv[1:]
+    if running:
+        hold()
+    try:
+        from flashlexd.cli import main as cli_main
+        return cli_main()
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor's handlers, or during another command
+        print("flashlexd: interrupted" + ("; stopped before it was ready" if running else ""),
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # a KeyboardInterrupt that passed through an import makes the interpreter end itself by
+        # SIGINT at exit whatever is returned; nothing of the daemon runs yet that needs atexit
+        import os
+        os._exit(0 if running else 130)
