@@ -28,7 +28,8 @@ class ProtocolError(FlashlexError):
 
 
 class RpcTimeout(FlashlexError):
-    """The daemon did not answer in time; the connection is dropped and remade on next use."""
+    """The daemon did not answer in time; the connection is dropped and remade on next use. The
+    request was sent: a daemon that was only stalled may still carry it out (queue a publish)."""
 
 
 class RpcError(FlashlexError):
