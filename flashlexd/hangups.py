@@ -21,10 +21,17 @@ def hold() -> list[int]:
     return HELD
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand: the first word that is not an option (the top level's only options,
+    -h and --version, take no value). `"run" in argv` also matched an option's value
+    (`flashlexd store recover --to run`, `check --config run`)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main() -> int:
     """The `flashlexd` command (`python -m flashlexd` and the console script): hold SIGHUP for
     `run` before importing the CLI."""
-    running = "run" in sys.argv[1:]
+    running = _command(sys.argv[1:]) == "run"
     if running:
         hold()
     try:
@@ -33,8 +40,17 @@ def main() -> int:
     except KeyboardInterrupt:  # Ctrl-C before the supervisor's handlers, or during another command
         print("flashlexd: interrupted" + ("; stopped before it was ready" if running else ""),
               file=sys.stderr, flush=True)
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError, AttributeError):  # a reader gone, stdout closed or None
+            pass
         # a KeyboardInterrupt that passed through an import makes the interpreter end itself by
         # SIGINT at exit whatever is returned; nothing of the daemon runs yet that needs atexit
         import os
-        os._exit(0 if running else 130)
+        if running:
+            os._exit(0)  # README: SIGINT stops `run` gracefully, exit 0
+        # any other command dies of the SIGINT, as before, so that a shell script running it
+        # stops too (bash goes on with its next command when its child merely exits 130)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        os._exit(130)  # SIGINT blocked: the shell's convention

@@ -1,0 +1,50 @@
+"""flashlexd/hangups.py, the `flashlexd` command's entry: which command is `run`, and what a
+Ctrl-C before the CLI runs does to the others."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flashlexd.hangups import _command
+from tests.daemon import default_sigint
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["run", "--config", "c.yml"], "run"),
+    (["store", "recover", "--data-dir", "/d", "--to", "run"], "store"),
+    (["check", "--config", "run"], "check"),
+    (["service", "--dir", "/opt/fx", "--user", "run"], "service"),
+    (["--version"], None),
+    ([], None),
+])
+def test_only_the_run_command_is_run(argv, command):
+    """`"run" in argv` matched an option's value: `store recover --to run` held SIGHUP and a
+    Ctrl-C said "stopped before it was ready", exit 0 (found by review)."""
+    assert _command(argv) == command
+
+
+def _importing(pid: int) -> bool:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return any(name in maps for name in ("msgpack/_cmsgpack", "yaml/_yaml", "lmdb/cpython"))
+
+
+@pytest.mark.parametrize("argv", [["store", "verify", "--data-dir", "/nonexistent"],
+                                  ["store", "recover", "--data-dir", "/nonexistent", "--to", "run"]])
+def test_ctrl_c_during_another_command_ends_it_by_sigint(argv):
+    """A shell script goes on with its next command when its child exits 130, and stops when
+    the child dies of SIGINT, as it did before hangups.py: so the others still die of it, after
+    one line instead of a traceback; never exit 0."""
+    ran = subprocess.Popen([sys.executable, "-m", "flashlexd", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    deadline = time.monotonic() + 15
+    while not _importing(ran.pid) and ran.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    ran.send_signal(signal.SIGINT)
+    _out, err = ran.communicate(timeout=30)
+    assert ran.returncode == -signal.SIGINT, err
+    assert "Traceback" not in err and "stopped before it was ready" not in err, err
