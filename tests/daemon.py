@@ -53,6 +53,13 @@ class NotifyListener:
         self.sock.close()
 
 
+def importing(pid: int) -> bool:
+    """flashlexd's imports are under way in `pid`: a C extension the CLI's modules load is mapped
+    (what the entry point does before them is what tests of start-up signals aim at)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return any(name in maps for name in ("msgpack/_cmsgpack", "yaml/_yaml", "lmdb/cpython"))
+
+
 class Daemon:
     """The daemon as a child process in its own session, always stopped by PID."""
 

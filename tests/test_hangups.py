@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flashlexd.hangups import _command
-from tests.daemon import default_sigint
+from tests.daemon import default_sigint, importing
 
 
 @pytest.mark.parametrize("argv, command", [
@@ -28,11 +28,6 @@ def test_only_the_run_command_is_run(argv, command):
     assert _command(argv) == command
 
 
-def _importing(pid: int) -> bool:
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    return any(name in maps for name in ("msgpack/_cmsgpack", "yaml/_yaml", "lmdb/cpython"))
-
-
 @pytest.mark.parametrize("argv", [["store", "verify", "--data-dir", "/nonexistent"],
                                   ["store", "recover", "--data-dir", "/nonexistent", "--to", "run"]])
 def test_ctrl_c_during_another_command_ends_it_by_sigint(argv):
@@ -42,7 +37,7 @@ def test_ctrl_c_during_another_command_ends_it_by_sigint(argv):
     ran = subprocess.Popen([sys.executable, "-m", "flashlexd", *argv], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 15
-    while not _importing(ran.pid) and ran.poll() is None and time.monotonic() < deadline:
+    while not importing(ran.pid) and ran.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     ran.send_signal(signal.SIGINT)
     _out, err = ran.communicate(timeout=30)

@@ -16,7 +16,7 @@ from flashlexd.client import connect
 from flashlexd.notify import START_EXTENSION, Notifier
 from flashlexd.store import Incoming, Store
 from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
-from tests.daemon import Daemon, NotifyListener, default_sigint
+from tests.daemon import Daemon, NotifyListener, default_sigint, importing
 from tests.broker import wait_for
 
 WATCHDOG_USEC = 600_000  # pings expected every 0.3 s
@@ -172,12 +172,6 @@ def test_a_sighup_while_the_daemon_starts_reloads_once_it_runs(daemon_config, tm
         running.stop()
 
 
-def _importing(pid: int) -> bool:
-    """flashlexd's imports are under way: a C extension the CLI's modules load is mapped."""
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    return any(name in maps for name in ("msgpack/_cmsgpack", "yaml/_yaml", "lmdb/cpython"))
-
-
 def _console_script() -> List[str]:
     """What the unit's ExecStart runs: setup.cfg's `flashlexd` entry point, called as pip's
     generated script calls it (the venv's own script may predate an edit of setup.cfg)."""
@@ -196,7 +190,7 @@ def test_a_sighup_as_the_interpreter_starts_the_daemon_is_a_reload(daemon_config
     running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)},
                      launcher=_console_script() if console_script else None).start()
     try:
-        wait_for(lambda: _importing(running.pid), 15, "flashlexd's imports", interval=0.001)
+        wait_for(lambda: importing(running.pid), 15, "flashlexd's imports", interval=0.001)
         running.signal(signal.SIGHUP)
         wait_for(lambda: running.proc.poll() is not None or any(f == "READY=1" for _, f in notify.lines()),
                  20, "READY=1 or the daemon's end")
@@ -211,7 +205,7 @@ def test_ctrl_c_while_flashlexd_run_starts_is_a_stop_not_a_traceback(daemon_conf
     review)."""
     running = Daemon(daemon_config, tmp_path, preexec=default_sigint).start()
     try:
-        wait_for(lambda: _importing(running.pid), 15, "flashlexd's imports", interval=0.001)
+        wait_for(lambda: importing(running.pid), 15, "flashlexd's imports", interval=0.001)
         running.signal(signal.SIGINT)
         rc = running.wait_exit(20)
     finally:
