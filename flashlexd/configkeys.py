@@ -266,7 +266,8 @@ TABLE: Tuple[Key, ...] = (
         maximum_why=" (the MQTT limit)"),
     Key(f"{_BACKOFF}.baseReconnectQuietTimeSecond", "seconds", 1.0,
         "reconnect backoff: the first delay, doubling up to `maxReconnectQuietTimeSecond`; plus"
-        " jitter, never more than one CONNECT per second", LINKS),
+        " jitter, never more than one CONNECT per second per client id, a worker replaced after"
+        " a crash included (AWS IoT Core's limit)", LINKS),
     Key(f"{_BACKOFF}.maxReconnectQuietTimeSecond", "seconds", 32.0,
         "reconnect backoff cap (>= `baseReconnectQuietTimeSecond`)", LINKS),
     Key(f"{_BACKOFF}.stableConnectionTimeSecond", "seconds", 20.0,

@@ -46,7 +46,7 @@ MAX_PACKETS_PER_PASS = 1024
 # to back. Short, because an egress publishing steadily has a PUBACK in any wider window, and a
 # clone's kicks, landing at random, would never be counted
 PUBACK_THEN_CLOSE_SECONDS = 0.1
-QUICK_DROPS = 3  # drops by the broker in a row, each soon after CONNACK: a client-id conflict?
+QUICK_DROPS = 3  # drops by the broker soon after CONNACK, none of ours the cause: a client-id conflict?
 # MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
 # doing: Server busy, Server shutting down, Keep alive timeout, Session taken over,
 # Administrative action, Use another server, Server moved, Connection rate exceeded,
@@ -86,13 +86,17 @@ class Connection:
                  clock: Callable[[], float] = time.monotonic, fresh_client: bool = False,
                  track_session: bool = False, session_seen_at: Optional[float] = None,
                  clean_start: bool = False, on_build: Optional[Callable[[paho.Client], None]] = None,
-                 fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None):
+                 fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None,
+                 last_connect_at: Optional[float] = None,
+                 on_connect_sent: Optional[Callable[[], None]] = None):
         """`track_session`: warn when the broker loses this client id's persistent session
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
         earlier process last had the link up (the store remembers it), so a session lost while
-        no process ran is reported too, and a worker replaced moments after it connected does
-        not CONNECT again within MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per client id).
+        no process ran is reported too. `last_connect_at`: when (wall clock) an earlier process
+        last sent a CONNECT, so a worker replaced moments after does not CONNECT again within
+        MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per client id); `on_connect_sent()` is
+        called before each CONNECT goes out, to note it for the next process.
         `clean_start`: MQTT 5 Clean Start on the first CONNECT (the store's very first
         connection), never after one succeeded. `on_build(client)` sets
         up each paho client built (a protocol fallback or the end of clean start builds anew).
@@ -117,8 +121,9 @@ class Connection:
         self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
         self.watch = LinkWatch(mqtt.keepalive, mqtt.operation_timeout, clock)
         self.backoff = ReconnectBackoff(mqtt.backoff, clock)
-        if session_seen_at is not None:
-            self.backoff.connected_elsewhere(time.time() - session_seen_at)
+        if last_connect_at is not None:
+            self.backoff.connected_elsewhere(time.time() - last_connect_at)
+        self.on_connect_sent = on_connect_sent
         self.client = self._build()
         self.dialer: Optional[Dialer] = None
         self.connected = False
@@ -397,6 +402,8 @@ class Connection:
         deadline, self.dialer = self.dialer.deadline, None
         self.client.dialed = sock  # type: ignore[attr-defined]
         self._connack_due = deadline  # set first: CONNECT may already fail inside
+        if self.on_connect_sent is not None:
+            self.on_connect_sent()  # first: a process replacing this one keeps the pace
         try:
             self.client.reconnect()  # takes the socket, writes CONNECT
         except (OSError, ssl.CertificateError, ValueError) as exc:
@@ -552,8 +559,7 @@ class Connection:
         if dead is not None:
             self._quick_drops = 0
             return f"connection to {where} closed: {dead}"
-        if not before_connack and self._entry_fault():
-            self._quick_drops = 0
+        if not before_connack and self._entry_fault():  # a clone's kick looks the same: not counted
             return f"connection to {where} closed by the broker with one entry in flight (refused?)"
         if before_connack and (exc is None or isinstance(exc, _ABRUPT_CLOSE)):
             # With TLS 1.3 the broker checks our certificate after our side of the handshake
@@ -571,12 +577,17 @@ class Connection:
         if exc is not None:
             return describe_error(exc, self.thing, self.timeout)
         lived = self.clock() - (self._up_since or 0.0)
-        quick = (lived < self.backoff.policy.stable_seconds and not self.watch.pending("PUBACK")
-                 and not self._just_refused())
-        self._quick_drops = self._quick_drops + 1 if quick else 0
+        if lived >= self.backoff.policy.stable_seconds:
+            self._quick_drops = 0
+        elif not self.watch.pending("PUBACK") and not self._just_refused():
+            self._quick_drops += 1
+        # else our publish may have been the cause: not counted, and not a reason to forget
+        # the quick drops before it (a clone of a device that publishes steadily kicks it
+        # with a PUBACK pending as often as not)
         if self._quick_drops >= QUICK_DROPS:
-            return (f"connection to {where} closed by the broker {self._quick_drops} times in a row"
-                    f" soon after CONNACK: another client is using client id {self.client_id!r}?")
+            return (f"connection to {where} closed by the broker {self._quick_drops} times soon"
+                    f" after CONNACK with no cause of ours: another client is using client id"
+                    f" {self.client_id!r}?")
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
 
     def _just_refused(self) -> bool:

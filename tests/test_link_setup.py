@@ -21,7 +21,7 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 
 from flashlexd.dialer import Dialer
-from tests.broker import HOST, Broker, Certs, wait_for
+from tests.broker import HOST, Broker, Certs, open_store, wait_for, write_config
 from tests.daemon import Daemon
 from tests.lax_broker import TlsTestBroker, mqtt_packet
 from tests.test_mqtt_connection import probe, server_context
@@ -194,6 +194,42 @@ def test_a_replaced_worker_does_not_connect_again_within_a_second(daemon_config:
         running.stop()
     (first, pid1), (second, pid2) = connects()
     assert pid1 != pid2 and (second - first).total_seconds() >= 1.0, (first, second)
+
+
+class SilentBroker(TlsTestBroker):
+    """Reads every CONNECT (noting when it came) and never answers: a link cut at any moment
+    between our CONNECT and the broker's answer."""
+
+    def __init__(self, certs: Certs):
+        self.connect_times: List[float] = []
+        super().__init__(certs)
+
+    def answer(self, tls: ssl.SSLSocket, first: int, body: bytes, number: Optional[int]) -> bool:
+        if first >> 4 == 1:
+            self.connect_times.append(time.monotonic())
+        return True
+
+
+@pytest.mark.parametrize("worker", ["ingress", "egress"])
+def test_a_worker_killed_before_its_connack_is_replaced_a_second_after_its_connect(
+        broker: Broker, certs: Certs, tmp_path: Path, start_worker, worker: str) -> None:
+    """The pace lived in a mark noted once the link was up: a worker that died between its
+    CONNECT and that (a crash, a hang killed) left none, and its replacement CONNECTed again at
+    once, against AWS IoT Core's one CONNECT a second per client id."""
+    silent = SilentBroker(certs)
+    try:
+        config = write_config(tmp_path / "etc", broker, port=silent.port)
+        open_store(config).close()
+        dying = start_worker(worker, config)
+        wait_for(lambda: len(silent.connect_times) == 1, 20, "the first CONNECT")
+        dying.kill()  # SIGKILL while it waits for the CONNACK
+        start_worker(worker, config)
+        wait_for(lambda: len(silent.connect_times) == 2, 20, "the replacement's CONNECT")
+    finally:
+        silent.close()
+    first, second = silent.connect_times
+    # noted just before it went out: a few ms of that, and none of the replacement's start-up
+    assert second - first >= 0.95, second - first
 
 
 ADDRESSES, SLOW_TIMEOUT = 8, 4.0  # a share of 0.5 s each: below the first SYN retransmit (1 s)

@@ -5,10 +5,13 @@
 - A broker without MQTT 5, remembered for the rest of the daemon's run. With `thing.mqtt.protocol: auto` each link probes MQTT 5 first. A worker that had to fall back
 to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
 on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
-The supervisor forgets these notes when the daemon starts (`Store.forget_fallbacks`)."""
+The supervisor forgets these notes when the daemon starts (`Store.forget_fallbacks`).
+- When a CONNECT as this client id last went out: a worker replaced right after its
+  predecessor sent one waits out the rest of AWS IoT Core's second per CONNECT."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, NamedTuple, Optional
 
 from flashlexd.store import Store, StoreError
@@ -47,4 +50,34 @@ def noting_fallback(store: Store, client_id: str) -> Callable[[], None]:
             store.note_fallback(client_id)
         except StoreError as exc:
             log.warning("cannot remember that the broker lacks MQTT 5: %s", exc)
+    return note
+
+
+def last_connect(store: Store, client_id: str, session_seen_at: Optional[float]) -> Optional[float]:
+    """When a CONNECT as `client_id` last went out, as far as the store tells (a store of an
+    earlier version noted only the links that came up: `session_seen_at`)."""
+    try:
+        sent = store.connect_sent(client_id)
+    except StoreError as exc:  # damage is logged by the store; the link's mark still counts
+        log.debug("no record of an earlier CONNECT: %s", exc)
+        sent = None
+    marks = [at for at in (sent, session_seen_at) if at is not None]
+    return max(marks) if marks else None
+
+
+def noting_connects(store: Store, client_id: str) -> Callable[[], None]:
+    """The Connection's `on_connect_sent` for `client_id`: one warning while the store refuses
+    (it says why itself), not one per attempt."""
+    refusing = False
+
+    def note() -> None:
+        nonlocal refusing
+        try:
+            store.note_connect(client_id, time.time())
+            refusing = False
+        except StoreError as exc:
+            if not refusing:
+                log.warning("cannot note our CONNECT: a replaced worker may connect again within"
+                            " a second: %s", exc)
+            refusing = True
     return note
