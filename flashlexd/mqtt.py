@@ -427,8 +427,9 @@ class Connection:
         elif unacknowledged:
             self.throttled += 1
             self._dead_reason = (f"{unacknowledged} publishes to {where} not acknowledged within"
-                                 f" {self.watch.operation_timeout:g}s (throttled over a quota, or the"
-                                 f" broker froze); resending them on a new connection")
+                                 f" {self.watch.operation_timeout:g}s though the link is alive"
+                                 f" (throttled, or it took one it refuses: see poisonAttempts);"
+                                 f" resending them on a new connection")
         else:
             self._dead_reason = (f"no SUBACK/UNSUBACK from {where} within"
                                  f" {self.watch.operation_timeout:g}s")

@@ -11,7 +11,7 @@ import pytest
 from flashlexd.client import connect
 from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.store import Store
-from tests.broker import EGRESS_TOPIC, Broker, Certs, Proxy, Subscriber, open_store, wait_for, write_config
+from tests.broker import EGRESS_TOPIC, THING, Broker, Certs, Proxy, Subscriber, open_store, wait_for, write_config
 from tests.daemon import Daemon
 from tests.quota_proxy import QuotaProxy
 from tests.test_egress import assert_delivered_in_order
@@ -193,3 +193,34 @@ def test_a_link_cut_mid_upload_is_not_counted_as_poison(broker: Broker, tmp_path
         subscriber.stop()
     finally:
         proxy.close()
+
+
+def test_an_entry_over_rabbitmqs_max_message_size_is_dead_lettered_and_the_rest_delivered(
+        rabbitmq: Any, tmp_path: Path, start_worker) -> None:
+    """RabbitMQ 3.10 takes a publish over its max_message_size without a word: the channel
+    under the MQTT link dies, the socket stays open and answers pings, and nothing later on
+    that link is acknowledged. The egress's watch closed each such link for its missing
+    PUBACKs and resent the entry first on the next, for good: the whole outbox stuck behind
+    one entry (found by review). Such closes now go to the poison search too."""
+    rabbitmq.forget([f"{THING}-egress", "test-sub"])
+    limit = 65_536
+    default = rabbitmq.ctl("eval", "application:get_env(rabbit, max_message_size).").strip()
+    rabbitmq.ctl("eval", f"application:set_env(rabbit, max_message_size, {limit}).")  # new channels
+    try:
+        subscriber = Subscriber(rabbitmq, EGRESS_TOPIC, tmp_path / "received").start()
+        config = write_config(tmp_path / "config", rabbitmq,
+                              mqtt={"poisonAttempts": 2, "mqttOperationTimeout": 2})
+        store = open_store(config)
+        sent = queue(store, 40, 20, EGRESS_TOPIC, b"x" * (limit + 1000))
+        poison_id = store.outbox_peek(limit=1, after=store.outbox_peek(limit=20)[-1].id)[0].id
+        worker = start_worker("egress", config)
+        wait_for(lambda: store.outbox_count() == 0, 90, "the outbox empty")
+        # the channel died before it confirmed the entries ahead of the poison: each link resends them
+        assert_delivered_in_order(subscriber, sent, max_duplicates=2 * len(sent))
+        assert [(d.id, d.attempts) for d in store.dead_letters()] == [(poison_id, 2)]
+        assert "not acknowledged within 2s though the link is alive" in store.dead_letters()[0].reason
+        assert worker.stop() == 0
+        subscriber.stop()
+    finally:
+        value = default.split(",")[-1].strip(" {}") if default.startswith("{ok") else "134217728"
+        rabbitmq.ctl("eval", f"application:set_env(rabbit, max_message_size, {value}).")

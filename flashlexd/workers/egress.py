@@ -270,9 +270,12 @@ class EgressWorker(Worker):
             attempts = self.poison.attempts
             self._dead_letter(skipped, f"the broker acknowledged later publishes but never this one,"
                               f" on {attempts} connections in a row", attempts)
-        # only a link the broker closed itself can be an entry's fault: one we closed because it
-        # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
-        if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
+        # a link the broker closed itself can be an entry's fault, and so can one that kept
+        # answering our pings but stopped acknowledging publishes: RabbitMQ takes a publish over
+        # its max_message_size so, and processes nothing after it on that link (over a quota,
+        # AWS acknowledges the later ones: OVERTAKEN, above). One that went silent says nothing
+        if self.connection.last_verdict in (None, Verdict.UNACKNOWLEDGED) \
+                and not self.connection.closed_for_other_cause:
             self.drop_to_judge = _Drop(sent, self.acked_on_link > 0, error, self.connection.attempts,
                                        self.connection.cut_mid_upload)
         self._delete_done()  # so acknowledged entries are not sent again
