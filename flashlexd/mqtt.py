@@ -87,16 +87,16 @@ class Connection:
                  track_session: bool = False, session_seen_at: Optional[float] = None,
                  clean_start: bool = False, on_build: Optional[Callable[[paho.Client], None]] = None,
                  fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None,
-                 last_connect_at: Optional[float] = None,
+                 connected_ago: Optional[float] = None,
                  on_connect_sent: Optional[Callable[[], None]] = None):
         """`track_session`: warn when the broker loses this client id's persistent session
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
         earlier process last had the link up (the store remembers it), so a session lost while
-        no process ran is reported too. `last_connect_at`: when (wall clock) an earlier process
-        last sent a CONNECT, so a worker replaced moments after does not CONNECT again within
-        MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per client id); `on_connect_sent()` is
-        called before each CONNECT goes out, to note it for the next process.
+        no process ran is reported too. `connected_ago`: seconds since an earlier process last
+        sent a CONNECT as this client id, so a worker replaced moments after does not CONNECT
+        again within MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per client id);
+        `on_connect_sent()` is called before each CONNECT goes out, to note it for the next.
         `clean_start`: MQTT 5 Clean Start on the first CONNECT (the store's very first
         connection), never after one succeeded. `on_build(client)` sets
         up each paho client built (a protocol fallback or the end of clean start builds anew).
@@ -121,8 +121,8 @@ class Connection:
         self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
         self.watch = LinkWatch(mqtt.keepalive, mqtt.operation_timeout, clock)
         self.backoff = ReconnectBackoff(mqtt.backoff, clock)
-        if last_connect_at is not None:
-            self.backoff.connected_elsewhere(time.time() - last_connect_at)
+        if connected_ago is not None:
+            self.backoff.connected_elsewhere(connected_ago)
         self.on_connect_sent = on_connect_sent
         self.client = self._build()
         self.dialer: Optional[Dialer] = None
@@ -372,8 +372,8 @@ class Connection:
     # -- attempts, paho callbacks -----------------------------------------------------------------
 
     def _attempt(self) -> None:
-        self.backoff.attempted()
         self.attempts += 1
+        self._up_since = None  # until its CONNACK
         if self.fresh_client or self._rebuild:
             self._rebuild = False
             self.client = self._build()
@@ -402,6 +402,8 @@ class Connection:
         deadline, self.dialer = self.dialer.deadline, None
         self.client.dialed = sock  # type: ignore[attr-defined]
         self._connack_due = deadline  # set first: CONNECT may already fail inside
+        self.backoff.attempted()  # the second to the next CONNECT counts from here, not from
+        # the start of the dial (a slow name lookup or handshake must not shorten it)
         if self.on_connect_sent is not None:
             self.on_connect_sent()  # first: a process replacing this one keeps the pace
         try:
@@ -586,9 +588,9 @@ class Connection:
         # the quick drops before it (a clone of a device that publishes steadily kicks it
         # with a PUBACK pending as often as not)
         if self._quick_drops >= QUICK_DROPS:
-            return (f"connection to {where} closed by the broker {self._quick_drops} times soon"
-                    f" after CONNACK with no cause of ours: another client is using client id"
-                    f" {self.client_id!r}?")
+            return (f"connection to {where} closed {self._quick_drops} times soon after CONNACK"
+                    f" with nothing of ours in flight: another client is using client id"
+                    f" {self.client_id!r}? (or the network cuts links)")
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
 
     def _just_refused(self) -> bool:
@@ -630,6 +632,8 @@ class Connection:
         """`retry_in`: retry sooner than the backoff says (a clock waiting for time sync)."""
         if self.choice.failed():  # 3.1.1 failed as well: the protocol was not the problem
             self._rebuild = True
+        if self._up_since is None:  # an attempt that failed: the path or the broker is in
+            self._quick_drops = 0   # trouble, and a clone's kicks come after a CONNACK
         self.connected = False
         self.backoff.lost(broker_fault=not entry_fault)
         if retry_in is not None:

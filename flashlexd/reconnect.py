@@ -40,6 +40,8 @@ class ReconnectBackoff:
         return max(0.0, self.due_at - self.clock())
 
     def attempted(self) -> None:
+        """A CONNECT goes out now (after the name lookup and the handshake: a dial that fails
+        before it sent none, and AWS IoT Core counts CONNECTs)."""
         now = self.clock()
         self.last_attempt = now
         self.due_at = now + MIN_CONNECT_INTERVAL  # until told how it went

@@ -63,7 +63,6 @@ from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull,
 from flashlexd.topics import topic_matches
 
 _SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
-_CONNECT = b"connect:"  # meta: + client id -> when a CONNECT of it last went out (wall clock)
 _FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
@@ -266,26 +265,13 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         """When (wall clock) a link of `client_id` was last up on a persistent session, or None.
         It tells a new process (after a restart or a power cut) that the broker held a session
         for us, so a session it lost meanwhile is reported, not passed over in silence."""
-        return self._wall_mark(_SESSION + client_id.encode())
+        with self._read() as txn:
+            raw = txn.get(_SESSION + client_id.encode(), db=self._meta)
+            return _WALL.unpack(raw)[0] if raw is not None and len(raw) == _WALL.size else None
 
     @guarded
     def note_session(self, client_id: str, wall: float) -> None:
         self._write(lambda txn: txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta))
-
-    @guarded
-    def connect_sent(self, client_id: str) -> Optional[float]:
-        """When (wall clock) a process last sent a CONNECT as `client_id`, or None: a worker
-        replaced right after its predecessor's CONNECT keeps AWS IoT Core's one a second."""
-        return self._wall_mark(_CONNECT + client_id.encode())
-
-    @guarded
-    def note_connect(self, client_id: str, wall: float) -> None:
-        self._write(lambda txn: txn.put(_CONNECT + client_id.encode(), _WALL.pack(wall), db=self._meta))
-
-    def _wall_mark(self, key: bytes) -> Optional[float]:
-        with self._read() as txn:
-            raw = txn.get(key, db=self._meta)
-            return _WALL.unpack(raw)[0] if raw is not None and len(raw) == _WALL.size else None
 
     @guarded
     def session_topics(self, client_id: str) -> List[str]:

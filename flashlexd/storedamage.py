@@ -21,7 +21,7 @@ DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, l
                  lmdb.CursorFullError, lmdb.IncompatibleError, lmdb.BadDbiError, lmdb.BadTxnError)
 WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "note_clock", "outbox_append",
                     "outbox_append_each", "outbox_remove", "outbox_drop", "outbox_dead_letter",
-                    "dead_retry", "note_session", "note_connect", "note_queued_online", "note_link_up", "note_session_topics",
+                    "dead_retry", "note_session", "note_queued_online", "note_link_up", "note_session_topics",
                     "note_fallback", "forget_fallbacks",
                     "forget_unconfirmed", "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset_step",
                     "consumer_remove_step", "consumer_trim_step", "consumer_catch_up_step",

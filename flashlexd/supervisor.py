@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
-from flashlexd import credentials, fds, forkworker, paths
+from flashlexd import connectpace, credentials, fds, forkworker, paths
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.consumerkeeper import ConsumerKeeper
@@ -130,6 +130,7 @@ class Supervisor:
         limit = fds.raise_open_files_limit()  # before anything is opened; workers inherit it
         log.debug("open files limit %d", limit)
         forkworker.preload()  # then the fork server: before the store is opened (see forkserver)
+        connectpace.share()  # before the fork server too: its workers inherit it
         self.forks = ForkServer(self.overrides.worker_maker())
         self._install_signals()
         self.config_file = ConfigFile(self.config.text)

@@ -49,7 +49,7 @@ from flashlexd.mqttv5 import QUOTA_EXCEEDED, V5, publish_packet_size, publish_pr
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
-from flashlexd.workers.linkmemory import (earlier_session, fell_back_before, last_connect,
+from flashlexd.workers.linkmemory import (connect_ago, earlier_session, fell_back_before,
                                           noting_connects, noting_fallback)
 from flashlexd.workers.poison import MID_UPLOAD_CUTS, PoisonWatch
 
@@ -89,8 +89,8 @@ class EgressWorker(Worker):
                                      clean_start=session.clean_start, session_seen_at=session.seen_at,
                                      fell_back=fell_back_before(self.store, mqtt.egress_client_id),
                                      on_fall_back=noting_fallback(self.store, mqtt.egress_client_id),
-                                     last_connect_at=last_connect(self.store, mqtt.egress_client_id, session.seen_at),
-                                     on_connect_sent=noting_connects(self.store, mqtt.egress_client_id))
+                                     connected_ago=connect_ago(self.name, session.seen_at),
+                                     on_connect_sent=noting_connects(self.name))
         self.window = mqtt.max_inflight
         self.bytes_limit = mqtt.publish_bytes_rate
         self.mean_size = 0.0  # of the entries sent lately: the byte limit's rate in entries/s

@@ -56,7 +56,7 @@ from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError,
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
-from flashlexd.workers.linkmemory import (earlier_session, fell_back_before, last_connect,
+from flashlexd.workers.linkmemory import (connect_ago, earlier_session, fell_back_before,
                                           noting_connects, noting_fallback)
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ class IngressWorker(Worker):
                                      clean_start=session.clean_start, on_build=self._set_up_client,
                                      fell_back=fell_back_before(self.store, client_id),
                                      on_fall_back=noting_fallback(self.store, client_id),
-                                     last_connect_at=last_connect(self.store, client_id, session.seen_at),
-                                     on_connect_sent=noting_connects(self.store, client_id))
+                                     connected_ago=connect_ago(self.name, session.seen_at),
+                                     on_connect_sent=noting_connects(self.name))
         self.dedupe = self.config.store.dedupe
         self.barrier = AckBarrier(self.connection, self.config.thing.mqtt.client_id)
         self.batch: List[_Pending] = []

@@ -1,4 +1,4 @@
-"""What a link's worker finds in the store from earlier worker processes.
+"""What a link's worker finds from earlier worker processes (in the store, or in memory).
 
 - Its broker session: when a link of this client id was last up on a persistent session. None
   means the store's first connection, the only one that asks for MQTT 5 Clean Start.
@@ -6,14 +6,16 @@
 to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
 on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
 The supervisor forgets these notes when the daemon starts (`Store.forget_fallbacks`).
-- When a CONNECT as this client id last went out: a worker replaced right after its
-  predecessor sent one waits out the rest of AWS IoT Core's second per CONNECT."""
+- When a CONNECT of this link last went out (`connectpace`, in shared memory, not the store):
+  a worker replaced right after its predecessor sent one waits out the rest of AWS IoT Core's
+  second per CONNECT."""
 from __future__ import annotations
 
 import logging
 import time
 from typing import Callable, NamedTuple, Optional
 
+from flashlexd import connectpace
 from flashlexd.store import Store, StoreError
 
 log = logging.getLogger("flashlexd")
@@ -53,31 +55,19 @@ def noting_fallback(store: Store, client_id: str) -> Callable[[], None]:
     return note
 
 
-def last_connect(store: Store, client_id: str, session_seen_at: Optional[float]) -> Optional[float]:
-    """When a CONNECT as `client_id` last went out, as far as the store tells (a store of an
-    earlier version noted only the links that came up: `session_seen_at`)."""
-    try:
-        sent = store.connect_sent(client_id)
-    except StoreError as exc:  # damage is logged by the store; the link's mark still counts
-        log.debug("no record of an earlier CONNECT: %s", exc)
-        sent = None
-    marks = [at for at in (sent, session_seen_at) if at is not None]
-    return max(marks) if marks else None
+def connect_ago(link: str, session_seen_at: Optional[float]) -> Optional[float]:
+    """Seconds since a CONNECT of `link` last went out, as far as is known: from an earlier
+    worker of this daemon (`connectpace`), or since the link was last up (the store's session
+    mark: a daemon started anew, a worker run on its own); None: not known."""
+    pace = connectpace.shared()
+    since = [] if pace is None else [pace.seconds_since(link)]
+    if session_seen_at is not None:
+        since.append(time.time() - session_seen_at)
+    known = [s for s in since if s is not None]
+    return min(known) if known else None
 
 
-def noting_connects(store: Store, client_id: str) -> Callable[[], None]:
-    """The Connection's `on_connect_sent` for `client_id`: one warning while the store refuses
-    (it says why itself), not one per attempt."""
-    refusing = False
-
-    def note() -> None:
-        nonlocal refusing
-        try:
-            store.note_connect(client_id, time.time())
-            refusing = False
-        except StoreError as exc:
-            if not refusing:
-                log.warning("cannot note our CONNECT: a replaced worker may connect again within"
-                            " a second: %s", exc)
-            refusing = True
-    return note
+def noting_connects(link: str) -> Optional[Callable[[], None]]:
+    """The Connection's `on_connect_sent` for `link`: stamped where its replacement will look."""
+    pace = connectpace.shared()
+    return None if pace is None else pace.noting(link)
