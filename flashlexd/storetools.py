@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import bisect
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import lmdb
 
-from flashlexd import __version__, ackjournal, redelivery, storecheck
+from flashlexd import __version__, ackjournal, paths, redelivery, storecheck
 from flashlexd.storecheck import DataFileDamaged, TreeReader
 from flashlexd.consumers import ConsumerState
 from flashlexd.store import Store, StoreError
@@ -50,6 +52,7 @@ COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received
 _ID = struct.Struct(">Q")
 ENTRIES = 6  # index of md_entries in an MDB_db
 UNKNOWN = -1  # records lost: the database's own record is unreadable
+PARTIAL = ".partial-"  # NEWDIR.partial-XXXX: the new store until it is whole
 
 
 _TIME = (int, float)
@@ -185,7 +188,8 @@ def _verify_records(reader: TreeReader, name: str, db: Tuple[int, ...]) -> int:
 def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
     """Copy what is readable from the store in `data_dir` into a new store in `to_dir`. A
     failure past the checks (unreadable source, a target that cannot be written or fills its
-    disk) is one line, and leaves `to_dir` empty so that the same command can be run again."""
+    disk) is one line, and leaves `to_dir` as it was (absent or empty) so that the same command
+    can be run again."""
     data_file = data_dir / "data.mdb"
     if not data_file.is_file():
         return False, [f"no store in {data_dir} (no data.mdb)"]
@@ -194,16 +198,50 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
             return False, [f"{to_dir} is not empty: recover writes a fresh store into a new directory"]
     except OSError as exc:  # a file, or a directory that cannot be listed
         return False, [f"{to_dir}: {exc.strerror}: recover writes a fresh store into a new directory"]
+    partial: Optional[Path] = None
     try:
-        ok, lines = _recover_into(data_file, to_dir, cap_bytes)
-        if ok and os.geteuid() == 0:  # only root can (and, under sudo, must) give it away
-            _give_to_owner_of(data_dir, to_dir)
-    except (OSError, lmdb.Error, StoreError) as exc:
+        lines = _clear_partials(to_dir)
+        partial = Path(tempfile.mkdtemp(prefix=to_dir.name + PARTIAL, dir=to_dir.parent))
+        ok, copy_lines = _recover_into(data_file, partial, to_dir, cap_bytes)
+        lines += copy_lines
+        if ok:
+            _put_in_place(data_dir, partial, to_dir)
+    except (OSError, lmdb.Error, StoreError, paths.UnsafePath) as exc:
         ok, lines = False, [f"cannot recover {data_dir} into {to_dir}: {exc}"]
-    if not ok and to_dir.is_dir():
-        for leftover in to_dir.iterdir():
-            leftover.unlink()
+    if not ok and partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
     return ok, lines
+
+
+def _clear_partials(to_dir: Path) -> List[str]:
+    """Remove the partial stores an earlier recover into `to_dir` left when it was cut off
+    (a kill, a power cut): never a store, and they would fill the disk the rerun needs."""
+    paths.make_dir(to_dir.parent, paths.PARENT_MODE)
+    lines = []
+    for leftover in sorted(to_dir.parent.glob(to_dir.name + PARTIAL + "*")):
+        shutil.rmtree(leftover)
+        lines.append(f"removed {leftover}: left by a recover that was cut off")
+    return lines
+
+
+def _put_in_place(data_dir: Path, partial: Path, to_dir: Path) -> None:
+    """The new store, whole (owner, files and names on disk), renamed to `to_dir` in one step:
+    a recover cut off before leaves `to_dir` absent or empty, never a store missing records or
+    its ack journal that `verify` would pass and the switch-over would put in place."""
+    if os.geteuid() == 0:  # only root can (and, under sudo, must) give it away
+        _give_to_owner_of(data_dir, partial)
+    for path in (*partial.iterdir(), partial):
+        _fsync(path)
+    os.rename(partial, to_dir)  # onto a missing or empty directory; `recover` checked which
+    _fsync(to_dir.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _give_to_owner_of(data_dir: Path, to_dir: Path) -> None:
@@ -217,8 +255,9 @@ def _give_to_owner_of(data_dir: Path, to_dir: Path) -> None:
             os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
 
 
-def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
-    """The copy itself: (written, lines); `recover` cleans `to_dir` when it was not written."""
+def _recover_into(data_file: Path, build_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
+    """The copy itself, into `build_dir`: (written, lines naming `to_dir`, the store's name once
+    whole); `recover` removes `build_dir` when it was not written."""
     with open(data_file, "rb") as data:
         metas = storecheck.readable_metas(data)
         if not metas:
@@ -234,13 +273,13 @@ def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, 
             return False, [newer]
         lines = [f"read meta page {meta.number} (transaction {meta.txnid})"]
         names = list(DATABASES) + sorted(set(databases) - set(DATABASES))  # others: as they are
-        Store(to_dir, cap_bytes).close()  # the fresh store: its databases and schema
+        Store(build_dir, cap_bytes).close()  # the fresh store: its databases and schema
         if reader.problems:  # the main tree is damaged: every database the schema makes may
-            names += sorted(set(_databases_of(to_dir)) - set(names))  # be behind it: each reported
+            names += sorted(set(_databases_of(build_dir)) - set(names))  # be behind it: each reported
         # room for all that was stored, even over a cap lowered since (the daemon then rejects
         # or drops, as for any store over its cap)
         room = max(cap_bytes, os.fstat(data.fileno()).st_size)
-        target = lmdb.open(str(to_dir), map_size=room + Store.headroom(room), max_dbs=len(names) + 4,
+        target = lmdb.open(str(build_dir), map_size=room + Store.headroom(room), max_dbs=len(names) + 4,
                            mode=0o600)
         copied: List[str] = []  # reported once committed: a commit refused copied nothing
         try:
@@ -251,12 +290,12 @@ def _recover_into(data_file: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, 
                 losses.append(copy.expiry(copied))
                 copy.fix_counters()
         except lmdb.Error as exc:  # a full disk in the daemon's words, not LMDB's EIO
-            cause = full_disk(str(exc), to_dir) or str(exc)
+            cause = full_disk(str(exc), build_dir) or str(exc)
             return False, lines + [f"cannot write the new store in {to_dir}: {cause}"]
         finally:
             target.close()
         lines += copied
-    lines += _copy_ack_journal(data_file.parent, to_dir)
+    lines += _copy_ack_journal(data_file.parent, build_dir)
     for problem in reader.problems[:10]:
         lines.append(f"skipped: {problem}")
     if len(reader.problems) > 10:

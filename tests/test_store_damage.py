@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 
 from flashlexd import storecheck, storetools
 from flashlexd.store import Incoming, Store, StoreDamaged
+from tests.broker import wait_for
 from tests.damage import CAP, build_store, garble_page, truncate, use_like_the_daemon
 from tests.test_config import make_keys, seed_bytes
 from tests.tmpfs import mounted_tmpfs
@@ -333,7 +335,7 @@ def test_recover_keeps_the_acks_the_journal_holds(tmp_path):
         store.close()
 
 
-def test_recover_that_cannot_write_the_journal_says_so_and_leaves_the_target_empty(
+def test_recover_that_cannot_write_the_journal_says_so_and_leaves_no_target(
         tmp_path, monkeypatch):
     """The disk filled while the ack journal was copied: recover printed a Traceback and left
     a half-written store that the next try refused ("is not empty")."""
@@ -353,13 +355,48 @@ def test_recover_that_cannot_write_the_journal_says_so_and_leaves_the_target_emp
         ok, lines = storetools.recover(old, tmp_path / "new", CAP)
     assert not ok and lines == [f"cannot recover {old} into {tmp_path / 'new'}: [Errno 28] No space"
                                 " left on device"], lines
-    assert list((tmp_path / "new").iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["store"]  # no new, no partial store
     ok, lines = storetools.recover(old, tmp_path / "new", CAP)  # the same command, once there is room
     assert ok and "acks.journal: copied" in " ".join(lines), lines
     (tmp_path / "a-file").write_text("")
     ok, lines = storetools.recover(old, tmp_path / "a-file", CAP)  # was NotADirectoryError's Traceback
     assert not ok and lines == [f"{tmp_path / 'a-file'}: Not a directory: recover writes a fresh"
                                 " store into a new directory"], lines
+
+
+def test_recover_cut_off_mid_copy_leaves_no_store_and_runs_again(tmp_path):
+    """`store recover` SIGKILLed mid-copy (a power cut, Ctrl-C) left NEW a complete, valid,
+    empty store: verify said clean, the rerun refused ("is not empty"), and README's `mv`
+    switched the daemon onto it, every message gone (found by review). NEW now appears only
+    whole; the rerun clears what the cut left and copies everything."""
+    source = tmp_path / "store"
+    store = Store(source, 512 << 20)
+    try:
+        for batch in range(120):
+            store.append([Incoming("t", b"x%07d" % (batch * 500 + i)) for i in range(500)])
+        stored = store.inbox_count()
+    finally:
+        store.close()
+    new = tmp_path / "new"
+    command = [sys.executable, "-m", "flashlexd", "store", "recover", "--data-dir", str(source), "--to", str(new)]
+    recovering = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: list(tmp_path.glob("new*/data.mdb")), 30, "the copy to begin", interval=0.002)
+    finally:
+        recovering.kill()
+        recovering.wait(timeout=10)
+    assert recovering.returncode == -signal.SIGKILL  # cut off, not finished
+    assert not new.exists() or list(new.iterdir()) == [], list(new.iterdir())
+    again = flashlexd("store", "recover", "--data-dir", str(source), "--to", str(new))
+    assert again.returncode == 0, again.stderr
+    assert f"inbox: copied {stored}, lost 0" in again.stdout, again.stdout
+    assert again.stdout.startswith(f"removed {tmp_path / 'new.partial-'}"), again.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new", "store"]  # no partial left
+    store = Store(new, 512 << 20)
+    try:
+        assert store.inbox_count() == stored == 60000
+    finally:
+        store.close()
 
 
 def test_recover_copies_a_store_over_a_cap_lowered_since(tmp_path, daemon_config):
