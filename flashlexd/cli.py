@@ -91,6 +91,7 @@ def _hold_hangups() -> List[int]:
 def run(args: argparse.Namespace) -> int:
     hangups = _hold_hangups()
     from flashlexd.ipc.server import ServerError
+    from flashlexd.ipc.socketfile import SocketGroupError
     from flashlexd.paths import AlreadyRunning, UnsafePath
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("flashlexd").warning("%s", warning)
     try:
         return Supervisor(config, overrides, hangups).run()
+    except SocketGroupError as exc:  # a restart would fail the same way: the config's problem
+        return _fail(f"cannot start: {exc}", EXIT_CONFIG)
     except (StoreError, ServerError, UnsafePath, AlreadyRunning) as exc:
         return _fail(f"cannot start: {exc}", EXIT_START)
 

@@ -209,6 +209,24 @@ def test_socket_group_without_cap_chown(socket_group, start_service, daemon_conf
     assert outsider.returncode == 2 and "permission denied" in outsider.stderr, outsider.stderr
 
 
+def test_socket_group_added_after_install_fails_once(socket_group, start_service, daemon_config):
+    """The unit rendered before socket.group was set: the start fails with exit 2 (a config
+    problem), which the unit does not restart, instead of the same line again every RestartSec."""
+    config = edited(daemon_config)
+    service = start_service(config)
+    running(service)
+    document = yaml.safe_load(config.read_text())
+    document["flashlex"]["app"]["socket"] = {"group": "flashlexdtest"}
+    config.write_text(yaml.safe_dump(document))
+    before = len(service.log.read_text(errors="replace"))
+    service.run("systemctl", "restart", UNIT)
+    props = wait_for(lambda: service.show() if service.show()["ActiveState"] == "failed" else None,
+                     30, "the start to fail for good")
+    assert props["Result"] == "exit-code" and props["ExecMainStatus"] == "2", props
+    log = service.log.read_text(errors="replace")[before:]
+    assert log.count("the service is not in group 'flashlexdtest'") == 1, log
+
+
 def test_allow_uids_reach_the_socket(start_service, daemon_config):
     service = start_service(edited(daemon_config, socket={"allowUids": [NOBODY]}))
     running(service)

@@ -20,13 +20,18 @@ class ServerError(Exception):
     """A reason the API socket cannot be served, worded as one line for the operator."""
 
 
+class SocketGroupError(ServerError):
+    """A socket group the daemon cannot give its socket: only a change of the config (or of
+    the unit) cures it, so a restart would fail the same way (`run` exits 2, not 1)."""
+
+
 def group_id(group: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         if group.isdigit():
             return int(group)
-        raise ServerError(f"socket group {group!r} does not exist (flashlex.app.socket.group)") from None
+        raise SocketGroupError(f"socket group {group!r} does not exist (flashlex.app.socket.group)") from None
 
 
 def _clear_stale(path: str) -> None:
@@ -87,11 +92,17 @@ def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tu
         inode = os.stat(path).st_ino
     except OSError as exc:
         sock.close()
-        hint = ""
-        if exc.errno == errno.EPERM and gid is not None and os.environ.get("INVOCATION_ID"):
-            # the unit (no capabilities) gets the socket's group only from Group= or
-            # SupplementaryGroups=, rendered from the socket.group of its install
-            hint = (f": the service is not in group {group!r} (flashlex.app.socket.group);"
-                    " run `flashlexd service ... --install` again after changing it, then restart")
-        raise ServerError(f"cannot set up API socket {path}: {exc.strerror or exc}{hint}") from None
+        message = f"cannot set up API socket {path}: {exc.strerror or exc}"
+        if exc.errno == errno.EPERM and gid is not None:
+            raise SocketGroupError(message + _group_hint(group)) from None  # type: ignore[arg-type]
+        raise ServerError(message) from None
     return sock, inode
+
+
+def _group_hint(group: str) -> str:
+    """Under the unit (no capabilities) the socket gets its group only from Group= or
+    SupplementaryGroups=, rendered from the socket.group of its install."""
+    if not os.environ.get("INVOCATION_ID"):
+        return ""
+    return (f": the service is not in group {group!r} (flashlex.app.socket.group);"
+            " run `flashlexd service ... --install` again after changing it, then restart")
