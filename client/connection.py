@@ -27,16 +27,22 @@ def socket_path(path: Optional[str] = None) -> str:
     return os.fspath(path) if path else (os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
 
 
+# the client cannot read the config: either key may be the cure, and under systemd either one
+# set after the install needs the unit rendered again (its Group= or its runtime dir's mode)
+ASK_ADMIN = ("ask the administrator to add this user to flashlex.app.socket.group or"
+             " flashlex.app.socket.allowUids (then, under systemd, `flashlexd service ... --install`"
+             " and a restart)")
+
+
 def _group_hint(path: str) -> str:
     """What to do about a denied socket: join its group, when it has one besides root's."""
     try:
         gid = os.stat(path).st_gid
     except OSError:
-        return (f"its directory {os.path.dirname(path) or '.'} is closed to this user: run as root,"
-                " or ask the administrator to set flashlex.app.socket.group")
+        directory = os.path.dirname(path) or "."
+        return f"its directory {directory} is closed to this user: run as root, or {ASK_ADMIN}"
     if gid == 0:
-        return ("the socket is root's only: run as root, or ask the administrator to set"
-                " flashlex.app.socket.group (and flashlex.app.socket.allowUids) in the config")
+        return f"the socket is root's only: run as root, or {ASK_ADMIN}"
     try:
         group = grp.getgrgid(gid).gr_name
     except KeyError:

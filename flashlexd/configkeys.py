@@ -157,11 +157,12 @@ TABLE: Tuple[Key, ...] = (
         "API socket (`--socket`, then `$FLASHLEXD_SOCKET` win)", NEXT_START),
     Key(f"{_SOCKET}.group", "text", None,
         "group owning the socket (mode 0660); its members may use the API; the unit runs the service"
-        " in it (`Group=`)", NEXT_START,
+        " in it (`Group=`): set after the install, the unit must be rendered again", NEXT_START,
         shown="none", field="socket_group"),
     Key(f"{_SOCKET}.allowUids", "uids", (),
         "uids allowed besides root and the daemon's own; when set, the socket is 0666 (and the unit's"
-        " runtime dir 0755) and every connection is checked by SO_PEERCRED", NEXT_START, shown="`[]`",
+        " runtime dir 0755) and every connection is checked by SO_PEERCRED; set after the install,"
+        " the unit must be rendered again (its runtime dir's mode)", NEXT_START, shown="`[]`",
         field="allow_uids"),
     Key(f"{_SOCKET}.maxConnections", "integer", 1024,
         "concurrent API connections; more get `busy` at once. Never more than the open files limit"

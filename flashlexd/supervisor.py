@@ -25,6 +25,7 @@ from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
+from flashlexd.ipc.socketfile import closed_to_uids
 from flashlexd.linkmsg import Committed, Heartbeat, MqttReport, OutboxQueued, StateReport, decode
 from flashlexd.loopguard import LoopGuard
 from flashlexd.notify import Notifier, child_environment
@@ -181,9 +182,13 @@ class Supervisor:
         api = self.config.api
         # allowUids are users outside the socket's group: they need the socket itself to be
         # connectable (0666); who may talk is then decided per connection (ipc/admission.py)
-        return RpcServer(api.socket_path, self.methods, lambda: self.runtime.api_limits,
-                         self.selector, group=api.socket_group, allow_uids=api.allow_uids,
-                         mode=0o666 if api.allow_uids else 0o660)
+        server = RpcServer(api.socket_path, self.methods, lambda: self.runtime.api_limits,
+                           self.selector, group=api.socket_group, allow_uids=api.allow_uids,
+                           mode=0o666 if api.allow_uids else 0o660)
+        closed = closed_to_uids(api.socket_path, api.allow_uids)
+        if closed:
+            log.error("%s", closed)
+        return server
 
     def _serving_store(self) -> Store:
         """The store the API works with; after a reload lost it (closed, the daemon stopping)
@@ -554,8 +559,9 @@ class Supervisor:
                 log.info("%s: settings changed, restarting it", worker.name)
                 worker.stop(now, new.config.supervision.stop_timeout, restart=True)
         if new.socket_changed(old):
+            closed = closed_to_uids(new.config.api.socket_path, new.config.api.allow_uids)
             log.warning("API socket path, group or allowUids changed: they take effect at the"
-                        " next restart")
+                        " next restart%s", f"; {closed}" if closed else "")
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new

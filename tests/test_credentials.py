@@ -131,7 +131,7 @@ def _denied_as_nobody(path: str) -> str:
     return run_as_nobody(attempt)
 
 
-def test_the_permission_hint_names_the_socket_group_or_how_to_set_one() -> None:
+def test_the_permission_hint_names_the_socket_group_or_how_to_be_let_in() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to become another uid")
     directory = tempfile.mkdtemp(prefix="flashlexd-hint-")
@@ -144,7 +144,8 @@ def test_the_permission_hint_names_the_socket_group_or_how_to_set_one() -> None:
         os.chmod(path, 0o660)
         os.chown(path, 0, 0)
         message = _denied_as_nobody(path)
-        assert "set flashlex.app.socket.group" in message and "'root'" not in message, message
+        assert "flashlex.app.socket.group or flashlex.app.socket.allowUids" in message \
+            and "--install" in message and "'root'" not in message, message
         os.chown(path, 0, 4)  # adm on Debian; any non-root group will do
         message = _denied_as_nobody(path)
         assert "add this user to group " in message and "'root'" not in message, message
@@ -153,6 +154,7 @@ def test_the_permission_hint_names_the_socket_group_or_how_to_set_one() -> None:
         os.chmod(directory, 0o700)
         message = _denied_as_nobody(path)
         assert f"its directory {directory} is closed to this user" in message, message
+        assert "flashlex.app.socket.allowUids" in message and "--install" in message, message
     finally:
         for name in os.listdir(directory):
             os.unlink(os.path.join(directory, name))

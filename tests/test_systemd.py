@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 import yaml
@@ -237,6 +237,41 @@ def test_allow_uids_reach_the_socket(start_service, daemon_config):
     assert allowed.returncode in (0, 1) and "ingress" in allowed.stdout, allowed.stderr
     other = ctl_as(service, NOBODY - 1, NOBODY - 1)
     assert other.returncode != 0 and "may not use flashlexd" in other.stderr, other.stderr
+
+
+def test_allow_uids_added_after_install_say_render_the_unit_again(start_service, daemon_config):
+    """The unit rendered before allowUids were set keeps the runtime dir 0750: the reload, the
+    start and the refused user's flashlexctl say that the unit must be rendered again, and once
+    it is, the user gets in."""
+    config = edited(daemon_config)
+    service = start_service(config)
+    running(service)
+    document = yaml.safe_load(config.read_text())
+    document["flashlex"]["app"]["socket"] = {"allowUids": [NOBODY]}
+    config.write_text(yaml.safe_dump(document))
+    render_again = "render the unit again (`flashlexd service ... --install`"
+    service.run("systemctl", "reload", UNIT, check=True)
+    wait_for(lambda: render_again in service.log.read_text(errors="replace"), 10, "the reload's line")
+    before = len(service.log.read_text(errors="replace"))
+    service.run("systemctl", "restart", UNIT, check=True)
+    wait_for(lambda: render_again in service.log.read_text(errors="replace")[before:], 10,
+             "the start's line")
+    assert stat(service, "/run/flashlexd") == "750 root root"
+    refused = ctl_as(service, NOBODY, NOBODY)
+    assert refused.returncode == 2 and "flashlex.app.socket.allowUids" in refused.stderr \
+        and "--install" in refused.stderr, refused.stderr
+    places, _ = read_places(config)
+    (service.units / UNIT).write_text(render_unit(venv=sys.prefix, config=str(config), places=places))
+    service.run("systemctl", "daemon-reload", check=True)
+    before = len(service.log.read_text(errors="replace"))
+    service.run("systemctl", "restart", UNIT, check=True)
+    allowed = wait_for(lambda: _admitted(ctl_as(service, NOBODY, NOBODY)), 30, "the uid let in")
+    assert "ingress" in allowed.stdout
+    assert render_again not in service.log.read_text(errors="replace")[before:]
+
+
+def _admitted(result: subprocess.CompletedProcess) -> Optional[subprocess.CompletedProcess]:
+    return result if result.returncode in (0, 1) else None
 
 
 def test_custom_data_path_and_socket_dir_are_writable_in_the_sandbox(start_service, daemon_config,

@@ -11,7 +11,8 @@ import logging
 import os
 import socket
 import stat
-from typing import Optional, Tuple
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
 
 log = logging.getLogger("flashlexd.ipc")
 
@@ -97,6 +98,25 @@ def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tu
             raise SocketGroupError(message + _group_hint(group)) from None  # type: ignore[arg-type]
         raise ServerError(message) from None
     return sock, inode
+
+
+def closed_to_uids(path: str, allow_uids: Sequence[int]) -> Optional[str]:
+    """Why the users of allowUids cannot reach the socket at `path`, or None: the socket is
+    0666 for them, but a directory on its way that others may not search (no o+x) stops them
+    first. The unit's runtime dir gets o+x only from a unit rendered with allowUids."""
+    if not allow_uids:
+        return None
+    directory = Path(path).absolute().parent
+    for place in (*reversed(directory.parents), directory):
+        try:
+            mode = os.stat(place).st_mode
+        except OSError:
+            return None  # not there yet: the start makes it 0755
+        if not mode & stat.S_IXOTH:
+            return (f"flashlex.app.socket.allowUids: the socket's directory {place} is closed to"
+                    f" them (mode {stat.S_IMODE(mode):04o}): render the unit again (`flashlexd"
+                    " service ... --install`, then restart) or, outside the unit, chmod o+x it")
+    return None
 
 
 def _group_hint(group: str) -> str:
