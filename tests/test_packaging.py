@@ -441,6 +441,16 @@ def test_unit_files_lines_without_a_priority_as_errors(tmp_path):
     assert "SyslogLevelPrefix=no" not in service_section  # the daemon's own <N> prefixes still win
 
 
+def test_unit_keeps_retrying_a_start_that_fails(tmp_path):
+    """Found by review: a start on a full disk fails within a second, and systemd's default
+    start limit (5 starts in 10 s) then left the unit failed for good, while README promises that
+    the daemon starts once space is freed."""
+    rendered = _render(tmp_path, {})
+    assert rendered.returncode == 0, rendered.stderr
+    unit_section = rendered.stdout.split("[Unit]\n")[1].split("\n[")[0].splitlines()
+    assert "StartLimitIntervalSec=0" in unit_section
+
+
 def test_unit_keeps_paths_with_spaces_and_percent_signs_whole(tmp_path):
     """An install dir, config and data dir with a space or a `%` in their names: ExecStart split
     the paths into several arguments (systemd ran `.../fx` and passed `--config .../fx`), and

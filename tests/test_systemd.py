@@ -51,19 +51,20 @@ def _namespace_setup() -> str:
 
 @pytest.fixture
 def start_service(tmp_path) -> Iterator[Callable[..., RealSystemd]]:
-    """start(config, user=, group=): the unit rendered from `config` as `flashlexd service`
+    """start(config, user=, group=, setup=): the unit rendered from `config` as `flashlexd service`
     does, with a drop-in that only adapts it to the test box (no journald, no basic.target,
     the test's /tmp visible: it holds the config), and `--install`'s data dir."""
     started: List[RealSystemd] = []
 
-    def start(config: Path, user: str = "root", group: str = "") -> RealSystemd:
+    def start(config: Path, user: str = "root", group: str = "", setup: str = "") -> RealSystemd:
         places, _ = read_places(config)
         make_directories(places, user, group or places.socket_group or user)
         log = tmp_path / "service.log"
         drop_in = (f"[Unit]\nDefaultDependencies=no\n[Service]\nStandardOutput=append:{log}\n"
                    f"StandardError=inherit\nWatchdogSec=3\nRestartSec=1\nPrivateTmp=no\n")
         unit = render_unit(venv=sys.prefix, config=str(config), user=user, group=group, places=places)
-        instance = RealSystemd(tmp_path / "units", UNIT, unit, drop_in, setup=_namespace_setup())
+        instance = RealSystemd(tmp_path / "units", UNIT, unit, drop_in,
+                               setup=_namespace_setup() + "\n" + setup)
         instance.log, instance.unit = log, unit
         started.append(instance)
         return instance.start()
@@ -157,6 +158,26 @@ def test_systemctl_stop_exits_cleanly(systemd):
     assert props["ActiveState"] == "inactive", props
     assert props["Result"] == "success", props
     assert "stopping: received SIGTERM" in systemd.log.read_text(errors="replace")
+
+
+def test_start_on_a_full_disk_retries_until_space_is_freed(start_service, daemon_config):
+    """Each start on a full disk fails (exit 1) within a second: systemd's default start limit
+    (5 in 10 s) stopped the retries for good, while README promises a start once space frees."""
+    config = edited(daemon_config)
+    data = yaml.safe_load(config.read_text())["flashlex"]["app"]["db"]["dataPath"]
+    service = start_service(config, setup=f"mount -t tmpfs -o size=256k,mode=0700 tmpfs {data}\n"
+                                          f"dd if=/dev/zero of={data}/filler bs=4k 2>/dev/null || true")
+    props = wait_for(lambda: _gave_up_or_retried(service.show(), 7), 60, "7 restarts or a give-up")
+    assert props["Result"] != "start-limit-hit" and props["ActiveState"] != "failed", props
+    service.run("rm", f"{data}/filler", check=True)
+    running_again = wait_for(lambda: active(service), 30, "a start once space is freed")
+    assert int(running_again["NRestarts"]) >= 7
+    assert "no space left on device" in service.log.read_text(errors="replace").lower()
+
+
+def _gave_up_or_retried(props: Dict[str, str], restarts: int) -> Optional[Dict[str, str]]:
+    failed = props["ActiveState"] == "failed" or props["Result"] == "start-limit-hit"
+    return props if failed or int(props["NRestarts"]) >= restarts else None
 
 
 def test_defaults_root_only_socket_and_state_directory(start_service, daemon_config):
