@@ -84,12 +84,7 @@ def cmd_publish(fx: Client, args: argparse.Namespace) -> int:
     params: Dict[str, Any] = {"payload": payload, "qos": args.qos, "retain": args.retain}
     if args.topic is not None:  # an empty one is the daemon's to refuse, not the default topic
         params["topic"] = args.topic
-    try:
-        result = fx.call("publish", **params)
-    except (RpcTimeout, ConnectionLost) as exc:  # the daemon may have read and committed it all the same
-        print(f"flashlexctl: {printable(str(exc))}; the message may have been queued all the same:"
-              " see flashlexctl outbox before publishing it again", file=sys.stderr)
-        return 2 if isinstance(exc, ConnectionLost) else 1  # as main gives DaemonNotRunning, FlashlexError
+    result = fx.call("publish", **params)
     if args.json:
         _print_json(result)
     else:
@@ -293,6 +288,19 @@ COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "outbox": cmd_outbox, "purge": cmd_purge, "tail": cmd_tail, "consumers": cmd_consumers}
 
 
+def _unanswered(args: argparse.Namespace) -> str:
+    """What an unanswered command (RpcTimeout, ConnectionLost) adds to its error: the daemon may
+    have read it and carried it out, or part of it, all the same; nothing for a read."""
+    if args.command == "publish":  # once more could send it twice
+        return "; the message may have been queued all the same: see flashlexctl outbox before publishing it again"
+    changes = (args.command in ("ack", "purge") or getattr(args, "outbox_action", None)
+               or getattr(args, "consumers_action", None))
+    if not changes:
+        return ""
+    check = {"ack": "messages", "purge": "status"}.get(args.command, args.command)
+    return f"; it may have been carried out, or partly: check (flashlexctl {check}) and run it again"
+
+
 def _escape_what_the_locale_cannot_encode() -> None:
     """A locale that is not UTF-8 (ISO-8859-1, PYTHONIOENCODING=ascii) cannot encode every
     printable character `printable` leaves as it is (a payload's euro sign): show those as
@@ -318,6 +326,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if args.command == "tail" else 130
     except BrokenPipeError:  # e.g. `flashlexctl tail | head`: stop quietly
         return reader_gone()
+    except (RpcTimeout, ConnectionLost) as exc:
+        print(f"flashlexctl: {printable(str(exc))}{_unanswered(args)}", file=sys.stderr)
+        return 2 if isinstance(exc, ConnectionLost) else 1  # as DaemonNotRunning, FlashlexError below
     except (DaemonNotRunning, PermissionDenied) as exc:
         print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)
         return 2

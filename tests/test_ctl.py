@@ -5,6 +5,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from flashlexd.client import __version__, ctl, ctlview
+from flashlexd.client.wire import HEADER
 from tests.daemon import default_sigint
 
 try:
@@ -324,3 +326,51 @@ def test_status_shows_a_consumer_backlog_that_is_a_lower_bound_as_one(harness, c
     assert f"consumers display backlog >={REPORT_BUDGET} dropped 0" in out.splitlines(), out
     code, out, _ = run(harness, capsys, "consumers")
     assert out.splitlines()[1].split()[:3] == ["display", "#", f">={REPORT_BUDGET}"], out
+
+
+@pytest.fixture
+def cut_off(tmp_path):
+    """A socket path where each connection's request is read whole and closed unanswered, as
+    a daemon killed while carrying it out does."""
+    path = str(tmp_path / "cut.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # shut down at teardown
+                return
+            with conn:
+                header = conn.recv(HEADER.size, socket.MSG_WAITALL)
+                conn.recv(HEADER.unpack(header)[0], socket.MSG_WAITALL)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    yield path
+    server.shutdown(socket.SHUT_RDWR)
+    thread.join(10)
+    server.close()
+
+
+@pytest.mark.parametrize("argv, check", [
+    (("ack", "1"), "flashlexctl messages"), (("purge", "--yes"), "flashlexctl status"),
+    (("outbox", "retry", "1"), "flashlexctl outbox"), (("outbox", "drop", "1"), "flashlexctl outbox"),
+    (("consumers", "reset", "display", "--to", "latest"), "flashlexctl consumers"),
+    (("consumers", "remove", "display"), "flashlexctl consumers")])
+def test_a_change_cut_off_by_the_daemon_dying_says_it_may_have_been_carried_out(cut_off, argv, check):
+    """`flashlexctl purge --yes` (ack, outbox retry/drop, consumers reset/remove) cut off by the
+    daemon dying said only "flashlexd closed the connection", as if nothing had happened and
+    exactly like "not running", though the daemon may have done it, or part of it (found by
+    review)."""
+    done = subprocess.run(CTL + ["--socket", cut_off, *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done
+    assert done.stderr == (f"flashlexctl: flashlexd closed the connection on {cut_off}; it may have been"
+                           f" carried out, or partly: check ({check}) and run it again\n"), done.stderr
+
+
+def test_a_read_cut_off_by_the_daemon_dying_says_only_that(cut_off):
+    done = subprocess.run(CTL + ["--socket", cut_off, "messages"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stderr == f"flashlexctl: flashlexd closed the connection on {cut_off}\n"
