@@ -9,13 +9,18 @@ strings). Every message is passed through `printable`, so a newline in a topic c
 second journal line (`\\n<0>...` would forge one at emergency priority) and an ESC sequence
 cannot reach a terminal. A traceback keeps its lines, each escaped and, for journald, each
 prefixed with the record's own priority.
+
+SIGUSR1 (`systemctl kill -s SIGUSR1` reaches every process of the unit at once) writes each
+process's stacks under a line naming it, all in one write so that four dumps do not interleave.
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
-from typing import Dict, Hashable, Optional
+from typing import Any, Dict, Hashable, Optional
 
 from flashlexd.escape import printable
 
@@ -102,3 +107,30 @@ def setup(level: str, process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def dump_stacks_on_sigusr1(process: str) -> None:
+    """SIGUSR1 writes every thread's stack to stderr under a line naming `process` and its pid.
+    A Python handler (faulthandler cannot write a header): it runs once the main thread next
+    runs Python, so a process hung inside C dumps nothing; the supervisor's SIGABRT to a hung
+    worker stays faulthandler's own (`faulthandler.enable`)."""
+    def dump(signum: int, frame: Any) -> None:
+        header = f"flashlexd {process}, pid {os.getpid()}: every thread's stack (SIGUSR1)\n"
+        _write_all(sys.stderr.fileno(), header.encode() + _stacks())
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
+def _stacks() -> bytes:
+    """faulthandler's dump of every thread, read back from a memfd (it writes only to a fd)."""
+    scratch = os.memfd_create("flashlexd-stacks", os.MFD_CLOEXEC)
+    try:
+        faulthandler.dump_traceback(scratch, all_threads=True)
+        return os.pread(scratch, os.fstat(scratch).st_size, 0)
+    finally:
+        os.close(scratch)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]

@@ -7,7 +7,6 @@ systemd watchdog while all of that is healthy, and serves the local API in betwe
 """
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import selectors
@@ -18,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
-from flashlexd import connectpace, credentials, fds, forkworker, paths
+from flashlexd import connectpace, credentials, fds, forkworker, logs, paths
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config
 from flashlexd.consumerkeeper import ConsumerKeeper
@@ -229,8 +228,7 @@ class Supervisor:
         self.selector.register(wake_read, selectors.EVENT_READ, self._drain_wakeups)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self._record_signal)
-        # as in the workers: `systemctl kill -s SIGUSR1` signals every process of the unit
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        logs.dump_stacks_on_sigusr1("supervisor")  # as the workers do (see logs)
 
     def _record_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -325,6 +326,32 @@ def test_sigusr1_to_every_process_logs_the_stacks_and_stops_nothing(daemon, noti
     assert daemon.proc.poll() is None and daemon.children() == before
     with connect(str(daemon.socket_path)) as fx:
         assert fx.status()["counters"]["restarts"] == 0
+
+
+STACK_HEADER = re.compile(r"^flashlexd (\w+), pid (\d+): every thread's stack \(SIGUSR1\)$")
+
+
+def test_sigusr1_to_the_process_group_heads_each_stack_dump_with_its_process(daemon, notify):
+    """`systemctl kill -s SIGUSR1 flashlexd` wrote four dumps with no line saying whose each
+    was (the three workers' stacks look alike), interleaved as they were written at once
+    (found by review)."""
+    notify.wait_for("READY=1", timeout=15)
+    processes = {"supervisor": daemon.pid, **daemon.children()}
+    os.killpg(daemon.pid, signal.SIGUSR1)
+    headers = wait_for(lambda: _stack_headers(daemon.output(), 4), 10, "four headed stack dumps")
+    assert sorted(headers) == sorted(processes.items()), headers
+    lines = daemon.output().splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            previous = next(earlier for earlier in reversed(lines[:number])
+                            if not earlier.startswith("  ") and earlier.strip())
+            assert STACK_HEADER.match(previous) or previous.startswith(("Thread 0x", "Current thread 0x")), \
+                f"line {number}: {line!r} after {previous!r}"
+
+
+def _stack_headers(output: str, count: int) -> Optional[List[tuple]]:
+    found = [(m.group(1), int(m.group(2))) for m in map(STACK_HEADER.match, output.splitlines()) if m]
+    return found if len(found) >= count else None
 
 
 def test_a_reloaded_log_level_applies_to_the_supervisor_too(daemon, notify, daemon_config):

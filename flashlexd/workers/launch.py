@@ -9,7 +9,6 @@ from __future__ import annotations
 import faulthandler
 import importlib
 import logging
-import signal
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -55,7 +54,7 @@ def run_worker(name: str, config: Callable[[], Config], log_level: Optional[str]
     # A worker the supervisor finds hung gets SIGABRT: faulthandler writes every thread's stack
     # to the log before it dies. SIGUSR1 writes the same without stopping it (for a look).
     faulthandler.enable(all_threads=True)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    logs.dump_stacks_on_sigusr1(name)
     logs.setup(log_level or "info", f"flashlexd[{name}]")
     log = logging.getLogger(f"flashlexd.{name}")
     channel = Channel.inherited()
