@@ -185,7 +185,9 @@ TABLE: Tuple[Key, ...] = (
         " replaced; must be more than twice `heartbeatSeconds`", WORKERS,
         field="heartbeat_timeout"),
     Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL (the unit"
-        " `flashlexd service` renders gives systemd's TimeoutStopSec 20 s more, at least 30). At most"
+        " `flashlexd service` renders gives systemd's TimeoutStopSec 20 s more, at least 30; as it"
+        " stops, the daemon asks systemd for as much with `EXTEND_TIMEOUT_USEC`, so a budget raised"
+        " after the unit was rendered holds all the same). At most"
         f" {MAX_STOP_TIMEOUT} (under a day)", WORKERS, maximum=MAX_STOP_TIMEOUT,
         maximum_why=" (under a day: the unit's TimeoutStopSec follows no more)", field="stop_timeout"),
     Key(f"{_SUP}.restartBackoffMaxSeconds", "seconds", 30.0, "cap of the restart backoff", WORKERS,

@@ -14,6 +14,7 @@ supervisor gives systemd a moment to take what still waits (STOPPING=1); a socke
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import socket
@@ -139,8 +140,14 @@ class Notifier:
         usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
         self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
-    def stopping(self) -> None:
-        self._send("STOPPING=1")
+    def stopping(self, budget: Optional[float] = None) -> None:
+        """STOPPING=1, and with a `budget` (seconds the stop may take) EXTEND_TIMEOUT_USEC for
+        it: systemd then waits that long even when the unit's TimeoutStopSec, rendered for an
+        older stopTimeoutSeconds, is shorter (a longer TimeoutStopSec still holds)."""
+        if budget is None:
+            self._send("STOPPING=1")
+        else:
+            self._send(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={math.ceil(budget * 1_000_000)}")
 
     def status(self, text: str) -> None:
         """Send STATUS= only when the line changed."""

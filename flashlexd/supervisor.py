@@ -31,6 +31,7 @@ from flashlexd.notify import Notifier, child_environment
 from flashlexd.rates import RateMeter
 from flashlexd.wear import WriteMeter
 from flashlexd.runtime import Runtime, worker_settings
+from flashlexd.unitplaces import STOP_MARGIN
 from flashlexd.store import Store, StoreError
 from flashlexd.workerproc import State, WorkerProcess, describe_exit
 
@@ -244,7 +245,8 @@ class Supervisor:
         if self.shutting_down:
             return
         log.info("stopping: %s", reason)
-        self.notifier.stopping()
+        # the workers' stop budget, then killing, reaping and closing (as the rendered unit allows)
+        self.notifier.stopping(self.config.supervision.stop_timeout + STOP_MARGIN)
         self.shutting_down = True
         self.exit_code = exit_code
         now = time.monotonic()

@@ -77,6 +77,8 @@ def test_sigterm_sends_stopping_and_exits_zero(daemon, notify):
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=20) == 0
     notify.wait_for("STOPPING=1", timeout=1)
+    # the stop's budget (stopTimeoutSeconds 5, plus the unit's margin) whatever TimeoutStopSec says
+    assert "STOPPING=1\nEXTEND_TIMEOUT_USEC=25000000" in [text for _, text in notify.messages]
     for pid in workers.values():
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
 

@@ -51,17 +51,19 @@ def _namespace_setup() -> str:
 
 @pytest.fixture
 def start_service(tmp_path) -> Iterator[Callable[..., RealSystemd]]:
-    """start(config, user=, group=, setup=): the unit rendered from `config` as `flashlexd service`
-    does, with a drop-in that only adapts it to the test box (no journald, no basic.target,
-    the test's /tmp visible: it holds the config), and `--install`'s data dir."""
+    """start(config, user=, group=, setup=, service=): the unit rendered from `config` as
+    `flashlexd service` does, with a drop-in that only adapts it to the test box (no journald,
+    no basic.target, the test's /tmp visible: it holds the config) plus `service` lines,
+    `setup` run in the namespace first, and `--install`'s data dir."""
     started: List[RealSystemd] = []
 
-    def start(config: Path, user: str = "root", group: str = "", setup: str = "") -> RealSystemd:
+    def start(config: Path, user: str = "root", group: str = "", setup: str = "",
+              service: str = "") -> RealSystemd:
         places, _ = read_places(config)
         make_directories(places, user, group or places.socket_group or user)
         log = tmp_path / "service.log"
         drop_in = (f"[Unit]\nDefaultDependencies=no\n[Service]\nStandardOutput=append:{log}\n"
-                   f"StandardError=inherit\nWatchdogSec=3\nRestartSec=1\nPrivateTmp=no\n")
+                   f"StandardError=inherit\nWatchdogSec=3\nRestartSec=1\nPrivateTmp=no\n{service}")
         unit = render_unit(venv=sys.prefix, config=str(config), user=user, group=group, places=places)
         instance = RealSystemd(tmp_path / "units", UNIT, unit, drop_in,
                                setup=_namespace_setup() + "\n" + setup)
@@ -178,6 +180,22 @@ def test_start_on_a_full_disk_retries_until_space_is_freed(start_service, daemon
 def _gave_up_or_retried(props: Dict[str, str], restarts: int) -> Optional[Dict[str, str]]:
     failed = props["ActiveState"] == "failed" or props["Result"] == "start-limit-hit"
     return props if failed or int(props["NRestarts"]) >= restarts else None
+
+
+def test_a_stop_budget_raised_after_the_unit_was_rendered_still_holds(start_service, daemon_config):
+    """stopTimeoutSeconds raised in the config after the unit was rendered: systemd SIGKILLed
+    the daemon at the unit's older TimeoutStopSec while it waited for a stuck worker, the unit
+    ended failed (Result=timeout) and the daemon logged nothing of it (found by review)."""
+    config = edited(daemon_config, supervisor={"stopTimeoutSeconds": 6})
+    systemd = start_service(config, service="TimeoutStopSec=2\n")  # as rendered for a smaller budget
+    wait_for(lambda: active(systemd), 30, "the service to become active")
+    stuck = systemd.run("pgrep", "-f", "^flashlexd: expiry", check=True).stdout.split()
+    systemd.run("kill", "-STOP", *stuck, check=True)
+    result = systemd.run("systemctl", "stop", UNIT)
+    props, log = systemd.show(), systemd.log.read_text(errors="replace")
+    assert result.returncode == 0, result.stderr
+    assert props["ActiveState"] == "inactive" and props["Result"] == "success", (props, log)
+    assert "expiry did not stop in time: killing pid" in log, log
 
 
 def test_defaults_root_only_socket_and_state_directory(start_service, daemon_config):
