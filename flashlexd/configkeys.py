@@ -263,9 +263,9 @@ TABLE: Tuple[Key, ...] = (
         " \"MQTT 5 and 3.1.1\"", LINKS, choices=PROTOCOLS),
     Key(f"{_MQTT}.sessionExpirySeconds", "integer", 3600,
         "MQTT 5: how long the broker keeps our sessions (subscriptions, queued messages) after a"
-        " link drops (AWS IoT Core's default, 3600; its maximum is 604800). Clean start only on a"
-        " store's very first connection. 0 is warned about: no session outlives a drop, so what was"
-        " in flight at a crash is lost", LINKS, minimum=0, maximum=4294967295,
+        " link drops (AWS IoT Core's default, 3600; its maximum is 604800). Never a Clean Start, not"
+        " even on a store's first connection (see \"MQTT 5 and 3.1.1\"). 0 is warned about: no"
+        " session outlives a drop, so what was in flight at a crash is lost", LINKS, minimum=0, maximum=4294967295,
         maximum_why=" (the MQTT limit)"),
     Key(f"{_BACKOFF}.baseReconnectQuietTimeSecond", "seconds", 1.0,
         "reconnect backoff: the first delay, doubling up to `maxReconnectQuietTimeSecond`; plus"

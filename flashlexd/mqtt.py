@@ -8,8 +8,8 @@ sleeping, and its connect blocks; here `ReconnectBackoff` only says when the nex
 due, a `Dialer` connects without blocking, and a `LinkWatch` says when a link stopped answering.
 
 Sessions are persistent with a fixed client id: MQTT 3.1.1 `clean_session=False`, or MQTT 5
-Clean Start only on a store's very first connection and a Session Expiry Interval: the broker
-keeps our subscriptions and unacknowledged messages across disconnects and worker restarts.
+never Clean Start and a Session Expiry Interval: the broker keeps our subscriptions and
+unacknowledged messages across disconnects, worker restarts and a store replaced by a new one.
 `protocol: auto` speaks MQTT 5 and falls back to 3.1.1 until restart for a broker without it
 (`mqttv5.ProtocolChoice` has the rules); `BrokerLimits` holds what an MQTT 5 CONNACK said.
 """
@@ -85,7 +85,7 @@ class Connection:
                  on_publish: Optional[Callable[[int, Any], None]] = None,
                  clock: Callable[[], float] = time.monotonic, fresh_client: bool = False,
                  track_session: bool = False, session_seen_at: Optional[float] = None,
-                 clean_start: bool = False, on_build: Optional[Callable[[paho.Client], None]] = None,
+                 on_build: Optional[Callable[[paho.Client], None]] = None,
                  fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None,
                  connected_ago: Optional[float] = None,
                  on_connect_sent: Optional[Callable[[], None]] = None):
@@ -97,9 +97,7 @@ class Connection:
         sent a CONNECT as this client id, so a worker replaced moments after does not CONNECT
         again within MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per client id);
         `on_connect_sent()` is called before each CONNECT goes out, to note it for the next.
-        `clean_start`: MQTT 5 Clean Start on the first CONNECT (the store's very first
-        connection), never after one succeeded. `on_build(client)` sets
-        up each paho client built (a protocol fallback or the end of clean start builds anew).
+        `on_build(client)` sets up each paho client built (a protocol fallback builds anew).
         `on_publish(mid, reason)` gets the PUBACK's reason code. `fell_back`: an earlier worker
         of this daemon run found the broker without MQTT 5, so `auto` starts on 3.1.1 (no probe
         per worker restart); `on_fall_back()` is called when this one finds it."""
@@ -112,10 +110,9 @@ class Connection:
         mqtt = config.thing.mqtt
         self.choice = ProtocolChoice(mqtt.protocol, fell_back)
         self.on_fall_back = on_fall_back
-        self.clean_start = clean_start
         self.on_build = on_build
         self.limits = BrokerLimits()  # from the last CONNACK
-        self._rebuild = False  # the next attempt needs a new client (protocol, clean start)
+        self._rebuild = False  # the next attempt needs a new client (another protocol)
         self.timeout = mqtt.connect_timeout
         self.keepalive = mqtt.keepalive
         self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
@@ -164,7 +161,7 @@ class Connection:
     def _build(self) -> paho.Client:
         client = build_client(self.thing, self.client_id, min(self.timeout, 1.0), context=self.context,
                               dialed=True,  # the timeout bounds only a websocket upgrade
-                              protocol=self.protocol, clean_start=self.clean_start)
+                              protocol=self.protocol)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         if self.on_publishes is not None:
@@ -472,8 +469,6 @@ class Connection:
         fallback = self.choice.connected()
         if fallback is not None:
             self._fall_back(fallback)
-        if self.clean_start:
-            self.clean_start, self._rebuild = False, True  # the broker keeps the session from now on
         self.backoff.connected()
         self.watch.up()
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it

@@ -87,15 +87,15 @@ def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:
 
 def build_client(thing: Thing, client_id: str, connect_timeout: float,
                  clean_session: bool = False, context: Optional[ssl.SSLContext] = None,
-                 dialed: bool = False, protocol: str = V311, clean_start: bool = False) -> paho.Client:
+                 dialed: bool = False, protocol: str = V311) -> paho.Client:
     """A paho client for `thing`, not yet connected. `connect_timeout` bounds paho's own
     blocking TCP connect and TLS handshake (`check`, benchmarks); a `dialed` client instead takes
     the socket a non-blocking `Dialer` made (`Connection`). The daemon's sessions are
     persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker.
     `protocol` is "5" or "3.1.1". Under MQTT 5 a persistent session is a Session Expiry
-    Interval (`sessionExpirySeconds`) with Clean Start only when `clean_start` (a store's very
-    first connection): never paho's MQTT_CLEAN_START_FIRST_ONLY, which would wipe the session
-    each time a restarted worker connects "for the first time"."""
+    Interval (`sessionExpirySeconds`) and never Clean Start, not even on a store's first
+    connection (paho's MQTT_CLEAN_START_FIRST_ONLY included): the broker would discard the QoS 1
+    messages it queued for the thing, and say nothing of it (session present 0)."""
     mqtt = thing.mqtt
     v5 = protocol == V5
     client = (DialedClient if dialed else paho.Client)(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -110,7 +110,7 @@ def build_client(thing: Thing, client_id: str, connect_timeout: float,
     client.max_queued_messages_set(0)
     client.connect_timeout = connect_timeout
     if v5:  # records where; no I/O
-        client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive, clean_start=clean_session or clean_start,
+        client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive, clean_start=clean_session,
                              properties=session_properties(0 if clean_session else mqtt.session_expiry))
     else:
         client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive)

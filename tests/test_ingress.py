@@ -619,6 +619,34 @@ def test_rabbitmq_turns_dots_into_slashes_and_the_message_is_still_stored(
     assert worker.stop() == 0
 
 
+def test_a_fresh_store_keeps_what_a_filter_of_an_earlier_life_brings_until_it_is_listed_once(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A new store (SD card replaced, a second device from one image) resumes the session the
+    broker holds for the client id, no Clean Start under MQTT 5 either: a filter an earlier life
+    subscribed, unknown to the store, still brings messages, stored (nothing is lost); listed in
+    `subscriptions` for one start and taken out, it is unsubscribed (README)."""
+    earlier = write_config(tmp_path / "earlier", broker, mqtt={"subscriptions": ["extra/old"], "protocol": "5"})
+    worker = start_worker("ingress", earlier)
+    worker.wait(lambda w: w.mqtt.get("connected"), 20, "the earlier life subscribed")
+    assert worker.stop() == 0
+    config = write_config(tmp_path / "fresh", broker, mqtt={"protocol": "5"})
+    for subscriptions, received in (([], 2), (["extra/old"], 2), ([], 1)):  # mosquitto unsubscribes
+        edit_mqtt(config, subscriptions=subscriptions)
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected"), 20, "subscribed")
+        publish(broker, "extra/old", f"on the old filter, {subscriptions}".encode())
+        publish(broker, INGRESS_TOPIC, b"wanted")
+        worker.wait(lambda w: w.counters.get("stored") == received, 20, "the messages stored")
+        assert worker.stop() == 0
+    store = open_store(config)
+    try:
+        assert [m.payload for m in store.messages()] == [b"on the old filter, []", b"wanted",
+                                                         b"on the old filter, ['extra/old']", b"wanted", b"wanted"]
+    finally:
+        store.close()
+    assert "unsubscribing from extra/old: no longer configured" in worker.log_text()
+
+
 def assert_only_the_wanted_one_stored(broker: Any, config: Path, unwanted: str, wanted: str) -> None:
     """Publish on `unwanted` then on `wanted` (in that order on the ingress's one connection):
     only the second may be stored."""

@@ -9,13 +9,13 @@ from flashlexd.store import Store, StoreDamaged
 from flashlexd.workers.linkmemory import earlier_session
 
 
-def test_clean_start_only_on_the_store_s_first_connection(tmp_path: Path):
+def test_the_earlier_session_is_when_the_store_last_saw_the_link_up(tmp_path: Path):
     store = Store(tmp_path / "db", 10 * 2**20)
     try:
-        assert earlier_session(store, "thing") == (None, True)
+        assert earlier_session(store, "thing") is None
         store.note_session("thing", 1_700_000_000.0)
-        assert earlier_session(store, "thing") == (1_700_000_000.0, False)
-        assert earlier_session(store, "thing-egress") == (None, True)
+        assert earlier_session(store, "thing") == 1_700_000_000.0
+        assert earlier_session(store, "thing-egress") is None
     finally:
         store.close()
 
@@ -27,11 +27,11 @@ class _UnreadableSessions(Store):
         raise StoreDamaged("the meta page does not decode")
 
 
-def test_an_unreadable_store_keeps_the_broker_s_session(tmp_path: Path, caplog):
+def test_an_unreadable_store_says_a_lost_session_goes_unsaid(tmp_path: Path, caplog):
     store = _UnreadableSessions(tmp_path / "db", 10 * 2**20)
     try:
         with caplog.at_level(logging.WARNING, logger="flashlexd"):
-            assert earlier_session(store, "thing") == (None, False)
-        assert "the broker's is kept" in caplog.text
+            assert earlier_session(store, "thing") is None
+        assert "a session the broker lost goes unsaid" in caplog.text
     finally:
         store.close()

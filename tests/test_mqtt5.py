@@ -1,5 +1,5 @@
 """MQTT 5 and its 3.1.1 fallback against real brokers: what each protocol negotiates, sessions
-(clean start once, the session expiry), the auto fallback against RabbitMQ (3.1.1 only), and
+(never a clean start, the session expiry), the auto fallback against RabbitMQ (3.1.1 only), and
 what MQTT 5's reason codes and CONNACK limits change for the egress (mosquitto 2 speaks both
 protocols on one listener)."""
 from __future__ import annotations
@@ -19,7 +19,8 @@ from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import ProtocolChoice
 from flashlexd.store import Incoming
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
-                          open_store, wait_for, write_config)
+                          open_store, publish, wait_for, write_config)
+from tests.daemon import Daemon
 from tests.quota_proxy import QuotaProxy, split_packets
 from tests.test_mqtt_connection import Probe
 from tests.test_outbox_daemon import running  # noqa: F401 (fixture)
@@ -30,14 +31,14 @@ FORBIDDEN = "forbidden/topic"
 ACL = f"user {THING}\ntopic readwrite {EGRESS_TOPIC}\ntopic readwrite ingress/#\n"
 
 
-def session_probe(tmp_path: Path, broker, protocol: str, clean_start: bool, **mqtt) -> Probe:
-    """A Probe whose connection keeps a tracked persistent session, as ingress does."""
+def session_probe(tmp_path: Path, broker, protocol: str, seen: bool, **mqtt) -> Probe:
+    """A Probe whose connection keeps a tracked persistent session, as ingress does; `seen`:
+    its store saw the link up before (a session the broker lost meanwhile is reported)."""
     config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol, **mqtt})
     probe = Probe(config)
     probe.connection = Connection(probe.config, f"{THING}-probe",
                                   lambda up, error: probe.changes.append((up, error)),
-                                  track_session=True, session_seen_at=None if clean_start else time.time(),
-                                  clean_start=clean_start)
+                                  track_session=True, session_seen_at=time.time() if seen else None)
     return probe
 
 
@@ -46,37 +47,67 @@ def connections(probe: Probe) -> int:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_clean_start_only_on_the_first_connection_and_the_session_survives(
+def test_no_clean_start_even_on_the_first_connection_and_the_session_survives(
         broker: Broker, tmp_path: Path, protocol: str) -> None:
-    p = session_probe(tmp_path, broker, protocol, clean_start=True)
+    p = session_probe(tmp_path, broker, protocol, seen=False)
     p.run_until(lambda: connections(p) == 1, 10, "connected")
     assert p.connection.protocol == protocol
-    first_clean = "c1" if protocol == "5" else "c0"  # 3.1.1 clean session would end it at DISCONNECT
-    assert f"as {THING}-probe ({LOGGED[protocol]}, {first_clean}, k30" in broker.log_text()
     p.connection._abort_socket()  # a network drop: the broker keeps the session
     p.run_until(lambda: connections(p) == 2, 15, "reconnected")
-    assert broker.log_text().count(f"as {THING}-probe ({LOGGED[protocol]}, c0, k30") == 1 + (protocol != "5")
+    assert broker.log_text().count(f"as {THING}-probe ({LOGGED[protocol]}, c0, k30") == 2
     assert p.connection.sessions_lost == 0  # session present: true, in both protocols
     p.connection.close(2)
 
 
-@pytest.mark.parametrize("protocol, lost", [("5", 1), ("3.1.1", 0)])
-def test_a_broker_restart_and_the_session(broker: Broker, tmp_path: Path, protocol: str, lost: int) -> None:
-    """mosquitto 2.0.11 keeps MQTT 3.1.1 sessions across a clean restart but restores no MQTT 5
-    session from its save (measured: session present false whatever the expiry): under MQTT 5
-    the daemon reports that loss (`sessions_lost`, one WARNING) instead of missing it."""
-    p = session_probe(tmp_path, broker, protocol, clean_start=True)
+def _ingress_up(daemon: Daemon) -> bool:
+    with connect(str(daemon.socket_path)) as fx:
+        return bool(fx.status()["mqtt"]["ingress"].get("connected"))
+
+
+def test_a_fresh_store_takes_what_the_broker_queued_in_the_thing_s_session(
+        broker: Broker, tmp_path: Path) -> None:
+    """A new SD card image, a store recovered into a new one, a second device provisioned from
+    one image: the store never saw a session of the client id, and under MQTT 5 it asked for
+    Clean Start, so the broker discarded the QoS 1 messages it had queued for the thing, with
+    nothing said (session present is 0 after a Clean Start). It resumes the session instead."""
+    first = Daemon(write_config(tmp_path / "first", broker, mqtt={"protocol": "5"}), tmp_path / "first")
+    try:
+        first.start().wait_api(20)
+        wait_for(lambda: _ingress_up(first), 20, "the first daemon subscribed")
+    finally:
+        first.stop()
+    queued = [f"queued-{i}".encode() for i in range(5)]
+    for payload in queued:  # no daemon runs: the broker queues them in the session
+        publish(broker, INGRESS_TOPIC, payload)
+    fresh = Daemon(write_config(tmp_path / "fresh", broker, mqtt={"protocol": "5"}), tmp_path / "fresh")
+    try:
+        fresh.start().wait_api(20)
+        with connect(str(fresh.socket_path)) as fx:
+            wait_for(lambda: len(fx.messages()) >= len(queued), 20, "the queued messages stored")
+            assert sorted(m.payload for m in fx.messages()) == queued
+    finally:
+        fresh.stop()
+    assert f"as {THING} (p5, c0," in broker.log_text()
+    assert "(p5, c1," not in broker.log_text()  # no Clean Start, ingress or egress
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_broker_restart_keeps_the_session(broker: Broker, tmp_path: Path, protocol: str) -> None:
+    """mosquitto 2.0.11 saves a session at a clean restart in both protocols, unless the link
+    was up on an MQTT 5 Clean Start (measured: session present false after the restart, as the
+    old first connection of a store had it), which is never asked for."""
+    p = session_probe(tmp_path, broker, protocol, seen=False)
     p.run_until(lambda: connections(p) == 1, 10, "connected")
     broker.restart()
     p.run_until(lambda: connections(p) == 2, 15, "reconnected")
-    assert p.connection.sessions_lost == lost
+    assert p.connection.session_present and p.connection.sessions_lost == 0
     p.connection.close(2)
 
 
 def test_mqtt5_session_expiry_is_what_the_broker_keeps(broker: Broker, tmp_path: Path) -> None:
     """sessionExpirySeconds 0: the broker ends the session at the drop, and the next CONNACK's
     session-present flag says so (the warning the ingress logs)."""
-    p = session_probe(tmp_path, broker, "5", clean_start=True, sessionExpirySeconds=0)
+    p = session_probe(tmp_path, broker, "5", seen=False, sessionExpirySeconds=0)
     p.run_until(lambda: connections(p) == 1, 10, "connected")
     p.connection._abort_socket()
     p.run_until(lambda: connections(p) == 2, 15, "reconnected")
@@ -85,7 +116,7 @@ def test_mqtt5_session_expiry_is_what_the_broker_keeps(broker: Broker, tmp_path:
 
 def test_auto_falls_back_to_3_1_1_on_a_broker_without_mqtt5(rabbitmq, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="flashlexd.mqtt")
-    p = session_probe(tmp_path, rabbitmq, "auto", clean_start=False)
+    p = session_probe(tmp_path, rabbitmq, "auto", seen=True)
     started = time.monotonic()
     p.run_until(lambda: connections(p) == 1, 15, "connected after the fallback")
     assert time.monotonic() - started < 5
@@ -126,7 +157,7 @@ def test_a_remembered_fallback_applies_to_auto_only() -> None:
 
 
 def test_mqtt5_only_names_the_refusal_of_a_broker_without_it(rabbitmq, tmp_path: Path) -> None:
-    p = session_probe(tmp_path, rabbitmq, "5", clean_start=False)
+    p = session_probe(tmp_path, rabbitmq, "5", seen=True)
     assert "does not speak MQTT 5" in p.first_error(15)
     assert p.connection.protocol == "5"
 
@@ -136,7 +167,7 @@ def test_a_disconnect_from_the_broker_is_named_by_its_reason(certs, tmp_path: Pa
     0x95: the one-line reason names it (3.1.1 would only see the connection close)."""
     broker = Broker(certs, tmp_path / "broker", extra=["max_packet_size 2000"]).start()
     try:
-        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p = session_probe(tmp_path, broker, "5", seen=True)
         p.run_until(lambda: connections(p) == 1, 10, "connected")
         p.connection.client.publish("a/b", b"x" * 3000, 1)  # bypasses the egress's own size check
         error = p.first_error(10)
@@ -447,7 +478,7 @@ def test_the_brokers_server_keep_alive_is_honoured(certs, tmp_path: Path) -> Non
     paho pings by it and the link watch's silence deadline follows."""
     broker = Broker(certs, tmp_path / "broker", extra=["max_keepalive 10"]).start()
     try:
-        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p = session_probe(tmp_path, broker, "5", seen=True)
         p.run_until(lambda: connections(p) == 1, 10, "connected")
         assert p.connection.limits.server_keepalive == 10 and p.connection.keepalive == 10
         assert p.connection.client._keepalive == 10  # paho's own pings
@@ -464,7 +495,7 @@ def test_a_client_kept_across_links_offers_our_keepalive_at_each_connect(certs, 
     link after 15 s of silence, after every reconnect (found by review)."""
     broker = Broker(certs, tmp_path / "broker", extra=["max_keepalive 10"]).start()
     try:
-        p = session_probe(tmp_path, broker, "5", clean_start=False)
+        p = session_probe(tmp_path, broker, "5", seen=True)
         p.run_until(lambda: connections(p) == 1, 10, "connected")
         for n in (2, 3):
             p.connection._abort_socket()  # a network drop

@@ -83,13 +83,12 @@ class EgressWorker(Worker):
     def setup(self) -> None:
         mqtt = self.config.thing.mqtt
         self.store = Store.from_config(self.config.store, create=False)
-        session = earlier_session(self.store, mqtt.egress_client_id)
+        seen_at = earlier_session(self.store, mqtt.egress_client_id)
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
-                                     on_publish=self._on_publish, fresh_client=True,
-                                     clean_start=session.clean_start, session_seen_at=session.seen_at,
+                                     on_publish=self._on_publish, fresh_client=True, session_seen_at=seen_at,
                                      fell_back=fell_back_before(self.store, mqtt.egress_client_id),
                                      on_fall_back=noting_fallback(self.store, mqtt.egress_client_id),
-                                     connected_ago=connect_ago(self.name, session.seen_at),
+                                     connected_ago=connect_ago(self.name, seen_at),
                                      on_connect_sent=noting_connects(self.name))
         self.window = mqtt.max_inflight
         self.bytes_limit = mqtt.publish_bytes_rate

@@ -90,21 +90,23 @@ class IngressWorker(Worker):
         self.suback_codes: Dict[str, Any] = {}  # filter -> the reason code its SUBACK gave
         client_id = self.config.thing.mqtt.client_id
         # the filters the broker's session may hold: those recorded (a store with no record
-        # is an earlier version's, which subscribed the pubsub topic) and those configured
+        # is an earlier version's, which subscribed the pubsub topic, or a new one resuming the
+        # session of an earlier life of the client id: its other filters, unknown, are kept
+        # and their messages stored, see `_unsubscribed`) and those configured
         known = self.store.session_topics(client_id) or [t for t in [self.config.thing.mqtt.pubsub_topic] if t]
         self.session_topics = list(dict.fromkeys([*known, *self.topics]))
         self.recorded = known == self.session_topics
         self.unwanted = [t for t in self.session_topics if t not in self.topics]
         self.stale: Dict[str, bool] = {}  # topic -> whether only an unwanted filter matches it
         self.said_unwanted = False
-        session = earlier_session(self.store, client_id)
+        seen_at = earlier_session(self.store, client_id)
         self.connection = Connection(self.config, client_id, self._on_change,
                                      on_publishes=self._on_publishes,
-                                     track_session=True, session_seen_at=session.seen_at,
-                                     clean_start=session.clean_start, on_build=self._set_up_client,
+                                     track_session=True, session_seen_at=seen_at,
+                                     on_build=self._set_up_client,
                                      fell_back=fell_back_before(self.store, client_id),
                                      on_fall_back=noting_fallback(self.store, client_id),
-                                     connected_ago=connect_ago(self.name, session.seen_at),
+                                     connected_ago=connect_ago(self.name, seen_at),
                                      on_connect_sent=noting_connects(self.name))
         self.dedupe = self.config.store.dedupe
         self.barrier = AckBarrier(self.connection, self.config.thing.mqtt.client_id)

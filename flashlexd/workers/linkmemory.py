@@ -1,7 +1,8 @@
 """What a link's worker finds from earlier worker processes (in the store, or in memory).
 
 - Its broker session: when a link of this client id was last up on a persistent session. None
-  means the store's first connection, the only one that asks for MQTT 5 Clean Start.
+  means the store's first connection, which resumes whatever session the broker holds (never
+  MQTT 5 Clean Start: the messages it queued for the thing are ours) but reports no loss.
 - A broker without MQTT 5, remembered for the rest of the daemon's run. With `thing.mqtt.protocol: auto` each link probes MQTT 5 first. A worker that had to fall back
 to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
 on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 from flashlexd import connectpace
 from flashlexd.store import Store, StoreError
@@ -21,20 +22,15 @@ from flashlexd.store import Store, StoreError
 log = logging.getLogger("flashlexd")
 
 
-class EarlierSession(NamedTuple):
-    seen_at: Optional[float]  # wall clock; None: never seen, or the store could not tell
-    clean_start: bool         # MQTT 5 Clean Start on the first CONNECT
-
-
-def earlier_session(store: Store, client_id: str) -> EarlierSession:
-    """Clean Start only when the store is readable and has never seen a session of `client_id`:
-    a store that cannot be read must not make the broker drop the session it keeps for us."""
+def earlier_session(store: Store, client_id: str) -> Optional[float]:
+    """When (wall clock) a link of `client_id` was last up; None: never seen, or the store
+    could not tell. Only the report of a lost session depends on it."""
     try:
-        seen_at = store.session_seen(client_id)
+        return store.session_seen(client_id)
     except StoreError as exc:  # damage is logged by the store; a lost session then goes unsaid
-        log.warning("no record of an earlier session of %s, the broker's is kept: %s", client_id, exc)
-        return EarlierSession(None, False)
-    return EarlierSession(seen_at, seen_at is None)
+        log.warning("no record of an earlier session of %s, a session the broker lost goes unsaid: %s",
+                    client_id, exc)
+        return None
 
 
 def fell_back_before(store: Store, client_id: str) -> bool:
