@@ -427,7 +427,7 @@ class Connection:
             self.throttled += 1
             self._dead_reason = (f"{unacknowledged} publishes to {where} not acknowledged within"
                                  f" {self.watch.operation_timeout:g}s though the link is alive"
-                                 f" (throttled, or it took one it refuses: see poisonAttempts);"
+                                 f" (throttled, slow, or it took one it refuses without a word);"
                                  f" resending them on a new connection")
         else:
             self._dead_reason = (f"no SUBACK/UNSUBACK from {where} within"

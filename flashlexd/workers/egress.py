@@ -104,6 +104,7 @@ class EgressWorker(Worker):
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
         self.unacked_since: Dict[int, float] = {}  # entry id -> first sent, until acknowledged
         self.acked_on_link = 0                     # PUBACKs on the current connection
+        self.unacknowledged_links = (0, 0)         # (oldest entry id, links in a row it stalled)
         self.drop_to_judge: Optional[_Drop] = None  # the last link's drop, judged at the next CONNACK
         self.done: List[int] = []           # acknowledged, to delete
         self.done_since = 0.0               # when the oldest of them was acknowledged
@@ -269,14 +270,13 @@ class EgressWorker(Worker):
             attempts = self.poison.attempts
             self._dead_letter(skipped, f"the broker acknowledged later publishes but never this one,"
                               f" on {attempts} connections in a row", attempts)
-        # a link the broker closed itself can be an entry's fault, and so can one that kept
-        # answering our pings but stopped acknowledging publishes: RabbitMQ takes a publish over
-        # its max_message_size so, and processes nothing after it on that link (over a quota,
-        # AWS acknowledges the later ones: OVERTAKEN, above). One that went silent says nothing
-        if self.connection.last_verdict in (None, Verdict.UNACKNOWLEDGED) \
-                and not self.connection.closed_for_other_cause:
+        # only a link the broker closed itself can be an entry's fault: one we closed because it
+        # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
+        if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
             self.drop_to_judge = _Drop(sent, self.acked_on_link > 0, error, self.connection.attempts,
                                        self.connection.cut_mid_upload)
+        elif self.connection.last_verdict is Verdict.UNACKNOWLEDGED and sent:
+            self._unacknowledged_again(min(sent))
         self._delete_done()  # so acknowledged entries are not sent again
         # the lowest id, not the first sent: after a 0x97 rewind an entry is sent again after
         # later ones still in flight
@@ -297,6 +297,22 @@ class EgressWorker(Worker):
             self._dead_letter(drop.sent[0], f"the link dropped {drops} times while it was alone in flight"
                               f" (a cut before the broker had it whole counts as 1/{MID_UPLOAD_CUTS});"
                               f" last: {drop.error or 'closed by the broker'}", drops)
+
+    def _unacknowledged_again(self, oldest: _InFlight) -> None:
+        """A slow or throttling broker and one that took an entry it refuses without a word
+        (RabbitMQ over its max_message_size: nothing after it is acknowledged on that link)
+        look the same, so such links are no poison search's evidence (a healthy entry would be
+        dead-lettered behind a slow broker); the entry is sent again, and once it has been the
+        oldest unacknowledged on `poisonAttempts` such links in a row, one WARNING names it."""
+        entry, links = self.unacknowledged_links
+        links = links + 1 if entry == oldest.entry_id else 1
+        self.unacknowledged_links = (oldest.entry_id, links)
+        if links == self.poison.attempts:
+            log.warning("outbox entry %d (topic %s, %d bytes) was not acknowledged on %d links in a"
+                        " row while the broker still answered; it is sent again. A broker may refuse"
+                        " an entry so (RabbitMQ over its max_message_size): `flashlexctl outbox drop"
+                        " %d` gives it up", oldest.entry_id, oldest.topic, oldest.size, links,
+                        oldest.entry_id)
 
     def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
         """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""
