@@ -116,7 +116,10 @@ def dump_stacks_on_sigusr1(process: str) -> None:
     worker stays faulthandler's own (`faulthandler.enable`)."""
     def dump(signum: int, frame: Any) -> None:
         header = f"flashlexd {process}, pid {os.getpid()}: every thread's stack (SIGUSR1)\n"
-        _write_all(sys.stderr.fileno(), header.encode() + _stacks())
+        try:
+            _write_all(sys.stderr.fileno(), header.encode() + _stacks())
+        except OSError:  # stderr full or gone, no fd left for the memfd: nowhere to say so, and
+            pass         # a process must not die of a diagnostic asked of it (as faulthandler's)
 
     signal.signal(signal.SIGUSR1, dump)
 

@@ -351,6 +351,31 @@ def test_sigusr1_to_the_process_group_heads_each_stack_dump_with_its_process(dae
                 f"line {number}: {line!r} after {previous!r}"
 
 
+def test_sigusr1_with_stderr_unwritable_harms_no_process(daemon_config, tmp_path):
+    """The dump's write failing (stderr on a full disk: ENOSPC) raised out of the handler into
+    the worker's loop: every worker died at a SIGUSR1, and a few in a row made the daemon
+    exit for a crash loop (found by review; /dev/full stands in for the full disk)."""
+    def to_dev_full() -> None:
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, 1)
+        os.dup2(full, 2)
+
+    running = Daemon(daemon_config, tmp_path / "d", preexec=to_dev_full).start()
+    try:
+        running.wait_api(20)
+        workers = wait_for(lambda: (lambda c: c if len(c) == 3 else None)(running.children()), 20, "three workers")
+        for _ in range(3):
+            os.killpg(running.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 2  # the workers handle it at their next heartbeat (0.2 s)
+        while time.monotonic() < deadline:
+            assert running.children() == workers and running.proc.poll() is None
+            time.sleep(0.1)
+        with connect(str(running.socket_path)) as fx:
+            assert fx.status()["counters"]["restarts"] == 0
+    finally:
+        running.stop()
+
+
 def _stack_headers(output: str, count: int) -> Optional[List[tuple]]:
     found = [(m.group(1), int(m.group(2))) for m in map(STACK_HEADER.match, output.splitlines()) if m]
     return found if len(found) >= count else None
