@@ -634,6 +634,8 @@ def test_a_fresh_store_keeps_what_a_filter_of_an_earlier_life_brings_until_it_is
         edit_mqtt(config, subscriptions=subscriptions)
         worker = start_worker("ingress", config)
         worker.wait(lambda w: w.mqtt.get("connected"), 20, "subscribed")
+        # said at the fresh store's first link (the earlier life's found none), never again
+        assert worker.log_text().count("from before this store") == 1, worker.log_text()
         publish(broker, "extra/old", f"on the old filter, {subscriptions}".encode())
         publish(broker, INGRESS_TOPIC, b"wanted")
         worker.wait(lambda w: w.counters.get("stored") == received, 20, "the messages stored")

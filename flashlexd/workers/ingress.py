@@ -100,6 +100,7 @@ class IngressWorker(Worker):
         self.stale: Dict[str, bool] = {}  # topic -> whether only an unwanted filter matches it
         self.said_unwanted = False
         seen_at = earlier_session(self.store, client_id)
+        self.fresh_store = seen_at is None  # until its first link: a session kept from before it?
         self.connection = Connection(self.config, client_id, self._on_change,
                                      on_publishes=self._on_publishes,
                                      track_session=True, session_seen_at=seen_at,
@@ -219,11 +220,27 @@ class IngressWorker(Worker):
         except StoreError as exc:
             log.warning("cannot remember that the broker holds our session: %s", exc)
 
+    def _say_if_the_session_is_older_than_the_store(self) -> None:
+        """A store's first link resumes whatever session the broker kept for the client id
+        (never Clean Start: what it queued is ours). The filters an earlier life subscribed in
+        it are unknown here and keep delivering: said once, so that the messages of a filter
+        not configured (or a second copy, under MQTT 5, of one overlapping a configured one)
+        are not a mystery."""
+        fresh, self.fresh_store = self.fresh_store, False
+        if fresh and self.connection.session_present:
+            log.warning("the broker kept a session for client id %r from before this store (a new SD"
+                        " card or store, or another device with this identity): what it queued is"
+                        " stored; a filter it subscribed that `subscriptions` lacks keeps delivering"
+                        " (under MQTT 5 a second copy where it overlaps a configured one): list such"
+                        " a filter once and take it out to unsubscribe it",
+                        self.config.thing.mqtt.client_id)
+
     def _on_change(self, connected: bool, error: Optional[str]) -> None:
         """Up means subscribed: the link is reported connected only once the SUBACK came."""
         self.counters["sessions_lost"] = self.connection.sessions_lost
         if connected:
             self._note_session()
+            self._say_if_the_session_is_older_than_the_store()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation = int.from_bytes(os.urandom(8), "big")
             if not self.connection.session_present:
