@@ -298,6 +298,8 @@ def _unanswered(args: argparse.Namespace) -> str:
     if not changes:
         return ""
     check = {"ack": "messages", "purge": "status"}.get(args.command, args.command)
+    if args.command == "ack" and args.consumer:  # what that consumer has not acked
+        check += f" --consumer {printable(args.consumer)}"
     return f"; it may have been carried out, or partly: check (flashlexctl {check}) and run it again"
 
 

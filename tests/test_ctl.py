@@ -357,6 +357,7 @@ def cut_off(tmp_path):
 
 @pytest.mark.parametrize("argv, check", [
     (("ack", "1"), "flashlexctl messages"), (("purge", "--yes"), "flashlexctl status"),
+    (("ack", "--consumer", "app1", "1"), "flashlexctl messages --consumer app1"),
     (("outbox", "retry", "1"), "flashlexctl outbox"), (("outbox", "drop", "1"), "flashlexctl outbox"),
     (("consumers", "reset", "display", "--to", "latest"), "flashlexctl consumers"),
     (("consumers", "remove", "display"), "flashlexctl consumers")])
