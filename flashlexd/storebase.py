@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Generic, List, Optional, Set, 
 
 import lmdb
 import msgpack
-from flashlexd import __version__, paths, storecheck
+from flashlexd import __version__, ackjournal, paths, storecheck
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.redelivery import Redeliveries
@@ -150,6 +150,7 @@ class StoreBase:
                 paths.make_dir(self.path, paths.DATA_DIR_MODE)  # modes whatever the umask
             elif not self.path.is_dir():
                 raise StoreError(f"cannot open store in {self.path}: the directory is gone")
+            _refuse_a_journal_without_store(self.path)
             _back_the_lock_file(self.path)
             self._check_address_space()
             self._env = lmdb.open(str(self.path), map_size=self._map_bytes, max_readers=_MAX_READERS,
@@ -750,6 +751,15 @@ def full_disk(text: str, directory: Path) -> Optional[str]:
         if free is not None and free < _NEARLY_FULL_BYTES:
             return f"no space left on device ({free} bytes free; {text})"
     return None
+
+
+def _refuse_a_journal_without_store(directory: Path) -> None:
+    """An ack journal with no data.mdb beside it is what a `store recover` into a mount point
+    leaves when cut off while moving the new store's files up (data.mdb goes last): no store,
+    not a fresh one to make there, which would start the daemon on an empty store."""
+    if (directory / ackjournal.FILE_NAME).exists() and not (directory / "data.mdb").exists():
+        raise StoreError(f"no store in {directory} (no data.mdb, yet an ack journal: a store recover"
+                         " into it was cut off? empty it and run the recover again)")
 
 
 def _back_the_lock_file(directory: Path) -> None:

@@ -52,7 +52,7 @@ COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received
 _ID = struct.Struct(">Q")
 ENTRIES = 6  # index of md_entries in an MDB_db
 UNKNOWN = -1  # records lost: the database's own record is unreadable
-PARTIAL = ".partial-"  # NEWDIR.partial-XXXX: the new store until it is whole
+PARTIAL = ".partial-"  # NEWDIR.partial-XXXX, NEWDIR/.partial-XXXX on a mount point: the store until whole
 
 
 _TIME = (int, float)
@@ -194,18 +194,20 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
     if not data_file.is_file():
         return False, [f"no store in {data_dir} (no data.mdb)"]
     try:
-        if to_dir.exists() and any(to_dir.iterdir()):
+        if to_dir.exists() and set(to_dir.iterdir()) - set(_partials_inside(to_dir)):
             return False, [f"{to_dir} is not empty: recover writes a fresh store into a new directory"]
     except OSError as exc:  # a file, or a directory that cannot be listed
         return False, [f"{to_dir}: {exc.strerror}: recover writes a fresh store into a new directory"]
     partial: Optional[Path] = None
     try:
         lines = _clear_partials(to_dir)
-        partial = Path(tempfile.mkdtemp(prefix=to_dir.name + PARTIAL, dir=to_dir.parent))
+        inside = _own_disk(to_dir)
+        partial = Path(tempfile.mkdtemp(prefix=PARTIAL if inside else to_dir.name + PARTIAL,
+                                        dir=to_dir if inside else to_dir.parent))
         ok, copy_lines = _recover_into(data_file, partial, to_dir, cap_bytes)
         lines += copy_lines
         if ok:
-            _put_in_place(data_dir, partial, to_dir)
+            (_move_up if inside else _put_in_place)(data_dir, partial, to_dir)
     except (OSError, lmdb.Error, StoreError, paths.UnsafePath) as exc:
         ok, lines = False, [f"cannot recover {data_dir} into {to_dir}: {exc}"]
     if not ok and partial is not None:
@@ -218,22 +220,59 @@ def _clear_partials(to_dir: Path) -> List[str]:
     (a kill, a power cut): never a store, and they would fill the disk the rerun needs."""
     paths.make_dir(to_dir.parent, paths.PARENT_MODE)
     lines = []
-    for leftover in sorted(to_dir.parent.glob(to_dir.name + PARTIAL + "*")):
+    for leftover in sorted(to_dir.parent.glob(to_dir.name + PARTIAL + "*")) + _partials_inside(to_dir):
         shutil.rmtree(leftover)
         lines.append(f"removed {leftover}: left by a recover that was cut off")
     return lines
+
+
+def _own_disk(to_dir: Path) -> bool:
+    """`to_dir` is a mount point (a new disk): it cannot be renamed onto (EBUSY), and its
+    parent's disk may have no room for the store, so the store is built inside it."""
+    return to_dir.is_dir() and (os.path.ismount(to_dir) or
+                                to_dir.stat().st_dev != to_dir.parent.stat().st_dev)
+
+
+def _partials_inside(to_dir: Path) -> List[Path]:
+    """The partial stores a recover cut off left inside `to_dir`, a mount point: the only
+    entries that do not make it count as not empty."""
+    if not _own_disk(to_dir):
+        return []
+    return sorted(path for path in to_dir.glob(PARTIAL + "*") if path.is_dir() and not path.is_symlink())
 
 
 def _put_in_place(data_dir: Path, partial: Path, to_dir: Path) -> None:
     """The new store, whole (owner, files and names on disk), renamed to `to_dir` in one step:
     a recover cut off before leaves `to_dir` absent or empty, never a store missing records or
     its ack journal that `verify` would pass and the switch-over would put in place."""
+    _make_whole(data_dir, partial)
+    os.rename(partial, to_dir)  # onto a missing or empty directory; `recover` checked which
+    _fsync(to_dir.parent)
+
+
+def _move_up(data_dir: Path, partial: Path, to_dir: Path) -> None:
+    """The new store, whole, moved from `partial` up into `to_dir` (a mount point) file by
+    file, data.mdb last: a recover cut off meanwhile leaves no data.mdb in `to_dir`, so no
+    store that `verify` would pass or `run` would open with messages missing (`run` refuses
+    the ack journal alone). lock.mdb stays behind: LMDB makes it afresh, and a `to_dir` with
+    only it would be opened as a new, empty store."""
+    _make_whole(data_dir, partial)
+    if os.geteuid() == 0:
+        _give_to_owner_of(data_dir, to_dir)  # the mount point is the store's directory
+    moving = [path for path in partial.iterdir() if path.name != "lock.mdb"]
+    for path in sorted(moving, key=lambda path: path.name == "data.mdb"):
+        os.rename(path, to_dir / path.name)
+        _fsync(to_dir)  # each name on disk before the next: data.mdb's after all the others
+    shutil.rmtree(partial)
+    _fsync(to_dir)
+
+
+def _make_whole(data_dir: Path, partial: Path) -> None:
+    """The new store in `partial` owned as the damaged one is and synced to disk."""
     if os.geteuid() == 0:  # only root can (and, under sudo, must) give it away
         _give_to_owner_of(data_dir, partial)
     for path in (*partial.iterdir(), partial):
         _fsync(path)
-    os.rename(partial, to_dir)  # onto a missing or empty directory; `recover` checked which
-    _fsync(to_dir.parent)
 
 
 def _fsync(path: Path) -> None:

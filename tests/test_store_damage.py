@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from flashlexd import storecheck, storetools
-from flashlexd.store import Incoming, Store, StoreDamaged
+from flashlexd.store import Incoming, Store, StoreDamaged, StoreError
 from tests.broker import wait_for
 from tests.damage import CAP, build_store, garble_page, truncate, use_like_the_daemon
 from tests.test_config import make_keys, seed_bytes
@@ -398,6 +398,44 @@ def test_recover_cut_off_mid_copy_leaves_no_store_and_runs_again(tmp_path):
     finally:
         store.close()
 
+
+def test_recover_into_an_empty_mount_point_builds_the_store_on_that_disk(tmp_path):
+    """NEWDIR a new disk's empty mount point (README's "run it again on a larger disk"): the
+    store, built beside NEWDIR and renamed onto it, failed after the whole copy with EBUSY
+    (and with "no space" on a small parent disk; found by review). It is built inside NEWDIR
+    now, its files moved up; a rerun clears a partial store a cut left there, nothing else
+    makes NEWDIR count as empty, and a journal moved up without data.mdb is no store."""
+    from tests.test_ack_journal import journaled, store_then_crash
+    old = tmp_path / "store"
+    old.mkdir()
+    store_then_crash(old, 2000, [2, 4, 5])
+    with mounted_tmpfs(tmp_path / "new", 64) as new:
+        done = flashlexd("store", "recover", "--data-dir", str(old), "--to", str(new))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "inbox: copied 2000, lost 0" in done.stdout and "acks.journal: copied" in done.stdout
+        assert sorted(path.name for path in new.iterdir()) == ["acks.journal", "data.mdb"]
+        store = journaled(new)
+        try:
+            assert store.inbox_count() == 1997
+        finally:
+            store.close()
+        (new / "data.mdb").unlink()  # as a cut mid-move leaves it: the journal up, data.mdb not
+        assert storetools.verify(new)[1] == [f"no store in {new} (no data.mdb)"]
+        with pytest.raises(StoreError, match="no store in .* a store recover into it was cut off"):
+            Store(new, CAP)
+        for path in new.iterdir():
+            path.unlink()
+        (new / ".partial-k1ll3d00").mkdir()
+        (new / ".partial-k1ll3d00" / "data.mdb").write_bytes(b"half")
+        (new / "stray").write_text("")
+        refused = flashlexd("store", "recover", "--data-dir", str(old), "--to", str(new))
+        assert refused.returncode == 1 and f"{new} is not empty" in refused.stdout + refused.stderr
+        (new / "stray").unlink()
+        again = flashlexd("store", "recover", "--data-dir", str(old), "--to", str(new))
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.startswith(f"removed {new / '.partial-k1ll3d00'}: left by a recover that"
+                                       " was cut off"), again.stdout
+        assert sorted(path.name for path in new.iterdir()) == ["acks.journal", "data.mdb"]
 
 def test_recover_copies_a_store_over_a_cap_lowered_since(tmp_path, daemon_config):
     """The map was the config's cap: a store holding more failed with MDB_MAP_FULL's traceback,
