@@ -28,9 +28,26 @@ def _command(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
+def _std_fds_open() -> None:
+    """Started with fds 0-2 closed (`flashlexd run >&- 2>&-`, a bare launcher), the first files
+    the daemon opens would take their numbers and log lines would go into them (a store file,
+    the API socket), and Python's streams are None (the fork server's flush died on it, rc 1
+    without a word): /dev/null stands in, as daemons do, and the streams are made again."""
+    import os
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))
+
+
 def main() -> int:
     """The `flashlexd` command (`python -m flashlexd` and the console script): hold SIGHUP for
     `run` before importing the CLI."""
+    _std_fds_open()
     running = _command(sys.argv[1:]) == "run"
     if running:
         hold()

@@ -376,6 +376,24 @@ def test_sigusr1_with_stderr_unwritable_harms_no_process(daemon_config, tmp_path
         running.stop()
 
 
+def test_a_daemon_started_with_stdout_and_stderr_closed_runs(daemon_config, tmp_path):
+    """`flashlexd run >&- 2>&-` exited 1 at once without a word: Python's streams were None and
+    the fork server's flush raised on them (found by review). Closed fds would also have been
+    taken by the first files opened, and log lines written into them."""
+    def close_stdio() -> None:
+        os.close(1)
+        os.close(2)
+
+    running = Daemon(daemon_config, tmp_path / "d", preexec=close_stdio).start()
+    try:
+        running.wait_api(20)
+        with connect(str(running.socket_path)) as fx:
+            wait_for(lambda: fx.status()["mqtt"]["ingress"]["connected"], 20, "the ingress connected")
+    finally:
+        running.stop()
+    assert running.proc.returncode == 0
+
+
 def _stack_headers(output: str, count: int) -> Optional[List[tuple]]:
     found = [(m.group(1), int(m.group(2))) for m in map(STACK_HEADER.match, output.splitlines()) if m]
     return found if len(found) >= count else None
