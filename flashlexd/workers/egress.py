@@ -309,10 +309,10 @@ class EgressWorker(Worker):
         self.unacknowledged_links = (oldest.entry_id, links)
         if links == self.poison.attempts:
             log.warning("outbox entry %d (topic %s, %d bytes) was not acknowledged on %d links in a"
-                        " row while the broker still answered; it is sent again. A broker may refuse"
-                        " an entry so (RabbitMQ over its max_message_size): `flashlexctl outbox drop"
-                        " %d` gives it up", oldest.entry_id, oldest.topic, oldest.size, links,
-                        oldest.entry_id)
+                        " row while the broker still answered: it is slow, throttling, or refusing"
+                        " this entry without a word (RabbitMQ over its max_message_size); it is sent"
+                        " again, and if it stays so, `flashlexctl outbox drop %d` gives it up",
+                        oldest.entry_id, oldest.topic, oldest.size, links, oldest.entry_id)
 
     def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
         """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""
