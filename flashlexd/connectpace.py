@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 import struct
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 _STAMP = struct.Struct("=q")  # monotonic nanoseconds of the last CONNECT; 0: none yet
 LINKS = ("ingress", "egress")
@@ -32,10 +32,6 @@ class ConnectPace:
         """Seconds since a CONNECT of `link` went out from any process sharing this; None: none."""
         (stamp,) = _STAMP.unpack_from(self._region, _STAMP.size * LINKS.index(link))
         return None if stamp <= 0 else (time.monotonic_ns() - stamp) / 1e9
-
-    def noting(self, link: str) -> Callable[[], None]:
-        """A Connection's `on_connect_sent` for `link`."""
-        return lambda: self.sent(link)
 
 
 _shared: Optional[ConnectPace] = None

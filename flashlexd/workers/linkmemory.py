@@ -12,6 +12,7 @@ The supervisor forgets these notes when the daemon starts (`Store.forget_fallbac
   second per CONNECT."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable, Optional
@@ -56,14 +57,13 @@ def connect_ago(link: str, session_seen_at: Optional[float]) -> Optional[float]:
     worker of this daemon (`connectpace`), or since the link was last up (the store's session
     mark: a daemon started anew, a worker run on its own); None: not known."""
     pace = connectpace.shared()
-    since = [] if pace is None else [pace.seconds_since(link)]
-    if session_seen_at is not None:
-        since.append(time.time() - session_seen_at)
-    known = [s for s in since if s is not None]
-    return min(known) if known else None
+    known = [since for since in (None if pace is None else pace.seconds_since(link),
+                                 None if session_seen_at is None else time.time() - session_seen_at)
+             if since is not None]
+    return min(known, default=None)
 
 
 def noting_connects(link: str) -> Optional[Callable[[], None]]:
     """The Connection's `on_connect_sent` for `link`: stamped where its replacement will look."""
     pace = connectpace.shared()
-    return None if pace is None else pace.noting(link)
+    return None if pace is None else functools.partial(pace.sent, link)
