@@ -71,6 +71,8 @@ def display_stream(daemon, broker):
     """display's stream() that yielded three messages (none acked) in a run that replayed
     display once (the daemon's count of its replays: 1)."""
     path = str(daemon.socket_path)
+    with connect(path) as other:  # READY=1 does not wait for the broker: nor may the publishes
+        wait_for(lambda: other.status()["mqtt"]["ingress"]["connected"], 20, "the ingress subscribed")
     for n in range(3):
         publish(broker, INGRESS_TOPIC, b'{"n": %d}' % n)
     with connect(path) as other:
