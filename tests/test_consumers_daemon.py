@@ -33,10 +33,14 @@ def reload_consumers(daemon, consumers_config, consumers) -> None:
 
 
 def start_daemon(consumers_config, workdir, name: str = "notify") -> Daemon:
-    """A daemon once it said READY=1, its NotifyListener as `notify`."""
+    """A daemon once it said READY=1 and its ingress subscribed (READY=1 does not wait for the
+    broker: a test publishing at once could publish before the thing had a subscription), its
+    NotifyListener as `notify`."""
     notify = NotifyListener(workdir / f"{name}.sock")
     running = Daemon(consumers_config, workdir, env={"NOTIFY_SOCKET": str(notify.path)}).start()
     notify.wait_for("READY=1", timeout=15)
+    with connect(str(running.socket_path)) as fx:
+        wait_for(lambda: fx.status()["mqtt"]["ingress"]["connected"], 20, "the ingress subscribed")
     running.notify = notify
     return running
 
@@ -71,8 +75,6 @@ def display_stream(daemon, broker):
     """display's stream() that yielded three messages (none acked) in a run that replayed
     display once (the daemon's count of its replays: 1)."""
     path = str(daemon.socket_path)
-    with connect(path) as other:  # READY=1 does not wait for the broker: nor may the publishes
-        wait_for(lambda: other.status()["mqtt"]["ingress"]["connected"], 20, "the ingress subscribed")
     for n in range(3):
         publish(broker, INGRESS_TOPIC, b'{"n": %d}' % n)
     with connect(path) as other:
