@@ -40,7 +40,7 @@ def start_daemon(consumers_config, workdir, name: str = "notify") -> Daemon:
     running = Daemon(consumers_config, workdir, env={"NOTIFY_SOCKET": str(notify.path)}).start()
     notify.wait_for("READY=1", timeout=15)
     with connect(str(running.socket_path)) as fx:
-        wait_for(lambda: fx.status()["mqtt"]["ingress"]["connected"], 20, "the ingress subscribed")
+        wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 20, "the ingress subscribed")
     running.notify = notify
     return running
 
