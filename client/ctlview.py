@@ -105,6 +105,9 @@ def health(status: Dict[str, Any]) -> List[str]:
     store_error = (mqtt.get("ingress") or {}).get("store_error")
     if store_error:
         problems.append(f"ingress is not storing (messages stay with the broker): {store_error}")
+    refused = (status.get("reload") or {}).get("refused")
+    if refused:  # the file on disk is not what runs, and a restart would not start with it
+        problems.append(f"the last reload was refused, the previous config runs: {refused}")
     dead = (status.get("outbox") or {}).get("dead")
     if dead:
         problems.append(f"{plural(dead, 'dead letter')} in the outbox (see: flashlexctl outbox --dead)")

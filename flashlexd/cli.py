@@ -1,5 +1,6 @@
 """The `flashlexd` command: `run` (the daemon, in the foreground, as systemd wants it),
-`check` (the old bootstrap: is this thing ready?) and `service` (systemd/rsyslog/logrotate files)."""
+`check` (the old bootstrap: is this thing ready?), `service` (systemd/rsyslog/logrotate files),
+`store` (verify, recover) and `reload` (the unit's ExecReload)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from flashlexd import __version__, logs, service, storecmd
+from flashlexd import __version__, logs, reloadcmd, service, storecmd
 from flashlexd.config import ConfigError, LOG_LEVELS
 
 EXIT_CONFIG = 2
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_check_parser(commands)
     service.add_parser(commands)
     storecmd.add_parser(commands)
+    reloadcmd.add_parser(commands)
     return parser
 
 
@@ -140,6 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return service.run(args)
         if args.command == "store":
             return storecmd.run(args)
+        if args.command == "reload":
+            return reloadcmd.run(args)
     except BrokenPipeError:
         return reader_gone()
     raise AssertionError(args.command)

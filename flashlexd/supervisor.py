@@ -120,6 +120,10 @@ class Supervisor:
         self.config_file: Optional[ConfigFile] = None
         self.spawn_error: Optional[str] = None  # logged once until a spawn works again
         self.guard = LoopGuard()
+        # reloads done, and why the last one kept the running config (None: it was applied):
+        # in `status`, where `flashlexd reload` (the unit's ExecReload) reads its outcome
+        self.reloads = 0
+        self.reload_refused: Optional[str] = None
 
     @property
     def config(self) -> Config:
@@ -459,6 +463,7 @@ class Supervisor:
             "counters": {"restarts": sum(w.restarts for w in self.workers.values()),
                          "loop_errors": self.guard.total},
             "api": dict(self.api.counters) if self.api is not None else {},
+            "reload": {"done": self.reloads, "refused": self.reload_refused},
         }
 
     # -- reload ---------------------------------------------------------------------------------
@@ -467,14 +472,17 @@ class Supervisor:
         """SIGHUP: re-validate; on a bad config keep the running one; restart changed workers."""
         if self.announced_ready:  # before READY=1 there is nothing for systemd to reload
             self.notifier.reloading()
+        self.reload_refused = None
         try:
             self._reload()
         except _StoreLost as lost:
-            self.store_lost = str(lost)
+            self.store_lost = self.reload_refused = str(lost)
             log.error("%s; stopping (exit 1: systemd starts it again, its start names the trouble)", lost)
             self.begin_shutdown("the store cannot be opened", EXIT_STORE_GONE)
         except _ReloadRefused as refused:
+            self.reload_refused = str(refused)
             log.error("reload refused, still running the previous config: %s", refused)
+        self.reloads += 1
         self._reload_done()
 
     def _reload(self) -> None:

@@ -47,6 +47,8 @@ def test_status_healthy(harness, capsys):
     (lambda h: h.workers[2].update(state="backoff"), "worker expiry is backoff"),
     (lambda h: h.mqtt["ingress"].update(error="broker refused the subscription to x/#"),
      "ingress MQTT: broker refused the subscription to x/#"),
+    (lambda h: h.reload.update(done=1, refused="flashlex.thing.mqtt.port: expected an integer"),
+     "the last reload was refused, the previous config runs: flashlex.thing.mqtt.port: expected an integer"),
 ])
 def test_status_degraded_exits_1(harness, capsys, change, reason):
     change(harness)

@@ -46,6 +46,7 @@ class Harness:
             {"name": n, "pid": 100 + i, "state": "ready", "restarts": 0, "heartbeat_age": 0.2}
             for i, n in enumerate(("ingress", "egress", "expiry"))]
         self.mqtt = {"ingress": {"connected": True}, "egress": {"connected": True}}
+        self.reload: Dict[str, Any] = {"done": 0, "refused": None}
         self.rules = ApiRules(EGRESS_TOPIC, queueing, MAX_PAYLOAD, DEFAULT_MAX_TOPIC_BYTES, MAX_PAYLOAD)
         self.methods = Methods(lambda: self.store, self.supervisor_status, self.outbox_added,
                                lambda: self.egress_online, lambda: self.rules,
@@ -57,7 +58,7 @@ class Harness:
 
     def supervisor_status(self) -> Dict[str, Any]:
         return {"version": "0.1.0", "uptime": 12.5, "workers": self.workers, "mqtt": self.mqtt,
-                "counters": {"restarts": 0}}
+                "counters": {"restarts": 0}, "reload": self.reload}
 
     def outbox_added(self) -> None:
         self.outbox_wakeups += 1

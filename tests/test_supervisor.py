@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,47 @@ def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     assert any(f.startswith("MONOTONIC_USEC=") for t, f in notify.lines() if t >= hup_at)
     assert "reload refused" in daemon.output()
     assert daemon.children() == before
+
+
+def _reload_command(daemon: Daemon) -> "subprocess.CompletedProcess[str]":
+    """`flashlexd reload`, as the unit's ExecReload runs it."""
+    return subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon.config),
+                           "--socket", str(daemon.socket_path), str(daemon.pid)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_reload_command_fails_with_the_reason_when_the_config_is_refused(daemon, notify, daemon_config):
+    """Found by review: `systemctl reload` (ExecReload=kill -HUP) succeeded on a config the
+    daemon refused; the reason was only in the journal. The unit's `flashlexd reload` waits for
+    the outcome and fails with it."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    before = daemon.children()
+    good = daemon_config.read_text()
+    daemon_config.write_text(good.replace("port: ", "port: abc #"))
+    refused = _reload_command(daemon)
+    assert refused.returncode == 1, refused
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused, still running the previous config" in lines[0] \
+        and "port" in lines[0], lines
+    assert daemon.children() == before
+    with connect(str(daemon.socket_path)) as fx:
+        assert fx.status()["reload"] == {"done": 1, "refused": lines[0].split("previous config: ", 1)[1]}
+
+    daemon_config.write_text(good)
+    applied = _reload_command(daemon)
+    assert (applied.returncode, applied.stderr) == (0, ""), applied
+    with connect(str(daemon.socket_path)) as fx:
+        assert fx.status()["reload"] == {"done": 2, "refused": None}
+
+
+def test_the_reload_command_says_when_the_daemon_is_not_there(daemon_config, tmp_path):
+    absent = Daemon(daemon_config, tmp_path)  # never started: no socket
+    result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon_config),
+                             "--socket", str(absent.socket_path), str(os.getpid())],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("flashlexd reload: not sent: cannot reach the daemon's API"), result.stderr
 
 
 def test_a_sighup_while_the_daemon_starts_reloads_once_it_runs(daemon_config, tmp_path, notify):

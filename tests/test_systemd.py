@@ -162,6 +162,25 @@ def test_systemctl_stop_exits_cleanly(systemd):
     assert "stopping: received SIGTERM" in systemd.log.read_text(errors="replace")
 
 
+def test_systemctl_reload_fails_with_the_reason_when_the_config_is_refused(start_service, daemon_config):
+    """Found by review: ExecReload was `kill -HUP`, so `systemctl reload` succeeded on a config
+    the daemon refused. `flashlexd reload` waits for the outcome; the service stays up."""
+    config = edited(daemon_config)
+    service = start_service(config)
+    first = running(service)
+    good = config.read_text()
+    config.write_text(good.replace("port: ", "port: abc #"))
+    refused = service.run("systemctl", "reload", UNIT)
+    assert refused.returncode != 0, refused
+    line = "flashlexd reload: refused, still running the previous config: "
+    wait_for(lambda: line in service.log.read_text(errors="replace"), 10, "the reload command's line")
+    assert active(service)["MainPID"] == first["MainPID"]
+    config.write_text(good)
+    applied = service.run("systemctl", "reload", UNIT)
+    assert applied.returncode == 0, applied.stderr
+    assert service.log.read_text(errors="replace").count(line) == 1
+
+
 def test_start_on_a_full_disk_retries_until_space_is_freed(start_service, daemon_config):
     """Each start on a full disk fails (exit 1) within a second: systemd's default start limit
     (5 in 10 s) stopped the retries for good, while README promises a start once space frees."""
@@ -377,6 +396,8 @@ def test_service_user_other_than_root(service_user, start_service, daemon_config
         assert uid_line.split()[1:] == [str(user.pw_uid)] * 4
         out = service.run(FLASHLEXCTL, "status")  # root may always talk to it
         assert out.returncode in (0, 1) and "ingress" in out.stdout, out.stderr
+        reload = service.run("systemctl", "reload", UNIT)  # ExecReload as U, in the sandbox
+        assert reload.returncode == 0, service.log.read_text(errors="replace")
     finally:
         shutil.rmtree(install, ignore_errors=True)
 

@@ -1,0 +1,112 @@
+"""`flashlexd reload PID`: the unit's ExecReload. It sends the daemon SIGHUP and waits for the
+reload's outcome, so that `systemctl reload flashlexd` fails when the daemon refused the new
+config (and keeps running the previous one) instead of succeeding as soon as the signal is sent.
+
+The outcome is read from the daemon's `status` (its `reload` part: how many reloads it has done,
+and why the last one was refused). systemd's own documentation asks for an ExecReload that
+waits for the reload to complete, not one that only sends a signal.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from flashlexd.client import Client
+from flashlexd.client.errors import ConnectionLost, FlashlexError
+from flashlexd.client.wire import SOCKET_ENV
+from flashlexd.config import ConfigError
+from flashlexd.unitplaces import read_places
+
+WAIT = 90.0  # seconds; a reload takes at most the key check's 30 s (systemd's TimeoutStartSec bounds it)
+POLL = 0.05  # seconds between status calls while the reload has not been done
+
+
+class ReloadFailed(Exception):
+    """The reload was refused, or its outcome could not be learned (one line)."""
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "reload", help="reload a running daemon's config and wait for the outcome (ExecReload)",
+        description="Send the daemon SIGHUP and wait until it has reloaded its config. Exit 1"
+                    " with its one-line reason when it refused the new config (it keeps running"
+                    " the previous one). The unit's ExecReload, so `systemctl reload flashlexd`"
+                    " fails on a refused config.")
+    parser.add_argument("pid", type=int, help="the daemon's pid (systemd: $MAINPID)")
+    parser.add_argument("--config", "-c", required=True,
+                        help="the config file the daemon runs with (its socket path is read from it)")
+    parser.add_argument("--socket", help="API socket path (default: $FLASHLEXD_SOCKET, then the config's)")
+    parser.add_argument("--timeout", type=float, default=WAIT, metavar="S",
+                        help=f"seconds to wait for the outcome (default: {WAIT:g})")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        reload(args.pid, _socket_path(args), args.timeout)
+    except ReloadFailed as failed:
+        print(f"flashlexd reload: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    """The daemon's own precedence (`run` under the unit has no --socket): $FLASHLEXD_SOCKET,
+    then the config's flashlex.app.socket.path."""
+    if args.socket or os.environ.get(SOCKET_ENV):
+        return args.socket or os.environ[SOCKET_ENV]
+    try:
+        places, unreadable = read_places(Path(args.config))
+    except ConfigError as exc:
+        unreadable = str(exc)
+    if unreadable:  # the daemon would refuse it the same way: not sent
+        raise ReloadFailed(f"not sent, the daemon keeps running its previous config: {unreadable}")
+    return places.socket_path
+
+
+def reload(pid: int, socket_path: str, timeout: float) -> None:
+    """SIGHUP to `pid`, then wait until its `status` counts one more reload done."""
+    deadline = time.monotonic() + timeout
+    client = _client(socket_path, deadline)
+    try:
+        before = _reloads(client)["done"]
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            raise ReloadFailed(f"cannot signal pid {pid}: {exc.strerror}") from None
+        while True:
+            outcome = _reloads(client)
+            if outcome["done"] > before:
+                break
+            if time.monotonic() > deadline:
+                raise ReloadFailed(f"SIGHUP sent; no reload done within {timeout:g}s (see the daemon's log)")
+            time.sleep(POLL)
+    finally:
+        client.close()
+    if outcome["refused"]:
+        raise ReloadFailed(f"refused, still running the previous config: {outcome['refused']}")
+
+
+def _client(socket_path: str, deadline: float) -> Client:
+    try:
+        return Client(socket_path, timeout=max(1.0, deadline - time.monotonic()))
+    except FlashlexError as exc:
+        raise ReloadFailed(f"not sent: cannot reach the daemon's API ({exc})") from None
+
+
+def _reloads(client: Client) -> Dict[str, Any]:
+    """The daemon's `reload` status: {"done": N, "refused": reason or None}. The daemon answers
+    once a reload under way is over (the reload holds its loop)."""
+    try:
+        part: Optional[Dict[str, Any]] = client.status().get("reload")
+    except ConnectionLost:
+        raise ReloadFailed("the daemon stopped during the reload (see its log)") from None
+    except FlashlexError as exc:
+        raise ReloadFailed(f"cannot read the reload's outcome: {exc}") from None
+    if not isinstance(part, dict):  # a daemon older than this command
+        raise ReloadFailed("this daemon does not report its reloads: restart it to run this version")
+    return part
