@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import grp
 import json
+import logging
 import os
 import select
 import socket
@@ -20,6 +21,8 @@ from flashlexd.client.wire import (DEFAULT_SOCKET, HEADER, MAX_IDS_PER_ACK, MAX_
                                    MAX_WAIT_SECONDS, PROTOCOL_VERSION, SOCKET_ENV, Code, encode_frame)
 
 IdLike = Union[int, str, Message]
+log = logging.getLogger("flashlexd.client")
+RECONNECT_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between tries while the daemon is away
 
 
 def socket_path(path: Optional[str] = None) -> str:
@@ -255,6 +258,24 @@ class Client:
             self._drop()
             raise _unread(frame["error"], method, sent)
 
+    def reconnect(self) -> None:
+        """After `DaemonNotRunning` (or `ConnectionLost`): block until the daemon answers
+        again, as after `systemctl restart flashlexd` or an upgrade, trying every 2 s at most;
+        one WARNING says it is waiting. A socket this user may not open (`PermissionDenied`)
+        is raised: waiting would not cure it."""
+        tries = 0
+        while True:
+            try:
+                with self._lock:
+                    self._drop()
+                    self._connect()
+                return
+            except DaemonNotRunning as away:
+                if tries == 0:
+                    log.warning("%s; waiting for it to come back", away)
+                time.sleep(RECONNECT_PAUSES[min(tries, len(RECONNECT_PAUSES) - 1)])
+                tries += 1
+
     def close(self) -> None:
         with self._lock:
             self._drop()
@@ -439,11 +460,17 @@ class Client:
                after: Optional[IdLike] = None) -> Iterator[Message]:
         """Every message as it arrives, forever (oldest unacknowledged first). Uses `wait` with
         the last id seen, so it yields each message once even if it is never acknowledged; a
-        replay of its consumer (`reset`, from any client) starts it over from `after`."""
+        replay of its consumer (`reset`, from any client) starts it over from `after`. A daemon
+        that goes away (a restart) is waited for (`reconnect`), and the stream goes on from its
+        last message."""
         start = last = None if after is None else int(_wire_id(after))
         while True:
             replays = self._replay_events
-            batch = self.records(limit, topic, last, timeout_per_wait, until_replay=True)
+            try:
+                batch = self.records(limit, topic, last, timeout_per_wait, until_replay=True)
+            except DaemonNotRunning:  # ConnectionLost is one: the wait is a read, safe to repeat
+                self.reconnect()
+                continue
             for message in map(Message.from_wire, batch):
                 last = message.id
                 yield message

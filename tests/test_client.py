@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import List
 
 import pytest
 
@@ -130,6 +131,37 @@ def test_stream_yields_each_message_once(harness, fx):
     harness.ingest(("t", b"2"), ("t", b"3"))
     assert [next(stream).payload, next(stream).payload] == [b"2", b"3"]
     stream.close()
+
+
+def test_stream_waits_for_a_restarted_daemon_and_goes_on_from_its_last_message(tmp_path, caplog):
+    """Found by review: `stream()`, "forever", ended with ConnectionLost at the daemon's restart
+    (`systemctl restart`, an upgrade), taking the app down with it."""
+    first = Harness(tmp_path).start()
+    client = connect(first.path)
+    stream = client.stream(timeout_per_wait=5)
+    try:
+        first.ingest(("t", b"1"))
+        assert next(stream).payload == b"1"
+        first.stop()
+        restarted: List[Harness] = []
+
+        def restart_once_the_stream_waits() -> None:
+            wait_for(lambda: any("waiting for it to come back" in r.getMessage() for r in caplog.records),
+                     10, "the stream's warning")
+            restarted.append(Harness(tmp_path, path=first.path).start())  # the same store
+            restarted[0].ingest(("t", b"2"))
+
+        helper = threading.Thread(target=restart_once_the_stream_waits)
+        helper.start()
+        try:
+            assert next(stream).payload == b"2"  # not "1" again: it goes on from its last
+        finally:
+            helper.join()
+    finally:
+        stream.close()
+        client.close()
+        for harness in restarted:
+            harness.stop()
 
 
 def test_publish_json_bytes_and_text(harness, fx):

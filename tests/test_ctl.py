@@ -18,9 +18,9 @@ from flashlexd.client.wire import HEADER
 from tests.daemon import default_sigint
 
 try:
-    from test_ipc_server import harness, until  # noqa: F401
+    from test_ipc_server import Harness, harness, until  # noqa: F401
 except ImportError:  # tests run as a package
-    from tests.test_ipc_server import harness, until  # noqa: F401
+    from tests.test_ipc_server import Harness, harness, until  # noqa: F401
 
 CTL = [sys.executable, "-m", "flashlexd.client.ctl"]
 
@@ -157,6 +157,32 @@ def test_tail_follows_until_ctrl_c(harness, extra):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_tail_follows_on_across_a_restart_of_the_daemon(tmp_path):
+    """Found by review: `flashlexctl tail` ended with "closed the connection" when the daemon
+    restarted; it says it waits, and prints what the restarted daemon stores."""
+    first = Harness(tmp_path).start()
+    proc = subprocess.Popen(CTL + ["--socket", first.path, "tail"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    again = None
+    try:
+        until(lambda: first.call(lambda: first.server.parked_count) == 1, timeout=10, what="tail waiting")
+        first.stop()
+        ready, _, _ = select.select([proc.stderr], [], [], 10)
+        assert ready and "waiting for it to come back" in proc.stderr.readline()
+        again = Harness(tmp_path, path=first.path).start()
+        again.ingest(("live/2", b"after the restart"))
+        line = _read_line(proc)
+        assert "live/2" in line and "after the restart" in line
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        if again is not None:
+            again.stop()
 
 
 def test_idle_tail_asks_again_within_seconds(harness):
