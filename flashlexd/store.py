@@ -402,16 +402,18 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         return self._write(work)  # type: ignore[return-value]
 
     @guarded
-    def note_clock(self) -> bool:
+    def note_clock(self) -> Optional[float]:
         """Record a step of the wall clock in this boot's frame now, not at the next append or
         sweep: after a power cut the frame's last offset is what re-bases this boot's stamps,
         and a quiet device (no expireSeconds, no message since the step) wrote none. No write
-        unless the clock stepped. True when it did."""
+        unless the clock stepped since this process last looked (another process may have
+        recorded it: then nothing is written). The step in seconds (negative: back), or None."""
         reading = self._frames.reading()
         if not self._frames.current.stepped(reading):
-            return False
+            return None
+        step = reading.offset - self._frames.current.last
         self._write(lambda txn: self._frames.note(txn, reading))
-        return True
+        return step
 
     def _remove(self, txn: lmdb.Transaction, key: bytes) -> bool:
         """Delete inbox message `key` if it is still stored; True if it was."""

@@ -32,7 +32,7 @@ from flashlexd.rates import RateMeter
 from flashlexd.wear import WriteMeter
 from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.unitplaces import STOP_MARGIN
-from flashlexd.store import Store, StoreError
+from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.workerproc import State, WorkerProcess, describe_exit
 
 log = logging.getLogger(__name__)
@@ -422,6 +422,7 @@ class Supervisor:
             log.error("%s; nothing stored since was acknowledged to the broker. Stopping: the"
                       " next start opens the data dir as it is then", gone)
             self.begin_shutdown("the store was removed", EXIT_STORE_GONE)
+        self._note_clock()
         try:
             stats: Optional[Dict[str, Any]] = self.store.stats()
         except StoreError:  # damage: logged once by the store, named in the status line
@@ -431,6 +432,20 @@ class Supervisor:
             pids = [os.getpid(), *(w.pid for w in self.workers.values() if w.pid is not None)]
             self.wear.sample(now, pids, stats["received"])
         self.notifier.status(self.status_line(stats))
+
+    def _note_clock(self) -> None:
+        """A step of the wall clock (NTP setting a Pi's clock at boot) recorded in the store
+        within a second: a power cut right after it must not leave this boot's stamps under the
+        old offset, or after the reboot its messages and outbox entries look that much older
+        and expire (clock.py's reboot rule). Writes only at a step."""
+        try:
+            step = self.store.note_clock()  # type: ignore[union-attr]
+        except StoreError as exc:
+            if not isinstance(exc, StoreDamaged):  # damage: the store logged it once
+                log.error("recording a clock step failed: %s", exc)
+            return
+        if step is not None:
+            log.info("the wall clock stepped %+.0f s; recorded in the store", step)
 
     def status_line(self, stats: Optional[Dict[str, Any]]) -> str:
         links = []

@@ -26,7 +26,6 @@ class ExpiryWorker(Worker):
     def tick(self, now: float) -> float:
         if now < self._next_sweep:
             return self._next_sweep - now
-        self._note_clock()
         if self.config.store.expire_seconds is None and not self._messages_expire():
             self._next_sweep = now + self.config.store.sweep_seconds
             return self.config.store.sweep_seconds
@@ -43,15 +42,6 @@ class ExpiryWorker(Worker):
             return 0.0  # more to do: yield to the loop (heartbeat, stop) and continue
         self._next_sweep = now + self.config.store.sweep_seconds
         return self.config.store.sweep_seconds
-
-    def _note_clock(self) -> None:
-        """A clock step recorded in the boot's frame within a sweepSeconds, whether or not
-        anything expires (clock.py: the reboot rule reads it)."""
-        try:
-            self.store.note_clock()
-        except StoreError as exc:
-            if not isinstance(exc, StoreDamaged):
-                log.error("recording a clock step failed: %s", exc)
 
     def _messages_expire(self) -> bool:
         try:
