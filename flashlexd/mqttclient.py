@@ -16,7 +16,7 @@ from flashlexd.dialer import DialedClient
 from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
 from flashlexd.quotas import ALPN_PORT, ALPN_PROTOCOL
-from flashlexd.timesync import clock_problem
+from flashlexd.timesync import clock_problem, dates_problem
 
 WEBSOCKET_PATH = "/mqtt"
 # An alert the broker sends when it does not accept our client certificate.
@@ -125,7 +125,7 @@ def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
     """One line saying why a connection failed, naming the file or setting to look at."""
     where = f"{thing.endpoint}:{thing.mqtt.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        clock = clock_problem(exc, thing, timeout)  # not yet valid / expired by a wrong clock
+        clock = clock_problem(exc, thing, timeout) or dates_problem(exc, where)  # by the clock
         if clock:
             return clock
         if exc.verify_code in (_HOST_MISMATCH, _HOST_MISMATCH + 2):

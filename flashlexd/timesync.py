@@ -90,6 +90,19 @@ def clock_problem(exc: BaseException, thing: Thing, timeout: float) -> Optional[
     return problem
 
 
+def dates_problem(exc: BaseException, where: str) -> Optional[str]:
+    """The one-line error of a certificate outside its dates by a clock that looks set: the
+    certificate is the likely culprit, but the line says what the clock says, which may still
+    be wrong (a clock stepped by hand, NTP lying), rather than blaming rootCA."""
+    code = getattr(exc, "verify_code", None)
+    if code not in (_NOT_YET_VALID, _EXPIRED):
+        return None
+    state = "is not yet valid" if code == _NOT_YET_VALID else "has expired"
+    return (f"TLS: the broker's certificate at {where}, or a CA certificate above it, {state} by"
+            f" the system clock, which says {_utc(time.time(), '%Y-%m-%d %H:%M UTC')}: renew it,"
+            " or set the clock if that is wrong")
+
+
 def _wording(not_yet_valid: bool, now: float, why: str, thing: Thing, timeout: float) -> str:
     clock = _utc(now, "%Y-%m-%d %H:%M UTC")
     validity = broker_validity(thing, min(timeout, PROBE_SECONDS))

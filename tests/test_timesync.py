@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,14 @@ def test_a_certificate_date_error_with_an_unsynchronised_clock_names_the_clock(
     assert message.endswith(": waiting for time sync") and "rootCA" not in message
 
 
+@pytest.mark.parametrize("code, words", [(9, "is not yet valid"), (10, "has expired")])
 def test_a_certificate_date_error_with_a_synchronised_clock_blames_the_certificate(
-        broker, tmp_path: Path, systemd: Path):
+        broker, tmp_path: Path, systemd: Path, code: int, words: str):
+    """Found by review: it said "not trusted by rootCA (certificate has expired)", reading
+    like a CA problem, and did not say what the clock said (it may still be wrong)."""
     (systemd / "synchronized").touch()
     thing = config_module.load(str(write_config(tmp_path / "etc", broker))).thing
-    message = describe_error(certificate_error(9), thing, 5)
-    assert "not trusted by rootCA" in message and "time sync" not in message
+    message = describe_error(certificate_error(code), thing, 5)
+    assert f"or a CA certificate above it, {words} by the system clock, which says " in message, message
+    assert time.strftime("%Y-%m-%d", time.gmtime()) in message
+    assert "rootCA" not in message and "time sync" not in message
