@@ -178,6 +178,8 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
                    None if keys_dir else legacy_keys_dir(config_path))
     if app.data.get("thread") == "subscribe":
         thing = replace(thing, mqtt=replace(thing.mqtt, subscribes_pubsub=False))
+    # on the filters the ingress subscribes: `thread: subscribe` leaves the pubsub topic out
+    warnings.extend(quota_warnings(thing.endpoint, "flashlex.thing.mqtt", thing.mqtt, thing.name))
     store = _store(app.section("db"), data_dir)
     api = _api(app.section("socket"), socket_path, store.max_payload_bytes, thing.mqtt.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
@@ -209,7 +211,6 @@ def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_nam
                  legacy_base)
     mqtt = aws_transport(endpoint, f"{section.path}.mqtt",  # type: ignore[arg-type]
                          _mqtt(section.section("mqtt", required=True), name), warnings)  # type: ignore[arg-type]
-    warnings.extend(quota_warnings(endpoint, f"{section.path}.mqtt", mqtt, name))  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 

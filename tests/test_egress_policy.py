@@ -281,6 +281,21 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     assert quota_warnings("mosquitto.local", "x", config.thing.mqtt, "thing") == []  # other brokers: no AWS quotas
 
 
+@pytest.mark.parametrize("extra, warned", [(49, None), (50, "51 topic filters")])
+def test_the_subscription_quota_counts_what_the_ingress_subscribes(tmp_path: Path, extra: int,
+                                                                   warned) -> None:
+    """Found by review: under `thread: subscribe` (the seed config's) the pubsub topic is not
+    subscribed, but the quota warning counted it: 49 filters of the config's own were said to
+    be 51 (the ingress subscribes 50)."""
+    def filters(document) -> None:
+        document["flashlex"]["app"]["thread"] = "subscribe"
+        document["flashlex"]["thing"]["mqtt"]["subscriptions"] = [f"t/{i}" for i in range(extra)]
+    config = load(str(edited_config(tmp_path, filters)))
+    assert len(config.thing.mqtt.ingress_topics()) == extra + 1
+    lines = [w for w in config.warnings if ".subscriptions:" in w]
+    assert lines == ([] if warned is None else [next(w for w in lines if warned in w)]), lines
+
+
 def test_aws_limits_on_client_ids_and_basic_ingest_topics(tmp_path: Path) -> None:
     """A thing name over 121 bytes (AWS allows 128) made `<clientId>-egress` longer than the
     128 bytes AWS takes in a client id: the egress could never connect, and nothing said so;
