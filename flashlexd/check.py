@@ -35,6 +35,7 @@ from flashlexd import config as config_module
 from flashlexd.checkcerts import Failed, check_keys
 from flashlexd.checkprobe import ProbeSession, check_broker
 from flashlexd.config import Config, ConfigError
+from flashlexd.oldstore import old_store_note
 from flashlexd.ratelimit import describe_rate
 
 
@@ -161,8 +162,6 @@ def check_config(path: str, keys_dir: Optional[str], data_dir: Optional[str]) ->
 
 def check_store(config: Config) -> Tuple[str, bool]:
     from flashlexd import paths
-    from flashlexd.store import Store, StoreError
-    from flashlexd.storebase import OlderSchema
 
     directory = config.store.data_dir
     if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
@@ -173,6 +172,17 @@ def check_store(config: Config) -> Tuple[str, bool]:
             paths.check_dir(directory, "data dir")
         except paths.UnsafePath as exc:
             raise Failed(str(exc)) from None
+    detail, ok = _store_figures(config)
+    note = old_store_note(directory)
+    return (detail if note is None else f"{detail}; {note}"), ok
+
+
+def _store_figures(config: Config) -> Tuple[str, bool]:
+    from flashlexd import paths
+    from flashlexd.store import Store, StoreError
+    from flashlexd.storebase import OlderSchema
+
+    directory = config.store.data_dir
     if not (directory / "data.mdb").exists():
         return _store_to_come(directory), True
     # under a running daemon the pages are not walked: the walk reads the file without a reader

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from flashlexd import __version__, logs, reloadcmd, service, storecmd
 from flashlexd.config import ConfigError, LOG_LEVELS
+from flashlexd.oldstore import old_store_note
 
 EXIT_CONFIG = 2
 EXIT_START = 1
@@ -105,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     logs.setup(config.log_level, "flashlexd")
-    for warning in config.warnings:
-        logging.getLogger("flashlexd").warning("%s", warning)
+    for warning in [*config.warnings, old_store_note(config.store.data_dir)]:
+        if warning:
+            logging.getLogger("flashlexd").warning("%s", warning)
     try:
         return Supervisor(config, overrides, hangups).run()
     except SocketGroupError as exc:  # a restart would fail the same way: the config's problem

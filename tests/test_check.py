@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +105,30 @@ def test_the_store_of_a_running_daemon_is_opened_but_its_pages_not_walked(broker
         daemon.stop()
     steps, _ = parse(run_check(config))  # stopped: walked, as before
     assert steps["store"][0] == "ok" and "is running" not in steps["store"][1], steps["store"]
+
+
+def test_the_old_sdks_store_in_the_data_dir_is_named_by_check_and_run(broker: Broker,
+                                                                        tmp_path: Path) -> None:
+    """Found by review: pointed at the FlashLex SDK's data dir, `check` said "0 messages in the
+    inbox" and `run` started empty beside a 20,000-message subscription.json, with nothing
+    saying that flashlexd does not read it (the migration's first step: drain it)."""
+    from tests.daemon import Daemon
+    config = write_config(tmp_path / "thing", broker)
+    data_dir = load(str(config)).store.data_dir
+    data_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+    old = data_dir / "subscription.json"
+    old.write_text(json.dumps({str(n): {"message": {"topic": "t", "payload": "x"}} for n in range(100)}))
+    note = f"{old} ({old.stat().st_size} bytes) is the FlashLex SDK's store: flashlexd does not read it"
+    steps, _ = parse(run_check(config))
+    assert steps["store"][0] == "ok" and note in steps["store"][1], steps["store"]
+    daemon = Daemon(config, tmp_path / "run").start()
+    try:
+        wait_for(lambda: note in daemon.output(), 20, "the daemon's warning")
+    finally:
+        daemon.stop()
+    old.write_text("{}")  # drained: nothing to say
+    steps, _ = parse(run_check(config))
+    assert "FlashLex SDK" not in steps["store"][1]
 
 
 def test_a_store_of_an_earlier_schema_is_named_not_migrated(broker: Broker, tmp_path: Path) -> None:
