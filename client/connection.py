@@ -50,8 +50,10 @@ def _group_hint(path: str) -> str:
         group = grp.getgrgid(gid).gr_name
     except KeyError:
         group = str(gid)
-    return (f"add this user to group {group!r} (then log in again) and its uid to"
-            " flashlex.app.socket.allowUids, or run as root")
+    # either one lets the user in: allowUids makes the socket 0666 and leaves it to the peer check
+    return (f"add this user to group {group!r} (then log in again), or its uid to"
+            " flashlex.app.socket.allowUids (the socket is then 0666 and the daemon's peer check"
+            " decides), or run as root")
 
 
 _CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()  # reset in a forked child

@@ -149,6 +149,9 @@ def test_the_permission_hint_names_the_socket_group_or_how_to_be_let_in() -> Non
         os.chown(path, 0, 4)  # adm on Debian; any non-root group will do
         message = _denied_as_nobody(path)
         assert "add this user to group " in message and "'root'" not in message, message
+        # the group alone lets the user in: allowUids is the other way, not a second step
+        assert "(then log in again), or its uid to flashlex.app.socket.allowUids" in message \
+            and "0666" in message, message
         assert _group_hint(path) == message.split(": ", 1)[1]
         listener.close()
         os.chmod(directory, 0o700)
