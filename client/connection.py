@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import msgpack
 
-from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, PermissionDenied,
+from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, Forbidden, PermissionDenied,
                                      ProtocolError, RpcError, RpcTimeout)
 from flashlexd.client.message import Message, OutboxEntry
 from flashlexd.client.wire import (DEFAULT_SOCKET, HEADER, MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME,
@@ -156,7 +156,7 @@ class Client:
             notice = self._parse_frame() if data else None
             self._drop()
             if isinstance(notice, dict) and isinstance(notice.get("error"), dict):
-                raise _rpc_error(notice["error"], "")
+                raise _rpc_error(notice["error"], "", whole_connection=True)
         if self._sock is None:
             self._connect()
         return self._sock  # type: ignore[return-value]
@@ -542,8 +542,12 @@ def _query(limit: int, topic: Optional[str], after: Optional[IdLike],
     return params
 
 
-def _rpc_error(error: Dict[str, Any], method: str) -> RpcError:
-    return RpcError(str(error.get("code", "error")), str(error.get("message", "")), method)
+def _rpc_error(error: Dict[str, Any], method: str, whole_connection: bool = False) -> RpcError:
+    """The daemon's error; `forbidden` for the whole connection (not for one consumer) is
+    `Forbidden`: this user may not use the daemon at all."""
+    code = str(error.get("code", "error"))
+    kind = Forbidden if whole_connection and code == Code.FORBIDDEN else RpcError
+    return kind(code, str(error.get("message", "")), method)
 
 
 def _unread(error: Dict[str, Any], method: str, sent: int) -> RpcError:
@@ -554,4 +558,4 @@ def _unread(error: Dict[str, Any], method: str, sent: int) -> RpcError:
         return RpcError(Code.PAYLOAD_TOO_LARGE, f"publish: the request of {sent} bytes is larger than"
                         " the daemon reads (flashlex.thing.mqtt.maxPayloadBytes bounds the payload;"
                         " topic and properties add to it); nothing was queued", method)
-    return _rpc_error(error, method)
+    return _rpc_error(error, method, whole_connection=True)

@@ -20,7 +20,8 @@ class ConnectionLost(DaemonNotRunning):
 
 
 class PermissionDenied(FlashlexError):
-    """The socket exists but this user may not open it (see the socket's group)."""
+    """This user may not use the daemon: the socket's mode shuts it out (see the socket's
+    group), or the daemon refused its uid (`Forbidden`)."""
 
 
 class ProtocolError(FlashlexError):
@@ -38,3 +39,9 @@ class RpcError(FlashlexError):
     def __init__(self, code: str, message: str, method: str = ""):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.method = code, message, method
+
+
+class Forbidden(RpcError, PermissionDenied):
+    """The daemon refused this user's connection (its uid is neither in allowUids nor in the
+    socket's group): an RpcError 'forbidden' as ever, and a PermissionDenied as the socket's
+    mode refusing it is, so both are caught as one case."""

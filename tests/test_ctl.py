@@ -1,5 +1,6 @@
 """flashlexctl against a real server: output, --json, exit codes, tail."""
 import base64
+import contextlib
 import io
 import json
 import os
@@ -18,9 +19,9 @@ from flashlexd.client.wire import HEADER
 from tests.daemon import default_sigint
 
 try:
-    from test_ipc_server import Harness, harness, until  # noqa: F401
+    from test_ipc_server import Harness, harness, run_as_nobody, until, world_dir  # noqa: F401
 except ImportError:  # tests run as a package
-    from tests.test_ipc_server import Harness, harness, until  # noqa: F401
+    from tests.test_ipc_server import Harness, harness, run_as_nobody, until, world_dir  # noqa: F401
 
 CTL = [sys.executable, "-m", "flashlexd.client.ctl"]
 
@@ -68,6 +69,32 @@ def test_not_running_is_one_line_and_exit_2(tmp_path):
         done = subprocess.run(CTL + ["--socket", missing, *argv], capture_output=True, text=True)
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and missing in done.stderr and "Traceback" not in done.stderr
+
+
+def _ctl_as_nobody(path, command):
+    """flashlexctl's exit code and stderr as uid 65534: ctl.main in a forked child, since the
+    venv's python (under /root) is closed to nobody."""
+    def attempt() -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = ctl.main(["--socket", path, command])
+        return f"{code} {err.getvalue()}"
+    return run_as_nobody(attempt).split(" ", 1)
+
+
+@pytest.mark.parametrize("mode, said", [
+    (0o660, "flashlexctl: permission denied on "),  # the socket's mode shuts the user out
+    (0o666, "flashlexctl: forbidden: uid 65534 may not use flashlexd"),  # the peer check does
+])
+def test_a_user_refused_by_the_socket_or_by_the_daemon_exits_2_in_one_line(world_dir, mode, said):
+    """Refused by the socket's mode it exited 2, refused by allowUids 1 (found by review)."""
+    h = Harness(world_dir, path=str(world_dir / "api.sock"), mode=mode, allow_uids=()).start()
+    try:
+        for command in ("status", "messages"):
+            code, err = _ctl_as_nobody(h.path, command)
+            assert code == "2" and err.count("\n") == 1 and err.startswith(said), (code, err)
+    finally:
+        h.stop()
 
 
 def test_messages_table_and_json(harness, capsys):
