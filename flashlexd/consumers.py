@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Optional
 
 import msgpack
+from flashlexd.clock import LEGACY_SEQ
 from flashlexd.storedamage import CorruptRecord
-from flashlexd.storerecords import StoreError
+from flashlexd.storerecords import StoreError, _stamp_of
 from flashlexd.topics import topic_matches
 
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")
@@ -82,20 +83,27 @@ class ConsumerState:
     last_seen: float = 0.0  # wall clock of its last call
     dynamic: bool = True  # registered by an app, not declared: removed when idle
     max_backlog: Optional[int] = None
+    # the rest of its last call's stamp, as records have it (clock.py): what re-bases
+    # `last_seen` after a clock step; a record written before it has none (the wall-clock rule)
+    seen_seq: int = LEGACY_SEQ
+    seen_boottime: Optional[float] = None
     # `matches`'s memo: topic -> matched, for the filter named beside it
     _matched: Dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
     _matched_filter: str = field(default="#", init=False, repr=False, compare=False)
 
     def pack(self) -> bytes:
+        stamp = [] if self.seen_boottime is None else [self.seen_seq, self.seen_boottime]
         return msgpack.packb([self.floor, self.dropped, self.last_seen, self.dynamic, self.filter,
-                              self.max_backlog], use_bin_type=True)
+                              self.max_backlog, *stamp], use_bin_type=True)
 
     @classmethod
     def unpack(cls, name: bytes, raw: bytes) -> "ConsumerState":
         try:
-            floor, dropped, last_seen, dynamic, topic_filter, max_backlog = msgpack.unpackb(raw)[:6]
+            fields = msgpack.unpackb(raw)
+            floor, dropped, last_seen, dynamic, topic_filter, max_backlog = fields[:6]
+            seq, boottime = _stamp_of(fields, 6)  # a record of an older version: the wall clock
             return cls(bytes(name).decode(), topic_filter, int(floor), int(dropped), float(last_seen),
-                       bool(dynamic), max_backlog)
+                       bool(dynamic), max_backlog, seq, boottime)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise CorruptRecord(f"a consumer record does not decode ({exc})") from None
 

@@ -37,6 +37,7 @@ COUNT_STEP = 1000
 # ms at 200 (a step 2.5-3.3 ms at 500,000 stored, then the status's recount); twice the commits
 RESET_STEP = 100
 Consumers = Dict[str, ConsumerState]
+_Stamp = Tuple[float, int, Optional[float]]  # wall, boot seq, boottime (clock.py)
 
 
 class Declared(NamedTuple):
@@ -149,6 +150,12 @@ class ConsumerStore:
 
     def _save(self, txn: lmdb.Transaction, consumer: ConsumerState) -> None:
         txn.put(consumer.name.encode(), consumer.pack(), db=self._consumer_db)
+
+    def _seen(self, consumer: ConsumerState, now: float) -> None:
+        """Note a use at wall time `now`, stamped as records are (this boot, its boottime), so
+        that `consumers` re-bases it after a clock step; idleness still reads the wall time."""
+        consumer.last_seen, consumer.seen_seq = now, self._frames.current.seq
+        consumer.seen_boottime = now - self._frames.clock.now().offset
 
     def _acked(self, txn: lmdb.Transaction, consumer: ConsumerState, key: bytes) -> bool:
         return txn.get(_prefix(consumer.name) + key, db=self._consumer_acks) is not None
@@ -269,7 +276,8 @@ class ConsumerStore:
                         continue
                     result.gave_place.append(undeclared.pop(0))
                 if consumer is None:
-                    consumer = stored[spec.name] = ConsumerState(spec.name, last_seen=now)
+                    consumer = stored[spec.name] = ConsumerState(spec.name)
+                    self._seen(consumer, now)
                     result.created.append(spec.name)
                 elif consumer.filter != spec.filter:
                     changed.append((replace(consumer), consumer))  # a copy with a memo of its own
@@ -283,7 +291,8 @@ class ConsumerStore:
                 self._remove_now(txn, stored.pop(name), stored)
             for name in undeclared:  # those that gave no place: dynamic from now on
                 consumer = stored[name]
-                consumer.dynamic, consumer.last_seen = True, now
+                consumer.dynamic = True
+                self._seen(consumer, now)
                 self._save(txn, consumer)
             return result
 
@@ -347,7 +356,7 @@ class ConsumerStore:
             if raw is None and txn.stat(self._consumer_db)["entries"] >= MAX_CONSUMERS:
                 raise NoRoomForConsumer(name)
             consumer = ConsumerState(name) if raw is None else ConsumerState.unpack(name.encode(), raw)
-            consumer.last_seen = now
+            self._seen(consumer, now)
             self._save(txn, consumer)
             return raw is None
 
@@ -432,7 +441,7 @@ class ConsumerStore:
                 if not self._leave_if_settled(txn, key, topic, others):
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
             self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
-            consumer.last_seen = now
+            self._seen(consumer, now)
             self._save(txn, consumer)
             return new, counted
 
@@ -451,16 +460,18 @@ class ConsumerStore:
         once per snapshot (`_per_snapshot`); between commits only the ages move."""
         with self._read() as txn:
             counted = self._per_snapshot(txn, "consumers", self._count_backlogs)
-            timeline = self._frames.snapshot_timeline(txn) if any(oldest for _, oldest in counted) else None
+            timeline = self._frames.snapshot_timeline(txn) if counted else None
         report = []
-        for entry, oldest in counted:
+        for entry, oldest, seen in counted:
             entry = dict(entry)
             entry["oldest_age"] = self._message(*oldest, timeline).age if oldest else None
+            entry["last_seen"] = timeline.arrival(*seen) if seen[0] and timeline else None
             report.append(entry)
         return report
 
-    def _count_backlogs(self, txn: lmdb.Transaction) -> List[Tuple[Dict[str, object], Optional[_Kept]]]:
-        """`consumers_report` but the ages: each consumer's entry, and its oldest unacked record."""
+    def _count_backlogs(self, txn: lmdb.Transaction) -> List[Tuple[Dict[str, object], Optional[_Kept], _Stamp]]:
+        """`consumers_report` but the times: each consumer's entry, its oldest unacked record and
+        the stamp of its last use."""
         consumers = self._consumers_in(txn).values()
         share = report_share(len(consumers))
         counted = []
@@ -468,7 +479,7 @@ class ConsumerStore:
             backlog, oldest, exact = self._backlog(txn, consumer, share)
             entry = consumer.public()
             entry["backlog"], entry["backlog_exact"] = backlog, exact
-            counted.append((entry, oldest))
+            counted.append((entry, oldest, (consumer.last_seen, consumer.seen_seq, consumer.seen_boottime)))
         return counted
 
     def _backlog(self, txn: lmdb.Transaction, consumer: ConsumerState,

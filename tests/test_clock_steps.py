@@ -210,6 +210,42 @@ def test_the_ctl_age_column_is_the_daemons_age_after_a_reboot_into_an_old_clock(
         broker.close()
 
 
+def last_seen(fx) -> float:
+    [seen] = [c["last_seen"] for c in fx.consumers() if c["name"] == "reader"]
+    return seen
+
+
+@pytest.mark.parametrize("after", [730 * DAY, -DAY], ids=["forward-2y", "backward-1d"])
+def test_a_consumers_last_use_keeps_its_real_age_across_a_step(old_certs, tmp_path, faketime,
+                                                               run_daemon, after):
+    """Found by review: a consumer read 2 s before a +2-year step (NTP on a Pi without RTC)
+    was LAST SEEN "730d 0h ago" in `flashlexctl consumers`, and its `last_seen` held the
+    pre-step time; after a backward step it was "0.0s ago" for as long as the step."""
+    broker = Broker(old_certs, tmp_path / "broker").start()
+    try:
+        daemon = run_daemon(broker)
+        with api(daemon) as fx, connect(str(daemon.socket_path), consumer="reader") as reader:
+            reader.messages()
+            used = time.monotonic()
+            let_pass(2, used)
+            faketime.step_to(after)
+            assert abs(last_seen(fx) - (time.time() + after - (time.monotonic() - used))) < SLACK
+            reader.messages()  # a use after a backward step is noted, not an hour past the step
+            used = time.monotonic()
+            assert abs(last_seen(fx) - (time.time() + after - (time.monotonic() - used))) < SLACK
+        done = subprocess.run([sys.executable, "-m", "flashlexd.client.ctl", "--socket",
+                               str(daemon.socket_path), "consumers"], capture_output=True, text=True,
+                              env=dict(daemon.env), timeout=60)
+        real_age = time.monotonic() - used
+        assert done.returncode == 0, done.stderr
+        [row] = [line for line in done.stdout.splitlines() if line.startswith("reader ")]
+        kind, shown, word = row.split()[-3:]
+        assert (kind, word) == ("dynamic", "ago") and shown.endswith("s"), done.stdout
+        assert float(shown[:-1]) <= real_age + SLACK, done.stdout
+    finally:
+        broker.close()
+
+
 def test_a_lost_session_is_never_said_to_be_down_a_negative_time(old_certs, tmp_path, faketime,
                                                                   run_daemon):
     """Found by review: the Pi goes down with the link up, the broker loses its session

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
 import lmdb
+import msgpack
 import pytest
 
 from flashlexd.configconsumers import ConsumerSettings
@@ -671,6 +672,27 @@ def test_a_step_while_the_daemon_was_down_is_left_out_of_idle_times(tmp_path: Pa
         assert ids_for(opened[0], "app") == ids
     finally:
         opened[0].close()
+
+
+def test_a_consumers_last_use_follows_a_step_and_an_older_record_still_reads(tmp_path: Path):
+    """Found by review: `last_seen` was a bare wall time, so a consumer used 2 s before a
+    +2-year step (NTP) read as used 2 years ago. Now stamped as records are and re-based; a
+    record of the older form (no stamp) still opens, on the wall clock."""
+    clock = SteppingClock(NOW)
+    store = Store(tmp_path / "store", CAP, clock=clock)
+    store.consumer_register("app", clock.wall)
+    store.close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=16)
+    with env.begin(write=True) as txn:  # as the previous version wrote it: six fields
+        txn.put(b"old", msgpack.packb([0, 0, NOW, True, "#", None]), db=env.open_db(b"consumers", txn=txn))
+    env.close()
+    clock.advance(2, step=730 * 86400.0)
+    store = Store(tmp_path / "store", CAP, clock=clock)
+    try:
+        seen = {c["name"]: c["last_seen"] for c in store.consumers_report()}
+        assert seen == {"app": pytest.approx(clock.wall - 2), "old": NOW}
+    finally:
+        store.close()
 
 
 def test_a_step_an_earlier_boot_recorded_is_left_out_of_idle_times(tmp_path: Path):

@@ -3,8 +3,9 @@
 A declared consumer with `allowUids` admits those uids, root and the daemon's own user (the
 uid comes from SO_PEERCRED, as for the socket itself: ipc/admission.py). An undeclared name is
 registered as a dynamic consumer unless `allowDynamicConsumers` is false. A dynamic consumer's
-last use is written at most once an hour when it only reads (its acks write it anyway), which is
-what the idle rule (`consumerIdleDays`) looks at.
+last use is written at most once an hour when it only reads (its acks write it anyway), and at
+once after the clock stepped back past it, which is what the idle rule (`consumerIdleDays`)
+looks at.
 """
 from __future__ import annotations
 
@@ -53,6 +54,6 @@ class ConsumerAccess:
                                  " in flashlex.app.consumers (allowDynamicConsumers is false)")
             if self.store.consumer_register(name, now):
                 log.info("consumer %r registered by uid %s", name, uid)
-        elif state.dynamic and state.last_seen < now - SEEN_EVERY:
+        elif state.dynamic and abs(now - state.last_seen) >= SEEN_EVERY:  # a step back too
             self.store.consumer_register(name, now)
         return name
