@@ -22,6 +22,7 @@ from flashlexd import fds
 from flashlexd.client import Client, RpcError
 from flashlexd.client.wire import HEADER, Code
 from flashlexd.ipc import Limits
+from flashlexd.ipc.server import SMALL_ANSWER
 from tests.broker import wait_for
 from tests.chaos.conftest import wait_ready
 from tests.daemon import Daemon
@@ -328,3 +329,39 @@ def test_running_out_of_descriptors_is_survived(daemon_config: Path, tmp_path: P
         for sock in socks:
             sock.close()
         daemon.stop()
+
+
+def _consumed(sock: socket.socket) -> bool:
+    """Whether the daemon's end of a connection has no request bytes left to read."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return not poller.poll(0)
+
+
+def test_unsent_responses_are_budgeted_across_connections(tmp_path: Path) -> None:
+    """Found by review: each connection that never read its answers made the daemon queue up to
+    `pipeline_high_water` plus one whole response, with no shared cap (1,000 such connections:
+    supervisor 1.1 GB, another app's status 10 s). Now their unsent bytes share one budget: once
+    it is spent a connection still owed data is not served, and a big answer to any other gets
+    `busy`; a small one (status) is answered."""
+    budget = 600 * 1024
+    h = Harness(tmp_path, limits=_limits(max_unsent=budget, write_timeout=60)).start()
+    hostile: List[socket.socket] = []
+    try:
+        h.ingest(*[("big", b"x" * 10_000) for _ in range(20)])  # each `messages` answer: ~200 KB
+        for _ in range(8):
+            sock = raw_connect(h.path)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"".join(req("messages", n, limit=20) for n in range(30)))
+            hostile.append(sock)
+        until(lambda: h.call(lambda: len(h.server._conns)) == 8, what="all connected")
+        until(lambda: h.call(lambda: all(c.header_held or c.frame_ready or _consumed(c.sock)
+                                         for c in h.server._conns)), what="every connection served or held")
+        unsent = h.call(lambda: sum(len(c.wbuf) for c in h.server._conns))
+        assert unsent <= budget + 8 * SMALL_ANSWER, unsent
+        with Client(h.path, timeout=5) as fx:
+            assert fx.status()["workers"]
+    finally:
+        for sock in hostile:
+            sock.close()
+        h.stop()

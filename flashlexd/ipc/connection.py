@@ -1,7 +1,7 @@
 """One API connection's state, and the budget of incoming bytes all connections share.
 
 Incoming frames are read exactly: first the 4-byte header, then, once the whole frame's size
-is reserved from the shared `ReadBudget`, its body straight into a buffer of that size. So the
+is reserved from the shared `ByteBudget`, its body straight into a buffer of that size. So the
 memory all peers can make the daemon hold with frames they have started is bounded by the
 budget (600 connections each sending a near-maximum frame used to take the supervisor from
 23 MB to 799 MB), and a frame either has all its room or is refused at once (`busy`): never
@@ -21,21 +21,32 @@ from flashlexd.ipc.protocol import HEADER, Pending
 _DISCARD = bytearray(64 * 1024)  # scratch for input read only to be thrown away
 
 
-class ReadBudget:
-    """Bytes of incoming frames that all connections may hold together."""
+class ByteBudget:
+    """Bytes that all connections may hold together: incoming frames, or unsent responses."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
 
+    def fits(self, count: int) -> bool:
+        return self.used + count <= self.limit
+
     def reserve(self, count: int) -> bool:
-        if self.used + count > self.limit:
+        if not self.fits(count):
             return False
         self.used += count
         return True
 
+    def charge(self, count: int) -> None:
+        """Count bytes held whether or not they fit (a small answer is never held back)."""
+        self.used += count
+
     def release(self, count: int) -> None:
         self.used -= count
+
+    @property
+    def spent(self) -> bool:
+        return self.used >= self.limit
 
 
 class Received(Enum):
@@ -82,7 +93,7 @@ class Connection:
         or unread responses."""
         return self.body is None and len(self.head) == HEADER.size
 
-    def receive(self, budget: ReadBudget, max_frame: int, now: float, hold: bool = False) -> Received:
+    def receive(self, budget: ByteBudget, max_frame: int, now: float, hold: bool = False) -> Received:
         """One non-blocking read towards the current frame. `hold`: the connection's earlier
         request is parked or its responses are unread, so a next frame's body is neither
         reserved nor read (its room in the shared budget would be held for as long as the wait,
@@ -128,14 +139,14 @@ class Connection:
         self.last_active = now
         return Received.FRAME if self.frame_ready else Received.PROGRESS
 
-    def take_frame(self, budget: ReadBudget) -> bytearray:
+    def take_frame(self, budget: ByteBudget) -> bytearray:
         """The complete frame's body; its room goes back to the budget."""
         body = self.body
         assert body is not None and self.filled == len(body)
         self.drop_frame(budget)
         return body
 
-    def drop_frame(self, budget: ReadBudget) -> None:
+    def drop_frame(self, budget: ByteBudget) -> None:
         """Forget the frame being read (taken, refused, or the connection closes)."""
         if self.body is not None:
             budget.release(len(self.body))

@@ -31,6 +31,7 @@ class Limits:
     max_connections: int = 1024
     idle_timeout: float = 300.0              # seconds without traffic before a connection closes
     max_write_buffer: int = 8 * 1024 * 1024  # unsent response bytes before a reader is dropped
+    max_unsent: int = 16 * 1024 * 1024       # unsent response bytes all connections hold together
     write_timeout: float = 30.0              # seconds a reader may take nothing while owed data
     pipeline_high_water: int = 256 * 1024    # stop handling a connection's requests above this
     max_buffered: int = DEFAULT_MAX_BUFFERED  # incoming frame bytes all connections hold together
@@ -39,7 +40,8 @@ class Limits:
     def __post_init__(self) -> None:
         if self.max_frame < 1024 or self.max_connections < 1 or self.idle_timeout <= 0 \
                 or self.write_timeout <= 0 or self.max_write_buffer < self.max_frame \
-                or self.max_buffered < self.max_frame or self.frame_timeout <= 0:
+                or self.max_buffered < self.max_frame or self.max_unsent < self.max_frame \
+                or self.frame_timeout <= 0:
             raise ValueError(f"invalid IPC limits: {self}")
 
     @classmethod
@@ -47,6 +49,7 @@ class Limits:
         """Limits whose frame size fits the largest publishable payload plus the envelope."""
         max_frame = REQUEST_OVERHEAD + max_payload_bytes
         overrides.setdefault("max_write_buffer", max(8 * 1024 * 1024, 2 * max_frame))
+        overrides.setdefault("max_unsent", max(16 * 1024 * 1024, 2 * max_frame))
         if overrides.get("max_buffered") is None:
             overrides["max_buffered"] = default_max_buffered(max_payload_bytes)
         return cls(max_frame=max_frame, **overrides)

@@ -8,9 +8,11 @@ messages (it completes parked `wait` calls) and `close()` at shutdown.
 
 Each connection is answered in request order; a parked `wait` holds back its later requests.
 Bounded: connections (below the fd limit, `flashlexd.fds`; `busy` at once beyond, even out of
-descriptors), incoming frame bytes of all connections (`connection.ReadBudget`), the time a
-frame may take to arrive, unread responses per connection. A frame over the limit gets one
-error and its connection is closed, before anything is allocated for it.
+descriptors), incoming frame bytes of all connections (`connection.ByteBudget`), the time a
+frame may take to arrive, unread responses per connection and of all connections (`unsent`:
+once spent, a connection still owed data is not served, and an answer over SMALL_ANSWER gets
+`busy`). A frame over the limit gets one error and its connection is closed, before anything is
+allocated for it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, 
 
 from flashlexd import fds
 from flashlexd.ipc.admission import Admission, peer_credentials
-from flashlexd.ipc.connection import Connection, ReadBudget, Received
+from flashlexd.ipc.connection import Connection, ByteBudget, Received
 from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
                                     parse_request)
 from flashlexd.ipc.socketfile import ServerError, bind_socket
@@ -36,6 +38,7 @@ log = logging.getLogger("flashlexd.ipc")
 _ACCEPT_BATCH = 64
 _FRAMES_PER_TURN = 64  # reads of one connection per dispatch, so one peer cannot hog the loop
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+SMALL_ANSWER = 16 * 1024  # an answer queued even when the unsent budget is spent (status: 2.4 KB)
 
 
 class Handler(Protocol):
@@ -66,15 +69,16 @@ class RpcServer:
         self.selector.register(self._listener, selectors.EVENT_READ, self)
         self._spare = fds.SpareFd()
         self._out_of_fds = False  # logged once per episode
-        self.budget = ReadBudget(self.limits.max_buffered)
+        self.budget = ByteBudget(self.limits.max_buffered)
+        self.unsent = ByteBudget(self.limits.max_unsent)
         self._conns: Set[Connection] = set()
         self._parked: Set[Connection] = set()
         self._accept_paused_until: Optional[float] = None
         self._next_sweep = time.monotonic() + self._sweep_every()
         self.counters = {"accepted": 0, "refused": 0, "requests": 0, "errors": 0, "dropped_slow": 0,
-                         "refused_budget": 0, "dropped_partial": 0}
+                         "refused_budget": 0, "dropped_partial": 0, "refused_unsent": 0}
         self.closed = False
-        self._busy_lines, self._budget_lines = LineThrottle(), LineThrottle()
+        self._busy_lines, self._budget_lines, self._unsent_lines = LineThrottle(), LineThrottle(), LineThrottle()
         self._drop_lines = KindThrottle(60.0)
 
     @property
@@ -131,6 +135,7 @@ class RpcServer:
             self._accept_paused_until = None
             self.selector.register(self._listener, selectors.EVENT_READ, self)
         self.budget.limit = self.limits.max_buffered  # a reload may have changed it
+        self.unsent.limit = self.limits.max_unsent
         if now < self._next_sweep:
             return
         self._next_sweep = now + self._sweep_every()
@@ -316,8 +321,10 @@ class RpcServer:
 
     def _holds(self, conn: Connection) -> bool:
         """Whether the next request must wait its turn: behind a parked wait, or behind
-        responses its peer has not read (up to `pipeline_high_water`)."""
-        return conn.parked is not None or len(conn.wbuf) >= self.limits.pipeline_high_water
+        responses its peer has not read (up to `pipeline_high_water`, or any while all
+        connections' unsent answers fill their budget: its peer's reading wakes it)."""
+        return conn.parked is not None or len(conn.wbuf) >= self.limits.pipeline_high_water \
+            or (bool(conn.wbuf) and self.unsent.spent)
 
     def _answer_ready(self, conn: Connection) -> bool:
         """Handle the complete frame if its turn has come; True when it was handled."""
@@ -377,7 +384,21 @@ class RpcServer:
         except Exception as exc:  # an unencodable result is a bug in a method, not the peer's
             log.exception("API: cannot encode a result")
             frame = encode_error(request_id, Code.INTERNAL, f"internal error: {type(exc).__name__}")
+        if len(frame) > SMALL_ANSWER and not self.unsent.fits(len(frame)):
+            frame = self._no_room(conn, request_id, len(frame))
         self._send(conn, frame)
+
+    def _no_room(self, conn: Connection, request_id: Any, size: int) -> bytes:
+        """`busy` for an answer the unsent budget has no room for (only reads answer this
+        big: asked again, they lose nothing); logged once a minute with a count."""
+        self.counters["refused_unsent"] += 1
+        count = self._unsent_lines.due(time.monotonic())
+        if count:
+            log.warning("API: refused %d answer%s (last %d bytes to uid %d pid %d): %d of %d bytes of"
+                        " unsent answers are held", count, "" if count == 1 else "s", size, conn.uid,
+                        conn.pid, self.unsent.used, self.unsent.limit)
+        return encode_error(request_id, Code.BUSY, "flashlexd holds too many unsent answer bytes"
+                            " (clients not reading theirs); retry")
 
     def _send(self, conn: Connection, frame: bytes) -> None:
         """Queue a frame. One response always fits; unread ones piling up past the cap do not."""
@@ -392,6 +413,7 @@ class RpcServer:
             self._close_conn(conn)
             return
         conn.wbuf += frame
+        self.unsent.charge(len(frame))
 
     def _flush(self, conn: Connection) -> None:
         if conn.closed or not conn.wbuf:
@@ -405,6 +427,7 @@ class RpcServer:
             return
         if sent:
             del conn.wbuf[:sent]
+            self.unsent.release(sent)
             conn.last_write = conn.last_active = time.monotonic()
         if not conn.wbuf and conn.closing:
             conn.discard_input()
@@ -444,6 +467,7 @@ class RpcServer:
             return
         conn.closed = True
         conn.drop_frame(self.budget)
+        self.unsent.release(len(conn.wbuf))
         self._conns.discard(conn)
         self._parked.discard(conn)
         if conn.events:
