@@ -19,6 +19,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 RESERVED_FDS = 64
+PRIVILEGED_CONNECTIONS = 8  # API connections beyond the cap, kept for root and the daemon's user
 
 
 def raise_open_files_limit() -> int:
@@ -34,12 +35,13 @@ def raise_open_files_limit() -> int:
 
 
 def connection_cap(configured: int, limit: Optional[int] = None) -> int:
-    """API connections allowed: `configured`, but never closer than RESERVED_FDS to the limit."""
+    """API connections allowed: `configured`, but never closer than RESERVED_FDS to the limit
+    with the PRIVILEGED_CONNECTIONS beyond it open too."""
     if limit is None:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if limit == resource.RLIM_INFINITY:
         return configured
-    return max(1, min(configured, limit - RESERVED_FDS))
+    return max(1, min(configured, limit - RESERVED_FDS - PRIVILEGED_CONNECTIONS))
 
 
 class SpareFd:

@@ -11,16 +11,17 @@ from typing import List
 import pytest
 
 import flashlexd.client.connection as connection_module
+from flashlexd import fds
 from flashlexd.client import (Client, DaemonNotRunning, Message, OutboxEntry, ProtocolError, RpcError,
                               connect)
 from flashlexd.client.wire import MAX_IDS_PER_ACK, MAX_WAIT_SECONDS, Code
 
 try:
-    from test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
+    from test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness, raw_connect  # noqa: F401
     from broker import wait_for
     from tmpfs import mounted_tmpfs
 except ImportError:  # tests run as a package
-    from tests.test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness  # noqa: F401
+    from tests.test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness, raw_connect  # noqa: F401
     from tests.broker import wait_for
     from tests.tmpfs import mounted_tmpfs
 
@@ -421,6 +422,7 @@ def test_message_record():
 def test_refusals_reach_the_caller_as_rpc_errors(tmp_path):
     from flashlexd.ipc import Limits
     h = Harness(tmp_path, limits=Limits(max_connections=1)).start()
+    root_slots = [raw_connect(h.path) for _ in range(fds.PRIVILEGED_CONNECTIONS)]
     try:
         with connect(h.path) as first:
             first.status()
@@ -432,6 +434,8 @@ def test_refusals_reach_the_caller_as_rpc_errors(tmp_path):
             assert info.value.code == Code.PAYLOAD_TOO_LARGE  # README's code for it
             assert first.status()["version"] == "0.1.0"  # reconnected
     finally:
+        for sock in root_slots:
+            sock.close()
         h.stop()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flashlexd import check, config as config_module, service
+from flashlexd import check, config as config_module, fds, service
 from flashlexd.client import connect
 from flashlexd.client.compat import FlashlexSDK, skipped_messages
 from flashlexd.client.wire import Code
@@ -120,9 +120,9 @@ def test_a_busy_daemon_gives_the_old_answers_not_an_exception(tmp_path, caplog):
     """At its connection cap the daemon answers `busy`: an unchanged app gets [], None and 500,
     with one warning, as when the old service was not there."""
     h = Harness(tmp_path, limits=Limits(max_connections=1)).start()
-    holder = raw_connect(h.path)
+    holders = [raw_connect(h.path) for _ in range(1 + fds.PRIVILEGED_CONNECTIONS)]  # root's slots too
     try:
-        until(lambda: h.call(lambda: h.server.connection_count) == 1)
+        until(lambda: h.call(lambda: h.server.connection_count) == 1 + fds.PRIVILEGED_CONNECTIONS)
         busy = FlashlexSDK({"flashlex": {"app": {"socket": {"path": h.path}}}})
         assert busy.getSubscribedMessages() == []
         assert busy.removeMessageFromStore({"pk": "1"}) is None
@@ -130,7 +130,8 @@ def test_a_busy_daemon_gives_the_old_answers_not_an_exception(tmp_path, caplog):
         assert sum(OUTAGE in w for w in compat_warnings(caplog)) == 1
         busy.close()
     finally:
-        holder.close()
+        for holder in holders:
+            holder.close()
         h.stop()
 
 

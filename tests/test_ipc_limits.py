@@ -90,8 +90,9 @@ def test_busy_refusals_are_logged_once_a_minute_with_a_count(tmp_path: Path, cap
                 assert read_frame(late)["error"]["code"] == Code.BUSY
                 late.close()
                 until(lambda: h.call(lambda: h.server.connection_count) == 3, what="refused one closed")
-            held.append(raw_connect(h.path))
-            until(lambda: h.call(lambda: h.server.connection_count) == 4, what="the cap reached")
+            held += [raw_connect(h.path) for _ in range(1 + fds.PRIVILEGED_CONNECTIONS)]  # root's too
+            until(lambda: h.call(lambda: h.server.connection_count) == 4 + fds.PRIVILEGED_CONNECTIONS,
+                  what="the cap reached")
             for _ in range(20):
                 with pytest.raises(RpcError) as info:
                     Client(h.path, timeout=5).status()
@@ -243,7 +244,7 @@ def test_a_frame_must_arrive_whole_within_the_frame_timeout(tmp_path: Path) -> N
 
 
 def test_connection_cap_stays_below_the_open_files_limit() -> None:
-    assert fds.connection_cap(1024, 1024) == 1024 - fds.RESERVED_FDS
+    assert fds.connection_cap(1024, 1024) == 1024 - fds.RESERVED_FDS - fds.PRIVILEGED_CONNECTIONS
     assert fds.connection_cap(100, 1024) == 100
     assert fds.connection_cap(1024, 10) == 1
 
@@ -277,17 +278,18 @@ def _answers(socks: List[socket.socket], settle: float = 1.0) -> List[str]:
 
 
 def test_the_cap_leaves_room_to_restart_workers(daemon_config: Path, tmp_path: Path) -> None:
-    """The issue's case scaled down: the daemon's open files limit is 200, so at most 136 API
-    connections; 200 clients try, the rest get `busy` at once, and a killed worker is replaced."""
+    """The issue's case scaled down: the daemon's open files limit is 200, so at most 128 API
+    connections and 8 more for root; 200 clients (root) try, the rest get `busy` at once, and a
+    killed worker is replaced."""
     daemon = Daemon(daemon_config, tmp_path / "run", preexec=lambda: resource.setrlimit(
         resource.RLIMIT_NOFILE, (200, 200))).start()
     socks: List[socket.socket] = []
     try:
         wait_ready(daemon, 30)
-        assert "API: at most 136 connections (flashlex.app.socket.maxConnections is 1024" in daemon.output()
+        assert "API: at most 128 connections (flashlex.app.socket.maxConnections is 1024" in daemon.output()
         socks = _connect_all(daemon.socket_path, 200)
         answers = _answers(socks)
-        assert answers.count("open") == 136 and set(answers) == {"open", Code.BUSY}
+        assert answers.count("open") == 128 + fds.PRIVILEGED_CONNECTIONS and set(answers) == {"open", Code.BUSY}
         victim = daemon.children()["ingress"]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: daemon.children().get("ingress") not in (None, victim), 15, "a new ingress")

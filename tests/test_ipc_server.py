@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import msgpack
 import pytest
 
+from flashlexd import fds
 from flashlexd.client import Client, RpcError, connect
 from flashlexd.client.wire import HEADER, PROTOCOL_VERSION, Code, encode_frame
 from flashlexd.ipc import Limits, Pending, RpcServer, ServerError
@@ -423,17 +424,47 @@ def test_huge_length_prefix_closes_without_allocating(harness):
 def test_more_connections_than_the_limit_get_busy(tmp_path):
     h = Harness(tmp_path, limits=Limits(max_connections=2)).start()
     try:
-        a, b = raw_connect(h.path), raw_connect(h.path)
-        until(lambda: h.call(lambda: h.server.connection_count) == 2)
-        c = raw_connect(h.path)
+        a, b, *privileged = [raw_connect(h.path) for _ in range(2 + fds.PRIVILEGED_CONNECTIONS)]
+        until(lambda: h.call(lambda: h.server.connection_count) == 2 + fds.PRIVILEGED_CONNECTIONS)
+        c = raw_connect(h.path)  # root, past its slots beyond the cap
         assert read_frame(c)["error"]["code"] == Code.BUSY
         a.sendall(req("status"))
         assert "result" in read_frame(a)
-        b.close()
+        for sock in [b, *privileged]:
+            sock.close()
         until(lambda: h.call(lambda: h.server.connection_count) == 1)
         with Client(h.path) as fx:
             assert fx.status()
     finally:
+        h.stop()
+
+
+def test_one_user_cannot_take_every_connection(world_dir):
+    """Found by review: 1,100 idle connections from one permitted uid (parked waits are never
+    idle) took all of maxConnections, and every other app and root got `busy`. Now one uid
+    holds a quarter of them at most, and root has slots beyond the cap."""
+    h = Harness(world_dir, limits=Limits(max_connections=4), path=str(world_dir / "api.sock"),
+                mode=0o666, allow_uids=(65534,)).start()
+    held: List[socket.socket] = []
+    try:
+        def second_connection() -> str:
+            with Client(h.path, timeout=5) as first:
+                first.status()
+                try:
+                    with Client(h.path, timeout=5) as second:
+                        return str(second.status()["version"])
+                except RpcError as exc:
+                    return exc.message
+        assert run_as_nobody(second_connection) == "too many connections from uid 65534 (1, a quarter of" \
+            " maxConnections)"
+        held = [raw_connect(h.path) for _ in range(4)]  # root is not capped per uid
+        until(lambda: h.call(lambda: h.server.connection_count) == 4)
+        assert _as_nobody(h.path) == Code.BUSY
+        with Client(h.path, timeout=5) as fx:  # root still gets in
+            assert fx.status()["version"] == "0.1.0"
+    finally:
+        for sock in held:
+            sock.close()
         h.stop()
 
 

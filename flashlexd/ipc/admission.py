@@ -15,6 +15,7 @@ import socket
 import struct
 from typing import Dict, FrozenSet, Iterable, Optional, Tuple
 
+from flashlexd import fds
 from flashlexd.ipc.socketfile import group_id
 from flashlexd.logs import LineThrottle
 
@@ -40,9 +41,15 @@ def peer_groups(sock: socket.socket) -> FrozenSet[int]:
     return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
 
 
+def per_uid_cap(max_connections: int) -> int:
+    """The connections one uid other than root's and the daemon's may hold at once."""
+    return max(1, max_connections // 4)
+
+
 class Admission:
     def __init__(self, allow_uids: Iterable[int] = (), group: Optional[str] = None):
-        self.uids = frozenset({0, os.geteuid(), *allow_uids})
+        self.privileged = frozenset({0, os.geteuid()})  # never capped per uid; slots kept for them
+        self.uids = self.privileged | frozenset(allow_uids)
         self.gid = group_id(group) if group else None
         self._refused: Dict[int, LineThrottle] = {}  # uid -> its lines
 
@@ -50,6 +57,19 @@ class Admission:
         if uid in self.uids:
             return True
         return self.gid is not None and (gid == self.gid or self.gid in peer_groups(sock))
+
+    def over_cap(self, uid: int, held: int, total: int, cap: int) -> Optional[str]:
+        """Why one more connection from `uid`, which holds `held` of the `total` open, is
+        refused (None: it is not), `cap` being maxConnections: one user may hold a quarter of
+        them (a connection parked in `wait` is never idle), and root and the daemon's user go on
+        past the cap into PRIVILEGED_CONNECTIONS, so `sudo flashlexctl status` always gets in."""
+        if uid in self.privileged:
+            return None if total < cap + fds.PRIVILEGED_CONNECTIONS else f"too many connections ({total})"
+        if total >= cap:
+            return f"too many connections ({cap})"
+        if held >= per_uid_cap(cap):
+            return f"too many connections from uid {uid} ({per_uid_cap(cap)}, a quarter of maxConnections)"
+        return None
 
     def note_refused(self, uid: int, pid: int, now: float) -> None:
         """One WARNING per uid per minute, with how many were refused since the last one."""

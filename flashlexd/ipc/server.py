@@ -7,8 +7,9 @@ stalled readers and senders, long-poll deadlines), `notify_inbox()` after ingres
 messages (it completes parked `wait` calls) and `close()` at shutdown.
 
 Each connection is answered in request order; a parked `wait` holds back its later requests.
-Bounded: connections (below the fd limit, `flashlexd.fds`; `busy` at once beyond, even out of
-descriptors), incoming frame bytes of all connections (`connection.ByteBudget`), the time a
+Bounded: connections (below the fd limit, `flashlexd.fds`; a quarter of them per uid but root's
+and the daemon's, which have a few more beyond the cap: `admission.Admission.over_cap`; `busy`
+at once beyond, even out of descriptors), incoming frame bytes of all connections (`connection.ByteBudget`), the time a
 frame may take to arrive, unread responses per connection and of all connections (`unsent`:
 once spent, a connection still owed data is not served, and an answer over SMALL_ANSWER gets
 `busy`). A frame over the limit gets one error and its connection is closed, before anything is
@@ -72,6 +73,7 @@ class RpcServer:
         self.budget = ByteBudget(self.limits.max_buffered)
         self.unsent = ByteBudget(self.limits.max_unsent)
         self._conns: Set[Connection] = set()
+        self._per_uid: Dict[int, int] = {}  # open connections of each uid
         self._parked: Set[Connection] = set()
         self._accept_paused_until: Optional[float] = None
         self._next_sweep = time.monotonic() + self._sweep_every()
@@ -244,17 +246,25 @@ class RpcServer:
                 self._refuse(sock, Code.FORBIDDEN, f"uid {uid} may not use flashlexd: ask the "
                              "administrator to add it to flashlex.app.socket.allowUids or to the"
                              " socket's group (flashlex.app.socket.group)")
-            elif len(self._conns) >= self.limits.max_connections:
-                count = self._busy_lines.due(time.monotonic())
-                if count:
-                    log.warning("API: refused %d connection%s (last uid %d pid %d): %d connections open",
-                                count, "" if count == 1 else "s", uid, pid, len(self._conns))
-                self._refuse(sock, Code.BUSY, f"too many connections ({self.limits.max_connections})")
             else:
-                conn = Connection(self, sock, uid, pid, time.monotonic())
-                self._conns.add(conn)
-                self.selector.register(sock, selectors.EVENT_READ, conn)
-                self.counters["accepted"] += 1
+                self._admit(sock, uid, pid)
+
+    def _admit(self, sock: socket.socket, uid: int, pid: int) -> None:
+        """Serve an admitted peer, or answer `busy` naming the cap it met."""
+        busy = self._admission.over_cap(uid, self._per_uid.get(uid, 0), len(self._conns),
+                                        self.limits.max_connections)
+        if busy:
+            count = self._busy_lines.due(time.monotonic())
+            if count:
+                log.warning("API: refused %d connection%s (last uid %d pid %d: %s): %d connections open",
+                            count, "" if count == 1 else "s", uid, pid, busy, len(self._conns))
+            self._refuse(sock, Code.BUSY, busy)
+            return
+        conn = Connection(self, sock, uid, pid, time.monotonic())
+        self._conns.add(conn)
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self.counters["accepted"] += 1
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of descriptors: answer the waiting peer `busy` through the spare one, so it is
@@ -462,6 +472,13 @@ class RpcServer:
             self.selector.unregister(conn.sock)  # nothing to do until a parked wait completes
         conn.events = events
 
+    def _forget_uid(self, uid: int) -> None:
+        left = self._per_uid[uid] - 1
+        if left:
+            self._per_uid[uid] = left
+        else:
+            del self._per_uid[uid]
+
     def _close_conn(self, conn: Connection) -> None:
         if conn.closed:
             return
@@ -470,6 +487,7 @@ class RpcServer:
         self.unsent.release(len(conn.wbuf))
         self._conns.discard(conn)
         self._parked.discard(conn)
+        self._forget_uid(conn.uid)
         if conn.events:
             self.selector.unregister(conn.sock)
             conn.events = 0
