@@ -6,7 +6,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
-from typing import Any, Tuple
+from typing import Any, Callable, Tuple
 
 import msgpack
 import pytest
@@ -15,6 +15,7 @@ from flashlexd.client import RpcError, connect
 from flashlexd.client.wire import HEADER
 from flashlexd.consumers import ConsumerSpec
 from flashlexd.ipc import Limits, RpcServer
+from flashlexd.ipc.server import WALK_STEPS_PER_TURN
 from flashlexd.ipc.methods import SCAN_BUDGET, Methods
 from flashlexd.runtime import ApiRules
 from flashlexd.store import Store, StoreDamaged
@@ -193,6 +194,31 @@ def test_an_unpaged_filtered_wait_walks_then_parks_and_goes_on_from_where_it_sto
     turns.server.notify_inbox()
     found, _ = turns.answer(waiter, 2)
     assert looked_from == late - 1 and [m["id"] for m in found["result"]] == [late]
+
+
+def test_parked_walks_share_a_few_pages_per_turn_and_each_walks_on_to_the_end(turns, store):
+    """Found by review: every walking parked call read a page on every turn, and notify_inbox
+    walked every parked one at once: 1,000 parked waits with a filter matching nothing stalled
+    the loop 1.5 s at each burst of messages. Now they take turns, a few pages a turn in all."""
+    waiters = [turns.client() for _ in range(20)]
+    for n, sock in enumerate(waiters):
+        sock.sendall(req("wait", n, topic="nomatch/#", timeout=60))
+    for _ in range(5):
+        turns.turn()
+    walks = [conn.parked.walk for conn in turns.server._parked]
+    assert len(walks) == 20 and not any(walk.walking for walk in walks)
+    ids = store.append([Incoming("noise/x", b"n")] * (2 * SCAN_BUDGET))
+
+    def stepped(work: Callable[[], Any]) -> int:
+        """How many walks `work` moved on."""
+        before = [walk.position for walk in walks]
+        work()
+        return sum(walk.position != was for walk, was in zip(walks, before))
+    assert stepped(lambda: (turns.server.notify_inbox(), turns.turn())) <= WALK_STEPS_PER_TURN
+    for _ in range(3 * 20 // WALK_STEPS_PER_TURN):  # three pages each at most, round-robin
+        assert stepped(turns.turn) <= WALK_STEPS_PER_TURN
+    assert not any(walk.walking for walk in walks) and len(turns.server._parked) == 20
+    assert {walk.position for walk in walks} == {ids[-1]}
 
 
 def test_an_unpaged_wait_with_timeout_0_walks_to_the_end_before_it_answers(turns, store):

@@ -312,10 +312,10 @@ class Methods:
             return found
         replayed = self._replayed(consumer)
 
-        def poll() -> Optional[List[Dict[str, Any]]]:
+        def poll() -> None:  # the server steps the walk on its next turns
             if not walk.walking and replayed():  # parked: a walk under way goes on
                 walk.position = after
-            return walk.poll()
+            walk.poll()
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         return Pending(deadline=deadline, poll=poll, timeout_result=[], walk=walk)
 

@@ -76,9 +76,9 @@ class Pending:
     that is not None completes the request. At `deadline` (time.monotonic) the request is
     answered with `timeout_result`, or with what `resolve()` returns when it is set (a write
     that shares one commit with others: sharedcommit.py; it may raise RpcFailure). Nothing polls
-    the store on a timer. `walk` (walk.py): a read still walking the inbox, one page per turn of
-    the server's loop, or a write going in steps; its deadline counts only once it stopped
-    walking."""
+    the store on a timer. `walk` (walk.py): a read still walking the inbox, a page at a time in
+    turns of the server's loop it shares with the other walks, or a write going in steps; its
+    deadline counts only once it stopped walking."""
     deadline: float
     poll: Callable[[], Optional[Any]]
     timeout_result: Any = None

@@ -5,9 +5,9 @@ list after walking the inbox up to `limit` matches or its end: 1.7 s at 500,000 
 it inside the supervisor's single loop, which meanwhile served no other call and watched no
 worker. Callers of that protocol still get a bare list, but the walk is a `Walk`: its first page
 is read when the call comes, and the server reads the next one (`Pending.walk`) on each later
-turn of its loop, each page SCAN_BUDGET records at most. A `wait` that reached the inbox's end
-with nothing found parks, and walks on from where it stopped whenever the inbox changes (never
-from its `after` again).
+turn of its loop, each page SCAN_BUDGET records at most, all walks together a few pages per turn
+(`server.WALK_STEPS_PER_TURN`). A `wait` that reached the inbox's end with nothing found parks,
+and walks on from where it stopped whenever the inbox changes (never from its `after` again).
 
 A named consumer's `reset` is walked the same way (`Steps`): one bounded commit per turn.
 """
@@ -51,12 +51,11 @@ class Walk:
         self.walking = False
         return None
 
-    def poll(self) -> Optional[Records]:
-        """The inbox changed: a parked `wait` walks on (a walk under way just goes on)."""
-        if self.walking:
-            return None
+    def poll(self) -> None:
+        """The inbox changed: a parked `wait` walks on, from the server's next turns (a walk
+        under way just goes on). Not stepped here: a burst of messages would step every parked
+        walk at once."""
         self.walking = True
-        return self.step()
 
 
 class Steps:
