@@ -15,7 +15,7 @@ from flashlexd.client import RpcError, connect
 from flashlexd.client.wire import HEADER
 from flashlexd.consumers import ConsumerSpec
 from flashlexd.ipc import Limits, RpcServer
-from flashlexd.ipc.server import WALK_STEPS_PER_TURN
+from flashlexd.ipc.server import POLLS_PER_TURN, WALK_STEPS_PER_TURN
 from flashlexd.ipc.methods import SCAN_BUDGET, Methods
 from flashlexd.runtime import ApiRules
 from flashlexd.store import Store, StoreDamaged
@@ -219,6 +219,30 @@ def test_parked_walks_share_a_few_pages_per_turn_and_each_walks_on_to_the_end(tu
         assert stepped(turns.turn) <= WALK_STEPS_PER_TURN
     assert not any(walk.walking for walk in walks) and len(turns.server._parked) == 20
     assert {walk.position for walk in walks} == {ids[-1]}
+
+
+def test_parked_paged_waits_are_polled_a_few_per_turn_after_a_commit(turns, store, monkeypatch):
+    """Found by review: notify_inbox polled every parked wait at once, a page each with a
+    filter, so hundreds of parked waits (the client's `wait` and `stream()` are paged) with a
+    filter that matches little stalled the loop at each burst of messages. They are polled
+    POLLS_PER_TURN a turn now, and every one of them is, within a few turns."""
+    waiters = [turns.client() for _ in range(3 * POLLS_PER_TURN)]
+    for n, sock in enumerate(waiters):
+        sock.sendall(req("wait", n, topic="nomatch/#", timeout=60, paged=True))
+    for _ in range(3):
+        turns.turn()
+    assert len(turns.server._parked) == len(waiters)
+    polled = []
+    settle = turns.server._settle
+    monkeypatch.setattr(turns.server, "_settle", lambda conn, produce, what: (
+        polled.append(conn) if what == "wait" else None, settle(conn, produce, what)))
+    store.append([Incoming("noise/x", b"n")] * SCAN_BUDGET)
+    turns.server.notify_inbox()
+    assert len(polled) == POLLS_PER_TURN
+    for _ in range(2):
+        turns.turn()
+    assert len(polled) == len(set(polled)) == len(waiters)
+    assert turns.server.next_deadline() > 0  # nothing left due: the loop may sleep
 
 
 def test_an_unpaged_wait_with_timeout_0_walks_to_the_end_before_it_answers(turns, store):

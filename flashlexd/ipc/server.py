@@ -40,6 +40,7 @@ log = logging.getLogger("flashlexd.ipc")
 _ACCEPT_BATCH = 64
 _FRAMES_PER_TURN = 64  # reads of one connection per dispatch, so one peer cannot hog the loop
 WALK_STEPS_PER_TURN = 4  # steps all walking parked calls share per turn: pages of SCAN_BUDGET records (~1 ms)
+POLLS_PER_TURN = 16  # parked waits polled per turn after a commit: each reads a page at most
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 SMALL_ANSWER = 16 * 1024  # an answer queued even when the unsent budget is spent (status: 2.4 KB)
 
@@ -77,6 +78,7 @@ class RpcServer:
         self._conns: Set[Connection] = set()
         self._per_uid: Dict[int, int] = {}  # open connections of each uid
         self._parked: Dict[Connection, None] = {}  # in walking order: a stepped walk goes to the back
+        self._due: Dict[Connection, None] = {}  # parked waits to poll since a commit, in order
         self._accept_paused_until: Optional[float] = None
         self._next_sweep = time.monotonic() + self._sweep_every()
         self.counters = {"accepted": 0, "refused": 0, "requests": 0, "errors": 0, "dropped_slow": 0,
@@ -116,7 +118,7 @@ class RpcServer:
 
     def next_deadline(self) -> float:
         """The time.monotonic() by which `tick()` must run again."""
-        deadline = self._next_sweep
+        deadline = 0.0 if self._due else self._next_sweep  # 0: next turn
         if self._accept_paused_until is not None:
             deadline = min(deadline, self._accept_paused_until)
         for conn in self._parked:
@@ -128,6 +130,7 @@ class RpcServer:
         """Time-driven work; cheap when nothing is due, so the host may call it every turn."""
         now = time.monotonic() if now is None else now
         if self._parked:
+            self._poll_turn()
             self._walk_turn()
             for conn, parked in self._each_parked(lambda p: not p.walking and p.deadline <= now):
                 if parked.resolve is None:
@@ -180,10 +183,20 @@ class RpcServer:
                         "" if count == 1 else "s", conn.uid, conn.pid, why)
 
     def notify_inbox(self) -> None:
-        """New messages were committed: complete every parked wait that now has some (a walk
-        only resumes here: `tick()` steps it, within WALK_STEPS_PER_TURN)."""
-        for conn, parked in self._each_parked(lambda p: True):
-            self._settle(conn, parked.poll, "wait")
+        """New messages were committed: every parked wait is due a poll (it completes if it
+        now has some; a walk only resumes: `tick()` steps it, within WALK_STEPS_PER_TURN).
+        POLLS_PER_TURN now, the rest in the next turns: a poll reads a page (SCAN_BUDGET
+        records) with a filter, and hundreds of parked waits with a filter that matches little
+        polled at once stalled the loop for a second at each burst of messages."""
+        self._due.update(dict.fromkeys(self._parked))
+        self._poll_turn()
+
+    def _poll_turn(self) -> None:
+        for conn in list(itertools.islice(self._due, POLLS_PER_TURN)):
+            self._due.pop(conn, None)
+            parked = conn.parked
+            if parked is not None:  # settling an earlier one may have answered it (a replay)
+                self._settle(conn, parked.poll, "wait")
 
     def _each_parked(self, wanted: Callable[[Pending], bool]) -> Iterator[Tuple[Connection, Pending]]:
         """The parked calls `wanted` picks, each only while it is still parked: settling one
@@ -472,6 +485,7 @@ class RpcServer:
         conn.parked = None
         conn.last_active = time.monotonic()
         self._parked.pop(conn, None)
+        self._due.pop(conn, None)
 
     def _update_interest(self, conn: Connection) -> None:
         events = conn.wanted_events(self._holds(conn))
@@ -500,6 +514,7 @@ class RpcServer:
         self.unsent.release(len(conn.wbuf))
         self._conns.discard(conn)
         self._parked.pop(conn, None)
+        self._due.pop(conn, None)
         self._forget_uid(conn.uid)
         if conn.events:
             self.selector.unregister(conn.sock)
