@@ -23,6 +23,7 @@ from flashlexd.client.wire import (DEFAULT_SOCKET, HEADER, MAX_IDS_PER_ACK, MAX_
 IdLike = Union[int, str, Message]
 log = logging.getLogger("flashlexd.client")
 RECONNECT_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between tries while the daemon is away
+BUSY_PAUSE = 1.0  # seconds a follower waits before asking a busy daemon again
 
 
 def socket_path(path: Optional[str] = None) -> str:
@@ -260,6 +261,23 @@ class Client:
             self._drop()
             raise _unread(frame["error"], method, sent)
 
+    def follow(self, limit: int, topic: Optional[str], after: Optional[int], wait: float,
+               until_replay: bool = False) -> List[Dict[str, Any]]:
+        """`records(..., wait=)` for a follower that runs for ever (`stream`, `flashlexctl
+        tail`): a daemon that goes away (a restart) is waited for (`reconnect`), and one that
+        answers `busy` (its connections, or its room for unsent answers, taken by clients that
+        do not read) is asked again after a pause; [] then. The wait is a read: safe to repeat."""
+        try:
+            return self.records(limit, topic, after, wait, until_replay=until_replay)
+        except DaemonNotRunning:  # ConnectionLost is one
+            self.reconnect()
+        except RpcError as refused:
+            if refused.code != Code.BUSY:
+                raise
+            log.warning("%s; asking again in %g s", refused, BUSY_PAUSE)
+            time.sleep(BUSY_PAUSE)
+        return []
+
     def reconnect(self) -> None:
         """After `DaemonNotRunning` (or `ConnectionLost`): block until the daemon answers
         again, as after `systemctl restart flashlexd` or an upgrade, trying every 2 s at most;
@@ -463,16 +481,12 @@ class Client:
         """Every message as it arrives, forever (oldest unacknowledged first). Uses `wait` with
         the last id seen, so it yields each message once even if it is never acknowledged; a
         replay of its consumer (`reset`, from any client) starts it over from `after`. A daemon
-        that goes away (a restart) is waited for (`reconnect`), and the stream goes on from its
-        last message."""
+        that goes away (a restart) or is busy is waited for (`follow`), and the stream goes on
+        from its last message."""
         start = last = None if after is None else int(_wire_id(after))
         while True:
             replays = self._replay_events
-            try:
-                batch = self.records(limit, topic, last, timeout_per_wait, until_replay=True)
-            except DaemonNotRunning:  # ConnectionLost is one: the wait is a read, safe to repeat
-                self.reconnect()
-                continue
+            batch = self.follow(limit, topic, last, timeout_per_wait, until_replay=True)
             for message in map(Message.from_wire, batch):
                 last = message.id
                 yield message

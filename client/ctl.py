@@ -188,12 +188,7 @@ def cmd_tail(fx: Client, args: argparse.Namespace) -> int:
     and only while someone reads (`tail --ack | head -1` acked a batch of 100 head never read)."""
     after = None if args.all else fx.call("status")["inbox"]["last_id"]
     while not reader_left():
-        try:
-            found = fx.records(100, args.topic or None, after, wait=TAIL_WAIT_SECONDS)
-        except DaemonNotRunning:  # a restart: follow on once it is back
-            fx.reconnect()
-            continue
-        for message in found:
+        for message in fx.follow(100, args.topic or None, after, TAIL_WAIT_SECONDS):
             _print_tail_line(message, args.json)
             after = message["id"]
             if args.ack:

@@ -12,6 +12,7 @@ import resource
 import select
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import List
@@ -366,4 +367,41 @@ def test_unsent_responses_are_budgeted_across_connections(tmp_path: Path) -> Non
     finally:
         for sock in hostile:
             sock.close()
+        h.stop()
+
+
+def test_a_stream_rides_through_busy_while_others_hold_the_unsent_budget(tmp_path: Path, caplog) -> None:
+    """With the unsent budget, a big answer gets `busy` while clients that do not read hold it:
+    `stream()` ("forever") must not end on that; it asks again after a pause and gets its
+    messages once the hog is gone."""
+    budget = 600 * 1024
+    h = Harness(tmp_path, limits=_limits(max_unsent=budget, write_timeout=60)).start()
+    hogs: List[socket.socket] = []
+    try:
+        h.ingest(*[("big", b"x" * 10_000) for _ in range(20)])  # each answer: ~200 KB
+        for _ in range(8):
+            hog = raw_connect(h.path)
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.sendall(b"".join(req("messages", n, limit=20) for n in range(30)))
+            hogs.append(hog)
+        until(lambda: h.call(lambda: not h.server.unsent.fits(150_000)), what="the budget held by the hogs")
+        caplog.set_level(logging.WARNING, "flashlexd.client")
+
+        def close_hogs_once_refused() -> None:
+            wait_for(lambda: any("busy" in r.getMessage() for r in caplog.records), 10, "busy")
+            for hog in hogs:
+                hog.close()
+        closer = threading.Thread(target=close_hogs_once_refused)
+        with Client(h.path, timeout=5) as fx:
+            stream = fx.stream(timeout_per_wait=5, limit=20)
+            closer.start()
+            try:
+                first = next(stream)
+            finally:
+                closer.join()
+            assert first.topic == "big" and all(hog.fileno() == -1 for hog in hogs)
+            stream.close()
+    finally:
+        for hog in hogs:
+            hog.close()
         h.stop()
