@@ -59,9 +59,10 @@ def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt", thing_name: str) -> L
         return []
     warnings: List[str] = []
 
-    def over(key: str, value: object, quota: str) -> None:
-        warnings.append(f"{path}.{key}: {value} is over AWS IoT Core's quota of {quota};"
-                        f" the broker drops what exceeds it")
+    def over(key: str, value: object, quota: str, outcome: str = "the broker drops what exceeds it") -> None:
+        warnings.append(f"{path}.{key}: {value} is over AWS IoT Core's quota of {quota}; {outcome}")
+
+    disconnects = "the broker disconnects the client on a publish over it"  # not a silent drop
 
     if mqtt.publish_rate == 0 or mqtt.publish_rate > PUBLISH_RATE:
         over("publishRatePerSecond", "unlimited" if mqtt.publish_rate == 0 else f"{mqtt.publish_rate:g}/s",
@@ -70,9 +71,9 @@ def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt", thing_name: str) -> L
         over("publishBytesPerSecond", "unlimited" if mqtt.publish_bytes_rate == 0
              else mqtt.publish_bytes_rate, f"{PUBLISH_BYTES_RATE} bytes/s per connection")
     if mqtt.max_payload_bytes > PAYLOAD_BYTES:
-        over("maxPayloadBytes", mqtt.max_payload_bytes, f"{PAYLOAD_BYTES} bytes per payload")
+        over("maxPayloadBytes", mqtt.max_payload_bytes, f"{PAYLOAD_BYTES} bytes per payload", disconnects)
     if mqtt.max_topic_bytes > TOPIC_BYTES:
-        over("maxTopicBytes", mqtt.max_topic_bytes, f"{TOPIC_BYTES} bytes per topic")
+        over("maxTopicBytes", mqtt.max_topic_bytes, f"{TOPIC_BYTES} bytes per topic", disconnects)
     if mqtt.max_inflight > IN_FLIGHT:
         over("maxInflight", mqtt.max_inflight, f"{IN_FLIGHT} unacknowledged publishes")
     low, high = KEEPALIVE_RANGE

@@ -278,6 +278,8 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     config = load(str(edited_config(tmp_path, over)))
     quota_lines = [w for w in config.warnings if "AWS IoT Core" in w]
     assert len(quota_lines) == 7 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
+    assert "flashlex.thing.mqtt.maxPayloadBytes: 262144 is over AWS IoT Core's quota of 131072 bytes per" \
+        " payload; the broker disconnects the client on a publish over it" in quota_lines  # not "drops"
     assert quota_warnings("mosquitto.local", "x", config.thing.mqtt, "thing") == []  # other brokers: no AWS quotas
 
 
