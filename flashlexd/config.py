@@ -20,7 +20,7 @@ from flashlexd.configkeys import DEFAULT_DATA_DIR, KEYS, LOG_LEVELS
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 from flashlexd.dedupe import DedupeKey
-from flashlexd.quotas import aws_transport, quota_warnings
+from flashlexd.quotas import TOPIC_SLASHES, aws_transport, is_aws_endpoint, quota_warnings
 from flashlexd.topics import publish_topic_problem, valid_filter
 from flashlexd.wire import DEFAULT_SOCKET, REQUEST_OVERHEAD
 
@@ -210,7 +210,7 @@ def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_nam
     keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
                  legacy_base)
     mqtt = aws_transport(endpoint, f"{section.path}.mqtt",  # type: ignore[arg-type]
-                         _mqtt(section.section("mqtt", required=True), name), warnings)  # type: ignore[arg-type]
+                         _mqtt(section.section("mqtt", required=True), name, endpoint), warnings)  # type: ignore[arg-type]
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 
@@ -286,7 +286,7 @@ def _keys(section: Section, base: Path, base_name: str, warnings: List[str],
     return keys
 
 
-def _mqtt(section: Section, thing_name: str) -> Mqtt:
+def _mqtt(section: Section, thing_name: str, endpoint: str) -> Mqtt:
     backoff_section = section.section("autoReconnectBackoffTime")
     backoff = ReconnectPolicy(
         base_seconds=backoff_section.value("baseReconnectQuietTimeSecond"),
@@ -329,8 +329,9 @@ def _mqtt(section: Section, thing_name: str) -> Mqtt:
         if topic_filter is not None and not valid_filter(topic_filter):
             raise ConfigError(f"{section.path}.{key}: expected an MQTT topic filter (+ a whole level,"
                               f" # only last), got {_show(topic_filter)}")
-    problem = publish_topic_problem(mqtt.egress_topic, mqtt.max_topic_bytes)
-    if problem:  # every default publish would be refused
+    problem = publish_topic_problem(mqtt.egress_topic, mqtt.max_topic_bytes,
+                                    TOPIC_SLASHES if is_aws_endpoint(endpoint) else None)
+    if problem:  # every default publish would be refused (on AWS IoT Core, cut the link)
         raise ConfigError(f"{section.path}.egress.topic: {problem}")
     if mqtt.egress_client_id == mqtt.client_id:
         raise ConfigError(f"{section.path}.egressClientId: must differ from the ingress client id"

@@ -320,6 +320,9 @@ BAD_CONFIGS = [
      "flashlex.thing.mqtt.egress.topic: contains the wildcard '+' (only subscriptions may use + and #)"),
     ("egress-topic-over-max-topic-bytes", setting("flashlex.thing.mqtt.maxTopicBytes", 8),
      "flashlex.thing.mqtt.egress.topic: is 16 bytes in UTF-8, over maxTopicBytes (8)"),
+    # found by review: only warned, so `publish` without topic= queued entries AWS disconnects on
+    ("egress-topic-over-aws-slashes", setting("flashlex.thing.mqtt.egress.topic", "a/b/c/d/e/f/g/h/i"),
+     "flashlex.thing.mqtt.egress.topic: has 8 slashes, over the broker's 7 (AWS IoT Core's topic levels)"),
     ("same-client-ids", setting("flashlex.thing.mqtt.egressClientId", "ecd13b11-mything"),
      "flashlex.thing.mqtt.egressClientId: must differ from the ingress client id"
      " 'ecd13b11-mything' (a broker drops one of two connections with one id)"),
@@ -370,6 +373,14 @@ def test_host_names_and_ip_addresses_are_endpoints(tmp_path: Path, endpoint: str
     """The endpoint check refuses URLs, ports and paths, not a host paho can reach."""
     path = edited_config(tmp_path / "etc", setting("flashlex.thing.endpoint", f" {endpoint}"))
     assert load(str(path)).thing.endpoint == endpoint  # spaces around it are trimmed, as for every text key
+
+
+def test_an_egress_topic_over_aws_slashes_loads_for_other_brokers(tmp_path: Path):
+    """AWS IoT Core's 7-slash limit is a config error on its endpoints only."""
+    def deep_topic_elsewhere(document: Dict[str, Any]) -> None:
+        setting("flashlex.thing.endpoint", "mosquitto.local")(document)
+        setting("flashlex.thing.mqtt.egress.topic", "a/b/c/d/e/f/g/h/i")(document)
+    assert load(str(edited_config(tmp_path / "etc", deep_topic_elsewhere))).thing.mqtt.egress_topic == "a/b/c/d/e/f/g/h/i"
 
 
 def test_a_session_expiry_of_0_is_warned_about_under_mqtt5(tmp_path: Path):

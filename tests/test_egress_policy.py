@@ -274,7 +274,7 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     def over(document) -> None:
         mqtt = document["flashlex"]["thing"]["mqtt"]
         mqtt.update(publishRatePerSecond=500, maxInflight=200, keepAliveSeconds=10, maxPayloadBytes=262144,
-                    sessionExpirySeconds=30 * 24 * 3600, subscriptions=[f"t/{i}" for i in range(60)], egress={"topic": "a/b/c/d/e/f/g/h/i"})
+                    sessionExpirySeconds=30 * 24 * 3600, subscriptions=[f"t/{i}" for i in range(59)] + ["a/b/c/d/e/f/g/h/i"])
     config = load(str(edited_config(tmp_path, over)))
     quota_lines = [w for w in config.warnings if "AWS IoT Core" in w]
     assert len(quota_lines) == 7 and all(w.startswith("flashlex.thing.mqtt") for w in quota_lines)
