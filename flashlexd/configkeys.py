@@ -205,7 +205,8 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate)"
         " or IPv4/IPv6 address, alone: no `https://`, port or path (the port is `mqtt.port`);"
         " on an AWS IoT Core endpoint (`*.amazonaws.com`) `publish` also refuses topics over its 7"
-        " slashes, and so does the config for `mqtt.egress.topic`", LINKS_AND_API),
+        " slashes or beginning with `$` (but `$aws/`), and so does the config for `mqtt.egress.topic`",
+        LINKS_AND_API),
     *(Key(f"{_THING}.keys.{name}", "text", REQUIRED,
           f"{what}, for mutual TLS, checked at start and on reload: files that do not load, or a key"
           " that does not match the certificate, are a config error naming the file; read again at"

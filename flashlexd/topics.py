@@ -48,6 +48,7 @@ _FORBIDDEN = re.compile("[\0-\x1f\x7f-\x9f\ufdd0-\ufdef"
                                   for last in (0xFFFE, 0xFFFF)) + "]")
 DEFAULT_MAX_TOPIC_BYTES = 256  # AWS IoT Core's limit
 BASIC_INGEST_PREFIX = "$aws/rules/"  # AWS IoT Core's Basic Ingest: $aws/rules/<rule>/<topic>
+AWS_SERVICE_PREFIX = "$aws/"  # the only topics beginning with '$' that AWS IoT Core takes
 
 
 def string_problem(text: str) -> Optional[str]:
@@ -70,7 +71,8 @@ def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
                           max_slashes: Optional[int] = None) -> Optional[str]:
     """Why a broker would refuse `topic` as a PUBLISH topic (one phrase naming the rule), or
     None when it is fine. Checked by `publish` so that no application can queue an entry that
-    would be refused (and, under MQTT 3.1.1, cut the egress connection) at every attempt."""
+    would be refused (and, under MQTT 3.1.1, cut the egress connection) at every attempt.
+    `max_slashes` is given on AWS IoT Core endpoints only, which bring AWS's other topic rules."""
     if not topic:
         return "is empty"
     problem = string_problem(topic)
@@ -80,6 +82,8 @@ def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
     for wildcard in ("+", "#"):
         if wildcard in topic:
             return f"contains the wildcard {wildcard!r} (only subscriptions may use + and #)"
+    if max_slashes is not None and topic.startswith("$") and not topic.startswith(AWS_SERVICE_PREFIX):
+        return f"begins with '$', reserved by AWS IoT Core (only {AWS_SERVICE_PREFIX}... may be published)"
     counted, prefix = topic, ""
     if max_slashes is not None and topic.startswith(BASIC_INGEST_PREFIX) and topic.count("/") >= 3:
         # AWS IoT Core's limits exclude Basic Ingest's three mandatory levels ($aws/rules/<rule>/)

@@ -321,6 +321,9 @@ BAD_CONFIGS = [
     ("egress-topic-over-max-topic-bytes", setting("flashlex.thing.mqtt.maxTopicBytes", 8),
      "flashlex.thing.mqtt.egress.topic: is 16 bytes in UTF-8, over maxTopicBytes (8)"),
     # found by review: only warned, so `publish` without topic= queued entries AWS disconnects on
+    ("egress-topic-reserved-on-aws", setting("flashlex.thing.mqtt.egress.topic", "$SYS/out"),
+     "flashlex.thing.mqtt.egress.topic: begins with '$', reserved by AWS IoT Core (only $aws/... may be"
+     " published)"),
     ("egress-topic-over-aws-slashes", setting("flashlex.thing.mqtt.egress.topic", "a/b/c/d/e/f/g/h/i"),
      "flashlex.thing.mqtt.egress.topic: has 8 slashes, over the broker's 7 (AWS IoT Core's topic levels)"),
     ("same-client-ids", setting("flashlex.thing.mqtt.egressClientId", "ecd13b11-mything"),

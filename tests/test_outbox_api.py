@@ -4,6 +4,7 @@ tests/test_ipc_server.Harness)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import List
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from flashlexd.client import OutboxEntry, RpcError, connect
 from flashlexd.client import ctl, ctlview
 from flashlexd.client.wire import MAX_IDS_PER_ACK, Code
+from flashlexd.quotas import TOPIC_SLASHES
 from tests.test_ipc_server import MAX_PAYLOAD, harness  # noqa: F401 (fixture)
 
 
@@ -54,6 +56,20 @@ def test_publish_refuses_a_topic_no_broker_takes_and_queues_nothing(harness, fx,
     assert info.value.message.startswith("publish: param 'topic' " + rule)
     assert "\n" not in info.value.message and "nothing was queued" in info.value.message
     assert fx.outbox()["count"] == 0 and harness.outbox_wakeups == 0
+
+
+@pytest.mark.parametrize("topic", ["$SYS/x", "$foo/bar", "$"])
+def test_publish_on_aws_refuses_the_dollar_topics_it_reserves(harness, fx, topic):
+    """AWS IoT Core reserves every topic beginning with '$' and disconnects on a publish to one
+    outside $aws/: such entries were queued (found by review)."""
+    harness.rules = replace(harness.rules, max_topic_slashes=TOPIC_SLASHES)  # an AWS endpoint's rules
+    with pytest.raises(RpcError) as info:
+        fx.publish(b"x", topic=topic)
+    assert info.value.code == Code.BAD_PARAMS and "\n" not in info.value.message
+    assert info.value.message.startswith("publish: param 'topic' begins with '$', reserved by AWS IoT Core")
+    assert fx.publish(b"{}", topic="$aws/things/T/shadow/update") == 1
+    assert fx.publish(b"x", topic="$aws/rules/r/a") == 2  # Basic Ingest
+    assert fx.outbox()["count"] == 2
 
 
 def test_publish_accepts_the_longest_topic_and_the_largest_payload(fx):
