@@ -129,7 +129,6 @@ class Connection:
         self.taken_straight = 0  # PUBLISH packets read without paho (publishread.py)
         self.sessions_lost = 0
         self.throttled = 0       # links closed because the broker stopped acknowledging publishes
-        self.testing_one_entry = False  # set by the egress: a drop now is that entry's doing
         self.track_session = track_session
         self._had_session = track_session and session_seen_at is not None
         self._seen_at = session_seen_at
@@ -558,7 +557,9 @@ class Connection:
             self._quick_drops = 0
             return f"connection to {where} closed: {dead}"
         if not before_connack and self._entry_fault():  # a clone's kick looks the same: not counted
-            return f"connection to {where} closed by the broker with one entry in flight (refused?)"
+            pending = self.watch.pending("PUBACK")
+            entries = "one entry" if pending == 1 else f"{pending} entries"
+            return f"connection to {where} closed by the broker with {entries} in flight (refused?)"
         if before_connack and (exc is None or isinstance(exc, _ABRUPT_CLOSE)):
             # With TLS 1.3 the broker checks our certificate after our side of the handshake
             # is done, so its refusal often shows up only as a closed connection.
@@ -609,8 +610,9 @@ class Connection:
                 f" them? (check the thing's policy or permissions)")
 
     def _entry_fault(self) -> bool:
-        """Did the broker close the link over the one entry the egress is testing alone?"""
-        return (self.testing_one_entry and self._dead_reason is None and not self.closed_for_other_cause
+        """Did the broker close the link over one of our unacknowledged publishes? The egress
+        then looks for it one at a time, so the drop is not the broker's trouble to wait out."""
+        return (self._dead_reason is None and not self.closed_for_other_cause
                 and not self.cut_mid_upload and self.watch.pending("PUBACK") > 0)
 
     def _cut_mid_upload(self) -> bool:

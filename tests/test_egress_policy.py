@@ -173,8 +173,8 @@ def test_an_unsuback_queued_behind_a_backlog_is_awaited_while_messages_come() ->
     assert watch.verdict() is Verdict.UNACKNOWLEDGED
 
 
-def drop(watch: PoisonWatch, inflight: List[int], progress: bool = False) -> Optional[int]:
-    return watch.dropped(inflight, progress)
+def drop(watch: PoisonWatch, inflight: List[int]) -> Optional[int]:
+    return watch.dropped(inflight)
 
 
 def test_an_entry_skipped_on_attempts_links_in_a_row_is_the_culprit() -> None:
@@ -188,8 +188,8 @@ def test_an_entry_skipped_on_attempts_links_in_a_row_is_the_culprit() -> None:
 def test_poison_search_goes_one_at_a_time_and_dead_letters_the_culprit() -> None:
     watch = PoisonWatch(attempts=3)
     assert watch.window(100) == 100
-    assert drop(watch, [5, 6, 7], progress=True) is None and watch.window(100) == 100  # progress: no suspicion
-    assert drop(watch, [5, 6, 7]) is None and watch.window(100) == 1  # one of 5, 6, 7: one at a time
+    # one of 5, 6, 7 (entries before them acknowledged on that link or not): one at a time
+    assert drop(watch, [5, 6, 7]) is None and watch.window(100) == 1
     watch.acknowledged(5)
     assert watch.window(100) == 1  # 6 and 7 are still suspects
     assert drop(watch, [6]) is None and drop(watch, [6]) is None
@@ -213,10 +213,10 @@ def test_cuts_mid_upload_count_as_a_fraction_of_a_drop() -> None:
     (a size limit its CONNACK did not give) would hold the outbox for good."""
     watch = PoisonWatch(attempts=3)
     for _ in range(3 * MID_UPLOAD_CUTS - 1):
-        assert watch.dropped([5], progress=False, mid_upload=True) is None
+        assert watch.dropped([5], mid_upload=True) is None
     assert watch.drops(5) < 3
-    assert watch.dropped([5], progress=False, mid_upload=True) == 5
-    assert drop(watch, [6]) is None and watch.dropped([6], False, mid_upload=True) is None
+    assert watch.dropped([5], mid_upload=True) == 5
+    assert drop(watch, [6]) is None and watch.dropped([6], mid_upload=True) is None
     assert drop(watch, [6]) is None and watch.drops(6) == 2 + 1 / MID_UPLOAD_CUTS
 
 
@@ -227,8 +227,8 @@ def test_a_culprit_records_the_drops_that_were_counted_against_it() -> None:
     watch = PoisonWatch(attempts=3)
     assert drop(watch, [5]) is None and drop(watch, [5]) is None
     for _ in range(MID_UPLOAD_CUTS - 1):
-        assert watch.dropped([5], progress=False, mid_upload=True) is None
-    assert watch.dropped([5], progress=False, mid_upload=True) == 5
+        assert watch.dropped([5], mid_upload=True) is None
+    assert watch.dropped([5], mid_upload=True) == 5
     assert watch.culprit_drops == 2 + MID_UPLOAD_CUTS
     assert drop(watch, [6]) is None and drop(watch, [6]) is None and drop(watch, [6]) == 6
     assert watch.culprit_drops == 3

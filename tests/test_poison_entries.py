@@ -2,9 +2,11 @@
 named in one WARNING, and everything behind it is delivered in order."""
 from __future__ import annotations
 
+import ssl
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from types import SimpleNamespace
+from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -13,6 +15,7 @@ from flashlexd.mqttv5 import publish_packet_size
 from flashlexd.store import Store
 from tests.broker import EGRESS_TOPIC, THING, Broker, Certs, Proxy, Subscriber, open_store, wait_for, write_config
 from tests.daemon import Daemon
+from tests.lax_broker import TlsTestBroker, mqtt_packet
 from tests.quota_proxy import QuotaProxy
 from tests.test_egress import assert_delivered_in_order
 
@@ -193,6 +196,58 @@ def test_a_link_cut_mid_upload_is_not_counted_as_poison(broker: Broker, tmp_path
         subscriber.stop()
     finally:
         proxy.close()
+
+
+class AwsTopicLevelsBroker(TlsTestBroker):
+    """As AWS IoT Core: closes the link on a PUBLISH whose topic has more than 7 slashes (under
+    MQTT 5 after a DISCONNECT 0x90 Topic Name invalid); PUBACKs the rest."""
+
+    def __init__(self, certs: Certs, protocol: str):
+        self.v5 = protocol == "5"
+        super().__init__(certs)
+
+    def answer(self, tls: ssl.SSLSocket, first: int, body: bytes, number: Optional[int]) -> bool:
+        kind = first >> 4
+        if kind == 1:  # CONNECT: CONNACK, no session (under MQTT 5 no properties)
+            tls.sendall(mqtt_packet(0x20, b"\0\0\0" if self.v5 else b"\0\0"))
+        elif kind == 3:
+            end = 2 + int.from_bytes(body[:2], "big")
+            if body[2:end].count(b"/") > 7:
+                if self.v5:
+                    tls.sendall(mqtt_packet(0xE0, b"\x90\0"))
+                return False
+            if first & 0x06:  # QoS 1: PUBACK its packet id
+                tls.sendall(mqtt_packet(0x40, body[end:end + 2]))
+        elif kind == 12:
+            tls.sendall(mqtt_packet(0xD0, b""))
+        return kind != 14  # DISCONNECT
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_refused_entries_behind_acknowledged_ones_are_found_at_the_base_quiet_time(
+        certs: Certs, tmp_path: Path, start_worker, protocol: str) -> None:
+    """An outbox alternating good topics and ones over AWS's 7 slashes stalled: a drop after a
+    PUBACK on that link was no poison evidence and doubled the reconnect wait, so each refused
+    entry began with longer and longer waits (30 s and more: 3 left after 90 s; found by review)."""
+    deep = "a/b/c/d/e/f/g/h/i"
+    broker = AwsTopicLevelsBroker(certs, protocol)
+    try:
+        config = write_config(tmp_path / "config", SimpleNamespace(certs=certs, port=broker.port), mqtt={
+            "protocol": protocol, "autoReconnectBackoffTime": {"baseReconnectQuietTimeSecond": 1,
+                                                               "maxReconnectQuietTimeSecond": 32}})
+        store = open_store(config)
+        store.outbox_append([(topic, f"{topic}{i}".encode(), 1, False) for i in range(2)
+                             for topic in (EGRESS_TOPIC, deep)] + [(EGRESS_TOPIC, b"last", 1, False)])
+        worker = start_worker("egress", config)
+        worker.wait(lambda w: store.outbox_count() == 0, 25, "the outbox empty")
+        assert [d.topic for d in store.dead_letters()] == [deep, deep]
+        reports = worker.reports("mqtt")
+        waits = [up["received_at"] - down["received_at"] for down, up in zip(reports, reports[1:])
+                 if not down["connected"] and up["connected"]]
+        assert waits and max(waits) < 3, waits  # ~1 s each; doubling, they reach 4 s and more
+        assert worker.stop() == 0
+    finally:
+        broker.close()
 
 
 def test_an_entry_over_rabbitmqs_max_message_size_is_named_and_can_be_dropped(

@@ -12,7 +12,7 @@ Resends are ours, not paho's: every connection uses a fresh paho client, and whe
 the entries it had in flight are sent again from the store, oldest first, through the same
 budget (a reconnect does not burst past the quota). Every entry is delivered at least once, in
 order per topic; duplicates are bounded by the in-flight window per drop. A link that drops with
-entries in flight and no PUBACK makes the drain careful (`PoisonWatch`): one entry at a time,
+entries in flight makes the drain careful (`PoisonWatch`): one entry at a time,
 and one that is alone in flight for `poisonAttempts` drops goes to the dead letters, named in
 one WARNING line; then the drain goes on at full speed.
 
@@ -71,7 +71,6 @@ class _Drop(NamedTuple):
     """A link the broker closed with entries in flight, judged at the next connection: only a
     broker that took the first attempt after it can have closed it over an entry."""
     sent: List[_InFlight]
-    progress: bool      # a PUBACK came on that connection
     error: Optional[str]
     attempts: int       # the connection's attempts when it dropped
     mid_upload: bool    # MQTT 5: before the broker had all we sent (counts as a fraction)
@@ -103,7 +102,6 @@ class EgressWorker(Worker):
         self.poison = PoisonWatch(mqtt.poison_attempts)
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
         self.unacked_since: Dict[int, float] = {}  # entry id -> first sent, until acknowledged
-        self.acked_on_link = 0                     # PUBACKs on the current connection
         self.unacknowledged_links = (0, 0)         # (oldest entry id, links in a row it stalled)
         self.drop_to_judge: Optional[_Drop] = None  # the last link's drop, judged at the next CONNACK
         self.done: List[int] = []           # acknowledged, to delete
@@ -150,7 +148,6 @@ class EgressWorker(Worker):
                 self._sweep_expired()
         if self.more and self.connection.connected:
             wait = min(wait, self._publish_more())
-        self.connection.testing_one_entry = self.poison.single
         self._update_counters(now)
         return max(0.0, min(wait, self.next_check - now))
 
@@ -175,7 +172,6 @@ class EgressWorker(Worker):
             self.counters.update(protocol=self.connection.protocol, **limits.counters())
             self._note_session()
             self._judge_drop()
-            self.acked_on_link = 0
             self.more = True
             self._mark_backlog()
         else:
@@ -239,7 +235,6 @@ class EgressWorker(Worker):
         sent = self.inflight.pop(mid, None)
         if sent is None:
             return
-        self.acked_on_link += 1
         self.poison.acknowledged(sent.entry_id)
         if reason is None or not reason.is_failure:
             self._done(sent.entry_id)
@@ -273,7 +268,7 @@ class EgressWorker(Worker):
         # only a link the broker closed itself can be an entry's fault: one we closed because it
         # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
         if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
-            self.drop_to_judge = _Drop(sent, self.acked_on_link > 0, error, self.connection.attempts,
+            self.drop_to_judge = _Drop(sent, error, self.connection.attempts,
                                        self.connection.cut_mid_upload)
         elif self.connection.last_verdict is Verdict.UNACKNOWLEDGED and sent:
             self._unacknowledged_again(min(sent))
@@ -291,7 +286,7 @@ class EgressWorker(Worker):
         drop, self.drop_to_judge = self.drop_to_judge, None
         if drop is None or self.connection.attempts != drop.attempts + 1:
             return
-        victim = self.poison.dropped([s.entry_id for s in drop.sent], drop.progress, drop.mid_upload)
+        victim = self.poison.dropped([s.entry_id for s in drop.sent], drop.mid_upload)
         if victim is not None:
             drops = self.poison.culprit_drops  # cuts mid-upload included: what `outbox --dead` shows
             self._dead_letter(drop.sent[0], f"the link dropped {drops} times while it was alone in flight"

@@ -2,8 +2,9 @@
 
 Under MQTT 3.1.1 a broker refuses a publish (too big, a topic it rejects) only by closing the
 connection, and a resend on the next connection closes it again: one entry can stop the whole
-outbox. So: when the link drops with entries in flight and no PUBACK on that connection, the
-culprit is one of them, and the egress sends them one at a time; an entry that is alone in
+outbox. So: when the link drops with entries in flight, the culprit is one of them, and the
+egress sends them one at a time, whether or not earlier entries were acknowledged on that
+connection (a broker acknowledges the entries before the one it refuses); an entry that is alone in
 flight when the link drops `attempts` times is the culprit and goes to the dead letters. Once
 that happens, or once the newest of the suspects is acknowledged (the drop had another cause),
 the drain goes on at full speed.
@@ -51,11 +52,10 @@ class PoisonWatch:
         if self.suspects_until is not None and entry_id >= self.suspects_until:
             self.suspects_until = None
 
-    def dropped(self, inflight: Sequence[int], progress: bool, mid_upload: bool = False) -> Optional[int]:
-        """The link dropped with `inflight` (entry ids, oldest first) unacknowledged, and
-        `progress` says whether any PUBACK came on that connection; `mid_upload`, before the
-        broker had all of it. Returns the entry to dead-letter, if one has now been alone at
-        `attempts` drops."""
+    def dropped(self, inflight: Sequence[int], mid_upload: bool = False) -> Optional[int]:
+        """The link dropped with `inflight` (entry ids, oldest first) unacknowledged; `mid_upload`,
+        before the broker had all of it. Returns the entry to dead-letter, if one has now been
+        alone at `attempts` drops."""
         if len(inflight) == 1:
             entry = inflight[0]
             self.alone_drops[entry] = self.alone_drops.get(entry, 0) + (1 if mid_upload else MID_UPLOAD_CUTS)
@@ -66,7 +66,7 @@ class PoisonWatch:
                 self.suspects_until = None
                 return entry
             self.suspects_until = max(entry, self.suspects_until or entry)
-        elif inflight and not progress:
+        elif inflight:
             self.suspects_until = max(inflight)
         return None
 
