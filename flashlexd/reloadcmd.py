@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from flashlexd.client import Client
-from flashlexd.client.errors import ConnectionLost, FlashlexError
-from flashlexd.client.wire import SOCKET_ENV
 from flashlexd.config import ConfigError
 from flashlexd.unitplaces import read_places
+from flashlexd.wire import SOCKET_ENV
 
 WAIT = 90.0  # seconds; a reload takes at most the key check's 30 s (systemd's TimeoutStartSec bounds it)
 POLL = 0.05  # seconds between status calls while the reload has not been done
@@ -69,17 +67,38 @@ def _socket_path(args: argparse.Namespace) -> str:
 
 
 def reload(pid: int, socket_path: str, timeout: float) -> None:
-    """SIGHUP to `pid`, then wait until its `status` counts one more reload done."""
+    """SIGHUP to `pid`, then wait until its `status` counts one more reload done. (The client
+    package is imported here: the daemon's own modules import without it, see
+    tests/test_source_checkout.py.)"""
+    from flashlexd.client import Client
+    from flashlexd.client.errors import ConnectionLost, FlashlexError
+
+    def reloads() -> Dict[str, Any]:
+        """{"done": N, "refused": reason or None}; answered once a reload under way is over
+        (it holds the daemon's loop)."""
+        try:
+            part: Optional[Dict[str, Any]] = client.status().get("reload")
+        except ConnectionLost:
+            raise ReloadFailed("the daemon stopped during the reload (see its log)") from None
+        except FlashlexError as exc:
+            raise ReloadFailed(f"cannot read the reload's outcome: {exc}") from None
+        if not isinstance(part, dict):  # a daemon older than this command
+            raise ReloadFailed("this daemon does not report its reloads: restart it to run this version")
+        return part
+
     deadline = time.monotonic() + timeout
-    client = _client(socket_path, deadline)
     try:
-        before = _reloads(client)["done"]
+        client = Client(socket_path, timeout=max(1.0, timeout))
+    except FlashlexError as exc:
+        raise ReloadFailed(f"not sent: cannot reach the daemon's API ({exc})") from None
+    try:
+        before = reloads()["done"]
         try:
             os.kill(pid, signal.SIGHUP)
         except OSError as exc:
             raise ReloadFailed(f"cannot signal pid {pid}: {exc.strerror}") from None
         while True:
-            outcome = _reloads(client)
+            outcome = reloads()
             if outcome["done"] > before:
                 break
             if time.monotonic() > deadline:
@@ -89,24 +108,3 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
         client.close()
     if outcome["refused"]:
         raise ReloadFailed(f"refused, still running the previous config: {outcome['refused']}")
-
-
-def _client(socket_path: str, deadline: float) -> Client:
-    try:
-        return Client(socket_path, timeout=max(1.0, deadline - time.monotonic()))
-    except FlashlexError as exc:
-        raise ReloadFailed(f"not sent: cannot reach the daemon's API ({exc})") from None
-
-
-def _reloads(client: Client) -> Dict[str, Any]:
-    """The daemon's `reload` status: {"done": N, "refused": reason or None}. The daemon answers
-    once a reload under way is over (the reload holds its loop)."""
-    try:
-        part: Optional[Dict[str, Any]] = client.status().get("reload")
-    except ConnectionLost:
-        raise ReloadFailed("the daemon stopped during the reload (see its log)") from None
-    except FlashlexError as exc:
-        raise ReloadFailed(f"cannot read the reload's outcome: {exc}") from None
-    if not isinstance(part, dict):  # a daemon older than this command
-        raise ReloadFailed("this daemon does not report its reloads: restart it to run this version")
-    return part

@@ -23,6 +23,7 @@ from typing import Dict, List
 import yaml
 
 from flashlexd.client.wire import DEFAULT_MAX_FRAME, HEADER, Code
+from flashlexd.fds import PRIVILEGED_CONNECTIONS
 from tests.broker import wait_for
 from tests.chaos.conftest import chaos_config, chaos_timeout, daemon_status, scale, wait_ready
 from tests.chaos.results import Result
@@ -132,7 +133,9 @@ def test_local_clients_cannot_exhaust_descriptors_or_memory(broker, tmp_path, da
                                      f" (VmHWM {after['VmHWM']:.1f}) -> {after['VmRSS']:.1f}",
                    budget_mb=BUDGET_MB)
         line = result.emit()
-        assert held == CAP - 1 or held == CAP, line  # wait_ready's status connection may linger
+        # root (this test) goes on past the cap into the privileged reserve; wait_ready's status
+        # connection may linger
+        assert held in (CAP + PRIVILEGED_CONNECTIONS - 1, CAP + PRIVILEGED_CONNECTIONS), line
         assert busy == HELD - held, line
         assert replaced < 10, line
         assert len(answers) == len(socks), line  # every partial sender answered and closed
