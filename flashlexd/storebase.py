@@ -36,6 +36,22 @@ T = TypeVar("T")
 S = TypeVar("S", bound="StoreBase")
 
 
+def lock_holders(lock_file: Path) -> List[int]:
+    """Pids, other than ours, of the processes with the LMDB environment of `lock_file` open:
+    each holds a shared POSIX lock on it (LMDB's own). Read from /proc/locks: opening the file
+    to ask would drop this process's own locks on it when closed (POSIX)."""
+    try:
+        info = lock_file.stat()
+        with open("/proc/locks", encoding="ascii") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return []
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    pids = {int(fields[4]) for fields in (line.split() for line in lines)
+            if len(fields) > 5 and fields[1] == "POSIX" and fields[5] == where and fields[4].isdigit()}
+    return sorted(pids - {os.getpid()})
+
+
 @dataclass
 class ScanPage(Generic[T]):
     """What one bounded walk found. `cursor`: the id to pass as `after` to go on, set only when
@@ -238,12 +254,17 @@ class StoreBase:
                 raise OlderSchema(f"store in {self.path} has schema {schema}, written by an earlier"
                                   f" flashlexd; this one ({SCHEMA_VERSION}) migrates it at its start"
                                   f" (the earlier one cannot open it from then on)")
+            if 0 < schema < SCHEMA_VERSION:
+                self._refuse_if_open_elsewhere(schema)
             if 0 < schema < 3:
                 self._migrate_dup_marks(txn)
             if 0 < schema < 4:
                 self._migrate_to_inbox_order(txn)
             if schema < SCHEMA_VERSION:
                 self._set_counter(txn, b"schema", SCHEMA_VERSION)
+                if schema:
+                    log.info("store in %s migrated from schema %d to %d (earlier flashlexd releases"
+                             " cannot open it any more)", self.path, schema, SCHEMA_VERSION)
             self._frames.register(txn, self._oldest_seqs(txn))
             self._back_the_map()  # under the write lock: no other process is growing the file
         self._page_size = self._env.stat()["psize"]
@@ -269,6 +290,18 @@ class StoreBase:
         schema-3 store gains the two empty databases, and its inbox is the default consumer's."""
         self._consumer_db = self._env.open_db(b"consumers", txn=txn)
         self._consumer_acks = self._env.open_db(b"cacks", txn=txn)
+
+    def _refuse_if_open_elsewhere(self, schema: int) -> None:
+        """A migration is one-way, and a release before the data dir lock (flashlexd.lock)
+        takes none: started beside a running one, this one migrated the store under it (the
+        two then fought over the client id; the earlier one could never start again). So a
+        store another live process holds open is not migrated."""
+        others = lock_holders(self.path / "lock.mdb")
+        if others:
+            raise StoreError(f"store in {self.path} (schema {schema}, an earlier flashlexd's) is open"
+                             f" in pid {', '.join(map(str, others))}: stop that flashlexd first; this"
+                             f" one migrates the store to schema {SCHEMA_VERSION}, which the earlier"
+                             " one cannot read")
 
     def _migrate_dup_marks(self, txn: lmdb.Transaction) -> None:
         """Schema 2 -> 3: the per-mid DUP marks become counted content marks; none is lost."""

@@ -3,6 +3,7 @@ expiry, the outbox, the cap policies, the schema and fork guards, and durability
 processes writing at once or being killed with SIGKILL in the middle of a transaction."""
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue
@@ -489,6 +490,33 @@ def test_a_store_with_a_newer_schema_is_refused(tmp_path: Path):
     message = str(caught.value)
     assert f"has schema {SCHEMA_VERSION + 1}" in message and "upgrade flashlexd" in message
     assert str(path) in message and "\n" not in message
+
+
+def test_an_older_schema_held_open_by_another_process_is_not_migrated(tmp_path: Path, caplog):
+    """Found by review: a release before the data dir lock takes none, so the current one
+    started beside it (or refused later, at its socket) had already migrated the store under
+    it, one way. A store another live process holds open is not migrated; once it is closed,
+    the migration goes ahead and says so."""
+    path = tmp_path / "store"
+    Store(path, CAP).close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", struct.pack(">Q", SCHEMA_VERSION - 1), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys\n"
+                               f"env = lmdb.open({str(path)!r}, max_dbs=16)\n"
+                               "env.begin().abort()\nprint('open', flush=True)\nsys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        with pytest.raises(StoreError) as caught:
+            Store(path, CAP)
+        assert f"is open in pid {holder.pid}: stop that flashlexd first" in str(caught.value)
+    finally:
+        holder.communicate("", timeout=10)
+    caplog.set_level(logging.INFO, "flashlexd.store")
+    Store(path, CAP).close()
+    assert f"migrated from schema {SCHEMA_VERSION - 1} to {SCHEMA_VERSION}" in caplog.text
 
 
 STORE_CALLS: List[Callable[[Store], object]] = [
