@@ -24,6 +24,7 @@ IdLike = Union[int, str, Message]
 log = logging.getLogger("flashlexd.client")
 RECONNECT_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between tries while the daemon is away
 BUSY_PAUSE = 1.0  # seconds a follower waits before asking a busy daemon again
+BUSY_RETRY_FIRST = 0.05  # seconds before a call answered `busy` is first asked again (doubling)
 
 
 def socket_path(path: Optional[str] = None) -> str:
@@ -201,8 +202,27 @@ class Client:
             self._buf += chunk
 
     def call(self, method: str, _timeout: Optional[float] = None, **params: Any) -> Any:
-        """Send one request and return its raw result (what `--json` prints)."""
+        """Send one request and return its raw result (what `--json` prints). A `busy` answer
+        to it (a store write that did not get the write lock in time, or no room for a big
+        answer: the daemon did nothing) is asked again after a pause, until `timeout` is spent."""
         timeout = self.timeout if _timeout is None else _timeout
+        deadline = time.monotonic() + timeout
+        pause = BUSY_RETRY_FIRST
+        while True:
+            error, result = self._call_once(method, timeout, params)
+            if error is None:
+                return result
+            refused = _rpc_error(error, method)
+            if refused.code != Code.BUSY or time.monotonic() + pause >= deadline:
+                raise refused
+            time.sleep(pause)
+            pause = min(2 * pause, BUSY_PAUSE)
+            timeout = deadline - time.monotonic()
+
+    def _call_once(self, method: str, timeout: float, params: Dict[str, Any]
+                   ) -> Tuple[Optional[Dict[str, Any]], Any]:
+        """(the daemon's error for this request or None, the result). A failure of the
+        connection itself, or an error for the whole connection, is raised."""
         with self._lock:
             sock = self._ready()
             self._next_id += 1
@@ -238,9 +258,9 @@ class Client:
                 if isinstance(error, dict):
                     raise _unread(error, method, len(frame))
                 raise ProtocolError(f"response id {response['id']!r} does not match request {request_id}")
-        if error is not None:
-            raise _rpc_error(error if isinstance(error, dict) else {"message": error}, method)
-        return response.get("result")
+        if error is not None and not isinstance(error, dict):
+            error = {"message": error}
+        return error, response.get("result")
 
     def _explain_close(self, sock: socket.socket, method: str, sent: int) -> None:
         """After a failed send of `method`'s request of `sent` bytes: raise the daemon's parting

@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # storeconsumers imports this module
     from flashlexd.storeconsumers import BacklogCount
 
 log = logging.getLogger("flashlexd.store")
+# why another process may hold the write lock past a bounded write's wait: both are passing
+# (the supervisor kills a hung worker after heartbeatTimeoutSeconds), so StoreBusy says retry
+BUSY_CAUSES = "a long commit on a busy device, or a hung worker"
 T = TypeVar("T")
 S = TypeVar("S", bound="StoreBase")
 
@@ -523,7 +526,7 @@ class StoreBase:
         lock, writes fail at once: one thread waits, not one per call."""
         if self._waiting is not None and self._waiting.is_alive():
             raise StoreBusy(f"store in {self.path} is busy: another process has held its write"
-                            f" lock for over {self.write_wait:g}s (a hung worker?)")
+                            f" lock for over {self.write_wait:g}s ({BUSY_CAUSES})")
         state = {"phase": "waiting"}  # -> "running" (got the lock) or "called off"
         phase_lock = threading.Lock()
         outcome: Dict[str, object] = {}
@@ -554,7 +557,7 @@ class StoreBase:
                     state["phase"] = "called off"
                     self._waiting = helper
                     raise StoreBusy(f"store in {self.path} is busy: its write lock was not free"
-                                    f" within {self.write_wait:g}s (a hung worker?)")
+                                    f" within {self.write_wait:g}s ({BUSY_CAUSES})")
             helper.join()  # it has the lock: the write is under way, wait for its outcome
         if "error" in outcome:
             raise outcome["error"]  # type: ignore[misc]

@@ -165,6 +165,29 @@ def test_stream_waits_for_a_restarted_daemon_and_goes_on_from_its_last_message(t
             harness.stop()
 
 
+def test_a_publish_waits_out_a_write_lock_held_past_the_daemons_bounded_wait(harness, fx):
+    """Found by review: on a starved device an ingress commit held LMDB's write lock past the
+    supervisor's bounded 1 s wait, and a quarter of the apps' publishes failed with
+    store_error "(a hung worker?)" (nothing was hung). The daemon answers `busy` (nothing was
+    written) and the client asks again within its timeout."""
+    harness.store.write_wait = 0.3
+    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys\n"
+                               f"env = lmdb.open({str(harness.store.path)!r}, max_dbs=16)\n"
+                               "txn = env.begin(write=True)\nprint('locked', flush=True)\n"
+                               "sys.stdin.read()\ntxn.abort()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        release = threading.Timer(1.5, holder.stdin.close)  # a long commit, then it lets go
+        release.start()
+        queued = fx.publish(b"after the long commit")
+        release.join()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fx.outbox()["entries"][-1].id == queued
+
+
 def test_publish_json_bytes_and_text(harness, fx):
     first = fx.publish({"temp": 21.5})
     second = fx.publish(b"\x00raw", topic="other/topic", qos=0, retain=True)

@@ -18,12 +18,12 @@ from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, RESET_TARGETS, RESET_W
 from flashlexd.wire import ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
-from flashlexd.ipc.protocol import Pending, RpcFailure
+from flashlexd.ipc.protocol import Pending, RpcFailure, store_busy
 from flashlexd.ipc.sharedcommit import SharedCommits
 from flashlexd.ipc.walk import Steps, Walk
 from flashlexd.mqttv5 import properties_size, publish_packet_size
 from flashlexd.runtime import ApiRules
-from flashlexd.store import COUNTERS, DiskFull, Store, StoreError, StoreFull
+from flashlexd.store import COUNTERS, DiskFull, Store, StoreBusy, StoreError, StoreFull
 from flashlexd.topics import publish_topic_problem, valid_filter
 
 # Inbox records one `paged` messages/wait call with a topic filter looks at, whatever the inbox
@@ -168,6 +168,8 @@ class Methods:
         except (StoreFull, DiskFull) as exc:  # README: a full disk is handled like a full store
             code = Code.OUTBOX_FULL if method == "publish" else Code.STORE_ERROR
             raise RpcFailure(code, str(exc)) from None
+        except StoreBusy as exc:
+            raise store_busy(exc) from None
         except StoreError as exc:
             raise RpcFailure(Code.STORE_ERROR, str(exc)) from None
 

@@ -68,6 +68,12 @@ class RpcFailure(Exception):
         self.code, self.message, self.request_id = code, message, request_id
 
 
+def store_busy(exc: Exception) -> RpcFailure:
+    """`busy` for a write that did not get the store's write lock in time (StoreBusy): nothing
+    was written, so the client asks again (flashlexd.client retries `busy` within its timeout)."""
+    return RpcFailure(Code.BUSY, f"{exc}; nothing was written: retry")
+
+
 @dataclass
 class Pending:
     """Returned by a method to park the request (long-poll) instead of answering now.

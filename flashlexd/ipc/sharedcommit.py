@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, List, Optional, Union
 
-from flashlexd.ipc.protocol import Code, Pending, RpcFailure
-from flashlexd.store import DiskFull, StoreError, StoreFull
+from flashlexd.ipc.protocol import Code, Pending, RpcFailure, store_busy
+from flashlexd.store import DiskFull, StoreBusy, StoreError, StoreFull
 
 
 class _Window:
@@ -57,6 +57,8 @@ class SharedCommits:
                 self.commits += 1
             except (StoreFull, DiskFull) as exc:
                 window.outcome = RpcFailure(self._full_code, str(exc))
+            except StoreBusy as exc:
+                window.outcome = store_busy(exc)
             except StoreError as exc:
                 window.outcome = RpcFailure(Code.STORE_ERROR, str(exc))
             if self._open is window:
