@@ -156,6 +156,20 @@ def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     assert daemon.children() == before
 
 
+def _oom_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def test_the_oom_killer_takes_a_worker_before_the_supervisor(daemon, notify):
+    """Found by review: under a 45-60 MB memory limit the kernel's OOM killer took the
+    supervisor, the largest process, and the whole daemon stopped (3 of 3 runs); a worker it
+    takes is replaced at once, losing nothing. Each worker raises its own oom_score_adj."""
+    notify.wait_for("READY=1", timeout=15)
+    supervisor = _oom_adj(daemon.pid)
+    assert {name: _oom_adj(pid) for name, pid in daemon.children().items()} == \
+        {name: min(1000, supervisor + 500) for name in ("ingress", "egress", "expiry")}
+
+
 def _reload_command(daemon: Daemon) -> "subprocess.CompletedProcess[str]":
     """`flashlexd reload`, as the unit's ExecReload runs it."""
     return subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon.config),

@@ -398,8 +398,20 @@ def test_service_user_other_than_root(service_user, start_service, daemon_config
         assert out.returncode in (0, 1) and "ingress" in out.stdout, out.stderr
         reload = service.run("systemctl", "reload", UNIT)  # ExecReload as U, in the sandbox
         assert reload.returncode == 0, service.log.read_text(errors="replace")
+        workers = _workers(main)  # each raised its oom_score_adj, as U
+        assert len(workers) == 3 and all(_oom_adj(pid) == min(1000, _oom_adj(main) + 500) for pid in workers)
     finally:
         shutil.rmtree(install, ignore_errors=True)
+
+
+def _workers(pid: int) -> List[int]:
+    """The supervisor's children but the fork server."""
+    children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [child for child in children if b"forkserver" not in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def _oom_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
 
 
 def _host_pid(systemd: RealSystemd, namespace_pid: str) -> int:

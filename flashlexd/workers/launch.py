@@ -19,6 +19,7 @@ from flashlexd import logs
 from flashlexd.channel import Channel, read_inherited_config
 from flashlexd.config import Config
 from flashlexd.configtext import MAX_CONFIG_BYTES
+from flashlexd.oomscore import prefer_for_oom
 from flashlexd.store import StoreError
 from flashlexd.workers.base import EXIT_BOOT_ERROR
 
@@ -57,6 +58,9 @@ def run_worker(name: str, config: Callable[[], Config], log_level: Optional[str]
     logs.dump_stacks_on_sigusr1(name)
     logs.setup(log_level or "info", f"flashlexd[{name}]")
     log = logging.getLogger(f"flashlexd.{name}")
+    problem = prefer_for_oom()  # taken by the OOM killer before the supervisor
+    if problem:
+        log.debug("%s", problem)
     channel = Channel.inherited()
     try:
         loaded = config()
