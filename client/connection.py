@@ -91,6 +91,7 @@ class Client:
         # (the daemon's run, how often it replayed this client's consumer in it): counts are per run
         self._replays: Optional[Tuple[Optional[int], int]] = None
         self._replay_events = 0  # replays noticed: what `stream` watches
+        self._busy_told = False  # `follow` warned of a busy daemon since its last read
         self._lock = threading.Lock()
         with self._lock:
             self._connect()
@@ -288,15 +289,20 @@ class Client:
         answers `busy` (its connections, or its room for unsent answers, taken by clients that
         do not read) is asked again after a pause; [] then. The wait is a read: safe to repeat."""
         try:
-            return self.records(limit, topic, after, wait, until_replay=until_replay)
+            found = self.records(limit, topic, after, wait, until_replay=until_replay)
         except DaemonNotRunning:  # ConnectionLost is one
             self.reconnect()
+            return []
         except RpcError as refused:
             if refused.code != Code.BUSY:
                 raise
-            log.warning("%s; asking again in %g s", refused, BUSY_PAUSE)
+            if not self._busy_told:  # once until a read gets through
+                log.warning("%s; asking again every %g s", refused, BUSY_PAUSE)
+                self._busy_told = True
             time.sleep(BUSY_PAUSE)
-        return []
+            return []
+        self._busy_told = False
+        return found
 
     def reconnect(self) -> None:
         """After `DaemonNotRunning` (or `ConnectionLost`): block until the daemon answers

@@ -166,7 +166,7 @@ TABLE: Tuple[Key, ...] = (
         field="allow_uids"),
     Key(f"{_SOCKET}.maxConnections", "integer", 1024,
         "concurrent API connections; more get `busy` at once. One uid holds a quarter of them at most"
-        " (at least 1), except root and the daemon's user, who also have 8 more beyond the cap (so"
+        " (at least 1), except root, which also has 8 more beyond the cap (so"
         " `sudo flashlexctl status` always gets in). Never more than the open files limit minus 72"
         " (64, and those 8; the supervisor raises its soft limit to the hard one at start; a lower"
         " cap is logged)", AT_ONCE, minimum=1, field="max_connections"),

@@ -19,7 +19,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 RESERVED_FDS = 64
-PRIVILEGED_CONNECTIONS = 8  # API connections beyond the cap, kept for root and the daemon's user
+PRIVILEGED_CONNECTIONS = 8  # API connections beyond the cap, kept for root
 
 
 def raise_open_files_limit() -> int:

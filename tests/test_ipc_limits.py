@@ -370,38 +370,76 @@ def test_unsent_responses_are_budgeted_across_connections(tmp_path: Path) -> Non
         h.stop()
 
 
-def test_a_stream_rides_through_busy_while_others_hold_the_unsent_budget(tmp_path: Path, caplog) -> None:
-    """With the unsent budget, a big answer gets `busy` while clients that do not read hold it:
-    `stream()` ("forever") must not end on that; it asks again after a pause and gets its
-    messages once the hog is gone."""
-    budget = 600 * 1024
-    h = Harness(tmp_path, limits=_limits(max_unsent=budget, write_timeout=60)).start()
+def _hogs(h: Harness, count: int) -> List[socket.socket]:
+    """Connections that ask for ~200 KB answers and do not read them (small receive buffers)."""
+    hogs = []
+    for _ in range(count):
+        hog = raw_connect(h.path)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.sendall(b"".join(req("messages", n, limit=20) for n in range(30)))
+        hogs.append(hog)
+    until(lambda: h.call(lambda: not h.server.unsent.fits(150_000)), what="the budget held by the hogs")
+    return hogs
+
+
+def test_readers_that_stalled_are_dropped_when_their_room_is_needed(tmp_path: Path) -> None:
+    """Found by review: 16 clients that never read held the unsent budget until write_timeout
+    (30 s), and every other app's reads got `busy` meanwhile. A big answer that needs the room
+    now drops the readers stalled for 2 s, and is answered."""
+    h = Harness(tmp_path, limits=_limits(max_unsent=600 * 1024, write_timeout=60)).start()
     hogs: List[socket.socket] = []
     try:
         h.ingest(*[("big", b"x" * 10_000) for _ in range(20)])  # each answer: ~200 KB
-        for _ in range(8):
-            hog = raw_connect(h.path)
-            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            hog.sendall(b"".join(req("messages", n, limit=20) for n in range(30)))
-            hogs.append(hog)
-        until(lambda: h.call(lambda: not h.server.unsent.fits(150_000)), what="the budget held by the hogs")
-        caplog.set_level(logging.WARNING, "flashlexd.client")
+        hogs = _hogs(h, 8)
+        started = time.monotonic()
+        with Client(h.path, timeout=10) as fx:
+            assert len(fx.messages(limit=20)) == 20
+        assert time.monotonic() - started < 8  # the stalled ones go after 2 s, not 60
+        assert h.call(lambda: h.server.counters["dropped_slow"]) >= 1
+    finally:
+        for hog in hogs:
+            hog.close()
+        h.stop()
 
-        def close_hogs_once_refused() -> None:
-            wait_for(lambda: any("busy" in r.getMessage() for r in caplog.records), 10, "busy")
+
+def test_a_stream_rides_through_busy_while_slow_readers_hold_the_unsent_budget(tmp_path: Path, caplog) -> None:
+    """Readers that read a little now and then are not dropped, and may hold the room for
+    longer than a call's timeout: `stream()` ("forever") must not end on the `busy` it then
+    gets; it says so once and asks again until it gets its messages."""
+    h = Harness(tmp_path, limits=_limits(max_unsent=600 * 1024, write_timeout=60)).start()
+    hogs: List[socket.socket] = []
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte from each hog now and then: never stalled for 2 s
+        while not stop.wait(0.5):
             for hog in hogs:
-                hog.close()
-        closer = threading.Thread(target=close_hogs_once_refused)
-        with Client(h.path, timeout=5) as fx:
-            stream = fx.stream(timeout_per_wait=5, limit=20)
+                try:
+                    hog.recv(1, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+    reader = threading.Thread(target=trickle)
+    try:
+        h.ingest(*[("big", b"x" * 10_000) for _ in range(20)])
+        hogs = _hogs(h, 8)
+        reader.start()
+        caplog.set_level(logging.WARNING, "flashlexd.client")
+        with Client(h.path, timeout=1) as fx:
+            stream = fx.stream(timeout_per_wait=1, limit=20)
+            closer = threading.Thread(target=lambda: (
+                wait_for(lambda: any("busy" in r.getMessage() for r in caplog.records), 20, "busy"),
+                stop.set(), [hog.close() for hog in hogs]))
             closer.start()
             try:
                 first = next(stream)
             finally:
                 closer.join()
-            assert first.topic == "big" and all(hog.fileno() == -1 for hog in hogs)
+            assert first.topic == "big"
+            assert sum("busy" in r.getMessage() for r in caplog.records) == 1  # told once
             stream.close()
     finally:
+        stop.set()
+        if reader.is_alive():
+            reader.join()
         for hog in hogs:
             hog.close()
         h.stop()

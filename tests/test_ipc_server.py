@@ -439,6 +439,18 @@ def test_more_connections_than_the_limit_get_busy(tmp_path):
         h.stop()
 
 
+def test_the_slots_past_the_cap_are_roots_alone_not_the_daemons_users(monkeypatch):
+    """Found by review: the daemon's own user had the 8 slots past maxConnections too and no
+    per-uid cap, and apps often run as it (`--user` defaults to $SUDO_USER): they could take
+    every slot, and `sudo flashlexctl status` was refused."""
+    from flashlexd.ipc.admission import Admission, per_uid_cap
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the daemon runs as uid 1000
+    admission = Admission()
+    assert admission.over_cap(1000, per_uid_cap(8), 2, 8) is not None  # capped as any uid
+    assert admission.over_cap(1000, 0, 8, 8) is not None  # no slot past the cap for it
+    assert admission.over_cap(0, 100, 8 + 7, 8) is None  # root's reserve
+
+
 def test_one_user_cannot_take_every_connection(world_dir):
     """Found by review: 1,100 idle connections from one permitted uid (parked waits are never
     idle) took all of maxConnections, and every other app and root got `busy`. Now one uid

@@ -42,14 +42,16 @@ def peer_groups(sock: socket.socket) -> FrozenSet[int]:
 
 
 def per_uid_cap(max_connections: int) -> int:
-    """The connections one uid other than root's and the daemon's may hold at once."""
+    """The connections one uid other than root may hold at once."""
     return max(1, max_connections // 4)
 
 
 class Admission:
     def __init__(self, allow_uids: Iterable[int] = (), group: Optional[str] = None):
-        self.privileged = frozenset({0, os.geteuid()})  # never capped per uid; slots kept for them
-        self.uids = self.privileged | frozenset(allow_uids)
+        # root: never capped per uid, and slots kept for it past the cap (`sudo flashlexctl
+        # status` always gets in); not the daemon's own user, as which apps may run too
+        self.privileged = frozenset({0})
+        self.uids = frozenset({0, os.geteuid()}) | frozenset(allow_uids)
         self.gid = group_id(group) if group else None
         self._refused: Dict[int, LineThrottle] = {}  # uid -> its lines
 
@@ -61,8 +63,8 @@ class Admission:
     def over_cap(self, uid: int, held: int, total: int, cap: int) -> Optional[str]:
         """Why one more connection from `uid`, which holds `held` of the `total` open, is
         refused (None: it is not), `cap` being maxConnections: one user may hold a quarter of
-        them (a connection parked in `wait` is never idle), and root and the daemon's user go on
-        past the cap into PRIVILEGED_CONNECTIONS, so `sudo flashlexctl status` always gets in."""
+        them (a connection parked in `wait` is never idle), and root goes on past the cap into
+        PRIVILEGED_CONNECTIONS, so `sudo flashlexctl status` always gets in."""
         if uid in self.privileged:
             return None if total < cap + fds.PRIVILEGED_CONNECTIONS else f"too many connections ({total})"
         if total >= cap:

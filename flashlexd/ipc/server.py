@@ -43,6 +43,7 @@ WALK_STEPS_PER_TURN = 4  # steps all walking parked calls share per turn: pages 
 POLLS_PER_TURN = 16  # parked waits polled per turn after a commit: each reads a page at most
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 SMALL_ANSWER = 16 * 1024  # an answer queued even when the unsent budget is spent (status: 2.4 KB)
+PRESSURE_WRITE_TIMEOUT = 2.0  # seconds without reading after which a reader is dropped when its room is needed
 
 
 class Handler(Protocol):
@@ -421,8 +422,27 @@ class RpcServer:
             log.exception("API: cannot encode a result")
             frame = encode_error(request_id, Code.INTERNAL, f"internal error: {type(exc).__name__}")
         if len(frame) > SMALL_ANSWER and not self.unsent.fits(len(frame)):
-            frame = self._no_room(conn, request_id, len(frame))
+            self._evict_stalled_readers(len(frame))
+            if not self.unsent.fits(len(frame)):
+                frame = self._no_room(conn, request_id, len(frame))
         self._send(conn, frame)
+
+    def _evict_stalled_readers(self, needed: int) -> None:
+        """Make room for an answer of `needed` bytes by dropping connections that have read
+        nothing of theirs for PRESSURE_WRITE_TIMEOUT, the longest stalled first: a few clients
+        that never read (16 were enough) otherwise held the room until `write_timeout` (30 s)
+        and every other app's reads got `busy` meanwhile. A reader that reads is never stalled
+        that long: its answers leave in milliseconds."""
+        now = time.monotonic()
+        stalled = sorted((c for c in self._conns if c.wbuf and now - c.last_write > PRESSURE_WRITE_TIMEOUT),
+                         key=lambda c: c.last_write)
+        for conn in stalled:
+            if self.unsent.fits(needed):
+                return
+            self._log_drop(conn, "slow reader", f"it read nothing for {now - conn.last_write:.1f}s while"
+                           " the room for unsent answers was needed", now)
+            self.counters["dropped_slow"] += 1
+            self._close_conn(conn)
 
     def _no_room(self, conn: Connection, request_id: Any, size: int) -> bytes:
         """`busy` for an answer the unsent budget has no room for (only reads answer this
