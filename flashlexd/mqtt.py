@@ -129,6 +129,7 @@ class Connection:
         self.taken_straight = 0  # PUBLISH packets read without paho (publishread.py)
         self.sessions_lost = 0
         self.throttled = 0       # links closed because the broker stopped acknowledging publishes
+        self.entry_drops_excused = True  # set by the egress (PoisonWatch.excuses_drops)
         self.track_session = track_session
         self._had_session = track_session and session_seen_at is not None
         self._seen_at = session_seen_at
@@ -611,8 +612,9 @@ class Connection:
 
     def _entry_fault(self) -> bool:
         """Did the broker close the link over one of our unacknowledged publishes? The egress
-        then looks for it one at a time, so the drop is not the broker's trouble to wait out."""
-        return (self._dead_reason is None and not self.closed_for_other_cause
+        then looks for it one at a time, so the drop is not the broker's trouble to wait out
+        (unless its last search found none guilty: `entry_drops_excused`)."""
+        return (self.entry_drops_excused and self._dead_reason is None and not self.closed_for_other_cause
                 and not self.cut_mid_upload and self.watch.pending("PUBACK") > 0)
 
     def _cut_mid_upload(self) -> bool:

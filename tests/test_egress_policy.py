@@ -220,6 +220,22 @@ def test_cuts_mid_upload_count_as_a_fraction_of_a_drop() -> None:
     assert drop(watch, [6]) is None and watch.drops(6) == 2 + 1 / MID_UPLOAD_CUTS
 
 
+def test_drops_with_several_in_flight_stop_being_excused_after_a_fruitless_search() -> None:
+    """Found by review: once any broker-closed drop with entries in flight was excused from the
+    backoff, two devices on one client id (3.1.1) kicked each other's links and reconnected
+    every second for ever. Such drops are excused (the backoff does not grow) until a search
+    ends with its suspects acknowledged and no culprit; a culprit found excuses them again."""
+    watch = PoisonWatch(attempts=2)
+    assert watch.excuses_drops
+    assert watch.dropped([1, 2, 3], mid_upload=False) is None and watch.single and watch.excuses_drops
+    for entry in (1, 2, 3):
+        watch.acknowledged(entry)  # every suspect went through alone: not them
+    assert not watch.single and not watch.excuses_drops
+    assert watch.dropped([4, 5], mid_upload=False) is None and watch.excuses_drops  # alone: excused
+    assert drop(watch, [4]) is None and drop(watch, [4]) == 4  # a culprit after all
+    assert not watch.single and watch.excuses_drops
+
+
 def test_a_culprit_records_the_drops_that_were_counted_against_it() -> None:
     """A dead letter recorded `attempts = poisonAttempts` even when cuts mid-upload, each a third
     of a drop, made it up to three times as many: `flashlexctl outbox --dead` said 3 where the

@@ -148,6 +148,7 @@ class EgressWorker(Worker):
                 self._sweep_expired()
         if self.more and self.connection.connected:
             wait = min(wait, self._publish_more())
+        self.connection.entry_drops_excused = self.poison.excuses_drops
         self._update_counters(now)
         return max(0.0, min(wait, self.next_check - now))
 

@@ -36,11 +36,22 @@ class PoisonWatch:
         # MID_UPLOAD_CUTS x `attempts` when cuts mid-upload made them up
         self.culprit_drops = 0
         self.skips: Dict[int, int] = {}            # entry id -> links closed because it was skipped
+        # the last search ended with its suspects acknowledged, no culprit: the drops that
+        # started it had another cause (a clone of the client id kicking the link, the network)
+        self.fruitless = False
 
     @property
     def single(self) -> bool:
         """One entry in flight at a time."""
         return self.suspects_until is not None
+
+    @property
+    def excuses_drops(self) -> bool:
+        """Whether a drop with entries in flight is taken for an entry's doing, so that the
+        reconnect backoff does not grow: always while one entry is tested alone; with several
+        in flight, unless the last search found none of them guilty (then such drops are
+        waited out as any other: a clone kicking the link reconnected every second for ever)."""
+        return self.single or not self.fruitless
 
     def window(self, full: int) -> int:
         return 1 if self.single else full
@@ -51,6 +62,7 @@ class PoisonWatch:
         self.skips.pop(entry_id, None)
         if self.suspects_until is not None and entry_id >= self.suspects_until:
             self.suspects_until = None
+            self.fruitless = True
 
     def dropped(self, inflight: Sequence[int], mid_upload: bool = False) -> Optional[int]:
         """The link dropped with `inflight` (entry ids, oldest first) unacknowledged; `mid_upload`,
@@ -64,6 +76,7 @@ class PoisonWatch:
                 del self.alone_drops[entry]
                 self.culprit_drops = self.alone_links.pop(entry)
                 self.suspects_until = None
+                self.fruitless = False
                 return entry
             self.suspects_until = max(entry, self.suspects_until or entry)
         elif inflight:
