@@ -50,16 +50,19 @@ class BootFrames:
         for seq in range(1, oldest):
             txn.delete(_FRAME + _SEQ.pack(seq), db=self.meta)
 
-    def note(self, txn: lmdb.Transaction, reading: Reading) -> None:
+    def note(self, txn: lmdb.Transaction, reading: Reading) -> Optional[BootFrame]:
         """Record this boot's offset if the clock stepped, so that after a reboot this boot's
-        stamps are re-based on it."""
+        stamps are re-based on it. The frame written (for the caller to cache once the
+        transaction commits), or None."""
         if not self.current.stepped(reading):
-            return
+            return None
         stored = self._read(txn, self.current.seq) or self.current
         if stored.stepped(reading):
-            self._write(txn, BootFrame(stored.seq, stored.boot_id, stored.first, reading.offset))
-        else:
-            self.current = stored
+            frame = BootFrame(stored.seq, stored.boot_id, stored.first, reading.offset)
+            self._write(txn, frame)
+            return frame
+        self.current = stored  # another process recorded it
+        return None
 
     def first_of(self, txn: lmdb.Transaction, seq: int) -> Optional[float]:
         """Boot `seq`'s `first` offset, the frame its expiry keys were written in (None: gone)."""

@@ -409,11 +409,13 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         unless the clock stepped since this process last looked (another process may have
         recorded it: then nothing is written). The step in seconds (negative: back), or None."""
         reading = self._frames.reading()
-        if not self._frames.current.stepped(reading):
+        known = self._frames.current
+        if not known.stepped(reading):
             return None
-        step = reading.offset - self._frames.current.last
-        self._write(lambda txn: self._frames.note(txn, reading))
-        return step
+        written = self._write(lambda txn: self._frames.note(txn, reading))
+        if written is not None:
+            self._frames.current = written  # committed: not noticed again at the next call
+        return reading.offset - known.last
 
     def _remove(self, txn: lmdb.Transaction, key: bytes) -> bool:
         """Delete inbox message `key` if it is still stored; True if it was."""

@@ -246,6 +246,19 @@ def test_frames_of_boots_without_records_are_dropped(stores, clock: FakeClock):
     assert frames(stores(clock)) == [5]
 
 
+def test_a_step_is_noted_once_whoever_records_it(stores, clock: FakeClock):
+    """Found by re-read review: the supervisor logged each step twice a second apart (its
+    cached frame stayed stale after its own write, and the next look found the step again)."""
+    store = stores(clock)
+    clock.step(DAY)
+    assert store.note_clock() == pytest.approx(DAY, abs=1)
+    assert store.note_clock() is None
+    clock.step(DAY)
+    store.append([Incoming("t", b"x")])  # another write records the step first
+    assert store.note_clock() == pytest.approx(DAY, abs=1)  # learned once, nothing written
+    assert store.note_clock() is None
+
+
 def test_a_dead_letters_times_stay_rebased_after_a_reboot(stores, clock: FakeClock):
     """Found by review: a Pi booted with its clock a day behind dead-letters an entry, NTP steps
     the clock (a sweep records the step), the Pi reboots with the inbox and outbox empty: the
