@@ -129,6 +129,10 @@ def test_the_old_sdks_store_in_the_data_dir_is_named_by_check_and_run(broker: Br
     old.write_text("{}")  # drained: nothing to say
     steps, _ = parse(run_check(config))
     assert "FlashLex SDK" not in steps["store"][1]
+    renamed = data_dir / "mydata.json"  # flashlex.app.db.subscriptionData: mydata.json
+    renamed.write_text('{"1": {}}')
+    steps, _ = parse(run_check(config))
+    assert f"{renamed} (9 bytes) is the FlashLex SDK's store" in steps["store"][1], steps["store"]
 
 
 def test_a_store_of_an_earlier_schema_is_named_not_migrated(broker: Broker, tmp_path: Path) -> None:
