@@ -20,7 +20,10 @@ from flashlexd.config import ConfigError
 from flashlexd.unitplaces import read_places
 from flashlexd.wire import SOCKET_ENV
 
-WAIT = 90.0  # seconds; a reload takes at most the key check's 30 s (systemd's TimeoutStartSec bounds it)
+# seconds; a reload takes at most the key check's 30 s, and this says so before the unit's
+# TimeoutStartSec (90 s) ends the command with systemd's word only
+WAIT = 80.0
+ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket
 POLL = 0.05  # seconds between status calls while the reload has not been done
 
 
@@ -53,10 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _socket_path(args: argparse.Namespace) -> str:
-    """The daemon's own precedence (`run` under the unit has no --socket): $FLASHLEXD_SOCKET,
-    then the config's flashlex.app.socket.path."""
-    if args.socket or os.environ.get(SOCKET_ENV):
-        return args.socket or os.environ[SOCKET_ENV]
+    """Where the daemon listens: --socket, else the socket `pid` listens on, else the daemon's
+    own precedence (`run` under the unit has no --socket): $FLASHLEXD_SOCKET, then the
+    config's flashlex.app.socket.path."""
+    listening = args.socket or _listening_socket(args.pid)
+    if listening or os.environ.get(SOCKET_ENV):
+        return listening or os.environ[SOCKET_ENV]
     try:
         places, unreadable = read_places(Path(args.config))
     except ConfigError as exc:
@@ -66,6 +71,30 @@ def _socket_path(args: argparse.Namespace) -> str:
     return places.socket_path
 
 
+def _listening_socket(pid: int) -> Optional[str]:
+    """The path of the Unix socket `pid` listens on (its API), from /proc: an edited
+    flashlex.app.socket.path is applied at the next restart, so after such an edit the config
+    no longer says where the running daemon listens (the reload was not sent before)."""
+    try:
+        targets = [_link(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        with open(f"/proc/{pid}/net/unix", encoding="utf-8", errors="replace") as table:
+            rows = [line.split(None, 7) for line in table.read().splitlines()[1:]]
+    except OSError:
+        return None
+    inodes = {target[len("socket:["):-1] for target in targets if target.startswith("socket:[")}
+    for row in rows:  # Num RefCount Protocol Flags Type St Inode Path
+        if len(row) == 8 and row[6] in inodes and int(row[3], 16) & ACCEPTING and row[7].startswith("/"):
+            return row[7]
+    return None
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
+
+
 def reload(pid: int, socket_path: str, timeout: float) -> None:
     """SIGHUP to `pid`, then wait until its `status` counts one more reload done. (The client
     package is imported here: the daemon's own modules import without it, see
@@ -73,15 +102,17 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
     from flashlexd.client import Client
     from flashlexd.client.errors import ConnectionLost, FlashlexError
 
-    def reloads() -> Dict[str, Any]:
+    def reloads(sent: bool = True) -> Dict[str, Any]:
         """{"done": N, "refused": reason or None}; answered once a reload under way is over
-        (it holds the daemon's loop)."""
+        (it holds the daemon's loop). `sent`: whether SIGHUP went out yet (the line says)."""
         try:
             part: Optional[Dict[str, Any]] = client.status().get("reload")
         except ConnectionLost:
-            raise ReloadFailed("the daemon stopped during the reload (see its log)") from None
+            raise ReloadFailed("the daemon stopped during the reload (see its log)" if sent else
+                               "not sent: the daemon closed the connection") from None
         except FlashlexError as exc:
-            raise ReloadFailed(f"cannot read the reload's outcome: {exc}") from None
+            raise ReloadFailed(f"cannot read the reload's outcome: {exc}" if sent else
+                               f"not sent: cannot read the daemon's status: {exc}") from None
         if not isinstance(part, dict):  # a daemon older than this command
             raise ReloadFailed("this daemon does not report its reloads: restart it to run this version")
         return part
@@ -92,7 +123,7 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
     except FlashlexError as exc:
         raise ReloadFailed(f"not sent: cannot reach the daemon's API ({exc})") from None
     try:
-        before = reloads()["done"]
+        before = reloads(sent=False)["done"]
         try:
             os.kill(pid, signal.SIGHUP)
         except OSError as exc:

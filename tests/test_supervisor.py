@@ -202,6 +202,25 @@ def test_the_reload_command_fails_with_the_reason_when_the_config_is_refused(dae
         assert fx.status()["reload"] == {"done": 2, "refused": None}
 
 
+def test_the_reload_command_finds_the_running_daemons_socket_after_its_path_was_edited(
+        daemon, notify, daemon_config, tmp_path):
+    """Found by re-read review: after flashlex.app.socket.path was edited (applied at the next
+    restart) `systemctl reload` looked for the daemon at the new path, said it was not running
+    and sent nothing, so the other changes of the same edit were not applied either."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["app"]["socket"]["path"] = str(tmp_path / "elsewhere" / "other.sock")
+    document["flashlex"]["thing"]["mqtt"]["publishRatePerSecond"] = 7
+    daemon_config.write_text(yaml.safe_dump(document))
+    result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon_config),
+                             str(daemon.pid)], capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if k != "FLASHLEXD_SOCKET"})
+    assert (result.returncode, result.stderr) == (0, ""), result
+    with connect(str(daemon.socket_path)) as fx:
+        assert fx.status()["reload"] == {"done": 1, "refused": None}
+
+
 def test_the_reload_command_says_when_the_daemon_is_not_there(daemon_config, tmp_path):
     absent = Daemon(daemon_config, tmp_path)  # never started: no socket
     result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon_config),
