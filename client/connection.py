@@ -210,11 +210,16 @@ class Client:
         deadline = time.monotonic() + timeout
         pause = BUSY_RETRY_FIRST
         while True:
+            started = time.monotonic()
             error, result = self._call_once(method, timeout, params)
             if error is None:
                 return result
             refused = _rpc_error(error, method)
-            if refused.code != Code.BUSY or time.monotonic() + pause >= deadline:
+            # asked again only with time for the daemon to answer it as slowly as it answered
+            # this (its 1 s write wait, a shared commit's window): a retry cut short by the
+            # timeout could be carried out unseen, and a publish be repeated by the app
+            needed = 1.5 * (time.monotonic() - started) + 0.5
+            if refused.code != Code.BUSY or time.monotonic() + pause + needed > deadline:
                 raise refused
             time.sleep(pause)
             pause = min(2 * pause, BUSY_PAUSE)

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from flashlexd.config import ConfigError
 from flashlexd.unitplaces import read_places
@@ -40,8 +40,9 @@ def add_parser(commands) -> None:
                     " fails on a refused config.")
     parser.add_argument("pid", type=int, help="the daemon's pid (systemd: $MAINPID)")
     parser.add_argument("--config", "-c", required=True,
-                        help="the config file the daemon runs with (its socket path is read from it)")
-    parser.add_argument("--socket", help="API socket path (default: $FLASHLEXD_SOCKET, then the config's)")
+                        help="the config file the daemon runs with")
+    parser.add_argument("--socket", help="API socket path (default: the one PID listens on; among"
+                                         " several, or none found: $FLASHLEXD_SOCKET, then the config's)")
     parser.add_argument("--timeout", type=float, default=WAIT, metavar="S",
                         help=f"seconds to wait for the outcome (default: {WAIT:g})")
 
@@ -56,14 +57,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _socket_path(args: argparse.Namespace) -> str:
-    """Where the daemon listens: --socket, else the socket `pid` listens on, else the daemon's
-    own precedence (`run` under the unit has no --socket): $FLASHLEXD_SOCKET, then the
-    config's flashlex.app.socket.path."""
-    listening = args.socket or _listening_socket(args.pid)
-    if listening or os.environ.get(SOCKET_ENV):
-        return listening or os.environ[SOCKET_ENV]
+    """Where the daemon listens: --socket, else the one socket `pid` listens on, else the
+    daemon's own precedence (`run` under the unit has no --socket): $FLASHLEXD_SOCKET, then
+    the config's flashlex.app.socket.path."""
+    if args.socket:
+        return args.socket
+    listening = _listening_sockets(args.pid)
+    if len(listening) == 1:
+        return listening[0]
+    # none found (another user's process), or several (a launcher left it some): as configured
+    return _configured_socket(args.config)
+
+
+def _configured_socket(config: str) -> str:
+    """$FLASHLEXD_SOCKET, else the config's flashlex.app.socket.path (read leniently)."""
+    if os.environ.get(SOCKET_ENV):
+        return os.environ[SOCKET_ENV]
     try:
-        places, unreadable = read_places(Path(args.config))
+        places, unreadable = read_places(Path(config))
     except ConfigError as exc:
         unreadable = str(exc)
     if unreadable:  # the daemon would refuse it the same way: not sent
@@ -71,21 +82,20 @@ def _socket_path(args: argparse.Namespace) -> str:
     return places.socket_path
 
 
-def _listening_socket(pid: int) -> Optional[str]:
-    """The path of the Unix socket `pid` listens on (its API), from /proc: an edited
-    flashlex.app.socket.path is applied at the next restart, so after such an edit the config
-    no longer says where the running daemon listens (the reload was not sent before)."""
+def _listening_sockets(pid: int) -> List[str]:
+    """The paths of the Unix sockets `pid` listens on (its API, and any a launcher left it),
+    from /proc: an edited flashlex.app.socket.path is applied at the next restart, so after
+    such an edit the config no longer says where the running daemon listens."""
     try:
         targets = [_link(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         with open(f"/proc/{pid}/net/unix", encoding="utf-8", errors="replace") as table:
             rows = [line.split(None, 7) for line in table.read().splitlines()[1:]]
     except OSError:
-        return None
+        return []
     inodes = {target[len("socket:["):-1] for target in targets if target.startswith("socket:[")}
-    for row in rows:  # Num RefCount Protocol Flags Type St Inode Path
-        if len(row) == 8 and row[6] in inodes and int(row[3], 16) & ACCEPTING and row[7].startswith("/"):
-            return row[7]
-    return None
+    return sorted({row[7] for row in rows  # Num RefCount Protocol Flags Type St Inode Path
+                   if len(row) == 8 and row[6] in inodes and int(row[3], 16) & ACCEPTING
+                   and row[7].startswith("/")})
 
 
 def _link(path: str) -> str:

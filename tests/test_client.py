@@ -1,5 +1,6 @@
 """flashlexd.client against a real server and store: every method and error (the compat SDK:
 tests/test_compat*.py)."""
+import dataclasses
 import json
 import os
 import socket
@@ -186,6 +187,31 @@ def test_a_publish_waits_out_a_write_lock_held_past_the_daemons_bounded_wait(har
         holder.kill()
         holder.wait()
     assert fx.outbox()["entries"][-1].id == queued
+
+
+@pytest.mark.parametrize("window", [0.0, 0.05])
+def test_a_publish_busy_past_the_timeout_raises_busy_and_queues_nothing(harness, window):
+    """Found by re-read review: the retry of `busy` sent again with whatever time was left (a
+    few ms, or less than nothing): with apiCommitMs the app got RpcTimeout, or a bare
+    ValueError, for a publish the daemon then queued and sent. A retry goes only with time for
+    an answer as slow as the last; else the last `busy` is raised, and nothing was queued."""
+    harness.rules = dataclasses.replace(harness.rules, write_window=window)
+    harness.store.write_wait = 1.0  # the supervisor's
+    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys\n"
+                               f"env = lmdb.open({str(harness.store.path)!r}, max_dbs=16)\n"
+                               "txn = env.begin(write=True)\nprint('locked', flush=True)\n"
+                               "sys.stdin.read()\ntxn.abort()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with connect(harness.path, timeout=2) as fx:
+            with pytest.raises(RpcError) as refused:
+                fx.publish(b"never queued")
+            assert refused.value.code == "busy"
+    finally:
+        holder.communicate("", timeout=10)
+    with connect(harness.path) as fx:
+        assert fx.outbox()["count"] == 0
 
 
 def test_publish_json_bytes_and_text(harness, fx):

@@ -221,6 +221,35 @@ def test_the_reload_command_finds_the_running_daemons_socket_after_its_path_was_
         assert fx.status()["reload"] == {"done": 1, "refused": None}
 
 
+def test_the_reload_command_takes_the_configured_socket_among_several_listening(daemon_config, tmp_path,
+                                                                                 monkeypatch):
+    """Found by re-read review: a daemon started with listening sockets a launcher left it had
+    the reload pick one of them at random (3 of 6), and hang on it. One listening socket is
+    the daemon's; among several the configured one is taken."""
+    import argparse
+    from flashlexd import reloadcmd
+    monkeypatch.delenv("FLASHLEXD_SOCKET", raising=False)
+    listeners = []
+    for name in ("decoy.sock", "api.sock"):
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(tmp_path / name))
+        listener.listen()
+        listeners.append(listener)
+    document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["app"]["socket"]["path"] = str(tmp_path / "api.sock")
+    daemon_config.write_text(yaml.safe_dump(document))
+    args = argparse.Namespace(socket=None, pid=os.getpid(), config=str(daemon_config))
+    try:
+        assert reloadcmd._socket_path(args) == str(tmp_path / "api.sock")
+        listeners.pop(0).close()  # one left: that is the daemon's, whatever the config says now
+        document["flashlex"]["app"]["socket"]["path"] = str(tmp_path / "edited.sock")
+        daemon_config.write_text(yaml.safe_dump(document))
+        assert reloadcmd._socket_path(args) == str(tmp_path / "api.sock")
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
 def test_the_reload_command_says_when_the_daemon_is_not_there(daemon_config, tmp_path):
     absent = Daemon(daemon_config, tmp_path)  # never started: no socket
     result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon_config),
