@@ -172,13 +172,8 @@ def test_a_publish_waits_out_a_write_lock_held_past_the_daemons_bounded_wait(har
     store_error "(a hung worker?)" (nothing was hung). The daemon answers `busy` (nothing was
     written) and the client asks again within its timeout."""
     harness.store.write_wait = 0.3
-    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys\n"
-                               f"env = lmdb.open({str(harness.store.path)!r}, max_dbs=16)\n"
-                               "txn = env.begin(write=True)\nprint('locked', flush=True)\n"
-                               "sys.stdin.read()\ntxn.abort()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _write_lock_holder(harness.store.path)
     try:
-        assert holder.stdout.readline() == "locked\n"
         release = threading.Timer(1.5, holder.stdin.close)  # a long commit, then it lets go
         release.start()
         queued = fx.publish(b"after the long commit")
@@ -189,6 +184,17 @@ def test_a_publish_waits_out_a_write_lock_held_past_the_daemons_bounded_wait(har
     assert fx.outbox()["entries"][-1].id == queued
 
 
+def _write_lock_holder(store_path) -> subprocess.Popen:
+    """Another process holding the store's write lock (a long commit) until its stdin closes."""
+    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys\n"
+                               f"env = lmdb.open({str(store_path)!r}, max_dbs=16)\n"
+                               "txn = env.begin(write=True)\nprint('locked', flush=True)\n"
+                               "sys.stdin.read()\ntxn.abort()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
 @pytest.mark.parametrize("window", [0.0, 0.05])
 def test_a_publish_busy_past_the_timeout_raises_busy_and_queues_nothing(harness, window):
     """Found by re-read review: the retry of `busy` sent again with whatever time was left (a
@@ -197,13 +203,8 @@ def test_a_publish_busy_past_the_timeout_raises_busy_and_queues_nothing(harness,
     an answer as slow as the last; else the last `busy` is raised, and nothing was queued."""
     harness.rules = dataclasses.replace(harness.rules, write_window=window)
     harness.store.write_wait = 1.0  # the supervisor's
-    holder = subprocess.Popen([sys.executable, "-c", "import lmdb, sys\n"
-                               f"env = lmdb.open({str(harness.store.path)!r}, max_dbs=16)\n"
-                               "txn = env.begin(write=True)\nprint('locked', flush=True)\n"
-                               "sys.stdin.read()\ntxn.abort()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _write_lock_holder(harness.store.path)
     try:
-        assert holder.stdout.readline() == "locked\n"
         with connect(harness.path, timeout=2) as fx:
             with pytest.raises(RpcError) as refused:
                 fx.publish(b"never queued")
