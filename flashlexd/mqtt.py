@@ -473,15 +473,23 @@ class Connection:
         self.watch.up()
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
         present = self.session_present = bool(flags.session_present)
-        log.info("connected to %s:%d as %r with MQTT %s (session present: %s)", self.thing.endpoint,
-                 self.thing.mqtt.port, self.client_id, self.protocol, present)
+        # a link that keeps dropping soon after its CONNACK (a clone of our client id) is one
+        # episode: its lines, as its failures', once and then every FAILURE_LOG_SECONDS
+        count = self._failure_lines.due("connected", now)
+        if count:
+            log.info("connected to %s:%d as %r with MQTT %s (session present: %s)%s",
+                     self.thing.endpoint, self.thing.mqtt.port, self.client_id, self.protocol,
+                     present, _since_last(count, "connects"))
         if self._had_session and not present:
             self.sessions_lost += 1
             away = (now - self._down_since if self._down_since is not None
                     else time.time() - (self._seen_at or time.time()))  # before this process
-            log.warning("the broker %s:%d lost the session of client id %r (session present: false):"
-                        " what it held for us since the link was last up %s is gone",
-                        self.thing.endpoint, self.thing.mqtt.port, self.client_id, _ago(away))
+            count = self._failure_lines.due("session lost", now)
+            if count:
+                log.warning("the broker %s:%d lost the session of client id %r (session present:"
+                            " false): what it held for us since the link was last up %s is gone%s",
+                            self.thing.endpoint, self.thing.mqtt.port, self.client_id, _ago(away),
+                            _since_last(count, "sessions lost"))
         self._had_session = self.track_session
         self._up_since = now
         self.on_change(True, None)  # the ingress subscribes from here
@@ -489,8 +497,8 @@ class Connection:
             self._subscribed()
 
     def _subscribed(self) -> None:
-        """Up, every SUBSCRIBE answered: a run of failures is over, the next is news again."""
-        self._failure_lines.clear()
+        """Up, every SUBSCRIBE answered (the failure lines are forgotten once the link has
+        lived `stableConnectionTimeSecond`: `_drop_reason`)."""
         self._subscribe_closes = 0
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
@@ -554,6 +562,8 @@ class Connection:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
         exc, message = self._errors.take()
         dead, self._dead_reason = self._dead_reason, None
+        if not before_connack and self.clock() - (self._up_since or 0.0) >= self.backoff.policy.stable_seconds:
+            self._failure_lines.clear()  # a run of failures was over: this drop is news again
         if dead is not None:
             self._quick_drops = 0
             return f"connection to {where} closed: {dead}"
@@ -650,8 +660,12 @@ class Connection:
         if not count:
             log.debug("%s; retrying in %.1fs", error, wait)
             return
-        again = f" ({count} such failures since the last line about it)" if count > 1 else ""
-        log.error("%s; retrying in %.1fs%s", error, wait, again)
+        log.error("%s; retrying in %.1fs%s", error, wait, _since_last(count, "such failures"))
+
+
+def _since_last(count: int, what: str) -> str:
+    """What a throttled line adds: how many there were since the last one like it."""
+    return f" ({count} {what} since the last line about it)" if count > 1 else ""
 
 
 def _tls_pending(sock: Any) -> bool:

@@ -50,6 +50,7 @@ STORE_WRITE_WAIT = 1.0
 # Seconds a loop pass may run later than the sleep it asked for before it counts as a stall:
 # above one bounded store write's wait, the longest the loop blocks on its own.
 STALL_SLACK = STORE_WRITE_WAIT + 0.5
+LATE_LOG_SECONDS = 600.0  # one "loop ran late" line per this, with a count: a starved Pi stalls often
 SPAWN_RETRY = 1.0  # seconds before trying again to start a worker the system had no room for
 
 
@@ -120,6 +121,7 @@ class Supervisor:
         self.config_file: Optional[ConfigFile] = None
         self.spawn_error: Optional[str] = None  # logged once until a spawn works again
         self.guard = LoopGuard()
+        self.late_lines = logs.LineThrottle(LATE_LOG_SECONDS)
         # reloads done, and why the last one kept the running config (None: it was applied):
         # in `status`, where `flashlexd reload` (the unit's ExecReload) reads its outcome
         self.reloads = 0
@@ -302,8 +304,11 @@ class Supervisor:
         self.judged_at = now
         if late <= STALL_SLACK:
             return
-        log.warning("the supervisor's loop ran %.1fs late (the process was stopped or starved);"
-                    " every worker gets a fresh heartbeat timeout", late)
+        count = self.late_lines.due(now)  # a starved device: once, then a count every 10 min
+        if count:
+            log.warning("the supervisor's loop ran %.1fs late (the process was stopped or starved);"
+                        " every worker gets a fresh heartbeat timeout%s", late,
+                        f" ({count} such stalls since the last line about it)" if count > 1 else "")
         for worker in self.workers.values():
             if worker.state in (State.STARTING, State.READY):
                 worker.heard(now)

@@ -149,6 +149,12 @@ def test_two_clients_with_one_client_id_are_reported_as_a_conflict(broker: Broke
     wait_for(reported, 30, "the conflict reported")
     second.kill()
     assert first.stop() == 0
+    # found by review: each kick logged "connected", "lost the session" and the drop's ERROR
+    # (88 lines a minute, ~24 MB a day on an SD card); a flapping link is one episode
+    for worker in (first, second):
+        connects = sum(1 for m in worker.reports("mqtt") if m["connected"])
+        lines = worker.log_text().count("connected to ")
+        assert connects >= 3 and lines <= 2, (connects, lines)
 
 
 def test_a_clone_of_a_steadily_publishing_egress_is_reported(broker: Broker, tmp_path: Path,
