@@ -150,6 +150,7 @@ class Connection:
         self.cut_mid_upload = False
         self.session_present = False  # the last CONNACK's: the broker kept what it held for us
         self.attempts = 0  # connection attempts begun: did the broker take the first after a drop?
+        self._attempts_at_link = 0  # `attempts` when the last link came up
         self._connack_due: Optional[float] = None
         self._errors = LastError()
 
@@ -473,8 +474,13 @@ class Connection:
         self.watch.up()
         self.client.disable_logger()  # paho logs twice per packet; a drop is worded without it
         present = self.session_present = bool(flags.session_present)
-        # a link that keeps dropping soon after its CONNACK (a clone of our client id) is one
-        # episode: its lines, as its failures', once and then every FAILURE_LOG_SECONDS
+        # a link that keeps dropping soon after its CONNACK and is taken again at the first
+        # attempt (a clone of our client id) is one episode: its lines, as its failures', once
+        # and then every FAILURE_LOG_SECONDS. Attempts that failed first were an outage, now
+        # over: this link's lines, and its failures', are news again
+        if self.attempts - self._attempts_at_link > 1:
+            self._failure_lines.clear()
+        self._attempts_at_link = self.attempts
         count = self._failure_lines.due("connected", now)
         if count:
             log.info("connected to %s:%d as %r with MQTT %s (session present: %s)%s",
@@ -520,6 +526,8 @@ class Connection:
             return
         self.connected = False
         self._down_since = self.clock()
+        if self._down_since - (self._up_since or self._down_since) >= self.backoff.policy.stable_seconds:
+            self._failure_lines.clear()  # a run of failures was over: this drop is news again
         if self.closing:
             self.on_change(False, None)
             return
@@ -562,8 +570,6 @@ class Connection:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
         exc, message = self._errors.take()
         dead, self._dead_reason = self._dead_reason, None
-        if not before_connack and self.clock() - (self._up_since or 0.0) >= self.backoff.policy.stable_seconds:
-            self._failure_lines.clear()  # a run of failures was over: this drop is news again
         if dead is not None:
             self._quick_drops = 0
             return f"connection to {where} closed: {dead}"

@@ -157,6 +157,29 @@ def test_two_clients_with_one_client_id_are_reported_as_a_conflict(broker: Broke
         assert connects >= 3 and lines <= 2, (connects, lines)
 
 
+def test_each_outage_and_its_reconnect_are_logged_though_the_link_between_was_short(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Found by re-read review: with the clone's lines throttled, a second outage after a short
+    link (a broker crashing twice) left no ERROR, no "connected" and no lost session in the log
+    for 10 minutes. A link taken after failed attempts ends an outage: its lines are news."""
+    backoff = {"baseReconnectQuietTimeSecond": 0.2, "maxReconnectQuietTimeSecond": 1,
+               "stableConnectionTimeSecond": 60}  # every link here is short
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": "3.1.1",
+                                                             "autoReconnectBackoffTime": backoff})
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    for outage in (1, 2):
+        broker.kill()  # its session gone with it
+        worker.wait(lambda w: "connection refused" in (w.mqtt.get("error") or ""), 20, "an attempt refused")
+        broker.start()
+        worker.wait(lambda w: w.counters.get("sessions_lost") == outage and w.mqtt.get("connected"), 20,
+                    "reconnected, the session lost")
+    log = worker.log_text()
+    assert log.count("connected to ") == 3 and log.count("lost the session") == 2, log[-3000:]
+    assert log.count("connection refused") == 2, log[-3000:]  # each outage's first failure
+    assert worker.stop() == 0
+
+
 def test_a_clone_of_a_steadily_publishing_egress_is_reported(broker: Broker, tmp_path: Path,
                                                             start_worker) -> None:
     """Two devices on one egress client id, each publishing a few times a second (a sensor):
