@@ -151,6 +151,7 @@ class Connection:
         self.session_present = False  # the last CONNACK's: the broker kept what it held for us
         self.attempts = 0  # connection attempts begun: did the broker take the first after a drop?
         self._attempts_at_link = 0  # `attempts` when the last link came up
+        self._told_down = False  # a failure was logged at ERROR since the last "connected" line
         self._connack_due: Optional[float] = None
         self._errors = LastError()
 
@@ -481,7 +482,9 @@ class Connection:
         if self.attempts - self._attempts_at_link > 1:
             self._failure_lines.clear()
         self._attempts_at_link = self.attempts
-        count = self._failure_lines.due("connected", now)
+        # a drop the log told of is followed by its reconnect, whatever the throttle says
+        count = max(self._failure_lines.due("connected", now), int(self._told_down))
+        self._told_down = False
         if count:
             log.info("connected to %s:%d as %r with MQTT %s (session present: %s)%s",
                      self.thing.endpoint, self.thing.mqtt.port, self.client_id, self.protocol,
@@ -667,6 +670,7 @@ class Connection:
             log.debug("%s; retrying in %.1fs", error, wait)
             return
         log.error("%s; retrying in %.1fs%s", error, wait, _since_last(count, "such failures"))
+        self._told_down = True
 
 
 def _since_last(count: int, what: str) -> str:

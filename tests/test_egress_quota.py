@@ -116,8 +116,9 @@ def test_without_the_limit_the_quota_stalls_the_drain(plain_broker: Broker, tmp_
 def test_a_throttled_drain_is_noticed_resent_and_counted(plain_broker: Broker, tmp_path: Path,
                                                          start_worker) -> None:
     """Unlimited against the quota, the operation timeout notices the missing PUBACKs: the
-    window is resent on a new connection, each event logged once with its count, nothing lost
-    (and nothing stuck: without the timeout this is the stall above)."""
+    window is resent on a new connection, the events logged once then every 10 minutes with
+    their count (one episode: a link taken again at once), nothing lost (and nothing stuck:
+    without the timeout this is the stall above)."""
     proxy = QuotaProxy(plain_broker, rate=100)
     config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=0, mqttOperationTimeout=1)
     store = open_store(config)
@@ -131,7 +132,7 @@ def test_a_throttled_drain_is_noticed_resent_and_counted(plain_broker: Broker, t
     # all PUBACKs stopped, or the later publishes' PUBACKs overtook a dropped one's
     events = [line for line in worker.log_text().splitlines()
               if re.search(r"not acknowledged within 1s|acknowledged later publishes but not packet \d+ for 1s", line)]
-    assert len(events) == worker.counters["throttled"]
+    assert 1 <= len(events) <= worker.counters["throttled"]
     assert all("127.0.0.1" in e and "on a new connection" in e for e in events)
     assert proxy.over_quota > 0
     assert worker.stop() == 0

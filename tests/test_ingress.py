@@ -769,10 +769,10 @@ def test_a_lost_sessions_held_messages_survive_a_later_reconnect_while_the_store
         (broker.workdir / "state" / "mosquitto.db").unlink()  # back without our session
         broker.start()
         worker.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 30, "session lost")
-        before = worker.log_text().count("connected to")
+        before = sum(1 for m in worker.reports("mqtt") if m["connected"])
         proxy.cut()  # a reconnect of the new session, the store still refusing
-        worker.wait(lambda w: w.log_text().count("connected to") > before and w.mqtt.get("connected"), 30,
-                    "reconnected")
+        worker.wait(lambda w: sum(1 for m in w.reports("mqtt") if m["connected"]) > before
+                    and w.mqtt.get("connected"), 30, "reconnected")
         seen = set()
 
         def drained() -> bool:  # read and ack what is stored, so that space frees for the rest

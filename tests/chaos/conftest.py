@@ -301,7 +301,8 @@ class OutboxFeeder(threading.Thread):
     daemon takes them, until `stop()` (or `count`). A call that fails (daemon gone) is retried
     with the same payload once the daemon answers again, like an application that must not drop
     its data; so a payload may be queued twice, and every one was queued at least once. A
-    `store_error` answer (the store is busy: a hung worker holds its write lock) is retried too.
+    `busy` answer (the store is busy: a hung worker holds its write lock, past the client's own
+    retries) is retried too.
 
     `attempted`: payloads in the order first tried; `returned`: (payload, outbox id) of every
     publish() that returned, i.e. committed to the outbox."""
@@ -316,7 +317,7 @@ class OutboxFeeder(threading.Thread):
         self.attempted: List[bytes] = []
         self.returned: List[Tuple[bytes, int]] = []
         self.failed_calls = 0  # the daemon did not answer
-        self.busy_calls = 0    # store_error: the store was busy
+        self.busy_calls = 0    # busy: the store was busy past the client's retries
         self.error: Optional[BaseException] = None
         self._halt = threading.Event()
 
@@ -334,7 +335,7 @@ class OutboxFeeder(threading.Thread):
                     self.returned.append((payload, client.publish(payload)))
                     index += 1
                 except RpcError as exc:
-                    if exc.code != "store_error":
+                    if exc.code != "busy":
                         raise  # refused (outbox_full, bad_params...): not a chaos effect
                     self.busy_calls += 1
                     self._halt.wait(self.RETRY_PAUSE)

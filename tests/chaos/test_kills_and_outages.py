@@ -356,7 +356,7 @@ def test_hung_workers_are_replaced(broker: Broker, tmp_path: Path, daemons: Daem
     """SIGSTOP ingress (inside a store commit, so it hangs holding LMDB's write lock) and egress
     mid-load: the supervisor notices the silence, kills and replaces both, and nothing is lost
     (inbox exactly once and in order, every outbox entry delivered, outbox empty). The API's
-    writes meanwhile fail (store_error: the store is busy) instead of hanging the supervisor."""
+    writes meanwhile fail (busy: the store's write lock is held) instead of hanging the supervisor."""
     count, rate = scale(4_000, 30_000), scale(1_000, 2_500)  # a steady flood: ingress is busy
     result = Result("hung workers")
     config, store, subscriber, daemon, publisher, feeder = start_load(
