@@ -49,6 +49,11 @@ class LineThrottle:
         return count
 
 
+def since_last(count: int, what: str) -> str:
+    """What a throttled line adds: how many there were since the last one like it."""
+    return f" ({count} {what} since the last line about it)" if count > 1 else ""
+
+
 class KindThrottle:
     """A LineThrottle per kind of a repeated event (a failure's shape, an error's type), at most
     `kinds` of them: more, and they start afresh."""

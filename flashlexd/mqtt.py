@@ -30,7 +30,7 @@ from flashlexd.reconnect import ReconnectBackoff
 from flashlexd.config import Config
 from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
-from flashlexd.logs import KindThrottle
+from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
                                   uses_alpn)
 from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
@@ -488,7 +488,7 @@ class Connection:
         if count:
             log.info("connected to %s:%d as %r with MQTT %s (session present: %s)%s",
                      self.thing.endpoint, self.thing.mqtt.port, self.client_id, self.protocol,
-                     present, _since_last(count, "connects"))
+                     present, since_last(count, "connects"))
         if self._had_session and not present:
             self.sessions_lost += 1
             away = (now - self._down_since if self._down_since is not None
@@ -498,7 +498,7 @@ class Connection:
                 log.warning("the broker %s:%d lost the session of client id %r (session present:"
                             " false): what it held for us since the link was last up %s is gone%s",
                             self.thing.endpoint, self.thing.mqtt.port, self.client_id, _ago(away),
-                            _since_last(count, "sessions lost"))
+                            since_last(count, "sessions lost"))
         self._had_session = self.track_session
         self._up_since = now
         self.on_change(True, None)  # the ingress subscribes from here
@@ -669,13 +669,8 @@ class Connection:
         if not count:
             log.debug("%s; retrying in %.1fs", error, wait)
             return
-        log.error("%s; retrying in %.1fs%s", error, wait, _since_last(count, "such failures"))
+        log.error("%s; retrying in %.1fs%s", error, wait, since_last(count, "such failures"))
         self._told_down = True
-
-
-def _since_last(count: int, what: str) -> str:
-    """What a throttled line adds: how many there were since the last one like it."""
-    return f" ({count} {what} since the last line about it)" if count > 1 else ""
 
 
 def _tls_pending(sock: Any) -> bool:

@@ -308,7 +308,7 @@ class Supervisor:
         if count:
             log.warning("the supervisor's loop ran %.1fs late (the process was stopped or starved);"
                         " every worker gets a fresh heartbeat timeout%s", late,
-                        f" ({count} such stalls since the last line about it)" if count > 1 else "")
+                        logs.since_last(count, "such stalls"))
         for worker in self.workers.values():
             if worker.state in (State.STARTING, State.READY):
                 worker.heard(now)

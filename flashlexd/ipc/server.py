@@ -156,9 +156,7 @@ class RpcServer:
                                    f" {self.limits.frame_timeout:g}s of its first byte ({got} of"
                                    f" {announced} bytes came)")
             elif conn.wbuf and now - conn.last_write > self.limits.write_timeout:
-                self._log_drop(conn, "slow reader", f"it read nothing for {self.limits.write_timeout:g}s", now)
-                self.counters["dropped_slow"] += 1
-                self._close_conn(conn)
+                self._drop_slow_reader(conn, f"it read nothing for {self.limits.write_timeout:g}s", now)
             elif conn.parked is None and now - conn.last_active > self.limits.idle_timeout:
                 self._close_conn(conn)
             elif conn.parked is not None and (conn.header_held or conn.closing) and conn.hung_up():
@@ -174,6 +172,11 @@ class RpcServer:
             self._settle(conn, parked.walk.step, "walk")  # type: ignore[union-attr]
             if conn in self._parked:
                 self._parked[conn] = self._parked.pop(conn)
+
+    def _drop_slow_reader(self, conn: Connection, why: str, now: float) -> None:
+        self._log_drop(conn, "slow reader", why, now)
+        self.counters["dropped_slow"] += 1
+        self._close_conn(conn)
 
     def _log_drop(self, conn: Connection, kind: str, why: str, now: float) -> None:
         """One line a minute per kind of dropped connection, with a count: an app crash-looping
@@ -439,10 +442,8 @@ class RpcServer:
         for conn in stalled:
             if self.unsent.fits(needed):
                 return
-            self._log_drop(conn, "slow reader", f"it read nothing for {now - conn.last_write:.1f}s while"
-                           " the room for unsent answers was needed", now)
-            self.counters["dropped_slow"] += 1
-            self._close_conn(conn)
+            self._drop_slow_reader(conn, f"it read nothing for {now - conn.last_write:.1f}s while the"
+                                   " room for unsent answers was needed", now)
 
     def _no_room(self, conn: Connection, request_id: Any, size: int) -> bytes:
         """`busy` for an answer the unsent budget has no room for (only reads answer this
@@ -463,10 +464,8 @@ class RpcServer:
         if not conn.wbuf:
             conn.last_write = time.monotonic()  # the stall clock starts when data is owed
         elif len(conn.wbuf) + len(frame) > self.limits.max_write_buffer:
-            self._log_drop(conn, "slow reader", f"{len(conn.wbuf) + len(frame)} unread response bytes",
-                           time.monotonic())
-            self.counters["dropped_slow"] += 1
-            self._close_conn(conn)
+            self._drop_slow_reader(conn, f"{len(conn.wbuf) + len(frame)} unread response bytes",
+                                   time.monotonic())
             return
         conn.wbuf += frame
         self.unsent.charge(len(frame))
