@@ -299,19 +299,20 @@ class Supervisor:
         cgroup) or starved, wherever in the pass that landed, and its workers likely with it:
         their heartbeats are old or unread (after SIGCONT epoll_wait fails with EINTR and
         Python's select, its timeout past, returns [] unpolled). Nobody was listening, so no
-        worker is judged by that gap: its silence counts from now (one really hung is caught
-        heartbeatTimeoutSeconds later)."""
+        worker is judged by that gap: it is taken off each worker's silence, and only it (a
+        clock reset to now at each stall let a supervisor starved every few seconds never
+        catch a worker really hung)."""
         self.judged_at = now
         if late <= STALL_SLACK:
             return
         count = self.late_lines.due(now)  # a starved device: once, then a count every 10 min
         if count:
             log.warning("the supervisor's loop ran %.1fs late (the process was stopped or starved);"
-                        " every worker gets a fresh heartbeat timeout%s", late,
+                        " that time is not counted against the workers' heartbeats%s", late,
                         logs.since_last(count, "such stalls"))
         for worker in self.workers.values():
             if worker.state in (State.STARTING, State.READY):
-                worker.heard(now)
+                worker.excuse(late, now)
 
     def _sleep_time(self, now: float, ping: Optional[float]) -> float:
         """Seconds until the loop has something to do: the next status line, API deadline,

@@ -129,6 +129,10 @@ class WorkerProcess:
     def heard(self, now: float) -> None:
         self.last_heard = now
 
+    def excuse(self, seconds: float, now: float) -> None:
+        """Take `seconds` the supervisor was not listening off this worker's silence."""
+        self.last_heard = min(now, self.last_heard + seconds)
+
     def reported_state(self, state: str) -> None:
         if state == "ready" and self.state is State.STARTING:
             self.transition(State.READY)
