@@ -160,7 +160,8 @@ def test_full_store_stops_acking_and_resumes_when_space_frees(broker: Broker, tm
     assert got == lines
     worker.wait(lambda w: w.counters.get("stored") == len(lines) and not w.counters["store_full"],
                 10, "store_full cleared")
-    assert "store full" in worker.log_text() and "resuming" in worker.log_text()
+    assert "store full" in worker.log_text()
+    wait_for(lambda: "resuming" in worker.log_text(), 20, "the end logged once it held 10 s")
 
 
 def test_a_store_held_at_its_cap_logs_its_refusals_once(broker: Broker, tmp_path: Path,
@@ -169,7 +170,8 @@ def test_a_store_held_at_its_cap_logs_its_refusals_once(broker: Broker, tmp_path
     down, the broker holding a backlog) is freed a little by every expiry sweep: ingress resumes,
     fills it and is refused again. Each turn logged an ERROR "store full" and an INFO
     "resuming": ~1,400 lines an hour at the default sweepSeconds, for as long as it lasted (found
-    by review). Now: one ERROR, and "resuming" at INFO only after that logged refusal."""
+    by review). Now: one ERROR, and "resuming" at INFO only once the store took messages for
+    RESUMED_QUIET_SECONDS without refusing (never, here)."""
     config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"})
     store = open_store(config)
     worker = start_subscribed(start_worker, config, broker)
@@ -182,7 +184,31 @@ def test_a_store_held_at_its_cap_logs_its_refusals_once(broker: Broker, tmp_path
         worker.wait(lambda w: w.counters.get("stored", 0) > stored, 20, f"ingress resumed (turn {turn})")
     worker.wait(lambda w: w.counters.get("store_full"), 20, "the store full again")
     log = worker.log_text()
-    assert (log.count("store full"), log.count("store accepts messages again")) == (1, 1), log[-3000:]
+    assert (log.count("store full"), log.count("store accepts messages again")) == (1, 0), log[-3000:]
+
+
+def test_a_store_refusing_again_after_the_log_said_resuming_is_logged_again(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Found by review: a full disk (or store) logged its ERROR, then "resuming" once acks made a
+    little room, then refused again within REFUSED_LOG_SECONDS: that refusal was throttled, so
+    the log's last word was "resuming" while nothing was stored (4,000-6,000 messages held)."""
+    config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"})
+    store = open_store(config)
+    worker = start_subscribed(start_worker, config, broker)
+    for turn in ("first", "second"):
+        write_lines(tmp_path / turn, 40, width=60_000)  # 2.4 MB for a 1 MB store
+        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / turn).wait(30) == 0
+        worker.wait(lambda w: w.counters.get("store_full"), 20, f"the store full ({turn})")
+
+        def make_room() -> bool:
+            store.ack([m.id for m in store.messages(limit=100)])
+            return not worker.counters.get("held") and store.inbox_count() == 0
+
+        worker.wait(lambda w: make_room(), 30, f"everything through ({turn})")
+        episodes = 1 + (turn == "second")
+        wait_for(lambda: worker.log_text().count("store accepts messages again") == episodes, 20,
+                 f"the resume logged ({turn})")
+        assert worker.log_text().count("store full") == episodes
 
 
 def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(

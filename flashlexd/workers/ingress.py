@@ -68,6 +68,7 @@ STALL_GAPS = 4                 # a silence this many mean gaps long: the broker'
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
 REFUSED_LOG_SECONDS = 600.0   # the store refusing again within this: DEBUG, counted in the next ERROR
+RESUMED_QUIET_SECONDS = 10.0  # storing this long without a refusal ends a logged refusal's episode
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
 FILTERS_PER_SUBSCRIBE = 8      # AWS IoT Core closes the link on a SUBSCRIBE/UNSUBSCRIBE with more
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
@@ -121,7 +122,8 @@ class IngressWorker(Worker):
         self.retry_at: Optional[float] = None
         # a store held at its cap (each expiry sweep freeing a little) refuses again and again
         self._refusal_lines = KindThrottle(REFUSED_LOG_SECONDS)  # by the error's type
-        self._refusal_said = False  # this refusal was logged: so is its end
+        self._refusing_said = False  # the log's last word on the store: refusing
+        self._resumed_at: Optional[float] = None  # storing again since, the log not told yet
         # the broker lost our session: every DUP mark is stale once the first this-many batch
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
@@ -156,6 +158,8 @@ class IngressWorker(Worker):
                 self._commit(now)
             if self.retry_at is not None:
                 wait = min(wait, max(0.0, self.retry_at - now))
+        if self._resumed_at is not None:
+            wait = min(wait, self._say_resumed(now))
         return wait
 
     def _stalled_at(self) -> float:
@@ -477,7 +481,9 @@ class IngressWorker(Worker):
             self.barrier.give_back(settled)  # nothing was written: they wait for the next commit
         self.counters["marks_settled"] += len(settled) if messages else 0
         if self.retry_at is not None:
-            (log.info if self._refusal_said else log.debug)("store accepts messages again; resuming")
+            log.debug("store accepts messages again; resuming")
+            if self._refusing_said and self._resumed_at is None:
+                self._resumed_at = now
         self.retry_at = None
         self.counters["store_full"] = False
         self.counters["store_error"] = None
@@ -503,8 +509,10 @@ class IngressWorker(Worker):
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
+        self._resumed_at = None  # not over after all: the log's last word stays right
         if self.retry_at is None:  # a new refusal; damage: logged by the store
-            self._refusal_said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now)
+            said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now)
+            self._refusing_said = self._refusing_said or said
         self.counters["store_full"] = isinstance(exc, StoreFull)
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS
@@ -512,9 +520,12 @@ class IngressWorker(Worker):
     def _say_refused(self, exc: StoreError, now: float) -> bool:
         """One ERROR per kind of refusal every REFUSED_LOG_SECONDS, with the count, DEBUG in
         between: a store held at its cap by expiry refuses at every sweep, for hours (`status`
-        shows each). Whether it was logged."""
+        shows each). A refusal after the log said "resuming" is always logged: else the log's
+        last word would be that all is well while nothing is stored. Whether it was logged."""
         what = "store full" if isinstance(exc, StoreFull) else "store error"
         count = self._refusal_lines.due(type(exc), now)
+        if not count and not self._refusing_said:
+            count = 1
         if not count:
             log.debug("%s: %s; not acknowledging %d messages", what, exc, len(self.batch))
             return False
@@ -522,6 +533,18 @@ class IngressWorker(Worker):
         log.error("%s: %s; not acknowledging %d messages, retrying every %gs%s", what, exc,
                   len(self.batch), RETRY_SECONDS, again)
         return True
+
+    def _say_resumed(self, now: float) -> float:
+        """Log the end of a logged refusal once the store has taken messages for
+        RESUMED_QUIET_SECONDS without refusing: a store held at its cap resumes and is refused
+        again at every expiry sweep, and each "resuming" would be followed by a refusal the
+        throttle keeps quiet. Seconds until it is due."""
+        due = self._resumed_at + RESUMED_QUIET_SECONDS - now  # type: ignore[operator]
+        if due > 0:
+            return due
+        log.info("store accepts messages again; resuming")
+        self._refusing_said, self._resumed_at = False, None
+        return float("inf")
 
 
 def _matched(filters: Sequence[str], topic: str) -> bool:
