@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -92,6 +92,7 @@ class Client:
         self._replays: Optional[Tuple[Optional[int], int]] = None
         self._replay_events = 0  # replays noticed: what `stream` watches
         self._busy_told = False  # `follow` warned of a busy daemon since its last read
+        self._was_connected = False  # a later connect is a reconnect: the daemon may be restarting
         self._lock = threading.Lock()
         with self._lock:
             self._connect()
@@ -116,7 +117,7 @@ class Client:
             except BaseException as exc:
                 sock.close()
                 raise self._connect_error(exc) from None
-        self._sock, self._buf = sock, bytearray()
+        self._sock, self._buf, self._was_connected = sock, bytearray(), True
         self._poller = select.poll()  # poll, not select: the fd may be above FD_SETSIZE
         self._poller.register(sock, select.POLLIN)
 
@@ -148,8 +149,10 @@ class Client:
         self._sock, self._buf = None, bytearray()
         self._lock = threading.Lock()
 
-    def _ready(self) -> socket.socket:
-        """A connected socket; remade if the daemon closed the idle one (or said why it did)."""
+    def _ready(self, deadline: float) -> socket.socket:
+        """A connected socket; remade if the daemon closed the idle one (or said why it did).
+        A connection lost is most likely a restart: the daemon is waited for until `deadline`
+        (nothing was sent yet, so any call may wait); a first connect fails at once."""
         if self._sock is not None and self._poller.poll(0):
             try:
                 data = self._sock.recv(65536)
@@ -161,7 +164,10 @@ class Client:
             if isinstance(notice, dict) and isinstance(notice.get("error"), dict):
                 raise _rpc_error(notice["error"], "", whole_connection=True)
         if self._sock is None:
-            self._connect()
+            if self._was_connected:
+                self._until_back(self._connect, deadline)
+            else:
+                self._connect()
         return self._sock  # type: ignore[return-value]
 
     def _parse_frame(self) -> Any:
@@ -229,19 +235,20 @@ class Client:
                    ) -> Tuple[Optional[Dict[str, Any]], Any]:
         """(the daemon's error for this request or None, the result). A failure of the
         connection itself, or an error for the whole connection, is raised."""
+        deadline = time.monotonic() + timeout
         with self._lock:
-            sock = self._ready()
+            sock = self._ready(deadline)
             self._next_id += 1
             request_id = self._next_id
             frame = _request_frame(request_id, method, params)
             try:
-                sock.settimeout(timeout)
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))  # > 0: 0 is non-blocking
                 try:
                     sock.sendall(frame)
                 except (BrokenPipeError, ConnectionResetError):
                     self._explain_close(sock, method, len(frame))
                     raise ConnectionLost(f"flashlexd closed the connection on {self.path}", self.path)
-                response = self._receive(sock, time.monotonic() + timeout)
+                response = self._receive(sock, deadline)
             except socket.timeout:
                 self._drop()
                 raise RpcTimeout(f"flashlexd did not answer {method} within {timeout:g}s") from None
@@ -314,17 +321,30 @@ class Client:
         again, as after `systemctl restart flashlexd` or an upgrade, trying every 2 s at most;
         one WARNING says it is waiting. A socket this user may not open (`PermissionDenied`)
         is raised: waiting would not cure it."""
+        self._until_back(self._connect_afresh, None)
+
+    def _connect_afresh(self) -> None:
+        """One try of `reconnect`: the lock is taken per try, so other threads' calls go on
+        meanwhile (and wait for the daemon within their own timeouts)."""
+        with self._lock:
+            self._drop()
+            self._connect()
+
+    def _until_back(self, connect: Callable[[], None], deadline: Optional[float]) -> None:
+        """`connect`, tried again while the daemon is away (DaemonNotRunning) until `deadline`
+        (None: for ever); one WARNING says it is waiting."""
         tries = 0
         while True:
             try:
-                with self._lock:
-                    self._drop()
-                    self._connect()
+                connect()
                 return
             except DaemonNotRunning as away:
+                left = float("inf") if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise
                 if tries == 0:
                     log.warning("%s; waiting for it to come back", away)
-                time.sleep(RECONNECT_PAUSES[min(tries, len(RECONNECT_PAUSES) - 1)])
+                time.sleep(min(RECONNECT_PAUSES[min(tries, len(RECONNECT_PAUSES) - 1)], left))
                 tries += 1
 
     def close(self) -> None:

@@ -423,10 +423,10 @@ def test_not_a_flashlexd_socket_is_a_protocol_error(tmp_path):
 
 def test_restarted_daemon_is_reconnected(tmp_path):
     h = Harness(tmp_path).start()
-    client = connect(h.path)
+    client = connect(h.path, timeout=1)
     client.status()
     h.stop()
-    with pytest.raises(DaemonNotRunning):
+    with pytest.raises(DaemonNotRunning):  # not back within the call's timeout
         client.status()
     h2 = Harness(tmp_path / "again", path=h.path).start()
     try:

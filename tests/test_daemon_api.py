@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from flashlexd.client import connect
+from flashlexd.client import DaemonNotRunning, connect
 from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, Subscriber, publish
 from tests.daemon import Daemon, NotifyListener
 from tests.broker import wait_for
@@ -50,6 +53,42 @@ def test_a_message_from_the_cloud_reaches_wait_and_ack_removes_it(daemon, broker
         store = wait_for(lambda: (lambda s: s if (s["written_bytes"] or 0) > 0 else None)(
             fx.status()["store"]), 10, "bytes written sampled")
         assert store["written_per_message"] is None or store["written_per_message"] > 0
+
+
+def test_a_connected_clients_calls_wait_for_a_restarted_daemon_within_their_timeout(daemon, broker, caplog):
+    """Found by review: README's display.py died at a daemon restart: `stream()` rode through
+    it, but the `ack` made while the daemon was down raised DaemonNotRunning at once."""
+    path = str(daemon.socket_path)
+    with connect(path, timeout=60) as fx, connect(path, timeout=1) as brief:
+        wait_for(lambda: connected(fx), 15, "both MQTT connections")
+        publish(broker, INGRESS_TOPIC, b"1")
+        batch = wait_for(lambda: fx.wait(timeout=5), 15, "the message through wait()")
+        brief.status()
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_exit()
+        results, errors = [], []
+
+        def calls() -> None:
+            try:
+                results.extend([fx.ack(batch), fx.publish(b"after the restart")])
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+        caller = threading.Thread(target=calls)
+        caller.start()
+        wait_for(lambda: errors or "waiting for it to come back" in caplog.text, 15, "the ack to wait")
+        daemon.start()
+        caller.join(60)
+        assert errors == [] and results[0] == 1 and isinstance(results[1], int)
+        daemon.signal(signal.SIGTERM)  # and this time it does not come back
+        daemon.wait_exit()
+        started = time.monotonic()
+        with pytest.raises(DaemonNotRunning):
+            brief.ack(batch)
+        assert time.monotonic() - started >= 1
+    started = time.monotonic()
+    with pytest.raises(DaemonNotRunning):  # never connected: no restart to wait for
+        connect(path, timeout=60)
+    assert time.monotonic() - started < 1
 
 
 def test_publish_reaches_an_independent_subscriber(daemon, broker, tmp_path):
