@@ -19,7 +19,7 @@ from flashlexd.client import __version__
 from flashlexd.client.connection import Client, seconds, socket_path
 from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers, unknown_consumer
 from flashlexd.client.ctlview import (ago, flushed, health, jsonable, message_rows, oldest_text, output_failed, plural,
-                                      preview, reader_gone, reader_left, render_status, table)
+                                      preview, reader_gone, reader_left, render_status, shown, table)
 from flashlexd.client.errors import ConnectionLost, DaemonNotRunning, FlashlexError, PermissionDenied, RpcTimeout
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
@@ -39,7 +39,7 @@ def _print_json(value: Any) -> None:
 
 def cmd_status(fx: Client, args: argparse.Namespace) -> int:
     status = fx.call("status")
-    print(json.dumps(jsonable(status), indent=2) if args.json else render_status(status, fx.path))
+    shown(json.dumps(jsonable(status), indent=2) if args.json else render_status(status, fx.path))
     return 0 if not health(status) else 1
 
 

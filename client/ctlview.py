@@ -236,7 +236,8 @@ def message_rows(messages: List[Dict[str, Any]]) -> str:
 def reader_gone() -> int:
     """The reader of our output went (`flashlexctl tail | head`, `flashlexd check | head -1`):
     later writes, and the interpreter's flush at exit, go to /dev/null instead of raising
-    BrokenPipeError as a traceback. Returns the exit code: 0."""
+    BrokenPipeError as a traceback. Returns 0: the exit code of a command whose output was
+    its whole result (`tail`, `service`); see `shown` and `flushed` for those with their own."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):
@@ -255,9 +256,22 @@ def output_failed(prog: str, exc: OSError) -> int:
 
 def flushed(code: int) -> int:
     """`code`, once stdout is flushed: a write that fails is met inside the command's error
-    handling, not in the interpreter's flush at exit."""
-    sys.stdout.flush()
+    handling, not in the interpreter's flush at exit. A reader gone by then leaves `code` as
+    it is (`flashlexctl status | true` is still 1 when degraded)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
     return code
+
+
+def shown(text: str) -> None:
+    """Print `text` at once. A reader gone meanwhile does not stop a command whose exit code
+    is its outcome (status's health, the check's result): its later lines go to /dev/null."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        reader_gone()
 
 
 def reader_left() -> bool:

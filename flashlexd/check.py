@@ -55,17 +55,17 @@ class Step:
 
 # -- the command line ---------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, show: Callable[[str], None]) -> int:
+    """`show` prints a line at once; the CLI's goes on when the reader went (`check | head -1`):
+    the exit code is the check's result."""
     printer: Optional[Callable[[Step], None]] = None
     if not args.json:
-        printer = lambda step: print(step.line(), flush=True)  # noqa: E731
+        printer = lambda step: show(step.line())  # noqa: E731
     steps = check(args.config, keys_dir=args.keys_dir, data_dir=args.data_dir,
                   timeout=args.timeout, on_step=printer)
     ok = all(step.status == "ok" for step in steps)
-    if args.json:
-        print(json.dumps({"ok": ok, "steps": [step.to_dict() for step in steps]}, indent=2))
-    else:
-        print(verdict(steps))
+    show(json.dumps({"ok": ok, "steps": [step.to_dict() for step in steps]}, indent=2) if args.json
+         else verdict(steps))
     return 0 if ok else 1
 
 

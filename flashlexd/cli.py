@@ -119,14 +119,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """`flashlexd check`: its output failing (`--json > file` on a full disk) is one line, exit 1,
-    not a traceback; a reader gone (BrokenPipeError) is main's."""
+    not a traceback; a reader gone (`check | head -1`) leaves its result the exit code."""
     from flashlexd import check  # ssl and friends: not loaded by the daemon's own process
-    from flashlexd.client.ctlview import flushed, output_failed
+    from flashlexd.client.ctlview import flushed, output_failed, shown
 
     try:
-        return flushed(check.run(args))
-    except BrokenPipeError:
-        raise
+        return flushed(check.run(args, shown))
     except OSError as exc:
         return output_failed("flashlexd", exc)
 
@@ -137,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(args)
     from flashlexd.client.ctlview import reader_gone
 
-    try:  # `flashlexd check | head -1`, `flashlexd service --dir D | head`
+    try:  # `flashlexd service --dir D | head` (check keeps its result: `_check`)
         if args.command == "check":
             return _check(args)
         if args.command == "service":

@@ -298,10 +298,13 @@ def test_bad_config_skips_everything_after_it(tmp_path: Path) -> None:
     assert "6 checks failed (config), 5 skipped" in verdict
 
 
-@pytest.mark.parametrize("command", [["check", "--config"], ["service", "--rsyslog", "--dir"]])
-def test_a_reader_that_went_is_no_traceback(tmp_path: Path, command: List[str]) -> None:
+@pytest.mark.parametrize("command, code", [(["check", "--config"], 1), (["check", "--json", "--config"], 1),
+                                           (["service", "--rsyslog", "--dir"], 0)])
+def test_a_reader_that_went_is_no_traceback_and_keeps_the_exit_code(tmp_path: Path, command: List[str],
+                                                                    code: int) -> None:
     """`flashlexd check | head -1`, `flashlexd service ... | head` printed a BrokenPipeError
-    traceback (found by reviews)."""
+    traceback (found by reviews); then the check of a bad config exited 0 into such a reader, as
+    if it passed (found by review)."""
     config = tmp_path / "flashlex.yml"
     config.write_text("flashlex:\n  thing:\n    name: x\n")
     read_end, write_end = os.pipe()
@@ -312,7 +315,7 @@ def test_a_reader_that_went_is_no_traceback(tmp_path: Path, command: List[str]) 
                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write_end)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.returncode == code and result.stderr == "", result.stderr
 
 
 def test_missing_key_file_is_a_config_failure(broker: Broker, tmp_path: Path) -> None:

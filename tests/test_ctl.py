@@ -57,6 +57,22 @@ def test_status_degraded_exits_1(harness, capsys, change, reason):
     assert code == 1 and f"degraded: {reason}" in out.splitlines()[0]
 
 
+@pytest.mark.parametrize("argv", [("status",), ("--json", "status")])
+@pytest.mark.parametrize("connected, code", [(True, 0), (False, 1)])
+def test_status_into_a_reader_that_went_keeps_its_exit_code(harness, argv, connected, code):
+    """`flashlexctl status | true` exited 0 although status alone exited 1 (degraded): the
+    reader gone turned every exit code into 0 (found by review)."""
+    harness.mqtt["egress"].update(connected=connected)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run(CTL + ["--socket", harness.path, *argv], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write_end)
+    assert done.returncode == code and done.stderr == "", done.stderr
+
+
 def test_status_json_is_the_api_answer(harness, capsys):
     code, out, _ = run(harness, capsys, "--json", "status")
     status = json.loads(out)
