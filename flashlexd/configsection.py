@@ -115,13 +115,14 @@ class Section:
         return value
 
     def choice(self, key: str, choices: Tuple[str, ...], default: str) -> str:
-        raw = self.data.get(key)
-        if isinstance(raw, int) and not isinstance(raw, bool) and str(raw) in choices:
-            self.used.add(key)
-            return str(raw)  # `protocol: 5` is a YAML number
-        value = self.text(key, default)
+        """One of `choices`; any other value, of any type (`protocol: 4`), is refused naming
+        them all: the fix is to pick one, not to write a string."""
+        raw = self._raw(key, False)
+        if raw is None:
+            return default
+        value = _choice_text(raw)
         if value not in choices:
-            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {_show(value)}")
+            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {_show(raw)}")
         return value  # type: ignore[return-value]
 
     def text_list(self, key: str) -> Tuple[str, ...]:
@@ -163,6 +164,16 @@ def _at_most(key: Key, value: Any) -> Any:
         shown = f"{value:g}" if isinstance(value, float) else value  # seconds: 86400, not 86400.0
         raise ConfigError(f"{key.path}: must be <= {key.maximum}{key.maximum_why}, got {shown}")
     return value
+
+
+def _choice_text(raw: Any) -> Optional[str]:
+    """A choice as written: a string stripped, an integer as its digits (`protocol: 5` is a
+    YAML number); None for anything else."""
+    if isinstance(raw, str):
+        return raw.strip()
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    return None
 
 
 def _show(value: Any) -> str:

@@ -345,6 +345,12 @@ BAD_CONFIGS = [
                 setting("flashlex.app.socket.maxBufferedBytes", 1048576 + 262144)(d)),
      "flashlex.app.socket.maxBufferedBytes: must hold at least one request of the largest payload,"
      " 2097152 bytes (1 MiB + flashlex.thing.mqtt.maxPayloadBytes), got 1310720"),
+    # found by review: a number that is no choice said "expected a non-empty string, got 4"
+    *((f"protocol-{name}", setting("flashlex.thing.mqtt.protocol", value),
+       f"flashlex.thing.mqtt.protocol: expected one of auto, 5, 3.1.1, got {value!r}")
+      for name, value in (("4", 4), ("3.1", 3.1), ("true", True), ("empty", ""), ("mqtt4", "mqtt4"))),
+    ("when-full-a-number", setting("flashlex.app.db.whenFull", 0),
+     "flashlex.app.db.whenFull: expected one of reject, dropOldest, got 0"),
     # found by review: each was taken as the host to resolve, failing only at DNS in `check`
     # and reconnecting forever in `run`
     *((f"endpoint-{name}", setting("flashlex.thing.endpoint", endpoint),
