@@ -251,14 +251,14 @@ class Client:
                 response = self._receive(sock, deadline)
             except socket.timeout:
                 self._drop()
-                raise RpcTimeout(f"flashlexd did not answer {method} within {timeout:g}s") from None
-            except ConnectionLost:
+                raise RpcTimeout(f"flashlexd did not answer {method} within {timeout:g}s", method) from None
+            except ConnectionLost as lost:
                 self._drop()
-                raise
+                raise ConnectionLost(str(lost), self.path, method) from None
             except OSError as exc:
                 self._drop()
                 raise ConnectionLost(f"connection to flashlexd lost: {exc.strerror or exc}",
-                                     self.path) from None
+                                     self.path, method) from None
             except BaseException:  # e.g. KeyboardInterrupt mid-read: the stream is out of step
                 self._drop()
                 raise

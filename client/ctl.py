@@ -283,20 +283,26 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+READS = frozenset({"status", "messages", "wait", "outbox", "consumers"})  # API methods that change nothing
+
 COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "status": cmd_status, "messages": cmd_messages, "ack": cmd_ack, "publish": cmd_publish,
     "outbox": cmd_outbox, "purge": cmd_purge, "tail": cmd_tail, "consumers": cmd_consumers}
 
 
-def _unanswered(args: argparse.Namespace) -> str:
-    """What an unanswered command (RpcTimeout, ConnectionLost) adds to its error: the daemon may
-    have read it and carried it out, or part of it, all the same; nothing for a read."""
+def _unanswered(args: argparse.Namespace, method: str) -> str:
+    """What an unanswered command (RpcTimeout, ConnectionLost, cut off in `method`) adds to its
+    error: the daemon may have read it and carried it out, or part of it, all the same; nothing
+    for a read. A change cut off in a read (`outbox retry --all` listing the dead letters) had
+    changed nothing: every command reads before it changes."""
     if args.command == "publish":  # once more could send it twice
         return "; the message may have been queued all the same: see flashlexctl outbox before publishing it again"
     changes = (args.command in ("ack", "purge") or getattr(args, "outbox_action", None)
                or getattr(args, "consumers_action", None))
     if not changes:
         return ""
+    if method in READS:
+        return "; only a read was under way: nothing was changed, run it again"
     check = {"ack": "messages", "purge": "status"}.get(args.command, args.command)
     if args.command == "ack" and args.consumer:  # what that consumer has not acked
         check += f" --consumer {printable(args.consumer)}"
@@ -329,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # e.g. `flashlexctl tail | head`: stop quietly
         return reader_gone()
     except (RpcTimeout, ConnectionLost) as exc:
-        print(f"flashlexctl: {printable(str(exc))}{_unanswered(args)}", file=sys.stderr)
+        print(f"flashlexctl: {printable(str(exc))}{_unanswered(args, exc.method)}", file=sys.stderr)
         return 2 if isinstance(exc, ConnectionLost) else 1  # as DaemonNotRunning, FlashlexError below
     except (DaemonNotRunning, PermissionDenied) as exc:
         print(f"flashlexctl: {printable(str(exc))}", file=sys.stderr)

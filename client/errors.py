@@ -16,7 +16,12 @@ class DaemonNotRunning(FlashlexError):
 
 class ConnectionLost(DaemonNotRunning):
     """The daemon closed the connection in the middle of a call (it stopped or restarted).
-    The next call reconnects; whether the interrupted call took effect is unknown."""
+    The next call reconnects; whether the interrupted call took effect is unknown. `method`:
+    the call cut off (a read changed nothing), when known."""
+
+    def __init__(self, message: str, path: str = "", method: str = ""):
+        super().__init__(message, path)
+        self.method = method
 
 
 class PermissionDenied(FlashlexError):
@@ -30,7 +35,12 @@ class ProtocolError(FlashlexError):
 
 class RpcTimeout(FlashlexError):
     """The daemon did not answer in time; the connection is dropped and remade on next use. The
-    request was sent: a daemon that was only stalled may still carry it out (queue a publish)."""
+    request was sent: a daemon that was only stalled may still carry it out (queue a publish).
+    `method`: the call unanswered (a read changed nothing)."""
+
+    def __init__(self, message: str, method: str = ""):
+        super().__init__(message)
+        self.method = method
 
 
 class RpcError(FlashlexError):
