@@ -15,6 +15,9 @@ cleanup() {
     [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null && wait "$BROKER_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
+# Ctrl-C reaches the daemon too: without this the script polled on for the stopped daemon and
+# ended with "timed out waiting for ..."
+trap 'echo "interrupted: stopping what the demo started" >&2; exit 130' INT
 wait_until() {  # wait_until SECONDS WHAT COMMAND...: poll COMMAND until it succeeds
     local deadline=$((SECONDS + $1)) what=$2; shift 2
     until "$@" >/dev/null 2>&1; do

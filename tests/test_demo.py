@@ -1,11 +1,15 @@
 """`make demo`, the README's first command, works and leaves nothing running."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.broker import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,5 +21,26 @@ def test_demo_shows_messages_flowing_both_ways_and_stops_everything():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "not JSON at all" in result.stdout  # stored and listed by flashlexctl messages
     assert 'received: {"hello": "cloud"}' in result.stdout
+    leftovers = subprocess.run(["pgrep", "-f", str(ROOT / ".demo")], capture_output=True, text=True)
+    assert leftovers.stdout == ""
+
+
+@pytest.mark.skipif(Path(sys.prefix) != ROOT / ".venv", reason="the demo uses the repo's .venv (make test)")
+def test_demo_interrupted_says_so_and_stops_everything(tmp_path):
+    """Ctrl-C in `make demo` cleaned up but printed "timed out waiting for flashlexd to connect"
+    (found by review)."""
+    out = tmp_path / "out"
+    with open(out, "w") as stdout:
+        demo = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: "Starting the daemon" in out.read_text(), 60, "the demo to start the daemon")
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        _, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    assert demo.returncode == 130 and err == "interrupted: stopping what the demo started\n", err
     leftovers = subprocess.run(["pgrep", "-f", str(ROOT / ".demo")], capture_output=True, text=True)
     assert leftovers.stdout == ""
