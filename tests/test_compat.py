@@ -309,7 +309,7 @@ def test_non_json_messages_left_by_compat_expire(daemon_config, broker, tmp_path
 DOWN_APP = textwrap.dedent("""\
     import json, sys
     from flashlexd.client.compat import FlashlexSDK
-    sdk = FlashlexSDK(sys.argv[1])
+    sdk = FlashlexSDK(sys.argv[1], timeout=2)  # once connected, a call waits this long for a restart
 
     def remove(pk):
         try:
