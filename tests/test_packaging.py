@@ -219,6 +219,7 @@ def test_unit_renders_allow_uids_and_paths(tmp_path):
     assert "ProtectHome=read-only" in elsewhere
     for line in ("Wants=network-online.target time-sync.target",
                  "After=network-online.target time-sync.target", "LimitNOFILE=16384",
+                 "LimitCORE=0",  # a hung worker's SIGABRT must not dump the private key
                  "SystemCallFilter=@system-service", "ProtectProc=invisible"):
         assert line in unit
 
