@@ -93,6 +93,7 @@ class Client:
         self._replay_events = 0  # replays noticed: what `stream` watches
         self._busy_told = False  # `follow` warned of a busy daemon since its last read
         self._was_connected = False  # a later connect is a reconnect: the daemon may be restarting
+        self._away_told = False  # warned that the daemon is away, since the last connect
         self._lock = threading.Lock()
         with self._lock:
             self._connect()
@@ -117,7 +118,7 @@ class Client:
             except BaseException as exc:
                 sock.close()
                 raise self._connect_error(exc) from None
-        self._sock, self._buf, self._was_connected = sock, bytearray(), True
+        self._sock, self._buf, self._was_connected, self._away_told = sock, bytearray(), True, False
         self._poller = select.poll()  # poll, not select: the fd may be above FD_SETSIZE
         self._poller.register(sock, select.POLLIN)
 
@@ -332,7 +333,8 @@ class Client:
 
     def _until_back(self, connect: Callable[[], None], deadline: Optional[float]) -> None:
         """`connect`, tried again while the daemon is away (DaemonNotRunning) until `deadline`
-        (None: for ever); one WARNING says it is waiting."""
+        (None: for ever); one WARNING per outage says it is waiting (not one per call: an app
+        calling every second would log one each `timeout`, for as long as the daemon is down)."""
         tries = 0
         while True:
             try:
@@ -342,8 +344,9 @@ class Client:
                 left = float("inf") if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     raise
-                if tries == 0:
+                if not self._away_told:
                     log.warning("%s; waiting for it to come back", away)
+                    self._away_told = True
                 time.sleep(min(RECONNECT_PAUSES[min(tries, len(RECONNECT_PAUSES) - 1)], left))
                 tries += 1
 

@@ -85,6 +85,10 @@ def test_a_connected_clients_calls_wait_for_a_restarted_daemon_within_their_time
         with pytest.raises(DaemonNotRunning):
             brief.ack(batch)
         assert time.monotonic() - started >= 1
+        told = caplog.text.count("waiting for it to come back")
+        with pytest.raises(DaemonNotRunning):
+            brief.status()  # the same outage: not told again (an app calling each second)
+        assert caplog.text.count("waiting for it to come back") == told
     started = time.monotonic()
     with pytest.raises(DaemonNotRunning):  # never connected: no restart to wait for
         connect(path, timeout=60)
