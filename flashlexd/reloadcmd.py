@@ -1,4 +1,4 @@
-"""`flashlexd reload PID`: the unit's ExecReload. It sends the daemon SIGHUP and waits for the
+"""`flashlexd reload --config FILE PID`: the unit's ExecReload. It sends the daemon SIGHUP and waits for the
 reload's outcome, so that `systemctl reload flashlexd` fails when the daemon refused the new
 config (and keeps running the previous one) instead of succeeding as soon as the signal is sent.
 

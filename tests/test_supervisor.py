@@ -250,6 +250,18 @@ def test_the_reload_command_takes_the_configured_socket_among_several_listening(
             listener.close()
 
 
+def test_every_reload_command_readme_writes_parses_as_written():
+    """Found by review: README wrote `flashlexd reload PID`, a usage error run literally
+    (--config is required)."""
+    from flashlexd.cli import _parser
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    commands = re.findall(r"`flashlexd reload ([^`]*)`", readme)
+    assert commands
+    for command in commands:
+        _parser().parse_args(["reload", *command.replace("FILE", "c.yaml")
+                              .replace("$MAINPID", "1").replace("PID", "1").split()])
+
+
 def test_the_reload_command_says_when_the_daemon_is_not_there(daemon_config, tmp_path):
     absent = Daemon(daemon_config, tmp_path)  # never started: no socket
     result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon_config),
