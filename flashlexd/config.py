@@ -406,8 +406,11 @@ def _dedupe(db: Section) -> Optional[DedupeKey]:
     section = db.section("dedupe")
     spec, window = section.value("key"), section.value("windowSeconds")
     section.warn_unknown()
-    if spec is None:
-        raise ConfigError(f"{section.path}.key: missing required key")
+    if spec is None:  # README: `key` defaults to off; a window alone changes nothing
+        if "windowSeconds" in section.data:
+            section.warnings.append(f"{section.path}.windowSeconds: set without {section.path}.key,"
+                                    " so dedupe is off (it is on only with a key)")
+        return None
     try:
         return DedupeKey.parse(spec, window)
     except ValueError as exc:

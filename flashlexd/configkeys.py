@@ -101,7 +101,8 @@ TABLE: Tuple[Key, ...] = (
         " is stored normally). See \"Delivery guarantees\"",
         WORKERS, shown="off"),
     Key(f"{_DB}.dedupe.windowSeconds", "seconds", DEDUPE_WINDOW_SECONDS,
-        "how long a dedupe key is remembered", WORKERS),
+        "how long a dedupe key is remembered; set without `key`, dedupe stays off (one WARNING"
+        " at start and reload)", WORKERS),
     Key(f"{_DB}.dataPath", "text", DEFAULT_DATA_DIR, "store directory (`--data-dir` wins)", REFUSED),
     Key(f"{_DB}.capMegabytes", "integer", 256, "store size cap", WORKERS, minimum=1,
         maximum=MAX_CAP_MEGABYTES, maximum_why=" (LMDB's map size limit, with its headroom)"),
