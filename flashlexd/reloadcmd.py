@@ -112,17 +112,21 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
     from flashlexd.client import Client
     from flashlexd.client.errors import ConnectionLost, FlashlexError
 
-    def reloads(sent: bool = True) -> Dict[str, Any]:
-        """{"done": N, "refused": reason or None}; answered once a reload under way is over
-        (it holds the daemon's loop). `sent`: whether SIGHUP went out yet (the line says)."""
+    def status(sent: bool = True) -> Dict[str, Any]:
+        """The daemon's status; answered once a reload under way is over (it holds the
+        daemon's loop). `sent`: whether SIGHUP went out yet (the line says)."""
         try:
-            part: Optional[Dict[str, Any]] = client.status().get("reload")
+            return client.status()
         except ConnectionLost:
             raise ReloadFailed("the daemon stopped during the reload (see its log)" if sent else
                                "not sent: the daemon closed the connection") from None
         except FlashlexError as exc:
             raise ReloadFailed(f"cannot read the reload's outcome: {exc}" if sent else
                                f"not sent: cannot read the daemon's status: {exc}") from None
+
+    def reloads(answer: Dict[str, Any]) -> Dict[str, Any]:
+        """{"done": N, "refused": reason or None} of a status `answer`."""
+        part: Optional[Dict[str, Any]] = answer.get("reload")
         if not isinstance(part, dict):  # a daemon older than this command
             raise ReloadFailed("this daemon does not report its reloads: restart it to run this version")
         return part
@@ -133,13 +137,17 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
     except FlashlexError as exc:
         raise ReloadFailed(f"not sent: cannot reach the daemon's API ({exc})") from None
     try:
-        before = reloads(sent=False)["done"]
+        first = status(sent=False)
+        if first.get("pid") != pid:  # a mistyped pid: SIGHUP ends most processes
+            raise ReloadFailed(f"pid {pid} is not the flashlexd answering on {socket_path}"
+                               f" (pid {first.get('pid')}); nothing sent")
+        before = reloads(first)["done"]
         try:
             os.kill(pid, signal.SIGHUP)
         except OSError as exc:
             raise ReloadFailed(f"cannot signal pid {pid}: {exc.strerror}") from None
         while True:
-            outcome = reloads()
+            outcome = reloads(status())
             if outcome["done"] > before:
                 break
             if time.monotonic() > deadline:

@@ -250,6 +250,27 @@ def test_the_reload_command_takes_the_configured_socket_among_several_listening(
             listener.close()
 
 
+def test_the_reload_command_signals_no_pid_but_the_daemons(daemon, notify):
+    """Found by review: `flashlexd reload` sent SIGHUP to any pid it was given (a mistyped one
+    killed the reviewer's shell). It now signals only the flashlexd answering on the socket."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon.config),
+                                 "--socket", str(daemon.socket_path), "--timeout", "5", str(bystander.pid)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result
+        assert result.stderr == (f"flashlexd reload: pid {bystander.pid} is not the flashlexd answering"
+                                 f" on {daemon.socket_path} (pid {daemon.pid}); nothing sent\n")
+        assert bystander.poll() is None
+        with connect(str(daemon.socket_path)) as fx:
+            assert fx.status()["reload"]["done"] == 0
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_every_reload_command_readme_writes_parses_as_written():
     """Found by review: README wrote `flashlexd reload PID`, a usage error run literally
     (--config is required)."""
