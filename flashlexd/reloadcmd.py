@@ -3,7 +3,8 @@ reload's outcome, so that `systemctl reload flashlexd` fails when the daemon ref
 config (and keeps running the previous one) instead of succeeding as soon as the signal is sent.
 
 The outcome is read from the daemon's `status` (its `reload` part: how many reloads it has done,
-and why the last one was refused). systemd's own documentation asks for an ExecReload that
+why the last one was refused, and its notes: what it applied only in part, printed one line each
+on stderr, exit 0). systemd's own documentation asks for an ExecReload that
 waits for the reload to complete, not one that only sends a signal.
 """
 from __future__ import annotations
@@ -125,7 +126,7 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
                                f"not sent: cannot read the daemon's status: {exc}") from None
 
     def reloads(answer: Dict[str, Any]) -> Dict[str, Any]:
-        """{"done": N, "refused": reason or None} of a status `answer`."""
+        """{"done": N, "refused": reason or None, "notes": [line, ...]} of a status `answer`."""
         part: Optional[Dict[str, Any]] = answer.get("reload")
         if not isinstance(part, dict):  # a daemon older than this command
             raise ReloadFailed("this daemon does not report its reloads: restart it to run this version")
@@ -157,3 +158,5 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
         client.close()
     if outcome["refused"]:
         raise ReloadFailed(f"refused, still running the previous config: {outcome['refused']}")
+    for note in outcome.get("notes") or ():  # applied, but not all of it at once
+        print(f"flashlexd reload: {note}", file=sys.stderr)

@@ -126,6 +126,7 @@ class Supervisor:
         # in `status`, where `flashlexd reload` (the unit's ExecReload) reads its outcome
         self.reloads = 0
         self.reload_refused: Optional[str] = None
+        self.reload_notes: List[str] = []  # what the last reload applied only in part (one line each)
 
     @property
     def config(self) -> Config:
@@ -484,7 +485,7 @@ class Supervisor:
             "counters": {"restarts": sum(w.restarts for w in self.workers.values()),
                          "loop_errors": self.guard.total},
             "api": dict(self.api.counters) if self.api is not None else {},
-            "reload": {"done": self.reloads, "refused": self.reload_refused},
+            "reload": {"done": self.reloads, "refused": self.reload_refused, "notes": self.reload_notes},
         }
 
     # -- reload ---------------------------------------------------------------------------------
@@ -493,7 +494,7 @@ class Supervisor:
         """SIGHUP: re-validate; on a bad config keep the running one; restart changed workers."""
         if self.announced_ready:  # before READY=1 there is nothing for systemd to reload
             self.notifier.reloading()
-        self.reload_refused = None
+        self.reload_refused, self.reload_notes = None, []
         try:
             self._reload()
         except _StoreLost as lost:
@@ -550,6 +551,12 @@ class Supervisor:
             self._reopen_store(new)
         return runtime
 
+    def _reload_note(self, line: str) -> None:
+        """A WARNING the reload's caller sees too: `flashlexd reload` prints the notes of
+        `status()["reload"]`, which only the daemon's log had."""
+        log.warning("%s", line)
+        self.reload_notes.append(line)
+
     def _reload_done(self) -> None:
         """READY=1 ends a reload only once the start has announced it (every worker up): a
         reload during start-up must not tell systemd the service is up, nor one that stops it
@@ -589,8 +596,8 @@ class Supervisor:
                 worker.stop(now, new.config.supervision.stop_timeout, restart=True)
         if new.socket_changed(old):
             closed = closed_to_uids(new.config.api.socket_path, new.config.api.allow_uids)
-            log.warning("API socket path, group or allowUids changed: they take effect at the"
-                        " next restart%s", f"; {closed}" if closed else "")
+            self._reload_note("API socket path, group or allowUids changed: they take effect at the"
+                              " next restart" + (f"; {closed}" if closed else ""))
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new

@@ -1,6 +1,7 @@
 """The supervisor with real forked workers, real signals and a fake NOTIFY_SOCKET."""
 from __future__ import annotations
 
+import grp
 import os
 import re
 import signal
@@ -193,13 +194,14 @@ def test_the_reload_command_fails_with_the_reason_when_the_config_is_refused(dae
         and "port" in lines[0], lines
     assert daemon.children() == before
     with connect(str(daemon.socket_path)) as fx:
-        assert fx.status()["reload"] == {"done": 1, "refused": lines[0].split("previous config: ", 1)[1]}
+        assert fx.status()["reload"] == {"done": 1, "refused": lines[0].split("previous config: ", 1)[1],
+                                         "notes": []}
 
     daemon_config.write_text(good)
     applied = _reload_command(daemon)
     assert (applied.returncode, applied.stderr) == (0, ""), applied
     with connect(str(daemon.socket_path)) as fx:
-        assert fx.status()["reload"] == {"done": 2, "refused": None}
+        assert fx.status()["reload"] == {"done": 2, "refused": None, "notes": []}
 
 
 def test_the_reload_command_finds_the_running_daemons_socket_after_its_path_was_edited(
@@ -218,7 +220,22 @@ def test_the_reload_command_finds_the_running_daemons_socket_after_its_path_was_
                             env={k: v for k, v in os.environ.items() if k != "FLASHLEXD_SOCKET"})
     assert (result.returncode, result.stderr) == (0, ""), result
     with connect(str(daemon.socket_path)) as fx:
-        assert fx.status()["reload"] == {"done": 1, "refused": None}
+        assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": []}
+
+
+def test_the_reload_command_prints_that_a_socket_change_takes_a_restart(daemon, notify, daemon_config):
+    """Found by review: a reload changing the socket's group (or path, allowUids) exited 0 with
+    no output; only the daemon's log said it takes a restart. The reload's notes say it."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"]["socket"].update(
+        group=grp.getgrgid(os.getegid()).gr_name))
+    result = _reload_command(daemon)
+    note = "API socket path, group or allowUids changed: they take effect at the next restart"
+    assert (result.returncode, result.stderr) == (0, f"flashlexd reload: {note}\n"), result
+    with connect(str(daemon.socket_path)) as fx:
+        assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": [note]}
+    assert daemon.output().count(note) == 1
 
 
 def test_the_reload_command_takes_the_configured_socket_among_several_listening(daemon_config, tmp_path,
