@@ -158,7 +158,9 @@ TABLE: Tuple[Key, ...] = (
         "API socket (`--socket`, then `$FLASHLEXD_SOCKET` win)", NEXT_START),
     Key(f"{_SOCKET}.group", "text", None,
         "group owning the socket (mode 0660); its members may use the API; the unit runs the service"
-        " in it (`Group=`): set after the install, the unit must be rendered again", NEXT_START,
+        " in it (`Group=`): set after the install, the unit must be rendered again. A reload refuses"
+        " a group the next start would fail on (one that does not exist, or that the service is not"
+        " in)", NEXT_START,
         shown="none", field="socket_group"),
     Key(f"{_SOCKET}.allowUids", "uids", (),
         "uids allowed besides root and the daemon's own; when set, the socket is 0666 (and the unit's"

@@ -24,7 +24,7 @@ from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
-from flashlexd.ipc.socketfile import closed_to_uids
+from flashlexd.ipc.socketfile import SocketGroupError, check_group, closed_to_uids
 from flashlexd.linkmsg import Committed, Heartbeat, MqttReport, OutboxQueued, StateReport, decode
 from flashlexd.loopguard import LoopGuard
 from flashlexd.notify import Notifier, child_environment
@@ -538,6 +538,11 @@ class Supervisor:
                 f" {new.store.data_dir}); a new data dir takes a restart (under systemd: run"
                 " `flashlexd service ... --install` first, the unit makes only the data dir it"
                 " was rendered with writable)")
+        if new.api.socket_group:  # applied at the next start: refused now if it would fail it
+            try:
+                check_group(new.api.socket_group)
+            except SocketGroupError as exc:
+                raise _ReloadRefused(str(exc)) from None
         store_changed = new.store != self.runtime.config.store
         if store_changed and not self.store.can_close():  # type: ignore[union-attr]
             raise _ReloadRefused("the store settings changed and a store write still waits for"

@@ -238,6 +238,34 @@ def test_the_reload_command_prints_that_a_socket_change_takes_a_restart(daemon, 
     assert daemon.output().count(note) == 1
 
 
+@pytest.mark.parametrize("group, reason", [
+    ("no-such-group-flashlexd", "socket group 'no-such-group-flashlexd' does not exist (flashlex.app.socket.group)"),
+    ("nogroup", "the service is not in group 'nogroup' (flashlex.app.socket.group)"),
+])
+def test_a_socket_group_the_next_start_would_refuse_is_refused_by_the_reload(daemon_config, tmp_path, notify,
+                                                                           group, reason):
+    """Found by review: a reload setting a socket.group that does not exist, or one the service
+    is not in, exited 0 in silence, status healthy; the next restart failed (exit 2) and the
+    service stayed down. setpriv drops the capabilities as the unit does."""
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)},
+                     launcher=["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m",
+                               "flashlexd"]).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        running.wait_api()
+        edit_config(daemon_config, lambda d: d["flashlex"]["app"]["socket"].update(group=group))
+        result = _reload_command(running)
+        assert (result.returncode, result.stderr) == \
+            (1, f"flashlexd reload: refused, still running the previous config: {reason}\n"), result
+        with connect(str(running.socket_path)) as fx:
+            assert fx.status()["reload"] == {"done": 1, "refused": reason, "notes": []}
+        status = subprocess.run([sys.executable, "-m", "flashlexd.client.ctl", "--socket", str(running.socket_path),
+                                 "status"], capture_output=True, text=True, timeout=60)
+        assert "degraded" in status.stdout, status
+    finally:
+        running.stop()
+
+
 def test_the_reload_command_takes_the_configured_socket_among_several_listening(daemon_config, tmp_path,
                                                                                  monkeypatch):
     """Found by re-read review: a daemon started with listening sockets a launcher left it had

@@ -285,6 +285,27 @@ def test_socket_group_added_after_install_fails_once(socket_group, start_service
     assert log.count("the service is not in group 'flashlexdtest'") == 1, log
 
 
+def test_systemctl_reload_refuses_a_socket_group_the_next_start_would_fail_on(socket_group, start_service,
+                                                                               daemon_config):
+    """Found by review: a reload setting a socket.group the service is not in was accepted in
+    silence, and the next `systemctl restart` failed for good (exit 2). The reload refuses it
+    now with start's reason, and the service keeps running."""
+    config = edited(daemon_config)
+    service = start_service(config)
+    first = running(service)
+    document = yaml.safe_load(config.read_text())
+    document["flashlex"]["app"]["socket"] = {"group": "flashlexdtest"}
+    config.write_text(yaml.safe_dump(document))
+    refused = service.run("systemctl", "reload", UNIT)
+    assert refused.returncode != 0, refused
+    line = ("flashlexd reload: refused, still running the previous config: the service is not in group"
+            " 'flashlexdtest' (flashlex.app.socket.group); run `flashlexd service ... --install` again")
+    wait_for(lambda: line in service.log.read_text(errors="replace"), 10, "the reload command's line")
+    assert active(service)["MainPID"] == first["MainPID"]
+    status = service.run(FLASHLEXCTL, "--socket", SOCKET, "status")
+    assert status.returncode != 0 and "degraded" in status.stdout, status
+
+
 def test_allow_uids_reach_the_socket(start_service, daemon_config):
     service = start_service(edited(daemon_config, socket={"allowUids": [NOBODY]}))
     running(service)

@@ -35,6 +35,25 @@ def group_id(group: str) -> int:
         raise SocketGroupError(f"socket group {group!r} does not exist (flashlex.app.socket.group)") from None
 
 
+def check_group(group: str) -> None:
+    """SocketGroupError when the start could not give the socket `group`: it does not exist, or
+    the process may not chown to it (not in it, no CAP_CHOWN: the unit keeps none). A reload
+    runs it so that it refuses what would fail the next start, not accept it in silence."""
+    gid = group_id(group)
+    if gid != os.getegid() and gid not in os.getgroups() and not _may_chown():
+        raise SocketGroupError(f"{_not_in_group(group)}{_render_again()}")
+
+
+def _may_chown() -> bool:
+    """Whether the process has CAP_CHOWN (bit 0 of CapEff): root outside the unit has it."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            effective = next(line.split()[1] for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return os.geteuid() == 0
+    return bool(int(effective, 16) & 1)
+
+
 def _clear_stale(path: str) -> None:
     """Remove a socket file nobody answers on; refuse if a live daemon does."""
     try:
@@ -124,5 +143,15 @@ def _group_hint(group: str) -> str:
     SupplementaryGroups=, rendered from the socket.group of its install."""
     if not os.environ.get("INVOCATION_ID"):
         return ""
-    return (f": the service is not in group {group!r} (flashlex.app.socket.group);"
-            " run `flashlexd service ... --install` again after changing it, then restart")
+    return f": {_not_in_group(group)}{_render_again()}"
+
+
+def _not_in_group(group: str) -> str:
+    return f"the service is not in group {group!r} (flashlex.app.socket.group)"
+
+
+def _render_again() -> str:
+    """Under the unit its groups come from its install: rendering it again adds the group."""
+    if not os.environ.get("INVOCATION_ID"):
+        return ""
+    return "; run `flashlexd service ... --install` again after changing it, then restart"
