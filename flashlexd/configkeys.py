@@ -76,6 +76,12 @@ def _legacy(path: str, doc: str, reload: str = UNUSED) -> Key:
 _DB, _SOCKET, _SUP = "flashlex.app.db", "flashlex.app.socket", "flashlex.app.supervisor"
 _THING, _MQTT = "flashlex.thing", "flashlex.thing.mqtt"
 _BACKOFF = f"{_MQTT}.autoReconnectBackoffTime"
+# a reload changing the ingress client id: a new broker session, the old one not drained
+_CLIENT_ID_SWITCH = (
+    "changed by a reload, messages published during the switch stay in the old id's session at the"
+    " broker (until its session expiry) and are not fetched (one WARNING, and `flashlexd reload`"
+    " says so): stop the publishers first, or drain the old id afterwards (e.g. `mosquitto_sub -c"
+    " -i OLDID ...`)")
 
 TABLE: Tuple[Key, ...] = (
     _legacy("flashlex.app.api",
@@ -204,7 +210,8 @@ TABLE: Tuple[Key, ...] = (
         field="crash_loop_window"),
     _legacy("flashlex.dist", "build metadata of the old SDK (`commitSha`): accepted, not used"),
     _legacy(f"{_THING}.id", "FlashLex thing id: accepted, not used"),
-    Key(f"{_THING}.name", "text", REQUIRED, "MQTT client id of ingress (unless `mqtt.clientId`)", LINKS),
+    Key(f"{_THING}.name", "text", REQUIRED, "MQTT client id of ingress (unless `mqtt.clientId`);"
+        f" {_CLIENT_ID_SWITCH}", LINKS),
     Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate)"
         " or IPv4/IPv6 address, alone: no `https://`, port or path (the port is `mqtt.port`);"
         " on an AWS IoT Core endpoint (`*.amazonaws.com`) `publish` also refuses topics over its 7"
@@ -235,7 +242,8 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_MQTT}.subscriptions", "texts", (), "extra topic filters for ingress", LINKS, shown="`[]`"),
     Key(f"{_MQTT}.egress.topic", "text", REQUIRED, "default topic of published messages",
         LINKS_AND_API),
-    Key(f"{_MQTT}.clientId", "text", None, "ingress client id", LINKS, shown="`thing.name`"),
+    Key(f"{_MQTT}.clientId", "text", None, f"ingress client id; {_CLIENT_ID_SWITCH}", LINKS,
+        shown="`thing.name`"),
     Key(f"{_MQTT}.egressClientId", "text", None, "egress client id (must differ)", LINKS,
         shown="`<clientId>-egress`"),
     Key(f"{_MQTT}.keepAliveSeconds", "integer", 30,

@@ -562,6 +562,15 @@ class Supervisor:
         log.warning("%s", line)
         self.reload_notes.append(line)
 
+    def _note_client_id(self, old: str, new: str) -> None:
+        """A new ingress client id is a new broker session: what was published during the
+        switch is queued in the old id's session, which nobody fetches (no drain: a clone of
+        this image may still use the old id)."""
+        if new != old:
+            self._reload_note(f"ingress client id changed from {old!r} to {new!r}: messages published"
+                              " during the switch stay in the old id's session at the broker (until its"
+                              " session expiry) and are not fetched")
+
     def _reload_done(self) -> None:
         """READY=1 ends a reload only once the start has announced it (every worker up): a
         reload during start-up must not tell systemd the service is up, nor one that stops it
@@ -603,6 +612,7 @@ class Supervisor:
             closed = closed_to_uids(new.config.api.socket_path, new.config.api.allow_uids)
             self._reload_note("API socket path, group or allowUids changed: they take effect at the"
                               " next restart" + (f"; {closed}" if closed else ""))
+        self._note_client_id(old.config.thing.mqtt.client_id, new.config.thing.mqtt.client_id)
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new

@@ -238,6 +238,22 @@ def test_the_reload_command_prints_that_a_socket_change_takes_a_restart(daemon, 
     assert daemon.output().count(note) == 1
 
 
+def test_a_reload_changing_the_client_id_says_what_stays_in_the_old_session(daemon, notify, daemon_config):
+    """Found by review: a reload changing the ingress client id lost what was published during
+    the switch (left in the old id's broker session) without a word. It is said once, in the
+    log and by `flashlexd reload`."""
+    from flashlexd.config import load
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    old = load(str(daemon_config)).thing.mqtt.client_id
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(clientId="renamed-thing"))
+    result = _reload_command(daemon)
+    note = (f"ingress client id changed from {old!r} to 'renamed-thing': messages published during the"
+            " switch stay in the old id's session at the broker (until its session expiry) and are not fetched")
+    assert (result.returncode, result.stderr) == (0, f"flashlexd reload: {note}\n"), result
+    assert daemon.output().count(note) == 1
+
+
 @pytest.mark.parametrize("group, reason", [
     ("no-such-group-flashlexd", "socket group 'no-such-group-flashlexd' does not exist (flashlex.app.socket.group)"),
     ("nogroup", "the service is not in group 'nogroup' (flashlex.app.socket.group)"),
