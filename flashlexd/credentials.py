@@ -67,16 +67,19 @@ def verify(keys: Keys, allow_insecure_key: bool = False, timeout: float = CHECK_
 
 
 def stamp(keys: Keys) -> str:
-    """A digest of the three files' contents (read by the supervisor, never parsed: no ssl)."""
-    import hashlib
-    digest = hashlib.sha256()
+    """What tells a reload that the three files changed in place: each one's identity and
+    change time (a write, a copy over it, a rename onto it all move `st_ctime_ns`). Their
+    contents are never read here: the supervisor, which talks to local clients, must not hold
+    the private key even in freed memory."""
+    stamps = []
     for path in (keys.root_ca, keys.cert, keys.private_key):
         try:
-            digest.update(path.read_bytes())
+            found = path.stat()
         except OSError:
-            digest.update(b"\0unreadable")
-        digest.update(b"\0")
-    return digest.hexdigest()
+            stamps.append("unreadable")
+            continue
+        stamps.append(f"{found.st_dev}:{found.st_ino}:{found.st_size}:{found.st_mtime_ns}:{found.st_ctime_ns}")
+    return "/".join(stamps)
 
 
 def _run(argv: List[str], timeout: float, while_waiting: Optional[WhileWaiting] = None) -> Tuple[int, bytes]:

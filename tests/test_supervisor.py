@@ -18,7 +18,7 @@ import yaml
 from flashlexd.client import connect
 from flashlexd.notify import START_EXTENSION, Notifier
 from flashlexd.store import Incoming, Store
-from tests.broker import INGRESS_TOPIC, publish_lines, write_lines
+from tests.broker import INGRESS_TOPIC, THING, publish_lines, write_lines
 from tests.daemon import Daemon, NotifyListener, default_sigint, importing
 from tests.broker import wait_for
 
@@ -1091,3 +1091,32 @@ def test_a_group_pause_between_select_and_tick_kills_no_healthy_worker(daemon_co
         assert "hung (no heartbeat" not in running.output() and running.children() == before
     finally:
         running.stop()
+
+
+def _memory_holds(pid: int, needles: List[bytes]) -> List[bytes]:
+    """Which of `needles` the process's readable memory holds (read as root, /proc/PID/mem)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as memory:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "r" not in perms or "[vvar" in line or "[vsyscall]" in line:
+                continue
+            start, end = (int(edge, 16) for edge in span.split("-"))
+            try:
+                memory.seek(start)
+                chunk = memory.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            found.update(needle for needle in needles if needle in chunk)
+    return sorted(found)
+
+
+def test_the_supervisor_never_holds_the_private_key_not_after_a_reload_either(daemon, notify, daemon_config):
+    """Found by review: README keeps the key out of the one process that talks to local clients,
+    but a reload's check whether the key files changed read them in the supervisor, and the
+    key's PEM lines stayed in its freed memory."""
+    notify.wait_for("READY=1", timeout=15)
+    key = (daemon_config.parent / f"{THING}-keypair-private.pem").read_bytes()
+    body = [line for line in key.splitlines() if line and not line.startswith(b"-----")]
+    assert _reload_command(daemon).returncode == 0
+    assert _memory_holds(daemon.pid, body) == []
