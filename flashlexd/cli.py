@@ -91,8 +91,16 @@ def _hold_hangups() -> List[int]:
     return hangups.hold()
 
 
+def _no_core_files() -> None:
+    """A hung worker gets SIGABRT: its core file would hold the thing's private key (the unit
+    sets LimitCORE=0; this covers `flashlexd run` by hand after `ulimit -c unlimited`)."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+
+
 def run(args: argparse.Namespace) -> int:
     hangups = _hold_hangups()
+    _no_core_files()
     from flashlexd.ipc.server import ServerError
     from flashlexd.ipc.socketfile import SocketGroupError
     from flashlexd.paths import AlreadyRunning, UnsafePath

@@ -1120,3 +1120,22 @@ def test_the_supervisor_never_holds_the_private_key_not_after_a_reload_either(da
     body = [line for line in key.splitlines() if line and not line.startswith(b"-----")]
     assert _reload_command(daemon).returncode == 0
     assert _memory_holds(daemon.pid, body) == []
+
+
+def test_no_process_of_a_daemon_run_by_hand_may_dump_core(daemon_config, tmp_path):
+    """Found by review: `flashlexd run` after `ulimit -c unlimited` left a 32 MB core file holding
+    the private key when a hung worker's SIGABRT landed (the unit's LimitCORE=0 covers only it)."""
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (limit[1], limit[1]))  # what the daemon inherits
+    try:
+        running = Daemon(daemon_config, tmp_path).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, limit)
+    try:
+        pids = [running.pid, *running.wait_workers().values()]
+        for pid in pids:
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            assert re.search(r"^Max core file size\s+0\s", limits, re.M), (pid, limits)
+    finally:
+        running.stop()
