@@ -247,8 +247,12 @@ def _is_host(text: str) -> bool:
 def _endpoint_hint(endpoint: str, thing_path: str) -> str:
     """The error for an endpoint that is not a host alone, naming the host in it (and its port,
     for mqtt.port) when there is one to find."""
+    scheme, _, rest = endpoint.rpartition("://")
+    place = rest.split("/", 1)[0]  # no scheme, no path
+    if "@" in place:  # user:password@host: the password is never echoed
+        place = place.rsplit("@", 1)[1]
+        endpoint = f"{scheme}://***@{place}" if scheme else f"***@{place}"
     got = f"expected a host name or an IP address alone, got {_show(endpoint)}"
-    place = endpoint.split("://", 1)[-1].split("/", 1)[0]  # no scheme, no path
     if place.startswith("["):  # [IPv6]:port
         host, _, port = place[1:].partition("]")
     elif place.count(":") == 1:
@@ -266,6 +270,10 @@ def _keys(section: Section, base: Path, base_name: str, warnings: List[str],
           legacy_base: Optional[Path]) -> Keys:
     def key_file(key: str) -> Path:
         name = section.value(key)
+        if "-----BEGIN" in name or "\n" in name:  # type: ignore[operator]
+            raise ConfigError(f"{section.path}.{key}: expected a file name, got what looks like the"
+                              " PEM text itself (not shown): put it in a file, chmod 600, and name"
+                              " that file here")
         path = (base / name).resolve()  # type: ignore[operator]
         if not os.access(path, os.R_OK) or not path.is_file():
             reason = ("missing" if not path.exists() else "not a file" if not path.is_file()

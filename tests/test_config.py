@@ -366,6 +366,15 @@ BAD_CONFIGS = [
           ("inner-space", "broker example.net", ""),
           ("empty-label", "broker..example.net", ""),
           ("bad-ipv4", "10.0.0.300", ""))),
+    # found by review: a password in the endpoint, or the key pasted in as PEM text, was echoed
+    # (to the log, `flashlexd reload`, and `status`'s reload.refused, which apps may read)
+    ("endpoint-with-a-password", setting("flashlex.thing.endpoint", "https://admin:S3cretPw@broker.example.net:8883/"),
+     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
+     " 'https://***@broker.example.net:8883': write broker.example.net and set flashlex.thing.mqtt.port: 8883"),
+    ("private-key-pasted-in", setting("flashlex.thing.keys.privateKey",
+                                      "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgE\n-----END PRIVATE KEY-----\n"),
+     "flashlex.thing.keys.privateKey: expected a file name, got what looks like the PEM text itself (not"
+     " shown): put it in a file, chmod 600, and name that file here"),
 ]
 
 
