@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 from pathlib import Path
@@ -146,6 +147,7 @@ def claim_directories(data_dir: Path, socket_path: str) -> "DataDirLock":
     """What `flashlexd run` does before opening anything: both directories made and checked,
     the data dir locked. Raises UnsafePath or AlreadyRunning."""
     prepare_dir(Path(data_dir), DATA_DIR_MODE, "data dir")
+    _close_to_others(Path(data_dir))
     lock = DataDirLock(Path(data_dir)).acquire()
     try:
         prepare_dir(Path(os.path.abspath(socket_path)).parent, SOCKET_DIR_MODE, "socket dir")
@@ -153,6 +155,25 @@ def claim_directories(data_dir: Path, socket_path: str) -> "DataDirLock":
         lock.release()
         raise
     return lock
+
+
+def _close_to_others(data_dir: Path) -> None:
+    """A data dir made by hand or restored from a backup (0755, its files 0644) let any local
+    user read every message: it is closed to group and others, with one WARNING (files the
+    daemon creates are 0600 in a 0700 dir; the dir's mode is what guards those made before)."""
+    mode = stat.S_IMODE(os.stat(data_dir).st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        os.chmod(data_dir, mode & ~0o077)
+    except OSError as exc:
+        logging.getLogger("flashlexd").warning(
+            "data dir %s is open to group or others (mode %04o) and cannot be closed (%s): run"
+            " chmod go= %s", data_dir, mode, exc.strerror or exc, data_dir)
+        return
+    logging.getLogger("flashlexd").warning(
+        "data dir %s was open to group or others (mode %04o): set to %04o, it holds the messages",
+        data_dir, mode, mode & ~0o077)
 
 
 class DataDirLock:

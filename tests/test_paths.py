@@ -193,6 +193,25 @@ def test_run_under_umask_000_creates_every_directory_tight(daemon_config, tmp_pa
         notify.close()
 
 
+def test_run_closes_a_data_dir_restored_open_to_others(daemon_config, tmp_path):
+    """Found by review: a store restored by hand (the dir 0755, data.mdb 0644) was used as it was,
+    every message readable by any local user, without a word."""
+    data_dir = tmp_path / "restored"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)},
+                    args=("--data-dir", str(data_dir)))
+    try:
+        daemon.start()
+        notify.wait_for("READY=1", timeout=15)
+        assert mode(data_dir) == oct(0o700)
+        assert f"data dir {data_dir} was open to group or others (mode 0755): set to 0700" in daemon.output()
+    finally:
+        daemon.stop()
+        notify.close()
+
+
 @pytest.mark.parametrize("which", ["data dir", "socket dir"])
 def test_run_refuses_a_world_writable_or_foreign_directory(daemon_config, tmp_path, which):
     data_dir, socket_dir = tmp_path / "data", tmp_path / "sock"
