@@ -213,7 +213,7 @@ def test_store_full_reject_stops_acknowledging_and_resumes_when_freed(broker, tm
     assert sorted(got) == list(range(CAP_SENT)), figures
     assert got == list(range(CAP_SENT)), figures  # in arrival order too
     assert not d.mqtt("ingress", status).get("store_full"), figures
-    assert "resuming" in d.log(), figures
+    wait_for(lambda: "resuming" in d.log(), 30, "the end logged once it held 10 s")
     assert d.restarts() == 0, figures
 
 
@@ -356,7 +356,7 @@ def test_disk_full_is_one_clear_error_no_crash_loop_no_loss(broker, tmp_path, ti
     stored = line_numbers(inbox(fx))
     figures += f"; after deleting the junk: {len(stored)}/{a_count + b_count} stored"
     assert stored == list(range(a_count + b_count)), figures
-    assert "resuming" in d.log(), figures
+    wait_for(lambda: "resuming" in d.log(), 30, "the end logged once it held 10 s")
 
     # (2) the store itself fills the disk. The messages wait at the broker while the daemon is
     # down, so ingress starts with a flood: big batches (up to BATCH_MAX), one of which cannot be
