@@ -347,3 +347,23 @@ def test_entries_queued_while_the_link_is_up_keep_their_rate_after_an_egress_cra
     start_worker("egress", config).wait_connected()
     wait_for(lambda: store.outbox_count() == 0, 10, "the rest at the online rate (2/s: over a minute)")
     proxy.close()
+
+
+def test_the_drain_estimate_counts_entries_queued_online_at_the_links_rate(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Found by review: with live publishes behind an outage's backlog, `eta_s` divided the whole
+    outbox by drainingFrequency: "~19 s" for a drain that took 8.8 s."""
+    config = write_config(tmp_path / "config", broker, mqtt={"drainingFrequency": 10, "publishRatePerSecond": 50})
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, f"offline {i}".encode(), 1, False) for i in range(60)])
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    worker.wait(lambda w: w.counters.get("rate_limit") == 10, 10, "the backlog draining at 10/s")
+    store.outbox_append([(EGRESS_TOPIC, f"online {i}".encode(), 1, False) for i in range(150)])
+    worker.send("outbox")
+    worker.wait(lambda w: w.counters.get("outbox_backlog", 0) > 150 and w.counters.get("rate_limit") == 10,
+                10, "both in the outbox, the backlog still draining")
+    counters = dict(worker.counters)
+    backlog, eta = counters["outbox_backlog"], counters["eta_s"]
+    assert (backlog - 150) / 10 + 150 / 50 - 1.5 <= eta <= (backlog - 150) / 10 + 150 / 50 + 1.5, counters
+    assert worker.stop() == 0
