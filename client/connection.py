@@ -437,12 +437,25 @@ class Client:
         For a named consumer: acknowledge them for it; a message leaves the inbox once every
         consumer whose filter matches it has acknowledged it (returns the new acks)."""
         named = {} if self.consumer is None else {"consumer": self.consumer}
-        return sum(self._in_chunks("ack", [_wire_id(i) for i in _listed(ids, (int, str, Message))], **named))
+        wire = [_wire_id(i) for i in _listed(ids, (int, str, Message))]
+        return sum(self._in_chunks("ack", wire, idempotent=True, **named))
 
-    def _in_chunks(self, method: str, wire: List[Any], **params: Any) -> List[Any]:
+    def _in_chunks(self, method: str, wire: List[Any], idempotent: bool = False, **params: Any) -> List[Any]:
         """One call per MAX_IDS_PER_ACK ids (the daemon's bound on a call); their results."""
-        return [self.call(method, ids=wire[start:start + MAX_IDS_PER_ACK], **params)
+        return [self._sent(method, idempotent, ids=wire[start:start + MAX_IDS_PER_ACK], **params)
                 for start in range(0, len(wire), MAX_IDS_PER_ACK)]
+
+    def _sent(self, method: str, idempotent: bool, **params: Any) -> Any:
+        """`call`; an idempotent one (ack, drop) is sent again once when the connection is lost
+        under it (a restart): an app's loop that went on after that ConnectionLost left the
+        message unacked, never yielded again by its `stream()`. What the lost call did is not
+        in the result."""
+        try:
+            return self.call(method, **params)
+        except ConnectionLost:
+            if not idempotent:
+                raise
+            return self.call(method, **params)
 
     def publish(self, payload: Any, topic: Optional[str] = None, qos: int = 1,
                 retain: bool = False, properties: Optional[Dict[str, Any]] = None,
@@ -489,7 +502,8 @@ class Client:
         """Delete queued outbox entries or, with `dead=True`, dead letters; ids not in that
         list are skipped. Returns how many were deleted. A queued entry already handed to the
         broker may still be delivered."""
-        return sum(self._in_chunks("drop", [_entry_id(i) for i in _listed(ids, (int, OutboxEntry))], dead=dead))
+        return sum(self._in_chunks("drop", [_entry_id(i) for i in _listed(ids, (int, OutboxEntry))],
+                                   idempotent=True, dead=dead))
 
     def purge(self, confirm: bool = False) -> int:
         """Remove every inbox message; refused unless confirm=True. Returns how many."""

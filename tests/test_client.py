@@ -533,3 +533,59 @@ def test_a_client_forked_while_a_thread_is_in_a_call_works_in_the_child(harness,
         raise
     assert os.waitstatus_to_exitcode(status) == 0
 
+
+
+def _cutting_proxy(path: str, daemon_path: str) -> socket.socket:
+    """A socket at `path` relaying to the daemon's, whose first connection swallows the first
+    ack request and closes (a daemon restart cutting the call); later ones relay everything."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    cut = threading.Event()
+
+    def relay(source: socket.socket, sink: socket.socket, cutting: bool) -> None:
+        while True:
+            data = source.recv(65536)
+            if cutting and b"ack" in data and not cut.is_set():
+                cut.set()
+                source.close()
+                sink.close()
+                return
+            if not data:
+                sink.close()
+                return
+            sink.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(daemon_path)
+            for source, sink, cutting in ((peer, upstream, True), (upstream, peer, False)):
+                threading.Thread(target=_quietly, args=(relay, source, sink, cutting), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def _quietly(function, *args) -> None:
+    try:
+        function(*args)
+    except OSError:  # the other side closed
+        pass
+
+
+def test_an_ack_cut_by_a_lost_connection_is_sent_again(harness, tmp_path):
+    """Found by review: an app whose `ack` raised ConnectionLost at a daemon restart and went on
+    with its `stream()` left that message unacked for good (stream never yields it again). An
+    ack is idempotent: the client sends it again."""
+    ids = harness.ingest(("t", b"1"))
+    listener = _cutting_proxy(str(tmp_path / "proxy.sock"), harness.path)
+    try:
+        with connect(str(tmp_path / "proxy.sock"), timeout=5) as client:
+            assert client.ack(ids) == 1
+            assert client.messages() == []
+    finally:
+        listener.close()
