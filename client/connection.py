@@ -529,7 +529,7 @@ class Client:
 
     def remove_consumer(self, consumer: str) -> bool:
         """Remove a dynamic (app-registered) consumer now, as `consumerIdleDays` would once it
-        went unused: the messages only it held leave. True when it is gone (False: a reload
+        went unused: the messages it alone still held back leave (those no other consumer matches stay, for unnamed apps and expiry). True when it is gone (False: a reload
         declared it meanwhile). A declared consumer is removed from the config instead. The
         daemon works a bounded step per call (`paged`): this calls on until it is done."""
         while True:

@@ -20,7 +20,9 @@ def add_parser(sub: Any) -> None:
     reset.add_argument("name", help="the consumer's name")
     reset.add_argument("--to", required=True, metavar="earliest|latest|ID",
                        help="earliest: every stored message again; latest: skip them all; ID: from that message")
-    remove = actions.add_parser("remove", help="remove a dynamic consumer now; the messages only it held leave")
+    remove = actions.add_parser("remove", help="remove a dynamic consumer now; the messages it alone"
+                                " still held back leave (those no other consumer matches stay, for"
+                                " unnamed apps and expiry)")
     remove.add_argument("name", help="the consumer's name")
 
 
@@ -49,7 +51,8 @@ def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
     if getattr(args, "consumers_action", None) == "remove":
         removed = fx.remove_consumer(args.name)
         print(json.dumps(removed) if args.json else f"consumer {printable(args.name)} " +
-              ("removed; the messages only it held were released" if removed else
+              ("removed; the messages it alone still held back were released (those no other"
+               " consumer matches stay, for unnamed apps and expiry)" if removed else
                "was declared by a reload meanwhile: it stays"))
         return 0 if removed else 1
     consumers: List[Dict[str, Any]] = fx.consumers()

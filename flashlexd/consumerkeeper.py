@@ -37,7 +37,8 @@ def declared_changes(declared: Declared, on_widened: Callable[[str], None]) -> N
     for name in declared.gave_place:
         log.warning("consumer %r removed: taken out of flashlex.app.consumers, it gave its place"
                     " to a newly declared one (%d are stored, the most there may be); the messages"
-                    " only it held were released", name, MAX_CONSUMERS)
+                    " it alone still held back were released (those no other consumer matches"
+                    " stay, for unnamed apps and expiry)", name, MAX_CONSUMERS)
 
 
 class ConsumerKeeper:
@@ -95,7 +96,8 @@ class ConsumerKeeper:
         if removed is not None:
             idle_days = (self._settings().idle_seconds or 0) / 86400
             log.warning("consumer %r removed: unused for %g days (flashlex.app.consumerIdleDays);"
-                        " the messages only it held were released", removed, idle_days)
+                        " the messages it alone still held back were released (those no other"
+                        " consumer matches stay, for unnamed apps and expiry)", removed, idle_days)
 
     def _steps_before_start(self) -> None:
         """The steps an earlier run of this boot or an earlier boot saw (the store's boot

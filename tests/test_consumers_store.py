@@ -314,7 +314,8 @@ def test_a_consumer_renamed_in_the_config_with_the_most_stored_takes_the_old_one
     assert len(store.consumer_states()) == MAX_CONSUMERS and ids_for(store, "new") == ids[:2]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         "consumer 'old' removed: taken out of flashlex.app.consumers, it gave its place to a newly"
-        " declared one (64 are stored, the most there may be); the messages only it held were released"]
+        " declared one (64 are stored, the most there may be); the messages it alone still held back"
+        " were released (those no other consumer matches stay, for unnamed apps and expiry)"]
 
 
 def write_schema3_store(path: Path) -> List[int]:

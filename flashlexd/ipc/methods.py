@@ -557,7 +557,7 @@ class Methods:
                 return {"consumer": name}, False
             removed = self.store.consumer_state(name) is None  # else declared by a reload meanwhile
             if removed:
-                log.warning("consumer %r removed by uid %s; the messages only it held were released",
+                log.warning("consumer %r removed by uid %s; the messages it alone still held back were released",
                             name, p.uid)
             return {"consumer": name, "removed": removed}, True
 
