@@ -154,7 +154,8 @@ def _outbox_drop(fx: Client, args: argparse.Namespace) -> int:
     else:
         asked = len(set(args.ids))
         what = "dead letters" if dead else "queued entries"
-        gone = f" ({asked - removed} not found among the {what})" if asked > removed else ""
+        hint = "" if dead else "; dead letters take --dead"
+        gone = f" ({asked - removed} not found among the {what}{hint})" if asked > removed else ""
         print(f"dropped {removed} of {asked} {what}{gone}")
     return 0
 

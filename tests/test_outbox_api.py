@@ -212,7 +212,8 @@ def test_flashlexctl_retry_by_id_and_all(harness, fx, capsys):
 def test_flashlexctl_drop_queued_and_dead(harness, fx, capsys):
     dead = queue_with_dead_letters(harness, fx)
     code, out, _ = ctl_run(harness, capsys, "outbox", "drop", "1", str(dead[0]))
-    assert code == 0 and out == "dropped 1 of 2 queued entries (1 not found among the queued entries)\n"
+    assert code == 0 and out == ("dropped 1 of 2 queued entries (1 not found among the queued entries;"
+                                 " dead letters take --dead)\n")  # found by review: no hint
     code, out, _ = ctl_run(harness, capsys, "outbox", "drop", "--dead", *map(str, dead))
     assert code == 0 and out == "dropped 2 of 2 dead letters\n"
     code, out, _ = ctl_run(harness, capsys, "--json", "outbox")
