@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 DATA_DIR_MODE = 0o700
+SOCKET_PASSAGE = 0o011  # search, no listing: for a socket placed inside the data dir
 SOCKET_DIR_MODE = 0o755  # reaching the socket is decided by the socket's own mode and SO_PEERCRED
 PARENT_MODE = 0o755
 LOCK_NAME = "flashlexd.lock"
@@ -146,34 +147,47 @@ def prepare_dir(path: Path, mode: int, what: str) -> None:
 def claim_directories(data_dir: Path, socket_path: str) -> "DataDirLock":
     """What `flashlexd run` does before opening anything: both directories made and checked,
     the data dir locked. Raises UnsafePath or AlreadyRunning."""
-    prepare_dir(Path(data_dir), DATA_DIR_MODE, "data dir")
-    _close_to_others(Path(data_dir))
+    socket_dir = Path(os.path.abspath(socket_path)).parent
+    passage = SOCKET_PASSAGE if _within(socket_dir, Path(data_dir)) else 0
+    prepare_dir(Path(data_dir), DATA_DIR_MODE | passage, "data dir")
+    _close_to_others(Path(data_dir), passage)
     lock = DataDirLock(Path(data_dir)).acquire()
     try:
-        prepare_dir(Path(os.path.abspath(socket_path)).parent, SOCKET_DIR_MODE, "socket dir")
+        prepare_dir(socket_dir, SOCKET_DIR_MODE, "socket dir")
     except UnsafePath:
         lock.release()
         raise
     return lock
 
 
-def _close_to_others(data_dir: Path) -> None:
+def _within(path: Path, directory: Path) -> bool:
+    """Whether `path` is `directory` or below it (a socket inside the data dir)."""
+    real, top = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
+    return real == top or top in real.parents
+
+
+def _close_to_others(data_dir: Path, passage: int) -> None:
     """A data dir made by hand or restored from a backup (0755, its files 0644) let any local
-    user read every message: it is closed to group and others, with one WARNING (files the
-    daemon creates are 0600 in a 0700 dir; the dir's mode is what guards those made before)."""
+    user read every message: it and its files are closed to group and others, with one
+    WARNING. The search bits in `passage` stay: apps reach a socket placed inside it."""
     mode = stat.S_IMODE(os.stat(data_dir).st_mode)
-    if not mode & 0o077:
+    wanted = mode & ~(0o077 & ~passage)
+    loose = [entry for entry in os.scandir(data_dir)
+             if entry.is_file(follow_symlinks=False) and stat.S_IMODE(entry.stat().st_mode) & 0o077]
+    if mode == wanted and not loose:
         return
     try:
-        os.chmod(data_dir, mode & ~0o077)
+        os.chmod(data_dir, wanted)
+        for entry in loose:
+            os.chmod(entry.path, stat.S_IMODE(entry.stat().st_mode) & ~0o077)
     except OSError as exc:
         logging.getLogger("flashlexd").warning(
-            "data dir %s is open to group or others (mode %04o) and cannot be closed (%s): run"
-            " chmod go= %s", data_dir, mode, exc.strerror or exc, data_dir)
+            "data dir %s or its files are open to group or others (mode %04o) and cannot be"
+            " closed (%s): run chmod -R go= %s", data_dir, mode, exc.strerror or exc, data_dir)
         return
     logging.getLogger("flashlexd").warning(
-        "data dir %s was open to group or others (mode %04o): set to %04o, it holds the messages",
-        data_dir, mode, mode & ~0o077)
+        "data dir %s was open to group or others (mode %04o, %d of its files too): closed, it"
+        " holds the messages", data_dir, mode, len(loose))
 
 
 class DataDirLock:

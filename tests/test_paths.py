@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -206,10 +208,46 @@ def test_run_closes_a_data_dir_restored_open_to_others(daemon_config, tmp_path):
         daemon.start()
         notify.wait_for("READY=1", timeout=15)
         assert mode(data_dir) == oct(0o700)
-        assert f"data dir {data_dir} was open to group or others (mode 0755): set to 0700" in daemon.output()
+        assert f"data dir {data_dir} was open to group or others (mode 0755, 0 of its files too): closed" \
+            in daemon.output()
     finally:
         daemon.stop()
         notify.close()
+
+
+def test_a_data_dir_holding_the_socket_is_closed_but_stays_passable(daemon_config, tmp_path):
+    """Found by re-read: with the socket inside a data dir restored 0755 (its files 0644), closing
+    the dir to others (0700) shut out every app of allowUids. Now it keeps its search bits (0711:
+    no listing) and its files are closed instead."""
+    from tests.test_ipc_server import run_as_nobody
+    outside = Path(tempfile.mkdtemp(prefix="fx-passable-", dir="/tmp"))  # pytest's tmp is closed to nobody
+    outside.chmod(0o755)
+    data_dir = outside / "restored"
+    data_dir.mkdir()
+    data_dir.chmod(0o755)
+    (data_dir / "old.json").write_text("{}")
+    (data_dir / "old.json").chmod(0o644)
+    document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["app"]["socket"] = {"allowUids": [NOBODY]}
+    daemon_config.write_text(yaml.safe_dump(document))
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)},
+                    args=("--data-dir", str(data_dir)))
+    daemon.socket_path = data_dir / "api.sock"
+    try:
+        daemon.start()
+        notify.wait_for("READY=1", timeout=15)
+        assert (mode(data_dir), mode(data_dir / "old.json")) == (oct(0o711), oct(0o600))
+
+        def status_as_nobody() -> str:
+            from flashlexd.client import connect
+            with connect(str(data_dir / "api.sock")) as fx:
+                return str(fx.status()["pid"])
+        assert run_as_nobody(status_as_nobody) == str(daemon.pid)
+    finally:
+        daemon.stop()
+        notify.close()
+        shutil.rmtree(outside)
 
 
 @pytest.mark.parametrize("which", ["data dir", "socket dir"])
