@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from flashlexd.store import Store
+from flashlexd.workers.ingress import RESUMED_QUIET_SECONDS
 from tests.broker import (BROKER_INFLIGHT, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
 from tests.lax_broker import LaxBroker
@@ -191,24 +192,40 @@ def test_a_store_refusing_again_after_the_log_said_resuming_is_logged_again(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """Found by review: a full disk (or store) logged its ERROR, then "resuming" once acks made a
     little room, then refused again within REFUSED_LOG_SECONDS: that refusal was throttled, so
-    the log's last word was "resuming" while nothing was stored (4,000-6,000 messages held)."""
+    the log's last word was "resuming" while nothing was stored (4,000-6,000 messages held).
+    Found by re-read of the mend: a store held at its cap by a slow sensor (refusals over
+    RESUMED_QUIET_SECONDS apart) then logged an ERROR and a "resuming" per message, and a
+    worker stopped within RESUMED_QUIET_SECONDS of a resume never logged it."""
     config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"})
     store = open_store(config)
     worker = start_subscribed(start_worker, config, broker)
-    for turn in ("first", "second"):
+    said = {"errors": 0, "resumes": 0}
+
+    def counts() -> Dict[str, int]:
+        log = worker.log_text()
+        return {"errors": log.count("store full"), "resumes": log.count("store accepts messages again")}
+
+    for turn, logged in (("first", (1, 1)), ("second", (2, 1)), ("third", (2, 1))):
         write_lines(tmp_path / turn, 40, width=60_000)  # 2.4 MB for a 1 MB store
         assert publish_lines(broker, INGRESS_TOPIC, tmp_path / turn).wait(30) == 0
         worker.wait(lambda w: w.counters.get("store_full"), 20, f"the store full ({turn})")
+        resumed = worker.counters.get("stored", 0)
 
         def make_room() -> bool:
             store.ack([m.id for m in store.messages(limit=100)])
             return not worker.counters.get("held") and store.inbox_count() == 0
 
         worker.wait(lambda w: make_room(), 30, f"everything through ({turn})")
-        episodes = 1 + (turn == "second")
-        wait_for(lambda: worker.log_text().count("store accepts messages again") == episodes, 20,
-                 f"the resume logged ({turn})")
-        assert worker.log_text().count("store full") == episodes
+        if turn == "first":
+            wait_for(lambda: counts()["resumes"] == 1, 20, "the resume logged")
+        else:  # a slow sensor: the next refusal over RESUMED_QUIET_SECONDS later
+            quiet_until = time.monotonic() + RESUMED_QUIET_SECONDS + 1
+            worker.wait(lambda w: time.monotonic() > quiet_until and w.counters.get("stored", 0) >= resumed,
+                        RESUMED_QUIET_SECONDS + 5, "a quiet spell longer than RESUMED_QUIET_SECONDS")
+        said = counts()
+        assert (said["errors"], said["resumes"]) == logged, (turn, said)
+    assert worker.stop() == 0
+    assert counts()["resumes"] == 2  # the end of the refusals, told as the worker stops
 
 
 def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(

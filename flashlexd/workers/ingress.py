@@ -124,6 +124,7 @@ class IngressWorker(Worker):
         self._refusal_lines = KindThrottle(REFUSED_LOG_SECONDS)  # by the error's type
         self._refusing_said = False  # the log's last word on the store: refusing
         self._resumed_at: Optional[float] = None  # storing again since, the log not told yet
+        self._resume_said_at: Optional[float] = None  # the last "resuming" line
         # the broker lost our session: every DUP mark is stale once the first this-many batch
         # messages (from the connections before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
@@ -190,6 +191,8 @@ class IngressWorker(Worker):
                 log.warning("cannot take %d confirmed DUP marks off: %s", len(settled), exc)
         self.connection.close(budget / 2)
         self.store.close()
+        if self._resumed_at is not None:  # the last word this process logs must be the truth
+            self._log_resumed(time.monotonic())
 
     def _await_barrier(self, timeout: float) -> None:
         """A graceful stop (a reload, a service restart) waits for the broker to confirm the
@@ -536,15 +539,21 @@ class IngressWorker(Worker):
 
     def _say_resumed(self, now: float) -> float:
         """Log the end of a logged refusal once the store has taken messages for
-        RESUMED_QUIET_SECONDS without refusing: a store held at its cap resumes and is refused
-        again at every expiry sweep, and each "resuming" would be followed by a refusal the
-        throttle keeps quiet. Seconds until it is due."""
-        due = self._resumed_at + RESUMED_QUIET_SECONDS - now  # type: ignore[operator]
-        if due > 0:
-            return due
-        log.info("store accepts messages again; resuming")
-        self._refusing_said, self._resumed_at = False, None
+        RESUMED_QUIET_SECONDS without refusing, and at most once every REFUSED_LOG_SECONDS: a
+        store held at its cap resumes and is refused again at every expiry sweep (or at each
+        message of a slow sensor), and a refusal after a "resuming" line is always logged.
+        Seconds until it is due."""
+        due = self._resumed_at + RESUMED_QUIET_SECONDS  # type: ignore[operator]
+        if self._resume_said_at is not None:
+            due = max(due, self._resume_said_at + REFUSED_LOG_SECONDS)
+        if due > now:
+            return due - now
+        self._log_resumed(now)
         return float("inf")
+
+    def _log_resumed(self, now: float) -> None:
+        log.info("store accepts messages again; resuming")
+        self._refusing_said, self._resumed_at, self._resume_said_at = False, None, now
 
 
 def _matched(filters: Sequence[str], topic: str) -> bool:
