@@ -200,6 +200,7 @@ class FlashlexSDK:
         """The native client under this object (connects on first use)."""
         if self._client is None:
             self._client = Client(self._path, self._timeout)
+            self._client._warn_away = False  # one warning per outage: this layer's (_note_outage)
         return self._client
 
     def close(self) -> None:

@@ -94,6 +94,7 @@ class Client:
         self._busy_told = False  # `follow` warned of a busy daemon since its last read
         self._was_connected = False  # a later connect is a reconnect: the daemon may be restarting
         self._away_told = False  # warned that the daemon is away, since the last connect
+        self._warn_away = True  # False: the layer above says so itself (the old SDK's compat)
         self._lock = threading.Lock()
         with self._lock:
             self._connect()
@@ -150,10 +151,31 @@ class Client:
         self._sock, self._buf = None, bytearray()
         self._lock = threading.Lock()
 
-    def _ready(self, deadline: float) -> socket.socket:
-        """A connected socket; remade if the daemon closed the idle one (or said why it did).
-        A connection lost is most likely a restart: the daemon is waited for until `deadline`
-        (nothing was sent yet, so any call may wait); a first connect fails at once."""
+    def _await_daemon(self) -> None:
+        """Before a call of a client that has been connected and whose connection is gone (a
+        restart, likely): wait for the daemon up to `timeout`, outside the lock (other threads'
+        calls go on meanwhile, each waiting within its own). Nothing was sent yet, so any call
+        may wait; the call's own deadline starts after it. A first connect fails at once."""
+        with self._lock:
+            self._notice_close()
+            missing = self._sock is None
+        if missing and self._was_connected:
+            self._until_back(self._connect_if_missing, time.monotonic() + self.timeout)
+
+    def _connect_if_missing(self) -> None:
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+
+    def _ready(self) -> socket.socket:
+        """A connected socket; remade if the daemon closed the idle one (or said why it did)."""
+        self._notice_close()
+        if self._sock is None:
+            self._connect()
+        return self._sock  # type: ignore[return-value]
+
+    def _notice_close(self) -> None:
+        """Drop a connection the daemon closed while it was idle, raising the reason it gave."""
         if self._sock is not None and self._poller.poll(0):
             try:
                 data = self._sock.recv(65536)
@@ -164,12 +186,6 @@ class Client:
             self._drop()
             if isinstance(notice, dict) and isinstance(notice.get("error"), dict):
                 raise _rpc_error(notice["error"], "", whole_connection=True)
-        if self._sock is None:
-            if self._was_connected:
-                self._until_back(self._connect, deadline)
-            else:
-                self._connect()
-        return self._sock  # type: ignore[return-value]
 
     def _parse_frame(self) -> Any:
         """The next whole frame in the buffer, or None."""
@@ -236,9 +252,10 @@ class Client:
                    ) -> Tuple[Optional[Dict[str, Any]], Any]:
         """(the daemon's error for this request or None, the result). A failure of the
         connection itself, or an error for the whole connection, is raised."""
+        self._await_daemon()
         deadline = time.monotonic() + timeout
         with self._lock:
-            sock = self._ready(deadline)
+            sock = self._ready()
             self._next_id += 1
             request_id = self._next_id
             frame = _request_frame(request_id, method, params)
@@ -344,7 +361,7 @@ class Client:
                 left = float("inf") if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     raise
-                if not self._away_told:
+                if not self._away_told and self._warn_away:
                     log.warning("%s; waiting for it to come back", away)
                     self._away_told = True
                 time.sleep(min(RECONNECT_PAUSES[min(tries, len(RECONNECT_PAUSES) - 1)], left))

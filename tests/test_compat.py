@@ -352,6 +352,7 @@ def test_daemon_down_gives_the_old_answers_and_the_same_object_recovers(daemon_c
         assert app.wait(20) == 0
         stderr = app.stderr.read()
         assert stderr.count(OUTAGE) == 2, stderr  # one per outage, not one per call
+        assert "waiting for it to come back" not in stderr  # the client's own: not a second line
         assert stderr.count("devices: unknown top-level section, ignored") == 1
     finally:
         if app.poll() is None:

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, List
 
 import pytest
 
@@ -93,6 +94,55 @@ def test_a_connected_clients_calls_wait_for_a_restarted_daemon_within_their_time
     with pytest.raises(DaemonNotRunning):  # never connected: no restart to wait for
         connect(path, timeout=60)
     assert time.monotonic() - started < 1
+
+
+def test_a_stream_rides_through_a_daemon_down_when_its_next_wait_starts(daemon, broker):
+    """Found by re-read: a client waiting for a restarting daemon spent the wait's own deadline
+    doing so, then sent the wait with its whole timeout: `stream()` (README's display.py) died
+    with RpcTimeout when the daemon was down as its next wait began."""
+    fx = connect(str(daemon.socket_path), timeout=2)
+    wait_for(lambda: connected(fx), 15, "both MQTT connections")
+    publish(broker, INGRESS_TOPIC, b"first")
+    stream = fx.stream(timeout_per_wait=6)
+    fx.ack(next(stream))
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_exit()
+    stopped = time.monotonic()
+    outcome: List[Any] = []
+
+    def read_on() -> None:
+        try:
+            outcome.append(next(stream).payload)
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+    reader = threading.Thread(target=read_on)
+    reader.start()
+    time.sleep(4)  # the outage under test: longer than the client's timeout (2 s)
+    daemon.start()
+    # nothing new until the wait sent after the outage has run past 2 + 6 s from the stop
+    wait_for(lambda: outcome or time.monotonic() > stopped + 10, 15, "the wait after the outage")
+    publish(broker, INGRESS_TOPIC, b"after")
+    reader.join(30)
+    fx.close()
+    assert outcome == [b"after"]
+
+
+def test_a_wait_held_up_by_an_outage_holds_up_no_other_threads_call(daemon, caplog):
+    """Found by re-read: the wait for a restarting daemon held the client's lock, so another
+    thread's `status()` (timeout 3 s) took 22.5 s behind a `wait(timeout=20)`."""
+    fx = connect(str(daemon.socket_path), timeout=3)
+    fx.status()
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_exit()
+    waiter = threading.Thread(target=lambda: pytest.raises(DaemonNotRunning, fx.wait, timeout=20))
+    waiter.start()
+    wait_for(lambda: "waiting for it to come back" in caplog.text, 10, "the wait to wait for the daemon")
+    started = time.monotonic()
+    with pytest.raises(DaemonNotRunning):
+        fx.status()
+    assert time.monotonic() - started < 3 + 2
+    waiter.join(30)
+    fx.close()
 
 
 def test_publish_reaches_an_independent_subscriber(daemon, broker, tmp_path):
