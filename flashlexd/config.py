@@ -248,10 +248,10 @@ def _endpoint_hint(endpoint: str, thing_path: str) -> str:
     """The error for an endpoint that is not a host alone, naming the host in it (and its port,
     for mqtt.port) when there is one to find."""
     scheme, _, rest = endpoint.rpartition("://")
+    if "@" in rest:  # user:password@host (the password may hold a "/"): never echoed
+        rest = rest.rsplit("@", 1)[1]
+        endpoint = f"{scheme}://***@{rest}" if scheme else f"***@{rest}"
     place = rest.split("/", 1)[0]  # no scheme, no path
-    if "@" in place:  # user:password@host: the password is never echoed
-        place = place.rsplit("@", 1)[1]
-        endpoint = f"{scheme}://***@{place}" if scheme else f"***@{place}"
     got = f"expected a host name or an IP address alone, got {_show(endpoint)}"
     if place.startswith("["):  # [IPv6]:port
         host, _, port = place[1:].partition("]")

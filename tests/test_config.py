@@ -370,7 +370,10 @@ BAD_CONFIGS = [
     # (to the log, `flashlexd reload`, and `status`'s reload.refused, which apps may read)
     ("endpoint-with-a-password", setting("flashlex.thing.endpoint", "https://admin:S3cretPw@broker.example.net:8883/"),
      "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
-     " 'https://***@broker.example.net:8883': write broker.example.net and set flashlex.thing.mqtt.port: 8883"),
+     " 'https://***@broker.example.net:8883/': write broker.example.net and set flashlex.thing.mqtt.port: 8883"),
+    ("endpoint-with-a-slash-in-its-password", setting("flashlex.thing.endpoint", "mqtts://admin:s3c/ret@broker.example.com:8883"),
+     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
+     " 'mqtts://***@broker.example.com:8883': write broker.example.com and set flashlex.thing.mqtt.port: 8883"),
     ("private-key-pasted-in", setting("flashlex.thing.keys.privateKey",
                                       "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgE\n-----END PRIVATE KEY-----\n"),
      "flashlex.thing.keys.privateKey: expected a file name, got what looks like the PEM text itself (not"
