@@ -165,8 +165,8 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_SOCKET}.group", "text", None,
         "group owning the socket (mode 0660); its members may use the API; the unit runs the service"
         " in it (`Group=`): set after the install, the unit must be rendered again. A reload refuses"
-        " a group the next start would fail on (one that does not exist, or that the service is not"
-        " in)", NEXT_START,
+        " a group that does not exist, or that the running service is not in: a new group takes a"
+        " restart", NEXT_START,
         shown="none", field="socket_group"),
     Key(f"{_SOCKET}.allowUids", "uids", (),
         "uids allowed besides root and the daemon's own; when set, the socket is 0666 (and the unit's"

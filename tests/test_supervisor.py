@@ -256,7 +256,8 @@ def test_a_reload_changing_the_client_id_says_what_stays_in_the_old_session(daem
 
 @pytest.mark.parametrize("group, reason", [
     ("no-such-group-flashlexd", "socket group 'no-such-group-flashlexd' does not exist (flashlex.app.socket.group)"),
-    ("nogroup", "the service is not in group 'nogroup' (flashlex.app.socket.group)"),
+    ("nogroup", "the running service is not in group 'nogroup' (flashlex.app.socket.group): a new socket"
+                " group takes a restart"),
 ])
 def test_a_socket_group_the_next_start_would_refuse_is_refused_by_the_reload(daemon_config, tmp_path, notify,
                                                                            group, reason):

@@ -298,8 +298,10 @@ def test_systemctl_reload_refuses_a_socket_group_the_next_start_would_fail_on(so
     config.write_text(yaml.safe_dump(document))
     refused = service.run("systemctl", "reload", UNIT)
     assert refused.returncode != 0, refused
-    line = ("flashlexd reload: refused, still running the previous config: the service is not in group"
-            " 'flashlexdtest' (flashlex.app.socket.group); run `flashlexd service ... --install` again")
+    # found by re-read: it said to run --install again to an operator who had, and then reloaded
+    line = ("flashlexd reload: refused, still running the previous config: the running service is not in"
+            " group 'flashlexdtest' (flashlex.app.socket.group): a new socket group takes a restart, after"
+            " `flashlexd service ... --install` has put the unit in it")
     wait_for(lambda: line in service.log.read_text(errors="replace"), 10, "the reload command's line")
     assert active(service)["MainPID"] == first["MainPID"]
     status = service.run(FLASHLEXCTL, "--socket", SOCKET, "status")

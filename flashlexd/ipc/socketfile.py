@@ -41,7 +41,11 @@ def check_group(group: str) -> None:
     runs it so that it refuses what would fail the next start, not accept it in silence."""
     gid = group_id(group)
     if gid != os.getegid() and gid not in os.getgroups() and not _may_chown():
-        raise SocketGroupError(f"{_not_in_group(group)}{_render_again()}")
+        # a reload cannot tell whether the unit was rendered again with the group already
+        after = ", after `flashlexd service ... --install` has put the unit in it" \
+            if os.environ.get("INVOCATION_ID") else ""
+        raise SocketGroupError(f"the running service is not in group {group!r}"
+                               f" (flashlex.app.socket.group): a new socket group takes a restart{after}")
 
 
 def _may_chown() -> bool:
@@ -143,15 +147,5 @@ def _group_hint(group: str) -> str:
     SupplementaryGroups=, rendered from the socket.group of its install."""
     if not os.environ.get("INVOCATION_ID"):
         return ""
-    return f": {_not_in_group(group)}{_render_again()}"
-
-
-def _not_in_group(group: str) -> str:
-    return f"the service is not in group {group!r} (flashlex.app.socket.group)"
-
-
-def _render_again() -> str:
-    """Under the unit its groups come from its install: rendering it again adds the group."""
-    if not os.environ.get("INVOCATION_ID"):
-        return ""
-    return "; run `flashlexd service ... --install` again after changing it, then restart"
+    return (f": the service is not in group {group!r} (flashlex.app.socket.group);"
+            " run `flashlexd service ... --install` again after changing it, then restart")
