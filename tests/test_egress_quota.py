@@ -353,17 +353,23 @@ def test_the_drain_estimate_counts_entries_queued_online_at_the_links_rate(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """Found by review: with live publishes behind an outage's backlog, `eta_s` divided the whole
     outbox by drainingFrequency: "~19 s" for a drain that took 8.8 s."""
-    config = write_config(tmp_path / "config", broker, mqtt={"drainingFrequency": 10, "publishRatePerSecond": 50})
-    store = open_store(config)
-    store.outbox_append([(EGRESS_TOPIC, f"offline {i}".encode(), 1, False) for i in range(60)])
-    worker = start_worker("egress", config)
-    worker.wait_connected()
-    worker.wait(lambda w: w.counters.get("rate_limit") == 10, 10, "the backlog draining at 10/s")
-    store.outbox_append([(EGRESS_TOPIC, f"online {i}".encode(), 1, False) for i in range(150)])
-    worker.send("outbox")
-    worker.wait(lambda w: w.counters.get("outbox_backlog", 0) > 150 and w.counters.get("rate_limit") == 10,
-                10, "both in the outbox, the backlog still draining")
-    counters = dict(worker.counters)
-    backlog, eta = counters["outbox_backlog"], counters["eta_s"]
-    assert (backlog - 150) / 10 + 150 / 50 - 1.5 <= eta <= (backlog - 150) / 10 + 150 / 50 + 1.5, counters
-    assert worker.stop() == 0
+    for online_rate in (50, 0):  # 0: no limit (found by re-read: counted at the backlog's rate)
+        config = write_config(tmp_path / f"config{online_rate}", broker,
+                              mqtt={"drainingFrequency": 10, "publishRatePerSecond": online_rate})
+        store = open_store(config)
+        store.outbox_append([(EGRESS_TOPIC, f"offline {i}".encode(), 1, False) for i in range(60)])
+        worker = start_worker("egress", config)
+        worker.wait_connected()
+        worker.wait(lambda w: w.counters.get("rate_limit") == 10, 10, "the backlog draining at 10/s")
+        store.outbox_append([(EGRESS_TOPIC, f"online {i}".encode(), 1, False) for i in range(150)])
+        worker.send("outbox")
+        worker.wait(lambda w: w.counters.get("outbox_backlog", 0) > 150 and w.counters.get("rate_limit") == 10
+                    and w.counters.get("send_rate"), 10, "both in the outbox, the backlog draining at its rate")
+        counters = dict(worker.counters)
+        backlog, eta = counters["outbox_backlog"], counters["eta_s"]
+        if online_rate:
+            assert (backlog - 150) / 10 + 150 / 50 - 1.5 <= eta <= (backlog - 150) / 10 + 150 / 50 + 1.5, counters
+        else:
+            assert eta is None, counters  # unknown, not the whole outbox at 10/s
+        assert worker.stop() == 0
+        store.close()

@@ -514,6 +514,8 @@ class EgressWorker(Worker):
         backlog's rate read 2.7x too long with live publishes behind an outage's backlog)."""
         mqtt = self.config.thing.mqtt
         slow = min(backlog, max(0, self.backlog_until - self.cursor)) if self.budget is self.backlog_budget else 0
+        if slow and backlog > slow and not mqtt.publish_rate and not self.bytes_limit:
+            return None  # what follows the backlog has no limit, and the rate seen is the backlog's
         seconds = 0.0
         for count, rate in ((slow, self._drain_rate(mqtt.backlog_rate or 0.0)),
                             (backlog - slow, self._drain_rate(mqtt.publish_rate))):
