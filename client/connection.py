@@ -151,28 +151,32 @@ class Client:
         self._sock, self._buf = None, bytearray()
         self._lock = threading.Lock()
 
-    def _await_daemon(self) -> None:
+    def _await_daemon(self, until: float) -> None:
         """Before a call of a client that has been connected and whose connection is gone (a
-        restart, likely): wait for the daemon up to `timeout`, outside the lock (other threads'
+        restart, likely): wait for the daemon until `until`, outside the lock (other threads'
         calls go on meanwhile, each waiting within its own). Nothing was sent yet, so any call
         may wait; the call's own deadline starts after it. A first connect fails at once."""
         with self._lock:
             self._notice_close()
             missing = self._sock is None
         if missing and self._was_connected:
-            self._until_back(self._connect_if_missing, time.monotonic() + self.timeout)
+            self._until_back(self._connect_if_missing, until)
 
     def _connect_if_missing(self) -> None:
         with self._lock:
             if self._sock is None:
                 self._connect()
 
-    def _ready(self) -> socket.socket:
-        """A connected socket; remade if the daemon closed the idle one (or said why it did)."""
+    def _ready(self, until: float) -> Optional[socket.socket]:
+        """A connected socket; remade if the daemon closed the idle one (or said why it did).
+        None: lost again since `_await_daemon` (another thread's call saw the daemon go), to be
+        waited for again outside the lock while `until` allows."""
         self._notice_close()
         if self._sock is None:
+            if self._was_connected and time.monotonic() < until:
+                return None
             self._connect()
-        return self._sock  # type: ignore[return-value]
+        return self._sock
 
     def _notice_close(self) -> None:
         """Drop a connection the daemon closed while it was idle, raising the reason it gave."""
@@ -252,43 +256,51 @@ class Client:
                    ) -> Tuple[Optional[Dict[str, Any]], Any]:
         """(the daemon's error for this request or None, the result). A failure of the
         connection itself, or an error for the whole connection, is raised."""
-        self._await_daemon()
+        until = time.monotonic() + self.timeout  # for a restarting daemon, before anything is sent
+        while True:
+            self._await_daemon(until)
+            with self._lock:
+                sock = self._ready(until)
+                if sock is not None:
+                    return self._exchange(sock, method, timeout, params)
+
+    def _exchange(self, sock: socket.socket, method: str, timeout: float, params: Dict[str, Any]
+                  ) -> Tuple[Optional[Dict[str, Any]], Any]:
+        """One request and its response on `sock`, the lock held."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            sock = self._ready()
-            self._next_id += 1
-            request_id = self._next_id
-            frame = _request_frame(request_id, method, params)
+        self._next_id += 1
+        request_id = self._next_id
+        frame = _request_frame(request_id, method, params)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))  # > 0: 0 is non-blocking
             try:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))  # > 0: 0 is non-blocking
-                try:
-                    sock.sendall(frame)
-                except (BrokenPipeError, ConnectionResetError):
-                    self._explain_close(sock, method, len(frame))
-                    raise ConnectionLost(f"flashlexd closed the connection on {self.path}", self.path)
-                response = self._receive(sock, deadline)
-            except socket.timeout:
-                self._drop()
-                raise RpcTimeout(f"flashlexd did not answer {method} within {timeout:g}s", method) from None
-            except ConnectionLost as lost:
-                self._drop()
-                raise ConnectionLost(str(lost), self.path, method) from None
-            except OSError as exc:
-                self._drop()
-                raise ConnectionLost(f"connection to flashlexd lost: {exc.strerror or exc}",
-                                     self.path, method) from None
-            except BaseException:  # e.g. KeyboardInterrupt mid-read: the stream is out of step
-                self._drop()
-                raise
-            if not isinstance(response, dict) or "id" not in response:
-                self._drop()
-                raise ProtocolError(f"malformed response from {self.path}")
-            error = response.get("error")
-            if response["id"] != request_id:
-                self._drop()  # a connection-level error (id None) or a stream out of step
-                if isinstance(error, dict):
-                    raise _unread(error, method, len(frame))
-                raise ProtocolError(f"response id {response['id']!r} does not match request {request_id}")
+                sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError):
+                self._explain_close(sock, method, len(frame))
+                raise ConnectionLost(f"flashlexd closed the connection on {self.path}", self.path)
+            response = self._receive(sock, deadline)
+        except socket.timeout:
+            self._drop()
+            raise RpcTimeout(f"flashlexd did not answer {method} within {timeout:g}s", method) from None
+        except ConnectionLost as lost:
+            self._drop()
+            raise ConnectionLost(str(lost), self.path, method) from None
+        except OSError as exc:
+            self._drop()
+            raise ConnectionLost(f"connection to flashlexd lost: {exc.strerror or exc}",
+                                 self.path, method) from None
+        except BaseException:  # e.g. KeyboardInterrupt mid-read: the stream is out of step
+            self._drop()
+            raise
+        if not isinstance(response, dict) or "id" not in response:
+            self._drop()
+            raise ProtocolError(f"malformed response from {self.path}")
+        error = response.get("error")
+        if response["id"] != request_id:
+            self._drop()  # a connection-level error (id None) or a stream out of step
+            if isinstance(error, dict):
+                raise _unread(error, method, len(frame))
+            raise ProtocolError(f"response id {response['id']!r} does not match request {request_id}")
         if error is not None and not isinstance(error, dict):
             error = {"message": error}
         return error, response.get("result")

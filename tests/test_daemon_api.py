@@ -12,7 +12,7 @@ from typing import Any, List
 
 import pytest
 
-from flashlexd.client import DaemonNotRunning, connect
+from flashlexd.client import ConnectionLost, DaemonNotRunning, connect
 from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, Subscriber, publish
 from tests.daemon import Daemon, NotifyListener
 from tests.broker import wait_for
@@ -143,6 +143,43 @@ def test_a_wait_held_up_by_an_outage_holds_up_no_other_threads_call(daemon, capl
     assert time.monotonic() - started < 3 + 2
     waiter.join(30)
     fx.close()
+
+
+def test_threads_sharing_a_client_all_wait_for_a_restarting_daemon(daemon):
+    """Found by re-read: a call that found the connection alive, then waited for the lock
+    behind another thread's parked `wait` while the daemon stopped, connected once and failed
+    with DaemonNotRunning at once (5 of 8 restarts), the daemon back 2 s later."""
+    fx = connect(str(daemon.socket_path), timeout=30)  # a graceful stop and a start take a few s
+    stop, failures, answered = threading.Event(), [], [0]
+
+    def keep_calling(call) -> None:
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                call()
+                answered[0] += 1
+            except ConnectionLost:
+                continue  # a request the stop cut: whether it took effect is unknown, as documented
+            except DaemonNotRunning as exc:  # not waited for: the daemon was back within 30 s
+                failures.append((round(time.monotonic() - began, 2), exc))
+    threads = [threading.Thread(target=keep_calling, args=(call,))
+               for call in (lambda: fx.wait(timeout=0.2), fx.status, lambda: fx.ack([999_999]))]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(4):
+            calls = answered[0]
+            wait_for(lambda: answered[0] > calls + 20, 30, "the calls going steadily")
+            daemon.signal(signal.SIGTERM)
+            daemon.wait_exit()
+            time.sleep(0.5)  # the restart under test: down a few seconds, well within the client's 30
+            daemon.start()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        fx.close()
+    assert failures == []
 
 
 def test_publish_reaches_an_independent_subscriber(daemon, broker, tmp_path):
