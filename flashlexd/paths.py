@@ -169,25 +169,29 @@ def _within(path: Path, directory: Path) -> bool:
 def _close_to_others(data_dir: Path, passage: int) -> None:
     """A data dir made by hand or restored from a backup (0755, its files 0644) let any local
     user read every message: it and its files are closed to group and others, with one
-    WARNING. The search bits in `passage` stay: apps reach a socket placed inside it."""
+    WARNING. The search bits in `passage` are kept, or added: apps reach a socket placed
+    inside it."""
     mode = stat.S_IMODE(os.stat(data_dir).st_mode)
-    wanted = mode & ~(0o077 & ~passage)
+    wanted = (mode & ~0o077) | passage
     loose = [entry for entry in os.scandir(data_dir)
              if entry.is_file(follow_symlinks=False) and stat.S_IMODE(entry.stat().st_mode) & 0o077]
     if mode == wanted and not loose:
         return
+    log = logging.getLogger("flashlexd")
     try:
         os.chmod(data_dir, wanted)
         for entry in loose:
             os.chmod(entry.path, stat.S_IMODE(entry.stat().st_mode) & ~0o077)
     except OSError as exc:
-        logging.getLogger("flashlexd").warning(
-            "data dir %s or its files are open to group or others (mode %04o) and cannot be"
-            " closed (%s): run chmod -R go= %s", data_dir, mode, exc.strerror or exc, data_dir)
+        log.warning("data dir %s should be %04o, its files closed to group and others (it is %04o): %s;"
+                    " run chmod %04o %s and chmod go= on its files", data_dir, wanted, mode,
+                    exc.strerror or exc, wanted, data_dir)
         return
-    logging.getLogger("flashlexd").warning(
-        "data dir %s was open to group or others (mode %04o, %d of its files too): closed, it"
-        " holds the messages", data_dir, mode, len(loose))
+    if mode & 0o077 & ~passage or loose:
+        log.warning("data dir %s was open to group or others (mode %04o, %d of its files too): closed,"
+                    " it holds the messages", data_dir, mode, len(loose))
+    else:
+        log.info("data dir %s set to %04o: the API socket inside it must be reachable", data_dir, wanted)
 
 
 class DataDirLock:

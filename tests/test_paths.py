@@ -215,7 +215,8 @@ def test_run_closes_a_data_dir_restored_open_to_others(daemon_config, tmp_path):
         notify.close()
 
 
-def test_a_data_dir_holding_the_socket_is_closed_but_stays_passable(daemon_config, tmp_path):
+@pytest.mark.parametrize("mode_before", [0o755, 0o700])  # 0700: found by re-read, left shut
+def test_a_data_dir_holding_the_socket_is_closed_but_stays_passable(daemon_config, tmp_path, mode_before):
     """Found by re-read: with the socket inside a data dir restored 0755 (its files 0644), closing
     the dir to others (0700) shut out every app of allowUids. Now it keeps its search bits (0711:
     no listing) and its files are closed instead."""
@@ -224,7 +225,7 @@ def test_a_data_dir_holding_the_socket_is_closed_but_stays_passable(daemon_confi
     outside.chmod(0o755)
     data_dir = outside / "restored"
     data_dir.mkdir()
-    data_dir.chmod(0o755)
+    data_dir.chmod(mode_before)
     (data_dir / "old.json").write_text("{}")
     (data_dir / "old.json").chmod(0o644)
     document = yaml.safe_load(daemon_config.read_text())
