@@ -383,7 +383,7 @@ class Supervisor:
             worker.heard(now)
             message = decode(raw)
             if isinstance(message, Heartbeat):
-                worker.counters = message.counters
+                worker.took_counters(message.counters)
             elif isinstance(message, StateReport):
                 worker.reported_state(message.state)
             elif isinstance(message, MqttReport):

@@ -81,6 +81,7 @@ class WorkerProcess:
         self.restart_when_stopped = False
         self.counters: Dict[str, Any] = {}
         self.mqtt: Dict[str, Any] = {}
+        self.refused_before = False
 
     def transition(self, new: State) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -117,8 +118,20 @@ class WorkerProcess:
         self.pid, self.channel = pid, channel
         self.started_at = self.last_heard = now
         self.kill_at = None
+        # the process before ended with the store refusing: its "resuming" is for this one to earn
+        self.refused_before = bool(self.counters.get("store_error"))
         self.counters, self.mqtt = {}, {}
         log.info("%s started (pid %d)", self.name, pid)
+
+    def took_counters(self, counters: Dict[str, Any]) -> None:
+        """A heartbeat's counters. The first commit of a process started while the one before
+        was refused (a reload raising the cap, a crash) ends that refusal in the log: else its
+        ERROR stays the log's last word on the store."""
+        self.counters = counters
+        if self.refused_before and (counters.get("store_error") or counters.get("batches")):
+            self.refused_before = False  # refused again: this process says so, and its end
+            if not counters.get("store_error"):
+                log.info("%s: store accepts messages again; resuming", self.name)
 
     def spawn_failed(self, now: float, retry_in: float) -> None:
         """No process could be made (out of fds or processes): not the worker's failure, so

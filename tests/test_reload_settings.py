@@ -197,3 +197,21 @@ def test_a_store_setting_reloaded_on_a_disk_gone_read_only_stops_the_daemon(daem
     assert any("store_error: the store is closed, the daemon is stopping" in a for a in answers), sorted(set(answers))
     assert not any(field == "READY=1" and at >= hup_at for at, field in notify.lines())
     assert "still running the previous config" not in output
+
+
+def test_a_full_store_cured_by_a_reload_logs_its_end(daemon, notify, daemon_config, broker, tmp_path):
+    """Found by re-read: a store full under `reject`, its cap raised by a reload (ingress
+    restarted), stored everything, but the log's last word on it stayed the old ingress's
+    "store full": the new one, never refused, had no refusal to end."""
+    notify.wait_for("READY=1", timeout=15)
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(capMegabytes=1, whenFull="reject"))
+    assert "config reloaded" in reload(daemon, notify)
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 20, "ingress subscribed")
+        for i in range(40):
+            publish(broker, INGRESS_TOPIC, b"%02d" % i + b"x" * 60_000)
+        wait_for(lambda: "store full" in daemon.output(), 20, "the store full")
+        edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(capMegabytes=16))
+        assert "config reloaded" in reload(daemon, notify)
+        wait_for(lambda: fx.status()["inbox"]["count"] == 40, 30, "all 40 stored")
+    wait_for(lambda: "store accepts messages again" in daemon.output(), 10, "the end of the refusal logged")
