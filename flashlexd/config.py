@@ -248,9 +248,9 @@ def _endpoint_hint(endpoint: str, thing_path: str) -> str:
     """The error for an endpoint that is not a host alone, naming the host in it (and its port,
     for mqtt.port) when there is one to find."""
     scheme, _, rest = endpoint.rpartition("://")
-    hidden = _without_user_info(rest)
-    if hidden != rest:  # user:password@host: the password is never echoed
-        rest = hidden
+    if "@" in rest:  # user:password@host: never echoed, whatever the password holds (":", "/",
+        # "@", digits); an "@" in a path, which no MQTT endpoint has, is taken for one too
+        rest = rest.rsplit("@", 1)[1]
         endpoint = f"{scheme}://***@{rest}" if scheme else f"***@{rest}"
     place = rest.split("/", 1)[0]  # no scheme, no path
     got = f"expected a host name or an IP address alone, got {_show(endpoint)}"
@@ -265,18 +265,6 @@ def _endpoint_hint(endpoint: str, thing_path: str) -> str:
     port = port.lstrip(":")
     then = f" and set {thing_path}.mqtt.port: {port}" if port.isdigit() else ""
     return f"{got}: write {host}{then}"
-
-
-def _without_user_info(rest: str) -> str:
-    """`rest` (an endpoint past its scheme) without a `user:password@` before its host: the
-    one `@` before the first `/`, or the last `@` when what precedes the first `/` reads as a
-    user and a password holding a `/` (`admin:s3c/ret@host`). An `@` in a path is kept."""
-    first = rest.split("/", 1)[0]
-    if "@" in first:
-        return rest[len(first.rsplit("@", 1)[0]) + 1:]
-    if "@" in rest and ":" in first and not first.rsplit(":", 1)[1].isdigit():
-        return rest.rsplit("@", 1)[1]
-    return rest
 
 
 def _keys(section: Section, base: Path, base_name: str, warnings: List[str],

@@ -374,9 +374,13 @@ BAD_CONFIGS = [
     ("endpoint-with-a-slash-in-its-password", setting("flashlex.thing.endpoint", "mqtts://admin:s3c/ret@broker.example.com:8883"),
      "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
      " 'mqtts://***@broker.example.com:8883': write broker.example.com and set flashlex.thing.mqtt.port: 8883"),
-    ("endpoint-with-an-at-in-its-path", setting("flashlex.thing.endpoint", "host.example.com/path@x"),
-     "flashlex.thing.endpoint: expected a host name or an IP address alone, got 'host.example.com/path@x':"
-     " write host.example.com"),  # found by re-read: '***@x': write x
+    # found by re-read: a password of digits before its "/" was taken for a port, and shown
+    ("endpoint-with-a-digit-password", setting("flashlex.thing.endpoint", "mqtts://admin:2024/Secret@broker.example.com:8883"),
+     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
+     " 'mqtts://***@broker.example.com:8883': write broker.example.com and set flashlex.thing.mqtt.port: 8883"),
+    ("endpoint-with-an-at-in-its-password", setting("flashlex.thing.endpoint", "mqtts://admin:p@ss/w@rd@broker.example.com"),
+     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
+     " 'mqtts://***@broker.example.com': write broker.example.com"),
     ("private-key-pasted-in", setting("flashlex.thing.keys.privateKey",
                                       "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgE\n-----END PRIVATE KEY-----\n"),
      "flashlex.thing.keys.privateKey: expected a file name, got what looks like the PEM text itself (not"
