@@ -187,11 +187,12 @@ def _close_to_others(data_dir: Path, passage: int) -> None:
                     " run chmod %04o %s and chmod go= on its files", data_dir, wanted, mode,
                     exc.strerror or exc, wanted, data_dir)
         return
-    if mode & 0o077 & ~passage or loose:
+    if mode & 0o066 or loose:  # readable or writable: search bits alone were ours (a socket inside)
         log.warning("data dir %s was open to group or others (mode %04o, %d of its files too): closed,"
                     " it holds the messages", data_dir, mode, len(loose))
     else:
-        log.info("data dir %s set to %04o: the API socket inside it must be reachable", data_dir, wanted)
+        log.info("data dir %s set to %04o: search bits for group and others only while the API"
+                 " socket is inside it", data_dir, wanted)
 
 
 class DataDirLock:

@@ -248,6 +248,19 @@ def test_a_data_dir_holding_the_socket_is_closed_but_stays_passable(daemon_confi
     finally:
         daemon.stop()
         notify.close()
+    # moved out of it: the search bits go, and nothing is said to have been "open" (re-read)
+    (tmp_path / "second").mkdir()
+    notify = NotifyListener(tmp_path / "second" / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path / "second", env={"NOTIFY_SOCKET": str(notify.path)},
+                    args=("--data-dir", str(data_dir)))
+    try:
+        daemon.start()
+        notify.wait_for("READY=1", timeout=15)
+        assert mode(data_dir) == oct(0o700)
+        assert "was open to group or others" not in daemon.output()
+    finally:
+        daemon.stop()
+        notify.close()
         shutil.rmtree(outside)
 
 
