@@ -263,6 +263,8 @@ class Client:
                 sock = self._ready(until)
                 if sock is not None:
                     return self._exchange(sock, method, timeout, params)
+            # lost again at once (a daemon stopping, or one closing what it accepts): no spin
+            time.sleep(min(RECONNECT_PAUSES[0], max(0.0, until - time.monotonic())))
 
     def _exchange(self, sock: socket.socket, method: str, timeout: float, params: Dict[str, Any]
                   ) -> Tuple[Optional[Dict[str, Any]], Any]:
