@@ -119,6 +119,7 @@ def test_a_socket_group_the_service_is_not_in_names_the_setting_to_render_again(
     cannot give the socket that group, and the service restarted on "Operation not permitted"
     alone (found by review under real systemd; here setpriv drops the capabilities as the unit
     does, and INVOCATION_ID stands in for systemd)."""
+    subprocess.run(["groupdel", "flashlexdpaths"], capture_output=True)  # left by a run killed mid-test
     subprocess.run(["groupadd", "--system", "flashlexdpaths"], check=True, capture_output=True)
     try:
         document = yaml.safe_load(daemon_config.read_text())

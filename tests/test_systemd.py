@@ -247,6 +247,7 @@ def socket_group():
     """A system group for the test; requested before `start_service`, so that it is removed
     after the service is gone."""
     name = "flashlexdtest"
+    subprocess.run(["groupdel", name], capture_output=True)  # left by a run killed mid-test
     subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
     try:
         yield grp.getgrnam(name).gr_gid
