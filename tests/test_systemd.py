@@ -247,7 +247,8 @@ def socket_group():
     """A system group for the test; requested before `start_service`, so that it is removed
     after the service is gone."""
     name = "flashlexdtest"
-    subprocess.run(["groupdel", name], capture_output=True)  # left by a run killed mid-test
+    subprocess.run(["userdel", name], capture_output=True)  # left by a run killed mid-test
+    subprocess.run(["groupdel", name], capture_output=True)
     subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
     try:
         yield grp.getgrnam(name).gr_gid
@@ -377,6 +378,8 @@ def service_user() -> Iterator[str]:
     """A system user for the test; requested before `start_service`, so that it is removed
     after the service (running as it) is gone."""
     name = "flashlexdtest"
+    subprocess.run(["userdel", name], capture_output=True)  # left by a run killed mid-test
+    subprocess.run(["groupdel", name], capture_output=True)
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
                     "--user-group", name], check=True, capture_output=True)
     try:
