@@ -138,8 +138,17 @@ def test_no_line_is_lost_after_a_rotation_under_an_rsyslogd_that_drops_privilege
             rotated = subprocess.run(["logrotate", "-f", "-s", str(top / "state"), str(rotate)],
                                      capture_output=True, text=True, timeout=30)
             assert rotated.returncode == 0, rotated.stderr
-            say("daemon.err", "after")
-            wait_for(lambda: log.exists() and "after" in log.read_text(), 10, "the line after the rotation")
+            said = []  # rsyslogd reopens at its HUP's own pace: what it wrote before is in .1
+
+            def reaches_the_new_file() -> bool:
+                said.append(f"after {len(said)}.")
+                say("daemon.err", said[-1])
+                return log.exists() and "after" in log.read_text()
+
+            wait_for(reaches_the_new_file, 10, "a line after the rotation in the new file", interval=0.2)
+            rotated_out = logdir / "flashlexd.log.1"
+            wait_for(lambda: all(line in log.read_text() + rotated_out.read_text() for line in said), 10,
+                     "every line said after the rotation, in one file or the other")
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
