@@ -54,15 +54,26 @@ def pytest_configure(config: pytest.Config) -> None:
 def _machine_share(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Tests hold a shared lock on a file every xdist worker of the run sees; a test marked
     `alone` holds it exclusively, so it starts once the other workers' tests are done and they
-    start their next only after it. Without xdist it is uncontended."""
-    lock_path = tmp_path_factory.getbasetemp().parent / "machine-share.lock"
-    with open(lock_path, "a") as lock:
+    start their next only after it. Without xdist it is uncontended.
+
+    flock favours no one: the other workers' tests, one after another, kept the shared lock
+    taken, and an `alone` test waited 423 s for a gap, its worker idle (a 9 min 53 s suite
+    that took 7 min 48 s when it was lucky). So every test passes a gate first, and an `alone`
+    test holds the gate while it waits and runs: the others start nothing new meanwhile."""
+    base = tmp_path_factory.getbasetemp().parent
+    with open(base / "machine-gate.lock", "a") as gate, open(base / "machine-share.lock", "a") as share:
         alone = request.node.get_closest_marker("alone") is not None
-        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(share, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(share, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
