@@ -199,12 +199,13 @@ def test_a_store_refusing_again_after_the_log_said_resuming_is_logged_again(
     config = write_config(tmp_path / "config", broker, db={"capMegabytes": 1, "whenFull": "reject"})
     store = open_store(config)
     worker = start_subscribed(start_worker, config, broker)
-    said = {"errors": 0, "resumes": 0}
 
     def counts() -> Dict[str, int]:
         log = worker.log_text()
         return {"errors": log.count("store full"), "resumes": log.count("store accepts messages again")}
 
+    # the second turn's quiet spell makes the third refusal a slow sensor's (over
+    # RESUMED_QUIET_SECONDS later): logged again as an ERROR, it would read (3, 1)
     for turn, logged in (("first", (1, 1)), ("second", (2, 1)), ("third", (2, 1))):
         write_lines(tmp_path / turn, 40, width=60_000)  # 2.4 MB for a 1 MB store
         assert publish_lines(broker, INGRESS_TOPIC, tmp_path / turn).wait(30) == 0
@@ -218,7 +219,7 @@ def test_a_store_refusing_again_after_the_log_said_resuming_is_logged_again(
         worker.wait(lambda w: make_room(), 30, f"everything through ({turn})")
         if turn == "first":
             wait_for(lambda: counts()["resumes"] == 1, 20, "the resume logged")
-        else:  # a slow sensor: the next refusal over RESUMED_QUIET_SECONDS later
+        elif turn == "second":  # a second resume within REFUSED_LOG_SECONDS would read (2, 2)
             quiet_until = time.monotonic() + RESUMED_QUIET_SECONDS + 1
             worker.wait(lambda w: time.monotonic() > quiet_until and w.counters.get("stored", 0) >= resumed,
                         RESUMED_QUIET_SECONDS + 5, "a quiet spell longer than RESUMED_QUIET_SECONDS")
