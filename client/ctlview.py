@@ -187,6 +187,8 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     rates = status.get("rates") or {}
     if rates:
         lines.append("rates     " + render_rates(rates))
+    for note in (status.get("reload") or {}).get("notes") or ():  # applied, not all of it at once
+        lines.append(f"reload    {note}")
     return "\n".join([printable(line) for line in head] + worker_table + [printable(line) for line in lines])
 
 

@@ -57,6 +57,15 @@ def test_status_degraded_exits_1(harness, capsys, change, reason):
     assert code == 1 and f"degraded: {reason}" in out.splitlines()[0]
 
 
+def test_status_shows_what_the_last_reload_applied_only_in_part(harness, capsys):
+    """A reload's notes (a socket change waiting for a restart, a new client id) reached only
+    `flashlexd reload` and the journal: `systemctl reload` users never saw them (found by review)."""
+    note = "API socket path, group or allowUids changed: they take effect at the next restart"
+    harness.reload.update(done=1, notes=[note])
+    code, out, _ = run(harness, capsys, "status")
+    assert code == 0 and f"reload    {note}" in out.splitlines()
+
+
 @pytest.mark.parametrize("argv", [("status",), ("--json", "status")])
 @pytest.mark.parametrize("connected, code", [(True, 0), (False, 1)])
 def test_status_into_a_reader_that_went_keeps_its_exit_code(harness, argv, connected, code):
