@@ -148,9 +148,9 @@ def claim_directories(data_dir: Path, socket_path: str) -> "DataDirLock":
     """What `flashlexd run` does before opening anything: both directories made and checked,
     the data dir locked. Raises UnsafePath or AlreadyRunning."""
     socket_dir = Path(os.path.abspath(socket_path)).parent
-    passage = SOCKET_PASSAGE if _within(socket_dir, Path(data_dir)) else 0
-    prepare_dir(Path(data_dir), DATA_DIR_MODE | passage, "data dir")
-    _close_to_others(Path(data_dir), passage)
+    mode = data_dir_mode(Path(data_dir), socket_dir)
+    prepare_dir(Path(data_dir), mode, "data dir")
+    _close_to_others(Path(data_dir), mode & SOCKET_PASSAGE)
     lock = DataDirLock(Path(data_dir)).acquire()
     try:
         prepare_dir(socket_dir, SOCKET_DIR_MODE, "socket dir")
@@ -160,7 +160,12 @@ def claim_directories(data_dir: Path, socket_path: str) -> "DataDirLock":
     return lock
 
 
-def _within(path: Path, directory: Path) -> bool:
+def data_dir_mode(data_dir: Path, socket_dir: Path) -> int:
+    """0700, or 0711 when the API socket is inside the data dir: apps pass through to it."""
+    return DATA_DIR_MODE | (SOCKET_PASSAGE if within(socket_dir, data_dir) else 0)
+
+
+def within(path: Path, directory: Path) -> bool:
     """Whether `path` is `directory` or below it (a socket inside the data dir)."""
     real, top = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
     return real == top or top in real.parents

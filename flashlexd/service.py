@@ -225,7 +225,8 @@ def make_directories(places: Places, user: str, group: str) -> None:
             paths.make_dir(Path(directory), mode)
             shutil.chown(directory, user, group)
             print(f"created {directory} ({mode:04o}, {user}:{group})", file=sys.stderr)
-        elif mode == paths.DATA_DIR_MODE and os.stat(directory).st_uid != uid and _only_a_store(directory):
+        elif directory == os.path.normpath(places.data_dir) and os.stat(directory).st_uid != uid \
+                and _only_a_store(directory):
             # a data dir left by a run as root (`sudo flashlexd run`, an install for another
             # user): the service user could open neither its lock nor its store. Taken over as
             # systemd takes over a StateDirectory=, when it holds nothing but the store's

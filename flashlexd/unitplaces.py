@@ -118,11 +118,17 @@ def writable_dirs(places: Places) -> List[Tuple[str, int]]:
     `ReadWritePaths=`, and `flashlexd service --install` makes them (nothing else can: the
     sandbox leaves their parents read-only)."""
     found = []
-    if not _under(socket_dir(places), "/run/"):
+    # a socket dir inside the data dir is the daemon's to make: made here first, the data dir
+    # was made as its parent (root's, 0755), and systemd makes a StateDirectory= only later
+    if not _under(socket_dir(places), "/run/") and not paths.within(Path(socket_dir(places)), Path(places.data_dir)):
         found.append((socket_dir(places), paths.SOCKET_DIR_MODE))
     if not _under(places.data_dir, "/var/lib/"):
-        found.append((os.path.normpath(places.data_dir), paths.DATA_DIR_MODE))
+        found.append((os.path.normpath(places.data_dir), _data_dir_mode(places)))
     return found
+
+
+def _data_dir_mode(places: Places) -> int:
+    return paths.data_dir_mode(Path(places.data_dir), Path(socket_dir(places)))
 
 
 def unit_word(text: str, exec_line: bool = False) -> str:
@@ -160,7 +166,8 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
     runtime_lines = (f"RuntimeDirectory={unit_word(runtime)}\nRuntimeDirectoryMode={'0755' if outsiders else '0750'}"
                      if runtime else "")
     state = _under(places.data_dir, "/var/lib/")
-    state_lines = f"StateDirectory={unit_word(state)}\nStateDirectoryMode=0700" if state else ""
+    # systemd sets the mode again at each start: 0711 when the socket is inside it, as the daemon does
+    state_lines = f"StateDirectory={unit_word(state)}\nStateDirectoryMode=0{_data_dir_mode(places):o}" if state else ""
     writable = [directory for directory, _ in writable_dirs(places)]
     # the venv's interpreter may live in a home too (pyenv): ProtectHome=yes would hide it
     interpreter = os.path.realpath(os.path.join(venv, "bin", "python3"))

@@ -9,6 +9,7 @@ import pwd
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -217,7 +218,7 @@ def test_unit_renders_the_socket_group_without_cap_chown(tmp_path):
 def test_unit_renders_allow_uids_and_paths(tmp_path):
     unit = _render(tmp_path, {"socket": {"allowUids": [1000]}}).stdout
     assert "RuntimeDirectory=flashlexd\nRuntimeDirectoryMode=0755" in unit
-    assert "StateDirectory=flashlexd" in unit and "ReadWritePaths" not in unit
+    assert "StateDirectory=flashlexd\nStateDirectoryMode=0700" in unit and "ReadWritePaths" not in unit
     custom = _render(tmp_path, {"db": {"dataPath": "/srv/fx/data"},
                                 "socket": {"path": "/var/run/fx/api.sock"}}).stdout
     assert "ReadWritePaths=-/srv/fx/data\n" in custom and "StateDirectory" not in custom
@@ -231,6 +232,30 @@ def test_unit_renders_allow_uids_and_paths(tmp_path):
                  "LimitCORE=0",  # a hung worker's SIGABRT must not dump the private key
                  "SystemCallFilter=@system-service", "ProtectProc=invisible"):
         assert line in unit
+
+
+def test_a_state_directory_holding_the_socket_stays_passable(tmp_path):
+    """systemd sets StateDirectoryMode= at every start: 0700 shut apps out of a socket placed
+    inside the data dir, until the daemon opened it to 0711 again with an INFO line, start
+    after start (found by review)."""
+    unit = _render(tmp_path, {"db": {"dataPath": "/var/lib/fx"},
+                              "socket": {"path": "/var/lib/fx/api.sock"}}).stdout
+    assert "StateDirectory=fx\nStateDirectoryMode=0711\n" in unit
+    inside = _render(tmp_path, {"db": {"dataPath": "/srv/fx"}, "socket": {"path": "/srv/fx/api.sock"}})
+    assert "ReadWritePaths=-/srv/fx\n" in inside.stdout
+    from flashlexd.service import make_directories
+    from flashlexd.unitplaces import Places
+    # a socket dir inside the data dir is the daemon's to make: `--install` made it first, and
+    # so the data dir as its parent, root's, 0755
+    data = tmp_path / "fx"
+    make_directories(Places(data_dir=str(data), socket_path=str(data / "run/api.sock")), "nobody", "nogroup")
+    assert (f"0{stat.S_IMODE(data.stat().st_mode):o}", pwd.getpwuid(data.stat().st_uid).pw_name) == ("0711", "nobody")
+    assert not (data / "run").exists()
+    os.chown(data, 0, 0)  # as a `sudo flashlexd run` leaves it: taken over as any data dir is
+    make_directories(Places(data_dir=str(data), socket_path=str(data / "run/api.sock")), "nobody", "nogroup")
+    assert pwd.getpwuid(data.stat().st_uid).pw_name == "nobody"
+    in_state = _render(tmp_path, {"db": {"dataPath": "/var/lib/fx"}, "socket": {"path": "/var/lib/fx/run/api.sock"}})
+    assert "StateDirectoryMode=0711\n" in in_state.stdout and "ReadWritePaths" not in in_state.stdout
 
 
 def test_unit_refuses_a_bad_allow_uids_with_exit_2(tmp_path):
