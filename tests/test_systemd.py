@@ -119,11 +119,11 @@ def stat(systemd: RealSystemd, path: str) -> str:
     return systemd.run("stat", "-c", "%a %U %G", path, check=True).stdout.strip()
 
 
-def ctl_as(systemd: RealSystemd, uid: int, gid: int, *groups: int) -> subprocess.CompletedProcess:
+def ctl_as(systemd: RealSystemd, uid: int, gid: int, *groups: int, socket: str = SOCKET) -> subprocess.CompletedProcess:
     """flashlexctl status run inside the namespace as another user."""
     group_args = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
     return systemd.run("setpriv", f"--reuid={uid}", f"--regid={gid}", *group_args, "--",
-                       FLASHLEXCTL, "--socket", SOCKET, "status")
+                       FLASHLEXCTL, "--socket", socket, "status")
 
 
 def test_unit_becomes_active_through_ready(systemd):
@@ -240,6 +240,22 @@ def test_defaults_root_only_socket_and_state_directory(start_service, daemon_con
                             capture_output=True, text=True, timeout=10).stdout
     proc = [line for line in mounts.splitlines() if line.split()[4] == "/proc"]
     assert proc and "hidepid=invisible" in proc[-1], proc  # ProtectProc=: others' entries hidden
+
+
+def test_a_socket_inside_the_state_directory_stays_reachable(start_service, daemon_config):
+    """StateDirectoryMode=0700 closed a data dir holding the socket at every start, and the
+    daemon opened it to 0711 again, an INFO line each time; the unit now says 0711 itself."""
+    config = yaml.safe_load(daemon_config.read_text())
+    del config["flashlex"]["app"]["db"]["dataPath"]  # the default: /var/lib/flashlexd
+    daemon_config.write_text(yaml.safe_dump(config))
+    socket = "/var/lib/flashlexd/api.sock"
+    service = start_service(edited(daemon_config, socket={"path": socket, "allowUids": [NOBODY]}))
+    running(service, socket)
+    assert "StateDirectoryMode=0711\n" in service.unit
+    assert stat(service, "/var/lib/flashlexd") == "711 root root"
+    outsider = ctl_as(service, NOBODY, NOBODY, socket=socket)
+    assert outsider.returncode in (0, 1) and "flashlexd" in outsider.stdout, outsider.stderr
+    assert "set to 0711" not in service.log.read_text(errors="replace")
 
 
 @pytest.fixture
