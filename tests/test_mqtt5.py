@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -306,6 +307,44 @@ def test_a_byte_order_mark_in_a_property_is_stored_and_does_not_wedge_the_ingres
     assert bom.properties == {"user_properties": [["k", "\ufeffv"]], "content_type": "\ufefftext/plain"}
     assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # never dropped
     assert worker.stop() == 0
+
+
+def test_a_message_with_tens_of_thousands_of_user_properties_does_not_hang_the_ingress(
+        broker: Broker, daemon_config: Path, tmp_path: Path) -> None:
+    """paho decoded a property block in time growing with the square of its properties: one
+    PUBLISH of 40,000 empty user properties (240 KB, under maxPayloadBytes) took 6.5 s, the
+    ingress sent no heartbeat, was aborted as hung, and the broker sent it first again on each
+    new link: nothing was stored after it (found by review)."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties
+    document = yaml.safe_load(daemon_config.read_text())  # a worker silent for 3 s is hung
+    document["flashlex"]["thing"]["mqtt"]["protocol"] = "5"
+    daemon_config.write_text(yaml.safe_dump(document))
+    daemon = Daemon(daemon_config, tmp_path).start()
+    try:
+        daemon.wait_api(20)
+        wait_for(lambda: _ingress_up(daemon), 20, "the ingress subscribed")
+        sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="many-properties", protocol=mqtt.MQTTv5)
+        sender.tls_set(ca_certs=str(broker.certs.ca), certfile=str(broker.certs.thing.cert),
+                       keyfile=str(broker.certs.thing.key), cert_reqs=ssl.CERT_REQUIRED)
+        sender.connect(HOST, broker.port)
+        sender.loop_start()
+        many = Properties(PacketTypes.PUBLISH)
+        many.UserProperty = [("a", "")] * 40_000
+        sender.publish(INGRESS_TOPIC, b"many", qos=1, properties=many).wait_for_publish(30)
+        sender.disconnect()
+        sender.loop_stop()
+        publish(broker, INGRESS_TOPIC, b"after")
+        with connect(str(daemon.socket_path)) as fx:
+            wait_for(lambda: len(fx.messages()) == 2, 30, "both messages stored")
+            first, after = fx.messages()
+            assert (first.payload, len(first.properties["user_properties"]), after.payload) == (b"many", 40_000, b"after")
+            assert fx.status()["counters"]["restarts"] == 0, daemon.output()[-2000:]
+    finally:
+        daemon.stop()
+    assert "hung" not in daemon.output()
 
 
 def test_outbound_properties_reach_an_mqtt5_subscriber_and_an_expired_entry_is_dropped(
