@@ -6,8 +6,9 @@ keeps their ids (`_hidden`) and every read it serves steps over them (StoreBase.
 the named consumers' walks, the counts in `stats`). The records are applied to the inbox in
 ONE LMDB commit, which also stores the applied-through seq in `meta`, when APPLY_IDS ids wait
 or hold APPLY_BYTES of records (the cap counts them until then), at once while the store is
-near its cap or its disk is nearly full (an app acking to make room for ingest must free it now), when the
-journal is half used, APPLY_SECONDS after the oldest waiting ack, and at close; at
+near its cap or its disk is nearly full (an app acking to make room for ingest must free it now), as
+soon as the store comes near its cap while acks wait (the loop looks every NEAR_CAP_LOOK), when
+the journal is half used, APPLY_SECONDS after the oldest waiting ack, and at close; at
 open (the supervisor's start) whatever a crash left unapplied is applied before anything is
 served. Replaying a record twice deletes nothing the second time.
 
@@ -38,6 +39,7 @@ APPLY_BYTES = 1024 * 1024  # ... or record bytes they hold in the inbox (counted
 APPLY_SECONDS = 60.0  # the longest an acked message stays in the inbox (hidden) before an apply
 APPLY_RETRY = 5.0  # seconds between tries after an apply failed
 NEAR_CAP = 0.9  # share of the cap used from which every ack is applied at once (frees space now)
+NEAR_CAP_LOOK = 0.25  # seconds between the loop's looks at the cap while acks wait
 LOW_DISK = 64 * 1024 * 1024  # free bytes on the data dir's filesystem below which likewise
 STEP_IDS = 8  # acks per commit, at least, when their one commit found the disk full
 STEP_SHARE = 4  # ... or the space reserve's pages over this (a step copies a page or so an id)
@@ -60,6 +62,7 @@ class JournaledAcks:
         self._pending_bytes = 0
         self._apply_error: Optional[str] = None
         self._apply_retry_at = 0.0
+        self._cap_look_at = 0.0
         records = self._journal_records(path)
         try:
             applied = self._applied_through()
@@ -146,7 +149,7 @@ class JournaledAcks:
                     count += 1
                 counts.append(count)
             leaving = self._backlogs_left(txn, map(_ID.pack, new))
-            near_cap = self._used_bytes(txn) >= NEAR_CAP * self.cap_bytes or self._disk_low()
+            near_cap = self._near_cap(txn)
         if not new:
             return counts
         journal = self._journal
@@ -171,6 +174,9 @@ class JournaledAcks:
             self.apply_acks_if_due(time.monotonic())
         return counts
 
+    def _near_cap(self, txn: lmdb.Transaction) -> bool:
+        return self._used_bytes(txn) >= NEAR_CAP * self.cap_bytes or self._disk_low()
+
     def _disk_low(self) -> bool:
         """A full disk stops data.mdb from growing: ingest then waits for pages that acks free
         inside the file, which a waiting ack does not free until it is applied."""
@@ -185,7 +191,21 @@ class JournaledAcks:
             return False
         return (len(self._pending) >= APPLY_IDS or self._pending_bytes >= APPLY_BYTES
                 or self._journal is None or self._journal.used >= 0.5
-                or now - self._pending_since >= APPLY_SECONDS)
+                or now - self._pending_since >= APPLY_SECONDS or self._filled_since(now))
+
+    def _filled_since(self, now: float) -> bool:
+        """Whether the store came near its cap (or its disk ran low) after acks were made
+        below it, looked at every NEAR_CAP_LOOK. Their records held the room until an apply:
+        under `reject` ingest waited up to APPLY_SECONDS for the room an app had freed, and
+        `dropOldest` dropped unacked messages meanwhile (found by review)."""
+        if now < self._cap_look_at:
+            return False
+        self._cap_look_at = now + NEAR_CAP_LOOK
+        try:
+            with self._read() as txn:
+                return self._near_cap(txn)
+        except (StoreError, lmdb.Error):  # the apply itself would meet it: said there
+            return True
 
     def apply_acks_if_due(self, now: float) -> None:
         """The supervisor loop's tick: an apply when one is due (after a failed one, at most

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import List
 
@@ -17,7 +18,7 @@ from flashlexd import ackjournal
 from flashlexd.client import connect
 from flashlexd.consumers import ConsumerSpec
 from flashlexd.store import Incoming, Store
-from flashlexd.storeacks import APPLY_IDS
+from flashlexd.storeacks import APPLY_IDS, NEAR_CAP, NEAR_CAP_LOOK
 from tests.broker import INGRESS_TOPIC, publish, wait_for
 from tests.daemon import Daemon, NotifyListener
 
@@ -38,8 +39,8 @@ def inbox_ids(path: Path) -> List[int]:
     return [int(word) for word in done.stdout.split()]
 
 
-def journaled(path: Path) -> Store:
-    store = Store(path, CAP)
+def journaled(path: Path, cap: int = CAP) -> Store:
+    store = Store(path, cap)
     store.open_ack_journal()
     return store
 
@@ -156,6 +157,27 @@ def test_acks_are_applied_in_one_commit_per_batch(tmp_path: Path):
         assert store.ack([ids[APPLY_IDS - 1]]) == 1
         assert store._env.info()["last_txnid"] == txn_before + 1
         assert inbox_ids(tmp_path) == ids[APPLY_IDS:]
+    finally:
+        store.close()
+
+
+def test_acks_made_below_the_cap_are_applied_once_ingest_fills_the_store(tmp_path: Path):
+    """Acks made below NEAR_CAP waited up to APPLY_SECONDS, their records holding the room:
+    ingest filling the store meanwhile was refused for a minute under `reject`, and under
+    `dropOldest` unacked messages were dropped while acked ones stayed (found by review).
+    The supervisor's loop applies them once the store is near its cap."""
+    store = journaled(tmp_path, cap=1024 * 1024)
+    try:
+        ids = store.append([Incoming("t/a", b"x" * 2000, mid=n + 1) for n in range(100)])
+        assert store.ack(ids) == 100
+        waiting = inbox_ids(tmp_path)
+        store.apply_acks_if_due(time.monotonic())
+        assert inbox_ids(tmp_path) == waiting == ids  # below the cap: they wait, as before
+        more = []
+        while store.stats()["used_bytes"] < NEAR_CAP * store.cap_bytes:  # as the ingress fills it
+            more += store.append([Incoming("t/b", b"y" * 2000, mid=n + 1) for n in range(20)])
+        wait_for(lambda: store.apply_acks_if_due(time.monotonic()) or inbox_ids(tmp_path) == more,
+                 2 * NEAR_CAP_LOOK + 1, "the waiting acks applied")
     finally:
         store.close()
 
