@@ -38,12 +38,39 @@ def test_publish_keeps_properties_and_the_expiry(harness, fx):
     ({"payload_format_indicator": 1.0}, None), ({"content_type": "a" * 65536}, None),
     ({"content_type": "é" * 32768}, None), ({"user_properties": [("k", "v" * 65536)]}, None),
     ({"correlation_data": b"x" * 65536}, None), ({"content_type": "text\0plain"}, None),
+    ({"message_expiry_interval": 0}, None), ({"message_expiry_interval": 1.5}, None),
+    ({"message_expiry_interval": 60}, 30),
 ])
 def test_publish_refuses_properties_mqtt5_cannot_carry(harness, fx, properties, expiry):
     with pytest.raises(RpcError) as refused:
         fx.call("publish", payload=b"p", properties=properties, **({} if expiry is None else {"expiry": expiry}))
     assert refused.value.code == Code.BAD_PARAMS
     assert fx.outbox()["count"] == 0
+
+
+def test_a_received_messages_properties_can_be_published_back(harness, fx):
+    """`publish(..., properties=m.properties)` of a received message was refused: its
+    message_expiry_interval "is not one" (publish took it only as `expiry=`). It is the
+    expiry now, as a received message has it (found by review)."""
+    received = {"user_properties": [["k", "v"]], "content_type": "text/plain", "payload_format_indicator": 1,
+                "response_topic": "reply/t", "correlation_data": b"\x01", "message_expiry_interval": 600}
+    fx.publish(b"p", topic="out/t", properties=received)
+    fx.publish(b"p", topic="out/t", properties=received, expiry=600)
+    assert [e.properties for e in fx.outbox()["entries"]] == [received, received]
+
+
+@pytest.mark.parametrize("properties, said", [
+    ({"payload_format_indicator": 2}, "a payload_format_indicator of the integer 0 or 1"),
+    ({"correlation_data": 5}, "a correlation_data of bytes"),
+    ({"colour": "red"}, "'colour' is not one"),
+])
+def test_a_bad_property_value_is_named_by_its_property(harness, fx, properties, said):
+    """A known property with a wrong value was refused as if its name were unknown ("... or
+    payload_format_indicator (the integer 0 or 1); 'payload_format_indicator' is not one")."""
+    with pytest.raises(RpcError) as refused:
+        fx.call("publish", payload=b"p", properties=properties)
+    assert refused.value.code == Code.BAD_PARAMS and said in str(refused.value)
+    assert "is not one" not in str(refused.value) or "colour" in properties
 
 
 @pytest.mark.parametrize("properties, rule", [

@@ -14,7 +14,8 @@ _STRINGS = ("content_type", "response_topic")
 
 def publish_properties(p: Any) -> Dict[str, Any]:
     """`properties` ({} when absent) with `expiry` as its message_expiry_interval. `p` is the
-    call's methods._Params."""
+    call's methods._Params. A received message's properties are taken as they are, its
+    message_expiry_interval as the expiry (an app echoing a message sends them back)."""
     given = p.get("properties")
     expiry = p.integer("expiry", None, 1, MAX_EXPIRY)
     if given is None:
@@ -27,16 +28,22 @@ def publish_properties(p: Any) -> Dict[str, Any]:
             properties[name] = _pairs(p, value)
         elif name in _STRINGS:
             properties[name] = _string(p, name, value)
-        elif name == "correlation_data" and isinstance(value, (bytes, str)):
-            properties[name] = value.encode("utf-8") if isinstance(value, str) else value
-            if len(properties[name]) > MAX_FIELD:
-                raise p.bad("properties", f"a correlation_data of at most {MAX_FIELD} bytes", value)
-        elif name == "payload_format_indicator" and type(value) is int and value in (0, 1):
+        elif name == "correlation_data":
+            properties[name] = _binary(p, name, value)
+        elif name == "payload_format_indicator":
+            if type(value) is not int or value not in (0, 1):
+                raise p.bad("properties", "a payload_format_indicator of the integer 0 or 1", value)
             properties[name] = value
+        elif name == "message_expiry_interval":
+            if type(value) is not int or not 1 <= value <= MAX_EXPIRY or expiry not in (None, value):
+                raise p.bad("properties", f"a message_expiry_interval of 1-{MAX_EXPIRY} seconds, the"
+                            " same as `expiry` when both are given", value)
+            expiry = value
         else:
             raise p.bad("properties", "a map with user_properties ([[name, value], ...]), content_type,"
-                        " response_topic (strings), correlation_data"
-                        f" (bytes) or payload_format_indicator (the integer 0 or 1); {name!r} is not one", value)
+                        " response_topic (strings), correlation_data (bytes), payload_format_indicator"
+                        f" (the integer 0 or 1) or message_expiry_interval (seconds); {name!r} is not one",
+                        value)
     problem = "response_topic" in properties and publish_topic_problem(properties["response_topic"], 65535)
     if problem:
         raise p.bad("properties", f"a response_topic that is a topic ({problem})", properties["response_topic"])
@@ -65,6 +72,16 @@ def _pairs(p: Any, value: Any) -> List[List[str]]:
             raise p.bad("properties", f"user_properties whose names and values are MQTT strings ({problem})",
                         pair)
     return [list(pair) for pair in value]
+
+
+def _binary(p: Any, name: str, value: Any) -> bytes:
+    """A correlation_data: bytes (a string is sent as its UTF-8)."""
+    if not isinstance(value, (bytes, str)):
+        raise p.bad("properties", f"a {name} of bytes", value)
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    if len(data) > MAX_FIELD:
+        raise p.bad("properties", f"a {name} of at most {MAX_FIELD} bytes", value)
+    return data
 
 
 def _string(p: Any, name: str, value: Any) -> str:
