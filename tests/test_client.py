@@ -63,12 +63,16 @@ def test_messages_oldest_first_with_filter_after_and_limit(harness, fx):
 
 
 def test_large_results_are_split_by_size_and_paged(harness, fx):
+    """A response full before `limit` ended `messages()` there, with no sign of the rest: 5 of
+    12 large messages for `limit=20` (found by review). It answers its last id as the cursor,
+    and the client calls again from there."""
     payload = os.urandom(MAX_PAYLOAD)
-    harness.ingest(*[("big", payload)] * 10)
-    first = fx.messages(limit=10)
-    assert 1 <= len(first) < 10 and all(m.payload == payload for m in first)
-    rest = fx.messages(limit=10, after=first[-1])
-    assert len(first) + len(rest) + len(fx.messages(limit=10, after=rest[-1])) == 10
+    ids = harness.ingest(*[("big", payload)] * 10)
+    page = fx.call("messages", limit=10, paged=True)
+    assert 1 <= len(page["messages"]) < 10 and page["cursor"] == page["messages"][-1]["id"]
+    every = fx.messages(limit=20)
+    assert [m.id for m in every] == ids and all(m.payload == payload for m in every)
+    assert [m.id for m in fx.messages(limit=3, after=ids[6])] == ids[7:10]
 
 
 def test_ack_by_id_pk_and_message_is_idempotent(harness, fx):

@@ -210,8 +210,9 @@ class Methods:
             filtered = topic is not None or user_property is not None
             page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
         found = self._bounded([m.to_dict() for m in page.found])
-        # a full response ends the walk: a cursor past records it left out would skip them
-        cursor = page.cursor if len(found) == len(page.found) else None
+        # a full response goes on after its last message: the walk's cursor would skip what it
+        # left out, and none ended the client's calls short of `limit` (found by review)
+        cursor = page.cursor if len(found) == len(page.found) else found[-1]["id"]
         answer: Dict[str, Any] = {"messages": found, "cursor": cursor}
         if consumer is not None:  # how often it was replayed: a reader past the replay starts over
             answer.update(replays=self._replays.get(consumer, 0), run=self._run)
