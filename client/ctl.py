@@ -240,10 +240,18 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}") from None
 
 
+def _socket(text: str) -> str:
+    """--socket: an empty one (`--socket "$SOCK"` with SOCK unset) is a usage error; it was
+    taken as no --socket, and `purge --yes` went to the default daemon (found by review)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?)")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flashlexctl", description="Inspect and drive the local flashlexd.",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("--socket", metavar="PATH",
+    top.add_argument("--socket", metavar="PATH", type=_socket,
                      help=f"API socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})")
     top.add_argument("--json", action="store_true", help="print the API's answer as JSON")
     top.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for an answer (default 10)")

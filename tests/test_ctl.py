@@ -96,6 +96,16 @@ def test_not_running_is_one_line_and_exit_2(tmp_path):
         assert done.stderr.count("\n") == 1 and missing in done.stderr and "Traceback" not in done.stderr
 
 
+def test_an_empty_socket_path_is_a_usage_error_not_the_default_daemon(harness):
+    """`flashlexctl --socket "$SOCK" purge --yes` with SOCK unset purged the daemon of
+    $FLASHLEXD_SOCKET (or the default one): an empty --socket counted as none (found by review)."""
+    harness.ingest(("t", b"1"))
+    done = subprocess.run(CTL + ["--socket", "", "purge", "--yes"], capture_output=True, text=True,
+                          env={**os.environ, "FLASHLEXD_SOCKET": harness.path}, timeout=30)
+    assert done.returncode == 2 and "--socket: an empty path" in done.stderr, done.stderr
+    assert len(harness.store.messages()) == 1
+
+
 def _ctl_as_nobody(path, command):
     """flashlexctl's exit code and stderr as uid 65534: ctl.main in a forked child, since the
     venv's python (under /root) is closed to nobody."""
