@@ -23,7 +23,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 from flashlexd.pahoimport import paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import MalformedPacket, Properties  # also where paho 2.2 defines it: exception
+from paho.mqtt.properties import MalformedPacket, Properties, VariableByteIntegers  # also where paho 2.2 defines it: exception
 from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.publishread import Publish, parse_publishes
 
@@ -121,6 +121,10 @@ class DialedClient(paho.Client):
     # on_malformed_publish(mid, qos, topic, why): a PUBLISH paho calls malformed, whose packet
     # id could be read (0 for QoS 0); set by the ingress, which acknowledges it in order
     on_malformed_publish: Optional[Callable[[int, int, bytes, str], None]] = None
+    # on_oversize_publish(mid, qos, topic, size): an MQTT 5 PUBLISH whose property block is
+    # over `properties_limit` bytes, left undecoded; set by the ingress with its maxPayloadBytes
+    on_oversize_publish: Optional[Callable[[int, int, bytes, int], None]] = None
+    properties_limit: Optional[int] = None
 
     def _handle_publish(self) -> MQTTErrorCode:
         """paho's, except that a malformed PUBLISH does not drop the link: paho closes it, and
@@ -136,6 +140,8 @@ class DialedClient(paho.Client):
             why = "QoS 3"
         elif self._protocol == paho.MQTTv5 and packet[:2] == b"\0\0":
             why = "empty topic (a Topic Alias, and we allow none)"
+        elif self._oversize_properties(qos, packet):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
         else:
             try:
                 return super()._handle_publish()
@@ -153,6 +159,26 @@ class DialedClient(paho.Client):
             mid = int.from_bytes(packet[2 + size:4 + size], "big")
         self.on_malformed_publish(mid, qos, topic, why)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _oversize_properties(self, qos: int, packet: bytes) -> bool:
+        """Whether this MQTT 5 PUBLISH's property block is over `properties_limit` bytes, then
+        handed to `on_oversize_publish` undecoded: decoding takes time with the number of
+        properties (~7 µs each here), and 10 MB of empty user properties would keep the
+        ingress from its heartbeat until it was aborted as hung, the broker sending the
+        message first again at each link."""
+        if self._protocol != paho.MQTTv5 or self.properties_limit is None or self.on_oversize_publish is None:
+            return False
+        size = int.from_bytes(packet[:2], "big")
+        at = 2 + size + (2 if qos else 0)
+        try:
+            length, used = VariableByteIntegers.decode(bytes(packet[at:at + 4]))
+        except MalformedPacket:
+            return False  # paho says so next
+        if length <= self.properties_limit:
+            return False
+        mid = int.from_bytes(packet[2 + size:4 + size], "big") if qos else 0
+        self.on_oversize_publish(mid, qos, bytes(packet[2:2 + size]), len(packet) - at - used)
+        return True
 
     def _handle_connack(self) -> MQTTErrorCode:
         """paho's, except that a 3.1.1 CONNACK "unacceptable protocol version" (return code 1)

@@ -219,6 +219,8 @@ class IngressWorker(Worker):
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         client.on_malformed_publish = self._on_malformed
+        client.on_oversize_publish = self._on_oversize
+        client.properties_limit = self.config.store.max_payload_bytes
 
     def _note_session(self) -> None:
         """The broker has a session for us from now on: remembered for the next process."""
@@ -405,6 +407,18 @@ class IngressWorker(Worker):
         log.warning("dropped a malformed message (topic %.80r, packet id %s): %s; %s", topic,
                     mid if mid >= 0 else "unreadable", why,
                     "acknowledged" if qos == 1 and mid >= 0 else "not acknowledged")
+        self._drop_in_turn(mid, qos)
+
+    def _on_oversize(self, mid: int, qos: int, topic: bytes, size: int) -> None:
+        """An MQTT 5 PUBLISH whose properties alone are over maxPayloadBytes, not decoded
+        (DialedClient._oversize_properties): dropped as any message over it."""
+        self.counters["dropped_oversize"] += 1
+        log.warning("dropped a message on %.80r with %d bytes of MQTT 5 properties and payload: over"
+                    " maxPayloadBytes (%d)", topic, size, self.config.store.max_payload_bytes)
+        self._drop_in_turn(mid, qos)
+
+    def _drop_in_turn(self, mid: int, qos: int) -> None:
+        """A message not stored: acknowledged in its turn when its packet id could be read."""
         if qos == 1 and mid >= 0:
             now = time.monotonic()
             if not self.batch:
