@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -334,6 +335,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "purge" and not args.yes:
         print("flashlexctl: purge removes every inbox message; add --yes to confirm", file=sys.stderr)
+        return 2
+    if args.socket is None and os.environ.get(SOCKET_ENV) == "":  # as an empty --socket
+        print(f"flashlexctl: ${SOCKET_ENV} is set but empty (an unset variable?)", file=sys.stderr)
         return 2
     path = socket_path(args.socket)
     try:

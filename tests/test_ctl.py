@@ -103,6 +103,9 @@ def test_an_empty_socket_path_is_a_usage_error_not_the_default_daemon(harness):
     done = subprocess.run(CTL + ["--socket", "", "purge", "--yes"], capture_output=True, text=True,
                           env={**os.environ, "FLASHLEXD_SOCKET": harness.path}, timeout=30)
     assert done.returncode == 2 and "--socket: an empty path" in done.stderr, done.stderr
+    emptied = subprocess.run(CTL + ["purge", "--yes"], capture_output=True, text=True,
+                             env={**os.environ, "FLASHLEXD_SOCKET": ""}, timeout=30)
+    assert emptied.returncode == 2 and "$FLASHLEXD_SOCKET is set but empty" in emptied.stderr, emptied.stderr
     assert len(harness.store.messages()) == 1
 
 
