@@ -110,7 +110,8 @@ class DialedClient(paho.Client):
                 if not self._read:
                     self._held = b""
                     break
-            self._read_at = parse_publishes(self._read, self._read_at, v5, limit - len(found), found)
+            self._read_at = parse_publishes(self._read, self._read_at, v5, limit - len(found), found,
+                                            self.properties_limit if self.on_oversize_publish else None)
             if self._read_at < len(self._read):
                 break  # the limit, or a packet for paho
         if found:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import MalformedPacket, Properties, VariableByteIntegers
 
 # (topic as sent: bytes, UTF-8 not checked; payload; qos; retain; packet id; dup; properties:
 # paho `Properties`, or None under 3.1.1 and for an MQTT 5 packet without any)
@@ -29,9 +29,12 @@ _PLAIN = 0x30  # a PUBLISH's first byte with the QoS 2 bit clear (QoS 3 sets it 
 _KIND = 0xF4
 
 
-def parse_publishes(data: bytes, at: int, v5: bool, limit: int, found: List[Publish]) -> int:
+def parse_publishes(data: bytes, at: int, v5: bool, limit: int, found: List[Publish],
+                    properties_limit: Optional[int] = None) -> int:
     """Append to `found` each whole QoS 0/1 PUBLISH in `data` from offset `at` on, at most
-    `limit` of them, and return the offset after the last one taken (`at` if none)."""
+    `limit` of them, and return the offset after the last one taken (`at` if none). One with
+    an MQTT 5 property block over `properties_limit` bytes is left to paho's path, where
+    `DialedClient` drops it undecoded: the same however the reads cut the stream."""
     end = len(data)
     while limit > 0 and at < end:
         header = data[at]
@@ -65,6 +68,8 @@ def parse_publishes(data: bytes, at: int, v5: bool, limit: int, found: List[Publ
             if pos >= stop:
                 break  # no property length: malformed
             if data[pos]:
+                if properties_limit is not None and _block_length(data[pos:min(pos + 4, stop)]) > properties_limit:
+                    break
                 properties, used = _properties(data[pos:stop])
                 if properties is None:
                     break
@@ -75,6 +80,14 @@ def parse_publishes(data: bytes, at: int, v5: bool, limit: int, found: List[Publ
         at = stop
         limit -= 1
     return at
+
+
+def _block_length(head: bytes) -> int:
+    """A property block's length from its first bytes (0 when malformed: paho says so)."""
+    try:
+        return int(VariableByteIntegers.decode(head)[0])
+    except MalformedPacket:
+        return 0
 
 
 def _properties(block: bytes) -> Tuple[Optional[Properties], int]:

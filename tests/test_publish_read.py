@@ -182,3 +182,17 @@ def test_what_paho_must_judge_is_left_to_paho(packet: bytes, v5: bool) -> None:
     data = publish(b"before", b"p", v5=v5) + packet + publish(b"after", b"p", v5=v5)
     assert parse_publishes(data, 0, v5, 100, found) == len(data) - len(packet) - len(publish(b"after", b"p", v5=v5))
     assert [f[0] for f in found] == [b"before"]
+
+
+def test_a_property_block_over_the_limit_is_left_to_paho_as_at_any_read_boundary() -> None:
+    """The straight read decoded a block paho's path drops undecoded (over maxPayloadBytes):
+    whether a message was stored or dropped hung on where a socket read cut the stream."""
+    many = Properties(PacketTypes.PUBLISH)
+    many.UserProperty = [("a", "")] * 400  # a 2,400-byte block, whole in one read
+    big, after = publish(b"many", b"p", mid=2, properties=many), publish(b"after", b"p", mid=3)
+    data = publish(b"before", b"p") + big + after
+    found: List[Publish] = []
+    assert parse_publishes(data, 0, True, 100, found, properties_limit=1024) == len(data) - len(big) - len(after)
+    assert [f[0] for f in found] == [b"before"]
+    found.clear()
+    assert parse_publishes(data, 0, True, 100, found, properties_limit=4096) == len(data)
