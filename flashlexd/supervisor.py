@@ -284,7 +284,6 @@ class Supervisor:
         now = time.monotonic()
         self._catch_up(now, now - self.judged_at - handling - sleep)
         self._reap(now)
-        self._one_silence_at_a_time(now)
         for worker in self.workers.values():
             if worker.tick(now, self.config.supervision) and not self.shutting_down:
                 self._spawn(worker, now)
@@ -315,21 +314,6 @@ class Supervisor:
         for worker in self.workers.values():
             if worker.state in (State.STARTING, State.READY):
                 worker.excuse(late, now)
-
-    def _one_silence_at_a_time(self, now: float) -> None:
-        """Of the workers silent past heartbeatTimeoutSeconds only the longest silent is
-        judged, and none while one is being aborted: a worker stopped inside a write
-        transaction holds LMDB's write lock, and a worker writing after it waits on the lock in
-        silence. A stopped expiry worker got the ingress aborted too, its stack logged and a
-        restart counted against it (found by review). The others' silence counts again from
-        now; a second worker really hung is caught one timeout after the first is gone."""
-        timeout = self.config.supervision.heartbeat_timeout
-        silent = [w for w in self.workers.values()
-                  if w.state in (State.STARTING, State.READY) and now - w.last_heard > timeout]
-        if not any(w.state is State.HUNG for w in self.workers.values()) and silent:
-            silent.remove(min(silent, key=lambda w: w.last_heard))  # judged by its own tick
-        for worker in silent:
-            worker.excuse(now - worker.last_heard, now)
 
     def _sleep_time(self, now: float, ping: Optional[float]) -> float:
         """Seconds until the loop has something to do: the next status line, API deadline,
