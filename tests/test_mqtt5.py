@@ -341,6 +341,24 @@ def test_a_message_with_tens_of_thousands_of_user_properties_does_not_hang_the_i
     assert "with 10000004 bytes of MQTT 5 properties and payload: over maxPayloadBytes (262144)" in daemon.output()
 
 
+def test_empty_user_properties_count_as_sent_against_the_inbound_size_limit(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """The size limit counted a user property by its strings only: 500 bytes of payload with
+    150 empty pairs (750 bytes as sent) passed a 1 KiB maxPayloadBytes, as 52,428 of them with
+    200 KB passed the default 256 KB (found by re-read)."""
+    config = write_config(tmp_path / "config", broker, db={"maxPayloadBytes": 1024}, mqtt={"protocol": "5"})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    _publish_with_empty_user_properties(broker, [(b"x" * 500, 150), (b"y" * 500, 50)])
+    publish(broker, INGRESS_TOPIC, b"marker")
+    wait_for(lambda: b"marker" in [m.payload for m in store.messages()], 20, "the marker stored")
+    assert [m.payload for m in store.messages()] == [b"y" * 500, b"marker"]
+    worker.wait(lambda w: w.counters.get("dropped_oversize") == 1, 10, "counted")
+    assert worker.stop() == 0
+    store.close()
+
+
 def _publish_with_empty_user_properties(broker: Broker, messages: List[Tuple[bytes, int]]) -> None:
     """QoS 1 PUBLISHes, each with `count` empty user properties (5 bytes each on the wire),
     packed by hand: paho's own packing takes seconds for 40,000."""
