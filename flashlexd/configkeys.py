@@ -141,7 +141,7 @@ TABLE: Tuple[Key, ...] = (
         " Several apps acking or publishing at once: e.g. `10`",
         AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
-        "inbound limit: larger incoming messages (payload and MQTT 5 properties) are acknowledged"
+        "inbound limit: larger incoming messages (payload and MQTT 5 properties, counted as sent) are acknowledged"
         " and dropped, counted (for outbound,"
         " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames",
         AT_ONCE_AND_WORKERS, minimum=1, maximum=MAX_MQTT_PAYLOAD, maximum_why=" (the MQTT limit)",
