@@ -102,8 +102,9 @@ TABLE: Tuple[Key, ...] = (
         " crash: `json:<dotted.path>` reads it from a JSON payload (`json:id`, `json:meta.msgId`,"
         " `json:items.0`); a message whose key was stored in the last `windowSeconds` is"
         " acknowledged, counted in `duplicates` and not stored. A payload that is not JSON or lacks"
-        " the path is stored normally (counted in ingress's `dedupe_keyless`). `mqtt5:<user-property>`"
-        " reads it from an MQTT 5 user property (under MQTT 3.1.1 messages carry none: every message"
+        " the path, or whose key is null or empty, is stored normally (counted in ingress's"
+        " `dedupe_keyless`). `mqtt5:<user-property>` reads it from an MQTT 5 user property (absent or"
+        " empty: stored normally; under MQTT 3.1.1 messages carry none: every message"
         " is stored normally). See \"Delivery guarantees\"",
         WORKERS, shown="off"),
     Key(f"{_DB}.dedupe.windowSeconds", "seconds", DEDUPE_WINDOW_SECONDS,

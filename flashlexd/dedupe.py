@@ -8,7 +8,8 @@ its messages, the store refuses a second message with the same id within `window
 
 `json:<dotted.path>` reads the id from a JSON payload; `mqtt5:<user-property>` from an MQTT 5
 user property, so it takes effect only once the daemon speaks MQTT 5 (today's 3.1.1 messages
-carry none). A message without the key (not JSON, path missing) is stored normally.
+carry none). A message without the key (not JSON, path missing, null or empty) is stored
+normally: an empty id made every message carrying it a duplicate of the first (found by review).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class DedupeKey:
         if self.source == "mqtt5":
             for name, value in getattr(properties, "UserProperty", None) or ():
                 if name == self.name:
-                    return value.encode()
+                    return value.encode() or None  # empty: no id (every such message was one)
             return None
         try:
             value: Any = json.loads(payload)
@@ -54,6 +55,6 @@ class DedupeKey:
                 value = value[int(part)]
             else:
                 return None
-        if value is None:
+        if value is None or value == "":  # no id, not one id shared by all such messages
             return None
         return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()

@@ -110,6 +110,7 @@ def test_expired_keys_are_dropped_from_the_store(tmp_path: Path):
     (b'not json', None),
     (b'[1, 2]', None),
     (b'{"id": null}', None),
+    (b'{"id": ""}', None),  # no id: distinct messages carrying it were dropped as duplicates
     (b'{"id": {"b": 2, "a": 1}}', b'{"a":1,"b":2}'),
 ])
 def test_json_keys(payload: bytes, key: Any):
@@ -360,3 +361,6 @@ def test_mqtt5_user_property_key_once_properties_arrive():
     properties.UserProperty = [("other", "x"), ("msg-id", "a1")]
     assert DedupeKey.parse("mqtt5:msg-id").of(b"", properties) == b"a1"
     assert DedupeKey.parse("mqtt5:absent").of(b"", properties) is None
+    empty = Properties(PacketTypes.PUBLISH)
+    empty.UserProperty = [("msg-id", "")]  # no id, as absent (found by review)
+    assert DedupeKey.parse("mqtt5:msg-id").of(b"", empty) is None
