@@ -368,19 +368,18 @@ BAD_CONFIGS = [
           ("bad-ipv4", "10.0.0.300", ""))),
     # found by review: a password in the endpoint, or the key pasted in as PEM text, was echoed
     # (to the log, `flashlexd reload`, and `status`'s reload.refused, which apps may read)
-    ("endpoint-with-a-password", setting("flashlex.thing.endpoint", "https://admin:S3cretPw@broker.example.net:8883/"),
-     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
-     " 'https://***@broker.example.net:8883/': write broker.example.net and set flashlex.thing.mqtt.port: 8883"),
-    ("endpoint-with-a-slash-in-its-password", setting("flashlex.thing.endpoint", "mqtts://admin:s3c/ret@broker.example.com:8883"),
-     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
-     " 'mqtts://***@broker.example.com:8883': write broker.example.com and set flashlex.thing.mqtt.port: 8883"),
-    # found by re-read: a password of digits before its "/" was taken for a port, and shown
-    ("endpoint-with-a-digit-password", setting("flashlex.thing.endpoint", "mqtts://admin:2024/Secret@broker.example.com:8883"),
-     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
-     " 'mqtts://***@broker.example.com:8883': write broker.example.com and set flashlex.thing.mqtt.port: 8883"),
-    ("endpoint-with-an-at-in-its-password", setting("flashlex.thing.endpoint", "mqtts://admin:p@ss/w@rd@broker.example.com"),
-     "flashlex.thing.endpoint: expected a host name or an IP address alone, got"
-     " 'mqtts://***@broker.example.com': write broker.example.com"),
+    # (found by re-read: a password of digits before its "/" was taken for a port, and shown)
+    *((f"endpoint-with-{name}", setting("flashlex.thing.endpoint", endpoint),
+       f"flashlex.thing.endpoint: expected a host name or an IP address alone, got {shown!r}: {hint}")
+      for name, endpoint, shown, hint in (
+          ("a-password", "https://admin:S3cretPw@broker.example.net:8883/", "https://***@broker.example.net:8883/",
+           "write broker.example.net and set flashlex.thing.mqtt.port: 8883"),
+          ("a-slash-in-its-password", "mqtts://admin:s3c/ret@broker.example.com:8883",
+           "mqtts://***@broker.example.com:8883", "write broker.example.com and set flashlex.thing.mqtt.port: 8883"),
+          ("a-digit-password", "mqtts://admin:2024/Secret@broker.example.com:8883",
+           "mqtts://***@broker.example.com:8883", "write broker.example.com and set flashlex.thing.mqtt.port: 8883"),
+          ("an-at-in-its-password", "mqtts://admin:p@ss/w@rd@broker.example.com", "mqtts://***@broker.example.com",
+           "write broker.example.com"))),
     ("private-key-pasted-in", setting("flashlex.thing.keys.privateKey",
                                       "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgE\n-----END PRIVATE KEY-----\n"),
      "flashlex.thing.keys.privateKey: expected a file name, got what looks like the PEM text itself (not"
