@@ -111,6 +111,7 @@ def _linear_unpack(self: Any, buffer: Any) -> Any:
 
 
 USER_PROPERTY = 38
+_FIXED_SIZES = {"Byte": 1, "Two Byte Integer": 2, "Four Byte Integer": 4}  # paho's type names
 _NAMES: Dict[int, str] = {}
 
 
@@ -124,7 +125,7 @@ def _names(properties: Any) -> Dict[int, str]:
 def _property_value(buffer: Any, at: int, end: int, kind: str) -> Tuple[Any, int]:
     """The value of a property of type `kind` at `at` (its block ends at `end`) and its size
     in bytes, as paho reads it; only the value's own bytes are sliced."""
-    size = {"Byte": 1, "Two Byte Integer": 2, "Four Byte Integer": 4}.get(kind)
+    size = _FIXED_SIZES.get(kind)
     if size is not None:
         if at + size > end:
             raise MalformedPacket(f"Not enough data to read a {kind}")

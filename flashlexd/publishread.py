@@ -10,9 +10,10 @@ Only the plain case is taken: a PUBLISH at QoS 0 or 1 lying whole in the buffer.
 stops at anything else (another packet type, QoS 2, a packet cut by the end of the read,
 anything paho would call malformed) and leaves it to paho, which handles it as before. A
 non-empty MQTT 5 property block is decoded by paho's own `Properties.unpack` (made linear in
-pahoimport.py), so properties are paho's to the byte. QoS 2 never comes (the ingress subscribes at QoS 1), nor do topic
-aliases (our CONNECT sets no Topic Alias Maximum); either would still get what paho gives it
-(an empty topic is left to `DialedClient._handle_publish`, which calls it malformed).
+pahoimport.py), so properties are paho's to the byte. QoS 2 never comes (the ingress
+subscribes at QoS 1), nor do topic aliases (our CONNECT sets no Topic Alias Maximum); either
+would still get what paho gives it (an empty topic is left to `DialedClient._handle_publish`,
+which calls it malformed).
 """
 from __future__ import annotations
 

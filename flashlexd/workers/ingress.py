@@ -71,7 +71,7 @@ REFUSED_LOG_SECONDS = 600.0   # the store refusing again within this: DEBUG, cou
 RESUMED_QUIET_SECONDS = 10.0  # storing this long without a refusal ends a logged refusal's episode
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
 FILTERS_PER_SUBSCRIBE = 8      # AWS IoT Core closes the link on a SUBSCRIBE/UNSUBSCRIBE with more
-PROPERTY_WIRE = 5  # bytes an MQTT 5 property or user property pair takes beyond its strings, at most
+PROPERTY_WIRE = 5              # bytes an MQTT 5 property or user property pair takes beyond its strings, at most
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
 
 
