@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -25,6 +26,13 @@ log = logging.getLogger("flashlexd.client")
 RECONNECT_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between tries while the daemon is away
 BUSY_PAUSE = 1.0  # seconds a follower waits before asking a busy daemon again
 BUSY_RETRY_FIRST = 0.05  # seconds before a call answered `busy` is first asked again (doubling)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:  # gone since: as a dead socket
+        return True
 
 
 def socket_path(path: Optional[str] = None) -> str:
@@ -129,6 +137,9 @@ class Client:
             return DaemonNotRunning(f"flashlexd is not running: no socket at {path} "
                                     f"(set ${SOCKET_ENV} or --socket if it listens elsewhere)", path)
         if isinstance(exc, ConnectionRefusedError):
+            if not _is_socket(path):  # a config file or a log given by mistake refuses as well
+                return DaemonNotRunning(f"{path} is not a socket (the daemon listens on its config's "
+                                        "flashlex.app.socket.path)", path)
             return DaemonNotRunning(f"flashlexd is not running: nothing listens on {path}", path)
         if isinstance(exc, PermissionError):
             return PermissionDenied(f"permission denied on {path}: {_group_hint(path)}")

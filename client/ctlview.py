@@ -9,6 +9,7 @@ import base64
 import os
 import select
 import sys
+import unicodedata
 from typing import Any, Dict, List, Optional, Sequence
 
 from flashlexd.client.escape import printable
@@ -71,14 +72,22 @@ def preview(payload: bytes, width: int = 60) -> Safe:
     return Safe(text if len(text) <= width else text[:width - 3] + "...")
 
 
+def columns(text: str) -> int:
+    """How many terminal columns `text` takes: a wide (CJK) character two, a combining mark
+    none; `len` misaligned the columns after a topic in Chinese."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
 def table(headers: Sequence[str], rows: List[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """Aligned columns of escaped cells; the last column is not padded (it is usually the long one)."""
     cells = [[c if isinstance(c, Safe) else printable(str(c)) for c in row]
              for row in [list(headers)] + [list(r) for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [max(columns(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
-        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row[:-1])]
+        pads = [" " * (widths[i] - columns(c)) for i, c in enumerate(row[:-1])]
+        out = [pad + c if i in right else c + pad for i, (c, pad) in enumerate(zip(row, pads))]
         lines.append("  ".join(out + [row[-1]]).rstrip())
     return "\n".join(lines)
 

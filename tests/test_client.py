@@ -392,6 +392,10 @@ def test_daemon_not_running_names_the_path(tmp_path):
     dead.close()
     with pytest.raises(DaemonNotRunning, match=f"nothing listens on {stale}"):
         connect(stale)
+    config = tmp_path / "flashlex.yml"
+    config.write_text("flashlex: {}\n")
+    with pytest.raises(DaemonNotRunning, match=f"^{config} is not a socket "):
+        connect(str(config))
 
 
 def test_socket_from_the_environment(harness, monkeypatch):

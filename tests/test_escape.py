@@ -129,3 +129,11 @@ def test_status_and_outbox_renderings_escape_what_the_daemon_reports() -> None:
         {**status, "mqtt": {"ingress": {"connected": False, "error": "plain"}}}, "/p").splitlines())
     rows = ctlview.table(("ID", "TOPIC"), [(1, "out/\x1b[31m\u009b")])
     assert rows.splitlines()[1] == "1   out/\\x1b[31m\\x9b"
+
+
+def test_table_columns_stay_aligned_after_wide_and_combining_characters() -> None:
+    from flashlexd.client import ctlview
+    text = ctlview.table(("TOPIC", "N", "NOTE"), [("温度/传感器", 1, "x"), ("cafe\u0301", 22, "y"),
+                                                  ("plain", 333, "z")], right=(1,))
+    assert text.splitlines() == ["TOPIC          N  NOTE", "温度/传感器    1  x",
+                                 "cafe\u0301          22  y", "plain        333  z"]
