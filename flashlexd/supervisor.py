@@ -464,7 +464,8 @@ class Supervisor:
         else:
             dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""
             store = f"inbox {stats['inbox_count']}; outbox {stats['outbox_count']}{dead}"
-        return f"{', '.join(links)}; {store}; workers {up}/{len(self.workers)}"
+        api = "; API socket unreachable (see the log)" if self.api is not None and self.api.socket_trouble else ""
+        return f"{', '.join(links)}; {store}; workers {up}/{len(self.workers)}{api}"
 
     def status(self) -> Dict[str, Any]:
         """The supervisor's part of the API's `status`."""

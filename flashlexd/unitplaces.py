@@ -163,8 +163,10 @@ def unit_values(places: Places, user: str, group: str, venv: str, config: str,
     group = service_group(places, user, group)
     runtime = _under(socket_dir(places), "/run/")
     outsiders = bool(places.allow_uids) or bool(places.socket_group and places.socket_group != group)
+    # kept at a stop: systemd removes a RuntimeDirectory= when a unit stops (or fails to start)
+    # even while another unit's daemon has its socket there
     runtime_lines = (f"RuntimeDirectory={unit_word(runtime)}\nRuntimeDirectoryMode={'0755' if outsiders else '0750'}"
-                     if runtime else "")
+                     "\nRuntimeDirectoryPreserve=yes" if runtime else "")
     state = _under(places.data_dir, "/var/lib/")
     # systemd sets the mode again at each start: 0711 when the socket is inside it, as the daemon does
     state_lines = f"StateDirectory={unit_word(state)}\nStateDirectoryMode=0{_data_dir_mode(places):o}" if state else ""

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -205,3 +207,40 @@ def test_flashlexctl_status_is_zero_when_healthy_and_two_when_not_running(daemon
     missing = subprocess.run([FLASHLEXCTL, "--socket", str(tmp_path / "none.sock"), "status"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+
+
+def test_a_socket_file_removed_under_the_daemon_is_bound_again_and_another_ones_left_alone(
+        daemon_config, tmp_path):
+    """Found by review: two units sharing a RuntimeDirectory= removed each other's socket at
+    every stop; the daemon stayed "healthy" while no app could reach it until a restart."""
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    path = str(daemon.socket_path)
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        with connect(path) as held:  # a connection made before keeps working throughout
+            os.unlink(path)
+            wait_for(lambda: "listening on it again" in daemon.output(), 10, "the socket bound again")
+            with connect(path) as fx:
+                assert fx.status()["workers"]
+            os.unlink(path)
+            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            squatter.bind(path)
+            squatter.listen(1)
+            squatted = os.stat(path).st_ino
+            try:
+                wait_for(lambda: "was replaced by another process's" in daemon.output(), 10, "the ERROR line")
+                wait_for(lambda: any("API socket unreachable" in line for _, line in notify.lines()),
+                         5, "the STATUS= line saying it")
+                assert os.stat(path).st_ino == squatted  # left alone
+                assert held.status()["workers"]
+            finally:
+                squatter.close()
+            os.unlink(path)
+            wait_for(lambda: daemon.output().count("listening on it again") == 2, 10, "bound again")
+            with connect(path) as fx:
+                assert fx.status()["workers"]
+            assert daemon.output().count("was replaced by another process's") == 1, daemon.output()
+    finally:
+        daemon.stop()
+        notify.close()

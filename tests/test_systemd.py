@@ -258,6 +258,36 @@ def test_a_socket_inside_the_state_directory_stays_reachable(start_service, daem
     assert "set to 0711" not in service.log.read_text(errors="replace")
 
 
+def test_a_second_unit_sharing_the_runtime_directory_leaves_the_first_ones_socket(
+        start_service, daemon_config, tmp_path):
+    """Found by review: two units with sockets in /run/flashlexd shared RuntimeDirectory=, and
+    stopping (or a failed start of) either removed the directory with the other's socket: the
+    other looked healthy while no app could reach it, and a unit given the same socket.path by
+    mistake bound it at its restart and served the first one's apps as another thing."""
+    service = start_service(edited(daemon_config))
+    running(service)
+    second = yaml.safe_load(daemon_config.read_text())
+    second["flashlex"]["thing"]["name"] = "second-thing"
+    second["flashlex"]["app"]["db"]["dataPath"] = str(tmp_path / "second-data")
+    second["flashlex"]["app"]["socket"] = {"path": "/run/flashlexd/second.sock"}
+    config = daemon_config.parent / "second.yml"
+    config.write_text(yaml.safe_dump(second))
+    places, _ = read_places(config)
+    make_directories(places, "root", "root")
+    units = service.units
+    (units / "flashlexd-second.service").write_text(
+        render_unit(venv=sys.prefix, config=str(config), user="root", group="", places=places))
+    (units / "flashlexd-second.service.d").mkdir()
+    shutil.copy(units / f"{UNIT}.d" / "test.conf", units / "flashlexd-second.service.d")
+    service.run("systemctl", "daemon-reload", check=True)
+    service.run("systemctl", "start", "flashlexd-second", check=True)
+    wait_for(lambda: _connected(service, "/run/flashlexd/second.sock"), 30, "the second unit")
+    service.run("systemctl", "stop", "flashlexd-second", check=True)
+    assert service.run("test", "-S", SOCKET).returncode == 0, "the first unit's socket was removed"
+    assert _connected(service, SOCKET)
+    assert "RuntimeDirectoryPreserve=yes" in service.unit
+
+
 @pytest.fixture
 def socket_group():
     """A system group for the test; requested before `start_service`, so that it is removed

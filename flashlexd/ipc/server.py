@@ -31,7 +31,7 @@ from flashlexd.ipc.admission import Admission, peer_credentials
 from flashlexd.ipc.connection import Connection, ByteBudget, Received
 from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_error, encode_result,
                                     parse_request)
-from flashlexd.ipc.socketfile import ServerError, bind_socket
+from flashlexd.ipc.socketfile import ServerError, bind_socket, socket_file_state
 from flashlexd.logs import KindThrottle, LineThrottle
 
 __all__ = ["Handler", "RpcServer", "ServerError"]
@@ -70,7 +70,9 @@ class RpcServer:
         self._own_selector = selector is None
         self.selector = selector or selectors.DefaultSelector()
         self._admission = Admission(allow_uids, group)
+        self._mode, self._group = mode, group
         self._listener, self._inode = bind_socket(path, mode, group)
+        self.socket_trouble: Optional[str] = None  # why apps cannot reach the socket file now
         self.selector.register(self._listener, selectors.EVENT_READ, self)
         self._spare = fds.SpareFd()
         self._out_of_fds = False  # logged once per episode
@@ -146,6 +148,7 @@ class RpcServer:
         if now < self._next_sweep:
             return
         self._next_sweep = now + self._sweep_every()
+        self._keep_socket_file()
         for conn in list(self._conns):
             if conn.reading and now - conn.frame_started > self.limits.frame_timeout:  # type: ignore[operator]
                 got, announced = conn.frame_progress()
@@ -231,6 +234,36 @@ class RpcServer:
     @property
     def parked_count(self) -> int:
         return len(self._parked)
+
+    def _keep_socket_file(self) -> None:
+        """Bind again when the socket file was removed under the running daemon: a second unit
+        sharing its RuntimeDirectory= removed the directory when it stopped, and the daemon
+        looked healthy while no app could reach it. Another process's socket at the path is
+        left alone. Each change is logged once; `socket_trouble` says it in the STATUS= line."""
+        state = socket_file_state(self.path, self._inode)
+        if state == "ours":
+            return
+        if state == "other":
+            trouble = (f"API socket {self.path} was replaced by another process's (another flashlexd"
+                       " with the same socket.path?): apps reach that one, not this daemon")
+        else:
+            try:
+                listener, inode = bind_socket(self.path, self._mode, self._group)
+            except ServerError as exc:
+                trouble = (f"API socket {self.path} was removed under the running daemon and binding"
+                           f" it again failed ({exc}): apps cannot reach it; trying every second")
+            else:
+                if self._accept_paused_until is None:
+                    self.selector.unregister(self._listener)
+                    self.selector.register(listener, selectors.EVENT_READ, self)
+                self._listener.close()
+                self._listener, self._inode, self.socket_trouble = listener, inode, None
+                log.warning("API socket %s was removed under the running daemon (by a unit sharing"
+                            " its directory, or by hand); listening on it again", self.path)
+                return
+        if trouble != self.socket_trouble:
+            log.error("%s", trouble)
+        self.socket_trouble = trouble
 
     def close(self) -> None:
         """Close every connection and the listener; remove the socket file if it is still ours."""

@@ -123,6 +123,17 @@ def bind_socket(path: str, mode: int = 0o660, group: Optional[str] = None) -> Tu
     return sock, inode
 
 
+def socket_file_state(path: str, inode: int) -> str:
+    """"ours" while `path` is the socket bound with `inode`; "gone" when nothing is there (or
+    its directory is gone); "other" when another file took the path."""
+    try:
+        return "ours" if os.stat(path).st_ino == inode else "other"
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return "other"
+
+
 def closed_to_uids(path: str, allow_uids: Sequence[int]) -> Optional[str]:
     """Why the users of allowUids cannot reach the socket at `path`, or None: the socket is
     0666 for them, but a directory on its way that others may not search (no o+x) stops them
