@@ -76,12 +76,12 @@ def _legacy(path: str, doc: str, reload: str = UNUSED) -> Key:
 _DB, _SOCKET, _SUP = "flashlex.app.db", "flashlex.app.socket", "flashlex.app.supervisor"
 _THING, _MQTT = "flashlex.thing", "flashlex.thing.mqtt"
 _BACKOFF = f"{_MQTT}.autoReconnectBackoffTime"
-# a reload changing the ingress client id: a new broker session, the old one not drained
+# a new ingress client id (by a reload, or while stopped): a new broker session, the old one not drained
 _CLIENT_ID_SWITCH = (
-    "changed by a reload, messages published during the switch stay in the old id's session at the"
-    " broker (until its session expiry) and are not fetched (one WARNING, and `flashlexd reload`"
-    " says so): stop the publishers first, or drain the old id afterwards (e.g. `mosquitto_sub -c"
-    " -i OLDID ...`)")
+    "changed by a reload or while stopped, messages published during the switch stay in the old"
+    " id's session at the broker (until its session expiry) and are not fetched (one WARNING,"
+    " `flashlexd reload` says so too; the data dir's inbox and outbox are kept): stop the publishers"
+    " first, or drain the old id afterwards (e.g. `mosquitto_sub -c -i OLDID ...`)")
 
 TABLE: Tuple[Key, ...] = (
     _legacy("flashlex.app.api",

@@ -274,6 +274,23 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         self._write(lambda txn: txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta))
 
     @guarded
+    def ingress_sessions(self) -> Dict[str, float]:
+        """Each ingress client id this store held a broker session of (only the ingress records
+        a session's topic filters) -> when its link was last up (wall clock)."""
+        found: Dict[str, float] = {}
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._meta)
+            if not cursor.set_range(_TOPICS):
+                return found
+            for key in cursor.iternext(values=False):
+                if not bytes(key).startswith(_TOPICS):
+                    break
+                raw = txn.get(_SESSION + bytes(key)[len(_TOPICS):], db=self._meta)
+                if raw is not None and len(raw) == _WALL.size:
+                    found[bytes(key)[len(_TOPICS):].decode("utf-8", "replace")] = _WALL.unpack(raw)[0]
+        return found
+
+    @guarded
     def session_topics(self, client_id: str) -> List[str]:
         """The topic filters the session `client_id`'s broker keeps may hold (the ingress's
         record): a filter taken out of the config stays in that session, and its messages keep

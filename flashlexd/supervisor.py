@@ -43,6 +43,8 @@ EXIT_LOOP_FAILING = 1  # the supervisor's own loop kept failing: systemd restart
 EXIT_STORE_GONE = 1  # the data dir was removed or replaced under the daemon: so does this
 MAX_SLEEP = 1.0  # seconds; the loop looks at its deadlines at least this often
 STATUS_EVERY = 1.0
+STRANDED = ("messages published during the switch stay in the old id's session at the broker (until"
+            " its session expiry) and are not fetched")
 # Seconds an API write may wait for the store's write lock. A worker stopped inside a write
 # transaction holds that lock until it is killed, and killing it is this loop's job: an
 # unbounded wait here would hang the whole daemon (the API answers store_error meanwhile).
@@ -154,6 +156,7 @@ class Supervisor:
             return 0
         self.store.open_ack_journal()  # what a crash left unapplied, applied before serving
         self._forget_fallbacks()
+        self._note_other_client_id()
         self.api = self._start_api()
         self.consumers.declare()
         now = time.monotonic()
@@ -223,6 +226,22 @@ class Supervisor:
             self.store.forget_fallbacks()
         except StoreError as exc:  # a damaged store is read-only: its workers then probe anew
             log.debug("protocol fallbacks not forgotten: %s", exc)
+
+    def _note_other_client_id(self) -> None:
+        """A data dir whose ingress last connected under another client id (thing.name or
+        clientId edited while stopped, a data dir moved between things): said at a reload only,
+        the messages queued for the old id were left at the broker without a word."""
+        try:
+            sessions = self.store.ingress_sessions()  # type: ignore[union-attr]
+        except StoreError as exc:
+            log.debug("earlier client ids not looked at: %s", exc)
+            return
+        new = self.config.thing.mqtt.client_id
+        old = max(sessions, key=sessions.__getitem__, default=new)
+        if old != new:
+            log.warning("this data dir's ingress last connected as client id %r, now %r (thing.name"
+                        " or clientId changed, or the data dir is another thing's): %s; the inbox and"
+                        " outbox are kept, the outbox sent as the new id", old, new, STRANDED)
 
     def _checking_pages(self, read: int, pages: int) -> None:
         stop = next((s for s in self.signals if s in (signal.SIGTERM, signal.SIGINT)), None)
@@ -568,9 +587,7 @@ class Supervisor:
         switch is queued in the old id's session, which nobody fetches (no drain: a clone of
         this image may still use the old id)."""
         if new != old:
-            self._reload_note(f"ingress client id changed from {old!r} to {new!r}: messages published"
-                              " during the switch stay in the old id's session at the broker (until its"
-                              " session expiry) and are not fetched")
+            self._reload_note(f"ingress client id changed from {old!r} to {new!r}: {STRANDED}")
 
     def _reload_done(self) -> None:
         """READY=1 ends a reload only once the start has announced it (every worker up): a

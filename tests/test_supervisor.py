@@ -254,6 +254,35 @@ def test_a_reload_changing_the_client_id_says_what_stays_in_the_old_session(daem
     assert daemon.output().count(note) == 1
 
 
+def test_a_start_under_another_client_id_says_what_stays_in_the_old_session(daemon, notify, daemon_config):
+    """Found by review: thing.name changed while the daemon was stopped (or a data dir moved
+    to another thing) left what the broker queued for the old id there without a word, as a
+    reload did before it said so. Said once, until the new id has connected."""
+    from flashlexd.config import load
+    old = load(str(daemon_config)).thing.mqtt.client_id
+    warning = (f"this data dir's ingress last connected as client id {old!r}, now 'renamed-thing'"
+               " (thing.name or clientId changed, or the data dir is another thing's): messages published"
+               " during the switch stay in the old id's session at the broker (until its session expiry)"
+               " and are not fetched; the inbox and outbox are kept, the outbox sent as the new id")
+
+    def ingress_up() -> None:
+        daemon.wait_api()
+        with connect(str(daemon.socket_path)) as fx:
+            wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 15, "the ingress link")
+
+    ingress_up()
+    daemon.stop()
+    assert "last connected as client id" not in daemon.output()
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(clientId="renamed-thing"))
+    daemon.start()
+    ingress_up()
+    assert daemon.output().count(warning) == 1, daemon.output()
+    daemon.stop()
+    daemon.start()  # the new id's link was up since: nothing more to say
+    ingress_up()
+    assert daemon.output().count(warning) == 1, daemon.output()
+
+
 @pytest.mark.parametrize("group, reason", [
     ("no-such-group-flashlexd", "socket group 'no-such-group-flashlexd' does not exist (flashlex.app.socket.group)"),
     ("nogroup", "the running service is not in group 'nogroup' (flashlex.app.socket.group): a new socket"
