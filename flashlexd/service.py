@@ -110,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     if target is None:
         sys.stdout.write(text)
         return 0
+    other = _other_config(target, text) if args.install and kind == "unit" else None
+    if other:
+        print(f"flashlexd: {target} runs another config ({other}); installing would switch that"
+              f" service to this one: remove it first if that is meant, or write this unit under"
+              f" another name (--output /etc/systemd/system/flashlexd-NAME.service)", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         paths.make_dir(target.parent, 0o755)  # explicit modes: a loose umask must not widen them
         target.write_text(text)
@@ -128,6 +134,19 @@ def run(args: argparse.Namespace) -> int:
             make_directories(places, args.user, service_group(places, args.user, args.group))
         _after_install(kind, live)
     return 0
+
+
+def _other_config(target: Path, text: str) -> Optional[str]:
+    """The config an installed unit at `target` runs, when not the one `text` runs: a second
+    thing's --install replaced the first one's unit without a word."""
+    def config_word(unit: str) -> Optional[str]:
+        line = next((l for l in unit.splitlines() if l.startswith("ExecStart=")), "")
+        return line.partition(" --config ")[2].partition(" --keys-dir ")[0] or None
+    try:
+        old = config_word(target.read_text(errors="replace"))
+    except OSError:
+        return None  # none yet, or unreadable: writing it says why
+    return old if old is not None and old != config_word(text) else None
 
 
 def _exposed(places: Places, used: Dict[str, str]) -> Optional[str]:

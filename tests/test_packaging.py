@@ -175,6 +175,25 @@ def test_install_writes_the_unit_in_place(tmp_path):
     assert result.stdout == ""
 
 
+def test_install_refuses_to_switch_an_installed_unit_to_another_config(tmp_path):
+    """Found by review: a second thing's --install replaced the first one's unit ("wrote ...",
+    exit 0), which then started the second thing and left the first one's data dir behind."""
+    root = str(tmp_path / "root")
+    first = service("--dir", "/opt/fx", "--install", "--root", root)
+    assert first.returncode == 0, first.stderr
+    unit = tmp_path / "root/etc/systemd/system/flashlexd.service"
+    installed = unit.read_text()
+    again = service("--dir", "/opt/fx", "--user", "pi", "--install", "--root", root)  # the same config
+    assert again.returncode == 0 and "User=pi" in unit.read_text(), again.stderr
+    other = service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--install", "--root", root)
+    assert other.returncode == 2, other.stderr  # after the note that the config is not there
+    assert other.stderr.splitlines()[-1].startswith(f"flashlexd: {unit} runs another config (/opt/fx/keys/config.yml);")
+    assert "User=pi" in unit.read_text() and unit.read_text() != installed.replace("/config.yml", "/b.yml")
+    unit.unlink()
+    assert service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--install", "--root",
+                   root).returncode == 0 and "/opt/fx/keys/b.yml" in unit.read_text()
+
+
 def _render(tmp_path: Path, app: dict, *args: str, thing: Optional[dict] = None) -> subprocess.CompletedProcess:
     config = tmp_path / "config.yml"
     config.write_text(json.dumps({"flashlex": {"app": app, **({"thing": thing} if thing else {})}}))  # JSON is YAML
