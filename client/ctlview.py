@@ -160,9 +160,11 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     for side in ("ingress", "egress"):  # the worker's own counters: since that process started
         info = dict(mqtt.get(side) or {})
         protocol = info.pop("protocol", None)
+        client_id = info.pop("client_id", None)  # which thing: several daemons may share a host
         word = "not connected"
         if info.pop("connected", False):
             word = f"connected with MQTT {protocol}" if protocol else "connected"
+        word += f" as {printable(client_id)}" if client_id else ""
         error = info.pop("error", None)
         word += f", {error}" if error else ""
         granted = info.pop("subscriptions", None)
@@ -179,7 +181,8 @@ def render_status(status: Dict[str, Any], path: str) -> str:
               f"outbox    {outbox.get('count', 0)} queued{oldest_text(outbox)}{_in_flight(outbox)}"
               f" (offline queueing: {cap_text}), {plural(outbox.get('dead') or 0, 'dead letter')}",
               f"store     {human_bytes(used)} of {human_bytes(cap)}{share},"
-              f" when full: {store.get('when_full', '?')}"]
+              f" when full: {store.get('when_full', '?')}" + (f", in {printable(store['path'])}"
+                                                              if store.get("path") else "")]
     consumers = status.get("consumers") or []
     if consumers:  # named consumers (flashlexctl consumers has the full table)
         lines.append("consumers " + "; ".join(f"{c.get('name')} backlog {backlog_text(c)}"

@@ -140,7 +140,7 @@ def _other_config(target: Path, text: str) -> Optional[str]:
     """The config an installed unit at `target` runs, when not the one `text` runs: a second
     thing's --install replaced the first one's unit without a word."""
     def config_word(unit: str) -> Optional[str]:
-        line = next((l for l in unit.splitlines() if l.startswith("ExecStart=")), "")
+        line = next((text for text in unit.splitlines() if text.startswith("ExecStart=")), "")
         return line.partition(" --config ")[2].partition(" --keys-dir ")[0] or None
     try:
         old = config_word(target.read_text(errors="replace"))

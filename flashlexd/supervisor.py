@@ -497,8 +497,9 @@ class Supervisor:
             "ready": self.announced_ready,
             "workers": workers,
             # the worker's connection reports are events, fresher than its heartbeat counters
-            "mqtt": {name: {**self.workers[name].counters, **self.workers[name].mqtt}
-                     for name in ("ingress", "egress")},
+            "mqtt": {name: {"client_id": client_id, **self.workers[name].counters, **self.workers[name].mqtt}
+                     for name, client_id in (("ingress", self.config.thing.mqtt.client_id),
+                                             ("egress", self.config.thing.mqtt.egress_client_id))},
             "rates": self.rates.rates(),
             "wear": self.wear.figures(),  # put in "store" by the `status` method
             # added to the store's totals by the `status` method

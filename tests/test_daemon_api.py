@@ -203,7 +203,11 @@ def test_flashlexctl_status_is_zero_when_healthy_and_two_when_not_running(daemon
     healthy = subprocess.run([FLASHLEXCTL, "--socket", str(daemon.socket_path), "status"],
                              capture_output=True, text=True, timeout=30)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-    assert "ingress" in healthy.stdout
+    from flashlexd.config import load
+    config = load(str(daemon.config))  # which thing and data dir: several daemons may share a host
+    assert f" as {config.thing.mqtt.client_id}, subscribed to " in healthy.stdout, healthy.stdout
+    assert f" as {config.thing.mqtt.egress_client_id}" in healthy.stdout, healthy.stdout
+    assert f", in {config.store.data_dir}" in healthy.stdout, healthy.stdout
     missing = subprocess.run([FLASHLEXCTL, "--socket", str(tmp_path / "none.sock"), "status"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
