@@ -11,7 +11,8 @@
 One `Client` per thread is the simple rule: a Client is thread-safe (a lock serialises its
 calls) but a thread blocked in `wait` holds the others up. Errors are `FlashlexError`s:
 `DaemonNotRunning` (names the socket path), `RpcError` (with `.code`), `ProtocolError`,
-`PermissionDenied`, `RpcTimeout`.
+`PermissionDenied`, `RpcTimeout`, `ConnectionLost` (the daemon went away during a call; its
+`.method` says which).
 """
 from __future__ import annotations
 

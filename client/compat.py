@@ -30,7 +30,7 @@ import threading
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from flashlexd.client.connection import Client, socket_path as resolved_socket
-from flashlexd.client.errors import DaemonNotRunning, FlashlexError, RpcTimeout
+from flashlexd.client.errors import ConnectionLost, DaemonNotRunning, FlashlexError, RpcTimeout
 from flashlexd.client.message import Message
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import ID_LIMIT, MAX_LIMIT, SOCKET_ENV, Code
@@ -263,7 +263,11 @@ class FlashlexSDK:
             raise KeyError('pk key is required')
         record_id = _pk_id(pk)
         try:
-            removed = self.client.ack([record_id])
+            try:
+                removed: Optional[int] = self.client.call("ack", ids=[record_id])
+            except ConnectionLost:  # a restart: the ack may be done, its answer lost with the link
+                self.client.call("ack", ids=[record_id])
+                removed = None  # a 0 now says nothing of the pk: no KeyError for a removed record
         except FlashlexError as exc:
             return self._failed(exc, None)
         self._answered()

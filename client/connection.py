@@ -393,6 +393,7 @@ class Client:
                 tries += 1
 
     def close(self) -> None:
+        """Close the connection; a later call connects again."""
         with self._lock:
             self._drop()
 
@@ -405,6 +406,8 @@ class Client:
     # -- the API --------------------------------------------------------------------------------
 
     def status(self) -> Dict[str, Any]:
+        """The daemon's health and figures (workers, links, inbox, outbox, store): README's
+        `status()` keys, what `flashlexctl status` shows."""
         return self.call("status")
 
     def messages(self, limit: int = 100, topic: Optional[str] = None,
@@ -418,6 +421,8 @@ class Client:
              after: Optional[IdLike] = None,
              user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """Messages as soon as there are any (oldest first); [] after `timeout` seconds."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < 1e9:
+            raise ValueError(f"timeout must be a number of seconds, 0 or more, not {timeout!r}")
         return [Message.from_wire(m) for m in self.records(limit, topic, after, timeout, user_property)]
 
     def records(self, limit: int = 100, topic: Optional[str] = None, after: Optional[IdLike] = None,
@@ -528,7 +533,7 @@ class Client:
         outbox keeps flowing). `after` is an exclusive id, for paging."""
         params: Dict[str, Any] = {"limit": limit, "dead": dead}
         if after is not None:
-            params["after"] = int(after) if isinstance(after, str) else _entry_id(after)
+            params["after"] = _entry_id(int(after) if isinstance(after, str) and after.isdigit() else after)
         result = self.call("outbox", **params)
         result["entries"] = [OutboxEntry.from_wire(e) for e in result.get("entries", [])]
         return result
@@ -607,8 +612,8 @@ class Client:
 def _listed(ids: Any, single: Tuple[type, ...]) -> Iterable[Any]:
     """`ids` as a list of ids: one id alone is one, not its characters (`ack("12")` acked
     messages 1 and 2); bytes are refused (their items are byte values)."""
-    if isinstance(ids, (bytes, bytearray, memoryview)):
-        raise TypeError("ids must be ids or a list of them, not bytes")
+    if isinstance(ids, (bytes, bytearray, memoryview)) or ids is None:
+        raise TypeError(f"ids must be ids or a list of them, not {type(ids).__name__}")
     return [ids] if isinstance(ids, single) else ids
 
 

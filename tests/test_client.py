@@ -374,6 +374,22 @@ def test_a_lone_surrogate_is_bad_params_naming_the_param(fx, method, params, nam
     assert fx.outbox()["count"] == 0
 
 
+@pytest.mark.parametrize("call, error, words", [
+    (lambda fx: fx.wait(timeout="5"), ValueError, "timeout must be a number of seconds, 0 or more, not '5'"),
+    (lambda fx: fx.wait(timeout=-1), ValueError, "timeout must be a number of seconds, 0 or more, not -1"),
+    (lambda fx: fx.ack(None), TypeError, "ids must be ids or a list of them, not NoneType"),
+    (lambda fx: fx.outbox(after="abc"), TypeError, "an outbox entry id must be an int or an OutboxEntry"),
+])
+def test_a_wrong_argument_is_named_by_the_client(fx, call, error, words):
+    """Found by review: these raised Python's own words (`unsupported operand type(s) for +`,
+    `'NoneType' object is not iterable`, `invalid literal for int()`), and a negative wait
+    timeout was taken as a peek."""
+    with pytest.raises(error) as info:
+        call(fx)
+    assert str(info.value).startswith(words)
+    assert fx.wait(timeout=0) == [] and fx.outbox(after="0")["count"] == 0
+
+
 def test_unknown_method(fx):
     with pytest.raises(RpcError) as info:
         fx.call("frobnicate")

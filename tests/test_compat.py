@@ -6,9 +6,11 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,71 @@ def test_remove_returns_none_and_unknown_pks_raise_key_error(harness, sdk):
         sdk.removeMessageFromStore({"message": {}})
     with pytest.raises(KeyError, match="pk key is required"):
         sdk.removeMessageFromStore("12")  # the old `'pk' in message` test on a str
+
+
+class AnswerDropper:
+    """A relay in front of the daemon's socket that closes the app's connection instead of
+    passing on the next answer: what an app sees of a daemon killed after its commit."""
+
+    def __init__(self, path: str, target: str):
+        self.path, self.target, self.drop_next = path, target, False
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                app, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.target)
+            threading.Thread(target=self._pipe, args=(app, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, app, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if answers and self.drop_next:  # the daemon's commit is done: the app never hears
+                    self.drop_next = False
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_remove_whose_answer_was_lost_in_a_restart_is_no_key_error(harness, tmp_path):
+    """Found by review: the daemon removed the record, its answer was lost with the link (a
+    restart), the ack sent again counted 0, and the app got KeyError(pk): an SDK app does not
+    catch it, and its loop died at a daemon restart."""
+    harness.ingest(("t", b'{"n": 1}'), ("t", b'{"n": 2}'))
+    relay = AnswerDropper(str(tmp_path / "relay.sock"), harness.path)
+    sdk = FlashlexSDK({}, socket_path=relay.path)
+    try:
+        first, second = sdk.getSubscribedMessages()
+        relay.drop_next = True
+        assert sdk.removeMessageFromStore(first) is None
+        assert [r["pk"] for r in sdk.getSubscribedMessages()] == [second["pk"]]
+        with pytest.raises(KeyError) as info:  # an answered 0 still says the pk is unknown
+            sdk.removeMessageFromStore(first)
+        assert info.value.args == (first["pk"],)
+    finally:
+        sdk.close()
+        relay.close()
 
 
 @pytest.mark.parametrize("pk", [str(2 ** 63), str(2 ** 64 - 1)])
