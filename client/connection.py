@@ -18,8 +18,9 @@ import msgpack
 from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, Forbidden, PermissionDenied,
                                      ProtocolError, RpcError, RpcTimeout)
 from flashlexd.client.message import Message, OutboxEntry
-from flashlexd.client.wire import (DEFAULT_SOCKET, HEADER, MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME,
-                                   MAX_WAIT_SECONDS, PROTOCOL_VERSION, SOCKET_ENV, Code, encode_frame)
+from flashlexd.client.wire import (CONSUMER_NAME_PATTERN, CONSUMER_NAME_RULE, DEFAULT_SOCKET, HEADER,
+                                   MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME, MAX_WAIT_SECONDS,
+                                   PROTOCOL_VERSION, SOCKET_ENV, Code, encode_frame)
 
 IdLike = Union[int, str, Message]
 log = logging.getLogger("flashlexd.client")
@@ -90,6 +91,8 @@ class Client:
                  consumer: Optional[str] = None):
         self.path = socket_path(path)
         self.timeout = seconds(timeout, "timeout")
+        if consumer is not None and not (isinstance(consumer, str) and CONSUMER_NAME_PATTERN.match(consumer)):
+            raise ValueError(f"consumer must be {CONSUMER_NAME_RULE}, not {consumer!r}")
         self.consumer = consumer  # None: the default consumer (the shared inbox)
         self._sock: Optional[socket.socket] = None
         self._poller = select.poll()

@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError
-from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, ConsumerSpec, valid_name
+from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec, valid_name
+from flashlexd.wire import CONSUMER_NAME_RULE
 from flashlexd.topics import valid_filter
 
 _DAY = 86400.0
@@ -34,7 +35,7 @@ def consumer_settings(app: Section) -> ConsumerSettings:
 
 def _consumer(consumers: Section, name: object) -> ConsumerSpec:
     if not valid_name(name):
-        raise ConfigError(f"{consumers.path}: {_show(name)} is not {NAME_RULE}")
+        raise ConfigError(f"{consumers.path}: {_show(name)} is not {CONSUMER_NAME_RULE}")
     section = consumers.section(str(name))
     topic_filter = section.text("filter", "#")
     if not valid_filter(topic_filter):  # type: ignore[arg-type]

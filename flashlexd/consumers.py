@@ -10,7 +10,6 @@ before consumers existed: it sees every stored message and its ack removes it fo
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Optional
 
@@ -19,9 +18,8 @@ from flashlexd.clock import LEGACY_SEQ
 from flashlexd.storedamage import CorruptRecord
 from flashlexd.storerecords import StoreError, _stamp_of
 from flashlexd.topics import topic_matches
+from flashlexd.wire import CONSUMER_NAME_PATTERN
 
-NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")
-NAME_RULE = "a consumer name: 1 to 64 of a-z 0-9 _ -"
 RESET_TARGETS = ("earliest", "latest")  # or a message id
 # how a reset goes (Store.consumer_reset_way): forwards keeping the acks ahead ("latest"),
 # forwards to an id then its acks from there on forgotten, or back with every ack forgotten
@@ -61,7 +59,7 @@ class NoRoomForConsumer(UnknownConsumer):
 
 
 def valid_name(name: object) -> bool:
-    return isinstance(name, str) and NAME_PATTERN.match(name) is not None
+    return isinstance(name, str) and CONSUMER_NAME_PATTERN.match(name) is not None
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,14 @@ both sides name (socket path, payload limit, store-full policies) are defined he
 """
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any, Dict
 
 import msgpack
+
+CONSUMER_NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")  # also a config key's rule
+CONSUMER_NAME_RULE = "a consumer name: 1 to 64 of a-z 0-9 _ -"
 
 __all__ = ["PROTOCOL_VERSION", "HEADER", "DEFAULT_SOCKET", "SOCKET_ENV", "FULL_POLICIES", "MIB",
            "REQUEST_OVERHEAD", "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_FRAME", "MAX_RESPONSE_FRAME",

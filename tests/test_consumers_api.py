@@ -271,9 +271,11 @@ def test_a_parked_wait_gets_a_replay_of_its_consumer_at_once_and_first(harness: 
 
 
 def test_bad_names_unknown_consumers_and_bad_reset_targets_are_one_line_errors(harness: Harness):
-    with connect(harness.path, consumer="Bad Name") as bad:
+    with pytest.raises(ValueError, match="^consumer must be a consumer name: 1 to 64 of a-z 0-9 _ -, not 'Bad Name'$"):
+        connect(harness.path, consumer="Bad Name")  # found by review: said only at the first call
+    with connect(harness.path) as bad:  # the daemon's own check, for clients that skip it
         with pytest.raises(RpcError) as info:
-            bad.messages()
+            bad.call("messages", consumer="Bad Name")
     assert info.value.code == "bad_params" and "consumer name" in str(info.value)
     harness.rules = dataclasses.replace(harness.rules, consumers=ConsumerSettings(DECLARED, allow_dynamic=False))
     with connect(harness.path, consumer="stranger") as app:

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumerkeeper import declared_changes
-from flashlexd.consumers import NAME_RULE, NoRoomForConsumer, valid_name
+from flashlexd.consumers import NoRoomForConsumer, valid_name
+from flashlexd.wire import CONSUMER_NAME_RULE
 from flashlexd.ipc.protocol import RpcFailure
 from flashlexd.store import Store
 from flashlexd.wire import Code
@@ -34,7 +35,7 @@ class ConsumerAccess:
     def admit(self, method: str, name: Any, uid: Optional[int]) -> str:
         """`name`, once it is a valid consumer that `uid` may use (registered if need be)."""
         if not valid_name(name):
-            raise RpcFailure(Code.BAD_PARAMS, f"{method}: param 'consumer' must be {NAME_RULE},"
+            raise RpcFailure(Code.BAD_PARAMS, f"{method}: param 'consumer' must be {CONSUMER_NAME_RULE},"
                              f" got {str(name)[:70]!r}")
         spec = self.settings.spec(name)
         if spec is not None and spec.allow_uids and uid is not None \

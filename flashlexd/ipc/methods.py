@@ -14,8 +14,8 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
-from flashlexd.consumers import MAX_CONSUMERS, NAME_RULE, RESET_TARGETS, RESET_WAYS, ConsumerCallError, valid_name
-from flashlexd.wire import ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
+from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError, valid_name
+from flashlexd.wire import CONSUMER_NAME_RULE, ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure, store_busy
@@ -543,7 +543,7 @@ class Methods:
         COMMIT_STEP records at a time, `paged` as `reset` is. A declared one goes by the config."""
         name = p.get("consumer")
         if not valid_name(name):
-            raise p.bad("consumer", NAME_RULE, name)
+            raise p.bad("consumer", CONSUMER_NAME_RULE, name)
         paged = p.boolean("paged", False)
         p.done()
         state = self.store.consumer_state(name)
