@@ -108,6 +108,10 @@ def health(status: Dict[str, Any]) -> List[str]:
             problems.append(f"{side} MQTT is not connected")
         elif link.get("error"):  # up, but e.g. a subscription the broker refused: not receiving it
             problems.append(f"{side} MQTT: {link['error']}")
+    stalled = (mqtt.get("egress") or {}).get("stalled_entry")
+    if stalled is not None:
+        problems.append(f"the broker does not acknowledge outbox entry {stalled}, and the outbox"
+                        f" waits behind it (see the log; flashlexctl outbox drop {stalled} gives it up)")
     damaged = (status.get("store") or {}).get("damaged")
     if damaged:
         problems.append(f"{damaged} (read-only; see flashlexd store recover)")

@@ -50,6 +50,9 @@ def test_status_healthy(harness, capsys):
      "ingress MQTT: broker refused the subscription to x/#"),
     (lambda h: h.reload.update(done=1, refused="flashlex.thing.mqtt.port: expected an integer"),
      "the last reload was refused, the previous config runs: flashlex.thing.mqtt.port: expected an integer"),
+    (lambda h: h.mqtt["egress"].update(stalled_entry=7),  # RabbitMQ past its max_message_size
+     "the broker does not acknowledge outbox entry 7, and the outbox waits behind it (see the log;"
+     " flashlexctl outbox drop 7 gives it up)"),
 ])
 def test_status_degraded_exits_1(harness, capsys, change, reason):
     change(harness)

@@ -207,6 +207,23 @@ def test_when_the_suspects_all_pass_the_drain_goes_back_to_full_speed() -> None:
     assert watch.window(100) == 100 and watch.drops(5) == 0
 
 
+def test_a_stall_with_several_in_flight_goes_one_at_a_time_until_the_newest_passes() -> None:
+    """Found by review: RabbitMQ past its max_message_size stops acknowledging on the link,
+    entries sent before the refused one included; each link sent the whole window again (a
+    healthy entry delivered 13 times) and the WARNING named the oldest, delivered already."""
+    watch = PoisonWatch(attempts=3)
+    watch.stalled([7])  # alone: the egress counts it against the entry itself
+    assert watch.window(100) == 100
+    watch.stalled([5, 6, 7])
+    for entry in (5, 6):
+        assert watch.window(100) == 1
+        watch.acknowledged(entry)
+    watch.stalled([7])  # 7 alone stalls: still one at a time while it is named
+    assert watch.window(100) == 1
+    watch.acknowledged(7)
+    assert watch.window(100) == 100
+
+
 def test_cuts_mid_upload_count_as_a_fraction_of_a_drop() -> None:
     """A path reset mid-upload (MQTT 5) counted in full dead-lettered a healthy large entry in
     three cuts (found by review); counted as nothing, an entry a broker refuses on its header

@@ -117,7 +117,7 @@ class EgressWorker(Worker):
                              bytes_limit=mqtt.publish_bytes_rate, send_rate=0.0, eta_s=None,
                              throttled=0, dead_lettered=0, oldest_inflight_age=None,
                              sessions_lost=0, one_at_a_time=False, protocol=None, refused=0,
-                             expired=0)
+                             expired=0, stalled_entry=None)
         log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
                                                   mqtt.backlog_rate, mqtt.max_inflight))
 
@@ -144,6 +144,7 @@ class EgressWorker(Worker):
             self.next_check = now + OUTBOX_RECHECK
             self.more = True
             self.counters["outbox_backlog"] = self.store.outbox_count()
+            self.counters["stalled_entry"] = self._stalled_entry()
             if not self.connection.connected:
                 self._sweep_expired()
         if self.more and self.connection.connected:
@@ -252,6 +253,9 @@ class EgressWorker(Worker):
 
     def _done(self, entry: int) -> None:
         self.unacked_since.pop(entry, None)
+        if entry == self.unacknowledged_links[0]:  # it went through after all
+            self.unacknowledged_links = (0, 0)
+            self.counters["stalled_entry"] = None
         if not self.done:
             self.done_since = time.monotonic()
         self.done.append(entry)
@@ -271,8 +275,10 @@ class EgressWorker(Worker):
         if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
             self.drop_to_judge = _Drop(sent, error, self.connection.attempts,
                                        self.connection.cut_mid_upload)
+        elif self.connection.last_verdict is Verdict.UNACKNOWLEDGED and len(sent) == 1:
+            self._unacknowledged_again(sent[0])  # only a stall of one entry alone names it
         elif self.connection.last_verdict is Verdict.UNACKNOWLEDGED and sent:
-            self._unacknowledged_again(min(sent))
+            self.poison.stalled([s.entry_id for s in sent])
         self._delete_done()  # so acknowledged entries are not sent again
         # the lowest id, not the first sent: after a 0x97 rewind an entry is sent again after
         # later ones still in flight
@@ -298,8 +304,8 @@ class EgressWorker(Worker):
         """A slow or throttling broker and one that took an entry it refuses without a word
         (RabbitMQ over its max_message_size: nothing after it is acknowledged on that link)
         look the same, so such links are no poison search's evidence (a healthy entry would be
-        dead-lettered behind a slow broker); the entry is sent again, and once it has been the
-        oldest unacknowledged on `poisonAttempts` such links in a row, one WARNING names it."""
+        dead-lettered behind a slow broker); the entry is sent again, and once it has been
+        alone unacknowledged on `poisonAttempts` such links in a row, one WARNING names it."""
         entry, links = self.unacknowledged_links
         links = links + 1 if entry == oldest.entry_id else 1
         self.unacknowledged_links = (oldest.entry_id, links)
@@ -309,6 +315,18 @@ class EgressWorker(Worker):
                         " this entry without a word (RabbitMQ over its max_message_size); it is sent"
                         " again, and if it stays so, `flashlexctl outbox drop %d` gives it up",
                         oldest.entry_id, oldest.topic, oldest.size, links, oldest.entry_id)
+
+    def _stalled_entry(self) -> Optional[int]:
+        """The entry that WARNING named while it is still queued: `status` is degraded, as the
+        outbox is stuck behind it (the stall was in the log only)."""
+        entry, links = self.unacknowledged_links
+        if links < self.poison.attempts:
+            return None
+        queued = self.store.outbox_peek(limit=1, after=entry - 1)
+        if queued and queued[0].id == entry:
+            return entry
+        self.unacknowledged_links = (0, 0)  # dropped or dead-lettered since
+        return None
 
     def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
         """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""

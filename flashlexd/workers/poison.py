@@ -83,6 +83,15 @@ class PoisonWatch:
             self.suspects_until = max(inflight)
         return None
 
+    def stalled(self, inflight: Sequence[int]) -> None:
+        """The link was closed because the broker went on answering but stopped acknowledging
+        with `inflight` (entry ids) sent: RabbitMQ past its max_message_size acknowledges
+        nothing more on that link, entries sent before the one it refuses included, so the
+        oldest is no culprit and each link sent them all again. One at a time until the newest
+        of them is acknowledged: a stall then sits on one entry, the one to name."""
+        if len(inflight) > 1:
+            self.suspects_until = max(max(inflight), self.suspects_until or 0)
+
     def skipped(self, entry_id: int) -> bool:
         """The link was closed because the broker acknowledged later publishes but not this
         entry's; True (the entry is to be dead-lettered) at the `attempts`-th time in a row."""
