@@ -3,6 +3,7 @@ whole daemon for what needs its workers (expiry, a real stop and restart). The s
 against the real old SDK is tests/test_compat_side_by_side.py."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
@@ -130,22 +131,15 @@ class AnswerDropper:
             threading.Thread(target=self._pipe, args=(upstream, app, True), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
+        with contextlib.suppress(OSError):
+            for data in iter(lambda: source.recv(65536), b""):
                 if answers and self.drop_next:  # the daemon's commit is done: the app never hears
                     self.drop_next = False
                     break
                 sink.sendall(data)
-        except OSError:
-            pass
         for sock in (source, sink):
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
     def close(self) -> None:
