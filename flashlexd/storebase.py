@@ -10,6 +10,7 @@ import os
 import resource
 import struct
 import threading
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Generic, List, Optional, Set, Tuple, Type, TypeVar
@@ -145,6 +146,9 @@ class StoreBase:
         self.expire_seconds = expire_seconds
         self.write_wait = write_wait
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
+        # since when (monotonic) this process's thread waits for LMDB's write lock: another
+        # thread reads it (workers/lockwait.py), so a wait behind a stopped process is told apart
+        self.lock_wait_since: Optional[float] = None
         self._pid = os.getpid()
         self._migrate = migrate
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
@@ -494,7 +498,12 @@ class StoreBase:
             return self._bounded_write(work)
         for _ in range(2):
             try:
-                with self._env.begin(write=True) as txn:
+                self.lock_wait_since = time.monotonic()
+                try:
+                    txn = self._env.begin(write=True)  # LMDB's write lock: the GIL is let go
+                finally:
+                    self.lock_wait_since = None
+                with txn:
                     return work(txn)
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)  # another process grew the map; adopt its size

@@ -125,13 +125,14 @@ def test_signals_are_reset_and_no_thread_is_inherited(daemon):
 
 def test_the_mqtt_workers_keep_no_resolver_thread_once_connected(daemon):
     """The broker's name is looked up in a thread that ends with the lookup (dialer.Lookup):
-    none is kept alive, with its stack and state, in the connected ingress and egress."""
+    none is kept alive, with its stack and state, in the connected ingress and egress. Their
+    second thread is the lock-wait beat (workers/lockwait.py)."""
     with connect(str(daemon.socket_path)) as fx:
         wait_for(lambda: all(fx.status()["mqtt"][name].get("connected") for name in ("ingress", "egress")),
                  20, "both links up")
     for name in ("ingress", "egress"):
         pid = daemon.children()[name]
-        wait_for(lambda: status_field(pid, "Threads") == "1", 5, f"{name}: its main thread only")
+        wait_for(lambda: status_field(pid, "Threads") == "2", 5, f"{name}: its main and lock-wait threads only")
 
 
 def test_workers_are_the_supervisors_children_and_reaped_by_it(daemon):

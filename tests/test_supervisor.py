@@ -18,7 +18,7 @@ import yaml
 from flashlexd.client import connect
 from flashlexd.notify import START_EXTENSION, Notifier
 from flashlexd.store import Incoming, Store
-from tests.broker import INGRESS_TOPIC, THING, publish_lines, write_lines
+from tests.broker import INGRESS_TOPIC, THING, publish, publish_lines, write_lines
 from tests.daemon import Daemon, NotifyListener, default_sigint, importing
 from tests.broker import wait_for
 
@@ -1119,6 +1119,51 @@ def test_a_group_pause_between_select_and_tick_kills_no_healthy_worker(daemon_co
         with connect(str(running.socket_path), timeout=10) as client:  # the loop has judged since
             assert client.status()["counters"]["restarts"] == 0
         assert "hung (no heartbeat" not in running.output() and running.children() == before
+    finally:
+        running.stop()
+
+
+STOP_INSIDE_A_WRITE = """import os, signal
+from flashlexd import store
+_expire = store.Store.expire
+def _stopping(self, *args, **kwargs):
+    if os.path.exists({mark!r}):
+        os.unlink({mark!r})
+        self._write(lambda txn: os.kill(os.getpid(), signal.SIGSTOP))  # holding the write lock
+    return _expire(self, *args, **kwargs)
+store.Store.expire = _stopping
+"""
+
+
+def test_a_worker_waiting_on_one_stopped_inside_a_write_is_not_taken_for_hung(
+        daemon_config, broker, tmp_path, notify):
+    """Found by review: the expiry worker stopped inside a write transaction (SIGSTOP, a stuck
+    disk) holds LMDB's write lock, and the ingress, storing a message, waited on it without a
+    heartbeat: both were aborted as hung, the ingress's stack logged and a restart counted
+    against it. A helper thread beats for a loop waiting on the lock (workers/lockwait.py)."""
+    document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["app"]["db"].update(expireSeconds=3600, sweepSeconds=0.2)
+    daemon_config.write_text(yaml.safe_dump(document))
+    hook, mark = tmp_path / "hook", tmp_path / "stop-now"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_INSIDE_A_WRITE.format(mark=str(mark)))
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path), "PYTHONPATH": path}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        with connect(str(running.socket_path), timeout=10) as client:
+            wait_for(lambda: client.status()["mqtt"]["ingress"].get("connected"), 20, "the ingress subscribed")
+        before = running.children()
+        mark.touch()
+        wait_for(lambda: Path(f"/proc/{before['expiry']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                 10, "the expiry worker to stop inside its write")
+        publish(broker, INGRESS_TOPIC, b"behind the lock")  # the ingress waits on the lock
+        with connect(str(running.socket_path), timeout=10) as client:
+            wait_for(lambda: [m.payload for m in client.messages()] == [b"behind the lock"], 30,
+                     "the message stored once the expiry worker is replaced")
+        output = running.output()
+        assert "expiry hung (no heartbeat" in output and "ingress hung" not in output, output[-3000:]
+        assert running.children()["ingress"] == before["ingress"]
     finally:
         running.stop()
 

@@ -4,9 +4,11 @@ A worker is started by the supervisor with fork + exec (`python -m flashlexd.wor
 so it begins with a clean interpreter: no inherited LMDB environment, no paho threads, no
 sd_notify socket. Its end of the supervisor link is fd 3.
 
-The loop is single-threaded: it waits on the link, a signal wake-up pipe and whatever the worker
+The loop is single-threaded (a helper thread only beats for it while it waits for the store's
+write lock): it waits on the link, a signal wake-up pipe and whatever the worker
 asks for (`wait_fds`), then lets the worker run (`on_ready`, `tick`). The heartbeat is sent from
-this loop, so a heartbeat proves the worker's real work is making progress. It carries the
+this loop, so a heartbeat proves the worker's real work is making progress (or that it waits
+for the store's write lock held by another process: `lockwait`). It carries the
 worker's counters, and is sent early (at most every COUNTERS_EVERY seconds) when they changed:
 `status` shows them next to the store's totals, which it reads live, so counters a whole
 heartbeat period old would contradict them.
@@ -18,12 +20,13 @@ import os
 import select
 import signal
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from flashlexd.channel import Channel
 from flashlexd.mallocs import QuietTrim
 from flashlexd.config import Config
 from flashlexd.linkmsg import Heartbeat, LinkMessage, StateReport, Stop, build, decode
+from flashlexd.workers.lockwait import LockWaitBeat
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,8 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the supervisor's business
         self.report(StateReport.kind, state="starting")
         self.setup()
+        LockWaitBeat(self.channel, self.config.supervision.heartbeat_seconds, self._lock_wait_since,
+                     lambda: self._sent_counters).start()
         self.report(StateReport.kind, state="ready")
         quiet = QuietTrim(time.monotonic())  # freed heap pages back to the kernel after traffic
         timeout = 0.0
@@ -109,6 +114,11 @@ class Worker:
         self.report(StateReport.kind, state="stopping")
         self.shutdown()
         return EXIT_OK
+
+    def _lock_wait_since(self) -> Optional[float]:
+        """Since when the loop waits for the write lock of the store `setup` opened (None: not)."""
+        store = getattr(self, "store", None)
+        return None if store is None else store.lock_wait_since
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
