@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from typing import Any, Dict, Tuple
 
 import yaml
 
@@ -31,6 +31,20 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise ConfigError(f"line {event.start_mark.line + 1}: YAML {kind}{event.anchor[:40]}"
                               f" is not allowed (FlashLex configs use no anchors or aliases)")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """A key given twice is refused: YAML keeps the last one without a word, and a second
+        `app:` block appended to a config replaced the whole first one (its data dir: the
+        daemon opened a new, empty store)."""
+        first: Dict[Tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                if key in first:
+                    raise ConfigError(f"line {line}: key {key_node.value[:40]!r} is given twice (first"
+                                      f" at line {first[key]}); YAML would keep only the last")
+                first[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def read_config_text(path: str) -> str:

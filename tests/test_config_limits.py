@@ -95,6 +95,10 @@ def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
     ("flashlex:\n  thing: *nothing\n", "line 2: YAML alias *nothing is not allowed"),
     ("flashlex: &root\n  thing: {}\n", "line 1: YAML anchor &root is not allowed"),
     ("[" * 5000 + "]" * 5000 + "\n", "not valid YAML: nested too deeply"),
+    # found by review: YAML kept the last silently; a second `app:` moved the daemon to a new store
+    ("flashlex:\n  app: {db: {dataPath: /srv/a}}\n  thing: {}\n  app: {logLevel: info}\n",
+     "line 4: key 'app' is given twice \\(first at line 2\\); YAML would keep only the last"),
+    ("flashlex: {thing: {mqtt: {port: 1, port: 2}}}\n", "line 1: key 'port' is given twice"),
 ])
 def test_aliases_anchors_and_deep_nesting_are_one_line(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "odd.yml"
