@@ -13,6 +13,7 @@ from flashlexd.configtext import ConfigError
 
 T = TypeVar("T")
 MAX_INTEGER = 2 ** 63 - 1  # what msgpack and the C APIs (sizes, counts) take
+MAX_TEXT_BYTES = 65535  # an MQTT string's limit (client ids, topics); no path or name is longer
 
 
 class Section:
@@ -78,8 +79,9 @@ class Section:
             return default
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{self._key(key)}: expected a non-empty string, got {_show(value)}")
-        if "\0" in value:  # no path, topic or name holds one (os calls raise ValueError on it)
-            raise ConfigError(f"{self._key(key)}: contains U+0000 (NUL): {_show(value)}")
+        problem = _text_problem(value)
+        if problem:
+            raise ConfigError(f"{self._key(key)}: {problem}: {_show(value)}")
         return value.strip()
 
     def integer(self, key: str, default: Optional[int] = None, minimum: Optional[int] = None,
@@ -131,6 +133,10 @@ class Section:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
             raise ConfigError(f"{self._key(key)}: expected a list of strings, got {_show(value)}")
+        for item in value:
+            problem = _text_problem(item)
+            if problem:
+                raise ConfigError(f"{self._key(key)}: an item {problem}: {_show(item)}")
         return tuple(v.strip() for v in value)
 
     def uids(self, key: str) -> Tuple[int, ...]:
@@ -174,6 +180,19 @@ def _choice_text(raw: Any) -> Optional[str]:
     if isinstance(raw, int) and not isinstance(raw, bool):
         return str(raw)
     return None
+
+
+def _text_problem(value: str) -> Optional[str]:
+    """Why a text value cannot be used, or None. No path, topic or name holds a NUL (os calls
+    raise ValueError on it); one with a lone surrogate (a YAML "\\ud800") has no UTF-8, and one
+    over MAX_TEXT_BYTES fits in no MQTT string: the workers died on them in a loop of tracebacks."""
+    if "\0" in value:
+        return "contains U+0000 (NUL)"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (a lone surrogate)"
+    return f"is {size} bytes, over {MAX_TEXT_BYTES}" if size > MAX_TEXT_BYTES else None
 
 
 def _show(value: Any) -> str:

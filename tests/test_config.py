@@ -340,6 +340,13 @@ BAD_CONFIGS = [
      " got 'a/+b'"),
     ("nul-in-a-path", setting("flashlex.app.db.dataPath", "/srv/x\0y"),
      "flashlex.app.db.dataPath: contains U+0000 (NUL): '/srv/x\\x00y'"),
+    # found by review: passed, then the workers died on them in a loop of tracebacks
+    ("surrogate-in-the-thing-name", setting("flashlex.thing.name", "thing-\ud800"),
+     "flashlex.thing.name: is not valid UTF-8 (a lone surrogate): 'thing-\\ud800'"),
+    ("overlong-client-id", setting("flashlex.thing.mqtt.clientId", "c" * 65536),
+     "flashlex.thing.mqtt.clientId: is 65536 bytes, over 65535: '" + "c" * 56 + "..."),
+    ("surrogate-in-a-subscription", setting("flashlex.thing.mqtt.subscriptions", ["a/\udfff"]),
+     "flashlex.thing.mqtt.subscriptions: an item is not valid UTF-8 (a lone surrogate): 'a/\\udfff'"),
     ("read-budget-below-a-publish",
      lambda d: (setting("flashlex.thing.mqtt.maxPayloadBytes", 1048576)(d),
                 setting("flashlex.app.socket.maxBufferedBytes", 1048576 + 262144)(d)),
