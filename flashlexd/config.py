@@ -429,8 +429,10 @@ def _dedupe(db: Section) -> Optional[DedupeKey]:
 def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int,
          max_publish_bytes: int) -> Api:
     file_socket_path = _absolute(section, "path")  # checked even when overridden
-    api = section.fill(Api, socket_path=socket_path or os.environ.get("FLASHLEXD_SOCKET")
-                       or file_socket_path)
+    # an override made absolute: `flashlexd reload` finds the daemon by its socket's full path
+    # (/proc/net/unix), and a relative one was taken for no daemon at all
+    override = socket_path or os.environ.get("FLASHLEXD_SOCKET")
+    api = section.fill(Api, socket_path=os.path.abspath(override) if override else file_socket_path)
     # frames carry inbound payloads (responses) and outbound ones (publish requests)
     largest_frame = REQUEST_OVERHEAD + max(max_payload_bytes, max_publish_bytes)
     if api.max_buffered_bytes is not None and api.max_buffered_bytes < largest_frame:

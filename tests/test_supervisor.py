@@ -223,6 +223,25 @@ def test_the_reload_command_finds_the_running_daemons_socket_after_its_path_was_
         assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": []}
 
 
+def test_the_reload_command_finds_a_daemon_started_with_a_relative_socket(daemon_config, tmp_path, notify):
+    """Found by review: `run --socket sock/s.sock` listened there, and `flashlexd reload` (which
+    finds the daemon by its socket's full path) said it was not running. The path is made
+    absolute at the start."""
+    (tmp_path / "sock").mkdir()
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)},
+                     args=("--socket", "sock/s.sock"), cwd=tmp_path).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon_config),
+                                 str(running.pid)], capture_output=True, text=True, timeout=60, cwd="/",
+                                env={k: v for k, v in os.environ.items() if k != "FLASHLEXD_SOCKET"})
+        assert (result.returncode, result.stderr) == (0, ""), result
+        with connect(str(tmp_path / "sock" / "s.sock")) as fx:
+            assert fx.status()["reload"]["done"] == 1
+    finally:
+        running.stop()
+
+
 def test_the_reload_command_prints_that_a_socket_change_takes_a_restart(daemon, notify, daemon_config):
     """Found by review: a reload changing the socket's group (or path, allowUids) exited 0 with
     no output; only the daemon's log said it takes a restart. The reload's notes say it."""
