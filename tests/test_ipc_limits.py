@@ -316,6 +316,9 @@ def test_running_out_of_descriptors_is_survived(daemon_config: Path, tmp_path: P
         assert 15 <= answers.count("open") <= 22 and set(answers) == {"open", Code.BUSY}, answers
         with pytest.raises(RpcError, match="out of file descriptors"):
             Client(str(daemon.socket_path), timeout=5).status()
+        os.unlink(daemon.socket_path)  # no fd for a new listener: one ERROR, no failed loop pass
+        wait_for(lambda: "binding it again failed (Too many open files)" in daemon.output(), 10,
+                 "the failed rebind logged")
         victim = daemon.children()["egress"]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: "cannot start egress: Too many open files" in daemon.output(), 10,
@@ -325,6 +328,9 @@ def test_running_out_of_descriptors_is_survived(daemon_config: Path, tmp_path: P
         assert daemon.output().count("API: out of file descriptors") == 1
         for sock in socks:
             sock.close()
+        wait_for(lambda: "listening on it again" in daemon.output(), 10, "the socket bound again")
+        assert daemon.output().count("binding it again failed") == 1, daemon.output()
+        assert "loop pass failed" not in daemon.output(), daemon.output()
         wait_for(lambda: daemon.children().get("egress") not in (None, victim), 15, "a new egress")
         wait_ready(daemon, 15)
         assert daemon.proc.poll() is None and "Traceback" not in daemon.output()

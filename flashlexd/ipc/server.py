@@ -148,7 +148,6 @@ class RpcServer:
         if now < self._next_sweep:
             return
         self._next_sweep = now + self._sweep_every()
-        self._keep_socket_file()
         for conn in list(self._conns):
             if conn.reading and now - conn.frame_started > self.limits.frame_timeout:  # type: ignore[operator]
                 got, announced = conn.frame_progress()
@@ -164,6 +163,7 @@ class RpcServer:
                 self._close_conn(conn)
             elif conn.parked is not None and (conn.header_held or conn.closing) and conn.hung_up():
                 self._close_conn(conn)  # its peer left mid-wait: not read, so not seen before
+        self._keep_socket_file()  # after the sweep: what it closed frees fds for a new listener
 
     def _walk_turn(self) -> None:
         """Step the first WALK_STEPS_PER_TURN walking parked calls, each of which then goes to
@@ -249,9 +249,10 @@ class RpcServer:
         else:
             try:
                 listener, inode = bind_socket(self.path, self._mode, self._group)
-            except ServerError as exc:
+            except (ServerError, OSError) as exc:  # OSError: no fd left for it (EMFILE)
+                reason = exc if isinstance(exc, ServerError) else exc.strerror or exc
                 trouble = (f"API socket {self.path} was removed under the running daemon and binding"
-                           f" it again failed ({exc}): apps cannot reach it; trying every second")
+                           f" it again failed ({reason}): apps cannot reach it; trying every second")
             else:
                 if self._accept_paused_until is None:
                     self.selector.unregister(self._listener)
