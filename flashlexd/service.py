@@ -110,11 +110,12 @@ def run(args: argparse.Namespace) -> int:
     if target is None:
         sys.stdout.write(text)
         return 0
-    other = _other_config(target, text) if args.install and kind == "unit" else None
+    other = _other_config(target, text) if kind == "unit" else None
     if other:
-        print(f"flashlexd: {target} runs another config ({other}); installing would switch that"
-              f" service to this one: remove it first if that is meant, or write this unit under"
-              f" another name (--output /etc/systemd/system/flashlexd-NAME.service)", file=sys.stderr)
+        print(f"flashlexd: {target} runs another config ({other}); writing it would switch that"
+              f" service to this one: remove it first if that is meant, or render this unit under"
+              f" another name (--output /etc/systemd/system/flashlexd-NAME.service without --install,"
+              f" then systemctl daemon-reload)", file=sys.stderr)
         return EXIT_CONFIG
     try:
         paths.make_dir(target.parent, 0o755)  # explicit modes: a loose umask must not widen them

@@ -189,6 +189,11 @@ def test_install_refuses_to_switch_an_installed_unit_to_another_config(tmp_path)
     assert other.returncode == 2, other.stderr  # after the note that the config is not there
     assert other.stderr.splitlines()[-1].startswith(f"flashlexd: {unit} runs another config (/opt/fx/keys/config.yml);")
     assert "User=pi" in unit.read_text() and unit.read_text() != installed.replace("/config.yml", "/b.yml")
+    named = tmp_path / "root/etc/systemd/system/flashlexd-b.service"  # what the refusal says to do
+    assert service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--output",
+                   str(named)).returncode == 0 and "/opt/fx/keys/b.yml" in named.read_text()
+    by_output = service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--output", str(unit))
+    assert by_output.returncode == 2 and "User=pi" in unit.read_text(), by_output.stderr  # the same file
     unit.unlink()
     assert service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--install", "--root",
                    root).returncode == 0 and "/opt/fx/keys/b.yml" in unit.read_text()
