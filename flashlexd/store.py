@@ -67,6 +67,7 @@ _FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
 _LINK_UP = b"egress_link_up"  # meta: egress's link came up, no drop or stop noted since (it died)
+_INGRESS_ID = b"ingress_client_id"  # meta: the client id of the ingress's last link up
 _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
@@ -270,25 +271,21 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             return _WALL.unpack(raw)[0] if raw is not None and len(raw) == _WALL.size else None
 
     @guarded
-    def note_session(self, client_id: str, wall: float) -> None:
-        self._write(lambda txn: txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta))
+    def note_session(self, client_id: str, wall: float, ingress: bool = False) -> None:
+        """`ingress`: the link of the thing's own messages, whose client id is remembered."""
+        def work(txn: lmdb.Transaction) -> None:
+            txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta)
+            if ingress:
+                txn.put(_INGRESS_ID, client_id.encode(), db=self._meta)
+        self._write(work)
 
     @guarded
-    def ingress_sessions(self) -> Dict[str, float]:
-        """Each ingress client id this store held a broker session of (only the ingress records
-        a session's topic filters) -> when its link was last up (wall clock)."""
-        found: Dict[str, float] = {}
+    def last_ingress_client_id(self) -> Optional[str]:
+        """The client id of the ingress's last link up (None: none since this was recorded):
+        by record, not by the session marks' wall times, which a clock set back would reorder."""
         with self._read() as txn:
-            cursor = txn.cursor(db=self._meta)
-            if not cursor.set_range(_TOPICS):
-                return found
-            for key in cursor.iternext(values=False):
-                if not bytes(key).startswith(_TOPICS):
-                    break
-                raw = txn.get(_SESSION + bytes(key)[len(_TOPICS):], db=self._meta)
-                if raw is not None and len(raw) == _WALL.size:
-                    found[bytes(key)[len(_TOPICS):].decode("utf-8", "replace")] = _WALL.unpack(raw)[0]
-        return found
+            raw = txn.get(_INGRESS_ID, db=self._meta)
+            return None if raw is None else bytes(raw).decode("utf-8", "replace")
 
     @guarded
     def session_topics(self, client_id: str) -> List[str]:

@@ -232,13 +232,12 @@ class Supervisor:
         clientId edited while stopped, a data dir moved between things): said at a reload only,
         the messages queued for the old id were left at the broker without a word."""
         try:
-            sessions = self.store.ingress_sessions()  # type: ignore[union-attr]
+            old = self.store.last_ingress_client_id()  # type: ignore[union-attr]
         except StoreError as exc:
-            log.debug("earlier client ids not looked at: %s", exc)
+            log.debug("the earlier client id not looked at: %s", exc)
             return
         new = self.config.thing.mqtt.client_id
-        old = max(sessions, key=sessions.__getitem__, default=new)
-        if old != new:
+        if old is not None and old != new:
             log.warning("this data dir's ingress last connected as client id %r, now %r (thing.name"
                         " or clientId changed, or the data dir is another thing's): %s; the inbox and"
                         " outbox are kept, the outbox sent as the new id", old, new, STRANDED)

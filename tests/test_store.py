@@ -932,3 +932,15 @@ def test_a_first_open_cut_short_by_a_full_disk_leaves_no_damaged_store_behind(tm
         again = open_in_child(disk / "store")
     assert refused.returncode == 1 and "no space left on device" in refused.stderr, refused.stderr
     assert again.returncode == 0, again.stderr
+
+
+def test_the_last_ingress_client_id_is_recorded_not_worked_out_from_wall_times(store: Store) -> None:
+    """Found by re-read: the start's warning about a new client id took the ingress session
+    marked latest by the wall clock; a run with the clock set back (a Pi before NTP) made an
+    older id look newer and the next start warned of a change that did not happen."""
+    assert store.last_ingress_client_id() is None  # a store that never connected: nothing to say
+    store.note_session("thing-a", 2_000_000_000.0, ingress=True)
+    store.note_session("thing-b", 1_000_000_000.0, ingress=True)  # the clock behind
+    store.note_session("thing-b-egress", 3_000_000_000.0)  # the egress's link is not the thing's id
+    assert store.last_ingress_client_id() == "thing-b"
+    assert store.session_seen("thing-a") == 2_000_000_000.0

@@ -226,7 +226,7 @@ class IngressWorker(Worker):
     def _note_session(self) -> None:
         """The broker has a session for us from now on: remembered for the next process."""
         try:
-            self.store.note_session(self.config.thing.mqtt.client_id, time.time())
+            self.store.note_session(self.config.thing.mqtt.client_id, time.time(), ingress=True)
         except StoreError as exc:
             log.warning("cannot remember that the broker holds our session: %s", exc)
 
