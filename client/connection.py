@@ -424,8 +424,6 @@ class Client:
              after: Optional[IdLike] = None,
              user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """Messages as soon as there are any (oldest first); [] after `timeout` seconds."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < 1e9:
-            raise ValueError(f"timeout must be a number of seconds, 0 or more, not {timeout!r}")
         return [Message.from_wire(m) for m in self.records(limit, topic, after, timeout, user_property)]
 
     def records(self, limit: int = 100, topic: Optional[str] = None, after: Optional[IdLike] = None,
@@ -436,6 +434,9 @@ class Client:
         (`paged`), so one call never holds its loop for long: this calls again from there until
         `limit` are found or none are left (`wait`: until any are found or time is up).
         `until_replay`: a wait also ends when the consumer is replayed (`stream`)."""
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))
+                                 or not 0 <= wait < 1e9):  # wait(timeout=), stream(timeout_per_wait=)
+            raise ValueError(f"timeout must be a number of seconds, 0 or more, not {wait!r}")
         params = self._query(limit, topic, after, user_property)
         deadline = None if wait is None else time.monotonic() + wait
         # a wait whose time ran out mid-walk: the same wait again goes on from there (what it

@@ -377,6 +377,8 @@ def test_a_lone_surrogate_is_bad_params_naming_the_param(fx, method, params, nam
 @pytest.mark.parametrize("call, error, words", [
     (lambda fx: fx.wait(timeout="5"), ValueError, "timeout must be a number of seconds, 0 or more, not '5'"),
     (lambda fx: fx.wait(timeout=-1), ValueError, "timeout must be a number of seconds, 0 or more, not -1"),
+    (lambda fx: next(fx.stream(timeout_per_wait=float("nan"))), ValueError,
+     "timeout must be a number of seconds, 0 or more, not nan"),
     (lambda fx: fx.ack(None), TypeError, "ids must be ids or a list of them, not NoneType"),
     (lambda fx: fx.outbox(after="abc"), TypeError, "an outbox entry id must be an int or an OutboxEntry"),
 ])
