@@ -39,6 +39,7 @@ class PoisonWatch:
         # the last search ended with its suspects acknowledged, no culprit: the drops that
         # started it had another cause (a clone of the client id kicking the link, the network)
         self.fruitless = False
+        self._stall_search = False  # the one-at-a-time run was started by a stall, not a drop
 
     @property
     def single(self) -> bool:
@@ -62,7 +63,8 @@ class PoisonWatch:
         self.skips.pop(entry_id, None)
         if self.suspects_until is not None and entry_id >= self.suspects_until:
             self.suspects_until = None
-            self.fruitless = True
+            self.fruitless = self.fruitless or not self._stall_search  # a stall says nothing of drops
+            self._stall_search = False
 
     def dropped(self, inflight: Sequence[int], mid_upload: bool = False) -> Optional[int]:
         """The link dropped with `inflight` (entry ids, oldest first) unacknowledged; `mid_upload`,
@@ -79,8 +81,10 @@ class PoisonWatch:
                 self.fruitless = False
                 return entry
             self.suspects_until = max(entry, self.suspects_until or entry)
+            self._stall_search = False
         elif inflight:
             self.suspects_until = max(inflight)
+            self._stall_search = False
         return None
 
     def stalled(self, inflight: Sequence[int]) -> None:
@@ -90,6 +94,7 @@ class PoisonWatch:
         oldest is no culprit and each link sent them all again. One at a time until the newest
         of them is acknowledged: a stall then sits on one entry, the one to name."""
         if len(inflight) > 1:
+            self._stall_search = self._stall_search or self.suspects_until is None
             self.suspects_until = max(max(inflight), self.suspects_until or 0)
 
     def skipped(self, entry_id: int) -> bool:
