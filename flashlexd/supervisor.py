@@ -543,8 +543,8 @@ class Supervisor:
         except _ReloadRefused:
             config_file.close()
             raise
-        for warning in new.warnings:
-            log.warning("%s", warning)
+        for warning in new.warnings:  # `flashlexd reload` prints them too: a misspelt key said only in the log
+            self._reload_note(warning)
         self._apply(runtime, config_file)
         log.info("config reloaded from %s", new.path)
 

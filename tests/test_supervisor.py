@@ -257,6 +257,18 @@ def test_the_reload_command_prints_that_a_socket_change_takes_a_restart(daemon, 
     assert daemon.output().count(note) == 1
 
 
+def test_the_reload_command_prints_the_new_configs_warnings(daemon, notify, daemon_config):
+    """Found by review: a reload of a config with a misspelt key (ignored, warned) exited 0 in
+    silence; only the daemon's log said the value was not used."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(keepAlive=60))
+    result = _reload_command(daemon)
+    assert result.returncode == 0 and "flashlex.thing.mqtt.keepAlive" in result.stderr, result
+    assert result.stderr.count("\n") == 1
+    assert daemon.output().count("flashlex.thing.mqtt.keepAlive") == 1
+
+
 def test_a_reload_changing_the_client_id_says_what_stays_in_the_old_session(daemon, notify, daemon_config):
     """Found by review: a reload changing the ingress client id lost what was published during
     the switch (left in the old id's broker session) without a word. It is said once, in the
