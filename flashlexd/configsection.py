@@ -68,6 +68,8 @@ class Section:
         value = self.data.get(key)
         if value is None and required:
             raise ConfigError(f"{self._key(key)}: missing required key")
+        if value is None and key in self.data:  # `port:` with nothing after it: a value left out?
+            self.warnings.append(f"{self._key(key)}: empty, so its default is used")
         return value
 
     def section(self, key: str, required: bool = False) -> "Section":

@@ -431,6 +431,19 @@ def test_a_session_expiry_of_0_is_warned_about_under_mqtt5(tmp_path: Path):
     assert not [w for w in load(str(edited_config(tmp_path / "b", v311))).warnings if "sessionExpiry" in w]
 
 
+def test_an_empty_value_is_warned_about_and_its_default_used(tmp_path: Path):
+    """`port:` or `whenFull: null` ran on the default without a word (found by review)."""
+    def empty(document) -> None:
+        setting("flashlex.thing.mqtt.port", None)(document)
+        setting("flashlex.app.db.whenFull", None)(document)
+    config = load(str(edited_config(tmp_path / "etc", empty)))
+    assert config.thing.mqtt.port == 8883 and config.store.when_full == "reject"
+    assert sorted(w for w in config.warnings if "empty" in w) == [
+        "flashlex.app.db.whenFull: empty, so its default is used",
+        "flashlex.thing.mqtt.port: empty, so its default is used"]
+    assert not [w for w in load(str(edited_config(tmp_path / "seed", lambda d: None))).warnings if "empty" in w]
+
+
 @pytest.mark.parametrize("section", ["pubsub", "ingress", "egress"])
 def test_a_misspelt_key_in_a_topic_section_is_warned_about(tmp_path: Path, section: str):
     """`pubsub: {topik: ...}` dropped the pubsub subscription without a word (found by review)."""
