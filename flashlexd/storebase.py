@@ -117,6 +117,27 @@ class OlderSchema(StoreError):
     """A store of an earlier schema opened with `migrate=False` (flashlexd check)."""
 
 
+_lock_wait_since: Optional[float] = None  # when this process's wait for the write lock began
+
+
+def lock_wait_since() -> Optional[float]:
+    """When (monotonic) this process began to wait for LMDB's write lock, None when it does
+    not wait: read by another thread (workers/lockwait.py), so that a worker waiting behind a
+    process stopped inside a write is not taken for hung. One per process: a worker's store,
+    or the one it is opening."""
+    return _lock_wait_since
+
+
+def begin_write(env: lmdb.Environment) -> lmdb.Transaction:
+    """A write transaction; the wait for the write lock (the GIL let go) is noted meanwhile."""
+    global _lock_wait_since
+    _lock_wait_since = time.monotonic()
+    try:
+        return env.begin(write=True)
+    finally:
+        _lock_wait_since = None
+
+
 class StoreBase:
     """The plumbing of one process's handle on the store (`store.Store` adds the inbox,
     `storeoutbox.OutboxStore` the outbox and dead letters). Not thread-safe: one per process, used by one thread.
@@ -146,9 +167,6 @@ class StoreBase:
         self.expire_seconds = expire_seconds
         self.write_wait = write_wait
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
-        # since when (monotonic) this process's thread waits for LMDB's write lock: another
-        # thread reads it (workers/lockwait.py), so a wait behind a stopped process is told apart
-        self.lock_wait_since: Optional[float] = None
         self._pid = os.getpid()
         self._migrate = migrate
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
@@ -240,7 +258,7 @@ class StoreBase:
                              f" {self._map_problem(f'{max(left, 0)} bytes left')}")
 
     def _open_databases(self) -> None:
-        with self._env.begin(write=True) as txn:
+        with begin_write(self._env) as txn:
             self._inbox = self._env.open_db(b"inbox", txn=txn)
             self._expiry = self._env.open_db(b"expiry", txn=txn)
             self._outbox = self._env.open_db(b"outbox", txn=txn)
@@ -498,12 +516,7 @@ class StoreBase:
             return self._bounded_write(work)
         for _ in range(2):
             try:
-                self.lock_wait_since = time.monotonic()
-                try:
-                    txn = self._env.begin(write=True)  # LMDB's write lock: the GIL is let go
-                finally:
-                    self.lock_wait_since = None
-                with txn:
+                with begin_write(self._env) as txn:
                     return work(txn)
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)  # another process grew the map; adopt its size

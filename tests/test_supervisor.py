@@ -1166,12 +1166,14 @@ store.Store.expire = _stopping
 """
 
 
+@pytest.mark.parametrize("restarted", [False, True], ids=["storing", "opening-the-store"])
 def test_a_worker_waiting_on_one_stopped_inside_a_write_is_not_taken_for_hung(
-        daemon_config, broker, tmp_path, notify):
+        daemon_config, broker, tmp_path, notify, restarted):
     """Found by review: the expiry worker stopped inside a write transaction (SIGSTOP, a stuck
     disk) holds LMDB's write lock, and the ingress, storing a message, waited on it without a
     heartbeat: both were aborted as hung, the ingress's stack logged and a restart counted
-    against it. A helper thread beats for a loop waiting on the lock (workers/lockwait.py)."""
+    against it. A helper thread beats for a loop waiting on the lock (workers/lockwait.py),
+    from before the store is opened: an ingress started meanwhile waits there (re-read)."""
     document = yaml.safe_load(daemon_config.read_text())
     document["flashlex"]["app"]["db"].update(expireSeconds=3600, sweepSeconds=0.2)
     daemon_config.write_text(yaml.safe_dump(document))
@@ -1188,14 +1190,60 @@ def test_a_worker_waiting_on_one_stopped_inside_a_write_is_not_taken_for_hung(
         mark.touch()
         wait_for(lambda: Path(f"/proc/{before['expiry']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
                  10, "the expiry worker to stop inside its write")
+        if restarted:
+            os.kill(before["ingress"], signal.SIGKILL)  # its replacement opens the store: waits
         publish(broker, INGRESS_TOPIC, b"behind the lock")  # the ingress waits on the lock
         with connect(str(running.socket_path), timeout=10) as client:
             wait_for(lambda: [m.payload for m in client.messages()] == [b"behind the lock"], 30,
                      "the message stored once the expiry worker is replaced")
         output = running.output()
         assert "expiry hung (no heartbeat" in output and "ingress hung" not in output, output[-3000:]
-        assert running.children()["ingress"] == before["ingress"]
+        assert "write lock" not in output, output[-3000:]  # no ERROR of a holder outside
+        assert (running.children()["ingress"] == before["ingress"]) is not restarted
     finally:
+        running.stop()
+
+
+HOLD_THE_WRITE_LOCK = """import lmdb, pathlib, sys, time
+env = lmdb.open(sys.argv[1], max_dbs=16, map_size=0)
+txn = env.begin(write=True)
+pathlib.Path(sys.argv[2]).touch()
+while not pathlib.Path(sys.argv[3]).exists():
+    time.sleep(0.05)
+txn.abort()
+"""
+
+
+def test_a_write_lock_held_outside_the_daemon_is_said_and_its_waiter_restarted(
+        daemon_config, broker, tmp_path, notify):
+    """Found by re-read: with the lock-wait beat, a write lock held by a process outside the
+    daemon (a paused `flashlexd store` command) stalled it for good, `status` healthy and no
+    line logged. A wait past twice heartbeatTimeoutSeconds is one ERROR, and the beats stop."""
+    running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    held, release = tmp_path / "held", tmp_path / "release"
+    holder = None
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        with connect(str(running.socket_path), timeout=10) as client:
+            wait_for(lambda: client.status()["mqtt"]["ingress"].get("connected"), 20, "the ingress subscribed")
+        before = running.children()
+        data_dir = yaml.safe_load(daemon_config.read_text())["flashlex"]["app"]["db"]["dataPath"]
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_WRITE_LOCK, data_dir, str(held), str(release)])
+        wait_for(held.exists, 10, "the outside process to hold the write lock")
+        publish(broker, INGRESS_TOPIC, b"behind an outside lock")
+        wait_for(lambda: "for the store's write lock: a process outside the daemon holds it" in running.output(),
+                 20, "the ERROR")
+        wait_for(lambda: "ingress hung (no heartbeat" in running.output(), 10, "the waiter aborted")
+        release.touch()
+        holder.wait(10)
+        with connect(str(running.socket_path), timeout=10) as client:
+            wait_for(lambda: [m.payload for m in client.messages()] == [b"behind an outside lock"], 30,
+                     "the message stored once the lock is free")
+        assert running.children()["ingress"] != before["ingress"]
+    finally:
+        release.touch()
+        if holder is not None:
+            holder.wait(10)
         running.stop()
 
 

@@ -20,7 +20,7 @@ import os
 import select
 import signal
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from flashlexd.channel import Channel
 from flashlexd.mallocs import QuietTrim
@@ -89,9 +89,10 @@ class Worker:
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the supervisor's business
         self.report(StateReport.kind, state="starting")
-        self.setup()
-        LockWaitBeat(self.channel, self.config.supervision.heartbeat_seconds, self._lock_wait_since,
+        supervision = self.config.supervision  # beating from before `setup`: it opens the store
+        LockWaitBeat(self.channel, supervision.heartbeat_seconds, 2 * supervision.heartbeat_timeout,
                      lambda: self._sent_counters).start()
+        self.setup()
         self.report(StateReport.kind, state="ready")
         quiet = QuietTrim(time.monotonic())  # freed heap pages back to the kernel after traffic
         timeout = 0.0
@@ -114,11 +115,6 @@ class Worker:
         self.report(StateReport.kind, state="stopping")
         self.shutdown()
         return EXIT_OK
-
-    def _lock_wait_since(self) -> Optional[float]:
-        """Since when the loop waits for the write lock of the store `setup` opened (None: not)."""
-        store = getattr(self, "store", None)
-        return None if store is None else store.lock_wait_since
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True

@@ -3,38 +3,54 @@
 The heartbeat is sent from the worker's loop, so silence means the loop is stuck, and the
 supervisor aborts a worker silent for `heartbeatTimeoutSeconds`. A worker stopped inside a
 write transaction (SIGSTOP, a stuck disk) holds the store's write lock, and a worker that
-wanted to write waited on it in silence too: both were aborted as hung, the waiting one's
-stack logged and a restart counted against it. While the loop's thread is inside that wait
-(`Store.lock_wait_since`; the wait lets go of the GIL) this thread sends the heartbeat for
-it, so only the holder stays silent; its abort frees the lock. A loop stuck anywhere else is
-still silent.
+wanted to write (or to open the store, at its start) waited on it in silence too: both were
+aborted as hung, the waiting one's stack logged and a restart counted against it. While the
+loop's thread is inside that wait (`storebase.lock_wait_since`; the wait lets go of the GIL)
+this thread sends the heartbeat for it, so only the holder goes silent; its abort frees the
+lock within `heartbeatTimeoutSeconds` and a second. A wait past twice that (the beat's
+`timeout`) has a holder outside the daemon (a paused `flashlexd store` command, another program with the data dir
+open): one ERROR says so and the beats stop, so the worker is aborted and restarted, as any
+stuck worker is, rather than the daemon looking healthy while it stores nothing. A loop stuck
+anywhere else is silent as before.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from flashlexd.channel import Channel
 from flashlexd.linkmsg import Heartbeat, build
+from flashlexd.storebase import lock_wait_since
+
+log = logging.getLogger(__name__)
 
 
 class LockWaitBeat:
-    """A daemon thread beating for the loop while `waiting_since()` says it waits on the lock."""
+    """A daemon thread beating for the loop while it waits on the write lock, up to `timeout`."""
 
-    def __init__(self, channel: Channel, period: float, waiting_since: Callable[[], Optional[float]],
+    def __init__(self, channel: Channel, period: float, timeout: float,
                  counters: Callable[[], Dict[str, Any]]):
-        self._channel, self._period = channel, period
-        self._waiting_since, self._counters = waiting_since, counters
+        self._channel, self._period, self._timeout, self._counters = channel, period, timeout, counters
         self._thread = threading.Thread(target=self._run, name="lock-wait-beat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
+        told = None  # the wait the ERROR was said for
         while True:
             time.sleep(self._period / 2)  # pacing: the beat is due every `period`
-            since = self._waiting_since()
-            if since is not None and time.monotonic() - since >= self._period / 2:
+            since = lock_wait_since()
+            waited = 0.0 if since is None else time.monotonic() - since
+            if waited < self._period / 2:
+                continue
+            if waited < self._timeout:
                 # a SOCK_SEQPACKET send is one whole message: no interleaving with the loop's
                 self._channel.send(build(Heartbeat.kind, counters=self._counters()))
+            elif told != since:
+                told = since
+                log.error("waiting %.0fs for the store's write lock: a process outside the daemon"
+                          " holds it (a paused `flashlexd store` command, another program with the"
+                          " data dir open?); heartbeats stop, so this worker is restarted", waited)
