@@ -281,11 +281,25 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def last_ingress_client_id(self) -> Optional[str]:
-        """The client id of the ingress's last link up (None: none since this was recorded):
-        by record, not by the session marks' wall times, which a clock set back would reorder."""
+        """The client id of the ingress's last link up, None for a store that never connected:
+        by record, not by the session marks' wall times, which a clock set back would reorder.
+        A store from before the record: the ingress session (one with its topic filters
+        recorded, which only the ingress does) marked last by the wall clock."""
         with self._read() as txn:
             raw = txn.get(_INGRESS_ID, db=self._meta)
-            return None if raw is None else bytes(raw).decode("utf-8", "replace")
+            if raw is not None:
+                return bytes(raw).decode("utf-8", "replace")
+            marked: Dict[str, float] = {}
+            cursor = txn.cursor(db=self._meta)
+            if cursor.set_range(_TOPICS):
+                for key in cursor.iternext(values=False):
+                    if not bytes(key).startswith(_TOPICS):
+                        break
+                    client_id = bytes(key)[len(_TOPICS):]
+                    wall = txn.get(_SESSION + client_id, db=self._meta)
+                    if wall is not None and len(wall) == _WALL.size:
+                        marked[client_id.decode("utf-8", "replace")] = _WALL.unpack(wall)[0]
+        return max(marked, key=marked.__getitem__, default=None)
 
     @guarded
     def session_topics(self, client_id: str) -> List[str]:

@@ -944,3 +944,14 @@ def test_the_last_ingress_client_id_is_recorded_not_worked_out_from_wall_times(s
     store.note_session("thing-b-egress", 3_000_000_000.0)  # the egress's link is not the thing's id
     assert store.last_ingress_client_id() == "thing-b"
     assert store.session_seen("thing-a") == 2_000_000_000.0
+
+
+def test_a_store_from_before_the_record_gives_its_latest_ingress_session(store: Store) -> None:
+    """Found by re-read: a store from before the record gave None, so the first start after
+    the upgrade, under a new client id, did not warn. Only the ingress records topic filters."""
+    store.note_session("old-a", 1_000_000_000.0)
+    store.note_session_topics("old-a", ["t/#"])
+    store.note_session("old-b", 2_000_000_000.0)
+    store.note_session_topics("old-b", ["t/#"])
+    store.note_session("old-b-egress", 3_000_000_000.0)
+    assert store.last_ingress_client_id() == "old-b"
