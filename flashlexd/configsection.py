@@ -68,8 +68,10 @@ class Section:
         value = self.data.get(key)
         if value is None and required:
             raise ConfigError(f"{self._key(key)}: missing required key")
-        if value is None and key in self.data:  # `port:` with nothing after it: a value left out?
-            self.warnings.append(f"{self._key(key)}: empty, so its default is used")
+        path = self._key(key)
+        if value is None and key in self.data and path not in LEGACY_KEYS and \
+                getattr(KEYS.get(path), "default", None) is not None:  # `port:`: a value left out?
+            self.warnings.append(f"{path}: empty, so its default is used")
         return value
 
     def section(self, key: str, required: bool = False) -> "Section":

@@ -443,6 +443,11 @@ def test_an_empty_value_is_warned_about_and_its_default_used(tmp_path: Path):
         "flashlex.thing.mqtt.port: empty, so its default is used"]
     assert not [w for w in load(str(edited_config(tmp_path / "seed", lambda d: None))).warnings if "empty" in w]
 
+    def unused(document) -> None:  # keys with no default, or not read: nothing is put in their place
+        setting("flashlex.dist", None)(document)
+        setting("flashlex.thing.keys.publicKey", None)(document)
+    assert not [w for w in load(str(edited_config(tmp_path / "unused", unused))).warnings if "empty" in w]
+
 
 @pytest.mark.parametrize("section", ["pubsub", "ingress", "egress"])
 def test_a_misspelt_key_in_a_topic_section_is_warned_about(tmp_path: Path, section: str):
