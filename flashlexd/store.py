@@ -283,23 +283,28 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     def last_ingress_client_id(self) -> Optional[str]:
         """The client id of the ingress's last link up, None for a store that never connected:
         by record, not by the session marks' wall times, which a clock set back would reorder.
-        A store from before the record: the ingress session (one with its topic filters
-        recorded, which only the ingress does) marked last by the wall clock."""
+        A store from before the record: the session marked last by the wall clock among the
+        ingress's (those with topic filters recorded, which only the ingress does, when its
+        filters were more than the pubsub topic), else among all but egress ids (`-egress`)."""
         with self._read() as txn:
             raw = txn.get(_INGRESS_ID, db=self._meta)
             if raw is not None:
                 return bytes(raw).decode("utf-8", "replace")
-            marked: Dict[str, float] = {}
-            cursor = txn.cursor(db=self._meta)
-            if cursor.set_range(_TOPICS):
-                for key in cursor.iternext(values=False):
-                    if not bytes(key).startswith(_TOPICS):
-                        break
-                    client_id = bytes(key)[len(_TOPICS):]
-                    wall = txn.get(_SESSION + client_id, db=self._meta)
-                    if wall is not None and len(wall) == _WALL.size:
-                        marked[client_id.decode("utf-8", "replace")] = _WALL.unpack(wall)[0]
-        return max(marked, key=marked.__getitem__, default=None)
+            marked = {client_id: wall for client_id, wall in self._prefixed(txn, _SESSION).items()
+                      if len(wall) == _WALL.size and not client_id.endswith("-egress")}
+            ingress = set(self._prefixed(txn, _TOPICS)) & set(marked) or set(marked)
+        return max(ingress, key=lambda client_id: _WALL.unpack(marked[client_id])[0], default=None)
+
+    def _prefixed(self, txn: lmdb.Transaction, prefix: bytes) -> Dict[str, bytes]:
+        """The meta records under `prefix`: what follows it (a client id) -> the value."""
+        found: Dict[str, bytes] = {}
+        cursor = txn.cursor(db=self._meta)
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not bytes(key).startswith(prefix):
+                    break
+                found[bytes(key)[len(prefix):].decode("utf-8", "replace")] = bytes(value)
+        return found
 
     @guarded
     def session_topics(self, client_id: str) -> List[str]:

@@ -955,3 +955,11 @@ def test_a_store_from_before_the_record_gives_its_latest_ingress_session(store: 
     store.note_session_topics("old-b", ["t/#"])
     store.note_session("old-b-egress", 3_000_000_000.0)
     assert store.last_ingress_client_id() == "old-b"
+
+
+def test_a_store_from_before_the_record_without_topic_records_gives_its_latest_session(store: Store) -> None:
+    """Found by re-read: the ingress recorded its filters only when they were more than the
+    pubsub topic, so such a store had none and the first start under a new id said nothing."""
+    store.note_session("old-a", 1_000_000_000.0)
+    store.note_session("old-a-egress", 3_000_000_000.0)
+    assert store.last_ingress_client_id() == "old-a"

@@ -40,17 +40,21 @@ class LockWaitBeat:
 
     def _run(self) -> None:
         told = None  # the wait the ERROR was said for
+        seen, ticks = None, 0  # the wait looked at, and how many ticks it has lasted
         while True:
             time.sleep(self._period / 2)  # pacing: the beat is due every `period`
             since = lock_wait_since()
-            waited = 0.0 if since is None else time.monotonic() - since
-            if waited < self._period / 2:
+            seen, ticks = since, (ticks + 1 if since is not None and since == seen else 0)
+            # counted in ticks, not clock time: a pause of the whole daemon (SIGSTOP of its group,
+            # `systemctl freeze`) is one late tick, not a wait (the supervisor discounts it too)
+            waited = ticks * self._period / 2
+            if not ticks:
                 continue
             if waited < self._timeout:
                 # a SOCK_SEQPACKET send is one whole message: no interleaving with the loop's
                 self._channel.send(build(Heartbeat.kind, counters=self._counters()))
             elif told != since:
                 told = since
-                log.error("waiting %.0fs for the store's write lock: a process outside the daemon"
+                log.error("waiting over %.0fs for the store's write lock: a process outside the daemon"
                           " holds it (a paused `flashlexd store` command, another program with the"
                           " data dir open?); heartbeats stop, so this worker is restarted", waited)
