@@ -8,10 +8,10 @@ aborted as hung, the waiting one's stack logged and a restart counted against it
 loop's thread is inside that wait (`storebase.lock_wait_since`; the wait lets go of the GIL)
 this thread sends the heartbeat for it, so only the holder goes silent; its abort frees the
 lock within `heartbeatTimeoutSeconds` and a second. A wait past twice that (the beat's
-`timeout`) has a holder outside the daemon (a paused `flashlexd store` command, another program with the data dir
-open): one ERROR says so and the beats stop, so the worker is aborted and restarted, as any
-stuck worker is, rather than the daemon looking healthy while it stores nothing. A loop stuck
-anywhere else is silent as before.
+`timeout`) has a holder outside the daemon (a paused `flashlexd store` command, another
+program with the data dir open): one ERROR says so and the beats stop, so the worker is
+aborted and restarted, as any stuck worker is, rather than the daemon looking healthy while
+it stores nothing. A loop stuck anywhere else is silent as before.
 """
 from __future__ import annotations
 
