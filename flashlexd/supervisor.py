@@ -482,7 +482,8 @@ class Supervisor:
         else:
             dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""
             store = f"inbox {stats['inbox_count']}; outbox {stats['outbox_count']}{dead}"
-        api = "; API socket unreachable (see the log)" if self.api is not None and self.api.socket_trouble else ""
+        unreachable = self.api is not None and self.api.socket_trouble
+        api = "; API socket unreachable (see the log)" if unreachable else ""
         return f"{', '.join(links)}; {store}; workers {up}/{len(self.workers)}{api}"
 
     def status(self) -> Dict[str, Any]:
@@ -543,7 +544,7 @@ class Supervisor:
         except _ReloadRefused:
             config_file.close()
             raise
-        for warning in new.warnings:  # `flashlexd reload` prints them too: a misspelt key said only in the log
+        for warning in new.warnings:  # notes: `flashlexd reload` prints them (a misspelt key)
             self._reload_note(warning)
         self._apply(runtime, config_file)
         log.info("config reloaded from %s", new.path)
