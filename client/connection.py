@@ -18,9 +18,10 @@ import msgpack
 from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, Forbidden, PermissionDenied,
                                      ProtocolError, RpcError, RpcTimeout)
 from flashlexd.client.message import Message, OutboxEntry
-from flashlexd.client.wire import (CONSUMER_NAME_PATTERN, CONSUMER_NAME_RULE, DEFAULT_SOCKET, HEADER,
+from flashlexd.client.wire import (CONSUMER_NAME_RULE, DEFAULT_SOCKET, HEADER,
                                    MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME, MAX_WAIT_SECONDS,
-                                   PROTOCOL_VERSION, SOCKET_ENV, Code, encode_frame)
+                                   PROTOCOL_VERSION, SOCKET_ENV, Code, encode_frame,
+                                   valid_consumer_name)
 
 IdLike = Union[int, str, Message]
 log = logging.getLogger("flashlexd.client")
@@ -91,7 +92,7 @@ class Client:
                  consumer: Optional[str] = None):
         self.path = socket_path(path)
         self.timeout = seconds(timeout, "timeout")
-        if consumer is not None and not (isinstance(consumer, str) and CONSUMER_NAME_PATTERN.match(consumer)):
+        if consumer is not None and not valid_consumer_name(consumer):
             raise ValueError(f"consumer must be {CONSUMER_NAME_RULE}, not {consumer!r}")
         self.consumer = consumer  # None: the default consumer (the shared inbox)
         self._sock: Optional[socket.socket] = None
@@ -434,9 +435,8 @@ class Client:
         (`paged`), so one call never holds its loop for long: this calls again from there until
         `limit` are found or none are left (`wait`: until any are found or time is up).
         `until_replay`: a wait also ends when the consumer is replayed (`stream`)."""
-        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))
-                                 or not 0 <= wait < 1e9):  # wait(timeout=), stream(timeout_per_wait=)
-            raise ValueError(f"timeout must be a number of seconds, 0 or more, not {wait!r}")
+        if wait is not None:  # wait(timeout=), stream(timeout_per_wait=): 0 is a look
+            seconds(wait, "timeout", zero=True)
         params = self._query(limit, topic, after, user_property)
         deadline = None if wait is None else time.monotonic() + wait
         # a wait whose time ran out mid-walk: the same wait again goes on from there (what it
@@ -621,10 +621,13 @@ def _listed(ids: Any, single: Tuple[type, ...]) -> Iterable[Any]:
     return [ids] if isinstance(ids, single) else ids
 
 
-def seconds(value: Any, name: str) -> float:
-    """A positive, finite number of seconds (a socket timeout), else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
-        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+def seconds(value: Any, name: str, zero: bool = False) -> float:
+    """A positive (or with `zero`, not negative), finite number of seconds (a socket timeout, a
+    wait), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+            (0 <= value if zero else 0 < value) or not value < 1e9:
+        what = "a number of seconds, 0 or more" if zero else "a positive number of seconds"
+        raise ValueError(f"{name} must be {what}, not {value!r}")
     return float(value)
 
 

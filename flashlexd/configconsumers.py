@@ -7,8 +7,8 @@ from typing import Optional, Tuple
 
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError
-from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec, valid_name
-from flashlexd.wire import CONSUMER_NAME_RULE
+from flashlexd.consumers import MAX_CONSUMERS, ConsumerSpec
+from flashlexd.wire import CONSUMER_NAME_RULE, valid_consumer_name
 from flashlexd.topics import valid_filter
 
 _DAY = 86400.0
@@ -34,7 +34,7 @@ def consumer_settings(app: Section) -> ConsumerSettings:
 
 
 def _consumer(consumers: Section, name: object) -> ConsumerSpec:
-    if not valid_name(name):
+    if not valid_consumer_name(name):
         raise ConfigError(f"{consumers.path}: {_show(name)} is not {CONSUMER_NAME_RULE}")
     section = consumers.section(str(name))
     topic_filter = section.text("filter", "#")

@@ -65,10 +65,9 @@ class Section:
 
     def _raw(self, key: str, required: bool) -> Any:
         self.used.add(key)
-        value = self.data.get(key)
+        value, path = self.data.get(key), self._key(key)
         if value is None and required:
-            raise ConfigError(f"{self._key(key)}: missing required key")
-        path = self._key(key)
+            raise ConfigError(f"{path}: missing required key")
         if value is None and key in self.data and path not in LEGACY_KEYS and \
                 getattr(KEYS.get(path), "default", None) is not None:  # `port:`: a value left out?
             self.warnings.append(f"{path}: empty, so its default is used")

@@ -18,7 +18,6 @@ from flashlexd.clock import LEGACY_SEQ
 from flashlexd.storedamage import CorruptRecord
 from flashlexd.storerecords import StoreError, _stamp_of
 from flashlexd.topics import topic_matches
-from flashlexd.wire import CONSUMER_NAME_PATTERN
 
 RESET_TARGETS = ("earliest", "latest")  # or a message id
 # how a reset goes (Store.consumer_reset_way): forwards keeping the acks ahead ("latest"),
@@ -56,10 +55,6 @@ class NoRoomForConsumer(UnknownConsumer):
         super().__init__(f"no room for a new consumer {name!r}: {MAX_CONSUMERS} are stored, the most"
                          " there may be (a dynamic one goes when unused for consumerIdleDays, or by"
                          " `flashlexctl consumers remove NAME`)")
-
-
-def valid_name(name: object) -> bool:
-    return isinstance(name, str) and CONSUMER_NAME_PATTERN.match(name) is not None
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,19 @@ import msgpack
 __all__ = ["PROTOCOL_VERSION", "HEADER", "DEFAULT_SOCKET", "SOCKET_ENV", "FULL_POLICIES", "MIB",
            "REQUEST_OVERHEAD", "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_FRAME", "MAX_RESPONSE_FRAME",
            "MAX_ARRAY_LEN", "MAX_MAP_LEN", "MAX_IDS_PER_ACK", "MAX_LIMIT", "MAX_WAIT_SECONDS",
-           "ID_LIMIT", "CONSUMER_NAME_PATTERN", "CONSUMER_NAME_RULE", "Code", "encode_frame",
-           "request_unpack_options", "version_mismatch"]
+           "ID_LIMIT", "CONSUMER_NAME_RULE", "Code", "encode_frame", "request_unpack_options",
+           "valid_consumer_name", "version_mismatch"]
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
-CONSUMER_NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")  # also a config key's rule
+_CONSUMER_NAME = re.compile(r"[a-z0-9_-]{1,64}\Z")  # also a config key's rule
 CONSUMER_NAME_RULE = "a consumer name: 1 to 64 of a-z 0-9 _ -"
+
+
+def valid_consumer_name(name: object) -> bool:
+    """The daemon's rule, checked by the client too (`connect(consumer=)`)."""
+    return isinstance(name, str) and _CONSUMER_NAME.match(name) is not None
+
 
 DEFAULT_SOCKET = "/run/flashlexd/flashlexd.sock"
 SOCKET_ENV = "FLASHLEXD_SOCKET"

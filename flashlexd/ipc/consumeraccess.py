@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumerkeeper import declared_changes
-from flashlexd.consumers import NoRoomForConsumer, valid_name
-from flashlexd.wire import CONSUMER_NAME_RULE
+from flashlexd.consumers import NoRoomForConsumer
+from flashlexd.wire import CONSUMER_NAME_RULE, valid_consumer_name
 from flashlexd.ipc.protocol import RpcFailure
 from flashlexd.store import Store
 from flashlexd.wire import Code
@@ -34,7 +34,7 @@ class ConsumerAccess:
 
     def admit(self, method: str, name: Any, uid: Optional[int]) -> str:
         """`name`, once it is a valid consumer that `uid` may use (registered if need be)."""
-        if not valid_name(name):
+        if not valid_consumer_name(name):
             raise RpcFailure(Code.BAD_PARAMS, f"{method}: param 'consumer' must be {CONSUMER_NAME_RULE},"
                              f" got {str(name)[:70]!r}")
         spec = self.settings.spec(name)

@@ -14,8 +14,9 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
-from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError, valid_name
-from flashlexd.wire import CONSUMER_NAME_RULE, ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code
+from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError
+from flashlexd.wire import (CONSUMER_NAME_RULE, ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code,
+                            valid_consumer_name)
 from flashlexd.ipc import mqttprops
 from flashlexd.ipc.consumeraccess import ConsumerAccess
 from flashlexd.ipc.protocol import Pending, RpcFailure, store_busy
@@ -542,7 +543,7 @@ class Methods:
         MAX_CONSUMERS places for days): the messages only it held leave, a commit of at most
         COMMIT_STEP records at a time, `paged` as `reset` is. A declared one goes by the config."""
         name = p.get("consumer")
-        if not valid_name(name):
+        if not valid_consumer_name(name):
             raise p.bad("consumer", CONSUMER_NAME_RULE, name)
         paged = p.boolean("paged", False)
         p.done()

@@ -275,10 +275,11 @@ class EgressWorker(Worker):
         if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
             self.drop_to_judge = _Drop(sent, error, self.connection.attempts,
                                        self.connection.cut_mid_upload)
-        elif self.connection.last_verdict is Verdict.UNACKNOWLEDGED and len(sent) == 1:
-            self._unacknowledged_again(sent[0])  # only a stall of one entry alone names it
         elif self.connection.last_verdict is Verdict.UNACKNOWLEDGED and sent:
-            self.poison.stalled([s.entry_id for s in sent])
+            if len(sent) == 1:
+                self._unacknowledged_again(sent[0])  # only a stall of one entry alone names it
+            else:
+                self.poison.stalled([s.entry_id for s in sent])
         self._delete_done()  # so acknowledged entries are not sent again
         # the lowest id, not the first sent: after a 0x97 rewind an entry is sent again after
         # later ones still in flight
