@@ -529,8 +529,13 @@ class Connection:
             return
         self.connected = False
         self._down_since = self.clock()
-        if self._down_since - (self._up_since or self._down_since) >= self.backoff.policy.stable_seconds:
-            self._failure_lines.clear()  # a run of failures was over: this drop is news again
+        # a run of failures was over: this drop is news again. Not after a link we closed for not
+        # acknowledging: however long it lived (30 s of mqttOperationTimeout, past the 20 s of
+        # stableConnectionTimeSecond), it made no progress, and a stall lasting hours (RabbitMQ
+        # on an entry over its max_message_size) logged an ERROR and a "connected" at every link
+        lived = self._down_since - (self._up_since or self._down_since)
+        if lived >= self.backoff.policy.stable_seconds and self.last_verdict is not Verdict.UNACKNOWLEDGED:
+            self._failure_lines.clear()
         if self.closing:
             self.on_change(False, None)
             return

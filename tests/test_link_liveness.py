@@ -274,3 +274,40 @@ def test_a_reset_while_a_subscribe_is_unanswered_is_not_blamed_on_permissions(
         assert worker.stop() == 0
     finally:
         fake.close()
+
+
+class NeverAcknowledgingBroker(TlsTestBroker):
+    """CONNACKs and answers pings, never PUBACKs: the link stays alive while a publish is not
+    acknowledged (RabbitMQ 3.10 after a publish over its max_message_size)."""
+
+    def answer(self, tls: ssl.SSLSocket, first: int, body: bytes, number: Optional[int]) -> bool:
+        kind = first >> 4
+        if kind == 1:
+            tls.sendall(mqtt_packet(0x20, b"\0\0"))
+        elif kind == 12:
+            tls.sendall(mqtt_packet(0xD0, b""))
+        return True
+
+
+def test_a_stall_at_every_link_is_one_error_not_one_a_link(broker: Broker, tmp_path: Path,
+                                                          start_worker) -> None:
+    """A link we close for not acknowledging lived past `stableConnectionTimeSecond` (30 s of
+    `mqttOperationTimeout` > 20 s, the defaults), which ended the run of failures: each link of
+    a stall was an ERROR and a "connected" line, ~240 lines an hour (the review's RabbitMQ
+    stall: every 2.3 s at a 2 s timeout). It made no progress: its repeats are one run."""
+    fake = NeverAcknowledgingBroker(broker.certs)
+    try:
+        config = write_config(tmp_path / "config", broker, port=fake.port, mqtt={
+            "protocol": "3.1.1", "mqttOperationTimeout": 1,
+            "autoReconnectBackoffTime": {"baseReconnectQuietTimeSecond": 0.1,
+                                         "maxReconnectQuietTimeSecond": 0.2,
+                                         "stableConnectionTimeSecond": 0.5}})
+        open_store(config).outbox_append([(EGRESS_TOPIC, b"never acknowledged", 1, False)])
+        worker = start_worker("egress", config)
+        worker.wait(lambda w: fake.connects >= 5, 30, "five links")
+        log = worker.log_text()
+        assert log.count("not acknowledged within") == 1, log[-3000:]
+        assert log.count("connected to ") == 2, log[-3000:]  # the first link, the one after the ERROR
+        worker.kill()
+    finally:
+        fake.close()
