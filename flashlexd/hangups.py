@@ -1,4 +1,5 @@
-"""SIGHUP held from the first line `flashlexd run` executes (kept free of imports: every module
+"""The commands' entries, run before their imports. `flashlexctl`: a Ctrl-C during its imports
+dies of SIGINT without a traceback. `flashlexd`: SIGHUP held from the first line `run` executes (kept free of imports: every module
 imported before this runs widens the window in which SIGHUP's default action ends the daemon
 without a word, and systemd counts a death by SIGHUP as a clean exit, so it does not restart it).
 The supervisor reloads once for what was held (cli.run hands it this list)."""
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import NoReturn
 
 HELD: list[int] = []  # one entry per SIGHUP received before the supervisor's own handler
 _installed = False
@@ -68,6 +70,25 @@ def main() -> int:
             os._exit(0)  # README: SIGINT stops `run` gracefully, exit 0
         # any other command dies of the SIGINT, as before, so that a shell script running it
         # stops too (bash goes on with its next command when its child merely exits 130)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        os._exit(130)  # SIGINT blocked: the shell's convention
+        _die_of_sigint()
+
+
+def ctl_main() -> int:
+    """The `flashlexctl` command: its main handles Ctrl-C once imported; before, it was a
+    traceback (the first ~0.2 s)."""
+    try:
+        from flashlexd.client.ctl import main as ctl
+    except KeyboardInterrupt:
+        _die_of_sigint()
+    return ctl()
+
+
+def _die_of_sigint() -> NoReturn:
+    """End by SIGINT, as a Ctrl-C'd program does (shell scripts stop on it), without the traceback
+    or atexit: a KeyboardInterrupt that passed through an import makes the interpreter end
+    itself so at exit anyway."""
+    import os
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(130)  # SIGINT blocked: the shell's convention

@@ -42,3 +42,29 @@ def test_ctrl_c_during_another_command_ends_it_by_sigint(argv):
     _out, err = ran.communicate(timeout=30)
     assert ran.returncode == -signal.SIGINT, err
     assert "Traceback" not in err and "stopped before it was ready" not in err, err
+
+
+# an import held open until the test's Ctrl-C: the window is the imports, whatever the machine's pace
+_HELD_IMPORT = """
+import sys, time
+class Held:
+    def find_spec(self, name, path=None, target=None):
+        if name == "argparse":
+            print("importing", flush=True)
+            time.sleep(30)
+sys.meta_path.insert(0, Held())
+from flashlexd.hangups import ctl_main
+raise SystemExit(ctl_main())
+"""
+
+
+def test_ctrl_c_while_flashlexctl_imports_is_no_traceback():
+    """Ctrl-C in flashlexctl's first ~0.2 s (its imports, before `main` catches it) printed a
+    traceback; it dies of SIGINT now, without one, as `flashlexd`'s other commands do."""
+    ran = subprocess.Popen([sys.executable, "-c", _HELD_IMPORT, "status"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    assert ran.stdout.readline() == "importing\n"
+    ran.send_signal(signal.SIGINT)
+    _out, err = ran.communicate(timeout=30)
+    assert ran.returncode == -signal.SIGINT, err
+    assert "Traceback" not in err, err
