@@ -49,6 +49,8 @@ def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
               f"consumer {printable(args.name)} has now acknowledged through id {through}")
         return 0
     if getattr(args, "consumers_action", None) == "remove":
+        if unknown_consumer(fx, args.name):
+            return 1
         removed = fx.remove_consumer(args.name)
         print(json.dumps(removed) if args.json else f"consumer {printable(args.name)} " +
               ("removed; the messages it alone still held back were released (those no other"

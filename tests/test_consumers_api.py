@@ -337,6 +337,11 @@ def test_flashlexctl_lists_reads_and_resets_consumers(harness: Harness):
     assert "consumer typo removed; the messages it alone still held back were released" \
         in ctl("consumers", "remove", "typo")
     assert "typo" not in ctl("consumers")
+    refused = subprocess.run([FLASHLEXCTL, "--socket", harness.path, "consumers", "remove", "typo"],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and refused.stderr == ("flashlexctl: no consumer named 'typo' (there"
+                                                          " are: display, logger): see flashlexctl consumers\n"), \
+        refused.stderr  # it was the daemon's words: "bad_params: remove_consumer: no consumer named"
 
 
 # -- bounded work per call (issue 14): a consumer's reads walk pages, status counts a budget ----
