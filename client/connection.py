@@ -568,15 +568,19 @@ class Client:
     def reset(self, consumer: str, to: Union[str, IdLike] = "earliest") -> int:
         """Move a named consumer: "earliest" replays what is stored, "latest" skips it all, a
         message id starts there. Returns the id it has now acknowledged through. The daemon
-        moves it a bounded step per call (`paged`): this calls on until it is there."""
+        moves it a bounded step per call (`paged`): this calls on until it is there. A name the
+        daemon does not know is refused (a typo's skip would release every stored message),
+        unless it is this connection's own consumer, which this call registers."""
         target = to if to in ("earliest", "latest") else _wire_id(to)  # type: ignore[arg-type]
         going: Dict[str, Any] = {}  # after the first call: the way it goes (skip, start or replay)
+        if consumer == self.consumer:
+            going["register"] = True
         while True:
             answer = self.call("reset", consumer=consumer, to=target, paged=True, **going)
             if answer["done"]:
                 return answer["acked_through"]
             target = answer["to"]
-            going = {"way": answer["way"]} if answer.get("way") else {}
+            going = {"way": answer["way"]} if answer.get("way") else {}  # registered by the first
 
     def remove_consumer(self, consumer: str) -> bool:
         """Remove a dynamic (app-registered) consumer now, as `consumerIdleDays` would once it

@@ -384,3 +384,23 @@ def test_status_walks_no_more_records_however_many_consumers_apps_register(harne
         report = {c["name"]: c for c in fx.status()["consumers"]}
     assert len(report) == 50 and report_share(50) == 10
     assert all((c["backlog"], c["backlog_exact"]) == (10, False) for c in report.values())
+
+
+def test_a_reset_of_a_name_not_stored_is_refused_unless_it_is_the_apps_own(harness: Harness):
+    """An unnamed app's `fx.reset("dispaly", to="latest")` registered a consumer of every topic
+    and its skip released every stored message: on a daemon without other named consumers the
+    inbox was emptied for the unnamed apps too (found by review). Refused now, as
+    `remove_consumer` refuses; an app's own consumer is still registered by its reset."""
+    ids = ingest(harness, "a", "b", "sensors/t")
+    with connect(harness.path) as fx:
+        with pytest.raises(RpcError) as info:
+            fx.reset("loger", "latest")
+        assert info.value.code == "bad_params" and "no consumer named 'loger'" in str(info.value)
+        assert "loger" not in {c["name"] for c in fx.consumers()}
+        assert [m.id for m in fx.messages()] == ids
+    with connect(harness.path, consumer="fresh") as fresh:  # skips what is stored, from its start
+        assert fresh.reset("fresh", "latest") == ids[-1]
+        assert fresh.messages() == []
+        assert "fresh" in {c["name"] for c in fresh.consumers()}
+        with pytest.raises(RpcError):
+            fresh.reset("other", "earliest")  # only its own name is registered so

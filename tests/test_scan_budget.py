@@ -275,7 +275,7 @@ def test_a_consumer_reset_commits_a_step_per_turn_and_other_calls_go_between(tur
     ids = store.append([Incoming("t/x", b"n")] * (steps * RESET_STEP + 10))
     store.consumer_register("keeper", 0.0)  # holds every message: the reset removes none
     resetter, other = turns.client(), turns.client()
-    resetter.sendall(req("reset", 1, consumer="app", to="latest"))
+    resetter.sendall(req("reset", 1, consumer="app", to="latest", register=True))
     turns.turn()
     assert not _readable(resetter), "the reset was answered in one turn: it held the loop"
     assert ids[0] < store.consumer_state("app").floor < ids[-1]  # some of the way, committed
@@ -291,7 +291,7 @@ def test_a_paged_reset_is_a_commit_per_call_and_the_client_calls_on(harness):
     ids = harness.ingest(*[("t/x", b"n")] * (2 * RESET_STEP + 5))
     harness.store.consumer_register("keeper", 0.0)  # holds every message
     with connect(harness.path, consumer="app") as fx:
-        first = fx.call("reset", consumer="app", to="latest", paged=True)
+        first = fx.call("reset", consumer="app", to="latest", paged=True, register=True)
         assert first == {"consumer": "app", "acked_through": ids[RESET_STEP - 1], "done": False,
                          "to": ids[-1] + 1, "way": "skip"}
         assert fx.reset("app", "latest") == ids[-1]
@@ -305,7 +305,7 @@ def test_a_paged_latest_reset_keeps_an_ack_made_between_its_calls(harness):
     harness.ingest(*[("t/x", b"n")] * (2 * RESET_STEP + 5))
     harness.store.consumer_register("keeper", 0.0)  # holds every message
     with connect(harness.path, consumer="app") as fx:
-        answer = fx.call("reset", consumer="app", to="latest", paged=True)
+        answer = fx.call("reset", consumer="app", to="latest", paged=True, register=True)
         assert fx.ack(harness.ingest(("t/x", b"newer"))) == 1
         while not answer["done"]:
             answer = fx.call("reset", consumer="app", to=answer["to"], paged=True, way=answer["way"])
@@ -319,7 +319,7 @@ def test_a_paged_skip_overtaken_by_the_floor_ends_instead_of_replaying(harness):
     ids = harness.ingest(*[("t/x", b"n")] * (2 * RESET_STEP + 5))
     harness.store.consumer_register("keeper", 0.0)  # holds every message
     with connect(harness.path, consumer="app") as fx:
-        first = fx.call("reset", consumer="app", to=ids[RESET_STEP + 1], paged=True)
+        first = fx.call("reset", consumer="app", to=ids[RESET_STEP + 1], paged=True, register=True)
         assert first["done"] is False and first["way"] == "start"
         assert fx.ack([m.id for m in fx.messages(limit=len(ids))]) == len(ids) - RESET_STEP
         assert harness.store.consumer_state("app").floor == ids[-1]  # past the skip's target

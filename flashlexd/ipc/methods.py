@@ -508,7 +508,15 @@ class Methods:
         while not done, the `to` of the next call (what `flashlexd.client` sends); otherwise
         one commit per turn of the server's loop (walk.py's `Steps`), answered at the end. The
         answer's `way` goes with the next call's `to` (an id, even for "latest"): how the reset
-        goes is decided by its first call (Store.consumer_reset_way)."""
+        goes is decided by its first call (Store.consumer_reset_way). A name not stored is
+        refused unless `register` (the client's own consumer, which its first call registers):
+        an unnamed app's `reset("dispaly", "latest")` registered a consumer of every topic and
+        its skip released every stored message, emptying the inbox for the unnamed apps too."""
+        name = p.get("consumer")
+        if not p.boolean("register", False) and valid_consumer_name(name) \
+                and self.store.consumer_state(name) is None:
+            raise RpcFailure(Code.BAD_PARAMS, f"reset: no consumer named {name!r} (an app's own"
+                             " consumer is registered by its first call)")
         consumer = self._consumer(p, required=True)
         to = p.get("to")
         if to not in RESET_TARGETS:
