@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Type, Union
+from typing import Any, Dict, List, Optional, Type, Union
 
 KIND = "t"  # the map key holding a message's kind
 
@@ -39,7 +39,7 @@ class MqttReport:
     """The worker's broker connection went up or down (`error` says why it is down)."""
     connected: bool
     error: Optional[str] = None
-    subscriptions: Optional[int] = None
+    subscriptions: Optional[List[List[Any]]] = None  # the ingress's [filter, granted QoS] when up
     kind = "mqtt"
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from flashlexd.client import RpcError, connect
 from flashlexd.client.wire import Code
-from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, Subscriber, open_store, publish, wait_for
+from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, PUBSUB_TOPIC, Subscriber, open_store, publish, wait_for
 from tests.daemon import Daemon, NotifyListener
 
 FLASHLEXCTL = str(Path(sys.executable).parent / "flashlexctl")
@@ -130,6 +130,21 @@ def test_dead_letters_are_listed_retried_to_the_tail_and_dropped(running, broker
             assert subscriber.lines() == [b"before", b"good-1", b"good-2", b"poison-1"]
     finally:
         subscriber.stop()
+
+
+def test_status_says_connected_with_the_subscriptions_granted(running, daemon_config):
+    """README: the ingress reports itself connected only once the broker granted its
+    subscriptions, which `subscriptions` lists; `status` took "connected" from the report and the
+    list from the next heartbeat, so a script reading it at "connected" got [] (found by review)."""
+    document = yaml.safe_load(daemon_config.read_text())
+    document["flashlex"]["app"]["supervisor"].update(heartbeatSeconds=10, heartbeatTimeoutSeconds=30)
+    daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
+    daemon = running.start()
+    with connect(str(daemon.socket_path)) as fx:
+        seen: List[dict] = []
+        wait_for(lambda: seen.append(fx.status()["mqtt"]["ingress"]) or seen[-1].get("connected"), 15,
+                 "ingress connected")
+        assert [topic for topic, _qos in seen[-1]["subscriptions"]] == [INGRESS_TOPIC, PUBSUB_TOPIC], seen[-1]
 
 
 def test_status_worker_counters_keep_up_with_the_store_totals(running, broker, daemon_config):
