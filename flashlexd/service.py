@@ -166,18 +166,24 @@ def _exposed(places: Places, used: Dict[str, str]) -> Optional[str]:
 
 def _warn_unreadable(user: str, groups: Tuple[str, Optional[str]], files: Dict[str, str]) -> None:
     """One warning per file the service could not read: the daemon would exit 2 at its start,
-    after the unit was installed and enabled. Works out the service's groups as systemd sets
+    after the unit was installed and enabled (one instead for a user or group not made yet). Works out the service's groups as systemd sets
     them (Group=, SupplementaryGroups= and the user's own), without running as the user."""
     import grp  # here: see make_directories
     import pwd
     group, socket_group = groups
+    missing = f"user {user!r}"
     try:
         uid = pwd.getpwnam(user).pw_uid
+        missing = f"group {group!r}"
         gids = set(os.getgrouplist(user, grp.getgrnam(group).gr_gid))
         if socket_group:  # SupplementaryGroups= when --group names another group
+            missing = f"group {socket_group!r}"
             gids.add(grp.getgrnam(socket_group).gr_gid)
-    except KeyError:
-        return  # no such user or group yet: nothing to work out (--install says so)
+    except KeyError:  # systemd fails the start before the daemon runs: no line of ours, no exit 2
+        print(f"warning: there is no {missing}: systemd would fail the service's every start"
+              f" (216/GROUP or 217/USER) and restart it every 2 s; create it before"
+              f" `systemctl enable --now`", file=sys.stderr)
+        return
     for path, what in files.items():
         reason = _unreadable_because(Path(path), uid, gids)
         if reason:

@@ -435,6 +435,31 @@ def test_unit_for_a_user_who_cannot_read_the_config_or_a_key_file_warns(open_dir
     assert warnings("root", "--group", "root") == []  # through SupplementaryGroups=nogroup
 
 
+def test_unit_for_a_user_or_group_that_does_not_exist_warns(open_dir):
+    """A `socket.group` (or `--user`, `--group`) naming no account rendered and installed the
+    unit without a word; systemd then failed every start with 216/GROUP before the daemon ran,
+    restarting it every 2 s for good (found by review)."""
+    keys = open_dir / "keys"
+    keys.mkdir(mode=0o755)
+    config = keys / "config.yml"
+
+    def warnings(socket_group: str, *more: str) -> list:
+        app = {"socket": {"group": socket_group}} if socket_group else {}
+        config.write_text(json.dumps({"flashlex": {"app": app, "thing": {}}}))
+        rendered = service("--dir", str(open_dir), *more)
+        assert rendered.returncode == 0 and "\nExecStart=" in rendered.stdout, rendered.stderr
+        return [line for line in rendered.stderr.splitlines() if line.startswith("warning:")]
+
+    for socket_group, more, missing in (("flashlexd-no-such-group", ("--user", "root"), "group 'flashlexd-no-such-group'"),
+                                        ("", ("--user", "flashlexd-no-such-user"), "user 'flashlexd-no-such-user'"),
+                                        ("", ("--user", "root", "--group", "flashlexd-no-such-group"),
+                                         "group 'flashlexd-no-such-group'")):
+        assert warnings(socket_group, *more) == [
+            f"warning: there is no {missing}: systemd would fail the service's every start (216/GROUP"
+            " or 217/USER) and restart it every 2 s; create it before `systemctl enable --now`"], more
+    assert warnings("nogroup", "--user", "root") == []
+
+
 def test_install_takeover_does_not_follow_a_symlink_in_the_data_dir(tmp_path):
     """The take-over chowned each store file name with shutil.chown, which follows links: a
     `data.mdb -> /etc/shadow` planted by the dir's owner gave the file to the service user
