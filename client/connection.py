@@ -447,12 +447,15 @@ class Client:
             params["after"] = resumed
         found: List[Dict[str, Any]] = []
         while True:
+            # reads, safe to repeat: sent again once when a restart cuts them off (a wait parked
+            # in the daemon raised ConnectionLost, ending README's logger.py at every restart)
             if deadline is None:
-                page = self.call("messages", paged=True, **params)
+                page = self._sent("messages", True, paged=True, **params)
             else:
                 # the daemon waits at most MAX_WAIT_SECONDS a call: a longer wait is several calls
                 left = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
-                page = self.call("wait", _timeout=left + self.timeout, timeout=left, paged=True, **params)
+                page = self._sent("wait", True, _timeout=left + self.timeout, timeout=left, paged=True,
+                                  **params)
             found += page["messages"]
             replayed = self._note_replays(page.get("replays"), page.get("run"))
             if deadline is not None and not found and page["cursor"] is None and \
@@ -497,7 +500,7 @@ class Client:
                 for start in range(0, len(wire), MAX_IDS_PER_ACK)]
 
     def _sent(self, method: str, idempotent: bool, **params: Any) -> Any:
-        """`call`; an idempotent one (ack, drop) is sent again once when the connection is lost
+        """`call`; an idempotent one (ack, drop, the reads) is sent again once when the connection is lost
         under it (a restart): an app's loop that went on after that ConnectionLost left the
         message unacked, never yielded again by its `stream()`. What the lost call did is not
         in the result."""

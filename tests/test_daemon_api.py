@@ -98,6 +98,35 @@ def test_a_connected_clients_calls_wait_for_a_restarted_daemon_within_their_time
     assert time.monotonic() - started < 1
 
 
+def test_a_wait_parked_when_the_daemon_restarts_is_sent_again(daemon, broker):
+    """README's logger.py (`wait` in a loop, no try) died at a daemon restart: the wait parked
+    in the daemon raised ConnectionLost. A read is safe to repeat: it is sent again once, as
+    `ack` is, and waits for the daemon within the client's timeout."""
+    fx = connect(str(daemon.socket_path), consumer="logger", timeout=20)
+    wait_for(lambda: connected(fx), 15, "both MQTT connections")
+    outcome: List[Any] = []
+
+    def wait_once() -> None:
+        try:
+            outcome.append([m.payload for m in fx.wait(timeout=30)])
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+    waiter = threading.Thread(target=wait_once)
+    waiter.start()
+    other = connect(str(daemon.socket_path), timeout=20)  # fx's lock is the waiter's
+    wait_for(lambda: "logger" in {c["name"] for c in other.consumers()} or outcome, 10,
+             "the wait parked (it registers its consumer)")
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_exit()
+    daemon.start()
+    wait_for(lambda: connected(other) or outcome, 20, "the daemon back")
+    publish(broker, INGRESS_TOPIC, b"after the restart")
+    waiter.join(40)
+    fx.close()
+    other.close()
+    assert outcome == [[b"after the restart"]]
+
+
 def test_a_stream_rides_through_a_daemon_down_when_its_next_wait_starts(daemon, broker):
     """Found by re-read: a client waiting for a restarting daemon spent the wait's own deadline
     doing so, then sent the wait with its whole timeout: `stream()` (README's display.py) died
