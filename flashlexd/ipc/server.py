@@ -267,12 +267,13 @@ class RpcServer:
         self.socket_trouble = trouble
 
     def close(self) -> None:
-        """Close every connection and the listener; remove the socket file if it is still ours."""
+        """Close the listener, remove the socket file if it is still ours, then close every
+        connection. In that order: a client whose call the close cut off connects again at once
+        (its read sent again), and in the listener's backlog that connection was reset, which
+        it took for a second loss (not for a daemon gone, which it waits for)."""
         if self.closed:
             return
         self.closed = True
-        for conn in list(self._conns):
-            self._close_conn(conn)
         if self._accept_paused_until is None:
             self.selector.unregister(self._listener)
         self._listener.close()
@@ -282,6 +283,8 @@ class RpcServer:
                 os.unlink(self.path)
         except OSError:
             pass
+        for conn in list(self._conns):
+            self._close_conn(conn)
         if self._own_selector:
             self.selector.close()
 
