@@ -229,7 +229,8 @@ class EgressWorker(Worker):
 
     def _note_session(self) -> None:
         try:
-            self.store.note_session(self.config.thing.mqtt.egress_client_id, time.time())
+            self.store.note_session(self.config.thing.mqtt.egress_client_id, time.time(),
+                                    broker=self.config.thing.broker)
         except StoreError as exc:
             log.warning("cannot remember that the broker holds our session: %s", exc)
 

@@ -3,6 +3,8 @@
 - Its broker session: when a link of this client id was last up on a persistent session. None
   means the store's first connection, which resumes whatever session the broker holds (never
   MQTT 5 Clean Start: the messages it queued for the thing are ours) but reports no loss.
+  And which broker ("endpoint:port") it was on: a first link on another one (the config moved
+  the device) resumes or starts another session, the old broker's is not lost.
 - A broker without MQTT 5, remembered for the rest of the daemon's run. With `thing.mqtt.protocol: auto` each link probes MQTT 5 first. A worker that had to fall back
 to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
 on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
@@ -31,6 +33,16 @@ def earlier_session(store: Store, client_id: str) -> Optional[float]:
     except StoreError as exc:  # damage is logged by the store; a lost session then goes unsaid
         log.warning("no record of an earlier session of %s, a session the broker lost goes unsaid: %s",
                     client_id, exc)
+        return None
+
+
+def earlier_broker(store: Store, client_id: str) -> Optional[str]:
+    """The broker ("endpoint:port") `client_id`'s last session was on; None: not known (no
+    record, one of an earlier version, or the store could not tell), taken for the one of now."""
+    try:
+        return store.session_broker(client_id)
+    except StoreError as exc:  # damage is logged by the store
+        log.debug("no record of the earlier session's broker: %s", exc)
         return None
 
 
