@@ -65,7 +65,7 @@ from flashlexd.topics import topic_matches
 # meta: + client id -> when its link was last up (wall clock, a double), then on which broker
 # ("endpoint:port", UTF-8; an earlier version's record has none: taken for the broker of now)
 _SESSION = b"session:"
-_FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
+_FALLBACK = b"fallback:"  # meta: + client id + NUL + broker -> b"3.1.1": it lacks MQTT 5 (this run)
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
 _LINK_UP = b"egress_link_up"  # meta: egress's link came up, no drop or stop noted since (it died)
@@ -376,15 +376,17 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     # -- a broker without MQTT 5, remembered until the daemon restarts --------------------------
 
     @guarded
-    def fell_back(self, client_id: str) -> bool:
-        """Whether a worker of this daemon run found that `client_id`'s broker lacks MQTT 5
-        (protocol `auto`): a replaced worker then starts on 3.1.1 instead of probing again."""
+    def fell_back(self, client_id: str, broker: str) -> bool:
+        """Whether a worker of this daemon run found that `broker` ("endpoint:port") lacks MQTT 5
+        for `client_id` (protocol `auto`): a replaced worker then starts on 3.1.1 instead of
+        probing again. Per broker: a move to another one probes it (a record of an earlier
+        version, per client id alone, is never read: the daemon's start drops it)."""
         with self._read() as txn:
-            return txn.get(_FALLBACK + client_id.encode(), db=self._meta) is not None
+            return txn.get(_fallback_key(client_id, broker), db=self._meta) is not None
 
     @guarded
-    def note_fallback(self, client_id: str) -> None:
-        self._write(lambda txn: txn.put(_FALLBACK + client_id.encode(), b"3.1.1", db=self._meta))
+    def note_fallback(self, client_id: str, broker: str) -> None:
+        self._write(lambda txn: txn.put(_fallback_key(client_id, broker), b"3.1.1", db=self._meta))
 
     @guarded
     def forget_fallbacks(self) -> None:
@@ -555,3 +557,8 @@ def _first_of_later_boot(inbox: lmdb.Cursor, seq: int) -> bool:
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     """Each message's DUP mark (`Incoming.mark`, computed once per message)."""
     return [m.mark for m in messages]
+
+
+def _fallback_key(client_id: str, broker: str) -> bytes:
+    """NUL ends the client id: MQTT forbids U+0000 in one."""
+    return _FALLBACK + client_id.encode() + b"\0" + broker.encode()

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from flashlexd.config import load
-from tests.broker import INGRESS_TOPIC, HOST, Broker, Certs, Proxy, open_store, publish, wait_for, write_config
+from tests.broker import INGRESS_TOPIC, HOST, THING, Broker, Certs, Proxy, open_store, publish, wait_for, write_config
 
 
 @pytest.fixture
@@ -94,3 +94,24 @@ def test_a_move_to_another_broker_is_not_a_lost_session(two: Tuple[Broker, Broke
     assert again.log_text().count("lost the session") == 1 and len(moved_lines(again.log_text())) == 1
     assert again.stop() == 0
 
+
+def test_a_fallback_to_3_1_1_stays_with_its_broker(rabbitmq, broker: Broker, tmp_path: Path,
+                                                   start_worker) -> None:
+    """Found by review: the fallback remembered per client id followed a move to a broker that
+    speaks MQTT 5 (3.1.1 there until the daemon restarted). Per broker: a move probes again,
+    and a move back to the 3.1.1 broker starts on 3.1.1 at once."""
+    rabbitmq.forget([THING])
+    config = write_config(tmp_path / "config", rabbitmq)  # protocol: auto, the default
+    first = start_worker("ingress", config)
+    first.wait(lambda w: w.counters.get("protocol") == "3.1.1", 20, "connected after the fallback")
+    first.kill()
+    move(config, broker.port)
+    moved = start_worker("ingress", config)
+    moved.wait(lambda w: w.counters.get("protocol"), 20, "connected to mosquitto")
+    assert moved.counters["protocol"] == "5"
+    moved.kill()
+    move(config, rabbitmq.port)
+    back = start_worker("ingress", config)
+    back.wait(lambda w: w.counters.get("protocol"), 20, "connected to RabbitMQ again")
+    assert back.counters["protocol"] == "3.1.1" and back.log_text().count("does not speak MQTT 5") == 1
+    back.kill()

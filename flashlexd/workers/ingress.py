@@ -103,13 +103,14 @@ class IngressWorker(Worker):
         self.said_unwanted = False
         seen_at = earlier_session(self.store, client_id)
         self.fresh_store = seen_at is None  # until its first link: a session kept from before it?
+        broker = self.config.thing.broker
         self.connection = Connection(self.config, client_id, self._on_change,
                                      on_publishes=self._on_publishes,
                                      track_session=True, session_seen_at=seen_at,
                                      session_broker=earlier_broker(self.store, client_id),
                                      on_build=self._set_up_client,
-                                     fell_back=fell_back_before(self.store, client_id),
-                                     on_fall_back=noting_fallback(self.store, client_id),
+                                     fell_back=fell_back_before(self.store, client_id, broker),
+                                     on_fall_back=noting_fallback(self.store, client_id, broker),
                                      connected_ago=connect_ago(self.name, seen_at),
                                      on_connect_sent=noting_connects(self.name))
         self.dedupe = self.config.store.dedupe

@@ -8,7 +8,8 @@
 - A broker without MQTT 5, remembered for the rest of the daemon's run. With `thing.mqtt.protocol: auto` each link probes MQTT 5 first. A worker that had to fall back
 to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
 on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
-The supervisor forgets these notes when the daemon starts (`Store.forget_fallbacks`).
+Per broker: a move to another one probes MQTT 5 there. The supervisor forgets these notes when
+the daemon starts (`Store.forget_fallbacks`).
 - When a CONNECT of this link last went out (`connectpace`, in shared memory, not the store):
   a worker replaced right after its predecessor sent one waits out the rest of AWS IoT Core's
   second per CONNECT."""
@@ -46,19 +47,19 @@ def earlier_broker(store: Store, client_id: str) -> Optional[str]:
         return None
 
 
-def fell_back_before(store: Store, client_id: str) -> bool:
+def fell_back_before(store: Store, client_id: str, broker: str) -> bool:
     try:
-        return store.fell_back(client_id)
+        return store.fell_back(client_id, broker)
     except StoreError as exc:  # damage is logged by the store; MQTT 5 is then probed again
         log.debug("no record of an earlier protocol fallback: %s", exc)
         return False
 
 
-def noting_fallback(store: Store, client_id: str) -> Callable[[], None]:
-    """The Connection's `on_fall_back` for `client_id`."""
+def noting_fallback(store: Store, client_id: str, broker: str) -> Callable[[], None]:
+    """The Connection's `on_fall_back` for `client_id` on `broker`."""
     def note() -> None:
         try:
-            store.note_fallback(client_id)
+            store.note_fallback(client_id, broker)
         except StoreError as exc:
             log.warning("cannot remember that the broker lacks MQTT 5: %s", exc)
     return note
