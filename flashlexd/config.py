@@ -83,6 +83,12 @@ class Thing:
     keys: Keys
     mqtt: Mqtt
 
+    @property
+    def broker(self) -> str:
+        """"endpoint:port": which broker a session, its DUP marks and a protocol fallback are
+        of (a session lives on one broker; another one knows nothing of it)."""
+        return f"{self.endpoint}:{self.mqtt.port}"
+
 
 @dataclass(frozen=True)
 class StoreSettings:

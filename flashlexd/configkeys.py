@@ -82,6 +82,12 @@ _CLIENT_ID_SWITCH = (
     " id's session at the broker (until its session expiry) and are not fetched (one WARNING,"
     " `flashlexd reload` says so too; the data dir's inbox and outbox are kept): stop the publishers"
     " first, or drain the old id afterwards (e.g. `mosquitto_sub -c -i OLDID ...`)")
+# thing.endpoint and mqtt.port: a session lives on one broker
+_BROKER_MOVE = ("changed by a reload or while stopped (another broker), the old broker keeps our"
+                " sessions: what it queued for the client id stays there until the device goes"
+                " back or that session expires (one WARNING, `flashlexd reload` says so too; not"
+                " counted in `sessions_lost`), and the ingress's DUP marks are dropped (see"
+                " \"Delivery guarantees\"); MQTT 5 is probed again on the new broker")
 
 TABLE: Tuple[Key, ...] = (
     _legacy("flashlex.app.api",
@@ -216,8 +222,8 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_THING}.endpoint", "text", REQUIRED, "broker host name (verified against its certificate)"
         " or IPv4/IPv6 address, alone: no `https://`, port or path (the port is `mqtt.port`);"
         " on an AWS IoT Core endpoint (`*.amazonaws.com`) `publish` also refuses topics over its 7"
-        " slashes or beginning with `$` (but `$aws/`), and so does the config for `mqtt.egress.topic`",
-        LINKS_AND_API),
+        " slashes or beginning with `$` (but `$aws/`), and so does the config for `mqtt.egress.topic`;"
+        f" {_BROKER_MOVE}", LINKS_AND_API),
     *(Key(f"{_THING}.keys.{name}", "text", REQUIRED,
           f"{what}, for mutual TLS, checked at start and on reload: files that do not load, or a key"
           " that does not match the certificate, are a config error naming the file; read again at"
@@ -231,7 +237,8 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_THING}.keys.publicKey", "text", None, "accepted, not needed", UNUSED),
     _legacy(f"{_THING}.keys.path", "the old SDK's keys dir (its `app.py` set it from `-k`): accepted,"
                                    " not used; use `--keys-dir`"),
-    Key(f"{_MQTT}.port", "integer", 8883, "443 uses ALPN `x-amzn-mqtt-ca` as AWS IoT requires", LINKS,
+    Key(f"{_MQTT}.port", "integer", 8883, "443 uses ALPN `x-amzn-mqtt-ca` as AWS IoT requires;"
+        f" {_BROKER_MOVE}", LINKS,
         minimum=1, maximum=65535),
     Key(f"{_MQTT}.useWebsocket", "boolean", False,
         "MQTT over secure websockets, with the client certificate. AWS IoT Core takes websockets only"

@@ -88,14 +88,18 @@ class Connection:
                  on_build: Optional[Callable[[paho.Client], None]] = None,
                  fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None,
                  connected_ago: Optional[float] = None,
-                 on_connect_sent: Optional[Callable[[], None]] = None):
+                 on_connect_sent: Optional[Callable[[], None]] = None,
+                 session_broker: Optional[str] = None):
         """`track_session`: warn when the broker loses this client id's persistent session
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
         earlier process last had the link up (the store remembers it), so a session lost while
-        no process ran is reported too. `connected_ago`: seconds since an earlier process last
-        sent a CONNECT as this client id, so a worker replaced moments after does not CONNECT
-        again within MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per client id);
+        no process ran is reported too. `session_broker`: the broker ("endpoint:port") that
+        session was on (None: the one configured now); on another one the old broker still
+        holds it: not a lost session, the first link says what stays there. `connected_ago`:
+        seconds since an earlier process last sent a CONNECT as this client id, so a worker
+        replaced moments after does not CONNECT again within MIN_CONNECT_INTERVAL (AWS IoT
+        Core's limit is per client id);
         `on_connect_sent()` is called before each CONNECT goes out, to note it for the next.
         `on_build(client)` sets up each paho client built (a protocol fallback builds anew).
         `on_publish(mid, reason)` gets the PUBACK's reason code. `fell_back`: an earlier worker
@@ -133,6 +137,9 @@ class Connection:
         self.track_session = track_session
         self._had_session = track_session and session_seen_at is not None
         self._seen_at = session_seen_at
+        self.broker = self.thing.broker
+        self._session_broker = session_broker if track_session else None
+        self.moved_from: Optional[str] = None  # the earlier session's broker, when this link is on another
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
@@ -489,7 +496,8 @@ class Connection:
             log.info("connected to %s:%d as %r with MQTT %s (session present: %s)%s",
                      self.thing.endpoint, self.thing.mqtt.port, self.client_id, self.protocol,
                      present, since_last(count, "connects"))
-        if self._had_session and not present:
+        self.moved_from = self._moved_from()
+        if self._had_session and not present and self.moved_from is None:
             self.sessions_lost += 1
             away = (now - self._down_since if self._down_since is not None
                     else time.time() - (self._seen_at or time.time()))  # before this process
@@ -500,10 +508,23 @@ class Connection:
                             self.thing.endpoint, self.thing.mqtt.port, self.client_id, _ago(away),
                             since_last(count, "sessions lost"))
         self._had_session = self.track_session
+        self._session_broker = self.broker
         self._up_since = now
         self.on_change(True, None)  # the ingress subscribes from here
         if not self._subscribes_due:
             self._subscribed()
+
+    def _moved_from(self) -> Optional[str]:
+        """The broker the earlier session was on when this link is on another (the config moved
+        the device): that broker still holds it, and what it queued for the client id stays
+        there until the device goes back. Said once per move; None: the same broker."""
+        old = self._session_broker
+        if old is None or old == self.broker:
+            return None
+        log.warning("client id %r now connects to %s, its earlier session was on %s (thing.endpoint"
+                    " or mqtt.port changed): messages queued for client id %r at %s stay there until"
+                    " the device goes back to it", self.client_id, self.broker, old, self.client_id, old)
+        return old
 
     def _subscribed(self) -> None:
         """Up, every SUBSCRIBE answered (the failure lines are forgotten once the link has

@@ -62,8 +62,10 @@ from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull,
                                     _topic_of, message_selector)
 from flashlexd.topics import topic_matches
 
-_SESSION = b"session:"  # meta: + client id -> when its link was last up (wall clock, a double)
-_FALLBACK = b"fallback:"  # meta: + client id -> b"3.1.1": its broker lacks MQTT 5 (this run)
+# meta: + client id -> when its link was last up (wall clock, a double), then on which broker
+# ("endpoint:port", UTF-8; an earlier version's record has none: taken for the broker of now)
+_SESSION = b"session:"
+_FALLBACK = b"fallback:"  # meta: + client id + NUL + broker -> b"3.1.1": it lacks MQTT 5 (this run)
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
 _LINK_UP = b"egress_link_up"  # meta: egress's link came up, no drop or stop noted since (it died)
@@ -266,15 +268,35 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         """When (wall clock) a link of `client_id` was last up on a persistent session, or None.
         It tells a new process (after a restart or a power cut) that the broker held a session
         for us, so a session it lost meanwhile is reported, not passed over in silence."""
-        with self._read() as txn:
-            raw = txn.get(_SESSION + client_id.encode(), db=self._meta)
-            return _WALL.unpack(raw)[0] if raw is not None and len(raw) == _WALL.size else None
+        record = self._session_record(client_id)
+        return None if record is None else record[0]
 
     @guarded
-    def note_session(self, client_id: str, wall: float, ingress: bool = False) -> None:
-        """`ingress`: the link of the thing's own messages, whose client id is remembered."""
+    def session_broker(self, client_id: str) -> Optional[str]:
+        """The broker ("endpoint:port") that session was on; None: no record, or one of an
+        earlier version (which named none). A session lives on one broker: on another, the
+        client id's session is another one, and the old broker's is not lost."""
+        record = self._session_record(client_id)
+        return None if record is None else record[1]
+
+    def _session_record(self, client_id: str) -> Optional[Tuple[float, Optional[str]]]:
+        """The wall time and the broker of `client_id`'s session record. An earlier version
+        reads only a record of exactly the double (a newer one is none to it: a downgrade
+        takes its first link for a store's first, which is harmless)."""
+        with self._read() as txn:
+            raw = txn.get(_SESSION + client_id.encode(), db=self._meta)
+            if raw is None or len(raw) < _WALL.size:
+                return None
+            raw = bytes(raw)
+        return _WALL.unpack(raw[:_WALL.size])[0], raw[_WALL.size:].decode("utf-8", "replace") or None
+
+    @guarded
+    def note_session(self, client_id: str, wall: float, ingress: bool = False,
+                     broker: str = "") -> None:
+        """`ingress`: the link of the thing's own messages, whose client id is remembered;
+        `broker`: the one the link is up on ("endpoint:port")."""
         def work(txn: lmdb.Transaction) -> None:
-            txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta)
+            txn.put(_SESSION + client_id.encode(), _WALL.pack(wall) + broker.encode(), db=self._meta)
             if ingress:
                 txn.put(_INGRESS_ID, client_id.encode(), db=self._meta)
         self._write(work)
@@ -291,9 +313,10 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             if raw is not None:
                 return bytes(raw).decode("utf-8", "replace")
             marked = {client_id: wall for client_id, wall in self._prefixed(txn, _SESSION).items()
-                      if len(wall) == _WALL.size and not client_id.endswith("-egress")}
+                      if len(wall) >= _WALL.size and not client_id.endswith("-egress")}
             ingress = set(self._prefixed(txn, _TOPICS)) & set(marked) or set(marked)
-        return max(ingress, key=lambda client_id: _WALL.unpack(marked[client_id])[0], default=None)
+        return max(ingress, key=lambda client_id: _WALL.unpack(marked[client_id][:_WALL.size])[0],
+                   default=None)
 
     def _prefixed(self, txn: lmdb.Transaction, prefix: bytes) -> Dict[str, bytes]:
         """The meta records under `prefix`: what follows it (a client id) -> the value."""
@@ -353,15 +376,17 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     # -- a broker without MQTT 5, remembered until the daemon restarts --------------------------
 
     @guarded
-    def fell_back(self, client_id: str) -> bool:
-        """Whether a worker of this daemon run found that `client_id`'s broker lacks MQTT 5
-        (protocol `auto`): a replaced worker then starts on 3.1.1 instead of probing again."""
+    def fell_back(self, client_id: str, broker: str) -> bool:
+        """Whether a worker of this daemon run found that `broker` ("endpoint:port") lacks MQTT 5
+        for `client_id` (protocol `auto`): a replaced worker then starts on 3.1.1 instead of
+        probing again. Per broker: a move to another one probes it (a record of an earlier
+        version, per client id alone, is never read: the daemon's start drops it)."""
         with self._read() as txn:
-            return txn.get(_FALLBACK + client_id.encode(), db=self._meta) is not None
+            return txn.get(_fallback_key(client_id, broker), db=self._meta) is not None
 
     @guarded
-    def note_fallback(self, client_id: str) -> None:
-        self._write(lambda txn: txn.put(_FALLBACK + client_id.encode(), b"3.1.1", db=self._meta))
+    def note_fallback(self, client_id: str, broker: str) -> None:
+        self._write(lambda txn: txn.put(_fallback_key(client_id, broker), b"3.1.1", db=self._meta))
 
     @guarded
     def forget_fallbacks(self) -> None:
@@ -532,3 +557,8 @@ def _first_of_later_boot(inbox: lmdb.Cursor, seq: int) -> bool:
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     """Each message's DUP mark (`Incoming.mark`, computed once per message)."""
     return [m.mark for m in messages]
+
+
+def _fallback_key(client_id: str, broker: str) -> bytes:
+    """NUL ends the client id: MQTT forbids U+0000 in one."""
+    return _FALLBACK + client_id.encode() + b"\0" + broker.encode()

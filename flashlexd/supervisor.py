@@ -19,7 +19,7 @@ from flashlexd import __version__
 from flashlexd import config as config_module
 from flashlexd import connectpace, credentials, fds, forkworker, logs, paths
 from flashlexd.channel import ConfigFile
-from flashlexd.config import Config
+from flashlexd.config import Config, Thing
 from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
@@ -592,6 +592,15 @@ class Supervisor:
         if new != old:
             self._reload_note(f"ingress client id changed from {old!r} to {new!r}: {STRANDED}")
 
+    def _note_broker(self, old: Thing, new: Thing) -> None:
+        """Another broker (thing.endpoint or mqtt.port) holds another session: what the old one
+        queued for the client id stays there (its session is not lost: the ingress says so too,
+        at its first link on the new one) until the device goes back."""
+        if new.broker != old.broker:
+            self._reload_note(f"broker changed from {old.broker} to {new.broker} (thing.endpoint or"
+                              f" mqtt.port): messages queued for client id {old.mqtt.client_id!r} at"
+                              f" {old.broker} stay there until the device goes back to it")
+
     def _reload_done(self) -> None:
         """READY=1 ends a reload only once the start has announced it (every worker up): a
         reload during start-up must not tell systemd the service is up, nor one that stops it
@@ -634,6 +643,7 @@ class Supervisor:
             self._reload_note("API socket path, group or allowUids changed: they take effect at the"
                               " next restart" + (f"; {closed}" if closed else ""))
         self._note_client_id(old.config.thing.mqtt.client_id, new.config.thing.mqtt.client_id)
+        self._note_broker(old.config.thing, new.config.thing)
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new

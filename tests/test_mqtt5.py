@@ -138,18 +138,18 @@ def test_a_replaced_worker_starts_on_3_1_1_after_a_fallback_until_the_daemon_res
     crash connects with 3.1.1 at once (no refused MQTT 5 CONNECT, no reconnect delay each time);
     the supervisor forgets it at the next start, so an upgraded broker gets MQTT 5 again."""
     config = write_config(tmp_path / "config", rabbitmq)  # protocol: auto, the default
-    client_id = load(str(config)).thing.mqtt.client_id
+    client_id, on = load(str(config)).thing.mqtt.client_id, load(str(config)).thing.broker
     store = open_store(config)
-    assert not store.fell_back(client_id)
+    assert not store.fell_back(client_id, on)
     first = start_worker("ingress", config)
     first.wait(lambda w: w.counters.get("protocol") == "3.1.1", 20, "connected after the fallback")
-    assert first.log_text().count("does not speak MQTT 5") == 1 and store.fell_back(client_id)
+    assert first.log_text().count("does not speak MQTT 5") == 1 and store.fell_back(client_id, on)
     first.kill()
     second = start_worker("ingress", config)
     second.wait(lambda w: w.counters.get("protocol") == "3.1.1", 20, "connected again")
     assert second.log_text().count("does not speak MQTT 5") == 1  # still only the first worker's
     store.forget_fallbacks()  # what the supervisor does at its start
-    assert not store.fell_back(client_id)
+    assert not store.fell_back(client_id, on)
 
 
 def test_a_remembered_fallback_applies_to_auto_only() -> None:
@@ -647,7 +647,8 @@ def test_one_close_at_the_first_mqtt5_connect_does_not_pin_the_run_to_3_1_1(
         assert proxy.blips == 1
         worker.wait(lambda w: w.counters.get("protocol") is not None, 5, "the worker's counters")
         assert worker.counters["protocol"] == "5"
-        assert not store.fell_back(load(config).thing.mqtt.egress_client_id) and "3.1.1" not in worker.log_text()
+        thing = load(config).thing
+        assert not store.fell_back(thing.mqtt.egress_client_id, thing.broker) and "3.1.1" not in worker.log_text()
         assert worker.stop() == 0
     finally:
         proxy.close()

@@ -946,6 +946,19 @@ def test_the_last_ingress_client_id_is_recorded_not_worked_out_from_wall_times(s
     assert store.session_seen("thing-a") == 2_000_000_000.0
 
 
+def test_a_session_record_names_its_broker_and_an_earlier_versions_reads_as_the_same(store: Store) -> None:
+    """A move to another broker is told from a lost session by the broker the record names. A
+    record of an earlier version (the double alone) names none: taken for the broker of now.
+    An earlier version reads only a record of exactly the double: a newer one is none to it."""
+    store.note_session("thing-a", 2_000_000_000.0, ingress=True, broker="a.example:8883")
+    assert (store.session_seen("thing-a"), store.session_broker("thing-a")) == (2_000_000_000.0, "a.example:8883")
+    store._write(lambda txn: txn.put(b"session:thing-b", struct.pack(">d", 1_000_000_000.0), db=store._meta))
+    assert (store.session_seen("thing-b"), store.session_broker("thing-b")) == (1_000_000_000.0, None)
+    with store._read() as txn:
+        assert len(txn.get(b"session:thing-a", db=store._meta)) != struct.calcsize(">d")
+    assert store.session_broker("thing-c") is None and store.last_ingress_client_id() == "thing-a"
+
+
 def test_a_store_from_before_the_record_gives_its_latest_ingress_session(store: Store) -> None:
     """Found by re-read: a store from before the record gave None, so the first start after
     the upgrade, under a new client id, did not warn. Only the ingress records topic filters."""

@@ -285,6 +285,24 @@ def test_a_reload_changing_the_client_id_says_what_stays_in_the_old_session(daem
     assert daemon.output().count(note) == 1
 
 
+def test_a_reload_moving_to_another_broker_says_what_stays_at_the_old_one(daemon, notify, daemon_config):
+    """Found by review: a reload changing thing.endpoint or mqtt.port left what the old broker
+    queued for the client id there without a word (and the ingress called it a lost session)."""
+    from flashlexd.config import load
+    from tests.broker import HOST, free_port
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    config = load(str(daemon_config))
+    old, port = config.thing.mqtt.port, free_port()
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(port=port))
+    result = _reload_command(daemon)
+    note = (f"broker changed from {HOST}:{old} to {HOST}:{port} (thing.endpoint or mqtt.port): messages"
+            f" queued for client id {config.thing.mqtt.client_id!r} at {HOST}:{old} stay there until the"
+            " device goes back to it")
+    assert (result.returncode, result.stderr) == (0, f"flashlexd reload: {note}\n"), result
+    assert daemon.output().count(note) == 1
+
+
 def test_a_start_under_another_client_id_says_what_stays_in_the_old_session(daemon, notify, daemon_config):
     """Found by review: thing.name changed while the daemon was stopped (or a data dir moved
     to another thing) left what the broker queued for the old id there without a word, as a

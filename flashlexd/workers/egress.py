@@ -85,8 +85,10 @@ class EgressWorker(Worker):
         seen_at = earlier_session(self.store, mqtt.egress_client_id)
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
                                      on_publish=self._on_publish, fresh_client=True, session_seen_at=seen_at,
-                                     fell_back=fell_back_before(self.store, mqtt.egress_client_id),
-                                     on_fall_back=noting_fallback(self.store, mqtt.egress_client_id),
+                                     fell_back=fell_back_before(self.store, mqtt.egress_client_id,
+                                                                self.config.thing.broker),
+                                     on_fall_back=noting_fallback(self.store, mqtt.egress_client_id,
+                                                                  self.config.thing.broker),
                                      connected_ago=connect_ago(self.name, seen_at),
                                      on_connect_sent=noting_connects(self.name))
         self.window = mqtt.max_inflight
@@ -229,7 +231,8 @@ class EgressWorker(Worker):
 
     def _note_session(self) -> None:
         try:
-            self.store.note_session(self.config.thing.mqtt.egress_client_id, time.time())
+            self.store.note_session(self.config.thing.mqtt.egress_client_id, time.time(),
+                                    broker=self.config.thing.broker)
         except StoreError as exc:
             log.warning("cannot remember that the broker holds our session: %s", exc)
 

@@ -56,8 +56,8 @@ from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError,
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
-from flashlexd.workers.linkmemory import (connect_ago, earlier_session, fell_back_before,
-                                          noting_connects, noting_fallback)
+from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_session,
+                                          fell_back_before, noting_connects, noting_fallback)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,14 @@ class IngressWorker(Worker):
         self.said_unwanted = False
         seen_at = earlier_session(self.store, client_id)
         self.fresh_store = seen_at is None  # until its first link: a session kept from before it?
+        broker = self.config.thing.broker
         self.connection = Connection(self.config, client_id, self._on_change,
                                      on_publishes=self._on_publishes,
                                      track_session=True, session_seen_at=seen_at,
+                                     session_broker=earlier_broker(self.store, client_id),
                                      on_build=self._set_up_client,
-                                     fell_back=fell_back_before(self.store, client_id),
-                                     on_fall_back=noting_fallback(self.store, client_id),
+                                     fell_back=fell_back_before(self.store, client_id, broker),
+                                     on_fall_back=noting_fallback(self.store, client_id, broker),
                                      connected_ago=connect_ago(self.name, seen_at),
                                      on_connect_sent=noting_connects(self.name))
         self.dedupe = self.config.store.dedupe
@@ -126,9 +128,11 @@ class IngressWorker(Worker):
         self._refusing_said = False  # the log's last word on the store: refusing
         self._resumed_at: Optional[float] = None  # storing again since, the log not told yet
         self._resume_said_at: Optional[float] = None  # the last "resuming" line
-        # the broker lost our session: every DUP mark is stale once the first this-many batch
-        # messages (from the connections before) are committed; None: nothing to forget
+        # the broker lost our session, or the link is on another broker than the marks': every
+        # DUP mark is stale once the first this-many batch messages (from the connections
+        # before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
+        self.stale_marks_of: Optional[str] = None  # a move's: the broker whose marks they are
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
@@ -224,9 +228,12 @@ class IngressWorker(Worker):
         client.properties_limit = self.config.store.max_payload_bytes
 
     def _note_session(self) -> None:
-        """The broker has a session for us from now on: remembered for the next process."""
+        """The broker has a session for us from now on: remembered for the next process, with
+        which broker it is. While a move's marks wait to be dropped (the store refused), the
+        record keeps naming the old broker: a next process then drops them, not this one alone."""
         try:
-            self.store.note_session(self.config.thing.mqtt.client_id, time.time(), ingress=True)
+            self.store.note_session(self.config.thing.mqtt.client_id, time.time(), ingress=True,
+                                    broker=self.stale_marks_of or self.connection.broker)
         except StoreError as exc:
             log.warning("cannot remember that the broker holds our session: %s", exc)
 
@@ -249,11 +256,17 @@ class IngressWorker(Worker):
         """Up means subscribed: the link is reported connected only once the SUBACK came."""
         self.counters["sessions_lost"] = self.connection.sessions_lost
         if connected:
+            # marks are of the broker they were made on: another broker's DUP of the same
+            # content is its own message, never a redelivery of ours (a duplicate after a move
+            # back is the lesser harm: README, "Delivery guarantees")
+            new_session = not self.connection.session_present or self.connection.moved_from is not None
+            if self.connection.moved_from is not None:
+                self.stale_marks_of = self.connection.moved_from
             self._note_session()
             self._say_if_the_session_is_older_than_the_store()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation = int.from_bytes(os.urandom(8), "big")
-            if not self.connection.session_present:
+            if new_session:
                 self.session_links = set()
             elif self.retry_at is not None and self.session_links:
                 # the store refuses: the QoS 1 messages that came on the earlier connections of
@@ -268,7 +281,7 @@ class IngressWorker(Worker):
             # the session's connections with messages still waiting, and this one (bounded)
             self.session_links = {p.generation for p in self.batch if p.generation in self.session_links}
             self.session_links.add(self.generation)
-            if not self.connection.session_present:
+            if new_session:
                 self.stale_marks_until = len(self.batch)
                 self._forget_stale_marks()
             self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
@@ -298,10 +311,11 @@ class IngressWorker(Worker):
         self.report("mqtt", connected=False, error=error)
 
     def _forget_stale_marks(self) -> bool:
-        """The broker lost our session, so it resends nothing committed before: once what came
-        on the earlier connections is committed (a DUP among them may still need its mark, and
-        their marks are stale too), drop every mark, before anything of the new session is
-        committed. False: the store refused, and nothing may be committed until it drops them."""
+        """The broker lost our session, so it resends nothing committed before (or the link is
+        on another broker, which never had what the marks count): once what came on the
+        earlier connections is committed (a DUP among them may still need its mark, and their
+        marks are stale too), drop every mark, before anything of the new session is committed.
+        False: the store refused, and nothing may be committed until it drops them."""
         if self.stale_marks_until != 0:
             return True
         try:
@@ -312,8 +326,12 @@ class IngressWorker(Worker):
             return False
         self.stale_marks_until = None
         self.barrier.take_settled()  # their confirmations: nothing left to take them off
+        moved_from, self.stale_marks_of = self.stale_marks_of, None
+        if moved_from is not None:
+            self._note_session()  # the record names the new broker only now
         if dropped:
-            log.info("dropped %d DUP marks of the session the broker lost", dropped)
+            log.info("dropped %d DUP marks of %s", dropped, "the session the broker lost"
+                     if moved_from is None else f"the session on {moved_from}")
         return True
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],

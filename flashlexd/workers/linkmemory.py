@@ -3,10 +3,13 @@
 - Its broker session: when a link of this client id was last up on a persistent session. None
   means the store's first connection, which resumes whatever session the broker holds (never
   MQTT 5 Clean Start: the messages it queued for the thing are ours) but reports no loss.
+  And which broker ("endpoint:port") it was on: a first link on another one (the config moved
+  the device) resumes or starts another session, the old broker's is not lost.
 - A broker without MQTT 5, remembered for the rest of the daemon's run. With `thing.mqtt.protocol: auto` each link probes MQTT 5 first. A worker that had to fall back
 to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
 on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
-The supervisor forgets these notes when the daemon starts (`Store.forget_fallbacks`).
+Per broker: a move to another one probes MQTT 5 there. The supervisor forgets these notes when
+the daemon starts (`Store.forget_fallbacks`).
 - When a CONNECT of this link last went out (`connectpace`, in shared memory, not the store):
   a worker replaced right after its predecessor sent one waits out the rest of AWS IoT Core's
   second per CONNECT."""
@@ -34,19 +37,29 @@ def earlier_session(store: Store, client_id: str) -> Optional[float]:
         return None
 
 
-def fell_back_before(store: Store, client_id: str) -> bool:
+def earlier_broker(store: Store, client_id: str) -> Optional[str]:
+    """The broker ("endpoint:port") `client_id`'s last session was on; None: not known (no
+    record, one of an earlier version, or the store could not tell), taken for the one of now."""
     try:
-        return store.fell_back(client_id)
+        return store.session_broker(client_id)
+    except StoreError as exc:  # damage is logged by the store
+        log.debug("no record of the earlier session's broker: %s", exc)
+        return None
+
+
+def fell_back_before(store: Store, client_id: str, broker: str) -> bool:
+    try:
+        return store.fell_back(client_id, broker)
     except StoreError as exc:  # damage is logged by the store; MQTT 5 is then probed again
         log.debug("no record of an earlier protocol fallback: %s", exc)
         return False
 
 
-def noting_fallback(store: Store, client_id: str) -> Callable[[], None]:
-    """The Connection's `on_fall_back` for `client_id`."""
+def noting_fallback(store: Store, client_id: str, broker: str) -> Callable[[], None]:
+    """The Connection's `on_fall_back` for `client_id` on `broker`."""
     def note() -> None:
         try:
-            store.note_fallback(client_id)
+            store.note_fallback(client_id, broker)
         except StoreError as exc:
             log.warning("cannot remember that the broker lacks MQTT 5: %s", exc)
     return note
