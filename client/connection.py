@@ -500,8 +500,8 @@ class Client:
                 for start in range(0, len(wire), MAX_IDS_PER_ACK)]
 
     def _sent(self, method: str, idempotent: bool, **params: Any) -> Any:
-        """`call`; an idempotent one (ack, drop, the reads) is sent again once when the connection is lost
-        under it (a restart): an app's loop that went on after that ConnectionLost left the
+        """`call`; an idempotent one (ack, drop, the reads) is sent again once when the
+        connection is lost under it (a restart): an app's loop that went on after that ConnectionLost left the
         message unacked, never yielded again by its `stream()`. What the lost call did is not
         in the result."""
         try:

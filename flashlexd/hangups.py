@@ -1,8 +1,9 @@
 """The commands' entries, run before their imports. `flashlexctl`: a Ctrl-C during its imports
-dies of SIGINT without a traceback. `flashlexd`: SIGHUP held from the first line `run` executes (kept free of imports: every module
-imported before this runs widens the window in which SIGHUP's default action ends the daemon
-without a word, and systemd counts a death by SIGHUP as a clean exit, so it does not restart it).
-The supervisor reloads once for what was held (cli.run hands it this list)."""
+dies of SIGINT without a traceback. `flashlexd`: SIGHUP held from the first line `run` executes
+(kept free of imports: every module imported before this runs widens the window in which
+SIGHUP's default action ends the daemon without a word, and systemd counts a death by SIGHUP as
+a clean exit, so it does not restart it). The supervisor reloads once for what was held
+(cli.run hands it this list)."""
 from __future__ import annotations
 
 import signal

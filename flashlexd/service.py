@@ -166,8 +166,9 @@ def _exposed(places: Places, used: Dict[str, str]) -> Optional[str]:
 
 def _warn_unreadable(user: str, groups: Tuple[str, Optional[str]], files: Dict[str, str]) -> None:
     """One warning per file the service could not read: the daemon would exit 2 at its start,
-    after the unit was installed and enabled (one instead for a user or group not made yet). Works out the service's groups as systemd sets
-    them (Group=, SupplementaryGroups= and the user's own), without running as the user."""
+    after the unit was installed and enabled (one instead for a user or group not made yet).
+    Works out the service's groups as systemd sets them (Group=, SupplementaryGroups= and the
+    user's own), without running as the user."""
     import grp  # here: see make_directories
     import pwd
     group, socket_group = groups

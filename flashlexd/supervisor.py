@@ -406,7 +406,7 @@ class Supervisor:
                 worker.reported_state(message.state)
             elif isinstance(message, MqttReport):
                 worker.mqtt = {"connected": bool(message.connected), "error": message.error}
-                if message.subscriptions is not None:  # granted with "connected": the heartbeat's come later
+                if message.subscriptions is not None:  # with "connected"; the heartbeat's come later
                     worker.mqtt["subscriptions"] = message.subscriptions
             elif isinstance(message, Committed):
                 self.api.notify_inbox()
