@@ -178,6 +178,8 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     thing_section = root.section("thing", required=True)
     root.section("dist")  # build metadata of the old SDK: accepted, not used
 
+    if keys_dir and os.path.isfile(keys_dir):  # else each key file "missing" under it, as a dir
+        raise ConfigError(f"--keys-dir: {keys_dir} is a file, not the directory of the key files")
     keys_base = Path(keys_dir) if keys_dir else config_path.resolve().parent
     thing = _thing(thing_section, keys_base, warnings, "--keys-dir" if keys_dir else
                    "the config file's directory (or use --keys-dir)",

@@ -471,6 +471,13 @@ def test_missing_key_file_under_keys_dir_points_at_keys_dir(seed_file: Path, key
     assert "is missing" in message and "--keys-dir" in message
 
 
+def test_a_keys_dir_that_names_a_file_says_so(seed_file: Path, keys_dir: Path):
+    """`-k keys/root-ca-cert.pem` said ".../root-ca-cert.pem/root-ca-cert.pem is missing"."""
+    named = keys_dir / KEY_FILES["rootCA"]
+    assert config_error(seed_file, keys_dir=str(named)) == (
+        f"--keys-dir: {named} is a file, not the directory of the key files")
+
+
 def test_private_key_readable_by_others_is_a_warning(seed_file: Path, keys_dir: Path):
     private = keys_dir / KEY_FILES["privateKey"]
     private.chmod(0o644)
