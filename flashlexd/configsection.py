@@ -6,6 +6,7 @@ readers below are what it uses. Every problem is a `ConfigError` naming the key'
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, List, Optional, Tuple, Type, TypeVar
 
 from flashlexd.configkeys import KEYS, LEGACY_KEYS, REQUIRED, TABLE, Key
@@ -93,7 +94,8 @@ class Section:
         if value is None:
             return default  # type: ignore[return-value]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self._key(key)}: expected an integer, got {_show(value)}")
+            raise ConfigError(f"{self._key(key)}: expected an integer, got {_show(value)}"
+                              f"{_exponent_hint(value)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value}")
         if value > MAX_INTEGER:  # the API, the links and the store carry values as 64-bit msgpack
@@ -106,7 +108,8 @@ class Section:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{self._key(key)}: expected a number of seconds, got {_show(value)}")
+            raise ConfigError(f"{self._key(key)}: expected a number of seconds, got {_show(value)}"
+                              f"{_exponent_hint(value)}")
         if value <= 0:
             raise ConfigError(f"{self._key(key)}: must be greater than 0, got {value}")
         return float(value)
@@ -155,7 +158,8 @@ class Section:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{self._key(key)}: expected a number per second, got {_show(value)}")
+            raise ConfigError(f"{self._key(key)}: expected a number per second, got {_show(value)}"
+                              f"{_exponent_hint(value)}")
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0 (0: unlimited)" if allow_zero else "greater than 0"
             raise ConfigError(f"{self._key(key)}: must be {bound}, got {value}")
@@ -196,6 +200,18 @@ def _text_problem(value: str) -> Optional[str]:
     except UnicodeEncodeError:
         return "is not valid UTF-8 (a lone surrogate)"
     return f"is {size} bytes, over {MAX_TEXT_BYTES}" if size > MAX_TEXT_BYTES else None
+
+
+def _exponent_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML) reads `1e6` and `2.5e3` as text: a float's exponent needs a dot and a
+    sign (`1.0e+6`). Said, since the value looks like a number to whoever wrote it."""
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return (" (YAML reads an exponent without a dot and a sign as text: write 1.0e+6, or the"
+                " number in full)")
+    return ""
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _show(value: Any) -> str:

@@ -294,6 +294,14 @@ BAD_CONFIGS = [
      "flashlex.app.db.expireSeconds: must be greater than 0, got -60"),
     ("expire-seconds-infinite", setting("flashlex.app.db.expireSeconds", float("inf")),
      "flashlex.app.db.expireSeconds: expected a number of seconds, got inf"),
+    ("expire-seconds-exponent", setting("flashlex.app.db.expireSeconds", "1e6"),  # YAML 1.1: text
+     "flashlex.app.db.expireSeconds: expected a number of seconds, got '1e6' (YAML reads an exponent"
+     " without a dot and a sign as text: write 1.0e+6, or the number in full)"),
+    ("cap-exponent", setting("flashlex.app.db.capMegabytes", "2.5E3"),
+     "flashlex.app.db.capMegabytes: expected an integer, got '2.5E3' (YAML reads an exponent"
+     " without a dot and a sign as text: write 1.0e+6, or the number in full)"),
+    ("cap-text", setting("flashlex.app.db.capMegabytes", "e5"),
+     "flashlex.app.db.capMegabytes: expected an integer, got 'e5'"),
     ("backoff-base-zero",
      setting("flashlex.thing.mqtt.autoReconnectBackoffTime.baseReconnectQuietTimeSecond", 0),
      "flashlex.thing.mqtt.autoReconnectBackoffTime.baseReconnectQuietTimeSecond:"
