@@ -539,8 +539,12 @@ class Client:
         broker kept refusing, set aside with their `reason` and `attempts` so the rest of the
         outbox keeps flowing). `after` is an exclusive id, for paging."""
         params: Dict[str, Any] = {"limit": limit, "dead": dead}
+        if isinstance(after, str):  # as flashlexctl passes one; "-1" said "not str", though "5" is taken
+            if not (after.isascii() and after.isdigit()):
+                raise ValueError(f"after must be an outbox entry id (digits), not {after!r}")
+            after = int(after)
         if after is not None:
-            params["after"] = _entry_id(int(after) if isinstance(after, str) and after.isdigit() else after)
+            params["after"] = _entry_id(after)
         result = self.call("outbox", **params)
         result["entries"] = [OutboxEntry.from_wire(e) for e in result.get("entries", [])]
         return result

@@ -380,7 +380,9 @@ def test_a_lone_surrogate_is_bad_params_naming_the_param(fx, method, params, nam
     (lambda fx: next(fx.stream(timeout_per_wait=float("nan"))), ValueError,
      "timeout must be a number of seconds, 0 or more, not nan"),
     (lambda fx: fx.ack(None), TypeError, "ids must be ids or a list of them, not NoneType"),
-    (lambda fx: fx.outbox(after="abc"), TypeError, "an outbox entry id must be an int or an OutboxEntry"),
+    (lambda fx: fx.outbox(after="abc"), ValueError, "after must be an outbox entry id (digits), not 'abc'"),
+    (lambda fx: fx.outbox(after="-1"), ValueError, "after must be an outbox entry id (digits), not '-1'"),
+    (lambda fx: fx.outbox(after=2.5), TypeError, "an outbox entry id must be an int or an OutboxEntry"),
 ])
 def test_a_wrong_argument_is_named_by_the_client(fx, call, error, words):
     """Found by review: these raised Python's own words (`unsupported operand type(s) for +`,
