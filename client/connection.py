@@ -449,13 +449,8 @@ class Client:
         while True:
             # reads, safe to repeat: sent again once when a restart cuts them off (a wait parked
             # in the daemon raised ConnectionLost, ending README's logger.py at every restart)
-            if deadline is None:
-                page = self._sent("messages", True, paged=True, **params)
-            else:
-                # the daemon waits at most MAX_WAIT_SECONDS a call: a longer wait is several calls
-                left = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
-                page = self._sent("wait", True, _timeout=left + self.timeout, timeout=left, paged=True,
-                                  **params)
+            page = self._sent("messages", True, paged=True, **params) if deadline is None \
+                else self._wait_page(deadline, params)
             found += page["messages"]
             replayed = self._note_replays(page.get("replays"), page.get("run"))
             if deadline is not None and not found and page["cursor"] is None and \
@@ -469,6 +464,19 @@ class Client:
                 self._resume[resume] = page["cursor"]
                 return found
             params.update(after=page["cursor"], limit=limit - len(found))
+
+    def _wait_page(self, deadline: float, params: Dict[str, Any]) -> Dict[str, Any]:
+        """One `wait` call towards `deadline`, sent again once if a restart cuts it off, with the
+        time then left (sent again as it was, a wait cut near its end took twice its timeout)."""
+        try:
+            return self._wait_call(deadline, params)
+        except ConnectionLost:
+            return self._wait_call(deadline, params)
+
+    def _wait_call(self, deadline: float, params: Dict[str, Any]) -> Dict[str, Any]:
+        # the daemon waits at most MAX_WAIT_SECONDS a call: a longer wait is several calls
+        left = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_SECONDS)
+        return self.call("wait", _timeout=left + self.timeout, timeout=left, paged=True, **params)
 
     def _note_replays(self, replays: Optional[int], run: Optional[int]) -> bool:
         """Whether the daemon replayed this client's consumer since its last answer said. A
@@ -583,7 +591,12 @@ class Client:
         if consumer == self.consumer:
             going["register"] = True
         while True:
-            answer = self.call("reset", consumer=consumer, to=target, paged=True, **going)
+            try:
+                answer = self.call("reset", consumer=consumer, to=target, paged=True, **going)
+            except RpcError as refused:  # a daemon from before `register` registers it by use
+                if not (going.pop("register", False) and "unknown param 'register'" in refused.message):
+                    raise
+                continue
             if answer["done"]:
                 return answer["acked_through"]
             target = answer["to"]

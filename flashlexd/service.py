@@ -172,25 +172,38 @@ def _warn_unreadable(user: str, groups: Tuple[str, Optional[str]], files: Dict[s
     import grp  # here: see make_directories
     import pwd
     group, socket_group = groups
-    missing = f"user {user!r}"
-    try:
-        uid = pwd.getpwnam(user).pw_uid
-        missing = f"group {group!r}"
-        gids = set(os.getgrouplist(user, grp.getgrnam(group).gr_gid))
-        if socket_group:  # SupplementaryGroups= when --group names another group
-            missing = f"group {socket_group!r}"
-            gids.add(grp.getgrnam(socket_group).gr_gid)
-    except KeyError:  # systemd fails the start before the daemon runs: no line of ours, no exit 2
-        print(f"warning: there is no {missing}: systemd would fail the service's every start"
+    socket_group = socket_group if socket_group != group else None  # Group= itself
+    account = _account(pwd.getpwnam, pwd.getpwuid, user)
+    primary, extra = (_account(grp.getgrnam, grp.getgrgid, name) if name else None
+                      for name in (group, socket_group))
+    # a group named as a missing user is the one Group= defaults to for it (useradd makes both)
+    missing = [f"{what} {name!r}" for what, name, found in (
+        ("user", user, account), ("group", group, primary if account or group != user else True),
+        ("group", socket_group, extra)) if name and found is None]
+    for what in missing:  # systemd fails the start before the daemon runs: no line of ours, no exit 2
+        print(f"warning: there is no {what}: systemd would fail the service's every start"
               f" (216/GROUP or 217/USER) and restart it every 2 s; create it before"
               f" `systemctl enable --now`", file=sys.stderr)
+    if missing:
         return
+    uid = account.pw_uid
+    gids = set(os.getgrouplist(account.pw_name, primary.gr_gid))
+    if extra is not None:  # SupplementaryGroups= when --group names another group
+        gids.add(extra.gr_gid)
     for path, what in files.items():
         reason = _unreadable_because(Path(path), uid, gids)
         if reason:
             print(f"warning: {user} cannot read the {what} {path}: {reason}; the service would"
                   f" not start (chown or chmod it, or give {user} a group that may read it)",
                   file=sys.stderr)
+
+
+def _account(by_name: Callable[[str], Any], by_id: Callable[[int], Any], name: str) -> Any:
+    """The passwd or group entry systemd's User=/Group= would find: a name, or a number."""
+    try:
+        return by_id(int(name)) if name.isdigit() else by_name(name)
+    except (KeyError, OverflowError):
+        return None
 
 
 def _unreadable_because(path: Path, uid: int, gids: Set[int]) -> Optional[str]:

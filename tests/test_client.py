@@ -617,3 +617,58 @@ def test_an_ack_cut_by_a_lost_connection_is_sent_again(harness, tmp_path):
             assert client.messages() == []
     finally:
         listener.close()
+
+
+def _older_daemon_proxy(path: str, daemon_path: str) -> socket.socket:
+    """A socket at `path` relaying to the daemon's, answering a `reset` that carries `register`
+    as a daemon from before that param does (flashlexd d637477: params it does not know are
+    refused); everything else relayed."""
+    import msgpack
+    from flashlexd.client.wire import HEADER, encode_frame
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+
+    def serve(peer: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(daemon_path)
+        with peer, upstream:
+            while True:
+                head = peer.recv(HEADER.size, socket.MSG_WAITALL)
+                if len(head) < HEADER.size:
+                    return
+                body = peer.recv(HEADER.unpack(head)[0], socket.MSG_WAITALL)
+                request = msgpack.unpackb(body, raw=False)
+                if request["method"] == "reset" and "register" in request["params"]:
+                    peer.sendall(encode_frame({"id": request["id"], "error": {
+                        "code": "bad_params", "message": "reset: unknown param 'register' (accepted:"
+                                                         " consumer, paged, to, way)"}}))
+                    continue
+                upstream.sendall(head + body)
+                answer = upstream.recv(HEADER.size, socket.MSG_WAITALL)
+                peer.sendall(answer + upstream.recv(HEADER.unpack(answer)[0], socket.MSG_WAITALL))
+
+    def accept() -> None:
+        while True:
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=_quietly, args=(serve, peer), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+def test_an_apps_own_reset_works_with_a_daemon_from_before_register(harness, tmp_path):
+    """A client newer than its daemon (apps install the client in their own environment):
+    `connect(consumer="newapp").reset("newapp", "latest")` raised the older daemon's
+    "unknown param 'register'" (found by re-read). The client asks again without it."""
+    ids = harness.ingest(("t", b"1"), ("t", b"2"))
+    listener = _older_daemon_proxy(str(tmp_path / "older.sock"), harness.path)
+    try:
+        with connect(str(tmp_path / "older.sock"), consumer="newapp", timeout=5) as app:
+            assert len(app.messages()) == 2  # registered by use, as that daemon does it
+            assert app.reset("newapp", "latest") == ids[-1]
+            assert app.messages() == []
+    finally:
+        listener.close()

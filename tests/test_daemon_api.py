@@ -127,6 +127,35 @@ def test_a_wait_parked_when_the_daemon_restarts_is_sent_again(daemon, broker):
     assert outcome == [[b"after the restart"]]
 
 
+def test_a_wait_cut_off_near_its_end_is_sent_again_with_the_time_left(daemon):
+    """The wait sent again after a restart had its whole timeout again: a wait(timeout=8) cut at
+    7 s answered [] after 16 s (found by re-read). It has what is left, the daemon's return
+    within the client's timeout on top (README: a wait(timeout=30) may take 40 s)."""
+    fx = connect(str(daemon.socket_path), timeout=10)
+    fx.status()
+    outcome: List[Any] = []
+    started = time.monotonic()
+
+    def wait_once() -> None:
+        try:
+            outcome.append(fx.wait(timeout=6))
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+        outcome.append(time.monotonic() - started)
+    waiter = threading.Thread(target=wait_once)
+    waiter.start()
+    wait_for(lambda: time.monotonic() - started >= 4.5 or outcome, 10, "the wait near its end")
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_exit()
+    daemon.start()
+    daemon.wait_api()  # it answers: the wait is sent again
+    back = time.monotonic() - started
+    waiter.join(40)
+    fx.close()
+    assert outcome[0] == [], outcome
+    assert outcome[1] < max(6, back) + 1.5, (outcome, back)  # it took back + 6
+
+
 def test_a_stream_rides_through_a_daemon_down_when_its_next_wait_starts(daemon, broker):
     """Found by re-read: a client waiting for a restarting daemon spent the wait's own deadline
     doing so, then sent the wait with its whole timeout: `stream()` (README's display.py) died

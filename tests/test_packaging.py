@@ -458,6 +458,9 @@ def test_unit_for_a_user_or_group_that_does_not_exist_warns(open_dir):
             f"warning: there is no {missing}: systemd would fail the service's every start (216/GROUP"
             " or 217/USER) and restart it every 2 s; create it before `systemctl enable --now`"], more
     assert warnings("nogroup", "--user", "root") == []
+    assert warnings("", "--user", "0", "--group", "0") == []  # ids, as systemd takes them too
+    assert [w.split(":")[1] for w in warnings("flashlexd-no-such-group", "--user", "flashlexd-no-such-user")] == [
+        " there is no user 'flashlexd-no-such-user'", " there is no group 'flashlexd-no-such-group'"]  # both at once
 
 
 def test_install_takeover_does_not_follow_a_symlink_in_the_data_dir(tmp_path):
