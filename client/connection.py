@@ -471,6 +471,7 @@ class Client:
         try:
             return self._wait_call(deadline, params)
         except ConnectionLost:
+            self._await_daemon(time.monotonic() + self.timeout)  # then what is left of the wait
             return self._wait_call(deadline, params)
 
     def _wait_call(self, deadline: float, params: Dict[str, Any]) -> Dict[str, Any]:
