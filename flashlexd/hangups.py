@@ -1,6 +1,6 @@
 """The commands' entries, run before their imports. `flashlexctl`: a Ctrl-C during its imports
-dies of SIGINT without a traceback. `flashlexd`: SIGHUP held from the first line `run` executes
-(kept free of imports: every module imported before this runs widens the window in which
+exits 130 without a traceback, as later. `flashlexd`: SIGHUP held from the first line `run`
+executes (kept free of imports: every module imported before this runs widens the window in which
 SIGHUP's default action ends the daemon without a word, and systemd counts a death by SIGHUP as
 a clean exit, so it does not restart it). The supervisor reloads once for what was held
 (cli.run hands it this list)."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import NoReturn
 
 HELD: list[int] = []  # one entry per SIGHUP received before the supervisor's own handler
 _installed = False
@@ -71,25 +70,18 @@ def main() -> int:
             os._exit(0)  # README: SIGINT stops `run` gracefully, exit 0
         # any other command dies of the SIGINT, as before, so that a shell script running it
         # stops too (bash goes on with its next command when its child merely exits 130)
-        _die_of_sigint()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        os._exit(130)  # SIGINT blocked: the shell's convention
 
 
 def ctl_main() -> int:
-    """The `flashlexctl` command: its main handles Ctrl-C once imported; before, it was a
-    traceback (the first ~0.2 s)."""
+    """The `flashlexctl` command: its main handles Ctrl-C once imported (exit 130); before, it
+    was a traceback (the first ~0.2 s): exit 130 there too."""
     try:
         from flashlexd.client.ctl import main as ctl
     except KeyboardInterrupt:
-        _die_of_sigint()
+        import os
+        sys.stderr.flush()
+        os._exit(130)  # not by SIGINT at exit, which a KeyboardInterrupt through an import brings
     return ctl()
-
-
-def _die_of_sigint() -> NoReturn:
-    """End by SIGINT, as a Ctrl-C'd program does (shell scripts stop on it), without the traceback
-    or atexit: a KeyboardInterrupt that passed through an import makes the interpreter end
-    itself so at exit anyway."""
-    import os
-    sys.stderr.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
-    os._exit(130)  # SIGINT blocked: the shell's convention
