@@ -84,10 +84,20 @@ class Thing:
     mqtt: Mqtt
 
     @property
-    def broker(self) -> str:
-        """"endpoint:port": which broker a session, its DUP marks and a protocol fallback are
-        of (a session lives on one broker; another one knows nothing of it)."""
-        return f"{self.endpoint}:{self.mqtt.port}"
+    def broker_identity(self) -> str:
+        """Which broker a session, its DUP marks and a protocol fallback are of: the endpoint's
+        host lower-cased, without a trailing dot, an AWS IoT endpoint's `-ats` label suffix
+        folded (`abc-ats.iot.REGION.amazonaws.com`, the ATS endpoint, and `abc.iot.REGION...`,
+        the legacy one, reach one account's broker). Not the port: the listeners of one broker
+        share its sessions (8883 and 443, or `useWebsocket`, reach the same one), and taking a
+        port change for a move dropped the marks of a session that was resumed (a message
+        resent DUP then stored twice). Names are not resolved: one broker reached under two
+        host names counts as a move (its marks dropped: a duplicate at worst, never a loss)."""
+        host = self.endpoint.lower().rstrip(".")
+        return _AWS_ATS.sub(r"\1\2", host)
+
+
+_AWS_ATS = re.compile(r"^([^.]+)-ats(\.iot\.[^.]+\.amazonaws\.com(?:\.cn)?)$")
 
 
 @dataclass(frozen=True)

@@ -82,12 +82,18 @@ _CLIENT_ID_SWITCH = (
     " id's session at the broker (until its session expiry) and are not fetched (one WARNING,"
     " `flashlexd reload` says so too; the data dir's inbox and outbox are kept): stop the publishers"
     " first, or drain the old id afterwards (e.g. `mosquitto_sub -c -i OLDID ...`)")
-# thing.endpoint and mqtt.port: a session lives on one broker
-_BROKER_MOVE = ("changed by a reload or while stopped (another broker), the old broker keeps our"
-                " sessions: what it queued for the client id stays there until the device goes"
-                " back or that session expires (one WARNING, `flashlexd reload` says so too; not"
-                " counted in `sessions_lost`), and the ingress's DUP marks are dropped (see"
-                " \"Delivery guarantees\"); MQTT 5 is probed again on the new broker")
+# thing.endpoint: a session lives on one broker, named by its host (Thing.broker_identity)
+_BROKER_MOVE = ("changed by a reload or while stopped to another host (compared lower-cased, without"
+                " a trailing dot, an AWS IoT endpoint's `-ats` folded: `abc-ats.iot.REGION.amazonaws.com`"
+                " and `abc.iot.REGION.amazonaws.com` are one; names are not resolved), it counts as a"
+                " move: if the old host is another broker, what that one queued for the client id stays"
+                " there until the device goes back or that session expires (one WARNING, `flashlexd reload`"
+                " says so too; not counted in `sessions_lost`), and the ingress's DUP marks are dropped"
+                " (see \"Delivery guarantees\": one broker under another host name may then store a"
+                " message twice); MQTT 5 is probed again on the new broker")
+# mqtt.port: the listeners of one broker share its sessions
+_PORT_SAME_BROKER = ("a port change (8883 and 443, or `useWebsocket`) reaches the same broker: its session"
+                     " and the ingress's DUP marks are kept (not a move: `thing.endpoint`)")
 
 TABLE: Tuple[Key, ...] = (
     _legacy("flashlex.app.api",
@@ -238,7 +244,7 @@ TABLE: Tuple[Key, ...] = (
     _legacy(f"{_THING}.keys.path", "the old SDK's keys dir (its `app.py` set it from `-k`): accepted,"
                                    " not used; use `--keys-dir`"),
     Key(f"{_MQTT}.port", "integer", 8883, "443 uses ALPN `x-amzn-mqtt-ca` as AWS IoT requires;"
-        f" {_BROKER_MOVE}", LINKS,
+        f" {_PORT_SAME_BROKER}", LINKS,
         minimum=1, maximum=65535),
     Key(f"{_MQTT}.useWebsocket", "boolean", False,
         "MQTT over secure websockets, with the client certificate. AWS IoT Core takes websockets only"

@@ -94,9 +94,10 @@ class Connection:
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
         earlier process last had the link up (the store remembers it), so a session lost while
-        no process ran is reported too. `session_broker`: the broker ("endpoint:port") that
-        session was on (None: the one configured now); on another one the old broker still
-        holds it: not a lost session, the first link says what stays there. `connected_ago`:
+        no process ran is reported too: for the ingress, when a link was last up on this broker
+        (`Thing.broker_identity`; None: a session never was, so none can be lost there).
+        `session_broker`: the identity of the last link's broker (None: none, or unknown); on
+        another one what the old one queued stays there: the first link says so. `connected_ago`:
         seconds since an earlier process last sent a CONNECT as this client id, so a worker
         replaced moments after does not CONNECT again within MIN_CONNECT_INTERVAL (AWS IoT
         Core's limit is per client id);
@@ -137,9 +138,9 @@ class Connection:
         self.track_session = track_session
         self._had_session = track_session and session_seen_at is not None
         self._seen_at = session_seen_at
-        self.broker = self.thing.broker
+        self.broker = self.thing.broker_identity
         self._session_broker = session_broker if track_session else None
-        self.moved_from: Optional[str] = None  # the earlier session's broker, when this link is on another
+        self.moved_from: Optional[str] = None  # the last link's broker, when this link is on another
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
@@ -497,7 +498,7 @@ class Connection:
                      self.thing.endpoint, self.thing.mqtt.port, self.client_id, self.protocol,
                      present, since_last(count, "connects"))
         self.moved_from = self._moved_from()
-        if self._had_session and not present and self.moved_from is None:
+        if self._had_session and not present:  # on this broker, moved back to it or not
             self.sessions_lost += 1
             away = (now - self._down_since if self._down_since is not None
                     else time.time() - (self._seen_at or time.time()))  # before this process
@@ -515,15 +516,16 @@ class Connection:
             self._subscribed()
 
     def _moved_from(self) -> Optional[str]:
-        """The broker the earlier session was on when this link is on another (the config moved
-        the device): that broker still holds it, and what it queued for the client id stays
-        there until the device goes back. Said once per move; None: the same broker."""
+        """The last link's broker when this link is on another (the config moved the device):
+        if it is another broker indeed (two names may reach one), it still holds its session,
+        and what it queued for the client id stays there until the device goes back. Said once
+        per move; None: the same broker, or none known."""
         old = self._session_broker
         if old is None or old == self.broker:
             return None
-        log.warning("client id %r now connects to %s, its earlier session was on %s (thing.endpoint"
-                    " or mqtt.port changed): messages queued for client id %r at %s stay there until"
-                    " the device goes back to it", self.client_id, self.broker, old, self.client_id, old)
+        log.warning("client id %r now connects to %s, its last link was to %s (thing.endpoint changed):"
+                    " if it is another broker, the messages it queued for client id %r stay there until"
+                    " the device goes back to it", self.client_id, self.broker, old, self.client_id)
         return old
 
     def _subscribed(self) -> None:

@@ -62,9 +62,13 @@ from flashlexd.storerecords import (_ID, _RECORD_OVERHEAD, DeadLetter, DiskFull,
                                     _topic_of, message_selector)
 from flashlexd.topics import topic_matches
 
-# meta: + client id -> when its link was last up (wall clock, a double), then on which broker
-# ("endpoint:port", UTF-8; an earlier version's record has none: taken for the broker of now)
+# meta: + client id -> when its link was last up (wall clock, a double: exactly the 8 bytes the
+# previous release writes and reads, so that a downgrade still reads it)
 _SESSION = b"session:"
+# meta: + client id + NUL + broker identity -> when its link was last up on that broker (a double)
+_SESSION_ON = b"session@"
+# meta: + client id -> the broker identity of its last link (the previous release wrote none)
+_LAST_BROKER = b"sessionbroker:"
 _FALLBACK = b"fallback:"  # meta: + client id + NUL + broker -> b"3.1.1": it lacks MQTT 5 (this run)
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
@@ -268,35 +272,43 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         """When (wall clock) a link of `client_id` was last up on a persistent session, or None.
         It tells a new process (after a restart or a power cut) that the broker held a session
         for us, so a session it lost meanwhile is reported, not passed over in silence."""
-        record = self._session_record(client_id)
-        return None if record is None else record[0]
+        with self._read() as txn:
+            return _wall(txn.get(_SESSION + client_id.encode(), db=self._meta))
+
+    @guarded
+    def session_seen_on(self, client_id: str, broker: str) -> Optional[float]:
+        """When a link of `client_id` was last up on `broker` (`Thing.broker_identity`), or
+        None: no session was ever up there, so session present 0 on it loses nothing. A store
+        with no such record of `client_id` yet, whose last link was on `broker`, has `session_seen`'s."""
+        with self._read() as txn:
+            raw = txn.get(_session_on_key(client_id, broker), db=self._meta)
+            if raw is None and not self._prefixed(txn, _session_on_key(client_id, "")):
+                last = txn.get(_LAST_BROKER + client_id.encode(), db=self._meta)
+                if last is not None and bytes(last).decode("utf-8", "replace") == broker:
+                    raw = txn.get(_SESSION + client_id.encode(), db=self._meta)
+        return _wall(raw)
 
     @guarded
     def session_broker(self, client_id: str) -> Optional[str]:
-        """The broker ("endpoint:port") that session was on; None: no record, or one of an
-        earlier version (which named none). A session lives on one broker: on another, the
-        client id's session is another one, and the old broker's is not lost."""
-        record = self._session_record(client_id)
-        return None if record is None else record[1]
-
-    def _session_record(self, client_id: str) -> Optional[Tuple[float, Optional[str]]]:
-        """The wall time and the broker of `client_id`'s session record. An earlier version
-        reads only a record of exactly the double (a newer one is none to it: a downgrade
-        takes its first link for a store's first, which is harmless)."""
+        """The broker identity of `client_id`'s last link; None: no link yet, or only links of
+        the previous release, which recorded none (an unknown broker)."""
         with self._read() as txn:
-            raw = txn.get(_SESSION + client_id.encode(), db=self._meta)
-            if raw is None or len(raw) < _WALL.size:
-                return None
-            raw = bytes(raw)
-        return _WALL.unpack(raw[:_WALL.size])[0], raw[_WALL.size:].decode("utf-8", "replace") or None
+            raw = txn.get(_LAST_BROKER + client_id.encode(), db=self._meta)
+            return None if raw is None else bytes(raw).decode("utf-8", "replace")
 
     @guarded
     def note_session(self, client_id: str, wall: float, ingress: bool = False,
-                     broker: str = "") -> None:
+                     broker: Optional[str] = None, last: bool = True) -> None:
         """`ingress`: the link of the thing's own messages, whose client id is remembered;
-        `broker`: the one the link is up on ("endpoint:port")."""
+        `broker`: the identity of the one the link is up on (a session is up there from now
+        on), and the last link's broker (`session_broker`) unless not `last` (the marks of the
+        one before are not dropped yet: a next process must drop them too)."""
         def work(txn: lmdb.Transaction) -> None:
-            txn.put(_SESSION + client_id.encode(), _WALL.pack(wall) + broker.encode(), db=self._meta)
+            txn.put(_SESSION + client_id.encode(), _WALL.pack(wall), db=self._meta)
+            if broker is not None:
+                txn.put(_session_on_key(client_id, broker), _WALL.pack(wall), db=self._meta)
+                if last:
+                    txn.put(_LAST_BROKER + client_id.encode(), broker.encode(), db=self._meta)
             if ingress:
                 txn.put(_INGRESS_ID, client_id.encode(), db=self._meta)
         self._write(work)
@@ -377,7 +389,7 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
     @guarded
     def fell_back(self, client_id: str, broker: str) -> bool:
-        """Whether a worker of this daemon run found that `broker` ("endpoint:port") lacks MQTT 5
+        """Whether a worker of this daemon run found that `broker` (`Thing.broker_identity`) lacks MQTT 5
         for `client_id` (protocol `auto`): a replaced worker then starts on 3.1.1 instead of
         probing again. Per broker: a move to another one probes it (a record of an earlier
         version, per client id alone, is never read: the daemon's start drops it)."""
@@ -557,6 +569,17 @@ def _first_of_later_boot(inbox: lmdb.Cursor, seq: int) -> bool:
 def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
     """Each message's DUP mark (`Incoming.mark`, computed once per message)."""
     return [m.mark for m in messages]
+
+
+def _wall(raw: Optional[bytes]) -> Optional[float]:
+    """A session record's wall time (one written by an unreleased build had the broker's
+    "endpoint:port" after it)."""
+    return _WALL.unpack(bytes(raw[:_WALL.size]))[0] if raw is not None and len(raw) >= _WALL.size else None
+
+
+def _session_on_key(client_id: str, broker: str) -> bytes:
+    """NUL ends the client id: MQTT forbids U+0000 in one."""
+    return _SESSION_ON + client_id.encode() + b"\0" + broker.encode()
 
 
 def _fallback_key(client_id: str, broker: str) -> bytes:

@@ -593,13 +593,14 @@ class Supervisor:
             self._reload_note(f"ingress client id changed from {old!r} to {new!r}: {STRANDED}")
 
     def _note_broker(self, old: Thing, new: Thing) -> None:
-        """Another broker (thing.endpoint or mqtt.port) holds another session: what the old one
-        queued for the client id stays there (its session is not lost: the ingress says so too,
-        at its first link on the new one) until the device goes back."""
-        if new.broker != old.broker:
-            self._reload_note(f"broker changed from {old.broker} to {new.broker} (thing.endpoint or"
-                              f" mqtt.port): messages queued for client id {old.mqtt.client_id!r} at"
-                              f" {old.broker} stay there until the device goes back to it")
+        """thing.endpoint names another broker (`Thing.broker_identity`: not a port change):
+        another broker holds another session, and what the old one queued for the client id
+        stays there (its session is not lost: the ingress says so too, at its first link on the
+        new one) until the device goes back. Two names may reach one broker: "if"."""
+        if new.broker_identity != old.broker_identity:
+            self._reload_note(f"broker changed from {old.broker_identity} to {new.broker_identity}"
+                              f" (thing.endpoint): if it is another broker, the messages it queued for"
+                              f" client id {old.mqtt.client_id!r} stay there until the device goes back to it")
 
     def _reload_done(self) -> None:
         """READY=1 ends a reload only once the start has announced it (every worker up): a

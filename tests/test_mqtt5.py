@@ -138,7 +138,7 @@ def test_a_replaced_worker_starts_on_3_1_1_after_a_fallback_until_the_daemon_res
     crash connects with 3.1.1 at once (no refused MQTT 5 CONNECT, no reconnect delay each time);
     the supervisor forgets it at the next start, so an upgraded broker gets MQTT 5 again."""
     config = write_config(tmp_path / "config", rabbitmq)  # protocol: auto, the default
-    client_id, on = load(str(config)).thing.mqtt.client_id, load(str(config)).thing.broker
+    client_id, on = load(str(config)).thing.mqtt.client_id, load(str(config)).thing.broker_identity
     store = open_store(config)
     assert not store.fell_back(client_id, on)
     first = start_worker("ingress", config)
@@ -648,7 +648,7 @@ def test_one_close_at_the_first_mqtt5_connect_does_not_pin_the_run_to_3_1_1(
         worker.wait(lambda w: w.counters.get("protocol") is not None, 5, "the worker's counters")
         assert worker.counters["protocol"] == "5"
         thing = load(config).thing
-        assert not store.fell_back(thing.mqtt.egress_client_id, thing.broker) and "3.1.1" not in worker.log_text()
+        assert not store.fell_back(thing.mqtt.egress_client_id, thing.broker_identity) and "3.1.1" not in worker.log_text()
         assert worker.stop() == 0
     finally:
         proxy.close()

@@ -946,16 +946,24 @@ def test_the_last_ingress_client_id_is_recorded_not_worked_out_from_wall_times(s
     assert store.session_seen("thing-a") == 2_000_000_000.0
 
 
-def test_a_session_record_names_its_broker_and_an_earlier_versions_reads_as_the_same(store: Store) -> None:
-    """A move to another broker is told from a lost session by the broker the record names. A
-    record of an earlier version (the double alone) names none: taken for the broker of now.
-    An earlier version reads only a record of exactly the double: a newer one is none to it."""
-    store.note_session("thing-a", 2_000_000_000.0, ingress=True, broker="a.example:8883")
-    assert (store.session_seen("thing-a"), store.session_broker("thing-a")) == (2_000_000_000.0, "a.example:8883")
+def test_the_session_records_per_broker_and_the_previous_releases_record(store: Store) -> None:
+    """Found by review: the record (then the wall time and the broker) was none to the
+    previous release, which reads exactly the double: `session:` stays that. A session up on
+    each broker, and the last link's broker, are records of their own; the previous release's
+    store names no broker (unknown), its record tells of the last link's broker alone."""
+    store.note_session("thing-a", 2_000_000_000.0, ingress=True, broker="a.example")
+    store.note_session("thing-a", 2_000_000_100.0, ingress=True, broker="b.example", last=False)
+    with store._read() as txn:
+        assert bytes(txn.get(b"session:thing-a", db=store._meta)) == struct.pack(">d", 2_000_000_100.0)
+    assert store.session_broker("thing-a") == "a.example"  # not `last`: a move's marks not dropped yet
+    assert store.session_seen_on("thing-a", "a.example") == 2_000_000_000.0
+    assert store.session_seen_on("thing-a", "b.example") == 2_000_000_100.0
+    assert store.session_seen_on("thing-a", "c.example") is None  # never up there: nothing to lose
     store._write(lambda txn: txn.put(b"session:thing-b", struct.pack(">d", 1_000_000_000.0), db=store._meta))
     assert (store.session_seen("thing-b"), store.session_broker("thing-b")) == (1_000_000_000.0, None)
-    with store._read() as txn:
-        assert len(txn.get(b"session:thing-a", db=store._meta)) != struct.calcsize(">d")
+    assert store.session_seen_on("thing-b", "a.example") is None  # the previous release's: unknown
+    store._write(lambda txn: txn.put(b"sessionbroker:thing-b", b"a.example", db=store._meta))
+    assert store.session_seen_on("thing-b", "a.example") == 1_000_000_000.0
     assert store.session_broker("thing-c") is None and store.last_ingress_client_id() == "thing-a"
 
 

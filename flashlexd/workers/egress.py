@@ -86,9 +86,9 @@ class EgressWorker(Worker):
         self.connection = Connection(self.config, mqtt.egress_client_id, self._on_change,
                                      on_publish=self._on_publish, fresh_client=True, session_seen_at=seen_at,
                                      fell_back=fell_back_before(self.store, mqtt.egress_client_id,
-                                                                self.config.thing.broker),
+                                                                self.config.thing.broker_identity),
                                      on_fall_back=noting_fallback(self.store, mqtt.egress_client_id,
-                                                                  self.config.thing.broker),
+                                                                  self.config.thing.broker_identity),
                                      connected_ago=connect_ago(self.name, seen_at),
                                      on_connect_sent=noting_connects(self.name))
         self.window = mqtt.max_inflight
@@ -231,8 +231,7 @@ class EgressWorker(Worker):
 
     def _note_session(self) -> None:
         try:
-            self.store.note_session(self.config.thing.mqtt.egress_client_id, time.time(),
-                                    broker=self.config.thing.broker)
+            self.store.note_session(self.config.thing.mqtt.egress_client_id, time.time())
         except StoreError as exc:
             log.warning("cannot remember that the broker holds our session: %s", exc)
 

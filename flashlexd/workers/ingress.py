@@ -56,7 +56,7 @@ from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError,
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
-from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_session,
+from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_session, earlier_session_on,
                                           fell_back_before, noting_connects, noting_fallback)
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,15 @@ class IngressWorker(Worker):
         self.said_unwanted = False
         seen_at = earlier_session(self.store, client_id)
         self.fresh_store = seen_at is None  # until its first link: a session kept from before it?
-        broker = self.config.thing.broker
+        broker = self.config.thing.broker_identity
+        last_broker = earlier_broker(self.store, client_id)
+        # links before, on a broker the store does not name (the previous release's): its marks
+        # may be another broker's, dropped at the first link (a duplicate at worst, never a loss)
+        self.unknown_broker = seen_at is not None and last_broker is None
         self.connection = Connection(self.config, client_id, self._on_change,
-                                     on_publishes=self._on_publishes,
-                                     track_session=True, session_seen_at=seen_at,
-                                     session_broker=earlier_broker(self.store, client_id),
+                                     on_publishes=self._on_publishes, track_session=True,
+                                     session_seen_at=earlier_session_on(self.store, client_id, broker),
+                                     session_broker=last_broker,
                                      on_build=self._set_up_client,
                                      fell_back=fell_back_before(self.store, client_id, broker),
                                      on_fall_back=noting_fallback(self.store, client_id, broker),
@@ -132,7 +136,9 @@ class IngressWorker(Worker):
         # DUP mark is stale once the first this-many batch messages (from the connections
         # before) are committed; None: nothing to forget
         self.stale_marks_until: Optional[int] = None
-        self.stale_marks_of: Optional[str] = None  # a move's: the broker whose marks they are
+        # a move's (or an unknown broker's): whose marks they are, for the log; while set, the
+        # store's last-link broker is not noted (a next process must drop them too)
+        self.stale_marks_of: Optional[str] = None
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
@@ -230,10 +236,10 @@ class IngressWorker(Worker):
     def _note_session(self) -> None:
         """The broker has a session for us from now on: remembered for the next process, with
         which broker it is. While a move's marks wait to be dropped (the store refused), the
-        record keeps naming the old broker: a next process then drops them, not this one alone."""
+        last link's broker stays the old one (or none): a next process then drops them too."""
         try:
             self.store.note_session(self.config.thing.mqtt.client_id, time.time(), ingress=True,
-                                    broker=self.stale_marks_of or self.connection.broker)
+                                    broker=self.connection.broker, last=self.stale_marks_of is None)
         except StoreError as exc:
             log.warning("cannot remember that the broker holds our session: %s", exc)
 
@@ -259,9 +265,15 @@ class IngressWorker(Worker):
             # marks are of the broker they were made on: another broker's DUP of the same
             # content is its own message, never a redelivery of ours (a duplicate after a move
             # back is the lesser harm: README, "Delivery guarantees")
-            new_session = not self.connection.session_present or self.connection.moved_from is not None
-            if self.connection.moved_from is not None:
-                self.stale_marks_of = self.connection.moved_from
+            moved_from, unknown, self.unknown_broker = self.connection.moved_from, self.unknown_broker, False
+            new_session = not self.connection.session_present or moved_from is not None or unknown
+            if moved_from is not None:
+                self.stale_marks_of = f"the session on {moved_from}"
+            elif unknown:
+                self.stale_marks_of = "the earlier version's session (its broker not recorded)"
+                log.info("the store names no broker for the earlier links of client id %r (an upgrade):"
+                         " its DUP marks are dropped as after a move, in case they were another broker's",
+                         self.config.thing.mqtt.client_id)
             self._note_session()
             self._say_if_the_session_is_older_than_the_store()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
@@ -326,12 +338,11 @@ class IngressWorker(Worker):
             return False
         self.stale_marks_until = None
         self.barrier.take_settled()  # their confirmations: nothing left to take them off
-        moved_from, self.stale_marks_of = self.stale_marks_of, None
-        if moved_from is not None:
-            self._note_session()  # the record names the new broker only now
+        whose, self.stale_marks_of = self.stale_marks_of, None
+        if whose is not None:
+            self._note_session()  # the last link's broker is the new one only now
         if dropped:
-            log.info("dropped %d DUP marks of %s", dropped, "the session the broker lost"
-                     if moved_from is None else f"the session on {moved_from}")
+            log.info("dropped %d DUP marks of %s", dropped, whose or "the session the broker lost")
         return True
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],

@@ -3,8 +3,9 @@
 - Its broker session: when a link of this client id was last up on a persistent session. None
   means the store's first connection, which resumes whatever session the broker holds (never
   MQTT 5 Clean Start: the messages it queued for the thing are ours) but reports no loss.
-  And which broker ("endpoint:port") it was on: a first link on another one (the config moved
-  the device) resumes or starts another session, the old broker's is not lost.
+  Per broker (`Thing.broker_identity`): session present 0 is a lost session only on a broker
+  a session was up on before, and the last link's broker tells a move (the config moved the
+  device: the DUP marks are the old broker's); a store of the previous release named none.
 - A broker without MQTT 5, remembered for the rest of the daemon's run. With `thing.mqtt.protocol: auto` each link probes MQTT 5 first. A worker that had to fall back
 to 3.1.1 notes it in the store, so a replaced worker (after a crash, a hang or a reload) starts
 on 3.1.1 at once instead of paying a refused MQTT 5 CONNECT and a reconnect delay each time.
@@ -37,9 +38,19 @@ def earlier_session(store: Store, client_id: str) -> Optional[float]:
         return None
 
 
+def earlier_session_on(store: Store, client_id: str, broker: str) -> Optional[float]:
+    """When a link of `client_id` was last up on `broker`; None: never, or the store could not
+    tell (a session it lost then goes unsaid)."""
+    try:
+        return store.session_seen_on(client_id, broker)
+    except StoreError as exc:  # damage is logged by the store
+        log.debug("no record of an earlier session on %s: %s", broker, exc)
+        return None
+
+
 def earlier_broker(store: Store, client_id: str) -> Optional[str]:
-    """The broker ("endpoint:port") `client_id`'s last session was on; None: not known (no
-    record, one of an earlier version, or the store could not tell), taken for the one of now."""
+    """The broker identity of `client_id`'s last link; None: none, one of the previous release
+    (which named none), or the store could not tell: with a link before, an unknown broker."""
     try:
         return store.session_broker(client_id)
     except StoreError as exc:  # damage is logged by the store
