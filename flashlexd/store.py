@@ -279,12 +279,15 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     def session_seen_on(self, client_id: str, broker: str) -> Optional[float]:
         """When a link of `client_id` was last up on `broker` (`Thing.broker_identity`), or
         None: no session was ever up there, so session present 0 on it loses nothing. A store
-        with no such record of `client_id` yet, whose last link was on `broker`, has `session_seen`'s."""
+        with no per-broker record of `client_id` yet has `session_seen`'s, unless its last
+        link is noted on another broker."""
         with self._read() as txn:
             raw = txn.get(_session_on_key(client_id, broker), db=self._meta)
             if raw is None and not self._prefixed(txn, _session_on_key(client_id, "")):
+                # no link noted per broker yet (the previous release's store): its session was
+                # most likely on this broker, unless a last link elsewhere is noted
                 last = txn.get(_LAST_BROKER + client_id.encode(), db=self._meta)
-                if last is not None and bytes(last).decode("utf-8", "replace") == broker:
+                if last is None or bytes(last).decode("utf-8", "replace") == broker:
                     raw = txn.get(_SESSION + client_id.encode(), db=self._meta)
         return _wall(raw)
 
@@ -572,9 +575,8 @@ def dup_marks(messages: Sequence[Incoming]) -> List[Optional[DupMark]]:
 
 
 def _wall(raw: Optional[bytes]) -> Optional[float]:
-    """A session record's wall time (one written by an unreleased build had the broker's
-    "endpoint:port" after it)."""
-    return _WALL.unpack(bytes(raw[:_WALL.size]))[0] if raw is not None and len(raw) >= _WALL.size else None
+    """A session record's wall time."""
+    return _WALL.unpack(bytes(raw))[0] if raw is not None and len(raw) == _WALL.size else None
 
 
 def _session_on_key(client_id: str, broker: str) -> bytes:
