@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import pytest
-import yaml
 
 from flashlexd.config import load
-from tests.broker import INGRESS_TOPIC, Broker, Certs, Proxy, open_store, publish, wait_for, write_config
+from tests.broker import INGRESS_TOPIC, Broker, Proxy, open_store, publish, write_config
+from tests.test_broker_move import a_mark_on_a_then_a_dup_from_b, move, two  # noqa: F401 (a fixture)
 from tests.worker_process import WorkerUnderTest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,23 +84,6 @@ def previous_release(factory: pytest.TempPathFactory) -> Path:
     return code
 
 
-def edit(config: Path, endpoint: str = None, port: int = None) -> None:
-    document = yaml.safe_load(config.read_text())
-    if endpoint is not None:
-        document["flashlex"]["thing"]["endpoint"] = endpoint
-    if port is not None:
-        document["flashlex"]["thing"]["mqtt"]["port"] = port
-    config.write_text(yaml.safe_dump(document, sort_keys=False))
-
-
-@pytest.fixture
-def two(certs: Certs, tmp_path: Path) -> Iterator[Tuple[Broker, Broker]]:
-    first, second = Broker(certs, tmp_path / "broker-a").start(), Broker(certs, tmp_path / "broker-b").start()
-    yield first, second
-    second.close()
-    first.close()
-
-
 def test_another_port_of_the_same_broker_keeps_the_marks(broker: Broker, tmp_path: Path, workers) -> None:
     """Found by review: 8883 vs 443 (or websockets) to one broker was taken for a move, its
     marks dropped, and the message whose PUBACK was lost, resent DUP by the same session,
@@ -115,7 +98,7 @@ def test_another_port_of_the_same_broker_keeps_the_marks(broker: Broker, tmp_pat
         publish(broker, INGRESS_TOPIC, b"once")
         first.wait(lambda w: w.counters.get("stored") == 1, 15, "stored")
         first.kill()
-        edit(config, port=broker.port)
+        move(config, port=broker.port)
         second = workers(config)
         second.wait(lambda w: w.counters.get("duplicates", 0) + w.counters.get("stored", 0) >= 1, 15,
                     "the resend")
@@ -139,23 +122,11 @@ def test_an_upgrade_and_a_move_in_one_stop_drop_the_old_marks(two: Tuple[Broker,
         on_b = workers(config, old=True)
         on_b.wait_connected()  # B holds a session for us from now on
         assert on_b.stop() == 0
-        edit(config, endpoint="127.0.0.1", port=via_a.port)
-        on_a = workers(config, old=True)
-        on_a.wait_connected()
-        via_a.swallow("up")  # A never gets our PUBACK: the mark of "on" stays unconfirmed
-        publish(a, INGRESS_TOPIC, b"on")
-        on_a.wait(lambda w: w.counters.get("stored") == 1, 15, "A's on stored")
-        on_a.kill()
-        edit(config, endpoint="localhost", port=via_b.port)
+        move(config, endpoint="127.0.0.1", port=via_a.port)
+        back = a_mark_on_a_then_a_dup_from_b(  # upgraded and moved in one stop
+            (a, via_a), (b, via_b), lambda: workers(config, old=True),
+            lambda: move(config, endpoint="localhost", port=via_b.port) or workers(config))
         store = open_store(config)
-        back = workers(config)  # upgraded and moved in one stop
-        back.wait_connected()
-        via_b.swallow("down")
-        publish(b, INGRESS_TOPIC, b"on")  # B's own "on", its first transmission lost
-        wait_for(lambda: via_b.swallowed["down"], 10, "B's on sent and lost")
-        via_b.cut()  # the next link gets it again, DUP=1
-        back.wait(lambda w: w.counters.get("stored", 0) + w.counters.get("duplicates", 0) >= 1, 20,
-                  "B's on again")
         assert (back.counters["stored"], back.counters["duplicates"], store.inbox_count()) == (1, 0, 2)
         log = back.log_text()
         assert back.counters["sessions_lost"] == 0 and "stay there" not in log and "lost the session" not in log
@@ -174,12 +145,12 @@ def test_back_on_a_broker_that_lost_our_session_is_a_lost_session(two: Tuple[Bro
     a, b = two
     config = write_config(tmp_path / "config", a)  # A as 127.0.0.1, B as localhost
     for endpoint, port in (("127.0.0.1", a.port), ("localhost", b.port)):
-        edit(config, endpoint=endpoint, port=port)
+        move(config, endpoint=endpoint, port=port)
         w = workers(config)
         w.wait_connected()
         assert w.stop() == 0
     a.restart(kill=True)  # never saved: A lost our session
-    edit(config, endpoint="127.0.0.1", port=a.port)
+    move(config, endpoint="127.0.0.1", port=a.port)
     back = workers(config)
     back.wait(lambda w: w.counters.get("sessions_lost") == 1 and w.mqtt.get("connected"), 15,
               "A's lost session counted")

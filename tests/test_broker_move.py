@@ -6,7 +6,7 @@ make another broker (`Thing.broker_identity`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import pytest
 import yaml
@@ -26,11 +26,13 @@ def two(certs: Certs, tmp_path: Path) -> Iterator[Tuple[Broker, Broker]]:
 A, B = HOST, "localhost"  # both in the test server certificate; localhost resolves to HOST
 
 
-def move(config: Path, endpoint: str, port: int) -> None:
-    """The device's config now names the broker `endpoint` on `port` (same CA)."""
+def move(config: Path, endpoint: Optional[str] = None, port: Optional[int] = None) -> None:
+    """The device's config now names the broker `endpoint` on `port` (same CA; None: as was)."""
     document = yaml.safe_load(config.read_text())
-    document["flashlex"]["thing"]["endpoint"] = endpoint
-    document["flashlex"]["thing"]["mqtt"]["port"] = port
+    if endpoint is not None:
+        document["flashlex"]["thing"]["endpoint"] = endpoint
+    if port is not None:
+        document["flashlex"]["thing"]["mqtt"]["port"] = port
     config.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
@@ -48,21 +50,9 @@ def test_the_dup_marks_of_one_broker_never_drop_another_brokers_message(
         on_b.wait_connected()  # B holds a session for us from now on
         assert on_b.stop() == 0
         move(config, A, via_a.port)
-        on_a = start_worker("ingress", config)
-        on_a.wait_connected()
-        via_a.swallow("up")  # A never gets our PUBACK: the mark of "on" stays unconfirmed
-        publish(a, INGRESS_TOPIC, b"on")
-        on_a.wait(lambda w: w.counters.get("stored") == 1, 15, "A's on stored")
-        on_a.kill()
-        move(config, B, via_b.port)
-        back = start_worker("ingress", config)
-        back.wait_connected()
-        via_b.swallow("down")
-        publish(b, INGRESS_TOPIC, b"on")  # B's own "on", its first transmission lost
-        wait_for(lambda: via_b.swallowed["down"], 10, "B's on sent and lost")
-        via_b.cut()  # the next link gets it again, DUP=1
-        back.wait(lambda w: w.counters.get("stored", 0) + w.counters.get("duplicates", 0) >= 1, 20,
-                  "B's on again")
+        back = a_mark_on_a_then_a_dup_from_b(
+            (a, via_a), (b, via_b), lambda: start_worker("ingress", config),
+            lambda: move(config, B, via_b.port) or start_worker("ingress", config))
         assert (back.counters["stored"], back.counters["duplicates"]) == (1, 0)
         assert store.inbox_count() == 2
         assert back.stop() == 0
@@ -70,6 +60,28 @@ def test_the_dup_marks_of_one_broker_never_drop_another_brokers_message(
         via_a.close()
         via_b.close()
         store.close()
+
+
+def a_mark_on_a_then_a_dup_from_b(a: Tuple[Broker, Proxy], b: Tuple[Broker, Proxy],
+                                  on_a: Callable[[], Any], moved_to_b: Callable[[], Any]) -> Any:
+    """A's "on" stored with our PUBACK lost (its DUP mark unconfirmed), the worker killed; then
+    on B (`moved_to_b` edits the config and starts the worker) B's own "on", its first
+    transmission lost, comes again as a DUP. Returns B's worker, once it has had it."""
+    (broker_a, via_a), (broker_b, via_b) = a, b
+    first = on_a()
+    first.wait_connected()
+    via_a.swallow("up")  # A never gets our PUBACK: the mark of "on" stays unconfirmed
+    publish(broker_a, INGRESS_TOPIC, b"on")
+    first.wait(lambda w: w.counters.get("stored") == 1, 15, "A's on stored")
+    first.kill()
+    back = moved_to_b()
+    back.wait_connected()
+    via_b.swallow("down")
+    publish(broker_b, INGRESS_TOPIC, b"on")  # B's own "on", its first transmission lost
+    wait_for(lambda: via_b.swallowed["down"], 10, "B's on sent and lost")
+    via_b.cut()  # the next link gets it again, DUP=1
+    back.wait(lambda w: w.counters.get("stored", 0) + w.counters.get("duplicates", 0) >= 1, 20, "B's on again")
+    return back
 
 
 def moved_lines(log: str) -> list:
