@@ -63,6 +63,10 @@ class DialedClient(paho.Client):
             self.unacknowledged_at_close = unacknowledged(self._sock)
         super()._sock_close()
 
+    def inside_packet(self) -> bool:
+        """Whether paho has read part of a packet and waits for the rest of it."""
+        return bool(self._in_packet["command"])
+
     def buffered(self) -> bool:
         """Bytes already read from the socket that paho has not taken: select() cannot see them."""
         return self._read_at < len(self._read) or self._held is not None

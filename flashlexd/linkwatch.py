@@ -51,6 +51,12 @@ class LinkWatch:
         self.overtaken = None
         self.heard = self.progress = self.clock()
 
+    def arriving(self) -> None:
+        """Bytes of a packet came and more of it are due: what we await may be queued behind it
+        (a large PUBLISH over a slow link took longer than the operation timeout, and every
+        link was closed before its SUBACK could come: nothing stored again)."""
+        self.progress = self.clock()
+
     def heard_from(self) -> None:
         self.heard = self.clock()
 

@@ -284,6 +284,8 @@ class Connection:
                 sock = self.client.socket()
                 if sock is None or (self.handled == before and not self._buffered(sock)):
                     break
+            if self.client.inside_packet():
+                self.watch.arriving()
 
     def _take_publishes(self, limit: int) -> Optional[int]:
         """PUBLISH packets read without paho (`DialedClient.take_publishes`): how many, or

@@ -290,6 +290,9 @@ class Broker:
 
 # -- a lossy path to the broker ----------------------------------------------------------------
 
+_RATE_CHUNK = 4096  # what a rate-limited Proxy passes at a time
+
+
 class Proxy:
     """A TCP relay in front of the broker (TLS passes through untouched) that a test can make
     lossy: `swallow("up")` silently drops client -> broker bytes (our PUBACKs never arrive),
@@ -298,7 +301,8 @@ class Proxy:
     client read on a second late (a SUBSCRIBE reaches the broker long before its SUBACK us).
     `stall_up(links, after)`: each of the next `links` connections passes `after` client ->
     broker bytes, then reads no more of them (an upload stuck mid-way: the client's TCP keeps
-    the rest unacknowledged); `stalled` counts the links so stuck."""
+    the rest unacknowledged); `stalled` counts the links so stuck. `rate["down"] = 65536`
+    passes broker -> client bytes at that many a second (a slow cellular link)."""
 
     def __init__(self, broker: Broker):
         self.broker = broker
@@ -309,6 +313,7 @@ class Proxy:
         self.swallowing = {"up": False, "down": False}
         self.swallowed = {"up": 0, "down": 0}  # bytes dropped so far, by direction
         self.slow = {"up": 0.0, "down": 0.0}  # seconds each read waits before it is passed on
+        self.rate: Dict[str, Optional[int]] = {"up": None, "down": None}  # bytes a second, None: as fast as it goes
         self._peer: Dict[socket.socket, socket.socket] = {}
         self._up: set = set()  # sockets whose bytes travel client -> broker
         self._up_left: Dict[socket.socket, int] = {}  # client -> broker bytes a stalling link still passes
@@ -385,6 +390,10 @@ class Proxy:
         direction = "up" if sock in self._up else "down"
         if self.swallowing[direction]:
             self.swallowed[direction] += len(data)
+        elif self.rate[direction]:
+            for at in range(0, len(data), _RATE_CHUNK):
+                time.sleep(_RATE_CHUNK / self.rate[direction])  # type: ignore[operator]
+                other.sendall(data[at:at + _RATE_CHUNK])
         else:
             time.sleep(self.slow[direction])
             other.sendall(data)

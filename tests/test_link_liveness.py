@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from tests.broker import (EGRESS_TOPIC, HOST, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Subscriber,
-                          open_store, wait_for, write_config)
+from tests.broker import (EGRESS_TOPIC, HOST, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, Subscriber,
+                          open_store, publish, wait_for, write_config)
 from tests.lax_broker import TlsTestBroker, mqtt_packet
 from tests.test_egress import assert_delivered_in_order, fill_outbox
 
@@ -311,3 +311,28 @@ def test_a_stall_at_every_link_is_one_error_not_one_a_link(broker: Broker, tmp_p
         worker.kill()
     finally:
         fake.close()
+
+
+def test_a_large_message_over_a_slow_link_is_no_unanswered_ack(broker: Broker, tmp_path: Path,
+                                                              start_worker) -> None:
+    """A PUBLISH that takes longer to arrive than `mqttOperationTimeout` (256 KiB at 64 KiB/s: a
+    cellular link, or mosquitto's websockets at ~40 KB/s) held what we awaited behind it (the
+    ack barrier's UNSUBACK, then at each reconnect the SUBACK): every link was closed as
+    "no SUBACK/UNSUBACK", and the message and all after it were never stored (found by
+    review, 4 of 4). Bytes of a packet still arriving are progress."""
+    slow = Proxy(broker)
+    config = write_config(tmp_path / "config", broker, port=slow.port, mqtt={"mqttOperationTimeout": 2})
+    store = open_store(config)
+    try:
+        worker = start_worker("ingress", config)
+        worker.wait_connected()
+        slow.rate["down"] = 64 * 1024
+        publish(broker, INGRESS_TOPIC, b"small")
+        publish(broker, INGRESS_TOPIC, b"L" * (256 * 1024 - 64))
+        publish(broker, INGRESS_TOPIC, b"after")
+        worker.wait(lambda w: w.counters.get("stored", 0) >= 3, 30, "all three stored")
+        assert [len(m.payload) for m in store.messages(limit=10)] == [5, 256 * 1024 - 64, 5]
+        assert worker.stop() == 0
+    finally:
+        slow.close()
+        store.close()
