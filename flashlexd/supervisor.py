@@ -33,6 +33,7 @@ from flashlexd.wear import WriteMeter
 from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.unitplaces import STOP_MARGIN
 from flashlexd.store import Store, StoreDamaged, StoreError
+from flashlexd.storelock import write_lock_left_by
 from flashlexd.workerproc import State, WorkerProcess, describe_exit
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ WORKER_NAMES = ("ingress", "egress", "expiry")
 EXIT_CRASH_LOOP = 1
 EXIT_LOOP_FAILING = 1  # the supervisor's own loop kept failing: systemd restarts the service
 EXIT_STORE_GONE = 1  # the data dir was removed or replaced under the daemon: so does this
+EXIT_WRITE_LOCK_LEFT = 1  # a dead worker holds the store's write lock: a fresh start resets it
 MAX_SLEEP = 1.0  # seconds; the loop looks at its deadlines at least this often
 STATUS_EVERY = 1.0
 STRANDED = ("messages published during the switch stay in the old id's session at the broker (until"
@@ -367,6 +369,12 @@ class Supervisor:
             worker.exited(status, now, self.shutting_down, self.runtime.restart)
             if worker.state is State.FATAL:
                 self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
+            elif os.WIFSIGNALED(status) and write_lock_left_by(self.config.store.data_dir, pid):
+                log.error("%s (pid %d) was killed inside a write and the kernel did not release the"
+                          " store's write lock (the OOM killer reaps a process's memory before it"
+                          " can): every writer would wait for it forever; exiting so that a fresh"
+                          " start sets the lock up again (systemd restarts the service)", worker.name, pid)
+                self.begin_shutdown("the store's write lock is held by a dead worker", EXIT_WRITE_LOCK_LEFT)
 
     def _spawn(self, worker: WorkerProcess, now: float) -> None:
         try:
