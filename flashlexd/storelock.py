@@ -8,31 +8,49 @@ writer waits on it forever (found by review in a memory cgroup: 2 of 5 bursts at
 daemon restarting its waiting workers every 15 s, storing nothing). Only a fresh start of
 every process that has the store open makes LMDB set the lock file up again.
 
-Read from the lock file's header as LMDB 0.9 lays it out (its magic first, the write mutex
-one 64-byte cache line in, glibc's mutex word first: the owner's thread id, and 0x40000000
-once the kernel marked its death); another layout is never taken for a stuck lock.
+Read from the lock file's header as LMDB 0.9 lays it out (its magic first; the reader mutex,
+the last transaction id and the reader count padded to 64-byte cache lines; then the write
+mutex, whose first word in glibc is the owner's thread id, with 0x40000000 once the kernel
+marked its death). The mutex's size is the platform's; on one not known here, nothing is said.
 """
 from __future__ import annotations
 
 import os
+import platform
 import struct
+from typing import Optional
 
 LOCK_FILE = "lock.mdb"
 _MAGIC = 0xBEEFC0DE  # MDB_MAGIC, the lock file's first word
-_WRITE_MUTEX = 64    # MDB_txninfo's write mutex: after the reader mutex's cache line
+_CACHE_LINE = 64     # LMDB's CACHELINE
+_MUTEX_SIZE = {"x86_64": 40, "aarch64": 48, "armv7l": 24, "armv6l": 24, "i686": 24}  # pthread_mutex_t
 _OWNER_TID = 0x3FFFFFFF  # FUTEX_TID_MASK
 _OWNER_DIED = 0x40000000  # FUTEX_OWNER_DIED: the kernel released it for the next writer
+
+
+def write_mutex_offset(machine: str) -> Optional[int]:
+    """Where MDB_txninfo's write mutex starts: after magic and format (8 bytes), the reader
+    mutex, the 8-byte-aligned transaction id and the reader count, rounded up to a cache line
+    (64 on x86_64 and 32-bit ARM, 128 on a 64-bit Raspberry Pi OS)."""
+    size = _MUTEX_SIZE.get(machine)
+    if size is None:
+        return None
+    body = -(-(8 + size) // 8) * 8 + 8 + 4
+    return -(-body // _CACHE_LINE) * _CACHE_LINE
 
 
 def write_lock_left_by(data_dir: str, pid: int) -> bool:
     """Whether the store's write lock is still held by `pid`, a worker already reaped (its
     writes run in its main thread, whose id is its pid)."""
+    at = write_mutex_offset(platform.machine())
+    if at is None:
+        return False
     try:
         with open(os.path.join(data_dir, LOCK_FILE), "rb") as lock:
-            head = lock.read(_WRITE_MUTEX + 4)
+            head = lock.read(at + 4)
     except OSError:
         return False
-    if len(head) < _WRITE_MUTEX + 4 or struct.unpack_from("=I", head, 0)[0] != _MAGIC:
+    if len(head) < at + 4 or struct.unpack_from("=I", head, 0)[0] != _MAGIC:
         return False
-    word = struct.unpack_from("=I", head, _WRITE_MUTEX)[0]
+    word = struct.unpack_from("=I", head, at)[0]
     return not word & _OWNER_DIED and word & _OWNER_TID == pid

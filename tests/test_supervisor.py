@@ -1324,20 +1324,23 @@ def test_a_write_lock_a_killed_worker_left_held_ends_the_daemon_for_a_fresh_star
     review in a memory cgroup, 2 of 5 bursts). Here the lock is left so by hand (the mutex word
     set to a stopped worker's id, then the worker killed, as the kernel leaves it then); the
     daemon exits 1 with one line, for systemd to start it afresh, which sets the lock up anew."""
+    import platform
     import struct
-    from flashlexd.storelock import LOCK_FILE
+    from flashlexd.storelock import LOCK_FILE, write_mutex_offset
+    assert [write_mutex_offset(m) for m in ("x86_64", "aarch64", "armv7l", "riscv64")] == [64, 128, 64, None]
+    at = write_mutex_offset(platform.machine())
     notify.wait_for("READY=1", timeout=15)
     data_dir = yaml.safe_load(daemon_config.read_text())["flashlex"]["app"]["db"]["dataPath"]
     ingress = daemon.children()["ingress"]
     os.kill(ingress, signal.SIGSTOP)
     with open(Path(data_dir) / LOCK_FILE, "r+b") as lock:
         def left_held() -> bool:  # only while no one holds it: an idle daemon seldom writes
-            lock.seek(64)
+            lock.seek(at)
             if struct.unpack("=I", lock.read(4))[0] == 0:
-                lock.seek(64)
+                lock.seek(at)
                 lock.write(struct.pack("=I", ingress))
                 lock.flush()
-            lock.seek(64)
+            lock.seek(at)
             return struct.unpack("=I", lock.read(4))[0] == ingress
         wait_for(left_held, 10, "the write lock left to the ingress")
     os.kill(ingress, signal.SIGKILL)
