@@ -34,9 +34,9 @@ def consumer_settings(app: Section) -> ConsumerSettings:
 
 
 def _consumer(consumers: Section, name: object) -> ConsumerSpec:
-    if isinstance(name, int) and not isinstance(name, bool) and valid_consumer_name(str(name)):  # `1:`
-        raise ConfigError(f"{consumers.path}: {name} is a YAML number, not a consumer name:"
-                          f" quote it ('{name}')")
+    if isinstance(name, int) and not isinstance(name, bool):  # `1:`; `010:` is 8 to YAML
+        raise ConfigError(f"{consumers.path}: {name} is a YAML number, not a consumer name: quote"
+                          f" the name as written (e.g. '1')")
     if not valid_consumer_name(name):
         raise ConfigError(f"{consumers.path}: {_show(name)} is not {CONSUMER_NAME_RULE}")
     section = consumers.section(str(name))

@@ -95,7 +95,7 @@ class Section:
             return default  # type: ignore[return-value]
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{self._key(key)}: expected an integer, got {_show(value)}"
-                              f"{_exponent_hint(value)}")
+                              f"{_exponent_hint(value, integer=True)}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self._key(key)}: must be >= {minimum}, got {value}")
         if value > MAX_INTEGER:  # the API, the links and the store carry values as 64-bit msgpack
@@ -202,13 +202,15 @@ def _text_problem(value: str) -> Optional[str]:
     return f"is {size} bytes, over {MAX_TEXT_BYTES}" if size > MAX_TEXT_BYTES else None
 
 
-def _exponent_hint(value: Any) -> str:
+def _exponent_hint(value: Any, integer: bool = False) -> str:
     """YAML 1.1 (PyYAML) reads `1e6` and `2.5e3` as text: a float's exponent needs a dot and a
-    sign (`1.0e+6`). Said, since the value looks like a number to whoever wrote it."""
-    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-        return (" (YAML reads an exponent without a dot and a sign as text: write 1.0e+6, or the"
-                " number in full)")
-    return ""
+    sign (`1.0e+6`). Said, since the value looks like a number to whoever wrote it; an integer
+    key takes no float at all: the number in full."""
+    if not (isinstance(value, str) and _EXPONENT.fullmatch(value.strip())):
+        return ""
+    if integer:
+        return " (YAML reads an exponent as text: write the number in full)"
+    return " (YAML reads an exponent without a dot and a sign as text: write 1.0e+6, or the number in full)"
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

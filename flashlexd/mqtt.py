@@ -89,7 +89,7 @@ class Connection:
                  fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None,
                  connected_ago: Optional[float] = None,
                  on_connect_sent: Optional[Callable[[], None]] = None,
-                 session_broker: Optional[str] = None):
+                 session_broker: Optional[str] = None, broker_unknown: bool = False):
         """`track_session`: warn when the broker loses this client id's persistent session
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
@@ -97,7 +97,9 @@ class Connection:
         no process ran is reported too: for the ingress, when a link was last up on this broker
         (`Thing.broker_identity`; None: a session never was, so none can be lost there).
         `session_broker`: the identity of the last link's broker (None: none, or unknown); on
-        another one what the old one queued stays there: the first link says so. `connected_ago`:
+        another one what the old one queued stays there: the first link says so. `broker_unknown`:
+        earlier links on a broker the store does not name (an upgrade): no session there may be
+        a move while stopped, not a loss. `connected_ago`:
         seconds since an earlier process last sent a CONNECT as this client id, so a worker
         replaced moments after does not CONNECT again within MIN_CONNECT_INTERVAL (AWS IoT
         Core's limit is per client id);
@@ -140,6 +142,7 @@ class Connection:
         self._seen_at = session_seen_at
         self.broker = self.thing.broker_identity
         self._session_broker = session_broker if track_session else None
+        self._broker_unknown = broker_unknown
         self.moved_from: Optional[str] = None  # the last link's broker, when this link is on another
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
@@ -500,7 +503,11 @@ class Connection:
                      self.thing.endpoint, self.thing.mqtt.port, self.client_id, self.protocol,
                      present, since_last(count, "connects"))
         self.moved_from = self._moved_from()
-        if self._had_session and not present:  # on this broker, moved back to it or not
+        if self._had_session and not present and self._broker_unknown:
+            log.warning("the broker %s:%d holds no session of client id %r: it lost the one of before"
+                        " the upgrade, or the device was moved while stopped (the store named no broker)",
+                        self.thing.endpoint, self.thing.mqtt.port, self.client_id)
+        elif self._had_session and not present:  # on this broker, moved back to it or not
             self.sessions_lost += 1
             away = (now - self._down_since if self._down_since is not None
                     else time.time() - (self._seen_at or time.time()))  # before this process
@@ -511,7 +518,7 @@ class Connection:
                             self.thing.endpoint, self.thing.mqtt.port, self.client_id, _ago(away),
                             since_last(count, "sessions lost"))
         self._had_session = self.track_session
-        self._session_broker = self.broker
+        self._session_broker, self._broker_unknown = self.broker, False
         self._up_since = now
         self.on_change(True, None)  # the ingress subscribes from here
         if not self._subscribes_due:

@@ -23,26 +23,28 @@ from typing import Optional
 LOCK_FILE = "lock.mdb"
 _MAGIC = 0xBEEFC0DE  # MDB_MAGIC, the lock file's first word
 _CACHE_LINE = 64     # LMDB's CACHELINE
-_MUTEX_SIZE = {"x86_64": 40, "aarch64": 48, "armv7l": 24, "armv6l": 24, "i686": 24}  # pthread_mutex_t
+_MUTEX_SIZE = {"x86_64": 40, "aarch64": 48}  # glibc's pthread_mutex_t on 64-bit userlands
+_MUTEX_SIZE_32 = 24  # on every 32-bit one (armhf, i686), under a 64-bit kernel too
 _OWNER_TID = 0x3FFFFFFF  # FUTEX_TID_MASK
 _OWNER_DIED = 0x40000000  # FUTEX_OWNER_DIED: the kernel released it for the next writer
 
 
-def write_mutex_offset(machine: str) -> Optional[int]:
+def write_mutex_offset(machine: str, pointer_bytes: int) -> Optional[int]:
     """Where MDB_txninfo's write mutex starts: after magic and format (8 bytes), the reader
-    mutex, the 8-byte-aligned transaction id and the reader count, rounded up to a cache line
-    (64 on x86_64 and 32-bit ARM, 128 on a 64-bit Raspberry Pi OS)."""
-    size = _MUTEX_SIZE.get(machine)
+    mutex, the transaction id (a size_t) and the reader count, rounded up to a cache line (64
+    on x86_64 and 32-bit userlands, 128 on a 64-bit Raspberry Pi OS). `machine` is the
+    kernel's: a 32-bit Raspberry Pi OS under a 64-bit kernel says aarch64."""
+    size = _MUTEX_SIZE_32 if pointer_bytes == 4 else _MUTEX_SIZE.get(machine)
     if size is None:
         return None
-    body = -(-(8 + size) // 8) * 8 + 8 + 4
+    body = -(-(8 + size) // pointer_bytes) * pointer_bytes + pointer_bytes + 4
     return -(-body // _CACHE_LINE) * _CACHE_LINE
 
 
 def write_lock_left_by(data_dir: str, pid: int) -> bool:
     """Whether the store's write lock is still held by `pid`, a worker already reaped (its
     writes run in its main thread, whose id is its pid)."""
-    at = write_mutex_offset(platform.machine())
+    at = write_mutex_offset(platform.machine(), struct.calcsize("P"))
     if at is None:
         return False
     try:

@@ -28,7 +28,8 @@ def test_defaults_without_the_section(tmp_path):
 
 @pytest.mark.parametrize("consumers,message", [
     ({"Display": {}}, "flashlex.app.consumers: 'Display' is not a consumer name"),
-    ({1: {}}, "flashlex.app.consumers: 1 is a YAML number, not a consumer name: quote it ('1')"),
+    ({1: {}}, "flashlex.app.consumers: 1 is a YAML number, not a consumer name: quote the name as"
+              " written (e.g. '1')"),
     ({"d": {"filter": "a/#/b"}}, "flashlex.app.consumers.d.filter: expected an MQTT topic filter"),
     ({"d": {"maxBacklog": 0}}, "flashlex.app.consumers.d.maxBacklog: must be >= 1"),
     ({"d": {"allowUids": "root"}}, "flashlex.app.consumers.d.allowUids: expected a list"),

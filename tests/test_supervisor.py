@@ -1327,8 +1327,9 @@ def test_a_write_lock_a_killed_worker_left_held_ends_the_daemon_for_a_fresh_star
     import platform
     import struct
     from flashlexd.storelock import LOCK_FILE, write_mutex_offset
-    assert [write_mutex_offset(m) for m in ("x86_64", "aarch64", "armv7l", "riscv64")] == [64, 128, 64, None]
-    at = write_mutex_offset(platform.machine())
+    assert [write_mutex_offset(m, p) for m, p in (("x86_64", 8), ("aarch64", 8), ("armv7l", 4), ("aarch64", 4),
+                                                  ("riscv64", 8))] == [64, 128, 64, 64, None]
+    at = write_mutex_offset(platform.machine(), struct.calcsize("P"))
     notify.wait_for("READY=1", timeout=15)
     data_dir = yaml.safe_load(daemon_config.read_text())["flashlex"]["app"]["db"]["dataPath"]
     ingress = daemon.children()["ingress"]

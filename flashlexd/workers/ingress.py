@@ -111,7 +111,7 @@ class IngressWorker(Worker):
         self.connection = Connection(self.config, client_id, self._on_change,
                                      on_publishes=self._on_publishes, track_session=True,
                                      session_seen_at=earlier_session_on(self.store, client_id, broker),
-                                     session_broker=last_broker,
+                                     session_broker=last_broker, broker_unknown=self.unknown_broker,
                                      on_build=self._set_up_client,
                                      fell_back=fell_back_before(self.store, client_id, broker),
                                      on_fall_back=noting_fallback(self.store, client_id, broker),
