@@ -97,12 +97,12 @@ class Connection:
         no process ran is reported too: for the ingress, when a link was last up on this broker
         (`Thing.broker_identity`; None: a session never was, so none can be lost there).
         `session_broker`: the identity of the last link's broker (None: none, or unknown); on
-        another one what the old one queued stays there: the first link says so. `broker_unknown`:
-        earlier links on a broker the store does not name (an upgrade): no session there may be
-        a move while stopped, not a loss. `connected_ago`:
-        seconds since an earlier process last sent a CONNECT as this client id, so a worker
-        replaced moments after does not CONNECT again within MIN_CONNECT_INTERVAL (AWS IoT
-        Core's limit is per client id);
+        another one what the old one queued stays there: the first link says so.
+        `broker_unknown`: earlier links on a broker the store does not name (an upgrade): no
+        session there may be a move while stopped, not a loss. `connected_ago`: seconds since
+        an earlier process last sent a CONNECT as this client id, so a worker replaced moments
+        after does not CONNECT again within MIN_CONNECT_INTERVAL (AWS IoT Core's limit is per
+        client id);
         `on_connect_sent()` is called before each CONNECT goes out, to note it for the next.
         `on_build(client)` sets up each paho client built (a protocol fallback builds anew).
         `on_publish(mid, reason)` gets the PUBACK's reason code. `fell_back`: an earlier worker
