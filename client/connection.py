@@ -510,9 +510,9 @@ class Client:
 
     def _sent(self, method: str, idempotent: bool, **params: Any) -> Any:
         """`call`; an idempotent one (ack, drop, the reads) is sent again once when the
-        connection is lost under it (a restart): an app's loop that went on after that ConnectionLost left the
-        message unacked, never yielded again by its `stream()`. What the lost call did is not
-        in the result."""
+        connection is lost under it (a restart): an app's loop that went on after that
+        ConnectionLost left the message unacked, never yielded again by its `stream()`. What
+        the lost call did is not in the result."""
         try:
             return self.call(method, **params)
         except ConnectionLost:
