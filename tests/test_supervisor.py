@@ -1341,10 +1341,13 @@ def test_a_write_lock_a_killed_worker_left_held_ends_the_daemon_for_a_fresh_star
                 lock.seek(at)
                 lock.write(struct.pack("=I", ingress))
                 lock.flush()
-            lock.seek(at)
-            return struct.unpack("=I", lock.read(4))[0] == ingress
+            lock.seek(at)  # a writer come to wait since adds the waiters bit
+            return struct.unpack("=I", lock.read(4))[0] & 0x3FFFFFFF == ingress
         wait_for(left_held, 10, "the write lock left to the ingress")
-    os.kill(ingress, signal.SIGKILL)
+    try:
+        os.kill(ingress, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the supervisor's hang abort of the stopped worker (3 s here) came first: the same
     assert daemon.wait_exit(20) == 1
     said = [line for line in daemon.output().splitlines() if "killed inside a write" in line]
     assert len(said) == 1 and f"ingress (pid {ingress})" in said[0], daemon.output()[-3000:]
