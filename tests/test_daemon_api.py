@@ -153,7 +153,9 @@ def test_a_wait_cut_off_near_its_end_is_sent_again_with_the_time_left(daemon):
     waiter.join(40)
     fx.close()
     assert outcome[0] == [], outcome
-    assert outcome[1] < max(6, back) + 2.5, (outcome, back)  # it took back + 6
+    # the client notices the daemon back within 2 s (its reconnect pauses) and peeks: it took
+    # back + 6 and more (back >= 4.5 here, so the bound tells them apart)
+    assert outcome[1] < max(6, back) + 4, (outcome, back)
 
 
 def test_a_stream_rides_through_a_daemon_down_when_its_next_wait_starts(daemon, broker):
