@@ -214,11 +214,13 @@ class ProbeSession:
             if self.closed:
                 if self.choice.closed_before_connack():
                     return False
+                from flashlexd.mqttclient import websocket_hint
+
                 v5 = " (or does not speak MQTT 5: see `protocol`)" if self.choice.unproven_v5 else ""
                 raise Failed(self._why_closed(
                     "before CONNACK", f"it refused the client certificate {self.thing.keys.cert}"
                     f" (TLS 1.3 brokers check it after the handshake) or does not allow client id"
-                    f" {self.client_id!r}{v5}"))
+                    f" {self.client_id!r}{v5}{websocket_hint(self.thing)}"))
             raise Failed(f"no CONNACK from {self.where} within {self.timeout:g}s")
         if self.connack.is_failure:
             self.fell_back = self.choice.refused(self.connack)

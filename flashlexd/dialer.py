@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, Properties, VariableByteIntegers  # also where paho 2.2 defines it: exception
 from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.publishread import Publish, parse_publishes
+from flashlexd.wsupgrade import UpgradedWebsocket, WebsocketUpgrade
 
 # Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes written to a TCP socket that its peer
 # has not acknowledged yet; None where the platform has no such request
@@ -37,7 +38,7 @@ READ_CHUNK = 16384  # bytes per socket read: a TLS record's worth
 class DialedClient(paho.Client):
     """A paho client that takes the socket a `Dialer` made instead of connecting itself."""
 
-    dialed: Optional[ssl.SSLSocket] = None
+    dialed: Union[None, ssl.SSLSocket, UpgradedWebsocket] = None
     _read = b""  # what the last socket read brought, from _read_at on not yet taken by paho
     _read_at = 0
     # what a read by take_publishes met, kept for paho's next read: an error, or b"" (the end)
@@ -45,7 +46,8 @@ class DialedClient(paho.Client):
     _received_at = "_last_bytes_received"  # paho's keepalive clock of the last packet in
     unacknowledged_at_close = 0  # our bytes the peer had not acknowledged when the link closed
 
-    def _create_socket_connection(self) -> socket.socket:
+    def _create_socket(self) -> Any:
+        """The Dialer's socket as it is: it made the TLS handshake and any websocket upgrade."""
         sock, self.dialed = self.dialed, None
         if sock is None:
             raise ConnectionError("no connected socket to hand over")
@@ -53,7 +55,7 @@ class DialedClient(paho.Client):
         self.unacknowledged_at_close = 0
         if not hasattr(self, self._received_at):
             self._received_at = "_last_msg_in"  # paho 2.0 and 2.1 name it so
-        return sock  # type: ignore[return-value]
+        return sock
 
     def _sock_close(self) -> None:
         """Note, while the socket is still there, how far the peer had got with our bytes: a
@@ -199,9 +201,6 @@ class DialedClient(paho.Client):
             return MQTTErrorCode.MQTT_ERR_CONN_REFUSED
         return super()._handle_connack()
 
-    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
-        return tcp_sock  # type: ignore[return-value]  # the Dialer did the handshake
-
     _per_topic_callbacks = False
 
     def message_callback_add(self, sub: str, callback: Any) -> None:
@@ -260,11 +259,14 @@ class Lookup:
 
 class Dialer:
     """One connect attempt to `host:port`, advanced by `step()` until it returns the TLS
-    socket; it raises what failed (OSError, ssl.SSLError, socket.timeout past `timeout`)."""
+    socket, or with a `websocket_path` the websocket upgraded over it; it raises what failed
+    (OSError, ssl.SSLError, socket.timeout past `timeout`)."""
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext, timeout: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, websocket_path: Optional[str] = None):
         self.host, self.port, self.context = host, port, context
+        self.websocket_path = websocket_path
+        self.upgrade: Optional[WebsocketUpgrade] = None
         self.clock = clock
         self.deadline = clock() + timeout
         self.timeout = timeout
@@ -278,6 +280,9 @@ class Dialer:
         self.earlier: List[socket.socket] = []  # connects to earlier addresses, still pending
 
     def wait_fds(self) -> Tuple[Sequence[Any], Sequence[Any]]:
+        if self.upgrade is not None:
+            tls = self.upgrade.tls
+            return ((), (tls,)) if self.upgrade.want_write else ((tls,), ())
         if self.tls is not None:
             return ((), (self.tls,)) if self.want_write else ((self.tls,), ())
         pending = self.earlier + ([self.sock] if self.sock is not None else [])
@@ -292,12 +297,24 @@ class Dialer:
             return min(remaining, max(0.0, self.address_deadline - self.clock()))
         return remaining
 
-    def step(self) -> Optional[ssl.SSLSocket]:
+    def step(self) -> Union[None, ssl.SSLSocket, UpgradedWebsocket]:
         if self.clock() >= self.deadline:
             self.close()
             if self.lookup is not None:  # the name lookup, not the broker, did not answer
                 raise socket.gaierror(socket.EAI_AGAIN, f"no answer from the name lookup within {self.timeout:g}s")
             raise socket.timeout(f"timed out after {self.timeout:g}s")
+        if self.upgrade is None:
+            tls = self._tls_step()
+            if tls is None or self.websocket_path is None:
+                return tls
+            self.upgrade = WebsocketUpgrade(tls, self.host, self.port, self.websocket_path)
+        try:
+            return self.upgrade.step()
+        except Exception:
+            self.close()
+            raise
+
+    def _tls_step(self) -> Optional[ssl.SSLSocket]:
         if self.lookup is not None:
             if not self.lookup.done():
                 return None
@@ -321,6 +338,9 @@ class Dialer:
         return self._handshake()
 
     def close(self) -> None:
+        if self.upgrade is not None:
+            self.upgrade.tls.close()
+            self.upgrade = None
         for sock in (self.tls, self.sock, *self.earlier):
             if sock is not None:
                 sock.close()

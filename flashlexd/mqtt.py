@@ -31,8 +31,8 @@ from flashlexd.config import Config
 from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.logs import KindThrottle, since_last
-from flashlexd.mqttclient import (_ABRUPT_CLOSE, LastError, build_client, describe_error, tls_context,
-                                  uses_alpn)
+from flashlexd.mqttclient import (_ABRUPT_CLOSE, WEBSOCKET_PATH, LastError, build_client, describe_error,
+                                  tls_context, uses_alpn, websocket_hint)
 from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
 from flashlexd.publishread import Publish, message_fields
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
@@ -172,8 +172,7 @@ class Connection:
         return self.choice.current
 
     def _build(self) -> paho.Client:
-        client = build_client(self.thing, self.client_id, min(self.timeout, 1.0), context=self.context,
-                              dialed=True,  # the timeout bounds only a websocket upgrade
+        client = build_client(self.thing, self.client_id, self.timeout, context=self.context, dialed=True,
                               protocol=self.protocol)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -395,7 +394,7 @@ class Connection:
         self._errors.take()
         self.client.enable_logger(self._errors)  # until CONNACK: why an attempt failed
         self.dialer = Dialer(self.thing.endpoint, self.thing.mqtt.port, self.context, self.timeout,
-                             self.clock)
+                             self.clock, websocket_path=WEBSOCKET_PATH if self.thing.mqtt.use_websocket else None)
         self._dial_step()
 
     def _dial_step(self) -> None:
@@ -623,7 +622,7 @@ class Connection:
             v5 = " (or does not speak MQTT 5: see `protocol`)" if self.choice.unproven_v5 else ""
             return (f"TLS: the broker at {where} closed the connection before CONNACK: it refused"
                     f" the client certificate {self.thing.keys.cert} or does not allow client id"
-                    f" {self.client_id!r}{v5}")
+                    f" {self.client_id!r}{v5}{websocket_hint(self.thing)}")
         if reason == "Keep alive timeout":  # paho: no PINGRESP in time
             return f"connection to {where} lost: no answer within keepalive ({self.keepalive}s)"
         closed = exc is None or isinstance(exc, _ABRUPT_CLOSE)

@@ -17,6 +17,7 @@ from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
 from flashlexd.quotas import ALPN_PORT, ALPN_PROTOCOL
 from flashlexd.timesync import clock_problem, dates_problem
+from flashlexd.wsupgrade import UPGRADE_ERROR, WebsocketConnectionError, listener_hint
 
 WEBSOCKET_PATH = "/mqtt"
 # An alert the broker sends when it does not accept our client certificate.
@@ -121,6 +122,19 @@ def uses_alpn(thing: Thing) -> bool:
     return thing.mqtt.port == ALPN_PORT and not thing.mqtt.use_websocket
 
 
+MQTT_TLS_PORT = 8883
+
+
+def websocket_hint(thing: Thing) -> str:
+    """What a close before CONNACK may also mean: a websockets listener (mosquitto's closes an
+    MQTT CONNECT without a word, as a broker refusing our certificate does). Not said for
+    8883, MQTT over TLS's own port."""
+    mqtt = thing.mqtt
+    if mqtt.use_websocket or mqtt.port == MQTT_TLS_PORT:
+        return ""
+    return f" (or port {mqtt.port} is a websockets listener: see useWebsocket)"
+
+
 def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
     """One line saying why a connection failed, naming the file or setting to look at."""
     where = f"{thing.endpoint}:{thing.mqtt.port}"
@@ -141,6 +155,8 @@ def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
         return f"TLS error with {where}: {reason}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve {thing.endpoint}: {exc.strerror}"
+    if isinstance(exc, WebsocketConnectionError) and not str(exc).startswith(UPGRADE_ERROR):
+        return f"cannot connect to {where}: {exc}{listener_hint(thing.mqtt.port)}"  # paho's handshake (`check`)
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {where} (broker down or wrong port?)"
     if isinstance(exc, (socket.timeout, TimeoutError)):

@@ -163,7 +163,8 @@ class Broker:
     name = "mosquitto"
 
     def __init__(self, certs: Certs, workdir: Path, *, server: Optional[Identity] = None,
-                 plain: bool = False, extra: Sequence[str] = (), acl: Optional[str] = None):
+                 plain: bool = False, extra: Sequence[str] = (), acl: Optional[str] = None,
+                 websockets: bool = False):
         self.certs = certs
         self.extra = list(extra)  # more mosquitto.conf lines (global settings, e.g. max_packet_size)
         self.acl = acl  # the TLS listener's ACL file text (mosquitto's acl_file format)
@@ -171,6 +172,7 @@ class Broker:
         self.server = server or certs.server
         self.port = free_port()
         self.plain_port = free_port() if plain else None
+        self.ws_port = free_port() if websockets else None  # MQTT over websockets, the same mutual TLS
         self.conf = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self.process: Optional[subprocess.Popen] = None
@@ -192,11 +194,11 @@ class Broker:
         ]
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto becomes `mosquitto` and cannot read 0600 keys
-        lines += [
-            f"listener {self.port} {HOST}",
-            f"cafile {self.certs.ca}", f"certfile {self.server.cert}", f"keyfile {self.server.key}",
-            "require_certificate true", "use_identity_as_username true", "allow_anonymous false",
-        ]
+        mutual_tls = [f"cafile {self.certs.ca}", f"certfile {self.server.cert}", f"keyfile {self.server.key}",
+                      "require_certificate true", "use_identity_as_username true", "allow_anonymous false"]
+        lines += [f"listener {self.port} {HOST}", *mutual_tls]
+        if self.ws_port:
+            lines += [f"listener {self.ws_port} {HOST}", "protocol websockets", *mutual_tls]
         if self.acl is not None:
             (self.workdir / "acl").write_text(self.acl)
             lines.append(f"acl_file {self.workdir / 'acl'}")
@@ -302,10 +304,12 @@ class Proxy:
     `stall_up(links, after)`: each of the next `links` connections passes `after` client ->
     broker bytes, then reads no more of them (an upload stuck mid-way: the client's TCP keeps
     the rest unacknowledged); `stalled` counts the links so stuck. `rate["down"] = 65536`
-    passes broker -> client bytes at that many a second (a slow cellular link)."""
+    passes broker -> client bytes at that many a second (a slow cellular link). It relays to
+    the broker's mutual-TLS listener, or to `port` (its websockets listener)."""
 
-    def __init__(self, broker: Broker):
+    def __init__(self, broker: Broker, port: Optional[int] = None):
         self.broker = broker
+        self.upstream_port = port or broker.port
         self.listener = socket.socket()
         self.listener.bind((HOST, 0))
         self.listener.listen()
@@ -360,7 +364,7 @@ class Proxy:
     def _accept(self) -> None:
         client, _ = self.listener.accept()
         try:
-            upstream = socket.create_connection((HOST, self.broker.port), timeout=5)
+            upstream = socket.create_connection((HOST, self.upstream_port), timeout=5)
         except OSError:
             client.close()
             return
