@@ -359,6 +359,38 @@ def test_empty_user_properties_count_as_sent_against_the_inbound_size_limit(
     store.close()
 
 
+# (payload, mosquitto_pub -D publish arguments) at 1,000 bytes as sent, then one byte over: each
+# property's bytes on the wire (identifier, lengths, value)
+_AT_THE_LIMIT = [(993, [("user-property", "k", "v")]), (996, [("content-type", "t")]),
+                 (995, [("message-expiry-interval", "600")]), (998, [("payload-format-indicator", "1")]),
+                 (989, [("user-property", "a", ""), ("user-property", "", "")])]
+
+
+def test_properties_count_their_bytes_as_sent_at_the_inbound_size_limit(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A message of 1,000 bytes as sent (payload and properties) under a 1,000-byte limit was
+    dropped: each property was counted at up to 5 bytes beyond its strings, and the user
+    properties' list once more (found by review: 989-993 bytes with `k`=`v` dropped)."""
+    config = write_config(tmp_path / "config", broker, db={"maxPayloadBytes": 1000}, mqtt={"protocol": "5"})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    sent = []
+    for size, props in _AT_THE_LIMIT:
+        properties = [arg for prop in props for arg in ("-D", "publish", *prop)]
+        for extra in (0, 1):
+            payload = b"%d" % size + b"." * (size + extra - 3)
+            subprocess.run(["mosquitto_pub", *broker.client_args(), "-V", "5", "-q", "1", "-t", INGRESS_TOPIC,
+                            "-m", payload, *properties], check=True, timeout=20, capture_output=True)
+            sent.append(payload)
+    publish(broker, INGRESS_TOPIC, b"marker")
+    wait_for(lambda: b"marker" in [m.payload for m in store.messages()], 20, "the marker stored")
+    assert [m.payload for m in store.messages()] == sent[::2] + [b"marker"]
+    worker.wait(lambda w: w.counters.get("dropped_oversize") == len(_AT_THE_LIMIT), 10, "one over each")
+    assert worker.stop() == 0
+    store.close()
+
+
 def _publish_with_empty_user_properties(broker: Broker, messages: List[Tuple[bytes, int]]) -> None:
     """QoS 1 PUBLISHes, each with `count` empty user properties (5 bytes each on the wire),
     packed by hand: paho's own packing takes seconds for 40,000."""

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.logs import KindThrottle
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import V5, properties_of, properties_size, reason_name
+from flashlexd.mqttv5 import V5, properties_of, properties_size, properties_wire_size, reason_name
 from flashlexd.publishread import Publish
 from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
 from flashlexd.topics import topic_matches
@@ -71,7 +71,6 @@ REFUSED_LOG_SECONDS = 600.0   # the store refusing again within this: DEBUG, cou
 RESUMED_QUIET_SECONDS = 10.0  # storing this long without a refusal ends a logged refusal's episode
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
 FILTERS_PER_SUBSCRIBE = 8      # AWS IoT Core closes the link on a SUBSCRIBE/UNSUBSCRIBE with more
-PROPERTY_WIRE = 5              # bytes an MQTT 5 property or user property pair takes beyond its strings, at most
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
 
 
@@ -408,12 +407,12 @@ class IngressWorker(Worker):
                     log.warning("dropping QoS 0 messages while the store refuses them (first on %s);"
                                 " counted in dropped_qos0_full", topic)
                 continue  # nothing to acknowledge: not kept in the batch at all
-            elif len(payload) + properties_size(kept := properties_of(properties) or None, PROPERTY_WIRE) > limit:
+            elif len(payload) + properties_wire_size(kept := properties_of(properties) or None) > limit:
                 # MQTT 5 properties (user properties...) are stored with the payload: counted too,
                 # as sent (an empty user property counted 0: 52,428 of them passed a 256 KB limit)
                 self.counters["dropped_oversize"] += 1
                 log.warning("dropped a %d-byte message on %s: over maxPayloadBytes (%d)",
-                            len(payload) + properties_size(kept, PROPERTY_WIRE), topic, limit)
+                            len(payload) + properties_wire_size(kept), topic, limit)
             else:
                 incoming = Incoming.received(topic, payload, qos, retain, mid, dup,
                                              self._dedupe_key(payload, properties), kept)
