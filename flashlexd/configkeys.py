@@ -161,7 +161,7 @@ TABLE: Tuple[Key, ...] = (
         field="max_payload_bytes"),
     Key("flashlex.app.consumers", "consumers", None,
         "named consumers: each name (`[a-z0-9_-]{1,64}`) gets every message matching its `filter`"
-        " (MQTT wildcards, default `#`) with its own acks; `maxBacklog` (optional) caps its unacked"
+        " (MQTT wildcards, default `#`: every topic but those beginning with `$`, as in MQTT) with its own acks; `maxBacklog` (optional) caps its unacked"
         " messages (its oldest beyond it are dropped for it, counted); `allowUids` (optional) limits"
         " it to those uids besides root and the daemon's own. See \"Several apps: named consumers\"",
         AT_ONCE, shown="none"),
