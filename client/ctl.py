@@ -19,8 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from flashlexd.client import __version__
 from flashlexd.client.connection import Client, seconds, socket_path
 from flashlexd.client.ctlconsumers import add_parser as add_consumers_parser, cmd_consumers, unknown_consumer
-from flashlexd.client.ctlview import (ago, flushed, health, jsonable, message_rows, oldest_text, output_failed, plural,
-                                      preview, reader_gone, reader_left, render_status, shown, table)
+from flashlexd.client.ctlview import (ago, clipped, flushed, health, jsonable, message_rows, oldest_text,
+                                      output_failed, plural, preview, reader_gone, reader_left, render_status,
+                                      shown, table)
 from flashlexd.client.errors import ConnectionLost, DaemonNotRunning, FlashlexError, PermissionDenied, RpcTimeout
 from flashlexd.client.escape import printable
 from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
@@ -106,12 +107,12 @@ def cmd_outbox(fx: Client, args: argparse.Namespace) -> int:
     print(f"{result['count']} queued{oldest_text(result)}, {plural(result.get('dead', 0), 'dead letter')}")
     entries = result.get("entries", [])  # ages are the daemon's (clock steps do not move them)
     if args.dead:
-        rows = [(e["id"], ago(e.get("age")), e["topic"], e["size"], e["attempts"], e["reason"])
+        rows = [(e["id"], ago(e.get("age")), clipped(e["topic"]), e["size"], e["attempts"], e["reason"])
                 for e in entries]
         headers = ("ID", "AGE", "TOPIC", "BYTES", "ATTEMPTS", "REASON")
         right = (0, 3, 4)
     else:
-        rows = [(e["id"], ago(e.get("age")), e["topic"], e["qos"], len(e["payload"]),
+        rows = [(e["id"], ago(e.get("age")), clipped(e["topic"]), e["qos"], len(e["payload"]),
                  preview(e["payload"])) for e in entries]
         headers, right = ("ID", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), (0, 3, 4)
     if rows:
@@ -249,46 +250,60 @@ def _socket(text: str) -> str:
     return text
 
 
+def _shared_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--socket, --json and --timeout, before the command or after it (`flashlexctl status
+    --json` was a usage error). After it they have no defaults: the ones before it stay."""
+    after: Dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--socket", metavar="PATH", type=_socket,
+                        help=f"API socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})", **after)
+    parser.add_argument("--json", action="store_true", help="print the API's answer as JSON", **after)
+    parser.add_argument("--timeout", type=_timeout, help="seconds to wait for an answer (default 10)",
+                        **(after or {"default": 10.0}))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flashlexctl", description="Inspect and drive the local flashlexd.",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("--socket", metavar="PATH", type=_socket,
-                     help=f"API socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})")
-    top.add_argument("--json", action="store_true", help="print the API's answer as JSON")
-    top.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for an answer (default 10)")
+    _shared_options(top, top=True)
     top.add_argument("--version", action="version",
                      version=f"flashlexctl {__version__} (protocol {PROTOCOL_VERSION})")
+    shared = argparse.ArgumentParser(add_help=False)
+    _shared_options(shared, top=False)
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("status", help="health, workers, MQTT, inbox/outbox, store (exit 0 healthy, 1 degraded)")
-    messages = sub.add_parser("messages", help="unacknowledged messages, oldest first")
+
+    def command(commands: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[shared], **kwargs)
+
+    command(sub, "status", help="health, workers, MQTT, inbox/outbox, store (exit 0 healthy, 1 degraded)")
+    messages = command(sub, "messages", help="unacknowledged messages, oldest first")
     messages.add_argument("--limit", type=_limit, default=20, help=f"how many (default 20, max {MAX_LIMIT})")
     messages.add_argument("--topic", help="MQTT topic filter (+ and # allowed)")
     messages.add_argument("--consumer", metavar="NAME", help="the messages named consumer NAME has not acked")
-    ack = sub.add_parser("ack", help="acknowledge (remove) messages by pk")
+    ack = command(sub, "ack", help="acknowledge (remove) messages by pk")
     ack.add_argument("pk", nargs="+", help="message pk(s) as shown by 'messages'")
     ack.add_argument("--consumer", metavar="NAME", help="acknowledge for named consumer NAME only")
-    publish = sub.add_parser("publish", help="queue a message for the cloud (egress topic by default)")
+    publish = command(sub, "publish", help="queue a message for the cloud (egress topic by default)")
     publish.add_argument("payload", metavar="PAYLOAD", help="the payload, or - to read it from stdin")
     publish.add_argument("--topic", help="publish topic (default: the configured egress topic)")
     publish.add_argument("--qos", type=int, choices=(0, 1), default=1)
     publish.add_argument("--retain", action="store_true")
-    tail = sub.add_parser("tail", help="follow new messages until Ctrl-C")
+    tail = command(sub, "tail", help="follow new messages until Ctrl-C")
     tail.add_argument("--ack", action="store_true", help="acknowledge each message once printed")
     tail.add_argument("--all", action="store_true", help="start with the unacknowledged backlog")
     tail.add_argument("--topic", help="MQTT topic filter")
-    outbox = sub.add_parser("outbox", help="entries queued for the cloud, dead letters; retry, drop")
+    outbox = command(sub, "outbox", help="entries queued for the cloud, dead letters; retry, drop")
     outbox.add_argument("--limit", type=_limit, default=10, help="how many entries to list (default 10)")
     outbox.add_argument("--dead", action="store_true",
                         help="list the dead letters (entries the broker kept refusing) instead")
     actions = outbox.add_subparsers(dest="outbox_action", metavar="ACTION")
-    retry = actions.add_parser("retry", help="move dead letters back to the tail of the outbox")
+    retry = command(actions, "retry", help="move dead letters back to the tail of the outbox")
     retry.add_argument("ids", nargs="*", type=_entry_id, metavar="ID", help="dead letter id(s)")
     retry.add_argument("--all", action="store_true", help="every dead letter")
-    drop = actions.add_parser("drop", help="delete queued entries (with --dead: dead letters)")
+    drop = command(actions, "drop", help="delete queued entries (with --dead: dead letters)")
     drop.add_argument("ids", nargs="+", type=_entry_id, metavar="ID", help="entry id(s)")
     drop.add_argument("--dead", dest="drop_dead", action="store_true", help="the ids are dead letters")
-    add_consumers_parser(sub)
-    purge = sub.add_parser("purge", help="remove EVERY inbox message (needs --yes)")
+    add_consumers_parser(sub, shared)
+    purge = command(sub, "purge", help="remove EVERY inbox message (needs --yes)")
     purge.add_argument("--yes", action="store_true", help="confirm")
     return top
 

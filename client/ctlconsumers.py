@@ -13,14 +13,18 @@ from flashlexd.client.ctlview import ago, backlog_text, jsonable, table
 from flashlexd.client.escape import printable
 
 
-def add_parser(sub: Any) -> None:
-    consumers = sub.add_parser("consumers", help="named consumers: backlog, dropped, last seen; reset, remove")
+def add_parser(sub: Any, shared: argparse.ArgumentParser) -> None:
+    """`consumers` and its actions, each taking the `shared` options after it too."""
+    consumers = sub.add_parser("consumers", parents=[shared],
+                               help="named consumers: backlog, dropped, last seen; reset, remove")
     actions = consumers.add_subparsers(dest="consumers_action", metavar="ACTION")
-    reset = actions.add_parser("reset", help="replay (--to earliest), skip (--to latest) or start at an id")
+    reset = actions.add_parser("reset", parents=[shared],
+                               help="replay (--to earliest), skip (--to latest) or start at an id")
     reset.add_argument("name", help="the consumer's name")
     reset.add_argument("--to", required=True, metavar="earliest|latest|ID",
                        help="earliest: every stored message again; latest: skip them all; ID: from that message")
-    remove = actions.add_parser("remove", help="remove a dynamic consumer now; the messages it alone"
+    remove = actions.add_parser("remove", parents=[shared],
+                                help="remove a dynamic consumer now; the messages it alone"
                                 " still held back leave (those no other consumer matches stay, for"
                                 " unnamed apps and expiry)")
     remove.add_argument("name", help="the consumer's name")

@@ -66,9 +66,17 @@ class Safe(str):
 def preview(payload: bytes, width: int = 60) -> Safe:
     """A one-line look at a payload: text (escaped) when UTF-8, else its size."""
     try:
-        text = printable(payload.decode("utf-8"))
+        return clipped(payload.decode("utf-8"), width)
     except UnicodeDecodeError:
         return Safe(f"<{len(payload)} bytes binary>")
+
+
+TOPIC_WIDTH = 64  # characters of a topic a table shows: one of 65,535 padded every row to it
+
+
+def clipped(text: str, width: int = TOPIC_WIDTH) -> Safe:
+    """`text` escaped, cut to `width` characters with "..." (`--json` has it whole)."""
+    text = printable(text)
     return Safe(text if len(text) <= width else text[:width - 3] + "...")
 
 
@@ -246,7 +254,7 @@ def backlog_text(consumer: Dict[str, Any]) -> str:
 def message_rows(messages: List[Dict[str, Any]]) -> str:
     """AGE is the daemon's real age (README "Clock steps"): the wall clock minus a timestamp
     is negative after a reboot into a clock behind."""
-    rows = [(m["pk"], ago(m.get("age")), m["topic"], m["qos"], len(m["payload"]),
+    rows = [(m["pk"], ago(m.get("age")), clipped(m["topic"]), m["qos"], len(m["payload"]),
              preview(m["payload"])) for m in messages]
     return table(("PK", "AGE", "TOPIC", "QOS", "BYTES", "PAYLOAD"), rows, right=(0, 3, 4))
 

@@ -498,3 +498,31 @@ def test_a_change_cut_off_in_the_read_before_it_says_nothing_was_changed(cut_off
 def test_a_read_cut_off_by_the_daemon_dying_says_only_that(cut_off):
     done = subprocess.run(CTL + ["--socket", cut_off, "messages"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and done.stderr == f"flashlexctl: flashlexd closed the connection on {cut_off}\n"
+
+
+def test_a_long_topic_is_cut_in_the_tables_and_whole_in_json(harness, capsys):
+    """Every row was padded to the longest topic: one of 65,535 characters made each line of
+    `messages` that long (20 messages: 1.3 MB of output; found by review)."""
+    long_topic = "t/" + "x" * 65_533
+    harness.ingest((long_topic, b"long"), ("short", b"s"))
+    code, out, _ = run(harness, capsys, "messages")
+    assert code == 0 and max(len(line) for line in out.splitlines()) < 150, [len(l) for l in out.splitlines()]
+    assert "t/xxx" in out and "..." in out
+    code, out, _ = run(harness, capsys, "--json", "messages")
+    assert code == 0 and json.loads(out)[0]["topic"] == long_topic
+
+
+@pytest.mark.parametrize("argv", [("status", "--json"), ("messages", "--json", "--limit", "1"),
+                                  ("consumers", "--json"), ("outbox", "--timeout", "5", "--json")])
+def test_the_shared_options_are_taken_after_the_command_too(harness, capsys, argv):
+    """`flashlexctl status --json`, the first thing a new user types, was a usage error: the
+    shared options were taken only before the command (found by review)."""
+    code, out, err = run(harness, capsys, *argv)
+    assert code == 0 and err == "" and isinstance(json.loads(out), (dict, list)), (out, err)
+
+
+def test_a_shared_option_after_the_command_wins_and_one_before_it_stays(harness, capsys):
+    code, out, _ = ctl.main(["--socket", "/nonexistent/x.sock", "status", "--socket", harness.path]), *capsys.readouterr()
+    assert code == 0
+    code, out, _ = run(harness, capsys, "--json", "status")  # --json before, none after
+    assert code == 0 and json.loads(out)["inbox"]["count"] == 0
