@@ -208,6 +208,12 @@ class FlashlexSDK:
             self._client.close()
             self._client = None
 
+    def __del__(self) -> None:
+        """The old SDK had nothing to close, so its apps never call `close()`: an object going
+        away closes its connection (an unclosed socket is a ResourceWarning under `-X dev`)."""
+        if getattr(self, "_client", None) is not None:
+            self.close()
+
     # -- config (the old SDK kept it as given; loadConfig read YAML) ---------------------------
 
     def getConfig(self) -> Any:

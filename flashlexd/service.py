@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         _warn_unreadable(args.user, (service_group(places, args.user, args.group), places.socket_group),
                          {str(config): "config", **{f: "key file" for f in places.key_files}})
+        _warn_no_program(venv, bool(args.venv))
         text = render_unit(venv, str(config), args.user, args.group, places, keys)
     else:
         text = template(kind)
@@ -162,6 +163,17 @@ def _exposed(places: Places, used: Dict[str, str]) -> Optional[str]:
                         f" writable to the daemon; give it a directory of its own (e.g."
                         f" /var/lib/flashlexd, /run/flashlexd/flashlexd.sock)")
     return None
+
+
+def _warn_no_program(venv: str, named: bool) -> None:
+    """The unit runs VENV/bin/flashlexd: without it systemd fails every start (203/EXEC) before
+    the daemon can say a word (a unit rendered for a venv not made, or made elsewhere)."""
+    program = Path(venv) / "bin" / "flashlexd"
+    if not os.access(program, os.X_OK):
+        where = "" if named else ", or name the venv with --venv"
+        print(f"warning: there is no program {program}: systemd would fail the service's every start"
+              f" (203/EXEC) and restart it every 2 s; install flashlexd into {venv}{where}",
+              file=sys.stderr)
 
 
 def _warn_unreadable(user: str, groups: Tuple[str, Optional[str]], files: Dict[str, str]) -> None:

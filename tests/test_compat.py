@@ -420,3 +420,13 @@ def test_daemon_down_gives_the_old_answers_and_the_same_object_recovers(daemon_c
             app.kill()
             app.wait(10)
         daemon.stop()
+
+
+def test_an_sdk_object_going_away_closes_its_connection(harness):
+    """The old SDK's apps never call close(): its socket was left to the interpreter's exit, a
+    ResourceWarning under `-X dev` (found by review)."""
+    script = ("from flashlexd.client.compat import FlashlexSDK\n"
+              f"sdk = FlashlexSDK(socket_path={harness.path!r})\n"
+              "assert sdk.getSubscribedMessages() == []\n")
+    done = subprocess.run([sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ResourceWarning" not in done.stderr, done.stderr

@@ -409,7 +409,7 @@ def test_unit_for_a_user_who_cannot_read_the_config_or_a_key_file_warns(open_dir
     (keys / "cert.pem").chmod(0o600)
 
     def warnings(user: str, *more: str) -> list:
-        rendered = service("--dir", str(open_dir), "--user", user, *more)
+        rendered = service("--dir", str(open_dir), "--venv", sys.prefix, "--user", user, *more)
         assert rendered.returncode == 0 and "\nExecStart=" in rendered.stdout, rendered.stderr
         return [line for line in rendered.stderr.splitlines() if line.startswith("warning:")]
 
@@ -446,7 +446,7 @@ def test_unit_for_a_user_or_group_that_does_not_exist_warns(open_dir):
     def warnings(socket_group: str, *more: str) -> list:
         app = {"socket": {"group": socket_group}} if socket_group else {}
         config.write_text(json.dumps({"flashlex": {"app": app, "thing": {}}}))
-        rendered = service("--dir", str(open_dir), *more)
+        rendered = service("--dir", str(open_dir), "--venv", sys.prefix, *more)
         assert rendered.returncode == 0 and "\nExecStart=" in rendered.stdout, rendered.stderr
         return [line for line in rendered.stderr.splitlines() if line.startswith("warning:")]
 
@@ -461,6 +461,24 @@ def test_unit_for_a_user_or_group_that_does_not_exist_warns(open_dir):
     assert warnings("", "--user", "0", "--group", "0") == []  # ids, as systemd takes them too
     assert [w.split(":")[1] for w in warnings("flashlexd-no-such-group", "--user", "flashlexd-no-such-user")] == [
         " there is no user 'flashlexd-no-such-user'", " there is no group 'flashlexd-no-such-group'"]  # both at once
+
+
+def test_unit_for_a_venv_without_flashlexd_warns(open_dir):
+    """The unit runs VENV/bin/flashlexd: rendered for a venv not made (DIR/venv by default),
+    systemd failed every start with 203/EXEC and restarted it for good, without a word from
+    `service` (found by review)."""
+    keys = open_dir / "keys"
+    keys.mkdir(mode=0o755)
+    (keys / "config.yml").write_text(json.dumps({"flashlex": {"thing": {}}}))
+    for venv, said in (((), f"{open_dir}/venv, or name the venv with --venv"),
+                       (("--venv", str(open_dir / "elsewhere")), f"{open_dir}/elsewhere"),
+                       (("--venv", sys.prefix), None)):
+        rendered = service("--dir", str(open_dir), "--user", "root", *venv)
+        assert rendered.returncode == 0 and "\nExecStart=" in rendered.stdout, rendered.stderr
+        warnings = [line for line in rendered.stderr.splitlines() if line.startswith("warning:")]
+        assert warnings == ([] if said is None else [
+            f"warning: there is no program {said.split(',')[0]}/bin/flashlexd: systemd would fail the"
+            f" service's every start (203/EXEC) and restart it every 2 s; install flashlexd into {said}"]), venv
 
 
 def test_install_takeover_does_not_follow_a_symlink_in_the_data_dir(tmp_path):
