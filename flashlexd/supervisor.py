@@ -33,6 +33,7 @@ from flashlexd.wear import WriteMeter
 from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.unitplaces import STOP_MARGIN
 from flashlexd.store import Store, StoreDamaged, StoreError
+from flashlexd.oomkills import OomKills
 from flashlexd.storelock import write_lock_left_by
 from flashlexd.workerproc import State, WorkerProcess, describe_exit
 
@@ -144,6 +145,7 @@ class Supervisor:
         forkworker.preload()  # then the fork server: before the store is opened (see forkserver)
         connectpace.share()  # before the fork server too: its workers inherit it
         self.forks = ForkServer(self.overrides.worker_maker())
+        self.oom_kills = OomKills()
         self._install_signals()
         self.config_file = ConfigFile(self.config.text)
         self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
@@ -366,7 +368,10 @@ class Supervisor:
             if worker is None:
                 continue  # a child we no longer track (or the fork server)
             self._drop_link(worker)
-            worker.exited(status, now, self.shutting_down, self.runtime.restart)
+            oom = (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+                   and self.oom_kills.took_one())
+            worker.exited(status, now, self.shutting_down, self.runtime.restart,
+                          cause=", by the kernel's OOM killer: out of memory" if oom else "")
             if worker.state is State.FATAL:
                 self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
             elif os.WIFSIGNALED(status) and write_lock_left_by(self.config.store.data_dir, pid):

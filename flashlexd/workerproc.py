@@ -170,10 +170,11 @@ class WorkerProcess:
         if self.state is not State.STOPPING:
             self.transition(State.STOPPING)
 
-    def exited(self, status: int, now: float, shutting_down: bool, limits: RestartLimits) -> None:
+    def exited(self, status: int, now: float, shutting_down: bool, limits: RestartLimits,
+               cause: str = "") -> None:
         """The process is gone (reaped): STOPPED, BACKOFF until `next_start`, or FATAL when it
         failed too often too quickly (crash loop)."""
-        how = describe_exit(status)
+        how = describe_exit(status) + cause
         planned = self.state is State.STOPPING
         self.pid, self.kill_at = None, None
         # its links died with it: a last report of `connected` must not outlive the process
