@@ -79,7 +79,7 @@ __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
            "StoreForkError", "StoreFull", "dup_marks"]
 COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purged", "queued", "sent",
-            "outbox_dropped", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
+            "outbox_dropped", "outbox_expired", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
 
 
 class Store(JournaledAcks, ConsumerStore, OutboxStore):

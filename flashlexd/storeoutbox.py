@@ -84,16 +84,18 @@ class OutboxStore(StoreBase):
             return self._counter(txn, b"outbox_last_id")
 
     @guarded
-    def outbox_drop(self, ids: Iterable[int], dead: bool = False) -> int:
+    def outbox_drop(self, ids: Iterable[int], dead: bool = False, expired: bool = False) -> int:
         """Delete outbox entries (or, with `dead`, dead letters) at an application's or an
-        operator's request; ids not in that list are skipped. Returns how many were deleted.
-        An outbox entry already handed to the broker may still be delivered."""
+        operator's request, or (`expired`) the egress's, their message expiry passed: counted
+        apart, not as anyone's drop. Ids not in that list are skipped. Returns how many were
+        deleted. An outbox entry already handed to the broker may still be delivered."""
         keys = _keys_of(ids)
         db = self._dead if dead else self._outbox
+        counter = b"dead_dropped" if dead else b"outbox_expired" if expired else b"outbox_dropped"
 
         def work(txn: lmdb.Transaction) -> int:
             removed = sum(1 for key in keys if txn.delete(key, db=db))
-            self._add_counter(txn, b"dead_dropped" if dead else b"outbox_dropped", removed)
+            self._add_counter(txn, counter, removed)
             return removed
 
         return self._write(work) if keys else 0  # type: ignore[return-value]

@@ -169,7 +169,7 @@ def test_entries_keep_their_topic_qos_and_retain(broker: Broker, tmp_path: Path,
     retained = subprocess.run(["mosquitto_sub", *broker.client_args(), "-t", "flashlex/c", "-C", "1",
                                "-F", "%r %p", "-W", "5"], capture_output=True, timeout=10)
     assert retained.stdout == b"1 kept\n"
-    assert "(topic flashlex/+, 46 bytes) moved to the dead letters" in worker.log_text()
+    assert "(topic flashlex/+, 46 bytes with its topic) moved to the dead letters" in worker.log_text()
     subscriber.stop()
 
 

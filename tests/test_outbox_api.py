@@ -48,6 +48,10 @@ def ctl_run(harness, capsys, *argv: str):
     ("dev/#", "contains the wildcard '#'"),
     ("", "is empty"),
     ("t" * 257, "is 257 bytes in UTF-8, over maxTopicBytes (256)"),
+    # mosquitto refuses it (MQTT 5: 0x87) and under 3.1.1 drops it, the entry counted as sent
+    # (found by review); other '$' topics are a broker's own business ($CONTROL/...)
+    ("$SYS/x", "begins with '$SYS', the broker's own status topics"),
+    ("$SYS", "begins with '$SYS'"),
 ])
 def test_publish_refuses_a_topic_no_broker_takes_and_queues_nothing(harness, fx, topic, rule):
     with pytest.raises(RpcError) as info:

@@ -313,7 +313,7 @@ class EgressWorker(Worker):
         links = links + 1 if entry == oldest.entry_id else 1
         self.unacknowledged_links = (oldest.entry_id, links)
         if links == self.poison.attempts:
-            log.warning("outbox entry %d (topic %s, %d bytes) was not acknowledged on %d links in a"
+            log.warning("outbox entry %d (topic %s, %d bytes with its topic) was not acknowledged on %d links in a"
                         " row while the broker still answered: it is slow, throttling, or refusing"
                         " this entry without a word (RabbitMQ over its max_message_size); it is sent"
                         " again, and if it stays so, `flashlexctl outbox drop %d` gives it up",
@@ -342,8 +342,9 @@ class EgressWorker(Worker):
         self.unacked_since.pop(sent.entry_id, None)
         if moved:
             self.counters["dead_lettered"] += 1
-            log.warning("outbox entry %d (topic %s, %d bytes) moved to the dead letters after %d"
-                        " attempts: %s", sent.entry_id, sent.topic, sent.size, attempts, reason)
+            log.warning("outbox entry %d (topic %s, %d bytes with its topic) moved to the dead letters"
+                        " after %d attempt%s: %s", sent.entry_id, sent.topic, sent.size, attempts,
+                        "" if attempts == 1 else "s", reason)
 
     # -- the outbox -------------------------------------------------------------------------------
 
@@ -413,7 +414,7 @@ class EgressWorker(Worker):
         if not expired:
             return
         try:
-            dropped = self.store.outbox_drop([e.id for e in expired])
+            dropped = self.store.outbox_drop([e.id for e in expired], expired=True)
         except StoreError as exc:
             log.error("cannot drop %d expired outbox entries (tried again next pass): %s", len(expired), exc)
             return
