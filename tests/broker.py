@@ -403,6 +403,19 @@ class Proxy:
             other.sendall(data)
 
 
+def serve_each(listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Accept on `listener` until it is closed, each connection handled in a thread of its own
+    (the tests' small servers and proxies)."""
+    def accept() -> None:
+        while True:
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(peer,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+
+
 # -- independent peers ------------------------------------------------------------------------
 
 PUB_LINES_MAX = 65_535  # lines one mosquitto_pub -l run is trusted with: one packet id each

@@ -16,6 +16,7 @@ from flashlexd import fds
 from flashlexd.client import (Client, DaemonNotRunning, Message, OutboxEntry, ProtocolError, RpcError,
                               connect)
 from flashlexd.client.wire import MAX_IDS_PER_ACK, MAX_WAIT_SECONDS, Code
+from tests.broker import serve_each
 
 try:
     from test_ipc_server import EGRESS_TOPIC, MAX_PAYLOAD, Harness, harness, raw_connect  # noqa: F401
@@ -584,17 +585,12 @@ def _cutting_proxy(path: str, daemon_path: str) -> socket.socket:
                 return
             sink.sendall(data)
 
-    def serve() -> None:
-        while True:
-            try:
-                peer, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            upstream.connect(daemon_path)
-            for source, sink, cutting in ((peer, upstream, True), (upstream, peer, False)):
-                threading.Thread(target=_quietly, args=(relay, source, sink, cutting), daemon=True).start()
-    threading.Thread(target=serve, daemon=True).start()
+    def serve(peer: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(daemon_path)
+        for source, sink, cutting in ((peer, upstream, True), (upstream, peer, False)):
+            threading.Thread(target=_quietly, args=(relay, source, sink, cutting), daemon=True).start()
+    serve_each(listener, lambda peer: _quietly(serve, peer))
     return listener
 
 
@@ -648,14 +644,7 @@ def _older_daemon_proxy(path: str, daemon_path: str) -> socket.socket:
                 answer = upstream.recv(HEADER.size, socket.MSG_WAITALL)
                 peer.sendall(answer + upstream.recv(HEADER.unpack(answer)[0], socket.MSG_WAITALL))
 
-    def accept() -> None:
-        while True:
-            try:
-                peer, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=_quietly, args=(serve, peer), daemon=True).start()
-    threading.Thread(target=accept, daemon=True).start()
+    serve_each(listener, lambda peer: _quietly(serve, peer))
     return listener
 
 

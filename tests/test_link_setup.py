@@ -12,7 +12,6 @@ import select
 import signal
 import socket
 import ssl
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 
 from flashlexd.dialer import Dialer
-from tests.broker import HOST, THING, Broker, Certs, open_store, wait_for, write_config
+from tests.broker import HOST, THING, Broker, Certs, open_store, serve_each, wait_for, write_config
 from tests.daemon import Daemon
 from tests.lax_broker import TlsTestBroker, mqtt_packet
 from tests.test_mqtt_connection import probe, server_context
@@ -94,15 +93,7 @@ def slow_then_silent_tls_server(certs: Certs) -> Iterator[int]:
         except OSError:
             conn.close()
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=handshake_late, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    serve_each(listener, handshake_late)
     yield listener.getsockname()[1]
     listener.close()
     for tls in held:

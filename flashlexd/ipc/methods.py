@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
 from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError
 from flashlexd.wire import (CONSUMER_NAME_RULE, ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code,
@@ -125,6 +125,20 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+class _ReadQuery(NamedTuple):
+    limit: int
+    topic: Optional[str]
+    after: Optional[int]
+    consumer: Optional[str]
+    wanted: Optional[Tuple[str, str]]  # a user property (name, value)
+    paged: bool
+
+    @property
+    def filtered(self) -> bool:
+        """Read by a walk over the records, not the inbox's head (walk.py)."""
+        return self.consumer is not None or self.topic is not None or self.wanted is not None
+
+
 class Methods:
     """The API methods; `handle(name, params)` is what `RpcServer` calls."""
 
@@ -219,12 +233,17 @@ class Methods:
             answer.update(replays=self._replays.get(consumer, 0), run=self._run)
         return answer, page.last
 
-    def _query(self, p: _Params, default_limit: int) -> Tuple[int, Optional[str], Optional[int]]:
-        limit = p.integer("limit", default_limit, 1, MAX_LIMIT)
+    def _read_query(self, p: _Params) -> "_ReadQuery":
+        """The params `messages` and `wait` share, the last ones read (then `p.done()`)."""
+        limit = p.integer("limit", 100, 1, MAX_LIMIT)
         topic = p.topic_filter("topic")
         after = p.get("after")
         after = None if after is None else p.record_id("after", after)
-        return limit, topic, after
+        paged = p.boolean("paged", False)
+        consumer = self._consumer(p)
+        wanted = mqttprops.user_property(p)
+        p.done()
+        return _ReadQuery(limit, topic, after, consumer, wanted, paged)
 
     # -- methods ------------------------------------------------------------------------------
 
@@ -264,16 +283,12 @@ class Methods:
         return supervisor
 
     def _messages(self, p: _Params) -> Any:
-        limit, topic, after = self._query(p, 100)
-        paged = p.boolean("paged", False)
-        consumer = self._consumer(p)
-        wanted = mqttprops.user_property(p)
-        p.done()
-        if paged:
-            return self._fetch_page(limit, topic, after, consumer, wanted)[0]
-        if consumer is not None or topic is not None or wanted is not None:
-            return self._walked(limit, topic, after, consumer, wanted, None)
-        return self._fetch(limit, after)
+        q = self._read_query(p)
+        if q.paged:
+            return self._fetch_page(q.limit, q.topic, q.after, q.consumer, q.wanted)[0]
+        if q.filtered:
+            return self._walked(q.limit, q.topic, q.after, q.consumer, q.wanted, None)
+        return self._fetch(q.limit, q.after)
 
     def _ack(self, p: _Params) -> Any:
         ids = p.ids("ids")
@@ -286,22 +301,18 @@ class Methods:
 
     def _wait(self, p: _Params) -> Any:
         timeout = p.number("timeout", 30.0, 0.0, MAX_WAIT_SECONDS)
-        limit, topic, after = self._query(p, 100)
-        paged = p.boolean("paged", False)
-        consumer = self._consumer(p)
-        wanted = mqttprops.user_property(p)
-        p.done()
-        if paged:
-            return self._wait_paged(timeout, limit, topic, after, consumer, wanted)
-        if consumer is not None or topic is not None or wanted is not None:
-            return self._walked(limit, topic, after, consumer, wanted, timeout)
-        found = self._fetch(limit, after)
+        q = self._read_query(p)
+        if q.paged:
+            return self._wait_paged(timeout, q.limit, q.topic, q.after, q.consumer, q.wanted)
+        if q.filtered:
+            return self._walked(q.limit, q.topic, q.after, q.consumer, q.wanted, timeout)
+        found = self._fetch(q.limit, q.after)
         if found or timeout == 0:
             return found
 
         @_store_failures
         def poll() -> Optional[List[Dict[str, Any]]]:  # run by the server on notify_inbox()
-            return self._fetch(limit, after) or None
+            return self._fetch(q.limit, q.after) or None
         return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=[])
 
     def _walked(self, limit: int, topic: Optional[str], after: Optional[int], consumer: Optional[str],
