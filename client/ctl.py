@@ -251,20 +251,20 @@ def _socket(text: str) -> str:
 
 
 def _shared_options(parser: argparse.ArgumentParser, top: bool) -> None:
-    """--socket, --json and --timeout, before the command or after it (`flashlexctl status
-    --json` was a usage error). After it they have no defaults: the ones before it stay."""
+    """--socket and --json, before the command or after it (`flashlexctl status --json` was a
+    usage error). After it they have no defaults: the ones before it stay. Not --timeout: after
+    the command it would make `--t` (`--topic`, `--to`) ambiguous to argparse."""
     after: Dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     parser.add_argument("--socket", metavar="PATH", type=_socket,
                         help=f"API socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})", **after)
     parser.add_argument("--json", action="store_true", help="print the API's answer as JSON", **after)
-    parser.add_argument("--timeout", type=_timeout, help="seconds to wait for an answer (default 10)",
-                        **(after or {"default": 10.0}))
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flashlexctl", description="Inspect and drive the local flashlexd.",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _shared_options(top, top=True)
+    top.add_argument("--timeout", type=_timeout, default=10.0, help="seconds to wait for an answer (default 10)")
     top.add_argument("--version", action="version",
                      version=f"flashlexctl {__version__} (protocol {PROTOCOL_VERSION})")
     shared = argparse.ArgumentParser(add_help=False)

@@ -9,7 +9,7 @@ import time
 from typing import Any, Dict, List
 
 from flashlexd.client.connection import Client
-from flashlexd.client.ctlview import ago, backlog_text, jsonable, table
+from flashlexd.client.ctlview import ago, backlog_text, clipped, jsonable, table
 from flashlexd.client.escape import printable
 
 
@@ -68,7 +68,7 @@ def cmd_consumers(fx: Client, args: argparse.Namespace) -> int:
         print("no named consumers (apps without a name share the inbox)")
     else:
         now = time.time()
-        rows = [(c["name"], c["filter"], backlog_text(c),
+        rows = [(c["name"], clipped(c["filter"]), backlog_text(c),
                  ago(c.get("oldest_age")), c["dropped"], c["max_backlog"] or "-", "dynamic" if c["dynamic"] else "declared",
                  ago(None if not c.get("last_seen") else max(0.0, now - c["last_seen"])))
                 for c in consumers]

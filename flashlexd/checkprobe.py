@@ -140,9 +140,10 @@ class ProbeSession:
         """A client for `self.choice.current`, and the state of one connection attempt."""
         from flashlexd.mqttclient import LastError, build_client
 
-        # a clean session: nothing left on the broker to queue ingress messages for nobody
+        # a clean session: nothing left on the broker to queue ingress messages for nobody;
+        # connected by the daemon's own Dialer (TLS, the websocket upgrade: `_dial`)
         self.client: "paho.Client" = build_client(self.thing, self.client_id, self.timeout,
-                                                  clean_session=True, protocol=self.choice.current)
+                                                  clean_session=True, dialed=True, protocol=self.choice.current)
         self.errors = LastError()
         self.client.enable_logger(self.errors)
         self.connack: Any = None
@@ -171,12 +172,32 @@ class ProbeSession:
         if self.received is None and message.payload == self.probe_payload:
             self.received = time.monotonic()  # anything else on the ingress topic is ignored
 
+    def _dial(self) -> Any:
+        """DNS, TCP, TLS and (`useWebsocket`) the websocket upgrade, as the daemon makes them,
+        within the timeout: paho's own upgrade said "WebSocket handshake error" for a refused
+        path and a plain MQTT port alike."""
+        from flashlexd.dialer import Dialer
+        from flashlexd.mqttclient import WEBSOCKET_PATH, tls_context, uses_alpn
+
+        mqtt = self.thing.mqtt
+        dialer = Dialer(self.thing.endpoint, mqtt.port, tls_context(self.thing.keys, alpn=uses_alpn(self.thing)),
+                        self.timeout, websocket_path=WEBSOCKET_PATH if mqtt.use_websocket else None)
+        while True:
+            sock = dialer.step()
+            if sock is not None:
+                return sock
+            reads, writes = dialer.wait_fds()
+            select.select(reads, writes, [], dialer.next_wait())
+
     def _loop_until(self, done: Callable[[], bool], deadline: float) -> bool:
         while not done() and not self.closed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self.client.loop(min(0.1, remaining))
+            if self.client.buffered():  # type: ignore[attr-defined]  # read, not seen by select()
+                self.client.loop_read()
+            else:
+                self.client.loop(min(0.1, remaining))
         return done()
 
     def _why_closed(self, when: str, hint: str) -> str:
@@ -206,7 +227,8 @@ class ProbeSession:
 
         started = time.monotonic()
         try:
-            self.client.reconnect()  # DNS, TCP, TLS handshake (bounded by the timeout), CONNECT
+            self.client.dialed = self._dial()  # type: ignore[attr-defined]
+            self.client.reconnect()  # CONNECT
         except (OSError, ssl.CertificateError, ValueError) as exc:
             from flashlexd.mqttclient import describe_error
             raise Failed(describe_error(exc, self.thing, self.timeout)) from None

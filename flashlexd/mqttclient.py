@@ -15,9 +15,8 @@ from flashlexd.config import ConfigError, Keys, Thing
 from flashlexd.dialer import DialedClient
 from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
-from flashlexd.quotas import ALPN_PORT, ALPN_PROTOCOL
+from flashlexd.quotas import ALPN_PORT, ALPN_PROTOCOL, is_aws_endpoint
 from flashlexd.timesync import clock_problem, dates_problem
-from flashlexd.wsupgrade import UPGRADE_ERROR, WebsocketConnectionError, listener_hint
 
 WEBSOCKET_PATH = "/mqtt"
 # An alert the broker sends when it does not accept our client certificate.
@@ -128,9 +127,9 @@ MQTT_TLS_PORT = 8883
 def websocket_hint(thing: Thing) -> str:
     """What a close before CONNACK may also mean: a websockets listener (mosquitto's closes an
     MQTT CONNECT without a word, as a broker refusing our certificate does). Not said for
-    8883, MQTT over TLS's own port."""
+    8883, MQTT over TLS's own port, nor for AWS IoT Core, which has none with a certificate."""
     mqtt = thing.mqtt
-    if mqtt.use_websocket or mqtt.port == MQTT_TLS_PORT:
+    if mqtt.use_websocket or mqtt.port == MQTT_TLS_PORT or is_aws_endpoint(thing.endpoint):
         return ""
     return f" (or port {mqtt.port} is a websockets listener: see useWebsocket)"
 
@@ -155,8 +154,6 @@ def describe_error(exc: BaseException, thing: Thing, timeout: float) -> str:
         return f"TLS error with {where}: {reason}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve {thing.endpoint}: {exc.strerror}"
-    if isinstance(exc, WebsocketConnectionError) and not str(exc).startswith(UPGRADE_ERROR):
-        return f"cannot connect to {where}: {exc}{listener_hint(thing.mqtt.port)}"  # paho's handshake (`check`)
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {where} (broker down or wrong port?)"
     if isinstance(exc, (socket.timeout, TimeoutError)):

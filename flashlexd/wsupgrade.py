@@ -21,7 +21,6 @@ from paho.mqtt.client import WebsocketConnectionError, _WebsocketWrapper
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 ANSWER_LIMIT = 16384  # bytes of an answer's head: past this it is no upgrade
 HTTPS_PORT = 443
-UPGRADE_ERROR = "websocket upgrade"  # how our errors begin
 
 
 class UpgradedWebsocket(_WebsocketWrapper):
@@ -93,8 +92,5 @@ class WebsocketUpgrade:
 
     def _error(self, why: str, transport: bool = False) -> WebsocketConnectionError:
         """The reason in one line; naming the transport where a plain MQTT port would answer so."""
-        return WebsocketConnectionError(f"{UPGRADE_ERROR}: {why}{listener_hint(self.port) if transport else ''}")
-
-
-def listener_hint(port: int) -> str:
-    return f" (is port {port} a websockets listener? useWebsocket is true)"
+        hint = f" (is port {self.port} a websockets listener? useWebsocket is true)" if transport else ""
+        return WebsocketConnectionError(f"websocket upgrade: {why}{hint}")

@@ -513,7 +513,8 @@ def test_a_long_topic_is_cut_in_the_tables_and_whole_in_json(harness, capsys):
 
 
 @pytest.mark.parametrize("argv", [("status", "--json"), ("messages", "--json", "--limit", "1"),
-                                  ("consumers", "--json"), ("outbox", "--timeout", "5", "--json")])
+                                  ("consumers", "--json"), ("outbox", "--json"),
+                                  ("messages", "--t", "a/#", "--json")])  # --t: still --topic
 def test_the_shared_options_are_taken_after_the_command_too(harness, capsys, argv):
     """`flashlexctl status --json`, the first thing a new user types, was a usage error: the
     shared options were taken only before the command (found by review)."""

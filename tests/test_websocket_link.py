@@ -11,6 +11,7 @@ import pytest
 
 from tests.broker import (EGRESS_TOPIC, INGRESS_TOPIC, Broker, Certs, Proxy, Subscriber, open_store, publish,
                           write_config)
+from tests.lax_broker import TlsTestBroker
 from tests.test_check import run_check
 from tests.test_egress import assert_delivered_in_order, fill_outbox
 
@@ -93,3 +94,36 @@ def test_check_names_the_transport(ws_broker: Broker, tmp_path: Path, websocket:
     hint = (f"is port {port} a websockets listener? useWebsocket is true" if websocket
             else f"or port {port} is a websockets listener: see useWebsocket")
     assert result.returncode == 1 and hint in result.stdout, result.stdout + result.stderr
+
+
+class RefusingPath(TlsTestBroker):
+    """A websockets server (mutual TLS) that answers every upgrade with 404."""
+
+    def _serve(self, conn) -> None:
+        with self.context.wrap_socket(conn, server_side=True) as tls:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = tls.recv(4096)
+                if not data:
+                    return
+                request += data
+            tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_a_refused_path_is_named_by_the_daemon_and_by_check(certs: Certs, broker: Broker, tmp_path: Path,
+                                                            start_worker) -> None:
+    """paho's own upgrade (then `check`'s) said "WebSocket handshake error" for a refused path
+    as for a plain MQTT port (found by re-read)."""
+    server = RefusingPath(certs)
+    try:
+        config = write_config(tmp_path / "config", broker, port=server.port, mqtt={"useWebsocket": True})
+        said = "websocket upgrade: refused: HTTP/1.1 404 Not Found (path /mqtt)"
+        result = run_check(config)
+        assert result.returncode == 1 and said in result.stdout and "listener" not in result.stdout, result.stdout
+        worker = start_worker("ingress", config)
+        error = worker.wait(lambda w: w.mqtt.get("error"), 15, "the failure reported")
+        assert said in error and "listener" not in error, error
+        assert worker.stop() == 0
+    finally:
+        server.closed = True
+        server.listener.close()
