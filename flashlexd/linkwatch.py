@@ -83,6 +83,10 @@ class LinkWatch:
             self.overtaken = oldest  # sent before the one answered
             self.overtaken_at = self.clock()
 
+    def silent_for(self) -> float:
+        """Seconds since anything at all came from the broker (a packet, or part of one)."""
+        return self.clock() - max(self.heard, self.progress)
+
     def overtaken_mid(self) -> Optional[int]:
         """The packet id of the awaited packet a later one's acknowledgement overtook."""
         return None if self.overtaken is None else self.overtaken[1]

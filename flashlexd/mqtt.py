@@ -440,13 +440,24 @@ class Connection:
         elif unacknowledged:
             self.throttled += 1
             self._dead_reason = (f"{unacknowledged} publishes to {where} not acknowledged within"
-                                 f" {self.watch.operation_timeout:g}s though the link is alive"
-                                 f" (throttled, slow, or it took one it refuses without a word);"
-                                 f" resending them on a new connection")
+                                 f" {self.watch.operation_timeout:g}s{self._silence_said(' or dropping them (a quota)')}"
+                                 f"; resending them on a new connection")
         else:
-            self._dead_reason = (f"no SUBACK/UNSUBACK from {where} within"
-                                 f" {self.watch.operation_timeout:g}s")
+            awaited = "/".join(kind for kind in ("SUBACK", "UNSUBACK") if self.watch.pending(kind))
+            self._dead_reason = (f"no {awaited or 'SUBACK/UNSUBACK'} from {where} within"
+                                 f" {self.watch.operation_timeout:g}s{self._silence_said('')}")
         self._abort_socket()
+
+    def _silence_said(self, or_else: str) -> str:
+        """Whether the broker still spoke while an acknowledgement was overdue: a frozen broker
+        (or a path gone) sends nothing at all, and within `mqttOperationTimeout` under
+        1.5 x keepalive its silence was told as throttling, "though the link is alive" (found by
+        review). A broker dropping our publishes may be as silent: said too (`or_else`)."""
+        silent = self.watch.silent_for()
+        if silent >= min(1.0, self.watch.operation_timeout / 2):
+            return f", nothing at all heard from it for {silent:.1f}s: frozen, the path down{or_else}"
+        return (" though it still answers (throttled, slow, or it took one it refuses without a word)"
+                if or_else else " though it still answers")
 
     def _abort_socket(self) -> None:
         """Shut the socket down under paho: its next read finds the end and closes it."""
