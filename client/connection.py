@@ -8,13 +8,13 @@ import os
 import select
 import socket
 import stat
-import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import msgpack
 
+from flashlexd.client.calllock import CallLock
 from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, Forbidden, PermissionDenied,
                                      ProtocolError, RpcError, RpcTimeout)
 from flashlexd.client.message import Message, OutboxEntry
@@ -107,7 +107,7 @@ class Client:
         self._was_connected = False  # a later connect is a reconnect: the daemon may be restarting
         self._away_told = False  # warned that the daemon is away, since the last connect
         self._warn_away = True  # False: the layer above says so itself (the old SDK's compat)
-        self._lock = threading.Lock()
+        self._lock = CallLock()
         with self._lock:
             self._connect()
         _CLIENTS.add(self)
@@ -164,7 +164,7 @@ class Client:
         if self._sock is not None:
             self._sock.close()  # this process's copy only: the parent's connection goes on
         self._sock, self._buf = None, bytearray()
-        self._lock = threading.Lock()
+        self._lock = CallLock()
 
     def _await_daemon(self, until: float) -> None:
         """Before a call of a client that has been connected and whose connection is gone (a
