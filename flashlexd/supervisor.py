@@ -492,7 +492,7 @@ class Supervisor:
         for name in ("ingress", "egress"):
             links.append(f"{name} {'connected' if self.workers[name].mqtt.get('connected') else 'disconnected'}")
         up = sum(1 for w in self.workers.values() if w.state is State.READY)
-        if stats is None:
+        if stats is None or self.store.damage:  # type: ignore[union-attr]  # met elsewhere: read-only too
             store = "store damaged, read-only (see flashlexd store recover)"
         else:
             dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""

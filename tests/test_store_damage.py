@@ -82,8 +82,9 @@ def test_store_verify_exit_codes_and_recover_reports_losses(tmp_path):
     assert again.returncode == 1 and "is not empty" in again.stderr
 
 
-def _a_page_of(data_dir: Path, name: str) -> int:
-    """A leaf page of database `name` (read with the same page reader the tools use)."""
+def _a_page_of(data_dir: Path, name: str, last: bool = False) -> int:
+    """A leaf page of database `name`, its first (or `last`) one under a branch root (read with
+    the same page reader the tools use)."""
     from flashlexd import storecheck
 
     meta = storecheck.check_data_file(data_dir / "data.mdb")
@@ -94,9 +95,10 @@ def _a_page_of(data_dir: Path, name: str) -> int:
         flags = storecheck.PAGE_HEADER.unpack_from(page, 0)[2]
         if flags & storecheck.P_LEAF:
             return root
-        first_child = storecheck.NODE.unpack_from(
-            page, storecheck.INDEX.unpack_from(page, storecheck.PAGE_HEADER.size)[0])
-        return first_child[0] | first_child[1] << 16
+        count = (storecheck.PAGE_HEADER.unpack_from(page, 0)[3] - storecheck.PAGE_HEADER.size) // storecheck.INDEX.size
+        at = storecheck.PAGE_HEADER.size + (count - 1 if last else 0) * storecheck.INDEX.size
+        child = storecheck.NODE.unpack_from(page, storecheck.INDEX.unpack_from(page, at)[0])
+        return child[0] | child[1] << 16
 
 
 def _node_flags_at(data_dir: Path, page: Optional[int] = None, key: Optional[bytes] = None) -> int:
@@ -241,6 +243,37 @@ def test_damage_met_by_the_running_daemon_degrades_it_without_tracebacks(daemon_
         output = daemon.output()
         assert "Traceback" not in output, output
         assert output.count("is damaged") <= 4, output  # once per process that met it
+    finally:
+        daemon.stop()
+        notify.close()
+
+
+def test_damage_the_supervisor_met_in_a_call_is_in_status_though_its_figures_still_read(
+        daemon_config, tmp_path):
+    """`status` and the STATUS= line named the damage only when the store's figures failed to
+    read: damage met elsewhere (here a dead letters' page, read by `outbox(dead=True)`) left
+    the store read-only and every status healthy-looking (found by review)."""
+    from flashlexd.client import RpcError, connect
+    from tests.broker import open_store, wait_for
+    from tests.daemon import Daemon, NotifyListener
+
+    store = open_store(daemon_config)
+    store.append([Incoming("t", b"m" * 200) for _ in range(400)])  # several leaf pages
+    store.close()
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        data_dir = daemon_config.parent / "data"
+        garble_page(data_dir / "data.mdb", _a_page_of(data_dir, "inbox", last=True), seed=7)
+        with connect(str(daemon.socket_path)) as fx:
+            assert fx.status()["inbox"]["count"] == 400  # the figures read: the first page is whole
+            with pytest.raises(RpcError) as refused:
+                fx.call("messages", limit=1000)  # one read over every page
+            assert refused.value.code == "store_error"
+            assert "is damaged:" in fx.status()["store"].get("damaged", ""), fx.status()["store"]
+        wait_for(lambda: any(f.startswith("STATUS=") and "store damaged" in f
+                             for _, f in notify.lines()), 10, "the STATUS= line to name it")
     finally:
         daemon.stop()
         notify.close()

@@ -276,7 +276,9 @@ class Methods:
                        "oldest_inflight_age": egress.get("oldest_inflight_age")},
             "store": {"used_bytes": figures["used_bytes"], "cap_bytes": figures["cap_bytes"],
                       "when_full": figures["when_full"], "path": str(self.store.path),
-                      "acks_waiting": figures["acks_waiting"], **wear},
+                      "acks_waiting": figures["acks_waiting"], **wear,
+                      # damage met by another read (figures may still read): read-only all the same
+                      **({"damaged": self.store.damage} if self.store.damage else {})},
             "counters": counters,
             "consumers": consumers,
         })
