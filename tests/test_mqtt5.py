@@ -479,7 +479,9 @@ def test_expired_entries_leave_the_outbox_while_the_link_is_down(broker: Broker,
                          for i in range(3)], now=time.time() - 5)
     store.outbox_append([(EGRESS_TOPIC, b"fresh", 1, False)])
     worker = start_worker("egress", config)
-    worker.wait(lambda w: w.counters.get("expired") == 3, 15, "the stale entries dropped offline")
+    counters = worker.wait(lambda w: w.counters.get("expired") == 3 and dict(w.counters), 15,
+                           "the stale entries dropped offline")
+    assert counters["outbox_backlog"] == 1, counters  # told with the drop (found by review)
     assert [e.payload for e in store.outbox_peek()] == [b"fresh"] and not worker.counters.get("connected")
     # the store's lasting totals count them as expired, not as an app's or operator's drop
     # (`outbox_dropped`, the only record after a restart, read as if someone had deleted them)

@@ -419,6 +419,7 @@ class EgressWorker(Worker):
             log.error("cannot drop %d expired outbox entries (tried again next pass): %s", len(expired), exc)
             return
         self.counters["expired"] += dropped
+        self.counters["outbox_backlog"] = self.store.outbox_count()  # offline, nothing else reads it
         for entry in expired:  # one sent before a drop: its age must not stay the oldest
             self.unacked_since.pop(entry.id, None)
         log.info("dropped %d outbox entries whose message expiry passed before they were sent"
