@@ -8,6 +8,7 @@ import os
 import select
 import socket
 import stat
+import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -103,6 +104,7 @@ class Client:
         # (the daemon's run, how often it replayed this client's consumer in it): counts are per run
         self._replays: Optional[Tuple[Optional[int], int]] = None
         self._replay_events = 0  # replays noticed: what `stream` watches
+        self._replays_lock = threading.Lock()
         self._busy_told = False  # `follow` warned of a busy daemon since its last read
         self._was_connected = False  # a later connect is a reconnect: the daemon may be restarting
         self._away_told = False  # warned that the daemon is away, since the last connect
@@ -483,13 +485,21 @@ class Client:
         """Whether the daemon replayed this client's consumer since its last answer said. A
         daemon counts from 0 in each run (`run`, its token): in a new run only a count above 0
         is a replay (made there, maybe before this client's first call to it). A daemon that
-        sends no run (older) is compared by its count alone."""
+        sends no run (older) is compared by its count alone. Counts only grow within a run: a
+        lower one is an answer overtaken by another thread's, not a replay (it restarted a
+        stream for nothing)."""
         if replays is None:
             return False
-        seen, self._replays = self._replays, (run, replays)
-        if seen is None:
-            return False
-        replayed = replays > 0 if run is not None and run != seen[0] else replays != seen[1]
+        with self._replays_lock:  # answers of several threads' calls
+            seen = self._replays
+            if seen is None:
+                replayed, self._replays = False, (run, replays)
+            elif run is None:  # a daemon from before `run`: its count restarts at 0 with it
+                replayed, self._replays = replays != seen[1], (run, replays)
+            elif run == seen[0]:
+                replayed, self._replays = replays > seen[1], (run, max(replays, seen[1]))
+            else:
+                replayed, self._replays = replays > 0, (run, replays)
         if replayed:
             self._replay_events += 1
             self._resume.clear()  # a timed-out walk's place stands past what comes back

@@ -712,3 +712,16 @@ def test_a_call_from_a_signal_handler_inside_a_call_is_refused_not_a_hang(harnes
     assert done.returncode == 0, done.stderr
     first, count = done.stdout.splitlines()
     assert first.startswith("a flashlexd Client call from inside another call") and count == "0", done.stdout
+
+
+def test_an_overtaken_answer_is_no_replay(harness):
+    """Two threads' answers may be read in either order: an older count after a newer one was
+    taken for a replay, and restarted a `stream()` for nothing (found by review, from reading)."""
+    with connect(harness.path) as fx:
+        assert fx._note_replays(0, "run-a") is False
+        assert fx._note_replays(1, "run-a") is True   # a reset of this consumer
+        assert fx._note_replays(0, "run-a") is False  # an answer from before it, read late
+        assert fx._note_replays(1, "run-a") is False
+        assert fx._note_replays(2, "run-a") is True
+        assert fx._note_replays(0, "run-b") is False  # a new run (restart) counts from 0
+        assert fx._note_replays(1, "run-b") is True
