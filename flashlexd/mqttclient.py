@@ -89,8 +89,8 @@ def build_client(thing: Thing, client_id: str, connect_timeout: float,
                  clean_session: bool = False, context: Optional[ssl.SSLContext] = None,
                  dialed: bool = False, protocol: str = V311) -> paho.Client:
     """A paho client for `thing`, not yet connected. `connect_timeout` bounds paho's own
-    blocking TCP connect and TLS handshake (`check`, benchmarks); a `dialed` client instead takes
-    the socket a non-blocking `Dialer` made (`Connection`). The daemon's sessions are
+    blocking TCP connect and TLS handshake (benchmarks); a `dialed` client instead takes
+    the socket a non-blocking `Dialer` made (`Connection`, `check`). The daemon's sessions are
     persistent; `flashlexd check` asks for a clean one that leaves nothing on the broker.
     `protocol` is "5" or "3.1.1". Under MQTT 5 a persistent session is a Session Expiry
     Interval (`sessionExpirySeconds`) and never Clean Start, not even on a store's first
