@@ -45,7 +45,7 @@ def test_one_socket_read_serves_several_packets_and_select_is_not_needed_for_the
     client.on_message = lambda _c, _u, m: seen.append((m.topic, m.payload))
     client._read = b"\x30\x05left over from the last connection"
     client.dialed = ours
-    client._sock = client._create_socket_connection()
+    client._sock = client._create_socket()
     assert not client.buffered()  # a new connection starts with nothing read
     try:
         broker.sendall(b"".join(publish_packet(b"a/%d" % i, b"p%d" % i) for i in range(3)))

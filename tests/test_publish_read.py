@@ -88,7 +88,7 @@ class Reader:
         self.client.on_message = lambda _c, _u, m: self.seen.append(comparable(message_fields(m)))
         self.client.on_subscribe = lambda _c, _u, mid, _codes, _p: self.subacks.append(mid)
         self.client.dialed = self.ours
-        self.client._sock = self.client._create_socket_connection()
+        self.client._sock = self.client._create_socket()
 
     def read(self) -> None:
         """Everything that is readable now."""
