@@ -362,14 +362,15 @@ class Supervisor:
             if pid == 0:
                 return
             worker = by_pid.get(pid)
+            oom_took = self.oom_kills.took_one()  # at every reaped child: the count is the cgroup's
             if self.forks is not None and pid == self.forks.pid and not self.shutting_down:
                 log.error("the fork server died (%s)", describe_exit(status))
                 self.begin_shutdown("the fork server died", EXIT_CRASH_LOOP)
             if worker is None:
                 continue  # a child we no longer track (or the fork server)
             self._drop_link(worker)
-            oom = (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-                   and self.oom_kills.took_one())
+            oom = (oom_took and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+                   and not worker.sent_kill)
             worker.exited(status, now, self.shutting_down, self.runtime.restart,
                           cause=", by the kernel's OOM killer: out of memory" if oom else "")
             if worker.state is State.FATAL:
@@ -455,8 +456,11 @@ class Supervisor:
 
     def _send_status(self, now: float) -> None:
         """The STATUS= line, with the figures it samples (rates, wear); a vanished store stops
-        the daemon here, since this is where the store is looked at every second."""
+        the daemon here, since this is where the store is looked at every second. The cgroup's
+        OOM kill count is taken in too: a kill of another process in it (a hook, an app run in
+        the unit) must not name a worker's later SIGKILL."""
         self.next_status = now + STATUS_EVERY
+        self.oom_kills.took_one()
         gone = self.store.vanished()  # type: ignore[union-attr]
         if gone is not None and not self.shutting_down:
             log.error("%s; nothing stored since was acknowledged to the broker. Stopping: the"

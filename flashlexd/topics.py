@@ -84,9 +84,9 @@ def publish_topic_problem(topic: str, max_bytes: int = DEFAULT_MAX_TOPIC_BYTES,
             return f"contains the wildcard {wildcard!r} (only subscriptions may use + and #)"
     if max_slashes is not None and topic.startswith("$") and not topic.startswith(AWS_SERVICE_PREFIX):
         return f"begins with '$', reserved by AWS IoT Core (only {AWS_SERVICE_PREFIX}... may be published)"
-    if topic == "$SYS" or topic.startswith("$SYS/"):
-        # the broker's own status topics: mosquitto refuses a publish there (MQTT 5: 0x87) and
-        # under 3.1.1 drops it without a word, the entry counted as sent
+    if topic.startswith("$SYS"):
+        # the broker's own status topics: mosquitto refuses a publish to any topic beginning
+        # so (`$SYSx/y` too; MQTT 5: 0x87) and under 3.1.1 drops it without a word, counted as sent
         return "begins with '$SYS', the broker's own status topics"
     counted, prefix = topic, ""
     if max_slashes is not None and topic.startswith(BASIC_INGEST_PREFIX) and topic.count("/") >= 3:

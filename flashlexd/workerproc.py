@@ -78,6 +78,7 @@ class WorkerProcess:
         self.last_heard = 0.0  # any message on the link proves the worker's loop is turning
         self.next_start = 0.0
         self.kill_at: Optional[float] = None  # SIGKILL then, unless reaped first
+        self.sent_kill = False  # a SIGKILL of ours: its death is not the OOM killer's
         self.restart_when_stopped = False
         self.counters: Dict[str, Any] = {}
         self.mqtt: Dict[str, Any] = {}
@@ -118,6 +119,7 @@ class WorkerProcess:
         self.pid, self.channel = pid, channel
         self.started_at = self.last_heard = now
         self.kill_at = None
+        self.sent_kill = False
         # the process before ended with the store refusing: its "resuming" is for this one to earn
         self.refused_before = bool(self.counters.get("store_error"))
         self.counters, self.mqtt = {}, {}
@@ -240,6 +242,7 @@ class WorkerProcess:
 
     def signal(self, signum: int) -> None:
         if self.pid is not None:
+            self.sent_kill = self.sent_kill or signum == signal.SIGKILL
             try:
                 os.kill(self.pid, signum)
             except ProcessLookupError:

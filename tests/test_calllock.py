@@ -1,6 +1,7 @@
-"""The Client's call lock: first come, first served, and a call from the thread already in
-one refused at once (both found by review: a stream's loop starved an acking thread, and a
-signal handler's call hung the app)."""
+"""The Client's call lock: the thread of the last call gives way to one waiting, a call from the
+thread already in one is refused at once, and no exception a signal handler raises leaves it
+held (found by review and re-read: a stream's loop starved an acking thread, a signal
+handler's call hung the app, and a lock of Python code was left held by a Ctrl-C)."""
 from __future__ import annotations
 
 import signal
@@ -9,26 +10,29 @@ import time
 
 import pytest
 
+from flashlexd.client import connect
 from flashlexd.client.calllock import REENTERED, CallLock
 from tests.broker import wait_for
+
+try:
+    from test_ipc_server import harness  # noqa: F401
+except ImportError:  # tests run as a package
+    from tests.test_ipc_server import harness  # noqa: F401,F811
 
 
 def test_a_waiting_thread_goes_before_the_holder_comes_back() -> None:
     lock, order = CallLock(), []
-    queued = threading.Event()
 
     def other() -> None:
-        queued.set()
-        with lock:
+        with lock.held():
             order.append("other")
 
-    with lock:
+    with lock.held():
         order.append("first")
         thread = threading.Thread(target=other)
         thread.start()
-        queued.wait(5)
-        wait_for(lambda: lock._queue, 5, "the other thread queued")
-    with lock:  # straight back, as a stream's loop comes back for its next wait
+        wait_for(lambda: lock._queued, 5, "the other thread queued")
+    with lock.held():  # straight back, as a stream's loop comes back for its next wait
         order.append("again")
     thread.join(5)
     assert order == ["first", "other", "again"]
@@ -36,23 +40,81 @@ def test_a_waiting_thread_goes_before_the_holder_comes_back() -> None:
 
 def test_a_call_inside_a_call_on_the_same_thread_is_refused() -> None:
     lock = CallLock()
-    with lock:
+    with lock.held():
         with pytest.raises(RuntimeError, match="from inside another call"):
-            with lock:
+            with lock.held():
                 pass
-    with lock:  # still usable
+    with lock.held():  # still usable
         pass
     assert REENTERED.startswith("a flashlexd Client call")
 
 
+class Interrupted(BaseException):
+    """What a signal handler raises (as SIGINT's raises KeyboardInterrupt)."""
+
+
+def test_exceptions_from_a_signal_storm_never_leave_the_lock_held(harness) -> None:
+    """The main thread calls under a SIGALRM every 0.7 ms whose handler raises, while three
+    threads call on the same Client: with the lock in Python code, an exception between two of
+    its lines left it held, the others hung and the main thread's every call was refused."""
+    fx = connect(harness.path, timeout=10)
+    stop, hung = threading.Event(), []
+
+    def other() -> None:
+        while not stop.is_set():
+            try:
+                fx.status()
+            except Exception:  # noqa: BLE001 - a cut call is not what this test looks at
+                pass
+
+    threads = [threading.Thread(target=other, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    armed = [False]
+
+    def interrupt(signum, frame):
+        if armed[0]:
+            raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    refused = interrupted = 0
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0007, 0.0007)
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            try:
+                armed[0] = True
+                try:
+                    fx.status()
+                finally:
+                    armed[0] = False
+            except Interrupted:
+                interrupted += 1
+            except RuntimeError as exc:
+                refused += REENTERED in str(exc)
+            except Exception:  # noqa: BLE001 - a cut call
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+            if thread.is_alive():
+                hung.append(thread.name)
+    assert interrupted > 20 and not hung and refused == 0, (interrupted, hung, refused)
+    assert fx.status()["inbox"]["count"] == 0
+    fx.close()
+
+
 def test_a_waiter_interrupted_leaves_the_queue() -> None:
-    """A Ctrl-C while queued (the main thread, waiting for another thread's call) must not leave
-    a turn no one takes: every later call would wait for it."""
+    """A Ctrl-C while queued (the main thread, waiting for another thread's call) must leave
+    nothing behind: its next call is no re-entry, and the lock is free once the other is done."""
     lock = CallLock()
     holding, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with lock:
+        with lock.held():
             holding.set()
             release.wait(5)
 
@@ -67,14 +129,14 @@ def test_a_waiter_interrupted_leaves_the_queue() -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         with pytest.raises(KeyboardInterrupt):
-            with lock:
+            with lock.held():
                 pass
     finally:
         signal.signal(signal.SIGALRM, previous)
-    assert not lock._queue
+    assert not lock._queued
     release.set()
     thread.join(5)
     started = time.monotonic()
-    with lock:
+    with lock.held():
         pass
     assert time.monotonic() - started < 1

@@ -7,6 +7,7 @@ every container)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.broker import Broker, wait_for, write_config
-from tests.daemon import Daemon
+from tests.broker import INGRESS_TOPIC, Broker, publish, wait_for, write_config
+from tests.daemon import Daemon, NotifyListener
 
 LIMIT = 160 * 1024 * 1024
 HOG = """
@@ -83,6 +84,32 @@ def test_a_worker_taken_by_the_oom_killer_is_named_so(broker: Broker, tmp_path: 
             hog.kill()
             hog.wait()
         daemon.stop()
+
+
+def test_a_kill_after_another_process_was_oom_killed_is_not_blamed_on_it(
+        broker: Broker, tmp_path: Path, cgroup: Path) -> None:
+    """The count is the cgroup's: a process of its own the OOM killer took (an app run in the
+    unit, a hook) was counted to the next worker SIGKILLed by hand (found by re-read)."""
+    def join() -> None:
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    notify = NotifyListener(tmp_path / "notify.sock")
+    config = write_config(tmp_path / "config", broker)
+    daemon = Daemon(config, tmp_path, preexec=join, env={"NOTIFY_SOCKET": str(notify.path)}).start()
+    try:
+        workers = daemon.wait_workers()
+        hog = subprocess.Popen([sys.executable, "-c", HOG, str(tmp_path / "never")], preexec_fn=join)
+        assert hog.wait(timeout=60) == -signal.SIGKILL  # the largest, with the workers' 500 counted
+        publish(broker, INGRESS_TOPIC, b"after the kill")  # the next STATUS= line says so
+        wait_for(lambda: any("inbox 1" in line for _, line in notify.lines()), 15, "a status tick after it")
+        os.kill(workers["egress"], signal.SIGKILL)
+        line = wait_for(lambda: next((line for line in daemon.output().splitlines()
+                                      if "egress died" in line), None), 15, "the death told")
+        assert "died (signal SIGKILL) after" in line, line
+        assert "OOM" not in daemon.output(), daemon.output()[-2000:]
+    finally:
+        daemon.stop()
+        notify.close()
 
 
 def test_the_count_is_read_from_cgroup_v2_or_v1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

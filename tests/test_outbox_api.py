@@ -52,6 +52,7 @@ def ctl_run(harness, capsys, *argv: str):
     # (found by review); other '$' topics are a broker's own business ($CONTROL/...)
     ("$SYS/x", "begins with '$SYS', the broker's own status topics"),
     ("$SYS", "begins with '$SYS'"),
+    ("$SYSx/y", "begins with '$SYS'"),  # mosquitto refuses these too (found by re-read)
 ])
 def test_publish_refuses_a_topic_no_broker_takes_and_queues_nothing(harness, fx, topic, rule):
     with pytest.raises(RpcError) as info:
