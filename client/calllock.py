@@ -1,56 +1,58 @@
-"""The lock a `Client` holds for each call: one call at a time on its connection.
+"""The lock a `Client` holds for each call: one call at a time on its connection. Used as
+`with lock.held(), lock.inside():`.
 
-First come, first served: `threading.Lock` alone is not fair, and a thread looping on `wait()`
-took it back before an acking thread had woken (acks waited 2-7 s, an asyncio app's for
-minutes; found by review): the thread of the last call gives way while others wait. A call
-made by a thread already inside a call or queued for one (a signal handler, a callback) is
-refused at once: it would wait for itself for ever.
+The exclusion is `threading.RLock`'s, taken and released by the `with` statement in C: no
+exception a signal handler raises (Ctrl-C) between two lines of Python can leave it held (a
+lock written in Python could, and every thread sharing the Client hung; found by re-read).
+Python only keeps notes beside it, which such an exception can at worst leave stale for a call.
 
-The exclusion itself stays `threading.Lock`'s, taken and released by a `with` statement: an
-exception a signal handler raises (Ctrl-C) between two lines of Python must not leave it held
-(a lock of Python code did, and every thread sharing the Client hung; found by re-read).
+- A call from the thread that holds it (a signal handler, a callback) is an error at once
+  instead of a wait for itself (found by review: a SIGTERM handler's goodbye hung the app).
+  The RLock knows its owner from the moment it is taken: a note of ours set a line later
+  let a handler in between through (found by re-read). It is never taken twice.
+- `threading.Lock` is not fair: a thread looping on `wait()` took it back before an acking
+  thread had woken (acks waited 2-7 s; found by review). The thread of the last call, asking
+  again while another waits, lets that one take it first.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from typing import Iterator, Optional, Set
+from typing import Iterator, Optional
 
 REENTERED = ("a flashlexd Client call from inside another call of the same Client on the same"
              " thread (a signal handler?): give that code a connection of its own (connect())")
-GIVE_WAY_SECONDS = 0.05  # the most the thread of the last call waits for a queued one to go first
-GIVE_WAY_POLL = 0.0002
+GIVE_WAY_SECONDS = 0.005  # the most a thread waits for a woken waiter to take the lock first
+GIVE_WAY_POLL = 0.0001
 
 
 class CallLock:
     def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._owner: Optional[int] = None  # the thread inside a call
+        self._mutex = threading.RLock()
+        self._waiting = 0  # threads between `held()` and `inside()`: waiting for the mutex
         self._last: Optional[int] = None  # the thread of the last call
-        self._queued: Set[int] = set()  # threads waiting for the mutex
+
+    def held(self) -> "threading.RLock":
+        """The mutex, for the `with` statement; raises RuntimeError in the thread holding it."""
+        if self._mutex._is_owned():  # type: ignore[attr-defined]  # C: set as it is taken
+            raise RuntimeError(REENTERED)
+        if self._waiting > 0 and self._last == threading.get_ident():
+            self._give_way()
+        self._waiting += 1
+        return self._mutex
+
+    def _give_way(self) -> None:
+        me, deadline = self._last, time.monotonic() + GIVE_WAY_SECONDS
+        while self._last == me:
+            if time.monotonic() >= deadline:
+                self._waiting = 0  # a note left by an interrupted wait: nobody is coming
+                return
+            time.sleep(GIVE_WAY_POLL)
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        me = threading.get_ident()
-        if me in self._queued or (self._owner == me and self._mutex.locked()):
-            raise RuntimeError(REENTERED)
-        if self._last == me and self._queued:
-            self._give_way(me)
-        try:  # every change inside a try: a signal's exception may come after any line
-            self._queued.add(me)
-            with self._mutex:
-                try:
-                    self._queued.discard(me)
-                    self._owner = self._last = me
-                    yield
-                finally:
-                    self._owner = None
-        finally:
-            self._queued.discard(me)
-
-    def _give_way(self, me: int) -> None:
-        """Let a thread already waiting take the mutex before this one takes it again."""
-        deadline = time.monotonic() + GIVE_WAY_SECONDS
-        while self._queued and self._last == me and time.monotonic() < deadline:
-            time.sleep(GIVE_WAY_POLL)
+    def inside(self) -> Iterator[None]:
+        """Within the mutex: this thread no longer waits, and made the last call."""
+        self._waiting = max(0, self._waiting - 1)
+        self._last = threading.get_ident()
+        yield

@@ -24,15 +24,15 @@ def test_a_waiting_thread_goes_before_the_holder_comes_back() -> None:
     lock, order = CallLock(), []
 
     def other() -> None:
-        with lock.held():
+        with lock.held(), lock.inside():
             order.append("other")
 
-    with lock.held():
+    with lock.held(), lock.inside():
         order.append("first")
         thread = threading.Thread(target=other)
         thread.start()
-        wait_for(lambda: lock._queued, 5, "the other thread queued")
-    with lock.held():  # straight back, as a stream's loop comes back for its next wait
+        wait_for(lambda: lock._waiting, 5, "the other thread waiting")
+    with lock.held(), lock.inside():  # straight back, as a stream's loop comes back for its next wait
         order.append("again")
     thread.join(5)
     assert order == ["first", "other", "again"]
@@ -40,11 +40,11 @@ def test_a_waiting_thread_goes_before_the_holder_comes_back() -> None:
 
 def test_a_call_inside_a_call_on_the_same_thread_is_refused() -> None:
     lock = CallLock()
-    with lock.held():
+    with lock.held(), lock.inside():
         with pytest.raises(RuntimeError, match="from inside another call"):
-            with lock.held():
+            with lock.held(), lock.inside():
                 pass
-    with lock.held():  # still usable
+    with lock.held(), lock.inside():  # still usable
         pass
     assert REENTERED.startswith("a flashlexd Client call")
 
@@ -107,14 +107,14 @@ def test_exceptions_from_a_signal_storm_never_leave_the_lock_held(harness) -> No
     fx.close()
 
 
-def test_a_waiter_interrupted_leaves_the_queue() -> None:
+def test_a_waiter_interrupted_leaves_nothing_held() -> None:
     """A Ctrl-C while queued (the main thread, waiting for another thread's call) must leave
     nothing behind: its next call is no re-entry, and the lock is free once the other is done."""
     lock = CallLock()
     holding, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with lock.held():
+        with lock.held(), lock.inside():
             holding.set()
             release.wait(5)
 
@@ -129,14 +129,45 @@ def test_a_waiter_interrupted_leaves_the_queue() -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         with pytest.raises(KeyboardInterrupt):
-            with lock.held():
+            with lock.held(), lock.inside():
                 pass
     finally:
         signal.signal(signal.SIGALRM, previous)
-    assert not lock._queued
     release.set()
     thread.join(5)
     started = time.monotonic()
-    with lock.held():
+    with lock.held(), lock.inside():
         pass
     assert time.monotonic() - started < 1
+
+
+def test_a_handler_calling_while_its_thread_waits_gets_its_turn() -> None:
+    """A signal handler's call while its thread waits for another thread's call is no re-entry:
+    it waits its turn (the Python lock's queue of turns hung here: the handler waited behind its
+    own thread's place; found by re-read)."""
+    lock, order = CallLock(), []
+    holding = threading.Event()
+
+    def holder() -> None:
+        with lock.held(), lock.inside():
+            holding.set()
+            time.sleep(0.4)  # the other thread's call under way
+            order.append("holder")
+
+    def handler(signum, frame):
+        with lock.held(), lock.inside():
+            order.append("handler")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    holding.wait(5)
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # while this thread waits below
+        started = time.monotonic()
+        with lock.held(), lock.inside():
+            order.append("main")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    thread.join(5)
+    assert time.monotonic() - started < 3 and sorted(order) == ["handler", "holder", "main"], order
