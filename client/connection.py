@@ -110,7 +110,7 @@ class Client:
         self._away_told = False  # warned that the daemon is away, since the last connect
         self._warn_away = True  # False: the layer above says so itself (the old SDK's compat)
         self._lock = CallLock()
-        with self._lock.held(), self._lock.inside():
+        with self._lock.held():
             self._connect()
         _CLIENTS.add(self)
 
@@ -173,14 +173,14 @@ class Client:
         restart, likely): wait for the daemon until `until`, outside the lock (other threads'
         calls go on meanwhile, each waiting within its own). Nothing was sent yet, so any call
         may wait; the call's own deadline starts after it. A first connect fails at once."""
-        with self._lock.held(), self._lock.inside():
+        with self._lock.held():
             self._notice_close()
             missing = self._sock is None
         if missing and self._was_connected:
             self._until_back(self._connect_if_missing, until)
 
     def _connect_if_missing(self) -> None:
-        with self._lock.held(), self._lock.inside():
+        with self._lock.held():
             if self._sock is None:
                 self._connect()
 
@@ -276,7 +276,7 @@ class Client:
         until = time.monotonic() + self.timeout  # for a restarting daemon, before anything is sent
         while True:
             self._await_daemon(until)
-            with self._lock.held(), self._lock.inside():
+            with self._lock.held():
                 sock = self._ready(until)
                 if sock is not None:
                     return self._exchange(sock, method, timeout, params)
@@ -375,7 +375,7 @@ class Client:
     def _connect_afresh(self) -> None:
         """One try of `reconnect`: the lock is taken per try, so other threads' calls go on
         meanwhile (and wait for the daemon within their own timeouts)."""
-        with self._lock.held(), self._lock.inside():
+        with self._lock.held():
             self._drop()
             self._connect()
 
@@ -400,7 +400,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connection; a later call connects again."""
-        with self._lock.held(), self._lock.inside():
+        with self._lock.held():
             self._drop()
 
     def __enter__(self) -> "Client":

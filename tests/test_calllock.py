@@ -1,6 +1,5 @@
-"""The Client's call lock: the thread of the last call gives way to one waiting, a call from the
-thread already in one is refused at once, and no exception a signal handler raises leaves it
-held (found by review and re-read: a stream's loop starved an acking thread, a signal
+"""The Client's call lock: a call from the thread already in one is refused at once, and no
+exception a signal handler raises leaves it held (found by review and re-reads: a signal
 handler's call hung the app, and a lock of Python code was left held by a Ctrl-C)."""
 from __future__ import annotations
 
@@ -20,31 +19,13 @@ except ImportError:  # tests run as a package
     from tests.test_ipc_server import harness  # noqa: F401,F811
 
 
-def test_a_waiting_thread_goes_before_the_holder_comes_back() -> None:
-    lock, order = CallLock(), []
-
-    def other() -> None:
-        with lock.held(), lock.inside():
-            order.append("other")
-
-    with lock.held(), lock.inside():
-        order.append("first")
-        thread = threading.Thread(target=other)
-        thread.start()
-        wait_for(lambda: lock._waiting, 5, "the other thread waiting")
-    with lock.held(), lock.inside():  # straight back, as a stream's loop comes back for its next wait
-        order.append("again")
-    thread.join(5)
-    assert order == ["first", "other", "again"]
-
-
 def test_a_call_inside_a_call_on_the_same_thread_is_refused() -> None:
     lock = CallLock()
-    with lock.held(), lock.inside():
+    with lock.held():
         with pytest.raises(RuntimeError, match="from inside another call"):
-            with lock.held(), lock.inside():
+            with lock.held():
                 pass
-    with lock.held(), lock.inside():  # still usable
+    with lock.held():  # still usable
         pass
     assert REENTERED.startswith("a flashlexd Client call")
 
@@ -114,7 +95,7 @@ def test_a_waiter_interrupted_leaves_nothing_held() -> None:
     holding, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with lock.held(), lock.inside():
+        with lock.held():
             holding.set()
             release.wait(5)
 
@@ -129,14 +110,14 @@ def test_a_waiter_interrupted_leaves_nothing_held() -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         with pytest.raises(KeyboardInterrupt):
-            with lock.held(), lock.inside():
+            with lock.held():
                 pass
     finally:
         signal.signal(signal.SIGALRM, previous)
     release.set()
     thread.join(5)
     started = time.monotonic()
-    with lock.held(), lock.inside():
+    with lock.held():
         pass
     assert time.monotonic() - started < 1
 
@@ -149,13 +130,13 @@ def test_a_handler_calling_while_its_thread_waits_gets_its_turn() -> None:
     holding = threading.Event()
 
     def holder() -> None:
-        with lock.held(), lock.inside():
+        with lock.held():
             holding.set()
             time.sleep(0.4)  # the other thread's call under way
             order.append("holder")
 
     def handler(signum, frame):
-        with lock.held(), lock.inside():
+        with lock.held():
             order.append("handler")
 
     thread = threading.Thread(target=holder)
@@ -165,7 +146,7 @@ def test_a_handler_calling_while_its_thread_waits_gets_its_turn() -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.1)  # while this thread waits below
         started = time.monotonic()
-        with lock.held(), lock.inside():
+        with lock.held():
             order.append("main")
     finally:
         signal.signal(signal.SIGALRM, previous)
