@@ -120,10 +120,7 @@ def check(config_path: str, timeout: float, keys_dir: Optional[str] = None,
 
     def connect() -> Tuple[str, bool]:
         nonlocal session
-        try:
-            session = ProbeSession(config.thing, timeout)  # type: ignore[union-attr]
-        except ConfigError as exc:
-            raise Failed(str(exc)) from None
+        session = ProbeSession(config.thing, timeout, context)  # type: ignore[union-attr,arg-type]
         return session.connect()
 
     try:

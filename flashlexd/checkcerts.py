@@ -34,8 +34,7 @@ def check_keys(thing: Thing, now: Optional[datetime.datetime] = None) -> Tuple[s
     """Every key problem, in one line. Returns the TLS context for the broker step when the
     certificate and key load (an expired certificate or a too-open key still lets the broker
     step run: its answer says more)."""
-    from flashlexd.mqttclient import tls_context
-    from flashlexd.quotas import ALPN_PORT
+    from flashlexd.mqttclient import tls_context, uses_alpn
 
     keys = thing.keys
     now = now or datetime.datetime.now(datetime.timezone.utc)
@@ -53,7 +52,7 @@ def check_keys(thing: Thing, now: Optional[datetime.datetime] = None) -> Tuple[s
     context = None
     if not problems:  # never hand an encrypted key to OpenSSL: it would prompt on the terminal
         try:
-            context = tls_context(keys, alpn=thing.mqtt.port == ALPN_PORT and not thing.mqtt.use_websocket)
+            context = tls_context(keys, alpn=uses_alpn(thing))
             notes.append("certificate matches the private key")
         except ConfigError as exc:
             message = str(exc)

@@ -126,10 +126,11 @@ class ProbeSession:
     speaks what the daemon would (`thing.mqtt.protocol`), falling back from MQTT 5 to 3.1.1
     under `auto` by the daemon's own rules (`mqttv5.ProtocolChoice`)."""
 
-    def __init__(self, thing: Thing, timeout: float):
+    def __init__(self, thing: Thing, timeout: float, context: ssl.SSLContext):
+        """`context`: the keys step's TLS context (ALPN on 443), for every attempt."""
         from flashlexd.mqttv5 import ProtocolChoice
 
-        self.thing, self.timeout = thing, timeout
+        self.thing, self.timeout, self.context = thing, timeout, context
         self.where = f"{thing.endpoint}:{thing.mqtt.port}"
         self.client_id = f"{thing.name}-check"
         self.choice = ProtocolChoice(thing.mqtt.protocol)
@@ -142,8 +143,9 @@ class ProbeSession:
 
         # a clean session: nothing left on the broker to queue ingress messages for nobody;
         # connected by the daemon's own Dialer (TLS, the websocket upgrade: `_dial`)
-        self.client: "paho.Client" = build_client(self.thing, self.client_id, self.timeout,
-                                                  clean_session=True, dialed=True, protocol=self.choice.current)
+        self.client: "paho.Client" = build_client(self.thing, self.client_id, self.timeout, clean_session=True,
+                                                  context=self.context, dialed=True,
+                                                  protocol=self.choice.current)
         self.errors = LastError()
         self.client.enable_logger(self.errors)
         self.connack: Any = None
@@ -177,11 +179,11 @@ class ProbeSession:
         within the timeout: paho's own upgrade said "WebSocket handshake error" for a refused
         path and a plain MQTT port alike."""
         from flashlexd.dialer import Dialer
-        from flashlexd.mqttclient import WEBSOCKET_PATH, tls_context, uses_alpn
+        from flashlexd.mqttclient import WEBSOCKET_PATH
 
         mqtt = self.thing.mqtt
-        dialer = Dialer(self.thing.endpoint, mqtt.port, tls_context(self.thing.keys, alpn=uses_alpn(self.thing)),
-                        self.timeout, websocket_path=WEBSOCKET_PATH if mqtt.use_websocket else None)
+        dialer = Dialer(self.thing.endpoint, mqtt.port, self.context, self.timeout,
+                        websocket_path=WEBSOCKET_PATH if mqtt.use_websocket else None)
         while True:
             sock = dialer.step()
             if sock is not None:
