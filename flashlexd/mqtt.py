@@ -165,6 +165,7 @@ class Connection:
         self._told_down = False  # a failure was logged at ERROR since the last "connected" line
         self._connack_due: Optional[float] = None
         self._errors = LastError()
+        self._recycling = False  # our DISCONNECT is out: a reconnect, not a failure
 
     @property
     def protocol(self) -> str:
@@ -255,8 +256,9 @@ class Connection:
         return (sock,), ((sock,) if self.client.want_write() else ())
 
     def on_ready(self, readable: Sequence[Any], writable: Sequence[Any],
-                 max_packets: int = MAX_PACKETS_PER_PASS) -> None:
-        """Write what is queued, then read up to `max_packets` packets that are already here.
+                 max_packets: int = MAX_PACKETS_PER_PASS, enough: Optional[Callable[[], bool]] = None) -> None:
+        """Write what is queued, then read up to `max_packets` packets that are already here,
+        or until `enough()` says so after a run of them (the first run is always read).
 
         Reads go on while they yield messages, with no select() per packet (paho's own loop
         does one): a read that finds nothing (or only a PINGRESP, SUBACK...) ends the pass and
@@ -278,6 +280,8 @@ class Connection:
                     break  # the socket has nothing more now
                 if taken:
                     budget -= taken
+                    if enough is not None and enough():
+                        break
                     continue
                 before = self.handled
                 if self.client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -285,6 +289,8 @@ class Connection:
                 budget -= 1
                 sock = self.client.socket()
                 if sock is None or (self.handled == before and not self._buffered(sock)):
+                    break
+                if enough is not None and enough():
                     break
             if self.client.inside_packet():
                 self.watch.arriving()
@@ -379,6 +385,17 @@ class Connection:
             self.flush(timeout)
             self.client.disconnect()
             self.flush(timeout)
+
+    def recycle(self) -> bool:
+        """End the link with a DISCONNECT and connect again as soon as a CONNECT may go, the
+        session kept: the broker resends what we left unacknowledged on purpose only on a new
+        connection (MQTT 5 forbids resending on the same one). Not a failure: no ERROR, no
+        longer backoff. Whether it began now (not when down, or already under way)."""
+        if not self.connected or self._recycling:
+            return False
+        self._recycling = True
+        self.client.disconnect()  # written after the queued PUBACKs, in order
+        return True
 
     # -- attempts, paho callbacks -----------------------------------------------------------------
 
@@ -579,6 +596,11 @@ class Connection:
         if lived >= self.backoff.policy.stable_seconds and self.last_verdict is not Verdict.UNACKNOWLEDGED:
             self._failure_lines.clear()
         if self.closing:
+            self.on_change(False, None)
+            return
+        if self._recycling:
+            self._recycling = False
+            self.backoff.ended()
             self.on_change(False, None)
             return
         by_packet = getattr(flags, "is_disconnect_packet_from_server", False)  # the broker said why

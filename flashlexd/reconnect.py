@@ -60,7 +60,17 @@ class ReconnectBackoff:
         self.connected_at = None
         quiet = self.quiet if broker_fault else self.policy.base_seconds
         wait = quiet * (1 - JITTER * self.rand())
-        earliest = (now if self.last_attempt is None else self.last_attempt) + MIN_CONNECT_INTERVAL
-        self.due_at = max(now + wait, earliest)
+        self.due_at = max(now + wait, self._earliest(now))
         if broker_fault:
             self.quiet = min(self.quiet * 2, self.policy.max_seconds)
+
+    def ended(self) -> None:
+        """We closed the link on purpose (Connection.recycle): the next CONNECT as soon as one
+        may go, the backoff neither grown nor waited."""
+        now = self.clock()
+        self.connected_at = None
+        self.due_at = self._earliest(now)
+
+    def _earliest(self, now: float) -> float:
+        """MIN_CONNECT_INTERVAL after the last CONNECT."""
+        return (now if self.last_attempt is None else self.last_attempt) + MIN_CONNECT_INTERVAL

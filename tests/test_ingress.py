@@ -13,7 +13,7 @@ import yaml
 
 from flashlexd.store import Store
 from flashlexd.workers.ingress import RESUMED_QUIET_SECONDS
-from tests.broker import (BROKER_INFLIGHT, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, open_store, publish,
+from tests.broker import (BROKER_INFLIGHT, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Certs, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
 from tests.lax_broker import LaxBroker
 from tests.quota_proxy import QuotaProxy
@@ -763,6 +763,56 @@ def test_mosquittos_own_window_bounds_what_a_refusing_ingress_holds(
         worker.pump(0.2)
     assert worker.counters["held"] <= 2 * BROKER_INFLIGHT, worker.counters
     assert worker.stop() == 0
+
+
+def anon_kb(pid: int) -> int:
+    """Anonymous resident memory of a live process, in KiB (a store's mapped pages left out)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no RssAnon for pid {pid}")
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_broker_without_a_window_does_not_grow_a_refusing_ingress_and_nothing_is_lost(
+        certs: Certs, tmp_path: Path, start_worker, protocol: str) -> None:
+    """A broker with no in-flight window of its own (mosquitto's under MQTT 5 is the protocol's
+    65,535; `max_inflight_messages 0` under either protocol) sent everything to an ingress
+    whose store refused, and the ingress held it all (1,890 messages, 13 MB, found by review;
+    60 MB here). Past a full batch they are left with the broker, and a reconnect once the
+    store takes messages again has it resend them: each stored once."""
+    broker = Broker(certs, tmp_path / "broker", extra=["max_inflight_messages 0"]).start()
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol},
+                          db={"capMegabytes": 16, "whenFull": "reject", "maxPayloadBytes": 262_144})
+    store = open_store(config)
+    try:
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
+        base = anon_kb(worker.pid)
+        sent = write_lines(tmp_path / "big", 600, width=100_000)  # 60 MB into a 16 MB store
+        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "big").wait(120) == 0
+        worker.wait(lambda w: w.counters.get("received", 0) >= len(sent) or anon_kb(w.pid) - base > 45_000,
+                    60, "the broker's whole backlog read")
+        grown = anon_kb(worker.pid) - base
+        assert grown < 30_000, f"the ingress grew by {grown} KB holding messages its store refused: {worker.counters}"
+        assert worker.counters["left_with_broker"] > 0 and worker.counters["store_full"], worker.counters
+        seen: List[bytes] = []
+
+        def drained() -> bool:  # read and ack what is stored, so that space frees for the rest
+            messages = store.messages(limit=1000)
+            seen.extend(m.payload for m in messages)
+            store.ack([m.id for m in messages])
+            return len(seen) >= len(sent)
+        wait_for(drained, 90, "every message stored", interval=0.2)
+        worker.wait(lambda w: w.counters.get("held") == 0, 10, "nothing held")
+        assert not store.messages() and sorted(seen) == sorted(sent)  # each once
+        log = worker.log_text()
+        assert "leaving further QoS 1 messages with the broker" in log
+        assert "reconnecting so that the broker resends the" in log and "Traceback" not in log, log[-3000:]
+        assert worker.stop() == 0
+    finally:
+        store.close()
+        broker.close()
 
 
 def test_reconnects_while_the_store_refuses_do_not_pile_up_window_after_window(

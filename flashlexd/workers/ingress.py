@@ -38,7 +38,14 @@ the list of what it granted: a connection that does not receive yet is not "up".
 
 A full store (policy `reject`) is back-pressure, not loss: what does not fit stays
 unacknowledged, so the broker keeps it, and the commit is retried every RETRY_SECONDS. A full
-disk is handled the same way.
+disk is handled the same way. What the ingress holds meanwhile is bounded by a full batch,
+whatever the broker's in-flight window (mosquitto's is the protocol's 65,535 under MQTT 5, or
+unlimited where configured): a QoS 1 message past it is left with the broker, unacknowledged and
+not kept. MQTT resends such a message only on a new connection, so once the store takes messages
+again and the broker has confirmed our PUBACKs (no DUP mark left unconfirmed to take a resend
+for a redelivery), the ingress holds its commits and reconnects, session kept
+(`Connection.recycle`): the broker sends them again. PUBACKs keep their order: none is sent for
+a message that came after one left with the broker on that connection.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from flashlexd.ackbatch import coalesced_acks
-from flashlexd.logs import KindThrottle
+from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import V5, properties_of, properties_size, properties_wire_size, reason_name
 from flashlexd.publishread import Publish
@@ -138,7 +145,11 @@ class IngressWorker(Worker):
         # a move's (or an unknown broker's): whose marks they are, for the log; while set, the
         # store's last-link broker is not noted (a next process must drop them too)
         self.stale_marks_of: Optional[str] = None
-        self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
+        self.left_on: Optional[int] = None  # the connection whose messages were left with the broker
+        self.left = 0  # how many, on it
+        self.recycle_due = False  # a reconnect for them is due: no commit until it is done
+        self._left_lines = KindThrottle(REFUSED_LOG_SECONDS)
+        self.counters.update(left_with_broker=0, received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
@@ -149,17 +160,33 @@ class IngressWorker(Worker):
         return self.connection.wait_fds()
 
     def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
-        full = len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES
-        # a full batch still reads one packet a pass, so a PINGRESP is never left unread
-        self.connection.on_ready(readable, writable, max_packets=1 if full else BATCH_MAX - len(self.batch))
+        if self._holding_full():  # what comes is left with the broker or dropped: read on
+            self.connection.on_ready(readable, writable, max_packets=BATCH_MAX)
+            return
+        # a full batch still reads one packet a pass, so a PINGRESP is never left unread; the
+        # batch's bytes end a pass too (one pass read 280 messages of 100 KB past BATCH_BYTES)
+        full = self._full()
+        self.connection.on_ready(readable, writable, max_packets=1 if full else BATCH_MAX - len(self.batch),
+                                 enough=self._full)
+
+    def _full(self) -> bool:
+        return len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES
+
+    def _holding_full(self) -> bool:
+        """A full batch that is not being committed: the store refuses, or a reconnect is due."""
+        return (self.retry_at is not None or self.recycle_due) and self._full()
 
     def tick(self, now: float) -> float:
         wait = self.connection.service()
         self.counters["held"] = len(self.batch)  # received, not yet committed (a refusing store)
-        if self.batch:
+        if self.recycle_due and self.connection.connected:
+            self._recycle()
+        elif self.batch:
             due = self.batch_started + self.window
-            # a dropped connection adds nothing more to share the commit: no window after it
-            if len(self.batch) < self.window_flush and self.retry_at is None and self.connection.connected:
+            # a dropped connection adds nothing more to share the commit: no window after it;
+            # a full batch neither (its bytes: 100 KB messages grew one to 43 MB in a window)
+            if (len(self.batch) < self.window_flush and self.retry_at is None and self.connection.connected
+                    and not self._full()):
                 stalled = self._stalled_at()
                 if now < min(due, stalled):  # the commit window: more may share the commit
                     return min(wait, min(due, stalled) - now)
@@ -277,13 +304,15 @@ class IngressWorker(Worker):
             self._say_if_the_session_is_older_than_the_store()
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation = int.from_bytes(os.urandom(8), "big")
+            recycled, self.recycle_due, self.left_on, self.left = self.recycle_due, False, None, 0
             if new_session:
                 self.session_links = set()
-            elif self.retry_at is not None and self.session_links:
+            elif (self.retry_at is not None or recycled) and self.session_links:
                 # the store refuses: the QoS 1 messages that came on the earlier connections of
                 # this session cannot be acknowledged any more, and the broker, which kept the
                 # session, resends them all now; kept, each reconnect would add another window
                 # to what is held. (Those of a session the broker lost are never resent: kept.)
+                # So, too, after a reconnect for messages left with it: none was committed since
                 resent = self.session_links
                 kept_batch = [p for p in self.batch if not (p.qos and p.generation in resent)]
                 if len(kept_batch) != len(self.batch):
@@ -398,10 +427,11 @@ class IngressWorker(Worker):
                             raw_topic)
             elif self.unwanted and self._unsubscribed(topic):
                 self.counters["dropped_unsubscribed"] += 1
-            elif not qos and self.retry_at is not None and (
-                    len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES):
-                # the store refuses and the batch is full: a QoS 1 message stays with the
-                # broker (its window bounds what comes), a QoS 0 one has nowhere else to wait
+            elif qos and self._holding_full():
+                self._leave_with_broker(topic)
+                continue  # not acknowledged: the broker keeps it and resends it (`_recycle`)
+            elif not qos and self.retry_at is not None and self._full():
+                # the store refuses and the batch is full: a QoS 0 message has nowhere else to wait
                 self.counters["dropped_qos0_full"] += 1
                 if self.counters["dropped_qos0_full"] == 1:
                     log.warning("dropping QoS 0 messages while the store refuses them (first on %s);"
@@ -554,6 +584,34 @@ class IngressWorker(Worker):
         if new:
             self.report("committed")
         self._forget_stale_marks()
+        if self.left_on == self.generation and self.connection.connected:
+            self.recycle_due = True  # the store takes messages again: have the broker resend them
+
+    def _leave_with_broker(self, topic: str) -> None:
+        """A QoS 1 message past a full batch that is not being committed: not acknowledged and
+        not kept (the broker keeps it), so that the ingress's memory does not grow with the
+        broker's window (1,890 messages held under MQTT 5 before)."""
+        self.counters["left_with_broker"] += 1
+        self.left += 1
+        if self.left_on != self.generation:
+            self.left_on = self.generation
+            count = self._left_lines.due("left", time.monotonic())
+            (log.info if count else log.debug)(
+                "holding %d messages (a full batch) while the store refuses: leaving further QoS 1"
+                " messages with the broker, unacknowledged (first on %s)%s", len(self.batch), topic,
+                since_last(count, "such episodes"))
+
+    def _recycle(self) -> None:
+        """Reconnect, session kept, for the messages left with the broker once the broker has
+        confirmed every PUBACK sent: a DUP mark still unconfirmed would take the resend of a
+        message of the same content for a redelivery of the committed one. No commit meanwhile,
+        so that no PUBACK follows a message left with it."""
+        if self.barrier.unconfirmed() or not self.connection.recycle():
+            return  # the UNSUBACK confirming them wakes the loop
+        count = self._left_lines.due("resent", time.monotonic())
+        (log.info if count else log.debug)(
+            "the store takes messages again: reconnecting so that the broker resends the %d messages"
+            " left with it%s", self.left, since_last(count, "such reconnects"))
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
