@@ -299,9 +299,12 @@ class Dialer:
 
     def step(self) -> Union[None, ssl.SSLSocket, UpgradedWebsocket]:
         if self.clock() >= self.deadline:
+            upgrade = self.upgrade  # TCP and TLS were done: the HTTP upgrade was not answered
             self.close()
             if self.lookup is not None:  # the name lookup, not the broker, did not answer
                 raise socket.gaierror(socket.EAI_AGAIN, f"no answer from the name lookup within {self.timeout:g}s")
+            if upgrade is not None:
+                raise upgrade.error(f"no answer within {self.timeout:g}s", transport=True)
             raise socket.timeout(f"timed out after {self.timeout:g}s")
         if self.upgrade is None:
             tls = self._tls_step()

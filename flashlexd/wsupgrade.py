@@ -58,10 +58,10 @@ class WebsocketUpgrade:
             while b"\r\n\r\n" not in self.answer:
                 data = self.tls.recv(ANSWER_LIMIT)
                 if not data:
-                    raise self._error("the connection closed before an answer", transport=True)
+                    raise self.error("the connection closed before an answer", transport=True)
                 self.answer += data
                 if len(self.answer) > ANSWER_LIMIT and b"\r\n\r\n" not in self.answer:
-                    raise self._error(f"an answer over {ANSWER_LIMIT} bytes without an end of its head")
+                    raise self.error(f"an answer over {ANSWER_LIMIT} bytes without an end of its head")
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLWantWriteError:
@@ -74,23 +74,23 @@ class WebsocketUpgrade:
     def _check(self) -> None:
         head, _, rest = self.answer.partition(b"\r\n\r\n")
         if rest:  # a broker speaks MQTT only after our CONNECT
-            raise self._error(f"{len(rest)} bytes after the answer, before our CONNECT")
+            raise self.error(f"{len(rest)} bytes after the answer, before our CONNECT")
         status, *lines = head.decode("latin-1").split("\r\n")
         if not status.startswith("HTTP/"):
-            raise self._error("the answer is not HTTP", transport=True)
+            raise self.error("the answer is not HTTP", transport=True)
         if status.split(" ", 2)[1:2] != ["101"]:
-            raise self._error(f"refused: {status.strip()} (path {self.path})")
+            raise self.error(f"refused: {status.strip()} (path {self.path})")
         fields: Dict[str, str] = {}
         for line in lines:
             name, _, value = line.partition(":")
             fields[name.strip().lower()] = value.strip()
         if fields.get("upgrade", "").lower() != "websocket":
-            raise self._error("the answer does not upgrade to websocket")
+            raise self.error("the answer does not upgrade to websocket")
         expected = base64.b64encode(hashlib.sha1(self.key + ACCEPT_GUID).digest()).decode()  # noqa: S324 - RFC 6455's
         if fields.get("sec-websocket-accept") != expected:
-            raise self._error("the answer's Sec-WebSocket-Accept does not match our key")
+            raise self.error("the answer's Sec-WebSocket-Accept does not match our key")
 
-    def _error(self, why: str, transport: bool = False) -> WebsocketConnectionError:
+    def error(self, why: str, transport: bool = False) -> WebsocketConnectionError:
         """The reason in one line; naming the transport where a plain MQTT port would answer so."""
         hint = f" (is port {self.port} a websockets listener? useWebsocket is true)" if transport else ""
         return WebsocketConnectionError(f"websocket upgrade: {why}{hint}")

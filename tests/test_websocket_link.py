@@ -5,7 +5,7 @@ is not a websockets listener is said to be so."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -96,8 +96,13 @@ def test_check_names_the_transport(ws_broker: Broker, tmp_path: Path, websocket:
     assert result.returncode == 1 and hint in result.stdout, result.stdout + result.stderr
 
 
-class RefusingPath(TlsTestBroker):
-    """A websockets server (mutual TLS) that answers every upgrade with 404."""
+class UpgradeAnswering(TlsTestBroker):
+    """A websockets server (mutual TLS) that answers every upgrade with `answer`, or holds it
+    unanswered (None) until the client closes."""
+
+    def __init__(self, certs: Certs, answer: Optional[bytes]):
+        self.answer_bytes = answer
+        super().__init__(certs)
 
     def _serve(self, conn) -> None:
         with self.context.wrap_socket(conn, server_side=True) as tls:
@@ -107,22 +112,34 @@ class RefusingPath(TlsTestBroker):
                 if not data:
                     return
                 request += data
-            tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            if self.answer_bytes is None:
+                while tls.recv(4096):  # until the client gives up
+                    pass
+                return
+            tls.sendall(self.answer_bytes)
 
 
-def test_a_refused_path_is_named_by_the_daemon_and_by_check(certs: Certs, broker: Broker, tmp_path: Path,
-                                                            start_worker) -> None:
+@pytest.mark.parametrize("answer, said, hint", [
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+     "websocket upgrade: refused: HTTP/1.1 404 Not Found (path /mqtt)", False),
+    (None, "websocket upgrade: no answer within", True)])
+def test_a_refused_or_unanswered_upgrade_is_named_by_the_daemon_and_by_check(
+        certs: Certs, broker: Broker, tmp_path: Path, start_worker, answer: Optional[bytes], said: str,
+        hint: bool) -> None:
     """paho's own upgrade (then `check`'s) said "WebSocket handshake error" for a refused path
-    as for a plain MQTT port (found by re-read)."""
-    server = RefusingPath(certs)
+    as for a plain MQTT port (found by re-read); an upgrade with no answer said "connecting to
+    H:P timed out", though TCP and TLS were done."""
+    server = UpgradeAnswering(certs, answer)
     try:
-        config = write_config(tmp_path / "config", broker, port=server.port, mqtt={"useWebsocket": True})
-        said = "websocket upgrade: refused: HTTP/1.1 404 Not Found (path /mqtt)"
+        config = write_config(tmp_path / "config", broker, port=server.port,
+                              mqtt={"useWebsocket": True, "connectDisconnectTimeout": 2})
+        listener = f"is port {server.port} a websockets listener? useWebsocket is true"
         result = run_check(config)
-        assert result.returncode == 1 and said in result.stdout and "listener" not in result.stdout, result.stdout
+        assert result.returncode == 1 and said in result.stdout, result.stdout
+        assert (listener in result.stdout) == hint, result.stdout
         worker = start_worker("ingress", config)
         error = worker.wait(lambda w: w.mqtt.get("error"), 15, "the failure reported")
-        assert said in error and "listener" not in error, error
+        assert said in error and (listener in error) == hint, error
         assert worker.stop() == 0
     finally:
         server.closed = True
