@@ -33,6 +33,7 @@ from flashlexd.wsupgrade import UpgradedWebsocket, WebsocketUpgrade
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
 RESOLVE_POLL = 0.05  # seconds between looks at a pending name lookup
 READ_CHUNK = 16384  # bytes per socket read: a TLS record's worth
+ENDING_READS = 8  # reads at a close to find how the link ended (`ended_abruptly`)
 
 
 class DialedClient(paho.Client):
@@ -45,6 +46,10 @@ class DialedClient(paho.Client):
     _held: Union[None, bytes, OSError] = None
     _received_at = "_last_bytes_received"  # paho's keepalive clock of the last packet in
     unacknowledged_at_close = 0  # our bytes the peer had not acknowledged when the link closed
+    # the link ended without the broker's TLS close (close_notify): a reset, a path or a proxy
+    # ended it, or the broker died; a broker that closes a link (mosquitto refusing a publish,
+    # whatever its size) sends one first. False: it sent one, or it is not known
+    cut_abruptly = False
 
     def _create_socket(self) -> Any:
         """The Dialer's socket as it is: it made the TLS handshake and any websocket upgrade."""
@@ -53,6 +58,7 @@ class DialedClient(paho.Client):
             raise ConnectionError("no connected socket to hand over")
         self._read, self._read_at, self._held = b"", 0, None  # nothing of an earlier connection
         self.unacknowledged_at_close = 0
+        self.cut_abruptly = False
         if not hasattr(self, self._received_at):
             self._received_at = "_last_msg_in"  # paho 2.0 and 2.1 name it so
         return sock
@@ -63,6 +69,8 @@ class DialedClient(paho.Client):
         link, not per packet."""
         if self._sock is not None:
             self.unacknowledged_at_close = unacknowledged(self._sock)
+            if not self.cut_abruptly and self._held is None:  # a write failed first, say
+                self.cut_abruptly = ended_abruptly(getattr(self._sock, "_socket", self._sock))
         super()._sock_close()
 
     def inside_packet(self) -> bool:
@@ -87,7 +95,14 @@ class DialedClient(paho.Client):
     def _recv(self) -> bytes:
         held, self._held = self._held, None
         if held is None:
-            return super()._sock_recv(READ_CHUNK)
+            try:
+                return super()._sock_recv(READ_CHUNK)
+            except ssl.SSLEOFError:  # the socket is made with suppress_ragged_eofs=False
+                self.cut_abruptly = True
+                return b""  # the end, as paho takes it
+            except ConnectionResetError:
+                self.cut_abruptly = True
+                raise
         if isinstance(held, OSError):
             raise held
         return held
@@ -215,6 +230,21 @@ class DialedClient(paho.Client):
         elif self.on_message is not None:
             with self._in_callback_mutex:
                 self.on_message(self, self._userdata, message)
+
+
+def ended_abruptly(tls: Any) -> bool:
+    """Whether what is left to read on a TLS socket being closed ends without the peer's TLS
+    close (close_notify): read without waiting, a few records at most; False when that cannot
+    be known (nothing there yet, the socket already gone)."""
+    for _ in range(ENDING_READS):
+        try:
+            if not tls.recv(READ_CHUNK):
+                return False
+        except (ssl.SSLEOFError, ConnectionResetError):
+            return True
+        except (OSError, ValueError):  # SSLWantReadError, BlockingIOError: nothing there yet
+            return False
+    return False
 
 
 def unacknowledged(sock: Any) -> int:
@@ -387,8 +417,9 @@ class Dialer:
             if other is not None and other is not sock:
                 other.close()
         self.sock, self.earlier, self.addresses = None, [], []
+        # a peer's end without its TLS close raises SSLEOFError (not b""): the path's, not the broker's
         self.tls = self.context.wrap_socket(sock, server_hostname=self.host,
-                                            do_handshake_on_connect=False)
+                                            do_handshake_on_connect=False, suppress_ragged_eofs=False)
         return self._handshake()
 
     def _handshake(self) -> Optional[ssl.SSLSocket]:

@@ -156,9 +156,10 @@ class Connection:
         # the broker's DISCONNECT (MQTT 5) named a cause that is no entry's doing (session
         # taken over, shutting down, server moved...): the poison search must not count it
         self.closed_for_other_cause = False
-        # MQTT 5: the link closed before the broker had all we sent: the poison search counts
-        # it as a fraction of a drop (workers/poison.py)
-        self.cut_mid_upload = False
+        # the link ended without the broker's TLS close, or (MQTT 5) before the broker had all
+        # we sent: most likely the path's doing, which the poison search counts as a fraction
+        # of a drop (workers/poison.py)
+        self.cut_by_path = False
         self.session_present = False  # the last CONNACK's: the broker kept what it held for us
         self.attempts = 0  # connection attempts begun: did the broker take the first after a drop?
         self._attempts_at_link = 0  # `attempts` when the last link came up
@@ -470,11 +471,15 @@ class Connection:
         (or a path gone) sends nothing at all, and within `mqttOperationTimeout` under
         1.5 x keepalive its silence was told as throttling, "though the link is alive" (found by
         review). A broker dropping our publishes may be as silent: said too (`or_else`)."""
-        silent = self.watch.silent_for()
-        if silent >= min(1.0, self.watch.operation_timeout / 2):
-            return f", nothing at all heard from it for {silent:.1f}s: frozen, the path down{or_else}"
+        if self._heard_nothing():
+            return f", nothing at all heard from it for {self.watch.silent_for():.1f}s: frozen, the path down{or_else}"
         return (" though it still answers (throttled, slow, or it took one it refuses without a word)"
                 if or_else else " though it still answers")
+
+    def _heard_nothing(self) -> bool:
+        """Whether the broker has sent nothing at all for a while (a second, or half the
+        operation timeout): frozen, or the path down."""
+        return self.watch.silent_for() >= min(1.0, self.watch.operation_timeout / 2)
 
     def _abort_socket(self) -> None:
         """Shut the socket down under paho: its next read finds the end and closes it."""
@@ -504,7 +509,7 @@ class Connection:
         now = self.clock()
         self.connected = True
         self.last_verdict = None
-        self.closed_for_other_cause = self.cut_mid_upload = False
+        self.closed_for_other_cause = self.cut_by_path = False
         self._subscribes_due = {}
         self._last_refusal = None  # an earlier link's PUBACK excuses no close of this one
         self._adopt_limits(BrokerLimits.from_connack(properties))
@@ -605,7 +610,7 @@ class Connection:
             return
         by_packet = getattr(flags, "is_disconnect_packet_from_server", False)  # the broker said why
         self.closed_for_other_cause = by_packet and getattr(reason, "value", None) in NOT_AN_ENTRYS_FAULT
-        self.cut_mid_upload = not by_packet and self._cut_mid_upload()
+        self.cut_by_path = not by_packet and (self.client.cut_abruptly or self._cut_mid_upload())
         entry_fault = self._entry_fault()
         if by_packet:
             self._errors.take()
@@ -703,7 +708,7 @@ class Connection:
         then looks for it one at a time, so the drop is not the broker's trouble to wait out
         (unless its last search found none guilty: `entry_drops_excused`)."""
         return (self.entry_drops_excused and self._dead_reason is None and not self.closed_for_other_cause
-                and not self.cut_mid_upload and self.watch.pending("PUBACK") > 0)
+                and not self.cut_by_path and self.watch.pending("PUBACK") > 0)
 
     def _cut_mid_upload(self) -> bool:
         """MQTT 5: did the link close while our bytes were still on their way (queued in paho,

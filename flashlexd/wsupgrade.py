@@ -56,7 +56,10 @@ class WebsocketUpgrade:
                 self.request = self.request[self.tls.send(self.request):]
             self.want_write = False
             while b"\r\n\r\n" not in self.answer:
-                data = self.tls.recv(ANSWER_LIMIT)
+                try:
+                    data = self.tls.recv(ANSWER_LIMIT)
+                except ssl.SSLEOFError:  # closed without a TLS close: the same to us here
+                    data = b""
                 if not data:
                     raise self.error("the connection closed before an answer", transport=True)
                 self.answer += data

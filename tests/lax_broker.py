@@ -60,6 +60,16 @@ def read_mqtt_packet(sock: socket.socket) -> Optional[Tuple[int, bytes]]:
 
 
 
+def close_tls(tls: ssl.SSLSocket) -> None:
+    """Send TLS's close (close_notify), as a broker closing a link does (mosquitto, RabbitMQ):
+    a link ended without one is taken for the path's doing (flashlexd/dialer.py)."""
+    try:
+        tls.settimeout(1)
+        tls.unwrap()
+    except (OSError, ValueError):
+        pass
+
+
 class TlsTestBroker:
     """A listener over mutual TLS (the test CA's server certificate, client certificates
     required) serving each connection in a thread with `_serve`; what it saw is recorded in
@@ -100,6 +110,7 @@ class TlsTestBroker:
                         number = self.connects
                         self.connects += 1
                     if not self.answer(tls, packet[0], packet[1], number):
+                        close_tls(tls)
                         return
         except (OSError, ssl.SSLError):
             return

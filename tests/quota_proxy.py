@@ -22,6 +22,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from tests.broker import HOST, Broker, wait_for
+from tests.lax_broker import close_tls
 
 CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE = 1, 3, 8, 10
 QUOTA_EXCEEDED_PUBACK = bytes([0x40, 3])  # + packet id + reason 0x97, no properties
@@ -178,8 +179,8 @@ class QuotaProxy:
                     data += link.tls.recv(65536)
         except (OSError, ssl.SSLError):
             data = b""
-        if not data:
-            self._drop(link)
+        if not data:  # the broker's close is passed on with TLS's close, as the broker would
+            self._drop(link, graceful=sock is link.plain)
             return
         try:
             if sock is link.plain:
@@ -215,7 +216,11 @@ class QuotaProxy:
             kept.append(packet)
         return b"".join(kept)
 
-    def _drop(self, link: _Link) -> None:
+    def _drop(self, link: _Link, graceful: bool = False) -> None:
+        """Close both ends; `graceful`: with TLS's close, as a broker closes a link (without
+        it, a reset or a path's end, flashlexd/dialer.py)."""
+        if graceful:
+            close_tls(link.tls)
         for end in (link.tls, link.plain):
             self._links.pop(end, None)
             end.close()

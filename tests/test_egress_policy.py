@@ -12,7 +12,7 @@ from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.quotas import quota_warnings
 from flashlexd.topics import publish_topic_problem
 from flashlexd.ratelimit import BURST_SECONDS, PublishBudget
-from flashlexd.workers.poison import MID_UPLOAD_CUTS, PoisonWatch
+from flashlexd.workers.poison import PATH_CUTS, PoisonWatch
 from tests.test_config import edited_config, setting
 from tests.test_mqtt_connection import FakeClock
 
@@ -230,12 +230,12 @@ def test_cuts_mid_upload_count_as_a_fraction_of_a_drop() -> None:
     three cuts (found by review); counted as nothing, an entry a broker refuses on its header
     (a size limit its CONNACK did not give) would hold the outbox for good."""
     watch = PoisonWatch(attempts=3)
-    for _ in range(3 * MID_UPLOAD_CUTS - 1):
-        assert watch.dropped([5], mid_upload=True) is None
+    for _ in range(3 * PATH_CUTS - 1):
+        assert watch.dropped([5], path_cut=True) is None
     assert watch.drops(5) < 3
-    assert watch.dropped([5], mid_upload=True) == 5
-    assert drop(watch, [6]) is None and watch.dropped([6], mid_upload=True) is None
-    assert drop(watch, [6]) is None and watch.drops(6) == 2 + 1 / MID_UPLOAD_CUTS
+    assert watch.dropped([5], path_cut=True) == 5
+    assert drop(watch, [6]) is None and watch.dropped([6], path_cut=True) is None
+    assert drop(watch, [6]) is None and watch.drops(6) == 2 + 1 / PATH_CUTS
 
 
 def test_drops_with_several_in_flight_stop_being_excused_after_a_fruitless_search() -> None:
@@ -245,11 +245,11 @@ def test_drops_with_several_in_flight_stop_being_excused_after_a_fruitless_searc
     ends with its suspects acknowledged and no culprit; a culprit found excuses them again."""
     watch = PoisonWatch(attempts=2)
     assert watch.excuses_drops
-    assert watch.dropped([1, 2, 3], mid_upload=False) is None and watch.single and watch.excuses_drops
+    assert watch.dropped([1, 2, 3], path_cut=False) is None and watch.single and watch.excuses_drops
     for entry in (1, 2, 3):
         watch.acknowledged(entry)  # every suspect went through alone: not them
     assert not watch.single and not watch.excuses_drops
-    assert watch.dropped([4, 5], mid_upload=False) is None and watch.excuses_drops  # alone: excused
+    assert watch.dropped([4, 5], path_cut=False) is None and watch.excuses_drops  # alone: excused
     assert drop(watch, [4]) is None and drop(watch, [4]) == 4  # a culprit after all
     assert not watch.single and watch.excuses_drops
 
@@ -260,10 +260,10 @@ def test_a_culprit_records_the_drops_that_were_counted_against_it() -> None:
     link had dropped 5 times with it alone in flight (found by review)."""
     watch = PoisonWatch(attempts=3)
     assert drop(watch, [5]) is None and drop(watch, [5]) is None
-    for _ in range(MID_UPLOAD_CUTS - 1):
-        assert watch.dropped([5], mid_upload=True) is None
-    assert watch.dropped([5], mid_upload=True) == 5
-    assert watch.culprit_drops == 2 + MID_UPLOAD_CUTS
+    for _ in range(PATH_CUTS - 1):
+        assert watch.dropped([5], path_cut=True) is None
+    assert watch.dropped([5], path_cut=True) == 5
+    assert watch.culprit_drops == 2 + PATH_CUTS
     assert drop(watch, [6]) is None and drop(watch, [6]) is None and drop(watch, [6]) == 6
     assert watch.culprit_drops == 3
 

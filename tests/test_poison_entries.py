@@ -170,6 +170,23 @@ def test_an_outage_while_an_entry_waits_for_its_puback_is_not_counted_as_poison(
         assert worker.stop() == 0
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_path_resets_while_an_entry_waits_for_its_puback_count_as_a_third_of_a_drop(
+        certs: Certs, tmp_path: Path, start_worker, protocol: str) -> None:
+    """A reset path (a NAT rebinding, Wi-Fi roaming, a handover) while a healthy entry waited
+    alone for its PUBACK, the broker taking the next CONNECT at once, counted as the entry's
+    drop: three such resets dead-lettered it ("closed by the broker with one entry in flight
+    (refused?)"; found by review behind a 0.3 s path). A broker closing a link over a publish
+    sends TLS's close first; a link ended without one counts as a third of a drop."""
+    with entry_held_in_flight(certs, tmp_path, start_worker, protocol) as (_, proxy, store, worker):
+        for cut in range(1, 6):
+            wait_for(lambda: proxy.over_quota >= cut, 15, f"the entry sent on connection {cut}")
+            proxy.drop_connections()  # no TLS close: a path's reset
+        wait_for(lambda: proxy.over_quota >= 6, 15, "the entry sent on a sixth connection")
+        assert store.dead_letters() == [] and store.outbox_count() == 1
+        assert worker.stop() == 0
+
+
 def test_a_link_cut_mid_upload_is_not_counted_as_poison(broker: Broker, tmp_path: Path,
                                                         start_worker) -> None:
     """MQTT 5: a path that resets while a large entry is still uploading and comes straight

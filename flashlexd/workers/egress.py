@@ -51,7 +51,7 @@ from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import (connect_ago, earlier_session, fell_back_before,
                                           noting_connects, noting_fallback)
-from flashlexd.workers.poison import MID_UPLOAD_CUTS, PoisonWatch
+from flashlexd.workers.poison import PATH_CUTS, PoisonWatch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class _Drop(NamedTuple):
     sent: List[_InFlight]
     error: Optional[str]
     attempts: int       # the connection's attempts when it dropped
-    mid_upload: bool    # MQTT 5: before the broker had all we sent (counts as a fraction)
+    path_cut: bool    # no TLS close from the broker, or (MQTT 5) before it had all we sent: a fraction
 
 
 class EgressWorker(Worker):
@@ -276,7 +276,7 @@ class EgressWorker(Worker):
         # went silent or stopped acknowledging (a frozen broker, a quota) says nothing about an entry
         if self.connection.last_verdict is None and not self.connection.closed_for_other_cause:
             self.drop_to_judge = _Drop(sent, error, self.connection.attempts,
-                                       self.connection.cut_mid_upload)
+                                       self.connection.cut_by_path)
         elif self.connection.last_verdict is Verdict.UNACKNOWLEDGED and sent:
             if len(sent) == 1:
                 self._unacknowledged_again(sent[0])  # only a stall of one entry alone names it
@@ -296,11 +296,12 @@ class EgressWorker(Worker):
         drop, self.drop_to_judge = self.drop_to_judge, None
         if drop is None or self.connection.attempts != drop.attempts + 1:
             return
-        victim = self.poison.dropped([s.entry_id for s in drop.sent], drop.mid_upload)
+        victim = self.poison.dropped([s.entry_id for s in drop.sent], drop.path_cut)
         if victim is not None:
-            drops = self.poison.culprit_drops  # cuts mid-upload included: what `outbox --dead` shows
+            drops = self.poison.culprit_drops  # the path's cuts included: what `outbox --dead` shows
             self._dead_letter(drop.sent[0], f"the link dropped {drops} times while it was alone in flight"
-                              f" (a cut before the broker had it whole counts as 1/{MID_UPLOAD_CUTS});"
+                              f" (a cut without the broker's TLS close, or before it had the entry whole,"
+                              f" counts as 1/{PATH_CUTS});"
                               f" last: {drop.error or 'closed by the broker'}", drops)
 
     def _unacknowledged_again(self, oldest: _InFlight) -> None:

@@ -12,28 +12,32 @@ A broker may also refuse a publish by dropping it and acknowledging the later on
 Core under 3.1.1): the link watch then closes the link (`Verdict.OVERTAKEN`), and an entry
 skipped so on `attempts` links in a row, each time resent first on a fresh connection (no
 quota spent yet), goes to the dead letters too.
-Under MQTT 5 a drop before the broker had all of the entry (our bytes still queued, or not
-acknowledged by its TCP) counts as 1/MID_UPLOAD_CUTS of a drop: most likely a path reset
-(Wi-Fi roaming, a NAT), which used to dead-letter a healthy large entry in 3 cuts; but a broker
-that closes on the header of a publish over a limit its CONNACK did not give looks the same,
-and counted as nothing, such an entry would hold the outbox for good.
+A drop that is most likely the path's counts as 1/PATH_CUTS of a drop: one without the
+broker's TLS close (close_notify, which mosquitto sends when it closes a link over a publish,
+whatever its size; a reset, a NAT or a proxy ending the link sends none: three such resets, the
+broker taking the next CONNECT at once, dead-lettered a healthy entry alone in flight behind a
+slow path), and under MQTT 5 one before the broker had all of the entry (our bytes still
+queued, or not acknowledged by its TCP: Wi-Fi roaming, a NAT), which used to dead-letter a
+healthy large entry in 3 cuts. Not as nothing: a broker that closes on the header of a publish
+over a limit its CONNACK did not give looks the same, or one that sends no TLS close, and such
+an entry would hold the outbox for good.
 Pure, so the policy is unit-tested without a broker.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
-MID_UPLOAD_CUTS = 3  # cuts mid-upload that count as one drop
+PATH_CUTS = 3  # drops that are most likely the path's that count as one drop
 
 class PoisonWatch:
     def __init__(self, attempts: int):
         self.attempts = attempts
         self.suspects_until: Optional[int] = None  # one at a time up to this entry id
-        # entry id -> drops while it was alone in flight, in 1/MID_UPLOAD_CUTS
+        # entry id -> drops while it was alone in flight, in 1/PATH_CUTS
         self.alone_drops: Dict[int, int] = {}
         self.alone_links: Dict[int, int] = {}  # entry id -> those drops, each one (a cut too)
         # the drops that made the last culprit one: its dead letter's `attempts`, up to
-        # MID_UPLOAD_CUTS x `attempts` when cuts mid-upload made them up
+        # PATH_CUTS x `attempts` when the path's cuts made them up
         self.culprit_drops = 0
         self.skips: Dict[int, int] = {}            # entry id -> links closed because it was skipped
         # the last search ended with its suspects acknowledged, no culprit: the drops that
@@ -66,15 +70,15 @@ class PoisonWatch:
             self.fruitless = self.fruitless or not self._stall_search  # a stall says nothing of drops
             self._stall_search = False
 
-    def dropped(self, inflight: Sequence[int], mid_upload: bool = False) -> Optional[int]:
-        """The link dropped with `inflight` (entry ids, oldest first) unacknowledged; `mid_upload`,
-        before the broker had all of it. Returns the entry to dead-letter, if one has now been
+    def dropped(self, inflight: Sequence[int], path_cut: bool = False) -> Optional[int]:
+        """The link dropped with `inflight` (entry ids, oldest first) unacknowledged; `path_cut`,
+        most likely the path's doing (see above). Returns the entry to dead-letter, if one has now been
         alone at `attempts` drops."""
         if len(inflight) == 1:
             entry = inflight[0]
-            self.alone_drops[entry] = self.alone_drops.get(entry, 0) + (1 if mid_upload else MID_UPLOAD_CUTS)
+            self.alone_drops[entry] = self.alone_drops.get(entry, 0) + (1 if path_cut else PATH_CUTS)
             self.alone_links[entry] = self.alone_links.get(entry, 0) + 1
-            if self.alone_drops[entry] >= self.attempts * MID_UPLOAD_CUTS:
+            if self.alone_drops[entry] >= self.attempts * PATH_CUTS:
                 del self.alone_drops[entry]
                 self.culprit_drops = self.alone_links.pop(entry)
                 self.suspects_until = None
@@ -107,4 +111,4 @@ class PoisonWatch:
         return True
 
     def drops(self, entry_id: int) -> float:
-        return self.alone_drops.get(entry_id, 0) / MID_UPLOAD_CUTS
+        return self.alone_drops.get(entry_id, 0) / PATH_CUTS
