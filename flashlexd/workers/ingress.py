@@ -41,11 +41,13 @@ unacknowledged, so the broker keeps it, and the commit is retried every RETRY_SE
 disk is handled the same way. What the ingress holds meanwhile is bounded by a full batch,
 whatever the broker's in-flight window (mosquitto's is the protocol's 65,535 under MQTT 5, or
 unlimited where configured): a QoS 1 message past it is left with the broker, unacknowledged and
-not kept. MQTT resends such a message only on a new connection, so once the store takes messages
-again and the broker has confirmed our PUBACKs (no DUP mark left unconfirmed to take a resend
-for a redelivery), the ingress holds its commits and reconnects, session kept
-(`Connection.recycle`): the broker sends them again. PUBACKs keep their order: none is sent for
-a message that came after one left with the broker on that connection.
+not kept, and so is every later one on that connection (PUBACKs keep their order: none is sent
+for a message that came after one left with the broker). MQTT resends such a message only on a
+new connection, so once the store has taken all that is held, and the broker has confirmed our
+PUBACKs (their DUP marks taken off in the store first: a mark left unconfirmed would take the
+resend of a message of the same content for a redelivery), the ingress reconnects, session kept
+(`Connection.recycle`), and the broker sends them again; such reconnects in a row are paced
+(workers/recyclepace.py).
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_session, earlier_session_on,
                                           fell_back_before, noting_connects, noting_fallback)
+from flashlexd.workers.recyclepace import RecyclePace
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,8 @@ class IngressWorker(Worker):
         self.stale_marks_of: Optional[str] = None
         self.left_on: Optional[int] = None  # the connection whose messages were left with the broker
         self.left = 0  # how many, on it
-        self.recycle_due = False  # a reconnect for them is due: no commit until it is done
+        self.recycle_due = False  # a reconnect for them is due (all held before them is stored)
+        self.recycle_pace = RecyclePace()
         self._left_lines = KindThrottle(REFUSED_LOG_SECONDS)
         self.counters.update(left_with_broker=0, received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, store_full=False,
@@ -173,15 +177,15 @@ class IngressWorker(Worker):
         return len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES
 
     def _holding_full(self) -> bool:
-        """A full batch that is not being committed: the store refuses, or a reconnect is due."""
-        return (self.retry_at is not None or self.recycle_due) and self._full()
+        """A full batch that is not being committed: the store refuses."""
+        return self.retry_at is not None and self._full()
 
     def tick(self, now: float) -> float:
         wait = self.connection.service()
         self.counters["held"] = len(self.batch)  # received, not yet committed (a refusing store)
         if self.recycle_due and self.connection.connected:
-            self._recycle()
-        elif self.batch:
+            wait = min(wait, self._recycle(now))
+        if self.batch:  # QoS 0 messages only, while a reconnect is due: no PUBACK, no mark
             due = self.batch_started + self.window
             # a dropped connection adds nothing more to share the commit: no window after it;
             # a full batch neither (its bytes: 100 KB messages grew one to 43 MB in a window)
@@ -427,7 +431,7 @@ class IngressWorker(Worker):
                             raw_topic)
             elif self.unwanted and self._unsubscribed(topic):
                 self.counters["dropped_unsubscribed"] += 1
-            elif qos and self._holding_full():
+            elif qos and (self.left_on == generation or self._holding_full()):
                 self._leave_with_broker(topic)
                 continue  # not acknowledged: the broker keeps it and resends it (`_recycle`)
             elif not qos and self.retry_at is not None and self._full():
@@ -479,8 +483,9 @@ class IngressWorker(Worker):
         self._drop_in_turn(mid, qos)
 
     def _drop_in_turn(self, mid: int, qos: int) -> None:
-        """A message not stored: acknowledged in its turn when its packet id could be read."""
-        if qos == 1 and mid >= 0:
+        """A message not stored: acknowledged in its turn when its packet id could be read
+        (after one left with the broker on this connection, left too: no PUBACK after it)."""
+        if qos == 1 and mid >= 0 and self.left_on != self.generation:
             now = time.monotonic()
             if not self.batch:
                 self.batch_started = now
@@ -584,13 +589,14 @@ class IngressWorker(Worker):
         if new:
             self.report("committed")
         self._forget_stale_marks()
-        if self.left_on == self.generation and self.connection.connected:
-            self.recycle_due = True  # the store takes messages again: have the broker resend them
+        if self.left_on == self.generation and self.connection.connected and not self.batch:
+            self.recycle_due = True  # all held is stored: have the broker resend what it kept
 
     def _leave_with_broker(self, topic: str) -> None:
-        """A QoS 1 message past a full batch that is not being committed: not acknowledged and
-        not kept (the broker keeps it), so that the ingress's memory does not grow with the
-        broker's window (1,890 messages held under MQTT 5 before)."""
+        """A QoS 1 message past a full batch that is not being committed, or after one such on
+        this connection: not acknowledged and not kept (the broker keeps it), so that the
+        ingress's memory does not grow with the broker's window (1,890 messages held under
+        MQTT 5 before)."""
         self.counters["left_with_broker"] += 1
         self.left += 1
         if self.left_on != self.generation:
@@ -601,17 +607,33 @@ class IngressWorker(Worker):
                 " messages with the broker, unacknowledged (first on %s)%s", len(self.batch), topic,
                 since_last(count, "such episodes"))
 
-    def _recycle(self) -> None:
-        """Reconnect, session kept, for the messages left with the broker once the broker has
-        confirmed every PUBACK sent: a DUP mark still unconfirmed would take the resend of a
-        message of the same content for a redelivery of the committed one. No commit meanwhile,
-        so that no PUBACK follows a message left with it."""
-        if self.barrier.unconfirmed() or not self.connection.recycle():
-            return  # the UNSUBACK confirming them wakes the loop
-        count = self._left_lines.due("resent", time.monotonic())
+    def _recycle(self, now: float) -> float:
+        """Reconnect, session kept, for the messages left with the broker, once its gap since
+        the last such reconnect has passed and the broker has confirmed every PUBACK sent, their
+        marks taken off in the store (a kill right after the reconnect must not leave one to
+        take a resend of the same content for a redelivery). Seconds until it wants to run."""
+        wait = self.recycle_pace.wait(now)
+        if wait:
+            return wait
+        if self.barrier.unconfirmed():
+            return float("inf")  # the UNSUBACK confirming them wakes the loop
+        settled = self.barrier.take_settled()
+        if len(settled):
+            try:
+                self.store.append([], settled=settled)
+            except StoreError as exc:
+                self.barrier.give_back(settled)
+                log.debug("cannot take %d confirmed DUP marks off before reconnecting: %s", len(settled), exc)
+                return RETRY_SECONDS
+            self.counters["marks_settled"] += len(settled)
+        if not self.connection.recycle():
+            return float("inf")
+        self.recycle_pace.went(now, self.counters["stored"], self.counters["left_with_broker"])
+        count = self._left_lines.due("resent", now)
         (log.info if count else log.debug)(
-            "the store takes messages again: reconnecting so that the broker resends the %d messages"
+            "the store took all that was held: reconnecting so that the broker resends the %d messages"
             " left with it%s", self.left, since_last(count, "such reconnects"))
+        return float("inf")
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
