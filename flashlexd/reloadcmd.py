@@ -50,11 +50,45 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        _check_config(args.pid, args.config)
         reload(args.pid, _socket_path(args), args.timeout)
     except ReloadFailed as failed:
         print(f"flashlexd reload: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_config(pid: int, config: str) -> None:
+    """A daemon reloads the file it was started with: another FILE was neither checked nor
+    applied, and the command said nothing, exit 0 (found by review). Not checked when the
+    daemon's command line cannot be read (another user's process)."""
+    running = _running_config(pid)
+    if running is not None and os.path.realpath(running) != os.path.realpath(config):
+        raise ReloadFailed(f"pid {pid} runs with {running}, not {config}: a reload rereads the file"
+                           f" it was started with; edit that one (nothing sent)")
+
+
+def _running_config(pid: int) -> Optional[str]:
+    """The --config of `flashlexd run` as process `pid` was started (made absolute against its
+    working directory), from /proc; None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as raw:
+            argv = [arg.decode(errors="surrogateescape") for arg in raw.read().split(b"\0")]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+    start = argv.index("run") + 1 if "run" in argv else 0  # not python's own -c
+    for at, arg in enumerate(argv[start:], start):
+        if arg.startswith("--config="):
+            value: Optional[str] = arg.split("=", 1)[1]
+        elif arg == "-c" or (len(arg) >= 4 and "--config".startswith(arg)):  # argparse takes --conf
+            value = argv[at + 1] if at + 1 < len(argv) else None
+        elif arg.startswith("-c") and not arg.startswith("--"):
+            value = arg[2:]
+        else:
+            continue
+        return None if not value else os.path.join(cwd, value)
+    return None
 
 
 def _socket_path(args: argparse.Namespace) -> str:

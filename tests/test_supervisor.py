@@ -204,6 +204,27 @@ def test_the_reload_command_fails_with_the_reason_when_the_config_is_refused(dae
         assert fx.status()["reload"] == {"done": 2, "refused": None, "notes": []}
 
 
+def test_the_reload_command_refuses_a_config_the_daemon_does_not_run_with(daemon, notify, daemon_config,
+                                                                         tmp_path):
+    """Found by review: `flashlexd reload --config other.yml PID` exited 0 with nothing said,
+    other.yml neither checked nor applied (a daemon rereads the file it was started with)."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    other = tmp_path / "other.yml"
+    other.write_text(daemon_config.read_text().replace("port: ", "port: abc #"))
+    result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(other),
+                             "--socket", str(daemon.socket_path), str(daemon.pid)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert f"runs with {daemon_config}, not {other}" in result.stderr and "nothing sent" in result.stderr
+    with connect(str(daemon.socket_path)) as fx:
+        assert fx.status()["reload"]["done"] == 0
+    same = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config",
+                           os.path.relpath(daemon_config), "--socket", str(daemon.socket_path), str(daemon.pid)],
+                          capture_output=True, text=True, timeout=60)
+    assert (same.returncode, same.stderr) == (0, ""), same  # the same file by another path
+
+
 def test_the_reload_command_finds_the_running_daemons_socket_after_its_path_was_edited(
         daemon, notify, daemon_config, tmp_path):
     """Found by re-read review: after flashlex.app.socket.path was edited (applied at the next
