@@ -33,7 +33,8 @@ MAX_REQUEST = 4096
 
 
 class ForkServerGone(OSError):
-    """The fork server is not there to answer: no worker can be started any more."""
+    """The fork server is not there to answer, or stuck: no worker can be started any more.
+    Its one argument is the line (no errno: it was said as "[Errno 32]" for a timeout)."""
 
 
 def become_subreaper() -> None:
@@ -71,10 +72,13 @@ class ForkServer:
         try:
             socket.send_fds(self.sock, [msgpack.packb(name)], [link_fd, config_fd])
             answer = msgpack.unpackb(self.sock.recv(MAX_REQUEST))
+        except socket.timeout:
+            raise ForkServerGone(f"the fork server (pid {self.pid}) did not answer within {ANSWER_WAIT:g}s"
+                                 " (stuck?)") from None
         except (OSError, ValueError) as exc:
-            raise ForkServerGone(errno.EPIPE, f"the fork server did not answer: {exc}") from None
+            raise ForkServerGone(f"the fork server (pid {self.pid}) is gone: {exc}") from None
         if not isinstance(answer, list) or len(answer) != 2:
-            raise ForkServerGone(errno.EPROTO, "the fork server answered garbage")
+            raise ForkServerGone(f"the fork server (pid {self.pid}) answered garbage")
         pid, error = answer
         if pid is None:
             raise OSError(error[0], error[1])

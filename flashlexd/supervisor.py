@@ -389,7 +389,7 @@ class Supervisor:
         except ForkServerGone as exc:
             log.error("cannot start %s: %s", worker.name, exc)
             worker.spawn_failed(now, SPAWN_RETRY)
-            self.begin_shutdown("the fork server is gone", EXIT_CRASH_LOOP)
+            self.begin_shutdown(f"no worker can be started: {exc}", EXIT_CRASH_LOOP)
             return
         except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: survived, retried, logged once
             reason = exc.strerror or str(exc)

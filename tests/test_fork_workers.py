@@ -153,6 +153,23 @@ def test_a_dead_fork_server_stops_the_daemon_with_a_clear_error(daemon):
     assert "the fork server died (signal SIGKILL)" in daemon.output()
 
 
+def test_a_stuck_fork_server_is_named_as_stuck(daemon):
+    """Found by review: a fork server that stopped answering was told as "[Errno 32] the fork
+    server did not answer: timed out" and "stopping: the fork server is gone"."""
+    found = processes(daemon)
+    server = found["forkserver"]
+    os.kill(server, signal.SIGSTOP)
+    try:
+        os.kill(found["egress"], signal.SIGKILL)
+        assert daemon.wait_exit(timeout=30) == 1
+    finally:
+        os.kill(server, signal.SIGCONT)
+    output = daemon.output()
+    said = f"the fork server (pid {server}) did not answer within 5s (stuck?)"
+    assert f"cannot start egress: {said}" in output and f"stopping: no worker can be started: {said}" in output
+    assert "Errno" not in output
+
+
 def test_the_fork_server_and_workers_go_when_the_supervisor_is_killed(daemon):
     found = processes(daemon)
     os.kill(daemon.pid, signal.SIGKILL)
