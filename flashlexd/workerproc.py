@@ -220,9 +220,14 @@ class WorkerProcess:
             self.kill_at = None
         elif self.state in (State.STARTING, State.READY) and \
                 now - self.last_heard > supervision.heartbeat_timeout:
+            self.transition(State.HUNG)
+            if self.pid is not None and stopped(self.pid):  # SIGABRT would wait for a SIGCONT
+                log.error("%s hung (no heartbeat for %.1fs): stopped (SIGSTOP, a debugger), killing pid %s",
+                          self.name, now - self.last_heard, self.pid)
+                self.signal(signal.SIGKILL)
+                return False
             log.error("%s hung (no heartbeat for %.1fs): aborting pid %s", self.name,
                       now - self.last_heard, self.pid)
-            self.transition(State.HUNG)
             self.signal(signal.SIGABRT)
             self.kill_at = now + KILL_GRACE
         return self.state is State.BACKOFF and now >= self.next_start
@@ -255,3 +260,14 @@ class WorkerProcess:
                 "uptime": round(now - self.started_at, 1) if self.alive else None,
                 "heartbeat_age": round(age, 3) if age is not None else None,
                 "counters": self.counters, "mqtt": self.mqtt}
+
+
+def stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP, a debugger's trace stop): it acts on no
+    signal but SIGKILL, so it cannot log its stack."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            line = stat.read()
+    except OSError:
+        return False
+    return line[line.rfind(")") + 2:line.rfind(")") + 3] in ("T", "t")
