@@ -33,7 +33,7 @@ def wait_written(pid: int, at_least: int) -> None:
 
 
 def test_the_meter_sums_live_processes_and_keeps_those_that_went_away(tmp_path: Path):
-    meter = WriteMeter(window=60)
+    meter = WriteMeter(window=10)
     first = start_writer(tmp_path / "a", 0)
     meter.sample(0.0, [first.pid], received=100)  # the baseline: nothing counted yet
     assert meter.figures()["written_bytes"] == 0 and meter.figures()["written_per_message"] is None
@@ -52,6 +52,17 @@ def test_the_meter_sums_live_processes_and_keeps_those_that_went_away(tmp_path: 
         second.wait(10)
     meter.sample(20.0, [], received=110)
     assert meter.figures()["written_bytes"] == figures["written_bytes"]  # kept after it ended
+
+
+def test_no_daily_rate_before_a_whole_window_was_measured():
+    """Found by review: 5 s after start `status` said 0.98 GiB/day, the start's own writes
+    (creating the store) projected to a day."""
+    meter = WriteMeter(window=60)
+    meter.sample(0.0, [os.getpid()], received=0)
+    meter.sample(5.0, [os.getpid()], received=0)
+    assert meter.figures()["written_gib_per_day"] is None
+    meter.sample(60.0, [os.getpid()], received=0)
+    assert meter.figures()["written_gib_per_day"] is not None
 
 
 def test_an_unreadable_process_counts_nothing():
