@@ -446,8 +446,9 @@ class Connection:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
         self.last_verdict = verdict
         unacknowledged = self.watch.pending("PUBACK")
-        if verdict is Verdict.SILENT:
-            self._dead_reason = (f"no answer from {where} for {self.watch.silence_limit:g}s"
+        if verdict is Verdict.SILENT:  # how long in truth: after a suspend, far past the limit
+            silent = max(self.watch.silence_limit, self.watch.silent_for())
+            self._dead_reason = (f"no answer from {where} for {silent:.1f}s"
                                  f" (keepalive {self.keepalive}s): broker frozen or path down")
         elif verdict is Verdict.OVERTAKEN:
             self.throttled += 1
@@ -457,7 +458,8 @@ class Connection:
                                  f" unacknowledged on a new connection")
         elif unacknowledged:
             self.throttled += 1
-            self._dead_reason = (f"{unacknowledged} publishes to {where} not acknowledged within"
+            publishes = "1 publish" if unacknowledged == 1 else f"{unacknowledged} publishes"
+            self._dead_reason = (f"{publishes} to {where} not acknowledged within"
                                  f" {self.watch.operation_timeout:g}s{self._silence_said(' or dropping them (a quota)')}"
                                  f"; resending them on a new connection")
         else:
