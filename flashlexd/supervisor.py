@@ -503,7 +503,9 @@ class Supervisor:
             store = f"inbox {stats['inbox_count']}; outbox {stats['outbox_count']}{dead}"
         unreachable = self.api is not None and self.api.socket_trouble
         api = "; API socket unreachable (see the log)" if unreachable else ""
-        return f"{', '.join(links)}; {store}; workers {up}/{len(self.workers)}{api}"
+        # `systemctl status` is where an operator looks after `systemctl reload` (found by review)
+        refused = "; last reload refused, running the previous config (see the log)" if self.reload_refused else ""
+        return f"{', '.join(links)}; {store}; workers {up}/{len(self.workers)}{api}{refused}"
 
     def status(self) -> Dict[str, Any]:
         """The supervisor's part of the API's `status`."""

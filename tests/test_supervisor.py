@@ -158,6 +158,9 @@ def test_reload_with_a_bad_config_keeps_running(daemon, notify, daemon_config):
     assert any(f.startswith("MONOTONIC_USEC=") for t, f in notify.lines() if t >= hup_at)
     assert "reload refused" in daemon.output()
     assert daemon.children() == before
+    wait_for(lambda: any(f.startswith("STATUS=") and f.endswith("; last reload refused, running the previous"
+                                                               " config (see the log)")
+                         for t, f in notify.lines() if t >= hup_at), 10, "STATUS= saying the reload was refused")
 
 
 def _oom_adj(pid: int) -> int:
