@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
 DEMO=$PWD/.demo
 THING=demo-thing
+# one demo at a time: a second one replaced the first's keys under it (a TLS error, exit 2)
+exec 9>"$PWD/.demo.lock"
+flock -n 9 || { echo "another make demo is running in $PWD: wait for it to end" >&2; exit 1; }
 rm -rf "$DEMO" && mkdir -p "$DEMO/keys" "$DEMO/broker"
 BROKER_PID= DAEMON_PID=
 

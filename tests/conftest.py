@@ -13,10 +13,11 @@ from tests.rabbitmq import RabbitBroker, available
 from tests.worker_process import WorkerUnderTest
 
 # Tests that share something expensive or singular run on one xdist worker (`make test` runs
-# the suite on two, `--dist loadgroup`): the session's RabbitMQ node, real systemd, and the
+# the suite on two, `--dist loadgroup`): the session's RabbitMQ node, real systemd, the demo, and the
 # modules whose module- or session-scoped fixtures would otherwise be built once per worker.
 _GROUPED_MODULES = {"test_systemd": "systemd", "test_clock_steps": "clock_steps",
-                    "test_ipc_fuzz": "ipc_fuzz", "test_compat_side_by_side": "compat"}
+                    "test_ipc_fuzz": "ipc_fuzz", "test_compat_side_by_side": "compat",
+                    "test_demo": "demo"}  # one demo at a time in a checkout (scripts/demo.sh)
 
 
 def _group_of(item: pytest.Item) -> Optional[str]:

@@ -44,3 +44,14 @@ def test_demo_interrupted_says_so_and_stops_everything(tmp_path):
     assert demo.returncode == 130 and err == "interrupted: stopping what the demo started\n", err
     leftovers = subprocess.run(["pgrep", "-f", str(ROOT / ".demo")], capture_output=True, text=True)
     assert leftovers.stdout == ""
+
+
+def test_a_second_demo_while_one_runs_says_so():
+    """Found by review: a second `make demo` replaced the running one's keys under it, which
+    then failed with a TLS error (exit 2); the second waits for none and says why."""
+    import fcntl
+    with open(ROOT / ".demo.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running demo holds it
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True,
+                                text=True, timeout=30)
+    assert result.returncode == 1 and "another make demo is running" in result.stderr, result
