@@ -134,7 +134,8 @@ def _all_dead_letter_ids(fx: Client) -> List[int]:
 
 def _outbox_retry(fx: Client, args: argparse.Namespace) -> int:
     if args.all == bool(args.ids):
-        print("flashlexctl: outbox retry takes dead letter ids or --all (not both)", file=sys.stderr)
+        which = "not both" if args.all else "neither was given"
+        print(f"flashlexctl: outbox retry takes dead letter ids or --all ({which})", file=sys.stderr)
         return 2
     asked = _all_dead_letter_ids(fx) if args.all else args.ids
     moved = fx.retry(asked)

@@ -297,6 +297,14 @@ def test_an_outbox_id_out_of_range_is_a_usage_error_not_a_traceback(harness, arg
     assert f"must be an id from 1 to {2 ** 63 - 1}, got '{argv[-1]}'" in done.stderr
 
 
+@pytest.mark.parametrize("argv, which", [(("outbox", "retry"), "neither was given"),
+                                         (("outbox", "retry", "--all", "3"), "not both")])
+def test_outbox_retry_says_what_it_was_not_given(harness, capsys, argv, which):
+    """Found by review: with neither ids nor --all it said "(not both)"."""
+    code, _, err = run(harness, capsys, *argv)
+    assert code == 2 and err == f"flashlexctl: outbox retry takes dead letter ids or --all ({which})\n"
+
+
 def test_publish_to_an_empty_topic_is_refused_not_sent_to_the_default_one(harness, capsys):
     """A script's unset $TOPIC (`--topic ""`) published to the configured egress topic."""
     code, out, err = run(harness, capsys, "publish", "--topic", "", "x")
