@@ -153,8 +153,9 @@ class IngressWorker(Worker):
         self.recycle_due = False  # a reconnect for them is due (all held before them is stored)
         self.recycle_pace = RecyclePace()
         self._left_lines = KindThrottle(REFUSED_LOG_SECONDS)
-        self.counters.update(left_with_broker=0, received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, store_full=False,
+        self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
+                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0,
+                             left_with_broker=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
