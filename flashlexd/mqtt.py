@@ -511,7 +511,7 @@ class Connection:
         now = self.clock()
         self.connected = True
         self.last_verdict = None
-        self.closed_for_other_cause = self.cut_by_path = False
+        self.closed_for_other_cause = self.cut_by_path = self._recycling = False
         self._subscribes_due = {}
         self._last_refusal = None  # an earlier link's PUBACK excuses no close of this one
         self._adopt_limits(BrokerLimits.from_connack(properties))
