@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
 from typing import List, Optional
@@ -47,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     storecmd.add_parser(commands)
     reloadcmd.add_parser(commands)
     return parser
+
+
+def run_config(argv: List[str]) -> Optional[str]:
+    """The --config a `flashlexd run ...` command line (from `run` on) runs with, as our own
+    parser reads it (abbreviations, `-c=X`, the last of several); None if it does not parse."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args, _ = _parser().parse_known_args(argv)
+    except SystemExit:
+        return None
+    return getattr(args, "config", None)
 
 
 def _positive_seconds(text: str) -> float:

@@ -63,6 +63,7 @@ class ForkServer:
                 os._exit(code)
         theirs.close()
         self.pid: Optional[int] = pid
+        self.stuck = False  # it did not answer in time: closing its link would not end it
         self.sock = mine
         self.sock.settimeout(ANSWER_WAIT)
 
@@ -73,6 +74,7 @@ class ForkServer:
             socket.send_fds(self.sock, [msgpack.packb(name)], [link_fd, config_fd])
             answer = msgpack.unpackb(self.sock.recv(MAX_REQUEST))
         except socket.timeout:
+            self.stuck = True
             raise ForkServerGone(f"the fork server (pid {self.pid}) did not answer within {ANSWER_WAIT:g}s"
                                  " (stuck?)") from None
         except (OSError, ValueError) as exc:
@@ -85,8 +87,14 @@ class ForkServer:
         return int(pid)
 
     def close(self) -> None:
-        """The server exits when its link closes (and is reaped like any child)."""
+        """The server exits when its link closes (and is reaped like any child); a stuck one
+        (stopped, say) is killed, or it outlived the daemon (found by re-read)."""
         self.sock.close()
+        if self.stuck and self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.pid = None
 
 

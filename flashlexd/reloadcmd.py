@@ -63,9 +63,16 @@ def _check_config(pid: int, config: str) -> None:
     applied, and the command said nothing, exit 0 (found by review). Not checked when the
     daemon's command line cannot be read (another user's process)."""
     running = _running_config(pid)
-    if running is not None and os.path.realpath(running) != os.path.realpath(config):
+    if running is not None and not _same_file(running, config):
         raise ReloadFailed(f"pid {pid} runs with {running}, not {config}: a reload rereads the file"
                            f" it was started with; edit that one (nothing sent)")
+
+
+def _same_file(one: str, other: str) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one is gone: by its path
+        return os.path.realpath(one) == os.path.realpath(other)
 
 
 def _running_config(pid: int) -> Optional[str]:
@@ -77,18 +84,11 @@ def _running_config(pid: int) -> Optional[str]:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return None
-    start = argv.index("run") + 1 if "run" in argv else 0  # not python's own -c
-    for at, arg in enumerate(argv[start:], start):
-        if arg.startswith("--config="):
-            value: Optional[str] = arg.split("=", 1)[1]
-        elif arg == "-c" or (len(arg) >= 4 and "--config".startswith(arg)):  # argparse takes --conf
-            value = argv[at + 1] if at + 1 < len(argv) else None
-        elif arg.startswith("-c") and not arg.startswith("--"):
-            value = arg[2:]
-        else:
-            continue
-        return None if not value else os.path.join(cwd, value)
-    return None
+    if "run" not in argv:
+        return None
+    from flashlexd.cli import run_config  # the cli imports this module: its parser reads it as run did
+    value = run_config(argv[argv.index("run"):])
+    return None if not value else os.path.join(cwd, value)
 
 
 def _socket_path(args: argparse.Namespace) -> str:

@@ -10,10 +10,11 @@ THING=demo-thing
 exec 9>"$PWD/.demo.lock"
 flock -n 9 || { echo "another make demo is running in $PWD: wait for it to end" >&2; exit 1; }
 rm -rf "$DEMO" && mkdir -p "$DEMO/keys" "$DEMO/broker"
-BROKER_PID= DAEMON_PID=
+BROKER_PID= DAEMON_PID= SUB_PID=
 
 say() { printf '\n==> %s\n' "$*"; }
 cleanup() {
+    [ -n "$SUB_PID" ] && kill "$SUB_PID" 2>/dev/null && wait "$SUB_PID" 2>/dev/null || true
     [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
     [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null && wait "$BROKER_PID" 2>/dev/null || true
 }
@@ -63,7 +64,7 @@ log_type notice
 log_type information
 log_type subscribe
 CONF
-mosquitto -c "$DEMO/broker/mosquitto.conf" > "$DEMO/broker/log" 2>&1 &
+mosquitto -c "$DEMO/broker/mosquitto.conf" > "$DEMO/broker/log" 2>&1 9>&- &  # not the lock: an orphan would hold it
 BROKER_PID=$!
 wait_until 10 "mosquitto" bash -c "echo > /dev/tcp/127.0.0.1/$PORT"
 
@@ -94,7 +95,7 @@ CLIENT=(-h localhost -p "$PORT" --cafile "$DEMO/keys/root-ca-cert.pem"
         --cert "$DEMO/keys/$THING-certificate.pem" --key "$DEMO/keys/$THING-keypair-private.pem")
 
 say "Starting the daemon: flashlexd run --config $DEMO/keys/config.yml (log: $DEMO/flashlexd.log)"
-"$BIN/flashlexd" run --config "$DEMO/keys/config.yml" > "$DEMO/flashlexd.log" 2>&1 &
+"$BIN/flashlexd" run --config "$DEMO/keys/config.yml" > "$DEMO/flashlexd.log" 2>&1 9>&- &
 DAEMON_PID=$!
 wait_until 20 "flashlexd to connect" "$BIN/flashlexctl" status
 
@@ -110,7 +111,7 @@ say "flashlexctl messages (stored durably; an application reads and acknowledges
 "$BIN/flashlexctl" messages
 
 say "An application publishes to the cloud: flashlexctl publish '{\"hello\": \"cloud\"}'"
-mosquitto_sub "${CLIENT[@]}" -i demo-collector -q 1 -t flashlex/collect -C 1 -W 15 > "$DEMO/received" &
+mosquitto_sub "${CLIENT[@]}" -i demo-collector -q 1 -t flashlex/collect -C 1 -W 15 > "$DEMO/received" 9>&- &
 SUB_PID=$!
 wait_until 10 "the cloud subscriber" grep -q "demo-collector 1 flashlex/collect" "$DEMO/broker/log"
 "$BIN/flashlexctl" publish '{"hello": "cloud"}'

@@ -56,3 +56,16 @@ def test_plain_install_ships_the_client_as_a_subpackage(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "site" / "flashlexd" / "client" / "__init__.py").exists()
     assert (tmp_path / "site" / "flashlexd" / "ipc" / "server.py").exists()
+
+
+@pytest.mark.parametrize("argv, config", [
+    (["run", "--config", "/a.yml"], "/a.yml"), (["run", "-c=/a.yml"], "/a.yml"), (["run", "-c/a.yml"], "/a.yml"),
+    (["run", "--conf=/a.yml"], "/a.yml"), (["run", "--c", "/a.yml"], "/a.yml"),
+    (["run", "-c", "/a.yml", "-c", "/b.yml"], "/b.yml"), (["run", "--data-dir", "/d"], None),
+    (["run", "--config", "/a.yml", "--log-level", "debug", ""], "/a.yml")])
+def test_the_reload_command_reads_a_daemons_config_as_run_did(argv, config):
+    """`flashlexd reload` compares its --config with the daemon's; read by hand, `-c=X` was
+    taken for `=X`, the first of two for the one run used, and `--conf=X` not at all (found by
+    re-read)."""
+    from flashlexd.cli import run_config
+    assert run_config(argv) == config

@@ -55,3 +55,32 @@ def test_a_second_demo_while_one_runs_says_so():
         result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True,
                                 text=True, timeout=30)
     assert result.returncode == 1 and "another make demo is running" in result.stderr, result
+
+
+@pytest.mark.skipif(Path(sys.prefix) != ROOT / ".venv", reason="the demo uses the repo's .venv (make test)")
+def test_a_demo_killed_outright_leaves_no_lock_behind(tmp_path):
+    """The lock's descriptor was inherited by the broker and the daemon the demo started, so
+    a demo shell killed outright (SIGKILL, the OOM killer) left them holding it and every later
+    `make demo` said another was running, for good (found by re-read)."""
+    import fcntl
+    out = tmp_path / "out"
+    with open(out, "w") as stdout:
+        demo = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], stdout=stdout,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: "The cloud sends three messages" in out.read_text(), 60, "the daemon up")
+        os.kill(demo.pid, signal.SIGKILL)  # the shell only: its broker and daemon live on
+        demo.wait()
+
+        def free() -> bool:
+            with open(ROOT / ".demo.lock", "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    return False
+        wait_for(free, 20, "the lock free while the orphans run")
+    finally:
+        orphans = subprocess.run(["pgrep", "-f", str(ROOT / ".demo")], capture_output=True, text=True)
+        for pid in orphans.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
