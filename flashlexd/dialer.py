@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, Properties, VariableByteIntegers  # also where paho 2.2 defines it: exception
 from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.publishread import Publish, parse_publishes
-from flashlexd.wsupgrade import UpgradedWebsocket, WebsocketUpgrade
+from flashlexd.wsupgrade import UpgradedWebsocket, WebsocketUpgrade, ragged_end
 
 # Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes written to a TCP socket that its peer
 # has not acknowledged yet; None where the platform has no such request
@@ -97,7 +97,9 @@ class DialedClient(paho.Client):
         if held is None:
             try:
                 return super()._sock_recv(READ_CHUNK)
-            except ssl.SSLEOFError:  # the socket is made with suppress_ragged_eofs=False
+            except ssl.SSLError as exc:  # the socket is made with suppress_ragged_eofs=False
+                if not ragged_end(exc):
+                    raise
                 self.cut_abruptly = True
                 return b""  # the end, as paho takes it
             except ConnectionResetError:
@@ -240,10 +242,10 @@ def ended_abruptly(tls: Any) -> bool:
         try:
             if not tls.recv(READ_CHUNK):
                 return False
-        except (ssl.SSLEOFError, ConnectionResetError):
+        except ConnectionResetError:
             return True
-        except (OSError, ValueError):  # SSLWantReadError, BlockingIOError: nothing there yet
-            return False
+        except (OSError, ValueError) as exc:  # SSLWantReadError, BlockingIOError: nothing there yet
+            return ragged_end(exc)
     return False
 
 

@@ -30,6 +30,13 @@ class UpgradedWebsocket(_WebsocketWrapper):
         self.connected = True
 
 
+def ragged_end(exc: BaseException) -> bool:
+    """Whether a TLS read error is the peer's end without TLS's close (close_notify):
+    SSLEOFError, or under Python 3.9 with OpenSSL 3 a plain SSLError of that reason."""
+    return isinstance(exc, ssl.SSLEOFError) or (
+        isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) == "UNEXPECTED_EOF_WHILE_READING")
+
+
 class WebsocketUpgrade:
     """The upgrade on a TLS socket, advanced by `step()` until it returns paho's wrapper; it
     raises WebsocketConnectionError (a ConnectionError) with the reason."""
@@ -58,8 +65,10 @@ class WebsocketUpgrade:
             while b"\r\n\r\n" not in self.answer:
                 try:
                     data = self.tls.recv(ANSWER_LIMIT)
-                except ssl.SSLEOFError:  # closed without a TLS close: the same to us here
-                    data = b""
+                except ssl.SSLError as exc:
+                    if not ragged_end(exc):
+                        raise
+                    data = b""  # closed without a TLS close: the same to us here
                 if not data:
                     raise self.error("the connection closed before an answer", transport=True)
                 self.answer += data
