@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from flashlexd.checkcerts import Failed
 from flashlexd.config import Thing
+from flashlexd.tlsend import ragged_end
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -72,13 +73,13 @@ def check_broker(thing: Thing, context: ssl.SSLContext, timeout: float) -> Tuple
                 _client_certificate_verdict(tls, min(deadline, time.monotonic() + VERDICT_WAIT))
     except (socket.timeout, TimeoutError):
         raise Failed(f"TLS: no handshake answer from {where} within {timeout:g}s") from None
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError):
-        raise Failed(f"{closed} during the TLS handshake (is it a TLS port? does it accept the client"
-                     f" certificate {thing.keys.cert}?)") from None
     except _ClosedAfterHandshake:
         raise Failed(f"{closed} right after the TLS handshake: it refused the client certificate"
                      f" {thing.keys.cert}") from None
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
+        if isinstance(exc, (ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)) or ragged_end(exc):
+            raise Failed(f"{closed} during the TLS handshake (is it a TLS port? does it accept the client"
+                         f" certificate {thing.keys.cert}?)") from None
         message = describe_error(exc, thing, timeout)
         raise Failed(message if message.startswith("TLS") else f"TLS: {message}") from None
     except OSError as exc:
@@ -118,6 +119,10 @@ def _client_certificate_verdict(tls: ssl.SSLSocket, deadline: float) -> Optional
             return True  # the broker spoke (an MQTT broker never speaks first): it let us in
         except ssl.SSLWantReadError:
             continue
+        except ssl.SSLError as exc:  # closed without TLS's close (our context no longer hides it)
+            if ragged_end(exc):
+                raise _ClosedAfterHandshake() from None
+            raise
 
 
 class ProbeSession:

@@ -26,7 +26,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, Properties, VariableByteIntegers  # also where paho 2.2 defines it: exception
 from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.publishread import Publish, parse_publishes
-from flashlexd.wsupgrade import UpgradedWebsocket, WebsocketUpgrade, ragged_end
+from flashlexd.tlsend import ragged_end
+from flashlexd.wsupgrade import UpgradedWebsocket, WebsocketUpgrade
 
 # Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes written to a TCP socket that its peer
 # has not acknowledged yet; None where the platform has no such request

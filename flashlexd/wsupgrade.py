@@ -16,6 +16,7 @@ import os
 import ssl
 from typing import Any, Dict, Optional
 
+from flashlexd.tlsend import ragged_end
 from paho.mqtt.client import WebsocketConnectionError, _WebsocketWrapper
 
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
@@ -28,13 +29,6 @@ class UpgradedWebsocket(_WebsocketWrapper):
 
     def _do_handshake(self, extra_headers: Any) -> None:
         self.connected = True
-
-
-def ragged_end(exc: BaseException) -> bool:
-    """Whether a TLS read error is the peer's end without TLS's close (close_notify):
-    SSLEOFError, or under Python 3.9 with OpenSSL 3 a plain SSLError of that reason."""
-    return isinstance(exc, ssl.SSLEOFError) or (
-        isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) == "UNEXPECTED_EOF_WHILE_READING")
 
 
 class WebsocketUpgrade:
