@@ -848,7 +848,7 @@ def test_a_sender_outpacing_a_reader_has_the_left_messages_back_at_each_reconnec
         sender = subprocess.Popen(["mosquitto_pub", *broker.client_args(), "-i", "sender", "-q", "1",
                                    "-t", INGRESS_TOPIC, "-l"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         broker.peers.append(sender)
-        for second in range(10):  # 2,500 messages a second into a store of ~1,200 emptied every second
+        for second in range(5):  # 2,500 messages a second into a store of ~1,200 emptied every second
             for line in write_lines(tmp_path / "more", 2500, width=700, start=2500 * second):
                 sender.stdin.write(line + b"\n")
                 sent.append(line)
@@ -862,13 +862,9 @@ def test_a_sender_outpacing_a_reader_has_the_left_messages_back_at_each_reconnec
         assert sender.wait(30) == 0
         assert worker.counters["left_with_broker"] > 0, worker.counters
         links = sum(1 for m in worker.reports("mqtt") if m["connected"])
-        assert 2 <= links <= 11, f"{links} connections in 10 s"
-        try:
-            wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= len(sent), 90, "every message stored",
-                     interval=0.2)
-        except AssertionError:
-            worker.pump(0.5)
-            raise AssertionError(f"{len(seen)} of {len(sent)} {worker.counters} {worker.log_text()}")
+        assert 2 <= links <= 6, f"{links} connections in 5 s"
+        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= len(sent), 90, "every message stored",
+                 interval=0.2)
         assert sorted(seen) == sorted(sent)
         assert worker.stop() == 0
     finally:

@@ -225,12 +225,11 @@ class IngressWorker(Worker):
         if self.batch:
             self._commit(time.monotonic())  # when the store refuses, the broker keeps them
         self._await_barrier(budget / 2)
-        settled = self.barrier.take_settled()
-        if len(settled):  # confirmed since the last commit: a mark left behind would take a later
-            try:          # message of that content, first sent as a DUP, for a redelivery
-                self.store.append([], settled=settled)
-            except StoreError as exc:
-                log.warning("cannot take %d confirmed DUP marks off: %s", len(settled), exc)
+        # confirmed since the last commit: a mark left behind would take a later message of that
+        # content, first sent as a DUP, for a redelivery
+        refused = self._take_confirmed_marks_off()
+        if refused:
+            log.warning("%s", refused)
         self.connection.close(budget / 2)
         self.store.close()
         if self._resumed_at is not None:  # the last word this process logs must be the truth
@@ -618,15 +617,10 @@ class IngressWorker(Worker):
             return wait
         if self.barrier.unconfirmed():
             return float("inf")  # the UNSUBACK confirming them wakes the loop
-        settled = self.barrier.take_settled()
-        if len(settled):
-            try:
-                self.store.append([], settled=settled)
-            except StoreError as exc:
-                self.barrier.give_back(settled)
-                log.debug("cannot take %d confirmed DUP marks off before reconnecting: %s", len(settled), exc)
-                return RETRY_SECONDS
-            self.counters["marks_settled"] += len(settled)
+        refused = self._take_confirmed_marks_off()
+        if refused:
+            log.debug("%s; not reconnecting yet", refused)
+            return RETRY_SECONDS
         if not self.connection.recycle():
             return float("inf")
         self.recycle_pace.went(now, self.counters["stored"], self.counters["left_with_broker"])
@@ -635,6 +629,20 @@ class IngressWorker(Worker):
             "the store took all that was held: reconnecting so that the broker resends the %d messages"
             " left with it%s", self.left, since_last(count, "such reconnects"))
         return float("inf")
+
+    def _take_confirmed_marks_off(self) -> Optional[str]:
+        """Write off the DUP marks of the PUBACKs the broker has confirmed since the last
+        commit. On a refusal they go back to the barrier for the next try: the reason, or None."""
+        settled = self.barrier.take_settled()
+        if not len(settled):
+            return None
+        try:
+            self.store.append([], settled=settled)
+        except StoreError as exc:
+            self.barrier.give_back(settled)
+            return "cannot take %d confirmed DUP marks off: %s" % (len(settled), exc)
+        self.counters["marks_settled"] += len(settled)
+        return None
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
