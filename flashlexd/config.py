@@ -401,6 +401,11 @@ def _publish_rate(section: Section) -> Tuple[float, Optional[float]]:
     if rate is None:
         rate = KEYS[f"{section.path}.publishRatePerSecond"].default
     draining = section.value("drainingFrequency")
+    if draining is not None and draining < 1:  # flashlexd 0.1's seconds would drain 10x slower
+        section.warnings.append(
+            f"{section.path}.drainingFrequency: {draining:g} publishes per second drains an outage's"
+            f" backlog at one entry every {1 / draining:g} s (it is a rate, as in the FlashLex SDK;"
+            " flashlexd 0.1 read it as seconds between checks)")
     if draining is not None and rate:
         draining = min(draining, rate)
     return rate, draining

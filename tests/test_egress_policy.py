@@ -290,6 +290,18 @@ def test_seed_keys_and_new_keys(tmp_path: Path) -> None:
     assert old_name.thing.mqtt.keepalive == 45
 
 
+def test_a_drain_rate_under_one_a_second_is_warned_of(tmp_path: Path) -> None:
+    """flashlexd 0.1 read `drainingFrequency` as seconds between the egress's checks: its 0.2
+    now drains a backlog at 0.2/s, 10x slower than before the upgrade, and nothing said so
+    (found by review: 4 of 40 entries in 20 s, the old daemon 40)."""
+    config = load(str(edited_config(tmp_path / "slow", setting("flashlex.thing.mqtt.drainingFrequency", 0.2))))
+    assert config.thing.mqtt.backlog_rate == 0.2
+    assert "flashlex.thing.mqtt.drainingFrequency: 0.2 publishes per second drains an outage's backlog at" \
+           " one entry every 5 s (it is a rate, as in the FlashLex SDK; flashlexd 0.1 read it as seconds" \
+           " between checks)" in config.warnings
+    assert not load(str(edited_config(tmp_path / "seed", lambda d: None))).warnings
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("publishRatePerSecond", -1, "publishRatePerSecond: must be >= 0 (0: unlimited), got -1"),
     ("publishRatePerSecond", "fast", "publishRatePerSecond: expected a number per second, got 'fast'"),
