@@ -24,7 +24,7 @@ from flashlexd.client.ctlview import (ago, clipped, flushed, health, jsonable, m
                                       shown, table)
 from flashlexd.client.errors import ConnectionLost, DaemonNotRunning, FlashlexError, PermissionDenied, RpcTimeout
 from flashlexd.client.escape import printable
-from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, SOCKET_ENV
+from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_VERSION, READS, SOCKET_ENV
 
 EPILOG = f"""\
 The socket is --socket, else ${SOCKET_ENV}, else {DEFAULT_SOCKET}.
@@ -309,7 +309,6 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-READS = frozenset({"status", "messages", "wait", "outbox", "consumers"})  # API methods that change nothing
 
 COMMANDS: Dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "status": cmd_status, "messages": cmd_messages, "ack": cmd_ack, "publish": cmd_publish,

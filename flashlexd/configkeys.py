@@ -196,7 +196,8 @@ TABLE: Tuple[Key, ...] = (
         field="idle_timeout"),
     Key(f"{_SOCKET}.maxBufferedBytes", "integer", None,
         "bytes of incoming requests all API connections may hold together; a request that does not"
-        " fit is answered `busy` and its connection closed. Must be at least 1 MiB + `maxPayloadBytes`",
+        " fit is answered `busy` and its connection closed (one of up to 16 KiB is read all the same)."
+        " Must be at least 1 MiB + `maxPayloadBytes`",
         AT_ONCE, minimum=1, shown="8388608 (8 MiB; at least two of the largest requests)",
         field="max_buffered_bytes"),
     Key(f"{_SOCKET}.frameTimeoutSeconds", "seconds", 10.0,

@@ -53,6 +53,7 @@ MAX_ARRAY_LEN = 1024
 MAX_MAP_LEN = 64
 MAX_IDS_PER_ACK = 1000            # the client splits larger acks into several calls
 MAX_LIMIT = 1000                  # most messages/outbox entries one call returns
+READS = frozenset({"status", "messages", "wait", "outbox", "consumers"})  # API methods that change nothing
 MAX_WAIT_SECONDS = 3600.0
 ID_LIMIT = 2 ** 63  # ids are 8-byte keys, never near this: the store packs `after + 1` and `to - 1`
 

@@ -23,6 +23,7 @@ from flashlexd import fds
 from flashlexd.client import Client, RpcError
 from flashlexd.client.wire import HEADER, Code
 from flashlexd.ipc import Limits
+from flashlexd.ipc.connection import SMALL_REQUEST
 from flashlexd.ipc.server import SMALL_ANSWER
 from tests.broker import wait_for
 from tests.chaos.conftest import wait_ready
@@ -65,6 +66,30 @@ def test_frames_beyond_the_read_budget_get_busy_at_once(tmp_path: Path) -> None:
         held[1].close()  # one leaves half-way: its room comes back too
         until(lambda: h.call(lambda: h.server.budget.used) == FRAME - 10, what="budget released")
         assert h.call(lambda: h.server.counters["refused_budget"]) == 1
+    finally:
+        for sock in held:
+            sock.close()
+        h.stop()
+
+
+def test_a_small_request_is_read_while_large_ones_hold_the_whole_budget(tmp_path: Path) -> None:
+    """Found by review: one local user announcing large requests and sending a byte of each
+    (reopened at each frame timeout) held the whole budget, and 140 of root's 149 `status`
+    calls in 30 s got `busy`. Small requests are read all the same (SMALL_REQUEST)."""
+    h = Harness(tmp_path, limits=_limits(frame_timeout=30)).start()
+    held: List[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = raw_connect(h.path)
+            _started(sock, FRAME, 1)
+            held.append(sock)
+        until(lambda: h.call(lambda: h.server.budget.used) == 3 * FRAME, what="the whole budget taken")
+        with Client(h.path) as fx:
+            assert fx.status()["workers"] and fx.publish(b"x" * (SMALL_REQUEST - 200)) > 0
+        late = raw_connect(h.path)
+        _started(late, SMALL_REQUEST + 1, 1)
+        assert read_frame(late)["error"]["code"] == Code.BUSY
+        assert h.call(lambda: h.server.budget.used) == 3 * FRAME
     finally:
         for sock in held:
             sock.close()

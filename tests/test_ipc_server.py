@@ -393,6 +393,34 @@ def test_a_failing_pending_poll_answers_with_an_error(tmp_path):
         loop.stop()
 
 
+def test_a_read_from_a_peer_that_hung_up_is_not_carried_out_and_a_write_is(tmp_path):
+    """Found by review: a local user cycling connections that each sent `messages(limit=1000)`
+    and closed unread held the loop ~20 ms an answer nobody would read: every other app's call
+    went unanswered until ~50 s after the attack stopped. A read for a peer gone changes
+    nothing and is skipped; a write it sent before going is still carried out."""
+    handled: List[str] = []
+
+    class Recording:
+        def handle(self, method, params, uid=None):
+            handled.append(method)
+    loop = ServerLoop(lambda sel: RpcServer(str(tmp_path / "r.sock"), Recording(), selector=sel)).start()
+    try:
+        held, release = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=loop.call, args=(lambda: held.set() or release.wait(10),))
+        blocker.start()
+        assert held.wait(5)  # the loop is busy: the peer's requests and its end all wait for it
+        sock = raw_connect(str(tmp_path / "r.sock"))
+        sock.sendall(req("messages", 1, limit=1000) + req("ack", 2, ids=[1]) + req("status", 3))
+        sock.close()
+        release.set()
+        blocker.join(10)
+        until(lambda: loop.call(lambda: loop.server.connection_count) == 0, what="the peer's end seen")
+        assert handled == ["ack"]  # the status after it is not read: the ack's answer found the peer gone
+        assert loop.call(lambda: loop.server.counters["unread_gone"]) == 1
+    finally:
+        loop.stop()
+
+
 # -- limits ---------------------------------------------------------------------------------------
 
 def test_a_method_crash_is_an_internal_error_not_a_dead_server(tmp_path):

@@ -33,6 +33,7 @@ from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_er
                                     parse_request)
 from flashlexd.ipc.socketfile import ServerError, bind_socket, socket_file_state
 from flashlexd.logs import KindThrottle, LineThrottle
+from flashlexd.wire import READS
 
 __all__ = ["Handler", "RpcServer", "ServerError"]
 
@@ -85,7 +86,7 @@ class RpcServer:
         self._accept_paused_until: Optional[float] = None
         self._next_sweep = time.monotonic() + self._sweep_every()
         self.counters = {"accepted": 0, "refused": 0, "requests": 0, "errors": 0, "dropped_slow": 0,
-                         "refused_budget": 0, "dropped_partial": 0, "refused_unsent": 0}
+                         "refused_budget": 0, "dropped_partial": 0, "refused_unsent": 0, "unread_gone": 0}
         self.closed = False
         self._busy_lines, self._budget_lines, self._unsent_lines = LineThrottle(), LineThrottle(), LineThrottle()
         self._drop_lines = KindThrottle(60.0)
@@ -437,6 +438,11 @@ class RpcServer:
         try:
             request = parse_request(body, self.limits.max_frame)
             request_id, method = request.id, request.method
+            if method in READS and conn.hung_up():
+                # nobody to answer, nothing to change: a peer sending a large read and hanging up,
+                # over and over, held the loop ~20 ms a call, every other app's call waiting behind
+                self.counters["unread_gone"] += 1
+                return
             result = self._methods.handle(method, request.params, conn.uid)
         except RpcFailure as failure:
             self.counters["errors"] += 1
