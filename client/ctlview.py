@@ -126,6 +126,10 @@ def health(status: Dict[str, Any]) -> List[str]:
     store_error = (mqtt.get("ingress") or {}).get("store_error")
     if store_error:
         problems.append(f"ingress is not storing (messages stay with the broker): {store_error}")
+    delete_error = (mqtt.get("egress") or {}).get("delete_error")
+    if delete_error:
+        problems.append(f"egress cannot delete sent entries from the store (a restart meanwhile sends"
+                        f" them again): {delete_error}")
     refused = (status.get("reload") or {}).get("refused")
     if refused:  # the file on disk is not what runs, and a restart would not start with it
         problems.append(f"the last reload was refused, the previous config runs: {refused}")

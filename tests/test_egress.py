@@ -10,10 +10,12 @@ from typing import List
 
 import pytest
 
+from flashlexd.client.ctlview import health
 from flashlexd.store import Store
 from flashlexd.workers.egress import OUTBOX_RECHECK
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, Broker, Proxy, Subscriber, open_store, wait_for,
                           write_config)
+from tests.tmpfs import mounted_ext4, read_only
 
 
 def fill_outbox(store: Store, count: int, start: int = 0, qos: int = 1) -> List[bytes]:
@@ -234,3 +236,35 @@ def test_an_offline_backlog_keeps_its_rate_across_a_graceful_egress_restart(
                "the new egress draining the rest at drainingFrequency, not publishRatePerSecond")
     assert store.outbox_count() >= 40
     assert again.stop() == 0
+
+
+def test_a_store_gone_read_only_under_a_sent_entry_is_one_line_and_said_by_status(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Found by review: an SD card remounted read-only (ext4 errors=remount-ro) under an entry
+    in flight: the egress logged "cannot delete 1 sent outbox entries" at every retry, 5 a
+    second for 12 minutes (4,104 lines), while `flashlexctl status` said healthy. One line a
+    minute now, and `status` is degraded while it lasts. Real ext4 on a loop device."""
+    with mounted_ext4(tmp_path / "sd") as device:
+        config = write_config(tmp_path / "config", broker, db={"dataPath": str(tmp_path / "sd" / "data")})
+        store = open_store(config)
+        try:
+            store.outbox_append([(EGRESS_TOPIC, b"in flight", 1, False)])
+            broker.freeze()  # the entry goes out only once the disk has gone read-only
+            try:
+                worker = start_worker("egress", config)
+                worker.wait(lambda w: w.counters.get("outbox_backlog") == 1, 15, "the egress running")
+                Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")
+                wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
+            finally:
+                broker.thaw()
+            error = worker.wait(lambda w: w.counters.get("delete_error"), 30, "the delete refused")
+            retries_until = time.monotonic() + 2  # the egress retries every 0.2 s meanwhile
+            worker.wait(lambda w: time.monotonic() > retries_until, 5, "retries")
+            assert worker.log_text().count("cannot delete 1 sent outbox entries") == 1, worker.log_text()[-3000:]
+            problems = health({"workers": [{"name": "egress", "state": "ready"}],
+                               "mqtt": {"ingress": {"connected": True}, "egress": worker.counters}})
+            assert problems == ["egress cannot delete sent entries from the store (a restart meanwhile sends"
+                                f" them again): {error}"]
+            worker.kill()
+        finally:
+            store.close()

@@ -4,7 +4,6 @@ README's table says, and one the daemon cannot use is refused in one line, the r
 kept, READY=1 sent again. Found by review: each of these was broken before."""
 from __future__ import annotations
 
-import errno
 import resource
 import signal
 import time
@@ -15,7 +14,7 @@ from flashlexd.client import DaemonNotRunning, RpcError, connect
 from tests.broker import HOST, INGRESS_TOPIC, _Authority, publish, wait_for
 from tests.daemon import Daemon
 from tests.test_supervisor import daemon, edit_config, notify  # noqa: F401 - fixtures
-from tests.tmpfs import mounted_ext4
+from tests.tmpfs import mounted_ext4, read_only
 
 FAT32_FILE_LIMIT = 4 * 1024 ** 3 - 1  # bytes: a file on a FAT32 USB stick
 
@@ -145,14 +144,6 @@ def test_what_was_queued_online_keeps_its_rate_across_an_egress_restart(daemon, 
                  f"the {backlog} entries queued online to drain at publishRatePerSecond")
 
 
-def _read_only(directory: Path) -> bool:
-    try:
-        (directory / "probe").touch()
-    except OSError as exc:
-        return exc.errno == errno.EROFS
-    return False
-
-
 def _calls_until_gone(fx, deadline: float) -> list:
     """The answers (or errors) of `messages` called back to back until the daemon has gone."""
     answers = []
@@ -180,7 +171,7 @@ def test_a_store_setting_reloaded_on_a_disk_gone_read_only_stops_the_daemon(daem
         try:
             notify.wait_for("READY=1", timeout=15)
             Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")  # the kernel remounts it ro
-            wait_for(lambda: _read_only(tmp_path / "sd"), 10, "the remount read-only")
+            wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
             edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(expireSeconds=3600))
             with connect(str(running.socket_path)) as fx:
                 hup_at = time.monotonic()

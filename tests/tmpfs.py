@@ -3,6 +3,7 @@ ext4 on a loop device to have the kernel remount it read-only for real."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -73,3 +74,13 @@ def mounted_ext4(mount_point: Path, size_mb: int = 64) -> Iterator[str]:
                 subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
     finally:
         subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+def read_only(directory: Path) -> bool:
+    """Whether a write there fails as on a filesystem remounted read-only (the remount comes
+    with the next write to the journal, not with the trigger)."""
+    try:
+        (directory / "probe").touch()
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    return False

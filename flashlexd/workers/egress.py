@@ -44,6 +44,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
 from flashlexd.linkwatch import Verdict
+from flashlexd.logs import LineThrottle, since_last
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import QUOTA_EXCEEDED, V5, publish_packet_size, publish_properties, reason_name
 from flashlexd.ratelimit import PublishBudget, describe_rate
@@ -119,7 +120,8 @@ class EgressWorker(Worker):
                              bytes_limit=mqtt.publish_bytes_rate, send_rate=0.0, eta_s=None,
                              throttled=0, dead_lettered=0, oldest_inflight_age=None,
                              sessions_lost=0, one_at_a_time=False, protocol=None, refused=0,
-                             expired=0, stalled_entry=None)
+                             expired=0, stalled_entry=None, delete_error=None)
+        self._delete_lines = LineThrottle()
         log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
                                                   mqtt.backlog_rate, mqtt.max_inflight))
 
@@ -519,9 +521,15 @@ class EgressWorker(Worker):
         try:
             removed = self.store.outbox_remove(ids)
         except StoreError as exc:
-            if not isinstance(exc, StoreDamaged):
-                log.error("cannot delete %d %s outbox entries (retrying): %s", len(ids), what, exc)
+            self.counters["delete_error"] = str(exc)  # `status`: degraded while it lasts
+            count = self._delete_lines.due(time.monotonic())  # a retry every 0.2 s: 5 lines a second
+            if count and not isinstance(exc, StoreDamaged):
+                log.error("cannot delete %d %s outbox entries (retrying; a restart meanwhile sends them"
+                          " again): %s%s", len(ids), what, exc, since_last(count, "failed deletes"))
             return None
+        if self.counters["delete_error"]:
+            log.info("the store takes the egress's deletes again")
+            self.counters["delete_error"], self._delete_lines = None, LineThrottle()
         self.counters["outbox_backlog"] = self.store.outbox_count()  # read as tick() reads it
         return removed
 
