@@ -127,7 +127,7 @@ TABLE: Tuple[Key, ...] = (
         maximum=MAX_CAP_MEGABYTES, maximum_why=" (LMDB's map size limit, with its headroom)"),
     Key(f"{_DB}.whenFull", "choice", "reject",
         "at the cap: `reject` (stop acknowledging; the broker keeps the messages) or `dropOldest` (drop"
-        " the oldest inbox messages, counted). Outbox entries and dead letters are never dropped: under"
+        " the oldest inbox messages, counted and logged once a minute with how many). Outbox entries and dead letters are never dropped: under"
         " `reject` a publish is refused at the cap; under `dropOldest` the oldest inbox messages make"
         " room for it too, and once outbox entries and dead letters alone fill the cap, publishes and"
         " inbox appends are refused", WORKERS, choices=FULL_POLICIES, field="when_full"),
