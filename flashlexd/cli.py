@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     _no_core_files()
     from flashlexd.ipc.server import ServerError
     from flashlexd.ipc.socketfile import SocketGroupError
-    from flashlexd.paths import AlreadyRunning, UnsafePath
+    from flashlexd.paths import AlreadyRunning, UnsafePath, others_can_change
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
 
@@ -127,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     logs.setup(config.log_level, "flashlexd")
-    for warning in [*config.warnings, old_store_note(config.store.data_dir)]:
+    keys = config.thing.keys
+    trusted = ((config.path, "config"), (keys.root_ca, "rootCA"), (keys.cert, "cert"), (keys.private_key, "privateKey"))
+    for warning in [*config.warnings, old_store_note(config.store.data_dir),
+                    *(others_can_change(path, what) for path, what in trusted)]:
         if warning:
             logging.getLogger("flashlexd").warning("%s", warning)
     try:

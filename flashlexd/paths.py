@@ -138,6 +138,21 @@ def _check_owner_and_mode(path: Path, info: os.stat_result, what: str, uid: int,
                          f" (mode {stat.S_IMODE(info.st_mode):04o}): {mode_fix}")
 
 
+def others_can_change(path: Path, what: str) -> Optional[str]:
+    """Why a user other than root and the daemon's can change a file the daemon trusts (its
+    config: `allowUids`, the endpoint; its key files), or None: a warning, not a refusal, as
+    sshd's StrictModes would make it of an install that ran before the check existed."""
+    real = Path(os.path.realpath(path))
+    try:
+        _check_owner_and_mode(real, os.stat(real), what, os.geteuid(), f"chown root {real}",
+                              f"chmod go-w {real}")
+    except UnsafePath as exc:
+        return f"{exc} (whoever can change it controls what the daemon does)"
+    except OSError:
+        return None  # gone meanwhile: reading it says so
+    return None
+
+
 def prepare_dir(path: Path, mode: int, what: str) -> None:
     """`make_dir` then `check_dir`: the directory exists and is safe to use."""
     make_dir(path, mode)

@@ -118,6 +118,28 @@ def test_a_private_key_readable_by_others_needs_allow_insecure_key(daemon_config
         daemon.stop()
 
 
+def test_a_config_or_key_file_another_user_can_change_is_warned_of(daemon_config: Path,
+                                                                   tmp_path: Path) -> None:
+    """Found by review: a config writable by everyone and a private key owned by another
+    (non-root) user were taken without a word; whoever can change them controls the daemon
+    (its `allowUids`, its endpoint, its identity)."""
+    key = (daemon_config.parent / KEY).resolve()
+    os.chown(key, 1001, -1)
+    daemon_config.chmod(0o666)
+    daemon = Daemon(daemon_config, tmp_path / "run").start()
+    try:
+        wait_ready(daemon, 30)
+        output = daemon.output()
+        assert (f"privateKey {key} is owned by uid 1001, not by root or the daemon's user (uid 0):"
+                f" chown root {key} (whoever can change it controls what the daemon does)") in output
+        config = daemon_config.resolve()
+        assert (f"config {config} is writable by group or others (mode 0666): chmod go-w {config}"
+                " (whoever can change it controls what the daemon does)") in output
+        assert "rootCA" not in output and "cert " not in output  # root's and not writable: nothing said
+    finally:
+        daemon.stop()
+
+
 # -- the client's hint when the socket is closed to it ------------------------------------------
 
 def _denied_as_nobody(path: str) -> str:
