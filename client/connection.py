@@ -142,10 +142,11 @@ class Client:
         if isinstance(exc, FileNotFoundError):
             return DaemonNotRunning(f"flashlexd is not running: no socket at {path} "
                                     f"(set ${SOCKET_ENV} or --socket if it listens elsewhere)", path)
+        if isinstance(exc, (ConnectionRefusedError, PermissionError)) and os.path.lexists(path) \
+                and not _is_socket(path):  # a config file or a log given by mistake (not writable: denied)
+            return DaemonNotRunning(f"{path} is not a socket (the daemon listens on its config's "
+                                    "flashlex.app.socket.path)", path)
         if isinstance(exc, ConnectionRefusedError):
-            if not _is_socket(path):  # a config file or a log given by mistake refuses as well
-                return DaemonNotRunning(f"{path} is not a socket (the daemon listens on its config's "
-                                        "flashlex.app.socket.path)", path)
             return DaemonNotRunning(f"flashlexd is not running: nothing listens on {path}", path)
         if isinstance(exc, PermissionError):
             return PermissionDenied(f"permission denied on {path}: {_group_hint(path)}")

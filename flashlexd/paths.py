@@ -228,7 +228,9 @@ class DataDirLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise UnsafePath(f"cannot open lock file {self.path}: {exc.strerror or exc}") from None
+            why = "it is a symlink (refused: whoever made it chooses what the daemon writes)" \
+                if exc.errno == errno.ELOOP else exc.strerror or exc
+            raise UnsafePath(f"cannot open lock file {self.path}: {why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

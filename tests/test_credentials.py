@@ -175,6 +175,13 @@ def test_the_permission_hint_names_the_socket_group_or_how_to_be_let_in() -> Non
         assert "(then log in again), or its uid to flashlex.app.socket.allowUids" in message \
             and "0666" in message, message
         assert _group_hint(path) == message.split(": ", 1)[1]
+        # a config given by mistake, which this user may not write: denied, but not a socket at
+        # all ("permission denied ... the socket is root's only" before; found by review)
+        config = os.path.join(directory, "config.yml")
+        with open(config, "w") as f:
+            f.write("flashlex: {}\n")
+        assert _denied_as_nobody(config) == f"DaemonNotRunning: {config} is not a socket (the daemon" \
+            " listens on its config's flashlex.app.socket.path)"
         listener.close()
         os.chmod(directory, 0o700)
         message = _denied_as_nobody(path)

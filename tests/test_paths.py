@@ -361,3 +361,16 @@ def test_check_fails_on_the_data_dir_run_would_refuse(daemon_config, tmp_path):
     assert check.returncode == 1
     store = [s for s in json.loads(check.stdout)["steps"] if s["name"] == "store"][0]
     assert store["status"] == "fail" and "writable by group or others" in store["detail"], store
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_naming_the_symlink(tmp_path):
+    """The lock is opened with O_NOFOLLOW: a symlink planted in its place was refused as "Too
+    many levels of symbolic links" (found by review), which names no cause a user can act on."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / paths.LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(paths.UnsafePath) as refused:
+        paths.DataDirLock(data).acquire()
+    assert str(refused.value) == (f"cannot open lock file {data / paths.LOCK_NAME}: it is a symlink (refused:"
+                                  " whoever made it chooses what the daemon writes)")
+    assert not (tmp_path / "elsewhere").exists()
