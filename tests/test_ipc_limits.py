@@ -24,6 +24,7 @@ from flashlexd.client import Client, RpcError
 from flashlexd.client.wire import HEADER, Code
 from flashlexd.ipc import Limits
 from flashlexd.ipc.connection import SMALL_REQUEST
+from flashlexd.ipc import server as server_module
 from flashlexd.ipc.server import SMALL_ANSWER
 from tests.broker import wait_for
 from tests.chaos.conftest import wait_ready
@@ -427,6 +428,42 @@ def test_readers_that_stalled_are_dropped_when_their_room_is_needed(tmp_path: Pa
             assert len(fx.messages(limit=20)) == 20
         assert time.monotonic() - started < 8  # the stalled ones go after 2 s, not 60
         assert h.call(lambda: h.server.counters["dropped_slow"]) >= 1
+    finally:
+        for hog in hogs:
+            hog.close()
+        h.stop()
+
+
+def test_reads_are_not_built_while_there_is_no_room_for_the_last_one_refused(tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """Found by review: 250 clients sending large reads and never reading had every read built
+    (~20 ms for 1.3 MB) and then refused for the lack of room, one after another: root's
+    `status` waited up to 4 s. Once an answer is refused, reads get `busy` without being built
+    until there is room for as much; `status` is answered all along."""
+    monkeypatch.setattr(server_module, "PRESSURE_WRITE_TIMEOUT", 3600.0)  # no hog counts as stalled
+    h = Harness(tmp_path, limits=_limits(max_unsent=600 * 1024, write_timeout=60)).start()
+    built: List[str] = []
+    handle = h.methods.handle
+    h.methods.handle = lambda method, params, uid=None: (built.append(method), handle(method, params, uid))[1]
+    hogs: List[socket.socket] = []
+    try:
+        h.ingest(*[("big", b"x" * 10_000) for _ in range(20)])  # each answer: ~200 KB
+        hogs = _hogs(h, 8)
+        until(lambda: h.call(lambda: h.server.counters["refused_unsent"]) >= 1, what="an answer refused")
+        before = len(built)
+        reader = raw_connect(h.path)
+        for n in range(5):
+            reader.sendall(req("messages", n, limit=20))
+            assert read_frame(reader)["error"]["code"] == Code.BUSY
+        reader.sendall(req("status", 9))
+        assert read_frame(reader)["result"]["workers"]
+        reader.close()
+        assert built[before:] == ["status"]
+        for hog in hogs:
+            hog.close()
+        hogs = []
+        with Client(h.path, timeout=5) as fx:  # room again: built and answered
+            until(lambda: len(fx.messages(limit=20)) == 20, what="a read answered once the hogs are gone")
     finally:
         for hog in hogs:
             hog.close()

@@ -79,6 +79,7 @@ class RpcServer:
         self._out_of_fds = False  # logged once per episode
         self.budget = ByteBudget(self.limits.max_buffered)
         self.unsent = ByteBudget(self.limits.max_unsent)
+        self._refused_size = 0  # the last answer refused for lack of room: reads wait for as much
         self._conns: Set[Connection] = set()
         self._per_uid: Dict[int, int] = {}  # open connections of each uid
         self._parked: Dict[Connection, None] = {}  # in walking order: a stepped walk goes to the back
@@ -443,6 +444,11 @@ class RpcServer:
                 # over and over, held the loop ~20 ms a call, every other app's call waiting behind
                 self.counters["unread_gone"] += 1
                 return
+            if method in READS and method != "status" and not self._room_for_a_large_answer():
+                # it would be built (~20 ms for 1.3 MB) only to be refused: 250 clients not
+                # reading held the loop 4 s a round; `status` (2.4 KB) is always answered
+                self._send(conn, self._no_room(conn, request_id, None))
+                return
             result = self._methods.handle(method, request.params, conn.uid)
         except RpcFailure as failure:
             self.counters["errors"] += 1
@@ -470,8 +476,19 @@ class RpcServer:
         if len(frame) > SMALL_ANSWER and not self.unsent.fits(len(frame)):
             self._evict_stalled_readers(len(frame))
             if not self.unsent.fits(len(frame)):
+                self._refused_size = len(frame)
                 frame = self._no_room(conn, request_id, len(frame))
         self._send(conn, frame)
+
+    def _room_for_a_large_answer(self) -> bool:
+        """Whether there is room for an answer as large as the last one refused for the lack of
+        it, once stalled readers are dropped for it (then reads are built again)."""
+        if self._refused_size and not self.unsent.fits(self._refused_size):
+            self._evict_stalled_readers(self._refused_size)
+            if not self.unsent.fits(self._refused_size):
+                return False
+        self._refused_size = 0
+        return True
 
     def _evict_stalled_readers(self, needed: int) -> None:
         """Make room for an answer of `needed` bytes by dropping connections that have read
@@ -488,14 +505,15 @@ class RpcServer:
             self._drop_slow_reader(conn, f"it read nothing for {now - conn.last_write:.1f}s while the"
                                    " room for unsent answers was needed", now)
 
-    def _no_room(self, conn: Connection, request_id: Any, size: int) -> bytes:
+    def _no_room(self, conn: Connection, request_id: Any, size: Optional[int]) -> bytes:
         """`busy` for an answer the unsent budget has no room for (only reads answer this
         big: asked again, they lose nothing); logged once a minute with a count."""
         self.counters["refused_unsent"] += 1
         count = self._unsent_lines.due(time.monotonic())
         if count:
-            log.warning("API: refused %d answer%s (last %d bytes to uid %d pid %d): %d of %d bytes of"
-                        " unsent answers are held", count, "" if count == 1 else "s", size, conn.uid,
+            last = "not built" if size is None else f"{size} bytes"
+            log.warning("API: refused %d answer%s (last %s, to uid %d pid %d): %d of %d bytes of"
+                        " unsent answers are held", count, "" if count == 1 else "s", last, conn.uid,
                         conn.pid, self.unsent.used, self.unsent.limit)
         return encode_error(request_id, Code.BUSY, "flashlexd holds too many unsent answer bytes"
                             " (clients not reading theirs); retry")
