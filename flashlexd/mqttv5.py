@@ -94,7 +94,7 @@ class BrokerLimits:
     """What the broker's CONNACK said about this link (None: not said; MQTT 3.1.1 says none)."""
     max_packet_size: Optional[int] = None
     receive_maximum: Optional[int] = None
-    topic_alias_maximum: int = 0  # we send no topic aliases, so any value is honoured
+    topic_alias_maximum: Optional[int] = None  # we send no topic aliases: any value is honoured
     server_keepalive: Optional[int] = None  # paho adopts it for its pings; our LinkWatch too
     # paho checks neither: a PUBLISH over them is a protocol error the broker closes the link
     # for (DISCONNECT 0x9B QoS not supported, 0x9A Retain not supported)
@@ -107,7 +107,7 @@ class BrokerLimits:
             return cls()
         return cls(getattr(properties, "MaximumPacketSize", None),
                    getattr(properties, "ReceiveMaximum", None),
-                   getattr(properties, "TopicAliasMaximum", 0),
+                   getattr(properties, "TopicAliasMaximum", None),
                    getattr(properties, "ServerKeepAlive", None),
                    getattr(properties, "MaximumQoS", None),
                    getattr(properties, "RetainAvailable", None))

@@ -13,12 +13,13 @@ from typing import List, Tuple
 import pytest
 import yaml
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from flashlexd.client import connect
 from flashlexd.config import load
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import ProtocolChoice
+from flashlexd.mqttv5 import BrokerLimits, ProtocolChoice
 from flashlexd.store import Incoming
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
                           open_store, publish, wait_for, write_config)
@@ -544,6 +545,17 @@ def test_status_shows_what_each_link_negotiated(running) -> None:
         links = wait_for(negotiated, 20, "both links connected and reporting their protocol")
     assert links["ingress"]["protocol"] == links["egress"]["protocol"] == "5"
     assert links["egress"]["broker_receive_maximum"] == BROKER_INFLIGHT
+
+
+def test_what_a_connack_did_not_say_is_none() -> None:
+    """The README: the `broker_*` figures are None under 3.1.1 or when the CONNACK left them
+    out; Topic Alias Maximum read 0 there (found by review), a figure the broker never sent."""
+    said = Properties(PacketTypes.CONNACK)
+    said.ReceiveMaximum = 20
+    assert set(BrokerLimits.from_connack(None).counters().values()) == {None}  # MQTT 3.1.1
+    assert BrokerLimits.from_connack(said).counters() == {
+        "broker_max_packet": None, "broker_receive_maximum": 20, "broker_topic_alias_maximum": None,
+        "broker_keepalive": None, "broker_maximum_qos": None, "broker_retain_available": None}
 
 
 # -- the protocol choice, step by step (no broker here sends CONNACK "unsupported protocol") -----
