@@ -10,13 +10,15 @@ THING=demo-thing
 exec 9>"$PWD/.demo.lock"
 flock -n 9 || { echo "another make demo is running in $PWD: wait for it to end" >&2; exit 1; }
 rm -rf "$DEMO" && mkdir -p "$DEMO/keys" "$DEMO/broker"
-BROKER_PID= DAEMON_PID= SUB_PID=
 
 say() { printf '\n==> %s\n' "$*"; }
+# every job this shell started, newest first (the subscriber, the daemon, then its broker): a
+# Ctrl-C between starting one and noting its PID left the daemon running (found under load)
 cleanup() {
-    [ -n "$SUB_PID" ] && kill "$SUB_PID" 2>/dev/null && wait "$SUB_PID" 2>/dev/null || true
-    [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
-    [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null && wait "$BROKER_PID" 2>/dev/null || true
+    for pid in $(jobs -p | tac); do
+        kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true  # 143: killed, as asked
+    done
+    return 0
 }
 trap cleanup EXIT
 # Ctrl-C reaches the daemon too: without this the script polled on for the stopped daemon and
@@ -65,7 +67,6 @@ log_type information
 log_type subscribe
 CONF
 mosquitto -c "$DEMO/broker/mosquitto.conf" > "$DEMO/broker/log" 2>&1 9>&- &  # not the lock: an orphan would hold it
-BROKER_PID=$!
 wait_until 10 "mosquitto" bash -c "echo > /dev/tcp/127.0.0.1/$PORT"
 
 say "Writing a FlashLex-format config: $DEMO/keys/config.yml"
@@ -96,7 +97,6 @@ CLIENT=(-h localhost -p "$PORT" --cafile "$DEMO/keys/root-ca-cert.pem"
 
 say "Starting the daemon: flashlexd run --config $DEMO/keys/config.yml (log: $DEMO/flashlexd.log)"
 "$BIN/flashlexd" run --config "$DEMO/keys/config.yml" > "$DEMO/flashlexd.log" 2>&1 9>&- &
-DAEMON_PID=$!
 wait_until 20 "flashlexd to connect" "$BIN/flashlexctl" status
 
 say "The cloud sends three messages to ingress/$THING (an independent mosquitto_pub)"
@@ -120,5 +120,4 @@ echo "the cloud (an independent mosquitto_sub on flashlex/collect) received: $(c
 
 say "Stopping the daemon and the broker (by PID)"
 cleanup
-DAEMON_PID= BROKER_PID=
 echo "done: the store and logs are in $DEMO"
