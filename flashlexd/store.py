@@ -51,6 +51,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lmdb
 import msgpack
+from flashlexd.clock import STEP_TOLERANCE
 from flashlexd.storebase import POLICIES, SCHEMA_VERSION, ScanPage
 from flashlexd.storedamage import guarded, unpack_record
 from flashlexd.storeacks import JournaledAcks
@@ -482,13 +483,19 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         unless the clock stepped since this process last looked (another process may have
         recorded it: then nothing is written). The step in seconds (negative: back), or None."""
         reading = self._frames.reading()
-        known = self._frames.current
-        if not known.stepped(reading):
+        if self._told_offset is None:
+            self._told_offset = self._frames.current.last
+        if self._frames.current.stepped(reading):
+            written = self._write(lambda txn: self._frames.note(txn, reading))
+            if written is not None:
+                self._frames.current = written  # committed: not noticed again at the next call
+        # told once, whichever write recorded it: this process's own publishes take a recorded
+        # step into its frame, and a step an app's publishing met first was never logged
+        step = reading.offset - self._told_offset
+        if abs(step) <= STEP_TOLERANCE:
             return None
-        written = self._write(lambda txn: self._frames.note(txn, reading))
-        if written is not None:
-            self._frames.current = written  # committed: not noticed again at the next call
-        return reading.offset - known.last
+        self._told_offset = reading.offset
+        return step
 
     def _remove(self, txn: lmdb.Transaction, key: bytes) -> bool:
         """Delete inbox message `key` if it is still stored; True if it was."""

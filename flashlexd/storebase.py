@@ -179,6 +179,7 @@ class StoreBase:
         self._indexed_txn, self._indexed = -1, False  # a write's look at the msgexpiry index
         self._dropped_in_txn = 0  # inbox messages the cap's dropOldest took in this write
         self._dropped_unsaid, self._drop_lines = 0, LineThrottle()
+        self._told_offset: Optional[float] = None  # the clock's offset `note_clock` last told of
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
             if check_pages:
