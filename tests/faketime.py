@@ -7,7 +7,8 @@ FAKETIME_NO_CACHE=1, so every clock read re-reads the offset file that `step_to`
 (settimeofday, NTP) never moves CLOCK_MONOTONIC or CLOCK_BOOTTIME, and without it libfaketime
 0.9.10 shifts both with the wall clock, which would hide the very thing under test. The price:
 with it, libfaketime 0.9.10 breaks Python's `time.sleep` (EINVAL from clock_nanosleep with
-TIMER_ABSTIME, libfaketime issue #426); the daemon never calls it (it waits in select()).
+TIMER_ABSTIME, libfaketime issue #426); the daemon never calls it (it waits in select() and
+threading.Event), and `run_daemon` fails a test whose daemon logged a traceback.
 """
 from __future__ import annotations
 

@@ -62,6 +62,9 @@ def run_daemon(tmp_path: Path, faketime: FakeTime) -> Iterator:
     yield run
     for daemon in started:
         daemon.stop()
+    # every thread lived: the workers' lock-wait beat died at start under libfaketime, which
+    # breaks time.sleep, so these tests ran without it (found by review)
+    assert not [d for d in started if "Traceback" in d.output()], [d.output()[-2000:] for d in started]
 
 
 def api(daemon: Daemon):
