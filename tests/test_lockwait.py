@@ -30,14 +30,16 @@ def _run(monkeypatch, ticks: int, waits: List[Any], period: float = 1.0, timeout
     channel, told = _Channel(), iter(waits)
     calls = iter(range(ticks + 1))
 
-    def sleep(_: float) -> None:
+    def tick(_: float) -> bool:
         if next(calls) == ticks:
             raise _Ticks
+        return False
 
-    monkeypatch.setattr(lockwait.time, "sleep", sleep)
     monkeypatch.setattr(lockwait, "lock_wait_since", lambda: next(told))
+    beat = lockwait.LockWaitBeat(channel, period, timeout, lambda: {"n": 1})  # type: ignore[arg-type]
+    monkeypatch.setattr(beat._pacing, "wait", tick)
     with pytest.raises(_Ticks):
-        lockwait.LockWaitBeat(channel, period, timeout, lambda: {"n": 1})._run()  # type: ignore[arg-type]
+        beat._run()
     return channel
 
 
