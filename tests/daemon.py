@@ -152,7 +152,13 @@ class Daemon:
         os.kill(self.pid, signum)
 
     def wait_exit(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout=timeout)
+        """The exit code; failing with the end of its output when it is still running (a bare
+        TimeoutExpired left nothing to tell why)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the daemon still runs after {timeout}s; its output ends:\n"
+                                 f"{self.output()[-3000:]}") from None
 
     def stop(self) -> None:
         """Teardown: SIGTERM, then SIGKILL the whole session if it lingers."""
