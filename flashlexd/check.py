@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
-from flashlexd import config as config_module
+from flashlexd import config as config_module, paths
 from flashlexd.checkcerts import Failed, check_keys
 from flashlexd.checkprobe import ProbeSession, check_broker
 from flashlexd.config import Config, ConfigError
@@ -152,13 +152,17 @@ def check_config(path: str, keys_dir: Optional[str], data_dir: Optional[str]) ->
     mqtt = thing.mqtt
     detail = (f"{path}: thing {thing.name!r}, broker {thing.endpoint}:{thing.mqtt.port}; egress rate"
               f" {describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate, mqtt.backlog_rate, mqtt.max_inflight)}")
-    if config.warnings:
-        detail += "; warning: " + "; warning: ".join(config.warnings)
+    # as `run` warns of them, the daemon's user being the data dir's owner (the service user's,
+    # under systemd) when there is one: root checking a service's install is not its daemon
+    directory = config.store.data_dir
+    warnings = [*config.warnings, *paths.control_warnings(
+        config_module.trusted_files(config), directory.stat().st_uid if directory.is_dir() else os.geteuid())]
+    if warnings:
+        detail += "; warning: " + "; warning: ".join(warnings)
     return detail, config
 
 
 def check_store(config: Config) -> Tuple[str, bool]:
-    from flashlexd import paths
 
     directory = config.store.data_dir
     if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
@@ -175,7 +179,6 @@ def check_store(config: Config) -> Tuple[str, bool]:
 
 
 def _store_figures(config: Config) -> Tuple[str, bool]:
-    from flashlexd import paths
     from flashlexd.store import Store, StoreError
     from flashlexd.storebase import OlderSchema
 

@@ -7,11 +7,12 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import sys
 from typing import List, Optional
 
 from flashlexd import __version__, logs, reloadcmd, service, storecmd
-from flashlexd.config import ConfigError, LOG_LEVELS
+from flashlexd.config import ConfigError, LOG_LEVELS, trusted_files
 from flashlexd.oldstore import old_store_note
 
 EXIT_CONFIG = 2
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     _no_core_files()
     from flashlexd.ipc.server import ServerError
     from flashlexd.ipc.socketfile import SocketGroupError
-    from flashlexd.paths import AlreadyRunning, UnsafePath, others_can_change
+    from flashlexd.paths import AlreadyRunning, UnsafePath, control_warnings
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
 
@@ -127,10 +128,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     logs.setup(config.log_level, "flashlexd")
-    keys = config.thing.keys
-    trusted = ((config.path, "config"), (keys.root_ca, "rootCA"), (keys.cert, "cert"), (keys.private_key, "privateKey"))
     for warning in [*config.warnings, old_store_note(config.store.data_dir),
-                    *(others_can_change(path, what) for path, what in trusted)]:
+                    *control_warnings(trusted_files(config), os.geteuid())]:
         if warning:
             logging.getLogger("flashlexd").warning("%s", warning)
     try:

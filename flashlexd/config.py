@@ -212,6 +212,12 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
                   warnings=tuple(warnings))
 
 
+def trusted_files(config: Config) -> List[Tuple[Path, str]]:
+    """The files whoever can change controls the daemon, named as their keys are."""
+    keys = config.thing.keys
+    return [(config.path, "config"), (keys.root_ca, "rootCA"), (keys.cert, "cert"), (keys.private_key, "privateKey")]
+
+
 def legacy_keys_dir(config_path: Path) -> Optional[Path]:
     """Where the FlashLex SDK looked for key files without -k, for its unit form
     `DIR/app.py --config DIR/keys/config.yml`: the parent of DIR (app.py's directory's parent).
@@ -400,14 +406,14 @@ def _publish_rate(section: Section) -> Tuple[float, Optional[float]]:
     rate = section.value("publishRatePerSecond")
     if rate is None:
         rate = KEYS[f"{section.path}.publishRatePerSecond"].default
-    draining = section.value("drainingFrequency")
-    if draining is not None and draining < 1:  # flashlexd 0.1's seconds would drain 10x slower
-        section.warnings.append(
-            f"{section.path}.drainingFrequency: {draining:g} publishes per second drains an outage's"
-            f" backlog at one entry every {1 / draining:g} s (it is a rate, as in the FlashLex SDK;"
-            " flashlexd 0.1 read it as seconds between checks)")
+    asked = draining = section.value("drainingFrequency")
     if draining is not None and rate:
         draining = min(draining, rate)
+    if asked is not None and asked < 1:  # flashlexd 0.1's seconds would drain 10x slower
+        section.warnings.append(
+            f"{section.path}.drainingFrequency: {asked:g} publishes per second drains an outage's"
+            f" backlog at one entry every {1 / draining:g} s (it is a rate, as in the FlashLex SDK;"
+            " flashlexd 0.1 read it as seconds between checks)")
     return rate, draining
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 DATA_DIR_MODE = 0o700
 SOCKET_PASSAGE = 0o011  # search, no listing: for a socket placed inside the data dir
@@ -138,19 +138,28 @@ def _check_owner_and_mode(path: Path, info: os.stat_result, what: str, uid: int,
                          f" (mode {stat.S_IMODE(info.st_mode):04o}): {mode_fix}")
 
 
-def others_can_change(path: Path, what: str) -> Optional[str]:
-    """Why a user other than root and the daemon's can change a file the daemon trusts (its
-    config: `allowUids`, the endpoint; its key files), or None: a warning, not a refusal, as
-    sshd's StrictModes would make it of an install that ran before the check existed."""
-    real = Path(os.path.realpath(path))
+def others_can_change(path: Path, what: str, uid: int) -> Optional[str]:
+    """Why a user other than root and the daemon's (`uid`) can change a file the daemon trusts
+    (its config: `allowUids`, the endpoint; its key files): the file, a symlink on its way or a
+    directory above it that they own or may write. A warning, not a refusal, as sshd's
+    StrictModes would make it of an install that ran before the check existed; None: safe."""
     try:
-        _check_owner_and_mode(real, os.stat(real), what, os.geteuid(), f"chown root {real}",
-                              f"chmod go-w {real}")
+        _check_links(Path(path), what, uid)
+        real = Path(os.path.realpath(path))
+        _check_owner_and_mode(real, os.stat(real), what, uid, f"chown root {real}", f"chmod go-w {real}")
+        for parent in real.parents:
+            _check_owner_and_mode(parent, os.stat(parent), f"{what} {real}: the directory above it", uid,
+                                  "move the file", "move the file", allow_sticky=True)
     except UnsafePath as exc:
         return f"{exc} (whoever can change it controls what the daemon does)"
     except OSError:
         return None  # gone meanwhile: reading it says so
     return None
+
+
+def control_warnings(files: Iterable[Tuple[Path, str]], uid: int) -> List[str]:
+    """`others_can_change` of each (path, what), the daemon's user being `uid`."""
+    return [warning for warning in (others_can_change(path, what, uid) for path, what in files) if warning]
 
 
 def prepare_dir(path: Path, mode: int, what: str) -> None:

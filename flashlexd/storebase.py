@@ -178,7 +178,7 @@ class StoreBase:
         self._snapshots: Dict[str, Tuple[Tuple[int, int], object]] = {}  # `_per_snapshot`'s
         self._indexed_txn, self._indexed = -1, False  # a write's look at the msgexpiry index
         self._dropped_in_txn = 0  # inbox messages the cap's dropOldest took in this write
-        self._dropped_unsaid, self._drop_lines = 0, LineThrottle()
+        self._dropped_unsaid, self._drop_lines, self._drops_said = 0, LineThrottle(), False
         self._told_offset: Optional[float] = None  # the clock's offset `note_clock` last told of
         try:
             # before LMDB maps it: the meta pages (no SIGBUS), or every page (`check_pages`)
@@ -418,6 +418,8 @@ class StoreBase:
                    check_progress=check_progress, create=create, migrate=migrate)
 
     def close(self) -> None:
+        if os.getpid() == self._pid and self._dropped_unsaid:  # the log's account ends complete
+            self._say_drops()
         if os.getpid() == self._pid and self.can_close():
             self._env.close()  # else: closing under a write queued for the lock could crash; exit frees it
 
@@ -490,15 +492,19 @@ class StoreBase:
         return result
 
     def _tell_drops(self, count: int) -> None:
-        """dropOldest discards messages no app has read: a WARNING once a minute with how many
+        """dropOldest discards messages no app has read: a WARNING at the first, then at most
+        one a minute (at a later drop) with how many since, and the rest when the store closes
         (4,311 were dropped with no line at all, only the `dropped_full` counter; found by review)."""
         self._dropped_unsaid += count
-        first = self._drop_lines.last is None
         if self._drop_lines.due(time.monotonic()):
-            log.warning("store in %s is at its cap (%d bytes, whenFull: dropOldest): %d oldest inbox"
-                        " messages dropped to make room%s", self.path, self.cap_bytes, self._dropped_unsaid,
-                        "" if first else " since the last line about it")
-            self._dropped_unsaid = 0
+            self._say_drops()
+
+    def _say_drops(self) -> None:
+        log.warning("store in %s is at its cap (%d bytes, whenFull: dropOldest): %d oldest inbox"
+                    " messages dropped to make room%s (the store's dropped_full counts them all)",
+                    self.path, self.cap_bytes, self._dropped_unsaid,
+                    " since the last line about it" if self._drops_said else "")
+        self._drops_said, self._dropped_unsaid = True, 0
 
     def _write_reserving(self, work: Callable[[lmdb.Transaction], object], reserve: bool):
         """Run `work` in one durable write transaction, with one-line errors. Refused for a

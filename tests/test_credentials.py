@@ -16,6 +16,7 @@ from typing import Callable, Dict
 import pytest
 import yaml
 
+from flashlexd.check import check_config
 from flashlexd.client import Client, PermissionDenied
 from flashlexd.client.connection import _group_hint
 from tests.broker import THING, Broker, wait_for, write_config
@@ -138,6 +139,9 @@ def test_a_config_or_key_file_another_user_can_change_is_warned_of(daemon_config
         assert "rootCA" not in output and "cert " not in output  # root's and not writable: nothing said
     finally:
         daemon.stop()
+    detail, _ = check_config(str(daemon_config), None, None)  # `check` says so too (found by re-read)
+    assert f"warning: privateKey {key} is owned by uid 1001" in detail, detail
+    assert f"warning: config {daemon_config.resolve()} is writable by group or others" in detail, detail
 
 
 # -- the client's hint when the socket is closed to it ------------------------------------------

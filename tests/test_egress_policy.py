@@ -301,6 +301,11 @@ def test_a_drain_rate_under_one_a_second_is_warned_of(tmp_path: Path) -> None:
            " between checks)" in config.warnings
     assert not load(str(edited_config(tmp_path / "seed", lambda d: None))).warnings
 
+    def slower_quota(document) -> None:  # the rate in use is the slower: say its interval (re-read)
+        document["flashlex"]["thing"]["mqtt"].update(drainingFrequency=0.5, publishRatePerSecond=0.1)
+    assert "flashlex.thing.mqtt.drainingFrequency: 0.5 publishes per second drains an outage's backlog at" \
+           " one entry every 10 s" in load(str(edited_config(tmp_path / "quota", slower_quota))).warnings[0]
+
 
 @pytest.mark.parametrize("key, value, message", [
     ("publishRatePerSecond", -1, "publishRatePerSecond: must be >= 0 (0: unlimited), got -1"),

@@ -374,3 +374,32 @@ def test_a_lock_file_planted_as_a_symlink_is_refused_naming_the_symlink(tmp_path
     assert str(refused.value) == (f"cannot open lock file {data / paths.LOCK_NAME}: it is a symlink (refused:"
                                   " whoever made it chooses what the daemon writes)")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_trusted_file_another_user_can_replace_is_warned_of_by_the_way_to_it(tmp_path):
+    """`others_can_change` looked at the file alone (found by re-read): a root-owned key in a
+    directory anyone may write (any user can replace it), or reached through a symlink another
+    user owns (they can re-point it), passed in silence."""
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # not sticky
+    key = open_dir / "key.pem"
+    key.write_text("k")
+    key.chmod(0o600)
+    said = paths.others_can_change(key, "privateKey", 0)
+    assert said == (f"privateKey {key}: the directory above it {open_dir} is writable by group or others"
+                    " (mode 0777): move the file (whoever can change it controls what the daemon does)")
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o755)
+    (safe / "key.pem").write_text("k")
+    assert paths.others_can_change(safe / "key.pem", "privateKey", 0) is None
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    link = sticky / "key-link.pem"
+    link.symlink_to(safe / "key.pem")
+    os.lchown(link, 4242, -1)
+    assert paths.others_can_change(link, "privateKey", 0) == (
+        f"privateKey {link}: {link} is a symlink owned by uid 4242, who could re-point it: use a path"
+        " without it (whoever can change it controls what the daemon does)")
+    assert paths.control_warnings([(safe / "key.pem", "privateKey"), (key, "privateKey")], 0) == [said]

@@ -525,7 +525,7 @@ class EgressWorker(Worker):
             count = self._delete_lines.due(time.monotonic())  # a retry every 0.2 s: 5 lines a second
             if count and not isinstance(exc, StoreDamaged):
                 log.error("cannot delete %d %s outbox entries (retrying; a restart meanwhile sends them"
-                          " again): %s%s", len(ids), what, exc, since_last(count, "failed deletes"))
+                          " again): %s%s", len(ids), what, exc, since_last(count, "tries"))
             return None
         if self.counters["delete_error"]:
             log.info("the store takes the egress's deletes again")
