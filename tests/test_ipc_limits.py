@@ -29,7 +29,8 @@ from flashlexd.ipc.server import SMALL_ANSWER
 from tests.broker import wait_for
 from tests.chaos.conftest import wait_ready
 from tests.daemon import Daemon
-from tests.test_ipc_server import Harness, raw_connect, read_frame, req, until
+from tests.test_ipc_server import Harness, raw_connect, read_frame, req, run_as_nobody, until
+from tests.test_ipc_server import world_dir  # noqa: F401 (fixture)
 
 FRAME = 64 * 1024
 
@@ -434,14 +435,15 @@ def test_readers_that_stalled_are_dropped_when_their_room_is_needed(tmp_path: Pa
         h.stop()
 
 
-def test_reads_are_not_built_while_there_is_no_room_for_the_last_one_refused(tmp_path: Path,
+def test_reads_are_not_built_while_there_is_no_room_for_the_last_one_refused(world_dir: Path,
                                                                             monkeypatch) -> None:
     """Found by review: 250 clients sending large reads and never reading had every read built
     (~20 ms for 1.3 MB) and then refused for the lack of room, one after another: root's
     `status` waited up to 4 s. Once an answer is refused, reads get `busy` without being built
     until there is room for as much; `status` is answered all along."""
     monkeypatch.setattr(server_module, "PRESSURE_WRITE_TIMEOUT", 3600.0)  # no hog counts as stalled
-    h = Harness(tmp_path, limits=_limits(max_unsent=600 * 1024, write_timeout=60)).start()
+    h = Harness(world_dir, limits=_limits(max_unsent=600 * 1024, write_timeout=60),
+                path=str(world_dir / "api.sock"), mode=0o666, allow_uids=(65534,)).start()
     built: List[str] = []
     handle = h.methods.handle
     h.methods.handle = lambda method, params, uid=None: (built.append(method), handle(method, params, uid))[1]
@@ -459,11 +461,21 @@ def test_reads_are_not_built_while_there_is_no_room_for_the_last_one_refused(tmp
         assert read_frame(reader)["result"]["workers"]
         reader.close()
         assert built[before:] == ["status"]
+        # another user's reads are built as before: a small one is answered (found by re-read)
+        def one_message() -> str:
+            other = raw_connect(h.path)
+            other.sendall(req("messages", 1, limit=1))
+            return str(len(read_frame(other)["result"]))
+        assert run_as_nobody(one_message) == "1"
+        # a reload lowering the room below the answer last refused (found by re-read: every read
+        # but status stayed `busy` for good, the hogs long gone)
+        lowered = _limits(max_unsent=150_000, write_timeout=60)
+        h.call(lambda: setattr(h.server, "_limits", lambda: lowered))
         for hog in hogs:
             hog.close()
         hogs = []
         with Client(h.path, timeout=5) as fx:  # room again: built and answered
-            until(lambda: len(fx.messages(limit=20)) == 20, what="a read answered once the hogs are gone")
+            until(lambda: len(fx.messages(limit=5)) == 5, what="a read answered once the hogs are gone")
     finally:
         for hog in hogs:
             hog.close()
