@@ -153,10 +153,11 @@ def check_config(path: str, keys_dir: Optional[str], data_dir: Optional[str]) ->
     detail = (f"{path}: thing {thing.name!r}, broker {thing.endpoint}:{thing.mqtt.port}; egress rate"
               f" {describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate, mqtt.backlog_rate, mqtt.max_inflight)}")
     # as `run` warns of them, the daemon's user being the data dir's owner (the service user's,
-    # under systemd) when there is one: root checking a service's install is not its daemon
+    # under systemd), else the private key's (with mode 0600, the one user who can read it):
+    # root checking a service's install before its first start is not its daemon
     directory = config.store.data_dir
-    warnings = [*config.warnings, *paths.control_warnings(
-        config_module.trusted_files(config), directory.stat().st_uid if directory.is_dir() else os.geteuid())]
+    owner = (directory if directory.is_dir() else thing.keys.private_key).stat().st_uid
+    warnings = [*config.warnings, *paths.control_warnings(config_module.trusted_files(config), owner)]
     if warnings:
         detail += "; warning: " + "; warning: ".join(warnings)
     return detail, config

@@ -142,6 +142,10 @@ def test_a_config_or_key_file_another_user_can_change_is_warned_of(daemon_config
     detail, _ = check_config(str(daemon_config), None, None)  # `check` says so too (found by re-read)
     assert f"warning: privateKey {key} is owned by uid 1001" in detail, detail
     assert f"warning: config {daemon_config.resolve()} is writable by group or others" in detail, detail
+    # before a service's first start (no data dir yet) the key's owner is taken for its user:
+    # `sudo flashlexd check` of a `--user` install does not warn of the key it made that user's
+    detail, _ = check_config(str(daemon_config), None, str(tmp_path / "not-yet"))
+    assert "privateKey" not in detail and "config " in detail, detail
 
 
 # -- the client's hint when the socket is closed to it ------------------------------------------
