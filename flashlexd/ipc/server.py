@@ -439,16 +439,17 @@ class RpcServer:
         try:
             request = parse_request(body, self.limits.max_frame)
             request_id, method = request.id, request.method
-            if method in READS and conn.hung_up():
-                # nobody to answer, nothing to change: a peer sending a large read and hanging up,
-                # over and over, held the loop ~20 ms a call, every other app's call waiting behind
-                self.counters["unread_gone"] += 1
-                return
-            if method in READS and method != "status" and not self._room_for_a_large_answer(conn.uid):
-                # it would be built (~20 ms for 1.3 MB) only to be refused: 250 clients not
-                # reading held the loop 4 s a round; `status` (2.4 KB) is always answered
-                self._send(conn, self._no_room(conn, request_id, None))
-                return
+            if method in READS:
+                if conn.hung_up():
+                    # nobody to answer, nothing to change: a peer sending a large read and hanging
+                    # up, over and over, held the loop ~20 ms a call, every other app's call waiting
+                    self.counters["unread_gone"] += 1
+                    return
+                if method != "status" and not self._room_for_a_large_answer(conn.uid):
+                    # it would be built (~20 ms for 1.3 MB) only to be refused: 250 clients not
+                    # reading held the loop 4 s a round; `status` (2.4 KB) is always answered
+                    self._send(conn, self._no_room(conn, request_id, None))
+                    return
             result = self._methods.handle(method, request.params, conn.uid)
         except RpcFailure as failure:
             self.counters["errors"] += 1
