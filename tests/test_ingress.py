@@ -274,11 +274,14 @@ def test_a_trickle_shares_one_commit_and_a_burst_does_not_wait_for_the_window(
 
 
 def held_in_the_window(broker: Broker, tmp_path: Path, start_worker, payload: bytes,
-                       mqtt: Optional[Dict[str, Any]] = None):
-    """A worker behind a proxy, with a 5 s ingestCommitMs, holding `payload` in its batch."""
+                       mqtt: Optional[Dict[str, Any]] = None, commit_batch: Optional[int] = None):
+    """A worker behind a proxy, with a 5 s ingestCommitMs, holding `payload` in its batch
+    (`commit_batch`: the ingestCommitBatch that ends a window at once, when not the default)."""
     proxy = Proxy(broker)
-    config = write_config(tmp_path / "config", broker, port=proxy.port, db={"ingestCommitMs": 5000},
-                          mqtt=mqtt)
+    db: Dict[str, Any] = {"ingestCommitMs": 5000}
+    if commit_batch is not None:
+        db["ingestCommitBatch"] = commit_batch
+    config = write_config(tmp_path / "config", broker, port=proxy.port, db=db, mqtt=mqtt)
     store = open_store(config)
     worker = start_subscribed(start_worker, config, broker)
     publish(broker, INGRESS_TOPIC, payload)
@@ -351,8 +354,10 @@ def test_two_copies_of_one_content_in_flight_at_a_drop_are_both_stored(
     lost), the second's first transmission is lost, then the link drops. The broker resends
     both with DUP: one is the redelivery of the copy held, the other a new message."""
     proxy = Proxy(broker)
+    # ingestCommitBatch 3: the first "same" waits alone in its window (to the drop); the two
+    # resent copies and the marker end theirs at once instead of waiting out the 5 s
     config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"protocol": protocol},
-                          db={"ingestCommitMs": commit_ms})
+                          db={"ingestCommitMs": commit_ms, "ingestCommitBatch": 3})
     store = open_store(config)
     worker = start_subscribed(start_worker, config, broker)
     if lost == "the PUBACK":
@@ -376,7 +381,10 @@ def test_under_mqtt5_one_fault_does_not_lose_a_repeated_message_it_cut_off(
     resend keeps its packet id, which tells the two apart. (Under 3.1.1 the count alone still
     decides, as the README says: not tested, the loss depends on the broker processing the
     PUBACK before the cut.)"""
-    proxy, store, worker = held_in_the_window(broker, tmp_path, start_worker, b"on", mqtt={"protocol": "5"})
+    # ingestCommitBatch 2: the first "on" waits alone in its window; after the fault the resent
+    # "on" and the marker end theirs at once instead of waiting out the 5 s
+    proxy, store, worker = held_in_the_window(broker, tmp_path, start_worker, b"on", mqtt={"protocol": "5"},
+                                              commit_batch=2)
     proxy.swallow("down")  # the UNSUBACK that would confirm the PUBACK never reaches the worker
     wait_for(lambda: store.inbox_count() == 1, 15, "the first 'on' committed, its PUBACK sent")
     if fault == "link drop":
@@ -415,7 +423,8 @@ def test_marks_of_a_session_the_broker_lost_do_not_drop_a_later_message(
     """"same" committed at the drop, never acknowledged; the broker comes back without its
     state (no session), so it will never resend it: the mark must go, or a new "same" first
     sent as a DUP is taken for its redelivery and dropped."""
-    proxy, store, worker = held_in_the_window(broker, tmp_path, start_worker, b"same")
+    # ingestCommitBatch 2: the resent "same" and the marker end their window at once
+    proxy, store, worker = held_in_the_window(broker, tmp_path, start_worker, b"same", commit_batch=2)
     subscribed = broker.subscriptions(THING, INGRESS_TOPIC)
     broker.kill()
     wait_for(lambda: store.inbox_count() == 1, 10, "committed at the drop")
