@@ -448,8 +448,9 @@ def test_a_resend_on_the_same_connection_is_stored_once(broker: Broker, tmp_path
     packet id and content is acknowledged with it and not stored."""
     lax = LaxBroker(broker.certs, [(INGRESS_TOPIC.encode(), b"once")], resend_after=1.0)
     try:
+        # ingestCommitBatch 2: the resend (at 1 s) ends the 5 s window, both waiting in it
         config = write_config(tmp_path / "config", broker, port=lax.port, mqtt={"protocol": "3.1.1"},
-                              db={"ingestCommitMs": 5000})
+                              db={"ingestCommitMs": 5000, "ingestCommitBatch": 2})
         store = open_store(config)
         worker = start_worker("ingress", config)
         worker.wait(lambda w: w.counters.get("received") == 2, 15, "the message and its resend")
