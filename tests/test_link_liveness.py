@@ -306,7 +306,7 @@ def test_a_stall_at_every_link_is_one_error_not_one_a_link(broker: Broker, tmp_p
                                          "stableConnectionTimeSecond": 0.5}})
         open_store(config).outbox_append([(EGRESS_TOPIC, b"never acknowledged", 1, False)])
         worker = start_worker("egress", config)
-        worker.wait(lambda w: fake.connects >= 5, 30, "five links")
+        worker.wait(lambda w: fake.connects >= 4, 30, "four links")  # the first and a run of 3 repeats
         log = worker.log_text()
         assert log.count("not acknowledged within") == 1, log[-3000:]
         assert log.count("connected to ") == 2, log[-3000:]  # the first link, the one after the ERROR
