@@ -269,7 +269,7 @@ def test_a_publish_the_broker_always_skips_is_dead_lettered_after_poison_attempt
                           mqtt={"protocol": "3.1.1", "mqttOperationTimeout": 1, "publishRatePerSecond": 50,
                                 "poisonAttempts": 2})
     store = open_store(config)
-    entries = [f"{i:06d}".encode() for i in range(400)]  # 8 s at 50/s
+    entries = [f"{i:06d}".encode() for i in range(250)]  # 5 s at 50/s
     store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
     worker = start_worker("egress", config)
     wait_for(lambda: store.dead_letters(), 30, "the skipped entry dead-lettered")
