@@ -173,7 +173,8 @@ def test_a_store_setting_reloaded_on_a_disk_gone_read_only_stops_the_daemon(daem
             Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")  # the kernel remounts it ro
             wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
             edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(expireSeconds=3600))
-            with connect(str(running.socket_path)) as fx:
+            # its calls wait for a daemon gone up to their timeout (10 s by default), then raise
+            with connect(str(running.socket_path), timeout=5) as fx:
                 hup_at = time.monotonic()
                 running.signal(signal.SIGHUP)
                 answers = _calls_until_gone(fx, deadline=hup_at + 20)
