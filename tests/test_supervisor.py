@@ -596,8 +596,10 @@ def test_a_store_setting_reloaded_while_a_write_waits_for_the_lock_is_refused_an
         with connect(str(daemon.socket_path)) as fx:
             txn = env.begin(write=True)
             try:
-                with pytest.raises(RpcError):
-                    fx.publish(b"meets the held lock")
+                # a client that asks once: the daemon answers `busy` after its 1 s write wait, and
+                # a 3 s timeout leaves no room to ask again (fx, 10 s, asked again for ~8.5 s)
+                with connect(str(daemon.socket_path), timeout=3) as once, pytest.raises(RpcError):
+                    once.publish(b"meets the held lock")
                 edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update({"capMegabytes": 128}))
                 hup_at = time.monotonic()
                 daemon.signal(signal.SIGHUP)
