@@ -1269,6 +1269,8 @@ def test_a_write_lock_held_outside_the_daemon_is_said_and_its_waiter_restarted(
     """Found by re-read: with the lock-wait beat, a write lock held by a process outside the
     daemon (a paused `flashlexd store` command) stalled it for good, `status` healthy and no
     line logged. A wait past twice heartbeatTimeoutSeconds is one ERROR, and the beats stop."""
+    # 2 s, not the test config's 3: the ERROR after a 4 s wait, the abort 2 s later (not 6 + 3)
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"]["supervisor"].update(heartbeatTimeoutSeconds=2))
     running = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)}).start()
     held, release = tmp_path / "held", tmp_path / "release"
     holder = None
