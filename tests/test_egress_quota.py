@@ -320,12 +320,12 @@ def test_entries_queued_while_the_link_is_up_keep_their_rate_after_a_reconnect(
     worker = start_worker("egress", config)
     worker.wait_connected()
     worker.wait(lambda w: w.counters.get("rate_limit") == 100, 5, "the online rate while idle")
-    fill_outbox(store, 500)  # queued while the link is up
+    fill_outbox(store, 300)  # queued while the link is up
     worker.send("outbox")
-    wait_for(lambda: store.outbox_count() < 400, 10, "the online drain under way")
+    wait_for(lambda: store.outbox_count() < 200, 10, "the online drain under way")
     proxy.drop_connections()  # a short outage: the link comes back at once
     worker.wait(lambda w: w.mqtt.get("connected") and proxy.link_count() == 1, 20, "the link back")
-    wait_for(lambda: store.outbox_count() == 0, 20, "the rest at the online rate (2/s: 3 minutes)")
+    wait_for(lambda: store.outbox_count() == 0, 20, "the rest at the online rate (2/s: over a minute)")
     assert worker.stop() == 0
     proxy.close()
 
