@@ -123,7 +123,7 @@ def test_a_throttled_drain_is_noticed_resent_and_counted(plain_broker: Broker, t
     config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=0, mqttOperationTimeout=1)
     store = open_store(config)
     subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    sent = fill_outbox(store, 400)
+    sent = fill_outbox(store, 250)
     worker = start_worker("egress", config)
     wait_for(lambda: store.outbox_count() == 0, 40, "the outbox empty")
     # every entry at least once; not in order: what the quota dropped comes after what it let by
