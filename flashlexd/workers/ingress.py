@@ -61,13 +61,14 @@ from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import V5, properties_of, properties_size, properties_wire_size, reason_name
 from flashlexd.publishread import Publish
-from flashlexd.store import DiskFull, Incoming, Store, StoreDamaged, StoreError, StoreFull
+from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_session, earlier_session_on,
                                           fell_back_before, noting_connects, noting_fallback)
 from flashlexd.workers.recyclepace import RecyclePace
+from flashlexd.workers.refusallog import REFUSED_LOG_SECONDS, RefusalLog
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ LEARN_FROM = 8                 # fewer waiting messages are never taken for a br
 STALL_GAPS = 4                 # a silence this many mean gaps long: the broker's window is full
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
-REFUSED_LOG_SECONDS = 600.0   # the store refusing again within this: DEBUG, counted in the next ERROR
-RESUMED_QUIET_SECONDS = 10.0  # storing this long without a refusal ends a logged refusal's episode
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
 FILTERS_PER_SUBSCRIBE = 8      # AWS IoT Core closes the link on a SUBSCRIBE/UNSUBSCRIBE with more
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
@@ -136,11 +135,7 @@ class IngressWorker(Worker):
         self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
-        # a store held at its cap (each expiry sweep freeing a little) refuses again and again
-        self._refusal_lines = KindThrottle(REFUSED_LOG_SECONDS)  # by the error's type
-        self._refusing_said = False  # the log's last word on the store: refusing
-        self._resumed_at: Optional[float] = None  # storing again since, the log not told yet
-        self._resume_said_at: Optional[float] = None  # the last "resuming" line
+        self.refusals = RefusalLog(RETRY_SECONDS)
         # the broker lost our session, or the link is on another broker than the marks': every
         # DUP mark is stale once the first this-many batch messages (from the connections
         # before) are committed; None: nothing to forget
@@ -201,9 +196,7 @@ class IngressWorker(Worker):
                 self._commit(now)
             if self.retry_at is not None:
                 wait = min(wait, max(0.0, self.retry_at - now))
-        if self._resumed_at is not None:
-            wait = min(wait, self._say_resumed(now))
-        return wait
+        return min(wait, self.refusals.due(now))
 
     def _stalled_at(self) -> float:
         """When the broker counts as stopped at its window (never, with few messages waiting)."""
@@ -232,8 +225,7 @@ class IngressWorker(Worker):
             log.warning("%s", refused)
         self.connection.close(budget / 2)
         self.store.close()
-        if self._resumed_at is not None:  # the last word this process logs must be the truth
-            self._log_resumed(time.monotonic())
+        self.refusals.close(time.monotonic())
 
     def _await_barrier(self, timeout: float) -> None:
         """A graceful stop (a reload, a service restart) waits for the broker to confirm the
@@ -565,8 +557,7 @@ class IngressWorker(Worker):
         self.counters["marks_settled"] += len(settled) if messages else 0
         if self.retry_at is not None:
             log.debug("store accepts messages again; resuming")
-            if self._refusing_said and self._resumed_at is None:
-                self._resumed_at = now
+            self.refusals.stored(now)
         self.retry_at = None
         self.counters["store_full"] = False
         self.counters["store_error"] = None
@@ -646,48 +637,11 @@ class IngressWorker(Worker):
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
-        self._resumed_at = None  # not over after all: the log's last word stays right
-        if self.retry_at is None:  # a new refusal; damage: logged by the store
-            said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now)
-            self._refusing_said = self._refusing_said or said
+        if self.retry_at is None:  # a new refusal
+            self.refusals.refused(exc, now, len(self.batch))
         self.counters["store_full"] = isinstance(exc, StoreFull)
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS
-
-    def _say_refused(self, exc: StoreError, now: float) -> bool:
-        """One ERROR per kind of refusal every REFUSED_LOG_SECONDS, with the count, DEBUG in
-        between: a store held at its cap by expiry refuses at every sweep, for hours (`status`
-        shows each). A refusal after the log said "resuming" is always logged: else the log's
-        last word would be that all is well while nothing is stored. Whether it was logged."""
-        what = "store full" if isinstance(exc, StoreFull) else "store error"
-        count = self._refusal_lines.due(type(exc), now)
-        if not count and not self._refusing_said:
-            count = 1
-        if not count:
-            log.debug("%s: %s; not acknowledging %d messages", what, exc, len(self.batch))
-            return False
-        again = f" ({count} such refusals since the last line about them)" if count > 1 else ""
-        log.error("%s: %s; not acknowledging %d messages, retrying every %gs%s", what, exc,
-                  len(self.batch), RETRY_SECONDS, again)
-        return True
-
-    def _say_resumed(self, now: float) -> float:
-        """Log the end of a logged refusal once the store has taken messages for
-        RESUMED_QUIET_SECONDS without refusing, and at most once every REFUSED_LOG_SECONDS: a
-        store held at its cap resumes and is refused again at every expiry sweep (or at each
-        message of a slow sensor), and a refusal after a "resuming" line is always logged.
-        Seconds until it is due."""
-        due = self._resumed_at + RESUMED_QUIET_SECONDS  # type: ignore[operator]
-        if self._resume_said_at is not None:
-            due = max(due, self._resume_said_at + REFUSED_LOG_SECONDS)
-        if due > now:
-            return due - now
-        self._log_resumed(now)
-        return float("inf")
-
-    def _log_resumed(self, now: float) -> None:
-        log.info("store accepts messages again; resuming")
-        self._refusing_said, self._resumed_at, self._resume_said_at = False, None, now
 
 
 def _matched(filters: Sequence[str], topic: str) -> bool:

@@ -1,0 +1,67 @@
+"""What ingress logs while the store refuses (workers/refusallog.py), on a clock the test
+sets: the spells that matter last 10 s to 10 minutes. test_ingress.py has a real worker say
+the same."""
+from __future__ import annotations
+
+import logging
+from typing import List, Tuple
+
+import pytest
+
+from flashlexd.store import StoreDamaged, StoreFull
+from flashlexd.workers.refusallog import REFUSED_LOG_SECONDS, RESUMED_QUIET_SECONDS, RefusalLog
+
+FULL = StoreFull("store at its cap")
+
+
+@pytest.fixture
+def said(caplog: pytest.LogCaptureFixture):
+    """The lines logged so far, as (level, the start of the message)."""
+    caplog.set_level(logging.DEBUG, logger="flashlexd.workers.refusallog")
+
+    def lines() -> List[Tuple[str, str]]:
+        return [(r.levelname, r.getMessage().split(";")[0]) for r in caplog.records]
+    return lines
+
+
+def test_a_slow_sensor_into_a_store_at_its_cap_is_not_a_pair_of_lines_a_message(said):
+    """Found by re-read: each message of a slow sensor (one every 30 s, over
+    RESUMED_QUIET_SECONDS apart) met the store full again after a quiet spell, and the log read
+    ERROR, "resuming", ERROR, "resuming"... for as long as it lasted."""
+    log = RefusalLog(retry_seconds=1.0)
+    for at in range(0, 600, 30):  # refused, stored at the retry a second later (expiry freed room)
+        log.refused(FULL, at, held=1)
+        log.stored(at + 1)
+        log.due(at + 29)
+    assert said().count(("ERROR", "store full: store at its cap")) == 2  # the first, the first after the resume
+    assert said().count(("INFO", "store accepts messages again")) == 1
+
+
+def test_the_end_is_said_after_a_quiet_spell_and_a_refusal_after_it_always(said):
+    """The log's last word on the store must be the truth: "resuming" only once the store took
+    messages for RESUMED_QUIET_SECONDS, and a refusal after that line logged though the last
+    ERROR is less than REFUSED_LOG_SECONDS old (found by review: it was throttled, and the log
+    said "resuming" while 4,000-6,000 messages were held)."""
+    log = RefusalLog(retry_seconds=1.0)
+    log.refused(FULL, 0.0, held=5)
+    log.refused(FULL, 0.5, held=5)  # again within REFUSED_LOG_SECONDS: DEBUG, counted in the next ERROR
+    log.stored(2.0)
+    assert log.due(2.0 + RESUMED_QUIET_SECONDS - 0.1) == pytest.approx(0.1)
+    assert said() == [("ERROR", "store full: store at its cap"), ("DEBUG", "store full: store at its cap")]
+    assert log.due(2.0 + RESUMED_QUIET_SECONDS) == float("inf")
+    assert said()[-1] == ("INFO", "store accepts messages again")
+    log.refused(FULL, 20.0, held=5)
+    assert said()[-1][0] == "ERROR" and 20.0 < REFUSED_LOG_SECONDS
+
+
+def test_a_stop_says_an_end_not_yet_due_and_damage_is_left_to_the_store(said):
+    """A worker stopped within RESUMED_QUIET_SECONDS of storing again said nothing, the ERROR
+    its last word. Damage is logged by the store; its end is ingress's to say."""
+    log = RefusalLog(retry_seconds=1.0)
+    log.refused(StoreDamaged("damaged page"), 0.0, held=3)
+    assert said() == []
+    log.stored(1.0)
+    log.close(2.0)
+    assert said() == [("INFO", "store accepts messages again")]
+    log.close(3.0)  # said once
+    assert len(said()) == 1
