@@ -114,16 +114,22 @@ def test_a_qos0_entry_is_measured_without_a_packet_id(strict_broker: Broker, tmp
     assert worker.stop() == 0
 
 
+POISON_ATTEMPTS = 2
+
+
 @contextmanager
 def entry_held_in_flight(certs: Certs, tmp_path: Path, start_worker,
                          protocol: str) -> Iterator[Tuple[Broker, QuotaProxy, Store, Any]]:
     """One healthy entry that never gets its PUBACK (a proxy before the broker drops every
-    PUBLISH), so it is alone in flight at every drop: (broker, proxy, store, egress worker)."""
+    PUBLISH), so it is alone in flight at every drop: (broker, proxy, store, egress worker).
+    `poisonAttempts` is 2 (POISON_ATTEMPTS drops counted in full dead-letter it), so each test
+    needs one drop fewer than at the default 3."""
     broker = Broker(certs, tmp_path / "broker", plain=True).start()
     proxy = QuotaProxy(broker, rate=0.001)
     try:
         config = write_config(tmp_path / "config", broker, port=proxy.port,
-                              mqtt={"protocol": protocol, "mqttOperationTimeout": 60})
+                              mqtt={"protocol": protocol, "mqttOperationTimeout": 60,
+                                    "poisonAttempts": POISON_ATTEMPTS})
         store = open_store(config)
         store.outbox_append([(EGRESS_TOPIC, b"precious", 1, False)])
         yield broker, proxy, store, start_worker("egress", config)
@@ -141,10 +147,10 @@ def test_a_drop_the_broker_gives_its_own_cause_for_is_not_counted_as_poison(
     exceeded (0x97, AWS IoT Core over a quota; 0x96 Message rate too high is in the same set),
     which dead-lettered a healthy entry (found by review)."""
     with entry_held_in_flight(certs, tmp_path, start_worker, "5") as (_, proxy, store, worker):
-        for sent in range(1, 4):
+        for sent in range(1, POISON_ATTEMPTS + 1):
             wait_for(lambda: proxy.over_quota >= sent, 15, f"the entry sent on connection {sent}")
             proxy.drop_connections(reason=reason)
-        wait_for(lambda: proxy.over_quota >= 4, 15, "the entry sent on a fourth connection")
+        wait_for(lambda: proxy.over_quota >= POISON_ATTEMPTS + 1, 15, "the entry sent on one more connection")
         assert store.dead_letters() == [] and store.outbox_count() == 1
         assert name in worker.log_text()
         assert worker.stop() == 0
@@ -158,14 +164,14 @@ def test_an_outage_while_an_entry_waits_for_its_puback_is_not_counted_as_poison(
     until an operator retried it, out of order (found by review). A broker that refuses an entry
     takes the next CONNECT at once; one that is down does not, and such a drop is not counted."""
     with entry_held_in_flight(certs, tmp_path, start_worker, protocol) as (broker, proxy, store, worker):
-        for outage in range(1, 4):
+        for outage in range(1, POISON_ATTEMPTS + 1):
             wait_for(lambda: proxy.over_quota >= outage, 15, f"the entry sent on connection {outage}")
             failures = worker.log_text().count("retrying in")
             broker.stop()  # the proxy's upstream closes: the link drops, no DISCONNECT
             wait_for(lambda: worker.log_text().count("retrying in") >= failures + 2, 20,
                      "the drop and an attempt the stopped broker failed")
             broker.start()
-        wait_for(lambda: proxy.over_quota >= 4, 20, "the entry sent on a fourth connection")
+        wait_for(lambda: proxy.over_quota >= POISON_ATTEMPTS + 1, 20, "the entry sent on one more connection")
         assert store.dead_letters() == [] and store.outbox_count() == 1
         assert worker.stop() == 0
 
@@ -179,10 +185,10 @@ def test_path_resets_while_an_entry_waits_for_its_puback_count_as_a_third_of_a_d
     (refused?)"; found by review behind a 0.3 s path). A broker closing a link over a publish
     sends TLS's close first; a link ended without one counts as a third of a drop."""
     with entry_held_in_flight(certs, tmp_path, start_worker, protocol) as (_, proxy, store, worker):
-        for cut in range(1, 4):  # three drops counted in full dead-letter it
+        for cut in range(1, POISON_ATTEMPTS + 1):  # as many drops counted in full dead-letter it
             wait_for(lambda: proxy.over_quota >= cut, 15, f"the entry sent on connection {cut}")
             proxy.drop_connections()  # no TLS close: a path's reset
-        wait_for(lambda: proxy.over_quota >= 4, 15, "the entry sent on a fourth connection")
+        wait_for(lambda: proxy.over_quota >= POISON_ATTEMPTS + 1, 15, "the entry sent on one more connection")
         assert store.dead_letters() == [] and store.outbox_count() == 1
         assert worker.stop() == 0
 
