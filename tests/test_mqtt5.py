@@ -18,7 +18,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from flashlexd.client import connect
 from flashlexd.config import load
-from flashlexd.mqtt import Connection
+from flashlexd.mqtt import QUICK_DROPS, Connection
 from flashlexd.mqttv5 import BrokerLimits, ProtocolChoice
 from flashlexd.store import Incoming
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
@@ -226,15 +226,15 @@ def test_links_closed_after_refused_publishes_are_not_taken_for_a_clone(
     broker = Broker(certs, tmp_path / "broker", acl=ACL).start()
     try:
         store, worker = egress_store_and_worker(broker, tmp_path, start_worker, protocol)
-        for n in range(4):
+        for n in range(QUICK_DROPS):  # the bug named a clone at the QUICK_DROPS-th (third) close
             reports = len(worker.reports("mqtt"))
             store.outbox_append([(f"{FORBIDDEN}/{n}", b"secret", 1, False)])
             worker.send("outbox")
             worker.wait(lambda w: len(w.reports("mqtt")) >= reports + 2 and w.mqtt.get("connected"), 10,
                         f"the link closed over entry {n} and up again")
         errors = [m["error"] for m in worker.reports("mqtt") if m.get("error")]
-        assert len(errors) == 4 and all(e.endswith("closed by the broker or the network") for e in errors), errors
-        assert len(store.dead_letters()) == (4 if protocol == "5" else 0)
+        assert len(errors) == QUICK_DROPS and all(e.endswith("closed by the broker or the network") for e in errors), errors
+        assert len(store.dead_letters()) == (QUICK_DROPS if protocol == "5" else 0)
         assert worker.stop() == 0
     finally:
         broker.close()
