@@ -255,9 +255,11 @@ def test_refused_entries_behind_acknowledged_ones_are_found_at_the_base_quiet_ti
     deep = "a/b/c/d/e/f/g/h/i"
     broker = AwsTopicLevelsBroker(certs, protocol)
     try:
+        # poisonAttempts 2: 5 drops in all (the second entry's first drop after a PUBACK), not 7;
+        # doubling, the waits would still reach 4 s
         config = write_config(tmp_path / "config", SimpleNamespace(certs=certs, port=broker.port), mqtt={
-            "protocol": protocol, "autoReconnectBackoffTime": {"baseReconnectQuietTimeSecond": 1,
-                                                               "maxReconnectQuietTimeSecond": 32}})
+            "protocol": protocol, "poisonAttempts": 2,
+            "autoReconnectBackoffTime": {"baseReconnectQuietTimeSecond": 1, "maxReconnectQuietTimeSecond": 32}})
         store = open_store(config)
         store.outbox_append([(topic, f"{topic}{i}".encode(), 1, False) for i in range(2)
                              for topic in (EGRESS_TOPIC, deep)] + [(EGRESS_TOPIC, b"last", 1, False)])
