@@ -78,14 +78,15 @@ def test_rabbitmqs_reordered_pubacks_behind_a_slow_uplink_close_no_link(
         rabbitmq: Any, tmp_path: Path, start_worker) -> None:
     """A window of 100 entries of 1.5 kB waits ~10 s in a 15 kB/s uplink, twice the timeout;
     every other entry goes to a topic no queue takes. Nothing is dropped, so the link stays up
-    and nothing is sent twice (the grace counted from the publish: a close every ~6 s)."""
+    and nothing is sent twice (the grace counted from the publish: a close every ~6 s, the
+    first while that one window is still in the uplink: one window is enough)."""
     uplink = SlowUplink(rabbitmq, rate=15_000, burst=16384)
     subscriber = Subscriber(rabbitmq, EGRESS_TOPIC, tmp_path / "received").start()
     config = write_config(tmp_path / "config", rabbitmq, port=uplink.port,
                           mqtt={"protocol": "3.1.1", "keepAliveSeconds": 60, "mqttOperationTimeout": 5})
     store = open_store(config)
     entries = [(EGRESS_TOPIC if i % 2 == 0 else f"{EGRESS_TOPIC}/nobody", f"{i:06d} ".encode().ljust(1500, b"x"),
-                1, False) for i in range(140)]
+                1, False) for i in range(100)]
     store.outbox_append(entries)
     routed = {payload for topic, payload, _, _ in entries if topic == EGRESS_TOPIC}
     worker = start_worker("egress", config)
