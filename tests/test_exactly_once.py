@@ -9,7 +9,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, List
 
 import pytest
 
@@ -17,13 +17,6 @@ from flashlexd.store import Store
 from tests.broker import INGRESS_TOPIC, Proxy, open_store, publish_lines, wait_for, write_config
 
 DEDUPE = {"dedupe": {"key": "json:id", "windowSeconds": 3600}}
-
-
-def protocol_for(broker: Any, protocol: str = "auto") -> Dict[str, str]:
-    """RabbitMQ 3.10 speaks 3.1.1 only: `auto` cost each worker start ~2 s on the MQTT 5 attempt
-    and the fallback (test_mqtt5's test_auto_falls_back_to_3_1_1_on_a_broker_without_mqtt5
-    covers it), so its runs ask for 3.1.1, what `auto` ends on; mosquitto keeps `protocol`."""
-    return {"protocol": "3.1.1" if getattr(broker, "name", None) == "rabbitmq" else protocol}
 
 
 def json_lines(path: Path, count: int, start: int = 0, width: int = 120) -> List[bytes]:
@@ -69,7 +62,7 @@ def queue_offline(broker: Any, start_worker, config: Path, lines: Path) -> None:
 
 def test_ingress_kills_during_a_backlog_drain_store_each_message_once(
         any_broker: Any, tmp_path: Path, start_worker) -> None:
-    config = write_config(tmp_path / "config", any_broker, mqtt=protocol_for(any_broker))
+    config = write_config(tmp_path / "config", any_broker)
     store = open_store(config)
     sent = json_lines(tmp_path / "backlog", 1500)
     queue_offline(any_broker, start_worker, config, tmp_path / "backlog")
@@ -111,7 +104,7 @@ def stream_equal_payloads_through_faults(broker: Any, tmp_path: Path, start_work
                                          faults: int, protocol: str = "auto") -> None:
     """1,200 "on" published while the ingress is stopped (cleanly or killed) `faults` times in
     the middle of the stream: each one is stored once."""
-    config = write_config(tmp_path / "config", broker, mqtt=protocol_for(broker, protocol))
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol})
     store = open_store(config)
     worker = start_worker("ingress", config)
     worker.wait_connected()
@@ -133,8 +126,7 @@ def stream_equal_payloads_through_faults(broker: Any, tmp_path: Path, start_work
     worker.wait(idle, 30, "nothing left in flight")
     assert worker.stop() == 0
     stored = store.inbox_count()
-    print("RESULT", json.dumps({"broker": getattr(broker, "name", "mosquitto"),
-                                "protocol": protocol_for(broker, protocol)["protocol"],
+    print("RESULT", json.dumps({"broker": getattr(broker, "name", "mosquitto"), "protocol": protocol,
                                 "fault": f"ingress {fault} x{faults} during a stream of equal payloads",
                                 "sent": count, "stored": stored}))
     assert stored == count, f"{count - stored} of {count} lost" if stored < count else "stored twice"
@@ -145,7 +137,7 @@ def test_pubacks_lost_after_the_commit_store_each_message_once(
     """A proxy swallows our PUBACKs, then cuts the link: the broker redelivers (DUP=1; RabbitMQ
     under new packet ids) what we had committed; three rounds."""
     proxy = Proxy(any_broker)
-    config = write_config(tmp_path / "config", any_broker, port=proxy.port, mqtt=protocol_for(any_broker))
+    config = write_config(tmp_path / "config", any_broker, port=proxy.port)
     store = open_store(config)
     worker = start_worker("ingress", config)
     worker.wait_connected()
@@ -180,8 +172,7 @@ def test_broker_restart_during_a_drain_loses_nothing(any_broker: Any, tmp_path: 
     crash the broker may send again, with DUP=0, what it had acknowledged but not persisted:
     only the dedupe key catches those. mosquitto saves its state (SIGUSR1) right before the
     kill, as in the chaos suite; a clean stop saves everything."""
-    config = write_config(tmp_path / "config", any_broker, db=DEDUPE if dedupe else None,
-                          mqtt=protocol_for(any_broker))
+    config = write_config(tmp_path / "config", any_broker, db=DEDUPE if dedupe else None)
     store = open_store(config)
     sent = json_lines(tmp_path / "backlog", 1500)
     queue_offline(any_broker, start_worker, config, tmp_path / "backlog")
