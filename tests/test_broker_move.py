@@ -120,7 +120,7 @@ def test_a_fallback_to_3_1_1_stays_with_its_broker(rabbitmq, broker: Broker, tmp
     speaks MQTT 5 (3.1.1 there until the daemon restarted). Per broker: a move probes again,
     and a move back to the 3.1.1 broker starts on 3.1.1 at once."""
     rabbitmq.forget([THING])
-    config = write_config(tmp_path / "config", rabbitmq, endpoint=B)  # protocol: auto, the default
+    config = write_config(tmp_path / "config", rabbitmq, endpoint=B, mqtt={"protocol": "auto"})
     first = start_worker("ingress", config)
     first.wait(lambda w: w.counters.get("protocol") == "3.1.1", 20, "connected after the fallback")
     first.kill()

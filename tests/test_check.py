@@ -172,7 +172,7 @@ def test_the_check_speaks_the_configured_protocol(broker: Broker, tmp_path: Path
 
 
 def test_auto_falls_back_on_a_broker_without_mqtt5_as_the_daemon_does(rabbitmq, tmp_path: Path) -> None:
-    result = run_check(write_config(tmp_path / "thing", rabbitmq))
+    result = run_check(write_config(tmp_path / "thing", rabbitmq, mqtt={"protocol": "auto"}))
     assert result.returncode == 0, result.stdout + result.stderr
     steps, _ = parse(result)
     assert statuses(steps) == ["ok"] * 6

@@ -9,10 +9,11 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional
 
 import pytest
 
+from flashlexd.config import load
 from flashlexd.store import Store
 from tests.broker import INGRESS_TOPIC, Proxy, open_store, publish_lines, wait_for, write_config
 
@@ -101,10 +102,10 @@ def test_ingress_kills_during_a_stream_of_equal_payloads_under_mqtt5_lose_none(
 
 
 def stream_equal_payloads_through_faults(broker: Any, tmp_path: Path, start_worker, fault: str,
-                                         faults: int, protocol: str = "auto") -> None:
+                                         faults: int, protocol: Optional[str] = None) -> None:
     """1,200 "on" published while the ingress is stopped (cleanly or killed) `faults` times in
     the middle of the stream: each one is stored once."""
-    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol})
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": protocol} if protocol else None)
     store = open_store(config)
     worker = start_worker("ingress", config)
     worker.wait_connected()
@@ -126,7 +127,8 @@ def stream_equal_payloads_through_faults(broker: Any, tmp_path: Path, start_work
     worker.wait(idle, 30, "nothing left in flight")
     assert worker.stop() == 0
     stored = store.inbox_count()
-    print("RESULT", json.dumps({"broker": getattr(broker, "name", "mosquitto"), "protocol": protocol,
+    print("RESULT", json.dumps({"broker": getattr(broker, "name", "mosquitto"),
+                                "protocol": load(str(config)).thing.mqtt.protocol,
                                 "fault": f"ingress {fault} x{faults} during a stream of equal payloads",
                                 "sent": count, "stored": stored}))
     assert stored == count, f"{count - stored} of {count} lost" if stored < count else "stored twice"

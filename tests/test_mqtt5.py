@@ -138,7 +138,7 @@ def test_a_replaced_worker_starts_on_3_1_1_after_a_fallback_until_the_daemon_res
     """The fallback is remembered in the store for the daemon's run: a worker replaced after a
     crash connects with 3.1.1 at once (no refused MQTT 5 CONNECT, no reconnect delay each time);
     the supervisor forgets it at the next start, so an upgraded broker gets MQTT 5 again."""
-    config = write_config(tmp_path / "config", rabbitmq)  # protocol: auto, the default
+    config = write_config(tmp_path / "config", rabbitmq, mqtt={"protocol": "auto"})
     client_id, on = load(str(config)).thing.mqtt.client_id, load(str(config)).thing.broker_identity
     store = open_store(config)
     assert not store.fell_back(client_id, on)

@@ -291,10 +291,7 @@ def test_an_entry_over_rabbitmqs_max_message_size_is_named_and_can_be_dropped(
                            f" application:set_env(rabbit, max_message_size, {limit}), Default.").strip()
     try:
         subscriber = Subscriber(rabbitmq, EGRESS_TOPIC, tmp_path / "received").start()
-        # 3.1.1 at once: RabbitMQ 3.10 has no MQTT 5, and `auto` spent ~2 s on the fallback
-        # (test_mqtt5's test_auto_falls_back_to_3_1_1_on_a_broker_without_mqtt5 covers it)
-        config = write_config(tmp_path / "config", rabbitmq,
-                              mqtt={"protocol": "3.1.1", "poisonAttempts": 2, "mqttOperationTimeout": 2})
+        config = write_config(tmp_path / "config", rabbitmq, mqtt={"poisonAttempts": 2, "mqttOperationTimeout": 2})
         store = open_store(config)
         sent = queue(store, 40, ahead, EGRESS_TOPIC, b"x" * (2 * limit))
         big = store.outbox_peek(limit=1, after=store.outbox_peek(limit=ahead)[-1].id)[0].id

@@ -91,7 +91,8 @@ def test_worker_kills(any_broker: Any, tmp_path: Path, daemons: Daemons) -> None
     count, rate = scale(5_000, 100_000), scale(1_000, 2_500)
     random = rng("worker kills")
     result = Result(f"worker kills on {broker.name}")
-    config = chaos_config(broker, tmp_path / "etc")
+    # `auto` on RabbitMQ too (3.1.1 only): each replaced worker starts on the remembered fallback
+    config = chaos_config(broker, tmp_path / "etc", mqtt={"protocol": "auto"})
     store = open_store(config)
     daemon = daemons.start(config)
     publisher = AckedPublisher(broker, INGRESS_TOPIC, tmp_path / "acks.log", rate=rate, count=count)
@@ -147,11 +148,8 @@ def test_power_cuts(any_broker: Any, tmp_path: Path, daemons: Daemons) -> None:
     result = Result(f"power cuts on {broker.name}")
     # RabbitMQ lets 10 messages a commit through (its MQTT prefetch): a lower rate in short runs
     rate = scale(1500, 2000) if broker.name == "mosquitto" else scale(500, 2000)
-    # RabbitMQ 3.10 speaks 3.1.1 only: under `auto` each start after a cut spent ~2 s on the
-    # fallback (covered by test_mqtt5's test_auto_falls_back_to_3_1_1_on_a_broker_without_mqtt5)
-    mqtt = {"protocol": "3.1.1"} if broker.name == "rabbitmq" else None
     config, store, subscriber, daemon, publisher, feeder = start_load(broker, tmp_path, daemons,
-                                                                      mqtt=mqtt, rate=rate)
+                                                                      rate=rate)
 
     for cut in range(cuts):
         under_load(store, feeder, random, f"cut {cut + 1}")
