@@ -11,10 +11,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 import yaml
 
-from flashlexd.store import Store
+from flashlexd.store import Incoming, Store
 from tests.broker import (BROKER_INFLIGHT, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Certs, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
 from tests.lax_broker import LaxBroker
+from tests.tmpfs import mounted_ext4, read_only
 from tests.quota_proxy import QuotaProxy
 from tests.test_egress_quota import plain_broker  # noqa: F401 (fixture)
 from tests.worker_process import rss_kb
@@ -221,6 +222,34 @@ def test_a_store_refusing_again_after_the_log_said_resuming_is_logged_again(
         assert (said["errors"], said["resumes"]) == logged, (turn, said)
     assert worker.stop() == 0
     assert counts()["resumes"] == 2  # the end of the refusals, told as the worker stops
+
+
+def test_a_store_refusing_to_drop_a_lost_sessions_marks_is_a_refusal_said_by_status(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Found by re-read: the broker lost our session (restarted without its state) while the
+    store refused writes (an SD card gone read-only): the drop of the stale DUP marks was
+    refused and retried every second with no ERROR and nothing in `status` (store_error
+    unset), and a "resuming" logged before stayed the log's last word. Now it is a refusal
+    like any other. Real ext4 on a loop device."""
+    with mounted_ext4(tmp_path / "sd") as device:
+        config = write_config(tmp_path / "config", broker, db={"dataPath": str(tmp_path / "sd" / "data")})
+        worker = start_subscribed(start_worker, config, broker)
+        store = open_store(config)
+        try:  # a message committed whose PUBACK the broker has not confirmed: its mark waits
+            store.append([Incoming(INGRESS_TOPIC, b"committed", 1, mid=1)])
+        finally:
+            store.close()
+        subscribed = broker.subscriptions(THING, INGRESS_TOPIC)
+        broker.kill()
+        (broker.workdir / "state" / "mosquitto.db").unlink(missing_ok=True)
+        Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")
+        wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
+        broker.start()
+        wait_for(lambda: broker.subscriptions(THING, INGRESS_TOPIC) > subscribed, 20, "subscribed again")
+        publish(broker, INGRESS_TOPIC, b"into a read-only store")
+        worker.wait(lambda w: w.counters.get("store_error"), 15, "the refusal in the counters")
+        assert worker.log_text().count("store error") == 1, worker.log_text()[-3000:]
+        worker.kill()
 
 
 def test_a_new_message_reusing_an_acked_packet_id_and_content_is_stored(

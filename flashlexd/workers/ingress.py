@@ -346,20 +346,19 @@ class IngressWorker(Worker):
         self.counters["subscriptions"] = []
         self.report("mqtt", connected=False, error=error)
 
-    def _forget_stale_marks(self) -> bool:
+    def _forget_stale_marks(self) -> Optional[StoreError]:
         """The broker lost our session, so it resends nothing committed before (or the link is
         on another broker, which never had what the marks count): once what came on the
         earlier connections is committed (a DUP among them may still need its mark, and their
         marks are stale too), drop every mark, before anything of the new session is committed.
-        False: the store refused, and nothing may be committed until it drops them."""
+        The store's refusal, if it refused: nothing may be committed until it drops them."""
         if self.stale_marks_until != 0:
-            return True
+            return None
         try:
             dropped = self.store.forget_unconfirmed()
         except StoreError as exc:
-            if self.retry_at is None:  # once, not at each retry
-                log.warning("cannot drop the DUP marks of the session the broker lost: %s", exc)
-            return False
+            log.debug("cannot drop the DUP marks of the session the broker lost: %s", exc)
+            return exc
         self.stale_marks_until = None
         self.barrier.take_settled()  # their confirmations: nothing left to take them off
         whose, self.stale_marks_of = self.stale_marks_of, None
@@ -367,7 +366,7 @@ class IngressWorker(Worker):
             self._note_session()  # the last link's broker is the new one only now
         if dropped:
             log.info("dropped %d DUP marks of %s", dropped, whose or "the session the broker lost")
-        return True
+        return None
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
                       properties: Any) -> None:
@@ -527,8 +526,9 @@ class IngressWorker(Worker):
 
     def _commit(self, now: float) -> None:
         """Commit the batch, or its longest prefix that fits, then ack what was committed."""
-        if not self._forget_stale_marks():
-            self.retry_at = now + RETRY_SECONDS
+        refused = self._forget_stale_marks()
+        if refused is not None:
+            self._refused(refused, now)
             return
         count = min(len(self.batch), self.stale_marks_until or len(self.batch))
         settled = self.barrier.take_settled()
@@ -637,8 +637,7 @@ class IngressWorker(Worker):
 
     def _refused(self, exc: StoreError, now: float) -> None:
         """Keep the batch unacknowledged (the broker holds the messages) and retry later."""
-        if self.retry_at is None:  # a new refusal
-            self.refusals.refused(exc, now, len(self.batch))
+        self.refusals.refused(exc, now, len(self.batch), retry=self.retry_at is not None)
         self.counters["store_full"] = isinstance(exc, StoreFull)
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS

@@ -29,12 +29,13 @@ class RefusalLog:
         self._resumed_at: Optional[float] = None  # storing again since, the log not told yet
         self._resume_said_at: Optional[float] = None  # the last "resuming" line
 
-    def refused(self, exc: StoreError, now: float, held: int) -> None:
-        """The store refused a commit after storing (not a retry's refusal); damage is logged
-        by the store itself."""
+    def refused(self, exc: StoreError, now: float, held: int, retry: bool) -> None:
+        """The store refused a commit; `retry`: nothing was stored since the last refusal, the
+        same one then. Damage is logged by the store itself."""
         self._resumed_at = None  # not over after all: the log's last word stays right
-        said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now, held)
-        self._refusing_said = self._refusing_said or said
+        if not retry:
+            said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now, held)
+            self._refusing_said = self._refusing_said or said
 
     def stored(self, now: float) -> None:
         """A commit succeeded after refusals: the episode ends once it lasts."""
