@@ -589,7 +589,7 @@ def test_a_store_setting_reloaded_while_a_write_waits_for_the_lock_is_refused_an
     could not close the store, failed to open it again ("already open in this process") in the
     supervisor's loop, and never sent READY=1: the unit stayed "reloading"."""
     import lmdb
-    from flashlexd.client import RpcError
+    from flashlexd.client import RpcError, RpcTimeout
     notify.wait_for("READY=1", timeout=15)
     env = lmdb.open(str(daemon_config.parent / "data"), max_dbs=16)
     try:
@@ -597,8 +597,10 @@ def test_a_store_setting_reloaded_while_a_write_waits_for_the_lock_is_refused_an
             txn = env.begin(write=True)
             try:
                 # a client that asks once: the daemon answers `busy` after its 1 s write wait, and
-                # a 3 s timeout leaves no room to ask again (fx, 10 s, asked again for ~8.5 s)
-                with connect(str(daemon.socket_path), timeout=3) as once, pytest.raises(RpcError):
+                # a 3 s timeout leaves no room to ask again (fx, 10 s, asked again for ~8.5 s); an
+                # answer later than that on a loaded machine leaves the write queued the same
+                with connect(str(daemon.socket_path), timeout=3) as once, \
+                        pytest.raises((RpcError, RpcTimeout)):
                     once.publish(b"meets the held lock")
                 edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update({"capMegabytes": 128}))
                 hup_at = time.monotonic()
