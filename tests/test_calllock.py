@@ -12,7 +12,6 @@ import pytest
 
 from flashlexd.client import connect
 from flashlexd.client.calllock import REENTERED, CallLock
-from tests.broker import wait_for
 
 try:
     from test_ipc_server import harness  # noqa: F401
