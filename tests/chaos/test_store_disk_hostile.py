@@ -620,8 +620,7 @@ STORM = 500
 STORM_GAP = 0.8  # seconds between storms (randomised +-50 %); a storm itself takes 0.1-0.3 s
 PHASE = 1.0  # seconds of each quiet and each hostile phase, alternated along one stream
 PAIRS = 16 if FULL else 6  # hostile phases the stream lasts for at least (within STREAM_MAX messages);
-#                            the phases go on while the last chunk is stored: 7-14 are judged. An
-#                            alone test idles the other workers: 9 pairs and chunks of 60,000 took 29 s
+#                            the phases go on while the last chunk is stored: 7-14 are judged
 STREAM_MAX = 2_000_000  # 16 pairs of 1 s at ingress's ~35k msg/s here took over 1,000,000
 CHUNK = 30_000  # messages a mosquitto_pub (past 65535 its packet ids wrap and it loses some); the
 #                 last is stored after the phases are counted, so a smaller one ends the test sooner
@@ -765,7 +764,9 @@ def storm_and_gap_rates(stamps: List[float], storms: List[Tuple[float, float]],
     return storm_n / max(storm_s, 1e-9), gap_n / max(gap_s, 1e-9)
 
 
-@pytest.mark.alone  # its bound is on CPU sharing: another test beside it would be measured too
+# the full run bounds a rate ratio on the whole machine, so nothing runs beside it; the short
+# one (make test) leaves that ratio out and runs beside the others: an `alone` test idles them
+@(pytest.mark.alone if FULL else lambda test: test)
 def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon):
     """While ingress runs at full rate (one stream of messages from mosquitto_pub, always ahead
     of it), a local process hammers the API socket in alternating phases of a second: quiet,
@@ -783,9 +784,10 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     guard against a collapse. Within the hostile phases the rate during the storms themselves
     must be over a quarter of the rate between them (CPU sharing alone leaves half or more), as
     it would not be if the supervisor stalled its workers. Each hostile phase's rate is set
-    against the quiet phases on either side of it and the median of those ratios must be over
-    0.6: 0.93-0.95 on a quiet machine, 0.69-0.80 seen in loaded CI runs of the whole suite (the
-    attacker's own CPU is on the same 2 cores), 0.64 without the pre-pass.
+    against the quiet phases on either side of it and, in the full run (alone on the machine),
+    the median of those ratios must be over 0.6: 0.93-0.95 on a quiet machine, 0.69-0.80 seen
+    in loaded CI runs of the whole suite (the attacker's own CPU is on the same 2 cores), 0.64
+    without the pre-pass.
 
     Ingress is its own process and the supervisor serves the API, so what slows ingress is CPU
     sharing on this 2-core machine plus anything in the supervisor that could hold a worker up
@@ -868,7 +870,7 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     assert d.restarts() == 0, summary
     assert in_storms / in_gaps > 0.25, summary
     assert storm_cpu < STORM_CPU_MAX, summary
-    assert ratio > 0.6, summary
+    assert ratio > 0.6 or not FULL, summary
 
 
 def paired_ratio(rates: List[Tuple[str, float]]) -> float:
