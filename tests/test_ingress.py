@@ -11,13 +11,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 import yaml
 
+from flashlexd.client.ctlview import health
 from flashlexd.store import Incoming, Store
 from tests.broker import (BROKER_INFLIGHT, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Certs, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
 from tests.lax_broker import LaxBroker
-from tests.tmpfs import mounted_ext4, read_only
 from tests.quota_proxy import QuotaProxy
 from tests.test_egress_quota import plain_broker  # noqa: F401 (fixture)
+from tests.tmpfs import mounted_ext4, read_only
 from tests.worker_process import rss_kb
 
 
@@ -227,10 +228,11 @@ def test_a_store_refusing_again_after_the_log_said_resuming_is_logged_again(
 def test_a_store_refusing_to_drop_a_lost_sessions_marks_is_a_refusal_said_by_status(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """Found by re-read: the broker lost our session (restarted without its state) while the
-    store refused writes (an SD card gone read-only): the drop of the stale DUP marks was
-    refused and retried every second with no ERROR and nothing in `status` (store_error
-    unset), and a "resuming" logged before stayed the log's last word. Now it is a refusal
-    like any other. Real ext4 on a loop device."""
+    store refused writes (an SD card gone read-only): the drop of the stale DUP marks, at the
+    connect and before each commit, was refused and retried every second with one WARNING and
+    nothing in `status` (store_error unset). Now it is a refusal like a commit's: one ERROR,
+    `status` degraded (and a "resuming" pending is held back: tests/test_refusal_log.py).
+    Real ext4 on a loop device."""
     with mounted_ext4(tmp_path / "sd") as device:
         config = write_config(tmp_path / "config", broker, db={"dataPath": str(tmp_path / "sd" / "data")})
         worker = start_subscribed(start_worker, config, broker)
@@ -246,9 +248,14 @@ def test_a_store_refusing_to_drop_a_lost_sessions_marks_is_a_refusal_said_by_sta
         wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
         broker.start()
         wait_for(lambda: broker.subscriptions(THING, INGRESS_TOPIC) > subscribed, 20, "subscribed again")
+        error = worker.wait(lambda w: w.counters.get("store_error"), 15, "the refusal at the connect")
         publish(broker, INGRESS_TOPIC, b"into a read-only store")
-        worker.wait(lambda w: w.counters.get("store_error"), 15, "the refusal in the counters")
+        retries_until = time.monotonic() + 2.5  # retried every second meanwhile
+        worker.wait(lambda w: time.monotonic() > retries_until and w.counters["received"] == 1, 10, "retries")
         assert worker.log_text().count("store error") == 1, worker.log_text()[-3000:]
+        problems = health({"workers": [{"name": "ingress", "state": "ready"}],
+                           "mqtt": {"ingress": worker.counters, "egress": {"connected": True}}})
+        assert problems == [f"ingress is not storing (messages stay with the broker): {error}"]
         worker.kill()
 
 

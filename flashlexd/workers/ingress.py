@@ -319,7 +319,7 @@ class IngressWorker(Worker):
             self.session_links.add(self.generation)
             if new_session:
                 self.stale_marks_until = len(self.batch)
-                self._forget_stale_marks()
+                self._forget_stale_marks(time.monotonic())
             self.window_flush = self.config.store.ingest_commit_batch  # another broker, maybe
             if not self.connection.session_present and self.unwanted:
                 # a new session holds only what is subscribed now: nothing more to take away
@@ -346,19 +346,21 @@ class IngressWorker(Worker):
         self.counters["subscriptions"] = []
         self.report("mqtt", connected=False, error=error)
 
-    def _forget_stale_marks(self) -> Optional[StoreError]:
+    def _forget_stale_marks(self, now: float) -> bool:
         """The broker lost our session, so it resends nothing committed before (or the link is
         on another broker, which never had what the marks count): once what came on the
         earlier connections is committed (a DUP among them may still need its mark, and their
         marks are stale too), drop every mark, before anything of the new session is committed.
-        The store's refusal, if it refused: nothing may be committed until it drops them."""
+        False: the store refused (a refusal like a commit's), and nothing may be committed
+        until it drops them."""
         if self.stale_marks_until != 0:
-            return None
+            return True
         try:
             dropped = self.store.forget_unconfirmed()
         except StoreError as exc:
             log.debug("cannot drop the DUP marks of the session the broker lost: %s", exc)
-            return exc
+            self._refused(exc, now)
+            return False
         self.stale_marks_until = None
         self.barrier.take_settled()  # their confirmations: nothing left to take them off
         whose, self.stale_marks_of = self.stale_marks_of, None
@@ -366,7 +368,7 @@ class IngressWorker(Worker):
             self._note_session()  # the last link's broker is the new one only now
         if dropped:
             log.info("dropped %d DUP marks of %s", dropped, whose or "the session the broker lost")
-        return None
+        return True
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: List[Any],
                       properties: Any) -> None:
@@ -526,9 +528,7 @@ class IngressWorker(Worker):
 
     def _commit(self, now: float) -> None:
         """Commit the batch, or its longest prefix that fits, then ack what was committed."""
-        refused = self._forget_stale_marks()
-        if refused is not None:
-            self._refused(refused, now)
+        if not self._forget_stale_marks(now):
             return
         count = min(len(self.batch), self.stale_marks_until or len(self.batch))
         settled = self.barrier.take_settled()
@@ -579,7 +579,7 @@ class IngressWorker(Worker):
         self.barrier.sent_acks(acked)
         if new:
             self.report("committed")
-        self._forget_stale_marks()
+        self._forget_stale_marks(now)
         if self.left_on == self.generation and self.connection.connected and not self.batch:
             self.recycle_due = True  # all held is stored: have the broker resend what it kept
 

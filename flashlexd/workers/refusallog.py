@@ -30,8 +30,9 @@ class RefusalLog:
         self._resume_said_at: Optional[float] = None  # the last "resuming" line
 
     def refused(self, exc: StoreError, now: float, held: int, retry: bool) -> None:
-        """The store refused a commit; `retry`: nothing was stored since the last refusal, the
-        same one then. Damage is logged by the store itself."""
+        """The store refused a write; `retry`: nothing was stored since the last refusal, which
+        was logged (or counted) then, whatever this one's kind. Damage is logged by the store
+        itself."""
         self._resumed_at = None  # not over after all: the log's last word stays right
         if not retry:
             said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now, held)
@@ -65,12 +66,12 @@ class RefusalLog:
         count = self._lines.due(type(exc), now)
         if not count and not self._refusing_said:
             count = 1
+        holding = f"not acknowledging {held} messages, " if held else ""
         if not count:
-            log.debug("%s: %s; not acknowledging %d messages", what, exc, held)
+            log.debug("%s: %s; %sretrying", what, exc, holding)
             return False
         again = f" ({count} such refusals since the last line about them)" if count > 1 else ""
-        log.error("%s: %s; not acknowledging %d messages, retrying every %gs%s", what, exc,
-                  held, self.retry_seconds, again)
+        log.error("%s: %s; %sretrying every %gs%s", what, exc, holding, self.retry_seconds, again)
         return True
 
     def _say_resumed(self, now: float) -> None:
