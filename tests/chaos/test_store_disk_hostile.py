@@ -764,8 +764,8 @@ def storm_and_gap_rates(stamps: List[float], storms: List[Tuple[float, float]],
     return storm_n / max(storm_s, 1e-9), gap_n / max(gap_s, 1e-9)
 
 
-# the full run bounds a rate ratio on the whole machine, so nothing runs beside it; the short
-# one (make test) leaves that ratio out and runs beside the others: an `alone` test idles them
+# the full run bounds a rate ratio on the whole machine, so nothing runs beside it under xdist;
+# the short one (make test) bounds it loosely and runs beside the others: an `alone` test idles them
 @(pytest.mark.alone if FULL else lambda test: test)
 def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon):
     """While ingress runs at full rate (one stream of messages from mosquitto_pub, always ahead
@@ -784,10 +784,11 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     guard against a collapse. Within the hostile phases the rate during the storms themselves
     must be over a quarter of the rate between them (CPU sharing alone leaves half or more), as
     it would not be if the supervisor stalled its workers. Each hostile phase's rate is set
-    against the quiet phases on either side of it and, in the full run (alone on the machine),
-    the median of those ratios must be over 0.6: 0.93-0.95 on a quiet machine, 0.69-0.80 seen
-    in loaded CI runs of the whole suite (the attacker's own CPU is on the same 2 cores), 0.64
-    without the pre-pass.
+    against the quiet phases on either side of it and the median of those ratios must be over
+    0.6 in the full run (alone on the machine): 0.93-0.95 on a quiet machine, 0.69-0.80 seen in
+    loaded CI runs of the whole suite (the attacker's own CPU is on the same 2 cores), 0.64
+    without the pre-pass; the short run, beside other tests, only guards against a collapse
+    (over 0.3; 0.72-0.95 read beside other tests' load).
 
     Ingress is its own process and the supervisor serves the API, so what slows ingress is CPU
     sharing on this 2-core machine plus anything in the supervisor that could hold a worker up
@@ -870,7 +871,7 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     assert d.restarts() == 0, summary
     assert in_storms / in_gaps > 0.25, summary
     assert storm_cpu < STORM_CPU_MAX, summary
-    assert ratio > 0.6 or not FULL, summary
+    assert ratio > (0.6 if FULL else 0.3), summary
 
 
 def paired_ratio(rates: List[Tuple[str, float]]) -> float:
