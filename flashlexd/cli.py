@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from flashlexd import __version__, logs, reloadcmd, service, storecmd
+from flashlexd.argtypes import positive_seconds
 from flashlexd.config import ConfigError, LOG_LEVELS, trusted_files
 from flashlexd.oldstore import old_store_note
 
@@ -63,16 +64,6 @@ def run_config(argv: List[str]) -> Optional[str]:
     return getattr(args, "config", None)
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
 def _add_check_parser(commands) -> None:
     parser = commands.add_parser(
         "check", help="check that this device is ready: config, keys, broker, MQTT, store",
@@ -82,7 +73,7 @@ def _add_check_parser(commands) -> None:
                     " status 0 only if every step passes. A running flashlexd also receives the"
                     ' probe message and stores it.')
     _add_config_arguments(parser)
-    parser.add_argument("--timeout", type=_positive_seconds, default=CHECK_TIMEOUT, metavar="S",
+    parser.add_argument("--timeout", type=positive_seconds, default=CHECK_TIMEOUT, metavar="S",
                         help=f"seconds each network step may take (default: {CHECK_TIMEOUT:g})")
     parser.add_argument("--json", action="store_true",
                         help='print {"ok": ..., "steps": [{"name", "status", "detail"}]} instead of lines')

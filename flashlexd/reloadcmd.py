@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from flashlexd.argtypes import positive_seconds
 from flashlexd.config import ConfigError
 from flashlexd.unitplaces import read_places
 from flashlexd.wire import SOCKET_ENV
@@ -44,7 +45,7 @@ def add_parser(commands) -> None:
                         help="the config file the daemon runs with")
     parser.add_argument("--socket", help="API socket path (default: the one PID listens on; among"
                                          " several, or none found: $FLASHLEXD_SOCKET, then the config's)")
-    parser.add_argument("--timeout", type=float, default=WAIT, metavar="S",
+    parser.add_argument("--timeout", type=positive_seconds, default=WAIT, metavar="S",
                         help=f"seconds to wait for the outcome (default: {WAIT:g})")
 
 

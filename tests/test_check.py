@@ -337,15 +337,17 @@ def test_data_dir_that_cannot_be_created(broker: Broker, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("argv", [
-    [],                                   # no --config
-    ["--config", "x.yml", "--timeout", "0"],
-    ["--config", "x.yml", "--timeout", "soon"],
+    ["check"],                            # no --config
+    ["check", "--config", "x.yml", "--timeout", "0"],
+    ["check", "--config", "x.yml", "--timeout", "soon"],
+    # found by review: inf was a traceback, -1 sent SIGHUP and then said the reload failed
+    *(["reload", "1", "--config", "x.yml", "--timeout", bad] for bad in ("inf", "-1", "0", "nan")),
 ])
 def test_bad_command_line_exits_2(argv: List[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "flashlexd", "check", *argv],
+    result = subprocess.run([sys.executable, "-m", "flashlexd", *argv],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "usage:" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "usage:" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 # -- the pieces ---------------------------------------------------------------------------------
