@@ -150,6 +150,9 @@ class Connection:
         self._last_refusal: Optional[float] = None  # when this link's last PUBACK that may refuse came
         self._subscribes_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters
         self._subscribe_closes = 0  # links in a row closed while a SUBSCRIBE was unanswered
+        # the last close's SUBSCRIBEs left unanswered (their filters, in the order sent): the
+        # ingress finds a filter the broker refuses so (workers/subscriptions.py)
+        self.unanswered_at_close: List[List[str]] = []
         self._failure_lines = KindThrottle(FAILURE_LOG_SECONDS)  # by a failure's shape
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
@@ -245,6 +248,11 @@ class Connection:
     def subscribes_due(self) -> int:
         """This link's SUBSCRIBEs not answered yet."""
         return len(self._subscribes_due)
+
+    @property
+    def subscribe_closes(self) -> int:
+        """Links in a row closed while one of their SUBSCRIBEs was unanswered."""
+        return self._subscribe_closes
 
     # -- the worker loop's hooks ------------------------------------------------------------------
 
@@ -647,6 +655,7 @@ class Connection:
 
     def _drop_reason(self, reason: Any, before_connack: bool) -> str:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
+        self.unanswered_at_close = []
         exc, message = self._errors.take()
         dead, self._dead_reason = self._dead_reason, None
         if dead is not None:
@@ -692,18 +701,22 @@ class Connection:
 
     def _closed_while_subscribing(self, where: str, message: Optional[str]) -> str:
         """RabbitMQ (3.1.1) refuses a SUBSCRIBE outside the user's permissions by closing the
-        link, without a SUBACK: the filters still unanswered are the suspects. After CONNACK
-        paho's logger is off, so a path reset (a NAT, Wi-Fi roaming) looks just the same: one
-        such close is a drop; only a close at each SUBSCRIBE, links in a row, is a refusal."""
-        filters = ", ".join(t for due in self._subscribes_due.values() for t in due)
+        link, without a SUBACK: the filters still unanswered are the suspects, the first one
+        most of all (a broker answers a link's SUBSCRIBEs in turn). After CONNACK paho's logger
+        is off, so a path reset (a NAT, Wi-Fi roaming) looks just the same: one such close is
+        a drop; only a close at each SUBSCRIBE, links in a row, is a refusal."""
+        self.unanswered_at_close = list(self._subscribes_due.values())
+        filters = ", ".join(t for due in self.unanswered_at_close for t in due)
         self._subscribes_due = {}
         self._subscribe_closes += 1
         if self._subscribe_closes == 1:
             return (f"connection to {where} lost while our SUBSCRIBE to {filters} was unanswered:"
                     f" {message or 'closed by the broker or the network'}")
+        first = self.unanswered_at_close[0]
+        suspect = f"{first[0]}?" if len(first) == 1 else "one of them?"
         return (f"connection to {where} closed by the broker before it answered our SUBSCRIBE to"
-                f" {filters}, at each of {self._subscribe_closes} links in a row: it refuses one of"
-                f" them? (check the thing's policy or permissions)")
+                f" {filters}, at each of {self._subscribe_closes} links in a row: it refuses {suspect}"
+                f" (check the thing's policy or permissions)")
 
     def _entry_fault(self) -> bool:
         """Did the broker close the link over one of our unacknowledged publishes? The egress

@@ -59,8 +59,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import V5, properties_of, properties_size, properties_wire_size, reason_name
+from flashlexd.mqttv5 import V5, properties_of, properties_size, properties_wire_size
 from flashlexd.publishread import Publish
+from flashlexd.quotas import FILTERS_PER_SUBSCRIBE
 from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
@@ -69,6 +70,7 @@ from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_s
                                           fell_back_before, noting_connects, noting_fallback)
 from flashlexd.workers.recyclepace import RecyclePace
 from flashlexd.workers.refusallog import REFUSED_LOG_SECONDS, RefusalLog
+from flashlexd.workers.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,6 @@ STALL_GAPS = 4                 # a silence this many mean gaps long: the broker'
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
-FILTERS_PER_SUBSCRIBE = 8      # AWS IoT Core closes the link on a SUBSCRIBE/UNSUBSCRIBE with more
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
 
 
@@ -97,7 +98,7 @@ class IngressWorker(Worker):
         self.store = Store.from_config(self.config.store, create=False)
         self.topics = self.config.thing.mqtt.ingress_topics()
         self.session_links: Set[int] = set()  # generations of the connections of the broker's current session
-        self.suback_codes: Dict[str, Any] = {}  # filter -> the reason code its SUBACK gave
+        self.subscriptions = Subscriptions(self.topics, self.config.thing.mqtt.backoff.stable_seconds)
         client_id = self.config.thing.mqtt.client_id
         # the filters the broker's session may hold: those recorded (a store with no record
         # is an earlier version's, which subscribed the pubsub topic, or a new one resuming the
@@ -109,6 +110,7 @@ class IngressWorker(Worker):
         self.unwanted = [t for t in self.session_topics if t not in self.topics]
         self.stale: Dict[str, bool] = {}  # topic -> whether only an unwanted filter matches it
         self.said_unwanted = False
+        self.said_refused: Optional[str] = None  # the refused subscriptions last logged
         seen_at = earlier_session(self.store, client_id)
         self.fresh_store = seen_at is None  # until its first link: a session kept from before it?
         broker = self.config.thing.broker_identity
@@ -181,6 +183,8 @@ class IngressWorker(Worker):
         self.counters["held"] = len(self.batch)  # received, not yet committed (a refusing store)
         if self.recycle_due and self.connection.connected:
             wait = min(wait, self._recycle(now))
+        if self.counters["connected"] and not self.connection.subscribes_due:
+            wait = min(wait, self._ask_again(now))
         if self.batch:  # QoS 0 messages only, while a reconnect is due: no PUBACK, no mark
             due = self.batch_started + self.window
             # a dropped connection adds nothing more to share the commit: no window after it;
@@ -336,11 +340,14 @@ class IngressWorker(Worker):
                 self.said_unwanted = True
                 for at in range(0, len(self.unwanted), FILTERS_PER_SUBSCRIBE):
                     self.connection.unsubscribe(self.unwanted[at:at + FILTERS_PER_SUBSCRIBE])
-            self.suback_codes = {}
-            for at in range(0, len(self.topics), FILTERS_PER_SUBSCRIBE):
-                chunk = self.topics[at:at + FILTERS_PER_SUBSCRIBE]
+            subscribes = self.subscriptions.at_connect(self.connection.subscribe_closes > 0, time.monotonic())
+            for chunk in subscribes:
                 self.connection.subscribe([(topic, 1) for topic in chunk])
+            if not subscribes:  # every filter refused: up, with nothing to receive
+                self._report_subscribed()
             return
+        self.subscriptions.link_closed(self.connection.unanswered_at_close, self.connection.subscribe_closes,
+                                       time.monotonic())
         self.barrier.disconnected()
         self.counters["connected"] = False
         self.counters["subscriptions"] = []
@@ -375,19 +382,30 @@ class IngressWorker(Worker):
         chunk = self.connection.acknowledged("SUBACK", mid)
         if chunk is None:
             return  # a SUBACK of an earlier connection's SUBSCRIBE
-        self.suback_codes.update(zip(chunk, reason_codes))
+        self.subscriptions.answered(chunk, reason_codes, time.monotonic())
         if self.connection.subscribes_due:
             return  # "connected" once every SUBSCRIBE of this connect is answered
-        codes = [(t, self.suback_codes[t]) for t in self.topics if t in self.suback_codes]
-        granted = [(t, code.value) for t, code in codes if not code.is_failure]
-        refused = [f"{t} ({reason_name(code)})" for t, code in codes if code.is_failure]
-        self.counters["subscriptions"] = [list(g) for g in granted]
+        self._report_subscribed()
+
+    def _report_subscribed(self) -> None:
+        """Every SUBSCRIBE of the link answered: up, with what the broker granted and the error
+        naming what it refused (logged when it is news, not at each reconnect or retry)."""
+        granted, error = self.subscriptions.report()
+        self.counters["subscriptions"] = granted
         self.counters["connected"] = True
-        error = None
-        if refused:
-            error = f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)"
+        if error and error != self.said_refused:
             log.error("%s", error)
-        self.report("mqtt", connected=True, error=error, subscriptions=self.counters["subscriptions"])
+        self.said_refused = error
+        self.report("mqtt", connected=True, error=error, subscriptions=granted)
+
+    def _ask_again(self, now: float) -> float:
+        """Ask again, alone, for a filter the broker refused by closing the link, when due;
+        returns how long until the next one is."""
+        topic, at = self.subscriptions.due(now)
+        if topic is not None:
+            log.info("asking the broker again for the subscription to %s", topic)
+            self.connection.subscribe([(topic, 1)])
+        return max(0.0, at - now)
 
     def _note_session_topics(self) -> None:
         """Record the filters the broker's session may hold (never fewer: a filter taken out
