@@ -52,6 +52,7 @@ class Key:
     choices: Tuple[str, ...] = ()
     shown: Optional[str] = None  # the README's default column, when not just the default
     maximum_why: str = ""  # said after the maximum in the error, e.g. " (the MQTT limit)"
+    minimum_why: str = ""  # the same for a minimum (read for seconds; integers have theirs)
     field: Optional[str] = None  # the config dataclass field `Section.fill` puts the value in
 
     @property
@@ -131,7 +132,8 @@ TABLE: Tuple[Key, ...] = (
         " `reject` a publish is refused at the cap; under `dropOldest` the oldest inbox messages make"
         " room for it too, and once outbox entries and dead letters alone fill the cap, publishes and"
         " inbox appends are refused", WORKERS, choices=FULL_POLICIES, field="when_full"),
-    Key(f"{_DB}.sweepSeconds", "seconds", 5.0, "how often the expiry worker sweeps", WORKERS,
+    Key(f"{_DB}.sweepSeconds", "seconds", 5.0, "how often the expiry worker sweeps (at least 0.1)", WORKERS,
+        minimum=0.1, minimum_why=" (each sweep reads the store: more often only burns CPU)",
         field="sweep_seconds"),
     Key(f"{_DB}.ingestCommitMs", "integer", INGEST_COMMIT_MS,
         "how long a received message may wait for more to share its commit (one fsync, fewer bytes"
@@ -203,11 +205,12 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_SOCKET}.frameTimeoutSeconds", "seconds", 10.0,
         "a request must arrive whole within this many seconds of its first byte; slower senders get"
         " `frame_timeout` and are closed", AT_ONCE, field="frame_timeout"),
-    Key(f"{_SUP}.heartbeatSeconds", "seconds", 1.0, "worker heartbeat period", WORKERS,
-        field="heartbeat_seconds"),
+    Key(f"{_SUP}.heartbeatSeconds", "seconds", 1.0, "worker heartbeat period (at least 0.1)", WORKERS,
+        minimum=0.1, minimum_why=" (more often only burns CPU)", field="heartbeat_seconds"),
     Key(f"{_SUP}.heartbeatTimeoutSeconds", "seconds", 10.0,
         "a worker silent this long gets SIGABRT (its stack is logged), SIGKILL a second later, and is"
-        " replaced; must be more than twice `heartbeatSeconds`", WORKERS,
+        " replaced; must be more than twice `heartbeatSeconds`, and at least 1", WORKERS, minimum=1,
+        minimum_why=" (a worker busy for a moment would be taken for hung, the daemon for a crash loop)",
         field="heartbeat_timeout"),
     Key(f"{_SUP}.stopTimeoutSeconds", "seconds", 10.0, "graceful stop budget before SIGKILL (the unit"
         " `flashlexd service` renders gives systemd's TimeoutStopSec 20 s more, at least 30; as it"
@@ -299,9 +302,11 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_BACKOFF}.baseReconnectQuietTimeSecond", "seconds", 1.0,
         "reconnect backoff: the first delay, doubling up to `maxReconnectQuietTimeSecond`; plus"
         " jitter, never more than one CONNECT per second per client id, a worker replaced after"
-        " a crash included (AWS IoT Core's limit)", LINKS),
+        " a crash included (AWS IoT Core's limit); at most 86400", LINKS, maximum=86400,
+        maximum_why=" (a day: longer, the link would as good as never come back)"),
     Key(f"{_BACKOFF}.maxReconnectQuietTimeSecond", "seconds", 32.0,
-        "reconnect backoff cap (>= `baseReconnectQuietTimeSecond`)", LINKS),
+        "reconnect backoff cap (>= `baseReconnectQuietTimeSecond`; at most 86400)", LINKS, maximum=86400,
+        maximum_why=" (a day: longer, the link would as good as never come back)"),
     Key(f"{_BACKOFF}.stableConnectionTimeSecond", "seconds", 20.0,
         "seconds connected after which the reconnect backoff starts again from the base", LINKS),
     Key(f"{_MQTT}.maxTopicBytes", "integer", 256,

@@ -40,7 +40,7 @@ class Section:
             return _at_most(key, self.integer(name, default, minimum=key.minimum,  # type: ignore[arg-type]
                                               required=required))
         if key.kind == "seconds":
-            return _at_most(key, self.seconds(name, default))
+            return _at_most(key, _at_least(key, self.seconds(name, default)))
         if key.kind == "boolean":
             return self.boolean(name, default)
         if key.kind == "choice":
@@ -169,6 +169,14 @@ class Section:
         for key in self.data:
             if key not in self.used and self._key(str(key)) not in LEGACY_KEYS:
                 self.warnings.append(f"{self._key(str(key))}: unknown key, ignored")
+
+
+def _at_least(key: Key, value: Any) -> Any:
+    """`value`, unless it is under the key's minimum (a duration so short it only burns CPU,
+    or makes a healthy worker look hung)."""
+    if key.minimum is not None and value is not None and value < key.minimum:
+        raise ConfigError(f"{key.path}: must be >= {key.minimum:g}{key.minimum_why}, got {value:g}")
+    return value
 
 
 def _at_most(key: Key, value: Any) -> Any:

@@ -288,6 +288,21 @@ BAD_CONFIGS = [
      "flashlex.thing.mqtt.drainingFrequency: must be greater than 0, got -2"),
     ("draining-frequency-nan", setting("flashlex.thing.mqtt.drainingFrequency", float("nan")),
      "flashlex.thing.mqtt.drainingFrequency: expected a number per second, got nan"),
+    # durations that passed and broke the daemon (found by review): a heartbeat of 1 ms with its
+    # timeout at 2.5 ms took every worker for hung, a crash loop; a sweep every 1 us burned 140%
+    # CPU; a reconnect wait of 1e300 s never came back
+    ("heartbeat-a-millisecond", setting("flashlex.app.supervisor.heartbeatSeconds", 0.001),
+     "flashlex.app.supervisor.heartbeatSeconds: must be >= 0.1 (more often only burns CPU), got 0.001"),
+    ("heartbeat-timeout-under-a-second", setting("flashlex.app.supervisor.heartbeatTimeoutSeconds", 0.5),
+     "flashlex.app.supervisor.heartbeatTimeoutSeconds: must be >= 1 (a worker busy for a moment would be"
+     " taken for hung, the daemon for a crash loop), got 0.5"),
+    ("sweep-a-microsecond", setting("flashlex.app.db.sweepSeconds", 1e-6),
+     "flashlex.app.db.sweepSeconds: must be >= 0.1 (each sweep reads the store: more often only burns CPU),"
+     " got 1e-06"),
+    ("reconnect-wait-forever", setting("flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond",
+                                       1e300),
+     "flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond: must be <= 86400 (a day:"
+     " longer, the link would as good as never come back), got 1e+300"),
     ("expire-seconds-zero", setting("flashlex.app.db.expireSeconds", 0),
      "flashlex.app.db.expireSeconds: must be greater than 0, got 0"),
     ("expire-seconds-negative", setting("flashlex.app.db.expireSeconds", -60),
