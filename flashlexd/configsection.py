@@ -15,6 +15,7 @@ from flashlexd.configtext import ConfigError
 T = TypeVar("T")
 MAX_INTEGER = 2 ** 63 - 1  # what msgpack and the C APIs (sizes, counts) take
 MAX_TEXT_BYTES = 65535  # an MQTT string's limit (client ids, topics); no path or name is longer
+MAX_UID = 2 ** 32 - 2  # uid_t's largest; 2**32 - 1 is (uid_t)-1, no one's
 
 
 class Section:
@@ -150,6 +151,9 @@ class Section:
         if not isinstance(value, list) or not all(isinstance(u, int) and not isinstance(u, bool)
                                                   for u in value):
             raise ConfigError(f"{self._key(key)}: expected a list of numeric uids, got {_show(value)}")
+        wrong = [u for u in value if not 0 <= u <= MAX_UID]
+        if wrong:  # -1 is (uid_t)-1, "no change" to chown: no peer ever has it
+            raise ConfigError(f"{self._key(key)}: a uid is 0 to {MAX_UID}, got {wrong[0]}")
         return tuple(value)
 
     def rate(self, key: str, allow_zero: bool) -> Optional[float]:

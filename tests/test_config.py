@@ -303,6 +303,8 @@ BAD_CONFIGS = [
                                        1e300),
      "flashlex.thing.mqtt.autoReconnectBackoffTime.maxReconnectQuietTimeSecond: must be <= 86400 (a day:"
      " longer, the link would as good as never come back), got 1e+300"),
+    ("allowed-uid-negative", setting("flashlex.app.socket.allowUids", [1000, -1]),  # accepted before (review)
+     "flashlex.app.socket.allowUids: a uid is 0 to 4294967294, got -1"),
     ("expire-seconds-zero", setting("flashlex.app.db.expireSeconds", 0),
      "flashlex.app.db.expireSeconds: must be greater than 0, got 0"),
     ("expire-seconds-negative", setting("flashlex.app.db.expireSeconds", -60),

@@ -301,7 +301,8 @@ class EgressWorker(Worker):
         victim = self.poison.dropped([s.entry_id for s in drop.sent], drop.path_cut)
         if victim is not None:
             drops = self.poison.culprit_drops  # the path's cuts included: what `outbox --dead` shows
-            self._dead_letter(drop.sent[0], f"the link dropped {drops} times while it was alone in flight"
+            times = "once" if drops == 1 else f"{drops} times"
+            self._dead_letter(drop.sent[0], f"the link dropped {times} while it was alone in flight"
                               f" (a cut without the broker's TLS close, or before it had the entry whole,"
                               f" counts as 1/{PATH_CUTS});"
                               f" last: {drop.error or 'closed by the broker'}", drops)
