@@ -271,6 +271,21 @@ def test_a_frame_must_arrive_whole_within_the_frame_timeout(tmp_path: Path) -> N
         h.stop()
 
 
+def test_a_stalled_frame_is_told_its_frame_timeout_when_the_idle_timeout_is_shorter(tmp_path: Path) -> None:
+    """With `idleTimeoutSeconds` under `frameTimeoutSeconds`, a request stalled midway was closed
+    at the idle timeout without a word: no `frame_timeout` answer, no "partial sender" line
+    (found by review). A frame being read is judged by the frame timeout only."""
+    h = Harness(tmp_path, limits=_limits(frame_timeout=0.6, idle_timeout=0.2)).start()
+    try:
+        silent = raw_connect(h.path)
+        _started(silent, 1000, 10)
+        error = read_frame(silent)
+        assert error["error"]["code"] == Code.FRAME_TIMEOUT, error
+        assert h.call(lambda: h.server.counters["dropped_partial"]) == 1
+    finally:
+        h.stop()
+
+
 def test_connection_cap_stays_below_the_open_files_limit() -> None:
     assert fds.connection_cap(1024, 1024) == 1024 - fds.RESERVED_FDS - fds.PRIVILEGED_CONNECTIONS
     assert fds.connection_cap(100, 1024) == 100

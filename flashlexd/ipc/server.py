@@ -161,7 +161,7 @@ class RpcServer:
                                    f" {announced} bytes came)")
             elif conn.wbuf and now - conn.last_write > self.limits.write_timeout:
                 self._drop_slow_reader(conn, f"it read nothing for {self.limits.write_timeout:g}s", now)
-            elif conn.parked is None and now - conn.last_active > self.limits.idle_timeout:
+            elif conn.parked is None and not conn.reading and now - conn.last_active > self.limits.idle_timeout:
                 self._close_conn(conn)
             elif conn.parked is not None and (conn.header_held or conn.closing) and conn.hung_up():
                 self._close_conn(conn)  # its peer left mid-wait: not read, so not seen before
