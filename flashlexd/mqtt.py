@@ -520,7 +520,7 @@ class Connection:
         self.connected = True
         self.last_verdict = None
         self.closed_for_other_cause = self.cut_by_path = self._recycling = False
-        self._subscribes_due = {}
+        self._subscribes_due, self.unanswered_at_close = {}, []
         self._last_refusal = None  # an earlier link's PUBACK excuses no close of this one
         self._adopt_limits(BrokerLimits.from_connack(properties))
         fallback = self.choice.connected()
@@ -588,6 +588,7 @@ class Connection:
                        properties: Any) -> None:
         if client is not self.client:
             return  # a replaced client closing its old socket
+        self.unanswered_at_close = []  # set again below if this close left a SUBSCRIBE unanswered
         if not self.connected:
             if self._connack_due is not None:  # dropped between our CONNECT and its CONNACK
                 self._connack_due = None
@@ -655,7 +656,6 @@ class Connection:
 
     def _drop_reason(self, reason: Any, before_connack: bool) -> str:
         where = f"{self.thing.endpoint}:{self.thing.mqtt.port}"
-        self.unanswered_at_close = []
         exc, message = self._errors.take()
         dead, self._dead_reason = self._dead_reason, None
         if dead is not None:
