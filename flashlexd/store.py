@@ -130,9 +130,12 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
 
         def work(txn: lmdb.Transaction) -> List[Optional[int]]:
             self._frames.note(txn, reading)
-            if messages:  # taking confirmed marks off only frees space: a full store takes it too
-                self._make_room(txn, needed, "inbox")
+            # first: taking confirmed marks off only frees space, and the room it frees counts.
+            # Checked before it, a store whose cap the marks filled (1 MiB: 16,128 marks) refused
+            # every batch for good, the inbox empty (found by review)
             self._redeliveries.settle(txn, settled)
+            if messages:
+                self._make_room(txn, needed, "inbox")
             first_id = self._counter(txn, b"inbox_last_id") + 1
             # dedupe windows run on the same step-proof time as expiry
             chosen = self._not_redelivered(txn, messages, marks, first_id, steady, dedupe_window, links,

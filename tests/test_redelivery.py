@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 from flashlexd.config import load
 from flashlexd.dedupe import DedupeKey
 from flashlexd.redelivery import MARKS_MAX, MIDS_MAX
-from flashlexd.store import SCHEMA_VERSION, Incoming, Store, StoreDamaged, dup_marks
+from flashlexd.store import SCHEMA_VERSION, Incoming, Store, StoreDamaged, StoreFull, dup_marks
 from tests.test_config import config_error, edited_config, setting
 
 CAP = 64 * 1024 * 1024
@@ -218,6 +218,28 @@ def test_on_one_connection_a_dup_beyond_the_copies_held_is_a_new_message(store: 
     assert store.append([msg(b"y", mid=4)], links=[3]) == [4]
     for link in (4, 5):
         assert store.append([msg(b"y", mid=4, dup=True)], links=[link]) == [None]
+
+
+def test_marks_that_fill_the_cap_are_taken_off_by_the_batch_the_cap_refuses(tmp_path: Path):
+    """At `capMegabytes: 1` the DUP marks of messages stored and acked by apps filled the cap:
+    every later batch was refused before the confirmed marks it brought were taken off, and the
+    ingress refused the broker's messages for good with the inbox empty (found by review: 16,128
+    marks in 254 pages). The marks go first, and the room they free counts."""
+    store = Store(tmp_path / "store", 1024 * 1024)
+    try:
+        sent, mid = [], 0
+        for size in (500, 1):  # halved down to one message, as the ingress does
+            with pytest.raises(StoreFull):
+                while True:  # the marks pile up (none confirmed yet), apps empty the inbox
+                    batch = [msg(b"%08d" % (mid + i), mid=mid + i) for i in range(size)]
+                    store.ack(i for i in store.append(batch) if i is not None)
+                    sent += batch
+                    mid += size
+        assert store.inbox_count() == 0
+        next_id = store.stats()["inbox_last_id"] + 1
+        assert store.append([msg(b"after the confirmation", mid=mid)], settled=dup_marks(sent)) == [next_id]
+    finally:
+        store.close()
 
 
 def test_a_confirmation_frees_the_copy_its_connection_accounted_for(store: Store):
