@@ -9,7 +9,14 @@ boot frames) in an earlier run of this boot or an earlier boot: a Pi that boots 
 its clock days behind and then steps it forward (NTP) must not find an app that read a second
 ago unused for a week, nor keep one unused since the step for a week too long. And no consumer
 goes in the first START_GRACE after the start: after a long power-off every consumer looks
-idle until its app, started after the daemon, uses it again."""
+idle until its app, started after the daemon, uses it again.
+
+While the store is full and refuses what the broker sends (`whenFull: reject`: the ingress
+reports `store_full`), a dynamic consumer unused for FULL_IDLE_SECONDS goes as if its idle days
+were over: an app that used a name once and went away (a typo, a crashed test, a retired app)
+held every message it matched, the store filled (17 hours at 50 messages a second at the default
+cap) and no app got anything new until the 7 days were over (found by review). A declared
+consumer never goes so: declare the ones whose messages must wait longer."""
 from __future__ import annotations
 
 import logging
@@ -23,6 +30,7 @@ from flashlexd.storeconsumers import Declared
 
 log = logging.getLogger(__name__)
 START_GRACE = 3600.0  # seconds after the start before an idle consumer goes
+FULL_IDLE_SECONDS = 3600.0  # a dynamic consumer unused this long goes while the store is full
 STEP_SECONDS = 60.0  # a jump of the wall clock against the monotonic one this big is a step
 
 
@@ -45,10 +53,14 @@ class ConsumerKeeper:
     def __init__(self, store: Callable[[], Store], settings: Callable[[], ConsumerSettings],
                  every: Callable[[], float], start_grace: float = START_GRACE,
                  wall: Callable[[], float] = time.time,
-                 on_widened: Callable[[str], None] = lambda name: None):
+                 on_widened: Callable[[str], None] = lambda name: None,
+                 store_full: Callable[[], bool] = lambda: False):
         """`on_widened(name)`: a declare gave `name` a filter matching stored messages its old
-        one did not; its readers past them start over (the API counts a replay)."""
+        one did not; its readers past them start over (the API counts a replay). `store_full`:
+        the store refuses what the broker sends for want of room (the ingress says so)."""
         self._store, self._settings, self._every = store, settings, every
+        self._store_full = store_full
+        self._full_sweep = False  # the sweep under way removes after FULL_IDLE_SECONDS
         self._on_widened = on_widened
         self._start_grace, self._wall = start_grace, wall
         self.next_run = 0.0  # monotonic: the next sweep, or its next step while one is under way
@@ -81,7 +93,7 @@ class ConsumerKeeper:
             if now < self.next_run:
                 return
             self._sweep_started = now
-            idle = self._settings().idle_seconds if now - self._started >= self._start_grace else None
+            idle = self._idle_seconds(now)
             self._sweep = self._store().consumers_upkeep(self._wall(), idle, self._steps)
         try:
             removed = next(self._sweep)
@@ -93,11 +105,27 @@ class ConsumerKeeper:
             self._failed("consumer upkeep", exc)
             return
         self.next_run = now  # the next step at the next turn
-        if removed is not None:
-            idle_days = (self._settings().idle_seconds or 0) / 86400
-            log.warning("consumer %r removed: unused for %g days (flashlex.app.consumerIdleDays);"
-                        " the messages it alone still held back were released (those no other"
-                        " consumer matches stay, for unnamed apps and expiry)", removed, idle_days)
+        if removed is None:
+            return
+        if self._full_sweep:
+            why = (f"unused for {FULL_IDLE_SECONDS / 3600:g} hour while the store is full and refuses"
+                   f" new messages (declare a consumer whose messages must wait longer)")
+        else:
+            why = f"unused for {self._settings().idle_seconds / 86400:g} days (flashlex.app.consumerIdleDays)"
+        log.warning("consumer %r removed: %s; the messages it alone still held back were released"
+                    " (those no other consumer matches stay, for unnamed apps and expiry)", removed, why)
+
+    def _idle_seconds(self, now: float) -> Optional[float]:
+        """How long unused a dynamic consumer goes by this sweep; None: none goes (the start's
+        grace)."""
+        self._full_sweep = False
+        if now - self._started < self._start_grace:  # type: ignore[operator]
+            return None
+        idle = self._settings().idle_seconds
+        if idle > FULL_IDLE_SECONDS and self._store_full():
+            self._full_sweep = True
+            return FULL_IDLE_SECONDS
+        return idle
 
     def _steps_before_start(self) -> None:
         """The steps an earlier run of this boot or an earlier boot saw (the store's boot

@@ -118,7 +118,8 @@ class Supervisor:
         self.forks: Optional[ForkServer] = None
         self.consumers = ConsumerKeeper(lambda: self.store, lambda: self.runtime.rules.consumers,
                                         lambda: self.config.store.sweep_seconds,
-                                        on_widened=self._consumer_widened)
+                                        on_widened=self._consumer_widened,
+                                        store_full=lambda: bool(self.workers["ingress"].counters.get("store_full")))
         self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
