@@ -153,6 +153,8 @@ class Connection:
         # the last close's SUBSCRIBEs left unanswered (their filters, in the order sent): the
         # ingress finds a filter the broker refuses so (workers/subscriptions.py)
         self.unanswered_at_close: List[List[str]] = []
+        self._asked_again: Optional[int] = None  # the SUBSCRIBE asking again for a refused filter
+        self._quiet_failure = False  # this drop is logged at DEBUG: that SUBSCRIBE's expected close
         self._failure_lines = KindThrottle(FAILURE_LOG_SECONDS)  # by a failure's shape
         self._dead_reason: Optional[str] = None
         self.last_verdict: Optional[Verdict] = None  # why we closed the last link ourselves
@@ -211,10 +213,13 @@ class Connection:
             self.watch.expect("PUBACK", info.mid)
         return info
 
-    def subscribe(self, topics: Sequence[Tuple[str, int]]) -> Tuple[MQTTErrorCode, Optional[int]]:
+    def subscribe(self, topics: Sequence[Tuple[str, int]],
+                  again: bool = False) -> Tuple[MQTTErrorCode, Optional[int]]:
         """Under MQTT 5 a topic's retained message comes only with a new subscription (Retain
         Handling 1): the ingress subscribes again at every connect, and the same retained
-        message would come (and be stored) again each time the broker kept our session."""
+        message would come (and be stored) again each time the broker kept our session.
+        `again`: it asks again for a filter the broker refused by closing the link
+        (workers/subscriptions.py): a close at it is expected, logged at DEBUG, no drop news."""
         if self.protocol == V5:
             from paho.mqtt.subscribeoptions import SubscribeOptions
             rc, mid = self.client.subscribe([(topic, SubscribeOptions(qos=qos, retainHandling=1))
@@ -224,6 +229,8 @@ class Connection:
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self.watch.expect("SUBACK", mid)
             self._subscribes_due[mid] = [topic for topic, _ in topics]
+            if again:
+                self._asked_again = mid
         return rc, mid
 
     def unsubscribe(self, topics: Union[str, List[str]]) -> Tuple[MQTTErrorCode, Optional[int]]:
@@ -520,7 +527,7 @@ class Connection:
         self.connected = True
         self.last_verdict = None
         self.closed_for_other_cause = self.cut_by_path = self._recycling = False
-        self._subscribes_due, self.unanswered_at_close = {}, []
+        self._subscribes_due, self.unanswered_at_close, self._asked_again = {}, [], None
         self._last_refusal = None  # an earlier link's PUBACK excuses no close of this one
         self._adopt_limits(BrokerLimits.from_connack(properties))
         fallback = self.choice.connected()
@@ -704,10 +711,16 @@ class Connection:
         link, without a SUBACK: the filters still unanswered are the suspects, the first one
         most of all (a broker answers a link's SUBSCRIBEs in turn). After CONNACK paho's logger
         is off, so a path reset (a NAT, Wi-Fi roaming) looks just the same: one such close is
-        a drop; only a close at each SUBSCRIBE, links in a row, is a refusal."""
+        a drop; only a close at each SUBSCRIBE, links in a row, is a refusal. A close at the
+        SUBSCRIBE asking again for a refused filter, alone in flight, is that refusal again."""
         self.unanswered_at_close = list(self._subscribes_due.values())
         filters = ", ".join(t for due in self.unanswered_at_close for t in due)
+        again = list(self._subscribes_due) == [self._asked_again]
         self._subscribes_due = {}
+        if again:
+            self._quiet_failure = True
+            return (f"connection to {where} closed by the broker at our SUBSCRIBE to {filters}, asked for"
+                    f" again alone: it still refuses it")
         self._subscribe_closes += 1
         if self._subscribe_closes == 1:
             return (f"connection to {where} lost while our SUBSCRIBE to {filters} was unanswered:"
@@ -754,6 +767,10 @@ class Connection:
         between: not a line per attempt into the journal and the log file (`status` shows each).
         Failures that differ only in numbers (a clock, a port, a count) are the same."""
         shape = re.sub(r"\d+", "#", error)
+        quiet, self._quiet_failure = self._quiet_failure, False
+        if quiet:
+            log.debug("%s; retrying in %.1fs", error, self.backoff.wait())
+            return
         count, wait = self._failure_lines.due(shape, self.clock()), self.backoff.wait()
         if not count:
             log.debug("%s; retrying in %.1fs", error, wait)

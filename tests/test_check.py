@@ -341,7 +341,7 @@ def test_data_dir_that_cannot_be_created(broker: Broker, tmp_path: Path) -> None
     ["check", "--config", "x.yml", "--timeout", "0"],
     ["check", "--config", "x.yml", "--timeout", "soon"],
     # found by review: inf was a traceback, -1 sent SIGHUP and then said the reload failed
-    *(["reload", "1", "--config", "x.yml", "--timeout", bad] for bad in ("inf", "-1", "0", "nan")),
+    *(["reload", "1", "--config", "x.yml", "--timeout", bad] for bad in ("inf", "-1", "0", "nan", "1e9")),
 ])
 def test_bad_command_line_exits_2(argv: List[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "flashlexd", *argv],

@@ -56,6 +56,8 @@ import os
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
+from paho.mqtt.enums import MQTTErrorCode
+
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
@@ -183,7 +185,7 @@ class IngressWorker(Worker):
         self.counters["held"] = len(self.batch)  # received, not yet committed (a refusing store)
         if self.recycle_due and self.connection.connected:
             wait = min(wait, self._recycle(now))
-        if self.counters["connected"] and not self.connection.subscribes_due:
+        if self.counters["connected"] and not self.connection.subscribes_due and not self.recycle_due:
             wait = min(wait, self._ask_again(now))
         if self.batch:  # QoS 0 messages only, while a reconnect is due: no PUBACK, no mark
             due = self.batch_started + self.window
@@ -382,7 +384,7 @@ class IngressWorker(Worker):
         chunk = self.connection.acknowledged("SUBACK", mid)
         if chunk is None:
             return  # a SUBACK of an earlier connection's SUBSCRIBE
-        self.subscriptions.answered(chunk, reason_codes, time.monotonic())
+        self.subscriptions.answered(chunk, reason_codes)
         if self.connection.subscribes_due:
             return  # "connected" once every SUBSCRIBE of this connect is answered
         self._report_subscribed()
@@ -399,12 +401,14 @@ class IngressWorker(Worker):
         self.report("mqtt", connected=True, error=error, subscriptions=granted)
 
     def _ask_again(self, now: float) -> float:
-        """Ask again, alone, for a filter the broker refused by closing the link, when due;
-        returns how long until the next one is."""
+        """Ask for a left-out filter again, alone, when due (workers/subscriptions.py); returns
+        how long until the next one is."""
         topic, at = self.subscriptions.due(now)
         if topic is not None:
-            log.info("asking the broker again for the subscription to %s", topic)
-            self.connection.subscribe([(topic, 1)])
+            log.debug("asking the broker again for the subscription to %s", topic)
+            rc, _ = self.connection.subscribe([(topic, 1)], again=True)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.subscriptions.asked(topic)
         return max(0.0, at - now)
 
     def _note_session_topics(self) -> None:
