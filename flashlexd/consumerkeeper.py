@@ -11,9 +11,9 @@ ago unused for a week, nor keep one unused since the step for a week too long. A
 goes in the first START_GRACE after the start: after a long power-off every consumer looks
 idle until its app, started after the daemon, uses it again.
 
-While the store is full and refuses what the broker sends (`whenFull: reject`: the ingress
-reports `store_full`), a dynamic consumer unused for FULL_IDLE_SECONDS goes as if its idle days
-were over: an app that used a name once and went away (a typo, a crashed test, a retired app)
+While the store is full and refuses what the broker sends (`whenFull: reject`: the running
+ingress reports `store_full`), a dynamic consumer unused for FULL_IDLE_SECONDS goes as if its
+idle days were over: an app that used a name once and went away (a typo, a crashed test, a retired app)
 held every message it matched, the store filled (17 hours at 50 messages a second at the default
 cap) and no app got anything new until the 7 days were over (found by review). A declared
 consumer never goes so: declare the ones whose messages must wait longer."""
@@ -24,13 +24,17 @@ import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
 from flashlexd.configconsumers import ConsumerSettings
-from flashlexd.consumers import MAX_CONSUMERS, NoRoomForConsumer
+from flashlexd.consumers import MAX_CONSUMERS, SEEN_EVERY, NoRoomForConsumer
 from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.storeconsumers import Declared
+from flashlexd.wire import MAX_WAIT_SECONDS
 
 log = logging.getLogger(__name__)
 START_GRACE = 3600.0  # seconds after the start before an idle consumer goes
-FULL_IDLE_SECONDS = 3600.0  # a dynamic consumer unused this long goes while the store is full
+# a dynamic consumer unused this long goes while the store is full: well past what a live app
+# can look unused for (its reads write its last use hourly, and a `wait` may last an hour; an
+# hour's threshold took a reader's consumer, which came back at the earliest stored message)
+FULL_IDLE_SECONDS = 2 * (SEEN_EVERY + MAX_WAIT_SECONDS)
 STEP_SECONDS = 60.0  # a jump of the wall clock against the monotonic one this big is a step
 
 
@@ -108,8 +112,8 @@ class ConsumerKeeper:
         if removed is None:
             return
         if self._full_sweep:
-            why = (f"unused for {FULL_IDLE_SECONDS / 3600:g} hour while the store is full and refuses"
-                   f" new messages (declare a consumer whose messages must wait longer)")
+            why = (f"unused for over {FULL_IDLE_SECONDS / 3600:g} hours while the store is full and"
+                   f" refuses new messages (declare a consumer whose messages must wait longer)")
         else:
             why = f"unused for {self._settings().idle_seconds / 86400:g} days (flashlex.app.consumerIdleDays)"
         log.warning("consumer %r removed: %s; the messages it alone still held back were released"

@@ -28,6 +28,7 @@ MEMO_TOPIC_CHARS = 256  # a longer topic is matched each time (the memo stays sm
 # consumers stored at once: every ack of a named consumer and every `status` reads them all (3,000
 # registered by one app made `status` 68 ms and an ack 15 ms); apps register more only below it
 MAX_CONSUMERS = 64
+SEEN_EVERY = 3600.0  # seconds between writes of a reading dynamic consumer's last use (an ack writes it)
 
 
 class ConsumerCallError(StoreError):

@@ -119,7 +119,7 @@ class Supervisor:
         self.consumers = ConsumerKeeper(lambda: self.store, lambda: self.runtime.rules.consumers,
                                         lambda: self.config.store.sweep_seconds,
                                         on_widened=self._consumer_widened,
-                                        store_full=lambda: bool(self.workers["ingress"].counters.get("store_full")))
+                                        store_full=self._store_refuses)
         self.lock: Optional[paths.DataDirLock] = None
         self.api: Optional[RpcServer] = None
         self.methods: Optional[Methods] = None
@@ -181,6 +181,12 @@ class Supervisor:
         finally:
             self._close()
         return self.exit_code
+
+    def _store_refuses(self) -> bool:
+        """The running ingress's last word: the store refuses what the broker sends for want of
+        room (a dead worker's last counters say nothing of now)."""
+        ingress = self.workers["ingress"]
+        return ingress.alive and bool(ingress.counters.get("store_full"))
 
     def _consumer_widened(self, name: str) -> None:
         """A declare widened `name`'s filter over stored messages: to its readers, a replay."""

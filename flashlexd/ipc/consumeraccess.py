@@ -16,14 +16,13 @@ from typing import Any, Callable, Optional
 
 from flashlexd.configconsumers import ConsumerSettings
 from flashlexd.consumerkeeper import declared_changes
-from flashlexd.consumers import NoRoomForConsumer
+from flashlexd.consumers import SEEN_EVERY, NoRoomForConsumer
 from flashlexd.wire import CONSUMER_NAME_RULE, valid_consumer_name
 from flashlexd.ipc.protocol import RpcFailure
 from flashlexd.store import Store
 from flashlexd.wire import Code
 
 log = logging.getLogger(__name__)
-SEEN_EVERY = 3600.0  # seconds between writes of a reading consumer's last use
 
 
 class ConsumerAccess:
