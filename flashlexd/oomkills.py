@@ -5,13 +5,22 @@ left an operator under a `MemoryMax=` to find the cause in the kernel's log.
 The count is the cgroup's own (`oom_kill` in cgroup v2's memory.events, or v1's
 memory.oom_control): every kill in it, under its limit or the machine's. Where neither can be
 read (no memory controller, a container's view), nothing is said.
+
+The kernel counts a kill before its victim is gone, and the victim may take a while to exit
+under memory pressure. The supervisor looks at the count every second, so that a kill of another
+process in the cgroup does not name a worker's later SIGKILL; a look between a worker's kill and
+its reap took the kill away from it (seen in CI). A look leaves a new kill to the reap while a
+worker is on its way out (a SIGKILL pending, exiting, or a zombie).
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PF_EXITING = 0x4  # a task's flag (/proc/PID/stat's 9th field) once it has begun to exit
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)  # in /proc/PID/status's pending-signal masks
 
 
 def _counter_file(membership: str) -> Optional[Path]:
@@ -49,6 +58,13 @@ class OomKills:
             pass
         return None
 
+    def look(self, workers: Iterable[int]) -> None:
+        """The periodic look: a new kill is another process's, unless one of the `workers`
+        (pids) is on its way out: then its reap takes it."""
+        before = self.seen
+        if self.took_one() and any(dying(pid) for pid in workers):
+            self.seen = before
+
     def took_one(self) -> bool:
         """Whether the OOM killer took a process of the cgroup since the last look."""
         count = self._count()
@@ -56,3 +72,18 @@ class OomKills:
         if count is not None:
             self.seen = count
         return took
+
+
+def dying(pid: int) -> bool:
+    """Whether process `pid` is on its way out: a SIGKILL pending, exiting, or a zombie not
+    reaped yet. False when it is gone or cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+        if fields[0] in ("Z", "X") or int(fields[6]) & PF_EXITING:
+            return True
+        return any(line.split()[0] in ("SigPnd:", "ShdPnd:") and int(line.split()[1], 16) & SIGKILL_BIT
+                   for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:")))
+    except (OSError, ValueError, IndexError):
+        return False

@@ -464,10 +464,10 @@ class Supervisor:
     def _send_status(self, now: float) -> None:
         """The STATUS= line, with the figures it samples (rates, wear); a vanished store stops
         the daemon here, since this is where the store is looked at every second. The cgroup's
-        OOM kill count is taken in too: a kill of another process in it (a hook, an app run in
-        the unit) must not name a worker's later SIGKILL."""
+        OOM kill count is looked at too: a kill of another process in it (a hook, an app run in
+        the unit) must not name a worker's later SIGKILL, one of a worker dying must."""
         self.next_status = now + STATUS_EVERY
-        self.oom_kills.took_one()
+        self.oom_kills.look(w.pid for w in self.workers.values() if w.alive and w.pid)
         gone = self.store.vanished()  # type: ignore[union-attr]
         if gone is not None and not self.shutting_down:
             log.error("%s; nothing stored since was acknowledged to the broker. Stopping: the"

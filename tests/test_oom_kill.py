@@ -123,3 +123,31 @@ def test_the_count_is_read_from_cgroup_v2_or_v1(tmp_path: Path, monkeypatch: pyt
     v1 = "12:pids:/x\n4:memory:/system.slice/flashlexd.service\n0::/system.slice/flashlexd.service\n"
     assert oomkills._counter_file(v1) == tmp_path / "memory/system.slice/flashlexd.service/memory.oom_control"
     assert oomkills._counter_file("1:name=systemd:/\n") is None
+
+
+def test_a_look_between_a_workers_kill_and_its_reap_leaves_the_kill_to_it(tmp_path: Path) -> None:
+    """The supervisor's look every second took a new kill for another process's while the
+    worker it had taken was still on its way out: reaped after the look, it was "died (signal
+    SIGKILL)" without the OOM killer named (seen in CI). A dying worker (here a zombie, not
+    reaped) keeps the kill for its reap; a live one does not (test above: another process's)."""
+    from flashlexd.oomkills import OomKills, dying
+    counter = tmp_path / "memory.oom_control"
+    counter.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    kills = OomKills()
+    kills.path, kills.seen = counter, 3
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_for(lambda: Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[1][0] == "Z", 10, "a zombie")
+        assert dying(zombie.pid) and not dying(live.pid)
+        counter.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 4\n")
+        kills.look([live.pid, zombie.pid])
+        assert kills.took_one()  # the reap of the zombie: its kill
+        counter.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
+        kills.look([live.pid])
+        assert not kills.took_one()  # taken by the look: another process's
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
+    assert not dying(zombie.pid)  # reaped: gone
