@@ -9,14 +9,14 @@ read (no memory controller, a container's view), nothing is said.
 The kernel counts a kill before its victim is gone, and the victim may take a while to exit
 under memory pressure. The supervisor looks at the count every second, so that a kill of another
 process in the cgroup does not name a worker's later SIGKILL; a look between a worker's kill and
-its reap took the kill away from it (seen in CI). A look leaves a new kill to the reap while a
-worker is on its way out (a SIGKILL pending, exiting, or a zombie).
+its reap took the kill away from it (seen in CI). A look leaves a new kill to the reap of the
+workers then on their way out (a SIGKILL pending, exiting, or a zombie), and to no other child.
 """
 from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Set
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PF_EXITING = 0x4  # a task's flag (/proc/PID/stat's 9th field) once it has begun to exit
@@ -45,6 +45,7 @@ class OomKills:
         except (OSError, ValueError):
             self.path = None
         self.seen = self._count()
+        self._held_for: Set[int] = set()  # workers dying when a look saw a kill: theirs to name
 
     def _count(self) -> Optional[int]:
         if self.path is None:
@@ -59,14 +60,19 @@ class OomKills:
         return None
 
     def look(self, workers: Iterable[int]) -> None:
-        """The periodic look: a new kill is another process's, unless one of the `workers`
-        (pids) is on its way out: then its reap takes it."""
-        before = self.seen
-        if self.took_one() and any(dying(pid) for pid in workers):
-            self.seen = before
+        """The periodic look: a new kill is another process's, unless some of the `workers`
+        (pids) are on their way out: then it is left to their reaps."""
+        if self._new_kill():
+            self._held_for = {pid for pid in workers if dying(pid)}
 
-    def took_one(self) -> bool:
-        """Whether the OOM killer took a process of the cgroup since the last look."""
+    def took_one(self, pid: int) -> bool:
+        """At the reap of child `pid`: whether the OOM killer took a process of the cgroup
+        since the last look, or took it while a look saw `pid` dying."""
+        held = pid in self._held_for
+        self._held_for.discard(pid)
+        return self._new_kill() or held
+
+    def _new_kill(self) -> bool:
         count = self._count()
         took = count is not None and self.seen is not None and count > self.seen
         if count is not None:

@@ -369,7 +369,7 @@ class Supervisor:
             if pid == 0:
                 return
             worker = by_pid.get(pid)
-            oom_took = self.oom_kills.took_one()  # at every reaped child: the count is the cgroup's
+            oom_took = self.oom_kills.took_one(pid)  # at every reaped child: the count is the cgroup's
             if self.forks is not None and pid == self.forks.pid and not self.shutting_down:
                 log.error("the fork server died (%s)", describe_exit(status))
                 self.begin_shutdown("the fork server died", EXIT_CRASH_LOOP)
@@ -467,7 +467,7 @@ class Supervisor:
         OOM kill count is looked at too: a kill of another process in it (a hook, an app run in
         the unit) must not name a worker's later SIGKILL, one of a worker dying must."""
         self.next_status = now + STATUS_EVERY
-        self.oom_kills.look(w.pid for w in self.workers.values() if w.alive and w.pid)
+        self.oom_kills.look(w.pid for w in self.workers.values() if w.alive and w.pid and not w.sent_kill)
         gone = self.store.vanished()  # type: ignore[union-attr]
         if gone is not None and not self.shutting_down:
             log.error("%s; nothing stored since was acknowledged to the broker. Stopping: the"

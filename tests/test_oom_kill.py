@@ -142,10 +142,11 @@ def test_a_look_between_a_workers_kill_and_its_reap_leaves_the_kill_to_it(tmp_pa
         assert dying(zombie.pid) and not dying(live.pid)
         counter.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 4\n")
         kills.look([live.pid, zombie.pid])
-        assert kills.took_one()  # the reap of the zombie: its kill
+        assert not kills.took_one(live.pid + zombie.pid)  # another child reaped first: not its kill
+        assert kills.took_one(zombie.pid)  # the reap of the zombie: its kill
         counter.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
         kills.look([live.pid])
-        assert not kills.took_one()  # taken by the look: another process's
+        assert not kills.took_one(live.pid)  # taken by the look: another process's
     finally:
         live.kill()
         live.wait()

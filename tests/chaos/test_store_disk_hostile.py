@@ -180,6 +180,7 @@ def test_store_full_reject_stops_acknowledging_and_resumes_when_freed(broker, tm
         return counts[-1] == counts[-2]
     wait_for(stopped, 20, "the inbox count to stop at the cap", interval=0)
     before = counts[-1]
+    time.sleep(1.5)  # and it stays there
     status = fx.status()
     assert any("not storing" in problem for problem in health(status)), health(status)  # status: 1
     stored_before = status["inbox"]["count"]
