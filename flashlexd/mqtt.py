@@ -527,7 +527,7 @@ class Connection:
         self.connected = True
         self.last_verdict = None
         self.closed_for_other_cause = self.cut_by_path = self._recycling = False
-        self._subscribes_due, self.unanswered_at_close, self._asked_again = {}, [], None
+        self._subscribes_due, self._asked_again = {}, None
         self._last_refusal = None  # an earlier link's PUBACK excuses no close of this one
         self._adopt_limits(BrokerLimits.from_connack(properties))
         fallback = self.choice.connected()

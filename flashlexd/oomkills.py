@@ -89,7 +89,7 @@ def dying(pid: int) -> bool:
         fields = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
         if fields[0] in ("Z", "X") or int(fields[6]) & PF_EXITING:
             return True
-        return any(line.split()[0] in ("SigPnd:", "ShdPnd:") and int(line.split()[1], 16) & SIGKILL_BIT
-                   for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:")))
+        pending = (line.split()[1] for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:")))
+        return any(int(mask, 16) & SIGKILL_BIT for mask in pending)
     except (OSError, ValueError, IndexError):
         return False
