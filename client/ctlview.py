@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from flashlexd.client.escape import printable
 
 HEALTHY_STATES = ("ready",)  # flashlexd.workerproc.State.READY: serving; anything else is a problem
+QUOTA_PAUSES_SAID = 4  # egress's pauses for a PUBACK 0x97, none accepted between: status degraded
 
 
 def jsonable(value: Any) -> Any:
@@ -126,6 +127,10 @@ def health(status: Dict[str, Any]) -> List[str]:
     store_error = (mqtt.get("ingress") or {}).get("store_error")
     if store_error:
         problems.append(f"ingress is not storing (messages stay with the broker): {store_error}")
+    quota_pauses = (mqtt.get("egress") or {}).get("quota_pauses_in_a_row") or 0
+    if quota_pauses >= QUOTA_PAUSES_SAID:  # 1 + 2 + 4 s of pauses before: no passing rate quota
+        problems.append(f"the broker refused every publish of the last {quota_pauses} tries with"
+                        f" Quota exceeded (0x97); egress tries again at growing intervals (see the log)")
     delete_error = (mqtt.get("egress") or {}).get("delete_error")
     if delete_error:
         problems.append(f"egress cannot delete sent entries from the store (a restart meanwhile sends"

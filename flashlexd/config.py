@@ -20,7 +20,8 @@ from flashlexd.configkeys import DEFAULT_DATA_DIR, KEYS, LOG_LEVELS
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 from flashlexd.dedupe import DedupeKey
-from flashlexd.quotas import TOPIC_SLASHES, aws_transport, is_aws_endpoint, quota_warnings
+from flashlexd.quotas import (TOPIC_SLASHES, aws_keepalive, aws_transport, client_id_problem, is_aws_endpoint,
+                              quota_warnings)
 from flashlexd.topics import publish_topic_problem, valid_filter
 from flashlexd.wire import DEFAULT_SOCKET, REQUEST_OVERHEAD
 
@@ -233,8 +234,10 @@ def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_nam
     endpoint = _endpoint(section)
     keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
                  legacy_base)
-    mqtt = aws_transport(endpoint, f"{section.path}.mqtt",  # type: ignore[arg-type]
-                         _mqtt(section.section("mqtt", required=True), name, endpoint), warnings)  # type: ignore[arg-type]
+    mqtt_path = f"{section.path}.mqtt"
+    mqtt = _mqtt(section.section("mqtt", required=True), name, endpoint)  # type: ignore[arg-type]
+    mqtt = aws_transport(endpoint, mqtt_path, mqtt, warnings)
+    mqtt = aws_keepalive(endpoint, mqtt_path, mqtt, warnings)
     section.warn_unknown()
     return Thing(name=name, endpoint=endpoint, keys=keys, mqtt=mqtt)  # type: ignore[arg-type]
 
@@ -369,6 +372,10 @@ def _mqtt(section: Section, thing_name: str, endpoint: str) -> Mqtt:
     if mqtt.egress_client_id == mqtt.client_id:
         raise ConfigError(f"{section.path}.egressClientId: must differ from the ingress client id"
                           f" {mqtt.client_id!r} (a broker drops one of two connections with one id)")
+    for key, client_id in (("clientId", mqtt.client_id), ("egressClientId", mqtt.egress_client_id)):
+        problem = client_id_problem(endpoint, client_id)
+        if problem:  # `check` connects as `<name>-check` and passed; `run` reconnected for ever
+            raise ConfigError(f"{section.path}.{key}: {problem}")
     if mqtt.session_expiry == 0 and mqtt.protocol != "3.1.1":
         section.warnings.append(f"{section.path}.sessionExpirySeconds: 0 under MQTT 5: the broker keeps"
                                 " no session across a drop, so messages published while the link is"

@@ -265,7 +265,7 @@ TABLE: Tuple[Key, ...] = (
     Key(f"{_MQTT}.egressClientId", "text", None, "egress client id (must differ)", LINKS,
         shown="`<clientId>-egress`"),
     Key(f"{_MQTT}.keepAliveSeconds", "integer", 30,
-        "MQTT keepalive seconds (>= 2; AWS IoT Core accepts 30-1200). A silent broker is declared dead"
+        "MQTT keepalive seconds (>= 2; AWS IoT Core counts 30-1200: on its endpoints a longer one is lowered to 1200). A silent broker is declared dead"
         " after keepalive + min(`mqttOperationTimeout`, keepalive / 2)", LINKS, minimum=2, maximum=65535,
         maximum_why=" (the MQTT limit)"),
     Key(f"{_MQTT}.keepalive", "integer", None,

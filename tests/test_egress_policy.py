@@ -334,6 +334,27 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     assert quota_warnings("mosquitto.local", "x", config.thing.mqtt, "thing") == []  # other brokers: no AWS quotas
 
 
+@pytest.mark.parametrize("asked, used, warned", [
+    (3600, 1200, "flashlex.thing.mqtt.keepAliveSeconds: 3600 is over AWS IoT Core's 1200 s (it closes a"
+                 " link quiet for 1.5 x 1200 s); using 1200"),
+    (1200, 1200, None),
+    (10, 10, "flashlex.thing.mqtt.keepAliveSeconds: 10 is under AWS IoT Core's range of 30-1200 s; the"
+             " broker counts 30 s")])
+def test_a_keepalive_over_aws_range_is_lowered_to_it(tmp_path: Path, asked: int, used: int, warned) -> None:
+    """AWS IoT Core counts at most 1200 s and closes a link quiet for 1.5 x that: a keepalive of
+    3600 s, sent as asked, lost both idle links every ~30 minutes, each an ERROR, while the
+    warning said the broker used the nearest bound (review "aws", scaled down on mosquitto's
+    max_keepalive: 12 drops in 40 s). Other brokers get what the config asks."""
+    config = load(str(edited_config(tmp_path / "aws", setting("flashlex.thing.mqtt.keepAliveSeconds", asked))))
+    assert config.thing.mqtt.keepalive == used
+    assert [w for w in config.warnings if "keepAliveSeconds" in w] == ([warned] if warned else [])
+
+    def elsewhere(document) -> None:
+        document["flashlex"]["thing"]["endpoint"] = "broker.local"
+        document["flashlex"]["thing"]["mqtt"]["keepAliveSeconds"] = asked
+    assert load(str(edited_config(tmp_path / "other", elsewhere))).thing.mqtt.keepalive == asked
+
+
 @pytest.mark.parametrize("extra, warned", [(49, None), (50, "51 topic filters")])
 def test_the_subscription_quota_counts_what_the_ingress_subscribes(tmp_path: Path, extra: int,
                                                                    warned) -> None:
@@ -351,16 +372,31 @@ def test_the_subscription_quota_counts_what_the_ingress_subscribes(tmp_path: Pat
 
 def test_aws_limits_on_client_ids_and_basic_ingest_topics(tmp_path: Path) -> None:
     """A thing name over 121 bytes (AWS allows 128) made `<clientId>-egress` longer than the
-    128 bytes AWS takes in a client id: the egress could never connect, and nothing said so;
-    nor did anything say `flashlexd check`'s `<name>-check` was too long. Basic Ingest's `$aws/rules/<rule>/` does not count toward AWS's topic limits (found by review)."""
+    128 bytes AWS takes in a client id: the egress could never connect. It was a warning, and
+    `flashlexd check` (which connects as `<name>-check`) still said READY while `run` was refused
+    at every reconnect (review "aws"): a config error now. `check`'s own id too long is a
+    warning: the daemon's links are not affected. Basic Ingest's `$aws/rules/<rule>/` does not
+    count toward AWS's topic limits (found by review)."""
     def long_name(document) -> None:
         document["flashlex"]["thing"]["name"] = "sensor-" + "x" * 118  # 125 bytes
         document["flashlex"]["thing"]["mqtt"]["egress"] = {"topic": BASIC_INGEST}
-    config = load(str(edited_config(tmp_path, long_name)))
-    egress_id = config.thing.mqtt.egress_client_id
-    assert [w for w in config.warnings if "AWS IoT Core" in w] == [
+    with pytest.raises(ConfigError) as error:
+        load(str(edited_config(tmp_path / "egress", long_name)))
+    egress_id = "sensor-" + "x" * 118 + "-egress"
+    assert str(error.value) == (
         f"flashlex.thing.mqtt.egressClientId: {egress_id!r} is 132 bytes, over AWS IoT Core's 128-byte"
-        " client id; the broker refuses the connection: set a shorter one",
+        " client id (the broker refuses every connection): set a shorter one")
+
+    def long_client_id(document) -> None:
+        document["flashlex"]["thing"]["mqtt"].update(clientId="c" * 129, egressClientId="e")
+    with pytest.raises(ConfigError, match=r"^flashlex\.thing\.mqtt\.clientId: 'c+' is 129 bytes"):
+        load(str(edited_config(tmp_path / "ingress", long_client_id)))
+
+    def short_ids(document) -> None:
+        long_name(document)
+        document["flashlex"]["thing"]["mqtt"].update(clientId="in", egressClientId="out")
+    config = load(str(edited_config(tmp_path / "short", short_ids)))
+    assert [w for w in config.warnings if "AWS IoT Core" in w] == [
         f"flashlex.thing.name: `flashlexd check` connects as {config.thing.name + '-check'!r}, 131 bytes,"
         " over AWS IoT Core's 128-byte client id: its mqtt step is refused (the daemon's links are not"
         " affected)"]

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import pytest
 
+from flashlexd.client.ctlview import QUOTA_PAUSES_SAID, health
 from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
 from tests.quota_proxy import PUBLISH, QUOTA_EXCEEDED_PUBACK, QuotaProxy, _packet_id, split_packets
 from tests.test_egress import assert_delivered_in_order, fill_outbox
@@ -202,6 +203,54 @@ def test_an_entry_refused_over_quota_is_sent_after_the_link_drops(plain_broker: 
     plain_broker.thaw()
     wait_for(lambda: store.outbox_count() == 0, 20, "the outbox drained on the next connection")
     wait_for(lambda: b"victim" in subscriber.lines(), 10, "the refused entry delivered")
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_an_entry_always_refused_over_quota_is_dead_lettered_and_the_drain_goes_on(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A PUBACK 0x97 for one entry at every try, the later ones accepted: before, it was sent
+    again every second for good, the entries behind it held back at each pause (review: 576 of
+    1,000 in 60 s, where all took 9.9 s without it) and a WARNING a second. Now it goes to the
+    dead letters at its `poisonAttempts`-th refusal, with one WARNING about the refusals."""
+    proxy = RefuseOne(plain_broker, b"victim", every=True)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "maxInflight": 20})
+    store = open_store(config)
+    entries = [f"{i:06d}".encode() for i in range(300)]
+    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 30, "the outbox drained")
+    [dead] = store.dead_letters()
+    assert dead.payload == b"victim"
+    assert dead.reason == ("refused by the broker 3 times: Quota exceeded (0x97), while later entries"
+                           " were accepted")
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
+    worker.wait(lambda w: w.counters.get("dead_lettered") == 1, 5, "the latest counters")
+    assert worker.log_text().count("broker refused outbox entry") == 1  # one line a minute at most
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_a_broker_refusing_every_publish_over_quota_is_asked_less_often_and_said_in_status(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """0x97 to every publish (a throttle that lasts): no entry is held to blame, the pause
+    doubles at each try, and `flashlexctl status` says so once the pauses reach 1 + 2 + 4 s."""
+    proxy = QuotaProxy(plain_broker, rate=0.001, answer=True)  # its one token spent at once
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "maxInflight": 5, "poisonAttempts": 2})
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, f"{i:06d}".encode(), 1, False) for i in range(20)])
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: w.counters.get("quota_pauses_in_a_row", 0) >= QUOTA_PAUSES_SAID, 30,
+                "four pauses in a row")
+    tries = proxy.over_quota
+    assert tries <= 4 * 5 + 1  # a window's worth a try: each burst made one pause, not five
+    assert store.dead_letters() == [] and store.outbox_count() >= 19
+    status = {"workers": [{"name": "egress", "state": "ready"}],
+              "mqtt": {"ingress": {"connected": True}, "egress": worker.counters}}
+    assert any("refused every publish of the last 4 tries" in p for p in health(status))
     assert worker.stop() == 0
     proxy.close()
 

@@ -19,7 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from flashlexd.client import connect
 from flashlexd.config import load
 from flashlexd.mqtt import QUICK_DROPS, Connection
-from flashlexd.mqttv5 import BrokerLimits, ProtocolChoice
+from flashlexd.mqttv5 import BrokerLimits, ProtocolChoice, publish_packet_size
 from flashlexd.store import Incoming
 from tests.broker import (BROKER_INFLIGHT, EGRESS_TOPIC, HOST, INGRESS_TOPIC, THING, Broker, Subscriber,
                           open_store, publish, wait_for, write_config)
@@ -250,12 +250,20 @@ def test_mqtt5_connack_limits_bound_the_egress(certs, tmp_path: Path, start_work
         store, worker = egress_store_and_worker(broker, tmp_path, start_worker, "5")
         worker.wait(lambda w: w.counters.get("broker_max_packet") == 2000, 5, "the limits reported")
         assert worker.counters["broker_receive_maximum"] == 20
-        store.outbox_append([(EGRESS_TOPIC, b"x" * 3000, 1, False), (EGRESS_TOPIC, b"small", 1, False)])
+        labelled = {"user_properties": [["k", "v" * 200]]}  # its payload fits, its properties do not
+        store.outbox_append([(EGRESS_TOPIC, b"x" * 3000, 1, False), (EGRESS_TOPIC, b"small", 1, False),
+                             (EGRESS_TOPIC, b"y" * 1900, 1, False, labelled)])
         worker.send("outbox")
-        wait_for(lambda: subscriber.lines() == [b"small"], 5, "the small entry delivered")
+        wait_for(lambda: subscriber.lines() == [b"small"] and len(store.dead_letters()) == 2, 5,
+                 "the small entry delivered, the others dead-lettered")
         dead = store.dead_letters()
-        assert len(dead) == 1 and dead[0].size == 3000
-        assert dead[0].reason == "larger than the broker's Maximum Packet Size (2000 bytes)"
+        assert [d.size for d in dead] == [3000, 1900]
+        # the packet's size is named (a review read "1,921 bytes" beside a 2,000-byte limit)
+        sizes = [publish_packet_size(EGRESS_TOPIC, b"x" * 3000, None, None, 1),
+                 publish_packet_size(EGRESS_TOPIC, b"y" * 1900, labelled, None, 1)]
+        assert sizes[1] > 2000
+        assert [d.reason for d in dead] == [f"its {size}-byte packet is larger than the broker's Maximum"
+                                            f" Packet Size (2000 bytes)" for size in sizes]
         assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # the link never dropped
         assert worker.stop() == 0
     finally:

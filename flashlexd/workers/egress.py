@@ -21,7 +21,8 @@ most once, as their QoS says (a kill between the two loses them, never sends the
 
 MQTT 5 says why: a PUBACK with a failure reason (0x87 Not authorized, 0x99 Payload format
 invalid...) dead-letters its entry at once under that reason's name, except 0x97 Quota
-exceeded, which passes: the entry goes out again after QUOTA_RETRY_SECONDS. An entry larger
+exceeded, which passes: the entry goes out again after a pause, unless it alone is refused
+`poisonAttempts` times while later entries are accepted (quotarefusals.py). An entry larger
 than the broker's Maximum Packet Size (its CONNACK) is dead-lettered instead of sent, and the
 in-flight window is also bounded by the broker's Receive Maximum. An entry published with
 properties carries them (MQTT 5; 3.1.1 has none to send); one with a message expiry that passed
@@ -53,12 +54,12 @@ from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import (connect_ago, earlier_session, fell_back_before,
                                           noting_connects, noting_fallback)
 from flashlexd.workers.poison import PATH_CUTS, PoisonWatch
+from flashlexd.workers.quotarefusals import QuotaRefusals
 
 log = logging.getLogger(__name__)
 
 DELETE_DELAY = 0.02   # seconds an acknowledged entry may wait for the next delete transaction
 OUTBOX_RECHECK = 2.0  # seconds between looks at the outbox without a wake-up
-QUOTA_RETRY_SECONDS = 1.0  # pause after a PUBACK "Quota exceeded" (0x97) before sending again
 EXPIRY_SWEEP_PAGE = 100  # outbox entries looked at per OUTBOX_RECHECK while the link is down
 
 
@@ -112,7 +113,8 @@ class EgressWorker(Worker):
         self.cursor = 0                     # the newest outbox id handed to paho
         self.more = True                    # the outbox may hold entries past the cursor
         self.next_check = 0.0
-        self.paused_until = 0.0             # a broker's "Quota exceeded": nothing goes out before
+        self.quota_refusals = QuotaRefusals(mqtt.poison_attempts)
+        self._quota_lines = LineThrottle()
         self.sweep_after = 0                # the offline expiry sweep's place in the outbox
         self.meter_start, self.meter_count, self.send_rate = time.monotonic(), 0, 0.0
         self.counters.update(sent=0, inflight=0, outbox_backlog=self.store.outbox_count(),
@@ -120,7 +122,8 @@ class EgressWorker(Worker):
                              bytes_limit=mqtt.publish_bytes_rate, send_rate=0.0, eta_s=None,
                              throttled=0, dead_lettered=0, oldest_inflight_age=None,
                              sessions_lost=0, one_at_a_time=False, protocol=None, refused=0,
-                             expired=0, stalled_entry=None, delete_error=None)
+                             expired=0, stalled_entry=None, delete_error=None,
+                             quota_pauses_in_a_row=0)
         self._delete_lines = LineThrottle()
         log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
                                                   mqtt.backlog_rate, mqtt.max_inflight))
@@ -246,17 +249,31 @@ class EgressWorker(Worker):
             self._done(sent.entry_id)
             return
         self.counters["refused"] += 1
-        if reason.value == QUOTA_EXCEEDED:  # a quota passes: the entry goes again, after a pause
-            self.paused_until = time.monotonic() + QUOTA_RETRY_SECONDS
-            self.cursor = min(self.cursor, sent.entry_id - 1)
-            self.more = True
-            log.warning("broker refused outbox entry %d: %s; sending again in %gs", sent.entry_id,
-                        reason_name(reason), QUOTA_RETRY_SECONDS)
+        if reason.value == QUOTA_EXCEEDED:
+            self._over_quota(sent, reason_name(reason))
             return
         self._dead_letter(sent, f"refused by the broker: {reason_name(reason)}", 1)
 
+    def _over_quota(self, sent: _InFlight, reason: str) -> None:
+        """A throttle passes: the entry goes again after a pause (quotarefusals.py); one refused
+        alone, over and over, goes to the dead letters so the entries behind it can go."""
+        refusals, now = self.quota_refusals, time.monotonic()
+        if refusals.refused(sent.entry_id, now):
+            self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
+                              f" while later entries were accepted", refusals.attempts)
+            return
+        self.cursor = min(self.cursor, sent.entry_id - 1)
+        self.more = True
+        self.counters["quota_pauses_in_a_row"] = refusals.pauses_in_a_row
+        count = self._quota_lines.due(now)
+        if count:
+            log.warning("broker refused outbox entry %d: %s; sending again in %.3gs%s", sent.entry_id,
+                        reason, refusals.paused_until - now, since_last(count, "such refusals"))
+
     def _done(self, entry: int) -> None:
         self.unacked_since.pop(entry, None)
+        self.quota_refusals.accepted(entry)
+        self.counters["quota_pauses_in_a_row"] = 0
         if entry == self.unacknowledged_links[0]:  # it went through after all
             self.unacknowledged_links = (0, 0)
             self.counters["stalled_entry"] = None
@@ -357,7 +374,7 @@ class EgressWorker(Worker):
         room = self.poison.window(self.window) - len(self.inflight)
         if room <= 0:
             return math.inf  # a PUBACK wakes us
-        pause = self.paused_until - time.monotonic()
+        pause = self.quota_refusals.paused_until - time.monotonic()
         if pause > 0:
             return pause
         allowance = self.budget.allowance(room)
@@ -434,9 +451,11 @@ class EgressWorker(Worker):
         each attempt); True when it did."""
         limit = self.connection.limits.max_packet_size
         refused = self.connection.limits.refuses(entry.qos, entry.retain)
-        if refused is None and limit and publish_packet_size(
-                entry.topic, entry.payload, entry.properties, _expiry_left(entry), entry.qos) > limit:
-            refused = f"larger than the broker's Maximum Packet Size ({limit} bytes)"
+        if refused is None and limit:
+            packet = publish_packet_size(entry.topic, entry.payload, entry.properties, _expiry_left(entry),
+                                         entry.qos)
+            if packet > limit:  # its properties count: the packet's size is named, not the payload's
+                refused = f"its {packet}-byte packet is larger than the broker's Maximum Packet Size ({limit} bytes)"
         if refused is None and entry.qos == 0:  # it leaves the store before paho sees it: what
             refused = self._paho_refuses(entry)  # paho would refuse is found while it can be kept
         if refused is not None:
