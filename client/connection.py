@@ -11,6 +11,7 @@ import stat
 import threading
 import time
 import weakref
+from collections import abc
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import msgpack
@@ -428,6 +429,7 @@ class Client:
              after: Optional[IdLike] = None,
              user_property: Optional[Tuple[str, str]] = None) -> List[Message]:
         """Messages as soon as there are any (oldest first); [] after `timeout` seconds."""
+        seconds(timeout, "timeout", zero=True)  # None is no wait: a loop of them spun (review)
         return [Message.from_wire(m) for m in self.records(limit, topic, after, timeout, user_property)]
 
     def records(self, limit: int = 100, topic: Optional[str] = None, after: Optional[IdLike] = None,
@@ -638,6 +640,7 @@ class Client:
         replay of its consumer (`reset`, from any client) starts it over from `after`. A daemon
         that goes away (a restart) or is busy is waited for (`follow`), and the stream goes on
         from its last message."""
+        seconds(timeout_per_wait, "timeout_per_wait", zero=True)
         start = last = None if after is None else int(_wire_id(after))
         while True:
             replays = self._replay_events
@@ -651,10 +654,13 @@ class Client:
 
 def _listed(ids: Any, single: Tuple[type, ...]) -> Iterable[Any]:
     """`ids` as a list of ids: one id alone is one, not its characters (`ack("12")` acked
-    messages 1 and 2); bytes are refused (their items are byte values)."""
-    if isinstance(ids, (bytes, bytearray, memoryview)) or ids is None:
+    messages 1 and 2); bytes are refused (their items are byte values), and so are a mapping
+    (its keys were taken for ids) and what is not iterable (`ack(1.5)` was Python's own words)."""
+    if isinstance(ids, single):
+        return [ids]
+    if isinstance(ids, (bytes, bytearray, memoryview, abc.Mapping)) or not isinstance(ids, abc.Iterable):
         raise TypeError(f"ids must be ids or a list of them, not {type(ids).__name__}")
-    return [ids] if isinstance(ids, single) else ids
+    return ids
 
 
 def seconds(value: Any, name: str, zero: bool = False) -> float:
@@ -663,7 +669,7 @@ def seconds(value: Any, name: str, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
             (0 <= value if zero else 0 < value) or not value < 1e9:
         what = "a number of seconds, 0 or more" if zero else "a positive number of seconds"
-        raise ValueError(f"{name} must be {what}, not {value!r}")
+        raise ValueError(f"{name} must be {what} and under 1e9, not {value!r}")
     return float(value)
 
 

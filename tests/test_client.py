@@ -376,11 +376,20 @@ def test_a_lone_surrogate_is_bad_params_naming_the_param(fx, method, params, nam
 
 
 @pytest.mark.parametrize("call, error, words", [
-    (lambda fx: fx.wait(timeout="5"), ValueError, "timeout must be a number of seconds, 0 or more, not '5'"),
-    (lambda fx: fx.wait(timeout=-1), ValueError, "timeout must be a number of seconds, 0 or more, not -1"),
+    (lambda fx: fx.wait(timeout="5"), ValueError,
+     "timeout must be a number of seconds, 0 or more and under 1e9, not '5'"),
+    (lambda fx: fx.wait(timeout=-1), ValueError, "timeout must be a number of seconds, 0 or more and under 1e9, not -1"),
+    (lambda fx: fx.wait(timeout=10**9), ValueError,
+     "timeout must be a number of seconds, 0 or more and under 1e9, not 1000000000"),
+    # None was no wait at all: a loop of wait(timeout=None) made ~5,000 calls a second (review)
+    (lambda fx: fx.wait(timeout=None), ValueError, "timeout must be a number of seconds, 0 or more and under 1e9, not None"),
+    (lambda fx: next(fx.stream(timeout_per_wait=None)), ValueError,
+     "timeout_per_wait must be a number of seconds, 0 or more and under 1e9, not None"),
     (lambda fx: next(fx.stream(timeout_per_wait=float("nan"))), ValueError,
-     "timeout must be a number of seconds, 0 or more, not nan"),
+     "timeout_per_wait must be a number of seconds, 0 or more and under 1e9, not nan"),
     (lambda fx: fx.ack(None), TypeError, "ids must be ids or a list of them, not NoneType"),
+    (lambda fx: fx.ack(1.5), TypeError, "ids must be ids or a list of them, not float"),
+    (lambda fx: fx.ack({1: "x"}), TypeError, "ids must be ids or a list of them, not dict"),
     (lambda fx: fx.outbox(after="abc"), ValueError, "after must be an outbox entry id (digits), not 'abc'"),
     (lambda fx: fx.outbox(after="-1"), ValueError, "after must be an outbox entry id (digits), not '-1'"),
     (lambda fx: fx.outbox(after=2.5), TypeError, "an outbox entry id must be an int or an OutboxEntry"),
