@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Generic, List, Optional, Set, 
 
 import lmdb
 import msgpack
-from flashlexd import __version__, ackjournal, paths, storecheck
+from flashlexd import __version__, ackjournal, paths, storecheck, storelock
 from flashlexd.bootframes import BootFrames
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.logs import LineThrottle
@@ -169,6 +169,7 @@ class StoreBase:
         self.write_wait = write_wait
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
         self._pid = os.getpid()
+        self._lock_fd: Optional[int] = None  # lock.mdb, read by write_lock_left_by
         self._migrate = migrate
         self._packer = msgpack.Packer(use_bin_type=True)  # reused: packb builds one per call
         self.clock: Clock = clock or SystemClock()
@@ -422,6 +423,24 @@ class StoreBase:
             self._say_drops()
         if os.getpid() == self._pid and self.can_close():
             self._env.close()  # else: closing under a write queued for the lock could crash; exit frees it
+            if self._lock_fd is not None:  # only now: see write_lock_left_by
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def write_lock_left_by(self, pid: int) -> bool:
+        """storelock.write_lock_left_by, read through a descriptor of lock.mdb kept open until
+        the environment is closed. Opening one to read the file and closing it dropped every
+        POSIX lock this process held on it, LMDB's own: the lock by which other processes see
+        this one's reader slots as alive, and the shared one that keeps a new process from
+        setting the lock file up afresh under it (review "deps": the supervisor's were gone
+        after each worker killed by a signal; py-lmdb 1.4-1.7.0's LMDB then broke its reads,
+        MDB_BAD_RSLOT)."""
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(self.path / storelock.LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return storelock.write_lock_left_by(self._lock_fd, pid)
 
     def can_close(self) -> bool:
         """False while a called-off write still waits for LMDB's write lock (held by a process

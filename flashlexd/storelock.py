@@ -41,15 +41,15 @@ def write_mutex_offset(machine: str, pointer_bytes: int) -> Optional[int]:
     return -(-body // _CACHE_LINE) * _CACHE_LINE
 
 
-def write_lock_left_by(data_dir: str, pid: int) -> bool:
+def write_lock_left_by(lock_fd: int, pid: int) -> bool:
     """Whether the store's write lock is still held by `pid`, a worker already reaped (its
-    writes run in its main thread, whose id is its pid)."""
+    writes run in its main thread, whose id is its pid). `lock_fd`: lock.mdb, open for as long
+    as the process's environment is (storebase.StoreBase.write_lock_left_by says why)."""
     at = write_mutex_offset(platform.machine(), struct.calcsize("P"))
     if at is None:
         return False
     try:
-        with open(os.path.join(data_dir, LOCK_FILE), "rb") as lock:
-            head = lock.read(at + 4)
+        head = os.pread(lock_fd, at + 4, 0)
     except OSError:
         return False
     if len(head) < at + 4 or struct.unpack_from("=I", head, 0)[0] != _MAGIC:

@@ -34,7 +34,6 @@ from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.unitplaces import STOP_MARGIN
 from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.oomkills import OomKills
-from flashlexd.storelock import write_lock_left_by
 from flashlexd.workerproc import State, WorkerProcess, describe_exit
 
 log = logging.getLogger(__name__)
@@ -382,7 +381,7 @@ class Supervisor:
                           cause=", by the kernel's OOM killer: out of memory" if oom else "")
             if worker.state is State.FATAL:
                 self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
-            elif os.WIFSIGNALED(status) and write_lock_left_by(self.config.store.data_dir, pid):
+            elif os.WIFSIGNALED(status) and self.store is not None and self.store.write_lock_left_by(pid):
                 log.error("%s (pid %d) was killed inside a write and the kernel did not release the"
                           " store's write lock (the OOM killer reaps a process's memory before it"
                           " can): every writer would wait for it forever; exiting so that a fresh"

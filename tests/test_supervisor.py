@@ -1349,6 +1349,27 @@ def test_no_process_of_a_daemon_run_by_hand_may_dump_core(daemon_config, tmp_pat
         running.stop()
 
 
+def test_a_worker_killed_by_a_signal_leaves_the_supervisor_its_locks_on_the_store(daemon, notify,
+                                                                                daemon_config):
+    """At each worker killed by a signal the supervisor reads LMDB's write lock from lock.mdb:
+    it opened the file and closed it, which dropped every POSIX lock it held there, LMDB's own
+    (review "deps": with py-lmdb 1.4-1.7.0 the next read failed, MDB_BAD_RSLOT; with any, other
+    processes no longer saw its reader slots as alive, and with every worker gone a new one
+    would set the lock file up afresh under it). It keeps them now."""
+    from flashlexd.storebase import lock_holders
+    notify.wait_for("READY=1", timeout=15)
+    data_dir = yaml.safe_load(daemon_config.read_text())["flashlex"]["app"]["db"]["dataPath"]
+    lock_file = Path(data_dir) / "lock.mdb"
+    before = daemon.children()
+    assert daemon.pid in lock_holders(lock_file)
+    os.kill(before["egress"], signal.SIGKILL)
+    wait_for(lambda: daemon.children().get("egress") not in (None, before["egress"]), 15, "egress replaced")
+    wait_for(lambda: daemon.children()["egress"] in lock_holders(lock_file), 15, "the new egress's store open")
+    assert daemon.pid in lock_holders(lock_file)
+    with connect(str(daemon.socket_path)) as fx:  # its reads still work
+        assert fx.messages(limit=1) == []
+
+
 def test_a_write_lock_a_killed_worker_left_held_ends_the_daemon_for_a_fresh_start(daemon, notify,
                                                                                   daemon_config):
     """A worker the OOM killer took inside a write may leave LMDB's write lock naming it for
