@@ -233,6 +233,62 @@ def test_an_entry_always_refused_over_quota_is_dead_lettered_and_the_drain_goes_
     proxy.close()
 
 
+def test_a_rate_quota_refusing_the_tail_of_each_burst_dead_letters_nothing(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A 40/s quota answering 0x97 past it, the egress unpaced (`publishRatePerSecond: 0`) with a
+    window of 100: each burst's tail is refused and sent again after a pause, with the bursts'
+    heads accepted between. Counting every refusal against its entry dead-lettered healthy ones
+    (re-read: 100 of 600 behind 20/s); only the head of a burst counts now."""
+    proxy = QuotaProxy(plain_broker, rate=40, answer=True)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "maxInflight": 100, "publishRatePerSecond": 0,
+                                "publishBytesPerSecond": 0, "poisonAttempts": 1})
+    store = open_store(config)
+    entries = [f"{i:06d}".encode() for i in range(400)]
+    store.outbox_append([(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox drained")
+    assert store.dead_letters() == [] and proxy.over_quota > 0
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every entry delivered")
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_an_entry_refused_over_quota_after_a_drop_does_not_hold_the_one_at_a_time_drain(
+        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
+    """After a drop with entries in flight they go one at a time: an entry refused with 0x97
+    at every try went alone, nothing accepted between its refusals, so it was never told from
+    a throttle and the outbox stalled for good at 30 s pauses (re-read). A PUBACK's refusal
+    ends the one-at-a-time run: the broker answers, it does not drop the link over it. Alone in
+    the outbox, the entry is not told from a throttle (it waits at growing pauses); once later
+    entries are accepted between its refusals, it goes to the dead letters."""
+    proxy = RefuseOne(plain_broker, b"victim", every=True)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "maxInflight": 20, "mqttOperationTimeout": 30})
+    store = open_store(config)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    plain_broker.freeze()
+    entries = [f"{i:06d}".encode() for i in range(15)]
+    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker.send("outbox")
+    worker.wait(lambda w: w.counters.get("inflight", 0) >= 15, 10, "15 in flight")
+    proxy.drop_connections()  # a path cut with entries in flight
+    plain_broker.thaw()
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 20, "every other entry delivered")
+    later = [f"later-{i}".encode() for i in range(10)]
+    store.outbox_append([(EGRESS_TOPIC, e, 1, False) for e in later])
+    worker.send("outbox")
+    wait_for(lambda: store.outbox_count() == 0, 40, "the outbox drained")
+    [dead] = store.dead_letters()
+    assert dead.payload == b"victim"
+    wait_for(lambda: set(subscriber.lines()) >= set(later), 10, "the later entries delivered")
+    assert worker.stop() == 0
+    proxy.close()
+
+
 def test_a_broker_refusing_every_publish_over_quota_is_asked_less_often_and_said_in_status(
         plain_broker: Broker, tmp_path: Path, start_worker) -> None:
     """0x97 to every publish (a throttle that lasts): no entry is held to blame, the pause

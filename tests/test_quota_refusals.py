@@ -2,58 +2,112 @@
 set clock: a throttle is waited out at growing pauses, an entry refused alone goes."""
 from __future__ import annotations
 
-from flashlexd.workers.quotarefusals import MAX_PAUSE, QuotaRefusals
+from typing import List
+
+from flashlexd.workers.quotarefusals import MAX_PAUSE, STALE, QuotaRefusals
 
 
-def test_an_entry_refused_while_later_ones_are_accepted_goes_at_the_attempts() -> None:
+def burst(refusals: QuotaRefusals, entries: List[int]) -> None:
+    for entry in entries:
+        refusals.sending(entry)
+
+
+def test_an_entry_refused_at_the_head_of_each_burst_goes_at_the_attempts() -> None:
     refusals, now = QuotaRefusals(3), 100.0
     for _ in range(2):
+        burst(refusals, [7, 8, 9])
         assert not refusals.refused(7, now)
         assert refusals.paused_until == now + 1  # each acceptance ends the run of pauses
         refusals.accepted(8)
-        now += 1
+        refusals.accepted(9)
+        now = refusals.paused_until
+    burst(refusals, [7, 10])
     assert refusals.refused(7, now)  # the third refusal, others accepted between each
+
+
+def test_a_rate_quota_refusing_the_tail_of_each_burst_blames_no_entry() -> None:
+    """A token bucket of 20 a second under a window of 100: each burst's first 20 pass, the
+    rest is refused and comes back as the next burst. Counting every refusal dead-lettered
+    100 healthy entries of 600 (re-read, on a real broker)."""
+    refusals, now, queued, gone = QuotaRefusals(3), 100.0, list(range(1, 601)), []
+    while queued:
+        sent = queued[:100]
+        burst(refusals, sent)
+        for i, entry in enumerate(sent):
+            if i < 20:
+                refusals.accepted(entry)
+                queued.remove(entry)
+            elif refusals.refused(entry, now):
+                gone.append(entry)
+                queued.remove(entry)
+        now = max(now, refusals.paused_until)
+    assert gone == []
 
 
 def test_refusals_with_nothing_accepted_between_are_a_throttle_that_pauses_longer() -> None:
     refusals, now, pauses = QuotaRefusals(3), 100.0, []
     for _ in range(8):
-        for entry in (7, 8, 9):  # a burst in flight, every one refused during one pause
+        burst(refusals, [7, 8, 9])
+        for entry in (7, 8, 9):  # every one refused during the pause the first started
             assert not refusals.refused(entry, now)
         pauses.append(refusals.paused_until - now)
         now = refusals.paused_until
     assert pauses == [1, 2, 4, 8, 16, MAX_PAUSE, MAX_PAUSE, MAX_PAUSE]
-    assert refusals.pauses_in_a_row == 8
+    assert refusals.pauses_in_a_row(now) == 8
     refusals.accepted(7)  # the throttle passed
+    burst(refusals, [8])
     assert not refusals.refused(8, now) and refusals.paused_until == now + 1
+
+
+def test_a_throttle_is_over_once_no_refusal_came_for_a_while() -> None:
+    """The refused entries may leave the outbox otherwise (dropped, expired): `status` said
+    "refused every publish" until some later publish was accepted (re-read)."""
+    refusals, now = QuotaRefusals(3), 100.0
+    for _ in range(5):
+        burst(refusals, [7])
+        refusals.refused(7, now)
+        now = refusals.paused_until
+    assert refusals.pauses_in_a_row(now) == 5
+    later = now + STALE + 1
+    assert refusals.pauses_in_a_row(later) == 0
+    burst(refusals, [9])
+    assert not refusals.refused(9, later) and refusals.paused_until == later + 1
 
 
 def test_a_count_starts_afresh_after_a_refusal_with_nothing_accepted_since() -> None:
     refusals, now = QuotaRefusals(3), 100.0
-    assert not refusals.refused(7, now)
-    refusals.accepted(8)
-    assert not refusals.refused(7, now + 1)  # 2
-    assert not refusals.refused(7, now + 3)  # nothing accepted since: 1 again
-    refusals.accepted(8)
-    assert not refusals.refused(7, now + 4)  # 2
-    refusals.accepted(8)
-    assert refusals.refused(7, now + 5)
-
-
-def test_two_entries_refused_by_turns_are_each_counted() -> None:
-    refusals, now = QuotaRefusals(3), 100.0
-    gone = []
-    for _ in range(3):
-        for entry in (7, 9):
-            if refusals.refused(entry, now):
-                gone.append(entry)
+    accepted_before = [False, True, False, True, True]  # another entry accepted before each try
+    for step, accepted in enumerate(accepted_before):
+        if accepted:
             refusals.accepted(8)
-        now += 1
+        burst(refusals, [7])
+        refused_for_good = refusals.refused(7, now + step * 40)
+        assert refused_for_good == (step == 4), step  # 1, 2, 1 (nothing since), 2, 3
+
+
+def test_two_entries_refused_for_good_go_one_after_the_other() -> None:
+    """The rewind makes the lowest refused entry the next head: the second one's turn comes."""
+    refusals, now, gone = QuotaRefusals(3), 100.0, []
+    queued, fresh = [7, 8, 9, 10], iter(range(11, 100))
+    for _ in range(7):
+        burst(refusals, queued)
+        for entry in list(queued):
+            if entry in (7, 9):
+                if refusals.refused(entry, now):
+                    gone.append(entry)
+                    queued.remove(entry)
+            else:
+                refusals.accepted(entry)
+                queued.remove(entry)
+        queued += [next(fresh), next(fresh)]
+        now = refusals.paused_until
     assert gone == [7, 9]
 
 
 def test_one_refusal_never_goes_even_at_one_attempt() -> None:
     refusals = QuotaRefusals(1)
+    burst(refusals, [7, 8])
     assert not refusals.refused(7, 100.0)
     refusals.accepted(8)
+    burst(refusals, [7])
     assert refusals.refused(7, 101.0)

@@ -157,6 +157,7 @@ class EgressWorker(Worker):
         if self.more and self.connection.connected:
             wait = min(wait, self._publish_more())
         self.connection.entry_drops_excused = self.poison.excuses_drops
+        self.counters["quota_pauses_in_a_row"] = self.quota_refusals.pauses_in_a_row(now)
         self._update_counters(now)
         return max(0.0, min(wait, self.next_check - now))
 
@@ -183,6 +184,7 @@ class EgressWorker(Worker):
             self._judge_drop()
             self.more = True
             self._mark_backlog()
+            self.quota_refusals.new_burst()
         else:
             self._mark_link_down()
             if self.inflight and not self.connection.closing:
@@ -258,13 +260,13 @@ class EgressWorker(Worker):
         """A throttle passes: the entry goes again after a pause (quotarefusals.py); one refused
         alone, over and over, goes to the dead letters so the entries behind it can go."""
         refusals, now = self.quota_refusals, time.monotonic()
+        self.poison.answered()  # no drop is its doing: sent alone, it would never be told apart
         if refusals.refused(sent.entry_id, now):
             self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
                               f" while later entries were accepted", refusals.attempts)
             return
         self.cursor = min(self.cursor, sent.entry_id - 1)
         self.more = True
-        self.counters["quota_pauses_in_a_row"] = refusals.pauses_in_a_row
         count = self._quota_lines.due(now)
         if count:
             log.warning("broker refused outbox entry %d: %s; sending again in %.3gs%s", sent.entry_id,
@@ -273,7 +275,6 @@ class EgressWorker(Worker):
     def _done(self, entry: int) -> None:
         self.unacked_since.pop(entry, None)
         self.quota_refusals.accepted(entry)
-        self.counters["quota_pauses_in_a_row"] = 0
         if entry == self.unacknowledged_links[0]:  # it went through after all
             self.unacknowledged_links = (0, 0)
             self.counters["stalled_entry"] = None
@@ -517,6 +518,7 @@ class EgressWorker(Worker):
         if entry.qos == 0:
             self.counters["sent"] += 1  # already out of the store
         else:
+            self.quota_refusals.sending(entry.id)  # only a PUBACK can refuse
             self.inflight[info.mid] = _InFlight(entry.id, entry.topic, size)
             self.unacked_since.setdefault(entry.id, time.monotonic())
         return True

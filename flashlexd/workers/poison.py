@@ -70,6 +70,15 @@ class PoisonWatch:
             self.fruitless = self.fruitless or not self._stall_search  # a stall says nothing of drops
             self._stall_search = False
 
+    def answered(self) -> None:
+        """The broker refused a publish in its PUBACK (MQTT 5's 0x97 Quota exceeded): it answers
+        the suspects, it does not drop the link over them, so the one-at-a-time run ends as if
+        the newest were acknowledged. (An entry refused so at every try, sent alone with nothing
+        accepted between its refusals, was never told from a throttle: the outbox stalled for
+        good, at 30 s pauses; re-read.)"""
+        if self.suspects_until is not None:
+            self.acknowledged(self.suspects_until)
+
     def dropped(self, inflight: Sequence[int], path_cut: bool = False) -> Optional[int]:
         """The link dropped with `inflight` (entry ids, oldest first) unacknowledged; `path_cut`,
         most likely the path's doing (see above). Returns the entry to dead-letter, if one has now been

@@ -7,19 +7,25 @@ quota is one candidate), and a pause after each of its refusals held back every 
 for good: one such entry, retried every second, cut a drain of 1,000 entries to ~10 a second,
 with a WARNING a second and `status` healthy (review "aws").
 
-So: an entry refused `attempts` times (at least twice), each time with some other entry accepted since its
-previous refusal, is refused for what it is, not for the link's rate: it goes to the dead
-letters, as the poison search's culprits do. Refusals in a row with nothing accepted between
-them are a throttle: the pause doubles, up to MAX_PAUSE, so a throttled link is asked less
-often; an acceptance ends it. The refusals of one burst (a window's worth in flight) answered
-during the pause the first of them started make one pause, not a doubling each. Pure, so the policy is unit-tested without a broker.
+So: an entry refused `attempts` times (at least twice) as the head of a burst, the first entry
+sent after a pause (or on a fresh link), each time with some other entry accepted since its
+previous such refusal, is refused for what it is: it goes to the dead letters, as the poison
+search's culprits do. Only the head counts: a rate quota refilled over the pause takes it, and
+refuses the burst's tail, which comes back as the next head (counting the tail dead-lettered
+100 healthy entries of 600 behind a 20/s quota with no pacing: re-read).
+Refusals in a row with nothing accepted between them are a throttle: the pause doubles, up to
+MAX_PAUSE, so a throttled link is asked less often; an acceptance ends it, and so does a quiet
+STALE (the refused entries left the outbox otherwise: dropped, expired). The refusals of one
+burst answered during the pause the first of them started make one pause, not a doubling each.
+Pure, so the policy is unit-tested without a broker.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 FIRST_PAUSE = 1.0  # seconds before sending again after a refusal
 MAX_PAUSE = 30.0   # the longest pause, after refusals in a row (a throttle that lasts)
+STALE = 2 * MAX_PAUSE  # no refusal for this long: the throttle is over, whatever ended it
 REMEMBERED = 1024  # entries whose refusals are counted at once; more, and the counts start afresh
 
 
@@ -27,29 +33,54 @@ class QuotaRefusals:
     def __init__(self, attempts: int) -> None:
         self.attempts = max(2, attempts)  # one refusal cannot tell an entry from a throttle
         self.accepted_total = 0  # entries accepted so far: what "accepted since" compares
-        self.pauses_in_a_row = 0  # pauses with no acceptance between them
-        self.paused_until = 0.0   # nothing goes out before (time.monotonic())
-        # entry id -> (its refusals that count, accepted_total at its last refusal)
-        self.refusals: Dict[int, Tuple[int, int]] = {}
+        self.paused_until = 0.0  # nothing goes out before (time.monotonic())
+        self._pauses = 0         # pauses with no acceptance between them
+        self._last_refusal: Optional[float] = None
+        self._head: Optional[int] = None  # the first entry sent after the last pause
+        self._head_due = True
+        # entry id -> (its refusals as a head that count, accepted_total at the last of them)
+        self._counts: Dict[int, Tuple[int, int]] = {}
+
+    def new_burst(self) -> None:
+        """The next entry sent is a head: a fresh link's quota is whole."""
+        self._head_due = True
+
+    def sending(self, entry: int) -> None:
+        if self._head_due:
+            self._head, self._head_due = entry, False
 
     def accepted(self, entry: int) -> None:
         self.accepted_total += 1
-        self.pauses_in_a_row = 0
-        self.refusals.pop(entry, None)
+        self._pauses = 0
+        self._counts.pop(entry, None)
 
     def refused(self, entry: int, now: float) -> bool:
         """Count a refusal of `entry`; True when it is refused for good (to dead-letter), else
-        the drain pauses (refusals of one burst, answered during its pause, pause it once)."""
-        times, accepted_then = self.refusals.get(entry, (0, self.accepted_total))
+        the drain pauses."""
+        self._pauses = self.pauses_in_a_row(now)
+        self._last_refusal = now
+        if entry == self._head and self._head_refused(entry):
+            return True
+        if now >= self.paused_until:
+            self._pauses += 1
+            self.paused_until = now + min(MAX_PAUSE, FIRST_PAUSE * 2 ** (self._pauses - 1))
+            self._head_due = True
+        return False
+
+    def _head_refused(self, entry: int) -> bool:
+        times, accepted_then = self._counts.get(entry, (0, self.accepted_total))
         # nothing accepted since its last refusal: the link's throttle, its count starts afresh
         times = times + 1 if self.accepted_total > accepted_then else 1
         if times >= self.attempts:
-            self.refusals.pop(entry, None)
+            self._counts.pop(entry, None)
             return True
-        if entry not in self.refusals and len(self.refusals) >= REMEMBERED:
-            self.refusals.clear()
-        self.refusals[entry] = (times, self.accepted_total)
-        if now >= self.paused_until:
-            self.pauses_in_a_row += 1
-            self.paused_until = now + min(MAX_PAUSE, FIRST_PAUSE * 2 ** (self.pauses_in_a_row - 1))
+        if entry not in self._counts and len(self._counts) >= REMEMBERED:
+            self._counts.clear()
+        self._counts[entry] = (times, self.accepted_total)
         return False
+
+    def pauses_in_a_row(self, now: float) -> int:
+        """Pauses with nothing accepted between them; 0 once no refusal came for STALE."""
+        if self._last_refusal is None or now - self._last_refusal > STALE:
+            return 0
+        return self._pauses
