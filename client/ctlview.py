@@ -117,6 +117,8 @@ def health(status: Dict[str, Any]) -> List[str]:
             problems.append(f"{side} MQTT is not connected")
         elif link.get("error"):  # up, but e.g. a subscription the broker refused: not receiving it
             problems.append(f"{side} MQTT: {link['error']}")
+        elif link.get("clone_suspected"):  # up between a clone's kicks: still not a steady link
+            problems.append(f"{side} MQTT: {link['clone_suspected']}")
     stalled = (mqtt.get("egress") or {}).get("stalled_entry")
     if stalled is not None:
         problems.append(f"the broker does not acknowledge outbox entry {stalled}, and the outbox"

@@ -52,6 +52,7 @@ QUICK_DROPS = 3  # drops by the broker soon after CONNACK, none of ours the caus
 # Administrative action, Use another server, Server moved, Connection rate exceeded,
 # Maximum connect time; and a throttling broker's Message rate too high, Quota exceeded (AWS
 # IoT Core's DISCONNECT over a quota): no entry's doing either
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT: another connection with our client id
 NOT_AN_ENTRYS_FAULT = frozenset({0x89, 0x8B, 0x8D, 0x8E, 0x96, 0x97, 0x98, 0x9C, 0x9D, 0x9F, 0xA0})
 
 
@@ -59,6 +60,16 @@ def _ago(seconds: float) -> str:
     """How long ago, for a log line. A span from before this process is on the wall clock: after
     a reboot into a clock behind (fake-hwclock, 1970) it is negative, and unknown."""
     return f"{seconds:.0f}s ago" if seconds >= 0 else "at a time the clock is now behind"
+
+
+def _outage(down: Optional[float], tries: int) -> str:
+    """What the "connected" line adds: how long the link was down and how many attempts it
+    took, so that the log says when an outage ended and what it cost (it did not: review
+    "ops", an 11-minute outage's last 90 failures counted nowhere)."""
+    parts = [] if down is None else [f"{down:.0f}s down"]
+    if tries > 1:
+        parts.append(f"{tries} attempts")
+    return f" after {', '.join(parts)}" if parts else ""
 
 
 class Connection:
@@ -147,6 +158,7 @@ class Connection:
         self._up_since: Optional[float] = None
         self._down_since: Optional[float] = None
         self._quick_drops = 0    # consecutive drops by the broker soon after CONNACK
+        self._clone_sign: Optional[str] = None  # the last sign of another client on our id
         self._last_refusal: Optional[float] = None  # when this link's last PUBACK that may refuse came
         self._subscribes_due: Dict[int, List[str]] = {}  # SUBSCRIBE packet id -> its filters
         self._subscribe_closes = 0  # links in a row closed while a SUBSCRIBE was unanswered
@@ -331,6 +343,17 @@ class Connection:
         """Input already here that select() on `sock` cannot see: read by paho's client
         (DialedClient) or decrypted by TLS, not taken yet."""
         return self.client.buffered() or _tls_pending(sock)
+
+    def clone_suspected(self) -> Optional[str]:
+        """The last sign that another client uses our client id (links closed soon after
+        CONNACK, QUICK_DROPS in a row; a DISCONNECT "Session taken over"), until a link lives
+        `stableConnectionTimeSecond`: for `status`, up or down. It was said only while the link
+        was down, so a monitor saw a clone's victim healthy about a quarter of the time (review
+        "ops")."""
+        if self._clone_sign is not None and self.connected and \
+                self.clock() - (self._up_since or 0.0) >= self.backoff.policy.stable_seconds:
+            self._clone_sign = None
+        return self._clone_sign
 
     def service(self) -> float:
         """Connect when due, give up on a silent broker, keep alive. Returns the seconds until
@@ -541,16 +564,18 @@ class Connection:
         # attempt (a clone of our client id) is one episode: its lines, as its failures', once
         # and then every FAILURE_LOG_SECONDS. Attempts that failed first were an outage, now
         # over: this link's lines, and its failures', are news again
-        if self.attempts - self._attempts_at_link > 1:
+        tries = self.attempts - self._attempts_at_link  # this one included
+        if tries > 1:
             self._failure_lines.clear()
         self._attempts_at_link = self.attempts
         # a drop the log told of is followed by its reconnect, whatever the throttle says
         count = max(self._failure_lines.due("connected", now), int(self._told_down))
         self._told_down = False
         if count:
-            log.info("connected to %s:%d as %r with MQTT %s (session present: %s)%s",
+            log.info("connected to %s:%d as %r with MQTT %s (session present: %s)%s%s",
                      self.thing.endpoint, self.thing.mqtt.port, self.client_id, self.protocol,
-                     present, since_last(count, "connects"))
+                     present, _outage(None if self._down_since is None else now - self._down_since, tries),
+                     since_last(count, "connects"))
         self.moved_from = self._moved_from()
         if self._had_session and not present and self._broker_unknown:
             log.warning("the broker %s:%d holds no session of client id %r: it lost the one of before"
@@ -633,8 +658,11 @@ class Connection:
         if by_packet:
             self._errors.take()
             self._dead_reason = None
-            self._failed(f"the broker {self.thing.endpoint}:{self.thing.mqtt.port} disconnected client id"
-                         f" {self.client_id!r}: {reason_name(reason)}", entry_fault)
+            said = (f"the broker {self.thing.endpoint}:{self.thing.mqtt.port} disconnected client id"
+                    f" {self.client_id!r}: {reason_name(reason)}")
+            if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+                self._clone_sign = said
+            self._failed(said, entry_fault)
             return
         self._failed(self._drop_reason(reason, before_connack=False), entry_fault)
 
@@ -696,9 +724,10 @@ class Connection:
         # the quick drops before it (a clone of a device that publishes steadily kicks it
         # with a PUBACK pending as often as not)
         if self._quick_drops >= QUICK_DROPS:
-            return (f"connection to {where} closed {self._quick_drops} times soon after CONNACK"
-                    f" with nothing of ours in flight: another client is using client id"
-                    f" {self.client_id!r}? (or the network cuts links)")
+            self._clone_sign = (f"connection to {where} closed {self._quick_drops} times soon after"
+                                f" CONNACK with nothing of ours in flight: another client is using"
+                                f" client id {self.client_id!r}? (or the network cuts links)")
+            return self._clone_sign
         return f"connection to {where} lost: {message or 'closed by the broker or the network'}"
 
     def _just_refused(self) -> bool:

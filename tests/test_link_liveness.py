@@ -3,6 +3,7 @@ max(mqttOperationTimeout, 1.5 x keepAliveSeconds), a connect attempt never stops
 heartbeat, a lost session and a client-id conflict are said, and "connected" means subscribed."""
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import struct
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from flashlexd.client.ctlview import health
 from tests.broker import (EGRESS_TOPIC, HOST, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Proxy, Subscriber,
                           open_store, publish, wait_for, write_config)
 from tests.lax_broker import TlsTestBroker, mqtt_packet
@@ -158,6 +160,18 @@ def test_two_clients_with_one_client_id_are_reported_as_a_conflict(broker: Broke
             worker.pump(0.05)
         return all(sum(1 for m in w.reports("mqtt") if m["connected"]) >= 7 for w in (first, second))
     wait_for(kicked_often, 60, "seven links each")
+
+    def said_while_up() -> bool:  # status said it only while the link was down (review "ops")
+        for worker in (first, second):
+            worker.pump(0.05)
+        return any(w.mqtt.get("connected") and "another client is using client id"
+                   in (w.counters.get("clone_suspected") or "") for w in (first, second))
+    wait_for(said_while_up, 30, "the conflict in status while a link is up")
+    up = next(w for w in (first, second) if w.mqtt.get("connected"))
+    status = {"workers": [{"name": "ingress", "state": "ready"}, {"name": "egress", "state": "ready"}],
+              "mqtt": {"ingress": {"connected": True, "clone_suspected": up.counters["clone_suspected"]},
+                       "egress": {"connected": True}}}
+    assert any("another client is using client id" in line for line in health(status))
     second.kill()
     assert first.stop() == 0
     log = first.log_text()  # both workers' lines: they share one log here
@@ -184,6 +198,9 @@ def test_each_outage_and_its_reconnect_are_logged_though_the_link_between_was_sh
     log = worker.log_text()
     assert log.count("connected to ") == 3 and log.count("lost the session") == 2, log[-3000:]
     assert log.count("connection refused") == 2, log[-3000:]  # each outage's first failure
+    # and how long each lasted, in how many attempts (review "ops": nothing said it)
+    assert len(re.findall(r"connected to .*\(session present: False\) after \d+s down, \d+ attempts$",
+                          log, re.M)) == 2, log[-3000:]
     assert worker.stop() == 0
 
 

@@ -123,7 +123,7 @@ class EgressWorker(Worker):
                              throttled=0, dead_lettered=0, oldest_inflight_age=None,
                              sessions_lost=0, one_at_a_time=False, protocol=None, refused=0,
                              expired=0, stalled_entry=None, delete_error=None,
-                             quota_pauses_in_a_row=0)
+                             quota_pauses_in_a_row=0, clone_suspected=None)
         self._delete_lines = LineThrottle()
         log.info("egress rate: %s", describe_rate(mqtt.publish_rate, mqtt.publish_bytes_rate,
                                                   mqtt.backlog_rate, mqtt.max_inflight))
@@ -158,6 +158,7 @@ class EgressWorker(Worker):
             wait = min(wait, self._publish_more())
         self.connection.entry_drops_excused = self.poison.excuses_drops
         self.counters["quota_pauses_in_a_row"] = self.quota_refusals.pauses_in_a_row(now)
+        self.counters["clone_suspected"] = self.connection.clone_suspected()
         self._update_counters(now)
         return max(0.0, min(wait, self.next_check - now))
 

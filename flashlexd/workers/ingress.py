@@ -155,7 +155,7 @@ class IngressWorker(Worker):
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0,
                              left_with_broker=0, store_full=False,
-                             connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0,
+                             connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0, clone_suspected=None,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
 
     # -- loop hooks -------------------------------------------------------------------------------
@@ -183,6 +183,7 @@ class IngressWorker(Worker):
     def tick(self, now: float) -> float:
         wait = self.connection.service()
         self.counters["held"] = len(self.batch)  # received, not yet committed (a refusing store)
+        self.counters["clone_suspected"] = self.connection.clone_suspected()
         if self.recycle_due and self.connection.connected:
             wait = min(wait, self._recycle(now))
         if self.counters["connected"] and not self.connection.subscribes_due and not self.recycle_due:
