@@ -637,7 +637,13 @@ class Supervisor:
     def _reopen_store(self, new: Config) -> None:
         """The store opened with the new settings; when it cannot be, opened again with the
         running ones (one environment per process: the old must close first) and the reload
-        refused."""
+        refused. Not while a called-off write still waits for LMDB's write lock: the old
+        environment would stay open (`close` leaves it then) and a second one of the same files
+        in this process drops its POSIX locks on them when either closes (re-read)."""
+        if not self.store.can_close():  # type: ignore[union-attr]
+            raise _ReloadRefused("the store's new settings need it closed, and a store write called off"
+                                 " still waits for its write lock (a worker stopped inside a write?):"
+                                 " reload again once it is done")
         self.store.close()  # type: ignore[union-attr]
         try:
             self.store = Store.from_config(new.store, write_wait=STORE_WRITE_WAIT)

@@ -427,3 +427,14 @@ def test_flashlexctl_status_says_how_the_drain_goes() -> None:
     lines = render_status(status, "/run/x.sock").splitlines()
     assert "draining 2000 entries at 100/s, ~20 s" in lines
     assert "mqtt ingress  connected, subscribed to ingress/t (QoS 1), pubsub/t (QoS 0)" in lines
+
+
+def test_a_refusal_in_a_puback_ends_the_one_at_a_time_run_without_calling_it_fruitless() -> None:
+    """A 0x97 among the suspects says the broker answers them, not what caused the drops: the
+    run ends, and the drops stay excused (taking the search for fruitless grew the reconnect
+    waits of the search a real culprit needed next; re-read)."""
+    watch = PoisonWatch(3)
+    watch.dropped([7, 8, 9])
+    assert watch.single
+    watch.answered()
+    assert not watch.single and watch.excuses_drops and not watch.fruitless

@@ -289,6 +289,30 @@ def test_an_entry_refused_over_quota_after_a_drop_does_not_hold_the_one_at_a_tim
     proxy.close()
 
 
+@pytest.mark.parametrize("pacing", [{"publishRatePerSecond": 5}, {"maxInflight": 1}])
+def test_an_entry_refused_over_quota_behind_a_paced_drain_goes_to_the_dead_letters(
+        plain_broker: Broker, tmp_path: Path, start_worker, pacing) -> None:
+    """At 10/s or less the budget lets one entry out after a pause (and a window of 1 the
+    same): the refused entry went alone each time, its refusal back before the next could go,
+    so nothing was ever accepted between its refusals; taken for a throttle, it held the 20
+    entries behind it for good (re-read: 21 of 21 still queued after 25 s). The next entry now
+    goes first, the refused one after its answer."""
+    proxy = RefuseOne(plain_broker, b"victim", every=True)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "poisonAttempts": 2, **pacing})
+    store = open_store(config)
+    entries = [f"{i:06d}".encode() for i in range(20)]
+    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 30, "the outbox drained")
+    [dead] = store.dead_letters()
+    assert dead.payload == b"victim"
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
+    assert worker.stop() == 0
+    proxy.close()
+
+
 def test_a_broker_refusing_every_publish_over_quota_is_asked_less_often_and_said_in_status(
         plain_broker: Broker, tmp_path: Path, start_worker) -> None:
     """0x97 to every publish (a throttle that lasts): no entry is held to blame, the pause

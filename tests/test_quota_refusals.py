@@ -111,3 +111,28 @@ def test_one_refusal_never_goes_even_at_one_attempt() -> None:
     refusals.accepted(8)
     burst(refusals, [7])
     assert refusals.refused(7, 101.0)
+
+
+def test_an_entry_refused_alone_is_tried_after_another() -> None:
+    """Paced one at a time (or a window of 1), the refused entry is alone in flight: the next
+    goes first (a probe), and an acceptance of it lets the refused head's next refusal count;
+    a probe refused too (a throttle) blames nobody."""
+    refusals, now = QuotaRefusals(2), 100.0
+    burst(refusals, [7])
+    assert not refusals.refused(7, now)
+    refusals.probe_before(7)
+    burst(refusals, [8])  # the probe is not the head
+    assert refusals.end_probe() == 7 and refusals.end_probe() is None
+    refusals.accepted(8)
+    burst(refusals, [7])
+    assert refusals.refused(7, now + 1)  # a second refusal, the probe accepted between
+
+    throttled, now = QuotaRefusals(2), 200.0
+    for probe in (8, 9, 10):
+        burst(throttled, [7])
+        assert not throttled.refused(7, now)
+        throttled.probe_before(7)
+        burst(throttled, [probe])
+        assert throttled.end_probe() == 7
+        assert not throttled.refused(probe, now)  # refused too: nothing accepted, no count
+        now = throttled.paused_until

@@ -21,8 +21,9 @@ most once, as their QoS says (a kill between the two loses them, never sends the
 
 MQTT 5 says why: a PUBACK with a failure reason (0x87 Not authorized, 0x99 Payload format
 invalid...) dead-letters its entry at once under that reason's name, except 0x97 Quota
-exceeded, which passes: the entry goes out again after a pause, unless it alone is refused
-`poisonAttempts` times while later entries are accepted (quotarefusals.py). An entry larger
+exceeded, which passes: the entry goes out again after a pause, unless it is refused
+`poisonAttempts` times as the first entry sent after a pause while later ones are accepted
+(quotarefusals.py). An entry larger
 than the broker's Maximum Packet Size (its CONNACK) is dead-lettered instead of sent, and the
 in-flight window is also bounded by the broker's Receive Maximum. An entry published with
 properties carries them (MQTT 5; 3.1.1 has none to send); one with a message expiry that passed
@@ -188,6 +189,7 @@ class EgressWorker(Worker):
             self.quota_refusals.new_burst()
         else:
             self._mark_link_down()
+            self._end_probe()
             if self.inflight and not self.connection.closing:
                 self._link_dropped(error)
         self.report(MqttReport.kind, connected=connected, error=error)
@@ -247,6 +249,7 @@ class EgressWorker(Worker):
         sent = self.inflight.pop(mid, None)
         if sent is None:
             return
+        self._end_probe()  # whatever its answer, the refused entry it went before goes again
         self.poison.acknowledged(sent.entry_id)
         if reason is None or not reason.is_failure:
             self._done(sent.entry_id)
@@ -266,12 +269,21 @@ class EgressWorker(Worker):
             self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
                               f" while later entries were accepted", refusals.attempts)
             return
-        self.cursor = min(self.cursor, sent.entry_id - 1)
+        if not self.inflight and self.cursor == sent.entry_id:  # alone: the next one goes first
+            refusals.probe_before(sent.entry_id)
+        else:
+            self.cursor = min(self.cursor, sent.entry_id - 1)
         self.more = True
         count = self._quota_lines.due(now)
         if count:
             log.warning("broker refused outbox entry %d: %s; sending again in %.3gs%s", sent.entry_id,
                         reason, refusals.paused_until - now, since_last(count, "such refusals"))
+
+    def _end_probe(self) -> None:
+        probed = self.quota_refusals.end_probe()
+        if probed is not None:
+            self.cursor = min(self.cursor, probed - 1)
+            self.more = True
 
     def _done(self, entry: int) -> None:
         self.unacked_since.pop(entry, None)
@@ -387,6 +399,9 @@ class EgressWorker(Worker):
         except StoreDamaged:  # logged once by the store; nothing can be sent from it
             self.more = False
             return math.inf
+        if not entries and self.quota_refusals.probing is not None:  # none to send before it
+            self._end_probe()
+            return 0.0
         self.more = len(entries) == allowance
         if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
             self._forget_unacked_below(entries[0].id if entries else math.inf)

@@ -72,12 +72,13 @@ class PoisonWatch:
 
     def answered(self) -> None:
         """The broker refused a publish in its PUBACK (MQTT 5's 0x97 Quota exceeded): it answers
-        the suspects, it does not drop the link over them, so the one-at-a-time run ends as if
-        the newest were acknowledged. (An entry refused so at every try, sent alone with nothing
-        accepted between its refusals, was never told from a throttle: the outbox stalled for
-        good, at 30 s pauses; re-read.)"""
-        if self.suspects_until is not None:
-            self.acknowledged(self.suspects_until)
+        the suspects, it does not drop the link over them, so the one-at-a-time run ends. (An
+        entry refused so at every try, sent alone with nothing accepted between its refusals,
+        was never told from a throttle: the outbox stalled for good, at 30 s pauses; re-read.)
+        Unlike an acknowledgement of the newest suspect, it says nothing of what caused the
+        drops: the search is not taken for fruitless (drops would no longer be excused)."""
+        self.suspects_until = None
+        self._stall_search = False
 
     def dropped(self, inflight: Sequence[int], path_cut: bool = False) -> Optional[int]:
         """The link dropped with `inflight` (entry ids, oldest first) unacknowledged; `path_cut`,

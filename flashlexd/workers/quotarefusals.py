@@ -13,6 +13,10 @@ previous such refusal, is refused for what it is: it goes to the dead letters, a
 search's culprits do. Only the head counts: a rate quota refilled over the pause takes it, and
 refuses the burst's tail, which comes back as the next head (counting the tail dead-lettered
 100 healthy entries of 600 behind a 20/s quota with no pacing: re-read).
+An entry refused alone in flight with nothing sent after it (a paced drain: at 10/s or less
+the budget lets one entry out after a pause; a window of 1) could never see another accepted
+between its refusals, and held the outbox for good (re-read): the next entry is then sent first
+(`probe_before`), and the refused one, still the head, after that one's answer.
 Refusals in a row with nothing accepted between them are a throttle: the pause doubles, up to
 MAX_PAUSE, so a throttled link is asked less often; an acceptance ends it, and so does a quiet
 STALE (the refused entries left the outbox otherwise: dropped, expired). The refusals of one
@@ -38,12 +42,23 @@ class QuotaRefusals:
         self._last_refusal: Optional[float] = None
         self._head: Optional[int] = None  # the first entry sent after the last pause
         self._head_due = True
+        self.probing: Optional[int] = None  # the head waiting for the entry sent before it
         # entry id -> (its refusals as a head that count, accepted_total at the last of them)
         self._counts: Dict[int, Tuple[int, int]] = {}
 
     def new_burst(self) -> None:
         """The next entry sent is a head: a fresh link's quota is whole."""
         self._head_due = True
+
+    def probe_before(self, entry: int) -> None:
+        """`entry` was refused alone: the next entry goes first; it stays the head."""
+        self.probing, self._head, self._head_due = entry, entry, False
+
+    def end_probe(self) -> Optional[int]:
+        """The entry sent before the head was answered (or the link dropped): the head to send
+        again, if a probe was on."""
+        entry, self.probing = self.probing, None
+        return entry
 
     def sending(self, entry: int) -> None:
         if self._head_due:
