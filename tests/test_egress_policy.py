@@ -436,5 +436,9 @@ def test_a_refusal_in_a_puback_ends_the_one_at_a_time_run_without_calling_it_fru
     watch = PoisonWatch(3)
     watch.dropped([7, 8, 9])
     assert watch.single
-    watch.answered()
+    watch.answered(7)
     assert not watch.single and watch.excuses_drops and not watch.fruitless
+    alone = PoisonWatch(3)  # the newest suspect refused (the egress acknowledged it first: fruitless)
+    alone.dropped([7])
+    alone.answered(7)
+    assert not alone.single and alone.excuses_drops and alone.drops(7) == 0

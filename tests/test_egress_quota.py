@@ -313,6 +313,51 @@ def test_an_entry_refused_over_quota_behind_a_paced_drain_goes_to_the_dead_lette
     proxy.close()
 
 
+@pytest.mark.parametrize("pacing", [{"maxInflight": 1, "publishRatePerSecond": 0}, {"publishRatePerSecond": 5}])
+def test_a_rate_quota_dead_letters_nothing_behind_a_window_of_one(plain_broker: Broker, tmp_path: Path,
+                                                                   start_worker, pacing) -> None:
+    """A quota of 1 publish/s answered with 0x97, one entry out at a time: the entry sent before
+    a refused one (the probe) took the refilled token, and the refused one, sent at once after
+    it, was refused again with an acceptance between: healthy entries were dead-lettered (re-read).
+    After an accepted probe the refused entry now waits a pause too."""
+    proxy = QuotaProxy(plain_broker, rate=1, answer=True)
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "publishBytesPerSecond": 0, **pacing})
+    store = open_store(config)
+    entries = [f"{i:06d}".encode() for i in range(12)]
+    store.outbox_append([(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox drained")
+    assert store.dead_letters() == [] and proxy.over_quota > 0
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every entry delivered")
+    assert worker.stop() == 0
+    proxy.close()
+
+
+@pytest.mark.parametrize("pacing", [{"maxInflight": 1}, {"publishRatePerSecond": 5}])
+def test_two_entries_refused_in_a_row_do_not_hold_a_paced_drain(plain_broker: Broker, tmp_path: Path,
+                                                               start_worker, pacing) -> None:
+    """Two entries the broker always refuses, one after the other (two retained publishes over
+    a retained-message quota), one entry out at a time: the second, tried first as the probe,
+    was refused too and ended the probe, and the two took turns for good with nothing behind
+    them tried (re-read). A refused probe now passes the probe on to the next entry."""
+    proxy = RefuseOne(plain_broker, b"victim", every=True)  # every payload ending in "victim"
+    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
+                          mqtt={"protocol": "5", "poisonAttempts": 2, **pacing})
+    store = open_store(config)
+    entries = [f"{i:06d}".encode() for i in range(20)]
+    store.outbox_append([(EGRESS_TOPIC, b"a-victim", 1, False), (EGRESS_TOPIC, b"b-victim", 1, False)]
+                        + [(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, 45, "the outbox drained")
+    assert sorted(d.payload for d in store.dead_letters()) == [b"a-victim", b"b-victim"]
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
+    assert worker.stop() == 0
+    proxy.close()
+
+
 def test_a_broker_refusing_every_publish_over_quota_is_asked_less_often_and_said_in_status(
         plain_broker: Broker, tmp_path: Path, start_worker) -> None:
     """0x97 to every publish (a throttle that lasts): no entry is held to blame, the pause

@@ -188,8 +188,8 @@ class EgressWorker(Worker):
             self._mark_backlog()
             self.quota_refusals.new_burst()
         else:
+            self._end_probe()  # first: the head goes back into what is queued while down
             self._mark_link_down()
-            self._end_probe()
             if self.inflight and not self.connection.closing:
                 self._link_dropped(error)
         self.report(MqttReport.kind, connected=connected, error=error)
@@ -249,27 +249,36 @@ class EgressWorker(Worker):
         sent = self.inflight.pop(mid, None)
         if sent is None:
             return
-        self._end_probe()  # whatever its answer, the refused entry it went before goes again
-        self.poison.acknowledged(sent.entry_id)
-        if reason is None or not reason.is_failure:
-            self._done(sent.entry_id)
-            return
-        self.counters["refused"] += 1
-        if reason.value == QUOTA_EXCEEDED:
+        refused = reason is not None and reason.is_failure
+        if refused:
+            self.counters["refused"] += 1
+        if refused and reason.value == QUOTA_EXCEEDED:
             self._over_quota(sent, reason_name(reason))
+            return
+        # the refused entry a probe went before goes again: after a pause when the probe was
+        # accepted, so that a rate quota the probe spent is refilled for it
+        self._end_probe(None if refused else time.monotonic())
+        self.poison.acknowledged(sent.entry_id)
+        if not refused:
+            self._done(sent.entry_id)
             return
         self._dead_letter(sent, f"refused by the broker: {reason_name(reason)}", 1)
 
     def _over_quota(self, sent: _InFlight, reason: str) -> None:
         """A throttle passes: the entry goes again after a pause (quotarefusals.py); one refused
-        alone, over and over, goes to the dead letters so the entries behind it can go."""
+        as the first sent after a pause, over and over, goes to the dead letters so the entries
+        behind it can go."""
         refusals, now = self.quota_refusals, time.monotonic()
-        self.poison.answered()  # no drop is its doing: sent alone, it would never be told apart
+        self.poison.answered(sent.entry_id)  # no drop is its doing: sent alone, never told apart
+        probe_refused = refusals.probing is not None  # only probes are sent while one is on
         if refusals.refused(sent.entry_id, now):
             self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
                               f" while later entries were accepted", refusals.attempts)
             return
-        if not self.inflight and self.cursor == sent.entry_id:  # alone: the next one goes first
+        if probe_refused:
+            pass  # the cursor stays past it: the next entry probes, after the pause (two refused
+            # in a row held a paced drain for good)
+        elif not self.inflight and self.cursor == sent.entry_id:  # alone: the next one goes first
             refusals.probe_before(sent.entry_id)
         else:
             self.cursor = min(self.cursor, sent.entry_id - 1)
@@ -279,8 +288,8 @@ class EgressWorker(Worker):
             log.warning("broker refused outbox entry %d: %s; sending again in %.3gs%s", sent.entry_id,
                         reason, refusals.paused_until - now, since_last(count, "such refusals"))
 
-    def _end_probe(self) -> None:
-        probed = self.quota_refusals.end_probe()
+    def _end_probe(self, now: Optional[float] = None) -> None:
+        probed = self.quota_refusals.end_probe(now)
         if probed is not None:
             self.cursor = min(self.cursor, probed - 1)
             self.more = True
@@ -404,7 +413,9 @@ class EgressWorker(Worker):
             return 0.0
         self.more = len(entries) == allowance
         if not self.inflight and self.unacked_since:  # what is below the next entry left the outbox
-            self._forget_unacked_below(entries[0].id if entries else math.inf)
+            below = entries[0].id if entries else math.inf
+            probing = self.quota_refusals.probing  # the head waiting for a probe is still queued
+            self._forget_unacked_below(below if probing is None else min(below, probing))
         done = set(self.done)
         flying = {s.entry_id for s in self.inflight.values()}
         expired: List[OutboxEntry] = []

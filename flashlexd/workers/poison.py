@@ -70,13 +70,16 @@ class PoisonWatch:
             self.fruitless = self.fruitless or not self._stall_search  # a stall says nothing of drops
             self._stall_search = False
 
-    def answered(self) -> None:
+    def answered(self, entry_id: int) -> None:
         """The broker refused a publish in its PUBACK (MQTT 5's 0x97 Quota exceeded): it answers
         the suspects, it does not drop the link over them, so the one-at-a-time run ends. (An
         entry refused so at every try, sent alone with nothing accepted between its refusals,
         was never told from a throttle: the outbox stalled for good, at 30 s pauses; re-read.)
         Unlike an acknowledgement of the newest suspect, it says nothing of what caused the
         drops: the search is not taken for fruitless (drops would no longer be excused)."""
+        self.alone_drops.pop(entry_id, None)
+        self.alone_links.pop(entry_id, None)
+        self.skips.pop(entry_id, None)
         self.suspects_until = None
         self._stall_search = False
 

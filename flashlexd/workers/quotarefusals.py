@@ -16,7 +16,9 @@ refuses the burst's tail, which comes back as the next head (counting the tail d
 An entry refused alone in flight with nothing sent after it (a paced drain: at 10/s or less
 the budget lets one entry out after a pause; a window of 1) could never see another accepted
 between its refusals, and held the outbox for good (re-read): the next entry is then sent first
-(`probe_before`), and the refused one, still the head, after that one's answer.
+(`probe_before`; refused too, the one after it), and the refused one, still the head, after an
+acceptance of one and a pause (sent at once, it met the quota the probe had just spent: a 1/s
+quota dead-lettered healthy entries; re-read).
 Refusals in a row with nothing accepted between them are a throttle: the pause doubles, up to
 MAX_PAUSE, so a throttled link is asked less often; an acceptance ends it, and so does a quiet
 STALE (the refused entries left the outbox otherwise: dropped, expired). The refusals of one
@@ -54,10 +56,14 @@ class QuotaRefusals:
         """`entry` was refused alone: the next entry goes first; it stays the head."""
         self.probing, self._head, self._head_due = entry, entry, False
 
-    def end_probe(self) -> Optional[int]:
+    def end_probe(self, now: Optional[float] = None) -> Optional[int]:
         """The entry sent before the head was answered (or the link dropped): the head to send
-        again, if a probe was on."""
+        again, if a probe was on. With `now` (the probe was answered): the head goes first after
+        a pause, as any head, so a rate quota the probe spent is refilled for it."""
         entry, self.probing = self.probing, None
+        if entry is not None and now is not None:
+            self.paused_until = max(self.paused_until, now + FIRST_PAUSE)
+            self._head_due = True
         return entry
 
     def sending(self, entry: int) -> None:
