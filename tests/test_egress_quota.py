@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 
@@ -182,22 +182,32 @@ class RefuseOne(QuotaProxy):
         return b"".join(kept)
 
 
+def victim_first_to_a_frozen_broker(broker: Broker, tmp_path: Path, start_worker, proxy: QuotaProxy,
+                                    operation_timeout: float):
+    """An egress (MQTT 5, a window of 20) connected through `proxy` to `broker`, frozen, then
+    handed "victim" and 15 entries after it: the store, the worker, the subscriber, the 15."""
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", broker, port=proxy.port,
+                          mqtt={"protocol": "5", "maxInflight": 20, "mqttOperationTimeout": operation_timeout})
+    store = open_store(config)
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    broker.freeze()
+    entries = [f"{i:06d}".encode() for i in range(15)]
+    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker.send("outbox")
+    return store, worker, subscriber, entries
+
+
 def test_an_entry_refused_over_quota_is_sent_after_the_link_drops(plain_broker: Broker, tmp_path: Path,
                                                                   start_worker) -> None:
     """A 0x97 sends the refused entry again after later ones already in flight. When the link
     then drops with all of them unacknowledged, every one is sent on the next connection: the
     lowest in flight, not the first sent, is where the drain resumes."""
     proxy = RefuseOne(plain_broker, b"victim")
-    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
-                          mqtt={"protocol": "5", "maxInflight": 20, "mqttOperationTimeout": 3})
-    store = open_store(config)
-    worker = start_worker("egress", config)
-    worker.wait_connected()
-    plain_broker.freeze()  # it takes the publishes and acknowledges none: the link watch drops it
-    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)]
-                        + [(EGRESS_TOPIC, f"{i:06d}".encode(), 1, False) for i in range(15)])
-    worker.send("outbox")
+    # the broker takes the publishes and acknowledges none: the link watch drops the link
+    store, worker, subscriber, _ = victim_first_to_a_frozen_broker(plain_broker, tmp_path, start_worker,
+                                                                   proxy, operation_timeout=3)
     worker.wait(lambda w: any(not m["connected"] for m in w.reports("mqtt")), 15, "the link closed")
     assert proxy.refused
     plain_broker.thaw()
@@ -207,6 +217,21 @@ def test_an_entry_refused_over_quota_is_sent_after_the_link_drops(plain_broker: 
     proxy.close()
 
 
+def drained_past_refusals(broker: Broker, tmp_path: Path, start_worker, proxy: QuotaProxy, mqtt: dict,
+                          victims: List[bytes], count: int, timeout: float):
+    """`victims`, then `count` healthy entries, drained through `proxy` (MQTT 5): waits until the
+    outbox is empty and every healthy entry was delivered; returns the dead letters and the worker."""
+    subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+    config = write_config(tmp_path / "config", broker, port=proxy.port, mqtt={"protocol": "5", **mqtt})
+    store = open_store(config)
+    entries = [f"{i:06d}".encode() for i in range(count)]
+    store.outbox_append([(EGRESS_TOPIC, v, 1, False) for v in victims] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
+    worker = start_worker("egress", config)
+    wait_for(lambda: store.outbox_count() == 0, timeout, "the outbox drained")
+    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
+    return store.dead_letters(), worker
+
+
 def test_an_entry_always_refused_over_quota_is_dead_lettered_and_the_drain_goes_on(
         plain_broker: Broker, tmp_path: Path, start_worker) -> None:
     """A PUBACK 0x97 for one entry at every try, the later ones accepted: before, it was sent
@@ -214,43 +239,32 @@ def test_an_entry_always_refused_over_quota_is_dead_lettered_and_the_drain_goes_
     1,000 in 60 s, where all took 9.9 s without it) and a WARNING a second. Now it goes to the
     dead letters at its `poisonAttempts`-th refusal, with one WARNING about the refusals."""
     proxy = RefuseOne(plain_broker, b"victim", every=True)
-    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
-                          mqtt={"protocol": "5", "maxInflight": 20})
-    store = open_store(config)
-    entries = [f"{i:06d}".encode() for i in range(300)]
-    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
-    worker = start_worker("egress", config)
-    wait_for(lambda: store.outbox_count() == 0, 30, "the outbox drained")
-    [dead] = store.dead_letters()
+    [dead], worker = drained_past_refusals(plain_broker, tmp_path, start_worker, proxy, {"maxInflight": 20},
+                                           [b"victim"], 300, 30)
     assert dead.payload == b"victim"
     assert dead.reason == ("refused by the broker 3 times: Quota exceeded (0x97), while later entries"
                            " were accepted")
-    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
     worker.wait(lambda w: w.counters.get("dead_lettered") == 1, 5, "the latest counters")
     assert worker.log_text().count("broker refused outbox entry") == 1  # one line a minute at most
     assert worker.stop() == 0
     proxy.close()
 
 
-def test_a_rate_quota_refusing_the_tail_of_each_burst_dead_letters_nothing(
-        plain_broker: Broker, tmp_path: Path, start_worker) -> None:
-    """A 40/s quota answering 0x97 past it, the egress unpaced (`publishRatePerSecond: 0`) with a
-    window of 100: each burst's tail is refused and sent again after a pause, with the bursts'
-    heads accepted between. Counting every refusal against its entry dead-lettered healthy ones
-    (re-read: 100 of 600 behind 20/s); only the head of a burst counts now."""
-    proxy = QuotaProxy(plain_broker, rate=40, answer=True)
-    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
-                          mqtt={"protocol": "5", "maxInflight": 100, "publishRatePerSecond": 0,
-                                "publishBytesPerSecond": 0, "poisonAttempts": 1})
-    store = open_store(config)
-    entries = [f"{i:06d}".encode() for i in range(400)]
-    store.outbox_append([(EGRESS_TOPIC, e, 1, False) for e in entries])
-    worker = start_worker("egress", config)
-    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox drained")
-    assert store.dead_letters() == [] and proxy.over_quota > 0
-    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every entry delivered")
+@pytest.mark.parametrize("rate, count, mqtt", [
+    # re-read: the tail of each burst refused, counted against itself: 100 of 600 healthy entries
+    # dead-lettered behind 20/s; only the first entry sent after a pause counts now
+    (40, 400, {"maxInflight": 100, "publishRatePerSecond": 0, "publishBytesPerSecond": 0, "poisonAttempts": 1}),
+    # re-read: one out at a time, the entry sent before a refused one (the probe) took the
+    # refilled token and the refused one, sent at once after it, was refused again with an
+    # acceptance between: dead-lettered; after an accepted probe it now waits a pause too
+    (1, 12, {"maxInflight": 1, "publishRatePerSecond": 0, "publishBytesPerSecond": 0}),
+    (1, 12, {"publishRatePerSecond": 5, "publishBytesPerSecond": 0})])
+def test_a_rate_quota_dead_letters_no_healthy_entry(plain_broker: Broker, tmp_path: Path, start_worker,
+                                                     rate: float, count: int, mqtt: dict) -> None:
+    """A rate quota answering 0x97 past it refuses some publishes and takes them once refilled."""
+    proxy = QuotaProxy(plain_broker, rate=rate, answer=True)
+    dead, worker = drained_past_refusals(plain_broker, tmp_path, start_worker, proxy, mqtt, [], count, 60)
+    assert dead == [] and proxy.over_quota > 0
     assert worker.stop() == 0
     proxy.close()
 
@@ -264,16 +278,8 @@ def test_an_entry_refused_over_quota_after_a_drop_does_not_hold_the_one_at_a_tim
     the outbox, the entry is not told from a throttle (it waits at growing pauses); once later
     entries are accepted between its refusals, it goes to the dead letters."""
     proxy = RefuseOne(plain_broker, b"victim", every=True)
-    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
-                          mqtt={"protocol": "5", "maxInflight": 20, "mqttOperationTimeout": 30})
-    store = open_store(config)
-    worker = start_worker("egress", config)
-    worker.wait_connected()
-    plain_broker.freeze()
-    entries = [f"{i:06d}".encode() for i in range(15)]
-    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
-    worker.send("outbox")
+    store, worker, subscriber, entries = victim_first_to_a_frozen_broker(plain_broker, tmp_path, start_worker,
+                                                                         proxy, operation_timeout=30)
     worker.wait(lambda w: w.counters.get("inflight", 0) >= 15, 10, "15 in flight")
     proxy.drop_connections()  # a path cut with entries in flight
     plain_broker.thaw()
@@ -289,71 +295,23 @@ def test_an_entry_refused_over_quota_after_a_drop_does_not_hold_the_one_at_a_tim
     proxy.close()
 
 
+@pytest.mark.parametrize("victims", [
+    # re-read: at 10/s or less the budget lets one entry out after a pause (a window of 1 the
+    # same): the refused one went alone each time, nothing was ever accepted between its
+    # refusals, and taken for a throttle it held the 20 entries behind it for good (21 of 21
+    # still queued after 25 s). The next entry now goes first, the refused one after it
+    [b"victim"],
+    # re-read: two refused one after the other (two retained publishes over a retained-message
+    # quota): the second, tried first, was refused too and ended the probe, and the two took
+    # turns for good. A refused probe now passes the probe on to the next entry
+    [b"a-victim", b"b-victim"]])
 @pytest.mark.parametrize("pacing", [{"publishRatePerSecond": 5}, {"maxInflight": 1}])
-def test_an_entry_refused_over_quota_behind_a_paced_drain_goes_to_the_dead_letters(
-        plain_broker: Broker, tmp_path: Path, start_worker, pacing) -> None:
-    """At 10/s or less the budget lets one entry out after a pause (and a window of 1 the
-    same): the refused entry went alone each time, its refusal back before the next could go,
-    so nothing was ever accepted between its refusals; taken for a throttle, it held the 20
-    entries behind it for good (re-read: 21 of 21 still queued after 25 s). The next entry now
-    goes first, the refused one after its answer."""
-    proxy = RefuseOne(plain_broker, b"victim", every=True)
-    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
-                          mqtt={"protocol": "5", "poisonAttempts": 2, **pacing})
-    store = open_store(config)
-    entries = [f"{i:06d}".encode() for i in range(20)]
-    store.outbox_append([(EGRESS_TOPIC, b"victim", 1, False)] + [(EGRESS_TOPIC, e, 1, False) for e in entries])
-    worker = start_worker("egress", config)
-    wait_for(lambda: store.outbox_count() == 0, 30, "the outbox drained")
-    [dead] = store.dead_letters()
-    assert dead.payload == b"victim"
-    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
-    assert worker.stop() == 0
-    proxy.close()
-
-
-@pytest.mark.parametrize("pacing", [{"maxInflight": 1, "publishRatePerSecond": 0}, {"publishRatePerSecond": 5}])
-def test_a_rate_quota_dead_letters_nothing_behind_a_window_of_one(plain_broker: Broker, tmp_path: Path,
-                                                                   start_worker, pacing) -> None:
-    """A quota of 1 publish/s answered with 0x97, one entry out at a time: the entry sent before
-    a refused one (the probe) took the refilled token, and the refused one, sent at once after
-    it, was refused again with an acceptance between: healthy entries were dead-lettered (re-read).
-    After an accepted probe the refused entry now waits a pause too."""
-    proxy = QuotaProxy(plain_broker, rate=1, answer=True)
-    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
-                          mqtt={"protocol": "5", "publishBytesPerSecond": 0, **pacing})
-    store = open_store(config)
-    entries = [f"{i:06d}".encode() for i in range(12)]
-    store.outbox_append([(EGRESS_TOPIC, e, 1, False) for e in entries])
-    worker = start_worker("egress", config)
-    wait_for(lambda: store.outbox_count() == 0, 60, "the outbox drained")
-    assert store.dead_letters() == [] and proxy.over_quota > 0
-    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every entry delivered")
-    assert worker.stop() == 0
-    proxy.close()
-
-
-@pytest.mark.parametrize("pacing", [{"maxInflight": 1}, {"publishRatePerSecond": 5}])
-def test_two_entries_refused_in_a_row_do_not_hold_a_paced_drain(plain_broker: Broker, tmp_path: Path,
-                                                               start_worker, pacing) -> None:
-    """Two entries the broker always refuses, one after the other (two retained publishes over
-    a retained-message quota), one entry out at a time: the second, tried first as the probe,
-    was refused too and ended the probe, and the two took turns for good with nothing behind
-    them tried (re-read). A refused probe now passes the probe on to the next entry."""
+def test_entries_refused_over_quota_behind_a_paced_drain_go_to_the_dead_letters(
+        plain_broker: Broker, tmp_path: Path, start_worker, pacing: dict, victims: List[bytes]) -> None:
     proxy = RefuseOne(plain_broker, b"victim", every=True)  # every payload ending in "victim"
-    subscriber = Subscriber(plain_broker, EGRESS_TOPIC, tmp_path / "received").start()
-    config = write_config(tmp_path / "config", plain_broker, port=proxy.port,
-                          mqtt={"protocol": "5", "poisonAttempts": 2, **pacing})
-    store = open_store(config)
-    entries = [f"{i:06d}".encode() for i in range(20)]
-    store.outbox_append([(EGRESS_TOPIC, b"a-victim", 1, False), (EGRESS_TOPIC, b"b-victim", 1, False)]
-                        + [(EGRESS_TOPIC, e, 1, False) for e in entries])
-    worker = start_worker("egress", config)
-    wait_for(lambda: store.outbox_count() == 0, 45, "the outbox drained")
-    assert sorted(d.payload for d in store.dead_letters()) == [b"a-victim", b"b-victim"]
-    wait_for(lambda: set(subscriber.lines()) >= set(entries), 10, "every other entry delivered")
+    dead, worker = drained_past_refusals(plain_broker, tmp_path, start_worker, proxy,
+                                         {"poisonAttempts": 2, **pacing}, victims, 20, 45)
+    assert sorted(d.payload for d in dead) == victims
     assert worker.stop() == 0
     proxy.close()
 
