@@ -10,16 +10,19 @@ everything the broker sends are forwarded untouched. `over_quota` counts the dro
 With `answer=True` (MQTT 5 clients) a publish over the quota is answered instead, by a PUBACK
 with reason 0x97 Quota exceeded. With `filters_per_request=N`, a SUBSCRIBE or UNSUBSCRIBE
 naming more than N topic filters closes the connection, as AWS IoT Core does over its 8
-(`refused_requests` counts them, `largest_request` is the most filters one named).
+(`refused_requests` counts them, `largest_request` is the most filters one named). With
+`uplink=N` the client's packets wait in a queue that lets N PUBLISHes a second through to the
+quota and the broker, as a slow cellular uplink's buffer does.
 """
 from __future__ import annotations
 
+import collections
 import select
 import socket
 import ssl
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 from tests.broker import HOST, Broker, wait_for
 from tests.lax_broker import close_tls
@@ -111,11 +114,14 @@ def _packet_id(publish: bytes) -> bytes:
 
 class QuotaProxy:
     def __init__(self, broker: Broker, rate: float, enforce: bool = True, answer: bool = False,
-                 filters_per_request: Optional[int] = None):
+                 filters_per_request: Optional[int] = None, uplink: Optional[float] = None):
         assert broker.plain_port, "the broker needs its plain listener (Broker(..., plain=True))"
         self.broker, self.rate, self.enforce = broker, rate, enforce  # not enforced: only counted
         self.answer, self.filters_per_request = answer, filters_per_request
         self.refused_requests = self.largest_request = 0
+        self.uplink = uplink  # PUBLISHes a second the client's side carries, queued (None: at once)
+        self._uplink_queue: Deque[Tuple[float, _Link, bytes]] = collections.deque()
+        self._uplink_free = 0.0
         # a plain server context, as mosquitto's OpenSSL verifies (3.13's default one is stricter
         # and refused the test CA's client certificates)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -141,7 +147,9 @@ class QuotaProxy:
 
     def _serve(self) -> None:
         while not self._closed:
-            ready, _, _ = select.select([self.listener, *self._links], [], [], 0.05)
+            ready, _, _ = select.select([self.listener, *self._links], [], [],
+                                        0.002 if self._uplink_queue else 0.05)
+            self._release()
             if self._cut.is_set():
                 for link in {id(v): v for v in self._links.values()}.values():
                     if self._cut_reason is not None:
@@ -192,29 +200,57 @@ class QuotaProxy:
 
     def _filter(self, link: _Link, data: bytes) -> bytes:
         packets, link.pending = split_packets(link.pending + data)
+        if self.uplink is not None:  # through the slow uplink's queue first (_release)
+            for packet in packets:
+                if packet[0] >> 4 == PUBLISH:
+                    self._uplink_free = max(self._uplink_free, time.monotonic()) + 1 / self.uplink
+                self._uplink_queue.append((max(self._uplink_free, time.monotonic()), link, packet))
+            return b""
         kept = []
         for packet in packets:
-            kind = packet[0] >> 4
-            if kind == CONNECT:
-                _, at = _varint(packet, 1)
-                link.mqtt5 = packet[at + 2 + int.from_bytes(packet[at:at + 2], "big")] == 5
-            if kind in (SUBSCRIBE, UNSUBSCRIBE) and self.filters_per_request is not None:
-                named = _filters_named(packet, link.mqtt5)
-                self.largest_request = max(self.largest_request, named)
-                if named > self.filters_per_request:
-                    self.refused_requests += 1
-                    self._drop(link)
-                    return b""
-            if kind == PUBLISH:
-                if not link.allow_publish():
-                    self.over_quota += 1
-                    if self.answer:
-                        link.tls.sendall(QUOTA_EXCEEDED_PUBACK + _packet_id(packet) + b"\x97")
-                    if self.enforce:
-                        continue
-                self.forwarded_publishes += 1
-            kept.append(packet)
+            verdict = self._judge(link, packet)
+            if verdict is None:
+                return b""
+            if verdict:
+                kept.append(packet)
         return b"".join(kept)
+
+    def _judge(self, link: _Link, packet: bytes) -> Optional[bool]:
+        """Whether `packet` goes on to the broker; None: the link was dropped over it."""
+        kind = packet[0] >> 4
+        if kind == CONNECT:
+            _, at = _varint(packet, 1)
+            link.mqtt5 = packet[at + 2 + int.from_bytes(packet[at:at + 2], "big")] == 5
+        if kind in (SUBSCRIBE, UNSUBSCRIBE) and self.filters_per_request is not None:
+            named = _filters_named(packet, link.mqtt5)
+            self.largest_request = max(self.largest_request, named)
+            if named > self.filters_per_request:
+                self.refused_requests += 1
+                self._drop(link)
+                return None
+        if kind == PUBLISH:
+            if not link.allow_publish():
+                self.over_quota += 1
+                if self.answer:
+                    link.tls.sendall(QUOTA_EXCEEDED_PUBACK + _packet_id(packet) + b"\x97")
+                if self.enforce:
+                    return False
+            self.forwarded_publishes += 1
+        return True
+
+    def _release(self) -> None:
+        """The slow uplink: the client's packets queued in `_filter` reach the quota and the
+        broker in order, PUBLISHes at `uplink` a second (a cellular link's buffer)."""
+        now = time.monotonic()
+        while self._uplink_queue and self._uplink_queue[0][0] <= now:
+            _, link, packet = self._uplink_queue.popleft()
+            if link.tls not in self._links:
+                continue
+            try:
+                if self._judge(link, packet):
+                    link.plain.sendall(packet)
+            except OSError:
+                self._drop(link)
 
     def _drop(self, link: _Link, graceful: bool = False) -> None:
         """Close both ends; `graceful`: with TLS's close, as a broker closes a link (without

@@ -274,6 +274,8 @@ class EgressWorker(Worker):
         if refusals.refused(sent.entry_id, now):
             self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
                               f" while later entries were accepted", refusals.attempts)
+            self.cursor = min(self.cursor, sent.entry_id - 1)  # a failed move: sent again, not left
+            self.more = True
             return
         if probe_refused:
             pass  # the cursor stays past it: the next entry probes, after the pause (two refused
@@ -396,6 +398,8 @@ class EgressWorker(Worker):
         """Hand entries to paho within the window and the budget; seconds until more may go."""
         room = self.poison.window(self.window) - len(self.inflight)
         if room <= 0:
+            return math.inf  # a PUBACK wakes us
+        if self.quota_refusals.waits_for_window(bool(self.inflight), time.monotonic()):
             return math.inf  # a PUBACK wakes us
         pause = self.quota_refusals.paused_until - time.monotonic()
         if pause > 0:

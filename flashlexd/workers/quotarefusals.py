@@ -19,6 +19,10 @@ between its refusals, and held the outbox for good (re-read): the next entry is 
 (`probe_before`; refused too, the one after it), and the refused one, still the head, after an
 acceptance of one and a pause (sent at once, it met the quota the probe had just spent: a 1/s
 quota dead-lettered healthy entries; re-read).
+The pause before a head counts from when nothing is in flight any more (`waits_for_window`).
+It assumes a quota that refills at least one publish a second (AWS IoT Core's per-connection
+ones do); a slower one may still see a healthy entry refused as head with another accepted
+between.
 Refusals in a row with nothing accepted between them are a throttle: the pause doubles, up to
 MAX_PAUSE, so a throttled link is asked less often; an acceptance ends it, and so does a quiet
 STALE (the refused entries left the outbox otherwise: dropped, expired). The refusals of one
@@ -44,6 +48,7 @@ class QuotaRefusals:
         self._last_refusal: Optional[float] = None
         self._head: Optional[int] = None  # the first entry sent after the last pause
         self._head_due = True
+        self._quiet_needed = False  # the pause counts from when nothing is in flight
         self.probing: Optional[int] = None  # the head waiting for the entry sent before it
         # entry id -> (its refusals as a head that count, accepted_total at the last of them)
         self._counts: Dict[int, Tuple[int, int]] = {}
@@ -63,8 +68,21 @@ class QuotaRefusals:
         entry, self.probing = self.probing, None
         if entry is not None and now is not None:
             self.paused_until = max(self.paused_until, now + FIRST_PAUSE)
-            self._head_due = True
+            self._head_due = self._quiet_needed = True
         return entry
+
+    def waits_for_window(self, inflight: bool, now: float) -> bool:
+        """Whether the head must wait for the publishes still in flight: its pause counts from
+        when the last was answered, so that all sent before it have reached the broker (behind
+        a slow, buffered uplink they came after the pause and spent the refilled quota: healthy
+        entries dead-lettered; re-read)."""
+        if not self._quiet_needed:
+            return False
+        if inflight:
+            return True
+        self._quiet_needed = False
+        self.paused_until = max(self.paused_until, now + FIRST_PAUSE)
+        return False
 
     def sending(self, entry: int) -> None:
         if self._head_due:
@@ -85,7 +103,7 @@ class QuotaRefusals:
         if now >= self.paused_until:
             self._pauses += 1
             self.paused_until = now + min(MAX_PAUSE, FIRST_PAUSE * 2 ** (self._pauses - 1))
-            self._head_due = True
+            self._head_due = self._quiet_needed = True
         return False
 
     def _head_refused(self, entry: int) -> bool:
