@@ -12,6 +12,12 @@ def burst(refusals: QuotaRefusals, entries: List[int]) -> None:
         refusals.sending(entry)
 
 
+def answered(refusals: QuotaRefusals, now: float) -> None:
+    """Every publish of the burst answered (at `now`): the pause before the next head counts
+    from here."""
+    assert not refusals.waits_for_window(False, now)
+
+
 def test_an_entry_refused_at_the_head_of_each_burst_goes_at_the_attempts() -> None:
     refusals, now = QuotaRefusals(3), 100.0
     for _ in range(2):
@@ -20,6 +26,7 @@ def test_an_entry_refused_at_the_head_of_each_burst_goes_at_the_attempts() -> No
         assert refusals.paused_until == now + 1  # each acceptance ends the run of pauses
         refusals.accepted(8)
         refusals.accepted(9)
+        answered(refusals, now)
         now = refusals.paused_until
     burst(refusals, [7, 10])
     assert refusals.refused(7, now)  # the third refusal, others accepted between each
@@ -40,6 +47,7 @@ def test_a_rate_quota_refusing_the_tail_of_each_burst_blames_no_entry() -> None:
             elif refusals.refused(entry, now):
                 gone.append(entry)
                 queued.remove(entry)
+        answered(refusals, now)
         now = max(now, refusals.paused_until)
     assert gone == []
 
@@ -51,6 +59,7 @@ def test_refusals_with_nothing_accepted_between_are_a_throttle_that_pauses_longe
         for entry in (7, 8, 9):  # every one refused during the pause the first started
             assert not refusals.refused(entry, now)
         pauses.append(refusals.paused_until - now)
+        answered(refusals, now)
         now = refusals.paused_until
     assert pauses == [1, 2, 4, 8, 16, MAX_PAUSE, MAX_PAUSE, MAX_PAUSE]
     assert refusals.pauses_in_a_row(now) == 8
@@ -66,6 +75,7 @@ def test_a_throttle_is_over_once_no_refusal_came_for_a_while() -> None:
     for _ in range(5):
         burst(refusals, [7])
         refusals.refused(7, now)
+        answered(refusals, now)
         now = refusals.paused_until
     assert refusals.pauses_in_a_row(now) == 5
     later = now + STALE + 1
@@ -100,6 +110,7 @@ def test_two_entries_refused_for_good_go_one_after_the_other() -> None:
                 refusals.accepted(entry)
                 queued.remove(entry)
         queued += [next(fresh), next(fresh)]
+        answered(refusals, now)
         now = refusals.paused_until
     assert gone == [7, 9]
 
@@ -135,4 +146,26 @@ def test_an_entry_refused_alone_is_tried_after_another() -> None:
         burst(throttled, [probe])
         assert throttled.end_probe() == 7
         assert not throttled.refused(probe, now)  # refused too: nothing accepted, no count
+        answered(throttled, now)
         now = throttled.paused_until
+
+
+def test_the_refusals_of_one_burst_over_a_slow_uplink_make_one_pause() -> None:
+    """A window's refusals may come over seconds (a slow uplink): each one after the first
+    pause's end started a doubled pause, and one burst made `status` degraded (re-read)."""
+    refusals, now = QuotaRefusals(3), 100.0
+    burst(refusals, [7, 8, 9, 10])
+    for step, entry in enumerate((7, 8, 9, 10)):
+        assert not refusals.refused(entry, now + 1.5 * step)
+    assert refusals.pauses_in_a_row(now + 5) == 1
+    assert refusals.waits_for_window(True, now + 5)  # more of the burst still in flight
+    answered(refusals, now + 6)
+    assert refusals.paused_until == now + 7  # the pause, counted from the last answer
+
+
+def test_a_fresh_link_does_not_wait_for_the_last_links_publishes() -> None:
+    refusals, now = QuotaRefusals(3), 100.0
+    burst(refusals, [7, 8])
+    assert not refusals.refused(7, now)
+    refusals.new_burst()  # the link dropped with 8 in flight, and came back
+    assert not refusals.waits_for_window(False, now + 3) and refusals.paused_until == now + 1

@@ -272,10 +272,10 @@ class EgressWorker(Worker):
         self.poison.answered(sent.entry_id)  # no drop is its doing: sent alone, never told apart
         probe_refused = refusals.probing is not None  # only probes are sent while one is on
         if refusals.refused(sent.entry_id, now):
-            self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
-                              f" while later entries were accepted", refusals.attempts)
-            self.cursor = min(self.cursor, sent.entry_id - 1)  # a failed move: sent again, not left
-            self.more = True
+            if not self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
+                                     f" while later entries were accepted", refusals.attempts):
+                self.cursor = min(self.cursor, sent.entry_id - 1)  # not moved: sent again, not left
+                self.more = True
             return
         if probe_refused:
             pass  # the cursor stays past it: the next entry probes, after the pause (two refused
@@ -377,20 +377,22 @@ class EgressWorker(Worker):
         self.unacknowledged_links = (0, 0)  # dropped or dead-lettered since
         return None
 
-    def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> None:
-        """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go."""
+    def _dead_letter(self, sent: _InFlight, reason: str, attempts: int) -> bool:
+        """Move an entry aside (one WARNING; the log escapes the topic), so the rest can go;
+        False when the store refused (the entry is still queued)."""
         try:
             moved = self.store.outbox_dead_letter(sent.entry_id, reason, attempts)
         except StoreError as exc:
             log.error("cannot move outbox entry %d to the dead letters (tried again at its next"
                       " drop): %s", sent.entry_id, exc)
-            return
+            return False
         self.unacked_since.pop(sent.entry_id, None)
         if moved:
             self.counters["dead_lettered"] += 1
             log.warning("outbox entry %d (topic %s, %d bytes with its topic) moved to the dead letters"
                         " after %d attempt%s: %s", sent.entry_id, sent.topic, sent.size, attempts,
                         "" if attempts == 1 else "s", reason)
+        return True
 
     # -- the outbox -------------------------------------------------------------------------------
 

@@ -54,8 +54,9 @@ class QuotaRefusals:
         self._counts: Dict[int, Tuple[int, int]] = {}
 
     def new_burst(self) -> None:
-        """The next entry sent is a head: a fresh link's quota is whole."""
-        self._head_due = True
+        """The next entry sent is a head: a fresh link's quota is whole (and nothing of the
+        last link's is in flight any more)."""
+        self._head_due, self._quiet_needed = True, False
 
     def probe_before(self, entry: int) -> None:
         """`entry` was refused alone: the next entry goes first; it stays the head."""
@@ -81,8 +82,11 @@ class QuotaRefusals:
         if inflight:
             return True
         self._quiet_needed = False
-        self.paused_until = max(self.paused_until, now + FIRST_PAUSE)
+        self.paused_until = max(self.paused_until, now + self._pause_length())
         return False
+
+    def _pause_length(self) -> float:
+        return min(MAX_PAUSE, FIRST_PAUSE * 2 ** max(0, self._pauses - 1))
 
     def sending(self, entry: int) -> None:
         if self._head_due:
@@ -100,9 +104,9 @@ class QuotaRefusals:
         self._last_refusal = now
         if entry == self._head and self._head_refused(entry):
             return True
-        if now >= self.paused_until:
+        if now >= self.paused_until and not self._quiet_needed:  # else this burst's pause is on
             self._pauses += 1
-            self.paused_until = now + min(MAX_PAUSE, FIRST_PAUSE * 2 ** (self._pauses - 1))
+            self.paused_until = now + self._pause_length()
             self._head_due = self._quiet_needed = True
         return False
 
