@@ -270,20 +270,19 @@ class EgressWorker(Worker):
         behind it can go."""
         refusals, now = self.quota_refusals, time.monotonic()
         self.poison.answered(sent.entry_id)  # no drop is its doing: sent alone, never told apart
-        probe_refused = refusals.probing is not None  # only probes are sent while one is on
         if refusals.refused(sent.entry_id, now):
             if not self._dead_letter(sent, f"refused by the broker {refusals.attempts} times: {reason},"
                                      f" while later entries were accepted", refusals.attempts):
                 self.cursor = min(self.cursor, sent.entry_id - 1)  # not moved: sent again, not left
                 self.more = True
             return
-        if probe_refused:
-            pass  # the cursor stays past it: the next entry probes, after the pause (two refused
-            # in a row held a paced drain for good)
-        elif not self.inflight and self.cursor == sent.entry_id:  # alone: the next one goes first
-            refusals.probe_before(sent.entry_id)
-        else:
-            self.cursor = min(self.cursor, sent.entry_id - 1)
+        # only probes are sent while one is on: a refused one leaves the cursor past it, and the
+        # next entry probes after the pause (two refused in a row held a paced drain for good)
+        if refusals.probing is None:
+            if not self.inflight and self.cursor == sent.entry_id:  # alone: the next one goes first
+                refusals.probe_before(sent.entry_id)
+            else:
+                self.cursor = min(self.cursor, sent.entry_id - 1)
         self.more = True
         count = self._quota_lines.due(now)
         if count:
