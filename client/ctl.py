@@ -28,7 +28,8 @@ from flashlexd.client.wire import DEFAULT_SOCKET, ID_LIMIT, MAX_LIMIT, PROTOCOL_
 
 EPILOG = f"""\
 The socket is --socket, else ${SOCKET_ENV}, else {DEFAULT_SOCKET}.
---json prints exactly what the API returns, as JSON. Byte strings (payloads) print as text
+--json prints exactly what the API returns, as JSON (status adds "health": why it is
+degraded, [] when healthy). Byte strings (payloads) print as text
 when they are valid UTF-8, otherwise as {{"$base64": "..."}}.
 Exit codes: 0 ok (status: healthy), 1 degraded or refused, 2 daemon not running or bad usage."""
 
@@ -40,9 +41,13 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_status(fx: Client, args: argparse.Namespace) -> int:
+    """--json adds `health` (why degraded, empty when healthy): a monitoring script reading the
+    JSON gets the verdict the table's first line and the exit code give, not a copy of its rules."""
     status = fx.call("status")
-    shown(json.dumps(jsonable(status), indent=2) if args.json else render_status(status, fx.path))
-    return 0 if not health(status) else 1
+    problems = health(status)
+    shown(json.dumps(jsonable({**status, "health": problems}), indent=2) if args.json
+          else render_status(status, fx.path))
+    return 0 if not problems else 1
 
 
 def cmd_messages(fx: Client, args: argparse.Namespace) -> int:

@@ -89,6 +89,15 @@ def test_status_json_is_the_api_answer(harness, capsys):
     code, out, _ = run(harness, capsys, "--json", "status")
     status = json.loads(out)
     assert code == 0 and status["inbox"]["count"] == 0 and status["workers"][0]["name"] == "ingress"
+    assert status["health"] == []
+
+
+def test_status_json_says_why_it_is_degraded(harness, capsys):
+    """A monitoring script reading `status --json` had the exit code but not the reasons: it
+    had to copy flashlexctl's rules to say why (found by review)."""
+    harness.mqtt["egress"].update(connected=False)
+    code, out, _ = run(harness, capsys, "status", "--json")
+    assert code == 1 and json.loads(out)["health"] == ["egress MQTT is not connected"], out
 
 
 def test_not_running_is_one_line_and_exit_2(tmp_path):
