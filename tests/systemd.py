@@ -27,7 +27,9 @@ class RealSystemd:
         (units / unit_name).write_text(unit_text)
         (units / f"{unit_name}.d").mkdir(exist_ok=True)
         (units / f"{unit_name}.d" / "test.conf").write_text(drop_in)
-        (units / "test.target").write_text(f"[Unit]\nWants={unit_name}\n")
+        # no default dependencies: a target that pulled in sysinit.target once let a helper's systemd
+        # mount a tmpfs over /tmp (the unit path is this folder alone; this is belt and braces)
+        (units / "test.target").write_text(f"[Unit]\nDefaultDependencies=no\nWants={unit_name}\n")
         script = units / "pid1.sh"
         script.write_text(PID1_SCRIPT.format(setup=setup))
         script.chmod(0o755)
