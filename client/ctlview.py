@@ -147,7 +147,8 @@ def health(status: Dict[str, Any]) -> List[str]:
 
 
 def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+    many = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{count} {noun}" if count == 1 else f"{count} {many}"
 
 
 def oldest_text(section: Dict[str, Any]) -> str:
@@ -159,12 +160,12 @@ def drain_line(egress: Dict[str, Any], backlog: int) -> str:
     if not backlog:
         return ""
     if not egress.get("connected"):
-        return f"{backlog} entries waiting for the egress link"
+        return f"{plural(backlog, 'entry')} waiting for the egress link"
     rate = egress.get("drain_rate") or egress.get("rate_limit") or egress.get("send_rate")
     eta = egress.get("eta_s")
     at = f" at {rate:g}/s" if rate else ""
     left = "" if eta is None else f", ~{eta:.0f} s" if eta < 60 else f", ~{duration(eta)}"
-    return f"draining {backlog} entries{at}{left}"
+    return f"draining {plural(backlog, 'entry')}{at}{left}"
 
 
 def render_status(status: Dict[str, Any], path: str) -> str:

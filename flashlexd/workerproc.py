@@ -203,8 +203,8 @@ class WorkerProcess:
                           self.name, self.history.describe(limits))
                 return
             log.warning("%s died (%s) after %.1fs; restarting in %.1fs", self.name, how, ran, delay)
+            self.restarts += 1  # deaths and hangs only: a reload's planned restarts are no fault
         self.transition(State.BACKOFF)
-        self.restarts += 1
         self.next_start = now + delay
 
     # -- time -----------------------------------------------------------------------------------

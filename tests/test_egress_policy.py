@@ -422,6 +422,7 @@ def test_flashlexctl_status_says_how_the_drain_goes() -> None:
         == "draining 2000 entries at 5.1/s, ~6m 32s"  # big entries: the byte limit sets the pace
     assert drain_line(dict(egress, connected=False), 2000) == "2000 entries waiting for the egress link"
     assert drain_line(egress, 0) == ""
+    assert drain_line(egress, 1) == "draining 1 entry at 100/s, ~20 s"  # was "1 entries" (review)
     ingress = {"connected": True, "subscriptions": [["ingress/t", 1], ["pubsub/t", 0]]}
     status = {"mqtt": {"egress": egress, "ingress": ingress}, "outbox": {"count": 2000}, "workers": []}
     lines = render_status(status, "/run/x.sock").splitlines()
