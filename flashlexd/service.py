@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = template(kind)
     target: Optional[Path] = Path(args.output) if args.output else None
-    if args.install:
+    if args.install and target is None:  # --install --output: a second thing's unit, its own name
         target = Path(args.root) / FILES[kind][2]
     if target is None:
         sys.stdout.write(text)
@@ -114,9 +114,8 @@ def run(args: argparse.Namespace) -> int:
     other = _other_config(target, text) if kind == "unit" else None
     if other:
         print(f"flashlexd: {target} runs another config ({other}); writing it would switch that"
-              f" service to this one: remove it first if that is meant, or render this unit under"
-              f" another name (--output /etc/systemd/system/flashlexd-NAME.service without --install,"
-              f" then systemctl daemon-reload)", file=sys.stderr)
+              f" service to this one: remove it first if that is meant, or install this unit under"
+              f" another name (--install --output /etc/systemd/system/flashlexd-NAME.service)", file=sys.stderr)
         return EXIT_CONFIG
     try:
         paths.make_dir(target.parent, 0o755)  # explicit modes: a loose umask must not widen them
@@ -134,7 +133,12 @@ def run(args: argparse.Namespace) -> int:
         live = Path(args.root) == Path("/")
         if kind == "unit" and live:
             make_directories(places, args.user, service_group(places, args.user, args.group))
-        _after_install(kind, live)
+        _after_install(kind, live, target)
+    elif kind == "unit":
+        missing = [d for d, _ in writable_dirs(places) if not os.path.isdir(d)]
+        if missing:  # the sandbox keeps the daemon from making them: it would restart every 2 s
+            print(f"note: {', '.join(missing)} must exist, owned by the service user, before the"
+                  f" service starts: --install (with --output for this name) makes them", file=sys.stderr)
     return 0
 
 
@@ -298,14 +302,14 @@ def _only_a_store(directory: str) -> bool:
         os.path.isfile(path) and not os.path.islink(path) for path in (os.path.join(directory, n) for n in names))
 
 
-def _after_install(kind: str, live: bool) -> None:
+def _after_install(kind: str, live: bool, target: Path) -> None:
     if kind == "unit" and live:
         import subprocess  # noqa: E402 - see make_directories
         reload = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
         if reload.returncode != 0:
             print(f"systemctl daemon-reload failed: {reload.stderr.strip() or reload.returncode}",
                   file=sys.stderr)
-    next_step = {"unit": "systemctl enable --now flashlexd",
+    next_step = {"unit": f"systemctl enable --now {target.name.removesuffix('.service')}",
                  "rsyslog": "systemctl restart rsyslog",
                  "logrotate": "logrotate -d /etc/logrotate.d/flashlexd  # to check it"}[kind]
     print(f"next: {next_step}", file=sys.stderr)

@@ -190,13 +190,30 @@ def test_install_refuses_to_switch_an_installed_unit_to_another_config(tmp_path)
     assert other.stderr.splitlines()[-1].startswith(f"flashlexd: {unit} runs another config (/opt/fx/keys/config.yml);")
     assert "User=pi" in unit.read_text() and unit.read_text() != installed.replace("/config.yml", "/b.yml")
     named = tmp_path / "root/etc/systemd/system/flashlexd-b.service"  # what the refusal says to do
-    assert service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--output",
-                   str(named)).returncode == 0 and "/opt/fx/keys/b.yml" in named.read_text()
+    assert "(--install --output /etc/systemd/system/flashlexd-NAME.service)" in other.stderr
+    second = service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--install", "--output",
+                     str(named), "--root", root)
+    assert second.returncode == 0 and "/opt/fx/keys/b.yml" in named.read_text(), second.stderr
+    assert "next: systemctl enable --now flashlexd-b" in second.stderr  # --install took --output's name
     by_output = service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--output", str(unit))
     assert by_output.returncode == 2 and "User=pi" in unit.read_text(), by_output.stderr  # the same file
     unit.unlink()
     assert service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--install", "--root",
                    root).returncode == 0 and "/opt/fx/keys/b.yml" in unit.read_text()
+
+
+def test_a_unit_written_without_install_says_which_dirs_it_needs_made(tmp_path):
+    """A second thing's unit written with --output alone (as the README said) never started:
+    its data dir outside /var/lib was not made, the sandbox kept the daemon from making it,
+    and it restarted every 2 s; --install then ignored --output (found by review)."""
+    data = tmp_path / "srv" / "b"
+    written = _render(tmp_path, {"db": {"dataPath": str(data)}}, "--output", str(tmp_path / "b.service"))
+    assert written.returncode == 0, written.stderr
+    assert f"note: {data} must exist, owned by the service user, before the service starts:" \
+        f" --install (with --output for this name) makes them" in written.stderr
+    data.mkdir(parents=True)
+    again = _render(tmp_path, {"db": {"dataPath": str(data)}}, "--output", str(tmp_path / "b.service"))
+    assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
 
 
 def _render(tmp_path: Path, app: dict, *args: str, thing: Optional[dict] = None) -> subprocess.CompletedProcess:
