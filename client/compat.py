@@ -188,9 +188,10 @@ class FlashlexSDK:
 
     def __init__(self, config: Any = None, socket_path: Optional[str] = None, timeout: float = 10.0):
         self._config = config
-        # the daemon's own precedence: --socket, then $FLASHLEXD_SOCKET, then the config file
-        self._path = resolved_socket(socket_path or os.environ.get(SOCKET_ENV)
-                                     or _socket_from_config(_document(config)))
+        # the config the app names before $FLASHLEXD_SOCKET: with two things on a device, one
+        # exported for flashlexctl sent an app to the other thing's messages without a word
+        self._path = resolved_socket(socket_path or _socket_from_config(_document(config))
+                                     or os.environ.get(SOCKET_ENV))
         self._timeout = timeout
         self._client: Optional[Client] = None
         self.last_error: Optional[BaseException] = None

@@ -288,6 +288,18 @@ def test_an_apps_own_sections_are_warned_about_once_and_ignored(harness, tmp_pat
     first.close()
 
 
+def test_the_config_an_app_names_beats_flashlexd_socket(harness, tmp_path, monkeypatch):
+    """Two things on one device: $FLASHLEXD_SOCKET, exported for flashlexctl and the other
+    thing, took an app given this thing's config to the other daemon (found by review)."""
+    monkeypatch.setenv("FLASHLEXD_SOCKET", str(tmp_path / "other-thing.sock"))
+    path = tmp_path / "config.yml"
+    path.write_text(APP_CONFIG.format(socket=harness.path))
+    assert FlashlexSDK(str(path)).client.path == harness.path
+    assert FlashlexSDK(str(path), socket_path=str(tmp_path / "x.sock"))._path == str(tmp_path / "x.sock")
+    path.write_text("flashlex: {app: {}}\n")  # an old config names no socket: the variable's
+    assert FlashlexSDK(str(path))._path == str(tmp_path / "other-thing.sock")
+
+
 def test_run_and_check_warn_about_an_apps_own_sections_and_go_on(daemon_config, tmp_path):
     path = daemon_config
     path.write_text("devices:\n  lamp: {ip: 192.168.1.20}\n" + path.read_text())
