@@ -237,9 +237,10 @@ TABLE: Tuple[Key, ...] = (
     *(Key(f"{_THING}.keys.{name}", "text", REQUIRED,
           f"{what}, for mutual TLS, checked at start and on reload: files that do not load, or a key"
           " that does not match the certificate, are a config error naming the file; read again at"
-          " each worker restart, which keeps the last credentials that loaded when they no longer do"
-          " (one WARNING); a reload that finds the files changed in place (a rotated CA or"
-          " certificate) restarts ingress and egress" + extra, LINKS)
+          " each worker restart, and by a link at its next connection attempt once they changed"
+          " (a renewal written in place is used without a reload); new files that do not load"
+          " leave the last credentials that did (one WARNING); a reload that finds the files"
+          " changed in place (a rotated CA or certificate) restarts ingress and egress" + extra, LINKS)
       for name, what, extra in (
           ("rootCA", "CA certificate", ""), ("cert", "client certificate", ""),
           ("privateKey", "private key", ". Readable by group or others: `run` refuses it (exit 2)"

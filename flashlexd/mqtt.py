@@ -31,8 +31,8 @@ from flashlexd.config import Config
 from flashlexd.dialer import Dialer
 from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.logs import KindThrottle, since_last
-from flashlexd.mqttclient import (_ABRUPT_CLOSE, WEBSOCKET_PATH, LastError, build_client, describe_error,
-                                  tls_context, uses_alpn, websocket_hint)
+from flashlexd.mqttclient import (_ABRUPT_CLOSE, WEBSOCKET_PATH, LastError, LinkCredentials, build_client,
+                                  describe_error, uses_alpn, websocket_hint)
 from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
 from flashlexd.publishread import Publish, message_fields
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
@@ -133,7 +133,7 @@ class Connection:
         self._rebuild = False  # the next attempt needs a new client (another protocol)
         self.timeout = mqtt.connect_timeout
         self.keepalive = mqtt.keepalive
-        self.context = tls_context(self.thing.keys, alpn=uses_alpn(self.thing))
+        self.credentials = LinkCredentials(self.thing.keys, alpn=uses_alpn(self.thing))
         self.watch = LinkWatch(mqtt.keepalive, mqtt.operation_timeout, clock)
         self.backoff = ReconnectBackoff(mqtt.backoff, clock)
         if connected_ago is not None:
@@ -191,7 +191,7 @@ class Connection:
         return self.choice.current
 
     def _build(self) -> paho.Client:
-        client = build_client(self.thing, self.client_id, self.timeout, context=self.context, dialed=True,
+        client = build_client(self.thing, self.client_id, self.timeout, context=self.credentials.context, dialed=True,
                               protocol=self.protocol)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -441,7 +441,7 @@ class Connection:
     def _attempt(self) -> None:
         self.attempts += 1
         self._up_since = None  # until its CONNACK
-        if self.fresh_client or self._rebuild:
+        if self.credentials.renewed() or self.fresh_client or self._rebuild:
             self._rebuild = False
             self.client = self._build()
         # the CONNECT carries our keepalive: a client kept across links still has the last
@@ -449,7 +449,7 @@ class Connection:
         self.client._keepalive = self.thing.mqtt.keepalive
         self._errors.take()
         self.client.enable_logger(self._errors)  # until CONNACK: why an attempt failed
-        self.dialer = Dialer(self.thing.endpoint, self.thing.mqtt.port, self.context, self.timeout,
+        self.dialer = Dialer(self.thing.endpoint, self.thing.mqtt.port, self.credentials.context, self.timeout,
                              self.clock, websocket_path=WEBSOCKET_PATH if self.thing.mqtt.use_websocket else None)
         self._dial_step()
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flashlexd.config import ConfigError, Keys, Thing
+from flashlexd.credentials import stamp
 from flashlexd.dialer import DialedClient
 from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
@@ -41,7 +42,7 @@ def prepare_tls_context(keys: Keys, alpn: bool) -> None:
     """In the fork server: build the context that the workers forked next use, so they share
     its pages (and OpenSSL's one-time set-up, ~2 MB a process) instead of each loading the CA,
     certificate and key again. Built from the files as they are now (a rotated certificate
-    takes effect at a worker's restart); when they cannot be read (a rotation half done, or
+    takes effect at a worker's restart, or at a link's next attempt: `LinkCredentials`); when they cannot be read (a rotation half done, or
     files a reload was refused for), the last context built stays, and a restarted worker goes
     on with the credentials the daemon runs with instead of crash-looping the service down
     (one WARNING). With none built yet, the worker reports the error."""
@@ -60,6 +61,32 @@ def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
     the thing's certificate (the prepared context of the same files, if any)."""
     prepared = _PREPARED.get((keys, alpn))
     return prepared if prepared is not None else _new_tls_context(keys, alpn)
+
+
+class LinkCredentials:
+    """A link's TLS context and the stamp of the key files it came from. A certificate renewed
+    in place (new files at the same paths) is loaded at the link's next attempt: a broker that
+    revoked the old one refused it at every reconnect until a reload. New files that do not load
+    (a renewal half copied) leave the context as it was, with one WARNING per change."""
+
+    def __init__(self, keys: Keys, alpn: bool):
+        self.keys, self.alpn = keys, alpn
+        self.stamp = stamp(keys)  # first: files changed meanwhile are loaded at the first attempt
+        self.context = tls_context(keys, alpn)
+
+    def renewed(self) -> bool:
+        """Load the key files again if they changed since the last load; True when they did."""
+        now = stamp(self.keys)
+        if now == self.stamp:
+            return False
+        self.stamp = now
+        try:
+            self.context = _new_tls_context(self.keys, self.alpn)
+        except ConfigError as exc:
+            log.warning("the key files changed, but %s; this link keeps the credentials loaded before", exc)
+            return False
+        log.info("the key files changed: connecting with them from now on")
+        return True
 
 
 def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:

@@ -84,6 +84,39 @@ def test_a_root_ca_rotated_in_place_is_used_after_a_reload(daemon, notify, daemo
                  30, "both links back, on the new CA")
 
 
+def test_key_files_renewed_in_place_are_used_at_the_next_reconnect_without_a_reload(
+        daemon, notify, daemon_config, broker, tmp_path):
+    """A renewal written over the same files (here the CA, as the broker moves to a new one)
+    was used only after a reload or a worker's restart: every reconnect until then offered the
+    old credentials, and the line blamed the new file (found by review)."""
+    notify.wait_for("READY=1", timeout=15)
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: all(fx.status()["mqtt"][link].get("connected") for link in ("ingress", "egress")),
+                 20, "both links up")
+    before = daemon.children()
+    root_ca = daemon_config.parent / "root-ca-cert.pem"
+    old_ca = root_ca.read_bytes()
+    root_ca.write_text("not a certificate\n")  # a renewal half copied: kept out, the link goes on
+    broker.stop()
+    broker.start()
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: all(fx.status()["mqtt"][link].get("connected") for link in ("ingress", "egress")),
+                 30, "both links back on the credentials loaded before")
+    assert daemon.output().count("the key files changed, but flashlex.thing.keys.rootCA: cannot load") == 2
+    new_ca = _Authority("new-root-ca")
+    new_server = new_ca.issue(tmp_path, "new-server", "localhost", ("localhost", HOST))
+    new_ca.write(root_ca)  # the renewal done: no reload follows
+    assert root_ca.read_bytes() != old_ca
+    broker.stop()
+    broker.server = new_server
+    broker.start()
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: all(fx.status()["mqtt"][link].get("connected") for link in ("ingress", "egress")),
+                 30, "both links back, on the new CA, without a reload")
+    assert daemon.children() == before  # no worker restarted for it
+    assert daemon.output().count("the key files changed: connecting with them from now on") == 2
+
+
 def fat32() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (FAT32_FILE_LIMIT, FAT32_FILE_LIMIT))
 
