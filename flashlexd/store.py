@@ -196,11 +196,12 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     @guarded
     def messages_page(self, limit: int = 100, topic: Optional[str] = None,
                       after: Optional[int] = None, budget: Optional[int] = None,
-                      user_property: Optional[Tuple[str, str]] = None) -> ScanPage[Message]:
+                      user_property: Optional[Tuple[str, str]] = None,
+                      size: Optional[int] = None) -> ScanPage[Message]:
         """`messages`, looking at no more than `budget` inbox records (see `_scan_page`)."""
         select = None if topic is None else (lambda raw: topic_matches(topic, _topic_of(raw)))
         return self._scan_page(self._inbox, limit, after, self._message,
-                               message_selector(None, user_property), budget, select)
+                               message_selector(None, user_property), budget, select, size)
 
     @guarded
     def ack(self, ids: Iterable[int]) -> int:

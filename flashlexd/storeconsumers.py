@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 import lmdb
 from flashlexd.consumers import (MAX_CONSUMERS, ConsumerSpec, ConsumerState, NoRoomForConsumer, ResetPastNewest,
                                  UnknownConsumer)
-from flashlexd.storebase import ScanPage
+from flashlexd.storebase import ScanPage, Taken
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import (_ID, _MAX_ID, DiskFull, Message, StoreBusy, StoreFull,
                                     _key, _Kept, _kept, _keys_of, _start, _system_topic, _topic_of,
@@ -381,7 +381,8 @@ class ConsumerStore:
     @guarded
     def consumer_messages_page(self, name: str, limit: int = 100, topic: Optional[str] = None,
                                after: Optional[int] = None, budget: Optional[int] = None,
-                               user_property: Optional[Tuple[str, str]] = None) -> ScanPage[Message]:
+                               user_property: Optional[Tuple[str, str]] = None,
+                               size: Optional[int] = None) -> ScanPage[Message]:
         """`consumer_messages`, looking at no more than `budget` inbox records (None: no bound;
         the page's cursor says where to go on, as `messages_page`'s does). A read writes
         nothing: the sweep moves the floor over what the consumer is done with (reads did, a
@@ -398,6 +399,7 @@ class ConsumerStore:
             timeline = self._frames.snapshot_timeline(txn)
             keep = message_selector(topic, user_property)
             looked = 0
+            taken = Taken(size)
             for key, raw in cursor:
                 if budget is not None and looked >= budget:
                     page.cursor = page.last  # not looked at yet: the next call starts here
@@ -411,6 +413,9 @@ class ConsumerStore:
                 if keep is None or keep(message):
                     page.found.append(message)
                     if len(page.found) >= limit:
+                        break
+                    if taken.full_after(raw):
+                        page.cursor = page.last
                         break
         return page
 

@@ -62,9 +62,10 @@ class OutboxStore(StoreBase):
         return self._write(work, reserve=False)  # type: ignore[return-value]
 
     @guarded
-    def outbox_peek(self, limit: int = 100, after: Optional[int] = None) -> List[OutboxEntry]:
-        """Oldest first; `after` is an exclusive id."""
-        return self._scan(self._outbox, limit, after, _read_outbox_entry)
+    def outbox_peek(self, limit: int = 100, after: Optional[int] = None,
+                    size: Optional[int] = None) -> List[OutboxEntry]:
+        """Oldest first; `after` is an exclusive id; `size`: see `_scan_page`."""
+        return self._scan(self._outbox, limit, after, _read_outbox_entry, size=size)
 
     @guarded
     def outbox_remove(self, ids: Iterable[int]) -> int:
@@ -132,9 +133,10 @@ class OutboxStore(StoreBase):
         return bool(self._write(work))
 
     @guarded
-    def dead_letters(self, limit: int = 100, after: Optional[int] = None) -> List[DeadLetter]:
-        """Oldest (lowest outbox id) first; `after` is an exclusive id."""
-        return self._scan(self._dead, limit, after, _read_dead_letter)
+    def dead_letters(self, limit: int = 100, after: Optional[int] = None,
+                     size: Optional[int] = None) -> List[DeadLetter]:
+        """Oldest (lowest outbox id) first; `after` is an exclusive id; `size`: see `_scan_page`."""
+        return self._scan(self._dead, limit, after, _read_dead_letter, size=size)
 
     @guarded
     def dead_retry(self, ids: Iterable[int]) -> List[int]:

@@ -209,8 +209,9 @@ class Methods:
         return records
 
     def _fetch(self, limit: int, after: Optional[int]) -> List[Dict[str, Any]]:
-        """An unfiltered read of the inbox: `limit` bounds its walk."""
-        return self._bounded([m.to_dict() for m in self.store.messages(limit, None, after)])
+        """An unfiltered read of the inbox: `limit` and the answer's size bound its walk."""
+        page = self.store.messages_page(limit, None, after, size=self.rules.response_budget)
+        return self._bounded([m.to_dict() for m in page.found])
 
     def _fetch_page(self, limit: int, topic: Optional[str], after: Optional[int],
                     consumer: Optional[str] = None, user_property: Optional[Tuple[str, str]] = None
@@ -219,11 +220,14 @@ class Methods:
         SCAN_BUDGET records when a filter or a named consumer is given (without either every
         record is kept and `limit` bounds the walk); and the last id looked at (where a parked
         wait goes on)."""
+        size = self.rules.response_budget  # the walk stops where `_bounded` would cut
         if consumer is not None:
-            page = self.store.consumer_messages_page(consumer, limit, topic, after, SCAN_BUDGET, user_property)
+            page = self.store.consumer_messages_page(consumer, limit, topic, after, SCAN_BUDGET, user_property,
+                                                     size)
         else:
             filtered = topic is not None or user_property is not None
-            page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None, user_property)
+            page = self.store.messages_page(limit, topic, after, SCAN_BUDGET if filtered else None,
+                                            user_property, size)
         found = self._bounded([m.to_dict() for m in page.found])
         # a full response goes on after its last message: the walk's cursor would skip what it
         # left out, and none ended the client's calls short of `limit` (found by review)
@@ -468,9 +472,9 @@ class Methods:
         if not limit:
             entries: List[Dict[str, Any]] = []
         elif dead:
-            entries = [d.to_dict() for d in self.store.dead_letters(limit, after)]
+            entries = [d.to_dict() for d in self.store.dead_letters(limit, after, self.rules.response_budget)]
         else:  # attempts are counted by the egress worker, in memory: not known here
-            entries = [e.to_dict() for e in self.store.outbox_peek(limit, after)]
+            entries = [e.to_dict() for e in self.store.outbox_peek(limit, after, self.rules.response_budget)]
         for entry in entries:
             entry["size"] = len(entry["payload"])
         return {"count": figures["outbox_count"], "dead": figures["dead_count"],

@@ -476,7 +476,9 @@ class RpcServer:
             frame = encode_error(request_id, Code.INTERNAL, f"internal error: {type(exc).__name__}")
         if len(frame) > SMALL_ANSWER and not self.unsent.fits(len(frame)):
             self._evict_stalled_readers(len(frame))
-            if not self.unsent.fits(len(frame)):
+            # nothing else held: it goes, over the limit or not (one record stored under a
+            # larger maxPayloadBytes than a reload left was `busy` for good, found by review)
+            if not self.unsent.fits(len(frame)) and self.unsent.used:
                 self._refused_size = len(frame)
                 frame = self._no_room(conn, request_id, len(frame))
         self._send(conn, frame)
