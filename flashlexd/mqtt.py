@@ -100,7 +100,8 @@ class Connection:
                  fell_back: bool = False, on_fall_back: Optional[Callable[[], None]] = None,
                  connected_ago: Optional[float] = None,
                  on_connect_sent: Optional[Callable[[], None]] = None,
-                 session_broker: Optional[str] = None, broker_unknown: bool = False):
+                 session_broker: Optional[str] = None, broker_unknown: bool = False,
+                 max_packet: Optional[int] = None):
         """`track_session`: warn when the broker loses this client id's persistent session
         (ingress: what the broker held for us is gone; the egress resends from its outbox, so
         the broker keeps nothing of value for it). `session_seen_at`: when (wall clock) an
@@ -118,9 +119,11 @@ class Connection:
         `on_build(client)` sets up each paho client built (a protocol fallback builds anew).
         `on_publish(mid, reason)` gets the PUBACK's reason code. `fell_back`: an earlier worker
         of this daemon run found the broker without MQTT 5, so `auto` starts on 3.1.1 (no probe
-        per worker restart); `on_fall_back()` is called when this one finds it."""
+        per worker restart); `on_fall_back()` is called when this one finds it. `max_packet`:
+        the largest packet the broker may send this link (MQTT 5; None: no limit)."""
         self.thing = config.thing
         self.client_id = client_id
+        self.max_packet = max_packet
         self.on_change = on_change
         self.on_publishes, self.on_publish = on_publishes, on_publish
         self.clock = clock
@@ -192,7 +195,7 @@ class Connection:
 
     def _build(self) -> paho.Client:
         client = build_client(self.thing, self.client_id, self.timeout, context=self.credentials.context, dialed=True,
-                              protocol=self.protocol)
+                              protocol=self.protocol, max_packet=self.max_packet)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         if self.on_publishes is not None:

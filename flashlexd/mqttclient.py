@@ -117,7 +117,7 @@ def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:
 
 def build_client(thing: Thing, client_id: str, connect_timeout: float,
                  clean_session: bool = False, context: Optional[ssl.SSLContext] = None,
-                 dialed: bool = False, protocol: str = V311) -> paho.Client:
+                 dialed: bool = False, protocol: str = V311, max_packet: Optional[int] = None) -> paho.Client:
     """A paho client for `thing`, not yet connected. `connect_timeout` bounds paho's own
     blocking TCP connect and TLS handshake (benchmarks); a `dialed` client instead takes
     the socket a non-blocking `Dialer` made (`Connection`, `check`). The daemon's sessions are
@@ -125,7 +125,8 @@ def build_client(thing: Thing, client_id: str, connect_timeout: float,
     `protocol` is "5" or "3.1.1". Under MQTT 5 a persistent session is a Session Expiry
     Interval (`sessionExpirySeconds`) and never Clean Start, not even on a store's first
     connection (paho's MQTT_CLEAN_START_FIRST_ONLY included): the broker would discard the QoS 1
-    messages it queued for the thing, and say nothing of it (session present 0)."""
+    messages it queued for the thing, and say nothing of it (session present 0). `max_packet`:
+    MQTT 5's Maximum Packet Size for what the broker sends (None: none)."""
     mqtt = thing.mqtt
     v5 = protocol == V5
     client = (DialedClient if dialed else paho.Client)(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -141,7 +142,8 @@ def build_client(thing: Thing, client_id: str, connect_timeout: float,
     client.connect_timeout = connect_timeout
     if v5:  # records where; no I/O
         client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive, clean_start=clean_session,
-                             properties=session_properties(0 if clean_session else mqtt.session_expiry))
+                             properties=session_properties(0 if clean_session else mqtt.session_expiry,
+                                                           max_packet))
     else:
         client.connect_async(thing.endpoint, mqtt.port, mqtt.keepalive)
     return client

@@ -135,15 +135,31 @@ def reason_name(reason: Any) -> str:
     return f"{reason} (0x{value:02X})" if isinstance(value, int) else str(reason)
 
 
-def session_properties(expiry_seconds: int) -> "Properties":
-    """A CONNECT's properties: how long the broker keeps the session after a link drops. No
-    Receive Maximum: mosquitto takes a client's in place of its own in-flight window, so 100
-    made a broker set to 20 (its default) send 100 (found by review)."""
+def session_properties(expiry_seconds: int, max_packet: Optional[int] = None) -> "Properties":
+    """A CONNECT's properties: how long the broker keeps the session after a link drops, and
+    the largest packet this client takes (None: no limit; see `packet_limit`). No Receive
+    Maximum: mosquitto takes a client's in place of its own in-flight window, so 100 made a
+    broker set to 20 (its default) send 100 (found by review)."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = expiry_seconds
+    if max_packet is not None:
+        properties.MaximumPacketSize = max_packet
     return properties
+
+
+OVERSIZE_SEEN = 1024 * 1024  # bytes over maxPayloadBytes a PUBLISH may have and still be seen
+
+
+def packet_limit(max_payload: int) -> int:
+    """The ingress's Maximum Packet Size: a PUBLISH it could store (payload and properties up
+    to `maxPayloadBytes`) with the longest topic and every header, and OVERSIZE_SEEN more, so
+    one a little over the limit still arrives to be dropped with a WARNING and counted. A far
+    bigger one was read whole before it was dropped: 64 MB took the worker to 224 MB, and a
+    worker killed for memory by it was sent it again at each reconnect, a crash loop (found by
+    review). The broker now discards it unsent (MQTT 5 section 3.1.2.11.4); 3.1.1 has no way."""
+    return max_payload + 65535 + 2 + 2 + 4 + 5 + OVERSIZE_SEEN  # topic and length, id, headers
 
 
 def properties_size(kept: Optional[Dict[str, Any]], per_item: int = 0) -> int:

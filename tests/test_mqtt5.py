@@ -333,9 +333,9 @@ def test_a_message_with_tens_of_thousands_of_user_properties_does_not_hang_the_i
     try:
         daemon.wait_api(20)
         wait_for(lambda: _ingress_up(daemon), 20, "the ingress subscribed")
-        # 240 KB of properties, under maxPayloadBytes: decoded and stored; 10 MB: left undecoded
+        # 240 KB of properties, under maxPayloadBytes: decoded and stored; 1 MB: left undecoded
         # (2,000,000 of them took seconds even read in one pass), dropped as over it
-        _publish_with_empty_user_properties(broker, [(b"many", 40_000), (b"huge", 2_000_000)])
+        _publish_with_empty_user_properties(broker, [(b"many", 40_000), (b"huge", 200_000)])
         publish(broker, INGRESS_TOPIC, b"after")
         with connect(str(daemon.socket_path)) as fx:
             wait_for(lambda: len(fx.messages()) == 2, 30, "both messages stored")
@@ -347,7 +347,35 @@ def test_a_message_with_tens_of_thousands_of_user_properties_does_not_hang_the_i
     finally:
         daemon.stop()
     assert "hung" not in daemon.output()
-    assert "with 10000004 bytes of MQTT 5 properties and payload: over maxPayloadBytes (262144)" in daemon.output()
+    assert "with 1000004 bytes of MQTT 5 properties and payload: over maxPayloadBytes (262144)" in daemon.output()
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM of `pid`, bytes: the most resident memory it ever had."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def test_a_publish_far_over_the_inbound_limit_is_left_with_the_broker_unread(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """A 64 MB PUBLISH was read whole before it was dropped as over maxPayloadBytes (the
+    ingress at 224 MB); a worker killed for memory by one was sent it again at every reconnect,
+    a crash loop that stopped the daemon (found by review). The CONNECT now says the largest
+    packet it takes: the broker discards bigger ones unsent."""
+    config = write_config(tmp_path / "config", broker, mqtt={"protocol": "5"})
+    store = open_store(config)
+    worker = start_worker("ingress", config)
+    worker.wait_connected()
+    publish(broker, INGRESS_TOPIC, b"before")
+    wait_for(lambda: [m.payload for m in store.messages()] == [b"before"], 20, "the first stored")
+    before = _peak_rss(worker.pid)
+    publish(broker, INGRESS_TOPIC, b"z" * (24 << 20))
+    publish(broker, INGRESS_TOPIC, b"after")
+    wait_for(lambda: [m.payload for m in store.messages()] == [b"before", b"after"], 30, "the last stored")
+    assert _peak_rss(worker.pid) - before < 8 << 20, (before, _peak_rss(worker.pid))
+    assert sum(1 for m in worker.reports("mqtt") if m["connected"]) == 1  # the link never dropped
+    assert worker.stop() == 0
+    store.close()
 
 
 def test_empty_user_properties_count_as_sent_against_the_inbound_size_limit(

@@ -61,7 +61,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from flashlexd.ackbatch import coalesced_acks
 from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
-from flashlexd.mqttv5 import V5, properties_of, properties_size, properties_wire_size
+from flashlexd.mqttv5 import V5, packet_limit, properties_of, properties_size, properties_wire_size
 from flashlexd.publishread import Publish
 from flashlexd.quotas import FILTERS_PER_SUBSCRIBE
 from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
@@ -128,7 +128,8 @@ class IngressWorker(Worker):
                                      fell_back=fell_back_before(self.store, client_id, broker),
                                      on_fall_back=noting_fallback(self.store, client_id, broker),
                                      connected_ago=connect_ago(self.name, seen_at),
-                                     on_connect_sent=noting_connects(self.name))
+                                     on_connect_sent=noting_connects(self.name),
+                                     max_packet=packet_limit(self.config.store.max_payload_bytes))
         self.dedupe = self.config.store.dedupe
         self.barrier = AckBarrier(self.connection, self.config.thing.mqtt.client_id)
         self.batch: List[_Pending] = []
