@@ -20,6 +20,7 @@ from flashlexd.configkeys import DEFAULT_DATA_DIR, KEYS, LOG_LEVELS
 from flashlexd.configsection import Section, _show
 from flashlexd.configtext import ConfigError, parse_yaml, read_config_text
 from flashlexd.dedupe import DedupeKey
+from flashlexd.mqttv5 import MQTT_STRING_BYTES
 from flashlexd.quotas import (TOPIC_SLASHES, aws_keepalive, aws_transport, client_id_problem, is_aws_endpoint,
                               quota_warnings)
 from flashlexd.topics import publish_topic_problem, valid_filter
@@ -200,6 +201,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     # on the filters the ingress subscribes: `thread: subscribe` leaves the pubsub topic out
     warnings.extend(quota_warnings(thing.endpoint, "flashlex.thing.mqtt", thing.mqtt, thing.name))
     store = _store(app.section("db"), data_dir)
+    _fits_the_store(store, thing.mqtt.max_payload_bytes)
     api = _api(app.section("socket"), socket_path, store.max_payload_bytes, thing.mqtt.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
     consumers = consumer_settings(app)
@@ -460,6 +462,18 @@ def _dedupe(db: Section) -> Optional[DedupeKey]:
         return DedupeKey.parse(spec, window)
     except ValueError as exc:
         raise ConfigError(f"{section.path}.key: {exc}") from None
+
+
+def _fits_the_store(store: StoreSettings, max_publish_bytes: int) -> None:
+    """The largest message either way, with the longest topic, must fit half the cap: one that
+    fits no empty store was refused at every try, and left every later one with the broker for
+    good (`capMegabytes: 16`, a 17 MB message: found by review)."""
+    for key, size in (("flashlex.app.db.maxPayloadBytes", store.max_payload_bytes),
+                      ("flashlex.thing.mqtt.maxPayloadBytes", max_publish_bytes)):
+        if 2 * (size + MQTT_STRING_BYTES) > store.cap_bytes:
+            raise ConfigError(f"{key}: {size} bytes does not fit half of flashlex.app.db.capMegabytes"
+                              f" ({store.cap_bytes // (1024 * 1024)} MiB) with a topic: a message that"
+                              f" large could fill the store alone; raise the cap or lower the limit")
 
 
 def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int,

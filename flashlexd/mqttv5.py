@@ -149,6 +149,7 @@ def session_properties(expiry_seconds: int, max_packet: Optional[int] = None) ->
     return properties
 
 
+MQTT_STRING_BYTES = 65535  # an MQTT string's longest (a topic): a two-byte length
 OVERSIZE_SEEN = 1024 * 1024  # bytes over maxPayloadBytes a PUBLISH may have and still be seen
 
 
@@ -159,7 +160,7 @@ def packet_limit(max_payload: int) -> int:
     bigger one was read whole before it was dropped: 64 MB took the worker to 224 MB, and a
     worker killed for memory by it was sent it again at each reconnect, a crash loop (found by
     review). The broker now discards it unsent (MQTT 5 section 3.1.2.11.4); 3.1.1 has no way."""
-    return max_payload + 65535 + 2 + 2 + 4 + 5 + OVERSIZE_SEEN  # topic and length, id, headers
+    return max_payload + MQTT_STRING_BYTES + 2 + 2 + 4 + 5 + OVERSIZE_SEEN  # topic and length, id, headers
 
 
 def properties_size(kept: Optional[Dict[str, Any]], per_item: int = 0) -> int:

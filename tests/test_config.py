@@ -555,3 +555,28 @@ def test_flashlexd_run_with_a_bad_config_exits_2_with_one_line(tmp_path: Path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert "flashlex.thing.mqtt.port: expected an integer, got 'abc'" in lines[0]
+
+
+
+def _settings(*edits: Callable[[Dict[str, Any]], None]) -> Callable[[Dict[str, Any]], None]:
+    def edit(document: Dict[str, Any]) -> None:
+        for one in edits:
+            one(document)
+    return edit
+
+
+@pytest.mark.parametrize("edit, key, size, cap", [
+    (_settings(setting("flashlex.app.db.capMegabytes", 16), setting("flashlex.app.db.maxPayloadBytes", 32 << 20)),
+     "flashlex.app.db.maxPayloadBytes", 32 << 20, 16),
+    (_settings(setting("flashlex.app.db.capMegabytes", 16), setting("flashlex.app.db.maxPayloadBytes", 8 << 20)),
+     "flashlex.app.db.maxPayloadBytes", 8 << 20, 16),
+    (_settings(setting("flashlex.app.db.capMegabytes", 1), setting("flashlex.thing.mqtt.maxPayloadBytes", 600_000)),
+     "flashlex.thing.mqtt.maxPayloadBytes", 600_000, 1),
+])
+def test_a_message_limit_that_could_fill_the_store_alone_is_refused(tmp_path: Path, edit, key, size, cap):
+    """`capMegabytes: 16` beside a 32 MB `maxPayloadBytes` was accepted: a 17 MB message was
+    refused by the store at every try and every message after it stayed with the broker for
+    good, an empty store saying "full" (found by review)."""
+    assert config_error(edited_config(tmp_path / "etc", edit)) == (
+        f"{key}: {size} bytes does not fit half of flashlex.app.db.capMegabytes ({cap} MiB) with a"
+        f" topic: a message that large could fill the store alone; raise the cap or lower the limit")
