@@ -105,7 +105,7 @@ def cmd_outbox(fx: Client, args: argparse.Namespace) -> int:
         return _outbox_retry(fx, args)
     if action == "drop":
         return _outbox_drop(fx, args)
-    result = fx.call("outbox", limit=args.limit, dead=args.dead)
+    result = fx._outbox_answer(limit=args.limit, dead=args.dead)
     if args.json:
         _print_json(result)
         return 0

@@ -582,3 +582,20 @@ def test_one_record_larger_than_the_unsent_budget_is_still_answered(tmp_path: Pa
             assert len(fx.messages()[0].payload) == 3 << 20
     finally:
         h.stop()
+
+
+def test_an_outbox_listing_of_large_entries_is_read_on_to_its_limit(tmp_path: Path, capsys) -> None:
+    """`outbox(limit=100)` over 20 entries of 128 KiB answered 9, and `flashlexctl outbox` printed
+    "20 queued" above 9 rows, with no sign of the rest (found by review)."""
+    from flashlexd.client import ctl
+    h = Harness(tmp_path).start()
+    try:
+        ids = h.call(lambda: h.store.outbox_append([("up", bytes([i]) * 131072, 1, False) for i in range(20)]))
+        with Client(h.path, timeout=10) as fx:
+            assert [e.id for e in fx.outbox(limit=100)["entries"]] == ids
+            assert [e.id for e in fx.outbox(limit=12)["entries"]] == ids[:12]
+        assert ctl.main(["--socket", h.path, "outbox", "--limit", "100"]) == 0
+        rows = capsys.readouterr().out.splitlines()[2:]  # the counts, the table's head
+        assert [int(row.split()[0]) for row in rows] == ids
+    finally:
+        h.stop()
