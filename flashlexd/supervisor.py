@@ -20,6 +20,7 @@ from flashlexd import config as config_module
 from flashlexd import connectpace, credentials, fds, forkworker, logs, paths
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config, Thing
+from flashlexd.configgone import keys_gone
 from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
@@ -573,6 +574,8 @@ class Supervisor:
             raise
         for warning in new.warnings:  # notes: `flashlexd reload` prints them (a misspelt key)
             self._reload_note(warning)
+        for gone in keys_gone(self.runtime.config.text, new.text, str(new.path)):
+            self._reload_note(gone)
         self._apply(runtime, config_file)
         log.info("config reloaded from %s", new.path)
 

@@ -117,6 +117,22 @@ def test_key_files_renewed_in_place_are_used_at_the_next_reconnect_without_a_rel
     assert daemon.output().count("the key files changed: connecting with them from now on") == 2
 
 
+def test_a_key_gone_from_the_file_since_the_running_config_is_named_by_the_reload(
+        daemon, notify, daemon_config):
+    """A file saved half-written that was still valid YAML was applied without a word: its
+    `port` cut off fell back to 8883 and both links went down (found by review). Applied still
+    (removing a key asks for its default), but each key gone is named, with what applies now."""
+    notify.wait_for("READY=1", timeout=15)
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].pop("port"))  # cut off
+    output = reload(daemon, notify)
+    assert "config reloaded" in output
+    note = (f"flashlex.thing.mqtt.port: gone from {daemon_config} since the running config, so its"
+            f" default (8883) applies now (was the file saved whole?)")
+    assert output.count(note) == 1, output[-3000:]
+    with connect(str(daemon.socket_path)) as fx:
+        assert fx.status()["reload"]["notes"] == [note]
+
+
 def fat32() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (FAT32_FILE_LIMIT, FAT32_FILE_LIMIT))
 
