@@ -101,6 +101,7 @@ class Supervisor:
         """`signals`: the list the caller's handler notes signals in until ours are installed
         (kept as is: one may still arrive), handled as ours are."""
         self.runtime = Runtime.from_config(config)  # replaced whole by a reload, never patched
+        self.bound = self.runtime  # whose socket settings the API socket has, until a restart
         self.overrides = overrides
         self.notifier = Notifier()
         self.selector = selectors.DefaultSelector()
@@ -673,7 +674,7 @@ class Supervisor:
             if worker_settings(new.config, worker.name) != worker_settings(old.config, worker.name):
                 log.info("%s: settings changed, restarting it", worker.name)
                 worker.stop(now, new.config.supervision.stop_timeout, restart=True)
-        if new.socket_changed(old):
+        if new.socket_changed(self.bound):  # said at each reload until a restart applies it
             closed = closed_to_uids(new.config.api.socket_path, new.config.api.allow_uids)
             self._reload_note("API socket path, group or allowUids changed: they take effect at the"
                               " next restart" + (f"; {closed}" if closed else ""))

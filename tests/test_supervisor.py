@@ -282,6 +282,9 @@ def test_the_reload_command_prints_that_a_socket_change_takes_a_restart(daemon, 
     with connect(str(daemon.socket_path)) as fx:
         assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": [note]}
     assert daemon.output().count(note) == 1
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"].update(logLevel="debug"))
+    again = _reload_command(daemon)  # another change: the socket's still waits (it was forgotten)
+    assert (again.returncode, again.stderr) == (0, f"flashlexd reload: {note}\n"), again
 
 
 def test_the_reload_command_prints_the_new_configs_warnings(daemon, notify, daemon_config):
