@@ -200,8 +200,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
         thing = replace(thing, mqtt=replace(thing.mqtt, subscribes_pubsub=False))
     # on the filters the ingress subscribes: `thread: subscribe` leaves the pubsub topic out
     warnings.extend(quota_warnings(thing.endpoint, "flashlex.thing.mqtt", thing.mqtt, thing.name))
-    store = _store(app.section("db"), data_dir)
-    _fits_the_store(store, thing.mqtt.max_payload_bytes)
+    store = _store(app.section("db"), data_dir, warnings)
     api = _api(app.section("socket"), socket_path, store.max_payload_bytes, thing.mqtt.max_payload_bytes)
     supervision = _supervision(app.section("supervisor"))
     consumers = consumer_settings(app)
@@ -435,14 +434,14 @@ def _absolute(section: Section, key: str) -> str:
     return value
 
 
-def _store(section: Section, data_dir: Optional[str]) -> StoreSettings:
+def _store(section: Section, data_dir: Optional[str], warnings: List[str]) -> StoreSettings:
     file_data_dir = _absolute(section, "dataPath")  # checked even when overridden
     store = section.fill(StoreSettings, data_dir=Path(data_dir or file_data_dir),
                          cap_bytes=section.value("capMegabytes") * 1024 * 1024,
                          dedupe=_dedupe(section))
     section.text("subscriptionData")  # the old SDK's JSON store file; replaced by LMDB
     section.warn_unknown()
-    return store
+    return _fitting_the_store(store, warnings)
 
 
 def _dedupe(db: Section) -> Optional[DedupeKey]:
@@ -464,16 +463,19 @@ def _dedupe(db: Section) -> Optional[DedupeKey]:
         raise ConfigError(f"{section.path}.key: {exc}") from None
 
 
-def _fits_the_store(store: StoreSettings, max_publish_bytes: int) -> None:
-    """The largest message either way, with the longest topic, must fit half the cap: one that
-    fits no empty store was refused at every try, and left every later one with the broker for
-    good (`capMegabytes: 16`, a 17 MB message: found by review)."""
-    for key, size in (("flashlex.app.db.maxPayloadBytes", store.max_payload_bytes),
-                      ("flashlex.thing.mqtt.maxPayloadBytes", max_publish_bytes)):
-        if 2 * (size + MQTT_STRING_BYTES) > store.cap_bytes:
-            raise ConfigError(f"{key}: {size} bytes does not fit half of flashlex.app.db.capMegabytes"
-                              f" ({store.cap_bytes // (1024 * 1024)} MiB) with a topic: a message that"
-                              f" large could fill the store alone; raise the cap or lower the limit")
+def _fitting_the_store(store: StoreSettings, warnings: List[str]) -> StoreSettings:
+    """An inbound limit a message could reach and fill the store alone with (more than half of
+    the cap, with a topic) is lowered to that, with a WARNING: such a message was refused by
+    the store at every try and held every later one with the broker for good (`capMegabytes:
+    16`, a 17 MB message: found by review). Lowered, not refused: a config that loaded before
+    must not stop a daemon at an upgrade (exit 2 is not restarted)."""
+    fitting = store.cap_bytes // 2 - MQTT_STRING_BYTES
+    if store.max_payload_bytes <= fitting:
+        return store
+    warnings.append(f"flashlex.app.db.maxPayloadBytes: {store.max_payload_bytes} bytes could fill half"
+                    f" of capMegabytes ({store.cap_bytes // (1024 * 1024)} MiB) with one message: larger"
+                    f" messages than {fitting} bytes are dropped as oversize (raise the cap to take them)")
+    return replace(store, max_payload_bytes=fitting)
 
 
 def _api(section: Section, socket_path: Optional[str], max_payload_bytes: int,

@@ -159,8 +159,9 @@ TABLE: Tuple[Key, ...] = (
         "inbound limit: larger incoming messages (payload and MQTT 5 properties, counted as sent) are acknowledged"
         " and dropped, counted (for outbound,"
         " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames; with 64 KiB"
-        " for a topic, at most half of `capMegabytes` (a config error over it); under MQTT 5 the"
-        " ingress's CONNECT asks the broker to keep PUBLISHes over it by more than 1 MiB",
+        " for a topic, at most half of `capMegabytes` (over it, lowered to that, with a WARNING);"
+        " under MQTT 5 the ingress's CONNECT asks the broker to keep PUBLISHes over it by more"
+        " than 1 MiB",
         AT_ONCE_AND_WORKERS, minimum=1, maximum=MAX_MQTT_PAYLOAD, maximum_why=" (the MQTT limit)",
         field="max_payload_bytes"),
     Key("flashlex.app.consumers", "consumers", None,
@@ -318,8 +319,7 @@ TABLE: Tuple[Key, ...] = (
         maximum_why=" (the MQTT limit)"),
     Key(f"{_MQTT}.maxPayloadBytes", "integer", 131072,
         "outbound: `publish` refuses larger payloads (`payload_too_large`; AWS IoT Core's 128 KB). Not"
-        " the inbound `app.db.maxPayloadBytes`; with 64 KiB for a topic, at most half of"
-        " `app.db.capMegabytes`", LINKS_AND_API, minimum=1, maximum=MAX_MQTT_PAYLOAD,
+        " the inbound `app.db.maxPayloadBytes`", LINKS_AND_API, minimum=1, maximum=MAX_MQTT_PAYLOAD,
         maximum_why=" (the MQTT limit)"),
     Key(f"{_MQTT}.offlinePublishQueueing", "integer", -1,
         "outbox cap in entries: -1 unlimited, 0 refuse publishes while egress is offline",
