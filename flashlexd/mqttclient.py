@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flashlexd.config import ConfigError, Keys, Thing
-from flashlexd.credentials import stamp
+from flashlexd.credentials import insecure_key_problem, stamp
 from flashlexd.dialer import DialedClient
 from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
@@ -34,7 +34,8 @@ _ABRUPT_CLOSE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, 
 # Trixie's 3.13) does not change which brokers the daemon trusts: it did, and every link failed.
 _NEWER_PYTHONS_VERIFY_FLAGS = (getattr(ssl, "VERIFY_X509_STRICT", 0)
                                | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0))
-_PREPARED: Dict[Tuple[Keys, bool], ssl.SSLContext] = {}  # see prepare_tls_context
+# (keys, alpn) -> (the stamp of the files before the build, the context): see prepare_tls_context
+_PREPARED: Dict[Tuple[Keys, bool], Tuple[str, ssl.SSLContext]] = {}
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +43,12 @@ def prepare_tls_context(keys: Keys, alpn: bool) -> None:
     """In the fork server: build the context that the workers forked next use, so they share
     its pages (and OpenSSL's one-time set-up, ~2 MB a process) instead of each loading the CA,
     certificate and key again. Built from the files as they are now (a rotated certificate
-    takes effect at a worker's restart, or at a link's next attempt: `LinkCredentials`); when they cannot be read (a rotation half done, or
-    files a reload was refused for), the last context built stays, and a restarted worker goes
-    on with the credentials the daemon runs with instead of crash-looping the service down
-    (one WARNING). With none built yet, the worker reports the error."""
+    takes effect at a worker's restart, or at a link's next attempt: `LinkCredentials`); when
+    they cannot be read (a rotation half done, or files a reload was refused for), the last
+    context built stays, and a restarted worker goes on with the credentials the daemon runs
+    with instead of crash-looping the service down (one WARNING). With none built yet, the
+    worker reports the error. The files' stamp is taken before the build and kept with it."""
+    before = stamp(keys)
     try:
         context = _new_tls_context(keys, alpn)
     except ConfigError as exc:
@@ -53,26 +56,33 @@ def prepare_tls_context(keys: Keys, alpn: bool) -> None:
             log.warning("%s; the workers started from now on keep the credentials loaded before", exc)
         return
     _PREPARED.clear()
-    _PREPARED[(keys, alpn)] = context
+    _PREPARED[(keys, alpn)] = (before, context)
 
 
 def tls_context(keys: Keys, alpn: bool = False) -> ssl.SSLContext:
     """Mutual TLS: trust only `rootCA`, verify the broker's certificate and host name, present
     the thing's certificate (the prepared context of the same files, if any)."""
     prepared = _PREPARED.get((keys, alpn))
-    return prepared if prepared is not None else _new_tls_context(keys, alpn)
+    return prepared[1] if prepared is not None else _new_tls_context(keys, alpn)
 
 
 class LinkCredentials:
     """A link's TLS context and the stamp of the key files it came from. A certificate renewed
     in place (new files at the same paths) is loaded at the link's next attempt: a broker that
     revoked the old one refused it at every reconnect until a reload. New files that do not load
-    (a renewal half copied) leave the context as it was, with one WARNING per change."""
+    (a renewal half copied), or a new key readable by other users (which a restart would
+    refuse), leave the context as it was, with one WARNING per change. The stamp is that of the
+    files the context was built from: the fork server's (taken before its build, kept with it
+    even when a later build failed), so files changed since are loaded at the first attempt."""
 
     def __init__(self, keys: Keys, alpn: bool):
         self.keys, self.alpn = keys, alpn
-        self.stamp = stamp(keys)  # first: files changed meanwhile are loaded at the first attempt
-        self.context = tls_context(keys, alpn)
+        prepared = _PREPARED.get((keys, alpn))
+        if prepared is not None:
+            self.stamp, self.context = prepared
+        else:
+            self.stamp = stamp(keys)
+            self.context = _new_tls_context(keys, alpn)
 
     def renewed(self) -> bool:
         """Load the key files again if they changed since the last load; True when they did."""
@@ -81,9 +91,13 @@ class LinkCredentials:
             return False
         self.stamp = now
         try:
+            problem = insecure_key_problem(self.keys)
+            if problem:
+                raise ConfigError(f"{problem} (a restart or reload would refuse it)")
             self.context = _new_tls_context(self.keys, self.alpn)
-        except ConfigError as exc:
-            log.warning("the key files changed, but %s; this link keeps the credentials loaded before", exc)
+        except (ConfigError, OSError) as exc:
+            log.warning("the key files changed, but %s; this link keeps the credentials loaded before",
+                        exc if isinstance(exc, ConfigError) else f"cannot read them: {exc}")
             return False
         log.info("the key files changed: connecting with them from now on")
         return True
