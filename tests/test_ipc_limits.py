@@ -575,12 +575,20 @@ def test_one_record_larger_than_the_unsent_budget_is_still_answered(tmp_path: Pa
     budget of unsent answers) made every read `busy` for good, blaming clients that held
     nothing; the compat layer then returned [] for ever (found by review). Alone, it goes."""
     h = Harness(tmp_path, limits=_limits(max_unsent=1 << 20, write_timeout=60)).start()
+    slow = raw_connect(h.path)
     try:
-        (big,) = h.ingest(("big", b"y" * (3 << 20)))
+        small, big = h.ingest(("small", b"x" * 400_000), ("big", b"y" * (3 << 20)))
         with Client(h.path, timeout=10) as fx:
-            assert [m.id for m in fx.messages()] == [big]
-            assert len(fx.messages()[0].payload) == 3 << 20
+            assert [m.id for m in fx.messages(limit=1, after=small)] == [big]
+            assert len(fx.messages(limit=1, after=small)[0].payload) == 3 << 20
+            # beside a reader holding an answer unread: it still goes (re-read)
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.sendall(req("messages", 1, limit=1))
+            until(lambda: h.call(lambda: h.server.unsent.used) > 20_000, what="an answer held unread")
+            assert [m.id for m in fx.messages(limit=1, after=small)] == [big]
+            assert h.call(lambda: h.server.counters["refused_unsent"]) == 0  # not `busy` first
     finally:
+        slow.close()
         h.stop()
 
 
