@@ -190,8 +190,12 @@ class FlashlexSDK:
         self._config = config
         # the config the app names before $FLASHLEXD_SOCKET: with two things on a device, one
         # exported for flashlexctl sent an app to the other thing's messages without a word
-        self._path = resolved_socket(socket_path or _socket_from_config(_document(config))
-                                     or os.environ.get(SOCKET_ENV))
+        configured, exported = _socket_from_config(_document(config)), os.environ.get(SOCKET_ENV)
+        if not socket_path and configured and exported and exported != configured:
+            log.warning("the config names socket %s: used, not $%s (%s; the daemon takes that"
+                        " variable before its config, if it shares this environment)",
+                        configured, SOCKET_ENV, exported)
+        self._path = resolved_socket(socket_path or configured or exported)
         self._timeout = timeout
         self._client: Optional[Client] = None
         self.last_error: Optional[BaseException] = None

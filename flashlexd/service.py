@@ -311,5 +311,5 @@ def _after_install(kind: str, live: bool, target: Path) -> None:
                   file=sys.stderr)
     next_step = {"unit": f"systemctl enable --now {target.name.removesuffix('.service')}",
                  "rsyslog": "systemctl restart rsyslog",
-                 "logrotate": "logrotate -d /etc/logrotate.d/flashlexd  # to check it"}[kind]
+                 "logrotate": f"logrotate -d {target}  # to check it"}[kind]
     print(f"next: {next_step}", file=sys.stderr)

@@ -193,6 +193,8 @@ class WorkerProcess:
             self.restart_when_stopped = False
             delay: Optional[float] = 0.0
             log.info("%s stopped for restart (%s)", self.name, how)
+            if self.sent_kill:  # it did not stop when asked (hung, or past stopTimeoutSeconds)
+                self.restarts += 1
         else:
             ran = now - self.started_at
             delay = self.history.next_delay(now, self.started_at, limits)

@@ -288,13 +288,14 @@ def test_an_apps_own_sections_are_warned_about_once_and_ignored(harness, tmp_pat
     first.close()
 
 
-def test_the_config_an_app_names_beats_flashlexd_socket(harness, tmp_path, monkeypatch):
+def test_the_config_an_app_names_beats_flashlexd_socket(harness, tmp_path, monkeypatch, caplog):
     """Two things on one device: $FLASHLEXD_SOCKET, exported for flashlexctl and the other
     thing, took an app given this thing's config to the other daemon (found by review)."""
     monkeypatch.setenv("FLASHLEXD_SOCKET", str(tmp_path / "other-thing.sock"))
     path = tmp_path / "config.yml"
     path.write_text(APP_CONFIG.format(socket=harness.path))
     assert FlashlexSDK(str(path)).client.path == harness.path
+    assert "the config names socket" in caplog.text  # the daemon would take the variable (re-read)
     assert FlashlexSDK(str(path), socket_path=str(tmp_path / "x.sock"))._path == str(tmp_path / "x.sock")
     path.write_text("flashlex: {app: {}}\n")  # an old config names no socket: the variable's
     assert FlashlexSDK(str(path))._path == str(tmp_path / "other-thing.sock")

@@ -141,6 +141,16 @@ def test_stop_for_restart_comes_back_at_once_and_is_no_failure(children):
     assert worker.restarts == 0  # a reload's restart counted as one: `restarts 27` after 1 kill (review)
 
 
+def test_a_worker_killed_for_not_stopping_for_a_restart_counts_as_restarted(children):
+    """A reload's stop is no fault, but a worker that had to be killed for it (hung, or past
+    stopTimeoutSeconds) is one: it was left out of `restarts` (found by re-read)."""
+    worker = started(children, ignore=[signal.SIGTERM])
+    worker.stop(10.0, TIMING.stop_timeout, restart=True)
+    worker.tick(10.0 + TIMING.stop_timeout, TIMING)  # SIGKILL
+    worker.exited(worker.child.reap(), 12.5, False, LIMITS)
+    assert worker.state is State.BACKOFF and worker.restarts == 1
+
+
 def test_a_worker_that_ignores_sigterm_is_killed_at_the_stop_timeout(children):
     worker = started(children, ignore=[signal.SIGTERM])
     worker.stop(10.0, TIMING.stop_timeout)
