@@ -460,15 +460,27 @@ class Client:
             replayed = self._note_replays(page.get("replays"), page.get("run"))
             if deadline is not None and not found and page["cursor"] is None and \
                     time.monotonic() < deadline and not (replayed and until_replay):
-                continue  # a replay answered a parked wait early: the caller waits on
+                # a replay answered a parked wait early, or a wait longer than one call's
+                # MAX_WAIT_SECONDS timed out at the end (on from there): the caller waits on
+                if page.get("seen") is not None:
+                    params["after"] = page["seen"]
+                continue
             if page["cursor"] is None or len(found) >= limit or (deadline is not None and found):
+                if deadline is not None and not found and page.get("seen") is not None:
+                    self._remember(resume, page["seen"])  # timed out at the end: on from there
                 return found
             if deadline is not None and time.monotonic() >= deadline:  # [] on timeout, on time
-                if len(self._resume) >= 16:
-                    self._resume.clear()
-                self._resume[resume] = page["cursor"]
+                self._remember(resume, page["cursor"])
                 return found
             params.update(after=page["cursor"], limit=limit - len(found))
+
+    def _remember(self, query: Optional[str], position: int) -> None:
+        """Where a timed-out wait's walk stopped, for the next wait of the same query."""
+        if query is None:
+            return
+        if len(self._resume) >= 16:
+            self._resume.clear()
+        self._resume[query] = position
 
     def _wait_page(self, deadline: float, params: Dict[str, Any]) -> Dict[str, Any]:
         """One `wait` call towards `deadline`, sent again once if a restart cuts it off, with the

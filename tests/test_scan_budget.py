@@ -90,6 +90,25 @@ def test_a_wait_answers_by_its_timeout_and_the_same_wait_goes_on_from_where_it_s
         assert [m.id for m in fx.messages(topic="rare/#")] == [late]  # `messages` walks to the end
 
 
+def test_a_wait_that_timed_out_at_the_end_goes_on_from_there_next_time(harness):
+    """A wait that walked to the end and timed out there parked, and its answer said nothing of
+    how far it read: the same wait called again walked the whole inbox from the start, so a
+    wait in a loop for a rare topic over 500,000 messages held the daemon's loop most of the
+    time (found by review). Now the next call goes on from the end, and still finds what comes."""
+    harness.ingest(*[("noise/x", b"n")] * (3 * SCAN_BUDGET))
+    requests = lambda: harness.call(lambda: harness.server.counters["requests"])  # noqa: E731
+    with connect(harness.path) as fx:
+        before = requests()
+        assert fx.wait(timeout=1, topic="rare/#") == []
+        assert requests() - before == 3  # two pages with a cursor, the third parked at the end
+        before = requests()
+        assert fx.wait(timeout=0.2, topic="rare/#") == []
+        assert requests() - before == 1  # parked at once, not three pages again
+        [late] = harness.ingest(("rare/y", b"r"))
+        assert [m.id for m in fx.wait(timeout=5, topic="rare/#")] == [late]
+        assert [m.id for m in fx.wait(timeout=0.2, topic="rare/#", after=0)] == [late]  # another query
+
+
 def test_a_parked_paged_wait_walks_on_from_where_it_stopped(harness):
     harness.ingest(*[("noise/x", b"n")] * NOISE)
     with connect(harness.path) as fx:

@@ -374,11 +374,16 @@ class Methods:
         client calls again from the cursor); a walk that reached the end parks the request, and
         each poll walks on from where the last one stopped, not from `after` again. A replay of
         the consumer answers at once, even with nothing after `after` (a stream reading on from
-        its last message stands past the replayed ones: its `replays` tells it to start over)."""
+        its last message stands past the replayed ones: its `replays` tells it to start over).
+        Timed out at the end, it answers `seen`, the last id its walk looked at: the client's
+        next wait of the same query goes on after it (it read the whole inbox again from the
+        start at every such call: a wait in a loop for a rare topic over 500,000 messages held
+        the daemon's loop most of the time, found by review)."""
         answer, last = self._fetch_page(limit, topic, after, consumer, wanted)
         if answer["messages"] or answer["cursor"] is not None or timeout == 0:
             return answer
         position = [last if last is not None else after]
+        timed_out = dict(answer, messages=[], cursor=None, seen=position[0])
         replayed = self._replayed(consumer)
 
         @_store_failures
@@ -390,10 +395,9 @@ class Methods:
             if found["messages"] or found["cursor"] is not None or again:
                 return found
             if seen is not None:
-                position[0] = seen
+                position[0] = timed_out["seen"] = seen
             return None
-        return Pending(deadline=time.monotonic() + timeout, poll=poll,
-                       timeout_result=dict(answer, messages=[], cursor=None))
+        return Pending(deadline=time.monotonic() + timeout, poll=poll, timeout_result=timed_out)
 
     def _publish(self, p: _Params) -> Any:
         payload = p.get("payload")
