@@ -79,7 +79,7 @@ _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
            "Message", "OutboxEntry", "Store", "StoreBusy", "StoreDamaged", "StoreError",
            "StoreForkError", "StoreFull", "dup_marks"]
-COUNTERS = ("received", "duplicates", "acked", "expired", "dropped_full", "purged", "queued", "sent",
+COUNTERS = ("received", "duplicates", "acked", "released", "expired", "dropped_full", "purged", "queued", "sent",
             "outbox_dropped", "outbox_expired", "dead_lettered", "dead_retried", "dead_dropped")  # totals in meta
 
 

@@ -365,7 +365,7 @@ class StoreBase:
     def _acked_derived(self, txn: lmdb.Transaction) -> int:
         """Every stored message leaves the inbox by exactly one way: acked is what the
         others do not account for. Derived, so that an ack writes the inbox and nothing else."""
-        gone = sum(self._counter(txn, name) for name in (b"expired", b"dropped_full", b"purged"))
+        gone = sum(self._counter(txn, name) for name in (b"released", b"expired", b"dropped_full", b"purged"))
         return self._counter(txn, b"received") - txn.stat(self._inbox)["entries"] - gone
 
     def _acked_total(self, txn: lmdb.Transaction) -> int:

@@ -47,7 +47,7 @@ EXACT_KEY = {"inbox": 8, "outbox": 8, "recent": 2, "dead": 8}
 MIN_FIELDS = {"inbox": 7, "outbox": 5, "dead": 8}  # msgpack array length of a record
 DEAD_FIELDS = 3  # a dead letter: attempts, reason, dead_at, then the outbox record
 COUNTERS = frozenset({b"schema", b"inbox_last_id", b"outbox_last_id", b"received", b"duplicates",
-                      b"acked", b"acked_offset", b"expired", b"dropped_full", b"purged", b"queued",
+                      b"acked", b"acked_offset", b"released", b"expired", b"dropped_full", b"purged", b"queued",
                       b"sent"})
 _ID = struct.Struct(">Q")
 ENTRIES = 6  # index of md_entries in an MDB_db
