@@ -338,7 +338,8 @@ class Supervisor:
             return
         count = self.late_lines.due(now)  # a starved device: once, then a count every 10 min
         if count:
-            log.warning("the supervisor's loop ran %.1fs late (the process was stopped or starved);"
+            log.warning("the supervisor's loop ran %.1fs late (the process was stopped, starved, or"
+                        " waiting on a slow disk for an app's ack or publish);"
                         " that time is not counted against the workers' heartbeats%s", late,
                         logs.since_last(count, "such stalls"))
         for worker in self.workers.values():

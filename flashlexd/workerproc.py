@@ -83,6 +83,7 @@ class WorkerProcess:
         self.counters: Dict[str, Any] = {}
         self.mqtt: Dict[str, Any] = {}
         self.refused_before = False
+        self.disk_wait_said = -1.0  # the `last_heard` of the silence a disk wait was logged for
 
     def transition(self, new: State) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -222,6 +223,8 @@ class WorkerProcess:
             self.kill_at = None
         elif self.state in (State.STARTING, State.READY) and \
                 now - self.last_heard > supervision.heartbeat_timeout:
+            if self._waits_on_disk(now):
+                return False
             self.transition(State.HUNG)
             if self.pid is not None and stopped(self.pid):  # SIGABRT would wait for a SIGCONT
                 log.error("%s hung (no heartbeat for %.1fs): stopped (SIGSTOP, a debugger), killing pid %s",
@@ -234,6 +237,19 @@ class WorkerProcess:
             self.kill_at = now + KILL_GRACE
         return self.state is State.BACKOFF and now >= self.next_start
 
+    def _waits_on_disk(self, now: float) -> bool:
+        """A silent worker blocked in the kernel on its own disk write (state D: a stalling SD
+        card's fsync) is not hung: SIGABRT and SIGKILL wait for the write anyway, and its restart
+        counted towards the crash loop (a 14 s stall restarted a healthy ingress, found by
+        review). Said once a silence; it is judged again at each tick."""
+        if self.pid is None or process_state(self.pid) != "D":
+            return False
+        if self.disk_wait_said != self.last_heard:
+            self.disk_wait_said = self.last_heard
+            log.warning("%s has sent no heartbeat for %.1fs: it waits on the disk (a slow or stalling"
+                        " SD card), not hung", self.name, now - self.last_heard)
+        return True
+
     def next_deadline(self) -> Optional[float]:
         """When `tick` next has something to do without any event (None: nothing timed)."""
         if self.state is State.BACKOFF:
@@ -245,7 +261,8 @@ class WorkerProcess:
         if self.state is State.BACKOFF:
             return True
         return self.alive and self.state is not State.HUNG and \
-            now - self.last_heard <= supervision.heartbeat_timeout
+            (now - self.last_heard <= supervision.heartbeat_timeout or
+             (self.pid is not None and process_state(self.pid) == "D"))  # see _waits_on_disk
 
     def signal(self, signum: int) -> None:
         if self.pid is not None:
@@ -267,9 +284,14 @@ class WorkerProcess:
 def stopped(pid: int) -> bool:
     """Whether process `pid` is stopped (SIGSTOP, a debugger's trace stop): it acts on no
     signal but SIGKILL, so it cannot log its stack."""
+    return process_state(pid) in ("T", "t")
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process `pid` in /proc/PID/stat ("R", "S", "D", "T"...; "" if gone)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
             line = stat.read()
     except OSError:
-        return False
-    return line[line.rfind(")") + 2:line.rfind(")") + 3] in ("T", "t")
+        return ""
+    return line[line.rfind(")") + 2:line.rfind(")") + 3]

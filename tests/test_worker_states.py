@@ -269,3 +269,26 @@ def test_status_shows_the_state_by_name(children):
     shown = worker.status(2.5)
     assert (shown["state"], shown["pid"], shown["uptime"], shown["heartbeat_age"]) == \
         ("starting", worker.pid, 1.5, 1.5)
+
+
+def test_a_silent_worker_waiting_on_the_disk_is_not_hung_until_it_is_back_in_python(
+        children, monkeypatch, caplog):
+    """A 14 s stall of the SD card kept the ingress in its fsync: declared hung, aborted and
+    killed (both waited for the write), its restart counted towards the crash loop, and the
+    watchdog's pings stopped meanwhile (found by review). A worker in state D is waiting on the
+    disk: said once, not hung, still healthy; silent outside the kernel's wait, it is hung.
+    (The state is read from /proc; here it is set, since a test cannot stall a disk at will.)"""
+    import logging
+    from flashlexd import workerproc
+    worker = started(children)
+    worker.reported_state("ready")
+    state = {"letter": "D"}
+    monkeypatch.setattr(workerproc, "process_state", lambda pid: state["letter"] if pid == worker.pid else "")
+    with caplog.at_level(logging.WARNING, logger="flashlexd.workerproc"):
+        for now in (3.5, 6.0, 9.0):
+            assert worker.tick(now, TIMING) is False
+            assert worker.state is State.READY and worker.healthy(now, TIMING)
+    assert caplog.text.count("has sent no heartbeat for 3.5s: it waits on the disk") == 1
+    state["letter"] = "S"  # back from the write, and still silent: hung
+    worker.tick(10.0, TIMING)
+    assert worker.state is State.HUNG and not worker.healthy(10.0, TIMING)
