@@ -105,6 +105,7 @@ class Client:
         # (the daemon's run, how often it replayed this client's consumer in it): counts are per run
         self._replays: Optional[Tuple[Optional[int], int]] = None
         self._replay_events = 0  # replays noticed: what `stream` watches
+        self._voided = 0  # replays and reconnects noticed: remembered places void at each
         self._replays_lock = threading.Lock()
         self._busy_told = False  # `follow` warned of a busy daemon since its last read
         self._was_connected = False  # a later connect is a reconnect: the daemon may be restarting
@@ -134,6 +135,8 @@ class Client:
             except BaseException as exc:
                 sock.close()
                 raise self._connect_error(exc) from None
+        if self._was_connected:
+            self._void_places()
         self._sock, self._buf, self._was_connected, self._away_told = sock, bytearray(), True, False
         self._poller = select.poll()  # poll, not select: the fd may be above FD_SETSIZE
         self._poller.register(sock, select.POLLIN)
@@ -443,21 +446,32 @@ class Client:
         if wait is not None:  # wait(timeout=), stream(timeout_per_wait=): 0 is a look
             seconds(wait, "timeout", zero=True)
         params = self._query(limit, topic, after, user_property)
+        start = params.get("after")  # the caller's: where a walk whose place went void goes back to
         deadline = None if wait is None else time.monotonic() + wait
         # a wait whose time ran out mid-walk: the same wait again goes on from there (what it
         # passed matched nothing), so short waits in a loop still get through a large inbox
         resume = None if wait is None else repr(sorted(params.items()))
+        if resume is not None:  # a daemon started again meanwhile voids the place (a reconnect)
+            self._await_daemon(time.monotonic() + self.timeout)
         resumed = None if resume is None else self._resume.pop(resume, None)  # threads share it
         if resumed is not None:
             params["after"] = resumed
         found: List[Dict[str, Any]] = []
+        epoch = self._voided
         while True:
             # reads, safe to repeat: sent again once when a restart cuts them off (a wait parked
             # in the daemon raised ConnectionLost, ending README's logger.py at every restart)
             page = self._sent("messages", True, paged=True, **params) if deadline is None \
-                else self._wait_page(deadline, params)
+                else self._wait_page(deadline, params, start)
             found += page["messages"]
             replayed = self._note_replays(page.get("replays"), page.get("run"))
+            if self._voided != epoch:  # a replay, or a reconnect: the walk's place is void
+                epoch, resume = self._voided, None  # and this call remembers none (found by re-read)
+                if not found and not (replayed and until_replay) and \
+                        (deadline is None or time.monotonic() < deadline):
+                    params.pop("after", None)
+                    params.update({} if start is None else {"after": start}, limit=limit)
+                    continue
             if deadline is not None and not found and page["cursor"] is None and \
                     time.monotonic() < deadline and not (replayed and until_replay):
                 # a replay answered a parked wait early, or a wait longer than one call's
@@ -482,13 +496,16 @@ class Client:
             self._resume.clear()
         self._resume[query] = position
 
-    def _wait_page(self, deadline: float, params: Dict[str, Any]) -> Dict[str, Any]:
+    def _wait_page(self, deadline: float, params: Dict[str, Any], start: Optional[int]) -> Dict[str, Any]:
         """One `wait` call towards `deadline`, sent again once if a restart cuts it off, with the
-        time then left (sent again as it was, a wait cut near its end took twice its timeout)."""
+        time then left (sent again as it was, a wait cut near its end took twice its timeout),
+        from the caller's `start`: the daemon started again may hold another store."""
         try:
             return self._wait_call(deadline, params)
         except ConnectionLost:
             self._await_daemon(time.monotonic() + self.timeout)  # then what is left of the wait
+            params.pop("after", None)
+            params.update({} if start is None else {"after": start})
             return self._wait_call(deadline, params)
 
     def _wait_call(self, deadline: float, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -517,8 +534,15 @@ class Client:
                 replayed, self._replays = replays > 0, (run, replays)
         if replayed:
             self._replay_events += 1
-            self._resume.clear()  # a timed-out walk's place stands past what comes back
+            self._void_places()  # a timed-out walk's place stands past what comes back
         return replayed
+
+    def _void_places(self) -> None:
+        """Forget where timed-out walks stood: a replay put messages back behind them, and a
+        daemon started again (a reconnect) may hold another store, with lower ids (found by
+        re-read: a wait skipped what came below its old place for good)."""
+        self._resume.clear()
+        self._voided += 1
 
     def ack(self, ids: Union[IdLike, Iterable[IdLike]]) -> int:
         """Remove messages (ids, pk strings or Messages); idempotent. Returns how many went.

@@ -47,6 +47,7 @@ def declared_changes(declared: Declared, on_widened: Callable[[str], None]) -> N
     for name in declared.created:
         log.info("consumer %r declared: it starts at the earliest stored message", name)
     for name in declared.gave_place:
+        on_widened(name)  # removed: should it come back, it starts at the earliest message
         log.warning("consumer %r removed: taken out of flashlex.app.consumers, it gave its place"
                     " to a newly declared one (%d are stored, the most there may be); the messages"
                     " it alone still held back were released (those no other consumer matches"
@@ -60,7 +61,8 @@ class ConsumerKeeper:
                  on_widened: Callable[[str], None] = lambda name: None,
                  store_full: Callable[[], bool] = lambda: False):
         """`on_widened(name)`: a declare gave `name` a filter matching stored messages its old
-        one did not; its readers past them start over (the API counts a replay). `store_full`:
+        one did not, or `name` was removed (a consumer of that name again starts at the earliest
+        stored message); its readers past them start over (the API counts a replay). `store_full`:
         the store refuses what the broker sends for want of room (the ingress says so)."""
         self._store, self._settings, self._every = store, settings, every
         self._store_full = store_full
@@ -118,6 +120,7 @@ class ConsumerKeeper:
             why = f"unused for {self._settings().idle_seconds / 86400:g} days (flashlex.app.consumerIdleDays)"
         log.warning("consumer %r removed: %s; the messages it alone still held back were released"
                     " (those no other consumer matches stay, for unnamed apps and expiry)", removed, why)
+        self._on_widened(removed)  # its apps' places stand past what a new one of the name reads
 
     def _idle_seconds(self, now: float) -> Optional[float]:
         """How long unused a dynamic consumer goes by this sweep; None: none goes (the start's

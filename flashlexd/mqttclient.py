@@ -77,6 +77,9 @@ class LinkCredentials:
 
     def __init__(self, keys: Keys, alpn: bool):
         self.keys, self.alpn = keys, alpn
+        # a key readable by others at the start ran with --allow-insecure-key (which the worker
+        # is not told): its renewals may be too
+        self.insecure_allowed = _insecure(keys)
         prepared = _PREPARED.get((keys, alpn))
         if prepared is not None:
             self.stamp, self.context = prepared
@@ -91,9 +94,9 @@ class LinkCredentials:
             return False
         self.stamp = now
         try:
-            problem = insecure_key_problem(self.keys)
+            problem = None if self.insecure_allowed else insecure_key_problem(self.keys)
             if problem:
-                raise ConfigError(f"{problem} (a restart or reload would refuse it)")
+                raise ConfigError(f"{problem} (a restart or reload would refuse it too)")
             self.context = _new_tls_context(self.keys, self.alpn)
         except (ConfigError, OSError) as exc:
             log.warning("the key files changed, but %s; this link keeps the credentials loaded before",
@@ -101,6 +104,13 @@ class LinkCredentials:
             return False
         log.info("the key files changed: connecting with them from now on")
         return True
+
+
+def _insecure(keys: Keys) -> bool:
+    try:
+        return insecure_key_problem(keys) is not None
+    except OSError:
+        return False
 
 
 def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:

@@ -172,18 +172,17 @@ class ConsumerStore:
         return all(not d.matches(topic) or self._done(txn, d, key) for d in others)
 
     def _leave_if_settled(self, txn: lmdb.Transaction, key: bytes, topic: str,
-                          others: Sequence[ConsumerState], acked: bool = False) -> bool:
+                          others: Sequence[ConsumerState]) -> bool:
         """A consumer is done with `key` without holding an ack entry for it (it acks it, or its
         floor passes it): the message leaves the inbox if every other matching consumer is done
         with it too, with their entries for it. True if it left. It counts in the derived
-        `acked` total when this is an ack (`acked`), else in `released`: a maxBacklog trim, a
-        reset's skip, a consumer removed or narrowed let it go (989,980 trimmed messages were
-        counted as acked, none acked by an app: found by review). `others` is read twice."""
+        `acked` total when this is an ack; the callers that let it go otherwise (a maxBacklog
+        trim, a reset's skip, a consumer removed or narrowed) count it in `released`
+        (`_released`: 989,980 trimmed messages were counted as acked, none acked by an app:
+        found by review). `others` is read twice: a list, not an iterator."""
         if not self._settled(txn, key, topic, others):
             return False
         self._delete_inbox(txn, key)
-        if not acked:
-            self._add_counter(txn, b"released", 1)
         record_id = _ID.unpack(key)[0]
         for consumer in others:
             if record_id > consumer.floor:  # at or below the floor: no acks-ahead entry exists
@@ -327,8 +326,8 @@ class ConsumerStore:
             return before.matches(topic) and not after.matches(topic) and \
                 not self._acked(txn, before, key) and any(d.matches(topic) for d in others)
 
-        for key, topic in self._records(txn, before.floor, _MAX_ID, held):
-            self._leave_if_settled(txn, key, topic, others)
+        self._released(txn, [self._leave_if_settled(txn, key, topic, others)
+                             for key, topic in self._records(txn, before.floor, _MAX_ID, held)])
         return newly_matched[0]
 
     def _reopen_widened(self, txn: lmdb.Transaction, before: ConsumerState, after: ConsumerState) -> bool:
@@ -447,7 +446,7 @@ class ConsumerStore:
                 new += 1
                 if count is not None and count.covers(_ID.unpack(key)[0]):
                     counted.append(count)
-                if not self._leave_if_settled(txn, key, topic, others, acked=True):
+                if not self._leave_if_settled(txn, key, topic, others):
                     txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
             self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
             self._seen(consumer, now)
@@ -607,8 +606,8 @@ class ConsumerStore:
                                and _ID.unpack(key)[0] not in self._hidden
                                and not self._acked(txn, consumer, key))
         others = [d for d in consumers.values() if d.name != consumer.name]
-        for key, topic in passed:  # done for it without an ack entry: its floor passes them
-            self._leave_if_settled(txn, key, topic, others)
+        # done for it without an ack entry: its floor passes them
+        self._released(txn, [self._leave_if_settled(txn, key, topic, others) for key, topic in passed])
         if count_dropped:
             consumer.dropped += len(passed)
         self._forget_acks_through(txn, consumer, target, COMMIT_STEP)  # any left: harmless, later
@@ -694,8 +693,12 @@ class ConsumerStore:
             return gone.matches(topic) and not self._acked(txn, gone, key) and \
                 any(d.matches(topic) for d in others)
 
-        for key, topic in self._records(txn, gone.floor, through, held):  # while its acks still say
-            self._leave_if_settled(txn, key, topic, others)
+        self._released(txn, [self._leave_if_settled(txn, key, topic, others)  # while its acks still say
+                             for key, topic in self._records(txn, gone.floor, through, held)])
+
+    def _released(self, txn: lmdb.Transaction, left: List[bool]) -> None:
+        """Count the messages that left (True in `left`) without an ack: one write a step."""
+        self._add_counter(txn, b"released", sum(left))
 
     @guarded
     def consumer_count_step(self, count: BacklogCount) -> bool:

@@ -86,6 +86,39 @@ def test_a_dynamic_consumer_registers_on_first_use_and_can_be_reset(harness: Har
         assert names["newapp"]["dynamic"] and not names["display"]["dynamic"]
 
 
+def test_a_wait_in_a_loop_gets_what_a_reset_replays_below_its_remembered_place(harness: Harness):
+    """A wait that timed out at the end remembered where it stood, and after a reset of its
+    consumer it remembered that place again: the same wait in a loop never got the replayed
+    messages below it (found by re-read)."""
+    ids = ingest(harness, "rare/x", *["noise"] * 5)
+    with connect(harness.path, consumer="newapp") as app:
+        assert [m.id for m in app.wait(timeout=5, topic="rare/#")] == [ids[0]]
+        app.ack([ids[0]])
+        assert app.wait(timeout=0.2, topic="rare/#") == []  # timed out at the end: remembered
+        app.reset("newapp", "earliest")
+        got, calls = [], 0
+        while not got and calls < 3:
+            got, calls = app.wait(timeout=0.3, topic="rare/#"), calls + 1
+        assert [m.id for m in got] == [ids[0]], calls
+
+
+def test_a_wait_in_a_loop_gets_the_messages_of_a_consumer_removed_and_registered_again(harness: Harness):
+    """A dynamic consumer removed and used again starts at the earliest stored message, but its
+    app's wait went on from the place it remembered: the messages below it never came (found by
+    re-read). A removal counts as a replay of the name."""
+    ids = ingest(harness, "rare/x", *["noise"] * 5)
+    with connect(harness.path, consumer="newapp") as app:
+        assert [m.id for m in app.wait(timeout=5, topic="rare/#")] == [ids[0]]
+        app.ack([ids[0]])
+        assert app.wait(timeout=0.2, topic="rare/#") == []  # remembered where it stood
+        with connect(harness.path) as admin:
+            admin.remove_consumer("newapp")
+        got, calls = [], 0
+        while not got and calls < 3:
+            got, calls = app.wait(timeout=0.3, topic="rare/#"), calls + 1
+        assert [m.id for m in got] == [ids[0]], calls
+
+
 def test_a_dynamic_consumer_can_be_removed_at_once_and_the_messages_only_it_held_leave(harness: Harness):
     """An app's typo held every message it matched (and one of the 64 places) for
     consumerIdleDays: there was no way to remove it sooner. 450 messages: the removal takes

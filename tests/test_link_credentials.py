@@ -64,3 +64,15 @@ def test_a_renewed_key_readable_by_others_is_not_loaded(keys, tmp_path, caplog):
     assert link.context is old and "is readable by other users (mode 0644)" in caplog.text
     keys.private_key.chmod(0o600)  # a change of its own: tried again
     assert link.renewed() and link.context is not old
+
+
+def test_a_renewal_of_a_key_the_daemon_runs_readable_by_others_is_loaded(keys, tmp_path):
+    """Run with --allow-insecure-key (a key of mode 0640 at the start), a renewal of the same
+    mode was refused at the link for good, saying a restart would refuse it: it would not
+    (found by re-read)."""
+    keys.private_key.chmod(0o640)
+    link = LinkCredentials(keys, False)
+    old = link.context
+    renew(keys, tmp_path)
+    keys.private_key.chmod(0o640)
+    assert link.renewed() and link.context is not old

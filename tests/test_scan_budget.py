@@ -109,6 +109,27 @@ def test_a_wait_that_timed_out_at_the_end_goes_on_from_there_next_time(harness):
         assert [m.id for m in fx.wait(timeout=0.2, topic="rare/#", after=0)] == [late]  # another query
 
 
+def test_a_remembered_place_is_void_after_another_daemon_start(tmp_path):
+    """The place a timed-out wait remembered (`seen`) outlived the daemon: started again on a
+    store with lower ids (another dataPath, a store recovered), the same wait sent its old
+    place and skipped every new message below it for good (found by re-read). A reconnect
+    voids it."""
+    from tests.test_ipc_server import Harness
+    first = Harness(tmp_path / "first").start()
+    first.ingest(*[("noise/x", b"n")] * 10)
+    with connect(first.path) as fx:
+        try:
+            assert fx.wait(timeout=0.2, topic="rare/#") == [] and len(fx._resume) == 1
+        finally:
+            first.stop()
+        again = Harness(tmp_path / "second", path=first.path).start()  # a new store, ids from 1
+        try:
+            [rare] = again.ingest(("rare/y", b"r"))
+            assert rare == 1 and [m.id for m in fx.wait(timeout=5, topic="rare/#")] == [rare]
+        finally:
+            again.stop()
+
+
 def test_a_parked_paged_wait_walks_on_from_where_it_stopped(harness):
     harness.ingest(*[("noise/x", b"n")] * NOISE)
     with connect(harness.path) as fx:

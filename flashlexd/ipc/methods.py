@@ -590,6 +590,7 @@ class Methods:
             if removed:
                 log.warning("consumer %r removed by uid %s; the messages it alone still held back were released",
                             name, p.uid)
+                self._count_replay(name)  # a new one of the name starts at the earliest message
             return {"consumer": name, "removed": removed}, True
 
         return _stepped(step, paged)
