@@ -136,7 +136,8 @@ class Client:
                 sock.close()
                 raise self._connect_error(exc) from None
         if self._was_connected:
-            self._void_places()
+            with self._replays_lock:
+                self._void_places()
         self._sock, self._buf, self._was_connected, self._away_told = sock, bytearray(), True, False
         self._poller = select.poll()  # poll, not select: the fd may be above FD_SETSIZE
         self._poller.register(sock, select.POLLIN)
@@ -453,11 +454,12 @@ class Client:
         resume = None if wait is None else repr(sorted(params.items()))
         if resume is not None:  # a daemon started again meanwhile voids the place (a reconnect)
             self._await_daemon(time.monotonic() + self.timeout)
-        resumed = None if resume is None else self._resume.pop(resume, None)  # threads share it
+        with self._replays_lock:  # threads share both: the place is taken with the epoch it is of
+            epoch = self._voided
+            resumed = None if resume is None else self._resume.pop(resume, None)
         if resumed is not None:
             params["after"] = resumed
         found: List[Dict[str, Any]] = []
-        epoch = self._voided
         while True:
             # reads, safe to repeat: sent again once when a restart cuts them off (a wait parked
             # in the daemon raised ConnectionLost, ending README's logger.py at every restart)
@@ -465,15 +467,16 @@ class Client:
                 else self._wait_page(deadline, params, start)
             found += page["messages"]
             replayed = self._note_replays(page.get("replays"), page.get("run"))
+            if replayed and until_replay:  # a stream starts over at once (it walked on before)
+                return found
             if self._voided != epoch:  # a replay, or a reconnect: the walk's place is void
                 epoch, resume = self._voided, None  # and this call remembers none (found by re-read)
-                if not found and not (replayed and until_replay) and \
-                        (deadline is None or time.monotonic() < deadline):
+                if not found and (deadline is None or time.monotonic() < deadline):
                     params.pop("after", None)
                     params.update({} if start is None else {"after": start}, limit=limit)
                     continue
             if deadline is not None and not found and page["cursor"] is None and \
-                    time.monotonic() < deadline and not (replayed and until_replay):
+                    time.monotonic() < deadline:
                 # a replay answered a parked wait early, or a wait longer than one call's
                 # MAX_WAIT_SECONDS timed out at the end (on from there): the caller waits on
                 if page.get("seen") is not None:
@@ -481,20 +484,22 @@ class Client:
                 continue
             if page["cursor"] is None or len(found) >= limit or (deadline is not None and found):
                 if deadline is not None and not found and page.get("seen") is not None:
-                    self._remember(resume, page["seen"])  # timed out at the end: on from there
+                    self._remember(resume, page["seen"], epoch)  # timed out at the end: on from there
                 return found
             if deadline is not None and time.monotonic() >= deadline:  # [] on timeout, on time
-                self._remember(resume, page["cursor"])
+                self._remember(resume, page["cursor"], epoch)
                 return found
             params.update(after=page["cursor"], limit=limit - len(found))
 
-    def _remember(self, query: Optional[str], position: int) -> None:
-        """Where a timed-out wait's walk stopped, for the next wait of the same query."""
-        if query is None:
-            return
-        if len(self._resume) >= 16:
-            self._resume.clear()
-        self._resume[query] = position
+    def _remember(self, query: Optional[str], position: int, epoch: int) -> None:
+        """Where a timed-out wait's walk stopped, for the next wait of the same query, unless
+        places went void since the walk's began (another thread's call saw it)."""
+        with self._replays_lock:
+            if query is None or self._voided != epoch:
+                return
+            if len(self._resume) >= 16:
+                self._resume.clear()
+            self._resume[query] = position
 
     def _wait_page(self, deadline: float, params: Dict[str, Any], start: Optional[int]) -> Dict[str, Any]:
         """One `wait` call towards `deadline`, sent again once if a restart cuts it off, with the
@@ -532,15 +537,15 @@ class Client:
                 replayed, self._replays = replays > seen[1], (run, max(replays, seen[1]))
             else:
                 replayed, self._replays = replays > 0, (run, replays)
-        if replayed:
-            self._replay_events += 1
-            self._void_places()  # a timed-out walk's place stands past what comes back
+            if replayed:
+                self._replay_events += 1
+                self._void_places()  # a timed-out walk's place stands past what comes back
         return replayed
 
     def _void_places(self) -> None:
         """Forget where timed-out walks stood: a replay put messages back behind them, and a
         daemon started again (a reconnect) may hold another store, with lower ids (found by
-        re-read: a wait skipped what came below its old place for good)."""
+        re-read: a wait skipped what came below its old place for good). Under `_replays_lock`."""
         self._resume.clear()
         self._voided += 1
 

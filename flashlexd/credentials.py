@@ -32,6 +32,9 @@ from flashlexd.config import ConfigError, Keys
 WhileWaiting = Callable[[], Optional[float]]
 CHECK_TIMEOUT = 30.0  # seconds the checking process may take (a slow SD card, a huge CA bundle)
 _KEY_PATH = "flashlex.thing.keys"
+# set by the supervisor for its workers when `run` has --allow-insecure-key: a link that loads
+# a renewed key (mqttclient.LinkCredentials) holds it to the same rule as a start or reload
+ALLOW_INSECURE_KEY_ENV = "FLASHLEXD_ALLOW_INSECURE_KEY"
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----")
 _ENCRYPTED = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: 4,ENCRYPTED")
 

@@ -5,6 +5,7 @@ and the one-line reasons a connection failed. Shared by the workers' `mqtt.Conne
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 from typing import Any, Dict, Optional, Tuple
@@ -12,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flashlexd.config import ConfigError, Keys, Thing
-from flashlexd.credentials import insecure_key_problem, stamp
+from flashlexd.credentials import ALLOW_INSECURE_KEY_ENV, insecure_key_problem, stamp
 from flashlexd.dialer import DialedClient
 from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
@@ -77,9 +78,7 @@ class LinkCredentials:
 
     def __init__(self, keys: Keys, alpn: bool):
         self.keys, self.alpn = keys, alpn
-        # a key readable by others at the start ran with --allow-insecure-key (which the worker
-        # is not told): its renewals may be too
-        self.insecure_allowed = _insecure(keys)
+        self.insecure_allowed = os.environ.get(ALLOW_INSECURE_KEY_ENV) == "1"  # run's flag
         prepared = _PREPARED.get((keys, alpn))
         if prepared is not None:
             self.stamp, self.context = prepared
@@ -104,13 +103,6 @@ class LinkCredentials:
             return False
         log.info("the key files changed: connecting with them from now on")
         return True
-
-
-def _insecure(keys: Keys) -> bool:
-    try:
-        return insecure_key_problem(keys) is not None
-    except OSError:
-        return False
 
 
 def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:

@@ -323,8 +323,8 @@ class ConsumerStore:
             if after.matches(topic) and not before.matches(topic):
                 newly_matched[0] = True
                 return False
-            return before.matches(topic) and not after.matches(topic) and \
-                not self._acked(txn, before, key) and any(d.matches(topic) for d in others)
+            return before.matches(topic) and not after.matches(topic) and _ID.unpack(key)[0] not in self._hidden \
+                and not self._acked(txn, before, key) and any(d.matches(topic) for d in others)
 
         self._released(txn, [self._leave_if_settled(txn, key, topic, others)
                              for key, topic in self._records(txn, before.floor, _MAX_ID, held)])
@@ -690,8 +690,8 @@ class ConsumerStore:
         others = list(rest.values())
 
         def held(key: bytes, topic: str) -> bool:
-            return gone.matches(topic) and not self._acked(txn, gone, key) and \
-                any(d.matches(topic) for d in others)
+            return gone.matches(topic) and _ID.unpack(key)[0] not in self._hidden and \
+                not self._acked(txn, gone, key) and any(d.matches(topic) for d in others)
 
         self._released(txn, [self._leave_if_settled(txn, key, topic, others)  # while its acks still say
                              for key, topic in self._records(txn, gone.floor, through, held)])

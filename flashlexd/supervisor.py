@@ -35,7 +35,7 @@ from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.unitplaces import STOP_MARGIN
 from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.oomkills import OomKills
-from flashlexd.workerproc import State, WorkerProcess, describe_exit
+from flashlexd.workerproc import State, WorkerProcess, describe_exit, disk_waits
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,10 @@ class Overrides:
 
     def worker_maker(self) -> forkworker.WorkerMaker:
         """How the fork server makes workers (see `forkworker`)."""
-        return forkworker.WorkerMaker(child_environment(), self.config_path, self.data_dir,
-                                      self.keys_dir, self.log_level)
+        env = child_environment()
+        if self.allow_insecure_key:  # a link loading a renewed key holds it to the same rule
+            env[credentials.ALLOW_INSECURE_KEY_ENV] = "1"
+        return forkworker.WorkerMaker(env, self.config_path, self.data_dir, self.keys_dir, self.log_level)
 
 
 class Supervisor:
@@ -314,8 +316,9 @@ class Supervisor:
         now = time.monotonic()
         self._catch_up(now, now - self.judged_at - handling - sleep)
         self._reap(now)
+        disk_wait = disk_waits(self.workers.values(), now, self.config.supervision)
         for worker in self.workers.values():
-            if worker.tick(now, self.config.supervision) and not self.shutting_down:
+            if worker.tick(now, self.config.supervision, disk_wait) and not self.shutting_down:
                 self._spawn(worker, now)
         if not self.shutting_down:
             self._announce(now)
@@ -449,7 +452,8 @@ class Supervisor:
         """Feed the watchdog only while every worker is alive and beating, or being restarted."""
         if self.shutting_down and self.exit_code:
             return False
-        return all(w.healthy(now, self.config.supervision) for w in self.workers.values())
+        disk_wait = disk_waits(self.workers.values(), now, self.config.supervision)
+        return all(w.healthy(now, self.config.supervision, disk_wait) for w in self.workers.values())
 
     def _announce(self, now: float) -> None:
         """READY=1 once every worker is up, STATUS= every STATUS_EVERY and just before READY=1:

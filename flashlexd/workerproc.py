@@ -21,7 +21,7 @@ import enum
 import logging
 import os
 import signal
-from typing import Any, Callable, Dict, FrozenSet, Optional
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional
 
 from flashlexd.channel import Channel
 from flashlexd.config import Supervision
@@ -31,6 +31,7 @@ from flashlexd.restart import RestartHistory, RestartLimits
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 1.0  # seconds between SIGABRT to a hung worker and SIGKILL if it is still there
+DISK_WAIT_LIMIT = 300.0  # seconds a silent worker blocked on a disk write is waited for (waits_on_disk)
 
 
 class State(enum.Enum):
@@ -212,10 +213,11 @@ class WorkerProcess:
 
     # -- time -----------------------------------------------------------------------------------
 
-    def tick(self, now: float, supervision: Supervision) -> bool:
+    def tick(self, now: float, supervision: Supervision, disk_wait: bool = False) -> bool:
         """Make every time-driven decision: a silent worker is HUNG (SIGABRT, so its stack is
         logged), one that outlived its stop or hang grace is SIGKILLed. Returns True when the
-        worker is due to be started."""
+        worker is due to be started. `disk_wait`: another worker of the daemon waits on the
+        disk (`waits_on_disk`), so this one may wait on the write lock it holds: spared too."""
         if self.kill_at is not None and now >= self.kill_at:
             log.warning("%s did not %s in time: killing pid %s", self.name,
                         "stop" if self.state is State.STOPPING else "abort", self.pid)
@@ -223,7 +225,7 @@ class WorkerProcess:
             self.kill_at = None
         elif self.state in (State.STARTING, State.READY) and \
                 now - self.last_heard > supervision.heartbeat_timeout:
-            if self._waits_on_disk(now):
+            if disk_wait or self._said_disk_wait(now):
                 return False
             self.transition(State.HUNG)
             if self.pid is not None and stopped(self.pid):  # SIGABRT would wait for a SIGCONT
@@ -237,17 +239,24 @@ class WorkerProcess:
             self.kill_at = now + KILL_GRACE
         return self.state is State.BACKOFF and now >= self.next_start
 
-    def _waits_on_disk(self, now: float) -> bool:
-        """A silent worker blocked in the kernel on its own disk write (state D: a stalling SD
-        card's fsync) is not hung: SIGABRT and SIGKILL wait for the write anyway, and its restart
-        counted towards the crash loop (a 14 s stall restarted a healthy ingress, found by
-        review). Said once a silence; it is judged again at each tick."""
-        if self.pid is None or process_state(self.pid) != "D":
+    def waits_on_disk(self, now: float) -> bool:
+        """Silent, and blocked in the kernel on a disk write (state D: a stalling SD card's
+        fsync), for at most DISK_WAIT_LIMIT: not hung. SIGABRT and SIGKILL wait for the write
+        anyway, and its restart counted towards the crash loop (a 14 s stall restarted a healthy
+        ingress, found by review). Past the limit (a dead disk that never answers) it is judged
+        hung, so the daemon does not look healthy for good while it stores nothing."""
+        return self.pid is not None and self.alive and now - self.last_heard <= DISK_WAIT_LIMIT \
+            and process_state(self.pid) == "D"
+
+    def _said_disk_wait(self, now: float) -> bool:
+        """`waits_on_disk`, said once a silence; judged again at each tick."""
+        if not self.waits_on_disk(now):
             return False
         if self.disk_wait_said != self.last_heard:
             self.disk_wait_said = self.last_heard
             log.warning("%s has sent no heartbeat for %.1fs: it waits on the disk (a slow or stalling"
-                        " SD card), not hung", self.name, now - self.last_heard)
+                        " SD card), not hung (for up to %.0fs)", self.name, now - self.last_heard,
+                        DISK_WAIT_LIMIT)
         return True
 
     def next_deadline(self) -> Optional[float]:
@@ -256,13 +265,13 @@ class WorkerProcess:
             return self.next_start
         return self.kill_at
 
-    def healthy(self, now: float, supervision: Supervision) -> bool:
-        """Alive and heard from lately, or waiting to be restarted: what feeds the watchdog."""
+    def healthy(self, now: float, supervision: Supervision, disk_wait: bool = False) -> bool:
+        """Alive and heard from lately (or spared: see `tick`), or waiting to be restarted:
+        what feeds the watchdog."""
         if self.state is State.BACKOFF:
             return True
         return self.alive and self.state is not State.HUNG and \
-            (now - self.last_heard <= supervision.heartbeat_timeout or
-             (self.pid is not None and process_state(self.pid) == "D"))  # see _waits_on_disk
+            (now - self.last_heard <= supervision.heartbeat_timeout or disk_wait or self.waits_on_disk(now))
 
     def signal(self, signum: int) -> None:
         if self.pid is not None:
@@ -279,6 +288,13 @@ class WorkerProcess:
                 "uptime": round(now - self.started_at, 1) if self.alive else None,
                 "heartbeat_age": round(age, 3) if age is not None else None,
                 "counters": self.counters, "mqtt": self.mqtt}
+
+
+def disk_waits(workers: Iterable["WorkerProcess"], now: float, supervision: Supervision) -> bool:
+    """Whether a silent worker waits on the disk: the others may wait on the write lock it
+    holds (its siblings were aborted while it was spared, found by re-read). Read from /proc
+    only for workers already silent too long: nothing in the loop's usual passes."""
+    return any(now - w.last_heard > supervision.heartbeat_timeout and w.waits_on_disk(now) for w in workers)
 
 
 def stopped(pid: int) -> bool:

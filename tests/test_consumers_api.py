@@ -119,6 +119,27 @@ def test_a_wait_in_a_loop_gets_the_messages_of_a_consumer_removed_and_registered
         assert [m.id for m in got] == [ids[0]], calls
 
 
+def test_a_stream_of_a_consumer_removed_while_it_waits_starts_over_instead_of_failing(harness: Harness):
+    """A parked wait of a consumer removed meanwhile got `store_error` (unknown consumer) and
+    the app's stream() died (found by re-read). It is told as the replay the removal counts:
+    the stream starts over, its next call registering the name again."""
+    import threading
+    ids = ingest(harness, "a")
+    with connect(harness.path, consumer="newapp") as app:
+        stream = app.stream(timeout_per_wait=5)
+        assert next(stream).id == ids[0]
+        app.ack([ids[0]])
+        got: list = []
+        reader = threading.Thread(target=lambda: got.append(next(stream)))
+        reader.start()
+        wait_for(lambda: harness.server._parked, 5, "the stream's wait to park")
+        with connect(harness.path) as admin:
+            admin.remove_consumer("newapp")
+        [later] = ingest(harness, "b")
+        reader.join(10)
+        assert [m.id for m in got] in ([ids[0]], [later])  # started over, as a new consumer: from the earliest
+
+
 def test_a_dynamic_consumer_can_be_removed_at_once_and_the_messages_only_it_held_leave(harness: Harness):
     """An app's typo held every message it matched (and one of the 64 places) for
     consumerIdleDays: there was no way to remove it sooner. 450 messages: the removal takes

@@ -48,9 +48,10 @@ def test_a_wait_is_beaten_for_until_its_ticks_reach_the_timeout_then_said_once(m
     channel = _run(monkeypatch, 10, [5.0] * 10)  # one wait, seen at every tick; 0.5 s a tick
     assert len(channel.sent) == 5  # ticks 1-5 (0.5 to 2.5 s of waiting): beats; from 3 s: none
     assert [r.getMessage() for r in caplog.records] == [
-        "waiting over 3s for the store's write lock: a process outside the daemon holds it (a paused"
-        " `flashlexd store` command, another program with the data dir open?); heartbeats stop, so"
-        " this worker is restarted"]
+        "waiting over 3s for the store's write lock: a paused `flashlexd store` command, another"
+        " program with the data dir open, or a worker of this daemon stuck on the disk holds it;"
+        " heartbeats stop, so this worker is restarted unless the supervisor sees a worker waiting"
+        " on the disk"]
 
 
 def test_a_new_wait_or_none_starts_the_count_again(monkeypatch, caplog):

@@ -1288,7 +1288,7 @@ def test_a_write_lock_held_outside_the_daemon_is_said_and_its_waiter_restarted(
         holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_WRITE_LOCK, data_dir, str(held), str(release)])
         wait_for(held.exists, 10, "the outside process to hold the write lock")
         publish(broker, INGRESS_TOPIC, b"behind an outside lock")
-        wait_for(lambda: "for the store's write lock: a process outside the daemon holds it" in running.output(),
+        wait_for(lambda: "for the store's write lock: a paused `flashlexd store` command" in running.output(),
                  20, "the ERROR")
         wait_for(lambda: "ingress hung (no heartbeat" in running.output(), 10, "the waiter aborted")
         release.touch()

@@ -292,3 +292,27 @@ def test_a_silent_worker_waiting_on_the_disk_is_not_hung_until_it_is_back_in_pyt
     state["letter"] = "S"  # back from the write, and still silent: hung
     worker.tick(10.0, TIMING)
     assert worker.state is State.HUNG and not worker.healthy(10.0, TIMING)
+
+
+def test_a_worker_waiting_on_the_disk_spares_its_siblings_and_only_for_so_long(children, monkeypatch, caplog):
+    """While one worker waited on the disk, holding the store's write lock, a sibling waiting
+    for that lock went silent too and was aborted, towards the crash loop (found by re-read);
+    and a worker stuck on a disk that never answers was spared for good, the watchdog fed while
+    nothing was stored. Both: siblings are spared while one waits on the disk, and up to
+    DISK_WAIT_LIMIT only."""
+    from flashlexd import workerproc
+    from flashlexd.workerproc import DISK_WAIT_LIMIT, disk_waits
+    writer, sibling = started(children), started(children)
+    for worker in (writer, sibling):
+        worker.reported_state("ready")
+    monkeypatch.setattr(workerproc, "process_state", lambda pid: "D" if pid == writer.pid else "S")
+    for now in (3.5, 20.0, DISK_WAIT_LIMIT):
+        waiting = disk_waits([writer, sibling], now, TIMING)
+        assert waiting and all(w.tick(now, TIMING, waiting) is False for w in (writer, sibling))
+        assert all(w.state is State.READY and w.healthy(now, TIMING, waiting) for w in (writer, sibling))
+    late = DISK_WAIT_LIMIT + 1
+    waiting = disk_waits([writer, sibling], late, TIMING)
+    assert not waiting
+    writer.tick(late, TIMING, waiting)
+    sibling.tick(late, TIMING, waiting)
+    assert writer.state is State.HUNG and sibling.state is State.HUNG

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
-from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError
+from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError, UnknownConsumer
 from flashlexd.wire import (CONSUMER_NAME_RULE, ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code,
                             valid_consumer_name)
 from flashlexd.ipc import mqttprops
@@ -353,7 +353,7 @@ class Methods:
         self._replays[consumer] = self._replays.get(consumer, 0) + 1
         if len(self._replays) > MAX_CONSUMERS:
             stored = {consumer.name for consumer in self.store.consumer_states()}
-            for name in [n for n in self._replays if n not in stored]:
+            for name in [n for n in self._replays if n not in stored and n != consumer]:
                 del self._replays[name]
 
     def _replayed(self, consumer: Optional[str]) -> Callable[[], bool]:
@@ -391,7 +391,12 @@ class Methods:
             again = replayed()
             if again:
                 position[0] = after
-            found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
+            try:
+                found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
+            except UnknownConsumer:  # removed while parked: told as the replay its removal
+                # counted (it was a store_error, ending the app's stream: found by re-read)
+                return {"messages": [], "cursor": None, "replays": self._replays.get(consumer or "", 0),
+                        "run": self._run}
             if found["messages"] or found["cursor"] is not None or again:
                 return found
             if seen is not None:
@@ -591,6 +596,7 @@ class Methods:
                 log.warning("consumer %r removed by uid %s; the messages it alone still held back were released",
                             name, p.uid)
                 self._count_replay(name)  # a new one of the name starts at the earliest message
+                self.on_replay()  # its parked waits hear of it now
             return {"consumer": name, "removed": removed}, True
 
         return _stepped(step, paged)

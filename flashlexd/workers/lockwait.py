@@ -9,9 +9,11 @@ loop's thread is inside that wait (`storebase.lock_wait_since`; the wait lets go
 this thread sends the heartbeat for it, so only the holder goes silent; its abort frees the
 lock within `heartbeatTimeoutSeconds` and a second. A wait past twice that (the beat's
 `timeout`) has a holder outside the daemon (a paused `flashlexd store` command, another
-program with the data dir open): one ERROR says so and the beats stop, so the worker is
-aborted and restarted, as any stuck worker is, rather than the daemon looking healthy while
-it stores nothing. A loop stuck anywhere else is silent as before.
+program with the data dir open) or a worker of the daemon blocked on a stalling disk: one ERROR
+says so and the beats stop, so the worker is aborted and restarted, as any stuck worker is,
+rather than the daemon looking healthy while it stores nothing (unless the supervisor sees a
+worker waiting on the disk: `workerproc.disk_waits`). A loop stuck anywhere else is silent as
+before.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class LockWaitBeat:
                 self._channel.send(build(Heartbeat.kind, counters=self._counters()))
             elif told != since:
                 told = since
-                log.error("waiting over %.0fs for the store's write lock: a process outside the daemon"
-                          " holds it (a paused `flashlexd store` command, another program with the"
-                          " data dir open?); heartbeats stop, so this worker is restarted", waited)
+                log.error("waiting over %.0fs for the store's write lock: a paused `flashlexd store`"
+                          " command, another program with the data dir open, or a worker of this"
+                          " daemon stuck on the disk holds it; heartbeats stop, so this worker is"
+                          " restarted unless the supervisor sees a worker waiting on the disk", waited)
