@@ -106,7 +106,8 @@ class Client:
         self._replays: Optional[Tuple[Optional[int], int]] = None
         self._replay_events = 0  # replays noticed: what `stream` watches
         self._voided = 0  # replays and reconnects noticed: remembered places void at each
-        self._replays_lock = threading.Lock()
+        # re-entrant: a signal handler's call may come in while this thread holds it (CallLock)
+        self._replays_lock = threading.RLock()
         self._busy_told = False  # `follow` warned of a busy daemon since its last read
         self._was_connected = False  # a later connect is a reconnect: the daemon may be restarting
         self._away_told = False  # warned that the daemon is away, since the last connect
@@ -172,7 +173,7 @@ class Client:
         if self._sock is not None:
             self._sock.close()  # this process's copy only: the parent's connection goes on
         self._sock, self._buf = None, bytearray()
-        self._lock = CallLock()
+        self._lock, self._replays_lock = CallLock(), threading.RLock()
 
     def _await_daemon(self, until: float) -> None:
         """Before a call of a client that has been connected and whose connection is gone (a
@@ -455,7 +456,7 @@ class Client:
         if resume is not None:  # a daemon started again meanwhile voids the place (a reconnect)
             self._await_daemon(time.monotonic() + self.timeout)
         with self._replays_lock:  # threads share both: the place is taken with the epoch it is of
-            epoch = self._voided
+            epoch, events = self._voided, self._replay_events
             resumed = None if resume is None else self._resume.pop(resume, None)
         if resumed is not None:
             params["after"] = resumed
@@ -467,8 +468,8 @@ class Client:
                 else self._wait_page(deadline, params, start)
             found += page["messages"]
             replayed = self._note_replays(page.get("replays"), page.get("run"))
-            if replayed and until_replay:  # a stream starts over at once (it walked on before)
-                return found
+            if until_replay and (replayed or self._replay_events != events):  # another thread's
+                return found  # answer may have told it: a stream starts over at once
             if self._voided != epoch:  # a replay, or a reconnect: the walk's place is void
                 epoch, resume = self._voided, None  # and this call remembers none (found by re-read)
                 if not found and (deadline is None or time.monotonic() < deadline):

@@ -93,6 +93,7 @@ class Overrides:
     def worker_maker(self) -> forkworker.WorkerMaker:
         """How the fork server makes workers (see `forkworker`)."""
         env = child_environment()
+        env.pop(credentials.ALLOW_INSECURE_KEY_ENV, None)  # the flag's alone, not an export's
         if self.allow_insecure_key:  # a link loading a renewed key holds it to the same rule
             env[credentials.ALLOW_INSECURE_KEY_ENV] = "1"
         return forkworker.WorkerMaker(env, self.config_path, self.data_dir, self.keys_dir, self.log_level)

@@ -225,7 +225,7 @@ class WorkerProcess:
             self.kill_at = None
         elif self.state in (State.STARTING, State.READY) and \
                 now - self.last_heard > supervision.heartbeat_timeout:
-            if disk_wait or self._said_disk_wait(now):
+            if self._said_disk_wait(now) or disk_wait:  # its own first: said once
                 return False
             self.transition(State.HUNG)
             if self.pid is not None and stopped(self.pid):  # SIGABRT would wait for a SIGCONT

@@ -316,3 +316,17 @@ def test_a_worker_waiting_on_the_disk_spares_its_siblings_and_only_for_so_long(c
     writer.tick(late, TIMING, waiting)
     sibling.tick(late, TIMING, waiting)
     assert writer.state is State.HUNG and sibling.state is State.HUNG
+
+
+def test_the_worker_waiting_on_the_disk_is_named_when_the_loop_spares_them_all(children, monkeypatch, caplog):
+    """The supervisor passes `disk_waits` into every tick: the waiting worker's own line was
+    skipped then, so no line named it (found by re-read)."""
+    import logging
+    from flashlexd import workerproc
+    from flashlexd.workerproc import disk_waits
+    writer = started(children)
+    writer.reported_state("ready")
+    monkeypatch.setattr(workerproc, "process_state", lambda pid: "D")
+    with caplog.at_level(logging.WARNING, logger="flashlexd.workerproc"):
+        assert writer.tick(5.0, TIMING, disk_waits([writer], 5.0, TIMING)) is False
+    assert "expiry has sent no heartbeat for 5.0s: it waits on the disk" in caplog.text

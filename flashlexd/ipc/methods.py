@@ -155,7 +155,11 @@ class Methods:
         `on_replay()`: a consumer was replayed; the server should poll its parked waits (as
         after a commit) so that they deliver the replayed messages now, and first."""
         self.on_replay = on_replay
-        self._replays: Dict[str, int] = {}  # consumer -> replays done: parked waits start over
+        # consumer -> the mark of its last replay (this run's sequence, so marks only grow):
+        # parked waits and clients reading past it start over; `_pruned`, the highest mark
+        # dropped with a consumer gone, stands for those (a count dropped to 0 hid a replay)
+        self._replays: Dict[str, int] = {}
+        self._replay_seq = self._pruned = 0
         # this run's token, sent with `replays`: the counts start from 0 at every start, and a
         # client must tell a new run's count from a replay (a pid is 1 at every start in a container)
         self._run = int.from_bytes(os.urandom(8), "big")
@@ -234,7 +238,7 @@ class Methods:
         cursor = page.cursor if len(found) == len(page.found) else found[-1]["id"]
         answer: Dict[str, Any] = {"messages": found, "cursor": cursor}
         if consumer is not None:  # how often it was replayed: a reader past the replay starts over
-            answer.update(replays=self._replays.get(consumer, 0), run=self._run)
+            answer.update(replays=self._replay_mark(consumer), run=self._run)
         return answer, page.last
 
     def _read_query(self, p: _Params) -> "_ReadQuery":
@@ -347,22 +351,27 @@ class Methods:
         self.on_replay()
 
     def _count_replay(self, consumer: str) -> None:
-        """Count a replay of `consumer`. Past MAX_CONSUMERS counts, those of consumers gone
+        """Mark a replay of `consumer`. Past MAX_CONSUMERS marks, those of consumers gone
         (removed, idle, out of the config) are dropped: an app replaying and removing consumers
-        under fresh names would otherwise grow the counts for good."""
-        self._replays[consumer] = self._replays.get(consumer, 0) + 1
+        under fresh names would otherwise grow them for good; a name dropped reads as the
+        highest mark dropped, so no client sees its mark go back (it missed the replays after)."""
+        self._replay_seq += 1
+        self._replays[consumer] = self._replay_seq
         if len(self._replays) > MAX_CONSUMERS:
             stored = {consumer.name for consumer in self.store.consumer_states()}
             for name in [n for n in self._replays if n not in stored and n != consumer]:
-                del self._replays[name]
+                self._pruned = max(self._pruned, self._replays.pop(name))
+
+    def _replay_mark(self, consumer: Optional[str]) -> int:
+        return self._replays.get(consumer, self._pruned) if consumer else 0
 
     def _replayed(self, consumer: Optional[str]) -> Callable[[], bool]:
         """For a parked wait: True (once) when `consumer` was replayed since the last ask. Its
         walk stands past the replayed messages, which are the consumer's to read again."""
-        seen = [self._replays.get(consumer, 0) if consumer else 0]
+        seen = [self._replay_mark(consumer)]
 
         def replayed() -> bool:
-            now = self._replays.get(consumer, 0) if consumer else 0
+            now = self._replay_mark(consumer)
             changed, seen[0] = now != seen[0], now
             return changed
         return replayed
@@ -395,7 +404,7 @@ class Methods:
                 found, seen = self._fetch_page(limit, topic, position[0], consumer, wanted)
             except UnknownConsumer:  # removed while parked: told as the replay its removal
                 # counted (it was a store_error, ending the app's stream: found by re-read)
-                return {"messages": [], "cursor": None, "replays": self._replays.get(consumer or "", 0),
+                return {"messages": [], "cursor": None, "replays": self._replay_mark(consumer),
                         "run": self._run}
             if found["messages"] or found["cursor"] is not None or again:
                 return found
