@@ -351,7 +351,7 @@ class Client:
             raise _unread(frame["error"], method, sent)
 
     def follow(self, limit: int, topic: Optional[str], after: Optional[int], wait: float,
-               until_replay: bool = False) -> List[Dict[str, Any]]:
+               until_replay: Optional[int] = None) -> List[Dict[str, Any]]:
         """`records(..., wait=)` for a follower that runs for ever (`stream`, `flashlexctl
         tail`): a daemon that goes away (a restart) is waited for (`reconnect`), and one that
         answers `busy` (its connections, or its room for unsent answers, taken by clients that
@@ -439,12 +439,13 @@ class Client:
 
     def records(self, limit: int = 100, topic: Optional[str] = None, after: Optional[IdLike] = None,
                 wait: Optional[float] = None, user_property: Optional[Tuple[str, str]] = None,
-                until_replay: bool = False) -> List[Dict[str, Any]]:
+                until_replay: Optional[int] = None) -> List[Dict[str, Any]]:
         """The wire records of `messages` (or of `wait`, given its timeout). With a filter
         the daemon looks at a bounded number of messages per call and answers where to go on
         (`paged`), so one call never holds its loop for long: this calls again from there until
         `limit` are found or none are left (`wait`: until any are found or time is up).
-        `until_replay`: a wait also ends when the consumer is replayed (`stream`)."""
+        `until_replay`: a wait also ends when the consumer is replayed after the replays noticed
+        numbered this (`stream`'s count when it asked: another thread may notice one first)."""
         if wait is not None:  # wait(timeout=), stream(timeout_per_wait=): 0 is a look
             seconds(wait, "timeout", zero=True)
         params = self._query(limit, topic, after, user_property)
@@ -456,7 +457,7 @@ class Client:
         if resume is not None:  # a daemon started again meanwhile voids the place (a reconnect)
             self._await_daemon(time.monotonic() + self.timeout)
         with self._replays_lock:  # threads share both: the place is taken with the epoch it is of
-            epoch, events = self._voided, self._replay_events
+            epoch = self._voided
             resumed = None if resume is None else self._resume.pop(resume, None)
         if resumed is not None:
             params["after"] = resumed
@@ -468,8 +469,8 @@ class Client:
                 else self._wait_page(deadline, params, start)
             found += page["messages"]
             replayed = self._note_replays(page.get("replays"), page.get("run"))
-            if until_replay and (replayed or self._replay_events != events):  # another thread's
-                return found  # answer may have told it: a stream starts over at once
+            if until_replay is not None and (replayed or self._replay_events != until_replay):
+                return found  # a stream starts over at once, whichever thread's answer told it
             if self._voided != epoch:  # a replay, or a reconnect: the walk's place is void
                 epoch, resume = self._voided, None  # and this call remembers none (found by re-read)
                 if not found and (deadline is None or time.monotonic() < deadline):
@@ -700,7 +701,7 @@ class Client:
         start = last = None if after is None else int(_wire_id(after))
         while True:
             replays = self._replay_events
-            batch = self.follow(limit, topic, last, timeout_per_wait, until_replay=True)
+            batch = self.follow(limit, topic, last, timeout_per_wait, until_replay=replays)
             for message in map(Message.from_wire, batch):
                 last = message.id
                 yield message

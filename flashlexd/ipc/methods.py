@@ -359,6 +359,8 @@ class Methods:
         self._replays[consumer] = self._replay_seq
         if len(self._replays) > MAX_CONSUMERS:
             stored = {consumer.name for consumer in self.store.consumer_states()}
+            for name in stored - self._replays.keys():  # pinned at what they read: a prune is
+                self._replays[name] = self._pruned  # no replay of theirs (found by re-read)
             for name in [n for n in self._replays if n not in stored and n != consumer]:
                 self._pruned = max(self._pruned, self._replays.pop(name))
 
