@@ -108,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     target: Optional[Path] = Path(args.output) if args.output else None
     if args.install and target is None:  # --install --output: a second thing's unit, its own name
         target = Path(args.root) / FILES[kind][2]
+    elif args.install and kind == "unit" and target is not None and target.suffix != ".service":
+        print(f"flashlexd: --output {target}: a unit's name ends in .service (systemd reads no"
+              f" other): e.g. /etc/systemd/system/flashlexd-NAME.service", file=sys.stderr)
+        return EXIT_CONFIG
     if target is None:
         sys.stdout.write(text)
         return 0

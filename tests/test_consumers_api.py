@@ -140,6 +140,27 @@ def test_a_stream_of_a_consumer_removed_while_it_waits_starts_over_instead_of_fa
         assert [m.id for m in got] in ([ids[0]], [later])  # started over, as a new consumer: from the earliest
 
 
+def test_an_unpaged_wait_of_a_consumer_removed_while_it_waits_answers_empty_not_an_error(harness: Harness):
+    """The protocol before `paged`: a parked wait of a consumer removed meanwhile was answered
+    `store_error` at the next message (found by re-read); it answers [] by its timeout, and the
+    caller's next call registers the name again."""
+    import threading
+    ids = ingest(harness, "a")
+    with connect(harness.path, consumer="newapp") as app:
+        app.ack([m.id for m in app.messages()])
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(
+            app.call("wait", consumer="newapp", topic="b/#", timeout=2)))
+        waiter.start()
+        wait_for(lambda: harness.server._parked, 5, "the wait to park")
+        with connect(harness.path) as admin:
+            admin.remove_consumer("newapp")
+        ingest(harness, "b/x")
+        waiter.join(10)
+        assert got == [[]]
+        assert [m.topic for m in app.messages(topic="b/#")] == ["b/x"] and ids
+
+
 def test_a_dynamic_consumer_can_be_removed_at_once_and_the_messages_only_it_held_leave(harness: Harness):
     """An app's typo held every message it matched (and one of the 64 places) for
     consumerIdleDays: there was no way to remove it sooner. 450 messages: the removal takes

@@ -587,6 +587,9 @@ def test_one_record_larger_than_the_unsent_budget_is_still_answered(tmp_path: Pa
             until(lambda: h.call(lambda: h.server.unsent.used) > 20_000, what="an answer held unread")
             assert [m.id for m in fx.messages(limit=1, after=small)] == [big]
             assert h.call(lambda: h.server.counters["refused_unsent"]) == 0  # not `busy` first
+            time.sleep(server_module.PRESSURE_WRITE_TIMEOUT + 0.5)  # the reader now counts as stalled
+            assert [m.id for m in fx.messages(limit=1, after=small)] == [big]
+            assert h.call(lambda: h.server.counters["dropped_slow"]) == 0  # no room made for nothing
     finally:
         slow.close()
         h.stop()

@@ -195,6 +195,9 @@ def test_install_refuses_to_switch_an_installed_unit_to_another_config(tmp_path)
                      str(named), "--root", root)
     assert second.returncode == 0 and "/opt/fx/keys/b.yml" in named.read_text(), second.stderr
     assert "next: systemctl enable --now flashlexd-b" in second.stderr  # --install took --output's name
+    misnamed = service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--install", "--output",
+                       str(named.with_suffix(".unit")), "--root", root)
+    assert misnamed.returncode == 2 and "a unit's name ends in .service" in misnamed.stderr, misnamed.stderr
     by_output = service("--dir", "/opt/fx", "--config", "/opt/fx/keys/b.yml", "--output", str(unit))
     assert by_output.returncode == 2 and "User=pi" in unit.read_text(), by_output.stderr  # the same file
     unit.unlink()

@@ -330,8 +330,13 @@ class Methods:
         """An unpaged read with a filter or for a named consumer (`timeout` None: `messages`):
         the bare list callers of the protocol before `paged` expect, read one page per turn of
         the server's loop (walk.py)."""
-        walk = Walk(_store_failures(lambda room, start: self._fetch_page(room, topic, start, consumer, wanted)),
-                    limit, after, self._bounded, waits=timeout is not None)
+        def fetch(room: int, start: Optional[int]) -> Tuple[Dict[str, Any], Optional[int]]:
+            try:
+                return self._fetch_page(room, topic, start, consumer, wanted)
+            except UnknownConsumer:  # removed while walked (a store_error, found by re-read):
+                return {"messages": [], "cursor": None}, start  # nothing more; a next call registers it
+
+        walk = Walk(_store_failures(fetch), limit, after, self._bounded, waits=timeout is not None)
         found = walk.step()
         if found is not None:
             return found

@@ -475,7 +475,8 @@ class RpcServer:
             log.exception("API: cannot encode a result")
             frame = encode_error(request_id, Code.INTERNAL, f"internal error: {type(exc).__name__}")
         if len(frame) > SMALL_ANSWER and not self.unsent.fits(len(frame)):
-            self._evict_stalled_readers(len(frame))
+            limit = self.unsent.limit  # one larger than it goes once at most half is held:
+            self._evict_stalled_readers(len(frame) if len(frame) <= limit else limit - limit // 2)
             # an answer larger than the whole budget (one record stored under a larger
             # maxPayloadBytes than a reload left) never fits: it goes while at most half the
             # budget is held (it was `busy` for good, found by review; beside a reader holding a
