@@ -102,7 +102,7 @@ class Client:
         self._buf = bytearray()
         self._next_id = 0
         self._resume: Dict[str, int] = {}  # a timed-out wait's query -> where its walk stopped
-        # (the daemon's run, how often it replayed this client's consumer in it): counts are per run
+        # (the daemon's run, the mark of its last replay of this client's consumer): marks are per run
         self._replays: Optional[Tuple[Optional[int], int]] = None
         self._replay_events = 0  # replays noticed: what `stream` watches
         self._voided = 0  # replays and reconnects noticed: remembered places void at each
@@ -522,11 +522,11 @@ class Client:
 
     def _note_replays(self, replays: Optional[int], run: Optional[int]) -> bool:
         """Whether the daemon replayed this client's consumer since its last answer said. A
-        daemon counts from 0 in each run (`run`, its token): in a new run only a count above 0
-        is a replay (made there, maybe before this client's first call to it). A daemon that
-        sends no run (older) is compared by its count alone. Counts only grow within a run: a
-        lower one is an answer overtaken by another thread's, not a replay (it restarted a
-        stream for nothing)."""
+        daemon's replay marks start from 0 in each run (`run`, its token): in a new run only a
+        mark above 0 is a replay (made there, maybe before this client's first call to it). A
+        daemon that sends no run (older) is compared by its mark alone. Marks only grow within a
+        run: a lower one is an answer overtaken by another thread's, not a replay (it restarted
+        a stream for nothing)."""
         if replays is None:
             return False
         with self._replays_lock:  # answers of several threads' calls
