@@ -40,6 +40,7 @@ from flashlexd.ipc.methods import Methods
 from flashlexd.runtime import ApiRules
 from flashlexd.topics import DEFAULT_MAX_TOPIC_BYTES
 from flashlexd.store import COUNTERS, Incoming, Store
+from flashlexd.supervisor import STORE_WRITE_WAIT
 
 MAX_PAYLOAD = 256 * 1024
 # `status` as a running daemon answers it (captured from one: every worker's counters and link
@@ -98,7 +99,8 @@ def supervisor_status(sample: Dict[str, Any]) -> Dict[str, Any]:
 
 def rpc_loop(path: str, data_dir: str) -> None:
     """RpcServer hosted the way the supervisor hosts it."""
-    store = Store(Path(data_dir), cap_bytes=512 << 20)
+    store = Store(Path(data_dir), cap_bytes=512 << 20, write_wait=STORE_WRITE_WAIT)
+    store.on_disk_wait = lambda seconds: None  # as the supervisor's: its writes in helper threads
     store.open_ack_journal()  # as the supervisor does: an ack is a journal record (docs/WEAR.md)
     started = time.monotonic()
     supervisor_part = supervisor_status(json.loads(STATUS_SAMPLE.read_text()))

@@ -29,6 +29,7 @@ from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
 import lmdb
 from flashlexd.ackjournal import FILE_BYTES, FILE_NAME, AckJournal, JournalError, Record, scan
+from flashlexd.diskwait import Helper
 from flashlexd.storeconsumers import BacklogCount, note_left
 from flashlexd.storedamage import guarded
 from flashlexd.storerecords import _ID, DiskFull, StoreError
@@ -128,6 +129,17 @@ class JournaledAcks:
         if self._pending and self._pending_since is None:
             self._pending_since = time.monotonic()
 
+    def _append_waiting(self, journal: AckJournal, ids: List[int]) -> None:
+        """`journal.append`, in a helper thread while `on_disk_wait` is called (diskwait.py)
+        when there is one: a record stalled by the disk must not starve the watchdog."""
+        if self.on_disk_wait is None:
+            journal.append(self._seq + 1, ids)
+            return
+        seq = self._seq + 1
+        helper = self._started(Helper(lambda: journal.append(seq, ids), "ack-journal"))
+        helper.wait(time.monotonic(), self.on_disk_wait)
+        helper.result()
+
     def _journal_ack(self, keys: Sequence[Sequence[bytes]]) -> List[int]:
         """`ack_each` through the journal: each call's count of ids stored and not acked yet
         (an id in two calls counts for the first), durable when this returns."""
@@ -157,7 +169,7 @@ class JournaledAcks:
             raise StoreError(f"ack journal full, not applied to the store: {self._apply_error}"
                              " (ack not confirmed)")
         try:
-            journal.append(self._seq + 1, new)
+            self._append_waiting(journal, new)
         except JournalError as exc:
             self._seq += 1  # the record may be on disk: its seq is never reused
             raise StoreError(f"{exc.strerror or exc} (ack not confirmed)") from None

@@ -19,6 +19,7 @@ import lmdb
 import msgpack
 from flashlexd import __version__, ackjournal, paths, storecheck, storelock
 from flashlexd.bootframes import BootFrames
+from flashlexd.diskwait import Beat, Helper
 from flashlexd.clock import LEGACY_SEQ, Clock, SystemClock, Timeline
 from flashlexd.logs import LineThrottle
 from flashlexd.redelivery import Redeliveries
@@ -182,6 +183,7 @@ class StoreBase:
         self.expire_seconds = expire_seconds
         self.write_wait = write_wait
         self._waiting: Optional[threading.Thread] = None  # a called-off write, queued for the lock
+        self.on_disk_wait: Optional[Beat] = None  # called while a bounded write waits on the disk
         self._pid = os.getpid()
         self._lock_fd: Optional[int] = None  # lock.mdb, read by write_lock_left_by
         self._migrate = migrate
@@ -604,14 +606,14 @@ class StoreBase:
         """`_write` from a helper thread, waiting at most `write_wait` for it to get the lock.
         When the wait runs out the write is called off (should it get the lock later, it
         aborts instead of running `work`) and StoreBusy is raised; a write that got the lock
-        in time is waited for to the end. While a called-off write is still queued for the
-        lock, writes fail at once: one thread waits, not one per call."""
+        in time is waited for to the end, calling `on_disk_wait` meanwhile (diskwait.py).
+        While a called-off write is still queued for the lock, writes fail at once: one
+        thread waits, not one per call."""
         if self._waiting is not None and self._waiting.is_alive():
             raise StoreBusy(f"store in {self.path} is busy: another process has held its write"
                             f" lock for over {self.write_wait:g}s ({BUSY_CAUSES})")
         state = {"phase": "waiting"}  # -> "running" (got the lock) or "called off"
         phase_lock = threading.Lock()
-        outcome: Dict[str, object] = {}
 
         def guarded(txn: lmdb.Transaction) -> object:
             with phase_lock:
@@ -620,30 +622,26 @@ class StoreBase:
                 state["phase"] = "running"
             return work(txn)
 
-        def run() -> None:
-            try:
-                outcome["result"] = self._write_once(guarded, bounded=False)
-            except BaseException as exc:  # handed to the caller
-                outcome["error"] = exc
-
-        helper = threading.Thread(target=run, name="store-write", daemon=True)
-        try:
-            helper.start()
-        except RuntimeError as exc:  # no room for its stack: see _check_address_space
-            raise StoreError(f"store in {self.path}: {exc} (too little address space beside the"
-                             " store's map: lower flashlex.app.db.capMegabytes)") from None
-        helper.join(self.write_wait)
-        if helper.is_alive():
+        began = time.monotonic()
+        helper = self._started(Helper(lambda: self._write_once(guarded, bounded=False), "store-write"))
+        helper.thread.join(self.write_wait)
+        if helper.thread.is_alive():
             with phase_lock:
                 if state["phase"] == "waiting":
                     state["phase"] = "called off"
-                    self._waiting = helper
+                    self._waiting = helper.thread
                     raise StoreBusy(f"store in {self.path} is busy: its write lock was not free"
                                     f" within {self.write_wait:g}s ({BUSY_CAUSES})")
-            helper.join()  # it has the lock: the write is under way, wait for its outcome
-        if "error" in outcome:
-            raise outcome["error"]  # type: ignore[misc]
-        return outcome["result"]
+            helper.wait(began, self.on_disk_wait)  # it has the lock: the write is under way
+        return helper.result()
+
+    def _started(self, helper: Helper[T]) -> Helper[T]:
+        try:
+            helper.thread.start()
+        except RuntimeError as exc:  # no room for its stack: see _check_address_space
+            raise StoreError(f"store in {self.path}: {exc} (too little address space beside the"
+                             " store's map: lower flashlex.app.db.capMegabytes)") from None
+        return helper
 
     def _read(self):
         """A read transaction whose values are buffers over the map, not copies: `_checked`

@@ -22,6 +22,7 @@ from flashlexd.channel import ConfigFile
 from flashlexd.config import Config, Thing
 from flashlexd.configgone import keys_gone
 from flashlexd.consumerkeeper import ConsumerKeeper
+from flashlexd.diskwait import BEAT as DISK_WAIT_BEAT
 from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
@@ -35,7 +36,7 @@ from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.unitplaces import STOP_MARGIN
 from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.oomkills import OomKills
-from flashlexd.workerproc import State, WorkerProcess, describe_exit, disk_waits
+from flashlexd.workerproc import DISK_WAIT_LIMIT, State, WorkerProcess, describe_exit, disk_waits
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Supervisor:
         self.announced_ready = False
         self.next_status = 0.0
         self.judged_at = 0.0  # when `tick` last judged the workers (see _catch_up)
+        self.healthy = False  # as the last loop pass found the workers (`_healthy`)
         self.rates = RateMeter()
         self.wear = WriteMeter()
         self.store: Optional[Store] = None
@@ -156,8 +158,8 @@ class Supervisor:
         self.lock = paths.claim_directories(self.config.store.data_dir, self.config.api.socket_path)
         # every page read once before LMDB maps the file: damage refuses the start in one line
         try:
-            self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT,
-                                           check_pages=True, check_progress=self._checking_pages)
+            self.store = self._open_store(self.config, check_pages=True,
+                                          check_progress=self._checking_pages)
         except _StopRequested as stop:  # SIGTERM/SIGINT during the check: nothing started yet
             log.info("stopping: received %s during the start-up page check", stop)
             self.notifier.stopping()
@@ -307,7 +309,8 @@ class Supervisor:
             self._handle_signal(signum)
         now = time.monotonic()
         handling = now - began  # a reload's key check may block for up to 30 s: not a stall
-        ping = self.notifier.watchdog(now, self._healthy(now))
+        self.healthy = self._healthy(now)
+        ping = self.notifier.watchdog(now, self.healthy)
         sleep = self._sleep_time(now, ping)
         for key, mask in self.selector.select(sleep):
             if self.api.owns(key):
@@ -644,6 +647,23 @@ class Supervisor:
         if self.announced_ready and not self.shutting_down:
             self.notifier.ready()
 
+    def _open_store(self, config: Config, **options: Any) -> Store:
+        """The store as the supervisor uses it: a write waits at most STORE_WRITE_WAIT for the
+        lock, and the watchdog is fed while one waits on the disk (`_waiting_on_disk`)."""
+        store = Store.from_config(config.store, write_wait=STORE_WRITE_WAIT, **options)
+        store.on_disk_wait = self._waiting_on_disk
+        return store
+
+    def _waiting_on_disk(self, seconds: float) -> None:
+        """A store write the loop waits for has taken `seconds` so far (a stalling SD card):
+        systemd is fed as the last pass would have (diskwait.py), for up to DISK_WAIT_LIMIT."""
+        if seconds <= DISK_WAIT_LIMIT:
+            self.notifier.watchdog(time.monotonic(), self.healthy)
+        elif seconds - DISK_WAIT_BEAT <= DISK_WAIT_LIMIT:
+            log.error("a store write has waited %.0f s for the disk (a failing SD card?): systemd's"
+                      " watchdog is no longer fed, so it restarts the daemon if the write does not"
+                      " return", seconds)
+
     def _reopen_store(self, new: Config) -> None:
         """The store opened with the new settings; when it cannot be, opened again with the
         running ones (one environment per process: the old must close first) and the reload
@@ -656,7 +676,7 @@ class Supervisor:
                                  " reload again once it is done")
         self.store.close()  # type: ignore[union-attr]
         try:
-            self.store = Store.from_config(new.store, write_wait=STORE_WRITE_WAIT)
+            self.store = self._open_store(new)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the running store must reopen
             self._reopen_running_store(str(exc))
             raise _ReloadRefused(str(exc)) from None
@@ -666,7 +686,7 @@ class Supervisor:
         """The store opened again with the running settings after the new ones failed with
         `problem`; _StoreLost when it cannot be: the daemon must not go on with it closed."""
         try:
-            self.store = Store.from_config(self.config.store, write_wait=STORE_WRITE_WAIT)
+            self.store = self._open_store(self.config)
         except Exception as again:  # noqa: BLE001 - e.g. the data dir's disk went read-only
             why = problem if str(again) == problem else f"new: {problem}; running: {again}"
             raise _StoreLost("reload: the store cannot be opened with the new settings nor again"

@@ -1,11 +1,13 @@
 """Small file systems mounted for one test (we are root): a tmpfs to fill a disk for real, an
-ext4 on a loop device to have the kernel remount it read-only for real."""
+ext4 on a loop device to have the kernel remount it read-only for real, and writes to that
+device stalled for real (a blkio cgroup)."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -84,3 +86,48 @@ def read_only(directory: Path) -> bool:
     except OSError as exc:
         return exc.errno == errno.EROFS
     return False
+
+
+class WriteStall:
+    """A cgroup v1 blkio group throttling writes to one block device: processes that `join` it
+    (as a preexec) find every write to the device blocked while `stall` lasts, as on an SD card
+    stalling for seconds. Made and removed by `stalled_writes`."""
+
+    def __init__(self, group: Path, device: str):
+        self.group = group
+        self.device = device  # "major:minor"
+
+    def join(self) -> None:
+        (self.group / "cgroup.procs").write_text(str(os.getpid()))
+
+    def _limit(self, bytes_per_second: int) -> None:
+        (self.group / "blkio.throttle.write_bps_device").write_text(f"{self.device} {bytes_per_second}")
+
+    def stall(self) -> None:
+        self._limit(1)  # a byte a second: a write of a block waits until `resume`
+
+    def resume(self) -> None:
+        self._limit(0)  # no limit; writes held back go at once
+
+
+@contextlib.contextmanager
+def stalled_writes(device_name: str, group_name: str) -> Iterator[WriteStall]:
+    """A WriteStall for the block device `device_name` (e.g. "loop3", from `mounted_ext4`),
+    removed (with its limit) however the block ends, once the processes that joined it are gone;
+    skipped only where cgroup v1's blkio controller is not mounted."""
+    root = Path("/sys/fs/cgroup/blkio")
+    if not (root / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 blkio controller at /sys/fs/cgroup/blkio")
+    group = root / group_name
+    group.mkdir()
+    stall = WriteStall(group, (Path("/sys/block") / device_name / "dev").read_text().strip())
+    try:
+        yield stall
+    finally:
+        stall.resume()
+        for _ in range(100):  # the daemon's last processes may still be exiting
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
