@@ -7,20 +7,23 @@ ask for its default), but names each key that went, with the value that now appl
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, List
+from typing import AbstractSet, Any, Iterator, List
 
-from flashlexd.configkeys import KEYS, LEGACY_KEYS
+from flashlexd.configkeys import ALIASES, KEYS, LEGACY_KEYS
 from flashlexd.configtext import ConfigError, parse_yaml
 
 
-def keys_gone(running_text: str, new_text: str, path: str) -> List[str]:
-    """One line per config key set in `running_text` and not in `new_text` (both YAML)."""
+def keys_gone(running_text: str, new_text: str, path: str, overridden: AbstractSet[str] = frozenset()) -> List[str]:
+    """One line per config key set in `running_text` and not in `new_text` (both YAML), but
+    for those a command-line option sets (`overridden`) or the new text sets by another name
+    (ALIASES): their value did not go (found by re-read)."""
     try:
         before, after = set(_key_paths(parse_yaml(running_text, path))), set(_key_paths(parse_yaml(new_text, path)))
     except ConfigError:  # the new text loaded before this is called; the running one did at its load
         return []
+    gone = before - after - LEGACY_KEYS - overridden
     return [f"{key}: gone from {path} since the running config, so its default{_shown(key)} applies"
-            " now (was the file saved whole?)" for key in sorted(before - after - LEGACY_KEYS)]
+            " now (was the file saved whole?)" for key in sorted(gone) if ALIASES.get(key) not in after]
 
 
 def _key_paths(node: Any, prefix: str = "") -> Iterator[str]:

@@ -334,6 +334,11 @@ TABLE: Tuple[Key, ...] = (
 
 KEYS: Dict[str, Key] = {key.path: key for key in TABLE}
 LEGACY_KEYS = frozenset(key.path for key in TABLE if key.kind == "legacy")
+# two names of one setting: either one set sets it
+ALIASES = {f"{_MQTT}.keepalive": f"{_MQTT}.keepAliveSeconds", f"{_MQTT}.keepAliveSeconds": f"{_MQTT}.keepalive"}
+# the keys a `flashlexd run` option wins over (Overrides' fields)
+OVERRIDDEN_BY = {"data_dir": f"{_DB}.dataPath", "socket_path": f"{_SOCKET}.path",
+                 "log_level": "flashlex.app.logLevel"}
 
 TABLE_START = "<!-- config keys: generated from flashlexd/configkeys.py -->"
 TABLE_END = "<!-- end of config keys -->"

@@ -13,7 +13,7 @@ import selectors
 import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
 from flashlexd import __version__
 from flashlexd import config as config_module
@@ -21,6 +21,7 @@ from flashlexd import connectpace, credentials, fds, forkworker, logs, paths
 from flashlexd.channel import ConfigFile
 from flashlexd.config import Config, Thing
 from flashlexd.configgone import keys_gone
+from flashlexd.configkeys import OVERRIDDEN_BY
 from flashlexd.consumerkeeper import ConsumerKeeper
 from flashlexd.diskwait import BEAT as DISK_WAIT_BEAT
 from flashlexd.forkserver import ForkServer, ForkServerGone
@@ -90,6 +91,10 @@ class Overrides:
                                     socket_path=self.socket_path, log_level=self.log_level)
         credentials.verify(config.thing.keys, self.allow_insecure_key, while_waiting=while_checking)
         return replace(config, key_stamp=credentials.stamp(config.thing.keys))
+
+    def keys(self) -> FrozenSet[str]:
+        """The config keys these options win over."""
+        return frozenset(key for field, key in OVERRIDDEN_BY.items() if getattr(self, field) is not None)
 
     def worker_maker(self) -> forkworker.WorkerMaker:
         """How the fork server makes workers (see `forkworker`)."""
@@ -584,7 +589,7 @@ class Supervisor:
             raise
         for warning in new.warnings:  # notes: `flashlexd reload` prints them (a misspelt key)
             self._reload_note(warning)
-        for gone in keys_gone(self.runtime.config.text, new.text, str(new.path)):
+        for gone in keys_gone(self.runtime.config.text, new.text, str(new.path), self.overrides.keys()):
             self._reload_note(gone)
         self._apply(runtime, config_file)
         log.info("config reloaded from %s", new.path)
