@@ -46,6 +46,10 @@ MAX_PACKETS_PER_PASS = 1024
 # to back. Short, because an egress publishing steadily has a PUBACK in any wider window, and a
 # clone's kicks, landing at random, would never be counted
 PUBACK_THEN_CLOSE_SECONDS = 0.1
+# what an overdue acknowledgement answers, as a dead link's reason names it: the ingress's
+# UNSUBSCRIBE is its own delivery check (workers/barrier.py), not one a user ever asked for
+ANSWER_TO = {"SUBACK": "SUBACK (the answer to the link's SUBSCRIBE)",
+             "UNSUBACK": "UNSUBACK (the answer to the link's check that its PUBACKs were taken)"}
 QUICK_DROPS = 3  # drops by the broker soon after CONNACK, none of ours the cause: a client-id conflict?
 # MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
 # doing: Server busy, Server shutting down, Keep alive timeout, Session taken over,
@@ -504,8 +508,8 @@ class Connection:
                                  f" {self.watch.operation_timeout:g}s{self._silence_said(' or dropping them (a quota)')}"
                                  f"; resending them on a new connection")
         else:
-            awaited = "/".join(kind for kind in ("SUBACK", "UNSUBACK") if self.watch.pending(kind))
-            self._dead_reason = (f"no {awaited or 'SUBACK/UNSUBACK'} from {where} within"
+            awaited = " or ".join(ANSWER_TO[kind] for kind in ANSWER_TO if self.watch.pending(kind))
+            self._dead_reason = (f"no {awaited or 'SUBACK or UNSUBACK'} from {where} within"
                                  f" {self.watch.operation_timeout:g}s{self._silence_said('')}")
         self._abort_socket()
 
