@@ -122,6 +122,7 @@ class Supervisor:
         self.next_status = 0.0
         self.judged_at = 0.0  # when `tick` last judged the workers (see _catch_up)
         self.healthy = False  # as the last loop pass found the workers (`_healthy`)
+        self.stop_told_at: Optional[float] = None  # STOPPING=1 sent during a disk wait (_waiting_on_disk)
         self.rates = RateMeter()
         self.wear = WriteMeter()
         self.store: Optional[Store] = None
@@ -661,9 +662,20 @@ class Supervisor:
 
     def _waiting_on_disk(self, seconds: float) -> None:
         """A store write the loop waits for has taken `seconds` so far (a stalling SD card):
-        systemd is fed as the last pass would have (diskwait.py), for up to DISK_WAIT_LIMIT."""
+        systemd is fed as the last pass would have (diskwait.py), for up to DISK_WAIT_LIMIT.
+        A stop asked meanwhile is told to systemd at once, its timeout extended while the write
+        waits (its TimeoutStopSec ran from the SIGTERM: a stall killed a stop, found by review)."""
+        now = time.monotonic()
         if seconds <= DISK_WAIT_LIMIT:
-            self.notifier.watchdog(time.monotonic(), self.healthy)
+            self.notifier.watchdog(now, self.healthy)
+            budget = self.config.supervision.stop_timeout + STOP_MARGIN
+            stop = self.shutting_down or any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals)
+            if stop and (self.stop_told_at is None or now - self.stop_told_at >= budget / 2):
+                if self.stop_told_at is None and not self.shutting_down:
+                    log.info("stop asked while a store write waits on the disk (%.0f s so far):"
+                             " stopping once it returns", seconds)
+                self.stop_told_at = now
+                self.notifier.stopping(budget)
         elif seconds - DISK_WAIT_BEAT <= DISK_WAIT_LIMIT:
             log.error("a store write has waited %.0f s for the disk (a failing SD card?): systemd's"
                       " watchdog is no longer fed, so it restarts the daemon if the write does not"

@@ -2,31 +2,36 @@
 dir on an ext4 loop device whose writes a blkio cgroup holds back while the test says so."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, Iterator, List, NamedTuple
 
 import pytest
 import yaml
 
-from flashlexd.client import connect
+from flashlexd.client import Client, connect
 from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, Subscriber, publish, wait_for
 from tests.daemon import Daemon, NotifyListener, default_sigint
-from tests.tmpfs import mounted_ext4, stalled_writes
+from tests.tmpfs import WriteStall, mounted_ext4, stalled_writes
 
 WATCHDOG_USEC = 4_000_000  # WatchdogSec=4: a ping due every 2 s
 STALL = 9.0  # seconds: over twice WatchdogSec
 
 
-@pytest.mark.parametrize("call", ["ack", "publish"])
-def test_a_write_stalled_by_the_disk_keeps_feeding_the_watchdog(daemon_config: Path, tmp_path: Path,
-                                                                 broker, call: str):
-    """Review "slowdisk": an app's `ack` (an ack journal record) or `publish` (a store commit)
-    is written while the supervisor's loop waits, and on a stalling SD card that wait lasted as
-    long as the stall: no WATCHDOG=1 for 31.5 s in an 18 s stall, and systemd (WatchdogSec=30)
-    would have killed a healthy daemon. The loop waiting for its own write is not hung: the
-    watchdog is fed meanwhile, and the call is answered, nothing lost, once the disk writes."""
+class Stalled(NamedTuple):
+    daemon: Daemon
+    disk: WriteStall
+    notify: NotifyListener
+    fx: Client
+
+
+@contextlib.contextmanager
+def stalled_daemon(daemon_config: Path, tmp_path: Path) -> Iterator[Stalled]:
+    """The daemon under a fake systemd (NOTIFY_SOCKET, WATCHDOG_USEC), its data dir and its
+    processes on a disk whose writes the test stalls, READY, with a client."""
     document = yaml.safe_load(daemon_config.read_text())
     document["flashlex"]["app"]["db"]["dataPath"] = str(tmp_path / "disk" / "data")
     daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -39,48 +44,88 @@ def test_a_write_stalled_by_the_disk_keeps_feeding_the_watchdog(daemon_config: P
         daemon.start()
         try:
             notify.wait_for("READY=1", timeout=30)
-            subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
             with connect(str(daemon.socket_path), timeout=60) as fx:
-                publish(broker, INGRESS_TOPIC, b"before the stall")
-                def listened(thread: threading.Thread, seconds: float) -> None:
-                    """Join `thread` for up to `seconds`, reading NOTIFY_SOCKET as it goes (the
-                    listener times what it reads as it reads it)."""
-                    deadline = time.monotonic() + seconds
-                    while thread.is_alive() and time.monotonic() < deadline:
-                        notify.lines()
-                        thread.join(0.02)
-
-                stored = wait_for(lambda: fx.messages(), 15, "the message stored")
-                outcome: Dict[str, object] = {}
-
-                def write() -> None:
-                    if call == "ack":
-                        outcome["answer"] = fx.ack(stored)
-                    else:
-                        outcome["answer"] = fx.publish(b"during the stall")
-
-                disk.stall()
-                stalled_at = time.monotonic()
-                writer = threading.Thread(target=write, daemon=True)
-                writer.start()
-                listened(writer, STALL)
-                assert writer.is_alive(), f"the {call} was not held back by the stall: {outcome}"
-                disk.resume()
-                resumed_at = time.monotonic()
-                listened(writer, 30)
-                assert not writer.is_alive() and "answer" in outcome, f"the {call} never returned"
-                pings: List[float] = [t for t, f in notify.lines() if f == "WATCHDOG=1"]
-                during = [t for t in pings if t <= resumed_at]
-                times = [max(t for t in during if t < stalled_at)] + [t for t in during if t >= stalled_at] \
-                    + [resumed_at]
-                gaps = [b - a for a, b in zip(times, times[1:])]
-                assert max(gaps) < WATCHDOG_USEC / 1e6, f"WATCHDOG=1 at {times}"
-                if call == "ack":
-                    assert outcome["answer"] == 1 and fx.messages() == []
-                else:
-                    wait_for(lambda: subscriber.lines() == [b"during the stall"], 15, "the entry sent")
-            assert daemon.proc.poll() is None
+                yield Stalled(daemon, disk, notify, fx)
         finally:
             disk.resume()
             daemon.stop()
             notify.close()
+
+
+def listened(notify: NotifyListener, thread: threading.Thread, seconds: float) -> None:
+    """Join `thread` for up to `seconds`, reading NOTIFY_SOCKET as it goes (the listener times
+    what it reads as it reads it)."""
+    deadline = time.monotonic() + seconds
+    while thread.is_alive() and time.monotonic() < deadline:
+        notify.lines()
+        thread.join(0.02)
+
+
+def stalled_call(stalled: Stalled, call: Callable[[], object], during: Callable[[], None] = lambda: None
+                 ) -> Dict[str, object]:
+    """`call()` made in a thread while the disk stalls for STALL seconds (`during()` called a
+    second into it); its outcome once the disk writes again."""
+    outcome: Dict[str, object] = {}
+
+    def write() -> None:
+        outcome["answer"] = call()
+
+    stalled.disk.stall()
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    listened(stalled.notify, writer, 1.0)
+    during()
+    listened(stalled.notify, writer, STALL - 1.0)
+    assert writer.is_alive(), f"the call was not held back by the stall: {outcome}"
+    stalled.disk.resume()
+    outcome["resumed_at"] = time.monotonic()
+    listened(stalled.notify, writer, 30)
+    assert not writer.is_alive(), "the call never returned"
+    return outcome
+
+
+@pytest.mark.parametrize("call", ["ack", "publish"])
+def test_a_write_stalled_by_the_disk_keeps_feeding_the_watchdog(daemon_config: Path, tmp_path: Path,
+                                                                 broker, call: str):
+    """Review "slowdisk": an app's `ack` (an ack journal record) or `publish` (a store commit)
+    is written while the supervisor's loop waits, and on a stalling SD card that wait lasted as
+    long as the stall: no WATCHDOG=1 for 31.5 s in an 18 s stall, and systemd (WatchdogSec=30)
+    would have killed a healthy daemon. The loop waiting for its own write is not hung: the
+    watchdog is fed meanwhile, and the call is answered, nothing lost, once the disk writes."""
+    with stalled_daemon(daemon_config, tmp_path) as stalled:
+        fx = stalled.fx
+        subscriber = Subscriber(broker, EGRESS_TOPIC, tmp_path / "received").start()
+        publish(broker, INGRESS_TOPIC, b"before the stall")
+        stored = wait_for(lambda: fx.messages(), 15, "the message stored")
+        last_ping = max(t for t, f in stalled.notify.lines() if f == "WATCHDOG=1")
+        outcome = stalled_call(stalled, lambda: fx.ack(stored) if call == "ack" else fx.publish(b"during the stall"))
+        resumed_at = outcome["resumed_at"]
+        pings: List[float] = [t for t, f in stalled.notify.lines() if f == "WATCHDOG=1"]
+        times = [last_ping] + [t for t in pings if last_ping < t <= resumed_at] + [resumed_at]  # type: ignore[operator]
+        assert max(b - a for a, b in zip(times, times[1:])) < WATCHDOG_USEC / 1e6, f"WATCHDOG=1 at {times}"
+        if call == "ack":
+            assert outcome["answer"] == 1 and fx.messages() == []
+        else:
+            wait_for(lambda: subscriber.lines() == [b"during the stall"], 15, "the entry sent")
+        assert stalled.daemon.proc.poll() is None
+
+
+def test_a_stop_asked_while_a_write_is_stalled_by_the_disk_is_told_to_systemd_at_once(
+        daemon_config: Path, tmp_path: Path):
+    """Review "slowdisk2": a SIGTERM arriving while an app's `ack` waited on a stalled disk was
+    told to systemd (STOPPING=1, and the stop's budget) only once the disk wrote again, 25 s
+    later: systemd's stop timeout runs from its SIGTERM, so a long stall got the daemon killed
+    in its write, with no line saying a stop was seen. Now told within a beat of the wait."""
+    with stalled_daemon(daemon_config, tmp_path) as stalled:
+        fx = stalled.fx
+        signalled = {}
+
+        def stop() -> None:
+            signalled["at"] = time.monotonic()
+            stalled.daemon.signal(signal.SIGTERM)
+
+        stalled_call(stalled, lambda: fx.publish(b"during the stall"), during=stop)
+        stopping = [t for t, f in stalled.notify.lines() if f == "STOPPING=1" and t >= signalled["at"]]
+        assert stopping and stopping[0] - signalled["at"] < 2.5, (signalled, stalled.notify.lines()[-10:])
+        assert "stop asked while a store write waits on the disk" in stalled.daemon.output()
+        assert stalled.daemon.wait_exit(timeout=30) == 0
