@@ -3,6 +3,7 @@ dir on an ext4 loop device whose writes a blkio cgroup holds back while the test
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -37,7 +38,7 @@ def stalled_daemon(daemon_config: Path, tmp_path: Path) -> Iterator[Stalled]:
     daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
     notify = NotifyListener(tmp_path / "notify.sock")
     with mounted_ext4(tmp_path / "disk") as device, \
-            stalled_writes(device, f"flashlexd-test-{tmp_path.name}") as disk:
+            stalled_writes(device, f"flashlexd-test-{os.getpid()}-{tmp_path.name}") as disk:
         daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
                                                       "WATCHDOG_USEC": str(WATCHDOG_USEC)},
                         preexec=lambda: (default_sigint(), disk.join()))
