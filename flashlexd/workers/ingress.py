@@ -2,7 +2,8 @@
 
 paho runs with manual acks. Each PUBLISH joins a pending batch; the batch is committed with ONE
 `Store.append` (one fsync: group commit) at the end of each loop pass, that is as soon as the
-socket has nothing more to read or BATCH_MAX messages (BATCH_BYTES of payload) are waiting, and
+socket has nothing more to read or a batch's worth (BatchFit: up to BATCH_MAX messages, as many
+as a starved CPU reads and commits well within the heartbeat timeout; BATCH_BYTES of payload) waits, and
 only after the commit returns are the PUBACKs sent, in arrival order (MQTT 3.1.1, 4.6).
 
 A commit costs about the same bytes written whether it holds one message or a hundred (LMDB
@@ -68,6 +69,7 @@ from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
+from flashlexd.workers.batchfit import BatchFit
 from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_session, earlier_session_on,
                                           fell_back_before, noting_connects, noting_fallback)
 from flashlexd.workers.recyclepace import RecyclePace
@@ -135,6 +137,8 @@ class IngressWorker(Worker):
         self.batch: List[_Pending] = []
         self.batch_bytes = 0
         self.batch_started = 0.0  # time.monotonic() of the pending batch's first message
+        self.batch_work = 0.0  # seconds spent reading the pending batch (BatchFit)
+        self.fit = BatchFit(BATCH_MAX, self.config.supervision.heartbeat_timeout)
         self.window = self.config.store.ingest_commit_ms / 1000
         self.window_flush = self.config.store.ingest_commit_batch  # messages that end the window
         self.last_arrival = 0.0
@@ -165,17 +169,23 @@ class IngressWorker(Worker):
         return self.connection.wait_fds()
 
     def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
+        began, held = time.monotonic(), len(self.batch)
+        self._read(readable, writable)
+        if len(self.batch) > held:
+            self.batch_work += time.monotonic() - began
+
+    def _read(self, readable: List[Any], writable: List[Any]) -> None:
         if self._holding_full():  # what comes is left with the broker or dropped: read on
             self.connection.on_ready(readable, writable, max_packets=BATCH_MAX)
             return
         # a full batch still reads one packet a pass, so a PINGRESP is never left unread; the
         # batch's bytes end a pass too (one pass read 280 messages of 100 KB past BATCH_BYTES)
         full = self._full()
-        self.connection.on_ready(readable, writable, max_packets=1 if full else BATCH_MAX - len(self.batch),
+        self.connection.on_ready(readable, writable, max_packets=1 if full else self.fit.size - len(self.batch),
                                  enough=self._full)
 
     def _full(self) -> bool:
-        return len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES
+        return len(self.batch) >= self.fit.size or self.batch_bytes >= BATCH_BYTES
 
     def _holding_full(self) -> bool:
         """A full batch that is not being committed: the store refuses."""
@@ -555,6 +565,7 @@ class IngressWorker(Worker):
         if not self._forget_stale_marks(now):
             return
         count = min(len(self.batch), self.stale_marks_until or len(self.batch))
+        started = time.monotonic()
         settled = self.barrier.take_settled()
         while True:
             messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
@@ -601,6 +612,8 @@ class IngressWorker(Worker):
                     if pending.incoming is not None:
                         acked.append(pending.incoming)
         self.barrier.sent_acks(acked)
+        self.fit.took(count, self.batch_work + time.monotonic() - started)
+        self.batch_work = 0.0
         if new:
             self.report("committed")
         self._forget_stale_marks(now)
