@@ -11,10 +11,12 @@ bound a worker waiting on the disk has. A write stalled longer is a dead disk: t
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable, Dict, Generic, Optional, TypeVar
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Beat = Callable[[float], None]
 BEAT = 1.0  # seconds between calls of a Beat (the watchdog wants a ping every WatchdogSec/2)
@@ -35,13 +37,20 @@ class Helper(Generic[T]):
             self._outcome["error"] = exc
 
     def wait(self, began: float, beat: Optional[Beat]) -> None:
-        """Until the thread ends, calling `beat(seconds since began)` every BEAT seconds."""
+        """Until the thread ends, calling `beat(seconds since began)` every BEAT seconds (what
+        one raises is logged, once: the write still runs, and is waited for all the same)."""
+        failed = False
         while True:
             self.thread.join(BEAT)
             if not self.thread.is_alive():
                 return
             if beat is not None:
-                beat(time.monotonic() - began)
+                try:
+                    beat(time.monotonic() - began)
+                except Exception:  # noqa: BLE001 - see above
+                    if not failed:
+                        log.exception("while waiting for a disk write")
+                    failed = True
 
     def result(self) -> T:
         if "error" in self._outcome:

@@ -47,9 +47,10 @@ MAX_PACKETS_PER_PASS = 1024
 # clone's kicks, landing at random, would never be counted
 PUBACK_THEN_CLOSE_SECONDS = 0.1
 # what an overdue acknowledgement answers, as a dead link's reason names it: the ingress's
-# UNSUBSCRIBE is its own delivery check (workers/barrier.py), not one a user ever asked for
+# UNSUBSCRIBE is mostly its own delivery check (workers/barrier.py), none a user asked for
 ANSWER_TO = {"SUBACK": "SUBACK (the answer to the link's SUBSCRIBE)",
-             "UNSUBACK": "UNSUBACK (the answer to the link's check that its PUBACKs were taken)"}
+             "UNSUBACK": "UNSUBACK (the answer to the link's UNSUBSCRIBE: its check that its PUBACKs"
+                         " were taken, or a filter no longer configured)"}
 QUICK_DROPS = 3  # drops by the broker soon after CONNACK, none of ours the cause: a client-id conflict?
 # MQTT 5 DISCONNECT reasons that say why the broker closed the link, none of them a publish's
 # doing: Server busy, Server shutting down, Keep alive timeout, Session taken over,

@@ -23,7 +23,6 @@ from flashlexd.config import Config, Thing
 from flashlexd.configgone import keys_gone
 from flashlexd.configkeys import OVERRIDDEN_BY
 from flashlexd.consumerkeeper import ConsumerKeeper
-from flashlexd.diskwait import BEAT as DISK_WAIT_BEAT
 from flashlexd.forkserver import ForkServer, ForkServerGone
 from flashlexd.ipc.methods import Methods
 from flashlexd.ipc.server import RpcServer
@@ -123,6 +122,7 @@ class Supervisor:
         self.judged_at = 0.0  # when `tick` last judged the workers (see _catch_up)
         self.healthy = False  # as the last loop pass found the workers (`_healthy`)
         self.stop_told_at: Optional[float] = None  # STOPPING=1 sent during a disk wait (_waiting_on_disk)
+        self.disk_wait_over = False  # the wait under way was said to be past DISK_WAIT_LIMIT
         self.rates = RateMeter()
         self.wear = WriteMeter()
         self.store: Optional[Store] = None
@@ -667,6 +667,7 @@ class Supervisor:
         waits (its TimeoutStopSec ran from the SIGTERM: a stall killed a stop, found by review)."""
         now = time.monotonic()
         if seconds <= DISK_WAIT_LIMIT:
+            self.disk_wait_over = False
             self.notifier.watchdog(now, self.healthy)
             budget = self.config.supervision.stop_timeout + STOP_MARGIN
             stop = self.shutting_down or any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals)
@@ -676,7 +677,8 @@ class Supervisor:
                              " stopping once it returns", seconds)
                 self.stop_told_at = now
                 self.notifier.stopping(budget)
-        elif seconds - DISK_WAIT_BEAT <= DISK_WAIT_LIMIT:
+        elif not self.disk_wait_over:  # said once a wait: its beats may come late (re-read)
+            self.disk_wait_over = True
             log.error("a store write has waited %.0f s for the disk (a failing SD card?): systemd's"
                       " watchdog is no longer fed, so it restarts the daemon if the write does not"
                       " return", seconds)

@@ -3,6 +3,7 @@ quota, as a Pi Zero busy with other apps gives a daemon a sliver of a slow core.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -34,7 +35,15 @@ def cpu_share(group_name: str, percent: float) -> Iterator[CpuShare]:
         (group / "cpu.cfs_quota_us").write_text(str(int(PERIOD_USEC * percent / 100)))
         yield CpuShare(group)
     finally:
-        for pid in (group / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):  # gone meanwhile
-                (ROOT / "cgroup.procs").write_text(pid)
-        group.rmdir()
+        deadline = time.monotonic() + 5
+        while True:
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    (ROOT / "cgroup.procs").write_text(pid)
+            try:
+                group.rmdir()
+                break
+            except OSError:  # EBUSY: a process still on its way in or out
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

@@ -69,7 +69,7 @@ from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
 from flashlexd.workers.base import Worker
-from flashlexd.workers.batchfit import BatchFit
+from flashlexd.workers.batchfit import BatchFit, BusyClock
 from flashlexd.workers.linkmemory import (connect_ago, earlier_broker, earlier_session, earlier_session_on,
                                           fell_back_before, noting_connects, noting_fallback)
 from flashlexd.workers.recyclepace import RecyclePace
@@ -137,8 +137,9 @@ class IngressWorker(Worker):
         self.batch: List[_Pending] = []
         self.batch_bytes = 0
         self.batch_started = 0.0  # time.monotonic() of the pending batch's first message
-        self.batch_work = 0.0  # seconds spent reading the pending batch (BatchFit)
         self.fit = BatchFit(BATCH_MAX, self.config.supervision.heartbeat_timeout)
+        self.busy = BusyClock().busy
+        self.batch_busy_since = 0.0  # `busy()` as the pending batch began
         self.window = self.config.store.ingest_commit_ms / 1000
         self.window_flush = self.config.store.ingest_commit_batch  # messages that end the window
         self.last_arrival = 0.0
@@ -169,23 +170,22 @@ class IngressWorker(Worker):
         return self.connection.wait_fds()
 
     def on_ready(self, readable: List[Any], writable: List[Any]) -> None:
-        began, held = time.monotonic(), len(self.batch)
-        self._read(readable, writable)
-        if len(self.batch) > held:
-            self.batch_work += time.monotonic() - began
-
-    def _read(self, readable: List[Any], writable: List[Any]) -> None:
         if self._holding_full():  # what comes is left with the broker or dropped: read on
-            self.connection.on_ready(readable, writable, max_packets=BATCH_MAX)
+            self.connection.on_ready(readable, writable, max_packets=self.fit.size)
             return
         # a full batch still reads one packet a pass, so a PINGRESP is never left unread; the
         # batch's bytes end a pass too (one pass read 280 messages of 100 KB past BATCH_BYTES)
-        full = self._full()
-        self.connection.on_ready(readable, writable, max_packets=1 if full else self.fit.size - len(self.batch),
-                                 enough=self._full)
+        fitted = self._fitted()
+        self.connection.on_ready(readable, writable, max_packets=1 if fitted else self.fit.size - len(self.batch),
+                                 enough=self._fitted)
+
+    def _fitted(self) -> bool:
+        """A batch's worth is waiting: commit it (BatchFit)."""
+        return len(self.batch) >= self.fit.size or self.batch_bytes >= BATCH_BYTES
 
     def _full(self) -> bool:
-        return len(self.batch) >= self.fit.size or self.batch_bytes >= BATCH_BYTES
+        """As much is held as the ingress may hold while the store refuses."""
+        return len(self.batch) >= BATCH_MAX or self.batch_bytes >= BATCH_BYTES
 
     def _holding_full(self) -> bool:
         """A full batch that is not being committed: the store refuses."""
@@ -204,7 +204,7 @@ class IngressWorker(Worker):
             # a dropped connection adds nothing more to share the commit: no window after it;
             # a full batch neither (its bytes: 100 KB messages grew one to 43 MB in a window)
             if (len(self.batch) < self.window_flush and self.retry_at is None and self.connection.connected
-                    and not self._full()):
+                    and not self._fitted()):
                 stalled = self._stalled_at()
                 if now < min(due, stalled):  # the commit window: more may share the commit
                     return min(wait, min(due, stalled) - now)
@@ -233,8 +233,7 @@ class IngressWorker(Worker):
     def shutdown(self) -> None:
         # inside the supervisor's stop budget: the barrier's wait and the close take half each
         budget = self.link_stop_budget()
-        if self.batch:
-            self._commit(time.monotonic())  # when the store refuses, the broker keeps them
+        self._commit_all(time.monotonic())  # when the store refuses, the broker keeps them
         self._await_barrier(budget / 2)
         # confirmed since the last commit: a mark left behind would take a later message of that
         # content, first sent as a DUP, for a redelivery
@@ -260,7 +259,7 @@ class IngressWorker(Worker):
             log.info("stopping with %d PUBACKs not yet confirmed by the broker", self.barrier.unconfirmed())
         self.batch[held:] = [p for p in self.batch[held:] if not p.qos]
         if len(self.batch) > held:
-            self._commit(time.monotonic())
+            self._commit_all(time.monotonic())
 
     # -- MQTT -------------------------------------------------------------------------------------
 
@@ -442,7 +441,7 @@ class IngressWorker(Worker):
         them all: they came in one run of socket reads."""
         now = time.monotonic()
         if not self.batch:
-            self.batch_started = now
+            self._batch_begins(now)
         self.last_arrival = now
         limit, generation = self.config.store.max_payload_bytes, self.generation
         append = self.batch.append
@@ -515,7 +514,7 @@ class IngressWorker(Worker):
         if qos == 1 and mid >= 0 and self.left_on != self.generation:
             now = time.monotonic()
             if not self.batch:
-                self.batch_started = now
+                self._batch_begins(now)
             self.last_arrival = now
             self.batch.append(_Pending(None, mid, qos, self.generation))
         self.counters["received"] += 1
@@ -560,12 +559,23 @@ class IngressWorker(Worker):
 
     # -- commit -----------------------------------------------------------------------------------
 
+    def _batch_begins(self, now: float) -> None:
+        self.batch_started = now
+        self.batch_busy_since = self.busy()
+
+    def _commit_all(self, now: float) -> None:
+        """At a stop: every batch's worth held, until the store refuses one."""
+        while self.batch:
+            held = len(self.batch)
+            self._commit(now)
+            if len(self.batch) == held:
+                return
+
     def _commit(self, now: float) -> None:
-        """Commit the batch, or its longest prefix that fits, then ack what was committed."""
+        """Commit a batch's worth, or its longest prefix that fits, then ack what was committed."""
         if not self._forget_stale_marks(now):
             return
-        count = min(len(self.batch), self.stale_marks_until or len(self.batch))
-        started = time.monotonic()
+        count = min(len(self.batch), self.stale_marks_until or len(self.batch), self.fit.size)
         settled = self.barrier.take_settled()
         while True:
             messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
@@ -612,8 +622,9 @@ class IngressWorker(Worker):
                     if pending.incoming is not None:
                         acked.append(pending.incoming)
         self.barrier.sent_acks(acked)
-        self.fit.took(count, self.batch_work + time.monotonic() - started)
-        self.batch_work = 0.0
+        self.fit.took(count, self.busy() - self.batch_busy_since)
+        if self.batch:
+            self._batch_begins(self.batch_started)
         if new:
             self.report("committed")
         self._forget_stale_marks(now)
