@@ -36,12 +36,15 @@ class Helper(Generic[T]):
         except BaseException as exc:  # handed to the caller by `result`
             self._outcome["error"] = exc
 
-    def wait(self, began: float, beat: Optional[Beat]) -> None:
-        """Until the thread ends, calling `beat(seconds since began)` every BEAT seconds (what
-        one raises is logged, once: the write still runs, and is waited for all the same)."""
+    def wait(self, began: float, beat: Optional[Beat], beat_first: bool = False) -> None:
+        """Until the thread ends, calling `beat(seconds since began)` every BEAT seconds (and
+        at once with `beat_first`; what one raises is logged, once: the write still runs, and
+        is waited for all the same)."""
         failed = False
         while True:
-            self.thread.join(BEAT)
+            if not beat_first:
+                self.thread.join(BEAT)
+            beat_first = False
             if not self.thread.is_alive():
                 return
             if beat is not None:

@@ -632,9 +632,7 @@ class StoreBase:
                     self._waiting = helper.thread
                     raise StoreBusy(f"store in {self.path} is busy: its write lock was not free"
                                     f" within {self.write_wait:g}s ({BUSY_CAUSES})")
-            if self.on_disk_wait is not None:  # it has the lock: the write is under way
-                self.on_disk_wait(time.monotonic() - began)
-            helper.wait(began, self.on_disk_wait)
+            helper.wait(began, self.on_disk_wait, beat_first=True)  # it has the lock: the write is under way
         return helper.result()
 
     def _started(self, helper: Helper[T]) -> Helper[T]:

@@ -27,14 +27,16 @@ SCHEDSTAT = "/proc/thread-self/schedstat"  # ns on a CPU, ns waiting for one, ti
 
 class BusyClock:
     """Seconds the calling thread has been running or runnable (schedstat), not sleeping nor
-    blocked on I/O; wall time where the kernel keeps no schedstat. Open it in the thread it
-    times (the worker's, after fork)."""
+    blocked on I/O; wall time where the kernel keeps no schedstat (then a batch counts its
+    commit window and disk waits too: smaller batches, never a longer pass). Open it in the
+    thread it times (the worker's, after fork)."""
 
     def __init__(self) -> None:
         try:
             self._fd = os.open(SCHEDSTAT, os.O_RDONLY | os.O_CLOEXEC)
             self.busy = self._schedstat
-            self.busy()
+            if not self.busy():  # "0 0 0": a kernel keeping no sched info (nodelayacct)
+                raise ValueError("no sched info")
         except (OSError, ValueError):
             self.busy = time.monotonic
 

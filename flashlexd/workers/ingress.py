@@ -140,6 +140,7 @@ class IngressWorker(Worker):
         self.fit = BatchFit(BATCH_MAX, self.config.supervision.heartbeat_timeout)
         self.busy = BusyClock().busy
         self.batch_busy_since = 0.0  # `busy()` as the pending batch began
+        self.remainder = False  # the batch is what a commit of a batch's worth left
         self.window = self.config.store.ingest_commit_ms / 1000
         self.window_flush = self.config.store.ingest_commit_batch  # messages that end the window
         self.last_arrival = 0.0
@@ -204,7 +205,7 @@ class IngressWorker(Worker):
             # a dropped connection adds nothing more to share the commit: no window after it;
             # a full batch neither (its bytes: 100 KB messages grew one to 43 MB in a window)
             if (len(self.batch) < self.window_flush and self.retry_at is None and self.connection.connected
-                    and not self._fitted()):
+                    and not self._fitted() and not self.remainder):
                 stalled = self._stalled_at()
                 if now < min(due, stalled):  # the commit window: more may share the commit
                     return min(wait, min(due, stalled) - now)
@@ -212,6 +213,8 @@ class IngressWorker(Worker):
                     self._learn_window()
             if self.retry_at is None or now >= self.retry_at:
                 self._commit(now)
+                if self.batch and self.retry_at is None:
+                    wait = 0.0  # more than a batch's worth was due: the rest at the next pass
             if self.retry_at is not None:
                 wait = min(wait, max(0.0, self.retry_at - now))
         return min(wait, self.refusals.due(now))
@@ -562,6 +565,7 @@ class IngressWorker(Worker):
     def _batch_begins(self, now: float) -> None:
         self.batch_started = now
         self.batch_busy_since = self.busy()
+        self.remainder = False
 
     def _commit_all(self, now: float) -> None:
         """At a stop: every batch's worth held, until the store refuses one."""
@@ -625,6 +629,7 @@ class IngressWorker(Worker):
         self.fit.took(count, self.busy() - self.batch_busy_since)
         if self.batch:
             self._batch_begins(self.batch_started)
+        self.remainder = bool(self.batch)  # due already: no commit window, no window learnt
         if new:
             self.report("committed")
         self._forget_stale_marks(now)
@@ -689,6 +694,7 @@ class IngressWorker(Worker):
         self.counters["store_full"] = isinstance(exc, StoreFull)
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS
+        self.batch_busy_since = self.busy()  # holding is no batch's work (BatchFit, re-read)
 
 
 def _matched(filters: Sequence[str], topic: str) -> bool:
