@@ -132,10 +132,10 @@ class JournaledAcks:
     def _append_waiting(self, journal: AckJournal, ids: List[int]) -> None:
         """`journal.append`, in a helper thread while `on_disk_wait` is called (diskwait.py)
         when there is one: a record stalled by the disk must not starve the watchdog."""
-        if self.on_disk_wait is None:
-            journal.append(self._seq + 1, ids)
-            return
         seq = self._seq + 1
+        if self.on_disk_wait is None:
+            journal.append(seq, ids)
+            return
         helper = self._started(Helper(lambda: journal.append(seq, ids), "ack-journal"))
         helper.wait(time.monotonic(), self.on_disk_wait)
         helper.result()

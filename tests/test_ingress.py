@@ -490,6 +490,35 @@ def test_a_resend_on_the_same_connection_is_stored_once(broker: Broker, tmp_path
         lax.close()
 
 
+# 12 MB: over a 1 MB store and a full batch's bytes (BATCH_BYTES) held while it refuses
+BIG_DELIVERIES = [(INGRESS_TOPIC.encode(), b"%04d" % n + b"." * 200_000) for n in range(60)]
+
+
+def test_a_bad_topic_after_a_message_left_with_the_broker_is_not_acknowledged_before_it(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """PUBACKs go in the order the messages came: once one is left with the broker (a refusing
+    store, a full batch), so is every QoS 1 message after it on that connection. One with a
+    topic that is not UTF-8 was dropped and acknowledged all the same, before the left ones
+    (found by re-read). It is left too, and dropped in its turn after the reconnect."""
+    bad = len(BIG_DELIVERIES) + 1
+    lax = LaxBroker(broker.certs, [*BIG_DELIVERIES, (b"flashlex/\xff", b"bad")], unsubacks=True)
+    seen: List[bytes] = []
+    try:
+        config = write_config(tmp_path / "config", broker, port=lax.port, mqtt={"protocol": "3.1.1"},
+                              db={"capMegabytes": 1, "whenFull": "reject"})
+        store = open_store(config)
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.counters.get("left_with_broker", 0) > 1, 30, "messages left with the broker")
+        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= len(BIG_DELIVERIES), 60,
+                 "every message stored", interval=0.1)
+        worker.wait(lambda w: w.counters.get("dropped_bad_topic"), 15, "the bad topic dropped")
+        assert lax.acked.index(bad) > max(lax.acked.index(mid) for mid in range(1, bad)), lax.acked
+        assert sorted(seen) == sorted(payload for _, payload in BIG_DELIVERIES)
+        assert worker.stop() == 0
+    finally:
+        lax.close()
+
+
 def test_a_qos0_message_arriving_while_a_stop_waits_for_the_barrier_is_stored(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """A graceful stop waits for the broker to confirm its PUBACKs (the ack barrier), leaving

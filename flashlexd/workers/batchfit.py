@@ -35,8 +35,8 @@ class BusyClock:
         try:
             self._fd = os.open(SCHEDSTAT, os.O_RDONLY | os.O_CLOEXEC)
             self.busy = self._schedstat
-            if not self.busy():  # "0 0 0": a kernel keeping no sched info (nodelayacct)
-                raise ValueError("no sched info")
+            if os.pread(self._fd, 128, 0).split()[2] == b"0":  # "0 0 0": a kernel keeping no
+                raise ValueError("no sched info")  # sched info (a running thread has a timeslice)
         except (OSError, ValueError):
             self.busy = time.monotonic
 

@@ -174,6 +174,10 @@ class IngressWorker(Worker):
         if self._holding_full():  # what comes is left with the broker or dropped: read on
             self.connection.on_ready(readable, writable, max_packets=self.fit.size)
             return
+        if self.retry_at is not None:  # the store refuses: held up to BATCH_MAX, a batch's worth a pass
+            self.connection.on_ready(readable, writable, max_packets=min(self.fit.size, BATCH_MAX - len(self.batch)),
+                                     enough=self._full)
+            return
         # a full batch still reads one packet a pass, so a PINGRESP is never left unread; the
         # batch's bytes end a pass too (one pass read 280 messages of 100 KB past BATCH_BYTES)
         fitted = self._fitted()
@@ -450,6 +454,9 @@ class IngressWorker(Worker):
         append = self.batch.append
         for raw_topic, payload, qos, retain, mid, dup, properties in found:
             incoming: Optional[Incoming] = None
+            if qos and (self.left_on == generation or self._holding_full()):
+                self._leave_with_broker(raw_topic)  # whatever it is: no PUBACK after a left one
+                continue  # not acknowledged: the broker keeps it and resends it (`_recycle`)
             try:
                 topic: Optional[str] = raw_topic.decode()
             except UnicodeDecodeError:  # MQTT requires UTF-8, but a lax broker may pass it on:
@@ -460,9 +467,6 @@ class IngressWorker(Worker):
                             raw_topic)
             elif self.unwanted and self._unsubscribed(topic):
                 self.counters["dropped_unsubscribed"] += 1
-            elif qos and (self.left_on == generation or self._holding_full()):
-                self._leave_with_broker(topic)
-                continue  # not acknowledged: the broker keeps it and resends it (`_recycle`)
             elif not qos and self.retry_at is not None and self._full():
                 # the store refuses and the batch is full: a QoS 0 message has nowhere else to wait
                 self.counters["dropped_qos0_full"] += 1
@@ -488,10 +492,10 @@ class IngressWorker(Worker):
         self.counters["received"] += len(found)
         self.counters["received_straight"] = self.connection.taken_straight
 
-    def _held_bytes(self) -> int:
-        """The batch's payload and MQTT 5 property bytes (BATCH_BYTES bounds them)."""
+    def _held_bytes(self, held: Optional[List[_Pending]] = None) -> int:
+        """The batch's (or `held`'s) payload and MQTT 5 property bytes (BATCH_BYTES bounds them)."""
         return sum(len(p.incoming.payload) + properties_size(p.incoming.properties)
-                   for p in self.batch if p.incoming)
+                   for p in (self.batch if held is None else held) if p.incoming)
 
     def _on_malformed(self, mid: int, qos: int, topic: bytes, why: str) -> None:
         """A PUBLISH paho calls malformed: not stored, acknowledged in its turn when its packet
@@ -568,18 +572,21 @@ class IngressWorker(Worker):
         self.remainder = False
 
     def _commit_all(self, now: float) -> None:
-        """At a stop: every batch's worth held, until the store refuses one."""
+        """At a stop (not judged by heartbeats: no batch's worth), all held, until the store
+        refuses."""
         while self.batch:
             held = len(self.batch)
-            self._commit(now)
+            self._commit(now, whole=True)
             if len(self.batch) == held:
                 return
 
-    def _commit(self, now: float) -> None:
-        """Commit a batch's worth, or its longest prefix that fits, then ack what was committed."""
+    def _commit(self, now: float, whole: bool = False) -> None:
+        """Commit a batch's worth (`whole`: all held), or its longest prefix that fits, then ack
+        what was committed."""
         if not self._forget_stale_marks(now):
             return
-        count = min(len(self.batch), self.stale_marks_until or len(self.batch), self.fit.size)
+        count = min(len(self.batch), self.stale_marks_until or len(self.batch),
+                    len(self.batch) if whole else self.fit.size)
         settled = self.barrier.take_settled()
         while True:
             messages = [p.incoming for p in self.batch[:count] if p.incoming is not None]
@@ -617,7 +624,7 @@ class IngressWorker(Worker):
         committed, self.batch = self.batch[:count], self.batch[count:]
         if self.stale_marks_until:
             self.stale_marks_until -= count
-        self.batch_bytes = self._held_bytes()
+        self.batch_bytes -= self._held_bytes(committed)  # not the remainder again, chunk by chunk
         acked = []
         with coalesced_acks(self.connection.client):
             for pending in committed:
@@ -636,9 +643,9 @@ class IngressWorker(Worker):
         if self.left_on == self.generation and self.connection.connected and not self.batch:
             self.recycle_due = True  # all held is stored: have the broker resend what it kept
 
-    def _leave_with_broker(self, topic: str) -> None:
-        """A QoS 1 message past a full batch that is not being committed, or after one such on
-        this connection: not acknowledged and not kept (the broker keeps it), so that the
+    def _leave_with_broker(self, topic: bytes) -> None:
+        """A QoS 1 message (whatever its topic) past a full batch that is not being committed, or
+        after one such on this connection: not acknowledged and not kept (the broker keeps it), so that the
         ingress's memory does not grow with the broker's window (1,890 messages held under
         MQTT 5 before)."""
         self.counters["left_with_broker"] += 1
@@ -648,7 +655,8 @@ class IngressWorker(Worker):
             count = self._left_lines.due("left", time.monotonic())
             (log.info if count else log.debug)(
                 "holding %d messages (a full batch) while the store refuses: leaving further QoS 1"
-                " messages with the broker, unacknowledged (first on %s)%s", len(self.batch), topic,
+                " messages with the broker, unacknowledged (first on %s)%s", len(self.batch),
+                topic.decode("utf-8", "backslashreplace"),
                 since_last(count, "such episodes"))
 
     def _recycle(self, now: float) -> float:
