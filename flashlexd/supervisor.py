@@ -664,13 +664,18 @@ class Supervisor:
         """A store write the loop waits for has taken `seconds` so far (a stalling SD card):
         systemd is fed as the last pass would have (diskwait.py), for up to DISK_WAIT_LIMIT.
         A stop asked meanwhile is told to systemd at once, its timeout extended while the write
-        waits (its TimeoutStopSec ran from the SIGTERM: a stall killed a stop, found by review)."""
+        waits (its TimeoutStopSec ran from the SIGTERM: a stall killed a stop, found by review).
+        Before READY=1 (the ack journal applied at start-up) there is no watchdog yet: the
+        start's timeout is extended instead, as the page check does."""
         now = time.monotonic()
         if seconds <= DISK_WAIT_LIMIT:
             self.disk_wait_over = False
-            self.notifier.watchdog(now, self.healthy)
             budget = self.config.supervision.stop_timeout + STOP_MARGIN
             stop = self.shutting_down or any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals)
+            if self.announced_ready or stop:
+                self.notifier.watchdog(now, self.healthy)
+            else:
+                self.notifier.still_starting(f"waiting {seconds:.0f} s for a store write (a slow disk?)")
             if stop and (self.stop_told_at is None or now - self.stop_told_at >= budget / 2):
                 if self.stop_told_at is None and not self.shutting_down:
                     log.info("stop asked while a store write waits on the disk (%.0f s so far):"
@@ -680,8 +685,8 @@ class Supervisor:
         elif not self.disk_wait_over:  # said once a wait: its beats may come late (re-read)
             self.disk_wait_over = True
             log.error("a store write has waited %.0f s for the disk (a failing SD card?): systemd's"
-                      " watchdog is no longer fed, so it restarts the daemon if the write does not"
-                      " return", seconds)
+                      " watchdog (or start timeout) is no longer fed, so it restarts the daemon if"
+                      " the write does not return", seconds)
 
     def _reopen_store(self, new: Config) -> None:
         """The store opened with the new settings; when it cannot be, opened again with the

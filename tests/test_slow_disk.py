@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, NamedTuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import pytest
 import yaml
@@ -16,10 +16,12 @@ import yaml
 from flashlexd.client import Client, connect
 from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, Subscriber, publish, wait_for
 from tests.daemon import Daemon, NotifyListener, default_sigint
+from tests.test_ack_journal import inbox_ids, store_then_crash
 from tests.tmpfs import WriteStall, mounted_ext4, stalled_writes
 
 WATCHDOG_USEC = 4_000_000  # WatchdogSec=4: a ping due every 2 s
 STALL = 9.0  # seconds: over twice WatchdogSec
+DATA = "disk/data"  # the data dir, under tmp_path
 
 
 class Stalled(NamedTuple):
@@ -30,36 +32,47 @@ class Stalled(NamedTuple):
 
 
 @contextlib.contextmanager
-def stalled_daemon(daemon_config: Path, tmp_path: Path) -> Iterator[Stalled]:
-    """The daemon under a fake systemd (NOTIFY_SOCKET, WATCHDOG_USEC), its data dir and its
-    processes on a disk whose writes the test stalls, READY, with a client."""
+def on_a_stalling_disk(daemon_config: Path, tmp_path: Path) -> Iterator[Tuple[Daemon, WriteStall, NotifyListener]]:
+    """The daemon (not started) under a fake systemd (NOTIFY_SOCKET, WATCHDOG_USEC), its data
+    dir (DATA under tmp_path) and its processes on a disk whose writes the test stalls (with
+    over storeacks.LOW_DISK free, so that acks are journaled, not applied at once)."""
     document = yaml.safe_load(daemon_config.read_text())
-    document["flashlex"]["app"]["db"]["dataPath"] = str(tmp_path / "disk" / "data")
+    document["flashlex"]["app"]["db"]["dataPath"] = str(tmp_path / DATA)
     daemon_config.write_text(yaml.safe_dump(document, sort_keys=False))
     notify = NotifyListener(tmp_path / "notify.sock")
-    with mounted_ext4(tmp_path / "disk") as device, \
+    with mounted_ext4(tmp_path / "disk", size_mb=160) as device, \
             stalled_writes(device, f"flashlexd-test-{os.getpid()}-{tmp_path.name}") as disk:
         daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
                                                       "WATCHDOG_USEC": str(WATCHDOG_USEC)},
                         preexec=lambda: (default_sigint(), disk.join()))
-        daemon.start()
         try:
-            notify.wait_for("READY=1", timeout=30)
-            with connect(str(daemon.socket_path), timeout=60) as fx:
-                yield Stalled(daemon, disk, notify, fx)
+            yield daemon, disk, notify
         finally:
             disk.resume()
             daemon.stop()
             notify.close()
 
 
-def listened(notify: NotifyListener, thread: threading.Thread, seconds: float) -> None:
-    """Join `thread` for up to `seconds`, reading NOTIFY_SOCKET as it goes (the listener times
-    what it reads as it reads it)."""
+@contextlib.contextmanager
+def stalled_daemon(daemon_config: Path, tmp_path: Path) -> Iterator[Stalled]:
+    """`on_a_stalling_disk`'s daemon, READY, with a client."""
+    with on_a_stalling_disk(daemon_config, tmp_path) as (daemon, disk, notify):
+        daemon.start()
+        notify.wait_for("READY=1", timeout=30)
+        with connect(str(daemon.socket_path), timeout=60) as fx:
+            yield Stalled(daemon, disk, notify, fx)
+
+
+def listened(notify: NotifyListener, thread: Optional[threading.Thread], seconds: float) -> None:
+    """Join `thread` (if any) for up to `seconds`, reading NOTIFY_SOCKET as it goes (the
+    listener times what it reads as it reads it)."""
     deadline = time.monotonic() + seconds
-    while thread.is_alive() and time.monotonic() < deadline:
+    while (thread is None or thread.is_alive()) and time.monotonic() < deadline:
         notify.lines()
-        thread.join(0.02)
+        if thread is None:
+            time.sleep(0.02)
+        else:
+            thread.join(0.02)
 
 
 def stalled_call(stalled: Stalled, call: Callable[[], object], during: Callable[[], None] = lambda: None
@@ -130,3 +143,25 @@ def test_a_stop_asked_while_a_write_is_stalled_by_the_disk_is_told_to_systemd_at
         assert stopping and stopping[0] - signalled["at"] < 2.5, (signalled, stalled.notify.lines()[-10:])
         assert "stop asked while a store write waits on the disk" in stalled.daemon.output()
         assert stalled.daemon.wait_exit(timeout=30) == 0
+
+
+def test_a_start_whose_journal_apply_is_stalled_by_the_disk_extends_the_start_timeout(
+        daemon_config: Path, tmp_path: Path):
+    """The start applies the acks a crash left in the ack journal (a store write) before it
+    serves: on a stalling disk no word went to systemd meanwhile, and its TimeoutStartSec ran
+    through the stall (session 41's re-read). The start's timeout is now extended while the
+    write waits, as the start-up page check does, and the acks are applied once it writes."""
+    with on_a_stalling_disk(daemon_config, tmp_path) as (daemon, disk, notify):
+        store_then_crash(tmp_path / DATA, 3, [1, 3])  # 2 acks journaled, not applied
+        disk.stall()
+        daemon.start()
+        wait_for(lambda: "ack journal: applying" in daemon.output(), 30, "the journal's apply")
+        began = time.monotonic()
+        listened(notify, None, STALL)
+        extended = [t for t, f in notify.lines() if f.startswith("EXTEND_TIMEOUT_USEC=") and t >= began]
+        assert not any(f == "READY=1" for _, f in notify.lines()), "READY before the journal's apply"
+        times = [began] + extended + [time.monotonic()]
+        assert max(b - a for a, b in zip(times, times[1:])) < 3, f"EXTEND_TIMEOUT_USEC at {times}"
+        disk.resume()
+        notify.wait_for("READY=1", timeout=30)
+        assert inbox_ids(tmp_path / DATA) == [2]
