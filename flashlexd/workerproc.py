@@ -85,6 +85,7 @@ class WorkerProcess:
         self.mqtt: Dict[str, Any] = {}
         self.refused_before = False
         self.disk_wait_said = -1.0  # the `last_heard` of the silence a disk wait was logged for
+        self.disk_wait_seen = float("-inf")  # when it was last seen waiting on the disk (state D)
 
     def transition(self, new: State) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -225,7 +226,7 @@ class WorkerProcess:
             self.kill_at = None
         elif self.state in (State.STARTING, State.READY) and \
                 now - self.last_heard > supervision.heartbeat_timeout:
-            if self._said_disk_wait(now) or disk_wait:  # its own first: said once
+            if self._said_disk_wait(now, supervision.heartbeat_timeout) or disk_wait:  # its own first: said once
                 return False
             self.transition(State.HUNG)
             if self.pid is not None and stopped(self.pid):  # SIGABRT would wait for a SIGCONT
@@ -239,18 +240,25 @@ class WorkerProcess:
             self.kill_at = now + KILL_GRACE
         return self.state is State.BACKOFF and now >= self.next_start
 
-    def waits_on_disk(self, now: float) -> bool:
+    def waits_on_disk(self, now: float, grace: float) -> bool:
         """Silent, and blocked in the kernel on a disk write (state D: a stalling SD card's
         fsync), for at most DISK_WAIT_LIMIT: not hung. SIGABRT and SIGKILL wait for the write
         anyway, and its restart counted towards the crash loop (a 14 s stall restarted a healthy
         ingress, found by review). Past the limit (a dead disk that never answers) it is judged
-        hung, so the daemon does not look healthy for good while it stores nothing."""
-        return self.pid is not None and self.alive and now - self.last_heard <= DISK_WAIT_LIMIT \
-            and process_state(self.pid) == "D"
+        hung, so the daemon does not look healthy for good while it stores nothing. Seen so
+        less than `grace` ago counts too: back from the write, a worker has the batch's acks and
+        bookkeeping to do (state R) before its next heartbeat, and a look then aborted it
+        (re-read 23)."""
+        if self.pid is None or not self.alive or now - self.last_heard > DISK_WAIT_LIMIT:
+            return False
+        if process_state(self.pid) == "D":
+            self.disk_wait_seen = now
+            return True
+        return now - self.disk_wait_seen <= grace
 
-    def _said_disk_wait(self, now: float) -> bool:
+    def _said_disk_wait(self, now: float, grace: float) -> bool:
         """`waits_on_disk`, said once a silence; judged again at each tick."""
-        if not self.waits_on_disk(now):
+        if not self.waits_on_disk(now, grace):
             return False
         if self.disk_wait_said != self.last_heard:
             self.disk_wait_said = self.last_heard
@@ -271,7 +279,8 @@ class WorkerProcess:
         if self.state is State.BACKOFF:
             return True
         return self.alive and self.state is not State.HUNG and \
-            (now - self.last_heard <= supervision.heartbeat_timeout or disk_wait or self.waits_on_disk(now))
+            (now - self.last_heard <= supervision.heartbeat_timeout or disk_wait
+             or self.waits_on_disk(now, supervision.heartbeat_timeout))
 
     def signal(self, signum: int) -> None:
         if self.pid is not None:
@@ -294,7 +303,8 @@ def disk_waits(workers: Iterable["WorkerProcess"], now: float, supervision: Supe
     """Whether a silent worker waits on the disk: the others may wait on the write lock it
     holds (its siblings were aborted while it was spared, found by re-read). Read from /proc
     only for workers already silent too long: nothing in the loop's usual passes."""
-    return any(now - w.last_heard > supervision.heartbeat_timeout and w.waits_on_disk(now) for w in workers)
+    return any(now - w.last_heard > supervision.heartbeat_timeout
+               and w.waits_on_disk(now, supervision.heartbeat_timeout) for w in workers)
 
 
 def stopped(pid: int) -> bool:

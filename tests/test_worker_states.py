@@ -276,7 +276,8 @@ def test_a_silent_worker_waiting_on_the_disk_is_not_hung_until_it_is_back_in_pyt
     """A 14 s stall of the SD card kept the ingress in its fsync: declared hung, aborted and
     killed (both waited for the write), its restart counted towards the crash loop, and the
     watchdog's pings stopped meanwhile (found by review). A worker in state D is waiting on the
-    disk: said once, not hung, still healthy; silent outside the kernel's wait, it is hung.
+    disk: said once, not hung, still healthy; silent a heartbeat timeout past the kernel's wait
+    (its batch's acks after the write: aborted when looked at then, re-read 23), it is hung.
     (The state is read from /proc; here it is set, since a test cannot stall a disk at will.)"""
     import logging
     from flashlexd import workerproc
@@ -289,9 +290,11 @@ def test_a_silent_worker_waiting_on_the_disk_is_not_hung_until_it_is_back_in_pyt
             assert worker.tick(now, TIMING) is False
             assert worker.state is State.READY and worker.healthy(now, TIMING)
     assert caplog.text.count("has sent no heartbeat for 3.5s: it waits on the disk") == 1
-    state["letter"] = "S"  # back from the write, and still silent: hung
-    worker.tick(10.0, TIMING)
-    assert worker.state is State.HUNG and not worker.healthy(10.0, TIMING)
+    state["letter"] = "R"  # back from the write, busy with its batch: a heartbeat timeout to speak
+    back = 9.0 + TIMING.heartbeat_timeout
+    assert worker.tick(back, TIMING) is False and worker.state is State.READY and worker.healthy(back, TIMING)
+    worker.tick(back + 0.1, TIMING)  # and still silent: hung
+    assert worker.state is State.HUNG and not worker.healthy(back + 0.1, TIMING)
 
 
 def test_a_worker_waiting_on_the_disk_spares_its_siblings_and_only_for_so_long(children, monkeypatch, caplog):
