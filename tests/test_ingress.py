@@ -511,7 +511,7 @@ def test_a_bad_topic_after_a_message_left_with_the_broker_is_not_acknowledged_be
         worker.wait(lambda w: w.counters.get("left_with_broker", 0) > 1, 30, "messages left with the broker")
         wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= len(BIG_DELIVERIES), 60,
                  "every message stored", interval=0.1)
-        worker.wait(lambda w: w.counters.get("dropped_bad_topic"), 15, "the bad topic dropped")
+        wait_for(lambda: set(range(1, bad + 1)) <= set(lax.acked), 15, "every message acknowledged")
         assert lax.acked.index(bad) > max(lax.acked.index(mid) for mid in range(1, bad)), lax.acked
         assert sorted(seen) == sorted(payload for _, payload in BIG_DELIVERIES)
         assert worker.stop() == 0
@@ -956,14 +956,46 @@ def test_a_kill_right_after_the_reconnect_for_left_messages_loses_none_of_a_cont
         (tmp_path / "same").write_bytes((b"same reading".ljust(700, b".") + b"\n") * 5000)
         assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "same").wait(60) == 0
         worker.wait(lambda w: w.counters.get("left_with_broker", 0) > 0, 20, "messages left with the broker")
-        wait_for(lambda: read_and_ack(store, seen) >= 0 and "reconnecting so that the broker resends" in worker.log_text(),
-                 30, "the reconnect for the left messages", interval=0.1)
+        # the log looked at first: a kill one round trip after the reconnect is MQTT 3.1.1's known gap
+        wait_for(lambda: "reconnecting so that the broker resends" in worker.log_text()
+                 or read_and_ack(store, seen) < 0, 30, "the reconnect for the left messages")
         worker.kill()
         worker = start_worker("ingress", config)
         wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= 5000, 60, "every message stored", interval=0.2)
         worker.pump(1.0)  # a redelivery stored twice would show now
         read_and_ack(store, seen)
         assert len(seen) == 5000
+        assert worker.stop() == 0
+    finally:
+        store.close()
+        broker.close()
+
+
+def test_a_kill_while_the_store_refuses_loses_none_of_a_content(certs: Certs, tmp_path: Path,
+                                                                 start_worker) -> None:
+    """MQTT 3.1.1, every payload the same: the broker's confirmation of the last commit's
+    PUBACKs came while the store refused, and their marks were to go with the next commit,
+    which never came while it refused; killed then, the new process took the broker's
+    resends of as many held messages for redeliveries (found by re-read). A refusing store
+    takes the marks off alone."""
+    broker, config, store = wide_window_setup(certs, tmp_path, "3.1.1")
+    seen: List[bytes] = []
+    try:
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
+        (tmp_path / "same").write_bytes((b"same reading".ljust(700, b".") + b"\n") * 2000)
+        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "same").wait(60) == 0
+        worker.wait(lambda w: w.counters.get("store_full") and w.counters.get("stored")
+                    and w.counters.get("acks_confirmed", 0) >= w.counters["stored"], 20,
+                    "the store refusing, every PUBACK sent confirmed")
+        worker.kill()
+        while read_and_ack(store, seen):
+            pass
+        worker = start_worker("ingress", config)
+        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= 2000, 30, "every message stored", interval=0.2)
+        worker.pump(1.0)  # a redelivery stored twice would show now
+        read_and_ack(store, seen)
+        assert len(seen) == 2000
         assert worker.stop() == 0
     finally:
         store.close()

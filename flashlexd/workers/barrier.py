@@ -10,7 +10,7 @@ MQTT gives no receipt for a PUBACK, but a broker handles one connection's packet
 after sending PUBACKs we send an UNSUBSCRIBE of a filter we never subscribed to (harmless, and
 always answered): when its UNSUBACK comes back, every PUBACK sent before it was processed, and
 those messages can never be redelivered. Their marks are then taken off with the next commit
-(or at a stop).
+(at once while the store refuses commits, and at a stop).
 If the connection drops first, the marks stay (a redelivery may still come).
 
 The marks wait here packed end to end (`PackedMarks`, 8 bytes each): a broker that answers the

@@ -37,7 +37,7 @@ class BusyClock:
             self.busy = self._schedstat
             if os.pread(self._fd, 128, 0).split()[2] == b"0":  # "0 0 0": a kernel keeping no
                 raise ValueError("no sched info")  # sched info (a running thread has a timeslice)
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             self.busy = time.monotonic
 
     def _schedstat(self) -> float:

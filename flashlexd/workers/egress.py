@@ -44,6 +44,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from paho.mqtt.enums import MQTTErrorCode
 
+from flashlexd.client.ctlview import PUBACK_STALLED
 from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
 from flashlexd.linkwatch import Verdict
 from flashlexd.logs import LineThrottle, since_last
@@ -619,7 +620,8 @@ class EgressWorker(Worker):
         oldest = next(iter(self.unacked_since.values()), None)
         self.counters.update(
             inflight=len(self.inflight), send_rate=round(self.send_rate, 1), rate_limit=self.rate_limit,
-            eta_s=self._eta(backlog),
+            # none while PUBACKs stall (a path gone silent: 2-4 s was shown while none came for 24 s)
+            eta_s=None if oldest is not None and now - oldest >= PUBACK_STALLED else self._eta(backlog),
             drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
             # an entry sent after `now` was read: 0, not -0.001
             oldest_inflight_age=None if oldest is None else max(0.0, round(now - oldest, 3)),

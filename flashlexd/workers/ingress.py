@@ -265,6 +265,7 @@ class IngressWorker(Worker):
         if not self.connection.pump_until(lambda: not self.barrier.unconfirmed(), timeout):
             log.info("stopping with %d PUBACKs not yet confirmed by the broker", self.barrier.unconfirmed())
         self.batch[held:] = [p for p in self.batch[held:] if not p.qos]
+        self.batch_bytes = self._held_bytes()
         if len(self.batch) > held:
             self._commit_all(time.monotonic())
 
@@ -441,7 +442,10 @@ class IngressWorker(Worker):
 
     def _on_unsubscribe(self, client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
         self.connection.acknowledged("UNSUBACK", mid)
-        self.counters["acks_confirmed"] += self.barrier.on_unsuback(mid)
+        confirmed = self.barrier.on_unsuback(mid)
+        self.counters["acks_confirmed"] += confirmed
+        if confirmed and self.retry_at is not None:
+            self._marks_off_while_refused()
 
     def _on_publishes(self, found: List[Publish]) -> None:
         """PUBLISH packets as read (publishread.py), into the batch. One clock reading for
@@ -703,6 +707,16 @@ class IngressWorker(Worker):
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
         self.retry_at = now + RETRY_SECONDS
         self.batch_busy_since = self.busy()  # holding is no batch's work (BatchFit, re-read)
+        self._marks_off_while_refused()
+
+    def _marks_off_while_refused(self) -> None:
+        """Confirmed marks go with the next commit, and while the store refuses there is none:
+        they stayed for the whole refusal, and after a kill the broker's resends of as many
+        held or left messages of that content were taken for redeliveries, lost (re-read 24).
+        Taking marks off needs no room, so a refusing store takes them alone."""
+        refused = self._take_confirmed_marks_off()
+        if refused:
+            log.debug("%s", refused)
 
 
 def _matched(filters: Sequence[str], topic: str) -> bool:
