@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from flashlexd.client.ctlview import QUOTA_PAUSES_SAID, health
+from flashlexd.client.ctlview import PUBACK_STALLED, QUOTA_PAUSES_SAID, drain_line, health
 from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
 from tests.quota_proxy import PUBLISH, QUOTA_EXCEEDED_PUBACK, QuotaProxy, _packet_id, split_packets
 from tests.test_egress import assert_delivered_in_order, fill_outbox
@@ -110,6 +110,26 @@ def test_without_the_limit_the_quota_stalls_the_drain(plain_broker: Broker, tmp_
         worker.pump(0.1)
         assert store.outbox_count() == left and worker.counters.get("inflight") == 100
     assert left > 1000 and worker.mqtt.get("connected")  # stuck, and the link looks fine
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_no_drain_estimate_is_shown_while_puback_stall(plain_broker: Broker, tmp_path: Path,
+                                                         start_worker) -> None:
+    """Review "net": through a silent path, `eta_s` (and `flashlexctl status`) said the outbox
+    drains in 2-4 s while no PUBACK came for 24 s. Once the oldest entry in flight has waited
+    PUBACK_STALLED there is no estimate, and the status line says how long it has waited."""
+    proxy = QuotaProxy(plain_broker, rate=10)  # paced at 50/s: most publishes dropped, no PUBACK
+    config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=50, mqttOperationTimeout=120)
+    store = open_store(config)
+    fill_outbox(store, 500)
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: proxy.over_quota > 0 and w.counters.get("eta_s"), 15, "a drain with an estimate")
+    worker.wait(lambda w: (w.counters.get("oldest_inflight_age") or 0) >= PUBACK_STALLED, 20, "a PUBACK overdue")
+    egress = dict(worker.counters, connected=True)  # one report's figures
+    assert egress["eta_s"] is None, egress
+    assert re.fullmatch(r"draining \d+ entries at 50/s, no PUBACK for \d\.\ds", drain_line(egress, 400)), \
+        drain_line(egress, 400)
     assert worker.stop() == 0
     proxy.close()
 
