@@ -13,10 +13,10 @@ import unicodedata
 from typing import Any, Dict, List, Optional, Sequence
 
 from flashlexd.client.escape import printable
+from flashlexd.client.wire import PUBACK_STALLED
 
 HEALTHY_STATES = ("ready",)  # flashlexd.workerproc.State.READY: serving; anything else is a problem
 QUOTA_PAUSES_SAID = 4  # egress's pauses for a PUBACK 0x97, none accepted between: status degraded
-PUBACK_STALLED = 5.0  # seconds the oldest entry in flight has waited: the drain stalls, no eta
 
 
 def jsonable(value: Any) -> Any:
@@ -164,10 +164,10 @@ def drain_line(egress: Dict[str, Any], backlog: int) -> str:
         return f"{plural(backlog, 'entry')} waiting for the egress link"
     rate = egress.get("drain_rate") or egress.get("rate_limit") or egress.get("send_rate")
     eta = egress.get("eta_s")
-    waited = egress.get("oldest_inflight_age")
+    silence = egress.get("puback_silence")
     at = f" at {rate:g}/s" if rate else ""
-    if waited is not None and waited >= PUBACK_STALLED:  # a silent path or broker: no time to tell
-        left = f", no PUBACK for {duration(waited)}"
+    if silence is not None and silence >= PUBACK_STALLED:  # a silent path or broker: no time to tell
+        left = f", no PUBACK for {duration(silence)}"
     else:
         left = "" if eta is None else f", ~{eta:.0f} s" if eta < 60 else f", ~{duration(eta)}"
     return f"draining {plural(backlog, 'entry')}{at}{left}"

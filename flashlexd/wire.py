@@ -22,7 +22,7 @@ import msgpack
 __all__ = ["PROTOCOL_VERSION", "HEADER", "DEFAULT_SOCKET", "SOCKET_ENV", "FULL_POLICIES", "MIB",
            "REQUEST_OVERHEAD", "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_FRAME", "MAX_RESPONSE_FRAME",
            "MAX_ARRAY_LEN", "MAX_MAP_LEN", "MAX_IDS_PER_ACK", "MAX_LIMIT", "MAX_WAIT_SECONDS",
-           "ID_LIMIT", "READS", "CONSUMER_NAME_RULE", "Code", "encode_frame", "request_unpack_options",
+           "ID_LIMIT", "PUBACK_STALLED", "READS", "CONSUMER_NAME_RULE", "Code", "encode_frame", "request_unpack_options",
            "valid_consumer_name", "version_mismatch"]
 
 PROTOCOL_VERSION = 1
@@ -56,6 +56,7 @@ MAX_LIMIT = 1000                  # most messages/outbox entries one call return
 READS = frozenset({"status", "messages", "wait", "outbox", "consumers"})  # API methods that change nothing
 MAX_WAIT_SECONDS = 3600.0
 ID_LIMIT = 2 ** 63  # ids are 8-byte keys, never near this: the store packs `after + 1` and `to - 1`
+PUBACK_STALLED = 5.0  # seconds the egress has had entries in flight and no PUBACK: no drain estimate
 
 
 class Code:

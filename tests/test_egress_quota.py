@@ -9,7 +9,8 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from flashlexd.client.ctlview import PUBACK_STALLED, QUOTA_PAUSES_SAID, drain_line, health
+from flashlexd.client.ctlview import QUOTA_PAUSES_SAID, drain_line, health
+from flashlexd.wire import PUBACK_STALLED
 from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
 from tests.quota_proxy import PUBLISH, QUOTA_EXCEEDED_PUBACK, QuotaProxy, _packet_id, split_packets
 from tests.test_egress import assert_delivered_in_order, fill_outbox
@@ -117,19 +118,36 @@ def test_without_the_limit_the_quota_stalls_the_drain(plain_broker: Broker, tmp_
 def test_no_drain_estimate_is_shown_while_puback_stall(plain_broker: Broker, tmp_path: Path,
                                                          start_worker) -> None:
     """Review "net": through a silent path, `eta_s` (and `flashlexctl status`) said the outbox
-    drains in 2-4 s while no PUBACK came for 24 s. Once the oldest entry in flight has waited
-    PUBACK_STALLED there is no estimate, and the status line says how long it has waited."""
+    drains in 2-4 s while no PUBACK came for 24 s. Once entries in flight have had no PUBACK
+    for PUBACK_STALLED there is no estimate, and the status line says for how long."""
     proxy = QuotaProxy(plain_broker, rate=10)  # paced at 50/s: most publishes dropped, no PUBACK
     config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=50, mqttOperationTimeout=120)
     store = open_store(config)
     fill_outbox(store, 500)
     worker = start_worker("egress", config)
     worker.wait(lambda w: proxy.over_quota > 0 and w.counters.get("eta_s"), 15, "a drain with an estimate")
-    worker.wait(lambda w: (w.counters.get("oldest_inflight_age") or 0) >= PUBACK_STALLED, 20, "a PUBACK overdue")
+    worker.wait(lambda w: (w.counters.get("puback_silence") or 0) >= PUBACK_STALLED, 20, "a PUBACK overdue")
     egress = dict(worker.counters, connected=True)  # one report's figures
     assert egress["eta_s"] is None, egress
-    assert re.fullmatch(r"draining \d+ entries at 50/s, no PUBACK for \d\.\ds", drain_line(egress, 400)), \
+    assert re.fullmatch(r"draining \d+ entries at 50/s, no PUBACK for \d+(\.\d)?s", drain_line(egress, 400)), \
         drain_line(egress, 400)
+    assert worker.stop() == 0
+    proxy.close()
+
+
+def test_a_slow_but_steady_drain_keeps_its_estimate(plain_broker: Broker, tmp_path: Path,
+                                                     start_worker) -> None:
+    """The other side (re-read 25): a full window of 100 behind an uplink that carries 15
+    publishes a second has its oldest entry in flight ~6.7 s old at every report while PUBACKs
+    come steadily, and was taken for a stall. The silence since the last PUBACK decides."""
+    proxy = QuotaProxy(plain_broker, rate=1000, uplink=15)
+    config = quota_config(tmp_path, plain_broker, proxy, publishRatePerSecond=0, mqttOperationTimeout=120)
+    store = open_store(config)
+    fill_outbox(store, 400)
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: (w.counters.get("oldest_inflight_age") or 0) >= PUBACK_STALLED + 1, 30,
+                "a full window behind the slow uplink")
+    assert worker.counters["eta_s"] is not None and worker.counters["puback_silence"] < 1, worker.counters
     assert worker.stop() == 0
     proxy.close()
 

@@ -44,7 +44,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from paho.mqtt.enums import MQTTErrorCode
 
-from flashlexd.client.ctlview import PUBACK_STALLED
 from flashlexd.linkmsg import LinkMessage, MqttReport, OutboxQueued
 from flashlexd.linkwatch import Verdict
 from flashlexd.logs import LineThrottle, since_last
@@ -52,6 +51,7 @@ from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import QUOTA_EXCEEDED, V5, publish_packet_size, publish_properties, reason_name
 from flashlexd.ratelimit import PublishBudget, describe_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
+from flashlexd.wire import PUBACK_STALLED
 from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import (connect_ago, earlier_session, fell_back_before,
                                           noting_connects, noting_fallback)
@@ -108,6 +108,8 @@ class EgressWorker(Worker):
         self.poison = PoisonWatch(mqtt.poison_attempts)
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
         self.unacked_since: Dict[int, float] = {}  # entry id -> first sent, until acknowledged
+        # the last PUBACK (whatever its reason), or the first send into an empty window since
+        self.answered_at = 0.0
         self.unacknowledged_links = (0, 0)         # (oldest entry id, links in a row it stalled)
         self.drop_to_judge: Optional[_Drop] = None  # the last link's drop, judged at the next CONNACK
         self.done: List[int] = []           # acknowledged, to delete
@@ -250,6 +252,7 @@ class EgressWorker(Worker):
         sent = self.inflight.pop(mid, None)
         if sent is None:
             return
+        self.answered_at = time.monotonic()
         refused = reason is not None and reason.is_failure
         if refused:
             self.counters["refused"] += 1
@@ -552,6 +555,8 @@ class EgressWorker(Worker):
             self.counters["sent"] += 1  # already out of the store
         else:
             self.quota_refusals.sending(entry.id)  # only a PUBACK can refuse
+            if not self.inflight:
+                self.answered_at = time.monotonic()
             self.inflight[info.mid] = _InFlight(entry.id, entry.topic, size)
             self.unacked_since.setdefault(entry.id, time.monotonic())
         return True
@@ -618,10 +623,12 @@ class EgressWorker(Worker):
         backlog = self.counters["outbox_backlog"]
         drain_rate = self._drain_rate(self.rate_limit)
         oldest = next(iter(self.unacked_since.values()), None)
+        silence = round(now - self.answered_at, 1) if self.inflight else None
         self.counters.update(
             inflight=len(self.inflight), send_rate=round(self.send_rate, 1), rate_limit=self.rate_limit,
             # none while PUBACKs stall (a path gone silent: 2-4 s was shown while none came for 24 s)
-            eta_s=None if oldest is not None and now - oldest >= PUBACK_STALLED else self._eta(backlog),
+            eta_s=None if silence is not None and silence >= PUBACK_STALLED else self._eta(backlog),
+            puback_silence=silence,
             drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
             # an entry sent after `now` was read: 0, not -0.001
             oldest_inflight_age=None if oldest is None else max(0.0, round(now - oldest, 3)),
