@@ -976,8 +976,9 @@ def test_a_kill_while_the_store_refuses_loses_none_of_a_content(certs: Certs, tm
     """MQTT 3.1.1, every payload the same: the broker's confirmation of the last commit's
     PUBACKs came while the store refused, and their marks were to go with the next commit,
     which never came while it refused; killed then, the new process took the broker's
-    resends of as many held messages for redeliveries (found by re-read). A store refusing
-    for MARKS_OFF_AFTER takes the marks off alone."""
+    resends of as many held messages for redeliveries (found by re-read; while they waited 5 s
+    more, up to 1,500 lost a kill, review "samecontent"). A refusing store takes them off
+    alone, as soon as they are confirmed."""
     broker, config, store = wide_window_setup(certs, tmp_path, "3.1.1")
     seen: List[bytes] = []
     try:
@@ -988,8 +989,6 @@ def test_a_kill_while_the_store_refuses_loses_none_of_a_content(certs: Certs, tm
         worker.wait(lambda w: w.counters.get("store_full") and w.counters.get("stored")
                     and w.counters.get("acks_confirmed", 0) >= w.counters["stored"], 20,
                     "the store refusing, every PUBACK sent confirmed")
-        worker.wait(lambda w: w.counters["marks_settled"] >= w.counters["stored"], 15,
-                    "their marks taken off while it refuses (MARKS_OFF_AFTER)")
         worker.kill()
         while read_and_ack(store, seen):
             pass

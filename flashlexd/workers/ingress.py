@@ -84,7 +84,6 @@ LEARN_FROM = 8                 # fewer waiting messages are never taken for a br
 STALL_GAPS = 4                 # a silence this many mean gaps long: the broker's window is full
 STALL_MIN = 0.05               # seconds; the shortest such silence (a burst's gaps are microseconds)
 RETRY_SECONDS = 1.0
-MARKS_OFF_AFTER = 5.0          # seconds of refusals after which confirmed DUP marks go alone
 STALE_CACHE = 1024             # topics remembered by `_unsubscribed`
 CACHED_TOPIC = 256             # bytes: a longer topic is matched again each time, not remembered
 
@@ -147,7 +146,6 @@ class IngressWorker(Worker):
         self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
-        self.refused_since: Optional[float] = None  # the store has refused every commit since
         self.refusals = RefusalLog(RETRY_SECONDS)
         # the broker lost our session, or the link is on another broker than the marks': every
         # DUP mark is stale once the first this-many batch messages (from the connections
@@ -447,7 +445,7 @@ class IngressWorker(Worker):
         confirmed = self.barrier.on_unsuback(mid)
         self.counters["acks_confirmed"] += confirmed
         if confirmed and self.retry_at is not None:
-            self._marks_off_while_refused(time.monotonic())
+            self._marks_off_while_refused()
 
     def _on_publishes(self, found: List[Publish]) -> None:
         """PUBLISH packets as read (publishread.py), into the batch. One clock reading for
@@ -623,7 +621,7 @@ class IngressWorker(Worker):
         if self.retry_at is not None:
             log.debug("store accepts messages again; resuming")
             self.refusals.stored(now)
-        self.retry_at = self.refused_since = None
+        self.retry_at = None
         self.counters["store_full"] = False
         self.counters["store_error"] = None
         new = [i for i in ids if i is not None]
@@ -710,21 +708,18 @@ class IngressWorker(Worker):
         self.refusals.refused(exc, now, len(self.batch), retry=self.retry_at is not None)
         self.counters["store_full"] = isinstance(exc, StoreFull)
         self.counters["store_error"] = str(exc)  # shown by `status` until a commit succeeds
-        if self.retry_at is None:
-            self.refused_since = now
         self.retry_at = now + RETRY_SECONDS
         self.batch_busy_since = self.busy()  # holding is no batch's work (BatchFit, re-read)
-        self._marks_off_while_refused(now)
+        self._marks_off_while_refused()
 
-    def _marks_off_while_refused(self, now: float) -> None:
+    def _marks_off_while_refused(self) -> None:
         """Confirmed marks go with the next commit, and while the store refuses there is none:
         they stayed for the whole refusal, and after a kill the broker's resends of as many
-        held or left messages of that content were taken for redeliveries, lost (re-read 24).
-        Taking marks off needs no room, so a store refusing for MARKS_OFF_AFTER takes them alone
-        (not at once: a store at its cap refuses a batch's rest every second, and a commit of
-        their own each time would double an SD card's writes, re-read 25)."""
-        if self.refused_since is None or now - self.refused_since < MARKS_OFF_AFTER:
-            return
+        held or left messages of that content were taken for redeliveries, lost (re-read 24;
+        up to 1,500 a kill, review "samecontent", while they waited 5 s). Taking marks off
+        needs no room, so a refusing store takes them alone, at once: at its cap, refusing a
+        batch's rest every second, that is one more commit a second (SD-card wear, the price of
+        losing none)."""
         refused = self._take_confirmed_marks_off()
         if refused:
             log.debug("%s", refused)
