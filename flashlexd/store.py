@@ -552,8 +552,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             figures[name] = self._counter(txn, name.encode())
         figures["acked"] = self._acked_total(txn) + waiting
         figures["acks_waiting"] = waiting  # journaled, not applied to the inbox yet
-        return figures, _kept(first_inbox.key(), self._checked(first_inbox.value())) if found else None, \
-            _kept(first_outbox.key(), self._checked(first_outbox.value())) if first_outbox.first() else None
+        return figures, _kept(first_inbox.key(), self._checked(first_inbox.value()), 7) if found else None, \
+            _kept(first_outbox.key(), self._checked(first_outbox.value()), 5) if first_outbox.first() else None
 
     @guarded
     def inbox_count(self) -> int:

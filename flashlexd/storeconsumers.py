@@ -408,17 +408,18 @@ class ConsumerStore:
                     page.cursor = page.last  # not looked at yet: the next call starts here
                     break
                 looked += 1
-                page.last = record_id = _ID.unpack(key)[0]
+                previous, page.last = page.last, _ID.unpack(key)[0]
                 raw = self._checked(raw)
-                if record_id in acked or record_id in self._hidden or not _matches(consumer, raw):
+                if page.last in acked or page.last in self._hidden or not _matches(consumer, raw):
                     continue
+                if page.found and taken.past(raw):
+                    page.cursor = page.last = previous  # the next call starts at it
+                    break
                 message = self._message(key, raw, timeline)
                 if keep is None or keep(message):
                     page.found.append(message)
+                    taken.took(raw)
                     if len(page.found) >= limit:
-                        break
-                    if taken.full_after(raw):
-                        page.cursor = page.last
                         break
         return page
 
@@ -505,7 +506,7 @@ class ConsumerStore:
                 if record_id not in acked and record_id not in self._hidden \
                         and _matches(consumer, self._checked(raw)):
                     count += 1
-                    oldest = oldest or _kept(key, self._checked(raw))
+                    oldest = oldest or _kept(key, self._checked(raw), 7)
         return count, oldest, True
 
     # -- moving a consumer, trimming, removing ------------------------------------------------

@@ -99,11 +99,18 @@ def _mark(topic: str, payload: bytes, qos: int) -> Optional[DupMark]:
 DeadLetter = OutboxEntry  # one the broker kept refusing: `attempts`, `reason`, `dead_at` set
 
 
-_Kept = Tuple[bytes, bytes]  # a record's key and value, copied out of the map (kept past its txn)
+_Kept = Tuple[bytes, bytes]  # a record's key and value but its payload, copied out of the map
 
 
-def _kept(key: memoryview, value: memoryview) -> _Kept:
-    return bytes(key), bytes(value)
+def _kept(key: memoryview, value: memoryview, fields: int) -> _Kept:
+    """A record of `fields` fields or more, kept past its txn for its times, its payload left
+    out where its head reads as the store writes it (`_payload_span`): kept for `status`, the
+    oldest record's copy held a 33 MB payload in the supervisor for good (review "lowmem")."""
+    span = _payload_span(value, fields)
+    if span is None:
+        return bytes(key), bytes(value)
+    start, end = span
+    return bytes(key), b"".join((value[:start], _NO_PAYLOAD, value[end:]))
 
 
 def _key(record_id: int) -> bytes:
@@ -172,11 +179,12 @@ def _outbox_entry(key: bytes, record: list, timeline: Timeline) -> OutboxEntry:
                        properties=_properties(record, _OUTBOX_PROPERTIES))
 
 
-def _topic_span(raw: memoryview) -> Optional[Tuple[int, int]]:
-    """(offset, length) of an inbox record's topic read from its head, as the store writes it:
-    an array header, the arrival time (float 64), the topic (fixstr, str 8/16); None for a
-    record laid out otherwise (unpack it whole). The array has 7 fields or more (schema 1)."""
-    if len(raw) < 11 or not 0x97 <= raw[0] <= 0x9F or raw[1] != 0xCB:
+def _topic_span(raw: memoryview, fields: int = 7) -> Optional[Tuple[int, int]]:
+    """(offset, length) of a record's topic read from its head, as the store writes it: an
+    array header, the arrival time (float 64), the topic (fixstr, str 8/16); None for a record
+    laid out otherwise (unpack it whole). The array has `fields` fields or more (an inbox
+    record 7, from schema 1)."""
+    if len(raw) < 11 or not 0x90 + fields <= raw[0] <= 0x9F or raw[1] != 0xCB:
         return None
     tag = raw[10]
     if tag & 0xE0 == 0xA0:
@@ -188,6 +196,24 @@ def _topic_span(raw: memoryview) -> Optional[Tuple[int, int]]:
     else:
         return None
     return (start, length) if length <= len(raw) - start else None
+
+
+_NO_PAYLOAD = b"\xc4\x00"  # an empty bin
+_BIN_LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin 8/16/32: bytes of their length
+
+
+def _payload_span(raw: memoryview, fields: int) -> Optional[Tuple[int, int]]:
+    """(start, end) of a record's payload field, its bin header included, read from its head
+    (the topic's `_topic_span`, then a bin 8/16/32); None for a record laid out otherwise."""
+    span = _topic_span(raw, fields)
+    if span is None:
+        return None
+    at = span[0] + span[1]
+    width = _BIN_LENGTH.get(raw[at]) if at < len(raw) else None
+    if width is None or at + 1 + width > len(raw):
+        return None
+    end = at + 1 + width + int.from_bytes(raw[at + 1:at + 1 + width], "big")
+    return (at, end) if end <= len(raw) else None
 
 
 def _topic_of(raw: memoryview) -> str:

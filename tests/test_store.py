@@ -1012,3 +1012,26 @@ def test_a_store_from_before_the_record_without_topic_records_gives_its_latest_s
     store.note_session("old-a", 1_000_000_000.0)
     store.note_session("old-a-egress", 3_000_000_000.0)
     assert store.last_ingress_client_id() == "old-a"
+
+
+def test_the_status_figures_keep_no_payload_between_calls(tmp_path: Path):
+    """`stats` keeps the oldest inbox and outbox records aside between commits, for their ages:
+    whole, they held two 33 MB payloads in the supervisor for good (review "lowmem"). Their
+    payloads are left out."""
+    import tracemalloc
+    store = Store(tmp_path, 64 << 20)
+    try:
+        store.append([Incoming("t/a", b"x" * (8 << 20), mid=1)])
+        store.outbox_append([("t/o", b"y" * (8 << 20), 1, False)])
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            figures = store.stats()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert figures["inbox_count"] == 1 and figures["outbox_count"] == 1
+        assert figures["inbox_oldest_age"] is not None and figures["outbox_oldest_age"] is not None
+        assert held < 1 << 20, held
+    finally:
+        store.close()
