@@ -8,6 +8,7 @@ line and exit 2 instead of dying later on a bad value (the old SDK divided by
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import stat
@@ -441,7 +442,20 @@ def _store(section: Section, data_dir: Optional[str], warnings: List[str]) -> St
                          dedupe=_dedupe(section))
     section.text("subscriptionData")  # the old SDK's JSON store file; replaced by LMDB
     section.warn_unknown()
-    return _fitting_the_store(store, warnings)
+    store = _fitting_the_store(store, warnings)
+    if store.max_payload_bytes > LARGE_PAYLOAD:
+        warnings.append(_memory_note(store.max_payload_bytes))
+    return store
+
+
+def _memory_note(max_payload_bytes: int) -> str:
+    """A message takes a multiple of its size while it passes (review "lowmem": 4-10x in the
+    ingress reading it, 3-5x in the supervisor answering a read of it); under a small
+    MemoryMax the OOM killer took the ingress at every try, a crash loop."""
+    mib = max_payload_bytes / (1024 * 1024)
+    need = math.ceil((IDLE_MB + 15 * mib) / 10) * 10
+    return (f"flashlex.app.db.maxPayloadBytes: a message of up to {mib:.0f} MiB takes up to ~15 times that"
+            f" in memory while it passes: give the service {need} MB or more (README: Processes and memory)")
 
 
 def _dedupe(db: Section) -> Optional[DedupeKey]:
@@ -461,6 +475,10 @@ def _dedupe(db: Section) -> Optional[DedupeKey]:
         return DedupeKey.parse(spec, window)
     except ValueError as exc:
         raise ConfigError(f"{section.path}.key: {exc}") from None
+
+
+LARGE_PAYLOAD = 4 * 1024 * 1024  # bytes: a larger inbound limit is told what memory it needs
+IDLE_MB = 50  # the daemon's memory idle, in round figures (README: Processes and memory)
 
 
 def _fitting_the_store(store: StoreSettings, warnings: List[str]) -> StoreSettings:

@@ -36,7 +36,7 @@ from flashlexd.runtime import Runtime, worker_settings
 from flashlexd.unitplaces import STOP_MARGIN
 from flashlexd.store import Store, StoreDamaged, StoreError
 from flashlexd.oomkills import OomKills
-from flashlexd.workerproc import DISK_WAIT_LIMIT, State, WorkerProcess, describe_exit, disk_waits
+from flashlexd.workerproc import DISK_WAIT_LIMIT, OOM_CAUSE, State, WorkerProcess, describe_exit, disk_waits
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ class Supervisor:
             oom = (oom_took and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
                    and not worker.sent_kill)
             worker.exited(status, now, self.shutting_down, self.runtime.restart,
-                          cause=", by the kernel's OOM killer: out of memory" if oom else "")
+                          cause=OOM_CAUSE if oom else "")
             if worker.state is State.FATAL:
                 self.begin_shutdown(f"{worker.name} crash loop", EXIT_CRASH_LOOP)
             elif os.WIFSIGNALED(status) and self.store is not None and self.store.write_lock_left_by(pid):

@@ -31,6 +31,10 @@ from flashlexd.restart import RestartHistory, RestartLimits
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 1.0  # seconds between SIGABRT to a hung worker and SIGKILL if it is still there
+OOM_CAUSE = ", by the kernel's OOM killer: out of memory"  # `exited`'s cause for such a death
+# a restart cannot help a worker the OOM killer takes over and over (review "lowmem")
+OOM_HINT = ("; the last death was the OOM killer's: give the service more memory (MemoryMax), or lower"
+            " flashlex.app.db.maxPayloadBytes (README: Processes and memory)")
 DISK_WAIT_LIMIT = 300.0  # seconds a silent worker blocked on a disk write is waited for (waits_on_disk)
 
 
@@ -204,8 +208,8 @@ class WorkerProcess:
             if delay is None:
                 self.transition(State.FATAL)
                 log.error("%s died (%s) after %.1fs", self.name, how, ran)
-                log.error("%s is crash-looping (%s): giving up so systemd restarts the service",
-                          self.name, self.history.describe(limits))
+                log.error("%s is crash-looping (%s): giving up so systemd restarts the service%s",
+                          self.name, self.history.describe(limits), OOM_HINT if cause == OOM_CAUSE else "")
                 return
             log.warning("%s died (%s) after %.1fs; restarting in %.1fs", self.name, how, ran, delay)
             self.restarts += 1  # deaths and hangs only: a reload's planned restarts are no fault

@@ -15,7 +15,7 @@ import pytest
 
 from flashlexd.config import Supervision
 from flashlexd.restart import FIRST_DELAY, RestartLimits
-from flashlexd.workerproc import KILL_GRACE, TRANSITIONS, BadTransition, State, WorkerProcess
+from flashlexd.workerproc import KILL_GRACE, OOM_CAUSE, TRANSITIONS, BadTransition, State, WorkerProcess
 
 TIMING = Supervision(heartbeat_seconds=1.0, heartbeat_timeout=3.0, stop_timeout=2.0,
                      backoff_max_seconds=1.0, crash_loop_restarts=2, crash_loop_window=60.0)
@@ -170,11 +170,15 @@ def test_stopping_a_hung_worker_keeps_the_earlier_kill(children):
     assert worker.state is State.STOPPING and worker.kill_at == pytest.approx(4.0 + KILL_GRACE)
 
 
-def test_a_crash_is_backed_off_and_too_many_are_fatal(children):
+@pytest.mark.parametrize("cause", ["", OOM_CAUSE])
+def test_a_crash_is_backed_off_and_too_many_are_fatal(children, caplog, cause):
+    """The crash loop's line says what to do when the OOM killer took the worker: a restart
+    cannot help (review "lowmem": 6 kills in 6 s, the service stopped, the line silent on it)."""
+    import logging
     worker = started(children)
     for attempt in range(TIMING.crash_loop_restarts):
         os.kill(worker.pid, signal.SIGKILL)
-        worker.exited(worker.child.reap(), 1.0 + attempt, False, LIMITS)
+        worker.exited(worker.child.reap(), 1.0 + attempt, False, LIMITS, cause)
         assert worker.state is State.BACKOFF
         assert worker.tick(worker.next_start - 0.01, TIMING) is False
         assert worker.tick(worker.next_start, TIMING) is True
@@ -183,8 +187,10 @@ def test_a_crash_is_backed_off_and_too_many_are_fatal(children):
         worker.started(child.pid, None, worker.next_start)
         worker.child = child
     os.kill(worker.pid, signal.SIGKILL)
-    worker.exited(worker.child.reap(), 5.0, False, LIMITS)
+    with caplog.at_level(logging.ERROR, logger="flashlexd.workerproc"):
+        worker.exited(worker.child.reap(), 5.0, False, LIMITS, cause)
     assert worker.state is State.FATAL and not worker.alive
+    assert ("the last death was the OOM killer's: give the service more memory" in caplog.text) == bool(cause)
     with pytest.raises(BadTransition):
         worker.started(os.getpid(), None, 6.0)
     assert worker.tick(100.0, TIMING) is False
