@@ -183,7 +183,10 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     if workers:
         rows = [(w.get("name", "?"), w.get("pid") or "-", w.get("state", "?"), w.get("restarts", 0),
                  ago(w.get("heartbeat_age"))) for w in workers]
-        worker_table = [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)), ""]
+        deaths = [f"{w.get('name', '?')} last died {ago(w['last_death'].get('age'))}: {w['last_death'].get('how')}"
+                  for w in workers if w.get("last_death")]  # why it restarts (an OOM kill...)
+        worker_table = [table(("WORKER", "PID", "STATE", "RESTARTS", "HEARTBEAT"), rows, right=(1, 3)),
+                        *[printable(line) for line in deaths], ""]
     lines: List[str] = []
     mqtt = status.get("mqtt") or {}
     for side in ("ingress", "egress"):  # the worker's own counters: since that process started

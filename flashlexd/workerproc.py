@@ -21,7 +21,7 @@ import enum
 import logging
 import os
 import signal
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
 from flashlexd.channel import Channel
 from flashlexd.config import Supervision
@@ -79,6 +79,7 @@ class WorkerProcess:
         self.channel: Optional[Channel] = None
         self.history = RestartHistory()
         self.restarts = 0
+        self.last_death: Optional[Tuple[str, float]] = None  # (how, when) of its last unplanned exit
         self.started_at = 0.0
         self.last_heard = 0.0  # any message on the link proves the worker's loop is turning
         self.next_start = 0.0
@@ -204,6 +205,7 @@ class WorkerProcess:
                 self.restarts += 1
         else:
             ran = now - self.started_at
+            self.last_death = (how, now)  # for `status`: a log line alone left it unsaid there
             delay = self.history.next_delay(now, self.started_at, limits)
             if delay is None:
                 self.transition(State.FATAL)
@@ -298,6 +300,8 @@ class WorkerProcess:
         age = now - self.last_heard if self.alive else None
         return {"name": self.name, "pid": self.pid, "state": self.state.value,
                 "restarts": self.restarts,
+                "last_death": None if self.last_death is None else
+                {"how": self.last_death[0], "age": round(now - self.last_death[1], 1)},
                 "uptime": round(now - self.started_at, 1) if self.alive else None,
                 "heartbeat_age": round(age, 3) if age is not None else None,
                 "counters": self.counters, "mqtt": self.mqtt}

@@ -78,6 +78,10 @@ def test_a_worker_taken_by_the_oom_killer_is_named_so(broker: Broker, tmp_path: 
         assert "died (signal SIGKILL, by the kernel's OOM killer: out of memory) after" in line, line
         assert any(f" {name} died" in line for name in workers), line
         wait_for(lambda: len(daemon.children()) == 3, 30, "the worker replaced")
+        # and `status` says so: its restart count alone left the cause to the log (review "lowmem")
+        shown = subprocess.run([str(Path(sys.executable).parent / "flashlexctl"), "--socket", str(daemon.socket_path),
+                                "status"], capture_output=True, text=True, timeout=30)
+        assert "last died " in shown.stdout and ": signal SIGKILL, by the kernel's OOM killer" in shown.stdout, shown
     finally:
         stop.touch()
         if hog is not None and hog.poll() is None:
