@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import yaml
@@ -941,66 +941,59 @@ def test_a_sender_outpacing_a_reader_has_the_left_messages_back_at_each_reconnec
         broker.close()
 
 
-def test_a_kill_right_after_the_reconnect_for_left_messages_loses_none_of_a_content(
-        certs: Certs, tmp_path: Path, start_worker) -> None:
-    """MQTT 3.1.1 (no packet ids in the marks), every payload the same: the reconnect waited
-    for the broker's confirmations, but they were written off in the store only at the next
-    commit, so a kill right after it left the marks of the last batch, and the new process
-    took the broker's resends of as many left messages for redeliveries: 1,024 of 5,000 lost,
-    2 runs of 2 (found by re-read). They are written off before the reconnect."""
+def one_content_stored_once_across_a_kill(certs: Certs, tmp_path: Path, start_worker, count: int,
+                                          kill_when: Callable[[Any, Store, List[bytes]], None]) -> None:
+    """`count` messages of one content published under MQTT 3.1.1 (no packet ids in the marks)
+    into a 1 MB store under `reject`, read and acknowledged as they come; the ingress killed
+    once `kill_when(worker, store, seen)` returns, then started again: each stored once."""
     broker, config, store = wide_window_setup(certs, tmp_path, "3.1.1")
     seen: List[bytes] = []
     try:
         worker = start_worker("ingress", config)
         worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
-        (tmp_path / "same").write_bytes((b"same reading".ljust(700, b".") + b"\n") * 5000)
+        (tmp_path / "same").write_bytes((b"same reading".ljust(700, b".") + b"\n") * count)
         assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "same").wait(60) == 0
+        kill_when(worker, store, seen)
+        worker.kill()
+        worker = start_worker("ingress", config)
+        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= count, 60, "every message stored", interval=0.2)
+        worker.pump(1.0)  # a redelivery stored twice would show now
+        read_and_ack(store, seen)
+        assert len(seen) == count
+        assert worker.stop() == 0
+    finally:
+        store.close()
+        broker.close()
+
+
+def test_a_kill_right_after_the_reconnect_for_left_messages_loses_none_of_a_content(
+        certs: Certs, tmp_path: Path, start_worker) -> None:
+    """The reconnect waited for the broker's confirmations, but they were written off in the
+    store only at the next commit, so a kill right after it left the marks of the last batch,
+    and the new process took the broker's resends of as many left messages for redeliveries:
+    1,024 of 5,000 lost, 2 runs of 2 (found by re-read). They are written off before the
+    reconnect."""
+    def after_the_reconnect(worker: Any, store: Store, seen: List[bytes]) -> None:
         worker.wait(lambda w: w.counters.get("left_with_broker", 0) > 0, 20, "messages left with the broker")
         # the log looked at first: a kill one round trip after the reconnect is MQTT 3.1.1's known gap
         wait_for(lambda: "reconnecting so that the broker resends" in worker.log_text()
                  or read_and_ack(store, seen) < 0, 30, "the reconnect for the left messages")
-        worker.kill()
-        worker = start_worker("ingress", config)
-        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= 5000, 60, "every message stored", interval=0.2)
-        worker.pump(1.0)  # a redelivery stored twice would show now
-        read_and_ack(store, seen)
-        assert len(seen) == 5000
-        assert worker.stop() == 0
-    finally:
-        store.close()
-        broker.close()
+    one_content_stored_once_across_a_kill(certs, tmp_path, start_worker, 5000, after_the_reconnect)
 
 
 def test_a_kill_while_the_store_refuses_loses_none_of_a_content(certs: Certs, tmp_path: Path,
                                                                  start_worker) -> None:
-    """MQTT 3.1.1, every payload the same: the broker's confirmation of the last commit's
-    PUBACKs came while the store refused, and their marks were to go with the next commit,
-    which never came while it refused; killed then, the new process took the broker's
-    resends of as many held messages for redeliveries (found by re-read; while they waited 5 s
-    more, up to 1,500 lost a kill, review "samecontent"). A refusing store takes them off
-    alone, as soon as they are confirmed."""
-    broker, config, store = wide_window_setup(certs, tmp_path, "3.1.1")
-    seen: List[bytes] = []
-    try:
-        worker = start_worker("ingress", config)
-        worker.wait(lambda w: w.mqtt.get("connected"), 15, "subscribed")
-        (tmp_path / "same").write_bytes((b"same reading".ljust(700, b".") + b"\n") * 2000)
-        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "same").wait(60) == 0
+    """The broker's confirmation of the last commit's PUBACKs came while the store refused,
+    and their marks were to go with the next commit, which never came while it refused;
+    killed then, the new process took the broker's resends of as many held messages for
+    redeliveries (found by re-read; while they waited 5 s more, up to 1,500 lost a kill,
+    review "samecontent"). A refusing store takes them off alone, as soon as they are
+    confirmed."""
+    def while_it_refuses(worker: Any, store: Store, seen: List[bytes]) -> None:
         worker.wait(lambda w: w.counters.get("store_full") and w.counters.get("stored")
                     and w.counters.get("acks_confirmed", 0) >= w.counters["stored"], 20,
                     "the store refusing, every PUBACK sent confirmed")
-        worker.kill()
-        while read_and_ack(store, seen):
-            pass
-        worker = start_worker("ingress", config)
-        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= 2000, 30, "every message stored", interval=0.2)
-        worker.pump(1.0)  # a redelivery stored twice would show now
-        read_and_ack(store, seen)
-        assert len(seen) == 2000
-        assert worker.stop() == 0
-    finally:
-        store.close()
-        broker.close()
+    one_content_stored_once_across_a_kill(certs, tmp_path, start_worker, 2000, while_it_refuses)
 
 
 def test_reconnects_while_the_store_refuses_do_not_pile_up_window_after_window(
