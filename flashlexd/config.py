@@ -454,7 +454,7 @@ def _memory_note(max_payload_bytes: int) -> str:
     MemoryMax the OOM killer took the ingress at every try, a crash loop."""
     mib = max_payload_bytes / (1024 * 1024)
     need = math.ceil((IDLE_MB + 15 * mib) / 10) * 10
-    return (f"flashlex.app.db.maxPayloadBytes: a message of up to {mib:.0f} MiB takes up to ~15 times that"
+    return (f"flashlex.app.db.maxPayloadBytes: a message of up to {mib:.3g} MiB takes up to ~15 times that"
             f" in memory while it passes: give the service {need} MB or more (README: Processes and memory)")
 
 

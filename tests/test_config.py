@@ -578,5 +578,5 @@ def test_an_inbound_limit_one_message_could_fill_the_store_with_is_lowered(tmp_p
         f" with one message: larger messages than {lowered} bytes are dropped as oversize (raise the"
         f" cap to take them)"])
     assert said[1:] == ([] if (lowered or limit) <= 4 << 20 else [
-        "flashlex.app.db.maxPayloadBytes: a message of up to 8 MiB takes up to ~15 times that in memory"
+        "flashlex.app.db.maxPayloadBytes: a message of up to 7.94 MiB takes up to ~15 times that in memory"
         " while it passes: give the service 170 MB or more (README: Processes and memory)"])

@@ -111,7 +111,9 @@ class Worker:
             now = time.monotonic()
             if traffic or ready_w:
                 quiet.busy(now)
-            timeout = min(self.tick(now), self._heartbeat(now), quiet.tick(now))
+            # the time after `tick`: a store write in it that the disk stalled, and then failed,
+            # must not leave the heartbeat waiting its period again (re-read 26)
+            timeout = min(self.tick(now), self._heartbeat(time.monotonic()), quiet.tick(now))
         self.report(StateReport.kind, state="stopping")
         self.shutdown()
         return EXIT_OK

@@ -623,7 +623,7 @@ class EgressWorker(Worker):
         backlog = self.counters["outbox_backlog"]
         drain_rate = self._drain_rate(self.rate_limit)
         oldest = next(iter(self.unacked_since.values()), None)
-        silence = round(now - self.answered_at, 1) if self.inflight else None
+        silence = max(0.0, round(now - self.answered_at, 1)) if self.inflight else None
         self.counters.update(
             inflight=len(self.inflight), send_rate=round(self.send_rate, 1), rate_limit=self.rate_limit,
             # none while PUBACKs stall (a path gone silent: 2-4 s was shown while none came for 24 s)
