@@ -161,7 +161,7 @@ TABLE: Tuple[Key, ...] = (
         " see `thing.mqtt.maxPayloadBytes`); it also sizes API responses and frames; with 64 KiB"
         " for a topic, at most half of `capMegabytes` (over it, lowered to that, with a WARNING);"
         " under MQTT 5 the ingress's CONNECT asks the broker to keep PUBLISHes over it by more"
-        " than 1 MiB",
+        " than 1 MiB; over 4 MiB, a WARNING gives the memory the service needs (see Processes and memory)",
         AT_ONCE_AND_WORKERS, minimum=1, maximum=MAX_MQTT_PAYLOAD, maximum_why=" (the MQTT limit)",
         field="max_payload_bytes"),
     Key("flashlex.app.consumers", "consumers", None,
