@@ -61,7 +61,8 @@ SPAWN_RETRY = 1.0  # seconds before trying again to start a worker the system ha
 
 
 class _StopRequested(Exception):
-    """SIGTERM/SIGINT arrived while the start-up page check ran: it is cut short."""
+    """SIGTERM/SIGINT arrived during a start-up step (the page check, the ack journal's apply):
+    nothing more is started."""
 
 
 class _ReloadRefused(Exception):
@@ -166,12 +167,13 @@ class Supervisor:
         try:
             self.store = self._open_store(self.config, check_pages=True,
                                           check_progress=self._checking_pages)
-        except _StopRequested as stop:  # SIGTERM/SIGINT during the check: nothing started yet
-            log.info("stopping: received %s during the start-up page check", stop)
+            self.store.open_ack_journal()  # what a crash left unapplied, applied before serving
+            self._stop_if_asked("ack journal's apply")  # a stalled one: said then, done now (re-read 27)
+        except _StopRequested as stop:  # SIGTERM/SIGINT during the check or the apply: nothing started yet
+            log.info("stopping: received %s", stop)
             self.notifier.stopping()
             self._close()
             return 0
-        self.store.open_ack_journal()  # what a crash left unapplied, applied before serving
         self._forget_fallbacks()
         self._note_other_client_id()
         self.api = self._start_api()
@@ -266,10 +268,14 @@ class Supervisor:
                         " outbox are kept, the outbox sent as the new id", old, new, STRANDED)
 
     def _checking_pages(self, read: int, pages: int) -> None:
-        stop = next((s for s in self.signals if s in (signal.SIGTERM, signal.SIGINT)), None)
-        if stop is not None:  # a long check (minutes on a Pi) must not hold up a stop
-            raise _StopRequested(signal.Signals(stop).name)
+        self._stop_if_asked("page check")  # a long check (minutes on a Pi) must not hold up a stop
         self.notifier.still_starting(f"checking the store before opening it: {read:,} of {pages:,} pages")
+
+    def _stop_if_asked(self, step: str) -> None:
+        """_StopRequested when SIGTERM/SIGINT came: start-up `step` cut short or not followed."""
+        stop = next((s for s in self.signals if s in (signal.SIGTERM, signal.SIGINT)), None)
+        if stop is not None:
+            raise _StopRequested(f"{signal.Signals(stop).name} during the start-up {step}")
 
     def _install_signals(self) -> None:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -184,7 +184,7 @@ class WorkerProcess:
                cause: str = "") -> None:
         """The process is gone (reaped): STOPPED, BACKOFF until `next_start`, or FATAL when it
         failed too often too quickly (crash loop)."""
-        how = describe_exit(status) + cause
+        how = describe_exit(status) + cause + (", aborted as hung (no heartbeat)" if self.state is State.HUNG else "")
         planned = self.state is State.STOPPING
         self.pid, self.kill_at = None, None
         # its links died with it: a last report of `connected` must not outlive the process
@@ -251,8 +251,8 @@ class WorkerProcess:
         fsync), for at most DISK_WAIT_LIMIT: not hung. SIGABRT and SIGKILL wait for the write
         anyway, and its restart counted towards the crash loop (a 14 s stall restarted a healthy
         ingress, found by review). Past the limit (a dead disk that never answers) it is judged
-        hung, so the daemon does not look healthy for good while it stores nothing. Seen so
-        less than `grace` ago counts too: back from the write, a worker has the batch's acks and
+        hung, so the daemon does not look healthy for good while it stores nothing. Seen in
+        state D less than `grace` ago counts too: back from the write, a worker has the batch's acks and
         bookkeeping to do (state R) before its next heartbeat, and a look then aborted it
         (re-read 23)."""
         if self.pid is None or not self.alive or now - self.last_heard > DISK_WAIT_LIMIT:

@@ -145,12 +145,15 @@ def test_a_stop_asked_while_a_write_is_stalled_by_the_disk_is_told_to_systemd_at
         assert stalled.daemon.wait_exit(timeout=30) == 0
 
 
+@pytest.mark.parametrize("stopped", [False, True])
 def test_a_start_whose_journal_apply_is_stalled_by_the_disk_extends_the_start_timeout(
-        daemon_config: Path, tmp_path: Path):
+        daemon_config: Path, tmp_path: Path, stopped: bool):
     """The start applies the acks a crash left in the ack journal (a store write) before it
     serves: on a stalling disk no word went to systemd meanwhile, and its TimeoutStartSec ran
     through the stall (session 41's re-read). The start's timeout is now extended while the
-    write waits, as the start-up page check does, and the acks are applied once it writes."""
+    write waits, as the start-up page check does, and the acks are applied once it writes. A
+    stop asked meanwhile is done once it returns, nothing more started (the API and the
+    workers were, re-read 27)."""
     with on_a_stalling_disk(daemon_config, tmp_path) as (daemon, disk, notify):
         store_then_crash(tmp_path / DATA, 3, [1, 3])  # 2 acks journaled, not applied
         disk.stall()
@@ -162,6 +165,14 @@ def test_a_start_whose_journal_apply_is_stalled_by_the_disk_extends_the_start_ti
         assert not any(f == "READY=1" for _, f in notify.lines()), "READY before the journal's apply"
         times = [began] + extended + [time.monotonic()]
         assert max(b - a for a, b in zip(times, times[1:])) < 3, f"EXTEND_TIMEOUT_USEC at {times}"
+        if stopped:
+            daemon.signal(signal.SIGTERM)
+            notify.wait_for("STOPPING=1", timeout=5)
         disk.resume()
-        notify.wait_for("READY=1", timeout=30)
+        if stopped:
+            assert daemon.wait_exit(timeout=30) == 0
+            assert "received SIGTERM during the start-up ack journal's apply" in daemon.output()
+            assert "ingress started" not in daemon.output()
+        else:
+            notify.wait_for("READY=1", timeout=30)
         assert inbox_ids(tmp_path / DATA) == [2]

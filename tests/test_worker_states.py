@@ -301,6 +301,9 @@ def test_a_silent_worker_waiting_on_the_disk_is_not_hung_until_it_is_back_in_pyt
     assert worker.tick(back, TIMING) is False and worker.state is State.READY and worker.healthy(back, TIMING)
     worker.tick(back + 0.1, TIMING)  # and still silent: hung
     assert worker.state is State.HUNG and not worker.healthy(back + 0.1, TIMING)
+    worker.exited(worker.child.reap(), back + 0.5, False, LIMITS)  # the SIGABRT the tick sent
+    assert worker.status(back + 1.5)["last_death"] == {"how": "signal SIGABRT, aborted as hung (no heartbeat)",
+                                                       "age": 1.0}  # status said a crash (re-read 27)
 
 
 def test_a_worker_waiting_on_the_disk_spares_its_siblings_and_only_for_so_long(children, monkeypatch, caplog):
