@@ -169,15 +169,16 @@ class Supervisor:
                                           check_progress=self._checking_pages)
             self.store.open_ack_journal()  # what a crash left unapplied, applied before serving
             self._stop_if_asked("ack journal's apply")  # a stalled one: said then, done now (re-read 27)
-        except _StopRequested as stop:  # SIGTERM/SIGINT during the check or the apply: nothing started yet
+            self._forget_fallbacks()
+            self._note_other_client_id()
+            self.api = self._start_api()
+            self.consumers.declare()  # a store write too, at every start with consumers
+            self._stop_if_asked("store writes")
+        except _StopRequested as stop:  # SIGTERM/SIGINT during the check or a write: nothing started yet
             log.info("stopping: received %s", stop)
             self.notifier.stopping()
             self._close()
             return 0
-        self._forget_fallbacks()
-        self._note_other_client_id()
-        self.api = self._start_api()
-        self.consumers.declare()
         now = time.monotonic()
         for worker in self.workers.values():
             self._spawn(worker, now)

@@ -85,6 +85,7 @@ class WorkerProcess:
         self.next_start = 0.0
         self.kill_at: Optional[float] = None  # SIGKILL then, unless reaped first
         self.sent_kill = False  # a SIGKILL of ours: its death is not the OOM killer's
+        self.hung = False  # judged hung, this process: said with its death, whatever came after
         self.restart_when_stopped = False
         self.counters: Dict[str, Any] = {}
         self.mqtt: Dict[str, Any] = {}
@@ -127,7 +128,7 @@ class WorkerProcess:
         self.pid, self.channel = pid, channel
         self.started_at = self.last_heard = now
         self.kill_at = None
-        self.sent_kill = False
+        self.sent_kill = self.hung = False
         # the process before ended with the store refusing: its "resuming" is for this one to earn
         self.refused_before = bool(self.counters.get("store_error"))
         self.counters, self.mqtt = {}, {}
@@ -184,7 +185,7 @@ class WorkerProcess:
                cause: str = "") -> None:
         """The process is gone (reaped): STOPPED, BACKOFF until `next_start`, or FATAL when it
         failed too often too quickly (crash loop)."""
-        how = describe_exit(status) + cause + (", aborted as hung (no heartbeat)" if self.state is State.HUNG else "")
+        how = describe_exit(status) + cause + (", after it hung (no heartbeat)" if self.hung else "")
         planned = self.state is State.STOPPING
         self.pid, self.kill_at = None, None
         # its links died with it: a last report of `connected` must not outlive the process
@@ -235,6 +236,7 @@ class WorkerProcess:
             if self._said_disk_wait(now, supervision.heartbeat_timeout) or disk_wait:  # its own first: said once
                 return False
             self.transition(State.HUNG)
+            self.hung = True
             if self.pid is not None and stopped(self.pid):  # SIGABRT would wait for a SIGCONT
                 log.error("%s hung (no heartbeat for %.1fs): stopped (SIGSTOP, a debugger), killing pid %s",
                           self.name, now - self.last_heard, self.pid)

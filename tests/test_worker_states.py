@@ -302,7 +302,7 @@ def test_a_silent_worker_waiting_on_the_disk_is_not_hung_until_it_is_back_in_pyt
     worker.tick(back + 0.1, TIMING)  # and still silent: hung
     assert worker.state is State.HUNG and not worker.healthy(back + 0.1, TIMING)
     worker.exited(worker.child.reap(), back + 0.5, False, LIMITS)  # the SIGABRT the tick sent
-    assert worker.status(back + 1.5)["last_death"] == {"how": "signal SIGABRT, aborted as hung (no heartbeat)",
+    assert worker.status(back + 1.5)["last_death"] == {"how": "signal SIGABRT, after it hung (no heartbeat)",
                                                        "age": 1.0}  # status said a crash (re-read 27)
 
 
