@@ -131,14 +131,13 @@ class LaxBroker(TlsTestBroker):
     set, as a broker keeping its session does (all of them again stored each twice). With
     `resend_after`, what is still not PUBACKed that many seconds after the last packet came is
     sent once more on the same connection, with DUP set (MQTT 3.1.1 allows it; some brokers
-    retry on a timer). It answers an UNSUBSCRIBE only with `unsubacks`. `push` (topic, payload) sends a QoS 0
+    retry on a timer). It never answers an UNSUBSCRIBE. `push` (topic, payload) sends a QoS 0
     message to the connected client within 0.05 s, from the connection's own thread."""
 
     def __init__(self, certs: Any, deliveries: List[Tuple[bytes, bytes]],
-                 resend_after: Optional[float] = None, unsubacks: bool = False):
+                 resend_after: Optional[float] = None):
         self.deliveries = deliveries
         self.resend_after = resend_after
-        self.unsubacks = unsubacks
         self.pushed: "queue.Queue[Tuple[bytes, bytes]]" = queue.Queue()
         super().__init__(certs)
 
@@ -176,8 +175,6 @@ class LaxBroker(TlsTestBroker):
                         self._deliver(tls)
                     elif kind == 4:  # PUBACK
                         self.acked.append(struct.unpack(">H", body[:2])[0])
-                    elif kind == 10 and self.unsubacks:  # UNSUBSCRIBE
-                        tls.sendall(mqtt_packet(0xB0, body[:2]))
                     elif kind == 12:  # PINGREQ
                         tls.sendall(mqtt_packet(0xD0, b""))
                     elif kind == 14:  # DISCONNECT

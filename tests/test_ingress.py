@@ -16,6 +16,7 @@ from flashlexd.store import Incoming, Store
 from tests.broker import (BROKER_INFLIGHT, INGRESS_TOPIC, PUBSUB_TOPIC, THING, Broker, Certs, Proxy, open_store, publish,
                           publish_lines, wait_for, write_config, write_lines)
 from tests.lax_broker import LaxBroker
+from tests.test_lax_publish import MALFORMED, RawLaxBroker, publish as publish_packet
 from tests.quota_proxy import QuotaProxy
 from tests.test_egress_quota import plain_broker  # noqa: F401 (fixture)
 from tests.tmpfs import mounted_ext4, read_only
@@ -491,17 +492,22 @@ def test_a_resend_on_the_same_connection_is_stored_once(broker: Broker, tmp_path
 
 
 # 12 MB: over a 1 MB store and a full batch's bytes (BATCH_BYTES) held while it refuses
-BIG_DELIVERIES = [(INGRESS_TOPIC.encode(), b"%04d" % n + b"." * 200_000) for n in range(60)]
+BIG_PAYLOADS = [b"%04d" % n + b"." * 200_000 for n in range(60)]
 
 
-def test_a_bad_topic_after_a_message_left_with_the_broker_is_not_acknowledged_before_it(
-        broker: Broker, tmp_path: Path, start_worker) -> None:
+@pytest.mark.parametrize("kind", ["bad-topic", "malformed"])
+def test_a_message_dropped_after_one_left_with_the_broker_is_not_acknowledged_before_it(
+        broker: Broker, tmp_path: Path, start_worker, kind: str) -> None:
     """PUBACKs go in the order the messages came: once one is left with the broker (a refusing
     store, a full batch), so is every QoS 1 message after it on that connection. One with a
     topic that is not UTF-8 was dropped and acknowledged all the same, before the left ones
-    (found by re-read). It is left too, and dropped in its turn after the reconnect."""
-    bad = len(BIG_DELIVERIES) + 1
-    lax = LaxBroker(broker.certs, [*BIG_DELIVERIES, (b"flashlex/\xff", b"bad")], unsubacks=True)
+    (found by re-read), and a malformed one (paho's to read) was logged "acknowledged" and
+    counted at each copy (re-read 27). Each is left too, and dropped in its turn after the
+    reconnect, once."""
+    bad = len(BIG_PAYLOADS) + 1
+    last = publish_packet(b"flashlex/\xff", b"bad", bad) if kind == "bad-topic" else MALFORMED["empty-topic-311"][0](bad)
+    lax = RawLaxBroker(broker.certs, [*[(mid, publish_packet(INGRESS_TOPIC.encode(), payload, mid))
+                                        for mid, payload in enumerate(BIG_PAYLOADS, 1)], (bad, last)], unsubacks=True)
     seen: List[bytes] = []
     try:
         config = write_config(tmp_path / "config", broker, port=lax.port, mqtt={"protocol": "3.1.1"},
@@ -509,11 +515,13 @@ def test_a_bad_topic_after_a_message_left_with_the_broker_is_not_acknowledged_be
         store = open_store(config)
         worker = start_worker("ingress", config)
         worker.wait(lambda w: w.counters.get("left_with_broker", 0) > 1, 30, "messages left with the broker")
-        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= len(BIG_DELIVERIES), 60,
+        wait_for(lambda: read_and_ack(store, seen) >= 0 and len(seen) >= len(BIG_PAYLOADS), 60,
                  "every message stored", interval=0.1)
         wait_for(lambda: set(range(1, bad + 1)) <= set(lax.acked), 15, "every message acknowledged")
         assert lax.acked.index(bad) > max(lax.acked.index(mid) for mid in range(1, bad)), lax.acked
-        assert sorted(seen) == sorted(payload for _, payload in BIG_DELIVERIES)
+        assert sorted(seen) == BIG_PAYLOADS
+        worker.wait(lambda w: w.counters.get(f"dropped_{kind.replace('-', '_')}") == 1, 10, "the drop counted once")
+        assert worker.log_text().count("dropped a") == 1, worker.log_text()
         assert worker.stop() == 0
     finally:
         lax.close()

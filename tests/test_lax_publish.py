@@ -20,11 +20,14 @@ Packet = Callable[[bool, bool], bytes]  # (dup, v5) -> the PUBLISH's bytes
 class RawLaxBroker(TlsTestBroker):
     """A session-keeping broker over mutual TLS that answers CONNECT in the client's protocol
     and, after each SUBACK, sends every raw delivery (mid, builder) not PUBACKed yet, in order,
-    as a broker keeping our session resends them first on each new connection."""
+    as a broker keeping our session resends them first on each new connection. With
+    `unsubacks`, it answers an MQTT 3.1.1 UNSUBSCRIBE (the ack barrier's)."""
 
-    def __init__(self, certs, deliveries: List[Tuple[int, Packet]], connack_props: bytes = b"\0"):
+    def __init__(self, certs, deliveries: List[Tuple[int, Packet]], connack_props: bytes = b"\0",
+                 unsubacks: bool = False):
         self.deliveries = deliveries
         self.connack_props = connack_props
+        self.unsubacks = unsubacks
         self.other: List[Tuple[int, bytes]] = []
         self.v5 = False  # the protocol of the last CONNECT (one client at a time here)
         super().__init__(certs)
@@ -50,6 +53,8 @@ class RawLaxBroker(TlsTestBroker):
                     self.sent.add(mid)
         elif kind == 4:
             self.acked.append(struct.unpack(">H", body[:2])[0])
+        elif kind == 10 and self.unsubacks and not self.v5:
+            tls.sendall(mqtt_packet(0xB0, body[:2]))
         elif kind == 12:
             tls.sendall(mqtt_packet(0xD0, b""))
         elif kind == 14:
