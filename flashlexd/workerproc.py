@@ -202,8 +202,9 @@ class WorkerProcess:
             self.restart_when_stopped = False
             delay: Optional[float] = 0.0
             log.info("%s stopped for restart (%s)", self.name, how)
-            if self.sent_kill:  # it did not stop when asked (hung, or past stopTimeoutSeconds)
+            if self.sent_kill or self.hung:  # it did not stop when asked, or hung before (re-read 28)
                 self.restarts += 1
+                self.last_death = (how, now)
         else:
             ran = now - self.started_at
             self.last_death = (how, now)  # for `status`: a log line alone left it unsaid there

@@ -149,6 +149,20 @@ def test_a_worker_killed_for_not_stopping_for_a_restart_counts_as_restarted(chil
     worker.tick(10.0 + TIMING.stop_timeout, TIMING)  # SIGKILL
     worker.exited(worker.child.reap(), 12.5, False, LIMITS)
     assert worker.state is State.BACKOFF and worker.restarts == 1
+    assert worker.status(13.5)["last_death"] == {"how": "signal SIGKILL", "age": 1.0}  # said in status too
+
+
+def test_a_worker_that_hung_just_before_a_reload_stopped_it_counts_as_restarted(children):
+    """Judged hung (SIGABRT) and then stopped by a reload within its abort grace: its death was
+    taken for the reload's planned stop, neither counted nor said in `status` (re-read 28)."""
+    worker = started(children, ignore=[signal.SIGABRT])
+    worker.reported_state("ready")
+    worker.tick(TIMING.heartbeat_timeout + 0.1, TIMING)  # hung: SIGABRT (ignored here)
+    assert worker.state is State.HUNG
+    worker.stop(3.5, TIMING.stop_timeout, restart=True)  # its SIGTERM ends it
+    worker.exited(worker.child.reap(), 3.6, False, LIMITS)
+    assert worker.state is State.BACKOFF and worker.restarts == 1
+    assert worker.status(4.6)["last_death"] == {"how": "signal SIGTERM, after it hung (no heartbeat)", "age": 1.0}
 
 
 def test_a_worker_that_ignores_sigterm_is_killed_at_the_stop_timeout(children):
