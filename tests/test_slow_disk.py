@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from flashlexd.client import Client, connect
+from flashlexd.workerproc import process_state
 from tests.broker import EGRESS_TOPIC, INGRESS_TOPIC, Subscriber, publish, wait_for
 from tests.daemon import Daemon, NotifyListener, default_sigint
 from tests.test_ack_journal import inbox_ids, store_then_crash
@@ -60,6 +61,10 @@ def stalled_daemon(daemon_config: Path, tmp_path: Path) -> Iterator[Stalled]:
         daemon.start()
         notify.wait_for("READY=1", timeout=30)
         with connect(str(daemon.socket_path), timeout=60) as fx:
+            # the workers' writes at their connects done first: one the stall held would hold
+            # the write lock, and the call's write wait for it, not for the disk
+            wait_for(lambda: all((fx.status()["mqtt"].get(side) or {}).get("connected")
+                                 for side in ("ingress", "egress")), 30, "both links up")
             yield Stalled(daemon, disk, notify, fx)
 
 
@@ -75,21 +80,30 @@ def listened(notify: NotifyListener, thread: Optional[threading.Thread], seconds
             thread.join(0.02)
 
 
+def writing_to_disk(pid: int) -> bool:
+    """Whether a thread of process `pid` is blocked on the disk (state D)."""
+    return any(process_state(int(task)) == "D" for task in os.listdir(f"/proc/{pid}/task"))
+
+
 def stalled_call(stalled: Stalled, call: Callable[[], object], during: Callable[[], None] = lambda: None
                  ) -> Dict[str, object]:
-    """`call()` made in a thread while the disk stalls for STALL seconds (`during()` called a
-    second into it); its outcome once the disk writes again."""
+    """`call()` made in a thread while the disk stalls for STALL seconds (`during()` called once
+    the daemon's write for it waits on the disk); its outcome once the disk writes again."""
     outcome: Dict[str, object] = {}
 
     def write() -> None:
         outcome["answer"] = call()
 
     stalled.disk.stall()
+    began = time.monotonic()
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
-    listened(stalled.notify, writer, 1.0)
+    # not a second's wait: on a loaded machine the call had not reached its write by then, and
+    # a SIGTERM came before it (the stop test's call then went unanswered)
+    wait_for(lambda: (stalled.notify.lines(), writing_to_disk(stalled.daemon.pid))[1], 10,
+             "the call's write held back by the disk (a supervisor thread in state D)")
     during()
-    listened(stalled.notify, writer, STALL - 1.0)
+    listened(stalled.notify, writer, STALL - (time.monotonic() - began))
     assert writer.is_alive(), f"the call was not held back by the stall: {outcome}"
     stalled.disk.resume()
     outcome["resumed_at"] = time.monotonic()
