@@ -949,12 +949,12 @@ def test_a_sender_outpacing_a_reader_has_the_left_messages_back_at_each_reconnec
         broker.close()
 
 
-def one_content_stored_once_across_a_kill(certs: Certs, tmp_path: Path, start_worker, count: int,
+def one_content_stored_once_across_a_kill(broker: Any, config: Path, tmp_path: Path, start_worker, count: int,
                                           kill_when: Callable[[Any, Store, List[bytes]], None]) -> None:
     """`count` messages of one content published under MQTT 3.1.1 (no packet ids in the marks)
-    into a 1 MB store under `reject`, read and acknowledged as they come; the ingress killed
-    once `kill_when(worker, store, seen)` returns, then started again: each stored once."""
-    broker, config, store = wide_window_setup(certs, tmp_path, "3.1.1")
+    into `config`'s store (1 MB, `reject`), read and acknowledged as they come; the ingress
+    killed once `kill_when(worker, store, seen)` returns, then started again: each stored once."""
+    store = open_store(config)
     seen: List[bytes] = []
     try:
         worker = start_worker("ingress", config)
@@ -971,6 +971,16 @@ def one_content_stored_once_across_a_kill(certs: Certs, tmp_path: Path, start_wo
         assert worker.stop() == 0
     finally:
         store.close()
+
+
+def one_content_on_a_wide_window(certs: Certs, tmp_path: Path, start_worker, count: int,
+                                 kill_when: Callable[[Any, Store, List[bytes]], None]) -> None:
+    """one_content_stored_once_across_a_kill on a mosquitto with no in-flight window of its own."""
+    broker, config, store = wide_window_setup(certs, tmp_path, "3.1.1")
+    store.close()
+    try:
+        one_content_stored_once_across_a_kill(broker, config, tmp_path, start_worker, count, kill_when)
+    finally:
         broker.close()
 
 
@@ -986,7 +996,14 @@ def test_a_kill_right_after_the_reconnect_for_left_messages_loses_none_of_a_cont
         # the log looked at first: a kill one round trip after the reconnect is MQTT 3.1.1's known gap
         wait_for(lambda: "reconnecting so that the broker resends" in worker.log_text()
                  or read_and_ack(store, seen) < 0, 30, "the reconnect for the left messages")
-    one_content_stored_once_across_a_kill(certs, tmp_path, start_worker, 5000, after_the_reconnect)
+    one_content_on_a_wide_window(certs, tmp_path, start_worker, 5000, after_the_reconnect)
+
+
+def while_the_store_refuses_every_puback_confirmed(worker: Any, store: Store, seen: List[bytes]) -> None:
+    """Return once the store refuses and the broker confirmed every PUBACK the ingress sent."""
+    worker.wait(lambda w: w.counters.get("store_full") and w.counters.get("stored")
+                and w.counters.get("acks_confirmed", 0) >= w.counters["stored"], 20,
+                "the store refusing, every PUBACK sent confirmed")
 
 
 def test_a_kill_while_the_store_refuses_loses_none_of_a_content(certs: Certs, tmp_path: Path,
@@ -997,11 +1014,18 @@ def test_a_kill_while_the_store_refuses_loses_none_of_a_content(certs: Certs, tm
     redeliveries (found by re-read; while they waited 5 s more, up to 1,500 lost a kill,
     review "samecontent"). A refusing store takes them off alone, as soon as they are
     confirmed."""
-    def while_it_refuses(worker: Any, store: Store, seen: List[bytes]) -> None:
-        worker.wait(lambda w: w.counters.get("store_full") and w.counters.get("stored")
-                    and w.counters.get("acks_confirmed", 0) >= w.counters["stored"], 20,
-                    "the store refusing, every PUBACK sent confirmed")
-    one_content_stored_once_across_a_kill(certs, tmp_path, start_worker, 2000, while_it_refuses)
+    one_content_on_a_wide_window(certs, tmp_path, start_worker, 2000, while_the_store_refuses_every_puback_confirmed)
+
+
+@pytest.mark.parametrize("any_broker", ["rabbitmq"], indirect=True)
+def test_a_kill_while_the_store_refuses_loses_none_of_a_content_on_rabbitmq(
+        any_broker: Any, tmp_path: Path, start_worker) -> None:
+    """The same on RabbitMQ, whose confirmations and resends differ (its own window of 10, a
+    session queue that resends every unacknowledged message after a reconnect)."""
+    config = write_config(tmp_path / "config", any_broker, mqtt={"protocol": "3.1.1"},
+                          db={"capMegabytes": 1, "whenFull": "reject"})
+    one_content_stored_once_across_a_kill(any_broker, config, tmp_path, start_worker, 2000,
+                                          while_the_store_refuses_every_puback_confirmed)
 
 
 def test_reconnects_while_the_store_refuses_do_not_pile_up_window_after_window(
