@@ -34,17 +34,21 @@ def most_in_one_second(times: List[float]) -> int:
     return max(sum(1 for t in times if start <= t < start + 1) for start in times)
 
 
-def test_the_publish_rate_is_paced_and_never_bunched() -> None:
+@pytest.mark.parametrize("rate", [100, 50, 10, 3, 1, 0.5, 1000])
+def test_the_publish_rate_is_paced_and_never_over_the_rate_in_any_second(rate: float) -> None:
+    """A strict quota counts any one-second window: a full bucket's burst and a second's refill
+    were 110 at 100/s (review "aws": 24 of 1,000 dropped by such a broker)."""
     clock = FakeClock()
-    times = sends(PublishBudget(100, 0, clock), clock, 10)
-    assert 1000 <= len(times) <= 1000 + 100 * BURST_SECONDS + 1
-    assert most_in_one_second(times) <= 100 * (1 + BURST_SECONDS) + 1  # a tenth of a second of burst
+    times = sends(PublishBudget(rate, 0, clock), clock, 20)
+    assert most_in_one_second(times) <= max(1, rate)
+    assert len(times) >= 20 * rate * (1 - BURST_SECONDS)  # the price: at most a burst's worth a second
 
 
 def test_the_byte_rate_holds_even_for_entries_bigger_than_its_burst() -> None:
     clock = FakeClock()
     times = sends(PublishBudget(0, 512 * 1024, clock), clock, 10, size=128 * 1024)
-    assert 10 * 4 <= len(times) <= 10 * 4 + 2  # 4 entries of 128 KiB a second
+    assert 10 * 4 * (1 - BURST_SECONDS) <= len(times) <= 10 * 4 + 2  # ~4 entries of 128 KiB a second
+    assert most_in_one_second(times) <= 4
 
 
 def test_zero_is_unlimited() -> None:
@@ -55,8 +59,8 @@ def test_zero_is_unlimited() -> None:
 def test_resends_after_a_reconnect_are_paid_for() -> None:
     clock = FakeClock()
     budget = PublishBudget(100, 0, clock)
-    budget.spend(100, 0)  # 100 sent at once from a bucket of 10: in debt for 0.9 s
-    assert budget.wait(1) == pytest.approx(0.91)
+    budget.spend(100, 0)  # 100 sent at once from a bucket of 5: in debt for 0.95 s at 96/s
+    assert budget.wait(1) == pytest.approx(96 / 96)
 
 
 @pytest.mark.parametrize("operation_timeout, dead_after", [(120, 45), (5, 35)])

@@ -49,7 +49,7 @@ from flashlexd.linkwatch import Verdict
 from flashlexd.logs import LineThrottle, since_last
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import QUOTA_EXCEEDED, V5, publish_packet_size, publish_properties, reason_name
-from flashlexd.ratelimit import PublishBudget, describe_rate
+from flashlexd.ratelimit import PublishBudget, describe_rate, paced_rate
 from flashlexd.store import OutboxEntry, Store, StoreDamaged, StoreError
 from flashlexd.wire import PUBACK_STALLED
 from flashlexd.workers.base import Worker
@@ -594,10 +594,11 @@ class EgressWorker(Worker):
         return removed
 
     def _drain_rate(self, rate_limit: float) -> float:
-        """Entries per second `rate_limit` and the byte limit allow (the slower), else the rate seen."""
-        limits = [rate_limit] if rate_limit else []
+        """Entries per second `rate_limit` and the byte limit allow (the slower, as paced), else
+        the rate seen."""
+        limits = [paced_rate(rate_limit)] if rate_limit else []
         if self.bytes_limit and self.mean_size:
-            limits.append(self.bytes_limit / self.mean_size)
+            limits.append(paced_rate(self.bytes_limit) / self.mean_size)
         return min(limits) if limits else self.send_rate
 
     def _eta(self, backlog: int) -> Optional[float]:
