@@ -33,7 +33,7 @@ from flashlexd.linkwatch import LinkWatch, Verdict
 from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqttclient import (_ABRUPT_CLOSE, WEBSOCKET_PATH, LastError, LinkCredentials, build_client,
                                   describe_error, uses_alpn, websocket_hint)
-from flashlexd.mqttv5 import V5, BrokerLimits, ProtocolChoice, reason_name
+from flashlexd.mqttv5 import V5, V311, BrokerLimits, ProtocolChoice, reason_name
 from flashlexd.publishread import Publish, message_fields
 from flashlexd.timesync import CLOCK_RETRY_SECONDS, clock_problem
 
@@ -540,6 +540,15 @@ class Connection:
             pass
         self.client.loop_read()
 
+    def _refusal(self, reason: Any) -> str:
+        """A refusing CONNACK's reason in words. paho names a 3.1.1 return code past 5 (none is
+        defined) "Unspecified error", and AWS IoT Core answers 7 to a client its policy does not
+        let connect (its "MQTT differences"): said so, or the user has nothing to look at."""
+        if self.protocol == V311 and str(reason) == "Unspecified error":
+            return (f"{reason} (a return code MQTT 3.1.1 does not define: AWS IoT Core's answer when"
+                    f" the thing's policy does not allow iot:Connect for this client id)")
+        return str(reason)
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         self._connack_due = None
@@ -552,7 +561,7 @@ class Connection:
         if reason.is_failure:
             # paho closes the socket after this callback and calls _on_disconnect
             self._failed(f"broker {self.thing.endpoint}:{self.thing.mqtt.port} refused the"
-                         f" connection of client id {self.client_id!r}: {reason}")
+                         f" connection of client id {self.client_id!r}: {self._refusal(reason)}")
             return
         now = self.clock()
         self.connected = True

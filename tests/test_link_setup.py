@@ -46,6 +46,7 @@ class RefusingBroker(TlsTestBroker):
     ("5", 0x8A, "Banned"), ("5", 0x87, "Not authorized"), ("auto", 0x86, "Bad user name or password"),
     ("3.1.1", 5, "Not authorized"), ("3.1.1", 2, "Client identifier not valid"),
     ("3.1.1", 1, "Unsupported protocol version"),  # was blamed on the client certificate
+    ("3.1.1", 7, "does not allow iot:Connect"),  # AWS IoT Core's 7: was "Unspecified error" alone
 ])
 def test_a_refused_connack_is_one_line_naming_the_reason(broker: Broker, certs: Certs, tmp_path: Path,
                                                          protocol: str, code: int, words: str) -> None:
