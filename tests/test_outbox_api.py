@@ -77,6 +77,17 @@ def test_publish_on_aws_refuses_the_dollar_topics_it_reserves(harness, fx, topic
     assert fx.outbox()["count"] == 2
 
 
+def test_publish_refuses_a_retained_message_on_an_aws_reserved_topic(fx):
+    """AWS IoT Core refuses RETAIN on its reserved topics ("MQTT differences"): the entry was
+    queued and failed later, far from the call (review "aws")."""
+    with pytest.raises(RpcError) as info:
+        fx.publish(b"{}", topic="$aws/things/T/shadow/update", retain=True)
+    assert info.value.code == Code.BAD_PARAMS and "\n" not in info.value.message
+    assert info.value.message.startswith("publish: param 'retain': AWS IoT Core keeps no retained message")
+    assert fx.outbox()["count"] == 0
+    assert fx.publish(b"{}", topic="$aws/things/T/shadow/update") == 1
+
+
 def test_publish_accepts_the_longest_topic_and_the_largest_payload(fx):
     assert fx.publish(b"x" * MAX_PAYLOAD, topic="é" * 128) == 1  # 256 bytes in UTF-8
     with pytest.raises(RpcError) as info:

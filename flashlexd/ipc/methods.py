@@ -25,7 +25,7 @@ from flashlexd.ipc.walk import Steps, Walk
 from flashlexd.mqttv5 import properties_size, publish_packet_size
 from flashlexd.runtime import ApiRules
 from flashlexd.store import COUNTERS, DiskFull, Store, StoreBusy, StoreError, StoreFull
-from flashlexd.topics import publish_topic_problem, valid_filter
+from flashlexd.topics import AWS_SERVICE_PREFIX, publish_topic_problem, valid_filter
 
 # Inbox records one `paged` messages/wait call with a topic filter looks at, whatever the inbox
 # holds (the cursor says where to go on): ~1 ms of the supervisor's loop here (500 records: a
@@ -439,6 +439,9 @@ class Methods:
                                  f"{_show(topic)} (nothing was queued)")
         qos = p.integer("qos", 1, 0, 1)
         retain = p.boolean("retain", False)
+        if retain and topic.startswith(AWS_SERVICE_PREFIX):  # on any endpoint: a custom domain too
+            raise RpcFailure(Code.BAD_PARAMS, f"publish: param 'retain': AWS IoT Core keeps no retained"
+                             f" message on its reserved topics ({_show(topic)}) (nothing was queued)")
         properties = mqttprops.publish_properties(p)
         p.done()
         rules = self.rules
