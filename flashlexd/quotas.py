@@ -114,9 +114,9 @@ def quota_warnings(endpoint: str, path: str, mqtt: "Mqtt", thing_name: str) -> L
     if len(topics) > SUBSCRIPTIONS:
         over("subscriptions", f"{len(topics)} topic filters", f"{SUBSCRIPTIONS} subscriptions per connection")
     for topic in (*topics, mqtt.egress_topic):
-        counted = topic  # Basic Ingest's $aws/rules/<rule>/ is not counted by AWS
-        if topic.startswith("$aws/rules/") and topic.count("/") >= 3:
-            counted = topic.split("/", 3)[3]
+        counted = topic  # Basic Ingest's $aws/rules/<rule>/ and a shared one's $share/<group>/ are
+        if topic.startswith(("$aws/rules/", "$share/")) and topic.count("/") >= 2:  # not counted by AWS
+            counted = topic.split("/", 3 if topic.startswith("$aws/") else 2)[-1]
         if len(counted.encode("utf-8")) > TOPIC_BYTES or counted.count("/") > TOPIC_SLASHES:
             warnings.append(f"{path}: topic {topic!r} is over AWS IoT Core's limits of {TOPIC_BYTES}"
                             f" bytes and {TOPIC_SLASHES} slashes")

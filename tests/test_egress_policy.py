@@ -338,6 +338,18 @@ def test_values_over_aws_quotas_are_one_warning_line_each(tmp_path: Path) -> Non
     assert quota_warnings("mosquitto.local", "x", config.thing.mqtt, "thing") == []  # other brokers: no AWS quotas
 
 
+def test_a_shared_subscriptions_prefix_is_not_counted_in_the_topic_limits(tmp_path: Path) -> None:
+    """AWS counts neither `$share/GROUP/` nor `$aws/rules/RULE/` (its SDK's
+    aws_mqtt5_topic_skip_aws_iot_core_uncounted_prefix): 6 slashes after the prefix were warned
+    of as 8 (review "aws")."""
+    def shared(document) -> None:
+        document["flashlex"]["thing"]["mqtt"]["subscriptions"] = ["$share/grp/a/b/c/d/e/f/g", "$share/grp/a/b/c/d/e/f/g/h/i"]
+    config = load(str(edited_config(tmp_path, shared)))
+    assert [w for w in config.warnings if "topic" in w] == [
+        "flashlex.thing.mqtt: topic '$share/grp/a/b/c/d/e/f/g/h/i' is over AWS IoT Core's limits of 256 bytes"
+        " and 7 slashes"]
+
+
 @pytest.mark.parametrize("asked, used, warned", [
     (3600, 1200, "flashlex.thing.mqtt.keepAliveSeconds: 3600 is over AWS IoT Core's 1200 s (it closes a"
                  " link quiet for 1.5 x 1200 s); using 1200"),
