@@ -28,6 +28,7 @@ CONNECTS_PER_SECOND = 1        # CONNECT requests per second per client id
 KEEPALIVE_RANGE = (30, 1200)   # seconds; AWS clamps values outside it
 SESSION_EXPIRY = "1 h (adjustable up to 7 days)"  # how long a persistent session outlives a disconnect
 SESSION_EXPIRY_MAX = 7 * 24 * 3600  # the adjustable quota's ceiling, seconds
+QOS1_RETRY_SECONDS = 3600      # a QoS 1 message sent us and not acknowledged this long is dropped
 
 
 ALPN_PORT = 443  # AWS IoT serves MQTT with client certificates on 443 only with this ALPN:

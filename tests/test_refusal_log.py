@@ -77,3 +77,29 @@ def test_every_refusal_holds_the_end_back_a_retry_too(said):
     log.refused(FULL, 2.0, held=5, retry=True)
     assert log.due(2.0 + RESUMED_QUIET_SECONDS) == float("inf")
     assert said() == [("ERROR", "store full: store at its cap")]
+
+
+def test_a_refusal_lasting_most_of_the_brokers_patience_is_warned_of_once(said):
+    """AWS IoT Core drops a QoS 1 message it has had no PUBACK for in an hour: a store refusing
+    that long loses at the broker what the README said the broker keeps (review "aws"). One
+    WARNING at 45 min, due through `due()` (a steady refusal logs nothing more), once an episode."""
+    log = RefusalLog(retry_seconds=1.0, broker_keeps=3600)
+    log.refused(FULL, 0.0, held=5, retry=False)
+    assert log.due(1.0) == pytest.approx(2700 - 1)
+    for at in range(1, 2700, 60):
+        log.refused(FULL, float(at), held=5, retry=True)
+    assert log.due(2699.0) == pytest.approx(1.0)
+    assert log.due(2700.0) == float("inf")
+    assert said()[-1] == ("WARNING", "the store has refused messages for 45 min: AWS IoT Core drops a QoS 1"
+                          " message it has had no PUBACK for in 60 min, so what it holds for this thing is"
+                          " lost from then: free room now (apps acknowledging, a larger capMegabytes) or set"
+                          " whenFull: dropOldest")
+    log.due(3000.0)
+    assert sum(1 for level, _ in said() if level == "WARNING") == 1
+    log.stored(3001.0)
+    log.due(3001.0 + RESUMED_QUIET_SECONDS)  # the episode over: the next one is warned of again
+    log.refused(FULL, 4000.0, held=5, retry=False)
+    assert log.due(4000.0) == pytest.approx(2700)
+    other = RefusalLog(retry_seconds=1.0)  # other brokers: no such notice
+    other.refused(FULL, 0.0, held=5, retry=False)
+    assert other.due(5000.0) == float("inf")

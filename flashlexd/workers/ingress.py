@@ -64,7 +64,7 @@ from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import V5, packet_limit, properties_of, properties_size, properties_wire_size
 from flashlexd.publishread import Publish
-from flashlexd.quotas import FILTERS_PER_SUBSCRIBE
+from flashlexd.quotas import FILTERS_PER_SUBSCRIBE, QOS1_RETRY_SECONDS, is_aws_endpoint
 from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.topics import topic_matches
 from flashlexd.workers.barrier import AckBarrier
@@ -146,7 +146,8 @@ class IngressWorker(Worker):
         self.last_arrival = 0.0
         self.generation = 0
         self.retry_at: Optional[float] = None
-        self.refusals = RefusalLog(RETRY_SECONDS)
+        self.refusals = RefusalLog(RETRY_SECONDS, QOS1_RETRY_SECONDS if is_aws_endpoint(self.config.thing.endpoint)
+                                   else None)
         # the broker lost our session, or the link is on another broker than the marks': every
         # DUP mark is stale once the first this-many batch messages (from the connections
         # before) are committed; None: nothing to forget
