@@ -258,17 +258,25 @@ class IngressWorker(Worker):
         broker's DUP of a message of that content whose first transmission this stop cut off
         would be taken for a redelivery and lost. Under load the barrier lags hundreds of
         PUBACKs behind. What arrives meanwhile is not acknowledged: the broker keeps it, save
-        QoS 0 messages (sent once), which are stored."""
-        held = len(self.batch)
+        QoS 0 messages (sent once), which are stored. Their commit may take what a refusing
+        store held too, whose PUBACKs are then waited for in the time left (re-read 29: they
+        went unconfirmed, after the line that counted what was)."""
+        deadline = time.monotonic() + timeout
         if self.barrier.unconfirmed():
             log.info("stopping: waiting up to %gs for the broker to confirm %d PUBACKs", timeout,
                      self.barrier.unconfirmed())
-        if not self.connection.pump_until(lambda: not self.barrier.unconfirmed(), timeout):
+        while True:
+            held = len(self.batch)
+            confirmed = self.connection.pump_until(lambda: not self.barrier.unconfirmed(),
+                                                   deadline - time.monotonic())
+            self.batch[held:] = [p for p in self.batch[held:] if not p.qos]
+            self.batch_bytes = self._held_bytes()
+            if len(self.batch) > held:
+                self._commit_all(time.monotonic())
+            if not confirmed or not self.barrier.unconfirmed():
+                break
+        if self.barrier.unconfirmed():
             log.info("stopping with %d PUBACKs not yet confirmed by the broker", self.barrier.unconfirmed())
-        self.batch[held:] = [p for p in self.batch[held:] if not p.qos]
-        self.batch_bytes = self._held_bytes()
-        if len(self.batch) > held:
-            self._commit_all(time.monotonic())
 
     # -- MQTT -------------------------------------------------------------------------------------
 
