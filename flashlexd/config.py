@@ -166,17 +166,18 @@ def load(path: str, data_dir: Optional[str] = None, keys_dir: Optional[str] = No
 
 def loads(text: str, config_path: Path, data_dir: Optional[str] = None,
           keys_dir: Optional[str] = None, socket_path: Optional[str] = None,
-          log_level: Optional[str] = None) -> Config:
+          log_level: Optional[str] = None, validated: bool = False) -> Config:
     """Validate config text read earlier: workers get the text the supervisor validated, so a
-    file edited without a reload never reaches a restarted worker."""
+    file edited without a reload never reaches a restarted worker. `validated`: that text, whose
+    key files are not looked at again (see `_keys`)."""
     document = parse_yaml(text, str(config_path))
     return parse(document, config_path, text, data_dir=data_dir, keys_dir=keys_dir,
-                 socket_path=socket_path, log_level=log_level)
+                 socket_path=socket_path, log_level=log_level, validated=validated)
 
 
 def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[str] = None,
           keys_dir: Optional[str] = None, socket_path: Optional[str] = None,
-          log_level: Optional[str] = None) -> Config:
+          log_level: Optional[str] = None, validated: bool = False) -> Config:
     warnings: List[str] = []
     if not isinstance(document, dict) or "flashlex" not in document:
         raise ConfigError("flashlex: missing required key (is this a FlashLex config file?)")
@@ -196,7 +197,7 @@ def parse(document: Any, config_path: Path, text: str = "", data_dir: Optional[s
     keys_base = Path(keys_dir) if keys_dir else config_path.resolve().parent
     thing = _thing(thing_section, keys_base, warnings, "--keys-dir" if keys_dir else
                    "the config file's directory (or use --keys-dir)",
-                   None if keys_dir else legacy_keys_dir(config_path))
+                   None if keys_dir else legacy_keys_dir(config_path), validated)
     if app.data.get("thread") == "subscribe":
         thing = replace(thing, mqtt=replace(thing.mqtt, subscribes_pubsub=False))
     # on the filters the ingress subscribes: `thread: subscribe` leaves the pubsub topic out
@@ -231,11 +232,11 @@ def legacy_keys_dir(config_path: Path) -> Optional[Path]:
 
 
 def _thing(section: Section, keys_base: Path, warnings: List[str], keys_base_name: str,
-           legacy_base: Optional[Path]) -> Thing:
+           legacy_base: Optional[Path], validated: bool) -> Thing:
     name = section.value("name")
     endpoint = _endpoint(section)
     keys = _keys(section.section("keys", required=True), keys_base, keys_base_name, warnings,
-                 legacy_base)
+                 legacy_base, validated)
     mqtt_path = f"{section.path}.mqtt"
     mqtt = _mqtt(section.section("mqtt", required=True), name, endpoint)  # type: ignore[arg-type]
     mqtt = aws_transport(endpoint, mqtt_path, mqtt, warnings)
@@ -297,7 +298,11 @@ def _endpoint_hint(endpoint: str, thing_path: str) -> str:
 
 
 def _keys(section: Section, base: Path, base_name: str, warnings: List[str],
-          legacy_base: Optional[Path]) -> Keys:
+          legacy_base: Optional[Path], validated: bool) -> Keys:
+    """The key files' paths, each checked unless `validated`: a worker parses the text the
+    supervisor checked, and a key file missing for a moment (a rotation half done) as it
+    started failed it for good, the whole daemon down after five (review "reload"); the TLS
+    context's build, which keeps the credentials loaded before, is where that is dealt with."""
     def key_file(key: str) -> Path:
         name = section.value(key)
         if "-----BEGIN" in name or "\n" in name:  # type: ignore[operator]
@@ -305,7 +310,7 @@ def _keys(section: Section, base: Path, base_name: str, warnings: List[str],
                               " PEM text itself (not shown): put it in a file, chmod 600, and name"
                               " that file here")
         path = (base / name).resolve()  # type: ignore[operator]
-        if not os.access(path, os.R_OK) or not path.is_file():
+        if not validated and (not os.access(path, os.R_OK) or not path.is_file()):
             reason = ("missing" if not path.exists() else "not a file" if not path.is_file()
                       else "not readable")
             hint = f"key names are relative to {base_name}"
@@ -316,7 +321,7 @@ def _keys(section: Section, base: Path, base_name: str, warnings: List[str],
         return path
 
     keys = Keys(root_ca=key_file("rootCA"), cert=key_file("cert"), private_key=key_file("privateKey"))
-    if stat.S_IMODE(keys.private_key.stat().st_mode) & 0o077:
+    if not validated and stat.S_IMODE(keys.private_key.stat().st_mode) & 0o077:
         warnings.append(f"{section.path}.privateKey: {keys.private_key} is readable by other users;"
                         f" run: chmod 600 {keys.private_key}")
     section.value("publicKey")  # not needed for mutual TLS; accepted

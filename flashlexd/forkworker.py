@@ -81,9 +81,9 @@ class WorkerMaker:
             try:
                 self._config = read_config(config_fd, self.config_path, self.data_dir,
                                            self.keys_dir, self.log_level, close=False)
-            except ConfigError as exc:
+                self._config_file = key
+            except ConfigError as exc:  # read again at the next start: what failed may be mended
                 self._config = exc
-            self._config_file = key
         if isinstance(self._config, Config):
             thing = self._config.thing
             prepare_tls_context(thing.keys, uses_alpn(thing))

@@ -535,14 +535,22 @@ def edit_config(path: Path, change) -> None:
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
-@pytest.mark.parametrize("spoil", ["garbage certificate", "CA file moved away"])
+@pytest.mark.parametrize("spoil", ["garbage certificate", "CA file moved away", "CA file moved away after a reload"])
 def test_a_restarted_worker_keeps_the_credentials_the_daemon_runs_with(daemon, notify, daemon_config, spoil):
     """A certificate rotation gone wrong: the files are spoilt (a reload is refused for them) and
     then a worker dies. The fork server read the key files afresh for it: the worker failed at
     each start and the daemon gave up (crash loop: exit 1, and under systemd the next start
-    exits 2, the service down for good); a missing file even killed the fork server silently."""
+    exits 2, the service down for good); a missing file even killed the fork server silently.
+    After an accepted reload, the first start parsed the new config and found the file missing:
+    that failure was kept for every later start, the daemon down (review "reload")."""
     import os
     notify.wait_for("READY=1", timeout=15)
+    if spoil == "CA file moved away after a reload":
+        edit_config(daemon_config, lambda document: document["flashlex"]["app"].update(consumerIdleDays=3))
+        hup_at = time.monotonic()
+        daemon.signal(signal.SIGHUP)
+        notify.wait_for("READY=1", after=hup_at, timeout=10)
+        assert "reload refused" not in daemon.output()
     if spoil == "garbage certificate":
         cert = next(daemon_config.parent.glob("*-certificate.pem"))
         cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
@@ -553,7 +561,7 @@ def test_a_restarted_worker_keeps_the_credentials_the_daemon_runs_with(daemon, n
     else:
         ca = daemon_config.parent / "root-ca-cert.pem"
         ca.rename(ca.with_suffix(".away"))
-    before = daemon.children()
+    before = daemon.children()  # the next start is the first from the reloaded config
     os.kill(before["egress"], signal.SIGKILL)
     wait_for(lambda: daemon.children().get("egress") not in (None, before["egress"]), 15, "a new egress")
     with connect(str(daemon.socket_path)) as fx:

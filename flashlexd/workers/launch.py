@@ -45,7 +45,7 @@ def read_config(fd: int, config_path: str, data_dir: Optional[str] = None,
     except (OSError, ValueError) as exc:
         raise config_module.ConfigError(f"no config from the supervisor: {exc}") from None
     return config_module.loads(text, Path(config_path), data_dir=data_dir, keys_dir=keys_dir,
-                               log_level=log_level)
+                               log_level=log_level, validated=True)
 
 
 def run_worker(name: str, config: Callable[[], Config], log_level: Optional[str] = None) -> int:
