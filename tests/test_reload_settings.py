@@ -263,3 +263,20 @@ def test_a_full_store_cured_by_a_reload_logs_its_end(daemon, notify, daemon_conf
         assert "config reloaded" in reload(daemon, notify)
         wait_for(lambda: fx.status()["inbox"]["count"] == 40, 30, "all 40 stored")
     wait_for(lambda: "store accepts messages again" in daemon.output(), 10, "the end of the refusal logged")
+
+
+def test_a_cap_lowered_under_what_the_store_holds_is_named_by_the_reload(daemon, notify, daemon_config, broker,
+                                                                          tmp_path):
+    """It was taken without a word, and under `dropOldest` the next message dropped 2,281 of
+    3,000 unread messages (review "reload")."""
+    notify.wait_for("READY=1", timeout=15)
+    with connect(str(daemon.socket_path)) as fx:
+        wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 20, "ingress subscribed")
+        write_lines(tmp_path / "big-lines", 40, width=60_000)  # 2.4 MB
+        assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "big-lines").wait(20) == 0
+        wait_for(lambda: fx.status()["inbox"]["count"] == 40, 30, "all 40 stored")
+    edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(capMegabytes=1, whenFull="dropOldest"))
+    output = reload(daemon, notify)
+    assert "config reloaded" in output
+    assert "over the new capMegabytes (1 MiB): the oldest inbox messages, read or not (about " in output, output[-3000:]
+    assert "of the 40 there), are dropped to make room at the next message" in output
