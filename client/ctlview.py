@@ -129,7 +129,8 @@ def health(status: Dict[str, Any]) -> List[str]:
         problems.append(f"{damaged} (read-only; see flashlexd store recover)")
     store_error = (mqtt.get("ingress") or {}).get("store_error")
     if store_error:
-        problems.append(f"ingress is not storing (messages stay with the broker): {store_error}")
+        problems.append(f"ingress is not storing (messages stay with the broker): {store_error}"
+                        f"{_holding_most(status.get('consumers') or [])}")
     quota_pauses = (mqtt.get("egress") or {}).get("quota_pauses_in_a_row") or 0
     if quota_pauses >= QUOTA_PAUSES_SAID:  # 1 + 2 + 4 s of pauses before: no passing rate quota
         problems.append(f"the broker refused every publish of the last {quota_pauses} tries with"
@@ -262,6 +263,18 @@ def render_rates(rates: Dict[str, Any]) -> str:
     shown = ", ".join(f"{k[:-len('_per_s')]} {v:.1f}/s" for k, v in rates.items()
                       if k.endswith("_per_s") and isinstance(v, (int, float)))
     return f"{shown} over the last {window:.1f}s"
+
+
+def _holding_most(consumers: List[Dict[str, Any]]) -> str:
+    """Which named consumer holds back the most, for a full store: an app reading under a name
+    and never acking filled it, and only `flashlexctl consumers` said so (review "consumers")."""
+    held = [c for c in consumers if (c.get("backlog") or 0) > 0]
+    if not held:
+        return ""
+    most = max(held, key=lambda c: c["backlog"])
+    kind = "dynamic" if most.get("dynamic") else "declared"
+    return (f"; consumer {most['name']!r} ({kind}) holds back the most, {backlog_text(most)} unacked"
+            f" (an app reading without acking? see flashlexctl consumers)")
 
 
 def backlog_text(consumer: Dict[str, Any]) -> str:

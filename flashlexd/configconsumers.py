@@ -1,4 +1,4 @@
-"""flashlex.app.consumers, allowDynamicConsumers and consumerIdleDays: the named consumers the
+"""flashlex.app.consumers, allowDynamicConsumers, consumerIdleDays and dynamicMaxBacklog: the named consumers the
 config declares (flashlexd/consumers.py), read into one frozen value."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class ConsumerSettings:
     declared: Tuple[ConsumerSpec, ...] = ()
     allow_dynamic: bool = True
     idle_seconds: float = 7 * _DAY
+    dynamic_max_backlog: Optional[int] = None
 
     def spec(self, name: str) -> Optional[ConsumerSpec]:
         return next((spec for spec in self.declared if spec.name == name), None)
@@ -30,7 +31,7 @@ def consumer_settings(app: Section) -> ConsumerSettings:
         raise ConfigError(f"{section.path}: {len(section.data)} consumers declared, at most {MAX_CONSUMERS}")
     declared = tuple(_consumer(section, name) for name in section.data)
     return ConsumerSettings(declared, app.value("allowDynamicConsumers"),
-                            app.value("consumerIdleDays") * _DAY)
+                            app.value("consumerIdleDays") * _DAY, app.value("dynamicMaxBacklog"))
 
 
 def _consumer(consumers: Section, name: object) -> ConsumerSpec:

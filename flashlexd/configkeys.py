@@ -175,6 +175,11 @@ TABLE: Tuple[Key, ...] = (
         " 64 consumers (declared and registered) are stored", AT_ONCE),
     Key("flashlex.app.consumerIdleDays", "integer", 7,
         "a dynamic consumer unused this many days is removed (one WARNING)", AT_ONCE, minimum=1),
+    Key("flashlex.app.dynamicMaxBacklog", "integer", None,
+        "a dynamic consumer's `maxBacklog`: beyond it its oldest unacked messages are dropped for"
+        " it, counted; without it, an app reading under an undeclared name and never acking holds"
+        " every message it matches, and under `whenFull: reject` a full store then refuses every"
+        " app's new messages", AT_ONCE, minimum=1, shown="none"),
     Key("flashlex.app.logLevel", "choice", "info",
         "`debug`, `info`, `warning`, `error` (`--log-level` wins); on reload the supervisor's at once",
         WORKERS, choices=LOG_LEVELS),

@@ -100,7 +100,8 @@ class ConsumerKeeper:
                 return
             self._sweep_started = now
             idle = self._idle_seconds(now)
-            self._sweep = self._store().consumers_upkeep(self._wall(), idle, self._steps)
+            self._sweep = self._store().consumers_upkeep(self._wall(), idle, self._steps,
+                                                         self._settings().dynamic_max_backlog)
         try:
             removed = next(self._sweep)
         except StopIteration:

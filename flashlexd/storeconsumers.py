@@ -615,11 +615,12 @@ class ConsumerStore:
         consumer.floor = target
 
     def consumers_upkeep(self, now: float, idle_seconds: Optional[float],
-                         clock_steps: Sequence[Tuple[float, float]] = ()) -> Iterator[Optional[str]]:
+                         clock_steps: Sequence[Tuple[float, float]] = (),
+                         dynamic_max_backlog: Optional[int] = None) -> Iterator[Optional[str]]:
         """The sweep's work, one bounded step per `next()` (a commit of COMMIT_STEP records or a
         read of COUNT_STEP): dynamic consumers unused for `idle_seconds` go (yields each name
-        removed, else None), and every consumer is trimmed to its maxBacklog (its oldest unacked
-        go, counted as dropped). One commit used to do it all: 0.5-1 s at 500,000 stored for one
+        removed, else None), and every consumer is trimmed to its maxBacklog, a dynamic one to
+        `dynamic_max_backlog` (its oldest unacked go, counted as dropped). One commit used to do it all: 0.5-1 s at 500,000 stored for one
         narrow consumer with a maxBacklog, every sweep, inside the supervisor's loop. Between two
         steps the loop serves calls (see BacklogCount for the acks made meanwhile).
         `clock_steps`: forward steps of the wall clock, (wall time just after, seconds), which
@@ -640,9 +641,12 @@ class ConsumerStore:
                 yield None
             yield None
         for consumer in self.consumer_states():
-            if consumer.max_backlog is None:
+            limit = consumer.max_backlog  # a dynamic one's: its own from when it was declared, if lower
+            if consumer.dynamic and dynamic_max_backlog is not None:
+                limit = dynamic_max_backlog if limit is None else min(limit, dynamic_max_backlog)
+            if limit is None:
                 continue
-            count = self._backlog_counts[consumer.name] = BacklogCount(consumer.name, consumer.max_backlog)
+            count = self._backlog_counts[consumer.name] = BacklogCount(consumer.name, limit)
             try:
                 while True:  # counted messages that left meanwhile move the cut further back
                     while not self.consumer_count_step(count):

@@ -29,6 +29,7 @@ EVERY_KEY_SET = {  # a valid value for each key that has no default in the seed
     "flashlex.thing.mqtt.subscriptions": ["extra/#"], "flashlex.app.socket.allowUids": [1000],
     "flashlex.app.db.dedupe.key": "json:id",
     "flashlex.app.consumers": {"display": {"filter": "sensors/#", "maxBacklog": 10, "allowUids": [1000]}},
+    "flashlex.app.dynamicMaxBacklog": 100000,
 }
 
 
@@ -60,6 +61,7 @@ def test_every_key_of_the_table_is_read_and_none_is_unknown(tmp_path):
     config = load(str(config_with(tmp_path, values)))
     assert not [w for w in config.warnings if "unknown key" in w], config.warnings
     assert config.api.max_buffered_bytes == 16777216 and config.api.allow_uids == (1000,)
+    assert config.consumers.dynamic_max_backlog == 100000
 
 
 @pytest.mark.parametrize("key", [k for k in READ if k.kind in WRONG_TYPE], ids=lambda k: k.path)

@@ -202,6 +202,24 @@ def test_max_backlog_drops_the_slow_consumers_oldest_and_counts_them(store: Stor
     assert (store.stats()["released"], store.stats()["acked"]) == (15, 2)
 
 
+def test_dynamic_max_backlog_trims_a_dynamic_consumer_that_never_acks(store: Store):
+    """An app reading under an undeclared name and never acking held every message, and under
+    `reject` the full store refused every app's new ones (review "consumers"): with
+    `dynamicMaxBacklog` it loses its oldest, counted, as a declared one past its `maxBacklog`."""
+    declare(store, ConsumerSpec("fast"))
+    store.consumer_register("lazy", NOW)
+    store.consumer_register("lazy-too", NOW)
+    ids = put(store, *["t"] * 20)
+    store.consumer_ack("fast", ids, NOW)
+    assert [name for name in store.consumers_upkeep(NOW, None, (), None) if name] == []
+    assert len(ids_for(store, "lazy")) == 20  # without it: all held
+    assert [name for name in store.consumers_upkeep(NOW, None, (), 4) if name] == []
+    assert ids_for(store, "lazy") == ids[-4:] and ids_for(store, "lazy-too") == ids[-4:]
+    assert stored(store) == ids[-4:]
+    report = {c["name"]: c for c in store.consumers_report()}
+    assert report["lazy"]["dropped"] == 16 and report["fast"]["dropped"] == 0
+
+
 @pytest.mark.parametrize("acker", ["the consumer", "an unnamed app", "an unnamed app, no journal"])
 def test_a_trim_keeps_max_backlog_messages_when_some_it_counted_are_acked_meanwhile(store: Store, acker: str):
     """The supervisor serves calls between the count's reads and the trim's commits. The app

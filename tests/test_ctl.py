@@ -544,3 +544,17 @@ def test_a_shared_option_after_the_command_wins_and_one_before_it_stays(harness,
     assert code == 0
     code, out, _ = run(harness, capsys, "--json", "status")  # --json before, none after
     assert code == 0 and json.loads(out)["inbox"]["count"] == 0
+
+
+def test_a_full_store_names_the_consumer_holding_back_the_most():
+    """An app reading under a name and never acking filled the store, and the store-full line
+    did not say who (review "consumers": only `flashlexctl consumers` did)."""
+    status = {"workers": [{"name": "ingress", "state": "ready"}],
+              "mqtt": {"ingress": {"connected": True, "store_error": "store full"}, "egress": {"connected": True}},
+              "consumers": [{"name": "display", "backlog": 3, "dynamic": False},
+                            {"name": "lazy", "backlog": 100, "backlog_exact": False, "dynamic": True}]}
+    assert ctlview.health(status) == [
+        "ingress is not storing (messages stay with the broker): store full; consumer 'lazy' (dynamic) holds"
+        " back the most, >=100 unacked (an app reading without acking? see flashlexctl consumers)"]
+    status["consumers"] = []
+    assert ctlview.health(status) == ["ingress is not storing (messages stay with the broker): store full"]
