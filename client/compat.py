@@ -33,7 +33,7 @@ from flashlexd.client.connection import Client, socket_path as resolved_socket
 from flashlexd.client.errors import ConnectionLost, DaemonNotRunning, FlashlexError, RpcTimeout
 from flashlexd.client.message import Message
 from flashlexd.client.escape import printable
-from flashlexd.client.wire import ID_LIMIT, MAX_LIMIT, SOCKET_ENV, Code
+from flashlexd.client.wire import CONSUMER_NAME_RULE, ID_LIMIT, MAX_LIMIT, SOCKET_ENV, Code, valid_consumer_name
 
 log = logging.getLogger("flashlexd.client.compat")
 
@@ -186,8 +186,14 @@ def _pk_id(pk: Any) -> int:
 class FlashlexSDK:
     """`flashlexiot.sdk.FlashlexSDK`'s methods. Connects lazily: constructing it never fails."""
 
-    def __init__(self, config: Any = None, socket_path: Optional[str] = None, timeout: float = 10.0):
-        self._config = config
+    def __init__(self, config: Any = None, socket_path: Optional[str] = None, timeout: float = 10.0,
+                 consumer: Optional[str] = None):
+        """`consumer`: a named consumer whose reads and removals are this app's alone (the old
+        SDK's removal takes a message from every app: two old apps on one device split the
+        messages between them; review "consumers"). A bad name raises ValueError here."""
+        if consumer is not None and not valid_consumer_name(consumer):
+            raise ValueError(f"consumer must be {CONSUMER_NAME_RULE}, not {consumer!r}")
+        self._config, self._consumer = config, consumer
         # the config the app names before $FLASHLEXD_SOCKET: with two things on a device, one
         # exported for flashlexctl sent an app to the other thing's messages without a word
         configured, exported = _socket_from_config(_document(config)), os.environ.get(SOCKET_ENV)
@@ -204,7 +210,7 @@ class FlashlexSDK:
     def client(self) -> Client:
         """The native client under this object (connects on first use)."""
         if self._client is None:
-            self._client = Client(self._path, self._timeout)
+            self._client = Client(self._path, self._timeout, self._consumer)
             self._client._warn_away = False  # one warning per outage: this layer's (_note_outage)
         return self._client
 
@@ -273,11 +279,12 @@ class FlashlexSDK:
         else:
             raise KeyError('pk key is required')
         record_id = _pk_id(pk)
+        named = {} if self._consumer is None else {"consumer": self._consumer}
         try:
             try:
-                removed: Optional[int] = self.client.call("ack", ids=[record_id])
+                removed: Optional[int] = self.client.call("ack", ids=[record_id], **named)
             except ConnectionLost:  # a restart: the ack may be done, its answer lost with the link
-                self.client.call("ack", ids=[record_id])
+                self.client.call("ack", ids=[record_id], **named)
                 removed = None  # a 0 now says nothing of the pk: no KeyError for a removed record
         except FlashlexError as exc:
             return self._failed(exc, None)

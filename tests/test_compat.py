@@ -91,6 +91,25 @@ def test_a_non_json_backlog_larger_than_a_page_does_not_hide_json_messages(harne
 
 # -- removing -------------------------------------------------------------------------------------
 
+def test_two_old_apps_with_consumer_names_each_get_every_message(harness):
+    """An old app's removal takes a message from every app: two of them on one device split
+    the messages between them (review "consumers"). Named, each has its own."""
+    path = {"flashlex": {"app": {"socket": {"path": harness.path}}}}
+    display, logger = FlashlexSDK(path, consumer="display"), FlashlexSDK(path, consumer="logger")
+    try:
+        harness.ingest(("t", b'{"n": 1}'), ("t", b'{"n": 2}'))
+        for app in (display, logger):
+            assert [r["message"]["payload"]["n"] for r in app.getSubscribedMessages()] == [1, 2]
+        assert display.removeMessageFromStore(display.getSubscribedMessages()[0]) is None
+        assert [r["message"]["payload"]["n"] for r in display.getSubscribedMessages()] == [2]
+        assert [r["message"]["payload"]["n"] for r in logger.getSubscribedMessages()] == [1, 2]
+    finally:
+        display.close()
+        logger.close()
+    with pytest.raises(ValueError, match="consumer must be"):
+        FlashlexSDK(path, consumer="Not A Name")
+
+
 def test_remove_returns_none_and_unknown_pks_raise_key_error(harness, sdk):
     harness.ingest(("t", b"{}"))
     record = sdk.getSubscribedMessages()[0]
