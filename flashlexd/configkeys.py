@@ -150,10 +150,11 @@ TABLE: Tuple[Key, ...] = (
         minimum=1, maximum=1024, field="ingest_commit_batch"),
     Key(f"{_DB}.apiCommitMs", "integer", API_COMMIT_MS,
         "how long an API `ack` (or `publish`) waits for other apps' calls of the same kind to share"
-        " its write (a publish: one store commit; an ack: one ack journal record, docs/WEAR.md); the"
+        " its write (a publish: one store commit; an ack: one ack journal record, a named consumer's:"
+        " one store commit for all the consumers' acks, docs/WEAR.md); the"
         " call returns after that write (durable). It delays every such call by up to this much, so"
         " an app calling one at a time gains nothing from it. `0`: each call writes alone, at once."
-        " Several apps acking or publishing at once: e.g. `10`",
+        " Several apps acking or publishing at once (named consumers' apps too): e.g. `10`",
         AT_ONCE_AND_WORKERS, minimum=0, maximum=5000, field="api_commit_ms"),
     Key(f"{_DB}.maxPayloadBytes", "integer", DEFAULT_MAX_PAYLOAD,
         "inbound limit: larger incoming messages (payload and MQTT 5 properties, counted as sent) are acknowledged"

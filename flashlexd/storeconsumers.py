@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import lmdb
-from flashlexd.consumers import (MAX_CONSUMERS, ConsumerSpec, ConsumerState, NoRoomForConsumer, ResetPastNewest,
+from flashlexd.consumers import (MAX_CONSUMERS, ConsumerCallError, ConsumerSpec, ConsumerState, NoRoomForConsumer, ResetPastNewest,
                                  UnknownConsumer)
 from flashlexd.storebase import ScanPage, Taken
 from flashlexd.storedamage import guarded
@@ -427,35 +427,58 @@ class ConsumerStore:
     def consumer_ack(self, name: str, ids: Iterable[int], now: float) -> int:
         """Acknowledge for one consumer; idempotent. A message every matching consumer is done
         with leaves the inbox in the same transaction. Returns how many ids were new acks."""
-        keys = _keys_of(ids)
-        count = self._backlog_counts.get(name)  # its maxBacklog count under way, if any
+        result = self.consumer_ack_each([(name, ids)], now)[0]
+        if isinstance(result, ConsumerCallError):
+            raise result
+        return result
 
-        def work(txn: lmdb.Transaction) -> Tuple[int, List[BacklogCount]]:
-            consumers = self._consumers_in(txn)
-            consumer = consumers.get(name) or self._consumer_in(txn, name)
-            others = [d for d in consumers.values() if d.name != name]
-            new, counted = 0, []
-            for key in keys:
-                if self._done(txn, consumer, key):
-                    continue
-                raw = txn.get(key, db=self._inbox)
-                if raw is None or _ID.unpack(key)[0] in self._hidden:
-                    continue  # gone already: expired, dropped, or acked by the default consumer
-                topic = _topic_of(raw)
-                if not consumer.matches(topic):
-                    continue
-                new += 1
-                if count is not None and count.covers(_ID.unpack(key)[0]):
-                    counted.append(count)
-                if not self._leave_if_settled(txn, key, topic, others):
-                    txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
-            self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
-            self._seen(consumer, now)
-            self._save(txn, consumer)
-            return new, counted
+    @guarded
+    def consumer_ack_each(self, calls: Sequence[Tuple[str, Iterable[int]]],
+                          now: float) -> List[Union[int, ConsumerCallError]]:
+        """`consumer_ack` of several calls in ONE transaction (apps' acks sharing a commit,
+        `apiCommitMs`: a commit per call wrote ~30-50 KiB per message stored with 4-5 consumers
+        acking, review "consumers"); each call's count, or the error of its own that it met
+        before writing anything (a consumer removed meanwhile), which the others do not share."""
+        keyed = [(name, _keys_of(ids), self._backlog_counts.get(name)) for name, ids in calls]
 
-        new, counted = self._write(work)  # type: ignore[misc]
+        def work(txn: lmdb.Transaction) -> Tuple[List[Union[int, ConsumerCallError]], List[BacklogCount]]:
+            results: List[Union[int, ConsumerCallError]] = []
+            counted: List[BacklogCount] = []
+            for name, keys, count in keyed:
+                try:
+                    results.append(self._ack_in(txn, name, keys, count, counted, now))
+                except ConsumerCallError as exc:  # raised before this call wrote anything
+                    results.append(exc)
+            return results, counted
+
+        results, counted = self._write(work)  # type: ignore[misc]
         note_left(counted)
+        return results
+
+    def _ack_in(self, txn: lmdb.Transaction, name: str, keys: List[bytes], count: Optional[BacklogCount],
+                counted: List[BacklogCount], now: float) -> int:
+        """One consumer's acks in `txn`; how many were new (maxBacklog counts passed: `counted`)."""
+        consumers = self._consumers_in(txn)
+        consumer = consumers.get(name) or self._consumer_in(txn, name)
+        others = [d for d in consumers.values() if d.name != name]
+        new = 0
+        for key in keys:
+            if self._done(txn, consumer, key):
+                continue
+            raw = txn.get(key, db=self._inbox)
+            if raw is None or _ID.unpack(key)[0] in self._hidden:
+                continue  # gone already: expired, dropped, or acked by the default consumer
+            topic = _topic_of(raw)
+            if not consumer.matches(topic):
+                continue
+            new += 1
+            if count is not None and count.covers(_ID.unpack(key)[0]):
+                counted.append(count)
+            if not self._leave_if_settled(txn, key, topic, others):
+                txn.put(_prefix(name) + key, b"", db=self._consumer_acks)
+        self._advance(txn, consumer, WALK_BUDGET + 2 * new)  # a batch in order: past it
+        self._seen(consumer, now)
+        self._save(txn, consumer)
         return new
 
     # -- figures ------------------------------------------------------------------------------

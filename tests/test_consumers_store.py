@@ -202,6 +202,16 @@ def test_max_backlog_drops_the_slow_consumers_oldest_and_counts_them(store: Stor
     assert (store.stats()["released"], store.stats()["acked"]) == (15, 2)
 
 
+def test_acks_of_several_consumers_in_one_commit_each_get_their_own_result(store: Store):
+    """apiCommitMs for named consumers: one transaction, each call its count, and a call naming
+    a consumer gone meanwhile gets its own error, not the others'."""
+    declare(store, ConsumerSpec("a"), ConsumerSpec("b"))
+    ids = put(store, "t", "t")
+    results = store.consumer_ack_each([("a", ids), ("nosuch", ids), ("b", ids[:1]), ("a", ids)], NOW)
+    assert results[0] == 2 and isinstance(results[1], UnknownConsumer) and results[2:] == [1, 0]
+    assert stored(store) == ids[1:]  # both done with the first: it left in that commit
+
+
 def test_dynamic_max_backlog_trims_a_dynamic_consumer_that_never_acks(store: Store):
     """An app reading under an undeclared name and never acking held every message, and under
     `reject` the full store refused every app's new ones (review "consumers"): with

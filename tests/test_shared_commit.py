@@ -114,3 +114,31 @@ def test_publishes_at_the_store_cap_are_refused_as_outbox_full(tmp_path: Path):
                    for r in results.values()), results
     finally:
         h.stop()
+
+
+def test_named_consumers_acks_share_one_commit_each_with_its_own_result(harness: Harness):
+    """A named consumer's ack was a commit of its own whatever apiCommitMs said: 29-51 KiB
+    written per stored message with 4-5 consumers acking (review "consumers")."""
+    ids = harness.ingest(*[("t", b"m%d" % i) for i in range(3)])
+    for name in ("display", "logger", "audit"):
+        with connect(harness.path, consumer=name) as fx:
+            assert len(fx.messages()) == 3  # registered, every message held for it
+    results: Dict[str, Any] = {}
+
+    def app(name: str) -> None:
+        with connect(harness.path, consumer=name) as fx:
+            try:
+                results[name] = fx.ack(ids)
+            except RpcError as exc:
+                results[name] = exc
+    before = harness.methods.consumer_acks.commits
+    threads = [threading.Thread(target=app, args=(name,)) for name in ("display", "logger")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == {"display": 3, "logger": 3}
+    assert harness.methods.consumer_acks.commits - before == 1
+    with connect(harness.path, consumer="audit") as fx:  # the third still holds them
+        assert [m.id for m in fx.messages()] == ids
+    assert harness.store.inbox_count() == 3

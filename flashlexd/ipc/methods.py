@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError, UnknownConsumer
 from flashlexd.wire import (CONSUMER_NAME_RULE, ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code,
@@ -139,6 +139,13 @@ class _ReadQuery(NamedTuple):
         return self.consumer is not None or self.topic is not None or self.wanted is not None
 
 
+def _own_result(result: Union[int, ConsumerCallError]) -> int:
+    """A shared commit's answer to one named ack: its count, or the error it alone met."""
+    if isinstance(result, ConsumerCallError):
+        raise RpcFailure(Code.BAD_PARAMS, f"ack: {result}")
+    return result
+
+
 class Methods:
     """The API methods; `handle(name, params)` is what `RpcServer` calls."""
 
@@ -171,6 +178,7 @@ class Methods:
         self.egress_link = egress_link
         self._table = {name: getattr(self, f"_{name}") for name in self.NAMES}
         self.acks = SharedCommits(lambda calls: self.store.ack_each(calls))
+        self.consumer_acks = SharedCommits(lambda calls: self.store.consumer_ack_each(calls, time.time()))
         self.publishes = SharedCommits(self._queue_all, full_code=Code.OUTBOX_FULL)
 
     def handle(self, method: str, params: Dict[str, Any], uid: Optional[int] = None) -> Any:
@@ -304,9 +312,11 @@ class Methods:
         ids = p.ids("ids")
         consumer = self._consumer(p)
         p.done()
-        if consumer is not None:
-            return self.store.consumer_ack(consumer, ids, time.time())
         window = self.rules.write_window
+        if consumer is not None:
+            if window > 0:
+                return self.consumer_acks.join((consumer, ids), window, _own_result)
+            return self.store.consumer_ack(consumer, ids, time.time())
         return self.acks.join(ids, window) if window > 0 else self.store.ack(ids)
 
     def _wait(self, p: _Params) -> Any:
