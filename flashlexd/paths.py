@@ -36,6 +36,18 @@ class UnsafePath(Exception):
     """A directory the daemon must not use, or cannot make; one line for the operator."""
 
 
+class ReadOnlyDisk(UnsafePath):
+    """The data dir's file system is read-only: stays so until someone mends it (fsck, reboot),
+    so the start is not retried every 2 s (review "rocard": a restart loop filling a RAM journal)."""
+
+    def __init__(self, data_dir: Path):
+        super().__init__(f"the disk under data dir {data_dir} is read-only (the kernel remounts a file"
+                         f" system read-only after an I/O error: a failing SD card? see dmesg); what is"
+                         f" stored is intact: `flashlexd store recover --data-dir {data_dir} --to NEWDIR`"
+                         f" copies it to another disk, or fsck the disk and reboot; systemd does not"
+                         f" restart the service for this: start it once the disk is mended")
+
+
 class AlreadyRunning(Exception):
     """Another daemon holds the data dir's lock, or (pid None) `store verify`/`recover` do."""
 
@@ -237,6 +249,8 @@ class DataDirLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise ReadOnlyDisk(self.path.parent) from None
             why = "it is a symlink (refused: whoever made it chooses what the daemon writes)" \
                 if exc.errno == errno.ELOOP else exc.strerror or exc
             raise UnsafePath(f"cannot open lock file {self.path}: {why}") from None

@@ -5,6 +5,8 @@ kept, READY=1 sent again. Found by review: each of these was broken before."""
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
 import signal
 import time
 from pathlib import Path
@@ -280,3 +282,34 @@ def test_a_cap_lowered_under_what_the_store_holds_is_named_by_the_reload(daemon,
     assert "config reloaded" in output
     assert "over the new capMegabytes (1 MiB): the oldest inbox messages, read or not (about " in output, output[-3000:]
     assert "of the 40 there), are dropped to make room at the next message" in output
+
+
+def test_a_start_on_a_disk_gone_read_only_is_one_line_naming_the_way_out_and_exit_2(daemon_config, tmp_path,
+                                                                                      broker, notify):
+    """A restart after ext4 remounted the card read-only said only `cannot open lock file ...:
+    Read-only file system`, exit 1: systemd retried every 2 s for good, and the stored messages
+    looked lost (review "rocard"). The line names the cause and `store recover`, which reads a
+    read-only store; exit 2 stops the restart loop."""
+    with mounted_ext4(tmp_path / "sd") as device:
+        data_dir = tmp_path / "sd" / "data"
+        edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(dataPath=str(data_dir)))
+        running = Daemon(daemon_config, tmp_path / "run", env={"NOTIFY_SOCKET": str(notify.path)}).start()
+        try:
+            notify.wait_for("READY=1", timeout=15)
+            with connect(str(running.socket_path)) as fx:
+                wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 20, "ingress subscribed")
+            publish(broker, INGRESS_TOPIC, b"kept")
+            wait_for(lambda: inbox(running) == [b"kept"], 15, "the message stored")
+        finally:
+            running.stop()
+        Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")
+        wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
+        again = Daemon(daemon_config, tmp_path / "again").start()
+        try:
+            assert again.wait_exit(timeout=30) == 2
+        finally:
+            again.stop()
+        assert f"the disk under data dir {data_dir} is read-only" in again.output(), again.output()[-2000:]
+        recovered = subprocess.run([sys.executable, "-m", "flashlexd", "store", "recover", "--data-dir",
+                                    str(data_dir), "--to", str(tmp_path / "copy")], capture_output=True, text=True)
+        assert recovered.returncode == 0 and "inbox: copied 1, lost 0" in recovered.stdout, recovered
