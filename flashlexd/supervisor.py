@@ -531,6 +531,10 @@ class Supervisor:
         else:
             dead = f" ({stats['dead_count']} dead letters)" if stats.get("dead_count") else ""
             store = f"inbox {stats['inbox_count']}; outbox {stats['outbox_count']}{dead}"
+        # `systemctl status` said all was well while nothing could be stored (review "rocard")
+        refusing = self.workers["ingress"].counters.get("store_error")
+        if refusing:
+            store += f"; ingress not storing, the broker keeps the messages ({str(refusing)[:100]})"
         unreachable = self.api is not None and self.api.socket_trouble
         api = "; API socket unreachable (see the log)" if unreachable else ""
         # `systemctl status` is where an operator looks after `systemctl reload` (found by review)

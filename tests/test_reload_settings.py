@@ -261,6 +261,9 @@ def test_a_full_store_cured_by_a_reload_logs_its_end(daemon, notify, daemon_conf
         write_lines(tmp_path / "big-lines", 40, width=60_000)
         assert publish_lines(broker, INGRESS_TOPIC, tmp_path / "big-lines").wait(20) == 0
         wait_for(lambda: "store full" in daemon.output(), 20, "the store full")
+        # `systemctl status` said all was well meanwhile (review "rocard")
+        wait_for(lambda: any(f.startswith("STATUS=") and "; ingress not storing, the broker keeps the messages (store"
+                             in f for _, f in notify.lines()), 10, "STATUS= saying the ingress is not storing")
         edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update(capMegabytes=16))
         assert "config reloaded" in reload(daemon, notify)
         wait_for(lambda: fx.status()["inbox"]["count"] == 40, 30, "all 40 stored")
