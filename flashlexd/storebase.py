@@ -601,8 +601,11 @@ class StoreBase:
         full = full_disk(text, self.path)
         if full:
             return DiskFull(f"store in {self.path}: {full}")
-        if isinstance(exc, lmdb.DiskError):
-            return StoreError(f"store in {self.path}: disk error: {text}")
+        if "Read-only file system" in text:  # raw LMDB words told no way out (review "rocard")
+            return StoreError(f"store in {self.path}: the disk is read-only ({text}; the kernel remounts"
+                              f" a file system so after an I/O error: a failing SD card? see dmesg, fsck)")
+        if isinstance(exc, lmdb.DiskError) or "Input/output error" in text:
+            return StoreError(f"store in {self.path}: disk error ({text}: a failing SD card? see dmesg)")
         return StoreError(f"store in {self.path}: {text}")
 
     def _bounded_write(self, work: Callable[[lmdb.Transaction], object]):

@@ -5,12 +5,14 @@ kept, READY=1 sent again. Found by review: each of these was broken before."""
 from __future__ import annotations
 
 import resource
+import signal
 import subprocess
 import sys
-import signal
 import time
 from pathlib import Path
 
+
+import pytest
 
 from flashlexd.client import DaemonNotRunning, RpcError, connect
 from tests.broker import HOST, INGRESS_TOPIC, _Authority, publish, publish_lines, wait_for, write_lines
@@ -303,10 +305,14 @@ def test_a_start_on_a_disk_gone_read_only_is_one_line_naming_the_way_out_and_exi
                 wait_for(lambda: fx.status()["mqtt"]["ingress"].get("connected"), 20, "ingress subscribed")
             publish(broker, INGRESS_TOPIC, b"kept")
             wait_for(lambda: inbox(running) == [b"kept"], 15, "the message stored")
+            Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")
+            wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
+            with connect(str(running.socket_path)) as fx, pytest.raises(RpcError) as refused:
+                fx.publish(b"out")  # told what it is, not LMDB's words alone
+            assert "the disk is read-only (mdb_txn_commit: Read-only file system; the kernel remounts" \
+                in refused.value.message, refused.value.message
         finally:
             running.stop()
-        Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")
-        wait_for(lambda: read_only(tmp_path / "sd"), 10, "the remount read-only")
         again = Daemon(daemon_config, tmp_path / "again").start()
         try:
             assert again.wait_exit(timeout=30) == 2
