@@ -23,7 +23,7 @@ WRITES = frozenset({"append", "ack", "ack_each", "purge", "expire", "note_clock"
                     "outbox_append_each", "outbox_remove", "outbox_drop", "outbox_dead_letter",
                     "dead_retry", "note_session", "note_queued_online", "note_link_up", "note_session_topics",
                     "note_fallback", "forget_fallbacks",
-                    "forget_unconfirmed", "consumer_declare", "consumer_register", "consumer_ack", "consumer_reset_step",
+                    "forget_unconfirmed", "consumer_declare", "consumer_register", "consumer_ack", "consumer_ack_each", "consumer_reset_step",
                     "consumer_remove_step", "consumer_trim_step", "consumer_catch_up_step",
                     "_apply_commit"})
 
