@@ -114,8 +114,8 @@ def health(status: Dict[str, Any]) -> List[str]:
     mqtt = status.get("mqtt") or {}
     for side in ("ingress", "egress"):
         link = mqtt.get(side) or {}
-        if not link.get("connected"):
-            problems.append(f"{side} MQTT is not connected")
+        if not link.get("connected"):  # with why, as the link last said
+            problems.append(f"{side} MQTT is not connected" + (f": {link['error']}" if link.get("error") else ""))
         elif link.get("error"):  # up, but e.g. a subscription the broker refused: not receiving it
             problems.append(f"{side} MQTT: {link['error']}")
         elif link.get("clone_suspected"):  # up between a clone's kicks: still not a steady link

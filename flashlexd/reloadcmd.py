@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from flashlexd.argtypes import positive_seconds
 from flashlexd.config import ConfigError
@@ -27,6 +27,8 @@ from flashlexd.wire import SOCKET_ENV
 WAIT = 80.0
 ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket
 POLL = 0.05  # seconds between status calls while the reload has not been done
+LINK_WAIT = 15.0  # seconds a link the reload restarted has to connect before its error is said
+LINKS = ("ingress", "egress")
 
 
 class ReloadFailed(Exception):
@@ -189,9 +191,37 @@ def reload(pid: int, socket_path: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise ReloadFailed(f"SIGHUP sent; no reload done within {timeout:g}s (see the daemon's log)")
             time.sleep(POLL)
+        if outcome["refused"]:
+            raise ReloadFailed(f"refused, still running the previous config: {outcome['refused']}")
+        for note in outcome.get("notes") or ():  # applied, but not all of it at once
+            print(f"flashlexd reload: {note}", file=sys.stderr)
+        restarted = [name for name in outcome.get("restarted") or () if name in LINKS]
+        for line in _links_down(status, first, restarted, min(deadline, time.monotonic() + LINK_WAIT)):
+            print(f"flashlexd reload: {line}", file=sys.stderr)
     finally:
         client.close()
-    if outcome["refused"]:
-        raise ReloadFailed(f"refused, still running the previous config: {outcome['refused']}")
-    for note in outcome.get("notes") or ():  # applied, but not all of it at once
-        print(f"flashlexd reload: {note}", file=sys.stderr)
+
+
+def _links_down(status: Callable[[], Dict[str, Any]], before: Dict[str, Any], restarted: List[str],
+                deadline: float) -> List[str]:
+    """What the links the reload restarted say once each is up or has failed (by `deadline`):
+    a broker name that does not resolve, or a certificate from another CA, was applied with
+    exit 0 and no word, both links then down (review "reload"). One line each one is down."""
+    old_pids = {w.get("name"): w.get("pid") for w in before.get("workers") or ()}
+    down: Dict[str, str] = {}
+    while restarted:
+        answer = status()
+        pids = {w.get("name"): w.get("pid") for w in answer.get("workers") or ()}
+        for name in restarted:
+            link = (answer.get("mqtt") or {}).get(name) or {}
+            if pids.get(name) in (None, old_pids.get(name)) or not (link.get("connected") or link.get("error")):
+                continue  # not yet the new process's first outcome
+            if not link.get("connected"):
+                down[name] = str(link["error"])
+            restarted = [other for other in restarted if other != name]
+        if time.monotonic() > deadline:
+            down.update({name: f"not connected {LINK_WAIT:g} s after the reload" for name in restarted})
+            break
+        time.sleep(POLL)
+    return [f"the {name} link is down since the reload: {error} (the new config runs; see"
+            f" flashlexctl status)" for name, error in down.items()]

@@ -146,6 +146,7 @@ class Supervisor:
         self.reloads = 0
         self.reload_refused: Optional[str] = None
         self.reload_notes: List[str] = []  # what the last reload applied only in part (one line each)
+        self.reload_restarted: List[str] = []  # the workers the last reload restarted
 
     @property
     def config(self) -> Config:
@@ -561,7 +562,8 @@ class Supervisor:
             "counters": {"restarts": sum(w.restarts for w in self.workers.values()),
                          "loop_errors": self.guard.total},
             "api": dict(self.api.counters) if self.api is not None else {},
-            "reload": {"done": self.reloads, "refused": self.reload_refused, "notes": self.reload_notes},
+            "reload": {"done": self.reloads, "refused": self.reload_refused, "notes": self.reload_notes,
+                       "restarted": self.reload_restarted},
         }
 
     # -- reload ---------------------------------------------------------------------------------
@@ -570,7 +572,7 @@ class Supervisor:
         """SIGHUP: re-validate; on a bad config keep the running one; restart changed workers."""
         if self.announced_ready:  # before READY=1 there is nothing for systemd to reload
             self.notifier.reloading()
-        self.reload_refused, self.reload_notes = None, []
+        self.reload_refused, self.reload_notes, self.reload_restarted = None, [], []
         try:
             self._reload()
         except _StoreLost as lost:
@@ -754,6 +756,7 @@ class Supervisor:
             if worker_settings(new.config, worker.name) != worker_settings(old.config, worker.name):
                 log.info("%s: settings changed, restarting it", worker.name)
                 worker.stop(now, new.config.supervision.stop_timeout, restart=True)
+                self.reload_restarted.append(worker.name)
         if new.socket_changed(self.bound):  # said at each reload until a restart applies it
             closed = closed_to_uids(new.config.api.socket_path, new.config.api.allow_uids)
             self._reload_note("API socket path, group or allowUids changed: they take effect at the"

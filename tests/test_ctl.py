@@ -45,6 +45,8 @@ def test_status_healthy(harness, capsys):
 
 @pytest.mark.parametrize("change, reason", [
     (lambda h: h.mqtt["egress"].update(connected=False), "egress MQTT is not connected"),
+    (lambda h: h.mqtt["egress"].update(connected=False, error="cannot resolve nosuchhost.invalid"),
+     "egress MQTT is not connected: cannot resolve nosuchhost.invalid"),  # why, not only that (review "reload")
     (lambda h: h.workers[2].update(state="backoff"), "worker expiry is backoff"),
     (lambda h: h.mqtt["ingress"].update(error="broker refused the subscription to x/#"),
      "ingress MQTT: broker refused the subscription to x/#"),

@@ -202,13 +202,28 @@ def test_the_reload_command_fails_with_the_reason_when_the_config_is_refused(dae
     assert daemon.children() == before
     with connect(str(daemon.socket_path)) as fx:
         assert fx.status()["reload"] == {"done": 1, "refused": lines[0].split("previous config: ", 1)[1],
-                                         "notes": []}
+                                         "notes": [], "restarted": []}
 
     daemon_config.write_text(good)
     applied = _reload_command(daemon)
     assert (applied.returncode, applied.stderr) == (0, ""), applied
     with connect(str(daemon.socket_path)) as fx:
-        assert fx.status()["reload"] == {"done": 2, "refused": None, "notes": []}
+        assert fx.status()["reload"] == {"done": 2, "refused": None, "notes": [], "restarted": []}
+
+
+def test_the_reload_command_says_a_link_it_restarted_is_down(daemon, notify, daemon_config):
+    """A broker name that does not resolve (or a certificate from another CA) was applied with
+    exit 0 and no word, both links then down (review "reload"): the command waits for the
+    restarted links' first outcome and says each one down."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"].update(endpoint="nosuchhost.invalid"))
+    result = _reload_command(daemon)
+    assert result.returncode == 0, result
+    lines = [line for line in result.stderr.splitlines() if "link is down since the reload" in line]
+    assert sorted(line.split(" link ")[0] for line in lines) == ["flashlexd reload: the egress",
+                                                                 "flashlexd reload: the ingress"], result.stderr
+    assert all("nosuchhost.invalid" in line for line in lines), lines
 
 
 def test_the_reload_command_refuses_a_config_the_daemon_does_not_run_with(daemon, notify, daemon_config,
@@ -248,7 +263,7 @@ def test_the_reload_command_finds_the_running_daemons_socket_after_its_path_was_
                             env={k: v for k, v in os.environ.items() if k != "FLASHLEXD_SOCKET"})
     assert (result.returncode, result.stderr) == (0, ""), result
     with connect(str(daemon.socket_path)) as fx:
-        assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": []}
+        assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": [], "restarted": ["ingress", "egress"]}
 
 
 def test_the_reload_command_finds_a_daemon_started_with_a_relative_socket(daemon_config, tmp_path, notify):
@@ -281,7 +296,7 @@ def test_the_reload_command_prints_that_a_socket_change_takes_a_restart(daemon, 
     note = "API socket path, group or allowUids changed: they take effect at the next restart"
     assert (result.returncode, result.stderr) == (0, f"flashlexd reload: {note}\n"), result
     with connect(str(daemon.socket_path)) as fx:
-        assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": [note]}
+        assert fx.status()["reload"] == {"done": 1, "refused": None, "notes": [note], "restarted": []}
     assert daemon.output().count(note) == 1
     edit_config(daemon_config, lambda d: d["flashlex"]["app"].update(logLevel="debug"))
     again = _reload_command(daemon)  # another change: the socket's still waits (it was forgotten)
@@ -312,7 +327,9 @@ def test_a_reload_changing_the_client_id_says_what_stays_in_the_old_session(daem
     result = _reload_command(daemon)
     note = (f"ingress client id changed from {old!r} to 'renamed-thing': messages published during the"
             " switch stay in the old id's session at the broker (until its session expiry) and are not fetched")
-    assert (result.returncode, result.stderr) == (0, f"flashlexd reload: {note}\n"), result
+    assert result.returncode == 0 and result.stderr.splitlines()[0] == f"flashlexd reload: {note}", result
+    # "LocalHost." does not resolve here, nor the port edited above listen: said, not the note again
+    assert all("link is down since the reload" in line for line in result.stderr.splitlines()[1:]), result
     assert daemon.output().count(note) == 1
 
 
@@ -333,7 +350,9 @@ def test_a_reload_moving_to_another_broker_says_what_stays_at_the_old_one(daemon
     note = (f"broker changed from {HOST} to localhost (thing.endpoint): if it is another broker, the"
             f" messages it queued for client id {config.thing.mqtt.client_id!r} stay there until the"
             " device goes back to it")
-    assert (result.returncode, result.stderr) == (0, f"flashlexd reload: {note}\n"), result
+    assert result.returncode == 0 and result.stderr.splitlines()[0] == f"flashlexd reload: {note}", result
+    # "LocalHost." does not resolve here, nor the port edited above listen: said, not the note again
+    assert all("link is down since the reload" in line for line in result.stderr.splitlines()[1:]), result
     assert daemon.output().count(note) == 1
 
 
@@ -387,7 +406,7 @@ def test_a_socket_group_the_next_start_would_refuse_is_refused_by_the_reload(dae
         assert (result.returncode, result.stderr) == \
             (1, f"flashlexd reload: refused, still running the previous config: {reason}\n"), result
         with connect(str(running.socket_path)) as fx:
-            assert fx.status()["reload"] == {"done": 1, "refused": reason, "notes": []}
+            assert fx.status()["reload"] == {"done": 1, "refused": reason, "notes": [], "restarted": []}
         status = subprocess.run([sys.executable, "-m", "flashlexd.client.ctl", "--socket", str(running.socket_path),
                                  "status"], capture_output=True, text=True, timeout=60)
         assert "degraded" in status.stdout, status
