@@ -41,6 +41,7 @@ class Subscriptions:
         # as soon as the link's other filters are answered; more, a filter refused so
         self._left_out: Dict[str, Tuple[float, float]] = {}
         self.probing: Optional[str] = None  # the filter asked for again on this link
+        self._qos0_said: Dict[str, bool] = {}  # filters whose grant of QoS 0 only was logged
 
     def at_connect(self, isolate: bool, now: float) -> List[List[str]]:
         """The SUBSCRIBEs of a new link, each a list of filters: one filter each when the last
@@ -83,6 +84,12 @@ class Subscriptions:
         """A SUBACK of this link: its codes kept. A filter asked for again is subscribed from
         now on, or, refused in the SUBACK, asked for at each connect as any such filter."""
         self.codes.update(zip(filters, reason_codes))
+        for topic, code in zip(filters, reason_codes):
+            if _qos0(code) and not self._qos0_said.get(topic):
+                log.warning("the broker grants the subscription to %s at QoS 0 only (asked: 1; its Maximum"
+                            " QoS, a max_qos setting, or the thing's policy): its messages come at most once,"
+                            " and those sent while the link is down are lost", topic)
+            self._qos0_said[topic] = _qos0(code)
         asked = self.probing
         if asked is None or asked not in filters:
             return
@@ -100,6 +107,17 @@ class Subscriptions:
                    if t in self.codes and self.codes[t].is_failure]
         refused += [f"{t} (it closed the link at its SUBSCRIBE: the others are subscribed without it, and it"
                     " is asked for again from time to time)" for t in self.topics if self._left_out.get(t, (0, 0))[1]]
-        if not refused:
-            return granted, None
-        return granted, f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)"
+        # a grant of QoS 0 passed as healthy: at most once, an outage's messages lost (review "mqtt5")
+        qos0 = [t for t in self.topics if t in self.codes and _qos0(self.codes[t])]
+        problems = []
+        if refused:
+            problems.append(f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)")
+        if qos0:
+            problems.append(f"broker grants only QoS 0 for {', '.join(qos0)}: messages sent while the link is"
+                            f" down are lost")
+        return granted, "; ".join(problems) or None
+
+
+def _qos0(code: Any) -> bool:
+    """A SUBACK's grant of QoS 0 where 1 was asked (a failure is a refusal, said apart)."""
+    return not code.is_failure and code.value == 0
