@@ -95,7 +95,7 @@ class AckJournal:
     def _open(self, path: Path) -> int:
         """O_DIRECT|O_DSYNC where the filesystem takes it (tmpfs and some others refuse it at
         open, others refuse a SECTOR-sized transfer: EINVAL either way), else buffered."""
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # a planted link is not written through
         try:
             fd = os.open(path, flags | os.O_DIRECT | os.O_DSYNC, 0o600)
             try:

@@ -22,12 +22,14 @@ daemon could reuse pages under them (`recover` refuses while the daemon holds th
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, List, Optional, Tuple
 
 import lmdb
 
@@ -191,6 +193,9 @@ def recover(data_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[st
     disk) is one line, and leaves `to_dir` as it was (absent or empty) so that the same command
     can be run again."""
     data_file = data_dir / "data.mdb"
+    if data_file.is_symlink():  # never followed: see _read_regular
+        return False, [f"{data_file} is a symlink: refused (recover copies what a data dir holds, and"
+                       " whoever made the link would choose what it copies to the data dir's owner)"]
     if not data_file.is_file():
         return False, [f"no store in {data_dir} (no data.mdb)"]
     try:
@@ -297,7 +302,7 @@ def _give_to_owner_of(data_dir: Path, to_dir: Path) -> None:
 def _recover_into(data_file: Path, build_dir: Path, to_dir: Path, cap_bytes: int) -> Tuple[bool, List[str]]:
     """The copy itself, into `build_dir`: (written, lines naming `to_dir`, the store's name once
     whole); `recover` removes `build_dir` when it was not written."""
-    with open(data_file, "rb") as data:
+    with _read_regular(data_file) as data:
         metas = storecheck.readable_metas(data)
         if not metas:
             return False, [f"store in {data_file.parent}: neither meta page is readable; nothing to recover"]
@@ -361,11 +366,13 @@ def _copy_ack_journal(data_dir: Path, to_dir: Path) -> List[str]:
     old one would have (its applied-through mark came with `meta`)."""
     journal = data_dir / ackjournal.FILE_NAME
     try:
-        content = journal.read_bytes()
+        with _read_regular(journal) as source:
+            content = source.read()
     except FileNotFoundError:
         return []
     except OSError as exc:
-        return [f"{ackjournal.FILE_NAME}: cannot read it ({exc.strerror}): acks it held since the"
+        why = "it is a symlink, not followed" if exc.errno == errno.ELOOP else exc.strerror
+        return [f"{ackjournal.FILE_NAME}: cannot read it ({why}): acks it held since the"
                 " last apply may show their messages again"]
     fd = os.open(to_dir / ackjournal.FILE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as copy:
@@ -374,6 +381,18 @@ def _copy_ack_journal(data_dir: Path, to_dir: Path) -> List[str]:
         os.fsync(copy.fileno())
     return [f"{ackjournal.FILE_NAME}: copied ({len(content)} bytes): the acks it holds are applied"
             " when the new store is opened"]
+
+
+def _read_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, never through a symlink, and only a regular file: recover runs
+    as root and gives what it writes to the data dir's owner, the service user, who could plant
+    `acks.journal -> /etc/shadow` or `data.mdb -> another thing's store` (review "security":
+    both copied, 3 of 3). OSError (ELOOP for a link) otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _inbox_id_named(database: str, key: bytes, value: bytes) -> int:

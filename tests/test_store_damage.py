@@ -693,3 +693,26 @@ def test_a_store_of_a_newer_schema_is_refused_by_verify_and_recover_not_called_d
     assert (result.stdout + result.stderr).strip().splitlines()[-1] == (
         f"store in {tmp_path / 'data'} has schema {SCHEMA_VERSION + 1}; this flashlexd ({flashlexd_version}) reads up to"
         f" {SCHEMA_VERSION}: use the flashlexd that wrote it (upgrade flashlexd)"), result.stdout + result.stderr
+
+
+def test_recover_follows_no_symlink_the_data_dirs_owner_planted(tmp_path):
+    """Recover runs as root and gives what it writes to the data dir's owner (the service
+    user), who could plant `acks.journal -> /etc/shadow` or `data.mdb -> another thing's
+    store`: both were copied (review "security", 3 of 3)."""
+    secret = tmp_path / "root-only"
+    secret.write_text("the root password hash")
+    secret.chmod(0o600)
+    data_dir = build_store(tmp_path / "store", messages=20)
+    (data_dir / "acks.journal").unlink(missing_ok=True)
+    (data_dir / "acks.journal").symlink_to(secret)
+    recovered = flashlexd("store", "recover", "--data-dir", str(data_dir), "--to", str(tmp_path / "new"))
+    assert recovered.returncode == 0, recovered.stderr
+    assert "acks.journal: cannot read it (it is a symlink, not followed)" in recovered.stdout, recovered.stdout
+    assert not (tmp_path / "new" / "acks.journal").exists()
+    other = build_store(tmp_path / "other", messages=5)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "data.mdb").symlink_to(other / "data.mdb")
+    refused = flashlexd("store", "recover", "--data-dir", str(planted), "--to", str(tmp_path / "stolen"))
+    assert refused.returncode == 1 and "data.mdb is a symlink: refused" in refused.stderr + refused.stdout, refused
+    assert not (tmp_path / "stolen").exists()
