@@ -273,6 +273,33 @@ def test_flashlexctl_status_is_zero_when_healthy_and_two_when_not_running(daemon
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
 
 
+def test_a_socket_dir_made_anew_open_to_others_is_not_bound_in(daemon_config, tmp_path):
+    """Its socket dir removed (a clean-up in /tmp) and made again by another user, open to all:
+    the daemon bound its socket in it unchecked, and that user moved it aside and bound their
+    own, reading every call (a root app's publish answered "queued" and lost; review
+    "security"). It is checked as at the start: refused, said, bound once it is safe again."""
+    import shutil
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = Daemon(daemon_config, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)})
+    daemon.socket_path = tmp_path / "sockets" / "api.sock"
+    daemon.start()
+    try:
+        notify.wait_for("READY=1", timeout=15)
+        shutil.rmtree(tmp_path / "sockets")
+        (tmp_path / "sockets").mkdir()
+        (tmp_path / "sockets").chmod(0o777)
+        wait_for(lambda: "API socket" in daemon.output() and "binding it again failed (socket dir" in daemon.output(),
+                 10, "the ERROR line")
+        assert not daemon.socket_path.exists()
+        (tmp_path / "sockets").chmod(0o755)
+        wait_for(lambda: "listening on it again" in daemon.output(), 10, "bound again once safe")
+        with connect(str(daemon.socket_path)) as fx:
+            assert fx.status()["workers"]
+    finally:
+        daemon.stop()
+        notify.close()
+
+
 def test_a_socket_file_removed_under_the_daemon_is_bound_again_and_another_ones_left_alone(
         daemon_config, tmp_path):
     """Found by review: two units sharing a RuntimeDirectory= removed each other's socket at

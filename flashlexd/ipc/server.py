@@ -24,6 +24,7 @@ import os
 import selectors
 import socket
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Set, Tuple, Union
 
 from flashlexd import fds
@@ -33,6 +34,7 @@ from flashlexd.ipc.protocol import (Code, Limits, Pending, RpcFailure, encode_er
                                     parse_request)
 from flashlexd.ipc.socketfile import ServerError, bind_socket, socket_file_state
 from flashlexd.logs import KindThrottle, LineThrottle
+from flashlexd.paths import SOCKET_DIR_MODE, UnsafePath, prepare_dir
 from flashlexd.wire import READS
 
 __all__ = ["Handler", "RpcServer", "ServerError"]
@@ -250,9 +252,12 @@ class RpcServer:
                        " with the same socket.path?): apps reach that one, not this daemon")
         else:
             try:
+                # its directory checked as at the start: gone too, another user may have made it
+                # anew in a sticky /tmp and read every call (review "security")
+                prepare_dir(Path(os.path.abspath(self.path)).parent, SOCKET_DIR_MODE, "socket dir")
                 listener, inode = bind_socket(self.path, self._mode, self._group)
-            except (ServerError, OSError) as exc:  # OSError: no fd left for it (EMFILE)
-                reason = exc if isinstance(exc, ServerError) else exc.strerror or exc
+            except (ServerError, UnsafePath, OSError) as exc:  # OSError: no fd left for it (EMFILE)
+                reason = exc if isinstance(exc, (ServerError, UnsafePath)) else exc.strerror or exc
                 trouble = (f"API socket {self.path} was removed under the running daemon and binding"
                            f" it again failed ({reason}): apps cannot reach it; trying every second")
             else:
