@@ -138,7 +138,7 @@ def load_problem(root_ca: Path, cert: Path, private_key: Path) -> Optional[str]:
                 f" flashlexd needs it unencrypted")
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert), str(private_key),
-                                                                password=_no_password)
+                                                                password=refuse_passphrase)
     except (ssl.SSLError, ValueError) as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             return f"{_KEY_PATH}.privateKey: {private_key} does not match the certificate {cert}"
@@ -146,7 +146,10 @@ def load_problem(root_ca: Path, cert: Path, private_key: Path) -> Optional[str]:
     return None
 
 
-def _no_password() -> bytes:
+def refuse_passphrase() -> bytes:
+    """The `password` of every load_cert_chain: without one, OpenSSL asks for an encrypted
+    key's passphrase on the terminal, and a key renewed in place as an encrypted one stalled the
+    fork server until the daemon gave up (review "security")."""
     raise ValueError("encrypted with a passphrase")  # never prompt on the terminal
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flashlexd.config import ConfigError, Keys, Thing
-from flashlexd.credentials import ALLOW_INSECURE_KEY_ENV, insecure_key_problem, stamp
+from flashlexd.credentials import ALLOW_INSECURE_KEY_ENV, insecure_key_problem, refuse_passphrase, stamp
 from flashlexd.dialer import DialedClient
 from flashlexd.pahoimport import paho
 from flashlexd.mqttv5 import V5, V311, session_properties
@@ -114,7 +114,10 @@ def _new_tls_context(keys: Keys, alpn: bool) -> ssl.SSLContext:
     except OSError as exc:
         raise ConfigError(f"flashlex.thing.keys.rootCA: cannot read {keys.root_ca}: {exc.strerror}") from None
     try:
-        context.load_cert_chain(str(keys.cert), str(keys.private_key))
+        context.load_cert_chain(str(keys.cert), str(keys.private_key), password=refuse_passphrase)
+    except ValueError:  # refuse_passphrase's
+        raise ConfigError(f"flashlex.thing.keys.privateKey: {keys.private_key} is encrypted with a"
+                          f" passphrase: flashlexd needs it unencrypted") from None
     except ssl.SSLError as exc:
         raise ConfigError(f"flashlex.thing.keys: cannot load certificate {keys.cert} with key"
                           f" {keys.private_key}: {exc.reason or 'not a PEM certificate/key'}") from None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from flashlexd.config import Thing
+from flashlexd.credentials import refuse_passphrase
 
 CLOCK_RETRY_SECONDS = 2.0
 RELEASE_FLOOR = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc).timestamp()
@@ -137,14 +138,15 @@ def broker_validity(thing: Thing, timeout: float
         context.set_alpn_protocols([ALPN_PROTOCOL])
     validity = None
     try:
-        context.load_cert_chain(str(thing.keys.cert), str(thing.keys.private_key))  # TLS 1.2 asks
+        context.load_cert_chain(str(thing.keys.cert), str(thing.keys.private_key),  # TLS 1.2 asks
+                                password=refuse_passphrase)
         # half the time each for TCP and TLS: the whole probe stays within `timeout`
         with socket.create_connection(where, timeout=timeout / 2) as sock, \
                 context.wrap_socket(sock, server_hostname=thing.endpoint) as tls:
             der = tls.getpeercert(binary_form=True)
         if der:
             validity = certificate_validity(ssl.DER_cert_to_PEM_cert(der).encode())
-    except (OSError, Failed):
+    except (OSError, ValueError, Failed):  # ValueError: an encrypted key (refuse_passphrase)
         validity = None
     _probed[where] = (time.monotonic(), validity)
     return validity

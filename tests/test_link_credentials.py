@@ -77,3 +77,19 @@ def test_under_allow_insecure_key_a_renewed_key_readable_by_others_is_loaded(key
     renew(keys, tmp_path)
     keys.private_key.chmod(0o640)
     assert link.renewed() and link.context is not old
+
+
+def test_a_key_renewed_in_place_encrypted_is_named_and_never_asks_for_a_passphrase(keys, tmp_path, caplog):
+    """OpenSSL asked for the passphrase on the terminal: a fork server with one stalled until the
+    daemon gave up, and without one the log got bare "Enter PEM pass phrase:" lines and a wrong
+    reason (review "security"). Here stdin is a pipe nobody writes: a prompt would hang."""
+    import subprocess
+    encrypted = subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-passout", "pass:secret",
+                                "-in", str(keys.private_key)], capture_output=True, check=True).stdout
+    prepare_tls_context(keys, False)
+    link = LinkCredentials(keys, False)
+    keys.private_key.write_bytes(encrypted)
+    with caplog.at_level(logging.WARNING, logger="flashlexd.mqttclient"):
+        prepare_tls_context(keys, False)
+        assert not link.renewed()
+    assert f"flashlex.thing.keys.privateKey: {keys.private_key} is encrypted with a passphrase" in caplog.text
