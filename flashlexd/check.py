@@ -169,9 +169,9 @@ def check_store(config: Config) -> Tuple[str, bool]:
     if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
         raise Failed(f"data dir {directory} is not writable by uid {os.geteuid()}"
                      f" (use --data-dir or flashlex.app.db.dataPath)")
-    if directory.is_dir():  # what `run` refuses, `check` fails on
-        try:
-            paths.check_dir(directory, "data dir")
+    if directory.is_dir():  # what `run` refuses, `check` fails on, as the daemon's user: the
+        try:                # data dir's owner (`sudo flashlexd check` failed a service user's: review)
+            paths.check_dir(directory, "data dir", directory.stat().st_uid)
         except paths.UnsafePath as exc:
             raise Failed(str(exc)) from None
     detail, ok = _store_figures(config)

@@ -87,10 +87,10 @@ def make_dir(path: Path, mode: int, parents_mode: int = PARENT_MODE) -> None:
         os.chmod(directory, wanted)
 
 
-def check_dir(path: Path, what: str) -> None:
-    """Refuse `path` unless it is a directory that only root or the daemon's user can change,
-    below directories that only they can change."""
-    uid = os.geteuid()
+def check_dir(path: Path, what: str, uid: Optional[int] = None) -> None:
+    """Refuse `path` unless it is a directory that only root or the daemon's user (`uid`, else
+    this process's) can change, below directories that only they can change."""
+    uid = os.geteuid() if uid is None else uid
     _check_links(Path(path), what, uid)
     real = Path(os.path.realpath(path))
     try:

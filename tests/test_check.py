@@ -87,6 +87,19 @@ def test_every_step_passes_against_the_real_broker(broker: Broker, tmp_path: Pat
     assert steps["store"][1].startswith(f"store in {data_dir} opens: 0 messages in the inbox")
 
 
+def test_a_store_the_service_user_owns_passes_a_check_run_as_root(broker: Broker, tmp_path: Path) -> None:
+    """`sudo flashlexd check` judged the data dir against root's own uid: a healthy install run
+    by a service user failed, "owned by uid 1004, not by root or the daemon's user (uid 0)"
+    (review "security"). The data dir's owner is the daemon's user, as for the config step."""
+    config = write_config(tmp_path / "thing", broker)
+    open_store(config).close()
+    data_dir = load(str(config)).store.data_dir
+    for path in (data_dir, *data_dir.iterdir()):
+        os.chown(path, 4321, 4321)
+    steps, _ = parse(run_check(config))
+    assert steps["store"][0] == "ok", steps["store"]
+
+
 def test_the_store_of_a_running_daemon_is_opened_but_its_pages_not_walked(broker: Broker,
                                                                           tmp_path: Path) -> None:
     """`check` walked every page of data.mdb by reading the file, with no reader slot, while a
