@@ -46,6 +46,11 @@ def declared_changes(declared: Declared, on_widened: Callable[[str], None]) -> N
         on_widened(name)
     for name in declared.created:
         log.info("consumer %r declared: it starts at the earliest stored message", name)
+    for name in declared.adopted:  # an app's own until now: its acks were taken as the new one's
+        log.warning("consumer %r declared: it was dynamic (an app used the name, or it was taken out of"
+                    " the config) and keeps its place and acks, so what was acked under the name is not"
+                    " delivered again; `flashlexctl consumers reset %s --to earliest` gives it every stored"
+                    " message", name, name)
     for name in declared.gave_place:
         on_widened(name)  # removed: should it come back, it starts at the earliest message
         log.warning("consumer %r removed: taken out of flashlex.app.consumers, it gave its place"

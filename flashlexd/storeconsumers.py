@@ -44,11 +44,13 @@ class Declared(NamedTuple):
     """What `consumer_declare` did: the consumers it created, those it had no room for, those
     taken out of the config that it removed to give their place to a new one, and those whose
     new filter matches stored messages the old one did not (a reader standing past them,
-    `stream()`, must start over, as after a replay)."""
+    `stream()`, must start over, as after a replay), and the dynamic ones it made declared,
+    keeping their place and acks."""
     created: List[str]
     refused: List[str]
     gave_place: List[str]
     widened: List[str]
+    adopted: List[str]
 
 
 @dataclass
@@ -268,7 +270,7 @@ class ConsumerStore:
             stored = self._consumers_in(txn)
             declared = {spec.name for spec in specs}
             undeclared = [c.name for c in stored.values() if not c.dynamic and c.name not in declared]
-            result = Declared([], [], [], [])
+            result = Declared([], [], [], [], [])
             changed = []  # (as it was, as it is now): a filter that may no longer match what it
             # held, or may match what its floor passed unseen
             for spec in specs:
@@ -284,6 +286,8 @@ class ConsumerStore:
                     result.created.append(spec.name)
                 elif consumer.filter != spec.filter:
                     changed.append((replace(consumer), consumer))  # a copy with a memo of its own
+                if consumer.dynamic and spec.name not in result.created:
+                    result.adopted.append(spec.name)
                 consumer.filter, consumer.max_backlog, consumer.dynamic = spec.filter, spec.max_backlog, False
                 self._save(txn, consumer)
             for before, after in changed:

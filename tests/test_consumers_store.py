@@ -275,6 +275,24 @@ def test_an_undeclared_consumer_becomes_dynamic(store: Store):
     assert store.consumer_state("a").dynamic is True
 
 
+def test_a_dynamic_consumer_declared_keeps_its_acks_and_is_said_so(store: Store, caplog):
+    """A name an app had registered, then declared (with allowUids that leave that app out):
+    it kept the app's acks without a word, and the protected app never got what that one had
+    acked (review "security"). Kept (the same app declared is the usual case), one WARNING."""
+    from flashlexd.consumerkeeper import declared_changes
+    store.consumer_register("actuator", NOW)
+    ids = put(store, "t", "t")
+    store.consumer_ack("actuator", ids, NOW)
+    declared = store.consumer_declare([ConsumerSpec("actuator", allow_uids=frozenset({1001}))], NOW)
+    assert declared.adopted == ["actuator"] and declared.created == []
+    with caplog.at_level(logging.WARNING, logger="flashlexd.consumerkeeper"):
+        declared_changes(declared, lambda name: None)
+    assert "consumer 'actuator' declared: it was dynamic" in caplog.text
+    assert "flashlexctl consumers reset actuator --to earliest" in caplog.text
+    again = store.consumer_declare([ConsumerSpec("actuator", allow_uids=frozenset({1001}))], NOW)
+    assert again.adopted == []  # declared already: said once
+
+
 def test_a_reload_widening_a_filter_delivers_the_stored_messages_its_floor_passed(store: Store):
     """display's floor had passed the cmd/ messages actuator still holds (not its topic then): a
     reload widening its filter to every topic never delivered them to it, though each named
@@ -326,7 +344,7 @@ def test_a_declared_consumer_beyond_the_most_stored_is_refused_by_name_not_store
                       " `flashlexctl consumers remove NAME`); it is declared again at the next reload"]
     while store.consumer_remove_step("app0", NOW + 1) is None:
         pass
-    assert store.consumer_declare(list(settings.declared), NOW) == (["over"], [], [], [])
+    assert store.consumer_declare(list(settings.declared), NOW) == (["over"], [], [], [], [])
 
 
 def test_a_consumer_renamed_in_the_config_with_the_most_stored_takes_the_old_ones_place(store: Store, caplog):
