@@ -403,6 +403,20 @@ def _admitted(result: subprocess.CompletedProcess) -> Optional[subprocess.Comple
     return result if result.returncode in (0, 1) else None
 
 
+def test_the_sandbox_leaves_only_its_own_directories_writable(systemd):
+    """ProtectSystem=strict with the API file systems mounted (ProtectKernelTunables= and kin)
+    left /run writable: a daemon running as root could plant a unit in /run/systemd/system,
+    loaded at the next daemon-reload (review "systemd")."""
+    props = running(systemd)
+    inside = ("nsenter", "-t", props["MainPID"], "-m", "--")
+    for place in ("/run", "/run/systemd", "/etc", "/var/lib", "/usr"):
+        probe = systemd.run(*inside, "touch", f"{place}/flashlexd-probe")
+        assert probe.returncode != 0 and "Read-only file system" in probe.stderr, (place, probe)
+    ours = systemd.run(*inside, "touch", "/run/flashlexd/probe")
+    assert ours.returncode == 0, ours
+    systemd.run(*inside, "rm", "/run/flashlexd/probe", check=True)
+
+
 def test_custom_data_path_and_socket_dir_are_writable_in_the_sandbox(start_service, daemon_config,
                                                                     tmp_path):
     data_dir, socket = tmp_path / "custom" / "store", tmp_path / "sockets" / "api.sock"
