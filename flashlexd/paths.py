@@ -36,9 +36,14 @@ class UnsafePath(Exception):
     """A directory the daemon must not use, or cannot make; one line for the operator."""
 
 
-class ReadOnlyDisk(UnsafePath):
-    """The data dir's file system is read-only: stays so until someone mends it (fsck, reboot),
-    so the start is not retried every 2 s (review "rocard": a restart loop filling a RAM journal)."""
+class StaysSo(UnsafePath):
+    """What a restart cannot mend (a read-only file system: a failing card, or the unit's
+    sandbox): `run` exits 2, which the unit does not restart, rather than failing every 2 s for
+    good (reviews "rocard" and "systemd": a restart loop filling a RAM journal)."""
+
+
+class ReadOnlyDisk(StaysSo):
+    """The data dir's file system is read-only: stays so until someone mends it (fsck, reboot)."""
 
     def __init__(self, data_dir: Path):
         super().__init__(f"the disk under data dir {data_dir} is read-only (the kernel remounts a file"
@@ -83,7 +88,8 @@ def make_dir(path: Path, mode: int, parents_mode: int = PARENT_MODE) -> None:
                 hint = ("; under systemd the unit makes only the data and socket directories it"
                         " was rendered with writable: run `flashlexd service ... --install` again"
                         " after changing flashlex.app.db.dataPath or flashlex.app.socket.path")
-            raise UnsafePath(f"cannot create {directory}: {exc.strerror or exc}{hint}") from None
+            error = StaysSo if exc.errno == errno.EROFS else UnsafePath
+            raise error(f"cannot create {directory}: {exc.strerror or exc}{hint}") from None
         os.chmod(directory, wanted)
 
 
