@@ -441,7 +441,7 @@ def test_drop_oldest_keeps_every_commit_within_the_cap(open_store: Callable[...,
     for n in range(80):
         messages = [Incoming(TOPIC, f"c{n}-{i}".encode().ljust(300, b"."), mid=i + 1, dup=False,
                              key=f"key-{n}-{i}".encode(),
-                             properties={"message_expiry_interval": 3600})
+                             properties={"message_expiry_interval": 2 ** 32 - 1})  # unexpired at 1970s stamps
                     for i in range(40)]
         total += len(store.append(messages, now=1000.0 + n, dedupe_window=10))
         used = store.stats()["used_bytes"]
