@@ -351,13 +351,14 @@ class Client:
             raise _unread(frame["error"], method, sent)
 
     def follow(self, limit: int, topic: Optional[str], after: Optional[int], wait: float,
-               until_replay: Optional[int] = None) -> List[Dict[str, Any]]:
+               until_replay: Optional[int] = None,
+               user_property: Optional[Tuple[str, str]] = None) -> List[Dict[str, Any]]:
         """`records(..., wait=)` for a follower that runs for ever (`stream`, `flashlexctl
         tail`): a daemon that goes away (a restart) is waited for (`reconnect`), and one that
         answers `busy` (its connections, or its room for unsent answers, taken by clients that
         do not read) is asked again after a pause; [] then. The wait is a read: safe to repeat."""
         try:
-            found = self.records(limit, topic, after, wait, until_replay=until_replay)
+            found = self.records(limit, topic, after, wait, user_property, until_replay=until_replay)
         except DaemonNotRunning:  # ConnectionLost is one
             self.reconnect()
             return []
@@ -691,8 +692,10 @@ class Client:
         return params
 
     def stream(self, timeout_per_wait: float = 30.0, limit: int = 100, topic: Optional[str] = None,
-               after: Optional[IdLike] = None) -> Iterator[Message]:
-        """Every message as it arrives, forever (oldest unacknowledged first). Uses `wait` with
+               after: Optional[IdLike] = None,
+               user_property: Optional[Tuple[str, str]] = None) -> Iterator[Message]:
+        """Every message as it arrives (with `user_property`, those carrying it, as `wait`
+        keeps them), forever (oldest unacknowledged first). Uses `wait` with
         the last id seen, so it yields each message once even if it is never acknowledged; a
         replay of its consumer (`reset`, from any client) starts it over from `after`. A daemon
         that goes away (a restart) or is busy is waited for (`follow`), and the stream goes on
@@ -701,7 +704,7 @@ class Client:
         start = last = None if after is None else int(_wire_id(after))
         while True:
             replays = self._replay_events
-            batch = self.follow(limit, topic, last, timeout_per_wait, until_replay=replays)
+            batch = self.follow(limit, topic, last, timeout_per_wait, replays, user_property)
             for message in map(Message.from_wire, batch):
                 last = message.id
                 yield message

@@ -139,3 +139,6 @@ def test_messages_and_wait_filter_by_a_user_property(harness, fx):
     with pytest.raises(RpcError) as refused:
         fx.call("messages", user_property="tenant")
     assert refused.value.code == Code.BAD_PARAMS
+    # stream() too: it had no such parameter (review "mqtt5")
+    streamed = fx.stream(timeout_per_wait=1, user_property=("tenant", "b"))
+    assert next(streamed).payload == b"b"
