@@ -48,6 +48,18 @@ def test_publish_refuses_properties_mqtt5_cannot_carry(harness, fx, properties, 
     assert fx.outbox()["count"] == 0
 
 
+def test_publish_refuses_a_payload_that_is_not_the_utf8_its_properties_say(harness, fx):
+    """payload_format_indicator 1 with bytes that are not UTF-8 was queued, and a broker
+    refuses it (AWS IoT Core: 0x99), a dead letter far from the call (review "mqtt5")."""
+    with pytest.raises(RpcError) as refused:
+        fx.call("publish", payload=b"\xff\xfe", properties={"payload_format_indicator": 1})
+    assert refused.value.code == Code.BAD_PARAMS and "the payload is not UTF-8" in refused.value.message
+    assert fx.outbox()["count"] == 0
+    fx.call("publish", payload="texte é".encode(), properties={"payload_format_indicator": 1})
+    fx.call("publish", payload=b"\xff\xfe", properties={"payload_format_indicator": 0})
+    assert fx.outbox()["count"] == 2
+
+
 def test_a_received_messages_properties_can_be_published_back(harness, fx):
     """`publish(..., properties=m.properties)` of a received message was refused: its
     message_expiry_interval "is not one" (publish took it only as `expiry=`). It is the

@@ -139,6 +139,14 @@ class _ReadQuery(NamedTuple):
         return self.consumer is not None or self.topic is not None or self.wanted is not None
 
 
+def _utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _own_result(result: Union[int, ConsumerCallError]) -> int:
     """A shared commit's answer to one named ack: its count, or the error it alone met."""
     if isinstance(result, ConsumerCallError):
@@ -454,6 +462,10 @@ class Methods:
                              f" message on its reserved topics ({_show(topic)}) (nothing was queued)")
         properties = mqttprops.publish_properties(p)
         p.done()
+        if properties and properties.get("payload_format_indicator") == 1 and not _utf8(payload):
+            # a broker refuses it (AWS IoT Core: 0x99), later and far from the call (review "mqtt5")
+            raise RpcFailure(Code.BAD_PARAMS, "publish: properties say payload_format_indicator 1 (UTF-8"
+                             " text), and the payload is not UTF-8 (nothing was queued)")
         rules = self.rules
         if len(payload) > rules.max_publish_bytes:
             raise RpcFailure(Code.PAYLOAD_TOO_LARGE, f"publish: payload of {len(payload)} bytes "
