@@ -763,8 +763,9 @@ class Supervisor:
                               " next restart" + (f"; {closed}" if closed else ""))
         self._note_client_id(old.config.thing.mqtt.client_id, new.config.thing.mqtt.client_id)
         self._note_broker(old.config.thing, new.config.thing)
-        if new.config.store != old.config.store:
-            self._note_over_cap(new.config.store.when_full)
+        if (new.config.store.cap_bytes, new.config.store.when_full) != (old.config.store.cap_bytes,
+                                                                        old.config.store.when_full):
+            self._note_over_cap(new.config.store.when_full)  # not for a commit window's change (re-read 30)
         self.config_file.close()  # type: ignore[union-attr]
         self.config_file = config_file  # workers started from now on get the new text
         self.runtime = new
