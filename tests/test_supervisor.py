@@ -226,6 +226,25 @@ def test_the_reload_command_says_a_link_it_restarted_is_down(daemon, notify, dae
     assert all("nosuchhost.invalid" in line for line in lines), lines
 
 
+def test_the_reload_command_says_a_link_not_up_by_its_timeout_as_it_is(daemon, notify, daemon_config, broker):
+    """A broker frozen during the reload: the command, cut by its --timeout of 4 s, said "not
+    connected 15 s after the reload" (re-read 30). It says how long it waited, and why it may be."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    edit_config(daemon_config, lambda d: d["flashlex"]["thing"]["mqtt"].update(publishRatePerSecond=7))
+    broker.freeze()
+    try:
+        result = subprocess.run([sys.executable, "-m", "flashlexd", "reload", "--config", str(daemon.config),
+                                 "--socket", str(daemon.socket_path), "--timeout", "4", str(daemon.pid)],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        broker.thaw()
+    assert result.returncode == 0, result
+    late = [line for line in result.stderr.splitlines() if "link is not up" in line]
+    assert late and all(re.search(r"not up [0-4] s after the reload \(an old process still stopping", line)
+                        for line in late), result.stderr
+
+
 def test_the_reload_command_refuses_a_config_the_daemon_does_not_run_with(daemon, notify, daemon_config,
                                                                          tmp_path):
     """Found by review: `flashlexd reload --config other.yml PID` exited 0 with nothing said,
