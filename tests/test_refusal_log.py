@@ -8,7 +8,7 @@ from typing import List, Tuple
 
 import pytest
 
-from flashlexd.store import StoreDamaged, StoreFull
+from flashlexd.store import StoreDamaged, StoreError, StoreFull
 from flashlexd.workers.refusallog import REFUSED_LOG_SECONDS, RESUMED_QUIET_SECONDS, RefusalLog
 
 FULL = StoreFull("store at its cap")
@@ -100,6 +100,11 @@ def test_a_refusal_lasting_most_of_the_brokers_patience_is_warned_of_once(said):
     log.due(3001.0 + RESUMED_QUIET_SECONDS)  # the episode over: the next one is warned of again
     log.refused(FULL, 4000.0, held=5, retry=False)
     assert log.due(4000.0) == pytest.approx(2700)
+    disk = RefusalLog(retry_seconds=1.0, broker_keeps=3600)  # no room to free on a read-only disk (re-read 30)
+    disk.refused(StoreError("store in x: the disk is read-only"), 0.0, held=5, retry=False)
+    disk.due(2700.0)
+    assert said()[-1][1].endswith("lost from then: mend what the store's ERROR above names now (its disk:"
+                                  " dmesg and fsck, or flashlexd store recover)")
     other = RefusalLog(retry_seconds=1.0)  # other brokers: no such notice
     other.refused(FULL, 0.0, held=5, retry=False)
     assert other.due(5000.0) == float("inf")

@@ -8,7 +8,7 @@ import logging
 from typing import Optional
 
 from flashlexd.logs import KindThrottle
-from flashlexd.store import StoreDamaged, StoreError, StoreFull
+from flashlexd.store import DiskFull, StoreDamaged, StoreError, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class RefusalLog:
         self._resume_said_at: Optional[float] = None  # the last "resuming" line
         self._since: Optional[float] = None  # this episode's first refusal
         self._keeps_said = False  # its WARNING about the broker's patience
+        self._last: Optional[StoreError] = None  # its latest refusal: what the WARNING advises on
 
     def refused(self, exc: StoreError, now: float, held: int, retry: bool) -> None:
         """The store refused a write; `retry`: nothing was stored since the last refusal, which
@@ -42,6 +43,7 @@ class RefusalLog:
         self._resumed_at = None  # not over after all: the log's last word stays right
         if self._since is None:
             self._since, self._keeps_said = now, False
+        self._last = exc
         if not retry:
             said = isinstance(exc, StoreDamaged) or self._say_refused(exc, now, held)
             self._refusing_said = self._refusing_said or said
@@ -77,8 +79,7 @@ class RefusalLog:
         self._keeps_said = True
         log.warning("the store has refused messages for %d min: AWS IoT Core drops a QoS 1 message it"
                     " has had no PUBACK for in %d min, so what it holds for this thing is lost from"
-                    " then: free room now (apps acknowledging, a larger capMegabytes) or set"
-                    " whenFull: dropOldest", (now - self._since) // 60, self.broker_keeps // 60)
+                    " then: %s", (now - self._since) // 60, self.broker_keeps // 60, _remedy(self._last))
         return float("inf")
 
     def close(self, now: float) -> None:
@@ -104,3 +105,12 @@ class RefusalLog:
         log.info("store accepts messages again; resuming")
         self._refusing_said, self._resumed_at, self._resume_said_at = False, None, now
         self._since = None
+
+
+def _remedy(refusal: Optional[StoreError]) -> str:
+    """What ends a refusal of this kind (room is no cure for a read-only or failing disk: re-read 30)."""
+    if isinstance(refusal, StoreFull):
+        return "free room now (apps acknowledging, a larger capMegabytes) or set whenFull: dropOldest"
+    if isinstance(refusal, DiskFull):
+        return "free space on the data dir's disk now"
+    return "mend what the store's ERROR above names now (its disk: dmesg and fsck, or flashlexd store recover)"
