@@ -129,8 +129,8 @@ def health(status: Dict[str, Any]) -> List[str]:
         problems.append(f"{damaged} (read-only; see flashlexd store recover)")
     store_error = (mqtt.get("ingress") or {}).get("store_error")
     if store_error:
-        problems.append(f"ingress is not storing (messages stay with the broker): {store_error}"
-                        f"{_holding_most(status.get('consumers') or [])}")
+        held = _holding_most(status.get("consumers") or []) if mqtt["ingress"].get("store_full") else ""
+        problems.append(f"ingress is not storing (messages stay with the broker): {store_error}{held}")
     quota_pauses = (mqtt.get("egress") or {}).get("quota_pauses_in_a_row") or 0
     if quota_pauses >= QUOTA_PAUSES_SAID:  # 1 + 2 + 4 s of pauses before: no passing rate quota
         problems.append(f"the broker refused every publish of the last {quota_pauses} tries with"
@@ -266,15 +266,19 @@ def render_rates(rates: Dict[str, Any]) -> str:
 
 
 def _holding_most(consumers: List[Dict[str, Any]]) -> str:
-    """Which named consumer holds back the most, for a full store: an app reading under a name
-    and never acking filled it, and only `flashlexctl consumers` said so (review "consumers")."""
-    held = [c for c in consumers if (c.get("backlog") or 0) > 0]
-    if not held:
+    """Which named consumers hold back the most, for a full store: an app reading under a name
+    and never acking filled it, and only `flashlexctl consumers` said so (review "consumers").
+    Every one at the top is named: counted past its share, a backlog is a lower bound, and two
+    at their bound tell nothing apart (re-read 30)."""
+    most = max((c.get("backlog") or 0 for c in consumers), default=0)
+    if not most:
         return ""
-    most = max(held, key=lambda c: c["backlog"])
-    kind = "dynamic" if most.get("dynamic") else "declared"
-    return (f"; consumer {most['name']!r} ({kind}) holds back the most, {backlog_text(most)} unacked"
-            f" (an app reading without acking? see flashlexctl consumers)")
+    top = [c for c in consumers if c.get("backlog") == most]
+    named = ", ".join(f"{c['name']!r} ({'dynamic' if c.get('dynamic') else 'declared'})" for c in top)
+    each = " each" if len(top) > 1 else ""
+    return (f"; {'consumers' if len(top) > 1 else 'consumer'} {named} hold{'' if len(top) > 1 else 's'} back"
+            f" the most, {backlog_text(top[0])} unacked{each} (an app reading without acking? see"
+            f" flashlexctl consumers)")
 
 
 def backlog_text(consumer: Dict[str, Any]) -> str:

@@ -552,11 +552,19 @@ def test_a_full_store_names_the_consumer_holding_back_the_most():
     """An app reading under a name and never acking filled the store, and the store-full line
     did not say who (review "consumers": only `flashlexctl consumers` did)."""
     status = {"workers": [{"name": "ingress", "state": "ready"}],
-              "mqtt": {"ingress": {"connected": True, "store_error": "store full"}, "egress": {"connected": True}},
+              "mqtt": {"ingress": {"connected": True, "store_error": "store full", "store_full": True},
+                       "egress": {"connected": True}},
               "consumers": [{"name": "display", "backlog": 3, "dynamic": False},
                             {"name": "lazy", "backlog": 100, "backlog_exact": False, "dynamic": True}]}
     assert ctlview.health(status) == [
         "ingress is not storing (messages stay with the broker): store full; consumer 'lazy' (dynamic) holds"
         " back the most, >=100 unacked (an app reading without acking? see flashlexctl consumers)"]
+    status["consumers"].append({"name": "zeta", "backlog": 100, "backlog_exact": False, "dynamic": False})
+    assert ctlview.health(status)[0].endswith("store full; consumers 'lazy' (dynamic), 'zeta' (declared) hold"
+                                              " back the most, >=100 unacked each (an app reading without acking?"
+                                              " see flashlexctl consumers)")  # both at their bound (re-read 30)
+    status["mqtt"]["ingress"].update(store_error="the disk is read-only", store_full=False)  # no consumer's doing
+    assert ctlview.health(status) == ["ingress is not storing (messages stay with the broker): the disk is read-only"]
     status["consumers"] = []
+    status["mqtt"]["ingress"].update(store_error="store full", store_full=True)
     assert ctlview.health(status) == ["ingress is not storing (messages stay with the broker): store full"]
