@@ -53,6 +53,40 @@ class ReadOnlyDisk(StaysSo):
                          f" restart the service for this: start it once the disk is mended")
 
 
+SANDBOX_HINT = ("; under systemd the unit makes only the data and socket directories it was rendered with"
+                " writable: run `flashlexd service ... --install` again after changing"
+                " flashlex.app.db.dataPath or flashlex.app.socket.path")
+
+
+def _read_only(data_dir: Path) -> StaysSo:
+    """Why `data_dir` is read-only: its file system (a card the kernel remounted after an error)
+    or only its mount here (the unit's sandbox after dataPath was edited, which was named a
+    failing card: re-read 30). /proc/self/mountinfo tells them apart: the mount's own options
+    against its file system's."""
+    if _file_system_read_only(data_dir) is not False:
+        return ReadOnlyDisk(data_dir)
+    return StaysSo(f"data dir {data_dir} is read-only here (its mount, not its disk)"
+                   f"{SANDBOX_HINT if os.environ.get('INVOCATION_ID') else ''}")
+
+
+def _file_system_read_only(path: Path) -> Optional[bool]:
+    """Whether the file system under `path` is read-only itself (None: mountinfo unreadable)."""
+    real, best, read_only = os.path.realpath(path), "", None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                mine, _, theirs = line.partition(" - ")
+                fields = mine.split()
+                point = fields[4].replace("\\040", " ") if len(fields) > 4 else ""
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best) and len(theirs.split()) >= 3:
+                    # ext4 after an error: `emergency_ro` (newer kernels), or `ro`
+                    best, read_only = point, bool({"ro", "emergency_ro"} & set(theirs.split()[2].split(",")))
+    except OSError:
+        return None
+    return read_only
+
+
 class AlreadyRunning(Exception):
     """Another daemon holds the data dir's lock, or (pid None) `store verify`/`recover` do."""
 
@@ -85,9 +119,7 @@ def make_dir(path: Path, mode: int, parents_mode: int = PARENT_MODE) -> None:
             if exc.errno == errno.EROFS and os.environ.get("INVOCATION_ID"):
                 # under the unit `flashlexd service` rendered, only the directories the config
                 # named then are writable (ProtectSystem=strict)
-                hint = ("; under systemd the unit makes only the data and socket directories it"
-                        " was rendered with writable: run `flashlexd service ... --install` again"
-                        " after changing flashlex.app.db.dataPath or flashlex.app.socket.path")
+                hint = SANDBOX_HINT
             error = StaysSo if exc.errno == errno.EROFS else UnsafePath
             raise error(f"cannot create {directory}: {exc.strerror or exc}{hint}") from None
         os.chmod(directory, wanted)
@@ -256,7 +288,7 @@ class DataDirLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             if exc.errno == errno.EROFS:
-                raise ReadOnlyDisk(self.path.parent) from None
+                raise _read_only(self.path.parent) from None
             why = "it is a symlink (refused: whoever made it chooses what the daemon writes)" \
                 if exc.errno == errno.ELOOP else exc.strerror or exc
             raise UnsafePath(f"cannot open lock file {self.path}: {why}") from None

@@ -154,6 +154,27 @@ def test_a_data_dir_the_unit_does_not_make_writable_says_to_render_the_unit_agai
     assert "run `flashlexd service ... --install` again" in done.stderr and done.stderr.count("\n") == 1
 
 
+def test_an_existing_data_dir_the_unit_leaves_read_only_is_not_called_a_failing_disk(daemon_config, tmp_path):
+    """dataPath edited to an existing directory, the unit not rendered again: its sandbox mounts
+    it read-only, and the start said the SD card was failing, fsck it (re-read 30). Its file
+    system is writable: the unit is named; exit 2 all the same."""
+    data_dir = tmp_path / "moved" / "data"
+    data_dir.mkdir(parents=True, mode=0o700)
+    view = tmp_path / "view"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "moved"), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        done = subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(daemon_config),
+                               "--data-dir", str(view / "data")], capture_output=True, text=True,
+                              timeout=60, cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+    assert done.returncode == 2, done.stderr
+    assert f"data dir {view / 'data'} is read-only here (its mount, not its disk); under systemd" in done.stderr
+    assert "SD card" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
 @pytest.mark.parametrize("leave", [0, 4096])  # 4096: room for the lock file's pid, not LMDB's
 def test_run_on_a_full_disk_says_so_in_one_line(daemon_config, tmp_path, leave):
     """`flashlexd run` with a new data dir on a full disk died with a traceback (0 bytes free:
