@@ -25,7 +25,10 @@ def paced_rate(rate: float) -> float:
 
 
 class TokenBucket:
-    """At most `rate` tokens in any one second, holding at most `rate * BURST_SECONDS` (at least 1)."""
+    """At most `rate` tokens in any one second for a whole `rate` (a fractional one: its next
+    whole number), holding at most `rate * BURST_SECONDS` (at least 1). A take bigger than that
+    (a big entry in the byte bucket) goes when the bucket is full and leaves it in debt: one
+    second may then hold up to that take more than `rate`."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
         self.rate, self.clock = paced_rate(rate), clock

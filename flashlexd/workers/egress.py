@@ -445,6 +445,8 @@ class EgressWorker(Worker):
                 break
             if not self._unsendable(entry, size):
                 self.budget.spend(1, size)
+                if self.budget is not self.online_budget:  # the link's quota counts these too: its
+                    self.online_budget.spend(1, size)      # bucket left full burst past it (re-read 30)
                 ready.append((entry, size))
             self.cursor = entry.id
         self._drop_expired(expired)  # the cursor is past them: now or never
