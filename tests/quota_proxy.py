@@ -4,8 +4,7 @@ A TLS-terminating proxy (mutual TLS, like AWS IoT on 8883) in front of mosquitto
 listener that reads the MQTT packets each client sends and drops every PUBLISH past `rate` per
 second on that connection, silently: no PUBACK, the connection stays up, which is what AWS IoT
 Core does over its 100 publishes/s quota. The quota is a token bucket of `rate` tokens a second
-holding at most `rate` (a second's worth); with `strict=True`, at most `rate` in any one-second
-window (AWS does not say which it counts: this is the strictest reading). Everything else (CONNECT, PINGREQ, PUBACK, ...) and
+holding at most `rate` (a second's worth). Everything else (CONNECT, PINGREQ, PUBACK, ...) and
 everything the broker sends are forwarded untouched. `over_quota` counts the dropped publishes
 (with `enforce=False` they are forwarded and only counted: how far over the quota a client is).
 With `answer=True` (MQTT 5 clients) a publish over the quota is answered instead, by a PUBACK
@@ -36,23 +35,15 @@ class _Link:
     """One client connection: its TLS side, its plain side to the broker, its quota."""
     mqtt5 = False  # its CONNECT's protocol level was 5
 
-    def __init__(self, tls: ssl.SSLSocket, plain: socket.socket, rate: float, strict: bool):
+    def __init__(self, tls: ssl.SSLSocket, plain: socket.socket, rate: float):
         self.tls, self.plain, self.rate = tls, plain, rate
         self.tokens, self.stamp = rate, time.monotonic()
-        self.window: Optional[Deque[float]] = collections.deque() if strict else None  # publishes' times
         self.pending = b""  # client bytes not yet a whole packet
 
     def allow_publish(self) -> bool:
         if self.rate <= 0:
             return True
         now = time.monotonic()
-        if self.window is not None:
-            while self.window and now - self.window[0] >= 1.0:
-                self.window.popleft()
-            if len(self.window) >= self.rate:
-                return False
-            self.window.append(now)
-            return True
         self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
@@ -123,11 +114,10 @@ def _packet_id(publish: bytes) -> bytes:
 
 class QuotaProxy:
     def __init__(self, broker: Broker, rate: float, enforce: bool = True, answer: bool = False,
-                 filters_per_request: Optional[int] = None, uplink: Optional[float] = None,
-                 strict: bool = False):
+                 filters_per_request: Optional[int] = None, uplink: Optional[float] = None):
         assert broker.plain_port, "the broker needs its plain listener (Broker(..., plain=True))"
         self.broker, self.rate, self.enforce = broker, rate, enforce  # not enforced: only counted
-        self.answer, self.filters_per_request, self.strict = answer, filters_per_request, strict
+        self.answer, self.filters_per_request = answer, filters_per_request
         self.refused_requests = self.largest_request = 0
         self.uplink = uplink  # PUBLISHes a second the client's side carries, queued (None: at once)
         self._uplink_queue: Deque[Tuple[float, _Link, bytes]] = collections.deque()
@@ -185,7 +175,7 @@ class QuotaProxy:
         except OSError:
             client.close()
             return
-        link = _Link(tls, plain, self.rate, self.strict)
+        link = _Link(tls, plain, self.rate)
         self._links[tls] = self._links[plain] = link
 
     def _relay(self, sock: socket.socket) -> None:

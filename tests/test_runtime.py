@@ -31,6 +31,7 @@ CHANGED = {  # a valid value other than the seed's or the default, where a rule 
     "flashlex.app.db.dedupe.key": "json:id", "flashlex.thing.mqtt.protocol": "3.1.1",
     "flashlex.app.consumers": {"display": {"filter": "sensors/#"}}, "flashlex.app.allowDynamicConsumers": False,
     "flashlex.app.thread": "other",  # the seed's `subscribe` subscribed the ingress topic alone
+    "flashlex.app.dynamicMaxBacklog": 1000,
 }
 COMPANIONS = {  # keys that mean something only beside another: set in the old and new config
     "flashlex.app.db.dedupe.windowSeconds": {"flashlex.app.db.dedupe.key": "json:id"},
