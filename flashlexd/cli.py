@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     _no_core_files()
     from flashlexd.ipc.server import ServerError
     from flashlexd.ipc.socketfile import SocketGroupError
-    from flashlexd.paths import AlreadyRunning, StaysSo, UnsafePath, control_warnings
+    from flashlexd.paths import AlreadyRunning, UnsafePath, control_warnings
     from flashlexd.store import StoreError
     from flashlexd.supervisor import Overrides, Supervisor
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("flashlexd").warning("%s", warning)
     try:
         return Supervisor(config, overrides, hangups).run()
-    except (SocketGroupError, StaysSo) as exc:  # a restart would fail the same way (exit 2: none)
+    except SocketGroupError as exc:  # a restart would fail the same way: the config's problem
         return _fail(f"cannot start: {exc}", EXIT_CONFIG)
     except (StoreError, ServerError, UnsafePath, AlreadyRunning) as exc:
         return _fail(f"cannot start: {exc}", EXIT_START)

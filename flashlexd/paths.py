@@ -36,21 +36,17 @@ class UnsafePath(Exception):
     """A directory the daemon must not use, or cannot make; one line for the operator."""
 
 
-class StaysSo(UnsafePath):
-    """What a restart cannot mend (a read-only file system: a failing card, or the unit's
-    sandbox): `run` exits 2, which the unit does not restart, rather than failing every 2 s for
-    good (reviews "rocard" and "systemd": a restart loop filling a RAM journal)."""
-
-
-class ReadOnlyDisk(StaysSo):
-    """The data dir's file system is read-only: stays so until someone mends it (fsck, reboot)."""
+class ReadOnlyDisk(UnsafePath):
+    """The data dir's file system is read-only (a card the kernel remounted after an error).
+    `run` exits 1 all the same, retried every 2 s: a disk mounted late (a USB stick, a `nofail`
+    partition, beside a read-only root) looks the same at first, and exit 2 left the service
+    down for good once it came (re-read 31)."""
 
     def __init__(self, data_dir: Path):
         super().__init__(f"the disk under data dir {data_dir} is read-only (the kernel remounts a file"
                          f" system read-only after an I/O error: a failing SD card? see dmesg); what is"
                          f" stored is intact: `flashlexd store recover --data-dir {data_dir} --to NEWDIR`"
-                         f" copies it to another disk, or fsck the disk and reboot; systemd does not"
-                         f" restart the service for this: start it once the disk is mended")
+                         f" copies it to another disk, or fsck the disk and reboot")
 
 
 SANDBOX_HINT = ("; under systemd the unit makes only the data and socket directories it was rendered with"
@@ -58,15 +54,15 @@ SANDBOX_HINT = ("; under systemd the unit makes only the data and socket directo
                 " flashlex.app.db.dataPath or flashlex.app.socket.path")
 
 
-def _read_only(data_dir: Path) -> StaysSo:
+def _read_only(data_dir: Path) -> UnsafePath:
     """Why `data_dir` is read-only: its file system (a card the kernel remounted after an error)
     or only its mount here (the unit's sandbox after dataPath was edited, which was named a
     failing card: re-read 30). /proc/self/mountinfo tells them apart: the mount's own options
     against its file system's."""
     if _file_system_read_only(data_dir) is not False:
         return ReadOnlyDisk(data_dir)
-    return StaysSo(f"data dir {data_dir} is read-only here (its mount, not its disk)"
-                   f"{SANDBOX_HINT if os.environ.get('INVOCATION_ID') else ''}")
+    return UnsafePath(f"data dir {data_dir} is read-only here (its mount, not its disk)"
+                      f"{SANDBOX_HINT if os.environ.get('INVOCATION_ID') else ''}")
 
 
 def _file_system_read_only(path: Path) -> Optional[bool]:
@@ -120,8 +116,7 @@ def make_dir(path: Path, mode: int, parents_mode: int = PARENT_MODE) -> None:
                 # under the unit `flashlexd service` rendered, only the directories the config
                 # named then are writable (ProtectSystem=strict)
                 hint = SANDBOX_HINT
-            error = StaysSo if exc.errno == errno.EROFS else UnsafePath
-            raise error(f"cannot create {directory}: {exc.strerror or exc}{hint}") from None
+            raise UnsafePath(f"cannot create {directory}: {exc.strerror or exc}{hint}") from None
         os.chmod(directory, wanted)
 
 
