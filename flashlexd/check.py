@@ -169,14 +169,18 @@ def check_store(config: Config) -> Tuple[str, bool]:
     if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
         raise Failed(f"data dir {directory} is not writable by uid {os.geteuid()}"
                      f" (use --data-dir or flashlex.app.db.dataPath)")
+    judged = ""
     if directory.is_dir():  # what `run` refuses, `check` fails on, as the daemon's user: the
-        try:                # data dir's owner (`sudo flashlexd check` failed a service user's: review)
-            paths.check_dir(directory, "data dir", directory.stat().st_uid)
+        owner = directory.stat().st_uid  # data dir's owner (`sudo flashlexd check` failed a service user's)
+        try:
+            paths.check_dir(directory, "data dir", owner)
         except paths.UnsafePath as exc:
             raise Failed(str(exc)) from None
+        if owner not in (0, os.geteuid()):  # said: run as this user, it would be refused (re-read 31)
+            judged = f"; judged for uid {owner}, its owner: the service must run as that user"
     detail, ok = _store_figures(config)
     note = old_store_note(directory)
-    return (detail if note is None else f"{detail}; {note}"), ok
+    return f"{detail}{judged}" + ("" if note is None else f"; {note}"), ok
 
 
 def _store_figures(config: Config) -> Tuple[str, bool]:

@@ -98,6 +98,8 @@ def test_a_store_the_service_user_owns_passes_a_check_run_as_root(broker: Broker
         os.chown(path, 4321, 4321)
     steps, _ = parse(run_check(config))
     assert steps["store"][0] == "ok", steps["store"]
+    # run as root it would be refused: said (re-read 31)
+    assert "judged for uid 4321, its owner: the service must run as that user" in steps["store"][1]
 
 
 def test_the_store_of_a_running_daemon_is_opened_but_its_pages_not_walked(broker: Broker,
