@@ -164,9 +164,10 @@ class Broker:
 
     def __init__(self, certs: Certs, workdir: Path, *, server: Optional[Identity] = None,
                  plain: bool = False, extra: Sequence[str] = (), acl: Optional[str] = None,
-                 websockets: bool = False):
+                 websockets: bool = False, listener: Sequence[str] = ()):
         self.certs = certs
         self.extra = list(extra)  # more mosquitto.conf lines (global settings, e.g. max_packet_size)
+        self.listener = list(listener)  # the TLS listener's own settings (e.g. max_qos)
         self.acl = acl  # the TLS listener's ACL file text (mosquitto's acl_file format)
         self.workdir = workdir
         self.server = server or certs.server
@@ -196,7 +197,7 @@ class Broker:
             lines.append("user root")  # else mosquitto becomes `mosquitto` and cannot read 0600 keys
         mutual_tls = [f"cafile {self.certs.ca}", f"certfile {self.server.cert}", f"keyfile {self.server.key}",
                       "require_certificate true", "use_identity_as_username true", "allow_anonymous false"]
-        lines += [f"listener {self.port} {HOST}", *mutual_tls]
+        lines += [f"listener {self.port} {HOST}", *mutual_tls, *self.listener]
         if self.ws_port:
             lines += [f"listener {self.ws_port} {HOST}", "protocol websockets", *mutual_tls]
         if self.acl is not None:

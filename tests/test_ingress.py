@@ -1151,3 +1151,19 @@ def test_mqtt5_properties_count_against_the_inbound_size_limit(
     worker.wait(lambda w: w.counters.get("dropped_oversize") == 1, 10, "counted")
     assert worker.stop() == 0
     store.close()
+
+
+def test_a_broker_granting_qos_0_only_is_an_error_not_a_healthy_link(certs: Certs, tmp_path: Path,
+                                                                      start_worker) -> None:
+    """mosquitto's `max_qos 0`: the filters granted at QoS 0, status healthy, no word, and the
+    messages published while the daemon restarted lost (review "mqtt5": 10 of 10)."""
+    broker = Broker(certs, tmp_path / "broker", listener=["max_qos 0"]).start()
+    try:
+        config = write_config(tmp_path / "config", broker, mqtt={"protocol": "5"})
+        worker = start_worker("ingress", config)
+        worker.wait(lambda w: w.mqtt.get("connected") and w.mqtt.get("subscriptions"), 15, "subscribed")
+        assert "broker grants only QoS 0 for " in (worker.mqtt.get("error") or ""), worker.mqtt
+        assert worker.log_text().count("broker grants only QoS 0") == 1
+        assert worker.stop() == 0
+    finally:
+        broker.close()

@@ -41,7 +41,6 @@ class Subscriptions:
         # as soon as the link's other filters are answered; more, a filter refused so
         self._left_out: Dict[str, Tuple[float, float]] = {}
         self.probing: Optional[str] = None  # the filter asked for again on this link
-        self._qos0_said: Dict[str, bool] = {}  # filters whose grant of QoS 0 only was logged
 
     def at_connect(self, isolate: bool, now: float) -> List[List[str]]:
         """The SUBSCRIBEs of a new link, each a list of filters: one filter each when the last
@@ -84,12 +83,6 @@ class Subscriptions:
         """A SUBACK of this link: its codes kept. A filter asked for again is subscribed from
         now on, or, refused in the SUBACK, asked for at each connect as any such filter."""
         self.codes.update(zip(filters, reason_codes))
-        for topic, code in zip(filters, reason_codes):
-            if _qos0(code) and not self._qos0_said.get(topic):
-                log.warning("the broker grants the subscription to %s at QoS 0 only (asked: 1; its Maximum"
-                            " QoS, a max_qos setting, or the thing's policy): its messages come at most once,"
-                            " and those sent while the link is down are lost", topic)
-            self._qos0_said[topic] = _qos0(code)
         asked = self.probing
         if asked is None or asked not in filters:
             return
@@ -112,9 +105,10 @@ class Subscriptions:
         problems = []
         if refused:
             problems.append(f"broker refused the subscription to {', '.join(refused)} (check the thing's policy)")
-        if qos0:
-            problems.append(f"broker grants only QoS 0 for {', '.join(qos0)}: messages sent while the link is"
-                            f" down are lost")
+        if qos0:  # the ingress logs it (one ERROR when it is news)
+            problems.append(f"broker grants only QoS 0 for {', '.join(qos0)} (asked: 1; its Maximum QoS, a"
+                            f" max_qos setting, or the thing's policy): messages sent while the link is down"
+                            f" are lost")
         return granted, "; ".join(problems) or None
 
 
