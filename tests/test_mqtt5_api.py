@@ -159,13 +159,18 @@ def test_messages_and_wait_filter_by_a_user_property(harness, fx):
 def test_messages_past_their_expiry_are_walked_a_bounded_page_at_a_time(harness, fx):
     """Every read leaves out a message past its own expiry until the sweep removes it; an
     unfiltered read then passed them all in one turn of the loop (0.6-0.9 s at 200,000, every
-    call; re-read 31). With such messages stored it walks SCAN_BUDGET records a page."""
+    call; re-read 31). It passes EXPIRED_PAST at most a page, and a look over fewer still finds
+    what follows (a SCAN_BUDGET page answered [] with messages behind: re-read 32)."""
     import time
-    from flashlexd.ipc.methods import SCAN_BUDGET
-    expired = [Incoming("t", b"old", properties={"message_expiry_interval": 1}) for _ in range(3 * SCAN_BUDGET)]
-    harness.call(lambda: harness.store.append(expired, now=time.time() - 5))
+    from flashlexd.ipc.methods import EXPIRED_PAST
+    expired = [Incoming("t", b"old", properties={"message_expiry_interval": 1}) for _ in range(EXPIRED_PAST + 300)]
+    harness.call(lambda: harness.store.append(expired[:300], now=time.time() - 5))
     harness.ingest(("t", b"live"))
+    assert [m.payload for m in fx.wait(timeout=0, limit=10)] == [b"live"]  # a look over 300
+    fx.ack(fx.messages())
+    harness.call(lambda: harness.store.append(expired, now=time.time() - 5))
+    harness.ingest(("t", b"live again"))
     first = fx.call("messages", limit=10, paged=True)
     assert first["messages"] == [] and first["cursor"] is not None  # a page's walk, then where to go on
-    assert [m.payload for m in fx.messages(limit=10)] == [b"live"]  # the client goes on from it
-    assert [m.payload for m in fx.wait(timeout=5, limit=10)] == [b"live"]
+    assert [m.payload for m in fx.messages(limit=10)] == [b"live again"]  # the client goes on from it
+    assert [m.payload for m in fx.wait(timeout=5, limit=10)] == [b"live again"]
