@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from flashlexd.ipc.socketfile import SocketGroupError
     from flashlexd.paths import AlreadyRunning, UnsafePath, control_warnings
     from flashlexd.store import StoreError
+    from flashlexd.storebase import NewerSchema
     from flashlexd.supervisor import Overrides, Supervisor
 
     overrides = Overrides(args.config, args.data_dir, args.keys_dir, args.socket, args.log_level,
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("flashlexd").warning("%s", warning)
     try:
         return Supervisor(config, overrides, hangups).run()
-    except SocketGroupError as exc:  # a restart would fail the same way: the config's problem
+    except (SocketGroupError, NewerSchema) as exc:  # a restart would fail the same way
         return _fail(f"cannot start: {exc}", EXIT_CONFIG)
     except (StoreError, ServerError, UnsafePath, AlreadyRunning) as exc:
         return _fail(f"cannot start: {exc}", EXIT_START)

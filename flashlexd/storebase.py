@@ -132,6 +132,11 @@ def address_space_left() -> Optional[int]:
     return min(bounds) - used
 
 
+class NewerSchema(StoreError):
+    """A store a later release wrote (a rollback): `run` exits 2, as a restart cannot mend it
+    (exit 1 was retried every 2 s for good: review "upgrade")."""
+
+
 class OlderSchema(StoreError):
     """A store of an earlier schema opened with `migrate=False` (flashlexd check)."""
 
@@ -296,7 +301,7 @@ class StoreBase:
             self._frames = BootFrames(self._meta, self.clock)
             schema = self._counter(txn, b"schema")
             if schema > SCHEMA_VERSION:
-                raise StoreError(f"store in {self.path} has schema {schema}; this flashlexd"
+                raise NewerSchema(f"store in {self.path} has schema {schema}; this flashlexd"
                                  f" ({__version__}) reads up to {SCHEMA_VERSION}: upgrade flashlexd"
                                  f" or use another --data-dir")
             if 0 < schema < SCHEMA_VERSION and not self._migrate:

@@ -695,6 +695,16 @@ def test_a_store_of_a_newer_schema_is_refused_by_verify_and_recover_not_called_d
         f" {SCHEMA_VERSION}: use the flashlexd that wrote it (upgrade flashlexd)"), result.stdout + result.stderr
 
 
+def test_a_start_on_a_store_of_a_newer_schema_is_exit_2(daemon_config, tmp_path):
+    """After a rollback the start was refused in one line, exit 1: the unit tried again every
+    2 s for good, which no restart mends (review "upgrade"). Exit 2 is not restarted."""
+    _store_of_the_next_schema(tmp_path / "data")
+    run = flashlexd("run", "--config", str(daemon_config), "--data-dir", str(tmp_path / "data"),
+                    "--socket", str(tmp_path / "api.sock"))
+    assert run.returncode == 2, run.stderr
+    assert "has schema" in run.stderr and "upgrade flashlexd" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
 def test_recover_follows_no_symlink_the_data_dirs_owner_planted(tmp_path):
     """Recover runs as root and gives what it writes to the data dir's owner (the service
     user), who could plant `acks.journal -> /etc/shadow` or `data.mdb -> another thing's
