@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG)
     logs.setup(config.log_level, "flashlexd")
-    for warning in [*config.warnings, old_store_note(config.store.data_dir),
+    for warning in [*config.warnings, old_store_note(config.store.data_dir), service.stale_unit_note(),
                     *control_warnings(trusted_files(config), os.geteuid())]:
         if warning:
             logging.getLogger("flashlexd").warning("%s", warning)

@@ -22,6 +22,7 @@ EXIT_WRITE = 1  # the file could not be written
 # what a data dir holds: LMDB's two files, the ack journal, the lock, and the space reserve
 # (made by the first append, so in every data dir that ever stored a message)
 STORE_FILES = {"data.mdb", "lock.mdb", "acks.journal", paths.LOCK_NAME, "space.reserve"}
+UNIT_ENV = "FLASHLEXD_UNIT"  # the unit template's digest, set by the unit this release renders
 REPO_PACKAGING = Path(__file__).resolve().parent.parent / "packaging"
 INSTALLED_PACKAGING = Path(sys.prefix) / "share" / "flashlexd"
 FILES = {  # kind -> (file under packaging/ in the repo, name when installed, target on the system)
@@ -40,14 +41,41 @@ def template(kind: str) -> str:
     raise FileNotFoundError(f"packaging file {in_repo} not found (is flashlexd installed?)")
 
 
+def template_digest(text: str) -> str:
+    """The unit template's mark, rendered into the unit (UNIT_ENV) for `stale_unit_note`."""
+    import hashlib  # here: only the daemon's start and `service` need it
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def stale_unit_note() -> Optional[str]:
+    """A daemon under systemd whose unit is not the one this release renders: an upgrade
+    that skipped `flashlexd service --install` kept the earlier unit's settings and hardening
+    (`ReadOnlyPaths=/run` missing, review "upgrade") with no word. None when it is, or when
+    not under systemd."""
+    if not os.environ.get("INVOCATION_ID"):
+        return None
+    try:
+        current = template_digest(template("unit"))
+    except OSError as exc:
+        return f"cannot tell whether the systemd unit is this release's: {exc}"
+    if os.environ.get(UNIT_ENV) == current:
+        return None
+    return ("the systemd unit was not rendered by this release's `flashlexd service` (an earlier"
+            " release's, or written by hand): its settings and hardening may lack this release's;"
+            " `flashlexd service ... --install` with the same options, then `systemctl daemon-reload`"
+            " and a restart")
+
+
 def render_unit(venv: str, config: str, user: str = "root", group: str = "",
                 places: Optional[Places] = None, keys: Optional[str] = None) -> str:
     """The unit text for this install, with the data dir, socket and access from `places`. The
     keys dir is always explicit (default: the config file's directory), so the unit never
     depends on a default that differed between the FlashLex SDK and flashlexd."""
     values = unit_values(places or Places(), user, group, venv, config, keys or str(Path(config).parent))
+    text = template("unit")
+    values["unit_digest"] = template_digest(text)
     lines = []
-    for line in template("unit").splitlines():
+    for line in text.splitlines():
         if line.startswith("{{") and line.endswith("}}") and not values[line[2:-2]]:
             continue  # a placeholder of whole lines with nothing to say here
         for name, value in values.items():

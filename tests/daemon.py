@@ -13,6 +13,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from tests.broker import wait_for
 
 
+def under_the_unit() -> Dict[str, str]:
+    """What systemd sets for a daemon under the unit this release renders (INVOCATION_ID and
+    the unit's mark), for tests that stand in for systemd."""
+    from flashlexd.service import UNIT_ENV, template, template_digest
+    return {"INVOCATION_ID": "0" * 32, UNIT_ENV: template_digest(template("unit"))}
+
+
 def default_sigint() -> None:
     """`preexec_fn` for a program the test stops with SIGINT (Ctrl-C): a runner started in
     the background (`cmd &` without job control) ignores SIGINT, and so would what it starts,

@@ -11,7 +11,8 @@ import pytest
 
 from flashlexd.client.ctlview import QUOTA_PAUSES_SAID, drain_line, health
 from flashlexd.wire import PUBACK_STALLED
-from tests.broker import EGRESS_TOPIC, Broker, Certs, Subscriber, open_store, wait_for, write_config
+from tests.broker import (EGRESS_TOPIC, Broker, Certs, Subscriber, free_port, open_store, wait_for,
+                          write_config)
 from tests.quota_proxy import PUBLISH, QUOTA_EXCEEDED_PUBACK, QuotaProxy, _packet_id, split_packets
 from tests.test_egress import assert_delivered_in_order, fill_outbox
 
@@ -554,3 +555,39 @@ def test_the_drain_estimate_counts_entries_queued_online_at_the_links_rate(
             assert eta is None, counters  # unknown, not the whole outbox at 10/s
         assert worker.stop() == 0
         store.close()
+
+
+def test_the_drain_estimate_prices_an_outages_backlog_behind_entries_queued_online(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Review "outbox": while the drain was still in what was queued before the outage (the
+    cursor before the backlog), all of the outbox was priced at the link's rate: 2.5-5x short."""
+    config = write_config(tmp_path / "config", broker,
+                          mqtt={"drainingFrequency": 5, "publishRatePerSecond": 20})
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, f"online {i}".encode(), 1, False) for i in range(100)])
+    store.note_queued_online(store.outbox_last_id())  # then the link went down
+    store.outbox_append([(EGRESS_TOPIC, f"offline {i}".encode(), 1, False) for i in range(200)])
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    worker.wait(lambda w: w.counters.get("eta_s") and w.counters.get("rate_limit") == 20
+                and 200 < w.counters.get("outbox_backlog", 0) < 290, 10, "the online entries draining first")
+    counters = dict(worker.counters)
+    online_left = counters["outbox_backlog"] - 200
+    expected = online_left / 20 + 200 / 5
+    assert expected - 3 <= counters["eta_s"] <= expected + 3, counters  # not 14 s for all at 20/s
+    assert worker.stop() == 0
+    store.close()
+
+
+def test_no_drain_estimate_while_the_link_is_down(broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Review "outbox": `eta_s` was a number while nothing drained (the link down)."""
+    config = write_config(tmp_path / "config", broker, port=free_port(),  # nothing listens there
+                          mqtt={"publishRatePerSecond": 100})
+    store = open_store(config)
+    store.outbox_append([(EGRESS_TOPIC, f"entry {i}".encode(), 1, False) for i in range(50)])
+    worker = start_worker("egress", config)
+    worker.wait(lambda w: w.counters.get("outbox_backlog") == 50 and "eta_s" in w.counters, 10,
+                "the egress's counters")
+    assert worker.counters["connected"] is False and worker.counters["eta_s"] is None, worker.counters
+    assert worker.stop() == 0
+    store.close()

@@ -19,7 +19,7 @@ from typing import List
 from flashlexd.client import connect
 from flashlexd.client.escape import printable
 from tests.broker import INGRESS_TOPIC, wait_for, write_config
-from tests.daemon import Daemon, default_sigint
+from tests.daemon import Daemon, default_sigint, under_the_unit
 from tests.lax_broker import LaxBroker
 
 CTL = [sys.executable, "-m", "flashlexd.client.ctl"]
@@ -75,7 +75,7 @@ def test_control_characters_from_a_lax_broker_are_escaped_in_flashlexctl_and_the
     daemon = None
     try:
         config = write_config(tmp_path / "etc", broker, port=lax.port, db={"maxPayloadBytes": 1000})
-        daemon = Daemon(config, tmp_path / "run", env={"INVOCATION_ID": "test"}).start()
+        daemon = Daemon(config, tmp_path / "run", env=under_the_unit()).start()
 
         def stored() -> bool:
             try:

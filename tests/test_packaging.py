@@ -643,7 +643,36 @@ def test_unit_runs_a_program_whose_path_has_a_dollar_sign(tmp_path):
 SCHEMA_RELEASES = {6: "0.1.0", 7: "0.2.0"}
 
 
+def _release(version: str) -> Tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 def test_a_new_store_schema_comes_with_a_new_version():
+    """A schema missing here is one released under an earlier release's version."""
     import flashlexd
     from flashlexd.storebase import SCHEMA_VERSION
-    assert SCHEMA_RELEASES.get(SCHEMA_VERSION) == flashlexd.__version__
+    assert SCHEMA_VERSION in SCHEMA_RELEASES, "record the release the new schema ships in"
+    assert _release(SCHEMA_RELEASES[SCHEMA_VERSION]) <= _release(flashlexd.__version__)
+    assert _release(SCHEMA_RELEASES[SCHEMA_VERSION - 1]) < _release(SCHEMA_RELEASES[SCHEMA_VERSION])
+
+
+def test_a_daemon_under_a_unit_another_release_rendered_says_so(daemon_config, tmp_path):
+    """Review "upgrade": an upgrade that skipped `flashlexd service --install` ran under the
+    earlier unit (without `ReadOnlyPaths=/run`) with no word; the unit now carries its
+    template's mark, and a start under systemd compares it with this release's."""
+    from flashlexd.service import UNIT_ENV, template, template_digest
+    from tests.daemon import Daemon
+    current = template_digest(template("unit"))
+    bare = tmp_path / "config.yml"
+    bare.write_text("flashlex: {}\n")
+    rendered = service("--dir", str(tmp_path), "--venv", sys.prefix, "--config", str(bare))
+    assert f"\nEnvironment={UNIT_ENV}={current}\n" in rendered.stdout
+    line = "<4>flashlexd: the systemd unit was not rendered by this release's `flashlexd service`"  # a WARNING
+    for mark, warned in ((None, True), ("0123456789ab", True), (current, False)):
+        env = {"INVOCATION_ID": "0" * 32, **({UNIT_ENV: mark} if mark else {})}
+        daemon = Daemon(daemon_config, tmp_path / f"run-{mark}", env=env).start()
+        try:
+            daemon.wait_api()
+            assert (line in daemon.log_path.read_text()) is warned, (mark, daemon.log_path.read_text())
+        finally:
+            daemon.stop()

@@ -16,7 +16,7 @@ import yaml
 
 from flashlexd import paths
 from tests.broker import wait_for
-from tests.daemon import Daemon, NotifyListener
+from tests.daemon import Daemon, NotifyListener, under_the_unit
 from tests.tmpfs import fill, mounted_tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_a_start_failure_under_systemd_carries_the_error_priority(daemon_config,
     not_a_dir.write_text("")
     done = subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(daemon_config),
                            "--data-dir", str(not_a_dir)], capture_output=True, text=True, timeout=60,
-                          cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+                          cwd=REPO, env={**os.environ, **under_the_unit()})
     assert done.returncode == 1 and done.stderr.startswith("<3>flashlexd: cannot start:"), done.stderr
     assert all(line.startswith("<") for line in done.stderr.splitlines()), done.stderr
 
@@ -127,7 +127,7 @@ def test_a_socket_group_the_service_is_not_in_names_the_setting_to_render_again(
         daemon_config.write_text(yaml.safe_dump(document))
         done = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m",
                                "flashlexd", "run", "--config", str(daemon_config)], capture_output=True, text=True,
-                              timeout=60, cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+                              timeout=60, cwd=REPO, env={**os.environ, **under_the_unit()})
     finally:
         subprocess.run(["groupdel", "flashlexdpaths"], capture_output=True)
     assert done.returncode == 2 and "Operation not permitted" in done.stderr, done.stderr  # not restarted
@@ -146,7 +146,7 @@ def test_a_data_dir_the_unit_does_not_make_writable_says_to_render_the_unit_agai
     try:
         done = subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(daemon_config),
                                "--data-dir", str(read_only / "data")], capture_output=True, text=True,
-                              timeout=60, cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+                              timeout=60, cwd=REPO, env={**os.environ, **under_the_unit()})
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
     # exit 1, tried again: a disk mounted late looks the same, and exit 2 left it down (re-read 31)
@@ -167,7 +167,7 @@ def test_an_existing_data_dir_the_unit_leaves_read_only_is_not_called_a_failing_
         subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
         done = subprocess.run([sys.executable, "-m", "flashlexd", "run", "--config", str(daemon_config),
                                "--data-dir", str(view / "data")], capture_output=True, text=True,
-                              timeout=60, cwd=REPO, env={**os.environ, "INVOCATION_ID": "0" * 32})
+                              timeout=60, cwd=REPO, env={**os.environ, **under_the_unit()})
     finally:
         subprocess.run(["umount", str(view)], check=True)
     assert done.returncode == 1, done.stderr

@@ -211,6 +211,22 @@ def test_the_reload_command_fails_with_the_reason_when_the_config_is_refused(dae
         assert fx.status()["reload"] == {"done": 2, "refused": None, "notes": [], "restarted": []}
 
 
+def test_the_reload_command_says_the_daemon_runs_other_code_than_installed(daemon, notify):
+    """Review "upgrade": after an upgrade, a reload of the daemon started before it keeps the old
+    code (its workers are forked from it); a new key then read "unknown key, ignored", no more."""
+    notify.wait_for("READY=1", timeout=15)
+    daemon.wait_api()
+    installed_later = ("import runpy, flashlexd; flashlexd.__version__ = '99.0.0';"
+                       " runpy.run_module('flashlexd', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", installed_later, "reload", "--config", str(daemon.config),
+                             "--socket", str(daemon.socket_path), str(daemon.pid)],
+                            capture_output=True, text=True, timeout=60)
+    import flashlexd
+    assert result.returncode == 0 and result.stderr == (
+        f"flashlexd reload: the daemon runs flashlexd {flashlexd.__version__}, 99.0.0 is installed: a reload"
+        " keeps the running code (systemctl restart flashlexd runs the installed one)\n"), result
+
+
 def test_the_reload_command_says_a_link_it_restarted_is_down(daemon, notify, daemon_config):
     """A broker name that does not resolve (or a certificate from another CA) was applied with
     exit 0 and no word, both links then down (review "reload"): the command waits for the

@@ -133,6 +133,7 @@ def test_unit_becomes_active_through_ready(systemd):
     out = systemd.run(FLASHLEXCTL, "status")
     assert out.returncode in (0, 1), out.stderr  # 1 while a worker is still connecting
     assert "ingress" in out.stdout
+    assert "not rendered by this release" not in systemd.log.read_text(errors="replace")  # its own unit
 
 
 def test_hung_supervisor_is_restarted_by_the_watchdog(systemd):

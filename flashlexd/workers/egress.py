@@ -608,7 +608,9 @@ class EgressWorker(Worker):
         `drainingFrequency`, the entries queued since at the link's own rate (all of it at the
         backlog's rate read 2.7x too long with live publishes behind an outage's backlog)."""
         mqtt = self.config.thing.mqtt
-        slow = min(backlog, max(0, self.backlog_until - self.cursor)) if self.budget is self.backlog_budget else 0
+        # the backlog's part not sent yet, also while the cursor is still before it (resending the
+        # window after a reconnect: all of it priced at the link's rate read 2.5-5x too short)
+        slow = min(backlog, max(0, self.backlog_until - max(self.cursor, self.backlog_from)))
         if slow and backlog > slow and not mqtt.publish_rate and not self.bytes_limit:
             return None  # what follows the backlog has no limit, and the rate seen is the backlog's
         seconds = 0.0
@@ -630,7 +632,9 @@ class EgressWorker(Worker):
         self.counters.update(
             inflight=len(self.inflight), send_rate=round(self.send_rate, 1), rate_limit=self.rate_limit,
             # none while PUBACKs stall (a path gone silent: 2-4 s was shown while none came for 24 s)
-            eta_s=None if silence is not None and silence >= PUBACK_STALLED else self._eta(backlog),
+            # none while the link is down either (nothing drains; a number read as a promise)
+            eta_s=None if not self.link_up or (silence is not None and silence >= PUBACK_STALLED)
+            else self._eta(backlog),
             puback_silence=silence,
             drain_rate=round(drain_rate, 1), throttled=self.connection.throttled, sessions_lost=self.connection.sessions_lost,
             # an entry sent after `now` was read: 0, not -0.001
