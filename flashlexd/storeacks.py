@@ -22,6 +22,7 @@ the state they read (storeconsumers.py); they stay direct commits.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -92,10 +93,10 @@ class JournaledAcks:
             self._journal.position = -(-end // self._journal.block) * self._journal.block
 
     def _journal_records(self, path) -> List[Record]:
-        if not path.exists():
+        if not os.path.lexists(path):
             return []
-        try:
-            with open(path, "rb") as handle:
+        try:  # a planted link is not read through (its writer does not follow one either)
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as handle:
                 return scan(handle.read())
         except OSError as exc:
             aside = path.with_name(f"{FILE_NAME}.damaged-{int(time.time())}")
@@ -104,8 +105,9 @@ class JournaledAcks:
                 where = f"moved to {aside}"
             except OSError as move:
                 where = f"not moved aside ({move.strerror})"
+            why = "it is a symlink, not followed" if exc.errno == errno.ELOOP else exc.strerror or exc
             log.error("ack journal %s unreadable (%s): %s; messages acked since its last apply may"
-                      " be delivered again", path, exc.strerror or exc, where)
+                      " be delivered again", path, why, where)
             return []
 
     def _check_gaps(self, applied: int, fresh: Sequence[Record]) -> None:

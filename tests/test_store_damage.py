@@ -726,3 +726,38 @@ def test_recover_follows_no_symlink_the_data_dirs_owner_planted(tmp_path):
     refused = flashlexd("store", "recover", "--data-dir", str(planted), "--to", str(tmp_path / "stolen"))
     assert refused.returncode == 1 and "data.mdb is a symlink: refused" in refused.stderr + refused.stdout, refused
     assert not (tmp_path / "stolen").exists()
+
+
+def test_an_ack_journal_planted_as_a_symlink_is_set_aside_not_read(tmp_path, caplog):
+    """Its writer opens it O_NOFOLLOW, but the start read a planted `acks.journal -> FILE`
+    through the link, then ran with direct commits and an ERROR at every start (left alone
+    by session 43). Now the link is set aside like an unreadable journal, and a fresh one made."""
+    data_dir = build_store(tmp_path / "store", messages=5)
+    (data_dir / "acks.journal").unlink(missing_ok=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"\x00" * 4096)
+    (data_dir / "acks.journal").symlink_to(elsewhere)
+    store = Store(data_dir, CAP)
+    try:
+        store.open_ack_journal()
+        assert not (data_dir / "acks.journal").is_symlink()
+        assert [p for p in data_dir.iterdir() if p.name.startswith("acks.journal.damaged-")]
+        assert "(it is a symlink, not followed)" in caplog.text, caplog.text
+        assert elsewhere.read_bytes() == b"\x00" * 4096
+    finally:
+        store.close()
+
+
+def test_a_space_reserve_planted_as_a_symlink_is_neither_grown_nor_truncated(tmp_path, caplog):
+    """On a full disk the reserve is truncated a chunk at a time: through a planted
+    `space.reserve -> FILE`, a daemon run as root truncated FILE (session 43 left it alone)."""
+    from flashlexd.spacereserve import CHUNK_BYTES, FILE_NAME, SpaceReserve
+    target = tmp_path / "not-the-reserve"
+    target.write_bytes(b"x" * 2 * CHUNK_BYTES)
+    (tmp_path / FILE_NAME).symlink_to(target)
+    reserve = SpaceReserve(tmp_path)
+    assert reserve.release() == 0
+    reserve.top_up()
+    reserve.release()
+    assert target.read_bytes() == b"x" * 2 * CHUNK_BYTES
+    assert caplog.text.count("is not a regular file (a symlink?): not used") == 1, caplog.text
