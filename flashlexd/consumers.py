@@ -67,6 +67,14 @@ class ConsumerSpec:
     allow_uids: FrozenSet[int] = field(default_factory=frozenset)  # empty: anyone on the socket
 
 
+def backlog_bound(max_backlog: Optional[int], dynamic: bool, dynamic_max_backlog: Optional[int]) -> Optional[int]:
+    """The maxBacklog that holds for a consumer: a dynamic one's own (from when it was
+    declared) or `dynamicMaxBacklog`, the lower."""
+    if not dynamic or dynamic_max_backlog is None:
+        return max_backlog
+    return dynamic_max_backlog if max_backlog is None else min(max_backlog, dynamic_max_backlog)
+
+
 @dataclass
 class ConsumerState:
     """One consumer's stored state (DB `consumers`: name -> this, packed)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import lmdb
-from flashlexd.consumers import (MAX_CONSUMERS, ConsumerCallError, ConsumerSpec, ConsumerState, NoRoomForConsumer, ResetPastNewest,
+from flashlexd.consumers import (MAX_CONSUMERS, backlog_bound, ConsumerCallError, ConsumerSpec, ConsumerState, NoRoomForConsumer, ResetPastNewest,
                                  UnknownConsumer)
 from flashlexd.storebase import ScanPage, Taken
 from flashlexd.storedamage import guarded
@@ -668,9 +668,7 @@ class ConsumerStore:
                 yield None
             yield None
         for consumer in self.consumer_states():
-            limit = consumer.max_backlog  # a dynamic one's: its own from when it was declared, if lower
-            if consumer.dynamic and dynamic_max_backlog is not None:
-                limit = dynamic_max_backlog if limit is None else min(limit, dynamic_max_backlog)
+            limit = backlog_bound(consumer.max_backlog, consumer.dynamic, dynamic_max_backlog)
             if limit is None:
                 continue
             count = self._backlog_counts[consumer.name] = BacklogCount(consumer.name, limit)

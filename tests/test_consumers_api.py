@@ -486,3 +486,13 @@ def test_a_reset_of_a_name_not_stored_is_refused_unless_it_is_the_apps_own(harne
         assert "fresh" in {c["name"] for c in fresh.consumers()}
         with pytest.raises(RpcError):
             fresh.reset("other", "earliest")  # only its own name is registered so
+
+
+def test_consumers_shows_the_backlog_bound_dynamic_max_backlog_sets(harness: Harness):
+    """`flashlexctl consumers` showed `-` for a dynamic consumer that `dynamicMaxBacklog`
+    bounds (session 43 left it alone): the bound that holds is shown, the lower of the two."""
+    harness.rules = dataclasses.replace(harness.rules, consumers=ConsumerSettings(DECLARED, dynamic_max_backlog=50))
+    with connect(harness.path, consumer="app") as app:
+        app.messages()
+    bounds = {c["name"]: c["max_backlog"] for c in harness.methods.handle("consumers", {})}
+    assert bounds == {"app": 50, "display": None, "logger": 100}

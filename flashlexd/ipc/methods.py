@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
-from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError, UnknownConsumer
+from flashlexd.consumers import MAX_CONSUMERS, RESET_TARGETS, RESET_WAYS, ConsumerCallError, UnknownConsumer, backlog_bound
 from flashlexd.wire import (CONSUMER_NAME_RULE, ID_LIMIT, MAX_IDS_PER_ACK, MAX_LIMIT, MAX_WAIT_SECONDS, Code,
                             valid_consumer_name)
 from flashlexd.ipc import mqttprops
@@ -581,7 +581,11 @@ class Methods:
 
     def _consumers(self, p: _Params) -> List[Dict[str, Any]]:
         p.done()
-        return self.store.consumers_report()
+        report = self.store.consumers_report()
+        for entry in report:  # the bound that holds (a dynamic one's was "-" under dynamicMaxBacklog)
+            entry["max_backlog"] = backlog_bound(entry["max_backlog"], entry["dynamic"],
+                                                 self.rules.consumers.dynamic_max_backlog)
+        return report
 
     def _reset(self, p: _Params) -> Any:
         """Replay (`to="earliest"`), skip (`"latest"`) or start at a message id, a commit of at
