@@ -266,6 +266,9 @@ class Client:
             if error is None:
                 return result
             refused = _rpc_error(error, method)
+            if refused.code == Code.STOPPING and time.monotonic() < deadline:
+                timeout = deadline - time.monotonic()  # not carried out: sent again once the
+                continue                               # daemon is back (`_call_once` waits)
             # asked again only with time for the daemon to answer it as slowly as it answered
             # this (its 1 s write wait, a shared commit's window): a retry cut short by the
             # timeout could be carried out unseen, and a publish be repeated by the app
@@ -329,6 +332,8 @@ class Client:
             raise ProtocolError(f"response id {response['id']!r} does not match request {request_id}")
         if error is not None and not isinstance(error, dict):
             error = {"message": error}
+        if error is not None and error.get("code") == Code.STOPPING:
+            self._drop()  # the daemon closes it next: the request goes again to the one back
         return error, response.get("result")
 
     def _explain_close(self, sock: socket.socket, method: str, sent: int) -> None:

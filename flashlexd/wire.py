@@ -74,6 +74,7 @@ class Code:
     PAYLOAD_TOO_LARGE = "payload_too_large"
     CONFIRM_REQUIRED = "confirm_required"
     STORE_ERROR = "store_error"
+    STOPPING = "stopping"                  # the daemon is stopping: the request was not carried out
     INTERNAL = "internal"
 
 
