@@ -159,7 +159,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
                 self._settle_cap(txn, first_id)
             return ids
 
-        return self._write(work, reserve=False)  # type: ignore[return-value]
+        # marks taken off alone only free space: they may use the reserve (appends may not)
+        return self._write(work, reserve=not messages)  # type: ignore[return-value]
 
     def _prepare(self, messages: Sequence[Incoming], stamp: Tuple[float, int, float],
                  expires_at: Optional[float]) -> Tuple[List[bytes], List[Optional[DupMark]]]:

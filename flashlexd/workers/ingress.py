@@ -160,6 +160,7 @@ class IngressWorker(Worker):
         self.recycle_due = False  # a reconnect for them is due (all held before them is stored)
         self.recycle_pace = RecyclePace()
         self._left_lines = KindThrottle(REFUSED_LOG_SECONDS)
+        self.marks_refused = False  # the marks' commit before a recycle refused, said
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0,
                              left_with_broker=0, store_full=False,
@@ -702,8 +703,12 @@ class IngressWorker(Worker):
             return float("inf")  # the UNSUBACK confirming them wakes the loop
         refused = self._take_confirmed_marks_off()
         if refused:
-            log.debug("%s; not reconnecting yet", refused)
+            self._recycle_waits(refused, now)
             return RETRY_SECONDS
+        if self.marks_refused:  # said: now it goes on
+            self.marks_refused = False
+            self.counters["store_error"] = None
+            log.info("confirmed DUP marks taken off; the messages left with the broker come next")
         if not self.connection.recycle():
             return float("inf")
         self.recycle_pace.went(now, self.counters["stored"], self.counters["left_with_broker"])
@@ -712,6 +717,17 @@ class IngressWorker(Worker):
             "the store took all that was held: reconnecting so that the broker resends the %d messages"
             " left with it%s", self.left, since_last(count, "such reconnects"))
         return float("inf")
+
+    def _recycle_waits(self, refused: str, now: float) -> None:
+        """The messages left with the broker wait for the marks to go off, and what arrives
+        meanwhile is left there too: said, and shown by `status` (a full disk kept them off
+        for good with a DEBUG line, the status healthy; review "diskfull")."""
+        self.marks_refused = True
+        self.counters["store_error"] = f"{refused} (the {self.left} messages left with the broker wait for it)"
+        count = self._left_lines.due("marks", now)
+        if count:
+            log.warning("%s: the %d messages left with the broker are not asked for again until it"
+                        " works%s", refused, self.left, since_last(count, "tries"))
 
     def _take_confirmed_marks_off(self) -> Optional[str]:
         """Write off the DUP marks of the PUBACKs the broker has confirmed since the last
