@@ -238,6 +238,28 @@ def test_an_offline_backlog_keeps_its_rate_across_a_graceful_egress_restart(
     assert again.stop() == 0
 
 
+def test_entries_queued_online_after_a_backlog_keep_the_links_rate_across_a_graceful_restart(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Review "compat": a stop in the middle of a drain noted the backlog's start as the end of
+    what was queued online, so what apps queued online behind the backlog drained at
+    drainingFrequency after the restart too (1,003 entries at 2/s behind a backlog of 400)."""
+    config = write_config(tmp_path / "config", broker, mqtt={"drainingFrequency": 2, "publishRatePerSecond": 100})
+    store = open_store(config)
+    fill_outbox(store, 60)  # queued before any link: a backlog, drained at 2/s
+    worker = start_worker("egress", config)
+    worker.wait_connected()
+    wait_for(lambda: store.outbox_count() <= 58, 10, "the drain under way")
+    fill_outbox(store, 100)  # queued online, behind the backlog
+    assert worker.stop() == 0
+    again = start_worker("egress", config)
+    again.wait(lambda w: w.counters.get("connected") and w.counters.get("eta_s") and
+               w.counters.get("rate_limit") == 2.0, 15, "the backlog's rest draining at 2/s")
+    counters = dict(again.counters)
+    backlog_left = store.outbox_count() - 100
+    assert backlog_left / 2 - 3 <= counters["eta_s"] <= backlog_left / 2 + 5, counters  # not all at 2/s
+    assert again.stop() == 0
+
+
 def test_a_store_gone_read_only_under_a_sent_entry_is_one_line_and_said_by_status(
         broker: Broker, tmp_path: Path, start_worker) -> None:
     """Found by review: an SD card remounted read-only (ext4 errors=remount-ro) under an entry

@@ -459,3 +459,23 @@ def test_a_refusal_in_a_puback_ends_the_one_at_a_time_run_without_calling_it_fru
     alone.dropped([7])
     alone.answered(7)
     assert not alone.single and alone.excuses_drops and alone.drops(7) == 0
+
+
+def test_the_offline_backlog_keeps_each_outages_entries_apart_from_those_queued_online():
+    from flashlexd.workers.offlinebacklog import MAX_RANGES, OfflineBacklog
+    backlog = OfflineBacklog(None, [])
+    backlog.link_up(60, outbox_empty=False)  # a first start: all the outbox is an outage's
+    assert backlog.ranges == [(0, 60)] and backlog.holds(0) and not backlog.holds(60)
+    backlog.link_down(cursor=10, last_id=160)  # 100 queued online meanwhile
+    backlog.link_up(200, outbox_empty=False)  # 40 queued while down
+    assert backlog.ranges == [(0, 60), (160, 200)]
+    assert [backlog.holds(c) for c in (10, 59, 60, 159, 160, 199, 200)] == [True, True, False, False, True, True, False]
+    assert backlog.left(10) == 50 + 40
+    backlog.link_down(cursor=170, last_id=200)  # the first drained
+    assert backlog.ranges == [(160, 200)]
+    backlog.link_up(200, outbox_empty=True)
+    assert backlog.ranges == []
+    for outage in range(MAX_RANGES + 2):  # a link dropping in every drain: bounded
+        backlog.link_down(cursor=0, last_id=1000 + 20 * outage)
+        backlog.link_up(1010 + 20 * outage, outbox_empty=False)
+    assert len(backlog.ranges) == MAX_RANGES and backlog.ranges[0] == (1000, 1050)  # three as one

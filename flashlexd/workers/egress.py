@@ -55,6 +55,7 @@ from flashlexd.wire import PUBACK_STALLED
 from flashlexd.workers.base import Worker
 from flashlexd.workers.linkmemory import (connect_ago, earlier_session, fell_back_before,
                                           noting_connects, noting_fallback)
+from flashlexd.workers.offlinebacklog import OfflineBacklog
 from flashlexd.workers.poison import PATH_CUTS, PoisonWatch
 from flashlexd.workers.quotarefusals import QuotaRefusals
 
@@ -100,10 +101,7 @@ class EgressWorker(Worker):
         self.mean_size = 0.0  # of the entries sent lately: the byte limit's rate in entries/s
         self.online_budget = PublishBudget(mqtt.publish_rate, mqtt.publish_bytes_rate)
         self.backlog_budget = PublishBudget(mqtt.backlog_rate or 0, mqtt.publish_bytes_rate)
-        # entries in (backlog_from, backlog_until] were queued while the link was down; those up
-        # to queued_online_through were queued while it was up (None: not up yet in this process)
-        self.backlog_from = self.backlog_until = 0
-        self.queued_online_through: Optional[int] = self._queued_online()  # an earlier egress's
+        self.offline = self._offline_backlog()  # an earlier egress's, across its restarts
         self.link_up = False
         self.poison = PoisonWatch(mqtt.poison_attempts)
         self.inflight: Dict[int, _InFlight] = {}  # packet id -> entry, in the order sent
@@ -201,21 +199,19 @@ class EgressWorker(Worker):
         """The link went down: what is queued from now on is queued while it is down."""
         if self.link_up and self.config.thing.mqtt.backlog_rate:
             try:
-                # a backlog not drained yet stays one: only what came after it was drained is
-                # known to be queued online (one mark cannot say both)
-                self.queued_online_through = self.backlog_from if self.cursor < self.backlog_until \
-                    else self.store.outbox_last_id()
-                self.store.note_queued_online(self.queued_online_through)  # for a restarted egress
+                self.offline.link_down(self.cursor, self.store.outbox_last_id())
+                self.store.note_queued_online(self.offline.queued_online_through or 0,  # for a restarted egress
+                                              self.offline.ranges)
             except StoreError as exc:  # damage is logged by the store
                 log.debug("outbox's last id not read: %s", exc)
         self.link_up = False
 
-    def _queued_online(self) -> Optional[int]:
+    def _offline_backlog(self) -> OfflineBacklog:
         try:
-            return self.store.queued_online()
+            return OfflineBacklog(self.store.queued_online(), self.store.backlog_ranges())
         except StoreError as exc:  # damage is logged by the store
             log.debug("last id queued online not read: %s", exc)
-            return None
+            return OfflineBacklog(None, [])
 
     def _mark_backlog(self) -> None:
         """With `drainingFrequency`: what was queued while the link was down (at the start:
@@ -224,18 +220,16 @@ class EgressWorker(Worker):
         if not self.config.thing.mqtt.backlog_rate:
             return
         try:
-            if self.store.outbox_count():
-                self.backlog_from = self.queued_online_through or 0
-                self.backlog_until = self.store.outbox_last_id()
-            self.store.note_link_up()  # for an egress replacing this one should it die (SIGKILL)
+            self.offline.link_up(self.store.outbox_last_id(), not self.store.outbox_count())
+            # for an egress replacing this one should it die (SIGKILL)
+            self.store.note_link_up(self.offline.ranges)
         except StoreError as exc:  # damage is logged by the store
             log.debug("backlog not marked: %s", exc)
 
     @property
     def budget(self) -> PublishBudget:
         """The backlog's budget while the drain is in it, else the link's."""
-        in_backlog = self.backlog_from <= self.cursor < self.backlog_until
-        return self.backlog_budget if in_backlog else self.online_budget
+        return self.backlog_budget if self.offline.holds(self.cursor) else self.online_budget
 
     @property
     def rate_limit(self) -> float:
@@ -610,7 +604,7 @@ class EgressWorker(Worker):
         mqtt = self.config.thing.mqtt
         # the backlog's part not sent yet, also while the cursor is still before it (resending the
         # window after a reconnect: all of it priced at the link's rate read 2.5-5x too short)
-        slow = min(backlog, max(0, self.backlog_until - max(self.cursor, self.backlog_from)))
+        slow = min(backlog, self.offline.left(self.cursor))
         if slow and backlog > slow and not mqtt.publish_rate and not self.bytes_limit:
             return None  # what follows the backlog has no limit, and the rate seen is the backlog's
         seconds = 0.0
