@@ -4,23 +4,21 @@ probe and time its return), each failure named in one line.
 """
 from __future__ import annotations
 
-import json
 import select
 import socket
 import ssl
 import threading
 import time
-import uuid
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from flashlexd.checkcerts import Failed
 from flashlexd.config import Thing
+from flashlexd.probemark import PROBE_KEY, probe_payload
 from flashlexd.tlsend import ragged_end
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-PROBE_KEY = "flashlexd-check"
 VERDICT_WAIT = 1.0  # the longest the broker step waits for a TLS 1.3 broker's verdict on our certificate
 
 
@@ -265,7 +263,7 @@ class ProbeSession:
     def probe(self) -> Tuple[str, bool]:
         ingress = self.thing.mqtt.ingress_topic
         topic = probe_topic(ingress)
-        self.probe_payload = json.dumps({PROBE_KEY: str(uuid.uuid4())}).encode()
+        self.probe_payload = probe_payload()
         deadline = time.monotonic() + self.timeout
         _, self.subscribe_mid = self.client.subscribe(ingress, qos=1)
         if not self._loop_until(lambda: self.granted is not None, deadline):
@@ -285,7 +283,7 @@ class ProbeSession:
             raise Failed(f"the probe published to {topic} did not come back within {self.timeout:g}s")
         rtt = (self.received - started) * 1000  # type: ignore[operator]
         return (f"probe {self.probe_payload.decode()} published to {topic} came back in {rtt:.1f} ms"
-                f" (QoS 1; a running flashlexd receives and stores it too)"), True
+                f" (QoS 1; a running flashlexd receives it too, and does not store it)"), True
 
     def close(self) -> None:
         """DISCONNECT (the clean session ends with it) and wait briefly for it to be written."""

@@ -122,6 +122,27 @@ def test_the_store_of_a_running_daemon_is_opened_but_its_pages_not_walked(broker
     assert steps["store"][0] == "ok" and "is running" not in steps["store"][1], steps["store"]
 
 
+def test_a_running_daemon_acknowledges_checks_probe_and_keeps_it_from_the_apps(broker: Broker,
+                                                                               tmp_path: Path) -> None:
+    """Review "compat": the running daemon stored the probe like any message, and an app
+    written for the FlashLex SDK crashed on it at every pass (`payload["message"]`)."""
+    from flashlexd.client import connect
+    from tests.daemon import Daemon
+    config = write_config(tmp_path / "thing", broker)
+    daemon = Daemon(config, tmp_path / "run").start()
+    try:
+        daemon.wait_api()
+        with connect(str(daemon.socket_path)) as fx:
+            wait_for(lambda: fx.status()["mqtt"]["ingress"].get("subscriptions"), 20, "the ingress subscribed")
+            steps, _ = parse(run_check(config))
+            assert steps["probe"][0] == "ok" and "does not store it" in steps["probe"][1], steps["probe"]
+            wait_for(lambda: fx.status()["mqtt"]["ingress"].get("received"), 20, "the probe received")
+            assert fx.status()["mqtt"]["ingress"]["check_probes"] == 1
+            assert fx.messages() == [] and fx.status()["inbox"]["count"] == 0
+    finally:
+        daemon.stop()
+
+
 def test_the_old_sdks_store_in_the_data_dir_is_named_by_check_and_run(broker: Broker,
                                                                         tmp_path: Path) -> None:
     """Found by review: pointed at the FlashLex SDK's data dir, `check` said "0 messages in the

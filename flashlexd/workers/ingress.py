@@ -64,6 +64,7 @@ from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import V5, packet_limit, properties_of, properties_size, properties_wire_size
 from flashlexd.publishread import Publish
+from flashlexd.probemark import is_probe
 from flashlexd.quotas import FILTERS_PER_SUBSCRIBE, QOS1_RETRY_SECONDS, is_aws_endpoint
 from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.topics import topic_matches
@@ -162,7 +163,7 @@ class IngressWorker(Worker):
         self._left_lines = KindThrottle(REFUSED_LOG_SECONDS)
         self.marks_refused = False  # the marks' commit before a recycle refused, said
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
-                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0,
+                             dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, check_probes=0,
                              left_with_broker=0, store_full=False,
                              connected=False, batches=0, marks_settled=0, store_error=None, subscriptions=[], sessions_lost=0, clone_suspected=None,
                              dedupe_keyless=0, acks_confirmed=0, protocol=None, received_straight=0)
@@ -481,6 +482,9 @@ class IngressWorker(Worker):
                             raw_topic)
             elif self.unwanted and self._unsubscribed(topic):
                 self.counters["dropped_unsubscribed"] += 1
+            elif is_probe(payload):  # `flashlexd check`'s: acknowledged, not for the apps
+                self.counters["check_probes"] += 1
+                log.info("flashlexd check's probe received on %s: acknowledged, not stored", topic)
             elif not qos and self.retry_at is not None and self._full():
                 # the store refuses and the batch is full: a QoS 0 message has nowhere else to wait
                 self.counters["dropped_qos0_full"] += 1
