@@ -66,7 +66,8 @@ def check_keys(thing: Thing, now: Optional[datetime.datetime] = None) -> Tuple[s
             problems.append(f"certificate {keys.cert} is not valid before {_utc(not_before)} (now is"
                             f" {_utc(now)}: is the system clock right?)")
         elif now >= not_after:
-            problems.append(f"certificate {keys.cert} expired on {_utc(not_after)}")
+            problems.append(f"certificate {keys.cert} expired on {_utc(not_after)} (now is {_utc(now)}:"
+                            f" renew it, unless the system clock is wrong)")
         else:
             days = (not_after - now).days
             soon = f" (expires in {days} day{'' if days == 1 else 's'}: renew it)" \
