@@ -141,6 +141,7 @@ class Supervisor:
         self.spawn_error: Optional[str] = None  # logged once until a spawn works again
         self.guard = LoopGuard()
         self.late_lines = logs.LineThrottle(LATE_LOG_SECONDS)
+        self.clock_lines = logs.LineThrottle(LATE_LOG_SECONDS)  # a clock step not recorded
         # reloads done, and why the last one kept the running config (None: it was applied):
         # in `status`, where `flashlexd reload` (the unit's ExecReload) reads its outcome
         self.reloads = 0
@@ -516,8 +517,10 @@ class Supervisor:
         try:
             step = self.store.note_clock()  # type: ignore[union-attr]
         except StoreError as exc:
-            if not isinstance(exc, StoreDamaged):  # damage: the store logged it once
-                log.error("recording a clock step failed: %s", exc)
+            # tried every second: on a disk gone read-only, an ERROR a second (review "clock")
+            count = 0 if isinstance(exc, StoreDamaged) else self.clock_lines.due(time.monotonic())
+            if count:  # damage: the store logged it once
+                log.error("recording a clock step failed: %s%s", exc, logs.since_last(count, "tries"))
             return
         if step is not None:
             log.info("the wall clock stepped %+.0f s; recorded in the store", step)
