@@ -38,7 +38,7 @@ class SpaceReserve:
             self.size = min(RESERVE_BYTES, found.f_blocks * found.f_frsize // FILESYSTEM_SHARE)
         except OSError:
             self.size = RESERVE_BYTES
-        self.refused = False  # said once: not a regular file
+        self.refused = False  # said once: not a regular file, or not made
 
     def _held(self) -> Optional[int]:
         """The reserve's bytes; None when it cannot be used. A link planted in its place is
@@ -65,7 +65,11 @@ class SpaceReserve:
             return
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError:
+        except OSError as exc:  # no inode for it (review "diskfull"): said once
+            if not self.refused:
+                self.refused = True
+                log.warning("space reserve %s cannot be made (%s): a full disk may stop acks and"
+                            " expiry until space is freed", self.path, exc.strerror or exc)
             return
         try:
             while held < self.size:

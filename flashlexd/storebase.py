@@ -876,6 +876,13 @@ def full_disk(text: str, directory: Path) -> Optional[str]:
     reports a write cut short as EIO, which reads like a failing disk: an EIO on a (nearly)
     full filesystem is called what it is."""
     if "No space left" in text:
+        try:  # ENOSPC for want of inodes, the disk half empty: said so (review "diskfull")
+            inodes = os.statvfs(directory)
+            no_inodes = inodes.f_files > 0 and inodes.f_favail == 0
+        except OSError:
+            no_inodes = False
+        if no_inodes:
+            return f"no free inodes on its filesystem (df -i; its blocks are not all used: {text})"
         return f"no space left on device ({text})"
     if "Input/output error" in text:
         try:

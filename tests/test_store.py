@@ -946,6 +946,14 @@ def test_a_new_store_on_a_full_disk_is_one_line_and_opens_once_space_is_freed(tm
 
 
 
+def test_a_disk_out_of_inodes_is_named_so_not_out_of_space(tmp_path):
+    """Review "diskfull": with its inodes used up, the disk nearly empty, the start said "no
+    space left on device" (what `df -h` contradicts)."""
+    with mounted_tmpfs(tmp_path / "disk", 8, options="nr_inodes=3") as disk:
+        refused = open_in_child(disk / "store")
+    assert refused.returncode == 1 and "no free inodes on its filesystem (df -i" in refused.stderr, refused.stderr
+
+
 def test_a_first_open_cut_short_by_a_full_disk_leaves_no_damaged_store_behind(tmp_path):
     """A first start with a few KiB free left a 4096-byte data.mdb (its second meta page cut
     short) that every later start called damaged, even after space was freed, and `store

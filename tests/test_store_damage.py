@@ -761,3 +761,15 @@ def test_a_space_reserve_planted_as_a_symlink_is_neither_grown_nor_truncated(tmp
     reserve.release()
     assert target.read_bytes() == b"x" * 2 * CHUNK_BYTES
     assert caplog.text.count("is not a regular file (a symlink?): not used") == 1, caplog.text
+
+
+def test_a_space_reserve_that_cannot_be_made_is_said_once(tmp_path, caplog):
+    """Review "diskfull": on a disk out of inodes the reserve was never made and nothing said
+    so, while the README counts on it for acks on a full disk."""
+    from flashlexd.spacereserve import SpaceReserve
+    with mounted_tmpfs(tmp_path / "disk", 8, options="nr_inodes=2") as disk:
+        (disk / "the last inode").touch()
+        reserve = SpaceReserve(disk)
+        reserve.top_up()
+        reserve.top_up()
+    assert caplog.text.count("cannot be made (No space left on device)") == 1, caplog.text

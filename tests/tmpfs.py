@@ -15,13 +15,14 @@ import pytest
 
 
 @contextlib.contextmanager
-def mounted_tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
-    """`mount_point` (made here) with a `size_mb` tmpfs on it until the block ends; the test is
-    skipped where it cannot be mounted (not root, no mount rights)."""
+def mounted_tmpfs(mount_point: Path, size_mb: int, options: str = "") -> Iterator[Path]:
+    """`mount_point` (made here) with a `size_mb` tmpfs on it (more mount `options`:
+    `nr_inodes=N`) until the block ends; the test is skipped where it cannot be mounted (not
+    root, no mount rights)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs",
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700{',' + options if options else ''}", "tmpfs",
                            str(mount_point)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
