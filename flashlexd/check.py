@@ -208,9 +208,31 @@ def _store_figures(config: Config) -> Tuple[str, bool]:
         store.close()
     unwalked = "" if running is None else (f"; flashlexd (pid {running}) is running it: pages not"
                                            " walked (`flashlexd store verify` with it stopped does)")
-    return (f"store in {directory} opens: {stats['inbox_count']} messages in the inbox,"
+    disk, room = _filesystem(directory, stats["cap_bytes"])
+    line = (f"store in {directory} opens: {stats['inbox_count']} messages in the inbox,"
             f" {stats['outbox_count']} queued for the cloud, {_megabytes(stats['used_bytes'])}"
-            f" of {_megabytes(stats['cap_bytes'])} used{unwalked}"), True
+            f" of {_megabytes(stats['cap_bytes'])} used{disk}{unwalked}")
+    if not room:
+        raise Failed(line)
+    return line, True
+
+
+def _filesystem(directory: Path, cap: int) -> Tuple[str, bool]:
+    """The store's filesystem: its free space, and whether there is room (a full disk passed
+    as READY, the store's figures far from its cap; review "diskfull")."""
+    from flashlexd.storebase import NEARLY_FULL_BYTES
+    try:
+        found = os.statvfs(directory)
+    except OSError as exc:
+        return f"; its filesystem not read ({exc.strerror or exc})", True
+    free, size = found.f_bavail * found.f_frsize, found.f_blocks * found.f_frsize
+    if found.f_files and not found.f_favail:
+        return "; its filesystem has no free inodes (df -i): the store cannot grow", False
+    if free < NEARLY_FULL_BYTES:
+        return (f"; its filesystem is full ({_megabytes(free)} free of {_megabytes(size)}): the store"
+                f" cannot grow, only room inside it (acks, expiry) takes new messages"), False
+    over = " (the cap is over the filesystem's size: the disk fills first)" if cap > size else ""
+    return f"; its filesystem has {_megabytes(free)} free of {_megabytes(size)}{over}", True
 
 def _store_to_come(directory: Path) -> str:
     """A store that does not exist yet is not made here: `check` runs as root (sudo) before the

@@ -101,7 +101,7 @@ _RETRIED = b"retried"  # meta: the (boot seq, outbox id) mark of `_mark_retried`
 _RETRIED_MARK = struct.Struct(">IQ")
 POLICIES = FULL_POLICIES  # flashlex.app.db.whenFull
 MAKE_ROOM_STEP = 64  # pages' worth of records dropped before the pages are counted again
-_NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
+NEARLY_FULL_BYTES = 1024 * 1024  # free space under which a write's EIO means a full disk
 _MAX_READERS = 126  # LMDB's default, passed to it: lock.mdb's size follows from it
 _LOCK_FILE_BYTES = (_MAX_READERS + 2) * 64  # mdb_env_setup_locks: two 64-byte header lines + a slot per reader
 _WITH_PROPERTIES = b"\x9a"  # msgpack's header of a 10-item array: an inbox record with properties
@@ -890,7 +890,7 @@ def full_disk(text: str, directory: Path) -> Optional[str]:
             free: Optional[int] = fs.f_bavail * fs.f_frsize
         except OSError:
             free = None
-        if free is not None and free < _NEARLY_FULL_BYTES:
+        if free is not None and free < NEARLY_FULL_BYTES:
             return f"no space left on device ({free} bytes free; {text})"
     return None
 

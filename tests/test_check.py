@@ -427,3 +427,20 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path: Path) -> No
                               text=True, timeout=60)
     assert done.returncode == 1 and done.stderr == "flashlexd: cannot write the output: No space left on device\n", \
         done.stderr
+
+
+def test_the_store_step_says_its_filesystems_room_and_fails_on_a_full_one(broker: Broker, tmp_path: Path) -> None:
+    """Review "diskfull": on a disk 100 % full (the daemon degraded) `check` said READY, with
+    "18.7 MB of 256.0 MB used" and no word of the disk."""
+    from tests.tmpfs import fill, mounted_tmpfs
+    with mounted_tmpfs(tmp_path / "disk", 8) as disk:
+        config = write_config(tmp_path / "thing", broker, db={"dataPath": str(disk / "data")})
+        open_store(config).close()
+        steps, _ = parse(run_check(config))
+        assert steps["store"][0] == "ok" and "; its filesystem has " in steps["store"][1], steps["store"]
+        assert "free of 8.0 MB (the cap is over the filesystem's size: the disk fills first)" in steps["store"][1]
+        fill(disk, 0)
+        result = run_check(config)
+        steps, _ = parse(result)
+        assert result.returncode == 1 and steps["store"][0] == "FAIL", steps["store"]
+        assert "its filesystem is full (0.0 MB free of 8.0 MB): the store cannot grow" in steps["store"][1]
