@@ -298,8 +298,12 @@ class FlashlexSDK:
         broker (when ingress subscribes to that topic) as a new message with the daemon's pk.
         Unlike reads, this cannot answer as if nothing happened: a down daemon is an OSError."""
         body = json.dumps(message["message"]["payload"])  # TypeError, as the old store's dump raised
+        topic = message["message"].get("topic")
+        if not topic:  # the old SDK stored it locally; it goes through the broker here (review "compat")
+            raise ValueError("setMessageToStore: the record has no message.topic (flashlexd publishes"
+                             " it to the broker on that topic, to come back through the ingress)")
         try:
-            self.client.publish(body.encode("utf-8"), topic=message["message"]["topic"],
+            self.client.publish(body.encode("utf-8"), topic=topic,
                                 qos=1 if message["message"].get("pos", 1) else 0)
         except FlashlexError as exc:
             self._note_outage(exc)

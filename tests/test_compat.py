@@ -283,6 +283,8 @@ def test_set_message_to_store_sends_the_payload_to_the_records_topic(harness, sd
     assert (entry.topic, entry.payload, entry.qos) == (INGRESS_TOPIC, b'{"sequence": 3}', 1)
     with pytest.raises(TypeError):  # as the old store's json.dump raised
         sdk.setMessageToStore({"message": {"topic": INGRESS_TOPIC, "payload": b"x"}})
+    with pytest.raises(ValueError, match="the record has no message.topic"):  # a KeyError('topic') before
+        sdk.setMessageToStore({"message": {"payload": {"sequence": 4}}})
 
 
 # -- config ---------------------------------------------------------------------------------------
