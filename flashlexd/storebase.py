@@ -883,7 +883,7 @@ def full_disk(text: str, directory: Path) -> Optional[str]:
             no_inodes = False
         if no_inodes:
             return f"no free inodes on its filesystem (df -i; its blocks are not all used: {text})"
-        return f"no space left on device ({text})"
+        return f"no space left on device ({text}): free some on its filesystem (df -h)"
     if "Input/output error" in text:
         try:
             fs = os.statvfs(directory)
@@ -891,7 +891,7 @@ def full_disk(text: str, directory: Path) -> Optional[str]:
         except OSError:
             free = None
         if free is not None and free < NEARLY_FULL_BYTES:
-            return f"no space left on device ({free} bytes free; {text})"
+            return f"no space left on device ({free} bytes free; {text}): free some on its filesystem (df -h)"
     return None
 
 
