@@ -99,7 +99,8 @@ class JournaledAcks:
             with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as handle:
                 return scan(handle.read())
         except OSError as exc:
-            aside = path.with_name(f"{FILE_NAME}.damaged-{int(time.time())}")
+            # with the pid: two boots starting at the same clock (1970 without an RTC) kept one copy
+            aside = path.with_name(f"{FILE_NAME}.damaged-{int(time.time())}-{os.getpid()}")
             try:
                 os.replace(path, aside)
                 where = f"moved to {aside}"
