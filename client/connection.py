@@ -22,7 +22,7 @@ from flashlexd.client.errors import (ConnectionLost, DaemonNotRunning, Forbidden
 from flashlexd.client.message import Message, OutboxEntry
 from flashlexd.client.wire import (CONSUMER_NAME_RULE, DEFAULT_SOCKET, HEADER,
                                    MAX_IDS_PER_ACK, MAX_RESPONSE_FRAME, MAX_WAIT_SECONDS,
-                                   PROTOCOL_VERSION, SOCKET_ENV, Code, encode_frame,
+                                   PROTOCOL_VERSION, RESENDS, SOCKET_ENV, Code, encode_frame,
                                    valid_consumer_name)
 
 IdLike = Union[int, str, Message]
@@ -742,7 +742,10 @@ def _request_frame(request_id: int, method: str, params: Dict[str, Any]) -> byte
     """The request's frame. A param msgpack cannot carry (an integer past 64 bits, a set) is
     the caller's `bad_params`, named as the daemon names one, not a bare OverflowError."""
     try:
-        return encode_frame({"v": PROTOCOL_VERSION, "id": request_id, "method": method, "params": params})
+        request = {"v": PROTOCOL_VERSION, "id": request_id, "method": method, "params": params}
+        if method != "wait":  # a `wait` cut off at a stop goes again with the time left (`_wait_page`)
+            request[RESENDS] = True
+        return encode_frame(request)
     except (OverflowError, TypeError, ValueError) as exc:
         name = next((key for key, value in params.items() if not _packs(value)), "params")
         raise RpcError(Code.BAD_PARAMS, f"{method}: '{name}' cannot be sent ({exc})", method) from None

@@ -522,6 +522,8 @@ class Supervisor:
             if count:  # damage: the store logged it once
                 log.error("recording a clock step failed: %s%s", exc, logs.since_last(count, "tries"))
             return
+        if self.clock_lines.last is not None:  # recorded again: a next failure is news
+            self.clock_lines = logs.LineThrottle(LATE_LOG_SECONDS)
         if step is not None:
             log.info("the wall clock stepped %+.0f s; recorded in the store", step)
 

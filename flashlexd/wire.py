@@ -75,7 +75,14 @@ class Code:
     CONFIRM_REQUIRED = "confirm_required"
     STORE_ERROR = "store_error"
     STOPPING = "stopping"                  # the daemon is stopping: the request was not carried out
+                                           # (only to a request with RESENDS; others are cut off)
     INTERNAL = "internal"
+
+
+# a request's key (beside "v", "id"...) saying its client sends it again when answered `stopping`:
+# an older client took that code for a failure (a `stream()` ended at every restart), so it is
+# cut off instead, as before, and a `wait` (whose timeout would be stale) is not sent with it
+RESENDS = "resends"
 
 
 def encode_frame(obj: Any) -> bytes:

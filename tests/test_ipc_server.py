@@ -17,7 +17,7 @@ import pytest
 
 from flashlexd import fds
 from flashlexd.client import Client, RpcError, connect
-from flashlexd.client.wire import HEADER, PROTOCOL_VERSION, Code, encode_frame
+from flashlexd.client.wire import HEADER, PROTOCOL_VERSION, RESENDS, Code, encode_frame
 from flashlexd.ipc import Limits, Pending, RpcServer, ServerError
 from tests.server_loop import ServerLoop
 from flashlexd.ipc.methods import Methods
@@ -600,13 +600,59 @@ def test_a_request_unread_at_the_stop_is_answered_not_carried_out(harness):
     assert read_frame(sock)["id"] == 1
 
     def send_then_close() -> None:
-        sock.sendall(req("publish", 2, payload=b"reading", qos=1, retain=False))
+        frame = msgpack.unpackb(req("publish", 2, payload=b"reading", qos=1, retain=False)[HEADER.size:])
+        sock.sendall(encode_frame({**frame, RESENDS: True}))  # a client that sends it again
         _close_once_readable(harness.server)
     harness.call(send_then_close)
     answer = read_frame(sock)
     assert answer["id"] == 2 and answer["error"]["code"] == Code.STOPPING, answer
     assert "not carried out" in answer["error"]["message"]
     assert harness.store.outbox_count() == 0
+
+
+def test_a_request_of_an_older_client_unread_at_the_stop_is_cut_off_as_before(tmp_path):
+    """Re-read 34: an older client took `stopping` for a failure (its `stream()` ended at each
+    restart): its request is cut off as before, read first so that the close is no reset."""
+    harness = Harness(tmp_path).start()
+    try:
+        sock = raw_connect(harness.path)
+        sock.sendall(req("status", 1))
+        assert read_frame(sock)["id"] == 1
+
+        def send_then_close() -> None:
+            sock.sendall(req("publish", 2, payload=b"reading", qos=1, retain=False))
+            _close_once_readable(harness.server)
+        harness.call(send_then_close)
+        assert sock.recv(1024) == b""  # EOF, not ECONNRESET
+        assert harness.store.outbox_count() == 0
+    finally:
+        harness.stop()
+
+
+def test_a_wait_parked_at_a_stop_goes_on_with_the_time_left_at_the_daemon_back(tmp_path):
+    """Re-read 34: answered `stopping`, a parked wait was sent again whole, past the client's
+    deadline: RpcTimeout, out of `stream()` too (a restart 15 s into a 30 s wait)."""
+    first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock")).start()
+    second: Optional[Harness] = None
+    client = Client(first.path, timeout=2)
+    try:
+        client.status()
+        answers: List[Any] = []
+        started = time.monotonic()
+        waiter = threading.Thread(target=lambda: answers.append(client.wait(timeout=5)))
+        waiter.start()
+        wait_for(lambda: first.call(lambda: any(c.parked for c in first.server._conns)), 5, "the wait parked")
+        time.sleep(2.5)  # into the wait past the client's own timeout (2 s)
+        first.call(first.server.close)
+        second = Harness(tmp_path / "second", path=first.path).start()
+        waiter.join(20)
+        assert answers == [[]], answers  # not RpcTimeout
+        assert time.monotonic() - started < 8
+    finally:
+        client.close()
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def test_the_client_sends_a_request_the_stop_turned_away_to_the_daemon_back(tmp_path):

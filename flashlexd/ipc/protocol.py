@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import msgpack
 
 from flashlexd.ipc.walk import Steps, Walk
-from flashlexd.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD,
+from flashlexd.wire import (DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION, REQUEST_OVERHEAD, RESENDS,
                                    Code, encode_frame, request_unpack_options, version_mismatch)
 
 DEFAULT_MAX_BUFFERED = 8 * 1024 * 1024
@@ -101,6 +101,7 @@ class Request:
     id: int
     method: str
     params: Dict[str, Any]
+    resends: bool = False  # the client sends it again when answered `stopping` (wire.RESENDS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -155,7 +156,7 @@ def parse_request(body: bytes, max_frame: int) -> Request:
         params = {}
     if not isinstance(params, dict):
         raise RpcFailure(Code.BAD_REQUEST, "request 'params' must be a map", request_id)
-    return Request(request_id, method, params)
+    return Request(request_id, method, params, obj.get(RESENDS) is True)
 
 
 def encode_result(request_id: Any, result: Any) -> bytes:

@@ -298,15 +298,15 @@ class RpcServer:
             self.selector.close()
 
     def _turn_away(self, conn: Connection) -> None:
-        """At close, the requests that reached the socket but not the loop are each answered
-        `stopping` (not carried out), not cut off: a publish cut off was a ConnectionLost,
-        "may have been queued", and the compat layer's `collectMessage` a 500 during a
-        `systemctl restart` (review "compat", 4 of 18 restarts; unread input made the close
-        a reset). The client sends it again to the restarted daemon."""
-        if conn.parked is not None:
-            self._complete_error(conn, Code.STOPPING, STOPPING)
-        if not conn.closed:
-            self._read(conn)  # `_handle` answers each frame `stopping`
+        """At close, the requests that reached the socket but not the loop are read, not
+        carried out, and those whose client resends them (RESENDS) answered `stopping`: a
+        publish cut off was a ConnectionLost, "may have been queued", and the compat layer's
+        `collectMessage` a 500 during a `systemctl restart` (review "compat", 4 of 18
+        restarts; the unread input made the close a reset). The client sends it again to the
+        restarted daemon. A parked call (a `wait`) is cut off as before: its client sends it
+        again with the time left (re-read 34: answered `stopping`, it was resent whole)."""
+        if conn.parked is None:
+            self._read(conn)  # `_handle` answers or drops each frame
             self._flush(conn)
 
     # -- connections --------------------------------------------------------------------------
@@ -458,7 +458,9 @@ class RpcServer:
         try:
             request = parse_request(body, self.limits.max_frame)
             request_id, method = request.id, request.method
-            if self.closed:
+            if self.closed:  # stopping: not carried out (`_turn_away`)
+                if not request.resends:
+                    return  # an older client: cut off with the connection, as before
                 raise RpcFailure(Code.STOPPING, STOPPING, request_id)
             if method in READS:
                 if conn.hung_up():

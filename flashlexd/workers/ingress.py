@@ -337,6 +337,10 @@ class IngressWorker(Worker):
             self.counters.update(protocol=self.connection.protocol, **self.connection.limits.counters())
             self.generation = int.from_bytes(os.urandom(8), "big")
             recycled, self.recycle_due, self.left_on, self.left = self.recycle_due, False, None, 0
+            if self.marks_refused:  # the reconnect it waited for came (a drop): nothing left waits
+                self.marks_refused = False
+                if self.retry_at is None:  # else the store's own refusal stands (`_refused`)
+                    self.counters["store_error"] = None
             if new_session:
                 self.session_links = set()
             elif (self.retry_at is not None or recycled) and self.session_links:
@@ -653,6 +657,7 @@ class IngressWorker(Worker):
         self.retry_at = None
         self.counters["store_full"] = False
         self.counters["store_error"] = None
+        self.marks_refused = False
         new = [i for i in ids if i is not None]
         self.counters["stored"] += len(new)
         self.counters["duplicates"] += len(ids) - len(new)
