@@ -74,7 +74,10 @@ _FALLBACK = b"fallback:"  # meta: + client id + NUL + broker -> b"3.1.1": it lac
 _TOPICS = b"topics:"  # meta: + client id -> the filters its broker session may hold (msgpack list)
 _QUEUED_ONLINE = b"queued_online"  # meta: the last outbox id queued while egress's link was up (drainingFrequency)
 _LINK_UP = b"egress_link_up"  # meta: egress's link came up, no drop or stop noted since (it died)
-_BACKLOG_RANGES = b"egress_backlog"  # meta: the outbox id ranges still to drain at drainingFrequency
+# meta: {"through": the last id queued online, "ranges": [[after, through], ...] still to drain at
+# drainingFrequency}; `_QUEUED_ONLINE` then holds the oldest range's start, as an earlier release
+# (which reads it alone) takes it: a rollback mid-drain drains the rest of the outage slowly too
+_BACKLOG_RANGES = b"egress_backlog"
 _INGRESS_ID = b"ingress_client_id"  # meta: the client id of the ingress's last link up
 _WALL = struct.Struct(">d")
 __all__ = ["COUNTERS", "POLICIES", "SCHEMA_VERSION", "DeadLetter", "DiskFull", "DupMark", "Incoming",
@@ -373,6 +376,9 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         with self._read() as txn:
             if txn.get(_LINK_UP, db=self._meta) is not None:
                 return self._counter(txn, b"outbox_last_id")
+            through = self._backlog_marks(txn)[0]
+            if through is not None:
+                return through
             raw = txn.get(_QUEUED_ONLINE, db=self._meta)
         return _ID.unpack(raw)[0] if raw is not None and len(raw) == _ID.size else None
 
@@ -381,38 +387,47 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
         """The outbox id ranges the egress had still to drain at `drainingFrequency` when it
         last noted its link (workers/offlinebacklog.py); [] when none (or never noted)."""
         with self._read() as txn:
-            raw = txn.get(_BACKLOG_RANGES, db=self._meta)
-            try:
-                ranges = msgpack.unpackb(raw) if raw is not None else []
-            except (ValueError, msgpack.UnpackException):
-                return []
-        return [(int(r[0]), int(r[1])) for r in ranges if isinstance(r, list) and len(r) == 2
-                and all(isinstance(i, int) for i in r)] if isinstance(ranges, list) else []
+            return self._backlog_marks(txn)[1]
+
+    def _backlog_marks(self, txn: lmdb.Transaction) -> Tuple[Optional[int], List[Tuple[int, int]]]:
+        raw = txn.get(_BACKLOG_RANGES, db=self._meta)
+        try:
+            marks = msgpack.unpackb(raw) if raw is not None else {}
+        except (ValueError, msgpack.UnpackException):
+            return None, []
+        if not isinstance(marks, dict):
+            return None, []
+        through, ranges = marks.get("through"), marks.get("ranges")
+        kept = [(r[0], r[1]) for r in ranges if isinstance(r, list) and len(r) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in r)] \
+            if isinstance(ranges, list) else []
+        return (through if isinstance(through, int) and not isinstance(through, bool) else None), kept
 
     @guarded
     def note_queued_online(self, last_id: int, ranges: Sequence[Tuple[int, int]] = ()) -> None:
-        """The egress's link went down or it stops: `last_id` ends what was queued online, and
-        `ranges` of the backlog before it are not drained yet."""
+        """The egress's link went down or it stops (or starts with its link left noted up, a
+        kill): `last_id` ends what was queued online, and `ranges` of the backlog before it
+        are not drained yet."""
         def note(txn: lmdb.Transaction) -> None:
-            txn.put(_QUEUED_ONLINE, _ID.pack(last_id), db=self._meta)
+            self._put_marks(txn, last_id, ranges)
             txn.delete(_LINK_UP, db=self._meta)
-            self._put_ranges(txn, ranges)
         self._write(note)
 
     @guarded
-    def note_link_up(self, ranges: Sequence[Tuple[int, int]] = ()) -> None:
+    def note_link_up(self, last_id: int, ranges: Sequence[Tuple[int, int]] = ()) -> None:
         """The egress's link is up, draining `ranges` slowly: should it die before it notes the
         link down, what the outbox holds beyond them was queued online (see `queued_online`)."""
         def note(txn: lmdb.Transaction) -> None:
             txn.put(_LINK_UP, b"1", db=self._meta)
-            self._put_ranges(txn, ranges)
+            self._put_marks(txn, last_id, ranges)
         self._write(note)
 
-    def _put_ranges(self, txn: lmdb.Transaction, ranges: Sequence[Tuple[int, int]]) -> None:
-        if ranges:
-            txn.put(_BACKLOG_RANGES, msgpack.packb([list(r) for r in ranges]), db=self._meta)
-        else:
-            txn.delete(_BACKLOG_RANGES, db=self._meta)
+    def _put_marks(self, txn: lmdb.Transaction, last_id: int, ranges: Sequence[Tuple[int, int]]) -> None:
+        # an earlier release reads the first key alone: for it, all past the backlog's start
+        # is backlog (its one mark), which keeps the outage's rest slow after a rollback
+        txn.put(_QUEUED_ONLINE, _ID.pack(min([last_id, *(after for after, _ in ranges)])), db=self._meta)
+        txn.put(_BACKLOG_RANGES, msgpack.packb({"through": last_id, "ranges": [list(r) for r in ranges]}),
+                db=self._meta)
 
     @guarded
     def note_session_topics(self, client_id: str, topics: Sequence[str]) -> None:

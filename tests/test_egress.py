@@ -10,6 +10,7 @@ from typing import List
 
 import pytest
 
+from flashlexd.config import load
 from flashlexd.client.ctlview import health
 from flashlexd.store import Store
 from flashlexd.workers.egress import OUTBOX_RECHECK
@@ -258,6 +259,46 @@ def test_entries_queued_online_after_a_backlog_keep_the_links_rate_across_a_grac
     backlog_left = store.outbox_count() - 100
     assert backlog_left / 2 - 3 <= counters["eta_s"] <= backlog_left / 2 + 5, counters  # not all at 2/s
     assert again.stop() == 0
+
+
+def test_the_backlog_marks_hold_across_a_kill_a_stop_offline_a_rollback_and_a_config_without_the_rate(
+        broker: Broker, tmp_path: Path, start_worker) -> None:
+    """Re-read 33: (1) an egress killed with its link up, restarted and stopped before its link
+    came back, took what apps queued meanwhile for queued online (at the online rate); (2) the
+    key an earlier release reads alone said "all queued online" mid-drain (a rollback sent the
+    outage's rest at the online rate); (3) with drainingFrequency taken out, the ranges left
+    drained at no rate at all."""
+    import struct
+    slow = write_config(tmp_path / "slow", broker, mqtt={"drainingFrequency": 2, "publishRatePerSecond": 20})
+    store = open_store(slow)
+    fill_outbox(store, 1)
+    worker = start_worker("egress", slow)
+    worker.wait_connected()
+    wait_for(lambda: store.outbox_count() == 0, 10, "the outbox drained")
+    worker.kill()  # its link noted up
+    broker.stop()
+    again = start_worker("egress", slow)
+    again.wait(lambda w: "outbox_backlog" in w.counters, 10, "the egress running, its link down")
+    fill_outbox(store, 40)  # queued while the link is down: an outage's backlog
+    assert again.stop() == 0
+    broker.start()
+    third = start_worker("egress", slow)
+    third.wait(lambda w: w.counters.get("connected") and w.counters.get("rate_limit") == 2.0, 15,
+               "the outage's 40 at drainingFrequency")
+    assert store.outbox_count() >= 35
+    fill_outbox(store, 100)  # queued online behind the backlog
+    assert third.stop() == 0
+    with store._read() as txn:  # what 0.2.0 reads alone: from the backlog's start on, all slow
+        (earlier_release_mark,) = struct.unpack(">Q", txn.get(b"queued_online", db=store._meta))
+    assert earlier_release_mark <= 1, earlier_release_mark
+    unlimited = write_config(tmp_path / "fast", broker, mqtt={"publishRatePerSecond": 20},  # the same store
+                             db={"dataPath": str(load(str(slow)).store.data_dir)})
+    fourth = start_worker("egress", unlimited)
+    fourth.wait(lambda w: w.counters.get("connected") and w.counters.get("sent"), 15, "sending")
+    started, before = time.monotonic(), store.outbox_count()
+    fourth.wait(lambda w: time.monotonic() - started > 2, 5, "two seconds of sends")
+    assert before - store.outbox_count() <= 2 * 20 + 10, (before, store.outbox_count())  # at 20/s, not unlimited
+    assert fourth.stop() == 0
 
 
 def test_a_store_gone_read_only_under_a_sent_entry_is_one_line_and_said_by_status(

@@ -6,14 +6,15 @@ middle of a drain could not say both "the backlog is not drained yet" and "what 
 was queued online", so it said the first, and everything queued online since drained at the
 backlog's rate after the restart (a backlog of 400 held back 1,003 entries at 2/s, then 2,628
 after ten restarts; review "compat"). Ranges say both. The store keeps them
-(`Store.backlog_ranges`) beside the mark, which an earlier release reads alone.
+(`Store.backlog_ranges`), and the one mark still as an earlier release reads it (the oldest
+range's start: after a rollback the outage's rest drains slowly, with what came after it).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 Range = Tuple[int, int]  # (after, through]: the outbox ids after `after` up to `through`
-MAX_RANGES = 16  # more (a link dropping in every drain): the oldest two are taken as one
+MAX_RANGES = 16  # more (a link dropping in every drain): the two closest are taken as one
 
 
 class OfflineBacklog:
@@ -46,6 +47,7 @@ class OfflineBacklog:
         since = self.queued_online_through or 0
         if last_id > since:
             self.ranges.append((since, last_id))
-        while len(self.ranges) > MAX_RANGES:
-            (first, _), (_, second) = self.ranges[:2]
-            self.ranges[:2] = [(first, second)]
+        while len(self.ranges) > MAX_RANGES:  # the fewest entries queued online taken with them
+            gaps = [(later[0] - earlier[1], i) for i, (earlier, later) in enumerate(zip(self.ranges, self.ranges[1:]))]
+            _, i = min(gaps)
+            self.ranges[i:i + 2] = [(self.ranges[i][0], self.ranges[i + 1][1])]
