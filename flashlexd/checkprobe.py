@@ -283,7 +283,8 @@ class ProbeSession:
             raise Failed(f"the probe published to {topic} did not come back within {self.timeout:g}s")
         rtt = (self.received - started) * 1000  # type: ignore[operator]
         return (f"probe {self.probe_payload.decode()} published to {topic} came back in {rtt:.1f} ms"
-                f" (QoS 1; a running flashlexd receives it too, and does not store it)"), True
+                f" (QoS 1; a running flashlexd receives it too: from 0.3.0 on it does not store it,"
+                f" an earlier one does)"), True
 
     def close(self) -> None:
         """DISCONNECT (the clean session ends with it) and wait briefly for it to be written."""

@@ -210,7 +210,7 @@ def _code_note(running: Any) -> List[str]:
     if running == flashlexd.__version__:
         return []
     return [f"the daemon runs flashlexd {running}, {flashlexd.__version__} is installed: a reload keeps"
-            f" the running code (systemctl restart flashlexd runs the installed one)"]
+            f" the running code (a restart of the service runs the installed one)"]
 
 
 def _links_down(status: Callable[[], Dict[str, Any]], before: Dict[str, Any], restarted: List[str],

@@ -341,7 +341,9 @@ def _after_install(kind: str, live: bool, target: Path) -> None:
         if reload.returncode != 0:
             print(f"systemctl daemon-reload failed: {reload.stderr.strip() or reload.returncode}",
                   file=sys.stderr)
-    next_step = {"unit": f"systemctl enable --now {target.name.removesuffix('.service')}",
+    name = target.name.removesuffix('.service')
+    # an upgrade's install again: the daemon running goes on under the earlier unit until restarted
+    next_step = {"unit": f"systemctl enable --now {name} (running already: systemctl restart {name})",
                  "rsyslog": "systemctl restart rsyslog",
                  "logrotate": f"logrotate -d {target}  # to check it"}[kind]
     print(f"next: {next_step}", file=sys.stderr)

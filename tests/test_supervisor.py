@@ -224,7 +224,7 @@ def test_the_reload_command_says_the_daemon_runs_other_code_than_installed(daemo
     import flashlexd
     assert result.returncode == 0 and result.stderr == (
         f"flashlexd reload: the daemon runs flashlexd {flashlexd.__version__}, 99.0.0 is installed: a reload"
-        " keeps the running code (systemctl restart flashlexd runs the installed one)\n"), result
+        " keeps the running code (a restart of the service runs the installed one)\n"), result
 
 
 def test_the_reload_command_says_a_link_it_restarted_is_down(daemon, notify, daemon_config):
