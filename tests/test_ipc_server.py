@@ -677,3 +677,34 @@ def test_the_client_sends_a_request_the_stop_turned_away_to_the_daemon_back(tmp_
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_a_request_on_a_connection_still_in_the_backlog_at_the_stop_goes_to_the_daemon_back(tmp_path):
+    """Review "restarts": a connection the stopping daemon had not accepted yet was reset with
+    the listener, its publish a ConnectionLost ("may have been queued"; 88 in 25 restarts)."""
+    first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock")).start()
+    second: Optional[Harness] = None
+    clients: List[Client] = []
+    try:
+        published: List[Any] = []
+
+        def connect_then_close() -> None:  # in the loop's thread: nothing is accepted meanwhile
+            import select
+            clients.append(Client(first.path, timeout=20))  # its connection waits in the backlog
+            caller = threading.Thread(target=lambda: published.append(clients[0].publish(b"reading")))
+            caller.start()
+            callers.append(caller)
+            assert select.select([first.server._listener], [], [], 10)[0], "no connection came"
+            first.server.close()
+        callers: List[threading.Thread] = []
+        first.call(connect_then_close)
+        second = Harness(tmp_path / "second", path=first.path).start()
+        callers[0].join(30)
+        assert published == [1], published
+        assert first.store.outbox_count() == 0 and second.store.outbox_count() == 1
+    finally:
+        for client in clients:
+            client.close()
+        first.stop()
+        if second is not None:
+            second.stop()
