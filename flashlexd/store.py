@@ -379,7 +379,10 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             through = self._backlog_marks(txn)[0]
             if through is not None:
                 return through
-            raw = txn.get(_QUEUED_ONLINE, db=self._meta)
+            return self._old_mark(txn)
+
+    def _old_mark(self, txn: lmdb.Transaction) -> Optional[int]:
+        raw = txn.get(_QUEUED_ONLINE, db=self._meta)
         return _ID.unpack(raw)[0] if raw is not None and len(raw) == _ID.size else None
 
     @guarded
@@ -395,8 +398,8 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
             marks = msgpack.unpackb(raw) if raw is not None else {}
         except (ValueError, msgpack.UnpackException):
             return None, []
-        if not isinstance(marks, dict):
-            return None, []
+        if not isinstance(marks, dict) or marks.get("old") != self._old_mark(txn):
+            return None, []  # an earlier release wrote the old key since (a rollback): its word holds
         through, ranges = marks.get("through"), marks.get("ranges")
         kept = [(r[0], r[1]) for r in ranges if isinstance(r, list) and len(r) == 2
                 and all(isinstance(i, int) and not isinstance(i, bool) for i in r)] \
@@ -425,9 +428,10 @@ class Store(JournaledAcks, ConsumerStore, OutboxStore):
     def _put_marks(self, txn: lmdb.Transaction, last_id: int, ranges: Sequence[Tuple[int, int]]) -> None:
         # an earlier release reads the first key alone: for it, all past the backlog's start
         # is backlog (its one mark), which keeps the outage's rest slow after a rollback
-        txn.put(_QUEUED_ONLINE, _ID.pack(min([last_id, *(after for after, _ in ranges)])), db=self._meta)
-        txn.put(_BACKLOG_RANGES, msgpack.packb({"through": last_id, "ranges": [list(r) for r in ranges]}),
-                db=self._meta)
+        old = min([last_id, *(after for after, _ in ranges)])
+        txn.put(_QUEUED_ONLINE, _ID.pack(old), db=self._meta)
+        txn.put(_BACKLOG_RANGES, msgpack.packb({"through": last_id, "ranges": [list(r) for r in ranges],
+                                                "old": old}), db=self._meta)
 
     @guarded
     def note_session_topics(self, client_id: str, topics: Sequence[str]) -> None:

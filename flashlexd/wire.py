@@ -20,7 +20,7 @@ from typing import Any, Dict
 import msgpack
 
 __all__ = ["PROTOCOL_VERSION", "HEADER", "DEFAULT_SOCKET", "SOCKET_ENV", "FULL_POLICIES", "MIB",
-           "REQUEST_OVERHEAD", "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_FRAME", "MAX_RESPONSE_FRAME",
+           "REQUEST_OVERHEAD", "RESENDS", "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_FRAME", "MAX_RESPONSE_FRAME",
            "MAX_ARRAY_LEN", "MAX_MAP_LEN", "MAX_IDS_PER_ACK", "MAX_LIMIT", "MAX_WAIT_SECONDS",
            "ID_LIMIT", "PUBACK_STALLED", "READS", "CONSUMER_NAME_RULE", "Code", "encode_frame", "request_unpack_options",
            "valid_consumer_name", "version_mismatch"]

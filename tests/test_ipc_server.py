@@ -708,3 +708,50 @@ def test_a_request_on_a_connection_still_in_the_backlog_at_the_stop_goes_to_the_
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_every_connection_of_the_backlog_is_turned_away_at_the_stop_not_only_a_batch(tmp_path):
+    """Re-read 35: the backlog was taken one accept batch (64) deep; the 65th on were reset."""
+    harness = Harness(tmp_path).start()
+    socks: List[socket.socket] = []
+    try:
+        def connect_then_close() -> None:  # in the loop's thread: nothing accepted meanwhile
+            frame = msgpack.unpackb(req("publish", 1, payload=b"r", qos=1, retain=False)[HEADER.size:])
+            for _ in range(100):
+                socks.append(raw_connect(harness.path))
+                socks[-1].sendall(encode_frame({**frame, RESENDS: True}))
+            harness.server.close()
+        harness.call(connect_then_close)
+        codes = [read_frame(sock)["error"]["code"] for sock in socks]
+        assert codes == [Code.STOPPING] * 100 and harness.store.outbox_count() == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        harness.stop()
+
+
+def test_a_publish_parked_for_its_shared_commit_at_the_stop_goes_to_the_daemon_back(tmp_path):
+    """Re-read 35: with apiCommitMs, a publish waiting to share a commit is parked; cut off at
+    the stop, it was never queued and its client was told it may have been."""
+    import dataclasses
+    first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock"))
+    first.rules = dataclasses.replace(first.rules, write_window=2.0)
+    first.start()
+    second: Optional[Harness] = None
+    client = Client(first.path, timeout=20)
+    try:
+        client.status()
+        published: List[Any] = []
+        caller = threading.Thread(target=lambda: published.append(client.publish(b"reading")))
+        caller.start()
+        wait_for(lambda: first.call(lambda: any(c.parked for c in first.server._conns)), 5, "the publish parked")
+        first.call(first.server.close)
+        second = Harness(tmp_path / "second", path=first.path).start()
+        caller.join(30)
+        assert published == [1], published
+        assert first.store.outbox_count() == 0 and second.store.outbox_count() == 1
+    finally:
+        client.close()
+        first.stop()
+        if second is not None:
+            second.stop()

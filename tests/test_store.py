@@ -1043,3 +1043,17 @@ def test_the_status_figures_keep_no_payload_between_calls(tmp_path: Path):
         assert held < 1 << 20, held
     finally:
         store.close()
+
+
+def test_the_egress_backlog_marks_yield_to_an_earlier_release_that_wrote_since(tmp_path: Path):
+    """Re-read 35: after 0.3.0 -> 0.2.0 -> 0.3.0, the mark 0.3.0 kept before the rollback won
+    over the one 0.2.0 wrote since: 500 entries 0.2.0 queued online drained at drainingFrequency."""
+    import struct
+    store = Store(tmp_path / "store", CAP)
+    try:
+        store.note_queued_online(10, [(0, 5)])
+        assert (store.queued_online(), store.backlog_ranges()) == (10, [(0, 5)])
+        store._write(lambda txn: txn.put(b"queued_online", struct.pack(">Q", 510), db=store._meta))  # 0.2.0's
+        assert (store.queued_online(), store.backlog_ranges()) == (510, [])
+    finally:
+        store.close()

@@ -65,7 +65,7 @@ class Received(Enum):
 
 class Connection:
     __slots__ = ("owner", "sock", "uid", "pid", "head", "body", "filled", "frame_started",
-                 "announced", "wbuf", "events", "parked", "parked_id", "closing", "closed",
+                 "announced", "wbuf", "events", "parked", "parked_id", "parked_resends", "closing", "closed",
                  "last_active", "last_write")
 
     def __init__(self, owner: Any, sock: socket.socket, uid: int, pid: int, now: float):
@@ -79,6 +79,7 @@ class Connection:
         self.events = selectors.EVENT_READ
         self.parked: Optional[Pending] = None
         self.parked_id: Any = None
+        self.parked_resends = False  # the parked request's client sends it again if turned away
         self.closing = self.closed = False  # closing: close once the write buffer is flushed
         self.last_active = self.last_write = now
 

@@ -308,7 +308,8 @@ class RpcServer:
         connection was "may have been queued", a compat `collectMessage` 500 (review
         "restarts": 88 in 25 restarts)."""
         before = set(self._conns)
-        self._accept()
+        while self._accept() == _ACCEPT_BATCH:  # a batch at a time (re-read 35: the 65th on was reset)
+            pass
         return self._conns - before
 
     def _await_first_requests(self, waiting: Set[Connection]) -> None:
@@ -331,23 +332,29 @@ class RpcServer:
         publish cut off was a ConnectionLost, "may have been queued", and the compat layer's
         `collectMessage` a 500 during a `systemctl restart` (review "compat", 4 of 18
         restarts; the unread input made the close a reset). The client sends it again to the
-        restarted daemon. A parked call (a `wait`) is cut off as before: its client sends it
-        again with the time left (re-read 34: answered `stopping`, it was resent whole)."""
-        if conn.parked is None:
+        restarted daemon. So too a parked call that resends: a publish or ack waiting for its
+        shared commit (apiCommitMs), never made now (re-read 35: cut off, the publish was lost
+        to an app that does not resend after a ConnectionLost). A parked `wait` is cut off as
+        before: its client sends it again with the time left (re-read 34: answered
+        `stopping`, it was resent whole)."""
+        if conn.parked is not None and conn.parked_resends:
+            self._complete_error(conn, Code.STOPPING, STOPPING)  # reads on: the rest turned away too
+        elif conn.parked is None:
             self._read(conn)  # `_handle` answers or drops each frame
-            self._flush(conn)
+        self._flush(conn)
 
     # -- connections --------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        for _ in range(_ACCEPT_BATCH):
+    def _accept(self) -> int:
+        """Accept up to a batch of waiting peers; how many were taken (admitted or refused)."""
+        for taken in range(_ACCEPT_BATCH):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return taken
             except OSError as exc:
                 self._accept_failed(exc)
-                return
+                return taken
             if self._out_of_fds:
                 log.info("API: file descriptors available again (%d connections open)", len(self._conns))
                 self._out_of_fds = False
@@ -364,6 +371,7 @@ class RpcServer:
                              " socket's group (flashlex.app.socket.group)")
             else:
                 self._admit(sock, uid, pid)
+        return _ACCEPT_BATCH
 
     def _admit(self, sock: socket.socket, uid: int, pid: int) -> None:
         """Serve an admitted peer, or answer `busy` naming the cap it met."""
@@ -401,7 +409,8 @@ class RpcServer:
             return
         if exc.errno not in _OUT_OF_FDS:
             log.warning("API: cannot accept connections: %s; pausing 1s", exc.strerror or exc)
-        self.selector.unregister(self._listener)
+        if not self.closed:  # closing: not registered any more (re-read 35: a KeyError out of the stop)
+            self.selector.unregister(self._listener)
         self._accept_paused_until = time.monotonic() + 1.0
 
     def _refuse(self, sock: socket.socket, code: str, message: str) -> None:
@@ -514,7 +523,7 @@ class RpcServer:
                                           f"internal error: {type(exc).__name__}: {exc}"))
             return
         if isinstance(result, Pending):
-            conn.parked, conn.parked_id = result, request_id
+            conn.parked, conn.parked_id, conn.parked_resends = result, request_id, request.resends
             self._parked[conn] = None
         else:
             self._send_result(conn, request_id, result)

@@ -216,12 +216,15 @@ class EgressWorker(Worker):
             return OfflineBacklog(None, [])
         try:
             backlog = OfflineBacklog(self.store.queued_online(), self.store.backlog_ranges())
-            if backlog.queued_online_through is not None:
-                self.store.note_queued_online(backlog.queued_online_through, backlog.ranges)
-            return backlog
         except StoreError as exc:  # damage is logged by the store
             log.debug("last id queued online not read: %s", exc)
             return OfflineBacklog(None, [])
+        if backlog.queued_online_through is not None:
+            try:  # not pinned (a busy or read-only store): the marks read still hold here
+                self.store.note_queued_online(backlog.queued_online_through, backlog.ranges)
+            except StoreError as exc:
+                log.debug("backlog marks not pinned: %s", exc)
+        return backlog
 
     def _mark_backlog(self) -> None:
         """With `drainingFrequency`: what was queued while the link was down (at the start:
