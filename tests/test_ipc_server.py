@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import msgpack
 import pytest
@@ -629,85 +629,90 @@ def test_a_request_of_an_older_client_unread_at_the_stop_is_cut_off_as_before(tm
         harness.stop()
 
 
-def test_a_wait_parked_at_a_stop_goes_on_with_the_time_left_at_the_daemon_back(tmp_path):
+class _Restart:
+    """A daemon on a socket, calls made in threads of their own, and the daemon started on the
+    socket once the first is stopped (a restart)."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock")).start()
+        self.second: Optional[Harness] = None
+        self.clients: List[Client] = []
+        self.callers: List[threading.Thread] = []
+        self.results: List[Any] = []
+
+    def client(self, timeout: float = 20.0) -> Client:
+        self.clients.append(Client(self.first.path, timeout=timeout))  # connects now
+        return self.clients[-1]
+
+    def calling(self, call: Callable[[], Any]) -> None:
+        self.callers.append(threading.Thread(target=lambda: self.results.append(call())))
+        self.callers[-1].start()
+
+    def parked(self, what: str) -> None:
+        wait_for(lambda: self.first.call(lambda: any(c.parked for c in self.first.server._conns)), 5, what)
+
+    def back(self) -> List[Any]:
+        """The daemon back on the socket; what the calls returned once done."""
+        self.second = Harness(self.tmp_path / "second", path=self.first.path).start()
+        for caller in self.callers:
+            caller.join(30)
+        return self.results
+
+    def published_to_the_second_only(self) -> None:
+        assert self.back() == [1], self.results  # not an RpcError `stopping`, nor a ConnectionLost
+        assert self.first.store.outbox_count() == 0 and self.second.store.outbox_count() == 1  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.first.stop()
+        if self.second is not None:
+            self.second.stop()
+
+
+@pytest.fixture
+def restart(tmp_path) -> Iterator[_Restart]:
+    running = _Restart(tmp_path)
+    yield running
+    running.close()
+
+
+def test_a_wait_parked_at_a_stop_goes_on_with_the_time_left_at_the_daemon_back(restart):
     """Re-read 34: answered `stopping`, a parked wait was sent again whole, past the client's
     deadline: RpcTimeout, out of `stream()` too (a restart 15 s into a 30 s wait)."""
-    first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock")).start()
-    second: Optional[Harness] = None
-    client = Client(first.path, timeout=2)
-    try:
-        client.status()
-        answers: List[Any] = []
-        started = time.monotonic()
-        waiter = threading.Thread(target=lambda: answers.append(client.wait(timeout=5)))
-        waiter.start()
-        wait_for(lambda: first.call(lambda: any(c.parked for c in first.server._conns)), 5, "the wait parked")
-        time.sleep(2.5)  # into the wait past the client's own timeout (2 s)
-        first.call(first.server.close)
-        second = Harness(tmp_path / "second", path=first.path).start()
-        waiter.join(20)
-        assert answers == [[]], answers  # not RpcTimeout
-        assert time.monotonic() - started < 8
-    finally:
-        client.close()
-        first.stop()
-        if second is not None:
-            second.stop()
+    client = restart.client(timeout=2)
+    started = time.monotonic()
+    restart.calling(lambda: client.wait(timeout=5))
+    restart.parked("the wait parked")
+    time.sleep(2.5)  # into the wait past the client's own timeout (2 s)
+    restart.first.call(restart.first.server.close)
+    assert restart.back() == [[]], restart.results  # not RpcTimeout
+    assert time.monotonic() - started < 8
 
 
-def test_the_client_sends_a_request_the_stop_turned_away_to_the_daemon_back(tmp_path):
-    first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock")).start()
-    second: Optional[Harness] = None
-    client = Client(first.path, timeout=20)
-    try:
-        client.status()
-        published: List[Any] = []
-        caller = threading.Thread(target=lambda: published.append(client.publish(b"reading")))
+def test_the_client_sends_a_request_the_stop_turned_away_to_the_daemon_back(restart):
+    client = restart.client()
+    client.status()
 
-        def publish_then_close() -> None:  # in the loop's thread: the publish is not read first
-            caller.start()
-            _close_once_readable(first.server)
-        first.call(publish_then_close)
-        second = Harness(tmp_path / "second", path=first.path).start()
-        caller.join(30)
-        assert published == [1], published  # not an RpcError `stopping`, nor a ConnectionLost
-        assert first.store.outbox_count() == 0 and second.store.outbox_count() == 1
-    finally:
-        client.close()
-        first.stop()
-        if second is not None:
-            second.stop()
+    def publish_then_close() -> None:  # in the loop's thread: the publish is not read first
+        restart.calling(lambda: client.publish(b"reading"))
+        _close_once_readable(restart.first.server)
+    restart.first.call(publish_then_close)
+    restart.published_to_the_second_only()
 
 
-def test_a_request_on_a_connection_still_in_the_backlog_at_the_stop_goes_to_the_daemon_back(tmp_path):
+def test_a_request_on_a_connection_still_in_the_backlog_at_the_stop_goes_to_the_daemon_back(restart):
     """Review "restarts": a connection the stopping daemon had not accepted yet was reset with
     the listener, its publish a ConnectionLost ("may have been queued"; 88 in 25 restarts)."""
-    first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock")).start()
-    second: Optional[Harness] = None
-    clients: List[Client] = []
-    try:
-        published: List[Any] = []
-
-        def connect_then_close() -> None:  # in the loop's thread: nothing is accepted meanwhile
-            import select
-            clients.append(Client(first.path, timeout=20))  # its connection waits in the backlog
-            caller = threading.Thread(target=lambda: published.append(clients[0].publish(b"reading")))
-            caller.start()
-            callers.append(caller)
-            assert select.select([first.server._listener], [], [], 10)[0], "no connection came"
-            first.server.close()
-        callers: List[threading.Thread] = []
-        first.call(connect_then_close)
-        second = Harness(tmp_path / "second", path=first.path).start()
-        callers[0].join(30)
-        assert published == [1], published
-        assert first.store.outbox_count() == 0 and second.store.outbox_count() == 1
-    finally:
-        for client in clients:
-            client.close()
-        first.stop()
-        if second is not None:
-            second.stop()
+    def connect_then_close() -> None:  # in the loop's thread: nothing is accepted meanwhile
+        import select
+        client = restart.client()  # its connection waits in the backlog
+        restart.calling(lambda: client.publish(b"reading"))
+        assert select.select([restart.first.server._listener], [], [], 10)[0], "no connection came"
+        restart.first.server.close()
+    restart.first.call(connect_then_close)
+    restart.published_to_the_second_only()
 
 
 def test_every_connection_of_the_backlog_is_turned_away_at_the_stop_not_only_a_batch(tmp_path):
@@ -730,28 +735,13 @@ def test_every_connection_of_the_backlog_is_turned_away_at_the_stop_not_only_a_b
         harness.stop()
 
 
-def test_a_publish_parked_for_its_shared_commit_at_the_stop_goes_to_the_daemon_back(tmp_path):
+def test_a_publish_parked_for_its_shared_commit_at_the_stop_goes_to_the_daemon_back(restart):
     """Re-read 35: with apiCommitMs, a publish waiting to share a commit is parked; cut off at
     the stop, it was never queued and its client was told it may have been."""
     import dataclasses
-    first = Harness(tmp_path / "first", path=str(tmp_path / "api.sock"))
-    first.rules = dataclasses.replace(first.rules, write_window=2.0)
-    first.start()
-    second: Optional[Harness] = None
-    client = Client(first.path, timeout=20)
-    try:
-        client.status()
-        published: List[Any] = []
-        caller = threading.Thread(target=lambda: published.append(client.publish(b"reading")))
-        caller.start()
-        wait_for(lambda: first.call(lambda: any(c.parked for c in first.server._conns)), 5, "the publish parked")
-        first.call(first.server.close)
-        second = Harness(tmp_path / "second", path=first.path).start()
-        caller.join(30)
-        assert published == [1], published
-        assert first.store.outbox_count() == 0 and second.store.outbox_count() == 1
-    finally:
-        client.close()
-        first.stop()
-        if second is not None:
-            second.stop()
+    restart.first.rules = dataclasses.replace(restart.first.rules, write_window=2.0)
+    client = restart.client()
+    restart.calling(lambda: client.publish(b"reading"))
+    restart.parked("the publish parked")
+    restart.first.call(restart.first.server.close)
+    restart.published_to_the_second_only()
