@@ -6,6 +6,8 @@ import grp
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -745,3 +747,24 @@ def test_a_publish_parked_for_its_shared_commit_at_the_stop_goes_to_the_daemon_b
     restart.parked("the publish parked")
     restart.first.call(restart.first.server.close)
     restart.published_to_the_second_only()
+
+
+def test_a_connect_flood_does_not_hold_the_stop(tmp_path):
+    """Re-read 36: the stop took the backlog until it was empty, the socket file still there:
+    a local peer connecting in a loop held `systemctl stop` as long as it went on (5-7 s)."""
+    harness = Harness(tmp_path).start()
+    flood = (f"import socket, time\nend = time.monotonic() + 6\nwhile time.monotonic() < end:\n"
+             f"    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n    s.setblocking(False)\n"
+             f"    try:\n        s.connect({harness.path!r})\n    except OSError:\n        pass\n    s.close()\n")
+    flooders = [subprocess.Popen([sys.executable, "-c", flood]) for _ in range(2)]
+    try:
+        wait_for(lambda: harness.server.counters["accepted"] + harness.server.counters["refused"] > 100, 5,
+                 "the flood under way")
+        started = time.monotonic()
+        harness.call(harness.server.close)
+        assert time.monotonic() - started < 2, time.monotonic() - started
+    finally:
+        for flooder in flooders:
+            flooder.kill()
+            flooder.wait()
+        harness.stop()

@@ -138,6 +138,8 @@ class RpcServer:
 
     def tick(self, now: Optional[float] = None) -> None:
         """Time-driven work; cheap when nothing is due, so the host may call it every turn."""
+        if self.closed:  # its sweep would bind the socket file again (re-read 36)
+            return
         now = time.monotonic() if now is None else now
         if self._parked:
             self._poll_turn()
@@ -277,8 +279,8 @@ class RpcServer:
         self.socket_trouble = trouble
 
     def close(self) -> None:
-        """Take the listener's backlog, close the listener, remove the socket file if it is
-        still ours, then turn away and close every connection. In that order: a client whose
+        """Remove the socket file if it is still ours, take the listener's backlog, close the
+        listener, then turn away and close every connection. In that order: a client whose
         call the close cut off connects again at once (its read sent again), and in the
         listener's backlog that connection was reset, which it took for a second loss (not for
         a daemon gone, which it waits for)."""
@@ -287,14 +289,14 @@ class RpcServer:
         self.closed = True
         if self._accept_paused_until is None:
             self.selector.unregister(self._listener)
-        waiting = self._take_the_backlog()
-        self._listener.close()
-        self._spare.close()
-        try:
+        try:  # first: no new peer joins the backlog taken next (a connect flood held the stop)
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except OSError:
             pass
+        waiting = self._take_the_backlog()
+        self._listener.close()
+        self._spare.close()
         self._await_first_requests(waiting)
         for conn in list(self._conns):
             self._turn_away(conn)
@@ -337,7 +339,9 @@ class RpcServer:
         to an app that does not resend after a ConnectionLost). A parked `wait` is cut off as
         before: its client sends it again with the time left (re-read 34: answered
         `stopping`, it was resent whole)."""
-        if conn.parked is not None and conn.parked_resends:
+        if conn.parked is not None and conn.parked.resolve is not None and conn.parked_resends:
+            # a shared commit's (`resolve`), not made: not carried out. Steps (an unpaged reset)
+            # may be half done: cut off like a wait (re-read 36)
             self._complete_error(conn, Code.STOPPING, STOPPING)  # reads on: the rest turned away too
         elif conn.parked is None:
             self._read(conn)  # `_handle` answers or drops each frame
