@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from flashlexd.checkcerts import Failed
 from flashlexd.config import Thing
-from flashlexd.probemark import PROBE_KEY, probe_payload
+from flashlexd.probemark import probe_payload, probe_topic
 from flashlexd.tlsend import ragged_end
 
 if TYPE_CHECKING:
@@ -292,12 +292,6 @@ class ProbeSession:
             return
         self.client.disconnect()
         self._loop_until(lambda: self.client.socket() is None, time.monotonic() + min(1.0, self.timeout))
-
-
-def probe_topic(topic_filter: str) -> str:
-    """A topic the ingress filter matches: its wildcards, if any, filled in."""
-    levels = topic_filter.split("/")
-    return "/".join(PROBE_KEY if level in ("+", "#") else level for level in levels)
 
 
 def _resolve(host: str, port: int, timeout: float) -> List[Tuple[Any, ...]]:

@@ -16,7 +16,15 @@ def probe_payload() -> bytes:
     return _PREFIX + str(uuid.uuid4()).encode() + b'"}'
 
 
-def is_probe(payload: bytes) -> bool:
-    """Whether `payload` is a probe of `probe_payload`'s exact shape (the length first: one
-    comparison per message received)."""
-    return len(payload) == _SIZE and payload.startswith(_PREFIX) and payload.endswith(b'"}')
+def probe_topic(topic_filter: str) -> str:
+    """A topic the ingress filter matches: its wildcards, if any, filled in."""
+    levels = topic_filter.split("/")
+    return "/".join(PROBE_KEY if level in ("+", "#") else level for level in levels)
+
+
+def is_probe(payload: bytes, topic: str, probe_topic_: str) -> bool:
+    """Whether `payload` on `topic` is a probe of `probe_payload`'s exact shape on the probe's
+    topic (the length first: one comparison per message received; RabbitMQ may turn a
+    topic's `.` into `/`)."""
+    return len(payload) == _SIZE and payload.startswith(_PREFIX) and payload.endswith(b'"}') \
+        and topic.replace(".", "/") == probe_topic_.replace(".", "/")

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from flashlexd.checkcerts import certificate_validity
 from flashlexd.config import load
-from flashlexd.checkprobe import PROBE_KEY, probe_topic
+from flashlexd.probemark import PROBE_KEY, probe_topic
 from tests.broker import (INGRESS_TOPIC, THING, Broker, Certs, Identity, free_port, open_store, wait_for,
                           write_config)
 
@@ -401,6 +401,16 @@ def test_probe_topic_fills_in_wildcards() -> None:
     assert probe_topic("ingress/thing") == "ingress/thing"
     assert probe_topic("ingress/+/in") == f"ingress/{PROBE_KEY}/in"
     assert probe_topic("ingress/#") == f"ingress/{PROBE_KEY}"
+
+
+def test_only_a_probe_on_the_probes_topic_is_kept_from_the_store() -> None:
+    """Re-read 36: a payload of the probe's shape on an app's own topic was dropped too."""
+    from flashlexd.probemark import is_probe, probe_payload
+    probe = probe_payload()
+    assert is_probe(probe, "ingress/thing", probe_topic("ingress/thing"))
+    assert is_probe(probe, "ingress/thing.v1", "ingress/thing/v1")  # RabbitMQ's dots
+    assert not is_probe(probe, "apps/thing", probe_topic("ingress/thing"))
+    assert not is_probe(probe[:-3] + b'"}', "ingress/thing", "ingress/thing")
 
 
 def _self_signed(directory: Path, not_after: datetime.datetime) -> Identity:

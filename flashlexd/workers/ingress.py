@@ -64,7 +64,7 @@ from flashlexd.logs import KindThrottle, since_last
 from flashlexd.mqtt import Connection
 from flashlexd.mqttv5 import V5, packet_limit, properties_of, properties_size, properties_wire_size
 from flashlexd.publishread import Publish
-from flashlexd.probemark import is_probe
+from flashlexd.probemark import is_probe, probe_topic
 from flashlexd.quotas import FILTERS_PER_SUBSCRIBE, QOS1_RETRY_SECONDS, is_aws_endpoint
 from flashlexd.store import DiskFull, Incoming, Store, StoreError, StoreFull
 from flashlexd.topics import topic_matches
@@ -162,6 +162,7 @@ class IngressWorker(Worker):
         self.recycle_pace = RecyclePace()
         self._left_lines = KindThrottle(REFUSED_LOG_SECONDS)
         self.marks_refused = False  # the marks' commit before a recycle refused, said
+        self.probe_topic = probe_topic(self.config.thing.mqtt.ingress_topic)  # `flashlexd check`'s
         self.counters.update(received=0, stored=0, duplicates=0, dropped_oversize=0,
                              dropped_bad_topic=0, dropped_malformed=0, dropped_unsubscribed=0, dropped_qos0_full=0, held=0, check_probes=0,
                              left_with_broker=0, store_full=False,
@@ -486,7 +487,7 @@ class IngressWorker(Worker):
                             raw_topic)
             elif self.unwanted and self._unsubscribed(topic):
                 self.counters["dropped_unsubscribed"] += 1
-            elif is_probe(payload):  # `flashlexd check`'s: acknowledged, not for the apps
+            elif is_probe(payload, topic, self.probe_topic):  # `flashlexd check`'s: acknowledged, not for the apps
                 self.counters["check_probes"] += 1
                 log.info("flashlexd check's probe received on %s: acknowledged, not stored", topic)
             elif not qos and self.retry_at is not None and self._full():
