@@ -17,6 +17,7 @@ from flashlexd.client.wire import PUBACK_STALLED
 
 HEALTHY_STATES = ("ready",)  # flashlexd.workerproc.State.READY: serving; anything else is a problem
 QUOTA_PAUSES_SAID = 4  # egress's pauses for a PUBACK 0x97, none accepted between: status degraded
+RUN_COUNTERS = ("restarts", "loop_errors")  # the supervisor's, since it started: not the store's totals
 
 
 def jsonable(value: Any) -> Any:
@@ -225,10 +226,12 @@ def render_status(status: Dict[str, Any], path: str) -> str:
     draining = drain_line(mqtt.get("egress") or {}, outbox.get("count", 0))
     if draining:
         lines.append(draining)
-    counters = status.get("counters") or {}
+    counters = dict(status.get("counters") or {})
+    this_run = {k: counters.pop(k) for k in RUN_COUNTERS if k in counters}  # the supervisor's own
     if counters:  # the store's running totals, read at this call
         lines.append("totals    " + ", ".join(f"{k} {v}" for k, v in counters.items())
-                     + " (since the store was created)")
+                     + " (since the store was created)"
+                     + "".join(f"; {k} {v}" for k, v in this_run.items()) + (" (this run)" if this_run else ""))
     rates = status.get("rates") or {}
     if rates:
         lines.append("rates     " + render_rates(rates))

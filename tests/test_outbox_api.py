@@ -243,7 +243,7 @@ def test_flashlexctl_status_labels_worker_counters_totals_and_rates(harness, cap
     lines = {line[:10]: line for line in out.splitlines() if line}
     assert "(since the worker started: received 0, stored 0)" in lines["mqtt ingre"]
     assert lines["totals    "].startswith("totals    received 1,")
-    assert lines["totals    "].endswith("(since the store was created)")
+    assert lines["totals    "].endswith("(since the store was created); restarts 0 (this run)")  # review "upgrade2"
     assert "rates" not in out  # the harness reports none
     assert ctlview.render_rates({"ingest_per_s": 1.5, "drain_per_s": 0.0, "window_s": 9.9}) == \
         "ingest 1.5/s, drain 0.0/s over the last 9.9s"
