@@ -30,6 +30,9 @@ log = logging.getLogger("flashlexd.client")
 RECONNECT_PAUSES = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between tries while the daemon is away
 BUSY_PAUSE = 1.0  # seconds a follower waits before asking a busy daemon again
 BUSY_RETRY_FIRST = 0.05  # seconds before a call answered `busy` is first asked again (doubling)
+# seconds a call answered `stopping` must have left to be sent again: one sent with less timed out
+# though the daemon back carried it out (re-read 37), where `stopping` said plainly "not done"
+STOPPING_RESEND_FLOOR = 1.0
 
 
 def _is_socket(path: str) -> bool:
@@ -266,7 +269,7 @@ class Client:
             if error is None:
                 return result
             refused = _rpc_error(error, method)
-            if refused.code == Code.STOPPING and time.monotonic() < deadline:
+            if refused.code == Code.STOPPING and deadline - time.monotonic() >= STOPPING_RESEND_FLOOR:
                 timeout = deadline - time.monotonic()  # not carried out: sent again once the
                 continue                               # daemon is back (`_call_once` waits)
             # asked again only with time for the daemon to answer it as slowly as it answered

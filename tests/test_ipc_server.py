@@ -584,12 +584,13 @@ def test_idle_connections_do_not_slow_others(tmp_path):
 
 # -- a stop with requests unread ------------------------------------------------------------------
 
-def _close_once_readable(server: RpcServer) -> None:
+def _close_once_readable(server: RpcServer, after: float = 0.0) -> None:
     """In the loop's thread (nothing read meanwhile): close once the one connection's request
-    is in its socket, unread."""
+    is in its socket, unread, and `after` more seconds (a stalled loop) have passed."""
     (conn,) = list(server._conns)
     import select
     assert select.select([conn.sock], [], [], 10)[0], "the request never came"
+    time.sleep(after)
     server.close()
 
 
@@ -768,3 +769,28 @@ def test_a_connect_flood_does_not_hold_the_stop(tmp_path):
             flooder.kill()
             flooder.wait()
         harness.stop()
+
+
+def test_a_call_turned_away_at_the_stop_with_little_time_left_is_said_not_carried_out(restart):
+    """Re-read 37: answered `stopping` 0.1 s before its deadline, a publish was sent again with
+    that 0.1 s, timed out (RpcTimeout: "may have been queued") and was queued by the daemon
+    back all the same. Sent again only with a second or more left, it is `stopping` here."""
+    client = restart.client(timeout=2)
+    client.status()
+    errors: List[Exception] = []
+
+    def publish() -> None:
+        try:
+            client.publish(b"reading")
+        except RpcError as exc:
+            errors.append(exc)
+
+    def stall_then_close() -> None:  # in the loop's thread: the request sits unread until the stop
+        caller = threading.Thread(target=publish)
+        caller.start()
+        restart.callers.append(caller)
+        _close_once_readable(restart.first.server, after=1.6)
+    restart.first.call(stall_then_close)
+    restart.back()
+    assert [type(e) for e in errors] == [RpcError] and errors[0].code == Code.STOPPING, errors
+    assert restart.second.store.outbox_count() == 0  # type: ignore[union-attr]
