@@ -628,12 +628,12 @@ def test_a_slow_key_check_during_a_reload_keeps_feeding_the_watchdog(daemon, not
     """A reload's key check may take up to 30 s (a slow SD card, a huge CA bundle), as long as
     the unit's WatchdogSec: the supervisor's loop waited for it without pinging, and systemd
     killed a healthy daemon instead of the reload being refused or applied. Here the CA file is
-    a bundle of 6,000 copies (seconds to load) and the data dir changed, so the reload is
+    a bundle of 20,000 copies (seconds to load) and the data dir changed, so the reload is
     refused after the check."""
     notify.wait_for("READY=1", timeout=15)
     before = daemon.children()
     ca = daemon_config.parent / "root-ca-cert.pem"
-    ca.write_text(ca.read_text() * 6000)
+    ca.write_text(ca.read_text() * 20000)  # 6,000 loaded in 0.9 s on a quiet machine: too quick
     edit_config(daemon_config, lambda d: d["flashlex"]["app"]["db"].update({"dataPath": str(daemon_config.parent / "elsewhere")}))
     hup_at = time.monotonic()
     daemon.signal(signal.SIGHUP)
