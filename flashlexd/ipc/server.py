@@ -317,16 +317,15 @@ class RpcServer:
     def _await_first_requests(self, waiting: Set[Connection]) -> None:
         """A connection taken from the backlog has its client's request on the way (sent right
         after the connect): up to FIRST_REQUEST_WAIT for each to arrive."""
-        if not waiting:
-            return
         poller = select.poll()
-        for conn in waiting:
-            poller.register(conn.sock, select.POLLIN)
+        unheard = {conn.sock.fileno() for conn in waiting}  # one discard per answer: a backlog may hold thousands
+        for fd in unheard:
+            poller.register(fd, select.POLLIN)
         deadline = time.monotonic() + FIRST_REQUEST_WAIT
-        while waiting and time.monotonic() < deadline:
+        while unheard and time.monotonic() < deadline:
             for fd, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
                 poller.unregister(fd)
-                waiting = {conn for conn in waiting if conn.sock.fileno() != fd}
+                unheard.discard(fd)
 
     def _turn_away(self, conn: Connection) -> None:
         """At close, the requests that reached the socket but not the loop are read, not
